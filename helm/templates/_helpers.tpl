@@ -1,0 +1,220 @@
+{{/*
+Chart name.
+*/}}
+{{- define "kv-responder.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Resource base name, from the release so two tenants in one namespace never
+collide. At most 52 characters, leaving room for the "-headless" suffix; a
+longer name is shortened with a hash so that it stays unique.
+*/}}
+{{- define "kv-responder.fullname" -}}
+{{- $full := "" }}
+{{- if .Values.fullnameOverride }}
+{{- $full = .Values.fullnameOverride }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- $full = .Release.Name }}
+{{- else }}
+{{- $full = printf "%s-%s" .Release.Name $name }}
+{{- end }}
+{{- end }}
+{{- if gt (len $full) 52 }}
+{{- $full = printf "%s-%s" ($full | trunc 43 | trimSuffix "-") ($full | sha256sum | trunc 8) }}
+{{- end }}
+{{- $full }}
+{{- end }}
+
+{{- define "kv-responder.headlessName" -}}
+{{- printf "%s-headless" (include "kv-responder.fullname" .) }}
+{{- end }}
+
+{{/*
+The tenant: .Values.tenant, or else the release name without a leading
+"kv-responder-". Either way it must be a DNS label of at most 40 characters.
+*/}}
+{{- define "kv-responder.tenant" -}}
+{{- $tenant := toString (default "" .Values.tenant) }}
+{{- $derived := false }}
+{{- if not $tenant }}
+{{- $tenant = trimPrefix "kv-responder-" .Release.Name }}
+{{- $derived = true }}
+{{- end }}
+{{- if or (gt (len $tenant) 40) (not (regexMatch "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$" $tenant)) }}
+{{- if $derived }}
+{{- fail (printf "tenant is not set and cannot be derived from the release name %q (%q is not a DNS label of at most 40 characters [a-z0-9-]): set it with --set tenant=<name>" .Release.Name $tenant) }}
+{{- else }}
+{{- fail (printf "tenant %q is invalid: it must be a DNS label of at most 40 characters [a-z0-9-], starting and ending with a letter or digit" $tenant) }}
+{{- end }}
+{{- end }}
+{{- $tenant }}
+{{- end }}
+
+{{- define "kv-responder.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "kv-responder.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kv-responder.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "kv-responder.labels" -}}
+helm.sh/chart: {{ include "kv-responder.chart" . }}
+{{ include "kv-responder.selectorLabels" . }}
+app.kubernetes.io/version: {{ default .Chart.AppVersion .Values.image.tag | trunc 63 | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kv-responder
+kv-responder/tenant: {{ include "kv-responder.tenant" . }}
+{{- end }}
+
+{{/*
+Labels of the pods, and of same-tenant peers in the NetworkPolicy.
+*/}}
+{{- define "kv-responder.peerLabels" -}}
+{{ include "kv-responder.selectorLabels" . }}
+ingress-group: {{ include "kv-responder.tenant" . }}
+{{- end }}
+
+{{/*
+Multicast group, derived from the tenant exactly as the service does
+(docs/CONTRACT.md): a = adler32(tenant), x = 1 + (a >> 16) % 254,
+y = 1 + (a & 0xffff) % 254, group 239.255.x.y. discovery.group overrides it.
+*/}}
+{{- define "kv-responder.discoveryGroup" -}}
+{{- if .Values.discovery.group }}
+{{- .Values.discovery.group }}
+{{- else }}
+{{- $a := include "kv-responder.tenant" . | adler32sum | int64 }}
+{{- printf "239.255.%d.%d" (add1 (mod (div $a 65536) 254)) (add1 (mod (mod $a 65536) 254)) }}
+{{- end }}
+{{- end }}
+
+{{- define "kv-responder.discoveryUsesDNS" -}}
+{{- if has .Values.discovery.mode (list "dns" "both") }}true{{ end }}
+{{- end }}
+
+{{- define "kv-responder.discoveryUsesMulticast" -}}
+{{- if has .Values.discovery.mode (list "multicast" "both") }}true{{ end }}
+{{- end }}
+
+{{- define "kv-responder.discoveryDNS" -}}
+{{- printf "%s.%s.svc.%s" (include "kv-responder.headlessName" .) .Release.Namespace .Values.clusterDomain }}
+{{- end }}
+
+{{/*
+Bytes in a Kubernetes quantity (plain number, or Ki/Mi/Gi/Ti, k/K/M/G/T).
+*/}}
+{{- define "kv-responder.quantityBytes" -}}
+{{- $q := . }}
+{{- if or (kindIs "float64" $q) (kindIs "int" $q) (kindIs "int64" $q) }}
+{{- int64 $q }}
+{{- else }}
+{{- $s := trim (toString $q) }}
+{{- $units := dict "" 1 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "k" 1000 "K" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 }}
+{{- $num := regexFind "^[0-9]+(\\.[0-9]+)?" $s }}
+{{- $suffix := trimPrefix $num $s }}
+{{- if or (not $num) (not (hasKey $units $suffix)) }}
+{{- fail (printf "cannot read the memory quantity %q: use a number of bytes or a Ki/Mi/Gi/Ti or K/M/G/T suffix" $s) }}
+{{- end }}
+{{- if contains "." $num }}
+{{- mulf (float64 $num) (get $units $suffix) | floor | int64 }}
+{{- else }}
+{{- mul (int64 $num) (get $units $suffix) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+MAX_MEMORY: config.maxMemory, or else config.maxMemoryPercent of the memory
+limit in bytes (the rest is headroom for the interpreter and buffers), or
+else nothing (the service default).
+*/}}
+{{- define "kv-responder.maxMemory" -}}
+{{- if .Values.config.maxMemory }}
+{{- .Values.config.maxMemory }}
+{{- else }}
+{{- $limit := dig "limits" "memory" "" (.Values.resources | default dict) }}
+{{- if $limit }}
+{{- $bytes := include "kv-responder.quantityBytes" $limit | int64 }}
+{{- div (mul $bytes (int64 .Values.config.maxMemoryPercent)) 100 }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+DRAIN_TIMEOUT: drainTimeout, or else max(grace / 2, grace - 10). It must end
+before the grace period does, or Kubernetes kills the node mid-handoff.
+*/}}
+{{- define "kv-responder.drainTimeout" -}}
+{{- $grace := int64 .Values.terminationGracePeriodSeconds }}
+{{- $drain := int64 .Values.drainTimeout }}
+{{- if eq $drain 0 }}
+{{- $drain = max (div $grace 2) (sub $grace 10) }}
+{{- end }}
+{{- if ge $drain $grace }}
+{{- fail (printf "drainTimeout (%d) must be less than terminationGracePeriodSeconds (%d), or Kubernetes kills the node before its data is handed off" $drain $grace) }}
+{{- end }}
+{{- $drain }}
+{{- end }}
+
+{{- define "kv-responder.clusterSecretName" -}}
+{{- default (include "kv-responder.fullname" .) .Values.clusterSecret.existingSecret }}
+{{- end }}
+
+{{- define "kv-responder.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/*
+HPA behavior presets.
+api: react to load spikes within 30 s, give capacity back slowly (600 s).
+cache: one pod at a time both ways, since every membership change moves keys.
+*/}}
+{{- define "kv-responder.hpaBehavior" -}}
+{{- $preset := .Values.autoscaling.preset }}
+{{- if eq $preset "api" }}
+scaleUp:
+  stabilizationWindowSeconds: 30
+  selectPolicy: Max
+  policies:
+    - type: Percent
+      value: 100
+      periodSeconds: 30
+    - type: Pods
+      value: 4
+      periodSeconds: 30
+scaleDown:
+  stabilizationWindowSeconds: 600
+  selectPolicy: Min
+  policies:
+    - type: Pods
+      value: 1
+      periodSeconds: 60
+{{- else if eq $preset "cache" }}
+scaleUp:
+  stabilizationWindowSeconds: 120
+  selectPolicy: Min
+  policies:
+    - type: Pods
+      value: 1
+      periodSeconds: 120
+scaleDown:
+  stabilizationWindowSeconds: 900
+  selectPolicy: Min
+  policies:
+    - type: Pods
+      value: 1
+      periodSeconds: 300
+{{- else if eq $preset "custom" }}
+{{- if not .Values.autoscaling.behavior }}
+{{- fail "autoscaling.preset is custom but autoscaling.behavior is empty: set the HPA behavior to use verbatim" }}
+{{- end }}
+{{- toYaml .Values.autoscaling.behavior }}
+{{- else }}
+{{- fail (printf "autoscaling.preset %q is unknown: use api, cache or custom" $preset) }}
+{{- end }}
+{{- end }}

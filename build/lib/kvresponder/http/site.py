@@ -1,0 +1,238 @@
+"""
+The HTTP server around the resource tree: request accounting and the limits that protect the node.
+
+:class:`KVRequest` measures every request (the Prometheus counter and histogram, keyed by route template),
+finishes its Eliot action, refuses a body over the route's limit without buffering it, and turns any
+unexpected exception into a JSON 500 without a traceback. :class:`KVSite` caps open connections and sets
+header and idle limits.
+"""
+
+import json
+from contextlib import contextmanager
+from typing import Callable, Optional
+
+from eliot import write_traceback
+from twisted.internet.protocol import Protocol
+from twisted.web.http import HTTPChannel
+from twisted.web.server import Request, Site
+
+from ..log import DEBUG, INFO
+from ..log.http import HTTP_READ, HTTP_REJECTED, HTTP_REQUEST
+from .errors import APIError, error_body, write_error
+
+
+class _Discard:
+    """
+    Stands in for the body buffer of a request that is too large: it swallows what arrives.
+    """
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def seek(self, *args) -> int:
+        return 0
+
+    def read(self, *args) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+
+class KVRequest(Request):
+    """
+    A request that knows its route template, its limits, and how to account for itself.
+    """
+
+    route = "unmatched"
+    _too_large = False
+    _received = 0
+    _started: Optional[float] = None
+    _action = None
+    _accounted = False
+    _span = None
+
+    def _body_limit(self) -> int:
+        site = self.channel.site
+        path = getattr(self.channel, "_path", b"") or b""
+        if b"/_internal/" in path:
+            return site.internal_body_limit
+        if path.rstrip(b"/").endswith(b"/bulk"):
+            return site.bulk_body_limit
+        return site.body_limit
+
+    def gotLength(self, length: Optional[int]) -> None:
+        self._limit = self._body_limit()
+        if length is not None and length > self._limit:
+            self._too_large = True
+            self.content = _Discard()
+            return
+        Request.gotLength(self, length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._too_large:
+            return
+        self._received += len(data)
+        if self._received > self._limit:
+            self._too_large = True
+            self.content.close()
+            self.content = _Discard()
+            return
+        Request.handleContentChunk(self, data)
+
+    def process(self) -> None:
+        site = self._kv_site = self.channel.site
+        self._started = site.seconds()
+        if self._too_large:
+            HTTP_REJECTED.log(reason="body over %d bytes" % (self._limit,), client=str(self.getClientAddress()))
+            self.setHeader(b"Connection", b"close")
+            body = write_error(self, APIError(
+                413, "payload_too_large", "The request body is larger than %d bytes." % (self._limit,)))
+            self.setHeader(b"Content-Length", b"%d" % (len(body),))
+            self.write(body)
+            self.finish()
+            return
+        tracing = site.tracing
+        if tracing is None:
+            Request.process(self)
+            return
+        self._span = tracing.start_server_span(self)
+        try:
+            Request.process(self)
+        finally:
+            tracing.detach(self._span)
+
+    @contextmanager
+    def begin(self, route: str, read: bool = False):
+        """
+        Name the route and, if the log level admits it, run what follows inside this request's Eliot
+        action, which :meth:`finish` completes.
+        """
+        self.route = route
+        policy = self._kv_site.log_policy
+        action_type, level = (HTTP_READ, DEBUG) if read else (HTTP_REQUEST, INFO)
+        if policy is None or not policy.enabled("http", level):
+            yield
+            return
+        self._action = action_type(method=self.method.decode("ascii", "replace"), route=route)
+        with self._action.context():
+            yield
+
+    def adopt_action(self, action) -> None:
+        """
+        Finish ``action`` (a continued remote task) when this request completes.
+        """
+        self._action = action
+
+    def finish(self) -> None:
+        Request.finish(self)
+        self._account()
+
+    def connectionLost(self, reason) -> None:
+        Request.connectionLost(self, reason)
+        if not self.finished:
+            self.code = 499
+        self._account()
+
+    def _account(self) -> None:
+        if self._accounted or self._started is None:
+            return
+        self._accounted = True
+        site = self._kv_site
+        elapsed = site.seconds() - self._started
+        if site.metrics is not None:
+            site.metrics.observe_request(self.method.decode("ascii", "replace"), self.route, self.code, elapsed)
+        if self._span is not None:
+            site.tracing.end_server_span(self._span, self.route, self.code)
+        action = self._action
+        if action is not None:
+            self._action = None
+            action.add_success_fields(status=self.code, duration_ms=round(elapsed * 1000, 3))
+            action.finish()
+
+    def processingFailed(self, reason):
+        """
+        Any exception that escaped a resource: log it with its traceback, and tell the client only that it
+        failed.
+        """
+        write_traceback(exc_info=(reason.type, reason.value, reason.tb))
+        if self.finished or self._disconnected:
+            return reason
+        body = error_body("internal_error", "The server failed to handle this request.")
+        self.setResponseCode(500)
+        self.setHeader(b"Content-Type", b"application/json")
+        self.setHeader(b"Content-Length", b"%d" % (len(body),))
+        self.write(body)
+        self.finish()
+        return reason
+
+
+class _Refuse(Protocol):
+    """
+    Answers 503 and hangs up, for connections over the cap.
+    """
+
+    def connectionMade(self):
+        body = error_body("too_many_connections", "The server has too many open connections; retry later.")
+        self.transport.write(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Retry-After: 1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        self.transport.loseConnection()
+
+
+class _CountedChannel(HTTPChannel):
+    def connectionMade(self):
+        HTTPChannel.connectionMade(self)
+        self.site.open_connections += 1
+
+    def connectionLost(self, reason):
+        self.site.open_connections -= 1
+        HTTPChannel.connectionLost(self, reason)
+
+
+class KVSite(Site):
+    """
+    :param resource: the root resource.
+    :param seconds: the clock, for request durations.
+    :param metrics: a :class:`~kvresponder.metrics.Metrics`, or ``None``.
+    :param log_policy: a :class:`~kvresponder.log.LogPolicy`, or ``None``.
+    :param int body_limit: largest public request body.
+    :param int max_connections: open connections accepted at once.
+    :param float timeout: seconds an idle connection stays open.
+    """
+
+    requestFactory = KVRequest
+    protocol = _CountedChannel
+    displayTracebacks = False
+
+    def __init__(self, resource, seconds: Callable[[], float], metrics=None, log_policy=None,
+                 body_limit: int = 1024 * 1024, bulk_body_limit: Optional[int] = None,
+                 internal_body_limit: int = 64 * 1024 * 1024, max_connections: int = 1024,
+                 timeout: float = 30.0, max_header_bytes: int = 16384, reactor=None, tracing=None) -> None:
+        Site.__init__(self, resource, timeout=timeout, reactor=reactor)
+        self.seconds = seconds
+        self.metrics = metrics
+        self.log_policy = log_policy
+        self.body_limit = body_limit
+        self.bulk_body_limit = bulk_body_limit or 8 * body_limit
+        self.internal_body_limit = max(internal_body_limit, 4 * body_limit)
+        self.max_connections = max_connections
+        self.max_header_bytes = max_header_bytes
+        self.open_connections = 0
+        self.tracing = tracing if tracing is not None and tracing.enabled else None
+
+    def log(self, request) -> None:
+        # Requests are accounted by KVRequest as metrics and Eliot actions, not as access-log lines.
+        pass
+
+    def buildProtocol(self, addr):
+        if self.open_connections >= self.max_connections:
+            HTTP_REJECTED.log(reason="connection cap %d reached" % (self.max_connections,), client=str(addr))
+            return _Refuse()
+        channel = Site.buildProtocol(self, addr)
+        channel.totalHeadersSize = self.max_header_bytes
+        return channel
+
+
+def json_bytes(value) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

@@ -1,0 +1,41 @@
+"""
+Eliot types of the discovery area.
+"""
+
+from eliot import ActionType, Field, MessageType
+
+from . import DEBUG, INFO, leveled
+
+PEER = Field.for_types("peer", [str], "The peer's node id.")
+CHANGE = Field.for_types("change", [str], "joined, restarted, moved, left or dead.")
+ADDRESS = Field.for_types("address", [str], "The peer's address:port.")
+INCARNATION = Field.for_types("incarnation", [int], "The peer's incarnation.")
+REASON = Field.for_types("reason", [str], "Why.")
+SOURCE = Field.for_types("source", [str], "The sender's address.")
+
+PEER_CHANGED = leveled("discovery", INFO, ActionType(
+    "kvresponder:discovery:peer-changed", [PEER, CHANGE, ADDRESS, INCARNATION], [],
+    "The membership changed; the ring and the rebalancer react inside this action."))
+
+DATAGRAM_DROPPED = leveled("discovery", DEBUG, MessageType(
+    "kvresponder:discovery:dropped", [REASON, SOURCE], "A discovery datagram was dropped."))
+
+DISCOVERY_STARTED = leveled("discovery", INFO, MessageType(
+    "kvresponder:discovery:started",
+    [Field.for_types("group", [str, None], "Multicast group."),
+     Field.for_types("interface", [str], "Outgoing interface."),
+     Field.for_types("port", [int], "UDP port."),
+     Field.for_types("mode", [str], "multicast, dns or both."),
+     Field.for_types("seeds", [str, None], "DNS seed name."),
+     Field.for_types("authenticated", [bool], "Whether datagrams carry an HMAC.")],
+    "Discovery is listening."))
+
+SEEDS_RESOLVED = leveled("discovery", DEBUG, MessageType(
+    "kvresponder:discovery:seeds",
+    [Field.for_types("name", [str], "The DNS name."), Field.for_types("addresses", [list], "A records.")],
+    "The DNS seeds were resolved."))
+
+SEEDS_FAILED = leveled("discovery", INFO, MessageType(
+    "kvresponder:discovery:seeds-failed",
+    [Field.for_types("name", [str], "The DNS name."), REASON],
+    "The DNS seeds could not be resolved; the previous addresses are kept."))

@@ -1,0 +1,166 @@
+"""
+The peer table: who is in the cluster, as discovery reports it.
+
+Membership knows nothing of sockets. Discovery feeds it :class:`Heartbeat` observations; it keeps one
+:class:`Peer` per node id, replaces a node's old incarnation when it restarts, and forgets peers that stay
+silent for ``peer_timeout`` seconds (checked on the injected clock). Every change is announced to the
+subscribers (the ring, the rebalancer, metrics), in that one direction.
+"""
+
+from typing import Callable, Dict, List, NamedTuple, Optional
+
+ALIVE = "alive"
+LEAVING = "leaving"
+
+JOINED = "joined"
+RESTARTED = "restarted"
+LEFT = "left"
+DEAD = "dead"
+MOVED = "moved"
+
+
+class Heartbeat(NamedTuple):
+    """
+    What a node says about itself in one discovery datagram.
+    """
+    node_id: str
+    incarnation: int
+    address: str
+    port: int
+    state: str
+    ring_size: int
+
+
+class Peer:
+    """
+    One other node as this node last saw it.
+    """
+
+    __slots__ = ("node_id", "incarnation", "address", "port", "state", "ring_size", "first_seen", "last_seen")
+
+    def __init__(self, beat: Heartbeat, now: float) -> None:
+        self.node_id = beat.node_id
+        self.incarnation = beat.incarnation
+        self.address = beat.address
+        self.port = beat.port
+        self.state = beat.state
+        self.ring_size = beat.ring_size
+        self.first_seen = now
+        self.last_seen = now
+
+    def as_json(self, now: float) -> dict:
+        return {
+            "id": self.node_id,
+            "address": self.address,
+            "port": self.port,
+            "state": self.state,
+            "incarnation": self.incarnation,
+            "last_seen_s_ago": round(max(0.0, now - self.last_seen), 3),
+            "ring_size": self.ring_size,
+        }
+
+
+class Membership:
+    """
+    :param seconds: the clock.
+    :param str node_id: this node's id; heartbeats from it are ignored.
+    :param float peer_timeout: seconds of silence after which a peer is dead.
+    """
+
+    def __init__(self, seconds: Callable[[], float], node_id: str, peer_timeout: float) -> None:
+        self._seconds = seconds
+        self.node_id = node_id
+        self.peer_timeout = peer_timeout
+        self._peers: Dict[str, Peer] = {}
+        self._subscribers: List[Callable[[str, Peer], None]] = []
+        self.generation = 0
+
+    def subscribe(self, callback: Callable[[str, Peer], None]) -> None:
+        """
+        Call ``callback(change, peer)`` after each change, where change is one of ``joined``,
+        ``restarted``, ``moved``, ``left`` (announced leaving) or ``dead`` (timed out).
+        """
+        self._subscribers.append(callback)
+
+    def _changed(self, change: str, peer: Peer) -> None:
+        self.generation += 1
+        for callback in list(self._subscribers):
+            callback(change, peer)
+
+    def observe(self, beat: Heartbeat) -> Optional[str]:
+        """
+        Take in one heartbeat.
+
+        :return: the change it caused, or ``None``.
+        """
+        if beat.node_id == self.node_id:
+            return None
+        now = self._seconds()
+        known = self._peers.get(beat.node_id)
+        if known is None:
+            if beat.state != ALIVE:
+                return None
+            peer = self._peers[beat.node_id] = Peer(beat, now)
+            self._changed(JOINED, peer)
+            return JOINED
+        if beat.incarnation < known.incarnation:
+            return None
+        if beat.incarnation > known.incarnation:
+            if beat.state != ALIVE:
+                # The newer incarnation is already leaving: the old one is gone either way.
+                del self._peers[beat.node_id]
+                self._changed(LEFT, known)
+                return LEFT
+            peer = self._peers[beat.node_id] = Peer(beat, now)
+            self._changed(RESTARTED, peer)
+            return RESTARTED
+        known.last_seen = now
+        known.ring_size = beat.ring_size
+        if known.state == LEAVING:
+            return None
+        if beat.state == LEAVING:
+            known.state = LEAVING
+            self._changed(LEFT, known)
+            return LEFT
+        if (beat.address, beat.port) != (known.address, known.port):
+            known.address, known.port = beat.address, beat.port
+            self._changed(MOVED, known)
+            return MOVED
+        return None
+
+    def expire(self) -> List[Peer]:
+        """
+        Forget every peer silent for longer than the peer timeout.
+
+        :return: the peers declared dead.
+        """
+        cutoff = self._seconds() - self.peer_timeout
+        dead = [peer for peer in self._peers.values() if peer.last_seen < cutoff]
+        for peer in dead:
+            del self._peers[peer.node_id]
+            if peer.state == ALIVE:
+                self._changed(DEAD, peer)
+            else:
+                self.generation += 1
+        return dead
+
+    def peers(self) -> List[Peer]:
+        """
+        Every known peer, alive or leaving, ordered by id.
+        """
+        return sorted(self._peers.values(), key=lambda peer: peer.node_id)
+
+    def peer(self, node_id: str) -> Optional[Peer]:
+        return self._peers.get(node_id)
+
+    def alive_peers(self) -> List[Peer]:
+        return [peer for peer in self.peers() if peer.state == ALIVE]
+
+    def ring_members(self, include_self: bool = True) -> List[str]:
+        """
+        The node ids that own data: this node (unless it is leaving) and every alive peer.
+        """
+        members = [peer.node_id for peer in self._peers.values() if peer.state == ALIVE]
+        if include_self:
+            members.append(self.node_id)
+        return sorted(members)

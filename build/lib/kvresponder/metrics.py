@@ -1,0 +1,185 @@
+"""
+Every Prometheus metric, defined once, with the tenant label bound.
+
+Each node owns its own :class:`~prometheus_client.CollectorRegistry`, so several nodes can live in one
+process (the in-memory cluster tests) without sharing series. Label values are bounded: routes are templates,
+peers and keys never become labels.
+"""
+
+import platform
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from . import __version__
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# The *_created series double the exposition and no dashboard or alert reads them.
+disable_created_metrics()
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _LiveGauges:
+    """
+    A collector that reads gauges from the node at scrape time, so the hot path never updates them.
+    """
+
+    def __init__(self, tenant: str, read: Callable[[], dict]) -> None:
+        self._tenant = tenant
+        self._read = read
+
+    def collect(self):
+        values = self._read()
+        for name, help_text in _LIVE_GAUGES:
+            family = GaugeMetricFamily(name, help_text, labels=["tenant"])
+            family.add_metric([self._tenant], float(values.get(name, 0)))
+            yield family
+
+    def describe(self):
+        return []
+
+
+_LIVE_GAUGES = (
+    ("kv_store_keys", "Live entries held by this node, hinted copies included."),
+    ("kv_store_bytes", "Accounted bytes of keys, values and overhead in the store."),
+    ("kv_store_max_bytes", "The store's memory budget (MAX_MEMORY)."),
+    ("kv_store_tombstones", "Tombstones held for deleted keys."),
+    ("kv_peers_count", "Live peers this node sees, excluding itself."),
+    ("kv_ring_members", "Nodes in this node's hash ring, itself included."),
+    ("kv_replication_factor", "Copies kept of each key (REPLICATION_FACTOR)."),
+    ("kv_handoff_pending", "Entries held here that belong to other nodes and wait to be handed off."),
+    ("kv_ring_owned_ratio", "Share of the key space this node owns first."),
+    ("kv_open_connections", "Open HTTP connections."),
+)
+
+
+class Metrics:
+    """
+    The metrics of one node.
+
+    :param str tenant: bound as the ``tenant`` label of every series.
+    """
+
+    def __init__(self, tenant: str) -> None:
+        self.tenant = tenant
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        t = ["tenant"]
+        self.http_requests = Counter(
+            "kv_http_requests", "HTTP requests served, by route template and status.",
+            t + ["method", "route", "status"], registry=registry)
+        self.http_duration = Histogram(
+            "kv_http_request_duration_seconds", "Time to serve an HTTP request.",
+            t + ["method", "route"], buckets=_LATENCY_BUCKETS, registry=registry)
+        self.cache_operations = Counter(
+            "kv_cache_operations", "Cache operations by outcome (hits and misses).",
+            t + ["op", "result"], registry=registry)
+        self.replication_operations = Counter(
+            "kv_replication_operations", "Replica calls made by this node as coordinator.",
+            t + ["op", "result"], registry=registry)
+        self.peer_duration = Histogram(
+            "kv_peer_request_duration_seconds", "Latency of calls to peers.",
+            t + ["op"], buckets=_LATENCY_BUCKETS, registry=registry)
+        self.evictions = Counter(
+            "kv_evictions", "Entries evicted to stay within MAX_MEMORY.", t, registry=registry)
+        self.expirations = Counter(
+            "kv_expirations", "Entries reclaimed after their TTL.", t, registry=registry)
+        self.discovery_messages = Counter(
+            "kv_discovery_messages", "Discovery datagrams received, by outcome.",
+            t + ["result"], registry=registry)
+        self.handoff_entries = Counter(
+            "kv_handoff_entries", "Entries handed to the nodes that own them.",
+            t + ["result"], registry=registry)
+        self.rereplication_entries = Counter(
+            "kv_rereplication_entries", "Entries copied to restore the replication factor.",
+            t + ["result"], registry=registry)
+        self.antientropy_rounds = Counter(
+            "kv_antientropy_rounds", "Anti-entropy exchanges with a peer.", t + ["result"], registry=registry)
+        self.antientropy_repairs = Counter(
+            "kv_antientropy_repairs", "Entries sent to a peer by anti-entropy.", t, registry=registry)
+        self.build_info = Gauge(
+            "kv_build_info", "Build information; always 1.", t + ["version", "python"], registry=registry)
+        self.build_info.labels(tenant, __version__, "%s %s" % (
+            platform.python_implementation(), platform.python_version())).set(1)
+
+        self._evictions = self.evictions.labels(tenant)
+        self._expirations = self.expirations.labels(tenant)
+        self._http_children = {}
+        self._cache_children = {}
+        # Series that exist from the start, at zero, so that rates and alerts see them before the first event.
+        for op in ("put", "delete", "get", "repair"):
+            for result in ("success", "failure"):
+                self.replication_operations.labels(tenant, op, result)
+        for op, results in (("get", ("hit", "miss")), ("put", ("created", "replaced")),
+                            ("delete", ("deleted", "miss"))):
+            for result in results:
+                self.cache(op, result, 0)
+        for result in ("accepted", "foreign_tenant", "malformed", "oversized", "bad_mac", "replayed"):
+            self.discovery_messages.labels(tenant, result)
+        for result in ("sent", "failed"):
+            self.handoff_entries.labels(tenant, result)
+            self.rereplication_entries.labels(tenant, result)
+        for result in ("ok", "failed"):
+            self.antientropy_rounds.labels(tenant, result)
+        self.antientropy_repairs.labels(tenant)
+        self._evictions.inc(0)
+
+    def register_live_gauges(self, read: Callable[[], dict]) -> None:
+        """
+        Export the gauges in ``_LIVE_GAUGES`` from ``read()``, called at each scrape.
+        """
+        self.registry.register(_LiveGauges(self.tenant, read))
+
+    # Store events.
+    def evicted(self, count: int) -> None:
+        self._evictions.inc(count)
+
+    def expired(self, count: int) -> None:
+        self._expirations.inc(count)
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        """
+        Count one HTTP request. The label children are cached, since looking them up costs more than
+        incrementing them.
+        """
+        key = (method, route, status)
+        children = self._http_children.get(key)
+        if children is None:
+            children = self._http_children[key] = (
+                self.http_requests.labels(self.tenant, method, route, str(status)),
+                self.http_duration.labels(self.tenant, method, route),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def cache(self, op: str, result: str, count: int = 1) -> None:
+        key = (op, result)
+        child = self._cache_children.get(key)
+        if child is None:
+            child = self._cache_children[key] = self.cache_operations.labels(self.tenant, op, result)
+        child.inc(count)
+
+    def replication(self, op: str, result: str) -> None:
+        self.replication_operations.labels(self.tenant, op, result).inc()
+
+    def peer_call(self, op: str, seconds: float) -> None:
+        self.peer_duration.labels(self.tenant, op).observe(seconds)
+
+    def discovery(self, result: str) -> None:
+        self.discovery_messages.labels(self.tenant, result).inc()
+
+    def handoff(self, result: str, count: int = 1) -> None:
+        self.handoff_entries.labels(self.tenant, result).inc(count)
+
+    def rereplication(self, result: str, count: int = 1) -> None:
+        self.rereplication_entries.labels(self.tenant, result).inc(count)
+
+    def antientropy(self, result: str, repairs: int = 0) -> None:
+        self.antientropy_rounds.labels(self.tenant, result).inc()
+        if repairs:
+            self.antientropy_repairs.labels(self.tenant).inc(repairs)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,251 @@
+"""
+One node: the store, the ring, membership, the coordinator and the rebalancer, wired together.
+
+The node receives its clock and its HTTP client, so the same code runs on the reactor with treq in
+production and on ``task.Clock`` with ``StubTreq`` in the in-memory cluster tests. It owns the lifecycle
+states that readiness reports: ``starting`` → ``joining`` → ``ready`` → ``draining`` → ``stopped``.
+"""
+
+import platform
+import secrets
+from typing import Callable, Optional
+
+from eliot import write_traceback
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import LoopingCall, deferLater
+
+from . import __version__
+from .admin import AdminGuard
+from .coordinator import Coordinator, _gather
+from .discovery import derive_key
+from .hlc import HybridLogicalClock
+from .log import LogPolicy
+from .log.discovery import PEER_CHANGED
+from .log.service import INSECURE
+from .membership import ALIVE, LEAVING, Heartbeat, Membership
+from .metrics import Metrics
+from .peers import PeerAuthenticator, PeerError
+from .rebalance import Rebalancer
+from .ring import HashRing
+from .settings import Settings
+from .store import Store
+
+STARTING, JOINING, READY, DRAINING, STOPPED = "starting", "joining", "ready", "draining", "stopped"
+
+
+class Node:
+    """
+    :param settings: the validated :class:`~kvresponder.settings.Settings`.
+    :param clock: ``IReactorTime``: timers, timeouts and TTLs.
+    :param http: a treq ``HTTPClient`` (or ``StubTreq``) for peer calls.
+    :param wall: wall time in seconds (versions, signatures); defaults to ``clock.seconds``.
+    :param log_policy: the shared :class:`~kvresponder.log.LogPolicy`.
+    :param tracing: a :class:`~kvresponder.tracing.Tracing` for peer-call spans, or ``None``.
+    """
+
+    def __init__(self, settings: Settings, clock, http, wall: Optional[Callable[[], float]] = None,
+                 log_policy: Optional[LogPolicy] = None, tracing=None,
+                 join_settle: Optional[float] = None) -> None:
+        self.settings = settings
+        self.node_id = settings.node_id
+        self.clock = clock
+        self.wall = wall or clock.seconds
+        self.incarnation = int(self.wall() * 1000) * 1000 + secrets.randbelow(1000)
+        self.metrics = Metrics(settings.tenant)
+        self.log_policy = log_policy or LogPolicy(settings.log_level)
+        self.store = Store(self.wall, settings.max_memory, settings.tombstone_grace, events=self.metrics)
+        self.hlc = HybridLogicalClock(self.wall, self.node_id)
+        self.membership = Membership(clock.seconds, self.node_id, settings.peer_timeout)
+        self.state = STARTING
+        self._ring = HashRing([self.node_id], vnodes=settings.vnodes)
+        self._owned_ratio = (None, 1.0)
+        self.authenticator = None
+        if settings.cluster_secret:
+            self.authenticator = PeerAuthenticator(derive_key(settings.cluster_secret, "peer"), self.wall)
+        from .peers import PeerClient
+        self.peers = PeerClient(http, clock, settings.tenant, settings.peer_request_timeout,
+                                self.authenticator, self.metrics, tracing)
+        self.coordinator = Coordinator(self.store, self.hlc, self.ring, self.membership.peer, self.peers,
+                                       settings.replicas, settings.write_quorum, self.wall, self.metrics,
+                                       self.log_policy)
+        self.rebalancer = Rebalancer(self.node_id, self.store, self.ring, self.membership.peer, self.peers,
+                                     clock, settings.replicas, self.metrics)
+        self.admin = AdminGuard(settings.admin_token, settings.insecure_admin)
+        self.join_settle = join_settle if join_settle is not None else min(0.5, settings.heartbeat_interval)
+        self.started_at = clock.seconds()
+        self.open_connections: Callable[[], int] = lambda: 0
+        self._loops = []
+        self.membership.subscribe(self._membership_changed)
+        self.metrics.register_live_gauges(self.gauges)
+
+    # -- the ring -------------------------------------------------------------------------------------
+
+    def ring(self) -> HashRing:
+        return self._ring
+
+    def _rebuild_ring(self) -> None:
+        include_self = self.state not in (DRAINING, STOPPED)
+        self._ring = HashRing(self.membership.ring_members(include_self=include_self),
+                              vnodes=self.settings.vnodes)
+
+    def _membership_changed(self, change: str, peer) -> None:
+        with PEER_CHANGED(peer=peer.node_id, change=change, address="%s:%d" % (peer.address, peer.port),
+                          incarnation=peer.incarnation):
+            self._rebuild_ring()
+            if self.state in (JOINING, READY):
+                self.rebalancer.trigger(change)
+
+    def heartbeat(self) -> Heartbeat:
+        """
+        What this node says about itself in discovery datagrams.
+        """
+        state = LEAVING if self.state in (DRAINING, STOPPED) else ALIVE
+        return Heartbeat(self.node_id, self.incarnation, self.settings.advertise_address,
+                         self.settings.advertise_port, state, len(self._ring))
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """
+        Start the timers and join: wait briefly for the peers' answers to our first announce, then ask every
+        peer to hand over our share, then report ready.
+        """
+        self.state = JOINING
+        if not self.settings.cluster_secret:
+            INSECURE.log(reason="CLUSTER_SECRET is not set: discovery and peer calls are not authenticated")
+        if self.admin.mode == "insecure":
+            INSECURE.log(reason="--insecure-admin: admin writes need no token")
+        self._every(1.0, self.store.sweep)
+        self._every(self.settings.anti_entropy_interval, lambda: self.rebalancer.run_pass("anti-entropy"),
+                    now=False)
+        ensureDeferred(self._join()).addErrback(lambda failure: write_traceback())
+
+    def _every(self, interval: float, function, now: bool = True) -> None:
+        def safely():
+            try:
+                function()
+            except Exception:
+                write_traceback()
+        loop = LoopingCall(safely)
+        loop.clock = self.clock
+        loop.start(interval, now=now)
+        self._loops.append(loop)
+
+    async def _join(self) -> None:
+        await deferLater(self.clock, self.join_settle, lambda: None)
+        peers = self.membership.alive_peers()
+        timeout = max(10.0, self.settings.drain_timeout)
+
+        async def ask(peer):
+            try:
+                await self.peers.request_sync(peer, self.node_id, timeout)
+            except PeerError:
+                pass
+
+        await _gather([ask(peer) for peer in peers])
+        if self.state == JOINING:
+            self.state = READY
+
+    def begin_leaving(self) -> None:
+        """
+        Stop owning data: readiness fails, heartbeats say "leaving", the ring no longer counts this node.
+        """
+        if self.state in (DRAINING, STOPPED):
+            return
+        self.state = DRAINING
+        self._rebuild_ring()
+
+    def drain(self):
+        """
+        Leave, and hand every entry to its new owners within DRAIN_TIMEOUT.
+
+        :return: a Deferred firing with the number of entries left behind.
+        """
+        self.begin_leaving()
+        timeout = self.settings.drain_timeout
+        d = self.rebalancer.drain(timeout)
+        d.addTimeout(timeout + 1.0, self.clock)
+        d.addErrback(lambda failure: len(self.store) + self.store.tombstone_count)
+        return d
+
+    def stop(self) -> None:
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
+        self._loops = []
+        self.state = STOPPED
+
+    # -- what users see -------------------------------------------------------------------------------
+
+    def serving(self) -> bool:
+        return self.state != STOPPED
+
+    def owned_ratio(self) -> float:
+        ring = self._ring
+        cached_ring, ratio = self._owned_ratio
+        if cached_ring is not ring:
+            ratio = ring.primary_share(self.node_id, samples=2048)
+            self._owned_ratio = (ring, ratio)
+        return ratio
+
+    def gauges(self) -> dict:
+        return {
+            "kv_store_keys": len(self.store),
+            "kv_store_bytes": self.store.bytes,
+            "kv_store_max_bytes": self.store.max_bytes,
+            "kv_store_tombstones": self.store.tombstone_count,
+            "kv_peers_count": len(self.membership.alive_peers()),
+            "kv_ring_members": len(self._ring),
+            "kv_replication_factor": self.settings.replicas,
+            "kv_handoff_pending": self.rebalancer.pending,
+            "kv_ring_owned_ratio": self.owned_ratio(),
+            "kv_open_connections": self.open_connections(),
+        }
+
+    def health(self) -> dict:
+        return {
+            "status": "ok" if self.state in (JOINING, READY) else self.state,
+            "state": self.state,
+            "ready": self.state == READY,
+            "tenant": self.settings.tenant,
+            "node": self.node_id,
+            "incarnation": self.incarnation,
+            "uptime_s": round(self.clock.seconds() - self.started_at, 3),
+            "keys": len(self.store),
+            "peers": len(self.membership.alive_peers()),
+            "ring_size": len(self._ring),
+            "replicas": self.settings.replicas,
+            "pending_handoffs": self.rebalancer.pending,
+        }
+
+    def diag(self) -> dict:
+        import twisted
+        security = []
+        if not self.settings.cluster_secret:
+            security.append("CLUSTER_SECRET is not set: discovery and peer calls are not authenticated.")
+        if self.admin.mode == "insecure":
+            security.append("--insecure-admin: admin writes need no token.")
+        return {
+            "version": __version__,
+            "python": {"implementation": platform.python_implementation(),
+                       "version": platform.python_version()},
+            "twisted": twisted.__version__,
+            "reactor": "%s.%s" % (type(self.clock).__module__, type(self.clock).__name__),
+            "node": self.node_id,
+            "incarnation": self.incarnation,
+            "state": self.state,
+            "uptime_s": round(self.clock.seconds() - self.started_at, 3),
+            "config": self.settings.redacted(),
+            "admin": self.admin.mode,
+            "cluster_authenticated": self.authenticator is not None,
+            "security_warnings": security,
+            "store": {"keys": len(self.store), "bytes": self.store.bytes, "max_bytes": self.store.max_bytes,
+                      "tombstones": self.store.tombstone_count, "evictions": self.store.evictions,
+                      "expirations": self.store.expirations},
+            "ring": {"members": sorted(self._ring.nodes), "vnodes": self._ring.vnodes,
+                     "owned_ratio": round(self.owned_ratio(), 4)},
+            "rebalance": {"passes": self.rebalancer.passes, "pending": self.rebalancer.pending},
+            "open_connections": self.open_connections(),
+        }
+
+

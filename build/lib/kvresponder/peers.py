@@ -1,0 +1,219 @@
+"""
+Calls to the peers' internal endpoints, over treq with one persistent connection pool.
+
+Every call has an explicit timeout on the injected clock, carries a fresh Eliot task id (so the peer's actions
+join the caller's tree), the trace context, and, with a cluster secret, an HMAC that the peer checks. A call
+that fails at the connection level is retried once at once, since a pooled connection may have gone stale;
+every internal operation is idempotent, so that retry is safe.
+"""
+
+import hashlib
+import hmac
+import json
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+from eliot import current_action
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.error import ConnectError, ConnectionLost, DNSLookupError
+from twisted.web.client import ResponseFailed
+
+import treq
+
+from .hlc import Version, version_from_wire
+from .log.replication import PEER_CALL, PEER_READ
+from .store import ApplyResult, Entry
+from .wire import entry_from_wire, entry_to_wire
+
+AUTH_HEADER = b"X-KV-Auth"
+TASK_HEADER = b"X-Eliot-Task-Id"
+#: Seconds a signed peer request stays valid.
+AUTH_WINDOW = 60.0
+
+
+class PeerError(Exception):
+    """
+    A peer did not answer usefully: unreachable, timed out, or an unexpected status.
+    """
+
+
+class PeerAuthenticator:
+    """
+    Signs and checks internal requests with a key derived from the cluster secret.
+
+    The signature covers the time, the method, the path and a hash of the body, so a captured request can
+    only be replayed, unchanged, for :data:`AUTH_WINDOW` seconds; replays are harmless because every internal
+    operation is idempotent.
+    """
+
+    def __init__(self, key: bytes, wall: Callable[[], float] = time.time) -> None:
+        self._key = key
+        self._wall = wall
+
+    def _mac(self, stamp: str, method: bytes, path: bytes, body: bytes) -> str:
+        digest = hashlib.sha256(body).hexdigest().encode("ascii")
+        message = b"|".join([stamp.encode("ascii"), method, path, digest])
+        return hmac.new(self._key, message, hashlib.sha256).hexdigest()
+
+    def sign(self, method: bytes, path: bytes, body: bytes) -> bytes:
+        stamp = "%.3f" % (self._wall(),)
+        return ("%s:%s" % (stamp, self._mac(stamp, method, path, body))).encode("ascii")
+
+    def verify(self, header: Optional[bytes], method: bytes, path: bytes, body: bytes) -> bool:
+        if not header:
+            return False
+        try:
+            stamp, mac = header.decode("ascii").split(":", 1)
+            when = float(stamp)
+        except (UnicodeDecodeError, ValueError):
+            return False
+        if abs(self._wall() - when) > AUTH_WINDOW:
+            return False
+        return hmac.compare_digest(mac, self._mac(stamp, method, path, body))
+
+
+_RETRYABLE = (ResponseFailed, ConnectionLost)
+_UNREACHABLE = (ConnectError, DNSLookupError, ResponseFailed, ConnectionLost, TimeoutError, CancelledError)
+
+
+class PeerClient:
+    """
+    :param http: a ``treq.client.HTTPClient`` (over a persistent pool), or a ``StubTreq`` in tests.
+    :param clock: ``IReactorTime`` for timeouts.
+    :param str tenant: the path prefix of every internal route.
+    :param float timeout: seconds before a call fails.
+    :param authenticator: a :class:`PeerAuthenticator`, or ``None``.
+    :param metrics: receives ``peer_call(op, seconds)``.
+    :param tracing: a :class:`~kvresponder.tracing.Tracing`, or ``None``.
+    """
+
+    def __init__(self, http, clock, tenant: str, timeout: float, authenticator=None, metrics=None,
+                 tracing=None) -> None:
+        self._http = http
+        self._clock = clock
+        self._tenant = tenant
+        self.timeout = timeout
+        self._auth = authenticator
+        self._metrics = metrics
+        self._tracing = tracing if tracing is not None and tracing.enabled else None
+
+    async def _call(self, address: str, port: int, peer_id: str, op: str, payload: dict,
+                    read: bool = False, timeout: Optional[float] = None):
+        if self._tracing is None:
+            return await self._traced_call(address, port, peer_id, op, payload, read, timeout, None)
+        with self._tracing.client_span(op, peer_id) as (carrier, span):
+            return await self._traced_call(address, port, peer_id, op, payload, read, timeout, carrier)
+
+    async def _traced_call(self, address, port, peer_id, op, payload, read, timeout, trace_headers):
+        path = ("/%s/_internal/%s" % (self._tenant, op)).encode("ascii")
+        url = "http://%s:%d%s" % (address, port, path.decode("ascii"))
+        body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
+        action_type = PEER_READ if read else PEER_CALL
+        started = self._clock.seconds()
+        with action_type(peer=peer_id, op=op) as action:
+            try:
+                for attempt in (1, 2):
+                    headers = {b"Content-Type": [b"application/json"]}
+                    if current_action() is not None:
+                        # A fresh task id for each attempt, so that each shows up as its own subtree.
+                        headers[TASK_HEADER] = [action.serialize_task_id()]
+                    if self._auth is not None:
+                        headers[AUTH_HEADER] = [self._auth.sign(b"POST", path, body)]
+                    if trace_headers:
+                        for name, value in trace_headers.items():
+                            headers[name.encode("ascii")] = [value.encode("ascii")]
+                    try:
+                        code, content = await self._post(url, headers, body, timeout or self.timeout)
+                        break
+                    except _RETRYABLE:
+                        if attempt == 2:
+                            raise
+                action.add_success_fields(code=code)
+            except _UNREACHABLE as error:
+                raise PeerError("%s unreachable for %s: %s" % (peer_id, op, error.__class__.__name__))
+            finally:
+                if self._metrics is not None:
+                    self._metrics.peer_call(op, self._clock.seconds() - started)
+        if code != 200:
+            raise PeerError("%s answered %d to %s" % (peer_id, code, op))
+        try:
+            return json.loads(content)
+        except ValueError:
+            raise PeerError("%s answered malformed JSON to %s" % (peer_id, op))
+
+    def _post(self, url: str, headers, body: bytes, timeout: float) -> Deferred:
+        d = self._http.request("POST", url, headers=headers, data=body)
+
+        def read(response):
+            return treq.content(response).addCallback(lambda content: (response.code, content))
+
+        d.addCallback(read)
+        d.addTimeout(timeout, self._clock)
+        return d
+
+    # -- operations -----------------------------------------------------------------------------------
+
+    async def apply(self, peer, entries: Sequence[Entry], timeout: Optional[float] = None) -> List[ApplyResult]:
+        """
+        Store entries on ``peer``; each result says whether it was newer there and whether a live value
+        was replaced.
+        """
+        answer = await self._call(peer.address, peer.port, peer.node_id, "apply",
+                                  {"entries": [entry_to_wire(entry) for entry in entries]}, timeout=timeout)
+        results = answer.get("results") if isinstance(answer, dict) else None
+        if not isinstance(results, list) or len(results) != len(entries):
+            raise PeerError("%s answered a malformed apply result" % (peer.node_id,))
+        return [ApplyResult(bool(applied), bool(had_live)) for applied, had_live in results]
+
+    async def get(self, peer, key: str) -> Optional[Entry]:
+        """
+        The newest entry ``peer`` holds for ``key``, tombstones included.
+        """
+        answer = await self._call(peer.address, peer.port, peer.node_id, "get", {"key": key}, read=True)
+        data = answer.get("entry") if isinstance(answer, dict) else None
+        if data is None:
+            return None
+        try:
+            return entry_from_wire(data)
+        except ValueError:
+            raise PeerError("%s answered a malformed entry" % (peer.node_id,))
+
+    async def keys(self, peer, prefix: str, after: Optional[str], limit: int) -> List[str]:
+        answer = await self._call(peer.address, peer.port, peer.node_id, "keys",
+                                  {"prefix": prefix, "after": after, "limit": limit}, read=True)
+        keys = answer.get("keys") if isinstance(answer, dict) else None
+        if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
+            raise PeerError("%s answered malformed keys" % (peer.node_id,))
+        return keys
+
+    async def differing_buckets(self, peer, sender: str, buckets: Dict[int, str]) -> List[int]:
+        """
+        Anti-entropy, step one: which of our bucket digests differ from the peer's.
+        """
+        answer = await self._call(peer.address, peer.port, peer.node_id, "sync/buckets",
+                                  {"from": sender, "buckets": {str(b): h for b, h in buckets.items()}})
+        differing = answer.get("differ") if isinstance(answer, dict) else None
+        if not isinstance(differing, list):
+            raise PeerError("%s answered malformed buckets" % (peer.node_id,))
+        return [int(bucket) for bucket in differing]
+
+    async def wanted(self, peer, versions: Dict[str, Version]) -> List[str]:
+        """
+        Anti-entropy, step two: which of these keys the peer lacks or holds at an older version.
+        """
+        answer = await self._call(peer.address, peer.port, peer.node_id, "sync/versions",
+                                  {"versions": {key: list(version) for key, version in versions.items()}})
+        keys = answer.get("want") if isinstance(answer, dict) else None
+        if not isinstance(keys, list):
+            raise PeerError("%s answered malformed versions" % (peer.node_id,))
+        return [key for key in keys if key in versions]
+
+    async def request_sync(self, peer, sender: str, timeout: float) -> dict:
+        """
+        Ask ``peer`` to run a rebalance pass now (handing ``sender`` its share) and answer when done.
+        """
+        return await self._call(peer.address, peer.port, peer.node_id, "sync/request", {"from": sender},
+                                timeout=timeout)
+
+
+__all__ = ["PeerClient", "PeerError", "PeerAuthenticator", "version_from_wire"]

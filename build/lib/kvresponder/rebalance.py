@@ -1,0 +1,321 @@
+"""
+Moving data when membership changes: handoff, re-replication, anti-entropy and the SIGTERM drain.
+
+One mechanism serves all four. A *pass* walks the local entries once against the current ring:
+
+- an entry this node does not own (a hint taken for a failed owner, a key whose range moved to a joining
+  node, everything when the node is leaving) is sent to all its owners, and the local copy is dropped only
+  after every owner has acknowledged it, and only if it was not rewritten meanwhile;
+- for every entry it does own, it adds the entry to a digest per co-owner. Each co-owner is then compared
+  with it bucket by bucket, then key by key in the buckets that differ, and sent what it lacks or holds at
+  an older version (anti-entropy; after a death, this is what restores the replication factor).
+
+A pass runs after every membership change (debounced), every ``ANTI_ENTROPY_INTERVAL``, when a joining node
+asks for its share, and repeatedly during a drain. Passes never overlap; a request during a pass is served
+by the next one. All work is batched, one batch in flight per peer, and yields to the reactor between
+chunks, so memory stays bounded and the node keeps serving.
+"""
+
+from hashlib import blake2b
+from typing import Callable, Dict, List, Optional, Tuple
+
+from eliot import write_traceback
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
+
+from .coordinator import _gather
+from .hlc import Version
+from .log.rebalance import DRAIN, HANDOFF, SCAN, SYNC
+from .peers import PeerError
+from .ring import HashRing
+from .store import Entry, Store
+
+BUCKETS = 256
+#: Entries walked between two returns to the reactor.
+CHUNK = 2000
+
+
+def bucket_of(key: str) -> int:
+    return blake2b(key.encode("utf-8"), digest_size=2).digest()[0] % BUCKETS
+
+
+def entry_digest(key: str, version: Version) -> int:
+    material = ("%s\x00%d.%d.%s" % (key, version[0], version[1], version[2])).encode("utf-8")
+    return int.from_bytes(blake2b(material, digest_size=8).digest(), "big")
+
+
+class Digest:
+    """
+    The (key, version) pairs shared with one co-owner, grouped in buckets, with an XOR digest per bucket.
+    """
+
+    def __init__(self) -> None:
+        self.buckets: Dict[int, Dict[str, Version]] = {}
+        self.hashes: Dict[int, int] = {}
+
+    def add(self, key: str, version: Version) -> None:
+        bucket = bucket_of(key)
+        self.buckets.setdefault(bucket, {})[key] = version
+        self.hashes[bucket] = self.hashes.get(bucket, 0) ^ entry_digest(key, version)
+
+    def wire(self) -> Dict[int, str]:
+        return {bucket: "%016x" % (value,) for bucket, value in self.hashes.items()}
+
+
+class Rebalancer:
+    """
+    :param store: this node's store.
+    :param ring: returns the current ring of live members.
+    :param peer_of: returns the :class:`~kvresponder.membership.Peer` of a node id, or ``None``.
+    :param peers: a :class:`~kvresponder.peers.PeerClient`.
+    :param clock: ``IReactorTime``.
+    :param int replicas: the replication factor.
+    """
+
+    def __init__(self, node_id: str, store: Store, ring: Callable[[], HashRing], peer_of, peers, clock,
+                 replicas: int, metrics, batch_entries: int = 500, batch_bytes: int = 4 * 1024 * 1024,
+                 debounce: float = 0.2) -> None:
+        self.node_id = node_id
+        self.store = store
+        self._ring = ring
+        self._peer_of = peer_of
+        self._peers = peers
+        self._clock = clock
+        self.replicas = replicas
+        self._metrics = metrics
+        self.batch_entries = batch_entries
+        self.batch_bytes = batch_bytes
+        self.debounce = debounce
+        self.pending = 0
+        self.passes = 0
+        self._running: Optional[Deferred] = None
+        self._again: Optional[Tuple[str, List[Deferred]]] = None
+        self._scheduled = None
+        self.leaving = False
+
+    # -- scheduling -----------------------------------------------------------------------------------
+
+    def trigger(self, reason: str) -> None:
+        """
+        Run a pass soon. Changes that arrive together (a node's join seen by several heartbeats, a rolling
+        restart) share one pass.
+        """
+        if self._scheduled is not None and self._scheduled.active():
+            return
+        self._scheduled = self._clock.callLater(self.debounce, self.run_pass, reason)
+
+    def run_pass(self, reason: str) -> Deferred:
+        """
+        Run a pass now, or right after the one running.
+
+        :return: a Deferred that fires with the pass's counts once a pass that started after this call
+            has finished. It never fails.
+        """
+        waiter: Deferred = Deferred()
+        if self._running is not None:
+            if self._again is None:
+                self._again = (reason, [])
+            self._again[1].append(waiter)
+        else:
+            self._start(reason, [waiter])
+        return waiter
+
+    def _start(self, reason: str, waiters: List[Deferred]) -> None:
+        self._running = ensureDeferred(self._pass(reason))
+
+        def done(result):
+            self._running = None
+            if isinstance(result, Failure):
+                write_traceback(exc_info=(result.type, result.value, result.tb))
+                result = {"handed_off": 0, "repaired": 0, "pending": self.pending}
+            if self._again is not None:
+                again_reason, again_waiters = self._again
+                self._again = None
+                self._start(again_reason, again_waiters)
+            for waiter in waiters:
+                waiter.callback(result)
+
+        self._running.addBoth(done)
+
+    # -- one pass -------------------------------------------------------------------------------------
+
+    async def _pass(self, reason: str) -> dict:
+        with SCAN(reason=reason) as action:
+            ring = self._ring()
+            leaving = self.leaving
+            if leaving and self.node_id in ring:
+                ring = HashRing(ring.nodes - {self.node_id}, vnodes=ring.vnodes, probes=ring.probes)
+            handoff: List[Tuple[Entry, List[str]]] = []
+            digests: Dict[str, Digest] = {}
+            for index, entry in enumerate(self.store.entries()):
+                if index and index % CHUNK == 0:
+                    await deferLater(self._clock, 0, lambda: None)
+                owners = ring.preference_list(entry.key, self.replicas)
+                if not leaving and self.node_id in owners:
+                    for owner in owners:
+                        if owner != self.node_id:
+                            digest = digests.get(owner)
+                            if digest is None:
+                                digest = digests[owner] = Digest()
+                            digest.add(entry.key, entry.version)
+                elif owners:
+                    handoff.append((entry, owners))
+            handed_off = await self._hand_off(handoff)
+            sync_reason = "anti-entropy" if reason == "anti-entropy" else "re-replication"
+            repaired = sum(await _gather([self._sync(node, digest, sync_reason)
+                                          for node, digest in sorted(digests.items())]))
+            self.pending = len(handoff) - handed_off
+            self.passes += 1
+            counts = {"handed_off": handed_off, "repaired": repaired, "pending": self.pending}
+            action.add_success_fields(**counts)
+            return counts
+
+    async def _hand_off(self, handoff: List[Tuple[Entry, List[str]]]) -> int:
+        """
+        Send each entry to all its owners; drop the local copy once all of them have it.
+
+        :return: how many entries were handed off and dropped.
+        """
+        if not handoff:
+            return 0
+        by_owner: Dict[str, List[Entry]] = {}
+        for entry, owners in handoff:
+            for owner in owners:
+                if owner != self.node_id:
+                    by_owner.setdefault(owner, []).append(entry)
+        acked: Dict[Tuple[str, Version], int] = {}
+        sent = await _gather([self._send_all(owner, entries, acked) for owner, entries in by_owner.items()])
+        dropped = 0
+        for entry, owners in handoff:
+            needed = len([owner for owner in owners if owner != self.node_id])
+            if needed and acked.get((entry.key, entry.version), 0) >= needed:
+                if self.store.forget(entry.key, entry.version):
+                    dropped += 1
+        return dropped
+
+    async def _send_all(self, owner: str, entries: List[Entry], acked: Dict) -> int:
+        peer = self._peer_of(owner)
+        if peer is None:
+            self._metrics.handoff("failed", len(entries))
+            return 0
+        sent = 0
+        for batch in self._batches(entries):
+            with HANDOFF(peer=owner, count=len(batch)):
+                try:
+                    await self._peers.apply(peer, batch, timeout=max(self._peers.timeout, 10.0))
+                except PeerError:
+                    self._metrics.handoff("failed", len(entries) - sent)
+                    return sent
+            for entry in batch:
+                slot = (entry.key, entry.version)
+                acked[slot] = acked.get(slot, 0) + 1
+            sent += len(batch)
+            self._metrics.handoff("sent", len(batch))
+        return sent
+
+    def _batches(self, entries: List[Entry]):
+        batch: List[Entry] = []
+        size = 0
+        for entry in entries:
+            batch.append(entry)
+            size += entry.size
+            if len(batch) >= self.batch_entries or size >= self.batch_bytes:
+                yield batch
+                batch, size = [], 0
+        if batch:
+            yield batch
+
+    async def _sync(self, node: str, digest: Digest, reason: str) -> int:
+        """
+        Bring one co-owner up to date with what this node holds for their shared keys.
+
+        :return: how many entries were sent.
+        """
+        peer = self._peer_of(node)
+        if peer is None:
+            return 0
+        with SYNC(peer=node, reason=reason) as action:
+            sent = 0
+            try:
+                differing = await self._peers.differing_buckets(peer, self.node_id, digest.wire())
+                for bucket in differing:
+                    versions = digest.buckets.get(bucket, {})
+                    if not versions:
+                        continue
+                    wanted = await self._peers.wanted(peer, versions)
+                    entries = [entry for entry in (self.store.current(key) for key in wanted)
+                               if entry is not None]
+                    for batch in self._batches(entries):
+                        await self._peers.apply(peer, batch, timeout=max(self._peers.timeout, 10.0))
+                        sent += len(batch)
+            except PeerError:
+                if reason == "anti-entropy":
+                    self._metrics.antientropy("failed")
+                else:
+                    self._metrics.rereplication("failed")
+                action.add_success_fields(sent=sent)
+                return sent
+            if reason == "anti-entropy":
+                self._metrics.antientropy("ok", sent)
+            elif sent:
+                self._metrics.rereplication("sent", sent)
+            action.add_success_fields(sent=sent)
+            return sent
+
+    # -- the peer's side of anti-entropy ---------------------------------------------------------------
+
+    async def shared_digest(self, sender: str) -> Digest:
+        """
+        The digest of the entries this node holds that it and ``sender`` both own.
+        """
+        ring = self._ring()
+        digest = Digest()
+        for index, entry in enumerate(self.store.entries()):
+            if index and index % CHUNK == 0:
+                await deferLater(self._clock, 0, lambda: None)
+            owners = ring.preference_list(entry.key, self.replicas)
+            if sender in owners and self.node_id in owners:
+                digest.add(entry.key, entry.version)
+        return digest
+
+    def wanted(self, versions: Dict[str, Version]) -> List[str]:
+        """
+        The keys of ``versions`` this node lacks or holds at an older version.
+        """
+        result = []
+        for key, version in versions.items():
+            current = self.store.current(key)
+            if current is None or current.version < version:
+                result.append(key)
+        return result
+
+    # -- drain ----------------------------------------------------------------------------------------
+
+    def drain(self, timeout: float) -> Deferred:
+        """
+        Hand every local entry to the owners it has without this node, retrying until the store is empty
+        or ``timeout`` seconds have passed.
+
+        :return: a Deferred firing with the number of entries that could not be handed off.
+        """
+        self.leaving = True
+        return ensureDeferred(self._drain(timeout))
+
+    async def _drain(self, timeout: float) -> int:
+        deadline = self._clock.seconds() + timeout
+        held = len(self.store) + self.store.tombstone_count
+        with DRAIN(entries=held) as action:
+            remaining = held
+            while remaining and len(self._ring().nodes - {self.node_id}) > 0:
+                await self.run_pass("drain")
+                remaining = len(self.store) + self.store.tombstone_count
+                if remaining == 0 or self._clock.seconds() >= deadline:
+                    break
+                await deferLater(self._clock, min(0.5, max(0.0, deadline - self._clock.seconds())),
+                                 lambda: None)
+            action.add_success_fields(remaining=remaining)
+            return remaining
+
+
+__all__ = ["Rebalancer", "Digest", "bucket_of"]

@@ -1,0 +1,333 @@
+"""
+Typed, validated settings: one place for every default and every check.
+
+Each setting comes from its command-line option if given, else from its environment variable, else from its
+default. A bad value raises :class:`SettingsError` with a one-line message naming the option and the value.
+"""
+
+import ipaddress
+import re
+import secrets
+import socket
+import zlib
+from dataclasses import dataclass, field, fields
+from typing import Callable, Dict, Mapping, Optional
+
+TENANT_PATTERN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+NODE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][-A-Za-z0-9_.]{0,62}$")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DISCOVERY_MODES = ("multicast", "dns", "both")
+_SIZE_UNITS = {"": 1, "Ki": 1024, "Mi": 1024 ** 2, "Gi": 1024 ** 3,
+               "k": 1000, "K": 1000, "M": 1000 ** 2, "G": 1000 ** 3}
+_SIZE = re.compile(r"^\s*(\d+)\s*(Ki|Mi|Gi|k|K|M|G)?\s*$")
+
+
+class SettingsError(ValueError):
+    """
+    A setting is missing or invalid. The message is one line and names the option and its value.
+    """
+
+
+def parse_size(text: str) -> int:
+    """
+    A byte count: ``"1048576"``, ``"512Ki"``, ``"256Mi"``, ``"1Gi"`` (or decimal ``k``/``M``/``G``).
+    """
+    match = _SIZE.match(text)
+    if match is None:
+        raise ValueError("not a size")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2) or ""]
+
+
+def discovery_group_for(tenant: str) -> str:
+    """
+    The tenant's multicast group, 239.255.x.y, from a stable hash of its name. The Helm chart computes the
+    same address with sprig's ``adler32sum``; keep the two in step.
+    """
+    checksum = zlib.adler32(tenant.encode("utf-8"))
+    return "239.255.%d.%d" % (1 + (checksum >> 16) % 254, 1 + (checksum & 0xFFFF) % 254)
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and value < 1e9):
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise ValueError("must be between %d and %d" % (low, high))
+        return value
+    return parse
+
+
+def _tenant(text: str) -> str:
+    if len(text) > 40 or not TENANT_PATTERN.match(text):
+        raise ValueError("must be a DNS label ([a-z0-9]([-a-z0-9]*[a-z0-9])?) of at most 40 characters")
+    return text
+
+
+def _ipv4(text: str) -> str:
+    return str(ipaddress.IPv4Address(text))
+
+
+def _multicast_group(text: str) -> str:
+    address = ipaddress.IPv4Address(text)
+    if not address.is_multicast:
+        raise ValueError("must be an IPv4 multicast address")
+    return str(address)
+
+
+def _choice(options) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in options:
+            raise ValueError("must be one of %s" % ", ".join(options))
+        return value
+    return parse
+
+
+def _size(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = parse_size(text)
+        if value < low:
+            raise ValueError("must be at least %d bytes" % (low,))
+        return value
+    return parse
+
+
+def _port_endpoint(text: str) -> str:
+    text = text.strip()
+    if text.isdigit():
+        port = int(text)
+        if not 0 <= port <= 65535:
+            raise ValueError("must be a port number or a server endpoint string")
+        return text
+    if ":" not in text:
+        raise ValueError("must be a port number or a server endpoint string")
+    return text
+
+
+def _node_id(text: str) -> str:
+    if not NODE_ID_PATTERN.match(text):
+        raise ValueError("must be 1-63 letters, digits, '-', '_' or '.'")
+    return text
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _text(text: str) -> str:
+    return text
+
+
+def _secret(text: str) -> str:
+    if len(text) < 16:
+        raise ValueError("must be at least 16 characters")
+    return text
+
+
+@dataclass(frozen=True)
+class Option:
+    """
+    How one setting is read: its ``--flag``, its environment variables (first set wins), its default and
+    its parser.
+    """
+    name: str
+    env: tuple
+    default: Optional[str]
+    parse: Callable[[str], object]
+    help: str
+    secret: bool = False
+
+
+#: Every setting, in the order ``--help`` lists them.
+OPTIONS = (
+    Option("tenant", ("TENANT",), None, _tenant, "Tenant served by this node (a DNS label). Required."),
+    Option("port", ("PORT",), "3000", _port_endpoint, "HTTP port, or a Twisted server endpoint string."),
+    Option("advertise-address", ("ADVERTISE_ADDRESS", "POD_IP"), "127.0.0.1", _ipv4,
+           "IPv4 address peers use to reach this node."),
+    Option("advertise-port", ("ADVERTISE_PORT",), None, _int_in(1, 65535),
+           "HTTP port peers use (default: the listening port)."),
+    Option("node-id", ("NODE_ID",), None, _node_id, "This node's id (default: generated at start)."),
+    Option("discovery-mode", ("DISCOVERY_MODE",), "both", _choice(DISCOVERY_MODES),
+           "multicast, dns or both (DNS seeds only with --discovery-dns)."),
+    Option("discovery-port", ("DISCOVERY_PORT",), "9999", _int_in(1, 65535), "UDP discovery port."),
+    Option("discovery-group", ("DISCOVERY_GROUP",), None, _multicast_group,
+           "Multicast group (default: 239.255.x.y derived from the tenant)."),
+    Option("discovery-interface", ("DISCOVERY_INTERFACE",), None, _ipv4,
+           "Interface address for multicast (default: the advertise address)."),
+    Option("discovery-dns", ("DISCOVERY_DNS",), None, _text,
+           "Host name whose A records are discovery seeds (a headless Service)."),
+    Option("discovery-ttl", ("DISCOVERY_TTL",), "1", _int_in(1, 255), "Multicast TTL."),
+    Option("heartbeat-interval", ("HEARTBEAT_INTERVAL",), "5", _positive_float, "Seconds between heartbeats."),
+    Option("peer-timeout", ("PEER_TIMEOUT",), None, _positive_float,
+           "Seconds of silence before a peer is dead (default: 3 heartbeat intervals)."),
+    Option("replicas", ("REPLICATION_FACTOR",), "2", _int_in(1, 16), "Copies kept of each key."),
+    Option("write-quorum", ("WRITE_QUORUM",), None, _int_in(1, 16),
+           "Copies needed to acknowledge a write (default: replicas, capped by live nodes)."),
+    Option("vnodes", ("VNODES",), "128", _int_in(1, 4096), "Virtual nodes per node on the hash ring."),
+    Option("max-memory", ("MAX_MEMORY",), "256Mi", _size(64 * 1024), "Store budget in bytes (Ki/Mi/Gi)."),
+    Option("max-value-size", ("MAX_VALUE_SIZE",), "1Mi", _size(64), "Largest request body in bytes."),
+    Option("tombstone-grace", ("TOMBSTONE_GRACE",), "600", _positive_float,
+           "Seconds a delete's tombstone is kept."),
+    Option("drain-timeout", ("DRAIN_TIMEOUT",), "20", _positive_float,
+           "Seconds a SIGTERM'd node spends handing off its data."),
+    Option("anti-entropy-interval", ("ANTI_ENTROPY_INTERVAL",), "30", _positive_float,
+           "Seconds between anti-entropy rounds."),
+    Option("peer-request-timeout", ("PEER_REQUEST_TIMEOUT",), "2", _positive_float,
+           "Seconds before a peer call fails over."),
+    Option("request-timeout", ("REQUEST_TIMEOUT",), "30", _positive_float,
+           "Seconds an idle or slow client connection may stay open."),
+    Option("max-connections", ("MAX_CONNECTIONS",), "1024", _int_in(1, 1000000),
+           "Open client connections accepted at once."),
+    Option("log-level", ("LOG_LEVEL",), "info", _choice(LOG_LEVELS), "debug, info, warning or error."),
+    Option("log-file", ("LOG_FILE",), None, _text, "Write Eliot logs to this file instead of stdout."),
+    Option("otlp-endpoint", ("JAEGER_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"), None, _text,
+           "OTLP/HTTP endpoint for traces (e.g. http://jaeger:4318)."),
+    Option("cluster-secret", ("CLUSTER_SECRET",), None, _secret,
+           "Shared secret authenticating discovery and peer calls.", secret=True),
+    Option("admin-token", ("ADMIN_TOKEN",), None, _secret, "Bearer token for /admin writes.", secret=True),
+    Option("insecure-admin", ("INSECURE_ADMIN",), "false", _bool,
+           "Allow admin writes without ADMIN_TOKEN."),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """
+    The validated configuration of one node.
+    """
+    tenant: str
+    port: str
+    advertise_address: str
+    advertise_port: int
+    node_id: str
+    discovery_mode: str
+    discovery_port: int
+    discovery_group: str
+    discovery_interface: str
+    discovery_dns: Optional[str]
+    discovery_ttl: int
+    heartbeat_interval: float
+    peer_timeout: float
+    replicas: int
+    write_quorum: Optional[int]
+    vnodes: int
+    max_memory: int
+    max_value_size: int
+    tombstone_grace: float
+    drain_timeout: float
+    anti_entropy_interval: float
+    peer_request_timeout: float
+    request_timeout: float
+    max_connections: int
+    log_level: str
+    log_file: Optional[str]
+    otlp_endpoint: Optional[str]
+    cluster_secret: Optional[str] = field(default=None, repr=False)
+    admin_token: Optional[str] = field(default=None, repr=False)
+    insecure_admin: bool = False
+
+    @property
+    def multicast_enabled(self) -> bool:
+        return self.discovery_mode in ("multicast", "both")
+
+    @property
+    def dns_enabled(self) -> bool:
+        return self.discovery_mode in ("dns", "both") and bool(self.discovery_dns)
+
+    @property
+    def listen_endpoint(self) -> str:
+        """
+        The server endpoint string. A bare port listens on loopback when the node advertises loopback (a
+        laptop, a test), and on every interface otherwise (a pod).
+        """
+        if self.port.isdigit():
+            interface = "127.0.0.1" if self.advertise_address.startswith("127.") else "0.0.0.0"
+            return "tcp:%s:interface=%s" % (self.port, interface)
+        return self.port
+
+    def redacted(self) -> Dict[str, object]:
+        """
+        The effective configuration with every secret replaced by whether it is set.
+        """
+        result = {}
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if item.name in ("cluster_secret", "admin_token"):
+                value = "<set>" if value else None
+            result[item.name] = value
+        return result
+
+
+def _attribute(option: Option) -> str:
+    return option.name.replace("-", "_")
+
+
+def load_settings(given: Mapping[str, Optional[str]], environ: Mapping[str, str],
+                  new_node_id: Callable[[], str] = None) -> Settings:
+    """
+    Build :class:`Settings` from command-line values (``None`` when not given) and the environment.
+
+    :raises SettingsError: naming the first missing or invalid option.
+    """
+    values: Dict[str, object] = {}
+    for option in OPTIONS:
+        raw = given.get(option.name)
+        source = "--" + option.name
+        if raw is None:
+            for variable in option.env:
+                if environ.get(variable, "") != "":
+                    raw = environ[variable]
+                    source = "%s (%s)" % (source, variable)
+                    break
+        if raw is None:
+            raw = option.default
+        if raw is None:
+            values[_attribute(option)] = None
+            continue
+        try:
+            values[_attribute(option)] = option.parse(raw)
+        except ValueError as error:
+            shown = "<redacted>" if option.secret else repr(raw)
+            raise SettingsError("%s: invalid value %s: %s" % (source, shown, error))
+
+    if values["tenant"] is None:
+        raise SettingsError("--tenant (TENANT) is required: name the tenant this node serves")
+    port = values["port"]
+    if values["advertise_port"] is None:
+        match = re.match(r"^(?:tcp:)?(?:port=)?(\d+)", str(port))
+        if match is None or int(match.group(1)) == 0:
+            raise SettingsError("--advertise-port (ADVERTISE_PORT) is required when --port is %r" % (port,))
+        values["advertise_port"] = int(match.group(1))
+    if values["node_id"] is None:
+        values["node_id"] = (new_node_id or _new_node_id)()
+    if values["discovery_group"] is None:
+        values["discovery_group"] = discovery_group_for(values["tenant"])
+    if values["discovery_interface"] is None:
+        values["discovery_interface"] = values["advertise_address"]
+    if values["peer_timeout"] is None:
+        values["peer_timeout"] = 3 * values["heartbeat_interval"]
+    if values["peer_timeout"] <= values["heartbeat_interval"]:
+        raise SettingsError("--peer-timeout (PEER_TIMEOUT): invalid value %r: must be longer than the "
+                            "heartbeat interval %r" % (values["peer_timeout"], values["heartbeat_interval"]))
+    if values["write_quorum"] is not None and values["write_quorum"] > values["replicas"]:
+        raise SettingsError("--write-quorum (WRITE_QUORUM): invalid value %r: must not exceed "
+                            "--replicas %r" % (values["write_quorum"], values["replicas"]))
+    if values["discovery_mode"] == "dns" and not values["discovery_dns"]:
+        raise SettingsError("--discovery-dns (DISCOVERY_DNS) is required when --discovery-mode is 'dns'")
+    return Settings(**values)
+
+
+def _new_node_id() -> str:
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:40].strip("-.") or "node"
+    return "%s-%s" % (host, secrets.token_hex(3))

@@ -1,0 +1,165 @@
+"""
+``twistd kvresponder``: the options and the service tree.
+
+This is the only module that touches the global reactor. Everything below receives it.
+"""
+
+import os
+import sys
+import time
+
+from eliot import add_destinations, Message
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.defer import ensureDeferred, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+from twisted.python.log import ILogObserver, textFromEventDict
+
+from . import __version__
+from .settings import OPTIONS, SettingsError, load_settings
+
+
+class Options(usage.Options):
+    """
+    Every option falls back to its environment variable, then to its default; the command line wins.
+    """
+
+    optParameters = [
+        [option.name, None, None, "%s [env: %s; default: %s]" % (
+            option.help, " or ".join(option.env), option.default if option.default is not None else "-")]
+        for option in OPTIONS if option.parse.__name__ != "_bool"
+    ]
+    optFlags = [
+        [option.name, None, "%s [env: %s]" % (option.help, " or ".join(option.env))]
+        for option in OPTIONS if option.parse.__name__ == "_bool"
+    ]
+
+    def given(self) -> dict:
+        """
+        The options given on the command line, as text; ``None`` for those not given.
+        """
+        values = {}
+        for option in OPTIONS:
+            value = self.get(option.name)
+            if option.parse.__name__ == "_bool":
+                value = "true" if value else None
+            values[option.name] = value
+        return values
+
+
+def twisted_to_eliot(event: dict) -> None:
+    """
+    A legacy Twisted log observer that sends Twisted's own log lines through Eliot, so stdout stays pure
+    JSON lines that ``eliot-tree`` can read.
+    """
+    text = textFromEventDict(event)
+    if text is None:
+        return
+    Message.log(message_type="twisted:log", message=text, error=bool(event.get("isError")))
+
+
+class KVResponderService(MultiService):
+    """
+    The node's services, stopped in order: drain first (HTTP and discovery still up, heartbeats saying
+    "leaving"), then discovery (announcing the departure), then HTTP, then the peer connection pool.
+    """
+
+    def __init__(self, node, http_service, discovery_service, pool=None, tracing=None) -> None:
+        MultiService.__init__(self)
+        self.tracing = tracing
+        self.node = node
+        self.http_service = http_service
+        self.discovery_service = discovery_service
+        self.pool = pool
+        http_service.setServiceParent(self)
+        discovery_service.setServiceParent(self)
+
+    def setServiceParent(self, parent):
+        # twistd builds the Application around us; give it our log observer so Twisted's lines are JSON.
+        MultiService.setServiceParent(self, parent)
+        if hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, twisted_to_eliot)
+
+    def startService(self):
+        MultiService.startService(self)
+        self.node.start()
+
+    def stopService(self):
+        return ensureDeferred(self._stop())
+
+    async def _stop(self):
+        from .log.service import SERVICE_STOPPING
+        SERVICE_STOPPING.log()
+        self.node.begin_leaving()
+        self.discovery_service.protocol.announce()
+        await self.node.drain()
+        self.node.stop()
+        self.running = 0
+        await maybeDeferred(self.discovery_service.stopService)
+        await maybeDeferred(self.http_service.stopService)
+        if self.pool is not None:
+            await self.pool.closeCachedConnections()
+        if self.tracing is not None:
+            self.tracing.shutdown()
+
+
+def makeService(config: Options, reactor=None, environ=None, stdout=None):
+    """
+    Build the whole service tree from options and the environment. A bad setting prints one line naming
+    the option and exits non-zero, before anything listens.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    environ = os.environ if environ is None else environ
+    try:
+        settings = load_settings(config.given(), environ)
+    except SettingsError as error:
+        sys.stderr.write("kvresponder: error: %s\n" % (error,))
+        sys.stderr.flush()
+        raise SystemExit(2)
+
+    from treq.client import HTTPClient
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    from .discovery import DiscoveryProtocol, DiscoveryService, HeartbeatCodec, derive_key, resolve_all
+    from .http.root import build_root
+    from .http.site import KVSite
+    from .log import LogPolicy, open_destination
+    from .log.service import SERVICE_STARTED
+    from .node import Node
+    from .tracing import Tracing
+
+    policy = LogPolicy(settings.log_level)
+    add_destinations(open_destination(policy, settings.tenant, settings.node_id, settings.log_file, stdout))
+
+    tracing = Tracing.from_settings(settings, __version__)
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 16
+    pool.cachedConnectionTimeout = 60
+    pool.retryAutomatically = False
+    agent = Agent(reactor, pool=pool, connectTimeout=settings.peer_request_timeout)
+    node = Node(settings, reactor, HTTPClient(agent), wall=time.time, log_policy=policy, tracing=tracing)
+
+    site = KVSite(build_root(node, node.authenticator), reactor.seconds, tracing=tracing,
+                  metrics=node.metrics, log_policy=policy, body_limit=settings.max_value_size,
+                  max_connections=settings.max_connections, timeout=settings.request_timeout, reactor=reactor)
+    node.open_connections = lambda: site.open_connections
+    http_service = StreamServerEndpointService(serverFromString(reactor, settings.listen_endpoint), site)
+
+    key = derive_key(settings.cluster_secret, "discovery") if settings.cluster_secret else None
+    protocol = DiscoveryProtocol(
+        HeartbeatCodec(settings.tenant, key), node.membership, reactor, time.time, node.heartbeat,
+        settings.discovery_group if settings.multicast_enabled else None, settings.discovery_interface,
+        settings.discovery_port, settings.discovery_ttl, node.metrics)
+    discovery = DiscoveryService(
+        protocol,
+        lambda proto: reactor.listenMulticast(settings.discovery_port, proto, listenMultiple=True),
+        settings.heartbeat_interval,
+        dns_name=settings.discovery_dns if settings.dns_enabled else None,
+        resolve=lambda name: resolve_all(reactor, name),
+        dns_interval=max(settings.heartbeat_interval, 5.0),
+        mode=settings.discovery_mode)
+
+    SERVICE_STARTED.log(version=__version__, config=settings.redacted())
+    return KVResponderService(node, http_service, discovery, pool, tracing)

@@ -1,0 +1,126 @@
+"""
+OpenTelemetry tracing: one server span per HTTP request, one client span per peer call.
+
+A server span continues the W3C ``traceparent`` of the request, so a write replicated to two nodes is one
+trace: client → coordinator's server span → its peer-call spans → the replicas' server spans. Spans are
+exported over OTLP/HTTP by a batch processor (export runs in its own thread and never blocks the reactor),
+and only when ``JAEGER_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set. Without an endpoint, no tracer
+exists and the request path skips tracing entirely.
+"""
+
+from contextlib import contextmanager
+from typing import Dict, Optional
+
+
+class Tracing:
+    """
+    :param provider: an OpenTelemetry ``TracerProvider``, or ``None`` when tracing is off.
+    """
+
+    def __init__(self, provider=None) -> None:
+        self.provider = provider
+        self._tracer = None
+        if provider is not None:
+            from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+            self._tracer = provider.get_tracer("kvresponder")
+            self._propagator = TraceContextTextMapPropagator()
+
+    @property
+    def enabled(self) -> bool:
+        return self._tracer is not None
+
+    @classmethod
+    def from_settings(cls, settings, version: str, exporter=None) -> "Tracing":
+        """
+        Tracing for a node: off without an OTLP endpoint (and no exporter given).
+        """
+        endpoint = settings.otlp_endpoint
+        if not endpoint and exporter is None:
+            return cls(None)
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        resource = Resource.create({
+            "service.name": "kv-responder",
+            "service.version": version,
+            "service.instance.id": settings.node_id,
+            "kv.tenant": settings.tenant,
+            "kv.node": settings.node_id,
+        })
+        provider = TracerProvider(resource=resource)
+        if exporter is None:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            exporter = OTLPSpanExporter(endpoint=traces_url(endpoint), timeout=5)
+        provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=1000))
+        return cls(provider)
+
+    # -- server spans ---------------------------------------------------------------------------------
+
+    def start_server_span(self, request):
+        """
+        Start the span of one request, continuing its ``traceparent``, and make it current.
+
+        :return: a handle for :meth:`end_server_span`.
+        """
+        from opentelemetry import context, trace
+        from opentelemetry.trace import SpanKind
+
+        carrier = {}
+        for name in (b"traceparent", b"tracestate"):
+            value = request.getHeader(name)
+            if value:
+                carrier[name.decode("ascii")] = value.decode("ascii", "replace")
+        parent = self._propagator.extract(carrier) if carrier else None
+        span = self._tracer.start_span(
+            "HTTP %s" % (request.method.decode("ascii", "replace"),), context=parent, kind=SpanKind.SERVER,
+            attributes={"http.request.method": request.method.decode("ascii", "replace")})
+        token = context.attach(trace.set_span_in_context(span))
+        return span, token
+
+    def detach(self, handle) -> None:
+        from opentelemetry import context
+        context.detach(handle[1])
+
+    def end_server_span(self, handle, route: str, status: int) -> None:
+        from opentelemetry.trace import Status, StatusCode
+        span = handle[0]
+        span.update_name("%s %s" % (span.attributes.get("http.request.method", "HTTP"), route))
+        span.set_attribute("http.route", route)
+        span.set_attribute("http.response.status_code", status)
+        if status >= 500:
+            span.set_status(Status(StatusCode.ERROR))
+        span.end()
+
+    # -- client spans ---------------------------------------------------------------------------------
+
+    @contextmanager
+    def client_span(self, op: str, peer_id: str):
+        """
+        A span around one peer call; yields the headers that carry its context.
+        """
+        from opentelemetry.trace import SpanKind
+        with self._tracer.start_as_current_span("peer %s" % (op,), kind=SpanKind.CLIENT,
+                                                attributes={"kv.peer": peer_id, "kv.op": op}) as span:
+            carrier: Dict[str, str] = {}
+            self._propagator.inject(carrier)
+            yield carrier, span
+
+    def shutdown(self) -> None:
+        if self.provider is not None:
+            self.provider.shutdown()
+
+
+def traces_url(endpoint: str) -> str:
+    """
+    The OTLP/HTTP traces URL for an endpoint given as a base (``http://jaeger:4318``) or in full.
+    """
+    endpoint = endpoint.rstrip("/")
+    if endpoint.endswith("/v1/traces"):
+        return endpoint
+    return endpoint + "/v1/traces"
+
+
+OFF = Tracing(None)
+
+__all__ = ["Tracing", "OFF", "traces_url", "Optional"]

@@ -1,0 +1,198 @@
+"""
+Real ``twistd -n kvresponder`` processes on loopback, for end-to-end tests.
+
+Each node gets a free HTTP port; a test's nodes share one free discovery port (several processes on one host
+share it, as in production). Processes are stopped by their PID, never by name.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+import requests
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port(kind=socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def free_udp_port() -> int:
+    return free_port(socket.SOCK_DGRAM)
+
+
+def node_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("KV_", "TENANT", "PORT", "DISCOVERY_", "ADVERTISE_", "POD_IP", "NODE_ID",
+                                  "REPLICATION_", "MAX_", "LOG_", "JAEGER", "OTEL_", "CLUSTER_SECRET",
+                                  "ADMIN_TOKEN", "HEARTBEAT", "PEER_", "DRAIN_"))}
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra or {})
+    return env
+
+
+class NodeProcess:
+    """
+    One node. ``url`` is its ``/<tenant>`` base URL.
+    """
+
+    def __init__(self, tenant: str, node_id: str, discovery_port: int, log_dir: str,
+                 env: Optional[Dict[str, str]] = None, args: Optional[List[str]] = None,
+                 port: Optional[int] = None, python: str = sys.executable) -> None:
+        self.tenant = tenant
+        self.node_id = node_id
+        self.port = port or free_port()
+        self.discovery_port = discovery_port
+        self.log_path = os.path.join(log_dir, "%s.log" % (node_id,))
+        self.env = node_env(env)
+        self.args = args or []
+        self.python = python
+        self.process: Optional[subprocess.Popen] = None
+        self.url = "http://127.0.0.1:%d/%s" % (self.port, tenant)
+
+    def start(self) -> "NodeProcess":
+        command = [self.python, "-m", "twisted", "-n", "--pidfile=", "kvresponder",
+                   "--tenant", self.tenant, "--port", str(self.port), "--node-id", self.node_id,
+                   "--discovery-port", str(self.discovery_port)] + self.args
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+                                        cwd=REPO)
+        return self
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError("%s exited with %s:\n%s" % (self.node_id, self.process.returncode,
+                                                                 self.log_tail()))
+            try:
+                if requests.get(self.url + "/health/ready", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.05)
+        raise AssertionError("%s not ready after %ss:\n%s" % (self.node_id, timeout, self.log_tail()))
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            with open(self.log_path, "rb") as log:
+                return b"\n".join(log.read().splitlines()[-lines:]).decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def log_messages(self) -> List[dict]:
+        messages = []
+        with open(self.log_path, "rb") as log:
+            for line in log:
+                try:
+                    messages.append(json.loads(line))
+                except ValueError:
+                    pass
+        return messages
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """
+        SIGTERM, as Kubernetes sends it; wait for the drain and the exit.
+        """
+        if not self.alive:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        """
+        SIGKILL: no drain, no leaving message.
+        """
+        if self.alive:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+            self._log.close()
+
+    def metric(self, name: str) -> float:
+        text = requests.get(self.url + "/metrics", timeout=5).text
+        total = 0.0
+        found = False
+        for line in text.splitlines():
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                total += float(line.rsplit(" ", 1)[1])
+                found = True
+        if not found:
+            raise KeyError(name)
+        return total
+
+    def put(self, key: str, value, ttl=None, timeout: float = 10.0) -> requests.Response:
+        body = {"value": value}
+        if ttl is not None:
+            body["ttl"] = ttl
+        return requests.put(self.url + "/kv/" + requests.utils.quote(key, safe=""), json=body, timeout=timeout)
+
+    def get(self, key: str, timeout: float = 10.0) -> requests.Response:
+        return requests.get(self.url + "/kv/" + requests.utils.quote(key, safe=""), timeout=timeout)
+
+
+class Cluster:
+    """
+    A set of nodes of one tenant on one discovery port; stops every node it started.
+    """
+
+    def __init__(self, tenant: str, log_dir: str, env: Optional[Dict[str, str]] = None,
+                 discovery_port: Optional[int] = None) -> None:
+        self.tenant = tenant
+        self.log_dir = log_dir
+        self.env = {"HEARTBEAT_INTERVAL": "0.5", "ANTI_ENTROPY_INTERVAL": "5", "DRAIN_TIMEOUT": "15"}
+        self.env.update(env or {})
+        self.discovery_port = discovery_port or free_udp_port()
+        self.nodes: List[NodeProcess] = []
+
+    def add(self, node_id: Optional[str] = None, wait: bool = True, **kwargs) -> NodeProcess:
+        node = NodeProcess(self.tenant, node_id or "n%d" % (len(self.nodes) + 1,), self.discovery_port,
+                           self.log_dir, env=self.env, **kwargs).start()
+        self.nodes.append(node)
+        if wait:
+            node.wait_ready()
+        return node
+
+    @property
+    def alive(self) -> List[NodeProcess]:
+        return [node for node in self.nodes if node.alive]
+
+    def wait_for(self, predicate, timeout: float = 20.0, message: str = "condition") -> None:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                if predicate():
+                    return
+            except (requests.RequestException, KeyError) as error:
+                last = error
+            time.sleep(0.1)
+        raise AssertionError("timed out waiting for %s (%s)\n%s" % (
+            message, last, "\n".join(node.log_tail(8) for node in self.nodes)))
+
+    def wait_formed(self, timeout: float = 20.0) -> None:
+        expected = len(self.alive)
+        self.wait_for(lambda: all(node.metric("kv_ring_members") == expected for node in self.alive),
+                      timeout, "every node to see %d ring members" % (expected,))
+
+    def total_keys(self) -> float:
+        return sum(node.metric("kv_store_keys") for node in self.alive)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            if node.alive:
+                node.kill()

@@ -1,0 +1,26 @@
+import os
+import shutil
+import tempfile
+
+import pytest
+
+
+def require_tool(name: str) -> str:
+    """
+    The path of a tool the test needs. Locally a missing tool skips the test; in CI (CI=true), where
+    .ci/run installs every tool, it fails it, so that a broken install cannot pass as a skip.
+    """
+    path = shutil.which(name)
+    if path is None:
+        message = "%s is not installed (bash .ci/run installs it)" % (name,)
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture
+def log_dir():
+    path = tempfile.mkdtemp(prefix="kvtest-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

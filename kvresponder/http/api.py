@@ -10,8 +10,7 @@ route on :class:`PublicAPI`.
 import base64
 import binascii
 import json
-import platform
-import sys
+import re
 from typing import Optional
 
 from klein import Klein
@@ -23,7 +22,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from .. import __version__
 from ..coordinator import Unavailable
 from ..hlc import format_version
-from ..log import LEVELS, UnknownLevel
+from ..log import UnknownLevel
 from ..log.service import LEVELS_CHANGED
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..store import EntryTooLarge
@@ -36,6 +35,7 @@ DEFAULT_LIST_LIMIT = 1000
 MAX_TTL = 10 * 365 * 24 * 3600.0
 MAX_BULK_OPERATIONS = 1000
 _JSON = b"application/json"
+_CURSOR = re.compile(r"^[A-Za-z0-9_-]{1,400}$")
 
 
 def _reject_constant(name):
@@ -121,6 +121,8 @@ def encode_cursor(key: str) -> str:
 
 
 def decode_cursor(cursor: str) -> str:
+    if not _CURSOR.match(cursor):
+        raise bad_request("invalid_cursor", "The cursor is not one this API returned.")
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         return base64.urlsafe_b64decode(padded.encode("ascii")).decode("utf-8")
@@ -501,4 +503,3 @@ class PublicAPI:
 
 handle_routing_errors(PublicAPI.app)
 
-__all__ = ["PublicAPI", "KVResource", "LEVELS", "platform", "sys"]

@@ -1,0 +1,159 @@
+"""
+In-memory nodes for fast tests: real resources, real Sites, real HTTP parsing, on ``task.Clock`` and
+``StubTreq``; no sockets.
+"""
+
+import json
+from typing import Dict, List, Optional
+
+from twisted.internet.task import Clock
+from twisted.web.resource import Resource
+from treq.testing import StubTreq
+
+from kvresponder.http.errors import not_found, write_error
+from kvresponder.http.root import build_root
+from kvresponder.http.site import KVSite
+from kvresponder.membership import Heartbeat
+from kvresponder.node import Node
+from kvresponder.settings import load_settings
+
+
+def make_settings(tenant: str = "t1", node_id: str = "n1", **overrides):
+    given = {"tenant": tenant, "node-id": node_id, "heartbeat-interval": "1"}
+    given.update({key.replace("_", "-"): str(value) for key, value in overrides.items()})
+    return load_settings(given, {})
+
+
+def stub_over(site: KVSite) -> StubTreq:
+    """
+    A StubTreq whose in-memory server is ``site`` (StubTreq builds a plain Site; ours carries the request
+    accounting and limits under test).
+    """
+    stub = StubTreq(Resource())
+    site.reactor = stub._agent._memoryReactor
+    stub._agent._serverFactory = site
+    return stub
+
+
+class _Router(Resource):
+    """
+    Sends each request to the node whose advertised address and port its Host header names.
+    """
+    isLeaf = False
+
+    def __init__(self) -> None:
+        Resource.__init__(self)
+        self.roots: Dict[bytes, Resource] = {}
+
+    def getChildWithDefault(self, path, request):
+        root = self.roots.get(request.getHeader(b"host"))
+        if root is None:
+            return _Unreachable()
+        request.prepath.pop()
+        request.postpath.insert(0, path)
+        return root
+
+
+class _Unreachable(Resource):
+    isLeaf = True
+
+    def render(self, request):
+        # A down node: the connection "fails". The client sees a 502-like status, which PeerClient treats as
+        # an unusable answer, like a refused connection.
+        request.setResponseCode(502)
+        return b"{}"
+
+
+class _RoutedRoot(Resource):
+    def __init__(self, router):
+        Resource.__init__(self)
+        self._router = router
+
+    def getChildWithDefault(self, path, request):
+        return self._router.getChildWithDefault(path, request)
+
+
+class MemoryCluster:
+    """
+    Several nodes in one process, wired to each other through one StubTreq, with membership fed directly
+    (discovery is tested on its own).
+    """
+
+    def __init__(self, count: int, tenant: str = "t1", **settings) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.router = _Router()
+        self.site = KVSite(_RoutedRoot(self.router), self.clock.seconds, internal_body_limit=64 << 20)
+        self.stub = stub_over(self.site)
+        self.tenant = tenant
+        self.settings = settings
+        self.nodes: List[Node] = []
+        self.down = set()
+        for index in range(count):
+            self.add()
+
+    def add(self) -> Node:
+        index = len(self.nodes) + 1
+        settings = make_settings(self.tenant, "n%d" % (index,), advertise_address="10.0.0.%d" % (index,),
+                                 port="3000", **self.settings)
+        node = Node(settings, self.clock, self.stub, join_settle=0.1)
+        self.router.roots[b"10.0.0.%d:3000" % (index,)] = build_root(node)
+        self.nodes.append(node)
+        self.introduce()
+        node.start()
+        return node
+
+    def introduce(self) -> None:
+        """
+        Let every live node hear every other live node's heartbeat.
+        """
+        for node in self.nodes:
+            if node.node_id in self.down:
+                continue
+            for other in self.nodes:
+                if other is not node and other.node_id not in self.down:
+                    node.membership.observe(other.heartbeat())
+
+    def kill(self, node: Node) -> None:
+        """
+        The node stops answering; the others notice only when its heartbeats time out.
+        """
+        self.down.add(node.node_id)
+        del self.router.roots[b"%s:3000" % (node.settings.advertise_address.encode("ascii"),)]
+        node.stop()
+
+    def run(self, d=None, seconds: float = 30.0, step: float = 0.05):
+        """
+        Turn the clock and the in-memory connections until ``d`` fires (or for ``seconds``).
+        """
+        results = []
+        if d is not None:
+            d.addBoth(results.append)
+        elapsed = 0.0
+        while elapsed < seconds and not (d is not None and results):
+            self.stub.flush()
+            self.clock.advance(step)
+            elapsed += step
+            if elapsed % 0.5 < step:
+                self.introduce()
+        self.stub.flush()
+        if d is not None:
+            assert results, "the Deferred did not fire"
+            return results[0]
+        return None
+
+    def request(self, method: str, node: Node, path: str, body=None, headers=None):
+        url = "http://%s:3000/%s%s" % (node.settings.advertise_address, self.tenant, path)
+        kwargs = {"headers": headers or {}}
+        if body is not None:
+            kwargs["data"] = json.dumps(body).encode("utf-8")
+            kwargs["headers"].setdefault("Content-Type", "application/json")
+        d = self.stub.request(method, url, **kwargs)
+        response = self.run(d)
+        content = self.run(self.stub.content(response))
+        return response.code, content
+
+
+def heartbeat(node_id: str, incarnation: int = 1, address: str = "10.0.0.9", port: int = 3000,
+              state: str = "alive") -> Heartbeat:
+    return Heartbeat(node_id, incarnation, address, port, state, 1)

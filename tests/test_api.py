@@ -1,0 +1,432 @@
+"""
+The public API of one node, through StubTreq against the real resource tree and the real Site: every route
+and every error.
+"""
+
+import json
+
+import pytest
+from hypothesis import given, settings as hsettings, strategies as st
+from twisted.internet.task import Clock
+
+from kvresponder.http.root import build_root
+from kvresponder.http.site import KVSite
+from kvresponder.node import Node
+
+from .support import make_settings, stub_over
+
+
+class API:
+    def __init__(self, **overrides):
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.node = Node(make_settings(**overrides), self.clock, http=None, join_settle=0.1)
+        settings = self.node.settings
+        self.site = KVSite(build_root(self.node), self.clock.seconds, metrics=self.node.metrics,
+                           log_policy=self.node.log_policy, body_limit=settings.max_value_size,
+                           max_connections=settings.max_connections)
+        self.stub = stub_over(self.site)
+        self.node.start()
+        self.clock.advance(0.2)
+
+    def raw(self, method, path, data=None, headers=None):
+        d = self.stub.request(method, "http://127.0.0.1:3000" + path, data=data, headers=headers or {})
+        self.stub.flush()
+        responses = []
+        d.addBoth(responses.append)
+        self.stub.flush()
+        response = responses[0]
+        bodies = []
+        self.stub.content(response).addBoth(bodies.append)
+        self.stub.flush()
+        return response, bodies[0]
+
+    def call(self, method, path, body=None, headers=None, raw_body=None):
+        headers = dict(headers or {})
+        data = raw_body
+        if body is not None:
+            data = json.dumps(body).encode("utf-8")
+            headers.setdefault("Content-Type", "application/json")
+        response, content = self.raw(method, "/t1" + path, data, headers)
+        try:
+            parsed = json.loads(content) if content else None
+        except ValueError:
+            parsed = content
+        return response.code, parsed, response
+
+    def put(self, key, value, ttl=None):
+        body = {"value": value}
+        if ttl is not None:
+            body["ttl"] = ttl
+        return self.call("PUT", "/kv/" + key, body)
+
+
+@pytest.fixture
+def api():
+    return API()
+
+
+def assert_error(code, body, status, error):
+    assert code == status, body
+    assert set(body) == {"error", "message"}, body
+    assert body["error"] == error
+    assert isinstance(body["message"], str) and body["message"]
+
+
+# -- kv -----------------------------------------------------------------------------------------------
+
+
+def test_put_creates_then_replaces(api):
+    """
+    If a key is written twice, then the first PUT answers 201 and the second 200, with a newer version.
+    """
+    code, first, _ = api.put("greeting", "hello")
+    assert code == 201
+    assert first["key"] == "greeting" and first["expires_at"] is None
+    code, second, _ = api.put("greeting", "bonjour")
+    assert code == 200
+    assert second["version"] != first["version"]
+    code, body, _ = api.call("GET", "/kv/greeting")
+    assert code == 200
+    assert body == {"key": "greeting", "value": "bonjour", "version": second["version"], "expires_at": None}
+
+
+def test_get_returns_the_value_byte_for_byte(api):
+    """
+    If a JSON value is stored, then GET embeds exactly its compact serialization.
+    """
+    api.put("doc", {"b": [1, 2.5, None, True], "a": "é"})
+    response, content = api.raw("GET", "/t1/kv/doc")
+    assert b'"value":{"b":[1,2.5,null,true],"a":"\xc3\xa9"}' in content
+
+
+def test_get_of_absent_key_is_404(api):
+    code, body, _ = api.call("GET", "/kv/nothing")
+    assert_error(code, body, 404, "not_found")
+
+
+def test_ttl_expires_the_key(api):
+    """
+    If a key is written with a ttl, then it is served until the ttl passes and never after.
+    """
+    code, body, _ = api.put("session", 1, ttl=5)
+    assert code == 201
+    assert body["expires_at"] == pytest.approx(api.clock.seconds() + 5, abs=0.01)
+    api.clock.advance(4.9)
+    assert api.call("GET", "/kv/session")[0] == 200
+    api.clock.advance(0.2)
+    assert api.call("GET", "/kv/session")[0] == 404
+    assert "session" not in api.call("GET", "/kv")[1]["keys"]
+
+
+def test_delete_existing_then_absent(api):
+    """
+    If a key is deleted, then DELETE answers 200, the key is gone, and a second DELETE answers 404.
+    """
+    api.put("k", 1)
+    code, body, _ = api.call("DELETE", "/kv/k")
+    assert code == 200 and body == {"key": "k", "deleted": True}
+    assert api.call("GET", "/kv/k")[0] == 404
+    code, body, _ = api.call("DELETE", "/kv/k")
+    assert_error(code, body, 404, "not_found")
+
+
+def test_key_with_encoded_slash(api):
+    """
+    If a key contains a percent-encoded slash, then it is one key, listed with its slash.
+    """
+    assert api.put("a%2Fb", 1)[0] == 201
+    code, body, _ = api.call("GET", "/kv/a%2Fb")
+    assert code == 200 and body["key"] == "a/b"
+    assert api.call("GET", "/kv")[1]["keys"] == ["a/b"]
+
+
+def test_list_pages_through_every_key_exactly_once(api):
+    """
+    If keys are listed in pages, then following the cursors yields every key once, in order.
+    """
+    keys = ["k%03d" % (i,) for i in range(25)] + ["other"]
+    for key in keys:
+        api.put(key, key)
+    seen = []
+    cursor = None
+    while True:
+        path = "/kv?prefix=k&limit=7" + ("&cursor=" + cursor if cursor else "")
+        code, body, _ = api.call("GET", path)
+        assert code == 200
+        assert body["count"] == len(body["keys"])
+        seen.extend(body["keys"])
+        cursor = body["next"]
+        if cursor is None:
+            break
+    assert seen == sorted(k for k in keys if k.startswith("k"))
+
+
+@pytest.mark.parametrize("query", ["limit=0", "limit=10001", "limit=x", "cursor=%25%25%25"])
+def test_list_rejects_bad_parameters(api, query):
+    code, body, _ = api.call("GET", "/kv?" + query)
+    assert code == 400, body
+    assert body["error"] in ("invalid_limit", "invalid_cursor")
+
+
+# -- bad input --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw, error", [
+    (b"{not json", "invalid_json"),
+    (b"[1, 2]", "invalid_body"),
+    (b'{"ttl": 5}', "missing_value"),
+    (b'{"value": 1, "ttl": -1}', "invalid_ttl"),
+    (b'{"value": 1, "ttl": "soon"}', "invalid_ttl"),
+    (b'{"value": 1, "ttl": true}', "invalid_ttl"),
+    (b'{"value": NaN}', "invalid_json"),
+    (b'{"value": 1, "tll": 5}', "invalid_body"),
+    (b"\xff\xfe", "invalid_json"),
+])
+def test_bad_put_bodies_are_400_and_change_nothing(api, raw, error):
+    """
+    If a PUT body is malformed, then the answer is a JSON 400 and the key stays absent.
+    """
+    code, body, _ = api.call("PUT", "/kv/k", raw_body=raw, headers={"Content-Type": "application/json"})
+    assert_error(code, body, 400, error)
+    assert api.call("GET", "/kv/k")[0] == 404
+
+
+def test_too_long_key_is_400(api):
+    code, body, _ = api.put("x" * 251, 1)
+    assert_error(code, body, 400, "invalid_key")
+    assert api.put("x" * 250, 1)[0] == 201
+
+
+def test_invalid_utf8_key_is_400(api):
+    code, body, _ = api.call("GET", "/kv/%FF")
+    assert_error(code, body, 400, "invalid_key")
+
+
+def test_wrong_content_type_is_415(api):
+    code, body, _ = api.call("PUT", "/kv/k", raw_body=b'{"value": 1}', headers={"Content-Type": "text/plain"})
+    assert_error(code, body, 415, "unsupported_media_type")
+    assert api.call("GET", "/kv/k")[0] == 404
+
+
+def test_body_over_max_value_size_is_413_and_changes_nothing():
+    """
+    If the body is larger than MAX_VALUE_SIZE, then the answer is 413 and nothing is stored.
+    """
+    api = API(max_value_size="1Ki")
+    code, body, _ = api.put("big", "x" * 2000)
+    assert_error(code, body, 413, "payload_too_large")
+    assert api.call("GET", "/kv/big")[0] == 404
+    assert api.put("small", "x" * 500)[0] == 201
+
+
+def test_value_larger_than_the_whole_budget_is_413():
+    api = API(max_memory="64Ki", max_value_size="1Mi")
+    code, body, _ = api.put("huge", "x" * 70000)
+    assert_error(code, body, 413, "payload_too_large")
+
+
+@pytest.mark.parametrize("method, path, allow", [
+    ("POST", "/kv/k", "GET, HEAD, PUT, DELETE"),
+    ("DELETE", "/kv", "GET, HEAD"),
+    ("POST", "/health", "GET, HEAD"),
+    ("DELETE", "/admin/log-levels", None),
+])
+def test_wrong_method_is_405_with_allow(api, method, path, allow):
+    code, body, response = api.call(method, path)
+    assert_error(code, body, 405, "method_not_allowed")
+    header = response.headers.getRawHeaders(b"allow")
+    assert header, "no Allow header"
+    if allow is not None:
+        assert header[0].decode() == allow
+
+
+@pytest.mark.parametrize("path", ["/t1/nope", "/t1/kvx", "/t1/", "/t1", "/"])
+def test_unknown_route_is_json_404(api, path):
+    response, content = api.raw("GET", path)
+    assert response.code == 404
+    assert json.loads(content)["error"] == "not_found"
+
+
+def test_other_tenant_is_404_naming_ours(api):
+    """
+    If a request names another tenant, then it gets a 404 that names the tenant this node serves.
+    """
+    response, content = api.raw("GET", "/t2/kv/k")
+    body = json.loads(content)
+    assert response.code == 404 and body["error"] == "not_found"
+    assert "t1" in body["message"]
+
+
+def test_no_traceback_reaches_the_client(api, monkeypatch):
+    """
+    If a handler raises unexpectedly, then the client gets a JSON 500 without the exception's text.
+    """
+    def explode(*args, **kwargs):
+        raise RuntimeError("secret internals")
+    monkeypatch.setattr(api.node, "health", explode)
+    response, content = api.raw("GET", "/t1/health")
+    assert response.code == 500
+    assert json.loads(content) == {"error": "internal_error",
+                                   "message": "The server failed to handle this request."}
+    assert b"secret internals" not in content and b"Traceback" not in content
+
+
+# -- health, peers, diag, metrics ------------------------------------------------------------------
+
+
+def test_health_forms(api):
+    code, body, _ = api.call("GET", "/health")
+    assert code == 200
+    assert body["status"] == "ok" and body["tenant"] == "t1" and body["node"] == "n1"
+    assert {"uptime_s", "keys", "peers"} <= set(body)
+    assert api.call("GET", "/health/live")[0] == 200
+    assert api.call("GET", "/health/ready")[0] == 200
+
+
+def test_readiness_is_503_while_draining(api):
+    api.node.begin_leaving()
+    code, body, _ = api.call("GET", "/health/ready")
+    assert code == 503 and body["status"] == "draining"
+    assert api.call("GET", "/health/live")[0] == 200
+
+
+def test_readiness_is_503_before_joining():
+    api = API.__new__(API)
+    api.clock = Clock()
+    api.node = Node(make_settings(), api.clock, http=None, join_settle=5)
+    api.site = KVSite(build_root(api.node), api.clock.seconds)
+    api.stub = stub_over(api.site)
+    api.node.start()
+    assert api.call("GET", "/health/ready")[0] == 503
+    api.clock.advance(5.1)
+    assert api.call("GET", "/health/ready")[0] == 200
+
+
+def test_peers_is_an_empty_list_alone(api):
+    assert api.call("GET", "/peers")[:2] == (200, [])
+
+
+def test_diag_redacts_secrets():
+    api = API(cluster_secret="s" * 20, admin_token="t" * 20)
+    code, body, _ = api.call("GET", "/diag")
+    assert code == 200
+    assert body["config"]["cluster_secret"] == "<set>" and body["config"]["admin_token"] == "<set>"
+    text = json.dumps(body)
+    assert "s" * 20 not in text and "t" * 20 not in text
+    assert {"version", "python", "reactor", "store", "uptime_s", "open_connections"} <= set(body)
+
+
+def test_diag_warns_without_a_cluster_secret(api):
+    body = api.call("GET", "/diag")[1]
+    assert body["cluster_authenticated"] is False
+    assert any("CLUSTER_SECRET" in warning for warning in body["security_warnings"])
+
+
+def test_metrics_count_requests_by_route_template(api):
+    """
+    If keys are read, then kv_http_requests_total counts them under the route template, never the key.
+    """
+    api.put("secret-key-name", 1)
+    api.call("GET", "/kv/secret-key-name")
+    api.call("GET", "/kv/absent")
+    response, content = api.raw("GET", "/t1/metrics")
+    text = content.decode()
+    assert response.code == 200
+    assert 'kv_http_requests_total{method="GET",route="/kv/{key}",status="200",tenant="t1"} 1.0' in text
+    assert 'kv_http_requests_total{method="GET",route="/kv/{key}",status="404",tenant="t1"} 1.0' in text
+    assert 'kv_cache_operations_total{op="get",result="hit",tenant="t1"} 1.0' in text
+    assert 'kv_cache_operations_total{op="get",result="miss",tenant="t1"} 1.0' in text
+    assert "secret-key-name" not in text
+    assert 'kv_store_keys{tenant="t1"} 1.0' in text
+    assert 'kv_replication_operations_total{op="put",result="success",tenant="t1"} 0.0' in text
+
+
+# -- admin ------------------------------------------------------------------------------------------
+
+
+def test_log_levels_read_and_change_with_token():
+    api = API(admin_token="a" * 20)
+    auth = {"Authorization": "Bearer " + "a" * 20}
+    assert api.call("GET", "/admin/log-levels")[0] == 401
+    code, body, _ = api.call("GET", "/admin/log-levels", headers=auth)
+    assert code == 200 and body["levels"]["http"] == "info"
+    code, body, _ = api.call("PUT", "/admin/log-levels", {"level": "debug"}, headers=auth)
+    assert code == 200 and set(body["levels"].values()) == {"debug"}
+    assert api.node.log_policy.enabled("http", 10)
+    code, body, _ = api.call("PUT", "/admin/log-levels", {"levels": {"store": "error"}}, headers=auth)
+    assert code == 200 and body["levels"]["store"] == "error" and body["levels"]["http"] == "debug"
+
+
+def test_admin_writes_without_token_are_refused_by_default(api):
+    code, body, _ = api.call("PUT", "/admin/log-levels", {"level": "debug"})
+    assert_error(code, body, 403, "admin_disabled")
+    assert api.node.log_policy.levels()["http"] == "info"
+
+
+def test_wrong_admin_token_is_401():
+    api = API(admin_token="a" * 20)
+    code, body, _ = api.call("PUT", "/admin/log-levels", {"level": "debug"},
+                             headers={"Authorization": "Bearer " + "b" * 20})
+    assert_error(code, body, 401, "unauthorized")
+
+
+@pytest.mark.parametrize("body", [{"level": "loud"}, {"levels": {"nowhere": "debug"}}, {"levels": {"http": 3}},
+                                  {}, {"level": "debug", "extra": 1}])
+def test_bad_log_levels_are_400_and_change_nothing(body):
+    api = API(insecure_admin="true")
+    code, answer, _ = api.call("PUT", "/admin/log-levels", body)
+    assert_error(code, answer, 400, answer["error"])
+    assert set(api.node.log_policy.levels().values()) == {"info"}
+
+
+def test_insecure_admin_allows_writes():
+    api = API(insecure_admin="true")
+    assert api.call("PUT", "/admin/log-levels", {"level": "warning"})[0] == 200
+    assert not api.node.log_policy.enabled("http", 20)
+
+
+# -- bulk -------------------------------------------------------------------------------------------
+
+
+def test_bulk_puts_gets_and_deletes(api):
+    api.put("old", 1)
+    code, body, _ = api.call("POST", "/bulk", {
+        "put": [{"key": "a", "value": {"x": 1}}, {"key": "old", "value": 2, "ttl": 60}],
+        "get": ["old", "missing"], "delete": ["gone"]})
+    assert code == 200, body
+    assert [(p["key"], p["status"]) for p in body["put"]] == [("a", 201), ("old", 200)]
+    assert body["get"]["missing"] is None
+    assert body["get"]["old"]["value"] in (1, 2)
+    assert body["delete"] == [{"key": "gone", "status": 404}]
+    assert api.call("GET", "/kv/a")[1]["value"] == {"x": 1}
+
+
+def test_bad_bulk_is_400_and_changes_nothing(api):
+    code, body, _ = api.call("POST", "/bulk", {"put": [{"key": "a", "value": 1}, {"key": "", "value": 2}]})
+    assert_error(code, body, 400, "invalid_key")
+    assert api.call("GET", "/kv/a")[0] == 404
+
+
+# -- property ---------------------------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(10 ** 30), max_value=10 ** 30)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12)
+
+
+@hsettings(max_examples=60, deadline=None)
+@given(value=json_values)
+def test_json_values_round_trip_exactly(value):
+    """
+    If any JSON value is stored, then GET returns an equal value.
+    """
+    api = API()
+    code, _, _ = api.put("v", value)
+    assert code == 201
+    code, body, _ = api.call("GET", "/kv/v")
+    assert code == 200
+    assert body["value"] == value
+    assert json.dumps(body["value"], sort_keys=True) == json.dumps(value, sort_keys=True)

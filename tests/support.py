@@ -113,6 +113,7 @@ class MemoryCluster:
             for other in self.nodes:
                 if other is not node and other.node_id not in self.down:
                     node.membership.observe(other.heartbeat())
+            node.membership.expire()
 
     def kill(self, node: Node) -> None:
         """

@@ -1,0 +1,199 @@
+"""
+Several nodes in one process, on task.Clock, calling each other through StubTreq: replication, failover,
+read repair, hinted handoff, re-replication, join, anti-entropy and drain.
+"""
+
+import pytest
+
+from kvresponder.store import Entry
+
+from .support import MemoryCluster
+
+
+def holders(cluster, key):
+    return sorted(node.node_id for node in cluster.nodes
+                  if node.node_id not in cluster.down and node.store.get(key) is not None)
+
+
+def copies(cluster):
+    return sum(len(node.store) for node in cluster.nodes if node.node_id not in cluster.down)
+
+
+def put(cluster, node, key, value):
+    return cluster.request("PUT", node, "/kv/" + key, {"value": value})
+
+
+def get(cluster, node, key):
+    return cluster.request("GET", node, "/kv/" + key)
+
+
+@pytest.fixture
+def cluster():
+    c = MemoryCluster(3)
+    c.run(seconds=1)
+    assert all(node.state == "ready" for node in c.nodes)
+    return c
+
+
+def test_a_write_is_stored_on_replication_factor_nodes_and_readable_everywhere(cluster):
+    """
+    If keys are written through one node, then each is on exactly 2 nodes and readable through every node.
+    """
+    keys = ["key-%d" % (i,) for i in range(40)]
+    for key in keys:
+        assert put(cluster, cluster.nodes[0], key, key)[0] == 201
+    for key in keys:
+        assert len(holders(cluster, key)) == 2, key
+        assert holders(cluster, key) == sorted(cluster.nodes[0].ring().preference_list(key, 2))
+        for node in cluster.nodes:
+            code, body = get(cluster, node, key)
+            assert code == 200, (node.node_id, key)
+    assert copies(cluster) == 2 * len(keys)
+
+
+def test_a_replaced_key_answers_200(cluster):
+    put(cluster, cluster.nodes[0], "k", 1)
+    assert put(cluster, cluster.nodes[1], "k", 2)[0] == 200
+    assert b'"value":2' in get(cluster, cluster.nodes[2], "k")[1]
+
+
+def test_a_stale_replica_is_repaired_by_a_read(cluster):
+    """
+    If one replica holds an older version, then a read answers the newest and repairs the stale one.
+    """
+    put(cluster, cluster.nodes[0], "k", "new")
+    first, second = [node for node in cluster.nodes if node.node_id in holders(cluster, "k")]
+    newest = first.store.current("k")
+    second.store.forget("k", newest.version)
+    second.store.apply(Entry("k", b'"old"', (1, 0, "n9")))
+    code, body = get(cluster, cluster.nodes[0], "k")
+    assert code == 200 and b'"new"' in body
+    cluster.run(seconds=0.5)
+    assert second.store.get("k").value == b'"new"'
+
+
+def test_a_dead_owner_fails_over_at_once_and_its_copy_is_hinted(cluster):
+    """
+    If an owner stops answering before anyone notices, then writes still succeed at once (the next node on
+    the ring takes a hint), reads still find every key, and the hint goes home when the owner returns.
+    """
+    victim = cluster.nodes[1]
+    cluster.kill(victim)
+    keys = ["key-%d" % (i,) for i in range(30)]
+    for key in keys:
+        assert put(cluster, cluster.nodes[0], key, key)[0] == 201
+        assert get(cluster, cluster.nodes[2], key)[0] == 200
+    hinted = [key for key in keys if "n2" in cluster.nodes[0].ring().preference_list(key, 2)]
+    assert hinted, "no key had the dead node as owner"
+    for key in hinted:
+        assert holders(cluster, key) == ["n1", "n3"]
+
+    # The owner comes back (same incarnation: it never left the ring), and the hint holders hand back.
+    cluster.down.discard(victim.node_id)
+    cluster.router.roots[b"10.0.0.2:3000"] = __import__("kvresponder.http.root", fromlist=["x"]).build_root(victim)
+    victim.start()
+    for node in cluster.nodes:
+        node.rebalancer.run_pass("test")
+    cluster.run(seconds=2)
+    for key in keys:
+        assert holders(cluster, key) == sorted(cluster.nodes[0].ring().preference_list(key, 2)), key
+    assert copies(cluster) == 2 * len(keys)
+
+
+def test_a_dead_node_is_re_replicated(cluster):
+    """
+    If a node dies and is declared dead, then the survivors restore 2 copies of every key.
+    """
+    keys = ["key-%d" % (i,) for i in range(60)]
+    for key in keys:
+        put(cluster, cluster.nodes[0], key, key)
+    cluster.kill(cluster.nodes[2])
+    cluster.run(seconds=cluster.nodes[0].settings.peer_timeout + 3)
+    survivors = [node for node in cluster.nodes if node.node_id not in cluster.down]
+    assert all(len(node.ring()) == 2 for node in survivors)
+    for key in keys:
+        assert holders(cluster, key) == ["n1", "n2"], key
+    assert sum(node.metrics.rereplication_entries.labels("t1", "sent")._value.get() for node in survivors) > 0
+
+
+def test_a_joining_node_receives_its_share(cluster):
+    """
+    If a fourth node joins, then it is sent the keys it now owns, the old holders drop theirs, and the
+    total stays 2 copies per key.
+    """
+    keys = ["key-%d" % (i,) for i in range(200)]
+    for key in keys:
+        put(cluster, cluster.nodes[0], key, key)
+    newcomer = cluster.add()
+    cluster.run(seconds=3)
+    assert newcomer.state == "ready"
+    owned = [key for key in keys if "n4" in newcomer.ring().preference_list(key, 2)]
+    assert len(owned) > 40
+    assert all(newcomer.store.get(key) is not None for key in owned)
+    assert copies(cluster) == 2 * len(keys)
+    for key in keys:
+        assert holders(cluster, key) == sorted(newcomer.ring().preference_list(key, 2))
+
+
+def test_anti_entropy_converges_replicas_by_last_writer_wins(cluster):
+    """
+    If replicas diverge (a write that reached only one of them), then an anti-entropy pass brings the other
+    the newest version, and a tombstone wins over an older value.
+    """
+    put(cluster, cluster.nodes[0], "k", "v1")
+    put(cluster, cluster.nodes[0], "gone", "v1")
+    first, second = [node for node in cluster.nodes if node.node_id in holders(cluster, "k")]
+    first.store.apply(Entry("k", b'"v2"', first.hlc.now()))
+    owner_of_gone = [node for node in cluster.nodes if node.node_id in holders(cluster, "gone")][0]
+    owner_of_gone.store.apply(Entry("gone", None, owner_of_gone.hlc.now()))
+    for node in cluster.nodes:
+        node.rebalancer.run_pass("anti-entropy")
+    cluster.run(seconds=2)
+    assert second.store.get("k").value == b'"v2"'
+    assert holders(cluster, "gone") == []
+    assert get(cluster, cluster.nodes[2], "gone")[0] == 404
+
+
+def test_a_draining_node_hands_everything_off(cluster):
+    """
+    If a node drains, then it ends empty and every key still has 2 copies on the others.
+    """
+    keys = ["key-%d" % (i,) for i in range(80)]
+    for key in keys:
+        put(cluster, cluster.nodes[0], key, key)
+    leaver = cluster.nodes[2]
+    remaining = cluster.run(leaver.drain(), seconds=20)
+    assert remaining == 0
+    assert len(leaver.store) == 0
+    others = cluster.nodes[:2]
+    for key in keys:
+        assert sorted(node.node_id for node in others if node.store.get(key) is not None) == ["n1", "n2"], key
+
+
+def test_write_quorum_unmet_is_503():
+    """
+    If fewer nodes than WRITE_QUORUM can store a write, then the answer is 503 with a clear message.
+    """
+    cluster = MemoryCluster(2, write_quorum=2)
+    cluster.run(seconds=1)
+    cluster.kill(cluster.nodes[1])
+    code, body = put(cluster, cluster.nodes[0], "k", 1)
+    assert code == 503
+    assert b"copies" in body
+
+
+def test_listing_spans_the_cluster_without_duplicates(cluster):
+    keys = sorted("key-%02d" % (i,) for i in range(30))
+    for key in keys:
+        put(cluster, cluster.nodes[0], key, key)
+    cluster.request("DELETE", cluster.nodes[1], "/kv/key-05")
+    seen, cursor = [], None
+    while True:
+        import json
+        code, body = cluster.request("GET", cluster.nodes[2], "/kv?limit=7" + ("&cursor=" + cursor if cursor else ""))
+        body = json.loads(body)
+        seen.extend(body["keys"])
+        cursor = body["next"]
+        if not cursor:
+            break
+    assert seen == [key for key in keys if key != "key-05"]

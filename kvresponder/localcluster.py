@@ -27,6 +27,9 @@ from .settings import SettingsError, load_settings
 
 LOOPBACK = "127.0.0.1"
 HEARTBEAT_INTERVAL = "1"
+#: ``twistd`` run by this very interpreter. (``python -m twisted`` is ``twist``, which has no ``-n``, and
+#: ``twisted.scripts.twistd`` has no ``__main__`` guard.)
+TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
 #: Seconds to wait for every node to report ready.
 READY_TIMEOUT = 60.0
 #: Seconds a stopping node may take: its drain (DRAIN_TIMEOUT, 20 s by default) plus its own shutdown.
@@ -73,7 +76,7 @@ def node_command(args: argparse.Namespace, index: int, python: str = sys.executa
     The command line of node ``index`` (1-based).
     """
     return [
-        python, "-m", "twisted", "-n", "--pidfile=", "kvresponder",
+        python, "-c", TWISTD, "-n", "--pidfile=", "kvresponder",
         "--tenant", args.tenant,
         "--node-id", "node-%d" % (index,),
         "--port", str(args.base_port + index - 1),
@@ -85,6 +88,15 @@ def node_command(args: argparse.Namespace, index: int, python: str = sys.executa
         "--replicas", str(args.replicas),
         "--insecure-admin",
     ]
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return "ended by %s" % (signal.Signals(-returncode).name,)
+        except ValueError:
+            return "ended by signal %d" % (-returncode,)
+    return "exited with status %d" % (returncode,)
 
 
 def _port_in_use(port: int) -> bool:
@@ -202,8 +214,8 @@ class LocalCluster:
                 return False
             for node in list(waiting):
                 if not node.alive:
-                    self.say("%s exited with status %s before it was ready; its log ends with:\n%s"
-                             % (node.name, node.process.returncode, node.log_tail()))
+                    self.say("%s %s before it was ready; its log ends with:\n%s"
+                             % (node.name, describe_exit(node.process.returncode), node.log_tail()))
                     node.reported_exit = True
                     return False
                 if node.ready():
@@ -246,8 +258,7 @@ class LocalCluster:
             for node in self.nodes:
                 if not node.alive and not node.reported_exit:
                     node.reported_exit = True
-                    self.say("%s (pid %d) exited with status %s" % (node.name, node.pid,
-                                                                   node.process.returncode))
+                    self.say("%s (pid %d) %s" % (node.name, node.pid, describe_exit(node.process.returncode)))
             if not any(node.alive for node in self.nodes):
                 self.say("every node has exited")
                 return False
@@ -278,7 +289,7 @@ class LocalCluster:
                 node.signal(signal.SIGKILL)
                 node.process.wait()
         for node in running:
-            self.say("  %s exited with status %s" % (node.name, node.process.returncode))
+            self.say("  %s (pid %d) %s" % (node.name, node.pid, describe_exit(node.process.returncode)))
         return clean and self.stop_requests < 2
 
 

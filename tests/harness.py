@@ -16,6 +16,9 @@ from typing import Dict, List, Optional
 
 import requests
 
+#: Runs twistd with the interpreter given (CPython or PyPy), whatever its scripts directory.
+TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -59,7 +62,7 @@ class NodeProcess:
         self.url = "http://127.0.0.1:%d/%s" % (self.port, tenant)
 
     def start(self) -> "NodeProcess":
-        command = [self.python, "-m", "twisted", "-n", "--pidfile=", "kvresponder",
+        command = [self.python, "-c", TWISTD, "-n", "--pidfile=", "kvresponder",
                    "--tenant", self.tenant, "--port", str(self.port), "--node-id", self.node_id,
                    "--discovery-port", str(self.discovery_port)] + self.args
         self._log = open(self.log_path, "ab")

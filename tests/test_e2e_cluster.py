@@ -1,0 +1,170 @@
+"""
+Real ``twistd`` processes on loopback, finding each other over real multicast: formation, replication,
+kill -9 with zero failed requests, join, SIGTERM drain, tenant isolation.
+"""
+
+import threading
+import time
+
+import pytest
+import requests
+
+from .harness import Cluster
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def cluster(log_dir):
+    c = Cluster("e2e", log_dir)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def write_keys(node, count, prefix="key"):
+    session = requests.Session()
+    keys = []
+    for i in range(count):
+        key = "%s-%04d" % (prefix, i)
+        response = session.put(node.url + "/kv/" + key, json={"value": i}, timeout=10)
+        assert response.status_code in (200, 201), response.text
+        keys.append(key)
+    return keys
+
+
+def readable_everywhere(cluster, keys):
+    for node in cluster.alive:
+        session = requests.Session()
+        for key in keys:
+            response = session.get(node.url + "/kv/" + key, timeout=10)
+            assert response.status_code == 200, (node.node_id, key, response.text)
+
+
+def settled_copies(cluster, keys, replicas=2):
+    cluster.wait_for(lambda: cluster.total_keys() == replicas * len(keys), 30,
+                     "sum(kv_store_keys) == %d" % (replicas * len(keys),))
+
+
+def test_three_nodes_form_a_cluster_by_themselves(cluster):
+    """
+    If three nodes start with no configuration but a shared discovery port, then each sees the other two
+    within about a second.
+    """
+    started = time.monotonic()
+    for _ in range(3):
+        cluster.add()
+    cluster.wait_formed(timeout=10)
+    assert time.monotonic() - started < 20
+    peers = requests.get(cluster.nodes[0].url + "/peers", timeout=5).json()
+    assert sorted(peer["id"] for peer in peers) == ["n2", "n3"]
+    assert all(peer["state"] == "alive" and peer["port"] for peer in peers)
+
+
+def test_writes_through_one_node_are_readable_through_every_node(cluster):
+    for _ in range(3):
+        cluster.add()
+    cluster.wait_formed()
+    keys = write_keys(cluster.nodes[0], 1000)
+    readable_everywhere(cluster, keys)
+    settled_copies(cluster, keys)
+
+
+def test_kill_9_fails_no_client_request_and_restores_copies(cluster):
+    """
+    If a node is killed with SIGKILL while clients read and write through the others, then no request
+    fails, every acknowledged key stays readable, and 2 copies of each are restored.
+    """
+    for _ in range(3):
+        cluster.add()
+    cluster.wait_formed()
+    keys = write_keys(cluster.nodes[0], 300)
+    failures, acknowledged = [], []
+    stop = threading.Event()
+
+    def load(node, prefix):
+        session = requests.Session()
+        i = 0
+        while not stop.is_set() and i < 2000:
+            key = "%s-%d" % (prefix, i)
+            try:
+                response = session.put(node.url + "/kv/" + key, json={"value": i}, timeout=10)
+                if response.status_code not in (200, 201):
+                    failures.append(("put", key, response.status_code))
+                else:
+                    acknowledged.append(key)
+                read = session.get(node.url + "/kv/" + keys[i % len(keys)], timeout=10)
+                if read.status_code != 200:
+                    failures.append(("get", keys[i % len(keys)], read.status_code))
+            except requests.RequestException as error:
+                failures.append(("error", key, str(error)))
+            i += 1
+
+    workers = [threading.Thread(target=load, args=(node, "load-%s" % (node.node_id,)))
+               for node in cluster.nodes[:2]]
+    for worker in workers:
+        worker.start()
+    time.sleep(1.0)
+    cluster.nodes[2].kill()
+    time.sleep(3.0)
+    stop.set()
+    for worker in workers:
+        worker.join(30)
+    assert failures == []
+    all_keys = keys + acknowledged
+    settled_copies(cluster, all_keys)
+    readable_everywhere(cluster, all_keys[::7])
+
+
+def test_a_fourth_node_receives_its_share(cluster):
+    for _ in range(3):
+        cluster.add()
+    cluster.wait_formed()
+    keys = write_keys(cluster.nodes[0], 400)
+    settled_copies(cluster, keys)
+    newcomer = cluster.add("n4")
+    cluster.wait_formed()
+    assert newcomer.metric("kv_store_keys") > 400 * 2 / 4 * 0.5
+    settled_copies(cluster, keys)
+    readable_everywhere(cluster, keys[::5])
+
+
+def test_a_sigtermed_node_drains_and_no_key_is_lost(cluster):
+    for _ in range(3):
+        cluster.add()
+    cluster.wait_formed()
+    keys = write_keys(cluster.nodes[0], 400)
+    settled_copies(cluster, keys)
+    leaver = cluster.nodes[1]
+    assert leaver.terminate() in (0, -15)
+    drained = [m for m in leaver.log_messages() if m.get("action_type") == "kvresponder:rebalance:drain"
+               and m.get("action_status") == "succeeded"]
+    assert drained and drained[-1]["remaining"] == 0
+    settled_copies(cluster, keys)
+    readable_everywhere(cluster, keys)
+
+
+def test_two_tenants_on_one_discovery_port_never_see_each_other(log_dir):
+    """
+    If two tenants share a discovery port on one host, then each forms its own cluster and counts the
+    other's datagrams as foreign.
+    """
+    first = Cluster("alpha", log_dir)
+    second = Cluster("beta", log_dir, discovery_port=first.discovery_port)
+    try:
+        for _ in range(2):
+            first.add()
+            second.add("b%d" % (len(second.nodes) + 1,))
+        first.wait_formed()
+        second.wait_formed()
+        time.sleep(1.5)
+        for node in first.alive + second.alive:
+            assert node.metric("kv_ring_members") == 2
+            assert node.metric("kv_peers_count") == 1
+        assert first.nodes[0].metric('kv_discovery_messages_total{result="foreign_tenant",tenant="alpha"}') > 0
+        assert first.nodes[0].put("shared", 1).status_code == 201
+        assert second.nodes[0].get("shared").status_code == 404
+    finally:
+        first.stop()
+        second.stop()

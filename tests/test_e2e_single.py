@@ -1,0 +1,78 @@
+"""
+A real ``twistd -n kvresponder`` process on a free loopback port, driven over HTTP.
+"""
+
+import subprocess
+import sys
+
+import pytest
+import requests
+
+from .harness import REPO, TWISTD, NodeProcess, free_udp_port, node_env
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def node(log_dir):
+    process = NodeProcess("solo", "solo-1", free_udp_port(), log_dir).start()
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.kill()
+
+
+def test_a_real_node_serves_the_api(node):
+    """
+    If a node is started with twistd, then it stores, serves, lists and deletes keys over real HTTP.
+    """
+    response = node.put("k/1", {"a": [1, 2]}, ttl=60)
+    assert response.status_code == 201
+    assert node.put("k/1", {"a": [3]}).status_code == 200
+    body = node.get("k/1").json()
+    assert body["key"] == "k/1" and body["value"] == {"a": [3]}
+    listing = requests.get(node.url + "/kv", params={"prefix": "k/"}, timeout=5).json()
+    assert listing == {"keys": ["k/1"], "count": 1, "next": None}
+    assert requests.delete(node.url + "/kv/k%2F1", timeout=5).status_code == 200
+    assert node.get("k/1").status_code == 404
+    assert requests.get(node.url + "/health", timeout=5).json()["tenant"] == "solo"
+    wrong = requests.get(node.url.replace("/solo", "/other") + "/health", timeout=5)
+    assert wrong.status_code == 404 and "solo" in wrong.json()["message"]
+    assert requests.post(node.url + "/kv/x", timeout=5).status_code == 405
+    assert "kv_http_requests_total" in requests.get(node.url + "/metrics", timeout=5).text
+
+
+def test_sigterm_stops_the_node_cleanly(node):
+    """
+    If a node gets SIGTERM, then it drains, stops its services and exits without a traceback. (twistd
+    re-raises the signal after a clean shutdown, so the status is -SIGTERM.)
+    """
+    node.put("k", 1)
+    assert node.terminate() in (0, -15)
+    types = [m.get("message_type") or m.get("action_type") for m in node.log_messages()]
+    assert "kvresponder:service:stopping" in types
+    assert "kvresponder:rebalance:drain" in types
+    assert "eliot:traceback" not in types
+
+
+@pytest.mark.parametrize("args, env, option, value", [
+    (["--tenant", "Bad_Tenant"], {}, "--tenant", "Bad_Tenant"),
+    ([], {}, "--tenant", None),
+    (["--tenant", "ok"], {"MAX_MEMORY": "lots"}, "--max-memory", "lots"),
+    (["--tenant", "ok", "--port", "70000"], {}, "--port", "70000"),
+    (["--tenant", "ok"], {"REPLICATION_FACTOR": "0"}, "--replicas", "0"),
+])
+def test_a_bad_setting_stops_startup_with_one_line(args, env, option, value):
+    """
+    If a setting is missing or invalid, then twistd exits non-zero with one line naming the option and
+    the value, and never listens.
+    """
+    result = subprocess.run([sys.executable, "-c", TWISTD, "-n", "--pidfile=", "kvresponder"] + args,
+                            env=node_env(env), cwd=REPO, capture_output=True, timeout=60)
+    assert result.returncode != 0
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert option in lines[0]
+    if value is not None:
+        assert value in lines[0]

@@ -1,0 +1,183 @@
+"""
+Tests for :mod:`kvresponder.hlc`.
+"""
+
+import json
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from kvresponder.hlc import HybridLogicalClock, format_version, version_from_wire
+
+
+class ManualWall:
+    """
+    A wall clock a test sets by hand, so that it can stand still or go backwards (``task.Clock`` only moves
+    forwards).
+    """
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_versions_strictly_increase_when_wall_clock_stands_still():
+    """
+    If the wall clock does not move between writes, then each version is still strictly greater than the
+    one before, by its counter.
+    """
+    clock = HybridLogicalClock(ManualWall(1000.0), "n1")
+    versions = [clock.now() for _ in range(5)]
+    assert versions == sorted(set(versions))
+    assert [v[1] for v in versions] == [0, 1, 2, 3, 4]
+    assert {v[0] for v in versions} == {1000000}
+
+
+def test_versions_strictly_increase_when_wall_clock_goes_backwards():
+    """
+    If the wall clock steps backwards (an NTP correction), then the next version still orders after every
+    earlier one, and the wall part never goes back.
+    """
+    wall = ManualWall(1000.0)
+    clock = HybridLogicalClock(wall, "n1")
+    before = clock.now()
+    wall.now = 900.0
+    after = clock.now()
+    assert after > before
+    assert after[0] == before[0]
+
+
+def test_counter_resets_when_wall_clock_moves_forward():
+    """
+    If the wall clock moves past the last issued wall time, then the next version takes the new wall time
+    with counter 0.
+    """
+    wall = ManualWall(1000.0)
+    clock = HybridLogicalClock(wall, "n1")
+    clock.now()
+    clock.now()
+    wall.now = 1000.5
+    assert clock.now() == (1000500, 0, "n1")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(
+    st.tuples(st.just("wall"), st.floats(min_value=0, max_value=1e10, allow_nan=False)),
+    st.tuples(st.just("now"), st.none()),
+    st.tuples(st.just("observe"), st.tuples(st.integers(0, 10 ** 13), st.integers(0, 1000),
+                                            st.sampled_from(["a", "n1", "zz"]))),
+), max_size=60))
+def test_every_version_is_greater_than_everything_issued_or_observed_before(steps):
+    """
+    If the wall clock jumps anywhere and remote versions are observed in any order, then every version the
+    clock issues is strictly greater than every version it issued or observed before.
+    """
+    wall = ManualWall(0.0)
+    clock = HybridLogicalClock(wall, "n1")
+    highest = None
+    for kind, argument in steps:
+        if kind == "wall":
+            wall.now = argument
+        elif kind == "observe":
+            clock.observe(argument)
+            highest = argument if highest is None else max(highest, argument)
+        else:
+            version = clock.now()
+            assert highest is None or version > highest
+            highest = version
+
+
+def test_observed_future_version_orders_next_local_version_after_it():
+    """
+    If a node observes a remote version from far in its future (the remote clock runs ahead), then its next
+    local version orders after the remote one.
+    """
+    wall = ManualWall(1000.0)
+    clock = HybridLogicalClock(wall, "a")
+    remote = (5000000, 7, "z")
+    clock.observe(remote)
+    local = clock.now()
+    assert local > remote
+    assert local == (5000000, 8, "a")
+
+
+def test_observed_equal_version_from_higher_node_id_is_overtaken():
+    """
+    If the remote version has the same wall time and counter as the local clock but a higher node id, then
+    the next local version still orders after it (by the counter).
+    """
+    clock = HybridLogicalClock(ManualWall(1.0), "a")
+    last = clock.now()
+    remote = (last[0], last[1], "zzz")
+    clock.observe(remote)
+    assert clock.now() > remote
+
+
+def test_observing_an_older_version_does_not_change_the_next_version():
+    """
+    If the observed version is older than the local clock, then the next local version is the one the
+    clock would have issued anyway.
+    """
+    observing = HybridLogicalClock(ManualWall(1000.0), "n1")
+    control = HybridLogicalClock(ManualWall(1000.0), "n1")
+    observing.now()
+    control.now()
+    observing.observe((999000, 50, "z"))
+    assert observing.now() == control.now()
+
+
+def test_tie_on_wall_time_and_counter_is_broken_by_node_id_the_same_way_everywhere():
+    """
+    If two nodes issue versions at the same millisecond with the same counter, then the one with the higher
+    node id wins on every node, whatever order the node sees them in.
+    """
+    first = HybridLogicalClock(ManualWall(42.0), "node-a").now()
+    second = HybridLogicalClock(ManualWall(42.0), "node-b").now()
+    assert first[:2] == second[:2]
+    assert max(first, second) == max(second, first) == second
+    assert sorted([second, first]) == sorted([first, second]) == [first, second]
+
+
+def test_format_version_renders_wall_counter_and_node():
+    """
+    If a version is formatted for clients, then it reads ``<wall_ms>.<counter>.<node_id>``.
+    """
+    assert format_version((1700000000123, 4, "pod-1.x")) == "1700000000123.4.pod-1.x"
+
+
+@given(st.tuples(st.integers(0, 2 ** 63), st.integers(0, 2 ** 31), st.text(max_size=64)))
+def test_version_survives_the_json_wire_round_trip(version):
+    """
+    If a version is sent to a peer as a JSON list, then the peer parses back the same version.
+    """
+    assert version_from_wire(json.loads(json.dumps(list(version)))) == version
+
+
+@pytest.mark.parametrize("value", [
+    None,
+    "1.2.n1",
+    (1, 2, "n1"),
+    [1, 2],
+    [1, 2, "n1", 4],
+    [],
+    [True, 2, "n1"],
+    [1, False, "n1"],
+    [1.0, 2, "n1"],
+    [1, 2.5, "n1"],
+    ["1", 2, "n1"],
+    [-1, 2, "n1"],
+    [1, -2, "n1"],
+    [1, 2, 3],
+    [1, 2, None],
+    {"wall": 1, "counter": 2, "node": "n1"},
+])
+def test_malformed_wire_version_is_rejected(value):
+    """
+    If a peer sends anything but ``[non-negative int, non-negative int, str]``, then parsing raises
+    ``ValueError`` naming the value.
+    """
+    with pytest.raises(ValueError) as raised:
+        version_from_wire(value)
+    assert "malformed version" in str(raised.value)

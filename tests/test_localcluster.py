@@ -1,0 +1,187 @@
+"""
+``kvresponder-local-cluster`` end to end: the launcher starts real nodes that find each other, and stops them
+all, by PID, when it is told to stop.
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from kvresponder.localcluster import describe_exit, node_command, parse_args
+
+from .harness import REPO, free_port, free_udp_port, node_env
+
+NODE_LINE = re.compile(r"^\s+(node-\d+)\s+pid (\d+)\s+(http://\S+?)/?$")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _consecutive_free_ports(count: int) -> int:
+    for _ in range(100):
+        base = free_port()
+        if base + count - 1 <= 65535 and all(_port_free(base + i) for i in range(1, count)):
+            return base
+    raise AssertionError("no %d consecutive free ports" % (count,))
+
+
+def _http(method: str, url: str, body=None):
+    data = None if body is None else json.dumps(body).encode("utf-8")
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": "application/json"} if data else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+
+
+def _wait(predicate, timeout: float, what: str, output) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError("timed out waiting for %s; launcher output:\n%s" % (what, "".join(output)))
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open("/proc/%d/stat" % (pid,)) as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def test_defaults():
+    """
+    If no option is given, then three nodes of tenant "demo" listen on ports 3000-3002 and share discovery
+    port 9999, keeping two copies of each key, with logs in ./kvresponder-logs.
+    """
+    args = parse_args([])
+    assert vars(args) == {"nodes": 3, "tenant": "demo", "base_port": 3000, "discovery_port": 9999,
+                          "log_dir": "kvresponder-logs", "replicas": 2}
+
+
+def test_node_command():
+    """
+    If node 2 is built, then it is twistd in the foreground with no pidfile, on the second port, loopback
+    only, with 1 s heartbeats and admin writes open.
+    """
+    command = node_command(parse_args(["--tenant", "t1", "--base-port", "4000", "--replicas", "3"]), 2,
+                           python="python3")
+    assert command[:2] == ["python3", "-c"]
+    rest = command[3:]
+    assert rest[:3] == ["-n", "--pidfile=", "kvresponder"]
+    pairs = dict(zip(rest[3:], rest[4:]))
+    assert pairs["--tenant"] == "t1"
+    assert pairs["--node-id"] == "node-2"
+    assert pairs["--port"] == "4001"
+    assert pairs["--advertise-address"] == "127.0.0.1"
+    assert pairs["--discovery-interface"] == "127.0.0.1"
+    assert pairs["--discovery-port"] == "9999"
+    assert pairs["--heartbeat-interval"] == "1"
+    assert pairs["--replicas"] == "3"
+    assert "--insecure-admin" in rest
+
+
+def test_bad_tenant_is_refused(capsys):
+    """
+    If the tenant is not a DNS label, then the launcher exits with a message before starting anything.
+    """
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--tenant", "Not_A_Label"])
+    assert exit_info.value.code == 2
+    assert "--tenant" in capsys.readouterr().err
+
+
+def test_describe_exit():
+    """
+    If a node ended by a signal, then the launcher names the signal.
+    """
+    assert describe_exit(-signal.SIGTERM) == "ended by SIGTERM"
+    assert describe_exit(0) == "exited with status 0"
+
+
+@pytest.mark.e2e
+def test_two_node_cluster_starts_replicates_and_stops(log_dir):
+    """
+    If the launcher starts two nodes, then they become ready and see each other, a key written through one
+    is read through the other, and after SIGTERM to the launcher every node it started has exited and its
+    port is closed within 30 s.
+    """
+    tenant = "lctest"
+    base = _consecutive_free_ports(2)
+    command = [sys.executable, "-m", "kvresponder.localcluster", "--nodes", "2", "--tenant", tenant,
+               "--base-port", str(base), "--discovery-port", str(free_udp_port()), "--log-dir", log_dir]
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=node_env(),
+                                cwd=REPO, text=True)
+    output = []
+    reader = threading.Thread(target=lambda: output.extend(iter(launcher.stdout.readline, "")), daemon=True)
+    reader.start()
+    nodes = {}
+    try:
+        _wait(lambda: any("All 2 node(s) are ready" in line for line in output) or launcher.poll() is not None,
+              60, "the launcher to report both nodes ready", output)
+        assert launcher.poll() is None, "".join(output)
+        for line in output:
+            match = NODE_LINE.match(line.rstrip("\n"))
+            if match:
+                nodes[match.group(1)] = (int(match.group(2)), match.group(3))
+        assert sorted(nodes) == ["node-1", "node-2"], "".join(output)
+        (pid1, url1), (pid2, url2) = nodes["node-1"], nodes["node-2"]
+        assert url1 == "http://127.0.0.1:%d/%s" % (base, tenant)
+        assert url2 == "http://127.0.0.1:%d/%s" % (base + 1, tenant)
+
+        def see_each_other():
+            return ([peer["id"] for peer in _http("GET", url1 + "/peers")[1]] == ["node-2"]
+                    and [peer["id"] for peer in _http("GET", url2 + "/peers")[1]] == ["node-1"])
+        _wait(see_each_other, 20, "the nodes to see each other", output)
+
+        status, body = _http("PUT", url1 + "/kv/users%2F42", {"value": {"name": "Ada"}})
+        assert status == 201, body
+        status, body = _http("GET", url2 + "/kv/users%2F42")
+        assert (status, body["key"], body["value"]) == (200, "users/42", {"name": "Ada"})
+
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(30) == 0, "".join(output)
+        reader.join(5)
+        for name, (pid, _) in nodes.items():
+            assert _gone(pid), "%s (pid %d) is still running" % (name, pid)
+        for port in (base, base + 1):
+            with pytest.raises(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        assert os.path.exists(os.path.join(log_dir, "node-1.log"))
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait(10)
+        for pid, _ in nodes.values():
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)

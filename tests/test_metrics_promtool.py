@@ -1,0 +1,154 @@
+"""
+The /metrics exposition of real nodes, checked against docs/CONTRACT.md and by the real ``promtool``.
+"""
+
+import os
+import re
+import subprocess
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from .conftest import require_tool
+from .harness import REPO, Cluster
+
+pytestmark = pytest.mark.e2e
+
+TENANT = "metrics-e2e"
+#: Keys with names no label value could contain by chance.
+KEYS = ("zz-leakcheck-alpha-7f3a", "zz-leakcheck-beta-91c2")
+MISSING_KEY = "zz-leakcheck-missing-04de"
+
+
+def contract_families():
+    """
+    name -> type (counter, gauge, histogram) from the ``## Metrics`` table of docs/CONTRACT.md.
+    """
+    with open(os.path.join(REPO, "docs", "CONTRACT.md"), encoding="utf-8") as contract:
+        text = contract.read()
+    section = re.search(r"^## Metrics\b.*?$(.*?)(?=^## |\Z)", text, re.M | re.S)
+    assert section, "docs/CONTRACT.md has no Metrics section"
+    families = {}
+    for line in section.group(1).splitlines():
+        cells = [cell.strip().strip("`") for cell in line.strip().strip("|").split("|")]
+        if not line.lstrip().startswith("|") or len(cells) < 2 or cells[0] == "name" or set(cells[0]) <= set("-: "):
+            continue
+        families[cells[0]] = cells[1].split()[0].lower()
+    assert len(families) > 10, families
+    return families
+
+
+@pytest.fixture(scope="module")
+def exposition(tmp_path_factory):
+    """
+    The metrics text of node 1 of a two-node cluster, after a hit, a miss, puts, a 404 and a 405.
+    """
+    cluster = Cluster(TENANT, str(tmp_path_factory.mktemp("logs")), env={"REPLICATION_FACTOR": "2"})
+    try:
+        n1 = cluster.add("n1")
+        n2 = cluster.add("n2")
+        cluster.wait_formed()
+        for key in KEYS:
+            assert n1.put(key, {"v": key}).status_code == 201
+        assert n1.put(KEYS[0], {"v": "again"}).status_code == 200
+        assert n1.get(KEYS[0]).status_code == 200
+        assert n1.get(MISSING_KEY).status_code == 404
+        assert requests.get(n1.url + "/no-such-route", timeout=5).status_code == 404
+        assert requests.post(n1.url + "/kv/" + KEYS[1], timeout=5).status_code == 405
+        response = requests.get(n1.url + "/metrics", timeout=5)
+        assert response.status_code == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        yield {"text": response.text, "n1": n1, "n2": n2}
+    finally:
+        cluster.stop()
+
+
+def _samples(text):
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: the gauge kv_peers_count ends in _count, which promtool's lint rejects "
+    "('non-histogram and non-summary metrics should not have \"_count\" suffix'); rename it in "
+    "docs/CONTRACT.md, kvresponder/metrics.py, helm/rules, dashboards and docs"))
+def test_promtool_check_metrics_is_clean(exposition):
+    promtool = require_tool("promtool")
+    result = subprocess.run([promtool, "check", "metrics"], input=exposition["text"].encode("utf-8"),
+                            capture_output=True, timeout=30)
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
+
+
+def test_every_sample_carries_the_tenant_label(exposition):
+    lines = [line for line in exposition["text"].splitlines() if line and not line.startswith("#")]
+    assert lines
+    unlabelled = []
+    for line in lines:
+        match = re.match(r"^[A-Za-z_:][A-Za-z0-9_:]*(\{.*\})?\s+\S+(\s+\d+)?$", line)
+        assert match, line
+        if ('tenant="%s"' % (TENANT,)) not in (match.group(1) or ""):
+            unlabelled.append(line)
+    assert unlabelled == []
+    for sample in _samples(exposition["text"]):
+        assert sample.labels.get("tenant") == TENANT, sample
+
+
+def test_every_contract_metric_family_is_exported_with_its_type(exposition):
+    text = exposition["text"]
+    declared = {}
+    for match in re.finditer(r"^# TYPE (\S+) (\S+)$", text, re.M):
+        declared[match.group(1)] = match.group(2)
+    names = {sample.name for sample in _samples(text)}
+    missing = []
+    for family, kind in contract_families().items():
+        if kind == "histogram":
+            expected = {family + "_bucket", family + "_sum", family + "_count"}
+            type_name = family
+        elif kind == "counter":
+            type_name = family if family.endswith("_total") else family + "_total"
+            expected = {type_name}
+        else:
+            expected = {family}
+            type_name = family
+        if not expected <= names:
+            missing.append((family, sorted(expected - names)))
+            continue
+        assert declared.get(type_name) == kind, (family, declared.get(type_name))
+    assert missing == []
+
+
+def test_build_info_names_version_and_python(exposition):
+    from kvresponder import __version__
+    [info] = [sample for sample in _samples(exposition["text"]) if sample.name == "kv_build_info"]
+    assert info.value == 1
+    assert info.labels["version"] == __version__
+    assert re.match(r"^(CPython|PyPy) \d+\.\d+", info.labels["python"]), info.labels
+
+
+def test_requests_are_counted_by_route_template_and_status(exposition):
+    counted = {(s.labels["method"], s.labels["route"], s.labels["status"]): s.value
+               for s in _samples(exposition["text"]) if s.name == "kv_http_requests_total"}
+    assert counted[("PUT", "/kv/{key}", "201")] == 2
+    assert counted[("PUT", "/kv/{key}", "200")] == 1
+    assert counted[("GET", "/kv/{key}", "200")] == 1
+    assert counted[("GET", "/kv/{key}", "404")] == 1
+    assert counted[("POST", "/kv/{key}", "405")] == 1
+    assert any(route != "/kv/{key}" and status == "404" for _, route, status in counted)
+    cache = {(s.labels["op"], s.labels["result"]): s.value
+             for s in _samples(exposition["text"]) if s.name == "kv_cache_operations_total"}
+    assert cache[("get", "hit")] == 1 and cache[("get", "miss")] == 1
+    assert cache[("put", "created")] == 2 and cache[("put", "replaced")] == 1
+
+
+def test_no_label_value_names_a_key_or_a_peer(exposition):
+    text = exposition["text"]
+    n1, n2 = exposition["n1"], exposition["n2"]
+    for key in KEYS + (MISSING_KEY, "no-such-route"):
+        assert key not in text
+    for sample in _samples(text):
+        for value in sample.labels.values():
+            assert "127.0.0.1" not in value and str(n2.port) not in value and str(n1.port) not in value, sample
+            assert value not in ("n1", "n2"), sample
+    # The peer histogram exists (there were peer calls) but is labelled by operation only.
+    peer = [s for s in _samples(text) if s.name == "kv_peer_request_duration_seconds_count"]
+    assert peer and all(set(s.labels) == {"tenant", "op"} for s in peer)

@@ -1,0 +1,176 @@
+"""
+Tests for :mod:`kvresponder.ring`.
+
+The statistical properties run on a fixed sample of keys and with ``derandomize=True``: a share measured on
+20000 keys carries a few per cent of sampling noise, and a random search over node names would, once in a
+while, find a noisy sample rather than a bad ring.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from kvresponder.ring import HashRing
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE_KEYS = ["user:%d/%x" % (i, i * 2654435761 % 2 ** 32) for i in range(20000)]
+#: Enough to measure a moved fraction to about half a per cent.
+MOVE_KEYS = SAMPLE_KEYS[:8000]
+NODE_NAME = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-.", min_size=1, max_size=24)
+RING_SETTINGS = settings(max_examples=15, deadline=None, derandomize=True)
+
+
+def owners(ring: HashRing, keys=SAMPLE_KEYS):
+    return [ring.owner(key) for key in keys]
+
+
+@RING_SETTINGS
+@given(st.sets(NODE_NAME, min_size=2, max_size=32))
+def test_every_node_owns_its_fair_share_within_15_percent(nodes):
+    """
+    If a ring has 2 to 32 nodes with arbitrary names, then every node is the primary owner of between 85 %
+    and 115 % of its fair share of keys.
+    """
+    ring = HashRing(nodes)
+    counts = Counter(owners(ring))
+    fair = len(SAMPLE_KEYS) / len(nodes)
+    shares = {node: counts[node] / fair for node in nodes}
+    assert all(0.85 <= share <= 1.15 for share in shares.values()), shares
+
+
+@RING_SETTINGS
+@given(st.sets(NODE_NAME, min_size=3, max_size=33))
+def test_a_join_moves_about_one_nth_of_the_keys_and_only_to_the_new_node(nodes):
+    """
+    If a node joins a ring of N-1 nodes, then at most about 1/N of the keys change primary owner, and every
+    key that moves moves to the new node.
+    """
+    newcomer = sorted(nodes)[0]
+    before = owners(HashRing(nodes - {newcomer}), MOVE_KEYS)
+    after = owners(HashRing(nodes), MOVE_KEYS)
+    moved = [(old, new) for old, new in zip(before, after) if old != new]
+    assert {new for _, new in moved} <= {newcomer}
+    assert moved, "the new node owns no keys"
+    assert len(moved) / len(MOVE_KEYS) <= 1.5 / len(nodes) + 0.01
+
+
+@RING_SETTINGS
+@given(st.sets(NODE_NAME, min_size=3, max_size=33))
+def test_a_leave_moves_about_one_nth_of_the_keys_and_only_from_the_leaving_node(nodes):
+    """
+    If a node leaves a ring of N nodes, then at most about 1/N of the keys change primary owner, and every
+    key that moves belonged to the leaving node.
+    """
+    leaver = sorted(nodes)[-1]
+    before = owners(HashRing(nodes), MOVE_KEYS)
+    after = owners(HashRing(nodes - {leaver}), MOVE_KEYS)
+    moved = [(old, new) for old, new in zip(before, after) if old != new]
+    assert {old for old, _ in moved} == {leaver}
+    assert leaver not in after
+    assert len(moved) / len(MOVE_KEYS) <= 1.5 / len(nodes) + 0.01
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.sets(NODE_NAME, min_size=1, max_size=12), st.integers(1, 16), st.text(max_size=30))
+def test_preference_list_gives_min_of_n_and_ring_size_distinct_nodes(nodes, n, key):
+    """
+    If the preference list of any key is asked for ``n`` nodes, then it holds ``min(n, N)`` distinct ring
+    members, starting with the key's owner.
+    """
+    ring = HashRing(nodes, vnodes=16)
+    preference = ring.preference_list(key, n)
+    assert len(preference) == min(n, len(nodes))
+    assert len(set(preference)) == len(preference)
+    assert set(preference) <= nodes
+    assert preference[0] == ring.owner(key)
+
+
+def test_preference_list_is_a_prefix_of_a_longer_one():
+    """
+    If the preference list is asked for fewer nodes, then it is the start of the longer list (replica i
+    stays replica i when the replication factor grows).
+    """
+    ring = HashRing(["n%d" % i for i in range(8)])
+    for key in SAMPLE_KEYS[:200]:
+        assert ring.preference_list(key, 2) == ring.preference_list(key, 5)[:2]
+
+
+def test_empty_ring_has_no_owner_and_an_empty_preference_list():
+    """
+    If the ring has no nodes, then ``owner`` raises ``LookupError`` and the preference list is empty.
+    """
+    ring = HashRing([])
+    with pytest.raises(LookupError):
+        ring.owner("k")
+    assert ring.preference_list("k", 3) == []
+
+
+def test_two_rings_over_the_same_nodes_agree_whatever_the_input_order():
+    """
+    If two rings are built from the same node ids in different orders (two nodes' views), then they assign
+    every key the same preference list.
+    """
+    nodes = ["pod-%d" % i for i in range(7)]
+    first = HashRing(nodes)
+    second = HashRing(list(reversed(nodes)))
+    for key in SAMPLE_KEYS[:2000]:
+        assert first.preference_list(key, 3) == second.preference_list(key, 3)
+
+
+#: Computed once with this ring; a change to the hashing, the point layout or the probe sequence breaks
+#: compatibility with every node already running and must fail here.
+KNOWN_NODES = ["alpha", "beta", "gamma", "delta", "epsilon"]
+KNOWN_OWNERS = ["beta", "delta", "delta", "alpha", "delta", "gamma", "delta", "delta"]
+KNOWN_PREFERENCE = ["alpha", "gamma", "epsilon"]
+
+
+def test_ring_matches_known_answers():
+    """
+    If the ring is built over five fixed names, then it assigns the owners and preference list recorded
+    when the ring was written.
+    """
+    ring = HashRing(KNOWN_NODES)
+    assert [ring.owner("key-%d" % i) for i in range(8)] == KNOWN_OWNERS
+    assert ring.preference_list("user:42", 3) == KNOWN_PREFERENCE
+
+
+def test_ring_does_not_depend_on_python_hash_randomization():
+    """
+    If another interpreter with a different ``PYTHONHASHSEED`` builds the same ring, then it assigns every
+    key the same owners as this one.
+    """
+    keys = SAMPLE_KEYS[:300]
+    script = (
+        "import json, sys\n"
+        "from kvresponder.ring import HashRing\n"
+        "keys = json.load(sys.stdin)\n"
+        "ring = HashRing(%r)\n"
+        "print(json.dumps([ring.preference_list(k, 2) for k in keys]))\n" % (KNOWN_NODES,)
+    )
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    results = []
+    for seed in ("1", "2"):
+        env["PYTHONHASHSEED"] = seed
+        completed = subprocess.run([sys.executable, "-c", script], input=json.dumps(keys), env=env,
+                                   capture_output=True, text=True, check=True, timeout=60)
+        results.append(json.loads(completed.stdout))
+    ring = HashRing(KNOWN_NODES)
+    expected = [ring.preference_list(key, 2) for key in keys]
+    assert results[0] == results[1] == expected
+
+
+def test_primary_share_estimates_the_measured_share():
+    """
+    If the gauge's share estimate is asked for a member, then it is close to the share measured on other
+    keys; for a non-member it is 0.
+    """
+    nodes = ["n%d" % i for i in range(4)]
+    ring = HashRing(nodes)
+    measured = Counter(owners(ring))["n0"] / len(SAMPLE_KEYS)
+    assert abs(ring.primary_share("n0") - measured) < 0.04
+    assert ring.primary_share("stranger") == 0.0

@@ -430,3 +430,69 @@ def test_json_values_round_trip_exactly(value):
     assert code == 200
     assert body["value"] == value
     assert json.dumps(body["value"], sort_keys=True) == json.dumps(value, sort_keys=True)
+
+
+# -- resource limits --------------------------------------------------------------------------------
+
+def _connect(site, clock):
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+    protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def _limited_site(clock, **kwargs):
+    node = Node(make_settings(), clock, http=None)
+    return KVSite(build_root(node), clock.seconds, reactor=clock, **kwargs)
+
+
+def test_a_request_trickled_slowly_is_cut_off():
+    """
+    If a client sends its headers a byte at a time (slow loris), then the connection is aborted once the
+    request deadline passes, even though bytes keep arriving.
+    """
+    clock = Clock()
+    site = _limited_site(clock, timeout=10)
+    protocol, transport = _connect(site, clock)
+    for byte in b"GET /t1/health HTTP/1.1\r\nHost: x\r\n":
+        protocol.dataReceived(bytes([byte]))
+        clock.advance(0.5)
+        if transport.disconnecting or getattr(transport, "disconnected", False):
+            break
+    assert clock.seconds() <= 11
+    assert transport.disconnecting
+
+
+def test_a_prompt_request_is_not_cut_off():
+    clock = Clock()
+    site = _limited_site(clock, timeout=10)
+    protocol, transport = _connect(site, clock)
+    protocol.dataReceived(b"GET /t1/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+    clock.advance(9)
+    assert b"200 OK" in transport.value()
+    clock.advance(2)
+    assert b"200 OK" in transport.value()
+
+
+def test_connections_over_the_cap_get_503():
+    clock = Clock()
+    site = _limited_site(clock, max_connections=2)
+    first = _connect(site, clock)
+    second = _connect(site, clock)
+    third_protocol, third = _connect(site, clock)
+    assert site.open_connections == 2
+    assert third.value().startswith(b"HTTP/1.1 503")
+    assert b"too_many_connections" in third.value()
+    first[0].connectionLost(None)
+    assert site.open_connections == 1
+
+
+def test_oversized_headers_are_refused():
+    clock = Clock()
+    site = _limited_site(clock, max_header_bytes=1024)
+    protocol, transport = _connect(site, clock)
+    protocol.dataReceived(b"GET /t1/health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 2000 + b"\r\n\r\n")
+    assert b"200 OK" not in transport.value()
+    assert transport.value().startswith(b"HTTP/1.1 4") or transport.disconnecting

@@ -1,0 +1,327 @@
+"""
+Eliot logging: a replicated write is one task across both nodes (checked with the real ``eliot-tree`` on
+real nodes' JSON lines, and on the JSON directly), and the typed actions, checked in memory with Eliot's own
+testing tools, which also validate every message against its declared field types.
+"""
+
+import glob
+import importlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import unittest
+from typing import Dict, List, Optional
+
+import pytest
+from eliot import ActionType, MessageType
+from eliot.testing import LoggedAction, assertHasAction, capture_logging
+
+from kvresponder.log.discovery import PEER_CHANGED
+from kvresponder.log.replication import COORDINATE_WRITE, PEER_CALL
+from kvresponder.log.store import STORE_APPLY
+
+from .conftest import require_tool
+from .harness import REPO, Cluster
+from .support import MemoryCluster, heartbeat
+
+TENANT = "eliot-e2e"
+KEY = "eliot-e2e-traced-key"
+UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+#: ``|-- kvresponder:store:apply/2/3/2/2/1 => started 2026-...`` in ``eliot-tree --ascii`` output.
+TREE_ACTION = re.compile(r"^(?P<prefix>[ |+`-]*)(?P<type>[A-Za-z_][\w:.-]*)/(?P<level>\d+(?:/\d+)*)"
+                         r"(?: => (?P<status>\w+))?")
+TREE_FIELD = re.compile(r"^(?P<prefix>[ |+`-]*)(?P<name>[\w.]+): ?(?P<value>.*)$")
+
+
+def eliot_tree_command() -> List[str]:
+    path = shutil.which("eliot-tree")
+    if path is None:
+        beside = os.path.join(os.path.dirname(sys.executable), "eliot-tree")
+        path = beside if os.access(beside, os.X_OK) else require_tool("eliot-tree")
+    return [path]
+
+
+def declared_types() -> Dict[str, object]:
+    """
+    Every ActionType and MessageType declared in kvresponder/log/*.py, by name.
+    """
+    types = {}
+    for path in glob.glob(os.path.join(REPO, "kvresponder", "log", "*.py")):
+        name = os.path.splitext(os.path.basename(path))[0]
+        module = importlib.import_module("kvresponder.log" + ("" if name == "__init__" else "." + name))
+        for value in vars(module).values():
+            if isinstance(value, ActionType):
+                types[value.action_type] = value
+            elif isinstance(value, MessageType):
+                types[value.message_type] = value
+    return types
+
+
+def declared_fields(eliot_type, message: dict) -> dict:
+    """
+    The fields (name -> eliot Field) declared for this logged message (start or success of an action).
+    """
+    # Eliot keeps the declared fields on its serializers; there is no public accessor.
+    if isinstance(eliot_type, MessageType):
+        serializer = eliot_type._serializer
+    elif message.get("action_status") == "started":
+        serializer = eliot_type._serializers.start
+    elif message.get("action_status") == "succeeded":
+        serializer = eliot_type._serializers.success
+    else:
+        return {}
+    return {name: field for name, field in serializer.fields.items()
+            if name not in ("action_type", "action_status", "message_type")}
+
+
+# -- end to end: two real nodes -----------------------------------------------------------------------
+
+
+class TreeNode:
+    def __init__(self, kind: str, level: str, status: Optional[str], depth: int, parent) -> None:
+        self.kind, self.level, self.status, self.depth, self.parent = kind, level, status, depth, parent
+        self.fields: Dict[str, str] = {}
+        self.children: List["TreeNode"] = []
+
+    def ancestors(self) -> List[str]:
+        found, node = [], self.parent
+        while node is not None:
+            found.append(node.kind)
+            node = node.parent
+        return found
+
+    def walk(self):
+        yield self
+        for child in self.children:
+            yield from child.walk()
+
+
+def parse_tree_output(text: str) -> Dict[str, TreeNode]:
+    """
+    ``eliot-tree --ascii`` output as one tree of action lines per task uuid, nested by indentation.
+    """
+    tasks: Dict[str, TreeNode] = {}
+    stack: List[TreeNode] = []
+    last: Optional[TreeNode] = None
+    for line in text.splitlines():
+        if UUID.match(line.strip()) and not line.startswith((" ", "|", "+")):
+            root = tasks[line.strip()] = TreeNode("<task>", "", None, -1, None)
+            stack, last = [root], None
+            continue
+        if not stack:
+            continue
+        action = TREE_ACTION.match(line)
+        if action:
+            depth = len(action.group("prefix"))
+            while stack[-1].depth >= depth:
+                stack.pop()
+            node = TreeNode(action.group("type"), action.group("level"), action.group("status"), depth, stack[-1])
+            stack[-1].children.append(node)
+            stack.append(node)
+            last = node
+            continue
+        field = TREE_FIELD.match(line)
+        if field and last is not None and len(field.group("prefix")) == last.depth + 4:
+            last.fields[field.group("name")] = field.group("value")
+    return tasks
+
+
+@pytest.fixture
+def logged_write(log_dir):
+    """
+    Two real nodes (RF=2); one PUT through node 1. Yields the nodes' JSON messages and their concatenation.
+    """
+    cluster = Cluster(TENANT, log_dir, env={"REPLICATION_FACTOR": "2"})
+    try:
+        n1 = cluster.add("n1")
+        n2 = cluster.add("n2")
+        cluster.wait_formed()
+        response = n1.put(KEY, {"logged": True})
+        assert response.status_code == 201, response.text
+        cluster.wait_for(lambda: any(m.get("key") == KEY and m.get("action_type") == "kvresponder:store:apply"
+                                     for m in n2.log_messages()), 10, "the replica's store action")
+        combined = os.path.join(log_dir, "combined.jsonl")
+        with open(combined, "wb") as out:
+            for node in (n1, n2):
+                with open(node.log_path, "rb") as log:
+                    out.write(log.read())
+        yield {"combined": combined, "messages": n1.log_messages() + n2.log_messages()}
+    finally:
+        cluster.stop()
+
+
+def test_eliot_tree_shows_a_replicated_write_as_one_task_across_both_nodes(logged_write):
+    result = subprocess.run(eliot_tree_command() + ["--ascii", "--color", "never", "-l", "0",
+                                                    logged_write["combined"]],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    tasks = parse_tree_output(result.stdout)
+    assert tasks, result.stdout[:2000]
+
+    with_key = [uuid for uuid, root in tasks.items()
+                if any(node.fields.get("key") == KEY for node in root.walk())]
+    assert len(with_key) == 1, "the write is split over %d trees: %s" % (len(with_key), with_key)
+    root = tasks[with_key[0]]
+    nodes = list(root.walk())
+
+    [request] = [n for n in nodes if n.kind == "kvresponder:http:request" and n.status == "started"]
+    assert request.parent is root and request.fields.get("method") == "PUT" and request.fields["node"] == "n1"
+    applies = {n.fields.get("node"): n for n in nodes if n.kind == "kvresponder:store:apply"
+               and n.status == "started" and n.fields.get("key") == KEY}
+    assert set(applies) == {"n1", "n2"}
+    assert applies["n1"].ancestors()[:3] == ["kvresponder:replication:write", "kvresponder:http:request",
+                                             "<task>"]
+    assert applies["n2"].ancestors()[:5] == ["eliot:remote_task", "kvresponder:replication:peer-call",
+                                             "kvresponder:replication:write", "kvresponder:http:request",
+                                             "<task>"]
+    [call] = [n for n in nodes if n.kind == "kvresponder:replication:peer-call" and n.status == "started"]
+    assert call.fields.get("peer") == "n2" and call.fields.get("op") == "apply"
+    [remote] = [n for n in nodes if n.kind == "eliot:remote_task" and n.status == "started"]
+    assert remote.fields.get("node") == "n2"
+
+
+def test_json_logs_join_the_replica_to_the_coordinators_task(logged_write):
+    messages = logged_write["messages"]
+    [start] = [m for m in messages if m.get("action_type") == "kvresponder:replication:write"
+               and m.get("key") == KEY and m["action_status"] == "started"]
+    task = [m for m in messages if m.get("task_uuid") == start["task_uuid"]]
+    seen = {(m.get("action_type"), m["node"]) for m in task if m.get("action_status") == "started"}
+    assert {("kvresponder:http:request", "n1"), ("kvresponder:replication:write", "n1"),
+            ("kvresponder:replication:peer-call", "n1"), ("kvresponder:store:apply", "n1"),
+            ("eliot:remote_task", "n2"), ("kvresponder:store:apply", "n2")} <= seen
+    assert all(m["tenant"] == TENANT for m in task)
+    [remote] = [m for m in task if m.get("action_type") == "eliot:remote_task" and m["action_status"] == "started"]
+    [replica] = [m for m in task if m.get("action_type") == "kvresponder:store:apply" and m["node"] == "n2"
+                 and m["action_status"] == "started"]
+    [call] = [m for m in task if m.get("action_type") == "kvresponder:replication:peer-call"
+              and m["action_status"] == "started"]
+    # The remote task sits beside the peer call's start, inside the peer call; the replica's apply inside it.
+    assert remote["task_level"][:-2] == call["task_level"][:-1]
+    assert replica["task_level"][:len(remote["task_level"]) - 1] == remote["task_level"][:-1]
+    [end] = [m for m in task if m.get("action_type") == "kvresponder:replication:write"
+             and m["action_status"] == "succeeded"]
+    assert end["copies"] == 2
+
+
+def test_real_log_lines_match_their_declared_field_types(logged_write):
+    types = declared_types()
+    checked = set()
+    problems = []
+    for message in logged_write["messages"]:
+        name = message.get("action_type") or message.get("message_type")
+        if name not in types:
+            continue
+        for field_name, field in declared_fields(types[name], message).items():
+            if field_name not in message:
+                problems.append((name, field_name, "missing"))
+                continue
+            try:
+                field.validate(message[field_name])
+            except Exception as error:
+                problems.append((name, field_name, repr(message[field_name]), str(error)))
+        checked.add(name)
+    assert problems == []
+    assert {"kvresponder:http:request", "kvresponder:replication:write", "kvresponder:replication:peer-call",
+            "kvresponder:store:apply", "kvresponder:discovery:peer-changed"} <= checked
+
+
+# -- in memory: Eliot's testing tools (validation of every message against its declared types) -----------
+
+
+class TypedActionsTests(unittest.TestCase):
+    """
+    Two in-memory nodes (RF=2) on ``task.Clock`` and ``StubTreq``. ``capture_logging`` validates every
+    message logged during a test against its type and fails the test on any logged traceback.
+    """
+
+    def cluster(self) -> MemoryCluster:
+        cluster = MemoryCluster(2, replicas=2)
+        cluster.run(seconds=1.0)
+        self.assertEqual([len(node.ring()) for node in cluster.nodes], [2, 2])
+        return cluster
+
+    @capture_logging(None, encoder_=None)
+    def test_coordinated_write_logs_its_targets_and_copies(self, logger):
+        cluster = self.cluster()
+        n1 = cluster.nodes[0]
+        result = cluster.run(n1.coordinator.put("written", b'"v"', None))
+        self.assertEqual(result.copies, 2)
+        action = assertHasAction(self, logger, COORDINATE_WRITE, True,
+                                 {"key": "written", "op": "put"}, {"copies": 2})
+        self.assertEqual(sorted(action.startMessage["targets"]), ["n1", "n2"])
+        self.assertEqual(action.startMessage["version"].rsplit(".", 1)[-1], "n1")
+
+    @capture_logging(None, encoder_=None)
+    def test_peer_call_logs_the_peer_and_the_status_it_answered(self, logger):
+        cluster = self.cluster()
+        n1 = cluster.nodes[0]
+        cluster.run(n1.coordinator.put("called", b'"v"', None))
+        [call] = [action for action in LoggedAction.ofType(logger.messages, PEER_CALL)
+                  if action.startMessage["op"] == "apply"]
+        self.assertTrue(call.succeeded)
+        self.assertEqual(call.startMessage["peer"], "n2")
+        self.assertEqual(call.endMessage["code"], 200)
+        # The call runs inside the coordinator's write action.
+        [write] = LoggedAction.ofType(logger.messages, COORDINATE_WRITE)
+        self.assertIn(call, write.descendants())
+
+    @capture_logging(None, encoder_=None)
+    def test_peer_call_to_a_dead_peer_logs_the_status_it_got(self, logger):
+        cluster = self.cluster()
+        n1, n2 = cluster.nodes
+        cluster.kill(n2)
+        cluster.run(n1.coordinator.put("after-death", b'"v"', None))
+        codes = [action.endMessage.get("code") for action in LoggedAction.ofType(logger.messages, PEER_CALL)
+                 if action.startMessage["op"] == "apply"]
+        self.assertIn(502, codes)
+
+    @capture_logging(None, encoder_=None)
+    def test_store_apply_is_logged_on_both_replicas_in_the_writes_task(self, logger):
+        cluster = self.cluster()
+        n1 = cluster.nodes[0]
+        cluster.run(n1.coordinator.put("applied", b'"v"', None))
+        cluster.run(n1.coordinator.delete("applied"))
+        applies = [action for action in LoggedAction.ofType(logger.messages, STORE_APPLY)
+                   if action.startMessage["key"] == "applied"]
+        puts = [a for a in applies if a.startMessage["tombstone"] is False]
+        deletes = [a for a in applies if a.startMessage["tombstone"] is True]
+        self.assertEqual(len(puts), 2)
+        self.assertEqual(len(deletes), 2)
+        for action in puts:
+            self.assertTrue(action.succeeded)
+            self.assertEqual(action.endMessage["applied"], True)
+            self.assertEqual(action.endMessage["had_live"], False)
+        for action in deletes:
+            self.assertEqual(action.endMessage["had_live"], True)
+        [write] = [a for a in LoggedAction.ofType(logger.messages, COORDINATE_WRITE)
+                   if a.startMessage["op"] == "put"]
+        self.assertEqual({a.startMessage["task_uuid"] for a in puts}, {write.startMessage["task_uuid"]})
+
+    @capture_logging(None, encoder_=None)
+    def test_membership_changes_log_peer_changed(self, logger):
+        cluster = self.cluster()
+        n1 = cluster.nodes[0]
+        n1.membership.observe(heartbeat("n9", incarnation=7, address="10.0.0.9", port=3000))
+        joined = [a for a in LoggedAction.ofType(logger.messages, PEER_CHANGED) if a.startMessage["peer"] == "n9"]
+        self.assertEqual(len(joined), 1)
+        self.assertTrue(joined[0].succeeded)
+        self.assertEqual(joined[0].startMessage["change"], "joined")
+        self.assertEqual(joined[0].startMessage["address"], "10.0.0.9:3000")
+        self.assertEqual(joined[0].startMessage["incarnation"], 7)
+        self.assertIn("n9", n1.ring().nodes)
+
+        cluster.clock.advance(n1.settings.peer_timeout + 1)
+        n1.membership.expire()
+        changes = [a.startMessage["change"] for a in LoggedAction.ofType(logger.messages, PEER_CHANGED)
+                   if a.startMessage["peer"] == "n9"]
+        self.assertEqual(changes, ["joined", "dead"])
+        self.assertNotIn("n9", n1.ring().nodes)
+
+
+def test_declared_types_cover_every_registered_level():
+    from kvresponder.log import _TYPE_LEVELS
+    assert set(declared_types()) == set(_TYPE_LEVELS)
+

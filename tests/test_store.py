@@ -1,0 +1,598 @@
+"""
+Tests for :mod:`kvresponder.store`, on a ``task.Clock``.
+"""
+
+from typing import Dict, List, Optional
+
+import pytest
+from hypothesis import given, settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from twisted.internet.task import Clock
+
+from kvresponder.store import ENTRY_OVERHEAD, TOMBSTONE_OVERHEAD, ApplyResult, Entry, EntryTooLarge, Store
+
+START = 1700000000.0
+
+
+class Events:
+    """
+    Records the store's ``evicted(n)`` and ``expired(n)`` calls.
+    """
+
+    def __init__(self) -> None:
+        self.evictions: List[int] = []
+        self.expirations: List[int] = []
+
+    def evicted(self, count: int) -> None:
+        self.evictions.append(count)
+
+    def expired(self, count: int) -> None:
+        self.expirations.append(count)
+
+
+def make_store(max_bytes: int = 1 << 20, tombstone_grace: float = 600.0):
+    clock = Clock()
+    clock.advance(START)
+    events = Events()
+    return Store(clock.seconds, max_bytes, tombstone_grace=tombstone_grace, events=events), clock, events
+
+
+def put(key: str, value: bytes, wall: int, ttl: Optional[float] = None, node: str = "n1") -> Entry:
+    expires_at = None if ttl is None else START + ttl
+    return Entry(key, value, (wall, 0, node), expires_at)
+
+
+def tomb(key: str, wall: int, node: str = "n1") -> Entry:
+    return Entry(key, None, (wall, 0, node))
+
+
+def all_keys(store: Store) -> List[str]:
+    return store.keys(limit=10 ** 9)
+
+
+# -- entries -------------------------------------------------------------------------------------------
+
+def test_entry_size_counts_key_value_and_overhead():
+    """
+    If an entry is built, then its accounted size is its UTF-8 key bytes plus its value bytes plus the
+    fixed overhead (a tombstone: key bytes plus the tombstone overhead).
+    """
+    assert Entry("ab", b"xyz", (1, 0, "n")).size == 2 + 3 + ENTRY_OVERHEAD
+    assert Entry("é", b"", (1, 0, "n")).size == 2 + ENTRY_OVERHEAD
+    assert Entry("ab", None, (1, 0, "n")).size == 2 + TOMBSTONE_OVERHEAD
+
+
+# -- TTL -----------------------------------------------------------------------------------------------
+
+def test_key_is_served_until_its_expiry():
+    """
+    If a key has a TTL, then it is served by every read until just before the expiry time.
+    """
+    store, clock, _ = make_store()
+    store.apply(put("k", b"1", 1, ttl=10))
+    clock.advance(9.999)
+    assert store.get("k").value == b"1"
+    assert store.current("k").value == b"1"
+    assert all_keys(store) == ["k"]
+    assert [e.key for e in store.entries()] == ["k"]
+
+
+@pytest.mark.parametrize("after", [10.0, 10.001, 1000.0])
+def test_expired_key_is_never_served(after):
+    """
+    If a key's TTL has passed (at or after ``expires_at``), then ``get``, ``current``, ``keys`` and
+    ``entries`` all report it absent, even before a sweep.
+    """
+    store, clock, _ = make_store()
+    store.apply(put("k", b"1", 1, ttl=10))
+    store.apply(put("other", b"2", 1))
+    clock.advance(after)
+    assert all_keys(store) == ["other"]
+    assert [e.key for e in store.entries()] == ["other"]
+    assert store.get("k") is None
+    assert store.current("k") is None
+
+
+def test_get_of_an_expired_key_reclaims_and_counts_it_once():
+    """
+    If ``get`` finds a key expired, then it reclaims its bytes and counts one expiration, and a later sweep
+    does not count it again.
+    """
+    store, clock, events = make_store()
+    store.apply(put("k", b"1", 1, ttl=10))
+    clock.advance(11)
+    assert store.get("k") is None
+    assert (store.bytes, store.expirations, events.expirations) == (0, 1, [1])
+    assert store.sweep() == 0
+    assert (store.expirations, events.expirations) == (1, [1])
+
+
+def test_sweep_reclaims_expired_entries_and_counts_expirations():
+    """
+    If a sweep runs after some TTLs have passed, then it reclaims exactly the expired entries and their
+    bytes, counts them, and reports them to the events object in one call.
+    """
+    store, clock, events = make_store()
+    store.apply(put("a", b"1", 1, ttl=5))
+    store.apply(put("b", b"22", 1, ttl=5))
+    store.apply(put("c", b"333", 1, ttl=50))
+    store.apply(put("d", b"4444", 1))
+    clock.advance(6)
+    assert store.sweep() == 2
+    assert len(store) == 2
+    assert store.bytes == put("c", b"333", 1).size + put("d", b"4444", 1).size
+    assert (store.expirations, events.expirations) == (2, [2])
+    assert store.sweep() == 0
+    assert events.expirations == [2]
+
+
+def test_sweep_does_not_expire_a_key_rewritten_with_a_later_ttl():
+    """
+    If a key with a TTL is overwritten with a longer TTL, then a sweep after the first TTL keeps it.
+    """
+    store, clock, _ = make_store()
+    store.apply(put("k", b"old", 1, ttl=5))
+    store.apply(put("k", b"new", 2, ttl=100))
+    clock.advance(10)
+    assert store.sweep() == 0
+    assert store.get("k").value == b"new"
+
+
+def test_write_that_has_already_expired_removes_the_older_value():
+    """
+    If a newer write arrives whose TTL has already passed, then the older value is gone and nothing is
+    stored for the key.
+    """
+    store, clock, _ = make_store()
+    clock.advance(100)
+    store.apply(put("k", b"old", 1))
+    result = store.apply(put("k", b"new", 2, ttl=50))
+    assert result == ApplyResult(True, True)
+    assert store.current("k") is None
+    assert (len(store), store.tombstone_count, store.bytes) == (0, 0, 0)
+
+
+# -- LRU -----------------------------------------------------------------------------------------------
+
+def budget_for(entries: List[Entry]) -> int:
+    return sum(entry.size for entry in entries)
+
+
+def test_eviction_takes_the_least_recently_written_key():
+    """
+    If a write pushes the store over its budget, then the least recently used key is evicted, the eviction
+    is counted and reported.
+    """
+    a, b, c = put("a", b"x" * 10, 1), put("b", b"x" * 10, 1), put("c", b"x" * 10, 1)
+    store, _, events = make_store(max_bytes=budget_for([a, b]))
+    store.apply(a)
+    store.apply(b)
+    store.apply(c)
+    assert all_keys(store) == ["b", "c"]
+    assert (store.evictions, events.evictions) == (1, [1])
+    assert store.bytes == budget_for([b, c])
+
+
+def test_get_moves_a_key_to_most_recent():
+    """
+    If a key is read, then it becomes the most recently used, and the next eviction takes another key.
+    """
+    a, b, c = put("a", b"x" * 10, 1), put("b", b"x" * 10, 1), put("c", b"x" * 10, 1)
+    store, _, _ = make_store(max_bytes=budget_for([a, b]))
+    store.apply(a)
+    store.apply(b)
+    assert store.get("a") is not None
+    store.apply(c)
+    assert all_keys(store) == ["a", "c"]
+
+
+def test_overwrite_moves_a_key_to_most_recent():
+    """
+    If a key is overwritten, then it becomes the most recently used.
+    """
+    store, _, _ = make_store(max_bytes=budget_for([put("a", b"x", 1)] * 2))
+    store.apply(put("a", b"x", 1))
+    store.apply(put("b", b"x", 1))
+    store.apply(put("a", b"y", 2))
+    store.apply(put("c", b"x", 1))
+    assert all_keys(store) == ["a", "c"]
+
+
+def test_one_large_write_evicts_as_many_keys_as_needed_in_one_report():
+    """
+    If one write needs the room of several old keys, then they are evicted oldest first and reported as one
+    ``evicted(n)`` call.
+    """
+    small = [put("k%d" % i, b"x" * 10, 1) for i in range(4)]
+    store, _, events = make_store(max_bytes=budget_for(small))
+    for entry in small:
+        store.apply(entry)
+    big = put("big", b"x" * (2 * small[0].size), 1)
+    store.apply(big)
+    assert all_keys(store) == ["big", "k3"]
+    assert (store.evictions, events.evictions) == (3, [3])
+    assert store.bytes <= store.max_bytes
+
+
+def test_eviction_never_creates_a_tombstone():
+    """
+    If keys are evicted, then no tombstone is left for them, and an older copy of an evicted key (from a
+    replica) may be written again.
+    """
+    a, b = put("a", b"x" * 10, 5), put("b", b"x" * 10, 5)
+    store, _, _ = make_store(max_bytes=budget_for([a]))
+    store.apply(a)
+    store.apply(b)
+    assert store.tombstone_count == 0
+    assert store.current("a") is None
+    assert store.apply(put("a", b"x" * 10, 1)).applied
+
+
+# -- the byte budget -----------------------------------------------------------------------------------
+
+def test_entry_larger_than_the_whole_budget_is_refused_and_changes_nothing():
+    """
+    If an entry alone is larger than the budget, then ``apply`` and ``check_fits`` raise ``EntryTooLarge``
+    and the store keeps every key, byte count and counter as it was.
+    """
+    store, _, events = make_store(max_bytes=1000)
+    store.apply(put("a", b"1", 1))
+    store.apply(tomb("t", 1))
+    before = (all_keys(store), store.bytes, store.tombstone_count, store.evictions, list(store.entries()))
+    too_big = put("big", b"x" * (1000 - ENTRY_OVERHEAD - 2), 1)
+    assert too_big.size == 1001
+    with pytest.raises(EntryTooLarge):
+        store.apply(too_big)
+    with pytest.raises(EntryTooLarge):
+        store.check_fits("big", too_big.value)
+    assert (all_keys(store), store.bytes, store.tombstone_count, store.evictions,
+            list(store.entries())) == before
+    assert events.evictions == []
+
+
+def test_entry_exactly_the_size_of_the_budget_fits():
+    """
+    If an entry is exactly as large as the budget, then it is stored (evicting everything else).
+    """
+    store, _, _ = make_store(max_bytes=1000)
+    store.apply(put("a", b"1", 1))
+    exact = put("big", b"x" * (1000 - ENTRY_OVERHEAD - 3), 1)
+    store.check_fits("big", exact.value)
+    assert store.apply(exact).applied
+    assert all_keys(store) == ["big"]
+    assert store.bytes == 1000
+
+
+def accounted(store: Store) -> int:
+    # The store's own containers: the point is to check its running byte count against what it holds.
+    return (sum(e.size for e in store._live.values())
+            + sum(t.size for t, _ in store._tombstones.values()))
+
+
+class StoreMachine(RuleBasedStateMachine):
+    """
+    Random writes, deletes, reads, forgets, sweeps and clock moves against a small budget, checked against a
+    model of the last applied entry of every key.
+    """
+
+    KEYS = st.sampled_from(["a", "b", "c", "d", "e", "f", "ü", "long-key-" + "x" * 40])
+
+    @initialize(max_bytes=st.integers(ENTRY_OVERHEAD + 60, 4000))
+    def start(self, max_bytes):
+        self.store, self.clock, self.events = make_store(max_bytes=max_bytes, tombstone_grace=30)
+        self.wall = 0
+        self.newest: Dict[str, Entry] = {}
+
+    def _apply(self, entry: Entry) -> None:
+        self.wall += 1
+        try:
+            result = self.store.apply(entry)
+        except EntryTooLarge:
+            assert entry.size > self.store.max_bytes
+            return
+        if result.applied:
+            self.newest[entry.key] = entry
+        else:
+            # Refused only in favour of an equal or newer version the store still holds.
+            assert self.newest[entry.key].version >= entry.version
+
+    @rule(key=KEYS, size=st.integers(0, 4000), ttl=st.none() | st.floats(0.5, 20), older=st.booleans())
+    def write(self, key, size, ttl, older):
+        wall = self.wall - 5 if older else self.wall
+        now = self.clock.seconds()
+        self._apply(Entry(key, b"v" * size, (wall, 0, "n1"), None if ttl is None else now + ttl))
+
+    @rule(key=KEYS, older=st.booleans())
+    def delete(self, key, older):
+        self._apply(Entry(key, None, (self.wall - 5 if older else self.wall, 0, "n1")))
+
+    @rule(key=KEYS)
+    def read(self, key):
+        entry = self.store.get(key)
+        if entry is not None:
+            # Never a stale value, never a deleted one: only the last write applied, if it was kept.
+            assert entry is self.newest[key]
+            assert entry.expires_at is None or entry.expires_at > self.clock.seconds()
+
+    @rule(key=KEYS)
+    def forget(self, key):
+        entry = self.store.current(key)
+        if entry is not None:
+            assert self.store.forget(key, entry.version)
+            assert self.store.current(key) is None
+
+    @rule(seconds=st.floats(0, 40))
+    def advance(self, seconds):
+        self.clock.advance(seconds)
+
+    @rule()
+    def sweep(self):
+        self.store.sweep()
+
+    @invariant()
+    def bytes_stay_within_the_budget(self):
+        assert 0 <= self.store.bytes <= self.store.max_bytes
+        assert self.store.bytes == accounted(self.store)
+
+    @invariant()
+    def listed_keys_are_live_newest_writes(self):
+        now = self.clock.seconds()
+        for key in all_keys(self.store):
+            entry = self.newest[key]
+            assert entry.value is not None
+            assert entry.expires_at is None or entry.expires_at > now
+
+    @precondition(lambda self: hasattr(self, "store"))
+    @invariant()
+    def counters_match_the_reports(self):
+        assert self.store.evictions == sum(self.events.evictions)
+        assert self.store.expirations == sum(self.events.expirations)
+
+
+StoreMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+test_store_state_machine_never_exceeds_its_budget_or_serves_stale_values = StoreMachine.TestCase
+test_store_state_machine_never_exceeds_its_budget_or_serves_stale_values.__doc__ = (
+    "If any sequence of writes, deletes, reads, forgets, sweeps and clock moves is applied, then the "
+    "accounted bytes never exceed max_bytes and match what is held, and reads serve only the newest write.")
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("abcdefgh"), st.integers(0, 3000)), max_size=60),
+       st.integers(ENTRY_OVERHEAD + 10, 5000))
+def test_accounted_bytes_never_exceed_max_bytes(writes, max_bytes):
+    """
+    If any sequence of writes of any sizes is applied, then after each one the accounted bytes are within
+    the budget (too-large entries being refused).
+    """
+    store, _, _ = make_store(max_bytes=max_bytes)
+    for wall, (key, size) in enumerate(writes):
+        try:
+            store.apply(put(key, b"x" * size, wall))
+        except EntryTooLarge:
+            pass
+        assert store.bytes <= max_bytes
+
+
+# -- tombstones ----------------------------------------------------------------------------------------
+
+def test_delete_leaves_a_tombstone_that_reads_skip():
+    """
+    If a key is deleted, then a tombstone holds its version, ``get`` and ``keys`` skip it, ``current``
+    returns it, and ``entries`` includes it only when asked to.
+    """
+    store, _, _ = make_store()
+    store.apply(put("k", b"1", 1))
+    store.apply(put("other", b"2", 1))
+    result = store.apply(tomb("k", 2))
+    assert result == ApplyResult(True, True)
+    assert store.get("k") is None
+    assert all_keys(store) == ["other"]
+    assert store.current("k") == tomb("k", 2)
+    assert store.tombstone_count == 1
+    assert sorted(e.key for e in store.entries()) == ["k", "other"]
+    assert [e.key for e in store.entries(include_tombstones=False)] == ["other"]
+    assert store.bytes == put("other", b"2", 1).size + tomb("k", 2).size
+
+
+def test_older_write_cannot_resurrect_a_deleted_key():
+    """
+    If a write older than the delete arrives after it (a slow replica), then it is refused and the key stays
+    deleted; a newer write brings the key back and removes the tombstone.
+    """
+    store, _, _ = make_store()
+    store.apply(put("k", b"1", 1))
+    store.apply(tomb("k", 3))
+    assert store.apply(put("k", b"stale", 2)) == ApplyResult(False, False)
+    assert store.get("k") is None
+    assert store.apply(put("k", b"new", 4)) == ApplyResult(True, False)
+    assert store.get("k").value == b"new"
+    assert store.tombstone_count == 0
+    assert store.bytes == put("k", b"new", 4).size
+
+
+def test_tombstones_are_collected_after_the_grace_period_and_not_before():
+    """
+    If a tombstone is older than ``tombstone_grace``, then a sweep drops it and its bytes; a younger one is
+    kept.
+    """
+    store, clock, events = make_store(tombstone_grace=60)
+    store.apply(tomb("old", 1))
+    clock.advance(30)
+    store.apply(tomb("young", 1))
+    clock.advance(29)
+    store.sweep()
+    assert store.tombstone_count == 2
+    clock.advance(1)
+    store.sweep()
+    assert store.tombstone_count == 1
+    assert store.current("old") is None
+    assert store.current("young") == tomb("young", 1)
+    assert store.bytes == tomb("young", 1).size
+    assert events.expirations == []
+
+
+def test_rewritten_tombstone_gets_a_fresh_grace_period():
+    """
+    If a deleted key is deleted again with a newer version, then its tombstone's grace period starts again.
+    """
+    store, clock, _ = make_store(tombstone_grace=60)
+    store.apply(tomb("k", 1))
+    store.apply(tomb("other", 1))
+    clock.advance(50)
+    store.apply(tomb("k", 2))
+    clock.advance(20)
+    store.sweep()
+    assert store.current("k") == tomb("k", 2)
+    assert store.current("other") is None
+
+
+def test_delete_of_an_unknown_key_still_records_the_tombstone():
+    """
+    If a delete arrives for a key the store never held, then the tombstone is kept, so that an older write
+    arriving later is refused.
+    """
+    store, _, _ = make_store()
+    assert store.apply(tomb("k", 5)) == ApplyResult(True, False)
+    assert not store.apply(put("k", b"1", 4)).applied
+
+
+# -- versions and order independence -------------------------------------------------------------------
+
+def test_apply_reports_whether_it_applied_and_whether_a_live_value_existed():
+    """
+    If entries of various ages arrive, then ``apply`` keeps the newest and reports ``applied`` and
+    ``had_live`` accordingly; an equal version is not applied again.
+    """
+    store, _, _ = make_store()
+    assert store.apply(put("k", b"1", 2)) == ApplyResult(True, False)
+    assert store.apply(put("k", b"0", 1)) == ApplyResult(False, True)
+    assert store.apply(put("k", b"1", 2)) == ApplyResult(False, True)
+    assert store.apply(put("k", b"2", 3)) == ApplyResult(True, True)
+    assert store.get("k").value == b"2"
+
+
+def snapshot(store: Store):
+    return (sorted(((e.key, e.value, e.version, e.expires_at) for e in store.entries()), key=repr),
+            all_keys(store), store.bytes, store.tombstone_count)
+
+
+ENTRIES = st.lists(
+    st.tuples(st.sampled_from(["a", "b", "c", "d"]), st.integers(0, 20), st.sampled_from(["n1", "n2", "n3"]),
+              st.one_of(st.none(), st.binary(max_size=8)), st.one_of(st.none(), st.floats(1, 100))),
+    max_size=25,
+    unique_by=lambda item: (item[0], item[1], item[2]),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ENTRIES, st.randoms(use_true_random=False))
+def test_applying_the_same_entries_in_any_order_gives_the_same_state(items, random):
+    """
+    If the same set of entries (writes with and without TTLs, deletes; one entry per version) is applied in
+    two different orders, then the two stores end in the same state.
+    """
+    entries = [Entry(key, value, (wall, 0, node), None if ttl is None else START + ttl)
+               for key, wall, node, value, ttl in items]
+    shuffled = list(entries)
+    random.shuffle(shuffled)
+    first, _, _ = make_store()
+    second, _, _ = make_store()
+    for entry in entries:
+        first.apply(entry)
+    for entry in shuffled:
+        second.apply(entry)
+    assert snapshot(first) == snapshot(second)
+    for key in "abcd":
+        newest = max((e for e in entries if e.key == key), key=lambda e: e.version, default=None)
+        assert first.current(key) == newest
+
+
+# -- forget --------------------------------------------------------------------------------------------
+
+def test_forget_drops_only_the_matching_version():
+    """
+    If ``forget`` names an older version than the store holds, then the newer entry stays; if it names the
+    held version, then the entry goes without leaving a tombstone.
+    """
+    store, _, _ = make_store()
+    store.apply(put("k", b"2", 2))
+    assert not store.forget("k", (1, 0, "n1"))
+    assert not store.forget("k", (2, 0, "n2"))
+    assert store.get("k").value == b"2"
+    assert store.forget("k", (2, 0, "n1"))
+    assert store.current("k") is None
+    assert (store.tombstone_count, store.bytes, len(store)) == (0, 0, 0)
+    assert not store.forget("missing", (2, 0, "n1"))
+
+
+def test_forget_drops_a_tombstone_of_the_matching_version():
+    """
+    If ``forget`` names the version of a tombstone, then the tombstone and its bytes go.
+    """
+    store, _, _ = make_store()
+    store.apply(tomb("k", 3))
+    assert not store.forget("k", (2, 0, "n1"))
+    assert store.tombstone_count == 1
+    assert store.forget("k", (3, 0, "n1"))
+    assert (store.tombstone_count, store.bytes) == (0, 0)
+
+
+# -- keys paging ---------------------------------------------------------------------------------------
+
+def test_keys_are_listed_in_code_point_order_with_prefix_after_and_limit():
+    """
+    If keys are listed with a prefix, a start key and a limit, then exactly the matching keys after the
+    start key come back, in code point order, at most ``limit`` of them.
+    """
+    store, _, _ = make_store()
+    for key in ["b", "a/2", "a/1", "a/10", "a", "ab", "Z", "é"]:
+        store.apply(put(key, b"1", 1))
+    assert all_keys(store) == ["Z", "a", "a/1", "a/10", "a/2", "ab", "b", "é"]
+    assert store.keys(prefix="a/") == ["a/1", "a/10", "a/2"]
+    assert store.keys(prefix="a/", after="a/1") == ["a/10", "a/2"]
+    assert store.keys(prefix="a/", limit=2) == ["a/1", "a/10"]
+    assert store.keys(prefix="a/", after="a") == ["a/1", "a/10", "a/2"]
+    assert store.keys(prefix="a/", after="a/zz") == []
+    assert store.keys(prefix="a", after="a") == ["a/1", "a/10", "a/2", "ab"]
+    assert store.keys(after="b") == ["é"]
+    assert store.keys(prefix="nothing") == []
+
+
+def test_keys_listing_sees_keys_written_after_an_earlier_listing():
+    """
+    If a key is added, replaced or deleted after a listing, then the next listing reflects the change.
+    """
+    store, _, _ = make_store()
+    store.apply(put("b", b"1", 1))
+    assert all_keys(store) == ["b"]
+    store.apply(put("a", b"1", 1))
+    assert all_keys(store) == ["a", "b"]
+    store.apply(tomb("b", 2))
+    assert all_keys(store) == ["a"]
+    store.apply(put("b", b"2", 3))
+    assert all_keys(store) == ["a", "b"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sets(st.text(alphabet="ab/é", max_size=5), max_size=40), st.text(alphabet="ab/", max_size=2),
+       st.integers(1, 7), st.sets(st.text(alphabet="ab/é", max_size=5), max_size=10))
+def test_paging_through_keys_yields_every_matching_key_exactly_once(keys, prefix, limit, deleted):
+    """
+    If a client pages through the keys with a prefix (each page starting after the last key of the one
+    before), then it sees every live key with that prefix exactly once, in order, and no deleted key.
+    """
+    store, _, _ = make_store()
+    for key in keys:
+        store.apply(put(key, b"1", 1))
+    for key in deleted:
+        store.apply(tomb(key, 2))
+    seen: List[str] = []
+    after = None
+    while True:
+        page = store.keys(prefix=prefix, after=after, limit=limit)
+        assert len(page) <= limit
+        if not page:
+            break
+        seen.extend(page)
+        after = page[-1]
+    assert seen == sorted(key for key in keys - deleted if key.startswith(prefix))

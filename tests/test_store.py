@@ -228,6 +228,24 @@ def test_eviction_never_creates_a_tombstone():
     assert store.apply(put("a", b"x" * 10, 1)).applied
 
 
+def test_write_to_a_budget_full_of_tombstones_is_kept_and_the_oldest_tombstones_go():
+    """
+    If the budget is full of tombstones and a value is written, then the value is stored (it was reported
+    applied, so it must be served) and the oldest tombstones are dropped to make room.
+    """
+    tombs = [tomb("t%d" % i, 1) for i in range(5)]
+    store, _, events = make_store(max_bytes=budget_for(tombs))
+    for entry in tombs:
+        store.apply(entry)
+    fresh = put("fresh", b"v" * 100, 1)
+    assert store.apply(fresh).applied
+    assert store.get("fresh") == fresh
+    assert store.current("t0") is None
+    assert store.current("t4") == tombs[4]
+    assert (store.evictions, events.evictions) == (0, [])
+    assert store.bytes <= store.max_bytes
+
+
 # -- the byte budget -----------------------------------------------------------------------------------
 
 def test_entry_larger_than_the_whole_budget_is_refused_and_changes_nothing():

@@ -1,0 +1,171 @@
+"""
+The real Prometheus server scraping two real nodes, with the chart's alert rules (their ``for:`` shortened):
+series carry the tenant, and killing a node fires KVResponderDown.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+import requests
+import yaml
+
+from .conftest import require_tool
+from .harness import REPO, Cluster, free_port
+
+pytestmark = pytest.mark.e2e
+
+TENANT = "prom-e2e"
+NAMESPACE = "test"
+
+
+def shortened_rules(text: str) -> str:
+    """
+    The alert rules with every ``for:`` cut to 2s, so that an alert can fire within a test.
+    """
+    shortened, count = re.subn(r"(?m)^(\s*)for:\s*\S+\s*$", r"\1for: 2s", text)
+    assert count >= 1
+    return shortened
+
+
+def prometheus_config(nodes, rules_path: str) -> dict:
+    # As the chart's ServiceMonitor: the service's own tenant label is kept (honor_labels), and every target
+    # carries namespace, pod and tenant labels (here static, there relabelled from the pod's metadata).
+    return {
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+        "rule_files": [rules_path],
+        "scrape_configs": [{
+            "job_name": "kv-responder",
+            "metrics_path": "/%s/metrics" % (TENANT,),
+            "honor_labels": True,
+            "static_configs": [
+                {"targets": ["127.0.0.1:%d" % (node.port,)],
+                 "labels": {"namespace": NAMESPACE, "pod": node.node_id, "tenant": TENANT}}
+                for node in nodes
+            ],
+        }],
+    }
+
+
+class Prometheus:
+    def __init__(self, binary: str, workdir: str, config: dict) -> None:
+        self.port = free_port()
+        self.url = "http://127.0.0.1:%d" % (self.port,)
+        config_path = os.path.join(workdir, "prometheus.yml")
+        with open(config_path, "w") as out:
+            yaml.safe_dump(config, out)
+        self.log_path = os.path.join(workdir, "prometheus.log")
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [binary, "--config.file=" + config_path, "--storage.tsdb.path=" + os.path.join(workdir, "tsdb"),
+             "--web.listen-address=127.0.0.1:%d" % (self.port,), "--storage.tsdb.retention.time=1h",
+             "--log.level=warn"],
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=workdir)
+
+    def log_tail(self) -> str:
+        with open(self.log_path, "rb") as log:
+            return log.read()[-3000:].decode("utf-8", "replace")
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, "prometheus exited:\n" + self.log_tail()
+            try:
+                if requests.get(self.url + "/-/ready", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("prometheus not ready:\n" + self.log_tail())
+
+    def query(self, expr: str) -> list:
+        answer = requests.get(self.url + "/api/v1/query", params={"query": expr}, timeout=5).json()
+        assert answer["status"] == "success", answer
+        return answer["data"]["result"]
+
+    def alerts(self) -> list:
+        answer = requests.get(self.url + "/api/v1/alerts", timeout=5).json()
+        assert answer["status"] == "success", answer
+        return answer["data"]["alerts"]
+
+    def rule_health(self) -> list:
+        answer = requests.get(self.url + "/api/v1/rules", timeout=5).json()
+        return [(rule["name"], rule.get("health"), rule.get("lastError"))
+                for group in answer["data"]["groups"] for rule in group["rules"]]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+        self._log.close()
+
+
+def wait_until(predicate, timeout: float, what: str, detail=lambda: ""):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError("timed out after %ss waiting for %s\n%s" % (timeout, what, detail()))
+
+
+def test_prometheus_scrapes_tenant_series_and_fires_down_alert_when_a_node_dies(tmp_path):
+    binary = require_tool("prometheus")
+    started = time.monotonic()
+    with open(os.path.join(REPO, "helm", "rules", "alerts.yaml"), encoding="utf-8") as rules:
+        rules_text = shortened_rules(rules.read())
+    assert all(rule.get("for") in (None, "2s") for group in yaml.safe_load(rules_text)["groups"]
+               for rule in group["rules"])
+    rules_path = str(tmp_path / "alerts.yaml")
+    with open(rules_path, "w", encoding="utf-8") as out:
+        out.write(rules_text)
+
+    cluster = Cluster(TENANT, str(tmp_path), env={"REPLICATION_FACTOR": "2"})
+    prometheus = None
+    try:
+        n1 = cluster.add("n1")
+        n2 = cluster.add("n2")
+        cluster.wait_formed()
+        n1.put("prom-key", {"v": 1})
+        prometheus = Prometheus(binary, str(tmp_path), prometheus_config([n1, n2], rules_path))
+        prometheus.wait_ready()
+
+        wait_until(lambda: len(prometheus.query('up{job="kv-responder"} == 1')) == 2, 20, "both targets up",
+                   prometheus.log_tail)
+        # Tenant-labelled series from both nodes, with the target labels of the ServiceMonitor.
+        info = wait_until(lambda: prometheus.query('kv_build_info{tenant="%s"}' % (TENANT,)), 10,
+                          "kv_build_info")
+        assert len(info) == 2
+        assert {(s["metric"]["namespace"], s["metric"]["pod"], s["metric"]["job"]) for s in info} == {
+            (NAMESPACE, "n1", "kv-responder"), (NAMESPACE, "n2", "kv-responder")}
+        [count] = prometheus.query('count by (namespace, tenant) (kv_build_info)')
+        assert count["metric"] == {"namespace": NAMESPACE, "tenant": TENANT} and count["value"][1] == "2"
+        assert not prometheus.query('{job="kv-responder", tenant!="%s"}' % (TENANT,))
+        assert [s["value"][1] for s in prometheus.query('kv_ring_members{pod="n1"}')] == ["2"]
+
+        # Every rule loaded and evaluates; with both nodes healthy, nothing is down.
+        wait_until(lambda: all(health == "ok" for _, health, _ in prometheus.rule_health()), 10,
+                   "every rule evaluated", lambda: repr(prometheus.rule_health()))
+        assert not [a for a in prometheus.alerts() if a["labels"]["alertname"] == "KVResponderDown"]
+
+        n2.kill()
+        firing = wait_until(
+            lambda: [a for a in prometheus.alerts() if a["state"] == "firing" and a["labels"]["alertname"] in (
+                "KVResponderDown", "KVResponderPeersMissing")],
+            40, "KVResponderDown or KVResponderPeersMissing to fire", lambda: repr(prometheus.alerts()))
+        down = [a for a in firing if a["labels"]["alertname"] == "KVResponderDown"
+                and a["labels"].get("reason") == "target_down"]
+        print("FIRING", [(a["labels"]["alertname"], a["labels"].get("reason"), a["labels"].get("pod")) for a in firing])
+        if down:
+            assert down[0]["labels"]["pod"] == "n2" and down[0]["labels"]["namespace"] == NAMESPACE
+            assert down[0]["labels"]["tenant"] == TENANT
+        assert all(a["labels"].get("namespace") == NAMESPACE for a in firing)
+    finally:
+        if prometheus is not None:
+            prometheus.stop()
+        cluster.stop()
+    assert time.monotonic() - started < 90

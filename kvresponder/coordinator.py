@@ -14,9 +14,10 @@ import json
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from eliot import start_action, write_traceback
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
 
 from .hlc import HybridLogicalClock, format_version
+from .log import DEBUG
 from .log.replication import COORDINATE_READ, COORDINATE_WRITE, HINTED, READ_REPAIR
 from .log.store import STORE_APPLY
 from .peers import PeerError
@@ -53,11 +54,12 @@ class Coordinator:
         capped by the number of live nodes.
     :param seconds: wall time in seconds, for TTLs.
     :param log_policy: lets the hot path skip building actions that would not be written.
+    :param ring_settling: whether the ring changed so recently that data may still be moving.
     """
 
     def __init__(self, store: Store, hlc: HybridLogicalClock, ring: Callable[[], HashRing], peer_of,
                  peers, replicas: int, write_quorum: Optional[int], seconds: Callable[[], float],
-                 metrics, log_policy) -> None:
+                 metrics, log_policy, ring_settling: Callable[[], bool] = lambda: False) -> None:
         self.store = store
         self.hlc = hlc
         self._ring = ring
@@ -68,6 +70,7 @@ class Coordinator:
         self._seconds = seconds
         self._metrics = metrics
         self._log = log_policy
+        self._ring_settling = ring_settling
         self.node_id = hlc.node_id
 
     # -- local operations, shared with the internal routes ----------------------------------------------
@@ -94,8 +97,11 @@ class Coordinator:
         ordered = ring.preference_list(key, len(ring))
         owners = ordered[:self.replicas]
         fallbacks = ordered[self.replicas:]
-        quorum = min(self.write_quorum or self.replicas, len(ordered))
-        return owners, fallbacks, max(quorum, 1)
+        if self.write_quorum is not None:
+            # Asked for explicitly: a strict quorum, even when fewer nodes are alive (a minority side
+            # of a partition then refuses writes instead of accepting them alone).
+            return owners, fallbacks, self.write_quorum
+        return owners, fallbacks, max(min(self.replicas, len(ordered)), 1)
 
     def is_local_only(self) -> bool:
         ring = self._ring()
@@ -176,13 +182,12 @@ class Coordinator:
         :return: a Deferred firing with an :class:`~kvresponder.store.Entry` or ``None``.
         """
         if self.is_local_only():
-            from twisted.internet.defer import succeed
             return succeed(self.store.get(key))
         return ensureDeferred(self._read(key))
 
     async def _read(self, key: str) -> Optional[Entry]:
         owners, fallbacks, _ = self._targets(key)
-        if self._log.enabled("replication", 10):
+        if self._log.enabled("replication", DEBUG):
             context = COORDINATE_READ(key=key, targets=owners)
         else:
             context = None
@@ -203,6 +208,11 @@ class Coordinator:
         answered = [answer for answer in answers if answer is not None]
         if not answered:
             raise Unavailable("no replica of this key answered")
+        if fallbacks and all(entry is None for _, entry in answered) and self._ring_settling():
+            # The ring changed moments ago: the key may still sit on its previous holders, whose handoff
+            # is under way. Ask the rest of the ring before answering "absent".
+            more = await _gather([self._read_slot(node, [], key) for node in list(fallbacks)])
+            answered.extend(answer for answer in more if answer is not None)
         newest = None
         for _, entry in answered:
             if entry is not None and (newest is None or entry.version > newest.version):

@@ -208,6 +208,9 @@ class DiscoveryProtocol(DatagramProtocol):
             self._drop(error.result, str(error), address)
             return
         if beat.node_id == self.membership.node_id:
+            # Our own heartbeat, back through multicast loopback or a seed list that includes us.
+            if self.metrics is not None:
+                self.metrics.discovery("self")
             return
         if timestamp is not None:
             slot = (beat.node_id, beat.incarnation)

@@ -33,6 +33,10 @@ from .store import Store
 
 STARTING, JOINING, READY, DRAINING, STOPPED = "starting", "joining", "ready", "draining", "stopped"
 
+#: Seconds after a ring change during which a read that finds nothing on a key's owners also asks the
+#: other nodes, since the key may still be on its way from its previous holders.
+SETTLE_SECONDS = 30.0
+
 
 class Node:
     """
@@ -65,15 +69,15 @@ class Node:
             self.authenticator = PeerAuthenticator(derive_key(settings.cluster_secret, "peer"), self.wall)
         from .peers import PeerClient
         self.peers = PeerClient(http, clock, settings.tenant, settings.peer_request_timeout,
-                                self.authenticator, self.metrics, tracing)
+                                self.authenticator, self.metrics, tracing, self.log_policy)
         self.coordinator = Coordinator(self.store, self.hlc, self.ring, self.membership.peer, self.peers,
                                        settings.replicas, settings.write_quorum, self.wall, self.metrics,
-                                       self.log_policy)
+                                       self.log_policy, self.ring_settling)
         self.rebalancer = Rebalancer(self.node_id, self.store, self.ring, self.membership.peer, self.peers,
                                      clock, settings.replicas, self.metrics)
         self.admin = AdminGuard(settings.admin_token, settings.insecure_admin)
         self.join_settle = join_settle if join_settle is not None else min(0.5, settings.heartbeat_interval)
-        self.started_at = clock.seconds()
+        self.started_at = self.ring_changed_at = clock.seconds()
         self.open_connections: Callable[[], int] = lambda: 0
         self._loops = []
         self.membership.subscribe(self._membership_changed)
@@ -84,7 +88,14 @@ class Node:
     def ring(self) -> HashRing:
         return self._ring
 
+    def ring_settling(self) -> bool:
+        """
+        Whether the ring changed within the last :data:`SETTLE_SECONDS`, or data is still waiting to move.
+        """
+        return (self.clock.seconds() - self.ring_changed_at < SETTLE_SECONDS) or self.rebalancer.pending > 0
+
     def _rebuild_ring(self) -> None:
+        self.ring_changed_at = self.clock.seconds()
         include_self = self.state not in (DRAINING, STOPPED)
         self._ring = HashRing(self.membership.ring_members(include_self=include_self),
                               vnodes=self.settings.vnodes)

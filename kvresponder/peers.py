@@ -21,6 +21,7 @@ from twisted.web.client import ResponseFailed
 import treq
 
 from .hlc import Version, version_from_wire
+from .log import DEBUG
 from .log.replication import PEER_CALL, PEER_READ
 from .store import ApplyResult, Entry
 from .wire import entry_from_wire, entry_to_wire
@@ -72,6 +73,15 @@ class PeerAuthenticator:
         return hmac.compare_digest(mac, self._mac(stamp, method, path, body))
 
 
+class _Quiet:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc_info):
+        return False
+
+
+_QUIET = _Quiet()
 _RETRYABLE = (ResponseFailed, ConnectionLost)
 _UNREACHABLE = (ConnectError, DNSLookupError, ResponseFailed, ConnectionLost, TimeoutError, CancelledError)
 
@@ -88,7 +98,7 @@ class PeerClient:
     """
 
     def __init__(self, http, clock, tenant: str, timeout: float, authenticator=None, metrics=None,
-                 tracing=None) -> None:
+                 tracing=None, log_policy=None) -> None:
         self._http = http
         self._clock = clock
         self._tenant = tenant
@@ -96,6 +106,7 @@ class PeerClient:
         self._auth = authenticator
         self._metrics = metrics
         self._tracing = tracing if tracing is not None and tracing.enabled else None
+        self._log = log_policy
 
     async def _call(self, address: str, port: int, peer_id: str, op: str, payload: dict,
                     read: bool = False, timeout: Optional[float] = None):
@@ -108,13 +119,17 @@ class PeerClient:
         path = ("/%s/_internal/%s" % (self._tenant, op)).encode("ascii")
         url = "http://%s:%d%s" % (address, port, path.decode("ascii"))
         body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
-        action_type = PEER_READ if read else PEER_CALL
         started = self._clock.seconds()
-        with action_type(peer=peer_id, op=op) as action:
+        if read and self._log is not None and not self._log.enabled("replication", DEBUG):
+            # A read at info level: no action to build, and no task for the peer to continue.
+            context = _QUIET
+        else:
+            context = (PEER_READ if read else PEER_CALL)(peer=peer_id, op=op)
+        with context as action:
             try:
                 for attempt in (1, 2):
                     headers = {b"Content-Type": [b"application/json"]}
-                    if current_action() is not None:
+                    if action is not None and current_action() is not None:
                         # A fresh task id for each attempt, so that each shows up as its own subtree.
                         headers[TASK_HEADER] = [action.serialize_task_id()]
                     if self._auth is not None:
@@ -128,7 +143,8 @@ class PeerClient:
                     except _RETRYABLE:
                         if attempt == 2:
                             raise
-                action.add_success_fields(code=code)
+                if action is not None:
+                    action.add_success_fields(code=code)
             except _UNREACHABLE as error:
                 raise PeerError("%s unreachable for %s: %s" % (peer_id, op, error.__class__.__name__))
             finally:

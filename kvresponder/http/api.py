@@ -323,7 +323,7 @@ def _finish_json(request, value) -> None:
     status = 200
     if isinstance(value, tuple):
         status, value = value
-    _write_json(request, status, json_bytes(value))
+    _write_json(request, status, value if isinstance(value, bytes) else json_bytes(value))
 
 
 def handle_routing_errors(app: Klein) -> None:
@@ -472,12 +472,9 @@ class PublicAPI:
             try:
                 entry = await coordinator.get(key)
             except Unavailable:
-                return {"error": "unavailable"}
+                return b'{"error":"unavailable"}'
             metrics.cache("get", "hit" if entry is not None else "miss")
-            if entry is None:
-                return None
-            return {"value": json.loads(entry.value), "version": format_version(entry.version),
-                    "expires_at": entry.expires_at}
+            return b"null" if entry is None else entry_json(entry)
 
         async def one_put(key, value, ttl):
             try:
@@ -499,7 +496,11 @@ class PublicAPI:
         got = await _gather([one_get(key) for key in get_keys])
         put = await _gather([one_put(*write) for write in writes])
         deleted = await _gather([one_delete(key) for key in delete_keys])
-        return {"get": dict(zip(get_keys, got)), "put": put, "delete": deleted}
+        # Stored values are spliced in as stored, never parsed again.
+        found = b",".join(json_bytes(key) + b":" + (body or b'{"error":"internal"}')
+                          for key, body in zip(get_keys, got))
+        return b"".join([b'{"get":{', found, b'},"put":', json_bytes(put), b',"delete":', json_bytes(deleted),
+                         b"}"])
 
 
 handle_routing_errors(PublicAPI.app)

@@ -6,6 +6,7 @@ production and on ``task.Clock`` with ``StubTreq`` in the in-memory cluster test
 states that readiness reports: ``starting`` → ``joining`` → ``ready`` → ``draining`` → ``stopped``.
 """
 
+import os
 import platform
 import secrets
 from typing import Callable, Optional
@@ -246,6 +247,7 @@ class Node:
                      "owned_ratio": round(self.owned_ratio(), 4)},
             "rebalance": {"passes": self.rebalancer.passes, "pending": self.rebalancer.pending},
             "open_connections": self.open_connections(),
+            "process": {"pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid()},
         }
 
 

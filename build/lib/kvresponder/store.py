@@ -294,7 +294,15 @@ class Store:
             return
         evicted = 0
         live = self._live
-        while self.bytes > self.max_bytes and live:
+        # The most recent entry, usually the one just written and acknowledged, goes after the tombstones.
+        while self.bytes > self.max_bytes and len(live) > 1:
+            key, entry = live.popitem(last=False)
+            self.bytes -= entry.size
+            evicted += 1
+        # Still over budget: the oldest tombstones go first.
+        while self.bytes > self.max_bytes and self._tombstones:
+            self._drop_tombstone(next(iter(self._tombstones)))
+        if self.bytes > self.max_bytes and live:
             key, entry = live.popitem(last=False)
             self.bytes -= entry.size
             evicted += 1
@@ -302,7 +310,4 @@ class Store:
             self._sorted_keys = None
             self.evictions += evicted
             self._events.evicted(evicted)
-        # Only tombstones left and still over budget: the oldest ones go first.
-        while self.bytes > self.max_bytes and self._tombstones:
-            self._drop_tombstone(next(iter(self._tombstones)))
 

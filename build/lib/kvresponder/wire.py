@@ -11,7 +11,8 @@ from typing import List
 from .hlc import version_from_wire
 from .store import Entry
 
-MAX_KEY_BYTES = 250
+#: The hard cap on keys between peers; the public API's cap (MAX_KEY_BYTES) is at most this.
+MAX_KEY_BYTES = 1024
 
 
 def entry_to_wire(entry: Entry) -> dict:

@@ -10,8 +10,7 @@ route on :class:`PublicAPI`.
 import base64
 import binascii
 import json
-import platform
-import sys
+import re
 from typing import Optional
 
 from klein import Klein
@@ -23,11 +22,10 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from .. import __version__
 from ..coordinator import Unavailable
 from ..hlc import format_version
-from ..log import LEVELS, UnknownLevel
+from ..log import UnknownLevel
 from ..log.service import LEVELS_CHANGED
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..store import EntryTooLarge
-from ..wire import MAX_KEY_BYTES
 from .errors import APIError, bad_request, method_not_allowed, not_found, too_large, unavailable, write_error
 from .site import json_bytes
 
@@ -36,6 +34,7 @@ DEFAULT_LIST_LIMIT = 1000
 MAX_TTL = 10 * 365 * 24 * 3600.0
 MAX_BULK_OPERATIONS = 1000
 _JSON = b"application/json"
+_CURSOR = re.compile(r"^[A-Za-z0-9_-]{1,400}$")
 
 
 def _reject_constant(name):
@@ -65,27 +64,27 @@ def parse_json_body(request) -> object:
         raise bad_request("invalid_json", "The body is not valid JSON: %s." % (str(error).split(":")[0],))
 
 
-def parse_key(raw: bytes) -> str:
+def parse_key(raw: bytes, limit: int = 250) -> str:
     """
     A key from its (already percent-decoded) path bytes.
 
-    :raises APIError: 400 if it is empty, not UTF-8 or longer than 250 bytes.
+    :raises APIError: 400 if it is empty, not UTF-8 or longer than ``limit`` bytes (MAX_KEY_BYTES).
     """
     if not raw:
         raise bad_request("invalid_key", "The key must not be empty.")
-    if len(raw) > MAX_KEY_BYTES:
-        raise bad_request("invalid_key", "The key is longer than %d bytes." % (MAX_KEY_BYTES,))
+    if len(raw) > limit:
+        raise bad_request("invalid_key", "The key is longer than %d bytes." % (limit,))
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         raise bad_request("invalid_key", "The key is not valid UTF-8.")
 
 
-def validate_key(key) -> str:
+def validate_key(key, limit: int = 250) -> str:
     if not isinstance(key, str):
         raise bad_request("invalid_key", "Keys must be strings.")
     try:
-        return parse_key(key.encode("utf-8"))
+        return parse_key(key.encode("utf-8"), limit)
     except UnicodeEncodeError:
         raise bad_request("invalid_key", "The key is not valid UTF-8.")
 
@@ -121,6 +120,8 @@ def encode_cursor(key: str) -> str:
 
 
 def decode_cursor(cursor: str) -> str:
+    if not _CURSOR.match(cursor):
+        raise bad_request("invalid_cursor", "The cursor is not one this API returned.")
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         return base64.urlsafe_b64decode(padded.encode("ascii")).decode("utf-8")
@@ -177,6 +178,7 @@ class KVResource(Resource):
         self._node = node
         self._coordinator = node.coordinator
         self._metrics = node.metrics
+        self._key_limit = node.settings.max_key_bytes
 
     def render(self, request):
         postpath = request.postpath
@@ -187,7 +189,7 @@ class KVResource(Resource):
                     raise method_not_allowed(["GET", "HEAD"])
                 with request.begin("/kv", read=True):
                     return self._list(request)
-            key = parse_key(b"/".join(postpath))
+            key = parse_key(b"/".join(postpath), self._key_limit)
             if method in (b"GET", b"HEAD"):
                 with request.begin("/kv/{key}", read=True):
                     return self._get(request, key)
@@ -444,14 +446,15 @@ class PublicAPI:
         if len(gets) + len(puts) + len(deletes) > MAX_BULK_OPERATIONS:
             raise bad_request("too_many_operations", "A bulk request holds at most %d operations."
                               % (MAX_BULK_OPERATIONS,))
-        get_keys = [validate_key(key) for key in gets]
-        delete_keys = [validate_key(key) for key in deletes]
+        limit = self._node.settings.max_key_bytes
+        get_keys = [validate_key(key, limit) for key in gets]
+        delete_keys = [validate_key(key, limit) for key in deletes]
         writes = []
         store = self._node.coordinator.store
         for item in puts:
             if not isinstance(item, dict) or "key" not in item:
                 raise bad_request("invalid_body", "Each put is {\"key\", \"value\", \"ttl\"}.")
-            key = validate_key(item["key"])
+            key = validate_key(item["key"], limit)
             value, ttl = parse_write({k: v for k, v in item.items() if k != "key"})
             try:
                 store.check_fits(key, value)
@@ -501,4 +504,3 @@ class PublicAPI:
 
 handle_routing_errors(PublicAPI.app)
 
-__all__ = ["PublicAPI", "KVResource", "LEVELS", "platform", "sys"]

@@ -32,6 +32,9 @@ class _Discard:
     def seek(self, *args) -> int:
         return 0
 
+    def tell(self) -> int:
+        return 0
+
     def read(self, *args) -> bytes:
         return b""
 
@@ -181,11 +184,41 @@ class _Refuse(Protocol):
 
 
 class _CountedChannel(HTTPChannel):
+    """
+    A channel that counts itself, and gives each request a deadline for its headers and body: the idle
+    timeout alone restarts with every byte, so a client trickling a byte at a time (slow loris) would hold
+    the connection forever.
+    """
+
+    _deadline = None
+
     def connectionMade(self):
         HTTPChannel.connectionMade(self)
         self.site.open_connections += 1
 
+    def dataReceived(self, data):
+        if self._deadline is None and not self._handlingRequest:
+            self._deadline = self.site.reactor.callLater(self.site.request_deadline, self._too_slow)
+        HTTPChannel.dataReceived(self, data)
+
+    def allContentReceived(self):
+        self._cancel_deadline()
+        HTTPChannel.allContentReceived(self)
+
+    def _too_slow(self):
+        self._deadline = None
+        HTTP_REJECTED.log(reason="request not received within %ss" % (self.site.request_deadline,),
+                          client=str(self.transport.getPeer()))
+        self.transport.abortConnection()
+
+    def _cancel_deadline(self):
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
     def connectionLost(self, reason):
+        self._cancel_deadline()
         self.site.open_connections -= 1
         HTTPChannel.connectionLost(self, reason)
 
@@ -198,7 +231,8 @@ class KVSite(Site):
     :param log_policy: a :class:`~kvresponder.log.LogPolicy`, or ``None``.
     :param int body_limit: largest public request body.
     :param int max_connections: open connections accepted at once.
-    :param float timeout: seconds an idle connection stays open.
+    :param float timeout: seconds an idle connection stays open, and the deadline for receiving a whole
+        request once its first byte arrived.
     """
 
     requestFactory = KVRequest
@@ -218,6 +252,7 @@ class KVSite(Site):
         self.internal_body_limit = max(internal_body_limit, 4 * body_limit)
         self.max_connections = max_connections
         self.max_header_bytes = max_header_bytes
+        self.request_deadline = timeout
         self.open_connections = 0
         self.tracing = tracing if tracing is not None and tracing.enabled else None
 

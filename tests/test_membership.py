@@ -1,0 +1,215 @@
+"""
+Tests for :mod:`kvresponder.membership`, on a ``task.Clock``.
+"""
+
+from twisted.internet.task import Clock
+
+from kvresponder.membership import (
+    ALIVE, DEAD, JOINED, LEAVING, LEFT, MOVED, RESTARTED, Heartbeat, Membership,
+)
+
+TIMEOUT = 15.0
+
+
+def beat(node="n2", incarnation=1, address="10.0.0.2", port=3000, state=ALIVE, ring_size=2) -> Heartbeat:
+    return Heartbeat(node, incarnation, address, port, state, ring_size)
+
+
+def make_membership():
+    clock = Clock()
+    clock.advance(1000)
+    membership = Membership(clock.seconds, "n1", TIMEOUT)
+    changes = []
+    membership.subscribe(lambda change, peer: changes.append((change, peer.node_id, peer.incarnation)))
+    return membership, clock, changes
+
+
+def test_first_heartbeat_of_a_node_joins_it():
+    """
+    If a new node's first heartbeat arrives, then it becomes an alive peer and a ring member, and the
+    subscribers hear ``joined`` once.
+    """
+    membership, _, changes = make_membership()
+    assert membership.observe(beat()) == JOINED
+    assert membership.observe(beat()) is None
+    assert changes == [(JOINED, "n2", 1)]
+    assert [p.node_id for p in membership.alive_peers()] == ["n2"]
+    assert membership.ring_members() == ["n1", "n2"]
+    assert membership.ring_members(include_self=False) == ["n2"]
+    assert membership.peer("n2").as_json(1000)["address"] == "10.0.0.2"
+
+
+def test_own_heartbeats_are_ignored():
+    """
+    If this node's own heartbeat comes back (multicast loopback), then nothing changes.
+    """
+    membership, _, changes = make_membership()
+    assert membership.observe(beat(node="n1")) is None
+    assert (membership.peers(), changes, membership.generation) == ([], [], 0)
+
+
+def test_silent_peer_is_declared_dead_after_the_peer_timeout():
+    """
+    If a peer stays silent for longer than the peer timeout, then ``expire`` forgets it and the subscribers
+    hear ``dead``; at exactly the timeout it is still alive.
+    """
+    membership, clock, changes = make_membership()
+    membership.observe(beat())
+    clock.advance(TIMEOUT)
+    assert membership.expire() == []
+    clock.advance(0.001)
+    assert [p.node_id for p in membership.expire()] == ["n2"]
+    assert membership.peers() == []
+    assert membership.ring_members() == ["n1"]
+    assert changes == [(JOINED, "n2", 1), (DEAD, "n2", 1)]
+
+
+def test_heartbeats_keep_a_peer_alive():
+    """
+    If a peer keeps sending heartbeats within the timeout, then it is never expired.
+    """
+    membership, clock, changes = make_membership()
+    for _ in range(10):
+        membership.observe(beat())
+        clock.advance(TIMEOUT - 1)
+        assert membership.expire() == []
+    assert changes == [(JOINED, "n2", 1)]
+
+
+def test_restarted_node_replaces_its_old_incarnation():
+    """
+    If a node's heartbeat carries a higher incarnation (it restarted), then the new incarnation replaces
+    the old peer and the subscribers hear ``restarted``.
+    """
+    membership, _, changes = make_membership()
+    membership.observe(beat(incarnation=1, address="10.0.0.2"))
+    assert membership.observe(beat(incarnation=2, address="10.0.0.9")) == RESTARTED
+    peer = membership.peer("n2")
+    assert (peer.incarnation, peer.address) == (2, "10.0.0.9")
+    assert changes == [(JOINED, "n2", 1), (RESTARTED, "n2", 2)]
+
+
+def test_heartbeat_of_an_older_incarnation_is_ignored():
+    """
+    If a delayed heartbeat of a node's previous incarnation arrives, then it changes nothing, not even the
+    last-seen time.
+    """
+    membership, clock, changes = make_membership()
+    membership.observe(beat(incarnation=2))
+    clock.advance(10)
+    assert membership.observe(beat(incarnation=1, address="10.0.0.66", state=LEAVING)) is None
+    peer = membership.peer("n2")
+    assert (peer.incarnation, peer.address, peer.state, peer.last_seen) == (2, "10.0.0.2", ALIVE, 1000)
+    assert changes == [(JOINED, "n2", 2)]
+
+
+def test_leaving_peer_is_excluded_from_the_ring_but_still_listed():
+    """
+    If a peer announces it is leaving, then it drops out of the ring members and the alive peers at once
+    (subscribers hear ``left``), stays listed as leaving, and an alive heartbeat of the same incarnation does
+    not bring it back.
+    """
+    membership, _, changes = make_membership()
+    membership.observe(beat())
+    assert membership.observe(beat(state=LEAVING)) == LEFT
+    assert membership.observe(beat(state=LEAVING)) is None
+    assert membership.observe(beat(state=ALIVE)) is None
+    assert membership.ring_members() == ["n1"]
+    assert membership.alive_peers() == []
+    assert [(p.node_id, p.state) for p in membership.peers()] == [("n2", LEAVING)]
+    assert changes == [(JOINED, "n2", 1), (LEFT, "n2", 1)]
+
+
+def test_leaving_peer_that_goes_silent_is_forgotten_without_a_dead_event():
+    """
+    If a leaving peer stops sending heartbeats, then expiry forgets it without announcing ``dead`` (it was
+    already announced as ``left``), but the generation still moves.
+    """
+    membership, clock, changes = make_membership()
+    membership.observe(beat())
+    membership.observe(beat(state=LEAVING))
+    generation = membership.generation
+    clock.advance(TIMEOUT + 1)
+    assert [p.node_id for p in membership.expire()] == ["n2"]
+    assert membership.peers() == []
+    assert membership.generation == generation + 1
+    assert changes == [(JOINED, "n2", 1), (LEFT, "n2", 1)]
+
+
+def test_first_heartbeat_that_is_already_leaving_does_not_join():
+    """
+    If the first heartbeat seen from a node says it is leaving, then it is not added at all.
+    """
+    membership, _, changes = make_membership()
+    assert membership.observe(beat(state=LEAVING)) is None
+    assert (membership.peers(), changes) == ([], [])
+
+
+def test_newer_incarnation_that_is_leaving_removes_the_old_one():
+    """
+    If the first heartbeat of a node's new incarnation already says it is leaving, then the old incarnation
+    is removed and the subscribers hear ``left``.
+    """
+    membership, _, changes = make_membership()
+    membership.observe(beat(incarnation=1))
+    assert membership.observe(beat(incarnation=2, state=LEAVING)) == LEFT
+    assert membership.peers() == []
+    assert changes == [(JOINED, "n2", 1), (LEFT, "n2", 1)]
+
+
+def test_peer_that_changes_address_is_moved():
+    """
+    If a peer's heartbeat gives a new address or port under the same incarnation, then the peer is updated
+    and the subscribers hear ``moved`` once.
+    """
+    membership, _, changes = make_membership()
+    membership.observe(beat())
+    assert membership.observe(beat(port=3001)) == MOVED
+    assert membership.observe(beat(port=3001)) is None
+    assert membership.peer("n2").port == 3001
+    assert changes == [(JOINED, "n2", 1), (MOVED, "n2", 1)]
+
+
+def test_every_subscriber_hears_every_change_once_and_the_generation_counts_them():
+    """
+    If several subscribers are registered, then each hears each change exactly once, in order, and the
+    generation increases by one per change; repeated heartbeats change nothing.
+    """
+    membership, clock, first = make_membership()
+    second = []
+    membership.subscribe(lambda change, peer: second.append((change, peer.node_id)))
+    for _ in range(3):
+        membership.observe(beat(node="n2"))
+        membership.observe(beat(node="n3"))
+    membership.observe(beat(node="n3", incarnation=2))
+    clock.advance(TIMEOUT + 1)
+    membership.observe(beat(node="n3", incarnation=2))
+    membership.expire()
+    expected = [(JOINED, "n2"), (JOINED, "n3"), (RESTARTED, "n3"), (DEAD, "n2")]
+    assert [(change, node) for change, node, _ in first] == expected
+    assert second == expected
+    assert membership.generation == 4
+
+
+def test_peers_are_listed_in_id_order():
+    """
+    If peers join in any order, then ``peers`` and ``ring_members`` list them sorted by id.
+    """
+    membership, _, _ = make_membership()
+    for node in ["n9", "n0", "n5"]:
+        membership.observe(beat(node=node))
+    assert [p.node_id for p in membership.peers()] == ["n0", "n5", "n9"]
+    assert membership.ring_members() == ["n0", "n1", "n5", "n9"]
+
+
+def test_peer_json_reports_time_since_last_heartbeat():
+    """
+    If a peer was last heard some seconds ago, then its JSON says how long ago.
+    """
+    membership, clock, _ = make_membership()
+    membership.observe(beat(ring_size=3))
+    clock.advance(2.5)
+    assert membership.peer("n2").as_json(clock.seconds()) == {
+        "id": "n2", "address": "10.0.0.2", "port": 3000, "state": ALIVE, "incarnation": 1,
+        "last_seen_s_ago": 2.5, "ring_size": 3,
+    }

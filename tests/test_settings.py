@@ -1,0 +1,386 @@
+"""
+Tests for :mod:`kvresponder.settings`.
+"""
+
+import ipaddress
+import zlib
+
+import pytest
+from hypothesis import given, strategies as st
+
+from kvresponder.settings import OPTIONS, SettingsError, discovery_group_for, load_settings, parse_size
+
+SECRET = "s3cret-s3cret-s3cret"
+
+
+def load(given=None, environ=None, **kwargs):
+    options = {"tenant": "t1"}
+    options.update(given or {})
+    return load_settings(options, environ or {}, new_node_id=lambda: "node-1", **kwargs)
+
+
+def error_of(given=None, environ=None) -> str:
+    with pytest.raises(SettingsError) as raised:
+        load(given, environ)
+    return str(raised.value)
+
+
+def test_defaults():
+    """
+    If only the tenant is given, then every setting takes its documented default.
+    """
+    assert load().redacted() == {
+        "tenant": "t1",
+        "port": "3000",
+        "advertise_address": "127.0.0.1",
+        "advertise_port": 3000,
+        "node_id": "node-1",
+        "discovery_mode": "both",
+        "discovery_port": 9999,
+        "discovery_group": "239.255.30.167",
+        "discovery_interface": "127.0.0.1",
+        "discovery_dns": None,
+        "discovery_ttl": 1,
+        "heartbeat_interval": 5.0,
+        "peer_timeout": 15.0,
+        "replicas": 2,
+        "write_quorum": None,
+        "vnodes": 128,
+        "max_memory": 256 * 1024 * 1024,
+        "max_value_size": 1024 * 1024,
+        "max_key_bytes": 250,
+        "max_header_bytes": 16 * 1024,
+        "tombstone_grace": 600.0,
+        "drain_timeout": 20.0,
+        "anti_entropy_interval": 30.0,
+        "peer_request_timeout": 2.0,
+        "request_timeout": 30.0,
+        "max_connections": 1024,
+        "log_level": "info",
+        "log_file": None,
+        "otlp_endpoint": None,
+        "cluster_secret": None,
+        "admin_token": None,
+        "insecure_admin": False,
+    }
+
+
+def test_every_option_has_a_setting_and_a_unique_flag_and_environment_variable():
+    """
+    If the option table is read, then each option maps to one field of ``Settings``, and no flag or
+    environment variable is used twice.
+    """
+    names = [option.name for option in OPTIONS]
+    variables = [variable for option in OPTIONS for variable in option.env]
+    assert len(set(names)) == len(names)
+    assert len(set(variables)) == len(variables)
+    assert set(load().redacted()) == {name.replace("-", "_") for name in names}
+
+
+def test_generated_node_id_is_used_only_when_none_is_given():
+    """
+    If no node id is given, then the generator's is used; a given one wins.
+    """
+    assert load().node_id == "node-1"
+    assert load(environ={"NODE_ID": "pod-7"}).node_id == "pod-7"
+    generated = load_settings({"tenant": "t1"}, {}).node_id
+    assert 1 <= len(generated) <= 63
+
+
+def test_environment_is_used_when_the_flag_is_not_given():
+    """
+    If a setting is only in the environment, then its parsed value is used.
+    """
+    settings = load_settings({}, {"TENANT": "envtenant", "PORT": "8080", "MAX_MEMORY": "1Gi",
+                                  "HEARTBEAT_INTERVAL": "2", "REPLICATION_FACTOR": "3",
+                                  "LOG_LEVEL": "DEBUG", "INSECURE_ADMIN": "yes"})
+    assert (settings.tenant, settings.port, settings.advertise_port) == ("envtenant", "8080", 8080)
+    assert (settings.max_memory, settings.heartbeat_interval, settings.peer_timeout) == (1 << 30, 2.0, 6.0)
+    assert (settings.replicas, settings.log_level, settings.insecure_admin) == (3, "debug", True)
+
+
+def test_command_line_wins_over_the_environment():
+    """
+    If a setting is given both as a flag and in the environment, then the flag's value is used.
+    """
+    settings = load_settings({"tenant": "flag", "port": "4000", "replicas": "4"},
+                             {"TENANT": "env", "PORT": "5000", "REPLICATION_FACTOR": "1"})
+    assert (settings.tenant, settings.port, settings.replicas) == ("flag", "4000", 4)
+
+
+def test_empty_environment_variable_counts_as_unset():
+    """
+    If an environment variable is set to the empty string (a chart's empty value), then the default is used.
+    """
+    assert load(environ={"PORT": "", "LOG_LEVEL": ""}).redacted() == load().redacted()
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({}, "127.0.0.1"),
+    ({"POD_IP": "10.1.2.3"}, "10.1.2.3"),
+    ({"POD_IP": "10.1.2.3", "ADVERTISE_ADDRESS": "10.9.9.9"}, "10.9.9.9"),
+    ({"POD_IP": "10.1.2.3", "ADVERTISE_ADDRESS": ""}, "10.1.2.3"),
+])
+def test_advertise_address_falls_back_to_pod_ip_then_loopback(environ, expected):
+    """
+    If ADVERTISE_ADDRESS is unset, then POD_IP is used, and without either 127.0.0.1; the discovery
+    interface follows the advertise address.
+    """
+    settings = load(environ=environ)
+    assert settings.advertise_address == expected
+    assert settings.discovery_interface == expected
+
+
+def test_explicit_discovery_interface_wins_over_the_advertise_address():
+    """
+    If DISCOVERY_INTERFACE is set, then multicast uses it rather than the advertise address.
+    """
+    settings = load(environ={"POD_IP": "10.1.2.3", "DISCOVERY_INTERFACE": "192.168.0.5"})
+    assert (settings.advertise_address, settings.discovery_interface) == ("10.1.2.3", "192.168.0.5")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("1048576", 1048576),
+    ("256Mi", 256 * 1024 ** 2),
+    ("1Gi", 1024 ** 3),
+    ("512Ki", 512 * 1024),
+    ("2M", 2000000),
+    ("300k", 300000),
+    (" 64 Mi ", 64 * 1024 ** 2),
+])
+def test_sizes_are_parsed_with_binary_and_decimal_suffixes(text, expected):
+    """
+    If a size is written as a plain byte count or with a ``Ki``/``Mi``/``Gi`` (or ``k``/``M``/``G``)
+    suffix, then it parses to that many bytes.
+    """
+    assert parse_size(text) == expected
+    assert load(environ={"MAX_MEMORY": text}).max_memory == expected
+
+
+@pytest.mark.parametrize("text", ["", "Mi", "1.5Gi", "-1", "1Ti", "1gi", "1 GiB", "256MB", "0x100", "1e6", "one"])
+def test_bad_sizes_are_rejected(text):
+    """
+    If MAX_MEMORY is not a whole number with an optional known suffix, then loading fails naming the
+    option and the value.
+    """
+    if text == "":
+        message = error_of(given={"max-memory": text})
+        assert message.startswith("--max-memory: invalid value ''")
+    else:
+        message = error_of(environ={"MAX_MEMORY": text})
+        assert message.startswith("--max-memory (MAX_MEMORY): invalid value %r" % (text,))
+
+
+def test_size_below_the_minimum_is_rejected():
+    """
+    If MAX_MEMORY is below 64 KiB, then loading fails and says the minimum.
+    """
+    assert "at least 65536 bytes" in error_of(environ={"MAX_MEMORY": "1Ki"})
+    assert load(environ={"MAX_MEMORY": "64Ki"}).max_memory == 65536
+
+
+@pytest.mark.parametrize("tenant", ["a", "t1", "my-tenant", "0abc9", "a" * 40])
+def test_valid_tenants_are_accepted(tenant):
+    """
+    If the tenant is a DNS label of at most 40 characters, then it is accepted as is.
+    """
+    assert load(given={"tenant": tenant}).tenant == tenant
+
+
+@pytest.mark.parametrize("tenant", ["", "a" * 41, "T1", "-a", "a-", "a_b", "a.b", "a b", "é"])
+def test_invalid_tenants_are_rejected(tenant):
+    """
+    If the tenant is not a lowercase DNS label or is longer than 40 characters, then loading fails naming
+    ``--tenant`` and the value.
+    """
+    message = error_of(given={"tenant": tenant})
+    assert message.startswith("--tenant: invalid value %r: must be a DNS label" % (tenant,))
+
+
+def test_missing_tenant_is_reported():
+    """
+    If no tenant is given anywhere, then loading fails naming ``--tenant`` and TENANT.
+    """
+    with pytest.raises(SettingsError) as raised:
+        load_settings({}, {})
+    assert str(raised.value).startswith("--tenant (TENANT) is required")
+
+
+BAD_VALUES = [
+    ("port", "PORT", "http"),
+    ("port", "PORT", "70000"),
+    ("advertise-address", "ADVERTISE_ADDRESS", "10.0.0.300"),
+    ("advertise-address", "ADVERTISE_ADDRESS", "10.0.0.1\nINJECTED=1"),
+    ("advertise-port", "ADVERTISE_PORT", "0"),
+    ("node-id", "NODE_ID", "-pod"),
+    ("discovery-mode", "DISCOVERY_MODE", "gossip"),
+    ("discovery-port", "DISCOVERY_PORT", "99999"),
+    ("discovery-group", "DISCOVERY_GROUP", "10.0.0.1"),
+    ("discovery-interface", "DISCOVERY_INTERFACE", "eth0"),
+    ("discovery-ttl", "DISCOVERY_TTL", "0"),
+    ("heartbeat-interval", "HEARTBEAT_INTERVAL", "0"),
+    ("heartbeat-interval", "HEARTBEAT_INTERVAL", "nan"),
+    ("peer-timeout", "PEER_TIMEOUT", "-1"),
+    ("replicas", "REPLICATION_FACTOR", "0"),
+    ("replicas", "REPLICATION_FACTOR", "two"),
+    ("write-quorum", "WRITE_QUORUM", "17"),
+    ("vnodes", "VNODES", "5000"),
+    ("max-value-size", "MAX_VALUE_SIZE", "1Qi"),
+    ("tombstone-grace", "TOMBSTONE_GRACE", "inf"),
+    ("drain-timeout", "DRAIN_TIMEOUT", "soon"),
+    ("max-connections", "MAX_CONNECTIONS", "0"),
+    ("log-level", "LOG_LEVEL", "verbose"),
+    ("insecure-admin", "INSECURE_ADMIN", "maybe"),
+]
+
+
+@pytest.mark.parametrize("flag, variable, value", BAD_VALUES)
+def test_bad_value_error_is_one_line_naming_the_option_and_the_value(flag, variable, value):
+    """
+    If any option has a bad value, from the command line or from the environment, then the error is one
+    line that names the flag (and the variable it came from) and shows the value.
+    """
+    from_flag = error_of(given={flag: value})
+    from_env = error_of(environ={variable: value})
+    for message, source in ((from_flag, "--%s:" % flag), (from_env, "--%s (%s):" % (flag, variable))):
+        assert "\n" not in message
+        assert message.startswith(source + " invalid value %r" % (value,))
+
+
+@pytest.mark.parametrize("flag, variable", [("cluster-secret", "CLUSTER_SECRET"), ("admin-token", "ADMIN_TOKEN")])
+def test_bad_secret_is_not_shown_in_the_error(flag, variable):
+    """
+    If a secret is too short, then the error names the option but not the secret.
+    """
+    message = error_of(environ={variable: "short-secret"})
+    assert message.startswith("--%s (%s): invalid value <redacted>" % (flag, variable))
+    assert "short-secret" not in message
+
+
+def test_secrets_are_redacted():
+    """
+    If secrets are set, then ``redacted()`` and the repr only say so, and never show them.
+    """
+    settings = load(environ={"CLUSTER_SECRET": SECRET, "ADMIN_TOKEN": SECRET[::-1]})
+    assert (settings.cluster_secret, settings.admin_token) == (SECRET, SECRET[::-1])
+    shown = settings.redacted()
+    assert (shown["cluster_secret"], shown["admin_token"]) == ("<set>", "<set>")
+    for text in (repr(shown), repr(settings)):
+        assert SECRET not in text and SECRET[::-1] not in text
+
+
+def test_discovery_group_follows_the_contract_formula():
+    """
+    If the group is derived for tenant ``t1``, then it is 239.255.x.y with x = 1 + (adler32 >> 16) % 254 and
+    y = 1 + (adler32 & 0xffff) % 254, as the chart computes it.
+    """
+    assert zlib.adler32(b"t1") == 18546854
+    assert discovery_group_for("t1") == "239.255.%d.%d" % (1 + (18546854 >> 16) % 254,
+                                                           1 + (18546854 & 0xFFFF) % 254)
+    assert discovery_group_for("t1") == "239.255.30.167"
+
+
+@given(st.from_regex(r"\A[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?\Z"))
+def test_discovery_group_is_always_in_the_admin_scoped_range(tenant):
+    """
+    If the group is derived for any tenant, then it lies in 239.255.0.0/16 with neither last octet 0 nor
+    255, and loading the tenant's settings yields it.
+    """
+    group = discovery_group_for(tenant)
+    address = ipaddress.IPv4Address(group)
+    assert address in ipaddress.IPv4Network("239.255.0.0/16")
+    assert all(1 <= int(octet) <= 254 for octet in group.split(".")[2:])
+    assert load(given={"tenant": tenant}).discovery_group == group
+
+
+def test_explicit_discovery_group_wins():
+    """
+    If DISCOVERY_GROUP is set to a multicast address, then it replaces the derived group.
+    """
+    assert load(environ={"DISCOVERY_GROUP": "239.1.2.3"}).discovery_group == "239.1.2.3"
+
+
+def test_peer_timeout_defaults_to_three_heartbeats():
+    """
+    If PEER_TIMEOUT is unset, then it is three heartbeat intervals; if set, it is used.
+    """
+    assert load(environ={"HEARTBEAT_INTERVAL": "0.5"}).peer_timeout == 1.5
+    assert load(environ={"HEARTBEAT_INTERVAL": "2", "PEER_TIMEOUT": "9"}).peer_timeout == 9.0
+
+
+def test_peer_timeout_not_longer_than_the_heartbeat_is_rejected():
+    """
+    If the peer timeout is not longer than the heartbeat interval (every peer would flap), then loading
+    fails naming both.
+    """
+    message = error_of(environ={"HEARTBEAT_INTERVAL": "5", "PEER_TIMEOUT": "5"})
+    assert message.startswith("--peer-timeout (PEER_TIMEOUT): invalid value 5.0")
+    assert "heartbeat interval" in message
+
+
+def test_write_quorum_above_the_replication_factor_is_rejected():
+    """
+    If the write quorum exceeds the replication factor, then loading fails; equal is accepted.
+    """
+    message = error_of(environ={"REPLICATION_FACTOR": "2", "WRITE_QUORUM": "3"})
+    assert message.startswith("--write-quorum (WRITE_QUORUM): invalid value 3")
+    assert "\n" not in message
+    assert load(environ={"REPLICATION_FACTOR": "3", "WRITE_QUORUM": "3"}).write_quorum == 3
+
+
+def test_dns_discovery_without_a_name_is_rejected():
+    """
+    If the discovery mode is ``dns`` but DISCOVERY_DNS is unset, then loading fails naming DISCOVERY_DNS.
+    """
+    message = error_of(environ={"DISCOVERY_MODE": "dns"})
+    assert message.startswith("--discovery-dns (DISCOVERY_DNS) is required")
+
+
+@pytest.mark.parametrize("mode, name, multicast, dns", [
+    ("both", None, True, False),
+    ("both", "kv-headless", True, True),
+    ("multicast", "kv-headless", True, False),
+    ("dns", "kv-headless", False, True),
+])
+def test_discovery_mode_switches_multicast_and_dns_seeds(mode, name, multicast, dns):
+    """
+    If a discovery mode is chosen, then multicast is on for ``multicast``/``both`` and DNS seeds only for
+    ``dns``/``both`` with a name.
+    """
+    environ = {"DISCOVERY_MODE": mode}
+    if name:
+        environ["DISCOVERY_DNS"] = name
+    settings = load(environ=environ)
+    assert (settings.multicast_enabled, settings.dns_enabled) == (multicast, dns)
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({}, "tcp:3000:interface=127.0.0.1"),
+    ({"ADVERTISE_ADDRESS": "127.0.0.2"}, "tcp:3000:interface=127.0.0.1"),
+    ({"POD_IP": "10.0.0.7"}, "tcp:3000:interface=0.0.0.0"),
+    ({"POD_IP": "10.0.0.7", "PORT": "8080"}, "tcp:8080:interface=0.0.0.0"),
+    ({"POD_IP": "10.0.0.7", "PORT": "tcp:8080:interface=10.0.0.7"}, "tcp:8080:interface=10.0.0.7"),
+])
+def test_listen_endpoint_is_loopback_only_for_a_loopback_node(environ, expected):
+    """
+    If the port is a bare number, then the node listens on loopback when it advertises loopback and on
+    every interface otherwise; an endpoint string is used as given.
+    """
+    assert load(environ=environ).listen_endpoint == expected
+
+
+def test_advertise_port_comes_from_a_tcp_endpoint_string():
+    """
+    If the port is a TCP endpoint string, then the advertised port is its port number.
+    """
+    assert load(environ={"PORT": "tcp:port=8081:interface=0.0.0.0"}).advertise_port == 8081
+    assert load(environ={"PORT": "tcp:8082"}).advertise_port == 8082
+
+
+def test_endpoint_without_a_port_number_needs_an_advertise_port():
+    """
+    If the port is an endpoint string without a TCP port (a UNIX socket), then ADVERTISE_PORT is required.
+    """
+    message = error_of(environ={"PORT": "unix:/tmp/kv.sock"})
+    assert message.startswith("--advertise-port (ADVERTISE_PORT) is required when --port is 'unix:/tmp/kv.sock'")
+    assert load(environ={"PORT": "unix:/tmp/kv.sock", "ADVERTISE_PORT": "3000"}).advertise_port == 3000

@@ -208,7 +208,7 @@ class DiscoveryProtocol(DatagramProtocol):
             self._drop(error.result, str(error), address)
             return
         if beat.node_id == self.membership.node_id:
-            # Our own heartbeat, back through multicast loopback or a seed list that includes us.
+            # Our own heartbeat, back through multicast loopback: counted (the contract has "self"), not fed.
             if self.metrics is not None:
                 self.metrics.discovery("self")
             return

@@ -106,14 +106,15 @@ class InternalAPI:
     def apply(self, body):
         entries = entries_from_wire(body.get("entries"))
         coordinator = self._node.coordinator
-        results = []
-        for entry in entries:
-            try:
-                result = coordinator.apply_local(entry)
-            except EntryTooLarge:
-                raise APIError(413, "payload_too_large", "An entry exceeds this node's memory budget.")
-            results.append([result.applied, result.had_live])
-        return {"results": results}
+        try:
+            if len(entries) == 1:
+                # One client write being replicated: its store action belongs in the writer's tree.
+                results = [coordinator.apply_local(entries[0])]
+            else:
+                results = coordinator.apply_batch(entries)
+        except EntryTooLarge:
+            raise APIError(413, "payload_too_large", "An entry exceeds this node's memory budget.")
+        return {"results": [[result.applied, result.had_live] for result in results]}
 
     @internal_route(app, "/get")
     def get(self, body):

@@ -23,3 +23,7 @@ STORE_EVICTED = leveled("store", DEBUG, MessageType(
 STORE_SWEPT = leveled("store", DEBUG, MessageType(
     "kvresponder:store:swept", [COUNT, Field.for_types("tombstones", [int], "Tombstones left.")],
     "Expired entries were reclaimed."))
+
+STORE_APPLY_BATCH = leveled("store", INFO, ActionType(
+    "kvresponder:store:apply-batch", [COUNT], [Field.for_types("applied", [int], "Entries that were newer.")],
+    "A batch of entries (handoff, re-replication, anti-entropy) was applied to this node's store."))

@@ -93,7 +93,8 @@ class HeartbeatCodec:
         timestamp = None
         if self._key is not None:
             mac = body.get("mac")
-            if not isinstance(mac, str) or not hmac.compare_digest(mac, self._mac(body)):
+            # compare_digest raises TypeError on non-ASCII text: a forged MAC must count as bad_mac, not crash.
+            if not isinstance(mac, str) or not mac.isascii() or not hmac.compare_digest(mac, self._mac(body)):
                 raise Malformed("bad_mac", "bad or missing MAC")
             timestamp = body.get("ts")
             if not isinstance(timestamp, (int, float)) or abs(now - timestamp) > REPLAY_WINDOW:

@@ -169,7 +169,7 @@ class ChaosNode:
         self._log.write(b"----- start %d of %s -----\n" % (self.starts + 1, self.node_id.encode()))
         self._log.flush()
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
-                                        cwd=REPO)
+                                        cwd=self.network.repo)
         self.starts += 1
         self.session = session()
         return self
@@ -226,13 +226,14 @@ class ChaosNode:
     def health(self) -> dict:
         return self.session.get(self.url + "/health", timeout=5).json()
 
-    def log_tail(self, lines: int = 25) -> str:
+    def log_tail(self, lines: int = 25, width: int = 400) -> str:
         try:
             with open(self.log_path, "rb") as log:
                 tail = log.read().splitlines()[-lines:]
         except OSError:
             return ""
-        return "== %s ==\n%s" % (self.node_id, b"\n".join(tail).decode("utf-8", "replace"))
+        return "== %s (%s) ==\n%s" % (self.node_id, self.log_path, "\n".join(
+            line.decode("utf-8", "replace")[:width] for line in tail))
 
     def log_messages(self) -> List[dict]:
         messages = []
@@ -253,9 +254,11 @@ class Network:
     """
 
     def __init__(self, log_dir: str, python: str = sys.executable, extra_env: Optional[Dict[str, str]] = None,
-                 tag: Optional[str] = None) -> None:
+                 tag: Optional[str] = None, repo: str = REPO) -> None:
         self.log_dir = log_dir
         self.python = python
+        #: The checkout the nodes run (its kvresponder package and twisted plugin).
+        self.repo = repo
         self.extra_env = dict(extra_env or {})
         self.tag = tag or secrets.token_hex(3)
         self.hub = "kvhub-%s" % (self.tag,)
@@ -398,7 +401,10 @@ class Network:
         merged["ADVERTISE_ADDRESS"] = host.address
         merged["DISCOVERY_INTERFACE"] = host.address
         merged["DISCOVERY_PORT"] = str(DISCOVERY_PORT)
-        node = ChaosNode(self, host, node_id, node_env(merged))
+        env = node_env(merged)
+        if self.repo != REPO:
+            env["PYTHONPATH"] = self.repo + os.pathsep + env["PYTHONPATH"]
+        node = ChaosNode(self, host, node_id, env)
         self.nodes[node_id] = node
         return node
 
@@ -413,7 +419,7 @@ class Network:
         return [node for node in self.nodes.values() if node.alive]
 
     def describe(self) -> str:
-        return "\n".join(node.log_tail(12) for node in self.nodes.values() if node.process is not None)
+        return "\n".join(node.log_tail(6, 300) for node in self.nodes.values() if node.process is not None)
 
     def wait_formed(self, nodes: Optional[Iterable[ChaosNode]] = None, timeout: float = 20.0) -> None:
         """

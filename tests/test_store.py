@@ -6,7 +6,7 @@ from typing import Dict, List, Optional
 
 import pytest
 from hypothesis import given, settings, strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from twisted.internet.task import Clock
 
 from kvresponder.store import ENTRY_OVERHEAD, TOMBSTONE_OVERHEAD, ApplyResult, Entry, EntryTooLarge, Store
@@ -360,7 +360,6 @@ class StoreMachine(RuleBasedStateMachine):
             assert entry.value is not None
             assert entry.expires_at is None or entry.expires_at > now
 
-    @precondition(lambda self: hasattr(self, "store"))
     @invariant()
     def counters_match_the_reports(self):
         assert self.store.evictions == sum(self.events.evictions)

@@ -1,0 +1,60 @@
+"""
+The cluster scenarios: three KV Responder nodes (RF=2, discovery on loopback), 10k keys preloaded.
+
+- cluster_put: PUTs through one node (each write is stored on its two owners before the reply).
+- cluster_mix_one: the 90/10 GET/PUT mix through one node.
+- cluster_mix_spread: the same mix spread over all nodes. wrk talks to one host, so this runs one wrk per node
+  at once (each with ceil(C/3) connections, C in all) and adds their rates; latencies are the worst node's.
+"""
+
+import math
+import sys
+
+import benchlib as b
+
+SCENARIOS = {
+    "cluster_put": ("put", False, "3 nodes RF=2: PUT through one node"),
+    "cluster_mix_one": ("mix", False, "3 nodes RF=2: 90/10 GET/PUT through one node"),
+    "cluster_mix_spread": ("mix", True, "3 nodes RF=2: 90/10 GET/PUT spread over all nodes"),
+}
+NODES = 3
+
+
+def main(scenario: str) -> dict:
+    mode, spread, what = SCENARIOS[scenario]
+    args = b.parser("%s." % (what,)).parse_args()
+    python = b.interpreter_path(args.interpreter)
+    nodes = b.start_cluster(python, NODES, {"REPLICATION_FACTOR": "2"})
+    b.bulk_load(nodes[0].base, b.HIT_KEYS)
+    b.wait_keys(nodes, b.HIT_KEYS * 2)
+    targets = nodes if spread else nodes[:1]
+    connections = math.ceil(args.connections / len(targets))
+    options = dict(connections=connections, threads=args.threads)
+
+    def load(seconds):
+        runs = [b.Wrk("http://127.0.0.1:%d" % (node.port,), mode, seconds, **options) for node in targets]
+        return [run.result() for run in runs]
+
+    if args.warmup > 0:
+        load(args.warmup)
+    runs = load(args.duration)
+    result = b.combine(runs) if spread else runs[0]
+    result["peak_rss_bytes"] = max(node.peak_rss() for node in nodes)
+    result["peak_rss_bytes_per_node"] = [node.peak_rss() for node in nodes]
+    result["keys_per_node"] = [node.metric("kv_store_keys") for node in nodes]
+    result["replication_failures"] = sum(_replication_failures(node) for node in nodes)
+    for node in nodes:
+        node.stop()
+    return b.finish(scenario, args, python, {"description": what, "nodes": NODES, "replication_factor": 2,
+                                             "connections_per_wrk": connections,
+                                             "results": {"kvresponder": result}})
+
+
+def _replication_failures(node) -> float:
+    text = b.http_get(node.base + "/metrics").decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("kv_replication_operations_total{") and 'result="failure"' in line)
+
+
+if __name__ == "__main__":
+    main(sys.argv.pop(1) if len(sys.argv) > 1 and sys.argv[1] in SCENARIOS else sys.exit("usage: cluster.py SCENARIO"))

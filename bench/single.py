@@ -1,0 +1,58 @@
+"""
+The single-node scenarios: one KV Responder node, then the Node.js reference (bench/node_reference.js), each
+preloaded, warmed up and driven by the same wrk command; our numbers are also given as ratios to Node's.
+"""
+
+import sys
+
+import benchlib as b
+
+SCENARIOS = {
+    # name: (wrk mode, lua script, preload the hit keys?, what it measures)
+    "get_hit": ("get", "kv.lua", True, "GET of existing keys (10k keys, 100-byte values)"),
+    "get_miss": ("miss", "kv_counted.lua", False, "GET of absent keys (404 expected, not an error)"),
+    "put": ("put", "kv.lua", True, "PUT of 100-byte values over 10k keys"),
+    "mix": ("mix", "kv.lua", True, "90% GET / 10% PUT over 10k keys"),
+    "bulk_get": ("bulk_get", "kv.lua", True, "POST /bulk with 100 GETs each (10k keys)"),
+    "bulk_put": ("bulk_put", "kv.lua", True, "POST /bulk with 100 PUTs each (100-byte values, 10k keys)"),
+}
+BATCH = 100
+
+
+def measure(target: b.Process, mode: str, script: str, preload: bool, args) -> dict:
+    target.wait_ready()
+    if preload:
+        b.bulk_load(target.base, b.HIT_KEYS)
+    url = "http://127.0.0.1:%d" % (target.port,)
+    options = dict(connections=args.connections, threads=args.threads, script=script, batch=BATCH)
+    if args.warmup > 0:
+        b.run_wrk(url, mode, args.warmup, **options)
+    result = b.run_wrk(url, mode, args.duration, **options)
+    if mode.startswith("bulk"):
+        result["batch"] = BATCH
+        result["ops_per_s"] = round(result["rps"] * BATCH, 1)
+    result["peak_rss_bytes"] = target.peak_rss()
+    result["rss_bytes"] = target.rss()
+    target.stop()
+    return result
+
+
+def main(scenario: str) -> dict:
+    mode, script, preload, what = SCENARIOS[scenario]
+    p = b.parser("Single node: %s." % (what,))
+    p.add_argument("--no-node", action="store_true", help="skip the Node.js reference run")
+    args = p.parse_args()
+    python = b.interpreter_path(args.interpreter)
+    results = {"kvresponder": measure(b.start_node(python), mode, script, preload, args)}
+    data = {"description": what, "results": results}
+    if not args.no_node:
+        results["node"] = measure(b.start_node_reference(), mode, script, preload, args)
+        data["ratio_to_node"] = {
+            "rps": b.ratio(results["kvresponder"]["rps"], results["node"]["rps"]),
+            "p99": b.ratio(results["kvresponder"]["p99_ms"], results["node"]["p99_ms"]),
+        }
+    return b.finish(scenario, args, python, data)
+
+
+if __name__ == "__main__":
+    main(sys.argv.pop(1) if len(sys.argv) > 1 and sys.argv[1] in SCENARIOS else sys.exit("usage: single.py SCENARIO"))

@@ -1,0 +1,626 @@
+"""
+Tests for :mod:`kvresponder.discovery`, on a ``task.Clock`` and a fake multicast transport.
+"""
+
+import json
+from typing import List
+from unittest import mock
+
+import pytest
+from hypothesis import given, settings, strategies as st
+from twisted.internet.defer import fail, succeed
+from twisted.internet.task import Clock
+
+from kvresponder import discovery
+from kvresponder.discovery import (
+    MAX_DATAGRAM, REPLAY_WINDOW, DiscoveryProtocol, DiscoveryService, HeartbeatCodec, derive_key,
+)
+from kvresponder.membership import ALIVE, LEAVING, Heartbeat, Membership
+
+NOW = 1700000000.0
+GROUP = "239.255.30.167"
+OWN_ADDRESS = "10.0.0.1"
+PORT = 9999
+PEER_TIMEOUT = 15.0
+KEY = derive_key("a-cluster-secret-of-some-length", "discovery")
+OWN = Heartbeat("self-node", 1, OWN_ADDRESS, 3000, ALIVE, 1)
+PEER = Heartbeat("n2", 4, "10.0.0.2", 3001, ALIVE, 2)
+
+
+class FakeMulticastTransport:
+    """
+    Records what a ``DatagramProtocol`` asks of its multicast port.
+    """
+
+    def __init__(self) -> None:
+        self.written: list = []
+        self.calls: list = []
+        self.fail_writes = False
+        self.stopped = 0
+
+    def write(self, data, addr):
+        if self.fail_writes:
+            raise OSError("no buffer space available")
+        self.written.append((data, addr))
+
+    def setOutgoingInterface(self, address):
+        self.calls.append(("setOutgoingInterface", address))
+        return succeed(1)
+
+    def setTTL(self, ttl):
+        self.calls.append(("setTTL", ttl))
+
+    def setLoopbackMode(self, mode):
+        self.calls.append(("setLoopbackMode", mode))
+
+    def joinGroup(self, address, interface=""):
+        self.calls.append(("joinGroup", address, interface))
+        return succeed(None)
+
+    def stopListening(self):
+        self.stopped += 1
+
+
+class FakeMetrics:
+    def __init__(self) -> None:
+        self.results: List[str] = []
+
+    def discovery(self, result: str) -> None:
+        self.results.append(result)
+
+
+class Harness:
+    """
+    A started protocol with its clock, membership, transport and metrics.
+    """
+
+    def __init__(self, key=None, group=GROUP, start=True) -> None:
+        self.clock = Clock()
+        self.clock.advance(NOW)
+        self.membership = Membership(self.clock.seconds, OWN.node_id, PEER_TIMEOUT)
+        self.metrics = FakeMetrics()
+        self.transport = FakeMulticastTransport()
+        self.protocol = DiscoveryProtocol(HeartbeatCodec("t1", key), self.membership, self.clock,
+                                          self.clock.seconds, lambda: OWN, group, OWN_ADDRESS, PORT, ttl=2,
+                                          metrics=self.metrics)
+        if start:
+            self.protocol.makeConnection(self.transport)
+
+    def receive(self, data: bytes) -> None:
+        self.protocol.datagramReceived(data, ("10.0.0.2", PORT))
+
+    def sent(self):
+        return [(json.loads(data), addr) for data, addr in self.transport.written]
+
+
+def encode(beat=PEER, want=False, key=None, tenant="t1", at=NOW) -> bytes:
+    return HeartbeatCodec(tenant, key).encode(beat, want, at)
+
+
+def body_of(beat=PEER, want=False) -> dict:
+    return json.loads(encode(beat, want))
+
+
+def raw(body) -> bytes:
+    return json.dumps(body).encode("utf-8")
+
+
+@pytest.fixture
+def tracebacks():
+    """
+    Every exception that reached ``datagramReceived``'s last-resort handler.
+    """
+    caught = []
+    with mock.patch.object(discovery, "write_traceback", lambda *a, **k: caught.append(a)):
+        yield caught
+
+
+# -- sending -------------------------------------------------------------------------------------------
+
+def test_start_sets_the_outgoing_interface_and_joins_the_group_on_it():
+    """
+    If the protocol starts with a group, then it sets the outgoing interface explicitly before anything
+    else, and joins the group on that same interface.
+    """
+    harness = Harness()
+    assert harness.transport.calls == [
+        ("setOutgoingInterface", OWN_ADDRESS),
+        ("setTTL", 2),
+        ("setLoopbackMode", True),
+        ("joinGroup", GROUP, OWN_ADDRESS),
+    ]
+
+
+def test_start_without_a_group_touches_no_multicast_setting():
+    """
+    If multicast is off (no group), then starting asks nothing of the transport.
+    """
+    harness = Harness(group=None)
+    assert harness.transport.calls == []
+
+
+def test_announce_goes_to_the_group_and_every_seed_but_not_to_ourselves():
+    """
+    If the node announces itself, then one datagram goes to the group and one to each seed on the
+    discovery port, none to our own address, and each decodes to our heartbeat.
+    """
+    harness = Harness()
+    harness.protocol.seeds = {"10.0.0.5", OWN_ADDRESS, "10.0.0.3"}
+    harness.protocol.announce(want_reply=True)
+    sent = harness.sent()
+    assert [addr for _, addr in sent] == [(GROUP, PORT), ("10.0.0.3", PORT), ("10.0.0.5", PORT)]
+    assert all(body == sent[0][0] for body, _ in sent)
+    beat, want, _ = HeartbeatCodec("t1").decode(harness.transport.written[0][0], NOW)
+    assert (beat, want) == (OWN, True)
+
+
+def test_announce_without_a_group_goes_to_seeds_only():
+    """
+    If multicast is off, then an announcement goes only to the seeds.
+    """
+    harness = Harness(group=None)
+    harness.protocol.transport = harness.transport
+    harness.protocol.seeds = {"10.0.0.5"}
+    harness.protocol.announce()
+    assert [addr for _, addr in harness.sent()] == [("10.0.0.5", PORT)]
+
+
+def test_leaving_announcement_carries_the_leaving_state():
+    """
+    If the node announces with ``state=leaving``, then the datagram says leaving.
+    """
+    harness = Harness()
+    harness.protocol.announce(state=LEAVING)
+    assert harness.sent()[0][0]["state"] == LEAVING
+
+
+def test_failed_send_is_counted_and_does_not_raise():
+    """
+    If the socket refuses a datagram, then ``announce`` returns normally and counts ``send_failed`` per
+    target.
+    """
+    harness = Harness()
+    harness.protocol.seeds = {"10.0.0.5"}
+    harness.transport.fail_writes = True
+    harness.protocol.announce()
+    assert harness.metrics.results == ["send_failed", "send_failed"]
+
+
+# -- receiving -----------------------------------------------------------------------------------------
+
+def test_valid_heartbeat_creates_a_peer(tracebacks):
+    """
+    If a valid heartbeat of our tenant arrives, then the sender becomes a peer with the advertised details,
+    the datagram counts as ``accepted``, and no reply is sent since none was asked for.
+    """
+    harness = Harness()
+    harness.receive(encode())
+    peer = harness.membership.peer("n2")
+    assert (peer.incarnation, peer.address, peer.port, peer.state, peer.ring_size) == (4, "10.0.0.2", 3001,
+                                                                                       ALIVE, 2)
+    assert harness.metrics.results == ["accepted"]
+    harness.clock.advance(10)
+    assert harness.transport.written == []
+    assert tracebacks == []
+
+
+def test_own_heartbeat_is_counted_as_self_and_ignored():
+    """
+    If our own heartbeat comes back through multicast loopback, then it counts as ``self`` and does not
+    touch membership.
+    """
+    harness = Harness()
+    harness.receive(encode(OWN, want=True))
+    harness.clock.advance(1)
+    assert harness.metrics.results == ["self"]
+    assert harness.membership.peers() == []
+    assert harness.transport.written == []
+
+
+def test_want_reply_triggers_one_coalesced_reply_shortly():
+    """
+    If several joiners ask for a reply at once, then one announcement follows shortly after, not one per
+    joiner and not before the short delay.
+    """
+    harness = Harness()
+    for node in ("n2", "n3", "n4"):
+        harness.receive(encode(PEER._replace(node_id=node), want=True))
+    assert harness.transport.written == []
+    harness.clock.advance(0.05)
+    sent = harness.sent()
+    assert [addr for _, addr in sent] == [(GROUP, PORT)]
+    assert sent[0][0]["node"] == OWN.node_id
+    harness.clock.advance(1)
+    assert len(harness.transport.written) == 1
+    harness.receive(encode(PEER._replace(node_id="n5"), want=True))
+    harness.clock.advance(0.05)
+    assert len(harness.transport.written) == 2
+
+
+def test_leaving_node_asking_for_a_reply_gets_none():
+    """
+    If a leaving node's heartbeat asks for a reply, then no reply is sent.
+    """
+    harness = Harness()
+    harness.receive(encode())
+    harness.receive(encode(PEER._replace(state=LEAVING), want=True))
+    harness.clock.advance(1)
+    assert harness.transport.written == []
+
+
+def oversized() -> bytes:
+    body = body_of()
+    body["padding"] = "x" * MAX_DATAGRAM
+    return raw(body)
+
+
+#: Marks a field ``mutated`` removes.
+DELETE = object()
+
+
+def mutated(**changes) -> bytes:
+    body = body_of()
+    for name, value in changes.items():
+        if value is DELETE:
+            del body[name]
+        else:
+            body[name] = value
+    return raw(body)
+
+
+DROPPED = [
+    ("another tenant", encode(tenant="t2"), "foreign_tenant"),
+    ("no tenant", mutated(tenant=DELETE), "foreign_tenant"),
+    ("garbage", b"\x00\x01garbage\xfe", "malformed"),
+    ("empty", b"", "malformed"),
+    ("invalid utf-8", b'{"v":1,"tenant":"t1\xff\xfe"}', "malformed"),
+    ("truncated json", encode()[:-5], "malformed"),
+    ("json list", b"[1, 2, 3]", "malformed"),
+    ("json number", b"1", "malformed"),
+    ("json string", b'"t1"', "malformed"),
+    ("json null", b"null", "malformed"),
+    ("deep nesting", b'{"v":' + b"[" * 1390 + b"]" * 5, "malformed"),
+    ("wrong wire version", mutated(v=2), "malformed"),
+    ("wire version as text", mutated(v="1"), "malformed"),
+    ("no wire version", mutated(v=DELETE), "malformed"),
+    ("oversized", oversized(), "oversized"),
+    ("no node", mutated(node=DELETE), "malformed"),
+    ("empty node", mutated(node=""), "malformed"),
+    ("long node", mutated(node="n" * 64), "malformed"),
+    ("node not text", mutated(node=7), "malformed"),
+    ("negative incarnation", mutated(inc=-1), "malformed"),
+    ("incarnation as text", mutated(inc="4"), "malformed"),
+    ("incarnation as bool", mutated(inc=True), "malformed"),
+    ("incarnation as float", mutated(inc=4.0), "malformed"),
+    ("no port", mutated(port=DELETE), "malformed"),
+    ("port zero", mutated(port=0), "malformed"),
+    ("port too high", mutated(port=65536), "malformed"),
+    ("port as text", mutated(port="3001"), "malformed"),
+    ("negative ring", mutated(ring=-1), "malformed"),
+    ("ring as float", mutated(ring=2.5), "malformed"),
+    ("unknown state", mutated(state="dead"), "malformed"),
+    ("want as text", mutated(want="yes"), "malformed"),
+    ("no address", mutated(addr=DELETE), "malformed"),
+    ("host name address", mutated(addr="kv-0.kv"), "malformed"),
+    ("short address", mutated(addr="10.0.2"), "malformed"),
+    ("address as list", mutated(addr=[10, 0, 0, 2]), "malformed"),
+]
+
+
+@pytest.mark.parametrize("data, result", [(data, result) for _, data, result in DROPPED],
+                         ids=[name for name, _, _ in DROPPED])
+def test_datagram_that_is_not_a_valid_heartbeat_is_dropped_and_counted(data, result, tracebacks):
+    """
+    If a datagram is from another tenant, is not JSON, is not an object, has the wrong wire version, is
+    oversized, or has a missing or mistyped field, then it is counted under its result, creates no peer,
+    sends nothing and raises nothing.
+    """
+    harness = Harness()
+    harness.receive(data)
+    harness.clock.advance(1)
+    assert harness.metrics.results == [result]
+    assert harness.membership.peers() == []
+    assert harness.transport.written == []
+    assert tracebacks == []
+
+
+def test_valid_heartbeat_just_under_the_size_limit_is_accepted():
+    """
+    If a valid heartbeat is exactly the maximum datagram size, then it is accepted.
+    """
+    body = body_of()
+    body["padding"] = ""
+    body["padding"] = "x" * (MAX_DATAGRAM - len(raw(body)))
+    data = raw(body)
+    assert len(data) == MAX_DATAGRAM
+    harness = Harness()
+    harness.receive(data)
+    assert harness.metrics.results == ["accepted"]
+
+
+# -- authenticated datagrams ---------------------------------------------------------------------------
+
+def test_signed_heartbeat_with_the_cluster_key_is_accepted():
+    """
+    If a cluster key is set and a heartbeat is signed with it, then the sender becomes a peer.
+    """
+    harness = Harness(key=KEY)
+    harness.receive(encode(key=KEY))
+    assert harness.metrics.results == ["accepted"]
+    assert harness.membership.peer("n2") is not None
+
+
+def tampered() -> bytes:
+    body = json.loads(encode(key=KEY))
+    body["addr"] = "10.6.6.6"
+    return raw(body)
+
+
+AUTH_DROPPED = [
+    ("unsigned", encode(), "bad_mac"),
+    ("wrong key", encode(key=derive_key("another-secret-of-some-length", "discovery")), "bad_mac"),
+    ("peer-call key", encode(key=derive_key("a-cluster-secret-of-some-length", "peer")), "bad_mac"),
+    ("tampered after signing", tampered(), "bad_mac"),
+    ("mac not text", mutated(mac=12, ts=NOW), "bad_mac"),
+    ("mac not ascii", mutated(mac="é" * 64, ts=NOW), "bad_mac"),
+    ("mac with a lone surrogate", mutated(mac="\ud800" * 64, ts=NOW), "bad_mac"),
+    ("stale timestamp", encode(key=KEY, at=NOW - REPLAY_WINDOW - 1), "replayed"),
+    ("future timestamp", encode(key=KEY, at=NOW + REPLAY_WINDOW + 1), "replayed"),
+]
+
+
+@pytest.mark.parametrize("data, result", [(data, result) for _, data, result in AUTH_DROPPED],
+                         ids=[name for name, _, _ in AUTH_DROPPED])
+def test_unauthenticated_or_stale_datagram_is_dropped(data, result, tracebacks):
+    """
+    If a cluster key is set and a datagram is unsigned, signed with another key, altered after signing, or
+    signed outside the replay window, then it is counted as ``bad_mac`` or ``replayed`` and creates no peer.
+    """
+    harness = Harness(key=KEY)
+    harness.receive(data)
+    assert harness.metrics.results == [result]
+    assert harness.membership.peers() == []
+    assert tracebacks == []
+
+
+def test_same_signed_datagram_twice_is_replayed_the_second_time():
+    """
+    If a signed datagram is received twice, then the second copy counts as ``replayed``; and a replay after
+    the peer has timed out does not bring it back.
+    """
+    harness = Harness(key=KEY)
+    data = encode(key=KEY, at=NOW)
+    harness.receive(data)
+    harness.receive(data)
+    assert harness.metrics.results == ["accepted", "replayed"]
+    short = Membership(harness.clock.seconds, OWN.node_id, 5.0)
+    harness.protocol.membership = short
+    harness.receive(encode(key=KEY, at=NOW + 1))
+    harness.clock.advance(6)
+    assert [peer.node_id for peer in short.expire()] == ["n2"]
+    harness.receive(encode(key=KEY, at=NOW + 1))
+    assert short.peers() == []
+    assert harness.metrics.results[-1] == "replayed"
+
+
+def test_later_signed_heartbeat_is_accepted_after_an_earlier_one():
+    """
+    If a peer's next signed heartbeat carries a later timestamp, then it is accepted; a new incarnation may
+    start with any timestamp inside the window.
+    """
+    harness = Harness(key=KEY)
+    harness.receive(encode(key=KEY, at=NOW))
+    harness.receive(encode(key=KEY, at=NOW + 0.001))
+    harness.receive(encode(PEER._replace(incarnation=5), key=KEY, at=NOW - 1))
+    assert harness.metrics.results == ["accepted"] * 3
+    assert harness.membership.peer("n2").incarnation == 5
+
+
+# -- fuzzing -------------------------------------------------------------------------------------------
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2 ** 70, 2 ** 70) | st.floats(allow_nan=False)
+    | st.text(max_size=20) | st.sampled_from(["t1", "alive", "leaving", "10.0.0.2", "n2", ""]),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    max_leaves=8,
+)
+FIELDS = st.sampled_from(["v", "tenant", "node", "inc", "addr", "port", "state", "ring", "want", "ts", "mac"])
+JSONISH = st.one_of(
+    st.dictionaries(FIELDS | st.text(max_size=6), JSON_VALUES, max_size=12),
+    # Close to a real heartbeat: every field present, some replaced.
+    st.dictionaries(FIELDS, JSON_VALUES, max_size=4).map(
+        lambda changes: dict(json.loads(encode(key=KEY)), **changes)),
+)
+
+
+def received_once(harness: Harness, data: bytes) -> None:
+    before = len(harness.metrics.results)
+    harness.receive(data)
+    assert len(harness.metrics.results) == before + 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=MAX_DATAGRAM + 100))
+def test_arbitrary_bytes_never_raise_and_never_create_a_peer(data):
+    """
+    If arbitrary bytes arrive, then nothing raises, each datagram is counted once, and no peer appears.
+    """
+    with mock.patch.object(discovery, "write_traceback") as traceback:
+        for key in (None, KEY):
+            harness = Harness(key=key)
+            received_once(harness, data)
+            assert harness.membership.peers() == []
+        assert not traceback.called
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSONISH)
+def test_arbitrary_json_objects_never_raise_and_never_create_a_phantom_peer(body):
+    """
+    If arbitrary JSON objects arrive, then nothing raises and each is counted once; with a cluster key no
+    peer ever appears (a valid MAC cannot be guessed), and without one a peer appears only for an object
+    that is a complete, valid heartbeat, with exactly what it says.
+    """
+    data = json.dumps(body).encode("utf-8")
+    with mock.patch.object(discovery, "write_traceback") as traceback:
+        signed = Harness(key=KEY)
+        received_once(signed, data)
+        assert signed.membership.peers() == [] or body == json.loads(encode(key=KEY))
+        unsigned = Harness()
+        received_once(unsigned, data)
+        peers = unsigned.membership.peers()
+        if peers:
+            assert unsigned.metrics.results == ["accepted"]
+            assert len(data) <= MAX_DATAGRAM
+            (peer,) = peers
+            assert (body["tenant"], body["node"], body["inc"], body["addr"], body["port"], body["state"]) == (
+                "t1", peer.node_id, peer.incarnation, peer.address, peer.port, peer.state)
+        assert not traceback.called
+
+
+# -- the service ---------------------------------------------------------------------------------------
+
+class Listener:
+    """
+    A fake ``listen``: connects the protocol to a fake transport and returns it as the port.
+    """
+
+    def __init__(self) -> None:
+        self.transport = FakeMulticastTransport()
+        self.protocols = []
+
+    def __call__(self, protocol):
+        self.protocols.append(protocol)
+        protocol.makeConnection(self.transport)
+        return self.transport
+
+
+def make_service(resolve=None, dns_name=None, interval=5.0):
+    harness = Harness(start=False)
+    listener = Listener()
+    service = DiscoveryService(harness.protocol, listener, interval, dns_name=dns_name, resolve=resolve,
+                               dns_interval=10.0)
+    return service, harness, listener
+
+
+def wants(listener: Listener, to=GROUP):
+    return [json.loads(data)["want"] for data, addr in listener.transport.written if addr == (to, PORT)]
+
+
+def test_service_listens_and_announces_at_once_asking_for_replies():
+    """
+    If the service starts, then it listens through the injected ``listen``, announces at once asking for
+    replies, asks once more shortly after, then heartbeats every interval without asking.
+    """
+    service, harness, listener = make_service()
+    service.startService()
+    assert listener.protocols == [harness.protocol]
+    assert wants(listener) == [True]
+    harness.clock.advance(0.25)
+    assert wants(listener) == [True, True]
+    harness.clock.advance(4.75)
+    assert wants(listener) == [True, True, False]
+    for _ in range(3):
+        harness.clock.advance(5)
+    assert wants(listener) == [True, True, False, False, False, False]
+    service.stopService()
+
+
+def test_service_expires_silent_peers():
+    """
+    If a peer stops sending heartbeats, then the running service forgets it within about a second after the
+    peer timeout.
+    """
+    service, harness, listener = make_service()
+    service.startService()
+    harness.receive(encode())
+    assert harness.membership.peer("n2") is not None
+    harness.clock.pump([1] * int(PEER_TIMEOUT))
+    assert harness.membership.peer("n2") is not None
+    harness.clock.pump([1, 1])
+    assert harness.membership.peer("n2") is None
+    service.stopService()
+
+
+def test_service_keeps_heartbeating_after_a_failing_round():
+    """
+    If one expiry round raises (a bug), then the loops keep running: later heartbeats are still sent.
+    """
+    service, harness, listener = make_service()
+    with mock.patch.object(discovery, "write_traceback") as traceback:
+        with mock.patch.object(harness.membership, "expire", side_effect=RuntimeError("bug")):
+            service.startService()
+            harness.clock.pump([1] * 11)
+    assert traceback.called
+    assert wants(listener).count(False) == 2
+    service.stopService()
+
+
+def test_refresh_seeds_uses_the_resolver_and_announces_to_new_seeds():
+    """
+    If the service starts with a DNS name, then it resolves it through the injected resolver, keeps the
+    addresses as seeds and announces to every seed but itself, asking for replies.
+    """
+    names = []
+
+    def resolve(name):
+        names.append(name)
+        return succeed(["10.0.0.7", OWN_ADDRESS])
+
+    service, harness, listener = make_service(resolve=resolve, dns_name="kv-headless")
+    service.startService()
+    assert names == ["kv-headless"]
+    assert harness.protocol.seeds == {"10.0.0.7", OWN_ADDRESS}
+    assert wants(listener, to="10.0.0.7")[:1] == [True]
+    assert wants(listener, to=OWN_ADDRESS) == []
+    harness.clock.advance(10)
+    assert names == ["kv-headless"] * 2
+    service.stopService()
+
+
+def test_failed_seed_lookup_keeps_the_previous_seeds():
+    """
+    If a DNS lookup fails after a good one, then the previous seeds stay in use and lookups go on.
+    """
+    answers = [succeed(["10.0.0.7", "10.0.0.8"]), fail(OSError("SERVFAIL")), succeed(["10.0.0.9"])]
+    service, harness, _ = make_service(resolve=lambda name: answers.pop(0), dns_name="kv-headless")
+    service.startService()
+    assert harness.protocol.seeds == {"10.0.0.7", "10.0.0.8"}
+    harness.clock.advance(10)
+    assert harness.protocol.seeds == {"10.0.0.7", "10.0.0.8"}
+    harness.clock.advance(10)
+    assert harness.protocol.seeds == {"10.0.0.9"}
+    service.stopService()
+
+
+def test_resolver_that_raises_keeps_the_previous_seeds():
+    """
+    If the resolver raises instead of failing its Deferred, then the seeds are kept and nothing escapes.
+    """
+    def resolve(name):
+        raise OSError("no resolver")
+
+    service, harness, _ = make_service(resolve=resolve, dns_name="kv-headless")
+    harness.protocol.seeds = {"10.0.0.7"}
+    results = []
+    service.refresh_seeds().addBoth(results.append)
+    assert results == [None]
+    assert harness.protocol.seeds == {"10.0.0.7"}
+
+
+def test_stop_announces_leaving_twice_and_stops_listening():
+    """
+    If the service stops, then it sends two ``leaving`` heartbeats to the group and to each seed, closes the
+    port, and sends nothing afterwards.
+    """
+    service, harness, listener = make_service()
+    service.startService()
+    harness.protocol.seeds = {"10.0.0.7"}
+    listener.transport.written.clear()
+    service.stopService()
+    sent = [(json.loads(data)["state"], addr) for data, addr in listener.transport.written]
+    assert sent == [(LEAVING, (GROUP, PORT)), (LEAVING, ("10.0.0.7", PORT))] * 2
+    assert listener.transport.stopped == 1
+    listener.transport.written.clear()
+    harness.clock.advance(60)
+    assert listener.transport.written == []

@@ -147,7 +147,7 @@ class Process:
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
+            except (subprocess.TimeoutExpired, KeyboardInterrupt, SystemExit):
                 os.kill(self.pid, signal.SIGKILL)
                 self.process.wait(10)
         self._log.close()
@@ -195,6 +195,8 @@ def wait_formed(nodes: List[Process], timeout: float = 60.0) -> None:
 
 
 def stop_all() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # finish stopping what we started
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     for process in list(_started):
         try:
             process.stop()

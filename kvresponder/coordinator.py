@@ -10,10 +10,9 @@ repairs stale replicas.
 The local node goes through the same logic, with a direct call in place of HTTP.
 """
 
-import json
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
-from eliot import start_action, write_traceback
+from eliot import write_traceback
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
 
 from .hlc import HybridLogicalClock, format_version

@@ -185,7 +185,7 @@ class Rebalancer:
                 if owner != self.node_id:
                     by_owner.setdefault(owner, []).append(entry)
         acked: Dict[Tuple[str, Version], int] = {}
-        sent = await _gather([self._send_all(owner, entries, acked) for owner, entries in by_owner.items()])
+        await _gather([self._send_all(owner, entries, acked) for owner, entries in by_owner.items()])
         dropped = 0
         for entry, owners in handoff:
             needed = len([owner for owner in owners if owner != self.node_id])

@@ -224,3 +224,31 @@ def test_a_read_just_after_a_ring_change_finds_keys_still_on_their_previous_hold
         node.ring_changed_at -= 60
         node.rebalancer.pending = 0
     assert get(cluster, cluster.nodes[0], "k")[0] == 404
+
+
+def test_bulk_through_a_cluster_answers_after_the_replicas(cluster):
+    """
+    If a bulk request needs peers (so it completes later), then the answer carries every result, not an
+    empty page.
+    """
+    import json
+    code, body = cluster.request("POST", cluster.nodes[0], "/bulk", {
+        "put": [{"key": "b%d" % (i,), "value": i} for i in range(10)], "get": ["b1", "nope"]})
+    assert code == 200, body
+    body = json.loads(body)
+    assert [item["status"] for item in body["put"]] == [201] * 10
+    assert body["get"]["nope"] is None
+    assert copies(cluster) == 20
+
+
+def test_a_sync_request_answers_only_after_the_pass(cluster):
+    """
+    If a peer asks for a pass (a joining node), then the answer comes once the pass has run.
+    """
+    import json
+    node = cluster.nodes[1]
+    passes = node.rebalancer.passes
+    code, body = cluster.request("POST", node, "/_internal/sync/request", {"from": "n1"})
+    assert code == 200, body
+    assert set(json.loads(body)) == {"handed_off", "repaired", "pending"}
+    assert node.rebalancer.passes == passes + 1

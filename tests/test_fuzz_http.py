@@ -449,6 +449,11 @@ def known_bug(request: Request, response: Response) -> Optional[str]:
         return "klein-non-utf8-url"
     if response.status == 500 and _idna_fails(request.host):
         return "klein-bad-host"
+    if response.status == 400 and not response.headers and not response.body:
+        # Twisted's own "HTTP/1.1 400 Bad Request" (see test_malformed_http_is_refused_with_a_json_error):
+        # reachable with well-formed HTTP too, by a POST with Content-Type multipart/form-data whose body is
+        # not multipart (twisted.web.http.Request.requestReceived parses POST forms before the resource runs).
+        return "twisted-bare-400"
     return None
 
 
@@ -515,7 +520,9 @@ def check_exchange(node: Node, request: Request, before: tuple) -> Response:
 # -- the fuzzers ------------------------------------------------------------------------------------
 
 
-FUZZ_SETTINGS = hsettings(max_examples=250, deadline=None,
+#: Examples per fuzzer; raise it (KV_FUZZ_EXAMPLES=5000) for a longer hunt.
+FUZZ_EXAMPLES = int(os.environ.get("KV_FUZZ_EXAMPLES", "250"))
+FUZZ_SETTINGS = hsettings(max_examples=FUZZ_EXAMPLES, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                                  HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture])
 
@@ -739,6 +746,8 @@ FRAMING = {
         b"X-H%d: 1\r\n" % (i,) for i in range(600)) + b"\r\n",
     "raw-non-ascii-path": b"GET /t1/kv/\xff HTTP/1.1\r\nHost: x\r\n\r\n",
     "star-target": b"GET * HTTP/1.1\r\nHost: x\r\n\r\n",
+    "multipart-post-not-multipart": b"POST /t1/bulk HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+                                    b"boundary=b\r\nContent-Length: 11\r\n\r\n{\"get\":[]}",
 }
 
 
@@ -758,8 +767,10 @@ def test_malformed_http_is_refused_without_a_crash(name, eliot_tracebacks):
 
 @pytest.mark.xfail(strict=True, reason=(
     "requests Twisted's HTTP parser refuses (bad header line, bad Content-Length, bad chunk, unknown HTTP "
-    "version, >500 headers, raw non-ASCII target) get Twisted's bare 'HTTP/1.1 400 Bad Request' with no "
-    "body, and 'GET *' a bare 405, instead of the JSON error every client is promised "
+    "version, >500 headers, raw non-ASCII target, and a well-formed POST with Content-Type "
+    "multipart/form-data whose body is not multipart, which Twisted parses before any resource runs) get "
+    "Twisted's bare 'HTTP/1.1 400 Bad Request' with no body, and 'GET *' a bare 405, instead of the JSON "
+    "error every client is promised "
     "(kvresponder/http/errors.py). Fix in kvresponder/http/site.py: override "
     "HTTPChannel._respondToBadRequestAndDisconnect in _CountedChannel to write 400 with Content-Type "
     "application/json, Content-Length, Connection: close and error_body('bad_request', ...); and "

@@ -68,10 +68,6 @@ def _samples(text):
     return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: the gauge kv_peers_count ends in _count, which promtool's lint rejects "
-    "('non-histogram and non-summary metrics should not have \"_count\" suffix'); rename it in "
-    "docs/CONTRACT.md, kvresponder/metrics.py, helm/rules, dashboards and docs"))
 def test_promtool_check_metrics_is_clean(exposition):
     promtool = require_tool("promtool")
     result = subprocess.run([promtool, "check", "metrics"], input=exposition["text"].encode("utf-8"),

@@ -85,7 +85,7 @@ def exported_series_names(families: dict[str, str]) -> set[str]:
             names.update({f"{name}_bucket", f"{name}_sum", f"{name}_count"})
         elif kind == "counter":
             names.add(name if name.endswith("_total") else f"{name}_total")
-        elif kind == "gauge":
+        elif kind in ("gauge", "untyped"):
             names.add(name)
         else:
             raise AssertionError(f"unknown metric type {kind!r} for {name} in CONTRACT.md")

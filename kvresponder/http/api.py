@@ -19,7 +19,6 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
-from .. import __version__
 from ..coordinator import Unavailable
 from ..hlc import format_version
 from ..log import UnknownLevel
@@ -148,7 +147,11 @@ def _write_json(request, status: int, body: bytes) -> None:
     request.finish()
 
 
-def _write_failure(request, failure) -> None:
+def _failure_body(request, failure) -> Optional[bytes]:
+    """
+    The JSON error body for an expected failure (with status and headers set), or ``None`` after
+    answering an unexpected one with a bare 500.
+    """
     if failure.check(APIError):
         error = failure.value
     elif failure.check(Unavailable):
@@ -157,10 +160,16 @@ def _write_failure(request, failure) -> None:
         error = too_large("The entry is larger than the whole memory budget.")
     else:
         request.processingFailed(failure)
-        return
+        return None
+    return write_error(request, error)
+
+
+def _write_failure(request, failure) -> None:
     if request.finished or request._disconnected:
         return
-    body = write_error(request, error)
+    body = _failure_body(request, failure)
+    if body is None or request.finished:
+        return
     request.setHeader(b"Content-Length", b"%d" % (len(body),))
     request.write(body)
     request.finish()
@@ -297,10 +306,12 @@ def json_route(app: Klein, path: str, methods, read: bool = False):
                 except APIError as error:
                     return write_error(request, error)
                 if isinstance(result, Deferred) or hasattr(result, "__await__"):
+                    # Klein waits for a Deferred and writes the bytes it fires with; it must not be
+                    # handed NOT_DONE_YET, which it would answer at once with an empty page.
                     d = ensureDeferred(result) if not isinstance(result, Deferred) else result
-                    d.addCallback(lambda value: _finish_json(request, value))
-                    d.addErrback(lambda failure: _write_failure(request, failure))
-                    return NOT_DONE_YET
+                    d.addCallback(lambda value: _render_value(request, value))
+                    d.addErrback(lambda failure: _failure_body(request, failure))
+                    return d
                 return _render_value(request, result)
         handler.__name__ = function.__name__
         handler.__doc__ = function.__doc__
@@ -312,18 +323,9 @@ def _render_value(request, result) -> bytes:
     status = 200
     if isinstance(result, tuple):
         status, result = result
-    if isinstance(result, bytes):
-        return result
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", _JSON)
-    return json_bytes(result)
-
-
-def _finish_json(request, value) -> None:
-    status = 200
-    if isinstance(value, tuple):
-        status, value = value
-    _write_json(request, status, value if isinstance(value, bytes) else json_bytes(value))
+    return result if isinstance(result, bytes) else json_bytes(result)
 
 
 def handle_routing_errors(app: Klein) -> None:

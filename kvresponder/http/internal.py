@@ -10,15 +10,13 @@ import json
 from eliot import Action
 from klein import Klein
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.web.server import NOT_DONE_YET
 
 from ..hlc import version_from_wire
 from ..peers import AUTH_HEADER, TASK_HEADER
 from ..store import EntryTooLarge
 from ..wire import entries_from_wire, entry_to_wire
-from .api import _write_failure, _write_json, handle_routing_errors
+from .api import _failure_body, _render_value, handle_routing_errors
 from .errors import APIError, bad_request, write_error
-from .site import json_bytes
 
 MAX_SYNC_KEYS = 50000
 
@@ -95,12 +93,12 @@ class InternalAPI:
         except (ValueError, TypeError, KeyError) as error:
             return write_error(request, bad_request("invalid_body", "Malformed internal request: %s" % (error,)))
         if isinstance(result, Deferred) or hasattr(result, "__await__"):
+            # Klein waits for the Deferred (NOT_DONE_YET would make it answer at once).
             d = result if isinstance(result, Deferred) else ensureDeferred(result)
-            d.addCallback(lambda value: _write_json(request, 200, json_bytes(value)))
-            d.addErrback(lambda failure: _write_failure(request, failure))
-            return NOT_DONE_YET
-        request.setHeader(b"Content-Type", b"application/json")
-        return json_bytes(result)
+            d.addCallback(lambda value: _render_value(request, value))
+            d.addErrback(lambda failure: _failure_body(request, failure))
+            return d
+        return _render_value(request, result)
 
     @internal_route(app, "/apply")
     def apply(self, body):

@@ -9,7 +9,7 @@ paths ask :meth:`LogPolicy.enabled` before they build an action at all, so a qui
 
 import json
 import sys
-from typing import Callable, Dict, IO, Optional
+from typing import Dict, IO, Optional
 
 DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40
 LEVELS = {"debug": DEBUG, "info": INFO, "warning": WARNING, "error": ERROR}

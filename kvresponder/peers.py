@@ -14,9 +14,10 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 from eliot import current_action
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.error import ConnectError, ConnectionLost, DNSLookupError
-from twisted.web.client import ResponseFailed
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.web.client import RequestTransmissionFailed, ResponseFailed
+from twisted.web._newclient import RequestNotSent
 
 import treq
 
@@ -82,8 +83,8 @@ class _Quiet:
 
 
 _QUIET = _Quiet()
-_RETRYABLE = (ResponseFailed, ConnectionLost)
-_UNREACHABLE = (ConnectError, DNSLookupError, ResponseFailed, ConnectionLost, TimeoutError, CancelledError)
+#: Failures on a connection the pool had kept: the peer may have restarted since. Worth one retry.
+_RETRYABLE = (ResponseFailed, RequestTransmissionFailed, RequestNotSent, ConnectionLost, ConnectionDone)
 
 
 class PeerClient:
@@ -145,7 +146,9 @@ class PeerClient:
                             raise
                 if action is not None:
                     action.add_success_fields(code=code)
-            except _UNREACHABLE as error:
+            except Exception as error:
+                # Whatever broke (refused, reset, timed out, a half-sent request), the caller's answer is
+                # the same: this peer did not take the call, so fail over to the next one.
                 raise PeerError("%s unreachable for %s: %s" % (peer_id, op, error.__class__.__name__))
             finally:
                 if self._metrics is not None:

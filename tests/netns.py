@@ -16,6 +16,8 @@ never touched; iptables rules (partitions) are only ever added inside the node n
 Nodes are stopped by their PID only (``ip netns exec`` execs the command, so the PID is twistd's).
 """
 
+import atexit
+import ctypes
 import fcntl
 import ipaddress
 import json
@@ -140,6 +142,21 @@ class Host:
         return _run(self.exec_args(command), check=check, timeout=timeout)
 
 
+try:
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # pragma: no cover - not Linux/glibc
+    _PRCTL = None
+
+
+def _die_with_parent() -> None:
+    """
+    In the child, before exec: SIGKILL when the test process dies, so that no node outlives a killed run.
+    (Resolved before the fork: the child only makes the system call.)
+    """
+    if _PRCTL is not None:
+        _PRCTL(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+
+
 class ChaosNode:
     """
     One ``twistd -n kvresponder`` inside its namespace, reached at ``http://<address>:3000/chaos``.
@@ -169,7 +186,7 @@ class ChaosNode:
         self._log.write(b"----- start %d of %s -----\n" % (self.starts + 1, self.node_id.encode()))
         self._log.flush()
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
-                                        cwd=self.network.repo)
+                                        cwd=self.network.repo, preexec_fn=_die_with_parent)
         self.starts += 1
         self.session = session()
         return self
@@ -298,6 +315,8 @@ class Network:
 
     def open(self) -> "Network":
         self.check_available()
+        # A backstop for an interrupted run; close() is idempotent.
+        atexit.register(self.close)
         with open(_LOCK, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:

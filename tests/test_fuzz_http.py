@@ -99,8 +99,6 @@ class Node:
 
     def __init__(self, **overrides) -> None:
         self.api = API(**overrides)
-        self.tracebacks: List[dict] = []
-        self.tenant = TENANT
 
     def send(self, raw: bytes) -> bytes:
         site = self.api.site

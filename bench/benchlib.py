@@ -184,6 +184,28 @@ def start_cluster(python: str, count: int, env: Optional[Dict[str, str]] = None)
     return nodes
 
 
+def start_loaded_cluster(python: str, count: int, keys: int, env: Optional[Dict[str, str]] = None,
+                         replicas: int = 2, timeout: float = 180.0) -> List[Process]:
+    """
+    A cluster of ``count`` nodes holding ``keys`` keys (``key_name``, VALUE_SIZE bytes each), loaded fast: into
+    the first node alone (local writes), then the others join and take their copies. Loading through a formed
+    cluster replicates every write with its own peer request, which is slow (see docs/PERFORMANCE.md).
+    """
+    discovery = free_port(socket.SOCK_DGRAM)
+    nodes = [start_node(python, "n1", discovery, env)]
+    nodes[0].wait_ready()
+    if keys:
+        bulk_load(nodes[0].base, keys, batch=1000, workers=2)
+    for i in range(1, count):
+        nodes.append(start_node(python, "n%d" % (i + 1,), discovery, env))
+    for node in nodes:
+        node.wait_ready(timeout)
+    wait_formed(nodes, timeout)
+    if keys:
+        wait_keys(nodes, keys * min(replicas, count), timeout)
+    return nodes
+
+
 def wait_formed(nodes: List[Process], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -1,9 +1,9 @@
 """
 Soak (issue 6 §5): a 3-node RF=2 cluster with a small MAX_MEMORY under mixed load for a bounded time.
 
-1. fill: 5-second rounds of PUT-only load (1 KiB values, one wrk per node) until every node has evicted, so
+1. fill: 5-second rounds of PUT-only load (4 KiB values, one wrk per node) until every node has evicted, so
    that the store is at its budget from the start of the soak; bounded by --fill-timeout;
-2. soak: one wrk per node at once (50% GET / 50% PUT of 1 KiB values over 1M keys) for --duration seconds;
+2. soak: one wrk per node at once (50% GET / 50% PUT of 4 KiB values over 1M keys) for --duration seconds;
    every --interval seconds each node's RSS, kv_store_bytes and kv_store_max_bytes are sampled.
 
 PASS when: RSS is flat (each node's mean RSS over the last third is within --rss-tolerance of its mean over
@@ -19,7 +19,7 @@ import time
 import benchlib as b
 
 NODES = 3
-VALUE = 1024
+VALUE = 4096
 KEYSPACE = 1000000
 
 

@@ -144,7 +144,7 @@ class Coordinator:
 
     async def _write(self, entry: Entry, op: str) -> WriteResult:
         owners, fallbacks, quorum = self._targets(entry.key)
-        if self.is_local_only():
+        if quorum <= 1 and self.is_local_only():
             result = self.apply_local(entry)
             return WriteResult(entry, not result.had_live, 1)
         with COORDINATE_WRITE(key=entry.key, op=op, version=format_version(entry.version),
@@ -185,6 +185,124 @@ class Coordinator:
             raise Unavailable("%s left" % (node,))
         [result] = await self._peers.apply(peer, [entry])
         return result
+
+    # -- many at once (the bulk endpoint) ----------------------------------------------------------------
+
+    async def write_many(self, entries: List[Entry], op: str) -> List[object]:
+        """
+        Write many entries with one call per node instead of one per entry. Each entry still gets its own
+        owners, its own failover to the next nodes on the ring, and its own quorum.
+
+        :return: for each entry, a :class:`WriteResult` or an :class:`Unavailable`.
+        """
+        plans = [self._targets(entry.key) for entry in entries]
+        stored: List[List[Tuple[str, ApplyResult]]] = [[] for _ in entries]
+        pending: dict = {}
+        for index, (owners, _, _) in enumerate(plans):
+            for owner in owners:
+                pending.setdefault(owner, []).append(index)
+        while pending:
+            batches = list(pending.items())
+            answers = await _gather([self._apply_many_on(node, [entries[i] for i in indices])
+                                     for node, indices in batches])
+            pending = {}
+            for (node, indices), answer in zip(batches, answers):
+                if answer is None:
+                    self._metrics.replication(op, "failure", len(indices))
+                    for index in indices:
+                        fallbacks = plans[index][1]
+                        if fallbacks:
+                            pending.setdefault(fallbacks.pop(0), []).append(index)
+                    continue
+                self._metrics.replication(op, "success", len(indices))
+                for index, result in zip(indices, answer):
+                    stored[index].append((node, result))
+        results: List[object] = []
+        for entry, (_, _, quorum), copies in zip(entries, plans, stored):
+            if len(copies) < quorum:
+                results.append(Unavailable("only %d of the %d copies needed could be stored"
+                                           % (len(copies), quorum)))
+            else:
+                results.append(WriteResult(entry, not any(r.had_live for _, r in copies), len(copies)))
+        return results
+
+    async def _apply_many_on(self, node: str, entries: List[Entry]) -> Optional[List[ApplyResult]]:
+        if node == self.node_id:
+            return [self.apply_local(entry) for entry in entries]
+        peer = self._peer_of(node)
+        if peer is None:
+            return None
+        try:
+            return await self._peers.apply(peer, entries)
+        except PeerError:
+            return None
+
+    def put_many(self, items: List[Tuple[str, bytes, Optional[float]]]) -> Deferred:
+        now = self._seconds()
+        entries = [Entry(key, value, self.hlc.now(), None if ttl is None else now + ttl)
+                   for key, value, ttl in items]
+        return ensureDeferred(self.write_many(entries, "put"))
+
+    def delete_many(self, keys: List[str]) -> Deferred:
+        entries = [Entry(key, None, self.hlc.now(), None) for key in keys]
+        return ensureDeferred(self.write_many(entries, "delete"))
+
+    async def read_many(self, keys: List[str]) -> List[object]:
+        """
+        Read many keys with one call per node.
+
+        :return: for each key, its live :class:`Entry`, ``None``, or an :class:`Unavailable`.
+        """
+        plans = [self._targets(key) for key in keys]
+        answers: List[List[Tuple[str, Optional[Entry]]]] = [[] for _ in keys]
+        pending: dict = {}
+        for index, (owners, _, _) in enumerate(plans):
+            for owner in owners:
+                pending.setdefault(owner, []).append(index)
+        while pending:
+            batches = list(pending.items())
+            fetched = await _gather([self._get_many_on(node, [keys[i] for i in indices])
+                                     for node, indices in batches])
+            pending = {}
+            for (node, indices), found in zip(batches, fetched):
+                if found is None:
+                    self._metrics.replication("get", "failure", len(indices))
+                    for index in indices:
+                        fallbacks = plans[index][1]
+                        if fallbacks:
+                            pending.setdefault(fallbacks.pop(0), []).append(index)
+                    continue
+                for index, entry in zip(indices, found):
+                    answers[index].append((node, entry))
+        now = self._seconds()
+        results: List[object] = []
+        for answered in answers:
+            if not answered:
+                results.append(Unavailable("no replica of this key answered"))
+                continue
+            newest = None
+            for _, entry in answered:
+                if entry is not None and (newest is None or entry.version > newest.version):
+                    newest = entry
+            if newest is not None:
+                stale = [node for node, entry in answered if entry is None or entry.version < newest.version]
+                if stale:
+                    self._repair(newest, stale)
+            live = newest is not None and newest.value is not None and (
+                newest.expires_at is None or newest.expires_at > now)
+            results.append(newest if live else None)
+        return results
+
+    async def _get_many_on(self, node: str, keys: List[str]) -> Optional[List[Optional[Entry]]]:
+        if node == self.node_id:
+            return [self.store.current(key) for key in keys]
+        peer = self._peer_of(node)
+        if peer is None:
+            return None
+        try:
+            return await self._peers.get_many(peer, keys)
+        except PeerError:
+            return None
 
     # -- reads ----------------------------------------------------------------------------------------
 

@@ -169,8 +169,8 @@ class Metrics:
             child = self._cache_children[key] = self.cache_operations.labels(self.tenant, op, result)
         child.inc(count)
 
-    def replication(self, op: str, result: str) -> None:
-        self.replication_operations.labels(self.tenant, op, result).inc()
+    def replication(self, op: str, result: str, count: int = 1) -> None:
+        self.replication_operations.labels(self.tenant, op, result).inc(count)
 
     def peer_call(self, op: str, seconds: float) -> None:
         self.peer_duration.labels(self.tenant, op).observe(seconds)

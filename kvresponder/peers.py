@@ -11,10 +11,10 @@ import hashlib
 import hmac
 import json
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from eliot import current_action
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.web.client import RequestTransmissionFailed, ResponseFailed
 from twisted.web._newclient import RequestNotSent
@@ -29,6 +29,8 @@ from .wire import entry_from_wire, entry_to_wire
 
 AUTH_HEADER = b"X-KV-Auth"
 TASK_HEADER = b"X-Eliot-Task-Id"
+#: Concurrent calls to one peer; more wait their turn.
+MAX_IN_FLIGHT = 64
 #: Seconds a signed peer request stays valid.
 AUTH_WINDOW = 60.0
 
@@ -108,9 +110,22 @@ class PeerClient:
         self._metrics = metrics
         self._tracing = tracing if tracing is not None and tracing.enabled else None
         self._log = log_policy
+        self._in_flight: Dict[Tuple[str, int], DeferredSemaphore] = {}
 
     async def _call(self, address: str, port: int, peer_id: str, op: str, payload: dict,
                     read: bool = False, timeout: Optional[float] = None):
+        # At most MAX_IN_FLIGHT calls to one peer at once: a burst of client requests queues here rather
+        # than opening hundreds of connections to the peer (and hitting its connection cap).
+        semaphore = self._in_flight.get((address, port))
+        if semaphore is None:
+            semaphore = self._in_flight[(address, port)] = DeferredSemaphore(MAX_IN_FLIGHT)
+        await semaphore.acquire()
+        try:
+            return await self._one_call(address, port, peer_id, op, payload, read, timeout)
+        finally:
+            semaphore.release()
+
+    async def _one_call(self, address, port, peer_id, op, payload, read, timeout):
         if self._tracing is None:
             return await self._traced_call(address, port, peer_id, op, payload, read, timeout, None)
         with self._tracing.client_span(op, peer_id) as (carrier, span):
@@ -194,6 +209,19 @@ class PeerClient:
             return None
         try:
             return entry_from_wire(data)
+        except ValueError:
+            raise PeerError("%s answered a malformed entry" % (peer.node_id,))
+
+    async def get_many(self, peer, keys: Sequence[str]) -> List[Optional[Entry]]:
+        """
+        The newest entry ``peer`` holds for each key, tombstones included.
+        """
+        answer = await self._call(peer.address, peer.port, peer.node_id, "get", {"keys": list(keys)}, read=True)
+        items = answer.get("entries") if isinstance(answer, dict) else None
+        if not isinstance(items, list) or len(items) != len(keys):
+            raise PeerError("%s answered a malformed batch" % (peer.node_id,))
+        try:
+            return [None if item is None else entry_from_wire(item) for item in items]
         except ValueError:
             raise PeerError("%s answered a malformed entry" % (peer.node_id,))
 

@@ -17,6 +17,7 @@ from twisted.python import usage
 from twisted.python.log import ILogObserver, textFromEventDict
 
 from . import __version__
+from .log import DEBUG
 from .settings import OPTIONS, SettingsError, load_settings
 
 
@@ -48,15 +49,24 @@ class Options(usage.Options):
         return values
 
 
-def twisted_to_eliot(event: dict) -> None:
+class TwistedToEliot:
     """
     A legacy Twisted log observer that sends Twisted's own log lines through Eliot, so stdout stays pure
-    JSON lines that ``eliot-tree`` can read.
+    JSON lines that ``eliot-tree`` can read. Twisted's chatter (a line for every factory started or stopped,
+    one per peer connection) only passes at debug; its errors always do.
     """
-    text = textFromEventDict(event)
-    if text is None:
-        return
-    Message.log(message_type="twisted:log", message=text, error=bool(event.get("isError")))
+
+    def __init__(self, policy=None) -> None:
+        self.policy = policy
+
+    def __call__(self, event: dict) -> None:
+        error = bool(event.get("isError"))
+        if not error and self.policy is not None and not self.policy.enabled("service", DEBUG):
+            return
+        text = textFromEventDict(event)
+        if text is None:
+            return
+        Message.log(message_type="twisted:log", message=text, error=error)
 
 
 class KVResponderService(MultiService):
@@ -79,7 +89,7 @@ class KVResponderService(MultiService):
         # twistd builds the Application around us; give it our log observer so Twisted's lines are JSON.
         MultiService.setServiceParent(self, parent)
         if hasattr(parent, "setComponent"):
-            parent.setComponent(ILogObserver, twisted_to_eliot)
+            parent.setComponent(ILogObserver, TwistedToEliot(self.node.log_policy))
 
     def startService(self):
         MultiService.startService(self)

@@ -466,43 +466,43 @@ class PublicAPI:
         return self._bulk(get_keys, writes, delete_keys)
 
     async def _bulk(self, get_keys, writes, delete_keys):
-        from ..coordinator import _gather
+        """
+        Reads, writes and deletes, each kind in one call per node (reads first, then writes, then
+        deletes; a read does not see a write of the same request).
+        """
         coordinator = self._node.coordinator
         metrics = self._node.metrics
+        found = await coordinator.read_many(get_keys) if get_keys else []
+        written = await coordinator.put_many(writes) if writes else []
+        deleted = await coordinator.delete_many(delete_keys) if delete_keys else []
 
-        async def one_get(key):
-            try:
-                entry = await coordinator.get(key)
-            except Unavailable:
-                return b'{"error":"unavailable"}'
-            metrics.cache("get", "hit" if entry is not None else "miss")
-            return b"null" if entry is None else entry_json(entry)
-
-        async def one_put(key, value, ttl):
-            try:
-                result = await coordinator.put(key, value, ttl)
-            except Unavailable as error:
-                return {"key": key, "status": 503, "error": str(error)}
+        gets = []
+        for key, entry in zip(get_keys, found):
+            if isinstance(entry, Unavailable):
+                body = b'{"error":"unavailable"}'
+            else:
+                metrics.cache("get", "hit" if entry is not None else "miss")
+                # Stored values are spliced in as stored, never parsed again.
+                body = b"null" if entry is None else entry_json(entry)
+            gets.append(json_bytes(key) + b":" + body)
+        puts = []
+        for (key, _, _), result in zip(writes, written):
+            if isinstance(result, Unavailable):
+                puts.append({"key": key, "status": 503, "error": str(result)})
+                continue
             metrics.cache("put", "created" if result.created else "replaced")
-            return {"key": key, "status": 201 if result.created else 200,
-                    "version": format_version(result.entry.version)}
-
-        async def one_delete(key):
-            try:
-                result = await coordinator.delete(key)
-            except Unavailable as error:
-                return {"key": key, "status": 503, "error": str(error)}
-            metrics.cache("delete", "deleted" if result.existed else "miss")
-            return {"key": key, "status": 200 if result.existed else 404}
-
-        got = await _gather([one_get(key) for key in get_keys])
-        put = await _gather([one_put(*write) for write in writes])
-        deleted = await _gather([one_delete(key) for key in delete_keys])
-        # Stored values are spliced in as stored, never parsed again.
-        found = b",".join(json_bytes(key) + b":" + (body or b'{"error":"internal"}')
-                          for key, body in zip(get_keys, got))
-        return b"".join([b'{"get":{', found, b'},"put":', json_bytes(put), b',"delete":', json_bytes(deleted),
-                         b"}"])
+            puts.append({"key": key, "status": 201 if result.created else 200,
+                         "version": format_version(result.entry.version)})
+        deletes = []
+        for key, result in zip(delete_keys, deleted):
+            if isinstance(result, Unavailable):
+                deletes.append({"key": key, "status": 503, "error": str(result)})
+                continue
+            existed = result.created is False
+            metrics.cache("delete", "deleted" if existed else "miss")
+            deletes.append({"key": key, "status": 200 if existed else 404})
+        return b"".join([b'{"get":{', b",".join(gets), b'},"put":', json_bytes(puts), b',"delete":',
+                         json_bytes(deletes), b"}"])
 
 
 handle_routing_errors(PublicAPI.app)

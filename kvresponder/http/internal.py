@@ -116,10 +116,18 @@ class InternalAPI:
 
     @internal_route(app, "/get")
     def get(self, body):
+        store = self._node.store
+        if "keys" in body:
+            keys = body["keys"]
+            if not isinstance(keys, list) or len(keys) > MAX_SYNC_KEYS or \
+                    not all(isinstance(key, str) for key in keys):
+                raise bad_request("invalid_key", "keys must be a list of strings")
+            entries = [store.current(key) for key in keys]
+            return {"entries": [None if entry is None else entry_to_wire(entry) for entry in entries]}
         key = body.get("key")
         if not isinstance(key, str):
             raise bad_request("invalid_key", "key must be a string")
-        entry = self._node.store.current(key)
+        entry = store.current(key)
         return {"entry": None if entry is None else entry_to_wire(entry)}
 
     @internal_route(app, "/keys")

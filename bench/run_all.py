@@ -1,0 +1,123 @@
+"""
+Runs every scenario on both interpreters, writes bench/results/<scenario>.<interpreter>.json and
+bench/results/summary.json, and prints a table (and, with --plot, draws docs/performance.png).
+
+    python3 bench/run_all.py [--duration 10] [--interpreters cpython,pypy] [--scenarios get_hit,put,...]
+                             [--memory-keys 1000000] [--rebalance-keys 100000] [--soak 120] [--plot]
+
+Each scenario runs as its own process (python3 bench/<scenario>.py ...), one after the other.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import benchlib as b
+
+SINGLE = ["get_hit", "get_miss", "put", "mix", "bulk_get", "bulk_put"]
+CLUSTER = ["cluster_put", "cluster_mix_one", "cluster_mix_spread"]
+OTHER = ["latency", "memory", "rebalance"]
+ALL = SINGLE + CLUSTER + OTHER
+
+
+def run(scenario: str, interpreter: str, args) -> dict:
+    command = [sys.executable, os.path.join(b.BENCH, scenario + ".py"), "--interpreter", interpreter,
+               "--warmup", str(args.warmup)]
+    if scenario == "soak":
+        command += ["--duration", str(args.soak)]
+    else:
+        command += ["--duration", str(args.duration)]
+    if scenario == "memory":
+        command += ["--keys", str(args.memory_keys)]
+    if scenario == "rebalance":
+        command += ["--keys", str(args.rebalance_keys)]
+    print("run_all: %s" % (" ".join(command[1:]),), file=sys.stderr, flush=True)
+    began = time.monotonic()
+    completed = subprocess.run(command, stdout=subprocess.DEVNULL, cwd=b.REPO)
+    path = os.path.join(b.RESULTS, "%s.%s.json" % (scenario, interpreter))
+    if not os.path.exists(path) or os.path.getmtime(path) < time.time() - (time.monotonic() - began) - 1:
+        return {"scenario": scenario, "interpreter": interpreter, "failed": completed.returncode}
+    with open(path) as f:
+        result = json.load(f)
+    if completed.returncode:
+        result["exit_code"] = completed.returncode
+    return result
+
+
+def mb(n):
+    return "%.0f" % (n / 2 ** 20) if n else "-"
+
+
+def table(results) -> str:
+    rows = ["%-19s %-7s %9s %8s %8s %8s %7s %8s %9s %7s" % (
+        "scenario", "interp", "req/s", "p50 ms", "p99 ms", "p99.9", "errors", "RSS MB", "node r/s", "x node")]
+    for r in results:
+        if "results" not in r:
+            rows.append("%-19s %-7s FAILED (exit %s)" % (r["scenario"], r["interpreter"], r.get("failed")))
+            continue
+        ours = r["results"]["kvresponder"]
+        node = r["results"].get("node")
+        if r["scenario"] == "memory":
+            rows.append("%-19s %-7s %d keys: %.0f B RSS/key, %.0f B overhead/key beyond %d B payload%s" % (
+                r["scenario"], r["interpreter"], ours["keys"], ours["rss_per_key_bytes"],
+                ours["overhead_per_key_bytes"], ours["payload_bytes_per_key"],
+                " (node: %.0f B overhead)" % (node["overhead_per_key_bytes"],) if node else ""))
+            continue
+        if r["scenario"] == "rebalance":
+            rows.append("%-19s %-7s %d keys: joiner ready %.1f s, settled %.1f s with %d keys (share ~%d)" % (
+                r["scenario"], r["interpreter"], ours["keys"], ours["ready_s"], ours["settled_s"],
+                ours["joiner_keys"], ours["joiner_expected_share"]))
+            continue
+        rows.append("%-19s %-7s %9.0f %8.2f %8.2f %8.2f %7d %8s %9s %7s" % (
+            r["scenario"], r["interpreter"], ours["rps"], ours["p50_ms"], ours["p99_ms"], ours["p999_ms"],
+            ours["errors"], mb(ours.get("peak_rss_bytes")), "%.0f" % node["rps"] if node else "-",
+            "%.2f" % r["ratio_to_node"]["rps"] if node else "-"))
+        if r["scenario"] == "latency":
+            rows.append("%-19s %-7s  (paced to %.0f of saturating %.0f req/s; -c4: %.0f req/s p99 %.2f ms)" % (
+                "", "", ours["target_rps"], ours["saturated"]["rps"], ours["c4"]["rps"], ours["c4"]["p99_ms"]))
+        if r["scenario"] == "soak":
+            rows.append("%-19s %-7s  soak %s %s" % ("", "", r["verdict"], "; ".join(r["failures"])))
+    return "\n".join(rows)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--warmup", type=float, default=5.0)
+    p.add_argument("--interpreters", default="cpython,pypy")
+    p.add_argument("--scenarios", default=",".join(ALL), help="comma-separated (soak is added by --soak)")
+    p.add_argument("--memory-keys", type=int, default=1000000)
+    p.add_argument("--rebalance-keys", type=int, default=100000)
+    p.add_argument("--soak", type=float, default=0, help="also run the soak for this many seconds")
+    p.add_argument("--plot", action="store_true", help="draw docs/performance.png afterwards")
+    p.add_argument("--table-only", action="store_true", help="print the table of the existing results")
+    args = p.parse_args()
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    if args.soak:
+        scenarios.append("soak")
+    interpreters = args.interpreters.split(",")
+    results = []
+    for scenario in scenarios:
+        for interpreter in interpreters:
+            if args.table_only:
+                path = os.path.join(b.RESULTS, "%s.%s.json" % (scenario, interpreter))
+                if os.path.exists(path):
+                    with open(path) as f:
+                        results.append(json.load(f))
+                continue
+            results.append(run(scenario, interpreter, args))
+    summary = {"machine": b.machine(), "results": results}
+    if not args.table_only:
+        with open(os.path.join(b.RESULTS, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, sort_keys=True)
+    print(table(results))
+    if args.plot:
+        subprocess.run([sys.executable, os.path.join(b.BENCH, "plot.py")], check=False)
+    return 1 if any("results" not in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

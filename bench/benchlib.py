@@ -425,6 +425,7 @@ def finish(scenario: str, args, python: str, data: dict) -> dict:
         "machine": machine(),
         # Other work on the machine skews the numbers: the 1-minute load average as the run ended.
         "loadavg_end": loadavg(),
+        "git_head": git_head(),
     }
     result.update(data)
     os.makedirs(RESULTS, exist_ok=True)
@@ -435,6 +436,15 @@ def finish(scenario: str, args, python: str, data: dict) -> dict:
     print(json.dumps(result, indent=2, sort_keys=True))
     print("bench: wrote %s" % (os.path.relpath(path),), file=sys.stderr)
     return result
+
+
+def git_head() -> Optional[str]:
+    """The commit the work tree was at (uncommitted changes, if any, are not recorded)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def loadavg() -> Optional[float]:

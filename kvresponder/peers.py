@@ -25,7 +25,7 @@ from .hlc import Version, version_from_wire
 from .log import DEBUG
 from .log.replication import PEER_CALL, PEER_READ
 from .store import ApplyResult, Entry
-from .wire import entry_from_wire, entry_to_wire
+from .wire import BATCH_TYPE, encode_batch, entry_from_wire
 
 AUTH_HEADER = b"X-KV-Auth"
 TASK_HEADER = b"X-Eliot-Task-Id"
@@ -134,7 +134,10 @@ class PeerClient:
     async def _traced_call(self, address, port, peer_id, op, payload, read, timeout, trace_headers):
         path = ("/%s/_internal/%s" % (self._tenant, op)).encode("ascii")
         url = "http://%s:%d%s" % (address, port, path.decode("ascii"))
-        body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
+        if isinstance(payload, bytes):
+            body, content_type = payload, BATCH_TYPE
+        else:
+            body, content_type = json.dumps(payload, separators=(",", ":")).encode("utf-8"), b"application/json"
         started = self._clock.seconds()
         if read and self._log is not None and not self._log.enabled("replication", DEBUG):
             # A read at info level: no action to build, and no task for the peer to continue.
@@ -144,7 +147,7 @@ class PeerClient:
         with context as action:
             try:
                 for attempt in (1, 2):
-                    headers = {b"Content-Type": [b"application/json"]}
+                    headers = {b"Content-Type": [content_type]}
                     if action is not None and current_action() is not None:
                         # A fresh task id for each attempt, so that each shows up as its own subtree.
                         headers[TASK_HEADER] = [action.serialize_task_id()]
@@ -192,8 +195,8 @@ class PeerClient:
         Store entries on ``peer``; each result says whether it was newer there and whether a live value
         was replaced.
         """
-        answer = await self._call(peer.address, peer.port, peer.node_id, "apply",
-                                  {"entries": [entry_to_wire(entry) for entry in entries]}, timeout=timeout)
+        answer = await self._call(peer.address, peer.port, peer.node_id, "apply", encode_batch(entries),
+                                  timeout=timeout)
         results = answer.get("results") if isinstance(answer, dict) else None
         if not isinstance(results, list) or len(results) != len(entries):
             raise PeerError("%s answered a malformed apply result" % (peer.node_id,))

@@ -36,13 +36,26 @@ BUCKETS = 256
 CHUNK = 2000
 
 
+_MASK = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def key_hash(key: str) -> int:
+    return int.from_bytes(blake2b(key.encode("utf-8"), digest_size=8).digest(), "big")
+
+
 def bucket_of(key: str) -> int:
-    return blake2b(key.encode("utf-8"), digest_size=2).digest()[0] % BUCKETS
+    return key_hash(key) % BUCKETS
 
 
-def entry_digest(key: str, version: Version) -> int:
-    material = ("%s\x00%d.%d.%s" % (key, version[0], version[1], version[2])).encode("utf-8")
-    return int.from_bytes(blake2b(material, digest_size=8).digest(), "big")
+def entry_digest(hashed_key: int, version: Version) -> int:
+    """
+    A 64-bit digest of one (key, version), cheap enough for every entry of every pass: the key's hash mixed
+    with the version's wall time and counter. (Two versions differing only in node id never exist: a node's
+    clock never issues the same wall time and counter twice, and two nodes' writes differ in wall time or
+    counter except by rare coincidence, which the next write or the key-level exchange then settles.)
+    """
+    return hashed_key ^ ((((version[0] << 20) ^ version[1]) * _GOLDEN) & _MASK)
 
 
 class Digest:
@@ -55,9 +68,10 @@ class Digest:
         self.hashes: Dict[int, int] = {}
 
     def add(self, key: str, version: Version) -> None:
-        bucket = bucket_of(key)
+        hashed = key_hash(key)
+        bucket = hashed % BUCKETS
         self.buckets.setdefault(bucket, {})[key] = version
-        self.hashes[bucket] = self.hashes.get(bucket, 0) ^ entry_digest(key, version)
+        self.hashes[bucket] = self.hashes.get(bucket, 0) ^ entry_digest(hashed, version)
 
     def wire(self) -> Dict[int, str]:
         return {bucket: "%016x" % (value,) for bucket, value in self.hashes.items()}
@@ -93,6 +107,9 @@ class Rebalancer:
         self._again: Optional[Tuple[str, List[Deferred]]] = None
         self._scheduled = None
         self.leaving = False
+        self._digest_cache: Tuple[Optional[HashRing], int, Dict[str, Dict[int, str]]] = (None, 0, {})
+        self._running_ring: Optional[HashRing] = None
+        self._current_waiters: List[Deferred] = []
 
     # -- scheduling -----------------------------------------------------------------------------------
 
@@ -113,6 +130,9 @@ class Rebalancer:
             has finished. It never fails.
         """
         waiter: Deferred = Deferred()
+        if self._scheduled is not None and self._scheduled.active():
+            # This pass does what the debounced one would have.
+            self._scheduled.cancel()
         if self._running is not None:
             if self._again is None:
                 self._again = (reason, [])
@@ -121,7 +141,21 @@ class Rebalancer:
             self._start(reason, [waiter])
         return waiter
 
+    def share_for(self, node_id: str) -> Deferred:
+        """
+        Answer a joining node's request for its share: a pass over a ring that includes it. The pass under
+        way serves if its ring already counts the joiner; otherwise a new one runs.
+        """
+        running_ring = self._running_ring
+        if self._running is not None and running_ring is not None and node_id in running_ring:
+            waiter: Deferred = Deferred()
+            self._current_waiters.append(waiter)
+            return waiter
+        return self.run_pass("join:%s" % (node_id,))
+
     def _start(self, reason: str, waiters: List[Deferred]) -> None:
+        self._running_ring = None
+        self._current_waiters = waiters
         self._running = ensureDeferred(self._pass(reason))
 
         def done(result):
@@ -142,7 +176,7 @@ class Rebalancer:
 
     async def _pass(self, reason: str) -> dict:
         with SCAN(reason=reason) as action:
-            ring = self._ring()
+            ring = self._running_ring = self._ring()
             leaving = self.leaving
             if leaving and self.node_id in ring:
                 ring = HashRing(ring.nodes - {self.node_id}, vnodes=ring.vnodes, probes=ring.probes)
@@ -163,6 +197,10 @@ class Rebalancer:
                     handoff.append((entry, owners))
             handed_off = await self._hand_off(handoff)
             sync_reason = "anti-entropy" if reason == "anti-entropy" else "re-replication"
+            # Peers compare their digests with ours; keep just the bucket hashes (256 numbers a peer) so a
+            # peer's sync request does not cost another walk over the store.
+            self._digest_cache = (ring, self.store.changes,
+                                  {node: digest.wire() for node, digest in digests.items()})
             repaired = sum(await _gather([self._sync(node, digest, sync_reason)
                                           for node, digest in sorted(digests.items())]))
             self.pending = len(handoff) - handed_off
@@ -265,11 +303,17 @@ class Rebalancer:
 
     # -- the peer's side of anti-entropy ---------------------------------------------------------------
 
-    async def shared_digest(self, sender: str) -> Digest:
+    async def shared_digest(self, sender: str) -> Dict[int, str]:
         """
-        The digest of the entries this node holds that it and ``sender`` both own.
+        The bucket hashes of the entries this node holds that it and ``sender`` both own: from the last
+        pass if the ring has not changed since (a write since then only makes a bucket differ, which the
+        key-level exchange settles), else from a fresh walk over the store.
         """
         ring = self._ring()
+        cached_ring, changes, hashes = self._digest_cache
+        if cached_ring is ring and not self.leaving and \
+                self.store.changes - changes <= max(1000, len(self.store) // 20):
+            return hashes.get(sender, {})
         digest = Digest()
         for index, entry in enumerate(self.store.entries()):
             if index and index % CHUNK == 0:
@@ -277,7 +321,7 @@ class Rebalancer:
             owners = ring.preference_list(entry.key, self.replicas)
             if sender in owners and self.node_id in owners:
                 digest.add(entry.key, entry.version)
-        return digest
+        return digest.wire()
 
     def wanted(self, versions: Dict[str, Version]) -> List[str]:
         """

@@ -107,6 +107,8 @@ class Store:
         self.bytes = 0
         self.evictions = 0
         self.expirations = 0
+        #: Counts every change to the stored entries, so that summaries of them can tell they are stale.
+        self.changes = 0
 
     # -- reads ----------------------------------------------------------------------------------------
 
@@ -209,6 +211,7 @@ class Store:
         if newest is not None and entry.version <= newest:
             return ApplyResult(False, had_live)
 
+        self.changes += 1
         if existing is not None:
             self._drop_live(key, existing)
         else:
@@ -238,6 +241,7 @@ class Store:
         existing = self._live.get(key)
         if existing is not None and existing.version == version:
             self._drop_live(key, existing)
+            self.changes += 1
             return True
         tomb = self._tombstones.get(key)
         if tomb is not None and tomb[0].version == version:

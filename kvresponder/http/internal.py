@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from ..hlc import version_from_wire
 from ..peers import AUTH_HEADER, TASK_HEADER
 from ..store import EntryTooLarge
-from ..wire import entries_from_wire, entry_to_wire
+from ..wire import BATCH_TYPE, decode_batch, entries_from_wire, entry_to_wire
 from .api import _failure_body, _render_value, handle_routing_errors
 from .errors import APIError, bad_request, write_error
 
@@ -53,6 +53,8 @@ def internal_route(app: Klein, path: str):
 
 
 def _parse(request):
+    if request.getHeader(b"content-type") == BATCH_TYPE:
+        return {"batch": request.content.read()}
     try:
         body = json.loads(request.content.read())
     except (ValueError, RecursionError):
@@ -102,7 +104,10 @@ class InternalAPI:
 
     @internal_route(app, "/apply")
     def apply(self, body):
-        entries = entries_from_wire(body.get("entries"))
+        if "batch" in body:
+            entries = decode_batch(body["batch"])
+        else:
+            entries = entries_from_wire(body.get("entries"))
         coordinator = self._node.coordinator
         try:
             if len(entries) == 1:
@@ -145,7 +150,7 @@ class InternalAPI:
             raise bad_request("invalid_body", "from and buckets are required")
 
         async def compare():
-            ours = (await self._node.rebalancer.shared_digest(sender)).wire()
+            ours = await self._node.rebalancer.shared_digest(sender)
             return {"differ": sorted(int(bucket) for bucket, value in theirs.items()
                                      if ours.get(int(bucket)) != value)}
         return compare()
@@ -163,7 +168,7 @@ class InternalAPI:
         sender = body.get("from")
         if not isinstance(sender, str):
             raise bad_request("invalid_body", "from is required")
-        return self._node.rebalancer.run_pass("join:%s" % (sender,)[:80])
+        return self._node.rebalancer.share_for(sender[:80])
 
 
 handle_routing_errors(InternalAPI.app)

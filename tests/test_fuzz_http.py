@@ -683,10 +683,6 @@ def test_named_hostile_requests(name, eliot_tracebacks):
         assert 400 <= response.status < 500, (response.status, response.body[:300])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bulk splices one member per requested key, so a key named twice gives a JSON object with a duplicate "
-    "name: kvresponder/http/api.py PublicAPI._bulk (the `found` join); deduplicate get_keys first, e.g. "
-    "get_keys = list(dict.fromkeys(get_keys)) in bulk()"))
 def test_bulk_get_of_a_repeated_key_answers_it_once():
     """
     If bulk asks for the same key twice, then the answer is JSON with one member for it (RFC 8259: names
@@ -700,14 +696,6 @@ def test_bulk_get_of_a_repeated_key_answers_it_once():
     assert [name for name, _ in get] == ["a"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a path below the tenant, outside kv, that is not UTF-8 once percent-decoded (GET /t1/%FF, "
-    "/t1/health/%FF, /t1/_internal/%FF) reaches Klein, which answers 400 text/html 'Non-UTF-8 encoding in "
-    "URL.' and log.err()s a UnicodeDecodeError traceback for each request (klein/_resource.py "
-    "extractURLparts). Fix in kvresponder/http/root.py TenantResource.getChildWithDefault: before handing "
-    "the request to the Klein resources (public and _internal), try b'/'.join(request.postpath)"
-    ".decode('utf-8') and on UnicodeDecodeError return a leaf that answers "
-    "write_error(request, bad_request('invalid_path', 'The path is not valid UTF-8.'))"))
 @pytest.mark.parametrize("target", [b"/t1/%FF", b"/t1/health/%FF", b"/t1/admin/%C3", b"/t1/_internal/%FF"])
 def test_non_utf8_path_outside_kv_is_a_json_400(target, eliot_tracebacks):
     node = node_for("defaults")
@@ -717,15 +705,6 @@ def test_non_utf8_path_outside_kv_is_a_json_400(target, eliot_tracebacks):
     assert set(json.loads(response.body)) == {"error", "message"}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a Host header whose name is not a valid IDNA host name (a label over 63 characters, an empty label: "
-    "'x'*64, 'a..b', '.') makes every Klein route (health, peers, metrics, diag, admin, bulk, _internal) "
-    "answer 500 internal_error and log a traceback: werkzeug's Map.bind raises BadHost from "
-    "klein/_resource.py render, outside Klein's error handlers. Any client can trigger it. Fix in "
-    "kvresponder/http/site.py KVRequest: override getRequestHostname() to return the Host name only when "
-    "name.decode('utf-8').encode('idna') succeeds and otherwise a fixed valid name (e.g. b'invalid'), "
-    "since no route depends on the host; or answer such requests with a JSON 400 in "
-    "TenantResource.getChildWithDefault"))
 @pytest.mark.parametrize("host", [b"x" * 64, b"a..b", b"."])
 @pytest.mark.parametrize("target", [b"/t1/health", b"/t1/peers"])
 def test_invalid_host_header_is_not_a_server_error(host, target, eliot_tracebacks):
@@ -736,15 +715,6 @@ def test_invalid_host_header_is_not_a_server_error(host, target, eliot_traceback
     assert not eliot_tracebacks
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a doubled slash in a Klein route's path (GET /t1/health//, GET or PUT /t1/admin//log-levels, POST "
-    "/t1/bulk//) answers '308 Permanent Redirect' with no Location header and the body "
-    "{\"error\": \"bad_request\", \"message\": \"http://<client's Host>:<port>/t1/health/\"}: werkzeug's "
-    "Map (merge_slashes=True) raises RequestRedirect, and kvresponder/http/api.py handle_routing_errors "
-    "(the else branch, line ~343) turns any HTTPException into APIError(error.code, 'bad_request', "
-    "error.description). Fix: set app.url_map.merge_slashes = False for PublicAPI.app and InternalAPI.app "
-    "(such paths then 404), and let the else branch never answer outside 4xx (e.g. 404 not_found for a "
-    "RequestRedirect, 400 otherwise)"))
 @pytest.mark.parametrize("method, target", [(b"GET", b"/t1/health//"), (b"GET", b"/t1/admin//log-levels"),
                                             (b"POST", b"/t1/bulk//")])
 def test_doubled_slash_in_a_route_is_a_json_4xx_not_a_redirect(method, target):
@@ -765,7 +735,7 @@ FRAMING = {
     "raw-non-ascii-path": b"GET /t1/kv/\xff HTTP/1.1\r\nHost: x\r\n\r\n",
     "star-target": b"GET * HTTP/1.1\r\nHost: x\r\n\r\n",
     "multipart-post-not-multipart": b"POST /t1/bulk HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
-                                    b"boundary=b\r\nContent-Length: 11\r\n\r\n{\"get\":[]}",
+                                    b"boundary=b\r\nContent-Length: 10\r\n\r\n{\"get\":[]}",
 }
 
 
@@ -783,16 +753,6 @@ def test_malformed_http_is_refused_without_a_crash(name, eliot_tracebacks):
     assert not eliot_tracebacks, eliot_tracebacks[:1]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "requests Twisted's HTTP parser refuses (bad header line, bad Content-Length, bad chunk, unknown HTTP "
-    "version, >500 headers, raw non-ASCII target, and a well-formed POST with Content-Type "
-    "multipart/form-data whose body is not multipart, which Twisted parses before any resource runs) get "
-    "Twisted's bare 'HTTP/1.1 400 Bad Request' with no body, and 'GET *' a bare 405, instead of the JSON "
-    "error every client is promised "
-    "(kvresponder/http/errors.py). Fix in kvresponder/http/site.py: override "
-    "HTTPChannel._respondToBadRequestAndDisconnect in _CountedChannel to write 400 with Content-Type "
-    "application/json, Content-Length, Connection: close and error_body('bad_request', ...); and "
-    "KVRequest._handleStar to answer through write_error (OPTIONS * 200 may stay)"))
 @pytest.mark.parametrize("name", sorted(FRAMING))
 def test_malformed_http_is_refused_with_a_json_error(name):
     node = node_for("defaults")

@@ -330,8 +330,10 @@ def _render_value(request, result) -> bytes:
 
 def handle_routing_errors(app: Klein) -> None:
     """
-    Klein's routing failures (no route, wrong method) as JSON errors.
+    Klein's routing failures (no route, wrong method) as JSON errors. Paths are taken as they are: no
+    slash merging, whose redirects would point clients at a host name they sent.
     """
+    app.url_map.merge_slashes = False
     @app.handle_errors(HTTPException)
     def routing_error(self, request, failure):
         error = failure.value
@@ -340,7 +342,8 @@ def handle_routing_errors(app: Klein) -> None:
         elif isinstance(error, NotFound):
             api_error = not_found("No such route under /%s/." % (self._node.settings.tenant,))
         else:
-            api_error = APIError(error.code or 400, "bad_request", error.description or "Bad request.")
+            # Anything else the router raises (a redirect, a bad request) is not a route of ours.
+            api_error = not_found("No such route under /%s/." % (self._node.settings.tenant,))
         request.route = "unmatched"
         return write_error(request, api_error)
 
@@ -449,7 +452,8 @@ class PublicAPI:
             raise bad_request("too_many_operations", "A bulk request holds at most %d operations."
                               % (MAX_BULK_OPERATIONS,))
         limit = self._node.settings.max_key_bytes
-        get_keys = [validate_key(key, limit) for key in gets]
+        # Each key once: the answer maps keys to values, and a JSON object names each member once.
+        get_keys = list(dict.fromkeys(validate_key(key, limit) for key in gets))
         delete_keys = [validate_key(key, limit) for key in deletes]
         writes = []
         store = self._node.coordinator.store

@@ -13,7 +13,7 @@ The resource tree: ``/<tenant>/`` and nothing else.
 from twisted.web.resource import Resource
 
 from .api import KVResource, PublicAPI
-from .errors import not_found, write_error
+from .errors import bad_request, not_found, write_error
 from .internal import InternalAPI
 
 
@@ -26,6 +26,13 @@ class _NotFound(Resource):
 
     def render(self, request):
         return write_error(request, not_found(self._message))
+
+
+class _BadPath(Resource):
+    isLeaf = True
+
+    def render(self, request):
+        return write_error(request, bad_request("invalid_path", "The path is not valid UTF-8."))
 
 
 class TenantResource(Resource):
@@ -42,6 +49,12 @@ class TenantResource(Resource):
     def getChildWithDefault(self, path: bytes, request):
         if path == b"kv":
             return self._kv
+        try:
+            path.decode("utf-8")
+            for segment in request.postpath:
+                segment.decode("utf-8")
+        except UnicodeDecodeError:
+            return _BadPath()
         if path == b"_internal":
             return self._internal
         # Klein routes on the path below the tenant: give it this segment back.

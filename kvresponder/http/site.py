@@ -48,6 +48,9 @@ class KVRequest(Request):
     """
 
     route = "unmatched"
+    # The API speaks JSON only: a form POST gets a 415 from the route, not Twisted's parsing (and its bare
+    # 400 when the form is malformed).
+    _parsePOSTFormSubmission = False
     _too_large = False
     _received = 0
     _started: Optional[float] = None
@@ -153,6 +156,28 @@ class KVRequest(Request):
             action.add_success_fields(status=self.code, duration_ms=round(elapsed * 1000, 3))
             action.finish()
 
+    def getRequestHostname(self) -> bytes:
+        """
+        The Host name, or ``localhost`` when it is not a valid host name: no route depends on it, and
+        the router (werkzeug, under Klein) fails hard on names it cannot encode.
+        """
+        name = Request.getRequestHostname(self)
+        try:
+            name.decode("utf-8").encode("idna")
+        except UnicodeError:
+            return b"localhost"
+        return name
+
+    def _handleStar(self) -> None:
+        if self.method == b"OPTIONS":
+            Request._handleStar(self)
+            return
+        body = write_error(self, APIError(405, "method_not_allowed", "The * target takes OPTIONS only.",
+                                          {b"Allow": b"OPTIONS"}))
+        self.setHeader(b"Content-Length", b"%d" % (len(body),))
+        self.write(body)
+        self.finish()
+
     def processingFailed(self, reason):
         """
         Any exception that escaped a resource: log it with its traceback, and tell the client only that it
@@ -204,6 +229,14 @@ class _CountedChannel(HTTPChannel):
     def allContentReceived(self):
         self._cancel_deadline()
         HTTPChannel.allContentReceived(self)
+
+    def _respondToBadRequestAndDisconnect(self):
+        # Twisted's own parser refused the bytes (a bad header line, a bad Content-Length or chunk, ...):
+        # answer in the API's error format rather than with a bare status line.
+        body = error_body("bad_request", "The request is not well-formed HTTP/1.1.")
+        self.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+                             b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        self.loseConnection()
 
     def _too_slow(self):
         self._deadline = None

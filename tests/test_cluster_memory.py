@@ -252,3 +252,20 @@ def test_a_sync_request_answers_only_after_the_pass(cluster):
     assert code == 200, body
     assert set(json.loads(body)) == {"handed_off", "repaired", "pending"}
     assert node.rebalancer.passes == passes + 1
+
+
+def test_an_explicit_quorum_is_strict_even_for_a_node_alone():
+    """
+    If WRITE_QUORUM is set explicitly above 1 and the node is alone in its ring, then writes answer 503
+    rather than being acknowledged with one copy.
+    """
+    cluster = MemoryCluster(1, write_quorum=2)
+    cluster.run(seconds=1)
+    code, body = put(cluster, cluster.nodes[0], "k", 1)
+    assert code == 503
+
+
+def test_the_default_quorum_lets_a_lone_node_acknowledge():
+    cluster = MemoryCluster(1)
+    cluster.run(seconds=1)
+    assert put(cluster, cluster.nodes[0], "k", 1)[0] == 201

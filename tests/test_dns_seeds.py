@@ -1,0 +1,79 @@
+"""
+DNS seeds on a network that drops multicast: three real nodes in their own namespaces, with every multicast
+datagram dropped by iptables, find each other through the A records of one name (as a headless Service
+gives them), and replicate.
+
+``ip netns exec`` bind-mounts ``/etc/netns/<namespace>/hosts`` over ``/etc/hosts``, so each namespace
+resolves the seed name to every node's address through the system resolver, as cluster DNS would.
+"""
+
+import os
+import shutil
+import tempfile
+
+import pytest
+
+from .conftest import require_tool
+from .netns import Network, NetnsUnavailable, session, wait_until
+
+pytestmark = pytest.mark.netns
+
+SEEDS = "kv-seeds.test"
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def network():
+    if os.geteuid() != 0:
+        _unavailable("the DNS seed test builds network namespaces and needs root")
+    require_tool("ip")
+    require_tool("iptables")
+    log_dir = tempfile.mkdtemp(prefix="kvdns-")
+    net = Network(log_dir)
+    written = []
+    try:
+        try:
+            net.open()
+        except (NetnsUnavailable, RuntimeError) as error:
+            _unavailable("cannot build network namespaces here: %s" % (error,))
+        yield net, written
+    finally:
+        net.close()
+        for path in written:
+            shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(log_dir, ignore_errors=True)
+        assert net.leftovers() == []
+
+
+def test_dns_seeds_form_the_cluster_when_multicast_is_dropped(network):
+    net, written = network
+    hosts = [net.host(index) for index in (31, 32, 33)]
+    records = "".join("%s %s\n" % (host.address, SEEDS) for host in hosts)
+    for host in hosts:
+        directory = os.path.join("/etc/netns", host.ns)
+        os.makedirs(directory, exist_ok=True)
+        written.append(directory)
+        with open(os.path.join(directory, "hosts"), "w") as hosts_file:
+            hosts_file.write("127.0.0.1 localhost\n" + records)
+        for chain, direction in (("INPUT", "-d"), ("OUTPUT", "-d")):
+            host.run(["iptables", "-A", chain, direction, "224.0.0.0/4", "-j", "DROP"])
+    env = {"DISCOVERY_MODE": "both", "DISCOVERY_DNS": SEEDS}
+    nodes = [net.node(host.index, "dns%d" % (host.index,), env=env).start() for host in hosts]
+    for node in nodes:
+        node.wait_ready()
+    wait_until(lambda: all(len(node.peers()) == 2 for node in nodes), 20, "every node to see two peers")
+    assert all(node.metric("kv_ring_members") == 3 for node in nodes)
+
+    client = session()
+    for i in range(30):
+        assert client.put(nodes[0].url + "/kv/k%d" % (i,), json={"value": i}, timeout=10).status_code == 201
+    wait_until(lambda: sum(node.metric("kv_store_keys") for node in nodes) == 60, 20, "two copies of each key")
+    for i in range(30):
+        assert client.get(nodes[2].url + "/kv/k%d" % (i,), timeout=10).json()["value"] == i
+    accepted = [node.metric("kv_discovery_messages_total", result="accepted") for node in nodes]
+    assert all(count > 0 for count in accepted)

@@ -76,3 +76,45 @@ def test_a_bad_setting_stops_startup_with_one_line(args, env, option, value):
     assert option in lines[0]
     if value is not None:
         assert value in lines[0]
+
+
+def _rss_bytes(pid: int) -> int:
+    with open("/proc/%d/status" % (pid,)) as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_writing_four_times_the_budget_stays_within_it(log_dir):
+    """
+    If 4 × MAX_MEMORY worth of data is written, then kv_store_bytes never exceeds kv_store_max_bytes,
+    evictions are counted, the newest keys are still served, and the process RSS stays bounded.
+    """
+    budget = 8 * 1024 * 1024
+    node = NodeProcess("mem", "mem-1", free_udp_port(), log_dir, env={"MAX_MEMORY": str(budget)}).start()
+    try:
+        node.wait_ready()
+        session = requests.Session()
+        baseline = _rss_bytes(node.process.pid)
+        value = "v" * 1000
+        written = 0
+        batch = 0
+        while written < 4 * budget:
+            puts = [{"key": "k-%d-%d" % (batch, i), "value": value} for i in range(200)]
+            response = session.post(node.url + "/bulk", json={"put": puts}, timeout=30)
+            assert response.status_code == 200
+            written += sum(len(item["key"]) + len(value) for item in puts)
+            batch += 1
+            if batch % 20 == 0:
+                assert node.metric("kv_store_bytes") <= node.metric("kv_store_max_bytes")
+        assert node.metric("kv_store_bytes") <= node.metric("kv_store_max_bytes") == budget
+        assert node.metric("kv_evictions_total") > 0
+        assert node.get("k-%d-199" % (batch - 1,)).status_code == 200
+        assert node.get("k-0-0").status_code == 404
+        grown = _rss_bytes(node.process.pid) - baseline
+        # The accounted budget plus allocator slack and the work buffers of a bulk request, not the 32 MiB
+        # written.
+        assert grown < 3 * budget, "RSS grew by %d bytes" % (grown,)
+    finally:
+        node.kill()

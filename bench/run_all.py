@@ -83,6 +83,26 @@ def table(results) -> str:
     return "\n".join(rows)
 
 
+def markdown(results) -> str:
+    """The throughput table of docs/PERFORMANCE.md."""
+    by = {(r["scenario"], r["interpreter"]): r for r in results if "results" in r}
+    rows = ["| scenario | interpreter | req/s | p50 ms | p99 ms | p99.9 ms | errors | peak RSS MiB | Node.js req/s "
+            "| Node.js p99 ms | req/s vs Node |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for scenario in SINGLE + CLUSTER + ["latency", "soak"]:
+        for interpreter in ("cpython", "pypy"):
+            r = by.get((scenario, interpreter))
+            if not r:
+                continue
+            ours, node = r["results"]["kvresponder"], r["results"].get("node")
+            rows.append("| %s | %s | %.0f%s | %.2f | %.2f | %.2f | %d | %s | %s | %s | %s |" % (
+                scenario, interpreter, ours["rps"],
+                " (%.0f ops/s)" % (ours["ops_per_s"],) if "ops_per_s" in ours else "",
+                ours["p50_ms"], ours["p99_ms"], ours["p999_ms"], ours["errors"], mb(ours.get("peak_rss_bytes")),
+                "%.0f" % node["rps"] if node else "", "%.2f" % node["p99_ms"] if node else "",
+                "%.2f×" % r["ratio_to_node"]["rps"] if node else ""))
+    return "\n".join(rows)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--duration", type=float, default=10.0)
@@ -94,6 +114,7 @@ def main() -> int:
     p.add_argument("--soak", type=float, default=0, help="also run the soak for this many seconds")
     p.add_argument("--plot", action="store_true", help="draw docs/performance.png afterwards")
     p.add_argument("--table-only", action="store_true", help="print the table of the existing results")
+    p.add_argument("--markdown", action="store_true", help="with --table-only: a Markdown table")
     args = p.parse_args()
     scenarios = [s for s in args.scenarios.split(",") if s]
     if args.soak:
@@ -113,7 +134,7 @@ def main() -> int:
     if not args.table_only:
         with open(os.path.join(b.RESULTS, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, sort_keys=True)
-    print(table(results))
+    print(markdown(results) if args.markdown else table(results))
     if args.plot:
         subprocess.run([sys.executable, os.path.join(b.BENCH, "plot.py")], check=False)
     return 1 if any("results" not in r for r in results) else 0

@@ -169,12 +169,13 @@ class DiscoveryProtocol(DatagramProtocol):
         self.transport.setLoopbackMode(True)
         return self.transport.joinGroup(self.group, self.interface)
 
-    def announce(self, want_reply: bool = False, state: str = ALIVE) -> None:
+    def announce(self, want_reply: bool = False, state: Optional[str] = None) -> None:
         """
-        Send one heartbeat to the group and to every seed.
+        Send one heartbeat to the group and to every seed, with this node's own state (alive, or leaving
+        while it drains) unless ``state`` overrides it.
         """
         beat = self.own_heartbeat()
-        if state != beat.state:
+        if state is not None and state != beat.state:
             beat = beat._replace(state=state)
         data = self.codec.encode(beat, want_reply, self.wall())
         targets = []

@@ -109,6 +109,8 @@ class Store:
         self.expirations = 0
         #: Counts every change to the stored entries, so that summaries of them can tell they are stale.
         self.changes = 0
+        #: Bytes of entries dropped so far (replaced, deleted, evicted, expired, handed off).
+        self.released_bytes = 0
 
     # -- reads ----------------------------------------------------------------------------------------
 
@@ -286,12 +288,14 @@ class Store:
     def _drop_live(self, key: str, entry: Entry) -> None:
         del self._live[key]
         self.bytes -= entry.size
+        self.released_bytes += entry.size
         self._sorted_keys = None
 
     def _drop_tombstone(self, key: str) -> None:
         tomb = self._tombstones.pop(key, None)
         if tomb is not None:
             self.bytes -= tomb[0].size
+            self.released_bytes += tomb[0].size
 
     def _evict(self) -> None:
         if self.bytes <= self.max_bytes:
@@ -302,6 +306,7 @@ class Store:
         while self.bytes > self.max_bytes and len(live) > 1:
             key, entry = live.popitem(last=False)
             self.bytes -= entry.size
+            self.released_bytes += entry.size
             evicted += 1
         # Still over budget: the oldest tombstones go first.
         while self.bytes > self.max_bytes and self._tombstones:
@@ -309,6 +314,7 @@ class Store:
         if self.bytes > self.max_bytes and live:
             key, entry = live.popitem(last=False)
             self.bytes -= entry.size
+            self.released_bytes += entry.size
             evicted += 1
         if evicted:
             self._sorted_keys = None

@@ -149,7 +149,11 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
     pool.cachedConnectionTimeout = 60
     pool.retryAutomatically = False
     agent = Agent(reactor, pool=pool, connectTimeout=settings.peer_request_timeout)
-    node = Node(settings, reactor, HTTPClient(agent), wall=time.time, log_policy=policy, tracing=tracing)
+    import gc
+    import platform
+    collect = gc.collect if platform.python_implementation() == "PyPy" else None
+    node = Node(settings, reactor, HTTPClient(agent), wall=time.time, log_policy=policy, tracing=tracing,
+                collect=collect)
 
     site = KVSite(build_root(node, node.authenticator), reactor.seconds, tracing=tracing,
                   metrics=node.metrics, log_policy=policy, body_limit=settings.max_value_size,

@@ -496,3 +496,27 @@ def test_oversized_headers_are_refused():
     protocol.dataReceived(b"GET /t1/health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 2000 + b"\r\n\r\n")
     assert b"200 OK" not in transport.value()
     assert transport.value().startswith(b"HTTP/1.1 4") or transport.disconnecting
+
+
+def test_a_collector_runs_once_half_the_budget_has_turned_over():
+    """
+    If a collection function is given (PyPy), then it runs each time half the budget has been dropped,
+    and not before.
+    """
+    clock = Clock()
+    calls = []
+    node = Node(make_settings(max_memory="8Mi"), clock, http=None, join_settle=0.1,
+                collect=lambda: calls.append(clock.seconds()))
+    node.start()
+    from kvresponder.store import Entry
+    value = b'"' + b"v" * 100000 + b'"'
+    for i in range(30):
+        node.store.apply(Entry("k%d" % (i,), value, node.hlc.now()))
+    clock.advance(0.3)
+    assert calls == []
+    for i in range(30, 200):
+        node.store.apply(Entry("k%d" % (i,), value, node.hlc.now()))
+    clock.advance(0.3)
+    assert len(calls) == 1
+    clock.advance(1)
+    assert len(calls) == 1

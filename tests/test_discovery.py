@@ -174,6 +174,18 @@ def test_leaving_announcement_carries_the_leaving_state():
     assert harness.sent()[0][0]["state"] == LEAVING
 
 
+def test_a_draining_nodes_regular_heartbeat_says_leaving():
+    """
+    If the node itself is leaving (draining), then its regular heartbeats say leaving: peers must stop
+    sending it writes at once, not when its drain ends.
+    """
+    harness = Harness()
+    harness.protocol.own_heartbeat = lambda: OWN._replace(state=LEAVING)
+    harness.protocol.announce()
+    harness.protocol.announce(want_reply=True)
+    assert [body["state"] for body, _ in harness.sent()] == [LEAVING, LEAVING]
+
+
 def test_failed_send_is_counted_and_does_not_raise():
     """
     If the socket refuses a datagram, then ``announce`` returns normally and counts ``send_failed`` per

@@ -2,6 +2,7 @@
 A real ``twistd -n kvresponder`` process on a free loopback port, driven over HTTP.
 """
 
+import platform
 import subprocess
 import sys
 
@@ -89,32 +90,43 @@ def _rss_bytes(pid: int) -> int:
 def test_writing_four_times_the_budget_stays_within_it(log_dir):
     """
     If 4 × MAX_MEMORY worth of data is written, then kv_store_bytes never exceeds kv_store_max_bytes,
-    evictions are counted, the newest keys are still served, and the process RSS stays bounded.
+    evictions are counted, the newest keys are still served, and the process RSS stops growing: writing
+    another 4 × adds (almost) nothing.
     """
     budget = 8 * 1024 * 1024
     node = NodeProcess("mem", "mem-1", free_udp_port(), log_dir, env={"MAX_MEMORY": str(budget)}).start()
-    try:
-        node.wait_ready()
-        session = requests.Session()
-        baseline = _rss_bytes(node.process.pid)
-        value = "v" * 1000
+    session = requests.Session()
+    value = "v" * 1000
+    state = {"batch": 0}
+
+    def write(amount):
         written = 0
-        batch = 0
-        while written < 4 * budget:
+        while written < amount:
+            batch = state["batch"]
             puts = [{"key": "k-%d-%d" % (batch, i), "value": value} for i in range(200)]
             response = session.post(node.url + "/bulk", json={"put": puts}, timeout=30)
             assert response.status_code == 200
             written += sum(len(item["key"]) + len(value) for item in puts)
-            batch += 1
+            state["batch"] += 1
             if batch % 20 == 0:
                 assert node.metric("kv_store_bytes") <= node.metric("kv_store_max_bytes")
+
+    try:
+        node.wait_ready()
+        baseline = _rss_bytes(node.process.pid)
+        write(4 * budget)
+        first = _rss_bytes(node.process.pid)
         assert node.metric("kv_store_bytes") <= node.metric("kv_store_max_bytes") == budget
         assert node.metric("kv_evictions_total") > 0
-        assert node.get("k-%d-199" % (batch - 1,)).status_code == 200
+        assert node.get("k-%d-199" % (state["batch"] - 1,)).status_code == 200
         assert node.get("k-0-0").status_code == 404
-        grown = _rss_bytes(node.process.pid) - baseline
-        # The accounted budget plus allocator slack and the work buffers of a bulk request, not the 32 MiB
-        # written.
-        assert grown < 3 * budget, "RSS grew by %d bytes" % (grown,)
+        write(4 * budget)
+        second = _rss_bytes(node.process.pid)
+        assert node.metric("kv_store_bytes") <= budget
+        # Bounded: the second 32 MiB leaves the RSS where the first left it (PyPy's collector settles
+        # higher than CPython's, but settles).
+        assert second - first < budget, "RSS kept growing: %d then %d" % (first, second)
+        if platform.python_implementation() == "CPython":
+            assert first - baseline < 3 * budget, "RSS grew by %d bytes" % (first - baseline,)
     finally:
         node.kill()

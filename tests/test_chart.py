@@ -814,6 +814,8 @@ def test_service_monitor_scrapes_tenant_metrics_and_keeps_tenant_label_when_enab
     (endpoint,) = sm["spec"]["endpoints"]
     assert endpoint["path"] == "/ops/metrics" and endpoint["port"] == "http"
     assert endpoint["honorLabels"] is True
+    # The alert rules select up{job=~".*kv-responder.*"}: the job comes from the Service's name label.
+    assert sm["spec"]["jobLabel"] == "app.kubernetes.io/name"
     targets = {r["targetLabel"]: r["sourceLabels"] for r in endpoint["relabelings"]}
     assert targets["tenant"] == ["__meta_kubernetes_pod_label_kv_responder_tenant"]
     assert targets["namespace"] == ["__meta_kubernetes_namespace"]

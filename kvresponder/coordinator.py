@@ -196,27 +196,8 @@ class Coordinator:
         :return: for each entry, a :class:`WriteResult` or an :class:`Unavailable`.
         """
         plans = [self._targets(entry.key) for entry in entries]
-        stored: List[List[Tuple[str, ApplyResult]]] = [[] for _ in entries]
-        pending: dict = {}
-        for index, (owners, _, _) in enumerate(plans):
-            for owner in owners:
-                pending.setdefault(owner, []).append(index)
-        while pending:
-            batches = list(pending.items())
-            answers = await _gather([self._apply_many_on(node, [entries[i] for i in indices])
-                                     for node, indices in batches])
-            pending = {}
-            for (node, indices), answer in zip(batches, answers):
-                if answer is None:
-                    self._metrics.replication(op, "failure", len(indices))
-                    for index in indices:
-                        fallbacks = plans[index][1]
-                        if fallbacks:
-                            pending.setdefault(fallbacks.pop(0), []).append(index)
-                    continue
-                self._metrics.replication(op, "success", len(indices))
-                for index, result in zip(indices, answer):
-                    stored[index].append((node, result))
+        stored = await self._fan_out(plans, lambda node, indices: self._apply_many_on(
+            node, [entries[i] for i in indices]), op, count_success=True)
         results: List[object] = []
         for entry, (_, _, quorum), copies in zip(entries, plans, stored):
             if len(copies) < quorum:
@@ -225,6 +206,37 @@ class Coordinator:
             else:
                 results.append(WriteResult(entry, not any(r.had_live for _, r in copies), len(copies)))
         return results
+
+    async def _fan_out(self, plans, call, op: str, count_success: bool) -> List[List[Tuple[str, object]]]:
+        """
+        Run ``call(node, indices)`` once per node for all the items that node owns, and give each item that
+        a node failed to answer to that item's next fallback, until every item has its answers or has run
+        out of nodes.
+
+        :return: for each item, the ``(node, answer)`` pairs it got.
+        """
+        answers: List[List[Tuple[str, object]]] = [[] for _ in plans]
+        pending: dict = {}
+        for index, (owners, _, _) in enumerate(plans):
+            for owner in owners:
+                pending.setdefault(owner, []).append(index)
+        while pending:
+            batches = list(pending.items())
+            results = await _gather([call(node, indices) for node, indices in batches])
+            pending = {}
+            for (node, indices), result in zip(batches, results):
+                if result is None:
+                    self._metrics.replication(op, "failure", len(indices))
+                    for index in indices:
+                        fallbacks = plans[index][1]
+                        if fallbacks:
+                            pending.setdefault(fallbacks.pop(0), []).append(index)
+                    continue
+                if count_success:
+                    self._metrics.replication(op, "success", len(indices))
+                for index, answer in zip(indices, result):
+                    answers[index].append((node, answer))
+        return answers
 
     async def _apply_many_on(self, node: str, entries: List[Entry]) -> Optional[List[ApplyResult]]:
         if node == self.node_id:
@@ -254,26 +266,8 @@ class Coordinator:
         :return: for each key, its live :class:`Entry`, ``None``, or an :class:`Unavailable`.
         """
         plans = [self._targets(key) for key in keys]
-        answers: List[List[Tuple[str, Optional[Entry]]]] = [[] for _ in keys]
-        pending: dict = {}
-        for index, (owners, _, _) in enumerate(plans):
-            for owner in owners:
-                pending.setdefault(owner, []).append(index)
-        while pending:
-            batches = list(pending.items())
-            fetched = await _gather([self._get_many_on(node, [keys[i] for i in indices])
-                                     for node, indices in batches])
-            pending = {}
-            for (node, indices), found in zip(batches, fetched):
-                if found is None:
-                    self._metrics.replication("get", "failure", len(indices))
-                    for index in indices:
-                        fallbacks = plans[index][1]
-                        if fallbacks:
-                            pending.setdefault(fallbacks.pop(0), []).append(index)
-                    continue
-                for index, entry in zip(indices, found):
-                    answers[index].append((node, entry))
+        answers = await self._fan_out(plans, lambda node, indices: self._get_many_on(
+            node, [keys[i] for i in indices]), "get", count_success=False)
         now = self._seconds()
         results: List[object] = []
         for answered in answers:

@@ -219,6 +219,8 @@ class Node:
         return ratio
 
     def gauges(self) -> dict:
+        # Reclaim what expired since the last sweep, so kv_store_keys never counts an expired entry.
+        self.store.sweep()
         return {
             "kv_store_keys": len(self.store),
             "kv_store_bytes": self.store.bytes,

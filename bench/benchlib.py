@@ -3,7 +3,8 @@ Shared machinery of the benchmark scenarios in bench/: starting nodes (twistd un
 Node.js reference, loading data, driving wrk, reading RSS, writing results.
 
 Everything runs on 127.0.0.1 only. Every process started here is stopped by its PID when the scenario ends
-(also on Ctrl-C or an error); nothing is stopped by name.
+(also on Ctrl-C or an error); nothing is stopped by name. Node logs go to $TMPDIR/kv-bench-logs/ and are deleted
+when the node stops, unless KV_BENCH_KEEP_LOGS is set.
 """
 
 import argparse
@@ -153,6 +154,11 @@ class Process:
         self._log.close()
         if self in _started:
             _started.remove(self)
+        # The Eliot logs of a loaded node run to gigabytes: keep them only on request.
+        if not os.environ.get("KV_BENCH_KEEP_LOGS"):
+            for path in (self.log_path, getattr(self, "eliot_log", None)):
+                if path and os.path.exists(path):
+                    os.remove(path)
 
 
 def start_node(python: str, name: str = "n1", discovery_port: Optional[int] = None,
@@ -165,6 +171,7 @@ def start_node(python: str, name: str = "n1", discovery_port: Optional[int] = No
                "--node-id", name, "--discovery-port", str(discovery_port or free_port(socket.SOCK_DGRAM))]
     process = Process(name, command, node_env(settings), port, "http://127.0.0.1:%d/%s" % (port, TENANT))
     process.discovery_port = int(command[-1])
+    process.eliot_log = settings.get("LOG_FILE")
     return process
 
 

@@ -13,12 +13,17 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import ensureDeferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import LoopingCall
 from twisted.python import usage
 from twisted.python.log import ILogObserver, textFromEventDict
 
 from . import __version__
 from .log import DEBUG
 from .settings import OPTIONS, SettingsError, load_settings
+
+
+#: Seconds between flushes of the log stream.
+LOG_FLUSH_INTERVAL = 0.2
 
 
 class Options(usage.Options):
@@ -141,7 +146,14 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
     from .tracing import Tracing
 
     policy = LogPolicy(settings.log_level)
-    add_destinations(open_destination(policy, settings.tenant, settings.node_id, settings.log_file, stdout))
+    destination = open_destination(policy, settings.tenant, settings.node_id, settings.log_file, stdout,
+                                   flush=False)
+    add_destinations(destination)
+    # Logs reach stdout within LOG_FLUSH_INTERVAL, and at once on stop and on errors.
+    flusher = LoopingCall(destination.flush)
+    flusher.clock = reactor
+    flusher.start(LOG_FLUSH_INTERVAL, now=False)
+    reactor.addSystemEventTrigger("after", "shutdown", destination.flush)
 
     tracing = Tracing.from_settings(settings, __version__)
     pool = HTTPConnectionPool(reactor, persistent=True)

@@ -40,6 +40,10 @@ def _reject_constant(name):
     raise ValueError("%s is not valid JSON" % (name,))
 
 
+# One decoder for every request: json.loads with an argument builds a new one each call.
+_decode_json = json.JSONDecoder(parse_constant=_reject_constant).decode
+
+
 def parse_json_body(request) -> object:
     """
     The request body as JSON.
@@ -54,7 +58,7 @@ def parse_json_body(request) -> object:
     body = request.content.read()
     try:
         text = body.decode("utf-8")
-        return json.loads(text, parse_constant=_reject_constant)
+        return _decode_json(text)
     except UnicodeDecodeError:
         raise bad_request("invalid_json", "The body is not valid UTF-8.")
     except RecursionError:

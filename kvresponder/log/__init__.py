@@ -93,14 +93,22 @@ class JSONLineDestination:
         self._policy = policy
         self._stamp = {"tenant": tenant, "node": node_id}
         self._flush = flush
+        self._encode = json.JSONEncoder(default=_fallback).encode
 
     def __call__(self, message: dict) -> None:
         if not self._policy.admits(message):
             return
         message.update(self._stamp)
-        self._stream.write(json.dumps(message, default=_fallback) + "\n")
+        self._stream.write(self._encode(message) + "\n")
         if self._flush:
             self._stream.flush()
+
+    def flush(self) -> None:
+        """
+        Write out what is buffered. A destination made with ``flush=False`` is flushed on a timer and at
+        shutdown instead of after every line (a system call per message was a fifth of a write's cost).
+        """
+        self._stream.flush()
 
 
 def _fallback(value):
@@ -110,12 +118,12 @@ def _fallback(value):
 
 
 def open_destination(policy: LogPolicy, tenant: str, node_id: str, log_file: Optional[str] = None,
-                     stdout: IO[str] = None) -> JSONLineDestination:
+                     stdout: IO[str] = None, flush: bool = True) -> JSONLineDestination:
     """
-    A destination on stdout, or appending to ``log_file``.
+    A destination on stdout, or appending to ``log_file``. With ``flush=False`` the caller flushes it.
     """
     if log_file:
-        stream = open(log_file, "a", buffering=1, encoding="utf-8")
+        stream = open(log_file, "a", buffering=1 if flush else 65536, encoding="utf-8")
     else:
         stream = stdout if stdout is not None else sys.stdout
-    return JSONLineDestination(stream, policy, tenant, node_id)
+    return JSONLineDestination(stream, policy, tenant, node_id, flush=flush)

@@ -308,6 +308,14 @@ class Coordinator:
         """
         if self.is_local_only():
             return succeed(self.store.get(key))
+        ring = self._ring()
+        if self.node_id in ring.preference_list(key, self.replicas):
+            # An owner holding the key answers from its own copy: every acknowledged write reached every
+            # live owner (the default quorum is the replication factor), and what an owner missed while it
+            # was unreachable comes back through hint handoff and anti-entropy. Only a miss asks the others.
+            entry = self.store.get(key)
+            if entry is not None:
+                return succeed(entry)
         return ensureDeferred(self._read(key))
 
     async def _read(self, key: str) -> Optional[Entry]:

@@ -59,17 +59,40 @@ def test_a_replaced_key_answers_200(cluster):
 
 def test_a_stale_replica_is_repaired_by_a_read(cluster):
     """
-    If one replica holds an older version, then a read answers the newest and repairs the stale one.
+    If one replica holds an older version, then a read coordinated by a node that does not own the key
+    answers the newest and repairs the stale one.
     """
     put(cluster, cluster.nodes[0], "k", "new")
     first, second = [node for node in cluster.nodes if node.node_id in holders(cluster, "k")]
+    [coordinator] = [node for node in cluster.nodes if node not in (first, second)]
     newest = first.store.current("k")
     second.store.forget("k", newest.version)
     second.store.apply(Entry("k", b'"old"', (1, 0, "n9")))
-    code, body = get(cluster, cluster.nodes[0], "k")
+    code, body = get(cluster, coordinator, "k")
     assert code == 200 and b'"new"' in body
     cluster.run(seconds=0.5)
     assert second.store.get("k").value == b'"new"'
+
+
+def test_an_owner_holding_the_key_answers_from_its_own_copy(cluster):
+    """
+    If the coordinator owns the key and holds it, then it answers without asking the other replicas.
+    """
+    put(cluster, cluster.nodes[0], "k", "v")
+    owner = [node for node in cluster.nodes if node.node_id in holders(cluster, "k")][0]
+    calls = []
+    original = owner.peers._call
+
+    async def counting(*args, **kwargs):
+        calls.append(args[3])
+        return await original(*args, **kwargs)
+    owner.peers._call = counting
+    code, body = get(cluster, owner, "k")
+    assert code == 200 and b'"v"' in body
+    assert calls == []
+    owner.store.forget("k", owner.store.current("k").version)
+    assert get(cluster, owner, "k")[0] == 200
+    assert calls == ["get"]
 
 
 def test_a_dead_owner_fails_over_at_once_and_its_copy_is_hinted(cluster):

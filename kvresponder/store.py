@@ -13,13 +13,15 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 from .hlc import Version
 
-#: An estimate of what one entry costs beyond its key and value bytes: the dict slot, the entry object,
-#: the version tuple and the str/bytes object headers. It keeps the accounted size close to the real one,
-#: so that MAX_MEMORY bounds the process, not only the payload. Measured in bench/memory.py.
-ENTRY_OVERHEAD = 200
+#: What one entry costs beyond its key and value bytes: the OrderedDict slot and link, the entry object,
+#: the version tuple and its int, the str/bytes object headers. It keeps the accounted size close to the real
+#: one, so that MAX_MEMORY bounds the process and not only the payload: bench/memory.py measured 383 bytes
+#: on CPython 3.11 for 1M small entries (docs/PERFORMANCE.md), and a budget accounted at 200 let such a
+#: workload hold 1.8x its MAX_MEMORY.
+ENTRY_OVERHEAD = 400
 
-#: What one tombstone costs beyond its key bytes.
-TOMBSTONE_OVERHEAD = 120
+#: What one tombstone costs beyond its key bytes (the entry, its version, and the (entry, time) pair).
+TOMBSTONE_OVERHEAD = 300
 
 
 class Entry:

@@ -183,8 +183,7 @@ class Coordinator:
         peer = self._peer_of(node)
         if peer is None:
             raise Unavailable("%s left" % (node,))
-        [result] = await self._peers.apply(peer, [entry])
-        return result
+        return await self._peers.apply_coalesced(peer, entry)
 
     # -- many at once (the bulk endpoint) ----------------------------------------------------------------
 

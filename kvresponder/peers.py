@@ -14,7 +14,7 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from eliot import current_action
-from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.defer import Deferred, DeferredSemaphore, ensureDeferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.web.client import RequestTransmissionFailed, ResponseFailed
 from twisted.web._newclient import RequestNotSent
@@ -22,13 +22,17 @@ from twisted.web._newclient import RequestNotSent
 import treq
 
 from .hlc import Version, version_from_wire
-from .log import DEBUG
+from .log import DEBUG, INFO
 from .log.replication import PEER_CALL, PEER_READ
 from .store import ApplyResult, Entry
 from .wire import BATCH_TYPE, encode_batch, entry_from_wire
 
 AUTH_HEADER = b"X-KV-Auth"
 TASK_HEADER = b"X-Eliot-Task-Id"
+#: For a coalesced batch of writes: one Eliot task id per entry, space-separated ("-" for none).
+TASKS_HEADER = b"X-Eliot-Task-Ids"
+#: Writes to one peer queued in one reactor turn go out as one request, up to this many.
+MAX_COALESCED = 256
 #: Concurrent calls to one peer; more wait their turn.
 MAX_IN_FLIGHT = 64
 #: Seconds a signed peer request stays valid.
@@ -38,7 +42,13 @@ AUTH_WINDOW = 60.0
 class PeerError(Exception):
     """
     A peer did not answer usefully: unreachable, timed out, or an unexpected status.
+
+    :ivar code: the HTTP status the peer answered, or ``None`` if it did not answer.
     """
+
+    def __init__(self, message: str, code: Optional[int] = None) -> None:
+        Exception.__init__(self, message)
+        self.code = code
 
 
 class PeerAuthenticator:
@@ -111,9 +121,10 @@ class PeerClient:
         self._tracing = tracing if tracing is not None and tracing.enabled else None
         self._log = log_policy
         self._in_flight: Dict[Tuple[str, int], DeferredSemaphore] = {}
+        self._queued: Dict[Tuple[str, int], list] = {}
 
     async def _call(self, address: str, port: int, peer_id: str, op: str, payload: dict,
-                    read: bool = False, timeout: Optional[float] = None):
+                    read: bool = False, timeout: Optional[float] = None, task_ids: Optional[List[bytes]] = None):
         # At most MAX_IN_FLIGHT calls to one peer at once: a burst of client requests queues here rather
         # than opening hundreds of connections to the peer (and hitting its connection cap).
         semaphore = self._in_flight.get((address, port))
@@ -121,17 +132,18 @@ class PeerClient:
             semaphore = self._in_flight[(address, port)] = DeferredSemaphore(MAX_IN_FLIGHT)
         await semaphore.acquire()
         try:
-            return await self._one_call(address, port, peer_id, op, payload, read, timeout)
+            return await self._one_call(address, port, peer_id, op, payload, read, timeout, task_ids)
         finally:
             semaphore.release()
 
-    async def _one_call(self, address, port, peer_id, op, payload, read, timeout):
+    async def _one_call(self, address, port, peer_id, op, payload, read, timeout, task_ids=None):
         if self._tracing is None:
-            return await self._traced_call(address, port, peer_id, op, payload, read, timeout, None)
+            return await self._traced_call(address, port, peer_id, op, payload, read, timeout, None, task_ids)
         with self._tracing.client_span(op, peer_id) as (carrier, span):
             return await self._traced_call(address, port, peer_id, op, payload, read, timeout, carrier)
 
-    async def _traced_call(self, address, port, peer_id, op, payload, read, timeout, trace_headers):
+    async def _traced_call(self, address, port, peer_id, op, payload, read, timeout, trace_headers,
+                           task_ids=None):
         path = ("/%s/_internal/%s" % (self._tenant, op)).encode("ascii")
         url = "http://%s:%d%s" % (address, port, path.decode("ascii"))
         if isinstance(payload, bytes):
@@ -139,8 +151,10 @@ class PeerClient:
         else:
             body, content_type = json.dumps(payload, separators=(",", ":")).encode("utf-8"), b"application/json"
         started = self._clock.seconds()
-        if read and self._log is not None and not self._log.enabled("replication", DEBUG):
-            # A read at info level: no action to build, and no task for the peer to continue.
+        if task_ids is not None or (
+                read and self._log is not None and not self._log.enabled("replication", DEBUG)):
+            # A read at info level: no action to build, and no task for the peer to continue. A coalesced
+            # batch: each of its writes has its own action and task id (sent in TASKS_HEADER).
             context = _QUIET
         else:
             context = (PEER_READ if read else PEER_CALL)(peer=peer_id, op=op)
@@ -151,6 +165,8 @@ class PeerClient:
                     if action is not None and current_action() is not None:
                         # A fresh task id for each attempt, so that each shows up as its own subtree.
                         headers[TASK_HEADER] = [action.serialize_task_id()]
+                    if task_ids:
+                        headers[TASKS_HEADER] = [b" ".join(task_ids)]
                     if self._auth is not None:
                         headers[AUTH_HEADER] = [self._auth.sign(b"POST", path, body)]
                     if trace_headers:
@@ -172,7 +188,7 @@ class PeerClient:
                 if self._metrics is not None:
                     self._metrics.peer_call(op, self._clock.seconds() - started)
         if code != 200:
-            raise PeerError("%s answered %d to %s" % (peer_id, code, op))
+            raise PeerError("%s answered %d to %s" % (peer_id, code, op), code)
         try:
             return json.loads(content)
         except ValueError:
@@ -215,6 +231,71 @@ class PeerClient:
             return entry_from_wire(data)
         except ValueError:
             raise PeerError("%s answered a malformed entry" % (peer.node_id,))
+
+    def apply_coalesced(self, peer, entry: Entry) -> Deferred:
+        """
+        Store one entry on ``peer``, sharing one request with the other writes to that peer queued in the same
+        reactor turn: under concurrent load, one HTTP call carries many replicated writes. Each write keeps its
+        own peer-call action, whose task the peer continues for that entry alone, so a write's Eliot tree is
+        unchanged. With tracing on, each write goes alone, so that its spans keep their parent.
+
+        :return: a Deferred firing with the entry's :class:`~kvresponder.store.ApplyResult`, or failing with
+            :class:`PeerError`.
+        """
+        if self._tracing is not None:
+            return ensureDeferred(self.apply(peer, [entry])).addCallback(lambda results: results[0])
+        key = (peer.address, peer.port)
+        queue = self._queued.get(key)
+        if queue is None:
+            queue = self._queued[key] = []
+            self._clock.callLater(0, self._flush, peer, key)
+        action = None
+        if self._log is None or self._log.enabled("replication", INFO):
+            action = PEER_CALL(peer=peer.node_id, op="apply")
+        waiter: Deferred = Deferred()
+        queue.append((entry, waiter, action))
+        if len(queue) >= MAX_COALESCED:
+            self._flush(peer, key)
+        return waiter
+
+    def _flush(self, peer, key) -> None:
+        queue = self._queued.pop(key, None)
+        if not queue:
+            return
+        entries = [entry for entry, _, _ in queue]
+        task_ids = [action.serialize_task_id() if action is not None else b"-" for _, _, action in queue]
+        d = ensureDeferred(self._call(peer.address, peer.port, peer.node_id, "apply", encode_batch(entries),
+                                      task_ids=task_ids))
+
+        finished = set()
+
+        def answered(answer):
+            results = answer.get("results") if isinstance(answer, dict) else None
+            if not isinstance(results, list) or len(results) != len(queue):
+                raise PeerError("%s answered a malformed apply result" % (peer.node_id,))
+            for (_, waiter, action), (applied, had_live) in zip(queue, results):
+                if action is not None:
+                    action.add_success_fields(code=200)
+                    action.finish()
+                    finished.add(id(action))
+                waiter.callback(ApplyResult(bool(applied), bool(had_live)))
+
+        def failed(failure):
+            code = getattr(failure.value, "code", None)
+            for _, waiter, action in queue:
+                if action is not None and id(action) not in finished:
+                    if code is not None:
+                        # The peer answered, with an unusable status: the call itself completed.
+                        action.add_success_fields(code=code)
+                        action.finish()
+                    else:
+                        action.finish(failure.value)
+                if not waiter.called:
+                    waiter.errback(PeerError(str(failure.value)) if not failure.check(PeerError)
+                                   else failure)
+
+        d.addCallbacks(answered, failed)
+        d.addErrback(failed)
 
     async def get_many(self, peer, keys: Sequence[str]) -> List[Optional[Entry]]:
         """

@@ -292,3 +292,28 @@ def test_the_default_quorum_lets_a_lone_node_acknowledge():
     cluster = MemoryCluster(1)
     cluster.run(seconds=1)
     assert put(cluster, cluster.nodes[0], "k", 1)[0] == 201
+
+
+def test_concurrent_writes_to_a_peer_share_one_request(cluster):
+    """
+    If several writes are coordinated in the same reactor turn, then each peer receives them in one
+    request, and every write still gets its own result.
+    """
+    from twisted.internet.defer import gatherResults
+    node = cluster.nodes[0]
+    calls = []
+    original = node.peers._call
+
+    async def counting(*args, **kwargs):
+        calls.append((args[2], args[3]))
+        return await original(*args, **kwargs)
+    node.peers._call = counting
+    keys = ["c%d" % (i,) for i in range(30)]
+    results = cluster.run(gatherResults([node.coordinator.put(key, b"1", None) for key in keys]))
+    assert [result.copies for result in results] == [2] * 30
+    assert all(result.created for result in results)
+    applies = [peer for peer, op in calls if op == "apply"]
+    assert sorted(applies) == sorted(set(applies)), applies
+    assert 1 <= len(applies) <= 2
+    for key in keys:
+        assert holders(cluster, key) == sorted(node.ring().preference_list(key, 2))

@@ -12,7 +12,7 @@ from klein import Klein
 from twisted.internet.defer import Deferred, ensureDeferred
 
 from ..hlc import version_from_wire
-from ..peers import AUTH_HEADER, TASK_HEADER
+from ..peers import AUTH_HEADER, TASK_HEADER, TASKS_HEADER
 from ..store import EntryTooLarge
 from ..wire import BATCH_TYPE, decode_batch, entries_from_wire, entry_to_wire
 from .api import _failure_body, _render_value, handle_routing_errors
@@ -54,7 +54,7 @@ def internal_route(app: Klein, path: str):
 
 def _parse(request):
     if request.getHeader(b"content-type") == BATCH_TYPE:
-        return {"batch": request.content.read()}
+        return {"batch": request.content.read(), "task_ids": request.getHeader(TASKS_HEADER)}
     try:
         body = json.loads(request.content.read())
     except (ValueError, RecursionError):
@@ -109,8 +109,18 @@ class InternalAPI:
         else:
             entries = entries_from_wire(body.get("entries"))
         coordinator = self._node.coordinator
+        task_ids = (body.get("task_ids") or b"").split()
         try:
-            if len(entries) == 1:
+            if len(task_ids) == len(entries) and task_ids:
+                # Coalesced client writes: each entry's store action joins its own writer's tree.
+                results = []
+                for entry, task_id in zip(entries, task_ids):
+                    if task_id == b"-":
+                        results.append(coordinator.apply_local(entry))
+                        continue
+                    with Action.continue_task(task_id=task_id):
+                        results.append(coordinator.apply_local(entry))
+            elif len(entries) == 1:
                 # One client write being replicated: its store action belongs in the writer's tree.
                 results = [coordinator.apply_local(entries[0])]
             else:

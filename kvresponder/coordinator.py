@@ -273,14 +273,7 @@ class Coordinator:
             if not answered:
                 results.append(Unavailable("no replica of this key answered"))
                 continue
-            newest = None
-            for _, entry in answered:
-                if entry is not None and (newest is None or entry.version > newest.version):
-                    newest = entry
-            if newest is not None:
-                stale = [node for node, entry in answered if entry is None or entry.version < newest.version]
-                if stale:
-                    self._repair(newest, stale)
+            newest = self._newest_and_repair(answered)
             live = newest is not None and newest.value is not None and (
                 newest.expires_at is None or newest.expires_at > now)
             results.append(newest if live else None)
@@ -345,6 +338,13 @@ class Coordinator:
             # is under way. Ask the rest of the ring before answering "absent".
             more = await _gather([self._read_slot(node, [], key) for node in list(fallbacks)])
             answered.extend(answer for answer in more if answer is not None)
+        return self._newest_and_repair(answered)
+
+    def _newest_and_repair(self, answered: List[Tuple[str, Optional[Entry]]]) -> Optional[Entry]:
+        """
+        The newest of the replicas' answers (tombstones included); replicas that answered an older version,
+        or nothing, are sent the newest (read repair).
+        """
         newest = None
         for _, entry in answered:
             if entry is not None and (newest is None or entry.version > newest.version):

@@ -150,7 +150,10 @@ def test_prometheus_scrapes_tenant_series_and_fires_down_alert_when_a_node_dies(
         # Every rule loaded and evaluates; with both nodes healthy, nothing is down.
         wait_until(lambda: all(health == "ok" for _, health, _ in prometheus.rule_health()), 10,
                    "every rule evaluated", lambda: repr(prometheus.rule_health()))
-        assert not [a for a in prometheus.alerts() if a["labels"]["alertname"] == "KVResponderDown"]
+        # (Right after the first scrapes, one evaluation may see one node's series before the other's and
+        # hold a KVResponderDown pending for a moment; once both are scraped, none remains.)
+        wait_until(lambda: not [a for a in prometheus.alerts() if a["labels"]["alertname"] == "KVResponderDown"],
+                   10, "no KVResponderDown while both nodes are healthy", lambda: repr(prometheus.alerts()))
 
         n2.kill()
         # up == 0 for the killed target: the target_down rule of KVResponderDown, naming the pod.

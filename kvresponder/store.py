@@ -225,8 +225,11 @@ class Store:
             self._tombstones[key] = (entry, now)
             self.bytes += entry.size
         elif entry.expires_at is not None and entry.expires_at <= now:
-            # A newer write that has already expired removes the old value and leaves nothing behind.
-            pass
+            # A newer write that has already expired hides every older version, as a delete would: keep its
+            # version as a tombstone, so an older write arriving later cannot bring the old value back.
+            tomb = Entry(key, None, entry.version, None)
+            self._tombstones[key] = (tomb, now)
+            self.bytes += tomb.size
         else:
             self._live[key] = entry
             self.bytes += entry.size

@@ -140,16 +140,18 @@ def test_sweep_does_not_expire_a_key_rewritten_with_a_later_ttl():
 
 def test_write_that_has_already_expired_removes_the_older_value():
     """
-    If a newer write arrives whose TTL has already passed, then the older value is gone and nothing is
-    stored for the key.
+    If a newer write arrives whose TTL has already passed, then the older value is gone, no value is
+    stored, and the write's version stays as a tombstone (so that an older write cannot come back).
     """
     store, clock, _ = make_store()
     clock.advance(100)
     store.apply(put("k", b"old", 1))
     result = store.apply(put("k", b"new", 2, ttl=50))
     assert result == ApplyResult(True, True)
-    assert store.current("k") is None
-    assert (len(store), store.tombstone_count, store.bytes) == (0, 0, 0)
+    assert store.get("k") is None
+    assert store.current("k").is_tombstone
+    assert (len(store), store.tombstone_count) == (0, 1)
+    assert store.bytes == store.current("k").size
 
 
 # -- LRU -----------------------------------------------------------------------------------------------
@@ -613,3 +615,20 @@ def test_paging_through_keys_yields_every_matching_key_exactly_once(keys, prefix
         seen.extend(page)
         after = page[-1]
     assert seen == sorted(key for key in keys - deleted if key.startswith(prefix))
+
+
+def test_an_already_expired_newer_write_still_hides_older_ones_in_any_order():
+    """
+    If a newer write arrives already expired, then an older write arriving after it does not bring the
+    older value back: both orders end with the key absent.
+    """
+    clock = Clock()
+    clock.advance(100)
+    older = Entry("k", b'"old"', (50_000, 0, "a"))
+    newer_expired = Entry("k", b'"new"', (60_000, 0, "b"), expires_at=90.0)
+    for order in ([older, newer_expired], [newer_expired, older]):
+        store = Store(clock.seconds, 1 << 20)
+        for entry in order:
+            store.apply(entry)
+        assert store.get("k") is None
+        assert store.keys() == []

@@ -42,6 +42,20 @@ def node_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     return env
 
 
+def read_log_messages(path: str) -> List[dict]:
+    """
+    The JSON log lines of a node's log file (other lines, such as a harness's markers, are skipped).
+    """
+    messages = []
+    with open(path, "rb") as log:
+        for line in log:
+            try:
+                messages.append(json.loads(line))
+            except ValueError:
+                pass
+    return messages
+
+
 class NodeProcess:
     """
     One node. ``url`` is its ``/<tenant>`` base URL.
@@ -92,14 +106,7 @@ class NodeProcess:
             return ""
 
     def log_messages(self) -> List[dict]:
-        messages = []
-        with open(self.log_path, "rb") as log:
-            for line in log:
-                try:
-                    messages.append(json.loads(line))
-                except ValueError:
-                    pass
-        return messages
+        return read_log_messages(self.log_path)
 
     @property
     def alive(self) -> bool:

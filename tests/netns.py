@@ -20,7 +20,6 @@ import atexit
 import ctypes
 import fcntl
 import ipaddress
-import json
 import os
 import random
 import re
@@ -34,7 +33,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import requests
 
-from .harness import REPO, TWISTD, node_env
+from .harness import REPO, TWISTD, node_env, read_log_messages
 
 TENANT = "chaos"
 HTTP_PORT = 3000
@@ -253,14 +252,7 @@ class ChaosNode:
             line.decode("utf-8", "replace")[:width] for line in tail))
 
     def log_messages(self) -> List[dict]:
-        messages = []
-        with open(self.log_path, "rb") as log:
-            for line in log:
-                try:
-                    messages.append(json.loads(line))
-                except ValueError:
-                    pass
-        return messages
+        return read_log_messages(self.log_path)
 
 
 class Network:

@@ -24,6 +24,10 @@ from .ring import HashRing
 from .store import ApplyResult, Entry, Store
 
 
+#: What :meth:`Coordinator.get_nowait` returns when only other nodes can answer.
+REMOTE = object()
+
+
 class Unavailable(Exception):
     """
     Too few replicas answered to meet the write quorum, or to serve a read.
@@ -292,22 +296,32 @@ class Coordinator:
 
     # -- reads ----------------------------------------------------------------------------------------
 
-    def get(self, key: str) -> Deferred:
+    def get_nowait(self, key: str):
         """
-        The live entry for ``key``, or ``None``.
-
-        :return: a Deferred firing with an :class:`~kvresponder.store.Entry` or ``None``.
+        The answer to a read of ``key`` if this node can give it at once from its own store: the live
+        :class:`~kvresponder.store.Entry`, or ``None``. :data:`REMOTE` if other nodes must be asked.
         """
-        if self.is_local_only():
-            return succeed(self.store.get(key))
         ring = self._ring()
+        if len(ring) == 1 and self.node_id in ring:
+            return self.store.get(key)
         if self.node_id in ring.preference_list(key, self.replicas):
             # An owner holding the key answers from its own copy: every acknowledged write reached every
             # live owner (the default quorum is the replication factor), and what an owner missed while it
             # was unreachable comes back through hint handoff and anti-entropy. Only a miss asks the others.
             entry = self.store.get(key)
             if entry is not None:
-                return succeed(entry)
+                return entry
+        return REMOTE
+
+    def get(self, key: str) -> Deferred:
+        """
+        The live entry for ``key``, or ``None``.
+
+        :return: a Deferred firing with an :class:`~kvresponder.store.Entry` or ``None``.
+        """
+        entry = self.get_nowait(key)
+        if entry is not REMOTE:
+            return succeed(entry)
         return ensureDeferred(self._read(key))
 
     async def _read(self, key: str) -> Optional[Entry]:

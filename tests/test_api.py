@@ -465,6 +465,25 @@ def test_a_request_trickled_slowly_is_cut_off():
     assert transport.disconnecting
 
 
+def test_a_slow_request_on_a_busy_connection_gets_its_own_full_deadline():
+    """
+    If a keep-alive connection served a prompt request and then trickles the next one, then the deadline
+    counts from the second request's first byte: the connection's one timer re-arms for the time left
+    instead of cutting the second request off when the first one's period ends.
+    """
+    clock = Clock()
+    site = _limited_site(clock, timeout=10)
+    protocol, transport = _connect(site, clock)
+    protocol.dataReceived(b"GET /t1/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert b"200 OK" in transport.value()
+    clock.advance(8)
+    protocol.dataReceived(b"GET /t1/health/live HTTP/1.1\r\n")
+    clock.advance(9.5)
+    assert not transport.disconnecting
+    clock.advance(1)
+    assert transport.disconnecting
+
+
 def test_a_prompt_request_is_not_cut_off():
     clock = Clock()
     site = _limited_site(clock, timeout=10)

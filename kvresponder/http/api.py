@@ -19,7 +19,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
-from ..coordinator import Unavailable
+from ..coordinator import REMOTE, Unavailable
 from ..hlc import format_version
 from ..log import UnknownLevel
 from ..log.service import LEVELS_CHANGED
@@ -226,6 +226,19 @@ class KVResource(Resource):
     def _get(self, request, key: str):
         if not self._node.serving():
             raise unavailable("The node is not serving yet.")
+        entry = self._coordinator.get_nowait(key)
+        if entry is not REMOTE:
+            # Answered from this node's own store: render at once, without a Deferred. A GET returns its
+            # body for Twisted to frame; a HEAD goes through _write_json, which Twisted sends bodiless.
+            if entry is None:
+                self._metrics.cache("get", "miss")
+                raise not_found("No value is stored under this key.")
+            self._metrics.cache("get", "hit")
+            if request.method == b"GET":
+                request.setHeader(b"Content-Type", _JSON)
+                return entry_json(entry)
+            _write_json(request, 200, entry_json(entry))
+            return NOT_DONE_YET
 
         def render(entry):
             if entry is None:

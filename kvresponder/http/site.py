@@ -8,12 +8,13 @@ header and idle limits.
 """
 
 import json
-from contextlib import contextmanager
+from contextlib import nullcontext
 from typing import Callable, Optional
 
 from eliot import write_traceback
 from twisted.internet.protocol import Protocol
-from twisted.web.http import HTTPChannel
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel, datetimeToString, unquote
 from twisted.web.server import Request, Site
 
 from ..log import DEBUG, INFO
@@ -40,6 +41,37 @@ class _Discard:
 
     def close(self) -> None:
         pass
+
+
+_UNLOGGED = nullcontext()
+
+_date_cache = [-1, b""]
+
+
+def http_date(now: float) -> bytes:
+    """
+    The HTTP Date header value for ``now``, formatted at most once a second.
+    """
+    second = int(now)
+    if second != _date_cache[0]:
+        _date_cache[1] = datetimeToString(second)
+        _date_cache[0] = second
+    return _date_cache[1]
+
+
+_METHODS = {}
+
+
+def method_name(method: bytes) -> str:
+    """
+    ``method`` as text for a metric label, decoded once per distinct method.
+    """
+    name = _METHODS.get(method)
+    if name is None:
+        name = method.decode("ascii", "replace")
+        if len(_METHODS) < 64:
+            _METHODS[method] = name
+    return name
 
 
 class KVRequest(Request):
@@ -87,8 +119,15 @@ class KVRequest(Request):
         Request.handleContentChunk(self, data)
 
     def process(self) -> None:
-        site = self._kv_site = self.channel.site
-        self._started = site.seconds()
+        """
+        Twisted's ``Request.process``, minus what this server does not need on every request: the Date
+        header is formatted once a second instead of once a request, there is no ``Server`` header naming
+        the Twisted version, and no resource here encodes its responses (so no interface lookup for an
+        encoder).
+        """
+        site = self.site = self._kv_site = self.channel.site
+        self._started = now = site.seconds()
+        self.responseHeaders.setRawHeaders(b"Date", [http_date(now)])
         if self._too_large:
             HTTP_REJECTED.log(reason="body over %d bytes" % (self._limit,), client=str(self.getClientAddress()))
             self.setHeader(b"Connection", b"close")
@@ -98,31 +137,35 @@ class KVRequest(Request):
             self.write(body)
             self.finish()
             return
-        tracing = site.tracing
-        if tracing is None:
-            Request.process(self)
+        self.prepath = []
+        self.postpath = list(map(unquote, self.path[1:].split(b"/")))
+        if self.path == b"*":
+            self._handleStar()
             return
-        self._span = tracing.start_server_span(self)
+        tracing = site.tracing
+        if tracing is not None:
+            self._span = tracing.start_server_span(self)
         try:
-            Request.process(self)
+            self.render(site.getResourceFor(self))
+        except BaseException:
+            self.processingFailed(Failure())
         finally:
-            tracing.detach(self._span)
+            if tracing is not None:
+                tracing.detach(self._span)
 
-    @contextmanager
     def begin(self, route: str, read: bool = False):
         """
-        Name the route and, if the log level admits it, run what follows inside this request's Eliot
-        action, which :meth:`finish` completes.
+        Name the route and return a context manager: if the log level admits it, what runs inside it runs
+        inside this request's Eliot action, which :meth:`finish` completes; otherwise it does nothing (one
+        shared object, so that an unlogged request allocates nothing here).
         """
         self.route = route
         policy = self._kv_site.log_policy
         action_type, level = (HTTP_READ, DEBUG) if read else (HTTP_REQUEST, INFO)
         if policy is None or not policy.enabled("http", level):
-            yield
-            return
+            return _UNLOGGED
         self._action = action_type(method=self.method.decode("ascii", "replace"), route=route)
-        with self._action.context():
-            yield
+        return self._action.context()
 
     def adopt_action(self, action) -> None:
         """
@@ -147,7 +190,7 @@ class KVRequest(Request):
         site = self._kv_site
         elapsed = site.seconds() - self._started
         if site.metrics is not None:
-            site.metrics.observe_request(self.method.decode("ascii", "replace"), self.route, self.code, elapsed)
+            site.metrics.observe_request(method_name(self.method), self.route, self.code, elapsed)
         if self._span is not None:
             site.tracing.end_server_span(self._span, self.route, self.code)
         action = self._action
@@ -213,21 +256,38 @@ class _CountedChannel(HTTPChannel):
     A channel that counts itself, and gives each request a deadline for its headers and body: the idle
     timeout alone restarts with every byte, so a client trickling a byte at a time (slow loris) would hold
     the connection forever.
+
+    The deadline timer is lazy: a request only notes when its first byte arrived, and one timer per
+    connection checks that note when it fires, re-arming itself for whatever time the current request has
+    left. A keep-alive connection serving thousands of requests a second thus schedules one timer per
+    deadline period, not one per request.
     """
 
     _deadline = None
+    _request_started = None
+    _host = None
 
     def connectionMade(self):
         HTTPChannel.connectionMade(self)
         self.site.open_connections += 1
 
+    def getHost(self):
+        # Twisted asks for it on every request (a getsockname system call); it cannot change.
+        host = self._host
+        if host is None:
+            host = self._host = HTTPChannel.getHost(self)
+        return host
+
     def dataReceived(self, data):
-        if self._deadline is None and not self._handlingRequest:
-            self._deadline = self.site.reactor.callLater(self.site.request_deadline, self._too_slow)
+        if self._request_started is None and not self._handlingRequest:
+            site = self.site
+            self._request_started = site.seconds()
+            if self._deadline is None:
+                self._deadline = site.reactor.callLater(site.request_deadline, self._check_deadline)
         HTTPChannel.dataReceived(self, data)
 
     def allContentReceived(self):
-        self._cancel_deadline()
+        self._request_started = None
         HTTPChannel.allContentReceived(self)
 
     def _respondToBadRequestAndDisconnect(self):
@@ -238,9 +298,18 @@ class _CountedChannel(HTTPChannel):
                              b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
         self.loseConnection()
 
-    def _too_slow(self):
+    def _check_deadline(self):
         self._deadline = None
-        HTTP_REJECTED.log(reason="request not received within %ss" % (self.site.request_deadline,),
+        started = self._request_started
+        if started is None:
+            # No request is being received: the next one arms the timer again.
+            return
+        site = self.site
+        left = started + site.request_deadline - site.seconds()
+        if left > 0:
+            self._deadline = site.reactor.callLater(left, self._check_deadline)
+            return
+        HTTP_REJECTED.log(reason="request not received within %ss" % (site.request_deadline,),
                           client=str(self.transport.getPeer()))
         self.transport.abortConnection()
 
@@ -252,6 +321,7 @@ class _CountedChannel(HTTPChannel):
 
     def connectionLost(self, reason):
         self._cancel_deadline()
+        self._request_started = None
         self.site.open_connections -= 1
         HTTPChannel.connectionLost(self, reason)
 
@@ -302,5 +372,9 @@ class KVSite(Site):
         return channel
 
 
+# One encoder for every response: json.dumps with arguments builds a new one at each call.
+_encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def json_bytes(value) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _encode_json(value).encode("utf-8")

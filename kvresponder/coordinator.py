@@ -13,7 +13,7 @@ The local node goes through the same logic, with a direct call in place of HTTP.
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
 from eliot import write_traceback
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, fail, succeed
 
 from .hlc import HybridLogicalClock, format_version
 from .log import DEBUG, INFO
@@ -133,8 +133,7 @@ class Coordinator:
         :return: a Deferred firing with a :class:`WriteResult`, or failing with :class:`Unavailable`.
         """
         expires_at = None if ttl is None else self._seconds() + ttl
-        entry = Entry(key, value, self.hlc.now(), expires_at)
-        return ensureDeferred(self._write(entry, "put"))
+        return self._write_deferred(Entry(key, value, self.hlc.now(), expires_at), "put")
 
     def delete(self, key: str) -> Deferred:
         """
@@ -142,15 +141,21 @@ class Coordinator:
 
         :return: a Deferred firing with a :class:`DeleteResult`.
         """
-        entry = Entry(key, None, self.hlc.now(), None)
-        d = ensureDeferred(self._write(entry, "delete"))
+        d = self._write_deferred(Entry(key, None, self.hlc.now(), None), "delete")
         return d.addCallback(lambda result: DeleteResult(result.created is False, result.copies))
+
+    def _write_deferred(self, entry: Entry, op: str) -> Deferred:
+        if (self.write_quorum is None or self.write_quorum <= 1) and self.is_local_only():
+            # A single node: the write is local and synchronous, so spare it the coroutine.
+            try:
+                result = self.apply_local(entry)
+            except Exception:
+                return fail()
+            return succeed(WriteResult(entry, not result.had_live, 1))
+        return ensureDeferred(self._write(entry, op))
 
     async def _write(self, entry: Entry, op: str) -> WriteResult:
         owners, fallbacks, quorum = self._targets(entry.key)
-        if quorum <= 1 and self.is_local_only():
-            result = self.apply_local(entry)
-            return WriteResult(entry, not result.had_live, 1)
         with COORDINATE_WRITE(key=entry.key, op=op, version=format_version(entry.version),
                               targets=owners) as action:
             outcomes = await _gather([self._write_slot(owner, fallbacks, entry, op) for owner in owners])

@@ -86,6 +86,8 @@ class HashRing:
         """
         if not self._points:
             return []
+        if len(self.nodes) == 1:
+            return list(self.nodes) if n > 0 else []
         want = min(n, len(self.nodes))
         owners = self._owners
         count = len(owners)

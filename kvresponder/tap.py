@@ -140,7 +140,7 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
     from .discovery import DiscoveryProtocol, DiscoveryService, HeartbeatCodec, derive_key, resolve_all
     from .http.root import build_root
     from .http.site import KVSite
-    from .log import LogPolicy, open_destination
+    from .log import LogPolicy, open_destination, use_fast_task_ids
     from .log.service import SERVICE_STARTED
     from .node import Node
     from .tracing import Tracing
@@ -148,6 +148,7 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
     policy = LogPolicy(settings.log_level)
     destination = open_destination(policy, settings.tenant, settings.node_id, settings.log_file, stdout,
                                    flush=False)
+    use_fast_task_ids()
     add_destinations(destination)
     # Logs reach stdout within LOG_FLUSH_INTERVAL, and at once on stop and on errors.
     flusher = LoopingCall(destination.flush)

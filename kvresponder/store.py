@@ -4,24 +4,50 @@ The local store: versioned entries with TTLs, a byte-bounded LRU and tombstones.
 The store is pure: it knows nothing of peers, HTTP or the reactor. Time comes from an injected ``seconds``
 function and every decision depends only on the versions of the entries, so that applying the same entries in
 any order leaves the same state (see :mod:`kvresponder.hlc`).
+
+Inside, an entry is not kept as an :class:`Entry`: each key (as UTF-8 bytes) maps to one packed bytes object,
+a fixed header followed by the value, and :class:`Entry` objects are built when they are read. One small
+object per value instead of five is what keeps the memory per key low (see :data:`ENTRY_OVERHEAD`).
 """
 
 import heapq
+import struct
 from bisect import bisect_left, bisect_right
-from collections import OrderedDict
+from itertools import islice
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 from .hlc import Version
 
-#: What one entry costs beyond its key and value bytes: the OrderedDict slot and link, the entry object,
-#: the version tuple and its int, the str/bytes object headers. It keeps the accounted size close to the real
-#: one, so that MAX_MEMORY bounds the process and not only the payload: bench/memory.py measured 383 bytes
-#: on CPython 3.11 for 1M small entries (docs/PERFORMANCE.md), and a budget accounted at 200 let such a
-#: workload hold 1.8x its MAX_MEMORY.
-ENTRY_OVERHEAD = 400
+#: What one entry costs beyond its key and value bytes: its dict slot (with the spare room a dict keeps), the
+#: key's bytes object, and the packed bytes object of header and value, with the allocator's rounding. It keeps
+#: the accounted size close to the real one, so that MAX_MEMORY bounds the process and not only the payload.
+#: Measured on CPython 3.11 with 1M entries of 10-byte keys and 100-byte values: 147 bytes by bench/memory.py
+#: (a fresh load through the API, docs/PERFORMANCE.md), and 183 bytes in the store alone once it has been hit,
+#: overwritten and evicted from for a while: CPython regrows a dict that has deleted slots to three times its
+#: live keys, which doubles the slot's share. Dict sizes are powers of two, so both figures move by about 30
+#: bytes with the number of keys. PyPy's process holds more (GC headroom; see docs/PERFORMANCE.md).
+ENTRY_OVERHEAD = 200
 
-#: What one tombstone costs beyond its key bytes (the entry, its version, and the (entry, time) pair).
-TOMBSTONE_OVERHEAD = 300
+#: What one tombstone costs beyond its key bytes: the dict slot, the key and the packed header (measured the
+#: same way: 144 bytes for 1M tombstones, more once churned).
+TOMBSTONE_OVERHEAD = 200
+
+# The packed header: wall_ms, counter, the index of the node id in the store's table of node ids, and a time:
+# the expiry of a live entry (0.0 for none: a live entry's expiry is always later than the time it was
+# written, which is never before 0) or the time a tombstone was written. A live entry's value follows; a
+# tombstone is followed by its expiry if it has one.
+_HEADER = struct.Struct("<QIId")
+_HEADER_SIZE = _HEADER.size
+_TIME = struct.Struct("<d")
+_TIME_OFFSET = 16
+_unpack = _HEADER.unpack_from
+_unpack_time = _TIME.unpack_from
+
+# The node index meaning "the version did not fit the header; the packed object holds it".
+_WIDE = 0
+
+# Accounted size of a live entry from its key bytes and its packed bytes.
+_LIVE_EXTRA = ENTRY_OVERHEAD - _HEADER_SIZE
 
 
 class Entry:
@@ -62,6 +88,10 @@ class Entry:
             other.key, other.value, other.version, other.expires_at)
 
 
+# Builds an Entry without running __init__, for entries whose size the store already knows.
+_new_entry = object.__new__
+
+
 class ApplyResult(NamedTuple):
     """
     :ivar applied: the entry was newer than what the store held, and is now the current version.
@@ -75,6 +105,15 @@ class EntryTooLarge(Exception):
     """
     The entry alone is larger than the whole memory budget.
     """
+
+
+class _WideVersion(bytes):
+    """
+    A packed entry whose version does not fit the header (a wall time or counter out of range, which only a
+    misbehaving peer sends): its header's node index is ``_WIDE`` and the version is kept here.
+    """
+
+    version: Version
 
 
 class _NoEvents:
@@ -101,11 +140,16 @@ class Store:
         self.max_bytes = max_bytes
         self.tombstone_grace = tombstone_grace
         self._events = events if events is not None else _NoEvents()
-        self._live: "OrderedDict[str, Entry]" = OrderedDict()
-        # Tombstones in the order they were written; each value is (entry, written_at).
-        self._tombstones: Dict[str, Tuple[Entry, float]] = {}
-        self._expiries: List[Tuple[float, str]] = []
-        self._sorted_keys: Optional[List[str]] = None
+        # Live entries, least recently used first (a plain dict keeps insertion order; a use moves the key to
+        # the end). Keys are UTF-8 bytes: smaller than str on CPython, and kept unboxed by PyPy.
+        self._live: Dict[bytes, bytes] = {}
+        # Tombstones in the order they were written.
+        self._tombstones: Dict[bytes, bytes] = {}
+        # The node ids of the stored versions, by the index their headers hold (index 0 is _WIDE).
+        self._node_ids: List[Optional[str]] = [None]
+        self._node_index: Dict[str, int] = {}
+        self._expiries: List[Tuple[float, bytes]] = []
+        self._sorted_keys: Optional[List[bytes]] = None
         self.bytes = 0
         self.evictions = 0
         self.expirations = 0
@@ -121,15 +165,29 @@ class Store:
         The live entry for ``key``, or ``None`` if it is absent, deleted or expired. A hit counts as a use
         for the LRU order.
         """
-        entry = self._live.get(key)
-        if entry is None:
+        try:
+            bkey = key.encode()
+        except UnicodeEncodeError:
             return None
-        if entry.expires_at is not None and entry.expires_at <= self._seconds():
-            self._drop_live(key, entry)
+        live = self._live
+        packed = live.pop(bkey, None)
+        if packed is None:
+            return None
+        wall, counter, index, expires_at = _unpack(packed)
+        if expires_at and expires_at <= self._seconds():
+            self._released(len(bkey) + len(packed) + _LIVE_EXTRA)
+            self._sorted_keys = None
             self.expirations += 1
             self._events.expired(1)
             return None
-        self._live.move_to_end(key)
+        live[bkey] = packed
+        # Entry.__init__ would work out the size again: on this path its cost would double that of the read.
+        entry = _new_entry(Entry)
+        entry.key = key
+        entry.value = packed[_HEADER_SIZE:]
+        entry.version = (wall, counter, self._node_ids[index]) if index else packed.version  # type: ignore
+        entry.expires_at = expires_at or None
+        entry.size = len(bkey) + len(packed) + _LIVE_EXTRA
         return entry
 
     def current(self, key: str) -> Optional[Entry]:
@@ -140,8 +198,11 @@ class Store:
         entry = self.get(key)
         if entry is not None:
             return entry
-        tomb = self._tombstones.get(key)
-        return tomb[0] if tomb is not None else None
+        try:
+            packed = self._tombstones.get(key.encode())
+        except UnicodeEncodeError:
+            return None
+        return None if packed is None else self._tombstone_entry(key, packed)
 
     def __len__(self) -> int:
         return len(self._live)
@@ -155,35 +216,67 @@ class Store:
         Live keys in code point order that start with ``prefix`` and sort after ``after``, at most
         ``limit`` of them.
         """
+        # UTF-8 bytes sort in code point order, and "surrogatepass" keeps a lone surrogate in its place too.
         if self._sorted_keys is None:
             self._sorted_keys = sorted(self._live)
         ordered = self._sorted_keys
-        start = after if after is not None and after >= prefix else prefix
-        index = bisect_right(ordered, start) if start == after else bisect_left(ordered, start)
+        bprefix = prefix.encode("utf-8", "surrogatepass")
+        if after is not None and after >= prefix:
+            index = bisect_right(ordered, after.encode("utf-8", "surrogatepass"))
+        else:
+            index = bisect_left(ordered, bprefix)
         now = self._seconds()
         result = []
         live = self._live
         while index < len(ordered) and len(result) < limit:
-            key = ordered[index]
+            bkey = ordered[index]
             index += 1
-            if not key.startswith(prefix):
+            if not bkey.startswith(bprefix):
                 break
-            entry = live.get(key)
-            if entry is None or (entry.expires_at is not None and entry.expires_at <= now):
+            packed = live.get(bkey)
+            if packed is None:
                 continue
-            result.append(key)
+            expires_at = _unpack_time(packed, _TIME_OFFSET)[0]
+            if expires_at and expires_at <= now:
+                continue
+            result.append(bkey.decode())
         return result
 
     def entries(self, include_tombstones: bool = True) -> Iterator[Entry]:
         """
-        A snapshot of every entry (live, and tombstones unless told otherwise), safe to consume while the
-        store changes. Expired entries are skipped.
+        Every entry (live, and tombstones unless told otherwise), safe to consume while the store changes:
+        the keys are those held when this is called, and each key's entry is read as the iteration reaches
+        it. A key that is gone (or expired) by then is skipped, and each key is yielded at most once, as what
+        the store holds for it at that moment.
         """
-        now = self._seconds()
-        snapshot = [e for e in self._live.values() if e.expires_at is None or e.expires_at > now]
-        if include_tombstones:
-            snapshot.extend(tomb for tomb, _ in self._tombstones.values())
-        return iter(snapshot)
+        live_keys = list(self._live)
+        tomb_keys = list(self._tombstones) if include_tombstones else []
+        return self._entries_of(live_keys, tomb_keys, include_tombstones)
+
+    def _entries_of(self, live_keys: List[bytes], tomb_keys: List[bytes],
+                    include_tombstones: bool) -> Iterator[Entry]:
+        live = self._live
+        tombstones = self._tombstones
+        node_ids = self._node_ids
+        seconds = self._seconds
+        for keys in (live_keys, tomb_keys):
+            for bkey in keys:
+                packed = live.get(bkey)
+                if packed is not None:
+                    wall, counter, index, expires_at = _unpack(packed)
+                    if expires_at and expires_at <= seconds():
+                        continue
+                    entry = _new_entry(Entry)
+                    entry.key = bkey.decode()
+                    entry.value = packed[_HEADER_SIZE:]
+                    entry.version = (wall, counter, node_ids[index]) if index else packed.version  # type: ignore
+                    entry.expires_at = expires_at or None
+                    entry.size = len(bkey) + len(packed) + _LIVE_EXTRA
+                    yield entry
+                elif include_tombstones:
+                    packed = tombstones.get(bkey)
+                    if packed is not None:
+                        yield self._tombstone_entry(bkey.decode(), packed)
 
     # -- writes ---------------------------------------------------------------------------------------
 
@@ -203,40 +296,50 @@ class Store:
         """
         if entry.size > self.max_bytes:
             raise EntryTooLarge(entry.key)
-        key = entry.key
+        bkey = entry.key.encode()
         now = self._seconds()
-        existing = self._live.get(key)
-        had_live = existing is not None and (existing.expires_at is None or existing.expires_at > now)
+        live = self._live
+        existing = live.get(bkey)
         if existing is not None:
-            newest = existing.version
+            wall, counter, index, expires_at = _unpack(existing)
+            had_live = not expires_at or expires_at > now
+            newest: Optional[Version] = (
+                (wall, counter, self._node_ids[index]) if index else existing.version)  # type: ignore
+            tomb = None
         else:
-            tomb = self._tombstones.get(key)
-            newest = tomb[0].version if tomb is not None else None
+            had_live = False
+            tomb = self._tombstones.get(bkey)
+            newest = None if tomb is None else self._version(tomb)
         if newest is not None and entry.version <= newest:
             return ApplyResult(False, had_live)
 
         self.changes += 1
         if existing is not None:
-            self._drop_live(key, existing)
-        else:
-            self._drop_tombstone(key)
+            del live[bkey]
+            self._released(len(bkey) + len(existing) + _LIVE_EXTRA)
+            self._sorted_keys = None
+        elif tomb is not None:
+            del self._tombstones[bkey]
+            self._released(len(bkey) + TOMBSTONE_OVERHEAD)
 
-        if entry.value is None:
-            self._tombstones[key] = (entry, now)
-            self.bytes += entry.size
-        elif entry.expires_at is not None and entry.expires_at <= now:
+        value = entry.value
+        expires_at = entry.expires_at
+        if value is None:
+            self._tombstones[bkey] = self._pack(entry.version, now, b"" if expires_at is None
+                                                else _TIME.pack(expires_at))
+            self.bytes += len(bkey) + TOMBSTONE_OVERHEAD
+        elif expires_at is not None and expires_at <= now:
             # A newer write that has already expired hides every older version, as a delete would: keep its
             # version as a tombstone, so an older write arriving later cannot bring the old value back.
-            tomb = Entry(key, None, entry.version, None)
-            self._tombstones[key] = (tomb, now)
-            self.bytes += tomb.size
+            self._tombstones[bkey] = self._pack(entry.version, now, b"")
+            self.bytes += len(bkey) + TOMBSTONE_OVERHEAD
         else:
-            self._live[key] = entry
+            live[bkey] = self._pack(entry.version, expires_at or 0.0, value)
             self.bytes += entry.size
             if self._sorted_keys is not None and existing is None:
                 self._sorted_keys = None
-            if entry.expires_at is not None:
-                heapq.heappush(self._expiries, (entry.expires_at, key))
+            if expires_at is not None:
+                heapq.heappush(self._expiries, (expires_at, bkey))
         self._evict()
         return ApplyResult(True, had_live)
 
@@ -245,14 +348,21 @@ class Store:
         Drop the local copy of ``key`` if it is still at ``version``, without leaving a tombstone: the copy
         now lives on other nodes (handoff). A newer local write is kept.
         """
-        existing = self._live.get(key)
-        if existing is not None and existing.version == version:
-            self._drop_live(key, existing)
+        try:
+            bkey = key.encode()
+        except UnicodeEncodeError:
+            return False
+        packed = self._live.get(bkey)
+        if packed is not None and self._version(packed) == version:
+            del self._live[bkey]
+            self._released(len(bkey) + len(packed) + _LIVE_EXTRA)
+            self._sorted_keys = None
             self.changes += 1
             return True
-        tomb = self._tombstones.get(key)
-        if tomb is not None and tomb[0].version == version:
-            self._drop_tombstone(key)
+        packed = self._tombstones.get(bkey)
+        if packed is not None and self._version(packed) == version:
+            del self._tombstones[bkey]
+            self._released(len(bkey) + TOMBSTONE_OVERHEAD)
             return True
         return False
 
@@ -265,64 +375,100 @@ class Store:
         now = self._seconds()
         expired = 0
         heap = self._expiries
+        live = self._live
         while heap and heap[0][0] <= now:
-            expires_at, key = heapq.heappop(heap)
-            entry = self._live.get(key)
-            if entry is not None and entry.expires_at == expires_at:
-                self._drop_live(key, entry)
+            expires_at, bkey = heapq.heappop(heap)
+            packed = live.get(bkey)
+            if packed is not None and _unpack_time(packed, _TIME_OFFSET)[0] == expires_at:
+                del live[bkey]
+                self._released(len(bkey) + len(packed) + _LIVE_EXTRA)
                 expired += 1
         if expired:
+            self._sorted_keys = None
             self.expirations += expired
             self._events.expired(expired)
         cutoff = now - self.tombstone_grace
         stale = []
-        for key, (_, written_at) in self._tombstones.items():
-            if written_at > cutoff:
+        for bkey, packed in self._tombstones.items():
+            if _unpack_time(packed, _TIME_OFFSET)[0] > cutoff:
                 break
-            stale.append(key)
-        for key in stale:
-            self._drop_tombstone(key)
-        if len(heap) > 2 * len(self._live) + 64:
+            stale.append(bkey)
+        for bkey in stale:
+            del self._tombstones[bkey]
+            self._released(len(bkey) + TOMBSTONE_OVERHEAD)
+        if len(heap) > 2 * len(live) + 64:
             # Replaced and deleted keys leave dead heap items behind; rebuild so the heap stays bounded.
-            self._expiries = [(e.expires_at, k) for k, e in self._live.items() if e.expires_at is not None]
+            self._expiries = [(expires_at, bkey) for bkey, expires_at in
+                              ((bkey, _unpack_time(packed, _TIME_OFFSET)[0]) for bkey, packed in live.items())
+                              if expires_at]
             heapq.heapify(self._expiries)
         return expired
 
     # -- internals ------------------------------------------------------------------------------------
 
-    def _drop_live(self, key: str, entry: Entry) -> None:
-        del self._live[key]
-        self.bytes -= entry.size
-        self.released_bytes += entry.size
-        self._sorted_keys = None
+    def _pack(self, version: Version, time: float, tail: bytes) -> bytes:
+        wall, counter, node = version
+        index = self._node_index.get(node)
+        if index is None:
+            index = self._node_index[node] = len(self._node_ids)
+            self._node_ids.append(node)
+        try:
+            return _HEADER.pack(wall, counter, index, time) + tail
+        except (struct.error, OverflowError, TypeError, ValueError):  # PyPy raises some of the latter
+            wide = _WideVersion(_HEADER.pack(0, 0, _WIDE, time) + tail)
+            wide.version = version
+            return wide
 
-    def _drop_tombstone(self, key: str) -> None:
-        tomb = self._tombstones.pop(key, None)
-        if tomb is not None:
-            self.bytes -= tomb[0].size
-            self.released_bytes += tomb[0].size
+    def _version(self, packed: bytes) -> Version:
+        wall, counter, index, _ = _unpack(packed)
+        return (wall, counter, self._node_ids[index]) if index else packed.version  # type: ignore
+
+    def _tombstone_entry(self, key: str, packed: bytes) -> Entry:
+        return Entry(key, None, self._version(packed),
+                     _unpack_time(packed, _HEADER_SIZE)[0] if len(packed) > _HEADER_SIZE else None)
+
+    def _released(self, size: int) -> None:
+        self.bytes -= size
+        self.released_bytes += size
 
     def _evict(self) -> None:
         if self.bytes <= self.max_bytes:
             return
-        evicted = 0
         live = self._live
         # The most recent entry, usually the one just written and acknowledged, goes after the tombstones.
-        while self.bytes > self.max_bytes and len(live) > 1:
-            key, entry = live.popitem(last=False)
-            self.bytes -= entry.size
-            self.released_bytes += entry.size
-            evicted += 1
+        evicted = self._evict_oldest(live, len(live) - 1, _LIVE_EXTRA, True)
         # Still over budget: the oldest tombstones go first.
-        while self.bytes > self.max_bytes and self._tombstones:
-            self._drop_tombstone(next(iter(self._tombstones)))
+        if self.bytes > self.max_bytes:
+            self._evict_oldest(self._tombstones, len(self._tombstones), TOMBSTONE_OVERHEAD, False)
         if self.bytes > self.max_bytes and live:
-            key, entry = live.popitem(last=False)
-            self.bytes -= entry.size
-            self.released_bytes += entry.size
-            evicted += 1
+            evicted += self._evict_oldest(live, 1, _LIVE_EXTRA, True)
         if evicted:
             self._sorted_keys = None
             self.evictions += evicted
             self._events.evicted(evicted)
 
+    def _evict_oldest(self, table: Dict[bytes, bytes], candidates: int, extra: int, sized: bool) -> int:
+        """
+        Drop the oldest of the first ``candidates`` keys of ``table`` until the store is within its budget,
+        and at least 1/64 of the table: a dict reuses none of the slots it deletes from its front until it
+        is resized, so each walk from the front passes over every key dropped before. Dropping a batch per
+        walk keeps steady eviction linear instead of quadratic.
+
+        :param int extra: the accounted bytes of an entry beyond its key (and packed bytes if ``sized``).
+        :return: how many keys were dropped.
+        """
+        if candidates <= 0:
+            return 0
+        excess = self.bytes - self.max_bytes
+        batch = len(table) >> 6
+        victims = []
+        freed = 0
+        for bkey, packed in islice(table.items(), candidates):
+            if freed >= excess and len(victims) >= batch:
+                break
+            victims.append(bkey)
+            freed += len(bkey) + extra + (len(packed) if sized else 0)
+        for bkey in victims:
+            del table[bkey]
+        self._released(freed)
+        return len(victims)

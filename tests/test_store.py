@@ -2,6 +2,7 @@
 Tests for :mod:`kvresponder.store`, on a ``task.Clock``.
 """
 
+import time
 from typing import Dict, List, Optional
 
 import pytest
@@ -10,6 +11,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from twisted.internet.task import Clock
 
 from kvresponder.store import ENTRY_OVERHEAD, TOMBSTONE_OVERHEAD, ApplyResult, Entry, EntryTooLarge, Store
+from kvresponder.store import _HEADER_SIZE as HEADER_SIZE
 
 START = 1700000000.0
 
@@ -284,9 +286,10 @@ def test_entry_exactly_the_size_of_the_budget_fits():
 
 
 def accounted(store: Store) -> int:
-    # The store's own containers: the point is to check its running byte count against what it holds.
-    return (sum(e.size for e in store._live.values())
-            + sum(t.size for t, _ in store._tombstones.values()))
+    # The store's own containers (key bytes to packed header and value): the point is to check its running
+    # byte count against what it holds, expired entries not yet reclaimed included.
+    return (sum(len(key) + len(packed) - HEADER_SIZE + ENTRY_OVERHEAD for key, packed in store._live.items())
+            + sum(len(key) + TOMBSTONE_OVERHEAD for key in store._tombstones))
 
 
 class StoreMachine(RuleBasedStateMachine):
@@ -331,7 +334,7 @@ class StoreMachine(RuleBasedStateMachine):
         entry = self.store.get(key)
         if entry is not None:
             # Never a stale value, never a deleted one: only the last write applied, if it was kept.
-            assert entry is self.newest[key]
+            assert entry == self.newest[key]
             assert entry.expires_at is None or entry.expires_at > self.clock.seconds()
 
     @rule(key=KEYS)
@@ -632,3 +635,182 @@ def test_an_already_expired_newer_write_still_hides_older_ones_in_any_order():
             store.apply(entry)
         assert store.get("k") is None
         assert store.keys() == []
+
+
+# -- the packed representation -------------------------------------------------------------------------
+
+def test_hits_keep_the_least_recently_used_order():
+    """
+    If keys are read in some order, then evictions take them in the order of their last use (write or read),
+    oldest first, however often each was read.
+    """
+    entries = [put(key, b"x" * 10, 1) for key in "abcd"]
+    store, _, _ = make_store(max_bytes=budget_for(entries))
+    for entry in entries:
+        store.apply(entry)
+    for key in ["b", "a", "b", "c", "a"]:
+        assert store.get(key) is not None
+    # Least recently used first: d, b, c, a.
+    evicted = []
+    for wall, key in enumerate("efgh", start=2):
+        before = set(all_keys(store))
+        store.apply(put(key, b"x" * 10, wall))
+        evicted.extend(sorted(before - set(all_keys(store))))
+    assert evicted == ["d", "b", "c", "a"]
+    assert all_keys(store) == ["e", "f", "g", "h"]
+
+
+def test_eviction_from_a_large_store_takes_a_batch_and_stays_within_the_budget():
+    """
+    If a store of many keys is over its budget, then it evicts the oldest keys in batches of at least 1/64 of
+    its keys (one ``evicted(n)`` report each), the accounted bytes never exceed ``max_bytes``, and no more
+    than a batch's worth of room is left unused.
+    """
+    size = put("k00000", b"x" * 20, 1).size
+    store, _, events = make_store(max_bytes=1000 * size)
+    for i in range(5000):
+        store.apply(put("k%05d" % (i,), b"x" * 20, 1))
+        assert store.bytes <= store.max_bytes
+        assert len(store) >= min(i + 1, 1000 - 1000 // 64 - 1)
+    assert store.evictions == 5000 - len(store)
+    assert min(events.evictions) >= 1000 // 64
+    assert store.bytes == accounted(store)
+    # The oldest went: what is left is the newest keys.
+    assert all_keys(store) == ["k%05d" % (i,) for i in range(5000 - len(store), 5000)]
+
+
+def test_steady_eviction_through_a_large_store_is_not_quadratic():
+    """
+    If many more keys are written than the budget holds, then eviction works in batches, so each write costs
+    about the same however many were evicted before: 200k writes through a budget of 50k keys finish quickly
+    (a walk from the front of the dict per evicted key would take minutes, not seconds).
+    """
+    size = put("k0000000", b"x" * 10, 1).size
+    store, _, events = make_store(max_bytes=50000 * size)
+    started = time.monotonic()
+    for i in range(200000):
+        store.apply(put("k%07d" % (i,), b"x" * 10, 1))
+    elapsed = time.monotonic() - started
+    assert store.bytes <= store.max_bytes
+    assert store.evictions == 200000 - len(store) > 140000
+    assert len(events.evictions) <= store.evictions // 500
+    assert elapsed < 60
+
+
+def test_entries_can_be_consumed_while_the_store_changes():
+    """
+    If the store changes while ``entries()`` is being consumed, then the iteration goes on: it yields the keys
+    held when it was called, each at most once and as held when reached (a newer version, or the tombstone of
+    a key deleted meanwhile), skips keys that are gone or expired, and leaves out keys added since.
+    """
+    store, clock, _ = make_store()
+    for i in range(10):
+        store.apply(put("k%d" % (i,), b"v", 1))
+    store.apply(put("ttl", b"v", 1, ttl=5))
+    store.apply(tomb("t", 1))
+    iterator = store.entries()
+    first = next(iterator)
+    assert first.key == "k0"
+    store.apply(put("k1", b"newer", 2))
+    store.apply(tomb("k2", 2))
+    store.forget("k3", (1, 0, "n1"))
+    store.apply(put("t", b"revived", 2))
+    store.apply(put("added", b"v", 1))
+    clock.advance(10)
+    rest = {entry.key: entry for entry in iterator}
+    keys = [first.key] + list(rest)
+    assert len(keys) == len(set(keys))
+    assert set(keys) == {"k0", "k1", "k2", "k4", "k5", "k6", "k7", "k8", "k9", "t"}
+    assert rest["k1"].value == b"newer"
+    assert rest["k2"] == tomb("k2", 2)
+    assert rest["t"].value == b"revived"
+
+
+def test_entries_snapshot_is_taken_when_called_not_when_first_consumed():
+    """
+    If keys are added after ``entries()`` is called but before its first item is read, then they are not
+    yielded, and a tombstone-free listing never yields a key deleted in between.
+    """
+    store, _, _ = make_store()
+    store.apply(put("a", b"1", 1))
+    store.apply(put("b", b"1", 1))
+    everything = store.entries()
+    live_only = store.entries(include_tombstones=False)
+    store.apply(put("c", b"1", 1))
+    store.apply(tomb("b", 2))
+    assert [(e.key, e.value) for e in everything] == [("a", b"1"), ("b", None)]
+    assert [e.key for e in live_only] == ["a"]
+
+
+def test_non_ascii_keys_are_listed_in_code_point_order():
+    """
+    If keys from every range of Unicode are stored, then listing and paging give them in code point order
+    (astral characters after U+FFFF, unlike UTF-16 order), with non-ASCII prefixes and start keys; a key with
+    a lone surrogate, which no stored key can hold, is reported absent and still orders by code point.
+    """
+    keys = ["z", "é", "éa", "\u07ff", "\u0800", "\ud7ff", "\ue000", "\uffff", "\U00010000", "\U0001d11e",
+            "\U0010ffff", "a\U0001f600", "a\uffff"]
+    store, _, _ = make_store()
+    for key in keys:
+        store.apply(put(key, b"1", 1))
+    assert all_keys(store) == sorted(keys)
+    assert store.keys(prefix="é") == ["é", "éa"]
+    assert store.keys(after="\uffff") == ["\U00010000", "\U0001d11e", "\U0010ffff"]
+    assert store.keys(prefix="a", after="a\uffff") == ["a\U0001f600"]
+    assert store.keys(after="\ud800") == ["\ue000", "\uffff", "\U00010000", "\U0001d11e", "\U0010ffff"]
+    assert store.get("\ud800") is None
+    assert store.current("\ud800") is None
+    assert not store.forget("\ud800", (1, 0, "n1"))
+    assert sorted(e.key for e in store.entries()) == sorted(keys)
+    for key in keys:
+        assert store.get(key) == put(key, b"1", 1)
+
+
+VERSIONS = [
+    (0, 0, ""),
+    (1700000000000, 3, "n1"),
+    (1700000000000, 3, "node-é-\U0001f600"),
+    (2 ** 64 - 1, 2 ** 32 - 1, "n" * 300),
+    # Out of the packed header's range: kept exactly all the same.
+    (2 ** 64, 0, "n1"),
+    (5, 2 ** 32, "n2"),
+    (10 ** 30, 10 ** 30, "n3"),
+    (-5, 0, "n1"),
+]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("expires_at", [None, START + 0.123456789, float("inf")])
+def test_versions_and_expiries_come_back_exactly(version, expires_at):
+    """
+    If an entry or a tombstone of any version (any node id, wall times and counters in and out of the packed
+    range) and any expiry is stored, then every read returns exactly that version and expiry.
+    """
+    store, _, _ = make_store()
+    entry = Entry("k", b"value", version, expires_at)
+    store.apply(entry)
+    assert store.get("k") == entry
+    assert store.get("k").size == entry.size
+    assert list(store.entries()) == [entry]
+    assert store.forget("k", version)
+    deleted = Entry("k", None, version, expires_at)
+    store.apply(deleted)
+    assert store.current("k") == deleted
+    assert list(store.entries()) == [deleted]
+    assert store.bytes == deleted.size == accounted(store)
+
+
+def test_node_ids_compare_by_name_not_by_the_order_they_were_first_seen():
+    """
+    If writes with equal wall times and counters come from node ids first seen in reverse name order, then
+    the node id tie-break still follows the names.
+    """
+    store, _, _ = make_store()
+    store.apply(put("x", b"1", 1, node="c"))
+    store.apply(put("y", b"1", 1, node="b"))
+    store.apply(put("k", b"b", 5, node="b"))
+    assert not store.apply(put("k", b"a", 5, node="a")).applied
+    assert store.apply(put("k", b"c", 5, node="c")).applied
+    assert store.get("k").version == (5, 0, "c")
+    assert not store.forget("k", (5, 0, "b"))
+    assert store.forget("k", (5, 0, "c"))

@@ -126,6 +126,12 @@ class Process:
                     return int(line.split()[1])
         raise KeyError(field)
 
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time the process has used so far (/proc/<pid>/stat)."""
+        with open("/proc/%d/stat" % (self.pid,)) as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def rss(self) -> int:
         return self.status_kb("VmRSS") * 1024
 

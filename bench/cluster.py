@@ -40,8 +40,13 @@ def main(scenario: str) -> dict:
 
     if args.warmup > 0:
         load(args.warmup)
+    cpu_before = [node.cpu_seconds() for node in nodes]
     runs = load(args.duration)
+    cpu = [node.cpu_seconds() - before for node, before in zip(nodes, cpu_before)]
     result = b.combine(runs) if spread else runs[0]
+    # CPU time each node spent per client request: where the cost of a replicated request lands.
+    result["cpu_us_per_request_per_node"] = [round(seconds * 1e6 / max(result["requests"], 1), 1)
+                                             for seconds in cpu]
     result["preload_s"] = round(result_load_s, 2)
     result["peak_rss_bytes"] = max(node.peak_rss() for node in nodes)
     result["peak_rss_bytes_per_node"] = [node.peak_rss() for node in nodes]

@@ -484,6 +484,55 @@ def test_a_slow_request_on_a_busy_connection_gets_its_own_full_deadline():
     assert transport.disconnecting
 
 
+def test_an_idle_connection_is_closed_after_the_timeout():
+    clock = Clock()
+    site = _limited_site(clock, timeout=10)
+    protocol, transport = _connect(site, clock)
+    clock.advance(9.5)
+    assert not transport.disconnecting
+    clock.advance(1)
+    assert transport.disconnecting
+
+
+def test_a_connection_kept_busy_outlives_the_idle_timeout():
+    """
+    If requests keep arriving on a keep-alive connection, then it stays open long past one idle period,
+    and closes one period after the last of them.
+    """
+    clock = Clock()
+    site = _limited_site(clock, timeout=10)
+    protocol, transport = _connect(site, clock)
+    for _ in range(10):
+        protocol.dataReceived(b"GET /t1/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        clock.advance(4)
+    assert not transport.disconnecting
+    assert transport.value().count(b"200 OK") == 10
+    clock.advance(5.5)
+    assert not transport.disconnecting
+    clock.advance(1)
+    assert transport.disconnecting
+
+
+def test_an_idle_keep_alive_connection_schedules_one_timer_not_one_per_request():
+    clock = Clock()
+    scheduled = []
+    original = clock.callLater
+
+    def counting(*args, **kwargs):
+        scheduled.append(args[1])
+        return original(*args, **kwargs)
+
+    clock.callLater = counting
+    site = _limited_site(clock, timeout=10)
+    protocol, transport = _connect(site, clock)
+    protocol.dataReceived(b"GET /t1/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+    del scheduled[:]
+    for _ in range(50):
+        protocol.dataReceived(b"GET /t1/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.value().count(b"200 OK") == 51
+    assert scheduled == []
+
+
 def test_a_prompt_request_is_not_cut_off():
     clock = Clock()
     site = _limited_site(clock, timeout=10)

@@ -137,8 +137,9 @@ def entry_json(entry) -> bytes:
     A stored entry as the response body. The value is spliced in as stored: never parsed again.
     """
     expires = b"null" if entry.expires_at is None else json_bytes(round(entry.expires_at, 3))
-    return b"".join([b'{"key":', json_bytes(entry.key), b',"value":', entry.value, b',"version":"',
-                     format_version(entry.version).encode("utf-8"), b'","expires_at":', expires, b"}"])
+    wall, counter, node = entry.version
+    return b'{"key":%s,"value":%s,"version":"%d.%d.%s","expires_at":%s}' % (
+        json_bytes(entry.key), entry.value, wall, counter, node.encode("utf-8"), expires)
 
 
 def _write_json(request, status: int, body: bytes) -> None:

@@ -42,7 +42,7 @@ class TenantResource(Resource):
 
     def __init__(self, kv: Resource, public: Resource, internal: Resource) -> None:
         Resource.__init__(self)
-        self._kv = kv
+        self.kv = self._kv = kv
         self._public = public
         self._internal = internal
 
@@ -81,6 +81,13 @@ class RootResource(Resource):
         if path == self._tenant:
             return self._tenant_resource
         return self._elsewhere
+
+    def shortcuts(self):
+        """
+        Path prefixes whose requests all end at one leaf, for :class:`~kvresponder.http.site.KVSite` to
+        serve without walking the tree: ``/<tenant>/kv/`` (the hot path).
+        """
+        return [(b"/" + self._tenant + b"/kv/", self._tenant_resource.kv)]
 
     def render(self, request):
         return self._elsewhere.render(request)

@@ -137,16 +137,29 @@ class KVRequest(Request):
             self.write(body)
             self.finish()
             return
-        self.prepath = []
-        self.postpath = list(map(unquote, self.path[1:].split(b"/")))
-        if self.path == b"*":
+        path = self.path
+        if path == b"*":
+            self.prepath = []
+            self.postpath = [b""]
             self._handleStar()
             return
         tracing = site.tracing
         if tracing is not None:
             self._span = tracing.start_server_span(self)
         try:
-            self.render(site.getResourceFor(self))
+            for prefix, prepath, leaf in site.shortcuts:
+                if path.startswith(prefix):
+                    # Where traversal would end up, with the same prepath and postpath, in one step.
+                    self.sitepath = []
+                    self.prepath = list(prepath)
+                    self.postpath = list(map(unquote, path[len(prefix):].split(b"/")))
+                    resource = leaf
+                    break
+            else:
+                self.prepath = []
+                self.postpath = list(map(unquote, path[1:].split(b"/")))
+                resource = site.getResourceFor(self)
+            self.render(resource)
         except BaseException:
             self.processingFailed(Failure())
         finally:
@@ -266,17 +279,58 @@ class _CountedChannel(HTTPChannel):
     _deadline = None
     _request_started = None
     _host = None
+    _peer = None
+    _idle_call = None
+    _last_activity = 0.0
 
     def connectionMade(self):
         HTTPChannel.connectionMade(self)
         self.site.open_connections += 1
 
     def getHost(self):
-        # Twisted asks for it on every request (a getsockname system call); it cannot change.
+        # Twisted asks for both addresses on every request (a system call and an object each); neither
+        # changes during a connection.
         host = self._host
         if host is None:
             host = self._host = HTTPChannel.getHost(self)
         return host
+
+    def getPeer(self):
+        peer = self._peer
+        if peer is None:
+            peer = self._peer = HTTPChannel.getPeer(self)
+        return peer
+
+    # TimeoutMixin's idle timeout, made lazy in the same way as the request deadline. HTTPChannel suspends
+    # the timeout while it answers a request and restores it afterwards, and resets it on every read: with
+    # TimeoutMixin that cancels and schedules a timer for every request. Here those calls only note the
+    # period and the time, and one timer per connection checks them when it fires.
+
+    def setTimeout(self, period):
+        previous = self.timeOut
+        self.timeOut = period
+        self._last_activity = self.site.seconds()
+        if period is not None:
+            call = self._idle_call
+            if call is None:
+                self._idle_call = self.callLater(period, self._check_idle)
+            elif call.getTime() > self._last_activity + period:
+                call.reset(period)
+        return previous
+
+    def resetTimeout(self):
+        self._last_activity = self.site.seconds()
+
+    def _check_idle(self):
+        self._idle_call = None
+        period = self.timeOut
+        if period is None:
+            return
+        left = self._last_activity + period - self.site.seconds()
+        if left > 0:
+            self._idle_call = self.callLater(left, self._check_idle)
+            return
+        self.timeoutConnection()
 
     def dataReceived(self, data):
         if self._request_started is None and not self._handlingRequest:
@@ -321,6 +375,10 @@ class _CountedChannel(HTTPChannel):
 
     def connectionLost(self, reason):
         self._cancel_deadline()
+        if self._idle_call is not None:
+            if self._idle_call.active():
+                self._idle_call.cancel()
+            self._idle_call = None
         self._request_started = None
         self.site.open_connections -= 1
         HTTPChannel.connectionLost(self, reason)
@@ -358,6 +416,10 @@ class KVSite(Site):
         self.request_deadline = timeout
         self.open_connections = 0
         self.tracing = tracing if tracing is not None and tracing.enabled else None
+        #: (path prefix, its segments, leaf): a root resource may name leaves that traversal reaches for every
+        #: path under a prefix (``shortcuts()``), and requests under it go there without the walk.
+        self.shortcuts = [(prefix, tuple(prefix.strip(b"/").split(b"/")), leaf)
+                          for prefix, leaf in getattr(resource, "shortcuts", lambda: [])()]
 
     def log(self, request) -> None:
         # Requests are accounted by KVRequest as metrics and Eliot actions, not as access-log lines.

@@ -131,6 +131,20 @@ def test_delete_existing_then_absent(api):
     assert_error(code, body, 404, "not_found")
 
 
+@pytest.mark.parametrize("raw, key", [
+    ("plain", "plain"), ("a%22b", 'a"b'), ("a%5Cb", "a\\b"), ("%C3%A9t%C3%A9", "\u00e9t\u00e9"),
+    ("tab%09", "tab\t"), ("nul%00", "nul\x00"), ("sp%20ace", "sp ace"), ("%E2%80%A8", "\u2028"),
+])
+def test_a_key_comes_back_in_the_body_exactly_as_written(api, raw, key):
+    """
+    If a key needs escaping in JSON (a quote, a backslash, a control character) or is not ASCII, then the
+    GET body still parses and names the key exactly.
+    """
+    assert api.put(raw, 1)[0] == 201
+    code, body, _ = api.call("GET", "/kv/" + raw)
+    assert code == 200 and body["key"] == key and body["value"] == 1
+
+
 def test_key_with_encoded_slash(api):
     """
     If a key contains a percent-encoded slash, then it is one key, listed with its slash.

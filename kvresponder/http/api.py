@@ -132,14 +132,21 @@ def decode_cursor(cursor: str) -> str:
         raise bad_request("invalid_cursor", "The cursor is not one this API returned.")
 
 
+def _json_key(key: str) -> bytes:
+    # Most keys are printable ASCII without a quote or backslash: those need no escaping.
+    if key.isascii() and key.isprintable() and '"' not in key and "\\" not in key:
+        return b'"' + key.encode("ascii") + b'"'
+    return json_bytes(key)
+
+
 def entry_json(entry) -> bytes:
     """
     A stored entry as the response body. The value is spliced in as stored: never parsed again.
     """
     expires = b"null" if entry.expires_at is None else json_bytes(round(entry.expires_at, 3))
     wall, counter, node = entry.version
-    return b'{"key":%s,"value":%s,"version":"%d.%d.%s","expires_at":%s}' % (
-        json_bytes(entry.key), entry.value, wall, counter, node.encode("utf-8"), expires)
+    return b"".join([b'{"key":', _json_key(entry.key), b',"value":', entry.value, b',"version":"',
+                     b"%d.%d." % (wall, counter), node.encode("utf-8"), b'","expires_at":', expires, b"}"])
 
 
 def _write_json(request, status: int, body: bytes) -> None:

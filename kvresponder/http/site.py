@@ -309,12 +309,12 @@ class _CountedChannel(HTTPChannel):
     def setTimeout(self, period):
         previous = self.timeOut
         self.timeOut = period
-        self._last_activity = self.site.seconds()
         if period is not None:
+            self._last_activity = self.site.seconds()
             call = self._idle_call
             if call is None:
                 self._idle_call = self.callLater(period, self._check_idle)
-            elif call.getTime() > self._last_activity + period:
+            elif period != previous and call.getTime() > self._last_activity + period:
                 call.reset(period)
         return previous
 

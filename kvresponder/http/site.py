@@ -251,6 +251,63 @@ class KVRequest(Request):
         return reason
 
 
+class _Cork:
+    """
+    Stands in for a channel's transport while the channel answers a request within the same reactor turn,
+    and sends what was written with one system call at the end.
+
+    Twisted's TCP transport buffers every write and waits for the reactor to report the socket writable
+    (https://github.com/twisted/twisted/issues/5303): for a small response that costs two ``epoll_ctl``
+    calls and another pass of the reactor loop, a sixth of a cache read. When the transport has nothing
+    queued, the answer goes out at once; whatever the socket does not take, and everything on any other
+    kind of transport (TLS, test transports), goes through the transport's own ``write``.
+    """
+
+    def __init__(self, transport) -> None:
+        self._transport = transport
+        self._chunks = []
+
+    def write(self, data: bytes) -> None:
+        self._chunks.append(data)
+
+    def writeSequence(self, data) -> None:
+        self._chunks.extend(data)
+
+    def loseConnection(self) -> None:
+        self.flush()
+        self._transport.loseConnection()
+
+    def abortConnection(self) -> None:
+        self._chunks = []
+        self._transport.abortConnection()
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+    def flush(self) -> None:
+        chunks = self._chunks
+        if not chunks:
+            return
+        self._chunks = []
+        data = b"".join(chunks)
+        transport = self._transport
+        sock = getattr(transport, "socket", None)
+        if (sock is None or getattr(transport, "TLS", False) or not transport.connected
+                or transport.disconnecting or getattr(transport, "_tempDataBuffer", True)
+                or getattr(transport, "dataBuffer", True)):
+            transport.write(data)
+            return
+        try:
+            sent = sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            # Let the transport meet the error on its own write, and close as it always does.
+            sent = 0
+        if sent < len(data):
+            transport.write(data[sent:])
+
+
 class _Refuse(Protocol):
     """
     Answers 503 and hangs up, for connections over the cap.
@@ -342,7 +399,18 @@ class _CountedChannel(HTTPChannel):
 
     def allContentReceived(self):
         self._request_started = None
-        HTTPChannel.allContentReceived(self)
+        transport = self.transport
+        if isinstance(transport, _Cork):
+            # A pipelined request answered while the one before it is still corked: keep one cork, so the
+            # answers leave in order.
+            HTTPChannel.allContentReceived(self)
+            return
+        self.transport = cork = _Cork(transport)
+        try:
+            HTTPChannel.allContentReceived(self)
+        finally:
+            self.transport = transport
+            cork.flush()
 
     def _respondToBadRequestAndDisconnect(self):
         # Twisted's own parser refused the bytes (a bad header line, a bad Content-Length or chunk, ...):

@@ -31,8 +31,12 @@ AUTH_HEADER = b"X-KV-Auth"
 TASK_HEADER = b"X-Eliot-Task-Id"
 #: For a coalesced batch of writes: one Eliot task id per entry, space-separated ("-" for none).
 TASKS_HEADER = b"X-Eliot-Task-Ids"
-#: Writes to one peer queued in one reactor turn go out as one request, up to this many.
+#: Writes to one peer queued together go out as one request, up to this many.
 MAX_COALESCED = 256
+#: Batches of coalesced writes in flight to one peer at once. Writes queued while they are in flight wait for
+#: one to come back and then leave together, so a batch grows with the load: one request per write when
+#: the node is idle, ever fewer per write as it gets busier.
+MAX_BATCHES_IN_FLIGHT = 1
 #: Concurrent calls to one peer; more wait their turn.
 MAX_IN_FLIGHT = 64
 #: Seconds a signed peer request stays valid.
@@ -122,6 +126,8 @@ class PeerClient:
         self._log = log_policy
         self._in_flight: Dict[Tuple[str, int], DeferredSemaphore] = {}
         self._queued: Dict[Tuple[str, int], list] = {}
+        self._batches_in_flight: Dict[Tuple[str, int], int] = {}
+        self._flush_scheduled: set = set()
 
     async def _call(self, address: str, port: int, peer_id: str, op: str, payload: dict,
                     read: bool = False, timeout: Optional[float] = None, task_ids: Optional[List[bytes]] = None):
@@ -235,7 +241,8 @@ class PeerClient:
     def apply_coalesced(self, peer, entry: Entry) -> Deferred:
         """
         Store one entry on ``peer``, sharing one request with the other writes to that peer queued in the same
-        reactor turn: under concurrent load, one HTTP call carries many replicated writes. Each write keeps its
+        reactor turn, or while :data:`MAX_BATCHES_IN_FLIGHT` earlier batches to it are out: under concurrent
+        load, one HTTP call carries many replicated writes. Each write keeps its
         own peer-call action, whose task the peer continues for that entry alone, so a write's Eliot tree is
         unchanged. With tracing on, each write goes alone, so that its spans keep their parent.
 
@@ -248,7 +255,6 @@ class PeerClient:
         queue = self._queued.get(key)
         if queue is None:
             queue = self._queued[key] = []
-            self._clock.callLater(0, self._flush, peer, key)
         action = None
         if self._log is None or self._log.enabled("replication", INFO):
             action = PEER_CALL(peer=peer.node_id, op="apply")
@@ -256,12 +262,27 @@ class PeerClient:
         queue.append((entry, waiter, action))
         if len(queue) >= MAX_COALESCED:
             self._flush(peer, key)
+        elif key not in self._flush_scheduled and self._batches_in_flight.get(key, 0) < MAX_BATCHES_IN_FLIGHT:
+            # Send at the end of this reactor turn, with whatever else this turn queues for the peer.
+            self._flush_scheduled.add(key)
+            self._clock.callLater(0, self._scheduled_flush, peer, key)
         return waiter
+
+    def _scheduled_flush(self, peer, key) -> None:
+        self._flush_scheduled.discard(key)
+        self._flush(peer, key)
+
+    def _batch_done(self, peer, key) -> None:
+        self._batches_in_flight[key] -= 1
+        if self._queued.get(key) and key not in self._flush_scheduled:
+            # Writes queued while the batches were out: they go now, together.
+            self._flush(peer, key)
 
     def _flush(self, peer, key) -> None:
         queue = self._queued.pop(key, None)
         if not queue:
             return
+        self._batches_in_flight[key] = self._batches_in_flight.get(key, 0) + 1
         entries = [entry for entry, _, _ in queue]
         task_ids = [action.serialize_task_id() if action is not None else b"-" for _, _, action in queue]
         d = ensureDeferred(self._call(peer.address, peer.port, peer.node_id, "apply", encode_batch(entries),
@@ -296,6 +317,7 @@ class PeerClient:
 
         d.addCallbacks(answered, failed)
         d.addErrback(failed)
+        d.addBoth(lambda _: self._batch_done(peer, key))
 
     async def get_many(self, peer, keys: Sequence[str]) -> List[Optional[Entry]]:
         """

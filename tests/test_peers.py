@@ -1,0 +1,112 @@
+"""
+PeerClient's batching of replicated writes, on a Clock and a fake transport under ``_post`` (the calls are
+answered by hand, so what is in flight and when is under the test's control).
+"""
+
+import json
+from collections import namedtuple
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from kvresponder.peers import MAX_BATCHES_IN_FLIGHT, PeerClient, PeerError
+from kvresponder.store import Entry
+from kvresponder.wire import decode_batch
+
+Peer = namedtuple("Peer", "node_id address port")
+PEER = Peer("n2", "127.0.0.1", 4000)
+
+
+class _Calls:
+    def __init__(self):
+        self.pending = []
+
+    def post(self, url, headers, body, timeout):
+        d = Deferred()
+        self.pending.append((decode_batch(body), d))
+        return d
+
+    def answer(self, index=0, code=200):
+        entries, d = self.pending.pop(index)
+        d.callback((code, json.dumps({"results": [[True, False]] * len(entries)}).encode()))
+        return entries
+
+
+def _client():
+    clock = Clock()
+    client = PeerClient(http=None, clock=clock, tenant="t1", timeout=5.0)
+    calls = _Calls()
+    client._post = calls.post
+    return client, clock, calls
+
+
+def _entry(i):
+    return Entry("k%d" % (i,), b"%d" % (i,), (1000 + i, 0, "n1"))
+
+
+def test_writes_queued_in_one_turn_leave_as_one_request():
+    client, clock, calls = _client()
+    waiters = [client.apply_coalesced(PEER, _entry(i)) for i in range(5)]
+    assert calls.pending == []
+    clock.advance(0)
+    assert [len(entries) for entries, _ in calls.pending] == [5]
+    calls.answer()
+    results = [w.result for w in waiters]
+    assert all(result.applied for result in results)
+
+
+def test_writes_queued_while_batches_are_out_leave_together_when_one_returns():
+    """
+    If MAX_BATCHES_IN_FLIGHT batches to a peer are out, then later writes wait, however many reactor turns
+    pass, and leave as one request as soon as a batch comes back.
+    """
+    client, clock, calls = _client()
+    for batch in range(MAX_BATCHES_IN_FLIGHT):
+        client.apply_coalesced(PEER, _entry(batch))
+        clock.advance(0)
+    assert len(calls.pending) == MAX_BATCHES_IN_FLIGHT
+    waiting = []
+    for i in range(10, 17):
+        waiting.append(client.apply_coalesced(PEER, _entry(i)))
+        clock.advance(0)
+    assert len(calls.pending) == MAX_BATCHES_IN_FLIGHT
+    assert not any(w.called for w in waiting)
+    calls.answer(0)
+    assert len(calls.pending) == MAX_BATCHES_IN_FLIGHT
+    entries, _ = calls.pending[-1]
+    assert [entry.key for entry in entries] == ["k%d" % (i,) for i in range(10, 17)]
+    calls.answer(len(calls.pending) - 1)
+    assert all(w.called and w.result.applied for w in waiting)
+
+
+def test_a_failed_batch_fails_its_own_writes_only():
+    client, clock, calls = _client()
+    first = [client.apply_coalesced(PEER, _entry(i)) for i in range(3)]
+    clock.advance(0)
+    second = [client.apply_coalesced(PEER, _entry(i)) for i in range(3, 5)]
+    clock.advance(0)
+    _, d = calls.pending.pop(0)
+    d.errback(ConnectionError("reset"))
+    failures = []
+    for w in first:
+        w.addErrback(lambda failure: failures.append(failure.check(PeerError)))
+    assert failures == [PeerError] * 3
+    calls.answer(0)
+    assert all(w.result.applied for w in second)
+
+
+def test_an_idle_peer_gets_each_write_without_waiting():
+    """
+    If nothing is in flight, then a lone write leaves at the end of its own reactor turn.
+    """
+    client, clock, calls = _client()
+    w = client.apply_coalesced(PEER, _entry(1))
+    clock.advance(0)
+    assert len(calls.pending) == 1
+    calls.answer()
+    assert w.result.applied
+    w2 = client.apply_coalesced(PEER, _entry(2))
+    clock.advance(0)
+    assert len(calls.pending) == 1
+    calls.answer()
+    assert w2.result.applied

@@ -602,3 +602,32 @@ def test_a_collector_runs_once_half_the_budget_has_turned_over():
     assert len(calls) == 1
     clock.advance(1)
     assert len(calls) == 1
+
+
+def test_a_collector_runs_as_a_growing_store_takes_in_a_quarter_more():
+    """
+    If the store is being filled (nothing dropped), then the collector still runs each time the store has
+    taken in a quarter more than it held at the last collection (at least 16 MiB), and not in between.
+    """
+    clock = Clock()
+    calls = []
+    node = Node(make_settings(max_memory="1Gi"), clock, http=None, join_settle=0.1,
+                collect=lambda: calls.append(clock.seconds()))
+    node.start()
+    from kvresponder.store import Entry
+    value = b'"' + b"v" * 100000 + b'"'
+
+    def write(first, count):
+        for i in range(first, first + count):
+            node.store.apply(Entry("k%d" % (i,), value, node.hlc.now()))
+        clock.advance(0.3)
+
+    write(0, 150)
+    assert calls == []
+    write(150, 30)
+    assert len(calls) == 1
+    write(180, 100)
+    assert len(calls) == 1
+    write(280, 80)
+    assert len(calls) == 2
+    assert node.store.released_bytes == 0

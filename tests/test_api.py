@@ -631,3 +631,18 @@ def test_a_collector_runs_as_a_growing_store_takes_in_a_quarter_more():
     write(280, 80)
     assert len(calls) == 2
     assert node.store.released_bytes == 0
+
+
+def test_a_form_post_reaches_its_route_and_gets_a_json_415():
+    """
+    If a POST claims to be a form (multipart, and not even well-formed), then Twisted does not parse it
+    before the route runs: the route answers 415 in the API's JSON format.
+    """
+    clock = Clock()
+    site = _limited_site(clock)
+    protocol, transport = _connect(site, clock)
+    protocol.dataReceived(b"POST /t1/bulk HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                          b"Content-Length: 10\r\n\r\n{\"get\":[]}")
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 415")
+    assert b"\"error\":\"unsupported_media_type\"" in body

@@ -418,21 +418,30 @@ def test_drain_timeout_is_below_grace_period_when_example_is_rendered(example):
     assert 0 < int(env_value(docs, "DRAIN_TIMEOUT")) < grace
 
 
+DEFAULT_MAX_MEMORY_PERCENT = 50
+
+
 @pytest.mark.parametrize(
     "limit, expected",
     [
-        ("512Mi", 512 * 2**20 * 75 // 100),
-        ("1Gi", 2**30 * 75 // 100),
-        ("1.5Gi", int(1.5 * 2**30) * 75 // 100),
-        ("500M", 500 * 10**6 * 75 // 100),
-        ("2G", 2 * 10**9 * 75 // 100),
-        ("268435456", 268435456 * 75 // 100),
+        ("512Mi", 512 * 2**20 * DEFAULT_MAX_MEMORY_PERCENT // 100),
+        ("1Gi", 2**30 * DEFAULT_MAX_MEMORY_PERCENT // 100),
+        ("1.5Gi", int(1.5 * 2**30) * DEFAULT_MAX_MEMORY_PERCENT // 100),
+        ("500M", 500 * 10**6 * DEFAULT_MAX_MEMORY_PERCENT // 100),
+        ("2G", 2 * 10**9 * DEFAULT_MAX_MEMORY_PERCENT // 100),
+        ("268435456", 268435456 * DEFAULT_MAX_MEMORY_PERCENT // 100),
     ],
 )
-def test_max_memory_is_75_percent_of_memory_limit_when_not_set(limit, expected):
-    """If MAX_MEMORY is not set, it is 75% of the memory limit, in bytes."""
+def test_max_memory_is_half_the_memory_limit_when_not_set(limit, expected):
+    """If MAX_MEMORY is not set, it is maxMemoryPercent (50 by default) of the memory limit, in bytes."""
     docs = render("kv-responder-x", "--set", "tenant=x", "--set-string", f"resources.limits.memory={limit}")
     assert int(env_value(docs, "MAX_MEMORY")) == expected
+
+
+def test_max_memory_percent_can_be_raised_for_a_cpython_image():
+    docs = render("kv-responder-x", "--set", "tenant=x", "--set-string", "resources.limits.memory=512Mi",
+                  "--set", "config.maxMemoryPercent=75")
+    assert int(env_value(docs, "MAX_MEMORY")) == 512 * 2**20 * 75 // 100
 
 
 def test_max_memory_follows_values_when_set():

@@ -12,6 +12,10 @@ from typing import Callable, Tuple
 #: ``(wall_ms, counter, node_id)``
 Version = Tuple[int, int, str]
 
+#: The largest wall time (ms) and counter the peer wire format carries (a signed and an unsigned 32-bit field).
+MAX_WALL = 2 ** 63 - 1
+MAX_COUNTER = 2 ** 32 - 1
+
 
 def format_version(version: Version) -> str:
     """
@@ -32,8 +36,8 @@ def version_from_wire(value) -> Version:
         or type(value[0]) is not int
         or type(value[1]) is not int
         or not isinstance(value[2], str)
-        or value[0] < 0
-        or value[1] < 0
+        or not 0 <= value[0] <= MAX_WALL
+        or not 0 <= value[1] <= MAX_COUNTER
     ):
         raise ValueError("malformed version: %r" % (value,))
     return (value[0], value[1], value[2])
@@ -62,8 +66,12 @@ class HybridLogicalClock:
         if physical > self._wall:
             self._wall = physical
             self._counter = 0
-        else:
+        elif self._counter < MAX_COUNTER:
             self._counter += 1
+        else:
+            # The counter is full for this millisecond: borrow the next one, still strictly greater.
+            self._wall += 1
+            self._counter = 0
         return (self._wall, self._counter, self.node_id)
 
     def observe(self, version: Version) -> None:

@@ -84,7 +84,7 @@ class Node:
         self._loops = []
         self._collect = collect
         self._released_at_collect = 0
-        self._written_at_collect = 0
+        self._held_at_collect = 0
         self.membership.subscribe(self._membership_changed)
         self.metrics.register_live_gauges(self.gauges)
 
@@ -142,7 +142,7 @@ class Node:
     def _reclaim(self) -> None:
         """
         On PyPy, run a full collection once a good share of the budget has been dropped, or once the store
-        has taken in a quarter more than it held at the last collection. PyPy keeps large byte strings
+        has grown by a quarter since the last collection. PyPy keeps large byte strings
         outside its collected heap and does not count them towards its next major collection, so a cache
         that keeps replacing its values would otherwise grow without bound (measured: +40 MB per 60 MB
         written with an 8 MB budget; flat with this), and a store being filled would carry the garbage of
@@ -150,11 +150,11 @@ class Node:
         """
         store = self.store
         released = store.released_bytes
-        written = store.bytes + released
+        held = store.bytes
         if (released - self._released_at_collect >= max(store.max_bytes // 2, 4 * 1024 * 1024)
-                or written - self._written_at_collect >= max(store.bytes // 4, 16 * 1024 * 1024)):
+                or held - self._held_at_collect >= max(self._held_at_collect // 4, 16 * 1024 * 1024)):
             self._released_at_collect = released
-            self._written_at_collect = written
+            self._held_at_collect = held
             self._collect()
 
     def _every(self, interval: float, function, now: bool = True) -> None:

@@ -14,7 +14,7 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from eliot import current_action
-from twisted.internet.defer import Deferred, DeferredSemaphore, ensureDeferred
+from twisted.internet.defer import Deferred, DeferredSemaphore, ensureDeferred, fail
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.web.client import RequestTransmissionFailed, ResponseFailed
 from twisted.web._newclient import RequestNotSent
@@ -283,10 +283,15 @@ class PeerClient:
         if not queue:
             return
         self._batches_in_flight[key] = self._batches_in_flight.get(key, 0) + 1
-        entries = [entry for entry, _, _ in queue]
-        task_ids = [action.serialize_task_id() if action is not None else b"-" for _, _, action in queue]
-        d = ensureDeferred(self._call(peer.address, peer.port, peer.node_id, "apply", encode_batch(entries),
-                                      task_ids=task_ids))
+        try:
+            entries = [entry for entry, _, _ in queue]
+            task_ids = [action.serialize_task_id() if action is not None else b"-" for _, _, action in queue]
+            d = ensureDeferred(self._call(peer.address, peer.port, peer.node_id, "apply", encode_batch(entries),
+                                          task_ids=task_ids))
+        except Exception:
+            # The batch could not even be sent: fail its writes (they fail over) rather than leave them, and
+            # every later write to this peer, waiting for a batch that never returns.
+            d = fail()
 
         finished = set()
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import requests
 
-from .harness import REPO, TWISTD, NodeProcess, free_udp_port, node_env
+from .harness import REPO, TWISTD, NodeProcess, free_port, free_udp_port, node_env
 
 pytestmark = pytest.mark.e2e
 
@@ -186,3 +186,62 @@ def test_pipelined_requests_are_answered_in_order_and_whole(node):
             parsed = json.loads(body)
             assert parsed["key"] == key
             assert parsed["value"] == (big if key == "big" else int(key[-1]))
+
+
+def _self_signed(directory: str) -> str:
+    """
+    A self-signed certificate and its key for 127.0.0.1, in one PEM file; returns its path.
+    """
+    import datetime
+    import os
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    path = os.path.join(directory, "tls.pem")
+    with open(path, "wb") as pem:
+        pem.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()))
+        pem.write(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def test_a_node_listening_with_tls_answers_over_tls(log_dir):
+    """
+    If PORT is a TLS endpoint, then every answer, including those the server sends within the request's
+    reactor turn, is encrypted: a TLS client reads them, a write and a read alike.
+    """
+    import time
+    import urllib3
+    urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+    pem = _self_signed(log_dir)
+    port = free_port()
+    process = NodeProcess("tls", "tls-1", free_udp_port(), log_dir,
+                          args=["--port", "ssl:%d:interface=127.0.0.1:privateKey=%s" % (port, pem),
+                                "--advertise-port", str(port)], port=port)
+    process.start()
+    url = "https://127.0.0.1:%d/tls" % (port,)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert process.process.poll() is None, process.log_tail()
+            try:
+                if requests.get(url + "/health/ready", timeout=1, verify=False).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, process.log_tail()
+            time.sleep(0.1)
+        with requests.Session() as session:
+            assert session.put(url + "/kv/k", json={"value": 1}, timeout=5, verify=False).status_code == 201
+            for _ in range(5):
+                response = session.get(url + "/kv/k", timeout=5, verify=False)
+                assert response.status_code == 200 and response.json()["value"] == 1
+    finally:
+        process.kill()

@@ -147,7 +147,7 @@ def test_format_version_renders_wall_counter_and_node():
     assert format_version((1700000000123, 4, "pod-1.x")) == "1700000000123.4.pod-1.x"
 
 
-@given(st.tuples(st.integers(0, 2 ** 63), st.integers(0, 2 ** 31), st.text(max_size=64)))
+@given(st.tuples(st.integers(0, 2 ** 63 - 1), st.integers(0, 2 ** 32 - 1), st.text(max_size=64)))
 def test_version_survives_the_json_wire_round_trip(version):
     """
     If a version is sent to a peer as a JSON list, then the peer parses back the same version.
@@ -169,15 +169,34 @@ def test_version_survives_the_json_wire_round_trip(version):
     ["1", 2, "n1"],
     [-1, 2, "n1"],
     [1, -2, "n1"],
+    [2 ** 63, 2, "n1"],
+    [1, 2 ** 32, "n1"],
     [1, 2, 3],
     [1, 2, None],
     {"wall": 1, "counter": 2, "node": "n1"},
 ])
 def test_malformed_wire_version_is_rejected(value):
     """
-    If a peer sends anything but ``[non-negative int, non-negative int, str]``, then parsing raises
-    ``ValueError`` naming the value.
+    If a peer sends anything but ``[non-negative int, non-negative int, str]`` within the wire format's
+    ranges, then parsing raises ``ValueError`` naming the value.
     """
     with pytest.raises(ValueError) as raised:
         version_from_wire(value)
     assert "malformed version" in str(raised.value)
+
+
+def test_a_full_counter_moves_the_version_to_the_next_millisecond():
+    """
+    If the clock observed a version whose counter is the largest the wire carries, then the next local
+    version is still greater, and still fits the wire format: the next millisecond, counter 0.
+    """
+    from kvresponder.hlc import MAX_COUNTER
+    from kvresponder.store import Entry
+    from kvresponder.wire import decode_batch, encode_batch
+    clock = HybridLogicalClock(lambda: 1.0, "n1")
+    clock.observe((1000, MAX_COUNTER, "n2"))
+    version = clock.now()
+    assert version > (1000, MAX_COUNTER, "n2")
+    assert version == (1001, 0, "n1")
+    [entry] = decode_batch(encode_batch([Entry("k", b"1", version)]))
+    assert entry.version == version

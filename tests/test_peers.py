@@ -110,3 +110,24 @@ def test_an_idle_peer_gets_each_write_without_waiting():
     assert len(calls.pending) == 1
     calls.answer()
     assert w2.result.applied
+
+
+def test_a_batch_that_cannot_be_sent_fails_its_writes_and_frees_the_peer(monkeypatch):
+    """
+    If encoding a batch raises, then its writes fail with PeerError (so they fail over) instead of waiting
+    forever, and later writes to the same peer still go out.
+    """
+    import kvresponder.peers as peers
+    client, clock, calls = _client()
+    monkeypatch.setattr(peers, "encode_batch", lambda entries: 1 / 0)
+    broken = client.apply_coalesced(PEER, _entry(1))
+    clock.advance(0)
+    failures = []
+    broken.addErrback(lambda failure: failures.append(failure.check(PeerError)))
+    assert failures == [PeerError]
+    monkeypatch.undo()
+    later = client.apply_coalesced(PEER, _entry(2))
+    clock.advance(0)
+    assert len(calls.pending) == 1
+    calls.answer()
+    assert later.result.applied

@@ -12,6 +12,7 @@ from contextlib import nullcontext
 from typing import Callable, Optional
 
 from eliot import write_traceback
+from twisted.internet import tcp
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, datetimeToString, unquote
@@ -264,8 +265,9 @@ class _Cork:
     Twisted's TCP transport buffers every write and waits for the reactor to report the socket writable
     (https://github.com/twisted/twisted/issues/5303): for a small response that costs two ``epoll_ctl``
     calls and another pass of the reactor loop, a sixth of a cache read. When the transport has nothing
-    queued, the answer goes out at once; whatever the socket does not take, and everything on any other
-    kind of transport (TLS, test transports), goes through the transport's own ``write``.
+    queued, the answer goes out at once, and whatever the socket does not take goes through the
+    transport's own ``write``. It is only put in front of a plain ``twisted.internet.tcp.Server``: never
+    TLS, nor any other wrapper or test transport, which keep Twisted's own buffering.
     """
 
     def __init__(self, transport) -> None:
@@ -296,10 +298,9 @@ class _Cork:
         self._chunks = []
         data = b"".join(chunks)
         transport = self._transport
-        sock = getattr(transport, "socket", None)
-        if (sock is None or getattr(transport, "TLS", False) or not transport.connected
-                or transport.disconnecting or getattr(transport, "_tempDataBuffer", True)
-                or getattr(transport, "dataBuffer", True)):
+        sock = transport.socket
+        if (transport.TLS or not transport.connected or transport.disconnecting or transport._tempDataBuffer
+                or len(transport.dataBuffer) > transport.offset):
             transport.write(data)
             return
         try:
@@ -405,9 +406,10 @@ class _CountedChannel(HTTPChannel):
     def allContentReceived(self):
         self._request_started = None
         transport = self.transport
-        if isinstance(transport, _Cork):
-            # A pipelined request answered while the one before it is still corked: keep one cork, so the
-            # answers leave in order.
+        if type(transport) is not tcp.Server:
+            # A cork only over a plain TCP connection, whose socket it may write to directly: not over TLS or
+            # any other wrapper (which would forward the socket attribute to the connection beneath it),
+            # nor again while a pipelined request's answer is already corked (so answers leave in order).
             HTTPChannel.allContentReceived(self)
             return
         self.transport = cork = _Cork(transport)

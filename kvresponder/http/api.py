@@ -25,7 +25,7 @@ from ..log import UnknownLevel
 from ..log.service import LEVELS_CHANGED
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..store import EntryTooLarge
-from .errors import APIError, bad_request, method_not_allowed, not_found, too_large, unavailable, write_error
+from .errors import APIError, bad_request, error_body, method_not_allowed, not_found, too_large, unavailable, write_error
 from .site import json_bytes
 
 MAX_LIST_LIMIT = 10000
@@ -33,6 +33,8 @@ DEFAULT_LIST_LIMIT = 1000
 MAX_TTL = 10 * 365 * 24 * 3600.0
 MAX_BULK_OPERATIONS = 1000
 _JSON = b"application/json"
+#: A read of an absent key answers this, built once (a miss is as common as a hit in a cache).
+_MISS_BODY = error_body("not_found", "No value is stored under this key.")
 _CURSOR = re.compile(r"^[A-Za-z0-9_-]{1,400}$")
 
 
@@ -240,7 +242,12 @@ class KVResource(Resource):
             # body for Twisted to frame; a HEAD goes through _write_json, which Twisted sends bodiless.
             if entry is None:
                 self._metrics.cache("get", "miss")
-                raise not_found("No value is stored under this key.")
+                if request.method == b"GET":
+                    request.setResponseCode(404)
+                    request.setHeader(b"Content-Type", _JSON)
+                    return _MISS_BODY
+                _write_json(request, 404, _MISS_BODY)
+                return NOT_DONE_YET
             self._metrics.cache("get", "hit")
             if request.method == b"GET":
                 request.setHeader(b"Content-Type", _JSON)

@@ -130,10 +130,10 @@ def main() -> int:
                         results.append(json.load(f))
                 continue
             results.append(run(scenario, interpreter, args))
+    # The summary always reflects the result files as they are now, including scenarios re-run on their own.
     summary = {"machine": b.machine(), "results": results}
-    if not args.table_only:
-        with open(os.path.join(b.RESULTS, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2, sort_keys=True)
+    with open(os.path.join(b.RESULTS, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, sort_keys=True)
     print(markdown(results) if args.markdown else table(results))
     if args.plot:
         subprocess.run([sys.executable, os.path.join(b.BENCH, "plot.py")], check=False)

@@ -384,7 +384,7 @@ class Coordinator:
                 peer = self._peer_of(node)
                 if peer is None:
                     raise Unavailable(node)
-                return node, await self._peers.get(peer, key)
+                return node, await self._peers.get_coalesced(peer, key)
             except (PeerError, Unavailable):
                 self._metrics.replication("get", "failure")
                 node = fallbacks.pop(0) if fallbacks else None

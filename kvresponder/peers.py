@@ -260,23 +260,30 @@ class PeerClient:
             action = PEER_CALL(peer=peer.node_id, op="apply")
         waiter: Deferred = Deferred()
         queue.append((entry, waiter, action))
-        if len(queue) >= MAX_COALESCED:
-            self._flush(peer, key)
-        elif key not in self._flush_scheduled and self._batches_in_flight.get(key, 0) < MAX_BATCHES_IN_FLIGHT:
-            # Send at the end of this reactor turn, with whatever else this turn queues for the peer.
-            self._flush_scheduled.add(key)
-            self._clock.callLater(0, self._scheduled_flush, peer, key)
+        self._schedule(peer, key, queue, self._flush)
         return waiter
 
-    def _scheduled_flush(self, peer, key) -> None:
-        self._flush_scheduled.discard(key)
-        self._flush(peer, key)
+    def _schedule(self, peer, key, queue: list, flush) -> None:
+        """
+        Send ``queue`` (the calls waiting for one peer under ``key``) with ``flush``: at once if it is full;
+        at the end of this reactor turn if fewer than MAX_BATCHES_IN_FLIGHT of its batches are out; otherwise
+        when one of them comes back (:meth:`_batch_done`).
+        """
+        if len(queue) >= MAX_COALESCED:
+            flush(peer, key)
+        elif key not in self._flush_scheduled and self._batches_in_flight.get(key, 0) < MAX_BATCHES_IN_FLIGHT:
+            self._flush_scheduled.add(key)
+            self._clock.callLater(0, self._scheduled_flush, peer, key, flush)
 
-    def _batch_done(self, peer, key) -> None:
+    def _scheduled_flush(self, peer, key, flush) -> None:
+        self._flush_scheduled.discard(key)
+        flush(peer, key)
+
+    def _batch_done(self, peer, key, flush) -> None:
         self._batches_in_flight[key] -= 1
         if self._queued.get(key) and key not in self._flush_scheduled:
-            # Writes queued while the batches were out: they go now, together.
-            self._flush(peer, key)
+            # Calls queued while the batches were out: they go now, together.
+            flush(peer, key)
 
     def _flush(self, peer, key) -> None:
         queue = self._queued.pop(key, None)
@@ -322,7 +329,51 @@ class PeerClient:
 
         d.addCallbacks(answered, failed)
         d.addErrback(failed)
-        d.addBoth(lambda _: self._batch_done(peer, key))
+        d.addBoth(lambda _: self._batch_done(peer, key, self._flush))
+
+    def get_coalesced(self, peer, key: str) -> Deferred:
+        """
+        The newest entry ``peer`` holds for ``key``, tombstones included, sharing one ``get`` request with the
+        other reads from that peer queued in the same reactor turn, or while a read batch to it is out (as
+        :meth:`apply_coalesced` does for writes). With tracing on, each read goes alone.
+
+        :return: a Deferred firing with an :class:`~kvresponder.store.Entry` or ``None``, or failing with
+            :class:`PeerError`.
+        """
+        if self._tracing is not None:
+            return ensureDeferred(self.get(peer, key))
+        slot = ("get", peer.address, peer.port)
+        queue = self._queued.get(slot)
+        if queue is None:
+            queue = self._queued[slot] = []
+        waiter: Deferred = Deferred()
+        queue.append((key, waiter))
+        self._schedule(peer, slot, queue, self._flush_reads)
+        return waiter
+
+    def _flush_reads(self, peer, slot) -> None:
+        queue = self._queued.pop(slot, None)
+        if not queue:
+            return
+        self._batches_in_flight[slot] = self._batches_in_flight.get(slot, 0) + 1
+        try:
+            d = ensureDeferred(self.get_many(peer, [key for key, _ in queue]))
+        except Exception:
+            d = fail()
+
+        def answered(entries):
+            for (_, waiter), entry in zip(queue, entries):
+                waiter.callback(entry)
+
+        def failed(failure):
+            error = failure if failure.check(PeerError) else PeerError(str(failure.value))
+            for _, waiter in queue:
+                if not waiter.called:
+                    waiter.errback(error)
+
+        d.addCallbacks(answered, failed)
+        d.addErrback(failed)
+        d.addBoth(lambda _: self._batch_done(peer, slot, self._flush_reads))
 
     async def get_many(self, peer, keys: Sequence[str]) -> List[Optional[Entry]]:
         """

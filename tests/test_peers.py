@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 
 from kvresponder.peers import MAX_BATCHES_IN_FLIGHT, PeerClient, PeerError
 from kvresponder.store import Entry
-from kvresponder.wire import decode_batch
+from kvresponder.wire import decode_batch, entry_to_wire
 
 Peer = namedtuple("Peer", "node_id address port")
 PEER = Peer("n2", "127.0.0.1", 4000)
@@ -23,8 +23,18 @@ class _Calls:
 
     def post(self, url, headers, body, timeout):
         d = Deferred()
-        self.pending.append((decode_batch(body), d))
+        if url.endswith("/_internal/get"):
+            self.pending.append((json.loads(body)["keys"], d))
+        else:
+            self.pending.append((decode_batch(body), d))
         return d
+
+    def answer_reads(self, index, held):
+        keys, d = self.pending.pop(index)
+        d.callback((200, json.dumps({"entries": [
+            None if key not in held else entry_to_wire(Entry(key, b"1", (5, 0, "n2")))
+            for key in keys]}).encode()))
+        return keys
 
     def answer(self, index=0, code=200):
         entries, d = self.pending.pop(index)
@@ -131,3 +141,49 @@ def test_a_batch_that_cannot_be_sent_fails_its_writes_and_frees_the_peer(monkeyp
     assert len(calls.pending) == 1
     calls.answer()
     assert later.result.applied
+
+
+def test_reads_queued_in_one_turn_leave_as_one_request_and_each_gets_its_own_answer():
+    client, clock, calls = _client()
+    reads = {key: client.get_coalesced(PEER, key) for key in ("a", "b", "c")}
+    assert calls.pending == []
+    clock.advance(0)
+    assert len(calls.pending) == 1
+    assert calls.answer_reads(0, held={"a", "c"}) == ["a", "b", "c"]
+    assert reads["a"].result.key == "a" and reads["a"].result.version == (5, 0, "n2")
+    assert reads["b"].result is None
+    assert reads["c"].result.key == "c"
+
+
+def test_reads_wait_for_the_read_batch_out_and_not_for_writes():
+    """
+    If a read batch to a peer is out, then later reads wait for it and leave together; a write batch to the
+    same peer does not hold them back (reads and writes are batched apart).
+    """
+    client, clock, calls = _client()
+    first = client.get_coalesced(PEER, "a")
+    clock.advance(0)
+    write = client.apply_coalesced(PEER, _entry(1))
+    later = [client.get_coalesced(PEER, key) for key in ("b", "c")]
+    clock.advance(0)
+    assert len(calls.pending) == 2
+    calls.answer(1)
+    assert write.result.applied
+    assert not any(d.called for d in later)
+    calls.answer_reads(0, held={"a"})
+    assert first.result.key == "a"
+    assert len(calls.pending) == 1
+    assert calls.answer_reads(0, held=set()) == ["b", "c"]
+    assert [d.result for d in later] == [None, None]
+
+
+def test_a_failed_read_batch_fails_each_of_its_reads_with_peer_error():
+    client, clock, calls = _client()
+    reads = [client.get_coalesced(PEER, key) for key in ("a", "b")]
+    clock.advance(0)
+    _, d = calls.pending.pop(0)
+    d.errback(ConnectionError("refused"))
+    failures = []
+    for read in reads:
+        read.addErrback(lambda failure: failures.append(failure.check(PeerError)))
+    assert failures == [PeerError, PeerError]

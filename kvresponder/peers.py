@@ -326,10 +326,26 @@ class PeerClient:
                 if not waiter.called:
                     waiter.errback(PeerError(str(failure.value)) if not failure.check(PeerError)
                                    else failure)
+            if code is None:
+                self._fail_queued(key, failure)
 
         d.addCallbacks(answered, failed)
         d.addErrback(failed)
         d.addBoth(lambda _: self._batch_done(peer, key, self._flush))
+
+    def _fail_queued(self, key, failure) -> None:
+        """
+        A batch to this peer went unanswered: fail the calls queued behind it at once, so that they fail over
+        to the next nodes now rather than each wait out another timeout on the same peer.
+        """
+        queue = self._queued.pop(key, None) or []
+        error = PeerError("an earlier batch to this peer went unanswered (%s)" % (failure.value,))
+        for item in queue:
+            action = item[2] if len(item) == 3 else None
+            if action is not None:
+                action.finish(error)
+            if not item[1].called:
+                item[1].errback(error)
 
     def get_coalesced(self, peer, key: str) -> Deferred:
         """
@@ -370,6 +386,8 @@ class PeerClient:
             for _, waiter in queue:
                 if not waiter.called:
                     waiter.errback(error)
+            if getattr(failure.value, "code", None) is None:
+                self._fail_queued(slot, failure)
 
         d.addCallbacks(answered, failed)
         d.addErrback(failed)

@@ -89,22 +89,6 @@ def test_writes_queued_while_batches_are_out_leave_together_when_one_returns():
     assert all(w.called and w.result.applied for w in waiting)
 
 
-def test_a_failed_batch_fails_its_own_writes_only():
-    client, clock, calls = _client()
-    first = [client.apply_coalesced(PEER, _entry(i)) for i in range(3)]
-    clock.advance(0)
-    second = [client.apply_coalesced(PEER, _entry(i)) for i in range(3, 5)]
-    clock.advance(0)
-    _, d = calls.pending.pop(0)
-    d.errback(ConnectionError("reset"))
-    failures = []
-    for w in first:
-        w.addErrback(lambda failure: failures.append(failure.check(PeerError)))
-    assert failures == [PeerError] * 3
-    calls.answer(0)
-    assert all(w.result.applied for w in second)
-
-
 def test_an_idle_peer_gets_each_write_without_waiting():
     """
     If nothing is in flight, then a lone write leaves at the end of its own reactor turn.
@@ -187,3 +171,49 @@ def test_a_failed_read_batch_fails_each_of_its_reads_with_peer_error():
     for read in reads:
         read.addErrback(lambda failure: failures.append(failure.check(PeerError)))
     assert failures == [PeerError, PeerError]
+
+
+def test_calls_queued_behind_an_unanswered_batch_fail_at_once():
+    """
+    If a batch to a peer goes unanswered (refused, reset, timed out), then the writes and reads queued behind
+    it fail with PeerError at once, so they fail over now instead of waiting out another timeout there;
+    the next call to the peer tries it again.
+    """
+    client, clock, calls = _client()
+    client.apply_coalesced(PEER, _entry(1)).addErrback(lambda failure: None)
+    client.get_coalesced(PEER, "r").addErrback(lambda failure: None)
+    clock.advance(0)
+    assert len(calls.pending) == 2
+    queued_write = client.apply_coalesced(PEER, _entry(2))
+    queued_read = client.get_coalesced(PEER, "s")
+    clock.advance(0)
+    assert len(calls.pending) == 2
+    for _ in range(2):
+        _, d = calls.pending.pop(0)
+        d.errback(ConnectionError("timed out"))
+    failures = []
+    for waiter in (queued_write, queued_read):
+        waiter.addErrback(lambda failure: failures.append(failure.check(PeerError)))
+    assert failures == [PeerError, PeerError]
+    assert calls.pending == []
+    retry = client.apply_coalesced(PEER, _entry(3))
+    clock.advance(0)
+    assert len(calls.pending) == 1
+    calls.answer()
+    assert retry.result.applied
+
+
+def test_calls_queued_behind_a_batch_answered_with_an_error_status_still_go():
+    """
+    If the peer answered a batch with an error status (it is up), then the calls queued behind it are sent.
+    """
+    client, clock, calls = _client()
+    client.apply_coalesced(PEER, _entry(1)).addErrback(lambda failure: None)
+    clock.advance(0)
+    queued = client.apply_coalesced(PEER, _entry(2))
+    clock.advance(0)
+    _, d = calls.pending.pop(0)
+    d.callback((503, b"{}"))
+    assert len(calls.pending) == 1
+    calls.answer()
+    assert queued.result.applied

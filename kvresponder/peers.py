@@ -285,11 +285,19 @@ class PeerClient:
             # Calls queued while the batches were out: they go now, together.
             flush(peer, key)
 
+    def _take_batch(self, key) -> list:
+        """
+        The calls queued under ``key``, now one batch in flight (empty if none were queued).
+        """
+        queue = self._queued.pop(key, None) or []
+        if queue:
+            self._batches_in_flight[key] = self._batches_in_flight.get(key, 0) + 1
+        return queue
+
     def _flush(self, peer, key) -> None:
-        queue = self._queued.pop(key, None)
+        queue = self._take_batch(key)
         if not queue:
             return
-        self._batches_in_flight[key] = self._batches_in_flight.get(key, 0) + 1
         try:
             entries = [entry for entry, _, _ in queue]
             task_ids = [action.serialize_task_id() if action is not None else b"-" for _, _, action in queue]
@@ -368,10 +376,9 @@ class PeerClient:
         return waiter
 
     def _flush_reads(self, peer, slot) -> None:
-        queue = self._queued.pop(slot, None)
+        queue = self._take_batch(slot)
         if not queue:
             return
-        self._batches_in_flight[slot] = self._batches_in_flight.get(slot, 0) + 1
         try:
             d = ensureDeferred(self.get_many(peer, [key for key, _ in queue]))
         except Exception:

@@ -450,9 +450,9 @@ def known_bug(request: Request, response: Response) -> Optional[str]:
     if response.status == 308 and b"//" in request.target.split(b"?")[0]:
         return "klein-merge-slashes-308"
     if response.status == 400 and not response.headers and not response.body:
-        # Twisted's own "HTTP/1.1 400 Bad Request" (see test_malformed_http_is_refused_with_a_json_error):
-        # reachable with well-formed HTTP too, by a POST with Content-Type multipart/form-data whose body is
-        # not multipart (twisted.web.http.Request.requestReceived parses POST forms before the resource runs).
+        # Twisted's own "HTTP/1.1 400 Bad Request" (see test_malformed_http_is_refused_with_a_json_error), for
+        # framing it refuses before a request exists. (Form POSTs no longer reach it: KVRequest turns Twisted's
+        # form parsing off, and the route answers 415.)
         return "twisted-bare-400"
     return None
 

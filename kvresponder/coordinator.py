@@ -10,9 +10,10 @@ repairs stale replicas.
 The local node goes through the same logic, with a direct call in place of HTTP.
 """
 
+from contextvars import copy_context
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
-from eliot import write_traceback
+from eliot import write_failure, write_traceback
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, fail, succeed
 
 from .hlc import HybridLogicalClock, format_version
@@ -152,39 +153,10 @@ class Coordinator:
             except Exception:
                 return fail()
             return succeed(WriteResult(entry, not result.had_live, 1))
-        return ensureDeferred(self._write(entry, op))
-
-    async def _write(self, entry: Entry, op: str) -> WriteResult:
-        owners, fallbacks, quorum = self._targets(entry.key)
-        with COORDINATE_WRITE(key=entry.key, op=op, version=format_version(entry.version),
-                              targets=owners) as action:
-            outcomes = await _gather([self._write_slot(owner, fallbacks, entry, op) for owner in owners])
-            stored = [outcome for outcome in outcomes if outcome is not None]
-            copies = len({node for node, _ in stored})
-            action.add_success_fields(copies=copies)
-        if copies < quorum:
-            raise Unavailable("only %d of the %d copies needed could be stored" % (copies, quorum))
-        had_live = any(result.had_live for _, result in stored)
-        return WriteResult(entry, not had_live, copies)
-
-    async def _write_slot(self, owner: str, fallbacks: List[str], entry: Entry,
-                          op: str) -> Optional[Tuple[str, ApplyResult]]:
-        """
-        Store one copy: on ``owner``, or, if it fails, on the next untried node on the ring.
-        """
-        node = owner
-        while node is not None:
-            try:
-                result = await self._apply_on(node, entry)
-            except (PeerError, Unavailable):
-                self._metrics.replication(op, "failure")
-                node = fallbacks.pop(0) if fallbacks else None
-                if node is not None:
-                    HINTED.log(key=entry.key, owner=owner, holder=node)
-                continue
-            self._metrics.replication(op, "success")
-            return node, result
-        return None
+        try:
+            return _ReplicatedWrite(self, entry, op).start()
+        except Exception:
+            return fail()
 
     async def _apply_on(self, node: str, entry: Entry) -> ApplyResult:
         if node == self.node_id:
@@ -454,3 +426,126 @@ async def _gather(coroutines) -> list:
             write_traceback(exc_info=(value.type, value.value, value.tb))
             values.append(None)
     return values
+
+
+class _ReplicatedWrite:
+    """
+    One client write on its way to the key's owners. Each owner's copy is sent at once, in parallel; an owner
+    that fails is replaced by the next untried node on the ring, which keeps the copy as a hint. The write
+    is acknowledged when every slot has stored its copy or run out of nodes, if at least the quorum did.
+
+    Plain callbacks rather than coroutines: this is the path of every replicated write, and a coroutine per
+    copy (each step run in a copied context) cost more than the copy itself on PyPy. A failover runs in the
+    context the write started in (a copy taken inside its Eliot action), so the next attempt's actions and
+    spans stay in the write's tree and trace.
+    """
+
+    __slots__ = ("_coordinator", "_entry", "_op", "_fallbacks", "_quorum", "_waiting", "_stored", "_action",
+                 "_context", "_entered", "_done")
+
+    def __init__(self, coordinator: Coordinator, entry: Entry, op: str) -> None:
+        self._coordinator = coordinator
+        self._entry = entry
+        self._op = op
+        self._stored: List[Tuple[str, ApplyResult]] = []
+        self._action = None
+        self._entered = False
+        self._done: Deferred = Deferred()
+
+    def start(self) -> Deferred:
+        """
+        :return: a Deferred firing with a :class:`WriteResult`, or failing with :class:`Unavailable`.
+        """
+        coordinator = self._coordinator
+        owners, self._fallbacks, self._quorum = coordinator._targets(self._entry.key)
+        self._waiting = len(owners)
+        if coordinator._log.enabled("replication", INFO):
+            self._action = COORDINATE_WRITE(key=self._entry.key, op=self._op,
+                                            version=format_version(self._entry.version), targets=owners)
+            with self._action.context():
+                self._context = copy_context()
+                self._send(owners)
+        else:
+            self._context = copy_context()
+            self._send(owners)
+        return self._done
+
+    def _send(self, owners: List[str]) -> None:
+        if not owners:
+            self._finish()
+        for owner in owners:
+            self._try(owner, owner)
+
+    def _try(self, owner: str, node: str) -> None:
+        coordinator = self._coordinator
+        if node == coordinator.node_id:
+            try:
+                result = coordinator.apply_local(self._entry)
+            except Exception:
+                write_traceback()
+                self._slot_done(None)
+                return
+            coordinator._metrics.replication(self._op, "success")
+            self._slot_done((node, result))
+            return
+        peer = coordinator._peer_of(node)
+        if peer is None:
+            self._failover(owner)
+            return
+        try:
+            d = coordinator._peers.apply_coalesced(peer, self._entry)
+        except Exception:
+            write_traceback()
+            self._slot_done(None)
+            return
+        d.addCallbacks(self._copied, self._copy_failed, callbackArgs=(node,), errbackArgs=(owner,))
+
+    def _copied(self, result: ApplyResult, node: str) -> None:
+        self._coordinator._metrics.replication(self._op, "success")
+        self._slot_done((node, result))
+
+    def _copy_failed(self, failure, owner: str) -> None:
+        if failure.check(PeerError, Unavailable):
+            self._in_context(self._failover, owner)
+        else:
+            self._in_context(write_failure, failure)
+            self._slot_done(None)
+
+    def _in_context(self, function, *args) -> None:
+        if self._entered:
+            # Already inside the write's context: a failure that fired while an attempt was being sent.
+            function(*args)
+            return
+        self._entered = True
+        try:
+            self._context.run(function, *args)
+        finally:
+            self._entered = False
+
+    def _failover(self, owner: str) -> None:
+        self._coordinator._metrics.replication(self._op, "failure")
+        node = self._fallbacks.pop(0) if self._fallbacks else None
+        if node is None:
+            self._slot_done(None)
+            return
+        HINTED.log(key=self._entry.key, owner=owner, holder=node)
+        self._try(owner, node)
+
+    def _slot_done(self, outcome: Optional[Tuple[str, ApplyResult]]) -> None:
+        if outcome is not None:
+            self._stored.append(outcome)
+        self._waiting -= 1
+        if self._waiting <= 0:
+            self._finish()
+
+    def _finish(self) -> None:
+        copies = len({node for node, _ in self._stored})
+        if self._action is not None:
+            self._action.add_success_fields(copies=copies)
+            self._action.finish()
+        if copies < self._quorum:
+            self._done.errback(Unavailable("only %d of the %d copies needed could be stored"
+                                           % (copies, self._quorum)))
+            return
+        had_live = any(result.had_live for _, result in self._stored)
+        self._done.callback(WriteResult(self._entry, not had_live, copies))

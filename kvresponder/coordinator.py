@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, fail,
 
 from .hlc import HybridLogicalClock, format_version
 from .log import DEBUG, INFO
-from .log.replication import COORDINATE_READ, COORDINATE_WRITE, HINTED, READ_REPAIR
+from .log.replication import COORDINATE_READ, COORDINATE_WRITE, COPY_FAILED, HINTED, READ_REPAIR
 from .log.store import STORE_APPLY, STORE_APPLY_BATCH
 from .peers import PeerError
 from .ring import HashRing
@@ -490,7 +490,7 @@ class _ReplicatedWrite:
             return
         peer = coordinator._peer_of(node)
         if peer is None:
-            self._failover(owner)
+            self._failover(owner, node, "left the membership")
             return
         try:
             d = coordinator._peers.apply_coalesced(peer, self._entry)
@@ -498,15 +498,15 @@ class _ReplicatedWrite:
             write_traceback()
             self._slot_done(None)
             return
-        d.addCallbacks(self._copied, self._copy_failed, callbackArgs=(node,), errbackArgs=(owner,))
+        d.addCallbacks(self._copied, self._copy_failed, callbackArgs=(node,), errbackArgs=(owner, node))
 
     def _copied(self, result: ApplyResult, node: str) -> None:
         self._coordinator._metrics.replication(self._op, "success")
         self._slot_done((node, result))
 
-    def _copy_failed(self, failure, owner: str) -> None:
+    def _copy_failed(self, failure, owner: str, node: str) -> None:
         if failure.check(PeerError, Unavailable):
-            self._in_context(self._failover, owner)
+            self._in_context(self._failover, owner, node, str(failure.value))
         else:
             self._in_context(write_failure, failure)
             self._slot_done(None)
@@ -522,8 +522,9 @@ class _ReplicatedWrite:
         finally:
             self._entered = False
 
-    def _failover(self, owner: str) -> None:
+    def _failover(self, owner: str, failed: str, reason: str) -> None:
         self._coordinator._metrics.replication(self._op, "failure")
+        COPY_FAILED.log(key=self._entry.key, peer=failed, reason=reason)
         node = self._fallbacks.pop(0) if self._fallbacks else None
         if node is None:
             self._slot_done(None)

@@ -242,9 +242,10 @@ class PeerClient:
         """
         Store one entry on ``peer``, sharing one request with the other writes to that peer queued in the same
         reactor turn, or while :data:`MAX_BATCHES_IN_FLIGHT` earlier batches to it are out: under concurrent
-        load, one HTTP call carries many replicated writes. Each write keeps its
-        own peer-call action, whose task the peer continues for that entry alone, so a write's Eliot tree is
-        unchanged. With tracing on, each write goes alone, so that its spans keep their parent.
+        load, one HTTP call carries many replicated writes. The peer continues each entry's own Eliot task
+        (a child of the caller's current action, or, at debug level, of a peer-call action per write), so a
+        write's tree is the same as if it had gone alone. With tracing on, each write goes alone, so that its
+        spans keep their parent.
 
         :return: a Deferred firing with the entry's :class:`~kvresponder.store.ApplyResult`, or failing with
             :class:`PeerError`.
@@ -255,11 +256,18 @@ class PeerClient:
         queue = self._queued.get(key)
         if queue is None:
             queue = self._queued[key] = []
-        action = None
-        if self._log is None or self._log.enabled("replication", INFO):
+        action = task_id = None
+        if self._log is None or self._log.enabled("replication", DEBUG):
             action = PEER_CALL(peer=peer.node_id, op="apply")
+            task_id = action.serialize_task_id()
+        else:
+            # At info, no action of its own: the peer continues the caller's (the coordinator's write), so
+            # the replica's store action still lands in the write's tree, for two log lines fewer per copy.
+            parent = current_action()
+            if parent is not None:
+                task_id = parent.serialize_task_id()
         waiter: Deferred = Deferred()
-        queue.append((entry, waiter, action))
+        queue.append((entry, waiter, action, task_id))
         self._schedule(peer, key, queue, self._flush)
         return waiter
 
@@ -299,8 +307,8 @@ class PeerClient:
         if not queue:
             return
         try:
-            entries = [entry for entry, _, _ in queue]
-            task_ids = [action.serialize_task_id() if action is not None else b"-" for _, _, action in queue]
+            entries = [item[0] for item in queue]
+            task_ids = [item[3] or b"-" for item in queue]
             d = ensureDeferred(self._call(peer.address, peer.port, peer.node_id, "apply", encode_batch(entries),
                                           task_ids=task_ids))
         except Exception:
@@ -314,7 +322,7 @@ class PeerClient:
             results = answer.get("results") if isinstance(answer, dict) else None
             if not isinstance(results, list) or len(results) != len(queue):
                 raise PeerError("%s answered a malformed apply result" % (peer.node_id,))
-            for (_, waiter, action), (applied, had_live) in zip(queue, results):
+            for (_, waiter, action, _), (applied, had_live) in zip(queue, results):
                 if action is not None:
                     action.add_success_fields(code=200)
                     action.finish()
@@ -323,7 +331,7 @@ class PeerClient:
 
         def failed(failure):
             code = getattr(failure.value, "code", None)
-            for _, waiter, action in queue:
+            for _, waiter, action, _ in queue:
                 if action is not None and id(action) not in finished:
                     if code is not None:
                         # The peer answered, with an unusable status: the call itself completed.
@@ -349,7 +357,7 @@ class PeerClient:
         queue = self._queued.pop(key, None) or []
         error = PeerError("an earlier batch to this peer went unanswered (%s)" % (failure.value,))
         for item in queue:
-            action = item[2] if len(item) == 3 else None
+            action = item[2] if len(item) == 4 else None
             if action is not None:
                 action.finish(error)
             if not item[1].called:

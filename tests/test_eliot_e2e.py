@@ -17,10 +17,10 @@ from typing import Dict, List, Optional
 
 import pytest
 from eliot import ActionType, MessageType
-from eliot.testing import LoggedAction, assertHasAction, capture_logging
+from eliot.testing import LoggedAction, LoggedMessage, assertHasAction, capture_logging
 
 from kvresponder.log.discovery import PEER_CHANGED
-from kvresponder.log.replication import COORDINATE_WRITE, PEER_CALL
+from kvresponder.log.replication import COORDINATE_WRITE, COPY_FAILED, PEER_CALL
 from kvresponder.log.store import STORE_APPLY
 
 from .conftest import require_tool
@@ -174,11 +174,10 @@ def test_eliot_tree_shows_a_replicated_write_as_one_task_across_both_nodes(logge
     assert set(applies) == {"n1", "n2"}
     assert applies["n1"].ancestors()[:3] == ["kvresponder:replication:write", "kvresponder:http:request",
                                              "<task>"]
-    assert applies["n2"].ancestors()[:5] == ["eliot:remote_task", "kvresponder:replication:peer-call",
-                                             "kvresponder:replication:write", "kvresponder:http:request",
-                                             "<task>"]
-    [call] = [n for n in nodes if n.kind == "kvresponder:replication:peer-call" and n.status == "started"]
-    assert call.fields.get("peer") == "n2" and call.fields.get("op") == "apply"
+    # At info level the replica continues the write's own action (a peer-call action per copy is debug).
+    assert applies["n2"].ancestors()[:4] == ["eliot:remote_task", "kvresponder:replication:write",
+                                             "kvresponder:http:request", "<task>"]
+    assert not [n for n in nodes if n.kind == "kvresponder:replication:peer-call"]
     [remote] = [n for n in nodes if n.kind == "eliot:remote_task" and n.status == "started"]
     assert remote.fields.get("node") == "n2"
 
@@ -190,16 +189,14 @@ def test_json_logs_join_the_replica_to_the_coordinators_task(logged_write):
     task = [m for m in messages if m.get("task_uuid") == start["task_uuid"]]
     seen = {(m.get("action_type"), m["node"]) for m in task if m.get("action_status") == "started"}
     assert {("kvresponder:http:request", "n1"), ("kvresponder:replication:write", "n1"),
-            ("kvresponder:replication:peer-call", "n1"), ("kvresponder:store:apply", "n1"),
-            ("eliot:remote_task", "n2"), ("kvresponder:store:apply", "n2")} <= seen
+            ("kvresponder:store:apply", "n1"), ("eliot:remote_task", "n2"),
+            ("kvresponder:store:apply", "n2")} <= seen
     assert all(m["tenant"] == TENANT for m in task)
     [remote] = [m for m in task if m.get("action_type") == "eliot:remote_task" and m["action_status"] == "started"]
     [replica] = [m for m in task if m.get("action_type") == "kvresponder:store:apply" and m["node"] == "n2"
                  and m["action_status"] == "started"]
-    [call] = [m for m in task if m.get("action_type") == "kvresponder:replication:peer-call"
-              and m["action_status"] == "started"]
-    # The remote task sits beside the peer call's start, inside the peer call; the replica's apply inside it.
-    assert remote["task_level"][:-2] == call["task_level"][:-1]
+    # The remote task sits inside the coordinator's write action; the replica's apply inside the remote task.
+    assert remote["task_level"][:-2] == start["task_level"][:-1]
     assert replica["task_level"][:len(remote["task_level"]) - 1] == remote["task_level"][:-1]
     [end] = [m for m in task if m.get("action_type") == "kvresponder:replication:write"
              and m["action_status"] == "succeeded"]
@@ -224,8 +221,8 @@ def test_real_log_lines_match_their_declared_field_types(logged_write):
                 problems.append((name, field_name, repr(message[field_name]), str(error)))
         checked.add(name)
     assert problems == []
-    assert {"kvresponder:http:request", "kvresponder:replication:write", "kvresponder:replication:peer-call",
-            "kvresponder:store:apply", "kvresponder:discovery:peer-changed"} <= checked
+    assert {"kvresponder:http:request", "kvresponder:replication:write", "kvresponder:store:apply",
+            "kvresponder:discovery:peer-changed"} <= checked
 
 
 # -- in memory: Eliot's testing tools (validation of every message against its declared types) -----------
@@ -255,9 +252,25 @@ class TypedActionsTests(unittest.TestCase):
         self.assertEqual(action.startMessage["version"].rsplit(".", 1)[-1], "n1")
 
     @capture_logging(None, encoder_=None)
+    def test_replicated_write_at_info_puts_the_replicas_apply_inside_the_write_without_a_peer_call(self, logger):
+        cluster = self.cluster()
+        n1 = cluster.nodes[0]
+        cluster.run(n1.coordinator.put("joined", b'"v"', None))
+        self.assertEqual([a for a in LoggedAction.ofType(logger.messages, PEER_CALL)
+                          if a.startMessage["op"] == "apply"], [])
+        [write] = LoggedAction.ofType(logger.messages, COORDINATE_WRITE)
+        applies = [a for a in LoggedAction.ofType(logger.messages, STORE_APPLY)
+                   if a.startMessage["key"] == "joined"]
+        self.assertEqual(len(applies), 2)
+        descendants = list(write.descendants())
+        for apply in applies:
+            self.assertIn(apply, descendants)
+
+    @capture_logging(None, encoder_=None)
     def test_peer_call_logs_the_peer_and_the_status_it_answered(self, logger):
         cluster = self.cluster()
         n1 = cluster.nodes[0]
+        n1.log_policy.set_area("replication", "debug")
         cluster.run(n1.coordinator.put("called", b'"v"', None))
         [call] = [action for action in LoggedAction.ofType(logger.messages, PEER_CALL)
                   if action.startMessage["op"] == "apply"]
@@ -272,11 +285,25 @@ class TypedActionsTests(unittest.TestCase):
     def test_peer_call_to_a_dead_peer_logs_the_status_it_got(self, logger):
         cluster = self.cluster()
         n1, n2 = cluster.nodes
+        n1.log_policy.set_area("replication", "debug")
         cluster.kill(n2)
         cluster.run(n1.coordinator.put("after-death", b'"v"', None))
         codes = [action.endMessage.get("code") for action in LoggedAction.ofType(logger.messages, PEER_CALL)
                  if action.startMessage["op"] == "apply"]
         self.assertIn(502, codes)
+
+    @capture_logging(None, encoder_=None)
+    def test_a_copy_that_fails_at_info_is_logged_with_its_peer_inside_the_write(self, logger):
+        cluster = self.cluster()
+        n1, n2 = cluster.nodes
+        cluster.kill(n2)
+        cluster.run(n1.coordinator.put("lost-copy", b'"v"', None))
+        [failed] = LoggedMessage.ofType(logger.messages, COPY_FAILED)
+        self.assertEqual((failed.message["key"], failed.message["peer"]), ("lost-copy", "n2"))
+        self.assertIn("502", failed.message["reason"])
+        [write] = LoggedAction.ofType(logger.messages, COORDINATE_WRITE)
+        self.assertIn(failed, list(write.descendants()))
+        self.assertEqual(write.endMessage["copies"], 1)
 
     @capture_logging(None, encoder_=None)
     def test_store_apply_is_logged_on_both_replicas_in_the_writes_task(self, logger):

@@ -23,6 +23,8 @@ COORDINATE_READ = leveled("replication", DEBUG, ActionType(
     [Field.for_types("found", [bool], "Whether a live value was found.")],
     "This node coordinated a read from the key's replicas."))
 
+#: Every peer call but one replicated client write, which has this action at debug level only (at info the
+#: peer continues the write's own task, and a failed copy logs COPY_FAILED).
 PEER_CALL = leveled("replication", INFO, ActionType(
     "kvresponder:replication:peer-call", [PEER, OP], [CODE],
     "A call to a peer's internal endpoint."))
@@ -30,6 +32,11 @@ PEER_CALL = leveled("replication", INFO, ActionType(
 PEER_READ = leveled("replication", DEBUG, ActionType(
     "kvresponder:replication:peer-read", [PEER, OP], [CODE],
     "A read from a peer's internal endpoint."))
+
+COPY_FAILED = leveled("replication", INFO, MessageType(
+    "kvresponder:replication:copy-failed",
+    [KEY, PEER, Field.for_types("reason", [str], "Why: unreachable, timed out, an error status, or left.")],
+    "A node did not store its copy of a write; the write fails over to the next node on the ring."))
 
 HINTED = leveled("replication", INFO, MessageType(
     "kvresponder:replication:hinted", [KEY, Field.for_types("owner", [str], "The unreachable owner."),

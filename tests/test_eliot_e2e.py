@@ -174,12 +174,12 @@ def test_eliot_tree_shows_a_replicated_write_as_one_task_across_both_nodes(logge
     assert set(applies) == {"n1", "n2"}
     assert applies["n1"].ancestors()[:3] == ["kvresponder:replication:write", "kvresponder:http:request",
                                              "<task>"]
-    # At info level the replica continues the write's own action (a peer-call action per copy is debug).
-    assert applies["n2"].ancestors()[:4] == ["eliot:remote_task", "kvresponder:replication:write",
-                                             "kvresponder:http:request", "<task>"]
-    assert not [n for n in nodes if n.kind == "kvresponder:replication:peer-call"]
-    [remote] = [n for n in nodes if n.kind == "eliot:remote_task" and n.status == "started"]
-    assert remote.fields.get("node") == "n2"
+    # At info level the replica's store action continues the write's own action: no peer-call action per
+    # copy (that is debug) and no eliot:remote_task around it.
+    assert applies["n2"].ancestors()[:3] == ["kvresponder:replication:write", "kvresponder:http:request",
+                                             "<task>"]
+    assert applies["n2"].parent is applies["n1"].parent
+    assert not [n for n in nodes if n.kind in ("kvresponder:replication:peer-call", "eliot:remote_task")]
 
 
 def test_json_logs_join_the_replica_to_the_coordinators_task(logged_write):
@@ -189,15 +189,16 @@ def test_json_logs_join_the_replica_to_the_coordinators_task(logged_write):
     task = [m for m in messages if m.get("task_uuid") == start["task_uuid"]]
     seen = {(m.get("action_type"), m["node"]) for m in task if m.get("action_status") == "started"}
     assert {("kvresponder:http:request", "n1"), ("kvresponder:replication:write", "n1"),
-            ("kvresponder:store:apply", "n1"), ("eliot:remote_task", "n2"),
-            ("kvresponder:store:apply", "n2")} <= seen
+            ("kvresponder:store:apply", "n1"), ("kvresponder:store:apply", "n2")} <= seen
     assert all(m["tenant"] == TENANT for m in task)
-    [remote] = [m for m in task if m.get("action_type") == "eliot:remote_task" and m["action_status"] == "started"]
     [replica] = [m for m in task if m.get("action_type") == "kvresponder:store:apply" and m["node"] == "n2"
                  and m["action_status"] == "started"]
-    # The remote task sits inside the coordinator's write action; the replica's apply inside the remote task.
-    assert remote["task_level"][:-2] == start["task_level"][:-1]
-    assert replica["task_level"][:len(remote["task_level"]) - 1] == remote["task_level"][:-1]
+    [done] = [m for m in task if m.get("action_type") == "kvresponder:store:apply" and m["node"] == "n2"
+              and m["action_status"] == "succeeded"]
+    # The replica's store action is a child of the coordinator's write action, and ends with its outcome.
+    assert replica["task_level"][:-2] == start["task_level"][:-1]
+    assert replica["key"] == KEY and replica["tombstone"] is False
+    assert done["applied"] is True and done["task_level"][:-1] == replica["task_level"][:-1]
     [end] = [m for m in task if m.get("action_type") == "kvresponder:replication:write"
              and m["action_status"] == "succeeded"]
     assert end["copies"] == 2

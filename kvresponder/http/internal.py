@@ -113,13 +113,9 @@ class InternalAPI:
         try:
             if len(task_ids) == len(entries) and task_ids:
                 # Coalesced client writes: each entry's store action joins its own writer's tree.
-                results = []
-                for entry, task_id in zip(entries, task_ids):
-                    if task_id == b"-":
-                        results.append(coordinator.apply_local(entry))
-                        continue
-                    with Action.continue_task(task_id=task_id):
-                        results.append(coordinator.apply_local(entry))
+                results = [coordinator.apply_local(entry) if task_id == b"-" else
+                           coordinator.apply_copy(entry, task_id)
+                           for entry, task_id in zip(entries, task_ids)]
             elif len(entries) == 1:
                 # One client write being replicated: its store action belongs in the writer's tree.
                 results = [coordinator.apply_local(entries[0])]

@@ -143,6 +143,7 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
     from .log import LogPolicy, open_destination, use_fast_task_ids
     from .log.service import SERVICE_STARTED
     from .node import Node
+    from .peers import CachedEndpoints
     from .tracing import Tracing
 
     policy = LogPolicy(settings.log_level)
@@ -161,7 +162,7 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
     pool.maxPersistentPerHost = 16
     pool.cachedConnectionTimeout = 60
     pool.retryAutomatically = False
-    agent = Agent(reactor, pool=pool, connectTimeout=settings.peer_request_timeout)
+    agent = Agent.usingEndpointFactory(reactor, CachedEndpoints(reactor, settings.peer_request_timeout), pool=pool)
     import gc
     import platform
     collect = gc.collect if platform.python_implementation() == "PyPy" else None

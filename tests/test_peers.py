@@ -8,6 +8,7 @@ from collections import namedtuple
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 
 from kvresponder.peers import MAX_BATCHES_IN_FLIGHT, PeerClient, PeerError
 from kvresponder.store import Entry
@@ -217,3 +218,61 @@ def test_calls_queued_behind_a_batch_answered_with_an_error_status_still_go():
     assert len(calls.pending) == 1
     calls.answer()
     assert queued.result.applied
+
+
+# -- the Agent's endpoints ----------------------------------------------------------------------------
+
+
+def test_cached_endpoints_reuse_one_endpoint_per_peer_address():
+    from twisted.internet.endpoints import HostnameEndpoint
+    from twisted.web.client import URI
+
+    from kvresponder.peers import CachedEndpoints
+
+    factory = CachedEndpoints(MemoryReactorClock(), timeout=2.5)
+    first = factory.endpointForURI(URI.fromBytes(b"http://10.0.0.2:3000/t/_internal/apply"))
+    again = factory.endpointForURI(URI.fromBytes(b"http://10.0.0.2:3000/t/_internal/get"))
+    other_port = factory.endpointForURI(URI.fromBytes(b"http://10.0.0.2:3001/t/_internal/apply"))
+    other_host = factory.endpointForURI(URI.fromBytes(b"http://10.0.0.3:3000/t/_internal/apply"))
+    assert isinstance(first, HostnameEndpoint)
+    assert again is first
+    assert len({id(first), id(other_port), id(other_host)}) == 3
+
+
+def test_cached_endpoints_connect_to_the_uris_address_with_the_timeout():
+    from twisted.web.client import URI
+
+    from kvresponder.peers import CachedEndpoints
+
+    reactor = MemoryReactorClock()
+    endpoint = CachedEndpoints(reactor, timeout=2.5).endpointForURI(URI.fromBytes(b"http://127.0.0.1:3123/x"))
+    endpoint.connect(_NoProtocolFactory())
+    reactor.advance(0)
+    host, port, _, timeout, _ = reactor.tcpClients[0]
+    assert (host, port, timeout) == ("127.0.0.1", 3123, 2.5)
+
+
+def test_cached_endpoints_refuse_other_schemes_and_stay_bounded():
+    import pytest
+    from twisted.web.client import URI
+    from twisted.web.error import SchemeNotSupported
+
+    from kvresponder.peers import CachedEndpoints
+
+    factory = CachedEndpoints(MemoryReactorClock(), timeout=1.0)
+    with pytest.raises(SchemeNotSupported):
+        factory.endpointForURI(URI.fromBytes(b"https://10.0.0.2:3000/x"))
+    for index in range(CachedEndpoints.LIMIT + 10):
+        factory.endpointForURI(URI.fromBytes(b"http://10.0.%d.%d:3000/x" % (index // 250, index % 250)))
+    assert len(factory._endpoints) <= CachedEndpoints.LIMIT
+
+
+class _NoProtocolFactory:
+    def doStart(self):
+        pass
+
+    def doStop(self):
+        pass
+
+    def buildProtocol(self, addr):
+        return None

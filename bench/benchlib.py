@@ -398,12 +398,12 @@ def combine(results: List[dict]) -> dict:
 
 # --- CLI and results -------------------------------------------------------------------------------------
 
-def parser(description: str, duration: float = 10.0) -> argparse.ArgumentParser:
+def parser(description: str, duration: float = 10.0, warmup: float = 5.0) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--interpreter", choices=["cpython", "pypy"], default="cpython",
                    help="runs the nodes under CPython (this python) or PyPy (the venv of .ci/setup-pypy.sh)")
     p.add_argument("--duration", type=float, default=duration, help="seconds of measured load (default %(default)s)")
-    p.add_argument("--warmup", type=float, default=5.0, help="seconds of unmeasured load first (default %(default)s)")
+    p.add_argument("--warmup", type=float, default=warmup, help="seconds of unmeasured load first (default %(default)s)")
     p.add_argument("--connections", "-c", type=int, default=32, help="wrk connections (default %(default)s)")
     p.add_argument("--threads", "-t", type=int, default=1, help="wrk threads (default %(default)s)")
     p.add_argument("--out", help="result file (default bench/results/<scenario>.<interpreter>.json)")

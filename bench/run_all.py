@@ -24,8 +24,9 @@ ALL = SINGLE + CLUSTER + OTHER
 
 
 def run(scenario: str, interpreter: str, args) -> dict:
-    command = [sys.executable, os.path.join(b.BENCH, scenario + ".py"), "--interpreter", interpreter,
-               "--warmup", str(args.warmup)]
+    command = [sys.executable, os.path.join(b.BENCH, scenario + ".py"), "--interpreter", interpreter]
+    if args.warmup is not None:
+        command += ["--warmup", str(args.warmup)]
     if scenario == "soak":
         command += ["--duration", str(args.soak)]
     else:
@@ -106,7 +107,8 @@ def markdown(results) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--duration", type=float, default=10.0)
-    p.add_argument("--warmup", type=float, default=5.0)
+    p.add_argument("--warmup", type=float, default=None,
+                   help="seconds of unmeasured load first (default: each scenario's own: 5 s, 15 s for the clusters)")
     p.add_argument("--interpreters", default="cpython,pypy")
     p.add_argument("--scenarios", default=",".join(ALL), help="comma-separated (soak is added by --soak)")
     p.add_argument("--memory-keys", type=int, default=1000000)

@@ -32,8 +32,12 @@ from .ring import HashRing
 from .store import Entry, Store
 
 BUCKETS = 256
-#: Entries walked between two returns to the reactor.
+#: Entries walked at most between two returns to the reactor.
 CHUNK = 2000
+#: Seconds a walk over the store may hold the reactor before it yields (checked every CHECK_EVERY entries): a
+#: walk runs while the node serves, and a chunk of cold (not yet JIT-compiled) code could take 100 ms.
+SLICE = 0.005
+CHECK_EVERY = 64
 
 
 _MASK = (1 << 64) - 1
@@ -56,6 +60,31 @@ def entry_digest(hashed_key: int, version: Version) -> int:
     counter except by rare coincidence, which the next write or the key-level exchange then settles.)
     """
     return hashed_key ^ ((((version[0] << 20) ^ version[1]) * _GOLDEN) & _MASK)
+
+
+class _Slices:
+    """
+    Cuts a walk over the store into slices of at most :data:`SLICE` seconds of reactor time (and at most
+    :data:`CHUNK` entries), so that requests keep being served during a pass.
+    """
+
+    def __init__(self, clock) -> None:
+        self._clock = clock
+        self._count = 0
+        self._since = clock.seconds()
+
+    def due(self) -> bool:
+        """
+        Whether the walk should yield now; call once per entry.
+        """
+        self._count += 1
+        if self._count % CHUNK == 0:
+            return True
+        return self._count % CHECK_EVERY == 0 and self._clock.seconds() - self._since >= SLICE
+
+    async def pause(self) -> None:
+        await deferLater(self._clock, 0, lambda: None)
+        self._since = self._clock.seconds()
 
 
 class Digest:
@@ -182,9 +211,10 @@ class Rebalancer:
                 ring = HashRing(ring.nodes - {self.node_id}, vnodes=ring.vnodes, probes=ring.probes)
             handoff: List[Tuple[Entry, List[str]]] = []
             digests: Dict[str, Digest] = {}
-            for index, entry in enumerate(self.store.entries()):
-                if index and index % CHUNK == 0:
-                    await deferLater(self._clock, 0, lambda: None)
+            slices = _Slices(self._clock)
+            for entry in self.store.entries():
+                if slices.due():
+                    await slices.pause()
                 owners = ring.preference_list(entry.key, self.replicas)
                 if not leaving and self.node_id in owners:
                     for owner in owners:
@@ -315,9 +345,10 @@ class Rebalancer:
                 self.store.changes - changes <= max(1000, len(self.store) // 20):
             return hashes.get(sender, {})
         digest = Digest()
-        for index, entry in enumerate(self.store.entries()):
-            if index and index % CHUNK == 0:
-                await deferLater(self._clock, 0, lambda: None)
+        slices = _Slices(self._clock)
+        for entry in self.store.entries():
+            if slices.due():
+                await slices.pause()
             owners = ring.preference_list(entry.key, self.replicas)
             if sender in owners and self.node_id in owners:
                 digest.add(entry.key, entry.version)

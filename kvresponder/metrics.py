@@ -28,8 +28,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 class _RequestStats:
     """
-    The series bumped on every request (HTTP requests, their durations, cache outcomes), kept as plain
-    numbers and turned into metric families at scrape time.
+    The series bumped on every request (HTTP requests, their durations, cache outcomes, replica calls), kept
+    as plain numbers and turned into metric families at scrape time.
 
     ``prometheus_client`` takes a lock for each increment, and a histogram observation walks its buckets with
     a lock per bucket: on the GET hot path that cost more than the cache read itself. Here one request costs
@@ -42,6 +42,7 @@ class _RequestStats:
         #: (method, route) -> one count per bucket of _LATENCY_BUCKETS, one for +Inf, then the sum.
         self.durations: Dict[Tuple[str, str], List[float]] = {}
         self.cache: Dict[Tuple[str, str], int] = {}
+        self.replication: Dict[Tuple[str, str], int] = {}
 
     def collect(self):
         tenant = self._tenant
@@ -68,6 +69,12 @@ class _RequestStats:
         for (op, result), count in sorted(self.cache.items()):
             cache.add_metric([tenant, op, result], count)
         yield cache
+        replication = CounterMetricFamily(
+            "kv_replication_operations", "Replica calls made by this node as coordinator.",
+            labels=["tenant", "op", "result"])
+        for (op, result), count in sorted(self.replication.items()):
+            replication.add_metric([tenant, op, result], count)
+        yield replication
 
     def describe(self):
         return []
@@ -128,9 +135,6 @@ class Metrics:
         t = ["tenant"]
         self._stats = _RequestStats(tenant)
         registry.register(self._stats)
-        self.replication_operations = Counter(
-            "kv_replication_operations", "Replica calls made by this node as coordinator.",
-            t + ["op", "result"], registry=registry)
         self.peer_duration = Histogram(
             "kv_peer_request_duration_seconds", "Latency of calls to peers.",
             t + ["op"], buckets=_LATENCY_BUCKETS, registry=registry)
@@ -161,7 +165,7 @@ class Metrics:
         # Series that exist from the start, at zero, so that rates and alerts see them before the first event.
         for op in ("put", "delete", "get", "repair"):
             for result in ("success", "failure"):
-                self.replication_operations.labels(tenant, op, result)
+                self.replication(op, result, 0)
         for op, results in (("get", ("hit", "miss")), ("put", ("created", "replaced")),
                             ("delete", ("deleted", "miss"))):
             for result in results:
@@ -210,7 +214,9 @@ class Metrics:
         cache[key] = cache.get(key, 0) + count
 
     def replication(self, op: str, result: str, count: int = 1) -> None:
-        self.replication_operations.labels(self.tenant, op, result).inc(count)
+        key = (op, result)
+        replication = self._stats.replication
+        replication[key] = replication.get(key, 0) + count
 
     def peer_call(self, op: str, seconds: float) -> None:
         self.peer_duration.labels(self.tenant, op).observe(seconds)

@@ -27,7 +27,7 @@ import treq
 from hyperlink import EncodedURL
 
 from .hlc import Version, version_from_wire
-from .log import DEBUG, INFO
+from .log import DEBUG
 from .log.replication import PEER_CALL, PEER_READ
 from .store import ApplyResult, Entry
 from .wire import BATCH_TYPE, encode_batch, entry_from_wire

@@ -4,13 +4,12 @@ In-memory nodes for fast tests: real resources, real Sites, real HTTP parsing, o
 """
 
 import json
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 from treq.testing import StubTreq
 
-from kvresponder.http.errors import not_found, write_error
 from kvresponder.http.root import build_root
 from kvresponder.http.site import KVSite
 from kvresponder.membership import Heartbeat

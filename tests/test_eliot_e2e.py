@@ -6,7 +6,6 @@ testing tools, which also validate every message against its declared field type
 
 import glob
 import importlib
-import json
 import os
 import re
 import shutil
@@ -20,7 +19,7 @@ from eliot import ActionType, MessageType
 from eliot.testing import LoggedAction, LoggedMessage, assertHasAction, capture_logging
 
 from kvresponder.log.discovery import PEER_CHANGED
-from kvresponder.log.replication import COORDINATE_WRITE, COPY_FAILED, PEER_CALL
+from kvresponder.log.replication import COORDINATE_WRITE, COPY_FAILED, HINTED, PEER_CALL
 from kvresponder.log.store import STORE_APPLY
 
 from .conftest import require_tool
@@ -305,6 +304,28 @@ class TypedActionsTests(unittest.TestCase):
         [write] = LoggedAction.ofType(logger.messages, COORDINATE_WRITE)
         self.assertIn(failed, list(write.descendants()))
         self.assertEqual(write.endMessage["copies"], 1)
+
+    @capture_logging(None, encoder_=None)
+    def test_a_failed_over_copy_lands_in_the_writes_tree_on_the_next_node(self, logger):
+        cluster = MemoryCluster(3, replicas=2)
+        cluster.run(seconds=1.0)
+        n1, n2, n3 = cluster.nodes
+        ring = n1.ring()
+        key = next("k%d" % i for i in range(1000) if ring.preference_list("k%d" % i, 3) == ["n1", "n2", "n3"])
+        cluster.kill(n2)
+        result = cluster.run(n1.coordinator.put(key, b'"v"', None))
+        self.assertEqual(result.copies, 2)
+        [write] = LoggedAction.ofType(logger.messages, COORDINATE_WRITE)
+        inside = list(write.descendants())
+        [failed] = LoggedMessage.ofType(logger.messages, COPY_FAILED)
+        [hinted] = LoggedMessage.ofType(logger.messages, HINTED)
+        self.assertEqual(failed.message["peer"], "n2")
+        self.assertEqual((hinted.message["owner"], hinted.message["holder"]), ("n2", "n3"))
+        applies = [a for a in LoggedAction.ofType(logger.messages, STORE_APPLY) if a.startMessage["key"] == key]
+        self.assertEqual(len(applies), 2)
+        for message_or_action in [failed, hinted] + applies:
+            self.assertIn(message_or_action, inside)
+        self.assertEqual(n3.store.get(key).value, b'"v"')
 
     @capture_logging(None, encoder_=None)
     def test_store_apply_is_logged_on_both_replicas_in_the_writes_task(self, logger):

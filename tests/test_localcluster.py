@@ -155,7 +155,7 @@ def test_two_node_cluster_starts_replicates_and_stops(log_dir):
             if match:
                 nodes[match.group(1)] = (int(match.group(2)), match.group(3))
         assert sorted(nodes) == ["node-1", "node-2"], "".join(output)
-        (pid1, url1), (pid2, url2) = nodes["node-1"], nodes["node-2"]
+        (_, url1), (_, url2) = nodes["node-1"], nodes["node-2"]
         assert url1 == "http://127.0.0.1:%d/%s" % (base, tenant)
         assert url2 == "http://127.0.0.1:%d/%s" % (base + 1, tenant)
 

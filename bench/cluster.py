@@ -5,6 +5,8 @@ The keys go into the first node before the others start (they take their copies 
 through the formed cluster is slow, one peer request per replicated write.
 
 - cluster_put: PUTs through one node (each write is stored on its two owners before the reply).
+- cluster_put_spread: the same PUTs spread over all nodes (each node coordinates a third of them), as a
+  Kubernetes Service spreads clients over the pods.
 - cluster_mix_one: the 90/10 GET/PUT mix through one node.
 - cluster_mix_spread: the same mix spread over all nodes. wrk talks to one host, so this runs one wrk per node
   at once (each with ceil(C/3) connections, C in all) and adds their rates; latencies are the worst node's.
@@ -17,6 +19,7 @@ import benchlib as b
 
 SCENARIOS = {
     "cluster_put": ("put", False, "3 nodes RF=2: PUT through one node"),
+    "cluster_put_spread": ("put", True, "3 nodes RF=2: PUT spread over all nodes"),
     "cluster_mix_one": ("mix", False, "3 nodes RF=2: 90/10 GET/PUT through one node"),
     "cluster_mix_spread": ("mix", True, "3 nodes RF=2: 90/10 GET/PUT spread over all nodes"),
 }

@@ -10,8 +10,8 @@ import sys
 
 import benchlib as b
 
-ORDER = ["get_hit", "get_miss", "put", "mix", "bulk_get", "bulk_put", "cluster_put", "cluster_mix_one",
-         "cluster_mix_spread", "latency", "soak"]
+ORDER = ["get_hit", "get_miss", "put", "mix", "bulk_get", "bulk_put", "cluster_put", "cluster_put_spread",
+         "cluster_mix_one", "cluster_mix_spread", "latency", "soak"]
 
 
 def load():

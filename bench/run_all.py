@@ -18,7 +18,7 @@ import time
 import benchlib as b
 
 SINGLE = ["get_hit", "get_miss", "put", "mix", "bulk_get", "bulk_put"]
-CLUSTER = ["cluster_put", "cluster_mix_one", "cluster_mix_spread"]
+CLUSTER = ["cluster_put", "cluster_put_spread", "cluster_mix_one", "cluster_mix_spread"]
 OTHER = ["latency", "memory", "rebalance"]
 ALL = SINGLE + CLUSTER + OTHER
 

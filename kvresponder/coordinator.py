@@ -100,10 +100,15 @@ class Coordinator:
         """
         if not self._log.enabled("store", INFO):
             return self.apply_local(entry)
+        try:
+            action = Action.continue_task(task_id=task_id, action_type=STORE_APPLY.action_type,
+                                          _serializers=STORE_APPLY._serializers, key=entry.key,
+                                          version=format_version(entry.version), tombstone=entry.value is None)
+        except ValueError:
+            # A malformed task id: the copy is still stored, in a tree of its own.
+            return self.apply_local(entry)
         self.hlc.observe(entry.version)
-        with Action.continue_task(task_id=task_id, action_type=STORE_APPLY.action_type,
-                                  _serializers=STORE_APPLY._serializers, key=entry.key,
-                                  version=format_version(entry.version), tombstone=entry.value is None) as action:
+        with action:
             result = self.store.apply(entry)
             action.add_success_fields(applied=result.applied, had_live=result.had_live)
         return result
@@ -389,8 +394,9 @@ class Coordinator:
             try:
                 await self._apply_on(node, newest)
                 self._metrics.replication("repair", "success")
-            except (PeerError, Unavailable):
+            except (PeerError, Unavailable) as error:
                 self._metrics.replication("repair", "failure")
+                COPY_FAILED.log(key=newest.key, peer=node, reason=str(error))
 
         for node in stale:
             ensureDeferred(repair_one(node)).addErrback(lambda failure: write_traceback())
@@ -453,11 +459,14 @@ class _ReplicatedWrite:
     Plain callbacks rather than coroutines: this is the path of every replicated write, and a coroutine per
     copy (each step run in a copied context) cost more than the copy itself on PyPy. A failover runs in the
     context the write started in (a copy taken inside its Eliot action), so the next attempt's actions and
-    spans stay in the write's tree and trace.
+    spans stay in the write's tree and trace; the write's own result fires outside it, so that what the
+    caller does next (answer the client, serve a pipelined request) is not logged inside a finished write.
+    Whatever goes wrong unexpectedly in one slot is logged and counts as a missing copy, as the
+    ``_gather`` the coroutines used did; the write still fires, once.
     """
 
     __slots__ = ("_coordinator", "_entry", "_op", "_fallbacks", "_quorum", "_waiting", "_stored", "_action",
-                 "_context", "_entered", "_done")
+                 "_context", "_entered", "_done", "_outcome")
 
     def __init__(self, coordinator: Coordinator, entry: Entry, op: str) -> None:
         self._coordinator = coordinator
@@ -467,6 +476,8 @@ class _ReplicatedWrite:
         self._action = None
         self._entered = False
         self._done: Deferred = Deferred()
+        #: The write's result (a WriteResult or an Unavailable) once every slot is done.
+        self._outcome = None
 
     def start(self) -> Deferred:
         """
@@ -484,13 +495,21 @@ class _ReplicatedWrite:
         else:
             self._context = copy_context()
             self._send(owners)
+        self._fire()
         return self._done
 
     def _send(self, owners: List[str]) -> None:
         if not owners:
             self._finish()
         for owner in owners:
-            self._try(owner, owner)
+            self._attempt(owner, owner)
+
+    def _attempt(self, owner: str, node: str) -> None:
+        try:
+            self._try(owner, node)
+        except Exception:
+            write_traceback()
+            self._slot_done(None)
 
     def _try(self, owner: str, node: str) -> None:
         coordinator = self._coordinator
@@ -510,15 +529,15 @@ class _ReplicatedWrite:
             return
         try:
             d = coordinator._peers.apply_coalesced(peer, self._entry)
-        except Exception:
-            write_traceback()
-            self._slot_done(None)
+        except (PeerError, Unavailable) as error:
+            self._failover(owner, node, str(error))
             return
         d.addCallbacks(self._copied, self._copy_failed, callbackArgs=(node,), errbackArgs=(owner, node))
 
     def _copied(self, result: ApplyResult, node: str) -> None:
         self._coordinator._metrics.replication(self._op, "success")
         self._slot_done((node, result))
+        self._fire()
 
     def _copy_failed(self, failure, owner: str, node: str) -> None:
         if failure.check(PeerError, Unavailable):
@@ -526,6 +545,7 @@ class _ReplicatedWrite:
         else:
             self._in_context(write_failure, failure)
             self._slot_done(None)
+        self._fire()
 
     def _in_context(self, function, *args) -> None:
         if self._entered:
@@ -534,35 +554,58 @@ class _ReplicatedWrite:
             return
         self._entered = True
         try:
-            self._context.run(function, *args)
+            self._context.run(self._contained, function, *args)
         finally:
             self._entered = False
 
+    def _contained(self, function, *args) -> None:
+        try:
+            function(*args)
+        except Exception:
+            write_traceback()
+
     def _failover(self, owner: str, failed: str, reason: str) -> None:
-        self._coordinator._metrics.replication(self._op, "failure")
-        COPY_FAILED.log(key=self._entry.key, peer=failed, reason=reason)
-        node = self._fallbacks.pop(0) if self._fallbacks else None
+        try:
+            self._coordinator._metrics.replication(self._op, "failure")
+            COPY_FAILED.log(key=self._entry.key, peer=failed, reason=reason)
+            node = self._fallbacks.pop(0) if self._fallbacks else None
+            if node is not None:
+                HINTED.log(key=self._entry.key, owner=owner, holder=node)
+        except Exception:
+            write_traceback()
+            node = None
         if node is None:
             self._slot_done(None)
             return
-        HINTED.log(key=self._entry.key, owner=owner, holder=node)
-        self._try(owner, node)
+        self._attempt(owner, node)
 
     def _slot_done(self, outcome: Optional[Tuple[str, ApplyResult]]) -> None:
         if outcome is not None:
             self._stored.append(outcome)
         self._waiting -= 1
-        if self._waiting <= 0:
+        if self._waiting == 0:
             self._finish()
 
     def _finish(self) -> None:
+        """
+        Every slot is done: close the write's action and settle its result, which :meth:`_fire` delivers
+        once control is back outside the write's context.
+        """
         copies = len({node for node, _ in self._stored})
         if self._action is not None:
             self._action.add_success_fields(copies=copies)
             self._action.finish()
         if copies < self._quorum:
-            self._done.errback(Unavailable("only %d of the %d copies needed could be stored"
-                                           % (copies, self._quorum)))
+            self._outcome = Unavailable("only %d of the %d copies needed could be stored" % (copies, self._quorum))
+        else:
+            had_live = any(result.had_live for _, result in self._stored)
+            self._outcome = WriteResult(self._entry, not had_live, copies)
+
+    def _fire(self) -> None:
+        outcome = self._outcome
+        if outcome is None or self._entered or self._done.called:
             return
-        had_live = any(result.had_live for _, result in self._stored)
-        self._done.callback(WriteResult(self._entry, not had_live, copies))
+        if isinstance(outcome, Unavailable):
+            self._done.errback(outcome)
+        else:
+            self._done.callback(outcome)

@@ -142,6 +142,11 @@ def logged_write(log_dir):
         assert response.status_code == 201, response.text
         cluster.wait_for(lambda: any(m.get("key") == KEY and m.get("action_type") == "kvresponder:store:apply"
                                      for m in n2.log_messages()), 10, "the replica's store action")
+        # Each node writes its log lines out every LOG_FLUSH_INTERVAL: wait for the coordinator's too, down to
+        # the end of the request's action.
+        cluster.wait_for(lambda: any(m.get("action_type") == "kvresponder:http:request"
+                                     and m.get("action_status") == "succeeded" and m.get("status") == 201
+                                     for m in n1.log_messages()), 10, "the coordinator's request action")
         combined = os.path.join(log_dir, "combined.jsonl")
         with open(combined, "wb") as out:
             for node in (n1, n2):

@@ -52,8 +52,41 @@ def test_destination_writes_one_stamped_json_object_a_line():
     destination = JSONLineDestination(stream, LogPolicy("info"), "t1", "n1", flush=False)
     destination({"message_type": "test:hello", "value": b"bytes", "when": 1.5})
     destination({"message_type": "test:again"})
+    destination.flush()
     lines = stream.getvalue().splitlines()
     assert [json.loads(line) for line in lines] == [
         {"message_type": "test:hello", "value": "bytes", "when": 1.5, "tenant": "t1", "node": "n1"},
         {"message_type": "test:again", "tenant": "t1", "node": "n1"},
     ]
+
+
+def test_a_buffered_destination_holds_lines_until_it_is_flushed():
+    stream = io.BytesIO()
+    destination = JSONLineDestination(stream, LogPolicy("info"), "t1", "n1", flush=False)
+    destination({"message_type": "test:first", "text": "caf\u00e9"})
+    destination({"message_type": "test:second"})
+    assert stream.getvalue() == b""
+    destination.flush()
+    lines = stream.getvalue().splitlines()
+    assert [json.loads(line)["message_type"] for line in lines] == ["test:first", "test:second"]
+    assert json.loads(lines[0])["text"] == "caf\u00e9"
+
+
+def test_a_buffered_destination_writes_out_once_it_holds_enough_lines():
+    from kvresponder.log import PENDING_LINES
+
+    stream = io.BytesIO()
+    destination = JSONLineDestination(stream, LogPolicy("info"), "t1", "n1", flush=False)
+    for index in range(PENDING_LINES + 3):
+        destination({"message_type": "test:many", "index": index})
+    written = [json.loads(line)["index"] for line in stream.getvalue().splitlines()]
+    assert written == list(range(PENDING_LINES))
+    destination.flush()
+    assert [json.loads(line)["index"] for line in stream.getvalue().splitlines()] == list(range(PENDING_LINES + 3))
+
+
+def test_an_unbuffered_destination_writes_each_line_at_once():
+    stream = io.BytesIO()
+    destination = JSONLineDestination(stream, LogPolicy("info"), "t1", "n1", flush=True)
+    destination({"message_type": "test:now"})
+    assert json.loads(stream.getvalue())["message_type"] == "test:now"

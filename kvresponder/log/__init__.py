@@ -85,6 +85,10 @@ class LogPolicy:
         return level >= self._levels[area]
 
 
+#: Lines a buffered destination holds as text before it writes them to its stream (about 64 KiB).
+PENDING_LINES = 256
+
+
 class JSONLineDestination:
     """
     An Eliot destination writing one JSON object a line, stamped with the tenant and node id, filtered by
@@ -102,6 +106,7 @@ class JSONLineDestination:
         # message (which other destinations share) and encoded again every time.
         self._stamp = ", " + json.dumps({"tenant": tenant, "node": node_id})[1:] + "\n"
         self._flush = flush
+        self._pending: list = []
         # Eliot messages are flat dicts of plain values: no cycles to look for. ASCII output, so that the
         # binary stream takes it without another encoding step.
         self._encode = json.JSONEncoder(default=_fallback, check_circular=False).encode
@@ -111,15 +116,29 @@ class JSONLineDestination:
             return
         text = self._encode(message)
         line = text[:-1] + self._stamp if len(text) > 2 else text[:-1] + self._stamp[2:]
-        self._stream.write(line.encode("ascii") if self._binary else line)
         if self._flush:
+            self._stream.write(line.encode("ascii") if self._binary else line)
             self._stream.flush()
+            return
+        # Buffered: lines wait as text and go to the stream together, one encode and one write for many
+        # (a write to a buffered file per line cost PyPy about 1.4 µs of the 4.5 µs a line costs).
+        pending = self._pending
+        pending.append(line)
+        if len(pending) >= PENDING_LINES:
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        if self._pending:
+            text = "".join(self._pending)
+            self._pending = []
+            self._stream.write(text.encode("ascii") if self._binary else text)
 
     def flush(self) -> None:
         """
         Write out what is buffered. A destination made with ``flush=False`` is flushed on a timer and at
         shutdown instead of after every line (a system call per message was a fifth of a write's cost).
         """
+        self._write_pending()
         self._stream.flush()
 
 

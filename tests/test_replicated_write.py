@@ -1,0 +1,179 @@
+"""
+The coordinator's replicated write (``_ReplicatedWrite``) against peers whose answers the test controls: a copy
+that is refused at once, one that fails before it returns, one that fails later, one that breaks in an
+unexpected way. Each write answers exactly once, with the copies it really has, and its result is delivered
+outside its own Eliot context.
+"""
+
+import unittest
+from collections import namedtuple
+
+from eliot import current_action
+from eliot.testing import LoggedAction, LoggedMessage, capture_logging
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+
+from kvresponder.coordinator import Coordinator, Unavailable, WriteResult
+from kvresponder.hlc import HybridLogicalClock
+from kvresponder.log import LogPolicy
+from kvresponder.log.replication import COORDINATE_WRITE, COPY_FAILED, HINTED
+from kvresponder.metrics import Metrics
+from kvresponder.peers import PeerError
+from kvresponder.ring import HashRing
+from kvresponder.store import ApplyResult, Store
+
+Peer = namedtuple("Peer", "node_id address port")
+RING = HashRing(["n1", "n2", "n3"])
+
+
+def key_owned_by(first: str, second: str) -> str:
+    return next(key for key in ("k%d" % i for i in range(10000))
+                if RING.preference_list(key, 3)[:2] == [first, second])
+
+
+class _Peers:
+    """
+    ``apply_coalesced`` answering per node: a value, an exception to raise at once, or a Deferred to return.
+    """
+
+    def __init__(self, answers) -> None:
+        self.answers = answers
+        self.calls = []
+
+    def apply_coalesced(self, peer, entry):
+        self.calls.append(peer.node_id)
+        answer = self.answers[peer.node_id]
+        if isinstance(answer, Exception):
+            raise answer
+        if isinstance(answer, Deferred):
+            return answer
+        return succeed(answer)
+
+
+def coordinator(answers, peer_of=None) -> Coordinator:
+    clock = Clock()
+    clock.advance(1000)
+    store = Store(clock.seconds, 1 << 24)
+    return Coordinator(store, HybridLogicalClock(clock.seconds, "n1"), lambda: RING,
+                       peer_of or (lambda node: Peer(node, "10.0.0.%s" % node[1:], 3000)), _Peers(answers),
+                       replicas=2, write_quorum=None, seconds=clock.seconds, metrics=Metrics("t"),
+                       log_policy=LogPolicy("info"))
+
+
+def outcome(d: Deferred):
+    results = []
+    d.addBoth(results.append)
+    assert len(results) == 1, "the write has not answered"
+    return results[0]
+
+
+class ReplicatedWriteTests(unittest.TestCase):
+
+    @capture_logging(None, encoder_=None)
+    def test_a_copy_refused_at_once_fails_over_to_the_next_node(self, logger):
+        key = key_owned_by("n2", "n3")
+        c = coordinator({"n2": PeerError("n2 unreachable for apply: ConnectionRefusedError"),
+                         "n3": ApplyResult(True, False)})
+        result = outcome(c.put(key, b'"v"', None))
+        self.assertIsInstance(result, WriteResult)
+        self.assertEqual(result.copies, 2)
+        self.assertEqual(c.store.get(key).value, b'"v"')
+        [failed] = LoggedMessage.ofType(logger.messages, COPY_FAILED)
+        self.assertEqual(failed.message["peer"], "n2")
+        [hinted] = LoggedMessage.ofType(logger.messages, HINTED)
+        self.assertEqual((hinted.message["owner"], hinted.message["holder"]), ("n2", "n1"))
+
+    @capture_logging(None, encoder_=None)
+    def test_a_copy_that_failed_before_returning_fails_over_to_the_next_node(self, logger):
+        key = key_owned_by("n2", "n3")
+        c = coordinator({"n2": fail(PeerError("n2 answered 503 to apply", 503)), "n3": ApplyResult(True, False)})
+        result = outcome(c.put(key, b'"v"', None))
+        self.assertEqual(result.copies, 2)
+        self.assertEqual(c.store.get(key).value, b'"v"')
+
+    @capture_logging(None, encoder_=None)
+    def test_an_unexpected_failure_counts_as_a_missing_copy_and_the_write_still_answers(self, logger):
+        key = key_owned_by("n2", "n3")
+        c = coordinator({"n2": fail(RuntimeError("a bug")), "n3": ApplyResult(True, False)})
+        result = outcome(c.put(key, b'"v"', None))
+        self.assertTrue(result.check(Unavailable))
+        self.assertIn("only 1 of the 2", str(result.value))
+        self.assertEqual(len(logger.flushTracebacks(RuntimeError)), 1)
+        # No failover for a failure that says nothing about the peer: the next node was not written.
+        self.assertIsNone(c.store.get(key))
+
+    @capture_logging(None, encoder_=None)
+    def test_a_membership_lookup_that_breaks_counts_as_a_missing_copy(self, logger):
+        key = key_owned_by("n2", "n3")
+
+        def peer_of(node):
+            if node == "n2":
+                raise KeyError(node)
+            return Peer(node, "10.0.0.3", 3000)
+
+        c = coordinator({"n3": ApplyResult(True, False)}, peer_of=peer_of)
+        result = outcome(c.put(key, b'"v"', None))
+        self.assertTrue(result.check(Unavailable))
+        self.assertEqual(len(logger.flushTracebacks(KeyError)), 1)
+
+    @capture_logging(None, encoder_=None)
+    def test_the_result_is_delivered_outside_the_writes_own_context(self, logger):
+        key = key_owned_by("n2", "n3")
+        later = Deferred()
+        c = coordinator({"n2": later, "n3": ApplyResult(True, False)})
+        seen = []
+        d = c.put(key, b'"v"', None)
+        d.addCallback(lambda result: seen.append((result.copies, current_action())))
+        self.assertEqual(seen, [])
+        # The copy fails from outside any action (as a peer's answer arrives); the failover to n1 finishes
+        # the write inside the write's context, but the caller hears of it only outside.
+        later.errback(PeerError("n2 unreachable for apply: TimeoutError"))
+        self.assertEqual(seen, [(2, None)])
+        [write] = LoggedAction.ofType(logger.messages, COORDINATE_WRITE)
+        inside = list(write.descendants())
+        for message in LoggedMessage.ofType(logger.messages, COPY_FAILED) + LoggedMessage.ofType(
+                logger.messages, HINTED):
+            self.assertIn(message, inside)
+
+    @capture_logging(None, encoder_=None)
+    def test_a_write_short_of_its_quorum_answers_unavailable_and_keeps_the_copy_it_stored(self, logger):
+        key = key_owned_by("n2", "n3")
+        c = coordinator({"n2": PeerError("down"), "n3": PeerError("down")})
+        result = outcome(c.put(key, b'"v"', None))
+        self.assertTrue(result.check(Unavailable))
+        self.assertIn("only 1 of the 2", str(result.value))
+        # n2 failed over to n1 (this node), which kept the copy; n3 had no node left to fail over to.
+        self.assertEqual(c.store.get(key).value, b'"v"')
+        self.assertEqual(sorted(m.message["peer"] for m in LoggedMessage.ofType(logger.messages, COPY_FAILED)),
+                         ["n2", "n3"])
+        [write] = LoggedAction.ofType(logger.messages, COORDINATE_WRITE)
+        self.assertEqual(write.endMessage["copies"], 1)
+
+
+class ReplicaCopyTests(unittest.TestCase):
+
+    @capture_logging(None, encoder_=None)
+    def test_a_copy_with_a_malformed_task_id_is_still_stored(self, logger):
+        from kvresponder.store import Entry
+
+        c = coordinator({})
+        for counter, task_id in enumerate((b"no-at-sign", b"abc@not/a/level", b"\xff@1")):
+            result = c.apply_copy(Entry("copied", b'"v%d"' % counter, (2000000, counter, "n2")), task_id)
+            self.assertTrue(result.applied)
+        self.assertEqual(c.store.get("copied").value, b'"v2"')
+
+    @capture_logging(None, encoder_=None)
+    def test_a_copy_continues_the_writers_task_as_its_store_action(self, logger):
+        from eliot import start_action
+
+        from kvresponder.log.store import STORE_APPLY
+        from kvresponder.store import Entry
+
+        c = coordinator({})
+        with start_action(action_type="test:writer") as writer:
+            task_id = writer.serialize_task_id()
+        c.apply_copy(Entry("copied", b'"v"', (2000000, 0, "n2")), task_id)
+        [apply] = LoggedAction.ofType(logger.messages, STORE_APPLY)
+        self.assertEqual(apply.startMessage["task_uuid"], writer.task_uuid)
+        self.assertEqual(apply.startMessage["key"], "copied")
+        self.assertTrue(apply.endMessage["applied"])

@@ -63,21 +63,24 @@ class _RequestStats:
                 buckets.append((bound, total))
             durations.add_metric([tenant, method, route], buckets, counts[-1])
         yield durations
-        cache = CounterMetricFamily(
-            "kv_cache_operations", "Cache operations by outcome (hits and misses).",
-            labels=["tenant", "op", "result"])
-        for (op, result), count in sorted(self.cache.items()):
-            cache.add_metric([tenant, op, result], count)
-        yield cache
-        replication = CounterMetricFamily(
-            "kv_replication_operations", "Replica calls made by this node as coordinator.",
-            labels=["tenant", "op", "result"])
-        for (op, result), count in sorted(self.replication.items()):
-            replication.add_metric([tenant, op, result], count)
-        yield replication
+        yield _outcome_counter("kv_cache_operations", "Cache operations by outcome (hits and misses).",
+                               tenant, self.cache)
+        yield _outcome_counter("kv_replication_operations", "Replica calls made by this node as coordinator.",
+                               tenant, self.replication)
 
     def describe(self):
         return []
+
+
+def _outcome_counter(name: str, help_text: str, tenant: str,
+                     counts: Dict[Tuple[str, str], int]) -> CounterMetricFamily:
+    """
+    A counter family labelled tenant, op and result, from plain counts keyed by (op, result).
+    """
+    family = CounterMetricFamily(name, help_text, labels=["tenant", "op", "result"])
+    for (op, result), count in sorted(counts.items()):
+        family.add_metric([tenant, op, result], count)
+    return family
 
 
 class _LiveGauges:

@@ -113,6 +113,22 @@ class Coordinator:
             action.add_success_fields(applied=result.applied, had_live=result.had_live)
         return result
 
+    def apply_copies(self, entries: List[Entry], task_ids: List[bytes]) -> List[ApplyResult]:
+        """
+        Apply a batch of copies another node sent, over HTTP or its copy stream. With one task id an entry
+        (``-`` for none), these are coalesced client writes, and each entry's store action joins its own
+        writer's tree; a single entry is one write being replicated; anything else is bulk data (handoff,
+        re-replication, anti-entropy), applied inside one action.
+
+        :raises EntryTooLarge: if an entry exceeds this node's memory budget.
+        """
+        if task_ids and len(task_ids) == len(entries):
+            return [self.apply_local(entry) if task_id == b"-" else self.apply_copy(entry, task_id)
+                    for entry, task_id in zip(entries, task_ids)]
+        if len(entries) == 1:
+            return [self.apply_local(entries[0])]
+        return self.apply_batch(entries)
+
     def apply_batch(self, entries: List[Entry]) -> List[ApplyResult]:
         """
         Apply many entries (handoff, re-replication, anti-entropy) inside one action, not one per entry.

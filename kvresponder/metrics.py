@@ -122,6 +122,8 @@ _LIVE_GAUGES = (
     ("kv_handoff_pending", "Entries held here that belong to other nodes and wait to be handed off."),
     ("kv_ring_owned_ratio", "Share of the key space this node owns first."),
     ("kv_open_connections", "Open HTTP connections."),
+    ("kv_copy_streams_outgoing", "Copy streams this node has open to peers (one a peer it writes to)."),
+    ("kv_copy_streams_incoming", "Copy streams peers have open to this node."),
 )
 
 
@@ -158,6 +160,9 @@ class Metrics:
             "kv_antientropy_rounds", "Anti-entropy exchanges with a peer.", t + ["result"], registry=registry)
         self.antientropy_repairs = Counter(
             "kv_antientropy_repairs", "Entries sent to a peer by anti-entropy.", t, registry=registry)
+        self.copy_stream_refusals = Counter(
+            "kv_copy_stream_refusals", "Peers that refused a copy stream; copies go to them as HTTP requests.",
+            t, registry=registry)
         self.build_info = Gauge(
             "kv_build_info", "Build information; always 1.", t + ["version", "python"], registry=registry)
         self.build_info.labels(tenant, __version__, "%s %s" % (
@@ -182,6 +187,7 @@ class Metrics:
             self.antientropy_rounds.labels(tenant, result)
         self.antientropy_repairs.labels(tenant)
         self._evictions.inc(0)
+        self.copy_stream_refusals.labels(tenant)
 
     def register_live_gauges(self, read: Callable[[], dict]) -> None:
         """
@@ -223,6 +229,9 @@ class Metrics:
 
     def peer_call(self, op: str, seconds: float) -> None:
         self.peer_duration.labels(self.tenant, op).observe(seconds)
+
+    def copy_stream_refused(self) -> None:
+        self.copy_stream_refusals.labels(self.tenant).inc()
 
     def discovery(self, result: str) -> None:
         self.discovery_messages.labels(self.tenant, result).inc()

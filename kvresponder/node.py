@@ -18,6 +18,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from . import __version__
 from .admin import AdminGuard
 from .coordinator import Coordinator, _gather
+from .copystream import CopyStreams
 from .discovery import derive_key
 from .hlc import HybridLogicalClock
 from .log import LogPolicy
@@ -48,11 +49,14 @@ class Node:
     :param tracing: a :class:`~kvresponder.tracing.Tracing` for peer-call spans, or ``None``.
     :param collect: a full garbage collection (``gc.collect`` on PyPy), run as the store turns over; or
         ``None`` where reference counting frees memory at once (CPython).
+    :param stream_endpoint: ``stream_endpoint(address, port)``, an ``IStreamClientEndpoint`` to a peer, for the
+        copy streams (:mod:`kvresponder.copystream`); ``None`` sends every copy as an HTTP request.
     """
 
     def __init__(self, settings: Settings, clock, http, wall: Optional[Callable[[], float]] = None,
                  log_policy: Optional[LogPolicy] = None, tracing=None,
-                 join_settle: Optional[float] = None, collect: Optional[Callable[[], object]] = None) -> None:
+                 join_settle: Optional[float] = None, collect: Optional[Callable[[], object]] = None,
+                 stream_endpoint=None) -> None:
         self.settings = settings
         self.node_id = settings.node_id
         self.clock = clock
@@ -70,8 +74,13 @@ class Node:
         if settings.cluster_secret:
             self.authenticator = PeerAuthenticator(derive_key(settings.cluster_secret, "peer"), self.wall)
         from .peers import PeerClient
+        streams = None
+        if stream_endpoint is not None and settings.replication_stream:
+            streams = CopyStreams(clock, stream_endpoint, settings.tenant, self.authenticator, self.metrics)
+        #: Copy streams peers opened to this node, open now.
+        self.copy_streams_in = 0
         self.peers = PeerClient(http, clock, settings.tenant, settings.peer_request_timeout,
-                                self.authenticator, self.metrics, tracing, self.log_policy)
+                                self.authenticator, self.metrics, tracing, self.log_policy, streams)
         self.coordinator = Coordinator(self.store, self.hlc, self.ring, self.membership.peer, self.peers,
                                        settings.replicas, settings.write_quorum, self.wall, self.metrics,
                                        self.log_policy, self.ring_settling)
@@ -239,6 +248,8 @@ class Node:
             "kv_handoff_pending": self.rebalancer.pending,
             "kv_ring_owned_ratio": self.owned_ratio(),
             "kv_open_connections": self.open_connections(),
+            "kv_copy_streams_outgoing": self.peers.streams.open_count() if self.peers.streams is not None else 0,
+            "kv_copy_streams_incoming": self.copy_streams_in,
         }
 
     def health(self) -> dict:

@@ -17,6 +17,7 @@ from eliot import current_action
 from twisted.internet.defer import Deferred, DeferredSemaphore, ensureDeferred, fail
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.python.failure import Failure
 from twisted.web.client import RequestTransmissionFailed, ResponseFailed
 from twisted.web._newclient import RequestNotSent
 from twisted.web.error import SchemeNotSupported
@@ -26,6 +27,7 @@ from zope.interface import implementer
 import treq
 from hyperlink import EncodedURL
 
+from .copystream import StreamError, StreamRefused
 from .hlc import Version, version_from_wire
 from .log import DEBUG
 from .log.replication import PEER_CALL, PEER_READ
@@ -82,6 +84,12 @@ class PeerAuthenticator:
         stamp = "%.3f" % (self._wall(),)
         return ("%s:%s" % (stamp, self._mac(stamp, method, path, body))).encode("ascii")
 
+    def stream_key(self) -> bytes:
+        """
+        The key of the copy streams' frame MACs (:mod:`kvresponder.copystream`), derived from this one.
+        """
+        return hmac.new(self._key, b"kvresponder:copy-stream", hashlib.sha256).digest()
+
     def verify(self, header: Optional[bytes], method: bytes, path: bytes, body: bytes) -> bool:
         if not header:
             return False
@@ -117,13 +125,18 @@ class CachedEndpoints:
     def endpointForURI(self, uri):
         if uri.scheme != b"http":
             raise SchemeNotSupported("peers are called over plain HTTP, not %r" % (uri.scheme,))
-        key = (uri.host, uri.port)
+        return self.endpoint(uri.host.decode("ascii"), uri.port)
+
+    def endpoint(self, host: str, port: int) -> HostnameEndpoint:
+        """
+        The endpoint to ``host`` (an address) and ``port``; the copy streams connect with it too.
+        """
+        key = (host, port)
         endpoint = self._endpoints.get(key)
         if endpoint is None:
             if len(self._endpoints) >= self.LIMIT:
                 self._endpoints.clear()
-            endpoint = self._endpoints[key] = HostnameEndpoint(
-                self._reactor, uri.host.decode("ascii"), uri.port, timeout=self._timeout)
+            endpoint = self._endpoints[key] = HostnameEndpoint(self._reactor, host, port, timeout=self._timeout)
         return endpoint
 
 
@@ -149,11 +162,14 @@ class PeerClient:
     :param authenticator: a :class:`PeerAuthenticator`, or ``None``.
     :param metrics: receives ``peer_call(op, seconds)``.
     :param tracing: a :class:`~kvresponder.tracing.Tracing`, or ``None``.
+    :param streams: a :class:`~kvresponder.copystream.CopyStreams` carrying the copies of client writes, or
+        ``None`` to send them as HTTP requests.
     """
 
     def __init__(self, http, clock, tenant: str, timeout: float, authenticator=None, metrics=None,
-                 tracing=None, log_policy=None) -> None:
+                 tracing=None, log_policy=None, streams=None) -> None:
         self._http = http
+        self.streams = streams
         self._clock = clock
         self._tenant = tenant
         self.timeout = timeout
@@ -264,10 +280,7 @@ class PeerClient:
         """
         answer = await self._call(peer.address, peer.port, peer.node_id, "apply", encode_batch(entries),
                                   timeout=timeout)
-        results = answer.get("results") if isinstance(answer, dict) else None
-        if not isinstance(results, list) or len(results) != len(entries):
-            raise PeerError("%s answered a malformed apply result" % (peer.node_id,))
-        return [ApplyResult(bool(applied), bool(had_live)) for applied, had_live in results]
+        return _apply_results(answer, peer, len(entries))
 
     async def get(self, peer, key: str) -> Optional[Entry]:
         """
@@ -351,10 +364,7 @@ class PeerClient:
         if not queue:
             return
         try:
-            entries = [item[0] for item in queue]
-            task_ids = [item[3] or b"-" for item in queue]
-            d = ensureDeferred(self._call(peer.address, peer.port, peer.node_id, "apply", encode_batch(entries),
-                                          task_ids=task_ids))
+            d = self._send_copies(peer, [item[0] for item in queue], [item[3] or b"-" for item in queue])
         except Exception:
             # The batch could not even be sent: fail its writes (they fail over) rather than leave them, and
             # every later write to this peer, waiting for a batch that never returns.
@@ -362,16 +372,13 @@ class PeerClient:
 
         finished = set()
 
-        def answered(answer):
-            results = answer.get("results") if isinstance(answer, dict) else None
-            if not isinstance(results, list) or len(results) != len(queue):
-                raise PeerError("%s answered a malformed apply result" % (peer.node_id,))
-            for (_, waiter, action, _), (applied, had_live) in zip(queue, results):
+        def answered(results):
+            for (_, waiter, action, _), result in zip(queue, results):
                 if action is not None:
                     action.add_success_fields(code=200)
                     action.finish()
                     finished.add(id(action))
-                waiter.callback(ApplyResult(bool(applied), bool(had_live)))
+                waiter.callback(result)
 
         def failed(failure):
             code = getattr(failure.value, "code", None)
@@ -392,6 +399,38 @@ class PeerClient:
         d.addCallbacks(answered, failed)
         d.addErrback(failed)
         d.addBoth(lambda _: self._batch_done(peer, key, self._flush))
+
+    def _send_copies(self, peer, entries: List[Entry], task_ids: List[bytes]) -> Deferred:
+        """
+        One batch of copies of client writes to ``peer``: over its copy stream, or as an HTTP call when there
+        is none or the peer refused one.
+
+        :return: a Deferred firing with one :class:`ApplyResult` an entry, or failing with :class:`PeerError`.
+        """
+        streams = self.streams
+        if streams is None or not streams.usable(peer):
+            return self._send_copies_as_request(peer, entries, task_ids)
+        started = self._clock.seconds()
+
+        def done(result):
+            if self._metrics is not None:
+                self._metrics.peer_call("apply", self._clock.seconds() - started)
+            if not isinstance(result, Failure):
+                if len(result) != len(entries):
+                    raise PeerError("%s answered a malformed apply result" % (peer.node_id,))
+                return result
+            if result.check(StreamRefused):
+                return self._send_copies_as_request(peer, entries, task_ids)
+            if result.check(StreamError):
+                raise PeerError("%s %s to apply" % (peer.node_id, result.value), result.value.code)
+            raise PeerError("%s unreachable for apply: %s" % (peer.node_id, result.value.__class__.__name__))
+
+        return streams.send(peer, entries, task_ids, self.timeout).addBoth(done)
+
+    def _send_copies_as_request(self, peer, entries, task_ids) -> Deferred:
+        d = ensureDeferred(self._call(peer.address, peer.port, peer.node_id, "apply", encode_batch(entries),
+                                      task_ids=task_ids))
+        return d.addCallback(_apply_results, peer, len(entries))
 
     def _fail_queued(self, key, failure) -> None:
         """
@@ -501,6 +540,19 @@ class PeerClient:
         """
         return await self._call(peer.address, peer.port, peer.node_id, "sync/request", {"from": sender},
                                 timeout=timeout)
+
+
+def _apply_results(answer, peer, count: int) -> List[ApplyResult]:
+    """
+    The results in a peer's JSON answer to ``apply``, one an entry.
+    """
+    results = answer.get("results") if isinstance(answer, dict) else None
+    if not isinstance(results, list) or len(results) != count:
+        raise PeerError("%s answered a malformed apply result" % (peer.node_id,))
+    try:
+        return [ApplyResult(bool(applied), bool(had_live)) for applied, had_live in results]
+    except (TypeError, ValueError):
+        raise PeerError("%s answered a malformed apply result" % (peer.node_id,))
 
 
 __all__ = ["CachedEndpoints", "PeerClient", "PeerError", "PeerAuthenticator", "version_from_wire"]

@@ -188,6 +188,8 @@ OPTIONS = (
            "Seconds between anti-entropy rounds."),
     Option("peer-request-timeout", ("PEER_REQUEST_TIMEOUT",), "2", _positive_float,
            "Seconds before a peer call fails over."),
+    Option("replication-stream", ("REPLICATION_STREAM",), "true", _bool,
+           "Send the copies of writes to each peer over one upgraded connection (false: a request a batch)."),
     Option("request-timeout", ("REQUEST_TIMEOUT",), "30", _positive_float,
            "Seconds an idle or slow client connection may stay open."),
     Option("max-connections", ("MAX_CONNECTIONS",), "1024", _int_in(1, 1000000),
@@ -241,6 +243,7 @@ class Settings:
     cluster_secret: Optional[str] = field(default=None, repr=False)
     admin_token: Optional[str] = field(default=None, repr=False)
     insecure_admin: bool = False
+    replication_stream: bool = True
 
     @property
     def multicast_enabled(self) -> bool:

@@ -113,6 +113,8 @@ class KVResponderService(MultiService):
         self.running = 0
         await maybeDeferred(self.discovery_service.stopService)
         await maybeDeferred(self.http_service.stopService)
+        if self.node.peers.streams is not None:
+            self.node.peers.streams.close()
         if self.pool is not None:
             await self.pool.closeCachedConnections()
         if self.tracing is not None:
@@ -162,12 +164,13 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
     pool.maxPersistentPerHost = 16
     pool.cachedConnectionTimeout = 60
     pool.retryAutomatically = False
-    agent = Agent.usingEndpointFactory(reactor, CachedEndpoints(reactor, settings.peer_request_timeout), pool=pool)
+    endpoints = CachedEndpoints(reactor, settings.peer_request_timeout)
+    agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
     import gc
     import platform
     collect = gc.collect if platform.python_implementation() == "PyPy" else None
     node = Node(settings, reactor, HTTPClient(agent), wall=time.time, log_policy=policy, tracing=tracing,
-                collect=collect)
+                collect=collect, stream_endpoint=endpoints.endpoint)
 
     site = KVSite(build_root(node, node.authenticator), reactor.seconds, tracing=tracing,
                   metrics=node.metrics, log_policy=policy, body_limit=settings.max_value_size,

@@ -62,6 +62,7 @@ def test_defaults():
         "cluster_secret": None,
         "admin_token": None,
         "insecure_admin": False,
+        "replication_stream": True,
     }
 
 

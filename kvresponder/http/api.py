@@ -168,6 +168,10 @@ def _write_json(request, status: int, body: bytes) -> None:
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", _JSON)
     request.setHeader(b"Content-Length", b"%d" % (len(body),))
+    write_body = getattr(request, "write_body", None)
+    if write_body is not None:
+        write_body(body)
+        return
     request.write(body)
     request.finish()
 

@@ -108,19 +108,9 @@ class InternalAPI:
             entries = decode_batch(body["batch"])
         else:
             entries = entries_from_wire(body.get("entries"))
-        coordinator = self._node.coordinator
         task_ids = (body.get("task_ids") or b"").split()
         try:
-            if len(task_ids) == len(entries) and task_ids:
-                # Coalesced client writes: each entry's store action joins its own writer's tree.
-                results = [coordinator.apply_local(entry) if task_id == b"-" else
-                           coordinator.apply_copy(entry, task_id)
-                           for entry, task_id in zip(entries, task_ids)]
-            elif len(entries) == 1:
-                # One client write being replicated: its store action belongs in the writer's tree.
-                results = [coordinator.apply_local(entries[0])]
-            else:
-                results = coordinator.apply_batch(entries)
+            results = self._node.coordinator.apply_copies(entries, task_ids)
         except EntryTooLarge:
             raise APIError(413, "payload_too_large", "An entry exceeds this node's memory budget.")
         return {"results": [[result.applied, result.had_live] for result in results]}

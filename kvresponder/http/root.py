@@ -6,6 +6,7 @@ The resource tree: ``/<tenant>/`` and nothing else.
     /                       404, naming the tenant served
     /<other tenant>/...     404, naming the tenant served
     /<tenant>/kv[/<key>]    KVResource (a lean leaf: the hot path)
+    /<tenant>/_internal/copies  CopyStreamResource (a peer's copy stream: an HTTP upgrade)
     /<tenant>/_internal/... InternalAPI (Klein; peers only)
     /<tenant>/...           PublicAPI (Klein)
 """
@@ -13,6 +14,7 @@ The resource tree: ``/<tenant>/`` and nothing else.
 from twisted.web.resource import Resource
 
 from .api import KVResource, PublicAPI
+from .copies import CopyStreamResource
 from .errors import bad_request, not_found, write_error
 from .internal import InternalAPI
 
@@ -40,11 +42,12 @@ class TenantResource(Resource):
     Everything under ``/<tenant>/``.
     """
 
-    def __init__(self, kv: Resource, public: Resource, internal: Resource) -> None:
+    def __init__(self, kv: Resource, public: Resource, internal: Resource, copies: Resource) -> None:
         Resource.__init__(self)
         self.kv = self._kv = kv
         self._public = public
         self._internal = internal
+        self._copies = copies
 
     def getChildWithDefault(self, path: bytes, request):
         if path == b"kv":
@@ -56,6 +59,8 @@ class TenantResource(Resource):
         except UnicodeDecodeError:
             return _BadPath()
         if path == b"_internal":
+            if request.postpath == [b"copies"]:
+                return self._copies
             return self._internal
         # Klein routes on the path below the tenant: give it this segment back.
         request.prepath.pop()
@@ -95,5 +100,5 @@ class RootResource(Resource):
 
 def build_root(node, authenticator=None) -> RootResource:
     tenant = TenantResource(KVResource(node), PublicAPI(node).resource(),
-                            InternalAPI(node, authenticator).resource())
+                            InternalAPI(node, authenticator).resource(), CopyStreamResource(node, authenticator))
     return RootResource(node.settings.tenant, tenant)

@@ -218,6 +218,33 @@ class KVRequest(Request):
             action.add_success_fields(status=self.code, duration_ms=round(elapsed * 1000, 3))
             action.finish()
 
+    def write_body(self, body: bytes) -> None:
+        """
+        Write ``body`` and finish. An answer written in a later reactor turn than its request arrived in (a
+        replicated write, answered when its copies are stored) leaves with one ``send``, as an answer within
+        the turn does (see :class:`_Cork`), rather than waiting for the reactor to report the socket writable.
+        """
+        channel = self.channel
+        cork = channel.cork() if isinstance(channel, _CountedChannel) else None
+        try:
+            self.write(body)
+            self.finish()
+        finally:
+            if cork is not None:
+                channel.uncork(cork)
+
+    def switch_protocols(self, protocol, answer: bytes) -> bool:
+        """
+        Answer an upgrade with ``answer`` (a whole 101 response) and hand the connection to ``protocol``.
+        The request counts as answered with 101. Only a plain TCP connection can be handed over; returns
+        whether this one was.
+        """
+        if not self.channel.hand_over(protocol, answer):
+            return False
+        self.code, self.code_message = 101, b"Switching Protocols"
+        self._account()
+        return True
+
     def getRequestHostname(self) -> bytes:
         """
         The Host name, or ``localhost`` when it is not a valid host name: no route depends on it, and
@@ -405,19 +432,62 @@ class _CountedChannel(HTTPChannel):
 
     def allContentReceived(self):
         self._request_started = None
-        transport = self.transport
-        if type(transport) is not tcp.Server:
-            # A cork only over a plain TCP connection, whose socket it may write to directly: not over TLS or
-            # any other wrapper (which would forward the socket attribute to the connection beneath it),
-            # nor again while a pipelined request's answer is already corked (so answers leave in order).
-            HTTPChannel.allContentReceived(self)
-            return
-        self.transport = cork = _Cork(transport)
+        cork = self.cork()
         try:
             HTTPChannel.allContentReceived(self)
         finally:
-            self.transport = transport
+            self.uncork(cork)
+
+    def cork(self) -> Optional[_Cork]:
+        """
+        Hold what this channel writes until :meth:`uncork`, which sends it at once. A cork goes only over a
+        plain TCP connection, whose socket it may write to directly: not over TLS or any other wrapper (which
+        would forward the socket attribute to the connection beneath it), nor again while an answer is already
+        corked (so that pipelined answers leave in order). Returns ``None`` where it does not go.
+        """
+        transport = self.transport
+        if type(transport) is not tcp.Server:
+            return None
+        self.transport = cork = _Cork(transport)
+        return cork
+
+    def uncork(self, cork: Optional[_Cork]) -> None:
+        if cork is not None:
+            self.transport = cork._transport
             cork.flush()
+
+    def hand_over(self, protocol, answer: bytes) -> bool:
+        """
+        End HTTP on this connection: write ``answer`` and give the connection to ``protocol``, with whatever
+        the client already sent after the request. The channel's timers stop (the protocol keeps its own
+        time) and it no longer produces for the transport. It stays counted as an open connection until
+        the protocol's connection is lost, when the protocol must call this channel's ``connectionLost``.
+
+        Only a plain TCP connection is handed over (TLS and test transports are not); returns whether it was.
+        """
+        transport = self.transport
+        if isinstance(transport, _Cork):
+            transport.flush()
+            transport = transport._transport
+        if type(transport) is not tcp.Server or transport.disconnecting:
+            return False
+        self._cancel_deadline()
+        self.timeOut = self._savedTimeOut = None
+        if self._idle_call is not None:
+            if self._idle_call.active():
+                self._idle_call.cancel()
+            self._idle_call = None
+        del self.requests[:]
+        leftover = self.clearLineBuffer() + b"".join(self._dataBuffer)
+        self._dataBuffer = []
+        self.paused = True
+        transport.unregisterProducer()
+        transport.write(answer)
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        if leftover:
+            protocol.dataReceived(leftover)
+        return True
 
     def _respondToBadRequestAndDisconnect(self):
         # Twisted's own parser refused the bytes (a bad header line, a bad Content-Length or chunk, ...):

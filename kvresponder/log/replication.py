@@ -4,7 +4,7 @@ Eliot types of the replication area: the coordinator and its peer calls.
 
 from eliot import ActionType, Field, MessageType
 
-from . import DEBUG, INFO, leveled
+from . import DEBUG, INFO, WARNING, leveled
 
 KEY = Field.for_types("key", [str], "The key.")
 OP = Field.for_types("op", [str], "put, delete, get, ...")
@@ -46,3 +46,28 @@ HINTED = leveled("replication", INFO, MessageType(
 READ_REPAIR = leveled("replication", INFO, MessageType(
     "kvresponder:replication:read-repair", [KEY, Field.for_types("peers", [list], "Stale replicas.")],
     "Stale replicas seen during a read were sent the newest version."))
+
+STREAM_OPENED = leveled("replication", INFO, MessageType(
+    "kvresponder:replication:stream-opened", [PEER],
+    "This node opened a copy stream to a peer: its writes' copies go there over one upgraded connection."))
+
+STREAM_CLOSED = leveled("replication", INFO, MessageType(
+    "kvresponder:replication:stream-closed", [PEER, Field.for_types("batches", [int], "Batches it answered.")],
+    "A copy stream to a peer closed; the next write to it opens another."))
+
+STREAM_REFUSED = leveled("replication", WARNING, MessageType(
+    "kvresponder:replication:stream-refused",
+    [PEER, Field.for_types("code", [int], "The status it answered the upgrade with (0: none)."),
+     Field.for_types("retry_after", [float], "Seconds until the stream is tried again.")],
+    "A peer did not upgrade to a copy stream; copies go to it as HTTP requests meanwhile."))
+
+STREAM_ACCEPTED = leveled("replication", INFO, MessageType(
+    "kvresponder:replication:stream-accepted",
+    [Field.for_types("address", [str], "The caller's address and port.")],
+    "A peer opened a copy stream to this node."))
+
+STREAM_REJECTED = leveled("replication", WARNING, MessageType(
+    "kvresponder:replication:stream-rejected",
+    [Field.for_types("address", [str], "The caller's address and port."),
+     Field.for_types("reason", [str], "What was wrong with its frame.")],
+    "A copy stream sent a frame that failed its checks (MAC, order, size); the connection was dropped."))

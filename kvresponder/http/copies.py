@@ -1,0 +1,67 @@
+"""
+``GET /<tenant>/_internal/copies``: a peer upgrades its connection to a copy stream
+(:mod:`kvresponder.copystream`).
+
+The upgrade is authenticated as every internal call is (the signature covers the method and the path). The
+answer is ``101 Switching Protocols`` and, from then on, the connection carries frames, not HTTP. A request
+that is not an upgrade gets a JSON 426; a connection that cannot be handed over (TLS, a test's transport)
+gets a JSON 501, and the caller sends its copies as HTTP requests instead.
+"""
+
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from ..copystream import UPGRADE_TOKEN, CopyStreamServer, new_nonce, upgrade_answer
+from ..log.replication import STREAM_ACCEPTED
+from ..peers import AUTH_HEADER
+from .errors import APIError, write_error
+
+
+class CopyStreamResource(Resource):
+    """
+    :param node: the :class:`~kvresponder.node.Node` whose coordinator applies the copies.
+    :param authenticator: a :class:`~kvresponder.peers.PeerAuthenticator`, or ``None`` without a secret.
+    """
+
+    isLeaf = True
+
+    def __init__(self, node, authenticator=None) -> None:
+        Resource.__init__(self)
+        self._node = node
+        self._auth = authenticator
+
+    def render(self, request):
+        request.route = "/_internal/copies"
+        try:
+            self._check(request)
+        except APIError as error:
+            return write_error(request, error)
+        client = request.getClientAddress()
+        address = "%s:%s" % (getattr(client, "host", "?"), getattr(client, "port", "?"))
+        nonce = new_nonce()
+        node, channel = self._node, request.channel
+
+        def closed(reason) -> None:
+            node.copy_streams_in -= 1
+            channel.connectionLost(reason)
+
+        protocol = CopyStreamServer(
+            node.coordinator.apply_copies, self._auth.stream_key() if self._auth is not None else None,
+            nonce, channel.site.internal_body_limit, closed, address)
+        node.copy_streams_in += 1
+        if not request.switch_protocols(protocol, upgrade_answer(nonce)):
+            node.copy_streams_in -= 1
+            return write_error(request, APIError(
+                501, "not_implemented", "This connection cannot carry a copy stream; send copies as requests."))
+        STREAM_ACCEPTED.log(address=address)
+        return NOT_DONE_YET
+
+    def _check(self, request) -> None:
+        if request.method != b"GET":
+            raise APIError(405, "method_not_allowed", "Open a copy stream with GET.", {b"Allow": b"GET"})
+        if self._auth is not None and not self._auth.verify(
+                request.getHeader(AUTH_HEADER), request.method, request.path, b""):
+            raise APIError(401, "unauthorized", "Internal routes need a valid cluster signature.")
+        if (request.getHeader(b"upgrade") or b"").lower() != UPGRADE_TOKEN:
+            raise APIError(426, "upgrade_required", "Upgrade to %s to open a copy stream." % (
+                UPGRADE_TOKEN.decode("ascii"),), {b"Upgrade": UPGRADE_TOKEN, b"Connection": b"Upgrade"})

@@ -40,6 +40,9 @@ TASK_HEADER = b"X-Eliot-Task-Id"
 TASKS_HEADER = b"X-Eliot-Task-Ids"
 #: Writes to one peer queued together go out as one request, up to this many.
 MAX_COALESCED = 256
+#: ... and up to about this many bytes of keys and values (a batch of large values stays well under the peer's
+#: internal body limit; the writes left over follow in the next batch).
+MAX_BATCH_BYTES = 8 * 1024 * 1024
 #: Batches of coalesced writes in flight to one peer at once. Writes queued while they are in flight wait for
 #: one to come back and then leave together, so a batch grows with the load: one request per write when
 #: the node is idle, ever fewer per write as it gets busier.
@@ -350,17 +353,27 @@ class PeerClient:
             # Calls queued while the batches were out: they go now, together.
             flush(peer, key)
 
-    def _take_batch(self, key) -> list:
+    def _take_batch(self, key, size=None) -> list:
         """
-        The calls queued under ``key``, now one batch in flight (empty if none were queued).
+        The calls queued under ``key``, now one batch in flight (empty if none were queued). With ``size`` (the
+        bytes of one queued call), the batch stops before it passes :data:`MAX_BATCH_BYTES`, and the calls
+        after it stay queued for the next.
         """
         queue = self._queued.pop(key, None) or []
+        if size is not None and len(queue) > 1:
+            total = 0
+            for index, item in enumerate(queue):
+                total += size(item)
+                if total > MAX_BATCH_BYTES and index > 0:
+                    self._queued[key] = queue[index:]
+                    queue = queue[:index]
+                    break
         if queue:
             self._batches_in_flight[key] = self._batches_in_flight.get(key, 0) + 1
         return queue
 
     def _flush(self, peer, key) -> None:
-        queue = self._take_batch(key)
+        queue = self._take_batch(key, _queued_write_size)
         if not queue:
             return
         try:
@@ -540,6 +553,11 @@ class PeerClient:
         """
         return await self._call(peer.address, peer.port, peer.node_id, "sync/request", {"from": sender},
                                 timeout=timeout)
+
+
+def _queued_write_size(item) -> int:
+    entry = item[0]
+    return len(entry.key) + (len(entry.value) if entry.value is not None else 0)
 
 
 def _apply_results(answer, peer, count: int) -> List[ApplyResult]:

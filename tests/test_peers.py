@@ -10,7 +10,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 
-from kvresponder.peers import MAX_BATCHES_IN_FLIGHT, PeerClient, PeerError
+from kvresponder.peers import MAX_BATCH_BYTES, MAX_BATCHES_IN_FLIGHT, PeerClient, PeerError
 from kvresponder.store import Entry
 from kvresponder.wire import decode_batch, entry_to_wire
 
@@ -88,6 +88,28 @@ def test_writes_queued_while_batches_are_out_leave_together_when_one_returns():
     assert [entry.key for entry in entries] == ["k%d" % (i,) for i in range(10, 17)]
     calls.answer(len(calls.pending) - 1)
     assert all(w.called and w.result.applied for w in waiting)
+
+
+def test_a_batch_stops_at_its_byte_limit_and_the_writes_after_it_follow_when_it_returns():
+    client, clock, calls = _client()
+    big = MAX_BATCH_BYTES // 3 - 10   # three fit in a batch, with their keys
+    waiters = [client.apply_coalesced(PEER, Entry("k%d" % (i,), b"x" * big, (1000 + i, 0, "n1")))
+               for i in range(5)]
+    clock.advance(0)
+    assert [[entry.key for entry in entries] for entries, _ in calls.pending] == [["k0", "k1", "k2"]]
+    calls.answer()
+    assert [[entry.key for entry in entries] for entries, _ in calls.pending] == [["k3", "k4"]]
+    calls.answer()
+    assert all(w.result.applied for w in waiters)
+
+
+def test_a_single_write_larger_than_the_byte_limit_still_goes():
+    client, clock, calls = _client()
+    w = client.apply_coalesced(PEER, Entry("k", b"x" * (MAX_BATCH_BYTES + 1), (1000, 0, "n1")))
+    clock.advance(0)
+    assert [len(entries) for entries, _ in calls.pending] == [1]
+    calls.answer()
+    assert w.result.applied
 
 
 def test_an_idle_peer_gets_each_write_without_waiting():

@@ -1,0 +1,443 @@
+"""
+The copy stream (kvresponder.copystream): real nodes' HTTP servers on loopback sockets, a real client, and,
+for the exact order of events around a lost connection, a fake endpoint on task.Clock.
+"""
+
+import binascii
+import hashlib
+import hmac
+import json
+import struct
+from collections import namedtuple
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ConnectionLost
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
+from treq.client import HTTPClient
+
+from kvresponder.copystream import (REFUSED_FOR, UPGRADE_TOKEN, CopyStreamClient, CopyStreams, StreamError,
+                                    StreamRefused, StreamTimeout, decode_results, encode_answer)
+from kvresponder.discovery import derive_key
+from kvresponder.http.root import RootResource, TenantResource, build_root, _NotFound
+from kvresponder.http.site import KVSite
+from kvresponder.node import Node
+from kvresponder.peers import PeerAuthenticator, PeerClient, PeerError
+from kvresponder.store import ApplyResult, Entry
+from kvresponder.wire import encode_batch
+
+from .support import make_settings, stub_over
+
+Peer = namedtuple("Peer", "node_id address port")
+
+SECRET = "a-cluster-secret-of-enough-length"
+
+
+def _auth(secret=SECRET):
+    return PeerAuthenticator(derive_key(secret, "peer"))
+
+
+def _entry(index, value=b"v", tick=0):
+    return Entry("k%d" % (index,), value, (1_700_000_000_000 + index, tick, "n9"), None)
+
+
+class _Server:
+    """
+    A node's real HTTP server on a loopback port.
+    """
+
+    def __init__(self, secret=SECRET, timeout=30.0, root=None, **overrides):
+        if secret:
+            overrides["cluster_secret"] = secret
+        settings = make_settings("t1", "n2", advertise_address="127.0.0.1", port="3000", **overrides)
+        self.node = Node(settings, reactor, http=None)
+        self.site = KVSite(root or build_root(self.node, self.node.authenticator), reactor.seconds,
+                           reactor=reactor, timeout=timeout)
+        self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
+        self.peer = Peer("n2", "127.0.0.1", self.port.getHost().port)
+
+    def stop(self):
+        return self.port.stopListening()
+
+
+def _streams(auth=None, timeout_clock=reactor):
+    return CopyStreams(timeout_clock, lambda host, port: TCP4ClientEndpoint(reactor, host, port, timeout=2),
+                       "t1", auth)
+
+
+async def _until(predicate, seconds=5.0):
+    waited = 0.0
+    while not predicate():
+        if waited >= seconds:
+            raise AssertionError("condition not met within %ss" % (seconds,))
+        await deferLater(reactor, 0.02, lambda: None)
+        waited += 0.02
+
+
+@pytest.fixture
+def server():
+    servers = []
+
+    def start(**kwargs):
+        servers.append(_Server(**kwargs))
+        return servers[-1]
+    yield start
+    for each in servers:
+        each.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_sent_over_the_stream_is_stored_and_answered_an_entry_at_a_time(server):
+    peer = server()
+    streams = _streams(_auth())
+    try:
+        peer.node.store.apply(_entry(2, b"older"))
+        results = await streams.send(peer.peer, [_entry(1), _entry(2, b"newer", 1), _entry(3)], [b"-"] * 3, 2.0)
+        assert results == [ApplyResult(True, False), ApplyResult(True, True), ApplyResult(True, False)]
+        assert peer.node.store.current("k2").value == b"newer"
+        again = await streams.send(peer.peer, [_entry(1)], [b"-"], 2.0)
+        assert again == [ApplyResult(False, True)]   # the same version again: not newer
+        assert streams.open_count() == 1 and peer.node.copy_streams_in == 1
+    finally:
+        streams.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_stream_outlives_the_http_idle_timeout_and_frees_its_connection_slot_when_closed(server):
+    peer = server(timeout=0.2)
+    streams = _streams(_auth())
+    await streams.send(peer.peer, [_entry(1)], [b"-"], 2.0)
+    assert peer.site.open_connections == 1
+    await deferLater(reactor, 0.6, lambda: None)
+    await streams.send(peer.peer, [_entry(2)], [b"-"], 2.0)
+    assert streams.open_count() == 1 and peer.node.copy_streams_in == 1
+    streams.close()
+    await _until(lambda: peer.site.open_connections == 0)
+    assert peer.node.copy_streams_in == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upgrade_signed_with_another_secret_is_refused_and_the_peer_is_left_to_http(server):
+    peer = server()
+    streams = _streams(_auth("some-other-secret-entirely"))
+    with pytest.raises(StreamRefused) as caught:
+        await streams.send(peer.peer, [_entry(1)], [b"-"], 2.0)
+    assert caught.value.code == 401
+    assert not streams.usable(peer.peer)
+    assert peer.node.store.current("k1") is None
+    await _until(lambda: peer.site.open_connections == 0)
+
+
+def test_a_refused_peer_is_tried_again_after_the_refusal_period():
+    clock = Clock()
+    endpoints = _FakeEndpoints()
+    streams = CopyStreams(clock, endpoints, "t1", None)
+    peer = Peer("n2", "10.0.0.2", 3000)
+    failures = []
+    streams.send(peer, [_entry(1)], [b"-"], 2.0).addErrback(failures.append)
+    endpoints.answer(0, b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+    assert failures[0].check(StreamRefused) and failures[0].value.code == 404
+    assert not streams.usable(peer)
+    clock.advance(REFUSED_FOR - 1)
+    assert not streams.usable(peer)
+    clock.advance(1)
+    assert streams.usable(peer)
+
+
+@pytest_twisted.ensureDeferred
+async def test_copies_to_a_peer_without_streams_go_as_http_requests(server):
+    # A peer of an older version: no copies route, so the upgrade gets a 404.
+    settings = make_settings("t1", "n2", advertise_address="127.0.0.1", port="3000", cluster_secret=SECRET)
+    node = Node(settings, reactor, http=None)
+    full = build_root(node, node.authenticator)
+    tenant = full.getChildWithDefault(b"t1", None)
+    old = RootResource("t1", TenantResource(tenant._kv, tenant._public, tenant._internal,
+                                            _NotFound("No such route.")))
+    peer = server(root=old)
+    peer.node = node
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    client = PeerClient(HTTPClient(Agent(reactor, pool=pool)), reactor, "t1", 2.0, _auth(),
+                        streams=_streams(_auth()))
+    try:
+        results = await client.apply_coalesced(peer.peer, _entry(1))
+        assert results == ApplyResult(True, False)
+        assert node.store.current("k1").value == b"v"
+        assert not client.streams.usable(peer.peer)
+        # The next copies go straight to HTTP, without another upgrade.
+        assert await client.apply_coalesced(peer.peer, _entry(2)) == ApplyResult(True, False)
+        assert node.store.current("k2") is not None
+    finally:
+        await pool.closeCachedConnections()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_peer_that_is_down_fails_the_copy_over_without_falling_back_to_http(server):
+    peer = server()
+    address = peer.peer
+    await peer.stop()
+    client = PeerClient(None, reactor, "t1", 2.0, _auth(), streams=_streams(_auth()))
+    with pytest.raises(PeerError) as caught:
+        await client.apply_coalesced(address, _entry(1))
+    assert "unreachable" in str(caught.value)
+    assert client.streams.usable(address)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_malformed_batch_gets_a_400_and_the_stream_carries_on(server):
+    peer = server()
+    streams = _streams(_auth())
+    try:
+        await streams.send(peer.peer, [_entry(1)], [b"-"], 2.0)
+        stream = streams._open[("127.0.0.1", peer.peer.port)]
+        with pytest.raises(StreamError) as caught:
+            await stream.send(b"not a batch", [b"-"], 2.0)
+        assert caught.value.code == 400 and "Malformed batch" in str(caught.value)
+        assert await streams.send(peer.peer, [_entry(2)], [b"-"], 2.0) == [ApplyResult(True, False)]
+        assert streams._open[("127.0.0.1", peer.peer.port)] is stream
+    finally:
+        streams.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_entry_over_the_peers_budget_is_answered_413_through_peer_client(server):
+    peer = server(max_memory="1Mi")
+    client = PeerClient(None, reactor, "t1", 2.0, _auth(), streams=_streams(_auth()))
+    huge = Entry("big", b"x" * (2 * 1024 * 1024), (1_700_000_000_000, 0, "n9"), None)
+    try:
+        with pytest.raises(PeerError) as caught:
+            await client.apply_coalesced(peer.peer, huge)
+        assert caught.value.code == 413
+        assert peer.node.store.current("big") is None
+    finally:
+        client.streams.close()
+
+
+async def _raw_stream(peer, key):
+    """
+    A stream opened by hand, for frames the real client would never send.
+    """
+    auth = _auth()
+    path = b"/t1/_internal/copies"
+    request = (b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: " + UPGRADE_TOKEN +
+               b"\r\nX-KV-Auth: " + auth.sign(b"GET", path, b"") + b"\r\n\r\n")
+    protocol = CopyStreamClient(request, key, reactor)
+    lost = Deferred()
+    protocol.on_close = lambda: lost.callback(None)
+    await TCP4ClientEndpoint(reactor, "127.0.0.1", peer.peer.port).connect(_Build(protocol))
+    await protocol.ready
+    return protocol, lost
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_frame_with_a_bad_mac_closes_the_stream_and_stores_nothing(server):
+    peer = server()
+    protocol, lost = await _raw_stream(peer, derive_key("wrong", "peer"))
+    outcome = []
+    protocol.send(encode_batch([_entry(1)]), [b"-"], 2.0).addBoth(outcome.append)
+    await lost
+    assert outcome[0].check(ConnectionLost)
+    assert peer.node.store.current("k1") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_replayed_batch_id_closes_the_stream(server):
+    peer = server()
+    protocol, lost = await _raw_stream(peer, _auth().stream_key())
+    assert decode_results(await protocol.send(encode_batch([_entry(1)]), [b"-"], 2.0)) == [ApplyResult(True, False)]
+    protocol._next_id = 0   # the next frame reuses batch id 1
+    outcome = []
+    protocol.send(encode_batch([_entry(2)]), [b"-"], 2.0).addBoth(outcome.append)
+    await lost
+    assert outcome[0].check(ConnectionLost)
+    assert peer.node.store.current("k2") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_route_answers_json_errors_to_what_is_not_an_upgrade(server):
+    peer = server()
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    http = HTTPClient(Agent(reactor, pool=pool))
+    base = "http://127.0.0.1:%d/t1/_internal/copies" % (peer.peer.port,)
+    auth = _auth()
+    signed = {b"X-KV-Auth": [auth.sign(b"GET", b"/t1/_internal/copies", b"")]}
+    cases = [
+        ("GET", {}, 401, "unauthorized"),
+        ("GET", signed, 426, "upgrade_required"),
+        ("POST", signed, 405, "method_not_allowed"),
+    ]
+    for method, headers, status, error in cases:
+        response = await http.request(method, base, headers=headers)
+        body = json.loads(await response.content())
+        assert (response.code, body["error"]) == (status, error), method
+    assert peer.node.copy_streams_in == 0
+
+
+def test_a_connection_that_cannot_be_handed_over_gets_a_501():
+    settings = make_settings("t1", "n2")
+    node = Node(settings, Clock(), http=None)
+    stub = stub_over(KVSite(build_root(node), Clock().seconds))
+    d = stub.get("http://10.0.0.2:3000/t1/_internal/copies",
+                 headers={b"Upgrade": [UPGRADE_TOKEN], b"Connection": [b"Upgrade"]})
+    stub.flush()
+    response = d.result if hasattr(d, "result") else None
+    assert response is not None and response.code == 501
+    body = stub.json_content(response)
+    stub.flush()
+    assert body.result["error"] == "not_implemented"
+    assert node.copy_streams_in == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unanswered_batch_times_out_and_the_calls_behind_it_fail_over_at_once():
+    silent = reactor.listenTCP(0, Factory.forProtocol(_UpgradeThenSilence), interface="127.0.0.1")
+    peer = Peer("n2", "127.0.0.1", silent.getHost().port)
+    client = PeerClient(None, reactor, "t1", 0.3, None, streams=_streams())
+    try:
+        first = client.apply_coalesced(peer, _entry(1))
+        await deferLater(reactor, 0.1, lambda: None)
+        queued = client.apply_coalesced(peer, _entry(2))
+        outcomes = []
+        for d in (first, queued):
+            d.addBoth(outcomes.append)
+        await _until(lambda: len(outcomes) == 2, 3.0)
+        assert all(isinstance(outcome, Failure) and outcome.check(PeerError) for outcome in outcomes)
+        assert "StreamTimeout" in str(outcomes[0].value)
+        assert "earlier batch" in str(outcomes[1].value)
+        assert client.streams.open_count() == 0
+    finally:
+        await silent.stopListening()
+
+
+class _UpgradeThenSilence(Protocol):
+    def dataReceived(self, data):
+        if b"\r\n\r\n" in data and not getattr(self, "upgraded", False):
+            self.upgraded = True
+            self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: " + UPGRADE_TOKEN +
+                                 b"\r\nX-KV-Stream-Nonce: " + b"00" * 16 + b"\r\n\r\n")
+
+
+# -- the order of events around a lost connection, on a fake endpoint ---------------------------------------
+
+
+class _Build(Factory):
+    def __init__(self, protocol):
+        self._protocol = protocol
+
+    def buildProtocol(self, addr):
+        return self._protocol
+
+
+class _FakeEndpoints:
+    """
+    Each connect gives the protocol a StringTransport; the test plays the peer.
+    """
+
+    def __init__(self):
+        self.connections = []
+
+    def __call__(self, host, port):
+        return self
+
+    def connect(self, factory):
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.connections.append((protocol, transport))
+        return succeed(protocol)
+
+    def answer(self, index, data):
+        self.connections[index][0].dataReceived(data)
+
+    def upgrade(self, index):
+        self.answer(index, b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: " + UPGRADE_TOKEN +
+                    b"\r\nX-KV-Stream-Nonce: " + binascii.hexlify(b"n" * 16) + b"\r\n\r\n")
+
+    def frames(self, index):
+        data = self.connections[index][1].value()
+        data = data[data.index(b"\r\n\r\n") + 4:]
+        found = []
+        while data:
+            (length,) = struct.unpack("!I", data[:4])
+            found.append(data[4:4 + length])
+            data = data[4 + length:]
+        return found
+
+    def answer_frame(self, index, batch_id, results):
+        answer = encode_answer(batch_id, results)
+        self.answer(index, struct.pack("!I", len(answer)) + answer)
+
+
+def test_a_stream_that_answered_before_is_retried_once_on_a_new_connection_when_it_is_lost():
+    clock = Clock()
+    endpoints = _FakeEndpoints()
+    streams = CopyStreams(clock, endpoints, "t1", None)
+    peer = Peer("n2", "10.0.0.2", 3000)
+    first = []
+    streams.send(peer, [_entry(1)], [b"-"], 2.0).addBoth(first.append)
+    endpoints.upgrade(0)
+    endpoints.answer_frame(0, 1, [ApplyResult(True, False)])
+    assert first == [[ApplyResult(True, False)]]
+    # The peer restarted: the kept connection dies with the next batch on it.
+    second = []
+    streams.send(peer, [_entry(2)], [b"-"], 2.0).addBoth(second.append)
+    endpoints.connections[0][0].connectionLost(Failure(ConnectionLost()))
+    assert second == [] and len(endpoints.connections) == 2
+    endpoints.upgrade(1)
+    assert len(endpoints.frames(1)) == 1
+    endpoints.answer_frame(1, 1, [ApplyResult(True, False)])
+    assert second == [[ApplyResult(True, False)]]
+
+
+def test_a_new_stream_lost_before_answering_fails_its_batch_without_a_retry():
+    clock = Clock()
+    endpoints = _FakeEndpoints()
+    streams = CopyStreams(clock, endpoints, "t1", None)
+    peer = Peer("n2", "10.0.0.2", 3000)
+    outcome = []
+    streams.send(peer, [_entry(1)], [b"-"], 2.0).addBoth(outcome.append)
+    endpoints.upgrade(0)
+    endpoints.connections[0][0].connectionLost(Failure(ConnectionLost()))
+    assert len(outcome) == 1 and outcome[0].check(ConnectionLost)
+    assert len(endpoints.connections) == 1
+
+
+def test_an_upgrade_unanswered_within_the_timeout_fails_and_closes_the_connection():
+    clock = Clock()
+    endpoints = _FakeEndpoints()
+    streams = CopyStreams(clock, endpoints, "t1", None)
+    outcome = []
+    streams.send(Peer("n2", "10.0.0.2", 3000), [_entry(1)], [b"-"], 2.0).addBoth(outcome.append)
+    clock.advance(2.0)
+    assert len(outcome) == 1 and outcome[0].check(StreamTimeout)
+    assert endpoints.connections[0][1].disconnecting or endpoints.connections[0][0].closed
+
+
+def test_batches_carry_their_task_ids_and_a_mac_over_the_connections_nonce():
+    clock = Clock()
+    endpoints = _FakeEndpoints()
+    auth = _auth()
+    streams = CopyStreams(clock, endpoints, "t1", auth)
+    streams.send(Peer("n2", "10.0.0.2", 3000), [_entry(1), _entry(2)], [b"task-a@/1", b"-"], 2.0)
+    request = endpoints.connections[0][1].value()
+    assert b"X-KV-Auth: " in request and b"Upgrade: " + UPGRADE_TOKEN in request
+    endpoints.upgrade(0)
+    (frame,) = endpoints.frames(0)
+    batch_id, mac, tasks_length = struct.unpack_from("!I16sI", frame)
+    assert batch_id == 1
+    assert frame[24:24 + tasks_length] == b"task-a@/1 -"
+    expected = hmac.new(auth.stream_key(), b"n" * 16 + frame[:4] + frame[20:], hashlib.sha256).digest()[:16]
+    assert mac == expected
+
+
+def test_answers_decode_to_one_result_an_entry():
+    results = [ApplyResult(True, False), ApplyResult(False, True), ApplyResult(True, True), ApplyResult(False, False)]
+    answer = encode_answer(7, results)
+    assert struct.unpack_from("!IH", answer) == (7, 200)
+    assert decode_results(answer[6:]) == results

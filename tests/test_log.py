@@ -90,3 +90,17 @@ def test_an_unbuffered_destination_writes_each_line_at_once():
     destination = JSONLineDestination(stream, LogPolicy("info"), "t1", "n1", flush=True)
     destination({"message_type": "test:now"})
     assert json.loads(stream.getvalue())["message_type"] == "test:now"
+
+
+def test_timestamps_are_written_to_the_microsecond_and_the_message_is_left_as_it_came():
+    stream = io.StringIO()
+    destination = JSONLineDestination(stream, LogPolicy("info"), "t1", "n1", flush=False)
+    message = {"message_type": "test:timed", "timestamp": 1795725297.3504536, "task_level": [1]}
+    destination(message)
+    destination({"timestamp": 1700000000.0000004})
+    destination.flush()
+    first, second = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert first == {"message_type": "test:timed", "timestamp": 1795725297.350453, "task_level": [1],
+                     "tenant": "t1", "node": "n1"}
+    assert second == {"timestamp": 1700000000.0, "tenant": "t1", "node": "n1"}
+    assert message == {"message_type": "test:timed", "timestamp": 1795725297.3504536, "task_level": [1]}

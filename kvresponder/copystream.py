@@ -62,20 +62,30 @@ MAX_HEAD = 16384
 MAC_SIZE = 16
 _NO_MAC = b"\0" * MAC_SIZE
 _ID = struct.Struct("!I")
+#: Batch ids are 4 bytes: a stream that has used them all closes, and the next batch opens another.
+MAX_BATCH_ID = (1 << 32) - 1
 _ANSWER = struct.Struct("!IH")
 _HEADER = struct.Struct("!I16sI")
 
 
 class StreamRefused(Exception):
     """
-    The peer did not upgrade the connection: call it over HTTP.
+    The peer answered the upgrade with something else than 101: call it over HTTP.
 
-    :ivar code: the status it answered, or ``None`` if it hung up first.
+    :ivar code: the status it answered, or ``None`` if its answer was not HTTP.
     """
 
     def __init__(self, code: Optional[int]) -> None:
-        Exception.__init__(self, "copy stream refused (%s)" % (code if code is not None else "no answer",))
+        Exception.__init__(self, "copy stream refused (%s)" % (code if code is not None else "not HTTP",))
         self.code = code
+
+
+class StreamUnanswered(Exception):
+    """
+    The peer took the connection but hung up, or said nothing in time, instead of answering the upgrade (a
+    proxy that drops unknown upgrades, a listener that is not HTTP, a peer that is stuck). The batch fails over;
+    the next ones go over HTTP for :data:`REFUSED_FOR` seconds.
+    """
 
 
 class StreamError(Exception):
@@ -138,20 +148,44 @@ class CopyStreamServer(Int32StringReceiver):
     :param bytes nonce: this connection's nonce, sent in the 101.
     :param int max_frame: the largest frame accepted (the internal body limit); a larger one closes the stream.
     :param on_close: called with the reason when the connection ends (the HTTP channel it came from counts it).
+    :param clock: ``IReactorTime``, for the idle timeout.
+    :param float idle_timeout: a stream that delivers no whole frame for this long is closed (the caller opens
+        another with its next write): so an idle, trickling or vanished caller does not hold a connection.
     """
 
     def __init__(self, apply: Callable[[list, List[bytes]], List[ApplyResult]], key: Optional[bytes],
-                 nonce: bytes, max_frame: int, on_close: Callable[[Failure], None], client: str = "") -> None:
+                 nonce: bytes, max_frame: int, on_close: Callable[[Failure], None], client: str = "",
+                 clock=None, idle_timeout: float = 30.0) -> None:
         self._apply = apply
         self._mac = _Mac(key, nonce)
         self._signed = key is not None
         self.MAX_LENGTH = max_frame + _HEADER.size
         self._on_close = on_close
         self._client = client
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._idle_call = None
+        self._last_frame = 0.0
         self._last_id = 0
         self.batches = 0
 
+    def connectionMade(self) -> None:
+        if self._clock is not None:
+            self._last_frame = self._clock.seconds()
+            self._idle_call = self._clock.callLater(self._idle_timeout, self._check_idle)
+
+    def _check_idle(self) -> None:
+        # Lazy, like the HTTP channel's timers: frames only note the time, and this one timer checks it.
+        left = self._last_frame + self._idle_timeout - self._clock.seconds()
+        if left > 0:
+            self._idle_call = self._clock.callLater(left, self._check_idle)
+            return
+        self._idle_call = None
+        self.transport.abortConnection()
+
     def stringReceived(self, frame: bytes) -> None:
+        if self._clock is not None:
+            self._last_frame = self._clock.seconds()
         if len(frame) < _HEADER.size:
             self._reject("a frame shorter than its header")
             return
@@ -190,12 +224,17 @@ class CopyStreamServer(Int32StringReceiver):
 
     def _reject(self, why: str) -> None:
         STREAM_REJECTED.log(address=self._client, reason=why)
+        # Nothing after the bad frame is read, even what arrived with it.
+        self.paused = True
         self.transport.abortConnection()
 
     def lengthLimitExceeded(self, length: int) -> None:
         self._reject("a frame of %d bytes, over the limit of %d" % (length, self.MAX_LENGTH))
 
     def connectionLost(self, reason=None) -> None:
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
         self._on_close(reason)
 
 
@@ -288,6 +327,9 @@ class CopyStreamClient(Int32StringReceiver):
         """
         if self.closed:
             return fail(ConnectionDone("the copy stream is closed"))
+        if self._next_id >= MAX_BATCH_ID:
+            self.close()
+            return fail(ConnectionDone("the copy stream has used all its batch ids"))
         self._next_id += 1
         batch_id = self._next_id
         head = _ID.pack(batch_id)
@@ -302,6 +344,7 @@ class CopyStreamClient(Int32StringReceiver):
 
     def stringReceived(self, frame: bytes) -> None:
         if len(frame) < _ANSWER.size:
+            self.closed = self.paused = True
             self.transport.abortConnection()
             return
         batch_id, code = _ANSWER.unpack_from(frame)
@@ -338,7 +381,7 @@ class CopyStreamClient(Int32StringReceiver):
     def connectionLost(self, reason=None) -> None:
         self.closed = True
         if not self.ready.called:
-            self.ready.errback(ConnectionLost("the peer closed the connection before answering the upgrade"))
+            self.ready.errback(StreamUnanswered("the peer hung up without answering the upgrade"))
         pending, self._pending = self._pending, {}
         for d, timer in pending.values():
             if timer.active():
@@ -356,7 +399,7 @@ class CopyStreams:
     :param endpoint_for: ``endpoint_for(address, port)``, an ``IStreamClientEndpoint`` to the peer.
     :param str tenant: the path prefix of the internal routes.
     :param authenticator: a :class:`~kvresponder.peers.PeerAuthenticator`, or ``None``.
-    :param metrics: receives ``copy_stream_fallback()``, or ``None``.
+    :param metrics: receives ``copy_stream_refused()``, or ``None``.
     """
 
     def __init__(self, clock, endpoint_for, tenant: str, authenticator=None, metrics=None) -> None:
@@ -366,8 +409,10 @@ class CopyStreams:
         self._auth = authenticator
         self._metrics = metrics
         self._open: Dict[Tuple[str, int], CopyStreamClient] = {}
-        self._opening: Dict[Tuple[str, int], Deferred] = {}
+        #: Streams being opened: the protocol, and the sends waiting for it.
+        self._opening: Dict[Tuple[str, int], Tuple[CopyStreamClient, List[Deferred]]] = {}
         self._refused: Dict[Tuple[str, int], float] = {}
+        self._closing = False
 
     def open_count(self) -> int:
         return sum(1 for stream in self._open.values() if not stream.closed)
@@ -390,7 +435,7 @@ class CopyStreams:
 
         :return: a Deferred firing with one :class:`ApplyResult` an entry; failing with
             :class:`StreamRefused` (call the peer over HTTP instead), :class:`StreamError` (it answered an
-            error status), or any connection failure or :class:`StreamTimeout`.
+            error status), or any connection failure, :class:`StreamUnanswered` or :class:`StreamTimeout`.
         """
         batch = encode_batch(entries)
         key = (peer.address, peer.port)
@@ -398,8 +443,9 @@ class CopyStreams:
         if stream is not None and not stream.closed:
             d = stream.send(batch, task_ids, timeout)
             if stream.answered:
-                # A stream that has answered before may have died since (a restarted peer): one retry on a
-                # fresh connection, as a kept HTTP connection gets. Applying a copy twice is harmless.
+                # A stream that has answered before may have died since (a restarted peer, or one that closed
+                # it as idle): one retry on a fresh connection, as a kept HTTP connection gets. Applying a copy
+                # twice is harmless.
                 d.addErrback(self._retry, peer, key, batch, task_ids, timeout)
         else:
             d = self._connect(peer, key, timeout).addCallback(
@@ -412,49 +458,67 @@ class CopyStreams:
             lambda stream: stream.send(batch, task_ids, timeout))
 
     def _connect(self, peer, key, timeout: float) -> Deferred:
-        opening = self._opening.get(key)
-        if opening is None:
-            opening = self._opening[key] = self._open_stream(peer, key, timeout)
+        """
+        A Deferred firing with an open stream to ``peer``: the one being opened, or a new one.
+        """
+        if self._closing:
+            return fail(ConnectionDone("the node is stopping"))
         waiter: Deferred = Deferred()
-        opening.addBoth(_relay, waiter)
-        return waiter
-
-    def _open_stream(self, peer, key, timeout: float) -> Deferred:
+        opening = self._opening.get(key)
+        if opening is not None:
+            opening[1].append(waiter)
+            return waiter
         upgrade = [b"GET " + self._path + b" HTTP/1.1", b"Host: %s:%d" % (peer.address.encode("ascii"), peer.port),
                    b"Connection: Upgrade", b"Upgrade: " + UPGRADE_TOKEN]
         if self._auth is not None:
             upgrade.append(b"X-KV-Auth: " + self._auth.sign(b"GET", self._path, b""))
-        request = b"\r\n".join(upgrade) + b"\r\n\r\n"
-        key_bytes = self._auth.stream_key() if self._auth is not None else None
-        protocol = CopyStreamClient(request, key_bytes, self._clock)
-        connecting = self._endpoint_for(peer.address, peer.port).connect(_Once(protocol))
+        protocol = CopyStreamClient(b"\r\n".join(upgrade) + b"\r\n\r\n",
+                                    self._auth.stream_key() if self._auth is not None else None, self._clock)
+        # Registered before connecting: the endpoint may answer at once (a refused address, a bad host).
+        self._opening[key] = (protocol, [waiter])
+        try:
+            d = self._endpoint_for(peer.address, peer.port).connect(_Once(protocol))
+        except Exception:
+            d = fail()
+        d.addCallback(lambda _: protocol.ready)
+        d.addTimeout(timeout, self._clock, onTimeoutCancel=_upgrade_timed_out)
+        d.addCallbacks(self._opened, self._not_opened, callbackArgs=(peer, key), errbackArgs=(peer, key, protocol))
+        return waiter
 
-        def connected(_):
-            return protocol.ready
+    def _opened(self, stream: CopyStreamClient, peer, key) -> None:
+        if self._closing:
+            stream.close()
+            self._settle(key, Failure(ConnectionDone("the node is stopping")))
+            return
+        self._open[key] = stream
+        STREAM_OPENED.log(peer=peer.node_id)
+        stream.on_close = lambda: self._closed(key, stream, peer)
+        self._settle(key, stream)
 
-        ready = connecting.addCallback(connected)
-        ready.addTimeout(timeout, self._clock, onTimeoutCancel=_upgrade_timed_out)
+    def _not_opened(self, failure, peer, key, protocol: CopyStreamClient) -> None:
+        connected = protocol.transport is not None
+        if connected and not protocol.closed:
+            protocol.closed = True
+            protocol.transport.abortConnection()
+        refused = failure.check(StreamRefused)
+        if not self._closing and (refused or (connected and failure.check(StreamUnanswered, StreamTimeout))):
+            # A peer that answered, or took the connection and then failed to answer, gets HTTP requests for a
+            # while. Only an answer other than 101 sends this very batch over HTTP: a peer that hung up or said
+            # nothing may be stuck, and the batch fails over now rather than wait out a second timeout.
+            self._refused[key] = self._clock.seconds() + REFUSED_FOR
+            code = failure.value.code if refused else None
+            STREAM_REFUSED.log(peer=peer.node_id, code=code or 0, retry_after=REFUSED_FOR)
+            if self._metrics is not None:
+                self._metrics.copy_stream_refused()
+        self._settle(key, failure)
 
-        def opened(stream):
-            del self._opening[key]
-            self._open[key] = stream
-            STREAM_OPENED.log(peer=peer.node_id)
-            stream.on_close = lambda: self._closed(key, stream, peer)
-            return stream
-
-        def failed(failure):
-            del self._opening[key]
-            if protocol.transport is not None and not protocol.closed:
-                protocol.closed = True
-                protocol.transport.abortConnection()
-            if failure.check(StreamRefused):
-                self._refused[key] = self._clock.seconds() + REFUSED_FOR
-                STREAM_REFUSED.log(peer=peer.node_id, code=failure.value.code or 0, retry_after=REFUSED_FOR)
-                if self._metrics is not None:
-                    self._metrics.copy_stream_refused()
-            return failure
-
-        return ready.addCallbacks(opened, failed)
+    def _settle(self, key, result) -> None:
+        _, waiters = self._opening.pop(key, (None, []))
+        for waiter in waiters:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
 
     def _closed(self, key, stream, peer) -> None:
         if self._open.get(key) is stream:
@@ -463,19 +527,16 @@ class CopyStreams:
 
     def close(self) -> None:
         """
-        Close every stream (at shutdown).
+        Close every stream, and every one being opened, for good (at shutdown). Batches waiting on them fail.
         """
+        self._closing = True
         for stream in list(self._open.values()):
             stream.close()
         self._open.clear()
-
-
-def _relay(result, waiter: Deferred):
-    if isinstance(result, Failure):
-        waiter.errback(result)
-        return None
-    waiter.callback(result)
-    return result
+        for protocol, _ in list(self._opening.values()):
+            protocol.closed = True
+            if protocol.transport is not None:
+                protocol.transport.abortConnection()
 
 
 def _upgrade_timed_out(result, timeout):

@@ -426,14 +426,14 @@ class PeerClient:
         started = self._clock.seconds()
 
         def done(result):
+            if isinstance(result, Failure) and result.check(StreamRefused):
+                return self._send_copies_as_request(peer, entries, task_ids)
             if self._metrics is not None:
                 self._metrics.peer_call("apply", self._clock.seconds() - started)
             if not isinstance(result, Failure):
                 if len(result) != len(entries):
                     raise PeerError("%s answered a malformed apply result" % (peer.node_id,))
                 return result
-            if result.check(StreamRefused):
-                return self._send_copies_as_request(peer, entries, task_ids)
             if result.check(StreamError):
                 raise PeerError("%s %s to apply" % (peer.node_id, result.value), result.value.code)
             raise PeerError("%s unreachable for apply: %s" % (peer.node_id, result.value.__class__.__name__))

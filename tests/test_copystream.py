@@ -15,7 +15,8 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.error import ConnectionLost
+from twisted.internet.defer import fail
+from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
@@ -23,8 +24,9 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from treq.client import HTTPClient
 
-from kvresponder.copystream import (REFUSED_FOR, UPGRADE_TOKEN, CopyStreamClient, CopyStreams, StreamError,
-                                    StreamRefused, StreamTimeout, decode_results, encode_answer)
+from kvresponder.copystream import (MAX_BATCH_ID, REFUSED_FOR, UPGRADE_TOKEN, CopyStreamClient, CopyStreams,
+                                    StreamError, StreamRefused, StreamTimeout, StreamUnanswered, decode_results,
+                                    encode_answer)
 from kvresponder.discovery import derive_key
 from kvresponder.http.root import RootResource, TenantResource, build_root, _NotFound
 from kvresponder.http.site import KVSite
@@ -416,7 +418,7 @@ def test_an_upgrade_unanswered_within_the_timeout_fails_and_closes_the_connectio
     streams.send(Peer("n2", "10.0.0.2", 3000), [_entry(1)], [b"-"], 2.0).addBoth(outcome.append)
     clock.advance(2.0)
     assert len(outcome) == 1 and outcome[0].check(StreamTimeout)
-    assert endpoints.connections[0][1].disconnecting or endpoints.connections[0][0].closed
+    assert endpoints.connections[0][1].disconnecting
 
 
 def test_batches_carry_their_task_ids_and_a_mac_over_the_connections_nonce():
@@ -441,3 +443,155 @@ def test_answers_decode_to_one_result_an_entry():
     answer = encode_answer(7, results)
     assert struct.unpack_from("!IH", answer) == (7, 200)
     assert decode_results(answer[6:]) == results
+
+
+def test_every_send_waiting_on_a_refused_opening_hears_the_refusal():
+    clock = Clock()
+    endpoints = _FakeEndpoints()
+    streams = CopyStreams(clock, endpoints, "t1", None)
+    peer = Peer("n2", "10.0.0.2", 3000)
+    outcomes = []
+    for index in range(3):
+        streams.send(peer, [_entry(index)], [b"-"], 2.0).addBoth(outcomes.append)
+    assert len(endpoints.connections) == 1
+    endpoints.answer(0, b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+    assert len(outcomes) == 3 and all(outcome.check(StreamRefused) for outcome in outcomes)
+    assert streams._opening == {}
+
+
+class _FailingEndpoint:
+    def __init__(self):
+        self.attempts = 0
+
+    def __call__(self, host, port):
+        return self
+
+    def connect(self, factory):
+        self.attempts += 1
+        return fail(ConnectionRefusedError("refused at once"))
+
+
+def test_an_endpoint_that_fails_at_once_fails_the_send_and_the_next_send_tries_again():
+    endpoint = _FailingEndpoint()
+    streams = CopyStreams(Clock(), endpoint, "t1", None)
+    peer = Peer("n2", "10.0.0.2", 3000)
+    outcomes = []
+    streams.send(peer, [_entry(1)], [b"-"], 2.0).addBoth(outcomes.append)
+    assert outcomes[0].check(ConnectionRefusedError)
+    assert streams._opening == {} and streams.usable(peer)
+    streams.send(peer, [_entry(2)], [b"-"], 2.0).addBoth(outcomes.append)
+    assert endpoint.attempts == 2 and outcomes[1].check(ConnectionRefusedError)
+
+
+def test_a_stream_that_used_all_its_batch_ids_is_replaced_by_a_new_connection():
+    clock = Clock()
+    endpoints = _FakeEndpoints()
+    streams = CopyStreams(clock, endpoints, "t1", None)
+    peer = Peer("n2", "10.0.0.2", 3000)
+    first = []
+    streams.send(peer, [_entry(1)], [b"-"], 2.0).addBoth(first.append)
+    endpoints.upgrade(0)
+    endpoints.answer_frame(0, 1, [ApplyResult(True, False)])
+    endpoints.connections[0][0]._next_id = MAX_BATCH_ID
+    outcome = []
+    streams.send(peer, [_entry(2)], [b"-"], 2.0).addBoth(outcome.append)
+    assert endpoints.connections[0][1].disconnecting and len(endpoints.connections) == 2
+    endpoints.upgrade(1)
+    endpoints.answer_frame(1, 1, [ApplyResult(True, False)])
+    assert outcome == [[ApplyResult(True, False)]]
+
+
+def test_a_peer_that_hangs_up_instead_of_answering_the_upgrade_fails_the_batch_and_gets_http_for_a_while():
+    clock = Clock()
+    endpoints = _FakeEndpoints()
+    streams = CopyStreams(clock, endpoints, "t1", None)
+    peer = Peer("n2", "10.0.0.2", 3000)
+    outcome = []
+    streams.send(peer, [_entry(1)], [b"-"], 2.0).addBoth(outcome.append)
+    endpoints.connections[0][0].connectionLost(Failure(ConnectionDone()))
+    assert outcome[0].check(StreamUnanswered)
+    assert not streams.usable(peer)
+    clock.advance(REFUSED_FOR)
+    assert streams.usable(peer)
+
+
+def test_closing_fails_pending_batches_and_opens_nothing_more():
+    clock = Clock()
+    endpoints = _FakeEndpoints()
+    streams = CopyStreams(clock, endpoints, "t1", None)
+    peer = Peer("n2", "10.0.0.2", 3000)
+    streams.send(peer, [_entry(1)], [b"-"], 2.0)
+    endpoints.upgrade(0)
+    endpoints.answer_frame(0, 1, [ApplyResult(True, False)])
+    pending = []
+    streams.send(peer, [_entry(2)], [b"-"], 2.0).addBoth(pending.append)
+    opening = []
+    streams.send(Peer("n3", "10.0.0.3", 3000), [_entry(3)], [b"-"], 2.0).addBoth(opening.append)
+    streams.close()
+    assert endpoints.connections[0][1].disconnecting and endpoints.connections[1][1].disconnecting
+    endpoints.connections[0][0].connectionLost(Failure(ConnectionDone()))
+    endpoints.connections[1][0].connectionLost(Failure(ConnectionDone()))
+    assert pending[0].check(ConnectionDone) and opening[0].check(StreamUnanswered, ConnectionDone)
+    assert len(endpoints.connections) == 2
+    later = []
+    streams.send(peer, [_entry(4)], [b"-"], 2.0).addBoth(later.append)
+    assert later[0].check(ConnectionDone) and len(endpoints.connections) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_idle_stream_is_closed_by_the_peer_and_the_next_write_opens_another(server):
+    peer = server(timeout=0.3)
+    streams = _streams(_auth())
+    try:
+        await streams.send(peer.peer, [_entry(1)], [b"-"], 2.0)
+        await _until(lambda: peer.site.open_connections == 0, 3.0)
+        assert peer.node.copy_streams_in == 0
+        await _until(lambda: streams.open_count() == 0, 3.0)
+        assert await streams.send(peer.peer, [_entry(2)], [b"-"], 2.0) == [ApplyResult(True, False)]
+        assert peer.node.copy_streams_in == 1
+    finally:
+        streams.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_nothing_after_a_rejected_frame_is_applied_and_the_connection_is_released(server):
+    peer = server()
+    protocol, lost = await _raw_stream(peer, _auth().stream_key())
+    good = protocol._mac
+    protocol._mac = lambda *parts: b"\0" * 16
+    protocol.send(encode_batch([_entry(1)]), [b"-"], 2.0).addErrback(lambda failure: None)
+    protocol._mac = good
+    protocol.send(encode_batch([_entry(2)]), [b"-"], 2.0).addErrback(lambda failure: None)
+    await lost
+    await _until(lambda: peer.site.open_connections == 0)
+    assert peer.node.store.current("k1") is None and peer.node.store.current("k2") is None
+    assert peer.node.copy_streams_in == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_frames_sent_right_behind_the_upgrade_request_are_applied(server):
+    # Without a secret frames carry no MAC, so a caller could send them before the 101 (ours waits).
+    peer = server(secret=None)
+    received = Deferred()
+
+    class Pipelining(Protocol):
+        def connectionMade(self):
+            batch = encode_batch([_entry(1)])
+            frame = struct.pack("!I16sI", 1, b"\0" * 16, 1) + b"-" + batch
+            self.transport.write(b"GET /t1/_internal/copies HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                                 b"Upgrade: " + UPGRADE_TOKEN + b"\r\n\r\n" + struct.pack("!I", len(frame)) + frame)
+            self.data = b""
+
+        def dataReceived(self, data):
+            self.data += data
+            head, _, rest = self.data.partition(b"\r\n\r\n")
+            if len(rest) >= 10 and not received.called:
+                received.callback((head, rest))
+
+    client = await TCP4ClientEndpoint(reactor, "127.0.0.1", peer.peer.port).connect(_Build(Pipelining()))
+    head, rest = await received
+    assert head.startswith(b"HTTP/1.1 101 ")
+    assert struct.unpack("!IIH", rest[:10]) == (len(rest) - 4, 1, 200)
+    assert decode_results(rest[10:]) == [ApplyResult(True, False)]
+    assert peer.node.store.current("k1").value == b"v"
+    client.transport.loseConnection()

@@ -4,8 +4,10 @@
 
 The upgrade is authenticated as every internal call is (the signature covers the method and the path). The
 answer is ``101 Switching Protocols`` and, from then on, the connection carries frames, not HTTP. A request
-that is not an upgrade gets a JSON 426; a connection that cannot be handed over (TLS, a test's transport)
-gets a JSON 501, and the caller sends its copies as HTTP requests instead.
+that is not an upgrade gets a JSON 426; a connection that cannot be handed over (anything but a plain TCP
+connection, such as a test's in-memory transport) gets a JSON 501, and the caller sends its copies as HTTP
+requests instead. The stream is closed once no whole frame has arrived for ``REQUEST_TIMEOUT`` seconds, as an
+idle HTTP connection would be; the caller opens another with its next write.
 """
 
 from twisted.web.resource import Resource
@@ -47,7 +49,8 @@ class CopyStreamResource(Resource):
 
         protocol = CopyStreamServer(
             node.coordinator.apply_copies, self._auth.stream_key() if self._auth is not None else None,
-            nonce, channel.site.internal_body_limit, closed, address)
+            nonce, channel.site.internal_body_limit, closed, address, channel.site.reactor,
+            channel.site.request_deadline)
         node.copy_streams_in += 1
         if not request.switch_protocols(protocol, upgrade_answer(nonce)):
             node.copy_streams_in -= 1

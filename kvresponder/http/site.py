@@ -482,11 +482,18 @@ class _CountedChannel(HTTPChannel):
         self._dataBuffer = []
         self.paused = True
         transport.unregisterProducer()
+        # Reading may have been paused while the request was handled; nothing of HTTP's would resume it now.
+        transport.resumeProducing()
         transport.write(answer)
         transport.protocol = protocol
         protocol.makeConnection(transport)
         if leftover:
-            protocol.dataReceived(leftover)
+            try:
+                protocol.dataReceived(leftover)
+            except Exception:
+                # Not into the request's error handling: it would write an HTTP 500 into the new protocol.
+                write_traceback()
+                transport.abortConnection()
         return True
 
     def _respondToBadRequestAndDisconnect(self):

@@ -40,6 +40,12 @@ SLICE = 0.005
 CHECK_EVERY = 64
 
 
+#: Anti-entropy leaves alone entries written within this many milliseconds: their copies are still on the way
+#: (the write path's job). Under steady writes, most buckets differ only by such entries.
+SETTLE_MS = 5000
+#: Versions sent to a peer in one ``sync/versions`` call, at most (the peer takes up to 50000).
+VERSIONS_PER_CALL = 10000
+
 _MASK = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 
@@ -307,11 +313,23 @@ class Rebalancer:
             sent = 0
             try:
                 differing = await self._peers.differing_buckets(peer, self.node_id, digest.wire())
+                # The versions of every differing bucket, a few calls' worth at a time rather than a call a
+                # bucket. A periodic pass skips entries written in the last SETTLE_MS (the next pass covers
+                # them); re-replication after a membership change sends everything.
+                cutoff = self._clock.seconds() * 1000 - SETTLE_MS if reason == "anti-entropy" else None
+                versions: Dict[str, Version] = {}
+                chunks = []
                 for bucket in differing:
-                    versions = digest.buckets.get(bucket, {})
-                    if not versions:
-                        continue
-                    wanted = await self._peers.wanted(peer, versions)
+                    for key, version in digest.buckets.get(bucket, {}).items():
+                        if cutoff is None or version[0] < cutoff:
+                            versions[key] = version
+                            if len(versions) >= VERSIONS_PER_CALL:
+                                chunks.append(versions)
+                                versions = {}
+                if versions:
+                    chunks.append(versions)
+                for chunk in chunks:
+                    wanted = await self._peers.wanted(peer, chunk)
                     entries = [entry for entry in (self.store.current(key) for key in wanted)
                                if entry is not None]
                     for batch in self._batches(entries):

@@ -2,10 +2,10 @@
 # KV Responder image: one tenant's node, run as `twistd -n kvresponder`.
 #
 # The interpreter is PyPy, chosen on the benchmarks in docs/PERFORMANCE.md
-# (run 5): it serves a node's GETs at about 1.1x the Node.js reference where
-# CPython reaches 0.4x, its PUTs about 4x faster than CPython's, and a 3-node
-# cluster's replicated writes about 2x faster. CPython keeps less memory
-# (about 150 bytes a key of overhead against PyPy's 205, and a 60 MiB baseline
+# (run 6): it serves a node's GETs at about 1.1x the Node.js reference where
+# CPython reaches 0.3x, its PUTs about 3.5x faster than CPython's, and a 3-node
+# cluster's replicated writes about 2.2x faster. CPython keeps less memory
+# (about 150 bytes a key of overhead against PyPy's 212, and a 60 MiB baseline
 # against about 270 MiB), which is why the chart's default memory limit leaves
 # PyPy its baseline (docs/DEPLOYMENT.md). To build on CPython instead, pass
 # --build-arg PYTHON_IMAGE=python:3.11-slim; nothing else changes.

@@ -138,10 +138,8 @@ async def test_an_upgrade_signed_with_another_secret_is_refused_and_the_peer_is_
 
 
 def test_a_refused_peer_is_tried_again_after_the_refusal_period():
-    clock = Clock()
-    endpoints = _FakeEndpoints()
-    streams = CopyStreams(clock, endpoints, "t1", None)
-    peer = Peer("n2", "10.0.0.2", 3000)
+    clock, endpoints, streams = _on_fake_endpoints()
+    peer = PEER
     failures = []
     streams.send(peer, [_entry(1)], [b"-"], 2.0).addErrback(failures.append)
     endpoints.answer(0, b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
@@ -336,6 +334,15 @@ class _Build(Factory):
         return self._protocol
 
 
+def _on_fake_endpoints(auth=None):
+    clock = Clock()
+    endpoints = _FakeEndpoints()
+    return clock, endpoints, CopyStreams(clock, endpoints, "t1", auth)
+
+
+PEER = Peer("n2", "10.0.0.2", 3000)
+
+
 class _FakeEndpoints:
     """
     Each connect gives the protocol a StringTransport; the test plays the peer.
@@ -377,10 +384,8 @@ class _FakeEndpoints:
 
 
 def test_a_stream_that_answered_before_is_retried_once_on_a_new_connection_when_it_is_lost():
-    clock = Clock()
-    endpoints = _FakeEndpoints()
-    streams = CopyStreams(clock, endpoints, "t1", None)
-    peer = Peer("n2", "10.0.0.2", 3000)
+    clock, endpoints, streams = _on_fake_endpoints()
+    peer = PEER
     first = []
     streams.send(peer, [_entry(1)], [b"-"], 2.0).addBoth(first.append)
     endpoints.upgrade(0)
@@ -398,10 +403,8 @@ def test_a_stream_that_answered_before_is_retried_once_on_a_new_connection_when_
 
 
 def test_a_new_stream_lost_before_answering_fails_its_batch_without_a_retry():
-    clock = Clock()
-    endpoints = _FakeEndpoints()
-    streams = CopyStreams(clock, endpoints, "t1", None)
-    peer = Peer("n2", "10.0.0.2", 3000)
+    clock, endpoints, streams = _on_fake_endpoints()
+    peer = PEER
     outcome = []
     streams.send(peer, [_entry(1)], [b"-"], 2.0).addBoth(outcome.append)
     endpoints.upgrade(0)
@@ -411,9 +414,7 @@ def test_a_new_stream_lost_before_answering_fails_its_batch_without_a_retry():
 
 
 def test_an_upgrade_unanswered_within_the_timeout_fails_and_closes_the_connection():
-    clock = Clock()
-    endpoints = _FakeEndpoints()
-    streams = CopyStreams(clock, endpoints, "t1", None)
+    clock, endpoints, streams = _on_fake_endpoints()
     outcome = []
     streams.send(Peer("n2", "10.0.0.2", 3000), [_entry(1)], [b"-"], 2.0).addBoth(outcome.append)
     clock.advance(2.0)
@@ -422,10 +423,8 @@ def test_an_upgrade_unanswered_within_the_timeout_fails_and_closes_the_connectio
 
 
 def test_batches_carry_their_task_ids_and_a_mac_over_the_connections_nonce():
-    clock = Clock()
-    endpoints = _FakeEndpoints()
     auth = _auth()
-    streams = CopyStreams(clock, endpoints, "t1", auth)
+    clock, endpoints, streams = _on_fake_endpoints(auth)
     streams.send(Peer("n2", "10.0.0.2", 3000), [_entry(1), _entry(2)], [b"task-a@/1", b"-"], 2.0)
     request = endpoints.connections[0][1].value()
     assert b"X-KV-Auth: " in request and b"Upgrade: " + UPGRADE_TOKEN in request
@@ -446,10 +445,8 @@ def test_answers_decode_to_one_result_an_entry():
 
 
 def test_every_send_waiting_on_a_refused_opening_hears_the_refusal():
-    clock = Clock()
-    endpoints = _FakeEndpoints()
-    streams = CopyStreams(clock, endpoints, "t1", None)
-    peer = Peer("n2", "10.0.0.2", 3000)
+    clock, endpoints, streams = _on_fake_endpoints()
+    peer = PEER
     outcomes = []
     for index in range(3):
         streams.send(peer, [_entry(index)], [b"-"], 2.0).addBoth(outcomes.append)
@@ -484,10 +481,8 @@ def test_an_endpoint_that_fails_at_once_fails_the_send_and_the_next_send_tries_a
 
 
 def test_a_stream_that_used_all_its_batch_ids_is_replaced_by_a_new_connection():
-    clock = Clock()
-    endpoints = _FakeEndpoints()
-    streams = CopyStreams(clock, endpoints, "t1", None)
-    peer = Peer("n2", "10.0.0.2", 3000)
+    clock, endpoints, streams = _on_fake_endpoints()
+    peer = PEER
     first = []
     streams.send(peer, [_entry(1)], [b"-"], 2.0).addBoth(first.append)
     endpoints.upgrade(0)
@@ -502,10 +497,8 @@ def test_a_stream_that_used_all_its_batch_ids_is_replaced_by_a_new_connection():
 
 
 def test_a_peer_that_hangs_up_instead_of_answering_the_upgrade_fails_the_batch_and_gets_http_for_a_while():
-    clock = Clock()
-    endpoints = _FakeEndpoints()
-    streams = CopyStreams(clock, endpoints, "t1", None)
-    peer = Peer("n2", "10.0.0.2", 3000)
+    clock, endpoints, streams = _on_fake_endpoints()
+    peer = PEER
     outcome = []
     streams.send(peer, [_entry(1)], [b"-"], 2.0).addBoth(outcome.append)
     endpoints.connections[0][0].connectionLost(Failure(ConnectionDone()))
@@ -516,10 +509,8 @@ def test_a_peer_that_hangs_up_instead_of_answering_the_upgrade_fails_the_batch_a
 
 
 def test_closing_fails_pending_batches_and_opens_nothing_more():
-    clock = Clock()
-    endpoints = _FakeEndpoints()
-    streams = CopyStreams(clock, endpoints, "t1", None)
-    peer = Peer("n2", "10.0.0.2", 3000)
+    clock, endpoints, streams = _on_fake_endpoints()
+    peer = PEER
     streams.send(peer, [_entry(1)], [b"-"], 2.0)
     endpoints.upgrade(0)
     endpoints.answer_frame(0, 1, [ApplyResult(True, False)])

@@ -277,6 +277,10 @@ class CopyStreamClient(Int32StringReceiver):
         self._pending: Dict[int, Tuple[Deferred, object]] = {}
 
     def connectionMade(self) -> None:
+        if self.closed:
+            # Closed (the node is stopping) while the connection was being made.
+            self.transport.abortConnection()
+            return
         self.transport.write(self._upgrade)
 
     def dataReceived(self, data: bytes) -> None:
@@ -409,8 +413,8 @@ class CopyStreams:
         self._auth = authenticator
         self._metrics = metrics
         self._open: Dict[Tuple[str, int], CopyStreamClient] = {}
-        #: Streams being opened: the protocol, and the sends waiting for it.
-        self._opening: Dict[Tuple[str, int], Tuple[CopyStreamClient, List[Deferred]]] = {}
+        #: Streams being opened: the protocol, the sends waiting for it, and the connection attempt.
+        self._opening: Dict[Tuple[str, int], list] = {}
         self._refused: Dict[Tuple[str, int], float] = {}
         self._closing = False
 
@@ -475,11 +479,12 @@ class CopyStreams:
         protocol = CopyStreamClient(b"\r\n".join(upgrade) + b"\r\n\r\n",
                                     self._auth.stream_key() if self._auth is not None else None, self._clock)
         # Registered before connecting: the endpoint may answer at once (a refused address, a bad host).
-        self._opening[key] = (protocol, [waiter])
+        opening = self._opening[key] = [protocol, [waiter], None]
         try:
             d = self._endpoint_for(peer.address, peer.port).connect(_Once(protocol))
         except Exception:
             d = fail()
+        opening[2] = d
         d.addCallback(lambda _: protocol.ready)
         d.addTimeout(timeout, self._clock, onTimeoutCancel=_upgrade_timed_out)
         d.addCallbacks(self._opened, self._not_opened, callbackArgs=(peer, key), errbackArgs=(peer, key, protocol))
@@ -497,8 +502,8 @@ class CopyStreams:
 
     def _not_opened(self, failure, peer, key, protocol: CopyStreamClient) -> None:
         connected = protocol.transport is not None
-        if connected and not protocol.closed:
-            protocol.closed = True
+        protocol.closed = True
+        if connected:
             protocol.transport.abortConnection()
         refused = failure.check(StreamRefused)
         if not self._closing and (refused or (connected and failure.check(StreamUnanswered, StreamTimeout))):
@@ -513,7 +518,7 @@ class CopyStreams:
         self._settle(key, failure)
 
     def _settle(self, key, result) -> None:
-        _, waiters = self._opening.pop(key, (None, []))
+        _, waiters, _ = self._opening.pop(key, (None, [], None))
         for waiter in waiters:
             if isinstance(result, Failure):
                 waiter.errback(result)
@@ -533,10 +538,12 @@ class CopyStreams:
         for stream in list(self._open.values()):
             stream.close()
         self._open.clear()
-        for protocol, _ in list(self._opening.values()):
+        for protocol, _, attempt in list(self._opening.values()):
             protocol.closed = True
             if protocol.transport is not None:
                 protocol.transport.abortConnection()
+            elif attempt is not None and not attempt.called:
+                attempt.cancel()
 
 
 def _upgrade_timed_out(result, timeout):

@@ -85,7 +85,7 @@ class Node:
                                        settings.replicas, settings.write_quorum, self.wall, self.metrics,
                                        self.log_policy, self.ring_settling)
         self.rebalancer = Rebalancer(self.node_id, self.store, self.ring, self.membership.peer, self.peers,
-                                     clock, settings.replicas, self.metrics)
+                                     clock, settings.replicas, self.metrics, wall=self.wall)
         self.admin = AdminGuard(settings.admin_token, settings.insecure_admin)
         self.join_settle = join_settle if join_settle is not None else min(0.5, settings.heartbeat_interval)
         self.started_at = self.ring_changed_at = clock.seconds()

@@ -40,8 +40,9 @@ SLICE = 0.005
 CHECK_EVERY = 64
 
 
-#: Anti-entropy leaves alone entries written within this many milliseconds: their copies are still on the way
-#: (the write path's job). Under steady writes, most buckets differ only by such entries.
+#: Anti-entropy leaves alone entries whose version's wall time is within this many milliseconds of this node's
+#: clock, either side: their copies may still be on the way (the write path's job). Under steady writes, most
+#: buckets differ only by such entries. A version further ahead of the clock is never left alone.
 SETTLE_MS = 5000
 #: Versions sent to a peer in one ``sync/versions`` call, at most (the peer takes up to 50000).
 VERSIONS_PER_CALL = 10000
@@ -120,11 +121,14 @@ class Rebalancer:
     :param peers: a :class:`~kvresponder.peers.PeerClient`.
     :param clock: ``IReactorTime``.
     :param int replicas: the replication factor.
+    :param wall: the wall clock that stamps versions (seconds), for anti-entropy's settle window; by default
+        the clock's ``seconds``.
     """
 
     def __init__(self, node_id: str, store: Store, ring: Callable[[], HashRing], peer_of, peers, clock,
                  replicas: int, metrics, batch_entries: int = 500, batch_bytes: int = 4 * 1024 * 1024,
-                 debounce: float = 0.2) -> None:
+                 debounce: float = 0.2, wall: Optional[Callable[[], float]] = None) -> None:
+        self._wall = wall or clock.seconds
         self.node_id = node_id
         self.store = store
         self._ring = ring
@@ -313,28 +317,27 @@ class Rebalancer:
             sent = 0
             try:
                 differing = await self._peers.differing_buckets(peer, self.node_id, digest.wire())
-                # The versions of every differing bucket, a few calls' worth at a time rather than a call a
-                # bucket. A periodic pass skips entries written in the last SETTLE_MS (the next pass covers
+                # The versions of the differing buckets, up to VERSIONS_PER_CALL a call rather than a call a
+                # bucket. A periodic pass skips entries stamped within SETTLE_MS of now (the next pass covers
                 # them); re-replication after a membership change sends everything.
-                cutoff = self._clock.seconds() * 1000 - SETTLE_MS if reason == "anti-entropy" else None
+                fresh = None
+                if reason == "anti-entropy":
+                    now_ms = self._wall() * 1000
+                    fresh = (now_ms - SETTLE_MS, now_ms + SETTLE_MS)
                 versions: Dict[str, Version] = {}
-                chunks = []
+                slices = _Slices(self._clock)
                 for bucket in differing:
                     for key, version in digest.buckets.get(bucket, {}).items():
-                        if cutoff is None or version[0] < cutoff:
-                            versions[key] = version
-                            if len(versions) >= VERSIONS_PER_CALL:
-                                chunks.append(versions)
-                                versions = {}
+                        if slices.due():
+                            await slices.pause()
+                        if fresh is not None and fresh[0] <= version[0] <= fresh[1]:
+                            continue
+                        versions[key] = version
+                        if len(versions) >= VERSIONS_PER_CALL:
+                            sent += await self._send_wanted(peer, versions)
+                            versions = {}
                 if versions:
-                    chunks.append(versions)
-                for chunk in chunks:
-                    wanted = await self._peers.wanted(peer, chunk)
-                    entries = [entry for entry in (self.store.current(key) for key in wanted)
-                               if entry is not None]
-                    for batch in self._batches(entries):
-                        await self._peers.apply(peer, batch, timeout=max(self._peers.timeout, 10.0))
-                        sent += len(batch)
+                    sent += await self._send_wanted(peer, versions)
             except PeerError:
                 if reason == "anti-entropy":
                     self._metrics.antientropy("failed")
@@ -348,6 +351,18 @@ class Rebalancer:
                 self._metrics.rereplication("sent", sent)
             action.add_success_fields(sent=sent)
             return sent
+
+    async def _send_wanted(self, peer, versions: Dict[str, Version]) -> int:
+        """
+        Send ``peer`` the entries among ``versions`` it lacks or holds older; return how many were sent.
+        """
+        wanted = await self._peers.wanted(peer, versions)
+        entries = [entry for entry in (self.store.current(key) for key in wanted) if entry is not None]
+        sent = 0
+        for batch in self._batches(entries):
+            await self._peers.apply(peer, batch, timeout=max(self._peers.timeout, 10.0))
+            sent += len(batch)
+        return sent
 
     # -- the peer's side of anti-entropy ---------------------------------------------------------------
 

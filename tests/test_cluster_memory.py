@@ -198,6 +198,21 @@ def test_anti_entropy_leaves_a_fresh_write_to_the_write_path_and_repairs_it_once
     assert second.store.get("k").value == b'"v2"'
 
 
+def test_anti_entropy_repairs_a_version_stamped_far_ahead_of_the_clock_at_once(cluster):
+    """
+    A version whose wall time is more than SETTLE_MS ahead of the clock (a node whose clock ran ahead) is not
+    a write in flight: a pass repairs it, rather than wait for the clock to catch up.
+    """
+    put(cluster, cluster.nodes[0], "k", "v1")
+    first, second = [node for node in cluster.nodes if node.node_id in holders(cluster, "k")]
+    ahead = (int(cluster.clock.seconds() * 1000) + 3600 * 1000, 0, first.node_id)
+    first.store.apply(Entry("k", b'"v2"', ahead))
+    for node in cluster.nodes:
+        node.rebalancer.run_pass("anti-entropy")
+    cluster.run(seconds=2)
+    assert second.store.get("k").value == b'"v2"'
+
+
 def test_a_draining_node_hands_everything_off(cluster):
     """
     If a node drains, then it ends empty and every key still has 2 copies on the others.

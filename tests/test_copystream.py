@@ -586,3 +586,31 @@ async def test_frames_sent_right_behind_the_upgrade_request_are_applied(server):
     assert decode_results(rest[10:]) == [ApplyResult(True, False)]
     assert peer.node.store.current("k1").value == b"v"
     client.transport.loseConnection()
+
+
+class _PendingEndpoint:
+    """
+    A connection attempt that never completes unless cancelled.
+    """
+
+    def __init__(self):
+        self.cancelled = 0
+
+    def __call__(self, host, port):
+        return self
+
+    def connect(self, factory):
+        def cancel(d):
+            self.cancelled += 1
+        return Deferred(cancel)
+
+
+def test_closing_while_a_connection_is_being_made_cancels_it_and_fails_its_batch_at_once():
+    endpoint = _PendingEndpoint()
+    streams = CopyStreams(Clock(), endpoint, "t1", None)
+    outcome = []
+    streams.send(PEER, [_entry(1)], [b"-"], 2.0).addBoth(outcome.append)
+    assert outcome == []
+    streams.close()
+    assert endpoint.cancelled == 1
+    assert len(outcome) == 1 and isinstance(outcome[0], Failure)

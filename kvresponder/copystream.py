@@ -167,7 +167,6 @@ class CopyStreamServer(Int32StringReceiver):
         self._idle_call = None
         self._last_frame = 0.0
         self._last_id = 0
-        self.batches = 0
 
     def connectionMade(self) -> None:
         if self._clock is not None:
@@ -197,7 +196,6 @@ class CopyStreamServer(Int32StringReceiver):
             self._reject("a bad MAC")
             return
         self._last_id = batch_id
-        self.batches += 1
         start = _HEADER.size
         task_ids = frame[start:start + tasks_length].split()
         try:

@@ -40,8 +40,8 @@ TASK_HEADER = b"X-Eliot-Task-Id"
 TASKS_HEADER = b"X-Eliot-Task-Ids"
 #: Writes to one peer queued together go out as one request, up to this many.
 MAX_COALESCED = 256
-#: ... and up to about this many bytes of keys and values (a batch of large values stays well under the peer's
-#: internal body limit; the writes left over follow in the next batch).
+#: ... and up to about this many bytes of entries (``Entry.size``: a batch of large values stays well under the
+#: peer's internal body limit; the writes left over follow in the next batch).
 MAX_BATCH_BYTES = 8 * 1024 * 1024
 #: Batches of coalesced writes in flight to one peer at once. Writes queued while they are in flight wait for
 #: one to come back and then leave together, so a batch grows with the load: one request per write when
@@ -556,8 +556,7 @@ class PeerClient:
 
 
 def _queued_write_size(item) -> int:
-    entry = item[0]
-    return len(entry.key) + (len(entry.value) if entry.value is not None else 0)
+    return item[0].size
 
 
 def _apply_results(answer, peer, count: int) -> List[ApplyResult]:

@@ -92,7 +92,7 @@ def test_writes_queued_while_batches_are_out_leave_together_when_one_returns():
 
 def test_a_batch_stops_at_its_byte_limit_and_the_writes_after_it_follow_when_it_returns():
     client, clock, calls = _client()
-    big = MAX_BATCH_BYTES // 3 - 10   # three fit in a batch, with their keys
+    big = MAX_BATCH_BYTES // 3 - 1024   # three fit in a batch, with their keys and accounted overhead
     waiters = [client.apply_coalesced(PEER, Entry("k%d" % (i,), b"x" * big, (1000 + i, 0, "n1")))
                for i in range(5)]
     clock.advance(0)

@@ -177,7 +177,8 @@ OPTIONS = (
     Option("vnodes", ("VNODES",), "128", _int_in(1, 4096), "Virtual nodes per node on the hash ring."),
     Option("max-memory", ("MAX_MEMORY",), "256Mi", _size(64 * 1024), "Store budget in bytes (Ki/Mi/Gi)."),
     Option("max-value-size", ("MAX_VALUE_SIZE",), "1Mi", _size(64), "Largest request body in bytes."),
-    Option("max-key-bytes", ("MAX_KEY_BYTES",), "250", _int_in(1, 1024), "Longest key, in UTF-8 bytes."),
+    Option("max-key-length", ("MAX_KEY_LENGTH",), "250", _int_in(1, 256),
+           "Longest key, in characters (Unicode code points)."),
     Option("max-header-bytes", ("MAX_HEADER_BYTES",), "16Ki", _size(1024),
            "Largest total size of a request's headers."),
     Option("tombstone-grace", ("TOMBSTONE_GRACE",), "600", _positive_float,
@@ -229,7 +230,7 @@ class Settings:
     vnodes: int
     max_memory: int
     max_value_size: int
-    max_key_bytes: int
+    max_key_length: int
     max_header_bytes: int
     tombstone_grace: float
     drain_timeout: float

@@ -22,7 +22,8 @@ _HEADER = struct.Struct(">HIqIBd")
 _TOMBSTONE = 0xFFFFFFFF
 _NO_EXPIRY = float("nan")
 
-#: The hard cap on keys between peers; the public API's cap (MAX_KEY_BYTES) is at most this.
+#: The hard cap on keys between peers, in UTF-8 bytes. The public API's cap (MAX_KEY_LENGTH, at most 256
+#: characters of at most 4 bytes each) always fits within it.
 MAX_KEY_BYTES = 1024
 
 

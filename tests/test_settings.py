@@ -48,7 +48,7 @@ def test_defaults():
         "vnodes": 128,
         "max_memory": 256 * 1024 * 1024,
         "max_value_size": 1024 * 1024,
-        "max_key_bytes": 250,
+        "max_key_length": 250,
         "max_header_bytes": 16 * 1024,
         "tombstone_grace": 600.0,
         "drain_timeout": 20.0,

@@ -84,25 +84,46 @@ def parse_key(raw: bytes, limit: int = 250) -> str:
     """
     A key from its (already percent-decoded) path bytes.
 
-    :raises APIError: 400 if it is empty, not UTF-8 or longer than ``limit`` bytes (MAX_KEY_BYTES).
+    :raises APIError: 400 if it is empty, not UTF-8 or longer than ``limit`` characters (MAX_KEY_LENGTH).
     """
     if not raw:
         raise bad_request("invalid_key", "The key must not be empty.")
-    if len(raw) > limit:
-        raise bad_request("invalid_key", "The key is longer than %d bytes." % (limit,))
+    # A code point takes at most 4 bytes: a longer path is refused before it is decoded.
+    if len(raw) > 4 * limit:
+        raise _too_long(limit)
     try:
-        return raw.decode("utf-8")
+        key = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise bad_request("invalid_key", "The key is not valid UTF-8.")
+    if len(key) > limit:
+        raise _too_long(limit)
+    return key
 
 
 def validate_key(key, limit: int = 250) -> str:
+    """
+    A key from a JSON body (bulk).
+
+    :raises APIError: 400 if it is not a string, empty, longer than ``limit`` characters, or holds a lone
+        surrogate (no UTF-8 form).
+    """
     if not isinstance(key, str):
         raise bad_request("invalid_key", "Keys must be strings.")
+    if not key:
+        raise bad_request("invalid_key", "The key must not be empty.")
+    if len(key) > limit:
+        raise _too_long(limit)
     try:
-        return parse_key(key.encode("utf-8"), limit)
+        key.encode("utf-8")
     except UnicodeEncodeError:
         raise bad_request("invalid_key", "The key is not valid UTF-8.")
+    return key
+
+
+def _too_long(limit: int) -> Exception:
+    # The limit counts characters (code points), as JSON Schema's maxLength does, so that the published
+    # description (Key: maxLength) and this check agree on every key.
+    return bad_request("invalid_key", "The key is longer than %d characters." % (limit,))
 
 
 def parse_write(body) -> tuple:
@@ -216,7 +237,7 @@ class KVResource(Resource):
         self._node = node
         self._coordinator = node.coordinator
         self._metrics = node.metrics
-        self._key_limit = node.settings.max_key_bytes
+        self._key_limit = node.settings.max_key_length
 
     def render(self, request):
         postpath = request.postpath
@@ -498,7 +519,7 @@ class PublicAPI:
         if len(gets) + len(puts) + len(deletes) > MAX_BULK_OPERATIONS:
             raise bad_request("too_many_operations", "A bulk request holds at most %d operations."
                               % (MAX_BULK_OPERATIONS,))
-        limit = self._node.settings.max_key_bytes
+        limit = self._node.settings.max_key_length
         # Each key once: the answer maps keys to values, and a JSON object names each member once.
         get_keys = list(dict.fromkeys(validate_key(key, limit) for key in gets))
         delete_keys = [validate_key(key, limit) for key in deletes]

@@ -47,8 +47,8 @@ class Node:
     :param wall: wall time in seconds (versions, signatures); defaults to ``clock.seconds``.
     :param log_policy: the shared :class:`~kvresponder.log.LogPolicy`.
     :param tracing: a :class:`~kvresponder.tracing.Tracing` for peer-call spans, or ``None``.
-    :param collect: a full garbage collection (``gc.collect`` on PyPy), run as the store turns over; or
-        ``None`` where reference counting frees memory at once (CPython).
+    :param collect: gives freed memory back as the store turns over (:func:`kvresponder.reclaim.reclaimer`: a
+        full collection on PyPy, glibc's ``malloc_trim``); or ``None``.
     :param stream_endpoint: ``stream_endpoint(address, port)``, an ``IStreamClientEndpoint`` to a peer, for the
         copy streams (:mod:`kvresponder.copystream`); ``None`` sends every copy as an HTTP request.
     """
@@ -155,7 +155,8 @@ class Node:
         outside its collected heap and does not count them towards its next major collection, so a cache
         that keeps replacing its values would otherwise grow without bound (measured: +40 MB per 60 MB
         written with an 8 MB budget; flat with this), and a store being filled would carry the garbage of
-        every request that filled it (measured: 590-860 bytes a key for 1M keys; 235 with this).
+        every request that filled it (measured: 590-860 bytes a key for 1M keys; 235 with this). Then, on
+        both interpreters, the C heap's free pages go back to the OS (:mod:`kvresponder.reclaim`).
         """
         store = self.store
         released = store.released_bytes

@@ -146,6 +146,7 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
     from .log.service import SERVICE_STARTED
     from .node import Node
     from .peers import CachedEndpoints
+    from .reclaim import reclaimer
     from .tracing import Tracing
 
     policy = LogPolicy(settings.log_level)
@@ -166,11 +167,8 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
     pool.retryAutomatically = False
     endpoints = CachedEndpoints(reactor, settings.peer_request_timeout)
     agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
-    import gc
-    import platform
-    collect = gc.collect if platform.python_implementation() == "PyPy" else None
     node = Node(settings, reactor, HTTPClient(agent), wall=time.time, log_policy=policy, tracing=tracing,
-                collect=collect, stream_endpoint=endpoints.endpoint)
+                collect=reclaimer(), stream_endpoint=endpoints.endpoint)
 
     site = KVSite(build_root(node, node.authenticator), reactor.seconds, tracing=tracing,
                   metrics=node.metrics, log_policy=policy, body_limit=settings.max_value_size,

@@ -672,6 +672,43 @@ def test_a_collector_runs_as_a_growing_store_takes_in_a_quarter_more():
     assert node.store.released_bytes == 0
 
 
+def test_a_collector_runs_once_the_store_is_left_alone_after_a_burst_of_writes():
+    """
+    If a burst of writes takes in less than the growth threshold, then the collector runs once the store has
+    been left alone for IDLE_RECLAIM_SECONDS, and only once; a later trickle of writes (under an eighth of
+    what the store holds) does not make it run again, and a later burst does.
+    """
+    from kvresponder.node import IDLE_RECLAIM_SECONDS
+    from kvresponder.store import Entry
+    clock = Clock()
+    calls = []
+    node = Node(make_settings(max_memory="1Gi"), clock, http=None, join_settle=0.1,
+                collect=lambda: calls.append(clock.seconds()))
+    node.start()
+    value = b'"' + b"v" * 100000 + b'"'
+
+    def write(first, count):
+        for i in range(first, first + count):
+            node.store.apply(Entry("k%d" % (i,), value, node.hlc.now()))
+
+    write(0, 100)  # 10 MB: under the 16 MiB growth threshold
+    clock.advance(0.25)
+    clock.advance(IDLE_RECLAIM_SECONDS - 0.5)
+    assert calls == []
+    clock.advance(1.0)
+    assert len(calls) == 1
+    clock.advance(10)
+    assert len(calls) == 1
+    write(100, 5)  # 0.5 MB: a trickle
+    clock.advance(IDLE_RECLAIM_SECONDS + 1)
+    assert len(calls) == 1
+    write(105, 60)  # 6 MB, more than an eighth of 10.5 MB
+    clock.advance(0.5)
+    assert len(calls) == 1
+    clock.advance(IDLE_RECLAIM_SECONDS)
+    assert len(calls) == 2
+
+
 def test_a_form_post_reaches_its_route_and_gets_a_json_415():
     """
     If a POST claims to be a form (multipart, and not even well-formed), then Twisted does not parse it

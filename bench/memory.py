@@ -71,7 +71,9 @@ def main() -> dict:
     p = b.parser("Memory per key: N keys of 100-byte values via POST /bulk.")
     p.add_argument("--keys", type=int, default=1000000, help="keys written (default %(default)s)")
     p.add_argument("--batch", type=int, default=1000, help="puts per bulk request (default %(default)s)")
-    p.add_argument("--settle", type=float, default=2.0, help="seconds to wait before reading RSS")
+    p.add_argument("--settle", type=float, default=4.0,
+                   help="seconds to wait before reading RSS (default %(default)s: the node gives back what a "
+                        "burst of writes left behind once its store has been left alone for 2 s)")
     p.add_argument("--steps", type=int, default=10, help="RSS samples during the load (default %(default)s)")
     p.add_argument("--no-node", action="store_true", help="skip the Node.js reference run")
     args = p.parse_args()

@@ -176,6 +176,28 @@ def test_list_pages_through_every_key_exactly_once(api):
     assert seen == sorted(k for k in keys if k.startswith("k"))
 
 
+def test_a_page_that_ends_on_the_longest_key_can_be_followed():
+    """
+    If a page ends on a key of 250 four-byte characters (1000 UTF-8 bytes, a 1334-character cursor), then
+    its cursor is accepted and the next page follows it.
+    """
+    from urllib.parse import quote
+    api = API(max_key_length=256)
+    longest = "\U0001f600" * 256
+    keys = ["a", "\U0001f600" * 250, longest, "\U0001f601"]
+    for key in keys:
+        assert api.put(quote(key, safe=""), 1)[0] == 201
+    seen, cursor = [], None
+    while True:
+        code, body, _ = api.call("GET", "/kv?limit=1" + ("&cursor=" + cursor if cursor else ""))
+        assert code == 200, body
+        seen.extend(body["keys"])
+        cursor = body["next"]
+        if cursor is None:
+            break
+    assert seen == sorted(keys)
+
+
 @pytest.mark.parametrize("query", ["limit=0", "limit=10001", "limit=x", "cursor=%25%25%25"])
 def test_list_rejects_bad_parameters(api, query):
     code, body, _ = api.call("GET", "/kv?" + query)
@@ -236,6 +258,7 @@ def test_the_key_limit_counts_characters_as_the_description_does(api, char):
     assert code == 200 and body["key"] == key
     code, body, _ = api.call("POST", "/bulk", {"put": [{"key": key, "value": 2}], "get": [key]})
     assert code == 200 and body["put"][0]["status"] == 200, body
+    assert body["get"][key]["key"] == key
     longer = char * 251
     code, body, _ = api.put(quote(longer, safe=""), 1)
     assert_error(code, body, 400, "invalid_key")
@@ -676,9 +699,50 @@ def test_a_collector_runs_once_the_store_is_left_alone_after_a_burst_of_writes()
     """
     If a burst of writes takes in less than the growth threshold, then the collector runs once the store has
     been left alone for IDLE_RECLAIM_SECONDS, and only once; a later trickle of writes (under an eighth of
-    what the store holds) does not make it run again, and a later burst does.
+    what the store holds, though over 4 MiB) does not make it run again, and a later burst does.
     """
     from kvresponder.node import IDLE_RECLAIM_SECONDS
+    clock, calls, node, write, run_for = _collecting_node()
+    write(0, 600)  # 60 MB, then left alone
+    run_for(0.25)
+    assert len(calls) == 1  # the growth threshold (16 MiB) on the first tick
+    write(600, 140)  # 14 MB: under a quarter of 60 MB
+    run_for(IDLE_RECLAIM_SECONDS - 0.5)
+    assert len(calls) == 1
+    run_for(1.0)
+    assert len(calls) == 2
+    run_for(10)
+    assert len(calls) == 2
+    write(740, 60)  # 6 MB: over 4 MiB, under an eighth of 74 MB
+    run_for(IDLE_RECLAIM_SECONDS + 1)
+    assert len(calls) == 2
+    write(800, 60)  # 6 + 6 = 12 MB since: over an eighth of the 86 MB held
+    run_for(0.5)
+    assert len(calls) == 2
+    run_for(IDLE_RECLAIM_SECONDS)
+    assert len(calls) == 3
+
+
+def test_a_collector_runs_once_the_store_is_left_alone_after_a_burst_of_deletes():
+    """
+    If a burst of deletes drops more than an eighth of what the store holds (but less than half the budget),
+    then the collector runs once the store has been left alone for IDLE_RECLAIM_SECONDS.
+    """
+    from kvresponder.node import IDLE_RECLAIM_SECONDS
+    from kvresponder.store import Entry
+    clock, calls, node, write, run_for = _collecting_node()
+    write(0, 600)
+    run_for(IDLE_RECLAIM_SECONDS + 1)
+    assert len(calls) == 1
+    for i in range(100):  # 10 MB dropped, a sixth of what it held
+        node.store.apply(Entry("k%d" % (i,), None, node.hlc.now()))
+    run_for(IDLE_RECLAIM_SECONDS - 0.5)
+    assert len(calls) == 1
+    run_for(1.0)
+    assert len(calls) == 2
+
+
+def _collecting_node():
     from kvresponder.store import Entry
     clock = Clock()
     calls = []
@@ -691,22 +755,11 @@ def test_a_collector_runs_once_the_store_is_left_alone_after_a_burst_of_writes()
         for i in range(first, first + count):
             node.store.apply(Entry("k%d" % (i,), value, node.hlc.now()))
 
-    write(0, 100)  # 10 MB: under the 16 MiB growth threshold
-    clock.advance(0.25)
-    clock.advance(IDLE_RECLAIM_SECONDS - 0.5)
-    assert calls == []
-    clock.advance(1.0)
-    assert len(calls) == 1
-    clock.advance(10)
-    assert len(calls) == 1
-    write(100, 5)  # 0.5 MB: a trickle
-    clock.advance(IDLE_RECLAIM_SECONDS + 1)
-    assert len(calls) == 1
-    write(105, 60)  # 6 MB, more than an eighth of 10.5 MB
-    clock.advance(0.5)
-    assert len(calls) == 1
-    clock.advance(IDLE_RECLAIM_SECONDS)
-    assert len(calls) == 2
+    def run_for(seconds):
+        # Tick by tick, as the reactor runs the node's 0.25 s loop.
+        for _ in range(int(round(seconds / 0.25))):
+            clock.advance(0.25)
+    return clock, calls, node, write, run_for
 
 
 def test_a_form_post_reaches_its_route_and_gets_a_json_415():

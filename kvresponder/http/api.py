@@ -35,7 +35,8 @@ MAX_BULK_OPERATIONS = 1000
 _JSON = b"application/json"
 #: A read of an absent key answers this, built once (a miss is as common as a hit in a cache).
 _MISS_BODY = error_body("not_found", "No value is stored under this key.")
-_CURSOR = re.compile(r"^[A-Za-z0-9_-]{1,400}$")
+#: A cursor is the base64url of a key's UTF-8: at most 1368 characters for the longest key (1024 bytes).
+_CURSOR = re.compile(r"^[A-Za-z0-9_-]{1,1368}$")
 
 
 def _reject_constant(name):

@@ -38,9 +38,9 @@ STARTING, JOINING, READY, DRAINING, STOPPED = "starting", "joining", "ready", "d
 #: other nodes, since the key may still be on its way from its previous holders.
 SETTLE_SECONDS = 30.0
 
-#: Seconds without a change to the store after which the garbage of a burst of writes is given back, if the
-#: burst took in at least an eighth of what the store holds (and 4 MiB): an idle node's RSS then shows what
-#: it holds, not what its last writes left behind.
+#: Seconds without a change to the store after which the garbage of a burst of writes or deletes is given
+#: back, if the burst took in and dropped at least an eighth of what the store holds (and 4 MiB): an idle
+#: node's RSS then shows what it holds, not what its last writes left behind.
 IDLE_RECLAIM_SECONDS = 2.0
 
 
@@ -164,8 +164,8 @@ class Node:
         that keeps replacing its values would otherwise grow without bound (measured: +40 MB per 60 MB
         written with an 8 MB budget; flat with this), and a store being filled would carry the garbage of
         every request that filled it (measured: 590-860 bytes a key for 1M keys; 235 with this). Also once
-        the store has been left alone for IDLE_RECLAIM_SECONDS after taking in an eighth of what it holds:
-        a burst of writes leaves its garbage behind until then. Then, on both interpreters, the C heap's
+        the store has been left alone for IDLE_RECLAIM_SECONDS after taking in and dropping an eighth of what
+        it holds: a burst of writes or deletes leaves its garbage behind until then. Then, on both interpreters, the C heap's
         free pages go back to the OS (:mod:`kvresponder.reclaim`).
         """
         store = self.store
@@ -175,12 +175,14 @@ class Node:
         if store.changes != self._changes_seen:
             self._changes_seen = store.changes
             self._changed_at = now
-        # Everything the store took in since the last time: what it holds plus what it dropped.
-        taken_in = held + released - self._taken_in_at_collect
-        if (released - self._released_at_collect >= max(store.max_bytes // 2, 4 * 1024 * 1024)
+        dropped = released - self._released_at_collect
+        # What the store took in since the last time (what it holds plus what it dropped, less what it held
+        # then) and what it dropped: both leave garbage behind.
+        turned_over = held + released - self._taken_in_at_collect + dropped
+        if (dropped >= max(store.max_bytes // 2, 4 * 1024 * 1024)
                 or held - self._held_at_collect >= max(self._held_at_collect // 4, 16 * 1024 * 1024)
                 or (now - self._changed_at >= IDLE_RECLAIM_SECONDS
-                    and taken_in >= max(held // 8, 4 * 1024 * 1024))):
+                    and turned_over >= max(held // 8, 4 * 1024 * 1024))):
             self._released_at_collect = released
             self._held_at_collect = held
             self._taken_in_at_collect = held + released

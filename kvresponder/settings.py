@@ -282,6 +282,13 @@ def _attribute(option: Option) -> str:
     return option.name.replace("-", "_")
 
 
+#: Variables earlier versions read, with what replaced them: a node refuses to start with one of them set
+#: rather than quietly run with a different limit than its operator asked for.
+RETIRED = {
+    "MAX_KEY_BYTES": "set MAX_KEY_LENGTH, the longest key in characters (Unicode code points), instead",
+}
+
+
 def load_settings(given: Mapping[str, Optional[str]], environ: Mapping[str, str],
                   new_node_id: Callable[[], str] = None) -> Settings:
     """
@@ -289,6 +296,9 @@ def load_settings(given: Mapping[str, Optional[str]], environ: Mapping[str, str]
 
     :raises SettingsError: naming the first missing or invalid option.
     """
+    for variable, replacement in RETIRED.items():
+        if environ.get(variable, "") != "":
+            raise SettingsError("%s is no longer read: %s" % (variable, replacement))
     values: Dict[str, object] = {}
     for option in OPTIONS:
         raw = given.get(option.name)

@@ -385,3 +385,13 @@ def test_endpoint_without_a_port_number_needs_an_advertise_port():
     message = error_of(environ={"PORT": "unix:/tmp/kv.sock"})
     assert message.startswith("--advertise-port (ADVERTISE_PORT) is required when --port is 'unix:/tmp/kv.sock'")
     assert load(environ={"PORT": "unix:/tmp/kv.sock", "ADVERTISE_PORT": "3000"}).advertise_port == 3000
+
+
+def test_a_retired_key_limit_variable_is_refused_naming_its_replacement():
+    """
+    If MAX_KEY_BYTES (a byte limit, replaced by the character limit MAX_KEY_LENGTH) is set, then loading
+    fails naming both, instead of running with a limit the operator did not ask for.
+    """
+    message = error_of(environ={"MAX_KEY_BYTES": "1024"})
+    assert "MAX_KEY_BYTES" in message and "MAX_KEY_LENGTH" in message
+    assert load(environ={"MAX_KEY_LENGTH": "100"}).max_key_length == 100

@@ -44,8 +44,9 @@ def measure(target: b.Process, keys: int, batch: int, settle: float, steps: int)
     time.sleep(settle)
     after = target.rss()
     payload = KEY_WIDTH + b.VALUE_SIZE
-    # From the end of the first step on: past the one-off growth.
-    marginal = slope(samples[1:] + [(keys, after)])
+    # From the end of the first step on (past the one-off growth) to the settled end, which stands in for the
+    # last step's own reading.
+    marginal = slope(samples[1:-1] + [(keys, after)])
     result = {
         "keys": keys,
         "payload_bytes_per_key": payload,
@@ -77,6 +78,8 @@ def main() -> dict:
     p.add_argument("--steps", type=int, default=10, help="RSS samples during the load (default %(default)s)")
     p.add_argument("--no-node", action="store_true", help="skip the Node.js reference run")
     args = p.parse_args()
+    if args.steps < 3:
+        p.error("--steps must be at least 3: the slope is fitted from the end of the first step on")
     python = b.interpreter_path(args.interpreter)
     results = {"kvresponder": measure(b.start_node(python, env={"MAX_MEMORY": "4Gi", "MAX_VALUE_SIZE": "4Mi"}),
                                       args.keys, args.batch, args.settle, args.steps)}

@@ -4,6 +4,7 @@ Giving freed memory back to the operating system (kvresponder.reclaim).
 
 import gc
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -40,7 +41,7 @@ def test_without_a_trimmer_cpython_has_nothing_to_reclaim_and_pypy_still_collect
     assert calls == ["collect"]
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc_trim")
 def test_the_heap_trimmer_gives_scattered_free_pages_back_to_the_os():
     """
     If most of a large C heap is freed while a few blocks stay live throughout it (as a store's are), then

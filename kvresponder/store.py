@@ -5,9 +5,10 @@ The store is pure: it knows nothing of peers, HTTP or the reactor. Time comes fr
 function and every decision depends only on the versions of the entries, so that applying the same entries in
 any order leaves the same state (see :mod:`kvresponder.hlc`).
 
-Inside, an entry is not kept as an :class:`Entry`: each key (as UTF-8 bytes) maps to one packed bytes object,
-a fixed header followed by the value, and :class:`Entry` objects are built when they are read. One small
-object per value instead of five is what keeps the memory per key low (see :data:`ENTRY_OVERHEAD`).
+Inside, an entry is not kept as an :class:`Entry`: each live entry is one packed bytes object (a fixed
+header, the key's UTF-8 bytes, then the value) filed in a dict under a slot number taken from the key's hash,
+and :class:`Entry` objects are built when they are read. One small object per entry instead of five or six is
+what keeps the memory per key low (see :data:`ENTRY_OVERHEAD`).
 """
 
 import heapq
@@ -19,24 +20,25 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 from .hlc import Version
 
 #: What one entry costs beyond its key and value bytes: its dict slot (with the spare room a dict keeps), the
-#: key's bytes object, and the packed bytes object of header and value, with the allocator's rounding. It keeps
+#: slot number, and the packed bytes object of header, key and value, with the allocator's rounding. It keeps
 #: the accounted size close to the real one, so that MAX_MEMORY bounds the process and not only the payload.
-#: Measured on CPython 3.11 with 1M entries of 10-byte keys and 100-byte values: 147 bytes by bench/memory.py
-#: (a fresh load through the API, docs/PERFORMANCE.md), and 183 bytes in the store alone once it has been hit,
-#: overwritten and evicted from for a while: CPython regrows a dict that has deleted slots to three times its
-#: live keys, which doubles the slot's share. Dict sizes are powers of two, so both figures move by about 30
-#: bytes with the number of keys. PyPy's process holds more (GC headroom; see docs/PERFORMANCE.md).
+#: Measured with 1M entries of 10-byte keys and 100-byte values by bench/memory.py (a fresh load through the
+#: API, docs/PERFORMANCE.md): 143-148 bytes on CPython 3.11 and 149-179 on PyPy; and on CPython, 183 bytes in
+#: the store alone once it has been hit, overwritten and evicted from for a while: CPython regrows a dict that
+#: has deleted slots to three times its live keys, which doubles the slot's share. Dict sizes are powers of
+#: two, so these figures move by about 30 bytes with the number of keys.
 ENTRY_OVERHEAD = 200
 
 #: What one tombstone costs beyond its key bytes: the dict slot, the key and the packed header (measured the
 #: same way: 144 bytes for 1M tombstones, more once churned).
 TOMBSTONE_OVERHEAD = 200
 
-# The packed header: wall_ms, counter, the index of the node id in the store's table of node ids, and a time:
-# the expiry of a live entry (0.0 for none: a live entry's expiry is always later than the time it was
-# written, which is never before 0) or the time a tombstone was written. A live entry's value follows; a
-# tombstone is followed by its expiry if it has one.
-_HEADER = struct.Struct("<QIId")
+# The packed header: wall_ms, counter, the index of the node id in the store's table of node ids, a time (the
+# expiry of a live entry, 0.0 for none: a live entry's expiry is always later than the time it was written,
+# which is never before 0; or the time a tombstone was written), and the length of the key that follows it. A
+# live entry's key and then its value follow; a tombstone (key length 0: tombstones are filed under their
+# key) is followed by its expiry if it has one.
+_HEADER = struct.Struct("<QIIdH")
 _HEADER_SIZE = _HEADER.size
 _TIME = struct.Struct("<d")
 _TIME_OFFSET = 16
@@ -46,8 +48,26 @@ _unpack_time = _TIME.unpack_from
 # The node index meaning "the version did not fit the header; the packed object holds it".
 _WIDE = 0
 
-# Accounted size of a live entry from its key bytes and its packed bytes.
+# Accounted size of a live entry from its packed bytes (which hold its key).
 _LIVE_EXTRA = ENTRY_OVERHEAD - _HEADER_SIZE
+
+# Live entries are filed under 60 bits of their key's hash: an int key costs less than a bytes key (none at
+# all in PyPy's int-keyed dicts, which keep their keys unboxed; on CPython, an int under 2**60 is as small
+# as a 10-byte key's bytes object). The key inside the entry tells two keys of one slot apart, and a key
+# whose slot another key holds is filed under its bytes in a second dict. The hash of bytes is salted per
+# process, so no client can aim keys at one slot.
+_SLOT_MASK = (1 << 60) - 1
+
+
+def _holds(packed: bytes, bkey: bytes) -> bool:
+    """
+    Whether the live entry ``packed`` is the entry of ``bkey``.
+    """
+    return packed[24] | packed[25] << 8 == len(bkey) and packed.startswith(bkey, _HEADER_SIZE)
+
+
+def _key_of(packed: bytes) -> bytes:
+    return packed[_HEADER_SIZE:_HEADER_SIZE + (packed[24] | packed[25] << 8)]
 
 
 class Entry:
@@ -140,9 +160,10 @@ class Store:
         self.max_bytes = max_bytes
         self.tombstone_grace = tombstone_grace
         self._events = events if events is not None else _NoEvents()
-        # Live entries, least recently used first (a plain dict keeps insertion order; a use moves the key to
-        # the end). Keys are UTF-8 bytes: smaller than str on CPython, and kept unboxed by PyPy.
-        self._live: Dict[bytes, bytes] = {}
+        # Live entries by slot, least recently used first (a plain dict keeps insertion order; a use moves
+        # the entry to the end); and the few whose slot another key holds, by their key's UTF-8 bytes.
+        self._live: Dict[int, bytes] = {}
+        self._spill: Dict[bytes, bytes] = {}
         # Tombstones in the order they were written.
         self._tombstones: Dict[bytes, bytes] = {}
         # The node ids of the stored versions, by the index their headers hold (index 0 is _WIDE).
@@ -169,25 +190,37 @@ class Store:
             bkey = key.encode()
         except UnicodeEncodeError:
             return None
-        live = self._live
-        packed = live.pop(bkey, None)
-        if packed is None:
-            return None
-        wall, counter, index, expires_at = _unpack(packed)
+        table = self._live
+        filed = hash(bkey) & _SLOT_MASK
+        # Taken out and put back at the end: a hit is a use, for the LRU order.
+        packed = table.pop(filed, None)
+        if packed is None or not (packed[24] | packed[25] << 8 == len(bkey)
+                                  and packed.startswith(bkey, _HEADER_SIZE)):
+            if packed is not None:
+                # Another key's entry (a slot collision: about one pair in 2**60): back it goes.
+                table[filed] = packed
+            if not self._spill:
+                return None
+            table = self._spill
+            filed = bkey
+            packed = table.pop(bkey, None)
+            if packed is None:
+                return None
+        wall, counter, index, expires_at, length = _unpack(packed)
         if expires_at and expires_at <= self._seconds():
-            self._released(len(bkey) + len(packed) + _LIVE_EXTRA)
+            self._released(len(packed) + _LIVE_EXTRA)
             self._sorted_keys = None
             self.expirations += 1
             self._events.expired(1)
             return None
-        live[bkey] = packed
+        table[filed] = packed
         # Entry.__init__ would work out the size again: on this path its cost would double that of the read.
         entry = _new_entry(Entry)
         entry.key = key
-        entry.value = packed[_HEADER_SIZE:]
+        entry.value = packed[_HEADER_SIZE + length:]
         entry.version = (wall, counter, self._node_ids[index]) if index else packed.version  # type: ignore
         entry.expires_at = expires_at or None
-        entry.size = len(bkey) + len(packed) + _LIVE_EXTRA
+        entry.size = len(packed) + _LIVE_EXTRA
         return entry
 
     def current(self, key: str) -> Optional[Entry]:
@@ -205,7 +238,7 @@ class Store:
         return None if packed is None else self._tombstone_entry(key, packed)
 
     def __len__(self) -> int:
-        return len(self._live)
+        return len(self._live) + len(self._spill)
 
     @property
     def tombstone_count(self) -> int:
@@ -218,7 +251,7 @@ class Store:
         """
         # UTF-8 bytes sort in code point order, and "surrogatepass" keeps a lone surrogate in its place too.
         if self._sorted_keys is None:
-            self._sorted_keys = sorted(self._live)
+            self._sorted_keys = sorted(self._live_keys())
         ordered = self._sorted_keys
         bprefix = prefix.encode("utf-8", "surrogatepass")
         if after is not None and after >= prefix:
@@ -227,13 +260,12 @@ class Store:
             index = bisect_left(ordered, bprefix)
         now = self._seconds()
         result = []
-        live = self._live
         while index < len(ordered) and len(result) < limit:
             bkey = ordered[index]
             index += 1
             if not bkey.startswith(bprefix):
                 break
-            packed = live.get(bkey)
+            packed = self._find(bkey)
             if packed is None:
                 continue
             expires_at = _unpack_time(packed, _TIME_OFFSET)[0]
@@ -249,29 +281,29 @@ class Store:
         it. A key that is gone (or expired) by then is skipped, and each key is yielded at most once, as what
         the store holds for it at that moment.
         """
-        live_keys = list(self._live)
+        live_keys = self._live_keys()
         tomb_keys = list(self._tombstones) if include_tombstones else []
         return self._entries_of(live_keys, tomb_keys, include_tombstones)
 
     def _entries_of(self, live_keys: List[bytes], tomb_keys: List[bytes],
                     include_tombstones: bool) -> Iterator[Entry]:
-        live = self._live
+        find = self._find
         tombstones = self._tombstones
         node_ids = self._node_ids
         seconds = self._seconds
         for keys in (live_keys, tomb_keys):
             for bkey in keys:
-                packed = live.get(bkey)
+                packed = find(bkey)
                 if packed is not None:
-                    wall, counter, index, expires_at = _unpack(packed)
+                    wall, counter, index, expires_at, length = _unpack(packed)
                     if expires_at and expires_at <= seconds():
                         continue
                     entry = _new_entry(Entry)
                     entry.key = bkey.decode()
-                    entry.value = packed[_HEADER_SIZE:]
+                    entry.value = packed[_HEADER_SIZE + length:]
                     entry.version = (wall, counter, node_ids[index]) if index else packed.version  # type: ignore
                     entry.expires_at = expires_at or None
-                    entry.size = len(bkey) + len(packed) + _LIVE_EXTRA
+                    entry.size = len(packed) + _LIVE_EXTRA
                     yield entry
                 elif include_tombstones:
                     packed = tombstones.get(bkey)
@@ -298,10 +330,9 @@ class Store:
             raise EntryTooLarge(entry.key)
         bkey = entry.key.encode()
         now = self._seconds()
-        live = self._live
-        existing = live.get(bkey)
+        existing = self._find(bkey)
         if existing is not None:
-            wall, counter, index, expires_at = _unpack(existing)
+            wall, counter, index, expires_at, _ = _unpack(existing)
             had_live = not expires_at or expires_at > now
             newest: Optional[Version] = (
                 (wall, counter, self._node_ids[index]) if index else existing.version)  # type: ignore
@@ -315,8 +346,8 @@ class Store:
 
         self.changes += 1
         if existing is not None:
-            del live[bkey]
-            self._released(len(bkey) + len(existing) + _LIVE_EXTRA)
+            self._drop(bkey, existing)
+            self._released(len(existing) + _LIVE_EXTRA)
             self._sorted_keys = None
         elif tomb is not None:
             del self._tombstones[bkey]
@@ -325,16 +356,16 @@ class Store:
         value = entry.value
         expires_at = entry.expires_at
         if value is None:
-            self._tombstones[bkey] = self._pack(entry.version, now, b"" if expires_at is None
+            self._tombstones[bkey] = self._pack(entry.version, now, b"", b"" if expires_at is None
                                                 else _TIME.pack(expires_at))
             self.bytes += len(bkey) + TOMBSTONE_OVERHEAD
         elif expires_at is not None and expires_at <= now:
             # A newer write that has already expired hides every older version, as a delete would: keep its
             # version as a tombstone, so an older write arriving later cannot bring the old value back.
-            self._tombstones[bkey] = self._pack(entry.version, now, b"")
+            self._tombstones[bkey] = self._pack(entry.version, now, b"", b"")
             self.bytes += len(bkey) + TOMBSTONE_OVERHEAD
         else:
-            live[bkey] = self._pack(entry.version, expires_at or 0.0, value)
+            self._file(bkey, self._pack(entry.version, expires_at or 0.0, bkey, value))
             self.bytes += entry.size
             if self._sorted_keys is not None and existing is None:
                 self._sorted_keys = None
@@ -352,10 +383,10 @@ class Store:
             bkey = key.encode()
         except UnicodeEncodeError:
             return False
-        packed = self._live.get(bkey)
+        packed = self._find(bkey)
         if packed is not None and self._version(packed) == version:
-            del self._live[bkey]
-            self._released(len(bkey) + len(packed) + _LIVE_EXTRA)
+            self._drop(bkey, packed)
+            self._released(len(packed) + _LIVE_EXTRA)
             self._sorted_keys = None
             self.changes += 1
             return True
@@ -375,13 +406,12 @@ class Store:
         now = self._seconds()
         expired = 0
         heap = self._expiries
-        live = self._live
         while heap and heap[0][0] <= now:
             expires_at, bkey = heapq.heappop(heap)
-            packed = live.get(bkey)
+            packed = self._find(bkey)
             if packed is not None and _unpack_time(packed, _TIME_OFFSET)[0] == expires_at:
-                del live[bkey]
-                self._released(len(bkey) + len(packed) + _LIVE_EXTRA)
+                self._drop(bkey, packed)
+                self._released(len(packed) + _LIVE_EXTRA)
                 expired += 1
         if expired:
             self._sorted_keys = None
@@ -396,31 +426,73 @@ class Store:
         for bkey in stale:
             del self._tombstones[bkey]
             self._released(len(bkey) + TOMBSTONE_OVERHEAD)
-        if len(heap) > 2 * len(live) + 64:
+        if len(heap) > 2 * len(self) + 64:
             # Replaced and deleted keys leave dead heap items behind; rebuild so the heap stays bounded.
-            self._expiries = [(expires_at, bkey) for bkey, expires_at in
-                              ((bkey, _unpack_time(packed, _TIME_OFFSET)[0]) for bkey, packed in live.items())
+            self._expiries = [(expires_at, _key_of(packed)) for expires_at, packed in
+                              ((_unpack_time(packed, _TIME_OFFSET)[0], packed) for packed in self._live_entries())
                               if expires_at]
             heapq.heapify(self._expiries)
         return expired
 
     # -- internals ------------------------------------------------------------------------------------
 
-    def _pack(self, version: Version, time: float, tail: bytes) -> bytes:
+    def _find(self, bkey: bytes) -> Optional[bytes]:
+        """
+        The packed live entry of ``bkey``, or ``None``; its place in the LRU order is left alone.
+        """
+        packed = self._live.get(hash(bkey) & _SLOT_MASK)
+        if packed is not None and _holds(packed, bkey):
+            return packed
+        return self._spill.get(bkey) if self._spill else None
+
+    def _file(self, bkey: bytes, packed: bytes) -> None:
+        """
+        File a live entry for ``bkey``, which holds none, as the most recently used. Another key's entry in
+        its slot moves to the entries filed by key, so that the newest entry is always last in the slots'
+        order, where eviction leaves it to the end.
+        """
+        live = self._live
+        slot = hash(bkey) & _SLOT_MASK
+        other = live.pop(slot, None)
+        if other is not None:
+            self._spill[_key_of(other)] = other
+        live[slot] = packed
+
+    def _drop(self, bkey: bytes, packed: bytes) -> None:
+        """
+        Remove ``bkey``'s live entry ``packed`` (as :meth:`_find` returned it) from where it is filed.
+        """
+        slot = hash(bkey) & _SLOT_MASK
+        if self._live.get(slot) is packed:
+            del self._live[slot]
+        else:
+            del self._spill[bkey]
+
+    def _live_entries(self) -> List[bytes]:
+        """
+        Every packed live entry in eviction order: those filed by key, then the others, each least recently
+        used first.
+        """
+        return list(self._spill.values()) + list(self._live.values())
+
+    def _live_keys(self) -> List[bytes]:
+        return list(self._spill) + [_key_of(packed) for packed in self._live.values()]
+
+    def _pack(self, version: Version, time: float, key: bytes, tail: bytes) -> bytes:
         wall, counter, node = version
         index = self._node_index.get(node)
         if index is None:
             index = self._node_index[node] = len(self._node_ids)
             self._node_ids.append(node)
         try:
-            return _HEADER.pack(wall, counter, index, time) + tail
+            return _HEADER.pack(wall, counter, index, time, len(key)) + key + tail
         except (struct.error, OverflowError, TypeError, ValueError):  # PyPy raises some of the latter
-            wide = _WideVersion(_HEADER.pack(0, 0, _WIDE, time) + tail)
+            wide = _WideVersion(_HEADER.pack(0, 0, _WIDE, time, len(key)) + key + tail)
             wide.version = version
             return wide
 
     def _version(self, packed: bytes) -> Version:
-        wall, counter, index, _ = _unpack(packed)
+        wall, counter, index, _, _ = _unpack(packed)
         return (wall, counter, self._node_ids[index]) if index else packed.version  # type: ignore
 
     def _tombstone_entry(self, key: str, packed: bytes) -> Entry:
@@ -435,26 +507,33 @@ class Store:
         if self.bytes <= self.max_bytes:
             return
         live = self._live
-        # The most recent entry, usually the one just written and acknowledged, goes after the tombstones.
-        evicted = self._evict_oldest(live, len(live) - 1, _LIVE_EXTRA, True)
+        evicted = 0
+        # Entries filed by key (a slot collision moved them there; there are rarely any) go first, then the
+        # least recently used of the others. The most recent entry, usually the one just written and
+        # acknowledged, goes after the tombstones.
+        if self._spill:
+            evicted += self._evict_oldest(self._spill, len(self._spill), True)
+        if self.bytes > self.max_bytes:
+            evicted += self._evict_oldest(live, len(live) - 1, True)
         # Still over budget: the oldest tombstones go first.
         if self.bytes > self.max_bytes:
-            self._evict_oldest(self._tombstones, len(self._tombstones), TOMBSTONE_OVERHEAD, False)
+            self._evict_oldest(self._tombstones, len(self._tombstones), False)
         if self.bytes > self.max_bytes and live:
-            evicted += self._evict_oldest(live, 1, _LIVE_EXTRA, True)
+            evicted += self._evict_oldest(live, 1, True)
         if evicted:
             self._sorted_keys = None
             self.evictions += evicted
             self._events.evicted(evicted)
 
-    def _evict_oldest(self, table: Dict[bytes, bytes], candidates: int, extra: int, sized: bool) -> int:
+    def _evict_oldest(self, table: Dict, candidates: int, live: bool) -> int:
         """
         Drop the oldest of the first ``candidates`` keys of ``table`` until the store is within its budget,
         and at least 1/64 of the table: a dict reuses none of the slots it deletes from its front until it
         is resized, so each walk from the front passes over every key dropped before. Dropping a batch per
         walk keeps steady eviction linear instead of quadratic.
 
-        :param int extra: the accounted bytes of an entry beyond its key (and packed bytes if ``sized``).
+        :param bool live: ``table`` holds live entries (accounted by their packed size), not tombstones
+            (accounted by their key's).
         :return: how many keys were dropped.
         """
         if candidates <= 0:
@@ -463,12 +542,12 @@ class Store:
         batch = len(table) >> 6
         victims = []
         freed = 0
-        for bkey, packed in islice(table.items(), candidates):
+        for filed, packed in islice(table.items(), candidates):
             if freed >= excess and len(victims) >= batch:
                 break
-            victims.append(bkey)
-            freed += len(bkey) + extra + (len(packed) if sized else 0)
-        for bkey in victims:
-            del table[bkey]
+            victims.append(filed)
+            freed += len(packed) + _LIVE_EXTRA if live else len(filed) + TOMBSTONE_OVERHEAD
+        for filed in victims:
+            del table[filed]
         self._released(freed)
         return len(victims)

@@ -12,6 +12,7 @@ from twisted.internet.task import Clock
 
 from kvresponder.store import ENTRY_OVERHEAD, TOMBSTONE_OVERHEAD, ApplyResult, Entry, EntryTooLarge, Store
 from kvresponder.store import _HEADER_SIZE as HEADER_SIZE
+import kvresponder.store as store_module
 
 START = 1700000000.0
 
@@ -286,9 +287,11 @@ def test_entry_exactly_the_size_of_the_budget_fits():
 
 
 def accounted(store: Store) -> int:
-    # The store's own containers (key bytes to packed header and value): the point is to check its running
-    # byte count against what it holds, expired entries not yet reclaimed included.
-    return (sum(len(key) + len(packed) - HEADER_SIZE + ENTRY_OVERHEAD for key, packed in store._live.items())
+    # The store's own containers (packed header, key and value, filed by slot or by key; tombstones by key):
+    # the point is to check its running byte count against what it holds, expired entries not yet reclaimed
+    # included.
+    live = list(store._live.values()) + list(store._spill.values())
+    return (sum(len(packed) - HEADER_SIZE + ENTRY_OVERHEAD for packed in live)
             + sum(len(key) + TOMBSTONE_OVERHEAD for key in store._tombstones))
 
 
@@ -369,6 +372,51 @@ class StoreMachine(RuleBasedStateMachine):
     def counters_match_the_reports(self):
         assert self.store.evictions == sum(self.events.evictions)
         assert self.store.expirations == sum(self.events.expirations)
+
+
+class CrowdedSlotsMachine(StoreMachine):
+    """
+    The same model with every key in one of four slots, so that most entries are filed by key: the store
+    must stay as correct as when slots never collide (its LRU order is then only approximate).
+    """
+
+    def __init__(self):
+        self._mask = store_module._SLOT_MASK
+        store_module._SLOT_MASK = 3
+        super().__init__()
+
+    def teardown(self):
+        store_module._SLOT_MASK = self._mask
+
+
+CrowdedSlotsMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+test_store_with_colliding_slots_never_exceeds_its_budget_or_serves_stale_values = CrowdedSlotsMachine.TestCase
+
+
+def test_keys_that_share_a_slot_are_each_kept_read_listed_and_dropped(monkeypatch):
+    """
+    If every key hashes to one slot, then each is still stored, read, listed, replaced, deleted and forgotten
+    on its own, the newest write stays the last to be evicted, and the byte count matches what is held.
+    """
+    monkeypatch.setattr(store_module, "_SLOT_MASK", 0)
+    store, clock, _ = make_store()
+    for key in ("a", "b", "c"):
+        store.apply(put(key, key.encode(), 1))
+    assert [store.get(key).value for key in "abc"] == [b"a", b"b", b"c"]
+    assert all_keys(store) == ["a", "b", "c"] and len(store) == 3
+    store.apply(tomb("b", 2))
+    assert store.get("b") is None and store.get("a").value == b"a"
+    assert store.forget("c", (1, 0, "n1")) and store.get("c") is None
+    store.apply(put("c", b"again", 3))
+    store.apply(put("a", b"newer", 3))
+    assert store.get("a").value == b"newer" and store.get("c").value == b"again"
+    assert [e.key for e in store.entries(include_tombstones=False)] == ["c", "a"]
+    assert store.bytes == accounted(store)
+    # A budget for one more entry: the older entries go, the one just written stays.
+    store.max_bytes = store.bytes
+    store.apply(put("d", b"d", 4))
+    assert store.get("d").value == b"d"
+    assert store.bytes <= store.max_bytes and store.bytes == accounted(store)
 
 
 StoreMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)

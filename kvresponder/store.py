@@ -169,7 +169,8 @@ class Store:
         # The node ids of the stored versions, by the index their headers hold (index 0 is _WIDE).
         self._node_ids: List[Optional[str]] = [None]
         self._node_index: Dict[str, int] = {}
-        self._expiries: List[Tuple[float, bytes]] = []
+        # (expiry, slot) of the live entries that have an expiry; those filed by key are checked by sweep.
+        self._expiries: List[Tuple[float, int]] = []
         self._sorted_keys: Optional[List[bytes]] = None
         self.bytes = 0
         self.evictions = 0
@@ -251,6 +252,7 @@ class Store:
         """
         # UTF-8 bytes sort in code point order, and "surrogatepass" keeps a lone surrogate in its place too.
         if self._sorted_keys is None:
+            # A copy of every key, kept until the next change (about 50 bytes a key on CPython).
             self._sorted_keys = sorted(self._live_keys())
         ordered = self._sorted_keys
         bprefix = prefix.encode("utf-8", "surrogatepass")
@@ -281,17 +283,19 @@ class Store:
         it. A key that is gone (or expired) by then is skipped, and each key is yielded at most once, as what
         the store holds for it at that moment.
         """
-        live_keys = self._live_keys()
+        # The live entries as held now (references, not copies of their keys); each one's key is read from
+        # it when the iteration gets there. An entry replaced meanwhile stays in memory until then.
+        held = self._live_entries()
         tomb_keys = list(self._tombstones) if include_tombstones else []
-        return self._entries_of(live_keys, tomb_keys, include_tombstones)
+        return self._entries_of(held, tomb_keys, include_tombstones)
 
-    def _entries_of(self, live_keys: List[bytes], tomb_keys: List[bytes],
+    def _entries_of(self, held: List[bytes], tomb_keys: List[bytes],
                     include_tombstones: bool) -> Iterator[Entry]:
         find = self._find
         tombstones = self._tombstones
         node_ids = self._node_ids
         seconds = self._seconds
-        for keys in (live_keys, tomb_keys):
+        for keys in (map(_key_of, held), tomb_keys):
             for bkey in keys:
                 packed = find(bkey)
                 if packed is not None:
@@ -365,12 +369,13 @@ class Store:
             self._tombstones[bkey] = self._pack(entry.version, now, b"", b"")
             self.bytes += len(bkey) + TOMBSTONE_OVERHEAD
         else:
-            self._file(bkey, self._pack(entry.version, expires_at or 0.0, bkey, value))
+            slot = self._file(bkey, self._pack(entry.version, expires_at or 0.0, bkey, value))
             self.bytes += entry.size
             if self._sorted_keys is not None and existing is None:
                 self._sorted_keys = None
             if expires_at is not None:
-                heapq.heappush(self._expiries, (expires_at, bkey))
+                # The slot's int is the dict's own key object: the heap item shares it.
+                heapq.heappush(self._expiries, (expires_at, slot))
         self._evict()
         return ApplyResult(True, had_live)
 
@@ -406,13 +411,24 @@ class Store:
         now = self._seconds()
         expired = 0
         heap = self._expiries
+        live = self._live
         while heap and heap[0][0] <= now:
-            expires_at, bkey = heapq.heappop(heap)
-            packed = self._find(bkey)
+            expires_at, slot = heapq.heappop(heap)
+            # The slot may hold another entry by now (replaced, or another key's): only one that expires at
+            # this very time goes.
+            packed = live.get(slot)
             if packed is not None and _unpack_time(packed, _TIME_OFFSET)[0] == expires_at:
-                self._drop(bkey, packed)
+                del live[slot]
                 self._released(len(packed) + _LIVE_EXTRA)
                 expired += 1
+        if self._spill:
+            # Entries filed by key are out of the heap's reach; there are rarely any.
+            for bkey, packed in list(self._spill.items()):
+                expires_at = _unpack_time(packed, _TIME_OFFSET)[0]
+                if expires_at and expires_at <= now:
+                    del self._spill[bkey]
+                    self._released(len(packed) + _LIVE_EXTRA)
+                    expired += 1
         if expired:
             self._sorted_keys = None
             self.expirations += expired
@@ -428,8 +444,8 @@ class Store:
             self._released(len(bkey) + TOMBSTONE_OVERHEAD)
         if len(heap) > 2 * len(self) + 64:
             # Replaced and deleted keys leave dead heap items behind; rebuild so the heap stays bounded.
-            self._expiries = [(expires_at, _key_of(packed)) for expires_at, packed in
-                              ((_unpack_time(packed, _TIME_OFFSET)[0], packed) for packed in self._live_entries())
+            self._expiries = [(expires_at, slot) for slot, expires_at in
+                              ((slot, _unpack_time(packed, _TIME_OFFSET)[0]) for slot, packed in live.items())
                               if expires_at]
             heapq.heapify(self._expiries)
         return expired
@@ -445,7 +461,7 @@ class Store:
             return packed
         return self._spill.get(bkey) if self._spill else None
 
-    def _file(self, bkey: bytes, packed: bytes) -> None:
+    def _file(self, bkey: bytes, packed: bytes) -> int:
         """
         File a live entry for ``bkey``, which holds none, as the most recently used. Another key's entry in
         its slot moves to the entries filed by key, so that the newest entry is always last in the slots'
@@ -457,6 +473,7 @@ class Store:
         if other is not None:
             self._spill[_key_of(other)] = other
         live[slot] = packed
+        return slot
 
     def _drop(self, bkey: bytes, packed: bytes) -> None:
         """

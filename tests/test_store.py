@@ -374,6 +374,22 @@ class StoreMachine(RuleBasedStateMachine):
         assert self.store.expirations == sum(self.events.expirations)
 
 
+def test_expired_entries_are_swept_whether_filed_by_slot_or_by_key(monkeypatch):
+    """
+    If keys that share one slot expire, then a sweep reclaims every one of them (the expiry heap reaches only
+    the slot's entry; the others are filed by key) and counts each once.
+    """
+    monkeypatch.setattr(store_module, "_SLOT_MASK", 0)
+    store, clock, events = make_store()
+    for i, key in enumerate(("a", "b", "c")):
+        store.apply(put(key, b"v", 1, ttl=5 + i))
+    store.apply(put("kept", b"v", 1))
+    clock.advance(10)
+    assert store.sweep() == 3
+    assert all_keys(store) == ["kept"] and len(store) == 1
+    assert store.bytes == accounted(store) and store.expirations == 3
+
+
 class CrowdedSlotsMachine(StoreMachine):
     """
     The same model with every key in one of four slots, so that most entries are filed by key: the store

@@ -279,40 +279,56 @@ class Store:
     def entries(self, include_tombstones: bool = True) -> Iterator[Entry]:
         """
         Every entry (live, and tombstones unless told otherwise), safe to consume while the store changes:
-        the keys are those held when this is called, and each key's entry is read as the iteration reaches
-        it. A key that is gone (or expired) by then is skipped, and each key is yielded at most once, as what
-        the store holds for it at that moment.
+        the entries are those held when this is called, each read as the iteration reaches it. A live entry
+        that is gone by then (deleted, expired, evicted, handed off) is skipped, a key rewritten meanwhile is
+        yielded as it is then, and each key is yielded at most once. (Under a slot collision, about one pair
+        of keys in 2**60, a key that took an emptied slot may be yielded in the place of the one that left.)
         """
-        # The live entries as held now (references, not copies of their keys); each one's key is read from
-        # it when the iteration gets there. An entry replaced meanwhile stays in memory until then.
-        held = self._live_entries()
-        tomb_keys = list(self._tombstones) if include_tombstones else []
-        return self._entries_of(held, tomb_keys, include_tombstones)
+        # The slots held now (the dict's own int objects, not copies of the keys, and not the entries: an
+        # entry dropped meanwhile is freed at once, even while a long rebalance pass is under way).
+        slots = list(self._live)
+        by_key = list(self._spill)
+        if include_tombstones:
+            by_key += list(self._tombstones)
+        return self._entries_of(slots, by_key, include_tombstones)
 
-    def _entries_of(self, held: List[bytes], tomb_keys: List[bytes],
+    def _entries_of(self, slots: List[int], by_key: List[bytes],
                     include_tombstones: bool) -> Iterator[Entry]:
+        live = self._live
         find = self._find
         tombstones = self._tombstones
-        node_ids = self._node_ids
-        seconds = self._seconds
-        for keys in (map(_key_of, held), tomb_keys):
-            for bkey in keys:
-                packed = find(bkey)
-                if packed is not None:
-                    wall, counter, index, expires_at, length = _unpack(packed)
-                    if expires_at and expires_at <= seconds():
-                        continue
-                    entry = _new_entry(Entry)
-                    entry.key = bkey.decode()
-                    entry.value = packed[_HEADER_SIZE + length:]
-                    entry.version = (wall, counter, node_ids[index]) if index else packed.version  # type: ignore
-                    entry.expires_at = expires_at or None
-                    entry.size = len(packed) + _LIVE_EXTRA
+        live_entry = self._live_entry
+        for slot in slots:
+            packed = live.get(slot)
+            if packed is not None:
+                entry = live_entry(packed)
+                if entry is not None:
                     yield entry
-                elif include_tombstones:
-                    packed = tombstones.get(bkey)
-                    if packed is not None:
-                        yield self._tombstone_entry(bkey.decode(), packed)
+        for bkey in by_key:
+            packed = find(bkey)
+            if packed is not None:
+                entry = live_entry(packed)
+                if entry is not None:
+                    yield entry
+            elif include_tombstones:
+                packed = tombstones.get(bkey)
+                if packed is not None:
+                    yield self._tombstone_entry(bkey.decode(), packed)
+
+    def _live_entry(self, packed: bytes) -> Optional[Entry]:
+        """
+        The :class:`Entry` of a packed live entry, or ``None`` if it has expired.
+        """
+        wall, counter, index, expires_at, length = _unpack(packed)
+        if expires_at and expires_at <= self._seconds():
+            return None
+        entry = _new_entry(Entry)
+        entry.key = packed[_HEADER_SIZE:_HEADER_SIZE + length].decode()
+        entry.value = packed[_HEADER_SIZE + length:]
+        entry.version = (wall, counter, self._node_ids[index]) if index else packed.version  # type: ignore
+        entry.expires_at = expires_at or None
+        entry.size = len(packed) + _LIVE_EXTRA
+        return entry
 
     # -- writes ---------------------------------------------------------------------------------------
 
@@ -484,13 +500,6 @@ class Store:
             del self._live[slot]
         else:
             del self._spill[bkey]
-
-    def _live_entries(self) -> List[bytes]:
-        """
-        Every packed live entry in eviction order: those filed by key, then the others, each least recently
-        used first.
-        """
-        return list(self._spill.values()) + list(self._live.values())
 
     def _live_keys(self) -> List[bytes]:
         return list(self._spill) + [_key_of(packed) for packed in self._live.values()]

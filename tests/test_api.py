@@ -647,19 +647,11 @@ def test_a_collector_runs_once_half_the_budget_has_turned_over():
     If a collection function is given (PyPy), then it runs each time half the budget has been dropped,
     and not before.
     """
-    clock = Clock()
-    calls = []
-    node = Node(make_settings(max_memory="8Mi"), clock, http=None, join_settle=0.1,
-                collect=lambda: calls.append(clock.seconds()))
-    node.start()
-    from kvresponder.store import Entry
-    value = b'"' + b"v" * 100000 + b'"'
-    for i in range(30):
-        node.store.apply(Entry("k%d" % (i,), value, node.hlc.now()))
+    clock, calls, node, write, _ = _collecting_node(max_memory="8Mi")
+    write(0, 30)
     clock.advance(0.3)
     assert calls == []
-    for i in range(30, 200):
-        node.store.apply(Entry("k%d" % (i,), value, node.hlc.now()))
+    write(30, 170)
     clock.advance(0.3)
     assert len(calls) == 1
     clock.advance(1)
@@ -671,17 +663,10 @@ def test_a_collector_runs_as_a_growing_store_takes_in_a_quarter_more():
     If the store is being filled (nothing dropped), then the collector still runs each time the store has
     taken in a quarter more than it held at the last collection (at least 16 MiB), and not in between.
     """
-    clock = Clock()
-    calls = []
-    node = Node(make_settings(max_memory="1Gi"), clock, http=None, join_settle=0.1,
-                collect=lambda: calls.append(clock.seconds()))
-    node.start()
-    from kvresponder.store import Entry
-    value = b'"' + b"v" * 100000 + b'"'
+    clock, calls, node, fill, _ = _collecting_node()
 
     def write(first, count):
-        for i in range(first, first + count):
-            node.store.apply(Entry("k%d" % (i,), value, node.hlc.now()))
+        fill(first, count)
         clock.advance(0.3)
 
     write(0, 150)
@@ -742,11 +727,11 @@ def test_a_collector_runs_once_the_store_is_left_alone_after_a_burst_of_deletes(
     assert len(calls) == 2
 
 
-def _collecting_node():
+def _collecting_node(max_memory="1Gi"):
     from kvresponder.store import Entry
     clock = Clock()
     calls = []
-    node = Node(make_settings(max_memory="1Gi"), clock, http=None, join_settle=0.1,
+    node = Node(make_settings(max_memory=max_memory), clock, http=None, join_settle=0.1,
                 collect=lambda: calls.append(clock.seconds()))
     node.start()
     value = b'"' + b"v" * 100000 + b'"'

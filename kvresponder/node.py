@@ -99,7 +99,6 @@ class Node:
         self._collect = collect
         self._released_at_collect = 0
         self._held_at_collect = 0
-        self._taken_in_at_collect = 0
         self._changes_seen = 0
         self._changed_at = clock.seconds()
         self.membership.subscribe(self._membership_changed)
@@ -165,8 +164,8 @@ class Node:
         written with an 8 MB budget; flat with this), and a store being filled would carry the garbage of
         every request that filled it (measured: 590-860 bytes a key for 1M keys; 235 with this). Also once
         the store has been left alone for IDLE_RECLAIM_SECONDS after taking in and dropping an eighth of what
-        it holds: a burst of writes or deletes leaves its garbage behind until then. Then, on both interpreters, the C heap's
-        free pages go back to the OS (:mod:`kvresponder.reclaim`).
+        it holds: a burst of writes or deletes leaves its garbage behind until then. Then, on both
+        interpreters, the C heap's free pages go back to the OS (:mod:`kvresponder.reclaim`).
         """
         store = self.store
         released = store.released_bytes
@@ -176,16 +175,15 @@ class Node:
             self._changes_seen = store.changes
             self._changed_at = now
         dropped = released - self._released_at_collect
-        # What the store took in since the last time (what it holds plus what it dropped, less what it held
-        # then) and what it dropped: both leave garbage behind.
-        turned_over = held + released - self._taken_in_at_collect + dropped
+        # What the store took in since the last time (the growth of what it holds plus what it dropped) and
+        # what it dropped: both leave garbage behind.
+        turned_over = held - self._held_at_collect + 2 * dropped
         if (dropped >= max(store.max_bytes // 2, 4 * 1024 * 1024)
                 or held - self._held_at_collect >= max(self._held_at_collect // 4, 16 * 1024 * 1024)
                 or (now - self._changed_at >= IDLE_RECLAIM_SECONDS
                     and turned_over >= max(held // 8, 4 * 1024 * 1024))):
             self._released_at_collect = released
             self._held_at_collect = held
-            self._taken_in_at_collect = held + released
             self._collect()
 
     def _every(self, interval: float, function, now: bool = True) -> None:

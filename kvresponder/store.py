@@ -195,8 +195,7 @@ class Store:
         filed = hash(bkey) & _SLOT_MASK
         # Taken out and put back at the end: a hit is a use, for the LRU order.
         packed = table.pop(filed, None)
-        if packed is None or not (packed[24] | packed[25] << 8 == len(bkey)
-                                  and packed.startswith(bkey, _HEADER_SIZE)):
+        if packed is None or not _holds(packed, bkey):
             if packed is not None:
                 # Another key's entry (a slot collision: about one pair in 2**60): back it goes.
                 table[filed] = packed
@@ -215,14 +214,7 @@ class Store:
             self._events.expired(1)
             return None
         table[filed] = packed
-        # Entry.__init__ would work out the size again: on this path its cost would double that of the read.
-        entry = _new_entry(Entry)
-        entry.key = key
-        entry.value = packed[_HEADER_SIZE + length:]
-        entry.version = (wall, counter, self._node_ids[index]) if index else packed.version  # type: ignore
-        entry.expires_at = expires_at or None
-        entry.size = len(packed) + _LIVE_EXTRA
-        return entry
+        return self._as_entry(key, packed, wall, counter, index, expires_at, length)
 
     def current(self, key: str) -> Optional[Entry]:
         """
@@ -322,8 +314,14 @@ class Store:
         wall, counter, index, expires_at, length = _unpack(packed)
         if expires_at and expires_at <= self._seconds():
             return None
+        return self._as_entry(packed[_HEADER_SIZE:_HEADER_SIZE + length].decode(), packed, wall, counter, index,
+                              expires_at, length)
+
+    def _as_entry(self, key: str, packed: bytes, wall: int, counter: int, index: int, expires_at: float,
+                  length: int) -> Entry:
+        # Entry.__init__ would work out the size again: on a read its cost would double that of the read.
         entry = _new_entry(Entry)
-        entry.key = packed[_HEADER_SIZE:_HEADER_SIZE + length].decode()
+        entry.key = key
         entry.value = packed[_HEADER_SIZE + length:]
         entry.version = (wall, counter, self._node_ids[index]) if index else packed.version  # type: ignore
         entry.expires_at = expires_at or None

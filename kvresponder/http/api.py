@@ -87,8 +87,6 @@ def parse_key(raw: bytes, limit: int = 250) -> str:
 
     :raises APIError: 400 if it is empty, not UTF-8 or longer than ``limit`` characters (MAX_KEY_LENGTH).
     """
-    if not raw:
-        raise bad_request("invalid_key", "The key must not be empty.")
     # A code point takes at most 4 bytes: a longer path is refused before it is decoded.
     if len(raw) > 4 * limit:
         raise _too_long(limit)
@@ -96,9 +94,7 @@ def parse_key(raw: bytes, limit: int = 250) -> str:
         key = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise bad_request("invalid_key", "The key is not valid UTF-8.")
-    if len(key) > limit:
-        raise _too_long(limit)
-    return key
+    return _within(key, limit)
 
 
 def validate_key(key, limit: int = 250) -> str:
@@ -110,14 +106,19 @@ def validate_key(key, limit: int = 250) -> str:
     """
     if not isinstance(key, str):
         raise bad_request("invalid_key", "Keys must be strings.")
-    if not key:
-        raise bad_request("invalid_key", "The key must not be empty.")
-    if len(key) > limit:
-        raise _too_long(limit)
+    _within(key, limit)
     try:
         key.encode("utf-8")
     except UnicodeEncodeError:
         raise bad_request("invalid_key", "The key is not valid UTF-8.")
+    return key
+
+
+def _within(key: str, limit: int) -> str:
+    if not key:
+        raise bad_request("invalid_key", "The key must not be empty.")
+    if len(key) > limit:
+        raise _too_long(limit)
     return key
 
 

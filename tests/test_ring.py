@@ -217,3 +217,29 @@ def test_sliced_lookup_finds_the_same_point_as_a_full_bisection(nodes, keys, vno
     ring = HashRing(nodes, vnodes=vnodes)
     for key in keys:
         assert ring._start(key) == _reference_start(ring, key)
+
+
+@given(st.binary(max_size=2000))
+@settings(max_examples=300, deadline=None)
+def test_key_digest_is_hashlib_blake2b_whichever_way_it_is_computed(data):
+    """
+    If a key's digest is taken the way this interpreter takes it (PyPy calls the BLAKE2b C functions
+    directly), then it is byte for byte ``hashlib.blake2b(digest_size=16)``: nodes on either interpreter
+    place every key alike.
+    """
+    from hashlib import blake2b
+
+    from kvresponder.ring import _digest16
+
+    assert _digest16(data) == blake2b(data, digest_size=16).digest()
+
+
+@pytest.mark.skipif(sys.implementation.name != "pypy", reason="the direct BLAKE2b calls exist on PyPy only")
+def test_pypy_takes_key_digests_without_hashlibs_wrapper():
+    """
+    If the node runs on PyPy, then keys are hashed through the direct calls, not ``hashlib``'s Python
+    class (half the cost of hashing a key there).
+    """
+    from kvresponder.ring import _digest16, _hashlib_digest16
+
+    assert _digest16 is not _hashlib_digest16

@@ -21,6 +21,18 @@ def test_random_task_uuids_are_version_4_uuids_in_canonical_text():
         assert parsed.variant == uuid.RFC_4122
 
 
+def test_random_task_uuids_vary_in_every_digit_but_the_version():
+    """
+    If many task ids are drawn, then every hex digit varies except the version's, and the variant digit
+    takes all four of its values: no field is stuck.
+    """
+    ids = [random_task_uuid().replace("-", "") for _ in range(2000)]
+    seen = [set(text[position] for text in ids) for position in range(32)]
+    assert seen[12] == {"4"}
+    assert seen[16] == set("89ab")
+    assert all(len(digits) == 16 for position, digits in enumerate(seen) if position not in (12, 16))
+
+
 def test_random_task_uuids_do_not_repeat():
     ids = {random_task_uuid() for _ in range(100000)}
     assert len(ids) == 100000

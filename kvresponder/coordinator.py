@@ -131,7 +131,8 @@ class Coordinator:
 
     def apply_batch(self, entries: List[Entry]) -> List[ApplyResult]:
         """
-        Apply many entries (handoff, re-replication, anti-entropy) inside one action, not one per entry.
+        Apply many entries (a bulk request's share, handoff, re-replication, anti-entropy) inside one action,
+        not one per entry.
         """
         with STORE_APPLY_BATCH(count=len(entries)) as action:
             results = []
@@ -257,7 +258,9 @@ class Coordinator:
 
     async def _apply_many_on(self, node: str, entries: List[Entry]) -> Optional[List[ApplyResult]]:
         if node == self.node_id:
-            return [self.apply_local(entry) for entry in entries]
+            # One store action for the whole batch, as a peer logs the batch this node sends it: a bulk
+            # write of 1000 entries was 2000 lines here, and most of the memory a bulk load allocated.
+            return self.apply_batch(entries) if len(entries) > 1 else [self.apply_local(entries[0])]
         peer = self._peer_of(node)
         if peer is None:
             return None

@@ -177,3 +177,63 @@ class ReplicaCopyTests(unittest.TestCase):
         self.assertEqual(apply.startMessage["task_uuid"], writer.task_uuid)
         self.assertEqual(apply.startMessage["key"], "copied")
         self.assertTrue(apply.endMessage["applied"])
+
+
+class _BatchPeers:
+    """
+    ``apply`` (a bulk write's batch for one node) storing every entry as new.
+    """
+
+    def __init__(self) -> None:
+        self.batches = {}
+
+    def apply(self, peer, entries):
+        self.batches[peer.node_id] = [entry.key for entry in entries]
+        return succeed([ApplyResult(True, False) for _ in entries])
+
+
+class BulkWriteLoggingTests(unittest.TestCase):
+
+    def bulk_coordinator(self):
+        clock = Clock()
+        clock.advance(1000)
+        peers = _BatchPeers()
+        c = Coordinator(Store(clock.seconds, 1 << 24), HybridLogicalClock(clock.seconds, "n1"), lambda: RING,
+                        lambda node: Peer(node, "10.0.0.%s" % node[1:], 3000), peers, replicas=2,
+                        write_quorum=None, seconds=clock.seconds, metrics=Metrics("t"),
+                        log_policy=LogPolicy("info"))
+        return c, peers
+
+    @capture_logging(None, encoder_=None)
+    def test_a_bulk_writes_local_share_is_one_store_action(self, logger):
+        """
+        If a bulk write puts many keys, then this node stores its share inside one ``store:apply-batch``
+        action (as each peer does with the batch it is sent), not one ``store:apply`` an entry, and every
+        key is still stored on its two owners.
+        """
+        from kvresponder.log.store import STORE_APPLY, STORE_APPLY_BATCH
+
+        c, peers = self.bulk_coordinator()
+        keys = ["bulk%d" % i for i in range(60)]
+        results = outcome(c.put_many([(key, b'"v"', None) for key in keys]))
+        self.assertEqual([result.copies for result in results], [2] * len(keys))
+        local = [key for key in keys if "n1" in RING.preference_list(key, 2)]
+        self.assertGreater(len(local), 1)
+        self.assertEqual(sorted(local), sorted(key for key in keys if c.store.get(key) is not None))
+        [batch] = LoggedAction.ofType(logger.messages, STORE_APPLY_BATCH)
+        self.assertEqual((batch.startMessage["count"], batch.endMessage["applied"]), (len(local), len(local)))
+        self.assertEqual(LoggedAction.ofType(logger.messages, STORE_APPLY), [])
+        for node in ("n2", "n3"):
+            self.assertEqual(sorted(peers.batches[node]),
+                             sorted(key for key in keys if node in RING.preference_list(key, 2)))
+
+    @capture_logging(None, encoder_=None)
+    def test_a_bulk_write_of_one_local_entry_is_a_plain_store_action(self, logger):
+        from kvresponder.log.store import STORE_APPLY, STORE_APPLY_BATCH
+
+        c, _ = self.bulk_coordinator()
+        key = key_owned_by("n1", "n2")
+        [result] = outcome(c.put_many([(key, b'"v"', None)]))
+        self.assertEqual(result.copies, 2)
+        self.assertEqual(len(LoggedAction.ofType(logger.messages, STORE_APPLY)), 1)
+        self.assertEqual(LoggedAction.ofType(logger.messages, STORE_APPLY_BATCH), [])

@@ -26,4 +26,5 @@ STORE_SWEPT = leveled("store", DEBUG, MessageType(
 
 STORE_APPLY_BATCH = leveled("store", INFO, ActionType(
     "kvresponder:store:apply-batch", [COUNT], [Field.for_types("applied", [int], "Entries that were newer.")],
-    "A batch of entries (handoff, re-replication, anti-entropy) was applied to this node's store."))
+    "A batch of entries (a bulk request's, handoff, re-replication, anti-entropy) was applied to this "
+    "node's store."))

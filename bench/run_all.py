@@ -18,7 +18,7 @@ import time
 import benchlib as b
 
 SINGLE = ["get_hit", "get_miss", "put", "mix", "bulk_get", "bulk_put"]
-CLUSTER = ["cluster_put", "cluster_put_spread", "cluster_mix_one", "cluster_mix_spread"]
+CLUSTER = ["cluster_put", "cluster_put_spread", "cluster_mix_one", "cluster_mix_spread", "cluster_ratio"]
 OTHER = ["latency", "memory", "rebalance"]
 ALL = SINGLE + CLUSTER + OTHER
 
@@ -67,6 +67,11 @@ def table(results) -> str:
                 ours["overhead_per_key_bytes"], ours["payload_bytes_per_key"],
                 " (node: %.0f B overhead)" % (node["overhead_per_key_bytes"],) if node else ""))
             continue
+        if r["scenario"] == "cluster_ratio":
+            rows.append("%-19s %-7s 3-node RF=2 PUT / single PUT, alternating: median %.3f (%.3f-%.3f), CPU %.3f"
+                        % (r["scenario"], r["interpreter"], ours["ratio_median"], ours["ratio_min"],
+                           ours["ratio_max"], ours["cpu_ratio_median"]))
+            continue
         if r["scenario"] == "rebalance":
             rows.append("%-19s %-7s %d keys: joiner ready %.1f s, settled %.1f s with %d keys (share ~%d)" % (
                 r["scenario"], r["interpreter"], ours["keys"], ours["ready_s"], ours["settled_s"],
@@ -92,7 +97,7 @@ def markdown(results) -> str:
     for scenario in SINGLE + CLUSTER + ["latency", "soak"]:
         for interpreter in ("cpython", "pypy"):
             r = by.get((scenario, interpreter))
-            if not r:
+            if not r or scenario == "cluster_ratio":
                 continue
             ours, node = r["results"]["kvresponder"], r["results"].get("node")
             rows.append("| %s | %s | %.0f%s | %.2f | %.2f | %.2f | %d | %s | %s | %s | %s |" % (

@@ -42,7 +42,10 @@ def measure(target: b.Process, mode: str, script: str, preload: bool, args) -> d
 
 def main(scenario: str) -> dict:
     mode, script, preload, what = SCENARIOS[scenario]
-    p = b.parser("Single node: %s." % (what,))
+    # 15 s of warm-up, as for the clusters: on PyPy the request path can still be compiling after 5 s (the
+    # JIT's tracing showed up as 2 s of every 12 after 5 s of PUTs in one run, and the p99 as 11-17 ms in half
+    # the runs; after 15 s, 3-5 ms).
+    p = b.parser("Single node: %s." % (what,), warmup=15.0)
     p.add_argument("--no-node", action="store_true", help="skip the Node.js reference run")
     args = p.parse_args()
     python = b.interpreter_path(args.interpreter)

@@ -37,14 +37,15 @@ def _cffi_digest16():
     """
     try:
         from _blake2._blake2b_cffi import ffi, lib
-    except ImportError:
+        param = ffi.new("blake_param*")
+        param.digest_length = 16
+        param.fanout = 1
+        param.depth = 1
+        new = ffi.new
+        init, update, final = lib.blake_init_param, lib.blake_update, lib.blake_final
+    except Exception:
+        # Not PyPy, or a PyPy whose module is laid out otherwise: hashlib it is.
         return None
-    param = ffi.new("blake_param*")
-    param.digest_length = 16
-    param.fanout = 1
-    param.depth = 1
-    new = ffi.new
-    init, update, final = lib.blake_init_param, lib.blake_update, lib.blake_final
 
     def digest16(data: bytes) -> bytes:
         state = new("blake_state*")
@@ -56,9 +57,12 @@ def _cffi_digest16():
         return ffi.unpack(out, 16)
 
     samples = (b"", b"k", "user:42/\u00e9".encode("utf-8"), bytes(range(256)) * 3)
-    if any(digest16(sample) != _hashlib_digest16(sample) for sample in samples):
-        return None
-    return digest16
+    try:
+        if all(digest16(sample) == _hashlib_digest16(sample) for sample in samples):
+            return digest16
+    except Exception:
+        pass
+    return None
 
 
 #: The key's 16-byte BLAKE2b digest, from which its probes are drawn.

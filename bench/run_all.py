@@ -109,6 +109,18 @@ def markdown(results) -> str:
     return "\n".join(rows)
 
 
+def _stored(scenarios, interpreters) -> list:
+    """The result files of ``scenarios`` on ``interpreters`` that exist, in that order."""
+    found = []
+    for scenario in scenarios:
+        for interpreter in interpreters:
+            path = os.path.join(b.RESULTS, "%s.%s.json" % (scenario, interpreter))
+            if os.path.exists(path):
+                with open(path) as f:
+                    found.append(json.load(f))
+    return found
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--duration", type=float, default=10.0)
@@ -131,14 +143,12 @@ def main() -> int:
     for scenario in scenarios:
         for interpreter in interpreters:
             if args.table_only:
-                path = os.path.join(b.RESULTS, "%s.%s.json" % (scenario, interpreter))
-                if os.path.exists(path):
-                    with open(path) as f:
-                        results.append(json.load(f))
+                results.extend(_stored([scenario], [interpreter]))
                 continue
             results.append(run(scenario, interpreter, args))
-    # The summary always reflects the result files as they are now, including scenarios re-run on their own.
-    summary = {"machine": b.machine(), "results": results}
+    # The summary reflects every result file as it is now: this run's, and the scenarios run before it or on
+    # their own (a run of a few scenarios used to leave only those in it).
+    summary = {"machine": b.machine(), "results": _stored(ALL + ["soak"], ["cpython", "pypy"])}
     with open(os.path.join(b.RESULTS, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, sort_keys=True)
     print(markdown(results) if args.markdown else table(results))

@@ -53,7 +53,7 @@ class Node:
     :param log_policy: the shared :class:`~kvresponder.log.LogPolicy`.
     :param tracing: a :class:`~kvresponder.tracing.Tracing` for peer-call spans, or ``None``.
     :param collect: gives freed memory back as the store turns over (:func:`kvresponder.reclaim.reclaimer`: a
-        full collection on PyPy, glibc's ``malloc_trim``); or ``None``.
+        major collection on PyPy, in steps between requests; glibc's ``malloc_trim``); or ``None``.
     :param stream_endpoint: ``stream_endpoint(address, port)``, an ``IStreamClientEndpoint`` to a peer, for the
         copy streams (:mod:`kvresponder.copystream`); ``None`` sends every copy as an HTTP request.
     """
@@ -157,7 +157,8 @@ class Node:
 
     def _reclaim(self) -> None:
         """
-        On PyPy, run a full collection once a good share of the budget has been dropped, or once the store
+        On PyPy, run a major collection (in steps, between requests) once a good share of the budget has
+        been dropped, or once the store
         has grown by a quarter since the last collection. PyPy keeps large byte strings
         outside its collected heap and does not count them towards its next major collection, so a cache
         that keeps replacing its values would otherwise grow without bound (measured: +40 MB per 60 MB

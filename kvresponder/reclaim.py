@@ -5,8 +5,8 @@ A cache's memory is judged by its RSS: that is what a container's memory limit c
 memory in the RSS of a process that fills and churns a large store:
 
 - PyPy frees garbage only at its major collections, and it does not count the large byte strings it keeps
-  outside its heap towards the next one. The node runs a full collection as the store turns over
-  (:meth:`kvresponder.node.Node._reclaim`).
+  outside its heap towards the next one. The node runs a major collection as the store turns over
+  (:meth:`kvresponder.node.Node._reclaim`), step by step between requests.
 - glibc's ``malloc`` keeps freed chunks in its heap. When live blocks are scattered through it (a store is),
   whole free pages between them stay resident until ``malloc_trim`` hands them back. Measured with 1M keys of
   100 bytes: 52 MB on PyPy and 21 MB on CPython, about a sixth of the store.
@@ -43,25 +43,64 @@ def heap_trimmer() -> Optional[Callable[[], bool]]:
 _FIND = object()
 
 
-def reclaimer(implementation: Optional[str] = None, trimmer=_FIND) -> Optional[Callable[[], None]]:
+def reclaimer(clock, implementation: Optional[str] = None, trimmer=_FIND,
+              step=_FIND) -> Optional[Callable[[], None]]:
     """
-    The function the node runs as its store turns over: a full collection on PyPy (where garbage waits for
+    The function the node runs as its store turns over: a major collection on PyPy (where garbage waits for
     one), then the C heap's trim (where there is one). ``None`` if there is nothing to do.
 
+    On PyPy the collection is incremental: one step of the major collection (``gc.collect_step``) a reactor
+    turn, so that requests are served between the steps, and the trim after the last step. ``gc.collect()``
+    would stop the node for the whole of it: measured in isolation, 122 ms for a heap of 600k entries, which
+    the steps did in six, of at most 25 ms. Asked again while one is under way, it does nothing.
+
+    :param clock: ``IReactorTime``: the next step is scheduled on it.
     :param implementation: ``platform.python_implementation()`` by default.
     :param trimmer: a function that trims the C heap, or ``None`` for none; :func:`heap_trimmer`'s by default.
+    :param step: runs one step of a major collection and returns an object whose ``major_is_done`` says
+        whether it finished one; ``gc.collect_step`` by default on PyPy. ``None``: a full ``gc.collect()``.
     """
     if implementation is None:
         implementation = platform.python_implementation()
     if trimmer is _FIND:
         trimmer = heap_trimmer()
-    collect = gc.collect if implementation == "PyPy" else None
-    if collect is None and trimmer is None:
-        return None
+    if implementation != "PyPy":
+        if trimmer is None:
+            return None
 
-    def reclaim() -> None:
-        if collect is not None:
-            collect()
+        def trim_only() -> None:
+            trimmer()
+        return trim_only
+    if step is _FIND:
+        step = getattr(gc, "collect_step", None)
+
+    def trim() -> None:
         if trimmer is not None:
             trimmer()
+
+    if step is None:
+        def collect_and_trim() -> None:
+            gc.collect()
+            trim()
+        return collect_and_trim
+
+    running = []
+
+    def next_step() -> None:
+        try:
+            done = step().major_is_done
+        except BaseException:
+            del running[:]
+            raise
+        if done:
+            del running[:]
+            trim()
+        else:
+            clock.callLater(0, next_step)
+
+    def reclaim() -> None:
+        if running:
+            return
+        running.append(True)
+        next_step()
     return reclaim

@@ -260,7 +260,9 @@ class Coordinator:
         if node == self.node_id:
             # One store action for the whole batch, as a peer logs the batch this node sends it: a bulk
             # write of 1000 entries was 2000 lines here, and most of the memory a bulk load allocated.
-            return self.apply_batch(entries) if len(entries) > 1 else [self.apply_local(entries[0])]
+            if len(entries) == 1:
+                return [self.apply_local(entries[0])]
+            return self.apply_batch(entries)
         peer = self._peer_of(node)
         if peer is None:
             return None

@@ -183,9 +183,10 @@ class Node:
                 or held - self._held_at_collect >= max(self._held_at_collect // 4, 16 * 1024 * 1024)
                 or (now - self._changed_at >= IDLE_RECLAIM_SECONDS
                     and turned_over >= max(held // 8, 4 * 1024 * 1024))):
-            self._released_at_collect = released
-            self._held_at_collect = held
-            self._collect()
+            # A reclaim still under way answers False: the baselines stay, so this one is asked for again.
+            if self._collect() is not False:
+                self._released_at_collect = released
+                self._held_at_collect = held
 
     def _every(self, interval: float, function, now: bool = True) -> None:
         def safely():

@@ -20,6 +20,8 @@ import gc
 import platform
 from typing import Callable, Optional
 
+from eliot import write_traceback
+
 
 def heap_trimmer() -> Optional[Callable[[], bool]]:
     """
@@ -44,7 +46,7 @@ _FIND = object()
 
 
 def reclaimer(clock, implementation: Optional[str] = None, trimmer=_FIND,
-              step=_FIND) -> Optional[Callable[[], None]]:
+              step=_FIND) -> Optional[Callable[[], bool]]:
     """
     The function the node runs as its store turns over: a major collection on PyPy (where garbage waits for
     one), then the C heap's trim (where there is one). ``None`` if there is nothing to do.
@@ -52,13 +54,18 @@ def reclaimer(clock, implementation: Optional[str] = None, trimmer=_FIND,
     On PyPy the collection is incremental: one step of the major collection (``gc.collect_step``) a reactor
     turn, so that requests are served between the steps, and the trim after the last step. ``gc.collect()``
     would stop the node for the whole of it: measured in isolation, 122 ms for a heap of 600k entries, which
-    the steps did in six, of at most 25 ms. Asked again while one is under way, it does nothing.
+    the steps did in six, of at most 25 ms. If PyPy had a major collection under way already, that one is
+    finished and one more whole collection runs, since the first may keep what was dropped after it began
+    marking. Asked again while one is under way, it does nothing and returns ``False``. A step that fails is
+    logged, and ends the reclaim.
 
     :param clock: ``IReactorTime``: the next step is scheduled on it.
     :param implementation: ``platform.python_implementation()`` by default.
     :param trimmer: a function that trims the C heap, or ``None`` for none; :func:`heap_trimmer`'s by default.
     :param step: runs one step of a major collection and returns an object whose ``major_is_done`` says
-        whether it finished one; ``gc.collect_step`` by default on PyPy. ``None``: a full ``gc.collect()``.
+        whether it finished one and whose ``oldstate`` is the collector's state before the step
+        (``STATE_SCANNING``, 0, when none was under way); ``gc.collect_step`` by default on PyPy. ``None``: a
+        full ``gc.collect()``.
     """
     if implementation is None:
         implementation = platform.python_implementation()
@@ -68,8 +75,9 @@ def reclaimer(clock, implementation: Optional[str] = None, trimmer=_FIND,
         if trimmer is None:
             return None
 
-        def trim_only() -> None:
+        def trim_only() -> bool:
             trimmer()
+            return True
         return trim_only
     if step is _FIND:
         step = getattr(gc, "collect_step", None)
@@ -79,28 +87,39 @@ def reclaimer(clock, implementation: Optional[str] = None, trimmer=_FIND,
             trimmer()
 
     if step is None:
-        def collect_and_trim() -> None:
+        def collect_and_trim() -> bool:
             gc.collect()
             trim()
+            return True
         return collect_and_trim
 
-    running = []
+    #: Major collections still to finish: empty when none is under way.
+    remaining = []
 
     def next_step() -> None:
         try:
-            done = step().major_is_done
-        except BaseException:
-            del running[:]
-            raise
-        if done:
-            del running[:]
-            trim()
-        else:
+            stats = step()
+            if not remaining:
+                # The first step. A major collection PyPy had already begun marking may keep what was dropped
+                # since it began: finish it, then run one whole collection more.
+                remaining.append(1 if stats.oldstate == getattr(stats, "STATE_SCANNING", 0) else 2)
+            if stats.major_is_done:
+                remaining[0] -= 1
+                if remaining[0] == 0:
+                    del remaining[:]
+                    trim()
+                    return
             clock.callLater(0, next_step)
+        except Exception:
+            del remaining[:]
+            write_traceback()
 
-    def reclaim() -> None:
-        if running:
-            return
-        running.append(True)
+    def reclaim() -> bool:
+        """
+        Start reclaiming; ``False`` if a reclaim is still under way (this one is then not started).
+        """
+        if remaining:
+            return False
         next_step()
+        return True
     return reclaim

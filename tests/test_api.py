@@ -727,12 +727,35 @@ def test_a_collector_runs_once_the_store_is_left_alone_after_a_burst_of_deletes(
     assert len(calls) == 2
 
 
-def _collecting_node(max_memory="1Gi"):
+def test_a_collection_asked_for_while_one_is_under_way_is_asked_for_again():
+    """
+    If the collector is still busy with the last reclaim when the threshold is reached (it answers False),
+    then the node keeps the threshold's baseline and asks again on its next tick, rather than waiting for a
+    whole new threshold.
+    """
+    busy = [True]
+    clock, calls, node, write, run_for = _collecting_node(max_memory="8Mi", busy=busy)
+    write(0, 200)
+    run_for(0.25)
+    assert len(calls) == 1  # asked, but busy: not started
+    run_for(0.25)
+    assert len(calls) == 2  # asked again
+    busy[0] = False
+    run_for(0.25)
+    assert len(calls) == 3  # started this time
+    run_for(1)
+    assert len(calls) == 3  # and the baseline moved: nothing more to do
+
+
+def _collecting_node(max_memory="1Gi", busy=None):
     from kvresponder.store import Entry
     clock = Clock()
     calls = []
-    node = Node(make_settings(max_memory=max_memory), clock, http=None, join_settle=0.1,
-                collect=lambda: calls.append(clock.seconds()))
+
+    def collect():
+        calls.append(clock.seconds())
+        return False if busy is not None and busy[0] else None
+    node = Node(make_settings(max_memory=max_memory), clock, http=None, join_settle=0.1, collect=collect)
     node.start()
     value = b'"' + b"v" * 100000 + b'"'
 

@@ -31,7 +31,10 @@ class _Steps:
     def __call__(self):
         self.left -= 1
         self.calls.append("step")
-        return SimpleNamespace(major_is_done=self.left == 0)
+        return SimpleNamespace(major_is_done=self.left == 0, oldstate=self.oldstate)
+
+    #: The collector's state before the step: 0 (scanning) when no collection was under way.
+    oldstate = 0
 
 
 def run_next_turn(clock: Clock) -> None:
@@ -69,27 +72,68 @@ def test_a_reclaim_asked_for_while_one_is_under_way_starts_no_second_one():
     clock = Clock()
     steps = _Steps(2, calls)
     reclaim = reclaimer(clock, "PyPy", trimmer=lambda: calls.append("trim"), step=steps)
-    reclaim()
-    reclaim()
+    assert reclaim() is True
+    assert reclaim() is False
     assert calls == ["step"]
     run_next_turn(clock)
     assert calls == ["step", "step", "trim"]
     # Once finished, the next one starts afresh.
     steps.left = 1
-    reclaim()
+    assert reclaim() is True
     assert calls == ["step", "step", "trim", "step", "trim"]
 
 
-def test_a_step_that_fails_does_not_leave_the_reclaimer_stuck():
+def test_a_collection_already_under_way_is_finished_and_followed_by_a_whole_one():
+    """
+    If PyPy was already marking when the reclaim began (what was dropped since may survive that collection),
+    then the reclaim finishes it and runs one whole collection more before it trims.
+    """
+    calls = []
     clock = Clock()
+    answers = iter([(1, True), (0, False), (1, False), (2, True)])
 
-    def broken():
-        raise RuntimeError("boom")
-    reclaim = reclaimer(clock, "PyPy", trimmer=None, step=broken)
-    with pytest.raises(RuntimeError):
-        reclaim()
-    with pytest.raises(RuntimeError):
-        reclaim()
+    def step():
+        oldstate, done = next(answers)
+        calls.append("step")
+        return SimpleNamespace(oldstate=oldstate, major_is_done=done)
+    reclaim = reclaimer(clock, "PyPy", trimmer=lambda: calls.append("trim"), step=step)
+    assert reclaim() is True
+    assert calls == ["step"]
+    for _ in range(3):
+        run_next_turn(clock)
+    assert calls == ["step", "step", "step", "step", "trim"]
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_step_that_fails_is_logged_and_does_not_leave_the_reclaimer_stuck(monkeypatch):
+    """
+    If a later step fails (in a reactor turn of its own), then the failure is logged with its traceback, the
+    reclaim ends, and the next one starts afresh.
+    """
+    import sys as _sys
+
+    import kvresponder.reclaim
+    calls = []
+    logged = []
+    monkeypatch.setattr(kvresponder.reclaim, "write_traceback", lambda: logged.append(_sys.exc_info()[1]))
+    clock = Clock()
+    answers = [SimpleNamespace(oldstate=0, major_is_done=False), RuntimeError("boom"),
+               SimpleNamespace(oldstate=0, major_is_done=True)]
+
+    def step():
+        answer = answers.pop(0)
+        calls.append("step")
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+    reclaim = reclaimer(clock, "PyPy", trimmer=lambda: calls.append("trim"), step=step)
+    assert reclaim() is True
+    run_next_turn(clock)
+    assert calls == ["step", "step"]
+    assert clock.getDelayedCalls() == []
+    assert [str(error) for error in logged] == ["boom"]
+    assert reclaim() is True
+    assert calls == ["step", "step", "step", "trim"]
 
 
 def test_a_pypy_without_collection_steps_collects_at_once_then_trims(monkeypatch):
@@ -137,9 +181,10 @@ def test_on_pypy_the_real_collector_finishes_a_major_collection_in_steps_and_fre
     reclaim()
     turns = 0
     while not trims and turns < 10000:
-        clock.advance(0)
+        run_next_turn(clock)
         turns += 1
     assert trims == [True]
+    assert clock.getDelayedCalls() == []
     assert reference() is None and gone == [True]
 
 

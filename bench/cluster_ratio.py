@@ -6,37 +6,53 @@ listen for heartbeats on different ports), and the load moves between them: sing
 ..., single, ``--duration`` seconds each. Each round's ratio is the cluster's rate over the mean of the single
 node's rates just before and just after it, so that what the VM's speed does over minutes (the same code moved
 by up to a third between runs of cluster_put.py and put.py a minute apart) cancels out; the result is the
-median of the rounds' ratios. The idle side only sends heartbeats (and, for the cluster, an anti-entropy pass
-now and then) while the other is measured.
+median of the rounds' ratios.
+
+The idle side is not quite idle: a node left alone for 2 s after a burst of writes reclaims memory (a major
+collection on PyPy), and the cluster runs an anti-entropy pass every 30 s. So each window waits ``--gap``
+seconds after the last, long enough for the side that just went idle to reclaim before the other is measured,
+and each window records the idle side's CPU (``idle_cpu_us_per_request``: its CPU time over the window,
+divided by the measured side's requests), so that what was left of the interference shows.
 
 It also gives each round's CPU ratio: the single node's CPU per request over the coordinator's (the node the
 cluster's load goes through), which is the bound the ratio meets when the coordinator's core is the bottleneck.
 """
 
 import statistics
+import time
 
 import benchlib as b
 
 NODES = 3
-SINGLE_WARMUP = 5.0
-CLUSTER_WARMUP = 15.0  # as cluster.py: three nodes that each JIT-compile on PyPy need it
+# As single.py and cluster.py: on PyPy the request path can still be compiling after 5 s.
+SINGLE_WARMUP = 15.0
+CLUSTER_WARMUP = 15.0
+GAP = 5.0  # longer than the idle reclaim's 2 s
 
 
-def _measure(node, cluster, seconds: float, connections: int, threads: int) -> dict:
-    """PUT load through ``node`` for ``seconds``; the CPU per request of ``node`` and of each of ``cluster``."""
+def _measure(node, cluster, idle, seconds: float, connections: int, threads: int) -> dict:
+    """
+    PUT load through ``node`` for ``seconds``; the CPU per request of ``node``, of each of ``cluster``, and of
+    the ``idle`` nodes together.
+    """
     watched = cluster or [node]
     before = [member.cpu_seconds() for member in watched]
+    idle_before = sum(member.cpu_seconds() for member in idle)
     result = b.Wrk("http://127.0.0.1:%d" % (node.port,), "put", seconds, connections=connections,
                    threads=threads).result()
     requests = max(result["requests"], 1)
     cpu = [round((member.cpu_seconds() - start) * 1e6 / requests, 1) for member, start in zip(watched, before)]
+    idle_cpu = sum(member.cpu_seconds() for member in idle) - idle_before
     return {"rps": result["rps"], "p99_ms": result["p99_ms"], "errors": result["errors"],
-            "cpu_us_per_request": cpu[0], "cpu_us_per_request_per_node": cpu}
+            "cpu_us_per_request": cpu[0], "cpu_us_per_request_per_node": cpu,
+            "idle_cpu_us_per_request": round(idle_cpu * 1e6 / requests, 1)}
 
 
 def main() -> dict:
     p = b.parser("3 nodes RF=2 PUT through one node against a single node's PUT, in alternation.", warmup=None)
     p.add_argument("--rounds", type=int, default=5, help="cluster windows, each between two single-node ones "
+                                                          "(default %(default)s)")
+    p.add_argument("--gap", type=float, default=GAP, help="seconds of no load before each window "
                                                           "(default %(default)s)")
     args = p.parse_args()
     if args.rounds < 1:
@@ -52,15 +68,20 @@ def main() -> dict:
         options = (args.connections, args.threads)
         warm_single = SINGLE_WARMUP if args.warmup is None else args.warmup
         warm_cluster = CLUSTER_WARMUP if args.warmup is None else args.warmup
+
+        def alone(measured):
+            time.sleep(args.gap)
+            return measured
+
         if warm_single > 0:
-            _measure(single, None, warm_single, *options)
+            _measure(single, None, cluster, warm_single, *options)
         if warm_cluster > 0:
-            _measure(coordinator, cluster, warm_cluster, *options)
-        singles = [_measure(single, None, args.duration, *options)]
+            _measure(coordinator, cluster, [single], warm_cluster, *options)
+        singles = [_measure(single, None, alone(cluster), args.duration, *options)]
         rounds = []
         for _ in range(args.rounds):
-            clustered = _measure(coordinator, cluster, args.duration, *options)
-            singles.append(_measure(single, None, args.duration, *options))
+            clustered = _measure(coordinator, cluster, alone([single]), args.duration, *options)
+            singles.append(_measure(single, None, alone(cluster), args.duration, *options))
             around = (singles[-2], singles[-1])
             rounds.append({
                 "cluster": clustered,
@@ -90,7 +111,8 @@ def main() -> dict:
     }
     return b.finish("cluster_ratio", args, python, {
         "description": "3 nodes RF=2 PUT through one node / single-node PUT, alternating windows",
-        "nodes": NODES, "replication_factor": 2, "results": {"kvresponder": result}})
+        "nodes": NODES, "replication_factor": 2, "warmup_single_s": warm_single, "warmup_cluster_s": warm_cluster,
+        "gap_s": args.gap, "results": {"kvresponder": result}})
 
 
 if __name__ == "__main__":

@@ -125,7 +125,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--warmup", type=float, default=None,
-                   help="seconds of unmeasured load first (default: each scenario's own: 5 s, 15 s for the clusters)")
+                   help="seconds of unmeasured load first (default: each scenario's own, 15 s for most)")
     p.add_argument("--interpreters", default="cpython,pypy")
     p.add_argument("--scenarios", default=",".join(ALL), help="comma-separated (soak is added by --soak)")
     p.add_argument("--memory-keys", type=int, default=1000000)

@@ -259,7 +259,7 @@ class Coordinator:
     async def _apply_many_on(self, node: str, entries: List[Entry]) -> Optional[List[ApplyResult]]:
         if node == self.node_id:
             # One store action for the whole batch, as a peer logs the batch this node sends it: a bulk
-            # write of 1000 entries was 2000 lines here, and most of the memory a bulk load allocated.
+            # write was two lines an entry of this node's share here, and most of what a bulk load allocated.
             if len(entries) == 1:
                 return [self.apply_local(entries[0])]
             return self.apply_batch(entries)

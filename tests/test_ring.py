@@ -243,3 +243,40 @@ def test_pypy_takes_key_digests_without_hashlibs_wrapper():
     from kvresponder.ring import _digest16, _hashlib_digest16
 
     assert _digest16 is not _hashlib_digest16
+
+
+def _fake_blake2(monkeypatch, init=lambda state, param: 0):
+    """Stand-ins for PyPy's ``_blake2._blake2b_cffi`` whose C calls hash nothing."""
+    import types
+    from types import SimpleNamespace
+
+    ffi = SimpleNamespace(new=lambda kind, size=None: bytearray(size) if size else SimpleNamespace(),
+                          unpack=lambda out, size: bytes(out[:size]))
+    lib = SimpleNamespace(blake_init_param=init, blake_update=lambda state, data, size: None,
+                          blake_final=lambda state, out, size: None)
+    package = types.ModuleType("_blake2")
+    module = types.ModuleType("_blake2._blake2b_cffi")
+    module.ffi, module.lib = ffi, lib
+    package._blake2b_cffi = module
+    monkeypatch.setitem(sys.modules, "_blake2", package)
+    monkeypatch.setitem(sys.modules, "_blake2._blake2b_cffi", module)
+
+
+def test_direct_digest_calls_that_disagree_with_hashlib_are_not_used(monkeypatch):
+    """
+    If the direct BLAKE2b calls give other digests than ``hashlib`` (a PyPy whose module differs), then the
+    ring does not take them, and keys are hashed by ``hashlib``.
+    """
+    from kvresponder.ring import _cffi_digest16
+
+    _fake_blake2(monkeypatch)
+    assert _cffi_digest16() is None
+
+
+def test_direct_digest_calls_that_fail_are_not_used(monkeypatch):
+    from kvresponder.ring import _cffi_digest16
+
+    def refuse(state, param):
+        raise TypeError("no such parameter block")
+    _fake_blake2(monkeypatch, init=refuse)
+    assert _cffi_digest16() is None

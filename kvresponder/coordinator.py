@@ -479,11 +479,12 @@ class _ReplicatedWrite:
 
     Plain callbacks rather than coroutines: this is the path of every replicated write, and a coroutine per
     copy (each step run in a copied context) cost more than the copy itself on PyPy. A failover runs in the
-    context the write started in (a copy taken inside its Eliot action), so the next attempt's actions and
-    spans stay in the write's tree and trace; the write's own result fires outside it, so that what the
-    caller does next (answer the client, serve a pipelined request) is not logged inside a finished write.
-    Whatever goes wrong unexpectedly in one slot is logged and counts as a missing copy, as the
-    ``_gather`` the coroutines used did; the write still fires, once.
+    context the write started in (a copy taken inside the caller's Eliot action, the client request's, and at
+    debug level inside the write's own ``replication:write``), so the next attempt's actions and spans stay in
+    the write's tree and trace; the write's own result fires outside it, so that what the caller does next
+    (answer the client, serve a pipelined request) is not logged inside a finished write. Whatever goes wrong
+    unexpectedly in one slot is logged and counts as a missing copy, as the ``_gather`` the coroutines used
+    did; the write still fires, once.
     """
 
     __slots__ = ("_coordinator", "_entry", "_op", "_fallbacks", "_quorum", "_waiting", "_stored", "_action",
@@ -507,7 +508,7 @@ class _ReplicatedWrite:
         coordinator = self._coordinator
         owners, self._fallbacks, self._quorum = coordinator._targets(self._entry.key)
         self._waiting = len(owners)
-        if coordinator._log.enabled("replication", INFO):
+        if coordinator._log.enabled("replication", DEBUG):
             self._action = COORDINATE_WRITE(key=self._entry.key, op=self._op,
                                             version=format_version(self._entry.version), targets=owners)
             with self._action.context():

@@ -321,8 +321,8 @@ class PeerClient:
             action = PEER_CALL(peer=peer.node_id, op="apply")
             task_id = action.serialize_task_id()
         else:
-            # At info, no action of its own: the peer continues the caller's (the coordinator's write), so
-            # the replica's store action still lands in the write's tree, for two log lines fewer per copy.
+            # At info, no action of its own: the peer continues the caller's (the client request's), so the
+            # replica's store action still lands in the write's tree, for two log lines fewer per copy.
             parent = current_action()
             if parent is not None:
                 task_id = parent.serialize_task_id()

@@ -15,7 +15,7 @@ import unittest
 from typing import Dict, List, Optional
 
 import pytest
-from eliot import ActionType, MessageType
+from eliot import ActionType, MessageType, start_action
 from eliot.testing import LoggedAction, LoggedMessage, assertHasAction, capture_logging
 
 from kvresponder.log.discovery import PEER_CHANGED
@@ -176,36 +176,34 @@ def test_eliot_tree_shows_a_replicated_write_as_one_task_across_both_nodes(logge
     applies = {n.fields.get("node"): n for n in nodes if n.kind == "kvresponder:store:apply"
                and n.status == "started" and n.fields.get("key") == KEY}
     assert set(applies) == {"n1", "n2"}
-    assert applies["n1"].ancestors()[:3] == ["kvresponder:replication:write", "kvresponder:http:request",
-                                             "<task>"]
-    # At info level the replica's store action continues the write's own action: no peer-call action per
-    # copy (that is debug) and no eliot:remote_task around it.
-    assert applies["n2"].ancestors()[:3] == ["kvresponder:replication:write", "kvresponder:http:request",
-                                             "<task>"]
-    assert applies["n2"].parent is applies["n1"].parent
-    assert not [n for n in nodes if n.kind in ("kvresponder:replication:peer-call", "eliot:remote_task")]
+    assert applies["n1"].ancestors()[:2] == ["kvresponder:http:request", "<task>"]
+    # At info level the replica's store action continues the client request's action: no write action
+    # around the copies, no peer-call action per copy (both are debug) and no eliot:remote_task.
+    assert applies["n2"].ancestors()[:2] == ["kvresponder:http:request", "<task>"]
+    assert applies["n2"].parent is applies["n1"].parent is request
+    assert not [n for n in nodes if n.kind in ("kvresponder:replication:write", "kvresponder:replication:peer-call",
+                                               "eliot:remote_task")]
 
 
 def test_json_logs_join_the_replica_to_the_coordinators_task(logged_write):
     messages = logged_write["messages"]
-    [start] = [m for m in messages if m.get("action_type") == "kvresponder:replication:write"
-               and m.get("key") == KEY and m["action_status"] == "started"]
-    task = [m for m in messages if m.get("task_uuid") == start["task_uuid"]]
+    [replica] = [m for m in messages if m.get("action_type") == "kvresponder:store:apply" and m["node"] == "n2"
+                 and m.get("key") == KEY and m["action_status"] == "started"]
+    task = [m for m in messages if m.get("task_uuid") == replica["task_uuid"]]
     seen = {(m.get("action_type"), m["node"]) for m in task if m.get("action_status") == "started"}
-    assert {("kvresponder:http:request", "n1"), ("kvresponder:replication:write", "n1"),
-            ("kvresponder:store:apply", "n1"), ("kvresponder:store:apply", "n2")} <= seen
+    assert seen == {("kvresponder:http:request", "n1"), ("kvresponder:store:apply", "n1"),
+                    ("kvresponder:store:apply", "n2")}
     assert all(m["tenant"] == TENANT for m in task)
-    [replica] = [m for m in task if m.get("action_type") == "kvresponder:store:apply" and m["node"] == "n2"
-                 and m["action_status"] == "started"]
+    [start] = [m for m in task if m.get("action_type") == "kvresponder:http:request"
+               and m["action_status"] == "started"]
     [done] = [m for m in task if m.get("action_type") == "kvresponder:store:apply" and m["node"] == "n2"
               and m["action_status"] == "succeeded"]
-    # The replica's store action is a child of the coordinator's write action, and ends with its outcome.
+    # The replica's store action is a child of the client request's action on the coordinator, and ends with
+    # its outcome.
+    assert start["method"] == "PUT" and start["node"] == "n1"
     assert replica["task_level"][:-2] == start["task_level"][:-1]
     assert replica["key"] == KEY and replica["tombstone"] is False
     assert done["applied"] is True and done["task_level"][:-1] == replica["task_level"][:-1]
-    [end] = [m for m in task if m.get("action_type") == "kvresponder:replication:write"
-             and m["action_status"] == "succeeded"]
-    assert end["copies"] == 2
 
 
 def test_real_log_lines_match_their_declared_field_types(logged_write):
@@ -226,8 +224,7 @@ def test_real_log_lines_match_their_declared_field_types(logged_write):
                 problems.append((name, field_name, repr(message[field_name]), str(error)))
         checked.add(name)
     assert problems == []
-    assert {"kvresponder:http:request", "kvresponder:replication:write", "kvresponder:store:apply",
-            "kvresponder:discovery:peer-changed"} <= checked
+    assert {"kvresponder:http:request", "kvresponder:store:apply", "kvresponder:discovery:peer-changed"} <= checked
 
 
 # -- in memory: Eliot's testing tools (validation of every message against its declared types) -----------
@@ -245,10 +242,19 @@ class TypedActionsTests(unittest.TestCase):
         self.assertEqual([len(node.ring()) for node in cluster.nodes], [2, 2])
         return cluster
 
+    def put_in_a_request(self, cluster, node, key: str):
+        """
+        Write ``key`` through ``node`` from inside an action standing for the client request's.
+        """
+        with start_action(action_type="test:request"):
+            d = node.coordinator.put(key, b'"v"', None)
+        return cluster.run(d)
+
     @capture_logging(None, encoder_=None)
-    def test_coordinated_write_logs_its_targets_and_copies(self, logger):
+    def test_coordinated_write_at_debug_logs_its_targets_and_copies(self, logger):
         cluster = self.cluster()
         n1 = cluster.nodes[0]
+        n1.log_policy.set_area("replication", "debug")
         result = cluster.run(n1.coordinator.put("written", b'"v"', None))
         self.assertEqual(result.copies, 2)
         action = assertHasAction(self, logger, COORDINATE_WRITE, True,
@@ -257,19 +263,19 @@ class TypedActionsTests(unittest.TestCase):
         self.assertEqual(action.startMessage["version"].rsplit(".", 1)[-1], "n1")
 
     @capture_logging(None, encoder_=None)
-    def test_replicated_write_at_info_puts_the_replicas_apply_inside_the_write_without_a_peer_call(self, logger):
+    def test_replicated_write_at_info_puts_both_applies_in_the_callers_action_with_no_write_or_peer_call(
+            self, logger):
         cluster = self.cluster()
         n1 = cluster.nodes[0]
-        cluster.run(n1.coordinator.put("joined", b'"v"', None))
+        self.put_in_a_request(cluster, n1, "joined")
         self.assertEqual([a for a in LoggedAction.ofType(logger.messages, PEER_CALL)
                           if a.startMessage["op"] == "apply"], [])
-        [write] = LoggedAction.ofType(logger.messages, COORDINATE_WRITE)
+        self.assertEqual(LoggedAction.ofType(logger.messages, COORDINATE_WRITE), [])
+        [request] = LoggedAction.of_type(logger.messages, "test:request")
         applies = [a for a in LoggedAction.ofType(logger.messages, STORE_APPLY)
                    if a.startMessage["key"] == "joined"]
         self.assertEqual(len(applies), 2)
-        descendants = list(write.descendants())
-        for apply in applies:
-            self.assertIn(apply, descendants)
+        self.assertEqual(list(request.children), applies)
 
     @capture_logging(None, encoder_=None)
     def test_peer_call_logs_the_peer_and_the_status_it_answered(self, logger):
@@ -298,14 +304,25 @@ class TypedActionsTests(unittest.TestCase):
         self.assertIn(502, codes)
 
     @capture_logging(None, encoder_=None)
-    def test_a_copy_that_fails_at_info_is_logged_with_its_peer_inside_the_write(self, logger):
+    def test_a_copy_that_fails_at_info_is_logged_with_its_peer_inside_the_callers_action(self, logger):
         cluster = self.cluster()
         n1, n2 = cluster.nodes
         cluster.kill(n2)
-        cluster.run(n1.coordinator.put("lost-copy", b'"v"', None))
+        self.put_in_a_request(cluster, n1, "lost-copy")
         [failed] = LoggedMessage.ofType(logger.messages, COPY_FAILED)
         self.assertEqual((failed.message["key"], failed.message["peer"]), ("lost-copy", "n2"))
         self.assertIn("502", failed.message["reason"])
+        [request] = LoggedAction.of_type(logger.messages, "test:request")
+        self.assertIn(failed, list(request.descendants()))
+
+    @capture_logging(None, encoder_=None)
+    def test_a_copy_that_fails_at_debug_ends_the_write_action_with_the_copies_stored(self, logger):
+        cluster = self.cluster()
+        n1, n2 = cluster.nodes
+        n1.log_policy.set_area("replication", "debug")
+        cluster.kill(n2)
+        cluster.run(n1.coordinator.put("lost-copy", b'"v"', None))
+        [failed] = LoggedMessage.ofType(logger.messages, COPY_FAILED)
         [write] = LoggedAction.ofType(logger.messages, COORDINATE_WRITE)
         self.assertIn(failed, list(write.descendants()))
         self.assertEqual(write.endMessage["copies"], 1)
@@ -318,10 +335,10 @@ class TypedActionsTests(unittest.TestCase):
         ring = n1.ring()
         key = next("k%d" % i for i in range(1000) if ring.preference_list("k%d" % i, 3) == ["n1", "n2", "n3"])
         cluster.kill(n2)
-        result = cluster.run(n1.coordinator.put(key, b'"v"', None))
+        result = self.put_in_a_request(cluster, n1, key)
         self.assertEqual(result.copies, 2)
-        [write] = LoggedAction.ofType(logger.messages, COORDINATE_WRITE)
-        inside = list(write.descendants())
+        [request] = LoggedAction.of_type(logger.messages, "test:request")
+        inside = list(request.descendants())
         [failed] = LoggedMessage.ofType(logger.messages, COPY_FAILED)
         [hinted] = LoggedMessage.ofType(logger.messages, HINTED)
         self.assertEqual(failed.message["peer"], "n2")
@@ -336,7 +353,7 @@ class TypedActionsTests(unittest.TestCase):
     def test_store_apply_is_logged_on_both_replicas_in_the_writes_task(self, logger):
         cluster = self.cluster()
         n1 = cluster.nodes[0]
-        cluster.run(n1.coordinator.put("applied", b'"v"', None))
+        self.put_in_a_request(cluster, n1, "applied")
         cluster.run(n1.coordinator.delete("applied"))
         applies = [action for action in LoggedAction.ofType(logger.messages, STORE_APPLY)
                    if action.startMessage["key"] == "applied"]
@@ -350,9 +367,8 @@ class TypedActionsTests(unittest.TestCase):
             self.assertEqual(action.endMessage["had_live"], False)
         for action in deletes:
             self.assertEqual(action.endMessage["had_live"], True)
-        [write] = [a for a in LoggedAction.ofType(logger.messages, COORDINATE_WRITE)
-                   if a.startMessage["op"] == "put"]
-        self.assertEqual({a.startMessage["task_uuid"] for a in puts}, {write.startMessage["task_uuid"]})
+        [request] = LoggedAction.of_type(logger.messages, "test:request")
+        self.assertEqual({a.startMessage["task_uuid"] for a in puts}, {request.startMessage["task_uuid"]})
 
     @capture_logging(None, encoder_=None)
     def test_membership_changes_log_peer_changed(self, logger):

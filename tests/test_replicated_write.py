@@ -8,7 +8,7 @@ outside its own Eliot context.
 import unittest
 from collections import namedtuple
 
-from eliot import current_action
+from eliot import current_action, start_action
 from eliot.testing import LoggedAction, LoggedMessage, capture_logging
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
@@ -50,14 +50,14 @@ class _Peers:
         return succeed(answer)
 
 
-def coordinator(answers, peer_of=None) -> Coordinator:
+def coordinator(answers, peer_of=None, level: str = "info") -> Coordinator:
     clock = Clock()
     clock.advance(1000)
     store = Store(clock.seconds, 1 << 24)
     return Coordinator(store, HybridLogicalClock(clock.seconds, "n1"), lambda: RING,
                        peer_of or (lambda node: Peer(node, "10.0.0.%s" % node[1:], 3000)), _Peers(answers),
                        replicas=2, write_quorum=None, seconds=clock.seconds, metrics=Metrics("t"),
-                       log_policy=LogPolicy("info"))
+                       log_policy=LogPolicy(level))
 
 
 def outcome(d: Deferred):
@@ -120,7 +120,7 @@ class ReplicatedWriteTests(unittest.TestCase):
     def test_the_result_is_delivered_outside_the_writes_own_context(self, logger):
         key = key_owned_by("n2", "n3")
         later = Deferred()
-        c = coordinator({"n2": later, "n3": ApplyResult(True, False)})
+        c = coordinator({"n2": later, "n3": ApplyResult(True, False)}, level="debug")
         seen = []
         d = c.put(key, b'"v"', None)
         d.addCallback(lambda result: seen.append((result.copies, current_action())))
@@ -136,9 +136,28 @@ class ReplicatedWriteTests(unittest.TestCase):
             self.assertIn(message, inside)
 
     @capture_logging(None, encoder_=None)
+    def test_at_info_a_later_failover_is_logged_in_the_callers_action_with_no_write_action(self, logger):
+        key = key_owned_by("n2", "n3")
+        later = Deferred()
+        c = coordinator({"n2": later, "n3": ApplyResult(True, False)})
+        seen = []
+        with start_action(action_type="test:request"):
+            d = c.put(key, b'"v"', None)
+        d.addCallback(lambda result: seen.append((result.copies, current_action())))
+        later.errback(PeerError("n2 unreachable for apply: TimeoutError"))
+        self.assertEqual(seen, [(2, None)])
+        self.assertEqual(LoggedAction.ofType(logger.messages, COORDINATE_WRITE), [])
+        [request] = LoggedAction.of_type(logger.messages, "test:request")
+        inside = list(request.descendants())
+        failovers = LoggedMessage.ofType(logger.messages, COPY_FAILED) + LoggedMessage.ofType(logger.messages, HINTED)
+        self.assertEqual(len(failovers), 2)
+        for message in failovers:
+            self.assertIn(message, inside)
+
+    @capture_logging(None, encoder_=None)
     def test_a_write_short_of_its_quorum_answers_unavailable_and_keeps_the_copy_it_stored(self, logger):
         key = key_owned_by("n2", "n3")
-        c = coordinator({"n2": PeerError("down"), "n3": PeerError("down")})
+        c = coordinator({"n2": PeerError("down"), "n3": PeerError("down")}, level="debug")
         result = outcome(c.put(key, b'"v"', None))
         self.assertTrue(result.check(Unavailable))
         self.assertIn("only 1 of the 2", str(result.value))

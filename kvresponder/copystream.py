@@ -50,6 +50,7 @@ from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 
 from .log.replication import STREAM_CLOSED, STREAM_OPENED, STREAM_REFUSED, STREAM_REJECTED
+from .sendnow import send_now
 from .store import ApplyResult, EntryTooLarge
 from .wire import decode_batch, encode_batch
 
@@ -201,7 +202,7 @@ class CopyStreamServer(Int32StringReceiver):
         try:
             entries = decode_batch(frame[start + tasks_length:])
         except ValueError as error:
-            self.transport.write(self._frame(_error_answer(
+            send_now(self.transport, self._frame(_error_answer(
                 batch_id, 400, "invalid_body", "Malformed batch: %s" % (error,))))
             return
         try:
@@ -214,7 +215,8 @@ class CopyStreamServer(Int32StringReceiver):
             answer = _error_answer(batch_id, 500, "internal_error", "The server failed to apply the batch.")
         else:
             answer = encode_answer(batch_id, results)
-        self.transport.write(self._frame(answer))
+        # At once, not at the reactor's next turn: the coordinator's clients are waiting on this answer.
+        send_now(self.transport, self._frame(answer))
 
     @staticmethod
     def _frame(answer: bytes) -> bytes:
@@ -338,8 +340,8 @@ class CopyStreamClient(Int32StringReceiver):
         tasks = b" ".join(task_ids)
         tail = _ID.pack(len(tasks)) + tasks
         mac = self._mac(head, tail, batch)
-        self.transport.writeSequence([_ID.pack(len(head) + MAC_SIZE + len(tail) + len(batch)), head, mac, tail,
-                                      batch])
+        send_now(self.transport, b"".join([_ID.pack(len(head) + MAC_SIZE + len(tail) + len(batch)), head, mac, tail,
+                                           batch]))
         d: Deferred = Deferred()
         self._pending[batch_id] = (d, self._clock.callLater(timeout, self._timed_out, batch_id))
         return d

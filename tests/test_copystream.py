@@ -112,6 +112,22 @@ async def test_a_batch_sent_over_the_stream_is_stored_and_answered_an_entry_at_a
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_batch_on_an_open_stream_leaves_at_once_rather_than_at_the_reactors_next_turn(server):
+    peer = server()
+    streams = _streams(_auth())
+    try:
+        await streams.send(peer.peer, [_entry(1)], [b"-"], 2.0)
+        [stream] = streams._open.values()
+        d = streams.send(peer.peer, [_entry(2)], [b"-"], 2.0)
+        # Sent with one system call, not queued until the reactor reports the socket writable.
+        assert not stream.transport._tempDataBuffer
+        assert stream.transport not in reactor.getWriters()
+        assert await d == [ApplyResult(True, False)]
+    finally:
+        streams.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_stream_outlives_the_http_idle_timeout_and_frees_its_connection_slot_when_closed(server):
     peer = server(timeout=0.2)
     streams = _streams(_auth())

@@ -20,6 +20,7 @@ from twisted.web.server import Request, Site
 
 from ..log import DEBUG, INFO
 from ..log.http import HTTP_READ, HTTP_REJECTED, HTTP_REQUEST
+from ..sendnow import send_now
 from .errors import APIError, error_body, write_error
 
 
@@ -289,12 +290,10 @@ class _Cork:
     Stands in for a channel's transport while the channel answers a request within the same reactor turn,
     and sends what was written with one system call at the end.
 
-    Twisted's TCP transport buffers every write and waits for the reactor to report the socket writable
-    (https://github.com/twisted/twisted/issues/5303): for a small response that costs two ``epoll_ctl``
-    calls and another pass of the reactor loop, a sixth of a cache read. When the transport has nothing
-    queued, the answer goes out at once, and whatever the socket does not take goes through the
-    transport's own ``write``. It is only put in front of a plain ``twisted.internet.tcp.Server``: never
-    TLS, nor any other wrapper or test transport, which keep Twisted's own buffering.
+    The answer then leaves with :func:`~kvresponder.sendnow.send_now`, not at the reactor's next turn: for a
+    small response, Twisted's buffering cost two ``epoll_ctl`` calls and another pass of the reactor loop, a
+    sixth of a cache read. It is only put in front of a plain ``twisted.internet.tcp.Server``: never TLS, nor
+    any other wrapper or test transport, which keep Twisted's own buffering.
     """
 
     def __init__(self, transport) -> None:
@@ -323,22 +322,7 @@ class _Cork:
         if not chunks:
             return
         self._chunks = []
-        data = b"".join(chunks)
-        transport = self._transport
-        sock = transport.socket
-        if (transport.TLS or not transport.connected or transport.disconnecting or transport._tempDataBuffer
-                or len(transport.dataBuffer) > transport.offset):
-            transport.write(data)
-            return
-        try:
-            sent = sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            # Let the transport meet the error on its own write, and close as it always does.
-            sent = 0
-        if sent < len(data):
-            transport.write(data[sent:])
+        send_now(self._transport, b"".join(chunks))
 
 
 class _Refuse(Protocol):

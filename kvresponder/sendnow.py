@@ -1,0 +1,35 @@
+"""
+Writing to a TCP connection at once, instead of at the reactor's next turn.
+
+Twisted's TCP transport buffers every write and waits for the reactor to report the socket writable
+(https://github.com/twisted/twisted/issues/5303). For a small message that costs two ``epoll_ctl`` calls and
+another pass of the reactor loop before it leaves. :func:`send_now` sends it with one ``send`` where that is
+safe, and leaves everything else to the transport.
+"""
+
+from twisted.internet import tcp
+
+#: The transports whose socket :func:`send_now` may write to: plain TCP, in either direction. Never TLS or any
+#: other wrapper (which would forward the socket attribute to the connection beneath it), nor a test's.
+_PLAIN_TCP = (tcp.Server, tcp.Client)
+
+
+def send_now(transport, data: bytes) -> None:
+    """
+    Write ``data`` to ``transport``: with one ``send`` now when it is a plain TCP connection with nothing queued,
+    and through its own ``write`` otherwise, and for whatever the socket does not take. Either way the bytes
+    leave in the order written.
+    """
+    if (type(transport) not in _PLAIN_TCP or transport.TLS or not transport.connected or transport.disconnecting
+            or transport._tempDataBuffer or len(transport.dataBuffer) > transport.offset):
+        transport.write(data)
+        return
+    try:
+        sent = transport.socket.send(data)
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    except OSError:
+        # Let the transport meet the error on its own write, and close as it always does.
+        sent = 0
+    if sent < len(data):
+        transport.write(data[sent:])

@@ -25,6 +25,9 @@ Then each side sends frames, each a 4-byte big-endian length and that many bytes
 - an answer (peer to caller): the batch id (4 bytes), an HTTP status (2 bytes), and either one byte an entry
   (bit 0: newer there and stored; bit 1: it replaced a live value) for 200, or the JSON error body.
 
+Each frame leaves with one ``send`` when it is written (:func:`kvresponder.sendnow.send_now`), and both ends turn
+Nagle's algorithm off, so that a frame sent while the last is unacknowledged does not wait for its ACK.
+
 The MAC is HMAC-SHA256 under the peer key, over the nonce the peer chose for this connection and the rest of
 the frame, cut to 16 bytes (zeros without a cluster secret). Batch ids only increase, so a frame cannot be
 replayed on this or another connection. Answers are not signed, as HTTP answers are not.
@@ -50,7 +53,7 @@ from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 
 from .log.replication import STREAM_CLOSED, STREAM_OPENED, STREAM_REFUSED, STREAM_REJECTED
-from .sendnow import send_now
+from .sendnow import no_delay, send_now
 from .store import ApplyResult, EntryTooLarge
 from .wire import decode_batch, encode_batch
 
@@ -170,6 +173,7 @@ class CopyStreamServer(Int32StringReceiver):
         self._last_id = 0
 
     def connectionMade(self) -> None:
+        no_delay(self.transport)
         if self._clock is not None:
             self._last_frame = self._clock.seconds()
             self._idle_call = self._clock.callLater(self._idle_timeout, self._check_idle)
@@ -281,6 +285,7 @@ class CopyStreamClient(Int32StringReceiver):
             # Closed (the node is stopping) while the connection was being made.
             self.transport.abortConnection()
             return
+        no_delay(self.transport)
         self.transport.write(self._upgrade)
 
     def dataReceived(self, data: bytes) -> None:

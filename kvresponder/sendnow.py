@@ -18,9 +18,11 @@ def send_now(transport, data: bytes) -> None:
     """
     Write ``data`` to ``transport``: with one ``send`` now when it is a plain TCP connection with nothing queued,
     and through its own ``write`` otherwise, and for whatever the socket does not take. Either way the bytes
-    leave in the order written.
+    leave in the order written, and a connection that is closing, aborted or shut for writing gets them only as
+    its own ``write`` would (an aborted one drops them, as Twisted does).
     """
     if (type(transport) not in _PLAIN_TCP or transport.TLS or not transport.connected or transport.disconnecting
+            or transport._aborting or transport._writeDisconnected
             or transport._tempDataBuffer or len(transport.dataBuffer) > transport.offset):
         transport.write(data)
         return
@@ -33,3 +35,18 @@ def send_now(transport, data: bytes) -> None:
         sent = 0
     if sent < len(data):
         transport.write(data[sent:])
+
+
+def no_delay(transport) -> None:
+    """
+    Turn off Nagle's algorithm on ``transport``, where it can be (TCP; anything else is left as it is). For a
+    connection whose small messages each leave with :func:`send_now`: with Nagle on, a message sent while the
+    last is still unacknowledged waits for that acknowledgement, which the peer may delay by 40 ms.
+    """
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is None:
+        return
+    try:
+        set_no_delay(True)
+    except OSError:
+        pass

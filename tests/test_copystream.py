@@ -25,7 +25,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from treq.client import HTTPClient
 
 from kvresponder.copystream import (MAX_BATCH_ID, REFUSED_FOR, UPGRADE_TOKEN, CopyStreamClient, CopyStreams,
-                                    StreamError, StreamRefused, StreamTimeout, StreamUnanswered, decode_results,
+                                    CopyStreamServer, StreamError, StreamRefused, StreamTimeout, StreamUnanswered, decode_results,
                                     encode_answer)
 from kvresponder.discovery import derive_key
 from kvresponder.http.root import RootResource, TenantResource, build_root, _NotFound
@@ -119,12 +119,30 @@ async def test_a_batch_on_an_open_stream_leaves_at_once_rather_than_at_the_react
         await streams.send(peer.peer, [_entry(1)], [b"-"], 2.0)
         [stream] = streams._open.values()
         d = streams.send(peer.peer, [_entry(2)], [b"-"], 2.0)
-        # Sent with one system call, not queued until the reactor reports the socket writable.
+        # Sent with one system call, not queued until the reactor reports the socket writable, and with Nagle's
+        # algorithm off, so that a frame sent while the last is unacknowledged does not wait for its ACK.
         assert not stream.transport._tempDataBuffer
         assert stream.transport not in reactor.getWriters()
+        assert stream.transport.getTcpNoDelay()
         assert await d == [ApplyResult(True, False)]
     finally:
         streams.close()
+
+
+class _NoDelayTransport(StringTransport):
+    def __init__(self):
+        StringTransport.__init__(self)
+        self.no_delay = False
+
+    def setTcpNoDelay(self, enabled):
+        self.no_delay = enabled
+
+
+def test_the_peers_end_of_a_stream_turns_nagle_off():
+    transport = _NoDelayTransport()
+    server = CopyStreamServer(lambda entries, task_ids: [], None, b"n" * 16, 1 << 20, lambda reason: None)
+    server.makeConnection(transport)
+    assert transport.no_delay is True
 
 
 @pytest_twisted.ensureDeferred

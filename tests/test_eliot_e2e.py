@@ -196,12 +196,15 @@ def test_json_logs_join_the_replica_to_the_coordinators_task(logged_write):
     assert all(m["tenant"] == TENANT for m in task)
     [start] = [m for m in task if m.get("action_type") == "kvresponder:http:request"
                and m["action_status"] == "started"]
+    [end] = [m for m in task if m.get("action_type") == "kvresponder:http:request"
+             and m["action_status"] == "succeeded"]
     [done] = [m for m in task if m.get("action_type") == "kvresponder:store:apply" and m["node"] == "n2"
               and m["action_status"] == "succeeded"]
-    # The replica's store action is a child of the client request's action on the coordinator, and ends with
-    # its outcome.
-    assert start["method"] == "PUT" and start["node"] == "n1"
-    assert replica["task_level"][:-2] == start["task_level"][:-1]
+    # The replica's store action is a child of the client request's action on the coordinator (the task's
+    # root action, at level [1] to [n]): one level down, between the request's start and its end.
+    assert start["method"] == "PUT" and start["node"] == "n1" and start["task_level"] == [1]
+    assert len(replica["task_level"]) == 2 and replica["task_level"][1] == 1
+    assert start["task_level"][0] < replica["task_level"][0] < end["task_level"][0]
     assert replica["key"] == KEY and replica["tombstone"] is False
     assert done["applied"] is True and done["task_level"][:-1] == replica["task_level"][:-1]
 
@@ -271,7 +274,7 @@ class TypedActionsTests(unittest.TestCase):
         self.assertEqual([a for a in LoggedAction.ofType(logger.messages, PEER_CALL)
                           if a.startMessage["op"] == "apply"], [])
         self.assertEqual(LoggedAction.ofType(logger.messages, COORDINATE_WRITE), [])
-        [request] = LoggedAction.of_type(logger.messages, "test:request")
+        [request] = LoggedAction.ofType(logger.messages, "test:request")
         applies = [a for a in LoggedAction.ofType(logger.messages, STORE_APPLY)
                    if a.startMessage["key"] == "joined"]
         self.assertEqual(len(applies), 2)
@@ -312,7 +315,7 @@ class TypedActionsTests(unittest.TestCase):
         [failed] = LoggedMessage.ofType(logger.messages, COPY_FAILED)
         self.assertEqual((failed.message["key"], failed.message["peer"]), ("lost-copy", "n2"))
         self.assertIn("502", failed.message["reason"])
-        [request] = LoggedAction.of_type(logger.messages, "test:request")
+        [request] = LoggedAction.ofType(logger.messages, "test:request")
         self.assertIn(failed, list(request.descendants()))
 
     @capture_logging(None, encoder_=None)
@@ -337,7 +340,7 @@ class TypedActionsTests(unittest.TestCase):
         cluster.kill(n2)
         result = self.put_in_a_request(cluster, n1, key)
         self.assertEqual(result.copies, 2)
-        [request] = LoggedAction.of_type(logger.messages, "test:request")
+        [request] = LoggedAction.ofType(logger.messages, "test:request")
         inside = list(request.descendants())
         [failed] = LoggedMessage.ofType(logger.messages, COPY_FAILED)
         [hinted] = LoggedMessage.ofType(logger.messages, HINTED)
@@ -367,7 +370,7 @@ class TypedActionsTests(unittest.TestCase):
             self.assertEqual(action.endMessage["had_live"], False)
         for action in deletes:
             self.assertEqual(action.endMessage["had_live"], True)
-        [request] = LoggedAction.of_type(logger.messages, "test:request")
+        [request] = LoggedAction.ofType(logger.messages, "test:request")
         self.assertEqual({a.startMessage["task_uuid"] for a in puts}, {request.startMessage["task_uuid"]})
 
     @capture_logging(None, encoder_=None)

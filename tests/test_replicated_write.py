@@ -147,7 +147,7 @@ class ReplicatedWriteTests(unittest.TestCase):
         later.errback(PeerError("n2 unreachable for apply: TimeoutError"))
         self.assertEqual(seen, [(2, None)])
         self.assertEqual(LoggedAction.ofType(logger.messages, COORDINATE_WRITE), [])
-        [request] = LoggedAction.of_type(logger.messages, "test:request")
+        [request] = LoggedAction.ofType(logger.messages, "test:request")
         inside = list(request.descendants())
         failovers = LoggedMessage.ofType(logger.messages, COPY_FAILED) + LoggedMessage.ofType(logger.messages, HINTED)
         self.assertEqual(len(failovers), 2)

@@ -25,8 +25,8 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from treq.client import HTTPClient
 
 from kvresponder.copystream import (MAX_BATCH_ID, REFUSED_FOR, UPGRADE_TOKEN, CopyStreamClient, CopyStreams,
-                                    CopyStreamServer, StreamError, StreamRefused, StreamTimeout, StreamUnanswered, decode_results,
-                                    encode_answer)
+                                    CopyStreamServer, StreamError, StreamRefused, StreamTimeout, StreamUnanswered,
+                                    decode_results, encode_answer)
 from kvresponder.discovery import derive_key
 from kvresponder.http.root import RootResource, TenantResource, build_root, _NotFound
 from kvresponder.http.site import KVSite

@@ -15,7 +15,7 @@ COPIES = Field.for_types("copies", [int], "Copies stored.")
 CODE = Field.for_types("code", [int], "HTTP status answered by the peer.")
 
 #: Debug, as a read's is: at info a write's tree is the client request's action with each node's ``store:apply``
-#: in it (and any ``copy-failed`` or ``hinted``); this action around them cost about 9 µs of the coordinator's
+#: in it (and any ``copy-failed`` or ``hinted``); this action around them cost 8–10 µs of the coordinator's
 #: 90 µs a replicated write on PyPy. (With the http area above info there is no request action, and each node's
 #: ``store:apply`` is a task of its own.)
 COORDINATE_WRITE = leveled("replication", DEBUG, ActionType(

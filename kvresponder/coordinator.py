@@ -49,9 +49,9 @@ class ClockSkewed(Exception):
     """
 
     def __init__(self, skew: float, bound: float) -> None:
-        Exception.__init__(self, "This node's clock is %.3f s %s of its peers' clocks, past MAX_CLOCK_OFFSET "
+        Exception.__init__(self, "This node's clock is %.3f s %s its peers' clocks, past MAX_CLOCK_OFFSET "
                            "(%g s): it coordinates no write until its clock comes back; send the write to "
-                           "another node." % (abs(skew), "ahead" if skew > 0 else "behind", bound))
+                           "another node." % (abs(skew), "ahead of" if skew > 0 else "behind", bound))
         self.skew = skew
         self.bound = bound
 

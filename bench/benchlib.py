@@ -202,7 +202,7 @@ def start_loaded_cluster(python: str, count: int, keys: int, env: Optional[Dict[
     """
     A cluster of ``count`` nodes holding ``keys`` keys (``key_name``, VALUE_SIZE bytes each), loaded fast: into
     the first node alone (local writes), then the others join and take their copies. Loading through a formed
-    cluster replicates every write with its own peer request, which is slow (see docs/PERFORMANCE.md).
+    cluster is slower (bench/results/HISTORY.md, "Method").
     """
     discovery = free_port(socket.SOCK_DGRAM)
     nodes = [start_node(python, "n1", discovery, env)]

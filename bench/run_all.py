@@ -94,7 +94,7 @@ def table(results) -> str:
 
 
 def markdown(results) -> str:
-    """The throughput table of docs/PERFORMANCE.md."""
+    """The throughput table of the results, in Markdown."""
     by = {(r["scenario"], r["interpreter"]): r for r in results if "results" in r}
     rows = ["| scenario | interpreter | req/s | p50 ms | p99 ms | p99.9 ms | errors | peak RSS MiB | Node.js req/s "
             "| Node.js p99 ms | req/s vs Node |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -5,6 +5,7 @@ same 1000 keys of "hello world", warmed up and then measured by the same wrk com
 our rate is given as ratios to both.
 
     python3 bench/references.py [--interpreter cpython|pypy] [--mode get|put] [--duration 10] [--warmup 15]
+                                [--node-env LOG_LEVEL=warning ...]
 
 GETs go to /<tenant>/kv/k<N> on KV Responder and Node.js, and to webdis's /GET/k<N>; PUTs (``--mode put``) to
 the same kv path with {"value": "hello world"}, and to webdis's /SET/k<N> with the raw value as the body.
@@ -171,11 +172,17 @@ def main() -> dict:
     p.add_argument("--mode", choices=["get", "put"], default="get", help="GETs or PUTs (default %(default)s)")
     p.add_argument("--webdis-threads", type=int, default=2,
                    help="webdis's worker threads (default %(default)s, as Debian's /etc/webdis/webdis.json)")
+    p.add_argument("--node-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="a setting for our node, such as LOG_LEVEL=warning (repeatable); it also names the result "
+                        "file: references[_put]-NAME=VALUE.<interpreter>.json")
     args = p.parse_args()
+    node_env = dict(setting.split("=", 1) for setting in args.node_env if "=" in setting)
+    if len(node_env) != len(args.node_env):
+        p.error("--node-env takes NAME=VALUE")
     python = b.interpreter_path(args.interpreter)
     _require("redis-server"), _require("webdis")
 
-    node = b.start_node(python)
+    node = b.start_node(python, env=node_env)
     results = {"kvresponder": measure(node, args.mode, args,
                                       lambda: b.bulk_load(node.base, KEYS, value=VALUE, workers=1))}
     reference = b.start_node_reference()
@@ -198,6 +205,7 @@ def main() -> dict:
                           "p99": b.ratio(ours["p99_ms"], results["node"]["p99_ms"])},
         "ratio_to_webdis": {"rps": b.ratio(ours["rps"], results["webdis"]["rps"]),
                             "p99": b.ratio(ours["p99_ms"], results["webdis"]["p99_ms"])},
+        "node_env": node_env,
         "webdis_config": config,
         "versions": {
             "redis-server": _version(["redis-server", "--version"]),
@@ -205,7 +213,8 @@ def main() -> dict:
             "node": _version([shutil.which("node") or "/usr/bin/node", "--version"]),
         },
     }
-    scenario = "references" if args.mode == "get" else "references_put"
+    scenario = "".join(["references" if args.mode == "get" else "references_put"]
+                       + ["-%s=%s" % item for item in sorted(node_env.items())])
     result = b.finish(scenario, args, python, data)
     print("references: %s, req/s: KV Responder (%s) %.0f, Node.js %.0f, webdis %.0f; KV/Node %.2fx, KV/webdis %.2fx"
           % (args.mode.upper(), args.interpreter, ours["rps"], results["node"]["rps"], results["webdis"]["rps"],

@@ -94,7 +94,10 @@ def redis_load(port: int, count: int, value: str) -> None:
 
 
 class Webdis:
-    """redis-server and webdis in front of it, on free loopback ports, configured in their own directory."""
+    """
+    redis-server and webdis in front of it, on free loopback ports, configured in their own directory; measured as
+    one server: the CPU and the RSS of both processes.
+    """
 
     def __init__(self, threads: int) -> None:
         self.directory = tempfile.mkdtemp(prefix="kv-bench-webdis-")
@@ -119,7 +122,6 @@ class Webdis:
         _wait_port(self.redis)
         self.webdis = b.Process("webdis", [_require("webdis"), webdis_conf], os.environ.copy(), http_port,
                                 "http://127.0.0.1:%d" % (http_port,))
-        # Measured like the others: the CPU of both processes, the RSS of both.
         self.port = http_port
 
     def wait_ready(self, timeout: float = 30.0) -> None:

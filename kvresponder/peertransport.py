@@ -21,7 +21,6 @@ from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.web.client import RequestTransmissionFailed, ResponseFailed
-from twisted.web._newclient import RequestNotSent
 from twisted.web.error import SchemeNotSupported
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
@@ -30,6 +29,7 @@ import treq
 from hyperlink import EncodedURL
 
 from .log import DEBUG
+from .privateapi import RequestNotSent
 from .log.replication import PEER_CALL, PEER_READ
 from .wire import BATCH_TYPE
 

@@ -16,6 +16,8 @@ from bisect import bisect_left
 from hashlib import blake2b
 from typing import Iterable, List
 
+from .privateapi import pypy_blake2b_cffi
+
 _RING = 1 << 64
 _MASK = _RING - 1
 _unpack_two = struct.Struct(">QQ").unpack
@@ -35,8 +37,11 @@ def _cffi_digest16():
     calls the same C functions directly, with the parameter block built once. ``None`` where that module is
     missing (CPython's ``blake2b`` is C already), or if it ever disagrees with ``hashlib``.
     """
+    cffi = pypy_blake2b_cffi()
+    if cffi is None:
+        return None
     try:
-        from _blake2._blake2b_cffi import ffi, lib
+        ffi, lib = cffi
         param = ffi.new("blake_param*")
         param.digest_length = 16
         param.fanout = 1

@@ -26,6 +26,7 @@ from ..log.service import LEVELS_CHANGED
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..store import EntryTooLarge
 from .errors import APIError, bad_request, error_body, method_not_allowed, not_found, too_large, unavailable, write_error
+from ..privateapi import request_gone
 from .site import json_bytes
 
 MAX_LIST_LIMIT = 10000
@@ -186,7 +187,7 @@ def entry_json(entry) -> bytes:
 
 
 def _write_json(request, status: int, body: bytes) -> None:
-    if request.finished or request._disconnected:
+    if request.finished or request_gone(request):
         return
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", _JSON)
@@ -223,7 +224,7 @@ def _rounded(value: Optional[float]) -> Optional[float]:
 
 
 def _write_failure(request, failure) -> None:
-    if request.finished or request._disconnected:
+    if request.finished or request_gone(request):
         return
     body = failure_body(request, failure)
     if body is None or request.finished:

@@ -13,7 +13,8 @@ import sys
 from random import getrandbits
 from typing import Dict, IO, Optional
 
-import eliot._action
+from ..privateapi import set_task_uuid_factory
+
 
 DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40
 LEVELS = {"debug": DEBUG, "info": INFO, "warning": WARNING, "error": ERROR}
@@ -194,4 +195,4 @@ def use_fast_task_ids() -> None:
     inside ``eliot._action``; this replaces that module's ``uuid4``. The running service turns it on; the
     ids keep the UUID text form that ``eliot-tree`` and log queries expect.
     """
-    eliot._action.uuid4 = random_task_uuid
+    set_task_uuid_factory(random_task_uuid)

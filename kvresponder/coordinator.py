@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, fail,
 from .hlc import HybridLogicalClock, format_version
 from .log import DEBUG, INFO
 from .log.replication import CLOCK_REJECTED, COORDINATE_READ, COORDINATE_WRITE, COPY_FAILED, HINTED, READ_REPAIR
-from .log.store import STORE_APPLY, STORE_APPLY_BATCH
+from .log.store import STORE_APPLIED, STORE_APPLY, STORE_APPLY_BATCH
 from .peers import PeerError
 from .ring import HashRing
 from .store import ApplyResult, Entry, Store
@@ -125,16 +125,15 @@ class Coordinator:
 
     def apply_local(self, entry: Entry) -> ApplyResult:
         """
-        Apply an entry to this node's store, inside a typed action.
+        Apply an entry to this node's store, and log it as one ``store:applied`` line (an action would be two:
+        at info, a node alone in its ring logs one line a write).
         """
         if not self.hlc.observe(entry.version):
             self._clock_rejected(entry, 1)
-        if not self._log.enabled("store", INFO):
-            return self.store.apply(entry)
-        with STORE_APPLY(key=entry.key, version=format_version(entry.version),
-                         tombstone=entry.value is None) as action:
-            result = self.store.apply(entry)
-            action.add_success_fields(applied=result.applied, had_live=result.had_live)
+        result = self.store.apply(entry)
+        if self._log.enabled("store", INFO):
+            STORE_APPLIED.log(key=entry.key, version=format_version(entry.version), tombstone=entry.value is None,
+                              applied=result.applied, had_live=result.had_live)
         return result
 
     def apply_copy(self, entry: Entry, task_id: bytes) -> ApplyResult:

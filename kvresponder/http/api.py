@@ -262,10 +262,10 @@ class KVResource(Resource):
                 with request.begin("/kv/{key}", read=True):
                     return self._get(request, key)
             if method == b"PUT":
-                with request.begin("/kv/{key}"):
+                with request.begin("/kv/{key}", alone=self._coordinator.is_local_only()):
                     return self._put(request, key)
             if method == b"DELETE":
-                with request.begin("/kv/{key}"):
+                with request.begin("/kv/{key}", alone=self._coordinator.is_local_only()):
                     return self._delete(request, key)
             raise method_not_allowed(["GET", "HEAD", "PUT", "DELETE"])
         except APIError as error:

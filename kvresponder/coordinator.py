@@ -51,8 +51,8 @@ class ClockSkewed(Exception):
 
     def __init__(self, skew: float, bound: float) -> None:
         Exception.__init__(self, "This node's clock is %.3f s %s its peers' clocks, past MAX_CLOCK_OFFSET "
-                           "(%g s): it coordinates no write until its clock comes back; send the write to "
-                           "another node." % (abs(skew), "ahead of" if skew > 0 else "behind", bound))
+                           "(%g s): it serves no read or write of keys until its clock comes back; send the "
+                           "request to another node." % (abs(skew), "ahead of" if skew > 0 else "behind", bound))
         self.skew = skew
         self.bound = bound
 
@@ -204,7 +204,9 @@ class Coordinator:
 
     def _check_clock(self) -> None:
         """
-        :raises ClockSkewed: while this node's clock is too far from its peers' to stamp writes.
+        :raises ClockSkewed: while this node's clock is too far from its peers' to stamp writes; nor does it
+            serve reads then: such a node may have refused its peers' heartbeats and see none of them, and its
+            own store alone would answer "absent" for keys the cluster holds.
         """
         skew = self._clock_skew
         if skew is not None and skew.skewed:
@@ -404,6 +406,7 @@ class Coordinator:
 
         :return: for each key, its live :class:`Entry`, ``None``, or an :class:`Unavailable`.
         """
+        self._check_clock()
         plans = [self._targets(key) for key in keys]
         answers = await self._fan_out(plans, lambda node, indices: self._get_many_on(
             node, [keys[i] for i in indices]), "get", count_success=False)
@@ -437,6 +440,7 @@ class Coordinator:
         The answer to a read of ``key`` if this node can give it at once from its own store: the live
         :class:`~kvresponder.store.Entry`, or ``None``. :data:`REMOTE` if other nodes must be asked.
         """
+        self._check_clock()
         ring = self._ring()
         if len(ring) == 1 and self.node_id in ring:
             return self.store.get(key)
@@ -455,7 +459,10 @@ class Coordinator:
 
         :return: a Deferred firing with an :class:`~kvresponder.store.Entry` or ``None``.
         """
-        entry = self.get_nowait(key)
+        try:
+            entry = self.get_nowait(key)
+        except ClockSkewed:
+            return fail()
         if entry is not REMOTE:
             return succeed(entry)
         return ensureDeferred(self._read(key))
@@ -547,6 +554,7 @@ class Coordinator:
 
         :return: up to ``limit`` keys after ``after``, and whether more follow.
         """
+        self._check_clock()
         ring = self._ring()
         want = limit + 1
         sources = [self.store.keys(prefix, after, want)]

@@ -27,8 +27,11 @@ from .membership import ALIVE, LEAVING, Heartbeat, Membership
 
 WIRE_VERSION = 1
 MAX_DATAGRAM = 1400
-#: Seconds a signed datagram's timestamp may differ from our clock.
+#: Seconds a signed datagram's timestamp may differ from our clock (plus MAX_CLOCK_OFFSET, which clocks may
+#: differ by).
 REPLAY_WINDOW = 30.0
+#: Seconds between two log lines about one peer's heartbeats refused for a clock ahead of ours.
+CLOCK_AHEAD_LOG_EVERY = 60.0
 
 
 class Malformed(ValueError):
@@ -169,6 +172,7 @@ class DiscoveryProtocol(DatagramProtocol):
         self.seeds: Set[str] = set()
         self._reply_pending = None
         self._last_timestamps: Dict[Tuple[str, int], float] = {}
+        self._ahead_logged: Dict[str, float] = {}
 
     # -- sending --------------------------------------------------------------------------------------
 
@@ -232,12 +236,18 @@ class DiscoveryProtocol(DatagramProtocol):
             if self.clock_offsets is not None:
                 self.clock_offsets.heard(beat.node_id, beat.incarnation, offset)
             if self.max_clock_offset is not None and offset > self.max_clock_offset:
-                CLOCK_AHEAD.log(peer=beat.node_id, offset=round(offset, 6))
+                now = self.clock.seconds()
+                if now - self._ahead_logged.get(beat.node_id, float("-inf")) >= CLOCK_AHEAD_LOG_EVERY:
+                    # Once a minute a peer: its every heartbeat would be a line.
+                    if len(self._ahead_logged) > 4096:
+                        self._ahead_logged.clear()
+                    self._ahead_logged[beat.node_id] = now
+                    CLOCK_AHEAD.log(peer=beat.node_id, offset=round(offset, 6))
                 if self.metrics is not None:
                     self.metrics.clock_rejected("heartbeat")
                 self._drop("clock_ahead", "its clock is %.3f s ahead of ours" % (offset,), address)
                 return
-            if self.codec.authenticated and abs(offset) > REPLAY_WINDOW:
+            if self.codec.authenticated and abs(offset) > REPLAY_WINDOW + (self.max_clock_offset or 0.0):
                 self._drop("replayed", "timestamp outside the replay window", address)
                 return
         if timestamp is not None and self.codec.authenticated:

@@ -287,6 +287,12 @@ def test_a_skewed_node_refuses_to_coordinate_writes_and_is_not_ready():
     assert error["error"] == "clock_skew" and "30.000 s ahead" in error["message"]
     code, body = cluster.request("POST", skewed, "/bulk", {"put": [{"key": "a", "value": 1}]})
     assert (code, json.loads(body)["error"]) == (503, "clock_skew")
+    # Nor does it answer reads: it may see no peer, and its own store would say "absent".
+    for method, path in (("GET", "/kv/k"), ("HEAD", "/kv/k"), ("GET", "/kv"), ("POST", "/bulk")):
+        code, body = cluster.request(method, skewed, path, {"get": ["k"]} if method == "POST" else None)
+        assert code == 503, (method, path)
+        if method != "HEAD":
+            assert json.loads(body)["error"] == "clock_skew"
     code, body = cluster.request("GET", skewed, "/health/ready")
     assert (code, json.loads(body)["status"]) == (503, "clock-skew")
     health = json.loads(cluster.request("GET", skewed, "/health")[1])

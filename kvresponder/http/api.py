@@ -281,7 +281,10 @@ class KVResource(Resource):
     def _get(self, request, key: str):
         if not self._node.serving():
             raise unavailable("The node is not serving yet.")
-        entry = self._coordinator.get_nowait(key)
+        try:
+            entry = self._coordinator.get_nowait(key)
+        except ClockSkewed as error:
+            raise APIError(503, "clock_skew", str(error))
         if entry is not REMOTE:
             # Answered from this node's own store: render at once, without a Deferred. A GET returns its
             # body for Twisted to frame; a HEAD goes through _write_json, which Twisted sends bodiless.

@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, fail,
 
 from .hlc import HybridLogicalClock, format_version
 from .log import DEBUG, INFO
-from .log.replication import COORDINATE_READ, COORDINATE_WRITE, COPY_FAILED, HINTED, READ_REPAIR
+from .log.replication import CLOCK_REJECTED, COORDINATE_READ, COORDINATE_WRITE, COPY_FAILED, HINTED, READ_REPAIR
 from .log.store import STORE_APPLY, STORE_APPLY_BATCH
 from .peers import PeerError
 from .ring import HashRing
@@ -29,10 +29,44 @@ from .store import ApplyResult, Entry, Store
 REMOTE = object()
 
 
+#: Times a write is stamped again, at most, when a replica holds a newer version of its key, before it is
+#: acknowledged with what it has: past that, other writes to the key keep overlapping it, and last writer wins.
+MAX_RESTAMPS = 3
+
+
 class Unavailable(Exception):
     """
     Too few replicas answered to meet the write quorum, or to serve a read.
     """
+
+
+class ClockSkewed(Exception):
+    """
+    This node's clock is too far from its peers' for it to stamp writes (see :mod:`kvresponder.clockskew`).
+
+    :ivar float skew: its offset from the cluster's clocks, in seconds (positive: ahead).
+    :ivar float bound: ``MAX_CLOCK_OFFSET``.
+    """
+
+    def __init__(self, skew: float, bound: float) -> None:
+        Exception.__init__(self, "This node's clock is %.3f s %s its peers' clocks, past MAX_CLOCK_OFFSET "
+                           "(%g s): it coordinates no write until its clock comes back; send the write to "
+                           "another node." % (abs(skew), "ahead of" if skew > 0 else "behind", bound))
+        self.skew = skew
+        self.bound = bound
+
+
+def newest_newer(stored) -> Optional[Tuple[int, int, str]]:
+    """
+    The newest of the versions that replicas reported holding instead of a write (``ApplyResult.newer``), or
+    ``None`` if none did.
+    """
+    newest = None
+    for _, result in stored:
+        newer = result.newer
+        if newer is not None and (newest is None or newer > newest):
+            newest = newer
+    return newest
 
 
 class WriteResult(NamedTuple):
@@ -59,11 +93,14 @@ class Coordinator:
     :param seconds: wall time in seconds, for TTLs.
     :param log_policy: lets the hot path skip building actions that would not be written.
     :param ring_settling: whether the ring changed so recently that data may still be moving.
+    :param clock_skew: a :class:`~kvresponder.clockskew.ClockOffsets`: while it says this node's clock is
+        skewed, writes are refused with :class:`ClockSkewed`; or ``None``.
     """
 
     def __init__(self, store: Store, hlc: HybridLogicalClock, ring: Callable[[], HashRing], peer_of,
                  peers, replicas: int, write_quorum: Optional[int], seconds: Callable[[], float],
-                 metrics, log_policy, ring_settling: Callable[[], bool] = lambda: False) -> None:
+                 metrics, log_policy, ring_settling: Callable[[], bool] = lambda: False,
+                 clock_skew=None) -> None:
         self.store = store
         self.hlc = hlc
         self._ring = ring
@@ -75,6 +112,7 @@ class Coordinator:
         self._metrics = metrics
         self._log = log_policy
         self._ring_settling = ring_settling
+        self._clock_skew = clock_skew
         self.node_id = hlc.node_id
 
     # -- local operations, shared with the internal routes ----------------------------------------------
@@ -83,7 +121,8 @@ class Coordinator:
         """
         Apply an entry to this node's store, inside a typed action.
         """
-        self.hlc.observe(entry.version)
+        if not self.hlc.observe(entry.version):
+            self._clock_rejected(entry, 1)
         if not self._log.enabled("store", INFO):
             return self.store.apply(entry)
         with STORE_APPLY(key=entry.key, version=format_version(entry.version),
@@ -107,7 +146,8 @@ class Coordinator:
         except ValueError:
             # A malformed task id: the copy is still stored, in a tree of its own.
             return self.apply_local(entry)
-        self.hlc.observe(entry.version)
+        if not self.hlc.observe(entry.version):
+            self._clock_rejected(entry, 1)
         with action:
             result = self.store.apply(entry)
             action.add_success_fields(applied=result.applied, had_live=result.had_live)
@@ -136,11 +176,34 @@ class Coordinator:
         """
         with STORE_APPLY_BATCH(count=len(entries)) as action:
             results = []
+            observe = self.hlc.observe
+            rejected = None
+            count = 0
             for entry in entries:
-                self.hlc.observe(entry.version)
+                if not observe(entry.version):
+                    rejected = entry
+                    count += 1
                 results.append(self.store.apply(entry))
+            if rejected is not None:
+                self._clock_rejected(rejected, count)
             action.add_success_fields(applied=sum(1 for result in results if result.applied))
         return results
+
+    def _clock_rejected(self, entry: Entry, count: int) -> None:
+        """
+        ``count`` entries (``entry`` the last of them) carried versions too far ahead of this node's clock for
+        it to adopt: counted and logged; the entries themselves are stored by version order as always.
+        """
+        self._metrics.clock_rejected("entry", count)
+        CLOCK_REJECTED.log(key=entry.key, version=format_version(entry.version), count=count)
+
+    def _check_clock(self) -> None:
+        """
+        :raises ClockSkewed: while this node's clock is too far from its peers' to stamp writes.
+        """
+        skew = self._clock_skew
+        if skew is not None and skew.skewed:
+            raise ClockSkewed(skew.skew, skew.max_offset)
 
     # -- the preference list --------------------------------------------------------------------------
 
@@ -169,8 +232,13 @@ class Coordinator:
         """
         Store ``value`` (serialized JSON) under ``key``.
 
-        :return: a Deferred firing with a :class:`WriteResult`, or failing with :class:`Unavailable`.
+        :return: a Deferred firing with a :class:`WriteResult`, or failing with :class:`Unavailable` or
+            :class:`ClockSkewed`.
         """
+        try:
+            self._check_clock()
+        except ClockSkewed:
+            return fail()
         expires_at = None if ttl is None else self._seconds() + ttl
         return self._write_deferred(Entry(key, value, self.hlc.now(), expires_at), "put")
 
@@ -180,17 +248,35 @@ class Coordinator:
 
         :return: a Deferred firing with a :class:`DeleteResult`.
         """
+        try:
+            self._check_clock()
+        except ClockSkewed:
+            return fail()
         d = self._write_deferred(Entry(key, None, self.hlc.now(), None), "delete")
         return d.addCallback(lambda result: DeleteResult(result.created is False, result.copies))
+
+    def restamped(self, entry: Entry, newer) -> Entry:
+        """
+        ``entry`` stamped again to order after ``newer``, a version a replica holds for its key: a write that
+        started after that version was written must win over it whatever the clocks say. This node's clock
+        does not move for it (:meth:`~kvresponder.hlc.HybridLogicalClock.above`), so a version a skewed node
+        stamped in the future is passed over without this node's later writes following it into the future.
+        """
+        return Entry(entry.key, entry.value, self.hlc.above(newer), entry.expires_at)
 
     def _write_deferred(self, entry: Entry, op: str) -> Deferred:
         if (self.write_quorum is None or self.write_quorum <= 1) and self.is_local_only():
             # A single node: the write is local and synchronous, so spare it the coroutine.
             try:
-                result = self.apply_local(entry)
+                result = first = self.apply_local(entry)
+                for _ in range(MAX_RESTAMPS):
+                    if result.newer is None:
+                        break
+                    entry = self.restamped(entry, result.newer)
+                    result = self.apply_local(entry)
             except Exception:
                 return fail()
-            return succeed(WriteResult(entry, not result.had_live, 1))
+            return succeed(WriteResult(entry, not first.had_live, 1))
         try:
             return _ReplicatedWrite(self, entry, op).start()
         except Exception:
@@ -211,18 +297,36 @@ class Coordinator:
         Write many entries with one call per node instead of one per entry. Each entry still gets its own
         owners, its own failover to the next nodes on the ring, and its own quorum.
 
+        An entry that a replica answers with a newer version of its key is stamped again above it and
+        written again, as a single write is (:class:`_ReplicatedWrite`).
+
         :return: for each entry, a :class:`WriteResult` or an :class:`Unavailable`.
         """
-        plans = [self._targets(entry.key) for entry in entries]
-        stored = await self._fan_out(plans, lambda node, indices: self._apply_many_on(
-            node, [entries[i] for i in indices]), op, count_success=True)
-        results: List[object] = []
-        for entry, (_, _, quorum), copies in zip(entries, plans, stored):
-            if len(copies) < quorum:
-                results.append(Unavailable("only %d of the %d copies needed could be stored"
-                                           % (len(copies), quorum)))
-            else:
-                results.append(WriteResult(entry, not any(r.had_live for _, r in copies), len(copies)))
+        entries = list(entries)
+        results: List[object] = [None] * len(entries)
+        had_live: List[Optional[bool]] = [None] * len(entries)
+        todo = list(range(len(entries)))
+        for attempt in range(MAX_RESTAMPS + 1):
+            plans = [self._targets(entries[i].key) for i in todo]
+            stored = await self._fan_out(plans, lambda node, indices: self._apply_many_on(
+                node, [entries[todo[i]] for i in indices]), op, count_success=True)
+            again = []
+            for index, (_, _, quorum), copies in zip(todo, plans, stored):
+                if had_live[index] is None:
+                    had_live[index] = any(r.had_live for _, r in copies)
+                if len(copies) < quorum:
+                    results[index] = Unavailable("only %d of the %d copies needed could be stored"
+                                                 % (len(copies), quorum))
+                    continue
+                newer = newest_newer(copies)
+                if newer is not None and attempt < MAX_RESTAMPS:
+                    entries[index] = self.restamped(entries[index], newer)
+                    again.append(index)
+                    continue
+                results[index] = WriteResult(entries[index], not had_live[index], len(copies))
+            todo = again
+            if not todo:
+                break
         return results
 
     async def _fan_out(self, plans, call, op: str, count_success: bool) -> List[List[Tuple[str, object]]]:
@@ -272,12 +376,20 @@ class Coordinator:
             return None
 
     def put_many(self, items: List[Tuple[str, bytes, Optional[float]]]) -> Deferred:
+        try:
+            self._check_clock()
+        except ClockSkewed:
+            return fail()
         now = self._seconds()
         entries = [Entry(key, value, self.hlc.now(), None if ttl is None else now + ttl)
                    for key, value, ttl in items]
         return ensureDeferred(self.write_many(entries, "put"))
 
     def delete_many(self, keys: List[str]) -> Deferred:
+        try:
+            self._check_clock()
+        except ClockSkewed:
+            return fail()
         entries = [Entry(key, None, self.hlc.now(), None) for key in keys]
         return ensureDeferred(self.write_many(entries, "delete"))
 
@@ -488,12 +600,17 @@ class _ReplicatedWrite:
     """
 
     __slots__ = ("_coordinator", "_entry", "_op", "_fallbacks", "_quorum", "_waiting", "_stored", "_action",
-                 "_context", "_entered", "_done", "_outcome")
+                 "_context", "_entered", "_done", "_outcome", "_tries", "_created")
 
-    def __init__(self, coordinator: Coordinator, entry: Entry, op: str) -> None:
+    def __init__(self, coordinator: Coordinator, entry: Entry, op: str, tries: int = MAX_RESTAMPS,
+                 created: Optional[bool] = None) -> None:
         self._coordinator = coordinator
         self._entry = entry
         self._op = op
+        #: Times the write may still be stamped again above a newer version a replica reports.
+        self._tries = tries
+        #: Whether the key held no live value before the first attempt (``None``: this is the first).
+        self._created = created
         self._stored: List[Tuple[str, ApplyResult]] = []
         self._action = None
         self._entered = False
@@ -617,11 +734,20 @@ class _ReplicatedWrite:
         if self._action is not None:
             self._action.add_success_fields(copies=copies)
             self._action.finish()
+        created = self._created
+        if created is None:
+            created = not any(result.had_live for _, result in self._stored)
         if copies < self._quorum:
             self._outcome = Unavailable("only %d of the %d copies needed could be stored" % (copies, self._quorum))
-        else:
-            had_live = any(result.had_live for _, result in self._stored)
-            self._outcome = WriteResult(self._entry, not had_live, copies)
+            return
+        newer = newest_newer(self._stored)
+        if newer is not None and self._tries > 0:
+            # A replica holds a newer version than this write's, though the write began after it was written
+            # (or overlaps it): stamp the write again just above it and send it again, so that a write that
+            # follows an acknowledged one wins whatever the clocks say.
+            self._outcome = _Again(self._coordinator.restamped(self._entry, newer), created)
+            return
+        self._outcome = WriteResult(self._entry, created, copies)
 
     def _fire(self) -> None:
         outcome = self._outcome
@@ -629,5 +755,22 @@ class _ReplicatedWrite:
             return
         if isinstance(outcome, Unavailable):
             self._done.errback(outcome)
+        elif isinstance(outcome, _Again):
+            self._outcome = None
+            again = _ReplicatedWrite(self._coordinator, outcome.entry, self._op, self._tries - 1, outcome.created)
+            # In the context the write began in, so that the next attempt stays in the request's tree.
+            try:
+                d = self._context.run(again.start)
+            except Exception:
+                d = fail()
+            d.chainDeferred(self._done)
         else:
             self._done.callback(outcome)
+
+
+class _Again(NamedTuple):
+    """
+    A write to send again, stamped anew, and whether its first attempt found no live value.
+    """
+    entry: Entry
+    created: bool

@@ -127,6 +127,41 @@ _LIVE_GAUGES = (
 )
 
 
+class _ClockGauges:
+    """
+    The clock offsets of the peers this node measures (``kv_clock_offset_seconds{peer}``) and its own, read at
+    scrape time from a :class:`~kvresponder.clockskew.ClockOffsets`. Only peers heard from within the peer
+    timeout have a series, so the label's values stay as few as the cluster's nodes.
+    """
+
+    def __init__(self, tenant: str, clock) -> None:
+        self._tenant = tenant
+        self._clock = clock
+
+    def collect(self):
+        tenant, clock = self._tenant, self._clock
+        clock.evaluate()
+        offsets = GaugeMetricFamily(
+            "kv_clock_offset_seconds",
+            "Each peer's clock offset from this node's, smoothed (positive: the peer is ahead).",
+            labels=["tenant", "peer"])
+        for peer, offset in clock.offsets().items():
+            offsets.add_metric([tenant, peer], offset)
+        yield offsets
+        for name, help_text, value in (
+                ("kv_clock_skew_seconds", "This node's clock offset from most of the cluster's clocks "
+                                          "(positive: ahead; 0 without a majority).", clock.skew),
+                ("kv_clock_max_offset_seconds", "MAX_CLOCK_OFFSET.", clock.max_offset),
+                ("kv_clock_skewed", "1 while this node's clock is past MAX_CLOCK_OFFSET and it coordinates no "
+                                    "write, else 0.", 1.0 if clock.skewed else 0.0)):
+            family = GaugeMetricFamily(name, help_text, labels=["tenant"])
+            family.add_metric([tenant], value)
+            yield family
+
+    def describe(self):
+        return []
+
+
 class Metrics:
     """
     The metrics of one node.
@@ -163,6 +198,10 @@ class Metrics:
         self.copy_stream_refusals = Counter(
             "kv_copy_stream_refusals", "Peers that refused a copy stream; copies go to them as HTTP requests.",
             t, registry=registry)
+        self.clock_rejections = Counter(
+            "kv_clock_rejected_timestamps",
+            "Peer timestamps further ahead of this node's clock than MAX_CLOCK_OFFSET (heartbeats refused; "
+            "entries stored by version, their time not adopted).", t + ["source"], registry=registry)
         self.build_info = Gauge(
             "kv_build_info", "Build information; always 1.", t + ["version", "python"], registry=registry)
         self.build_info.labels(tenant, __version__, "%s %s" % (
@@ -178,7 +217,8 @@ class Metrics:
                             ("delete", ("deleted", "miss"))):
             for result in results:
                 self.cache(op, result, 0)
-        for result in ("accepted", "self", "foreign_tenant", "malformed", "oversized", "bad_mac", "replayed"):
+        for result in ("accepted", "self", "foreign_tenant", "malformed", "oversized", "bad_mac", "replayed",
+                       "clock_ahead"):
             self.discovery_messages.labels(tenant, result)
         for result in ("sent", "failed"):
             self.handoff_entries.labels(tenant, result)
@@ -188,6 +228,8 @@ class Metrics:
         self.antientropy_repairs.labels(tenant)
         self._evictions.inc(0)
         self.copy_stream_refusals.labels(tenant)
+        for source in ("heartbeat", "entry"):
+            self.clock_rejections.labels(tenant, source)
 
     def register_live_gauges(self, read: Callable[[], dict]) -> None:
         """
@@ -229,6 +271,15 @@ class Metrics:
 
     def peer_call(self, op: str, seconds: float) -> None:
         self.peer_duration.labels(self.tenant, op).observe(seconds)
+
+    def register_clock(self, clock) -> None:
+        """
+        Export the clock offsets of a :class:`~kvresponder.clockskew.ClockOffsets`, read at each scrape.
+        """
+        self.registry.register(_ClockGauges(self.tenant, clock))
+
+    def clock_rejected(self, source: str, count: int = 1) -> None:
+        self.clock_rejections.labels(self.tenant, source).inc(count)
 
     def copy_stream_refused(self) -> None:
         self.copy_stream_refusals.labels(self.tenant).inc()

@@ -17,6 +17,7 @@ from twisted.internet.task import LoopingCall, deferLater
 
 from . import __version__
 from .admin import AdminGuard
+from .clockskew import ClockOffsets
 from .coordinator import Coordinator, _gather
 from .copystream import CopyStreams
 from .discovery import derive_key
@@ -33,6 +34,8 @@ from .settings import Settings
 from .store import Store
 
 STARTING, JOINING, READY, DRAINING, STOPPED = "starting", "joining", "ready", "draining", "stopped"
+#: Not a lifecycle state: what readiness reports while this node's clock is too far from its peers'.
+CLOCK_SKEW = "clock-skew"
 
 #: Seconds after a ring change during which a read that finds nothing on a key's owners also asks the
 #: other nodes, since the key may still be on its way from its previous holders.
@@ -70,8 +73,10 @@ class Node:
         self.metrics = Metrics(settings.tenant)
         self.log_policy = log_policy or LogPolicy(settings.log_level)
         self.store = Store(self.wall, settings.max_memory, settings.tombstone_grace, events=self.metrics)
-        self.hlc = HybridLogicalClock(self.wall, self.node_id)
+        self.hlc = HybridLogicalClock(self.wall, self.node_id, max_ahead=settings.max_clock_offset)
         self.membership = Membership(clock.seconds, self.node_id, settings.peer_timeout)
+        #: The peers' clock offsets, and whether this node's own clock is too far off to stamp writes.
+        self.clock_offsets = ClockOffsets(clock.seconds, settings.max_clock_offset, settings.peer_timeout)
         self.state = STARTING
         self._ring = HashRing([self.node_id], vnodes=settings.vnodes)
         self._owned_ratio = (None, 1.0)
@@ -81,14 +86,16 @@ class Node:
         from .peers import PeerClient
         streams = None
         if stream_endpoint is not None and settings.replication_stream:
-            streams = CopyStreams(clock, stream_endpoint, settings.tenant, self.authenticator, self.metrics)
+            streams = CopyStreams(clock, stream_endpoint, settings.tenant, self.authenticator, self.metrics,
+                                  wall=self.wall)
         #: Copy streams peers opened to this node, open now.
         self.copy_streams_in = 0
         self.peers = PeerClient(http, clock, settings.tenant, settings.peer_request_timeout,
-                                self.authenticator, self.metrics, tracing, self.log_policy, streams)
+                                self.authenticator, self.metrics, tracing, self.log_policy, streams,
+                                wall=self.wall, clock_offsets=self.clock_offsets)
         self.coordinator = Coordinator(self.store, self.hlc, self.ring, self.membership.peer, self.peers,
                                        settings.replicas, settings.write_quorum, self.wall, self.metrics,
-                                       self.log_policy, self.ring_settling)
+                                       self.log_policy, self.ring_settling, clock_skew=self.clock_offsets)
         self.rebalancer = Rebalancer(self.node_id, self.store, self.ring, self.membership.peer, self.peers,
                                      clock, settings.replicas, self.metrics, wall=self.wall)
         self.admin = AdminGuard(settings.admin_token, settings.insecure_admin)
@@ -103,6 +110,7 @@ class Node:
         self._changed_at = clock.seconds()
         self.membership.subscribe(self._membership_changed)
         self.metrics.register_live_gauges(self.gauges)
+        self.metrics.register_clock(self.clock_offsets)
 
     # -- the ring -------------------------------------------------------------------------------------
 
@@ -149,6 +157,8 @@ class Node:
         if self.admin.mode == "insecure":
             INSECURE.log(reason="--insecure-admin: admin writes need no token")
         self._every(1.0, self.store.sweep)
+        # Peers that fall silent leave the clock estimate, and with them perhaps this node's skew.
+        self._every(1.0, self.clock_offsets.evaluate)
         if self._collect is not None:
             self._every(0.25, self._reclaim)
         self._every(self.settings.anti_entropy_interval, lambda: self.rebalancer.run_pass("anti-entropy"),
@@ -273,11 +283,21 @@ class Node:
             "kv_copy_streams_incoming": self.copy_streams_in,
         }
 
+    def readiness(self) -> str:
+        """
+        What readiness reports: the lifecycle state, or ``clock-skew`` while a joining or ready node's clock is
+        too far from its peers' (it coordinates no write then, so no client should be sent to it).
+        """
+        if self.state in (JOINING, READY) and self.clock_offsets.skewed:
+            return CLOCK_SKEW
+        return self.state
+
     def health(self) -> dict:
+        state = self.readiness()
         return {
             "status": "ok" if self.state in (JOINING, READY) else self.state,
-            "state": self.state,
-            "ready": self.state == READY,
+            "state": state,
+            "ready": state == READY,
             "tenant": self.settings.tenant,
             "node": self.node_id,
             "incarnation": self.incarnation,
@@ -287,6 +307,7 @@ class Node:
             "ring_size": len(self._ring),
             "replicas": self.settings.replicas,
             "pending_handoffs": self.rebalancer.pending,
+            "clock_skew_s": round(self.clock_offsets.skew, 6),
         }
 
     def diag(self) -> dict:
@@ -304,8 +325,9 @@ class Node:
             "reactor": "%s.%s" % (type(self.clock).__module__, type(self.clock).__name__),
             "node": self.node_id,
             "incarnation": self.incarnation,
-            "state": self.state,
+            "state": self.readiness(),
             "uptime_s": round(self.clock.seconds() - self.started_at, 3),
+            "clock": self.clock_offsets.as_json(),
             "config": self.settings.redacted(),
             "admin": self.admin.mode,
             "cluster_authenticated": self.authenticator is not None,

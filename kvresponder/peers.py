@@ -10,6 +10,7 @@ every internal operation is idempotent, so that retry is safe.
 import hashlib
 import hmac
 import json
+import math
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -35,6 +36,9 @@ from .store import ApplyResult, Entry
 from .wire import BATCH_TYPE, encode_batch, entry_from_wire
 
 AUTH_HEADER = b"X-KV-Auth"
+#: A peer's wall clock when it answered an internal call, in Unix seconds: a round-trip sample of its clock
+#: offset (:mod:`kvresponder.clockskew`).
+CLOCK_HEADER = b"X-KV-Clock"
 TASK_HEADER = b"X-Eliot-Task-Id"
 #: For a coalesced batch of writes: one Eliot task id per entry, space-separated ("-" for none).
 TASKS_HEADER = b"X-Eliot-Task-Ids"
@@ -167,11 +171,18 @@ class PeerClient:
     :param tracing: a :class:`~kvresponder.tracing.Tracing`, or ``None``.
     :param streams: a :class:`~kvresponder.copystream.CopyStreams` carrying the copies of client writes, or
         ``None`` to send them as HTTP requests.
+    :param wall: this node's wall clock in seconds (expiries travel as the time they have left); by default
+        the clock's ``seconds``.
+    :param clock_offsets: a :class:`~kvresponder.clockskew.ClockOffsets` fed the peers' clocks from their
+        answers, or ``None``.
     """
 
     def __init__(self, http, clock, tenant: str, timeout: float, authenticator=None, metrics=None,
-                 tracing=None, log_policy=None, streams=None) -> None:
+                 tracing=None, log_policy=None, streams=None, wall: Optional[Callable[[], float]] = None,
+                 clock_offsets=None) -> None:
         self._http = http
+        self._wall = wall or clock.seconds
+        self._clock_offsets = clock_offsets
         self.streams = streams
         self._clock = clock
         self._tenant = tenant
@@ -236,7 +247,7 @@ class PeerClient:
                         for name, value in trace_headers.items():
                             headers[name.encode("ascii")] = [value.encode("ascii")]
                     try:
-                        code, content = await self._post(url, headers, body, timeout or self.timeout)
+                        code, content = await self._post(url, headers, body, timeout or self.timeout, peer_id)
                         break
                     except _RETRYABLE:
                         if attempt == 2:
@@ -257,7 +268,7 @@ class PeerClient:
         except ValueError:
             raise PeerError("%s answered malformed JSON to %s" % (peer_id, op))
 
-    def _post(self, url: str, headers, body: bytes, timeout: float) -> Deferred:
+    def _post(self, url: str, headers, body: bytes, timeout: float, peer_id: str = "") -> Deferred:
         parsed = self._urls.get(url)
         if parsed is None:
             # treq parses a URL given as text on every call; a peer's few URLs are parsed once.
@@ -265,14 +276,29 @@ class PeerClient:
                 self._urls.clear()
             parsed = self._urls[url] = EncodedURL.from_text(url)
         # Peers never redirect: skip treq's redirect layer.
+        offsets = self._clock_offsets
+        sent = self._wall() if offsets is not None else 0.0
         d = self._http.request("POST", parsed, headers=headers, data=body, allow_redirects=False)
 
         def read(response):
+            if offsets is not None:
+                self._clock_sample(peer_id, sent, response)
             return treq.content(response).addCallback(lambda content: (response.code, content))
 
         d.addCallback(read)
         d.addTimeout(timeout, self._clock)
         return d
+
+    def _clock_sample(self, peer_id: str, sent: float, response) -> None:
+        stamps = response.headers.getRawHeaders(CLOCK_HEADER)
+        if not stamps:
+            return
+        try:
+            peer_time = float(stamps[0])
+        except ValueError:
+            return
+        if math.isfinite(peer_time):
+            self._clock_offsets.round_trip(peer_id, sent, peer_time, self._wall())
 
     # -- operations -----------------------------------------------------------------------------------
 
@@ -281,8 +307,8 @@ class PeerClient:
         Store entries on ``peer``; each result says whether it was newer there and whether a live value
         was replaced.
         """
-        answer = await self._call(peer.address, peer.port, peer.node_id, "apply", encode_batch(entries),
-                                  timeout=timeout)
+        answer = await self._call(peer.address, peer.port, peer.node_id, "apply",
+                                  encode_batch(entries, self._wall()), timeout=timeout)
         return _apply_results(answer, peer, len(entries))
 
     async def get(self, peer, key: str) -> Optional[Entry]:
@@ -294,7 +320,7 @@ class PeerClient:
         if data is None:
             return None
         try:
-            return entry_from_wire(data)
+            return entry_from_wire(data, self._wall())
         except ValueError:
             raise PeerError("%s answered a malformed entry" % (peer.node_id,))
 
@@ -441,8 +467,8 @@ class PeerClient:
         return streams.send(peer, entries, task_ids, self.timeout).addBoth(done)
 
     def _send_copies_as_request(self, peer, entries, task_ids) -> Deferred:
-        d = ensureDeferred(self._call(peer.address, peer.port, peer.node_id, "apply", encode_batch(entries),
-                                      task_ids=task_ids))
+        d = ensureDeferred(self._call(peer.address, peer.port, peer.node_id, "apply",
+                                      encode_batch(entries, self._wall()), task_ids=task_ids))
         return d.addCallback(_apply_results, peer, len(entries))
 
     def _fail_queued(self, key, failure) -> None:
@@ -512,8 +538,9 @@ class PeerClient:
         items = answer.get("entries") if isinstance(answer, dict) else None
         if not isinstance(items, list) or len(items) != len(keys):
             raise PeerError("%s answered a malformed batch" % (peer.node_id,))
+        now = self._wall()
         try:
-            return [None if item is None else entry_from_wire(item) for item in items]
+            return [None if item is None else entry_from_wire(item, now) for item in items]
         except ValueError:
             raise PeerError("%s answered a malformed entry" % (peer.node_id,))
 
@@ -567,9 +594,14 @@ def _apply_results(answer, peer, count: int) -> List[ApplyResult]:
     if not isinstance(results, list) or len(results) != count:
         raise PeerError("%s answered a malformed apply result" % (peer.node_id,))
     try:
-        return [ApplyResult(bool(applied), bool(had_live)) for applied, had_live in results]
+        return [_apply_result(*result) for result in results]
     except (TypeError, ValueError):
         raise PeerError("%s answered a malformed apply result" % (peer.node_id,))
+
+
+def _apply_result(applied, had_live, newer=None) -> ApplyResult:
+    # A third element, the newer version the peer holds, comes only when it held one.
+    return ApplyResult(bool(applied), bool(had_live), None if newer is None else version_from_wire(newer))
 
 
 __all__ = ["CachedEndpoints", "PeerClient", "PeerError", "PeerAuthenticator", "version_from_wire"]

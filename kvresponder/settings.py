@@ -189,6 +189,9 @@ OPTIONS = (
            "Seconds between anti-entropy rounds."),
     Option("peer-request-timeout", ("PEER_REQUEST_TIMEOUT",), "2", _positive_float,
            "Seconds before a peer call fails over."),
+    Option("max-clock-offset", ("MAX_CLOCK_OFFSET",), "0.5", _positive_float,
+           "Seconds this node's clock may be off the cluster's before it stops coordinating writes; also the "
+           "most a peer's time may be ahead before it is refused."),
     Option("replication-stream", ("REPLICATION_STREAM",), "true", _bool,
            "Send the copies of writes to each peer over one upgraded connection (false: a request a batch)."),
     Option("request-timeout", ("REQUEST_TIMEOUT",), "30", _positive_float,
@@ -245,6 +248,7 @@ class Settings:
     admin_token: Optional[str] = field(default=None, repr=False)
     insecure_admin: bool = False
     replication_stream: bool = True
+    max_clock_offset: float = 0.5
 
     @property
     def multicast_enabled(self) -> bool:

@@ -116,9 +116,13 @@ class ApplyResult(NamedTuple):
     """
     :ivar applied: the entry was newer than what the store held, and is now the current version.
     :ivar had_live: the store held a live (unexpired, non-tombstone) value for the key before.
+    :ivar newer: when the entry was not applied because the store holds a strictly newer version of the key
+        (a live value or a tombstone), that version; else ``None``. A coordinator whose write lost to it
+        stamps the write again above it (see :mod:`kvresponder.coordinator`).
     """
     applied: bool
     had_live: bool
+    newer: Optional[Version] = None
 
 
 class EntryTooLarge(Exception):
@@ -360,7 +364,7 @@ class Store:
             tomb = self._tombstones.get(bkey)
             newest = None if tomb is None else self._version(tomb)
         if newest is not None and entry.version <= newest:
-            return ApplyResult(False, had_live)
+            return ApplyResult(False, had_live, newest if entry.version < newest else None)
 
         self.changes += 1
         if existing is not None:

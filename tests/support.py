@@ -78,7 +78,9 @@ class MemoryCluster:
     (discovery is tested on its own).
     """
 
-    def __init__(self, count: int, tenant: str = "t1", **settings) -> None:
+    def __init__(self, count: int, tenant: str = "t1", wall_offsets: Dict[int, float] = None, **settings) -> None:
+        #: Seconds each node's wall clock is off real time, by its number (1 for n1): a skewed clock.
+        self.wall_offsets = dict(wall_offsets or {})
         self.clock = Clock()
         self.clock.advance(1_000_000)
         self.router = _Router()
@@ -95,7 +97,9 @@ class MemoryCluster:
         index = len(self.nodes) + 1
         settings = make_settings(self.tenant, "n%d" % (index,), advertise_address="10.0.0.%d" % (index,),
                                  port="3000", **self.settings)
-        node = Node(settings, self.clock, self.stub, join_settle=0.1)
+        offset = self.wall_offsets.get(index, 0.0)
+        wall = (lambda: self.clock.seconds() + offset) if offset else None
+        node = Node(settings, self.clock, self.stub, join_settle=0.1, wall=wall)
         self.router.roots[b"10.0.0.%d:3000" % (index,)] = build_root(node)
         self.nodes.append(node)
         self.introduce()
@@ -112,6 +116,8 @@ class MemoryCluster:
             for other in self.nodes:
                 if other is not node and other.node_id not in self.down:
                     node.membership.observe(other.heartbeat())
+                    # What the heartbeat's timestamp would tell: the sender's clock against ours.
+                    node.clock_offsets.heard(other.node_id, other.incarnation, other.wall() - node.wall())
             node.membership.expire()
 
     def kill(self, node: Node) -> None:

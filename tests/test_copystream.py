@@ -274,7 +274,7 @@ async def test_a_frame_with_a_bad_mac_closes_the_stream_and_stores_nothing(serve
     peer = server()
     protocol, lost = await _raw_stream(peer, derive_key("wrong", "peer"))
     outcome = []
-    protocol.send(encode_batch([_entry(1)]), [b"-"], 2.0).addBoth(outcome.append)
+    protocol.send(encode_batch([_entry(1)], 0.0), [b"-"], 2.0).addBoth(outcome.append)
     await lost
     assert outcome[0].check(ConnectionLost)
     assert peer.node.store.current("k1") is None
@@ -284,10 +284,10 @@ async def test_a_frame_with_a_bad_mac_closes_the_stream_and_stores_nothing(serve
 async def test_a_replayed_batch_id_closes_the_stream(server):
     peer = server()
     protocol, lost = await _raw_stream(peer, _auth().stream_key())
-    assert decode_results(await protocol.send(encode_batch([_entry(1)]), [b"-"], 2.0)) == [ApplyResult(True, False)]
+    assert decode_results(await protocol.send(encode_batch([_entry(1)], 0.0), [b"-"], 2.0), 1) == [ApplyResult(True, False)]
     protocol._next_id = 0   # the next frame reuses batch id 1
     outcome = []
-    protocol.send(encode_batch([_entry(2)]), [b"-"], 2.0).addBoth(outcome.append)
+    protocol.send(encode_batch([_entry(2)], 0.0), [b"-"], 2.0).addBoth(outcome.append)
     await lost
     assert outcome[0].check(ConnectionLost)
     assert peer.node.store.current("k2") is None
@@ -475,7 +475,7 @@ def test_answers_decode_to_one_result_an_entry():
     results = [ApplyResult(True, False), ApplyResult(False, True), ApplyResult(True, True), ApplyResult(False, False)]
     answer = encode_answer(7, results)
     assert struct.unpack_from("!IH", answer) == (7, 200)
-    assert decode_results(answer[6:]) == results
+    assert decode_results(answer[6:], len(results)) == results
 
 
 def test_every_send_waiting_on_a_refused_opening_hears_the_refusal():
@@ -584,9 +584,9 @@ async def test_nothing_after_a_rejected_frame_is_applied_and_the_connection_is_r
     protocol, lost = await _raw_stream(peer, _auth().stream_key())
     good = protocol._mac
     protocol._mac = lambda *parts: b"\0" * 16
-    protocol.send(encode_batch([_entry(1)]), [b"-"], 2.0).addErrback(lambda failure: None)
+    protocol.send(encode_batch([_entry(1)], 0.0), [b"-"], 2.0).addErrback(lambda failure: None)
     protocol._mac = good
-    protocol.send(encode_batch([_entry(2)]), [b"-"], 2.0).addErrback(lambda failure: None)
+    protocol.send(encode_batch([_entry(2)], 0.0), [b"-"], 2.0).addErrback(lambda failure: None)
     await lost
     await _until(lambda: peer.site.open_connections == 0)
     assert peer.node.store.current("k1") is None and peer.node.store.current("k2") is None
@@ -601,7 +601,7 @@ async def test_frames_sent_right_behind_the_upgrade_request_are_applied(server):
 
     class Pipelining(Protocol):
         def connectionMade(self):
-            batch = encode_batch([_entry(1)])
+            batch = encode_batch([_entry(1)], 0.0)
             frame = struct.pack("!I16sI", 1, b"\0" * 16, 1) + b"-" + batch
             self.transport.write(b"GET /t1/_internal/copies HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
                                  b"Upgrade: " + UPGRADE_TOKEN + b"\r\n\r\n" + struct.pack("!I", len(frame)) + frame)
@@ -617,7 +617,7 @@ async def test_frames_sent_right_behind_the_upgrade_request_are_applied(server):
     head, rest = await received
     assert head.startswith(b"HTTP/1.1 101 ")
     assert struct.unpack("!IIH", rest[:10]) == (len(rest) - 4, 1, 200)
-    assert decode_results(rest[10:]) == [ApplyResult(True, False)]
+    assert decode_results(rest[10:], 1) == [ApplyResult(True, False)]
     assert peer.node.store.current("k1").value == b"v"
     client.transport.loseConnection()
 

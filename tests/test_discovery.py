@@ -150,7 +150,7 @@ def test_announce_goes_to_the_group_and_every_seed_but_not_to_ourselves():
     sent = harness.sent()
     assert [addr for _, addr in sent] == [(GROUP, PORT), ("10.0.0.3", PORT), ("10.0.0.5", PORT)]
     assert all(body == sent[0][0] for body, _ in sent)
-    beat, want, _ = HeartbeatCodec("t1").decode(harness.transport.written[0][0], NOW)
+    beat, want, _ = HeartbeatCodec("t1").decode(harness.transport.written[0][0])
     assert (beat, want) == (OWN, True)
 
 

@@ -63,6 +63,7 @@ def test_defaults():
         "admin_token": None,
         "insecure_admin": False,
         "replication_stream": True,
+        "max_clock_offset": 0.5,
     }
 
 

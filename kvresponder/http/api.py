@@ -19,7 +19,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
-from ..coordinator import REMOTE, Unavailable
+from ..coordinator import REMOTE, ClockSkewed, Unavailable
 from ..hlc import format_version
 from ..log import UnknownLevel
 from ..log.service import LEVELS_CHANGED
@@ -208,12 +208,18 @@ def _failure_body(request, failure) -> Optional[bytes]:
         error = failure.value
     elif failure.check(Unavailable):
         error = unavailable(str(failure.value) or "Too few replicas are reachable.")
+    elif failure.check(ClockSkewed):
+        error = APIError(503, "clock_skew", str(failure.value))
     elif failure.check(EntryTooLarge):
         error = too_large("The entry is larger than the whole memory budget.")
     else:
         request.processingFailed(failure)
         return None
     return write_error(request, error)
+
+
+def _rounded(value: Optional[float]) -> Optional[float]:
+    return None if value is None else round(value, 6)
 
 
 def _write_failure(request, failure) -> None:
@@ -450,13 +456,15 @@ class PublicAPI:
         Readiness: 200 once the node has joined and loaded its share; 503 while starting or draining, so
         Kubernetes routes no client to it.
         """
-        state = self._node.state
+        state = self._node.readiness()
         return (200 if state == "ready" else 503), {"status": state, "node": self._node.node_id}
 
     @json_route(app, "/peers", ["GET", "HEAD"], read=True)
     def peers(self, request):
         now = self._node.clock.seconds()
-        return [peer.as_json(now) for peer in self._node.membership.peers()]
+        clock = self._node.clock_offsets
+        return [dict(peer.as_json(now), clock_offset_s=_rounded(clock.offset(peer.node_id)))
+                for peer in self._node.membership.peers()]
 
     @app.route("/metrics", methods=["GET", "HEAD"], strict_slashes=False)
     def metrics(self, request):

@@ -50,7 +50,7 @@ class CopyStreamResource(Resource):
         protocol = CopyStreamServer(
             node.coordinator.apply_copies, self._auth.stream_key() if self._auth is not None else None,
             nonce, channel.site.internal_body_limit, closed, address, channel.site.reactor,
-            channel.site.request_deadline)
+            channel.site.request_deadline, wall=node.wall)
         node.copy_streams_in += 1
         if not request.switch_protocols(protocol, upgrade_answer(nonce)):
             node.copy_streams_in -= 1

@@ -12,7 +12,7 @@ from klein import Klein
 from twisted.internet.defer import Deferred, ensureDeferred
 
 from ..hlc import version_from_wire
-from ..peers import AUTH_HEADER, TASK_HEADER, TASKS_HEADER
+from ..peers import AUTH_HEADER, CLOCK_HEADER, TASK_HEADER, TASKS_HEADER
 from ..store import EntryTooLarge
 from ..wire import BATCH_TYPE, decode_batch, entries_from_wire, entry_to_wire
 from .api import _failure_body, _render_value, handle_routing_errors
@@ -28,6 +28,8 @@ def internal_route(app: Klein, path: str):
     def decorator(function):
         def handler(self, request):
             request.route = "/_internal" + path
+            # Our clock, for the caller's estimate of its offset from ours (kvresponder.clockskew).
+            request.setHeader(CLOCK_HEADER, b"%.6f" % (self._node.wall(),))
             try:
                 self._authorize(request)
                 body = _parse(request)
@@ -104,16 +106,18 @@ class InternalAPI:
 
     @internal_route(app, "/apply")
     def apply(self, body):
+        now = self._node.wall()
         if "batch" in body:
-            entries = decode_batch(body["batch"])
+            entries = decode_batch(body["batch"], now)
         else:
-            entries = entries_from_wire(body.get("entries"))
+            entries = entries_from_wire(body.get("entries"), now)
         task_ids = (body.get("task_ids") or b"").split()
         try:
             results = self._node.coordinator.apply_copies(entries, task_ids)
         except EntryTooLarge:
             raise APIError(413, "payload_too_large", "An entry exceeds this node's memory budget.")
-        return {"results": [[result.applied, result.had_live] for result in results]}
+        return {"results": [[result.applied, result.had_live] if result.newer is None else
+                            [result.applied, result.had_live, list(result.newer)] for result in results]}
 
     @internal_route(app, "/get")
     def get(self, body):
@@ -124,12 +128,13 @@ class InternalAPI:
                     not all(isinstance(key, str) for key in keys):
                 raise bad_request("invalid_key", "keys must be a list of strings")
             entries = [store.current(key) for key in keys]
-            return {"entries": [None if entry is None else entry_to_wire(entry) for entry in entries]}
+            now = self._node.wall()
+            return {"entries": [None if entry is None else entry_to_wire(entry, now) for entry in entries]}
         key = body.get("key")
         if not isinstance(key, str):
             raise bad_request("invalid_key", "key must be a string")
         entry = store.current(key)
-        return {"entry": None if entry is None else entry_to_wire(entry)}
+        return {"entry": None if entry is None else entry_to_wire(entry, self._node.wall())}
 
     @internal_route(app, "/keys")
     def keys(self, body):

@@ -75,3 +75,9 @@ STREAM_REJECTED = leveled("replication", WARNING, MessageType(
     [Field.for_types("address", [str], "The caller's address and port."),
      Field.for_types("reason", [str], "What was wrong with its frame.")],
     "A copy stream sent a frame that failed its checks (MAC, order, size); the connection was dropped."))
+
+CLOCK_REJECTED = leveled("replication", WARNING, MessageType(
+    "kvresponder:replication:clock-rejected",
+    [KEY, VERSION, Field.for_types("count", [int], "Entries of the batch with such a version.")],
+    "A peer's entry carried a version further ahead of this node's clock than MAX_CLOCK_OFFSET: it is stored by "
+    "version order, but this node's clock does not adopt its time."))

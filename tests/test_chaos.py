@@ -20,6 +20,7 @@ import threading
 import time
 
 import pytest
+import requests
 
 from kvresponder.discovery import HeartbeatCodec, derive_key
 from kvresponder.membership import Heartbeat
@@ -28,9 +29,9 @@ from kvresponder.settings import discovery_group_for
 from . import clock_nemesis
 from .conftest import require_tool
 from .harness import REPO
-from .history import (History, Load, check, perform, preload, read_through, real_time_order_violations,
-                      settle)
-from .netns import DISCOVERY_PORT, TENANT, Network, NetnsUnavailable, session, wait_until
+from .history import (ABSENT, ERROR, History, Load, check, perform, preload, read_through,
+                      real_time_order_violations, settle)
+from .netns import DISCOVERY_PORT, TENANT, Network, NetnsUnavailable, metric_sum, session, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -469,23 +470,87 @@ def _write_pairs(history, first, then, prefix: str, count: int, ttl=None):
     return pairs
 
 
-def _assert_later_writes_win(history, pairs, nodes, label: str) -> None:
+REFUSED = ("refused", "clock_skew")
+
+
+def _read_or_refused(node, keys):
     """
-    Every later write was acknowledged, and every node returns it: 0 lost of ``len(pairs)``.
+    ``{key: value, ABSENT, REFUSED or ERROR}`` through ``node``: REFUSED is a 503 ``clock_skew``, which a
+    skewed node may answer; a wrong value never.
+    """
+    s = session()
+    states = {}
+    for key in keys:
+        try:
+            response = s.get(node.url + "/kv/" + key, timeout=5)
+        except requests.RequestException:
+            states[key] = ERROR
+            continue
+        if response.status_code == 200:
+            states[key] = response.json()["value"]
+        elif response.status_code == 404:
+            states[key] = ABSENT
+        elif response.status_code == 503 and "clock_skew" in response.text:
+            states[key] = REFUSED
+        else:
+            states[key] = ERROR
+    return states
+
+
+def _assert_later_writes_win(history, pairs, nodes, label: str, may_refuse=()) -> None:
+    """
+    Every later write was acknowledged, and every node returns it (0 lost of ``len(pairs)``); a node in
+    ``may_refuse`` (a skewed one) may instead refuse the read with 503 ``clock_skew``, but not answer
+    anything else.
     """
     late_acked = [late for _, late in pairs if late.acknowledged]
     assert len(late_acked) == len(pairs), ["%s via %s: %s %s" % (op.key, op.node, op.status, op.detail[:100])
                                            for _, op in pairs if not op.acknowledged][:5]
-    finals = read_through(nodes, [late.key for _, late in pairs])
-    lost = [(late.key, node, finals[node][late.key]) for _, late in pairs for node in finals
-            if finals[node][late.key] != late.value]
-    violations = real_time_order_violations(history, finals)
-    sys.stdout.write("\n[%s] later acknowledged writes: %d, lost: %d, real-time violations: %d; first writes "
-                     "acknowledged through the skewed node: %d\n" % (
-                         label, len(late_acked), len({key for key, _, _ in lost}), len(violations),
-                         sum(early.acknowledged for early, _ in pairs)))
+    expected = {late.key: late.value for _, late in pairs}
+    keys = list(expected)
+    finals = {node.node_id: _read_or_refused(node, keys) for node in nodes}
+    refusing = {node.node_id for node in may_refuse}
+    lost = {node: [key for key in keys if states[key] != expected[key]
+                   and not (node in refusing and states[key] == REFUSED)]
+            for node, states in finals.items()}
+    refused = {node: sum(state == REFUSED for state in states.values()) for node, states in finals.items()}
+    violations = real_time_order_violations(history, {
+        node: {key: ERROR if state == REFUSED else state for key, state in states.items()}
+        for node, states in finals.items()})
+    sys.stdout.write("\n[%s] later acknowledged writes: %d; lost, by node read through: %s; reads refused "
+                     "(clock_skew): %s; real-time violations: %d; first writes acknowledged through the "
+                     "skewed node: %d\n" % (
+                         label, len(late_acked), {node: len(keys) for node, keys in lost.items()}, refused,
+                         len(violations), sum(early.acknowledged for early, _ in pairs)))
     assert violations == [], violations[:5]
-    assert lost == [], lost[:5]
+    assert all(keys == [] for keys in lost.values()), {
+        node: [(key, finals[node][key]) for key in keys[:3]] for node, keys in lost.items() if keys}
+
+
+def _assert_membership_holds(nodes, seconds: float = 3.0) -> None:
+    """
+    For ``seconds``, every node keeps all the others as live peers and drops none of their heartbeats (as
+    replayed or as a clock ahead): offsets within MAX_CLOCK_OFFSET must not split the cluster.
+    """
+    ids = {node.node_id for node in nodes}
+
+    def dropped():
+        counts = {}
+        for node in nodes:
+            series = node.metrics()
+            counts[node.node_id] = {result: metric_sum(series, "kv_discovery_messages_total", result=result)
+                                    for result in ("replayed", "clock_ahead")}
+        return counts
+    before = dropped()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for node in nodes:
+            alive = {peer["id"] for peer in node.peers() if peer["state"] == "alive"}
+            assert alive == ids - {node.node_id}, (node.node_id, alive, dropped())
+        time.sleep(0.3)
+    after = dropped()
+    assert after == before, "heartbeats dropped between nodes within the bound: before %s, after %s" % (
+        before, after)
 
 
 def _assert_versions_near_real_time(history, healthy, prefix: str, slack: float) -> None:
@@ -540,7 +605,7 @@ def test_a_skewed_node_is_refused_and_loses_no_later_acknowledged_write(net, spe
     refused = [early for early, _ in pairs if not early.acknowledged]
     assert all(op.status == 503 and "clock_skew" in op.detail for op in refused), \
         [(op.status, op.detail[:100]) for op in refused[:3]]
-    _assert_later_writes_win(history, pairs, healthy + [skewed], label)
+    _assert_later_writes_win(history, pairs, healthy + [skewed], label, may_refuse=[skewed])
     _assert_versions_near_real_time(history, healthy, "ckprobe", slack=3.0)
     _assert_offset_shown(healthy, offset)
 
@@ -558,6 +623,7 @@ def test_writes_accepted_through_a_node_30s_ahead_within_a_60s_bound_still_lose_
     skewed.wait_ready()
     net.wait_formed(healthy + [skewed])
     _assert_offset_shown(healthy, 30.0)
+    _assert_membership_holds(healthy + [skewed])
     history = History()
     pairs = _write_pairs(history, skewed, healthy, "ck60", CLOCK_KEYS)
     early_acked = [early for early, _ in pairs if early.acknowledged]

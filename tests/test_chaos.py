@@ -583,7 +583,9 @@ def _assert_refuses_as_skewed(skewed, expected: float) -> None:
     health = skewed.health()
     assert health["state"] == "clock-skew", health
     assert abs(health["clock_skew_s"] - expected) < 1.5, health
-    assert clock_nemesis.logged(skewed, "kvresponder:discovery:clock-skewed"), skewed.log_tail()
+    # The node's log reaches its file a little later than its answers reach us.
+    wait_until(lambda: clock_nemesis.logged(skewed, "kvresponder:discovery:clock-skewed"), 5,
+               "%s to log clock-skewed" % (SKEWED,), skewed.log_tail)
 
 
 @pytest.mark.parametrize("spec, offset", [("+30s", 30.0), ("-30s", -30.0), ("+365d", clock_nemesis.ONE_YEAR)],
@@ -689,7 +691,8 @@ def test_a_clock_stepped_back_while_running_loses_no_later_write_and_recovers(ne
     clock_nemesis.step(timestamps, "+0")
     skewed.wait_ready(timeout=30)
     assert skewed.health()["state"] != "clock-skew"
-    assert clock_nemesis.logged(skewed, "kvresponder:discovery:clock-recovered"), skewed.log_tail()
+    wait_until(lambda: clock_nemesis.logged(skewed, "kvresponder:discovery:clock-recovered"), 5,
+               "%s to log clock-recovered" % (SKEWED,), skewed.log_tail)
     _assert_offset_shown(healthy, 0.0)
     net.wait_formed(nodes)
     # Writes acknowledged through the stepped node after an acknowledged write must be final too.

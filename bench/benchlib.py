@@ -202,7 +202,7 @@ def start_loaded_cluster(python: str, count: int, keys: int, env: Optional[Dict[
     """
     A cluster of ``count`` nodes holding ``keys`` keys (``key_name``, VALUE_SIZE bytes each), loaded fast: into
     the first node alone (local writes), then the others join and take their copies. Loading through a formed
-    cluster replicates every write with its own peer request, which is slow (see docs/PERFORMANCE.md).
+    cluster is slower (bench/results/HISTORY.md, "Method").
     """
     discovery = free_port(socket.SOCK_DGRAM)
     nodes = [start_node(python, "n1", discovery, env)]
@@ -273,15 +273,17 @@ def value_text(size: int = VALUE_SIZE) -> str:
 
 
 def bulk_load(base: str, count: int, batch: int = 1000, workers: int = 4, start: int = 0,
-              value_size: int = VALUE_SIZE, name=key_name, retries: int = 5) -> float:
+              value_size: int = VALUE_SIZE, name=key_name, retries: int = 5, value: Optional[str] = None) -> float:
     """
-    PUT keys ``name(start) .. name(start + count - 1)`` through POST /bulk; returns the seconds taken.
+    PUT keys ``name(start) .. name(start + count - 1)`` through POST /bulk; returns the seconds taken. The value
+    is ``value`` if given, else ``value_text(value_size)``.
     Writes answered 503 (too few replicas in time) are sent again, up to ``retries`` times, and counted in
     ``bulk_load.retried``; anything else that fails raises.
     """
     host, port = base.split("//", 1)[1].split("/", 1)[0].split(":")
     path = "/" + base.split("//", 1)[1].split("/", 1)[1] + "/bulk"
-    value = value_text(value_size)
+    if value is None:
+        value = value_text(value_size)
     batches = [[name(i) for i in range(i, min(i + batch, start + count))] for i in range(start, start + count, batch)]
     local = threading.local()
     retried = [0]
@@ -340,11 +342,14 @@ class Wrk:
 
     def __init__(self, url: str, mode: str, duration: float, connections: int = 32, threads: int = 1,
                  script: str = "kv.lua", keys: int = HIT_KEYS, value_size: int = VALUE_SIZE, get_pct: int = 90,
-                 batch: int = 100, delay_ms: float = 0.0, timeout: str = "5s") -> None:
+                 batch: int = 100, delay_ms: float = 0.0, timeout: str = "5s", value: Optional[str] = None) -> None:
         self.mode = mode
         self.command = ["wrk", "-t%d" % threads, "-c%d" % connections, "-d%ds" % max(1, round(duration)),
                         "--timeout", timeout, "--latency", "-s", os.path.join(LUA, script), url, "--",
                         TENANT, mode, str(keys), str(value_size), str(get_pct), str(batch), repr(delay_ms)]
+        if value is not None:
+            # The stored string itself, for the scripts that take one (references.lua).
+            self.command.append(value)
         self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def result(self) -> dict:

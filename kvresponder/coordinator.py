@@ -13,6 +13,7 @@ The local node goes through the same logic, with a direct call in place of HTTP.
 from contextvars import copy_context
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
+from attr import attrib, attrs
 from eliot import Action, write_failure, write_traceback
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, fail, succeed
 
@@ -114,6 +115,11 @@ class Coordinator:
         self._ring_settling = ring_settling
         self._clock_skew = clock_skew
         self.node_id = hlc.node_id
+        self._write_path = WritePath(
+            node_id=self.node_id, targets=self._targets, apply_local=self.apply_local, peer_of=peer_of,
+            send_copy=lambda peer, entry: self._peers.apply_coalesced(peer, entry), count=metrics.replication,
+            restamped=self.restamped,
+            log_writes=lambda: log_policy.enabled("replication", DEBUG))
 
     # -- local operations, shared with the internal routes ----------------------------------------------
 
@@ -278,7 +284,7 @@ class Coordinator:
                 return fail()
             return succeed(WriteResult(entry, not first.had_live, 1))
         try:
-            return _ReplicatedWrite(self, entry, op).start()
+            return _ReplicatedWrite(self._write_path, entry, op).start()
         except Exception:
             return fail()
 
@@ -344,7 +350,7 @@ class Coordinator:
                 pending.setdefault(owner, []).append(index)
         while pending:
             batches = list(pending.items())
-            results = await _gather([call(node, indices) for node, indices in batches])
+            results = await gather([call(node, indices) for node, indices in batches])
             pending = {}
             for (node, indices), result in zip(batches, results):
                 if result is None:
@@ -474,14 +480,14 @@ class Coordinator:
         return newest
 
     async def _read_owners(self, key: str, owners: List[str], fallbacks: List[str]) -> Optional[Entry]:
-        answers = await _gather([self._read_slot(owner, fallbacks, key) for owner in owners])
+        answers = await gather([self._read_slot(owner, fallbacks, key) for owner in owners])
         answered = [answer for answer in answers if answer is not None]
         if not answered:
             raise Unavailable("no replica of this key answered")
         if fallbacks and all(entry is None for _, entry in answered) and self._ring_settling():
             # The ring changed moments ago: the key may still sit on its previous holders, whose handoff
             # is under way. Ask the rest of the ring before answering "absent".
-            more = await _gather([self._read_slot(node, [], key) for node in list(fallbacks)])
+            more = await gather([self._read_slot(node, [], key) for node in list(fallbacks)])
             answered.extend(answer for answer in more if answer is not None)
         return self._newest_and_repair(answered)
 
@@ -556,7 +562,7 @@ class Coordinator:
             except PeerError:
                 return None
 
-        answers = await _gather([from_peer(node) for node in remote])
+        answers = await gather([from_peer(node) for node in remote])
         missing = [node for node, answer in zip(remote, answers) if answer is None]
         if missing and self.replicas <= len(missing):
             # Every copy of some keys may sit on the nodes that did not answer.
@@ -566,7 +572,7 @@ class Coordinator:
         return merged[:limit], len(merged) > limit
 
 
-async def _gather(coroutines) -> list:
+async def gather(coroutines) -> list:
     """
     Run coroutines in parallel and return their results in order. Each one handles its own expected
     failures; an unexpected one is logged and counts as ``None``.
@@ -583,6 +589,30 @@ async def _gather(coroutines) -> list:
     return values
 
 
+@attrs(frozen=True, slots=True)
+class WritePath:
+    """
+    What a replicated write (:class:`_ReplicatedWrite`) needs from its coordinator, handed to it explicitly.
+
+    :ivar node_id: this node's id.
+    :ivar targets: ``targets(key)``: the key's owners, its fallbacks in ring order, and the quorum.
+    :ivar apply_local: stores an entry on this node.
+    :ivar peer_of: the membership peer of a node id, or ``None``.
+    :ivar send_copy: ``send_copy(peer, entry)``: a Deferred of the peer's ``ApplyResult``.
+    :ivar count: ``count(op, result)``: one replica call's outcome, for metrics.
+    :ivar restamped: the entry stamped again above a newer version a replica holds.
+    :ivar log_writes: whether a write gets its own ``replication:write`` action (debug level).
+    """
+    node_id: str = attrib()
+    targets: Callable = attrib()
+    apply_local: Callable = attrib()
+    peer_of: Callable = attrib()
+    send_copy: Callable = attrib()
+    count: Callable = attrib()
+    restamped: Callable = attrib()
+    log_writes: Callable = attrib()
+
+
 class _ReplicatedWrite:
     """
     One client write on its way to the key's owners. Each owner's copy is sent at once, in parallel; an owner
@@ -595,16 +625,16 @@ class _ReplicatedWrite:
     debug level inside the write's own ``replication:write``), so the next attempt's actions and spans stay in
     the write's tree and trace; the write's own result fires outside it, so that what the caller does next
     (answer the client, serve a pipelined request) is not logged inside a finished write. Whatever goes wrong
-    unexpectedly in one slot is logged and counts as a missing copy, as the ``_gather`` the coroutines used
+    unexpectedly in one slot is logged and counts as a missing copy, as the ``gather`` the coroutines used
     did; the write still fires, once.
     """
 
-    __slots__ = ("_coordinator", "_entry", "_op", "_fallbacks", "_quorum", "_waiting", "_stored", "_action",
+    __slots__ = ("_path", "_entry", "_op", "_fallbacks", "_quorum", "_waiting", "_stored", "_action",
                  "_context", "_entered", "_done", "_outcome", "_tries", "_created")
 
-    def __init__(self, coordinator: Coordinator, entry: Entry, op: str, tries: int = MAX_RESTAMPS,
+    def __init__(self, path: WritePath, entry: Entry, op: str, tries: int = MAX_RESTAMPS,
                  created: Optional[bool] = None) -> None:
-        self._coordinator = coordinator
+        self._path = path
         self._entry = entry
         self._op = op
         #: Times the write may still be stamped again above a newer version a replica reports.
@@ -622,10 +652,10 @@ class _ReplicatedWrite:
         """
         :return: a Deferred firing with a :class:`WriteResult`, or failing with :class:`Unavailable`.
         """
-        coordinator = self._coordinator
-        owners, self._fallbacks, self._quorum = coordinator._targets(self._entry.key)
+        path = self._path
+        owners, self._fallbacks, self._quorum = path.targets(self._entry.key)
         self._waiting = len(owners)
-        if coordinator._log.enabled("replication", DEBUG):
+        if path.log_writes():
             self._action = COORDINATE_WRITE(key=self._entry.key, op=self._op,
                                             version=format_version(self._entry.version), targets=owners)
             with self._action.context():
@@ -651,30 +681,30 @@ class _ReplicatedWrite:
             self._slot_done(None)
 
     def _try(self, owner: str, node: str) -> None:
-        coordinator = self._coordinator
-        if node == coordinator.node_id:
+        path = self._path
+        if node == path.node_id:
             try:
-                result = coordinator.apply_local(self._entry)
+                result = path.apply_local(self._entry)
             except Exception:
                 write_traceback()
                 self._slot_done(None)
                 return
-            coordinator._metrics.replication(self._op, "success")
+            path.count(self._op, "success")
             self._slot_done((node, result))
             return
-        peer = coordinator._peer_of(node)
+        peer = path.peer_of(node)
         if peer is None:
             self._failover(owner, node, "left the membership")
             return
         try:
-            d = coordinator._peers.apply_coalesced(peer, self._entry)
+            d = path.send_copy(peer, self._entry)
         except (PeerError, Unavailable) as error:
             self._failover(owner, node, str(error))
             return
         d.addCallbacks(self._copied, self._copy_failed, callbackArgs=(node,), errbackArgs=(owner, node))
 
     def _copied(self, result: ApplyResult, node: str) -> None:
-        self._coordinator._metrics.replication(self._op, "success")
+        self._path.count(self._op, "success")
         self._slot_done((node, result))
         self._fire()
 
@@ -705,7 +735,7 @@ class _ReplicatedWrite:
 
     def _failover(self, owner: str, failed: str, reason: str) -> None:
         try:
-            self._coordinator._metrics.replication(self._op, "failure")
+            self._path.count(self._op, "failure")
             COPY_FAILED.log(key=self._entry.key, peer=failed, reason=reason)
             node = self._fallbacks.pop(0) if self._fallbacks else None
             if node is not None:
@@ -745,7 +775,7 @@ class _ReplicatedWrite:
             # A replica holds a newer version than this write's, though the write began after it was written
             # (or overlaps it): stamp the write again just above it and send it again, so that a write that
             # follows an acknowledged one wins whatever the clocks say.
-            self._outcome = _Again(self._coordinator.restamped(self._entry, newer), created)
+            self._outcome = _Again(self._path.restamped(self._entry, newer), created)
             return
         self._outcome = WriteResult(self._entry, created, copies)
 
@@ -757,7 +787,7 @@ class _ReplicatedWrite:
             self._done.errback(outcome)
         elif isinstance(outcome, _Again):
             self._outcome = None
-            again = _ReplicatedWrite(self._coordinator, outcome.entry, self._op, self._tries - 1, outcome.created)
+            again = _ReplicatedWrite(self._path, outcome.entry, self._op, self._tries - 1, outcome.created)
             # In the context the write began in, so that the next attempt stays in the request's tree.
             try:
                 d = self._context.run(again.start)

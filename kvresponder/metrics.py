@@ -85,15 +85,19 @@ def _outcome_counter(name: str, help_text: str, tenant: str,
 
 class _LiveGauges:
     """
-    A collector that reads gauges from the node at scrape time, so the hot path never updates them.
+    A collector that reads gauges at scrape time, so the hot path never updates them: the node's, from one
+    function, and any other module's, from the readers it registered (:meth:`Metrics.register_gauge`).
     """
 
-    def __init__(self, tenant: str, read: Callable[[], dict]) -> None:
+    def __init__(self, tenant: str, read: Callable[[], dict], readers: Dict[str, Callable[[], float]]) -> None:
         self._tenant = tenant
         self._read = read
+        self._readers = readers
 
     def collect(self):
-        values = self._read()
+        values = dict(self._read())
+        for name, reader in self._readers.items():
+            values[name] = reader()
         for name, help_text in _LIVE_GAUGES:
             if name in _UNTYPED:
                 family = UntypedMetricFamily(name, help_text, labels=["tenant"])
@@ -172,6 +176,7 @@ class Metrics:
     def __init__(self, tenant: str) -> None:
         self.tenant = tenant
         self.registry = registry = CollectorRegistry(auto_describe=True)
+        self._gauge_readers: Dict[str, Callable[[], float]] = {}
         t = ["tenant"]
         self._stats = _RequestStats(tenant)
         registry.register(self._stats)
@@ -235,7 +240,23 @@ class Metrics:
         """
         Export the gauges in ``_LIVE_GAUGES`` from ``read()``, called at each scrape.
         """
-        self.registry.register(_LiveGauges(self.tenant, read))
+        self.registry.register(_LiveGauges(self.tenant, read, self._gauge_readers))
+
+    def register_gauge(self, name: str, read: Callable[[], float]) -> None:
+        """
+        Export gauge ``name`` (one of ``_LIVE_GAUGES``) from ``read()``, called at each scrape: the module that
+        knows the value registers it here, rather than have the node ask it.
+        """
+        if name not in dict(_LIVE_GAUGES):
+            raise ValueError("unknown gauge %r" % (name,))
+        self._gauge_readers[name] = read
+
+    def gauge(self, name: str) -> float:
+        """
+        The current value of a registered gauge (0 while nothing registered it).
+        """
+        read = self._gauge_readers.get(name)
+        return read() if read is not None else 0
 
     # Store events.
     def evicted(self, count: int) -> None:

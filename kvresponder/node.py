@@ -18,7 +18,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from . import __version__
 from .admin import AdminGuard
 from .clockskew import ClockOffsets
-from .coordinator import Coordinator, _gather
+from .coordinator import Coordinator, gather
 from .copystream import CopyStreams
 from .discovery import derive_key
 from .hlc import HybridLogicalClock
@@ -88,8 +88,6 @@ class Node:
         if stream_endpoint is not None and settings.replication_stream:
             streams = CopyStreams(clock, stream_endpoint, settings.tenant, self.authenticator, self.metrics,
                                   wall=self.wall)
-        #: Copy streams peers opened to this node, open now.
-        self.copy_streams_in = 0
         self.peers = PeerClient(http, clock, settings.tenant, settings.peer_request_timeout,
                                 self.authenticator, self.metrics, tracing, self.log_policy, streams,
                                 wall=self.wall, clock_offsets=self.clock_offsets)
@@ -101,7 +99,6 @@ class Node:
         self.admin = AdminGuard(settings.admin_token, settings.insecure_admin)
         self.join_settle = join_settle if join_settle is not None else min(0.5, settings.heartbeat_interval)
         self.started_at = self.ring_changed_at = clock.seconds()
-        self.open_connections: Callable[[], int] = lambda: 0
         self._loops = []
         self._collect = collect
         self._released_at_collect = 0
@@ -219,7 +216,7 @@ class Node:
             except PeerError:
                 pass
 
-        await _gather([ask(peer) for peer in peers])
+        await gather([ask(peer) for peer in peers])
         if self.state == JOINING:
             self.state = READY
 
@@ -278,9 +275,7 @@ class Node:
             "kv_replication_factor": self.settings.replicas,
             "kv_handoff_pending": self.rebalancer.pending,
             "kv_ring_owned_ratio": self.owned_ratio(),
-            "kv_open_connections": self.open_connections(),
             "kv_copy_streams_outgoing": self.peers.streams.open_count() if self.peers.streams is not None else 0,
-            "kv_copy_streams_incoming": self.copy_streams_in,
         }
 
     def readiness(self) -> str:
@@ -338,7 +333,7 @@ class Node:
             "ring": {"members": sorted(self._ring.nodes), "vnodes": self._ring.vnodes,
                      "owned_ratio": round(self.owned_ratio(), 4)},
             "rebalance": {"passes": self.rebalancer.passes, "pending": self.rebalancer.pending},
-            "open_connections": self.open_connections(),
+            "open_connections": self.metrics.gauge("kv_open_connections"),
             "process": {"pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid()},
         }
 

@@ -24,7 +24,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
-from .coordinator import _gather
+from .coordinator import gather
 from .hlc import Version
 from .log.rebalance import DRAIN, HANDOFF, SCAN, SYNC
 from .peers import PeerError
@@ -241,7 +241,7 @@ class Rebalancer:
             # peer's sync request does not cost another walk over the store.
             self._digest_cache = (ring, self.store.changes,
                                   {node: digest.wire() for node, digest in digests.items()})
-            repaired = sum(await _gather([self._sync(node, digest, sync_reason)
+            repaired = sum(await gather([self._sync(node, digest, sync_reason)
                                           for node, digest in sorted(digests.items())]))
             self.pending = len(handoff) - handed_off
             self.passes += 1
@@ -263,7 +263,7 @@ class Rebalancer:
                 if owner != self.node_id:
                     by_owner.setdefault(owner, []).append(entry)
         acked: Dict[Tuple[str, Version], int] = {}
-        await _gather([self._send_all(owner, entries, acked) for owner, entries in by_owner.items()])
+        await gather([self._send_all(owner, entries, acked) for owner, entries in by_owner.items()])
         dropped = 0
         for entry, owners in handoff:
             needed = len([owner for owner in owners if owner != self.node_id])

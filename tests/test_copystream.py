@@ -106,7 +106,7 @@ async def test_a_batch_sent_over_the_stream_is_stored_and_answered_an_entry_at_a
         assert peer.node.store.current("k2").value == b"newer"
         again = await streams.send(peer.peer, [_entry(1)], [b"-"], 2.0)
         assert again == [ApplyResult(False, True)]   # the same version again: not newer
-        assert streams.open_count() == 1 and peer.node.copy_streams_in == 1
+        assert streams.open_count() == 1 and peer.node.metrics.gauge("kv_copy_streams_incoming") == 1
     finally:
         streams.close()
 
@@ -153,10 +153,10 @@ async def test_the_stream_outlives_the_http_idle_timeout_and_frees_its_connectio
     assert peer.site.open_connections == 1
     await deferLater(reactor, 0.6, lambda: None)
     await streams.send(peer.peer, [_entry(2)], [b"-"], 2.0)
-    assert streams.open_count() == 1 and peer.node.copy_streams_in == 1
+    assert streams.open_count() == 1 and peer.node.metrics.gauge("kv_copy_streams_incoming") == 1
     streams.close()
     await _until(lambda: peer.site.open_connections == 0)
-    assert peer.node.copy_streams_in == 0
+    assert peer.node.metrics.gauge("kv_copy_streams_incoming") == 0
 
 
 @pytest_twisted.ensureDeferred
@@ -310,7 +310,7 @@ async def test_the_route_answers_json_errors_to_what_is_not_an_upgrade(server):
         response = await http.request(method, base, headers=headers)
         body = json.loads(await response.content())
         assert (response.code, body["error"]) == (status, error), method
-    assert peer.node.copy_streams_in == 0
+    assert peer.node.metrics.gauge("kv_copy_streams_incoming") == 0
 
 
 def test_a_connection_that_cannot_be_handed_over_gets_a_501():
@@ -325,7 +325,7 @@ def test_a_connection_that_cannot_be_handed_over_gets_a_501():
     body = stub.json_content(response)
     stub.flush()
     assert body.result["error"] == "not_implemented"
-    assert node.copy_streams_in == 0
+    assert node.metrics.gauge("kv_copy_streams_incoming") == 0
 
 
 @pytest_twisted.ensureDeferred
@@ -570,10 +570,10 @@ async def test_an_idle_stream_is_closed_by_the_peer_and_the_next_write_opens_ano
     try:
         await streams.send(peer.peer, [_entry(1)], [b"-"], 2.0)
         await _until(lambda: peer.site.open_connections == 0, 3.0)
-        assert peer.node.copy_streams_in == 0
+        assert peer.node.metrics.gauge("kv_copy_streams_incoming") == 0
         await _until(lambda: streams.open_count() == 0, 3.0)
         assert await streams.send(peer.peer, [_entry(2)], [b"-"], 2.0) == [ApplyResult(True, False)]
-        assert peer.node.copy_streams_in == 1
+        assert peer.node.metrics.gauge("kv_copy_streams_incoming") == 1
     finally:
         streams.close()
 
@@ -590,7 +590,7 @@ async def test_nothing_after_a_rejected_frame_is_applied_and_the_connection_is_r
     await lost
     await _until(lambda: peer.site.open_connections == 0)
     assert peer.node.store.current("k1") is None and peer.node.store.current("k2") is None
-    assert peer.node.copy_streams_in == 0
+    assert peer.node.metrics.gauge("kv_copy_streams_incoming") == 0
 
 
 @pytest_twisted.ensureDeferred

@@ -47,7 +47,7 @@ def _client():
     clock = Clock()
     client = PeerClient(http=None, clock=clock, tenant="t1", timeout=5.0)
     calls = _Calls()
-    client._post = calls.post
+    client.transport._post = calls.post
     return client, clock, calls
 
 
@@ -134,7 +134,7 @@ def test_a_batch_that_cannot_be_sent_fails_its_writes_and_frees_the_peer(monkeyp
     If encoding a batch raises, then its writes fail with PeerError (so they fail over) instead of waiting
     forever, and later writes to the same peer still go out.
     """
-    import kvresponder.peers as peers
+    import kvresponder.copysender as peers
     client, clock, calls = _client()
     monkeypatch.setattr(peers, "encode_batch", lambda entries, now: 1 / 0)
     broken = client.apply_coalesced(PEER, _entry(1))

@@ -199,7 +199,7 @@ def _write_json(request, status: int, body: bytes) -> None:
     request.finish()
 
 
-def _failure_body(request, failure) -> Optional[bytes]:
+def failure_body(request, failure) -> Optional[bytes]:
     """
     The JSON error body for an expected failure (with status and headers set), or ``None`` after
     answering an unexpected one with a bare 500.
@@ -225,7 +225,7 @@ def _rounded(value: Optional[float]) -> Optional[float]:
 def _write_failure(request, failure) -> None:
     if request.finished or request._disconnected:
         return
-    body = _failure_body(request, failure)
+    body = failure_body(request, failure)
     if body is None or request.finished:
         return
     request.setHeader(b"Content-Length", b"%d" % (len(body),))
@@ -385,17 +385,17 @@ def json_route(app: Klein, path: str, methods, read: bool = False):
                     # Klein waits for a Deferred and writes the bytes it fires with; it must not be
                     # handed NOT_DONE_YET, which it would answer at once with an empty page.
                     d = ensureDeferred(result) if not isinstance(result, Deferred) else result
-                    d.addCallback(lambda value: _render_value(request, value))
-                    d.addErrback(lambda failure: _failure_body(request, failure))
+                    d.addCallback(lambda value: render_value(request, value))
+                    d.addErrback(lambda failure: failure_body(request, failure))
                     return d
-                return _render_value(request, result)
+                return render_value(request, result)
         handler.__name__ = function.__name__
         handler.__doc__ = function.__doc__
         return app.route(path, methods=methods, strict_slashes=False)(handler)
     return decorator
 
 
-def _render_value(request, result) -> bytes:
+def render_value(request, result) -> bytes:
     status = 200
     if isinstance(result, tuple):
         status, result = result

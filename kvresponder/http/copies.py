@@ -31,6 +31,9 @@ class CopyStreamResource(Resource):
         Resource.__init__(self)
         self._node = node
         self._auth = authenticator
+        #: Copy streams peers have open to this node now.
+        self.open = 0
+        node.metrics.register_gauge("kv_copy_streams_incoming", lambda: self.open)
 
     def render(self, request):
         request.route = "/_internal/copies"
@@ -44,16 +47,16 @@ class CopyStreamResource(Resource):
         node, channel = self._node, request.channel
 
         def closed(reason) -> None:
-            node.copy_streams_in -= 1
+            self.open -= 1
             channel.connectionLost(reason)
 
         protocol = CopyStreamServer(
             node.coordinator.apply_copies, self._auth.stream_key() if self._auth is not None else None,
             nonce, channel.site.internal_body_limit, closed, address, channel.site.reactor,
             channel.site.request_deadline, wall=node.wall)
-        node.copy_streams_in += 1
+        self.open += 1
         if not request.switch_protocols(protocol, upgrade_answer(nonce)):
-            node.copy_streams_in -= 1
+            self.open -= 1
             return write_error(request, APIError(
                 501, "not_implemented", "This connection cannot carry a copy stream; send copies as requests."))
         STREAM_ACCEPTED.log(address=address)

@@ -15,7 +15,7 @@ from ..hlc import version_from_wire
 from ..peers import AUTH_HEADER, CLOCK_HEADER, TASK_HEADER, TASKS_HEADER
 from ..store import EntryTooLarge
 from ..wire import BATCH_TYPE, decode_batch, entries_from_wire, entry_to_wire
-from .api import _failure_body, _render_value, handle_routing_errors
+from .api import failure_body, render_value, handle_routing_errors
 from .errors import APIError, bad_request, write_error
 
 MAX_SYNC_KEYS = 50000
@@ -99,10 +99,10 @@ class InternalAPI:
         if isinstance(result, Deferred) or hasattr(result, "__await__"):
             # Klein waits for the Deferred (NOT_DONE_YET would make it answer at once).
             d = result if isinstance(result, Deferred) else ensureDeferred(result)
-            d.addCallback(lambda value: _render_value(request, value))
-            d.addErrback(lambda failure: _failure_body(request, failure))
+            d.addCallback(lambda value: render_value(request, value))
+            d.addErrback(lambda failure: failure_body(request, failure))
             return d
-        return _render_value(request, result)
+        return render_value(request, result)
 
     @internal_route(app, "/apply")
     def apply(self, body):

@@ -551,6 +551,8 @@ class KVSite(Site):
         self.max_header_bytes = max_header_bytes
         self.request_deadline = timeout
         self.open_connections = 0
+        if metrics is not None:
+            metrics.register_gauge("kv_open_connections", lambda: self.open_connections)
         self.tracing = tracing if tracing is not None and tracing.enabled else None
         #: (path prefix, its segments, leaf): a root resource may name leaves that traversal reaches for every
         #: path under a prefix (``shortcuts()``), and requests under it go there without the walk.

@@ -445,10 +445,10 @@ def _assert_offset_shown(healthy, expected: float) -> None:
     wait_until(shown, 20, "kv_clock_offset_seconds{peer=%r} within 1s of %.0f on %s" % (
         SKEWED, expected, [n.node_id for n in healthy]),
         lambda: "seen: %s\n%s" % ({n.node_id: clock_nemesis.peer_offset(n, SKEWED) for n in healthy},
-                                  net_describe(healthy)), interval=0.5)
+                                  _describe(healthy)), interval=0.5)
 
 
-def net_describe(nodes) -> str:
+def _describe(nodes) -> str:
     return "\n".join(node.log_tail(6, 300) for node in nodes)
 
 

@@ -456,6 +456,32 @@ def test_max_memory_is_left_to_the_service_when_there_is_no_memory_limit():
     assert "MAX_MEMORY" not in env(docs)
 
 
+def test_max_clock_offset_is_the_service_default_when_not_set(defaults):
+    """If config.maxClockOffset is not set, MAX_CLOCK_OFFSET is 0.5 s, the service's own default."""
+    assert env_value(defaults, "MAX_CLOCK_OFFSET") == "0.5"
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--set", "config.maxClockOffset=0.25"], "0.25"),  # --set passes a decimal as a string
+        (["--set", "config.maxClockOffset=60"], "60"),
+        (["--set-json", "config.maxClockOffset=1.5"], "1.5"),  # a number, as a values file gives it
+    ],
+)
+def test_max_clock_offset_follows_values_when_set(args, expected):
+    """If config.maxClockOffset is set, as a number or as a --set string, MAX_CLOCK_OFFSET is that value."""
+    docs = render("kv-responder-x", "--set", "tenant=x", *args)
+    assert env_value(docs, "MAX_CLOCK_OFFSET") == expected
+
+
+@pytest.mark.parametrize("value", ["0", "0.0", "-1", "30s", "1e-7"])
+def test_rendering_fails_naming_max_clock_offset_when_it_is_not_a_positive_number(value):
+    """If config.maxClockOffset is 0, negative or not a plain decimal, rendering fails and names the value."""
+    error = render_error("kv-responder-bad", "--set", "tenant=x", "--set", f"config.maxClockOffset={value}")
+    assert "config.maxClockOffset" in error
+
+
 def test_pods_spread_softly_when_defaults_are_used(defaults):
     """If defaults are used, pods spread over hosts, preferred but not required."""
     pod = one(defaults, "Deployment")["spec"]["template"]["spec"]

@@ -2,9 +2,9 @@
 The copy stream: the copies of client writes sent to one peer over one long-lived connection.
 
 A coordinator sends a write's copies to a peer in batches (:meth:`kvresponder.peers.PeerClient.apply_coalesced`).
-As an HTTP request, each batch costs Twisted's HTTP client and treq more CPU than the writes it carries (about
-200 µs a batch on PyPy, against 10 µs for a frame on an open connection), and the peer's HTTP server as much
-again. So each node keeps, for each peer it writes to, one connection upgraded from HTTP to a stream of
+As an HTTP request, each batch costs Twisted's HTTP client and treq more CPU than the writes it carries, and
+the peer's HTTP server as much again, where a frame on an open connection costs little (measured by
+``bench/copy_stream.py``; see docs/ARCHITECTURE.md, "Copy streams"). So each node keeps, for each peer it writes to, one connection upgraded from HTTP to a stream of
 frames. The upgrade is an internal call like any other, on the same port and signed the same way::
 
     GET /<tenant>/_internal/copies HTTP/1.1

@@ -167,9 +167,8 @@ class Node:
         On PyPy, run a major collection (in steps, between requests) once a good share of the budget has
         been dropped, or once the store has grown by a quarter since the last collection. PyPy keeps large
         byte strings outside its collected heap and does not count them towards its next major collection, so a cache
-        that keeps replacing its values would otherwise grow without bound (measured: +40 MB per 60 MB
-        written with an 8 MB budget; flat with this), and a store being filled would carry the garbage of
-        every request that filled it (measured: 590-860 bytes a key for 1M keys; 235 with this). Also once
+        that keeps replacing its values would otherwise grow without bound, and a store being filled would carry
+        the garbage of every request that filled it (bench/results/HISTORY.md has the measurements). Also once
         the store has been left alone for IDLE_RECLAIM_SECONDS after taking in and dropping an eighth of what
         it holds: a burst of writes or deletes leaves its garbage behind until then. Then, on both
         interpreters, the C heap's free pages go back to the OS (:mod:`kvresponder.reclaim`).

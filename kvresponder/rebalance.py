@@ -35,7 +35,8 @@ BUCKETS = 256
 #: Entries walked at most between two returns to the reactor.
 CHUNK = 2000
 #: Seconds a walk over the store may hold the reactor before it yields (checked every CHECK_EVERY entries): a
-#: walk runs while the node serves, and a chunk of cold (not yet JIT-compiled) code could take 100 ms.
+#: walk runs while the node serves, and a fixed number of entries of cold (not yet JIT-compiled) code could hold
+#: it far longer than a request may wait.
 SLICE = 0.005
 CHECK_EVERY = 64
 

@@ -33,7 +33,7 @@ def _hashlib_digest16(data: bytes) -> bytes:
 def _cffi_digest16():
     """
     On PyPy, ``hashlib.blake2b`` is a Python class over a cffi module: building the object and its
-    parameter block, then copying the state to take the digest, cost about twice the hashing itself. This
+    parameter block, then copying the state to take the digest, cost more than the hashing itself. This
     calls the same C functions directly, with the parameter block built once. ``None`` where that module is
     missing (CPython's ``blake2b`` is C already), or if it ever disagrees with ``hashlib``.
     """
@@ -95,7 +95,7 @@ class HashRing:
         self._points: List[int] = [point for point, _ in placed]
         self._owners: List[str] = [node for _, node in placed]
         # Where each 1/4096th of the ring starts in the sorted points: a probe then bisects only the few
-        # points of its own slice instead of all of them (half the cost of a lookup on PyPy).
+        # points of its own slice instead of all of them (a bisect over every point dominated a lookup on PyPy).
         self._jump: List[int] = [bisect_left(self._points, index << _JUMP_SHIFT) for index in range(_JUMPS + 1)]
 
     def __len__(self) -> int:

@@ -118,8 +118,8 @@ class JSONLineDestination:
         timestamp = message.get("timestamp")
         if type(timestamp) is float:
             # The timestamp is written to the microsecond by integer formatting: the encoder's shortest
-            # round-trip repr of a float was a third of a line's encoding on PyPy. The message goes back as
-            # it came, for the other destinations.
+            # round-trip repr of a float was a large share of a line's encoding on PyPy. The message goes back
+            # as it came, for the other destinations.
             del message["timestamp"]
             try:
                 text = self._encode(message)
@@ -136,7 +136,7 @@ class JSONLineDestination:
             self._stream.flush()
             return
         # Buffered: lines wait as text and go to the stream together, one encode and one write for many
-        # (a write to a buffered file per line cost PyPy about 1.4 µs of the 4.5 µs a line costs).
+        # (a write to a buffered file per line was a large share of a line's cost on PyPy).
         pending = self._pending
         pending.append(line)
         if len(pending) >= PENDING_LINES:
@@ -151,7 +151,7 @@ class JSONLineDestination:
     def flush(self) -> None:
         """
         Write out what is buffered. A destination made with ``flush=False`` is flushed on a timer and at
-        shutdown instead of after every line (a system call per message was a fifth of a write's cost).
+        shutdown instead of after every line (a system call per message costs more than the line itself).
         """
         self._write_pending()
         self._stream.flush()
@@ -180,11 +180,11 @@ def random_task_uuid() -> str:
     """
     A random version-4 UUID as text, drawn from the process's Mersenne Twister rather than the system's
     random source: a task id must be unique, not secret, and ``uuid.uuid4`` costs a system call
-    (``os.urandom``) for every task, a twentieth of a logged write on PyPy. The generator is seeded from the
+    (``os.urandom``) for every task. The generator is seeded from the
     system at start-up and reseeded in a forked child, so processes do not repeat each other's ids.
     """
     # The 122 random bits of a version-4 UUID, drawn in fields narrower than a machine word (on PyPy, a
-    # 128-bit draw and its masks are big integers: twice the cost).
+    # 128-bit draw and its masks are big integers, which cost more).
     return "%08x-%04x-%04x-%04x-%012x" % (getrandbits(32), getrandbits(16), 0x4000 | getrandbits(12),
                                           0x8000 | getrandbits(14), getrandbits(48))
 

@@ -26,6 +26,7 @@ from ..log.service import LEVELS_CHANGED
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..store import EntryTooLarge
 from .errors import APIError, bad_request, error_body, method_not_allowed, not_found, too_large, unavailable, write_error
+from .limits import BULK, VALUE
 from .site import json_bytes
 
 MAX_LIST_LIMIT = 10000
@@ -432,6 +433,24 @@ class PublicAPI:
 
     def resource(self):
         return self.app.resource()
+
+    #: The body limit of each route that has a larger one than a value's.
+    BODY_LIMITS = {"bulk": BULK}
+
+    def body_limit_for(self, segments, method: bytes) -> str:
+        """
+        The body limit of the route that Klein matches for the decoded path ``segments`` below the tenant
+        and ``method``: the same path Klein builds from the request's ``postpath``, against the same rules.
+        """
+        path = b"/".join(segments)
+        if not path.startswith(b"/"):
+            path = b"/" + path
+        try:
+            rule, _ = self.app.url_map.bind("localhost", path_info=path.decode("utf-8"),
+                                            default_method=method.decode("utf-8")).match(return_rule=True)
+        except (HTTPException, UnicodeDecodeError):
+            return VALUE
+        return self.BODY_LIMITS.get(rule.endpoint, VALUE)
 
     @json_route(app, "/health", ["GET", "HEAD"], read=True)
     def health(self, request):

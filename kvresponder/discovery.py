@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import LoopingCall
 
-from .log.discovery import DATAGRAM_DROPPED, DISCOVERY_STARTED, SEEDS_FAILED, SEEDS_RESOLVED
+from .log.discovery import DATAGRAM_DROPPED, DISCOVERY_STARTED, HEARTBEAT_IGNORED, SEEDS_FAILED, SEEDS_RESOLVED
 from .membership import ALIVE, LEAVING, Heartbeat, Membership
 
 WIRE_VERSION = 1
@@ -139,11 +139,13 @@ class DiscoveryProtocol(DatagramProtocol):
     :param str interface: the outgoing multicast interface address; always set explicitly.
     :param int port: the discovery port, where peers listen.
     :param metrics: receives ``discovery(result)``.
+    :param bool alone: the node serves alone (no CLUSTER_SECRET, no --insecure-cluster): it sends no heartbeat
+        and ignores every one it receives (``insecure_ignored``), so that no node puts it in its ring.
     """
 
     def __init__(self, codec: HeartbeatCodec, membership: Membership, clock, wall: Callable[[], float],
                  own_heartbeat: Callable[[], Heartbeat], group: Optional[str], interface: str, port: int,
-                 ttl: int = 1, metrics=None) -> None:
+                 ttl: int = 1, metrics=None, alone: bool = False) -> None:
         self.codec = codec
         self.membership = membership
         self.clock = clock
@@ -157,6 +159,8 @@ class DiscoveryProtocol(DatagramProtocol):
         self.seeds: Set[str] = set()
         self._reply_pending = None
         self._last_timestamps: Dict[Tuple[str, int], float] = {}
+        self.alone = alone
+        self._ignored_senders: Set[str] = set()
 
     # -- sending --------------------------------------------------------------------------------------
 
@@ -174,6 +178,8 @@ class DiscoveryProtocol(DatagramProtocol):
         Send one heartbeat to the group and to every seed, with this node's own state (alive, or leaving
         while it drains) unless ``state`` overrides it.
         """
+        if self.alone:
+            return
         beat = self.own_heartbeat()
         if state is not None and state != beat.state:
             beat = beat._replace(state=state)
@@ -214,6 +220,9 @@ class DiscoveryProtocol(DatagramProtocol):
             if self.metrics is not None:
                 self.metrics.discovery("self")
             return
+        if self.alone:
+            self._ignore(beat, address)
+            return
         if timestamp is not None:
             slot = (beat.node_id, beat.incarnation)
             if timestamp <= self._last_timestamps.get(slot, -1.0):
@@ -232,6 +241,13 @@ class DiscoveryProtocol(DatagramProtocol):
         if self.metrics is not None:
             self.metrics.discovery(result)
         DATAGRAM_DROPPED.log(reason="%s: %s" % (result, detail), source="%s:%s" % tuple(address[:2]))
+
+    def _ignore(self, beat: Heartbeat, address) -> None:
+        self._drop("insecure_ignored", "no CLUSTER_SECRET: this node serves alone", address)
+        # A warning once per sender, not once per heartbeat.
+        if beat.node_id not in self._ignored_senders and len(self._ignored_senders) < 64:
+            self._ignored_senders.add(beat.node_id)
+            HEARTBEAT_IGNORED.log(peer=beat.node_id, source="%s:%s" % tuple(address[:2]))
 
     def _schedule_reply(self) -> None:
         # Answer a joining node at once, but only once for a burst of joiners.

@@ -178,7 +178,8 @@ class Metrics:
                             ("delete", ("deleted", "miss"))):
             for result in results:
                 self.cache(op, result, 0)
-        for result in ("accepted", "self", "foreign_tenant", "malformed", "oversized", "bad_mac", "replayed"):
+        for result in ("accepted", "self", "foreign_tenant", "malformed", "oversized", "bad_mac", "replayed",
+                       "insecure_ignored"):
             self.discovery_messages.labels(tenant, result)
         for result in ("sent", "failed"):
             self.handoff_entries.labels(tenant, result)

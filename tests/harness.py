@@ -7,6 +7,7 @@ share it, as in production). Processes are stopped by their PID, never by name.
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -164,7 +165,9 @@ class Cluster:
                  discovery_port: Optional[int] = None) -> None:
         self.tenant = tenant
         self.log_dir = log_dir
-        self.env = {"HEARTBEAT_INTERVAL": "0.5", "ANTI_ENTROPY_INTERVAL": "5", "DRAIN_TIMEOUT": "15"}
+        # A secret of its own: a node without one serves alone (set CLUSTER_SECRET to "" to start such nodes).
+        self.env = {"HEARTBEAT_INTERVAL": "0.5", "ANTI_ENTROPY_INTERVAL": "5", "DRAIN_TIMEOUT": "15",
+                    "CLUSTER_SECRET": "test-cluster-" + secrets.token_hex(12)}
         self.env.update(env or {})
         self.discovery_port = discovery_port or free_udp_port()
         self.nodes: List[NodeProcess] = []

@@ -314,7 +314,7 @@ async def test_the_route_answers_json_errors_to_what_is_not_an_upgrade(server):
 
 
 def test_a_connection_that_cannot_be_handed_over_gets_a_501():
-    settings = make_settings("t1", "n2")
+    settings = make_settings("t1", "n2", insecure_cluster="true")
     node = Node(settings, Clock(), http=None)
     stub = stub_over(KVSite(build_root(node), Clock().seconds))
     d = stub.get("http://10.0.0.2:3000/t1/_internal/copies",
@@ -595,8 +595,8 @@ async def test_nothing_after_a_rejected_frame_is_applied_and_the_connection_is_r
 
 @pytest_twisted.ensureDeferred
 async def test_frames_sent_right_behind_the_upgrade_request_are_applied(server):
-    # Without a secret frames carry no MAC, so a caller could send them before the 101 (ours waits).
-    peer = server(secret=None)
+    # With --insecure-cluster and no secret frames carry no MAC: a caller could send them before the 101.
+    peer = server(secret=None, insecure_cluster="true")
     received = Deferred()
 
     class Pipelining(Protocol):

@@ -22,6 +22,7 @@ from .limits import INTERNAL, VALUE
 from .copies import CopyStreamResource
 from .errors import bad_request, not_found, write_error
 from .internal import InternalAPI
+from .peerguard import PeerGuard
 
 
 class _NotFound(Resource):
@@ -137,8 +138,13 @@ class RootResource(Resource):
 
 
 def build_root(node, authenticator=None) -> RootResource:
+    """
+    The whole tree of ``node``. Internal routes check signatures with ``authenticator``, by default the node's
+    own (from CLUSTER_SECRET); without one they are closed, unless the node was started with
+    ``--insecure-cluster``.
+    """
+    guard = PeerGuard(authenticator or node.authenticator, node.settings.insecure_cluster)
     public = PublicAPI(node)
-    tenant = TenantResource(KVResource(node), public.resource(),
-                            InternalAPI(node, authenticator).resource(), CopyStreamResource(node, authenticator),
-                            public.body_limit_for)
+    tenant = TenantResource(KVResource(node), public.resource(), InternalAPI(node, guard).resource(),
+                            CopyStreamResource(node, guard), public.body_limit_for)
     return RootResource(node.settings.tenant, tenant)

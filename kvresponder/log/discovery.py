@@ -4,7 +4,7 @@ Eliot types of the discovery area.
 
 from eliot import ActionType, Field, MessageType
 
-from . import DEBUG, INFO, leveled
+from . import DEBUG, INFO, WARNING, leveled
 
 PEER = Field.for_types("peer", [str], "The peer's node id.")
 CHANGE = Field.for_types("change", [str], "joined, restarted, moved, left or dead.")
@@ -39,3 +39,8 @@ SEEDS_FAILED = leveled("discovery", INFO, MessageType(
     "kvresponder:discovery:seeds-failed",
     [Field.for_types("name", [str], "The DNS name."), REASON],
     "The DNS seeds could not be resolved; the previous addresses are kept."))
+
+HEARTBEAT_IGNORED = leveled("discovery", WARNING, MessageType(
+    "kvresponder:discovery:heartbeat-ignored", [PEER, SOURCE],
+    "A peer's heartbeat was ignored because this node serves alone (no CLUSTER_SECRET and no "
+    "--insecure-cluster); logged once per peer."))

@@ -37,7 +37,7 @@ def node_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     env = {key: value for key, value in os.environ.items()
            if not key.startswith(("KV_", "TENANT", "PORT", "DISCOVERY_", "ADVERTISE_", "POD_IP", "NODE_ID",
                                   "REPLICATION_", "MAX_", "LOG_", "JAEGER", "OTEL_", "CLUSTER_SECRET",
-                                  "ADMIN_TOKEN", "HEARTBEAT", "PEER_", "DRAIN_"))}
+                                  "ADMIN_TOKEN", "HEARTBEAT", "PEER_", "DRAIN_", "INSECURE_"))}
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra or {})
     return env
@@ -173,8 +173,10 @@ class Cluster:
         self.nodes: List[NodeProcess] = []
 
     def add(self, node_id: Optional[str] = None, wait: bool = True, **kwargs) -> NodeProcess:
+        env = dict(self.env)
+        env.update(kwargs.pop("env", None) or {})
         node = NodeProcess(self.tenant, node_id or "n%d" % (len(self.nodes) + 1,), self.discovery_port,
-                           self.log_dir, env=self.env, **kwargs).start()
+                           self.log_dir, env=env, **kwargs).start()
         self.nodes.append(node)
         if wait:
             node.wait_ready()

@@ -234,7 +234,7 @@ def test_a_binary_batch_sent_to_another_route_gets_415():
 
 
 def test_the_copy_stream_upgrade_takes_no_body():
-    api = API(insecure_cluster="true")
+    api = API(cluster_secret=SECRET)
     code, error = error_of(*send(api, "/copies", raw=b"{}", method="GET", content_type=None,
                                  headers={"Upgrade": "kvresponder-copies/1", "Connection": "Upgrade"}))
     assert (code, error) == (400, "invalid_body")

@@ -67,8 +67,9 @@ class CopyStreamResource(Resource):
     def _check(self, request) -> None:
         if request.method != b"GET":
             raise APIError(405, "method_not_allowed", "Open a copy stream with GET.", {b"Allow": b"GET"})
-        self._guard.check(request, b"")
-        if request.content.read(1):
+        body = request.content.read()
+        self._guard.check(request, body)
+        if body:
             raise bad_request("invalid_body", "The upgrade to a copy stream takes no body.")
         if (request.getHeader(b"upgrade") or b"").lower() != UPGRADE_TOKEN:
             raise APIError(426, "upgrade_required", "Upgrade to %s to open a copy stream." % (

@@ -825,6 +825,26 @@ INTERNAL_SHAPES = {
 }
 
 
+good_keys = st.text(min_size=1, max_size=12)
+good_versions = st.tuples(st.integers(0, 2 ** 41), st.integers(0, 100), st.sampled_from(["n2", "n3", "node-1"])).map(list)
+good_entries = st.fixed_dictionaries({"k": good_keys, "v": st.one_of(st.none(), json_values.map(json.dumps)),
+                                      "ver": good_versions},
+                                     optional={"exp": st.one_of(st.none(), st.floats(1e9, 3e9))})
+#: Bodies that fit each route's schema: the fuzzer must also get past the checks, to the handlers.
+INTERNAL_VALID = {
+    "apply": st.fixed_dictionaries({"entries": st.lists(good_entries, max_size=4)}),
+    "get": st.one_of(st.fixed_dictionaries({"key": good_keys}),
+                     st.fixed_dictionaries({"keys": st.lists(good_keys, max_size=5)})),
+    "keys": st.fixed_dictionaries({}, optional={"prefix": st.text(max_size=3), "after": st.none() | good_keys,
+                                                "limit": st.integers(1, 10001)}),
+    "sync/buckets": st.fixed_dictionaries({"from": st.sampled_from(["n2", "n3"]), "buckets": st.dictionaries(
+        st.integers(0, 255).map(str), st.integers(0, 2 ** 64 - 1).map(lambda n: "%016x" % (n,)), max_size=6)}),
+    "sync/versions": st.fixed_dictionaries({"versions": st.dictionaries(good_keys, good_versions, max_size=5)}),
+    "sync/request": st.fixed_dictionaries({"from": st.sampled_from(["n2", "n3"])}),
+    "copies": st.just(None),
+}
+
+
 @st.composite
 def batch_entries(draw) -> bytes:
     """A binary batch of entries with any key, node id, version and expiry the format can carry."""
@@ -846,8 +866,9 @@ def batch_entries(draw) -> bytes:
 @st.composite
 def internal_requests(draw) -> Tuple[Request, bool]:
     """A request to an internal route, and whether it is to be signed."""
-    route = draw(st.sampled_from(INTERNAL_ROUTES + ["nope", "sync"]))
-    target = (draw(st.sampled_from(INTERNAL_SPELLINGS)) % (route,)).encode("ascii")
+    route = draw(st.sampled_from(INTERNAL_ROUTES * 3 + ["nope", "sync"]))
+    spelling = draw(st.one_of(st.just(INTERNAL_SPELLINGS[0]), st.sampled_from(INTERNAL_SPELLINGS)))
+    target = (spelling % (route,)).encode("ascii")
     method = b"GET" if route == "copies" else b"POST"
     if draw(st.integers(0, 9)) == 0:
         method = draw(st.sampled_from([b"GET", b"PUT", b"POST", b"DELETE", b"HEAD"]))
@@ -859,8 +880,8 @@ def internal_requests(draw) -> Tuple[Request, bool]:
         headers += [(b"Upgrade", draw(st.sampled_from([b"kvresponder-copies/1", b"h2c", b""]))),
                     (b"Connection", b"Upgrade")]
     elif kind <= 2:
-        shape = draw(INTERNAL_SHAPES.get(route, st.just({})))
-        body = json.dumps(shape).encode("utf-8")
+        shapes = INTERNAL_VALID if kind == 1 else INTERNAL_SHAPES
+        body = json.dumps(draw(shapes.get(route, st.just({})))).encode("utf-8")
     elif kind == 3:
         body = draw(batch_entries())
         headers.append((b"Content-Type", BATCH_TYPE))

@@ -679,13 +679,18 @@ def test_non_utf8_path_outside_kv_is_a_json_400(target, eliot_tracebacks):
     assert set(json.loads(response.body)) == {"error", "message"}
 
 
-@pytest.mark.parametrize("host", [b"x" * 64, b"a..b", b"."])
-@pytest.mark.parametrize("target", [b"/t1/health", b"/t1/peers"])
+@pytest.mark.parametrize("host", [b"x" * 64, b"a..b", b".", b"\xff", b"\xc3\xa9.example", b"xn--zz", b"h:x"])
+@pytest.mark.parametrize("target", [b"/t1/health", b"/t1/peers", b"/t1/nope", b"/t1/_internal/get"])
 def test_invalid_host_header_is_not_a_server_error(host, target, eliot_tracebacks):
+    """
+    If the Host header is not a name IDNA can encode (or not UTF-8), then routing does not fail on it: the
+    answer is the route's own, or a JSON error, never a 500 or a text/html 400.
+    """
     node = node_for("defaults")
     del eliot_tracebacks[:]
     response = parse_response(node.send(b"GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (target, host)))
     assert response.status < 500
+    assert response.header(b"content-type") == b"application/json", response.raw[:300]
     assert not eliot_tracebacks
 
 

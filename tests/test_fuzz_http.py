@@ -831,7 +831,8 @@ INTERNAL_SHAPES = {
 
 
 good_keys = st.text(min_size=1, max_size=12)
-good_versions = st.tuples(st.integers(0, 2 ** 41), st.integers(0, 100), st.sampled_from(["n2", "n3", "node-1"])).map(list)
+good_versions = st.tuples(st.integers(0, 2 ** 41), st.integers(0, 100),
+                          st.sampled_from(["n2", "n3", "node-1"])).map(list)
 good_entries = st.fixed_dictionaries({"k": good_keys, "v": st.one_of(st.none(), json_values.map(json.dumps)),
                                       "ver": good_versions},
                                      optional={"exp": st.one_of(st.none(), st.floats(1e9, 3e9))})

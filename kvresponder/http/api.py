@@ -430,6 +430,7 @@ class PublicAPI:
 
     def __init__(self, node) -> None:
         self._node = node
+        self._limits = {}
 
     def resource(self):
         return self.app.resource()
@@ -445,12 +446,20 @@ class PublicAPI:
         path = b"/".join(segments)
         if not path.startswith(b"/"):
             path = b"/" + path
+        # Werkzeug's match costs about 20 µs: each path and method is matched once (a client uses a few).
+        cached = self._limits.get((path, method))
+        if cached is not None:
+            return cached
         try:
             rule, _ = self.app.url_map.bind("localhost", path_info=path.decode("utf-8"),
                                             default_method=method.decode("utf-8")).match(return_rule=True)
+            limit = self.BODY_LIMITS.get(rule.endpoint, VALUE)
         except (HTTPException, UnicodeDecodeError):
-            return VALUE
-        return self.BODY_LIMITS.get(rule.endpoint, VALUE)
+            limit = VALUE
+        if len(self._limits) >= 256:
+            self._limits.clear()
+        self._limits[(path, method)] = limit
+        return limit
 
     @json_route(app, "/health", ["GET", "HEAD"], read=True)
     def health(self, request):

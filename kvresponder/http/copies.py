@@ -4,7 +4,8 @@
 
 The upgrade is guarded as every internal call is (:class:`~kvresponder.http.peerguard.PeerGuard`: the signature
 covers the method and the path), takes no body, and each batch on the stream is checked as a batch sent to
-``/_internal/apply`` is (:func:`~kvresponder.http.schemas.check_entries`). The answer is ``101 Switching Protocols`` and, from then on, the connection carries frames, not HTTP. A request
+``/_internal/apply`` is (:func:`~kvresponder.http.schemas.check_entries`). The answer is ``101 Switching
+Protocols`` and, from then on, the connection carries frames, not HTTP. A request
 that is not an upgrade gets a JSON 426; a connection that cannot be handed over (anything but a plain TCP
 connection, such as a test's in-memory transport) gets a JSON 501, and the caller sends its copies as HTTP
 requests instead. The stream is closed once no whole frame has arrived for ``REQUEST_TIMEOUT`` seconds, as an

@@ -22,7 +22,7 @@ from ..wire import BATCH_TYPE, decode_batch, entries_from_wire, entry_to_wire
 from .api import _failure_body, _render_value, handle_routing_errors
 from .errors import APIError, bad_request, write_error
 from .peerguard import PeerGuard
-from .schemas import SchemaError, check_body, check_entries
+from .schemas import check_body, check_entries
 
 
 def internal_route(app: Klein, path: str):
@@ -77,10 +77,10 @@ def _parse(request, path: str, raw: bytes) -> dict:
         raise bad_request("invalid_json", "The body is not valid JSON.")
     try:
         check_body(path, body)
-    except SchemaError as error:
+        if path == "/apply":
+            return {"entries": entries_from_wire(body["entries"]), "task_ids": []}
+    except ValueError as error:
         raise bad_request("invalid_body", "Malformed internal request: %s." % (error,))
-    if path == "/apply":
-        return {"entries": entries_from_wire(body["entries"]), "task_ids": []}
     return body
 
 
@@ -89,7 +89,7 @@ def _failure_answer(request, failure: Failure):
     The one mapping of an internal route's failures, whether raised at once or by a Deferred or coroutine: a
     value the schema let through but the handler could not use is the caller's error (400), never a 500.
     """
-    if failure.check(ValueError, TypeError, KeyError) and not failure.check(EntryTooLarge):
+    if failure.check(ValueError, TypeError, KeyError):
         message = "Malformed internal request: %s" % (str(failure.value)[:200],)
         return write_error(request, bad_request("invalid_body", message))
     return _failure_body(request, failure)

@@ -46,7 +46,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         prog="kvresponder-local-cluster",
         description="Run a KV Responder cluster of one tenant on loopback (127.0.0.1), in the foreground. "
                     "Ctrl-C stops every node; each one drains first. Admin writes need no token "
-                    "(--insecure-admin), which is safe only because nothing listens beyond loopback.")
+                    "(--insecure-admin), which is safe only because nothing listens beyond loopback. The nodes "
+                    "share a cluster secret generated for the run, unless CLUSTER_SECRET is set.")
     parser.add_argument("--nodes", type=int, default=3, help="number of nodes (default: 3)")
     parser.add_argument("--tenant", default="demo", help="tenant served, the URL prefix (default: demo)")
     parser.add_argument("--base-port", type=int, default=3000,

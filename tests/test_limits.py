@@ -244,3 +244,16 @@ def test_the_tree_gives_each_path_the_limit_of_the_route_it_reaches():
                   internal_body_limit=LIMITS[INTERNAL])
     for case in CASES:
         assert site.body_limit_for(case.target, case.method) == LIMITS[case.limit], case
+
+
+def test_internal_routes_closed_to_everyone_take_no_more_than_a_value():
+    """
+    If the node has no cluster secret (and no --insecure-cluster), then its internal routes, which answer 403
+    whatever the body, take no larger body than a value; with --insecure-cluster they take a peer's batch.
+    """
+    for overrides, limit in (({}, VALUE), ({"insecure_cluster": "true"}, INTERNAL)):
+        node = Node(make_settings("t1", "n1", **overrides), reactor, http=None)
+        site = KVSite(build_root(node), reactor.seconds, body_limit=LIMITS[VALUE],
+                      internal_body_limit=LIMITS[INTERNAL])
+        for target in (b"/t1/_internal/apply", b"/t1/%5Finternal/sync/buckets", b"/t1/_internal/copies"):
+            assert site.body_limit_for(target, b"POST") == LIMITS[limit], (overrides, target)

@@ -34,14 +34,19 @@ class PeerGuard:
     def authenticator(self):
         return self._auth
 
+    @property
+    def closed(self) -> bool:
+        """Whether no one may call: no secret, and no --insecure-cluster."""
+        return self._auth is None and not self._insecure
+
     def check(self, request, body: Optional[bytes]) -> None:
         """
         :param body: the request's body (the signature covers it).
         :raises APIError: 403 when clustering is disabled, 401 for a missing or bad signature.
         """
+        if self.closed:
+            raise CLUSTER_DISABLED
         if self._auth is None:
-            if not self._insecure:
-                raise CLUSTER_DISABLED
             return
         if not self._auth.verify(request.getHeader(AUTH_HEADER), request.method, request.path, body or b""):
             raise UNAUTHORIZED

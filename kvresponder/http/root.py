@@ -49,13 +49,14 @@ class TenantResource(Resource):
     """
 
     def __init__(self, kv: Resource, public: Resource, internal: Resource, copies: Resource,
-                 public_limit=None) -> None:
+                 public_limit=None, internal_limit: str = INTERNAL) -> None:
         Resource.__init__(self)
         self.kv = self._kv = kv
         self._public = public
         self._internal = internal
         self._copies = copies
         self._public_limit = public_limit
+        self._internal_limit = internal_limit
 
     def getChildWithDefault(self, path: bytes, request):
         if path == b"kv":
@@ -91,7 +92,7 @@ class TenantResource(Resource):
         except UnicodeDecodeError:
             return VALUE
         if path == b"_internal":
-            return INTERNAL
+            return self._internal_limit
         if self._public_limit is None:
             return VALUE
         return self._public_limit(segments, method)
@@ -145,6 +146,8 @@ def build_root(node, authenticator=None) -> RootResource:
     """
     guard = PeerGuard(authenticator or node.authenticator, node.settings.insecure_cluster)
     public = PublicAPI(node)
+    # Internal routes closed to everyone take no more than a value: their answer is 403 whatever the body.
     tenant = TenantResource(KVResource(node), public.resource(), InternalAPI(node, guard).resource(),
-                            CopyStreamResource(node, guard), public.body_limit_for)
+                            CopyStreamResource(node, guard), public.body_limit_for,
+                            VALUE if guard.closed else INTERNAL)
     return RootResource(node.settings.tenant, tenant)

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import shutil
+import secrets
 import signal
 import socket
 import subprocess
@@ -188,7 +189,15 @@ def start_node_reference() -> Process:
                    port, "http://127.0.0.1:%d/%s" % (port, TENANT))
 
 
+def with_secret(env: Optional[Dict[str, str]]) -> Dict[str, str]:
+    """``env`` with a cluster secret of its own (as the chart gives a release): a node without one serves alone."""
+    env = dict(env or {})
+    env.setdefault("CLUSTER_SECRET", "bench-" + secrets.token_hex(16))
+    return env
+
+
 def start_cluster(python: str, count: int, env: Optional[Dict[str, str]] = None) -> List[Process]:
+    env = with_secret(env)
     discovery = free_port(socket.SOCK_DGRAM)
     nodes = [start_node(python, "n%d" % (i + 1,), discovery, env) for i in range(count)]
     for node in nodes:
@@ -204,6 +213,7 @@ def start_loaded_cluster(python: str, count: int, keys: int, env: Optional[Dict[
     the first node alone (local writes), then the others join and take their copies. Loading through a formed
     cluster is slower (bench/results/HISTORY.md, "Method").
     """
+    env = with_secret(env)
     discovery = free_port(socket.SOCK_DGRAM)
     nodes = [start_node(python, "n1", discovery, env)]
     nodes[0].wait_ready()

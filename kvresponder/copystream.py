@@ -254,6 +254,9 @@ class CopyStreamServer(Int32StringReceiver):
         except EntryTooLarge:
             answer = _error_answer(batch_id, 413, "payload_too_large",
                                    "An entry exceeds this node's memory budget.")
+        except ValueError as error:
+            # An entry that does not fit its schema (kvresponder.http.schemas): the sender's error.
+            answer = _error_answer(batch_id, 400, "invalid_body", "Malformed batch: %s" % (str(error)[:200],))
         except Exception:
             write_traceback()
             answer = _error_answer(batch_id, 500, "internal_error", "The server failed to apply the batch.")

@@ -22,7 +22,8 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import LoopingCall
 
-from .log.discovery import CLOCK_AHEAD, DATAGRAM_DROPPED, DISCOVERY_STARTED, SEEDS_FAILED, SEEDS_RESOLVED
+from .log.discovery import (CLOCK_AHEAD, DATAGRAM_DROPPED, DISCOVERY_STARTED, HEARTBEAT_IGNORED, SEEDS_FAILED,
+                            SEEDS_RESOLVED)
 from .membership import ALIVE, LEAVING, Heartbeat, Membership
 
 WIRE_VERSION = 1
@@ -152,11 +153,14 @@ class DiscoveryProtocol(DatagramProtocol):
         heartbeats' timestamps, or ``None``.
     :param float max_clock_offset: a heartbeat whose time is further ahead of ``wall`` than this is refused
         (after its offset is measured): no node takes in a peer whose clock runs ahead of the cluster's.
+    :param bool alone: the node serves alone (no CLUSTER_SECRET, no --insecure-cluster): it sends no heartbeat
+        and ignores every one it receives (``insecure_ignored``), so that no node puts it in its ring.
     """
 
     def __init__(self, codec: HeartbeatCodec, membership: Membership, clock, wall: Callable[[], float],
                  own_heartbeat: Callable[[], Heartbeat], group: Optional[str], interface: str, port: int,
-                 ttl: int = 1, metrics=None, clock_offsets=None, max_clock_offset: Optional[float] = None) -> None:
+                 ttl: int = 1, metrics=None, clock_offsets=None, max_clock_offset: Optional[float] = None,
+                 alone: bool = False) -> None:
         self.codec = codec
         self.membership = membership
         self.clock = clock
@@ -173,6 +177,8 @@ class DiscoveryProtocol(DatagramProtocol):
         self._reply_pending = None
         self._last_timestamps: Dict[Tuple[str, int], float] = {}
         self._ahead_logged: Dict[str, float] = {}
+        self.alone = alone
+        self._ignored_senders: Set[str] = set()
 
     # -- sending --------------------------------------------------------------------------------------
 
@@ -190,6 +196,8 @@ class DiscoveryProtocol(DatagramProtocol):
         Send one heartbeat to the group and to every seed, with this node's own state (alive, or leaving
         while it drains) unless ``state`` overrides it.
         """
+        if self.alone:
+            return
         beat = self.own_heartbeat()
         if state is not None and state != beat.state:
             beat = beat._replace(state=state)
@@ -230,6 +238,9 @@ class DiscoveryProtocol(DatagramProtocol):
             if self.metrics is not None:
                 self.metrics.discovery("self")
             return
+        if self.alone:
+            self._ignore(beat, address)
+            return
         if timestamp is not None:
             offset = timestamp - self.wall()
             # Measured before anything else is checked: a clock far off is exactly what must show.
@@ -268,6 +279,13 @@ class DiscoveryProtocol(DatagramProtocol):
         if self.metrics is not None:
             self.metrics.discovery(result)
         DATAGRAM_DROPPED.log(reason="%s: %s" % (result, detail), source="%s:%s" % tuple(address[:2]))
+
+    def _ignore(self, beat: Heartbeat, address) -> None:
+        self._drop("insecure_ignored", "no CLUSTER_SECRET: this node serves alone", address)
+        # A warning once per sender, not once per heartbeat.
+        if beat.node_id not in self._ignored_senders and len(self._ignored_senders) < 64:
+            self._ignored_senders.add(beat.node_id)
+            HEARTBEAT_IGNORED.log(peer=beat.node_id, source="%s:%s" % tuple(address[:2]))
 
     def _schedule_reply(self) -> None:
         # Answer a joining node at once, but only once for a burst of joiners.

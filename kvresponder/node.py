@@ -24,7 +24,7 @@ from .discovery import derive_key
 from .hlc import HybridLogicalClock
 from .log import LogPolicy
 from .log.discovery import PEER_CHANGED
-from .log.service import INSECURE
+from .log.service import CLUSTER_DISABLED, INSECURE
 from .membership import ALIVE, LEAVING, Heartbeat, Membership
 from .metrics import Metrics
 from .peers import PeerAuthenticator, PeerError
@@ -149,8 +149,14 @@ class Node:
         peer to hand over our share, then report ready.
         """
         self.state = JOINING
-        if not self.settings.cluster_secret:
-            INSECURE.log(reason="CLUSTER_SECRET is not set: discovery and peer calls are not authenticated")
+        clustering = self.settings.clustering
+        if clustering == "insecure":
+            INSECURE.log(reason="--insecure-cluster without CLUSTER_SECRET: anyone who can reach this node's "
+                                "ports can join its cluster and call its internal routes")
+        elif clustering == "disabled":
+            CLUSTER_DISABLED.log(reason="CLUSTER_SECRET is not set: this node serves alone, ignores heartbeats "
+                                        "and refuses peer calls; set CLUSTER_SECRET (the same on every node) to "
+                                        "cluster, or --insecure-cluster on a trusted network")
         if self.admin.mode == "insecure":
             INSECURE.log(reason="--insecure-admin: admin writes need no token")
         self._every(1.0, self.store.sweep)
@@ -307,8 +313,9 @@ class Node:
     def diag(self) -> dict:
         import twisted
         security = []
-        if not self.settings.cluster_secret:
-            security.append("CLUSTER_SECRET is not set: discovery and peer calls are not authenticated.")
+        if self.settings.clustering == "insecure":
+            security.append("--insecure-cluster without CLUSTER_SECRET: discovery and peer calls are not "
+                            "authenticated.")
         if self.admin.mode == "insecure":
             security.append("--insecure-admin: admin writes need no token.")
         return {
@@ -325,6 +332,7 @@ class Node:
             "config": self.settings.redacted(),
             "admin": self.admin.mode,
             "cluster_authenticated": self.authenticator is not None,
+            "cluster": self.settings.clustering,
             "security_warnings": security,
             "store": {"keys": len(self.store), "bytes": self.store.bytes, "max_bytes": self.store.max_bytes,
                       "tombstones": self.store.tombstone_count, "evictions": self.store.evictions,

@@ -131,7 +131,8 @@ def _text(text: str) -> str:
 
 def _secret(text: str) -> str:
     if len(text) < 16:
-        raise ValueError("must be at least 16 characters")
+        raise ValueError("must be at least 16 characters (generate one with: python3 -c "
+                         "'import secrets; print(secrets.token_urlsafe(32))')")
     return text
 
 
@@ -207,6 +208,8 @@ OPTIONS = (
     Option("admin-token", ("ADMIN_TOKEN",), None, _secret, "Bearer token for /admin writes.", secret=True),
     Option("insecure-admin", ("INSECURE_ADMIN",), "false", _bool,
            "Allow admin writes without ADMIN_TOKEN."),
+    Option("insecure-cluster", ("INSECURE_CLUSTER",), "false", _bool,
+           "Cluster without CLUSTER_SECRET: accept unsigned heartbeats and peer calls (a trusted network only)."),
 )
 
 
@@ -249,10 +252,21 @@ class Settings:
     insecure_admin: bool = False
     replication_stream: bool = True
     max_clock_offset: float = 0.5
+    insecure_cluster: bool = False
 
     @property
     def multicast_enabled(self) -> bool:
         return self.discovery_mode in ("multicast", "both")
+
+    @property
+    def clustering(self) -> str:
+        """
+        Who this node clusters with: ``authenticated`` (peers that hold CLUSTER_SECRET), ``insecure`` (anyone,
+        with --insecure-cluster and no secret), or ``disabled`` (no secret: it serves alone).
+        """
+        if self.cluster_secret:
+            return "authenticated"
+        return "insecure" if self.insecure_cluster else "disabled"
 
     @property
     def dns_enabled(self) -> bool:

@@ -181,7 +181,7 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
         HeartbeatCodec(settings.tenant, key), node.membership, reactor, time.time, node.heartbeat,
         settings.discovery_group if settings.multicast_enabled else None, settings.discovery_interface,
         settings.discovery_port, settings.discovery_ttl, node.metrics, clock_offsets=node.clock_offsets,
-        max_clock_offset=settings.max_clock_offset)
+        max_clock_offset=settings.max_clock_offset, alone=settings.clustering == "disabled")
     discovery = DiscoveryService(
         protocol,
         lambda proto: reactor.listenMulticast(settings.discovery_port, proto, listenMultiple=True),

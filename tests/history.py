@@ -28,6 +28,7 @@ are open, each node's own replica (``_internal/get``, ``_internal/keys``), and r
   so a test may write one key through several nodes in turn (the clock scenarios do).
 """
 
+import json
 import random
 import threading
 import time
@@ -37,6 +38,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import requests
+from urllib.parse import urlsplit
+
+from kvresponder.discovery import derive_key
+from kvresponder.peers import PeerAuthenticator
 
 ABSENT = ("absent",)
 ERROR = ("error",)
@@ -340,15 +345,22 @@ def _read_all(url: str, keys: List[str]) -> Dict[str, object]:
     return states
 
 
-def _replicas(url: str, keys: List[str]) -> Optional[Dict[str, Optional[tuple]]]:
+def _replicas(url: str, keys: List[str], secret: Optional[str] = None) -> Optional[Dict[str, Optional[tuple]]]:
     """
     Each key's entry in this node's own store: ``(value or None, version)`` or None; None if the internal
-    routes are closed (a cluster secret).
+    routes are closed to this check (a cluster secret it does not know). With ``secret``, the calls are signed
+    as a peer's are.
     """
     s = _session()
+    authenticator = PeerAuthenticator(derive_key(secret, "peer")) if secret else None
+    path = urlsplit(url).path + "/_internal/get"
     result = {}
     for key in keys:
-        response = s.post(url + "/_internal/get", json={"key": key}, timeout=5)
+        body = json.dumps({"key": key}).encode("utf-8")
+        headers = {"Content-Type": "application/json"}
+        if authenticator is not None:
+            headers["X-KV-Auth"] = authenticator.sign(b"POST", path.encode("ascii"), body).decode("ascii")
+        response = s.post(url + "/_internal/get", data=body, headers=headers, timeout=5)
         if response.status_code in (401, 403, 404):
             return None
         response.raise_for_status()
@@ -466,7 +478,8 @@ def check(history: History, nodes, replicas: int) -> Report:
                 report.unknown_writes += 1
     with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
         reads = dict(zip([node.node_id for node in nodes], pool.map(lambda n: _read_all(n.url, keys), nodes)))
-        local = dict(zip([node.node_id for node in nodes], pool.map(lambda n: _replicas(n.url, keys), nodes)))
+        local = dict(zip([node.node_id for node in nodes], pool.map(
+            lambda n: _replicas(n.url, keys, (getattr(n, "env", None) or {}).get("CLUSTER_SECRET")), nodes)))
     report.replica_checked = all(value is not None for value in local.values())
     live = 0
     for key in keys:

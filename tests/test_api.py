@@ -393,10 +393,30 @@ def test_diag_redacts_secrets():
     assert {"version", "python", "reactor", "store", "uptime_s", "open_connections"} <= set(body)
 
 
-def test_diag_warns_without_a_cluster_secret(api):
+def test_diag_says_a_node_without_a_cluster_secret_serves_alone(api):
+    """
+    If CLUSTER_SECRET is not set, then /diag says the node does not cluster, and lists no warning for it (it
+    is closed, not open).
+    """
     body = api.call("GET", "/diag")[1]
-    assert body["cluster_authenticated"] is False
-    assert any("CLUSTER_SECRET" in warning for warning in body["security_warnings"])
+    assert body["cluster_authenticated"] is False and body["cluster"] == "disabled"
+    assert not any("cluster" in warning.lower() for warning in body["security_warnings"])
+
+
+def test_diag_warns_about_insecure_clustering():
+    """
+    If the node clusters without a secret (--insecure-cluster), then /diag lists it under security_warnings.
+    """
+    body = API(insecure_cluster="true").call("GET", "/diag")[1]
+    assert body["cluster"] == "insecure"
+    assert any("--insecure-cluster" in warning and "CLUSTER_SECRET" in warning
+               for warning in body["security_warnings"])
+
+
+def test_diag_says_a_node_with_a_cluster_secret_is_authenticated():
+    body = API(cluster_secret="s" * 20, insecure_cluster="true").call("GET", "/diag")[1]
+    assert body["cluster"] == "authenticated" and body["cluster_authenticated"] is True
+    assert not any("cluster" in warning.lower() for warning in body["security_warnings"])
 
 
 def test_metrics_count_requests_by_route_template(api):

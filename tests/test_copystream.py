@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from treq.client import HTTPClient
 
+from kvresponder import copystream
 from kvresponder.copystream import (MAX_BATCH_ID, REFUSED_FOR, UPGRADE_TOKEN, CopyStreamClient, CopyStreams,
                                     CopyStreamServer, StreamError, StreamRefused, StreamTimeout, StreamUnanswered,
                                     decode_results, encode_answer)
@@ -240,6 +241,34 @@ async def test_a_malformed_batch_gets_a_400_and_the_stream_carries_on(server):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_batch_whose_entries_do_not_fit_their_schema_gets_a_400_and_nothing_is_applied(server,
+                                                                                               monkeypatch):
+    """
+    If a well-framed batch on a stream holds an entry whose version names a malformed node id, or whose
+    expiry is not finite, then the batch is answered 400 (as /_internal/apply answers it), none of it is
+    applied, no traceback is logged, and the stream carries on.
+    """
+    tracebacks = []
+    monkeypatch.setattr(copystream, "write_traceback", lambda *a, **k: tracebacks.append(a))
+    peer = server()
+    streams = _streams(_auth())
+    try:
+        await streams.send(peer.peer, [_entry(1)], [b"-"], 2.0)
+        stream = streams._open[("127.0.0.1", peer.peer.port)]
+        bad_node = Entry("k7", b"1", (1_700_000_000_000, 0, "bad node"), None)
+        forever = Entry("k8", b"1", (1_700_000_000_000, 0, "n9"), float("inf"))
+        for bad in (bad_node, forever):
+            with pytest.raises(StreamError) as caught:
+                await stream.send(encode_batch([_entry(5), bad], 0.0), [b"-", b"-"], 2.0)
+            assert caught.value.code == 400 and "Malformed batch" in str(caught.value)
+        assert peer.node.store.current("k5") is None
+        assert await streams.send(peer.peer, [_entry(2)], [b"-"], 2.0) == [ApplyResult(True, False)]
+        assert tracebacks == []
+    finally:
+        streams.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_an_entry_over_the_peers_budget_is_answered_413_through_peer_client(server):
     peer = server(max_memory="1Mi")
     client = PeerClient(None, reactor, "t1", 2.0, _auth(), streams=_streams(_auth()))
@@ -314,7 +343,7 @@ async def test_the_route_answers_json_errors_to_what_is_not_an_upgrade(server):
 
 
 def test_a_connection_that_cannot_be_handed_over_gets_a_501():
-    settings = make_settings("t1", "n2")
+    settings = make_settings("t1", "n2", insecure_cluster="true")
     node = Node(settings, Clock(), http=None)
     stub = stub_over(KVSite(build_root(node), Clock().seconds))
     d = stub.get("http://10.0.0.2:3000/t1/_internal/copies",
@@ -595,8 +624,8 @@ async def test_nothing_after_a_rejected_frame_is_applied_and_the_connection_is_r
 
 @pytest_twisted.ensureDeferred
 async def test_frames_sent_right_behind_the_upgrade_request_are_applied(server):
-    # Without a secret frames carry no MAC, so a caller could send them before the 101 (ours waits).
-    peer = server(secret=None)
+    # With --insecure-cluster and no secret frames carry no MAC: a caller could send them before the 101.
+    peer = server(secret=None, insecure_cluster="true")
     received = Deferred()
 
     class Pipelining(Protocol):

@@ -64,6 +64,7 @@ def test_defaults():
         "insecure_admin": False,
         "replication_stream": True,
         "max_clock_offset": 0.5,
+        "insecure_cluster": False,
     }
 
 
@@ -233,6 +234,7 @@ BAD_VALUES = [
     ("max-connections", "MAX_CONNECTIONS", "0"),
     ("log-level", "LOG_LEVEL", "verbose"),
     ("insecure-admin", "INSECURE_ADMIN", "maybe"),
+    ("insecure-cluster", "INSECURE_CLUSTER", "perhaps"),
 ]
 
 
@@ -257,6 +259,24 @@ def test_bad_secret_is_not_shown_in_the_error(flag, variable):
     message = error_of(environ={variable: "short-secret"})
     assert message.startswith("--%s (%s): invalid value <redacted>" % (flag, variable))
     assert "short-secret" not in message
+    # ... and says what a valid one is, and how to make one.
+    assert "at least 16 characters" in message and "secrets.token_urlsafe" in message
+
+
+@pytest.mark.parametrize("environ, clustering", [
+    ({}, "disabled"),
+    ({"INSECURE_CLUSTER": "true"}, "insecure"),
+    ({"INSECURE_CLUSTER": "false"}, "disabled"),
+    ({"CLUSTER_SECRET": "x" * 16}, "authenticated"),
+    ({"CLUSTER_SECRET": "x" * 16, "INSECURE_CLUSTER": "true"}, "authenticated"),
+    ({"CLUSTER_SECRET": "", "INSECURE_CLUSTER": "1"}, "insecure"),
+])
+def test_a_node_clusters_only_with_a_secret_or_when_told_to_be_insecure(environ, clustering):
+    """
+    If CLUSTER_SECRET is unset, then the node serves alone unless INSECURE_CLUSTER (--insecure-cluster) is set;
+    with a secret, it clusters with the peers that hold it, and --insecure-cluster changes nothing.
+    """
+    assert load(environ=environ).clustering == clustering
 
 
 def test_secrets_are_redacted():

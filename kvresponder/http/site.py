@@ -22,6 +22,7 @@ from ..log import DEBUG, INFO
 from ..log.http import HTTP_READ, HTTP_REJECTED, HTTP_REQUEST
 from ..sendnow import send_now
 from .errors import APIError, error_body, write_error
+from .limits import BULK, INTERNAL, VALUE
 
 
 class _Discard:
@@ -97,17 +98,16 @@ class KVRequest(Request):
         # a quarter of a peer's time answering replicated writes.
         self._parsePOSTFormSubmission = False
 
-    def _body_limit(self) -> int:
-        site = self.channel.site
-        path = getattr(self.channel, "_path", b"") or b""
-        if b"/_internal/" in path:
-            return site.internal_body_limit
-        if path.rstrip(b"/").endswith(b"/bulk"):
-            return site.bulk_body_limit
-        return site.body_limit
+    _limit = 0
 
     def gotLength(self, length: Optional[int]) -> None:
-        self._limit = self._body_limit()
+        if length == 0:
+            # No body (every GET): no limit to find.
+            Request.gotLength(self, length)
+            return
+        channel = self.channel
+        self._limit = channel.site.body_limit_for(getattr(channel, "_path", b"") or b"",
+                                                  getattr(channel, "_command", b"") or b"")
         if length is not None and length > self._limit:
             self._too_large = True
             self.content = _Discard()
@@ -556,6 +556,10 @@ class KVSite(Site):
         self.body_limit = body_limit
         self.bulk_body_limit = bulk_body_limit or 8 * body_limit
         self.internal_body_limit = max(internal_body_limit, 4 * body_limit)
+        self._body_limits = {VALUE: self.body_limit, BULK: self.bulk_body_limit, INTERNAL: self.internal_body_limit}
+        #: The root's own routing of a path to a body limit (``body_limit_for``); a root without one gives every
+        #: request the value limit.
+        self._route_limit = getattr(resource, "body_limit_for", None)
         self.max_connections = max_connections
         self.max_header_bytes = max_header_bytes
         self.request_deadline = timeout
@@ -567,6 +571,27 @@ class KVSite(Site):
         #: path under a prefix (``shortcuts()``), and requests under it go there without the walk.
         self.shortcuts = [(prefix, tuple(prefix.strip(b"/").split(b"/")), leaf)
                           for prefix, leaf in getattr(resource, "shortcuts", lambda: [])()]
+        #: The same, with the body limit of each, for requests that have a body.
+        self._shortcut_limits = [(prefix, self._routed_limit(prefix, b"PUT")) for prefix, _, _ in self.shortcuts]
+
+    def body_limit_for(self, target: bytes, method: bytes) -> int:
+        """
+        The largest body, in bytes, of a request for ``target`` (the raw request target) with ``method``: the
+        limit of the route its path leads to, as the resource tree routes it. Decided before the body is read,
+        from the path alone (never the query string), split and percent-decoded as :meth:`KVRequest.process`
+        does it for traversal.
+        """
+        path = target.split(b"?", 1)[0]
+        for prefix, limit in self._shortcut_limits:
+            if path.startswith(prefix):
+                return limit
+        return self._routed_limit(path, method)
+
+    def _routed_limit(self, path: bytes, method: bytes) -> int:
+        route = self._route_limit
+        if route is None:
+            return self.body_limit
+        return self._body_limits[route([unquote(segment) for segment in path[1:].split(b"/")], method)]
 
     def log(self, request) -> None:
         # Requests are accounted by KVRequest as metrics and Eliot actions, not as access-log lines.

@@ -57,3 +57,7 @@ CLOCK_AHEAD = leveled("discovery", WARNING, MessageType(
     "kvresponder:discovery:clock-ahead",
     [PEER, Field.for_types("offset", [float], "How far ahead its clock is, in seconds.")],
     "A peer's heartbeat carried a time further ahead than MAX_CLOCK_OFFSET: it was refused."))
+HEARTBEAT_IGNORED = leveled("discovery", WARNING, MessageType(
+    "kvresponder:discovery:heartbeat-ignored", [PEER, SOURCE],
+    "A peer's heartbeat was ignored because this node serves alone (no CLUSTER_SECRET and no "
+    "--insecure-cluster); logged once per peer."))

@@ -32,6 +32,16 @@ from twisted.web.http import HTTPChannel  # noqa: E402
 from twisted.web.server import Request  # noqa: E402
 
 
+def request_target(channel) -> Tuple[bytes, bytes]:
+    """
+    The path (with its query) and the method of the request an HTTP channel is receiving, once its request
+    line is parsed and before its body arrives: the body's limit depends on the route, and
+    ``Request.gotLength``, where a body over it must be refused unbuffered, is called before the request
+    knows its own path.
+    """
+    return getattr(channel, "_path", b"") or b"", getattr(channel, "_command", b"") or b""
+
+
 def skip_form_parsing(request) -> None:
     """
     Stop Twisted parsing a form POST's body: the API takes JSON only, and answers a form with its own JSON 415

@@ -99,6 +99,24 @@ def test_a_channel_still_keeps_its_handling_flag_its_unread_bytes_and_its_saved_
     assert channel.timeOut is None and channel._savedTimeOut is None
 
 
+def test_a_channel_still_knows_the_target_of_the_request_it_is_receiving_before_its_body():
+    """
+    If a channel has parsed a request line and headers but not the body, then ``_path`` and ``_command`` hold
+    its target and method (the body limit is chosen from them before the body is read).
+    """
+    seen = []
+
+    class Limited(Request):
+        def gotLength(self, length):
+            seen.append(privateapi.request_target(self.channel))
+            Request.gotLength(self, length)
+
+    channel = _channel()
+    channel.requestFactory = Limited
+    channel.dataReceived(b"PUT /t/kv/a%2Fb?x=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n")
+    assert seen == [(b"/t/kv/a%2Fb?x=1", b"PUT")]
+
+
 def test_a_channel_still_calls_the_bad_request_hook_on_what_its_parser_refuses():
     """
     If a channel subclass installs an answer for bad requests, then a malformed header line reaches it.

@@ -20,6 +20,8 @@ from twisted.web.server import Request, Site
 
 from ..log import DEBUG, INFO
 from ..log.http import HTTP_READ, HTTP_REJECTED, HTTP_REQUEST
+from ..privateapi import (answer_bad_requests, channel_between_requests, handle_star, request_gone, request_target,
+                          skip_form_parsing, stop_idle_timeout, take_unread)
 from ..sendnow import send_now
 from .errors import APIError, error_body, write_error
 from .limits import BULK, INTERNAL, VALUE
@@ -92,11 +94,8 @@ class KVRequest(Request):
 
     def __init__(self, *args, **kwargs) -> None:
         Request.__init__(self, *args, **kwargs)
-        # The API speaks JSON only: a form POST gets a 415 from its route, not Twisted's form parsing (its
-        # bare 400 when the form is malformed). Request.__init__ sets this on the instance, so a class
-        # attribute would not do; and parsing the Content-Type of every POST through the email package cost
-        # a quarter of a peer's time answering replicated writes.
-        self._parsePOSTFormSubmission = False
+        # The API speaks JSON only: a form POST gets a 415 from its route, not Twisted's form parsing.
+        skip_form_parsing(self)
 
     _limit = 0
 
@@ -106,8 +105,7 @@ class KVRequest(Request):
             Request.gotLength(self, length)
             return
         channel = self.channel
-        self._limit = channel.site.body_limit_for(getattr(channel, "_path", b"") or b"",
-                                                  getattr(channel, "_command", b"") or b"")
+        self._limit = channel.site.body_limit_for(*request_target(channel))
         if length is not None and length > self._limit:
             self._too_large = True
             self.content = _Discard()
@@ -148,7 +146,7 @@ class KVRequest(Request):
         if path == b"*":
             self.prepath = []
             self.postpath = [b""]
-            self._handleStar()
+            self._answer_star()
             return
         tracing = site.tracing
         if tracing is not None:
@@ -267,9 +265,9 @@ class KVRequest(Request):
             return b"localhost"
         return name
 
-    def _handleStar(self) -> None:
+    def _answer_star(self) -> None:
         if self.method == b"OPTIONS":
-            Request._handleStar(self)
+            handle_star(self)
             return
         body = write_error(self, APIError(405, "method_not_allowed", "The * target takes OPTIONS only.",
                                           {b"Allow": b"OPTIONS"}))
@@ -283,7 +281,7 @@ class KVRequest(Request):
         failed.
         """
         write_traceback(exc_info=(reason.type, reason.value, reason.tb))
-        if self.finished or self._disconnected:
+        if self.finished or request_gone(self):
             return reason
         body = error_body("internal_error", "The server failed to handle this request.")
         self.setResponseCode(500)
@@ -416,7 +414,7 @@ class _CountedChannel(HTTPChannel):
         self.timeoutConnection()
 
     def dataReceived(self, data):
-        if self._request_started is None and not self._handlingRequest:
+        if self._request_started is None and channel_between_requests(self):
             site = self.site
             self._request_started = site.seconds()
             if self._deadline is None:
@@ -465,14 +463,13 @@ class _CountedChannel(HTTPChannel):
         if type(transport) is not tcp.Server or transport.disconnecting:
             return False
         self._cancel_deadline()
-        self.timeOut = self._savedTimeOut = None
+        stop_idle_timeout(self)
         if self._idle_call is not None:
             if self._idle_call.active():
                 self._idle_call.cancel()
             self._idle_call = None
         del self.requests[:]
-        leftover = self.clearLineBuffer() + b"".join(self._dataBuffer)
-        self._dataBuffer = []
+        leftover = take_unread(self)
         self.paused = True
         transport.unregisterProducer()
         # Reading may have been paused while the request was handled; nothing of HTTP's would resume it now.
@@ -488,14 +485,6 @@ class _CountedChannel(HTTPChannel):
                 write_traceback()
                 transport.abortConnection()
         return True
-
-    def _respondToBadRequestAndDisconnect(self):
-        # Twisted's own parser refused the bytes (a bad header line, a bad Content-Length or chunk, ...):
-        # answer in the API's error format rather than with a bare status line.
-        body = error_body("bad_request", "The request is not well-formed HTTP/1.1.")
-        self.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
-                             b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        self.loseConnection()
 
     def _check_deadline(self):
         self._deadline = None
@@ -527,6 +516,20 @@ class _CountedChannel(HTTPChannel):
         self._request_started = None
         self.site.open_connections -= 1
         HTTPChannel.connectionLost(self, reason)
+
+
+def _answer_bad_request(channel) -> None:
+    """
+    Twisted's own parser refused the bytes (a bad header line, a bad Content-Length or chunk, ...): answer in
+    the API's error format rather than with a bare status line.
+    """
+    body = error_body("bad_request", "The request is not well-formed HTTP/1.1.")
+    channel.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+                            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    channel.loseConnection()
+
+
+answer_bad_requests(_CountedChannel, _answer_bad_request)
 
 
 class KVSite(Site):

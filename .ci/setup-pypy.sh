@@ -5,7 +5,7 @@
 #
 # Prints on stdout the path of DIR/python, a HOST executable that runs the PyPy 3.11 venv's python (with the
 # project and its test extra installed) with the same arguments, cwd, environment and process id; everything
-# else goes to stderr. Run as root (mmdebstrap, mounts and chroot need it).
+# else goes to stderr. Run as root (mmdebstrap, mounts and pivot_root need it).
 #
 # Debian 13's PyPy 3.11 needs trixie's glibc, so it lives in a Debian 13 root filesystem:
 #   DIR/root    trixie from the Debian archive (mmdebstrap), with pypy3 and the tools the tests call (ip,
@@ -14,7 +14,7 @@
 #   DIR/enter   runs a command inside the root: `DIR/enter CMD ARGS...`.
 #   DIR/python  is `DIR/enter /opt/kv-pypy/bin/python "$@"`, with the venv's bin first on PATH.
 #
-# `enter` does not fork: it execs unshare (a private mount namespace), mounts, then execs chroot, so the pid a
+# `enter` does not fork: it execs unshare (a private mount namespace), mounts, pivots into the root and execs, so the pid a
 # caller holds is the interpreter's own and its signals (SIGTERM drains a node) reach it. Inside the root the
 # interpreter's sys.executable is the venv's python, so the processes it starts stay inside. It shares with
 # the host: the network (and its namespaces, /run/netns), /dev, /proc, /sys, /run, /tmp, the repository, the
@@ -29,7 +29,8 @@ DIR="${1:-${KV_PYPY_DIR:-/var/cache/kv-pypy311}}"
 SUITE=trixie
 MIRROR="${KV_PYPY_MIRROR:-http://deb.debian.org/debian}"
 # pypy3-venv brings the pip and setuptools wheels that Debian's ensurepip installs from.
-PACKAGES="pypy3,pypy3-venv,ca-certificates,procps,iproute2,iptables,faketime,prometheus,bubblewrap"
+# mount: its umount detaches the host's root after `enter` pivots into this one.
+PACKAGES="pypy3,pypy3-venv,ca-certificates,procps,mount,iproute2,iptables,faketime,prometheus,bubblewrap"
 VENV=/opt/kv-pypy
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 ROOT="$DIR/root"
@@ -37,7 +38,7 @@ SPEC="$SUITE $MIRROR $PACKAGES"
 
 log() { printf 'setup-pypy: %s\n' "$*" >&2; }
 
-[ "$(id -u)" = 0 ] || { log "needs root (mmdebstrap, mount, chroot)"; exit 1; }
+[ "$(id -u)" = 0 ] || { log "needs root (mmdebstrap, mount, pivot_root)"; exit 1; }
 mkdir -p "$DIR"
 exec 9>"$DIR/lock"
 flock 9
@@ -88,7 +89,7 @@ for path in "${readonly_paths[@]}"; do [ -e "$path" ] && existing+=("$path"); do
 cat > "$DIR/enter.new" <<EOF
 #!/bin/sh
 # Runs a command inside the Debian 13 root $ROOT (made by .ci/setup-pypy.sh), in the caller's cwd, with the
-# same process id: unshare and chroot exec, nothing forks. The mounts live in a private mount namespace.
+# same process id: unshare and the shell exec, nothing forks. The mounts live in a private mount namespace.
 [ \$# -gt 0 ] || set -- /bin/bash
 exec unshare --mount --propagation private -- /bin/sh -c '
     set -e
@@ -106,7 +107,13 @@ exec unshare --mount --propagation private -- /bin/sh -c '
         /|/tmp|/tmp/*|$REPO|$REPO/*) ;;
         *) bind "\$PWD" ;;
     esac
-    exec chroot "\$root" /usr/bin/env --chdir="\$PWD" "\$@"
+    # pivot_root, not chroot: the kernel refuses a chrooted process a user namespace (bwrap --unshare-user).
+    # With new and old root the same directory, the old root lands on top and is then detached.
+    here=\$PWD
+    cd "\$root"
+    pivot_root . .
+    umount -l .
+    exec /usr/bin/env --chdir="\$here" "\$@"
 ' sh "$ROOT" "\$@"
 EOF
 cat > "$DIR/python.new" <<EOF

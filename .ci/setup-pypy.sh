@@ -142,6 +142,6 @@ fi
 
 "$PY" -c "import kvresponder.tap, treq, klein, eliot, prometheus_client, opentelemetry.sdk, cryptography" >&2
 # Every native module the suite loads (an "undefined symbol" here means a cap in the constraints file).
-"$PY" -c "import pytest, pytest_twisted, hypothesis, jsonschema, openapi_spec_validator, pydantic, yaml, requests" >&2
+"$PY" -c "import pytest, pytest_twisted, hypothesis, jsonschema, openapi_spec_validator, pydantic, yaml, requests, schemathesis" >&2
 log "ok: $("$PY" -c 'import sys, platform, kvresponder; print(platform.python_implementation(), sys.version.split()[0], "kvresponder", kvresponder.__version__)')"
 echo "$PY"

@@ -38,7 +38,9 @@ HIT_KEYS = 10000          # keys preloaded for GET hits and the mixes
 #: Runs twistd with the interpreter given (CPython or PyPy), whatever its scripts directory (as tests/harness.py).
 TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
 
-DEFAULT_PYPY = os.environ.get("KV_PYPY_PYTHON", "/opt/kv-pypy/bin/python")
+#: PyPy for Python 3.11: the host-side wrapper that `bash .ci/setup-pypy.sh` prints (it runs the venv inside a
+#: Debian 13 root, with the node's own pid, so signals and /proc/<pid>/stat reach the node).
+DEFAULT_PYPY = os.environ.get("KV_PYPY_PYTHON", "/var/cache/kv-pypy311/python")
 DEFAULT_CPYTHON = os.environ.get("KV_CPYTHON_PYTHON", sys.executable)
 
 _started: List["Process"] = []
@@ -49,7 +51,7 @@ def interpreter_path(name: str) -> str:
         return DEFAULT_CPYTHON
     if name == "pypy":
         if not os.access(DEFAULT_PYPY, os.X_OK):
-            sys.exit("no PyPy venv at %s: run `bash .ci/setup-pypy.sh` first (or set KV_PYPY_PYTHON)"
+            sys.exit("no PyPy 3.11 at %s: run `bash .ci/setup-pypy.sh` first (or set KV_PYPY_PYTHON to what it prints)"
                      % (DEFAULT_PYPY,))
         return DEFAULT_PYPY
     sys.exit("unknown interpreter %r (pypy or cpython)" % (name,))
@@ -416,7 +418,7 @@ def combine(results: List[dict]) -> dict:
 def parser(description: str, duration: float = 10.0, warmup: float = 5.0) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--interpreter", choices=["cpython", "pypy"], default="cpython",
-                   help="runs the nodes under CPython (this python) or PyPy (the venv of .ci/setup-pypy.sh)")
+                   help="runs the nodes under CPython (this python) or PyPy 3.11 (what .ci/setup-pypy.sh prints)")
     p.add_argument("--duration", type=float, default=duration, help="seconds of measured load (default %(default)s)")
     p.add_argument("--warmup", type=float, default=warmup, help="seconds of unmeasured load first (default %(default)s)")
     p.add_argument("--connections", "-c", type=int, default=32, help="wrk connections (default %(default)s)")

@@ -136,14 +136,16 @@ def test_the_image_installs_from_its_interpreters_lock_with_hashes():
     assert "ensurepip" in dockerfile
 
 
-def _debian_python():
+def _bare_venv(path) -> str:
     """
-    Debian 12's own python3 with its pip 23.0 and venv (python3-venv), or the running interpreter elsewhere.
+    A venv holding only pip and setuptools: made by Debian's own python3 (pip 23.0, from python3-venv) where
+    it can, else by the running interpreter. Its python.
     """
-    if os.path.exists("/usr/bin/python3") and subprocess.run(
-            ["/usr/bin/python3", "-c", "import ensurepip, venv"], capture_output=True).returncode == 0:
-        return "/usr/bin/python3"
-    return sys.executable
+    for python in ("/usr/bin/python3", sys.executable):
+        if os.path.exists(python) and subprocess.run([python, "-m", "venv", "--clear", str(path)],
+                                                     capture_output=True, timeout=120).returncode == 0:
+            return str(path / "bin" / "python")
+    raise AssertionError("no interpreter here can make a venv")
 
 
 def test_pip_builds_the_wheel_in_a_bare_venv(tmp_path):
@@ -152,9 +154,7 @@ def test_pip_builds_the_wheel_in_a_bare_venv(tmp_path):
     ``setup.py bdist_wheel`` path and failed without ``wheel`` installed. In a venv holding only pip and
     setuptools, ``pip wheel .`` builds the wheel, with the plugin and the Python 3.11 floor.
     """
-    venv = tmp_path / "venv"
-    subprocess.run([_debian_python(), "-m", "venv", str(venv)], check=True, timeout=120)
-    python = str(venv / "bin" / "python")
+    python = _bare_venv(tmp_path / "venv")
     installed = subprocess.run([python, "-m", "pip", "list", "--format=freeze"], capture_output=True,
                                text=True, check=True, timeout=60).stdout
     assert "wheel==" not in installed

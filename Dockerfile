@@ -53,11 +53,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # else), without copying them into a layer, then build the Twisted plugin
 # cache (dropin.cache) now: twistd cannot write it at run time. The image owns
 # its interpreter, so pip may install into it even where the base marks it as
-# managed by the system (PEP 668).
+# managed by the system (PEP 668), and beside, not over, packages the system
+# installed (pip cannot uninstall those: Debian's python3-packaging, say).
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     PY="$(command -v pypy3 || command -v python3)" \
     && { "$PY" -m pip --version >/dev/null 2>&1 || "$PY" -m ensurepip --default-pip; } \
-    && PIP_BREAK_SYSTEM_PACKAGES=1 "$PY" -m pip install --no-cache-dir --no-index --find-links=/wheels /wheels/*.whl \
+    && PIP_BREAK_SYSTEM_PACKAGES=1 "$PY" -m pip install --no-cache-dir --no-index --ignore-installed \
+       --find-links=/wheels /wheels/*.whl \
     && "$PY" -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))" \
     && groupadd --system --gid 10001 kvresponder \
     && useradd --system --uid 10001 --gid 10001 --home-dir /tmp --no-create-home \

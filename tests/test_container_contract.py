@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from .conftest import require_tool
-from .harness import TWISTD, free_port, free_udp_port
+from .harness import REPO, TWISTD, free_port, free_udp_port
 
 pytestmark = pytest.mark.e2e
 
@@ -24,6 +24,12 @@ def test_the_installed_service_runs_read_only_as_nobody(log_dir):
     bwrap = require_tool("bwrap")
     if os.geteuid() != 0:
         pytest.skip("bubblewrap needs root here to map uid 65534")
+    installed = subprocess.run([sys.executable, "-c", "import kvresponder.settings as s; print(s.__file__)"],
+                               cwd="/tmp", capture_output=True, text=True, timeout=60, env={"PATH": os.environ["PATH"]})
+    with open(installed.stdout.strip(), "rb") as ours, open(os.path.join(REPO, "kvresponder", "settings.py"),
+                                                            "rb") as tree:
+        assert ours.read() == tree.read(), ("the installed kvresponder is not this tree's: "
+                                            "python3 -m pip install . first (as CI does)")
     port, discovery = free_port(), free_udp_port()
     log_path = os.path.join(log_dir, "bwrap.log")
     secret_path = os.path.join(log_dir, "cluster-secret")

@@ -83,6 +83,8 @@ def node_command(args: argparse.Namespace, index: int, python: str = sys.executa
         "--tenant", args.tenant,
         "--node-id", "node-%d" % (index,),
         "--port", str(args.base_port + index - 1),
+        # Loopback whatever LISTEN_ADDRESS the caller's environment has: admin writes need no token here.
+        "--listen-address", LOOPBACK,
         "--advertise-address", LOOPBACK,
         "--discovery-mode", "multicast",
         "--discovery-interface", LOOPBACK,

@@ -10,8 +10,9 @@ import platform
 from bisect import bisect_left
 from typing import Callable, Dict, List, Tuple
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
+                               disable_created_metrics, generate_latest)
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric,
                                    UntypedMetricFamily)
 
 from . import __version__
@@ -110,6 +111,32 @@ class _LiveGauges:
         return []
 
 
+class _ProcessStats:
+    """
+    The standard process series (``process_resident_memory_bytes``, ``process_cpu_seconds_total``,
+    ``process_open_fds``, ``process_max_fds``, ``process_start_time_seconds``, ``process_virtual_memory_bytes``)
+    with the tenant label, like every other series here.
+
+    ``prometheus_client``'s ``ProcessCollector`` reads them from ``/proc`` (on CPython and PyPy alike) but
+    labels nothing, so its families are copied with the label added. Where there is no ``/proc`` (macOS), it
+    yields nothing.
+    """
+
+    def __init__(self, tenant: str, proc: str = "/proc") -> None:
+        self._tenant = tenant
+        self._process = ProcessCollector(proc=proc, registry=None)
+
+    def collect(self):
+        for family in self._process.collect():
+            labelled = Metric(family.name, family.documentation, family.type)
+            for sample in family.samples:
+                labelled.add_sample(sample.name, dict(sample.labels, tenant=self._tenant), sample.value)
+            yield labelled
+
+    def describe(self):
+        return []
+
+
 #: ``kv_peers_count`` keeps the seed's name, which dashboards and alerts already use. A gauge named *_count
 #: breaks the exposition lint (promtool reserves the suffix for histograms and summaries); untyped, it is
 #: read exactly like a gauge and passes.
@@ -173,13 +200,14 @@ class Metrics:
     :param str tenant: bound as the ``tenant`` label of every series.
     """
 
-    def __init__(self, tenant: str) -> None:
+    def __init__(self, tenant: str, proc: str = "/proc") -> None:
         self.tenant = tenant
         self.registry = registry = CollectorRegistry(auto_describe=True)
         self._gauge_readers: Dict[str, Callable[[], float]] = {}
         t = ["tenant"]
         self._stats = _RequestStats(tenant)
         registry.register(self._stats)
+        registry.register(_ProcessStats(tenant, proc))
         self.peer_duration = Histogram(
             "kv_peer_request_duration_seconds", "Latency of calls to peers.",
             t + ["op"], buckets=_LATENCY_BUCKETS, registry=registry)

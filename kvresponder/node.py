@@ -263,7 +263,7 @@ class Node:
         ring = self._ring
         cached_ring, ratio = self._owned_ratio
         if cached_ring is not ring:
-            ratio = ring.primary_share(self.node_id, samples=2048)
+            ratio = ring.primary_share(self.node_id)
             self._owned_ratio = (ring, ratio)
         return ratio
 

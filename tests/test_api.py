@@ -482,6 +482,21 @@ def test_insecure_admin_allows_writes():
     assert not api.node.log_policy.enabled("http", 20)
 
 
+@pytest.mark.parametrize("body, expected", [
+    ({"level": "warn"}, {"warning"}), ({"level": "WARN"}, {"warning"}), ({"level": "Debug"}, {"debug"}),
+    ({"levels": {"http": "Warn", "store": "ERROR"}}, {"warning", "error", "info"}),
+])
+def test_admin_log_levels_take_any_letter_case_and_warn_as_warning(body, expected):
+    """
+    If an admin write names a level in any letter case, or ``warn`` (the seed's name), then it is set under
+    its canonical name.
+    """
+    api = API(insecure_admin="true")
+    code, answer, _ = api.call("PUT", "/admin/log-levels", body)
+    assert code == 200 and set(answer["levels"].values()) == expected
+    assert set(api.node.log_policy.levels().values()) == expected
+
+
 # -- bulk -------------------------------------------------------------------------------------------
 
 

@@ -19,6 +19,8 @@ from ..privateapi import set_task_uuid_factory
 DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40
 LEVELS = {"debug": DEBUG, "info": INFO, "warning": WARNING, "error": ERROR}
 LEVEL_NAMES = {value: name for name, value in LEVELS.items()}
+#: Other names taken for a level: the seed's contract lists ``warn``.
+LEVEL_ALIASES = {"warn": "warning"}
 AREAS = ("http", "store", "discovery", "replication", "rebalance", "service")
 
 #: type name -> (area, level), filled in by :func:`leveled` as the area modules are imported.
@@ -34,6 +36,17 @@ def leveled(area: str, level: int, eliot_type):
     name = getattr(eliot_type, "action_type", None) or getattr(eliot_type, "message_type")
     _TYPE_LEVELS[name] = (area, level)
     return eliot_type
+
+
+def canonical_level(name) -> Optional[str]:
+    """
+    The level named, in any letter case and with ``warn`` for ``warning``; ``None`` if there is no such level.
+    """
+    if not isinstance(name, str):
+        return None
+    name = name.lower()
+    name = LEVEL_ALIASES.get(name, name)
+    return name if name in LEVELS else None
 
 
 class UnknownLevel(ValueError):
@@ -61,9 +74,10 @@ class LogPolicy:
 
     @staticmethod
     def _parse(level) -> int:
-        if not isinstance(level, str) or level.lower() not in LEVELS:
-            raise UnknownLevel("unknown log level %r; levels are %s" % (level, ", ".join(LEVELS)))
-        return LEVELS[level.lower()]
+        name = canonical_level(level)
+        if name is None:
+            raise UnknownLevel("unknown log level %r; levels are %s (or warn)" % (level, ", ".join(LEVELS)))
+        return LEVELS[name]
 
     def enabled(self, area: str, level: int) -> bool:
         return level >= self._levels[area]

@@ -28,6 +28,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 ROOTFS_CACHE = Path(os.environ.get("KV_ROOTFS_CACHE", "/var/tmp/kv-rootfs-cache"))
 DEBIAN_MIRROR = os.environ.get("KV_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 
+#: What the pod suite measured (the image's size, its build time), printed in pytest's terminal summary.
+REPORT: Dict[str, str] = {}
+
 #: This sandbox's needs (issue 17): crun refuses the host's cgroup layout, systemd is not running, there is
 #: no journald, and the default rlimits are refused. netavark + aardvark-dns give the network DNS names, which
 #: the headless Service's aliases need.

@@ -376,6 +376,7 @@ class Pod:
         self.terminating = False
         self.restarts = 0
         self.ready_since: Optional[float] = None
+        self.final_logs = ""
         self._stop = threading.Event()
         self._prober: Optional[threading.Thread] = None
         self._lock = threading.Lock()
@@ -467,7 +468,7 @@ class Pod:
 
     def _supervise(self) -> None:
         """The kubelet's loop for this pod: probes, liveness restarts, restarts of exited containers."""
-        backoff = 10.0
+        backoff = 0.0
         while not self._stop.is_set():
             started = time.monotonic()
             outcome = self._probe_until_trouble(started)
@@ -482,10 +483,10 @@ class Pod:
                 if outcome == "liveness":
                     self.podman.run("stop", "--time", str(self.grace), self.container, check=False,
                                     timeout=self.grace + 30)
-            # CrashLoopBackOff: 10 s, doubled each time, 5 minutes at most.
+            # CrashLoopBackOff: the first restart at once, then 10 s, doubled each time, 5 minutes at most.
             if self._stop.wait(backoff if outcome == "exited" else 0):
                 return
-            backoff = min(backoff * 2, 300.0)
+            backoff = min(max(backoff * 2, 10.0), 300.0)
             with self._lock:
                 if self._stop.is_set():
                     return
@@ -546,6 +547,8 @@ class Pod:
         seconds = self.grace if grace is None else grace
         self.podman.run("stop", "--time", str(seconds), self.container, check=False, timeout=seconds + 60)
         self.release.event(self, "stopped")
+        # Kept for the test's report: the container and its logs are gone once removed.
+        self.final_logs = self.logs()
         self.podman.run("rm", "--force", "--time", "0", self.container, check=False)
         if self._prober is not None:
             self._prober.join(10)
@@ -619,13 +622,33 @@ class Release:
         self.manifests = manifests
         self.deployment = manifests.one("Deployment")
         self.workdir = workdir
-        self.secrets = secrets or {}
+        # The Secrets as the API server holds them once applied.
+        self.secrets = dict(secrets or {})
+        self._apply_secrets(manifests)
         self.pods: List[Pod] = []
         self.events: List[PodEvent] = []
         self._deleting: List[threading.Thread] = []
+        self._created = time.monotonic()
+
+    def _apply_secrets(self, manifests: Manifests) -> None:
+        """
+        Keep the Secrets already applied: ``helm template`` cannot run the chart's ``lookup``, which on a real
+        ``helm upgrade`` renders the existing Secret's value again instead of a new random one.
+        """
+        for secret in manifests.all("Secret"):
+            name = secret["metadata"]["name"]
+            if name not in self.secrets:
+                self.secrets[name] = _secret_data(manifests, name, {})
 
     def event(self, pod: Pod, what: str) -> None:
-        self.events.append(PodEvent(time.monotonic(), pod.name, what))
+        self.events.append(PodEvent(self.clock(), pod.name, what))
+
+    def clock(self) -> float:
+        """Seconds since the release was created, for its timeline."""
+        return round(time.monotonic() - self._created, 2)
+
+    def timeline(self) -> List[Tuple[float, str, str]]:
+        return [(e.at, e.pod, e.what) for e in self.events]
 
     @property
     def tenant_path(self) -> str:
@@ -657,7 +680,7 @@ class Release:
         while not condition():
             if time.monotonic() > deadline:
                 raise AssertionError("timed out waiting for %s; events: %s\n%s" % (
-                    what, [(round(e.at, 1), e.pod, e.what) for e in self.events[-30:]], self.recent_logs()))
+                    what, self.timeline()[-30:], self.recent_logs()))
             time.sleep(0.2)
 
     def recent_logs(self) -> str:
@@ -677,6 +700,7 @@ class Release:
         Recreate, delete every old pod, then start the new ones.
         """
         self.manifests, self.deployment = manifests, manifests.one("Deployment")
+        self._apply_secrets(manifests)
         replicas = desired_replicas(manifests)
         strategy = self.deployment["spec"].get("strategy") or {"type": "RollingUpdate"}
         old = [p for p in self.pods if not p.terminating]

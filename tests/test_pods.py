@@ -57,8 +57,9 @@ def image(podman):
     started = time.monotonic()
     tag = podman.build(ROOT, "localhost/%s/kv-responder:build" % (podman.prefix,))
     size = int(podman.output("image", "inspect", "--format", "{{.Size}}", tag))
-    print("\nimage %s built in %.0f s from %s: %.1f MB" % (
-        tag, time.monotonic() - started, containers.dockerfile_base_images(ROOT / "Dockerfile"), size / 1e6))
+    containers.REPORT["image build"] = "%s in %.0f s from %s (stand-in), %.1f MB" % (
+        tag, time.monotonic() - started, ", ".join(containers.dockerfile_base_images(ROOT / "Dockerfile")),
+        size / 1e6)
     return tag
 
 
@@ -165,3 +166,246 @@ def test_if_the_default_install_starts_three_pods_then_they_form_one_cluster_tha
     release = start_release(manifests)
     wait_for_one_cluster(release, release.pods)
     assert_reads_and_writes_through_every_pod(release, release.pods, "default")
+
+
+def test_if_discovery_is_dns_only_then_the_pods_find_each_other_through_the_headless_service(start_release):
+    """examples/d1-values.yaml: no multicast, only the headless Service's A records (the network alias)."""
+    manifests = render(CHART, "kv-responder-d1", NAMESPACE, "-f", str(EXAMPLES / "d1-values.yaml"))
+    env = {e["name"]: e.get("value") for e in pod_template(manifests)["spec"]["containers"][0]["env"]}
+    assert env["DISCOVERY_MODE"] == "dns"
+    release = start_release(manifests)
+    wait_for_one_cluster(release, release.pods)
+    assert_reads_and_writes_through_every_pod(release, release.pods, "dns")
+
+
+def test_if_discovery_is_multicast_only_then_the_pods_find_each_other_on_the_podman_bridge(start_release):
+    """A podman bridge carries multicast between its containers, as a single-node cluster's bridge CNI does."""
+    manifests = render(CHART, "kv-responder-mc", NAMESPACE, "--set", "discovery.mode=multicast")
+    release = start_release(manifests)
+    wait_for_one_cluster(release, release.pods)
+
+
+def test_if_a_pod_is_stopped_then_no_key_is_lost(start_release):
+    manifests = render(CHART, "kv-responder-stop", NAMESPACE)
+    release = start_release(manifests)
+    wait_for_one_cluster(release, release.pods)
+    written = write_keys(release, release.pods, "stop", 300)
+    stopped = release.pods[0]
+    started = time.monotonic()
+    release.delete_pod(stopped)
+    print("\npodman stop -t %d of %s took %.1f s" % (stopped.grace, stopped.name, time.monotonic() - started))
+    survivors = [p for p in release.pods if p is not stopped]
+    assert_every_key_reads_back(release, survivors, written)
+
+
+def test_if_a_pod_is_killed_then_no_request_through_the_others_fails_and_its_copies_are_made_again(start_release):
+    manifests = render(CHART, "kv-responder-kill", NAMESPACE)
+    release = start_release(manifests)
+    wait_for_one_cluster(release, release.pods)
+    replicas = int(container_env_value(manifests, "REPLICATION_FACTOR"))
+    written = write_keys(release, release.pods, "kill", 300)
+    victim, others = release.pods[0], release.pods[1:]
+    traffic = Traffic(release, lambda: others, "kill-traffic")
+    traffic.start()
+    try:
+        time.sleep(2)
+        victim.kill()
+        # The kubelet restarts the container; the survivors keep serving while it is gone and rejoins.
+        release.wait(lambda: victim.restarts >= 1, 30, "the kubelet restarting the killed container")
+        release.wait(lambda: victim.available, 120, "the restarted pod ready again")
+        time.sleep(3)
+    finally:
+        traffic.finish()
+    print("\nkill: %d requests through the other pods, %d failed" % (traffic.requests, len(traffic.failures)))
+    assert traffic.requests > 50
+    assert traffic.failures == []
+    written.update(traffic.acked)
+
+    def copies() -> int:
+        return sum(health(release, pod)["keys"] for pod in release.pods)
+
+    # Every key has its replication factor's copies again (the restarted node came back empty).
+    release.wait(lambda: copies() == replicas * len(written), 120,
+                 "%d copies of %d keys" % (replicas * len(written), len(written)))
+    assert_every_key_reads_back(release, release.pods, written)
+
+
+def test_if_every_pod_is_replaced_by_a_new_image_tag_under_traffic_then_no_acknowledged_write_is_lost(
+        podman, image, start_release):
+    manifests = render(CHART, "kv-responder-roll", NAMESPACE)
+    release = start_release(manifests)
+    wait_for_one_cluster(release, release.pods)
+    written = write_keys(release, release.pods, "roll", 200)
+    old_pods = list(release.pods)
+    new_tag = "rolled-" + podman.prefix
+    new_manifests = render(CHART, "kv-responder-roll", NAMESPACE, "--set", "image.tag=" + new_tag)
+    new_image = tag_rendered_image(podman, image, new_manifests)
+    assert new_image.endswith(":" + new_tag)
+    traffic = Traffic(release, release.endpoints, "roll-traffic")
+    traffic.start()
+    started = time.monotonic()
+    try:
+        release.roll_to(new_manifests)
+        time.sleep(2)
+    finally:
+        traffic.finish()
+    print("\nrolling replacement: %.0f s, %d requests, %d failed: %s" % (
+        time.monotonic() - started, traffic.requests, len(traffic.failures), traffic.failures[:5]))
+    new_pods = [p for p in release.pods if not p.terminating]
+    assert {p.image for p in new_pods} == {new_image}
+    assert not set(new_pods) & set(old_pods)
+    assert len(new_pods) == desired_replicas(new_manifests)
+    # One at a time, as maxSurge 1 / maxUnavailable 0 says: never fewer than the replicas serving.
+    assert traffic.min_endpoints >= desired_replicas(manifests)
+    assert traffic.requests > 100
+    written.update(traffic.acked)
+    wait_for_one_cluster(release, new_pods)
+    assert_every_key_reads_back(release, new_pods, written)
+    assert traffic.failures == [], (traffic.failures[:20], release.timeline())
+
+
+def test_if_two_tenants_share_one_network_then_their_clusters_and_data_stay_apart(start_release):
+    """examples/t1-values.yaml and t2-values.yaml, on one bridge: two clusters, neither sees the other."""
+    t1 = start_release(render(CHART, "kv-responder-t1", NAMESPACE, "-f", str(EXAMPLES / "t1-values.yaml")),
+                       deploy=False)
+    t2 = start_release(render(CHART, "kv-responder-t2", NAMESPACE, "-f", str(EXAMPLES / "t2-values.yaml")),
+                       deploy=False)
+    pods1 = [t1.new_pod() for _ in range(desired_replicas(t1.manifests))]
+    pods2 = [t2.new_pod() for _ in range(desired_replicas(t2.manifests))]
+    t1.wait(lambda: all(p.available for p in pods1 + pods2), 180, "both tenants ready")
+    wait_for_one_cluster(t1, pods1)
+    wait_for_one_cluster(t2, pods2)
+    assert put(t1, pods1[0], "shared-name", "t1's").status_code == 201
+    for pod in pods2:
+        assert get(t2, pod, "shared-name").status_code == 404
+        # A pod answers its own tenant's prefix only.
+        assert requests.get(base_url(t1, pod) + "/kv/shared-name", timeout=5).status_code == 404
+    assert put(t2, pods2[0], "shared-name", "t2's").status_code == 201
+    assert get(t1, pods1[1], "shared-name").json()["value"] == "t1's"
+    assert get(t2, pods2[1], "shared-name").json()["value"] == "t2's"
+
+
+def test_if_the_image_runs_then_it_runs_as_a_numeric_non_root_user_and_writes_nothing_outside_tmp(
+        podman, image, network, record_property):
+    """
+    The image alone, as ``docker run -e TENANT=demo`` starts it, with a writable root: ``podman diff`` then
+    shows every path it wrote, and only /tmp may be among them.
+    """
+    config = podman.inspect("image", image)["Config"]
+    user = config.get("User", "")
+    uid, _, gid = user.partition(":")
+    assert uid.isdigit() and int(uid) != 0, "USER %r is not a numeric non-root uid" % (user,)
+    assert not gid or gid.isdigit(), "USER %r has a non-numeric group" % (user,)
+    size = int(podman.output("image", "inspect", "--format", "{{.Size}}", image))
+    record_property("image_size_bytes", size)
+    containers.REPORT["image size"] = "%.1f MB (%s)" % (size / 1e6, image)
+    print("\nimage size: %.1f MB" % (size / 1e6,))
+    name = network.prefix + "-plain"
+    ip = network.allocate_ip()
+    podman.run("run", "--detach", "--name", name, "--network", network.name, "--ip", ip,
+               "--env", "TENANT=demo", "--env", "POD_IP=" + ip, image)
+    try:
+        url = "http://%s:3000/demo" % (ip,)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(url + "/health/ready", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, podman.run("logs", name, check=False).stdout[-3000:]
+            time.sleep(0.3)
+        assert requests.put(url + "/kv/k", json={"value": 1}, timeout=5).status_code == 201
+        assert requests.get(url + "/kv/k", timeout=5).json()["value"] == 1
+        diag = requests.get(url + "/diag", timeout=5).json()
+        assert diag["process"]["uid"] == int(uid)
+        podman.run("stop", "--time", "10", name)
+        changed = podman.output("diff", "--format", "{{.Path}}", name).split()
+        outside = [path for path in changed if path != "/tmp" and not path.startswith("/tmp/")]
+        assert outside == [], "written outside /tmp: %s" % (outside,)
+    finally:
+        podman.run("rm", "--force", "--time", "0", name, check=False)
+
+
+# --------------------------------------------------------------------------
+# Traffic and checks
+
+
+class Traffic(threading.Thread):
+    """
+    A client that rotates over ``targets()`` (the Service's endpoints): a new key written, then an
+    acknowledged one read back, in turn. It records every acknowledged write and every failed request.
+    """
+
+    def __init__(self, release: Release, targets, tag: str) -> None:
+        super().__init__(name="traffic-" + tag, daemon=True)
+        self.release, self.targets, self.tag = release, targets, tag
+        self.acked: Dict[str, int] = {}
+        self.failures: List[tuple] = []
+        self.requests = 0
+        self.min_endpoints: Optional[int] = None
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        n = 0
+        while not self._done.is_set():
+            pods = self.targets()
+            self.min_endpoints = len(pods) if self.min_endpoints is None else min(self.min_endpoints, len(pods))
+            if not pods:
+                time.sleep(0.05)
+                continue
+            pod = pods[n % len(pods)]
+            n += 1
+            key = "%s-%d" % (self.tag, n)
+            self._request(pod, "put", key, n)
+            if self.acked:
+                old_key = random.choice(list(self.acked))
+                self._request(pod, "get", old_key, self.acked[old_key])
+
+    def _request(self, pod: Pod, method: str, key: str, value: int) -> None:
+        self.requests += 1
+        try:
+            if method == "put":
+                response = put(self.release, pod, key, value)
+                if response.status_code in (200, 201):
+                    self.acked[key] = value
+                    return
+            else:
+                response = get(self.release, pod, key)
+                if response.status_code == 200 and response.json()["value"] == value:
+                    return
+            self.failures.append((self.release.clock(), pod.name, method, key, response.status_code,
+                                  response.text[:200]))
+        except requests.RequestException as error:
+            self.failures.append((self.release.clock(), pod.name, method, key, type(error).__name__,
+                                  str(error)[:200]))
+
+    def finish(self) -> None:
+        self._done.set()
+        self.join(30)
+
+
+def write_keys(release: Release, pods: List[Pod], tag: str, count: int) -> Dict[str, int]:
+    written = {}
+    for n in range(count):
+        key = "%s-%d" % (tag, n)
+        response = put(release, pods[n % len(pods)], key, n)
+        assert response.status_code == 201, response.text
+        written[key] = n
+    return written
+
+
+def assert_every_key_reads_back(release: Release, pods: List[Pod], written: Dict[str, int]) -> None:
+    lost = []
+    for n, (key, value) in enumerate(sorted(written.items())):
+        response = get(release, pods[n % len(pods)], key)
+        if response.status_code != 200 or response.json()["value"] != value:
+            lost.append((key, response.status_code))
+    assert lost == [], "%d of %d keys lost: %s" % (len(lost), len(written), lost[:10])
+
+
+def container_env_value(manifests: Manifests, name: str) -> str:
+    for entry in pod_template(manifests)["spec"]["containers"][0]["env"]:
+        if entry["name"] == name:
+            return entry["value"]
+    raise KeyError(name)

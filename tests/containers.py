@@ -148,7 +148,7 @@ class Podman:
     point at files written by :func:`configure`).
     """
 
-    env: Dict[str, str]
+    env: Dict[str, str] = field(repr=False)
     prefix: str
     workdir: Path
     created_images: List[str] = field(default_factory=list)

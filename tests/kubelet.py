@@ -576,11 +576,11 @@ class Pod:
 class Network:
     """One podman bridge network (the cluster's pod network, for one test)."""
 
-    podman: Podman
+    podman: Podman = field(repr=False)
     prefix: str
     name: str = ""
     gateway: str = ""
-    _hosts: List[str] = field(default_factory=list)
+    _hosts: List[str] = field(default_factory=list, repr=False)
 
     def create(self) -> "Network":
         self.name = self.prefix + "-net"

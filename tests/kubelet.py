@@ -229,22 +229,64 @@ def container_env(container: dict, pod: PodIdentity, manifests: Manifests,
 # Volumes and the security context
 
 
-def _write_projection(directory: Path, data: Dict[str, bytes], items: Optional[list], default_mode: int,
-                      fs_group: Optional[int]) -> None:
+def _items(data: Dict[str, bytes], items: Optional[list], mode: int, source: str) -> List[Tuple[str, bytes, int]]:
+    """The files of one Secret or ConfigMap source: the listed items (each with its mode), or every key."""
+    wanted = items if items is not None else [{"key": k, "path": k} for k in data]
+    files = []
+    for item in wanted:
+        if item["key"] not in data:
+            raise AssertionError("key %s not in %s" % (item["key"], source))
+        files.append((item["path"], data[item["key"]], int(item.get("mode", mode))))
+    return files
+
+
+def volume_files(volume: dict, pod: "Pod") -> List[Tuple[str, bytes, int]]:
     """
-    Files as the kubelet projects a Secret or ConfigMap: the listed items (or every key), with their mode;
-    with an fsGroup, group-owned by it and group-readable (the kubelet's ownership pass on a read-only volume).
+    The files the kubelet projects for a ``secret``, ``configMap``, ``downwardAPI`` or ``projected`` volume (an
+    optional source that is missing adds none).
+    """
+    manifests, secrets = pod.release.manifests, pod.release.secrets
+    if "projected" in volume:
+        mode = int(volume["projected"].get("defaultMode", 0o644))
+        sources = volume["projected"].get("sources") or []
+    else:
+        kind = next(k for k in ("secret", "configMap", "downwardAPI") if k in volume)
+        mode = int((volume[kind] or {}).get("defaultMode", 0o644))
+        sources = [{kind: volume[kind]}]
+    files: List[Tuple[str, bytes, int]] = []
+    for source in sources:
+        if "secret" in source or "configMap" in source:
+            ref = source.get("secret") or source["configMap"]
+            name = ref.get("secretName") or ref.get("name")
+            lookup = _secret_data if "secret" in source else _config_map_data
+            data = lookup(manifests, name, secrets)
+            if data is None:
+                assert ref.get("optional"), "volume %s: %s not found" % (volume["name"], name)
+                continue
+            files += _items(data, ref.get("items"), mode, name)
+        elif "downwardAPI" in source:
+            for item in source["downwardAPI"].get("items") or []:
+                assert "fieldRef" in item, "downwardAPI item %r" % (item,)
+                value = field_ref(item["fieldRef"]["fieldPath"], pod.identity).encode()
+                files.append((item["path"], value, int(item.get("mode", mode))))
+        elif "serviceAccountToken" in source:
+            files.append((source["serviceAccountToken"]["path"], b"kv-pods-not-a-real-token", mode))
+        else:
+            raise NotImplementedError("projected source %r" % (source,))
+    return files
+
+
+def _write_projection(directory: Path, files: List[Tuple[str, bytes, int]], fs_group: Optional[int]) -> None:
+    """
+    The files as the kubelet writes them; with an fsGroup, group-owned by it and group-readable (the kubelet's
+    ownership pass on a read-only volume).
     """
     directory.mkdir(parents=True)
     directory.chmod(0o755)
-    wanted = items if items is not None else [{"key": k, "path": k} for k in data]
-    for item in wanted:
-        if item["key"] not in data:
-            raise AssertionError("key %s not in the projected source" % (item["key"],))
-        path = directory / item["path"]
+    for relative, data, mode in files:
+        path = directory / relative
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data[item["key"]])
-        mode = int(item.get("mode", default_mode))
+        path.write_bytes(data)
         if fs_group is not None:
             os.chown(path, 0, fs_group)
             mode |= 0o440
@@ -429,19 +471,12 @@ class Pod:
                 option = ",tmpfs-size=%d" % (quantity(size),) if size else ""
                 args += ["--mount", "type=tmpfs,destination=%s,tmpfs-mode=1777%s%s" % (
                     mount["mountPath"], option, read_only)]
-            elif "secret" in volume or "configMap" in volume:
-                source = volume.get("secret") or volume["configMap"]
-                name = source.get("secretName") or source.get("name")
-                lookup = _secret_data if "secret" in volume else _config_map_data
-                data = lookup(self.release.manifests, name, self.release.secrets)
-                if data is None:
-                    assert source.get("optional"), "volume %s: %s not found" % (mount["name"], name)
-                    continue
+            elif any(kind in volume for kind in ("secret", "configMap", "downwardAPI", "projected")):
+                files = volume_files(volume, self)
                 directory = self.volume_dir / mount["name"]
                 if not directory.exists():
-                    _write_projection(directory, data, source.get("items"), int(source.get("defaultMode", 0o644)),
-                                      fs_group)
-                # Secret and ConfigMap volumes are always read-only in a pod.
+                    _write_projection(directory, files, fs_group)
+                # These volumes are always read-only in a pod.
                 args += ["--volume", "%s:%s:ro" % (directory, mount["mountPath"])]
             else:
                 raise NotImplementedError("volume %r" % (volume,))

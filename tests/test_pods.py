@@ -19,6 +19,7 @@ from typing import Dict, List, Optional
 
 import pytest
 import requests
+import yaml
 
 from . import containers
 from .conftest import require_tool
@@ -419,3 +420,35 @@ def container_env_value(manifests: Manifests, name: str) -> str:
         if entry["name"] == name:
             return entry["value"]
     raise KeyError(name)
+
+
+EXAMPLE_FILES = sorted(path.name for path in EXAMPLES.glob("*-values.yaml"))
+
+#: Examples whose pods another scenario runs already.
+EXAMPLES_RUN_ELSEWHERE = {
+    "d1-values.yaml": test_if_discovery_is_dns_only_then_the_pods_find_each_other_through_the_headless_service,
+    "t1-values.yaml": test_if_two_tenants_share_one_network_then_their_clusters_and_data_stay_apart,
+    "t2-values.yaml": test_if_two_tenants_share_one_network_then_their_clusters_and_data_stay_apart,
+}
+
+
+@pytest.mark.parametrize("example", EXAMPLE_FILES)
+def test_if_an_example_values_file_changes_the_pod_then_its_pods_form_a_cluster_and_serve(example, start_release):
+    """
+    Each example is rendered next to the default install of the same release and tenant; where its pod differs
+    (resources, env, probes...), its own pods are run.
+    """
+    values = yaml.safe_load((EXAMPLES / example).read_text()) or {}
+    release_name = "kv-responder-" + example[:-len("-values.yaml")]
+    manifests = render(CHART, release_name, NAMESPACE, "-f", str(EXAMPLES / example))
+    tenant = ["--set", "tenant=" + values["tenant"]] if values.get("tenant") else []
+    default = render(CHART, release_name, NAMESPACE, *tenant)
+    if pod_template(manifests) == pod_template(default) or example in EXAMPLES_RUN_ELSEWHERE:
+        print("\n%s: its pod runs in %s" % (example, EXAMPLES_RUN_ELSEWHERE.get(example, _default_install).__name__))
+        return
+    release = start_release(manifests)
+    wait_for_one_cluster(release, release.pods)
+    assert_reads_and_writes_through_every_pod(release, release.pods, example.split("-")[0])
+
+
+_default_install = test_if_the_default_install_starts_three_pods_then_they_form_one_cluster_that_serves_through_every_pod

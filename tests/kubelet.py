@@ -457,7 +457,8 @@ class Pod:
                 "--pull=never"]
         for alias in headless_names(self.release.manifests, self.identity.labels):
             args += ["--network-alias", alias]
-        for name, value in self.env().items():
+        env = self.env()
+        for name, value in env.items():
             args += ["--env", "%s=%s" % (name, value)]
         args += security_args(spec, container, image_user)
         fs_group = (spec.get("securityContext") or {}).get("fsGroup")
@@ -490,7 +491,7 @@ class Pod:
         if container.get("command"):
             args += ["--entrypoint", json.dumps(container["command"])]
         args.append(self.image)
-        args += [_expand(a, self.env()) for a in container.get("args") or []]
+        args += [_expand(a, env) for a in container.get("args") or []]
         return args
 
     # -- lifecycle
@@ -515,7 +516,7 @@ class Pod:
                 self.ready, self.ready_since = False, None
                 self.restarts += 1
                 self.release.event(self, "restart (%s)" % (outcome,))
-                if outcome == "liveness":
+                if outcome in ("liveness", "startup"):
                     self.podman.run("stop", "--time", str(self.grace), self.container, check=False,
                                     timeout=self.grace + 30)
             # CrashLoopBackOff: the first restart at once, then 10 s, doubled each time, 5 minutes at most.
@@ -748,9 +749,7 @@ class Release:
             new = [self.new_pod() for _ in range(replicas)]
             self.wait(lambda: all(p.available for p in new), timeout, "the new pods ready")
             return
-        rolling = strategy.get("rollingUpdate") or {}
-        surge = _scaled(rolling.get("maxSurge", "25%"), replicas, math.ceil)
-        unavailable = _scaled(rolling.get("maxUnavailable", "25%"), replicas, math.floor)
+        surge, unavailable = self.rolling_bounds()
         assert surge or unavailable, "maxSurge and maxUnavailable cannot both be 0"
         deadline = time.monotonic() + timeout
         while old or len(new) < replicas:
@@ -770,6 +769,13 @@ class Release:
         self.wait(lambda: all(p.available for p in new), timeout, "the new pods ready")
         for thread in self._deleting:
             thread.join()
+
+    def rolling_bounds(self) -> Tuple[int, int]:
+        """maxSurge and maxUnavailable of the Deployment's RollingUpdate strategy, in pods."""
+        replicas = desired_replicas(self.manifests)
+        rolling = (self.deployment["spec"].get("strategy") or {}).get("rollingUpdate") or {}
+        return (_scaled(rolling.get("maxSurge", "25%"), replicas, math.ceil),
+                _scaled(rolling.get("maxUnavailable", "25%"), replicas, math.floor))
 
     def teardown(self) -> None:
         for pod in self.pods:

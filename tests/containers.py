@@ -260,7 +260,8 @@ def rootfs_tarball(recipe: BaseRecipe, workdir: Path) -> Path:
         # pip, setuptools and wheel as the official images carry them (Debian 12's pip 23.0 alone cannot
         # build a wheel of a setup.py project); downloaded by this machine's pip, installed offline.
         subprocess.run(["python3", "-m", "pip", "download", "--quiet", "--only-binary=:all:",
-                        "--python-version", recipe.python_version, "--dest", str(wheels_dir), "pip", "setuptools", "wheel"],
+                        "--python-version", recipe.python_version, "--dest", str(wheels_dir),
+                        "pip", "setuptools", "wheel"],
                        check=True, capture_output=True, timeout=300)
         wheels = sorted(p.name for p in wheels_dir.glob("*.whl"))
         tarball = ROOTFS_CACHE / ("%s-%s-%s.tar" % (recipe.suite, recipe.interpreter, recipe.key(wheels)))

@@ -510,6 +510,8 @@ class Pod:
             outcome = self._probe_until_trouble(started)
             if outcome is None:
                 return
+            failed_probe = self.container_spec.get(outcome + "Probe") or {}
+            grace = int(failed_probe.get("terminationGracePeriodSeconds", self.grace))
             with self._lock:
                 if self._stop.is_set():
                     return
@@ -517,8 +519,7 @@ class Pod:
                 self.restarts += 1
                 self.release.event(self, "restart (%s)" % (outcome,))
                 if outcome in ("liveness", "startup"):
-                    self.podman.run("stop", "--time", str(self.grace), self.container, check=False,
-                                    timeout=self.grace + 30)
+                    self.podman.run("stop", "--time", str(grace), self.container, check=False, timeout=grace + 30)
             # CrashLoopBackOff: the first restart at once, then 10 s, doubled each time, 5 minutes at most.
             if self._stop.wait(backoff if outcome == "exited" else 0):
                 return

@@ -43,6 +43,8 @@ import yaml
 from .containers import Podman
 
 CLUSTER_DOMAIN = "cluster.local"
+#: Pod names and uids from the OS: the random module may have been seeded by an earlier test.
+_random = random.SystemRandom()
 NODE_NAME = "kv-pods-node"
 
 
@@ -425,7 +427,7 @@ class Pod:
         self.volume_dir = release.workdir / name
         self.identity = PodIdentity(
             name=name, namespace=release.manifests.namespace,
-            uid="%08x-0000-4000-8000-%012x" % (random.getrandbits(32), random.getrandbits(48)),
+            uid="%08x-0000-4000-8000-%012x" % (_random.getrandbits(32), _random.getrandbits(48)),
             ip=ip, host_ip=release.network.gateway,
             labels=dict(template["metadata"].get("labels") or {}),
             annotations=dict(template["metadata"].get("annotations") or {}),
@@ -695,7 +697,7 @@ class Release:
 
     def new_pod(self) -> Pod:
         template = self.deployment["spec"]["template"]
-        suffix = "".join(random.choice(string.ascii_lowercase + string.digits) for _ in range(5))
+        suffix = "".join(_random.choice(string.ascii_lowercase + string.digits) for _ in range(5))
         name = "%s-%s-%s" % (self.deployment["metadata"]["name"], _template_hash(template), suffix)
         pod = Pod(self, template, template["spec"]["containers"][0]["image"], self.network.allocate_ip(), name)
         self.pods.append(pod)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import secrets
 import string
 import threading
 import time
@@ -34,7 +35,8 @@ NAMESPACE = "kv"
 
 
 def _run_prefix() -> str:
-    return "kvpods-" + "".join(random.choice(string.ascii_lowercase + string.digits) for _ in range(6))
+    # From the OS, not the random module: a test that seeds the module would give concurrent runs one prefix.
+    return "kvpods-" + "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(6))
 
 
 @pytest.fixture(scope="session")

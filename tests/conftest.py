@@ -43,3 +43,11 @@ def log_dir():
     path = tempfile.mkdtemp(prefix="kvtest-")
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The pod suite's measurements (image size, build time), when it ran."""
+    from .containers import REPORT
+
+    for name, value in REPORT.items():
+        terminalreporter.write_line("pods: %s: %s" % (name, value))

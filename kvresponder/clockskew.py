@@ -57,7 +57,8 @@ class _PeerClock:
 
 class ClockOffsets:
     """
-    :param seconds: the clock that ages samples (the reactor's).
+    :param seconds: the clock that ages samples: a monotonic one, so that a jump of the wall clock does not
+        forget every peer at once.
     :param float max_offset: ``MAX_CLOCK_OFFSET``, in seconds.
     :param float forget_after: seconds of silence after which a peer's offset is dropped (the peer timeout).
     """
@@ -79,6 +80,8 @@ class ClockOffsets:
         A heartbeat from ``node_id`` whose clock read ``offset`` seconds ahead of ours when it arrived.
         """
         peer = self._peer(node_id, incarnation)
+        if peer is None:
+            return
         peer.samples.append(offset)
         self.evaluate()
 
@@ -102,9 +105,13 @@ class ClockOffsets:
         peer.samples.append(peer_time - (sent + half))
         self.evaluate()
 
-    def _peer(self, node_id: str, incarnation: Optional[int]) -> _PeerClock:
+    def _peer(self, node_id: str, incarnation: Optional[int]) -> Optional[_PeerClock]:
         now = self._seconds()
         peer = self._peers.get(node_id)
+        if (peer is not None and incarnation is not None and peer.incarnation is not None
+                and incarnation < peer.incarnation):
+            # An older incarnation's heartbeat (late, or resent): it says nothing of the clock now.
+            return None
         if peer is None or (incarnation is not None and peer.incarnation != incarnation):
             # A restarted node may have come back with its clock fixed: its old samples say nothing now.
             if len(self._peers) >= 4096:
@@ -136,7 +143,12 @@ class ClockOffsets:
         every sample and by the node's once-a-second timer.
         """
         self._forget(self._seconds())
-        skew = _own_offset(list(self.offsets().values()))
+        offsets = list(self.offsets().values())
+        if self.skewed and len(offsets) == 1:
+            # One peer left is no majority: this node cannot tell that its clock came back, so it stays skewed
+            # until a majority says so (or until it hears no peer at all: alone, its clock is the cluster's).
+            return
+        skew = _own_offset(offsets)
         self.skew = skew
         bound = self.max_offset
         if not self.skewed and abs(skew) > bound:

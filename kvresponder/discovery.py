@@ -151,7 +151,7 @@ class DiscoveryProtocol(DatagramProtocol):
     :param metrics: receives ``discovery(result)`` and ``clock_rejected(source)``.
     :param clock_offsets: a :class:`~kvresponder.clockskew.ClockOffsets` measuring the peers' clocks from the
         heartbeats' timestamps, or ``None``.
-    :param float max_clock_offset: a heartbeat whose time is further ahead of ``wall`` than this is refused
+    :param float max_clock_offset: a heartbeat whose time is further ahead of ``wall`` than twice this is refused
         (after its offset is measured): no node takes in a peer whose clock runs ahead of the cluster's.
     :param bool alone: the node serves alone (no CLUSTER_SECRET, no --insecure-cluster): it sends no heartbeat
         and ignores every one it receives (``insecure_ignored``), so that no node puts it in its ring.
@@ -241,12 +241,25 @@ class DiscoveryProtocol(DatagramProtocol):
         if self.alone:
             self._ignore(beat, address)
             return
+        if timestamp is not None and self.codec.authenticated:
+            # A signed heartbeat is taken once: one resent later (captured on the network) would otherwise feed
+            # a stale time into the clock offsets below.
+            slot = (beat.node_id, beat.incarnation)
+            if timestamp <= self._last_timestamps.get(slot, -1.0):
+                self._drop("replayed", "timestamp not newer than the last one", address)
+                return
+            if len(self._last_timestamps) > 4096:
+                self._last_timestamps.clear()
+            self._last_timestamps[slot] = timestamp
         if timestamp is not None:
             offset = timestamp - self.wall()
-            # Measured before anything else is checked: a clock far off is exactly what must show.
+            # Measured before the checks on the time itself: a clock far off is exactly what must show.
             if self.clock_offsets is not None:
                 self.clock_offsets.heard(beat.node_id, beat.incarnation, offset)
-            if self.max_clock_offset is not None and offset > self.max_clock_offset:
+            # Refused past twice the bound: a node that far ahead of this one cannot be within the bound of a
+            # cluster this node is within the bound of, while two nodes each within the bound of the cluster (up
+            # to twice the bound apart) always take each other in.
+            if self.max_clock_offset is not None and offset > 2 * self.max_clock_offset:
                 now = self.clock.seconds()
                 if now - self._ahead_logged.get(beat.node_id, float("-inf")) >= CLOCK_AHEAD_LOG_EVERY:
                     # Once a minute a peer: its every heartbeat would be a line.
@@ -261,14 +274,6 @@ class DiscoveryProtocol(DatagramProtocol):
             if self.codec.authenticated and abs(offset) > REPLAY_WINDOW + (self.max_clock_offset or 0.0):
                 self._drop("replayed", "timestamp outside the replay window", address)
                 return
-        if timestamp is not None and self.codec.authenticated:
-            slot = (beat.node_id, beat.incarnation)
-            if timestamp <= self._last_timestamps.get(slot, -1.0):
-                self._drop("replayed", "timestamp not newer than the last one", address)
-                return
-            if len(self._last_timestamps) > 4096:
-                self._last_timestamps.clear()
-            self._last_timestamps[slot] = timestamp
         if self.metrics is not None:
             self.metrics.discovery("accepted")
         self.membership.observe(beat)

@@ -7,7 +7,7 @@ the higher counter, then the node id as a deterministic tie-break. That total or
 handoff and anti-entropy apply entries in any order and still converge (last writer wins).
 """
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 #: ``(wall_ms, counter, node_id)``
 Version = Tuple[int, int, str]
@@ -15,6 +15,10 @@ Version = Tuple[int, int, str]
 #: The largest wall time (ms) and counter the peer wire format carries (a signed and an unsigned 32-bit field).
 MAX_WALL = 2 ** 63 - 1
 MAX_COUNTER = 2 ** 32 - 1
+#: Versions :meth:`HybridLogicalClock.above` stamps have counters from here up: a clock never counts this far
+#: within one millisecond, so a re-stamped version never equals one :meth:`~HybridLogicalClock.now` issues, even
+#: once the wall clock reaches the millisecond it was stamped in.
+RESTAMP_BASE = 2 ** 31
 
 
 def format_version(version: Version) -> str:
@@ -61,6 +65,9 @@ class HybridLogicalClock:
         self._max_ahead_ms = None if max_ahead is None else int(max_ahead * 1000)
         self._wall = 0
         self._counter = 0
+        #: The highest counter :meth:`above` issued in each millisecond it stamped (a few: only keys that a
+        #: clock ahead of this one wrote get re-stamped).
+        self._above: Dict[int, int] = {}
 
     def now(self) -> Version:
         """
@@ -90,6 +97,10 @@ class HybridLogicalClock:
         :return: ``False`` if the version was too far ahead to adopt, else ``True``.
         """
         wall, counter = version[0], version[1]
+        if counter >= RESTAMP_BASE:
+            # A write stamped just above another version by its coordinator: it says where that version was,
+            # not what any clock read, and is not adopted (nor is it a clock fault).
+            return True
         if wall > self._wall or (wall == self._wall and counter > self._counter):
             if self._max_ahead_ms is not None and wall > int(self._seconds() * 1000) + self._max_ahead_ms:
                 return False
@@ -100,14 +111,21 @@ class HybridLogicalClock:
     def above(self, version: Version) -> Version:
         """
         A version of this node that orders after ``version`` and after every version this clock issued:
-        :meth:`now`, or, when ``version`` is ahead of that, the version just above it. The clock itself does
-        not move, so a version stamped in the future by a skewed node does not carry this node's later
-        writes into the future with it.
+        :meth:`now`, or, when ``version`` is ahead of that, a version just above it, in the same millisecond
+        with a counter of :data:`RESTAMP_BASE` or more, and above the versions this method issued before in that
+        millisecond (two overlapping writes re-stamped above one version must not share a version). The clock itself does not
+        move, so a version stamped in the future by a skewed node does not carry this node's later writes into
+        the future with it.
         """
         now = self.now()
         if now > version:
             return now
-        wall, counter = version[0], version[1]
-        if counter < MAX_COUNTER:
-            return (wall, counter + 1, self.node_id)
-        return (wall + 1, 0, self.node_id)
+        wall = version[0]
+        # Above what this method issued in that millisecond too (it may have been above this very version).
+        counter = max(version[1], RESTAMP_BASE - 1, self._above.get(wall, 0))
+        if counter >= MAX_COUNTER:
+            wall, counter = wall + 1, max(RESTAMP_BASE - 1, self._above.get(wall + 1, 0))
+        if len(self._above) >= 4096:
+            self._above.clear()
+        self._above[wall] = counter + 1
+        return (wall, counter + 1, self.node_id)

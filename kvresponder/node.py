@@ -59,12 +59,14 @@ class Node:
         major collection on PyPy, in steps between requests; glibc's ``malloc_trim``); or ``None``.
     :param stream_endpoint: ``stream_endpoint(address, port)``, an ``IStreamClientEndpoint`` to a peer, for the
         copy streams (:mod:`kvresponder.copystream`); ``None`` sends every copy as an HTTP request.
+    :param monotonic: a monotonic clock in seconds, to age the peers' clock samples; by default the clock's
+        ``seconds``.
     """
 
     def __init__(self, settings: Settings, clock, http, wall: Optional[Callable[[], float]] = None,
                  log_policy: Optional[LogPolicy] = None, tracing=None,
                  join_settle: Optional[float] = None, collect: Optional[Callable[[], object]] = None,
-                 stream_endpoint=None) -> None:
+                 stream_endpoint=None, monotonic: Optional[Callable[[], float]] = None) -> None:
         self.settings = settings
         self.node_id = settings.node_id
         self.clock = clock
@@ -76,7 +78,8 @@ class Node:
         self.hlc = HybridLogicalClock(self.wall, self.node_id, max_ahead=settings.max_clock_offset)
         self.membership = Membership(clock.seconds, self.node_id, settings.peer_timeout)
         #: The peers' clock offsets, and whether this node's own clock is too far off to stamp writes.
-        self.clock_offsets = ClockOffsets(clock.seconds, settings.max_clock_offset, settings.peer_timeout)
+        self.clock_offsets = ClockOffsets(monotonic or clock.seconds, settings.max_clock_offset,
+                                          settings.peer_timeout)
         self.state = STARTING
         self._ring = HashRing([self.node_id], vnodes=settings.vnodes)
         self._owned_ratio = (None, 1.0)

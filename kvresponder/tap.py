@@ -168,7 +168,8 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
     endpoints = CachedEndpoints(reactor, settings.peer_request_timeout)
     agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
     node = Node(settings, reactor, HTTPClient(agent), wall=time.time, log_policy=policy, tracing=tracing,
-                collect=reclaimer(reactor), stream_endpoint=endpoints.endpoint)
+                collect=reclaimer(reactor), stream_endpoint=endpoints.endpoint,
+                monotonic=time.monotonic)
 
     site = KVSite(build_root(node, node.authenticator), reactor.seconds, tracing=tracing,
                   metrics=node.metrics, log_policy=policy, body_limit=settings.max_value_size,

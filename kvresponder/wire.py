@@ -1,7 +1,8 @@
 """
 The JSON shapes entries take between peers.
 
-An entry travels as ``{"k": key, "v": value, "ver": [wall_ms, counter, node], "ttl": seconds_left}`` where
+An entry travels as ``{"k": key, "v": value, "ver": [wall_ms, counter, node], "ttl": seconds_left, "exp":
+expires_at}`` (``exp``, on the sender's clock, for nodes older than ``ttl``; newer ones read ``ttl``), where
 ``value`` is the stored JSON text as a string (``null`` for a tombstone), so that a value crosses nodes
 byte for byte, without being parsed and serialized again.
 
@@ -65,6 +66,8 @@ def entry_to_wire(entry: Entry, now: float) -> dict:
         "v": None if entry.value is None else entry.value.decode("utf-8"),
         "ver": list(entry.version),
         "ttl": time_left(entry.expires_at, now),
+        # For a node older than "ttl", which reads only this absolute time (on our clock).
+        "exp": entry.expires_at,
     }
 
 

@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 from kvresponder.clockskew import ClockOffsets, _own_offset
 from kvresponder.coordinator import ClockSkewed
 from kvresponder.discovery import DiscoveryProtocol, HeartbeatCodec, derive_key
-from kvresponder.hlc import MAX_COUNTER, HybridLogicalClock
+from kvresponder.hlc import MAX_COUNTER, RESTAMP_BASE, HybridLogicalClock
 from kvresponder.log.discovery import CLOCK_RECOVERED, CLOCK_SKEWED
 from kvresponder.log.replication import CLOCK_REJECTED
 from kvresponder.membership import ALIVE, Heartbeat, Membership
@@ -183,8 +183,8 @@ def test_a_version_just_above_a_future_one_does_not_move_the_clock():
     """
     hlc = HybridLogicalClock(lambda: NOW, "n1", max_ahead=0.5)
     future = (int((NOW + YEAR) * 1000), 7, "n3")
-    assert hlc.above(future) == (future[0], 8, "n1")
-    assert hlc.above((future[0], MAX_COUNTER, "n3")) == (future[0] + 1, 0, "n1")
+    assert hlc.above(future) == (future[0], RESTAMP_BASE, "n1")
+    assert hlc.above((future[0] + 5, MAX_COUNTER, "n3")) == (future[0] + 6, RESTAMP_BASE, "n1")
     assert hlc.now()[0] == int(NOW * 1000)
     # A version in the past needs nothing special: the clock's own next version is already above it.
     assert hlc.above((1, 0, "n3"))[0] == int(NOW * 1000)
@@ -369,8 +369,112 @@ def test_a_single_node_restamps_its_own_write_above_a_future_version():
     node.store.apply(Entry("k", b'"early"', future))
     code, body = cluster.request("PUT", node, "/kv/k", {"value": "late"})
     assert code == 200
-    assert json.loads(body)["version"] == "%d.1.n1" % (future[0],)
+    assert json.loads(body)["version"] == "%d.%d.n1" % (future[0], RESTAMP_BASE)
     assert node.store.get("k").value == b'"late"'
+
+
+def test_writes_restamped_above_one_version_never_share_a_version():
+    """
+    If two writes are stamped again above the same future version (overlapping writes to one key through one
+    node), then they get different versions, and neither equals one the clock issues once real time reaches
+    that millisecond.
+    """
+    now = [NOW]
+    hlc = HybridLogicalClock(lambda: now[0], "n1", max_ahead=0.5)
+    future = (int((NOW + 30) * 1000), 4, "n3")
+    first, second = hlc.above(future), hlc.above(future)
+    assert future < first < second
+    # Real time reaches that millisecond: the clock's own versions stay below the re-stamped ones.
+    now[0] = NOW + 30
+    issued = [hlc.now() for _ in range(100)]
+    assert all(version[0] == future[0] and version < first for version in issued)
+    # A re-stamped version is not a clock fault: it is not adopted, and not counted as one.
+    assert hlc.observe(second)
+    assert hlc.now() < first
+
+
+def test_two_overlapping_writes_to_a_future_stamped_key_both_land_with_distinct_versions():
+    """
+    If two writes to a key that holds a future version overlap through one node (one bulk request naming the key
+    twice), then each gets its own version and the replicas agree on the last one.
+    """
+    cluster = MemoryCluster(3)
+    cluster.run(seconds=1.0)
+    key = _owned_by(cluster, "n1", "n2")
+    future = (int((cluster.clock.seconds() + 30.0) * 1000), 4, "n9")
+    for node in cluster.nodes[:2]:
+        node.store.apply(Entry(key, b'"early"', future))
+    code, body = cluster.request("POST", cluster.nodes[2], "/bulk",
+                                 {"put": [{"key": key, "value": "A"}, {"key": key, "value": "B"}]})
+    assert code == 200
+    versions = [put["version"] for put in json.loads(body)["put"]]
+    assert len(set(versions)) == 2
+    held = {node.node_id: (node.store.get(key).value, "%d.%d.%s" % node.store.get(key).version)
+            for node in cluster.nodes[:2]}
+    assert len(set(held.values())) == 1
+    value, version = held["n1"]
+    assert version == max(versions, key=lambda text: tuple(int(part) for part in text.split(".")[:2]))
+    assert value == (b'"A"' if version == versions[0] else b'"B"')
+
+
+def test_a_resent_signed_heartbeat_does_not_move_the_clock_estimate():
+    """
+    If a signed heartbeat captured on the network is sent again later, then it is dropped as replayed before it
+    is measured, so it cannot make a healthy node look skewed; and an older incarnation's heartbeat is not
+    measured either.
+    """
+    key = derive_key("a-cluster-secret-of-some-length", "discovery")
+    protocol, membership, clock_offsets, metrics = _protocol(key)
+    codec = HeartbeatCodec("t1", key)
+    captured = {}
+    for node_id in ("n2", "n3"):
+        beat = Heartbeat(node_id, 2, "10.0.0.2", 3000, ALIVE, 1)
+        captured[node_id] = codec.encode(beat, False, NOW)
+        protocol.datagramReceived(captured[node_id], ("10.0.0.2", 9999))
+    assert not clock_offsets.skewed
+    protocol.clock.advance(5.0)
+    for _ in range(5):
+        for node_id, data in captured.items():
+            protocol.datagramReceived(data, ("10.0.0.2", 9999))
+    old = codec.encode(Heartbeat("n2", 1, "10.0.0.2", 3000, ALIVE, 1), False, NOW - 4.0)
+    protocol.datagramReceived(old, ("10.0.0.2", 9999))
+    assert not clock_offsets.skewed
+    assert round(clock_offsets.offset("n2"), 3) == 0.0 and round(clock_offsets.offset("n3"), 3) == 0.0
+
+
+def test_nodes_within_the_bound_of_the_cluster_keep_each_other():
+    """
+    If two nodes are 0.6 s apart with a bound of 0.5 s (each 0.3 s from the cluster's middle), then the one
+    behind still takes in the one ahead: a heartbeat is refused only past twice the bound.
+    """
+    protocol, membership, clock_offsets, metrics = _protocol()
+    beat = Heartbeat("n2", 1, "10.0.0.2", 3000, ALIVE, 1)
+    protocol.datagramReceived(HeartbeatCodec("t1").encode(beat, False, NOW + 0.6), ("10.0.0.2", 9999))
+    assert [peer.node_id for peer in membership.peers()] == ["n2"]
+    beat = Heartbeat("n3", 1, "10.0.0.3", 3000, ALIVE, 1)
+    protocol.datagramReceived(HeartbeatCodec("t1").encode(beat, False, NOW + 1.1), ("10.0.0.3", 9999))
+    assert [peer.node_id for peer in membership.peers()] == ["n2"] and metrics.results[-1] == "clock_ahead"
+
+
+def test_a_skewed_node_left_with_one_peer_stays_skewed_until_a_majority_or_no_one_says_otherwise():
+    """
+    If a skewed node stops hearing one of its two peers, then it stays skewed (one peer is no majority); once
+    it hears no peer at all it serves alone again.
+    """
+    clock_offsets, clock = offsets(max_offset=0.5, forget_after=15.0)
+    for _ in range(3):
+        clock_offsets.heard("n2", 1, 30.0)
+        clock_offsets.heard("n3", 1, 30.0)
+    assert clock_offsets.skewed
+    for _ in range(3):
+        clock.advance(10.0)
+        clock_offsets.heard("n2", 1, 30.0)
+    clock_offsets.evaluate()
+    assert clock_offsets.offsets().keys() == {"n2"}
+    assert clock_offsets.skewed
+    clock.advance(20.0)
+    clock_offsets.evaluate()
+    assert clock_offsets.offsets() == {} and not clock_offsets.skewed
 
 
 def test_clock_skewed_names_the_offset_and_the_bound():

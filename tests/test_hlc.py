@@ -185,18 +185,20 @@ def test_malformed_wire_version_is_rejected(value):
     assert "malformed version" in str(raised.value)
 
 
-def test_a_full_counter_moves_the_version_to_the_next_millisecond():
+def test_the_largest_counter_a_clock_adopts_still_gives_a_greater_version_that_fits_the_wire():
     """
-    If the clock observed a version whose counter is the largest the wire carries, then the next local
-    version is still greater, and still fits the wire format: the next millisecond, counter 0.
+    If the clock observed a version whose counter is the largest it adopts (just below the re-stamp space),
+    then the next local version is still greater and still fits the wire format; a version with a counter in
+    the re-stamp space (up to the largest the wire carries) is not adopted at all.
     """
-    from kvresponder.hlc import MAX_COUNTER
+    from kvresponder.hlc import MAX_COUNTER, RESTAMP_BASE
     from kvresponder.store import Entry
     from kvresponder.wire import decode_batch, encode_batch
     clock = HybridLogicalClock(lambda: 1.0, "n1")
-    clock.observe((1000, MAX_COUNTER, "n2"))
+    assert clock.observe((1000, MAX_COUNTER, "n2"))
+    assert clock.now() == (1000, 0, "n1")
+    clock.observe((1000, RESTAMP_BASE - 1, "n2"))
     version = clock.now()
-    assert version > (1000, MAX_COUNTER, "n2")
-    assert version == (1001, 0, "n1")
+    assert version > (1000, RESTAMP_BASE - 1, "n2")
     [entry] = decode_batch(encode_batch([Entry("k", b"1", version)], 1.0), 1.0)
     assert entry.version == version

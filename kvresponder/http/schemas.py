@@ -190,7 +190,8 @@ def digest(value):
 _ANY_TEXT = text()
 KEY = text(min_length=1, max_bytes=MAX_KEY_BYTES)
 NODE_ID = text(min_length=1, pattern=NODE_ID_PATTERN)
-ENTRY = record({"k": KEY, "v": nullable(json_text), "ver": version}, {"exp": nullable(finite_number)})
+ENTRY = record({"k": KEY, "v": nullable(json_text), "ver": version},
+               {"exp": nullable(finite_number), "ttl": nullable(finite_number)})
 
 #: The body of each internal route, by its path below ``/_internal``. ``/apply`` also takes a binary batch
 #: (:func:`check_entries`); ``/copies`` takes no body at all.

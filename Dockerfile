@@ -1,43 +1,65 @@
 # syntax=docker/dockerfile:1
 # KV Responder image: one tenant's node, run as `twistd -n kvresponder`.
 #
-# The interpreter is PyPy, chosen on the benchmarks in docs/PERFORMANCE.md
-# (run 6): it serves a node's GETs at about 1.1x the Node.js reference where
-# CPython reaches 0.3x, its PUTs about 3.5x faster than CPython's, and a 3-node
-# cluster's replicated writes about 2.2x faster. CPython keeps less memory
-# (about 150 bytes a key of overhead against PyPy's 212, and a 60 MiB baseline
-# against about 270 MiB), which is why the chart's default memory limit leaves
-# PyPy its baseline (docs/DEPLOYMENT.md). To build on CPython instead, pass
-# --build-arg PYTHON_IMAGE=python:3.11-slim; nothing else changes.
+# The interpreter is PyPy for Python 3.11, chosen on the benchmarks in
+# docs/PERFORMANCE.md: it serves a node's GETs at about 1.1x the Node.js
+# reference where CPython reaches 0.3x, and its writes about 3x faster.
+# CPython keeps less memory (a 60 MiB baseline against about 270 MiB), which
+# is why the chart's default memory limit leaves PyPy its baseline
+# (docs/DEPLOYMENT.md). To build on CPython instead, pass
+# --build-arg PYTHON_IMAGE=python:3.11-slim (3.12, 3.13 and 3.14 too).
+#
+# The base needs only `pypy3` or `python3` on PATH, pip (or ensurepip, which
+# installs it), and groupadd/useradd. The dependencies come from the lock file
+# of the base's interpreter, requirements/<implementation><version>.txt
+# (pypy311.txt, cpython311.txt, ...), with every file's hash checked.
 
-ARG PYTHON_IMAGE=pypy:3.9-slim
+ARG PYTHON_IMAGE=pypy:3.11-slim
 
-# --- Stage 1: build wheels for the project and its dependencies -----------
+# --- Stage 1: wheels for the project and its locked dependencies ----------
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_NO_CACHE_DIR=1
+    PIP_NO_CACHE_DIR=1 \
+    PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
 COPY . /src
-# pypy3 in the PyPy images, python3 in the CPython ones.
+# Dependencies that PyPI has only as source (zope.interface on PyPy) are built
+# here, from a file whose hash the lock names, so the runtime stage needs
+# neither the network nor a compiler.
 RUN PY="$(command -v pypy3 || command -v python3)" \
-    && "$PY" -m pip wheel --no-cache-dir --wheel-dir /wheels .
+    && { "$PY" -m pip --version >/dev/null 2>&1 || "$PY" -m ensurepip --default-pip; } \
+    && LOCK="requirements/$("$PY" -c 'import sys; print("%s%d%d" % ((sys.implementation.name,) + sys.version_info[:2]))').txt" \
+    && { [ -f "$LOCK" ] || { echo "no lock file $LOCK for this interpreter: see requirements/refresh.sh" >&2; exit 1; }; } \
+    && "$PY" -m pip wheel --no-cache-dir --require-hashes --wheel-dir /wheels -r "$LOCK" \
+    && "$PY" -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 # --- Stage 2: runtime -----------------------------------------------------
 FROM ${PYTHON_IMAGE}
 # No bytecode or home directory writes at run time: the root filesystem is
 # read-only in Kubernetes and only /tmp (an emptyDir) is writable.
+# LISTEN_ADDRESS: a bare PORT listens on every interface of the container, so
+# `docker run -p 3000:3000` reaches it even without POD_IP (a laptop run of
+# the service itself listens on loopback).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore \
     HOME=/tmp \
     PORT=3000 \
+    LISTEN_ADDRESS=0.0.0.0 \
     DISCOVERY_PORT=9999
 
-# Install from the wheels without copying them into a layer, then build the
-# Twisted plugin cache (dropin.cache) now: twistd cannot write it at run time.
+# Install only the wheels of stage 1 (no index: what the lock pinned, nothing
+# else), without copying them into a layer, then build the Twisted plugin
+# cache (dropin.cache) now: twistd cannot write it at run time. The image owns
+# its interpreter, so pip may install into it even where the base marks it as
+# managed by the system (PEP 668), and beside, not over, packages the system
+# installed (pip cannot uninstall those: Debian's python3-packaging, say).
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     PY="$(command -v pypy3 || command -v python3)" \
-    && "$PY" -m pip install --no-cache-dir --no-index --find-links=/wheels /wheels/*.whl \
+    && { "$PY" -m pip --version >/dev/null 2>&1 || "$PY" -m ensurepip --default-pip; } \
+    && PIP_BREAK_SYSTEM_PACKAGES=1 "$PY" -m pip install --no-cache-dir --no-index --ignore-installed \
+       --find-links=/wheels /wheels/*.whl \
     && "$PY" -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))" \
     && groupadd --system --gid 10001 kvresponder \
     && useradd --system --uid 10001 --gid 10001 --home-dir /tmp --no-create-home \

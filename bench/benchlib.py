@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import shutil
+import secrets
 import signal
 import socket
 import subprocess
@@ -37,7 +38,9 @@ HIT_KEYS = 10000          # keys preloaded for GET hits and the mixes
 #: Runs twistd with the interpreter given (CPython or PyPy), whatever its scripts directory (as tests/harness.py).
 TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
 
-DEFAULT_PYPY = os.environ.get("KV_PYPY_PYTHON", "/opt/kv-pypy/bin/python")
+#: PyPy for Python 3.11: the host-side wrapper that `bash .ci/setup-pypy.sh` prints (it runs the venv inside a
+#: Debian 13 root, with the node's own pid, so signals and /proc/<pid>/stat reach the node).
+DEFAULT_PYPY = os.environ.get("KV_PYPY_PYTHON", "/var/cache/kv-pypy311/python")
 DEFAULT_CPYTHON = os.environ.get("KV_CPYTHON_PYTHON", sys.executable)
 
 _started: List["Process"] = []
@@ -48,7 +51,7 @@ def interpreter_path(name: str) -> str:
         return DEFAULT_CPYTHON
     if name == "pypy":
         if not os.access(DEFAULT_PYPY, os.X_OK):
-            sys.exit("no PyPy venv at %s: run `bash .ci/setup-pypy.sh` first (or set KV_PYPY_PYTHON)"
+            sys.exit("no PyPy 3.11 at %s: run `bash .ci/setup-pypy.sh` first (or set KV_PYPY_PYTHON to what it prints)"
                      % (DEFAULT_PYPY,))
         return DEFAULT_PYPY
     sys.exit("unknown interpreter %r (pypy or cpython)" % (name,))
@@ -188,7 +191,15 @@ def start_node_reference() -> Process:
                    port, "http://127.0.0.1:%d/%s" % (port, TENANT))
 
 
+def with_secret(env: Optional[Dict[str, str]]) -> Dict[str, str]:
+    """``env`` with a cluster secret of its own (as the chart gives a release): a node without one serves alone."""
+    env = dict(env or {})
+    env.setdefault("CLUSTER_SECRET", "bench-" + secrets.token_hex(16))
+    return env
+
+
 def start_cluster(python: str, count: int, env: Optional[Dict[str, str]] = None) -> List[Process]:
+    env = with_secret(env)
     discovery = free_port(socket.SOCK_DGRAM)
     nodes = [start_node(python, "n%d" % (i + 1,), discovery, env) for i in range(count)]
     for node in nodes:
@@ -202,8 +213,9 @@ def start_loaded_cluster(python: str, count: int, keys: int, env: Optional[Dict[
     """
     A cluster of ``count`` nodes holding ``keys`` keys (``key_name``, VALUE_SIZE bytes each), loaded fast: into
     the first node alone (local writes), then the others join and take their copies. Loading through a formed
-    cluster replicates every write with its own peer request, which is slow (see docs/PERFORMANCE.md).
+    cluster is slower (bench/results/HISTORY.md, "Method").
     """
+    env = with_secret(env)
     discovery = free_port(socket.SOCK_DGRAM)
     nodes = [start_node(python, "n1", discovery, env)]
     nodes[0].wait_ready()
@@ -273,15 +285,17 @@ def value_text(size: int = VALUE_SIZE) -> str:
 
 
 def bulk_load(base: str, count: int, batch: int = 1000, workers: int = 4, start: int = 0,
-              value_size: int = VALUE_SIZE, name=key_name, retries: int = 5) -> float:
+              value_size: int = VALUE_SIZE, name=key_name, retries: int = 5, value: Optional[str] = None) -> float:
     """
-    PUT keys ``name(start) .. name(start + count - 1)`` through POST /bulk; returns the seconds taken.
+    PUT keys ``name(start) .. name(start + count - 1)`` through POST /bulk; returns the seconds taken. The value
+    is ``value`` if given, else ``value_text(value_size)``.
     Writes answered 503 (too few replicas in time) are sent again, up to ``retries`` times, and counted in
     ``bulk_load.retried``; anything else that fails raises.
     """
     host, port = base.split("//", 1)[1].split("/", 1)[0].split(":")
     path = "/" + base.split("//", 1)[1].split("/", 1)[1] + "/bulk"
-    value = value_text(value_size)
+    if value is None:
+        value = value_text(value_size)
     batches = [[name(i) for i in range(i, min(i + batch, start + count))] for i in range(start, start + count, batch)]
     local = threading.local()
     retried = [0]
@@ -340,11 +354,14 @@ class Wrk:
 
     def __init__(self, url: str, mode: str, duration: float, connections: int = 32, threads: int = 1,
                  script: str = "kv.lua", keys: int = HIT_KEYS, value_size: int = VALUE_SIZE, get_pct: int = 90,
-                 batch: int = 100, delay_ms: float = 0.0, timeout: str = "5s") -> None:
+                 batch: int = 100, delay_ms: float = 0.0, timeout: str = "5s", value: Optional[str] = None) -> None:
         self.mode = mode
         self.command = ["wrk", "-t%d" % threads, "-c%d" % connections, "-d%ds" % max(1, round(duration)),
                         "--timeout", timeout, "--latency", "-s", os.path.join(LUA, script), url, "--",
                         TENANT, mode, str(keys), str(value_size), str(get_pct), str(batch), repr(delay_ms)]
+        if value is not None:
+            # The stored string itself, for the scripts that take one (references.lua).
+            self.command.append(value)
         self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def result(self) -> dict:
@@ -401,7 +418,7 @@ def combine(results: List[dict]) -> dict:
 def parser(description: str, duration: float = 10.0, warmup: float = 5.0) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--interpreter", choices=["cpython", "pypy"], default="cpython",
-                   help="runs the nodes under CPython (this python) or PyPy (the venv of .ci/setup-pypy.sh)")
+                   help="runs the nodes under CPython (this python) or PyPy 3.11 (what .ci/setup-pypy.sh prints)")
     p.add_argument("--duration", type=float, default=duration, help="seconds of measured load (default %(default)s)")
     p.add_argument("--warmup", type=float, default=warmup, help="seconds of unmeasured load first (default %(default)s)")
     p.add_argument("--connections", "-c", type=int, default=32, help="wrk connections (default %(default)s)")

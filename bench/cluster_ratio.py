@@ -21,8 +21,8 @@ By default the measured node gets a core of its own (``--pin``): the single node
 thread of each) are pinned to the first CPU this process may use, and everything else (the two other nodes of the
 cluster, and wrk, through this process's own affinity) to the others. On this 2-core machine, left to the
 scheduler, the coordinator shares the two cores with the two replicas and wrk, so it gets less than a core, and
-the rate ratio falls below the CPU ratio that its CPU per write allows (run 8: 0.494 against 0.54), by however
-much the scheduler happened to take. A single node shares them with wrk alone. A pod of a real cluster has its
+the rate ratio falls below the CPU ratio that its CPU per write allows (bench/results/HISTORY.md, run 9), by
+however much the scheduler happened to take. A single node shares them with wrk alone. A pod of a real cluster has its
 own cores, as the pinned coordinator does; the replicas share a core with wrk, which if anything slows their
 answers. ``--no-pin`` measures as before (and as every other scenario does).
 """

@@ -17,9 +17,9 @@ def main() -> dict:
     p.add_argument("--timeout", type=float, default=180.0, help="give up after this many seconds")
     args = p.parse_args()
     python = b.interpreter_path(args.interpreter)
-    env = {"REPLICATION_FACTOR": "2", "MAX_MEMORY": "1Gi"}
-    # Loading through a 2-node cluster replicates each write with its own peer request, which is slow (see
-    # docs/PERFORMANCE.md); so the keys go into the first node alone, and the second node joins and takes its
+    env = b.with_secret({"REPLICATION_FACTOR": "2", "MAX_MEMORY": "1Gi"})
+    # Loading through a 2-node cluster is slower (bench/results/HISTORY.md, "Method"), so the keys go into the
+    # first node alone, and the second node joins and takes its
     # copies (with RF=2 over 2 nodes, all of them). The state is the same: 2 nodes holding every key twice.
     discovery = b.free_port(b.socket.SOCK_DGRAM)
     nodes = [b.start_node(python, "n1", discovery, env)]

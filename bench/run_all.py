@@ -19,7 +19,7 @@ import benchlib as b
 
 SINGLE = ["get_hit", "get_miss", "put", "mix", "bulk_get", "bulk_put"]
 CLUSTER = ["cluster_put", "cluster_put_spread", "cluster_mix_one", "cluster_mix_spread", "cluster_ratio"]
-OTHER = ["latency", "memory", "rebalance"]
+OTHER = ["latency", "memory", "rebalance", "references"]
 ALL = SINGLE + CLUSTER + OTHER
 
 
@@ -84,13 +84,17 @@ def table(results) -> str:
         if r["scenario"] == "latency":
             rows.append("%-19s %-7s  (paced to %.0f of saturating %.0f req/s; -c4: %.0f req/s p99 %.2f ms)" % (
                 "", "", ours["target_rps"], ours["saturated"]["rps"], ours["c4"]["rps"], ours["c4"]["p99_ms"]))
+        if r["scenario"] == "references":
+            webdis = r["results"]["webdis"]
+            rows.append("%-19s %-7s  (1000 keys of \"hello world\"; webdis + redis-server %.0f req/s, x webdis %.2f)" % (
+                "", "", webdis["rps"], r["ratio_to_webdis"]["rps"]))
         if r["scenario"] == "soak":
             rows.append("%-19s %-7s  soak %s %s" % ("", "", r["verdict"], "; ".join(r["failures"])))
     return "\n".join(rows)
 
 
 def markdown(results) -> str:
-    """The throughput table of docs/PERFORMANCE.md."""
+    """The throughput table of the results, in Markdown."""
     by = {(r["scenario"], r["interpreter"]): r for r in results if "results" in r}
     rows = ["| scenario | interpreter | req/s | p50 ms | p99 ms | p99.9 ms | errors | peak RSS MiB | Node.js req/s "
             "| Node.js p99 ms | req/s vs Node |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

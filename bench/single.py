@@ -42,9 +42,8 @@ def measure(target: b.Process, mode: str, script: str, preload: bool, args) -> d
 
 def main(scenario: str) -> dict:
     mode, script, preload, what = SCENARIOS[scenario]
-    # 15 s of warm-up, as for the clusters: on PyPy the request path can still be compiling after 5 s (the
-    # JIT's tracing showed up as 2 s of every 12 after 5 s of PUTs in one run, and the p99 as 11-17 ms in half
-    # the runs; after 15 s, 3-5 ms).
+    # 15 s of warm-up, as for the clusters: on PyPy the request path can still be compiling after 5 s
+    # (bench/results/HISTORY.md, run 8, "Warm-up").
     p = b.parser("Single node: %s." % (what,), warmup=15.0)
     p.add_argument("--no-node", action="store_true", help="skip the Node.js reference run")
     args = p.parse_args()

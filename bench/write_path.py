@@ -9,11 +9,11 @@ service's own destination (written to ``/dev/null``). The time spent in the repl
 out, so what is left is the coordinator's share: the ring, its actions, the copies' queue, framing, callbacks.
 ``--single`` gives the same write on a one-node ring, for comparison.
 
-Run it with the interpreter to measure, in the work tree (for PyPy, the venv of .ci/setup-pypy.sh)::
+Run it with the interpreter to measure, in the work tree (for PyPy, the python that .ci/setup-pypy.sh prints)::
 
-    /opt/kv-pypy/bin/python bench/write_path.py
-    /opt/kv-pypy/bin/python bench/write_path.py --single
-    /opt/kv-pypy/bin/python bench/write_path.py --replication-level debug
+    /var/cache/kv-pypy311/python bench/write_path.py
+    /var/cache/kv-pypy311/python bench/write_path.py --single
+    /var/cache/kv-pypy311/python bench/write_path.py --replication-level debug
 
 Each round writes ``--writes`` random keys, ``--concurrency`` at a time, and prints µs a write; the first rounds
 include the JIT's warm-up on PyPy.

@@ -13,13 +13,14 @@ The local node goes through the same logic, with a direct call in place of HTTP.
 from contextvars import copy_context
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
+from attr import attrib, attrs
 from eliot import Action, write_failure, write_traceback
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, fail, succeed
 
 from .hlc import HybridLogicalClock, format_version
 from .log import DEBUG, INFO
-from .log.replication import COORDINATE_READ, COORDINATE_WRITE, COPY_FAILED, HINTED, READ_REPAIR
-from .log.store import STORE_APPLY, STORE_APPLY_BATCH
+from .log.replication import CLOCK_REJECTED, COORDINATE_READ, COORDINATE_WRITE, COPY_FAILED, HINTED, READ_REPAIR
+from .log.store import STORE_APPLIED, STORE_APPLY, STORE_APPLY_BATCH
 from .peers import PeerError
 from .ring import HashRing
 from .store import ApplyResult, Entry, Store
@@ -29,10 +30,44 @@ from .store import ApplyResult, Entry, Store
 REMOTE = object()
 
 
+#: Times a write is stamped again, at most, when a replica holds a newer version of its key, before it is
+#: acknowledged with what it has: past that, other writes to the key keep overlapping it, and last writer wins.
+MAX_RESTAMPS = 3
+
+
 class Unavailable(Exception):
     """
     Too few replicas answered to meet the write quorum, or to serve a read.
     """
+
+
+class ClockSkewed(Exception):
+    """
+    This node's clock is too far from its peers' for it to stamp writes (see :mod:`kvresponder.clockskew`).
+
+    :ivar float skew: its offset from the cluster's clocks, in seconds (positive: ahead).
+    :ivar float bound: ``MAX_CLOCK_OFFSET``.
+    """
+
+    def __init__(self, skew: float, bound: float) -> None:
+        Exception.__init__(self, "This node's clock is %.3f s %s its peers' clocks, past MAX_CLOCK_OFFSET "
+                           "(%g s): it serves no read or write of keys until its clock comes back; send the "
+                           "request to another node." % (abs(skew), "ahead of" if skew > 0 else "behind", bound))
+        self.skew = skew
+        self.bound = bound
+
+
+def newest_newer(stored) -> Optional[Tuple[int, int, str]]:
+    """
+    The newest of the versions that replicas reported holding instead of a write (``ApplyResult.newer``), or
+    ``None`` if none did.
+    """
+    newest = None
+    for _, result in stored:
+        newer = result.newer
+        if newer is not None and (newest is None or newer > newest):
+            newest = newer
+    return newest
 
 
 class WriteResult(NamedTuple):
@@ -59,11 +94,14 @@ class Coordinator:
     :param seconds: wall time in seconds, for TTLs.
     :param log_policy: lets the hot path skip building actions that would not be written.
     :param ring_settling: whether the ring changed so recently that data may still be moving.
+    :param clock_skew: a :class:`~kvresponder.clockskew.ClockOffsets`: while it says this node's clock is
+        skewed, writes are refused with :class:`ClockSkewed`; or ``None``.
     """
 
     def __init__(self, store: Store, hlc: HybridLogicalClock, ring: Callable[[], HashRing], peer_of,
                  peers, replicas: int, write_quorum: Optional[int], seconds: Callable[[], float],
-                 metrics, log_policy, ring_settling: Callable[[], bool] = lambda: False) -> None:
+                 metrics, log_policy, ring_settling: Callable[[], bool] = lambda: False,
+                 clock_skew=None) -> None:
         self.store = store
         self.hlc = hlc
         self._ring = ring
@@ -75,21 +113,27 @@ class Coordinator:
         self._metrics = metrics
         self._log = log_policy
         self._ring_settling = ring_settling
+        self._clock_skew = clock_skew
         self.node_id = hlc.node_id
+        self._write_path = WritePath(
+            node_id=self.node_id, targets=self._targets, apply_local=self.apply_local, peer_of=peer_of,
+            send_copy=lambda peer, entry: self._peers.apply_coalesced(peer, entry), count=metrics.replication,
+            restamped=self.restamped,
+            log_writes=lambda: log_policy.enabled("replication", DEBUG))
 
     # -- local operations, shared with the internal routes ----------------------------------------------
 
     def apply_local(self, entry: Entry) -> ApplyResult:
         """
-        Apply an entry to this node's store, inside a typed action.
+        Apply an entry to this node's store, and log it as one ``store:applied`` line (an action would be two:
+        at info, a node alone in its ring logs one line a write).
         """
-        self.hlc.observe(entry.version)
-        if not self._log.enabled("store", INFO):
-            return self.store.apply(entry)
-        with STORE_APPLY(key=entry.key, version=format_version(entry.version),
-                         tombstone=entry.value is None) as action:
-            result = self.store.apply(entry)
-            action.add_success_fields(applied=result.applied, had_live=result.had_live)
+        if not self.hlc.observe(entry.version):
+            self._clock_rejected(entry, 1)
+        result = self.store.apply(entry)
+        if self._log.enabled("store", INFO):
+            STORE_APPLIED.log(key=entry.key, version=format_version(entry.version), tombstone=entry.value is None,
+                              applied=result.applied, had_live=result.had_live)
         return result
 
     def apply_copy(self, entry: Entry, task_id: bytes) -> ApplyResult:
@@ -107,7 +151,8 @@ class Coordinator:
         except ValueError:
             # A malformed task id: the copy is still stored, in a tree of its own.
             return self.apply_local(entry)
-        self.hlc.observe(entry.version)
+        if not self.hlc.observe(entry.version):
+            self._clock_rejected(entry, 1)
         with action:
             result = self.store.apply(entry)
             action.add_success_fields(applied=result.applied, had_live=result.had_live)
@@ -136,11 +181,36 @@ class Coordinator:
         """
         with STORE_APPLY_BATCH(count=len(entries)) as action:
             results = []
+            observe = self.hlc.observe
+            rejected = None
+            count = 0
             for entry in entries:
-                self.hlc.observe(entry.version)
+                if not observe(entry.version):
+                    rejected = entry
+                    count += 1
                 results.append(self.store.apply(entry))
+            if rejected is not None:
+                self._clock_rejected(rejected, count)
             action.add_success_fields(applied=sum(1 for result in results if result.applied))
         return results
+
+    def _clock_rejected(self, entry: Entry, count: int) -> None:
+        """
+        ``count`` entries (``entry`` the last of them) carried versions too far ahead of this node's clock for
+        it to adopt: counted and logged; the entries themselves are stored by version order as always.
+        """
+        self._metrics.clock_rejected("entry", count)
+        CLOCK_REJECTED.log(key=entry.key, version=format_version(entry.version), count=count)
+
+    def _check_clock(self) -> None:
+        """
+        :raises ClockSkewed: while this node's clock is too far from its peers' to stamp writes; nor does it
+            serve reads then: such a node may have refused its peers' heartbeats and see none of them, and its
+            own store alone would answer "absent" for keys the cluster holds.
+        """
+        skew = self._clock_skew
+        if skew is not None and skew.skewed:
+            raise ClockSkewed(skew.skew, skew.max_offset)
 
     # -- the preference list --------------------------------------------------------------------------
 
@@ -169,8 +239,13 @@ class Coordinator:
         """
         Store ``value`` (serialized JSON) under ``key``.
 
-        :return: a Deferred firing with a :class:`WriteResult`, or failing with :class:`Unavailable`.
+        :return: a Deferred firing with a :class:`WriteResult`, or failing with :class:`Unavailable` or
+            :class:`ClockSkewed`.
         """
+        try:
+            self._check_clock()
+        except ClockSkewed:
+            return fail()
         expires_at = None if ttl is None else self._seconds() + ttl
         return self._write_deferred(Entry(key, value, self.hlc.now(), expires_at), "put")
 
@@ -180,19 +255,37 @@ class Coordinator:
 
         :return: a Deferred firing with a :class:`DeleteResult`.
         """
+        try:
+            self._check_clock()
+        except ClockSkewed:
+            return fail()
         d = self._write_deferred(Entry(key, None, self.hlc.now(), None), "delete")
         return d.addCallback(lambda result: DeleteResult(result.created is False, result.copies))
+
+    def restamped(self, entry: Entry, newer) -> Entry:
+        """
+        ``entry`` stamped again to order after ``newer``, a version a replica holds for its key: a write that
+        started after that version was written must win over it whatever the clocks say. This node's clock
+        does not move for it (:meth:`~kvresponder.hlc.HybridLogicalClock.above`), so a version a skewed node
+        stamped in the future is passed over without this node's later writes following it into the future.
+        """
+        return Entry(entry.key, entry.value, self.hlc.above(newer), entry.expires_at)
 
     def _write_deferred(self, entry: Entry, op: str) -> Deferred:
         if (self.write_quorum is None or self.write_quorum <= 1) and self.is_local_only():
             # A single node: the write is local and synchronous, so spare it the coroutine.
             try:
-                result = self.apply_local(entry)
+                result = first = self.apply_local(entry)
+                for _ in range(MAX_RESTAMPS):
+                    if result.newer is None:
+                        break
+                    entry = self.restamped(entry, result.newer)
+                    result = self.apply_local(entry)
             except Exception:
                 return fail()
-            return succeed(WriteResult(entry, not result.had_live, 1))
+            return succeed(WriteResult(entry, not first.had_live, 1))
         try:
-            return _ReplicatedWrite(self, entry, op).start()
+            return _ReplicatedWrite(self._write_path, entry, op).start()
         except Exception:
             return fail()
 
@@ -211,18 +304,36 @@ class Coordinator:
         Write many entries with one call per node instead of one per entry. Each entry still gets its own
         owners, its own failover to the next nodes on the ring, and its own quorum.
 
+        An entry that a replica answers with a newer version of its key is stamped again above it and
+        written again, as a single write is (:class:`_ReplicatedWrite`).
+
         :return: for each entry, a :class:`WriteResult` or an :class:`Unavailable`.
         """
-        plans = [self._targets(entry.key) for entry in entries]
-        stored = await self._fan_out(plans, lambda node, indices: self._apply_many_on(
-            node, [entries[i] for i in indices]), op, count_success=True)
-        results: List[object] = []
-        for entry, (_, _, quorum), copies in zip(entries, plans, stored):
-            if len(copies) < quorum:
-                results.append(Unavailable("only %d of the %d copies needed could be stored"
-                                           % (len(copies), quorum)))
-            else:
-                results.append(WriteResult(entry, not any(r.had_live for _, r in copies), len(copies)))
+        entries = list(entries)
+        results: List[object] = [None] * len(entries)
+        had_live: List[Optional[bool]] = [None] * len(entries)
+        todo = list(range(len(entries)))
+        for attempt in range(MAX_RESTAMPS + 1):
+            plans = [self._targets(entries[i].key) for i in todo]
+            stored = await self._fan_out(plans, lambda node, indices: self._apply_many_on(
+                node, [entries[todo[i]] for i in indices]), op, count_success=True)
+            again = []
+            for index, (_, _, quorum), copies in zip(todo, plans, stored):
+                if had_live[index] is None:
+                    had_live[index] = any(r.had_live for _, r in copies)
+                if len(copies) < quorum:
+                    results[index] = Unavailable("only %d of the %d copies needed could be stored"
+                                                 % (len(copies), quorum))
+                    continue
+                newer = newest_newer(copies)
+                if newer is not None and attempt < MAX_RESTAMPS:
+                    entries[index] = self.restamped(entries[index], newer)
+                    again.append(index)
+                    continue
+                results[index] = WriteResult(entries[index], not had_live[index], len(copies))
+            todo = again
+            if not todo:
+                break
         return results
 
     async def _fan_out(self, plans, call, op: str, count_success: bool) -> List[List[Tuple[str, object]]]:
@@ -240,7 +351,7 @@ class Coordinator:
                 pending.setdefault(owner, []).append(index)
         while pending:
             batches = list(pending.items())
-            results = await _gather([call(node, indices) for node, indices in batches])
+            results = await gather([call(node, indices) for node, indices in batches])
             pending = {}
             for (node, indices), result in zip(batches, results):
                 if result is None:
@@ -272,12 +383,20 @@ class Coordinator:
             return None
 
     def put_many(self, items: List[Tuple[str, bytes, Optional[float]]]) -> Deferred:
+        try:
+            self._check_clock()
+        except ClockSkewed:
+            return fail()
         now = self._seconds()
         entries = [Entry(key, value, self.hlc.now(), None if ttl is None else now + ttl)
                    for key, value, ttl in items]
         return ensureDeferred(self.write_many(entries, "put"))
 
     def delete_many(self, keys: List[str]) -> Deferred:
+        try:
+            self._check_clock()
+        except ClockSkewed:
+            return fail()
         entries = [Entry(key, None, self.hlc.now(), None) for key in keys]
         return ensureDeferred(self.write_many(entries, "delete"))
 
@@ -287,6 +406,7 @@ class Coordinator:
 
         :return: for each key, its live :class:`Entry`, ``None``, or an :class:`Unavailable`.
         """
+        self._check_clock()
         plans = [self._targets(key) for key in keys]
         answers = await self._fan_out(plans, lambda node, indices: self._get_many_on(
             node, [keys[i] for i in indices]), "get", count_success=False)
@@ -320,6 +440,7 @@ class Coordinator:
         The answer to a read of ``key`` if this node can give it at once from its own store: the live
         :class:`~kvresponder.store.Entry`, or ``None``. :data:`REMOTE` if other nodes must be asked.
         """
+        self._check_clock()
         ring = self._ring()
         if len(ring) == 1 and self.node_id in ring:
             return self.store.get(key)
@@ -338,7 +459,10 @@ class Coordinator:
 
         :return: a Deferred firing with an :class:`~kvresponder.store.Entry` or ``None``.
         """
-        entry = self.get_nowait(key)
+        try:
+            entry = self.get_nowait(key)
+        except ClockSkewed:
+            return fail()
         if entry is not REMOTE:
             return succeed(entry)
         return ensureDeferred(self._read(key))
@@ -362,14 +486,14 @@ class Coordinator:
         return newest
 
     async def _read_owners(self, key: str, owners: List[str], fallbacks: List[str]) -> Optional[Entry]:
-        answers = await _gather([self._read_slot(owner, fallbacks, key) for owner in owners])
+        answers = await gather([self._read_slot(owner, fallbacks, key) for owner in owners])
         answered = [answer for answer in answers if answer is not None]
         if not answered:
             raise Unavailable("no replica of this key answered")
         if fallbacks and all(entry is None for _, entry in answered) and self._ring_settling():
             # The ring changed moments ago: the key may still sit on its previous holders, whose handoff
             # is under way. Ask the rest of the ring before answering "absent".
-            more = await _gather([self._read_slot(node, [], key) for node in list(fallbacks)])
+            more = await gather([self._read_slot(node, [], key) for node in list(fallbacks)])
             answered.extend(answer for answer in more if answer is not None)
         return self._newest_and_repair(answered)
 
@@ -430,6 +554,7 @@ class Coordinator:
 
         :return: up to ``limit`` keys after ``after``, and whether more follow.
         """
+        self._check_clock()
         ring = self._ring()
         want = limit + 1
         sources = [self.store.keys(prefix, after, want)]
@@ -444,7 +569,7 @@ class Coordinator:
             except PeerError:
                 return None
 
-        answers = await _gather([from_peer(node) for node in remote])
+        answers = await gather([from_peer(node) for node in remote])
         missing = [node for node, answer in zip(remote, answers) if answer is None]
         if missing and self.replicas <= len(missing):
             # Every copy of some keys may sit on the nodes that did not answer.
@@ -454,7 +579,7 @@ class Coordinator:
         return merged[:limit], len(merged) > limit
 
 
-async def _gather(coroutines) -> list:
+async def gather(coroutines) -> list:
     """
     Run coroutines in parallel and return their results in order. Each one handles its own expected
     failures; an unexpected one is logged and counts as ``None``.
@@ -471,6 +596,30 @@ async def _gather(coroutines) -> list:
     return values
 
 
+@attrs(frozen=True, slots=True)
+class WritePath:
+    """
+    What a replicated write (:class:`_ReplicatedWrite`) needs from its coordinator, handed to it explicitly.
+
+    :ivar node_id: this node's id.
+    :ivar targets: ``targets(key)``: the key's owners, its fallbacks in ring order, and the quorum.
+    :ivar apply_local: stores an entry on this node.
+    :ivar peer_of: the membership peer of a node id, or ``None``.
+    :ivar send_copy: ``send_copy(peer, entry)``: a Deferred of the peer's ``ApplyResult``.
+    :ivar count: ``count(op, result)``: one replica call's outcome, for metrics.
+    :ivar restamped: the entry stamped again above a newer version a replica holds.
+    :ivar log_writes: whether a write gets its own ``replication:write`` action (debug level).
+    """
+    node_id: str = attrib()
+    targets: Callable = attrib()
+    apply_local: Callable = attrib()
+    peer_of: Callable = attrib()
+    send_copy: Callable = attrib()
+    count: Callable = attrib()
+    restamped: Callable = attrib()
+    log_writes: Callable = attrib()
+
+
 class _ReplicatedWrite:
     """
     One client write on its way to the key's owners. Each owner's copy is sent at once, in parallel; an owner
@@ -483,17 +632,22 @@ class _ReplicatedWrite:
     debug level inside the write's own ``replication:write``), so the next attempt's actions and spans stay in
     the write's tree and trace; the write's own result fires outside it, so that what the caller does next
     (answer the client, serve a pipelined request) is not logged inside a finished write. Whatever goes wrong
-    unexpectedly in one slot is logged and counts as a missing copy, as the ``_gather`` the coroutines used
+    unexpectedly in one slot is logged and counts as a missing copy, as the ``gather`` the coroutines used
     did; the write still fires, once.
     """
 
-    __slots__ = ("_coordinator", "_entry", "_op", "_fallbacks", "_quorum", "_waiting", "_stored", "_action",
-                 "_context", "_entered", "_done", "_outcome")
+    __slots__ = ("_path", "_entry", "_op", "_fallbacks", "_quorum", "_waiting", "_stored", "_action",
+                 "_context", "_entered", "_done", "_outcome", "_tries", "_created")
 
-    def __init__(self, coordinator: Coordinator, entry: Entry, op: str) -> None:
-        self._coordinator = coordinator
+    def __init__(self, path: WritePath, entry: Entry, op: str, tries: int = MAX_RESTAMPS,
+                 created: Optional[bool] = None) -> None:
+        self._path = path
         self._entry = entry
         self._op = op
+        #: Times the write may still be stamped again above a newer version a replica reports.
+        self._tries = tries
+        #: Whether the key held no live value before the first attempt (``None``: this is the first).
+        self._created = created
         self._stored: List[Tuple[str, ApplyResult]] = []
         self._action = None
         self._entered = False
@@ -505,10 +659,10 @@ class _ReplicatedWrite:
         """
         :return: a Deferred firing with a :class:`WriteResult`, or failing with :class:`Unavailable`.
         """
-        coordinator = self._coordinator
-        owners, self._fallbacks, self._quorum = coordinator._targets(self._entry.key)
+        path = self._path
+        owners, self._fallbacks, self._quorum = path.targets(self._entry.key)
         self._waiting = len(owners)
-        if coordinator._log.enabled("replication", DEBUG):
+        if path.log_writes():
             self._action = COORDINATE_WRITE(key=self._entry.key, op=self._op,
                                             version=format_version(self._entry.version), targets=owners)
             with self._action.context():
@@ -534,30 +688,30 @@ class _ReplicatedWrite:
             self._slot_done(None)
 
     def _try(self, owner: str, node: str) -> None:
-        coordinator = self._coordinator
-        if node == coordinator.node_id:
+        path = self._path
+        if node == path.node_id:
             try:
-                result = coordinator.apply_local(self._entry)
+                result = path.apply_local(self._entry)
             except Exception:
                 write_traceback()
                 self._slot_done(None)
                 return
-            coordinator._metrics.replication(self._op, "success")
+            path.count(self._op, "success")
             self._slot_done((node, result))
             return
-        peer = coordinator._peer_of(node)
+        peer = path.peer_of(node)
         if peer is None:
             self._failover(owner, node, "left the membership")
             return
         try:
-            d = coordinator._peers.apply_coalesced(peer, self._entry)
+            d = path.send_copy(peer, self._entry)
         except (PeerError, Unavailable) as error:
             self._failover(owner, node, str(error))
             return
         d.addCallbacks(self._copied, self._copy_failed, callbackArgs=(node,), errbackArgs=(owner, node))
 
     def _copied(self, result: ApplyResult, node: str) -> None:
-        self._coordinator._metrics.replication(self._op, "success")
+        self._path.count(self._op, "success")
         self._slot_done((node, result))
         self._fire()
 
@@ -588,7 +742,7 @@ class _ReplicatedWrite:
 
     def _failover(self, owner: str, failed: str, reason: str) -> None:
         try:
-            self._coordinator._metrics.replication(self._op, "failure")
+            self._path.count(self._op, "failure")
             COPY_FAILED.log(key=self._entry.key, peer=failed, reason=reason)
             node = self._fallbacks.pop(0) if self._fallbacks else None
             if node is not None:
@@ -617,11 +771,20 @@ class _ReplicatedWrite:
         if self._action is not None:
             self._action.add_success_fields(copies=copies)
             self._action.finish()
+        created = self._created
+        if created is None:
+            created = not any(result.had_live for _, result in self._stored)
         if copies < self._quorum:
             self._outcome = Unavailable("only %d of the %d copies needed could be stored" % (copies, self._quorum))
-        else:
-            had_live = any(result.had_live for _, result in self._stored)
-            self._outcome = WriteResult(self._entry, not had_live, copies)
+            return
+        newer = newest_newer(self._stored)
+        if newer is not None and self._tries > 0:
+            # A replica holds a newer version than this write's, though the write began after it was written
+            # (or overlaps it): stamp the write again just above it and send it again, so that a write that
+            # follows an acknowledged one wins whatever the clocks say.
+            self._outcome = _Again(self._path.restamped(self._entry, newer), created)
+            return
+        self._outcome = WriteResult(self._entry, created, copies)
 
     def _fire(self) -> None:
         outcome = self._outcome
@@ -629,5 +792,22 @@ class _ReplicatedWrite:
             return
         if isinstance(outcome, Unavailable):
             self._done.errback(outcome)
+        elif isinstance(outcome, _Again):
+            self._outcome = None
+            again = _ReplicatedWrite(self._path, outcome.entry, self._op, self._tries - 1, outcome.created)
+            # In the context the write began in, so that the next attempt stays in the request's tree.
+            try:
+                d = self._context.run(again.start)
+            except Exception:
+                d = fail()
+            d.chainDeferred(self._done)
         else:
             self._done.callback(outcome)
+
+
+class _Again(NamedTuple):
+    """
+    A write to send again, stamped anew, and whether its first attempt found no live value.
+    """
+    entry: Entry
+    created: bool

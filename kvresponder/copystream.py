@@ -2,9 +2,9 @@
 The copy stream: the copies of client writes sent to one peer over one long-lived connection.
 
 A coordinator sends a write's copies to a peer in batches (:meth:`kvresponder.peers.PeerClient.apply_coalesced`).
-As an HTTP request, each batch costs Twisted's HTTP client and treq more CPU than the writes it carries (about
-200 µs a batch on PyPy, against 10 µs for a frame on an open connection), and the peer's HTTP server as much
-again. So each node keeps, for each peer it writes to, one connection upgraded from HTTP to a stream of
+As an HTTP request, each batch costs Twisted's HTTP client and treq more CPU than the writes it carries, and
+the peer's HTTP server as much again, where a frame on an open connection costs little (measured by
+``bench/copy_stream.py``; see docs/ARCHITECTURE.md, "Copy streams"). So each node keeps, for each peer it writes to, one connection upgraded from HTTP to a stream of
 frames. The upgrade is an internal call like any other, on the same port and signed the same way::
 
     GET /<tenant>/_internal/copies HTTP/1.1
@@ -23,7 +23,9 @@ Then each side sends frames, each a 4-byte big-endian length and that many bytes
   ids (space-separated, as ``X-Eliot-Task-Ids`` carries them over HTTP), and the batch body
   (:func:`kvresponder.wire.encode_batch`);
 - an answer (peer to caller): the batch id (4 bytes), an HTTP status (2 bytes), and either one byte an entry
-  (bit 0: newer there and stored; bit 1: it replaced a live value) for 200, or the JSON error body.
+  (bit 0: newer there and stored; bit 1: it replaced a live value; bit 2: not stored, because the peer holds
+  a newer version, which follows) for 200, then each such newer version in the entries' order (wall ms,
+  8 bytes; counter, 4 bytes; node id length, 1 byte; the node id), or the JSON error body.
 
 Each frame leaves with one ``send`` when it is written (:func:`kvresponder.sendnow.send_now`), and both ends turn
 Nagle's algorithm off, so that a frame sent while the last is unacknowledged does not wait for its ACK.
@@ -43,6 +45,7 @@ import hmac
 import json
 import os
 import struct
+import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from eliot import write_traceback
@@ -126,12 +129,46 @@ class _Mac:
         return mac.digest()[:MAC_SIZE]
 
 
+_NEWER = struct.Struct("!qIB")
+
+
 def encode_answer(batch_id: int, results: Sequence[ApplyResult]) -> bytes:
-    return _ANSWER.pack(batch_id, 200) + bytes([int(r.applied) | (int(r.had_live) << 1) for r in results])
+    flags = bytes([int(r.applied) | (int(r.had_live) << 1) | (4 if r.newer is not None else 0) for r in results])
+    newer = [r.newer for r in results if r.newer is not None]
+    if not newer:
+        return _ANSWER.pack(batch_id, 200) + flags
+    parts = [_ANSWER.pack(batch_id, 200), flags]
+    for wall, counter, node in newer:
+        node_bytes = node.encode("utf-8")
+        parts.append(_NEWER.pack(wall, counter, len(node_bytes)) + node_bytes)
+    return b"".join(parts)
 
 
-def decode_results(payload: bytes) -> List[ApplyResult]:
-    return [ApplyResult(bool(flags & 1), bool(flags & 2)) for flags in payload]
+def decode_results(payload: bytes, count: int) -> List[ApplyResult]:
+    """
+    The results of a batch of ``count`` entries from an answer's payload.
+
+    :raises ValueError: if it is malformed.
+    """
+    if len(payload) < count:
+        raise ValueError("an answer shorter than its batch")
+    results = []
+    offset = count
+    try:
+        for flags in payload[:count]:
+            newer = None
+            if flags & 4:
+                wall, counter, length = _NEWER.unpack_from(payload, offset)
+                offset += _NEWER.size
+                node = payload[offset:offset + length].decode("utf-8")
+                offset += length
+                newer = (wall, counter, node)
+            results.append(ApplyResult(bool(flags & 1), bool(flags & 2), newer))
+    except (struct.error, UnicodeDecodeError) as error:
+        raise ValueError("a malformed answer: %s" % (error,))
+    if offset != len(payload):
+        raise ValueError("an answer longer than its batch")
+    return results
 
 
 def _error_answer(batch_id: int, code: int, error: str, message: str) -> bytes:
@@ -155,12 +192,15 @@ class CopyStreamServer(Int32StringReceiver):
     :param clock: ``IReactorTime``, for the idle timeout.
     :param float idle_timeout: a stream that delivers no whole frame for this long is closed (the caller opens
         another with its next write): so an idle, trickling or vanished caller does not hold a connection.
+    :param wall: this node's wall clock in seconds (expiries arrive as the time they have left); by default
+        the clock's ``seconds``.
     """
 
     def __init__(self, apply: Callable[[list, List[bytes]], List[ApplyResult]], key: Optional[bytes],
                  nonce: bytes, max_frame: int, on_close: Callable[[Failure], None], client: str = "",
-                 clock=None, idle_timeout: float = 30.0) -> None:
+                 clock=None, idle_timeout: float = 30.0, wall: Optional[Callable[[], float]] = None) -> None:
         self._apply = apply
+        self._wall = wall or (clock.seconds if clock is not None else time.time)
         self._mac = _Mac(key, nonce)
         self._signed = key is not None
         self.MAX_LENGTH = max_frame + _HEADER.size
@@ -204,7 +244,7 @@ class CopyStreamServer(Int32StringReceiver):
         start = _HEADER.size
         task_ids = frame[start:start + tasks_length].split()
         try:
-            entries = decode_batch(frame[start + tasks_length:])
+            entries = decode_batch(frame[start + tasks_length:], self._wall())
         except ValueError as error:
             send_now(self.transport, self._frame(_error_answer(
                 batch_id, 400, "invalid_body", "Malformed batch: %s" % (error,))))
@@ -214,6 +254,9 @@ class CopyStreamServer(Int32StringReceiver):
         except EntryTooLarge:
             answer = _error_answer(batch_id, 413, "payload_too_large",
                                    "An entry exceeds this node's memory budget.")
+        except ValueError as error:
+            # An entry that does not fit its schema (kvresponder.http.schemas): the sender's error.
+            answer = _error_answer(batch_id, 400, "invalid_body", "Malformed batch: %s" % (str(error)[:200],))
         except Exception:
             write_traceback()
             answer = _error_answer(batch_id, 500, "internal_error", "The server failed to apply the batch.")
@@ -409,10 +452,14 @@ class CopyStreams:
     :param str tenant: the path prefix of the internal routes.
     :param authenticator: a :class:`~kvresponder.peers.PeerAuthenticator`, or ``None``.
     :param metrics: receives ``copy_stream_refused()``, or ``None``.
+    :param wall: this node's wall clock in seconds (expiries travel as the time they have left); by default
+        the clock's ``seconds``.
     """
 
-    def __init__(self, clock, endpoint_for, tenant: str, authenticator=None, metrics=None) -> None:
+    def __init__(self, clock, endpoint_for, tenant: str, authenticator=None, metrics=None,
+                 wall: Optional[Callable[[], float]] = None) -> None:
         self._clock = clock
+        self._wall = wall or clock.seconds
         self._endpoint_for = endpoint_for
         self._path = ("/%s/_internal/copies" % (tenant,)).encode("ascii")
         self._auth = authenticator
@@ -446,7 +493,7 @@ class CopyStreams:
             :class:`StreamRefused` (call the peer over HTTP instead), :class:`StreamError` (it answered an
             error status), or any connection failure, :class:`StreamUnanswered` or :class:`StreamTimeout`.
         """
-        batch = encode_batch(entries)
+        batch = encode_batch(entries, self._wall())
         key = (peer.address, peer.port)
         stream = self._open.get(key)
         if stream is not None and not stream.closed:
@@ -459,7 +506,7 @@ class CopyStreams:
         else:
             d = self._connect(peer, key, timeout).addCallback(
                 lambda stream: stream.send(batch, task_ids, timeout))
-        return d.addCallback(decode_results)
+        return d.addCallback(decode_results, len(entries))
 
     def _retry(self, failure, peer, key, batch, task_ids, timeout):
         failure.trap(ConnectionLost, ConnectionDone)

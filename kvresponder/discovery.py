@@ -12,6 +12,7 @@ The protocol feeds :class:`~kvresponder.membership.Membership` and nothing else.
 import hashlib
 import hmac
 import json
+import math
 import socket
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
@@ -21,13 +22,17 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import LoopingCall
 
-from .log.discovery import DATAGRAM_DROPPED, DISCOVERY_STARTED, SEEDS_FAILED, SEEDS_RESOLVED
+from .log.discovery import (CLOCK_AHEAD, DATAGRAM_DROPPED, DISCOVERY_STARTED, HEARTBEAT_IGNORED, SEEDS_FAILED,
+                            SEEDS_RESOLVED)
 from .membership import ALIVE, LEAVING, Heartbeat, Membership
 
 WIRE_VERSION = 1
 MAX_DATAGRAM = 1400
-#: Seconds a signed datagram's timestamp may differ from our clock.
+#: Seconds a signed datagram's timestamp may differ from our clock (plus MAX_CLOCK_OFFSET, which clocks may
+#: differ by).
 REPLAY_WINDOW = 30.0
+#: Seconds between two log lines about one peer's heartbeats refused for a clock ahead of ours.
+CLOCK_AHEAD_LOG_EVERY = 60.0
 
 
 class Malformed(ValueError):
@@ -65,8 +70,9 @@ class HeartbeatCodec:
             "addr": beat.address, "port": beat.port, "state": beat.state, "ring": beat.ring_size,
             "want": want_reply,
         }
+        # The sender's clock, always: receivers measure clock offsets from it (kvresponder.clockskew).
+        body["ts"] = round(now, 3)
         if self._key is not None:
-            body["ts"] = round(now, 3)
             body["mac"] = self._mac(body)
         return json.dumps(body, separators=(",", ":"), sort_keys=True).encode("utf-8")
 
@@ -75,9 +81,11 @@ class HeartbeatCodec:
                             sort_keys=True).encode("utf-8")
         return hmac.new(self._key, signed, hashlib.sha256).hexdigest()
 
-    def decode(self, data: bytes, now: float) -> Tuple[Heartbeat, bool, Optional[float]]:
+    def decode(self, data: bytes) -> Tuple[Heartbeat, bool, Optional[float]]:
         """
-        :return: the heartbeat, whether the sender wants an answer, and its signed timestamp (or ``None``).
+        :return: the heartbeat, whether the sender wants an answer, and its timestamp (or ``None`` if it sent
+            none). With a key, the timestamp is signed, but not checked against our clock: the protocol
+            measures the sender's clock offset from it first.
         :raises Malformed: with ``result`` naming the metric outcome.
         """
         if len(data) > MAX_DATAGRAM:
@@ -90,15 +98,17 @@ class HeartbeatCodec:
             raise Malformed("malformed", "unknown wire version")
         if body.get("tenant") != self.tenant:
             raise Malformed("foreign_tenant", "tenant %r" % (str(body.get("tenant"))[:64],))
-        timestamp = None
         if self._key is not None:
             mac = body.get("mac")
             # compare_digest raises TypeError on non-ASCII text: a forged MAC must count as bad_mac, not crash.
             if not isinstance(mac, str) or not mac.isascii() or not hmac.compare_digest(mac, self._mac(body)):
                 raise Malformed("bad_mac", "bad or missing MAC")
-            timestamp = body.get("ts")
-            if not isinstance(timestamp, (int, float)) or abs(now - timestamp) > REPLAY_WINDOW:
-                raise Malformed("replayed", "timestamp outside the replay window")
+        timestamp = body.get("ts")
+        # Signed heartbeats must carry their time; unsigned ones from older nodes may not.
+        if (timestamp is not None or self._key is not None) and (
+                isinstance(timestamp, bool) or not isinstance(timestamp, (int, float))
+                or not math.isfinite(timestamp)):
+            raise Malformed("replayed" if self._key is not None else "malformed", "bad or missing timestamp")
         node, inc, addr, port = body.get("node"), body.get("inc"), body.get("addr"), body.get("port")
         state, ring, want = body.get("state"), body.get("ring"), body.get("want", False)
         if not (isinstance(node, str) and 0 < len(node) <= 63):
@@ -138,12 +148,19 @@ class DiscoveryProtocol(DatagramProtocol):
     :param group: the multicast group, or ``None`` when multicast is off.
     :param str interface: the outgoing multicast interface address; always set explicitly.
     :param int port: the discovery port, where peers listen.
-    :param metrics: receives ``discovery(result)``.
+    :param metrics: receives ``discovery(result)`` and ``clock_rejected(source)``.
+    :param clock_offsets: a :class:`~kvresponder.clockskew.ClockOffsets` measuring the peers' clocks from the
+        heartbeats' timestamps, or ``None``.
+    :param float max_clock_offset: a heartbeat whose time is further ahead of ``wall`` than this is refused
+        (after its offset is measured): no node takes in a peer whose clock runs ahead of the cluster's.
+    :param bool alone: the node serves alone (no CLUSTER_SECRET, no --insecure-cluster): it sends no heartbeat
+        and ignores every one it receives (``insecure_ignored``), so that no node puts it in its ring.
     """
 
     def __init__(self, codec: HeartbeatCodec, membership: Membership, clock, wall: Callable[[], float],
                  own_heartbeat: Callable[[], Heartbeat], group: Optional[str], interface: str, port: int,
-                 ttl: int = 1, metrics=None) -> None:
+                 ttl: int = 1, metrics=None, clock_offsets=None, max_clock_offset: Optional[float] = None,
+                 alone: bool = False) -> None:
         self.codec = codec
         self.membership = membership
         self.clock = clock
@@ -154,9 +171,14 @@ class DiscoveryProtocol(DatagramProtocol):
         self.port = port
         self.ttl = ttl
         self.metrics = metrics
+        self.clock_offsets = clock_offsets
+        self.max_clock_offset = max_clock_offset
         self.seeds: Set[str] = set()
         self._reply_pending = None
         self._last_timestamps: Dict[Tuple[str, int], float] = {}
+        self._ahead_logged: Dict[str, float] = {}
+        self.alone = alone
+        self._ignored_senders: Set[str] = set()
 
     # -- sending --------------------------------------------------------------------------------------
 
@@ -174,6 +196,8 @@ class DiscoveryProtocol(DatagramProtocol):
         Send one heartbeat to the group and to every seed, with this node's own state (alive, or leaving
         while it drains) unless ``state`` overrides it.
         """
+        if self.alone:
+            return
         beat = self.own_heartbeat()
         if state is not None and state != beat.state:
             beat = beat._replace(state=state)
@@ -205,7 +229,7 @@ class DiscoveryProtocol(DatagramProtocol):
 
     def _received(self, data: bytes, address) -> None:
         try:
-            beat, want_reply, timestamp = self.codec.decode(data, self.wall())
+            beat, want_reply, timestamp = self.codec.decode(data)
         except Malformed as error:
             self._drop(error.result, str(error), address)
             return
@@ -214,7 +238,30 @@ class DiscoveryProtocol(DatagramProtocol):
             if self.metrics is not None:
                 self.metrics.discovery("self")
             return
+        if self.alone:
+            self._ignore(beat, address)
+            return
         if timestamp is not None:
+            offset = timestamp - self.wall()
+            # Measured before anything else is checked: a clock far off is exactly what must show.
+            if self.clock_offsets is not None:
+                self.clock_offsets.heard(beat.node_id, beat.incarnation, offset)
+            if self.max_clock_offset is not None and offset > self.max_clock_offset:
+                now = self.clock.seconds()
+                if now - self._ahead_logged.get(beat.node_id, float("-inf")) >= CLOCK_AHEAD_LOG_EVERY:
+                    # Once a minute a peer: its every heartbeat would be a line.
+                    if len(self._ahead_logged) > 4096:
+                        self._ahead_logged.clear()
+                    self._ahead_logged[beat.node_id] = now
+                    CLOCK_AHEAD.log(peer=beat.node_id, offset=round(offset, 6))
+                if self.metrics is not None:
+                    self.metrics.clock_rejected("heartbeat")
+                self._drop("clock_ahead", "its clock is %.3f s ahead of ours" % (offset,), address)
+                return
+            if self.codec.authenticated and abs(offset) > REPLAY_WINDOW + (self.max_clock_offset or 0.0):
+                self._drop("replayed", "timestamp outside the replay window", address)
+                return
+        if timestamp is not None and self.codec.authenticated:
             slot = (beat.node_id, beat.incarnation)
             if timestamp <= self._last_timestamps.get(slot, -1.0):
                 self._drop("replayed", "timestamp not newer than the last one", address)
@@ -232,6 +279,13 @@ class DiscoveryProtocol(DatagramProtocol):
         if self.metrics is not None:
             self.metrics.discovery(result)
         DATAGRAM_DROPPED.log(reason="%s: %s" % (result, detail), source="%s:%s" % tuple(address[:2]))
+
+    def _ignore(self, beat: Heartbeat, address) -> None:
+        self._drop("insecure_ignored", "no CLUSTER_SECRET: this node serves alone", address)
+        # A warning once per sender, not once per heartbeat.
+        if beat.node_id not in self._ignored_senders and len(self._ignored_senders) < 64:
+            self._ignored_senders.add(beat.node_id)
+            HEARTBEAT_IGNORED.log(peer=beat.node_id, source="%s:%s" % tuple(address[:2]))
 
     def _schedule_reply(self) -> None:
         # Answer a joining node at once, but only once for a burst of joiners.

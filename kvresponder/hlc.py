@@ -7,7 +7,7 @@ the higher counter, then the node id as a deterministic tie-break. That total or
 handoff and anti-entropy apply entries in any order and still converge (last writer wins).
 """
 
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 #: ``(wall_ms, counter, node_id)``
 Version = Tuple[int, int, str]
@@ -50,11 +50,15 @@ class HybridLogicalClock:
     :param seconds: a function returning the current wall time in seconds (``reactor.seconds`` or a
         ``task.Clock``'s ``seconds``).
     :param str node_id: this node's id, the last element of every version it issues.
+    :param float max_ahead: seconds (``MAX_CLOCK_OFFSET``): a version seen from another node whose wall time is
+        further than this ahead of this node's wall clock is never adopted (:meth:`observe`). ``None``: no
+        bound.
     """
 
-    def __init__(self, seconds: Callable[[], float], node_id: str) -> None:
+    def __init__(self, seconds: Callable[[], float], node_id: str, max_ahead: Optional[float] = None) -> None:
         self._seconds = seconds
         self.node_id = node_id
+        self._max_ahead_ms = None if max_ahead is None else int(max_ahead * 1000)
         self._wall = 0
         self._counter = 0
 
@@ -74,12 +78,36 @@ class HybridLogicalClock:
             self._counter = 0
         return (self._wall, self._counter, self.node_id)
 
-    def observe(self, version: Version) -> None:
+    def observe(self, version: Version) -> bool:
         """
         Move the clock past a version seen from another node, so that a later local write orders after it
-        even when this node's wall clock lags behind.
+        even when this node's wall clock lags behind a little.
+
+        A version further ahead of this node's wall clock than the bound is not adopted: one node with a
+        wrong clock would otherwise drag every clock of the cluster along with it, for good. Writes that must
+        still order after such a version are stamped with :meth:`above` instead.
+
+        :return: ``False`` if the version was too far ahead to adopt, else ``True``.
         """
         wall, counter = version[0], version[1]
         if wall > self._wall or (wall == self._wall and counter > self._counter):
+            if self._max_ahead_ms is not None and wall > int(self._seconds() * 1000) + self._max_ahead_ms:
+                return False
             self._wall = wall
             self._counter = counter
+        return True
+
+    def above(self, version: Version) -> Version:
+        """
+        A version of this node that orders after ``version`` and after every version this clock issued:
+        :meth:`now`, or, when ``version`` is ahead of that, the version just above it. The clock itself does
+        not move, so a version stamped in the future by a skewed node does not carry this node's later
+        writes into the future with it.
+        """
+        now = self.now()
+        if now > version:
+            return now
+        wall, counter = version[0], version[1]
+        if counter < MAX_COUNTER:
+            return (wall, counter + 1, self.node_id)
+        return (wall + 1, 0, self.node_id)

@@ -9,11 +9,13 @@ few commands to try, and stays in the foreground. Ctrl-C (or SIGTERM) sends SIGT
 waits while the nodes drain, and exits. Nothing listens on, or sends to, any address but loopback.
 
 Admin writes are allowed without a token (``--insecure-admin``): acceptable only because every port is bound
-to 127.0.0.1.
+to 127.0.0.1. The nodes sign their heartbeats and peer calls with a cluster secret generated for the run, unless
+``CLUSTER_SECRET`` is set (a node without one serves alone).
 """
 
 import argparse
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -44,7 +46,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         prog="kvresponder-local-cluster",
         description="Run a KV Responder cluster of one tenant on loopback (127.0.0.1), in the foreground. "
                     "Ctrl-C stops every node; each one drains first. Admin writes need no token "
-                    "(--insecure-admin), which is safe only because nothing listens beyond loopback.")
+                    "(--insecure-admin), which is safe only because nothing listens beyond loopback. The nodes "
+                    "share a cluster secret generated for the run, unless CLUSTER_SECRET is set.")
     parser.add_argument("--nodes", type=int, default=3, help="number of nodes (default: 3)")
     parser.add_argument("--tenant", default="demo", help="tenant served, the URL prefix (default: demo)")
     parser.add_argument("--base-port", type=int, default=3000,
@@ -80,6 +83,8 @@ def node_command(args: argparse.Namespace, index: int, python: str = sys.executa
         "--tenant", args.tenant,
         "--node-id", "node-%d" % (index,),
         "--port", str(args.base_port + index - 1),
+        # Loopback whatever LISTEN_ADDRESS the caller's environment has: admin writes need no token here.
+        "--listen-address", LOOPBACK,
         "--advertise-address", LOOPBACK,
         "--discovery-mode", "multicast",
         "--discovery-interface", LOOPBACK,
@@ -198,10 +203,15 @@ class LocalCluster:
     def start(self) -> None:
         os.makedirs(self.log_dir, exist_ok=True)
         env = {key: value for key, value in os.environ.items() if key not in _DROPPED_ENVIRONMENT}
+        generated = not env.get("CLUSTER_SECRET")
+        if generated:
+            # A node without a secret serves alone; the nodes of one run share a fresh one.
+            env["CLUSTER_SECRET"] = secrets.token_urlsafe(32)
         self.say("kvresponder-local-cluster: %d node(s) of tenant %r on %s, discovery on UDP port %d "
                  "(multicast on loopback)" % (len(self.nodes), self.args.tenant, LOOPBACK,
                                               self.args.discovery_port))
         self.say("  logs: %s" % (os.path.join(self.log_dir, "node-*.log"),))
+        self.say("  cluster secret: %s" % ("generated for this run" if generated else "CLUSTER_SECRET, as given",))
         for node in self.nodes:
             node.start(env)
             self.say("  %s  pid %d  %s/" % (node.name, node.pid, node.url))

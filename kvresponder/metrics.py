@@ -10,8 +10,9 @@ import platform
 from bisect import bisect_left
 from typing import Callable, Dict, List, Tuple
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
+                               disable_created_metrics, generate_latest)
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric,
                                    UntypedMetricFamily)
 
 from . import __version__
@@ -85,15 +86,19 @@ def _outcome_counter(name: str, help_text: str, tenant: str,
 
 class _LiveGauges:
     """
-    A collector that reads gauges from the node at scrape time, so the hot path never updates them.
+    A collector that reads gauges at scrape time, so the hot path never updates them: the node's, from one
+    function, and any other module's, from the readers it registered (:meth:`Metrics.register_gauge`).
     """
 
-    def __init__(self, tenant: str, read: Callable[[], dict]) -> None:
+    def __init__(self, tenant: str, read: Callable[[], dict], readers: Dict[str, Callable[[], float]]) -> None:
         self._tenant = tenant
         self._read = read
+        self._readers = readers
 
     def collect(self):
-        values = self._read()
+        values = dict(self._read())
+        for name, reader in self._readers.items():
+            values[name] = reader()
         for name, help_text in _LIVE_GAUGES:
             if name in _UNTYPED:
                 family = UntypedMetricFamily(name, help_text, labels=["tenant"])
@@ -101,6 +106,32 @@ class _LiveGauges:
                 family = GaugeMetricFamily(name, help_text, labels=["tenant"])
             family.add_metric([self._tenant], float(values.get(name, 0)))
             yield family
+
+    def describe(self):
+        return []
+
+
+class _ProcessStats:
+    """
+    The standard process series (``process_resident_memory_bytes``, ``process_cpu_seconds_total``,
+    ``process_open_fds``, ``process_max_fds``, ``process_start_time_seconds``, ``process_virtual_memory_bytes``)
+    with the tenant label, like every other series here.
+
+    ``prometheus_client``'s ``ProcessCollector`` reads them from ``/proc`` (on CPython and PyPy alike) but
+    labels nothing, so its families are copied with the label added. Where there is no ``/proc`` (macOS), it
+    yields nothing.
+    """
+
+    def __init__(self, tenant: str, proc: str = "/proc") -> None:
+        self._tenant = tenant
+        self._process = ProcessCollector(proc=proc, registry=None)
+
+    def collect(self):
+        for family in self._process.collect():
+            labelled = Metric(family.name, family.documentation, family.type)
+            for sample in family.samples:
+                labelled.add_sample(sample.name, dict(sample.labels, tenant=self._tenant), sample.value)
+            yield labelled
 
     def describe(self):
         return []
@@ -127,6 +158,41 @@ _LIVE_GAUGES = (
 )
 
 
+class _ClockGauges:
+    """
+    The clock offsets of the peers this node measures (``kv_clock_offset_seconds{peer}``) and its own, read at
+    scrape time from a :class:`~kvresponder.clockskew.ClockOffsets`. Only peers heard from within the peer
+    timeout have a series, so the label's values stay as few as the cluster's nodes.
+    """
+
+    def __init__(self, tenant: str, clock) -> None:
+        self._tenant = tenant
+        self._clock = clock
+
+    def collect(self):
+        tenant, clock = self._tenant, self._clock
+        clock.evaluate()
+        offsets = GaugeMetricFamily(
+            "kv_clock_offset_seconds",
+            "Each peer's clock offset from this node's, smoothed (positive: the peer is ahead).",
+            labels=["tenant", "peer"])
+        for peer, offset in clock.offsets().items():
+            offsets.add_metric([tenant, peer], offset)
+        yield offsets
+        for name, help_text, value in (
+                ("kv_clock_skew_seconds", "This node's clock offset from most of the cluster's clocks "
+                                          "(positive: ahead; 0 without a majority).", clock.skew),
+                ("kv_clock_max_offset_seconds", "MAX_CLOCK_OFFSET.", clock.max_offset),
+                ("kv_clock_skewed", "1 while this node's clock is past MAX_CLOCK_OFFSET and it coordinates no "
+                                    "write, else 0.", 1.0 if clock.skewed else 0.0)):
+            family = GaugeMetricFamily(name, help_text, labels=["tenant"])
+            family.add_metric([tenant], value)
+            yield family
+
+    def describe(self):
+        return []
+
+
 class Metrics:
     """
     The metrics of one node.
@@ -134,12 +200,14 @@ class Metrics:
     :param str tenant: bound as the ``tenant`` label of every series.
     """
 
-    def __init__(self, tenant: str) -> None:
+    def __init__(self, tenant: str, proc: str = "/proc") -> None:
         self.tenant = tenant
         self.registry = registry = CollectorRegistry(auto_describe=True)
+        self._gauge_readers: Dict[str, Callable[[], float]] = {}
         t = ["tenant"]
         self._stats = _RequestStats(tenant)
         registry.register(self._stats)
+        registry.register(_ProcessStats(tenant, proc))
         self.peer_duration = Histogram(
             "kv_peer_request_duration_seconds", "Latency of calls to peers.",
             t + ["op"], buckets=_LATENCY_BUCKETS, registry=registry)
@@ -163,6 +231,10 @@ class Metrics:
         self.copy_stream_refusals = Counter(
             "kv_copy_stream_refusals", "Peers that refused a copy stream; copies go to them as HTTP requests.",
             t, registry=registry)
+        self.clock_rejections = Counter(
+            "kv_clock_rejected_timestamps",
+            "Peer timestamps further ahead of this node's clock than MAX_CLOCK_OFFSET (heartbeats refused; "
+            "entries stored by version, their time not adopted).", t + ["source"], registry=registry)
         self.build_info = Gauge(
             "kv_build_info", "Build information; always 1.", t + ["version", "python"], registry=registry)
         self.build_info.labels(tenant, __version__, "%s %s" % (
@@ -178,7 +250,8 @@ class Metrics:
                             ("delete", ("deleted", "miss"))):
             for result in results:
                 self.cache(op, result, 0)
-        for result in ("accepted", "self", "foreign_tenant", "malformed", "oversized", "bad_mac", "replayed"):
+        for result in ("accepted", "self", "foreign_tenant", "malformed", "oversized", "bad_mac", "replayed",
+                       "clock_ahead", "insecure_ignored"):
             self.discovery_messages.labels(tenant, result)
         for result in ("sent", "failed"):
             self.handoff_entries.labels(tenant, result)
@@ -188,12 +261,30 @@ class Metrics:
         self.antientropy_repairs.labels(tenant)
         self._evictions.inc(0)
         self.copy_stream_refusals.labels(tenant)
+        for source in ("heartbeat", "entry"):
+            self.clock_rejections.labels(tenant, source)
 
     def register_live_gauges(self, read: Callable[[], dict]) -> None:
         """
         Export the gauges in ``_LIVE_GAUGES`` from ``read()``, called at each scrape.
         """
-        self.registry.register(_LiveGauges(self.tenant, read))
+        self.registry.register(_LiveGauges(self.tenant, read, self._gauge_readers))
+
+    def register_gauge(self, name: str, read: Callable[[], float]) -> None:
+        """
+        Export gauge ``name`` (one of ``_LIVE_GAUGES``) from ``read()``, called at each scrape: the module that
+        knows the value registers it here, rather than have the node ask it.
+        """
+        if name not in dict(_LIVE_GAUGES):
+            raise ValueError("unknown gauge %r" % (name,))
+        self._gauge_readers[name] = read
+
+    def gauge(self, name: str) -> float:
+        """
+        The current value of a registered gauge (0 while nothing registered it).
+        """
+        read = self._gauge_readers.get(name)
+        return read() if read is not None else 0
 
     # Store events.
     def evicted(self, count: int) -> None:
@@ -229,6 +320,15 @@ class Metrics:
 
     def peer_call(self, op: str, seconds: float) -> None:
         self.peer_duration.labels(self.tenant, op).observe(seconds)
+
+    def register_clock(self, clock) -> None:
+        """
+        Export the clock offsets of a :class:`~kvresponder.clockskew.ClockOffsets`, read at each scrape.
+        """
+        self.registry.register(_ClockGauges(self.tenant, clock))
+
+    def clock_rejected(self, source: str, count: int = 1) -> None:
+        self.clock_rejections.labels(self.tenant, source).inc(count)
 
     def copy_stream_refused(self) -> None:
         self.copy_stream_refusals.labels(self.tenant).inc()

@@ -17,13 +17,14 @@ from twisted.internet.task import LoopingCall, deferLater
 
 from . import __version__
 from .admin import AdminGuard
-from .coordinator import Coordinator, _gather
+from .clockskew import ClockOffsets
+from .coordinator import Coordinator, gather
 from .copystream import CopyStreams
 from .discovery import derive_key
 from .hlc import HybridLogicalClock
 from .log import LogPolicy
 from .log.discovery import PEER_CHANGED
-from .log.service import INSECURE
+from .log.service import CLUSTER_DISABLED, INSECURE
 from .membership import ALIVE, LEAVING, Heartbeat, Membership
 from .metrics import Metrics
 from .peers import PeerAuthenticator, PeerError
@@ -33,6 +34,8 @@ from .settings import Settings
 from .store import Store
 
 STARTING, JOINING, READY, DRAINING, STOPPED = "starting", "joining", "ready", "draining", "stopped"
+#: Not a lifecycle state: what readiness reports while this node's clock is too far from its peers'.
+CLOCK_SKEW = "clock-skew"
 
 #: Seconds after a ring change during which a read that finds nothing on a key's owners also asks the
 #: other nodes, since the key may still be on its way from its previous holders.
@@ -70,8 +73,10 @@ class Node:
         self.metrics = Metrics(settings.tenant)
         self.log_policy = log_policy or LogPolicy(settings.log_level)
         self.store = Store(self.wall, settings.max_memory, settings.tombstone_grace, events=self.metrics)
-        self.hlc = HybridLogicalClock(self.wall, self.node_id)
+        self.hlc = HybridLogicalClock(self.wall, self.node_id, max_ahead=settings.max_clock_offset)
         self.membership = Membership(clock.seconds, self.node_id, settings.peer_timeout)
+        #: The peers' clock offsets, and whether this node's own clock is too far off to stamp writes.
+        self.clock_offsets = ClockOffsets(clock.seconds, settings.max_clock_offset, settings.peer_timeout)
         self.state = STARTING
         self._ring = HashRing([self.node_id], vnodes=settings.vnodes)
         self._owned_ratio = (None, 1.0)
@@ -81,20 +86,19 @@ class Node:
         from .peers import PeerClient
         streams = None
         if stream_endpoint is not None and settings.replication_stream:
-            streams = CopyStreams(clock, stream_endpoint, settings.tenant, self.authenticator, self.metrics)
-        #: Copy streams peers opened to this node, open now.
-        self.copy_streams_in = 0
+            streams = CopyStreams(clock, stream_endpoint, settings.tenant, self.authenticator, self.metrics,
+                                  wall=self.wall)
         self.peers = PeerClient(http, clock, settings.tenant, settings.peer_request_timeout,
-                                self.authenticator, self.metrics, tracing, self.log_policy, streams)
+                                self.authenticator, self.metrics, tracing, self.log_policy, streams,
+                                wall=self.wall, clock_offsets=self.clock_offsets)
         self.coordinator = Coordinator(self.store, self.hlc, self.ring, self.membership.peer, self.peers,
                                        settings.replicas, settings.write_quorum, self.wall, self.metrics,
-                                       self.log_policy, self.ring_settling)
+                                       self.log_policy, self.ring_settling, clock_skew=self.clock_offsets)
         self.rebalancer = Rebalancer(self.node_id, self.store, self.ring, self.membership.peer, self.peers,
                                      clock, settings.replicas, self.metrics, wall=self.wall)
         self.admin = AdminGuard(settings.admin_token, settings.insecure_admin)
         self.join_settle = join_settle if join_settle is not None else min(0.5, settings.heartbeat_interval)
         self.started_at = self.ring_changed_at = clock.seconds()
-        self.open_connections: Callable[[], int] = lambda: 0
         self._loops = []
         self._collect = collect
         self._released_at_collect = 0
@@ -103,6 +107,7 @@ class Node:
         self._changed_at = clock.seconds()
         self.membership.subscribe(self._membership_changed)
         self.metrics.register_live_gauges(self.gauges)
+        self.metrics.register_clock(self.clock_offsets)
 
     # -- the ring -------------------------------------------------------------------------------------
 
@@ -144,11 +149,19 @@ class Node:
         peer to hand over our share, then report ready.
         """
         self.state = JOINING
-        if not self.settings.cluster_secret:
-            INSECURE.log(reason="CLUSTER_SECRET is not set: discovery and peer calls are not authenticated")
+        clustering = self.settings.clustering
+        if clustering == "insecure":
+            INSECURE.log(reason="--insecure-cluster without CLUSTER_SECRET: anyone who can reach this node's "
+                                "ports can join its cluster and call its internal routes")
+        elif clustering == "disabled":
+            CLUSTER_DISABLED.log(reason="CLUSTER_SECRET is not set: this node serves alone, ignores heartbeats "
+                                        "and refuses peer calls; set CLUSTER_SECRET (the same on every node) to "
+                                        "cluster, or --insecure-cluster on a trusted network")
         if self.admin.mode == "insecure":
             INSECURE.log(reason="--insecure-admin: admin writes need no token")
         self._every(1.0, self.store.sweep)
+        # Peers that fall silent leave the clock estimate, and with them perhaps this node's skew.
+        self._every(1.0, self.clock_offsets.evaluate)
         if self._collect is not None:
             self._every(0.25, self._reclaim)
         self._every(self.settings.anti_entropy_interval, lambda: self.rebalancer.run_pass("anti-entropy"),
@@ -160,9 +173,8 @@ class Node:
         On PyPy, run a major collection (in steps, between requests) once a good share of the budget has
         been dropped, or once the store has grown by a quarter since the last collection. PyPy keeps large
         byte strings outside its collected heap and does not count them towards its next major collection, so a cache
-        that keeps replacing its values would otherwise grow without bound (measured: +40 MB per 60 MB
-        written with an 8 MB budget; flat with this), and a store being filled would carry the garbage of
-        every request that filled it (measured: 590-860 bytes a key for 1M keys; 235 with this). Also once
+        that keeps replacing its values would otherwise grow without bound, and a store being filled would carry
+        the garbage of every request that filled it (bench/results/HISTORY.md has the measurements). Also once
         the store has been left alone for IDLE_RECLAIM_SECONDS after taking in and dropping an eighth of what
         it holds: a burst of writes or deletes leaves its garbage behind until then. Then, on both
         interpreters, the C heap's free pages go back to the OS (:mod:`kvresponder.reclaim`).
@@ -209,7 +221,7 @@ class Node:
             except PeerError:
                 pass
 
-        await _gather([ask(peer) for peer in peers])
+        await gather([ask(peer) for peer in peers])
         if self.state == JOINING:
             self.state = READY
 
@@ -251,7 +263,7 @@ class Node:
         ring = self._ring
         cached_ring, ratio = self._owned_ratio
         if cached_ring is not ring:
-            ratio = ring.primary_share(self.node_id, samples=2048)
+            ratio = ring.primary_share(self.node_id)
             self._owned_ratio = (ring, ratio)
         return ratio
 
@@ -268,16 +280,24 @@ class Node:
             "kv_replication_factor": self.settings.replicas,
             "kv_handoff_pending": self.rebalancer.pending,
             "kv_ring_owned_ratio": self.owned_ratio(),
-            "kv_open_connections": self.open_connections(),
             "kv_copy_streams_outgoing": self.peers.streams.open_count() if self.peers.streams is not None else 0,
-            "kv_copy_streams_incoming": self.copy_streams_in,
         }
 
+    def readiness(self) -> str:
+        """
+        What readiness reports: the lifecycle state, or ``clock-skew`` while a joining or ready node's clock is
+        too far from its peers' (it coordinates no write then, so no client should be sent to it).
+        """
+        if self.state in (JOINING, READY) and self.clock_offsets.skewed:
+            return CLOCK_SKEW
+        return self.state
+
     def health(self) -> dict:
+        state = self.readiness()
         return {
             "status": "ok" if self.state in (JOINING, READY) else self.state,
-            "state": self.state,
-            "ready": self.state == READY,
+            "state": state,
+            "ready": state == READY,
             "tenant": self.settings.tenant,
             "node": self.node_id,
             "incarnation": self.incarnation,
@@ -287,13 +307,15 @@ class Node:
             "ring_size": len(self._ring),
             "replicas": self.settings.replicas,
             "pending_handoffs": self.rebalancer.pending,
+            "clock_skew_s": round(self.clock_offsets.skew, 6),
         }
 
     def diag(self) -> dict:
         import twisted
         security = []
-        if not self.settings.cluster_secret:
-            security.append("CLUSTER_SECRET is not set: discovery and peer calls are not authenticated.")
+        if self.settings.clustering == "insecure":
+            security.append("--insecure-cluster without CLUSTER_SECRET: discovery and peer calls are not "
+                            "authenticated.")
         if self.admin.mode == "insecure":
             security.append("--insecure-admin: admin writes need no token.")
         return {
@@ -304,11 +326,13 @@ class Node:
             "reactor": "%s.%s" % (type(self.clock).__module__, type(self.clock).__name__),
             "node": self.node_id,
             "incarnation": self.incarnation,
-            "state": self.state,
+            "state": self.readiness(),
             "uptime_s": round(self.clock.seconds() - self.started_at, 3),
+            "clock": self.clock_offsets.as_json(),
             "config": self.settings.redacted(),
             "admin": self.admin.mode,
             "cluster_authenticated": self.authenticator is not None,
+            "cluster": self.settings.clustering,
             "security_warnings": security,
             "store": {"keys": len(self.store), "bytes": self.store.bytes, "max_bytes": self.store.max_bytes,
                       "tombstones": self.store.tombstone_count, "evictions": self.store.evictions,
@@ -316,7 +340,7 @@ class Node:
             "ring": {"members": sorted(self._ring.nodes), "vnodes": self._ring.vnodes,
                      "owned_ratio": round(self.owned_ratio(), 4)},
             "rebalance": {"passes": self.rebalancer.passes, "pending": self.rebalancer.pending},
-            "open_connections": self.open_connections(),
+            "open_connections": self.metrics.gauge("kv_open_connections"),
             "process": {"pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid()},
         }
 

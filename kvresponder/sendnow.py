@@ -7,11 +7,7 @@ another pass of the reactor loop before it leaves. :func:`send_now` sends it wit
 safe, and leaves everything else to the transport.
 """
 
-from twisted.internet import tcp
-
-#: The transports whose socket :func:`send_now` may write to: plain TCP, in either direction. Never TLS or any
-#: other wrapper (which would forward the socket attribute to the connection beneath it), nor a test's.
-_PLAIN_TCP = (tcp.Server, tcp.Client)
+from .privateapi import PLAIN_TCP, tcp_write_is_queued
 
 
 def send_now(transport, data: bytes) -> None:
@@ -21,9 +17,8 @@ def send_now(transport, data: bytes) -> None:
     leave in the order written, and a connection that is closing, aborted or shut for writing gets them only as
     its own ``write`` would (an aborted one drops them, as Twisted does).
     """
-    if (type(transport) not in _PLAIN_TCP or transport.TLS or not transport.connected or transport.disconnecting
-            or transport._aborting or transport._writeDisconnected
-            or transport._tempDataBuffer or len(transport.dataBuffer) > transport.offset):
+    if (type(transport) not in PLAIN_TCP or transport.TLS or not transport.connected
+            or tcp_write_is_queued(transport)):
         transport.write(data)
         return
     try:

@@ -13,9 +13,10 @@ import zlib
 from dataclasses import dataclass, field, fields
 from typing import Callable, Dict, Mapping, Optional
 
+from .log import canonical_level
+
 TENANT_PATTERN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 NODE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][-A-Za-z0-9_.]{0,62}$")
-LOG_LEVELS = ("debug", "info", "warning", "error")
 DISCOVERY_MODES = ("multicast", "dns", "both")
 _SIZE_UNITS = {"": 1, "Ki": 1024, "Mi": 1024 ** 2, "Gi": 1024 ** 3,
                "k": 1000, "K": 1000, "M": 1000 ** 2, "G": 1000 ** 3}
@@ -125,13 +126,21 @@ def _bool(text: str) -> bool:
     raise ValueError("must be true or false")
 
 
+def _log_level(text: str) -> str:
+    level = canonical_level(text.strip())
+    if level is None:
+        raise ValueError("must be one of debug, info, warning (or warn), error")
+    return level
+
+
 def _text(text: str) -> str:
     return text
 
 
 def _secret(text: str) -> str:
     if len(text) < 16:
-        raise ValueError("must be at least 16 characters")
+        raise ValueError("must be at least 16 characters (generate one with: python3 -c "
+                         "'import secrets; print(secrets.token_urlsafe(32))')")
     return text
 
 
@@ -153,6 +162,9 @@ class Option:
 OPTIONS = (
     Option("tenant", ("TENANT",), None, _tenant, "Tenant served by this node (a DNS label). Required."),
     Option("port", ("PORT",), "3000", _port_endpoint, "HTTP port, or a Twisted server endpoint string."),
+    Option("listen-address", ("LISTEN_ADDRESS",), None, _ipv4,
+           "IPv4 address a bare --port listens on (default: 127.0.0.1 if the advertise address is loopback, "
+           "else 0.0.0.0)."),
     Option("advertise-address", ("ADVERTISE_ADDRESS", "POD_IP"), "127.0.0.1", _ipv4,
            "IPv4 address peers use to reach this node."),
     Option("advertise-port", ("ADVERTISE_PORT",), None, _int_in(1, 65535),
@@ -189,21 +201,30 @@ OPTIONS = (
            "Seconds between anti-entropy rounds."),
     Option("peer-request-timeout", ("PEER_REQUEST_TIMEOUT",), "2", _positive_float,
            "Seconds before a peer call fails over."),
+    Option("max-clock-offset", ("MAX_CLOCK_OFFSET",), "0.5", _positive_float,
+           "Seconds this node's clock may be off the cluster's before it stops coordinating writes; also the "
+           "most a peer's time may be ahead before it is refused."),
     Option("replication-stream", ("REPLICATION_STREAM",), "true", _bool,
            "Send the copies of writes to each peer over one upgraded connection (false: a request a batch)."),
     Option("request-timeout", ("REQUEST_TIMEOUT",), "30", _positive_float,
            "Seconds an idle or slow client connection may stay open."),
     Option("max-connections", ("MAX_CONNECTIONS",), "1024", _int_in(1, 1000000),
            "Open client connections accepted at once."),
-    Option("log-level", ("LOG_LEVEL",), "info", _choice(LOG_LEVELS), "debug, info, warning or error."),
+    Option("log-level", ("LOG_LEVEL",), "info", _log_level, "debug, info, warning (or warn) or error."),
     Option("log-file", ("LOG_FILE",), None, _text, "Write Eliot logs to this file instead of stdout."),
     Option("otlp-endpoint", ("JAEGER_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"), None, _text,
            "OTLP/HTTP endpoint for traces (e.g. http://jaeger:4318)."),
     Option("cluster-secret", ("CLUSTER_SECRET",), None, _secret,
            "Shared secret authenticating discovery and peer calls.", secret=True),
+    Option("cluster-secret-file", ("CLUSTER_SECRET_FILE",), None, _text,
+           "File holding the cluster secret, read at start (instead of --cluster-secret)."),
     Option("admin-token", ("ADMIN_TOKEN",), None, _secret, "Bearer token for /admin writes.", secret=True),
+    Option("admin-token-file", ("ADMIN_TOKEN_FILE",), None, _text,
+           "File holding the admin token, read at start (instead of --admin-token)."),
     Option("insecure-admin", ("INSECURE_ADMIN",), "false", _bool,
            "Allow admin writes without ADMIN_TOKEN."),
+    Option("insecure-cluster", ("INSECURE_CLUSTER",), "false", _bool,
+           "Cluster without CLUSTER_SECRET: accept unsigned heartbeats and peer calls (a trusted network only)."),
 )
 
 
@@ -214,6 +235,7 @@ class Settings:
     """
     tenant: str
     port: str
+    listen_address: Optional[str]
     advertise_address: str
     advertise_port: int
     node_id: str
@@ -243,12 +265,26 @@ class Settings:
     otlp_endpoint: Optional[str]
     cluster_secret: Optional[str] = field(default=None, repr=False)
     admin_token: Optional[str] = field(default=None, repr=False)
+    cluster_secret_file: Optional[str] = None
+    admin_token_file: Optional[str] = None
     insecure_admin: bool = False
     replication_stream: bool = True
+    max_clock_offset: float = 0.5
+    insecure_cluster: bool = False
 
     @property
     def multicast_enabled(self) -> bool:
         return self.discovery_mode in ("multicast", "both")
+
+    @property
+    def clustering(self) -> str:
+        """
+        Who this node clusters with: ``authenticated`` (peers that hold CLUSTER_SECRET), ``insecure`` (anyone,
+        with --insecure-cluster and no secret), or ``disabled`` (no secret: it serves alone).
+        """
+        if self.cluster_secret:
+            return "authenticated"
+        return "insecure" if self.insecure_cluster else "disabled"
 
     @property
     def dns_enabled(self) -> bool:
@@ -257,11 +293,15 @@ class Settings:
     @property
     def listen_endpoint(self) -> str:
         """
-        The server endpoint string. A bare port listens on loopback when the node advertises loopback (a
-        laptop, a test), and on every interface otherwise (a pod).
+        The server endpoint string. A bare port listens on ``listen_address`` when one is set (the image sets
+        0.0.0.0, so that a container without POD_IP is reachable on its published port); otherwise on
+        loopback when the node advertises loopback (a laptop, a test), and on every interface otherwise (a
+        pod). An endpoint string names its own interface.
         """
         if self.port.isdigit():
-            interface = "127.0.0.1" if self.advertise_address.startswith("127.") else "0.0.0.0"
+            interface = self.listen_address
+            if interface is None:
+                interface = "127.0.0.1" if self.advertise_address.startswith("127.") else "0.0.0.0"
             return "tcp:%s:interface=%s" % (self.port, interface)
         return self.port
 
@@ -279,7 +319,11 @@ class Settings:
 
 
 def _attribute(option: Option) -> str:
-    return option.name.replace("-", "_")
+    return _attribute_of(option.name)
+
+
+def _attribute_of(name: str) -> str:
+    return name.replace("-", "_")
 
 
 #: Variables earlier versions read, with what replaced them: a node refuses to start with one of them set
@@ -287,6 +331,25 @@ def _attribute(option: Option) -> str:
 RETIRED = {
     "MAX_KEY_BYTES": "set MAX_KEY_LENGTH, the longest key in characters (Unicode code points), instead",
 }
+
+
+#: Secrets that can also come from a file, each with its file's option: (secret, file option).
+_SECRET_FILES = (("cluster-secret", "cluster-secret-file"), ("admin-token", "admin-token-file"))
+
+
+def _read_secret_file(path: str, source: str) -> str:
+    """
+    The secret held in a file (a mounted Kubernetes Secret), without its trailing newline.
+    """
+    try:
+        with open(path, encoding="utf-8") as secret_file:
+            text = secret_file.read()
+    except OSError as error:
+        raise SettingsError("%s: cannot read %r: %s" % (source, path, error.strerror or error))
+    except UnicodeDecodeError:
+        raise SettingsError("%s: %r is not UTF-8 text" % (source, path))
+    # `echo secret > file` and `kubectl create secret --from-file` keep the line's end.
+    return text.rstrip("\r\n")
 
 
 def load_settings(given: Mapping[str, Optional[str]], environ: Mapping[str, str],
@@ -300,6 +363,7 @@ def load_settings(given: Mapping[str, Optional[str]], environ: Mapping[str, str]
         if environ.get(variable, "") != "":
             raise SettingsError("%s is no longer read: %s" % (variable, replacement))
     values: Dict[str, object] = {}
+    sources: Dict[str, str] = {}
     for option in OPTIONS:
         raw = given.get(option.name)
         source = "--" + option.name
@@ -314,6 +378,7 @@ def load_settings(given: Mapping[str, Optional[str]], environ: Mapping[str, str]
         if raw is None:
             values[_attribute(option)] = None
             continue
+        sources[option.name] = source
         try:
             values[_attribute(option)] = option.parse(raw)
         except ValueError as error:
@@ -322,6 +387,20 @@ def load_settings(given: Mapping[str, Optional[str]], environ: Mapping[str, str]
 
     if values["tenant"] is None:
         raise SettingsError("--tenant (TENANT) is required: name the tenant this node serves")
+    for secret, secret_file in _SECRET_FILES:
+        path = values[_attribute_of(secret_file)]
+        if path is None:
+            continue
+        if values[_attribute_of(secret)] is not None:
+            # Neither silently wins: an operator who set both meant one of them, and a stale one would split
+            # the cluster or lock the admin out.
+            raise SettingsError("%s and %s are both set: set only one" % (sources[secret], sources[secret_file]))
+        try:
+            values[_attribute_of(secret)] = _secret(_read_secret_file(path, sources[secret_file]))
+        except ValueError as error:
+            if isinstance(error, SettingsError):
+                raise
+            raise SettingsError("%s: the secret in %r is invalid: %s" % (sources[secret_file], path, error))
     port = values["port"]
     if values["advertise_port"] is None:
         match = re.match(r"^(?:tcp:)?(?:port=)?(\d+)", str(port))

@@ -21,16 +21,14 @@ from .hlc import Version
 
 #: What one entry costs beyond its key and value bytes: its dict slot (with the spare room a dict keeps), the
 #: slot number, and the packed bytes object of header, key and value, with the allocator's rounding. It keeps
-#: the accounted size close to the real one, so that MAX_MEMORY bounds the process and not only the payload.
-#: Measured with 1M entries of 10-byte keys and 100-byte values by bench/memory.py (a fresh load through the
-#: API, docs/PERFORMANCE.md): 143-148 bytes on CPython 3.11 and 149-179 on PyPy; and on CPython, 183 bytes in
-#: the store alone once it has been hit, overwritten and evicted from for a while: CPython regrows a dict that
-#: has deleted slots to three times its live keys, which doubles the slot's share. Dict sizes are powers of
-#: two, so these figures move by about 30 bytes with the number of keys.
+#: the accounted size close to the real one, so that MAX_MEMORY bounds the process and not only the payload:
+#: it sits above what bench/memory.py measures on both interpreters (docs/PERFORMANCE.md), including CPython's
+#: regrowth of a dict that has deleted slots to three times its live keys, and the jumps of dict sizes, which are
+#: powers of two.
 ENTRY_OVERHEAD = 200
 
 #: What one tombstone costs beyond its key bytes: the dict slot, the key and the packed header (measured the
-#: same way: 144 bytes for 1M tombstones, more once churned).
+#: same way, with room for what churn adds).
 TOMBSTONE_OVERHEAD = 200
 
 # The packed header: wall_ms, counter, the index of the node id in the store's table of node ids, a time (the
@@ -116,9 +114,13 @@ class ApplyResult(NamedTuple):
     """
     :ivar applied: the entry was newer than what the store held, and is now the current version.
     :ivar had_live: the store held a live (unexpired, non-tombstone) value for the key before.
+    :ivar newer: when the entry was not applied because the store holds a strictly newer version of the key
+        (a live value or a tombstone), that version; else ``None``. A coordinator whose write lost to it
+        stamps the write again above it (see :mod:`kvresponder.coordinator`).
     """
     applied: bool
     had_live: bool
+    newer: Optional[Version] = None
 
 
 class EntryTooLarge(Exception):
@@ -244,7 +246,7 @@ class Store:
         """
         # UTF-8 bytes sort in code point order, and "surrogatepass" keeps a lone surrogate in its place too.
         if self._sorted_keys is None:
-            # A copy of every key, kept until the next change (about 50 bytes a key on CPython).
+            # A copy of every key, kept until the next change: memory traded for listing without a sort each time.
             self._sorted_keys = sorted(self._live_keys())
         ordered = self._sorted_keys
         bprefix = prefix.encode("utf-8", "surrogatepass")
@@ -360,7 +362,7 @@ class Store:
             tomb = self._tombstones.get(bkey)
             newest = None if tomb is None else self._version(tomb)
         if newest is not None and entry.version <= newest:
-            return ApplyResult(False, had_live)
+            return ApplyResult(False, had_live, newest if entry.version < newest else None)
 
         self.changes += 1
         if existing is not None:

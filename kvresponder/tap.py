@@ -174,14 +174,14 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
                   metrics=node.metrics, log_policy=policy, body_limit=settings.max_value_size,
                   max_connections=settings.max_connections, timeout=settings.request_timeout,
                   max_header_bytes=settings.max_header_bytes, reactor=reactor)
-    node.open_connections = lambda: site.open_connections
     http_service = StreamServerEndpointService(serverFromString(reactor, settings.listen_endpoint), site)
 
     key = derive_key(settings.cluster_secret, "discovery") if settings.cluster_secret else None
     protocol = DiscoveryProtocol(
         HeartbeatCodec(settings.tenant, key), node.membership, reactor, time.time, node.heartbeat,
         settings.discovery_group if settings.multicast_enabled else None, settings.discovery_interface,
-        settings.discovery_port, settings.discovery_ttl, node.metrics)
+        settings.discovery_port, settings.discovery_ttl, node.metrics, clock_offsets=node.clock_offsets,
+        max_clock_offset=settings.max_clock_offset, alone=settings.clustering == "disabled")
     discovery = DiscoveryService(
         protocol,
         lambda proto: reactor.listenMulticast(settings.discovery_port, proto, listenMultiple=True),

@@ -1,14 +1,19 @@
 """
 The JSON shapes entries take between peers.
 
-An entry travels as ``{"k": key, "v": value, "ver": [wall_ms, counter, node], "exp": expires_at}`` where
+An entry travels as ``{"k": key, "v": value, "ver": [wall_ms, counter, node], "ttl": seconds_left}`` where
 ``value`` is the stored JSON text as a string (``null`` for a tombstone), so that a value crosses nodes
 byte for byte, without being parsed and serialized again.
+
+An expiry travels as the time it has left, not as a wall-clock time: the receiver adds it to its own clock.
+Two nodes whose clocks disagree then still expire a copy within the network delay of each other, where an
+absolute time would stretch or cut the TTL by the clocks' difference. A time left is always below
+:data:`ABSOLUTE_SINCE`; a larger number is an absolute time, as nodes before this format sent it.
 """
 
 import math
 import struct
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 from .hlc import version_from_wire
 from .store import Entry
@@ -22,47 +27,78 @@ _HEADER = struct.Struct(">HIqIBd")
 _TOMBSTONE = 0xFFFFFFFF
 _NO_EXPIRY = float("nan")
 
+#: Expiry fields at or above this many seconds are absolute Unix times (from an older node); below, they are the
+#: seconds left (a TTL is at most ten years, about 3.2e8 s).
+ABSOLUTE_SINCE = 1e9
+
 #: The hard cap on keys between peers, in UTF-8 bytes. The public API's cap (MAX_KEY_LENGTH, at most 256
 #: characters of at most 4 bytes each) always fits within it.
 MAX_KEY_BYTES = 1024
 
 
-def entry_to_wire(entry: Entry) -> dict:
+def time_left(expires_at: Optional[float], now: float) -> Optional[float]:
+    """
+    The wire form of an expiry: the seconds left from ``now`` (the sender's clock), or ``None``.
+    """
+    return None if expires_at is None else expires_at - now
+
+
+def expiry_from_wire(value: Optional[float], now: float) -> Optional[float]:
+    """
+    An expiry on this node's clock (``now``) from its wire form; ``None`` for none.
+
+    :raises ValueError: if it is not a finite number.
+    """
+    if value is None:
+        return None
+    if not math.isfinite(value):
+        raise ValueError("bad expiry")
+    return float(value) if value >= ABSOLUTE_SINCE else now + value
+
+
+def entry_to_wire(entry: Entry, now: float) -> dict:
+    """
+    :param now: this node's wall clock, in seconds.
+    """
     return {
         "k": entry.key,
         "v": None if entry.value is None else entry.value.decode("utf-8"),
         "ver": list(entry.version),
-        "exp": entry.expires_at,
+        "ttl": time_left(entry.expires_at, now),
     }
 
 
-def entry_from_wire(data) -> Entry:
+def entry_from_wire(data, now: float) -> Entry:
     """
+    :param now: this node's wall clock, in seconds.
     :raises ValueError: if ``data`` is not a well-formed entry.
     """
     if not isinstance(data, dict):
         raise ValueError("an entry must be an object")
-    key, value, expires_at = data.get("k"), data.get("v"), data.get("exp")
+    key, value = data.get("k"), data.get("v")
+    # "exp": an absolute time, from a node that predates "ttl".
+    expiry = data.get("ttl", data.get("exp"))
     if not isinstance(key, str) or not key or len(key.encode("utf-8")) > MAX_KEY_BYTES:
         raise ValueError("bad key")
     if value is not None and not isinstance(value, str):
         raise ValueError("bad value")
-    if expires_at is not None and not isinstance(expires_at, (int, float)):
+    if expiry is not None and (isinstance(expiry, bool) or not isinstance(expiry, (int, float))):
         raise ValueError("bad expiry")
     version = version_from_wire(data.get("ver"))
-    return Entry(key, None if value is None else value.encode("utf-8"), version,
-                 None if expires_at is None else float(expires_at))
+    return Entry(key, None if value is None else value.encode("utf-8"), version, expiry_from_wire(expiry, now))
 
 
-def entries_from_wire(items) -> List[Entry]:
+def entries_from_wire(items, now: float) -> List[Entry]:
     if not isinstance(items, list):
         raise ValueError("entries must be a list")
-    return [entry_from_wire(item) for item in items]
+    return [entry_from_wire(item, now) for item in items]
 
 
-def encode_batch(entries: Sequence[Entry]) -> bytes:
+def encode_batch(entries: Sequence[Entry], now: float) -> bytes:
     """
     Entries as one binary frame: a JSON round trip of many entries costs more than the rest of a handoff.
+
+    :param now: this node's wall clock, in seconds: expiries travel as the time they have left.
     """
     parts = []
     pack = _HEADER.pack
@@ -72,7 +108,7 @@ def encode_batch(entries: Sequence[Entry]) -> bytes:
         node_bytes = node.encode("utf-8")
         value = entry.value
         parts.append(pack(len(key), _TOMBSTONE if value is None else len(value), wall, counter, len(node_bytes),
-                          _NO_EXPIRY if entry.expires_at is None else entry.expires_at))
+                          _NO_EXPIRY if entry.expires_at is None else entry.expires_at - now))
         parts.append(key)
         parts.append(node_bytes)
         if value is not None:
@@ -80,8 +116,9 @@ def encode_batch(entries: Sequence[Entry]) -> bytes:
     return b"".join(parts)
 
 
-def decode_batch(data: bytes) -> List[Entry]:
+def decode_batch(data: bytes, now: float) -> List[Entry]:
     """
+    :param now: this node's wall clock, in seconds.
     :raises ValueError: if ``data`` is not a well-formed batch.
     """
     entries = []
@@ -103,10 +140,10 @@ def decode_batch(data: bytes) -> List[Entry]:
             else:
                 value = bytes(view[offset:offset + value_length])
                 offset += value_length
-            if offset > size or not key or key_length > MAX_KEY_BYTES or wall < 0:
+            if offset > size or not key or key_length > MAX_KEY_BYTES or wall < 0 or math.isinf(expires_at):
                 raise ValueError("truncated or malformed entry")
-            entries.append(Entry(key, value, (wall, counter, node),
-                                 None if math.isnan(expires_at) else expires_at))
+            entries.append(Entry(key, value, (wall, counter, node), None if math.isnan(expires_at) else
+                                 (expires_at if expires_at >= ABSOLUTE_SINCE else now + expires_at)))
     except (struct.error, UnicodeDecodeError) as error:
         raise ValueError("malformed batch: %s" % (error,))
     return entries

@@ -1,8 +1,27 @@
+import importlib
 import os
+import pkgutil
 import shutil
 import tempfile
 
 import pytest
+
+import kvresponder
+
+
+def _import_every_project_module() -> None:
+    """
+    Hypothesis draws some of its examples from the literals of the project's modules imported so far (its
+    "local constants"), so a property test's examples depended on which modules the tests before it had
+    imported lazily (``kvresponder.tap``, for one): the same test could pass alone and fail after others.
+    Importing every module before the first test fixes that pool for the whole run.
+    """
+    for module in pkgutil.walk_packages(kvresponder.__path__, "kvresponder."):
+        importlib.import_module(module.name)
+    importlib.import_module("twisted.plugins.kvresponder_plugin")
+
+
+_import_every_project_module()
 
 
 def require_tool(name: str) -> str:

@@ -76,12 +76,10 @@ class BaseRecipe:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-#: The official images the Dockerfile may start from, and their stand-ins. Debian 12's PyPy is 7.3.11 for
-#: Python 3.9; Debian 13's is 7.3.19 for Python 3.11; Debian 13's CPython is 3.13, close enough to stand in
+#: The official images the Dockerfile may start from, and their stand-ins. Debian 13's PyPy is 7.3.19 for
+#: Python 3.11; Debian 13's CPython is 3.13, close enough to stand in
 #: for python:3.11-slim (the Dockerfile only needs ``python3 -m pip``).
 BASE_RECIPES: Dict[str, BaseRecipe] = {
-    "pypy:3.9-slim": BaseRecipe("bookworm", ("pypy3", "pypy3-venv", "ca-certificates"), "pypy3", "/opt/pypy",
-                                "3.9"),
     "pypy:3.11-slim": BaseRecipe("trixie", ("pypy3", "pypy3-venv", "ca-certificates"), "pypy3", "/opt/pypy",
                                  "3.11"),
     "python:3.11-slim": BaseRecipe("trixie", ("python3", "python3-venv", "ca-certificates"), "python3",

@@ -7,6 +7,7 @@ share it, as in production). Processes are stopped by their PID, never by name.
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -36,7 +37,7 @@ def node_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     env = {key: value for key, value in os.environ.items()
            if not key.startswith(("KV_", "TENANT", "PORT", "DISCOVERY_", "ADVERTISE_", "POD_IP", "NODE_ID",
                                   "REPLICATION_", "MAX_", "LOG_", "JAEGER", "OTEL_", "CLUSTER_SECRET",
-                                  "ADMIN_TOKEN", "HEARTBEAT", "PEER_", "DRAIN_"))}
+                                  "ADMIN_TOKEN", "HEARTBEAT", "PEER_", "DRAIN_", "INSECURE_"))}
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra or {})
     return env
@@ -164,14 +165,18 @@ class Cluster:
                  discovery_port: Optional[int] = None) -> None:
         self.tenant = tenant
         self.log_dir = log_dir
-        self.env = {"HEARTBEAT_INTERVAL": "0.5", "ANTI_ENTROPY_INTERVAL": "5", "DRAIN_TIMEOUT": "15"}
+        # A secret of its own: a node without one serves alone (set CLUSTER_SECRET to "" to start such nodes).
+        self.env = {"HEARTBEAT_INTERVAL": "0.5", "ANTI_ENTROPY_INTERVAL": "5", "DRAIN_TIMEOUT": "15",
+                    "CLUSTER_SECRET": "test-cluster-" + secrets.token_hex(12)}
         self.env.update(env or {})
         self.discovery_port = discovery_port or free_udp_port()
         self.nodes: List[NodeProcess] = []
 
     def add(self, node_id: Optional[str] = None, wait: bool = True, **kwargs) -> NodeProcess:
+        env = dict(self.env)
+        env.update(kwargs.pop("env", None) or {})
         node = NodeProcess(self.tenant, node_id or "n%d" % (len(self.nodes) + 1,), self.discovery_port,
-                           self.log_dir, env=self.env, **kwargs).start()
+                           self.log_dir, env=env, **kwargs).start()
         self.nodes.append(node)
         if wait:
             node.wait_ready()

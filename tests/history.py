@@ -21,9 +21,14 @@ are open, each node's own replica (``_internal/get``, ``_internal/keys``), and r
 - ``divergent``: keys that two nodes answer differently;
 - ``replica_mismatch``: keys whose live copies are not exactly REPLICATION_FACTOR with one version, or that
   still have a live copy somewhere although absent;
-- ``copies``: ``sum(kv_store_keys)`` over live nodes against RF × distinct live keys.
+- ``copies``: ``sum(kv_store_keys)`` over live nodes against RF × distinct live keys;
+- ``real_time_violations``: keys where a node returns the value of an acknowledged write that another
+  acknowledged write to the same key followed with no overlap (it started after the first was acknowledged).
+  Whatever the clocks say, that later write must win; must be 0. It does not rely on a single writer per key,
+  so a test may write one key through several nodes in turn (the clock scenarios do).
 """
 
+import json
 import random
 import threading
 import time
@@ -33,6 +38,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import requests
+from urllib.parse import urlsplit
+
+from kvresponder.discovery import derive_key
+from kvresponder.peers import PeerAuthenticator
 
 ABSENT = ("absent",)
 ERROR = ("error",)
@@ -291,6 +300,7 @@ class Report:
     store_keys_sum: Optional[float] = None
     expected_copies: Optional[int] = None
     stale_reads: int = 0
+    real_time_violations: int = 0
     samples: List[str] = field(default_factory=list)
 
     def note(self, text: str) -> None:
@@ -300,14 +310,16 @@ class Report:
     @property
     def ok(self) -> bool:
         return (self.lost_writes == 0 and self.resurrected == 0 and self.divergent == 0 and self.unreadable == 0
+                and self.real_time_violations == 0
                 and self.replica_mismatch == 0 and self.store_keys_sum == self.expected_copies)
 
     def summary(self) -> str:
         return ("keys=%d acked_writes=%d acked_deletes=%d unknown=%d live=%d lost_writes=%d resurrected=%d "
-                "divergent=%d unreadable=%d replica_mismatch=%d%s sum(kv_store_keys)=%s expected=%s "
-                "stale_reads(online, informational)=%d" % (
+                "divergent=%d unreadable=%d real_time_violations=%d replica_mismatch=%d%s sum(kv_store_keys)=%s "
+                "expected=%s stale_reads(online, informational)=%d" % (
                     self.keys, self.acknowledged_writes, self.acknowledged_deletes, self.unknown_writes,
                     self.live_keys, self.lost_writes, self.resurrected, self.divergent, self.unreadable,
+                    self.real_time_violations,
                     self.replica_mismatch, "" if self.replica_checked else "(not checked)",
                     self.store_keys_sum, self.expected_copies, self.stale_reads))
 
@@ -333,21 +345,86 @@ def _read_all(url: str, keys: List[str]) -> Dict[str, object]:
     return states
 
 
-def _replicas(url: str, keys: List[str]) -> Optional[Dict[str, Optional[tuple]]]:
+def _replicas(url: str, keys: List[str], secret: Optional[str] = None) -> Optional[Dict[str, Optional[tuple]]]:
     """
     Each key's entry in this node's own store: ``(value or None, version)`` or None; None if the internal
-    routes are closed (a cluster secret).
+    routes are closed to this check (a cluster secret it does not know). With ``secret``, the calls are signed
+    as a peer's are.
     """
     s = _session()
+    authenticator = PeerAuthenticator(derive_key(secret, "peer")) if secret else None
+    path = urlsplit(url).path + "/_internal/get"
     result = {}
     for key in keys:
-        response = s.post(url + "/_internal/get", json={"key": key}, timeout=5)
+        body = json.dumps({"key": key}).encode("utf-8")
+        headers = {"Content-Type": "application/json"}
+        if authenticator is not None:
+            headers["X-KV-Auth"] = authenticator.sign(b"POST", path.encode("ascii"), body).decode("ascii")
+        response = s.post(url + "/_internal/get", data=body, headers=headers, timeout=5)
         if response.status_code in (401, 403, 404):
             return None
         response.raise_for_status()
         entry = response.json()["entry"]
         result[key] = None if entry is None else (entry["v"], tuple(entry["ver"]))
     return result
+
+
+def read_through(nodes, keys: List[str]) -> Dict[str, Dict[str, object]]:
+    """
+    ``{node_id: {key: value, ABSENT or ERROR}}``: every key read through every node's public API.
+    """
+    with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
+        return dict(zip([node.node_id for node in nodes], pool.map(lambda n: _read_all(n.url, keys), nodes)))
+
+
+def superseded(history: History, write: Op) -> Optional[Op]:
+    """
+    The first acknowledged write to the same key that started after ``write`` was acknowledged and leaves
+    another state, or None. Such a later write must win over ``write`` whatever the nodes' clocks say.
+    """
+    for later in history.writes(write.key):
+        if later.acknowledged and later.start > write.end and _state_after(later) != _state_after(write):
+            return later
+    return None
+
+
+def real_time_order_violations(history: History, finals: Dict[str, Dict[str, object]]) -> List[str]:
+    """
+    The real-time order property, one description per key that breaks it: a node's final state for the key
+    is the state of an acknowledged write that a later, non-overlapping acknowledged write superseded.
+
+    A state counts as that write's only if nothing else can explain it: no write whose outcome is unknown
+    left the same state, and no acknowledged write with that state is the last of its line. Absence before
+    any write is an acknowledged state superseded by every acknowledged put. Values read that no write
+    explains are left to :func:`check`.
+
+    :param finals: ``{node_id: {key: state}}``, as :func:`read_through` returns.
+    """
+    violations = []
+    for key in sorted({key for states in finals.values() for key in states}):
+        writes = [op for op in history.writes(key) if op.outcome != "rejected"]
+        for node, states in sorted(finals.items()):
+            seen = states.get(key, ERROR)
+            if seen is ERROR:
+                continue
+            producers = [op for op in writes if _state_after(op) == seen]
+            if any(not op.acknowledged for op in producers):
+                continue
+            beaten = [(op, superseded(history, op)) for op in producers if op.acknowledged]
+            if seen is ABSENT:
+                first_put = next((op for op in writes if op.acknowledged and op.kind == "put"), None)
+                beaten.append((None, first_put))
+            if beaten and all(later is not None for _, later in beaten):
+                earlier, later = beaten[0]
+                violations.append("REAL-TIME ORDER %s on %s: saw %r (%s), but %s %r via %s started %.3fs after "
+                                  "that was acknowledged" % (
+                                      key, node, seen,
+                                      "absent before any write" if earlier is None else "version %s via %s" % (
+                                          earlier.version, earlier.node),
+                                      later.kind, later.value, later.node,
+                                      later.start - (earlier.end if earlier is not None else later.start)))
+                break
+    return violations
 
 
 def store_keys_sum(nodes) -> float:
@@ -401,7 +478,8 @@ def check(history: History, nodes, replicas: int) -> Report:
                 report.unknown_writes += 1
     with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
         reads = dict(zip([node.node_id for node in nodes], pool.map(lambda n: _read_all(n.url, keys), nodes)))
-        local = dict(zip([node.node_id for node in nodes], pool.map(lambda n: _replicas(n.url, keys), nodes)))
+        local = dict(zip([node.node_id for node in nodes], pool.map(
+            lambda n: _replicas(n.url, keys, (getattr(n, "env", None) or {}).get("CLUSTER_SECRET")), nodes)))
     report.replica_checked = all(value is not None for value in local.values())
     live = 0
     for key in keys:
@@ -438,6 +516,10 @@ def check(history: History, nodes, replicas: int) -> Report:
             elif final not in (None, ABSENT) and (len(holders) != min(replicas, len(nodes)) or len(versions) != 1):
                 report.replica_mismatch += 1
                 report.note("replicas of %s: %s (want %d with one version)" % (key, holders, replicas))
+    violations = real_time_order_violations(history, reads)
+    report.real_time_violations = len(violations)
+    for text in violations:
+        report.note(text)
     report.live_keys = live
     report.expected_copies = min(replicas, len(nodes)) * live
     report.store_keys_sum = store_keys_sum(nodes)

@@ -270,6 +270,7 @@ class Network:
         self.repo = repo
         self.extra_env = dict(extra_env or {})
         self.tag = tag or secrets.token_hex(3)
+        self.secret_suffix = secrets.token_hex(8)
         self.hub = "kvhub-%s" % (self.tag,)
         self.bridge = "kvb%s" % (self.tag,)
         self.veth_root = "kvr%s" % (self.tag,)
@@ -407,6 +408,8 @@ class Network:
             return existing
         host = self.host(index)
         merged = dict(NODE_ENV)
+        # The network's own secret: a node without one serves alone. extra_env or env may replace it.
+        merged["CLUSTER_SECRET"] = "chaos-" + self.tag + "-" + self.secret_suffix
         merged.update(self.extra_env)
         merged.update(env or {})
         merged["ADVERTISE_ADDRESS"] = host.address

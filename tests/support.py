@@ -4,6 +4,7 @@ In-memory nodes for fast tests: real resources, real Sites, real HTTP parsing, o
 """
 
 import json
+import secrets
 from typing import Dict, List
 
 from twisted.internet.task import Clock
@@ -71,6 +72,12 @@ class _RoutedRoot(Resource):
     def getChildWithDefault(self, path, request):
         return self._router.getChildWithDefault(path, request)
 
+    def body_limit_for(self, segments, method):
+        # Every node serves the same tenant, so any one routes a path as the others do.
+        for root in self._router.roots.values():
+            return root.body_limit_for(segments, method)
+        return "value"
+
 
 class MemoryCluster:
     """
@@ -78,7 +85,14 @@ class MemoryCluster:
     (discovery is tested on its own).
     """
 
-    def __init__(self, count: int, tenant: str = "t1", **settings) -> None:
+    def __init__(self, count: int, tenant: str = "t1", wall_offsets: Dict[int, float] = None, **settings) -> None:
+        #: Seconds each node's wall clock is off real time, by its number (1 for n1): a skewed clock.
+        self.wall_offsets = dict(wall_offsets or {})
+        # A secret of the cluster's own, so the nodes' peer calls are signed and checked as in production (a
+        # node without one serves alone); cluster_secret=None leaves it out.
+        settings.setdefault("cluster_secret", "memory-cluster-" + secrets.token_hex(8))
+        if settings["cluster_secret"] is None:
+            del settings["cluster_secret"]
         self.clock = Clock()
         self.clock.advance(1_000_000)
         self.router = _Router()
@@ -95,7 +109,9 @@ class MemoryCluster:
         index = len(self.nodes) + 1
         settings = make_settings(self.tenant, "n%d" % (index,), advertise_address="10.0.0.%d" % (index,),
                                  port="3000", **self.settings)
-        node = Node(settings, self.clock, self.stub, join_settle=0.1)
+        offset = self.wall_offsets.get(index, 0.0)
+        wall = (lambda: self.clock.seconds() + offset) if offset else None
+        node = Node(settings, self.clock, self.stub, join_settle=0.1, wall=wall)
         self.router.roots[b"10.0.0.%d:3000" % (index,)] = build_root(node)
         self.nodes.append(node)
         self.introduce()
@@ -112,6 +128,8 @@ class MemoryCluster:
             for other in self.nodes:
                 if other is not node and other.node_id not in self.down:
                     node.membership.observe(other.heartbeat())
+                    # What the heartbeat's timestamp would tell: the sender's clock against ours.
+                    node.clock_offsets.heard(other.node_id, other.incarnation, other.wall() - node.wall())
             node.membership.expire()
 
     def kill(self, node: Node) -> None:
@@ -145,9 +163,14 @@ class MemoryCluster:
     def request(self, method: str, node: Node, path: str, body=None, headers=None):
         url = "http://%s:3000/%s%s" % (node.settings.advertise_address, self.tenant, path)
         kwargs = {"headers": headers or {}}
+        data = b""
         if body is not None:
-            kwargs["data"] = json.dumps(body).encode("utf-8")
+            data = kwargs["data"] = json.dumps(body).encode("utf-8")
             kwargs["headers"].setdefault("Content-Type", "application/json")
+        if path.startswith("/_internal/") and node.authenticator is not None:
+            # Signed as a peer signs it.
+            kwargs["headers"].setdefault("X-KV-Auth", node.authenticator.sign(
+                method.encode("ascii"), ("/%s%s" % (self.tenant, path)).encode("ascii"), data))
         d = self.stub.request(method, url, **kwargs)
         response = self.run(d)
         content = self.run(self.stub.content(response))

@@ -393,10 +393,30 @@ def test_diag_redacts_secrets():
     assert {"version", "python", "reactor", "store", "uptime_s", "open_connections"} <= set(body)
 
 
-def test_diag_warns_without_a_cluster_secret(api):
+def test_diag_says_a_node_without_a_cluster_secret_serves_alone(api):
+    """
+    If CLUSTER_SECRET is not set, then /diag says the node does not cluster, and lists no warning for it (it
+    is closed, not open).
+    """
     body = api.call("GET", "/diag")[1]
-    assert body["cluster_authenticated"] is False
-    assert any("CLUSTER_SECRET" in warning for warning in body["security_warnings"])
+    assert body["cluster_authenticated"] is False and body["cluster"] == "disabled"
+    assert not any("cluster" in warning.lower() for warning in body["security_warnings"])
+
+
+def test_diag_warns_about_insecure_clustering():
+    """
+    If the node clusters without a secret (--insecure-cluster), then /diag lists it under security_warnings.
+    """
+    body = API(insecure_cluster="true").call("GET", "/diag")[1]
+    assert body["cluster"] == "insecure"
+    assert any("--insecure-cluster" in warning and "CLUSTER_SECRET" in warning
+               for warning in body["security_warnings"])
+
+
+def test_diag_says_a_node_with_a_cluster_secret_is_authenticated():
+    body = API(cluster_secret="s" * 20, insecure_cluster="true").call("GET", "/diag")[1]
+    assert body["cluster"] == "authenticated" and body["cluster_authenticated"] is True
+    assert not any("cluster" in warning.lower() for warning in body["security_warnings"])
 
 
 def test_metrics_count_requests_by_route_template(api):
@@ -460,6 +480,21 @@ def test_insecure_admin_allows_writes():
     api = API(insecure_admin="true")
     assert api.call("PUT", "/admin/log-levels", {"level": "warning"})[0] == 200
     assert not api.node.log_policy.enabled("http", 20)
+
+
+@pytest.mark.parametrize("body, expected", [
+    ({"level": "warn"}, {"warning"}), ({"level": "WARN"}, {"warning"}), ({"level": "Debug"}, {"debug"}),
+    ({"levels": {"http": "Warn", "store": "ERROR"}}, {"warning", "error", "info"}),
+])
+def test_admin_log_levels_take_any_letter_case_and_warn_as_warning(body, expected):
+    """
+    If an admin write names a level in any letter case, or ``warn`` (the seed's name), then it is set under
+    its canonical name.
+    """
+    api = API(insecure_admin="true")
+    code, answer, _ = api.call("PUT", "/admin/log-levels", body)
+    assert code == 200 and set(answer["levels"].values()) == expected
+    assert set(api.node.log_policy.levels().values()) == expected
 
 
 # -- bulk -------------------------------------------------------------------------------------------

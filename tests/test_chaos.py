@@ -1,8 +1,8 @@
 """
 Chaos scenarios on real ``twistd`` nodes, each in its own network namespace, discovering each other over real
 multicast across a private bridge (tests/netns.py): kill -9 under load, an iptables partition and its
-healing, a restart at the same address, a rolling restart, scaling 3 → 5 → 2, and forged heartbeats from an
-attacker namespace.
+healing, a restart at the same address, a rolling restart, scaling 3 → 5 → 2, forged heartbeats from an
+attacker namespace, and clock faults on one node (libfaketime, tests/clock_nemesis.py).
 
 Every scenario drives a bounded load (per-worker keys, bounded in count and time) and ends with the history
 check (tests/history.py): acknowledged writes lost == 0, replicas converged, sum(kv_store_keys) == 2 × live
@@ -20,15 +20,18 @@ import threading
 import time
 
 import pytest
+import requests
 
 from kvresponder.discovery import HeartbeatCodec, derive_key
 from kvresponder.membership import Heartbeat
 from kvresponder.settings import discovery_group_for
 
+from . import clock_nemesis
 from .conftest import require_tool
 from .harness import REPO
-from .history import History, Load, check, preload, settle
-from .netns import DISCOVERY_PORT, TENANT, Network, NetnsUnavailable, session, wait_until
+from .history import (ABSENT, ERROR, History, Load, check, perform, preload, read_through,
+                      real_time_order_violations, settle)
+from .netns import DISCOVERY_PORT, TENANT, Network, NetnsUnavailable, metric_sum, session, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -381,3 +384,319 @@ def test_forged_heartbeats_from_another_namespace_are_refused(net):
     assert s.put(nodes[1].url + "/kv/after-spoof", json={"value": 1}, timeout=5).status_code == 201
     assert s.get(nodes[2].url + "/kv/after-spoof", timeout=5).json()["value"] == 1
     assert s.post(target.url + "/_internal/get", json={"key": "after-spoof"}, timeout=5).status_code == 401
+
+
+# -- clock faults -----------------------------------------------------------------------------------------
+#
+# One node of three runs under libfaketime (tests/clock_nemesis.py); the other two keep the host's clock.
+# Each key is written first through the skewed node (a 503 from it is fine: not acknowledged), then, once
+# that answered, through a healthy node; the later write must be what every node returns, whatever the
+# clocks say (history.real_time_order_violations).
+
+CLOCK_KEYS = 50
+SKEWED = "node3"
+
+
+def _require_libfaketime() -> None:
+    if not os.path.exists(clock_nemesis.LIBFAKETIME):
+        _unavailable("libfaketime is not installed (Debian package faketime; bash .ci/run installs it)")
+
+
+def _start_with_one_skewed(net, skewed_env, env=None):
+    """
+    Nodes 1 and 2 on the host's clock, node 3 with ``skewed_env`` on top, all with a cluster secret (as a
+    deployment has). Waits until the healthy ones are ready and see each other, and node 3 answers.
+    """
+    common = {"CLUSTER_SECRET": "chaos-secret-" + os.urandom(8).hex()}
+    common.update(env or {})
+    healthy = [net.start(index, wait=False, env=common) for index in (1, 2)]
+    skewed = net.start(3, SKEWED, wait=False, env=dict(common, **skewed_env))
+    for node in healthy:
+        node.wait_ready()
+
+    def answers():
+        assert skewed.alive, skewed.log_tail()
+        return skewed.session.get(skewed.url + "/health/live", timeout=1).status_code == 200
+    wait_until(answers, 20, "%s to answer" % (SKEWED,), net.describe)
+    wait_until(lambda: all(any(peer["id"] == other.node_id and peer["state"] == "alive" for peer in node.peers())
+                           for node, other in ((healthy[0], healthy[1]), (healthy[1], healthy[0]))),
+               20, "the healthy nodes to see each other", net.describe)
+    return healthy, skewed
+
+
+def _assert_clock_is_faked(node, expected: float) -> float:
+    """
+    The node's clock, read from outside, is ``expected`` seconds off the host's: libfaketime works, so the
+    scenario cannot pass vacuously.
+    """
+    measured = clock_nemesis.clock_offset(node)
+    assert abs(measured - expected) < 1.5, "%s's clock is %.1fs off, not %.1fs: is libfaketime preloaded?" % (
+        node.node_id, measured, expected)
+    return measured
+
+
+def _assert_offset_shown(healthy, expected: float) -> None:
+    """
+    Each healthy node's ``kv_clock_offset_seconds{peer="node3"}`` settles within 1 s of the real offset.
+    """
+    def shown():
+        values = [clock_nemesis.peer_offset(node, SKEWED) for node in healthy]
+        return all(value is not None and abs(value - expected) < 1.0 for value in values)
+    wait_until(shown, 20, "kv_clock_offset_seconds{peer=%r} within 1s of %.0f on %s" % (
+        SKEWED, expected, [n.node_id for n in healthy]),
+        lambda: "seen: %s\n%s" % ({n.node_id: clock_nemesis.peer_offset(n, SKEWED) for n in healthy},
+                                  _describe(healthy)), interval=0.5)
+
+
+def _describe(nodes) -> str:
+    return "\n".join(node.log_tail(6, 300) for node in nodes)
+
+
+def _write_pairs(history, first, then, prefix: str, count: int, ttl=None):
+    """
+    For each of ``count`` keys: PUT through ``first``, and once it answered, PUT through ``then`` (round
+    robin). Returns ``[(first_op, later_op), ...]``.
+    """
+    sessions = {node.node_id: session() for node in [first] + list(then)}
+    pairs = []
+    for i in range(count):
+        key = "%s-%03d" % (prefix, i)
+        early = perform(history, sessions[first.node_id], first.url, first.node_id, "clock", "put", key,
+                        "%s-early-%d" % (prefix, i))
+        second = then[i % len(then)]
+        late = perform(history, sessions[second.node_id], second.url, second.node_id, "clock", "put", key,
+                       "%s-late-%d" % (prefix, i))
+        pairs.append((early, late))
+    return pairs
+
+
+REFUSED = ("refused", "clock_skew")
+
+
+def _read_or_refused(node, keys):
+    """
+    ``{key: value, ABSENT, REFUSED or ERROR}`` through ``node``: REFUSED is a 503 ``clock_skew``, which a
+    skewed node may answer; a wrong value never.
+    """
+    s = session()
+    states = {}
+    for key in keys:
+        try:
+            response = s.get(node.url + "/kv/" + key, timeout=5)
+        except requests.RequestException:
+            states[key] = ERROR
+            continue
+        if response.status_code == 200:
+            states[key] = response.json()["value"]
+        elif response.status_code == 404:
+            states[key] = ABSENT
+        elif response.status_code == 503 and "clock_skew" in response.text:
+            states[key] = REFUSED
+        else:
+            states[key] = ERROR
+    return states
+
+
+def _assert_later_writes_win(history, pairs, nodes, label: str, may_refuse=()) -> None:
+    """
+    Every later write was acknowledged, and every node returns it (0 lost of ``len(pairs)``); a node in
+    ``may_refuse`` (a skewed one) may instead refuse the read with 503 ``clock_skew``, but not answer
+    anything else.
+    """
+    late_acked = [late for _, late in pairs if late.acknowledged]
+    assert len(late_acked) == len(pairs), ["%s via %s: %s %s" % (op.key, op.node, op.status, op.detail[:100])
+                                           for _, op in pairs if not op.acknowledged][:5]
+    expected = {late.key: late.value for _, late in pairs}
+    keys = list(expected)
+    finals = {node.node_id: _read_or_refused(node, keys) for node in nodes}
+    refusing = {node.node_id for node in may_refuse}
+    lost = {node: [key for key in keys if states[key] != expected[key]
+                   and not (node in refusing and states[key] == REFUSED)]
+            for node, states in finals.items()}
+    refused = {node: sum(state == REFUSED for state in states.values()) for node, states in finals.items()}
+    violations = real_time_order_violations(history, {
+        node: {key: ERROR if state == REFUSED else state for key, state in states.items()}
+        for node, states in finals.items()})
+    sys.stdout.write("\n[%s] later acknowledged writes: %d; lost, by node read through: %s; reads refused "
+                     "(clock_skew): %s; real-time violations: %d; first writes acknowledged through the "
+                     "skewed node: %d\n" % (
+                         label, len(late_acked), {node: len(keys) for node, keys in lost.items()}, refused,
+                         len(violations), sum(early.acknowledged for early, _ in pairs)))
+    assert violations == [], violations[:5]
+    assert all(keys == [] for keys in lost.values()), {
+        node: [(key, finals[node][key]) for key in keys[:3]] for node, keys in lost.items() if keys}
+
+
+def _assert_membership_holds(nodes, seconds: float = 3.0) -> None:
+    """
+    For ``seconds``, every node keeps all the others as live peers and drops none of their heartbeats (as
+    replayed or as a clock ahead): offsets within MAX_CLOCK_OFFSET must not split the cluster.
+    """
+    ids = {node.node_id for node in nodes}
+
+    def dropped():
+        counts = {}
+        for node in nodes:
+            series = node.metrics()
+            counts[node.node_id] = {result: metric_sum(series, "kv_discovery_messages_total", result=result)
+                                    for result in ("replayed", "clock_ahead")}
+        return counts
+    before = dropped()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for node in nodes:
+            alive = {peer["id"] for peer in node.peers() if peer["state"] == "alive"}
+            assert alive == ids - {node.node_id}, (node.node_id, alive, dropped())
+        time.sleep(0.3)
+    after = dropped()
+    assert after == before, "heartbeats dropped between nodes within the bound: before %s, after %s" % (
+        before, after)
+
+
+def _assert_versions_near_real_time(history, healthy, prefix: str, slack: float) -> None:
+    """
+    Writes of fresh keys through the healthy nodes get versions within ``slack`` seconds of real time: their
+    hybrid logical clocks did not adopt the skewed clock.
+    """
+    s = session()
+    worst = 0.0
+    for i in range(10):
+        node = healthy[i % len(healthy)]
+        real = time.time()
+        op = perform(history, s, node.url, node.node_id, "clock", "put", "%s-%02d" % (prefix, i), "probe-%d" % i)
+        assert op.acknowledged, (op.status, op.detail)
+        drift = clock_nemesis.version_wall(op.version) - real
+        worst = max(worst, abs(drift))
+        assert abs(drift) < slack, "%s stamped %s, %.1fs from real time" % (node.node_id, op.version, drift)
+    sys.stdout.write("  healthy nodes' versions within %.2fs of real time\n" % (worst,))
+
+
+def _assert_refuses_as_skewed(skewed, expected: float) -> None:
+    """
+    With the default bound, the skewed node is unready (503 clock-skew), says so in /health, and logged it.
+    """
+    def unready():
+        response = skewed.session.get(skewed.url + "/health/ready", timeout=2)
+        return response.status_code == 503 and response.json().get("status") == "clock-skew"
+    wait_until(unready, 20, "%s's /health/ready to answer 503 clock-skew" % (SKEWED,), skewed.log_tail,
+               interval=0.3)
+    health = skewed.health()
+    assert health["state"] == "clock-skew", health
+    assert abs(health["clock_skew_s"] - expected) < 1.5, health
+    # The node's log reaches its file a little later than its answers reach us.
+    wait_until(lambda: clock_nemesis.logged(skewed, "kvresponder:discovery:clock-skewed"), 5,
+               "%s to log clock-skewed" % (SKEWED,), skewed.log_tail)
+
+
+@pytest.mark.parametrize("spec, offset", [("+30s", 30.0), ("-30s", -30.0), ("+365d", clock_nemesis.ONE_YEAR)],
+                         ids=["ahead-30s", "behind-30s", "ahead-1y"])
+def test_a_skewed_node_is_refused_and_loses_no_later_acknowledged_write(net, spec, offset):
+    """
+    If one node of three runs with its clock off by 30 s either way or by a year (default
+    MAX_CLOCK_OFFSET), then it turns unready and refuses writes, the healthy nodes show its offset and keep
+    their versions on real time, and no write acknowledged after a write through it is lost.
+    """
+    _require_libfaketime()
+    healthy, skewed = _start_with_one_skewed(net, clock_nemesis.faketime_env(spec))
+    _assert_clock_is_faked(skewed, offset)
+    _assert_offset_shown(healthy, offset)
+    _assert_refuses_as_skewed(skewed, offset)
+    history = History()
+    label = "clock %s" % (spec,)
+    pairs = _write_pairs(history, skewed, healthy, "ck%s" % (spec.strip("+-"),), CLOCK_KEYS)
+    refused = [early for early, _ in pairs if not early.acknowledged]
+    assert all(op.status == 503 and "clock_skew" in op.detail for op in refused), \
+        [(op.status, op.detail[:100]) for op in refused[:3]]
+    _assert_later_writes_win(history, pairs, healthy + [skewed], label, may_refuse=[skewed])
+    _assert_versions_near_real_time(history, healthy, "ckprobe", slack=3.0)
+    _assert_offset_shown(healthy, offset)
+
+
+def test_writes_accepted_through_a_node_30s_ahead_within_a_60s_bound_still_lose_to_later_ones(net):
+    """
+    If MAX_CLOCK_OFFSET is 60 s and one node runs 30 s ahead, then it takes writes (stamped 30 s in the
+    future), yet each later write through a healthy node wins, stamped above it; and a 3 s TTL written
+    through it is gone from the healthy nodes after 6 s.
+    """
+    _require_libfaketime()
+    healthy, skewed = _start_with_one_skewed(net, clock_nemesis.faketime_env("+30s"),
+                                             env={"MAX_CLOCK_OFFSET": "60"})
+    _assert_clock_is_faked(skewed, 30.0)
+    skewed.wait_ready()
+    net.wait_formed(healthy + [skewed])
+    _assert_offset_shown(healthy, 30.0)
+    _assert_membership_holds(healthy + [skewed])
+    history = History()
+    pairs = _write_pairs(history, skewed, healthy, "ck60", CLOCK_KEYS)
+    early_acked = [early for early, _ in pairs if early.acknowledged]
+    assert len(early_acked) == len(pairs), [(op.status, op.detail[:100]) for op, _ in pairs
+                                            if not op.acknowledged][:3]
+    # Not vacuous: the first writes carry versions 30 s in the future, which the later ones had to beat.
+    ahead = [clock_nemesis.version_wall(op.version) - op.end - (time.time() - time.monotonic())
+             for op in early_acked]
+    assert min(ahead) > 25, sorted(ahead)[:3]
+    for early, late in pairs:
+        assert clock_nemesis.version_key(late.version) > clock_nemesis.version_key(early.version), \
+            (early.key, early.version, late.version)
+    _assert_later_writes_win(history, pairs, healthy + [skewed], "clock +30s, bound 60s")
+    # Within the bound the healthy clocks may follow the skewed one, but never beyond it.
+    _assert_versions_near_real_time(history, healthy, "ck60probe", slack=60.0 + 3.0)
+
+    s = session()
+    ttl_keys = ["ck60ttl-%02d" % (i,) for i in range(10)]
+    for key in ttl_keys:
+        response = s.put(skewed.url + "/kv/" + key, json={"value": key, "ttl": 3}, timeout=5)
+        assert response.status_code == 201, response.text
+    acknowledged = time.monotonic()
+    for node in healthy:
+        present = [key for key in ttl_keys if s.get(node.url + "/kv/" + key, timeout=5).status_code == 200]
+        assert present == ttl_keys, (node.node_id, "the TTL keys must be readable before they expire")
+    time.sleep(max(0.0, acknowledged + 6.0 - time.monotonic()))
+    for node in healthy:
+        alive = [key for key in ttl_keys if s.get(node.url + "/kv/" + key, timeout=5).status_code != 404]
+        assert alive == [], "%s still returns %d of 10 keys with a 3 s TTL 6 s after writing them" % (
+            node.node_id, len(alive))
+
+
+def test_a_clock_stepped_back_while_running_loses_no_later_write_and_recovers(net, tmp_path):
+    """
+    If node 3's clock steps back 10 s while it runs, then writes through it right after the step (before
+    anyone can tell) still lose to later writes and beat earlier ones, it turns unready once its offset is
+    measured, and it recovers by itself when its clock steps forward again.
+    """
+    _require_libfaketime()
+    timestamps = str(tmp_path / "faketime-node3")
+    clock_nemesis.step(timestamps, "+0")
+    healthy, skewed = _start_with_one_skewed(net, clock_nemesis.faketime_env(timestamp_file=timestamps))
+    skewed.wait_ready()
+    nodes = healthy + [skewed]
+    net.wait_formed(nodes)
+    _assert_clock_is_faked(skewed, 0.0)
+    history = History()
+    preload(history, healthy[0].url, healthy[0].node_id, "ckstpre", 50)
+
+    clock_nemesis.step(timestamps, "-10s")
+    # libfaketime reads the file again once its cached value is a second or two old.
+    wait_until(lambda: abs(clock_nemesis.clock_offset(skewed) + 10.0) < 1.5, 5, "node3's clock to step back")
+    _assert_clock_is_faked(skewed, -10.0)
+    # Right after the step: the node has not been measured yet, and its timers wait for its clock to
+    # catch up, so it still takes writes, stamped 10 s in the past unless it looks at the replicas.
+    before = _write_pairs(history, healthy[0], [skewed], "ckstA", 30)
+    after = _write_pairs(history, skewed, healthy, "ckstB", 30)
+    sys.stdout.write("\n[clock step -10s] writes through the stepped node acknowledged: %d of 60\n" % (
+        sum(late.acknowledged for _, late in before) + sum(early.acknowledged for early, _ in after)))
+    _assert_offset_shown(healthy, -10.0)
+    _assert_refuses_as_skewed(skewed, -10.0)
+
+    clock_nemesis.step(timestamps, "+0")
+    skewed.wait_ready(timeout=30)
+    assert skewed.health()["state"] != "clock-skew"
+    wait_until(lambda: clock_nemesis.logged(skewed, "kvresponder:discovery:clock-recovered"), 5,
+               "%s to log clock-recovered" % (SKEWED,), skewed.log_tail)
+    _assert_offset_shown(healthy, 0.0)
+    net.wait_formed(nodes)
+    # Writes acknowledged through the stepped node after an acknowledged write must be final too.
+    finals = read_through(nodes, [op.key for pair in before for op in pair])
+    assert real_time_order_violations(history, finals) == []
+    _assert_later_writes_win(history, after, nodes, "clock step -10s")
+    finish(history, nodes, "clock step -10s")

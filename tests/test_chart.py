@@ -308,11 +308,26 @@ def test_tenant_is_derived_from_release_name_when_unset(release, tenant):
 # deployment
 
 
+def secret_files(docs) -> dict:
+    """
+    The files of the pod's "secrets" volume as {path: (Secret name, key)},
+    with the volume's mode and the container's mount of it.
+    """
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    volume = {v["name"]: v for v in pod["volumes"]}["secrets"]["projected"]
+    files = {}
+    for source in volume["sources"]:
+        for item in source["secret"]["items"]:
+            files[item["path"]] = (source["secret"]["name"], item["key"])
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "secrets"]
+    return {"files": files, "mode": volume["defaultMode"], "mount": mount}
+
+
 def test_container_env_follows_the_contract_when_defaults_are_used(defaults):
     """
     If defaults are used, POD_IP comes from the downward API, the advertise
-    address is the pod IP, NODE_ID is the pod name, and CLUSTER_SECRET comes
-    from the chart's Secret.
+    address is the pod IP, NODE_ID is the pod name, and CLUSTER_SECRET_FILE
+    names the chart's Secret mounted as a file.
     """
     e = env(defaults)
     assert e["TENANT"]["value"] == "x"
@@ -321,17 +336,42 @@ def test_container_env_follows_the_contract_when_defaults_are_used(defaults):
     names = list(e)
     assert names.index("POD_IP") < names.index("ADVERTISE_ADDRESS")
     assert e["NODE_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
-    assert e["CLUSTER_SECRET"]["valueFrom"]["secretKeyRef"] == {
-        "name": one(defaults, "Secret")["metadata"]["name"],
-        "key": "cluster-secret",
+    assert e["CLUSTER_SECRET_FILE"]["value"] == "/etc/kvresponder/secrets/cluster-secret"
+    assert secret_files(defaults)["files"] == {
+        "cluster-secret": (one(defaults, "Secret")["metadata"]["name"], "cluster-secret"),
     }
     assert e["DISCOVERY_MODE"]["value"] == "both"
     assert e["PORT"]["value"] == "3000"
     assert e["DISCOVERY_PORT"]["value"] == "9999"
     for name in ["REPLICATION_FACTOR", "HEARTBEAT_INTERVAL", "LOG_LEVEL", "MAX_VALUE_SIZE"]:
         assert name in e
-    assert "ADMIN_TOKEN" not in e
+    assert "ADMIN_TOKEN" not in e and "ADMIN_TOKEN_FILE" not in e
     assert "JAEGER_ENDPOINT" not in e
+
+
+def test_no_secret_reaches_the_container_as_an_environment_variable_when_rendered(defaults):
+    """
+    If the chart is rendered, with or without an admin token, then no env
+    entry reads a Secret (checkov CKV_K8S_35): the secrets are files.
+    """
+    with_token = render("kv-responder-x", "--set", "tenant=x", "--set", "adminToken.existingSecret=x-admin")
+    for docs in (defaults, with_token):
+        for entry in env(docs).values():
+            assert "secretKeyRef" not in entry.get("valueFrom", {}), entry
+        assert "CLUSTER_SECRET" not in env(docs) and "ADMIN_TOKEN" not in env(docs)
+
+
+def test_the_secret_files_are_read_only_and_readable_by_the_nodes_group_when_rendered(defaults):
+    """
+    If the chart is rendered, then the secrets volume is mounted read-only at
+    /etc/kvresponder/secrets with mode 0440, and the pod's fsGroup (the group
+    the kubelet gives the files) is a group the node runs in.
+    """
+    files = secret_files(defaults)
+    assert files["mount"] == {"name": "secrets", "mountPath": "/etc/kvresponder/secrets", "readOnly": True}
+    assert files["mode"] == 0o440
+    pod = one(defaults, "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["fsGroup"] == pod["containers"][0]["securityContext"]["runAsGroup"]
 
 
 def test_optional_env_is_set_when_values_ask_for_it():
@@ -351,7 +391,8 @@ def test_optional_env_is_set_when_values_ask_for_it():
     e = env(docs)
     assert e["JAEGER_ENDPOINT"]["value"] == "http://otel:4318/v1/traces"
     assert e["PEER_TIMEOUT"]["value"] == "20"
-    assert e["ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "x-admin", "key": "admin-token"}
+    assert e["ADMIN_TOKEN_FILE"]["value"] == "/etc/kvresponder/secrets/admin-token"
+    assert secret_files(docs)["files"]["admin-token"] == ("x-admin", "admin-token")
     assert e["DISCOVERY_TTL_EXTRA"] == {"name": "DISCOVERY_TTL_EXTRA", "value": "2"}
 
 
@@ -454,6 +495,32 @@ def test_max_memory_is_left_to_the_service_when_there_is_no_memory_limit():
     """If there is no memory limit and no maxMemory, MAX_MEMORY is not set."""
     docs = render("kv-responder-x", "--set", "tenant=x", "--set", "resources.limits=null")
     assert "MAX_MEMORY" not in env(docs)
+
+
+def test_max_clock_offset_is_the_service_default_when_not_set(defaults):
+    """If config.maxClockOffset is not set, MAX_CLOCK_OFFSET is 0.5 s, the service's own default."""
+    assert env_value(defaults, "MAX_CLOCK_OFFSET") == "0.5"
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--set", "config.maxClockOffset=0.25"], "0.25"),  # --set passes a decimal as a string
+        (["--set", "config.maxClockOffset=60"], "60"),
+        (["--set-json", "config.maxClockOffset=1.5"], "1.5"),  # a number, as a values file gives it
+    ],
+)
+def test_max_clock_offset_follows_values_when_set(args, expected):
+    """If config.maxClockOffset is set, as a number or as a --set string, MAX_CLOCK_OFFSET is that value."""
+    docs = render("kv-responder-x", "--set", "tenant=x", *args)
+    assert env_value(docs, "MAX_CLOCK_OFFSET") == expected
+
+
+@pytest.mark.parametrize("value", ["0", "0.0", "-1", "30s", "1e-7"])
+def test_rendering_fails_naming_max_clock_offset_when_it_is_not_a_positive_number(value):
+    """If config.maxClockOffset is 0, negative or not a plain decimal, rendering fails and names the value."""
+    error = render_error("kv-responder-bad", "--set", "tenant=x", "--set", f"config.maxClockOffset={value}")
+    assert "config.maxClockOffset" in error
 
 
 def test_pods_spread_softly_when_defaults_are_used(defaults):
@@ -681,12 +748,30 @@ OPTIONAL_KINDS = {
 
 def test_optional_features_render_nothing_when_disabled(defaults, everything_on):
     """
-    If ingress, networkPolicy, serviceMonitor, prometheusRule, dashboard and
+    If networkPolicy, serviceMonitor, prometheusRule, dashboard and
     autoscaling are off (the default), none of their resources is rendered;
-    if they are on, each one is.
+    the Ingress is on by default; if every feature is on, each one is.
     """
-    assert not {d["kind"] for d in defaults} & OPTIONAL_KINDS
+    assert {d["kind"] for d in defaults} & OPTIONAL_KINDS == {"Ingress"}
     assert OPTIONAL_KINDS <= {d["kind"] for d in everything_on}
+
+
+def test_the_seed_install_routes_its_tenant_prefix_and_the_ingress_can_be_turned_off():
+    """
+    If the seed's command is run (helm install kv-responder-analytics ./helm
+    --set tenant=analytics), then an Ingress routes /analytics/ to the
+    Service; with ingress.enabled=false there is none.
+    """
+    docs = render("kv-responder-analytics", "--set", "tenant=analytics")
+    ingress = one(docs, "Ingress")["spec"]
+    (rule,) = ingress["rules"]
+    (path,) = rule["http"]["paths"]
+    assert (path["path"], path["pathType"]) == ("/analytics/", "Prefix")
+    assert path["backend"]["service"]["port"] == {"name": "http"}
+    assert path["backend"]["service"]["name"] in {s["metadata"]["name"] for s in by_kind(docs, "Service")}
+    assert "host" not in rule and "ingressClassName" not in ingress
+    assert by_kind(render("kv-responder-analytics", "--set", "tenant=analytics",
+                          "--set", "ingress.enabled=false"), "Ingress") == []
 
 
 @pytest.mark.parametrize(
@@ -887,7 +972,7 @@ def test_existing_secret_is_used_and_none_rendered_when_existing_secret_is_set()
         "--set", "clusterSecret.key=hmac",
     )
     assert by_kind(docs, "Secret") == []
-    assert env(docs)["CLUSTER_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": "shared", "key": "hmac"}
+    assert secret_files(docs)["files"] == {"cluster-secret": ("shared", "hmac")}
 
 
 # --------------------------------------------------------------------------

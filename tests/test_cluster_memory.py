@@ -82,12 +82,12 @@ def test_an_owner_holding_the_key_answers_from_its_own_copy(cluster):
     put(cluster, cluster.nodes[0], "k", "v")
     owner = [node for node in cluster.nodes if node.node_id in holders(cluster, "k")][0]
     calls = []
-    original = owner.peers._call
+    original = owner.peers.transport.call
 
-    async def counting(*args, **kwargs):
-        calls.append(args[3])
-        return await original(*args, **kwargs)
-    owner.peers._call = counting
+    async def counting(peer, op, *args, **kwargs):
+        calls.append(op)
+        return await original(peer, op, *args, **kwargs)
+    owner.peers.transport.call = counting
     code, body = get(cluster, owner, "k")
     assert code == 200 and b'"v"' in body
     assert calls == []
@@ -338,12 +338,12 @@ def test_concurrent_writes_to_a_peer_share_one_request(cluster):
     from twisted.internet.defer import gatherResults
     node = cluster.nodes[0]
     calls = []
-    original = node.peers._call
+    original = node.peers.transport.call
 
-    async def counting(*args, **kwargs):
-        calls.append((args[2], args[3]))
-        return await original(*args, **kwargs)
-    node.peers._call = counting
+    async def counting(peer, op, *args, **kwargs):
+        calls.append((peer.node_id, op))
+        return await original(peer, op, *args, **kwargs)
+    node.peers.transport.call = counting
     keys = ["c%d" % (i,) for i in range(30)]
     results = cluster.run(gatherResults([node.coordinator.put(key, b"1", None) for key in keys]))
     assert [result.copies for result in results] == [2] * 30

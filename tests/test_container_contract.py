@@ -1,7 +1,7 @@
 """
 The container's runtime contract, proved without Docker: the installed service runs under bubblewrap with a
-read-only root filesystem, as uid 65534, with only /tmp writable, serves PUT and GET, and shuts down
-cleanly on SIGTERM.
+read-only root filesystem, as uid 65534, with only /tmp writable and its cluster secret a read-only file (as
+the chart mounts it), serves PUT and GET, and shuts down cleanly on SIGTERM.
 """
 
 import json
@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from .conftest import require_tool
-from .harness import TWISTD, free_port, free_udp_port
+from .harness import REPO, TWISTD, free_port, free_udp_port
 
 pytestmark = pytest.mark.e2e
 
@@ -24,12 +24,24 @@ def test_the_installed_service_runs_read_only_as_nobody(log_dir):
     bwrap = require_tool("bwrap")
     if os.geteuid() != 0:
         pytest.skip("bubblewrap needs root here to map uid 65534")
+    installed = subprocess.run([sys.executable, "-c", "import kvresponder.settings as s; print(s.__file__)"],
+                               cwd="/tmp", capture_output=True, text=True, timeout=60, env={"PATH": os.environ["PATH"]})
+    with open(installed.stdout.strip(), "rb") as ours, open(os.path.join(REPO, "kvresponder", "settings.py"),
+                                                            "rb") as tree:
+        assert ours.read() == tree.read(), ("the installed kvresponder is not this tree's: "
+                                            "python3 -m pip install . first (as CI does)")
     port, discovery = free_port(), free_udp_port()
     log_path = os.path.join(log_dir, "bwrap.log")
+    secret_path = os.path.join(log_dir, "cluster-secret")
+    with open(secret_path, "w") as secret_file:
+        secret_file.write("sandbox-secret-0123456789\n")
+    os.chmod(secret_path, 0o444)
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1",
-           "TENANT": "sandboxed", "PORT": str(port), "DISCOVERY_PORT": str(discovery)}
+           "TENANT": "sandboxed", "PORT": str(port), "DISCOVERY_PORT": str(discovery),
+           "CLUSTER_SECRET_FILE": "/tmp/secrets/cluster-secret"}
     info_read, info_write = os.pipe()
-    command = [bwrap, "--info-fd", str(info_write), "--ro-bind", "/", "/", "--tmpfs", "/tmp", "--dev", "/dev", "--proc", "/proc",
+    command = [bwrap, "--info-fd", str(info_write), "--ro-bind", "/", "/", "--tmpfs", "/tmp",
+               "--ro-bind", secret_path, "/tmp/secrets/cluster-secret", "--dev", "/dev", "--proc", "/proc",
                "--unshare-user", "--uid", "65534", "--gid", "65534", "--die-with-parent", "--chdir", "/tmp",
                "--", sys.executable, "-c", TWISTD, "-n", "--pidfile=", "kvresponder"]
     with open(log_path, "wb") as log:
@@ -55,6 +67,8 @@ def test_the_installed_service_runs_read_only_as_nobody(log_dir):
         assert requests.get(url + "/kv/k", timeout=5).json()["value"] == {"ok": True}
         diag = requests.get(url + "/diag", timeout=5).json()
         assert diag["process"]["uid"] == 65534
+        assert diag["config"]["cluster_secret"] == "<set>"
+        assert diag["config"]["cluster_secret_file"] == "/tmp/secrets/cluster-secret"
         os.kill(service_pid, signal.SIGTERM)
         process.wait(30)
     finally:

@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from treq.client import HTTPClient
 
+from kvresponder import copystream
 from kvresponder.copystream import (MAX_BATCH_ID, REFUSED_FOR, UPGRADE_TOKEN, CopyStreamClient, CopyStreams,
                                     CopyStreamServer, StreamError, StreamRefused, StreamTimeout, StreamUnanswered,
                                     decode_results, encode_answer)
@@ -106,7 +107,7 @@ async def test_a_batch_sent_over_the_stream_is_stored_and_answered_an_entry_at_a
         assert peer.node.store.current("k2").value == b"newer"
         again = await streams.send(peer.peer, [_entry(1)], [b"-"], 2.0)
         assert again == [ApplyResult(False, True)]   # the same version again: not newer
-        assert streams.open_count() == 1 and peer.node.copy_streams_in == 1
+        assert streams.open_count() == 1 and peer.node.metrics.gauge("kv_copy_streams_incoming") == 1
     finally:
         streams.close()
 
@@ -153,10 +154,10 @@ async def test_the_stream_outlives_the_http_idle_timeout_and_frees_its_connectio
     assert peer.site.open_connections == 1
     await deferLater(reactor, 0.6, lambda: None)
     await streams.send(peer.peer, [_entry(2)], [b"-"], 2.0)
-    assert streams.open_count() == 1 and peer.node.copy_streams_in == 1
+    assert streams.open_count() == 1 and peer.node.metrics.gauge("kv_copy_streams_incoming") == 1
     streams.close()
     await _until(lambda: peer.site.open_connections == 0)
-    assert peer.node.copy_streams_in == 0
+    assert peer.node.metrics.gauge("kv_copy_streams_incoming") == 0
 
 
 @pytest_twisted.ensureDeferred
@@ -240,6 +241,34 @@ async def test_a_malformed_batch_gets_a_400_and_the_stream_carries_on(server):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_batch_whose_entries_do_not_fit_their_schema_gets_a_400_and_nothing_is_applied(server,
+                                                                                               monkeypatch):
+    """
+    If a well-framed batch on a stream holds an entry whose version names a malformed node id, or whose
+    expiry is not finite, then the batch is answered 400 (as /_internal/apply answers it), none of it is
+    applied, no traceback is logged, and the stream carries on.
+    """
+    tracebacks = []
+    monkeypatch.setattr(copystream, "write_traceback", lambda *a, **k: tracebacks.append(a))
+    peer = server()
+    streams = _streams(_auth())
+    try:
+        await streams.send(peer.peer, [_entry(1)], [b"-"], 2.0)
+        stream = streams._open[("127.0.0.1", peer.peer.port)]
+        bad_node = Entry("k7", b"1", (1_700_000_000_000, 0, "bad node"), None)
+        forever = Entry("k8", b"1", (1_700_000_000_000, 0, "n9"), float("inf"))
+        for bad in (bad_node, forever):
+            with pytest.raises(StreamError) as caught:
+                await stream.send(encode_batch([_entry(5), bad], 0.0), [b"-", b"-"], 2.0)
+            assert caught.value.code == 400 and "Malformed batch" in str(caught.value)
+        assert peer.node.store.current("k5") is None
+        assert await streams.send(peer.peer, [_entry(2)], [b"-"], 2.0) == [ApplyResult(True, False)]
+        assert tracebacks == []
+    finally:
+        streams.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_an_entry_over_the_peers_budget_is_answered_413_through_peer_client(server):
     peer = server(max_memory="1Mi")
     client = PeerClient(None, reactor, "t1", 2.0, _auth(), streams=_streams(_auth()))
@@ -274,7 +303,7 @@ async def test_a_frame_with_a_bad_mac_closes_the_stream_and_stores_nothing(serve
     peer = server()
     protocol, lost = await _raw_stream(peer, derive_key("wrong", "peer"))
     outcome = []
-    protocol.send(encode_batch([_entry(1)]), [b"-"], 2.0).addBoth(outcome.append)
+    protocol.send(encode_batch([_entry(1)], 0.0), [b"-"], 2.0).addBoth(outcome.append)
     await lost
     assert outcome[0].check(ConnectionLost)
     assert peer.node.store.current("k1") is None
@@ -284,10 +313,10 @@ async def test_a_frame_with_a_bad_mac_closes_the_stream_and_stores_nothing(serve
 async def test_a_replayed_batch_id_closes_the_stream(server):
     peer = server()
     protocol, lost = await _raw_stream(peer, _auth().stream_key())
-    assert decode_results(await protocol.send(encode_batch([_entry(1)]), [b"-"], 2.0)) == [ApplyResult(True, False)]
+    assert decode_results(await protocol.send(encode_batch([_entry(1)], 0.0), [b"-"], 2.0), 1) == [ApplyResult(True, False)]
     protocol._next_id = 0   # the next frame reuses batch id 1
     outcome = []
-    protocol.send(encode_batch([_entry(2)]), [b"-"], 2.0).addBoth(outcome.append)
+    protocol.send(encode_batch([_entry(2)], 0.0), [b"-"], 2.0).addBoth(outcome.append)
     await lost
     assert outcome[0].check(ConnectionLost)
     assert peer.node.store.current("k2") is None
@@ -310,11 +339,11 @@ async def test_the_route_answers_json_errors_to_what_is_not_an_upgrade(server):
         response = await http.request(method, base, headers=headers)
         body = json.loads(await response.content())
         assert (response.code, body["error"]) == (status, error), method
-    assert peer.node.copy_streams_in == 0
+    assert peer.node.metrics.gauge("kv_copy_streams_incoming") == 0
 
 
 def test_a_connection_that_cannot_be_handed_over_gets_a_501():
-    settings = make_settings("t1", "n2")
+    settings = make_settings("t1", "n2", insecure_cluster="true")
     node = Node(settings, Clock(), http=None)
     stub = stub_over(KVSite(build_root(node), Clock().seconds))
     d = stub.get("http://10.0.0.2:3000/t1/_internal/copies",
@@ -325,7 +354,7 @@ def test_a_connection_that_cannot_be_handed_over_gets_a_501():
     body = stub.json_content(response)
     stub.flush()
     assert body.result["error"] == "not_implemented"
-    assert node.copy_streams_in == 0
+    assert node.metrics.gauge("kv_copy_streams_incoming") == 0
 
 
 @pytest_twisted.ensureDeferred
@@ -475,7 +504,7 @@ def test_answers_decode_to_one_result_an_entry():
     results = [ApplyResult(True, False), ApplyResult(False, True), ApplyResult(True, True), ApplyResult(False, False)]
     answer = encode_answer(7, results)
     assert struct.unpack_from("!IH", answer) == (7, 200)
-    assert decode_results(answer[6:]) == results
+    assert decode_results(answer[6:], len(results)) == results
 
 
 def test_every_send_waiting_on_a_refused_opening_hears_the_refusal():
@@ -570,10 +599,10 @@ async def test_an_idle_stream_is_closed_by_the_peer_and_the_next_write_opens_ano
     try:
         await streams.send(peer.peer, [_entry(1)], [b"-"], 2.0)
         await _until(lambda: peer.site.open_connections == 0, 3.0)
-        assert peer.node.copy_streams_in == 0
+        assert peer.node.metrics.gauge("kv_copy_streams_incoming") == 0
         await _until(lambda: streams.open_count() == 0, 3.0)
         assert await streams.send(peer.peer, [_entry(2)], [b"-"], 2.0) == [ApplyResult(True, False)]
-        assert peer.node.copy_streams_in == 1
+        assert peer.node.metrics.gauge("kv_copy_streams_incoming") == 1
     finally:
         streams.close()
 
@@ -584,24 +613,24 @@ async def test_nothing_after_a_rejected_frame_is_applied_and_the_connection_is_r
     protocol, lost = await _raw_stream(peer, _auth().stream_key())
     good = protocol._mac
     protocol._mac = lambda *parts: b"\0" * 16
-    protocol.send(encode_batch([_entry(1)]), [b"-"], 2.0).addErrback(lambda failure: None)
+    protocol.send(encode_batch([_entry(1)], 0.0), [b"-"], 2.0).addErrback(lambda failure: None)
     protocol._mac = good
-    protocol.send(encode_batch([_entry(2)]), [b"-"], 2.0).addErrback(lambda failure: None)
+    protocol.send(encode_batch([_entry(2)], 0.0), [b"-"], 2.0).addErrback(lambda failure: None)
     await lost
     await _until(lambda: peer.site.open_connections == 0)
     assert peer.node.store.current("k1") is None and peer.node.store.current("k2") is None
-    assert peer.node.copy_streams_in == 0
+    assert peer.node.metrics.gauge("kv_copy_streams_incoming") == 0
 
 
 @pytest_twisted.ensureDeferred
 async def test_frames_sent_right_behind_the_upgrade_request_are_applied(server):
-    # Without a secret frames carry no MAC, so a caller could send them before the 101 (ours waits).
-    peer = server(secret=None)
+    # With --insecure-cluster and no secret frames carry no MAC: a caller could send them before the 101.
+    peer = server(secret=None, insecure_cluster="true")
     received = Deferred()
 
     class Pipelining(Protocol):
         def connectionMade(self):
-            batch = encode_batch([_entry(1)])
+            batch = encode_batch([_entry(1)], 0.0)
             frame = struct.pack("!I16sI", 1, b"\0" * 16, 1) + b"-" + batch
             self.transport.write(b"GET /t1/_internal/copies HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
                                  b"Upgrade: " + UPGRADE_TOKEN + b"\r\n\r\n" + struct.pack("!I", len(frame)) + frame)
@@ -617,7 +646,7 @@ async def test_frames_sent_right_behind_the_upgrade_request_are_applied(server):
     head, rest = await received
     assert head.startswith(b"HTTP/1.1 101 ")
     assert struct.unpack("!IIH", rest[:10]) == (len(rest) - 4, 1, 200)
-    assert decode_results(rest[10:]) == [ApplyResult(True, False)]
+    assert decode_results(rest[10:], 1) == [ApplyResult(True, False)]
     assert peer.node.store.current("k1").value == b"v"
     client.transport.loseConnection()
 

@@ -74,7 +74,7 @@ class Harness:
     A started protocol with its clock, membership, transport and metrics.
     """
 
-    def __init__(self, key=None, group=GROUP, start=True) -> None:
+    def __init__(self, key=None, group=GROUP, start=True, alone=False) -> None:
         self.clock = Clock()
         self.clock.advance(NOW)
         self.membership = Membership(self.clock.seconds, OWN.node_id, PEER_TIMEOUT)
@@ -82,7 +82,7 @@ class Harness:
         self.transport = FakeMulticastTransport()
         self.protocol = DiscoveryProtocol(HeartbeatCodec("t1", key), self.membership, self.clock,
                                           self.clock.seconds, lambda: OWN, group, OWN_ADDRESS, PORT, ttl=2,
-                                          metrics=self.metrics)
+                                          metrics=self.metrics, alone=alone)
         if start:
             self.protocol.makeConnection(self.transport)
 
@@ -150,7 +150,7 @@ def test_announce_goes_to_the_group_and_every_seed_but_not_to_ourselves():
     sent = harness.sent()
     assert [addr for _, addr in sent] == [(GROUP, PORT), ("10.0.0.3", PORT), ("10.0.0.5", PORT)]
     assert all(body == sent[0][0] for body, _ in sent)
-    beat, want, _ = HeartbeatCodec("t1").decode(harness.transport.written[0][0], NOW)
+    beat, want, _ = HeartbeatCodec("t1").decode(harness.transport.written[0][0])
     assert (beat, want) == (OWN, True)
 
 
@@ -227,6 +227,50 @@ def test_own_heartbeat_is_counted_as_self_and_ignored():
     assert harness.metrics.results == ["self"]
     assert harness.membership.peers() == []
     assert harness.transport.written == []
+
+
+def test_a_node_that_serves_alone_ignores_every_heartbeat_and_says_so_once_per_peer(tracebacks):
+    """
+    If the node serves alone (no CLUSTER_SECRET, no --insecure-cluster), then a valid heartbeat, even one
+    asking for a reply, counts as ``insecure_ignored``, adds no peer, gets no reply, and is logged as a warning
+    once per sender.
+    """
+    from eliot import MemoryLogger
+    from eliot.testing import swap_logger
+
+    from kvresponder.log.discovery import HEARTBEAT_IGNORED
+    harness = Harness(alone=True)
+    logger = MemoryLogger()
+    previous = swap_logger(logger)
+    try:
+        for _ in range(3):
+            harness.receive(encode(want=True))
+        harness.receive(encode(PEER._replace(node_id="n3")))
+    finally:
+        swap_logger(previous)
+    harness.clock.advance(5)
+    assert harness.metrics.results == ["insecure_ignored"] * 4
+    assert harness.membership.peers() == []
+    assert harness.transport.written == []
+    warned = [message["peer"] for message in logger.messages
+              if message.get("message_type") == HEARTBEAT_IGNORED.message_type]
+    assert warned == ["n2", "n3"]
+    assert tracebacks == []
+
+
+def test_a_node_that_serves_alone_sends_no_heartbeat():
+    """
+    If the node serves alone, then its service sends nothing at start, on its interval, or when it stops:
+    no other node, not even one started with --insecure-cluster, puts it in its ring.
+    """
+    harness = Harness(start=False, alone=True)
+    listener = Listener()
+    service = DiscoveryService(harness.protocol, listener, 1.0)
+    service.startService()
+    harness.clock.advance(10)
+    service.stopService()
+    assert listener.protocols == [harness.protocol]
+    assert listener.transport.written == []
 
 
 def test_want_reply_triggers_one_coalesced_reply_shortly():

@@ -1,6 +1,7 @@
 """
 Real ``twistd`` processes on loopback, finding each other over real multicast: formation, replication,
-kill -9 with zero failed requests, join, SIGTERM drain, tenant isolation.
+kill -9 with zero failed requests, join, SIGTERM drain, tenant isolation, and no clustering without a secret
+unless told to be insecure.
 """
 
 import threading
@@ -168,3 +169,73 @@ def test_two_tenants_on_one_discovery_port_never_see_each_other(log_dir):
     finally:
         first.stop()
         second.stop()
+
+
+def _messages_of(node, message_type):
+    return [message for message in node.log_messages() if message.get("message_type") == message_type]
+
+
+def test_nodes_without_a_secret_serve_alone(log_dir):
+    """
+    If nodes start without CLUSTER_SECRET (and without --insecure-cluster), then they do not cluster: each
+    is alone in its ring, ignores the heartbeats it hears (insecure_ignored, with a warning), sends none
+    (so an --insecure-cluster node on the same port never sees it), refuses internal calls with 403
+    cluster_disabled, and says why at start.
+    """
+    cluster = Cluster("alone", log_dir, env={"CLUSTER_SECRET": ""})
+    try:
+        first, second = cluster.add(), cluster.add()
+        open_node = cluster.add("open", env={"INSECURE_CLUSTER": "true"})
+        time.sleep(3.0)   # six heartbeat intervals
+        for node in (first, second, open_node):
+            assert node.metric("kv_ring_members") == 1, node.node_id
+            assert node.metric("kv_peers_count") == 0, node.node_id
+        assert first.metric('kv_discovery_messages_total{result="insecure_ignored",tenant="alone"}') > 0
+        assert first.metric('kv_discovery_messages_total{result="accepted",tenant="alone"}') == 0
+        assert [m["peer"] for m in _messages_of(first, "kvresponder:discovery:heartbeat-ignored")] == ["open"]
+        [disabled] = _messages_of(first, "kvresponder:service:cluster-disabled")
+        assert "CLUSTER_SECRET" in disabled["reason"] and "--insecure-cluster" in disabled["reason"]
+        response = requests.post(first.url + "/_internal/get", json={"key": "a"}, timeout=5)
+        assert response.status_code == 403 and response.json()["error"] == "cluster_disabled"
+        assert requests.get(first.url + "/diag", timeout=5).json()["cluster"] == "disabled"
+        # Alone, a node still serves: its writes are acknowledged with its one copy.
+        assert first.put("k", 1).status_code == 201
+        assert second.get("k").status_code == 404
+    finally:
+        cluster.stop()
+
+
+def test_insecure_cluster_lets_nodes_without_a_secret_cluster_and_warns(log_dir):
+    """
+    If nodes start without CLUSTER_SECRET but with INSECURE_CLUSTER=true, then they cluster, and each logs a
+    warning at start and lists it in /diag.
+    """
+    cluster = Cluster("open", log_dir, env={"CLUSTER_SECRET": "", "INSECURE_CLUSTER": "true"})
+    try:
+        for _ in range(2):
+            cluster.add()
+        cluster.wait_formed(timeout=10)
+        node = cluster.nodes[0]
+        assert node.metric('kv_discovery_messages_total{result="accepted",tenant="open"}') > 0
+        warnings = [m["reason"] for m in _messages_of(node, "kvresponder:service:insecure")]
+        assert any("--insecure-cluster" in reason for reason in warnings), warnings
+        diag = requests.get(node.url + "/diag", timeout=5).json()
+        assert diag["cluster"] == "insecure"
+        assert any("--insecure-cluster" in warning for warning in diag["security_warnings"])
+        keys = write_keys(node, 20)
+        settled_copies(cluster, keys)
+    finally:
+        cluster.stop()
+
+
+def test_a_cluster_of_the_harness_is_signed(cluster):
+    """
+    If the harness starts a cluster, then its nodes share a secret of its own: they cluster, authenticated,
+    and an unsigned internal call is refused.
+    """
+    for _ in range(2):
+        cluster.add()
+    cluster.wait_formed(timeout=10)
+    assert requests.get(cluster.nodes[0].url + "/diag", timeout=5).json()["cluster"] == "authenticated"
+    response = requests.post(cluster.nodes[0].url + "/_internal/get", json={"key": "a"}, timeout=5)
+    assert response.status_code == 401

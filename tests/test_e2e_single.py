@@ -257,3 +257,33 @@ def test_a_node_listening_with_tls_answers_over_tls(log_dir):
                 assert response.status_code == 200 and response.json()["value"] == 1
     finally:
         process.kill()
+
+
+@pytest.mark.parametrize("with_secret", [False, True])
+def test_a_value_over_max_value_size_is_refused_however_the_url_is_spelled(log_dir, with_secret):
+    """
+    If a 3 MiB value is PUT to a node with the default MAX_VALUE_SIZE (1 MiB), with or without a cluster
+    secret, then it gets 413 at every spelling of a key's URL that once dodged the limit (a query string or a
+    key naming /_internal/ or /bulk), and nothing is stored; a small value at the same URLs is stored.
+    """
+    env = {"CLUSTER_SECRET": "e2e-single-secret-0123456789"} if with_secret else {}
+    node = NodeProcess("solo", "solo-1", free_udp_port(), log_dir, env=env).start()
+    try:
+        node.wait_ready()
+        big = b'{"value":"' + b"x" * (3 * 1024 * 1024) + b'"}'
+        paths = ["/kv/plain-big", "/kv/big1?via=/_internal/", "/kv/big2/_internal/x", "/kv/big3?x=/bulk",
+                 "/kv/big4%2F_internal%2Fapply", "/kv/big5?/bulk"]
+        session = requests.Session()
+        for path in paths:
+            response = session.put(node.url + path, data=big, headers={"Content-Type": "application/json"},
+                                   timeout=30)
+            assert response.status_code == 413, (path, response.status_code, response.text[:200])
+            assert response.json()["error"] == "payload_too_large"
+        listing = requests.get(node.url + "/kv", timeout=5).json()
+        assert listing["keys"] == []
+        for path in paths:
+            response = requests.put(node.url + path, json={"value": "small"}, timeout=5)
+            assert response.status_code == 201, (path, response.text)
+        assert requests.get(node.url + "/kv", timeout=5).json()["count"] == len(paths)
+    finally:
+        node.kill()

@@ -15,12 +15,13 @@ import unittest
 from typing import Dict, List, Optional
 
 import pytest
+import requests
 from eliot import ActionType, MessageType, start_action
 from eliot.testing import LoggedAction, LoggedMessage, assertHasAction, capture_logging
 
 from kvresponder.log.discovery import PEER_CHANGED
 from kvresponder.log.replication import COORDINATE_WRITE, COPY_FAILED, HINTED, PEER_CALL
-from kvresponder.log.store import STORE_APPLY
+from kvresponder.log.store import STORE_APPLIED, STORE_APPLY
 
 from .conftest import require_tool
 from .harness import REPO, Cluster
@@ -173,9 +174,11 @@ def test_eliot_tree_shows_a_replicated_write_as_one_task_across_both_nodes(logge
 
     [request] = [n for n in nodes if n.kind == "kvresponder:http:request" and n.status == "started"]
     assert request.parent is root and request.fields.get("method") == "PUT" and request.fields["node"] == "n1"
-    applies = {n.fields.get("node"): n for n in nodes if n.kind == "kvresponder:store:apply"
-               and n.status == "started" and n.fields.get("key") == KEY}
+    # The coordinator's own copy is one store:applied line; the replica's, the action continuing its task.
+    applies = {n.fields.get("node"): n for n in nodes if n.fields.get("key") == KEY and (
+        (n.kind == "kvresponder:store:apply" and n.status == "started") or n.kind == "kvresponder:store:applied")}
     assert set(applies) == {"n1", "n2"}
+    assert applies["n1"].kind == "kvresponder:store:applied" and applies["n2"].kind == "kvresponder:store:apply"
     assert applies["n1"].ancestors()[:2] == ["kvresponder:http:request", "<task>"]
     # At info level the replica's store action continues the client request's action: no write action
     # around the copies, no peer-call action per copy (both are debug) and no eliot:remote_task.
@@ -190,8 +193,9 @@ def test_json_logs_join_the_replica_to_the_coordinators_task(logged_write):
     [replica] = [m for m in messages if m.get("action_type") == "kvresponder:store:apply" and m["node"] == "n2"
                  and m.get("key") == KEY and m["action_status"] == "started"]
     task = [m for m in messages if m.get("task_uuid") == replica["task_uuid"]]
-    seen = {(m.get("action_type"), m["node"]) for m in task if m.get("action_status") == "started"}
-    assert seen == {("kvresponder:http:request", "n1"), ("kvresponder:store:apply", "n1"),
+    seen = {(m.get("action_type") or m.get("message_type"), m["node"]) for m in task
+            if m.get("action_status") in ("started", None)}
+    assert seen == {("kvresponder:http:request", "n1"), ("kvresponder:store:applied", "n1"),
                     ("kvresponder:store:apply", "n2")}
     assert all(m["tenant"] == TENANT for m in task)
     [start] = [m for m in task if m.get("action_type") == "kvresponder:http:request"
@@ -207,6 +211,25 @@ def test_json_logs_join_the_replica_to_the_coordinators_task(logged_write):
     assert start["task_level"][0] < replica["task_level"][0] < end["task_level"][0]
     assert replica["key"] == KEY and replica["tombstone"] is False
     assert done["applied"] is True and done["task_level"][:-1] == replica["task_level"][:-1]
+
+
+def test_a_write_to_a_node_alone_logs_one_line_at_info(log_dir):
+    """
+    If a node alone in its ring takes a PUT and a DELETE at info level, then each is one ``store:applied``
+    line: no request action around it (that is debug for a write no other node copies).
+    """
+    cluster = Cluster(TENANT, log_dir)
+    try:
+        node = cluster.add("n1")
+        assert node.put("alone", {"v": 1}).status_code == 201
+        assert requests.delete(node.url + "/kv/alone", timeout=10).status_code == 200
+        assert node.put("marker", 1).status_code == 201
+        cluster.wait_for(lambda: any(m.get("key") == "marker" for m in node.log_messages()), 10, "the log")
+        lines = [m for m in node.log_messages() if m.get("key") == "alone" or m.get("route") == "/kv/{key}"]
+        assert [(m.get("message_type"), m.get("tombstone")) for m in lines] == [
+            ("kvresponder:store:applied", False), ("kvresponder:store:applied", True)]
+    finally:
+        cluster.stop()
 
 
 def test_real_log_lines_match_their_declared_field_types(logged_write):
@@ -227,7 +250,8 @@ def test_real_log_lines_match_their_declared_field_types(logged_write):
                 problems.append((name, field_name, repr(message[field_name]), str(error)))
         checked.add(name)
     assert problems == []
-    assert {"kvresponder:http:request", "kvresponder:store:apply", "kvresponder:discovery:peer-changed"} <= checked
+    assert {"kvresponder:http:request", "kvresponder:store:apply", "kvresponder:store:applied",
+            "kvresponder:discovery:peer-changed"} <= checked
 
 
 # -- in memory: Eliot's testing tools (validation of every message against its declared types) -----------
@@ -275,10 +299,9 @@ class TypedActionsTests(unittest.TestCase):
                           if a.startMessage["op"] == "apply"], [])
         self.assertEqual(LoggedAction.ofType(logger.messages, COORDINATE_WRITE), [])
         [request] = LoggedAction.ofType(logger.messages, "test:request")
-        applies = [a for a in LoggedAction.ofType(logger.messages, STORE_APPLY)
-                   if a.startMessage["key"] == "joined"]
-        self.assertEqual(len(applies), 2)
-        self.assertEqual(list(request.children), applies)
+        [local] = [m for m in LoggedMessage.ofType(logger.messages, STORE_APPLIED) if m.message["key"] == "joined"]
+        [copy] = [a for a in LoggedAction.ofType(logger.messages, STORE_APPLY) if a.startMessage["key"] == "joined"]
+        self.assertEqual(list(request.children), [local, copy])
 
     @capture_logging(None, encoder_=None)
     def test_peer_call_logs_the_peer_and_the_status_it_answered(self, logger):
@@ -347,6 +370,7 @@ class TypedActionsTests(unittest.TestCase):
         self.assertEqual(failed.message["peer"], "n2")
         self.assertEqual((hinted.message["owner"], hinted.message["holder"]), ("n2", "n3"))
         applies = [a for a in LoggedAction.ofType(logger.messages, STORE_APPLY) if a.startMessage["key"] == key]
+        applies += [m for m in LoggedMessage.ofType(logger.messages, STORE_APPLIED) if m.message["key"] == key]
         self.assertEqual(len(applies), 2)
         for message_or_action in [failed, hinted] + applies:
             self.assertIn(message_or_action, inside)
@@ -358,20 +382,24 @@ class TypedActionsTests(unittest.TestCase):
         n1 = cluster.nodes[0]
         self.put_in_a_request(cluster, n1, "applied")
         cluster.run(n1.coordinator.delete("applied"))
-        applies = [action for action in LoggedAction.ofType(logger.messages, STORE_APPLY)
-                   if action.startMessage["key"] == "applied"]
-        puts = [a for a in applies if a.startMessage["tombstone"] is False]
-        deletes = [a for a in applies if a.startMessage["tombstone"] is True]
+        # The coordinator's copy as a store:applied line, the replica's as a store:apply action: each with the
+        # same fields.
+        applies = [dict(action.startMessage, **action.endMessage)
+                   for action in LoggedAction.ofType(logger.messages, STORE_APPLY)
+                   if action.startMessage["key"] == "applied" and action.succeeded]
+        applies += [message.message for message in LoggedMessage.ofType(logger.messages, STORE_APPLIED)
+                    if message.message["key"] == "applied"]
+        puts = [a for a in applies if a["tombstone"] is False]
+        deletes = [a for a in applies if a["tombstone"] is True]
         self.assertEqual(len(puts), 2)
         self.assertEqual(len(deletes), 2)
-        for action in puts:
-            self.assertTrue(action.succeeded)
-            self.assertEqual(action.endMessage["applied"], True)
-            self.assertEqual(action.endMessage["had_live"], False)
-        for action in deletes:
-            self.assertEqual(action.endMessage["had_live"], True)
+        for fields in puts:
+            self.assertEqual(fields["applied"], True)
+            self.assertEqual(fields["had_live"], False)
+        for fields in deletes:
+            self.assertEqual(fields["had_live"], True)
         [request] = LoggedAction.ofType(logger.messages, "test:request")
-        self.assertEqual({a.startMessage["task_uuid"] for a in puts}, {request.startMessage["task_uuid"]})
+        self.assertEqual({a["task_uuid"] for a in puts}, {request.startMessage["task_uuid"]})
 
     @capture_logging(None, encoder_=None)
     def test_membership_changes_log_peer_changed(self, logger):

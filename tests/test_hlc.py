@@ -198,5 +198,5 @@ def test_a_full_counter_moves_the_version_to_the_next_millisecond():
     version = clock.now()
     assert version > (1000, MAX_COUNTER, "n2")
     assert version == (1001, 0, "n1")
-    [entry] = decode_batch(encode_batch([Entry("k", b"1", version)]))
+    [entry] = decode_batch(encode_batch([Entry("k", b"1", version)], 1.0), 1.0)
     assert entry.version == version

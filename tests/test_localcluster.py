@@ -17,7 +17,8 @@ import urllib.request
 
 import pytest
 
-from kvresponder.localcluster import describe_exit, node_command, parse_args
+from kvresponder import localcluster
+from kvresponder.localcluster import LocalCluster, describe_exit, node_command, parse_args
 
 from .harness import REPO, free_port, free_udp_port, node_env
 
@@ -111,6 +112,33 @@ def test_node_command():
     assert "--insecure-admin" in rest
 
 
+@pytest.mark.parametrize("given", [None, "", "an-operators-own-secret-123"])
+def test_the_nodes_share_a_cluster_secret_generated_for_the_run_unless_one_is_given(given, monkeypatch,
+                                                                                  tmp_path):
+    """
+    If CLUSTER_SECRET is not set (or empty), then every node of a run gets the same random secret, a new one
+    each run, at least 32 characters; if it is set, the nodes get it as given.
+    """
+    if given is None:
+        monkeypatch.delenv("CLUSTER_SECRET", raising=False)
+    else:
+        monkeypatch.setenv("CLUSTER_SECRET", given)
+    secrets_seen = []
+    for _ in range(2):
+        envs = []
+        monkeypatch.setattr(localcluster.Node, "start", lambda self, env: envs.append(env))
+        monkeypatch.setattr(localcluster.Node, "pid", 1)
+        out = open(os.devnull, "w")
+        LocalCluster(parse_args(["--nodes", "3", "--log-dir", str(tmp_path)]), out=out).start()
+        out.close()
+        assert len({env["CLUSTER_SECRET"] for env in envs}) == 1
+        secrets_seen.append(envs[0]["CLUSTER_SECRET"])
+    if given:
+        assert secrets_seen == [given, given]
+    else:
+        assert secrets_seen[0] != secrets_seen[1] and all(len(secret) >= 32 for secret in secrets_seen)
+
+
 def test_bad_tenant_is_refused(capsys):
     """
     If the tenant is not a DNS label, then the launcher exits with a message before starting anything.
@@ -163,6 +191,10 @@ def test_two_node_cluster_starts_replicates_and_stops(log_dir):
             return ([peer["id"] for peer in _http("GET", url1 + "/peers")[1]] == ["node-2"]
                     and [peer["id"] for peer in _http("GET", url2 + "/peers")[1]] == ["node-1"])
         _wait(see_each_other, 20, "the nodes to see each other", output)
+        # They cluster because they share the secret the launcher generated: an unsigned call is refused.
+        assert _http("GET", url1 + "/diag")[1]["cluster"] == "authenticated"
+        assert _http("POST", url1 + "/_internal/get", {"key": "a"})[0] == 401
+        assert any("cluster secret: generated for this run" in line for line in output), "".join(output)
 
         status, body = _http("PUT", url1 + "/kv/users%2F42", {"value": {"name": "Ada"}})
         assert status == 201, body

@@ -9,7 +9,8 @@ import uuid
 import eliot._action
 from eliot import start_action
 
-from kvresponder.log import JSONLineDestination, LogPolicy, random_task_uuid, use_fast_task_ids
+from kvresponder.log import (WARNING, JSONLineDestination, LogPolicy, UnknownLevel, canonical_level,
+                             random_task_uuid, use_fast_task_ids)
 
 
 def test_random_task_uuids_are_version_4_uuids_in_canonical_text():
@@ -116,3 +117,24 @@ def test_timestamps_are_written_to_the_microsecond_and_the_message_is_left_as_it
                      "tenant": "t1", "node": "n1"}
     assert second == {"timestamp": 1700000000.0, "tenant": "t1", "node": "n1"}
     assert message == {"message_type": "test:timed", "timestamp": 1795725297.3504536, "task_level": [1]}
+
+
+def test_a_policy_takes_levels_in_any_letter_case_and_warn_as_warning():
+    """
+    If a policy is given ``warn`` or ``WARN`` (the seed's name), then it runs at warning; an unknown name or a
+    non-string is refused.
+    """
+    policy = LogPolicy("WARN")
+    assert set(policy.levels().values()) == {"warning"}
+    assert policy.enabled("http", WARNING) and not policy.enabled("http", WARNING - 10)
+    policy.set_area("store", "Debug")
+    assert policy.levels()["store"] == "debug"
+    assert [canonical_level(name) for name in ("warn", "Warning", "ERROR", "warnings", "", None, 30)] == [
+        "warning", "warning", "error", None, None, None, None]
+    for bad in ("warnings", 30):
+        try:
+            policy.set_all(bad)
+        except UnknownLevel:
+            pass
+        else:
+            raise AssertionError("%r was taken as a level" % (bad,))

@@ -142,9 +142,16 @@ def test_no_label_value_names_a_key_or_a_peer(exposition):
     for key in KEYS + (MISSING_KEY, "no-such-route"):
         assert key not in text
     for sample in _samples(text):
-        for value in sample.labels.values():
+        for label, value in sample.labels.items():
             assert "127.0.0.1" not in value and str(n2.port) not in value and str(n1.port) not in value, sample
+            if sample.name == "kv_clock_offset_seconds" and label == "peer":
+                continue  # the one label that names a peer, checked below
             assert value not in ("n1", "n2"), sample
+    # A peer's clock offset is the only series named after a peer: by its node id alone, one per live peer
+    # (so as many as the cluster has nodes), never by address or port.
+    offsets = [s for s in _samples(text) if s.name == "kv_clock_offset_seconds"]
+    assert [s.labels for s in offsets] == [{"tenant": TENANT, "peer": "n2"}]
+    assert abs(offsets[0].value) < 0.5, offsets  # two nodes on one host share its clock
     # The peer histogram exists (there were peer calls) but is labelled by operation only.
     peer = [s for s in _samples(text) if s.name == "kv_peer_request_duration_seconds_count"]
     assert peer and all(set(s.labels) == {"tenant", "op"} for s in peer)

@@ -42,6 +42,7 @@ REQUIRED_ALERTS = (
     "KVResponderPeersMissing",
     "KVResponderReplicationFailing",
     "KVResponderHandoffBacklog",
+    "KVResponderClockSkew",
 )
 SEVERITIES = {"critical", "warning", "info"}
 
@@ -449,6 +450,7 @@ def test_if_an_operator_opens_the_dashboard_then_the_requested_rows_and_panels_e
             "Re-replication",
             "Anti-entropy",
             "Discovery messages by result",
+            "Clock offsets",
         },
     }
     for row, titles in expected.items():
@@ -471,6 +473,12 @@ def test_if_a_panel_shows_a_requested_figure_then_it_queries_the_right_metric(da
     cluster = {n for n, _ in vector_selectors(by_title["Cluster size: peers + 1 vs ring members"])}
     assert {"kv_peers_count", "kv_ring_members"} <= cluster
     assert 'result="failure"' in by_title["Replication failures"]
+    clock = by_title["Clock offsets"]
+    assert {"kv_clock_offset_seconds", "kv_clock_skew_seconds", "kv_clock_max_offset_seconds"} <= {
+        n for n, _ in vector_selectors(clock)
+    }
+    # The bound is drawn on both sides: a clock behind is as wrong as one ahead.
+    assert "-max(kv_clock_max_offset_seconds" in clock
 
 
 def test_if_the_dashboard_is_templated_then_datasource_namespace_and_tenant_variables_exist(dashboard):

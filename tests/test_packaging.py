@@ -3,8 +3,14 @@ The project's standing promises about how it is installed, run and checked.
 """
 
 import os
+import re
+import shutil
 import subprocess
 import sys
+import zipfile
+from configparser import ConfigParser
+
+import pytest
 
 from .harness import REPO
 
@@ -20,7 +26,7 @@ def test_ci_runs_the_readmes_test_command():
     """
     readme = _read("README.md")
     ci = _read(".ci", "run")
-    command = "python3 -m pip install -q '.[test]' && python3 -m pytest"
+    command = "python3 -m pip install -q -c requirements/test.txt '.[test]' && python3 -m pytest"
     assert command in readme.split("## ")[0], "the README does not open with the test command"
     assert command in ci.splitlines()
 
@@ -45,9 +51,10 @@ def test_twistd_lists_the_plugin_without_importing_the_server():
     assert result.stdout.split() == [b"True", b"False"], result.stderr
 
 
-def test_sources_stay_python_3_9_syntax():
+def test_sources_stay_python_3_11_syntax():
     """
-    If any module used syntax newer than Python 3.9 (PyPy 3.9 runs it), then parsing it as 3.9 fails.
+    If any module used syntax newer than Python 3.11 (the oldest supported, and PyPy's), then parsing it as 3.11
+    fails.
     """
     import ast
     failures = []
@@ -57,7 +64,117 @@ def test_sources_stay_python_3_9_syntax():
                 if name.endswith(".py"):
                     path = os.path.join(directory, name)
                     try:
-                        ast.parse(_read(path), filename=path, feature_version=(3, 9))
+                        ast.parse(_read(path), filename=path, feature_version=(3, 11))
                     except SyntaxError as error:
                         failures.append("%s: %s" % (path, error))
     assert failures == []
+
+
+def _pins(path):
+    """
+    The ``name==version`` pins of a requirements file, by normalized name, with each one's hash count.
+    """
+    pins = {}
+    for block in re.split(r"\n(?=\S)", _read(path)):
+        match = re.match(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)==(\S+)", block)
+        if match:
+            name = re.sub(r"[-_.]+", "-", match.group(1)).lower()
+            pins[name] = (match.group(2), block.count("--hash=sha256:"))
+    return pins
+
+
+def _install_requires():
+    config = ConfigParser()
+    config.read_string(_read("setup.cfg"))
+    names = []
+    for line in config["options"]["install_requires"].splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            names.append(re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9][-A-Za-z0-9_.]*", line).group(0)).lower())
+    return names
+
+
+LOCKS = ("cpython311", "cpython312", "cpython313", "cpython314", "pypy311")
+
+
+@pytest.mark.parametrize("lock", LOCKS)
+def test_each_interpreters_lock_pins_every_dependency_with_hashes_at_the_test_locks_versions(lock):
+    """
+    If a dependency were added to setup.cfg without a refresh of the locks, or a lock disagreed with the test
+    constraints, then the image would not run the versions the tests ran: every lock pins every direct
+    dependency, each pin with at least one hash, at the version of requirements/test.txt.
+    """
+    pins = _pins(os.path.join("requirements", lock + ".txt"))
+    tested = _pins(os.path.join("requirements", "test.txt"))
+    assert set(_install_requires()) <= set(pins)
+    assert all(hashes > 0 for _, hashes in pins.values())
+    assert {name: version for name, (version, _) in pins.items()} == {
+        name: tested[name][0] for name in pins}
+
+
+def test_the_pypy_lock_takes_cffi_from_pypy_and_no_capped_cryptography():
+    """
+    If the PyPy lock pinned cffi (PyPy's own, built in) or a cryptography without PyPy 3.11 wheels (before 44),
+    then the PyPy image would need a compiler or a Rust toolchain.
+    """
+    pypy = _pins(os.path.join("requirements", "pypy311.txt"))
+    cpython = _pins(os.path.join("requirements", "cpython311.txt"))
+    assert "cffi" not in pypy and "cffi" in cpython
+    assert int(pypy["cryptography"][0].split(".")[0]) >= 44
+    assert "cryptography" not in _read("setup.cfg")
+
+
+def test_the_image_installs_from_its_interpreters_lock_with_hashes():
+    """
+    If the Dockerfile resolved dependencies itself, then two builds could run different versions: it names the
+    lock of its interpreter and checks hashes, and it defaults to PyPy for Python 3.11.
+    """
+    dockerfile = _read("Dockerfile")
+    assert re.search(r"^ARG PYTHON_IMAGE=pypy:3\.11-slim$", dockerfile, re.M)
+    assert "--require-hashes" in dockerfile and 'requirements/$(' in dockerfile
+    assert "--no-index" in dockerfile
+    assert "ensurepip" in dockerfile
+
+
+def _bare_venv(path):
+    """
+    The python of a venv holding only pip and setuptools: made by Debian's own python3 (pip 23.0, from
+    python3-venv) where it can, else by the running interpreter; ``None`` where neither can make one (an
+    interpreter without ensurepip).
+    """
+    for python in ("/usr/bin/python3", sys.executable):
+        if os.path.exists(python) and subprocess.run([python, "-m", "venv", "--clear", str(path)],
+                                                     capture_output=True, timeout=120).returncode == 0:
+            return str(path / "bin" / "python")
+    return None
+
+
+def test_pip_builds_the_wheel_in_a_bare_venv(tmp_path):
+    """
+    If the project had no pyproject.toml build system, then pip 23.0 (Debian 12's) took the legacy
+    ``setup.py bdist_wheel`` path and failed without ``wheel`` installed. In a venv holding only pip and
+    setuptools, ``pip wheel .`` builds the wheel, with the plugin and the Python 3.11 floor.
+    """
+    python = _bare_venv(tmp_path / "venv")
+    if python is None:
+        # Still the pyproject.toml path (pip builds in an isolated environment), with this environment's pip.
+        python = sys.executable
+    else:
+        installed = subprocess.run([python, "-m", "pip", "list", "--format=freeze"], capture_output=True,
+                                   text=True, check=True, timeout=60).stdout
+        assert "wheel==" not in installed
+    work = tmp_path / "src"
+    shutil.copytree(REPO, work, ignore=shutil.ignore_patterns(
+        ".git", "*.egg-info", "build", "__pycache__", ".hypothesis", "kvresponder-logs", "bench", "docs"))
+    result = subprocess.run([python, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "dist"), "."],
+                            cwd=work, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("kvresponder-*-py3-none-any.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert "twisted/plugins/kvresponder_plugin.py" in names
+    assert "kvresponder/http/openapi.json" in names
+    assert "Requires-Python: >=3.11" in metadata
+    assert re.search(r"^Requires-Dist: eliot-tree", metadata, re.M)
+    assert re.search(r"^Requires-Dist: twisted<27", metadata, re.M)

@@ -22,18 +22,18 @@ class _Calls:
     def __init__(self):
         self.pending = []
 
-    def post(self, url, headers, body, timeout):
+    def post(self, url, headers, body, timeout, peer_id=""):
         d = Deferred()
         if url.endswith("/_internal/get"):
             self.pending.append((json.loads(body)["keys"], d))
         else:
-            self.pending.append((decode_batch(body), d))
+            self.pending.append((decode_batch(body, 0.0), d))
         return d
 
     def answer_reads(self, index, held):
         keys, d = self.pending.pop(index)
         d.callback((200, json.dumps({"entries": [
-            None if key not in held else entry_to_wire(Entry(key, b"1", (5, 0, "n2")))
+            None if key not in held else entry_to_wire(Entry(key, b"1", (5, 0, "n2")), 0.0)
             for key in keys]}).encode()))
         return keys
 
@@ -47,7 +47,7 @@ def _client():
     clock = Clock()
     client = PeerClient(http=None, clock=clock, tenant="t1", timeout=5.0)
     calls = _Calls()
-    client._post = calls.post
+    client.transport._post = calls.post
     return client, clock, calls
 
 
@@ -134,9 +134,9 @@ def test_a_batch_that_cannot_be_sent_fails_its_writes_and_frees_the_peer(monkeyp
     If encoding a batch raises, then its writes fail with PeerError (so they fail over) instead of waiting
     forever, and later writes to the same peer still go out.
     """
-    import kvresponder.peers as peers
+    import kvresponder.copysender as peers
     client, clock, calls = _client()
-    monkeypatch.setattr(peers, "encode_batch", lambda entries: 1 / 0)
+    monkeypatch.setattr(peers, "encode_batch", lambda entries, now: 1 / 0)
     broken = client.apply_coalesced(PEER, _entry(1))
     clock.advance(0)
     failures = []

@@ -247,12 +247,12 @@ class BulkWriteLoggingTests(unittest.TestCase):
                              sorted(key for key in keys if node in RING.preference_list(key, 2)))
 
     @capture_logging(None, encoder_=None)
-    def test_a_bulk_write_of_one_local_entry_is_a_plain_store_action(self, logger):
-        from kvresponder.log.store import STORE_APPLY, STORE_APPLY_BATCH
+    def test_a_bulk_write_of_one_local_entry_is_a_plain_store_line(self, logger):
+        from kvresponder.log.store import STORE_APPLIED, STORE_APPLY_BATCH
 
         c, _ = self.bulk_coordinator()
         key = key_owned_by("n1", "n2")
         [result] = outcome(c.put_many([(key, b'"v"', None)]))
         self.assertEqual(result.copies, 2)
-        self.assertEqual(len(LoggedAction.ofType(logger.messages, STORE_APPLY)), 1)
+        self.assertEqual(len(LoggedMessage.ofType(logger.messages, STORE_APPLIED)), 1)
         self.assertEqual(LoggedAction.ofType(logger.messages, STORE_APPLY_BATCH), [])

@@ -32,6 +32,7 @@ def test_defaults():
     assert load().redacted() == {
         "tenant": "t1",
         "port": "3000",
+        "listen_address": None,
         "advertise_address": "127.0.0.1",
         "advertise_port": 3000,
         "node_id": "node-1",
@@ -61,8 +62,12 @@ def test_defaults():
         "otlp_endpoint": None,
         "cluster_secret": None,
         "admin_token": None,
+        "cluster_secret_file": None,
+        "admin_token_file": None,
         "insecure_admin": False,
         "replication_stream": True,
+        "max_clock_offset": 0.5,
+        "insecure_cluster": False,
     }
 
 
@@ -231,7 +236,10 @@ BAD_VALUES = [
     ("drain-timeout", "DRAIN_TIMEOUT", "soon"),
     ("max-connections", "MAX_CONNECTIONS", "0"),
     ("log-level", "LOG_LEVEL", "verbose"),
+    ("log-level", "LOG_LEVEL", "warnings"),
+    ("listen-address", "LISTEN_ADDRESS", "localhost"),
     ("insecure-admin", "INSECURE_ADMIN", "maybe"),
+    ("insecure-cluster", "INSECURE_CLUSTER", "perhaps"),
 ]
 
 
@@ -256,6 +264,24 @@ def test_bad_secret_is_not_shown_in_the_error(flag, variable):
     message = error_of(environ={variable: "short-secret"})
     assert message.startswith("--%s (%s): invalid value <redacted>" % (flag, variable))
     assert "short-secret" not in message
+    # ... and says what a valid one is, and how to make one.
+    assert "at least 16 characters" in message and "secrets.token_urlsafe" in message
+
+
+@pytest.mark.parametrize("environ, clustering", [
+    ({}, "disabled"),
+    ({"INSECURE_CLUSTER": "true"}, "insecure"),
+    ({"INSECURE_CLUSTER": "false"}, "disabled"),
+    ({"CLUSTER_SECRET": "x" * 16}, "authenticated"),
+    ({"CLUSTER_SECRET": "x" * 16, "INSECURE_CLUSTER": "true"}, "authenticated"),
+    ({"CLUSTER_SECRET": "", "INSECURE_CLUSTER": "1"}, "insecure"),
+])
+def test_a_node_clusters_only_with_a_secret_or_when_told_to_be_insecure(environ, clustering):
+    """
+    If CLUSTER_SECRET is unset, then the node serves alone unless INSECURE_CLUSTER (--insecure-cluster) is set;
+    with a secret, it clusters with the peers that hold it, and --insecure-cluster changes nothing.
+    """
+    assert load(environ=environ).clustering == clustering
 
 
 def test_secrets_are_redacted():
@@ -361,11 +387,16 @@ def test_discovery_mode_switches_multicast_and_dns_seeds(mode, name, multicast, 
     ({"POD_IP": "10.0.0.7"}, "tcp:3000:interface=0.0.0.0"),
     ({"POD_IP": "10.0.0.7", "PORT": "8080"}, "tcp:8080:interface=0.0.0.0"),
     ({"POD_IP": "10.0.0.7", "PORT": "tcp:8080:interface=10.0.0.7"}, "tcp:8080:interface=10.0.0.7"),
+    # The image sets LISTEN_ADDRESS=0.0.0.0: `docker run -p 3000:3000 -e TENANT=demo` has no POD_IP.
+    ({"LISTEN_ADDRESS": "0.0.0.0"}, "tcp:3000:interface=0.0.0.0"),
+    ({"LISTEN_ADDRESS": "0.0.0.0", "POD_IP": "10.0.0.7"}, "tcp:3000:interface=0.0.0.0"),
+    ({"LISTEN_ADDRESS": "127.0.0.1", "POD_IP": "10.0.0.7"}, "tcp:3000:interface=127.0.0.1"),
+    ({"LISTEN_ADDRESS": "0.0.0.0", "PORT": "tcp:8080:interface=10.0.0.7"}, "tcp:8080:interface=10.0.0.7"),
 ])
 def test_listen_endpoint_is_loopback_only_for_a_loopback_node(environ, expected):
     """
-    If the port is a bare number, then the node listens on loopback when it advertises loopback and on
-    every interface otherwise; an endpoint string is used as given.
+    If the port is a bare number, then the node listens on LISTEN_ADDRESS when it is set, else on loopback
+    when it advertises loopback and on every interface otherwise; an endpoint string is used as given.
     """
     assert load(environ=environ).listen_endpoint == expected
 
@@ -395,3 +426,95 @@ def test_a_retired_key_limit_variable_is_refused_naming_its_replacement():
     message = error_of(environ={"MAX_KEY_BYTES": "1024"})
     assert "MAX_KEY_BYTES" in message and "MAX_KEY_LENGTH" in message
     assert load(environ={"MAX_KEY_LENGTH": "100"}).max_key_length == 100
+
+
+def test_a_listen_address_changes_where_the_node_listens_but_not_what_it_advertises():
+    """
+    If LISTEN_ADDRESS opens the listener to every interface (a container run by hand), then peers are still
+    told the advertise address, which POD_IP sets in Kubernetes.
+    """
+    alone = load(environ={"LISTEN_ADDRESS": "0.0.0.0"})
+    assert (alone.advertise_address, alone.discovery_interface) == ("127.0.0.1", "127.0.0.1")
+    pod = load(environ={"LISTEN_ADDRESS": "0.0.0.0", "POD_IP": "10.0.0.7"})
+    assert (pod.advertise_address, pod.discovery_interface) == ("10.0.0.7", "10.0.0.7")
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("warn", "warning"), ("WARN", "warning"), ("Warning", "warning"), ("DEBUG", "debug"), (" Info ", "info"),
+    ("error", "error"),
+])
+def test_log_levels_are_taken_in_any_case_and_warn_is_warning(given, expected):
+    """
+    If LOG_LEVEL or --log-level names a level in any letter case, or ``warn`` (the seed's name), then the
+    node runs at that level under its canonical name.
+    """
+    assert load(environ={"LOG_LEVEL": given}).log_level == expected
+    assert load(given={"log-level": given}).log_level == expected
+
+
+SECRET_FILES = [("cluster-secret", "CLUSTER_SECRET", "cluster_secret"),
+                ("admin-token", "ADMIN_TOKEN", "admin_token")]
+
+
+@pytest.mark.parametrize("flag, variable, attribute", SECRET_FILES)
+@pytest.mark.parametrize("content", [SECRET, SECRET + "\n", SECRET + "\r\n"])
+def test_a_secret_is_read_from_its_file_without_the_trailing_newline(tmp_path, flag, variable, attribute,
+                                                                     content):
+    """
+    If CLUSTER_SECRET_FILE or ADMIN_TOKEN_FILE names a file (a mounted Secret), then the secret is its text
+    without the line's end, and only the path is shown.
+    """
+    path = tmp_path / "secret"
+    path.write_bytes(content.encode())
+    for settings in (load(environ={variable + "_FILE": str(path)}), load(given={flag + "-file": str(path)})):
+        assert getattr(settings, attribute) == SECRET
+        shown = settings.redacted()
+        assert shown[attribute] == "<set>" and shown[attribute + "_file"] == str(path)
+        assert SECRET not in repr(shown) and SECRET not in repr(settings)
+
+
+@pytest.mark.parametrize("flag, variable, attribute", SECRET_FILES)
+def test_an_unreadable_secret_file_is_one_line_naming_the_option_and_the_path(tmp_path, flag, variable,
+                                                                              attribute):
+    """
+    If the secret's file is missing, unreadable or not text, then loading fails with one line naming the
+    option and the path.
+    """
+    missing = str(tmp_path / "missing")
+    message = error_of(environ={variable + "_FILE": missing})
+    assert message.startswith("--%s-file (%s_FILE): cannot read %r: " % (flag, variable, missing))
+    assert "No such file" in message and "\n" not in message
+    message = error_of(environ={variable + "_FILE": str(tmp_path)})
+    assert message.startswith("--%s-file (%s_FILE): cannot read %r: " % (flag, variable, str(tmp_path)))
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xff" * 20)
+    assert error_of(given={flag + "-file": str(binary)}) == "--%s-file: %r is not UTF-8 text" % (flag, str(binary))
+
+
+@pytest.mark.parametrize("flag, variable, attribute", SECRET_FILES)
+def test_a_short_secret_in_a_file_is_refused_without_being_shown(tmp_path, flag, variable, attribute):
+    """
+    If the file holds a secret under 16 characters (an empty file, say), then loading fails naming the option
+    and the path, not the secret.
+    """
+    path = tmp_path / "short"
+    path.write_text("short-secret\n")
+    message = error_of(environ={variable + "_FILE": str(path)})
+    assert message.startswith("--%s-file (%s_FILE): the secret in %r is invalid: must be at least 16"
+                              % (flag, variable, str(path)))
+    assert "short-secret" not in message
+
+
+@pytest.mark.parametrize("flag, variable, attribute", SECRET_FILES)
+def test_a_secret_and_its_file_together_are_refused(tmp_path, flag, variable, attribute):
+    """
+    If a secret is given both as a value and as a file, then loading fails naming both, rather than one of
+    them silently winning.
+    """
+    path = tmp_path / "secret"
+    path.write_text(SECRET)
+    message = error_of(given={flag: SECRET}, environ={variable + "_FILE": str(path)})
+    assert message == "--%s and --%s-file (%s_FILE) are both set: set only one" % (flag, flag, variable)
+    message = error_of(environ={variable: SECRET, variable + "_FILE": str(path)})
+    assert message == "--%s (%s) and --%s-file (%s_FILE) are both set: set only one" % (
+        flag, variable, flag, variable)

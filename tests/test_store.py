@@ -488,7 +488,7 @@ def test_older_write_cannot_resurrect_a_deleted_key():
     store, _, _ = make_store()
     store.apply(put("k", b"1", 1))
     store.apply(tomb("k", 3))
-    assert store.apply(put("k", b"stale", 2)) == ApplyResult(False, False)
+    assert store.apply(put("k", b"stale", 2)) == ApplyResult(False, False, (3, 0, "n1"))
     assert store.get("k") is None
     assert store.apply(put("k", b"new", 4)) == ApplyResult(True, False)
     assert store.get("k").value == b"new"
@@ -547,11 +547,12 @@ def test_delete_of_an_unknown_key_still_records_the_tombstone():
 def test_apply_reports_whether_it_applied_and_whether_a_live_value_existed():
     """
     If entries of various ages arrive, then ``apply`` keeps the newest and reports ``applied`` and
-    ``had_live`` accordingly; an equal version is not applied again.
+    ``had_live`` accordingly, and the newer version it holds when it keeps it; an equal version is not
+    applied again.
     """
     store, _, _ = make_store()
     assert store.apply(put("k", b"1", 2)) == ApplyResult(True, False)
-    assert store.apply(put("k", b"0", 1)) == ApplyResult(False, True)
+    assert store.apply(put("k", b"0", 1)) == ApplyResult(False, True, (2, 0, "n1"))
     assert store.apply(put("k", b"1", 2)) == ApplyResult(False, True)
     assert store.apply(put("k", b"2", 3)) == ApplyResult(True, True)
     assert store.get("k").value == b"2"

@@ -19,13 +19,15 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
-from ..coordinator import REMOTE, Unavailable
+from ..coordinator import REMOTE, ClockSkewed, Unavailable
 from ..hlc import format_version
 from ..log import UnknownLevel
 from ..log.service import LEVELS_CHANGED
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..store import EntryTooLarge
 from .errors import APIError, bad_request, error_body, method_not_allowed, not_found, too_large, unavailable, write_error
+from ..privateapi import request_gone
+from .limits import BULK, VALUE
 from .site import json_bytes
 
 MAX_LIST_LIMIT = 10000
@@ -186,7 +188,7 @@ def entry_json(entry) -> bytes:
 
 
 def _write_json(request, status: int, body: bytes) -> None:
-    if request.finished or request._disconnected:
+    if request.finished or request_gone(request):
         return
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", _JSON)
@@ -199,7 +201,7 @@ def _write_json(request, status: int, body: bytes) -> None:
     request.finish()
 
 
-def _failure_body(request, failure) -> Optional[bytes]:
+def failure_body(request, failure) -> Optional[bytes]:
     """
     The JSON error body for an expected failure (with status and headers set), or ``None`` after
     answering an unexpected one with a bare 500.
@@ -208,6 +210,8 @@ def _failure_body(request, failure) -> Optional[bytes]:
         error = failure.value
     elif failure.check(Unavailable):
         error = unavailable(str(failure.value) or "Too few replicas are reachable.")
+    elif failure.check(ClockSkewed):
+        error = APIError(503, "clock_skew", str(failure.value))
     elif failure.check(EntryTooLarge):
         error = too_large("The entry is larger than the whole memory budget.")
     else:
@@ -216,10 +220,14 @@ def _failure_body(request, failure) -> Optional[bytes]:
     return write_error(request, error)
 
 
+def _rounded(value: Optional[float]) -> Optional[float]:
+    return None if value is None else round(value, 6)
+
+
 def _write_failure(request, failure) -> None:
-    if request.finished or request._disconnected:
+    if request.finished or request_gone(request):
         return
-    body = _failure_body(request, failure)
+    body = failure_body(request, failure)
     if body is None or request.finished:
         return
     request.setHeader(b"Content-Length", b"%d" % (len(body),))
@@ -255,10 +263,10 @@ class KVResource(Resource):
                 with request.begin("/kv/{key}", read=True):
                     return self._get(request, key)
             if method == b"PUT":
-                with request.begin("/kv/{key}"):
+                with request.begin("/kv/{key}", alone=self._coordinator.is_local_only()):
                     return self._put(request, key)
             if method == b"DELETE":
-                with request.begin("/kv/{key}"):
+                with request.begin("/kv/{key}", alone=self._coordinator.is_local_only()):
                     return self._delete(request, key)
             raise method_not_allowed(["GET", "HEAD", "PUT", "DELETE"])
         except APIError as error:
@@ -274,7 +282,10 @@ class KVResource(Resource):
     def _get(self, request, key: str):
         if not self._node.serving():
             raise unavailable("The node is not serving yet.")
-        entry = self._coordinator.get_nowait(key)
+        try:
+            entry = self._coordinator.get_nowait(key)
+        except ClockSkewed as error:
+            raise APIError(503, "clock_skew", str(error))
         if entry is not REMOTE:
             # Answered from this node's own store: render at once, without a Deferred. A GET returns its
             # body for Twisted to frame; a HEAD goes through _write_json, which Twisted sends bodiless.
@@ -379,17 +390,17 @@ def json_route(app: Klein, path: str, methods, read: bool = False):
                     # Klein waits for a Deferred and writes the bytes it fires with; it must not be
                     # handed NOT_DONE_YET, which it would answer at once with an empty page.
                     d = ensureDeferred(result) if not isinstance(result, Deferred) else result
-                    d.addCallback(lambda value: _render_value(request, value))
-                    d.addErrback(lambda failure: _failure_body(request, failure))
+                    d.addCallback(lambda value: render_value(request, value))
+                    d.addErrback(lambda failure: failure_body(request, failure))
                     return d
-                return _render_value(request, result)
+                return render_value(request, result)
         handler.__name__ = function.__name__
         handler.__doc__ = function.__doc__
         return app.route(path, methods=methods, strict_slashes=False)(handler)
     return decorator
 
 
-def _render_value(request, result) -> bytes:
+def render_value(request, result) -> bytes:
     status = 200
     if isinstance(result, tuple):
         status, result = result
@@ -429,9 +440,36 @@ class PublicAPI:
 
     def __init__(self, node) -> None:
         self._node = node
+        self._limits = {}
 
     def resource(self):
         return self.app.resource()
+
+    #: The body limit of each route that has a larger one than a value's.
+    BODY_LIMITS = {"bulk": BULK}
+
+    def body_limit_for(self, segments, method: bytes) -> str:
+        """
+        The body limit of the route that Klein matches for the decoded path ``segments`` below the tenant
+        and ``method``: the same path Klein builds from the request's ``postpath``, against the same rules.
+        """
+        path = b"/".join(segments)
+        if not path.startswith(b"/"):
+            path = b"/" + path
+        # Werkzeug's match costs about 20 µs: each path and method is matched once (a client uses a few).
+        cached = self._limits.get((path, method))
+        if cached is not None:
+            return cached
+        try:
+            rule, _ = self.app.url_map.bind("localhost", path_info=path.decode("utf-8"),
+                                            default_method=method.decode("utf-8")).match(return_rule=True)
+            limit = self.BODY_LIMITS.get(rule.endpoint, VALUE)
+        except (HTTPException, UnicodeDecodeError):
+            limit = VALUE
+        if len(self._limits) >= 256:
+            self._limits.clear()
+        self._limits[(path, method)] = limit
+        return limit
 
     @json_route(app, "/health", ["GET", "HEAD"], read=True)
     def health(self, request):
@@ -450,13 +488,15 @@ class PublicAPI:
         Readiness: 200 once the node has joined and loaded its share; 503 while starting or draining, so
         Kubernetes routes no client to it.
         """
-        state = self._node.state
+        state = self._node.readiness()
         return (200 if state == "ready" else 503), {"status": state, "node": self._node.node_id}
 
     @json_route(app, "/peers", ["GET", "HEAD"], read=True)
     def peers(self, request):
         now = self._node.clock.seconds()
-        return [peer.as_json(now) for peer in self._node.membership.peers()]
+        clock = self._node.clock_offsets
+        return [dict(peer.as_json(now), clock_offset_s=_rounded(clock.offset(peer.node_id)))
+                for peer in self._node.membership.peers()]
 
     @app.route("/metrics", methods=["GET", "HEAD"], strict_slashes=False)
     def metrics(self, request):

@@ -2,8 +2,10 @@
 ``GET /<tenant>/_internal/copies``: a peer upgrades its connection to a copy stream
 (:mod:`kvresponder.copystream`).
 
-The upgrade is authenticated as every internal call is (the signature covers the method and the path). The
-answer is ``101 Switching Protocols`` and, from then on, the connection carries frames, not HTTP. A request
+The upgrade is guarded as every internal call is (:class:`~kvresponder.http.peerguard.PeerGuard`: the signature
+covers the method and the path), takes no body, and each batch on the stream is checked as a batch sent to
+``/_internal/apply`` is (:func:`~kvresponder.http.schemas.check_entries`). The answer is ``101 Switching
+Protocols`` and, from then on, the connection carries frames, not HTTP. A request
 that is not an upgrade gets a JSON 426; a connection that cannot be handed over (anything but a plain TCP
 connection, such as a test's in-memory transport) gets a JSON 501, and the caller sends its copies as HTTP
 requests instead. The stream is closed once no whole frame has arrived for ``REQUEST_TIMEOUT`` seconds, as an
@@ -15,22 +17,26 @@ from twisted.web.server import NOT_DONE_YET
 
 from ..copystream import UPGRADE_TOKEN, CopyStreamServer, new_nonce, upgrade_answer
 from ..log.replication import STREAM_ACCEPTED
-from ..peers import AUTH_HEADER
-from .errors import APIError, write_error
+from .errors import APIError, bad_request, write_error
+from .peerguard import PeerGuard
+from .schemas import check_entries
 
 
 class CopyStreamResource(Resource):
     """
     :param node: the :class:`~kvresponder.node.Node` whose coordinator applies the copies.
-    :param authenticator: a :class:`~kvresponder.peers.PeerAuthenticator`, or ``None`` without a secret.
+    :param guard: the :class:`~kvresponder.http.peerguard.PeerGuard` that says who may open a stream.
     """
 
     isLeaf = True
 
-    def __init__(self, node, authenticator=None) -> None:
+    def __init__(self, node, guard: PeerGuard) -> None:
         Resource.__init__(self)
         self._node = node
-        self._auth = authenticator
+        #: Copy streams peers have open to this node now.
+        self.open = 0
+        node.metrics.register_gauge("kv_copy_streams_incoming", lambda: self.open)
+        self._guard = guard
 
     def render(self, request):
         request.route = "/_internal/copies"
@@ -42,18 +48,21 @@ class CopyStreamResource(Resource):
         address = "%s:%s" % (getattr(client, "host", "?"), getattr(client, "port", "?"))
         nonce = new_nonce()
         node, channel = self._node, request.channel
+        apply_copies = node.coordinator.apply_copies
+        authenticator = self._guard.authenticator
 
         def closed(reason) -> None:
-            node.copy_streams_in -= 1
+            self.open -= 1
             channel.connectionLost(reason)
 
         protocol = CopyStreamServer(
-            node.coordinator.apply_copies, self._auth.stream_key() if self._auth is not None else None,
+            lambda entries, task_ids: apply_copies(check_entries(entries), task_ids),
+            authenticator.stream_key() if authenticator is not None else None,
             nonce, channel.site.internal_body_limit, closed, address, channel.site.reactor,
-            channel.site.request_deadline)
-        node.copy_streams_in += 1
+            channel.site.request_deadline, wall=node.wall)
+        self.open += 1
         if not request.switch_protocols(protocol, upgrade_answer(nonce)):
-            node.copy_streams_in -= 1
+            self.open -= 1
             return write_error(request, APIError(
                 501, "not_implemented", "This connection cannot carry a copy stream; send copies as requests."))
         STREAM_ACCEPTED.log(address=address)
@@ -62,9 +71,10 @@ class CopyStreamResource(Resource):
     def _check(self, request) -> None:
         if request.method != b"GET":
             raise APIError(405, "method_not_allowed", "Open a copy stream with GET.", {b"Allow": b"GET"})
-        if self._auth is not None and not self._auth.verify(
-                request.getHeader(AUTH_HEADER), request.method, request.path, b""):
-            raise APIError(401, "unauthorized", "Internal routes need a valid cluster signature.")
+        body = request.content.read()
+        self._guard.check(request, body)
+        if body:
+            raise bad_request("invalid_body", "The upgrade to a copy stream takes no body.")
         if (request.getHeader(b"upgrade") or b"").lower() != UPGRADE_TOKEN:
             raise APIError(426, "upgrade_required", "Upgrade to %s to open a copy stream." % (
                 UPGRADE_TOKEN.decode("ascii"),), {b"Upgrade": UPGRADE_TOKEN, b"Connection": b"Upgrade"})

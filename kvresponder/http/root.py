@@ -9,14 +9,20 @@ The resource tree: ``/<tenant>/`` and nothing else.
     /<tenant>/_internal/copies  CopyStreamResource (a peer's copy stream: an HTTP upgrade)
     /<tenant>/_internal/... InternalAPI (Klein; peers only)
     /<tenant>/...           PublicAPI (Klein)
+
+The tree also says which body limit each request gets (:meth:`RootResource.body_limit_for`): the limit of
+the resource the path routes to, found by the same walk over the same decoded segments, before the body
+is read.
 """
 
 from twisted.web.resource import Resource
 
 from .api import KVResource, PublicAPI
+from .limits import INTERNAL, VALUE
 from .copies import CopyStreamResource
 from .errors import bad_request, not_found, write_error
 from .internal import InternalAPI
+from .peerguard import PeerGuard
 
 
 class _NotFound(Resource):
@@ -42,12 +48,15 @@ class TenantResource(Resource):
     Everything under ``/<tenant>/``.
     """
 
-    def __init__(self, kv: Resource, public: Resource, internal: Resource, copies: Resource) -> None:
+    def __init__(self, kv: Resource, public: Resource, internal: Resource, copies: Resource,
+                 public_limit=None, internal_limit: str = INTERNAL) -> None:
         Resource.__init__(self)
         self.kv = self._kv = kv
         self._public = public
         self._internal = internal
         self._copies = copies
+        self._public_limit = public_limit
+        self._internal_limit = internal_limit
 
     def getChildWithDefault(self, path: bytes, request):
         if path == b"kv":
@@ -66,6 +75,27 @@ class TenantResource(Resource):
         request.prepath.pop()
         request.postpath.insert(0, path)
         return self._public
+
+    def body_limit_for(self, segments, method: bytes) -> str:
+        """
+        The body limit (:mod:`~kvresponder.http.limits`) of the resource that the decoded ``segments``
+        below the tenant route to, as :meth:`getChildWithDefault` routes them.
+        """
+        if not segments:
+            return VALUE
+        path = segments[0]
+        if path == b"kv":
+            return VALUE
+        try:
+            for segment in segments:
+                segment.decode("utf-8")
+        except UnicodeDecodeError:
+            return VALUE
+        if path == b"_internal":
+            return self._internal_limit
+        if self._public_limit is None:
+            return VALUE
+        return self._public_limit(segments, method)
 
     def render(self, request):
         return write_error(request, not_found("No such route; try kv, health, peers, metrics or diag."))
@@ -87,6 +117,16 @@ class RootResource(Resource):
             return self._tenant_resource
         return self._elsewhere
 
+    def body_limit_for(self, segments, method: bytes) -> str:
+        """
+        The body limit (:mod:`~kvresponder.http.limits`) of the resource that a request for the decoded path
+        ``segments`` (the path without its query string, split at ``/`` and each part percent-decoded, as
+        :class:`~kvresponder.http.site.KVRequest` gives them to traversal) and ``method`` routes to.
+        """
+        if segments and segments[0] == self._tenant:
+            return self._tenant_resource.body_limit_for(segments[1:], method)
+        return VALUE
+
     def shortcuts(self):
         """
         Path prefixes whose requests all end at one leaf, for :class:`~kvresponder.http.site.KVSite` to
@@ -99,6 +139,15 @@ class RootResource(Resource):
 
 
 def build_root(node, authenticator=None) -> RootResource:
-    tenant = TenantResource(KVResource(node), PublicAPI(node).resource(),
-                            InternalAPI(node, authenticator).resource(), CopyStreamResource(node, authenticator))
+    """
+    The whole tree of ``node``. Internal routes check signatures with ``authenticator``, by default the node's
+    own (from CLUSTER_SECRET); without one they are closed, unless the node was started with
+    ``--insecure-cluster``.
+    """
+    guard = PeerGuard(authenticator or node.authenticator, node.settings.insecure_cluster)
+    public = PublicAPI(node)
+    # Internal routes closed to everyone take no more than a value: their answer is 403 whatever the body.
+    tenant = TenantResource(KVResource(node), public.resource(), InternalAPI(node, guard).resource(),
+                            CopyStreamResource(node, guard), public.body_limit_for,
+                            VALUE if guard.closed else INTERNAL)
     return RootResource(node.settings.tenant, tenant)

@@ -20,8 +20,11 @@ from twisted.web.server import Request, Site
 
 from ..log import DEBUG, INFO
 from ..log.http import HTTP_READ, HTTP_REJECTED, HTTP_REQUEST
+from ..privateapi import (answer_bad_requests, channel_between_requests, handle_star, request_gone, request_target,
+                          skip_form_parsing, stop_idle_timeout, take_unread)
 from ..sendnow import send_now
 from .errors import APIError, error_body, write_error
+from .limits import BULK, INTERNAL, VALUE
 
 
 class _Discard:
@@ -91,23 +94,18 @@ class KVRequest(Request):
 
     def __init__(self, *args, **kwargs) -> None:
         Request.__init__(self, *args, **kwargs)
-        # The API speaks JSON only: a form POST gets a 415 from its route, not Twisted's form parsing (its
-        # bare 400 when the form is malformed). Request.__init__ sets this on the instance, so a class
-        # attribute would not do; and parsing the Content-Type of every POST through the email package cost
-        # a quarter of a peer's time answering replicated writes.
-        self._parsePOSTFormSubmission = False
+        # The API speaks JSON only: a form POST gets a 415 from its route, not Twisted's form parsing.
+        skip_form_parsing(self)
 
-    def _body_limit(self) -> int:
-        site = self.channel.site
-        path = getattr(self.channel, "_path", b"") or b""
-        if b"/_internal/" in path:
-            return site.internal_body_limit
-        if path.rstrip(b"/").endswith(b"/bulk"):
-            return site.bulk_body_limit
-        return site.body_limit
+    _limit = 0
 
     def gotLength(self, length: Optional[int]) -> None:
-        self._limit = self._body_limit()
+        if length == 0:
+            # No body (every GET): no limit to find.
+            Request.gotLength(self, length)
+            return
+        channel = self.channel
+        self._limit = channel.site.body_limit_for(*request_target(channel))
         if length is not None and length > self._limit:
             self._too_large = True
             self.content = _Discard()
@@ -148,7 +146,7 @@ class KVRequest(Request):
         if path == b"*":
             self.prepath = []
             self.postpath = [b""]
-            self._handleStar()
+            self._answer_star()
             return
         tracing = site.tracing
         if tracing is not None:
@@ -173,15 +171,24 @@ class KVRequest(Request):
             if tracing is not None:
                 tracing.detach(self._span)
 
-    def begin(self, route: str, read: bool = False):
+    def begin(self, route: str, read: bool = False, alone: bool = False):
         """
         Name the route and return a context manager: if the log level admits it, what runs inside it runs
         inside this request's Eliot action, which :meth:`finish` completes; otherwise it does nothing (one
         shared object, so that an unlogged request allocates nothing here).
+
+        :param bool read: a kv read: an ``http:read`` action, at debug level.
+        :param bool alone: a kv write no other node takes part in (a node alone in its ring): its
+            ``http:request`` action is logged at debug level only, and its ``store:applied`` line is its
+            info-level record. A write other nodes copy keeps the action at info, as the root of the tree its
+            copies join across nodes.
         """
         self.route = route
         policy = self._kv_site.log_policy
-        action_type, level = (HTTP_READ, DEBUG) if read else (HTTP_REQUEST, INFO)
+        if read:
+            action_type, level = HTTP_READ, DEBUG
+        else:
+            action_type, level = HTTP_REQUEST, DEBUG if alone else INFO
         if policy is None or not policy.enabled("http", level):
             return _UNLOGGED
         self._action = action_type(method=self.method.decode("ascii", "replace"), route=route)
@@ -258,9 +265,9 @@ class KVRequest(Request):
             return b"localhost"
         return name
 
-    def _handleStar(self) -> None:
+    def _answer_star(self) -> None:
         if self.method == b"OPTIONS":
-            Request._handleStar(self)
+            handle_star(self)
             return
         body = write_error(self, APIError(405, "method_not_allowed", "The * target takes OPTIONS only.",
                                           {b"Allow": b"OPTIONS"}))
@@ -274,7 +281,7 @@ class KVRequest(Request):
         failed.
         """
         write_traceback(exc_info=(reason.type, reason.value, reason.tb))
-        if self.finished or self._disconnected:
+        if self.finished or request_gone(self):
             return reason
         body = error_body("internal_error", "The server failed to handle this request.")
         self.setResponseCode(500)
@@ -407,7 +414,7 @@ class _CountedChannel(HTTPChannel):
         self.timeoutConnection()
 
     def dataReceived(self, data):
-        if self._request_started is None and not self._handlingRequest:
+        if self._request_started is None and channel_between_requests(self):
             site = self.site
             self._request_started = site.seconds()
             if self._deadline is None:
@@ -456,14 +463,13 @@ class _CountedChannel(HTTPChannel):
         if type(transport) is not tcp.Server or transport.disconnecting:
             return False
         self._cancel_deadline()
-        self.timeOut = self._savedTimeOut = None
+        stop_idle_timeout(self)
         if self._idle_call is not None:
             if self._idle_call.active():
                 self._idle_call.cancel()
             self._idle_call = None
         del self.requests[:]
-        leftover = self.clearLineBuffer() + b"".join(self._dataBuffer)
-        self._dataBuffer = []
+        leftover = take_unread(self)
         self.paused = True
         transport.unregisterProducer()
         # Reading may have been paused while the request was handled; nothing of HTTP's would resume it now.
@@ -479,14 +485,6 @@ class _CountedChannel(HTTPChannel):
                 write_traceback()
                 transport.abortConnection()
         return True
-
-    def _respondToBadRequestAndDisconnect(self):
-        # Twisted's own parser refused the bytes (a bad header line, a bad Content-Length or chunk, ...):
-        # answer in the API's error format rather than with a bare status line.
-        body = error_body("bad_request", "The request is not well-formed HTTP/1.1.")
-        self.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
-                             b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        self.loseConnection()
 
     def _check_deadline(self):
         self._deadline = None
@@ -520,6 +518,20 @@ class _CountedChannel(HTTPChannel):
         HTTPChannel.connectionLost(self, reason)
 
 
+def _answer_bad_request(channel) -> None:
+    """
+    Twisted's own parser refused the bytes (a bad header line, a bad Content-Length or chunk, ...): answer in
+    the API's error format rather than with a bare status line.
+    """
+    body = error_body("bad_request", "The request is not well-formed HTTP/1.1.")
+    channel.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+                            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    channel.loseConnection()
+
+
+answer_bad_requests(_CountedChannel, _answer_bad_request)
+
+
 class KVSite(Site):
     """
     :param resource: the root resource.
@@ -547,15 +559,42 @@ class KVSite(Site):
         self.body_limit = body_limit
         self.bulk_body_limit = bulk_body_limit or 8 * body_limit
         self.internal_body_limit = max(internal_body_limit, 4 * body_limit)
+        self._body_limits = {VALUE: self.body_limit, BULK: self.bulk_body_limit, INTERNAL: self.internal_body_limit}
+        #: The root's own routing of a path to a body limit (``body_limit_for``); a root without one gives every
+        #: request the value limit.
+        self._route_limit = getattr(resource, "body_limit_for", None)
         self.max_connections = max_connections
         self.max_header_bytes = max_header_bytes
         self.request_deadline = timeout
         self.open_connections = 0
+        if metrics is not None:
+            metrics.register_gauge("kv_open_connections", lambda: self.open_connections)
         self.tracing = tracing if tracing is not None and tracing.enabled else None
         #: (path prefix, its segments, leaf): a root resource may name leaves that traversal reaches for every
         #: path under a prefix (``shortcuts()``), and requests under it go there without the walk.
         self.shortcuts = [(prefix, tuple(prefix.strip(b"/").split(b"/")), leaf)
                           for prefix, leaf in getattr(resource, "shortcuts", lambda: [])()]
+        #: The same, with the body limit of each, for requests that have a body.
+        self._shortcut_limits = [(prefix, self._routed_limit(prefix, b"PUT")) for prefix, _, _ in self.shortcuts]
+
+    def body_limit_for(self, target: bytes, method: bytes) -> int:
+        """
+        The largest body, in bytes, of a request for ``target`` (the raw request target) with ``method``: the
+        limit of the route its path leads to, as the resource tree routes it. Decided before the body is read,
+        from the path alone (never the query string), split and percent-decoded as :meth:`KVRequest.process`
+        does it for traversal.
+        """
+        path = target.split(b"?", 1)[0]
+        for prefix, limit in self._shortcut_limits:
+            if path.startswith(prefix):
+                return limit
+        return self._routed_limit(path, method)
+
+    def _routed_limit(self, path: bytes, method: bytes) -> int:
+        route = self._route_limit
+        if route is None:
+            return self.body_limit
+        return self._body_limits[route([unquote(segment) for segment in path[1:].split(b"/")], method)]
 
     def log(self, request) -> None:
         # Requests are accounted by KVRequest as metrics and Eliot actions, not as access-log lines.

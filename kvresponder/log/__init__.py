@@ -13,11 +13,14 @@ import sys
 from random import getrandbits
 from typing import Dict, IO, Optional
 
-import eliot._action
+from ..privateapi import set_task_uuid_factory
+
 
 DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40
 LEVELS = {"debug": DEBUG, "info": INFO, "warning": WARNING, "error": ERROR}
 LEVEL_NAMES = {value: name for name, value in LEVELS.items()}
+#: Other names taken for a level: the seed's contract lists ``warn``.
+LEVEL_ALIASES = {"warn": "warning"}
 AREAS = ("http", "store", "discovery", "replication", "rebalance", "service")
 
 #: type name -> (area, level), filled in by :func:`leveled` as the area modules are imported.
@@ -33,6 +36,17 @@ def leveled(area: str, level: int, eliot_type):
     name = getattr(eliot_type, "action_type", None) or getattr(eliot_type, "message_type")
     _TYPE_LEVELS[name] = (area, level)
     return eliot_type
+
+
+def canonical_level(name) -> Optional[str]:
+    """
+    The level named, in any letter case and with ``warn`` for ``warning``; ``None`` if there is no such level.
+    """
+    if not isinstance(name, str):
+        return None
+    name = name.lower()
+    name = LEVEL_ALIASES.get(name, name)
+    return name if name in LEVELS else None
 
 
 class UnknownLevel(ValueError):
@@ -60,9 +74,10 @@ class LogPolicy:
 
     @staticmethod
     def _parse(level) -> int:
-        if not isinstance(level, str) or level.lower() not in LEVELS:
-            raise UnknownLevel("unknown log level %r; levels are %s" % (level, ", ".join(LEVELS)))
-        return LEVELS[level.lower()]
+        name = canonical_level(level)
+        if name is None:
+            raise UnknownLevel("unknown log level %r; levels are %s (or warn)" % (level, ", ".join(LEVELS)))
+        return LEVELS[name]
 
     def enabled(self, area: str, level: int) -> bool:
         return level >= self._levels[area]
@@ -117,8 +132,8 @@ class JSONLineDestination:
         timestamp = message.get("timestamp")
         if type(timestamp) is float:
             # The timestamp is written to the microsecond by integer formatting: the encoder's shortest
-            # round-trip repr of a float was a third of a line's encoding on PyPy. The message goes back as
-            # it came, for the other destinations.
+            # round-trip repr of a float was a large share of a line's encoding on PyPy. The message goes back
+            # as it came, for the other destinations.
             del message["timestamp"]
             try:
                 text = self._encode(message)
@@ -135,7 +150,7 @@ class JSONLineDestination:
             self._stream.flush()
             return
         # Buffered: lines wait as text and go to the stream together, one encode and one write for many
-        # (a write to a buffered file per line cost PyPy about 1.4 µs of the 4.5 µs a line costs).
+        # (a write to a buffered file per line was a large share of a line's cost on PyPy).
         pending = self._pending
         pending.append(line)
         if len(pending) >= PENDING_LINES:
@@ -150,7 +165,7 @@ class JSONLineDestination:
     def flush(self) -> None:
         """
         Write out what is buffered. A destination made with ``flush=False`` is flushed on a timer and at
-        shutdown instead of after every line (a system call per message was a fifth of a write's cost).
+        shutdown instead of after every line (a system call per message costs more than the line itself).
         """
         self._write_pending()
         self._stream.flush()
@@ -179,11 +194,11 @@ def random_task_uuid() -> str:
     """
     A random version-4 UUID as text, drawn from the process's Mersenne Twister rather than the system's
     random source: a task id must be unique, not secret, and ``uuid.uuid4`` costs a system call
-    (``os.urandom``) for every task, a twentieth of a logged write on PyPy. The generator is seeded from the
+    (``os.urandom``) for every task. The generator is seeded from the
     system at start-up and reseeded in a forked child, so processes do not repeat each other's ids.
     """
     # The 122 random bits of a version-4 UUID, drawn in fields narrower than a machine word (on PyPy, a
-    # 128-bit draw and its masks are big integers: twice the cost).
+    # 128-bit draw and its masks are big integers, which cost more).
     return "%08x-%04x-%04x-%04x-%012x" % (getrandbits(32), getrandbits(16), 0x4000 | getrandbits(12),
                                           0x8000 | getrandbits(14), getrandbits(48))
 
@@ -194,4 +209,4 @@ def use_fast_task_ids() -> None:
     inside ``eliot._action``; this replaces that module's ``uuid4``. The running service turns it on; the
     ids keep the UUID text form that ``eliot-tree`` and log queries expect.
     """
-    eliot._action.uuid4 = random_task_uuid
+    set_task_uuid_factory(random_task_uuid)

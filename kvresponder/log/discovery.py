@@ -4,7 +4,7 @@ Eliot types of the discovery area.
 
 from eliot import ActionType, Field, MessageType
 
-from . import DEBUG, INFO, leveled
+from . import DEBUG, ERROR, INFO, WARNING, leveled
 
 PEER = Field.for_types("peer", [str], "The peer's node id.")
 CHANGE = Field.for_types("change", [str], "joined, restarted, moved, left or dead.")
@@ -39,3 +39,25 @@ SEEDS_FAILED = leveled("discovery", INFO, MessageType(
     "kvresponder:discovery:seeds-failed",
     [Field.for_types("name", [str], "The DNS name."), REASON],
     "The DNS seeds could not be resolved; the previous addresses are kept."))
+
+SKEW = Field.for_types("skew", [float], "This node's clock offset from the cluster's, in seconds (positive: ahead).")
+MAX_OFFSET = Field.for_types("max_offset", [float], "MAX_CLOCK_OFFSET, in seconds.")
+
+CLOCK_SKEWED = leveled("discovery", ERROR, MessageType(
+    "kvresponder:discovery:clock-skewed",
+    [SKEW, MAX_OFFSET, Field.for_types("peers", [int], "Peers whose clocks were measured.")],
+    "This node's clock is further than MAX_CLOCK_OFFSET from most of its peers' clocks: it is not ready and "
+    "coordinates no write until its clock comes back."))
+
+CLOCK_RECOVERED = leveled("discovery", INFO, MessageType(
+    "kvresponder:discovery:clock-recovered", [SKEW, MAX_OFFSET],
+    "This node's clock is back within MAX_CLOCK_OFFSET of its peers' clocks: it coordinates writes again."))
+
+CLOCK_AHEAD = leveled("discovery", WARNING, MessageType(
+    "kvresponder:discovery:clock-ahead",
+    [PEER, Field.for_types("offset", [float], "How far ahead its clock is, in seconds.")],
+    "A peer's heartbeat carried a time further ahead than MAX_CLOCK_OFFSET: it was refused."))
+HEARTBEAT_IGNORED = leveled("discovery", WARNING, MessageType(
+    "kvresponder:discovery:heartbeat-ignored", [PEER, SOURCE],
+    "A peer's heartbeat was ignored because this node serves alone (no CLUSTER_SECRET and no "
+    "--insecure-cluster); logged once per peer."))

@@ -14,10 +14,10 @@ VERSION = Field.for_types("version", [str], "The write's version.")
 COPIES = Field.for_types("copies", [int], "Copies stored.")
 CODE = Field.for_types("code", [int], "HTTP status answered by the peer.")
 
-#: Debug, as a read's is: at info a write's tree is the client request's action with each node's ``store:apply``
-#: in it (and any ``copy-failed`` or ``hinted``); this action around them cost 8–10 µs of the coordinator's
-#: 90 µs a replicated write on PyPy. (With the http area above info there is no request action, and each node's
-#: ``store:apply`` is a task of its own.)
+#: Debug, as a read's is: at info a write's tree is the client request's action with each node's store line or
+#: action in it (and any ``copy-failed`` or ``hinted``), and this action around them would be a sizeable share of
+#: a replicated write's cost. (With the http area above info there is no request action, and each node's store
+#: line or action is a task of its own.)
 COORDINATE_WRITE = leveled("replication", DEBUG, ActionType(
     "kvresponder:replication:write", [KEY, OP, VERSION, TARGETS], [COPIES],
     "This node coordinated a write to the key's replicas."))
@@ -75,3 +75,9 @@ STREAM_REJECTED = leveled("replication", WARNING, MessageType(
     [Field.for_types("address", [str], "The caller's address and port."),
      Field.for_types("reason", [str], "What was wrong with its frame.")],
     "A copy stream sent a frame that failed its checks (MAC, order, size); the connection was dropped."))
+
+CLOCK_REJECTED = leveled("replication", WARNING, MessageType(
+    "kvresponder:replication:clock-rejected",
+    [KEY, VERSION, Field.for_types("count", [int], "Entries of the batch with such a version.")],
+    "A peer's entry carried a version further ahead of this node's clock than MAX_CLOCK_OFFSET: it is stored by "
+    "version order, but this node's clock does not adopt its time."))

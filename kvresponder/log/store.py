@@ -17,6 +17,13 @@ STORE_APPLY = leveled("store", INFO, ActionType(
     "kvresponder:store:apply", [KEY, VERSION, TOMBSTONE], [APPLIED, HAD_LIVE],
     "An entry was applied to this node's store (last writer wins)."))
 
+#: A write stored by the node that took it (the coordinator), a read repair, a copy sent with no task: one line,
+#: not an action. It sits in the client request's tree when there is one (a write other nodes copy), and is
+#: the write's only info-level line when there is none (a node alone in its ring).
+STORE_APPLIED = leveled("store", INFO, MessageType(
+    "kvresponder:store:applied", [KEY, VERSION, TOMBSTONE, APPLIED, HAD_LIVE],
+    "An entry was applied to this node's store (last writer wins)."))
+
 STORE_EVICTED = leveled("store", DEBUG, MessageType(
     "kvresponder:store:evicted", [COUNT], "Least recently used entries were evicted to stay in budget."))
 

@@ -1,0 +1,116 @@
+"""
+Sending a batch of the copies of client writes to a peer, behind one interface, :class:`ICopySender`.
+
+Two senders implement it:
+
+- :class:`RequestCopySender`: one ``POST /<tenant>/_internal/apply`` a batch, over the peer transport (treq and
+  its pooled connections);
+- :class:`StreamCopySender`: the peer's copy stream (:mod:`kvresponder.copystream`), one frame a batch on a
+  connection kept open to it; a peer that refuses the stream gets requests instead.
+
+The stream is kept because it is worth it: measured in one run (``bench/copy_stream.py``), a 3-node RF=2 cluster
+wrote faster with it than with requests by well over the 15 % that would justify its code (see
+docs/ARCHITECTURE.md, "Copy streams").
+"""
+
+from typing import List
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
+
+from .copystream import StreamError, StreamRefused
+from .hlc import version_from_wire
+from .peertransport import PeerError
+from .store import ApplyResult, Entry
+from .wire import encode_batch
+
+
+class ICopySender(Interface):
+    """
+    Stores copies of client writes on a peer.
+    """
+
+    def send(peer, entries: List[Entry], task_ids: List[bytes]) -> Deferred:
+        """
+        Store ``entries`` on ``peer``; each store action continues its task id (``-`` for none).
+
+        :return: a Deferred firing with one :class:`~kvresponder.store.ApplyResult` an entry, or failing with
+            :class:`~kvresponder.peertransport.PeerError` (whose ``code`` is ``None`` if the peer did not
+            answer).
+        """
+
+
+@implementer(ICopySender)
+class RequestCopySender:
+    """
+    :param transport: a :class:`~kvresponder.peertransport.PeerTransport`.
+    :param wall: this node's wall clock (expiries travel as the time they have left).
+    """
+
+    def __init__(self, transport, wall) -> None:
+        self._transport = transport
+        self._wall = wall
+
+    def send(self, peer, entries: List[Entry], task_ids: List[bytes]) -> Deferred:
+        d = ensureDeferred(self._transport.call(peer, "apply", encode_batch(entries, self._wall()),
+                                                task_ids=task_ids))
+        return d.addCallback(apply_results, peer, len(entries))
+
+
+@implementer(ICopySender)
+class StreamCopySender:
+    """
+    :param streams: a :class:`~kvresponder.copystream.CopyStreams`.
+    :param fallback: the :class:`ICopySender` for a peer that refused its stream (requests).
+    :param clock: ``IReactorTime``, for the call's duration.
+    :param metrics: receives ``peer_call("apply", seconds)``, or ``None``.
+    :param float timeout: seconds a batch may go unanswered.
+    """
+
+    def __init__(self, streams, fallback, clock, metrics, timeout: float) -> None:
+        self.streams = streams
+        self._fallback = fallback
+        self._clock = clock
+        self._metrics = metrics
+        self._timeout = timeout
+
+    def send(self, peer, entries: List[Entry], task_ids: List[bytes]) -> Deferred:
+        if not self.streams.usable(peer):
+            return self._fallback.send(peer, entries, task_ids)
+        started = self._clock.seconds()
+
+        def done(result):
+            if isinstance(result, Failure) and result.check(StreamRefused):
+                return self._fallback.send(peer, entries, task_ids)
+            if self._metrics is not None:
+                self._metrics.peer_call("apply", self._clock.seconds() - started)
+            if not isinstance(result, Failure):
+                return result
+            if result.check(StreamError):
+                raise PeerError("%s %s to apply" % (peer.node_id, result.value), result.value.code)
+            if result.check(ValueError):
+                raise PeerError("%s answered a malformed apply result" % (peer.node_id,), 200)
+            raise PeerError("%s unreachable for apply: %s" % (peer.node_id, result.value.__class__.__name__))
+
+        return self.streams.send(peer, entries, task_ids, self._timeout).addBoth(done)
+
+
+def apply_results(answer, peer, count: int) -> List[ApplyResult]:
+    """
+    The results in a peer's JSON answer to ``apply``, one an entry.
+
+    :raises PeerError: if it is malformed.
+    """
+    results = answer.get("results") if isinstance(answer, dict) else None
+    if not isinstance(results, list) or len(results) != count:
+        raise PeerError("%s answered a malformed apply result" % (peer.node_id,), 200)
+    try:
+        return [_apply_result(*result) for result in results]
+    except (TypeError, ValueError):
+        raise PeerError("%s answered a malformed apply result" % (peer.node_id,), 200)
+
+
+def _apply_result(applied, had_live, newer=None) -> ApplyResult:
+    # A third element, the newer version the peer holds, comes only when it held one.
+    return ApplyResult(bool(applied), bool(had_live), None if newer is None else version_from_wire(newer))

@@ -1,0 +1,52 @@
+"""
+Who may call the internal routes (``/<tenant>/_internal/*``, the copy-stream upgrade included).
+
+- With CLUSTER_SECRET: a peer whose request carries a valid signature (:class:`~kvresponder.peers.PeerAuthenticator`);
+  anything else gets 401.
+- Without it, and with ``--insecure-cluster``: anyone who can reach the port.
+- Without either: no one. The node serves alone, and every internal call gets 403 ``cluster_disabled``, which
+  names both settings, as Redis's protected mode names its own.
+"""
+
+from typing import Optional
+
+from ..peers import AUTH_HEADER
+from .errors import APIError
+
+CLUSTER_DISABLED = APIError(
+    403, "cluster_disabled",
+    "This node serves alone: clustering needs CLUSTER_SECRET (the same on every node, at least 16 characters), "
+    "or --insecure-cluster (INSECURE_CLUSTER=true) on a trusted network.")
+UNAUTHORIZED = APIError(401, "unauthorized", "Internal routes need a valid cluster signature.")
+
+
+class PeerGuard:
+    """
+    :param authenticator: a :class:`~kvresponder.peers.PeerAuthenticator`, or ``None`` without a secret.
+    :param bool insecure: ``--insecure-cluster``: without a secret, let anyone in rather than no one.
+    """
+
+    def __init__(self, authenticator=None, insecure: bool = False) -> None:
+        self._auth = authenticator
+        self._insecure = insecure
+
+    @property
+    def authenticator(self):
+        return self._auth
+
+    @property
+    def closed(self) -> bool:
+        """Whether no one may call: no secret, and no --insecure-cluster."""
+        return self._auth is None and not self._insecure
+
+    def check(self, request, body: Optional[bytes]) -> None:
+        """
+        :param body: the request's body (the signature covers it).
+        :raises APIError: 403 when clustering is disabled, 401 for a missing or bad signature.
+        """
+        if self.closed:
+            raise CLUSTER_DISABLED
+        if self._auth is None:
+            return
+        if not self._auth.verify(request.getHeader(AUTH_HEADER), request.method, request.path, body or b""):
+            raise UNAUTHORIZED

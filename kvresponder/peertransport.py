@@ -1,0 +1,291 @@
+"""
+The transport of every call to a peer's internal routes: treq over one persistent connection pool.
+
+:class:`PeerTransport` sends one call and does everything a call needs but its meaning: at most
+:data:`MAX_IN_FLIGHT` calls to a peer at once, an explicit timeout on the injected clock, one immediate retry on a
+connection that turns out stale (every internal operation is idempotent), a fresh Eliot task id for the peer to
+continue, the trace context, an HMAC signature with a cluster secret (:class:`PeerAuthenticator`), the call's
+metrics, and a sample of the peer's clock from its answer (``X-KV-Clock``, :mod:`kvresponder.clockskew`).
+What the calls mean, the verbs, is :class:`~kvresponder.peers.PeerClient`'s.
+"""
+
+import hashlib
+import hmac
+import json
+import math
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+from eliot import current_action
+from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.web.client import RequestTransmissionFailed, ResponseFailed
+from twisted.web.error import SchemeNotSupported
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
+
+import treq
+from hyperlink import EncodedURL
+
+from .log import DEBUG
+from .privateapi import RequestNotSent
+from .log.replication import PEER_CALL, PEER_READ
+from .wire import BATCH_TYPE
+
+AUTH_HEADER = b"X-KV-Auth"
+#: A peer's wall clock when it answered an internal call, in Unix seconds: a round-trip sample of its clock
+#: offset (:mod:`kvresponder.clockskew`).
+CLOCK_HEADER = b"X-KV-Clock"
+TASK_HEADER = b"X-Eliot-Task-Id"
+#: For a coalesced batch of writes: one Eliot task id per entry, space-separated ("-" for none).
+TASKS_HEADER = b"X-Eliot-Task-Ids"
+#: Concurrent calls to one peer; more wait their turn.
+MAX_IN_FLIGHT = 64
+#: Seconds a signed peer request stays valid.
+AUTH_WINDOW = 60.0
+
+
+class PeerError(Exception):
+    """
+    A peer did not answer usefully: unreachable, timed out, or an unexpected status.
+
+    :ivar code: the HTTP status the peer answered, or ``None`` if it did not answer.
+    """
+
+    def __init__(self, message: str, code: Optional[int] = None) -> None:
+        Exception.__init__(self, message)
+        self.code = code
+
+
+class PeerAuthenticator:
+    """
+    Signs and checks internal requests with a key derived from the cluster secret.
+
+    The signature covers the time, the method, the path and a hash of the body, so a captured request can
+    only be replayed, unchanged, for :data:`AUTH_WINDOW` seconds; replays are harmless because every internal
+    operation is idempotent.
+    """
+
+    def __init__(self, key: bytes, wall: Callable[[], float] = time.time) -> None:
+        self._key = key
+        self._wall = wall
+
+    def _mac(self, stamp: str, method: bytes, path: bytes, body: bytes) -> str:
+        digest = hashlib.sha256(body).hexdigest().encode("ascii")
+        message = b"|".join([stamp.encode("ascii"), method, path, digest])
+        return hmac.new(self._key, message, hashlib.sha256).hexdigest()
+
+    def sign(self, method: bytes, path: bytes, body: bytes) -> bytes:
+        stamp = "%.3f" % (self._wall(),)
+        return ("%s:%s" % (stamp, self._mac(stamp, method, path, body))).encode("ascii")
+
+    def stream_key(self) -> bytes:
+        """
+        The key of the copy streams' frame MACs (:mod:`kvresponder.copystream`), derived from this one.
+        """
+        return hmac.new(self._key, b"kvresponder:copy-stream", hashlib.sha256).digest()
+
+    def verify(self, header: Optional[bytes], method: bytes, path: bytes, body: bytes) -> bool:
+        if not header:
+            return False
+        try:
+            stamp, mac = header.decode("ascii").split(":", 1)
+            when = float(stamp)
+        except (UnicodeDecodeError, ValueError):
+            return False
+        if abs(self._wall() - when) > AUTH_WINDOW:
+            return False
+        return hmac.compare_digest(mac, self._mac(stamp, method, path, body))
+
+
+@implementer(IAgentEndpointFactory)
+class CachedEndpoints:
+    """
+    The endpoint factory of the peers' ``Agent``: one ``HostnameEndpoint`` per peer address, made once and
+    reused. Twisted's default factory builds a new endpoint (parsing and IDNA-encoding the host) for every
+    request, even when the connection pool then serves it from a kept connection.
+
+    :param reactor: the reactor the endpoints connect with.
+    :param float timeout: seconds allowed for a TCP connection to be established.
+    """
+
+    #: Addresses remembered at most; the cache starts over past this (peers come and go over months).
+    LIMIT = 1024
+
+    def __init__(self, reactor, timeout: float) -> None:
+        self._reactor = reactor
+        self._timeout = timeout
+        self._endpoints: Dict[Tuple[bytes, int], HostnameEndpoint] = {}
+
+    def endpointForURI(self, uri):
+        if uri.scheme != b"http":
+            raise SchemeNotSupported("peers are called over plain HTTP, not %r" % (uri.scheme,))
+        return self.endpoint(uri.host.decode("ascii"), uri.port)
+
+    def endpoint(self, host: str, port: int) -> HostnameEndpoint:
+        """
+        The endpoint to ``host`` (an address) and ``port``; the copy streams connect with it too.
+        """
+        key = (host, port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            if len(self._endpoints) >= self.LIMIT:
+                self._endpoints.clear()
+            endpoint = self._endpoints[key] = HostnameEndpoint(self._reactor, host, port, timeout=self._timeout)
+        return endpoint
+
+
+class _Quiet:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc_info):
+        return False
+
+
+_QUIET = _Quiet()
+#: Failures on a connection the pool had kept: the peer may have restarted since. Worth one retry.
+_RETRYABLE = (ResponseFailed, RequestTransmissionFailed, RequestNotSent, ConnectionLost, ConnectionDone)
+
+
+class PeerTransport:
+    """
+    :param http: a ``treq.client.HTTPClient`` (over a persistent pool), or a ``StubTreq`` in tests.
+    :param clock: ``IReactorTime`` for timeouts.
+    :param str tenant: the path prefix of every internal route.
+    :param float timeout: seconds before a call fails.
+    :param authenticator: a :class:`PeerAuthenticator`, or ``None``.
+    :param metrics: receives ``peer_call(op, seconds)``.
+    :param tracing: a :class:`~kvresponder.tracing.Tracing`, or ``None``.
+    :param log_policy: lets a read at info level skip its action.
+    :param wall: this node's wall clock in seconds, for the clock samples; by default the clock's ``seconds``.
+    :param clock_offsets: a :class:`~kvresponder.clockskew.ClockOffsets` fed the peers' clocks from their
+        answers, or ``None``.
+    """
+
+    def __init__(self, http, clock, tenant: str, timeout: float, authenticator=None, metrics=None,
+                 tracing=None, log_policy=None, wall: Optional[Callable[[], float]] = None,
+                 clock_offsets=None) -> None:
+        self._http = http
+        self._clock = clock
+        self._tenant = tenant
+        self.timeout = timeout
+        self._auth = authenticator
+        self._metrics = metrics
+        self.tracing = tracing if tracing is not None and tracing.enabled else None
+        self._log = log_policy
+        self._wall = wall or clock.seconds
+        self._clock_offsets = clock_offsets
+        self._in_flight: Dict[Tuple[str, int], DeferredSemaphore] = {}
+        self._urls: Dict[str, EncodedURL] = {}
+
+    async def call(self, peer, op: str, payload, read: bool = False, timeout: Optional[float] = None,
+                   task_ids: Optional[List[bytes]] = None):
+        """
+        POST ``payload`` (bytes: an entry batch; otherwise JSON) to ``peer``'s ``/_internal/<op>``.
+
+        :param peer: has ``node_id``, ``address`` and ``port``.
+        :param bool read: a read, whose action is logged at debug level only.
+        :param task_ids: for a batch of coalesced writes, each write's own Eliot task id: the call then has no
+            action of its own.
+        :return: the JSON answer.
+        :raises PeerError: the peer did not answer 200 with JSON in time.
+        """
+        # At most MAX_IN_FLIGHT calls to one peer at once: a burst of client requests queues here rather
+        # than opening hundreds of connections to the peer (and hitting its connection cap).
+        semaphore = self._in_flight.get((peer.address, peer.port))
+        if semaphore is None:
+            semaphore = self._in_flight[(peer.address, peer.port)] = DeferredSemaphore(MAX_IN_FLIGHT)
+        await semaphore.acquire()
+        try:
+            if self.tracing is None:
+                return await self._call(peer, op, payload, read, timeout, None, task_ids)
+            with self.tracing.client_span(op, peer.node_id) as (carrier, span):
+                return await self._call(peer, op, payload, read, timeout, carrier, task_ids)
+        finally:
+            semaphore.release()
+
+    async def _call(self, peer, op, payload, read, timeout, trace_headers, task_ids):
+        peer_id = peer.node_id
+        path = ("/%s/_internal/%s" % (self._tenant, op)).encode("ascii")
+        url = "http://%s:%d%s" % (peer.address, peer.port, path.decode("ascii"))
+        if isinstance(payload, bytes):
+            body, content_type = payload, BATCH_TYPE
+        else:
+            body, content_type = json.dumps(payload, separators=(",", ":")).encode("utf-8"), b"application/json"
+        started = self._clock.seconds()
+        if task_ids is not None or (
+                read and self._log is not None and not self._log.enabled("replication", DEBUG)):
+            # A read at info level: no action to build, and no task for the peer to continue. A coalesced
+            # batch: each of its writes has its own action and task id (sent in TASKS_HEADER).
+            context = _QUIET
+        else:
+            context = (PEER_READ if read else PEER_CALL)(peer=peer_id, op=op)
+        with context as action:
+            try:
+                for attempt in (1, 2):
+                    headers = {b"Content-Type": [content_type]}
+                    if action is not None and current_action() is not None:
+                        # A fresh task id for each attempt, so that each shows up as its own subtree.
+                        headers[TASK_HEADER] = [action.serialize_task_id()]
+                    if task_ids:
+                        headers[TASKS_HEADER] = [b" ".join(task_ids)]
+                    if self._auth is not None:
+                        headers[AUTH_HEADER] = [self._auth.sign(b"POST", path, body)]
+                    if trace_headers:
+                        for name, value in trace_headers.items():
+                            headers[name.encode("ascii")] = [value.encode("ascii")]
+                    try:
+                        code, content = await self._post(url, headers, body, timeout or self.timeout, peer_id)
+                        break
+                    except _RETRYABLE:
+                        if attempt == 2:
+                            raise
+                if action is not None:
+                    action.add_success_fields(code=code)
+            except Exception as error:
+                # Whatever broke (refused, reset, timed out, a half-sent request), the caller's answer is
+                # the same: this peer did not take the call, so fail over to the next one.
+                raise PeerError("%s unreachable for %s: %s" % (peer_id, op, error.__class__.__name__))
+            finally:
+                if self._metrics is not None:
+                    self._metrics.peer_call(op, self._clock.seconds() - started)
+        if code != 200:
+            raise PeerError("%s answered %d to %s" % (peer_id, code, op), code)
+        try:
+            return json.loads(content)
+        except ValueError:
+            raise PeerError("%s answered malformed JSON to %s" % (peer_id, op))
+
+    def _post(self, url: str, headers, body: bytes, timeout: float, peer_id: str = "") -> Deferred:
+        parsed = self._urls.get(url)
+        if parsed is None:
+            # treq parses a URL given as text on every call; a peer's few URLs are parsed once.
+            if len(self._urls) >= 4096:
+                self._urls.clear()
+            parsed = self._urls[url] = EncodedURL.from_text(url)
+        offsets = self._clock_offsets
+        sent = self._wall() if offsets is not None else 0.0
+        # Peers never redirect: skip treq's redirect layer.
+        d = self._http.request("POST", parsed, headers=headers, data=body, allow_redirects=False)
+
+        def read(response):
+            if offsets is not None:
+                self._clock_sample(peer_id, sent, response)
+            return treq.content(response).addCallback(lambda content: (response.code, content))
+
+        d.addCallback(read)
+        d.addTimeout(timeout, self._clock)
+        return d
+
+    def _clock_sample(self, peer_id: str, sent: float, response) -> None:
+        stamps = response.headers.getRawHeaders(CLOCK_HEADER)
+        if not stamps:
+            return
+        try:
+            peer_time = float(stamps[0])
+        except ValueError:
+            return
+        if math.isfinite(peer_time):
+            self._clock_offsets.round_trip(peer_id, sent, peer_time, self._wall())

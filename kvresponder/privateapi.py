@@ -1,0 +1,131 @@
+"""
+Every private name of Twisted, Eliot or PyPy that KV Responder uses, and nothing else.
+
+Each one is here for a reason no public hook serves (said beside it), and only here: the rest of the code calls
+the functions below. ``tests/test_privateapi.py`` pins every name, so an upgrade that moves one fails a test
+instead of the service, and setup.cfg bounds Twisted and Eliot below their next major release.
+"""
+
+from typing import Callable, Optional, Tuple
+
+# -- Twisted: the TCP transport (kvresponder.sendnow) ---------------------------------------------------
+
+from twisted.internet import tcp
+
+#: The transports whose socket may be written to directly: plain TCP, either direction (never TLS or any other
+#: wrapper, which would forward the socket attribute to the connection beneath it, nor a test's).
+PLAIN_TCP = (tcp.Server, tcp.Client)
+
+
+def tcp_write_is_queued(transport) -> bool:
+    """
+    Whether a plain TCP transport is closing, aborted or shut for writing, or still holds bytes it has not
+    sent: then a write must go through its own ``write``, behind them. Twisted has no public way to ask.
+    """
+    return bool(transport.disconnecting or transport._aborting or transport._writeDisconnected
+                or transport._tempDataBuffer or len(transport.dataBuffer) > transport.offset)
+
+
+# -- Twisted: the HTTP server (kvresponder.http.site, kvresponder.http.api) -----------------------------
+
+from twisted.web.http import HTTPChannel  # noqa: E402
+from twisted.web.server import Request  # noqa: E402
+
+
+def request_target(channel) -> Tuple[bytes, bytes]:
+    """
+    The path (with its query) and the method of the request an HTTP channel is receiving, once its request
+    line is parsed and before its body arrives: the body's limit depends on the route, and
+    ``Request.gotLength``, where a body over it must be refused unbuffered, is called before the request
+    knows its own path.
+    """
+    return getattr(channel, "_path", b"") or b"", getattr(channel, "_command", b"") or b""
+
+
+def skip_form_parsing(request) -> None:
+    """
+    Stop Twisted parsing a form POST's body: the API takes JSON only, and answers a form with its own JSON 415
+    (Twisted's parse answered a malformed form with a bare 400, and parsing every POST's Content-Type through
+    the email package was a large share of a peer's work). ``Request.__init__`` sets the flag per instance.
+    """
+    request._parsePOSTFormSubmission = False
+
+
+def request_gone(request) -> bool:
+    """
+    Whether the client of ``request`` has disconnected, so that nothing should be written to it.
+    """
+    return request._disconnected
+
+
+def handle_star(request) -> None:
+    """
+    Twisted's own answer to ``OPTIONS *``.
+    """
+    Request._handleStar(request)
+
+
+def channel_between_requests(channel) -> bool:
+    """
+    Whether an HTTP channel is not in the middle of handling a request (so bytes arriving start a new one).
+    """
+    return not channel._handlingRequest
+
+
+def take_unread(channel) -> bytes:
+    """
+    The bytes an HTTP channel received past the request it is answering, taken out of it: what a client sent
+    after an upgrade request, for the protocol that takes the connection over.
+    """
+    leftover = channel.clearLineBuffer() + b"".join(channel._dataBuffer)
+    channel._dataBuffer = []
+    return leftover
+
+
+def stop_idle_timeout(channel) -> None:
+    """
+    Turn off an HTTP channel's idle timeout for good, including the value it restores after a request.
+    """
+    channel.timeOut = channel._savedTimeOut = None
+
+
+#: The name of the method an ``HTTPChannel`` calls when its parser refuses a request (a bad header line,
+#: Content-Length or chunk): a subclass that defines it answers in its own format instead of a bare 400.
+BAD_REQUEST_HOOK = "_respondToBadRequestAndDisconnect"
+
+
+def answer_bad_requests(channel_class, answer: Callable[[HTTPChannel], None]) -> None:
+    """
+    Make the ``HTTPChannel`` subclass ``channel_class`` answer requests its parser refuses with ``answer``.
+    """
+    setattr(channel_class, BAD_REQUEST_HOOK, answer)
+
+
+# -- Twisted: the HTTP client (kvresponder.peertransport) ------------------------------------------------
+
+from twisted.web._newclient import RequestNotSent  # noqa: E402,F401  (a pooled connection that went stale)
+
+
+# -- Eliot (kvresponder.log) ---------------------------------------------------------------------------------
+
+def set_task_uuid_factory(factory: Callable[[], str]) -> None:
+    """
+    Make Eliot name new tasks with ``factory()``: Eliot draws each task id with ``uuid4()`` inside
+    ``eliot._action``, a system call for the random source on every task.
+    """
+    import eliot._action
+    eliot._action.uuid4 = factory
+
+
+# -- PyPy (kvresponder.ring) ---------------------------------------------------------------------------------
+
+def pypy_blake2b_cffi() -> Optional[Tuple[object, object]]:
+    """
+    On PyPy, the cffi ``(ffi, lib)`` beneath ``hashlib.blake2b``, whose C functions hash a key without building
+    the Python object around them; ``None`` where it does not exist (CPython, or a PyPy laid out otherwise).
+    """
+    try:
+        from _blake2._blake2b_cffi import ffi, lib
+    except ImportError:
+        return None
+    return ffi, lib

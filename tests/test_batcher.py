@@ -1,0 +1,154 @@
+"""
+The batcher alone (:mod:`kvresponder.batcher`), with a send function the test answers, and the copy senders'
+interface (:mod:`kvresponder.copysender`).
+"""
+
+from collections import namedtuple
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from zope.interface.verify import verifyObject
+
+from kvresponder.batcher import Batcher, BatchError, QueuedRead, QueuedWrite
+from kvresponder.copysender import ICopySender, RequestCopySender, StreamCopySender
+from kvresponder.store import ApplyResult, Entry
+
+Peer = namedtuple("Peer", "node_id address port")
+PEER = Peer("n2", "10.0.0.2", 3000)
+
+
+class _Sends:
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, peer, items):
+        d = Deferred()
+        self.batches.append((items, d))
+        return d
+
+
+def _read(key):
+    return QueuedRead(key, Deferred())
+
+
+def test_calls_queued_in_one_turn_leave_together_and_later_ones_wait_for_the_batch_out():
+    """
+    If three reads are queued in one turn, then they leave as one batch at the turn's end; reads queued while
+    it is out leave together once it is answered, each with its own result.
+    """
+    clock, sends = Clock(), _Sends()
+    batcher = Batcher(clock, sends)
+    first = [_read(k) for k in "abc"]
+    for item in first:
+        batcher.add(PEER, item)
+    assert sends.batches == []
+    clock.advance(0)
+    assert [[i.key for i in items] for items, _ in sends.batches] == [["a", "b", "c"]]
+    later = [_read(k) for k in "de"]
+    for item in later:
+        batcher.add(PEER, item)
+    clock.advance(0)
+    assert len(sends.batches) == 1
+    sends.batches[0][1].callback(["A", None, "C"])
+    assert [item.waiter.result for item in first] == ["A", None, "C"]
+    assert [[i.key for i in items] for items, _ in sends.batches[1:]] == [["d", "e"]]
+
+
+def test_a_full_queue_leaves_at_once_and_a_batch_stops_at_its_byte_limit():
+    """
+    If a queue reaches its item limit, then it leaves without waiting for the turn's end; and a batch stops
+    before the item that would pass the byte limit, which follows in the next batch.
+    """
+    clock, sends = Clock(), _Sends()
+    batcher = Batcher(clock, sends, max_items=2, max_bytes=250)
+    for key in "ab":
+        batcher.add(PEER, _read(key))
+    assert len(sends.batches) == 1
+    sends.batches[0][1].callback([None, None])
+    big = [QueuedWrite(Entry("k%d" % i, b"x" * 10, (1, 0, "n1")), Deferred()) for i in range(2)]
+    batcher = Batcher(clock, sends, max_bytes=250)
+    for item in big:
+        batcher.add(PEER, item)
+    clock.advance(0)
+    assert [len(items) for items, _ in sends.batches[1:]] == [1]
+    sends.batches[1][1].callback([ApplyResult(True, False)])
+    assert [len(items) for items, _ in sends.batches[2:]] == [1]
+
+
+def test_an_unanswered_batch_fails_the_calls_queued_behind_it_and_an_error_status_does_not():
+    """
+    If a batch is not answered at all, then its calls and those queued behind it fail at once; if it is
+    answered with an error status, then only its own calls fail and the queued ones are sent.
+    """
+    clock, sends = Clock(), _Sends()
+    batcher = Batcher(clock, sends)
+    sent, queued = _read("a"), _read("b")
+    batcher.add(PEER, sent)
+    clock.advance(0)
+    batcher.add(PEER, queued)
+    sends.batches[0][1].errback(ConnectionError("refused"))
+    errors = []
+    for item in (sent, queued):
+        item.waiter.addErrback(lambda failure: errors.append(failure.check(BatchError)))
+    assert errors == [BatchError, BatchError] and len(sends.batches) == 1
+
+    sent, queued = _read("c"), _read("d")
+    batcher.add(PEER, sent)
+    clock.advance(0)
+    batcher.add(PEER, queued)
+    sends.batches[1][1].errback(BatchError("answered 503", 503))
+    sent.waiter.addErrback(lambda failure: None)
+    assert [[i.key for i in items] for items, _ in sends.batches[2:]] == [["d"]]
+
+
+def test_an_answer_of_the_wrong_length_fails_the_batch_but_not_the_queue():
+    """
+    If the peer answers a batch with fewer results than calls, then the batch's calls fail (the peer is up:
+    the calls queued behind it still go).
+    """
+    clock, sends = Clock(), _Sends()
+    batcher = Batcher(clock, sends)
+    items = [_read("a"), _read("b")]
+    for item in items:
+        batcher.add(PEER, item)
+    clock.advance(0)
+    queued = _read("c")
+    batcher.add(PEER, queued)
+    sends.batches[0][1].callback(["only one"])
+    failed = []
+    for item in items:
+        item.waiter.addErrback(lambda failure: failed.append(failure.check(BatchError)))
+    assert failed == [BatchError, BatchError]
+    assert [[i.key for i in batch] for batch, _ in sends.batches[1:]] == [["c"]]
+
+
+def test_a_send_that_raises_fails_its_batch_and_frees_the_peer():
+    """
+    If sending a batch raises, then its calls fail instead of waiting forever, and later calls still go.
+    """
+    clock = Clock()
+    calls = []
+
+    def send(peer, items):
+        calls.append(items)
+        if len(calls) == 1:
+            raise RuntimeError("cannot encode")
+        return succeed([None] * len(items))
+    batcher = Batcher(clock, send)
+    broken = _read("a")
+    batcher.add(PEER, broken)
+    clock.advance(0)
+    broken.waiter.addErrback(lambda failure: calls.append("failed"))
+    later = _read("b")
+    batcher.add(PEER, later)
+    clock.advance(0)
+    assert later.waiter.result is None and "failed" in calls
+
+
+def test_both_copy_senders_provide_the_one_interface():
+    """
+    If a copy sender is built, then it provides ``ICopySender``, whether it sends requests or frames.
+    """
+    requests = RequestCopySender(transport=None, wall=lambda: 0.0)
+    assert verifyObject(ICopySender, requests)
+    assert verifyObject(ICopySender, StreamCopySender(None, requests, Clock(), None, 1.0))

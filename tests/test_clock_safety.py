@@ -1,0 +1,424 @@
+"""
+Time safety with injected wall clocks: measuring the peers' clock offsets, the bound that makes a node with a
+wrong clock stop coordinating writes, the clock that never adopts a time too far ahead, the re-stamp that lets
+a later acknowledged write win whatever the clocks say, and TTLs that travel as the time they have left.
+
+The same properties are checked with real processes under libfaketime in ``tests/test_chaos.py``.
+"""
+
+import json
+import unittest
+
+from eliot.testing import LoggedMessage, capture_logging
+from twisted.internet.task import Clock
+
+from kvresponder.clockskew import ClockOffsets, _own_offset
+from kvresponder.coordinator import ClockSkewed
+from kvresponder.discovery import DiscoveryProtocol, HeartbeatCodec, derive_key
+from kvresponder.hlc import MAX_COUNTER, HybridLogicalClock
+from kvresponder.log.discovery import CLOCK_RECOVERED, CLOCK_SKEWED
+from kvresponder.log.replication import CLOCK_REJECTED
+from kvresponder.membership import ALIVE, Heartbeat, Membership
+from kvresponder.store import Entry
+from kvresponder.wire import decode_batch, encode_batch, entry_from_wire, entry_to_wire
+
+from .support import MemoryCluster
+
+NOW = 1_700_000_000.0
+YEAR = 365 * 24 * 3600.0
+
+
+def offsets(max_offset=0.5, forget_after=15.0):
+    clock = Clock()
+    clock.advance(NOW)
+    return ClockOffsets(clock.seconds, max_offset, forget_after), clock
+
+
+# -- measuring ------------------------------------------------------------------------------------------
+
+def test_a_peers_offset_is_the_median_of_its_recent_samples():
+    """
+    If one of a peer's heartbeats arrives late, then its offset does not move: it is the median of the last
+    samples, not their mean or the last one.
+    """
+    clock_offsets, _ = offsets()
+    for sample in (2.0, 2.1, 40.0, 1.9):
+        clock_offsets.heard("n2", 1, sample)
+    assert clock_offsets.offset("n2") == 2.05
+    clock_offsets.heard("n2", 1, 2.0)
+    assert clock_offsets.offset("n2") == 2.0
+
+
+def test_a_stepped_clock_shows_within_a_few_samples():
+    """
+    If a peer's clock steps by 30 s, then its measured offset follows within three heartbeats.
+    """
+    clock_offsets, _ = offsets()
+    for _ in range(5):
+        clock_offsets.heard("n2", 1, 0.0)
+    for _ in range(3):
+        clock_offsets.heard("n2", 1, 30.0)
+    assert clock_offsets.offset("n2") == 30.0
+
+
+def test_a_restarted_peer_is_measured_afresh():
+    """
+    If a peer restarts (a new incarnation), then its old samples are dropped: its clock may have been fixed.
+    """
+    clock_offsets, _ = offsets()
+    for _ in range(5):
+        clock_offsets.heard("n2", 1, 30.0)
+    clock_offsets.heard("n2", 2, 0.01)
+    assert clock_offsets.offset("n2") == 0.01
+
+
+def test_a_silent_peer_is_forgotten_after_the_timeout():
+    """
+    If a peer is not heard from for the peer timeout, then it has no offset any more.
+    """
+    clock_offsets, clock = offsets(forget_after=15.0)
+    clock_offsets.heard("n2", 1, 3.0)
+    clock.advance(14.0)
+    clock_offsets.evaluate()
+    assert clock_offsets.offset("n2") == 3.0
+    clock.advance(2.0)
+    clock_offsets.evaluate()
+    assert clock_offsets.offset("n2") is None
+    assert clock_offsets.offsets() == {}
+
+
+def test_a_quick_round_trip_measures_the_peer_against_the_middle_of_the_call():
+    """
+    If a call took 20 ms and the peer's clock read 10.0 s past our send time plus 10 ms, then the sample is
+    10.0 s: the peer's time against the middle of the call, which removes the network delay.
+    """
+    clock_offsets, clock = offsets(max_offset=0.5)
+    clock_offsets.heard("n2", 1, 10.3)
+    sent = NOW
+    clock_offsets.round_trip("n2", sent, sent + 0.010 + 10.0, sent + 0.020)
+    # Two samples now: 10.3 from the heartbeat, 10.0 from the round trip.
+    assert round(clock_offsets.offset("n2"), 6) == 10.15
+
+
+def test_a_slow_round_trip_is_not_a_sample():
+    """
+    If a call took longer than the bound allows for (half of it could be wrong), then it is not a sample.
+    """
+    clock_offsets, _ = offsets(max_offset=0.5)
+    clock_offsets.heard("n2", 1, 0.0)
+    clock_offsets.round_trip("n2", NOW, NOW + 30.0, NOW + 0.4)
+    assert clock_offsets.offset("n2") == 0.0
+
+
+# -- the bound --------------------------------------------------------------------------------------------
+
+def test_the_node_whose_clock_is_off_the_majority_is_the_skewed_one():
+    """
+    If one node of three runs 30 s ahead, then it finds itself 30 s ahead of the cluster, and each of the two
+    others finds itself on time (the one peer that disagrees with it is the minority).
+    """
+    assert _own_offset([-30.0, -30.0]) == 30.0
+    assert _own_offset([0.0, 30.0]) == 0.0
+    assert _own_offset([30.0, 30.0]) == -30.0
+    # Four nodes, one of them off: the same.
+    assert _own_offset([-30.0, -30.0, -30.0]) == 30.0
+    assert _own_offset([0.0, 0.0, 30.0]) == 0.0
+
+
+def test_with_no_majority_no_node_is_skewed():
+    """
+    If there are two nodes, or two against two, then no node can tell whose clock is wrong, and none is
+    marked skewed (the per-peer offsets still show the difference).
+    """
+    assert _own_offset([30.0]) == 0.0
+    assert _own_offset([-30.0]) == 0.0
+    assert _own_offset([0.0, 30.0, 30.0]) == 0.0
+    clock_offsets, _ = offsets()
+    clock_offsets.heard("n2", 1, 30.0)
+    assert not clock_offsets.skewed
+    assert clock_offsets.offset("n2") == 30.0
+
+
+class SkewStateTests(unittest.TestCase):
+
+    @capture_logging(None)
+    def test_a_node_past_the_bound_is_skewed_logs_it_and_recovers_by_itself(self, logger):
+        """
+        If this node's clock is 2 s behind both its peers with a bound of 0.5 s, then it is skewed and logs a
+        ``clock-skewed`` error; once its peers' clocks agree with it again, it recovers and says so.
+        """
+        clock_offsets, _ = offsets(max_offset=0.5)
+        clock_offsets.heard("n2", 1, 2.0)
+        assert not clock_offsets.skewed
+        clock_offsets.heard("n3", 1, 2.1)
+        assert clock_offsets.skewed
+        assert clock_offsets.skew == -2.0
+        [skewed] = LoggedMessage.of_type(logger.messages, CLOCK_SKEWED)
+        assert skewed.message["skew"] == -2.0 and skewed.message["max_offset"] == 0.5
+        for _ in range(5):
+            clock_offsets.heard("n2", 1, 0.01)
+            clock_offsets.heard("n3", 1, 0.02)
+        assert not clock_offsets.skewed
+        assert len(LoggedMessage.of_type(logger.messages, CLOCK_RECOVERED)) == 1
+
+
+# -- the clock never adopts a time too far ahead -----------------------------------------------------------
+
+def test_the_clock_adopts_a_version_within_the_bound_and_not_one_past_it():
+    """
+    If a peer's version is 0.3 s ahead with a bound of 0.5 s, then the clock moves past it; if it is a year
+    ahead, then the clock ignores it and says so, and its next version is stamped on its own wall clock.
+    """
+    hlc = HybridLogicalClock(lambda: NOW, "n1", max_ahead=0.5)
+    assert hlc.observe((int(NOW * 1000) + 300, 0, "n2"))
+    assert hlc.now() == (int(NOW * 1000) + 300, 1, "n1")
+    assert not hlc.observe((int((NOW + YEAR) * 1000), 0, "n2"))
+    assert hlc.now() == (int(NOW * 1000) + 300, 2, "n1")
+
+
+def test_a_version_just_above_a_future_one_does_not_move_the_clock():
+    """
+    If a write must order after a version stamped a year ahead, then it is stamped just above that version,
+    and the clock's own next version is still on its wall clock.
+    """
+    hlc = HybridLogicalClock(lambda: NOW, "n1", max_ahead=0.5)
+    future = (int((NOW + YEAR) * 1000), 7, "n3")
+    assert hlc.above(future) == (future[0], 8, "n1")
+    assert hlc.above((future[0], MAX_COUNTER, "n3")) == (future[0] + 1, 0, "n1")
+    assert hlc.now()[0] == int(NOW * 1000)
+    # A version in the past needs nothing special: the clock's own next version is already above it.
+    assert hlc.above((1, 0, "n3"))[0] == int(NOW * 1000)
+
+
+class ReplicaClockTests(unittest.TestCase):
+
+    @capture_logging(None)
+    def test_a_copy_stamped_a_year_ahead_is_stored_but_its_time_not_adopted(self, logger):
+        """
+        If a replica is sent a copy whose version is a year ahead, then it stores it (by version order, as
+        always), counts and logs the timestamp, and its own next write is still stamped near real time.
+        """
+        cluster = MemoryCluster(1)
+        node = cluster.nodes[0]
+        future = (int((cluster.clock.seconds() + YEAR) * 1000), 0, "n9")
+        node.coordinator.apply_copies([Entry("k", b"1", future)], [])
+        assert node.store.get("k").version == future
+        assert node.metrics.clock_rejections.labels("t1", "entry")._value.get() == 1
+        [rejected] = LoggedMessage.of_type(logger.messages, CLOCK_REJECTED)
+        assert rejected.message["key"] == "k"
+        code, body = cluster.request("PUT", node, "/kv/other", {"value": 2})
+        assert code == 201
+        wall_ms = int(json.loads(body)["version"].split(".")[0])
+        assert abs(wall_ms / 1000 - cluster.clock.seconds()) < 1.0
+
+
+# -- heartbeats ------------------------------------------------------------------------------------------
+
+class _Metrics:
+    def __init__(self):
+        self.results = []
+        self.rejected = []
+
+    def discovery(self, result):
+        self.results.append(result)
+
+    def clock_rejected(self, source, count=1):
+        self.rejected.append(source)
+
+
+def _protocol(key=None):
+    clock = Clock()
+    clock.advance(NOW)
+    membership = Membership(clock.seconds, "n1", 15.0)
+    clock_offsets = ClockOffsets(clock.seconds, 0.5, 15.0)
+    metrics = _Metrics()
+    protocol = DiscoveryProtocol(HeartbeatCodec("t1", key), membership, clock, clock.seconds,
+                                 lambda: Heartbeat("n1", 1, "10.0.0.1", 3000, ALIVE, 1), None, "10.0.0.1", 9999,
+                                 metrics=metrics, clock_offsets=clock_offsets, max_clock_offset=0.5)
+    return protocol, membership, clock_offsets, metrics
+
+
+def test_a_heartbeat_from_a_clock_ahead_is_refused_but_measured():
+    """
+    If a signed heartbeat's time is 30 s ahead of ours, then its sender is not taken into the membership
+    (``clock_ahead``), and its offset is still measured, so that it shows.
+    """
+    key = derive_key("a-cluster-secret-of-some-length", "discovery")
+    protocol, membership, clock_offsets, metrics = _protocol(key)
+    beat = Heartbeat("n2", 1, "10.0.0.2", 3000, ALIVE, 1)
+    protocol.datagramReceived(HeartbeatCodec("t1", key).encode(beat, False, NOW + 30.0), ("10.0.0.2", 9999))
+    assert membership.peers() == []
+    assert metrics.results == ["clock_ahead"] and metrics.rejected == ["heartbeat"]
+    assert round(clock_offsets.offset("n2"), 3) == 30.0
+
+
+def test_a_heartbeat_from_a_clock_behind_is_measured_and_taken_in_within_the_replay_window():
+    """
+    If a peer's clock is 2 s behind, then its heartbeat is accepted and its offset is -2 s; unsigned
+    heartbeats carry the time too.
+    """
+    protocol, membership, clock_offsets, metrics = _protocol()
+    beat = Heartbeat("n2", 1, "10.0.0.2", 3000, ALIVE, 1)
+    protocol.datagramReceived(HeartbeatCodec("t1").encode(beat, False, NOW - 2.0), ("10.0.0.2", 9999))
+    assert [peer.node_id for peer in membership.peers()] == ["n2"]
+    assert metrics.results == ["accepted"]
+    assert round(clock_offsets.offset("n2"), 3) == -2.0
+
+
+# -- writes ----------------------------------------------------------------------------------------------
+
+def _owned_by(cluster, first: str, second: str) -> str:
+    ring = cluster.nodes[0].ring()
+    return next(key for key in ("key-%d" % i for i in range(10000))
+                if ring.preference_list(key, 2) == [first, second])
+
+
+def test_a_skewed_node_refuses_to_coordinate_writes_and_is_not_ready():
+    """
+    If one node of three runs 30 s ahead, then it answers writes with 503 ``clock_skew`` naming its offset,
+    and readiness with 503 ``clock-skew``; the healthy nodes take writes and stay ready.
+    """
+    cluster = MemoryCluster(3, wall_offsets={3: 30.0})
+    cluster.run(seconds=2.0)
+    skewed = cluster.nodes[2]
+    code, body = cluster.request("PUT", skewed, "/kv/k", {"value": 1})
+    assert code == 503
+    error = json.loads(body)
+    assert error["error"] == "clock_skew" and "30.000 s ahead" in error["message"]
+    code, body = cluster.request("POST", skewed, "/bulk", {"put": [{"key": "a", "value": 1}]})
+    assert (code, json.loads(body)["error"]) == (503, "clock_skew")
+    # Nor does it answer reads: it may see no peer, and its own store would say "absent".
+    for method, path in (("GET", "/kv/k"), ("HEAD", "/kv/k"), ("GET", "/kv"), ("POST", "/bulk")):
+        code, body = cluster.request(method, skewed, path, {"get": ["k"]} if method == "POST" else None)
+        assert code == 503, (method, path)
+        if method != "HEAD":
+            assert json.loads(body)["error"] == "clock_skew"
+    code, body = cluster.request("GET", skewed, "/health/ready")
+    assert (code, json.loads(body)["status"]) == (503, "clock-skew")
+    health = json.loads(cluster.request("GET", skewed, "/health")[1])
+    assert health["state"] == "clock-skew" and health["clock_skew_s"] == 30.0
+    for node in cluster.nodes[:2]:
+        assert cluster.request("GET", node, "/health/ready")[0] == 200
+        assert cluster.request("PUT", node, "/kv/k", {"value": 2})[0] in (200, 201)
+    peers = json.loads(cluster.request("GET", cluster.nodes[0], "/peers")[1])
+    assert {peer["id"]: peer["clock_offset_s"] for peer in peers} == {"n2": 0.0, "n3": 30.0}
+    metrics = cluster.request("GET", cluster.nodes[0], "/metrics")[1].decode()
+    assert 'kv_clock_offset_seconds{peer="n3",tenant="t1"} 30.0' in metrics
+    assert 'kv_clock_skewed{tenant="t1"} 0.0' in metrics
+
+
+def test_a_later_write_wins_over_an_earlier_one_stamped_in_the_future():
+    """
+    If a key was written with a version 30 s in the future (a node whose clock ran ahead), then a write
+    that starts after it through a healthy node still wins on every replica: it is stamped just above the
+    future version, the answer carries the version stored, and no healthy clock moves into the future.
+    """
+    cluster = MemoryCluster(3)
+    cluster.run(seconds=1.0)
+    key = _owned_by(cluster, "n1", "n2")
+    future = (int((cluster.clock.seconds() + 30.0) * 1000), 4, "n3")
+    for node in cluster.nodes[:2]:
+        node.store.apply(Entry(key, b'"early"', future))
+    for coordinator in (cluster.nodes[2], cluster.nodes[0]):
+        code, body = cluster.request("PUT", coordinator, "/kv/" + key, {"value": "late"})
+        assert code == 200
+        version = json.loads(body)["version"]
+        wall, counter, node_id = version.split(".")
+        assert (int(wall), node_id) == (future[0], coordinator.node_id)
+        assert int(counter) > future[1]
+        for node in cluster.nodes[:2]:
+            entry = node.store.get(key)
+            assert entry.value == b'"late"' and "%d.%d.%s" % entry.version == version
+        future = (int(wall), int(counter), node_id)
+    for node in cluster.nodes:
+        assert node.hlc.now()[0] < int((cluster.clock.seconds() + 1.0) * 1000)
+
+
+def test_a_later_delete_and_a_later_bulk_write_win_over_a_future_version():
+    """
+    If a key holds a version stamped in the future, then a later delete removes it and a later bulk write
+    replaces it, on every replica.
+    """
+    cluster = MemoryCluster(3)
+    cluster.run(seconds=1.0)
+    key = _owned_by(cluster, "n2", "n3")
+    future = (int((cluster.clock.seconds() + YEAR) * 1000), 0, "n9")
+    for node in cluster.nodes[1:]:
+        node.store.apply(Entry(key, b'"early"', future))
+    code, body = cluster.request("POST", cluster.nodes[0], "/bulk", {"put": [{"key": key, "value": "bulk"}]})
+    assert code == 200
+    [put] = json.loads(body)["put"]
+    assert put["status"] == 200 and put["version"].endswith(".n1")
+    for node in cluster.nodes[1:]:
+        assert node.store.get(key).value == b'"bulk"'
+    code, _ = cluster.request("DELETE", cluster.nodes[0], "/kv/" + key)
+    assert code == 200
+    for node in cluster.nodes[1:]:
+        assert node.store.get(key) is None
+    assert cluster.request("GET", cluster.nodes[0], "/kv/" + key)[0] == 404
+
+
+def test_a_single_node_restamps_its_own_write_above_a_future_version():
+    """
+    If a single node holds a future version of a key (handed to it earlier), then a new write to the key
+    wins and is stamped just above it.
+    """
+    cluster = MemoryCluster(1)
+    node = cluster.nodes[0]
+    future = (int((cluster.clock.seconds() + 30.0) * 1000), 0, "n9")
+    node.store.apply(Entry("k", b'"early"', future))
+    code, body = cluster.request("PUT", node, "/kv/k", {"value": "late"})
+    assert code == 200
+    assert json.loads(body)["version"] == "%d.1.n1" % (future[0],)
+    assert node.store.get("k").value == b'"late"'
+
+
+def test_clock_skewed_names_the_offset_and_the_bound():
+    """
+    If the error is rendered, then it says by how much and which way, and the bound.
+    """
+    message = str(ClockSkewed(-2.25, 0.5))
+    assert "2.250 s behind" in message and "MAX_CLOCK_OFFSET (0.5 s)" in message
+
+
+# -- TTLs -----------------------------------------------------------------------------------------------
+
+def test_a_ttl_travels_as_the_time_it_has_left():
+    """
+    If a node whose clock is 30 s ahead sends an entry expiring in 3 s by its clock, then a receiver whose
+    clock is right expires it 3 s from its own now, not 33 s; in the binary batch and in JSON alike.
+    """
+    sender_now, receiver_now = NOW + 30.0, NOW
+    entry = Entry("k", b"1", (1, 0, "n3"), sender_now + 3.0)
+    [received] = decode_batch(encode_batch([entry], sender_now), receiver_now)
+    assert received.expires_at == receiver_now + 3.0
+    again = entry_from_wire(json.loads(json.dumps(entry_to_wire(entry, sender_now))), receiver_now)
+    assert again.expires_at == receiver_now + 3.0
+    none = Entry("k", b"1", (1, 0, "n3"))
+    assert decode_batch(encode_batch([none], sender_now), receiver_now)[0].expires_at is None
+
+
+def test_an_absolute_expiry_from_an_older_node_is_still_read():
+    """
+    If an older node sends an absolute expiry (a Unix time), then it is taken as it is.
+    """
+    data = {"k": "k", "v": "1", "ver": [1, 0, "n3"], "exp": NOW + 3.0}
+    assert entry_from_wire(data, NOW + 100.0).expires_at == NOW + 3.0
+
+
+def test_a_ttl_written_through_a_skewed_node_ends_on_time_on_every_replica():
+    """
+    If a write with a 3 s TTL goes through a node whose clock is 30 s ahead (within a bound raised to 60 s,
+    so that it still coordinates), then after 3.5 s no replica holds it.
+    """
+    cluster = MemoryCluster(3, wall_offsets={3: 30.0}, max_clock_offset=60)
+    cluster.run(seconds=1.0)
+    key = _owned_by(cluster, "n1", "n2")
+    code, _ = cluster.request("PUT", cluster.nodes[2], "/kv/" + key, {"value": 1, "ttl": 3})
+    assert code == 201
+    for node in cluster.nodes[:2]:
+        assert node.store.get(key) is not None
+        assert abs(node.store.get(key).expires_at - (node.wall() + 3.0)) < 0.5
+    cluster.run(seconds=3.5)
+    for node in cluster.nodes:
+        assert node.store.get(key) is None

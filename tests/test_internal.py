@@ -1,0 +1,283 @@
+"""
+The internal routes (``/<tenant>/_internal/*``): who may call them, and what bodies they take.
+
+In memory, through the real site and resource tree (tests/test_api.py's :class:`API`).
+"""
+
+import json
+
+import pytest
+from eliot import MemoryLogger
+from eliot.testing import swap_logger
+
+from kvresponder.http.schemas import SCHEMAS
+from kvresponder.rebalance import BUCKETS
+from kvresponder.store import Entry
+from kvresponder.wire import BATCH_TYPE, encode_batch
+
+from .test_api import API
+
+SECRET = "internal-routes-secret-0123456789"
+ENTRY = {"k": "a", "v": "1", "ver": [1_700_000_000_000, 0, "n2"], "exp": None}
+
+#: A well-formed body for each internal route.
+GOOD = {
+    "/apply": {"entries": [ENTRY]},
+    "/get": {"key": "a"},
+    "/keys": {"prefix": "", "after": None, "limit": 10},
+    "/sync/buckets": {"from": "n2", "buckets": {"0": "0123456789abcdef"}},
+    "/sync/versions": {"versions": {"a": [1, 0, "n2"]}},
+    "/sync/request": {"from": "n2"},
+}
+
+
+def send(api, route: str, body=None, signed: bool = True, raw: bytes = None, content_type=b"application/json",
+         method: str = "POST", headers=None):
+    """``route`` below /t1/_internal, with ``body`` as JSON (or ``raw`` bytes), signed with the node's key."""
+    data = raw if raw is not None else (b"" if body is None else json.dumps(body).encode("utf-8"))
+    path = "/t1/_internal" + route
+    headers = dict(headers or {})
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    if signed and api.node.authenticator is not None:
+        headers["X-KV-Auth"] = api.node.authenticator.sign(method.encode(), path.encode(), data)
+    response, content = api.raw(method, path, data or None, headers)
+    return response.code, response.headers.getRawHeaders(b"content-type"), content
+
+
+def error_of(code, content_type, content):
+    assert content_type == [b"application/json"], (code, content)
+    body = json.loads(content)
+    assert set(body) == {"error", "message"} and body["message"], body
+    return code, body["error"]
+
+
+@pytest.fixture
+def logged():
+    """Every message logged during the test (tracebacks included)."""
+    logger = MemoryLogger()
+    previous = swap_logger(logger)
+    yield logger.messages
+    swap_logger(previous)
+
+
+def tracebacks(messages):
+    return [message for message in messages if message.get("message_type") == "eliot:traceback"]
+
+
+def test_every_route_has_a_schema():
+    """
+    If a route is served under /_internal/, then a schema declares its body (the copy stream takes none).
+    """
+    from kvresponder.http.internal import InternalAPI
+    routes = {rule.rule for rule in InternalAPI.app.url_map.iter_rules()}
+    assert routes == set(SCHEMAS) == set(GOOD)
+
+
+# -- who may call ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("route", sorted(GOOD) + ["/copies", "/nope"])
+def test_without_a_secret_every_internal_route_answers_403_naming_the_settings(route, logged):
+    """
+    If the node has no CLUSTER_SECRET and no --insecure-cluster, then every internal route (the copy-stream
+    upgrade too) answers 403 cluster_disabled, naming both settings, and changes nothing.
+    """
+    api = API()
+    if route == "/copies":
+        code, content_type, content = send(api, route, method="GET", content_type=None,
+                                           headers={"Upgrade": "kvresponder-copies/1", "Connection": "Upgrade"})
+    else:
+        code, content_type, content = send(api, route, GOOD.get(route, {}))
+    if route == "/nope":
+        assert code == 404
+        return
+    assert error_of(code, content_type, content) == (403, "cluster_disabled")
+    message = json.loads(content)["message"]
+    assert "CLUSTER_SECRET" in message and "--insecure-cluster" in message
+    assert api.node.store.current("a") is None
+    assert not tracebacks(logged)
+
+
+def test_with_insecure_cluster_an_unsigned_call_is_served():
+    api = API(insecure_cluster="true")
+    code, _, content = send(api, "/apply", GOOD["/apply"], signed=False)
+    assert code == 200, content
+    assert api.node.store.current("a").value == b"1"
+
+
+@pytest.mark.parametrize("route", sorted(GOOD))
+def test_with_a_secret_an_unsigned_call_gets_401_and_a_signed_one_is_served(route):
+    api = API(cluster_secret=SECRET)
+    assert error_of(*send(api, route, GOOD[route], signed=False)) == (401, "unauthorized")
+    code, content_type, content = send(api, route, GOOD[route])
+    assert code == 200, content
+    assert content_type == [b"application/json"]
+    json.loads(content)
+
+
+def test_a_secret_wins_over_insecure_cluster():
+    api = API(cluster_secret=SECRET, insecure_cluster="true")
+    assert error_of(*send(api, "/get", GOOD["/get"], signed=False)) == (401, "unauthorized")
+
+
+# -- what they take -------------------------------------------------------------------------------------
+
+BAD = [
+    # the issue's own case: a bucket id that is not a number answered 500
+    ("/sync/buckets", {"from": "x", "buckets": {"a": 1}}),
+    ("/sync/buckets", {"from": "x", "buckets": {"0": 1}}),
+    ("/sync/buckets", {"from": "x", "buckets": {str(BUCKETS): "0123456789abcdef"}}),
+    ("/sync/buckets", {"from": "x", "buckets": {"-1": "0123456789abcdef"}}),
+    ("/sync/buckets", {"from": "x", "buckets": {"٣": "0123456789abcdef"}}),
+    ("/sync/buckets", {"from": "x", "buckets": {"0": "0123456789ABCDEG"}}),
+    ("/sync/buckets", {"from": "x", "buckets": []}),
+    ("/sync/buckets", {"from": 7, "buckets": {}}),
+    ("/sync/buckets", {"from": "no spaces", "buckets": {}}),
+    ("/sync/buckets", {"buckets": {}}),
+    ("/sync/versions", {"versions": {"a": [1, 0]}}),
+    ("/sync/versions", {"versions": {"a": [1.5, 0, "n"]}}),
+    ("/sync/versions", {"versions": {"a": [True, 0, "n"]}}),
+    ("/sync/versions", {"versions": {"a": [-1, 0, "n"]}}),
+    ("/sync/versions", {"versions": {"a": [2 ** 63, 0, "n"]}}),
+    ("/sync/versions", {"versions": {"a": [1, 2 ** 32, "n"]}}),
+    ("/sync/versions", {"versions": {"a": [1, 0, "bad node"]}}),
+    ("/sync/versions", {"versions": {"": [1, 0, "n"]}}),
+    ("/sync/versions", {"versions": {"k" * 1025: [1, 0, "n"]}}),
+    ("/sync/versions", {"versions": {"\ud800": [1, 0, "n"]}}),
+    ("/sync/versions", {"versions": [["a", [1, 0, "n"]]]}),
+    ("/sync/request", {"from": None}),
+    ("/sync/request", {"from": "x" * 64}),
+    ("/sync/request", {}),
+    ("/get", {"key": 1}),
+    ("/get", {"key": ""}),
+    ("/get", {"key": "\udc00"}),
+    ("/get", {"keys": "a"}),
+    ("/get", {"keys": ["a", None]}),
+    ("/get", {"keys": ["a"] * 50001}),
+    ("/get", {}),
+    ("/keys", {"limit": 0}),
+    ("/keys", {"limit": 10002}),
+    ("/keys", {"limit": True}),
+    ("/keys", {"limit": 1.0}),
+    ("/keys", {"prefix": None}),
+    ("/keys", {"prefix": "\ud800"}),
+    ("/keys", {"after": 3}),
+    ("/apply", {"entries": {}}),
+    ("/apply", {"entries": [dict(ENTRY, k="")]}),
+    ("/apply", {"entries": [dict(ENTRY, k="\ud800")]}),
+    ("/apply", {"entries": [dict(ENTRY, v=1)]}),
+    ("/apply", {"entries": [dict(ENTRY, v="not json")]}),
+    ("/apply", {"entries": [dict(ENTRY, exp=True)]}),
+    ("/apply", {"entries": [dict(ENTRY, exp="soon")]}),
+    ("/apply", {"entries": [dict(ENTRY, exp=10 ** 400)]}),
+    ("/apply", {"entries": [dict(ENTRY, ver=[1, 0, ""])]}),
+    ("/apply", {"entries": [dict(ENTRY, ver=None)]}),
+    ("/apply", {"entries": [ENTRY, 5]}),
+    ("/apply", {"task_ids": "x"}),
+    ("/apply", [ENTRY]),
+    ("/apply", "entries"),
+    ("/apply", None),
+]
+
+
+@pytest.mark.parametrize("route, body", BAD, ids=[str(i) for i in range(len(BAD))])
+@pytest.mark.parametrize("secret", [SECRET, None])
+def test_a_body_that_does_not_fit_its_schema_gets_a_json_400(route, body, secret, logged):
+    """
+    If a peer (signed, or anyone under --insecure-cluster) sends a body that does not fit the route's
+    schema, then it gets a JSON 400, nothing is stored, and no traceback is logged.
+    """
+    api = API(cluster_secret=secret) if secret else API(insecure_cluster="true")
+    before = sorted((entry.key, entry.version) for entry in api.node.store.entries())
+    code, error = error_of(*send(api, route, body))
+    assert code == 400 and error in ("invalid_body", "invalid_json"), (code, error)
+    assert sorted((entry.key, entry.version) for entry in api.node.store.entries()) == before
+    assert not tracebacks(logged)
+
+
+@pytest.mark.parametrize("raw", [b"", b"{", b"\xff", b"[" * 100000, b"NaN", b'{"a":1', b"1" * 5000, b'"\\ud800"'])
+@pytest.mark.parametrize("route", sorted(GOOD))
+def test_a_body_that_is_not_json_gets_a_json_400(route, raw, logged):
+    api = API(insecure_cluster="true")
+    assert error_of(*send(api, route, raw=raw))[0] == 400
+    assert not tracebacks(logged)
+
+
+def _entry(node="n2", expires_at=None, key="a"):
+    return Entry(key, b"1", (1_700_000_000_000, 0, node), expires_at)
+
+
+@pytest.mark.parametrize("raw", [
+    b"\x00\x05", encode_batch([_entry()], 0.0)[:-1], encode_batch([_entry(node="bad node")], 0.0),
+    encode_batch([_entry(expires_at=float("inf"))], 0.0), encode_batch([_entry(node="")], 0.0),
+    encode_batch([_entry(), _entry(node="x" * 64)], 0.0),
+])
+def test_a_binary_batch_that_does_not_fit_gets_a_json_400(raw, logged):
+    api = API(cluster_secret=SECRET)
+    assert error_of(*send(api, "/apply", raw=raw, content_type=BATCH_TYPE)) == (400, "invalid_body")
+    assert api.node.store.current("a") is None
+    assert not tracebacks(logged)
+
+
+def test_a_binary_batch_is_applied():
+    api = API(cluster_secret=SECRET)
+    code, _, content = send(api, "/apply", raw=encode_batch([_entry()], 0.0), content_type=BATCH_TYPE)
+    assert code == 200 and json.loads(content) == {"results": [[True, False]]}
+    assert api.node.store.current("a").value == b"1"
+
+
+def test_a_binary_batch_sent_to_another_route_gets_415():
+    api = API(cluster_secret=SECRET)
+    code, error = error_of(*send(api, "/get", raw=encode_batch([_entry()], 0.0), content_type=BATCH_TYPE))
+    assert (code, error) == (415, "unsupported_media_type")
+
+
+def test_the_copy_stream_upgrade_takes_no_body():
+    api = API(cluster_secret=SECRET)
+    code, error = error_of(*send(api, "/copies", raw=b"{}", method="GET", content_type=None,
+                                 headers={"Upgrade": "kvresponder-copies/1", "Connection": "Upgrade"}))
+    assert (code, error) == (400, "invalid_body")
+
+
+def test_sync_buckets_compares_well_formed_buckets():
+    """
+    If the digest is well formed, then the answer lists the buckets that differ, as numbers.
+    """
+    api = API(cluster_secret=SECRET)
+    code, _, content = send(api, "/sync/buckets", {"from": "n2", "buckets": {"3": "0123456789abcdef",
+                                                                              "255": "0000000000000000"}})
+    assert code == 200
+    assert json.loads(content) == {"differ": [3, 255]}
+
+
+@pytest.mark.parametrize("error", [ValueError("bad"), TypeError("bad"), KeyError("bad")])
+def test_a_failure_inside_a_coroutine_goes_through_the_same_mapping(error, logged):
+    """
+    If a route's coroutine fails later with what a malformed request raises, then the answer is the same JSON
+    400 a failure at once gets, not a 500.
+    """
+    api = API(cluster_secret=SECRET)
+
+    async def failing(sender):
+        raise error
+    api.node.rebalancer.shared_digest = failing
+    assert error_of(*send(api, "/sync/buckets", GOOD["/sync/buckets"])) == (400, "invalid_body")
+    assert not tracebacks(logged)
+
+
+def test_a_bug_inside_a_coroutine_is_a_json_500_without_a_traceback_to_the_client(logged):
+    """
+    If a route's coroutine fails with an unexpected error (a bug), then the client gets a JSON 500 with no
+    traceback, and the log gets the traceback.
+    """
+    api = API(cluster_secret=SECRET)
+
+    async def failing(sender):
+        raise RuntimeError("secret internals")
+    api.node.rebalancer.shared_digest = failing
+    code, content_type, content = send(api, "/sync/buckets", GOOD["/sync/buckets"])
+    assert error_of(code, content_type, content) == (500, "internal_error")
+    assert b"secret internals" not in content
+    assert len(tracebacks(logged)) == 1
+    del logged[:]

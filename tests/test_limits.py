@@ -1,0 +1,259 @@
+"""
+The limits decided before routing follow the route the path resolves to, as the resource tree routes it:
+after percent-decoding, from the path only, never from substrings of the raw target or the query string.
+
+Every route is sent bodies just over and exactly at its limit, through many spellings of its URL: query
+strings and keys that spell other routes' names (``_internal``, ``bulk``), percent-encoded segments
+(``%5Finternal``, ``%62ulk``, ``%2F``), doubled slashes. The node listens on a real loopback socket (the real
+:class:`~kvresponder.http.site.KVSite` and resource tree), and the requests are raw bytes.
+"""
+
+import json
+import socket
+from typing import NamedTuple, Optional
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.threads import deferToThread
+
+from kvresponder.http.limits import BULK, INTERNAL, VALUE
+from kvresponder.http.root import build_root
+from kvresponder.http.site import KVSite
+from kvresponder.node import Node
+
+from .support import make_settings
+
+SECRET = "a-cluster-secret-for-the-limit-tests"
+#: Small limits, all different, so that a request given another route's limit is caught: a value 4 KiB, bulk
+#: 32 KiB (8 ×), internal 16 KiB.
+LIMITS = {VALUE: 4096, BULK: 8 * 4096, INTERNAL: 16384}
+HEADER_LIMIT = 4096
+
+
+class Case(NamedTuple):
+    method: bytes
+    target: bytes
+    limit: str
+
+
+#: Each route, spelled many ways; the limit is that of the route the path reaches.
+CASES = [
+    # kv: a key, whatever it spells, and whatever the query says, is a value.
+    Case(b"PUT", b"/t1/kv/plain", VALUE),
+    Case(b"PUT", b"/t1/kv/big1?via=/_internal/", VALUE),
+    Case(b"PUT", b"/t1/kv/big2/_internal/x", VALUE),
+    Case(b"PUT", b"/t1/kv/big3?x=/bulk", VALUE),
+    Case(b"PUT", b"/t1/kv/bulk", VALUE),
+    Case(b"PUT", b"/t1/kv/x/bulk", VALUE),
+    Case(b"PUT", b"/t1/kv/_internal", VALUE),
+    Case(b"PUT", b"/t1/kv/%5Finternal%2Fapply", VALUE),
+    Case(b"PUT", b"/t1/kv/a%2F_internal%2Fapply", VALUE),
+    Case(b"PUT", b"/t1/kv/a%2Fbulk", VALUE),
+    Case(b"PUT", b"/t1/kv//bulk", VALUE),
+    Case(b"PUT", b"/t1/kv/x?/_internal/apply", VALUE),
+    Case(b"PUT", b"/t1/kv/x#/bulk", VALUE),
+    Case(b"PUT", b"/%74%31/kv/bulk", VALUE),
+    Case(b"PUT", b"/t1/%6Bv/_internal", VALUE),
+    Case(b"POST", b"/t1/kv/x/_internal/apply", VALUE),
+    Case(b"POST", b"/t1/kv/bulk", VALUE),
+    # the listing
+    Case(b"GET", b"/t1/kv?prefix=/bulk", VALUE),
+    Case(b"GET", b"/t1/kv/?x=/_internal/", VALUE),
+    # bulk, only where Klein routes to it
+    Case(b"POST", b"/t1/bulk", BULK),
+    Case(b"POST", b"/t1/bulk/", BULK),
+    Case(b"POST", b"/t1//bulk", BULK),
+    Case(b"POST", b"/t1/%62ulk", BULK),
+    Case(b"POST", b"/t1/%2Fbulk", BULK),
+    Case(b"POST", b"/t1/bulk?x=/_internal/", BULK),
+    Case(b"POST", b"/%74%31/bulk", BULK),
+    Case(b"POST", b"/t1/b%75lk?prefix=kv", BULK),
+    Case(b"PUT", b"/t1/bulk", VALUE),
+    Case(b"POST", b"/t1/bulk%2Fx", VALUE),
+    Case(b"POST", b"/t1/bulk/x", VALUE),
+    Case(b"POST", b"/t1/bulk//", VALUE),
+    Case(b"POST", b"/t1/x/bulk", VALUE),
+    Case(b"POST", b"/t1/Bulk", VALUE),
+    Case(b"POST", b"/t2/bulk", VALUE),
+    # internal routes, each of them, and any path under /_internal/
+    Case(b"POST", b"/t1/_internal/apply", INTERNAL),
+    Case(b"POST", b"/t1/_internal/get", INTERNAL),
+    Case(b"POST", b"/t1/_internal/keys", INTERNAL),
+    Case(b"POST", b"/t1/_internal/sync/buckets", INTERNAL),
+    Case(b"POST", b"/t1/_internal/sync/versions", INTERNAL),
+    Case(b"POST", b"/t1/_internal/sync/request", INTERNAL),
+    Case(b"GET", b"/t1/_internal/copies", INTERNAL),
+    Case(b"POST", b"/t1/%5Finternal/apply", INTERNAL),
+    Case(b"POST", b"/t1/%5finternal/sync/buckets?x=/kv/", INTERNAL),
+    Case(b"POST", b"/t1/_internal//apply", INTERNAL),
+    Case(b"POST", b"/t1/_internal/bulk", INTERNAL),
+    Case(b"POST", b"/t1/_internal/kv/x", INTERNAL),
+    Case(b"POST", b"/%74%31/_internal/apply", INTERNAL),
+    Case(b"POST", b"/t1/_internal%2Fapply", VALUE),
+    Case(b"POST", b"/t1/x/_internal/apply", VALUE),
+    Case(b"POST", b"/t1//_internal/apply", VALUE),
+    Case(b"POST", b"/t2/_internal/apply", VALUE),
+    Case(b"POST", b"/t1/health?/_internal/apply", VALUE),
+    # the other public routes, and no route at all
+    Case(b"PUT", b"/t1/admin/log-levels", VALUE),
+    Case(b"PUT", b"/t1/admin/log-levels?x=/bulk", VALUE),
+    Case(b"PUT", b"/t1/admin/%6Cog-levels?x=/_internal/", VALUE),
+    Case(b"PUT", b"/t1/admin/log-levels/_internal/", VALUE),
+    Case(b"POST", b"/t1/health", VALUE),
+    Case(b"POST", b"/t1/health/bulk", VALUE),
+    Case(b"POST", b"/t1/health/ready?/bulk", VALUE),
+    Case(b"POST", b"/t1/peers", VALUE),
+    Case(b"POST", b"/t1/metrics/_internal/apply", VALUE),
+    Case(b"POST", b"/t1/diag", VALUE),
+    Case(b"POST", b"/t1/openapi.json?/_internal/", VALUE),
+    Case(b"POST", b"/t1/%FF/_internal/apply", VALUE),
+    Case(b"POST", b"/t1", VALUE),
+    Case(b"POST", b"/t1/", VALUE),
+    Case(b"POST", b"/", VALUE),
+    Case(b"POST", b"/_internal/apply", VALUE),
+    Case(b"POST", b"/bulk", VALUE),
+]
+
+
+class _Server:
+    """
+    One node's real HTTP server on a loopback port, with the small limits above and a cluster secret (so
+    internal routes are open to signed peers, and answer an unsigned request 401, not 403).
+    """
+
+    def __init__(self) -> None:
+        settings = make_settings("t1", "n1", advertise_address="127.0.0.1", port="3000",
+                                 cluster_secret=SECRET, max_value_size=str(LIMITS[VALUE]), insecure_admin="true")
+        self.node = Node(settings, reactor, http=None)
+        self.site = KVSite(build_root(self.node, self.node.authenticator), reactor.seconds, reactor=reactor,
+                           body_limit=LIMITS[VALUE], internal_body_limit=LIMITS[INTERNAL],
+                           max_header_bytes=HEADER_LIMIT)
+        self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
+        self.address = ("127.0.0.1", self.port.getHost().port)
+
+
+@pytest.fixture(scope="module")
+def server():
+    server = _Server()
+    yield server
+    server.port.stopListening()
+
+
+def _exchange(address, raw: bytes) -> bytes:
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(raw)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class Answer(NamedTuple):
+    status: int
+    content_type: Optional[bytes]
+    body: bytes
+
+
+def _parse(raw: bytes) -> Answer:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    headers = dict(line.split(b":", 1) for line in lines[1:])
+    content_type = {name.strip().lower(): value.strip() for name, value in headers.items()}.get(b"content-type")
+    return Answer(int(lines[0].split(b" ")[1]), content_type, body)
+
+
+def _request(case: Case, body: bytes, chunked: bool = False, extra_headers: bytes = b"") -> bytes:
+    head = (b"%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\n%s"
+            % (case.method, case.target, extra_headers))
+    if chunked:
+        pieces = [body[i:i + 1000] for i in range(0, len(body), 1000)]
+        return (head + b"Transfer-Encoding: chunked\r\n\r\n"
+                + b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces) + b"0\r\n\r\n")
+    return head + b"Content-Length: %d\r\n\r\n" % (len(body),) + body
+
+
+def _body(size: int) -> bytes:
+    """A JSON body of exactly ``size`` bytes (a value: a write to kv may store it)."""
+    return b'{"value":"' + b"x" * (size - 12) + b'"}'
+
+
+async def _send(server, raw: bytes) -> Answer:
+    return _parse(await deferToThread(_exchange, server.address, raw))
+
+
+def _id(case: Case) -> str:
+    return "%s %s" % (case.method.decode(), case.target.decode("latin-1"))
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+@pytest_twisted.ensureDeferred
+async def test_a_body_over_the_limit_of_the_route_the_path_reaches_gets_413(server, case):
+    """
+    If a body is one byte over the limit of the route its decoded path reaches (whatever the query string
+    and the key spell), then it gets 413, in JSON, whether its length is declared or it arrives chunked.
+    """
+    for chunked in (False, True):
+        answer = await _send(server, _request(case, _body(LIMITS[case.limit] + 1), chunked))
+        assert answer.status == 413, (case, chunked, answer)
+        assert answer.content_type == b"application/json"
+        assert json.loads(answer.body)["error"] == "payload_too_large"
+        assert b"%d bytes" % (LIMITS[case.limit],) in answer.body
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+@pytest_twisted.ensureDeferred
+async def test_a_body_at_the_limit_of_the_route_the_path_reaches_is_not_refused_as_too_large(server, case):
+    """
+    If a body is exactly as large as the limit of the route its path reaches, then it is not refused as too
+    large (the route answers it, whatever else it says).
+    """
+    answer = await _send(server, _request(case, _body(LIMITS[case.limit])))
+    assert answer.status != 413, (case, answer)
+    assert answer.status < 500, (case, answer)
+
+
+@pytest.mark.parametrize("case", CASES[::4], ids=_id)
+@pytest_twisted.ensureDeferred
+async def test_headers_over_max_header_bytes_are_refused_on_every_route(server, case):
+    """
+    If a request's line and headers exceed MAX_HEADER_BYTES, then it gets a JSON 400, whichever route it
+    names; just under the limit, it is not refused.
+    """
+    room = HEADER_LIMIT - len(_request(case, b"").split(b"\r\n\r\n")[0])
+    over = await _send(server, _request(case, b"{}", extra_headers=b"X-Pad: %s\r\n" % (b"p" * (room + 64),)))
+    assert over.status == 400 and over.content_type == b"application/json", over
+    assert json.loads(over.body)["error"] == "bad_request"
+    under = await _send(server, _request(case, b"{}", extra_headers=b"X-Pad: %s\r\n" % (b"p" * (room - 64),)))
+    assert b'"bad_request"' not in under.body, under
+
+
+def test_the_tree_gives_each_path_the_limit_of_the_route_it_reaches():
+    """
+    If the root is asked for a path's limit, then it answers from the decoded path alone: a query string, a
+    fragment or a key naming another route changes nothing.
+    """
+    node = Node(make_settings("t1", "n1", cluster_secret=SECRET), reactor, http=None)
+    site = KVSite(build_root(node, node.authenticator), reactor.seconds, body_limit=LIMITS[VALUE],
+                  internal_body_limit=LIMITS[INTERNAL])
+    for case in CASES:
+        assert site.body_limit_for(case.target, case.method) == LIMITS[case.limit], case
+
+
+def test_internal_routes_closed_to_everyone_take_no_more_than_a_value():
+    """
+    If the node has no cluster secret (and no --insecure-cluster), then its internal routes, which answer 403
+    whatever the body, take no larger body than a value; with --insecure-cluster they take a peer's batch.
+    """
+    for overrides, limit in (({}, VALUE), ({"insecure_cluster": "true"}, INTERNAL)):
+        node = Node(make_settings("t1", "n1", **overrides), reactor, http=None)
+        site = KVSite(build_root(node), reactor.seconds, body_limit=LIMITS[VALUE],
+                      internal_body_limit=LIMITS[INTERNAL])
+        for target in (b"/t1/_internal/apply", b"/t1/%5Finternal/sync/buckets", b"/t1/_internal/copies"):
+            assert site.body_limit_for(target, b"POST") == LIMITS[limit], (overrides, target)

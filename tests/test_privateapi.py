@@ -1,0 +1,174 @@
+"""
+Each private name of Twisted, Eliot or PyPy that ``kvresponder.privateapi`` uses still exists and still means
+what it is used for. When an upgrade moves one, the test for it fails here first.
+"""
+
+import platform
+import socket
+
+import pytest
+from twisted.internet import tcp
+from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.web.http import HTTPChannel
+from twisted.web.server import Request, Site
+from twisted.web.resource import Resource
+
+from kvresponder import privateapi
+
+
+def _connection():
+    left, right = socket.socketpair()
+    connection = tcp.Connection(left, None, reactor=MemoryReactor())
+    connection.connected = True
+    return connection, (left, right)
+
+
+def test_a_tcp_transport_still_tells_what_it_has_queued_and_whether_it_is_closing():
+    """
+    If a TCP connection has nothing buffered and is open, then a direct write is safe; if it holds unsent
+    bytes, is aborting, disconnecting or shut for writing, then it is not (``_tempDataBuffer``, ``dataBuffer``,
+    ``offset``, ``_aborting``, ``_writeDisconnected``).
+    """
+    assert all(issubclass(kind, tcp.Connection) for kind in privateapi.PLAIN_TCP)
+    connection, sockets = _connection()
+    try:
+        assert not privateapi.tcp_write_is_queued(connection)
+        connection.write(b"x")
+        assert connection._tempDataBuffer == [b"x"]
+        assert privateapi.tcp_write_is_queued(connection)
+        connection._tempDataBuffer, connection._tempDataLen = [], 0
+        connection.dataBuffer, connection.offset = b"abc", 1
+        assert privateapi.tcp_write_is_queued(connection)
+        connection.dataBuffer, connection.offset = b"", 0
+        for name in ("_aborting", "_writeDisconnected", "disconnecting"):
+            assert not getattr(connection, name)
+            setattr(connection, name, True)
+            assert privateapi.tcp_write_is_queued(connection)
+            setattr(connection, name, False)
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _channel():
+    channel = HTTPChannel()
+    channel.site = Site(Resource())
+    channel.requestFactory = Request
+    channel.makeConnection(StringTransport())
+    return channel
+
+
+def test_a_request_still_carries_its_form_parsing_flag_and_its_disconnection():
+    """
+    If a Request is made, then it has the per-instance ``_parsePOSTFormSubmission`` that
+    :func:`skip_form_parsing` clears, and ``_disconnected``, set once its connection is lost.
+    """
+    request = Request(_channel())
+    assert request._parsePOSTFormSubmission is True
+    privateapi.skip_form_parsing(request)
+    assert request._parsePOSTFormSubmission is False
+    assert privateapi.request_gone(request) is False
+    request.connectionLost(Exception("gone"))
+    assert privateapi.request_gone(request) is True
+
+
+def test_a_request_still_answers_options_star_itself():
+    """
+    If ``OPTIONS *`` reaches Twisted's ``Request._handleStar``, then it answers it.
+    """
+    channel = _channel()
+    request = Request(channel)
+    channel.requests.append(request)
+    request.method = b"OPTIONS"
+    privateapi.handle_star(request)
+    assert request.finished and request.code == 200
+
+
+def test_a_channel_still_keeps_its_handling_flag_its_unread_bytes_and_its_saved_timeout():
+    """
+    If an HTTP channel is made, then it has ``_handlingRequest`` (not yet handling), ``_dataBuffer`` (bytes
+    received while a request is answered) and ``_savedTimeOut``.
+    """
+    channel = _channel()
+    assert privateapi.channel_between_requests(channel)
+    channel._dataBuffer.append(b"next request")
+    assert privateapi.take_unread(channel) == b"next request"
+    assert channel._dataBuffer == []
+    channel.setTimeout(30)
+    privateapi.stop_idle_timeout(channel)
+    assert channel.timeOut is None and channel._savedTimeOut is None
+
+
+def test_a_channel_still_knows_the_target_of_the_request_it_is_receiving_before_its_body():
+    """
+    If a channel has parsed a request line and headers but not the body, then ``_path`` and ``_command`` hold
+    its target and method (the body limit is chosen from them before the body is read).
+    """
+    seen = []
+
+    class Limited(Request):
+        def gotLength(self, length):
+            seen.append(privateapi.request_target(self.channel))
+            Request.gotLength(self, length)
+
+    channel = _channel()
+    channel.requestFactory = Limited
+    channel.dataReceived(b"PUT /t/kv/a%2Fb?x=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n")
+    assert seen == [(b"/t/kv/a%2Fb?x=1", b"PUT")]
+
+
+def test_a_channel_still_calls_the_bad_request_hook_on_what_its_parser_refuses():
+    """
+    If a channel subclass installs an answer for bad requests, then a malformed header line reaches it.
+    """
+    seen = []
+
+    class Channel(HTTPChannel):
+        pass
+
+    privateapi.answer_bad_requests(Channel, lambda channel: seen.append(channel))
+    assert hasattr(HTTPChannel, privateapi.BAD_REQUEST_HOOK)
+    channel = Channel()
+    channel.site = Site(Resource())
+    channel.requestFactory = Request
+    channel.makeConnection(StringTransport())
+    channel.dataReceived(b"GET / HTTP/1.1\r\nthis is not a header\r\n\r\n")
+    assert seen == [channel]
+
+
+def test_the_http_client_still_names_a_request_it_could_not_send():
+    """
+    If the client's stale-connection error is imported, then it is an exception class.
+    """
+    assert issubclass(privateapi.RequestNotSent, Exception)
+
+
+def test_eliot_still_names_its_tasks_with_the_uuid4_of_its_action_module():
+    """
+    If the task id factory is replaced, then a new task is named by it.
+    """
+    import eliot._action
+    from eliot import MemoryLogger, start_action
+    original = eliot._action.uuid4
+    try:
+        privateapi.set_task_uuid_factory(lambda: "00000000-0000-4000-8000-000000000001")
+        with start_action(MemoryLogger(), action_type="test") as action:
+            assert action.task_uuid == "00000000-0000-4000-8000-000000000001"
+    finally:
+        eliot._action.uuid4 = original
+
+
+def test_pypy_still_has_its_blake2b_cffi_module():
+    """
+    If this is PyPy, then the cffi module beneath hashlib's BLAKE2b is where kvresponder.ring looks for it,
+    with the functions it calls; elsewhere there is none.
+    """
+    found = privateapi.pypy_blake2b_cffi()
+    if platform.python_implementation() != "PyPy":
+        assert found is None
+        return
+    assert found is not None
+    ffi, lib = found
+    for name in ("blake_init_param", "blake_update", "blake_final"):
+        assert callable(getattr(lib, name))
+    assert ffi.new("blake_param*") is not None

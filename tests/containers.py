@@ -240,11 +240,24 @@ def configure(prefix: str, root: Path) -> Podman:
 
 
 def teardown(podman: Podman) -> None:
-    """Remove everything the suite's storage holds, then the storage itself."""
+    """
+    Remove everything the run created: its networks, then its containers and images, then its storage. Not
+    ``podman system reset``: that also removes every network in podman's shared configuration directory,
+    those of runs going on beside this one included.
+    """
+    for network in podman.output("network", "ls", "--quiet", "--filter", "label=kv-pods-run=" + podman.prefix).split():
+        podman.run("network", "rm", "--force", network, check=False)
     podman.run("rm", "--all", "--force", "--time", "0", check=False, timeout=300)
     podman.remove_created()
-    podman.run("system", "reset", "--force", check=False, timeout=300)
+    podman.run("rmi", "--all", "--force", check=False, timeout=300)
+    roots = (str(podman.workdir) + "/", "/run/%s-run/" % (podman.prefix,))
+    with open("/proc/self/mountinfo") as mountinfo:
+        mounts = [line.split()[4] for line in mountinfo]
+    # Deepest first: the storage's own private bind mount holds the layers' mounts.
+    for mount in sorted((m for m in mounts if (m + "/").startswith(roots)), key=len, reverse=True):
+        subprocess.run(["umount", mount], capture_output=True)
     shutil.rmtree(podman.workdir, ignore_errors=True)
+    shutil.rmtree("/run/%s-run" % (podman.prefix,), ignore_errors=True)
 
 
 def rootfs_tarball(recipe: BaseRecipe, workdir: Path) -> Path:

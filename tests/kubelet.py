@@ -623,7 +623,8 @@ class Network:
 
     def create(self) -> "Network":
         self.name = self.prefix + "-net"
-        self.podman.run("network", "create", "--label", "kv-pods=" + self.prefix, self.name)
+        self.podman.run("network", "create", "--label", "kv-pods=" + self.prefix,
+                        "--label", "kv-pods-run=" + self.podman.prefix, self.name)
         subnet = self.podman.inspect("network", self.name)["subnets"][0]
         self.gateway = subnet["gateway"]
         base, bits = subnet["subnet"].split("/")

@@ -97,3 +97,79 @@ def test_if_the_default_install_is_rendered_then_its_headless_service_names_are_
     assert "kv-responder-analytics-headless" in names
     assert "kv-responder-analytics-headless.kv.svc.cluster.local" in names
     assert kubelet.headless_names(manifests, {"app": "another"}) == []
+
+
+class _FakePodman:
+    """Answers the one question run_args asks podman: the image's user."""
+
+    prefix = "kvpods-test"
+
+    def output(self, *args, **kwargs):
+        assert args[:2] == ("image", "inspect")
+        return "10001:10001"
+
+
+def _pod(tmp_path, manifests, secrets=None):
+    fake = _FakePodman()
+    network = kubelet.Network(fake, "kvpods-net", name="kvpods-net-net", gateway="10.89.0.1")
+    release = kubelet.Release(fake, network, manifests, tmp_path / "release", secrets)
+    template = kubelet.pod_template(manifests)
+    return kubelet.Pod(release, template, template["spec"]["containers"][0]["image"], "10.89.0.10", "p-1")
+
+
+def _option_values(args, option):
+    return [args[i + 1] for i, arg in enumerate(args[:-1]) if arg == option]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to the fsGroup needs root")
+def test_if_a_pod_has_a_command_args_volumes_and_limits_then_podman_runs_them_as_the_kubelet_would(tmp_path):
+    deployment = {"kind": "Deployment", "metadata": {"name": "d"}, "spec": {"replicas": 1, "template": {
+        "metadata": {"labels": {"app": "x"}},
+        "spec": {
+            "terminationGracePeriodSeconds": 45,
+            "securityContext": {"fsGroup": 2000},
+            "containers": [{
+                "name": "c", "image": "img:1", "command": ["twistd", "-n"], "args": ["--flag=$(NAME)", "$$(NAME)"],
+                "env": [{"name": "NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                "resources": {"limits": {"memory": "64Mi", "cpu": "500m"}},
+                "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"},
+                                 {"name": "secrets", "mountPath": "/etc/s", "readOnly": True}]}],
+            "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "1Mi"}},
+                        {"name": "secrets", "projected": {"defaultMode": 0o400, "sources": [
+                            {"secret": {"name": "given", "items": [{"key": "k", "path": "token"}]}},
+                            {"secret": {"name": "absent", "optional": True}},
+                            {"downwardAPI": {"items": [{"path": "name",
+                                                        "fieldRef": {"fieldPath": "metadata.name"}}]}}]}}]}}}}
+    service = {"kind": "Service", "metadata": {"name": "d-headless"},
+               "spec": {"clusterIP": "None", "selector": {"app": "x"}}}
+    pod = _pod(tmp_path, _manifests(deployment, service), {"given": {"k": b"t0ken"}})
+    args = pod.run_args()
+    assert args[-3:] == ["img:1", "--flag=p-1", "$(NAME)"]
+    assert _option_values(args, "--entrypoint") == ['["twistd", "-n"]']
+    assert _option_values(args, "--memory") == [str(64 * 2 ** 20)] and _option_values(args, "--cpus") == ["0.5"]
+    assert _option_values(args, "--stop-timeout") == ["45"]
+    assert _option_values(args, "--mount") == ["type=tmpfs,destination=/tmp,tmpfs-mode=1777,tmpfs-size=1048576"]
+    assert "d-headless.kv.svc.cluster.local" in _option_values(args, "--network-alias")
+    assert _option_values(args, "--ip") == ["10.89.0.10"]
+    volume, = _option_values(args, "--volume")
+    source, target, mode = volume.split(":")
+    assert (target, mode) == ("/etc/s", "ro")
+    assert (Path(source) / "token").read_bytes() == b"t0ken"
+    assert (Path(source) / "name").read_bytes() == b"p-1"
+    assert stat.S_IMODE((Path(source) / "token").stat().st_mode) == 0o440
+
+
+def test_if_the_default_install_is_run_then_its_secret_reaches_the_pod_and_its_address_is_the_pod_ip(tmp_path):
+    require_tool("helm")
+    manifests = kubelet.render(ROOT / "helm", "kv-responder-analytics", "kv", "--set", "tenant=analytics")
+    pod = _pod(tmp_path, manifests)
+    args = pod.run_args()
+    env = dict(value.split("=", 1) for value in _option_values(args, "--env"))
+    # Through an env var (secretKeyRef) or a file of a mounted volume, whichever the chart uses.
+    files = {(Path(volume.split(":")[0]) / name).read_text()
+             for volume in _option_values(args, "--volume") for name in os.listdir(volume.split(":")[0])}
+    secret = manifests.one("Secret")
+    assert base64.b64decode(next(iter(secret["data"].values()))).decode() in set(env.values()) | files
+    assert env["TENANT"] == "analytics"
+    # status.podIP is the address the pod was given on the network.
+    assert "10.89.0.10" in env.values()

@@ -172,6 +172,34 @@ def test_if_the_default_install_starts_three_pods_then_they_form_one_cluster_tha
     release = start_release(manifests)
     wait_for_one_cluster(release, release.pods)
     assert_reads_and_writes_through_every_pod(release, release.pods, "default")
+    for pod in release.pods:
+        assert_security_context_holds(pod)
+
+
+def assert_security_context_holds(pod: Pod) -> None:
+    """The service process runs as the rendered security context says, seen from inside its container."""
+    context = dict(pod.spec.get("securityContext") or {})
+    context.update(pod.container_spec.get("securityContext") or {})
+    status = dict(line.split(":\t", 1) for line in
+                  pod.podman.output("exec", pod.container, "cat", "/proc/1/status").splitlines() if ":\t" in line)
+    if "runAsUser" in context:
+        assert status["Uid"].split()[:2] == [str(context["runAsUser"])] * 2
+    if "runAsGroup" in context:
+        assert status["Gid"].split()[:2] == [str(context["runAsGroup"])] * 2
+    capabilities = context.get("capabilities") or {}
+    if "ALL" in (capabilities.get("drop") or []) and not capabilities.get("add"):
+        assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0, status
+    if context.get("allowPrivilegeEscalation") is False:
+        assert status["NoNewPrivs"].strip() == "1"
+    writable = {m["mountPath"] for m in pod.container_spec.get("volumeMounts") or []
+                if "emptyDir" in {v["name"]: v for v in pod.spec.get("volumes") or []}[m["name"]]}
+    for path in writable:
+        assert pod.podman.run("exec", pod.container, "sh", "-c", "echo x > %s/kv-write-check" % (path,),
+                              check=False).returncode == 0, path
+    if context.get("readOnlyRootFilesystem"):
+        for path in ("/kv-write-check", "/var/tmp/kv-write-check", "/run/kv-write-check"):
+            result = pod.podman.run("exec", pod.container, "sh", "-c", "echo x > " + path, check=False)
+            assert result.returncode != 0, "%s is writable" % (path,)
 
 
 def test_if_discovery_is_dns_only_then_the_pods_find_each_other_through_the_headless_service(start_release):

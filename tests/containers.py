@@ -245,7 +245,8 @@ def teardown(podman: Podman) -> None:
     ``podman system reset``: that also removes every network in podman's shared configuration directory,
     those of runs going on beside this one included.
     """
-    for network in podman.output("network", "ls", "--quiet", "--filter", "label=kv-pods-run=" + podman.prefix).split():
+    networks = podman.run("network", "ls", "--quiet", "--filter", "label=kv-pods-run=" + podman.prefix, check=False)
+    for network in networks.stdout.split():
         podman.run("network", "rm", "--force", network, check=False)
     podman.run("rm", "--all", "--force", "--time", "0", check=False, timeout=300)
     podman.remove_created()

@@ -327,7 +327,11 @@ class Report:
         assert self.ok, self.summary() + "\n" + "\n".join(self.samples)
 
 
-def _read_all(url: str, keys: List[str]) -> Dict[str, object]:
+def read_all(url: str, keys: List[str], refused=None) -> Dict[str, object]:
+    """
+    ``{key: value, ABSENT or ERROR}`` through the node at ``url``; with ``refused``, a 503 ``clock_skew`` (which a
+    node whose clock is off may answer) reads as that instead of ERROR.
+    """
     s = _session()
     states = {}
     for key in keys:
@@ -340,6 +344,8 @@ def _read_all(url: str, keys: List[str]) -> Dict[str, object]:
             states[key] = response.json()["value"]
         elif response.status_code == 404:
             states[key] = ABSENT
+        elif refused is not None and response.status_code == 503 and "clock_skew" in response.text:
+            states[key] = refused
         else:
             states[key] = ERROR
     return states
@@ -374,7 +380,7 @@ def read_through(nodes, keys: List[str]) -> Dict[str, Dict[str, object]]:
     ``{node_id: {key: value, ABSENT or ERROR}}``: every key read through every node's public API.
     """
     with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
-        return dict(zip([node.node_id for node in nodes], pool.map(lambda n: _read_all(n.url, keys), nodes)))
+        return dict(zip([node.node_id for node in nodes], pool.map(lambda n: read_all(n.url, keys), nodes)))
 
 
 def superseded(history: History, write: Op) -> Optional[Op]:
@@ -477,7 +483,7 @@ def check(history: History, nodes, replicas: int) -> Report:
             elif op.outcome == "unknown":
                 report.unknown_writes += 1
     with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
-        reads = dict(zip([node.node_id for node in nodes], pool.map(lambda n: _read_all(n.url, keys), nodes)))
+        reads = dict(zip([node.node_id for node in nodes], pool.map(lambda n: read_all(n.url, keys), nodes)))
         local = dict(zip([node.node_id for node in nodes], pool.map(
             lambda n: _replicas(n.url, keys, (getattr(n, "env", None) or {}).get("CLUSTER_SECRET")), nodes)))
     report.replica_checked = all(value is not None for value in local.values())

@@ -20,7 +20,6 @@ import threading
 import time
 
 import pytest
-import requests
 
 from kvresponder.discovery import HeartbeatCodec, derive_key
 from kvresponder.membership import Heartbeat
@@ -29,7 +28,7 @@ from kvresponder.settings import discovery_group_for
 from . import clock_nemesis
 from .conftest import require_tool
 from .harness import REPO
-from .history import (ABSENT, ERROR, History, Load, check, perform, preload, read_through,
+from .history import (ERROR, History, Load, check, perform, preload, read_all, read_through,
                       real_time_order_violations, settle)
 from .netns import DISCOVERY_PORT, TENANT, Network, NetnsUnavailable, metric_sum, session, wait_until
 
@@ -478,23 +477,7 @@ def _read_or_refused(node, keys):
     ``{key: value, ABSENT, REFUSED or ERROR}`` through ``node``: REFUSED is a 503 ``clock_skew``, which a
     skewed node may answer; a wrong value never.
     """
-    s = session()
-    states = {}
-    for key in keys:
-        try:
-            response = s.get(node.url + "/kv/" + key, timeout=5)
-        except requests.RequestException:
-            states[key] = ERROR
-            continue
-        if response.status_code == 200:
-            states[key] = response.json()["value"]
-        elif response.status_code == 404:
-            states[key] = ABSENT
-        elif response.status_code == 503 and "clock_skew" in response.text:
-            states[key] = REFUSED
-        else:
-            states[key] = ERROR
-    return states
+    return read_all(node.url, keys, refused=REFUSED)
 
 
 def _assert_later_writes_win(history, pairs, nodes, label: str, may_refuse=()) -> None:

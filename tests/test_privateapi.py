@@ -6,7 +6,6 @@ what it is used for. When an upgrade moves one, the test for it fails here first
 import platform
 import socket
 
-import pytest
 from twisted.internet import tcp
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.web.http import HTTPChannel

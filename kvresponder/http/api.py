@@ -19,14 +19,15 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
-from ..coordinator import REMOTE, ClockSkewed, Unavailable
+from ..coordinator import Unavailable
 from ..hlc import format_version
 from ..log import UnknownLevel
 from ..log.service import LEVELS_CHANGED
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..store import EntryTooLarge
-from .errors import APIError, bad_request, error_body, method_not_allowed, not_found, too_large, unavailable, write_error
+from .errors import APIError, bad_request, method_not_allowed, not_found, too_large, write_error
 from ..privateapi import request_gone
+from .kvops import Answer, KVOperations, entry_json, expected_error
 from .limits import BULK, VALUE
 from .site import json_bytes
 
@@ -35,8 +36,6 @@ DEFAULT_LIST_LIMIT = 1000
 MAX_TTL = 10 * 365 * 24 * 3600.0
 MAX_BULK_OPERATIONS = 1000
 _JSON = b"application/json"
-#: A read of an absent key answers this, built once (a miss is as common as a hit in a cache).
-_MISS_BODY = error_body("not_found", "No value is stored under this key.")
 #: A cursor is the base64url of a key's UTF-8: at most 1368 characters for the longest key (1024 bytes).
 _CURSOR = re.compile(r"^[A-Za-z0-9_-]{1,1368}$")
 
@@ -60,18 +59,16 @@ def _decode_json(text: str) -> object:
     return json.loads(text)
 
 
-def parse_json_body(request) -> object:
+def parse_json(body: bytes, content_type: Optional[bytes]) -> object:
     """
-    The request body as JSON.
+    A request body as JSON.
 
-    :raises APIError: 415 for another content type, 400 for malformed JSON.
+    :raises APIError: 415 for a content type other than JSON, 400 for malformed JSON.
     """
-    content_type = request.getHeader(b"content-type")
     if content_type is not None:
         media = content_type.split(b";", 1)[0].strip().lower()
         if media != _JSON:
             raise APIError(415, "unsupported_media_type", "Send the body as application/json.")
-    body = request.content.read()
     try:
         text = body.decode("utf-8")
         return _decode_json(text)
@@ -81,6 +78,20 @@ def parse_json_body(request) -> object:
         raise bad_request("invalid_json", "The body is nested too deeply.")
     except ValueError as error:
         raise bad_request("invalid_json", "The body is not valid JSON: %s." % (str(error).split(":")[0],))
+
+
+def parse_json_body(request) -> object:
+    """
+    The body of a Twisted ``request`` as JSON (see :func:`parse_json`).
+    """
+    return parse_json(request.content.read(), request.getHeader(b"content-type"))
+
+
+def parse_put(body: bytes, content_type: Optional[bytes]) -> tuple:
+    """
+    The serialized value and the TTL of a kv PUT's raw body.
+    """
+    return parse_write(parse_json(body, content_type))
 
 
 def parse_key(raw: bytes, limit: int = 250) -> str:
@@ -170,23 +181,6 @@ def decode_cursor(cursor: str) -> str:
         raise bad_request("invalid_cursor", "The cursor is not one this API returned.")
 
 
-def _json_key(key: str) -> bytes:
-    # Most keys are printable ASCII without a quote or backslash: those need no escaping.
-    if key.isascii() and key.isprintable() and '"' not in key and "\\" not in key:
-        return b'"' + key.encode("ascii") + b'"'
-    return json_bytes(key)
-
-
-def entry_json(entry) -> bytes:
-    """
-    A stored entry as the response body. The value is spliced in as stored: never parsed again.
-    """
-    expires = b"null" if entry.expires_at is None else json_bytes(round(entry.expires_at, 3))
-    wall, counter, node = entry.version
-    return b"".join([b'{"key":', _json_key(entry.key), b',"value":', entry.value, b',"version":"',
-                     b"%d.%d." % (wall, counter), node.encode("utf-8"), b'","expires_at":', expires, b"}"])
-
-
 def _write_json(request, status: int, body: bytes) -> None:
     if request.finished or request_gone(request):
         return
@@ -206,18 +200,25 @@ def failure_body(request, failure) -> Optional[bytes]:
     The JSON error body for an expected failure (with status and headers set), or ``None`` after
     answering an unexpected one with a bare 500.
     """
-    if failure.check(APIError):
-        error = failure.value
-    elif failure.check(Unavailable):
-        error = unavailable(str(failure.value) or "Too few replicas are reachable.")
-    elif failure.check(ClockSkewed):
-        error = APIError(503, "clock_skew", str(failure.value))
-    elif failure.check(EntryTooLarge):
-        error = too_large("The entry is larger than the whole memory budget.")
-    else:
+    error = expected_error(failure)
+    if error is None:
         request.processingFailed(failure)
         return None
     return write_error(request, error)
+
+
+def _write_answer(request, answer: Answer) -> None:
+    if request.finished or request_gone(request):
+        return
+    KVResource._set(request, answer)
+    body = answer.body
+    request.setHeader(b"Content-Length", b"%d" % (len(body),))
+    write_body = getattr(request, "write_body", None)
+    if write_body is not None:
+        write_body(body)
+        return
+    request.write(body)
+    request.finish()
 
 
 def _rounded(value: Optional[float]) -> Optional[float]:
@@ -237,107 +238,68 @@ def _write_failure(request, failure) -> None:
 
 class KVResource(Resource):
     """
-    ``/<tenant>/kv`` (list) and ``/<tenant>/kv/<key>`` (GET, HEAD, PUT, DELETE): a lean leaf.
+    ``/<tenant>/kv`` (list) and ``/<tenant>/kv/<key>`` (GET, HEAD, PUT, DELETE): a lean leaf, carrying
+    :class:`~kvresponder.http.kvops.KVOperations`' answers in Twisted's ``Request`` (the requests that
+    :mod:`~kvresponder.http.fastlane` does not take).
     """
 
     isLeaf = True
 
     def __init__(self, node) -> None:
         Resource.__init__(self)
-        self._node = node
         self._coordinator = node.coordinator
-        self._metrics = node.metrics
-        self._key_limit = node.settings.max_key_length
+        self.operations = KVOperations(node, parse_key, parse_put)
 
     def render(self, request):
         postpath = request.postpath
         method = request.method
+        operations = self.operations
         try:
             if not postpath or postpath == [b""]:
                 if method not in (b"GET", b"HEAD"):
                     raise method_not_allowed(["GET", "HEAD"])
                 with request.begin("/kv", read=True):
                     return self._list(request)
-            key = parse_key(b"/".join(postpath), self._key_limit)
+            key = operations.key(b"/".join(postpath))
             if method in (b"GET", b"HEAD"):
                 with request.begin("/kv/{key}", read=True):
-                    return self._get(request, key)
+                    return self._answer(request, operations.get(key))
             if method == b"PUT":
-                with request.begin("/kv/{key}", alone=self._coordinator.is_local_only()):
-                    return self._put(request, key)
+                with request.begin("/kv/{key}", alone=operations.is_local_only()):
+                    return self._answer(request, operations.put(
+                        key, request.content.read(), request.getHeader(b"content-type")))
             if method == b"DELETE":
-                with request.begin("/kv/{key}", alone=self._coordinator.is_local_only()):
-                    return self._delete(request, key)
+                with request.begin("/kv/{key}", alone=operations.is_local_only()):
+                    return self._answer(request, operations.delete(key))
             raise method_not_allowed(["GET", "HEAD", "PUT", "DELETE"])
         except APIError as error:
             if request.route == "unmatched":
                 request.route = "/kv/{key}"
             return write_error(request, error)
 
+    def _answer(self, request, answer):
+        if isinstance(answer, Answer) and request.method == b"GET":
+            # Answered at once: Twisted frames the returned body. A HEAD goes through _write_answer, which
+            # Twisted sends bodiless.
+            self._set(request, answer)
+            return answer.body
+        if isinstance(answer, Answer):
+            _write_answer(request, answer)
+        else:
+            answer.addCallback(lambda answer: _write_answer(request, answer))
+        return NOT_DONE_YET
+
     def _respond(self, request, d: Deferred, render) -> object:
         d.addCallback(render)
         d.addErrback(lambda failure: _write_failure(request, failure))
         return NOT_DONE_YET
 
-    def _get(self, request, key: str):
-        if not self._node.serving():
-            raise unavailable("The node is not serving yet.")
-        try:
-            entry = self._coordinator.get_nowait(key)
-        except ClockSkewed as error:
-            raise APIError(503, "clock_skew", str(error))
-        if entry is not REMOTE:
-            # Answered from this node's own store: render at once, without a Deferred. A GET returns its
-            # body for Twisted to frame; a HEAD goes through _write_json, which Twisted sends bodiless.
-            if entry is None:
-                self._metrics.cache("get", "miss")
-                if request.method == b"GET":
-                    request.setResponseCode(404)
-                    request.setHeader(b"Content-Type", _JSON)
-                    return _MISS_BODY
-                _write_json(request, 404, _MISS_BODY)
-                return NOT_DONE_YET
-            self._metrics.cache("get", "hit")
-            if request.method == b"GET":
-                request.setHeader(b"Content-Type", _JSON)
-                return entry_json(entry)
-            _write_json(request, 200, entry_json(entry))
-            return NOT_DONE_YET
-
-        def render(entry):
-            if entry is None:
-                self._metrics.cache("get", "miss")
-                raise not_found("No value is stored under this key.")
-            self._metrics.cache("get", "hit")
-            _write_json(request, 200, entry_json(entry))
-
-        return self._respond(request, self._coordinator.get(key), render)
-
-    def _put(self, request, key: str):
-        value, ttl = parse_write(parse_json_body(request))
-        try:
-            self._coordinator.store.check_fits(key, value)
-        except EntryTooLarge:
-            raise too_large("The entry is larger than the whole memory budget (MAX_MEMORY).")
-
-        def render(result):
-            self._metrics.cache("put", "created" if result.created else "replaced")
-            entry = result.entry
-            _write_json(request, 201 if result.created else 200, json_bytes({
-                "key": entry.key, "version": format_version(entry.version),
-                "expires_at": None if entry.expires_at is None else round(entry.expires_at, 3)}))
-
-        return self._respond(request, self._coordinator.put(key, value, ttl), render)
-
-    def _delete(self, request, key: str):
-        def render(result):
-            if not result.existed:
-                self._metrics.cache("delete", "miss")
-                raise not_found("No value is stored under this key.")
-            self._metrics.cache("delete", "deleted")
-            _write_json(request, 200, json_bytes({"key": key, "deleted": True}))
-
-        return self._respond(request, self._coordinator.delete(key), render)
+    @staticmethod
+    def _set(request, answer: Answer) -> None:
+        request.setResponseCode(answer.status)
+        request.setHeader(b"Content-Type", _JSON)
+        for name, value in answer.headers:
+            request.setHeader(name, value)
 
     def _list(self, request):
         args = request.args

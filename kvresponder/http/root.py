@@ -134,6 +134,13 @@ class RootResource(Resource):
         """
         return [(b"/" + self._tenant + b"/kv/", self._tenant_resource.kv)]
 
+    def fast_lane_route(self):
+        """
+        The prefix of the kv routes and the operations that answer them, for the site's fast lane
+        (:mod:`~kvresponder.http.fastlane`).
+        """
+        return b"/" + self._tenant + b"/kv/", self._tenant_resource.kv.operations
+
     def render(self, request):
         return self._elsewhere.render(request)
 

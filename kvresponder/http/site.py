@@ -24,6 +24,7 @@ from ..privateapi import (answer_bad_requests, channel_between_requests, handle_
                           skip_form_parsing, stop_idle_timeout, take_unread)
 from ..sendnow import send_now
 from .errors import APIError, error_body, write_error
+from .fastlane import ConnectionLane, FastLane
 from .limits import BULK, INTERNAL, VALUE
 
 
@@ -364,9 +365,14 @@ class _CountedChannel(HTTPChannel):
     _idle_call = None
     _last_activity = 0.0
 
+    _lane = None
+
     def connectionMade(self):
         HTTPChannel.connectionMade(self)
-        self.site.open_connections += 1
+        site = self.site
+        site.open_connections += 1
+        if site.lane is not None:
+            self._lane = ConnectionLane(site.lane, self)
 
     def getHost(self):
         # Twisted asks for both addresses on every request (a system call and an object each); neither
@@ -414,12 +420,55 @@ class _CountedChannel(HTTPChannel):
         self.timeoutConnection()
 
     def dataReceived(self, data):
+        lane = self._lane
+        if lane is not None and lane.open:
+            self.resetTimeout()
+            data = lane.dataReceived(data)
+            if data is None:
+                return
+        self.to_twisted(data)
+
+    def to_twisted(self, data: bytes) -> None:
+        """
+        Give ``data`` to Twisted's HTTP parser (the bytes from a request the fast lane does not take on).
+        """
         if self._request_started is None and channel_between_requests(self):
+            self.receiving(True)
+        HTTPChannel.dataReceived(self, data)
+
+    def receiving(self, partly: bool) -> None:
+        """
+        Note whether a request is partly received, for its deadline.
+        """
+        if not partly:
+            self._request_started = None
+            return
+        if self._request_started is None:
             site = self.site
             self._request_started = site.seconds()
             if self._deadline is None:
                 self._deadline = site.reactor.callLater(site.request_deadline, self._check_deadline)
-        HTTPChannel.dataReceived(self, data)
+
+    def send(self, data: bytes) -> None:
+        """
+        Write ``data`` (the fast lane's answers): behind an answer being corked, or at once.
+        """
+        transport = self.transport
+        if isinstance(transport, _Cork):
+            transport.write(data)
+        else:
+            send_now(transport, data)
+
+    def requestDone(self, request):
+        HTTPChannel.requestDone(self, request)
+        lane = self._lane
+        if (lane is not None and not lane.open and self.persistent and not self.requests
+                and not self.transport.disconnecting):
+            # Twisted answered all it was given: what it holds now is at most the start of the next
+            # request line, which the lane takes back with the rest.
+            rest = lane.reopen(self.clearLineBuffer())
+            if rest is not None:
+                self.to_twisted(rest)
 
     def allContentReceived(self):
         self._request_started = None
@@ -515,6 +564,8 @@ class _CountedChannel(HTTPChannel):
             self._idle_call = None
         self._request_started = None
         self.site.open_connections -= 1
+        if self._lane is not None:
+            self._lane.connectionLost()
         HTTPChannel.connectionLost(self, reason)
 
 
@@ -551,7 +602,8 @@ class KVSite(Site):
     def __init__(self, resource, seconds: Callable[[], float], metrics=None, log_policy=None,
                  body_limit: int = 1024 * 1024, bulk_body_limit: Optional[int] = None,
                  internal_body_limit: int = 64 * 1024 * 1024, max_connections: int = 1024,
-                 timeout: float = 30.0, max_header_bytes: int = 16384, reactor=None, tracing=None) -> None:
+                 timeout: float = 30.0, max_header_bytes: int = 16384, reactor=None, tracing=None,
+                 fast_lane: bool = True) -> None:
         Site.__init__(self, resource, timeout=timeout, reactor=reactor)
         self.seconds = seconds
         self.metrics = metrics
@@ -576,6 +628,14 @@ class KVSite(Site):
                           for prefix, leaf in getattr(resource, "shortcuts", lambda: [])()]
         #: The same, with the body limit of each, for requests that have a body.
         self._shortcut_limits = [(prefix, self._routed_limit(prefix, b"PUT")) for prefix, _, _ in self.shortcuts]
+        #: The kv routes' fast lane (:mod:`~kvresponder.http.fastlane`), where the root offers one. Not with
+        #: tracing on: every traced request needs its span, which Twisted's path gives it.
+        self.lane = None
+        lane_route = getattr(resource, "fast_lane_route", None)
+        if fast_lane and lane_route is not None and self.tracing is None:
+            prefix, operations = lane_route()
+            self.lane = FastLane(prefix, operations, self._routed_limit(prefix, b"PUT"), max_header_bytes,
+                                 metrics, log_policy, seconds, http_date)
 
     def body_limit_for(self, target: bytes, method: bytes) -> int:
         """

@@ -1,0 +1,351 @@
+"""
+The fast lane: simple kv requests parsed and answered on the connection, without Twisted's ``Request``.
+
+Twisted's HTTP server builds a ``Request``, its header objects and a body buffer for every request, and
+traverses resources to reach the one that renders it: several times what a cache read or write costs
+itself. The lane serves ``GET``, ``PUT`` and ``DELETE`` of ``/<tenant>/kv/<key>`` when the request is plain
+HTTP/1.1: a request line and headers it can check completely, any body framed by ``Content-Length`` and
+within the value limit. Everything else (another route, ``HEAD``, a query string, chunked bodies,
+``Expect``, ``Connection`` or ``Upgrade`` headers, HTTP/1.0, anything malformed, and every request while a
+log level or tracing would record it in more detail than the lane does) goes to Twisted's parser, starting
+at that request's first byte, as if the lane were not there.
+
+The answers come from the same :class:`~kvresponder.http.kvops.KVOperations` that Twisted's path uses, and
+are counted in the same metrics; a write other nodes take part in gets the same ``http:request`` action.
+Answers leave in the order their requests arrived: while one waits (a replicated write, a remote read), the
+lane holds the requests behind it; when a request goes to Twisted, the lane stays closed until Twisted has
+answered everything it was given, and takes back whatever the client sent after that.
+"""
+
+import re
+from typing import Optional
+
+from eliot import write_traceback
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from twisted.web.http import RESPONSES, unquote
+
+from ..log import DEBUG, INFO
+from ..log.http import HTTP_REQUEST
+from .errors import APIError, error_body
+
+#: ``parse`` found the start of a request the lane would take, not all of it yet.
+INCOMPLETE = object()
+
+_METHODS = {b"GET": "GET", b"PUT": "PUT", b"DELETE": "DELETE"}
+_ROUTE = "/kv/{key}"
+#: Visible ASCII, as Twisted requires of a request target.
+_TARGET = re.compile(rb"[!-~]+\Z").match
+#: An RFC 9110 token, as Twisted requires of a header name.
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z").match
+#: Headers whose handling is Twisted's: framing, connection management, and the 100-continue exchange.
+_TWISTED_HEADERS = frozenset([b"transfer-encoding", b"connection", b"expect", b"upgrade", b"te", b"trailer",
+                              b"keep-alive", b"proxy-connection"])
+#: The most header lines the lane reads in one request (Twisted takes more, and refuses past its own limit).
+_MAX_HEADERS = 64
+#: Bytes held behind a waiting answer before the connection stops reading (Twisted's eager read size).
+_HOLD = 0x4000
+_INTERNAL_ERROR = error_body("internal_error", "The server failed to handle this request.")
+_STATUS_LINES = {}
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        line = _STATUS_LINES[status] = b"HTTP/1.1 %d %s\r\n" % (status, RESPONSES.get(status, b"Unknown"))
+    return line
+
+
+class FastLane:
+    """
+    What the lane knows of the site: the kv prefix and its operations, the limits, and where it accounts.
+
+    :param bytes prefix: ``/<tenant>/kv/``.
+    :param operations: the :class:`~kvresponder.http.kvops.KVOperations` that answer.
+    :param int body_limit: the largest body of a kv ``PUT``.
+    :param int max_header_bytes: the largest request line and headers.
+    :param metrics: a :class:`~kvresponder.metrics.Metrics`, or ``None``.
+    :param log_policy: a :class:`~kvresponder.log.LogPolicy`, or ``None``.
+    :param seconds: the clock, for request durations.
+    :param date: formats a time as an HTTP Date header value.
+    """
+
+    def __init__(self, prefix: bytes, operations, body_limit: int, max_header_bytes: int, metrics, log_policy,
+                 seconds, date) -> None:
+        self._prefix = prefix
+        self._starts = tuple(method + b" " + prefix for method in _METHODS)
+        self.operations = operations
+        self._body_limit = body_limit
+        self._max_head = min(max_header_bytes, 64 * 1024)
+        self._metrics = metrics
+        self._policy = log_policy
+        self.seconds = seconds
+        self._date = date
+
+    def parse(self, data: bytes, offset: int):
+        """
+        The request that starts at ``offset`` of ``data``, if the lane takes it: ``(method, raw key, body,
+        content type, end offset)``. :data:`INCOMPLETE` if it may be one and has not all arrived; ``None``
+        for a request the lane leaves to Twisted.
+        """
+        end = data.find(b"\r\n\r\n", offset)
+        if end < 0 or end - offset > self._max_head:
+            if len(data) - offset > self._max_head:
+                return None
+            start = data[offset:offset + len(self._starts[-1])]
+            for expected in self._starts:
+                if expected.startswith(start) or start.startswith(expected):
+                    return INCOMPLETE
+            return None
+        lines = data[offset:end].split(b"\r\n")
+        if len(lines) > _MAX_HEADERS:
+            return None
+        request_line = lines[0].split(b" ")
+        if len(request_line) != 3:
+            return None
+        method, target, version = request_line
+        if version != b"HTTP/1.1" or method not in _METHODS:
+            return None
+        prefix = self._prefix
+        if (not target.startswith(prefix) or len(target) == len(prefix) or b"?" in target
+                or not _TARGET(target)):
+            return None
+        length = None
+        content_type = None
+        for index in range(1, len(lines)):
+            line = lines[index]
+            colon = line.find(b":")
+            if colon <= 0:
+                return None
+            name = line[:colon]
+            if not _TOKEN(name):
+                return None
+            value = line[colon + 1:].strip(b" \t")
+            if len(value.translate(None, b"\x00\r\n")) != len(value):
+                return None
+            name = name.lower()
+            if name == b"content-length":
+                if length is not None or not value.isdigit() or len(value) > 12:
+                    return None
+                length = int(value)
+            elif name == b"content-type":
+                if content_type is not None:
+                    return None
+                content_type = value
+            elif name in _TWISTED_HEADERS:
+                return None
+        body_start = end + 4
+        if method == b"PUT":
+            if length is None or length > self._body_limit:
+                return None
+        elif length:
+            return None
+        else:
+            length = 0
+        body_end = body_start + length
+        if len(data) < body_end:
+            return INCOMPLETE
+        raw = target[len(prefix):]
+        if b"%" in raw:
+            raw = unquote(raw)
+        return method, raw, data[body_start:body_end], content_type, body_end
+
+    def logged(self, method: bytes, alone: bool) -> Optional[bool]:
+        """
+        Whether a request with ``method`` needs its ``http:request`` action (a write others take part in, at
+        ``info``); ``None`` if it is logged in more detail than the lane logs (a read or a lone write at
+        ``debug``), and so goes to Twisted.
+        """
+        policy = self._policy
+        if policy is None:
+            return False
+        if method == b"GET" or alone:
+            return None if policy.enabled("http", DEBUG) else False
+        return policy.enabled("http", INFO)
+
+    def answer(self, method: bytes, raw: bytes, body: bytes, content_type):
+        """
+        The answer to one request: an ``Answer``, or a Deferred that fires with one. Never raises.
+        """
+        operations = self.operations
+        try:
+            key = operations.key(raw)
+            if method == b"GET":
+                return operations.get(key)
+            if method == b"PUT":
+                return operations.put(key, body, content_type)
+            return operations.delete(key)
+        except APIError as error:
+            return error.status, error_body(error.code, error.message), tuple(error.headers.items())
+        except Exception:
+            write_traceback()
+            return 500, _INTERNAL_ERROR, ()
+
+    def render(self, status: int, body: bytes, headers, now: float) -> bytes:
+        extra = b"".join([b"%s: %s\r\n" % header for header in headers]) if headers else b""
+        return b"%sDate: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s" % (
+            _status_line(status), self._date(now), len(body), extra, body)
+
+    def account(self, method: bytes, status: int, started: float) -> None:
+        metrics = self._metrics
+        if metrics is not None:
+            metrics.observe_request(_METHODS[method], _ROUTE, status, self.seconds() - started)
+
+
+class ConnectionLane:
+    """
+    The lane on one connection. Its channel hands it every byte while it is open; it answers what it takes
+    through the channel's ``send`` and returns the bytes from the first request it does not take on, for
+    the channel to give Twisted. The channel reopens it (:meth:`reopen`) once Twisted has answered all it
+    was given.
+
+    :param FastLane lane: the site's lane.
+    :param channel: the HTTP channel: ``send(data)``, ``receiving(bool)`` (a request is partly received),
+        ``setTimeout``, ``transport``, and ``to_twisted(data)``.
+    """
+
+    open = True
+    _waiting = False
+    _lost = False
+    _paused = False
+
+    def __init__(self, lane: FastLane, channel) -> None:
+        self._lane = lane
+        self._channel = channel
+        self._held = b""
+
+    def dataReceived(self, data: bytes) -> Optional[bytes]:
+        """
+        Take ``data``; returns what Twisted must parse (from a request the lane does not take on), or
+        ``None``.
+        """
+        if self._held:
+            data = self._held + data
+            self._held = b""
+        if self._waiting:
+            self._hold(data)
+            return None
+        return self._serve(data)
+
+    def reopen(self, leftover: bytes) -> Optional[bytes]:
+        """
+        Open the lane again after Twisted answered its last request; ``leftover`` is what Twisted had
+        received of the next one. Returns what goes back to Twisted, as :meth:`dataReceived` does.
+        """
+        self.open = True
+        if not leftover:
+            return None
+        return self._serve(leftover)
+
+    def connectionLost(self) -> None:
+        self._lost = True
+        self._held = b""
+
+    def _hold(self, data: bytes) -> None:
+        self._held = data
+        if len(data) > _HOLD and not self._paused:
+            self._paused = True
+            self._channel.transport.pauseProducing()
+
+    def _serve(self, data: bytes) -> Optional[bytes]:
+        lane = self._lane
+        channel = self._channel
+        out = []
+        offset = 0
+        size = len(data)
+        rest = None
+        try:
+            while offset < size:
+                parsed = lane.parse(data, offset)
+                if parsed is INCOMPLETE:
+                    self._held = data[offset:]
+                    channel.receiving(True)
+                    return None
+                if parsed is None:
+                    self.open = False
+                    rest = data[offset:]
+                    break
+                method, raw, body, content_type, end = parsed
+                logged = lane.logged(method, method == b"GET" or lane.operations.is_local_only())
+                if logged is None:
+                    self.open = False
+                    rest = data[offset:]
+                    break
+                offset = end
+                started = lane.seconds()
+                if logged:
+                    action = HTTP_REQUEST(method=_METHODS[method], route=_ROUTE)
+                    with action.context():
+                        answer = lane.answer(method, raw, body, content_type)
+                else:
+                    action = None
+                    answer = lane.answer(method, raw, body, content_type)
+                if isinstance(answer, Deferred):
+                    result = []
+                    answer.addBoth(result.append)
+                    if not result:
+                        self._wait(answer, method, started, action, data[offset:])
+                        return None
+                    answer = _settled(result[0])
+                status, body, headers = answer
+                out.append(lane.render(status, body, headers, started))
+                self._finish(method, status, started, action)
+            if rest is None or offset:
+                # Not a request received in part since earlier: a request Twisted now gets from its first
+                # byte counts its deadline from now; one it continues keeps the time of that byte.
+                channel.receiving(False)
+            return rest
+        finally:
+            if out:
+                channel.send(b"".join(out))
+
+    def _finish(self, method: bytes, status: int, started: float, action) -> None:
+        lane = self._lane
+        lane.account(method, status, started)
+        if action is not None:
+            action.add_success_fields(status=status, duration_ms=round((lane.seconds() - started) * 1000, 3))
+            action.finish()
+
+    def _wait(self, answer: Deferred, method: bytes, started: float, action, rest: bytes) -> None:
+        """
+        Hold the connection's later requests until ``answer`` fires, then send it and go on.
+        """
+        self._waiting = True
+        channel = self._channel
+        saved_timeout = channel.setTimeout(None)
+        self._hold(rest)
+        channel.receiving(False)
+
+        def answered(answer) -> None:
+            self._waiting = False
+            if self._lost:
+                self._finish(method, 499, started, action)
+                return
+            status, body, headers = _settled(answer)
+            channel.send(self._lane.render(status, body, headers, started))
+            self._finish(method, status, started, action)
+            channel.setTimeout(saved_timeout)
+            if self._paused:
+                self._paused = False
+                channel.transport.resumeProducing()
+            held, self._held = self._held, b""
+            if held:
+                rest = self._serve(held)
+                if rest is not None:
+                    channel.to_twisted(rest)
+
+        answer.addBoth(answered).addErrback(_log_failure)
+
+
+def _log_failure(failure) -> None:
+    write_traceback(exc_info=(failure.type, failure.value, failure.tb))
+
+
+def _settled(answer):
+    """
+    An operation's answer, or a bare 500 for a failure it did not turn into one (after logging it).
+    """
+    if isinstance(answer, Failure):
+        _log_failure(answer)
+        return 500, _INTERNAL_ERROR, ()
+    return answer

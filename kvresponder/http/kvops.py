@@ -1,0 +1,165 @@
+"""
+What the kv routes answer, apart from how the answer travels.
+
+``GET``, ``PUT`` and ``DELETE`` of ``/<tenant>/kv/<key>`` are decided here, once: each operation takes the key
+(and a write its body) and gives an :class:`Answer`, at once or as a Deferred. Two front ends carry them:
+:class:`~kvresponder.http.api.KVResource` inside Twisted's ``Request``, and
+:mod:`~kvresponder.http.fastlane`, which parses and answers simple requests on the connection itself. Both
+therefore give every client the same status, body and headers.
+"""
+
+from typing import NamedTuple, Optional, Tuple, Union
+
+from eliot import write_traceback
+from twisted.internet.defer import Deferred
+
+from ..coordinator import REMOTE, ClockSkewed, Unavailable
+from ..hlc import format_version
+from ..store import EntryTooLarge
+from .errors import APIError, error_body, not_found, too_large, unavailable
+from .site import json_bytes
+
+JSON = b"application/json"
+#: A read of an absent key answers this, built once (a miss is as common as a hit in a cache).
+MISS_BODY = error_body("not_found", "No value is stored under this key.")
+#: What a client sees of a failure nobody expected (its traceback goes to the log only).
+INTERNAL_ERROR_BODY = error_body("internal_error", "The server failed to handle this request.")
+
+
+class Answer(NamedTuple):
+    """
+    A JSON response: its status, its body, and any headers beyond Content-Type and Content-Length.
+    """
+    status: int
+    body: bytes
+    headers: Tuple[Tuple[bytes, bytes], ...] = ()
+
+
+def error_answer(error: APIError) -> Answer:
+    return Answer(error.status, error_body(error.code, error.message), tuple(error.headers.items()))
+
+
+def expected_error(failure) -> Optional[APIError]:
+    """
+    The client-facing error for a failure a kv operation can meet, or ``None`` for anything else.
+    """
+    if failure.check(APIError):
+        return failure.value
+    if failure.check(Unavailable):
+        return unavailable(str(failure.value) or "Too few replicas are reachable.")
+    if failure.check(ClockSkewed):
+        return APIError(503, "clock_skew", str(failure.value))
+    if failure.check(EntryTooLarge):
+        return too_large("The entry is larger than the whole memory budget.")
+    return None
+
+
+def failure_answer(failure) -> Answer:
+    """
+    The answer to a failed operation: its error, or a bare 500 after logging the traceback.
+    """
+    error = expected_error(failure)
+    if error is None:
+        write_traceback(exc_info=(failure.type, failure.value, failure.tb))
+        return Answer(500, INTERNAL_ERROR_BODY)
+    return error_answer(error)
+
+
+def _json_key(key: str) -> bytes:
+    # Most keys are printable ASCII without a quote or backslash: those need no escaping.
+    if key.isascii() and key.isprintable() and '"' not in key and "\\" not in key:
+        return b'"' + key.encode("ascii") + b'"'
+    return json_bytes(key)
+
+
+def entry_json(entry) -> bytes:
+    """
+    A stored entry as the response body. The value is spliced in as stored: never parsed again.
+    """
+    expires = b"null" if entry.expires_at is None else json_bytes(round(entry.expires_at, 3))
+    wall, counter, node = entry.version
+    return b"".join([b'{"key":', _json_key(entry.key), b',"value":', entry.value, b',"version":"',
+                     b"%d.%d." % (wall, counter), node.encode("utf-8"), b'","expires_at":', expires, b"}"])
+
+
+def written_json(entry) -> bytes:
+    """
+    The body of an answered write: the key, its new version and when it expires.
+    """
+    expires = b"null" if entry.expires_at is None else json_bytes(round(entry.expires_at, 3))
+    return b"".join([b'{"key":', _json_key(entry.key), b',"version":', json_bytes(format_version(entry.version)),
+                     b',"expires_at":', expires, b"}"])
+
+
+class KVOperations:
+    """
+    The kv operations of one node. Each raises :class:`~kvresponder.http.errors.APIError` for a request it
+    refuses before doing anything, and otherwise returns an :class:`Answer` or a Deferred firing with one
+    (never failing: failures become answers through :func:`failure_answer`).
+
+    :param node: the :class:`~kvresponder.node.Node`.
+    :param parse_key: turns a percent-decoded path below ``kv/`` and the key length limit into a key, or
+        raises ``APIError``.
+    :param parse_write: turns a PUT's body and Content-Type into ``(value, ttl)``, or raises ``APIError``.
+    """
+
+    def __init__(self, node, parse_key, parse_write) -> None:
+        self._node = node
+        self._coordinator = node.coordinator
+        self._metrics = node.metrics
+        self._parse_key = parse_key
+        self._parse_write = parse_write
+        self._key_limit = node.settings.max_key_length
+
+    def key(self, raw: bytes) -> str:
+        """
+        The key a request names by ``raw``, its percent-decoded path below ``/<tenant>/kv/``.
+        """
+        return self._parse_key(raw, self._key_limit)
+
+    def is_local_only(self) -> bool:
+        """
+        Whether this node is alone in its ring: its writes involve no other node.
+        """
+        return self._coordinator.is_local_only()
+
+    def get(self, key: str) -> Union[Answer, Deferred]:
+        if not self._node.serving():
+            raise unavailable("The node is not serving yet.")
+        try:
+            entry = self._coordinator.get_nowait(key)
+        except ClockSkewed as error:
+            raise APIError(503, "clock_skew", str(error))
+        if entry is not REMOTE:
+            return self._read(entry)
+        return self._coordinator.get(key).addCallbacks(self._read, failure_answer)
+
+    def _read(self, entry) -> Answer:
+        if entry is None:
+            self._metrics.cache("get", "miss")
+            return Answer(404, MISS_BODY)
+        self._metrics.cache("get", "hit")
+        return Answer(200, entry_json(entry))
+
+    def put(self, key: str, body: bytes, content_type: Optional[bytes]) -> Deferred:
+        value, ttl = self._parse_write(body, content_type)
+        try:
+            self._coordinator.store.check_fits(key, value)
+        except EntryTooLarge:
+            raise too_large("The entry is larger than the whole memory budget (MAX_MEMORY).")
+        return self._coordinator.put(key, value, ttl).addCallbacks(self._written, failure_answer)
+
+    def _written(self, result) -> Answer:
+        created = result.created
+        self._metrics.cache("put", "created" if created else "replaced")
+        return Answer(201 if created else 200, written_json(result.entry))
+
+    def delete(self, key: str) -> Deferred:
+        def deleted(result):
+            if not result.existed:
+                self._metrics.cache("delete", "miss")
+                return error_answer(not_found("No value is stored under this key."))
+            self._metrics.cache("delete", "deleted")
+            return Answer(200, json_bytes({"key": key, "deleted": True}))
+
+        return self._coordinator.delete(key).addCallbacks(deleted, failure_answer)

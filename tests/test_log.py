@@ -138,3 +138,27 @@ def test_a_policy_takes_levels_in_any_letter_case_and_warn_as_warning():
             pass
         else:
             raise AssertionError("%r was taken as a level" % (bad,))
+
+
+def test_log_lines_encode_every_kind_of_field_value_as_the_json_encoder_does():
+    """
+    If a message holds text that needs escaping (quotes, backslashes, control characters, non-ASCII, lone
+    surrogates), numbers, booleans, null, lists and nested objects, then its line decodes to the same
+    message, in ASCII: the quick path for plain fields and the general encoder agree.
+    """
+    stream = io.BytesIO()
+    destination = JSONLineDestination(stream, LogPolicy("info"), "t1", "n1", flush=True)
+    message = {
+        "message_type": "x:y", "plain": "k1", "quote": 'a"b', "backslash": "a\\b", "control": "a\nb\x00\x7f",
+        "unicode": "clé ☃", "surrogate": "\ud800", "int": 7, "big": 2 ** 70, "negative": -3, "float": 0.1,
+        "true": True, "false": False, "none": None, "levels": [1, 2, 3], "mixed": [1, "a"], "empty": [],
+        "nested": {"a": [1, {"b": None}]}, "bytes": b"raw", 'name "quoted"': 1, "ключ": "v",
+    }
+    destination(dict(message))
+    line = stream.getvalue()
+    assert line.isascii()
+    decoded = json.loads(line)
+    expected = dict(message, bytes="raw", tenant="t1", node="n1")
+    assert decoded == expected
+    # The general encoder's output for the same message, field for field.
+    assert line.decode("ascii").rstrip("\n") == json.dumps(expected)

@@ -282,10 +282,12 @@ class ConnectionLane:
                     answer = lane.answer(method, raw, body, content_type)
                 if isinstance(answer, Deferred):
                     result = []
-                    answer.addBoth(result.append)
+                    answer.addBoth(_capture, result)
                     if not result:
                         self._wait(answer, method, started, action, data[offset:])
                         return None
+                    # Fired already (a write on a node alone): answered here, with what follows it.
+                    answer.addErrback(_handled)
                     answer = _settled(result[0])
                 status, body, headers = answer
                 out.append(lane.render(status, body, headers, started))
@@ -335,6 +337,15 @@ class ConnectionLane:
                     channel.to_twisted(rest)
 
         answer.addBoth(answered).addErrback(_log_failure)
+
+
+def _capture(result, box: list):
+    box.append(result)
+    return result
+
+
+def _handled(failure) -> None:
+    return None
 
 
 def _log_failure(failure) -> None:

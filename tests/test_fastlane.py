@@ -1,0 +1,438 @@
+"""
+The fast lane (:mod:`kvresponder.http.fastlane`) answers what Twisted's path would, in the order requests came.
+
+Equivalence runs two real nodes on loopback sockets, one with the lane and one without, and sends each the
+same raw requests; ordering, waiting and trickling use an in-memory transport, where every byte boundary and
+the moment an answer fires are under the test's control.
+"""
+
+import json
+import re
+import socket
+from typing import List, Optional, Tuple
+
+import pytest
+import pytest_twisted
+from eliot import add_destinations, remove_destination
+from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.internet.threads import deferToThread
+
+from kvresponder.http.fastlane import INCOMPLETE, FastLane
+from kvresponder.http.kvops import Answer
+from kvresponder.http.root import build_root
+from kvresponder.http.site import KVSite, http_date
+from kvresponder.log import LogPolicy
+from kvresponder.node import Node
+
+from .support import make_settings
+
+VALUE_LIMIT = 4096
+
+
+def _site(node, fast_lane: bool, **kwargs) -> KVSite:
+    return KVSite(build_root(node), reactor.seconds, reactor=reactor, metrics=node.metrics,
+                  body_limit=VALUE_LIMIT, fast_lane=fast_lane, **kwargs)
+
+
+class _Server:
+    def __init__(self, fast_lane: bool) -> None:
+        self.node = Node(make_settings("t1", "n1", max_value_size=str(VALUE_LIMIT), max_key_length="20"),
+                         reactor, http=None)
+        self.site = _site(self.node, fast_lane)
+        self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
+        self.address = ("127.0.0.1", self.port.getHost().port)
+
+
+def _read_answers(sock: socket.socket, count: int) -> List[Tuple[int, dict, bytes]]:
+    """``count`` HTTP answers from ``sock``, each (status, headers, body), framed by Content-Length or chunked."""
+    buffer = b""
+
+    def more():
+        nonlocal buffer
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError("connection closed after %d answers: %r" % (len(answers), buffer))
+        buffer += chunk
+
+    def take(size: int) -> bytes:
+        nonlocal buffer
+        while len(buffer) < size:
+            more()
+        taken, buffer = buffer[:size], buffer[size:]
+        return taken
+
+    def line() -> bytes:
+        nonlocal buffer
+        while b"\r\n" not in buffer:
+            more()
+        taken, buffer = buffer.split(b"\r\n", 1)
+        return taken
+
+    answers = []
+    while len(answers) < count:
+        status = int(line().split(b" ")[1])
+        headers = {}
+        while True:
+            header = line()
+            if not header:
+                break
+            name, value = header.split(b":", 1)
+            headers[name.strip().lower()] = value.strip()
+        if headers.get(b"transfer-encoding") == b"chunked":
+            body = b""
+            while True:
+                size = int(line(), 16)
+                body += take(size)
+                line()
+                if not size:
+                    break
+        else:
+            body = take(int(headers.get(b"content-length", b"0")))
+        answers.append((status, headers, body))
+    return answers
+
+
+def _exchange(address, raw: bytes, count: int) -> List[Tuple[int, dict, bytes]]:
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(raw)
+        return _read_answers(sock, count)
+
+
+def _put(key: bytes, body: bytes, content_type: Optional[bytes] = b"application/json") -> bytes:
+    head = b"PUT /t1/kv/%s HTTP/1.1\r\nHost: x\r\n" % (key,)
+    if content_type is not None:
+        head += b"Content-Type: %s\r\n" % (content_type,)
+    return head + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+def _get(key: bytes) -> bytes:
+    return b"GET /t1/kv/%s HTTP/1.1\r\nHost: x\r\n\r\n" % (key,)
+
+
+def _delete(key: bytes) -> bytes:
+    return b"DELETE /t1/kv/%s HTTP/1.1\r\nHost: x\r\n\r\n" % (key,)
+
+
+#: Requests the lane takes, in an order where each one's answer depends on the ones before.
+SEQUENCE = [
+    _get(b"a"),
+    _put(b"a", b'{"value": {"n": 1}}'),
+    _put(b"a", b'{"value": "two", "ttl": 60}'),
+    _get(b"a"),
+    _put(b"a%2Fb", b'{"value": [1, 2]}'),
+    _get(b"a/b"),
+    _put(b"%C3%A9t%C3%A9", b'{"value": "\xc3\xa9"}'),
+    _get(b"%C3%A9t%C3%A9"),
+    _put(b"bad", b'{"value": '),
+    _put(b"bad", b'{"value": NaN}'),
+    _put(b"bad", b'{"valu": 1}'),
+    _put(b"bad", b'{"value": 1, "ttl": -1}'),
+    _put(b"bad", b'{"value": 1}', content_type=b"text/plain"),
+    _put(b"notype", b'{"value": 1}', content_type=None),
+    _put(b"bad", b'\xff\xfe'),
+    _put(b"x" * 21, b'{"value": 1}'),
+    _get(b"x" * 21),
+    _get(b"%FF"),
+    _put(b"big", b'{"value": "' + b"v" * (VALUE_LIMIT - 13) + b'"}'),
+    _delete(b"a"),
+    _delete(b"a"),
+    _get(b"a"),
+    _get(b"bad"),
+]
+
+
+def _normalized(answers):
+    """Answers with what differs by design between two nodes (the time, the versions) taken out."""
+    normal = []
+    for status, headers, body in answers:
+        # The date, and the length of a body whose expiry time has a varying number of digits, differ by design.
+        headers = {name: value for name, value in headers.items() if name not in (b"date", b"content-length")}
+        data = json.loads(body)
+        if isinstance(data, dict):
+            data.pop("version", None)
+            data.pop("expires_at", None)
+        normal.append((status, headers, data))
+    return normal
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_lane_answers_every_kv_request_as_twisteds_path_does():
+    """
+    If the same kv requests (writes, reads, deletes, bad bodies, bad keys, percent-encoded keys, a body at the
+    limit) go to a node with the lane and one without, one request a connection and all pipelined on one
+    connection, then both give the same statuses, headers and bodies, and the same metrics.
+    """
+    servers = [_Server(fast_lane=True), _Server(fast_lane=False)]
+    try:
+        for pipelined in (False, True):
+            results = []
+            for server in servers:
+                if pipelined:
+                    answers = await deferToThread(_exchange, server.address, b"".join(SEQUENCE), len(SEQUENCE))
+                else:
+                    answers = []
+                    for raw in SEQUENCE:
+                        answers += await deferToThread(_exchange, server.address, raw, 1)
+                results.append(_normalized(answers))
+            lane, twisted = results
+            for index, (ours, theirs) in enumerate(zip(lane, twisted)):
+                assert ours == theirs, (pipelined, index, SEQUENCE[index][:60])
+        statuses = [status for status, _, _ in lane]
+        # The sequence means what it says (not all errors, not all successes).
+        assert statuses[:4] == [404, 201, 200, 200] and statuses[-4:] == [200, 404, 404, 404], statuses
+        assert 415 in statuses and 400 in statuses
+        samples = [server.node.metrics.exposition().decode() for server in servers]
+        requests = [sorted(line for line in sample.splitlines() if line.startswith("kv_http_requests_total"))
+                    for sample in samples]
+        assert requests[0] == requests[1] and requests[0]
+    finally:
+        for server in servers:
+            await server.port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_the_lane_leaves_to_twisted_are_answered_in_order_between_lane_requests():
+    """
+    If one connection pipelines lane requests with requests the lane does not take (another route, HEAD, a
+    query string, a chunked body, HTTP/1.0-style headers it leaves alone, a body over the limit last), then
+    every answer comes back in order, and each is right.
+    """
+    server = _Server(fast_lane=True)
+    try:
+        chunked = (b"PUT /t1/kv/c HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"val\r\n8\r\nue\": 42}\r\n0\r\n\r\n")
+        raw = b"".join([
+            _put(b"k", b'{"value": 1}'),
+            b"GET /t1/health/live HTTP/1.1\r\nHost: x\r\n\r\n",
+            _get(b"k"),
+            b"HEAD /t1/kv/k HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /t1/kv/k?x=1 HTTP/1.1\r\nHost: x\r\n\r\n",
+            chunked,
+            _get(b"c"),
+            _put(b"over", b'{"value": "' + b"v" * VALUE_LIMIT + b'"}'),
+        ])
+
+        answers = await deferToThread(_exchange_skipping_head, server.address, raw)
+        statuses = [status for status, _, _ in answers]
+        assert statuses == [201, 200, 200, 200, 200, 201, 200, 413], statuses
+        assert json.loads(answers[2][2])["value"] == 1
+        assert json.loads(answers[4][2])["value"] == 1
+        assert json.loads(answers[6][2])["value"] == 42
+        assert json.loads(answers[7][2])["error"] == "payload_too_large"
+    finally:
+        await server.port.stopListening()
+
+
+def _exchange_skipping_head(address, raw: bytes):
+    """Eight answers, the fourth to a HEAD (headers only)."""
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(raw)
+        first = _read_answers(sock, 3)
+        buffer = b""
+        while b"\r\n\r\n" not in buffer:
+            buffer += sock.recv(1)
+        status = int(buffer.split(b" ")[1])
+        rest = _read_answers(sock, 4)
+        return first + [(status, {}, b"")] + rest
+
+
+# -- in memory: byte boundaries, waiting answers, logging ------------------------------------------------
+
+
+def _channel(site):
+    protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def _memory_site(**kwargs):
+    clock = Clock()
+    node = Node(make_settings("t1", "n1"), clock, http=None)
+    return node, KVSite(build_root(node), clock.seconds, reactor=clock, metrics=node.metrics, **kwargs)
+
+
+def _statuses(raw: bytes) -> List[int]:
+    return [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", raw)]
+
+
+def test_requests_split_at_every_byte_are_answered_once_whole():
+    """
+    If pipelined lane requests arrive a byte at a time, then nothing is answered before a request is whole,
+    and each is answered once, in order.
+    """
+    node, site = _memory_site()
+    protocol, transport = _channel(site)
+    raw = _put(b"k", b'{"value": "v"}') + _get(b"k") + _delete(b"k") + _get(b"k")
+    ends = []
+    offset = 0
+    for request in (_put(b"k", b'{"value": "v"}'), _get(b"k"), _delete(b"k"), _get(b"k")):
+        offset += len(request)
+        ends.append(offset)
+    for index in range(len(raw)):
+        protocol.dataReceived(raw[index:index + 1])
+        whole = sum(1 for end in ends if end <= index + 1)
+        assert len(_statuses(transport.value())) == whole, index
+    assert _statuses(transport.value()) == [201, 200, 200, 404]
+    assert protocol._lane.open
+
+
+class _Waiting:
+    """Operations whose writes wait for the test; reads answer at once."""
+
+    def __init__(self) -> None:
+        self.pending: List[Deferred] = []
+
+    def key(self, raw: bytes) -> str:
+        return raw.decode("utf-8")
+
+    def is_local_only(self) -> bool:
+        return False
+
+    def get(self, key):
+        return Answer(200, b'{"key":"%s"}' % (key.encode(),))
+
+    def put(self, key, body, content_type):
+        d = Deferred()
+        self.pending.append(d)
+        return d
+
+    delete = put
+
+
+def _lane_site(operations, log_policy=None):
+    clock = Clock()
+    site = KVSite(build_root(Node(make_settings("t1", "n1"), clock, http=None)), clock.seconds, reactor=clock,
+                  log_policy=log_policy)
+    site.lane = FastLane(b"/t1/kv/", operations, VALUE_LIMIT, 16384, None, log_policy, clock.seconds, http_date)
+    return site
+
+
+def test_requests_behind_a_waiting_answer_are_held_until_it_is_sent():
+    """
+    If a write's answer waits (for its copies) and the client pipelines more requests behind it, then
+    nothing is answered until the write is, and then all are answered in order.
+    """
+    operations = _Waiting()
+    protocol, transport = _channel(_lane_site(operations))
+    protocol.dataReceived(_put(b"k", b'{"value": 1}') + _get(b"r1"))
+    protocol.dataReceived(_get(b"r2") + b"GET /t1/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.value() == b""
+    operations.pending[0].callback(Answer(201, b'{"key":"k"}'))
+    statuses = _statuses(transport.value())
+    assert statuses[:3] == [201, 200, 200], transport.value()
+    assert transport.value().index(b'"r1"') < transport.value().index(b'"r2"')
+    assert len(statuses) == 4
+
+
+def test_an_answer_whose_client_left_is_not_written():
+    """
+    If the client disconnects while its write waits, then the answer is not written when it comes, and
+    nothing fails.
+    """
+    operations = _Waiting()
+    protocol, transport = _channel(_lane_site(operations))
+    protocol.dataReceived(_put(b"k", b'{"value": 1}'))
+    protocol.connectionLost(None)
+    operations.pending[0].callback(Answer(201, b'{"key":"k"}'))
+    assert transport.value() == b""
+
+
+def test_a_failure_an_operation_did_not_expect_is_a_bare_500():
+    """
+    If an operation's Deferred fails with an error nobody mapped, then the client gets a JSON 500 without
+    a traceback, and the connection goes on serving.
+    """
+    operations = _Waiting()
+    protocol, transport = _channel(_lane_site(operations))
+    protocol.dataReceived(_put(b"k", b'{"value": 1}') + _get(b"after"))
+    operations.pending[0].errback(ZeroDivisionError("boom"))
+    value = transport.value()
+    assert _statuses(value) == [500, 200]
+    assert b"internal_error" in value and b"boom" not in value and b"Traceback" not in value
+
+
+def test_a_write_other_nodes_take_part_in_gets_its_request_action_at_info():
+    """
+    If a write involves other nodes and the log level is info, then the lane logs its ``http:request``
+    action, finished with the status, around what the write logged; reads log nothing at info.
+    """
+    messages = []
+    add_destinations(messages.append)
+    try:
+        operations = _Waiting()
+        protocol, transport = _channel(_lane_site(operations, LogPolicy("info")))
+        protocol.dataReceived(_put(b"k", b'{"value": 1}') + _get(b"k"))
+        operations.pending[0].callback(Answer(201, b'{"key":"k"}'))
+    finally:
+        remove_destination(messages.append)
+    requests = [m for m in messages if m.get("action_type") == "kvresponder:http:request"]
+    assert [m["action_status"] for m in requests] == ["started", "succeeded"]
+    assert requests[0]["method"] == "PUT" and requests[0]["route"] == "/kv/{key}"
+    assert requests[1]["status"] == 201
+    assert not [m for m in messages if m.get("action_type") == "kvresponder:http:read"]
+
+
+def test_reads_logged_at_debug_go_to_twisteds_path_which_logs_them():
+    """
+    If the http area logs at debug, then the lane leaves reads to Twisted's path, which logs each as an
+    ``http:read`` action.
+    """
+    messages = []
+    add_destinations(messages.append)
+    try:
+        node, site = _memory_site(log_policy=LogPolicy("debug"))
+        protocol, transport = _channel(site)
+        protocol.dataReceived(_get(b"k"))
+    finally:
+        remove_destination(messages.append)
+    assert _statuses(transport.value()) == [404]
+    assert [m for m in messages if m.get("action_type") == "kvresponder:http:read"]
+
+
+@pytest.mark.parametrize("raw", [
+    b"GET /t1/kv/k HTTP/1.0\r\n\r\n",
+    b"GET /t1/kv/k HTTP/1.1\r\nConnection: close\r\n\r\n",
+    b"PUT /t1/kv/k HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n{}",
+    b"PUT /t1/kv/k HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"PUT /t1/kv/k HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}",
+    b"PUT /t1/kv/k HTTP/1.1\r\nContent-Length: +2\r\n\r\n{}",
+    b"PUT /t1/kv/k HTTP/1.1\r\n\r\n",
+    b"GET /t1/kv/k HTTP/1.1\r\nContent-Length: 1\r\n\r\nx",
+    b"GET /t1/kv/k HTTP/1.1\r\nBad Header: x\r\n\r\n",
+    b"GET /t1/kv/k HTTP/1.1\r\nX: a\x00b\r\n\r\n",
+    b"GET /t1/kv/k HTTP/1.1\r\n folded\r\n\r\n",
+    b"GET /t1/kv/k\xff HTTP/1.1\r\n\r\n",
+    b"GET  /t1/kv/k HTTP/1.1\r\n\r\n",
+    b"GET /t1/kv/ HTTP/1.1\r\n\r\n",
+    b"GET /t1/kv/k?limit=1 HTTP/1.1\r\n\r\n",
+    b"HEAD /t1/kv/k HTTP/1.1\r\n\r\n",
+    b"POST /t1/kv/k HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+    b"GET /t2/kv/k HTTP/1.1\r\n\r\n",
+    b"PUT /t1/kv/k HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (VALUE_LIMIT + 1,),
+])
+def test_the_lane_leaves_what_it_does_not_fully_understand_to_twisted(raw):
+    """
+    If a request is not plain HTTP/1.1 for a kv key, framed by one Content-Length within the limit, with
+    headers the lane can check (or it is malformed), then the lane declines it (Twisted parses it).
+    """
+    lane = FastLane(b"/t1/kv/", _Waiting(), VALUE_LIMIT, 16384, None, None, lambda: 0.0, http_date)
+    assert lane.parse(raw, 0) is None
+
+
+def test_the_lane_waits_for_the_rest_of_a_request_it_may_take():
+    """
+    If only the start of a lane request has arrived (part of the method, line, headers or body), then the
+    lane waits for more; the start of another route is declined at once.
+    """
+    lane = FastLane(b"/t1/kv/", _Waiting(), VALUE_LIMIT, 16384, None, None, lambda: 0.0, http_date)
+    whole = _put(b"k", b'{"value": 1}')
+    for end in range(1, len(whole)):
+        assert lane.parse(whole[:end], 0) is INCOMPLETE, whole[:end]
+    assert lane.parse(whole, 0)[0] == b"PUT"
+    assert lane.parse(b"GET /t1/health", 0) is None
+    assert lane.parse(b"POST ", 0) is None

@@ -243,11 +243,24 @@ class Coordinator:
             :class:`ClockSkewed`.
         """
         try:
-            self._check_clock()
-        except ClockSkewed:
+            result = self.put_nowait(key, value, ttl)
+        except Exception:
             return fail()
+        return result if isinstance(result, Deferred) else succeed(result)
+
+    def put_nowait(self, key: str, value: bytes, ttl: Optional[float]):
+        """
+        :meth:`put`, answered at once where this node writes alone (a node alone in its ring): its
+        :class:`WriteResult`, or where other nodes take part, a Deferred as :meth:`put` gives.
+
+        :raises ClockSkewed: as :meth:`put` fails.
+        """
+        self._check_clock()
         expires_at = None if ttl is None else self._seconds() + ttl
-        return self._write_deferred(Entry(key, value, self.hlc.now(), expires_at), "put")
+        entry = Entry(key, value, self.hlc.now(), expires_at)
+        if self._writes_alone():
+            return self._write_alone(entry)
+        return _ReplicatedWrite(self._write_path, entry, "put").start()
 
     def delete(self, key: str) -> Deferred:
         """
@@ -271,20 +284,23 @@ class Coordinator:
         """
         return Entry(entry.key, entry.value, self.hlc.above(newer), entry.expires_at)
 
+    def _writes_alone(self) -> bool:
+        return (self.write_quorum is None or self.write_quorum <= 1) and self.is_local_only()
+
+    def _write_alone(self, entry: Entry) -> "WriteResult":
+        # A single node: the write is local and synchronous, so spare it the coroutine.
+        result = first = self.apply_local(entry)
+        for _ in range(MAX_RESTAMPS):
+            if result.newer is None:
+                break
+            entry = self.restamped(entry, result.newer)
+            result = self.apply_local(entry)
+        return WriteResult(entry, not first.had_live, 1)
+
     def _write_deferred(self, entry: Entry, op: str) -> Deferred:
-        if (self.write_quorum is None or self.write_quorum <= 1) and self.is_local_only():
-            # A single node: the write is local and synchronous, so spare it the coroutine.
-            try:
-                result = first = self.apply_local(entry)
-                for _ in range(MAX_RESTAMPS):
-                    if result.newer is None:
-                        break
-                    entry = self.restamped(entry, result.newer)
-                    result = self.apply_local(entry)
-            except Exception:
-                return fail()
-            return succeed(WriteResult(entry, not first.had_live, 1))
         try:
+            if self._writes_alone():
+                return succeed(self._write_alone(entry))
             return _ReplicatedWrite(self._write_path, entry, op).start()
         except Exception:
             return fail()

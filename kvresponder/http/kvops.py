@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 
 from eliot import write_traceback
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from ..coordinator import REMOTE, ClockSkewed, Unavailable
 from ..hlc import format_version
@@ -141,13 +142,19 @@ class KVOperations:
         self._metrics.cache("get", "hit")
         return Answer(200, entry_json(entry))
 
-    def put(self, key: str, body: bytes, content_type: Optional[bytes]) -> Deferred:
+    def put(self, key: str, body: bytes, content_type: Optional[bytes]) -> Union[Answer, Deferred]:
         value, ttl = self._parse_write(body, content_type)
         try:
             self._coordinator.store.check_fits(key, value)
         except EntryTooLarge:
             raise too_large("The entry is larger than the whole memory budget (MAX_MEMORY).")
-        return self._coordinator.put(key, value, ttl).addCallbacks(self._written, failure_answer)
+        try:
+            result = self._coordinator.put_nowait(key, value, ttl)
+        except Exception:
+            return failure_answer(Failure())
+        if isinstance(result, Deferred):
+            return result.addCallbacks(self._written, failure_answer)
+        return self._written(result)
 
     def _written(self, result) -> Answer:
         created = result.created

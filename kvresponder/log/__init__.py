@@ -181,6 +181,8 @@ class _FlatEncoder:
 
     def __init__(self, general) -> None:
         self._general = general
+        #: Each field name as it starts its member (``"name": ``): messages of a type repeat theirs.
+        self._names: Dict[str, str] = {}
 
     def _text(self, value: str) -> str:
         if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
@@ -192,10 +194,16 @@ class _FlatEncoder:
             return self._general(message)
         general = self._general
         text = self._text
+        names = self._names
         parts = []
         for name, value in message.items():
-            if type(name) is not str:
-                return general(message)
+            member = names.get(name)
+            if member is None:
+                if type(name) is not str:
+                    return general(message)
+                member = text(name) + ": "
+                if len(names) < 1024:
+                    names[name] = member
             kind = type(value)
             if kind is str:
                 encoded = text(value)
@@ -209,7 +217,7 @@ class _FlatEncoder:
                 encoded = "[" + ", ".join([str(item) for item in value]) + "]"
             else:
                 encoded = general(value)
-            parts.append(text(name) + ": " + encoded)
+            parts.append(member + encoded)
         return "{" + ", ".join(parts) + "}"
 
 

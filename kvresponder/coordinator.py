@@ -18,7 +18,7 @@ from eliot import Action, write_failure, write_traceback
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, fail, succeed
 
 from .hlc import HybridLogicalClock, format_version
-from .log import DEBUG, INFO
+from .log import DEBUG, INFO, emit
 from .log.replication import CLOCK_REJECTED, COORDINATE_READ, COORDINATE_WRITE, COPY_FAILED, HINTED, READ_REPAIR
 from .log.store import STORE_APPLIED, STORE_APPLY, STORE_APPLY_BATCH
 from .peers import PeerError
@@ -132,8 +132,8 @@ class Coordinator:
             self._clock_rejected(entry, 1)
         result = self.store.apply(entry)
         if self._log.enabled("store", INFO):
-            STORE_APPLIED.log(key=entry.key, version=format_version(entry.version), tombstone=entry.value is None,
-                              applied=result.applied, had_live=result.had_live)
+            emit(STORE_APPLIED, key=entry.key, version=format_version(entry.version), tombstone=entry.value is None,
+                 applied=result.applied, had_live=result.had_live)
         return result
 
     def apply_copy(self, entry: Entry, task_id: bytes) -> ApplyResult:

@@ -4,10 +4,11 @@ The logging module's own pieces: fast task ids and the JSON line destination.
 
 import io
 import json
+import time
 import uuid
 
 import eliot._action
-from eliot import start_action
+from eliot import add_destinations as eliot_add, remove_destination as eliot_remove, start_action
 
 from kvresponder.log import (WARNING, JSONLineDestination, LogPolicy, UnknownLevel, canonical_level,
                              random_task_uuid, use_fast_task_ids)
@@ -162,3 +163,50 @@ def test_log_lines_encode_every_kind_of_field_value_as_the_json_encoder_does():
     assert decoded == expected
     # The general encoder's output for the same message, field for field.
     assert line.decode("ascii").rstrip("\n") == json.dumps(expected)
+
+
+def test_the_flat_encoder_writes_what_the_json_encoder_writes():
+    """
+    If the quick encoder (PyPy's) is given a message of every kind of value, then its text is the JSON
+    encoder's, character for character.
+    """
+    from kvresponder.log import _FlatEncoder, _fallback
+    general = json.JSONEncoder(default=_fallback, check_circular=False).encode
+    encode = _FlatEncoder(general).encode
+    message = {"plain": "k1", "quote": 'a"b', "control": "a\nb\x7f", "unicode": "clé", "int": 7, "big": 2 ** 70,
+               "float": 0.1, "true": True, "none": None, "levels": [1, 2], "mixed": [1, "a"], "nested": {"a": [1]},
+               "bytes": b"raw", 'na"me': 1, "ключ": "v", "subclass": IntFlagLike(3)}
+    for _ in range(2):  # the second time with the field names cached
+        assert encode(message) == general(message)
+    assert encode([1, 2]) == general([1, 2])
+    assert encode({1: "a"}) == general({1: "a"})
+
+
+class IntFlagLike(int):
+    def __repr__(self) -> str:
+        return "flag"
+
+
+def test_a_message_outside_any_action_is_the_one_message_of_its_own_task():
+    """
+    If ``emit`` logs a message outside any action, then it carries its type, a time, a new task id and
+    task level [1]; inside an action, it belongs to that action's task.
+    """
+    from kvresponder.log import emit
+    from kvresponder.log.store import STORE_APPLIED
+    messages = []
+    eliot_add(messages.append)
+    try:
+        emit(STORE_APPLIED, key="k", version="1.0.n", tombstone=False, applied=True, had_live=False)
+        emit(STORE_APPLIED, key="k", version="1.0.n", tombstone=False, applied=True, had_live=False)
+        with start_action(action_type="test:outer") as action:
+            emit(STORE_APPLIED, key="k2", version="1.0.n", tombstone=False, applied=True, had_live=False)
+    finally:
+        eliot_remove(messages.append)
+    first, second = [m for m in messages if m.get("message_type") == "kvresponder:store:applied"][:2]
+    assert set(first) == {"message_type", "timestamp", "task_uuid", "task_level", "key", "version", "tombstone",
+                          "applied", "had_live"}
+    assert first["task_level"] == [1] and first["task_uuid"] != second["task_uuid"]
+    assert abs(first["timestamp"] - time.time()) < 60
+    inner = [m for m in messages if m.get("key") == "k2"][0]
+    assert inner["task_uuid"] == action.task_uuid and inner["task_level"] == [2]

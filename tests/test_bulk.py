@@ -233,9 +233,9 @@ class AloneTests(unittest.TestCase):
         """
         c = alone()
 
-        def broken(entry):
+        def broken(entries):
             raise RuntimeError("disk on fire")
-        c.store.apply = broken
+        c.store.apply = c.store.apply_many = broken
         results = outcome(c.put_many([("a", b"1", None), ("b", b"2", None)]))
         self.assertEqual([type(r) for r in results], [Unavailable, Unavailable])
         self.assertEqual(str(results[0]), "only 0 of the 1 copies needed could be stored")

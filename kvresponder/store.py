@@ -123,6 +123,11 @@ class ApplyResult(NamedTuple):
     newer: Optional[Version] = None
 
 
+# The answers of an applied entry, shared (they are immutable) rather than built a thousand times a bulk write.
+_APPLIED_OVER_LIVE = ApplyResult(True, True)
+_APPLIED_NEW = ApplyResult(True, False)
+
+
 class EntryTooLarge(Exception):
     """
     The entry alone is larger than the whole memory budget.
@@ -451,7 +456,7 @@ class Store:
                 self._sorted_keys = None
             if self.bytes > max_bytes:
                 self._evict()
-            append(ApplyResult(True, had_live))
+            append(_APPLIED_OVER_LIVE if had_live else _APPLIED_NEW)
         return results
 
     def forget(self, key: str, version: Version) -> bool:

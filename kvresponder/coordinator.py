@@ -375,8 +375,8 @@ class Coordinator:
     def _write_here(self, entries: List[Entry], op: str) -> List[object]:
         """
         :meth:`write_many` when this node is the only one in its ring and a write needs one copy: the same
-        answers, without a preference list for each key, a fan-out to await, or a list of answers an entry
-        (a batch of a thousand keys spent most of its time on those).
+        answers, without a preference list for each key, a fan-out to await, or a list of answers an entry,
+        which cost more than storing the entries.
         """
         results: List[object] = [None] * len(entries)
         had_live: List[bool] = []

@@ -123,7 +123,7 @@ class ApplyResult(NamedTuple):
     newer: Optional[Version] = None
 
 
-# The answers of an applied entry, shared (they are immutable) rather than built a thousand times a bulk write.
+# The answers of an applied entry, shared (they are immutable) rather than built for each entry of a batch.
 _APPLIED_OVER_LIVE = ApplyResult(True, True)
 _APPLIED_NEW = ApplyResult(True, False)
 
@@ -341,7 +341,7 @@ class Store:
         """
         :raises EntryTooLarge: if an entry of this key and value could never fit in the budget.
         """
-        # Entry's size, without building one: a bulk request checks up to a thousand entries this way.
+        # Entry's size, without building one: a bulk request checks each of its entries this way.
         key_bytes = len(key) if key.isascii() else len(key.encode("utf-8"))
         if key_bytes + len(value) + ENTRY_OVERHEAD > self.max_bytes:
             raise EntryTooLarge(key)
@@ -407,7 +407,7 @@ class Store:
         :meth:`apply` each entry in turn: the same results, and the same state after. The common entry of a
         batch (a bulk write, a peer's batch), a value with no expiry for a key that holds a live value in its
         slot or nothing at all, is applied here without the five calls :meth:`apply` makes for it, which cost
-        a quarter of a thousand-entry bulk write on CPython. Any other entry goes through :meth:`apply`.
+        more than the work itself on CPython (PyPy inlines them). Any other entry goes through :meth:`apply`.
 
         :raises EntryTooLarge: if an entry alone exceeds the budget (the entries before it are applied).
         """

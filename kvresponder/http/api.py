@@ -167,7 +167,7 @@ def parse_bulk_put(item, limit: int, check_fits) -> tuple:
 
     The usual put, an ASCII key and a value with no TTL, takes a shorter way to the same result: it builds
     no second dict without the key, and a printable ASCII string value (the common value of a cache) is quoted
-    as it is, with nothing in it to escape. A bulk request holds up to a thousand of these.
+    as it is, with nothing in it to escape. A bulk request holds up to MAX_BULK_OPERATIONS of these.
 
     :raises APIError: 400 for a malformed put, 413 for an entry larger than the memory budget.
     """
@@ -623,65 +623,78 @@ class PublicAPI:
         found = await coordinator.read_many(get_keys) if get_keys else []
         written = await coordinator.put_many(writes) if writes else []
         deleted = await coordinator.delete_many(delete_keys) if delete_keys else []
+        return b"".join([b'{"get":{', _get_answers(get_keys, found, metrics), b'},"put":[',
+                         _put_answers(writes, written, metrics), b'],"delete":[',
+                         _delete_answers(delete_keys, deleted, metrics), b"]}"])
 
-        gets = []
-        hits = misses = 0
-        for key, entry in zip(get_keys, found):
-            if isinstance(entry, Unavailable):
-                body = b'{"error":"unavailable"}'
-            elif entry is None:
-                misses += 1
-                body = b"null"
-            else:
-                hits += 1
-                # Stored values are spliced in as stored, never parsed again.
-                body = entry_json(entry)
-            gets.append(_json_key(key) + b":" + body)
-        _count(metrics, "get", "hit", hits)
-        _count(metrics, "get", "miss", misses)
-        puts = []
-        created = replaced = 0
-        nodes: dict = {}
-        for (key, _, _), result in zip(writes, written):
-            if isinstance(result, Unavailable):
-                puts.append(json_bytes({"key": key, "status": 503, "error": str(result)}))
-                continue
-            if result.created:
-                created += 1
-                status = b',"status":201,"version":"'
-            else:
-                replaced += 1
-                status = b',"status":200,"version":"'
-            wall, counter, node = result.entry.version
-            node_json = nodes.get(node)
-            if node_json is None:
-                node_json = nodes[node] = json_bytes(node)[1:-1]
-            # The bytes json_bytes gives for {"key": ..., "status": ..., "version": ...}, a thousand times
-            # cheaper to build by hand than through the encoder, which is pure Python on PyPy.
-            puts.append(b"".join([b'{"key":', _json_key(key), status, b"%d.%d." % (wall, counter), node_json,
-                                  b'"}']))
-        _count(metrics, "put", "created", created)
-        _count(metrics, "put", "replaced", replaced)
-        deletes = []
-        existed_count = missed = 0
-        for key, result in zip(delete_keys, deleted):
-            if isinstance(result, Unavailable):
-                deletes.append(json_bytes({"key": key, "status": 503, "error": str(result)}))
-                continue
-            if result.created is False:
-                existed_count += 1
-                deletes.append(b'{"key":' + _json_key(key) + b',"status":200}')
-            else:
-                missed += 1
-                deletes.append(b'{"key":' + _json_key(key) + b',"status":404}')
-        _count(metrics, "delete", "deleted", existed_count)
-        _count(metrics, "delete", "miss", missed)
-        return b"".join([b'{"get":{', b",".join(gets), b'},"put":[', b",".join(puts), b'],"delete":[',
-                         b",".join(deletes), b"]}"])
+
+# The answers of a bulk request are built as bytes, the bytes json_bytes would give for them: the JSON encoder
+# is pure Python on PyPy, and a request holds up to MAX_BULK_OPERATIONS of them. Each outcome is counted once a
+# request, not once an operation.
+
+def _get_answers(keys, found, metrics) -> bytes:
+    gets = []
+    hits = misses = 0
+    for key, entry in zip(keys, found):
+        if isinstance(entry, Unavailable):
+            body = b'{"error":"unavailable"}'
+        elif entry is None:
+            misses += 1
+            body = b"null"
+        else:
+            hits += 1
+            # Stored values are spliced in as stored, never parsed again.
+            body = entry_json(entry)
+        gets.append(_json_key(key) + b":" + body)
+    _count(metrics, "get", "hit", hits)
+    _count(metrics, "get", "miss", misses)
+    return b",".join(gets)
+
+
+def _put_answers(writes, written, metrics) -> bytes:
+    puts = []
+    created = replaced = 0
+    # Node ids as JSON string contents: a batch's versions nearly all name this node.
+    nodes: dict = {}
+    for (key, _, _), result in zip(writes, written):
+        if isinstance(result, Unavailable):
+            puts.append(json_bytes({"key": key, "status": 503, "error": str(result)}))
+            continue
+        if result.created:
+            created += 1
+            status = b',"status":201,"version":"'
+        else:
+            replaced += 1
+            status = b',"status":200,"version":"'
+        wall, counter, node = result.entry.version
+        node_json = nodes.get(node)
+        if node_json is None:
+            node_json = nodes[node] = json_bytes(node)[1:-1]
+        puts.append(b"".join([b'{"key":', _json_key(key), status, b"%d.%d." % (wall, counter), node_json, b'"}']))
+    _count(metrics, "put", "created", created)
+    _count(metrics, "put", "replaced", replaced)
+    return b",".join(puts)
+
+
+def _delete_answers(keys, deleted, metrics) -> bytes:
+    deletes = []
+    existed = missed = 0
+    for key, result in zip(keys, deleted):
+        if isinstance(result, Unavailable):
+            deletes.append(json_bytes({"key": key, "status": 503, "error": str(result)}))
+        elif result.created is False:
+            existed += 1
+            deletes.append(b'{"key":' + _json_key(key) + b',"status":200}')
+        else:
+            missed += 1
+            deletes.append(b'{"key":' + _json_key(key) + b',"status":404}')
+    _count(metrics, "delete", "deleted", existed)
+    _count(metrics, "delete", "miss", missed)
+    return b",".join(deletes)
 
 
 def _count(metrics, op: str, result: str, count: int) -> None:
-    # Once a batch, not once an entry; and a result that did not occur adds no sample.
+    # An outcome that did not occur adds no sample (counted an operation at a time, it never did).
     if count:
         metrics.cache(op, result, count)
 

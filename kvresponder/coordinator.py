@@ -174,21 +174,24 @@ class Coordinator:
             return [self.apply_local(entries[0])]
         return self.apply_batch(entries)
 
-    def apply_batch(self, entries: List[Entry]) -> List[ApplyResult]:
+    def apply_batch(self, entries: List[Entry], observe: bool = True) -> List[ApplyResult]:
         """
         Apply many entries (a bulk request's share, handoff, re-replication, anti-entropy) inside one action,
         not one per entry.
+
+        :param observe: move this node's clock past the entries' versions (see
+            :meth:`~kvresponder.hlc.HybridLogicalClock.observe`); ``False`` for versions it stamped itself.
         """
         with STORE_APPLY_BATCH(count=len(entries)) as action:
-            results = []
-            observe = self.hlc.observe
             rejected = None
             count = 0
-            for entry in entries:
-                if not observe(entry.version):
-                    rejected = entry
-                    count += 1
-                results.append(self.store.apply(entry))
+            if observe:
+                observe_version = self.hlc.observe
+                for entry in entries:
+                    if not observe_version(entry.version):
+                        rejected = entry
+                        count += 1
+            results = self.store.apply_many(entries)
             if rejected is not None:
                 self._clock_rejected(rejected, count)
             action.add_success_fields(applied=sum(1 for result in results if result.applied))
@@ -329,6 +332,8 @@ class Coordinator:
         results: List[object] = [None] * len(entries)
         had_live: List[Optional[bool]] = [None] * len(entries)
         todo = list(range(len(entries)))
+        if (self.write_quorum is None or self.write_quorum <= 1) and self.is_local_only():
+            return self._write_here(entries, op)
         for attempt in range(MAX_RESTAMPS + 1):
             plans = [self._targets(entries[i].key) for i in todo]
             stored = await self._fan_out(plans, lambda node, indices: self._apply_many_on(
@@ -383,13 +388,59 @@ class Coordinator:
                     answers[index].append((node, answer))
         return answers
 
+    def _write_here(self, entries: List[Entry], op: str) -> List[object]:
+        """
+        :meth:`write_many` when this node is the only one in its ring and a write needs one copy: the same
+        answers, without a preference list for each key, a fan-out to await, or a list of answers an entry,
+        which cost more than storing the entries.
+        """
+        results: List[object] = [None] * len(entries)
+        had_live: List[bool] = []
+        todo = range(len(entries))
+        batch = entries
+        for attempt in range(MAX_RESTAMPS + 1):
+            try:
+                applied = self._store_here(batch, own=True)
+            except Exception:
+                # As the fan-out takes a node that fails in an unexpected way: logged, and no copy.
+                write_traceback()
+                self._metrics.replication(op, "failure", len(batch))
+                for index in todo:
+                    results[index] = Unavailable("only 0 of the 1 copies needed could be stored")
+                return results
+            self._metrics.replication(op, "success", len(batch))
+            if attempt == 0:
+                had_live = [result.had_live for result in applied]
+            again = []
+            for index, result in zip(todo, applied):
+                newer = result.newer
+                if newer is not None and attempt < MAX_RESTAMPS:
+                    entries[index] = self.restamped(entries[index], newer)
+                    again.append(index)
+                    continue
+                results[index] = WriteResult(entries[index], not had_live[index], 1)
+            if not again:
+                break
+            todo = again
+            batch = [entries[index] for index in again]
+        return results
+
+    def _store_here(self, entries: List[Entry], own: bool = False) -> List[ApplyResult]:
+        """
+        Apply entries this node coordinates to its store: one ``store:apply-batch`` action for many, as a
+        peer logs the batch this node sends it (a bulk write was two lines an entry of this node's share
+        here, and most of what a bulk load allocated); a plain ``store:applied`` line for one.
+
+        :param own: every entry carries a version this node's clock issued (:meth:`~HybridLogicalClock.now`
+            or :meth:`~HybridLogicalClock.above`): the clock has nothing to learn from them.
+        """
+        if len(entries) == 1:
+            return [self.apply_local(entries[0])]
+        return self.apply_batch(entries, observe=not own)
+
     async def _apply_many_on(self, node: str, entries: List[Entry]) -> Optional[List[ApplyResult]]:
         if node == self.node_id:
-            # One store action for the whole batch, as a peer logs the batch this node sends it: a bulk
-            # write was two lines an entry of this node's share here, and most of what a bulk load allocated.
-            if len(entries) == 1:
-                return [self.apply_local(entries[0])]
-            return self.apply_batch(entries)
+            return self._store_here(entries)
         peer = self._peer_of(node)
         if peer is None:
             return None
@@ -404,8 +455,8 @@ class Coordinator:
         except ClockSkewed:
             return fail()
         now = self._seconds()
-        entries = [Entry(key, value, self.hlc.now(), None if ttl is None else now + ttl)
-                   for key, value, ttl in items]
+        entries = [Entry(key, value, version, None if ttl is None else now + ttl)
+                   for (key, value, ttl), version in zip(items, self.hlc.now_many(len(items)))]
         return ensureDeferred(self.write_many(entries, "put"))
 
     def delete_many(self, keys: List[str]) -> Deferred:
@@ -413,7 +464,7 @@ class Coordinator:
             self._check_clock()
         except ClockSkewed:
             return fail()
-        entries = [Entry(key, None, self.hlc.now(), None) for key in keys]
+        entries = [Entry(key, None, version, None) for key, version in zip(keys, self.hlc.now_many(len(keys)))]
         return ensureDeferred(self.write_many(entries, "delete"))
 
     async def read_many(self, keys: List[str]) -> List[object]:

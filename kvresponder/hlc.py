@@ -7,7 +7,7 @@ the higher counter, then the node id as a deterministic tie-break. That total or
 handoff and anti-entropy apply entries in any order and still converge (last writer wins).
 """
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 #: ``(wall_ms, counter, node_id)``
 Version = Tuple[int, int, str]
@@ -84,6 +84,22 @@ class HybridLogicalClock:
             self._wall += 1
             self._counter = 0
         return (self._wall, self._counter, self.node_id)
+
+    def now_many(self, count: int) -> List[Version]:
+        """
+        ``count`` versions, each strictly greater than the one before it and than every version this clock has
+        issued or observed, as ``count`` calls of :meth:`now` would give them, but reading the wall clock
+        once: the versions of a bulk write, in the millisecond it arrived.
+        """
+        if count <= 0:
+            return []
+        wall, first, node = self.now()
+        last = first + count - 1
+        if last > MAX_COUNTER:
+            # The millisecond's counter runs out within the batch: let now() borrow the next ones.
+            return [(wall, first, node)] + [self.now() for _ in range(count - 1)]
+        self._counter = last
+        return [(wall, counter, node) for counter in range(first, last + 1)]
 
     def observe(self, version: Version) -> bool:
         """

@@ -7,7 +7,7 @@ import json
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from kvresponder.hlc import HybridLogicalClock, format_version, version_from_wire
+from kvresponder.hlc import MAX_COUNTER, HybridLogicalClock, format_version, version_from_wire
 
 
 class ManualWall:
@@ -66,6 +66,7 @@ def test_counter_resets_when_wall_clock_moves_forward():
 @given(st.lists(st.one_of(
     st.tuples(st.just("wall"), st.floats(min_value=0, max_value=1e10, allow_nan=False)),
     st.tuples(st.just("now"), st.none()),
+    st.tuples(st.just("now_many"), st.integers(0, 5)),
     st.tuples(st.just("observe"), st.tuples(st.integers(0, 10 ** 13), st.integers(0, 1000),
                                             st.sampled_from(["a", "n1", "zz"]))),
 ), max_size=60))
@@ -83,10 +84,32 @@ def test_every_version_is_greater_than_everything_issued_or_observed_before(step
         elif kind == "observe":
             clock.observe(argument)
             highest = argument if highest is None else max(highest, argument)
+        elif kind == "now_many":
+            for version in clock.now_many(argument):
+                assert highest is None or version > highest
+                highest = version
         else:
             version = clock.now()
             assert highest is None or version > highest
             highest = version
+
+
+@pytest.mark.parametrize("counter", [0, 7, MAX_COUNTER - 3])
+def test_if_a_batch_is_stamped_then_its_versions_are_those_as_many_calls_of_now_give(counter):
+    """
+    If a batch of writes is stamped at once while the wall clock stands still, then it gets the versions that
+    as many calls of ``now`` give, one after the other, also when the millisecond's counter runs out within
+    the batch; and the clock goes on from the last of them.
+    """
+    batch = HybridLogicalClock(lambda: 5.0, "n1")
+    single = HybridLogicalClock(lambda: 5.0, "n1")
+    for clock in (batch, single):
+        clock.now()
+        # As if this many writes had been stamped in this millisecond already (2**32 calls would take minutes).
+        clock._counter = counter
+    assert batch.now_many(6) == [single.now() for _ in range(6)]
+    assert batch.now() == single.now()
+    assert batch.now_many(0) == []
 
 
 def test_observed_future_version_orders_next_local_version_after_it():

@@ -594,6 +594,72 @@ def test_applying_the_same_entries_in_any_order_gives_the_same_state(items, rand
         assert first.current(key) == newest
 
 
+def internal_state(store: Store):
+    """
+    Everything a store holds, in its order (the LRU order of the live entries, the order of the tombstones).
+    """
+    return (list(store._live.items()), list(store._spill.items()), list(store._tombstones.items()),
+            store._node_ids, sorted(store._expiries), store.bytes, store.released_bytes, store.changes,
+            store.evictions, store.expirations, store._sorted_keys)
+
+
+BATCH_ENTRIES = st.lists(
+    st.tuples(st.sampled_from(["a", "b", "c", "d", "é", "f" * 40]), st.integers(0, 20),
+              st.sampled_from(["n1", "n2", "n3"]),
+              st.one_of(st.none(), st.binary(max_size=8), st.binary(min_size=60, max_size=90)),
+              st.sampled_from([None, None, 5.0, 50.0, -1.0]) | st.floats(-5, 100),
+              st.sampled_from([0, 0, 0, 2 ** 40])),
+    max_size=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(BATCH_ENTRIES, BATCH_ENTRIES, st.sampled_from([1 << 20, 800, 500, 300]), st.sampled_from([None, 3]),
+       st.booleans())
+def test_if_entries_are_applied_as_a_batch_then_results_and_state_are_those_of_one_by_one(
+        before, batch, budget, mask, list_first):
+    """
+    If a batch of entries (new keys, replaced values, older versions, deletes, TTLs, expired writes, versions
+    too wide for the header, keys sharing a slot, a budget that evicts) is applied with ``apply_many``, then
+    each result, and everything the store holds after, in its order, are what ``apply`` one entry at a time
+    gives.
+    """
+    def entries(items):
+        return [Entry(key, value, (wall + wide, 0, node), None if ttl is None else START + ttl)
+                for key, wall, node, value, ttl, wide in items]
+
+    saved = store_module._SLOT_MASK
+    if mask is not None:
+        store_module._SLOT_MASK = mask  # a few slots: keys share them
+    try:
+        one, clock, _ = make_store(budget)
+        many, _, _ = make_store(budget)
+        many._seconds = clock.seconds
+        for store in (one, many):
+            for entry in entries(before):
+                try:
+                    store.apply(entry)
+                except EntryTooLarge:
+                    pass
+            if list_first:
+                store.keys()  # a cached list of keys, which a change must drop
+        clock.advance(10)
+        expected = []
+        try:
+            for entry in entries(batch):
+                expected.append(one.apply(entry))
+        except EntryTooLarge:
+            expected.append(EntryTooLarge)
+        got = []
+        try:
+            got = many.apply_many(entries(batch))
+        except EntryTooLarge:
+            got = expected[:-1] + [EntryTooLarge]
+        assert got == expected
+        assert internal_state(many) == internal_state(one)
+    finally:
+        store_module._SLOT_MASK = saved
+
+
 # -- forget --------------------------------------------------------------------------------------------
 
 def test_forget_drops_only_the_matching_version():

@@ -117,6 +117,15 @@ def set_task_uuid_factory(factory: Callable[[], str]) -> None:
     eliot._action.uuid4 = factory
 
 
+def default_eliot_logger():
+    """
+    The logger Eliot writes a message to when it is given none: what ``eliot.testing.capture_logging``
+    swaps for its memory logger. :func:`kvresponder.log.emit` writes there, as Eliot's own messages do.
+    """
+    import eliot._output
+    return eliot._output._DEFAULT_LOGGER
+
+
 # -- PyPy (kvresponder.ring) ---------------------------------------------------------------------------------
 
 def pypy_blake2b_cffi() -> Optional[Tuple[object, object]]:

@@ -171,3 +171,22 @@ def test_pypy_still_has_its_blake2b_cffi_module():
     for name in ("blake_init_param", "blake_update", "blake_final"):
         assert callable(getattr(lib, name))
     assert ffi.new("blake_param*") is not None
+
+
+def test_eliots_default_logger_is_what_capture_logging_swaps():
+    """
+    If Eliot's tests swap in a memory logger, then the logger privateapi names as Eliot's default is that
+    one, and a message written to it is captured; afterwards it is a real Logger again.
+    """
+    from eliot import Logger, MemoryLogger
+    from eliot.testing import swap_logger
+
+    memory = MemoryLogger()
+    previous = swap_logger(memory)
+    try:
+        assert privateapi.default_eliot_logger() is memory
+        privateapi.default_eliot_logger().write({"message_type": "test:x"})
+    finally:
+        swap_logger(previous)
+    assert memory.messages == [{"message_type": "test:x"}]
+    assert isinstance(privateapi.default_eliot_logger(), Logger)

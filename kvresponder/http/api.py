@@ -20,14 +20,13 @@ from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from ..coordinator import Unavailable
-from ..hlc import format_version
 from ..log import UnknownLevel
 from ..log.service import LEVELS_CHANGED
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..store import EntryTooLarge
 from .errors import APIError, bad_request, method_not_allowed, not_found, too_large, write_error
 from ..privateapi import request_gone
-from .kvops import Answer, KVOperations, entry_json, expected_error
+from .kvops import Answer, KVOperations, entry_json, expected_error, json_key
 from .limits import BULK, VALUE
 from .site import json_bytes
 
@@ -607,7 +606,7 @@ def _get_answers(keys, found, metrics) -> bytes:
             hits += 1
             # Stored values are spliced in as stored, never parsed again.
             body = entry_json(entry)
-        gets.append(_json_key(key) + b":" + body)
+        gets.append(json_key(key) + b":" + body)
     _count(metrics, "get", "hit", hits)
     _count(metrics, "get", "miss", misses)
     return b",".join(gets)
@@ -632,7 +631,7 @@ def _put_answers(writes, written, metrics) -> bytes:
         node_json = nodes.get(node)
         if node_json is None:
             node_json = nodes[node] = json_bytes(node)[1:-1]
-        puts.append(b"".join([b'{"key":', _json_key(key), status, b"%d.%d." % (wall, counter), node_json, b'"}']))
+        puts.append(b"".join([b'{"key":', json_key(key), status, b"%d.%d." % (wall, counter), node_json, b'"}']))
     _count(metrics, "put", "created", created)
     _count(metrics, "put", "replaced", replaced)
     return b",".join(puts)
@@ -646,10 +645,10 @@ def _delete_answers(keys, deleted, metrics) -> bytes:
             deletes.append(json_bytes({"key": key, "status": 503, "error": str(result)}))
         elif result.created is False:
             existed += 1
-            deletes.append(b'{"key":' + _json_key(key) + b',"status":200}')
+            deletes.append(b'{"key":' + json_key(key) + b',"status":200}')
         else:
             missed += 1
-            deletes.append(b'{"key":' + _json_key(key) + b',"status":404}')
+            deletes.append(b'{"key":' + json_key(key) + b',"status":404}')
     _count(metrics, "delete", "deleted", existed)
     _count(metrics, "delete", "miss", missed)
     return b",".join(deletes)

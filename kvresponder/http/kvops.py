@@ -66,7 +66,7 @@ def failure_answer(failure) -> Answer:
     return error_answer(error)
 
 
-def _json_key(key: str) -> bytes:
+def json_key(key: str) -> bytes:
     # Most keys are printable ASCII without a quote or backslash: those need no escaping.
     if key.isascii() and key.isprintable() and '"' not in key and "\\" not in key:
         return b'"' + key.encode("ascii") + b'"'
@@ -79,7 +79,7 @@ def entry_json(entry) -> bytes:
     """
     expires = b"null" if entry.expires_at is None else json_bytes(round(entry.expires_at, 3))
     wall, counter, node = entry.version
-    return b"".join([b'{"key":', _json_key(entry.key), b',"value":', entry.value, b',"version":"',
+    return b"".join([b'{"key":', json_key(entry.key), b',"value":', entry.value, b',"version":"',
                      b"%d.%d." % (wall, counter), node.encode("utf-8"), b'","expires_at":', expires, b"}"])
 
 
@@ -88,7 +88,7 @@ def written_json(entry) -> bytes:
     The body of an answered write: the key, its new version and when it expires.
     """
     expires = b"null" if entry.expires_at is None else json_bytes(round(entry.expires_at, 3))
-    return b"".join([b'{"key":', _json_key(entry.key), b',"version":', json_bytes(format_version(entry.version)),
+    return b"".join([b'{"key":', json_key(entry.key), b',"version":', json_bytes(format_version(entry.version)),
                      b',"expires_at":', expires, b"}"])
 
 

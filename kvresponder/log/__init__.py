@@ -15,10 +15,10 @@ import time
 from random import getrandbits
 from uuid import uuid4
 
-from eliot import Logger, current_action
+from eliot import current_action
 from typing import Dict, IO, Optional
 
-from ..privateapi import set_task_uuid_factory
+from ..privateapi import default_eliot_logger, set_task_uuid_factory
 
 
 DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40
@@ -264,8 +264,6 @@ def random_task_uuid() -> str:
 
 
 _task_uuid = [lambda: str(uuid4())]
-_logger = Logger()
-
 
 def emit(message_type, **fields) -> None:
     """
@@ -281,7 +279,7 @@ def emit(message_type, **fields) -> None:
     fields["timestamp"] = time.time()
     fields["task_uuid"] = _task_uuid[0]()
     fields["task_level"] = [1]
-    _logger.write(fields)
+    default_eliot_logger().write(fields)
 
 
 def use_fast_task_ids() -> None:

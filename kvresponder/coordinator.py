@@ -14,11 +14,11 @@ from contextvars import copy_context
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
 from attr import attrib, attrs
-from eliot import Action, write_failure, write_traceback
+from eliot import Action, current_action, write_failure, write_traceback
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, fail, succeed
 
 from .hlc import HybridLogicalClock, format_version
-from .log import DEBUG, INFO, emit
+from .log import DEBUG, INFO, emit, new_task_uuid, parse_task_id, task_id as serialized_task_id
 from .log.replication import CLOCK_REJECTED, COORDINATE_READ, COORDINATE_WRITE, COPY_FAILED, HINTED, READ_REPAIR
 from .log.store import STORE_APPLIED, STORE_APPLY, STORE_APPLY_BATCH
 from .peers import PeerError
@@ -117,24 +117,35 @@ class Coordinator:
         self.node_id = hlc.node_id
         self._write_path = WritePath(
             node_id=self.node_id, targets=self._targets, apply_local=self.apply_local, peer_of=peer_of,
-            send_copy=lambda peer, entry: self._peers.apply_coalesced(peer, entry), count=metrics.replication,
-            restamped=self.restamped,
-            log_writes=lambda: log_policy.enabled("replication", DEBUG))
+            send_copy=lambda peer, entry, task=None: self._peers.apply_coalesced(peer, entry, task),
+            count=metrics.replication, restamped=self.restamped,
+            log_writes=lambda: log_policy.enabled("replication", DEBUG), new_task=self._new_write_task)
 
     # -- local operations, shared with the internal routes ----------------------------------------------
 
-    def apply_local(self, entry: Entry) -> ApplyResult:
+    def apply_local(self, entry: Entry, task: Optional[Tuple[str, List[int]]] = None) -> ApplyResult:
         """
-        Apply an entry to this node's store, and log it as one ``store:applied`` line (an action would be two:
-        at info, a node alone in its ring logs one line a write).
+        Apply an entry to this node's store, and log it as one ``store:applied`` line (an action would be two):
+        at ``task`` (a task id and level) if given, else in the current action or a task of its own.
         """
         if not self.hlc.observe(entry.version):
             self._clock_rejected(entry, 1)
         result = self.store.apply(entry)
         if self._log.enabled("store", INFO):
-            emit(STORE_APPLIED, key=entry.key, version=format_version(entry.version), tombstone=entry.value is None,
-                 applied=result.applied, had_live=result.had_live)
+            emit(STORE_APPLIED, task, key=entry.key, version=format_version(entry.version),
+                 tombstone=entry.value is None, applied=result.applied, had_live=result.had_live)
         return result
+
+    def _new_write_task(self) -> Optional[str]:
+        """
+        The id of a new task for a replicated write that runs outside any action, where the ``store`` area logs
+        at info: each node that stores the write logs its ``store:applied`` line in it, so that a write is one
+        tree across nodes at info without the actions around it (``None`` where there is an action to join,
+        or nothing to log).
+        """
+        if current_action() is not None or not self._log.enabled("store", INFO):
+            return None
+        return new_task_uuid()
 
     def apply_copy(self, entry: Entry, task_id: bytes) -> ApplyResult:
         """
@@ -142,8 +153,9 @@ class Coordinator:
         the store action continues it, so it appears in the writer's tree as the replica's own node, with no
         ``eliot:remote_task`` wrapped around it (two log lines per copy instead of four).
         """
-        if not self._log.enabled("store", INFO):
-            return self.apply_local(entry)
+        if not self._log.enabled("store", DEBUG):
+            # At info, one line in the writer's task, at the level it was sent: not an action (two lines).
+            return self.apply_local(entry, parse_task_id(task_id) if self._log.enabled("store", INFO) else None)
         try:
             action = Action.continue_task(task_id=task_id, action_type=STORE_APPLY.action_type,
                                           _serializers=STORE_APPLY._serializers, key=entry.key,
@@ -672,10 +684,13 @@ class WritePath:
     :ivar targets: ``targets(key)``: the key's owners, its fallbacks in ring order, and the quorum.
     :ivar apply_local: stores an entry on this node.
     :ivar peer_of: the membership peer of a node id, or ``None``.
-    :ivar send_copy: ``send_copy(peer, entry)``: a Deferred of the peer's ``ApplyResult``.
+    :ivar send_copy: ``send_copy(peer, entry, task_id=None)``: a Deferred of the peer's ``ApplyResult``; the
+        peer logs its copy at the serialized ``task_id`` if given (else in the caller's current action).
     :ivar count: ``count(op, result)``: one replica call's outcome, for metrics.
     :ivar restamped: the entry stamped again above a newer version a replica holds.
     :ivar log_writes: whether a write gets its own ``replication:write`` action (debug level).
+    :ivar new_task: a new Eliot task id for a write's ``store:applied`` lines, or ``None`` (see
+        :meth:`Coordinator._new_write_task`).
     """
     node_id: str = attrib()
     targets: Callable = attrib()
@@ -685,6 +700,7 @@ class WritePath:
     count: Callable = attrib()
     restamped: Callable = attrib()
     log_writes: Callable = attrib()
+    new_task: Callable = attrib(default=lambda: None)
 
 
 class _ReplicatedWrite:
@@ -704,7 +720,7 @@ class _ReplicatedWrite:
     """
 
     __slots__ = ("_path", "_entry", "_op", "_fallbacks", "_quorum", "_waiting", "_stored", "_action",
-                 "_context", "_entered", "_done", "_outcome", "_tries", "_created")
+                 "_context", "_entered", "_done", "_outcome", "_tries", "_created", "_task", "_level")
 
     def __init__(self, path: WritePath, entry: Entry, op: str, tries: int = MAX_RESTAMPS,
                  created: Optional[bool] = None) -> None:
@@ -717,6 +733,11 @@ class _ReplicatedWrite:
         self._created = created
         self._stored: List[Tuple[str, ApplyResult]] = []
         self._action = None
+        #: At info outside any action: the write's own task, where each copy's line takes the next level from
+        #: [2]. Level [1] is the write's root action, which only debug logs (as the request's): eliot-tree
+        #: draws it as ``<unnamed>``, with every node's line under it (a line at [1] would end the task there).
+        self._task: Optional[str] = None
+        self._level = 1
         self._entered = False
         self._done: Deferred = Deferred()
         #: The write's result (a WriteResult or an Unavailable) once every slot is done.
@@ -736,6 +757,7 @@ class _ReplicatedWrite:
                 self._context = copy_context()
                 self._send(owners)
         else:
+            self._task = path.new_task()
             self._context = copy_context()
             self._send(owners)
         self._fire()
@@ -756,9 +778,12 @@ class _ReplicatedWrite:
 
     def _try(self, owner: str, node: str) -> None:
         path = self._path
+        task = self._task
+        if task is not None:
+            self._level += 1
         if node == path.node_id:
             try:
-                result = path.apply_local(self._entry)
+                result = path.apply_local(self._entry, None if task is None else (task, [self._level]))
             except Exception:
                 write_traceback()
                 self._slot_done(None)
@@ -771,7 +796,7 @@ class _ReplicatedWrite:
             self._failover(owner, node, "left the membership")
             return
         try:
-            d = path.send_copy(peer, self._entry)
+            d = path.send_copy(peer, self._entry, None if task is None else serialized_task_id(task, self._level))
         except (PeerError, Unavailable) as error:
             self._failover(owner, node, str(error))
             return

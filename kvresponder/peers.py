@@ -75,27 +75,27 @@ class PeerClient:
 
     # -- coalesced calls --------------------------------------------------------------------------------
 
-    def apply_coalesced(self, peer, entry: Entry) -> Deferred:
+    def apply_coalesced(self, peer, entry: Entry, task_id: Optional[bytes] = None) -> Deferred:
         """
         Store one entry on ``peer``, sharing one batch with the other writes to that peer queued in the same
         reactor turn, or while an earlier batch to it is out (:mod:`kvresponder.batcher`): under concurrent
         load, one call carries many replicated writes. The peer continues each entry's own Eliot task (a child
         of the caller's current action, or, at debug level, of a peer-call action per write), so a write's tree
         is the same as if it had gone alone. With tracing on, each write goes alone, so that its spans keep
-        their parent.
+        their parent. A write that runs in no action gives the ``task_id`` its copy is logged at.
 
         :return: a Deferred firing with the entry's :class:`~kvresponder.store.ApplyResult`, or failing with
             :class:`PeerError`.
         """
         if self._tracing is not None:
             return ensureDeferred(self.apply(peer, [entry])).addCallback(lambda results: results[0])
-        action = task_id = None
-        if self._log is None or self._log.enabled("replication", DEBUG):
+        action = None
+        if task_id is None and (self._log is None or self._log.enabled("replication", DEBUG)):
             action = PEER_CALL(peer=peer.node_id, op="apply")
             task_id = action.serialize_task_id()
-        else:
-            # At info, no action of its own: the peer continues the caller's (the client request's), so the
-            # replica's store action still lands in the write's tree, for two log lines fewer per copy.
+        elif task_id is None:
+            # At info, no action of its own: the peer logs its copy in the caller's action (a request or a
+            # write logged at debug), so the replica's store line still lands in the write's tree.
             parent = current_action()
             if parent is not None:
                 task_id = parent.serialize_task_id()

@@ -141,13 +141,11 @@ def logged_write(log_dir):
         cluster.wait_formed()
         response = n1.put(KEY, {"logged": True})
         assert response.status_code == 201, response.text
-        cluster.wait_for(lambda: any(m.get("key") == KEY and m.get("action_type") == "kvresponder:store:apply"
-                                     for m in n2.log_messages()), 10, "the replica's store action")
-        # Each node writes its log lines out every LOG_FLUSH_INTERVAL: wait for the coordinator's too, down to
-        # the end of the request's action.
-        cluster.wait_for(lambda: any(m.get("action_type") == "kvresponder:http:request"
-                                     and m.get("action_status") == "succeeded" and m.get("status") == 201
-                                     for m in n1.log_messages()), 10, "the coordinator's request action")
+        # Each node writes its log lines out every LOG_FLUSH_INTERVAL: wait for both nodes' lines.
+        for node in (n1, n2):
+            cluster.wait_for(lambda node=node: any(
+                m.get("key") == KEY and m.get("message_type") == "kvresponder:store:applied"
+                for m in node.log_messages()), 10, "%s's store line" % (node.node_id,))
         combined = os.path.join(log_dir, "combined.jsonl")
         with open(combined, "wb") as out:
             for node in (n1, n2):
@@ -172,45 +170,29 @@ def test_eliot_tree_shows_a_replicated_write_as_one_task_across_both_nodes(logge
     root = tasks[with_key[0]]
     nodes = list(root.walk())
 
-    [request] = [n for n in nodes if n.kind == "kvresponder:http:request" and n.status == "started"]
-    assert request.parent is root and request.fields.get("method") == "PUT" and request.fields["node"] == "n1"
-    # The coordinator's own copy is one store:applied line; the replica's, the action continuing its task.
-    applies = {n.fields.get("node"): n for n in nodes if n.fields.get("key") == KEY and (
-        (n.kind == "kvresponder:store:apply" and n.status == "started") or n.kind == "kvresponder:store:applied")}
+    # At info, a replicated write is one line on each node that stores it, in one task: no request action, no
+    # store action, no write or peer-call action and no eliot:remote_task (all debug).
+    applies = {n.fields.get("node"): n for n in nodes if n.fields.get("key") == KEY}
     assert set(applies) == {"n1", "n2"}
-    assert applies["n1"].kind == "kvresponder:store:applied" and applies["n2"].kind == "kvresponder:store:apply"
-    assert applies["n1"].ancestors()[:2] == ["kvresponder:http:request", "<task>"]
-    # At info level the replica's store action continues the client request's action: no write action
-    # around the copies, no peer-call action per copy (both are debug) and no eliot:remote_task.
-    assert applies["n2"].ancestors()[:2] == ["kvresponder:http:request", "<task>"]
-    assert applies["n2"].parent is applies["n1"].parent is request
-    assert not [n for n in nodes if n.kind in ("kvresponder:replication:write", "kvresponder:replication:peer-call",
+    assert {n.kind for n in applies.values()} == {"kvresponder:store:applied"}
+    # Under one root: the write's action, which only debug logs (eliot-tree's <unnamed>).
+    assert applies["n1"].parent is applies["n2"].parent and applies["n1"].parent in (root, *root.children)
+    assert not [n for n in nodes if n.kind in ("kvresponder:http:request", "kvresponder:store:apply",
+                                               "kvresponder:replication:write", "kvresponder:replication:peer-call",
                                                "eliot:remote_task")]
 
 
 def test_json_logs_join_the_replica_to_the_coordinators_task(logged_write):
     messages = logged_write["messages"]
-    [replica] = [m for m in messages if m.get("action_type") == "kvresponder:store:apply" and m["node"] == "n2"
-                 and m.get("key") == KEY and m["action_status"] == "started"]
-    task = [m for m in messages if m.get("task_uuid") == replica["task_uuid"]]
-    seen = {(m.get("action_type") or m.get("message_type"), m["node"]) for m in task
-            if m.get("action_status") in ("started", None)}
-    assert seen == {("kvresponder:http:request", "n1"), ("kvresponder:store:applied", "n1"),
-                    ("kvresponder:store:apply", "n2")}
-    assert all(m["tenant"] == TENANT for m in task)
-    [start] = [m for m in task if m.get("action_type") == "kvresponder:http:request"
-               and m["action_status"] == "started"]
-    [end] = [m for m in task if m.get("action_type") == "kvresponder:http:request"
-             and m["action_status"] == "succeeded"]
-    [done] = [m for m in task if m.get("action_type") == "kvresponder:store:apply" and m["node"] == "n2"
-              and m["action_status"] == "succeeded"]
-    # The replica's store action is a child of the client request's action on the coordinator (the task's
-    # root action, at level [1] to [n]): one level down, between the request's start and its end.
-    assert start["method"] == "PUT" and start["node"] == "n1" and start["task_level"] == [1]
-    assert len(replica["task_level"]) == 2 and replica["task_level"][1] == 1
-    assert start["task_level"][0] < replica["task_level"][0] < end["task_level"][0]
-    assert replica["key"] == KEY and replica["tombstone"] is False
-    assert done["applied"] is True and done["task_level"][:-1] == replica["task_level"][:-1]
+    lines = [m for m in messages if m.get("key") == KEY]
+    assert sorted(m["node"] for m in lines) == ["n1", "n2"]
+    assert {m.get("message_type") for m in lines} == {"kvresponder:store:applied"}
+    [task_uuid] = {m["task_uuid"] for m in lines}
+    task = [m for m in messages if m.get("task_uuid") == task_uuid]
+    # The task is the write's two lines, at levels [2] and [3] of one task ([1] is its root action, at debug).
+    assert sorted(m["task_level"] for m in task) == [[2], [3]]
+    assert all(m["tenant"] == TENANT and m["tombstone"] is False and m["applied"] is True for m in task)
+    assert len({m["version"] for m in task}) == 1
 
 
 def test_a_write_to_a_node_alone_logs_one_line_at_info(log_dir):
@@ -250,8 +232,8 @@ def test_real_log_lines_match_their_declared_field_types(logged_write):
                 problems.append((name, field_name, repr(message[field_name]), str(error)))
         checked.add(name)
     assert problems == []
-    assert {"kvresponder:http:request", "kvresponder:store:apply", "kvresponder:store:applied",
-            "kvresponder:discovery:peer-changed"} <= checked
+    # At info, a write logs store:applied lines only; the actions of debug are checked in memory below.
+    assert {"kvresponder:store:applied", "kvresponder:discovery:peer-changed"} <= checked
 
 
 # -- in memory: Eliot's testing tools (validation of every message against its declared types) -----------
@@ -299,9 +281,11 @@ class TypedActionsTests(unittest.TestCase):
                           if a.startMessage["op"] == "apply"], [])
         self.assertEqual(LoggedAction.ofType(logger.messages, COORDINATE_WRITE), [])
         [request] = LoggedAction.ofType(logger.messages, "test:request")
-        [local] = [m for m in LoggedMessage.ofType(logger.messages, STORE_APPLIED) if m.message["key"] == "joined"]
-        [copy] = [a for a in LoggedAction.ofType(logger.messages, STORE_APPLY) if a.startMessage["key"] == "joined"]
-        self.assertEqual(list(request.children), [local, copy])
+        lines = [m for m in LoggedMessage.ofType(logger.messages, STORE_APPLIED) if m.message["key"] == "joined"]
+        self.assertEqual(len(lines), 2)
+        self.assertEqual([a for a in LoggedAction.ofType(logger.messages, STORE_APPLY)
+                          if a.startMessage["key"] == "joined"], [])
+        self.assertEqual(list(request.children), lines)
 
     @capture_logging(None, encoder_=None)
     def test_peer_call_logs_the_peer_and_the_status_it_answered(self, logger):

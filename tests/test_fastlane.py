@@ -355,10 +355,10 @@ def test_a_failure_an_operation_did_not_expect_is_a_bare_500():
     assert b"internal_error" in value and b"boom" not in value and b"Traceback" not in value
 
 
-def test_a_write_other_nodes_take_part_in_gets_its_request_action_at_info():
+def test_at_info_the_lane_logs_no_request_action_and_at_debug_twisted_logs_each():
     """
-    If a write involves other nodes and the log level is info, then the lane logs its ``http:request``
-    action, finished with the status, around what the write logged; reads log nothing at info.
+    If the http area logs at info, then a write (alone or waiting for copies) and a read through the lane log
+    no request action; at debug, the same write goes to Twisted's path, which logs its ``http:request``.
     """
     messages = []
     add_destinations(messages.append)
@@ -367,13 +367,17 @@ def test_a_write_other_nodes_take_part_in_gets_its_request_action_at_info():
         protocol, transport = _channel(_lane_site(operations, LogPolicy("info")))
         protocol.dataReceived(_put(b"k", b'{"value": 1}') + _get(b"k"))
         operations.pending[0].callback(Answer(201, b'{"key":"k"}'))
+        assert _statuses(transport.value()) == [201, 200]
+        assert not [m for m in messages if m.get("action_type", "").startswith("kvresponder:http:")]
+        node, site = _memory_site(log_policy=LogPolicy("debug"))
+        protocol, transport = _channel(site)
+        protocol.dataReceived(_put(b"k", b'{"value": 1}'))
     finally:
         remove_destination(messages.append)
+    assert _statuses(transport.value()) == [201]
     requests = [m for m in messages if m.get("action_type") == "kvresponder:http:request"]
     assert [m["action_status"] for m in requests] == ["started", "succeeded"]
-    assert requests[0]["method"] == "PUT" and requests[0]["route"] == "/kv/{key}"
-    assert requests[1]["status"] == 201
-    assert not [m for m in messages if m.get("action_type") == "kvresponder:http:read"]
+    assert requests[0]["method"] == "PUT" and requests[1]["status"] == 201
 
 
 def test_reads_logged_at_debug_go_to_twisteds_path_which_logs_them():

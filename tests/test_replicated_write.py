@@ -39,9 +39,11 @@ class _Peers:
     def __init__(self, answers) -> None:
         self.answers = answers
         self.calls = []
+        self.task_ids = []
 
-    def apply_coalesced(self, peer, entry):
+    def apply_coalesced(self, peer, entry, task_id=None):
         self.calls.append(peer.node_id)
+        self.task_ids.append(task_id)
         answer = self.answers[peer.node_id]
         if isinstance(answer, Exception):
             raise answer
@@ -50,12 +52,12 @@ class _Peers:
         return succeed(answer)
 
 
-def coordinator(answers, peer_of=None, level: str = "info") -> Coordinator:
+def coordinator(answers, peer_of=None, level: str = "info", peers=None) -> Coordinator:
     clock = Clock()
     clock.advance(1000)
     store = Store(clock.seconds, 1 << 24)
     return Coordinator(store, HybridLogicalClock(clock.seconds, "n1"), lambda: RING,
-                       peer_of or (lambda node: Peer(node, "10.0.0.%s" % node[1:], 3000)), _Peers(answers),
+                       peer_of or (lambda node: Peer(node, "10.0.0.%s" % node[1:], 3000)), peers or _Peers(answers),
                        replicas=2, write_quorum=None, seconds=clock.seconds, metrics=Metrics("t"),
                        log_policy=LogPolicy(level))
 
@@ -182,13 +184,42 @@ class ReplicaCopyTests(unittest.TestCase):
         self.assertEqual(c.store.get("copied").value, b'"v2"')
 
     @capture_logging(None, encoder_=None)
-    def test_a_copy_continues_the_writers_task_as_its_store_action(self, logger):
+    def test_at_info_a_copy_is_one_line_in_the_writers_task_at_the_level_it_was_sent(self, logger):
+        from eliot import start_action
+
+        from kvresponder.log.store import STORE_APPLIED, STORE_APPLY
+        from kvresponder.store import Entry
+
+        c = coordinator({})
+        with start_action(action_type="test:writer") as writer:
+            task_id = writer.serialize_task_id()
+        c.apply_copy(Entry("copied", b'"v"', (2000000, 0, "n2")), task_id)
+        self.assertEqual(LoggedAction.ofType(logger.messages, STORE_APPLY), [])
+        [line] = [m.message for m in LoggedMessage.ofType(logger.messages, STORE_APPLIED)]
+        self.assertEqual((line["task_uuid"], line["task_level"]), (writer.task_uuid, [2]))
+        self.assertEqual((line["key"], line["applied"]), ("copied", True))
+
+    @capture_logging(None, encoder_=None)
+    def test_a_copy_with_a_malformed_task_id_is_still_stored_and_logged_in_a_task_of_its_own(self, logger):
+        from kvresponder.log.store import STORE_APPLIED
+        from kvresponder.store import Entry
+
+        c = coordinator({})
+        for bad in (b"no-at-sign", b"uuid@", b"uuid@/x", b"@/1", b"uuid@/0", b"\xff@/1"):
+            result = c.apply_copy(Entry("copied-" + bad.hex(), b'"v"', (2000000, 0, "n2")), bad)
+            self.assertTrue(result.applied)
+        lines = [m.message for m in LoggedMessage.ofType(logger.messages, STORE_APPLIED)]
+        self.assertEqual(len(lines), 6)
+        self.assertTrue(all(line["task_level"] == [1] for line in lines))
+
+    @capture_logging(None, encoder_=None)
+    def test_at_debug_a_copy_continues_the_writers_task_as_its_store_action(self, logger):
         from eliot import start_action
 
         from kvresponder.log.store import STORE_APPLY
         from kvresponder.store import Entry
 
-        c = coordinator({})
+        c = coordinator({}, level="debug")
         with start_action(action_type="test:writer") as writer:
             task_id = writer.serialize_task_id()
         c.apply_copy(Entry("copied", b'"v"', (2000000, 0, "n2")), task_id)
@@ -196,6 +227,21 @@ class ReplicaCopyTests(unittest.TestCase):
         self.assertEqual(apply.startMessage["task_uuid"], writer.task_uuid)
         self.assertEqual(apply.startMessage["key"], "copied")
         self.assertTrue(apply.endMessage["applied"])
+
+    @capture_logging(None, encoder_=None)
+    def test_at_info_a_write_outside_any_action_is_one_task_whose_lines_each_node_logs(self, logger):
+        from kvresponder.log.store import STORE_APPLIED
+
+        peers = _Peers({"n2": ApplyResult(True, False)})
+        c = coordinator({}, peers=peers)
+        key = key_owned_by("n1", "n2")
+        result = outcome(c.put(key, b'"v"', None))
+        self.assertEqual(result.copies, 2)
+        [line] = [m.message for m in LoggedMessage.ofType(logger.messages, STORE_APPLIED)]
+        [sent] = peers.task_ids
+        # The coordinator's own line and the copy's task id name one task, at two levels.
+        self.assertEqual(sent, b"%s@/%d" % (line["task_uuid"].encode(), 5 - line["task_level"][0]))
+        self.assertIn(line["task_level"], ([2], [3]))
 
 
 class _BatchPeers:

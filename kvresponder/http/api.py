@@ -308,11 +308,11 @@ class KVResource(Resource):
                 with request.begin("/kv/{key}", read=True):
                     return self._answer(request, operations.get(key))
             if method == b"PUT":
-                with request.begin("/kv/{key}", alone=operations.is_local_only()):
+                with request.begin("/kv/{key}", kv_write=True):
                     return self._answer(request, operations.put(
                         key, request.content.read(), request.getHeader(b"content-type")))
             if method == b"DELETE":
-                with request.begin("/kv/{key}", alone=operations.is_local_only()):
+                with request.begin("/kv/{key}", kv_write=True):
                     return self._answer(request, operations.delete(key))
             raise method_not_allowed(["GET", "HEAD", "PUT", "DELETE"])
         except APIError as error:

@@ -7,11 +7,11 @@ itself. The lane serves ``GET``, ``PUT`` and ``DELETE`` of ``/<tenant>/kv/<key>`
 HTTP/1.1: a request line and headers it can check completely, any body framed by ``Content-Length`` and
 within the value limit. Everything else (another route, ``HEAD``, a query string, chunked bodies,
 ``Expect``, ``Connection`` or ``Upgrade`` headers, HTTP/1.0, anything malformed, and every request while a
-log level or tracing would record it in more detail than the lane does) goes to Twisted's parser, starting
-at that request's first byte, as if the lane were not there.
+log level or tracing would record it in more detail than the lane does: the ``http`` area at debug) goes to
+Twisted's parser, starting at that request's first byte, as if the lane were not there.
 
 The answers come from the same :class:`~kvresponder.http.kvops.KVOperations` that Twisted's path uses, and
-are counted in the same metrics; a write other nodes take part in gets the same ``http:request`` action.
+are counted in the same metrics. The lane logs no action: at info, kv requests have none on either path.
 Answers leave in the order their requests arrived: while one waits (a replicated write, a remote read), the
 lane holds the requests behind it; when a request goes to Twisted, the lane stays closed until Twisted has
 answered everything it was given, and takes back whatever the client sent after that.
@@ -25,8 +25,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, unquote
 
-from ..log import DEBUG, INFO
-from ..log.http import HTTP_REQUEST
+from ..log import DEBUG
 from .errors import APIError, error_body
 
 #: ``parse`` found the start of a request the lane would take, not all of it yet.
@@ -150,18 +149,13 @@ class FastLane:
             raw = unquote(raw)
         return method, raw, data[body_start:body_end], content_type, body_end
 
-    def logged(self, method: bytes, alone: bool) -> Optional[bool]:
+    def declines(self) -> bool:
         """
-        Whether a request with ``method`` needs its ``http:request`` action (a write others take part in, at
-        ``info``); ``None`` if it is logged in more detail than the lane logs (a read or a lone write at
-        ``debug``), and so goes to Twisted.
+        Whether kv requests are logged in more detail than the lane logs them (the ``http`` area at debug: each
+        gets its ``http:read`` or ``http:request`` action), and so go to Twisted's path.
         """
         policy = self._policy
-        if policy is None:
-            return False
-        if method == b"GET" or alone:
-            return None if policy.enabled("http", DEBUG) else False
-        return policy.enabled("http", INFO)
+        return policy is not None and policy.enabled("http", DEBUG)
 
     def answer(self, method: bytes, raw: bytes, body: bytes, content_type):
         """
@@ -265,33 +259,26 @@ class ConnectionLane:
                     self.open = False
                     rest = data[offset:]
                     break
-                method, raw, body, content_type, end = parsed
-                logged = lane.logged(method, method == b"GET" or lane.operations.is_local_only())
-                if logged is None:
+                if lane.declines():
                     self.open = False
                     rest = data[offset:]
                     break
+                method, raw, body, content_type, end = parsed
                 offset = end
                 started = lane.seconds()
-                if logged:
-                    action = HTTP_REQUEST(method=_METHODS[method], route=_ROUTE)
-                    with action.context():
-                        answer = lane.answer(method, raw, body, content_type)
-                else:
-                    action = None
-                    answer = lane.answer(method, raw, body, content_type)
+                answer = lane.answer(method, raw, body, content_type)
                 if isinstance(answer, Deferred):
                     result = []
                     answer.addBoth(_capture, result)
                     if not result:
-                        self._wait(answer, method, started, action, data[offset:])
+                        self._wait(answer, method, started, data[offset:])
                         return None
                     # Fired already (a write on a node alone): answered here, with what follows it.
                     answer.addErrback(_handled)
                     answer = _settled(result[0])
                 status, body, headers = answer
                 out.append(lane.render(status, body, headers, started))
-                self._finish(method, status, started, action)
+                self._lane.account(method, status, started)
             if rest is None or offset:
                 # Not a request received in part since earlier: a request Twisted now gets from its first
                 # byte counts its deadline from now; one it continues keeps the time of that byte.
@@ -301,14 +288,7 @@ class ConnectionLane:
             if out:
                 channel.send(b"".join(out))
 
-    def _finish(self, method: bytes, status: int, started: float, action) -> None:
-        lane = self._lane
-        lane.account(method, status, started)
-        if action is not None:
-            action.add_success_fields(status=status, duration_ms=round((lane.seconds() - started) * 1000, 3))
-            action.finish()
-
-    def _wait(self, answer: Deferred, method: bytes, started: float, action, rest: bytes) -> None:
+    def _wait(self, answer: Deferred, method: bytes, started: float, rest: bytes) -> None:
         """
         Hold the connection's later requests until ``answer`` fires, then send it and go on.
         """
@@ -321,11 +301,11 @@ class ConnectionLane:
         def answered(answer) -> None:
             self._waiting = False
             if self._lost:
-                self._finish(method, 499, started, action)
+                self._lane.account(method, 499, started)
                 return
             status, body, headers = _settled(answer)
             channel.send(self._lane.render(status, body, headers, started))
-            self._finish(method, status, started, action)
+            self._lane.account(method, status, started)
             channel.setTimeout(saved_timeout)
             if self._paused:
                 self._paused = False

@@ -172,24 +172,23 @@ class KVRequest(Request):
             if tracing is not None:
                 tracing.detach(self._span)
 
-    def begin(self, route: str, read: bool = False, alone: bool = False):
+    def begin(self, route: str, read: bool = False, kv_write: bool = False):
         """
         Name the route and return a context manager: if the log level admits it, what runs inside it runs
         inside this request's Eliot action, which :meth:`finish` completes; otherwise it does nothing (one
         shared object, so that an unlogged request allocates nothing here).
 
         :param bool read: a kv read: an ``http:read`` action, at debug level.
-        :param bool alone: a kv write no other node takes part in (a node alone in its ring): its
-            ``http:request`` action is logged at debug level only, and its ``store:applied`` line is its
-            info-level record. A write other nodes copy keeps the action at info, as the root of the tree its
-            copies join across nodes.
+        :param bool kv_write: a kv write: its ``http:request`` action is logged at debug level only. At info,
+            a write's record is the ``store:applied`` line of each node that stores it, in one task
+            (:meth:`~kvresponder.coordinator.Coordinator.apply_local`).
         """
         self.route = route
         policy = self._kv_site.log_policy
         if read:
             action_type, level = HTTP_READ, DEBUG
         else:
-            action_type, level = HTTP_REQUEST, DEBUG if alone else INFO
+            action_type, level = HTTP_REQUEST, DEBUG if kv_write else INFO
         if policy is None or not policy.enabled("http", level):
             return _UNLOGGED
         self._action = action_type(method=self.method.decode("ascii", "replace"), route=route)

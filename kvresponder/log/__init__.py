@@ -16,7 +16,7 @@ from random import getrandbits
 from uuid import uuid4
 
 from eliot import current_action
-from typing import Dict, IO, Optional
+from typing import Dict, IO, List, Optional, Tuple
 
 from ..privateapi import default_eliot_logger, set_task_uuid_factory
 
@@ -265,21 +265,55 @@ def random_task_uuid() -> str:
 
 _task_uuid = [lambda: str(uuid4())]
 
-def emit(message_type, **fields) -> None:
+def emit(message_type, _task: Optional[Tuple[str, List[int]]] = None, **fields) -> None:
     """
-    Log a message of the Eliot ``message_type`` with ``fields``: inside the current action as
-    ``message_type.log`` would, or, outside any action, as the one message of a task of its own, with the
-    same fields Eliot gives it, built here without the ``Action`` and ``TaskLevel`` objects Eliot would make
-    and drop (for the one line a write on a node alone logs, they were half of what the line cost).
+    Log a message of the Eliot ``message_type`` with ``fields``: at ``_task`` (a task id and a task level)
+    if given; otherwise inside the current action as ``message_type.log`` would, or, outside any action, as
+    the one message of a task of its own. The message has the fields Eliot gives it, built here without the
+    ``Action`` and ``TaskLevel`` objects Eliot would make and drop (for the one line a write logs at info,
+    they were half of what the line cost).
     """
-    if current_action() is not None:
-        message_type.log(**fields)
-        return
+    if _task is None:
+        if current_action() is not None:
+            message_type.log(**fields)
+            return
+        task_uuid, task_level = _task_uuid[0](), [1]
+    else:
+        task_uuid, task_level = _task
     fields["message_type"] = message_type.message_type
     fields["timestamp"] = time.time()
-    fields["task_uuid"] = _task_uuid[0]()
-    fields["task_level"] = [1]
+    fields["task_uuid"] = task_uuid
+    fields["task_level"] = task_level
     default_eliot_logger().write(fields)
+
+
+def new_task_uuid() -> str:
+    """
+    An id for a new Eliot task, as Eliot would draw it.
+    """
+    return _task_uuid[0]()
+
+
+def task_id(task_uuid: str, level: int) -> bytes:
+    """
+    The serialized Eliot task id (as ``Action.serialize_task_id`` writes it) of the message at ``[level]`` of
+    the task ``task_uuid``: what a peer that logs a message of that task is sent.
+    """
+    return b"%s@/%d" % (task_uuid.encode("ascii"), level)
+
+
+def parse_task_id(serialized: bytes) -> Optional[Tuple[str, List[int]]]:
+    """
+    The task id and task level a serialized Eliot task id names, or ``None`` if it is malformed.
+    """
+    try:
+        task_uuid, at, path = serialized.decode("ascii").partition("@")
+        level = [int(part) for part in path.split("/")[1:]]
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not task_uuid or not at or not level or not path.startswith("/") or min(level) < 1:
+        return None
+    return task_uuid, level
 
 
 def use_fast_task_ids() -> None:

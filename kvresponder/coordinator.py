@@ -778,12 +778,10 @@ class _ReplicatedWrite:
 
     def _try(self, owner: str, node: str) -> None:
         path = self._path
-        task = self._task
-        if task is not None:
-            self._level += 1
+        line = self._next_line()
         if node == path.node_id:
             try:
-                result = path.apply_local(self._entry, None if task is None else (task, [self._level]))
+                result = path.apply_local(self._entry, line)
             except Exception:
                 write_traceback()
                 self._slot_done(None)
@@ -795,8 +793,12 @@ class _ReplicatedWrite:
         if peer is None:
             self._failover(owner, node, "left the membership")
             return
+        task_id = None
+        if line is not None:
+            task, level = line
+            task_id = serialized_task_id(task, level[0])
         try:
-            d = path.send_copy(peer, self._entry, None if task is None else serialized_task_id(task, self._level))
+            d = path.send_copy(peer, self._entry, task_id)
         except (PeerError, Unavailable) as error:
             self._failover(owner, node, str(error))
             return
@@ -835,10 +837,10 @@ class _ReplicatedWrite:
     def _failover(self, owner: str, failed: str, reason: str) -> None:
         try:
             self._path.count(self._op, "failure")
-            COPY_FAILED.log(key=self._entry.key, peer=failed, reason=reason)
+            emit(COPY_FAILED, self._next_line(), key=self._entry.key, peer=failed, reason=reason)
             node = self._fallbacks.pop(0) if self._fallbacks else None
             if node is not None:
-                HINTED.log(key=self._entry.key, owner=owner, holder=node)
+                emit(HINTED, self._next_line(), key=self._entry.key, owner=owner, holder=node)
         except Exception:
             write_traceback()
             node = None
@@ -846,6 +848,15 @@ class _ReplicatedWrite:
             self._slot_done(None)
             return
         self._attempt(owner, node)
+
+    def _next_line(self) -> Optional[Tuple[str, List[int]]]:
+        """
+        Where the write's next line goes: the next level of its own task, or (``None``) the current action.
+        """
+        if self._task is None:
+            return None
+        self._level += 1
+        return self._task, [self._level]
 
     def _slot_done(self, outcome: Optional[Tuple[str, ApplyResult]]) -> None:
         if outcome is not None:

@@ -368,16 +368,17 @@ def test_at_info_the_lane_logs_no_request_action_and_at_debug_twisted_logs_each(
         protocol.dataReceived(_put(b"k", b'{"value": 1}') + _get(b"k"))
         operations.pending[0].callback(Answer(201, b'{"key":"k"}'))
         assert _statuses(transport.value()) == [201, 200]
-        assert not [m for m in messages if m.get("action_type", "").startswith("kvresponder:http:")]
+        assert not [m for m in messages if m.get("route") == "/kv/{key}"]
         node, site = _memory_site(log_policy=LogPolicy("debug"))
         protocol, transport = _channel(site)
         protocol.dataReceived(_put(b"k", b'{"value": 1}'))
     finally:
         remove_destination(messages.append)
     assert _statuses(transport.value()) == [201]
-    requests = [m for m in messages if m.get("action_type") == "kvresponder:http:request"]
-    assert [m["action_status"] for m in requests] == ["started", "succeeded"]
-    assert requests[0]["method"] == "PUT" and requests[1]["status"] == 201
+    [start] = [m for m in messages if m.get("action_type") == "kvresponder:http:request"
+               and m.get("route") == "/kv/{key}"]
+    [end] = [m for m in messages if m.get("task_uuid") == start["task_uuid"] and m.get("action_status") == "succeeded"]
+    assert start["method"] == "PUT" and end["status"] == 201
 
 
 def test_reads_logged_at_debug_go_to_twisteds_path_which_logs_them():
@@ -394,7 +395,7 @@ def test_reads_logged_at_debug_go_to_twisteds_path_which_logs_them():
     finally:
         remove_destination(messages.append)
     assert _statuses(transport.value()) == [404]
-    assert [m for m in messages if m.get("action_type") == "kvresponder:http:read"]
+    assert [m for m in messages if m.get("action_type") == "kvresponder:http:read" and m.get("route") == "/kv/{key}"]
 
 
 @pytest.mark.parametrize("raw", [

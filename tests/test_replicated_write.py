@@ -157,6 +157,26 @@ class ReplicatedWriteTests(unittest.TestCase):
             self.assertIn(message, inside)
 
     @capture_logging(None, encoder_=None)
+    def test_at_info_a_failover_outside_any_action_is_logged_in_the_writes_own_task(self, logger):
+        from kvresponder.log.store import STORE_APPLIED
+
+        key = key_owned_by("n1", "n2")
+        peers = _Peers({"n2": PeerError("n2 unreachable for apply: ConnectionRefusedError"),
+                        "n3": ApplyResult(True, False)})
+        result = outcome(coordinator({}, peers=peers).put(key, b'"v"', None))
+        self.assertEqual(result.copies, 2)
+        lines = [m for m in logger.messages if m.get("key") == key]
+        self.assertEqual(sorted(m["message_type"] for m in lines), sorted([
+            STORE_APPLIED.message_type, COPY_FAILED.message_type, HINTED.message_type]))
+        self.assertEqual(len({m["task_uuid"] for m in lines}), 1)
+        # Each line at a level of its own, from [2] (the refused copy to n2 took one too); the copy to n3 was
+        # sent the level after the last line.
+        levels = sorted(m["task_level"][0] for m in lines)
+        self.assertEqual(len(set(levels)), 3)
+        self.assertGreaterEqual(levels[0], 2)
+        self.assertEqual(peers.task_ids[-1], b"%s@/%d" % (lines[0]["task_uuid"].encode(), levels[-1] + 1))
+
+    @capture_logging(None, encoder_=None)
     def test_a_write_short_of_its_quorum_answers_unavailable_and_keeps_the_copy_it_stored(self, logger):
         key = key_owned_by("n2", "n3")
         c = coordinator({"n2": PeerError("down"), "n3": PeerError("down")}, level="debug")

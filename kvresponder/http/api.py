@@ -144,6 +144,12 @@ def parse_write(body) -> tuple:
     """
     The serialized value and the TTL of a PUT body ``{"value": ..., "ttl": ...}``.
     """
+    if type(body) is dict and len(body) == 1:
+        # The usual write: a value and nothing else; a plain string is quoted as it is (see serialize_value).
+        try:
+            return serialize_value(body["value"]), None
+        except KeyError:
+            pass
     if not isinstance(body, dict):
         raise bad_request("invalid_body", "The body must be a JSON object with a \"value\".")
     unknown = set(body) - {"value", "ttl"}
@@ -158,12 +164,23 @@ def parse_write(body) -> tuple:
             raise bad_request("invalid_ttl", "ttl must be a number of seconds above 0 and at most %d."
                               % (MAX_TTL,))
         ttl = float(ttl)
+    return serialize_value(body["value"]), ttl
+
+
+def serialize_value(value) -> bytes:
+    """
+    ``value`` as the JSON a write stores. A printable ASCII string with nothing to escape (the common value of
+    a cache) is quoted as it is, which is what the encoder gives for it.
+
+    :raises APIError: 400 if it has no JSON form (NaN, infinities, nesting too deep).
+    """
+    if (type(value) is str and value.isascii() and value.isprintable() and '"' not in value
+            and "\\" not in value):
+        return b'"' + value.encode("ascii") + b'"'
     try:
-        value = json.dumps(body["value"], separators=(",", ":"), ensure_ascii=False,
-                           allow_nan=False).encode("utf-8")
+        return _encode_value(value).encode("utf-8")
     except (ValueError, RecursionError):
         raise bad_request("invalid_body", "The value cannot be stored as JSON.")
-    return value, ttl
 
 
 # One encoder for every value a bulk write stores: json.dumps with arguments builds a new one at each call.
@@ -185,16 +202,7 @@ def parse_bulk_put(item, limit: int, check_fits) -> tuple:
         key = item.get("key")
         # An ASCII key has a UTF-8 form, and its length in characters is its length in bytes.
         if type(key) is str and 0 < len(key) <= limit and key.isascii():
-            value = item["value"]
-            if (type(value) is str and value.isascii() and value.isprintable() and '"' not in value
-                    and "\\" not in value):
-                serialized = b'"' + value.encode("ascii") + b'"'
-            else:
-                try:
-                    serialized = _encode_value(value).encode("utf-8")
-                except (ValueError, RecursionError):
-                    raise bad_request("invalid_body", "The value cannot be stored as JSON.")
-            return key, _fitting(check_fits, key, serialized), None
+            return key, _fitting(check_fits, key, serialize_value(item["value"])), None
     if not isinstance(item, dict) or "key" not in item:
         raise bad_request("invalid_body", "Each put is {\"key\", \"value\", \"ttl\"}.")
     key = validate_key(item["key"], limit)

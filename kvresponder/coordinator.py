@@ -261,7 +261,7 @@ class Coordinator:
             result = self.put_nowait(key, value, ttl)
         except Exception:
             return fail()
-        return result if isinstance(result, Deferred) else succeed(result)
+        return succeed(result) if isinstance(result, tuple) else result
 
     def put_nowait(self, key: str, value: bytes, ttl: Optional[float]):
         """

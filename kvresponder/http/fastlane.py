@@ -267,7 +267,8 @@ class ConnectionLane:
                 offset = end
                 started = lane.seconds()
                 answer = lane.answer(method, raw, body, content_type)
-                if isinstance(answer, Deferred):
+                # An answer is a tuple; anything else a Deferred (whose ABC makes isinstance a slow test).
+                if not isinstance(answer, tuple):
                     result = []
                     answer.addBoth(_capture, result)
                     if not result:

@@ -152,9 +152,10 @@ class KVOperations:
             result = self._coordinator.put_nowait(key, value, ttl)
         except Exception:
             return failure_answer(Failure())
-        if isinstance(result, Deferred):
-            return result.addCallbacks(self._written, failure_answer)
-        return self._written(result)
+        if isinstance(result, tuple):
+            # A WriteResult: written at once. (Deferred is an ABC: testing for it is the slow way round.)
+            return self._written(result)
+        return result.addCallbacks(self._written, failure_answer)
 
     def _written(self, result) -> Answer:
         created = result.created

@@ -84,8 +84,9 @@ class FastLane:
     def parse(self, data: bytes, offset: int):
         """
         The request that starts at ``offset`` of ``data``, if the lane takes it: ``(method, raw key, body,
-        content type, end offset)``. :data:`INCOMPLETE` if it may be one and has not all arrived; ``None``
-        for a request the lane leaves to Twisted.
+        content type, end offset)``. If it has not all arrived: its size from ``offset`` (an ``int``) once its
+        head is here, or :data:`INCOMPLETE` if it may be one. ``None`` for a request the lane leaves to
+        Twisted.
         """
         end = data.find(b"\r\n\r\n", offset)
         if end < 0 or end - offset > self._max_head:
@@ -143,7 +144,9 @@ class FastLane:
             length = 0
         body_end = body_start + length
         if len(data) < body_end:
-            return INCOMPLETE
+            # The whole head is here: say how much the request needs, so that a large body is gathered in
+            # pieces, not parsed again as each one arrives.
+            return body_end - offset
         raw = target[len(prefix):]
         if b"%" in raw:
             raw = unquote(raw)
@@ -207,13 +210,24 @@ class ConnectionLane:
         self._lane = lane
         self._channel = channel
         self._held = b""
+        #: A request whose head is here and whose body is not: its pieces so far, their size, and its size.
+        self._pieces: list = []
+        self._got = 0
+        self._need = 0
 
     def dataReceived(self, data: bytes) -> Optional[bytes]:
         """
         Take ``data``; returns what Twisted must parse (from a request the lane does not take on), or
         ``None``.
         """
-        if self._held:
+        if self._need:
+            self._pieces.append(data)
+            self._got += len(data)
+            if self._got < self._need:
+                return None
+            data = b"".join(self._pieces)
+            self._pieces, self._got, self._need = [], 0, 0
+        elif self._held:
             data = self._held + data
             self._held = b""
         if self._waiting:
@@ -234,6 +248,7 @@ class ConnectionLane:
     def connectionLost(self) -> None:
         self._lost = True
         self._held = b""
+        self._pieces, self._got, self._need = [], 0, 0
 
     def _hold(self, data: bytes) -> None:
         self._held = data
@@ -253,6 +268,10 @@ class ConnectionLane:
                 parsed = lane.parse(data, offset)
                 if parsed is INCOMPLETE:
                     self._held = data[offset:]
+                    channel.receiving(True)
+                    return None
+                if type(parsed) is int:
+                    self._pieces, self._got, self._need = [data[offset:]], size - offset, parsed
                     channel.receiving(True)
                     return None
                 if parsed is None:

@@ -126,7 +126,7 @@ def _delete(key: bytes) -> bytes:
 SEQUENCE = [
     _get(b"a"),
     _put(b"a", b'{"value": {"n": 1}}'),
-    _put(b"a", b'{"value": "two", "ttl": 60}'),
+    _put(b"a", b'{"value": "two", "ttl": 60}').replace(b"Host: x\r\n", b"Host: x\r\nConnection: Keep-Alive\r\n"),
     _get(b"a"),
     _put(b"a%2Fb", b'{"value": [1, 2]}'),
     _get(b"a/b"),
@@ -417,6 +417,7 @@ def test_reads_logged_at_debug_go_to_twisteds_path_which_logs_them():
 @pytest.mark.parametrize("raw", [
     b"GET /t1/kv/k HTTP/1.0\r\n\r\n",
     b"GET /t1/kv/k HTTP/1.1\r\nConnection: close\r\n\r\n",
+    b"GET /t1/kv/k HTTP/1.1\r\nConnection: keep-alive, Upgrade\r\n\r\n",
     b"PUT /t1/kv/k HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n{}",
     b"PUT /t1/kv/k HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     b"PUT /t1/kv/k HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}",
@@ -462,3 +463,26 @@ def test_the_lane_waits_for_the_rest_of_a_request_it_may_take():
     assert lane.parse(whole, 0)[0] == b"PUT"
     assert lane.parse(b"GET /t1/health", 0) is None
     assert lane.parse(b"POST ", 0) is None
+
+
+@pytest.mark.parametrize("raw", [
+    # curl
+    b"GET /t1/kv/k HTTP/1.1\r\nHost: localhost:3000\r\nUser-Agent: curl/8.5.0\r\nAccept: */*\r\n\r\n",
+    # python-requests
+    b"PUT /t1/kv/k HTTP/1.1\r\nHost: localhost:3000\r\nUser-Agent: python-requests/2.32.3\r\n"
+    b"Accept-Encoding: gzip, deflate\r\nAccept: */*\r\nConnection: keep-alive\r\nContent-Length: 12\r\n"
+    b"Content-Type: application/json\r\n\r\n{\"value\": 1}",
+    # Go's net/http
+    b"DELETE /t1/kv/k HTTP/1.1\r\nHost: localhost:3000\r\nUser-Agent: Go-http-client/1.1\r\n"
+    b"Accept-Encoding: gzip\r\n\r\n",
+    # wrk, and a percent-encoded key
+    b"GET /t1/kv/user%3A42 HTTP/1.1\r\nHost: 127.0.0.1:3000\r\n\r\n",
+])
+def test_the_lane_takes_plain_requests_as_common_clients_send_them(raw):
+    """
+    If a kv request comes as curl, python-requests, Go or wrk send it (keep-alive said or not), then the lane
+    takes it whole.
+    """
+    lane = FastLane(b"/t1/kv/", _Waiting(), VALUE_LIMIT, 16384, None, None, lambda: 0.0, http_date)
+    parsed = lane.parse(raw, 0)
+    assert isinstance(parsed, tuple) and parsed[-1] == len(raw)

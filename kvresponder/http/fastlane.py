@@ -38,8 +38,8 @@ _TARGET = re.compile(rb"[!-~]+\Z").match
 #: An RFC 9110 token, as Twisted requires of a header name.
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z").match
 #: Headers whose handling is Twisted's: framing, connection management, and the 100-continue exchange.
-_TWISTED_HEADERS = frozenset([b"transfer-encoding", b"connection", b"expect", b"upgrade", b"te", b"trailer",
-                              b"keep-alive", b"proxy-connection"])
+#: (``Connection: keep-alive``, which many clients send, says what HTTP/1.1 does anyway: the lane takes it.)
+_TWISTED_HEADERS = frozenset([b"transfer-encoding", b"expect", b"upgrade", b"te", b"trailer", b"proxy-connection"])
 #: The most header lines the lane reads in one request (Twisted takes more, and refuses past its own limit).
 _MAX_HEADERS = 64
 #: Bytes held behind a waiting answer before the connection stops reading (Twisted's eager read size).
@@ -132,6 +132,9 @@ class FastLane:
                 if content_type is not None:
                     return None
                 content_type = value
+            elif name == b"connection":
+                if value.lower() != b"keep-alive":
+                    return None
             elif name in _TWISTED_HEADERS:
                 return None
         body_start = end + 4

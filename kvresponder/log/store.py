@@ -13,13 +13,14 @@ APPLIED = Field.for_types("applied", [bool], "Whether the entry was newer than t
 HAD_LIVE = Field.for_types("had_live", [bool], "Whether a live value was stored before.")
 COUNT = Field.for_types("count", [int], "How many entries.")
 
+#: At debug, a replica's copy of a client write, continuing its writer's task (at info, a STORE_APPLIED line).
 STORE_APPLY = leveled("store", INFO, ActionType(
     "kvresponder:store:apply", [KEY, VERSION, TOMBSTONE], [APPLIED, HAD_LIVE],
     "An entry was applied to this node's store (last writer wins)."))
 
-#: A write stored by the node that took it (the coordinator), a read repair, a copy sent with no task: one line,
-#: not an action. It sits in the client request's tree when there is one (a write other nodes copy), and is
-#: the write's only info-level line when there is none (a node alone in its ring).
+#: A client write stored by a node (the coordinator, or at info a replica's copy), a read repair: one line, not an
+#: action. At info, a write is this line on each node that stores it, all in the write's task (or inside the
+#: current action, where one is logged).
 STORE_APPLIED = leveled("store", INFO, MessageType(
     "kvresponder:store:applied", [KEY, VERSION, TOMBSTONE, APPLIED, HAD_LIVE],
     "An entry was applied to this node's store (last writer wins)."))

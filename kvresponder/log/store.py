@@ -14,7 +14,7 @@ HAD_LIVE = Field.for_types("had_live", [bool], "Whether a live value was stored 
 COUNT = Field.for_types("count", [int], "How many entries.")
 
 #: At debug, a replica's copy of a client write, continuing its writer's task (at info, a STORE_APPLIED line).
-STORE_APPLY = leveled("store", INFO, ActionType(
+STORE_APPLY = leveled("store", DEBUG, ActionType(
     "kvresponder:store:apply", [KEY, VERSION, TOMBSTONE], [APPLIED, HAD_LIVE],
     "An entry was applied to this node's store (last writer wins)."))
 

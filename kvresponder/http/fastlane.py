@@ -40,6 +40,11 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z").match
 #: Headers whose handling is Twisted's: framing, connection management, and the 100-continue exchange.
 #: (``Connection: keep-alive``, which many clients send, says what HTTP/1.1 does anyway: the lane takes it.)
 _TWISTED_HEADERS = frozenset([b"transfer-encoding", b"expect", b"upgrade", b"te", b"trailer", b"proxy-connection"])
+#: Header names as clients usually spell them, lowercased: valid tokens, so they need no check.
+_COMMON_NAMES = {name: name.lower() for spelling in (
+    b"Host", b"User-Agent", b"Accept", b"Accept-Encoding", b"Accept-Language", b"Content-Type", b"Content-Length",
+    b"Connection", b"Authorization", b"Cache-Control", b"Traceparent", b"Tracestate", b"X-Request-Id")
+    for name in (spelling, spelling.lower())}
 #: The most header lines the lane reads in one request (Twisted takes more, and refuses past its own limit).
 _MAX_HEADERS = 64
 #: Bytes held behind a waiting answer before the connection stops reading (Twisted's eager read size).
@@ -118,12 +123,15 @@ class FastLane:
             if colon <= 0:
                 return None
             name = line[:colon]
-            if not _TOKEN(name):
-                return None
+            lowered = _COMMON_NAMES.get(name)
+            if lowered is None:
+                if not _TOKEN(name):
+                    return None
+                lowered = name.lower()
             value = line[colon + 1:].strip(b" \t")
             if len(value.translate(None, b"\x00\r\n")) != len(value):
                 return None
-            name = name.lower()
+            name = lowered
             if name == b"content-length":
                 if length is not None or not value.isdigit() or len(value) > 12:
                     return None

@@ -757,7 +757,8 @@ class _ReplicatedWrite:
                 self._context = copy_context()
                 self._send(owners)
         else:
-            self._task = path.new_task()
+            if self._task is None:
+                self._task = path.new_task()
             self._context = copy_context()
             self._send(owners)
         self._fire()
@@ -898,6 +899,8 @@ class _ReplicatedWrite:
         elif isinstance(outcome, _Again):
             self._outcome = None
             again = _ReplicatedWrite(self._path, outcome.entry, self._op, self._tries - 1, outcome.created)
+            # The same write, sent again: its lines go on in the same task.
+            again._task, again._level = self._task, self._level
             # In the context the write began in, so that the next attempt stays in the request's tree.
             try:
                 d = self._context.run(again.start)

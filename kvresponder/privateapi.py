@@ -72,6 +72,14 @@ def channel_between_requests(channel) -> bool:
     return not channel._handlingRequest
 
 
+def channel_waiting_for_transport(channel) -> bool:
+    """
+    Whether an HTTP channel stopped reading because its transport's send buffer is full (the client is not
+    reading its answers): reading must then stay off until the transport drains.
+    """
+    return channel._waitingForTransport
+
+
 def take_unread(channel) -> bytes:
     """
     The bytes an HTTP channel received past the request it is answering, taken out of it: what a client sent

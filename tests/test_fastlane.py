@@ -486,3 +486,64 @@ def test_the_lane_takes_plain_requests_as_common_clients_send_them(raw):
     lane = FastLane(b"/t1/kv/", _Waiting(), VALUE_LIMIT, 16384, None, None, lambda: 0.0, http_date)
     parsed = lane.parse(raw, 0)
     assert isinstance(parsed, tuple) and parsed[-1] == len(raw)
+
+
+def test_reading_stays_off_behind_a_waiting_answer_whatever_the_transport_says():
+    """
+    If the lane stopped reading behind a write that waits, then the transport draining its send buffer
+    (pause, then resume) does not turn reading back on; the answer does, unless the transport is still full
+    then, in which case reading stays off until it drains.
+    """
+    for full_when_answered in (False, True):
+        operations = _Waiting()
+        protocol, transport = _channel(_lane_site(operations))
+        protocol.dataReceived(_put(b"k", b'{"value": 1}') + _get(b"r") * 1000)
+        assert transport.producerState == "paused"
+        protocol.pauseProducing()
+        protocol.resumeProducing()
+        assert transport.producerState == "paused"
+        if full_when_answered:
+            protocol.pauseProducing()
+        operations.pending[0].callback(Answer(201, b'{"key":"k"}'))
+        assert len(_statuses(transport.value())) == 1001
+        assert transport.producerState == ("paused" if full_when_answered else "producing")
+        if full_when_answered:
+            protocol.resumeProducing()
+            assert transport.producerState == "producing"
+
+
+def test_a_request_that_starts_in_the_read_that_ends_another_gets_its_own_deadline():
+    """
+    If a slow request's last bytes arrive together with the start of the next one, then the next one's
+    deadline counts from that read, not from the slow request's first byte.
+    """
+    clock = Clock()
+    node = Node(make_settings("t1", "n1"), clock, http=None)
+    site = KVSite(build_root(node), clock.seconds, reactor=clock, timeout=30)
+    protocol, transport = _channel(site)
+    put = _put(b"k", b'{"value": 1}')
+    protocol.dataReceived(put[:10])
+    clock.advance(25)
+    protocol.dataReceived(put[10:] + _get(b"k")[:10])
+    clock.advance(6)
+    assert not transport.disconnecting
+    clock.advance(25)
+    assert transport.disconnecting
+
+
+def test_a_twisted_request_is_timed_without_the_lane_requests_served_after_it():
+    """
+    If lane requests are pipelined behind a request Twisted answers, then that request's recorded duration
+    ends when it finished, not after the lane served the ones behind it.
+    """
+    ticks = iter(range(10 ** 6))
+    node = Node(make_settings("t1", "n1"), Clock(), http=None)
+    site = KVSite(build_root(node), lambda: float(next(ticks)), metrics=node.metrics)
+    protocol, transport = _channel(site)
+    protocol.dataReceived(b"GET /t1/health/live HTTP/1.1\r\nHost: x\r\n\r\n" + _get(b"k") * 20)
+    assert _statuses(transport.value()) == [200] + [404] * 20
+    exposition = node.metrics.exposition().decode()
+    [line] = [l for l in exposition.splitlines()
+              if l.startswith("kv_http_request_duration_seconds_sum") and 'route="/health/live"' in l]
+    # Each lane request reads the clock twice: served first, the 20 would have added 40 ticks.
+    assert float(line.rsplit(" ", 1)[1]) < 10, line

@@ -190,3 +190,16 @@ def test_eliots_default_logger_is_what_capture_logging_swaps():
         swap_logger(previous)
     assert memory.messages == [{"message_type": "test:x"}]
     assert isinstance(privateapi.default_eliot_logger(), Logger)
+
+
+def test_a_channel_still_says_when_it_waits_for_its_transport():
+    """
+    If the transport tells an HTTP channel to pause (its send buffer is full), then the channel says it waits
+    for the transport, until the transport resumes it.
+    """
+    channel = _channel()
+    assert not privateapi.channel_waiting_for_transport(channel)
+    channel.pauseProducing()
+    assert privateapi.channel_waiting_for_transport(channel)
+    channel.resumeProducing()
+    assert not privateapi.channel_waiting_for_transport(channel)

@@ -177,6 +177,31 @@ class ReplicatedWriteTests(unittest.TestCase):
         self.assertEqual(peers.task_ids[-1], b"%s@/%d" % (lines[0]["task_uuid"].encode(), levels[-1] + 1))
 
     @capture_logging(None, encoder_=None)
+    def test_at_info_a_write_stamped_again_goes_on_in_its_own_task(self, logger):
+        from kvresponder.log.store import STORE_APPLIED
+
+        class Newer(_Peers):
+            # The replica holds a newer version the first time, and takes the write stamped above it after.
+            def apply_coalesced(self, peer, entry, task_id=None):
+                self.task_ids.append(task_id)
+                if len(self.task_ids) == 1:
+                    self.newer = (entry.version[0] + 5000, 0, "n2")
+                    return succeed(ApplyResult(False, True, self.newer))
+                return succeed(ApplyResult(True, True))
+
+        peers = Newer({})
+        key = key_owned_by("n1", "n2")
+        result = outcome(coordinator({}, peers=peers).put(key, b'"v"', None))
+        self.assertEqual(len(peers.task_ids), 2)
+        lines = [m.message for m in LoggedMessage.ofType(logger.messages, STORE_APPLIED)]
+        self.assertEqual(len(lines), 2)
+        [task] = {line["task_uuid"] for line in lines}
+        self.assertTrue(all(task_id.startswith(task.encode() + b"@/") for task_id in peers.task_ids))
+        levels = [line["task_level"] for line in lines] + [[int(t.rsplit(b"/", 1)[1])] for t in peers.task_ids]
+        self.assertEqual(len({level[0] for level in levels}), 4)
+        self.assertGreater(result.entry.version, peers.newer)
+
+    @capture_logging(None, encoder_=None)
     def test_a_write_short_of_its_quorum_answers_unavailable_and_keeps_the_copy_it_stored(self, logger):
         key = key_owned_by("n2", "n3")
         c = coordinator({"n2": PeerError("down"), "n3": PeerError("down")}, level="debug")
@@ -225,11 +250,12 @@ class ReplicaCopyTests(unittest.TestCase):
         from kvresponder.store import Entry
 
         c = coordinator({})
-        for bad in (b"no-at-sign", b"uuid@", b"uuid@/x", b"@/1", b"uuid@/0", b"\xff@/1"):
+        for bad in (b"no-at-sign", b"uuid@", b"uuid@/x", b"@/1", b"uuid@/0", b"\xff@/1", b"uuid@/1", b"uuid@/+2",
+                    b"uu id@/2", b"uuid@/2/"):
             result = c.apply_copy(Entry("copied-" + bad.hex(), b'"v"', (2000000, 0, "n2")), bad)
             self.assertTrue(result.applied)
         lines = [m.message for m in LoggedMessage.ofType(logger.messages, STORE_APPLIED)]
-        self.assertEqual(len(lines), 6)
+        self.assertEqual(len(lines), 10)
         self.assertTrue(all(line["task_level"] == [1] for line in lines))
 
     @capture_logging(None, encoder_=None)

@@ -23,7 +23,7 @@ from typing import Optional
 from eliot import write_traceback
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
-from twisted.web.http import RESPONSES, unquote
+from twisted.web.http import RESPONSES, HTTPChannel, unquote
 
 from ..log import DEBUG
 from .errors import APIError, error_body
@@ -80,7 +80,8 @@ class FastLane:
         self._starts = tuple(method + b" " + prefix for method in _METHODS)
         self.operations = operations
         self._body_limit = body_limit
-        self._max_head = min(max_header_bytes, 64 * 1024)
+        # Never more than Twisted's longest line: what it would refuse, it refuses.
+        self._max_head = min(max_header_bytes, HTTPChannel.MAX_LENGTH)
         self._metrics = metrics
         self._policy = log_policy
         self.seconds = seconds
@@ -215,7 +216,8 @@ class ConnectionLane:
     open = True
     _waiting = False
     _lost = False
-    _paused = False
+    #: Whether the lane stopped the connection reading, behind an answer that waits.
+    holding_back = False
 
     def __init__(self, lane: FastLane, channel) -> None:
         self._lane = lane
@@ -263,26 +265,29 @@ class ConnectionLane:
 
     def _hold(self, data: bytes) -> None:
         self._held = data
-        if len(data) > _HOLD and not self._paused:
-            self._paused = True
+        if len(data) > _HOLD and not self.holding_back:
+            self.holding_back = True
             self._channel.transport.pauseProducing()
 
     def _serve(self, data: bytes) -> Optional[bytes]:
         lane = self._lane
         channel = self._channel
         out = []
+        out_size = 0
         offset = 0
         size = len(data)
         rest = None
         try:
             while offset < size:
                 parsed = lane.parse(data, offset)
-                if parsed is INCOMPLETE:
-                    self._held = data[offset:]
-                    channel.receiving(True)
-                    return None
-                if type(parsed) is int:
-                    self._pieces, self._got, self._need = [data[offset:]], size - offset, parsed
+                if parsed is INCOMPLETE or type(parsed) is int:
+                    if parsed is INCOMPLETE:
+                        self._held = data[offset:]
+                    else:
+                        self._pieces, self._got, self._need = [data[offset:]], size - offset, parsed
+                    if offset:
+                        # This request started in this read, after one it completed: its deadline is its own.
+                        channel.receiving(False)
                     channel.receiving(True)
                     return None
                 if parsed is None:
@@ -309,6 +314,11 @@ class ConnectionLane:
                     answer = _settled(result[0])
                 status, body, headers = answer
                 out.append(lane.render(status, body, headers, started))
+                out_size += len(body)
+                if out_size > _HOLD:
+                    # Large answers to pipelined reads leave as they come, not all joined at the end.
+                    channel.send(b"".join(out))
+                    out, out_size = [], 0
                 self._lane.account(method, status, started)
             if rest is None or offset:
                 # Not a request received in part since earlier: a request Twisted now gets from its first
@@ -338,9 +348,10 @@ class ConnectionLane:
             channel.send(self._lane.render(status, body, headers, started))
             self._lane.account(method, status, started)
             channel.setTimeout(saved_timeout)
-            if self._paused:
-                self._paused = False
-                channel.transport.resumeProducing()
+            if self.holding_back:
+                self.holding_back = False
+                if channel.may_read():
+                    channel.transport.resumeProducing()
             held, self._held = self._held, b""
             if held:
                 rest = self._serve(held)

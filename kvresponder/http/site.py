@@ -20,8 +20,8 @@ from twisted.web.server import Request, Site
 
 from ..log import DEBUG, INFO
 from ..log.http import HTTP_READ, HTTP_REJECTED, HTTP_REQUEST
-from ..privateapi import (answer_bad_requests, channel_between_requests, handle_star, request_gone, request_target,
-                          skip_form_parsing, stop_idle_timeout, take_unread)
+from ..privateapi import (answer_bad_requests, channel_between_requests, channel_waiting_for_transport, handle_star,
+                          request_gone, request_target, skip_form_parsing, stop_idle_timeout, take_unread)
 from ..sendnow import send_now
 from .errors import APIError, error_body, write_error
 from .fastlane import ConnectionLane, FastLane
@@ -200,7 +200,12 @@ class KVRequest(Request):
         """
         self._action = action
 
+    _ended: Optional[float] = None
+
     def finish(self) -> None:
+        # The time now: finishing hands the connection back to the fast lane, which may serve the requests
+        # pipelined behind this one before the accounting below.
+        self._ended = self._kv_site.seconds() if self._started is not None else None
         Request.finish(self)
         self._account()
 
@@ -215,7 +220,7 @@ class KVRequest(Request):
             return
         self._accounted = True
         site = self._kv_site
-        elapsed = site.seconds() - self._started
+        elapsed = (self._ended if self._ended is not None else site.seconds()) - self._started
         if site.metrics is not None:
             site.metrics.observe_request(method_name(self.method), self.route, self.code, elapsed)
         if self._span is not None:
@@ -457,6 +462,19 @@ class _CountedChannel(HTTPChannel):
             transport.write(data)
         else:
             send_now(transport, data)
+
+    def may_read(self) -> bool:
+        """
+        Whether reading may resume: not while the transport's send buffer is full.
+        """
+        return not channel_waiting_for_transport(self)
+
+    def resumeProducing(self):
+        HTTPChannel.resumeProducing(self)
+        lane = self._lane
+        if lane is not None and lane.holding_back:
+            # The fast lane stopped reading behind an answer that waits; it reads again once that answer goes.
+            self.transport.pauseProducing()
 
     def requestDone(self, request):
         HTTPChannel.requestDone(self, request)

@@ -10,6 +10,7 @@ paths ask :meth:`LogPolicy.enabled` before they build an action at all, so a qui
 import io
 import json
 import platform
+import re
 import sys
 import time
 from random import getrandbits
@@ -303,18 +304,24 @@ def task_id(task_uuid: str, level: int) -> bytes:
     return b"%s@/%d" % (task_uuid.encode("ascii"), level)
 
 
+_TASK_ID = re.compile(r"([0-9A-Za-z-]{1,64})@((?:/[1-9][0-9]{0,9}){1,32})\Z")
+
+
 def parse_task_id(serialized: bytes) -> Optional[Tuple[str, List[int]]]:
     """
-    The task id and task level a serialized Eliot task id names, or ``None`` if it is malformed.
+    The task id and task level a serialized Eliot task id names, or ``None`` if it is malformed, or names a
+    task's root level ``[1]`` (a continued task is always below it).
     """
     try:
-        task_uuid, at, path = serialized.decode("ascii").partition("@")
-        level = [int(part) for part in path.split("/")[1:]]
-    except (UnicodeDecodeError, ValueError):
+        match = _TASK_ID.match(serialized.decode("ascii"))
+    except UnicodeDecodeError:
         return None
-    if not task_uuid or not at or not level or not path.startswith("/") or min(level) < 1:
+    if match is None:
         return None
-    return task_uuid, level
+    level = [int(part) for part in match.group(2)[1:].split("/")]
+    if level == [1]:
+        return None
+    return match.group(1), level
 
 
 def use_fast_task_ids() -> None:

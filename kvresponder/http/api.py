@@ -232,11 +232,13 @@ def decode_cursor(cursor: str) -> str:
         raise bad_request("invalid_cursor", "The cursor is not one this API returned.")
 
 
-def _write_json(request, status: int, body: bytes) -> None:
+def _write_json(request, status: int, body: bytes, headers=()) -> None:
     if request.finished or request_gone(request):
         return
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", _JSON)
+    for name, value in headers:
+        request.setHeader(name, value)
     request.setHeader(b"Content-Length", b"%d" % (len(body),))
     write_body = getattr(request, "write_body", None)
     if write_body is not None:
@@ -259,17 +261,7 @@ def failure_body(request, failure) -> Optional[bytes]:
 
 
 def _write_answer(request, answer: Answer) -> None:
-    if request.finished or request_gone(request):
-        return
-    KVResource._set(request, answer)
-    body = answer.body
-    request.setHeader(b"Content-Length", b"%d" % (len(body),))
-    write_body = getattr(request, "write_body", None)
-    if write_body is not None:
-        write_body(body)
-        return
-    request.write(body)
-    request.finish()
+    _write_json(request, answer.status, answer.body, answer.headers)
 
 
 def _rounded(value: Optional[float]) -> Optional[float]:

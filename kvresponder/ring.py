@@ -20,10 +20,20 @@ from .privateapi import pypy_blake2b_cffi
 
 _RING = 1 << 64
 _MASK = _RING - 1
-_unpack_two = struct.Struct(">QQ").unpack
 _JUMP_BITS = 12
 _JUMPS = 1 << _JUMP_BITS
 _JUMP_SHIFT = 64 - _JUMP_BITS
+
+# A lookup works on positions shifted down by 2**63 (the top bit flipped, read as signed), so that every number
+# it handles fits a machine word: PyPy keeps an integer past 2**63 - 1 as a big integer, and arithmetic on
+# those was most of a lookup's cost. Shifting keeps the order of positions and their differences, so keys land
+# exactly where the plain unsigned arithmetic puts them (a test compares the two). Written as literals: a
+# constant computed through a big integer stays one on PyPy, and would drag every operation with it.
+_MAX = 0x7FFFFFFFFFFFFFFF
+_MIN = -_MAX - 1
+_unpack_signed = struct.Struct(">qq").unpack
+_signed = struct.Struct(">q")
+_unsigned = struct.Struct(">Q")
 
 
 def _hashlib_digest16(data: bytes) -> bytes:
@@ -52,14 +62,18 @@ def _cffi_digest16():
         # Not PyPy, or a PyPy whose module is laid out otherwise: hashlib it is.
         return None
 
+    # One state and one output buffer, set up again by each call: the reactor's thread is the only caller
+    # (the ring is not shared with threads), and allocating them each time cost more than the hashing.
+    state = new("blake_state*")
+    out = new("char[]", 16)
+    unpack = ffi.unpack
+
     def digest16(data: bytes) -> bytes:
-        state = new("blake_state*")
         if init(state, param) < 0:
             raise RuntimeError("BLAKE2b refused its parameters")
         update(state, data, len(data))
-        out = new("char[]", 16)
         final(state, out, 16)
-        return ffi.unpack(out, 16)
+        return unpack(out, 16)
 
     samples = (b"", b"k", "user:42/\u00e9".encode("utf-8"), bytes(range(256)) * 3)
     try:
@@ -72,6 +86,13 @@ def _cffi_digest16():
 
 #: The key's 16-byte BLAKE2b digest, from which its probes are drawn.
 _digest16 = _cffi_digest16() or _hashlib_digest16
+
+
+def _shifted(point: int) -> int:
+    """
+    ``point - 2**63``, computed without a big integer (see ``_MAX``).
+    """
+    return _signed.unpack(_unsigned.pack(point))[0] ^ _MIN
 
 
 def _point(node_id: str, index: int) -> int:
@@ -97,6 +118,8 @@ class HashRing:
         # Where each 1/4096th of the ring starts in the sorted points: a probe then bisects only the few
         # points of its own slice instead of all of them (a bisect over every point dominated a lookup on PyPy).
         self._jump: List[int] = [bisect_left(self._points, index << _JUMP_SHIFT) for index in range(_JUMPS + 1)]
+        #: The points shifted down by 2**63, for lookups (see ``_MAX``).
+        self._shifted: List[int] = [_shifted(point) for point in self._points]
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -106,29 +129,38 @@ class HashRing:
 
     def _start(self, key: str) -> int:
         """
-        The index of the point that owns ``key``.
+        The index of the point that owns ``key``: of its probes (its first 8 bytes, then steps of its next 8,
+        odd, modulo 2**64), the one closest before a point. The arithmetic is on shifted positions (``_MAX``).
         """
-        a, b = _unpack_two(_digest16(key.encode("utf-8")))
-        b |= 1
-        points = self._points
+        a, b = _unpack_signed(_digest16(key.encode("utf-8")))
+        a ^= _MIN  # the first probe, shifted: the unsigned value minus 2**63
+        b |= 1  # the step, as a signed word: the same modulo 2**64
+        points = self._shifted
         jump = self._jump
         count = len(points)
         best_index = 0
-        best_distance = _RING
+        best_distance = -1  # none yet: distances are never negative
         for _ in range(self.probes):
-            top = a >> _JUMP_SHIFT
+            top = (a >> _JUMP_SHIFT) + (_JUMPS >> 1)
             index = jump[top]
             end = jump[top + 1]
             if index != end:
                 # Most slices hold no point at all: the next point is then the first after the slice.
                 index = bisect_left(points, a, index, end)
             if index == count:
+                # Past the last point: the first one, across the top of the ring (2**64 - (a - first)).
                 index = 0
-            distance = (points[index] - a) & _MASK
-            if distance < best_distance:
+                distance = (points[0] - _MIN) + (_MAX - a) + 1
+            else:
+                distance = points[index] - a
+            if best_distance < 0 or distance < best_distance:
                 best_distance = distance
                 best_index = index
-            a = (a + b) & _MASK
+            # The next probe, a + b modulo 2**64, kept within a word on the way.
+            if b >= 0:
+                a = a + b if a <= _MAX - b else (a + (b + _MIN)) + _MIN
+            else:
+                a = a + b if a >= _MIN - b else (a + (b + _MAX)) + _MAX + 1
         return best_index
 
     def owner(self, key: str) -> str:

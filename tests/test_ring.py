@@ -231,7 +231,8 @@ def test_sliced_lookup_finds_the_same_point_as_a_full_bisection(nodes, keys, vno
     """
     If a key is looked up, then the ring's slice-table lookup lands on the point a bisection over all the
     points finds, whatever the nodes, the keys and the number of points (down to one point per node, where
-    most slices are empty and probes wrap past the last point).
+    most slices are empty, probes wrap past the last point, and gaps pass 2**63): the lookup's shifted,
+    word-sized arithmetic gives what plain unsigned arithmetic gives.
     """
     ring = HashRing(nodes, vnodes=vnodes)
     for key in keys:

@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from attr import attrib, attrs
 from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
+from zope.interface import Attribute, Interface
 
 #: Calls to one peer queued together go out as one batch, up to this many.
 MAX_COALESCED = 256
@@ -43,18 +44,37 @@ class BatchError(Exception):
         self.code = code
 
 
+class Waiter(Interface):
+    """
+    What a queued call settles, once: a :class:`~twisted.internet.defer.Deferred`, or a replicated write's own
+    object for one copy (which spares each copy a Deferred of its own).
+    """
+
+    called = Attribute("Whether it was settled.")
+
+    def callback(result) -> None:
+        """
+        The call's result.
+        """
+
+    def errback(error) -> None:
+        """
+        The call failed: ``error`` is an exception or a :class:`~twisted.python.failure.Failure`.
+        """
+
+
 @attrs(slots=True)
 class QueuedWrite:
     """
     The copy of one client write, waiting for its peer's next batch.
 
     :ivar entry: the :class:`~kvresponder.store.Entry` to store.
-    :ivar waiter: fires with its :class:`~kvresponder.store.ApplyResult`, or fails.
+    :ivar waiter: a :class:`Waiter` settled with its :class:`~kvresponder.store.ApplyResult`, or failed.
     :ivar action: its own ``peer-call`` Eliot action (debug level), finished with the batch; or ``None``.
     :ivar task_id: the Eliot task the peer's store action continues, or ``None``.
     """
     entry = attrib()
-    waiter: Deferred = attrib()
+    waiter = attrib()
     action = attrib(default=None)
     task_id: Optional[bytes] = attrib(default=None)
 

@@ -16,7 +16,10 @@ from typing import Callable, List, NamedTuple, Optional, Tuple
 from attr import attrib, attrs
 from eliot import Action, current_action, write_failure, write_traceback
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, fail, succeed
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from .batcher import Waiter
 from .hlc import HybridLogicalClock, format_version
 from .log import DEBUG, INFO, emit, new_task_uuid, parse_task_id, task_id as serialized_task_id
 from .log.replication import CLOCK_REJECTED, COORDINATE_READ, COORDINATE_WRITE, COPY_FAILED, HINTED, READ_REPAIR
@@ -117,7 +120,7 @@ class Coordinator:
         self.node_id = hlc.node_id
         self._write_path = WritePath(
             node_id=self.node_id, targets=self._targets, apply_local=self.apply_local, peer_of=peer_of,
-            send_copy=lambda peer, entry, task=None: self._peers.apply_coalesced(peer, entry, task),
+            send_copy=peers.send_copy,
             count=metrics.replication, restamped=self.restamped,
             log_writes=lambda: log_policy.enabled("replication", DEBUG), new_task=self._new_write_task)
 
@@ -684,8 +687,9 @@ class WritePath:
     :ivar targets: ``targets(key)``: the key's owners, its fallbacks in ring order, and the quorum.
     :ivar apply_local: stores an entry on this node.
     :ivar peer_of: the membership peer of a node id, or ``None``.
-    :ivar send_copy: ``send_copy(peer, entry, task_id=None)``: a Deferred of the peer's ``ApplyResult``; the
-        peer logs its copy at the serialized ``task_id`` if given (else in the caller's current action).
+    :ivar send_copy: ``send_copy(peer, entry, waiter, task_id=None)``: settles ``waiter`` (a
+        :class:`~kvresponder.batcher.Waiter`) with the peer's ``ApplyResult``, or fails it; the peer logs its
+        copy at the serialized ``task_id`` if given (else in the caller's current action).
     :ivar count: ``count(op, result)``: one replica call's outcome, for metrics.
     :ivar restamped: the entry stamped again above a newer version a replica holds.
     :ivar log_writes: whether a write gets its own ``replication:write`` action (debug level).
@@ -799,11 +803,9 @@ class _ReplicatedWrite:
             task, level = line
             task_id = serialized_task_id(task, level[0])
         try:
-            d = path.send_copy(peer, self._entry, task_id)
+            path.send_copy(peer, self._entry, _CopyWaiter(self, owner, node), task_id)
         except (PeerError, Unavailable) as error:
             self._failover(owner, node, str(error))
-            return
-        d.addCallbacks(self._copied, self._copy_failed, callbackArgs=(node,), errbackArgs=(owner, node))
 
     def _copied(self, result: ApplyResult, node: str) -> None:
         self._path.count(self._op, "success")
@@ -909,6 +911,42 @@ class _ReplicatedWrite:
             d.chainDeferred(self._done)
         else:
             self._done.callback(outcome)
+
+
+@implementer(Waiter)
+class _CopyWaiter:
+    """
+    One copy of a :class:`_ReplicatedWrite`, settled by the batch that carries it: in place of a Deferred a
+    copy, the most frequent object of the write path. What goes wrong past the write's own handling is logged
+    here, so that it cannot stop the batch from settling the other copies.
+    """
+
+    __slots__ = ("_write", "_owner", "_node", "called")
+
+    def __init__(self, write: "_ReplicatedWrite", owner: str, node: str) -> None:
+        self._write = write
+        self._owner = owner
+        self._node = node
+        self.called = False
+
+    def callback(self, result: ApplyResult) -> None:
+        if self.called:
+            return
+        self.called = True
+        try:
+            self._write._copied(result, self._node)
+        except Exception:
+            write_traceback()
+
+    def errback(self, error) -> None:
+        if self.called:
+            return
+        self.called = True
+        try:
+            self._write._copy_failed(error if isinstance(error, Failure) else Failure(error), self._owner,
+                                     self._node)
+        except Exception:
+            write_traceback()
 
 
 class _Again(NamedTuple):

@@ -87,8 +87,19 @@ class PeerClient:
         :return: a Deferred firing with the entry's :class:`~kvresponder.store.ApplyResult`, or failing with
             :class:`PeerError`.
         """
+        waiter: Deferred = Deferred()
+        self.send_copy(peer, entry, waiter, task_id)
+        return waiter
+
+    def send_copy(self, peer, entry: Entry, waiter, task_id: Optional[bytes] = None) -> None:
+        """
+        :meth:`apply_coalesced`, settling ``waiter`` instead of returning a Deferred: the replicated write's
+        own object for each copy (:class:`~kvresponder.batcher.Waiter`), which spares every copy a Deferred.
+        """
         if self._tracing is not None:
-            return ensureDeferred(self.apply(peer, [entry])).addCallback(lambda results: results[0])
+            ensureDeferred(self.apply(peer, [entry])).addCallbacks(
+                lambda results: waiter.callback(results[0]), waiter.errback)
+            return
         action = None
         if task_id is None and (self._log is None or self._log.enabled("replication", DEBUG)):
             action = PEER_CALL(peer=peer.node_id, op="apply")
@@ -99,9 +110,7 @@ class PeerClient:
             parent = current_action()
             if parent is not None:
                 task_id = parent.serialize_task_id()
-        waiter: Deferred = Deferred()
         self._writes.add(peer, QueuedWrite(entry, waiter, action, task_id))
-        return waiter
 
     def _send_writes(self, peer, batch: List[QueuedWrite]) -> Deferred:
         return self.copies.send(peer, [item.entry for item in batch], [item.task_id or b"-" for item in batch])

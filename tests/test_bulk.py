@@ -173,7 +173,7 @@ class _NoPeers:
     def apply(self, peer, entries):
         raise AssertionError("a node alone sent a copy")
 
-    apply_coalesced = apply
+    apply_coalesced = send_copy = apply
 
 
 def alone(write_quorum=None, store=None) -> Coordinator:

@@ -33,7 +33,8 @@ def key_owned_by(first: str, second: str) -> str:
 
 class _Peers:
     """
-    ``apply_coalesced`` answering per node: a value, an exception to raise at once, or a Deferred to return.
+    ``apply_coalesced`` (and ``send_copy`` through it) answering per node: a value, an exception to raise at
+    once, or a Deferred to return.
     """
 
     def __init__(self, answers) -> None:
@@ -51,14 +52,18 @@ class _Peers:
             return answer
         return succeed(answer)
 
+    def send_copy(self, peer, entry, waiter, task_id=None):
+        # As PeerClient.send_copy: the answer settles the write's waiter for this copy.
+        self.apply_coalesced(peer, entry, task_id).addCallbacks(waiter.callback, waiter.errback)
 
-def coordinator(answers, peer_of=None, level: str = "info", peers=None) -> Coordinator:
+
+def coordinator(answers, peer_of=None, level: str = "info", peers=None, metrics=None) -> Coordinator:
     clock = Clock()
     clock.advance(1000)
     store = Store(clock.seconds, 1 << 24)
     return Coordinator(store, HybridLogicalClock(clock.seconds, "n1"), lambda: RING,
                        peer_of or (lambda node: Peer(node, "10.0.0.%s" % node[1:], 3000)), peers or _Peers(answers),
-                       replicas=2, write_quorum=None, seconds=clock.seconds, metrics=Metrics("t"),
+                       replicas=2, write_quorum=None, seconds=clock.seconds, metrics=metrics or Metrics("t"),
                        log_policy=LogPolicy(level))
 
 
@@ -103,6 +108,36 @@ class ReplicatedWriteTests(unittest.TestCase):
         self.assertEqual(len(logger.flushTracebacks(RuntimeError)), 1)
         # No failover for a failure that says nothing about the peer: the next node was not written.
         self.assertIsNone(c.store.get(key))
+
+    @capture_logging(None, encoder_=None)
+    def test_a_copy_whose_settling_breaks_does_not_stop_its_batch_from_settling_the_others(self, logger):
+        """
+        If settling one copy of a batch breaks unexpectedly, then the error is logged where it happened and
+        the batch goes on to settle the other copies: another write carried by the same batch still answers.
+        """
+        class Held(_Peers):
+            def send_copy(self, peer, entry, waiter, task_id=None):
+                self.calls.append((entry.key, waiter))
+
+        class Breaking(Metrics):
+            break_next = False
+
+            def replication(self, op, result, count=1):
+                if self.break_next:
+                    self.break_next = False
+                    raise RuntimeError("a bug while counting")
+                Metrics.replication(self, op, result, count)
+
+        peers, metrics = Held({}), Breaking("t")
+        c = coordinator({}, peers=peers, metrics=metrics)
+        first, second = key_owned_by("n1", "n2"), next(
+            key for key in ("j%d" % i for i in range(10000)) if RING.preference_list(key, 3)[:2] == ["n1", "n2"])
+        writes = [c.put(first, b'"a"', None), c.put(second, b'"b"', None)]
+        metrics.break_next = True
+        for key, waiter in peers.calls:  # as the batch settles its items, in order
+            waiter.callback(ApplyResult(True, False))
+        self.assertEqual(len(logger.flushTracebacks(RuntimeError)), 1)
+        self.assertIsInstance(outcome(writes[1]), WriteResult)
 
     @capture_logging(None, encoder_=None)
     def test_a_membership_lookup_that_breaks_counts_as_a_missing_copy(self, logger):
@@ -301,6 +336,9 @@ class _BatchPeers:
     def apply(self, peer, entries):
         self.batches[peer.node_id] = [entry.key for entry in entries]
         return succeed([ApplyResult(True, False) for _ in entries])
+
+    def send_copy(self, peer, entry, waiter, task_id=None):
+        raise AssertionError("a bulk write sent a copy of a single write")
 
 
 class BulkWriteLoggingTests(unittest.TestCase):

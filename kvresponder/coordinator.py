@@ -10,7 +10,7 @@ repairs stale replicas.
 The local node goes through the same logic, with a direct call in place of HTTP.
 """
 
-from contextvars import copy_context
+from contextvars import Context, copy_context
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
 from attr import attrib, attrs
@@ -99,12 +99,13 @@ class Coordinator:
     :param ring_settling: whether the ring changed so recently that data may still be moving.
     :param clock_skew: a :class:`~kvresponder.clockskew.ClockOffsets`: while it says this node's clock is
         skewed, writes are refused with :class:`ClockSkewed`; or ``None``.
+    :param traced: whether OpenTelemetry tracing is on (a write's context may then hold a span).
     """
 
     def __init__(self, store: Store, hlc: HybridLogicalClock, ring: Callable[[], HashRing], peer_of,
                  peers, replicas: int, write_quorum: Optional[int], seconds: Callable[[], float],
                  metrics, log_policy, ring_settling: Callable[[], bool] = lambda: False,
-                 clock_skew=None) -> None:
+                 clock_skew=None, traced: bool = False) -> None:
         self.store = store
         self.hlc = hlc
         self._ring = ring
@@ -117,12 +118,14 @@ class Coordinator:
         self._log = log_policy
         self._ring_settling = ring_settling
         self._clock_skew = clock_skew
+        self._traced = traced
         self.node_id = hlc.node_id
         self._write_path = WritePath(
             node_id=self.node_id, targets=self._targets, apply_local=self.apply_local, peer_of=peer_of,
             send_copy=peers.send_copy,
             count=metrics.replication, restamped=self.restamped,
-            log_writes=lambda: log_policy.enabled("replication", DEBUG), new_task=self._new_write_task)
+            log_writes=lambda: log_policy.enabled("replication", DEBUG), new_task=self._new_write_task,
+            context=self._write_context)
 
     # -- local operations, shared with the internal routes ----------------------------------------------
 
@@ -149,6 +152,15 @@ class Coordinator:
         if current_action() is not None or not self._log.enabled("store", INFO):
             return None
         return new_task_uuid()
+
+    def _write_context(self) -> Optional[Context]:
+        """
+        A copy of the context a replicated write starts in, for its failovers to run in; ``None`` where it holds
+        nothing they need: no Eliot action, and no span (tracing off). The usual write then spares the copy.
+        """
+        if self._traced or current_action() is not None:
+            return copy_context()
+        return None
 
     def apply_copy(self, entry: Entry, task_id: bytes) -> ApplyResult:
         """
@@ -690,11 +702,13 @@ class WritePath:
     :ivar send_copy: ``send_copy(peer, entry, waiter, task_id=None)``: settles ``waiter`` (a
         :class:`~kvresponder.batcher.Waiter`) with the peer's ``ApplyResult``, or fails it; the peer logs its
         copy at the serialized ``task_id`` if given (else in the caller's current action).
-    :ivar count: ``count(op, result)``: one replica call's outcome, for metrics.
+    :ivar count: ``count(op, result, number=1)``: replica calls' outcomes, for metrics.
     :ivar restamped: the entry stamped again above a newer version a replica holds.
     :ivar log_writes: whether a write gets its own ``replication:write`` action (debug level).
     :ivar new_task: a new Eliot task id for a write's ``store:applied`` lines, or ``None`` (see
         :meth:`Coordinator._new_write_task`).
+    :ivar context: a copy of the current context for the write's failovers to run in, or ``None`` where it
+        holds nothing they need (see :meth:`Coordinator._write_context`).
     """
     node_id: str = attrib()
     targets: Callable = attrib()
@@ -705,6 +719,7 @@ class WritePath:
     restamped: Callable = attrib()
     log_writes: Callable = attrib()
     new_task: Callable = attrib(default=lambda: None)
+    context: Callable = attrib(default=copy_context)
 
 
 class _ReplicatedWrite:
@@ -713,11 +728,13 @@ class _ReplicatedWrite:
     that fails is replaced by the next untried node on the ring, which keeps the copy as a hint. The write
     is acknowledged when every slot has stored its copy or run out of nodes, if at least the quorum did.
 
-    Plain callbacks rather than coroutines: this is the path of every replicated write, and a coroutine per
-    copy (each step run in a copied context) cost more than the copy itself on PyPy. A failover runs in the
-    context the write started in (a copy taken inside the caller's Eliot action, the client request's, and at
-    debug level inside the write's own ``replication:write``), so the next attempt's actions and spans stay in
-    the write's tree and trace; the write's own result fires outside it, so that what the caller does next
+    Plain callbacks rather than coroutines, and a plain object a copy rather than a Deferred: this is the path
+    of every replicated write, and a coroutine per copy (each step run in a copied context) cost more than the
+    copy itself on PyPy. A failover runs in the context the write started in (a copy taken inside the caller's
+    Eliot action, the client request's, and at debug level inside the write's own ``replication:write``), so
+    the next attempt's actions and spans stay in the write's tree and trace (where that context held no action
+    and tracing is off, in an empty one: no copy is taken for the usual write); the write's own result fires
+    outside it, so that what the caller does next
     (answer the client, serve a pipelined request) is not logged inside a finished write. Whatever goes wrong
     unexpectedly in one slot is logged and counts as a missing copy, as the ``gather`` the coroutines used
     did; the write still fires, once.
@@ -763,7 +780,7 @@ class _ReplicatedWrite:
         else:
             if self._task is None:
                 self._task = path.new_task()
-            self._context = copy_context()
+            self._context = path.context()
             self._send(owners)
         self._fire()
         return self._done
@@ -791,7 +808,6 @@ class _ReplicatedWrite:
                 write_traceback()
                 self._slot_done(None)
                 return
-            path.count(self._op, "success")
             self._slot_done((node, result))
             return
         peer = path.peer_of(node)
@@ -808,7 +824,6 @@ class _ReplicatedWrite:
             self._failover(owner, node, str(error))
 
     def _copied(self, result: ApplyResult, node: str) -> None:
-        self._path.count(self._op, "success")
         self._slot_done((node, result))
         self._fire()
 
@@ -827,7 +842,9 @@ class _ReplicatedWrite:
             return
         self._entered = True
         try:
-            self._context.run(self._contained, function, *args)
+            # A write that began in a context holding nothing of its own goes on in an empty one, not in
+            # whatever action happens to settle its copy.
+            (self._context or Context()).run(self._contained, function, *args)
         finally:
             self._entered = False
 
@@ -873,7 +890,11 @@ class _ReplicatedWrite:
         Every slot is done: close the write's action and settle its result, which :meth:`_fire` delivers
         once control is back outside the write's context.
         """
-        copies = len({node for node, _ in self._stored})
+        stored = self._stored
+        if stored:
+            # Each stored copy is a replica call that succeeded: counted together, once a write.
+            self._path.count(self._op, "success", len(stored))
+        copies = len({node for node, _ in stored})
         if self._action is not None:
             self._action.add_success_fields(copies=copies)
             self._action.finish()
@@ -905,7 +926,7 @@ class _ReplicatedWrite:
             again._task, again._level = self._task, self._level
             # In the context the write began in, so that the next attempt stays in the request's tree.
             try:
-                d = self._context.run(again.start)
+                d = (self._context or Context()).run(again.start)
             except Exception:
                 d = fail()
             d.chainDeferred(self._done)

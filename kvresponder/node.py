@@ -96,7 +96,8 @@ class Node:
                                 wall=self.wall, clock_offsets=self.clock_offsets)
         self.coordinator = Coordinator(self.store, self.hlc, self.ring, self.membership.peer, self.peers,
                                        settings.replicas, settings.write_quorum, self.wall, self.metrics,
-                                       self.log_policy, self.ring_settling, clock_skew=self.clock_offsets)
+                                       self.log_policy, self.ring_settling, clock_skew=self.clock_offsets,
+                                       traced=tracing is not None)
         self.rebalancer = Rebalancer(self.node_id, self.store, self.ring, self.membership.peer, self.peers,
                                      clock, settings.replicas, self.metrics, wall=self.wall)
         self.admin = AdminGuard(settings.admin_token, settings.insecure_admin)

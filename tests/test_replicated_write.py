@@ -7,6 +7,7 @@ outside its own Eliot context.
 
 import unittest
 from collections import namedtuple
+from contextvars import ContextVar
 
 from eliot import current_action, start_action
 from eliot.testing import LoggedAction, LoggedMessage, capture_logging
@@ -24,6 +25,8 @@ from kvresponder.store import ApplyResult, Store
 
 Peer = namedtuple("Peer", "node_id address port")
 RING = HashRing(["n1", "n2", "n3"])
+#: Something the caller's context holds, as a span would.
+MARK: ContextVar = ContextVar("mark")
 
 
 def key_owned_by(first: str, second: str) -> str:
@@ -57,14 +60,15 @@ class _Peers:
         self.apply_coalesced(peer, entry, task_id).addCallbacks(waiter.callback, waiter.errback)
 
 
-def coordinator(answers, peer_of=None, level: str = "info", peers=None, metrics=None) -> Coordinator:
+def coordinator(answers, peer_of=None, level: str = "info", peers=None, metrics=None,
+                traced: bool = False) -> Coordinator:
     clock = Clock()
     clock.advance(1000)
     store = Store(clock.seconds, 1 << 24)
     return Coordinator(store, HybridLogicalClock(clock.seconds, "n1"), lambda: RING,
                        peer_of or (lambda node: Peer(node, "10.0.0.%s" % node[1:], 3000)), peers or _Peers(answers),
                        replicas=2, write_quorum=None, seconds=clock.seconds, metrics=metrics or Metrics("t"),
-                       log_policy=LogPolicy(level))
+                       log_policy=LogPolicy(level), traced=traced)
 
 
 def outcome(d: Deferred):
@@ -171,6 +175,49 @@ class ReplicatedWriteTests(unittest.TestCase):
         for message in LoggedMessage.ofType(logger.messages, COPY_FAILED) + LoggedMessage.ofType(
                 logger.messages, HINTED):
             self.assertIn(message, inside)
+
+    def failover_contexts(self, traced: bool):
+        """
+        A write started with ``MARK`` set and no Eliot action, whose first copy fails later from inside an
+        unrelated action: what the failover's attempt sees of ``MARK`` and of the current action.
+        """
+        key = key_owned_by("n1", "n2")  # n2 fails over to n3, another node
+        later = Deferred()
+        seen = []
+
+        class Watching(_Peers):
+            def apply_coalesced(self, peer, entry, task_id=None):
+                seen.append((peer.node_id, MARK.get(None), current_action()))
+                return _Peers.apply_coalesced(self, peer, entry, task_id)
+
+        c = coordinator({}, peers=Watching({"n2": later, "n3": ApplyResult(True, False)}), traced=traced)
+        token = MARK.set("the request's")
+        try:
+            d = c.put(key, b'"v"', None)
+        finally:
+            MARK.reset(token)
+        with start_action(action_type="test:unrelated"):
+            later.errback(PeerError("n2 unreachable for apply: TimeoutError"))
+        self.assertIsInstance(outcome(d), WriteResult)
+        self.assertEqual([node for node, _, _ in seen], ["n2", "n3"])
+        return seen[1][1:]
+
+    @capture_logging(None, encoder_=None)
+    def test_with_tracing_on_a_failover_runs_in_the_context_the_write_began_in(self, logger):
+        """
+        If tracing is on (the write's context may hold a span), then a later failover runs in a copy of the
+        context the write began in, not in the one its copy's failure arrived in.
+        """
+        self.assertEqual(self.failover_contexts(traced=True), ("the request's", None))
+
+    @capture_logging(None, encoder_=None)
+    def test_with_no_action_and_tracing_off_a_failover_runs_in_an_empty_context(self, logger):
+        """
+        If a write begins in no Eliot action with tracing off, then its later failover runs in an empty
+        context: not in the unrelated action its copy's failure arrived in (and no copy of the context is
+        taken for the usual write, which holds nothing a failover needs).
+        """
+        self.assertEqual(self.failover_contexts(traced=False), (None, None))
 
     @capture_logging(None, encoder_=None)
     def test_at_info_a_later_failover_is_logged_in_the_callers_action_with_no_write_action(self, logger):

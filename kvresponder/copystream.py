@@ -319,7 +319,12 @@ class CopyStreamClient(Int32StringReceiver):
         self.answered = 0
         self.ready: Deferred = Deferred()
         self._next_id = 0
-        self._pending: Dict[int, Tuple[Deferred, object]] = {}
+        #: Batches sent and not answered, in the order sent (the order they are answered in): each one's
+        #: Deferred and the time its answer is due.
+        self._pending: Dict[int, Tuple[Deferred, float]] = {}
+        #: One timer for the oldest unanswered batch, rather than one a batch: answers come in order, so
+        #: the oldest is the first to be late.
+        self._timer = None
 
     def connectionMade(self) -> None:
         if self.closed:
@@ -389,7 +394,14 @@ class CopyStreamClient(Int32StringReceiver):
         send_now(self.transport, b"".join([_ID.pack(len(head) + MAC_SIZE + len(tail) + len(batch)), head, mac, tail,
                                            batch]))
         d: Deferred = Deferred()
-        self._pending[batch_id] = (d, self._clock.callLater(timeout, self._timed_out, batch_id))
+        due = self._clock.seconds() + timeout
+        self._pending[batch_id] = (d, due)
+        timer = self._timer
+        if timer is None:
+            self._timer = self._clock.callLater(timeout, self._check_due)
+        elif due < timer.getTime():
+            # A shorter timeout than the oldest batch's: the timer must not wait past it.
+            timer.reset(timeout)
         return d
 
     def stringReceived(self, frame: bytes) -> None:
@@ -401,8 +413,10 @@ class CopyStreamClient(Int32StringReceiver):
         pending = self._pending.pop(batch_id, None)
         if pending is None:
             return
-        d, timer = pending
-        timer.cancel()
+        d = pending[0]
+        if not self._pending and self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.answered += 1
         payload = frame[_ANSWER.size:]
         if code == 200:
@@ -414,14 +428,26 @@ class CopyStreamClient(Int32StringReceiver):
             message = ""
         d.errback(StreamError(code, "answered %d: %s" % (code, message)))
 
-    def _timed_out(self, batch_id: int) -> None:
-        pending = self._pending.pop(batch_id, None)
-        if pending is None:
+    def _check_due(self) -> None:
+        """
+        The stream's timer: fail the first batch whose answer is late, or wait on until the next one is due.
+        """
+        self._timer = None
+        if not self._pending:
             return
+        now = self._clock.seconds()
+        # Usually one or two batches are out: the first is the oldest, but a later one may have a shorter
+        # timeout.
+        batch_id, due = min(((batch_id, due) for batch_id, (_, due) in self._pending.items()),
+                            key=lambda pending: pending[1])
+        if due > now:
+            self._timer = self._clock.callLater(due - now, self._check_due)
+            return
+        d = self._pending.pop(batch_id)[0]
         # The stream is ordered: a batch unanswered in time means every later one will be late too.
         self.closed = True
         self.transport.abortConnection()
-        pending[0].errback(StreamTimeout("no answer to a batch within its timeout"))
+        d.errback(StreamTimeout("no answer to a batch within its timeout"))
 
     def close(self) -> None:
         self.closed = True
@@ -433,9 +459,11 @@ class CopyStreamClient(Int32StringReceiver):
         if not self.ready.called:
             self.ready.errback(StreamUnanswered("the peer hung up without answering the upgrade"))
         pending, self._pending = self._pending, {}
-        for d, timer in pending.values():
-            if timer.active():
-                timer.cancel()
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+        for d, _ in pending.values():
             d.errback(ConnectionLost("the copy stream closed with the batch unanswered"))
         if self.on_close is not None:
             self.on_close()

@@ -211,6 +211,7 @@ class Metrics:
         self.peer_duration = Histogram(
             "kv_peer_request_duration_seconds", "Latency of calls to peers.",
             t + ["op"], buckets=_LATENCY_BUCKETS, registry=registry)
+        self._peer_children: Dict[str, object] = {}
         self.evictions = Counter(
             "kv_evictions", "Entries evicted to stay within MAX_MEMORY.", t, registry=registry)
         self.expirations = Counter(
@@ -319,7 +320,12 @@ class Metrics:
         replication[key] = replication.get(key, 0) + count
 
     def peer_call(self, op: str, seconds: float) -> None:
-        self.peer_duration.labels(self.tenant, op).observe(seconds)
+        child = self._peer_children.get(op)
+        if child is None:
+            # prometheus_client's labels() builds and looks up the label tuple under a lock at every call: an
+            # op's child is looked up once (there are a handful of ops).
+            child = self._peer_children[op] = self.peer_duration.labels(self.tenant, op)
+        child.observe(seconds)
 
     def register_clock(self, clock) -> None:
         """

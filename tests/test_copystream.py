@@ -677,3 +677,72 @@ def test_closing_while_a_connection_is_being_made_cancels_it_and_fails_its_batch
     streams.close()
     assert endpoint.cancelled == 1
     assert len(outcome) == 1 and isinstance(outcome[0], Failure)
+
+
+def _upgraded_client(clock: Clock) -> CopyStreamClient:
+    """
+    A caller's end of a stream, over a transport that keeps what it is sent, past an unsigned upgrade.
+    """
+    client = CopyStreamClient(b"upgrade", None, clock)
+    client.makeConnection(StringTransport())
+    client.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: %s\r\n%s: %s\r\n\r\n" % (
+        UPGRADE_TOKEN, copystream.NONCE_HEADER, binascii.hexlify(b"n" * 16)))
+    assert client.upgraded
+    return client
+
+
+def _answer(client: CopyStreamClient, batch_id: int) -> None:
+    frame = copystream.encode_answer(batch_id, [ApplyResult(True, False)])
+    client.dataReceived(struct.pack("!I", len(frame)) + frame)
+
+
+def test_each_batch_is_timed_from_when_it_was_sent_by_one_timer_for_the_stream():
+    """
+    If a batch is answered and a later one is not, then the later one fails with StreamTimeout its own
+    timeout after it was sent, not the first one's; and the stream never keeps more than one timer.
+    """
+    clock = Clock()
+    client = _upgraded_client(clock)
+    outcomes = {}
+    first = client.send(encode_batch([_entry(1)], 0.0), [b"-"], 10.0)
+    first.addBoth(lambda outcome: outcomes.setdefault(1, outcome))
+    clock.advance(5)
+    second = client.send(encode_batch([_entry(2)], 0.0), [b"-"], 10.0)
+    second.addBoth(lambda outcome: outcomes.setdefault(2, outcome))
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(1)
+    _answer(client, 1)
+    assert not isinstance(outcomes[1], Failure)
+    clock.advance(4.5)  # 10.5 s after the first batch, 5.5 after the second
+    assert 2 not in outcomes and not client.closed
+    clock.advance(5)
+    assert outcomes[2].check(StreamTimeout) and client.closed
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_batch_with_a_shorter_timeout_is_not_timed_by_the_longer_one_before_it():
+    """
+    If a batch with a short timeout follows one with a long timeout, then the short one still fails on time.
+    """
+    clock = Clock()
+    client = _upgraded_client(clock)
+    outcomes = []
+    client.send(encode_batch([_entry(1)], 0.0), [b"-"], 60.0).addErrback(lambda failure: None)
+    client.send(encode_batch([_entry(2)], 0.0), [b"-"], 1.0).addBoth(outcomes.append)
+    clock.advance(1.5)
+    assert client.closed and len(outcomes) == 1 and outcomes[0].check(StreamTimeout)
+
+
+def test_a_stream_with_every_batch_answered_keeps_no_timer():
+    """
+    If every batch sent is answered, then no timer is left waiting.
+    """
+    clock = Clock()
+    client = _upgraded_client(clock)
+    for batch_id in (1, 2, 3):
+        client.send(encode_batch([_entry(batch_id)], 0.0), [b"-"], 10.0)
+    for batch_id in (1, 2, 3):
+        _answer(client, batch_id)
+    assert clock.getDelayedCalls() == []
+    clock.advance(60)
+    assert not client.closed

@@ -315,3 +315,29 @@ def test_a_direct_store_line_is_left_out_when_the_policy_turns_the_store_away():
     finally:
         swap_logger(previous)
     assert stream.getvalue() == b""
+
+
+from kvresponder.log import _parse_task_id, parse_task_id, task_id  # noqa: E402
+
+_TASK_BYTES = st.one_of(
+    st.binary(max_size=80),
+    st.builds(lambda task, levels: task.encode("utf-8", "replace") + b"@" + b"".join(b"/%d" % level for level in levels),
+              st.text(alphabet="abcdef0123456789-Zé_ /@", max_size=70), st.lists(st.integers(0, 10 ** 11), max_size=3)),
+    st.builds(lambda level: task_id("6b1f7c3e-0d2a-4c5b-9e8f-1a2b3c4d5e6f", level), st.integers(0, 10 ** 11)))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(_TASK_BYTES)
+def test_a_task_id_read_the_short_way_is_read_as_the_pattern_reads_it(serialized):
+    """
+    If a serialized task id is parsed, then the answer is the pattern's, whatever the bytes: the short way
+    for the usual ``<uuid>@/<level>`` agrees with the strict pattern on every id, well formed or not.
+    """
+    assert parse_task_id(serialized) == _parse_task_id(serialized)
+
+
+def test_the_usual_task_id_of_a_copy_is_read():
+    assert parse_task_id(task_id("6b1f7c3e-0d2a-4c5b-9e8f-1a2b3c4d5e6f", 7)) == (
+        "6b1f7c3e-0d2a-4c5b-9e8f-1a2b3c4d5e6f", [7])
+    assert parse_task_id(b"abc@/1") is None
+    assert parse_task_id(b"abc@/2/3") == ("abc", [2, 3])

@@ -386,6 +386,16 @@ def parse_task_id(serialized: bytes) -> Optional[Tuple[str, List[int]]]:
     The task id and task level a serialized Eliot task id names, or ``None`` if it is malformed, or names a
     task's root level ``[1]`` (a continued task is always below it).
     """
+    # The usual id, one a replica gets with every copy at info: ``<uuid>@/<level>``, read without the pattern.
+    task, separator, level = serialized.partition(b"@/")
+    if (separator and 0 < len(task) <= 64 and 0 < len(level) <= 10 and level.isdigit() and level[0] != 48
+            and task.replace(b"-", b"a").isalnum() and task.isascii()):
+        number = int(level)
+        return (task.decode("ascii"), [number]) if number != 1 else None
+    return _parse_task_id(serialized)
+
+
+def _parse_task_id(serialized: bytes) -> Optional[Tuple[str, List[int]]]:
     try:
         match = _TASK_ID.match(serialized.decode("ascii"))
     except UnicodeDecodeError:

@@ -176,19 +176,12 @@ class JSONLineDestination:
             return
         now = time.time()
         second = int(now)
-        fields = [second, int((now - second) * 1000000)]
-        for value in values:
-            kind = type(value)
-            if kind is bool:
-                fields.append("true" if value else "false")
-            elif kind is str:
-                fields.append(_quoted_text(value))
-            else:
-                fields.append(self._encode(value))
-        fields.append(_quoted_text(task_uuid))
-        fields.append(str(task_level[0]) if len(task_level) == 1 else ", ".join([str(level) for level in task_level]))
-        fields.append(self._stamp)
-        self._write_line(line_type.template % tuple(fields))
+        text = _quoted_text
+        encoded = [text(value) if type(value) is str else ("true" if value else "false") if type(value) is bool
+                   else self._encode(value) for value in values]
+        encoded.append(text(task_uuid))
+        encoded.append(", ".join([str(level) for level in task_level]))
+        self._write_line(line_type.template % (second, int((now - second) * 1000000), *encoded) + self._stamp)
 
     def _write_pending(self) -> None:
         if self._pending:
@@ -289,7 +282,7 @@ class DirectLine:
         # As the destination writes a message: the timestamp first, the fields, then Eliot's own.
         self.template = "".join(['{"timestamp": %d.%06d'] + [", %s: %%s" % (_quoted_text(name),)
                                                               for name in self.names]
-                                + [', "message_type": %s, "task_uuid": %%s, "task_level": [%%s]%%s' % (
+                                + [', "message_type": %s, "task_uuid": %%s, "task_level": [%%s]' % (
                                     _quoted_text(message_type.message_type),)])
 
     def emit(self, _task: Optional[Tuple[str, List[int]]], *values) -> None:

@@ -734,10 +734,9 @@ class _ReplicatedWrite:
     Eliot action, the client request's, and at debug level inside the write's own ``replication:write``), so
     the next attempt's actions and spans stay in the write's tree and trace (where that context held no action
     and tracing is off, in an empty one: no copy is taken for the usual write); the write's own result fires
-    outside it, so that what the caller does next
-    (answer the client, serve a pipelined request) is not logged inside a finished write. Whatever goes wrong
-    unexpectedly in one slot is logged and counts as a missing copy, as the ``gather`` the coroutines used
-    did; the write still fires, once.
+    outside it, so that what the caller does next (answer the client, serve a pipelined request) is not logged
+    inside a finished write. Whatever goes wrong unexpectedly in one slot is logged and counts as a missing
+    copy, as the ``gather`` the coroutines used did; the write still fires, once.
     """
 
     __slots__ = ("_path", "_entry", "_op", "_fallbacks", "_quorum", "_waiting", "_stored", "_action",

@@ -144,6 +144,28 @@ class ReplicatedWriteTests(unittest.TestCase):
         self.assertIsInstance(outcome(writes[1]), WriteResult)
 
     @capture_logging(None, encoder_=None)
+    def test_a_copy_its_batch_fails_with_an_exception_fails_over_to_the_next_node(self, logger):
+        """
+        If the batch carrying a copy fails it with a plain exception (as the batcher does, rather than a
+        Failure), then the copy fails over to the next node and the write still stores its two copies.
+        """
+        class Held(_Peers):
+            def send_copy(self, peer, entry, waiter, task_id=None):
+                self.calls.append((peer.node_id, waiter))
+
+        peers = Held({})
+        key = key_owned_by("n1", "n2")
+        d = coordinator({}, peers=peers).put(key, b'"v"', None)
+        [(node, waiter)] = peers.calls
+        self.assertEqual(node, "n2")
+        waiter.errback(PeerError("n2 unreachable for apply: ConnectionRefusedError"))
+        self.assertEqual([node for node, _ in peers.calls], ["n2", "n3"])
+        peers.calls[1][1].callback(ApplyResult(True, False))
+        self.assertEqual(outcome(d).copies, 2)
+        [failed] = LoggedMessage.ofType(logger.messages, COPY_FAILED)
+        self.assertEqual(failed.message["peer"], "n2")
+
+    @capture_logging(None, encoder_=None)
     def test_a_membership_lookup_that_breaks_counts_as_a_missing_copy(self, logger):
         key = key_owned_by("n2", "n3")
 

@@ -272,16 +272,20 @@ class Coordinator:
         :return: a Deferred firing with a :class:`WriteResult`, or failing with :class:`Unavailable` or
             :class:`ClockSkewed`.
         """
+        done: Deferred = Deferred()
         try:
-            result = self.put_nowait(key, value, ttl)
+            result = self.put_to(key, value, ttl, done)
         except Exception:
             return fail()
-        return succeed(result) if isinstance(result, tuple) else result
+        return done if result is None else succeed(result)
 
-    def put_nowait(self, key: str, value: bytes, ttl: Optional[float]):
+    def put_to(self, key: str, value: bytes, ttl: Optional[float], waiter: Waiter) -> Optional[WriteResult]:
         """
-        :meth:`put`, answered at once where this node writes alone (a node alone in its ring): its
-        :class:`WriteResult`, or where other nodes take part, a Deferred as :meth:`put` gives.
+        :meth:`put`, for a caller that waits on a :class:`~kvresponder.batcher.Waiter` of its own rather than a
+        Deferred (the fast lane: a Deferred and its callbacks were a visible share of a replicated write).
+        Where this node writes alone (alone in its ring), the write is done at once and its
+        :class:`WriteResult` returned, ``waiter`` untouched; otherwise ``None``, and ``waiter`` is settled once
+        with the result or an :class:`Unavailable`, possibly before this returns.
 
         :raises ClockSkewed: as :meth:`put` fails.
         """
@@ -290,7 +294,8 @@ class Coordinator:
         entry = Entry(key, value, self.hlc.now(), expires_at)
         if self._writes_alone():
             return self._write_alone(entry)
-        return _ReplicatedWrite(self._write_path, entry, "put").start()
+        _ReplicatedWrite(self._write_path, entry, "put", waiter).start()
+        return None
 
     def delete(self, key: str) -> Deferred:
         """
@@ -331,7 +336,9 @@ class Coordinator:
         try:
             if self._writes_alone():
                 return succeed(self._write_alone(entry))
-            return _ReplicatedWrite(self._write_path, entry, op).start()
+            done: Deferred = Deferred()
+            _ReplicatedWrite(self._write_path, entry, op, done).start()
+            return done
         except Exception:
             return fail()
 
@@ -728,25 +735,28 @@ class _ReplicatedWrite:
     that fails is replaced by the next untried node on the ring, which keeps the copy as a hint. The write
     is acknowledged when every slot has stored its copy or run out of nodes, if at least the quorum did.
 
-    Plain callbacks rather than coroutines, and a plain object a copy rather than a Deferred: this is the path
-    of every replicated write, and a coroutine per copy (each step run in a copied context) cost more than the
-    copy itself on PyPy. A failover runs in the context the write started in (a copy taken inside the caller's
+    Plain callbacks rather than coroutines, and plain objects rather than Deferreds (a waiter for each copy,
+    and the caller's waiter for the write): this is the path of every replicated write, and a coroutine per
+    copy (each step run in a copied context) cost more than the copy itself on PyPy. A failover runs in the context the write started in (a copy taken inside the caller's
     Eliot action, the client request's, and at debug level inside the write's own ``replication:write``), so
     the next attempt's actions and spans stay in the write's tree and trace (where that context held no action
     and tracing is off, in an empty one: no copy is taken for the usual write); the write's own result fires
     outside it, so that what the caller does next (answer the client, serve a pipelined request) is not logged
     inside a finished write. Whatever goes wrong unexpectedly in one slot is logged and counts as a missing
-    copy, as the ``gather`` the coroutines used did; the write still fires, once.
+    copy, as the ``gather`` the coroutines used did; the write still settles its waiter, once.
     """
 
     __slots__ = ("_path", "_entry", "_op", "_fallbacks", "_quorum", "_waiting", "_stored", "_action",
-                 "_context", "_entered", "_done", "_outcome", "_tries", "_created", "_task", "_level")
+                 "_context", "_entered", "_waiter", "_fired", "_outcome", "_tries", "_created", "_task", "_level")
 
-    def __init__(self, path: WritePath, entry: Entry, op: str, tries: int = MAX_RESTAMPS,
+    def __init__(self, path: WritePath, entry: Entry, op: str, waiter: Waiter, tries: int = MAX_RESTAMPS,
                  created: Optional[bool] = None) -> None:
         self._path = path
         self._entry = entry
         self._op = op
+        #: Settled once with the write's :class:`WriteResult`, or failed with :class:`Unavailable`.
+        self._waiter = waiter
+        self._fired = False
         #: Times the write may still be stamped again above a newer version a replica reports.
         self._tries = tries
         #: Whether the key held no live value before the first attempt (``None``: this is the first).
@@ -759,13 +769,12 @@ class _ReplicatedWrite:
         self._task: Optional[str] = None
         self._level = 1
         self._entered = False
-        self._done: Deferred = Deferred()
         #: The write's result (a WriteResult or an Unavailable) once every slot is done.
         self._outcome = None
 
-    def start(self) -> Deferred:
+    def start(self) -> None:
         """
-        :return: a Deferred firing with a :class:`WriteResult`, or failing with :class:`Unavailable`.
+        Send the write's copies; its waiter is settled once they are done (possibly before this returns).
         """
         path = self._path
         owners, self._fallbacks, self._quorum = path.targets(self._entry.key)
@@ -782,7 +791,6 @@ class _ReplicatedWrite:
             self._context = path.context()
             self._send(owners)
         self._fire()
-        return self._done
 
     def _send(self, owners: List[str]) -> None:
         if not owners:
@@ -914,23 +922,26 @@ class _ReplicatedWrite:
 
     def _fire(self) -> None:
         outcome = self._outcome
-        if outcome is None or self._entered or self._done.called:
+        if outcome is None or self._entered or self._fired:
             return
+        self._fired = True
         if isinstance(outcome, Unavailable):
-            self._done.errback(outcome)
+            self._waiter.errback(Failure(outcome))
         elif isinstance(outcome, _Again):
-            self._outcome = None
-            again = _ReplicatedWrite(self._path, outcome.entry, self._op, self._tries - 1, outcome.created)
-            # The same write, sent again: its lines go on in the same task.
+            # The same write, sent again, to settle the same waiter: its lines go on in the same task.
+            again = _ReplicatedWrite(self._path, outcome.entry, self._op, self._waiter, self._tries - 1,
+                                     outcome.created)
             again._task, again._level = self._task, self._level
             # In the context the write began in, so that the next attempt stays in the request's tree.
             try:
-                d = (self._context or Context()).run(again.start)
+                (self._context or Context()).run(again.start)
             except Exception:
-                d = fail()
-            d.chainDeferred(self._done)
+                if self._waiter.called:
+                    write_traceback()
+                else:
+                    self._waiter.errback(Failure())
         else:
-            self._done.callback(outcome)
+            self._waiter.callback(outcome)
 
 
 @implementer(Waiter)

@@ -295,12 +295,23 @@ class _Waiting:
     def get(self, key):
         return Answer(200, b'{"key":"%s"}' % (key.encode(),))
 
-    def put(self, key, body, content_type):
+    def put_to(self, key, body, content_type, reply):
+        # The answer comes when the test fires the Deferred, through ``reply`` as a replicated write's does.
+        self.pending.append(Deferred().addCallback(reply))
+        return None
+
+    def delete(self, key):
         d = Deferred()
         self.pending.append(d)
         return d
 
-    delete = put
+
+class _AnsweredWhileAsked(_Waiting):
+    """Operations whose writes hand their answer to ``reply`` before they return (a copy failing at once)."""
+
+    def put_to(self, key, body, content_type, reply):
+        reply(Answer(503, b'{"error":"unavailable"}'))
+        return None
 
 
 def _lane_site(operations, log_policy=None):
@@ -344,6 +355,20 @@ def test_requests_behind_a_waiting_answer_are_held_until_it_is_sent():
     assert len(statuses) == 4
 
 
+def test_a_write_answered_before_its_operation_returns_is_sent_with_what_follows_it():
+    """
+    If a write hands its answer to the lane while the lane is still asking for it (its copies failed at
+    once), then that answer is sent in order with the pipelined requests behind it, and nothing waits.
+    """
+    protocol, transport = _channel(_lane_site(_AnsweredWhileAsked()))
+    protocol.dataReceived(_put(b"k", b'{"value": 1}') + _get(b"after") + _put(b"k2", b'{"value": 2}'))
+    value = transport.value()
+    assert _statuses(value) == [503, 200, 503]
+    assert value.index(b"unavailable") < value.index(b'"after"')
+    protocol.dataReceived(_get(b"later"))
+    assert _statuses(transport.value()) == [503, 200, 503, 200]
+
+
 def test_an_answer_whose_client_left_is_not_written():
     """
     If the client disconnects while its write waits, then the answer is not written when it comes, and
@@ -364,7 +389,7 @@ def test_a_failure_an_operation_did_not_expect_is_a_bare_500():
     """
     operations = _Waiting()
     protocol, transport = _channel(_lane_site(operations))
-    protocol.dataReceived(_put(b"k", b'{"value": 1}') + _get(b"after"))
+    protocol.dataReceived(_delete(b"k") + _get(b"after"))
     operations.pending[0].errback(ZeroDivisionError("boom"))
     value = transport.value()
     assert _statuses(value) == [500, 200]

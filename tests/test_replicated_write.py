@@ -320,6 +320,79 @@ class ReplicatedWriteTests(unittest.TestCase):
         self.assertEqual(write.endMessage["copies"], 1)
 
 
+class _Waiter:
+    """A caller's own waiter for a write (the fast lane's, through KVOperations): what settled it, in order."""
+
+    def __init__(self) -> None:
+        self.called = False
+        self.settled = []
+
+    def callback(self, result) -> None:
+        self.called = True
+        self.settled.append(("result", result))
+
+    def errback(self, error) -> None:
+        self.called = True
+        self.settled.append(("error", error))
+
+
+class WaiterTests(unittest.TestCase):
+    """
+    ``Coordinator.put_to``: a replicated write settles the caller's own waiter, once, when its copies are
+    done, and a node alone in its ring answers at once without touching it.
+    """
+
+    @capture_logging(None, encoder_=None)
+    def test_a_write_settles_the_callers_waiter_once_when_its_last_copy_answers(self, logger):
+        key = key_owned_by("n2", "n3")
+        later = Deferred()
+        c = coordinator({"n2": ApplyResult(True, False), "n3": later})
+        waiter = _Waiter()
+        self.assertIsNone(c.put_to(key, b'"v"', None, waiter))
+        self.assertEqual(waiter.settled, [])
+        later.callback(ApplyResult(True, False))
+        [(kind, result)] = waiter.settled
+        self.assertEqual((kind, result.copies, result.created), ("result", 2, True))
+
+    @capture_logging(None, encoder_=None)
+    def test_a_write_short_of_its_quorum_fails_the_callers_waiter_with_unavailable(self, logger):
+        key = key_owned_by("n2", "n3")
+        c = coordinator({"n2": PeerError("down"), "n3": PeerError("down")})
+        waiter = _Waiter()
+        self.assertIsNone(c.put_to(key, b'"v"', None, waiter))
+        [(kind, failure)] = waiter.settled
+        self.assertEqual(kind, "error")
+        self.assertTrue(failure.check(Unavailable))
+
+    @capture_logging(None, encoder_=None)
+    def test_a_write_stamped_again_settles_the_same_waiter_once(self, logger):
+        class Newer(_Peers):
+            def apply_coalesced(self, peer, entry, task_id=None):
+                self.calls.append(entry.version)
+                if len(self.calls) == 1:
+                    return succeed(ApplyResult(False, True, (entry.version[0] + 5000, 0, "n2")))
+                return succeed(ApplyResult(True, True))
+
+        peers = Newer({})
+        waiter = _Waiter()
+        self.assertIsNone(coordinator({}, peers=peers).put_to(key_owned_by("n1", "n2"), b'"v"', None, waiter))
+        [(kind, result)] = waiter.settled
+        self.assertEqual(kind, "result")
+        self.assertEqual(len(peers.calls), 2)
+        self.assertEqual(result.entry.version, peers.calls[1])
+
+    def test_a_node_alone_answers_at_once_and_leaves_the_waiter_alone(self):
+        clock = Clock()
+        alone = Coordinator(Store(clock.seconds, 1 << 24), HybridLogicalClock(clock.seconds, "n1"),
+                            lambda: HashRing(["n1"]), lambda node: None, _Peers({}), replicas=2,
+                            write_quorum=None, seconds=clock.seconds, metrics=Metrics("t"),
+                            log_policy=LogPolicy("warning"))
+        waiter = _Waiter()
+        result = alone.put_to("k", b'"v"', None, waiter)
+        self.assertEqual((result.copies, result.created), (1, True))
+        self.assertEqual(waiter.settled, [])
+
+
 class ReplicaCopyTests(unittest.TestCase):
 
     @capture_logging(None, encoder_=None)

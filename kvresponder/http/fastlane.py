@@ -21,7 +21,6 @@ import re
 from typing import Optional
 
 from eliot import write_traceback
-from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, HTTPChannel, unquote
 
@@ -172,23 +171,28 @@ class FastLane:
         policy = self._policy
         return policy is not None and policy.enabled("http", DEBUG)
 
-    def answer(self, method: bytes, raw: bytes, body: bytes, content_type):
+    def answer(self, method: bytes, raw: bytes, body: bytes, content_type, reply):
         """
-        The answer to one request: an ``Answer``, or a Deferred that fires with one. Never raises.
+        The answer to one request: an ``Answer`` now, or ``None``, and ``reply`` is called once with it
+        (possibly before this returns). Never raises.
         """
         operations = self.operations
         try:
             key = operations.key(raw)
-            if method == b"GET":
-                return operations.get(key)
             if method == b"PUT":
-                return operations.put(key, body, content_type)
-            return operations.delete(key)
+                # A write that other nodes take part in answers through ``reply``, with no Deferred.
+                return operations.put_to(key, body, content_type, reply)
+            answer = operations.get(key) if method == b"GET" else operations.delete(key)
         except APIError as error:
             return error.status, error_body(error.code, error.message), tuple(error.headers.items())
         except Exception:
             write_traceback()
             return 500, _INTERNAL_ERROR, ()
+        # An answer is a tuple; anything else a Deferred (whose ABC makes isinstance a slow test).
+        if isinstance(answer, tuple):
+            return answer
+        answer.addBoth(_settled).addCallback(reply).addErrback(_log_failure)
+        return None
 
     def render(self, status: int, body: bytes, headers, now: float) -> bytes:
         extra = b"".join([b"%s: %s\r\n" % header for header in headers]) if headers else b""
@@ -216,6 +220,11 @@ class ConnectionLane:
     open = True
     _waiting = False
     _lost = False
+    #: While the lane asks for an answer: one given to :meth:`_reply` meanwhile is kept here, not sent.
+    _asking = False
+    _early = None
+    #: The request whose answer is awaited: its method, when it started, and the channel's idle timeout.
+    _waiting_for = None
     #: Whether the lane stopped the connection reading, behind an answer that waits.
     holding_back = False
 
@@ -301,17 +310,15 @@ class ConnectionLane:
                 method, raw, body, content_type, end = parsed
                 offset = end
                 started = lane.seconds()
-                answer = lane.answer(method, raw, body, content_type)
-                # An answer is a tuple; anything else a Deferred (whose ABC makes isinstance a slow test).
-                if not isinstance(answer, tuple):
-                    result = []
-                    answer.addBoth(_capture, result)
-                    if not result:
-                        self._wait(answer, method, started, data[offset:])
+                self._asking = True
+                answer = lane.answer(method, raw, body, content_type, self._reply)
+                self._asking = False
+                if answer is None:
+                    answer, self._early = self._early, None
+                    if answer is None:
+                        self._wait(method, started, data[offset:])
                         return None
-                    # Fired already (a write on a node alone): answered here, with what follows it.
-                    answer.addErrback(_handled)
-                    answer = _settled(result[0])
+                    # Answered already, while it was asked: sent here, with what follows it.
                 status, body, headers = answer
                 out.append(lane.render(status, body, headers, started))
                 out_size += len(body)
@@ -329,45 +336,43 @@ class ConnectionLane:
             if out:
                 channel.send(b"".join(out))
 
-    def _wait(self, answer: Deferred, method: bytes, started: float, rest: bytes) -> None:
+    def _wait(self, method: bytes, started: float, rest: bytes) -> None:
         """
-        Hold the connection's later requests until ``answer`` fires, then send it and go on.
+        Hold the connection's later requests until the answer to this one comes (:meth:`_reply`).
         """
         self._waiting = True
-        channel = self._channel
-        saved_timeout = channel.setTimeout(None)
+        self._waiting_for = (method, started, self._channel.setTimeout(None))
         self._hold(rest)
-        channel.receiving(False)
+        self._channel.receiving(False)
 
-        def answered(answer) -> None:
-            self._waiting = False
-            if self._lost:
-                self._lane.account(method, 499, started)
-                return
-            status, body, headers = _settled(answer)
-            channel.send(self._lane.render(status, body, headers, started))
-            self._lane.account(method, status, started)
-            channel.setTimeout(saved_timeout)
-            if self.holding_back:
-                self.holding_back = False
-                if channel.may_read():
-                    channel.transport.resumeProducing()
-            held, self._held = self._held, b""
-            if held:
-                rest = self._serve(held)
-                if rest is not None:
-                    channel.to_twisted(rest)
-
-        answer.addBoth(answered).addErrback(_log_failure)
-
-
-def _capture(result, box: list):
-    box.append(result)
-    return result
-
-
-def _handled(failure) -> None:
-    return None
+    def _reply(self, answer) -> None:
+        """
+        The answer to the request the lane asked for: kept if it comes while the lane asks, else sent, and the
+        requests held behind it served.
+        """
+        if self._asking:
+            self._early = answer
+            return
+        self._waiting = False
+        method, started, saved_timeout = self._waiting_for
+        self._waiting_for = None
+        if self._lost:
+            self._lane.account(method, 499, started)
+            return
+        channel = self._channel
+        status, body, headers = answer
+        channel.send(self._lane.render(status, body, headers, started))
+        self._lane.account(method, status, started)
+        channel.setTimeout(saved_timeout)
+        if self.holding_back:
+            self.holding_back = False
+            if channel.may_read():
+                channel.transport.resumeProducing()
+        held, self._held = self._held, b""
+        if held:
+            rest = self._serve(held)
+            if rest is not None:
+                channel.to_twisted(rest)
 
 
 def _log_failure(failure) -> None:

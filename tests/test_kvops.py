@@ -1,0 +1,77 @@
+"""
+``KVOperations.put_to``: the fast lane's PUT, whose answer to a replicated write comes later through ``reply``
+(no Deferred), and is the same answer ``put`` gives through its Deferred.
+"""
+
+import json
+import unittest
+from types import SimpleNamespace
+
+from eliot.testing import capture_logging
+from twisted.internet.defer import Deferred
+
+from kvresponder.http.api import parse_key, parse_put
+from kvresponder.http.kvops import KVOperations
+from kvresponder.metrics import Metrics
+from kvresponder.peers import PeerError
+from kvresponder.store import ApplyResult
+
+from .test_replicated_write import coordinator, key_owned_by
+
+
+def operations(answers, metrics=None):
+    metrics = metrics or Metrics("t")
+    node = SimpleNamespace(coordinator=coordinator(answers, metrics=metrics), metrics=metrics,
+                           settings=SimpleNamespace(max_key_length=250))
+    return KVOperations(node, parse_key, parse_put)
+
+
+class PutToTests(unittest.TestCase):
+
+    @capture_logging(None, encoder_=None)
+    def test_a_replicated_write_answers_through_reply_once_its_copies_are_stored(self, logger):
+        key = key_owned_by("n2", "n3")
+        later = Deferred()
+        replies = []
+        ops = operations({"n2": ApplyResult(True, False), "n3": later})
+        self.assertIsNone(ops.put_to(key, b'{"value": 1}', b"application/json", replies.append))
+        self.assertEqual(replies, [])
+        later.callback(ApplyResult(True, False))
+        [(status, body, headers)] = replies
+        self.assertEqual(status, 201)
+        self.assertEqual(json.loads(body)["key"], key)
+
+    @capture_logging(None, encoder_=None)
+    def test_a_write_short_of_its_quorum_answers_503_through_reply(self, logger):
+        replies = []
+        ops = operations({"n2": PeerError("down"), "n3": PeerError("down")})
+        self.assertIsNone(ops.put_to(key_owned_by("n2", "n3"), b'{"value": 1}', b"application/json",
+                                     replies.append))
+        [(status, body, headers)] = replies
+        self.assertEqual(status, 503)
+        self.assertEqual(json.loads(body)["error"], "unavailable")
+
+    @capture_logging(None, encoder_=None)
+    def test_a_result_that_cannot_be_turned_into_an_answer_is_a_bare_500(self, logger):
+        class Broken(Metrics):
+            def cache(self, op, result, count=1):
+                if count:  # not the zero counts that set the series up
+                    raise ZeroDivisionError("boom")
+
+        replies = []
+        ops = operations({"n2": ApplyResult(True, False), "n3": ApplyResult(True, False)}, metrics=Broken("t"))
+        self.assertIsNone(ops.put_to(key_owned_by("n2", "n3"), b'{"value": 1}', b"application/json",
+                                     replies.append))
+        [(status, body, headers)] = replies
+        self.assertEqual(status, 500)
+        self.assertNotIn(b"boom", body)
+        self.assertEqual(len(logger.flushTracebacks(ZeroDivisionError)), 1)
+
+    @capture_logging(None, encoder_=None)
+    def test_put_gives_the_same_answer_through_its_deferred(self, logger):
+        key = key_owned_by("n2", "n3")
+        ops = operations({"n2": ApplyResult(True, False), "n3": ApplyResult(True, False)})
+        answers = []
+        ops.put(key, b'{"value": 1}', b"application/json").addCallback(answers.append)
+        [(status, body, headers)] = answers
+        self.assertEqual((status, json.loads(body)["key"]), (201, key))

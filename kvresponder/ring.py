@@ -14,7 +14,7 @@ node's points, so about 1/N of the keys move.
 import struct
 from bisect import bisect_left
 from hashlib import blake2b
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from .privateapi import pypy_blake2b_cffi
 
@@ -31,6 +31,9 @@ _JUMP_SHIFT = 64 - _JUMP_BITS
 # constant computed through a big integer stays one on PyPy, and would drag every operation with it.
 _MAX = 0x7FFFFFFFFFFFFFFF
 _MIN = -_MAX - 1
+#: Rings of up to this many nodes remember each point's successors: at most ``vnodes * 16 * 16`` references (256 KiB
+#: at 128 points a node), where a larger ring's would grow with the square of its size.
+_MEMO_NODES = 16
 _unpack_signed = struct.Struct(">qq").unpack
 _signed = struct.Struct(">q")
 _unsigned = struct.Struct(">Q")
@@ -120,6 +123,10 @@ class HashRing:
         self._jump: List[int] = [bisect_left(self._points, index << _JUMP_SHIFT) for index in range(_JUMPS + 1)]
         #: The points shifted down by 2**63, for lookups (see ``_MAX``).
         self._shifted: List[int] = [_shifted(point) for point in self._points]
+        #: Each point's successors (every node, in the order met clockwise from it), kept once walked, in a
+        #: ring of up to :data:`_MEMO_NODES` nodes; ``None`` for a larger one, which walks every time.
+        self._successors: Optional[List[Optional[Tuple[str, ...]]]] = (
+            [None] * len(self._points) if len(self.nodes) <= _MEMO_NODES else None)
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -182,10 +189,22 @@ class HashRing:
             return []
         if len(self.nodes) == 1:
             return list(self.nodes) if n > 0 else []
-        want = min(n, len(self.nodes))
+        index = self._start(key)
+        memo = self._successors
+        if memo is None:
+            return self._walk(index, min(n, len(self.nodes)))
+        successors = memo[index]
+        if successors is None:
+            # Every lookup of a write walked the same few points again: once a point is enough.
+            successors = memo[index] = tuple(self._walk(index, len(self.nodes)))
+        return list(successors[:n])
+
+    def _walk(self, index: int, want: int) -> List[str]:
+        """
+        The first ``want`` distinct nodes met clockwise from the point at ``index``.
+        """
         owners = self._owners
         count = len(owners)
-        index = self._start(key)
         result: List[str] = []
         for step in range(count):
             node = owners[(index + step) % count]

@@ -114,6 +114,33 @@ def test_preference_list_gives_min_of_n_and_ring_size_distinct_nodes(nodes, n, k
     assert preference[0] == ring.owner(key)
 
 
+def _walked_preference(ring: HashRing, key: str, n: int):
+    """The preference list walked from the key's point over the ring's points, as it was before the memo."""
+    index, result = ring._start(key), []
+    for step in range(len(ring._owners)):
+        node = ring._owners[(index + step) % len(ring._owners)]
+        if node not in result:
+            result.append(node)
+    return result[:n]
+
+
+@settings(max_examples=30, deadline=None)
+@given(ring_nodes(2, 20), st.lists(st.text(max_size=20), min_size=1, max_size=30), st.integers(1, 21),
+       st.integers(1, 21))
+def test_a_remembered_preference_list_is_the_one_a_walk_gives(nodes, keys, n, again):
+    """
+    If keys are looked up twice, for ``n`` nodes then for ``again`` nodes, on rings small enough to remember
+    each point's successors and on larger ones that do not, then each lookup gives the list a walk over the
+    points gives, and the caller's list is its own (changing it changes nothing the ring remembers).
+    """
+    ring = HashRing(nodes, vnodes=8)
+    for key in keys:
+        first = ring.preference_list(key, n)
+        assert first == _walked_preference(ring, key, n)
+        first.append("changed by the caller")
+        assert ring.preference_list(key, again) == _walked_preference(ring, key, again)
+
+
 def test_preference_list_is_a_prefix_of_a_longer_one():
     """
     If the preference list is asked for fewer nodes, then it is the start of the longer list (replica i

@@ -468,7 +468,9 @@ def test_wrong_admin_token_is_401():
 
 
 @pytest.mark.parametrize("body", [{"level": "loud"}, {"levels": {"nowhere": "debug"}}, {"levels": {"http": 3}},
-                                  {}, {"level": "debug", "extra": 1}])
+                                  {}, {"level": "debug", "extra": 1},
+                                  {"level": "debug", "levels": {"http": "debug", "store": "loud"}},
+                                  {"level": None}])
 def test_bad_log_levels_are_400_and_change_nothing(body):
     api = API(insecure_admin="true")
     code, answer, _ = api.call("PUT", "/admin/log-levels", body)

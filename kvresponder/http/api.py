@@ -533,21 +533,13 @@ class PublicAPI:
         levels = body.get("levels", {})
         if not isinstance(levels, dict):
             raise bad_request("invalid_body", "\"levels\" must map areas to levels.")
-        # Check everything first, so that a bad request changes nothing.
+        if "level" in body and not isinstance(body["level"], str):
+            raise bad_request("invalid_level", "\"level\" must name a level.")
         try:
-            if "level" in body:
-                policy._parse(body["level"])
-            for area, level in levels.items():
-                policy._parse(level)
-                if area not in policy.levels():
-                    raise UnknownLevel("unknown log area %r; areas are %s"
-                                       % (area, ", ".join(sorted(policy.levels()))))
+            policy.update(body.get("level"), levels)
         except UnknownLevel as error:
+            # Nothing was changed.
             raise bad_request("invalid_level", str(error))
-        if "level" in body:
-            policy.set_all(body["level"])
-        for area, level in levels.items():
-            policy.set_area(area, level)
         LEVELS_CHANGED.log(levels=policy.levels())
         return {"levels": policy.levels()}
 

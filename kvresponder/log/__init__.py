@@ -78,6 +78,24 @@ class LogPolicy:
             raise UnknownLevel("unknown log area %r; areas are %s" % (area, ", ".join(AREAS)))
         self._levels[area] = self._parse(level)
 
+    def update(self, level: Optional[str] = None, levels: Optional[Dict[str, str]] = None) -> None:
+        """
+        Set every area to ``level`` if given, then each area named in ``levels`` to its own: all of it or,
+        if any level or area is unknown, none of it.
+
+        :raises UnknownLevel: naming what is unknown.
+        """
+        value = None if level is None else self._parse(level)
+        values = {}
+        for area, name in (levels or {}).items():
+            if area not in AREAS:
+                raise UnknownLevel("unknown log area %r; areas are %s" % (area, ", ".join(AREAS)))
+            values[area] = self._parse(name)
+        if value is not None:
+            for area in AREAS:
+                self._levels[area] = value
+        self._levels.update(values)
+
     @staticmethod
     def _parse(level) -> int:
         name = canonical_level(level)

@@ -75,3 +75,19 @@ class PutToTests(unittest.TestCase):
         ops.put(key, b'{"value": 1}', b"application/json").addCallback(answers.append)
         [(status, body, headers)] = answers
         self.assertEqual((status, json.loads(body)["key"]), (201, key))
+
+
+def test_a_write_answer_is_json_naming_the_version_as_format_version_does():
+    """
+    If a write is answered, then its body is JSON whose version is the entry's, written as ``format_version``
+    writes it (for a node id with every character a node id may hold), and so is a read's.
+    """
+    from kvresponder.hlc import format_version
+    from kvresponder.http.kvops import entry_json, written_json
+    from kvresponder.store import Entry
+
+    entry = Entry("k\"é", b'{"a": 1}', (1733349284123, 7, "Node-1_a.b"), 1733349290.5)
+    written = json.loads(written_json(entry))
+    assert written == {"key": "k\"é", "version": format_version(entry.version), "expires_at": 1733349290.5}
+    read = json.loads(entry_json(entry))
+    assert (read["version"], read["value"]) == (format_version(entry.version), {"a": 1})

@@ -80,9 +80,8 @@ def entry_json(entry) -> bytes:
     A stored entry as the response body. The value is spliced in as stored: never parsed again.
     """
     expires = b"null" if entry.expires_at is None else json_bytes(round(entry.expires_at, 3))
-    wall, counter, node = entry.version
-    return b"".join([b'{"key":', json_key(entry.key), b',"value":', entry.value, b',"version":"',
-                     b"%d.%d." % (wall, counter), node.encode("utf-8"), b'","expires_at":', expires, b"}"])
+    return b"".join([b'{"key":', json_key(entry.key), b',"value":', entry.value, b',"version":',
+                     _version_json(entry.version), b',"expires_at":', expires, b"}"])
 
 
 def written_json(entry) -> bytes:
@@ -90,8 +89,15 @@ def written_json(entry) -> bytes:
     The body of an answered write: the key, its new version and when it expires.
     """
     expires = b"null" if entry.expires_at is None else json_bytes(round(entry.expires_at, 3))
-    return b"".join([b'{"key":', json_key(entry.key), b',"version":', json_bytes(format_version(entry.version)),
+    return b"".join([b'{"key":', json_key(entry.key), b',"version":', _version_json(entry.version),
                      b',"expires_at":', expires, b"}"])
+
+
+def _version_json(version) -> bytes:
+    # As format_version, quoted, without the JSON encoder: a node id is letters, digits, "-", "_" and "."
+    # (settings.NODE_ID_PATTERN; a peer's entry with any other is refused), which need no escaping.
+    wall, counter, node = version
+    return b'"%d.%d.%s"' % (wall, counter, node.encode("ascii"))
 
 
 class KVOperations:

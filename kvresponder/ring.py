@@ -16,7 +16,7 @@ from bisect import bisect_left
 from hashlib import blake2b
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from .privateapi import pypy_blake2b_cffi
+from .digest import blake2b16
 
 _RING = 1 << 64
 _MASK = _RING - 1
@@ -39,56 +39,8 @@ _signed = struct.Struct(">q")
 _unsigned = struct.Struct(">Q")
 
 
-def _hashlib_digest16(data: bytes) -> bytes:
-    return blake2b(data, digest_size=16).digest()
-
-
-def _cffi_digest16():
-    """
-    On PyPy, ``hashlib.blake2b`` is a Python class over a cffi module: building the object and its
-    parameter block, then copying the state to take the digest, cost more than the hashing itself. This
-    calls the same C functions directly, with the parameter block built once. ``None`` where that module is
-    missing (CPython's ``blake2b`` is C already), or if it ever disagrees with ``hashlib``.
-    """
-    cffi = pypy_blake2b_cffi()
-    if cffi is None:
-        return None
-    try:
-        ffi, lib = cffi
-        param = ffi.new("blake_param*")
-        param.digest_length = 16
-        param.fanout = 1
-        param.depth = 1
-        new = ffi.new
-        init, update, final = lib.blake_init_param, lib.blake_update, lib.blake_final
-    except Exception:
-        # Not PyPy, or a PyPy whose module is laid out otherwise: hashlib it is.
-        return None
-
-    # One state and one output buffer, set up again by each call: the reactor's thread is the only caller
-    # (the ring is not shared with threads), and allocating them each time cost more than the hashing.
-    state = new("blake_state*")
-    out = new("char[]", 16)
-    unpack = ffi.unpack
-
-    def digest16(data: bytes) -> bytes:
-        if init(state, param) < 0:
-            raise RuntimeError("BLAKE2b refused its parameters")
-        update(state, data, len(data))
-        final(state, out, 16)
-        return unpack(out, 16)
-
-    samples = (b"", b"k", "user:42/\u00e9".encode("utf-8"), bytes(range(256)) * 3)
-    try:
-        if all(digest16(sample) == _hashlib_digest16(sample) for sample in samples):
-            return digest16
-    except Exception:
-        pass
-    return None
-
-
 #: The key's 16-byte BLAKE2b digest, from which its probes are drawn.
-_digest16 = _cffi_digest16() or _hashlib_digest16
+_digest16 = blake2b16()
 
 
 def _shifted(point: int) -> int:

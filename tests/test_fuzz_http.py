@@ -883,7 +883,7 @@ def internal_requests(draw) -> Tuple[Request, bool]:
     body: Optional[bytes]
     if route == "copies" and kind < 4:
         body = None
-        headers += [(b"Upgrade", draw(st.sampled_from([b"kvresponder-copies/1", b"h2c", b""]))),
+        headers += [(b"Upgrade", draw(st.sampled_from([b"kvresponder-copies/2", b"h2c", b""]))),
                     (b"Connection", b"Upgrade")]
     elif kind <= 2:
         shapes = INTERNAL_VALID if kind == 1 else INTERNAL_SHAPES

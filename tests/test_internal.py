@@ -86,7 +86,7 @@ def test_without_a_secret_every_internal_route_answers_403_naming_the_settings(r
     api = API()
     if route == "/copies":
         code, content_type, content = send(api, route, method="GET", content_type=None,
-                                           headers={"Upgrade": "kvresponder-copies/1", "Connection": "Upgrade"})
+                                           headers={"Upgrade": "kvresponder-copies/2", "Connection": "Upgrade"})
     else:
         code, content_type, content = send(api, route, GOOD.get(route, {}))
     if route == "/nope":
@@ -236,7 +236,7 @@ def test_a_binary_batch_sent_to_another_route_gets_415():
 def test_the_copy_stream_upgrade_takes_no_body():
     api = API(cluster_secret=SECRET)
     code, error = error_of(*send(api, "/copies", raw=b"{}", method="GET", content_type=None,
-                                 headers={"Upgrade": "kvresponder-copies/1", "Connection": "Upgrade"}))
+                                 headers={"Upgrade": "kvresponder-copies/2", "Connection": "Upgrade"}))
     assert (code, error) == (400, "invalid_body")
 
 

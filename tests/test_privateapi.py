@@ -159,8 +159,8 @@ def test_eliot_still_names_its_tasks_with_the_uuid4_of_its_action_module():
 
 def test_pypy_still_has_its_blake2b_cffi_module():
     """
-    If this is PyPy, then the cffi module beneath hashlib's BLAKE2b is where kvresponder.ring looks for it,
-    with the functions it calls; elsewhere there is none.
+    If this is PyPy, then the cffi module beneath hashlib's BLAKE2b is where kvresponder.digest looks for it,
+    with the functions, the state type and the parameter fields it uses; elsewhere there is none.
     """
     found = privateapi.pypy_blake2b_cffi()
     if platform.python_implementation() != "PyPy":
@@ -170,7 +170,9 @@ def test_pypy_still_has_its_blake2b_cffi_module():
     ffi, lib = found
     for name in ("blake_init_param", "blake_update", "blake_final"):
         assert callable(getattr(lib, name))
-    assert ffi.new("blake_param*") is not None
+    param = ffi.new("blake_param*")
+    param.digest_length, param.key_length, param.fanout, param.depth = 16, 32, 1, 1
+    assert ffi.sizeof("blake_state") > 0 and ffi.new("blake_state*") is not None
 
 
 def test_eliots_default_logger_is_what_capture_logging_swaps():

@@ -1,0 +1,78 @@
+"""
+16-byte BLAKE2b digests, keyed or not: where a key lands on the ring, and the MAC of a copy-stream frame.
+
+On PyPy, ``hashlib.blake2b`` is a Python class over a cffi module: building the object and its parameter block,
+then copying the state to take the digest, cost more than hashing a key or a small frame. There, a digest
+function calls the same C functions directly, from a state set up once (with the key's block already taken in,
+for a keyed digest) and copied for each message. Everywhere else, and if the direct calls ever disagree with
+``hashlib``, it is ``hashlib``.
+"""
+
+from functools import partial
+from hashlib import blake2b
+from typing import Callable, Optional
+
+from .privateapi import pypy_blake2b_cffi
+
+_BLOCK = 128
+#: BLAKE2b's longest key.
+MAX_KEY = 64
+
+
+def blake2b16(key: bytes = b"") -> Callable[[bytes], bytes]:
+    """
+    A function giving ``hashlib.blake2b(message, digest_size=16, key=key).digest()`` of its one argument.
+    Each function keeps its own state for the direct calls: call it from one thread (the reactor's).
+
+    :param key: at most :data:`MAX_KEY` bytes; none for a plain digest.
+    """
+    if len(key) > MAX_KEY:
+        raise ValueError("a BLAKE2b key is at most %d bytes" % (MAX_KEY,))
+    return _direct(key) or partial(_hashlib_digest16, key=key)
+
+
+def _hashlib_digest16(data: bytes, key: bytes = b"") -> bytes:
+    return blake2b(data, digest_size=16, key=key).digest()
+
+
+def _direct(key: bytes) -> Optional[Callable[[bytes], bytes]]:
+    """
+    The digest through PyPy's cffi BLAKE2b calls, or ``None`` where that module is missing (CPython's
+    ``blake2b`` is C already), laid out otherwise, or gives other digests than ``hashlib``.
+    """
+    cffi = pypy_blake2b_cffi()
+    if cffi is None:
+        return None
+    try:
+        ffi, lib = cffi
+        param = ffi.new("blake_param*")
+        param.digest_length = 16
+        param.key_length = len(key)
+        param.fanout = 1
+        param.depth = 1
+        ready = ffi.new("blake_state*")
+        if lib.blake_init_param(ready, param) < 0:
+            return None
+        if key:
+            # As BLAKE2b does for a key: its first block is the key, padded with zeros.
+            lib.blake_update(ready, key + b"\0" * (_BLOCK - len(key)), _BLOCK)
+        state = ffi.new("blake_state*")
+        out = ffi.new("char[]", 16)
+        size = ffi.sizeof("blake_state")
+        memmove, update, final, unpack = ffi.memmove, lib.blake_update, lib.blake_final, ffi.unpack
+    except Exception:
+        return None
+
+    def digest16(data: bytes) -> bytes:
+        memmove(state, ready, size)
+        update(state, data, len(data))
+        final(state, out, 16)
+        return unpack(out, 16)
+
+    samples = (b"", b"k", "user:42/\u00e9".encode("utf-8"), bytes(range(256)) * 3)
+    try:
+        if all(digest16(sample) == _hashlib_digest16(sample, key) for sample in samples):
+            return digest16
+    except Exception:
+        pass
+    return None

@@ -1,5 +1,5 @@
 """
-Every private name of Twisted, Eliot or PyPy that KV Responder uses, and nothing else.
+Every private name of Twisted, Eliot, PyPy or CPython that KV Responder uses, and nothing else.
 
 Each one is here for a reason no public hook serves (said beside it), and only here: the rest of the code calls
 the functions below. ``tests/test_privateapi.py`` pins every name, so an upgrade that moves one fails a test
@@ -134,7 +134,7 @@ def default_eliot_logger():
     return eliot._output._DEFAULT_LOGGER
 
 
-# -- PyPy (kvresponder.ring) ---------------------------------------------------------------------------------
+# -- PyPy (kvresponder.digest) -------------------------------------------------------------------------------
 
 def pypy_blake2b_cffi() -> Optional[Tuple[object, object]]:
     """
@@ -146,3 +146,23 @@ def pypy_blake2b_cffi() -> Optional[Tuple[object, object]]:
     except ImportError:
         return None
     return ffi, lib
+
+
+# -- CPython: the C JSON encoder (kvresponder.log) ------------------------------------------------------------
+
+def c_json_encoder(default: Callable[[object], object]) -> Optional[Callable[[object], str]]:
+    """
+    ``json.JSONEncoder(default=default, check_circular=False).encode``, through CPython's C encoder built once:
+    ``JSONEncoder.encode`` builds it again, and a closure, for every value it encodes, which was a visible share
+    of a log line on CPython. ``None`` where ``json`` has no C encoder (PyPy).
+    """
+    from json.encoder import c_make_encoder, encode_basestring_ascii
+    if c_make_encoder is None:
+        return None
+    # The arguments JSONEncoder.iterencode passes: no cycle check, no indent, its separators and defaults.
+    encoder = c_make_encoder(None, default, encode_basestring_ascii, None, ": ", ", ", False, False, True)
+    join = "".join
+
+    def encode(value) -> str:
+        return join(encoder(value, 0))
+    return encode

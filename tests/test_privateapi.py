@@ -1,11 +1,12 @@
 """
-Each private name of Twisted, Eliot or PyPy that ``kvresponder.privateapi`` uses still exists and still means
+Each private name of Twisted, Eliot, PyPy or CPython that ``kvresponder.privateapi`` uses still exists and still means
 what it is used for. When an upgrade moves one, the test for it fails here first.
 """
 
 import platform
 import socket
 
+from hypothesis import given, settings, strategies as st
 from twisted.internet import tcp
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.web.http import HTTPChannel
@@ -205,3 +206,30 @@ def test_a_channel_still_says_when_it_waits_for_its_transport():
     assert privateapi.channel_waiting_for_transport(channel)
     channel.resumeProducing()
     assert not privateapi.channel_waiting_for_transport(channel)
+
+
+class _Odd:
+    """A value JSON cannot encode by itself: the encoder's ``default`` turns it into text."""
+
+
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
+                    | st.builds(_Odd),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                    max_leaves=12))
+@settings(max_examples=300, deadline=None)
+def test_the_c_json_encoder_built_once_encodes_as_jsonencoder_does(value):
+    """
+    If this is CPython, then its C JSON encoder built once with JSONEncoder's arguments (what the log lines are
+    encoded with) gives JSONEncoder's text for any value, NaN and infinities, and values only ``default``
+    can encode, included; elsewhere there is none.
+    """
+    import json
+
+    def default(odd):
+        return "<odd>"
+
+    encode = privateapi.c_json_encoder(default)
+    if platform.python_implementation() != "CPython":
+        assert encode is None
+        return
+    assert encode(value) == json.JSONEncoder(default=default, check_circular=False).encode(value)

@@ -19,7 +19,7 @@ from uuid import uuid4
 from eliot import current_action
 from typing import Dict, IO, List, Optional, Tuple
 
-from ..privateapi import default_eliot_logger, set_task_uuid_factory
+from ..privateapi import c_json_encoder, default_eliot_logger, set_task_uuid_factory
 
 
 DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40
@@ -148,7 +148,7 @@ class JSONLineDestination:
         self._pending: list = []
         # Eliot messages are flat dicts of plain values: no cycles to look for. ASCII output, so that the
         # binary stream takes it without another encoding step.
-        general = json.JSONEncoder(default=_fallback, check_circular=False).encode
+        general = c_json_encoder(_fallback) or json.JSONEncoder(default=_fallback, check_circular=False).encode
         # CPython's encoder is C and quicker than the flat one; PyPy's is Python, and slower.
         self._encode = _FlatEncoder(general).encode if _PYPY else general
 

@@ -932,7 +932,9 @@ class _ReplicatedWrite:
             again = _ReplicatedWrite(self._path, outcome.entry, self._op, self._waiter, self._tries - 1,
                                      outcome.created)
             again._task, again._level = self._task, self._level
-            # In the context the write began in, so that the next attempt stays in the request's tree.
+            # In the context the write began in, so that the next attempt stays in the request's tree; marked
+            # as entered meanwhile, so that an attempt done at once settles the waiter only after, outside it.
+            again._entered = True
             try:
                 (self._context or Context()).run(again.start)
             except Exception:
@@ -940,6 +942,10 @@ class _ReplicatedWrite:
                     write_traceback()
                 else:
                     self._waiter.errback(Failure())
+                return
+            finally:
+                again._entered = False
+            again._fire()
         else:
             self._waiter.callback(outcome)
 

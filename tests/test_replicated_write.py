@@ -198,6 +198,51 @@ class ReplicatedWriteTests(unittest.TestCase):
                 logger.messages, HINTED):
             self.assertIn(message, inside)
 
+    @capture_logging(None, encoder_=None)
+    @capture_logging(None, encoder_=None)
+    def test_a_write_stamped_again_at_once_is_delivered_outside_the_writes_own_context(self, logger):
+        """
+        If a replica's later answer reports a newer version and the write, stamped again, is then stored at
+        once, then the caller hears of it outside the write's context (neither the caller's context variables
+        nor an action), as a write that is not stamped again is.
+        """
+        class Newer(_Peers):
+            def apply_coalesced(self, peer, entry, task_id=None):
+                self.calls.append(entry.version)
+                if len(self.calls) == 1:
+                    self.later = Deferred()
+                    return self.later
+                return succeed(ApplyResult(True, True))
+
+        class Watching:
+            called = False
+
+            def __init__(self):
+                self.seen = []
+
+            def callback(self, result):
+                self.seen.append((result.copies, MARK.get(None), current_action()))
+
+            def errback(self, error):
+                self.seen.append(error)
+
+        for level, traced in (("debug", False), ("info", True)):
+            peers = Newer({})
+            c = coordinator({}, peers=peers, level=level, traced=traced)
+            waiter = Watching()
+            with start_action(action_type="test:request"):
+                token = MARK.set("the request's")
+                try:
+                    self.assertIsNone(c.put_to(key_owned_by("n1", "n2"), b'"v"', None, waiter))
+                finally:
+                    MARK.reset(token)
+            self.assertEqual(waiter.seen, [])
+            # The answer arrives from outside any context, naming a newer version: the write is stamped again
+            # (in its own context) and stored at once.
+            peers.later.callback(ApplyResult(False, True, (peers.calls[0][0] + 5000, 0, "n2")))
+            self.assertEqual(len(peers.calls), 2)
+            self.assertEqual(waiter.seen, [(2, None, None)], level)
+
     def failover_contexts(self, traced: bool):
         """
         A write started with ``MARK`` set and no Eliot action, whose first copy fails later from inside an

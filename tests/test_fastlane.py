@@ -369,6 +369,35 @@ def test_a_write_answered_before_its_operation_returns_is_sent_with_what_follows
     assert _statuses(transport.value()) == [503, 200, 503, 200]
 
 
+class _RepliesAndReturns(_Waiting):
+    """Operations whose first write both hands an answer to ``reply`` and returns one (a bug), then wait."""
+
+    def put_to(self, key, body, content_type, reply):
+        if key == "first":
+            reply(Answer(500, b'{"error":"stray"}'))
+            return Answer(201, b'{"key":"first"}')
+        return _Waiting.put_to(self, key, body, content_type, reply)
+
+
+def test_an_answer_given_beside_the_returned_one_is_never_sent_for_a_later_request():
+    """
+    If an operation both hands the lane an answer and returns another, then the returned one is sent, and
+    the stray one is not kept for the next request that waits: that request gets its own answer, and a
+    second answer to it is dropped.
+    """
+    operations = _RepliesAndReturns()
+    protocol, transport = _channel(_lane_site(operations))
+    protocol.dataReceived(_put(b"first", b'{"value": 1}') + _put(b"second", b'{"value": 2}'))
+    assert _statuses(transport.value()) == [201]
+    [second] = operations.pending
+    second.callback(Answer(200, b'{"key":"second"}'))
+    # The same request answered a second time: nothing more is sent.
+    protocol._lane._reply(Answer(503, b'{"error":"again"}'))
+    value = transport.value()
+    assert _statuses(value) == [201, 200]
+    assert b"stray" not in value and b"again" not in value
+
+
 def test_an_answer_whose_client_left_is_not_written():
     """
     If the client disconnects while its write waits, then the answer is not written when it comes, and

@@ -91,3 +91,19 @@ def test_a_write_answer_is_json_naming_the_version_as_format_version_does():
     assert written == {"key": "k\"é", "version": format_version(entry.version), "expires_at": 1733349290.5}
     read = json.loads(entry_json(entry))
     assert (read["version"], read["value"]) == (format_version(entry.version), {"a": 1})
+
+
+def test_a_write_reply_is_given_once_however_often_its_write_settles_it():
+    """
+    If a write's waiter is settled again (a copy answering after the write already failed), then the client's
+    answer is still given once, the first.
+    """
+    from kvresponder.coordinator import Unavailable
+    from kvresponder.http.kvops import _WriteReply
+
+    replies = []
+    reply = _WriteReply(lambda result: ("written", result), replies.append)
+    reply.errback(Unavailable("only 1 of the 2 copies needed could be stored"))
+    reply.callback("late")
+    reply.errback(RuntimeError("later still"))
+    assert [status for status, _, _ in replies] == [503]

@@ -313,10 +313,13 @@ class ConnectionLane:
                 offset = end
                 started = lane.seconds()
                 self._asking = True
-                answer = lane.answer(method, raw, body, content_type, self._reply)
-                self._asking = False
+                try:
+                    answer = lane.answer(method, raw, body, content_type, self._reply)
+                finally:
+                    self._asking = False
+                    early, self._early = self._early, None
                 if answer is None:
-                    answer, self._early = self._early, None
+                    answer = early
                     if answer is None:
                         self._wait(method, started, data[offset:])
                         return None
@@ -354,6 +357,9 @@ class ConnectionLane:
         """
         if self._asking:
             self._early = answer
+            return
+        if self._waiting_for is None:
+            # No request is waiting for an answer: one given twice is dropped rather than sent for another.
             return
         self._waiting = False
         method, started, saved_timeout = self._waiting_for

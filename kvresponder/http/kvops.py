@@ -203,6 +203,8 @@ class _WriteReply:
         self.called = False
 
     def callback(self, result) -> None:
+        if self.called:
+            return
         self.called = True
         try:
             answer = self._written(result)
@@ -211,5 +213,7 @@ class _WriteReply:
         self._reply(answer)
 
     def errback(self, error) -> None:
+        if self.called:
+            return
         self.called = True
         self._reply(failure_answer(error if isinstance(error, Failure) else Failure(error)))

@@ -156,7 +156,10 @@ def c_json_encoder(default: Callable[[object], object]) -> Optional[Callable[[ob
     ``JSONEncoder.encode`` builds it again, and a closure, for every value it encodes, which was a visible share
     of a log line on CPython. ``None`` where ``json`` has no C encoder (PyPy).
     """
-    from json.encoder import c_make_encoder, encode_basestring_ascii
+    try:
+        from json.encoder import c_make_encoder, encode_basestring_ascii
+    except ImportError:
+        return None  # a json without the name at all (PyPy 3.9)
     if c_make_encoder is None:
         return None
     # The arguments JSONEncoder.iterencode passes: no cycle check, no indent, its separators and defaults.

@@ -137,10 +137,10 @@ class HashRing:
         The first ``n`` distinct nodes clockwise from ``key``: its owners, in order of preference. Fewer
         than ``n`` when the ring has fewer nodes.
         """
-        if not self._points:
+        if not self._points or n <= 0:
             return []
         if len(self.nodes) == 1:
-            return list(self.nodes) if n > 0 else []
+            return list(self.nodes)
         index = self._start(key)
         memo = self._successors
         if memo is None:

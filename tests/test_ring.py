@@ -125,20 +125,23 @@ def _walked_preference(ring: HashRing, key: str, n: int):
 
 
 @settings(max_examples=30, deadline=None)
-@given(ring_nodes(2, 20), st.lists(st.text(max_size=20), min_size=1, max_size=30), st.integers(1, 21),
-       st.integers(1, 21))
+@given(ring_nodes(1, 20), st.lists(st.text(max_size=20), min_size=1, max_size=30), st.integers(-2, 21),
+       st.integers(-2, 21))
 def test_a_remembered_preference_list_is_the_one_a_walk_gives(nodes, keys, n, again):
     """
     If keys are looked up twice, for ``n`` nodes then for ``again`` nodes, on rings small enough to remember
-    each point's successors and on larger ones that do not, then each lookup gives the list a walk over the
-    points gives, and the caller's list is its own (changing it changes nothing the ring remembers).
+    each point's successors (which they then do) and on larger ones that do not, then each lookup gives the
+    list a walk over the points gives (none for ``n`` of 0 or less), and the caller's list is its own
+    (changing it changes nothing the ring remembers).
     """
     ring = HashRing(nodes, vnodes=8)
     for key in keys:
         first = ring.preference_list(key, n)
-        assert first == _walked_preference(ring, key, n)
+        assert first == (_walked_preference(ring, key, n) if n > 0 else [])
         first.append("changed by the caller")
-        assert ring.preference_list(key, again) == _walked_preference(ring, key, again)
+        assert ring.preference_list(key, again) == (_walked_preference(ring, key, again) if again > 0 else [])
+    remembered = [successors for successors in ring._successors or () if successors is not None]
+    assert bool(remembered) == (1 < len(nodes) <= 16 and max(n, again) > 0)
 
 
 def test_preference_list_is_a_prefix_of_a_longer_one():

@@ -7,6 +7,7 @@ the higher counter, then the node id as a deterministic tie-break. That total or
 handoff and anti-entropy apply entries in any order and still converge (last writer wins).
 """
 
+import re
 from typing import Callable, Dict, List, Optional, Tuple
 
 #: ``(wall_ms, counter, node_id)``
@@ -28,6 +29,11 @@ def format_version(version: Version) -> str:
     return "%d.%d.%s" % version
 
 
+#: What a node id may be: it ends every version, and is written into JSON and log lines as it is. ``\Z``, not
+#: ``$``, which would also take a trailing newline.
+NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9][-A-Za-z0-9_.]{0,62}\Z")
+
+
 def version_from_wire(value) -> Version:
     """
     Parse a version sent by a peer as a JSON list ``[wall_ms, counter, node_id]``.
@@ -42,6 +48,7 @@ def version_from_wire(value) -> Version:
         or not isinstance(value[2], str)
         or not 0 <= value[0] <= MAX_WALL
         or not 0 <= value[1] <= MAX_COUNTER
+        or not NODE_ID_PATTERN.match(value[2])
     ):
         raise ValueError("malformed version: %r" % (value,))
     return (value[0], value[1], value[2])

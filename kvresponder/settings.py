@@ -13,10 +13,10 @@ import zlib
 from dataclasses import dataclass, field, fields
 from typing import Callable, Dict, Mapping, Optional
 
+from .hlc import NODE_ID_PATTERN
 from .log import canonical_level
 
 TENANT_PATTERN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-NODE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][-A-Za-z0-9_.]{0,62}$")
 DISCOVERY_MODES = ("multicast", "dns", "both")
 _SIZE_UNITS = {"": 1, "Ki": 1024, "Mi": 1024 ** 2, "Gi": 1024 ** 3,
                "k": 1000, "K": 1000, "M": 1000 ** 2, "G": 1000 ** 3}

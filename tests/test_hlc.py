@@ -7,7 +7,7 @@ import json
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from kvresponder.hlc import MAX_COUNTER, HybridLogicalClock, format_version, version_from_wire
+from kvresponder.hlc import MAX_COUNTER, NODE_ID_PATTERN, HybridLogicalClock, format_version, version_from_wire
 
 
 class ManualWall:
@@ -170,7 +170,8 @@ def test_format_version_renders_wall_counter_and_node():
     assert format_version((1700000000123, 4, "pod-1.x")) == "1700000000123.4.pod-1.x"
 
 
-@given(st.tuples(st.integers(0, 2 ** 63 - 1), st.integers(0, 2 ** 32 - 1), st.text(max_size=64)))
+@given(st.tuples(st.integers(0, 2 ** 63 - 1), st.integers(0, 2 ** 32 - 1),
+                 st.from_regex(NODE_ID_PATTERN, fullmatch=True)))
 def test_version_survives_the_json_wire_round_trip(version):
     """
     If a version is sent to a peer as a JSON list, then the peer parses back the same version.
@@ -196,12 +197,19 @@ def test_version_survives_the_json_wire_round_trip(version):
     [1, 2 ** 32, "n1"],
     [1, 2, 3],
     [1, 2, None],
+    [1, 2, ""],
+    [1, 2, "n1\n"],
+    [1, 2, 'n"1'],
+    [1, 2, "n\u00e9"],
+    [1, 2, "-n1"],
+    [1, 2, "n" * 64],
     {"wall": 1, "counter": 2, "node": "n1"},
 ])
 def test_malformed_wire_version_is_rejected(value):
     """
-    If a peer sends anything but ``[non-negative int, non-negative int, str]`` within the wire format's
-    ranges, then parsing raises ``ValueError`` naming the value.
+    If a peer sends anything but ``[non-negative int, non-negative int, node id]`` within the wire format's
+    ranges (a node id as a node's own must be: it is written into JSON answers unescaped), then parsing raises
+    ``ValueError`` naming the value.
     """
     with pytest.raises(ValueError) as raised:
         version_from_wire(value)

@@ -219,6 +219,7 @@ BAD_VALUES = [
     ("advertise-address", "ADVERTISE_ADDRESS", "10.0.0.1\nINJECTED=1"),
     ("advertise-port", "ADVERTISE_PORT", "0"),
     ("node-id", "NODE_ID", "-pod"),
+    ("node-id", "NODE_ID", "pod-1\n"),
     ("discovery-mode", "DISCOVERY_MODE", "gossip"),
     ("discovery-port", "DISCOVERY_PORT", "99999"),
     ("discovery-group", "DISCOVERY_GROUP", "10.0.0.1"),

@@ -95,7 +95,7 @@ def written_json(entry) -> bytes:
 
 def _version_json(version) -> bytes:
     # As format_version, quoted, without the JSON encoder: a node id is letters, digits, "-", "_" and "."
-    # (settings.NODE_ID_PATTERN; a peer's entry with any other is refused), which need no escaping.
+    # (hlc.NODE_ID_PATTERN: a peer's entry or version with any other is refused), which need no escaping.
     wall, counter, node = version
     return b'"%d.%d.%s"' % (wall, counter, node.encode("ascii"))
 

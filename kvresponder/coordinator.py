@@ -737,8 +737,9 @@ class _ReplicatedWrite:
 
     Plain callbacks rather than coroutines, and plain objects rather than Deferreds (a waiter for each copy,
     and the caller's waiter for the write): this is the path of every replicated write, and a coroutine per
-    copy (each step run in a copied context) cost more than the copy itself on PyPy. A failover runs in the context the write started in (a copy taken inside the caller's
-    Eliot action, the client request's, and at debug level inside the write's own ``replication:write``), so
+    copy (each step run in a copied context) cost more than the copy itself on PyPy. A failover runs in the
+    context the write started in (a copy taken inside the caller's Eliot action, the client request's, and at
+    debug level inside the write's own ``replication:write``), so
     the next attempt's actions and spans stay in the write's tree and trace (where that context held no action
     and tracing is off, in an empty one: no copy is taken for the usual write); the write's own result fires
     outside it, so that what the caller does next (answer the client, serve a pipelined request) is not logged

@@ -4,8 +4,9 @@ The copy stream: the copies of client writes sent to one peer over one long-live
 A coordinator sends a write's copies to a peer in batches (:meth:`kvresponder.peers.PeerClient.apply_coalesced`).
 As an HTTP request, each batch costs Twisted's HTTP client and treq more CPU than the writes it carries, and
 the peer's HTTP server as much again, where a frame on an open connection costs little (measured by
-``bench/copy_stream.py``; see docs/ARCHITECTURE.md, "Copy streams"). So each node keeps, for each peer it writes to, one connection upgraded from HTTP to a stream of
-frames. The upgrade is an internal call like any other, on the same port and signed the same way::
+``bench/copy_stream.py``; see docs/ARCHITECTURE.md, "Copy streams"). So each node keeps, for each peer it writes
+to, one connection upgraded from HTTP to a stream of frames. The upgrade is an internal call like any other, on
+the same port and signed the same way::
 
     GET /<tenant>/_internal/copies HTTP/1.1
     Connection: Upgrade
@@ -32,8 +33,9 @@ Nagle's algorithm off, so that a frame sent while the last is unacknowledged doe
 
 The MAC is BLAKE2b keyed with the peer key, 16 bytes, over the nonce the peer chose for this connection and the
 rest of the frame (zeros without a cluster secret; version 1 used HMAC-SHA256, and the versions refuse each
-other's upgrade, so that nodes of both during a rolling upgrade send their copies over HTTP). Batch ids only increase, so a frame cannot be
-replayed on this or another connection. Answers are not signed, as HTTP answers are not.
+other's upgrade, so that nodes of both during a rolling upgrade send their copies over HTTP). Batch ids only
+increase, so a frame cannot be replayed on this or another connection. Answers are not signed, as HTTP answers
+are not.
 
 A peer that answers the upgrade with anything but 101 (an older version, a proxy or mesh that does not pass
 upgrades, a TLS listener) is called over HTTP instead for :data:`REFUSED_FOR` seconds, batch for batch as

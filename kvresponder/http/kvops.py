@@ -17,7 +17,6 @@ from zope.interface import implementer
 
 from ..batcher import Waiter
 from ..coordinator import REMOTE, ClockSkewed, Unavailable
-from ..hlc import format_version
 from ..store import EntryTooLarge
 from .errors import APIError, error_body, not_found, too_large, unavailable
 from .site import json_bytes

@@ -69,14 +69,10 @@ class LogPolicy:
         self.set_all(level)
 
     def set_all(self, level: str) -> None:
-        value = self._parse(level)
-        for area in AREAS:
-            self._levels[area] = value
+        self.update(level)
 
     def set_area(self, area: str, level: str) -> None:
-        if area not in AREAS:
-            raise UnknownLevel("unknown log area %r; areas are %s" % (area, ", ".join(AREAS)))
-        self._levels[area] = self._parse(level)
+        self.update(levels={area: level})
 
     def update(self, level: Optional[str] = None, levels: Optional[Dict[str, str]] = None) -> None:
         """

@@ -4,6 +4,9 @@ The logging module's own pieces: fast task ids and the JSON line destination.
 
 import io
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 
@@ -11,49 +14,73 @@ import eliot._action
 from eliot import add_destinations as eliot_add, remove_destination as eliot_remove, start_action
 
 from kvresponder.log import (WARNING, JSONLineDestination, LogPolicy, UnknownLevel, canonical_level,
-                             random_task_uuid, use_fast_task_ids)
+                             fast_task_uuid, use_fast_task_ids)
 
 
-def test_random_task_uuids_are_version_4_uuids_in_canonical_text():
+def test_fast_task_uuids_are_version_4_uuids_in_canonical_text():
     for _ in range(1000):
-        text = random_task_uuid()
+        text = fast_task_uuid()
         parsed = uuid.UUID(text)
         assert str(parsed) == text
         assert parsed.version == 4
         assert parsed.variant == uuid.RFC_4122
 
 
-def test_random_task_uuids_vary_in_every_digit_but_the_version():
-    """
-    If many task ids are drawn, then every hex digit varies except the version's, and the variant digit
-    takes all four of its values: no field is stuck.
-    """
-    ids = [random_task_uuid().replace("-", "") for _ in range(2000)]
-    seen = [set(text[position] for text in ids) for position in range(32)]
-    assert seen[12] == {"4"}
-    assert seen[16] == set("89ab")
-    assert all(len(digits) == 16 for position, digits in enumerate(seen) if position not in (12, 16))
-
-
-def test_random_task_uuids_do_not_repeat():
-    ids = {random_task_uuid() for _ in range(100000)}
+def test_fast_task_uuids_do_not_repeat():
+    ids = {fast_task_uuid() for _ in range(100000)}
     assert len(ids) == 100000
+
+
+def _ids_of_a_new_process() -> str:
+    code = "from kvresponder.log import fast_task_uuid as f; print(f()); print(f())"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+
+
+def test_two_processes_draw_task_uuids_of_their_own():
+    """
+    If two processes each take task ids, then neither the part each draws at start nor the count each starts
+    from is the other's.
+    """
+    first, second = _ids_of_a_new_process(), _ids_of_a_new_process()
+    assert first[0] != first[1]
+    assert first[0][:8] != second[0][:8]
+    assert first[0][24:] != second[0][24:]
+
+
+def test_a_forked_child_does_not_repeat_its_parents_task_uuids():
+    """
+    If the process forks, then the child's task ids have a random part of their own, not the parent's.
+    """
+    reading, writing = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            os.write(writing, fast_task_uuid().encode("ascii"))
+        finally:
+            os._exit(0)
+    os.close(writing)
+    os.waitpid(child, 0)
+    childs = os.read(reading, 64).decode("ascii")
+    os.close(reading)
+    parents = fast_task_uuid()
+    assert uuid.UUID(childs).version == 4
+    assert childs[:23] != parents[:23]
 
 
 def test_fast_task_ids_name_new_eliot_tasks(monkeypatch):
     """
-    Once turned on, a new top-level action's task_uuid comes from random_task_uuid, and still parses as
+    Once turned on, a new top-level action's task_uuid comes from fast_task_uuid, and still parses as
     a UUID.
     """
     monkeypatch.setattr(eliot._action, "uuid4", eliot._action.uuid4)
     drawn = []
 
     def recording():
-        drawn.append(random_task_uuid())
+        drawn.append(fast_task_uuid())
         return drawn[-1]
 
     use_fast_task_ids()
-    assert eliot._action.uuid4 is random_task_uuid
+    assert eliot._action.uuid4 is fast_task_uuid
     monkeypatch.setattr(eliot._action, "uuid4", recording)
     with start_action(action_type="test:fast-ids") as action:
         task = action.task_uuid

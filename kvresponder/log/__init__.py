@@ -8,12 +8,13 @@ paths ask :meth:`LogPolicy.enabled` before they build an action at all, so a qui
 """
 
 import io
+import itertools
 import json
+import os
 import platform
 import re
 import sys
 import time
-from random import getrandbits
 from uuid import uuid4
 
 from eliot import current_action
@@ -265,18 +266,33 @@ def open_destination(policy: LogPolicy, tenant: str, node_id: str, log_file: Opt
     return JSONLineDestination(stream, policy, tenant, node_id, flush=flush)
 
 
-def random_task_uuid() -> str:
+def _start_task_ids() -> None:
     """
-    A random version-4 UUID as text, drawn from the process's Mersenne Twister rather than the system's
-    random source: a task id must be unique, not secret, and ``uuid.uuid4`` costs a system call
-    (``os.urandom``) for every task. The generator is seeded from the
-    system at start-up and reseeded in a forked child, so processes do not repeat each other's ids.
+    Draw this process's part of its task ids from the system's random source, and a counter for the rest.
     """
-    # The 122 random bits of a version-4 UUID, drawn as 62 and 60 bits: each fits a machine word (on PyPy, a
-    # 128-bit draw and its masks are big integers, which cost more), and two draws cost less than five.
-    high, low = getrandbits(62), getrandbits(60)
-    return "%08x-%04x-4%03x-%04x-%012x" % (high >> 30, (high >> 14) & 0xFFFF, (high >> 2) & 0xFFF,
-                                           0x8000 | (high & 0x3) << 12 | low >> 48, low & 0xFFFFFFFFFFFF)
+    global _task_prefix, _next_task
+    bits = int.from_bytes(os.urandom(15), "big")
+    # 74 random bits fill the version-4 UUID's first 19 digits (with its version and variant bits); the counter
+    # fills the last 12 from a random start below 2**46, so it cannot outgrow its 12 digits in a process's life.
+    _task_prefix = "%08x-%04x-4%03x-%04x-" % (bits >> 88, (bits >> 72) & 0xFFFF, (bits >> 60) & 0xFFF,
+                                               0x8000 | (bits >> 46) & 0x3FFF)
+    _next_task = itertools.count(bits & 0x3FFFFFFFFFFF).__next__
+
+
+_task_prefix = ""
+_next_task = itertools.count().__next__
+_start_task_ids()
+# A forked child would repeat its parent's ids.
+os.register_at_fork(after_in_child=_start_task_ids)
+
+
+def fast_task_uuid() -> str:
+    """
+    A task id in the text form of a version-4 UUID, unique without a system call or a random draw per task:
+    a task id must be unique, not secret, and ``uuid.uuid4`` reads ``os.urandom`` every time. Each process
+    (and each forked child) draws 74 random bits of its own at start, and counts the rest.
+    """
+    return _task_prefix + "%012x" % _next_task()
 
 
 _task_uuid = [lambda: str(uuid4())]
@@ -350,9 +366,9 @@ def _parse_task_id(serialized: bytes) -> Optional[Tuple[str, List[int]]]:
 
 def use_fast_task_ids() -> None:
     """
-    Make Eliot name new tasks with :func:`random_task_uuid`. Eliot builds each task id as ``str(uuid4())``
+    Make Eliot name new tasks with :func:`fast_task_uuid`. Eliot builds each task id as ``str(uuid4())``
     inside ``eliot._action``; this replaces that module's ``uuid4``. The running service turns it on; the
     ids keep the UUID text form that ``eliot-tree`` and log queries expect.
     """
-    set_task_uuid_factory(random_task_uuid)
-    _task_uuid[0] = random_task_uuid
+    set_task_uuid_factory(fast_task_uuid)
+    _task_uuid[0] = fast_task_uuid

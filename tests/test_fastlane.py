@@ -17,14 +17,14 @@ from eliot import add_destinations, remove_destination
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 
 from kvresponder.http.fastlane import INCOMPLETE, FastLane
 from kvresponder.http.kvops import Answer
 from kvresponder.http.root import build_root
-from kvresponder.http.site import KVSite, http_date
+from kvresponder.http.site import KVSite, _Cork, http_date
 from kvresponder.log import LogPolicy
 from kvresponder.node import Node
 
@@ -230,6 +230,65 @@ async def test_requests_the_lane_leaves_to_twisted_are_answered_in_order_between
         assert json.loads(answers[7][2])["error"] == "payload_too_large"
     finally:
         await server.port.stopListening()
+
+
+class _Recording(KVSite):
+    """A site that keeps the channels it builds, so that a test can hand them bytes itself."""
+
+    def buildProtocol(self, addr):
+        channel = KVSite.buildProtocol(self, addr)
+        self.channels = getattr(self, "channels", []) + [channel]
+        return channel
+
+
+@pytest.mark.parametrize("fast_lane", [True, False])
+@pytest_twisted.ensureDeferred
+async def test_answers_written_in_a_reactor_turn_leave_together_when_the_turn_ends(fast_lane):
+    """
+    If two connections' requests are handled in one reactor turn (by the lane, or by Twisted's path), then no
+    answer has left when the turn's code returns, and each connection has its own answer right after the turn.
+    """
+    node = Node(make_settings("t1", "n1", max_value_size=str(VALUE_LIMIT), max_key_length="20"), reactor,
+                http=None)
+    site = _Recording(build_root(node), reactor.seconds, reactor=reactor, metrics=node.metrics,
+                      body_limit=VALUE_LIMIT, fast_lane=fast_lane)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    clients = []
+    try:
+        for _ in range(2):
+            clients.append(socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10))
+        while len(getattr(site, "channels", [])) < 2:
+            await deferLater(reactor, 0.01, lambda: None)
+        site.channels[0].dataReceived(_put(b"a", b'{"value": 1}'))
+        site.channels[1].dataReceived(_get(b"b"))
+        for client in clients:
+            client.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                client.recv(1)
+            client.settimeout(10)
+        await deferLater(reactor, 0, lambda: None)
+        answers = [await deferToThread(_read_answers, client, 1) for client in clients]
+        assert [status for [(status, _, _)] in answers] == [201, 404]
+    finally:
+        for client in clients:
+            client.close()
+        await port.stopListening()
+
+
+def test_a_cork_sends_what_it_holds_at_once_past_its_limit():
+    """
+    If an answer corked until the end of the turn is large, then it is sent at once (it gains nothing from
+    waiting); a small one waits.
+    """
+    transport = StringTransport()
+    cork = _Cork(transport)
+    cork.write(b"small")
+    assert transport.value() == b""
+    cork.write(b"x" * (64 * 1024))
+    assert transport.value() == b"small" + b"x" * (64 * 1024)
+    cork.write(b"tail")
+    cork.flush()
+    assert transport.value().endswith(b"xtail")
 
 
 def _exchange_skipping_head(address, raw: bytes):

@@ -188,3 +188,91 @@ async def test_no_delay_turns_nagle_off_on_tcp_and_leaves_other_transports_alone
         no_delay(StringTransport())
     finally:
         await pair.close()
+
+
+# -- EndOfTurn ------------------------------------------------------------------------------------------------
+
+from eliot import MemoryLogger  # noqa: E402
+from eliot.testing import swap_logger  # noqa: E402
+from twisted.internet.task import Clock, deferLater  # noqa: E402
+
+from kvresponder.sendnow import EndOfTurn  # noqa: E402
+
+
+def test_calls_handed_over_in_a_turn_run_once_each_in_order_when_the_turn_ends():
+    """
+    If calls are handed over during a turn, then none runs before the turn ends, and each runs once, in the
+    order handed over, with one timer for all of them.
+    """
+    clock = Clock()
+    turn = EndOfTurn(clock)
+    ran = []
+    for name in ("a", "b", "c"):
+        turn.add(lambda name=name: ran.append(name))
+    assert ran == [] and len(clock.getDelayedCalls()) == 1
+    clock.advance(0)
+    assert ran == ["a", "b", "c"]
+    clock.advance(0)
+    assert ran == ["a", "b", "c"] and clock.getDelayedCalls() == []
+
+
+def test_a_call_handed_over_while_the_calls_run_runs_after_them():
+    """
+    If a call hands over another (an answer written while the turn's answers go out), then it is not lost: it
+    runs after the calls of the turn, on a timer of its own.
+    """
+    clock = Clock()
+    turn = EndOfTurn(clock)
+    ran = []
+
+    def first():
+        ran.append("first")
+        turn.add(lambda: ran.append("next"))
+        assert len(clock.getDelayedCalls()) == 1
+
+    turn.add(first)
+    turn.add(lambda: ran.append("second"))
+    clock.advance(0)
+    assert ran == ["first", "second", "next"]
+
+
+def test_a_failing_call_is_logged_and_the_others_still_run():
+    """
+    If one call raises, then the calls after it still run, and the failure is logged as a traceback.
+    """
+    logger = MemoryLogger()
+    previous = swap_logger(logger)
+    try:
+        _fail_one_of_two()
+    finally:
+        swap_logger(previous)
+    [failure] = logger.flush_tracebacks(RuntimeError)
+    assert "writer broke" in str(failure["reason"])
+
+
+def _fail_one_of_two():
+    clock = Clock()
+    turn = EndOfTurn(clock)
+    ran = []
+
+    def fail():
+        raise RuntimeError("writer broke")
+
+    turn.add(fail)
+    turn.add(lambda: ran.append("after"))
+    clock.advance(0)
+    assert ran == ["after"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_on_the_real_reactor_a_call_runs_after_the_turn_it_was_handed_over_in():
+    """
+    If a call is handed over during a reactor turn, then it has not run when that turn's code returns, and
+    it has run before the reactor's next timed call.
+    """
+    turn = EndOfTurn(reactor)
+    ran = []
+    turn.add(lambda: ran.append("end of turn"))
+    assert ran == []
+    await deferLater(reactor, 0, lambda: None)
+    assert ran == ["end of turn"]

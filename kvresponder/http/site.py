@@ -22,7 +22,7 @@ from ..log import DEBUG, INFO
 from ..log.http import HTTP_READ, HTTP_REJECTED, HTTP_REQUEST
 from ..privateapi import (answer_bad_requests, channel_between_requests, channel_waiting_for_transport, handle_star,
                           request_gone, request_target, skip_form_parsing, stop_idle_timeout, take_unread)
-from ..sendnow import send_now
+from ..sendnow import EndOfTurn, send_now
 from .errors import APIError, error_body, write_error
 from .fastlane import ConnectionLane, FastLane
 from .limits import BULK, INTERNAL, VALUE
@@ -234,17 +234,15 @@ class KVRequest(Request):
     def write_body(self, body: bytes) -> None:
         """
         Write ``body`` and finish. An answer written in a later reactor turn than its request arrived in (a
-        replicated write, answered when its copies are stored) leaves with one ``send``, as an answer within
-        the turn does (see :class:`_Cork`), rather than waiting for the reactor to report the socket writable.
+        replicated write, answered when its copies are stored) leaves with one ``send`` at the end of that
+        turn, as an answer within the turn does (see :class:`_Cork`), rather than waiting for the reactor to
+        report the socket writable.
         """
         channel = self.channel
-        cork = channel.cork() if isinstance(channel, _CountedChannel) else None
-        try:
-            self.write(body)
-            self.finish()
-        finally:
-            if cork is not None:
-                channel.uncork(cork)
+        if isinstance(channel, _CountedChannel):
+            channel.cork()
+        self.write(body)
+        self.finish()
 
     def switch_protocols(self, protocol, answer: bytes) -> bool:
         """
@@ -299,24 +297,31 @@ class KVRequest(Request):
 
 class _Cork:
     """
-    Stands in for a channel's transport while the channel answers a request within the same reactor turn,
-    and sends what was written with one system call at the end.
+    Stands in for a channel's transport from its first answer in a reactor turn to the end of that turn
+    (:class:`~kvresponder.sendnow.EndOfTurn`), and sends what was written with one system call then.
 
-    The answer then leaves with :func:`~kvresponder.sendnow.send_now`, not at the reactor's next turn: for a
-    small response, Twisted's buffering cost two ``epoll_ctl`` calls and another pass of the reactor loop, a
-    sixth of a cache read. It is only put in front of a plain ``twisted.internet.tcp.Server``: never TLS, nor
-    any other wrapper or test transport, which keep Twisted's own buffering.
+    The answers then leave with :func:`~kvresponder.sendnow.send_now`, not at the reactor's next turn: for a
+    small response, Twisted's buffering cost two ``epoll_ctl`` calls and another pass of the reactor loop.
+    They leave together with the other connections' answers of the turn: the client is woken by the first,
+    not by each. It is only put in front of a plain ``twisted.internet.tcp.Server``: never TLS, nor any other
+    wrapper or test transport, which keep Twisted's own buffering.
     """
 
     def __init__(self, transport) -> None:
         self._transport = transport
         self._chunks = []
+        self._size = 0
 
     def write(self, data: bytes) -> None:
         self._chunks.append(data)
+        self._size += len(data)
+        if self._size > _CORK_LIMIT:
+            # Large answers gain nothing from waiting, and would only be held in memory twice.
+            self.flush()
 
     def writeSequence(self, data) -> None:
-        self._chunks.extend(data)
+        for chunk in data:
+            self.write(chunk)
 
     def loseConnection(self) -> None:
         self.flush()
@@ -333,8 +338,12 @@ class _Cork:
         chunks = self._chunks
         if not chunks:
             return
-        self._chunks = []
-        send_now(self._transport, b"".join(chunks))
+        self._chunks, self._size = [], 0
+        send_now(self._transport, b"".join(chunks) if len(chunks) > 1 else chunks[0])
+
+
+#: Bytes a cork holds before it sends them without waiting for the end of the turn.
+_CORK_LIMIT = 64 * 1024
 
 
 class _Refuse(Protocol):
@@ -455,11 +464,14 @@ class _CountedChannel(HTTPChannel):
 
     def send(self, data: bytes) -> None:
         """
-        Write ``data`` (the fast lane's answers): behind an answer being corked, or at once.
+        Write ``data`` (the fast lane's answers): at the end of the reactor turn, behind whatever this channel
+        wrote before in the turn, where the channel can be corked; at once otherwise.
         """
         transport = self.transport
         if isinstance(transport, _Cork):
             transport.write(data)
+        elif type(transport) is tcp.Server:
+            self.cork().write(data)
         else:
             send_now(transport, data)
 
@@ -489,27 +501,26 @@ class _CountedChannel(HTTPChannel):
 
     def allContentReceived(self):
         self._request_started = None
-        cork = self.cork()
-        try:
-            HTTPChannel.allContentReceived(self)
-        finally:
-            self.uncork(cork)
+        self.cork()
+        HTTPChannel.allContentReceived(self)
 
     def cork(self) -> Optional[_Cork]:
         """
-        Hold what this channel writes until :meth:`uncork`, which sends it at once. A cork goes only over a
-        plain TCP connection, whose socket it may write to directly: not over TLS or any other wrapper (which
-        would forward the socket attribute to the connection beneath it), nor again while an answer is already
-        corked (so that pipelined answers leave in order). Returns ``None`` where it does not go.
+        Hold what this channel writes until the end of the reactor turn, and send it then. A cork goes only
+        over a plain TCP connection, whose socket it may write to directly: not over TLS or any other wrapper
+        (which would forward the socket attribute to the connection beneath it). Returns the channel's cork
+        (the one already in place, if it is corked), or ``None`` where none goes.
         """
         transport = self.transport
         if type(transport) is not tcp.Server:
-            return None
+            return transport if isinstance(transport, _Cork) else None
         self.transport = cork = _Cork(transport)
+        self.site.end_of_turn.add(self._uncork)
         return cork
 
-    def uncork(self, cork: Optional[_Cork]) -> None:
-        if cork is not None:
+    def _uncork(self) -> None:
+        cork = self.transport
+        if isinstance(cork, _Cork):
             self.transport = cork._transport
             cork.flush()
 
@@ -622,6 +633,9 @@ class KVSite(Site):
                  timeout: float = 30.0, max_header_bytes: int = 16384, reactor=None, tracing=None,
                  fast_lane: bool = True) -> None:
         Site.__init__(self, resource, timeout=timeout, reactor=reactor)
+        #: Where the channels' answers of a reactor turn are sent from, together, once the turn's requests
+        #: are all handled.
+        self.end_of_turn = EndOfTurn(self.reactor)
         self.seconds = seconds
         self.metrics = metrics
         self.log_policy = log_policy

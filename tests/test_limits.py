@@ -257,3 +257,17 @@ def test_internal_routes_closed_to_everyone_take_no_more_than_a_value():
                       internal_body_limit=LIMITS[INTERNAL])
         for target in (b"/t1/_internal/apply", b"/t1/%5Finternal/sync/buckets", b"/t1/_internal/copies"):
             assert site.body_limit_for(target, b"POST") == LIMITS[limit], (overrides, target)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_413_closes_the_connection_as_its_answer_says(server):
+    """
+    If a keep-alive request is refused as too large, then its answer says ``Connection: close`` and the
+    connection closes after it: a request pipelined behind it gets no answer.
+    """
+    over = _request(CASES[0], _body(LIMITS[CASES[0].limit] + 1)).replace(b"Connection: close\r\n", b"")
+    behind = b"GET /t1/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    raw = await deferToThread(_exchange, server.address, over + behind)
+    assert raw.count(b"HTTP/1.1 ") == 1, raw
+    assert b"\r\nConnection: close\r\n" in raw
+    assert _parse(raw).status == 413

@@ -136,7 +136,11 @@ class KVRequest(Request):
         self.responseHeaders.setRawHeaders(b"Date", [http_date(now)])
         if self._too_large:
             HTTP_REJECTED.log(reason="body over %d bytes" % (self._limit,), client=str(self.getClientAddress()))
+            # The answer says the connection closes, and it does: a client that sent too much may well send
+            # more, and nothing on this connection is worth reading after it.
             self.setHeader(b"Connection", b"close")
+            if isinstance(self.channel, _CountedChannel):
+                self.channel.close_after_answer()
             body = write_error(self, APIError(
                 413, "payload_too_large", "The request body is larger than %d bytes." % (self._limit,)))
             self.setHeader(b"Content-Length", b"%d" % (len(body),))
@@ -474,6 +478,13 @@ class _CountedChannel(HTTPChannel):
             self.cork().write(data)
         else:
             send_now(transport, data)
+
+    def close_after_answer(self) -> None:
+        """
+        Close the connection once the request being answered is answered (Twisted decides whether a connection
+        persists from the request's headers alone).
+        """
+        self.persistent = False
 
     def may_read(self) -> bool:
         """

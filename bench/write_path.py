@@ -128,8 +128,10 @@ def main() -> None:
     clock = Clock()
     metrics = Metrics("bench")
     ring = HashRing(["n1"] if args.single else ["n1", "n2", "n3"])
+    # The replicas only store copies; they get a peer client of their own that never sends.
     replicas = {node: Coordinator(Store(time.time, 1 << 30), HybridLogicalClock(time.time, node), lambda: ring,
-                                  lambda node_id: None, None, 2, None, time.time, metrics, policy)
+                                  lambda node_id: None, PeerClient(None, clock, "bench", 5.0, None, metrics, None,
+                                                                   policy), 2, None, time.time, metrics, policy)
                 for node in ("n2", "n3")}
     links = {2: _Link(replicas["n2"]), 3: _Link(replicas["n3"])}
     streams = CopyStreams(clock, lambda address, port: links[port], "bench")

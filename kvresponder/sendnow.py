@@ -79,9 +79,14 @@ class EndOfTurn:
 
     def _run(self) -> None:
         due, self._due = self._due, []
-        for call in due:
+        for index, call in enumerate(due):
             try:
                 call()
             except Exception:
                 # One writer's failure must not keep the others' answers.
                 write_traceback()
+            except BaseException:
+                # Not even then: the calls after it run at the end of the next turn.
+                for later in due[index + 1:]:
+                    self.add(later)
+                raise

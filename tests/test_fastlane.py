@@ -243,10 +243,10 @@ class _Recording(KVSite):
 
 @pytest.mark.parametrize("fast_lane", [True, False])
 @pytest_twisted.ensureDeferred
-async def test_answers_written_in_a_reactor_turn_leave_together_when_the_turn_ends(fast_lane):
+async def test_no_answer_leaves_before_the_reactor_turn_that_wrote_it_ends(fast_lane):
     """
     If two connections' requests are handled in one reactor turn (by the lane, or by Twisted's path), then no
-    answer has left when the turn's code returns, and each connection has its own answer right after the turn.
+    answer has left while the turn's code runs, and each connection has its own answer right after the turn.
     """
     node = Node(make_settings("t1", "n1", max_value_size=str(VALUE_LIMIT), max_key_length="20"), reactor,
                 http=None)
@@ -259,8 +259,10 @@ async def test_answers_written_in_a_reactor_turn_leave_together_when_the_turn_en
             clients.append(socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10))
         while len(getattr(site, "channels", [])) < 2:
             await deferLater(reactor, 0.01, lambda: None)
-        site.channels[0].dataReceived(_put(b"a", b'{"value": 1}'))
-        site.channels[1].dataReceived(_get(b"b"))
+        # Each channel is told apart by its peer's port, whatever order the connections were accepted in.
+        by_port = {channel.transport.getPeer().port: channel for channel in site.channels}
+        by_port[clients[0].getsockname()[1]].dataReceived(_put(b"a", b'{"value": 1}'))
+        by_port[clients[1].getsockname()[1]].dataReceived(_get(b"b"))
         for client in clients:
             client.setblocking(False)
             with pytest.raises(BlockingIOError):
@@ -273,6 +275,20 @@ async def test_answers_written_in_a_reactor_turn_leave_together_when_the_turn_en
         for client in clients:
             client.close()
         await port.stopListening()
+
+
+def test_a_request_made_while_its_channel_is_corked_keeps_the_connections_own_transport():
+    """
+    If a request is made while its channel's answers wait in a cork (pipelined behind an answer of the same
+    turn), then the request's ``transport`` is the connection's, not the cork, which is gone after the turn.
+    """
+    transport = StringTransport()
+    channel = KVSite(build_root(Node(make_settings("t1", "n1"), reactor, http=None)), reactor.seconds,
+                     reactor=reactor).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    channel.makeConnection(transport)
+    channel.transport = _Cork(transport)
+    request = channel.requestFactory(channel)
+    assert request.transport is transport
 
 
 def test_a_cork_sends_what_it_holds_at_once_past_its_limit():

@@ -33,7 +33,9 @@ def test_fast_task_uuids_do_not_repeat():
 
 def _ids_of_a_new_process() -> str:
     code = "from kvresponder.log import fast_task_uuid as f; print(f()); print(f())"
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
+                          env=dict(os.environ, PYTHONPATH=root)).stdout.split()
 
 
 def test_two_processes_draw_task_uuids_of_their_own():

@@ -265,14 +265,43 @@ def _fail_one_of_two():
 
 
 @pytest_twisted.ensureDeferred
-async def test_on_the_real_reactor_a_call_runs_after_the_turn_it_was_handed_over_in():
+async def test_on_the_real_reactor_a_call_runs_once_the_turn_it_was_handed_over_in_returns():
     """
-    If a call is handed over during a reactor turn, then it has not run when that turn's code returns, and
-    it has run before the reactor's next timed call.
+    If a call is handed over during a reactor turn, then it does not run while that turn's code runs, and it
+    has run by the time the reactor serves a timer due later.
     """
     turn = EndOfTurn(reactor)
     ran = []
     turn.add(lambda: ran.append("end of turn"))
     assert ran == []
-    await deferLater(reactor, 0, lambda: None)
+    await deferLater(reactor, 0.01, lambda: None)
     assert ran == ["end of turn"]
+
+
+class _Interrupt(BaseException):
+    """Stands for KeyboardInterrupt or SystemExit, raised by a call."""
+
+
+def test_a_call_that_raises_past_exception_leaves_the_calls_after_it_for_the_next_turn():
+    """
+    If a call raises something other than an Exception (an interrupt), then it propagates, and the calls after
+    it are not lost: they run at the end of the next turn.
+    """
+    clock = Clock()
+    turn = EndOfTurn(clock)
+    ran = []
+
+    def interrupt():
+        raise _Interrupt()
+
+    turn.add(interrupt)
+    turn.add(lambda: ran.append("after"))
+    try:
+        clock.advance(0)
+    except _Interrupt:
+        pass
+    else:
+        raise AssertionError("the interrupt was swallowed")
+    assert ran == []
+    clock.advance(0)
+    assert ran == ["after"]

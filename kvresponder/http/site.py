@@ -97,6 +97,10 @@ class KVRequest(Request):
         Request.__init__(self, *args, **kwargs)
         # The API speaks JSON only: a form POST gets a 415 from its route, not Twisted's form parsing.
         skip_form_parsing(self)
+        if isinstance(self.transport, _Cork):
+            # Made while the channel is corked: the request keeps the connection's own transport, not a cork that
+            # is gone once the turn ends (the request writes through its channel, which has the cork).
+            self.transport = self.transport._transport
 
     _limit = 0
 
@@ -332,7 +336,7 @@ class _Cork:
         self._transport.loseConnection()
 
     def abortConnection(self) -> None:
-        self._chunks = []
+        self._chunks, self._size = [], 0
         self._transport.abortConnection()
 
     def __getattr__(self, name):
@@ -343,7 +347,7 @@ class _Cork:
         if not chunks:
             return
         self._chunks, self._size = [], 0
-        send_now(self._transport, b"".join(chunks) if len(chunks) > 1 else chunks[0])
+        send_now(self._transport, b"".join(chunks))
 
 
 #: Bytes a cork holds before it sends them without waiting for the end of the turn.

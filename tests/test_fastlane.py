@@ -291,6 +291,23 @@ def test_a_request_made_while_its_channel_is_corked_keeps_the_connections_own_tr
     assert request.transport is transport
 
 
+def test_a_corked_connection_closed_sends_what_it_holds_first_and_one_aborted_drops_it():
+    """
+    If a connection is closed while answers wait in its cork, then they are sent before it closes; if it is
+    aborted, they are dropped, as Twisted drops what it buffers.
+    """
+    closed, aborted = StringTransport(), StringTransport()
+    cork = _Cork(closed)
+    cork.write(b"answer")
+    cork.loseConnection()
+    assert closed.value() == b"answer" and closed.disconnecting
+    cork = _Cork(aborted)
+    cork.write(b"answer")
+    cork.abortConnection()
+    cork.flush()
+    assert aborted.value() == b""
+
+
 def test_a_cork_sends_what_it_holds_at_once_past_its_limit():
     """
     If an answer corked until the end of the turn is large, then it is sent at once (it gains nothing from

@@ -40,8 +40,12 @@ FROM ${PYTHON_IMAGE}
 # LISTEN_ADDRESS: a bare PORT listens on every interface of the container, so
 # `docker run -p 3000:3000` reaches it even without POD_IP (a laptop run of
 # the service itself listens on loopback).
+# PYPY_GC_INCREMENT_STEP: PyPy marks the heap of a major collection 4 MB a
+# step, between requests; its default here marked a node's whole heap in one
+# step of about 40 ms (docs/PERFORMANCE.md). CPython ignores it.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    PYPY_GC_INCREMENT_STEP=4MB \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore \
     HOME=/tmp \

@@ -75,8 +75,26 @@ def node_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
                                   "ADMIN_TOKEN", "HEARTBEAT", "PEER_", "DRAIN_", "PYTHONPATH"))}
     # Benchmark the work tree's code, whatever is installed.
     env["PYTHONPATH"] = REPO
+    # As the image sets it (see the Dockerfile); CPython ignores it. A value in the environment wins.
+    env.setdefault("PYPY_GC_INCREMENT_STEP", IMAGE_PYPY_GC_INCREMENT_STEP)
     env.update(extra or {})
     return env
+
+
+def _image_env(name: str) -> str:
+    """
+    The value the Dockerfile's ``ENV`` gives ``name``, so that a node here runs as it does in the image.
+    """
+    with open(os.path.join(REPO, "Dockerfile")) as dockerfile:
+        for line in dockerfile:
+            words = line.replace("\\", " ").split()
+            for word in words:
+                if word.startswith(name + "="):
+                    return word.split("=", 1)[1]
+    raise RuntimeError("the Dockerfile sets no %s" % (name,))
+
+
+IMAGE_PYPY_GC_INCREMENT_STEP = _image_env("PYPY_GC_INCREMENT_STEP")
 
 
 def log_dir() -> str:

@@ -11,7 +11,7 @@ The local node goes through the same logic, with a direct call in place of HTTP.
 """
 
 from contextvars import Context, copy_context
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import AbstractSet, Callable, List, NamedTuple, Optional, Tuple
 
 from attr import attrib, attrs
 from eliot import Action, current_action, write_failure, write_traceback
@@ -605,7 +605,7 @@ class Coordinator:
         return self._newest_and_repair(answered)
 
     def _newest_and_repair(self, answered: List[Tuple[str, Optional[Entry]]],
-                           not_repaired: frozenset = frozenset()) -> Optional[Entry]:
+                           not_repaired: AbstractSet[str] = frozenset()) -> Optional[Entry]:
         """
         The newest of the replicas' answers (tombstones included); replicas that answered an older version,
         or nothing, are sent the newest (read repair), except the nodes in ``not_repaired``.

@@ -61,14 +61,16 @@ class _Peers:
 
 
 def coordinator(answers, peer_of=None, level: str = "info", peers=None, metrics=None,
-                traced: bool = False) -> Coordinator:
+                traced: bool = False, ring: HashRing = RING, store: Store = None, settling: bool = False,
+                leaving=()) -> Coordinator:
     clock = Clock()
     clock.advance(1000)
-    store = Store(clock.seconds, 1 << 24)
-    return Coordinator(store, HybridLogicalClock(clock.seconds, "n1"), lambda: RING,
+    store = store if store is not None else Store(clock.seconds, 1 << 24)
+    return Coordinator(store, HybridLogicalClock(clock.seconds, "n1"), lambda: ring,
                        peer_of or (lambda node: Peer(node, "10.0.0.%s" % node[1:], 3000)), peers or _Peers(answers),
                        replicas=2, write_quorum=None, seconds=clock.seconds, metrics=metrics or Metrics("t"),
-                       log_policy=LogPolicy(level), traced=traced)
+                       log_policy=LogPolicy(level), traced=traced, ring_settling=lambda: settling,
+                       leaving=lambda: list(leaving))
 
 
 def outcome(d: Deferred):
@@ -599,15 +601,9 @@ class _ReadPeers:
 
 
 def _reader(node_id: str, ring: HashRing, stores, settling: bool, leaving):
-    clock = Clock()
-    clock.advance(1000)
-    store = stores.setdefault(node_id, Store(clock.seconds, 1 << 24))
     peers = _ReadPeers(stores)
-    c = Coordinator(store, HybridLogicalClock(clock.seconds, node_id), lambda: ring,
-                    lambda node: Peer(node, "10.0.0.%s" % node[1:], 3000), peers, replicas=2, write_quorum=None,
-                    seconds=clock.seconds, metrics=Metrics("t"), log_policy=LogPolicy("info"),
-                    ring_settling=lambda: settling, leaving=lambda: list(leaving))
-    return c, peers
+    store = stores.setdefault(node_id, Store(lambda: 1000.0, 1 << 24))
+    return coordinator(None, peers=peers, ring=ring, store=store, settling=settling, leaving=leaving), peers
 
 
 def _entry_on(stores, node_id: str, key: str) -> Entry:

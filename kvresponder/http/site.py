@@ -475,13 +475,11 @@ class _CountedChannel(HTTPChannel):
         Write ``data`` (the fast lane's answers): at the end of the reactor turn, behind whatever this channel
         wrote before in the turn, where the channel can be corked; at once otherwise.
         """
-        transport = self.transport
-        if isinstance(transport, _Cork):
-            transport.write(data)
-        elif type(transport) is tcp.Server:
-            self.cork().write(data)
+        cork = self.cork()
+        if cork is not None:
+            cork.write(data)
         else:
-            send_now(transport, data)
+            send_now(self.transport, data)
 
     def close_after_answer(self) -> None:
         """

@@ -15,6 +15,7 @@ Queue items are typed records that know how to settle themselves: :class:`Queued
 and :class:`QueuedRead` (a key to read).
 """
 
+from functools import partial
 from typing import Callable, Dict, List, Optional, Tuple
 
 from attr import attrib, attrs
@@ -124,7 +125,8 @@ class QueuedRead:
 
 class Batcher:
     """
-    :param clock: ``IReactorTime``: a queue leaves at the end of the reactor turn (``callLater(0)``).
+    :param end_of_turn: the node's :class:`~kvresponder.turn.EndOfTurn`: a queue leaves at the end of the reactor
+        turn.
     :param send: ``send(peer, items)``, a Deferred firing with one result an item, in order, or failing with
         an exception whose ``code`` is the status the peer answered (``None``: it did not answer).
     :param make_error: turns a batch's failure into the exception its calls fail with.
@@ -133,11 +135,11 @@ class Batcher:
     :param int max_in_flight: batches out to one peer at once.
     """
 
-    def __init__(self, clock, send: Callable[[object, list], Deferred],
+    def __init__(self, end_of_turn, send: Callable[[object, list], Deferred],
                  make_error: Callable[[Failure], Exception] = lambda failure: BatchError(str(failure.value)),
                  max_items: int = MAX_COALESCED, max_bytes: Optional[int] = None,
                  max_in_flight: int = MAX_BATCHES_IN_FLIGHT) -> None:
-        self._clock = clock
+        self._end_of_turn = end_of_turn
         self._send = send
         self._make_error = make_error
         self._max_items = max_items
@@ -160,7 +162,7 @@ class Batcher:
             self._flush(peer, key)
         elif key not in self._scheduled and self._in_flight.get(key, 0) < self._max_in_flight:
             self._scheduled.add(key)
-            self._clock.callLater(0, self._scheduled_flush, peer, key)
+            self._end_of_turn.add(partial(self._scheduled_flush, peer, key))
 
     def _scheduled_flush(self, peer, key) -> None:
         self._scheduled.discard(key)

@@ -419,9 +419,8 @@ class CopyStreamClient(Int32StringReceiver):
         if pending is None:
             return
         d = pending[0]
-        if not self._pending and self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        # The timer stays when no batch is left out: it finds none when it fires, and stops. Cancelled at each
+        # answer, it was a timer made and cancelled for every batch.
         self.answered += 1
         payload = frame[_ANSWER.size:]
         if code == 200:

@@ -61,12 +61,14 @@ class Node:
         copy streams (:mod:`kvresponder.copystream`); ``None`` sends every copy as an HTTP request.
     :param monotonic: a monotonic clock in seconds, to age the peers' clock samples; by default the clock's
         ``seconds``.
+    :param end_of_turn: the :class:`~kvresponder.turn.EndOfTurn` the peer calls' batches leave from (the HTTP
+        site's, so that one timer a turn serves both); by default one of the node's own.
     """
 
     def __init__(self, settings: Settings, clock, http, wall: Optional[Callable[[], float]] = None,
                  log_policy: Optional[LogPolicy] = None, tracing=None,
                  join_settle: Optional[float] = None, collect: Optional[Callable[[], object]] = None,
-                 stream_endpoint=None, monotonic: Optional[Callable[[], float]] = None) -> None:
+                 stream_endpoint=None, monotonic: Optional[Callable[[], float]] = None, end_of_turn=None) -> None:
         self.settings = settings
         self.node_id = settings.node_id
         self.clock = clock
@@ -93,7 +95,7 @@ class Node:
                                   wall=self.wall)
         self.peers = PeerClient(http, clock, settings.tenant, settings.peer_request_timeout,
                                 self.authenticator, self.metrics, tracing, self.log_policy, streams,
-                                wall=self.wall, clock_offsets=self.clock_offsets)
+                                wall=self.wall, clock_offsets=self.clock_offsets, end_of_turn=end_of_turn)
         self.coordinator = Coordinator(self.store, self.hlc, self.ring, self.membership.peer, self.peers,
                                        settings.replicas, settings.write_quorum, self.wall, self.metrics,
                                        self.log_policy, self.ring_settling, clock_skew=self.clock_offsets,

@@ -24,6 +24,7 @@ from .log.replication import PEER_CALL
 from .peertransport import (AUTH_HEADER, AUTH_WINDOW, CLOCK_HEADER, MAX_IN_FLIGHT, TASK_HEADER, TASKS_HEADER,
                             CachedEndpoints, PeerAuthenticator, PeerError, PeerTransport)
 from .store import ApplyResult, Entry
+from .turn import EndOfTurn
 from .wire import encode_batch, entry_from_wire
 
 
@@ -37,7 +38,7 @@ def _peer_error(failure) -> PeerError:
 class PeerClient:
     """
     :param http: a ``treq.client.HTTPClient`` (over a persistent pool), or a ``StubTreq`` in tests.
-    :param clock: ``IReactorTime`` for timeouts and batching.
+    :param clock: ``IReactorTime`` for timeouts.
     :param str tenant: the path prefix of every internal route.
     :param float timeout: seconds before a call fails.
     :param authenticator: a :class:`~kvresponder.peertransport.PeerAuthenticator`, or ``None``.
@@ -49,11 +50,13 @@ class PeerClient:
         the clock's ``seconds``.
     :param clock_offsets: a :class:`~kvresponder.clockskew.ClockOffsets` fed the peers' clocks from their
         answers, or ``None``.
+    :param end_of_turn: the node's :class:`~kvresponder.turn.EndOfTurn`, where queued calls leave; by default one
+        on ``clock``.
     """
 
     def __init__(self, http, clock, tenant: str, timeout: float, authenticator=None, metrics=None,
                  tracing=None, log_policy=None, streams=None, wall: Optional[Callable[[], float]] = None,
-                 clock_offsets=None) -> None:
+                 clock_offsets=None, end_of_turn=None) -> None:
         self._wall = wall or clock.seconds
         self._log = log_policy
         self.transport = PeerTransport(http, clock, tenant, timeout, authenticator, metrics, tracing, log_policy,
@@ -62,8 +65,9 @@ class PeerClient:
         #: The :class:`~kvresponder.copysender.ICopySender` of client writes' copies.
         self.copies = requests if streams is None else StreamCopySender(streams, requests, clock, metrics, timeout)
         self.streams = streams
-        self._writes = Batcher(clock, self._send_writes, _peer_error, max_bytes=MAX_BATCH_BYTES)
-        self._reads = Batcher(clock, self._send_reads, _peer_error)
+        end_of_turn = end_of_turn if end_of_turn is not None else EndOfTurn(clock)
+        self._writes = Batcher(end_of_turn, self._send_writes, _peer_error, max_bytes=MAX_BATCH_BYTES)
+        self._reads = Batcher(end_of_turn, self._send_reads, _peer_error)
 
     @property
     def timeout(self) -> float:

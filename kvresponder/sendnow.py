@@ -4,13 +4,8 @@ Writing to a TCP connection with one ``send``, instead of at the reactor's next 
 Twisted's TCP transport buffers every write and waits for the reactor to report the socket writable
 (https://github.com/twisted/twisted/issues/5303). For a small message that costs two ``epoll_ctl`` calls and
 another pass of the reactor loop before it leaves. :func:`send_now` sends it with one ``send`` where that is
-safe, and leaves everything else to the transport. :class:`EndOfTurn` lets a writer hold its messages until the
-end of the reactor turn, and send them then.
+safe, and leaves everything else to the transport.
 """
-
-from typing import Callable, List
-
-from eliot import write_traceback
 
 from .privateapi import PLAIN_TCP, tcp_write_is_queued
 
@@ -50,43 +45,3 @@ def no_delay(transport) -> None:
         set_no_delay(True)
     except OSError:
         pass
-
-
-class EndOfTurn:
-    """
-    Runs each callable handed to it once, at the end of the reactor turn it was handed over in: after every
-    event of that turn is handled, before the reactor waits for more.
-
-    An HTTP server holds its answers until then (see ``kvresponder.http.site``). A reactor turn handles the
-    requests of many connections, and a ``send`` that wakes a client sleeping on its socket costs far more
-    than one to a client already awake: the first answer of a turn wakes the client, and the others find it
-    awake, where answers sent one by one, as each request is handled, each woke it again.
-
-    :param reactor: an ``IReactorTime``; the turn's end is its ``callLater(0)``.
-    """
-
-    def __init__(self, reactor) -> None:
-        self._reactor = reactor
-        self._due: List[Callable[[], None]] = []
-
-    def add(self, call: Callable[[], None]) -> None:
-        """
-        Call ``call()`` at the end of this reactor turn.
-        """
-        if not self._due:
-            self._reactor.callLater(0, self._run)
-        self._due.append(call)
-
-    def _run(self) -> None:
-        due, self._due = self._due, []
-        for index, call in enumerate(due):
-            try:
-                call()
-            except Exception:
-                # One writer's failure must not keep the others' answers.
-                write_traceback()
-            except BaseException:
-                # Not even then: the calls after it run at the end of the next turn.
-                for later in due[index + 1:]:
-                    self.add(later)
-                raise

@@ -148,6 +148,7 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
     from .peers import CachedEndpoints
     from .reclaim import reclaimer
     from .tracing import Tracing
+    from .turn import EndOfTurn
 
     policy = LogPolicy(settings.log_level)
     destination = open_destination(policy, settings.tenant, settings.node_id, settings.log_file, stdout,
@@ -167,14 +168,16 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
     pool.retryAutomatically = False
     endpoints = CachedEndpoints(reactor, settings.peer_request_timeout)
     agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
+    # One end of the reactor turn for the node's answers and its copies' batches: one timer a turn for both.
+    end_of_turn = EndOfTurn(reactor)
     node = Node(settings, reactor, HTTPClient(agent), wall=time.time, log_policy=policy, tracing=tracing,
                 collect=reclaimer(reactor), stream_endpoint=endpoints.endpoint,
-                monotonic=time.monotonic)
+                monotonic=time.monotonic, end_of_turn=end_of_turn)
 
     site = KVSite(build_root(node, node.authenticator), reactor.seconds, tracing=tracing,
                   metrics=node.metrics, log_policy=policy, body_limit=settings.max_value_size,
                   max_connections=settings.max_connections, timeout=settings.request_timeout,
-                  max_header_bytes=settings.max_header_bytes, reactor=reactor)
+                  max_header_bytes=settings.max_header_bytes, reactor=reactor, end_of_turn=end_of_turn)
     http_service = StreamServerEndpointService(serverFromString(reactor, settings.listen_endpoint), site)
 
     key = derive_key(settings.cluster_secret, "discovery") if settings.cluster_secret else None

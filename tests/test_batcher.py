@@ -12,9 +12,11 @@ from zope.interface.verify import verifyObject
 from kvresponder.batcher import Batcher, BatchError, QueuedRead, QueuedWrite
 from kvresponder.copysender import ICopySender, RequestCopySender, StreamCopySender
 from kvresponder.store import ApplyResult, Entry
+from kvresponder.turn import EndOfTurn
 
 Peer = namedtuple("Peer", "node_id address port")
 PEER = Peer("n2", "10.0.0.2", 3000)
+OTHER = Peer("n3", "10.0.0.3", 3000)
 
 
 class _Sends:
@@ -37,7 +39,7 @@ def test_calls_queued_in_one_turn_leave_together_and_later_ones_wait_for_the_bat
     it is out leave together once it is answered, each with its own result.
     """
     clock, sends = Clock(), _Sends()
-    batcher = Batcher(clock, sends)
+    batcher = Batcher(EndOfTurn(clock), sends)
     first = [_read(k) for k in "abc"]
     for item in first:
         batcher.add(PEER, item)
@@ -54,19 +56,36 @@ def test_calls_queued_in_one_turn_leave_together_and_later_ones_wait_for_the_bat
     assert [[i.key for i in items] for items, _ in sends.batches[1:]] == [["d", "e"]]
 
 
+def test_a_turns_batch_leaves_from_the_end_of_turn_it_shares_with_other_writers_on_one_timer():
+    """
+    If the node's end of turn already holds other work (the HTTP answers of the turn), then calls queued in that
+    turn add no timer of their own: they leave from the same end of turn, after the work handed over before them.
+    """
+    clock, sends = Clock(), _Sends()
+    turn = EndOfTurn(clock)
+    ran = []
+    turn.add(lambda: ran.append(len(sends.batches)))
+    batcher = Batcher(turn, sends)
+    batcher.add(PEER, _read("a"))
+    batcher.add(OTHER, _read("b"))
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(0)
+    assert ran == [0] and [[i.key for i in items] for items, _ in sends.batches] == [["a"], ["b"]]
+
+
 def test_a_full_queue_leaves_at_once_and_a_batch_stops_at_its_byte_limit():
     """
     If a queue reaches its item limit, then it leaves without waiting for the turn's end; and a batch stops
     before the item that would pass the byte limit, which follows in the next batch.
     """
     clock, sends = Clock(), _Sends()
-    batcher = Batcher(clock, sends, max_items=2, max_bytes=250)
+    batcher = Batcher(EndOfTurn(clock), sends, max_items=2, max_bytes=250)
     for key in "ab":
         batcher.add(PEER, _read(key))
     assert len(sends.batches) == 1
     sends.batches[0][1].callback([None, None])
     big = [QueuedWrite(Entry("k%d" % i, b"x" * 10, (1, 0, "n1")), Deferred()) for i in range(2)]
-    batcher = Batcher(clock, sends, max_bytes=250)
+    batcher = Batcher(EndOfTurn(clock), sends, max_bytes=250)
     for item in big:
         batcher.add(PEER, item)
     clock.advance(0)
@@ -81,7 +100,7 @@ def test_an_unanswered_batch_fails_the_calls_queued_behind_it_and_an_error_statu
     answered with an error status, then only its own calls fail and the queued ones are sent.
     """
     clock, sends = Clock(), _Sends()
-    batcher = Batcher(clock, sends)
+    batcher = Batcher(EndOfTurn(clock), sends)
     sent, queued = _read("a"), _read("b")
     batcher.add(PEER, sent)
     clock.advance(0)
@@ -107,7 +126,7 @@ def test_an_answer_of_the_wrong_length_fails_the_batch_but_not_the_queue():
     the calls queued behind it still go).
     """
     clock, sends = Clock(), _Sends()
-    batcher = Batcher(clock, sends)
+    batcher = Batcher(EndOfTurn(clock), sends)
     items = [_read("a"), _read("b")]
     for item in items:
         batcher.add(PEER, item)
@@ -134,7 +153,7 @@ def test_a_send_that_raises_fails_its_batch_and_frees_the_peer():
         if len(calls) == 1:
             raise RuntimeError("cannot encode")
         return succeed([None] * len(items))
-    batcher = Batcher(clock, send)
+    batcher = Batcher(EndOfTurn(clock), send)
     broken = _read("a")
     batcher.add(PEER, broken)
     clock.advance(0)

@@ -720,6 +720,25 @@ def test_each_batch_is_timed_from_when_it_was_sent_by_one_timer_for_the_stream()
     assert clock.getDelayedCalls() == []
 
 
+def test_a_batch_sent_after_every_earlier_one_was_answered_is_timed_from_its_own_sending():
+    """
+    If the stream's timer outlives the batches it was made for (all answered), and a batch sent later is not
+    answered, then the timer's firing does not fail that batch early: it fails its own timeout after it was
+    sent.
+    """
+    clock = Clock()
+    client = _upgraded_client(clock)
+    client.send(encode_batch([_entry(1)], 0.0), [b"-"], 10.0)
+    _answer(client, 1)
+    clock.advance(8)
+    outcomes = []
+    client.send(encode_batch([_entry(2)], 0.0), [b"-"], 10.0).addBoth(outcomes.append)
+    clock.advance(9.9)  # the first batch's timer fired at 10
+    assert outcomes == [] and not client.closed
+    clock.advance(0.1)
+    assert outcomes[0].check(StreamTimeout) and client.closed
+
+
 def test_a_batch_with_a_shorter_timeout_is_not_timed_by_the_longer_one_before_it():
     """
     If a batch with a short timeout follows one with a long timeout, then the short one still fails on time.
@@ -733,16 +752,20 @@ def test_a_batch_with_a_shorter_timeout_is_not_timed_by_the_longer_one_before_it
     assert client.closed and len(outcomes) == 1 and outcomes[0].check(StreamTimeout)
 
 
-def test_a_stream_with_every_batch_answered_keeps_no_timer():
+def test_a_stream_with_every_batch_answered_keeps_one_timer_that_stops_when_it_finds_none_out():
     """
-    If every batch sent is answered, then no timer is left waiting.
+    If batches are sent and answered one after another, then the stream keeps one timer for all of them (not
+    one made and cancelled a batch), and once every batch is answered that timer stops when it fires, without
+    closing the stream.
     """
     clock = Clock()
     client = _upgraded_client(clock)
     for batch_id in (1, 2, 3):
         client.send(encode_batch([_entry(batch_id)], 0.0), [b"-"], 10.0)
-    for batch_id in (1, 2, 3):
         _answer(client, batch_id)
+        [timer] = clock.getDelayedCalls()
+        assert timer.getTime() == 10.0
+    clock.advance(10)
     assert clock.getDelayedCalls() == []
     clock.advance(60)
     assert not client.closed

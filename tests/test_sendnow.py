@@ -196,7 +196,7 @@ from eliot import MemoryLogger  # noqa: E402
 from eliot.testing import swap_logger  # noqa: E402
 from twisted.internet.task import Clock, deferLater  # noqa: E402
 
-from kvresponder.sendnow import EndOfTurn  # noqa: E402
+from kvresponder.turn import EndOfTurn  # noqa: E402
 
 
 def test_calls_handed_over_in_a_turn_run_once_each_in_order_when_the_turn_ends():

@@ -22,7 +22,8 @@ from ..log import DEBUG, INFO
 from ..log.http import HTTP_READ, HTTP_REJECTED, HTTP_REQUEST
 from ..privateapi import (answer_bad_requests, channel_between_requests, channel_waiting_for_transport, handle_star,
                           request_gone, request_target, skip_form_parsing, stop_idle_timeout, take_unread)
-from ..sendnow import EndOfTurn, send_now
+from ..sendnow import send_now
+from ..turn import EndOfTurn
 from .errors import APIError, error_body, write_error
 from .fastlane import ConnectionLane, FastLane
 from .limits import BULK, INTERNAL, VALUE
@@ -306,7 +307,7 @@ class KVRequest(Request):
 class _Cork:
     """
     Stands in for a channel's transport from its first answer in a reactor turn to the end of that turn
-    (:class:`~kvresponder.sendnow.EndOfTurn`), and sends what was written with one system call then.
+    (:class:`~kvresponder.turn.EndOfTurn`), and sends what was written with one system call then.
 
     The answers then leave with :func:`~kvresponder.sendnow.send_now`, not at the reactor's next turn: for a
     small response, Twisted's buffering cost two ``epoll_ctl`` calls and another pass of the reactor loop.
@@ -634,6 +635,7 @@ class KVSite(Site):
     :param int max_connections: open connections accepted at once.
     :param float timeout: seconds an idle connection stays open, and the deadline for receiving a whole
         request once its first byte arrived.
+    :param end_of_turn: the node's :class:`~kvresponder.turn.EndOfTurn`, or ``None`` for one of the site's own.
     """
 
     requestFactory = KVRequest
@@ -644,11 +646,11 @@ class KVSite(Site):
                  body_limit: int = 1024 * 1024, bulk_body_limit: Optional[int] = None,
                  internal_body_limit: int = 64 * 1024 * 1024, max_connections: int = 1024,
                  timeout: float = 30.0, max_header_bytes: int = 16384, reactor=None, tracing=None,
-                 fast_lane: bool = True) -> None:
+                 fast_lane: bool = True, end_of_turn: Optional[EndOfTurn] = None) -> None:
         Site.__init__(self, resource, timeout=timeout, reactor=reactor)
         #: Where the channels' answers of a reactor turn are sent from, together, once the turn's requests
         #: are all handled.
-        self.end_of_turn = EndOfTurn(self.reactor)
+        self.end_of_turn = end_of_turn if end_of_turn is not None else EndOfTurn(self.reactor)
         self.seconds = seconds
         self.metrics = metrics
         self.log_policy = log_policy

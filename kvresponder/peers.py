@@ -182,12 +182,17 @@ class PeerClient:
             raise PeerError("%s answered malformed keys" % (peer.node_id,))
         return keys
 
-    async def differing_buckets(self, peer, sender: str, buckets: Dict[int, str]) -> List[int]:
+    async def differing_buckets(self, peer, sender: str, buckets: Dict[int, str],
+                                background: bool = False) -> List[int]:
         """
         Anti-entropy, step one: which of our bucket digests differ from the peer's.
+
+        :param background: for the periodic pass: the peer's walk, if it needs one, goes in the background.
         """
-        answer = await self.transport.call(peer, "sync/buckets",
-                                           {"from": sender, "buckets": {str(b): h for b, h in buckets.items()}})
+        body = {"from": sender, "buckets": {str(b): h for b, h in buckets.items()}}
+        if background:
+            body["background"] = True
+        answer = await self.transport.call(peer, "sync/buckets", body)
         differing = answer.get("differ") if isinstance(answer, dict) else None
         if not isinstance(differing, list):
             raise PeerError("%s answered malformed buckets" % (peer.node_id,))

@@ -38,6 +38,21 @@ CHUNK = 2000
 #: walk runs while the node serves, and a fixed number of entries of cold (not yet JIT-compiled) code could hold
 #: it far longer than a request may wait.
 SLICE = 0.005
+#: The share of the reactor's time a background walk takes while it runs: the periodic anti-entropy pass's, and a
+#: peer's digest for it. After each slice it rests three times as long. Yielding for one turn between slices
+#: gave the walk nearly all of a loaded node's time: a replica answered one batch of copies a slice, and a
+#: cluster's writes nearly stopped while the pass ran. Walks that move data after a membership change, and a
+#: drain's, go at full speed: copies are missing until they finish.
+BACKGROUND_SHARE = 0.25
+#: A peer's periodic pass compares with the digest of this node's last pass, if the ring has not changed and that
+#: pass is at most this many seconds old, however many writes came since. Under steady writes a fresh walk finds
+#: the same buckets differing (the peer's digest is no fresher), and a walk for each peer's pass cost a loaded
+#: node more than its own pass. An older digest does not hide an entry the peer must send, as this node's versions
+#: only grow; what it dropped since (evicted, handed off) waits for its next pass's digest.
+MAX_DIGEST_AGE = 60.0
+#: The longest rest after one slice: a slice held up by a collection or by the JIT's compiling is not followed by
+#: three times as long a rest.
+MAX_REST = 0.05
 CHECK_EVERY = 64
 
 
@@ -74,12 +89,16 @@ class _Slices:
     """
     Cuts a walk over the store into slices of at most :data:`SLICE` seconds of reactor time (and at most
     :data:`CHUNK` entries), so that requests keep being served during a pass.
+
+    :param float share: the share of the reactor's time the walk takes: after a slice it rests for as long as
+        keeps it to that share (up to :data:`MAX_REST`); at 1, it yields for one turn only.
     """
 
-    def __init__(self, clock) -> None:
+    def __init__(self, clock, share: float = 1.0) -> None:
         self._clock = clock
         self._count = 0
         self._since = clock.seconds()
+        self._rest_ratio = (1.0 - share) / share
 
     def due(self) -> bool:
         """
@@ -91,7 +110,9 @@ class _Slices:
         return self._count % CHECK_EVERY == 0 and self._clock.seconds() - self._since >= SLICE
 
     async def pause(self) -> None:
-        await deferLater(self._clock, 0, lambda: None)
+        worked = self._clock.seconds() - self._since
+        rest = min(max(worked, 0.0) * self._rest_ratio, MAX_REST)
+        await deferLater(self._clock, rest, lambda: None)
         self._since = self._clock.seconds()
 
 
@@ -147,7 +168,7 @@ class Rebalancer:
         self._again: Optional[Tuple[str, List[Deferred]]] = None
         self._scheduled = None
         self.leaving = False
-        self._digest_cache: Tuple[Optional[HashRing], int, Dict[str, Dict[int, str]]] = (None, 0, {})
+        self._digest_cache: Tuple[Optional[HashRing], int, float, Dict[str, Dict[int, str]]] = (None, 0, 0.0, {})
         self._running_ring: Optional[HashRing] = None
         self._current_waiters: List[Deferred] = []
 
@@ -222,7 +243,7 @@ class Rebalancer:
                 ring = HashRing(ring.nodes - {self.node_id}, vnodes=ring.vnodes, probes=ring.probes)
             handoff: List[Tuple[Entry, List[str]]] = []
             digests: Dict[str, Digest] = {}
-            slices = _Slices(self._clock)
+            slices = _Slices(self._clock, BACKGROUND_SHARE if reason == "anti-entropy" else 1.0)
             for entry in self.store.entries():
                 if slices.due():
                     await slices.pause()
@@ -240,7 +261,7 @@ class Rebalancer:
             sync_reason = "anti-entropy" if reason == "anti-entropy" else "re-replication"
             # Peers compare their digests with ours; keep just the bucket hashes (256 numbers a peer) so a
             # peer's sync request does not cost another walk over the store.
-            self._digest_cache = (ring, self.store.changes,
+            self._digest_cache = (ring, self.store.changes, self._clock.seconds(),
                                   {node: digest.wire() for node, digest in digests.items()})
             repaired = sum(await gather([self._sync(node, digest, sync_reason)
                                           for node, digest in sorted(digests.items())]))
@@ -317,7 +338,8 @@ class Rebalancer:
         with SYNC(peer=node, reason=reason) as action:
             sent = 0
             try:
-                differing = await self._peers.differing_buckets(peer, self.node_id, digest.wire())
+                differing = await self._peers.differing_buckets(peer, self.node_id, digest.wire(),
+                                                                background=reason == "anti-entropy")
                 # The versions of the differing buckets, up to VERSIONS_PER_CALL a call rather than a call a
                 # bucket. A periodic pass skips entries stamped within SETTLE_MS of now (the next pass covers
                 # them); re-replication after a membership change sends everything.
@@ -326,7 +348,7 @@ class Rebalancer:
                     now_ms = self._wall() * 1000
                     fresh = (now_ms - SETTLE_MS, now_ms + SETTLE_MS)
                 versions: Dict[str, Version] = {}
-                slices = _Slices(self._clock)
+                slices = _Slices(self._clock, BACKGROUND_SHARE if fresh is not None else 1.0)
                 for bucket in differing:
                     for key, version in digest.buckets.get(bucket, {}).items():
                         if slices.due():
@@ -367,19 +389,23 @@ class Rebalancer:
 
     # -- the peer's side of anti-entropy ---------------------------------------------------------------
 
-    async def shared_digest(self, sender: str) -> Dict[int, str]:
+    async def shared_digest(self, sender: str, background: bool = False) -> Dict[int, str]:
         """
         The bucket hashes of the entries this node holds that it and ``sender`` both own: from the last
         pass if the ring has not changed since (a write since then only makes a bucket differ, which the
         key-level exchange settles), else from a fresh walk over the store.
+
+        :param background: whether the sender asks for its periodic anti-entropy pass: the walk then takes
+            :data:`BACKGROUND_SHARE` of the reactor's time, as that pass's own walk does.
         """
         ring = self._ring()
-        cached_ring, changes, hashes = self._digest_cache
-        if cached_ring is ring and not self.leaving and \
-                self.store.changes - changes <= max(1000, len(self.store) // 20):
+        cached_ring, changes, made, hashes = self._digest_cache
+        if cached_ring is ring and not self.leaving and (
+                self.store.changes - changes <= max(1000, len(self.store) // 20)
+                or (background and self._clock.seconds() - made <= MAX_DIGEST_AGE)):
             return hashes.get(sender, {})
         digest = Digest()
-        slices = _Slices(self._clock)
+        slices = _Slices(self._clock, BACKGROUND_SHARE if background else 1.0)
         for entry in self.store.entries():
             if slices.due():
                 await slices.pause()

@@ -251,6 +251,26 @@ def test_sync_buckets_compares_well_formed_buckets():
     assert json.loads(content) == {"differ": [3, 255]}
 
 
+def test_sync_buckets_tells_the_digest_whether_the_sender_asks_for_its_periodic_pass():
+    """
+    If a peer's anti-entropy pass asks for this node's digest (``"background": true``), then the digest's walk
+    is asked to go in the background; a request without the member (a re-replication, or an older peer) is not;
+    and a member that is not a boolean is a 400 that asks for nothing.
+    """
+    api = API(cluster_secret=SECRET)
+    asked = []
+
+    async def digest(sender, background=False):
+        asked.append((sender, background))
+        return {}
+    api.node.rebalancer.shared_digest = digest
+    assert send(api, "/sync/buckets", GOOD["/sync/buckets"])[0] == 200
+    assert send(api, "/sync/buckets", dict(GOOD["/sync/buckets"], background=True))[0] == 200
+    assert error_of(*send(api, "/sync/buckets", dict(GOOD["/sync/buckets"], background="yes"))) == (
+        400, "invalid_body")
+    assert asked == [("n2", False), ("n2", True)]
+
+
 @pytest.mark.parametrize("error", [ValueError("bad"), TypeError("bad"), KeyError("bad")])
 def test_a_failure_inside_a_coroutine_goes_through_the_same_mapping(error, logged):
     """
@@ -259,7 +279,7 @@ def test_a_failure_inside_a_coroutine_goes_through_the_same_mapping(error, logge
     """
     api = API(cluster_secret=SECRET)
 
-    async def failing(sender):
+    async def failing(sender, background=False):
         raise error
     api.node.rebalancer.shared_digest = failing
     assert error_of(*send(api, "/sync/buckets", GOOD["/sync/buckets"])) == (400, "invalid_body")
@@ -273,7 +293,7 @@ def test_a_bug_inside_a_coroutine_is_a_json_500_without_a_traceback_to_the_clien
     """
     api = API(cluster_secret=SECRET)
 
-    async def failing(sender):
+    async def failing(sender, background=False):
         raise RuntimeError("secret internals")
     api.node.rebalancer.shared_digest = failing
     code, content_type, content = send(api, "/sync/buckets", GOOD["/sync/buckets"])

@@ -6,7 +6,7 @@ a large store (cold code on PyPy, a slow machine) does not hold requests up.
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock
 
-from kvresponder.rebalance import CHECK_EVERY, CHUNK, SLICE, _Slices
+from kvresponder.rebalance import CHECK_EVERY, CHUNK, MAX_REST, SLICE, _Slices
 
 
 class _Ticking:
@@ -46,3 +46,118 @@ def test_the_slice_restarts_after_a_pause():
     clock.advance(0)
     assert d.called
     assert not any(slices.due() for _ in range(CHECK_EVERY))
+
+
+def test_a_background_walk_rests_after_each_slice_to_keep_to_its_share():
+    """
+    If a walk may take a quarter of the reactor's time, then after a slice of work it rests three times that
+    slice before it goes on.
+    """
+    clock = Clock()
+    slices = _Slices(clock, share=0.25)
+    clock.advance(SLICE)
+    d = ensureDeferred(slices.pause())
+    clock.advance(3 * SLICE - 0.0001)
+    assert not d.called
+    clock.advance(0.0001)
+    assert d.called
+
+
+def test_a_background_walk_rests_at_most_max_rest_after_a_long_slice():
+    """
+    If one slice ran long (a collection, the JIT compiling), then the rest after it is cut to MAX_REST.
+    """
+    clock = Clock()
+    slices = _Slices(clock, share=0.25)
+    clock.advance(10.0)
+    d = ensureDeferred(slices.pause())
+    clock.advance(MAX_REST)
+    assert d.called
+
+
+def test_a_walk_at_full_share_yields_one_turn_only():
+    clock = Clock()
+    slices = _Slices(clock)
+    clock.advance(SLICE * 2)
+    d = ensureDeferred(slices.pause())
+    clock.advance(0)
+    assert d.called
+
+
+# -- which walks go in the background ---------------------------------------------------------------------
+
+from kvresponder.hlc import HybridLogicalClock  # noqa: E402
+from kvresponder.metrics import Metrics  # noqa: E402
+from kvresponder.rebalance import Rebalancer  # noqa: E402
+from kvresponder.ring import HashRing  # noqa: E402
+from kvresponder.store import Entry, Store  # noqa: E402
+
+
+class _Peer:
+    def __init__(self, node_id: str) -> None:
+        self.node_id, self.address, self.port = node_id, "127.0.0.1", 1
+
+
+class _AskedPeers:
+    """A peer client whose peers hold everything already: it records what each sync asked for."""
+
+    timeout = 1.0
+
+    def __init__(self) -> None:
+        self.background = []
+
+    async def differing_buckets(self, peer, sender, buckets, background=False):
+        self.background.append(background)
+        return []
+
+
+def _rebalancer(clock, peers) -> Rebalancer:
+    store = Store(clock.seconds, 1 << 20)
+    hlc = HybridLogicalClock(lambda: 1_700_000_000.0, "n1")
+    for index in range(20):
+        store.apply(Entry("k%d" % (index,), b'"v"', hlc.now(), None))
+    ring = HashRing(["n1", "n2"])
+    return Rebalancer("n1", store, lambda: ring, _Peer, peers, clock, 2, Metrics("t1"))
+
+
+def test_the_periodic_pass_asks_its_peers_for_a_background_walk_and_a_re_replication_does_not():
+    """
+    If the periodic anti-entropy pass syncs with a co-owner, then it asks for the peer's digest in the
+    background; a pass after a membership change (the replication factor is short until it is done) does not.
+    """
+    clock, peers = Clock(), _AskedPeers()
+    rebalancer = _rebalancer(clock, peers)
+    for reason in ("anti-entropy", "leave:n3"):
+        done = rebalancer.run_pass(reason)
+        clock.pump([0.01] * 100)
+        assert done.called
+    assert peers.background == [True, False]
+
+
+def test_a_peers_periodic_pass_is_answered_from_the_last_pass_however_many_writes_came_since():
+    """
+    If a peer's periodic pass asks for this node's digest within MAX_DIGEST_AGE of this node's last pass, on
+    the same ring, then it gets that pass's digest even after many writes; a re-replication's request, or one
+    after MAX_DIGEST_AGE, gets a digest of what the store holds now.
+    """
+    from kvresponder.rebalance import MAX_DIGEST_AGE
+    clock, peers = Clock(), _AskedPeers()
+    rebalancer = _rebalancer(clock, peers)
+    rebalancer.run_pass("anti-entropy")
+    clock.pump([0.01] * 100)
+    before = _result(rebalancer.shared_digest("n2", background=True), clock)
+    hlc = HybridLogicalClock(lambda: 1_700_000_100.0, "n1")
+    for round_ in range(3):
+        for index in range(1000):
+            rebalancer.store.apply(Entry("k%d" % (index,), b'"w%d"' % (round_,), hlc.now(), None))
+    assert _result(rebalancer.shared_digest("n2", background=True), clock) == before
+    fresh = _result(rebalancer.shared_digest("n2"), clock)
+    assert fresh != before
+    clock.advance(MAX_DIGEST_AGE + 1)
+    assert _result(rebalancer.shared_digest("n2", background=True), clock) == fresh
+
+
+def _result(coroutine, clock):
+    d = ensureDeferred(coroutine)
+    clock.pump([0.01] * 100)
+    return d.result

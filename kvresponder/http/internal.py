@@ -151,10 +151,10 @@ class InternalAPI:
 
     @internal_route(app, "/sync/buckets")
     def sync_buckets(self, body):
-        sender, theirs = body["from"], body["buckets"]
+        sender, theirs, background = body["from"], body["buckets"], body.get("background", False)
 
         async def compare():
-            ours = await self._node.rebalancer.shared_digest(sender)
+            ours = await self._node.rebalancer.shared_digest(sender, background)
             return {"differ": sorted(int(bucket) for bucket, value in theirs.items()
                                      if ours.get(int(bucket)) != value)}
         return compare()

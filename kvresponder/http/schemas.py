@@ -152,6 +152,13 @@ def either(choose: Callable[[object], Schema]) -> Schema:
     return check
 
 
+def boolean(value):
+    """``true`` or ``false``."""
+    if not isinstance(value, bool):
+        raise SchemaError("", "must be true or false")
+    return value
+
+
 def version(value):
     """A version ``[wall_ms, counter, node_id]`` (:func:`~kvresponder.hlc.version_from_wire`)."""
     try:
@@ -201,7 +208,8 @@ SCHEMAS: Dict[str, Schema] = {
                    if isinstance(body, dict) and "keys" in body else record({"key": KEY})),
     "/keys": record({}, {"prefix": text(max_bytes=MAX_KEY_BYTES), "after": nullable(KEY),
                          "limit": integer(1, MAX_KEYS_LIMIT)}),
-    "/sync/buckets": record({"from": NODE_ID, "buckets": map_of(bucket_id, digest, BUCKETS)}),
+    "/sync/buckets": record({"from": NODE_ID, "buckets": map_of(bucket_id, digest, BUCKETS)},
+                            {"background": boolean}),
     "/sync/versions": record({"versions": map_of(KEY, version, MAX_SYNC_KEYS)}),
     "/sync/request": record({"from": NODE_ID}),
 }

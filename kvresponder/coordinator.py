@@ -902,7 +902,12 @@ class _ReplicatedWrite:
         if stored:
             # Each stored copy is a replica call that succeeded: counted together, once a write.
             self._path.count(self._op, "success", len(stored))
-        copies = len({node for node, _ in stored})
+        # Distinct nodes: a node holds one copy, even if a failover sent it a second.
+        copies = len(stored)
+        if copies == 2:
+            copies = 1 if stored[0][0] == stored[1][0] else 2
+        elif copies > 2:
+            copies = len({node for node, _ in stored})
         if self._action is not None:
             self._action.add_success_fields(copies=copies)
             self._action.finish()

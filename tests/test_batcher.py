@@ -39,7 +39,7 @@ def test_calls_queued_in_one_turn_leave_together_and_later_ones_wait_for_the_bat
     it is out leave together once it is answered, each with its own result.
     """
     clock, sends = Clock(), _Sends()
-    batcher = Batcher(EndOfTurn(clock), sends)
+    batcher = Batcher(EndOfTurn(clock), sends, max_in_flight=1)
     first = [_read(k) for k in "abc"]
     for item in first:
         batcher.add(PEER, item)
@@ -73,6 +73,22 @@ def test_a_turns_batch_leaves_from_the_end_of_turn_it_shares_with_other_writers_
     assert ran == [0] and [[i.key for i in items] for items, _ in sends.batches] == [["a"], ["b"]]
 
 
+def test_with_two_batches_allowed_out_a_second_leaves_while_the_first_is_out_and_a_third_waits():
+    """
+    If two batches to a peer may be out at once, then calls queued while one is out leave at the end of their
+    turn as a second batch, and calls queued while both are out wait for one of them and then leave together.
+    """
+    clock, sends = Clock(), _Sends()
+    batcher = Batcher(EndOfTurn(clock), sends, max_in_flight=2)
+    for keys in ("a", "b", "cd"):
+        for key in keys:
+            batcher.add(PEER, _read(key))
+        clock.advance(0)
+    assert [[i.key for i in items] for items, _ in sends.batches] == [["a"], ["b"]]
+    sends.batches[1][1].callback(["B"])
+    assert [[i.key for i in items] for items, _ in sends.batches] == [["a"], ["b"], ["c", "d"]]
+
+
 def test_a_full_queue_leaves_at_once_and_a_batch_stops_at_its_byte_limit():
     """
     If a queue reaches its item limit, then it leaves without waiting for the turn's end; and a batch stops
@@ -100,7 +116,7 @@ def test_an_unanswered_batch_fails_the_calls_queued_behind_it_and_an_error_statu
     answered with an error status, then only its own calls fail and the queued ones are sent.
     """
     clock, sends = Clock(), _Sends()
-    batcher = Batcher(EndOfTurn(clock), sends)
+    batcher = Batcher(EndOfTurn(clock), sends, max_in_flight=1)
     sent, queued = _read("a"), _read("b")
     batcher.add(PEER, sent)
     clock.advance(0)
@@ -126,7 +142,7 @@ def test_an_answer_of_the_wrong_length_fails_the_batch_but_not_the_queue():
     the calls queued behind it still go).
     """
     clock, sends = Clock(), _Sends()
-    batcher = Batcher(EndOfTurn(clock), sends)
+    batcher = Batcher(EndOfTurn(clock), sends, max_in_flight=1)
     items = [_read("a"), _read("b")]
     for item in items:
         batcher.add(PEER, item)
@@ -153,7 +169,7 @@ def test_a_send_that_raises_fails_its_batch_and_frees_the_peer():
         if len(calls) == 1:
             raise RuntimeError("cannot encode")
         return succeed([None] * len(items))
-    batcher = Batcher(EndOfTurn(clock), send)
+    batcher = Batcher(EndOfTurn(clock), send, max_in_flight=1)
     broken = _read("a")
     batcher.add(PEER, broken)
     clock.advance(0)

@@ -31,7 +31,7 @@ from kvresponder.discovery import derive_key
 from kvresponder.http.root import RootResource, TenantResource, build_root, _NotFound
 from kvresponder.http.site import KVSite
 from kvresponder.node import Node
-from kvresponder.peers import PeerAuthenticator, PeerClient, PeerError
+from kvresponder.peers import MAX_BATCHES_IN_FLIGHT, PeerAuthenticator, PeerClient, PeerError
 from kvresponder.store import ApplyResult, Entry
 from kvresponder.wire import encode_batch
 
@@ -362,16 +362,18 @@ async def test_an_unanswered_batch_times_out_and_the_calls_behind_it_fail_over_a
     peer = Peer("n2", "127.0.0.1", silent.getHost().port)
     client = PeerClient(None, reactor, "t1", 0.3, None, streams=_streams())
     try:
-        first = client.apply_coalesced(peer, _entry(1))
-        await deferLater(reactor, 0.1, lambda: None)
-        queued = client.apply_coalesced(peer, _entry(2))
-        outcomes = []
-        for d in (first, queued):
-            d.addBoth(outcomes.append)
-        await _until(lambda: len(outcomes) == 2, 3.0)
-        assert all(isinstance(outcome, Failure) and outcome.check(PeerError) for outcome in outcomes)
-        assert "StreamTimeout" in str(outcomes[0].value)
-        assert "earlier batch" in str(outcomes[1].value)
+        sent = []
+        for index in range(MAX_BATCHES_IN_FLIGHT):
+            sent.append(client.apply_coalesced(peer, _entry(index)))
+            await deferLater(reactor, 0.05, lambda: None)
+        queued = client.apply_coalesced(peer, _entry(9))
+        outcomes = {}
+        for name, d in [("first", sent[0]), ("queued", queued)] + [(index, d) for index, d in enumerate(sent[1:])]:
+            d.addBoth(lambda outcome, name=name: outcomes.setdefault(name, outcome))
+        await _until(lambda: len(outcomes) == MAX_BATCHES_IN_FLIGHT + 1, 3.0)
+        assert all(isinstance(outcome, Failure) and outcome.check(PeerError) for outcome in outcomes.values())
+        assert "StreamTimeout" in str(outcomes["first"].value)
+        assert "earlier batch" in str(outcomes["queued"].value)
         assert client.streams.open_count() == 0
     finally:
         await silent.stopListening()

@@ -162,26 +162,31 @@ def test_reads_queued_in_one_turn_leave_as_one_request_and_each_gets_its_own_ans
     assert reads["c"].result.key == "c"
 
 
-def test_reads_wait_for_the_read_batch_out_and_not_for_writes():
+def test_reads_wait_for_the_read_batches_out_and_not_for_writes():
     """
-    If a read batch to a peer is out, then later reads wait for it and leave together; a write batch to the
-    same peer does not hold them back (reads and writes are batched apart).
+    If MAX_BATCHES_IN_FLIGHT read batches to a peer are out, then later reads wait for one of them and leave
+    together; a write batch to the same peer does not hold them back (reads and writes are batched apart).
     """
     client, clock, calls = _client()
-    first = client.get_coalesced(PEER, "a")
-    clock.advance(0)
+    first = []
+    for index in range(MAX_BATCHES_IN_FLIGHT):
+        first.append(client.get_coalesced(PEER, "a%d" % (index,)))
+        clock.advance(0)
     write = client.apply_coalesced(PEER, _entry(1))
     later = [client.get_coalesced(PEER, key) for key in ("b", "c")]
     clock.advance(0)
-    assert len(calls.pending) == 2
-    calls.answer(1)
+    assert len(calls.pending) == MAX_BATCHES_IN_FLIGHT + 1
+    calls.answer(MAX_BATCHES_IN_FLIGHT)
     assert write.result.applied
     assert not any(d.called for d in later)
-    calls.answer_reads(0, held={"a"})
-    assert first.result.key == "a"
-    assert len(calls.pending) == 1
-    assert calls.answer_reads(0, held=set()) == ["b", "c"]
+    calls.answer_reads(0, held={"a0"})
+    assert first[0].result.key == "a0"
+    assert len(calls.pending) == MAX_BATCHES_IN_FLIGHT
+    assert calls.answer_reads(len(calls.pending) - 1, held=set()) == ["b", "c"]
     assert [d.result for d in later] == [None, None]
+    while calls.pending:
+        calls.answer_reads(0, held=set())
+    assert all(d.called for d in first)
 
 
 def test_a_failed_read_batch_fails_each_of_its_reads_with_peer_error():
@@ -203,14 +208,15 @@ def test_calls_queued_behind_an_unanswered_batch_fail_at_once():
     the next call to the peer tries it again.
     """
     client, clock, calls = _client()
-    client.apply_coalesced(PEER, _entry(1)).addErrback(lambda failure: None)
-    client.get_coalesced(PEER, "r").addErrback(lambda failure: None)
-    clock.advance(0)
-    assert len(calls.pending) == 2
-    queued_write = client.apply_coalesced(PEER, _entry(2))
+    for index in range(MAX_BATCHES_IN_FLIGHT):
+        client.apply_coalesced(PEER, _entry(index)).addErrback(lambda failure: None)
+        client.get_coalesced(PEER, "r%d" % (index,)).addErrback(lambda failure: None)
+        clock.advance(0)
+    assert len(calls.pending) == 2 * MAX_BATCHES_IN_FLIGHT
+    queued_write = client.apply_coalesced(PEER, _entry(10))
     queued_read = client.get_coalesced(PEER, "s")
     clock.advance(0)
-    assert len(calls.pending) == 2
+    assert len(calls.pending) == 2 * MAX_BATCHES_IN_FLIGHT
     for _ in range(2):
         _, d = calls.pending.pop(0)
         d.errback(ConnectionError("timed out"))
@@ -218,7 +224,9 @@ def test_calls_queued_behind_an_unanswered_batch_fail_at_once():
     for waiter in (queued_write, queued_read):
         waiter.addErrback(lambda failure: failures.append(failure.check(PeerError)))
     assert failures == [PeerError, PeerError]
-    assert calls.pending == []
+    assert len(calls.pending) == 2 * (MAX_BATCHES_IN_FLIGHT - 1)
+    while calls.pending:
+        calls.pending.pop(0)[1].errback(ConnectionError("timed out"))
     retry = client.apply_coalesced(PEER, _entry(3))
     clock.advance(0)
     assert len(calls.pending) == 1

@@ -1,5 +1,6 @@
 """
-16-byte BLAKE2b digests, keyed or not: where a key lands on the ring, and the MAC of a copy-stream frame.
+BLAKE2b digests, keyed or not: 16 bytes for where a key lands on the ring and for the MAC of a copy-stream
+frame, 8 for a key's anti-entropy bucket.
 
 On PyPy, ``hashlib.blake2b`` is a Python class over a cffi module: building the object and its parameter block,
 then copying the state to take the digest, cost more than hashing a key or a small frame. There, a digest
@@ -26,16 +27,25 @@ def blake2b16(key: bytes = b"") -> Callable[[bytes], bytes]:
 
     :param key: at most :data:`MAX_KEY` bytes; none for a plain digest.
     """
+    return blake2b_digest(16, key)
+
+
+def blake2b_digest(size: int, key: bytes = b"") -> Callable[[bytes], bytes]:
+    """
+    :func:`blake2b16`, for digests of ``size`` bytes (1 to 64).
+    """
     if len(key) > MAX_KEY:
         raise ValueError("a BLAKE2b key is at most %d bytes" % (MAX_KEY,))
-    return _direct(key) or partial(_hashlib_digest16, key=key)
+    if not 1 <= size <= 64:
+        raise ValueError("a BLAKE2b digest is 1 to 64 bytes")
+    return _direct(key, size) or partial(_hashlib_digest, size=size, key=key)
 
 
-def _hashlib_digest16(data: bytes, key: bytes = b"") -> bytes:
-    return blake2b(data, digest_size=16, key=key).digest()
+def _hashlib_digest(data: bytes, size: int = 16, key: bytes = b"") -> bytes:
+    return blake2b(data, digest_size=size, key=key).digest()
 
 
-def _direct(key: bytes) -> Optional[Callable[[bytes], bytes]]:
+def _direct(key: bytes, digest_size: int = 16) -> Optional[Callable[[bytes], bytes]]:
     """
     The digest through PyPy's cffi BLAKE2b calls, or ``None`` where that module is missing (CPython's
     ``blake2b`` is C already), laid out otherwise, or gives other digests than ``hashlib``.
@@ -46,7 +56,7 @@ def _direct(key: bytes) -> Optional[Callable[[bytes], bytes]]:
     try:
         ffi, lib = cffi
         param = ffi.new("blake_param*")
-        param.digest_length = 16
+        param.digest_length = digest_size
         param.key_length = len(key)
         param.fanout = 1
         param.depth = 1
@@ -57,22 +67,22 @@ def _direct(key: bytes) -> Optional[Callable[[bytes], bytes]]:
             # As BLAKE2b does for a key: its first block is the key, padded with zeros.
             lib.blake_update(ready, key + b"\0" * (_BLOCK - len(key)), _BLOCK)
         state = ffi.new("blake_state*")
-        out = ffi.new("char[]", 16)
+        out = ffi.new("char[]", digest_size)
         size = ffi.sizeof("blake_state")
         memmove, update, final, unpack = ffi.memmove, lib.blake_update, lib.blake_final, ffi.unpack
     except Exception:
         return None
 
-    def digest16(data: bytes) -> bytes:
+    def digest(data: bytes) -> bytes:
         memmove(state, ready, size)
         update(state, data, len(data))
-        final(state, out, 16)
-        return unpack(out, 16)
+        final(state, out, digest_size)
+        return unpack(out, digest_size)
 
     samples = (b"", b"k", "user:42/\u00e9".encode("utf-8"), bytes(range(256)) * 3)
     try:
-        if all(digest16(sample) == _hashlib_digest16(sample, key) for sample in samples):
-            return digest16
+        if all(digest(sample) == _hashlib_digest(sample, digest_size, key) for sample in samples):
+            return digest
     except Exception:
         pass
     return None

@@ -16,7 +16,6 @@ by the next one. All work is batched, one batch in flight per peer, and yields t
 chunks, so memory stays bounded and the node keeps serving.
 """
 
-from hashlib import blake2b
 from typing import Callable, Dict, List, Optional, Tuple
 
 from eliot import write_traceback
@@ -25,6 +24,7 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from .coordinator import gather
+from .digest import blake2b_digest
 from .hlc import Version
 from .log.rebalance import DRAIN, HANDOFF, SCAN, SYNC
 from .peers import PeerError
@@ -67,8 +67,12 @@ _MASK = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 
 
+#: ``hashlib.blake2b(digest_size=8)``, without hashlib's wrapper on PyPy: a pass hashes every key it walks.
+_digest8 = blake2b_digest(8)
+
+
 def key_hash(key: str) -> int:
-    return int.from_bytes(blake2b(key.encode("utf-8"), digest_size=8).digest(), "big")
+    return int.from_bytes(_digest8(key.encode("utf-8")), "big")
 
 
 def bucket_of(key: str) -> int:

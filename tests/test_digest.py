@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from kvresponder import digest
-from kvresponder.digest import MAX_KEY, blake2b16
+from kvresponder.digest import MAX_KEY, blake2b16, blake2b_digest
 
 
 @given(st.binary(max_size=2000), st.binary(max_size=MAX_KEY))
@@ -23,6 +23,23 @@ def test_a_digest_is_hashlibs_blake2b_whichever_way_it_is_computed(data, key):
     either interpreter place keys alike and check each other's frames.
     """
     assert blake2b16(key)(data) == blake2b(data, digest_size=16, key=key).digest()
+
+
+@given(st.binary(max_size=300), st.sampled_from([1, 8, 16, 32, 64]), st.binary(max_size=MAX_KEY))
+@settings(max_examples=200, deadline=None)
+def test_a_digest_of_any_size_is_hashlibs_blake2b_of_that_size(data, size, key):
+    """
+    If a digest of another size is asked for (8 bytes: a key's anti-entropy bucket), then it is byte for byte
+    ``hashlib.blake2b(digest_size=size)``, not a cut of a longer digest: nodes of older versions, which hash
+    with hashlib, find the same buckets.
+    """
+    assert blake2b_digest(size, key)(data) == blake2b(data, digest_size=size, key=key).digest()
+
+
+def test_a_digest_size_blake2b_does_not_give_is_refused():
+    for size in (0, 65):
+        with pytest.raises(ValueError):
+            blake2b_digest(size)
 
 
 def test_one_function_gives_the_same_digest_again_and_keys_do_not_mix():
@@ -50,6 +67,7 @@ def test_pypy_digests_without_hashlibs_wrapper():
     """
     assert digest._direct(b"") is not None
     assert digest._direct(b"k" * 32) is not None
+    assert digest._direct(b"", 8) is not None
 
 
 def _fake_blake2(monkeypatch, init=lambda state, param: 0):

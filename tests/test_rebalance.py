@@ -161,3 +161,15 @@ def _result(coroutine, clock):
     d = ensureDeferred(coroutine)
     clock.pump([0.01] * 100)
     return d.result
+
+
+def test_a_keys_bucket_hash_is_the_8_byte_blake2b_that_every_version_uses():
+    """
+    If a key is hashed for its anti-entropy bucket, then the hash is ``hashlib.blake2b(digest_size=8)`` of its
+    UTF-8 bytes, as it always was: peers of other versions or interpreters find the same buckets.
+    """
+    from hashlib import blake2b
+
+    from kvresponder.rebalance import key_hash
+    for key in ("k", "user:42/\u00e9", "x" * 300):
+        assert key_hash(key) == int.from_bytes(blake2b(key.encode("utf-8"), digest_size=8).digest(), "big")

@@ -29,10 +29,9 @@ MAX_COALESCED = 256
 #: peer's internal body limit; the calls left over follow in the next batch).
 MAX_BATCH_BYTES = 8 * 1024 * 1024
 #: Batches in flight to one peer at once. Calls queued while they are in flight wait for one to come back and
-#: then leave together, so a batch grows with the load. With one, a coordinator sat idle while its only batch
-#: was out, though writes were waiting for the next: a second keeps the replica busy meanwhile (a 3-node PyPy
-#: cluster wrote 6-7 % faster through one node with two or three; bench/results/HISTORY.md, run 16).
-MAX_BATCHES_IN_FLIGHT = 2
+#: then leave together, so a batch grows with the load. Two made smaller batches, which cost the coordinator
+#: and the replicas more CPU a write, for no more writes (bench/results/HISTORY.md, run 16).
+MAX_BATCHES_IN_FLIGHT = 1
 
 
 class BatchError(Exception):

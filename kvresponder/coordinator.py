@@ -23,7 +23,7 @@ from .batcher import Waiter
 from .hlc import HybridLogicalClock, format_version
 from .log import DEBUG, INFO, emit, new_task_uuid, parse_task_id, task_id as serialized_task_id
 from .log.replication import CLOCK_REJECTED, COORDINATE_READ, COORDINATE_WRITE, COPY_FAILED, HINTED, READ_REPAIR
-from .log.store import STORE_APPLIED, STORE_APPLY, STORE_APPLY_BATCH
+from .log.store import STORE_APPLIED_LINE, STORE_APPLY, STORE_APPLY_BATCH
 from .peers import PeerError
 from .ring import HashRing
 from .store import ApplyResult, Entry, Store
@@ -138,8 +138,8 @@ class Coordinator:
             self._clock_rejected(entry, 1)
         result = self.store.apply(entry)
         if self._log.enabled("store", INFO):
-            emit(STORE_APPLIED, task, key=entry.key, version=format_version(entry.version),
-                 tombstone=entry.value is None, applied=result.applied, had_live=result.had_live)
+            STORE_APPLIED_LINE.emit(task, entry.key, format_version(entry.version), entry.value is None,
+                                    result.applied, result.had_live)
         return result
 
     def _new_write_task(self) -> Optional[str]:

@@ -116,6 +116,9 @@ from twisted.web._newclient import RequestNotSent  # noqa: E402,F401  (a pooled 
 
 # -- Eliot (kvresponder.log) ---------------------------------------------------------------------------------
 
+import eliot._output as _eliot_output  # noqa: E402
+
+
 def set_task_uuid_factory(factory: Callable[[], str]) -> None:
     """
     Make Eliot name new tasks with ``factory()``: Eliot draws each task id with ``uuid4()`` inside
@@ -130,8 +133,22 @@ def default_eliot_logger():
     The logger Eliot writes a message to when it is given none: what ``eliot.testing.capture_logging``
     swaps for its memory logger. :func:`kvresponder.log.emit` writes there, as Eliot's own messages do.
     """
-    import eliot._output
-    return eliot._output._DEFAULT_LOGGER
+    return _eliot_output._DEFAULT_LOGGER
+
+
+def sole_eliot_destination():
+    """
+    The destination every message goes to, and the only one, where Eliot's own default logger is in place
+    with exactly one destination and no global fields: what a message written there would reach, unchanged.
+    ``None`` otherwise (a logger swapped in by ``capture_logging``, no destination yet, or several). Eliot
+    does not say which destinations it has. :class:`kvresponder.log.DirectLine` writes its line straight to
+    the service's own destination only while it is the sole one.
+    """
+    destinations = getattr(_eliot_output._DEFAULT_LOGGER, "_destinations", None)
+    if destinations is None or destinations._globalFields:
+        return None
+    added = destinations._destinations
+    return added[0] if len(added) == 1 else None
 
 
 # -- PyPy (kvresponder.digest) -------------------------------------------------------------------------------

@@ -243,7 +243,110 @@ def test_a_message_outside_any_action_is_the_one_message_of_its_own_task():
     assert inner["task_uuid"] == action.task_uuid and inner["task_level"] == [2]
 
 
+# -- the write's line, formatted directly ---------------------------------------------------------------------
+
+from types import SimpleNamespace  # noqa: E402
+
+from eliot._output import Destinations, Logger  # noqa: E402
+from eliot.testing import swap_logger  # noqa: E402
 from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from kvresponder import log as log_module  # noqa: E402
+from kvresponder.log import emit  # noqa: E402
+from kvresponder.log.store import STORE_APPLIED, STORE_APPLIED_LINE  # noqa: E402
+from kvresponder.privateapi import sole_eliot_destination  # noqa: E402
+
+
+def _only_to(*destinations) -> Logger:
+    """
+    A logger of Eliot's own kind whose destinations are ``destinations`` alone (not the process's).
+    """
+    logger = Logger()
+    logger._destinations = Destinations()
+    for destination in destinations:
+        logger._destinations.add(destination)
+    return logger
+
+
+@settings(max_examples=200, deadline=None)
+@given(key=st.text(max_size=40), node=st.text(min_size=1, max_size=12), flags=st.tuples(st.booleans(), st.booleans(),
+       st.booleans()), task=st.one_of(st.none(), st.tuples(st.sampled_from(["6b1f7c3e-0d2a-4c5b-9e8f-1a2b3c4d5e6f", "x"]),
+                                                           st.lists(st.integers(1, 99), min_size=1, max_size=3))))
+def test_a_direct_store_line_is_the_line_emit_writes(key, node, flags, task):
+    """
+    If the service's destination is the only one, then a ``store:applied`` line formatted directly is byte for
+    byte the line the message's :func:`emit` makes through Eliot and the encoder, whatever the key (quotes,
+    control characters, any Unicode), the version, the flags and the task.
+    """
+    values = (key, "1700000000000.3.%s" % (node,)) + flags
+    lines = []
+    for direct in (True, False):
+        stream = io.BytesIO()
+        destination = JSONLineDestination(stream, LogPolicy("info"), "t1", "n1")
+        previous = swap_logger(_only_to(destination))
+        saved = log_module.time, log_module._task_uuid[0]
+        log_module.time = SimpleNamespace(time=lambda: 1700000000.250001)
+        log_module._task_uuid[0] = lambda: "00000000-0000-4000-8000-000000000000"
+        try:
+            # The direct way is the one taken here (and, in the service, the one its only destination gets).
+            assert sole_eliot_destination() is destination
+            if direct:
+                STORE_APPLIED_LINE.emit(task, *values)
+            else:
+                emit(STORE_APPLIED, task, **dict(zip(STORE_APPLIED_LINE.names, values)))
+        finally:
+            log_module.time, log_module._task_uuid[0] = saved
+            swap_logger(previous)
+        lines.append(stream.getvalue())
+    assert lines[0] == lines[1]
+    assert json.loads(lines[0])["key"] == key
+
+
+def test_a_store_line_goes_through_eliot_where_another_destination_listens():
+    """
+    If another destination is added beside the service's, or a test captures the log, then the line is an
+    Eliot message that each of them receives.
+    """
+    stream = io.BytesIO()
+    destination = JSONLineDestination(stream, LogPolicy("info"), "t1", "n1")
+    heard = []
+    previous = swap_logger(_only_to(destination, heard.append))
+    try:
+        STORE_APPLIED_LINE.emit(None, "k", "1.0.n1", False, True, False)
+    finally:
+        swap_logger(previous)
+    assert [message["key"] for message in heard] == ["k"]
+    assert json.loads(stream.getvalue())["key"] == "k"
+
+
+def test_a_store_line_inside_an_action_is_logged_in_that_action():
+    """
+    If a store line is logged inside an action with no task of its own, then it is that action's message.
+    """
+    heard = []
+    previous = swap_logger(_only_to(heard.append))
+    try:
+        with start_action(action_type="test:request") as action:
+            STORE_APPLIED_LINE.emit(None, "k", "1.0.n1", False, True, False)
+    finally:
+        swap_logger(previous)
+    [line] = [message for message in heard if message.get("message_type") == STORE_APPLIED.message_type]
+    assert line["task_uuid"] == action.task_uuid
+
+
+def test_a_direct_store_line_is_left_out_when_the_policy_turns_the_store_away():
+    """
+    If the store area logs above info, then a store line formatted directly writes nothing.
+    """
+    stream = io.BytesIO()
+    destination = JSONLineDestination(stream, LogPolicy("warning"), "t1", "n1")
+    previous = swap_logger(_only_to(destination))
+    try:
+        STORE_APPLIED_LINE.emit(None, "k", "1.0.n1", False, True, False)
+    finally:
+        swap_logger(previous)
+    assert stream.getvalue() == b""
+
 
 from kvresponder.log import _parse_task_id, parse_task_id, task_id  # noqa: E402
 

@@ -233,3 +233,36 @@ def test_the_c_json_encoder_built_once_encodes_as_jsonencoder_does(value):
         assert encode is None
         return
     assert encode(value) == json.JSONEncoder(default=default, check_circular=False).encode(value)
+
+
+def test_eliot_still_keeps_its_destinations_where_the_sole_one_is_found():
+    """
+    If Eliot's own logger writes to exactly one destination with no global fields, then that destination is
+    found; with two, with global fields, or with a memory logger in its place (``capture_logging``), none is.
+    """
+    from eliot import MemoryLogger
+    from eliot._output import Destinations, Logger
+    from eliot.testing import swap_logger
+
+    def one(message):
+        pass
+
+    def two(message):
+        pass
+
+    logger = Logger()
+    logger._destinations = Destinations()
+    logger._destinations.add(one)
+    previous = swap_logger(logger)
+    try:
+        assert privateapi.sole_eliot_destination() is one
+        logger._destinations.add(two)
+        assert privateapi.sole_eliot_destination() is None
+        logger._destinations.remove(two)
+        assert privateapi.sole_eliot_destination() is one
+        logger._destinations.addGlobalFields(app="x")
+        assert privateapi.sole_eliot_destination() is None
+        swap_logger(MemoryLogger())
+        assert privateapi.sole_eliot_destination() is None
+    finally:
+        swap_logger(previous)

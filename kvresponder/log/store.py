@@ -4,7 +4,7 @@ Eliot types of the store area.
 
 from eliot import ActionType, Field, MessageType
 
-from . import DEBUG, INFO, leveled
+from . import DEBUG, INFO, DirectLine, leveled
 
 KEY = Field.for_types("key", [str], "The key.")
 VERSION = Field.for_types("version", [str], "The entry's version, wall_ms.counter.node.")
@@ -24,6 +24,8 @@ STORE_APPLY = leveled("store", DEBUG, ActionType(
 STORE_APPLIED = leveled("store", INFO, MessageType(
     "kvresponder:store:applied", [KEY, VERSION, TOMBSTONE, APPLIED, HAD_LIVE],
     "An entry was applied to this node's store (last writer wins)."))
+#: :data:`STORE_APPLIED`, the line of every write, formatted straight to the log where it can be.
+STORE_APPLIED_LINE = DirectLine(STORE_APPLIED, ["key", "version", "tombstone", "applied", "had_live"])
 
 STORE_EVICTED = leveled("store", DEBUG, MessageType(
     "kvresponder:store:evicted", [COUNT], "Least recently used entries were evicted to stay in budget."))

@@ -11,7 +11,7 @@ The local node goes through the same logic, with a direct call in place of HTTP.
 """
 
 from contextvars import Context, copy_context
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import AbstractSet, Callable, List, NamedTuple, Optional, Tuple
 
 from attr import attrib, attrs
 from eliot import Action, current_action, write_failure, write_traceback
@@ -105,7 +105,7 @@ class Coordinator:
     def __init__(self, store: Store, hlc: HybridLogicalClock, ring: Callable[[], HashRing], peer_of,
                  peers, replicas: int, write_quorum: Optional[int], seconds: Callable[[], float],
                  metrics, log_policy, ring_settling: Callable[[], bool] = lambda: False,
-                 clock_skew=None, traced: bool = False) -> None:
+                 clock_skew=None, traced: bool = False, leaving: Callable[[], List[str]] = lambda: []) -> None:
         self.store = store
         self.hlc = hlc
         self._ring = ring
@@ -117,6 +117,7 @@ class Coordinator:
         self._metrics = metrics
         self._log = log_policy
         self._ring_settling = ring_settling
+        self._leaving = leaving
         self._clock_skew = clock_skew
         self._traced = traced
         self.node_id = hlc.node_id
@@ -591,24 +592,31 @@ class Coordinator:
         answered = [answer for answer in answers if answer is not None]
         if not answered:
             raise Unavailable("no replica of this key answered")
-        if fallbacks and all(entry is None for _, entry in answered) and self._ring_settling():
+        if all(entry is None for _, entry in answered) and self._ring_settling():
             # The ring changed moments ago: the key may still sit on its previous holders, whose handoff
-            # is under way. Ask the rest of the ring before answering "absent".
-            more = await gather([self._read_slot(node, [], key) for node in list(fallbacks)])
+            # is under way. Ask the rest of the ring, and the nodes that are leaving it (this one too, if it
+            # drains): they own nothing any more but hold what they have not yet handed off.
+            asked = set(owners) | set(fallbacks)
+            leaving = [node for node in self._leaving() if node not in asked]
+            more = await gather([self._read_slot(node, [], key) for node in list(fallbacks) + leaving])
             answered.extend(answer for answer in more if answer is not None)
+            # A leaving node's copy answers the read and goes to the nodes that lack it, never back to it.
+            return self._newest_and_repair(answered, not_repaired=set(leaving))
         return self._newest_and_repair(answered)
 
-    def _newest_and_repair(self, answered: List[Tuple[str, Optional[Entry]]]) -> Optional[Entry]:
+    def _newest_and_repair(self, answered: List[Tuple[str, Optional[Entry]]],
+                           not_repaired: AbstractSet[str] = frozenset()) -> Optional[Entry]:
         """
         The newest of the replicas' answers (tombstones included); replicas that answered an older version,
-        or nothing, are sent the newest (read repair).
+        or nothing, are sent the newest (read repair), except the nodes in ``not_repaired``.
         """
         newest = None
         for _, entry in answered:
             if entry is not None and (newest is None or entry.version > newest.version):
                 newest = entry
         if newest is not None:
-            stale = [node for node, entry in answered if entry is None or entry.version < newest.version]
+            stale = [node for node, entry in answered
+                     if (entry is None or entry.version < newest.version) and node not in not_repaired]
             if stale:
                 self._repair(newest, stale)
         return newest

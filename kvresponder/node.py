@@ -9,7 +9,7 @@ states that readiness reports: ``starting`` → ``joining`` → ``ready`` → ``
 import os
 import platform
 import secrets
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 from eliot import write_traceback
 from twisted.internet.defer import ensureDeferred
@@ -99,7 +99,7 @@ class Node:
         self.coordinator = Coordinator(self.store, self.hlc, self.ring, self.membership.peer, self.peers,
                                        settings.replicas, settings.write_quorum, self.wall, self.metrics,
                                        self.log_policy, self.ring_settling, clock_skew=self.clock_offsets,
-                                       traced=tracing is not None)
+                                       traced=tracing is not None, leaving=self.leaving_holders)
         self.rebalancer = Rebalancer(self.node_id, self.store, self.ring, self.membership.peer, self.peers,
                                      clock, settings.replicas, self.metrics, wall=self.wall)
         self.admin = AdminGuard(settings.admin_token, settings.insecure_admin)
@@ -125,6 +125,16 @@ class Node:
         Whether the ring changed within the last :data:`SETTLE_SECONDS`, or data is still waiting to move.
         """
         return (self.clock.seconds() - self.ring_changed_at < SETTLE_SECONDS) or self.rebalancer.pending > 0
+
+    def leaving_holders(self) -> List[str]:
+        """
+        The nodes out of the ring that may still hold data they have not handed off: peers that announced
+        they are leaving, and this node while it drains.
+        """
+        holders = [peer.node_id for peer in self.membership.peers() if peer.state == LEAVING]
+        if self.state == DRAINING:
+            holders.append(self.node_id)
+        return holders
 
     def _rebuild_ring(self) -> None:
         self.ring_changed_at = self.clock.seconds()

@@ -21,7 +21,7 @@ from kvresponder.log.replication import COORDINATE_WRITE, COPY_FAILED, HINTED
 from kvresponder.metrics import Metrics
 from kvresponder.peers import PeerError
 from kvresponder.ring import HashRing
-from kvresponder.store import ApplyResult, Store
+from kvresponder.store import ApplyResult, Entry, Store
 
 Peer = namedtuple("Peer", "node_id address port")
 RING = HashRing(["n1", "n2", "n3"])
@@ -61,14 +61,16 @@ class _Peers:
 
 
 def coordinator(answers, peer_of=None, level: str = "info", peers=None, metrics=None,
-                traced: bool = False) -> Coordinator:
+                traced: bool = False, ring: HashRing = RING, store: Store = None, settling: bool = False,
+                leaving=()) -> Coordinator:
     clock = Clock()
     clock.advance(1000)
-    store = Store(clock.seconds, 1 << 24)
-    return Coordinator(store, HybridLogicalClock(clock.seconds, "n1"), lambda: RING,
+    store = store if store is not None else Store(clock.seconds, 1 << 24)
+    return Coordinator(store, HybridLogicalClock(clock.seconds, "n1"), lambda: ring,
                        peer_of or (lambda node: Peer(node, "10.0.0.%s" % node[1:], 3000)), peers or _Peers(answers),
                        replicas=2, write_quorum=None, seconds=clock.seconds, metrics=metrics or Metrics("t"),
-                       log_policy=LogPolicy(level), traced=traced)
+                       log_policy=LogPolicy(level), traced=traced, ring_settling=lambda: settling,
+                       leaving=lambda: list(leaving))
 
 
 def outcome(d: Deferred):
@@ -573,3 +575,92 @@ class BulkWriteLoggingTests(unittest.TestCase):
         self.assertEqual(result.copies, 2)
         self.assertEqual(len(LoggedMessage.ofType(logger.messages, STORE_APPLIED)), 1)
         self.assertEqual(LoggedAction.ofType(logger.messages, STORE_APPLY_BATCH), [])
+
+
+# -- reads while nodes leave -----------------------------------------------------------------------------------
+
+class _ReadPeers:
+    """``get_coalesced`` answering from a store per node (a node missing from ``stores`` is unreachable)."""
+
+    def __init__(self, stores) -> None:
+        self.stores = stores
+        self.asked = []
+
+    def get_coalesced(self, peer, key):
+        self.asked.append(peer.node_id)
+        store = self.stores.get(peer.node_id)
+        if store is None:
+            return fail(PeerError("%s unreachable" % (peer.node_id,)))
+        return succeed(store.current(key))
+
+    def apply_coalesced(self, peer, entry, task_id=None):
+        return succeed(self.stores[peer.node_id].apply(entry))
+
+    def send_copy(self, peer, entry, waiter, task_id=None):
+        self.apply_coalesced(peer, entry, task_id).addCallbacks(waiter.callback, waiter.errback)
+
+
+def _reader(node_id: str, ring: HashRing, stores, settling: bool, leaving):
+    peers = _ReadPeers(stores)
+    store = stores.setdefault(node_id, Store(lambda: 1000.0, 1 << 24))
+    return coordinator(None, peers=peers, ring=ring, store=store, settling=settling, leaving=leaving), peers
+
+
+def _entry_on(stores, node_id: str, key: str) -> Entry:
+    clock = Clock()
+    clock.advance(1000)
+    entry = Entry(key, b'"held"', HybridLogicalClock(clock.seconds, node_id).now(), None)
+    stores.setdefault(node_id, Store(clock.seconds, 1 << 24)).apply(entry)
+    return entry
+
+
+class LeavingReadTests(unittest.TestCase):
+    """
+    A node that leaves drops out of every ring at once, and hands its entries to their new owners after: in
+    between, a read must still find what it holds.
+    """
+
+    RING = HashRing(["n1", "n2", "n3"])
+
+    def _key(self) -> str:
+        return next(key for key in ("k%d" % i for i in range(1000))
+                    if self.RING.preference_list(key, 3)[:2] == ["n2", "n3"])
+
+    @capture_logging(None, encoder_=None)
+    def test_while_the_ring_settles_a_key_only_a_leaving_peer_holds_is_read_from_it_and_copied_to_its_owners(
+            self, logger):
+        stores = {}
+        key = self._key()
+        held = _entry_on(stores, "n4", key)
+        for node in ("n2", "n3"):
+            stores.setdefault(node, Store(lambda: 1000.0, 1 << 24))
+        reader, peers = _reader("n1", self.RING, stores, settling=True, leaving=["n4"])
+        found = outcome(reader.get(key))
+        self.assertEqual((found.value, found.version), (b'"held"', held.version))
+        self.assertIn("n4", peers.asked)
+        # Read repair: the owners get the copy; the leaving node is not sent its own back.
+        self.assertEqual(stores["n2"].current(key).version, held.version)
+        self.assertEqual(stores["n3"].current(key).version, held.version)
+
+    @capture_logging(None, encoder_=None)
+    def test_a_draining_node_reads_what_it_still_holds_itself(self, logger):
+        stores = {}
+        key = self._key()
+        held = _entry_on(stores, "n1", key)
+        for node in ("n2", "n3"):
+            stores.setdefault(node, Store(lambda: 1000.0, 1 << 24))
+        # n1 drains: its ring no longer has it, and it counts itself among the leaving.
+        reader, _ = _reader("n1", HashRing(["n2", "n3"]), stores, settling=True, leaving=["n1"])
+        found = outcome(reader.get(key))
+        self.assertEqual(found.version, held.version)
+
+    @capture_logging(None, encoder_=None)
+    def test_once_the_ring_has_settled_leaving_peers_are_not_asked(self, logger):
+        stores = {}
+        key = self._key()
+        _entry_on(stores, "n4", key)
+        for node in ("n2", "n3"):
+            stores.setdefault(node, Store(lambda: 1000.0, 1 << 24))
+        reader, peers = _reader("n1", self.RING, stores, settling=False, leaving=["n4"])
+        self.assertIsNone(outcome(reader.get(key)))
+        self.assertNotIn("n4", peers.asked)

@@ -77,12 +77,14 @@ class TwistedToEliot:
 class KVResponderService(MultiService):
     """
     The node's services, stopped in order: drain first (HTTP and discovery still up, heartbeats saying
-    "leaving"), then discovery (announcing the departure), then HTTP, then the peer connection pool.
+    "leaving"), then discovery (announcing the departure), then HTTP (no new connection; the requests being
+    handled are answered first), then the peer connection pool.
     """
 
-    def __init__(self, node, http_service, discovery_service, pool=None, tracing=None) -> None:
+    def __init__(self, node, http_service, discovery_service, pool=None, tracing=None, site=None) -> None:
         MultiService.__init__(self)
         self.tracing = tracing
+        self.site = site
         self.node = node
         self.http_service = http_service
         self.discovery_service = discovery_service
@@ -113,6 +115,10 @@ class KVResponderService(MultiService):
         self.running = 0
         await maybeDeferred(self.discovery_service.stopService)
         await maybeDeferred(self.http_service.stopService)
+        if self.site is not None:
+            # No new connections now; the requests already taken are answered before the process exits (a
+            # read may wait for a peer's timeout, and a retry after it).
+            await self.site.requests_done(2 * self.node.settings.peer_request_timeout)
         if self.node.peers.streams is not None:
             self.node.peers.streams.close()
         if self.pool is not None:
@@ -196,4 +202,4 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
         mode=settings.discovery_mode)
 
     SERVICE_STARTED.log(version=__version__, config=settings.redacted())
-    return KVResponderService(node, http_service, discovery, pool, tracing)
+    return KVResponderService(node, http_service, discovery, pool, tracing, site)

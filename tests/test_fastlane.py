@@ -699,3 +699,30 @@ def test_a_twisted_request_is_timed_without_the_lane_requests_served_after_it():
               if l.startswith("kv_http_request_duration_seconds_sum") and 'route="/health/live"' in l]
     # Each lane request reads the clock twice: served first, the 20 would have added 40 ticks.
     assert float(line.rsplit(" ", 1)[1]) < 10, line
+
+
+def test_a_stopping_site_waits_for_the_requests_it_took_and_then_for_no_longer_than_its_timeout():
+    """
+    If a node stops while a request it took waits for its answer (a write's copies, a read asking a peer that
+    is gone), then the site's wait ends once that request is answered, not before; and a request that is never
+    answered holds the wait no longer than its timeout. A connection between requests holds nothing.
+    """
+    operations = _Waiting()
+    site = _lane_site(operations)
+    clock = site.reactor
+    idle, _ = _channel(site)
+    idle.dataReceived(_get(b"answered-at-once"))
+    protocol, transport = _channel(site)
+    protocol.dataReceived(_put(b"k", b'{"value": 1}'))
+    done = site.requests_done(5.0)
+    clock.advance(1.0)
+    assert not done.called
+    operations.pending[0].callback(Answer(201, b'{"key":"k"}'))
+    clock.advance(0.1)
+    assert done.called and _statuses(transport.value()) == [201]
+    protocol.dataReceived(_put(b"never", b'{"value": 2}'))
+    done = site.requests_done(2.0)
+    clock.advance(1.9)
+    assert not done.called
+    clock.advance(0.2)
+    assert done.called

@@ -239,6 +239,13 @@ class ConnectionLane:
         self._got = 0
         self._need = 0
 
+    @property
+    def waiting(self) -> bool:
+        """
+        Whether a request the lane took is waiting for its answer.
+        """
+        return self._waiting
+
     def dataReceived(self, data: bytes) -> Optional[bytes]:
         """
         Take ``data``; returns what Twisted must parse (from a request the lane does not take on), or

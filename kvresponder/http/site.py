@@ -13,7 +13,9 @@ from typing import Callable, Optional
 
 from eliot import write_traceback
 from twisted.internet import tcp
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, datetimeToString, unquote
 from twisted.web.server import Request, Site
@@ -392,7 +394,7 @@ class _CountedChannel(HTTPChannel):
     def connectionMade(self):
         HTTPChannel.connectionMade(self)
         site = self.site
-        site.open_connections += 1
+        site.open_channels.add(self)
         if site.lane is not None:
             self._lane = ConnectionLane(site.lane, self)
 
@@ -481,6 +483,13 @@ class _CountedChannel(HTTPChannel):
             cork.write(data)
         else:
             send_now(self.transport, data)
+
+    def busy(self) -> bool:
+        """
+        Whether a request on this connection is being handled: received, and not yet answered.
+        """
+        lane = self._lane
+        return not channel_between_requests(self) or (lane is not None and lane.waiting)
 
     def close_after_answer(self) -> None:
         """
@@ -605,7 +614,7 @@ class _CountedChannel(HTTPChannel):
                 self._idle_call.cancel()
             self._idle_call = None
         self._request_started = None
-        self.site.open_connections -= 1
+        self.site.open_channels.discard(self)
         if self._lane is not None:
             self._lane.connectionLost()
         HTTPChannel.connectionLost(self, reason)
@@ -623,6 +632,10 @@ def _answer_bad_request(channel) -> None:
 
 
 answer_bad_requests(_CountedChannel, _answer_bad_request)
+
+
+#: Seconds between two looks at whether the requests being handled are done, when a stopping node waits for them.
+REQUESTS_DONE_POLL = 0.05
 
 
 class KVSite(Site):
@@ -664,7 +677,8 @@ class KVSite(Site):
         self.max_connections = max_connections
         self.max_header_bytes = max_header_bytes
         self.request_deadline = timeout
-        self.open_connections = 0
+        #: The open connections' channels.
+        self.open_channels: set = set()
         if metrics is not None:
             metrics.register_gauge("kv_open_connections", lambda: self.open_connections)
         self.tracing = tracing if tracing is not None and tracing.enabled else None
@@ -682,6 +696,10 @@ class KVSite(Site):
             prefix, operations = lane_route()
             self.lane = FastLane(prefix, operations, self._routed_limit(prefix, b"PUT"), max_header_bytes,
                                  metrics, log_policy, seconds, http_date)
+
+    @property
+    def open_connections(self) -> int:
+        return len(self.open_channels)
 
     def body_limit_for(self, target: bytes, method: bytes) -> int:
         """
@@ -713,6 +731,19 @@ class KVSite(Site):
         channel = Site.buildProtocol(self, addr)
         channel.totalHeadersSize = self.max_header_bytes
         return channel
+
+    def requests_done(self, timeout: float) -> Deferred:
+        """
+        A Deferred that fires once no connection is handling a request, or after ``timeout`` seconds: what a
+        node that stopped listening waits for before it exits, so that a request it took (a read asking a peer
+        that is gone waits for the peer's timeout) is answered rather than cut off.
+        """
+        return ensureDeferred(self._requests_done(timeout))
+
+    async def _requests_done(self, timeout: float) -> None:
+        deadline = self.seconds() + timeout
+        while any(channel.busy() for channel in list(self.open_channels)) and self.seconds() < deadline:
+            await deferLater(self.reactor, REQUESTS_DONE_POLL, lambda: None)
 
 
 # One encoder for every response: json.dumps with arguments builds a new one at each call.

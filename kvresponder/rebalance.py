@@ -94,15 +94,16 @@ class _Slices:
     Cuts a walk over the store into slices of at most :data:`SLICE` seconds of reactor time (and at most
     :data:`CHUNK` entries), so that requests keep being served during a pass.
 
-    :param float share: the share of the reactor's time the walk takes: after a slice it rests for as long as
-        keeps it to that share (up to :data:`MAX_REST`); at 1, it yields for one turn only.
+    :param bool background: whether the walk takes :data:`BACKGROUND_SHARE` of the reactor's time, resting after
+        each slice for as long as keeps it to that share (up to :data:`MAX_REST`); otherwise it yields for one turn
+        only.
     """
 
-    def __init__(self, clock, share: float = 1.0) -> None:
+    def __init__(self, clock, background: bool = False) -> None:
         self._clock = clock
         self._count = 0
         self._since = clock.seconds()
-        self._rest_ratio = (1.0 - share) / share
+        self._rest_ratio = (1.0 - BACKGROUND_SHARE) / BACKGROUND_SHARE if background else 0.0
 
     def due(self) -> bool:
         """
@@ -247,7 +248,7 @@ class Rebalancer:
                 ring = HashRing(ring.nodes - {self.node_id}, vnodes=ring.vnodes, probes=ring.probes)
             handoff: List[Tuple[Entry, List[str]]] = []
             digests: Dict[str, Digest] = {}
-            slices = _Slices(self._clock, BACKGROUND_SHARE if reason == "anti-entropy" else 1.0)
+            slices = _Slices(self._clock, background=reason == "anti-entropy")
             for entry in self.store.entries():
                 if slices.due():
                     await slices.pause()
@@ -339,20 +340,20 @@ class Rebalancer:
         peer = self._peer_of(node)
         if peer is None:
             return 0
+        background = reason == "anti-entropy"
         with SYNC(peer=node, reason=reason) as action:
             sent = 0
             try:
-                differing = await self._peers.differing_buckets(peer, self.node_id, digest.wire(),
-                                                                background=reason == "anti-entropy")
+                differing = await self._peers.differing_buckets(peer, self.node_id, digest.wire(), background)
                 # The versions of the differing buckets, up to VERSIONS_PER_CALL a call rather than a call a
                 # bucket. A periodic pass skips entries stamped within SETTLE_MS of now (the next pass covers
                 # them); re-replication after a membership change sends everything.
                 fresh = None
-                if reason == "anti-entropy":
+                if background:
                     now_ms = self._wall() * 1000
                     fresh = (now_ms - SETTLE_MS, now_ms + SETTLE_MS)
                 versions: Dict[str, Version] = {}
-                slices = _Slices(self._clock, BACKGROUND_SHARE if fresh is not None else 1.0)
+                slices = _Slices(self._clock, background)
                 for bucket in differing:
                     for key, version in digest.buckets.get(bucket, {}).items():
                         if slices.due():
@@ -409,7 +410,7 @@ class Rebalancer:
                 or (background and self._clock.seconds() - made <= MAX_DIGEST_AGE)):
             return hashes.get(sender, {})
         digest = Digest()
-        slices = _Slices(self._clock, BACKGROUND_SHARE if background else 1.0)
+        slices = _Slices(self._clock, background)
         for entry in self.store.entries():
             if slices.due():
                 await slices.pause()

@@ -50,11 +50,11 @@ def test_the_slice_restarts_after_a_pause():
 
 def test_a_background_walk_rests_after_each_slice_to_keep_to_its_share():
     """
-    If a walk may take a quarter of the reactor's time, then after a slice of work it rests three times that
-    slice before it goes on.
+    If a walk goes in the background (a quarter of the reactor's time), then after a slice of work it rests
+    three times that slice before it goes on.
     """
     clock = Clock()
-    slices = _Slices(clock, share=0.25)
+    slices = _Slices(clock, background=True)
     clock.advance(SLICE)
     d = ensureDeferred(slices.pause())
     clock.advance(3 * SLICE - 0.0001)
@@ -68,7 +68,7 @@ def test_a_background_walk_rests_at_most_max_rest_after_a_long_slice():
     If one slice ran long (a collection, the JIT compiling), then the rest after it is cut to MAX_REST.
     """
     clock = Clock()
-    slices = _Slices(clock, share=0.25)
+    slices = _Slices(clock, background=True)
     clock.advance(10.0)
     d = ensureDeferred(slices.pause())
     clock.advance(MAX_REST)

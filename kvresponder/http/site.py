@@ -742,7 +742,7 @@ class KVSite(Site):
 
     async def _requests_done(self, timeout: float) -> None:
         deadline = self.seconds() + timeout
-        while any(channel.busy() for channel in list(self.open_channels)) and self.seconds() < deadline:
+        while any(channel.busy() for channel in self.open_channels) and self.seconds() < deadline:
             await deferLater(self.reactor, REQUESTS_DONE_POLL, lambda: None)
 
 

@@ -25,6 +25,12 @@ the rate ratio falls below the CPU ratio that its CPU per write allows (bench/re
 however much the scheduler happened to take. A single node shares them with wrk alone. A pod of a real cluster has its
 own cores, as the pinned coordinator does; the replicas share a core with wrk, which if anything slows their
 answers. ``--no-pin`` measures as before (and as every other scenario does).
+
+A decoy node starts first and stays idle. On this VM, the first node a run starts measured 4-7 % more CPU a
+request than nodes started after it, in each of nine runs that started two to four identical nodes or clusters
+and measured them in alternation (bench/results/HISTORY.md, run 17); with an idle node started before them, the
+first measured node was no slower. Without the decoy, that node would be the single node, and the ratio would
+come out that much too high.
 """
 
 import argparse
@@ -106,6 +112,8 @@ def main() -> dict:
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
     python = b.interpreter_path(args.interpreter)
+    decoy = b.start_node(python, "decoy")
+    decoy.wait_ready()
     single = b.start_node(python, "s1", env={"REPLICATION_FACTOR": "2"})
     cluster = []
     affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
@@ -145,7 +153,7 @@ def main() -> dict:
             })
         keys = [node.metric("kv_store_keys") for node in cluster]
     finally:
-        for node in [single] + cluster:
+        for node in [single] + cluster + [decoy]:
             node.stop()
         if affinity is not None:
             os.sched_setaffinity(0, affinity)

@@ -60,8 +60,10 @@ CHECK_EVERY = 64
 #: clock, either side: their copies may still be on the way (the write path's job). Under steady writes, most
 #: buckets differ only by such entries. A version further ahead of the clock is never left alone.
 SETTLE_MS = 5000
-#: Versions sent to a peer in one ``sync/versions`` call, at most (the peer takes up to 50000).
-VERSIONS_PER_CALL = 10000
+#: Versions sent to a peer in one ``sync/versions`` call, at most (the peer takes up to 50000). The peer parses
+#: the call, compares each version and answers in one reactor turn: a small call keeps that turn short for the
+#: requests waiting behind it, at the cost of more round trips a pass.
+VERSIONS_PER_CALL = 2000
 
 _MASK = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15

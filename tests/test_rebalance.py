@@ -173,3 +173,44 @@ def test_a_keys_bucket_hash_is_the_8_byte_blake2b_that_every_version_uses():
     from kvresponder.rebalance import key_hash
     for key in ("k", "user:42/\u00e9", "x" * 300):
         assert key_hash(key) == int.from_bytes(blake2b(key.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+class _LackingPeers(_AskedPeers):
+    """A peer client whose peer holds nothing: every bucket differs, and it wants every key it is offered."""
+
+    def __init__(self) -> None:
+        _AskedPeers.__init__(self)
+        self.offered = []
+        self.applied = []
+
+    async def differing_buckets(self, peer, sender, buckets, background=False):
+        return sorted(int(bucket) for bucket in buckets)
+
+    async def wanted(self, peer, versions):
+        self.offered.append(len(versions))
+        return list(versions)
+
+    async def apply(self, peer, entries, timeout=None):
+        self.applied.extend(entry.key for entry in entries)
+
+
+def test_a_sync_offers_its_versions_in_calls_of_at_most_versions_per_call():
+    """
+    If a co-owner lacks more keys than one ``sync/versions`` call carries, then a re-replication offers them in
+    calls of at most VERSIONS_PER_CALL versions (each handled by the peer in one reactor turn), and still sends
+    every one of them.
+    """
+    from kvresponder.rebalance import VERSIONS_PER_CALL
+    clock, peers = Clock(), _LackingPeers()
+    rebalancer = _rebalancer(clock, peers)
+    hlc = HybridLogicalClock(lambda: 1_700_000_000.0, "n1")
+    keys = 2 * VERSIONS_PER_CALL + 500
+    for index in range(keys):
+        rebalancer.store.apply(Entry("many%d" % (index,), b'"v"', hlc.now(), None))
+    done = rebalancer.run_pass("leave:n3")
+    clock.pump([0.01] * 1000)
+    assert done.called
+    shared = 20 + keys  # two nodes, two replicas: every key is shared with n2
+    assert max(peers.offered) == VERSIONS_PER_CALL
+    assert sum(peers.offered) == shared
+    assert sorted(peers.applied) == sorted(entry.key for entry in rebalancer.store.entries())

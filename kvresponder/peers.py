@@ -101,7 +101,9 @@ class PeerClient:
         own object for each copy (:class:`~kvresponder.batcher.Waiter`), which spares every copy a Deferred.
         """
         if self._tracing is not None:
-            ensureDeferred(self.apply(peer, [entry])).addCallbacks(
+            # Alone, so that the copy's span has the write's as its parent; a write logged in its own task (at
+            # info) still has the peer log the copy in that task, as a batch would.
+            ensureDeferred(self.apply(peer, [entry], task_ids=None if task_id is None else [task_id])).addCallbacks(
                 lambda results: waiter.callback(results[0]), waiter.errback)
             return
         action = None
@@ -139,12 +141,16 @@ class PeerClient:
 
     # -- operations -----------------------------------------------------------------------------------
 
-    async def apply(self, peer, entries: Sequence[Entry], timeout: Optional[float] = None) -> List[ApplyResult]:
+    async def apply(self, peer, entries: Sequence[Entry], timeout: Optional[float] = None,
+                    task_ids: Optional[List[bytes]] = None) -> List[ApplyResult]:
         """
         Store entries on ``peer``; each result says whether it was newer there and whether a live value
         was replaced.
+
+        :param task_ids: each entry's own Eliot task id, for writes that have one (see ``PeerTransport.call``).
         """
-        answer = await self.transport.call(peer, "apply", encode_batch(entries, self._wall()), timeout=timeout)
+        answer = await self.transport.call(peer, "apply", encode_batch(entries, self._wall()), timeout=timeout,
+                                           task_ids=task_ids)
         return apply_results(answer, peer, len(entries))
 
     async def get(self, peer, key: str) -> Optional[Entry]:

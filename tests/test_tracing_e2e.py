@@ -193,6 +193,33 @@ def test_replicated_write_is_one_trace_continuing_the_client_context(receiver, c
         assert resource.get("kv.node") == node
 
 
+def test_with_tracing_on_a_replicated_writes_log_lines_stay_in_one_task_across_both_nodes(receiver, cluster_factory):
+    """
+    Tracing sends each copy alone (so that its span has the write's as parent), but the copy still carries the
+    write's Eliot task: at info, the replica's ``store:applied`` line joins the coordinator's in one task, as
+    without tracing.
+    """
+    cluster = cluster_factory({"REPLICATION_FACTOR": "2", "JAEGER_ENDPOINT": receiver.endpoint})
+    n1 = cluster.add("n1")
+    n2 = cluster.add("n2")
+    cluster.wait_formed()
+    response = requests.put(n1.url + "/kv/logged-traced", json={"value": 1}, timeout=10)
+    assert response.status_code == 201, response.text
+
+    def lines():
+        return [m for node in (n1, n2) for m in node.log_messages()
+                if m.get("key") == "logged-traced" and m.get("message_type") == "kvresponder:store:applied"]
+
+    cluster.wait_for(lambda: len(lines()) == 2, 10, "both nodes' store lines")
+    found = lines()
+    assert sorted(m["node"] for m in found) == ["n1", "n2"]
+    assert len({m["task_uuid"] for m in found}) == 1, found
+    [task_uuid] = {m["task_uuid"] for m in found}
+    task = [m for node in (n1, n2) for m in node.log_messages() if m.get("task_uuid") == task_uuid]
+    # The write's two lines and nothing else: no peer-call action in the task, as without tracing.
+    assert sorted(m["task_level"] for m in task) == [[2], [3]], task
+
+
 def test_without_an_endpoint_nothing_is_exported_and_the_node_serves(receiver, cluster_factory):
     # The SDK's own variable points at the receiver: only JAEGER_ENDPOINT/OTEL_EXPORTER_OTLP_ENDPOINT may turn
     # tracing on, so a node that built an exporter anyway would export here.

@@ -726,3 +726,24 @@ def test_a_stopping_site_waits_for_the_requests_it_took_and_then_for_no_longer_t
     assert not done.called
     clock.advance(0.2)
     assert done.called
+
+
+def test_a_stopping_site_waits_for_an_answer_still_corked_until_the_end_of_the_turn():
+    """
+    If a stopping node's last request was answered in the reactor pass that would end its wait, then the
+    answer is still in the channel's cork, sent at the end of the turn: the wait lasts until it is sent, as the
+    exit that follows the wait would drop it.
+    """
+    site = _lane_site(_Waiting())
+    clock = site.reactor
+    protocol, transport = _channel(site)
+    # What cork() puts in front of a TCP connection (a test transport gets none of its own).
+    protocol.transport = cork = _Cork(transport)
+    site.end_of_turn.add(protocol._uncork)
+    cork.write(b"the answer")
+    done = site.requests_done(5.0)
+    assert not done.called
+    clock.advance(0)
+    assert transport.value() == b"the answer"
+    clock.advance(0.1)
+    assert done.called

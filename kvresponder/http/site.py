@@ -486,10 +486,12 @@ class _CountedChannel(HTTPChannel):
 
     def busy(self) -> bool:
         """
-        Whether a request on this connection is being handled: received, and not yet answered.
+        Whether a request on this connection is being handled: received, and not yet answered, or answered into
+        the cork that sends it at the end of the reactor turn.
         """
         lane = self._lane
-        return not channel_between_requests(self) or (lane is not None and lane.waiting)
+        return (not channel_between_requests(self) or (lane is not None and lane.waiting)
+                or isinstance(self.transport, _Cork))
 
     def close_after_answer(self) -> None:
         """

@@ -26,10 +26,10 @@ however much the scheduler happened to take. A single node shares them with wrk 
 own cores, as the pinned coordinator does; the replicas share a core with wrk, which if anything slows their
 answers. ``--no-pin`` measures as before (and as every other scenario does).
 
-A decoy node starts first and stays idle. On this VM, the first node a run starts measured 4-7 % more CPU a
-request than nodes started after it, in each of nine runs that started two to four identical nodes or clusters
-and measured them in alternation (bench/results/HISTORY.md, run 17); with an idle node started before them, the
-first measured node was no slower. Without the decoy, that node would be the single node, and the ratio would
+A decoy node starts first and stays idle. On this VM, the first node a run starts used 4-7 % more CPU a
+request than identical ones started after it, in every run that measured them in alternation: six of three
+single nodes, four of two clusters and one of four (bench/results/HISTORY.md, run 17). With an idle node started
+before them, the first measured node was no slower. Without the decoy, that node would be the single node, and the ratio would
 come out that much too high.
 """
 

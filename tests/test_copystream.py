@@ -160,6 +160,25 @@ async def test_the_stream_outlives_the_http_idle_timeout_and_frees_its_connectio
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_connection_handed_over_to_a_copy_stream_does_not_hold_up_a_stopping_nodes_wait(server):
+    """
+    If a peer holds a copy stream open into a node that stops, then the node's wait for the requests it took
+    ends at once: the stream answers each batch in the turn it arrives, and owes nothing after it. (The
+    upgrade request it came from would otherwise look unanswered, and hold the wait to its timeout.)
+    """
+    peer = server()
+    streams = _streams(_auth())
+    try:
+        await streams.send(peer.peer, [_entry(1)], [b"-"], 2.0)
+        assert peer.site.open_connections == 1 and peer.node.metrics.gauge("kv_copy_streams_incoming") == 1
+        started = reactor.seconds()
+        await peer.site.requests_done(5.0)
+        assert reactor.seconds() - started < 1.0
+    finally:
+        streams.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_an_upgrade_signed_with_another_secret_is_refused_and_the_peer_is_left_to_http(server):
     peer = server()
     streams = _streams(_auth("some-other-secret-entirely"))

@@ -14,7 +14,7 @@ from typing import List, Optional, Tuple
 import pytest
 import pytest_twisted
 from eliot import add_destinations, remove_destination
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
@@ -747,3 +747,44 @@ def test_a_stopping_site_waits_for_an_answer_still_corked_until_the_end_of_the_t
     assert transport.value() == b"the answer"
     clock.advance(0.1)
     assert done.called
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stopping_site_waits_for_answers_queued_behind_a_socket_its_client_has_not_read():
+    """
+    If a stopping node's answers wait in the connection's buffer because its client has not read them yet,
+    then the wait lasts while they do (the exit that follows would drop them), and ends once the client reads.
+    """
+    from kvresponder.privateapi import tcp_write_is_queued
+    from kvresponder.store import Entry
+    server = _Server(fast_lane=True)
+    value = b'"' + b"x" * (VALUE_LIMIT - 100) + b'"'
+    server.node.store.apply(Entry("big", value, (1_700_000_000_000, 0, "n1"), None))
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.settimeout(10)
+    try:
+        client.connect(server.address)
+        client.sendall(_get(b"big") * 3000)
+
+        def queued():
+            return any(type(channel.transport) is tcp.Server and tcp_write_is_queued(channel.transport)
+                       for channel in server.site.open_channels)
+        for _ in range(250):
+            if queued():
+                break
+            await deferLater(reactor, 0.02, lambda: None)
+        assert queued()
+        done = server.site.requests_done(10.0)
+        await deferLater(reactor, 0.3, lambda: None)
+        assert not done.called
+        answers = await deferToThread(_read_answers, client, 3000)
+        assert [status for status, _, _ in answers] == [200] * 3000
+        for _ in range(100):
+            if done.called:
+                break
+            await deferLater(reactor, 0.02, lambda: None)
+        assert done.called
+    finally:
+        client.close()
+        await server.port.stopListening()

@@ -111,8 +111,8 @@ class _AskedPeers:
         return []
 
 
-def _rebalancer(clock, peers) -> Rebalancer:
-    store = Store(clock.seconds, 1 << 20)
+def _rebalancer(clock, peers, max_bytes: int = 1 << 20) -> Rebalancer:
+    store = Store(clock.seconds, max_bytes)
     hlc = HybridLogicalClock(lambda: 1_700_000_000.0, "n1")
     for index in range(20):
         store.apply(Entry("k%d" % (index,), b'"v"', hlc.now(), None))
@@ -202,7 +202,7 @@ def test_a_sync_offers_its_versions_in_calls_of_at_most_versions_per_call():
     """
     from kvresponder.rebalance import VERSIONS_PER_CALL
     clock, peers = Clock(), _LackingPeers()
-    rebalancer = _rebalancer(clock, peers)
+    rebalancer = _rebalancer(clock, peers, max_bytes=1 << 30)
     hlc = HybridLogicalClock(lambda: 1_700_000_000.0, "n1")
     keys = 2 * VERSIONS_PER_CALL + 500
     for index in range(keys):
@@ -211,6 +211,7 @@ def test_a_sync_offers_its_versions_in_calls_of_at_most_versions_per_call():
     clock.pump([0.01] * 1000)
     assert done.called
     shared = 20 + keys  # two nodes, two replicas: every key is shared with n2
+    assert len(rebalancer.store) == shared  # nothing evicted
     assert max(peers.offered) == VERSIONS_PER_CALL
     assert sum(peers.offered) == shared
     assert sorted(peers.applied) == sorted(entry.key for entry in rebalancer.store.entries())

@@ -23,7 +23,8 @@ from twisted.web.server import Request, Site
 from ..log import DEBUG, INFO
 from ..log.http import HTTP_READ, HTTP_REJECTED, HTTP_REQUEST
 from ..privateapi import (answer_bad_requests, channel_between_requests, channel_waiting_for_transport, handle_star,
-                          request_gone, request_target, skip_form_parsing, stop_idle_timeout, take_unread)
+                          request_gone, request_target, skip_form_parsing, stop_idle_timeout, take_unread,
+                          tcp_write_is_queued)
 from ..sendnow import send_now
 from ..turn import EndOfTurn
 from .errors import APIError, error_body, write_error
@@ -390,6 +391,9 @@ class _CountedChannel(HTTPChannel):
     _last_activity = 0.0
 
     _lane = None
+    #: Whether the connection was handed over to another protocol (a copy stream), which answers each of its
+    #: frames in the turn it arrives: it owes no answer across turns.
+    _handed_over = False
 
     def connectionMade(self):
         HTTPChannel.connectionMade(self)
@@ -486,12 +490,19 @@ class _CountedChannel(HTTPChannel):
 
     def busy(self) -> bool:
         """
-        Whether a request on this connection is being handled: received, and not yet answered, or answered into
-        the cork that sends it at the end of the reactor turn.
+        Whether this connection owes an answer: a request received and not yet answered, or an answer not yet
+        sent (held in the cork until the end of the reactor turn, or queued behind a full socket). Not a
+        connection handed over to a copy stream.
         """
+        if self._handed_over:
+            return False
+        transport = self.transport
+        if isinstance(transport, _Cork):
+            return True
         lane = self._lane
-        return (not channel_between_requests(self) or (lane is not None and lane.waiting)
-                or isinstance(self.transport, _Cork))
+        if not channel_between_requests(self) or (lane is not None and lane.waiting):
+            return True
+        return type(transport) is tcp.Server and tcp_write_is_queued(transport)
 
     def close_after_answer(self) -> None:
         """
@@ -572,6 +583,7 @@ class _CountedChannel(HTTPChannel):
             self._idle_call = None
         del self.requests[:]
         leftover = take_unread(self)
+        self._handed_over = True
         self.paused = True
         transport.unregisterProducer()
         # Reading may have been paused while the request was handled; nothing of HTTP's would resume it now.

@@ -106,7 +106,7 @@ class KVResponderService(MultiService):
         return ensureDeferred(self._stop())
 
     async def _stop(self):
-        from .log.service import SERVICE_STOPPING
+        from .log.service import REQUESTS_ANSWERED, SERVICE_STOPPING
         SERVICE_STOPPING.log()
         self.node.begin_leaving()
         self.discovery_service.protocol.announce()
@@ -118,7 +118,9 @@ class KVResponderService(MultiService):
         if self.site is not None:
             # No new connections now; the requests already taken are answered before the process exits (a
             # read may wait for a peer's timeout, and a retry after it).
-            await self.site.requests_done(2 * self.node.settings.peer_request_timeout)
+            started = self.site.seconds()
+            unanswered = await self.site.requests_done(2 * self.node.settings.peer_request_timeout)
+            REQUESTS_ANSWERED.log(waited=round(self.site.seconds() - started, 3), unanswered=unanswered)
         if self.node.peers.streams is not None:
             self.node.peers.streams.close()
         if self.pool is not None:

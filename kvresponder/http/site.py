@@ -750,14 +750,16 @@ class KVSite(Site):
         """
         A Deferred that fires once no connection is handling a request, or after ``timeout`` seconds: what a
         node that stopped listening waits for before it exits, so that a request it took (a read asking a peer
-        that is gone waits for the peer's timeout) is answered rather than cut off.
+        that is gone waits for the peer's timeout) is answered rather than cut off. It fires with the number of
+        connections still owing an answer: 0 unless the timeout ended the wait.
         """
         return ensureDeferred(self._requests_done(timeout))
 
-    async def _requests_done(self, timeout: float) -> None:
+    async def _requests_done(self, timeout: float) -> int:
         deadline = self.seconds() + timeout
         while any(channel.busy() for channel in self.open_channels) and self.seconds() < deadline:
             await deferLater(self.reactor, REQUESTS_DONE_POLL, lambda: None)
+        return sum(1 for channel in self.open_channels if channel.busy())
 
 
 # One encoder for every response: json.dumps with arguments builds a new one at each call.

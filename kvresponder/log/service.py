@@ -15,6 +15,14 @@ SERVICE_STARTED = leveled("service", INFO, MessageType(
 SERVICE_STOPPING = leveled("service", INFO, MessageType(
     "kvresponder:service:stopping", [], "The node is stopping."))
 
+REQUESTS_ANSWERED = leveled("service", INFO, MessageType(
+    "kvresponder:service:requests-answered",
+    [Field.for_types("waited", [float], "Seconds the stopping node waited, after its listener closed, for the "
+                                        "requests it had taken."),
+     Field.for_types("unanswered", [int], "Connections still owing an answer when the wait ended: more than 0 "
+                                          "only if it ran out (twice PEER_REQUEST_TIMEOUT).")],
+    "A stopping node is done waiting for the requests it took, and exits."))
+
 INSECURE = leveled("service", WARNING, MessageType(
     "kvresponder:service:insecure", [Field.for_types("reason", [str], "What is unprotected.")],
     "A protection is off."))

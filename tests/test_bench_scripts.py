@@ -22,3 +22,22 @@ def test_write_path_measures_a_round_of_writes_all_answered(extra):
                           + extra, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "round 1: coordinator" in done.stdout and "µs a write" in done.stdout
+
+
+def test_the_ab_windows_give_every_cluster_the_same_mean_place_in_the_run():
+    """
+    If ``bench/ab.py`` measures four clusters over two or more rounds, then each cluster gets a window every
+    round, and over an even number of rounds every cluster's windows sit at the same mean place in the run, so
+    that a drift of the VM's speed over the run favours none of them.
+    """
+    sys.path.insert(0, BENCH)
+    try:
+        from ab import schedule
+    finally:
+        sys.path.remove(BENCH)
+    for rounds in (2, 4):
+        order = schedule(4, rounds)
+        assert sorted(order) == sorted(list(range(4)) * rounds)
+        places = {cluster: [place for place, each in enumerate(order) if each == cluster] for cluster in range(4)}
+        assert len({sum(found) / len(found) for found in places.values()}) == 1, places
+    assert schedule(4, 1) == [0, 1, 2, 3]

@@ -1,0 +1,144 @@
+"""
+Two variants of the 3-node RF=2 write path, side by side in one run: A (a git revision, or this work tree) and B
+(this work tree), each with environment variables of its own. For a change whose effect is smaller than what
+the VM's speed does between two runs.
+
+Four clusters start in the order A, B, B, A, after an idle decoy node: on this VM, the first node a run starts
+is slower than those after it, and a later one can still be a few percent faster or slower than another
+(bench/results/HISTORY.md, run 17). So each variant runs twice, once early and once late. Each coordinator is
+pinned as in ``cluster_ratio`` (a CPU of its own; the replicas and wrk on the rest). Windows of PUT load
+through each coordinator go round the four clusters, in reverse on every other round, ``--gap`` seconds apart.
+
+The result is each variant's median rate and coordinator CPU a write over its windows in both clusters, and B
+over A. Each cluster's own medians show how far apart the two clusters of one variant were: that is the noise.
+
+    python3 bench/ab.py --base HEAD~1                        # the last commit's effect
+    python3 bench/ab.py --b-env REPLICATION_STREAM=false     # a setting's effect, same code
+"""
+
+import argparse
+import importlib.util
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+
+import benchlib as b
+from cluster_ratio import _pin
+
+NODES = 3
+
+
+def _variant_lib(revision):
+    """
+    ``(benchlib, worktree)``: a benchlib whose nodes run ``revision``'s code, from a worktree made for it;
+    this work tree's own (and no worktree) for ``None``.
+    """
+    if revision is None:
+        return b, None
+    worktree = tempfile.mkdtemp(prefix="kv-ab-")
+    os.rmdir(worktree)
+    subprocess.run(["git", "-C", b.REPO, "worktree", "add", "--detach", "--quiet", worktree, revision], check=True)
+    spec = importlib.util.spec_from_file_location("benchlib_ab_base", os.path.join(worktree, "bench", "benchlib.py"))
+    lib = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lib)
+    return lib, worktree
+
+
+def _env(pairs):
+    env = {"REPLICATION_FACTOR": "2"}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise SystemExit("not NAME=VALUE: %r" % (pair,))
+        env[name] = value
+    return env
+
+
+def _window(coordinator, seconds, connections, threads):
+    before = coordinator.cpu_seconds()
+    result = b.Wrk("http://127.0.0.1:%d" % (coordinator.port,), "put", seconds, connections=connections,
+                   threads=threads).result()
+    requests = max(result["requests"], 1)
+    return {"rps": result["rps"], "p99_ms": result["p99_ms"], "errors": result["errors"],
+            "coordinator_us": round((coordinator.cpu_seconds() - before) * 1e6 / requests, 1)}
+
+
+def schedule(clusters: int, rounds: int):
+    """
+    The order of the windows: every cluster once a round, forwards, then backwards, so that each cluster's mean
+    place in the run is the same.
+    """
+    order = []
+    for index in range(rounds):
+        order.extend(range(clusters) if index % 2 == 0 else reversed(range(clusters)))
+    return order
+
+
+def main() -> dict:
+    p = b.parser("Two variants of the 3-node write path side by side, each in two clusters.", warmup=15.0)
+    p.add_argument("--base", help="A's git revision (default: this work tree, for a comparison of settings)")
+    p.add_argument("--a-env", action="append", default=[], metavar="NAME=VALUE", help="a variable for A's nodes")
+    p.add_argument("--b-env", action="append", default=[], metavar="NAME=VALUE", help="a variable for B's nodes")
+    p.add_argument("--rounds", type=int, default=3, help="windows of each cluster (default %(default)s)")
+    p.add_argument("--gap", type=float, default=5.0, help="seconds of no load before each window")
+    args = p.parse_args()
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
+    python = b.interpreter_path(args.interpreter)
+    envs = {"A": _env(args.a_env), "B": _env(args.b_env)}
+    libs = {"B": b}
+    worktree = None
+    clusters = []
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    try:
+        libs["A"], worktree = _variant_lib(args.base)
+        decoy = b.start_node(python, "decoy")
+        decoy.wait_ready()
+        for label in ("A", "B", "B", "A"):
+            nodes = libs[label].start_loaded_cluster(python, NODES, b.HIT_KEYS, envs[label])
+            clusters.append((label, nodes))
+        pinning = _pin([nodes[0] for _, nodes in clusters], [node for _, nodes in clusters for node in nodes[1:]])
+        options = (args.connections, args.threads)
+        for _, nodes in clusters:
+            _window(nodes[0], args.warmup, *options)
+        windows = [[] for _ in clusters]
+        for index in schedule(len(clusters), args.rounds):
+            time.sleep(args.gap)
+            windows[index].append(_window(clusters[index][1][0], args.duration, *options))
+    finally:
+        for lib in {id(lib): lib for lib in libs.values()}.values():
+            lib.stop_all()
+        if affinity is not None:
+            os.sched_setaffinity(0, affinity)
+        if worktree is not None:
+            subprocess.run(["git", "-C", b.REPO, "worktree", "remove", "--force", worktree], check=False)
+            shutil.rmtree(worktree, ignore_errors=True)
+    per_cluster = [{"variant": label, "started": place + 1,
+                    "rps_median": statistics.median(w["rps"] for w in windows[place]),
+                    "coordinator_us_median": statistics.median(w["coordinator_us"] for w in windows[place]),
+                    "windows": windows[place]}
+                   for place, (label, _) in enumerate(clusters)]
+    variants = {}
+    for label in ("A", "B"):
+        mine = [w for place, (name, _) in enumerate(clusters) if name == label for w in windows[place]]
+        variants[label] = {"rps_median": statistics.median(w["rps"] for w in mine),
+                           "coordinator_us_median": statistics.median(w["coordinator_us"] for w in mine),
+                           "errors": sum(w["errors"] for w in mine)}
+    result = {
+        "variants": variants,
+        "clusters": per_cluster,
+        "b_over_a_rps": round(variants["B"]["rps_median"] / variants["A"]["rps_median"], 3),
+        "b_over_a_coordinator_us": round(variants["B"]["coordinator_us_median"]
+                                         / variants["A"]["coordinator_us_median"], 3),
+    }
+    return b.finish("ab", args, python, {
+        "description": "3 nodes RF=2 PUT through one node: variant B against A, two clusters each",
+        "base": args.base, "a_env": args.a_env, "b_env": args.b_env, "rounds": args.rounds, "gap_s": args.gap,
+        "pinning": pinning, "results": {"kvresponder": result}})
+
+
+if __name__ == "__main__":
+    main()

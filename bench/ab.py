@@ -16,7 +16,6 @@ over A. Each cluster's own medians show how far apart the two clusters of one va
     python3 bench/ab.py --b-env REPLICATION_STREAM=false     # a setting's effect, same code
 """
 
-import argparse
 import importlib.util
 import os
 import shutil
@@ -41,10 +40,20 @@ def _variant_lib(revision):
     worktree = tempfile.mkdtemp(prefix="kv-ab-")
     os.rmdir(worktree)
     subprocess.run(["git", "-C", b.REPO, "worktree", "add", "--detach", "--quiet", worktree, revision], check=True)
-    spec = importlib.util.spec_from_file_location("benchlib_ab_base", os.path.join(worktree, "bench", "benchlib.py"))
-    lib = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lib)
+    try:
+        spec = importlib.util.spec_from_file_location("benchlib_ab_base",
+                                                      os.path.join(worktree, "bench", "benchlib.py"))
+        lib = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(lib)
+    except BaseException:
+        _remove_worktree(worktree)
+        raise
     return lib, worktree
+
+
+def _remove_worktree(worktree):
+    subprocess.run(["git", "-C", b.REPO, "worktree", "remove", "--force", worktree], check=False)
+    shutil.rmtree(worktree, ignore_errors=True)
 
 
 def _env(pairs):
@@ -87,6 +96,9 @@ def main() -> dict:
     args = p.parse_args()
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
+    if args.base is not None and subprocess.run(["git", "-C", b.REPO, "rev-parse", "--verify", "--quiet",
+                                                 args.base + "^{commit}"], capture_output=True).returncode != 0:
+        p.error("--base: no commit %r in %s" % (args.base, b.REPO))
     python = b.interpreter_path(args.interpreter)
     envs = {"A": _env(args.a_env), "B": _env(args.b_env)}
     libs = {"B": b}
@@ -114,8 +126,7 @@ def main() -> dict:
         if affinity is not None:
             os.sched_setaffinity(0, affinity)
         if worktree is not None:
-            subprocess.run(["git", "-C", b.REPO, "worktree", "remove", "--force", worktree], check=False)
-            shutil.rmtree(worktree, ignore_errors=True)
+            _remove_worktree(worktree)
     per_cluster = [{"variant": label, "started": place + 1,
                     "rps_median": statistics.median(w["rps"] for w in windows[place]),
                     "coordinator_us_median": statistics.median(w["coordinator_us"] for w in windows[place]),

@@ -25,7 +25,7 @@ import tempfile
 import time
 
 import benchlib as b
-from cluster_ratio import _pin
+from cluster_ratio import _measure, _pin
 
 NODES = 3
 
@@ -66,13 +66,13 @@ def _env(pairs):
     return env
 
 
-def _window(coordinator, seconds, connections, threads):
-    before = coordinator.cpu_seconds()
-    result = b.Wrk("http://127.0.0.1:%d" % (coordinator.port,), "put", seconds, connections=connections,
-                   threads=threads).result()
-    requests = max(result["requests"], 1)
-    return {"rps": result["rps"], "p99_ms": result["p99_ms"], "errors": result["errors"],
-            "coordinator_us": round((coordinator.cpu_seconds() - before) * 1e6 / requests, 1)}
+def _window(coordinator, seconds, options) -> dict:
+    """
+    PUT load through ``coordinator`` for ``seconds``, measured as ``cluster_ratio`` measures a window.
+    """
+    measured = _measure(coordinator, None, [], seconds, *options)
+    return {"rps": measured["rps"], "p99_ms": measured["p99_ms"], "errors": measured["errors"],
+            "coordinator_us": measured["cpu_us_per_request"]}
 
 
 def schedule(clusters: int, rounds: int):
@@ -115,11 +115,11 @@ def main() -> dict:
         pinning = _pin([nodes[0] for _, nodes in clusters], [node for _, nodes in clusters for node in nodes[1:]])
         options = (args.connections, args.threads)
         for _, nodes in clusters:
-            _window(nodes[0], args.warmup, *options)
+            _window(nodes[0], args.warmup, options)
         windows = [[] for _ in clusters]
         for index in schedule(len(clusters), args.rounds):
             time.sleep(args.gap)
-            windows[index].append(_window(clusters[index][1][0], args.duration, *options))
+            windows[index].append(_window(clusters[index][1][0], args.duration, options))
     finally:
         for lib in {id(lib): lib for lib in libs.values()}.values():
             lib.stop_all()

@@ -757,9 +757,11 @@ class KVSite(Site):
 
     async def _requests_done(self, timeout: float) -> int:
         deadline = self.seconds() + timeout
-        while any(channel.busy() for channel in self.open_channels) and self.seconds() < deadline:
+        while True:
+            owing = sum(1 for channel in self.open_channels if channel.busy())
+            if not owing or self.seconds() >= deadline:
+                return owing
             await deferLater(self.reactor, REQUESTS_DONE_POLL, lambda: None)
-        return sum(1 for channel in self.open_channels if channel.busy())
 
 
 # One encoder for every response: json.dumps with arguments builds a new one at each call.

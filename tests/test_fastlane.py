@@ -720,12 +720,14 @@ def test_a_stopping_site_waits_for_the_requests_it_took_and_then_for_no_longer_t
     operations.pending[0].callback(Answer(201, b'{"key":"k"}'))
     clock.advance(0.1)
     assert done.called and _statuses(transport.value()) == [201]
+    assert done.result == 0  # no connection left owing an answer
     protocol.dataReceived(_put(b"never", b'{"value": 2}'))
     done = site.requests_done(2.0)
     clock.advance(1.9)
     assert not done.called
     clock.advance(0.2)
     assert done.called
+    assert done.result == 1  # the timeout ended it, with that one request unanswered
 
 
 def test_a_stopping_site_waits_for_an_answer_still_corked_until_the_end_of_the_turn():

@@ -147,6 +147,11 @@ def encode_answer(batch_id: int, results: Sequence[ApplyResult]) -> bytes:
     return b"".join(parts)
 
 
+#: The results that carry no newer version, by their flags: shared (they are immutable) rather than built for each
+#: entry of every answer.
+_PLAIN_RESULTS = [ApplyResult(bool(flags & 1), bool(flags & 2)) for flags in range(256)]
+
+
 def decode_results(payload: bytes, count: int) -> List[ApplyResult]:
     """
     The results of a batch of ``count`` entries from an answer's payload.
@@ -159,14 +164,14 @@ def decode_results(payload: bytes, count: int) -> List[ApplyResult]:
     offset = count
     try:
         for flags in payload[:count]:
-            newer = None
-            if flags & 4:
-                wall, counter, length = _NEWER.unpack_from(payload, offset)
-                offset += _NEWER.size
-                node = payload[offset:offset + length].decode("utf-8")
-                offset += length
-                newer = (wall, counter, node)
-            results.append(ApplyResult(bool(flags & 1), bool(flags & 2), newer))
+            if not flags & 4:
+                results.append(_PLAIN_RESULTS[flags])
+                continue
+            wall, counter, length = _NEWER.unpack_from(payload, offset)
+            offset += _NEWER.size
+            node = payload[offset:offset + length].decode("utf-8")
+            offset += length
+            results.append(ApplyResult(bool(flags & 1), bool(flags & 2), (wall, counter, node)))
     except (struct.error, UnicodeDecodeError) as error:
         raise ValueError("a malformed answer: %s" % (error,))
     if offset != len(payload):

@@ -522,10 +522,14 @@ def test_batches_carry_their_task_ids_and_a_mac_over_the_connections_nonce():
 
 
 def test_answers_decode_to_one_result_an_entry():
-    results = [ApplyResult(True, False), ApplyResult(False, True), ApplyResult(True, True), ApplyResult(False, False)]
+    results = [ApplyResult(True, False), ApplyResult(False, True), ApplyResult(True, True), ApplyResult(False, False),
+               ApplyResult(False, True, (1700000000000, 3, "n3")), ApplyResult(True, False),
+               ApplyResult(False, False, (1700000000001, 0, "n\u00e9")), ApplyResult(False, True)]
     answer = encode_answer(7, results)
     assert struct.unpack_from("!IH", answer) == (7, 200)
     assert decode_results(answer[6:], len(results)) == results
+    with pytest.raises(ValueError):
+        decode_results(answer[6:-1], len(results))
 
 
 def test_every_send_waiting_on_a_refused_opening_hears_the_refusal():

@@ -247,7 +247,20 @@ BAD_VALUES = {
     "unknown discovery mode": (["--set", "discovery.mode=udp"], r"discovery\.mode"),
     "drain not below grace": (
         ["--set", "terminationGracePeriodSeconds=20", "--set", "drainTimeout=20"],
-        r"drainTimeout \(20\) must be less than terminationGracePeriodSeconds \(20\)",
+        r"drainTimeout \(20\) plus the exit's wait of up to 4 s .* less than terminationGracePeriodSeconds \(20\)",
+    ),
+    "drain leaving no room for the exit's wait": (
+        ["--set", "terminationGracePeriodSeconds=20", "--set", "drainTimeout=16"],
+        r"drainTimeout \(16\) plus the exit's wait of up to 4 s .* less than terminationGracePeriodSeconds \(20\)",
+    ),
+    "drain leaving no room for a longer peer timeout's wait": (
+        ["--set", "drainTimeout=20", "--set", "extraEnv[0].name=PEER_REQUEST_TIMEOUT",
+         "--set-string", "extraEnv[0].value=5"],
+        r"drainTimeout \(20\) plus the exit's wait of up to 10 s .* terminationGracePeriodSeconds \(30\)",
+    ),
+    "grace too short for any drain": (
+        ["--set", "terminationGracePeriodSeconds=5"],
+        r"terminationGracePeriodSeconds \(5\) leaves no time to drain: .* give it at least 6",
     ),
     "custom preset without behavior": (
         ["--set", "autoscaling.enabled=true", "--set", "autoscaling.preset=custom"],
@@ -431,32 +444,44 @@ def test_uid_is_configurable_when_security_context_is_overridden():
     assert container(docs)["securityContext"]["runAsUser"] == 20002
 
 
+#: What a stopping node waits at most, after its drain, for the requests it took: 2 x PEER_REQUEST_TIMEOUT (2 s).
+EXIT_WAIT = 4
+
+
 @pytest.mark.parametrize(
-    "args, grace, drain",
+    "args, grace, drain, wait",
     [
-        ([], 30, 20),
-        (["--set", "terminationGracePeriodSeconds=60"], 60, 50),
-        (["--set", "terminationGracePeriodSeconds=12"], 12, 6),
-        (["--set", "terminationGracePeriodSeconds=45", "--set", "drainTimeout=40"], 45, 40),
+        ([], 30, 20, EXIT_WAIT),
+        (["--set", "terminationGracePeriodSeconds=60"], 60, 50, EXIT_WAIT),
+        (["--set", "terminationGracePeriodSeconds=12"], 12, 6, EXIT_WAIT),
+        # max(4, -2) = 4 would leave the exit's wait no room: shortened to 8 - 4 - 1.
+        (["--set", "terminationGracePeriodSeconds=8"], 8, 3, EXIT_WAIT),
+        (["--set", "terminationGracePeriodSeconds=45", "--set", "drainTimeout=40"], 45, 40, EXIT_WAIT),
+        # A peer timeout set through extraEnv lengthens the wait: 2 x 5 s.
+        (["--set", "extraEnv[0].name=PEER_REQUEST_TIMEOUT", "--set-string", "extraEnv[0].value=5"], 30, 19, 10),
+        (["--set", "terminationGracePeriodSeconds=3", "--set", "extraEnv[0].name=PEER_REQUEST_TIMEOUT",
+          "--set-string", "extraEnv[0].value=0.4"], 3, 1, 1),
     ],
 )
-def test_drain_timeout_fits_inside_grace_period_when_rendered(args, grace, drain):
+def test_drain_and_exit_wait_fit_inside_grace_period_when_rendered(args, grace, drain, wait):
     """
-    If the drain timeout is computed (max(grace/2, grace-10)) or set, it is
-    shorter than terminationGracePeriodSeconds.
+    If the drain timeout is computed (max(grace/2, grace-10), shortened where needed) or set, then it plus the
+    exit's wait for requests already taken (2 x PEER_REQUEST_TIMEOUT) is shorter than
+    terminationGracePeriodSeconds.
     """
     docs = render("kv-responder-x", "--set", "tenant=x", *args)
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] == grace
-    assert int(env_value(docs, "DRAIN_TIMEOUT")) == drain < grace
+    assert int(env_value(docs, "DRAIN_TIMEOUT")) == drain
+    assert drain + wait < grace
 
 
 @pytest.mark.parametrize("example", sorted(EXAMPLE_RELEASES))
 def test_drain_timeout_is_below_grace_period_when_example_is_rendered(example):
-    """If an example is rendered, DRAIN_TIMEOUT < terminationGracePeriodSeconds."""
+    """If an example is rendered, DRAIN_TIMEOUT plus the exit's wait < terminationGracePeriodSeconds."""
     docs = render_example(example)
     grace = one(docs, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert 0 < int(env_value(docs, "DRAIN_TIMEOUT")) < grace
+    assert 0 < int(env_value(docs, "DRAIN_TIMEOUT")) < grace - EXIT_WAIT
 
 
 DEFAULT_MAX_MEMORY_PERCENT = 50

@@ -146,17 +146,37 @@ else nothing (the service default).
 {{- end }}
 
 {{/*
-DRAIN_TIMEOUT: drainTimeout, or else max(grace / 2, grace - 10). It must end
-before the grace period does, or Kubernetes kills the node mid-handoff.
+The longest a stopping node waits, after its drain, for the requests it already took: 2 x PEER_REQUEST_TIMEOUT
+(kvresponder/tap.py), in whole seconds rounded up. The timeout is extraEnv's PEER_REQUEST_TIMEOUT where it sets
+one by value, else the node's default of 2 s.
+*/}}
+{{- define "kv-responder.exitWait" -}}
+{{- $timeout := 2.0 }}
+{{- range .Values.extraEnv }}
+{{- if and (eq (toString .name) "PEER_REQUEST_TIMEOUT") (hasKey . "value") }}
+{{- $timeout = float64 .value }}
+{{- end }}
+{{- end }}
+{{- ceil (mulf $timeout 2) | int64 }}
+{{- end }}
+
+{{/*
+DRAIN_TIMEOUT: drainTimeout, or else max(grace / 2, grace - 10), shortened where needed to leave the exit's wait
+and a second to exit. The drain and that wait must end before the grace period does, or Kubernetes kills the
+node mid-handoff, or with requests it took unanswered.
 */}}
 {{- define "kv-responder.drainTimeout" -}}
 {{- $grace := int64 .Values.terminationGracePeriodSeconds }}
+{{- $wait := include "kv-responder.exitWait" . | int64 }}
 {{- $drain := int64 .Values.drainTimeout }}
 {{- if eq $drain 0 }}
-{{- $drain = max (div $grace 2) (sub $grace 10) }}
+{{- $drain = min (max (div $grace 2) (sub $grace 10)) (sub (sub $grace $wait) 1) }}
+{{- if lt $drain 1 }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) leaves no time to drain: a stopping node needs its drain, then up to %d s (2 x PEER_REQUEST_TIMEOUT) to answer the requests it took, then a second to exit; give it at least %d" $grace $wait (add $wait 2)) }}
 {{- end }}
-{{- if ge $drain $grace }}
-{{- fail (printf "drainTimeout (%d) must be less than terminationGracePeriodSeconds (%d), or Kubernetes kills the node before its data is handed off" $drain $grace) }}
+{{- end }}
+{{- if ge (add $drain $wait) $grace }}
+{{- fail (printf "drainTimeout (%d) plus the exit's wait of up to %d s (2 x PEER_REQUEST_TIMEOUT) must be less than terminationGracePeriodSeconds (%d), or Kubernetes kills the node before its data is handed off and the requests it took are answered" $drain $wait $grace) }}
 {{- end }}
 {{- $drain }}
 {{- end }}

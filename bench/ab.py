@@ -30,7 +30,7 @@ from cluster_ratio import _measure, _pin
 NODES = 3
 
 
-def _variant_lib(revision):
+def variant_lib(revision):
     """
     ``(benchlib, worktree)``: a benchlib whose nodes run ``revision``'s code, from a worktree made for it;
     this work tree's own (and no worktree) for ``None``.
@@ -46,12 +46,12 @@ def _variant_lib(revision):
         lib = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(lib)
     except BaseException:
-        _remove_worktree(worktree)
+        remove_worktree(worktree)
         raise
     return lib, worktree
 
 
-def _remove_worktree(worktree):
+def remove_worktree(worktree):
     subprocess.run(["git", "-C", b.REPO, "worktree", "remove", "--force", worktree], check=False)
     shutil.rmtree(worktree, ignore_errors=True)
 
@@ -106,7 +106,7 @@ def main() -> dict:
     clusters = []
     affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     try:
-        libs["A"], worktree = _variant_lib(args.base)
+        libs["A"], worktree = variant_lib(args.base)
         decoy = b.start_node(python, "decoy")
         decoy.wait_ready()
         for label in ("A", "B", "B", "A"):
@@ -126,7 +126,7 @@ def main() -> dict:
         if affinity is not None:
             os.sched_setaffinity(0, affinity)
         if worktree is not None:
-            _remove_worktree(worktree)
+            remove_worktree(worktree)
     per_cluster = [{"variant": label, "started": place + 1,
                     "rps_median": statistics.median(w["rps"] for w in windows[place]),
                     "coordinator_us_median": statistics.median(w["coordinator_us"] for w in windows[place]),

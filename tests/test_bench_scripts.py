@@ -41,3 +41,30 @@ def test_the_ab_windows_give_every_cluster_the_same_mean_place_in_the_run():
         places = {cluster: [place for place, each in enumerate(order) if each == cluster] for cluster in range(4)}
         assert len({sum(found) / len(found) for found in places.values()}) == 1, places
     assert schedule(4, 1) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("path, part", [
+    ("/opt/kv-pypy/lib/pypy3.11/site-packages/twisted/internet/tcp.py", "system calls"),
+    ("/work/main/kvresponder/sendnow.py", "system calls"),
+    ("/opt/kv-pypy/lib/pypy3.11/site-packages/twisted/web/http.py", "Twisted's HTTP server"),
+    ("/opt/kv-pypy/lib/pypy3.11/site-packages/twisted/protocols/basic.py", "Twisted's HTTP server"),
+    ("/work/main/kvresponder/http/fastlane.py", "fast lane"),
+    ("/work/main/kvresponder/log/__init__.py", "logging"),
+    ("/opt/kv-pypy/lib/pypy3.11/site-packages/eliot/_action.py", "logging"),
+    ("/usr/lib/pypy3.11/json/encoder.py", "JSON"),
+    ("/work/main/kvresponder/store.py", "store"),
+    ("/opt/kv-pypy/lib/pypy3.11/site-packages/twisted/internet/epollreactor.py", "reactor loop"),
+    ("/work/main/kvresponder/ring.py", "everything else"),
+    ("<builtin>/__builtin__/app_functional.py", "everything else"),
+])
+def test_a_profiled_functions_file_names_its_part_of_the_write(path, part):
+    """
+    If ``bench/profile_parts.py`` sorts a sampled function by its file, then each file lands in the part of a
+    write it belongs to, and a file of no part in "everything else".
+    """
+    sys.path.insert(0, BENCH)
+    try:
+        from profile_parts import part_of
+    finally:
+        sys.path.remove(BENCH)
+    assert part in part_of(path)

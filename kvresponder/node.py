@@ -46,6 +46,10 @@ SETTLE_SECONDS = 30.0
 #: node's RSS then shows what it holds, not what its last writes left behind.
 IDLE_RECLAIM_SECONDS = 2.0
 
+#: Seconds a drain may run past DRAIN_TIMEOUT before its guard stops waiting for it (the rebalancer's own limit is
+#: checked between batches). The Helm chart leaves this room in the grace period.
+DRAIN_GUARD_SECONDS = 1.0
+
 
 class Node:
     """
@@ -259,7 +263,7 @@ class Node:
         self.begin_leaving()
         timeout = self.settings.drain_timeout
         d = self.rebalancer.drain(timeout)
-        d.addTimeout(timeout + 1.0, self.clock)
+        d.addTimeout(timeout + DRAIN_GUARD_SECONDS, self.clock)
         d.addErrback(lambda failure: len(self.store) + self.store.tombstone_count)
         return d
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kvresponder.node import DRAIN_GUARD_SECONDS
+
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm"
 EXAMPLES = ROOT / "examples"
@@ -247,20 +249,28 @@ BAD_VALUES = {
     "unknown discovery mode": (["--set", "discovery.mode=udp"], r"discovery\.mode"),
     "drain not below grace": (
         ["--set", "terminationGracePeriodSeconds=20", "--set", "drainTimeout=20"],
-        r"drainTimeout \(20\) plus the exit's wait of up to 4 s .* less than terminationGracePeriodSeconds \(20\)",
+        r"drainTimeout \(20\), its 1 s guard and the exit's wait of up to 4 s .* terminationGracePeriodSeconds \(20\)",
     ),
-    "drain leaving no room for the exit's wait": (
-        ["--set", "terminationGracePeriodSeconds=20", "--set", "drainTimeout=16"],
-        r"drainTimeout \(16\) plus the exit's wait of up to 4 s .* less than terminationGracePeriodSeconds \(20\)",
+    "drain leaving no room for its guard and the exit's wait": (
+        ["--set", "terminationGracePeriodSeconds=20", "--set", "drainTimeout=15"],
+        r"drainTimeout \(15\), its 1 s guard and the exit's wait of up to 4 s .* terminationGracePeriodSeconds \(20\)",
     ),
     "drain leaving no room for a longer peer timeout's wait": (
         ["--set", "drainTimeout=20", "--set", "extraEnv[0].name=PEER_REQUEST_TIMEOUT",
-         "--set-string", "extraEnv[0].value=5"],
-        r"drainTimeout \(20\) plus the exit's wait of up to 10 s .* terminationGracePeriodSeconds \(30\)",
+         "--set-string", "extraEnv[0].value= 5 "],
+        r"drainTimeout \(20\), its 1 s guard and the exit's wait of up to 10 s .* terminationGracePeriodSeconds \(30\)",
     ),
     "grace too short for any drain": (
-        ["--set", "terminationGracePeriodSeconds=5"],
-        r"terminationGracePeriodSeconds \(5\) leaves no time to drain: .* give it at least 6",
+        ["--set", "terminationGracePeriodSeconds=6"],
+        r"terminationGracePeriodSeconds \(6\) leaves no time to drain: .* give it at least 7",
+    ),
+    "peer timeout the node would refuse": (
+        ["--set", "extraEnv[0].name=PEER_REQUEST_TIMEOUT", "--set-string", "extraEnv[0].value=2s"],
+        r'extraEnv PEER_REQUEST_TIMEOUT \("2s"\) is not a number of seconds',
+    ),
+    "peer timeout of zero": (
+        ["--set", "extraEnv[0].name=PEER_REQUEST_TIMEOUT", "--set-string", "extraEnv[0].value=0"],
+        r'extraEnv PEER_REQUEST_TIMEOUT \("0"\) must be a positive number of seconds',
     ),
     "custom preset without behavior": (
         ["--set", "autoscaling.enabled=true", "--set", "autoscaling.preset=custom"],
@@ -446,6 +456,8 @@ def test_uid_is_configurable_when_security_context_is_overridden():
 
 #: What a stopping node waits at most, after its drain, for the requests it took: 2 x PEER_REQUEST_TIMEOUT (2 s).
 EXIT_WAIT = 4
+#: How long a drain runs past DRAIN_TIMEOUT at most: its guard, which the chart assumes is 1 s.
+DRAIN_GUARD = DRAIN_GUARD_SECONDS
 
 
 @pytest.mark.parametrize(
@@ -454,34 +466,43 @@ EXIT_WAIT = 4
         ([], 30, 20, EXIT_WAIT),
         (["--set", "terminationGracePeriodSeconds=60"], 60, 50, EXIT_WAIT),
         (["--set", "terminationGracePeriodSeconds=12"], 12, 6, EXIT_WAIT),
-        # max(4, -2) = 4 would leave the exit's wait no room: shortened to 8 - 4 - 1.
-        (["--set", "terminationGracePeriodSeconds=8"], 8, 3, EXIT_WAIT),
-        (["--set", "terminationGracePeriodSeconds=45", "--set", "drainTimeout=40"], 45, 40, EXIT_WAIT),
-        # A peer timeout set through extraEnv lengthens the wait: 2 x 5 s.
-        (["--set", "extraEnv[0].name=PEER_REQUEST_TIMEOUT", "--set-string", "extraEnv[0].value=5"], 30, 19, 10),
-        (["--set", "terminationGracePeriodSeconds=3", "--set", "extraEnv[0].name=PEER_REQUEST_TIMEOUT",
-          "--set-string", "extraEnv[0].value=0.4"], 3, 1, 1),
+        # max(4, -2) = 4 would leave the guard and the exit's wait no room: shortened to 8 - 4 - 2.
+        (["--set", "terminationGracePeriodSeconds=8"], 8, 2, EXIT_WAIT),
+        (["--set", "terminationGracePeriodSeconds=45", "--set", "drainTimeout=39"], 45, 39, EXIT_WAIT),
+        # A peer timeout set through extraEnv lengthens the wait: 2 x 5 s, read as the node reads it.
+        (["--set", "extraEnv[0].name=PEER_REQUEST_TIMEOUT", "--set-string", "extraEnv[0].value=5"], 30, 18, 10),
+        (["--set", "extraEnv[0].name=PEER_REQUEST_TIMEOUT", "--set-string", "extraEnv[0].value= 5 "], 30, 18, 10),
+        (["--set", "terminationGracePeriodSeconds=4", "--set", "extraEnv[0].name=PEER_REQUEST_TIMEOUT",
+          "--set-string", "extraEnv[0].value=0.4"], 4, 1, 1),
+        # Empty is unset for the node (its default, 2 s), and so is a value the chart cannot see (valueFrom),
+        # even after one it can: the last entry of a name is the one the container gets.
+        (["--set", "terminationGracePeriodSeconds=8", "--set", "extraEnv[0].name=PEER_REQUEST_TIMEOUT",
+          "--set-string", "extraEnv[0].value="], 8, 2, EXIT_WAIT),
+        (["--set", "extraEnv[0].name=PEER_REQUEST_TIMEOUT", "--set-string", "extraEnv[0].value=9",
+          "--set", "extraEnv[1].name=PEER_REQUEST_TIMEOUT",
+          "--set", "extraEnv[1].valueFrom.configMapKeyRef.name=timeouts",
+          "--set", "extraEnv[1].valueFrom.configMapKeyRef.key=peer"], 30, 20, EXIT_WAIT),
     ],
 )
 def test_drain_and_exit_wait_fit_inside_grace_period_when_rendered(args, grace, drain, wait):
     """
-    If the drain timeout is computed (max(grace/2, grace-10), shortened where needed) or set, then it plus the
-    exit's wait for requests already taken (2 x PEER_REQUEST_TIMEOUT) is shorter than
+    If the drain timeout is computed (max(grace/2, grace-10), shortened where needed) or set, then it, the drain's
+    guard and the exit's wait for requests already taken (2 x PEER_REQUEST_TIMEOUT) end before
     terminationGracePeriodSeconds.
     """
     docs = render("kv-responder-x", "--set", "tenant=x", *args)
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] == grace
     assert int(env_value(docs, "DRAIN_TIMEOUT")) == drain
-    assert drain + wait < grace
+    assert drain + DRAIN_GUARD + wait < grace
 
 
 @pytest.mark.parametrize("example", sorted(EXAMPLE_RELEASES))
 def test_drain_timeout_is_below_grace_period_when_example_is_rendered(example):
-    """If an example is rendered, DRAIN_TIMEOUT plus the exit's wait < terminationGracePeriodSeconds."""
+    """If an example is rendered, DRAIN_TIMEOUT, its guard and the exit's wait < terminationGracePeriodSeconds."""
     docs = render_example(example)
     grace = one(docs, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert 0 < int(env_value(docs, "DRAIN_TIMEOUT")) < grace - EXIT_WAIT
+    assert 0 < int(env_value(docs, "DRAIN_TIMEOUT")) < grace - EXIT_WAIT - DRAIN_GUARD
 
 
 DEFAULT_MAX_MEMORY_PERCENT = 50

@@ -147,36 +147,48 @@ else nothing (the service default).
 
 {{/*
 The longest a stopping node waits, after its drain, for the requests it already took: 2 x PEER_REQUEST_TIMEOUT
-(kvresponder/tap.py), in whole seconds rounded up. The timeout is extraEnv's PEER_REQUEST_TIMEOUT where it sets
-one by value, else the node's default of 2 s.
+(kvresponder/tap.py), in whole seconds rounded up. The timeout is the last PEER_REQUEST_TIMEOUT that extraEnv sets
+by value, read as the node reads it (surrounding spaces ignored, empty for unset); else, and where it comes from
+valueFrom (unknown here), the node's default of 2 s. A value the node would refuse fails the render.
 */}}
 {{- define "kv-responder.exitWait" -}}
-{{- $timeout := 2.0 }}
+{{- $text := "" }}
 {{- range .Values.extraEnv }}
-{{- if and (eq (toString .name) "PEER_REQUEST_TIMEOUT") (hasKey . "value") }}
-{{- $timeout = float64 .value }}
+{{- if eq (toString .name) "PEER_REQUEST_TIMEOUT" }}
+{{- $text = ternary (trim (toString .value)) "" (and (hasKey . "value") (not (kindIs "invalid" .value))) }}
+{{- end }}
+{{- end }}
+{{- $timeout := 2.0 }}
+{{- if $text }}
+{{- if not (regexMatch "^[+]?([0-9]+[.]?[0-9]*|[.][0-9]+)([eE][+-]?[0-9]+)?$" $text) }}
+{{- fail (printf "extraEnv PEER_REQUEST_TIMEOUT (%q) is not a number of seconds: the node would refuse it" $text) }}
+{{- end }}
+{{- $timeout = float64 $text }}
+{{- if not (gt $timeout 0.0) }}
+{{- fail (printf "extraEnv PEER_REQUEST_TIMEOUT (%q) must be a positive number of seconds: the node would refuse it" $text) }}
 {{- end }}
 {{- end }}
 {{- ceil (mulf $timeout 2) | int64 }}
 {{- end }}
 
 {{/*
-DRAIN_TIMEOUT: drainTimeout, or else max(grace / 2, grace - 10), shortened where needed to leave the exit's wait
-and a second to exit. The drain and that wait must end before the grace period does, or Kubernetes kills the
-node mid-handoff, or with requests it took unanswered.
+DRAIN_TIMEOUT: drainTimeout, or else max(grace / 2, grace - 10), shortened where needed to leave room for what
+follows. A drain runs up to DRAIN_TIMEOUT + 1 s (its guard, kvresponder/node.py), then the node waits for the
+requests it took (exitWait), then needs a moment to exit: all of it must end before the grace period does, or
+Kubernetes kills the node mid-handoff, or with requests it took unanswered.
 */}}
 {{- define "kv-responder.drainTimeout" -}}
 {{- $grace := int64 .Values.terminationGracePeriodSeconds }}
 {{- $wait := include "kv-responder.exitWait" . | int64 }}
 {{- $drain := int64 .Values.drainTimeout }}
 {{- if eq $drain 0 }}
-{{- $drain = min (max (div $grace 2) (sub $grace 10)) (sub (sub $grace $wait) 1) }}
+{{- $drain = min (max (div $grace 2) (sub $grace 10)) (sub (sub $grace $wait) 2) }}
 {{- if lt $drain 1 }}
-{{- fail (printf "terminationGracePeriodSeconds (%d) leaves no time to drain: a stopping node needs its drain, then up to %d s (2 x PEER_REQUEST_TIMEOUT) to answer the requests it took, then a second to exit; give it at least %d" $grace $wait (add $wait 2)) }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) leaves no time to drain: a stopping node needs its drain and its 1 s guard, then up to %d s (2 x PEER_REQUEST_TIMEOUT) to answer the requests it took, then a moment to exit; give it at least %d" $grace $wait (add $wait 3)) }}
 {{- end }}
 {{- end }}
-{{- if ge (add $drain $wait) $grace }}
-{{- fail (printf "drainTimeout (%d) plus the exit's wait of up to %d s (2 x PEER_REQUEST_TIMEOUT) must be less than terminationGracePeriodSeconds (%d), or Kubernetes kills the node before its data is handed off and the requests it took are answered" $drain $wait $grace) }}
+{{- if ge (add $drain 1 $wait) $grace }}
+{{- fail (printf "drainTimeout (%d), its 1 s guard and the exit's wait of up to %d s (2 x PEER_REQUEST_TIMEOUT) must together be less than terminationGracePeriodSeconds (%d), or Kubernetes kills the node before its data is handed off and the requests it took are answered" $drain $wait $grace) }}
 {{- end }}
 {{- $drain }}
 {{- end }}

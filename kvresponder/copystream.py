@@ -169,6 +169,8 @@ def decode_results(payload: bytes, count: int) -> List[ApplyResult]:
                 continue
             wall, counter, length = _NEWER.unpack_from(payload, offset)
             offset += _NEWER.size
+            if offset + length > len(payload):
+                raise ValueError("a malformed answer: a node id past its end")
             node = payload[offset:offset + length].decode("utf-8")
             offset += length
             results.append(ApplyResult(bool(flags & 1), bool(flags & 2), (wall, counter, node)))

@@ -149,7 +149,9 @@ def main() -> dict:
     }
     return b.finish("ab", args, python, {
         "description": "3 nodes RF=2 PUT through one node: variant B against A, two clusters each",
-        "base": args.base, "a_env": args.a_env, "b_env": args.b_env, "rounds": args.rounds, "gap_s": args.gap,
+        "base": None if args.base is None else subprocess.run(
+            ["git", "-C", b.REPO, "rev-parse", "--short", args.base + "^{commit}"], capture_output=True, text=True,
+            check=True).stdout.strip(), "a_env": args.a_env, "b_env": args.b_env, "rounds": args.rounds, "gap_s": args.gap,
         "pinning": pinning, "results": {"kvresponder": result}})
 
 

@@ -4,21 +4,24 @@ that each part of the code spent itself, by the file of the function sampled. Wh
 a write's time goes" table shows.
 
     /var/cache/kv-pypy311/python -m pip install vmprof           # once, into the PyPy venv
-    python3 bench/profile_parts.py --interpreter pypy                     # this work tree's code
-    python3 bench/profile_parts.py --interpreter pypy --base eef4a6a \
+    python3 bench/profile_parts.py                                        # this work tree's code, on PyPy
+    python3 bench/profile_parts.py --base eef4a6a \
         --out bench/results/profile_put-before.pypy.json                  # another revision's, from a git worktree
-    python3 bench/profile_parts.py --read put.prof [more.prof ...]        # profiles recorded before
+    python3 bench/profile_parts.py --read put.prof [more.prof ...]        # profiles recorded before (--profile)
 
 A recording runs ``bench/put.py``'s load (10k keys preloaded, 15 s of warm-up, 10 s measured) against one node
 started under vmprof, then reads the profile, which covers the warm-up too. A system call's time shows as the
 time of the Python function that made it, so ``sendnow.py`` and Twisted's ``tcp.py`` stand for the sockets'
-``send`` and ``recv``. Under the profiler, a node serves about a quarter fewer requests.
+``send`` and ``recv``. vmprof is asked for a sample every 0.5 ms; the profiles PyPy writes hold about one every
+4 ms of CPU (some 6,000 for a run), so read the shares, not the counts.
 """
 
 import argparse
 import json
 import os
+import shutil
 import socket
+import subprocess
 import tempfile
 from collections import Counter
 
@@ -117,36 +120,55 @@ def _table(results: dict) -> None:
     print("| samples | %s |" % (" | ".join(str(result["samples"]) for result in results.values()),))
 
 
+def _read(python: str, paths) -> list:
+    """
+    :func:`parts` of each profile, read by ``python`` (the interpreter that wrote them, where vmprof is installed).
+    """
+    read = subprocess.run([python, os.path.abspath(__file__), "--read-json"] + [os.path.abspath(path) for path in paths],
+                          capture_output=True, text=True, cwd=b.REPO)
+    if read.returncode != 0:
+        raise SystemExit("reading the profiles failed:\n" + read.stderr)
+    found = json.loads(read.stdout)
+    return found if len(paths) > 1 else [found]
+
+
+def _revision(revision: str) -> str:
+    return subprocess.run(["git", "-C", b.REPO, "rev-parse", "--short", revision + "^{commit}"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
 def main() -> None:
     p = b.parser("The share of a single node's PUT time in each part of the code, by vmprof.", warmup=15.0)
+    p.set_defaults(interpreter="pypy")
     p.add_argument("--base", help="profile this git revision's code (from a worktree) instead of the work tree's")
+    p.add_argument("--profile", help="keep the recorded vmprof profile at this path (by default it is removed)")
     p.add_argument("--read", nargs="+", metavar="PROFILE", help="only read these vmprof profiles, and print a table")
     args = p.parse_args()
+    python = b.interpreter_path(args.interpreter)
+    if subprocess.run([python, "-c", "import vmprof"], capture_output=True).returncode != 0:
+        p.error("vmprof is not installed for %s: %s -m pip install vmprof" % (args.interpreter, python))
     if args.read:
-        _table({path: parts(path) for path in args.read})
+        _table(dict(zip(args.read, _read(python, args.read))))
         return
     from ab import remove_worktree, variant_lib
 
-    python = b.interpreter_path(args.interpreter)
+    code = _revision(args.base) if args.base is not None else b.git_head()
     worktree = None
     directory = tempfile.mkdtemp(prefix="kv-profile-")
-    profile = os.path.join(directory, "put.prof")
+    profile = os.path.abspath(args.profile) if args.profile else os.path.join(directory, "put.prof")
     try:
         lib, worktree = variant_lib(args.base)
         measured = record(python, lib, profile, args)
-        # The profile is read by the interpreter that wrote it, where vmprof is installed.
-        import subprocess
-        read = subprocess.run([python, os.path.abspath(__file__), "--read-json", profile], capture_output=True,
-                              text=True, check=True, cwd=b.REPO)
-        found = json.loads(read.stdout)
+        (found,) = _read(python, [profile])
     finally:
         if worktree is not None:
             remove_worktree(worktree)
         b.stop_all()
-    _table({args.base or "this work tree": found})
+        shutil.rmtree(directory, ignore_errors=True)
+    _table({code: found})
     b.finish("profile_put", args, python, {
         "description": "single-node PUT under vmprof: the share of the main loop's samples in each part of the code",
-        "code": args.base or b.git_head(), "results": {"kvresponder": measured}, "profile": found})
+        "code": code, "results": {"kvresponder": measured}, "profile": found})
 
 
 def _read_json(paths) -> None:

@@ -268,6 +268,19 @@ BAD_VALUES = {
         ["--set", "extraEnv[0].name=PEER_REQUEST_TIMEOUT", "--set-string", "extraEnv[0].value=2s"],
         r'extraEnv PEER_REQUEST_TIMEOUT \("2s"\) is not a number of seconds',
     ),
+    "peer timeout of spaces only": (
+        ["--set", "extraEnv[0].name=PEER_REQUEST_TIMEOUT", "--set-string", "extraEnv[0].value=   "],
+        r'extraEnv PEER_REQUEST_TIMEOUT \("   "\) is not a number of seconds',
+    ),
+    "peer timeout the node's limit refuses": (
+        ["--set", "drainTimeout=10", "--set", "extraEnv[0].name=PEER_REQUEST_TIMEOUT",
+         "--set-string", "extraEnv[0].value=5e18"],
+        r'extraEnv PEER_REQUEST_TIMEOUT \("5e18"\) must be a positive number of seconds below 1e9',
+    ),
+    "drain past the schema's bound": (
+        ["--set", "drainTimeout=9223372036854775807"],
+        r"drainTimeout",
+    ),
     "peer timeout of zero": (
         ["--set", "extraEnv[0].name=PEER_REQUEST_TIMEOUT", "--set-string", "extraEnv[0].value=0"],
         r'extraEnv PEER_REQUEST_TIMEOUT \("0"\) must be a positive number of seconds',
@@ -495,6 +508,22 @@ def test_drain_and_exit_wait_fit_inside_grace_period_when_rendered(args, grace, 
     assert pod["terminationGracePeriodSeconds"] == grace
     assert int(env_value(docs, "DRAIN_TIMEOUT")) == drain
     assert drain + DRAIN_GUARD + wait < grace
+
+
+def test_an_extra_variable_set_to_null_renders_without_a_value_and_counts_as_unset(tmp_path):
+    """
+    If a values file sets an extraEnv entry's value to null, then the container gets the variable without a
+    value (empty, which the node reads as unset), not the text "<nil>" the node would refuse; and the chart
+    counts a null PEER_REQUEST_TIMEOUT as the node's default.
+    """
+    values = tmp_path / "null-values.yaml"
+    values.write_text("tenant: x\nextraEnv:\n  - name: PEER_REQUEST_TIMEOUT\n    value: null\n"
+                      "  - name: SOME_FLAG\n    value: 5\n")
+    docs = render("kv-responder-x", "-f", str(values))
+    variables = env(docs)
+    assert "value" not in variables["PEER_REQUEST_TIMEOUT"]
+    assert variables["SOME_FLAG"]["value"] == "5"
+    assert int(env_value(docs, "DRAIN_TIMEOUT")) == 20
 
 
 @pytest.mark.parametrize("example", sorted(EXAMPLE_RELEASES))

@@ -148,24 +148,24 @@ else nothing (the service default).
 {{/*
 The longest a stopping node waits, after its drain, for the requests it already took: 2 x PEER_REQUEST_TIMEOUT
 (kvresponder/tap.py), in whole seconds rounded up. The timeout is the last PEER_REQUEST_TIMEOUT that extraEnv sets
-by value, read as the node reads it (surrounding spaces ignored, empty for unset); else, and where it comes from
-valueFrom (unknown here), the node's default of 2 s. A value the node would refuse fails the render.
+by value, read as the node reads it (surrounding spaces ignored; empty or null for unset); else, and where it
+comes from valueFrom (unknown here), the node's default of 2 s. A value the node would refuse fails the render.
 */}}
 {{- define "kv-responder.exitWait" -}}
 {{- $text := "" }}
 {{- range .Values.extraEnv }}
 {{- if eq (toString .name) "PEER_REQUEST_TIMEOUT" }}
-{{- $text = ternary (trim (toString .value)) "" (and (hasKey . "value") (not (kindIs "invalid" .value))) }}
+{{- $text = ternary (toString .value) "" (and (hasKey . "value") (not (kindIs "invalid" .value))) }}
 {{- end }}
 {{- end }}
 {{- $timeout := 2.0 }}
 {{- if $text }}
-{{- if not (regexMatch "^[+]?([0-9]+[.]?[0-9]*|[.][0-9]+)([eE][+-]?[0-9]+)?$" $text) }}
+{{- if not (regexMatch "^[+]?([0-9]+[.]?[0-9]*|[.][0-9]+)([eE][+-]?[0-9]+)?$" (trim $text)) }}
 {{- fail (printf "extraEnv PEER_REQUEST_TIMEOUT (%q) is not a number of seconds: the node would refuse it" $text) }}
 {{- end }}
-{{- $timeout = float64 $text }}
-{{- if not (gt $timeout 0.0) }}
-{{- fail (printf "extraEnv PEER_REQUEST_TIMEOUT (%q) must be a positive number of seconds: the node would refuse it" $text) }}
+{{- $timeout = float64 (trim $text) }}
+{{- if not (and (gt $timeout 0.0) (lt $timeout 1e9)) }}
+{{- fail (printf "extraEnv PEER_REQUEST_TIMEOUT (%q) must be a positive number of seconds below 1e9: the node would refuse it" $text) }}
 {{- end }}
 {{- end }}
 {{- ceil (mulf $timeout 2) | int64 }}

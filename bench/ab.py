@@ -30,6 +30,16 @@ from cluster_ratio import _measure, _pin
 NODES = 3
 
 
+def resolve(revision: str):
+    """
+    ``revision`` as a short commit hash, or ``None`` if it names no commit here: resolved once, before a run, so
+    that a commit made while it runs changes neither the code measured nor what the result file records.
+    """
+    found = subprocess.run(["git", "-C", b.REPO, "rev-parse", "--verify", "--quiet", "--short", revision + "^{commit}"],
+                           capture_output=True, text=True)
+    return found.stdout.strip() if found.returncode == 0 else None
+
+
 def variant_lib(revision):
     """
     ``(benchlib, worktree)``: a benchlib whose nodes run ``revision``'s code, from a worktree made for it;
@@ -96,8 +106,8 @@ def main() -> dict:
     args = p.parse_args()
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
-    if args.base is not None and subprocess.run(["git", "-C", b.REPO, "rev-parse", "--verify", "--quiet",
-                                                 args.base + "^{commit}"], capture_output=True).returncode != 0:
+    base = None if args.base is None else resolve(args.base)
+    if args.base is not None and base is None:
         p.error("--base: no commit %r in %s" % (args.base, b.REPO))
     python = b.interpreter_path(args.interpreter)
     envs = {"A": _env(args.a_env), "B": _env(args.b_env)}
@@ -106,7 +116,7 @@ def main() -> dict:
     clusters = []
     affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     try:
-        libs["A"], worktree = variant_lib(args.base)
+        libs["A"], worktree = variant_lib(base)
         decoy = b.start_node(python, "decoy")
         decoy.wait_ready()
         for label in ("A", "B", "B", "A"):
@@ -149,9 +159,7 @@ def main() -> dict:
     }
     return b.finish("ab", args, python, {
         "description": "3 nodes RF=2 PUT through one node: variant B against A, two clusters each",
-        "base": None if args.base is None else subprocess.run(
-            ["git", "-C", b.REPO, "rev-parse", "--short", args.base + "^{commit}"], capture_output=True, text=True,
-            check=True).stdout.strip(), "a_env": args.a_env, "b_env": args.b_env, "rounds": args.rounds, "gap_s": args.gap,
+        "base": base, "a_env": args.a_env, "b_env": args.b_env, "rounds": args.rounds, "gap_s": args.gap,
         "pinning": pinning, "results": {"kvresponder": result}})
 
 

@@ -5,8 +5,8 @@ a write's time goes" table shows.
 
     /var/cache/kv-pypy311/python -m pip install vmprof           # once, into the PyPy venv
     python3 bench/profile_parts.py                                        # this work tree's code, on PyPy
-    python3 bench/profile_parts.py --base eef4a6a \
-        --out bench/results/profile_put-before.pypy.json                  # another revision's, from a git worktree
+    python3 bench/profile_parts.py --base eef4a6a                         # another revision's, from a git worktree
+                                                                          # (writes profile_put-<commit>.pypy.json)
     python3 bench/profile_parts.py --read put.prof [more.prof ...]        # profiles recorded before (--profile)
 
 A recording runs ``bench/put.py``'s load (10k keys preloaded, 15 s of warm-up, 10 s measured) against one node
@@ -123,43 +123,68 @@ def _table(results: dict) -> None:
 def _read(python: str, paths) -> list:
     """
     :func:`parts` of each profile, read by ``python`` (the interpreter that wrote them, where vmprof is installed).
+    The profiles are read from copies under the system's temporary directory, which PyPy's wrapper
+    (.ci/setup-pypy.sh) shares with its root, as it does not share every host path.
     """
-    read = subprocess.run([python, os.path.abspath(__file__), "--read-json"] + [os.path.abspath(path) for path in paths],
-                          capture_output=True, text=True, cwd=b.REPO)
+    directory = tempfile.mkdtemp(prefix="kv-profile-read-")
+    try:
+        copies = []
+        for index, path in enumerate(paths):
+            copies.append(os.path.join(directory, "%d.prof" % (index,)))
+            shutil.copyfile(path, copies[-1])
+        read = subprocess.run([python, os.path.abspath(__file__), "--read-json"] + copies, capture_output=True,
+                              text=True, cwd=b.REPO)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
     if read.returncode != 0:
         raise SystemExit("reading the profiles failed:\n" + read.stderr)
     found = json.loads(read.stdout)
     return found if len(paths) > 1 else [found]
 
 
-def _revision(revision: str) -> str:
-    return subprocess.run(["git", "-C", b.REPO, "rev-parse", "--short", revision + "^{commit}"], capture_output=True,
+def _code() -> str:
+    """
+    This work tree's commit, marked ``-dirty`` if it has changes: the code a default run profiles.
+    """
+    return subprocess.run(["git", "-C", b.REPO, "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
                           text=True, check=True).stdout.strip()
 
 
 def main() -> None:
     p = b.parser("The share of a single node's PUT time in each part of the code, by vmprof.", warmup=15.0)
     p.set_defaults(interpreter="pypy")
-    p.add_argument("--base", help="profile this git revision's code (from a worktree) instead of the work tree's")
+    p.add_argument("--base", help="profile this git revision's code (from a worktree) instead of the work tree's; "
+                                  "the result goes to profile_put-<commit>.<interpreter>.json unless --out says")
     p.add_argument("--profile", help="keep the recorded vmprof profile at this path (by default it is removed)")
     p.add_argument("--read", nargs="+", metavar="PROFILE", help="only read these vmprof profiles, and print a table")
     args = p.parse_args()
+    if args.read and (args.base or args.profile):
+        p.error("--read reads profiles recorded before: it takes no --base or --profile")
     python = b.interpreter_path(args.interpreter)
     if subprocess.run([python, "-c", "import vmprof"], capture_output=True).returncode != 0:
         p.error("vmprof is not installed for %s: %s -m pip install vmprof" % (args.interpreter, python))
     if args.read:
         _table(dict(zip(args.read, _read(python, args.read))))
         return
-    from ab import remove_worktree, variant_lib
+    from ab import remove_worktree, resolve, variant_lib
 
-    code = _revision(args.base) if args.base is not None else b.git_head()
+    base = None if args.base is None else resolve(args.base)
+    if args.base is not None and base is None:
+        p.error("--base: no commit %r in %s" % (args.base, b.REPO))
+    if base is not None and not args.out:
+        # Not the file of this tree's code, which PERFORMANCE.md cites.
+        args.out = os.path.join(b.RESULTS, "profile_put-%s.%s.json" % (base, args.interpreter))
+    code = base or _code()
     worktree = None
+    # Recorded under the temporary directory, which PyPy's wrapper shares with the host; copied to --profile after.
     directory = tempfile.mkdtemp(prefix="kv-profile-")
-    profile = os.path.abspath(args.profile) if args.profile else os.path.join(directory, "put.prof")
+    profile = os.path.join(directory, "put.prof")
     try:
-        lib, worktree = variant_lib(args.base)
+        lib, worktree = variant_lib(base)
         measured = record(python, lib, profile, args)
         (found,) = _read(python, [profile])
+        if args.profile:
+            shutil.copyfile(profile, args.profile)
     finally:
         if worktree is not None:
             remove_worktree(worktree)

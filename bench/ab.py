@@ -25,7 +25,7 @@ import tempfile
 import time
 
 import benchlib as b
-from cluster_ratio import _measure, _pin
+from cluster_ratio import measure, pin
 
 NODES = 3
 
@@ -80,7 +80,7 @@ def _window(coordinator, seconds, options) -> dict:
     """
     PUT load through ``coordinator`` for ``seconds``, measured as ``cluster_ratio`` measures a window.
     """
-    measured = _measure(coordinator, None, [], seconds, *options)
+    measured = measure(coordinator, None, [], seconds, *options)
     return {"rps": measured["rps"], "p99_ms": measured["p99_ms"], "errors": measured["errors"],
             "coordinator_us": measured["cpu_us_per_request"]}
 
@@ -122,7 +122,7 @@ def main() -> dict:
         for label in ("A", "B", "B", "A"):
             nodes = libs[label].start_loaded_cluster(python, NODES, b.HIT_KEYS, envs[label])
             clusters.append((label, nodes))
-        pinning = _pin([nodes[0] for _, nodes in clusters], [node for _, nodes in clusters for node in nodes[1:]])
+        pinning = pin([nodes[0] for _, nodes in clusters], [node for _, nodes in clusters for node in nodes[1:]])
         options = (args.connections, args.threads)
         for _, nodes in clusters:
             _window(nodes[0], args.warmup, options)

@@ -47,7 +47,7 @@ CLUSTER_WARMUP = 15.0
 GAP = 5.0  # longer than the idle reclaim's 2 s
 
 
-def _measure(node, cluster, idle, seconds: float, connections: int, threads: int) -> dict:
+def measure(node, cluster, idle, seconds: float, connections: int, threads: int) -> dict:
     """
     PUT load through ``node`` for ``seconds``; the CPU per request of ``node``, of each of ``cluster``, and of
     the ``idle`` nodes together.
@@ -65,7 +65,7 @@ def _measure(node, cluster, idle, seconds: float, connections: int, threads: int
             "idle_cpu_us_per_request": round(idle_cpu * 1e6 / requests, 1)}
 
 
-def _pin(measured, others) -> "dict | None":
+def pin(measured, others) -> "dict | None":
     """
     Pin the ``measured`` processes to one CPU and the ``others``, and this process (so the wrk it starts), to the
     rest. ``None`` where that is not possible (fewer than two CPUs, or no affinity calls).
@@ -124,7 +124,7 @@ def main() -> dict:
         cluster = b.start_loaded_cluster(python, NODES, b.HIT_KEYS, {"REPLICATION_FACTOR": "2"})
         coordinator = cluster[0]
         if args.pin:
-            pinning = _pin([single, coordinator], cluster[1:])
+            pinning = pin([single, coordinator], cluster[1:])
         options = (args.connections, args.threads)
         warm_single = SINGLE_WARMUP if args.warmup is None else args.warmup
         warm_cluster = CLUSTER_WARMUP if args.warmup is None else args.warmup
@@ -134,14 +134,14 @@ def main() -> dict:
             return measured
 
         if warm_single > 0:
-            _measure(single, None, cluster, warm_single, *options)
+            measure(single, None, cluster, warm_single, *options)
         if warm_cluster > 0:
-            _measure(coordinator, cluster, [single], warm_cluster, *options)
-        singles = [_measure(single, None, alone(cluster), args.duration, *options)]
+            measure(coordinator, cluster, [single], warm_cluster, *options)
+        singles = [measure(single, None, alone(cluster), args.duration, *options)]
         rounds = []
         for _ in range(args.rounds):
-            clustered = _measure(coordinator, cluster, alone([single]), args.duration, *options)
-            singles.append(_measure(single, None, alone(cluster), args.duration, *options))
+            clustered = measure(coordinator, cluster, alone([single]), args.duration, *options)
+            singles.append(measure(single, None, alone(cluster), args.duration, *options))
             around = (singles[-2], singles[-1])
             rounds.append({
                 "cluster": clustered,

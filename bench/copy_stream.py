@@ -16,7 +16,7 @@ import statistics
 import time
 
 import benchlib as b
-from cluster_ratio import _measure, _pin
+from cluster_ratio import measure, pin
 
 NODES = 3
 WARMUP = 15.0
@@ -39,7 +39,7 @@ def main() -> dict:
         streamed = b.start_loaded_cluster(python, NODES, b.HIT_KEYS, {"REPLICATION_STREAM": "true"})
         requested = b.start_loaded_cluster(python, NODES, b.HIT_KEYS, {"REPLICATION_STREAM": "false"})
         if args.pin:
-            pinning = _pin([streamed[0], requested[0]], streamed[1:] + requested[1:])
+            pinning = pin([streamed[0], requested[0]], streamed[1:] + requested[1:])
         options = (args.connections, args.threads)
 
         def after_gap(nodes):
@@ -47,13 +47,13 @@ def main() -> dict:
             return nodes
 
         if args.warmup > 0:
-            _measure(streamed[0], streamed, requested, args.warmup, *options)
-            _measure(requested[0], requested, streamed, args.warmup, *options)
-        requests = [_measure(requested[0], requested, after_gap(streamed), args.duration, *options)]
+            measure(streamed[0], streamed, requested, args.warmup, *options)
+            measure(requested[0], requested, streamed, args.warmup, *options)
+        requests = [measure(requested[0], requested, after_gap(streamed), args.duration, *options)]
         rounds = []
         for _ in range(args.rounds):
-            stream = _measure(streamed[0], streamed, after_gap(requested), args.duration, *options)
-            requests.append(_measure(requested[0], requested, after_gap(streamed), args.duration, *options))
+            stream = measure(streamed[0], streamed, after_gap(requested), args.duration, *options)
+            requests.append(measure(requested[0], requested, after_gap(streamed), args.duration, *options))
             around = (requests[-2], requests[-1])
             rounds.append({"stream": stream, "requests_before": around[0], "requests_after": around[1],
                            "ratio": round(stream["rps"] / statistics.mean(r["rps"] for r in around), 3)})

@@ -5,7 +5,7 @@ perf stat of a pinned 3-node cluster's coordinator under PUT load, at each numbe
 import os, subprocess, sys, tempfile, time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import benchlib as b
-from cluster_ratio import _pin
+from cluster_ratio import pin
 OUT = os.path.join(tempfile.mkdtemp(), "perf.txt")
 python = b.interpreter_path("pypy")
 env = b.with_secret({"REPLICATION_FACTOR": "2"})
@@ -14,7 +14,7 @@ nodes = b.start_cluster(python, 3, env=env)
 try:
     for x in nodes: x.wait_ready()
     b.wait_formed(nodes)
-    _pin([nodes[0]], nodes[1:])
+    pin([nodes[0]], nodes[1:])
     n1 = nodes[0]
     b.run_wrk(n1.base, "put", 15)
     for c in [int(x) for x in sys.argv[1:]] or [32, 64]:

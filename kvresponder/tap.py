@@ -106,7 +106,8 @@ class KVResponderService(MultiService):
         return ensureDeferred(self._stop())
 
     async def _stop(self):
-        from .log.service import REQUESTS_ANSWERED, SERVICE_STOPPING
+        from .log.service import REQUESTS_ANSWERED, SERVICE_STOPPING, TRACES_UNEXPORTED
+        from .tracing import SHUTDOWN_TIMEOUT
         SERVICE_STOPPING.log()
         self.node.begin_leaving()
         self.discovery_service.protocol.announce()
@@ -125,8 +126,9 @@ class KVResponderService(MultiService):
             self.node.peers.streams.close()
         if self.pool is not None:
             await self.pool.closeCachedConnections()
-        if self.tracing is not None:
-            self.tracing.shutdown()
+        if self.tracing is not None and self.tracing.enabled:
+            if not await self.tracing.shutdown():
+                TRACES_UNEXPORTED.log(timeout=SHUTDOWN_TIMEOUT)
 
 
 def makeService(config: Options, reactor=None, environ=None, stdout=None):
@@ -169,7 +171,7 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
     flusher.start(LOG_FLUSH_INTERVAL, now=False)
     reactor.addSystemEventTrigger("after", "shutdown", destination.flush)
 
-    tracing = Tracing.from_settings(settings, __version__)
+    tracing = Tracing.from_settings(settings, __version__, reactor=reactor)
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 16
     pool.cachedConnectionTimeout = 60

@@ -8,17 +8,29 @@ and only when ``JAEGER_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set. Wit
 exists and the request path skips tracing entirely.
 """
 
+import threading
 from contextlib import contextmanager
 from typing import Dict, Optional
+
+from eliot import write_failure
+from twisted.internet.defer import Deferred, succeed
+from twisted.python.failure import Failure
+
+#: Seconds a stopping node gives the tracer to export the spans it still holds. Left to itself, the SDK's
+#: shutdown waits for the exporter, which waits up to its own timeout (5 s) for a collector that does not
+#: answer: longer than the chart leaves a stopping pod after its drain and its wait for requests.
+SHUTDOWN_TIMEOUT = 0.5
 
 
 class Tracing:
     """
     :param provider: an OpenTelemetry ``TracerProvider``, or ``None`` when tracing is off.
+    :param reactor: ``IReactorThreads`` and ``IReactorTime``, for :meth:`shutdown`; by default the global reactor.
     """
 
-    def __init__(self, provider=None) -> None:
+    def __init__(self, provider=None, reactor=None) -> None:
         self.provider = provider
+        self._reactor = reactor
         self._tracer = None
         if provider is not None:
             from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -30,7 +42,7 @@ class Tracing:
         return self._tracer is not None
 
     @classmethod
-    def from_settings(cls, settings, version: str, exporter=None) -> "Tracing":
+    def from_settings(cls, settings, version: str, exporter=None, reactor=None) -> "Tracing":
         """
         Tracing for a node: off without an OTLP endpoint (and no exporter given).
         """
@@ -53,7 +65,7 @@ class Tracing:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
             exporter = OTLPSpanExporter(endpoint=traces_url(endpoint), timeout=5)
         provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=1000))
-        return cls(provider)
+        return cls(provider, reactor)
 
     # -- server spans ---------------------------------------------------------------------------------
 
@@ -106,9 +118,43 @@ class Tracing:
             self._propagator.inject(carrier)
             yield carrier, span
 
-    def shutdown(self) -> None:
-        if self.provider is not None:
-            self.provider.shutdown()
+    def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT) -> Deferred:
+        """
+        Export the spans still held and close the exporter, for at most ``timeout`` seconds.
+
+        The SDK's shutdown blocks until the export in progress ends, so it runs in a thread of its own: not the
+        reactor's thread pool, which the reactor joins as it stops. A daemon thread, so that an export still
+        waiting on its collector when the process exits does not hold the exit up.
+
+        :return: a Deferred firing with ``True`` once it is done, or with ``False`` if ``timeout`` passed
+            first (the spans still held are then lost with the process). A failure of the SDK's shutdown is
+            logged, and counts as done.
+        """
+        if self.provider is None:
+            return succeed(True)
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor
+        done: Deferred = Deferred()
+
+        def settle(outcome) -> None:
+            if isinstance(outcome, Failure):
+                write_failure(outcome)
+            if not done.called:
+                timer.cancel()
+                done.callback(True)
+
+        def run() -> None:
+            try:
+                self.provider.shutdown()
+                outcome = None
+            except Exception:
+                outcome = Failure()
+            reactor.callFromThread(settle, outcome)
+
+        timer = reactor.callLater(timeout, lambda: done.called or done.callback(False))
+        threading.Thread(target=run, name="kvresponder-tracing-shutdown", daemon=True).start()
+        return done
 
 
 def traces_url(endpoint: str) -> str:
@@ -123,4 +169,4 @@ def traces_url(endpoint: str) -> str:
 
 OFF = Tracing(None)
 
-__all__ = ["Tracing", "OFF", "traces_url", "Optional"]
+__all__ = ["Tracing", "OFF", "SHUTDOWN_TIMEOUT", "traces_url", "Optional"]

@@ -5,6 +5,7 @@ started by the test (a loopback HTTP server that decodes ``ExportTraceServiceReq
 
 import gzip
 import secrets
+import socket
 import threading
 import time
 import zlib
@@ -17,6 +18,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest, ExportTraceServiceResponse)
 
 from kvresponder import __version__
+from kvresponder.tracing import SHUTDOWN_TIMEOUT
 
 from .harness import Cluster
 
@@ -236,3 +238,56 @@ def test_without_an_endpoint_nothing_is_exported_and_the_node_serves(receiver, c
 
     time.sleep(2.5)  # more than two batch delays
     assert receiver.posts == 0 and receiver.snapshot() == []
+
+
+class _SilentCollector:
+    """
+    A listener on 127.0.0.1 that takes connections and never answers: a collector that hangs.
+    """
+
+    def __init__(self) -> None:
+        self._socket = socket.socket()
+        self._socket.bind(("127.0.0.1", 0))
+        self._socket.listen(64)
+        self.endpoint = "http://127.0.0.1:%d" % (self._socket.getsockname()[1],)
+
+    def close(self) -> None:
+        self._socket.close()
+
+
+def test_a_stopping_node_flushes_its_last_spans_to_the_collector(receiver, cluster_factory):
+    """
+    The spans of the last requests before SIGTERM, still in the batch processor (which exports once a
+    second), reach the collector as the node stops.
+    """
+    cluster = cluster_factory({"JAEGER_ENDPOINT": receiver.endpoint, "CLUSTER_SECRET": ""})
+    n1 = cluster.add("n1")
+    trace_id = secrets.token_hex(16)
+    assert _put_traced(n1, "last-words", trace_id, secrets.token_hex(8)).status_code == 201
+    assert n1.terminate(timeout=20) is not None
+    names = [span["name"] for span in receiver.snapshot() if span["trace_id"] == trace_id]
+    assert names == ["PUT /kv/{key}"], receiver.snapshot()
+
+
+def test_a_collector_that_does_not_answer_delays_a_stopping_node_by_at_most_the_tracers_time(cluster_factory):
+    """
+    The exporter waits up to 5 s on a collector that takes the connection and says nothing; a stopping node
+    gives it SHUTDOWN_TIMEOUT, logs that the spans it held are lost, and exits (before, it waited the exporter
+    out, past the time the chart leaves a pod after its drain).
+    """
+    collector = _SilentCollector()
+    try:
+        cluster = cluster_factory({"JAEGER_ENDPOINT": collector.endpoint, "CLUSTER_SECRET": "", "DRAIN_TIMEOUT": "1"})
+        n1 = cluster.add("n1")
+        for index in range(5):
+            assert _put_traced(n1, "k%d" % (index,), secrets.token_hex(16), secrets.token_hex(8)).status_code == 201
+        # Past the batch processor's one-second delay: an export is under way, waiting on the collector.
+        time.sleep(1.5)
+        started = time.monotonic()
+        n1.terminate(timeout=20)
+        took = time.monotonic() - started
+        assert took < SHUTDOWN_TIMEOUT + 1.5, took
+        lost = [m for m in n1.log_messages() if m.get("message_type") == "kvresponder:service:traces-unexported"]
+        assert [m["timeout"] for m in lost] == [SHUTDOWN_TIMEOUT], lost
+    finally:
+        collector.close()

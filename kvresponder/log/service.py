@@ -23,6 +23,12 @@ REQUESTS_ANSWERED = leveled("service", INFO, MessageType(
                                           "only if it ran out (twice PEER_REQUEST_TIMEOUT).")],
     "A stopping node is done waiting for the requests it took, and exits."))
 
+TRACES_UNEXPORTED = leveled("service", WARNING, MessageType(
+    "kvresponder:service:traces-unexported",
+    [Field.for_types("timeout", [float], "Seconds the stopping node gave the tracer.")],
+    "The tracer had not exported its last spans when the stopping node's time for it ran out (its collector "
+    "did not answer in time): those spans are lost."))
+
 INSECURE = leveled("service", WARNING, MessageType(
     "kvresponder:service:insecure", [Field.for_types("reason", [str], "What is unprotected.")],
     "A protection is off."))

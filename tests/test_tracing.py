@@ -1,0 +1,124 @@
+"""
+The tracer's shutdown at a node's stop: bounded in time, off the reactor's thread. (Spans themselves are tested end
+to end, against a real collector, in test_tracing_e2e.py.)
+"""
+
+import queue
+import threading
+import unittest
+
+import pytest
+from eliot.testing import capture_logging
+from twisted.internet.task import Clock
+
+from kvresponder.tracing import SHUTDOWN_TIMEOUT, Tracing
+
+
+class _Reactor(Clock):
+    """
+    A clock whose ``callFromThread`` queues the call for the test to run, on the test's thread, as the reactor
+    would run it on its own.
+    """
+
+    def __init__(self) -> None:
+        Clock.__init__(self)
+        self.from_threads: "queue.Queue" = queue.Queue()
+
+    def callFromThread(self, f, *args, **kwargs) -> None:
+        self.from_threads.put((f, args, kwargs))
+
+    def run_from_thread(self) -> None:
+        f, args, kwargs = self.from_threads.get(timeout=10)
+        f(*args, **kwargs)
+
+
+class _Provider:
+    """
+    A ``TracerProvider`` whose shutdown waits for ``release`` and then does ``then``.
+    """
+
+    def __init__(self, then=None) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self._then = then
+        self.shutdowns = 0
+
+    def get_tracer(self, name):
+        return object()
+
+    def shutdown(self) -> None:
+        self.shutdowns += 1
+        self.entered.set()
+        self.release.wait(10)
+        if self._then is not None:
+            self._then()
+
+
+def _results(d) -> list:
+    results = []
+    d.addBoth(results.append)
+    return results
+
+
+def test_a_tracer_that_finishes_in_time_reports_done_and_cancels_its_timer():
+    reactor = _Reactor()
+    provider = _Provider()
+    provider.release.set()
+    results = _results(Tracing(provider, reactor).shutdown())
+    reactor.run_from_thread()
+    assert results == [True]
+    assert provider.shutdowns == 1
+    assert reactor.getDelayedCalls() == []
+
+
+def test_a_tracer_still_exporting_at_the_timeout_is_left_behind_in_a_daemon_thread():
+    reactor = _Reactor()
+    provider = _Provider()
+    results = _results(Tracing(provider, reactor).shutdown())
+    assert provider.entered.wait(10)
+    [thread] = [t for t in threading.enumerate() if t.name == "kvresponder-tracing-shutdown"]
+    # A daemon: an export still waiting on its collector does not hold the process's exit up.
+    assert thread.daemon
+    reactor.advance(SHUTDOWN_TIMEOUT - 0.01)
+    assert results == []
+    reactor.advance(0.01)
+    assert results == [False]
+    # Done after all, too late: nothing more happens.
+    provider.release.set()
+    reactor.run_from_thread()
+    thread.join(10)
+    assert results == [False]
+
+
+class ShutdownFailureTests(unittest.TestCase):
+    @capture_logging(None, encoder_=None)
+    def test_a_tracer_whose_shutdown_fails_is_logged_and_counts_as_done(self, logger):
+        def fail():
+            raise RuntimeError("exporter exploded")
+
+        reactor = _Reactor()
+        provider = _Provider(then=fail)
+        provider.release.set()
+        results = _results(Tracing(provider, reactor).shutdown())
+        reactor.run_from_thread()
+        assert results == [True]
+        [traceback] = logger.tracebackMessages
+        assert str(traceback["reason"]) == "exporter exploded"
+        logger.flushTracebacks(RuntimeError)
+
+
+def test_with_tracing_off_there_is_nothing_to_shut_down():
+    results = _results(Tracing(None, _Reactor()).shutdown())
+    assert results == [True]
+
+
+@pytest.mark.parametrize("timeout", [0.1, 2.0])
+def test_the_timeout_given_is_the_one_waited(timeout):
+    reactor = _Reactor()
+    provider = _Provider()
+    results = _results(Tracing(provider, reactor).shutdown(timeout))
+    reactor.advance(timeout - 0.01)
+    assert results == []
+    reactor.advance(0.01)
+    assert results == [False]
+    provider.release.set()

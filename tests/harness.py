@@ -211,3 +211,49 @@ class Cluster:
         for node in self.nodes:
             if node.alive:
                 node.kill()
+
+
+def run_curl(line: str, base: str) -> requests.Response:
+    """
+    Send the request a documented ``curl`` command line sends, to ``base`` (``http://host:port``) in place of
+    the command's own scheme, host and port: so that a test can run the commands a page or the chart's notes
+    give, as written. It knows the options the docs use (``-s``, ``-X``, ``-H``, ``-d``/``--data``, ``-o``,
+    ``-w``), and sends what curl sends for them: ``-d`` without a ``Content-Type`` header is a form post.
+
+    :raises ValueError: for any other option, so that a page cannot drift into commands this cannot check.
+    """
+    import shlex
+    from urllib.parse import urlsplit
+
+    words = shlex.split(line)
+    if not words or words[0] != "curl":
+        raise ValueError("not a curl command: %r" % (line,))
+    method, headers, data, url = None, {}, None, None
+    index = 1
+    while index < len(words):
+        word = words[index]
+        if word == "-s":
+            pass
+        elif word in ("-X", "-H", "-d", "--data", "-o", "-w"):
+            index += 1
+            value = words[index]
+            if word == "-X":
+                method = value
+            elif word == "-H":
+                name, _, header = value.partition(":")
+                headers[name.strip()] = header.strip()
+            elif word in ("-d", "--data"):
+                data = value.encode("utf-8")
+        elif word.startswith("-"):
+            raise ValueError("an option run_curl does not know: %r in %r" % (word, line))
+        else:
+            url = word
+        index += 1
+    if url is None:
+        raise ValueError("no URL in %r" % (line,))
+    if data is not None:
+        headers.setdefault("Content-Type", "application/x-www-form-urlencoded")
+    parts = urlsplit(url)
+    target = base + parts.path + ("?" + parts.query if parts.query else "")
+    return requests.request(method or ("POST" if data is not None else "GET"), target, data=data, headers=headers,
+                            timeout=10)

@@ -23,6 +23,8 @@ import yaml
 
 from kvresponder.node import DRAIN_GUARD_SECONDS
 
+from .harness import NodeProcess, free_udp_port, run_curl
+
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm"
 EXAMPLES = ROOT / "examples"
@@ -1066,6 +1068,28 @@ def test_notes_show_access_discovery_mode_and_isolation_check_when_installed(not
     assert "/analytics/health" in text
     assert "kubectl -n kv get pods -l ingress-group=analytics" in text
     assert "404" in text
+
+
+def test_the_notes_commands_do_what_the_notes_say_against_a_real_node(notes_chart, log_dir):
+    """
+    Every ``curl`` command of the notes, run as written against a real node of the tenant: the health check
+    answers, the PUT stores the key and the GET reads it back, another tenant's prefix is 404, and the peers
+    answer.
+    """
+    text = notes(notes_chart, "kv-responder-analytics")
+    commands = [line.strip().rstrip("&").strip() for line in text.splitlines() if line.strip().startswith("curl ")]
+    node = NodeProcess("analytics", "n1", free_udp_port(), log_dir, env={"CLUSTER_SECRET": ""}).start()
+    try:
+        node.wait_ready()
+        base = "http://127.0.0.1:%d" % (node.port,)
+        health, put, get, other, peers = (run_curl(command, base) for command in commands)
+        assert health.status_code == 200, health.text
+        assert put.status_code == 201, put.text
+        assert get.status_code == 200 and get.json()["value"] == "hello", get.text
+        assert other.status_code == 404, other.text
+        assert peers.status_code == 200 and peers.json() == [], peers.text
+    finally:
+        node.kill()
 
 
 def test_notes_warn_about_cni_when_network_policy_and_multicast_are_used(notes_chart):

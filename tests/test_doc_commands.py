@@ -1,0 +1,41 @@
+"""
+The ``curl`` commands an operator's page gives, run as written against a real node (``harness.run_curl`` sends
+what curl would, to the node's port).
+"""
+
+import os
+import re
+
+from .harness import REPO, NodeProcess, free_udp_port, run_curl
+
+
+def _block_after(path: str, heading: str) -> str:
+    """
+    The first fenced code block after ``heading`` in the page at ``path``.
+    """
+    with open(os.path.join(REPO, path), encoding="utf-8") as page:
+        text = page.read()
+    start = text.index(heading)
+    match = re.search(r"```[a-z]*\n(.*?)```", text[start:], re.S)
+    return match.group(1)
+
+
+def test_deployments_verify_a_tenant_commands_do_what_the_page_says_against_a_real_node(log_dir):
+    """
+    DEPLOYMENT.md's "Verify a tenant": the health check answers, the PUT stores the key and the GET reads it
+    back, the peers answer, and another tenant's prefix is 404.
+    """
+    commands = [line.rstrip("&").strip() for line in _block_after("docs/DEPLOYMENT.md", "## Verify a tenant")
+                .splitlines() if line.startswith("curl ")]
+    node = NodeProcess("analytics", "n1", free_udp_port(), log_dir, env={"CLUSTER_SECRET": ""}).start()
+    try:
+        node.wait_ready()
+        base = "http://127.0.0.1:%d" % (node.port,)
+        health, put, get, peers, other = (run_curl(command, base) for command in commands)
+        assert health.status_code == 200, health.text
+        assert put.status_code == 201, put.text
+        assert get.status_code == 200 and get.json()["value"] == "hello", get.text
+        assert peers.status_code == 200 and peers.json() == [], peers.text
+        assert other.status_code == 404, other.text
+    finally:
+        node.kill()

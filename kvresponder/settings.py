@@ -202,8 +202,8 @@ OPTIONS = (
     Option("peer-request-timeout", ("PEER_REQUEST_TIMEOUT",), "2", _positive_float,
            "Seconds before a peer call fails over."),
     Option("max-clock-offset", ("MAX_CLOCK_OFFSET",), "0.5", _positive_float,
-           "Seconds this node's clock may be off the cluster's before it stops coordinating writes; also the "
-           "most a peer's time may be ahead before it is refused."),
+           "Seconds this node's clock may be off the cluster's before it refuses client requests; also how far "
+           "ahead a peer's versions may be for this node's clock to adopt them (twice it, for its heartbeats)."),
     Option("replication-stream", ("REPLICATION_STREAM",), "true", _bool,
            "Send the copies of writes to each peer over one upgraded connection (false: a request a batch)."),
     Option("request-timeout", ("REQUEST_TIMEOUT",), "30", _positive_float,

@@ -83,6 +83,35 @@ def test_every_option_has_a_setting_and_a_unique_flag_and_environment_variable()
     assert set(load().redacted()) == {name.replace("-", "_") for name in names}
 
 
+def _table_variables(path: str, heading: str) -> set:
+    """
+    The upper-case environment variables named in the first column of the table under ``heading``.
+    """
+    import os
+    import re
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)) as page:
+        text = page.read()
+    section = text[text.index(heading):]
+    section = section[:section.index("\n## ", 1)] if "\n## " in section[1:] else section
+    found = set()
+    for line in section.splitlines():
+        if line.startswith("|"):
+            cells = line.split("|")
+            found.update(re.findall(r"\b[A-Z][A-Z0-9_]+\b", cells[1] + (cells[2] if path == "README.md" else "")))
+    return found
+
+
+@pytest.mark.parametrize("path, heading", [("docs/CONTRACT.md", "## Environment"), ("README.md", "## Configuration")])
+def test_the_pages_tables_of_settings_name_every_environment_variable_and_no_other(path, heading):
+    """
+    The settings tables an operator reads (CONTRACT.md's, README.md's) name every variable the node reads, and
+    none it does not.
+    """
+    variables = {variable for option in OPTIONS for variable in option.env}
+    named = _table_variables(path, heading)
+    assert named - {"POD_IP"} == variables - {"POD_IP"}, (sorted(variables - named), sorted(named - variables))
+
+
 def test_generated_node_id_is_used_only_when_none_is_given():
     """
     If no node id is given, then the generator's is used; a given one wins.

@@ -3,6 +3,7 @@ A real ``twistd -n kvresponder`` process on a free loopback port, driven over HT
 """
 
 import platform
+import socket
 import subprocess
 import sys
 import time
@@ -285,5 +286,45 @@ def test_a_value_over_max_value_size_is_refused_however_the_url_is_spelled(log_d
             response = requests.put(node.url + path, json={"value": "small"}, timeout=5)
             assert response.status_code == 201, (path, response.text)
         assert requests.get(node.url + "/kv", timeout=5).json()["count"] == len(paths)
+    finally:
+        node.kill()
+
+
+def _requests_counted(node, route: str) -> dict:
+    """
+    ``kv_http_requests_total`` of ``route``, by (method, status), from the node's /metrics.
+    """
+    counted = {}
+    for line in requests.get(node.url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith("kv_http_requests_total{") and 'route="%s"' % (route,) in line:
+            labels = dict(part.split("=", 1) for part in line[line.index("{") + 1:line.index("}")].split(","))
+            counted[(labels["method"].strip('"'), labels["status"].strip('"'))] = float(line.rsplit(" ", 1)[1])
+    return counted
+
+
+def test_answers_given_before_a_request_is_read_are_counted_with_the_requests(log_dir):
+    """
+    A connection over MAX_CONNECTIONS gets its 503 before any request is read, and bytes that are not HTTP get a
+    400 from Twisted's parser: both count in ``kv_http_requests_total`` (method ``none``, routes ``refused`` and
+    ``malformed``), so that the error-rate alert, which reads the 5xx there, sees a node turning clients away.
+    """
+    node = NodeProcess("solo", "solo-1", free_udp_port(), log_dir, env={"MAX_CONNECTIONS": "2"}).start()
+    try:
+        node.wait_ready()
+        address = ("127.0.0.1", node.port)
+        held = [socket.create_connection(address, timeout=5) for _ in range(2)]
+        time.sleep(0.3)  # both accepted
+        with socket.create_connection(address, timeout=5) as third:
+            answer = third.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 503") and b"too_many_connections" in answer, answer
+        with socket.create_connection(address, timeout=5) as fourth:
+            assert fourth.recv(4096).startswith(b"HTTP/1.1 503")
+        held[0].sendall(b"GET /solo/health HTTP/1.1\r\nHost: x\r\nbad header line\r\n\r\n")
+        assert held[0].recv(4096).startswith(b"HTTP/1.1 400")
+        for sock in held:
+            sock.close()
+        time.sleep(0.3)  # the connections closed: /metrics gets through
+        assert _requests_counted(node, "refused") == {("none", "503"): 2.0}
+        assert _requests_counted(node, "malformed") == {("none", "400"): 1.0}
     finally:
         node.kill()

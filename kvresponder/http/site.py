@@ -71,6 +71,10 @@ def http_date(now: float) -> bytes:
 
 _METHODS = {}
 
+#: The ``method`` label of an answer given before a request could be read: a connection over the cap
+#: (route ``refused``), or bytes Twisted's parser refused (route ``malformed``).
+UNREAD_METHOD = "none"
+
 
 def method_name(method: bytes) -> str:
     """
@@ -640,6 +644,9 @@ def _answer_bad_request(channel) -> None:
     the API's error format rather than with a bare status line.
     """
     body = error_body("bad_request", "The request is not well-formed HTTP/1.1.")
+    metrics = channel.site.metrics if channel.site is not None else None
+    if metrics is not None:
+        metrics.observe_request(UNREAD_METHOD, "malformed", 400, 0.0)
     channel.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
                             b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
     channel.loseConnection()
@@ -741,6 +748,9 @@ class KVSite(Site):
     def buildProtocol(self, addr):
         if self.open_connections >= self.max_connections:
             HTTP_REJECTED.log(reason="connection cap %d reached" % (self.max_connections,), client=str(addr))
+            if self.metrics is not None:
+                # Counted with the requests, whose 5xx share the error-rate alert watches: no request was read.
+                self.metrics.observe_request(UNREAD_METHOD, "refused", 503, 0.0)
             return _Refuse()
         channel = Site.buildProtocol(self, addr)
         channel.totalHeadersSize = self.max_header_bytes

@@ -295,6 +295,17 @@ BAD_VALUES = {
         ["--set", "tenant=x", "--set", "resources.limits.memory=12XB"],
         r'memory quantity "12XB"',
     ),
+    # Values the node refuses at start (kvresponder.settings): refused at render time instead, not by pods
+    # that crash after the install succeeded.
+    "store budget with a fraction": (["--set-string", "config.maxMemory=1.5Gi"], r"config\.maxMemory"),
+    "store budget in Ti": (["--set-string", "config.maxMemory=1Ti"], r"config\.maxMemory"),
+    "largest value with a fraction": (["--set-string", "config.maxValueSize=0.5Mi"], r"config\.maxValueSize"),
+    "multicast TTL of zero": (["--set", "discovery.ttl=0"], r"discovery\.ttl"),
+    "more copies than a node keeps": (["--set", "config.replicationFactor=17"], r"config\.replicationFactor"),
+    "quorum above the copies": (
+        ["--set", "config.replicationFactor=2", "--set", "config.writeQuorum=3"],
+        r"config\.writeQuorum \(3\) must not exceed config\.replicationFactor \(2\)",
+    ),
 }
 
 

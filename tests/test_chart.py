@@ -302,6 +302,10 @@ BAD_VALUES = {
     "largest value with a fraction": (["--set-string", "config.maxValueSize=0.5Mi"], r"config\.maxValueSize"),
     "multicast TTL of zero": (["--set", "discovery.ttl=0"], r"discovery\.ttl"),
     "more copies than a node keeps": (["--set", "config.replicationFactor=17"], r"config\.replicationFactor"),
+    "runbook base that is not a URL": (
+        ["--set", "prometheusRule.enabled=true", "--set", "prometheusRule.runbookBaseUrl=docs"],
+        r"prometheusRule\.runbookBaseUrl",
+    ),
     "quorum above the copies": (
         ["--set", "config.replicationFactor=2", "--set", "config.writeQuorum=3"],
         r"config\.writeQuorum \(3\) must not exceed config\.replicationFactor \(2\)",
@@ -1015,6 +1019,26 @@ def test_prometheus_rule_spec_is_the_rules_file_when_enabled():
     assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     assert rule["spec"] == yaml.safe_load((CHART / "rules" / "alerts.yaml").read_text())
     assert "groups" in rule["spec"]
+
+
+def test_runbook_links_lead_under_the_base_url_when_one_is_given():
+    """
+    If ``prometheusRule.runbookBaseUrl`` is set, every alert's ``runbook_url`` is the rules file's path under it (a
+    trailing slash or not), and nothing else in the rules changes.
+    """
+    original = yaml.safe_load((CHART / "rules" / "alerts.yaml").read_text())
+    for base in ("https://git.example.com/kv/blob/main", "https://git.example.com/kv/blob/main/"):
+        rule = one(render("acme", "--set", "tenant=acme", "--set", "prometheusRule.enabled=true",
+                          "--set", "prometheusRule.runbookBaseUrl=" + base), "PrometheusRule")
+        rendered = [r for group in rule["spec"]["groups"] for r in group["rules"]]
+        expected = [r for group in original["groups"] for r in group["rules"]]
+        assert len(rendered) == len(expected) > 0
+        for got, want in zip(rendered, expected):
+            if "runbook_url" in want.get("annotations", {}):
+                assert got["annotations"]["runbook_url"] == (
+                    "https://git.example.com/kv/blob/main/" + want["annotations"]["runbook_url"])
+                got["annotations"]["runbook_url"] = want["annotations"]["runbook_url"]
+            assert got == want
 
 
 def test_dashboard_configmap_carries_sidecar_label_and_dashboard_when_enabled():

@@ -1,10 +1,9 @@
 # syntax=docker/dockerfile:1
-# KV Responder image: one tenant's node, run as `twistd -n kvresponder`.
+# KV Responder image: one tenant's node, run as `twistd -n --pidfile= kvresponder`.
 #
 # The interpreter is PyPy for Python 3.11, chosen on the benchmarks in
-# docs/PERFORMANCE.md: it serves a node's GETs at about 1.1x the Node.js
-# reference where CPython reaches 0.3x, and its writes about 3x faster.
-# CPython keeps less memory (a 60 MiB baseline against about 270 MiB), which
+# docs/PERFORMANCE.md: it serves a node's reads and writes several times
+# faster than CPython. CPython keeps less memory (a smaller baseline), which
 # is why the chart's default memory limit leaves PyPy its baseline
 # (docs/DEPLOYMENT.md). To build on CPython instead, pass
 # --build-arg PYTHON_IMAGE=python:3.11-slim (3.12, 3.13 and 3.14 too).

@@ -586,3 +586,38 @@ def test_if_alerts_are_grouped_then_they_follow_mixin_naming():
                 assert re.fullmatch(r"KVResponder[A-Z][A-Za-z]+", rule["alert"]), rule["alert"]
                 assert re.fullmatch(r"\d+m", rule.get("for", "")), (rule["alert"], rule.get("for"))
 
+
+
+def _metric_rows(path: str, heading: str) -> dict:
+    """
+    name -> {label: [values]} from the metric table under ``heading``: a label's values are what it lists in
+    parentheses (``result (sent, failed)``); a parenthesis of prose, alone or after a label, is a note.
+    """
+    text = (ROOT / path).read_text(encoding="utf-8")
+    section = text[text.index(heading):]
+    section = section[:section.find("\n## ", 1)]
+    rows = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.split("|")]
+        if len(cells) < 4 or not re.match(r"`?[a-z_]+`?$", cells[1]) or cells[1] == "name":
+            continue
+        labels = {}
+        for label, values in re.findall(r"(?:^|, )([a-z_]+)(?: \(([^)]*)\))?", re.sub(r"^\([^)]*\)$", "", cells[3])):
+            values = [value.strip() for value in values.split(",")] if values else []
+            # A label's values are bare words; a parenthesis of prose is a note on the label.
+            labels[label] = sorted(values) if all(re.match(r"[a-z0-9_]+$", v) for v in values) else []
+        rows[cells[1].strip("`")] = labels
+    return rows
+
+
+def test_if_an_operator_reads_the_metric_reference_then_it_agrees_with_the_contract():
+    """
+    MONITORING.md's metric reference (for operators) and CONTRACT.md's table (which the exposition tests read)
+    name the same metrics, with the same labels and the same label values.
+    """
+    monitoring = _metric_rows("docs/MONITORING.md", "## Metric reference")
+    contract = _metric_rows("docs/CONTRACT.md", "## Metrics")
+    assert len(contract) > 30
+    assert monitoring == {name: labels for name, labels in contract.items() if name in monitoring}
+    missing = sorted(set(contract) - set(monitoring))
+    assert missing == [], missing

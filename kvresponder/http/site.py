@@ -69,7 +69,11 @@ def http_date(now: float) -> bytes:
     return _date_cache[1]
 
 
-_METHODS = {}
+#: The methods a metric names; any other is counted as ``other``: a label takes whatever text a client sends as
+#: its method, and each new one would add series to every scrape, for good.
+_METHODS = {method.encode("ascii"): method for method in
+            ("GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "PATCH", "TRACE", "CONNECT")}
+OTHER_METHOD = "other"
 
 #: The ``method`` label of an answer given before a request could be read: a connection over the cap
 #: (route ``refused``), or bytes Twisted's parser refused (route ``malformed``).
@@ -78,14 +82,9 @@ UNREAD_METHOD = "none"
 
 def method_name(method: bytes) -> str:
     """
-    ``method`` as text for a metric label, decoded once per distinct method.
+    ``method`` as a metric label: its name if it is one of HTTP's, else :data:`OTHER_METHOD`.
     """
-    name = _METHODS.get(method)
-    if name is None:
-        name = method.decode("ascii", "replace")
-        if len(_METHODS) < 64:
-            _METHODS[method] = name
-    return name
+    return _METHODS.get(method, OTHER_METHOD)
 
 
 class KVRequest(Request):

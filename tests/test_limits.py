@@ -271,3 +271,41 @@ async def test_a_413_closes_the_connection_as_its_answer_says(server):
     assert raw.count(b"HTTP/1.1 ") == 1, raw
     assert b"\r\nConnection: close\r\n" in raw
     assert _parse(raw).status == 413
+
+
+@pytest.mark.parametrize("where", ["request line", "one header line"])
+@pytest_twisted.ensureDeferred
+async def test_a_single_line_over_max_header_bytes_gets_the_json_400_not_a_silent_hang_up(server, where):
+    """
+    A request line or one header line longer than MAX_HEADER_BYTES is refused as the whole head over it is: a
+    JSON 400, then the connection closes (Twisted's line reader hung up without a word).
+    """
+    # Longer than Twisted's own 16 KiB line cap too, where its line reader used to hang up silently.
+    long = b"a" * (max(HEADER_LIMIT, 16384) + 100)
+    if where == "request line":
+        raw = b"GET /t1/kv/" + long + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    else:
+        raw = b"GET /t1/health/live HTTP/1.1\r\nHost: x\r\nX-Pad: " + long + b"\r\n\r\n"
+    answer = await _send(server, raw)
+    assert answer.status == 400 and answer.content_type == b"application/json", answer
+    assert json.loads(answer.body)["error"] == "bad_request"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_larger_max_header_bytes_takes_a_header_line_longer_than_twisteds_own_cap():
+    """
+    With MAX_HEADER_BYTES at 64 KiB, one header line of 20 KiB (over the 16 KiB that Twisted's line reader
+    takes by default) is served, on the fast lane's route and on Twisted's.
+    """
+    node = Node(make_settings("t1", "n1", advertise_address="127.0.0.1", port="3000"), reactor, http=None)
+    site = KVSite(build_root(node), reactor.seconds, reactor=reactor, max_header_bytes=64 * 1024)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    try:
+        address = ("127.0.0.1", port.getHost().port)
+        pad = b"X-Pad: " + b"p" * 20000 + b"\r\n"
+        for path in (b"/t1/kv/absent", b"/t1/health/live"):
+            raw = b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + pad + b"\r\n"
+            answer = _parse(await deferToThread(_exchange, address, raw))
+            assert answer.status in (200, 404) and b"bad_request" not in answer.body, (path, answer)
+    finally:
+        await port.stopListening()

@@ -22,7 +22,7 @@ from typing import Optional
 
 from eliot import write_traceback
 from twisted.python.failure import Failure
-from twisted.web.http import RESPONSES, HTTPChannel, unquote
+from twisted.web.http import RESPONSES, unquote
 
 from ..log import DEBUG
 from .errors import APIError, error_body
@@ -79,8 +79,8 @@ class FastLane:
         self._starts = tuple(method + b" " + prefix for method in _METHODS)
         self.operations = operations
         self._body_limit = body_limit
-        # Never more than Twisted's longest line: what it would refuse, it refuses.
-        self._max_head = min(max_header_bytes, HTTPChannel.MAX_LENGTH)
+        # As much as Twisted's channel takes (KVSite gives its lines the same cap): what it would refuse, it refuses.
+        self._max_head = max_header_bytes
         self._metrics = metrics
         self._policy = log_policy
         self.seconds = seconds

@@ -398,6 +398,11 @@ class _CountedChannel(HTTPChannel):
     #: frames in the turn it arrives: it owes no answer across turns.
     _handed_over = False
 
+    def lineLengthExceeded(self, line):
+        # LineReceiver hangs up without a word on a request line or header line over MAX_LENGTH: answer it
+        # like any request the parser refuses, in the API's error format.
+        _answer_bad_request(self)
+
     def connectionMade(self):
         HTTPChannel.connectionMade(self)
         site = self.site
@@ -753,6 +758,9 @@ class KVSite(Site):
             return _Refuse()
         channel = Site.buildProtocol(self, addr)
         channel.totalHeadersSize = self.max_header_bytes
+        # One line may be as long as all the headers together may be: LineReceiver's own cap (16 KiB) would
+        # otherwise stand below a larger MAX_HEADER_BYTES.
+        channel.MAX_LENGTH = self.max_header_bytes
         return channel
 
     def requests_done(self, timeout: float) -> Deferred:

@@ -374,6 +374,39 @@ class _Refuse(Protocol):
         self.transport.loseConnection()
 
 
+#: Seconds a connection refused for its body's size goes on reading what the client still sends, before it closes.
+LINGER_SECONDS = 5.0
+
+
+class _RefusedBody(Protocol):
+    """
+    A connection whose request declared a body over its route's limit, once its 413 is written: it sends nothing
+    more (a half-close), drops what the client still sends, and closes when the client does, or after
+    :data:`LINGER_SECONDS`. Closing at once, with the body still arriving, would make the kernel reset the
+    connection, and a client still sending could lose the 413 before reading it (RFC 9112, 9.6).
+
+    :param channel: the HTTP channel it took the connection from, whose ``connectionLost`` it calls.
+    """
+
+    def __init__(self, channel, clock) -> None:
+        self._channel = channel
+        self._clock = clock
+        self._timer = None
+
+    def connectionMade(self) -> None:
+        self.transport.loseWriteConnection()
+        self._timer = self._clock.callLater(LINGER_SECONDS, self.transport.abortConnection)
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason=None) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._channel.connectionLost(reason)
+
+
 class _CountedChannel(HTTPChannel):
     """
     A channel that counts itself, and gives each request a deadline for its headers and body: the idle
@@ -397,6 +430,39 @@ class _CountedChannel(HTTPChannel):
     #: Whether the connection was handed over to another protocol (a copy stream), which answers each of its
     #: frames in the turn it arrives: it owes no answer across turns.
     _handed_over = False
+
+    def headerReceived(self, line):
+        # Twisted ignores "Transfer-Encoding: identity" and reads what follows the head as the next request; any
+        # coding but chunked leaves the body's length unknown, and must be refused (RFC 9112, 6.1), not guessed.
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"transfer-encoding" and value.strip().lower() != b"chunked":
+            _answer_bad_request(self)
+            return False
+        return HTTPChannel.headerReceived(self, line)
+
+    def allHeadersReceived(self):
+        # A declared body over the route's limit is answered now, before it is read and before any "100
+        # Continue": the connection then lingers (_RefusedBody). Where it cannot be handed over (TLS), the body
+        # is read and dropped, and the request answered 413 once it is in (KVRequest).
+        length = self.length
+        if length:
+            path, method = request_target(self)
+            limit = self.site.body_limit_for(path, method)
+            if length > limit and self._refuse_body(method, length, limit):
+                return
+        HTTPChannel.allHeadersReceived(self)
+
+    def _refuse_body(self, method: bytes, length: int, limit: int) -> bool:
+        body = error_body("payload_too_large", "The request body is larger than %d bytes." % (limit,))
+        answer = (b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        client = str(self.transport.getPeer())
+        if not self.hand_over(_RefusedBody(self, self.site.reactor), answer):
+            return False
+        HTTP_REJECTED.log(reason="body of %d bytes over %d" % (length, limit), client=client)
+        if self.site.metrics is not None:
+            self.site.metrics.observe_request(method_name(method), KVRequest.route, 413, 0.0)
+        return True
 
     def lineLengthExceeded(self, line):
         # LineReceiver hangs up without a word on a request line or header line over MAX_LENGTH: answer it

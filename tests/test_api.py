@@ -199,7 +199,10 @@ def test_a_page_that_ends_on_the_longest_key_can_be_followed():
     assert seen == sorted(keys)
 
 
-@pytest.mark.parametrize("query", ["limit=0", "limit=10001", "limit=x", "cursor=%25%25%25"])
+@pytest.mark.parametrize("query", ["limit=0", "limit=10001", "limit=x", "cursor=%25%25%25",
+                                   # int() takes these; a limit is plain ASCII digits.
+                                   "limit=1_0", "limit=%202", "limit=2%20", "limit=%EF%BC%92", "limit=%D9%A3",
+                                   "limit=+5", "limit=-1", "limit=" + "0" * 20 + "5"])
 def test_list_rejects_bad_parameters(api, query):
     code, body, _ = api.call("GET", "/kv?" + query)
     assert code == 400, body

@@ -352,10 +352,9 @@ class KVResource(Resource):
         if limit_text is None:
             limit = DEFAULT_LIST_LIMIT
         else:
-            try:
-                limit = int(limit_text)
-            except ValueError:
-                limit = 0
+            # Plain ASCII digits only: int() would also take "1_0", " 2" and other scripts' digits.
+            digits = limit_text.isascii() and limit_text.isdigit() and len(limit_text) <= 9
+            limit = int(limit_text) if digits else 0
             if not 1 <= limit <= MAX_LIST_LIMIT:
                 raise bad_request("invalid_limit", "limit must be an integer from 1 to %d." % (MAX_LIST_LIMIT,))
         after = decode_cursor(cursor) if cursor else None

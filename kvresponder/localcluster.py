@@ -106,6 +106,9 @@ def describe_exit(returncode: int) -> str:
 
 def _port_in_use(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As Twisted binds its listeners: connections of a cluster just stopped, left in TIME_WAIT, do not
+        # keep the nodes from listening again, so they must not fail the check either.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((LOOPBACK, port))
         except OSError:

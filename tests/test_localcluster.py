@@ -217,3 +217,35 @@ def test_two_node_cluster_starts_replicates_and_stops(log_dir):
         for pid, _ in nodes.values():
             if not _gone(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def _listener():
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    return server
+
+
+def test_a_port_left_in_time_wait_by_a_cluster_just_stopped_is_free_again():
+    """
+    If the nodes of a cluster just stopped closed their connections first (leaving them in TIME_WAIT), then the
+    launcher starts a cluster on the same ports again, as the nodes' own listeners would bind them.
+    """
+    server = _listener()
+    port = server.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = server.accept()
+    accepted.close()  # the server's side closes first: its end of the connection waits in TIME_WAIT
+    client.recv(1)
+    client.close()
+    server.close()
+    assert not localcluster._port_in_use(port)
+
+
+def test_a_port_something_listens_on_is_in_use():
+    server = _listener()
+    try:
+        assert localcluster._port_in_use(server.getsockname()[1])
+    finally:
+        server.close()

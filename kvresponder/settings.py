@@ -188,7 +188,7 @@ OPTIONS = (
            "Copies needed to acknowledge a write (default: replicas, capped by live nodes)."),
     Option("vnodes", ("VNODES",), "128", _int_in(1, 4096), "Virtual nodes per node on the hash ring."),
     Option("max-memory", ("MAX_MEMORY",), "256Mi", _size(64 * 1024), "Store budget in bytes (Ki/Mi/Gi)."),
-    Option("max-value-size", ("MAX_VALUE_SIZE",), "1Mi", _size(64), "Largest request body in bytes."),
+    Option("max-value-size", ("MAX_VALUE_SIZE",), "1Mi", _size(64), "Largest request body in bytes (8 times for /bulk), and largest value of a bulk put."),
     Option("max-key-length", ("MAX_KEY_LENGTH",), "250", _int_in(1, 256),
            "Longest key, in characters (Unicode code points)."),
     Option("max-header-bytes", ("MAX_HEADER_BYTES",), "16Ki", _size(1024),

@@ -167,6 +167,23 @@ def test_if_a_bulk_request_is_served_then_its_cache_operations_are_counted_by_ou
         'op="delete",result="miss",tenant="t1"': 1}
 
 
+def test_if_a_bulk_put_holds_a_value_over_max_value_size_then_nothing_is_stored_and_the_answer_is_413():
+    """
+    A bulk request may be 8 times MAX_VALUE_SIZE, but none of its values may be larger than a single PUT could
+    store: one that is refuses the whole request, as any bad item does, and nothing changes.
+    """
+    api = API(max_value_size="1Ki")
+    api.put("kept", "old")
+    fits = {"key": "fits", "value": "v" * 1000}
+    code, body, _ = api.call("POST", "/bulk", {"put": [fits, {"key": "kept", "value": "v" * 1100}]})
+    assert code == 413 and body["error"] == "payload_too_large", body
+    assert "MAX_VALUE_SIZE" in body["message"]
+    assert api.call("GET", "/kv/fits")[0] == 404
+    assert api.call("GET", "/kv/kept")[1]["value"] == "old"
+    code, body, _ = api.call("POST", "/bulk", {"put": [fits]})
+    assert code == 200 and [(put["key"], put["status"]) for put in body["put"]] == [("fits", 201)], body
+
+
 # -- a node alone in its ring ---------------------------------------------------------------------------
 
 class _NoPeers:

@@ -561,7 +561,15 @@ class PublicAPI:
         # Each key once: the answer maps keys to values, and a JSON object names each member once.
         get_keys = list(dict.fromkeys(validate_key(key, limit) for key in gets))
         delete_keys = [validate_key(key, limit) for key in deletes]
-        check_fits = self._node.coordinator.store.check_fits
+        fits_store = self._node.coordinator.store.check_fits
+        max_value = self._node.settings.max_value_size
+
+        def check_fits(key: str, value: bytes) -> None:
+            # A value no larger than a single PUT could store: the bulk body's own limit is 8 times that.
+            if len(value) > max_value:
+                raise too_large("A value is larger than MAX_VALUE_SIZE (%d bytes)." % (max_value,))
+            fits_store(key, value)
+
         writes = [parse_bulk_put(item, limit, check_fits) for item in puts]
         return self._bulk(get_keys, writes, delete_keys)
 

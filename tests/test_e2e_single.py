@@ -328,3 +328,24 @@ def test_answers_given_before_a_request_is_read_are_counted_with_the_requests(lo
         assert _requests_counted(node, "malformed") == {("none", "400"): 1.0}
     finally:
         node.kill()
+
+
+def test_how_deep_a_value_may_nest_is_the_same_on_the_fast_lane_and_twisteds_server(node):
+    """
+    A value nested MAX_VALUE_DEPTH levels deep is stored, one level deeper is a 400, whichever of the node's two
+    HTTP paths takes the PUT (a query string sends it through Twisted's server): the limit was the parser's
+    recursion, which the two paths' stack depths set ten levels apart.
+    """
+    from kvresponder.http.api import MAX_VALUE_DEPTH
+
+    def put(depth: int, query: str) -> requests.Response:
+        body = '{"value":' + "[" * depth + "]" * depth + "}"
+        return requests.put(node.url + "/kv/deep" + query, data=body, timeout=10,
+                            headers={"Content-Type": "application/json"})
+
+    for query in ("", "?via=twisted"):
+        stored = put(MAX_VALUE_DEPTH, query)
+        assert stored.status_code in (200, 201), (query, stored.text)
+        refused = put(MAX_VALUE_DEPTH + 1, query)
+        assert refused.status_code == 400 and refused.json()["error"] == "invalid_json", (query, refused.text)
+        assert requests.get(node.url + "/kv/deep", timeout=10).text.count("[") == MAX_VALUE_DEPTH

@@ -843,3 +843,25 @@ def test_a_method_http_does_not_define_is_counted_as_other_not_as_its_own_label(
     exposition = node.metrics.exposition().decode("utf-8")
     methods = set(re.findall(r'kv_http_requests_total\{[^}]*method="([^"]*)"', exposition))
     assert methods == {"other"}, methods
+
+
+@pytest.mark.parametrize("scheme", [b"http", b"HTTPS"])
+def test_a_request_target_in_absolute_form_is_served_as_its_path(scheme):
+    """
+    The absolute form (``PUT http://host:3000/t1/kv/k``), which a server must accept as well as a proxy does
+    (RFC 9112, 3.2.2), reaches the route its path names: it got the 404 of another tenant's prefix.
+    """
+    clock = Clock()
+    node = Node(make_settings(), clock, http=None)
+    node.start()
+    clock.advance(1)
+    site = KVSite(build_root(node), clock.seconds, reactor=clock, metrics=node.metrics)
+    authority = scheme + b"://127.0.0.1:3000"
+    body = b'{"value": "absolute"}'
+    protocol, transport = _connect(site, clock)
+    protocol.dataReceived(b"PUT " + authority + b"/t1/kv/k?x=1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                          b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    protocol.dataReceived(b"GET " + authority + b"/t1/kv/k HTTP/1.1\r\nHost: x\r\n\r\n")
+    answers = transport.value()
+    assert answers.startswith(b"HTTP/1.1 201 "), answers[:200]
+    assert answers.count(b"HTTP/1.1 200 OK") == 1 and b'"value":"absolute"' in answers, answers

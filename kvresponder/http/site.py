@@ -80,6 +80,18 @@ OTHER_METHOD = "other"
 UNREAD_METHOD = "none"
 
 
+def origin_form(target: bytes) -> bytes:
+    """
+    The path of a request target: ``target`` itself, or, for the absolute form a client sends to a proxy
+    (``http://host:port/t1/kv/k``), which a server must accept too (RFC 9112, 3.2.2), what follows its authority.
+    """
+    if target[:1] == b"/" or not (target[:7].lower() == b"http://" or target[:8].lower() == b"https://"):
+        return target
+    rest = target.split(b"//", 1)[1]
+    slash = rest.find(b"/")
+    return rest[slash:] if slash >= 0 else b"/"
+
+
 def method_name(method: bytes) -> str:
     """
     ``method`` as a metric label: its name if it is one of HTTP's, else :data:`OTHER_METHOD`.
@@ -158,7 +170,7 @@ class KVRequest(Request):
             self.write(body)
             self.finish()
             return
-        path = self.path
+        path = self.path = origin_form(self.path)
         if path == b"*":
             self.prepath = []
             self.postpath = [b""]
@@ -799,7 +811,7 @@ class KVSite(Site):
         from the path alone (never the query string), split and percent-decoded as :meth:`KVRequest.process`
         does it for traversal.
         """
-        path = target.split(b"?", 1)[0]
+        path = origin_form(target.split(b"?", 1)[0])
         for prefix, limit in self._shortcut_limits:
             if path.startswith(prefix):
                 return limit

@@ -11,6 +11,7 @@ import time
 import uuid
 
 import eliot._action
+import pytest
 from eliot import add_destinations as eliot_add, remove_destination as eliot_remove, start_action
 
 from kvresponder.log import (WARNING, JSONLineDestination, LogPolicy, UnknownLevel, canonical_level,
@@ -372,3 +373,19 @@ def test_the_usual_task_id_of_a_copy_is_read():
         "6b1f7c3e-0d2a-4c5b-9e8f-1a2b3c4d5e6f", [7])
     assert parse_task_id(b"abc@/1") is None
     assert parse_task_id(b"abc@/2/3") == ("abc", [2, 3])
+
+
+@pytest.mark.parametrize("levels, named", [
+    ({"http": None}, "unknown log level null;"),
+    ({"http": "info\x00"}, 'unknown log level "info\\u0000";'),
+    ({"http": ["info"]}, 'unknown log level ["info"];'),
+    ({"nowhere": "info"}, 'unknown log area "nowhere";'),
+])
+def test_an_unknown_level_or_area_is_named_as_the_client_wrote_it_in_json(levels, named):
+    """
+    The 400 for a bad level names the value in JSON, as the request had it, not as Python writes it (None,
+    'info\\x00').
+    """
+    with pytest.raises(UnknownLevel) as caught:
+        LogPolicy("info").update(levels=levels)
+    assert str(caught.value).startswith(named), str(caught.value)

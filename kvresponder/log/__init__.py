@@ -56,6 +56,15 @@ def canonical_level(name) -> Optional[str]:
     return name if name in LEVELS else None
 
 
+def _as_json(value) -> str:
+    """
+    ``value`` as a client sent it, in JSON (``null``, ``"info\\u0000"``): not as Python would write it, in an answer
+    to a JSON request; cut short if long.
+    """
+    text = json.dumps(value)
+    return text if len(text) <= 64 else text[:60] + "..."
+
+
 class UnknownLevel(ValueError):
     pass
 
@@ -86,7 +95,7 @@ class LogPolicy:
         values = {}
         for area, name in (levels or {}).items():
             if area not in AREAS:
-                raise UnknownLevel("unknown log area %r; areas are %s" % (area, ", ".join(AREAS)))
+                raise UnknownLevel("unknown log area %s; areas are %s" % (_as_json(area), ", ".join(AREAS)))
             values[area] = self._parse(name)
         if value is not None:
             for area in AREAS:
@@ -97,7 +106,7 @@ class LogPolicy:
     def _parse(level) -> int:
         name = canonical_level(level)
         if name is None:
-            raise UnknownLevel("unknown log level %r; levels are %s (or warn)" % (level, ", ".join(LEVELS)))
+            raise UnknownLevel("unknown log level %s; levels are %s (or warn)" % (_as_json(level), ", ".join(LEVELS)))
         return LEVELS[name]
 
     def enabled(self, area: str, level: int) -> bool:

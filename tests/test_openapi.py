@@ -62,15 +62,20 @@ def test_docs_copy_is_the_shipped_file():
             "docs/openapi.json differs from kvresponder/http/openapi.json (the source): copy it over")
 
 
-def test_node_serves_the_shipped_file(spec):
+def test_node_serves_the_shipped_file_with_its_own_tenant_as_the_servers_default(spec):
     """
-    If a client asks a node for /<tenant>/openapi.json, then it gets exactly the shipped description, as JSON.
+    If a client asks a node for /<tenant>/openapi.json, then it gets the shipped description, as JSON, with the
+    node's tenant as the default of the servers' ``tenant`` variable, and nothing else changed.
     """
     api = API()
     code, body, response = api.call("GET", "/openapi.json")
     assert code == 200
     assert response.headers.getRawHeaders(b"content-type") == [b"application/json"]
-    assert body == spec == load_spec()
+    assert spec == load_spec()
+    assert spec["servers"][0]["variables"]["tenant"]["default"] == "tenant"
+    assert body["servers"][0]["variables"]["tenant"]["default"] == "t1"
+    body["servers"][0]["variables"]["tenant"]["default"] = "tenant"
+    assert body == spec
     assert api.call("HEAD", "/openapi.json")[0] == 200
 
 

@@ -541,8 +541,8 @@ class PublicAPI:
 
     @json_route(app, "/openapi.json", ["GET", "HEAD"], read=True)
     def openapi(self, request):
-        from .openapi import load_spec
-        return load_spec()
+        from .openapi import spec_for
+        return spec_for(self._node.settings.tenant)
 
     @json_route(app, "/admin/log-levels", ["GET", "HEAD"], read=True)
     def get_log_levels(self, request):

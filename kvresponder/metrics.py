@@ -294,6 +294,16 @@ class Metrics:
     def expired(self, count: int) -> None:
         self._expirations.inc(count)
 
+    def count_request(self, method: str, route: str, status: int) -> None:
+        """
+        Count one HTTP answer given before its request was read (a refused connection, a malformed head, a
+        body refused by its declared length), in ``kv_http_requests_total`` only: it took no time to serve, and
+        zeros in the latency histogram would pull the percentiles down just as a node turns clients away.
+        """
+        key = (method, route, status)
+        requests = self._stats.requests
+        requests[key] = requests.get(key, 0) + 1
+
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         """
         Count one HTTP request and its duration.

@@ -5,11 +5,13 @@ and every error.
 
 import json
 import re
+import time
 
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 from twisted.internet.task import Clock
 
+from kvresponder.http.errors import APIError
 from kvresponder.http.root import build_root
 from kvresponder.http.site import KVSite
 from kvresponder.node import Node
@@ -865,3 +867,35 @@ def test_a_request_target_in_absolute_form_is_served_as_its_path(scheme):
     answers = transport.value()
     assert answers.startswith(b"HTTP/1.1 201 "), answers[:200]
     assert answers.count(b"HTTP/1.1 200 OK") == 1 and b'"value":"absolute"' in answers, answers
+
+
+def _nested(depth: int, inner: str = '"x"') -> bytes:
+    return ('{"value":' + "[" * depth + inner + "]" * depth + "}").encode("utf-8")
+
+
+@pytest.mark.parametrize("inner", ['"x"', '"]]]]"', '"\\\\"', '"\\"[[[["', '{"k[":"\\\\\\"{"}'])
+def test_a_value_nested_to_the_limit_is_taken_and_one_level_more_is_refused_whatever_its_strings_hold(inner):
+    """
+    Brackets, escaped quotes and escaped backslashes inside strings do not count towards a value's depth; the
+    brackets outside them do (an object counts as a level, as an array does).
+    """
+    from kvresponder.http.api import MAX_VALUE_DEPTH, parse_put
+    extra = 1 if inner.startswith("{") else 0
+    value, _ = parse_put(_nested(MAX_VALUE_DEPTH - extra, inner), b"application/json")
+    assert value.count(b"[") >= MAX_VALUE_DEPTH - extra
+    with pytest.raises(APIError) as caught:
+        parse_put(_nested(MAX_VALUE_DEPTH + 1 - extra, inner), b"application/json")
+    assert caught.value.code == "invalid_json" and "nested deeper" in caught.value.message
+
+
+def test_a_body_built_to_make_the_depth_check_backtrack_is_refused_at_once():
+    """
+    The depth check is linear in the body: a megabyte of escaped quotes behind 502 open brackets (which a
+    regular expression over the strings took minutes to scan, on the reactor's thread) is refused in a moment.
+    """
+    from kvresponder.http.api import parse_put
+    body = b'{"value":' + b"[" * 502 + b'"' + b'\\"' * 500_000
+    started = time.monotonic()
+    with pytest.raises(APIError):
+        parse_put(body, b"application/json")
+    assert time.monotonic() - started < 2.0

@@ -306,7 +306,8 @@ def test_answers_given_before_a_request_is_read_are_counted_with_the_requests(lo
     """
     A connection over MAX_CONNECTIONS gets its 503 before any request is read, and bytes that are not HTTP get a
     400 from Twisted's parser: both count in ``kv_http_requests_total`` (method ``none``, routes ``refused`` and
-    ``malformed``), so that the error-rate alert, which reads the 5xx there, sees a node turning clients away.
+    ``malformed``), so that the error-rate alert, which reads the 5xx there, sees a node turning clients away;
+    and not in the latency histogram.
     """
     node = NodeProcess("solo", "solo-1", free_udp_port(), log_dir, env={"MAX_CONNECTIONS": "2"}).start()
     try:
@@ -326,6 +327,10 @@ def test_answers_given_before_a_request_is_read_are_counted_with_the_requests(lo
         time.sleep(0.3)  # the connections closed: /metrics gets through
         assert _requests_counted(node, "refused") == {("none", "503"): 2.0}
         assert _requests_counted(node, "malformed") == {("none", "400"): 1.0}
+        # Counted, not timed: zeros in the latency histogram would pull the percentiles down.
+        exposition = requests.get(node.url + "/metrics", timeout=5).text
+        assert 'method="none"' not in "\n".join(
+            line for line in exposition.splitlines() if line.startswith("kv_http_request_duration_seconds"))
     finally:
         node.kill()
 

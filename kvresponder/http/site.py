@@ -473,7 +473,7 @@ class _CountedChannel(HTTPChannel):
             return False
         HTTP_REJECTED.log(reason="body of %d bytes over %d" % (length, limit), client=client)
         if self.site.metrics is not None:
-            self.site.metrics.observe_request(method_name(method), KVRequest.route, 413, 0.0)
+            self.site.metrics.count_request(method_name(method), KVRequest.route, 413)
         return True
 
     def lineLengthExceeded(self, line):
@@ -728,7 +728,7 @@ def _answer_bad_request(channel) -> None:
     body = error_body("bad_request", "The request is not well-formed HTTP/1.1.")
     metrics = channel.site.metrics if channel.site is not None else None
     if metrics is not None:
-        metrics.observe_request(UNREAD_METHOD, "malformed", 400, 0.0)
+        metrics.count_request(UNREAD_METHOD, "malformed", 400)
     channel.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
                             b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
     channel.loseConnection()
@@ -832,7 +832,7 @@ class KVSite(Site):
             HTTP_REJECTED.log(reason="connection cap %d reached" % (self.max_connections,), client=str(addr))
             if self.metrics is not None:
                 # Counted with the requests, whose 5xx share the error-rate alert watches: no request was read.
-                self.metrics.observe_request(UNREAD_METHOD, "refused", 503, 0.0)
+                self.metrics.count_request(UNREAD_METHOD, "refused", 503)
             return _Refuse()
         channel = Site.buildProtocol(self, addr)
         channel.totalHeadersSize = self.max_header_bytes

@@ -268,3 +268,22 @@ class AloneTests(unittest.TestCase):
         results = outcome(c.put_many([("a", b"1", None), ("b", b"2", None)]))
         self.assertEqual([type(r) for r in results], [Unavailable, Unavailable])
         self.assertEqual(str(results[0]), "only 1 of the 2 copies needed could be stored")
+
+
+def test_if_a_bulk_put_holds_a_value_nested_deeper_than_a_put_may_then_nothing_is_stored():
+    """
+    A bulk put's value may nest as deep as a single PUT's, MAX_VALUE_DEPTH levels, and no deeper: the parser's
+    own recursion limit let bulk values of 600 to 980 levels through.
+    """
+    from kvresponder.http.api import MAX_VALUE_DEPTH
+    api = API()
+    deepest = "[" * MAX_VALUE_DEPTH + "]" * MAX_VALUE_DEPTH
+    code, body, _ = api.call("POST", "/bulk", raw_body=(
+        '{"put": [{"key": "ok", "value": 1}, {"key": "deep", "value": [%s]}]}' % (deepest,)).encode(),
+        headers={"Content-Type": "application/json"})
+    assert code == 400 and body["error"] == "invalid_json" and "nested deeper" in body["message"], body
+    assert api.call("GET", "/kv/ok")[0] == 404
+    code, body, _ = api.call("POST", "/bulk", raw_body=(
+        '{"put": [{"key": "deep", "value": %s}]}' % (deepest,)).encode(), headers={"Content-Type": "application/json"})
+    assert code == 200, body
+    assert api.call("GET", "/kv/deep")[1]["value"] == json.loads(deepest)

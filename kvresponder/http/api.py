@@ -98,19 +98,20 @@ _STEP[ord("]")] = _STEP[ord("}")] = -1
 _NOT_BRACKETS = bytes(byte for byte in range(256) if byte not in b"[]{}")
 
 
-def _check_depth(body: bytes) -> None:
+def _check_depth(body: bytes, levels: int = MAX_VALUE_DEPTH + 1) -> None:
     """
-    :raises APIError: 400 if the body (``{"value": ...}``) nests deeper than its value may.
+    :param levels: how deep ``body`` may nest: a PUT's (``{"value": ...}``) one level more than its value.
+    :raises APIError: 400 if it nests deeper.
 
     Linear in the body's size, whatever it holds: the strings are cut out by splitting on the quotes left once
     the escaped backslashes and quotes are gone (a regular expression over the strings backtracked, taking
     minutes over a body of escaped quotes), and the depth is a running sum over the brackets outside them.
     """
-    if body.count(b"[") + body.count(b"{") <= MAX_VALUE_DEPTH + 1:
+    if body.count(b"[") + body.count(b"{") <= levels:
         return  # too few brackets to nest that deep: the usual body, at the cost of two counts
     unescaped = body.replace(b"\\\\", b"").replace(b'\\"', b"")
     brackets = b"".join(unescaped.split(b'"')[0::2]).translate(None, _NOT_BRACKETS)
-    if max(accumulate(map(_STEP.__getitem__, brackets)), default=0) > MAX_VALUE_DEPTH + 1:
+    if max(accumulate(map(_STEP.__getitem__, brackets)), default=0) > levels:
         raise bad_request("invalid_json", "The value is nested deeper than %d levels." % (MAX_VALUE_DEPTH,))
 
 
@@ -594,9 +595,12 @@ class PublicAPI:
         max_value = self._node.settings.max_value_size
 
         def check_fits(key: str, value: bytes) -> None:
-            # A value no larger than a single PUT could store: the bulk body's own limit is 8 times that.
+            # A value no larger than a single PUT could store (the bulk body's own limit is 8 times that), and
+            # no deeper: each value is checked, rather than the whole body, whose many small objects would
+            # send every bulk request through the full scan.
             if len(value) > max_value:
                 raise too_large("A value is larger than MAX_VALUE_SIZE (%d bytes)." % (max_value,))
+            _check_depth(value, MAX_VALUE_DEPTH)
             fits_store(key, value)
 
         writes = [parse_bulk_put(item, limit, check_fits) for item in puts]

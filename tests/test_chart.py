@@ -1174,3 +1174,45 @@ def test_every_top_level_value_is_documented_when_deployment_guide_is_read():
     reference = guide[guide.index("## Values reference"):]
     missing = [k for k in values if f"`{k}`" not in reference and f"`{k}." not in reference]
     assert not missing, f"undocumented values: {missing}"
+
+
+# --------------------------------------------------------------------------
+# what the node makes of the chart's settings
+
+
+def _node_settings(docs):
+    """
+    The node's settings from the container's env as the chart renders it (the values, not the references to
+    the pod's fields or Secrets, which stand in as a node would see them).
+    """
+    from kvresponder.settings import load_settings
+    environ = {}
+    for entry in container(docs)["env"]:
+        if "value" in entry:
+            environ[entry["name"]] = entry["value"]
+    environ.setdefault("POD_IP", "10.0.0.7")
+    environ.pop("CLUSTER_SECRET_FILE", None)
+    environ.pop("ADMIN_TOKEN_FILE", None)
+    # Outside the pod, a $(VAR) reference stays as written: resolve the ones the chart uses.
+    environ = {name: value.replace("$(POD_IP)", environ["POD_IP"]) for name, value in environ.items()}
+    return load_settings({}, environ)
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLE_RELEASES))
+def test_the_node_accepts_every_setting_the_chart_gives_it_when_an_example_is_used(example):
+    """If an example is installed, every env value the container gets is one the node accepts at start."""
+    _node_settings(render_example(example))
+
+
+def test_sizes_written_as_numbers_in_a_values_file_reach_the_node_as_whole_numbers(tmp_path):
+    """
+    If a values file gives sizes as plain numbers, the node gets them as digits: Helm reads such a number as a
+    float, and rendered as it is, it was 2.097152e+06, which the node refuses at start.
+    """
+    values = tmp_path / "sizes.yaml"
+    values.write_text("tenant: sizes\nconfig:\n  maxValueSize: 2097152\n  maxMemory: 268435456\n")
+    docs = render("kv-responder-sizes", "-f", str(values))
+    assert env_value(docs, "MAX_VALUE_SIZE") == "2097152"
+    assert env_value(docs, "MAX_MEMORY") == "268435456"
+    settings = _node_settings(docs)
+    assert (settings.max_value_size, settings.max_memory) == (2097152, 268435456)

@@ -133,9 +133,15 @@ MAX_MEMORY: config.maxMemory, or else config.maxMemoryPercent of the memory
 limit in bytes (the rest is headroom for the interpreter and buffers), or
 else nothing (the service default).
 */}}
+{{- define "kv-responder.size" -}}
+{{- /* A size as the node reads it: a number from a values file arrives as a float64, which would print as
+       2.097152e+06. */ -}}
+{{- if kindIs "float64" . }}{{ printf "%d" (int64 .) }}{{ else }}{{ toString . }}{{ end }}
+{{- end }}
+
 {{- define "kv-responder.maxMemory" -}}
 {{- if .Values.config.maxMemory }}
-{{- .Values.config.maxMemory }}
+{{- include "kv-responder.size" .Values.config.maxMemory }}
 {{- else }}
 {{- $limit := dig "limits" "memory" "" (.Values.resources | default dict) }}
 {{- if $limit }}

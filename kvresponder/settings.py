@@ -90,11 +90,13 @@ def _choice(options) -> Callable[[str], str]:
     return parse
 
 
-def _size(low: int) -> Callable[[str], int]:
+def _size(low: int, high: Optional[int] = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         value = parse_size(text)
         if value < low:
             raise ValueError("must be at least %d bytes" % (low,))
+        if high is not None and value > high:
+            raise ValueError("must be at most %d bytes" % (high,))
         return value
     return parse
 
@@ -191,7 +193,9 @@ OPTIONS = (
     Option("max-value-size", ("MAX_VALUE_SIZE",), "1Mi", _size(64), "Largest request body in bytes (8 times for /bulk), and largest value of a bulk put."),
     Option("max-key-length", ("MAX_KEY_LENGTH",), "250", _int_in(1, 256),
            "Longest key, in characters (Unicode code points)."),
-    Option("max-header-bytes", ("MAX_HEADER_BYTES",), "16Ki", _size(1024),
+    # At most 1 MiB: a line is buffered until it ends, and scanned again at each read, so a client trickling one
+    # line costs the node time that grows with the square of the cap.
+    Option("max-header-bytes", ("MAX_HEADER_BYTES",), "16Ki", _size(1024, 1024 * 1024),
            "Largest total size of a request's headers."),
     Option("tombstone-grace", ("TOMBSTONE_GRACE",), "600", _positive_float,
            "Seconds a delete's tombstone is kept."),

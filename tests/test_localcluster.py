@@ -244,6 +244,7 @@ def test_a_port_left_in_time_wait_by_a_cluster_just_stopped_is_free_again():
 
 
 def test_a_port_something_listens_on_is_in_use():
+    """If a process listens on a port, then the launcher's check still finds it taken."""
     server = _listener()
     try:
         assert localcluster._port_in_use(server.getsockname()[1])

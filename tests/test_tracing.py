@@ -48,6 +48,7 @@ class _Provider:
 
     def shutdown(self) -> None:
         self.shutdowns += 1
+        self.thread = threading.current_thread()
         self.entered.set()
         self.release.wait(10)
         if self._then is not None:
@@ -61,6 +62,7 @@ def _results(d) -> list:
 
 
 def test_a_tracer_that_finishes_in_time_reports_done_and_cancels_its_timer():
+    """If the tracer exports what it holds in time, then the stop goes on at once, with no timer left."""
     reactor = _Reactor()
     provider = _Provider()
     provider.release.set()
@@ -72,11 +74,16 @@ def test_a_tracer_that_finishes_in_time_reports_done_and_cancels_its_timer():
 
 
 def test_a_tracer_still_exporting_at_the_timeout_is_left_behind_in_a_daemon_thread():
+    """
+    If the tracer is still exporting when its time is up, then the stop goes on without it, and its thread, a
+    daemon, does not hold up the process's exit.
+    """
     reactor = _Reactor()
     provider = _Provider()
     results = _results(Tracing(provider, reactor).shutdown())
     assert provider.entered.wait(10)
-    [thread] = [t for t in threading.enumerate() if t.name == "kvresponder-tracing-shutdown"]
+    thread = provider.thread
+    assert thread.name == "kvresponder-tracing-shutdown" and thread is not threading.main_thread()
     # A daemon: an export still waiting on its collector does not hold the process's exit up.
     assert thread.daemon
     reactor.advance(SHUTDOWN_TIMEOUT - 0.01)
@@ -93,6 +100,7 @@ def test_a_tracer_still_exporting_at_the_timeout_is_left_behind_in_a_daemon_thre
 class ShutdownFailureTests(unittest.TestCase):
     @capture_logging(None, encoder_=None)
     def test_a_tracer_whose_shutdown_fails_is_logged_and_counts_as_done(self, logger):
+        """If the tracer's shutdown raises, then its traceback is logged and the stop goes on."""
         def fail():
             raise RuntimeError("exporter exploded")
 
@@ -108,12 +116,14 @@ class ShutdownFailureTests(unittest.TestCase):
 
 
 def test_with_tracing_off_there_is_nothing_to_shut_down():
+    """If tracing is off, then the stop does not wait for it."""
     results = _results(Tracing(None, _Reactor()).shutdown())
     assert results == [True]
 
 
 @pytest.mark.parametrize("timeout", [0.1, 2.0])
 def test_the_timeout_given_is_the_one_waited(timeout):
+    """If a timeout is given, then the stop waits that long for the tracer, not the default."""
     reactor = _Reactor()
     provider = _Provider()
     results = _results(Tracing(provider, reactor).shutdown(timeout))

@@ -286,7 +286,8 @@ def test_a_collector_that_does_not_answer_delays_a_stopping_node_by_at_most_the_
         started = time.monotonic()
         n1.terminate(timeout=20)
         took = time.monotonic() - started
-        assert took < SHUTDOWN_TIMEOUT + 1.5, took
+        # Well under the exporter's own 5 s, which the stop used to wait out; room for a loaded machine.
+        assert took < 4.0, took
         lost = [m for m in n1.log_messages() if m.get("message_type") == "kvresponder:service:traces-unexported"]
         assert [m["timeout"] for m in lost] == [SHUTDOWN_TIMEOUT], lost
     finally:

@@ -612,6 +612,10 @@ class _CountedChannel(HTTPChannel):
 
     def requestDone(self, request):
         HTTPChannel.requestDone(self, request)
+        if self._handed_over:
+            # A pipelined request after this one was refused for its body, and took the connection: nothing
+            # more is HTTP here.
+            return
         lane = self._lane
         if (lane is not None and not lane.open and self.persistent and not self.requests
                 and not self.transport.disconnecting):

@@ -193,9 +193,10 @@ OPTIONS = (
     Option("max-value-size", ("MAX_VALUE_SIZE",), "1Mi", _size(64), "Largest request body in bytes (8 times for /bulk), and largest value of a bulk put."),
     Option("max-key-length", ("MAX_KEY_LENGTH",), "250", _int_in(1, 256),
            "Longest key, in characters (Unicode code points)."),
-    # At most 1 MiB: a line is buffered until it ends, and scanned again at each read, so a client trickling one
-    # line costs the node time that grows with the square of the cap.
-    Option("max-header-bytes", ("MAX_HEADER_BYTES",), "16Ki", _size(1024, 1024 * 1024),
+    # At most 256 KiB: a line is buffered until it ends, and scanned again at each read, so a client trickling one
+    # line costs the node time that grows with the square of the cap (about 4 s of the reactor a connection at
+    # 1 MiB).
+    Option("max-header-bytes", ("MAX_HEADER_BYTES",), "16Ki", _size(1024, 256 * 1024),
            "Largest total size of a request's headers."),
     Option("tombstone-grace", ("TOMBSTONE_GRACE",), "600", _positive_float,
            "Seconds a delete's tombstone is kept."),

@@ -306,6 +306,8 @@ BAD_VALUES = {
         ["--set", "prometheusRule.enabled=true", "--set", "prometheusRule.runbookBaseUrl=docs"],
         r"prometheusRule\.runbookBaseUrl",
     ),
+    "store budget below the node's least": (["--set", "config.maxMemory=1024"], r"config\.maxMemory"),
+    "largest value below the node's least": (["--set", "config.maxValueSize=10"], r"config\.maxValueSize"),
     "quorum above the copies": (
         ["--set", "config.replicationFactor=2", "--set", "config.writeQuorum=3"],
         r"config\.writeQuorum \(3\) must not exceed config\.replicationFactor \(2\)",
@@ -1210,9 +1212,14 @@ def test_sizes_written_as_numbers_in_a_values_file_reach_the_node_as_whole_numbe
     float, and rendered as it is, it was 2.097152e+06, which the node refuses at start.
     """
     values = tmp_path / "sizes.yaml"
-    values.write_text("tenant: sizes\nconfig:\n  maxValueSize: 2097152\n  maxMemory: 268435456\n")
+    values.write_text("tenant: sizes\nconfig:\n  maxValueSize: 2097152\n  maxMemory: 268435456\n"
+                      "extraEnv:\n  - {name: MAX_HEADER_BYTES, value: 262144}\n"
+                      "  - {name: MAX_CONNECTIONS, value: 1000000}\n  - {name: PEER_REQUEST_TIMEOUT, value: 0.5}\n")
     docs = render("kv-responder-sizes", "-f", str(values))
     assert env_value(docs, "MAX_VALUE_SIZE") == "2097152"
     assert env_value(docs, "MAX_MEMORY") == "268435456"
+    assert env_value(docs, "MAX_CONNECTIONS") == "1000000"
+    assert env_value(docs, "PEER_REQUEST_TIMEOUT") == "0.5"
     settings = _node_settings(docs)
     assert (settings.max_value_size, settings.max_memory) == (2097152, 268435456)
+    assert (settings.max_header_bytes, settings.max_connections, settings.peer_request_timeout) == (262144, 1000000, 0.5)

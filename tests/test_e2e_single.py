@@ -296,7 +296,8 @@ def _get_closing(node, path: str) -> bytes:
     its socket to the garbage collector (PyPy) holds one of a small MAX_CONNECTIONS' places.
     """
     with socket.create_connection(("127.0.0.1", node.port), timeout=5) as sock:
-        sock.sendall(b"GET /%s%s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        # HTTP/1.0: the answer comes whole, not in chunks, and the connection closes after it.
+        sock.sendall(b"GET /%s%s HTTP/1.0\r\nHost: x\r\n\r\n"
                      % (node.tenant.encode(), path.encode()))
         chunks = []
         while True:
@@ -330,8 +331,9 @@ def _wait_until_alone(node, timeout: float = 20.0) -> None:
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        assert node.alive, "%s exited:\n%s" % (node.node_id, node.log_tail())
         try:
-            if (_get_closing(node, "/health/ready").startswith(b"HTTP/1.1 200")
+            if (_get_closing(node, "/health/ready").split(b" ", 2)[1:2] == [b"200"]
                     and [line.split()[-1] for line in _metric_lines(node, "kv_open_connections{")] == ["1.0"]):
                 return
         except OSError:

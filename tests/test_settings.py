@@ -214,13 +214,13 @@ def test_size_below_the_minimum_is_rejected():
     assert load(environ={"MAX_MEMORY": "64Ki"}).max_memory == 65536
 
 
-def test_header_bytes_above_a_mebibyte_are_rejected():
+def test_header_bytes_above_256_kib_are_rejected():
     """
-    If MAX_HEADER_BYTES is over 1 MiB, then loading fails and says the maximum: one line is buffered and scanned
+    If MAX_HEADER_BYTES is over 256 KiB, then loading fails and says the maximum: one line is buffered and scanned
     again at each read, up to that size.
     """
-    assert "at most 1048576 bytes" in error_of(environ={"MAX_HEADER_BYTES": "2Mi"})
-    assert load(environ={"MAX_HEADER_BYTES": "1Mi"}).max_header_bytes == 1048576
+    assert "at most 262144 bytes" in error_of(environ={"MAX_HEADER_BYTES": "257Ki"})
+    assert load(environ={"MAX_HEADER_BYTES": "256Ki"}).max_header_bytes == 262144
 
 
 @pytest.mark.parametrize("tenant", ["a", "t1", "my-tenant", "0abc9", "a" * 40])

@@ -129,19 +129,22 @@ Bytes in a Kubernetes quantity (plain number, or Ki/Mi/Gi/Ti, k/K/M/G/T).
 {{- end }}
 
 {{/*
+A value as an environment variable's text, as the node reads it: a number
+from a values file arrives as a float64, and a whole one of a million or
+more would print as 2.097152e+06. A fraction stays as it is (0.5).
+*/}}
+{{- define "kv-responder.envText" -}}
+{{- if and (kindIs "float64" .) (eq (float64 (int64 .)) .) }}{{ printf "%d" (int64 .) }}{{ else }}{{ toString . }}{{ end }}
+{{- end }}
+
+{{/*
 MAX_MEMORY: config.maxMemory, or else config.maxMemoryPercent of the memory
 limit in bytes (the rest is headroom for the interpreter and buffers), or
 else nothing (the service default).
 */}}
-{{- define "kv-responder.size" -}}
-{{- /* A size as the node reads it: a number from a values file arrives as a float64, which would print as
-       2.097152e+06. */ -}}
-{{- if kindIs "float64" . }}{{ printf "%d" (int64 .) }}{{ else }}{{ toString . }}{{ end }}
-{{- end }}
-
 {{- define "kv-responder.maxMemory" -}}
 {{- if .Values.config.maxMemory }}
-{{- include "kv-responder.size" .Values.config.maxMemory }}
+{{- include "kv-responder.envText" .Values.config.maxMemory }}
 {{- else }}
 {{- $limit := dig "limits" "memory" "" (.Values.resources | default dict) }}
 {{- if $limit }}

@@ -325,11 +325,13 @@ def test_if_every_pod_is_replaced_by_a_new_image_tag_under_traffic_then_no_ackno
     assert len(new_pods) == desired_replicas(new_manifests)
     # Never fewer pods serving than the strategy allows (maxUnavailable 0: all the replicas, all the time).
     assert traffic.min_endpoints >= desired_replicas(manifests) - release.rolling_bounds()[1]
+    # Failures first, with what the pods that failed logged: a request left unanswered for the client's
+    # timeout also leaves the traffic too few requests, and that assertion alone would say nothing of why.
+    assert traffic.failures == [], (traffic.failures[:20], release.timeline(), failed_pods_logs(release, traffic))
     assert traffic.requests > 100
     written.update(traffic.acked)
     wait_for_one_cluster(release, new_pods)
     assert_every_key_reads_back(release, new_pods, written)
-    assert traffic.failures == [], (traffic.failures[:20], release.timeline())
 
 
 def test_if_two_tenants_share_one_network_then_their_clusters_and_data_stay_apart(start_release):
@@ -462,6 +464,14 @@ class Traffic(threading.Thread):
     def finish(self) -> None:
         self._done.set()
         self.join(30)
+
+
+def failed_pods_logs(release: Release, traffic: "Traffic") -> Dict[str, str]:
+    """
+    The last lines each pod that failed one of ``traffic``'s requests logged (its container kept, if stopped).
+    """
+    failed = {failure[1] for failure in traffic.failures}
+    return {pod.name: "\n".join(pod.logs().splitlines()[-40:]) for pod in release.pods if pod.name in failed}
 
 
 def write_keys(release: Release, pods: List[Pod], tag: str, count: int) -> Dict[str, int]:

@@ -257,3 +257,33 @@ def run_curl(line: str, base: str) -> requests.Response:
     target = base + parts.path + ("?" + parts.query if parts.query else "")
     return requests.request(method or ("POST" if data is not None else "GET"), target, data=data, headers=headers,
                             timeout=10)
+
+
+def check_verify_commands(commands: List[str], tenant: str, log_dir: str) -> None:
+    """
+    Run the commands a page gives to verify a tenant (``curl`` lines: its health, a PUT of ``greeting`` and the
+    GET back, its peers, another tenant's prefix) as written, against a real node of ``tenant`` alone, and check
+    each does what such a page says: 200, 201, the value back, no peers, 404.
+    """
+    expected_kinds = {"health", "put", "get", "peers", "other tenant"}
+    node = NodeProcess(tenant, "n1", free_udp_port(), log_dir, env={"CLUSTER_SECRET": ""}).start()
+    try:
+        node.wait_ready()
+        seen = set()
+        for command in commands:
+            answer = run_curl(command, "http://127.0.0.1:%d" % (node.port,))
+            if "/%s/" % (tenant,) not in command:
+                kind, ok = "other tenant", answer.status_code == 404
+            elif " PUT " in command:
+                kind, ok = "put", answer.status_code == 201
+            elif command.rstrip().endswith("/kv/greeting"):
+                kind, ok = "get", answer.status_code == 200 and answer.json()["value"] == "hello"
+            elif command.rstrip().endswith("/peers"):
+                kind, ok = "peers", answer.status_code == 200 and answer.json() == []
+            else:
+                kind, ok = "health", answer.status_code == 200
+            assert ok, (command, answer.status_code, answer.text[:300])
+            seen.add(kind)
+        assert seen == expected_kinds, (seen, commands)
+    finally:
+        node.kill()

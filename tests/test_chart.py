@@ -23,7 +23,7 @@ import yaml
 
 from kvresponder.node import DRAIN_GUARD_SECONDS
 
-from .harness import NodeProcess, free_udp_port, run_curl
+from .harness import check_verify_commands
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm"
@@ -1115,18 +1115,7 @@ def test_the_notes_commands_do_what_the_notes_say_against_a_real_node(notes_char
     """
     text = notes(notes_chart, "kv-responder-analytics")
     commands = [line.strip().rstrip("&").strip() for line in text.splitlines() if line.strip().startswith("curl ")]
-    node = NodeProcess("analytics", "n1", free_udp_port(), log_dir, env={"CLUSTER_SECRET": ""}).start()
-    try:
-        node.wait_ready()
-        base = "http://127.0.0.1:%d" % (node.port,)
-        health, put, get, other, peers = (run_curl(command, base) for command in commands)
-        assert health.status_code == 200, health.text
-        assert put.status_code == 201, put.text
-        assert get.status_code == 200 and get.json()["value"] == "hello", get.text
-        assert other.status_code == 404, other.text
-        assert peers.status_code == 200 and peers.json() == [], peers.text
-    finally:
-        node.kill()
+    check_verify_commands(commands, "analytics", log_dir)
 
 
 def test_notes_warn_about_cni_when_network_policy_and_multicast_are_used(notes_chart):

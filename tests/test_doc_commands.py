@@ -6,7 +6,7 @@ what curl would, to the node's port).
 import os
 import re
 
-from .harness import REPO, NodeProcess, free_udp_port, run_curl
+from .harness import REPO, check_verify_commands
 
 
 def _block_after(path: str, heading: str) -> str:
@@ -27,15 +27,4 @@ def test_deployments_verify_a_tenant_commands_do_what_the_page_says_against_a_re
     """
     commands = [line.rstrip("&").strip() for line in _block_after("docs/DEPLOYMENT.md", "## Verify a tenant")
                 .splitlines() if line.startswith("curl ")]
-    node = NodeProcess("analytics", "n1", free_udp_port(), log_dir, env={"CLUSTER_SECRET": ""}).start()
-    try:
-        node.wait_ready()
-        base = "http://127.0.0.1:%d" % (node.port,)
-        health, put, get, peers, other = (run_curl(command, base) for command in commands)
-        assert health.status_code == 200, health.text
-        assert put.status_code == 201, put.text
-        assert get.status_code == 200 and get.json()["value"] == "hello", get.text
-        assert peers.status_code == 200 and peers.json() == [], peers.text
-        assert other.status_code == 404, other.text
-    finally:
-        node.kill()
+    check_verify_commands(commands, "analytics", log_dir)

@@ -70,7 +70,9 @@ class _Server:
 
 
 def _streams(auth=None, timeout_clock=reactor):
-    return CopyStreams(timeout_clock, lambda host, port: TCP4ClientEndpoint(reactor, host, port, timeout=2),
+    # A connection to a peer on loopback is made at once or refused at once; the timeout only bounds a stalled
+    # machine (one CI run saw a 2 s stall fail a test about something else).
+    return CopyStreams(timeout_clock, lambda host, port: TCP4ClientEndpoint(reactor, host, port, timeout=10),
                        "t1", auth)
 
 
@@ -216,7 +218,8 @@ async def test_copies_to_a_peer_without_streams_go_as_http_requests(server):
     peer = server(root=old)
     peer.node = node
     pool = HTTPConnectionPool(reactor, persistent=False)
-    client = PeerClient(HTTPClient(Agent(reactor, pool=pool)), reactor, "t1", 2.0, _auth(),
+    # What is tested is the fall-back to requests, not a timeout: 10 s, for a loaded machine.
+    client = PeerClient(HTTPClient(Agent(reactor, pool=pool)), reactor, "t1", 10.0, _auth(),
                         streams=_streams(_auth()))
     try:
         results = await client.apply_coalesced(peer.peer, _entry(1))

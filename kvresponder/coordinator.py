@@ -14,7 +14,7 @@ from contextvars import Context, copy_context
 from typing import AbstractSet, Callable, List, NamedTuple, Optional, Tuple
 
 from attr import attrib, attrs
-from eliot import Action, current_action, write_failure, write_traceback
+from eliot import current_action, write_failure, write_traceback
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, fail, succeed
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -25,6 +25,7 @@ from .log import DEBUG, INFO, emit, new_task_uuid, parse_task_id, task_id as ser
 from .log.replication import CLOCK_REJECTED, COORDINATE_READ, COORDINATE_WRITE, COPY_FAILED, HINTED, READ_REPAIR
 from .log.store import STORE_APPLIED_LINE, STORE_APPLY, STORE_APPLY_BATCH
 from .peers import PeerError
+from .privateapi import continue_typed_task
 from .ring import HashRing
 from .store import ApplyResult, Entry, Store
 
@@ -173,9 +174,8 @@ class Coordinator:
             # At info, one line in the writer's task, at the level it was sent: not an action (two lines).
             return self.apply_local(entry, parse_task_id(task_id) if self._log.enabled("store", INFO) else None)
         try:
-            action = Action.continue_task(task_id=task_id, action_type=STORE_APPLY.action_type,
-                                          _serializers=STORE_APPLY._serializers, key=entry.key,
-                                          version=format_version(entry.version), tombstone=entry.value is None)
+            action = continue_typed_task(STORE_APPLY, task_id, key=entry.key, version=format_version(entry.version),
+                                         tombstone=entry.value is None)
         except ValueError:
             # A malformed task id: the copy is still stored, in a tree of its own.
             return self.apply_local(entry)

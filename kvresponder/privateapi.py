@@ -128,6 +128,18 @@ def set_task_uuid_factory(factory: Callable[[], str]) -> None:
     eliot._action.uuid4 = factory
 
 
+def continue_typed_task(action_type, task_id, **fields):
+    """
+    ``Action.continue_task`` for a typed action: the continued action validates and serializes its fields as
+    ``action_type`` (an ``ActionType``) declares, as an action it starts itself does. Eliot's public
+    ``continue_task`` takes a type's name only: its serializers go in through the private ``_serializers``
+    keyword, and are the type's private ``_serializers``.
+    """
+    from eliot import Action
+    return Action.continue_task(task_id=task_id, action_type=action_type.action_type,
+                                _serializers=action_type._serializers, **fields)
+
+
 def default_eliot_logger():
     """
     The logger Eliot writes a message to when it is given none: what ``eliot.testing.capture_logging``

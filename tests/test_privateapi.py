@@ -6,6 +6,8 @@ what it is used for. When an upgrade moves one, the test for it fails here first
 import platform
 import socket
 
+import pytest
+
 from hypothesis import given, settings, strategies as st
 from twisted.internet import tcp
 from twisted.internet.testing import MemoryReactor, StringTransport
@@ -84,19 +86,80 @@ def test_a_request_still_answers_options_star_itself():
     assert request.finished and request.code == 200
 
 
-def test_a_channel_still_keeps_its_handling_flag_its_unread_bytes_and_its_saved_timeout():
+def test_a_channel_still_keeps_its_handling_flag_and_its_unread_bytes():
     """
-    If an HTTP channel is made, then it has ``_handlingRequest`` (not yet handling), ``_dataBuffer`` (bytes
-    received while a request is answered) and ``_savedTimeOut``.
+    If an HTTP channel is made, then it has ``_handlingRequest`` (not yet handling) and ``_dataBuffer`` (bytes
+    received while a request is answered).
     """
     channel = _channel()
     assert privateapi.channel_between_requests(channel)
     channel._dataBuffer.append(b"next request")
     assert privateapi.take_unread(channel) == b"next request"
     assert channel._dataBuffer == []
-    channel.setTimeout(30)
+
+
+def test_a_channel_whose_idle_timeout_is_stopped_mid_request_keeps_it_off_after_the_request():
+    """
+    If the idle timeout is stopped while a request is being answered (when Twisted has saved the timeout in
+    ``_savedTimeOut``, to restore it once the request is done), then it stays off after the request, and no
+    timer is left.
+    """
+    from twisted.internet.task import Clock
+    from twisted.web.server import NOT_DONE_YET
+
+    class Pending(Resource):
+        isLeaf = True
+
+        def render_GET(self, request):
+            return NOT_DONE_YET
+
+    clock = Clock()
+    channel = HTTPChannel()
+    channel.site = Site(Pending())
+    channel.requestFactory = Request
+    channel.callLater = clock.callLater
+    channel.timeOut = 30
+    channel.makeConnection(StringTransport())
+    assert [call.getTime() for call in clock.getDelayedCalls()] == [30]
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    request = channel.requests[-1]
+    assert clock.getDelayedCalls() == []  # the timeout is saved while the request is answered
     privateapi.stop_idle_timeout(channel)
-    assert channel.timeOut is None and channel._savedTimeOut is None
+    request.finish()
+    assert channel.timeOut is None
+    assert clock.getDelayedCalls() == []
+
+
+def test_eliot_still_continues_a_task_with_a_typed_actions_serializers():
+    """
+    If a serialized task is continued as a typed action, then its messages carry the type's serializers: a
+    field of the declared type validates, one of another type does not (with no serializers, nothing is
+    validated).
+    """
+    from eliot import ActionType, Field, MemoryLogger, ValidationError, start_action
+    from eliot.testing import swap_logger
+
+    typed = ActionType("test:typed", [Field.forTypes("n", [int], "a number")], [])
+    with start_action(MemoryLogger(), action_type="test:outer") as outer:
+        task_id = outer.serialize_task_id()
+
+    def continued(n) -> MemoryLogger:
+        memory = MemoryLogger()
+        previous = swap_logger(memory)
+        try:
+            with privateapi.continue_typed_task(typed, task_id, n=n):
+                pass
+        finally:
+            swap_logger(previous)
+        return memory
+
+    good = continued(7)
+    good.validate()
+    started = [m for m in good.messages if m.get("action_status") == "started"]
+    assert started[0]["n"] == 7 and started[0]["action_type"] == "test:typed"
+    assert started[0]["task_uuid"] == outer.task_uuid
+    with pytest.raises(ValidationError):
+        continued("not a number").validate()
 
 
 def test_a_channel_still_knows_the_target_of_the_request_it_is_receiving_before_its_body():

@@ -282,7 +282,7 @@ class CopyStreamServer(Int32StringReceiver):
     def _reject(self, why: str) -> None:
         STREAM_REJECTED.log(address=self._client, reason=why)
         # Nothing after the bad frame is read, even what arrived with it.
-        self.paused = True
+        self.stopProducing()
         self.transport.abortConnection()
 
     def lengthLimitExceeded(self, length: int) -> None:
@@ -418,7 +418,8 @@ class CopyStreamClient(Int32StringReceiver):
 
     def stringReceived(self, frame: bytes) -> None:
         if len(frame) < _ANSWER.size:
-            self.closed = self.paused = True
+            self.closed = True
+            self.stopProducing()
             self.transport.abortConnection()
             return
         batch_id, code = _ANSWER.unpack_from(frame)

@@ -97,6 +97,25 @@ def stop_idle_timeout(channel) -> None:
     channel.timeOut = channel._savedTimeOut = None
 
 
+def stop_channel(channel) -> None:
+    """
+    Make an HTTP channel let go of its connection from inside the handling of a request: it forgets its
+    requests, so that its end (which the protocol taking the connection over passes on) reaches none of them.
+    With :func:`take_unread`, which empties its parser's buffers, it parses nothing more. Twisted has no public
+    way to end HTTP on a connection that stays open.
+    """
+    del channel.requests[:]
+
+
+def give_connection_to(transport, protocol) -> None:
+    """
+    Make a plain TCP transport deliver what it reads, and its end, to ``protocol`` from now on (the caller then
+    connects ``protocol`` to it). A TCP transport calls whatever its ``protocol`` attribute names; Twisted has
+    no public call to give a connection to another protocol.
+    """
+    transport.protocol = protocol
+
+
 #: The name of the method an ``HTTPChannel`` calls when its parser refuses a request (a bad header line,
 #: Content-Length or chunk): a subclass that defines it answers in its own format instead of a bare 400.
 BAD_REQUEST_HOOK = "_respondToBadRequestAndDisconnect"

@@ -98,6 +98,74 @@ def test_a_channel_still_keeps_its_handling_flag_and_its_unread_bytes():
     assert channel._dataBuffer == []
 
 
+def test_a_stopped_channel_parses_nothing_more_of_what_it_received():
+    """
+    If a channel is stopped while it handles a request (``requests`` emptied) and its unread bytes are taken,
+    then the pipelined request that arrived with it is neither parsed nor answered, and the channel's end
+    reaches no request.
+    """
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+    from twisted.web.server import NOT_DONE_YET
+
+    seen = []
+
+    class Stops(Resource):
+        isLeaf = True
+
+        def render_GET(self, request):
+            seen.append(request.path)
+            privateapi.stop_channel(channel)
+            return NOT_DONE_YET
+
+    channel = HTTPChannel()
+    channel.site = Site(Stops())
+    channel.requestFactory = Request
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    second = b"GET /second HTTP/1.1\r\nHost: x\r\n\r\n"
+    channel.dataReceived(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n" + second)
+    assert seen == [b"/first"] and channel.requests == []
+    assert privateapi.take_unread(channel) == second
+    assert transport.value() == b""
+    channel.connectionLost(Failure(ConnectionDone()))
+    assert seen == [b"/first"] and transport.value() == b""
+
+
+def test_a_tcp_transport_delivers_to_the_protocol_it_is_given():
+    """
+    If a TCP connection's protocol is replaced, then what it reads next, and its end, go to the new one.
+    """
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.protocol import Protocol
+    from twisted.python.failure import Failure
+
+    class Keeps(Protocol):
+        def __init__(self):
+            self.data, self.lost = b"", False
+
+        def dataReceived(self, data):
+            self.data += data
+
+        def connectionLost(self, reason=None):
+            self.lost = True
+
+    old, new = Keeps(), Keeps()
+    left, right = socket.socketpair()
+    try:
+        connection = tcp.Connection(left, old, reactor=MemoryReactor())
+        connection.connected = True
+        privateapi.give_connection_to(connection, new)
+        right.sendall(b"after")
+        connection.doRead()
+        assert (old.data, new.data) == (b"", b"after")
+        connection.connectionLost(Failure(ConnectionDone()))
+        assert (old.lost, new.lost) == (False, True)
+    finally:
+        left.close()
+        right.close()
+
+
 def test_a_channel_whose_idle_timeout_is_stopped_mid_request_keeps_it_off_after_the_request():
     """
     If the idle timeout is stopped while a request is being answered (when Twisted has saved the timeout in

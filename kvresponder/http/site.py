@@ -22,9 +22,9 @@ from twisted.web.server import Request, Site
 
 from ..log import DEBUG, INFO
 from ..log.http import HTTP_READ, HTTP_REJECTED, HTTP_REQUEST
-from ..privateapi import (answer_bad_requests, channel_between_requests, channel_waiting_for_transport, handle_star,
-                          request_gone, request_target, skip_form_parsing, stop_idle_timeout, take_unread,
-                          tcp_write_is_queued)
+from ..privateapi import (answer_bad_requests, channel_between_requests, channel_waiting_for_transport,
+                          give_connection_to, handle_star, request_gone, request_target, skip_form_parsing,
+                          stop_channel, stop_idle_timeout, take_unread, tcp_write_is_queued)
 from ..sendnow import send_now
 from ..turn import EndOfTurn
 from .errors import APIError, error_body, write_error
@@ -671,15 +671,14 @@ class _CountedChannel(HTTPChannel):
             if self._idle_call.active():
                 self._idle_call.cancel()
             self._idle_call = None
-        del self.requests[:]
         leftover = take_unread(self)
         self._handed_over = True
-        self.paused = True
+        stop_channel(self)
         transport.unregisterProducer()
         # Reading may have been paused while the request was handled; nothing of HTTP's would resume it now.
         transport.resumeProducing()
         transport.write(answer)
-        transport.protocol = protocol
+        give_connection_to(transport, protocol)
         protocol.makeConnection(transport)
         if leftover:
             try:

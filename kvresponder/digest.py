@@ -13,7 +13,7 @@ from functools import partial
 from hashlib import blake2b
 from typing import Callable, Optional
 
-from .privateapi import pypy_blake2b_cffi
+from .privateapi import pypy_blake2b_direct
 
 _BLOCK = 128
 #: BLAKE2b's longest key.
@@ -47,38 +47,15 @@ def _hashlib_digest(data: bytes, size: int = 16, key: bytes = b"") -> bytes:
 
 def _direct(key: bytes, digest_size: int = 16) -> Optional[Callable[[bytes], bytes]]:
     """
-    The digest through PyPy's cffi BLAKE2b calls, or ``None`` where that module is missing (CPython's
-    ``blake2b`` is C already), laid out otherwise, or gives other digests than ``hashlib``.
+    The digest through PyPy's direct BLAKE2b calls, or ``None`` where they are missing (CPython's ``blake2b``
+    is C already), fail, or give other digests than ``hashlib``.
     """
-    cffi = pypy_blake2b_cffi()
-    if cffi is None:
-        return None
     try:
-        ffi, lib = cffi
-        param = ffi.new("blake_param*")
-        param.digest_length = digest_size
-        param.key_length = len(key)
-        param.fanout = 1
-        param.depth = 1
-        ready = ffi.new("blake_state*")
-        if lib.blake_init_param(ready, param) < 0:
-            return None
-        if key:
-            # As BLAKE2b does for a key: its first block is the key, padded with zeros.
-            lib.blake_update(ready, key + b"\0" * (_BLOCK - len(key)), _BLOCK)
-        state = ffi.new("blake_state*")
-        out = ffi.new("char[]", digest_size)
-        size = ffi.sizeof("blake_state")
-        memmove, update, final, unpack = ffi.memmove, lib.blake_update, lib.blake_final, ffi.unpack
+        digest = pypy_blake2b_direct(key, digest_size, _BLOCK)
     except Exception:
         return None
-
-    def digest(data: bytes) -> bytes:
-        memmove(state, ready, size)
-        update(state, data, len(data))
-        final(state, out, digest_size)
-        return unpack(out, digest_size)
-
+    if digest is None:
+        return None
     samples = (b"", b"k", "user:42/\u00e9".encode("utf-8"), bytes(range(256)) * 3)
     try:
         if all(digest(sample) == _hashlib_digest(sample, digest_size, key) for sample in samples):

@@ -184,16 +184,41 @@ def sole_eliot_destination():
 
 # -- PyPy (kvresponder.digest) -------------------------------------------------------------------------------
 
-def pypy_blake2b_cffi() -> Optional[Tuple[object, object]]:
+def pypy_blake2b_direct(key: bytes, digest_size: int, block: int) -> Optional[Callable[[bytes], bytes]]:
     """
-    On PyPy, the cffi ``(ffi, lib)`` beneath ``hashlib.blake2b``, whose C functions hash a key without building
-    the Python object around them; ``None`` where it does not exist (CPython, or a PyPy laid out otherwise).
+    On PyPy, a function giving the BLAKE2b digest of ``digest_size`` bytes, keyed with ``key`` (a ``block``-byte
+    block at most), of its one argument, through the C functions of the cffi module beneath
+    ``hashlib.blake2b``: from a state set up once (with the key's block already taken in) and copied for each
+    message, without building the Python object and its parameter block for each. ``None`` where that module
+    does not exist (CPython, or a PyPy laid out otherwise). The function keeps its own state: call it from one
+    thread. :mod:`kvresponder.digest` checks it against ``hashlib`` before it uses it.
     """
     try:
         from _blake2._blake2b_cffi import ffi, lib
     except ImportError:
         return None
-    return ffi, lib
+    param = ffi.new("blake_param*")
+    param.digest_length = digest_size
+    param.key_length = len(key)
+    param.fanout = 1
+    param.depth = 1
+    ready = ffi.new("blake_state*")
+    if lib.blake_init_param(ready, param) < 0:
+        return None
+    if key:
+        # As BLAKE2b does for a key: its first block is the key, padded with zeros.
+        lib.blake_update(ready, key + b"\0" * (block - len(key)), block)
+    state = ffi.new("blake_state*")
+    out = ffi.new("char[]", digest_size)
+    size = ffi.sizeof("blake_state")
+    memmove, update, final, unpack = ffi.memmove, lib.blake_update, lib.blake_final, ffi.unpack
+
+    def digest(data: bytes) -> bytes:
+        memmove(state, ready, size)
+        update(state, data, len(data))
+        final(state, out, digest_size)
+        return unpack(out, digest_size)
+    return digest
 
 
 # -- CPython: the C JSON encoder (kvresponder.log) ------------------------------------------------------------

@@ -159,6 +159,13 @@ class Option:
     help: str
     secret: bool = False
 
+    @property
+    def is_flag(self) -> bool:
+        """
+        Whether the setting is true or false: on the command line, a flag that takes no value.
+        """
+        return self.parse is _bool
+
 
 #: Every setting, in the order ``--help`` lists them.
 OPTIONS = (

@@ -34,11 +34,11 @@ class Options(usage.Options):
     optParameters = [
         [option.name, None, None, "%s [env: %s; default: %s]" % (
             option.help, " or ".join(option.env), option.default if option.default is not None else "-")]
-        for option in OPTIONS if option.parse.__name__ != "_bool"
+        for option in OPTIONS if not option.is_flag
     ]
     optFlags = [
         [option.name, None, "%s [env: %s]" % (option.help, " or ".join(option.env))]
-        for option in OPTIONS if option.parse.__name__ == "_bool"
+        for option in OPTIONS if option.is_flag
     ]
 
     def given(self) -> dict:
@@ -48,7 +48,7 @@ class Options(usage.Options):
         values = {}
         for option in OPTIONS:
             value = self.get(option.name)
-            if option.parse.__name__ == "_bool":
+            if option.is_flag:
                 value = "true" if value else None
             values[option.name] = value
         return values

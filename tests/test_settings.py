@@ -557,3 +557,25 @@ def test_a_secret_and_its_file_together_are_refused(tmp_path, flag, variable, at
     message = error_of(environ={variable: SECRET, variable + "_FILE": str(path)})
     assert message == "--%s (%s) and --%s-file (%s_FILE) are both set: set only one" % (
         flag, variable, flag, variable)
+
+
+def test_a_true_or_false_setting_is_a_flag_on_the_command_line_and_every_other_takes_a_value():
+    """
+    If a setting is true or false, then ``twistd kvresponder`` takes it as a flag with no value, and the
+    command line's flag counts as true; every other setting takes a value.
+    """
+    from twisted.python import usage
+
+    from kvresponder.tap import Options
+
+    assert {option.name for option in OPTIONS if option.is_flag} == {
+        "replication-stream", "insecure-admin", "insecure-cluster"}
+    options = Options()
+    options.parseOptions(["--tenant", "t1", "--insecure-cluster", "--port", "3001"])
+    given = options.given()
+    assert (given["insecure-cluster"], given["insecure-admin"]) == ("true", None)
+    assert (given["tenant"], given["port"]) == ("t1", "3001")
+    with pytest.raises(usage.UsageError):
+        Options().parseOptions(["--insecure-cluster=yes"])
+    with pytest.raises(usage.UsageError):
+        Options().parseOptions(["--tenant"])

@@ -489,7 +489,8 @@ class CopyStreams:
     :param endpoint_for: ``endpoint_for(address, port)``, an ``IStreamClientEndpoint`` to the peer.
     :param str tenant: the path prefix of the internal routes.
     :param authenticator: a :class:`~kvresponder.peers.PeerAuthenticator`, or ``None``.
-    :param metrics: receives ``copy_stream_refused()``, or ``None``.
+    :param metrics: receives ``copy_stream_refused()``, and reads ``kv_copy_streams_outgoing`` from
+        :meth:`open_count`; or ``None``.
     :param wall: this node's wall clock in seconds (expiries travel as the time they have left); by default
         the clock's ``seconds``.
     """
@@ -507,8 +508,13 @@ class CopyStreams:
         self._opening: Dict[Tuple[str, int], list] = {}
         self._refused: Dict[Tuple[str, int], float] = {}
         self._closing = False
+        if metrics is not None:
+            metrics.register_gauge("kv_copy_streams_outgoing", self.open_count)
 
     def open_count(self) -> int:
+        """
+        How many streams are open (not closed), one a peer at most.
+        """
         return sum(1 for stream in self._open.values() if not stream.closed)
 
     def usable(self, peer) -> bool:

@@ -300,7 +300,6 @@ class Node:
             "kv_replication_factor": self.settings.replicas,
             "kv_handoff_pending": self.rebalancer.pending,
             "kv_ring_owned_ratio": self.owned_ratio(),
-            "kv_copy_streams_outgoing": self.peers.streams.open_count() if self.peers.streams is not None else 0,
         }
 
     def readiness(self) -> str:

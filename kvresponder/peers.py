@@ -73,6 +73,13 @@ class PeerClient:
     def timeout(self) -> float:
         return self.transport.timeout
 
+    def close_streams(self) -> None:
+        """
+        Close the copy streams, if any: at shutdown, once every request has been answered.
+        """
+        if self.streams is not None:
+            self.streams.close()
+
     @property
     def _tracing(self):
         return self.transport.tracing

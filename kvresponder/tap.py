@@ -122,8 +122,7 @@ class KVResponderService(MultiService):
             started = self.site.seconds()
             unanswered = await self.site.requests_done(2 * self.node.settings.peer_request_timeout)
             REQUESTS_ANSWERED.log(waited=round(self.site.seconds() - started, 3), unanswered=unanswered)
-        if self.node.peers.streams is not None:
-            self.node.peers.streams.close()
+        self.node.peers.close_streams()
         if self.pool is not None:
             await self.pool.closeCachedConnections()
         if self.tracing is not None and self.tracing.enabled:

@@ -69,11 +69,11 @@ class _Server:
         return self.port.stopListening()
 
 
-def _streams(auth=None, timeout_clock=reactor):
+def _streams(auth=None, timeout_clock=reactor, metrics=None):
     # A connection to a peer on loopback is made at once or refused at once; the timeout only bounds a stalled
     # machine (one CI run saw a 2 s stall fail a test about something else).
     return CopyStreams(timeout_clock, lambda host, port: TCP4ClientEndpoint(reactor, host, port, timeout=10),
-                       "t1", auth)
+                       "t1", auth, metrics)
 
 
 async def _until(predicate, seconds=5.0):
@@ -145,6 +145,27 @@ def test_the_peers_end_of_a_stream_turns_nagle_off():
     server = CopyStreamServer(lambda entries, task_ids: [], None, b"n" * 16, 1 << 20, lambda reason: None)
     server.makeConnection(transport)
     assert transport.no_delay is True
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_writers_metrics_count_its_open_streams(server):
+    """
+    If a node opens a copy stream to a peer, then its ``kv_copy_streams_outgoing`` reads 1 (and the peer's
+    ``kv_copy_streams_incoming``), and 0 once the stream is closed.
+    """
+    from kvresponder.metrics import Metrics
+
+    peer = server()
+    metrics = Metrics("t1")
+    metrics.register_live_gauges(dict)
+    streams = _streams(_auth(), metrics=metrics)
+    assert metrics.gauge("kv_copy_streams_outgoing") == 0
+    await streams.send(peer.peer, [_entry(1)], [b"-"], 2.0)
+    assert metrics.gauge("kv_copy_streams_outgoing") == 1
+    assert b'kv_copy_streams_outgoing{tenant="t1"} 1.0' in metrics.exposition()
+    streams.close()
+    assert metrics.gauge("kv_copy_streams_outgoing") == 0
+    await _until(lambda: peer.node.metrics.gauge("kv_copy_streams_incoming") == 0)
 
 
 @pytest_twisted.ensureDeferred

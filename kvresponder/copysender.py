@@ -13,7 +13,7 @@ wrote faster with it than with requests by well over the 15 % that would justify
 docs/ARCHITECTURE.md, "Copy streams").
 """
 
-from typing import List
+from typing import List, Optional
 
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.python.failure import Failure
@@ -52,8 +52,14 @@ class RequestCopySender:
         self._transport = transport
         self._wall = wall
 
-    def send(self, peer, entries: List[Entry], task_ids: List[bytes]) -> Deferred:
-        d = ensureDeferred(self._transport.call(peer, "apply", encode_batch(entries, self._wall()),
+    def send(self, peer, entries: List[Entry], task_ids: Optional[List[bytes]],
+             timeout: Optional[float] = None) -> Deferred:
+        """
+        :meth:`ICopySender.send`; with ``task_ids`` ``None``, the peer's store actions continue the caller's
+        current action (a bulk copy's: handoff, re-replication, anti-entropy), and with ``timeout`` the call
+        may take that long instead of the transport's own timeout.
+        """
+        d = ensureDeferred(self._transport.call(peer, "apply", encode_batch(entries, self._wall()), timeout=timeout,
                                                 task_ids=task_ids))
         return d.addCallback(apply_results, peer, len(entries))
 

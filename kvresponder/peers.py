@@ -17,7 +17,7 @@ from eliot import current_action
 from twisted.internet.defer import Deferred, ensureDeferred
 
 from .batcher import MAX_BATCH_BYTES, MAX_BATCHES_IN_FLIGHT, MAX_COALESCED, Batcher, QueuedRead, QueuedWrite
-from .copysender import RequestCopySender, StreamCopySender, apply_results
+from .copysender import RequestCopySender, StreamCopySender
 from .hlc import Version, version_from_wire
 from .log import DEBUG
 from .log.replication import PEER_CALL
@@ -25,7 +25,7 @@ from .peertransport import (AUTH_HEADER, AUTH_WINDOW, CLOCK_HEADER, MAX_IN_FLIGH
                             CachedEndpoints, PeerAuthenticator, PeerError, PeerTransport)
 from .store import ApplyResult, Entry
 from .turn import EndOfTurn
-from .wire import encode_batch, entry_from_wire
+from .wire import entry_from_wire
 
 
 def _peer_error(failure) -> PeerError:
@@ -61,7 +61,7 @@ class PeerClient:
         self._log = log_policy
         self.transport = PeerTransport(http, clock, tenant, timeout, authenticator, metrics, tracing, log_policy,
                                        self._wall, clock_offsets)
-        requests = RequestCopySender(self.transport, self._wall)
+        self._requests = requests = RequestCopySender(self.transport, self._wall)
         #: The :class:`~kvresponder.copysender.ICopySender` of client writes' copies.
         self.copies = requests if streams is None else StreamCopySender(streams, requests, clock, metrics, timeout)
         self.streams = streams
@@ -108,9 +108,10 @@ class PeerClient:
         own object for each copy (:class:`~kvresponder.batcher.Waiter`), which spares every copy a Deferred.
         """
         if self._tracing is not None:
-            # Alone, so that the copy's span has the write's as its parent; a write logged in its own task (at
-            # info) still has the peer log the copy in that task, as a batch would.
-            ensureDeferred(self.apply(peer, [entry], task_ids=None if task_id is None else [task_id])).addCallbacks(
+            # Alone, as a request, so that the copy's span has the write's as its parent (a span cannot cross a
+            # stream's batch); a write logged in its own task (at info) still has the peer log the copy in that
+            # task, as a batch would.
+            self._requests.send(peer, [entry], None if task_id is None else [task_id]).addCallbacks(
                 lambda results: waiter.callback(results[0]), waiter.errback)
             return
         action = None
@@ -156,9 +157,7 @@ class PeerClient:
 
         :param task_ids: each entry's own Eliot task id, for writes that have one (see ``PeerTransport.call``).
         """
-        answer = await self.transport.call(peer, "apply", encode_batch(entries, self._wall()), timeout=timeout,
-                                           task_ids=task_ids)
-        return apply_results(answer, peer, len(entries))
+        return await self._requests.send(peer, entries, task_ids, timeout)
 
     async def get(self, peer, key: str) -> Optional[Entry]:
         """

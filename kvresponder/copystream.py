@@ -118,8 +118,8 @@ class _Mac:
     """
     Frame MACs of one connection: BLAKE2b keyed with ``key``, of :data:`MAC_SIZE` bytes, over the connection's
     nonce and the frame's parts. A keyed BLAKE2b is a MAC by construction; version 1 of the stream used
-    HMAC-SHA256, which on PyPy cost about twice as much a frame (SHA-256 goes through ``hashlib``'s cffi
-    wrapper there, where :func:`~kvresponder.digest.blake2b16` calls BLAKE2b directly).
+    HMAC-SHA256, which on PyPy cost more a frame (SHA-256 goes through ``hashlib``'s cffi wrapper there, where
+    :func:`~kvresponder.digest.blake2b16` calls BLAKE2b directly).
     """
 
     def __init__(self, key: Optional[bytes], nonce: bytes) -> None:

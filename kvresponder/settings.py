@@ -201,7 +201,7 @@ OPTIONS = (
     Option("max-key-length", ("MAX_KEY_LENGTH",), "250", _int_in(1, 256),
            "Longest key, in characters (Unicode code points)."),
     # At most 256 KiB: a line is buffered until it ends, and scanned again at each read, so a client trickling one
-    # line costs the node time that grows with the square of the cap (about 4 s of the reactor a connection at
+    # line costs the node time that grows with the square of the cap (seconds of the reactor a connection, at
     # 1 MiB).
     Option("max-header-bytes", ("MAX_HEADER_BYTES",), "16Ki", _size(1024, 256 * 1024),
            "Largest total size of a request's headers."),

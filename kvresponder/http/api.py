@@ -51,8 +51,8 @@ _decode_strict = json.JSONDecoder(parse_constant=_reject_constant).decode
 def _decode_json(text: str) -> object:
     """
     ``text`` as JSON, refusing the non-standard ``NaN`` and ``Infinity``. Plain ``json.loads`` when neither
-    word appears: on PyPy only it has the fast native decoder (a decoder with options is pure Python, four
-    times slower).
+    word appears: on PyPy only it has the fast native decoder (a decoder with options is pure Python, and much
+    slower).
     """
     if "NaN" in text or "Infinity" in text:
         return _decode_strict(text)
@@ -490,7 +490,8 @@ class PublicAPI:
         path = b"/".join(segments)
         if not path.startswith(b"/"):
             path = b"/" + path
-        # Werkzeug's match costs about 20 µs: each path and method is matched once (a client uses a few).
+        # Werkzeug's match costs more than the rest of a small request: each path and method is matched once (a
+        # client uses a few).
         cached = self._limits.get((path, method))
         if cached is not None:
             return cached

@@ -379,7 +379,7 @@ def emit(message_type, _task: Optional[Tuple[str, List[int]]] = None, **fields) 
     if given; otherwise inside the current action as ``message_type.log`` would, or, outside any action, as
     the one message of a task of its own. The message has the fields Eliot gives it, built here without the
     ``Action`` and ``TaskLevel`` objects Eliot would make and drop (for the one line a write logs at info,
-    they were half of what the line cost).
+    they were much of what the line cost).
     """
     if _task is None:
         if current_action() is not None:

@@ -539,23 +539,33 @@ class CopyStreams:
         """
         batch = encode_batch(entries, self._wall())
         key = (peer.address, peer.port)
+        # The whole call, a connection's opening and a retry included, takes at most ``timeout``: a write that
+        # fails over after it must not have waited several timeouts for one peer.
+        due = self._clock.seconds() + timeout
         stream = self._open.get(key)
         if stream is not None and not stream.closed:
             d = stream.send(batch, task_ids, timeout)
             if stream.answered:
                 # A stream that has answered before may have died since (a restarted peer, or one that closed
-                # it as idle): one retry on a fresh connection, as a kept HTTP connection gets. Applying a copy
-                # twice is harmless.
-                d.addErrback(self._retry, peer, key, batch, task_ids, timeout)
+                # it as idle): one retry on a fresh connection, as a kept HTTP connection gets, in the time
+                # left. Applying a copy twice is harmless.
+                d.addErrback(self._retry, peer, key, batch, task_ids, due)
         else:
-            d = self._connect(peer, key, timeout).addCallback(
-                lambda stream: stream.send(batch, task_ids, timeout))
+            d = self._connect(peer, key, timeout).addCallback(self._send_by, batch, task_ids, due)
         return d.addCallback(decode_results, len(entries))
 
-    def _retry(self, failure, peer, key, batch, task_ids, timeout):
+    def _send_by(self, stream: "CopyStreamClient", batch: bytes, task_ids: Sequence[bytes], due: float) -> Deferred:
+        left = due - self._clock.seconds()
+        if left <= 0:
+            return fail(StreamTimeout("no time left to send the batch after the stream opened"))
+        return stream.send(batch, task_ids, left)
+
+    def _retry(self, failure, peer, key, batch, task_ids, due: float):
         failure.trap(ConnectionLost, ConnectionDone)
-        return self._connect(peer, key, timeout).addCallback(
-            lambda stream: stream.send(batch, task_ids, timeout))
+        left = due - self._clock.seconds()
+        if left <= 0:
+            return failure
+        return self._connect(peer, key, left).addCallback(self._send_by, batch, task_ids, due)
 
     def _connect(self, peer, key, timeout: float) -> Deferred:
         """

@@ -509,6 +509,60 @@ def test_a_stream_that_answered_before_is_retried_once_on_a_new_connection_when_
     assert second == [[ApplyResult(True, False)]]
 
 
+def test_a_retry_on_a_new_connection_gets_only_the_time_left_of_the_batchs_timeout():
+    """
+    If a stream that answered before is lost 1.5 s into a batch's 2 s, and the new connection's upgrade is never
+    answered, then the batch fails 2 s after it was sent, not a whole timeout (or two) after the loss.
+    """
+    clock, endpoints, streams = _on_fake_endpoints()
+    streams.send(PEER, [_entry(1)], [b"-"], 2.0)
+    endpoints.upgrade(0)
+    endpoints.answer_frame(0, 1, [ApplyResult(True, False)])
+    outcome = []
+    streams.send(PEER, [_entry(2)], [b"-"], 2.0).addBoth(outcome.append)
+    clock.advance(1.5)
+    endpoints.connections[0][0].connectionLost(Failure(ConnectionLost()))
+    assert outcome == [] and len(endpoints.connections) == 2
+    clock.advance(0.49)
+    assert outcome == []
+    clock.advance(0.02)
+    assert len(outcome) == 1 and outcome[0].check(StreamTimeout)
+
+
+def test_a_batch_lost_after_its_timeout_has_run_is_not_retried():
+    """
+    If the kept stream is lost only after the batch's timeout has run (its timer late, on a busy reactor), then
+    the batch fails with the loss and no new connection is made for it.
+    """
+    clock, endpoints, streams = _on_fake_endpoints()
+    streams.send(PEER, [_entry(1)], [b"-"], 2.0)
+    endpoints.upgrade(0)
+    endpoints.answer_frame(0, 1, [ApplyResult(True, False)])
+    outcome = []
+    streams.send(PEER, [_entry(2)], [b"-"], 2.0).addBoth(outcome.append)
+    clock.rightNow += 2.5  # time passes without the timer running
+    endpoints.connections[0][0].connectionLost(Failure(ConnectionLost()))
+    assert len(outcome) == 1 and outcome[0].check(ConnectionLost)
+    assert len(endpoints.connections) == 1
+
+
+def test_a_new_streams_first_batch_gets_the_time_its_opening_left():
+    """
+    If opening a stream takes 1.5 s of a batch's 2 s, then the batch is answered or failed 2 s after it was
+    handed over, not 2 s after the stream opened.
+    """
+    clock, endpoints, streams = _on_fake_endpoints()
+    outcome = []
+    streams.send(PEER, [_entry(1)], [b"-"], 2.0).addBoth(outcome.append)
+    clock.advance(1.5)
+    endpoints.upgrade(0)
+    assert len(endpoints.frames(0)) == 1
+    clock.advance(0.49)
+    assert outcome == []
+    clock.advance(0.02)
+    assert len(outcome) == 1 and outcome[0].check(StreamTimeout)
+
+
 def test_a_new_stream_lost_before_answering_fails_its_batch_without_a_retry():
     clock, endpoints, streams = _on_fake_endpoints()
     peer = PEER

@@ -222,6 +222,9 @@ class PeerTransport:
             context = _QUIET
         else:
             context = (PEER_READ if read else PEER_CALL)(peer=peer_id, op=op)
+        # Both attempts together take at most the call's timeout: a caller that fails over after it must not
+        # have waited two.
+        due = started + (timeout or self.timeout)
         with context as action:
             try:
                 for attempt in (1, 2):
@@ -237,10 +240,10 @@ class PeerTransport:
                         for name, value in trace_headers.items():
                             headers[name.encode("ascii")] = [value.encode("ascii")]
                     try:
-                        code, content = await self._post(url, headers, body, timeout or self.timeout, peer_id)
+                        code, content = await self._post(url, headers, body, due - self._clock.seconds(), peer_id)
                         break
                     except _RETRYABLE:
-                        if attempt == 2:
+                        if attempt == 2 or self._clock.seconds() >= due:
                             raise
                 if action is not None:
                     action.add_success_fields(code=code)

@@ -306,3 +306,50 @@ class _NoProtocolFactory:
 
     def buildProtocol(self, addr):
         return None
+
+
+def _call(client, timeouts, calls):
+    """A JSON call through the transport, recording each attempt's timeout."""
+    from twisted.internet.defer import ensureDeferred
+
+    def post(url, headers, body, timeout, peer_id=""):
+        timeouts.append(timeout)
+        d = Deferred()
+        calls.append(d)
+        return d
+    client.transport._post = post
+    outcome = []
+    ensureDeferred(client.transport.call(PEER, "keys", {"prefix": ""}, read=True)).addBoth(outcome.append)
+    return outcome
+
+
+def test_a_call_lost_on_a_kept_connection_is_tried_again_in_the_time_its_timeout_has_left():
+    """
+    If a pooled connection turns out stale 1.5 s into a call's 5 s, then the call is made once more, with the
+    3.5 s left, not a new 5 s.
+    """
+    from twisted.web.client import ResponseFailed
+
+    client, clock, _ = _client()
+    timeouts, calls = [], []
+    outcome = _call(client, timeouts, calls)
+    clock.advance(1.5)
+    calls[0].errback(ResponseFailed([]))
+    assert timeouts == [5.0, 3.5] and outcome == []
+    calls[1].callback((200, b'{"keys": ["a"]}'))
+    assert outcome == [{"keys": ["a"]}]
+
+
+def test_a_call_lost_after_its_timeout_has_run_is_not_tried_again():
+    """
+    If the kept connection fails only once the call's whole timeout has passed, then the call fails at once
+    (the caller fails over) instead of starting a second attempt.
+    """
+    from twisted.web.client import ResponseFailed
+
+    client, clock, _ = _client()
+    timeouts, calls = [], []
+    outcome = _call(client, timeouts, calls)
+    clock.advance(5.0)
+    calls[0].errback(ResponseFailed([]))
+    assert timeouts == [5.0] and len(outcome) == 1 and outcome[0].check(PeerError)

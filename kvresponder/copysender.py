@@ -15,14 +15,15 @@ docs/ARCHITECTURE.md, "Copy streams").
 
 from typing import List, Optional
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, fail
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from .copystream import StreamError, StreamRefused
+from .copystream import StreamError, StreamRefused, StreamTimeout
 from .hlc import version_from_wire
 from .peertransport import PeerError
 from .store import ApplyResult, Entry
+from .suspects import unreachable
 from .wire import encode_batch
 
 
@@ -72,18 +73,24 @@ class StreamCopySender:
     :param clock: ``IReactorTime``, for the call's duration.
     :param metrics: receives ``peer_call("apply", seconds)``, or ``None``.
     :param float timeout: seconds a batch may go unanswered.
+    :param suspects: the node's :class:`~kvresponder.suspects.SuspectPeers` (the fallback's too): a batch for a
+        suspect fails at once, and one that finds its peer unreachable, or gets no answer in time, makes it one.
     """
 
-    def __init__(self, streams, fallback, clock, metrics, timeout: float) -> None:
+    def __init__(self, streams, fallback, clock, metrics, timeout: float, suspects) -> None:
         self.streams = streams
         self._fallback = fallback
         self._clock = clock
         self._metrics = metrics
         self._timeout = timeout
+        self._suspects = suspects
 
     def send(self, peer, entries: List[Entry], task_ids: List[bytes]) -> Deferred:
         if not self.streams.usable(peer):
             return self._fallback.send(peer, entries, task_ids)
+        suspects = self._suspects
+        if suspects.suspected(peer):
+            return fail(PeerError("%s unreachable for apply: no answer to a call moments ago" % (peer.node_id,)))
         started = self._clock.seconds()
 
         def done(result):
@@ -92,7 +99,10 @@ class StreamCopySender:
             if self._metrics is not None:
                 self._metrics.peer_call("apply", self._clock.seconds() - started)
             if not isinstance(result, Failure):
+                suspects.answered(peer)
                 return result
+            if result.check(StreamTimeout) or unreachable(result.value):
+                suspects.failed(peer, result.value.__class__.__name__)
             if result.check(StreamError):
                 raise PeerError("%s %s to apply" % (peer.node_id, result.value), result.value.code)
             if result.check(ValueError):

@@ -155,6 +155,7 @@ _LIVE_GAUGES = (
     ("kv_open_connections", "Open HTTP connections."),
     ("kv_copy_streams_outgoing", "Copy streams this node has open to peers (one a peer it writes to)."),
     ("kv_copy_streams_incoming", "Copy streams peers have open to this node."),
+    ("kv_peers_suspected", "Peers that a call just found unreachable: calls to them fail at once for a while."),
 )
 
 

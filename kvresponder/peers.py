@@ -24,6 +24,7 @@ from .log.replication import PEER_CALL
 from .peertransport import (AUTH_HEADER, AUTH_WINDOW, CLOCK_HEADER, MAX_IN_FLIGHT, TASK_HEADER, TASKS_HEADER,
                             CachedEndpoints, PeerAuthenticator, PeerError, PeerTransport)
 from .store import ApplyResult, Entry
+from .suspects import SuspectPeers
 from .turn import EndOfTurn
 from .wire import entry_from_wire
 
@@ -59,11 +60,14 @@ class PeerClient:
                  clock_offsets=None, end_of_turn=None) -> None:
         self._wall = wall or clock.seconds
         self._log = log_policy
+        #: Peers a call just found unreachable, which calls fail at once for a while, on every path.
+        self.suspects = SuspectPeers(clock, metrics=metrics)
         self.transport = PeerTransport(http, clock, tenant, timeout, authenticator, metrics, tracing, log_policy,
-                                       self._wall, clock_offsets)
+                                       self._wall, clock_offsets, self.suspects)
         self._requests = requests = RequestCopySender(self.transport, self._wall)
         #: The :class:`~kvresponder.copysender.ICopySender` of client writes' copies.
-        self.copies = requests if streams is None else StreamCopySender(streams, requests, clock, metrics, timeout)
+        self.copies = requests if streams is None else StreamCopySender(streams, requests, clock, metrics, timeout,
+                                                                       self.suspects)
         self.streams = streams
         end_of_turn = end_of_turn if end_of_turn is not None else EndOfTurn(clock)
         self._writes = Batcher(end_of_turn, self._send_writes, _peer_error, max_bytes=MAX_BATCH_BYTES)

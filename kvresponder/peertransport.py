@@ -31,6 +31,7 @@ from hyperlink import EncodedURL
 from .log import DEBUG
 from .privateapi import RequestNotSent
 from .log.replication import PEER_CALL, PEER_READ
+from .suspects import SuspectPeers, unreachable
 from .wire import BATCH_TYPE
 
 AUTH_HEADER = b"X-KV-Auth"
@@ -162,11 +163,13 @@ class PeerTransport:
     :param wall: this node's wall clock in seconds, for the clock samples; by default the clock's ``seconds``.
     :param clock_offsets: a :class:`~kvresponder.clockskew.ClockOffsets` fed the peers' clocks from their
         answers, or ``None``.
+    :param suspects: the node's :class:`~kvresponder.suspects.SuspectPeers`: a call to a suspect fails at once,
+        and one that finds its peer unreachable makes it one. By default, this transport's own.
     """
 
     def __init__(self, http, clock, tenant: str, timeout: float, authenticator=None, metrics=None,
                  tracing=None, log_policy=None, wall: Optional[Callable[[], float]] = None,
-                 clock_offsets=None) -> None:
+                 clock_offsets=None, suspects=None) -> None:
         self._http = http
         self._clock = clock
         self._tenant = tenant
@@ -177,6 +180,7 @@ class PeerTransport:
         self._log = log_policy
         self._wall = wall or clock.seconds
         self._clock_offsets = clock_offsets
+        self.suspects = suspects if suspects is not None else SuspectPeers(clock)
         self._in_flight: Dict[Tuple[str, int], DeferredSemaphore] = {}
         self._urls: Dict[str, EncodedURL] = {}
 
@@ -192,6 +196,8 @@ class PeerTransport:
         :return: the JSON answer.
         :raises PeerError: the peer did not answer 200 with JSON in time.
         """
+        if self.suspects.suspected(peer):
+            raise PeerError("%s unreachable for %s: no answer to a call moments ago" % (peer.node_id, op))
         # At most MAX_IN_FLIGHT calls to one peer at once: a burst of client requests queues here rather
         # than opening hundreds of connections to the peer (and hitting its connection cap).
         semaphore = self._in_flight.get((peer.address, peer.port))
@@ -245,11 +251,14 @@ class PeerTransport:
                     except _RETRYABLE:
                         if attempt == 2 or self._clock.seconds() >= due:
                             raise
+                self.suspects.answered(peer)
                 if action is not None:
                     action.add_success_fields(code=code)
             except Exception as error:
                 # Whatever broke (refused, reset, timed out, a half-sent request), the caller's answer is
                 # the same: this peer did not take the call, so fail over to the next one.
+                if unreachable(error):
+                    self.suspects.failed(peer, error.__class__.__name__)
                 raise PeerError("%s unreachable for %s: %s" % (peer_id, op, error.__class__.__name__))
             finally:
                 if self._metrics is not None:

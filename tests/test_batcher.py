@@ -12,6 +12,7 @@ from zope.interface.verify import verifyObject
 from kvresponder.batcher import Batcher, BatchError, QueuedRead, QueuedWrite
 from kvresponder.copysender import ICopySender, RequestCopySender, StreamCopySender
 from kvresponder.store import ApplyResult, Entry
+from kvresponder.suspects import SuspectPeers
 from kvresponder.turn import EndOfTurn
 
 Peer = namedtuple("Peer", "node_id address port")
@@ -186,4 +187,4 @@ def test_both_copy_senders_provide_the_one_interface():
     """
     requests = RequestCopySender(transport=None, wall=lambda: 0.0)
     assert verifyObject(ICopySender, requests)
-    assert verifyObject(ICopySender, StreamCopySender(None, requests, Clock(), None, 1.0))
+    assert verifyObject(ICopySender, StreamCopySender(None, requests, Clock(), None, 1.0, SuspectPeers(Clock())))

@@ -81,3 +81,10 @@ CLOCK_REJECTED = leveled("replication", WARNING, MessageType(
     [KEY, VERSION, Field.for_types("count", [int], "Entries of the batch with such a version.")],
     "A peer's entry carried a version further ahead of this node's clock than MAX_CLOCK_OFFSET: it is stored by "
     "version order, but this node's clock does not adopt its time."))
+
+PEER_SUSPECTED = leveled("replication", WARNING, MessageType(
+    "kvresponder:replication:peer-suspected",
+    [PEER, Field.for_types("reason", [str], "What the call that found it unreachable failed with."),
+     Field.for_types("seconds", [float], "Seconds during which calls to it fail at once.")],
+    "A call to a peer could not connect, or got no answer in time: for a few seconds, calls to it fail at once "
+    "(writes fail over to the next node, reads ask the other owners), then it is tried again."))

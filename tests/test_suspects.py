@@ -1,0 +1,175 @@
+"""
+Suspect peers (kvresponder.suspects): a peer a call just found unreachable gets its calls failed at once for a
+while, on the request path (PeerTransport) and the copy stream's (StreamCopySender), on a Clock.
+"""
+
+from collections import namedtuple
+
+import pytest
+from eliot import MemoryLogger
+from eliot.testing import swap_logger
+from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout, ensureDeferred
+from twisted.internet.error import (ConnectError, ConnectingCancelledError, ConnectionLost, ConnectionRefusedError,
+                                    NoRouteError, TimeoutError as ConnectTimeout)
+from twisted.internet.task import Clock
+
+from kvresponder.copysender import StreamCopySender
+from kvresponder.copystream import StreamError, StreamTimeout
+from kvresponder.metrics import Metrics
+from kvresponder.peers import PeerClient, PeerError
+from kvresponder.store import ApplyResult, Entry
+from kvresponder.suspects import SUSPECT_FOR, SuspectPeers, unreachable
+
+Peer = namedtuple("Peer", "node_id address port")
+PEER = Peer("n2", "10.0.0.2", 3000)
+OTHER = Peer("n3", "10.0.0.3", 3000)
+
+
+@pytest.fixture
+def logger():
+    """Eliot's messages, in memory: a suspect is logged."""
+    memory = MemoryLogger()
+    previous = swap_logger(memory)
+    try:
+        yield memory
+    finally:
+        swap_logger(previous)
+
+
+@pytest.mark.parametrize("error, expected", [
+    (ConnectTimeout(), True), (DeferredTimeout(), True), (NoRouteError(), True), (ConnectError(), True),
+    (ConnectingCancelledError(None), True),
+    (ConnectionRefusedError(), False), (ConnectionLost(), False), (ValueError(), False),
+])
+def test_only_a_peer_not_reached_or_not_answering_in_time_counts_as_unreachable(error, expected):
+    assert unreachable(error) is expected
+
+
+def test_a_suspect_stays_one_for_its_time_and_is_logged_once(logger):
+    clock = Clock()
+    metrics = Metrics("t1")
+    suspects = SuspectPeers(clock, metrics=metrics)
+    assert not suspects.suspected(PEER) and metrics.gauge("kv_peers_suspected") == 0
+    suspects.failed(PEER, "TimeoutError")
+    clock.advance(1.0)
+    suspects.failed(PEER, "TimeoutError")  # again while a suspect: its time starts over, no second message
+    assert suspects.suspected(PEER) and not suspects.suspected(OTHER)
+    assert metrics.gauge("kv_peers_suspected") == 1
+    clock.advance(SUSPECT_FOR - 0.01)
+    assert suspects.suspected(PEER)
+    clock.advance(0.02)
+    assert not suspects.suspected(PEER) and metrics.gauge("kv_peers_suspected") == 0
+    messages = [m for m in logger.messages if m.get("message_type") == "kvresponder:replication:peer-suspected"]
+    assert [(m["peer"], m["reason"], m["seconds"]) for m in messages] == [("n2", "TimeoutError", SUSPECT_FOR)]
+
+
+def test_a_suspect_that_answers_is_none_any_more(logger):
+    suspects = SuspectPeers(Clock())
+    suspects.failed(PEER, "TimeoutError")
+    suspects.answered(PEER)
+    assert not suspects.suspected(PEER)
+
+
+def test_suspects_whose_time_is_over_are_forgotten(logger):
+    clock = Clock()
+    suspects = SuspectPeers(clock)
+    for index in range(100):
+        suspects.failed(Peer("n%d" % index, "10.0.1.%d" % index, 3000), "TimeoutError")
+    clock.advance(SUSPECT_FOR + 1)
+    suspects.failed(PEER, "TimeoutError")
+    assert suspects.count() == 1 and len(suspects._until) == 1
+
+
+def _settle(posts):
+    """Answer the calls still out, so that no coroutine is left suspended inside its action."""
+    for d in posts:
+        if not d.called:
+            d.callback((200, b"{}"))
+
+
+def _client():
+    clock = Clock()
+    client = PeerClient(http=None, clock=clock, tenant="t1", timeout=2.0)
+    posts = []
+
+    def post(url, headers, body, timeout, peer_id=""):
+        d = Deferred()
+        posts.append(d)
+        return d
+    client.transport._post = post
+    return client, clock, posts
+
+
+def test_a_call_that_times_out_makes_the_peer_a_suspect_whose_next_calls_fail_at_once(logger):
+    """
+    If a call to a peer gets no answer in time, then the calls to it in the next seconds fail at once, without
+    a request, while calls to other peers go; afterwards the peer is called again.
+    """
+    client, clock, posts = _client()
+    outcomes = []
+    ensureDeferred(client.transport.call(PEER, "keys", {})).addBoth(outcomes.append)
+    posts[0].errback(DeferredTimeout())
+    assert outcomes[0].check(PeerError)
+    ensureDeferred(client.transport.call(PEER, "keys", {})).addBoth(outcomes.append)
+    assert len(posts) == 1 and outcomes[1].check(PeerError)
+    assert "moments ago" in str(outcomes[1].value)
+    ensureDeferred(client.transport.call(OTHER, "keys", {})).addBoth(outcomes.append)
+    assert len(posts) == 2
+    clock.advance(SUSPECT_FOR)
+    ensureDeferred(client.transport.call(PEER, "keys", {})).addBoth(outcomes.append)
+    assert len(posts) == 3
+    _settle(posts)
+
+
+def test_a_refused_connection_or_an_error_answer_makes_no_suspect(logger):
+    client, clock, posts = _client()
+    outcomes = []
+    ensureDeferred(client.transport.call(PEER, "keys", {})).addBoth(outcomes.append)
+    posts[0].errback(ConnectionRefusedError())
+    ensureDeferred(client.transport.call(PEER, "keys", {})).addBoth(outcomes.append)
+    posts[1].callback((503, b'{"error": "unavailable"}'))
+    ensureDeferred(client.transport.call(PEER, "keys", {})).addBoth(outcomes.append)
+    assert len(posts) == 3 and not client.suspects.suspected(PEER)
+    _settle(posts)
+
+
+class _Streams:
+    """A CopyStreams stand-in whose sends the test settles."""
+
+    def __init__(self):
+        self.sent = []
+
+    def usable(self, peer):
+        return True
+
+    def send(self, peer, entries, task_ids, timeout):
+        d = Deferred()
+        self.sent.append(d)
+        return d
+
+
+def test_a_stream_batch_unanswered_in_time_makes_the_peer_a_suspect_and_its_next_batches_fail_at_once(logger):
+    """
+    If a batch on the copy stream gets no answer in time, then the next batch for that peer fails at once, with
+    the PeerError a write fails over on, and nothing is sent; an answered batch or an error status makes no
+    suspect.
+    """
+    clock = Clock()
+    streams = _Streams()
+    suspects = SuspectPeers(clock)
+    sender = StreamCopySender(streams, None, clock, None, 2.0, suspects)
+    entry = Entry("k", b"1", (1, 0, "n1"))
+    outcomes = []
+    sender.send(PEER, [entry], [b"-"]).addBoth(outcomes.append)
+    streams.sent[0].callback([ApplyResult(True, False)])
+    sender.send(PEER, [entry], [b"-"]).addBoth(outcomes.append)
+    streams.sent[1].errback(StreamError(503, "answered 503"))
+    assert not suspects.suspected(PEER)
+    sender.send(PEER, [entry], [b"-"]).addBoth(outcomes.append)
+    streams.sent[2].errback(StreamTimeout("no answer"))
+    assert suspects.suspected(PEER)
+    sender.send(PEER, [entry], [b"-"]).addBoth(outcomes.append)
+    assert len(streams.sent) == 3
+    assert outcomes[0] == [ApplyResult(True, False)]
+    assert all(outcome.check(PeerError) for outcome in outcomes[1:])
+    assert outcomes[3].value.code is None

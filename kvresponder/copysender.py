@@ -9,7 +9,7 @@ Two senders implement it:
   connection kept open to it; a peer that refuses the stream gets requests instead.
 
 The stream is kept because it is worth it: measured in one run (``bench/copy_stream.py``), a 3-node RF=2 cluster
-wrote faster with it than with requests by well over the 15 % that would justify its code (see
+wrote faster with it than with requests by far more than the 15 % that would justify its code (the figures are in
 docs/ARCHITECTURE.md, "Copy streams").
 """
 

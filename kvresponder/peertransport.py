@@ -257,7 +257,9 @@ class PeerTransport:
             except Exception as error:
                 # Whatever broke (refused, reset, timed out, a half-sent request), the caller's answer is
                 # the same: this peer did not take the call, so fail over to the next one.
-                if unreachable(error):
+                # Unreachable, or no answer in time: the call's own timeout cancels it, which treq reports as a
+                # response never received on a kept connection, so the time tells.
+                if unreachable(error) or self._clock.seconds() >= due:
                     self.suspects.failed(peer, error.__class__.__name__)
                 raise PeerError("%s unreachable for %s: %s" % (peer_id, op, error.__class__.__name__))
             finally:

@@ -121,6 +121,24 @@ def test_a_call_that_times_out_makes_the_peer_a_suspect_whose_next_calls_fail_at
     _settle(posts)
 
 
+def test_a_call_on_a_kept_connection_left_unanswered_until_its_timeout_makes_a_suspect(logger):
+    """
+    If a call on a pooled connection gets no answer, its timeout cancels it and treq reports a response never
+    received (not a timeout): the peer becomes a suspect all the same, and is not asked a second time.
+    """
+    from twisted.internet.defer import CancelledError
+    from twisted.python.failure import Failure
+    from twisted.web.client import ResponseNeverReceived
+
+    client, clock, posts = _client()
+    outcomes = []
+    ensureDeferred(client.transport.call(PEER, "keys", {})).addBoth(outcomes.append)
+    clock.advance(2.0)
+    posts[0].errback(ResponseNeverReceived([Failure(CancelledError())]))
+    assert len(posts) == 1 and outcomes[0].check(PeerError)
+    assert client.suspects.suspected(PEER)
+
+
 def test_a_refused_connection_or_an_error_answer_makes_no_suspect(logger):
     client, clock, posts = _client()
     outcomes = []

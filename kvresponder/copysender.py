@@ -101,8 +101,10 @@ class StreamCopySender:
             if not isinstance(result, Failure):
                 suspects.answered(peer)
                 return result
-            if result.check(StreamTimeout) or unreachable(result.value):
+            if unreachable(result.value):
                 suspects.failed(peer, result.value.__class__.__name__)
+            elif result.check(StreamTimeout):
+                suspects.timed_out(peer, started + self._timeout)
             if result.check(StreamError):
                 raise PeerError("%s %s to apply" % (peer.node_id, result.value), result.value.code)
             if result.check(ValueError):

@@ -146,6 +146,8 @@ class _Quiet:
 
 
 _QUIET = _Quiet()
+#: The calls whose timeout makes their peer a suspect: the ones that client requests wait on.
+_SUSPECT_ON_TIMEOUT = frozenset(["apply", "get"])
 #: Failures on a connection the pool had kept: the peer may have restarted since. Worth one retry.
 _RETRYABLE = (ResponseFailed, RequestTransmissionFailed, RequestNotSent, ConnectionLost, ConnectionDone)
 
@@ -196,8 +198,7 @@ class PeerTransport:
         :return: the JSON answer.
         :raises PeerError: the peer did not answer 200 with JSON in time.
         """
-        if self.suspects.suspected(peer):
-            raise PeerError("%s unreachable for %s: no answer to a call moments ago" % (peer.node_id, op))
+        self._check_suspect(peer, op)
         # At most MAX_IN_FLIGHT calls to one peer at once: a burst of client requests queues here rather
         # than opening hundreds of connections to the peer (and hitting its connection cap).
         semaphore = self._in_flight.get((peer.address, peer.port))
@@ -205,12 +206,18 @@ class PeerTransport:
             semaphore = self._in_flight[(peer.address, peer.port)] = DeferredSemaphore(MAX_IN_FLIGHT)
         await semaphore.acquire()
         try:
+            # Again: the peer may have become a suspect while this call waited for its turn.
+            self._check_suspect(peer, op)
             if self.tracing is None:
                 return await self._call(peer, op, payload, read, timeout, None, task_ids)
             with self.tracing.client_span(op, peer.node_id) as (carrier, span):
                 return await self._call(peer, op, payload, read, timeout, carrier, task_ids)
         finally:
             semaphore.release()
+
+    def _check_suspect(self, peer, op: str) -> None:
+        if self.suspects.suspected(peer):
+            raise PeerError("%s unreachable for %s: no answer to a call moments ago" % (peer.node_id, op))
 
     async def _call(self, peer, op, payload, read, timeout, trace_headers, task_ids):
         peer_id = peer.node_id
@@ -257,10 +264,13 @@ class PeerTransport:
             except Exception as error:
                 # Whatever broke (refused, reset, timed out, a half-sent request), the caller's answer is
                 # the same: this peer did not take the call, so fail over to the next one.
-                # Unreachable, or no answer in time: the call's own timeout cancels it, which treq reports as a
-                # response never received on a kept connection, so the time tells.
-                if unreachable(error) or self._clock.seconds() >= due:
+                if unreachable(error):
                     self.suspects.failed(peer, error.__class__.__name__)
+                elif op in _SUSPECT_ON_TIMEOUT and timeout is None and self._clock.seconds() >= due:
+                    # No answer in time to a call a client waits on (a copy, a read: the peer does little for
+                    # them; a long walk such as anti-entropy's may take its time). Told by the time: the call's
+                    # own timeout cancels it, which treq reports as a response never received.
+                    self.suspects.timed_out(peer, due)
                 raise PeerError("%s unreachable for %s: %s" % (peer_id, op, error.__class__.__name__))
             finally:
                 if self._metrics is not None:

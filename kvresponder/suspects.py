@@ -6,31 +6,42 @@ its heartbeats time out (``PEER_TIMEOUT``). Until then, every call to it would w
 ``PEER_REQUEST_TIMEOUT`` before its caller went on: each batch of write copies for it, each read of a key it
 owns, each handoff. The first call that cannot connect to it, or gets no answer in time, makes it a suspect for
 :data:`SUSPECT_FOR` seconds. Meanwhile calls to it fail at once: a write's copy fails over to the next node on
-the ring (a hint), a read asks the other owners. Then the next call tries the peer again.
+the ring (a hint), a read asks the other owners. Then calls try the peer again.
 
 A refused connection fails at once anyway, and an error answer means the peer is there: neither makes a
 suspect.
 """
 
+import errno
 from typing import Dict, Tuple
 
-from twisted.internet.defer import TimeoutError as DeferredTimeout
-from twisted.internet.error import ConnectError, ConnectingCancelledError, ConnectionRefusedError
+from twisted.internet.error import ConnectBindError, ConnectError, NoRouteError, TCPTimedOutError
+from twisted.internet.error import TimeoutError as ConnectTimeout
 
 from .log.replication import PEER_SUSPECTED
 
 #: Seconds a peer stays a suspect after a call to it found it unreachable.
 SUSPECT_FOR = 5.0
 
+#: How late past its due time a call's timeout may fire and still count against the peer. Later, the node itself
+#: stalled (its timers run before it reads what arrived meanwhile): the peer may well have answered.
+LATE_TIMEOUT = 0.5
+
+_UNREACHABLE_ERRNOS = (errno.EHOSTUNREACH, errno.ENETUNREACH)
+
 
 def unreachable(error: BaseException) -> bool:
     """
-    Whether ``error``, what a call to a peer failed with, says that the peer could not be reached or did not
-    answer in time (rather than refused the connection, or answered).
+    Whether ``error``, what connecting to a peer failed with, says that the peer cannot be reached: the
+    connection timed out, or there is no route to it. Not a refusal (the peer's host is there), nor this node's
+    own shortage (no file descriptor or port left to connect with), nor a cancellation. A call's own timeout is
+    told by its time (see :meth:`SuspectPeers.timed_out`).
     """
-    if isinstance(error, ConnectionRefusedError):
+    if isinstance(error, ConnectBindError):
         return False
-    return isinstance(error, (ConnectError, ConnectingCancelledError, DeferredTimeout))
+    if isinstance(error, (ConnectTimeout, TCPTimedOutError, NoRouteError)):
+        return True
+    return type(error) is ConnectError and getattr(error, "osError", None) in _UNREACHABLE_ERRNOS
 
 
 class SuspectPeers:
@@ -43,6 +54,8 @@ class SuspectPeers:
     """
 
     def __init__(self, clock, hold: float = SUSPECT_FOR, metrics=None) -> None:
+        # The clock is the reactor's (wall time): a step back must not stretch a suspicion, so a suspect whose
+        # end lies further ahead than ``hold`` is one no more.
         self._clock = clock
         self._hold = hold
         self._until: Dict[Tuple[str, int], float] = {}
@@ -58,11 +71,19 @@ class SuspectPeers:
         until = self._until.get(key)
         # Forget the suspects whose time is over, so that peers gone for good (a pod's address is not reused
         # for long) are not kept.
-        for other in [other for other, when in self._until.items() if when <= now]:
+        for other in [other for other, when in self._until.items() if not now < when <= now + self._hold]:
             del self._until[other]
         self._until[key] = now + self._hold
-        if until is None or until <= now:
+        if until is None or not now < until <= now + self._hold:
             PEER_SUSPECTED.log(peer=peer.node_id, reason=reason, seconds=self._hold)
+
+    def timed_out(self, peer, due: float) -> None:
+        """
+        A call to ``peer`` got no answer by ``due``, when it was to time out: the peer becomes a suspect, unless
+        the timeout fired more than :data:`LATE_TIMEOUT` late (this node stalled, not the peer).
+        """
+        if self._clock.seconds() - due <= LATE_TIMEOUT:
+            self.failed(peer, "no answer in time")
 
     def answered(self, peer) -> None:
         """
@@ -81,7 +102,8 @@ class SuspectPeers:
         until = self._until.get(key)
         if until is None:
             return False
-        if self._clock.seconds() < until:
+        now = self._clock.seconds()
+        if now < until <= now + self._hold:
             return True
         del self._until[key]
         return False
@@ -91,4 +113,4 @@ class SuspectPeers:
         How many peers are suspects now.
         """
         now = self._clock.seconds()
-        return sum(1 for until in self._until.values() if until > now)
+        return sum(1 for until in self._until.values() if now < until <= now + self._hold)

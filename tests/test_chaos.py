@@ -235,7 +235,7 @@ def test_a_peer_cut_off_but_still_listed_holds_up_one_call_and_not_every_write_a
         cut = time.monotonic()
         puts, gets = [], []
         index = 0
-        while time.monotonic() - cut < 8.0:
+        while time.monotonic() - cut < 7.0:
             key = "cut-%d" % (index,)
             started = time.monotonic()
             status = s.put(entry.url + "/kv/" + key, json={"value": index}, timeout=5).status_code
@@ -244,20 +244,22 @@ def test_a_peer_cut_off_but_still_listed_holds_up_one_call_and_not_every_write_a
             status = s.get(entry.url + "/kv/" + written[index % len(written)], timeout=5).status_code
             gets.append((status, time.monotonic() - started))
             index += 1
-        # The window this is about: the isolated node still in the entry node's ring.
+        # The window this is about: the isolated node still in the entry node's ring (its last heartbeat came
+        # up to 5 s before the cut, and it times out 15 s after that).
         assert entry.metric("kv_ring_members") == 3, "the cut peer left the ring too soon to test this"
-        suspected = entry.metric("kv_peers_suspected")
+    suspected = {m.get("peer") for m in entry.log_messages()
+                 if m.get("message_type") == "kvresponder:replication:peer-suspected"}
     slow_puts = [took for _, took in puts if took > 0.5]
     slow_gets = [took for _, took in gets if took > 0.5]
-    sys.stdout.write("\n[cut, still listed] %d puts (%d slow), %d gets (%d slow), %d suspected\n" % (
-        len(puts), len(slow_puts), len(gets), len(slow_gets), suspected))
+    sys.stdout.write("\n[cut, still listed] %d puts (%d slow), %d gets (%d slow), suspected %s\n" % (
+        len(puts), len(slow_puts), len(gets), len(slow_gets), sorted(suspected)))
     assert {status for status, _ in puts} == {201}
     assert {status for status, _ in gets} == {200}
     # One slow call a suspect period (5 s) at most, for writes and reads together; without suspects, every
     # write with a copy for the cut node (about two in three) and every read it owned waited a second.
     assert len(slow_puts) + len(slow_gets) <= 3, (slow_puts, slow_gets)
     assert len(puts) >= 30
-    assert suspected == 1
+    assert suspected == {isolated.node_id}
 
 
 def test_restart_at_the_same_address_replaces_the_old_incarnation(net):

@@ -108,13 +108,14 @@ def test_a_stopped_channel_parses_nothing_more_of_what_it_received():
     from twisted.python.failure import Failure
     from twisted.web.server import NOT_DONE_YET
 
-    seen = []
+    seen, lost = [], []
 
     class Stops(Resource):
         isLeaf = True
 
         def render_GET(self, request):
             seen.append(request.path)
+            request.notifyFinish().addErrback(lost.append)
             privateapi.stop_channel(channel)
             return NOT_DONE_YET
 
@@ -129,7 +130,7 @@ def test_a_stopped_channel_parses_nothing_more_of_what_it_received():
     assert privateapi.take_unread(channel) == second
     assert transport.value() == b""
     channel.connectionLost(Failure(ConnectionDone()))
-    assert seen == [b"/first"] and transport.value() == b""
+    assert seen == [b"/first"] and transport.value() == b"" and lost == []
 
 
 def test_a_tcp_transport_delivers_to_the_protocol_it_is_given():

@@ -664,3 +664,39 @@ class LeavingReadTests(unittest.TestCase):
         reader, peers = _reader("n1", self.RING, stores, settling=False, leaving=["n4"])
         self.assertIsNone(outcome(reader.get(key)))
         self.assertNotIn("n4", peers.asked)
+
+
+class UnreachableOwnersReadTests(unittest.TestCase):
+    """
+    A read of a key whose owners are all unreachable: the fallback that answers instead (here the coordinator
+    itself) holds a hint if a write failed over to it, and nothing otherwise.
+    """
+
+    RING = HashRing(["n1", "n2", "n3"])
+
+    def _key(self) -> str:
+        return next(key for key in ("k%d" % i for i in range(1000))
+                    if self.RING.preference_list(key, 3) == ["n2", "n3", "n1"])
+
+    @capture_logging(None, encoder_=None)
+    def test_with_every_owner_unreachable_and_no_hint_a_read_is_unavailable_not_a_miss(self, logger):
+        reader, peers = _reader("n1", self.RING, {}, settling=False, leaving=[])
+        result = []
+        reader.get(self._key()).addBoth(result.append)
+        self.assertTrue(result[0].check(Unavailable), result)
+        self.assertEqual(sorted(peers.asked), ["n2", "n3"])
+
+    @capture_logging(None, encoder_=None)
+    def test_with_every_owner_unreachable_a_hint_on_the_fallback_answers_the_read(self, logger):
+        stores = {}
+        key = self._key()
+        held = _entry_on(stores, "n1", key)
+        reader, _ = _reader("n1", self.RING, stores, settling=False, leaving=[])
+        found = outcome(reader.get(key))
+        self.assertEqual(found.version, held.version)
+
+    @capture_logging(None, encoder_=None)
+    def test_one_owner_answering_none_is_a_miss(self, logger):
+        stores = {"n2": Store(lambda: 1000.0, 1 << 24)}
+        reader, _ = _reader("n1", self.RING, stores, settling=False, leaving=[])
+        self.assertIsNone(outcome(reader.get(self._key())))

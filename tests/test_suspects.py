@@ -3,14 +3,16 @@ Suspect peers (kvresponder.suspects): a peer a call just found unreachable gets 
 while, on the request path (PeerTransport) and the copy stream's (StreamCopySender), on a Clock.
 """
 
+import errno
 from collections import namedtuple
 
 import pytest
 from eliot import MemoryLogger
 from eliot.testing import swap_logger
 from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout, ensureDeferred
-from twisted.internet.error import (ConnectError, ConnectingCancelledError, ConnectionLost, ConnectionRefusedError,
-                                    NoRouteError, TimeoutError as ConnectTimeout)
+from twisted.internet.error import (ConnectBindError, ConnectError, ConnectingCancelledError, ConnectionLost,
+                                    ConnectionRefusedError, NoRouteError, TCPTimedOutError,
+                                    TimeoutError as ConnectTimeout)
 from twisted.internet.task import Clock
 
 from kvresponder.copysender import StreamCopySender
@@ -37,11 +39,16 @@ def logger():
 
 
 @pytest.mark.parametrize("error, expected", [
-    (ConnectTimeout(), True), (DeferredTimeout(), True), (NoRouteError(), True), (ConnectError(), True),
-    (ConnectingCancelledError(None), True),
+    (ConnectTimeout(), True), (TCPTimedOutError(), True), (NoRouteError(), True),
+    (ConnectError(osError=errno.EHOSTUNREACH), True),
+    # Told by the time, not the type: a cancelled connect may be this node's own (at shutdown), and a timeout
+    # may be its own stall.
+    (DeferredTimeout(), False), (ConnectingCancelledError(None), False),
+    # This node's own shortage: no file descriptor or port to connect with.
+    (ConnectBindError(osError=errno.EMFILE), False), (ConnectError(osError=errno.EADDRNOTAVAIL), False),
     (ConnectionRefusedError(), False), (ConnectionLost(), False), (ValueError(), False),
 ])
-def test_only_a_peer_not_reached_or_not_answering_in_time_counts_as_unreachable(error, expected):
+def test_only_a_peer_not_reached_counts_as_unreachable(error, expected):
     assert unreachable(error) is expected
 
 
@@ -87,6 +94,11 @@ def _settle(posts):
             d.callback((200, b"{}"))
 
 
+def _get(client, peer):
+    """A read from ``peer``, as a client request's read is sent."""
+    return client.transport.call(peer, "get", {"keys": ["k"]}, read=True)
+
+
 def _client():
     clock = Clock()
     client = PeerClient(http=None, clock=clock, tenant="t1", timeout=2.0)
@@ -107,18 +119,67 @@ def test_a_call_that_times_out_makes_the_peer_a_suspect_whose_next_calls_fail_at
     """
     client, clock, posts = _client()
     outcomes = []
-    ensureDeferred(client.transport.call(PEER, "keys", {})).addBoth(outcomes.append)
+    ensureDeferred(_get(client, PEER)).addBoth(outcomes.append)
+    clock.advance(2.0)
     posts[0].errback(DeferredTimeout())
     assert outcomes[0].check(PeerError)
-    ensureDeferred(client.transport.call(PEER, "keys", {})).addBoth(outcomes.append)
+    ensureDeferred(_get(client, PEER)).addBoth(outcomes.append)
     assert len(posts) == 1 and outcomes[1].check(PeerError)
     assert "moments ago" in str(outcomes[1].value)
-    ensureDeferred(client.transport.call(OTHER, "keys", {})).addBoth(outcomes.append)
+    ensureDeferred(_get(client, OTHER)).addBoth(outcomes.append)
     assert len(posts) == 2
     clock.advance(SUSPECT_FOR)
-    ensureDeferred(client.transport.call(PEER, "keys", {})).addBoth(outcomes.append)
+    ensureDeferred(_get(client, PEER)).addBoth(outcomes.append)
     assert len(posts) == 3
     _settle(posts)
+
+
+def test_a_timeout_that_fires_late_or_ends_a_long_walk_makes_no_suspect(logger):
+    """
+    If a call's timeout fires a second past its due time (this node stalled, and the answer may be waiting in
+    its socket), or the call that timed out was a walk a peer may take its time over (anti-entropy's), then
+    the peer is no suspect.
+    """
+    client, clock, posts = _client()
+    outcomes = []
+    ensureDeferred(_get(client, PEER)).addBoth(outcomes.append)
+    clock.advance(3.0)
+    posts[0].errback(DeferredTimeout())
+    ensureDeferred(client.transport.call(PEER, "sync/buckets", {})).addBoth(outcomes.append)
+    clock.advance(2.0)
+    posts[1].errback(DeferredTimeout())
+    assert [outcome.check(PeerError) for outcome in outcomes] == [PeerError, PeerError]
+    assert not client.suspects.suspected(PEER)
+
+
+def test_calls_waiting_for_their_turn_fail_at_once_once_the_peer_is_a_suspect(logger):
+    """
+    If calls to a peer queue behind the most it may have in flight, and the peer becomes a suspect meanwhile,
+    then the queued calls fail as their turn comes, without being sent.
+    """
+    from kvresponder.peertransport import MAX_IN_FLIGHT
+
+    client, clock, posts = _client()
+    outcomes = []
+    for _ in range(MAX_IN_FLIGHT + 3):
+        ensureDeferred(_get(client, PEER)).addBoth(outcomes.append)
+    assert len(posts) == MAX_IN_FLIGHT
+    clock.advance(2.0)
+    posts[0].errback(DeferredTimeout())
+    assert client.suspects.suspected(PEER)
+    _settle(posts)
+    assert len(posts) == MAX_IN_FLIGHT and len(outcomes) == MAX_IN_FLIGHT + 3
+    failed = [outcome for outcome in outcomes if not isinstance(outcome, dict)]
+    assert len(failed) == 4 and all(outcome.check(PeerError) for outcome in failed)
+
+
+def test_a_clock_stepped_back_does_not_stretch_a_suspicion(logger):
+    clock = Clock()
+    clock.advance(1000)
+    suspects = SuspectPeers(clock)
+    suspects.failed(PEER, "TimeoutError")
+    clock.rightNow -= 60
+    assert not suspects.suspected(PEER) and suspects.count() == 0
 
 
 def test_a_call_on_a_kept_connection_left_unanswered_until_its_timeout_makes_a_suspect(logger):
@@ -132,7 +193,7 @@ def test_a_call_on_a_kept_connection_left_unanswered_until_its_timeout_makes_a_s
 
     client, clock, posts = _client()
     outcomes = []
-    ensureDeferred(client.transport.call(PEER, "keys", {})).addBoth(outcomes.append)
+    ensureDeferred(_get(client, PEER)).addBoth(outcomes.append)
     clock.advance(2.0)
     posts[0].errback(ResponseNeverReceived([Failure(CancelledError())]))
     assert len(posts) == 1 and outcomes[0].check(PeerError)

@@ -25,7 +25,7 @@ from .hlc import HybridLogicalClock
 from .log import LogPolicy
 from .log.discovery import PEER_CHANGED
 from .log.service import CLUSTER_DISABLED, INSECURE
-from .membership import ALIVE, LEAVING, Heartbeat, Membership
+from .membership import ALIVE, JOINED, LEAVING, MOVED, RESTARTED, Heartbeat, Membership
 from .metrics import Metrics
 from .peers import PeerAuthenticator, PeerError
 from .rebalance import Rebalancer
@@ -150,6 +150,9 @@ class Node:
         with PEER_CHANGED(peer=peer.node_id, change=change, address="%s:%d" % (peer.address, peer.port),
                           incarnation=peer.incarnation):
             self._rebuild_ring()
+            if change in (JOINED, RESTARTED, MOVED):
+                # A new incarnation, or one at a new address: whatever made a suspect of the old one is past.
+                self.peers.suspects.answered(peer)
             if self.state in (JOINING, READY):
                 self.rebalancer.trigger(change)
 

@@ -87,7 +87,7 @@ class SuspectPeers:
 
     def answered(self, peer) -> None:
         """
-        ``peer`` answered a call: it is no suspect any more.
+        ``peer`` answered a call, or a new incarnation of it announced itself: it is no suspect any more.
         """
         if self._until:
             self._until.pop((peer.address, peer.port), None)

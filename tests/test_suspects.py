@@ -252,3 +252,23 @@ def test_a_stream_batch_unanswered_in_time_makes_the_peer_a_suspect_and_its_next
     assert outcomes[0] == [ApplyResult(True, False)]
     assert all(outcome.check(PeerError) for outcome in outcomes[1:])
     assert outcomes[3].value.code is None
+
+
+def test_a_suspect_that_restarts_is_none_once_its_new_incarnation_is_heard(logger):
+    """
+    If a peer is a suspect and a heartbeat of a new incarnation of it arrives (it restarted, at the same address
+    or another), then the node calls it again at once, rather than after the suspect's 5 s.
+    """
+    from kvresponder.node import Node
+
+    from .support import heartbeat, make_settings
+
+    clock = Clock()
+    node = Node(make_settings(), clock, http=None)
+    node.membership.observe(heartbeat("n2", incarnation=1, address="10.0.0.2"))
+    peer = node.membership.peer("n2")
+    node.peers.suspects.failed(peer, "TimeoutError")
+    node.membership.observe(heartbeat("n2", incarnation=1, address="10.0.0.2"))
+    assert node.peers.suspects.suspected(peer)
+    node.membership.observe(heartbeat("n2", incarnation=2, address="10.0.0.2"))
+    assert not node.peers.suspects.suspected(node.membership.peer("n2"))

@@ -191,6 +191,16 @@ class DiscoveryProtocol(DatagramProtocol):
         self.transport.setLoopbackMode(True)
         return self.transport.joinGroup(self.group, self.interface)
 
+    def use_seeds(self, addresses: Set[str]) -> bool:
+        """
+        Send heartbeats to ``addresses`` (a DNS seed's A records) from now on, besides the multicast group.
+
+        :return: whether any of them is new.
+        """
+        new = bool(addresses - self.seeds)
+        self.seeds = set(addresses)
+        return new
+
     def announce(self, want_reply: bool = False, state: Optional[str] = None) -> None:
         """
         Send one heartbeat to the group and to every seed, with this node's own state (alive, or leaving
@@ -361,12 +371,9 @@ class DiscoveryService(Service):
 
         def resolved(addresses):
             new = set(addresses)
-            if new - self.protocol.seeds:
-                self.protocol.seeds = new
+            if self.protocol.use_seeds(new):
                 SEEDS_RESOLVED.log(name=self.dns_name, addresses=sorted(new))
                 self.protocol.announce(want_reply=True)
-            else:
-                self.protocol.seeds = new
 
         def failed(failure):
             SEEDS_FAILED.log(name=self.dns_name, reason=str(failure.value)[:200])

@@ -1,10 +1,11 @@
 """
 Chaos scenarios on real ``twistd`` nodes, each in its own network namespace, discovering each other over real
 multicast across a private bridge (tests/netns.py): kill -9 under load, an iptables partition and its
-healing, a restart at the same address, a rolling restart, scaling 3 → 5 → 2, forged heartbeats from an
-attacker namespace, and clock faults on one node (libfaketime, tests/clock_nemesis.py).
+healing, a peer cut off while still listed (how long writes and reads through the others wait), a restart at
+the same address, a rolling restart, scaling 3 → 5 → 2, forged heartbeats from an attacker namespace, and clock
+faults on one node (libfaketime, tests/clock_nemesis.py).
 
-Every scenario drives a bounded load (per-worker keys, bounded in count and time) and ends with the history
+Every load scenario drives a bounded load (per-worker keys, bounded in count and time) and ends with the history
 check (tests/history.py): acknowledged writes lost == 0, replicas converged, sum(kv_store_keys) == 2 × live
 keys.
 

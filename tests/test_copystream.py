@@ -509,10 +509,10 @@ def test_a_stream_that_answered_before_is_retried_once_on_a_new_connection_when_
     assert second == [[ApplyResult(True, False)]]
 
 
-def test_a_retry_on_a_new_connection_gets_only_the_time_left_of_the_batchs_timeout():
+def _second_batch_on_an_answered_stream():
     """
-    If a stream that answered before is lost 1.5 s into a batch's 2 s, and the new connection's upgrade is never
-    answered, then the batch fails 2 s after it was sent, not a whole timeout (or two) after the loss.
+    A stream that has answered one batch, with a second batch of 2 s out on it: the clock, the endpoints, and
+    the list the second batch's outcome goes to.
     """
     clock, endpoints, streams = _on_fake_endpoints()
     streams.send(PEER, [_entry(1)], [b"-"], 2.0)
@@ -520,6 +520,15 @@ def test_a_retry_on_a_new_connection_gets_only_the_time_left_of_the_batchs_timeo
     endpoints.answer_frame(0, 1, [ApplyResult(True, False)])
     outcome = []
     streams.send(PEER, [_entry(2)], [b"-"], 2.0).addBoth(outcome.append)
+    return clock, endpoints, outcome
+
+
+def test_a_retry_on_a_new_connection_gets_only_the_time_left_of_the_batchs_timeout():
+    """
+    If a stream that answered before is lost 1.5 s into a batch's 2 s, and the new connection's upgrade is never
+    answered, then the batch fails 2 s after it was sent, not a whole timeout (or two) after the loss.
+    """
+    clock, endpoints, outcome = _second_batch_on_an_answered_stream()
     clock.advance(1.5)
     endpoints.connections[0][0].connectionLost(Failure(ConnectionLost()))
     assert outcome == [] and len(endpoints.connections) == 2
@@ -534,12 +543,7 @@ def test_a_batch_lost_after_its_timeout_has_run_is_not_retried():
     If the kept stream is lost only after the batch's timeout has run (its timer late, on a busy reactor), then
     the batch fails with the loss and no new connection is made for it.
     """
-    clock, endpoints, streams = _on_fake_endpoints()
-    streams.send(PEER, [_entry(1)], [b"-"], 2.0)
-    endpoints.upgrade(0)
-    endpoints.answer_frame(0, 1, [ApplyResult(True, False)])
-    outcome = []
-    streams.send(PEER, [_entry(2)], [b"-"], 2.0).addBoth(outcome.append)
+    clock, endpoints, outcome = _second_batch_on_an_answered_stream()
     clock.rightNow += 2.5  # time passes without the timer running
     endpoints.connections[0][0].connectionLost(Failure(ConnectionLost()))
     assert len(outcome) == 1 and outcome[0].check(ConnectionLost)

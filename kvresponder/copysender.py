@@ -23,7 +23,7 @@ from .copystream import StreamError, StreamRefused, StreamTimeout
 from .hlc import version_from_wire
 from .peertransport import PeerError
 from .store import ApplyResult, Entry
-from .suspects import unreachable
+from .suspects import suspect_refusal, unreachable
 from .wire import encode_batch
 
 
@@ -90,7 +90,7 @@ class StreamCopySender:
             return self._fallback.send(peer, entries, task_ids)
         suspects = self._suspects
         if suspects.suspected(peer):
-            return fail(PeerError("%s unreachable for apply: no answer to a call moments ago" % (peer.node_id,)))
+            return fail(PeerError(suspect_refusal(peer, "apply")))
         started = self._clock.seconds()
 
         def done(result):

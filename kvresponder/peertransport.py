@@ -31,7 +31,7 @@ from hyperlink import EncodedURL
 from .log import DEBUG
 from .privateapi import RequestNotSent
 from .log.replication import PEER_CALL, PEER_READ
-from .suspects import SuspectPeers, unreachable
+from .suspects import SuspectPeers, suspect_refusal, unreachable
 from .wire import BATCH_TYPE
 
 AUTH_HEADER = b"X-KV-Auth"
@@ -217,7 +217,7 @@ class PeerTransport:
 
     def _check_suspect(self, peer, op: str) -> None:
         if self.suspects.suspected(peer):
-            raise PeerError("%s unreachable for %s: no answer to a call moments ago" % (peer.node_id, op))
+            raise PeerError(suspect_refusal(peer, op))
 
     async def _call(self, peer, op, payload, read, timeout, trace_headers, task_ids):
         peer_id = peer.node_id

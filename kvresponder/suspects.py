@@ -44,6 +44,13 @@ def unreachable(error: BaseException) -> bool:
     return type(error) is ConnectError and getattr(error, "osError", None) in _UNREACHABLE_ERRNOS
 
 
+def suspect_refusal(peer, op: str) -> str:
+    """
+    Why a call ``op`` to a suspect ``peer`` failed without being sent: the message of the caller's error.
+    """
+    return "%s unreachable for %s: no answer to a call moments ago" % (peer.node_id, op)
+
+
 class SuspectPeers:
     """
     The peers calls fail at once for. Peers are known by address and port, as their connections are.

@@ -523,6 +523,23 @@ def _second_batch_on_an_answered_stream():
     return clock, endpoints, outcome
 
 
+def test_an_answer_frame_too_short_to_name_its_batch_closes_the_stream_and_nothing_after_it_is_read():
+    """
+    If the peer sends a frame shorter than an answer's head, then the stream is closed at once, and an answer
+    that arrived with it is not taken: the batch fails with the connection, to fail over.
+    """
+    clock, endpoints, streams = _on_fake_endpoints()
+    outcome = []
+    streams.send(PEER, [_entry(1)], [b"-"], 2.0).addBoth(outcome.append)
+    endpoints.upgrade(0)
+    answer = encode_answer(1, [ApplyResult(True, False)])
+    endpoints.answer(0, struct.pack("!I", 2) + b"xx" + struct.pack("!I", len(answer)) + answer)
+    protocol, transport = endpoints.connections[0]
+    assert outcome == [] and protocol.closed and transport.disconnecting
+    protocol.connectionLost(Failure(ConnectionLost()))
+    assert len(outcome) == 1 and outcome[0].check(ConnectionLost)
+
+
 def test_a_retry_on_a_new_connection_gets_only_the_time_left_of_the_batchs_timeout():
     """
     If a stream that answered before is lost 1.5 s into a batch's 2 s, and the new connection's upgrade is never

@@ -86,8 +86,9 @@ def _outcome_counter(name: str, help_text: str, tenant: str,
 
 class _LiveGauges:
     """
-    A collector that reads gauges at scrape time, so the hot path never updates them: the node's, from one
-    function, and any other module's, from the readers it registered (:meth:`Metrics.register_gauge`).
+    A collector that reads gauges (and a few counters) at scrape time, so the hot path never updates them: the
+    node's, from one function, and any other module's, from the readers registered for them
+    (:meth:`Metrics.register_gauge`, :meth:`Metrics.register_counter`).
     """
 
     def __init__(self, tenant: str, read: Callable[[], dict], readers: Dict[str, Callable[[], float]]) -> None:
@@ -104,6 +105,10 @@ class _LiveGauges:
                 family = UntypedMetricFamily(name, help_text, labels=["tenant"])
             else:
                 family = GaugeMetricFamily(name, help_text, labels=["tenant"])
+            family.add_metric([self._tenant], float(values.get(name, 0)))
+            yield family
+        for name, help_text in _LIVE_COUNTERS:
+            family = CounterMetricFamily(name, help_text, labels=["tenant"])
             family.add_metric([self._tenant], float(values.get(name, 0)))
             yield family
 
@@ -156,6 +161,12 @@ _LIVE_GAUGES = (
     ("kv_copy_streams_outgoing", "Copy streams this node has open to peers (one a peer it writes to)."),
     ("kv_copy_streams_incoming", "Copy streams peers have open to this node."),
     ("kv_peers_suspected", "Peers that a call just found unreachable: calls to them fail at once for a while."),
+)
+
+#: Counters read at scrape time, as the live gauges are (exported with ``_total``).
+_LIVE_COUNTERS = (
+    ("kv_log_lines_dropped", "Log lines dropped because the log stream (stdout's reader, LOG_FILE's disk) fell "
+                             "behind or failed; the node kept serving."),
 )
 
 
@@ -279,6 +290,15 @@ class Metrics:
         """
         if name not in dict(_LIVE_GAUGES):
             raise ValueError("unknown gauge %r" % (name,))
+        self._gauge_readers[name] = read
+
+    def register_counter(self, name: str, read: Callable[[], float]) -> None:
+        """
+        Export counter ``name`` (one of ``_LIVE_COUNTERS``) from ``read()``, a count that only grows, called at
+        each scrape.
+        """
+        if name not in dict(_LIVE_COUNTERS):
+            raise ValueError("unknown counter %r" % (name,))
         self._gauge_readers[name] = read
 
     def gauge(self, name: str) -> float:

@@ -224,6 +224,9 @@ OPTIONS = (
            "Open client connections accepted at once."),
     Option("log-level", ("LOG_LEVEL",), "info", _log_level, "debug, info, warning (or warn) or error."),
     Option("log-file", ("LOG_FILE",), None, _text, "Write Eliot logs to this file instead of stdout."),
+    Option("log-buffer", ("LOG_BUFFER",), "16Mi", _size(64 * 1024, 1024 * 1024 * 1024),
+           "Bytes of log lines held while the log stream falls behind (Ki/Mi/Gi); past it, lines are dropped "
+           "and counted."),
     Option("otlp-endpoint", ("JAEGER_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"), None, _text,
            "OTLP/HTTP endpoint for traces (e.g. http://jaeger:4318)."),
     Option("cluster-secret", ("CLUSTER_SECRET",), None, _secret,
@@ -274,6 +277,7 @@ class Settings:
     max_connections: int
     log_level: str
     log_file: Optional[str]
+    log_buffer: int
     otlp_endpoint: Optional[str]
     cluster_secret: Optional[str] = field(default=None, repr=False)
     admin_token: Optional[str] = field(default=None, repr=False)

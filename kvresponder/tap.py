@@ -24,6 +24,8 @@ from .settings import OPTIONS, SettingsError, load_settings
 
 #: Seconds between flushes of the log stream.
 LOG_FLUSH_INTERVAL = 0.2
+#: Seconds a stopping node waits, at most, for its last log lines to be written.
+LOG_DRAIN_TIMEOUT = 2.0
 
 
 class Options(usage.Options):
@@ -151,8 +153,9 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
     from .discovery import DiscoveryProtocol, DiscoveryService, HeartbeatCodec, derive_key, resolve_all
     from .http.root import build_root
     from .http.site import KVSite
-    from .log import LogPolicy, open_destination, use_fast_task_ids
+    from .log import JSONLineDestination, LogPolicy, dropped_lines_notice, open_log_stream, use_fast_task_ids
     from .log.service import SERVICE_STARTED
+    from .log.writer import BackgroundWriter
     from .node import Node
     from .peers import CachedEndpoints
     from .reclaim import reclaimer
@@ -160,8 +163,10 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
     from .turn import EndOfTurn
 
     policy = LogPolicy(settings.log_level)
-    destination = open_destination(policy, settings.tenant, settings.node_id, settings.log_file, stdout,
-                                   flush=False)
+    # The lines are written from a thread of their own: a log reader that falls behind costs lines, not requests.
+    writer = BackgroundWriter(open_log_stream(settings.log_file, stdout),
+                              dropped_lines_notice(settings.tenant, settings.node_id), settings.log_buffer)
+    destination = JSONLineDestination(writer, policy, settings.tenant, settings.node_id, flush=False)
     use_fast_task_ids()
     add_destinations(destination)
     # Logs reach stdout within LOG_FLUSH_INTERVAL, and at once on stop and on errors.
@@ -169,6 +174,7 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
     flusher.clock = reactor
     flusher.start(LOG_FLUSH_INTERVAL, now=False)
     reactor.addSystemEventTrigger("after", "shutdown", destination.flush)
+    reactor.addSystemEventTrigger("after", "shutdown", writer.drain, LOG_DRAIN_TIMEOUT)
 
     tracing = Tracing.from_settings(settings, __version__, reactor=reactor)
     pool = HTTPConnectionPool(reactor, persistent=True)
@@ -182,6 +188,7 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
     node = Node(settings, reactor, HTTPClient(agent), wall=time.time, log_policy=policy, tracing=tracing,
                 collect=reclaimer(reactor), stream_endpoint=endpoints.endpoint,
                 monotonic=time.monotonic, end_of_turn=end_of_turn)
+    node.metrics.register_counter("kv_log_lines_dropped", lambda: writer.dropped)
 
     site = KVSite(build_root(node, node.authenticator), reactor.seconds, tracing=tracing,
                   metrics=node.metrics, log_policy=policy, body_limit=settings.max_value_size,

@@ -64,7 +64,7 @@ class NodeProcess:
 
     def __init__(self, tenant: str, node_id: str, discovery_port: int, log_dir: str,
                  env: Optional[Dict[str, str]] = None, args: Optional[List[str]] = None,
-                 port: Optional[int] = None, python: str = sys.executable) -> None:
+                 port: Optional[int] = None, python: str = sys.executable, stdout=None) -> None:
         self.tenant = tenant
         self.node_id = node_id
         self.port = port or free_port()
@@ -73,6 +73,8 @@ class NodeProcess:
         self.env = node_env(env)
         self.args = args or []
         self.python = python
+        #: Where its stdout goes (``subprocess.PIPE``, for one); by default, with stderr, to ``log_path``.
+        self.stdout = stdout
         self.process: Optional[subprocess.Popen] = None
         self.url = "http://127.0.0.1:%d/%s" % (self.port, tenant)
 
@@ -81,8 +83,8 @@ class NodeProcess:
                    "--tenant", self.tenant, "--port", str(self.port), "--node-id", self.node_id,
                    "--discovery-port", str(self.discovery_port)] + self.args
         self._log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
-                                        cwd=REPO)
+        self.process = subprocess.Popen(command, stdout=self._log if self.stdout is None else self.stdout,
+                                        stderr=self._log, env=self.env, cwd=REPO)
         return self
 
     def wait_ready(self, timeout: float = 20.0) -> None:

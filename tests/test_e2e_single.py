@@ -2,10 +2,12 @@
 A real ``twistd -n kvresponder`` process on a free loopback port, driven over HTTP.
 """
 
+import json
 import platform
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -392,3 +394,46 @@ def test_how_deep_a_value_may_nest_is_the_same_on_the_fast_lane_and_twisteds_ser
         refused = put(MAX_VALUE_DEPTH + 1, query)
         assert refused.status_code == 400 and refused.json()["error"] == "invalid_json", (query, refused.text)
         assert requests.get(node.url + "/kv/deep", timeout=10).text.count("[") == MAX_VALUE_DEPTH
+
+
+def test_a_node_whose_stdout_nobody_reads_keeps_answering_and_counts_the_log_lines_it_drops(log_dir):
+    """
+    If nothing reads a node's stdout (a container runtime's log reader stuck: the pipe fills), then the node
+    still answers every write, counts in ``kv_log_lines_dropped_total`` the lines it could not hold
+    (``LOG_BUFFER``), and once stdout is read again, its log says how many it dropped, where it dropped them.
+    """
+    process = NodeProcess("solo", "solo-1", free_udp_port(), log_dir, stdout=subprocess.PIPE,
+                          env={"LOG_LEVEL": "info", "LOG_BUFFER": "64Ki"}).start()
+    try:
+        process.wait_ready()
+        session = requests.Session()
+        # A write logs a line at info: these are several times what the pipe (64 KiB) and the buffer hold.
+        writes = 3000
+        for index in range(writes):
+            response = session.put(process.url + "/kv/k%d" % (index,), json={"value": "hello world"}, timeout=5)
+            assert response.status_code == 201, (index, response.text)
+        dropped = process.metric("kv_log_lines_dropped_total")
+        assert dropped > 0, "no line was dropped in %d writes: the test did not fill the pipe" % (writes,)
+
+        lines = []
+        reader = threading.Thread(target=lambda: lines.extend(process.process.stdout), daemon=True)
+        reader.start()
+        # Lines written once the pipe is read again: the notice comes before them.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            assert session.put(process.url + "/kv/after", json={"value": 1}, timeout=5).status_code in (200, 201)
+            if any(b'"key": "after"' in line for line in list(lines)):
+                break
+            time.sleep(0.2)
+        messages = [json.loads(line) for line in list(lines)]
+        notices = [message for message in messages
+                   if message.get("message_type") == "kvresponder:service:log-lines-dropped"]
+        assert sum(notice["lines"] for notice in notices) == dropped == process.metric("kv_log_lines_dropped_total")
+        applied = [message["key"] for message in messages if message.get("message_type") == "kvresponder:store:applied"]
+        assert "after" in applied
+        # No write's line twice, and every write's line either written or counted (the count may hold a few
+        # other lines of the same time).
+        keys = [key for key in applied if key != "after"]
+        assert len(keys) == len(set(keys)) and writes <= len(keys) + dropped < writes + 20, (len(keys), dropped)
+    finally:
+        process.kill()

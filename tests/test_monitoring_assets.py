@@ -42,6 +42,7 @@ REQUIRED_ALERTS = (
     "KVResponderPeersMissing",
     "KVResponderReplicationFailing",
     "KVResponderHandoffBacklog",
+    "KVResponderLogLinesDropped",
     "KVResponderClockSkew",
 )
 SEVERITIES = {"critical", "warning", "info"}

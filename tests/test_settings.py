@@ -59,6 +59,7 @@ def test_defaults():
         "max_connections": 1024,
         "log_level": "info",
         "log_file": None,
+        "log_buffer": 16 * 1024 * 1024,
         "otlp_endpoint": None,
         "cluster_secret": None,
         "admin_token": None,

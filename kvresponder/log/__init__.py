@@ -329,17 +329,29 @@ def _fallback(value):
     return repr(value)
 
 
-def open_destination(policy: LogPolicy, tenant: str, node_id: str, log_file: Optional[str] = None,
-                     stdout: IO[str] = None, flush: bool = True) -> JSONLineDestination:
+def open_log_stream(log_file: Optional[str] = None, stdout: IO = None) -> IO[bytes]:
     """
-    A destination on stdout, or appending to ``log_file``. With ``flush=False`` the caller flushes it.
+    The binary stream a node's log lines go to: ``log_file``, appended to, or stdout.
     """
     if log_file:
-        stream = open(log_file, "ab", buffering=0 if flush else 65536)
-    else:
-        stream = stdout if stdout is not None else sys.stdout
-        stream = getattr(stream, "buffer", stream)
-    return JSONLineDestination(stream, policy, tenant, node_id, flush=flush)
+        return open(log_file, "ab", buffering=65536)
+    stream = stdout if stdout is not None else sys.stdout
+    return getattr(stream, "buffer", stream)
+
+
+def dropped_lines_notice(tenant: str, node_id: str):
+    """
+    ``notice(count)``: the line a node's :class:`~kvresponder.log.writer.BackgroundWriter` writes once it had to
+    drop ``count`` lines, a ``kvresponder:service:log-lines-dropped`` message of a task of its own. It is
+    written whatever the levels: the lines it stands for were. Safe to call from any thread.
+    """
+    from .service import LOG_LINES_DROPPED
+
+    def notice(count: int) -> bytes:
+        return (json.dumps({"timestamp": time.time(), "message_type": LOG_LINES_DROPPED.message_type,
+                            "lines": count, "task_uuid": str(uuid4()), "task_level": [1],
+                            "tenant": tenant, "node": node_id}) + "\n").encode("ascii")
+    return notice
 
 
 def _start_task_ids() -> None:

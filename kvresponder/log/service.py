@@ -40,3 +40,9 @@ CLUSTER_DISABLED = leveled("service", WARNING, MessageType(
 LEVELS_CHANGED = leveled("service", WARNING, MessageType(
     "kvresponder:service:log-levels", [Field.for_types("levels", [dict], "The new levels.")],
     "Log levels were changed at run time."))
+
+LOG_LINES_DROPPED = leveled("service", WARNING, MessageType(
+    "kvresponder:service:log-lines-dropped",
+    [Field.for_types("lines", [int], "Lines dropped since the last such message.")],
+    "The node's log stream (stdout's pipe, or LOG_FILE's disk) fell behind, or failed, and the node dropped log "
+    "lines rather than wait for it: written, whatever the levels, once the stream takes lines again."))

@@ -34,6 +34,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
+from kvresponder.http.hosts import host_refusal
 from kvresponder.store import Entry
 from kvresponder.wire import BATCH_TYPE, encode_batch
 
@@ -477,6 +478,11 @@ def check_exchange(node: Node, request: Request, before: tuple, also_allowed: Tu
             if status == 413 and "requestBody" not in operation and request.body:
                 # Any route refuses a body over the limit before routing (the spec's introduction says so).
                 return response
+            if status == 400 and host_refusal(b"HTTP/1.1", [request.host] if request.host is not None else None):
+                # And a request without one valid Host header (so does the introduction).
+                assert head or json.loads(response.body)["message"] == host_refusal(
+                    b"HTTP/1.1", [request.host] if request.host is not None else None), response.body
+                return response
             assert str(status) in operation["responses"], "%s %s answered an undocumented %d: %r" % (
                 method, path, status, response.body[:300])
             if not head:
@@ -692,6 +698,63 @@ def test_invalid_host_header_is_not_a_server_error(host, target, eliot_traceback
     assert response.status < 500
     assert response.header(b"content-type") == b"application/json", response.raw[:300]
     assert not eliot_tracebacks
+
+
+HOST_CASES = {
+    "none": (b"", "An HTTP/1.1 request needs a Host header."),
+    "two": (b"Host: a\r\nHost: b\r\n", "A request may have one Host header, not 2."),
+    "two, the same": (b"Host: a\r\nHost: a\r\n", "A request may have one Host header, not 2."),
+    "a space": (b"Host: a b\r\n", "The Host header is not a host with an optional port."),
+    "UTF-8": (b"Host: \xc3\xa9.example\r\n", "The Host header is not a host with an optional port."),
+    "a path": (b"Host: a/b\r\n", "The Host header is not a host with an optional port."),
+    "a port that is not a number": (b"Host: h:x\r\n", "The Host header is not a host with an optional port."),
+    "user info": (b"Host: u@h\r\n", "The Host header is not a host with an optional port."),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOST_CASES))
+@pytest.mark.parametrize("method, target, body", [
+    (b"GET", b"/t1/kv/a", b""), (b"PUT", b"/t1/kv/hosted", b'{"value": 1}'), (b"DELETE", b"/t1/kv/a", b""),
+    (b"GET", b"/t1/health", b""), (b"POST", b"/t1/bulk", b'{"put": {"hosted": 1}}')])
+def test_a_request_without_one_valid_host_header_is_a_json_400_that_changes_nothing(case, method, target, body):
+    """
+    If an HTTP/1.1 request has no Host header, more than one, or one that is not a host with an optional port,
+    then it is answered 400 with the reason, on the fast lane's routes and on Twisted's alike (RFC 9112, 3.2:
+    a proxy in front may have routed it by another reading), and nothing is stored.
+    """
+    node = node_for("defaults")
+    before = node.snapshot()
+    hosts, message = HOST_CASES[case]
+    framing = b"Content-Type: application/json\r\nContent-Length: %d\r\n" % (len(body),) if body else b""
+    response = parse_response(node.send(b"%s %s HTTP/1.1\r\n%s%s\r\n%s" % (method, target, hosts, framing, body)))
+    assert response.status == 400, response.raw[:300]
+    assert json.loads(response.body) == {"error": "bad_request", "message": message}
+    assert node.snapshot() == before
+
+
+@pytest.mark.parametrize("host", [b"", b"localhost", b"127.0.0.1:3000", b"[::1]:3000", b"cache.acme.svc:80",
+                                  b"h:", b"xn--e1afmkfd.example", b"a%41b", b"sub-delims!$&'()*+,;="])
+def test_a_request_with_one_host_of_any_valid_form_is_served(host):
+    """
+    If the Host header is one host of any form RFC 3986 allows (empty, a name, an IPv4 or bracketed IPv6
+    address, with or without a port), then the request is served as usual, on the fast lane and Twisted's path.
+    """
+    node = node_for("defaults")
+    # A key of its own: the fuzzers write and delete the seeded ones.
+    assert parse_response(node.send(b"PUT /t1/kv/host-forms HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                                    b"application/json\r\nContent-Length: 12\r\n\r\n{\"value\": 1}")).status in (200, 201)
+    for target in (b"/t1/kv/host-forms", b"/t1/health"):
+        response = parse_response(node.send(b"GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (target, host)))
+        assert response.status == 200, (target, host, response.raw[:300])
+
+
+def test_an_http_1_0_request_needs_no_host_header():
+    """
+    If an HTTP/1.0 request has no Host header (it had none), then it is served; with two, it is refused.
+    """
+    node = node_for("defaults")
+    assert parse_response(node.send(b"GET /t1/health HTTP/1.0\r\n\r\n")).status == 200
+    assert parse_response(node.send(b"GET /t1/health HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n")).status == 400
 
 
 @pytest.mark.parametrize("method, target", [(b"GET", b"/t1/health//"), (b"GET", b"/t1/admin//log-levels"),

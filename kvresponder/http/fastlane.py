@@ -26,6 +26,7 @@ from twisted.web.http import RESPONSES, unquote
 
 from ..log import DEBUG
 from .errors import APIError, error_body
+from .hosts import HOST_VALUE
 
 #: ``parse`` found the start of a request the lane would take, not all of it yet.
 INCOMPLETE = object()
@@ -85,6 +86,8 @@ class FastLane:
         self._policy = log_policy
         self.seconds = seconds
         self._date = date
+        #: The last Host value found valid: clients send the same one on every request.
+        self._valid_host = b"\0"
 
     def parse(self, data: bytes, offset: int):
         """
@@ -121,6 +124,7 @@ class FastLane:
             return None
         length = None
         content_type = None
+        host = None
         for index in range(1, len(lines)):
             line = lines[index]
             colon = line.find(b":")
@@ -142,11 +146,22 @@ class FastLane:
                 if content_type is not None:
                     return None
                 content_type = value
+            elif name == b"host":
+                # Exactly one, and a host: Twisted's path answers the others 400 (RFC 9112, 3.2).
+                if host is not None:
+                    return None
+                if value != self._valid_host:
+                    if not HOST_VALUE(value):
+                        return None
+                    self._valid_host = value
+                host = value
             elif name == b"connection":
                 if value.lower() != b"keep-alive":
                     return None
             elif name in _TWISTED_HEADERS:
                 return None
+        if host is None:
+            return None
         body_start = end + 4
         if method == b"PUT":
             if length is None or length > self._body_limit:

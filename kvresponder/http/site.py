@@ -29,6 +29,7 @@ from ..sendnow import send_now
 from ..turn import EndOfTurn
 from .errors import APIError, error_body, write_error
 from .fastlane import ConnectionLane, FastLane
+from .hosts import host_refusal
 from .limits import BULK, INTERNAL, VALUE
 
 
@@ -166,6 +167,14 @@ class KVRequest(Request):
                 self.channel.close_after_answer()
             body = write_error(self, APIError(
                 413, "payload_too_large", "The request body is larger than %d bytes." % (self._limit,)))
+            self.setHeader(b"Content-Length", b"%d" % (len(body),))
+            self.write(body)
+            self.finish()
+            return
+        refusal = host_refusal(self.clientproto, self.requestHeaders.getRawHeaders(b"host"))
+        if refusal is not None:
+            HTTP_REJECTED.log(reason=refusal, client=str(self.getClientAddress()))
+            body = write_error(self, APIError(400, "bad_request", refusal))
             self.setHeader(b"Content-Length", b"%d" % (len(body),))
             self.write(body)
             self.finish()

@@ -153,7 +153,7 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
     from .discovery import DiscoveryProtocol, DiscoveryService, HeartbeatCodec, derive_key, resolve_all
     from .http.root import build_root
     from .http.site import KVSite
-    from .log import JSONLineDestination, LogPolicy, dropped_lines_notice, open_log_stream, use_fast_task_ids
+    from .log import JSONLineDestination, LogPolicy, dropped_lines_notice, open_log_sink, use_fast_task_ids
     from .log.service import SERVICE_STARTED
     from .log.writer import BackgroundWriter
     from .node import Node
@@ -164,7 +164,7 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
 
     policy = LogPolicy(settings.log_level)
     # The lines are written from a thread of their own: a log reader that falls behind costs lines, not requests.
-    writer = BackgroundWriter(open_log_stream(settings.log_file, stdout),
+    writer = BackgroundWriter(open_log_sink(settings.log_file, stdout),
                               dropped_lines_notice(settings.tenant, settings.node_id), settings.log_buffer)
     destination = JSONLineDestination(writer, policy, settings.tenant, settings.node_id, flush=False)
     use_fast_task_ids()

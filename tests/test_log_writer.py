@@ -1,9 +1,9 @@
 """
-The log writer's thread: a log stream that stalls or fails costs log lines, counted, and never a blocked caller.
+The log writer's thread: a log sink that stalls or fails costs log lines, counted, and never a blocked caller.
 """
 
-import io
 import json
+import os
 import threading
 import time
 
@@ -11,24 +11,22 @@ import pytest
 
 from kvresponder.log import dropped_lines_notice
 from kvresponder.log.service import LOG_LINES_DROPPED
-from kvresponder.log.writer import BackgroundWriter
+from kvresponder.log.writer import BackgroundWriter, FileSink
 
 #: Long enough for a thread's work on any machine CI runs on; the tests wait on events, not on this.
 PATIENCE = 10.0
 
 
-class StalledStream(io.RawIOBase):
+class StalledSink:
     """
-    A binary stream whose writes block until it is opened, as a full pipe blocks until its reader reads.
+    A sink whose writes block until it is opened, as a full pipe blocks until its reader reads.
     """
 
     def __init__(self) -> None:
         self.open_ = threading.Event()
         self.entered = threading.Event()
         self.written = bytearray()
-
-    def writable(self) -> bool:
-        return True
+        self.closed = False
 
     def write(self, data) -> int:
         self.entered.set()
@@ -36,25 +34,31 @@ class StalledStream(io.RawIOBase):
         self.written += data
         return len(data)
 
+    def close(self) -> None:
+        self.closed = True
 
-class BrokenStream(io.RawIOBase):
+
+class FlakySink:
     """
-    A binary stream that fails its first ``failures`` writes, as stdout closed by its reader does.
+    A sink that takes at most ``most`` bytes a write, and fails when ``failures`` says so (a list of booleans,
+    one a write; past its end, writes succeed), as stdout closed by its reader does.
     """
 
-    def __init__(self, failures: int) -> None:
-        self.failures = failures
+    def __init__(self, failures=(), most: int = 1 << 30) -> None:
+        self.failures = list(failures)
+        self.most = most
         self.written = bytearray()
-
-    def writable(self) -> bool:
-        return True
+        self.closed = False
 
     def write(self, data) -> int:
-        if self.failures:
-            self.failures -= 1
+        if self.failures and self.failures.pop(0):
             raise BrokenPipeError(32, "Broken pipe")
-        self.written += data
-        return len(data)
+        taken = bytes(data[:self.most])
+        self.written += taken
+        return len(taken)
+
+    def close(self) -> None:
+        self.closed = True
 
 
 def lines(count: int, start: int = 0) -> bytes:
@@ -65,25 +69,32 @@ def notice(count: int) -> bytes:
     return b'{"dropped": %d}\n' % (count,)
 
 
+def wait_until(predicate) -> None:
+    deadline = time.monotonic() + PATIENCE
+    while not predicate():
+        assert time.monotonic() < deadline, "not within %ss" % (PATIENCE,)
+        time.sleep(0.005)
+
+
 @pytest.fixture
 def stalled():
-    stream = StalledStream()
-    writer = BackgroundWriter(stream, notice, max_waiting=100)
-    yield stream, writer
-    stream.open_.set()
+    sink = StalledSink()
+    writer = BackgroundWriter(sink, notice, max_waiting=100)
+    yield sink, writer
+    sink.open_.set()
     assert writer.stop(PATIENCE)
 
 
-def test_a_stalled_stream_never_blocks_the_writer_and_lines_past_the_limit_are_dropped_and_counted(stalled):
+def test_a_stalled_sink_never_blocks_the_writer_and_lines_past_the_limit_are_dropped_and_counted(stalled):
     """
-    If the stream stops taking writes, then ``write`` still returns at once: chunks are kept up to the limit
+    If the sink stops taking writes, then ``write`` still returns at once: chunks are kept up to the limit
     (the first, being written, included), and the lines of those beyond it are dropped and counted.
     """
-    stream, writer = stalled
+    sink, writer = stalled
     first = lines(3)
     writer.write(first)
-    assert stream.entered.wait(PATIENCE)
-    # The first chunk is in the stream's blocked write, and still counts against the limit; the second fits.
+    assert sink.entered.wait(PATIENCE)
+    # The first chunk is in the sink's blocked write, and still counts against the limit; the second fits.
     writer.write(lines(2, 3))
     assert len(first) + len(lines(2, 3)) + len(lines(10, 100)) > 100 >= len(first) + len(lines(2, 3))
     started = time.monotonic()
@@ -91,73 +102,194 @@ def test_a_stalled_stream_never_blocks_the_writer_and_lines_past_the_limit_are_d
         writer.write(lines(10, 100 + batch * 10))
     assert time.monotonic() - started < PATIENCE / 2
     assert writer.dropped == 500
-    assert stream.written == b""
+    assert sink.written == b""
 
 
-def test_once_the_stream_takes_writes_again_a_notice_says_how_many_lines_were_dropped(stalled):
+def test_once_the_sink_takes_writes_again_a_notice_says_how_many_lines_were_dropped_where(stalled):
     """
-    If lines were dropped while the stream stalled, then once it writes again the kept lines come out, in
-    order, then the notice of how many were dropped before the next lines; nothing is left waiting.
+    If lines were dropped while the sink stalled, then once it writes again the kept lines come out, in
+    order, with the notice of how many were dropped where they were; nothing is left waiting.
     """
-    stream, writer = stalled
+    sink, writer = stalled
     writer.write(lines(3))
-    assert stream.entered.wait(PATIENCE)
+    assert sink.entered.wait(PATIENCE)
     writer.write(lines(2, 3))
     writer.write(lines(10, 5))     # beyond the limit: dropped
     writer.write(lines(10, 15))    # dropped
-    stream.open_.set()
+    sink.open_.set()
     assert writer.drain(PATIENCE)
     writer.write(lines(1, 25))
     assert writer.drain(PATIENCE)
-    assert bytes(stream.written) == lines(5) + notice(20) + lines(1, 25)
+    assert bytes(sink.written) == lines(5) + notice(20) + lines(1, 25)
     assert writer.dropped == 20
 
 
-def test_a_failing_stream_loses_its_lines_counts_them_and_the_writer_goes_on():
+def test_a_sink_that_takes_part_of_a_write_gets_the_rest_next():
     """
-    If a write to the stream fails (its reader closed it), then the lines in it are counted as dropped, no
+    If the sink takes a few bytes at a time (``os.write`` on a pipe may), then every byte still arrives, in order.
+    """
+    sink = FlakySink(most=7)
+    writer = BackgroundWriter(sink, notice)
+    writer.write(lines(20))
+    writer.write(lines(20, 20))
+    assert writer.drain(PATIENCE)
+    assert bytes(sink.written) == lines(40) and writer.dropped == 0
+    assert writer.stop(PATIENCE)
+
+
+def test_a_failing_sink_loses_its_lines_counts_them_and_the_writer_goes_on():
+    """
+    If a write to the sink fails (its reader closed it), then the lines in it are counted as dropped, no
     exception reaches the caller, and the next chunk goes out after a notice of the loss.
     """
-    stream = BrokenStream(failures=1)
-    writer = BackgroundWriter(stream, notice)
+    sink = FlakySink(failures=[True])
+    writer = BackgroundWriter(sink, notice)
     try:
         writer.write(lines(4))
-        deadline = time.monotonic() + PATIENCE
-        while writer.dropped < 4 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert writer.dropped == 4
+        wait_until(lambda: writer.dropped == 4)
+        # Nothing more can be written until another chunk comes: a stopping node's wait ends at once.
+        started = time.monotonic()
+        assert writer.drain(PATIENCE)
+        assert time.monotonic() - started < PATIENCE / 2
         writer.write(lines(2, 4))
         assert writer.drain(PATIENCE)
-        assert bytes(stream.written) == notice(4) + lines(2, 4)
+        assert bytes(sink.written) == notice(4) + lines(2, 4)
     finally:
         assert writer.stop(PATIENCE)
 
 
-def test_drain_gives_up_at_its_timeout_on_a_stream_that_takes_nothing(stalled):
+def test_a_write_that_fails_halfway_loses_the_lines_it_cut_and_the_notice_starts_a_line_of_its_own():
     """
-    If the stream takes nothing, then a stopping node's wait for its last lines ends at its timeout, saying
+    If the sink takes part of a chunk and then fails, then the lines whose end was not written are counted as
+    lost, and the notice that follows begins on a new line, not glued to the cut one.
+    """
+    sink = FlakySink(failures=[False, True], most=12)
+    writer = BackgroundWriter(sink, notice)
+    try:
+        writer.write(lines(3))       # 27 bytes: 12 taken, then the write fails
+        wait_until(lambda: writer.dropped == 2)
+        writer.write(lines(1, 3))
+        assert writer.drain(PATIENCE)
+        assert bytes(sink.written) == lines(3)[:12] + b"\n" + notice(2) + lines(1, 3)
+    finally:
+        assert writer.stop(PATIENCE)
+
+
+def test_drain_gives_up_at_its_timeout_on_a_sink_that_takes_nothing(stalled):
+    """
+    If the sink takes nothing, then a stopping node's wait for its last lines ends at its timeout, saying
     they were not all written, rather than hang the exit.
     """
-    stream, writer = stalled
+    sink, writer = stalled
     writer.write(lines(1))
-    assert stream.entered.wait(PATIENCE)
+    assert sink.entered.wait(PATIENCE)
     started = time.monotonic()
     assert not writer.drain(0.2)
     assert 0.2 <= time.monotonic() - started < PATIENCE / 2
 
 
-def test_stop_writes_out_what_is_waiting_and_later_lines_are_dropped():
+def test_stop_writes_out_what_is_waiting_closes_the_sink_and_later_lines_are_dropped():
     """
-    If the writer is stopped, then what was handed over is written first; lines handed over after are counted
-    as dropped, not written to a stream the process is done with.
+    If the writer is stopped, then what was handed over is written first and the sink closed; lines handed
+    over after are counted as dropped, not written to a sink the process is done with.
     """
-    stream = io.BytesIO()
-    writer = BackgroundWriter(stream, notice)
+    sink = FlakySink()
+    writer = BackgroundWriter(sink, notice)
     writer.write(lines(3))
     assert writer.stop(PATIENCE)
     writer.write(lines(2, 3))
-    assert stream.getvalue() == lines(3)
+    assert bytes(sink.written) == lines(3) and sink.closed
     assert writer.dropped == 2
+
+
+def test_a_writer_stopped_on_a_failing_sink_ends_its_thread():
+    """
+    If the sink fails while the writer stops, then the thread ends anyway (the lines are counted), rather
+    than try the sink again and again.
+    """
+    sink = FlakySink(failures=[True] * 1000)
+    writer = BackgroundWriter(sink, notice)
+    writer.write(lines(3))
+    assert writer.stop(PATIENCE)
+    assert writer.dropped == 3 and len(sink.failures) >= 998
+
+
+def test_a_real_pipe_nobody_reads_holds_up_no_writer_and_gives_every_kept_line_once_read():
+    """
+    If the writer's sink is a real pipe that nobody reads (stdout in a pod whose log reader is stuck), then
+    writes still return at once, and once the pipe is read, the lines kept come out whole and in order, with
+    a notice counting those dropped.
+    """
+    read_end, write_end = os.pipe()
+    writer = BackgroundWriter(FileSink(write_end), notice, max_waiting=64 * 1024)
+    try:
+        chunk_lines = 1000
+        started = time.monotonic()
+        for chunk in range(40):  # about 13 times what the pipe and the limit hold
+            writer.write(lines(chunk_lines, chunk * chunk_lines))
+        assert time.monotonic() - started < PATIENCE / 2
+        assert writer.dropped > 0
+        received = bytearray()
+
+        def read():
+            while True:
+                data = os.read(read_end, 1 << 16)
+                if not data:
+                    return
+                received.extend(data)
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        assert writer.drain(PATIENCE)
+    finally:
+        assert writer.stop(PATIENCE)  # closes the write end: the reader sees the end
+    reader.join(PATIENCE)
+    os.close(read_end)
+    written = [json.loads(line) for line in bytes(received).splitlines()]
+    numbers = [line["n"] for line in written if "n" in line]
+    assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
+    assert len(numbers) + sum(line.get("dropped", 0) for line in written) == 40 * chunk_lines
+    assert writer.dropped == 40 * chunk_lines - len(numbers)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_forked_child_writes_the_lines_left_waiting_and_its_own(tmp_path):
+    """
+    If the process forks with lines waiting (``twistd`` without ``-n`` forks after making the service), then
+    the child's writer, with a thread of its own, writes them and the child's own lines.
+    """
+    path = str(tmp_path / "log")
+    parent = os.getpid()
+    stalled = StalledSink()
+
+    class Sink:
+        """The parent's writes stall; the child's go to the file."""
+        def write(self, data) -> int:
+            if os.getpid() == parent:
+                return stalled.write(data)
+            with open(path, "ab") as log:
+                return log.write(data)
+
+        def close(self) -> None:
+            pass
+
+    writer = BackgroundWriter(Sink(), notice)
+    writer.write(lines(1))
+    assert stalled.entered.wait(PATIENCE)   # the parent's thread is now held in a write
+    writer.write(lines(2, 1))               # waiting, not being written
+    pid = os.fork()
+    if pid == 0:  # the child
+        status = 1
+        try:
+            writer.write(lines(1, 3))
+            status = 0 if writer.drain(PATIENCE) else 2
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    stalled.open_.set()
+    assert writer.stop(PATIENCE)
+    assert os.waitstatus_to_exitcode(status) == 0
+    with open(path, "rb") as log:
+        assert log.read() == lines(3, 1)
 
 
 def test_the_dropped_lines_notice_is_a_stamped_eliot_message_of_its_type():
@@ -173,18 +305,6 @@ def test_the_dropped_lines_notice_is_a_stamped_eliot_message_of_its_type():
     assert (message["tenant"], message["node"]) == ("t1", "n1")
     assert isinstance(message["timestamp"], float) and len(message["task_uuid"]) == 36
     assert set(message) == {"timestamp", "message_type", "lines", "task_uuid", "task_level", "tenant", "node"}
-
-
-def test_a_writer_stopped_on_a_failing_stream_ends_its_thread():
-    """
-    If the stream fails while the writer stops, then the thread ends anyway (the lines are counted), rather
-    than try the stream again and again.
-    """
-    stream = BrokenStream(failures=1000)
-    writer = BackgroundWriter(stream, notice)
-    writer.write(lines(3))
-    assert writer.stop(PATIENCE)
-    assert writer.dropped == 3 and stream.failures >= 998
 
 
 def test_the_dropped_lines_counter_is_read_from_its_reader_at_each_scrape():

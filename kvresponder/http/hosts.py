@@ -8,11 +8,12 @@ and the node would read differently is refused, not guessed at.
 import re
 from typing import List, Optional
 
-#: A Host header's value (RFC 9112, 3.2; RFC 3986, 3.2.2 and 3.2.3): an IP literal in brackets, or a registered
-#: name or IPv4 address (unreserved characters, percent-encodings and sub-delimiters; possibly empty), then
-#: an optional port.
+#: A Host header's value (RFC 9112, 3.2; RFC 3986, 3.2.2 and 3.2.3): in brackets, an IPv6 address (its
+#: characters; an embedded IPv4 address included) or an IPvFuture literal; or a registered name or IPv4 address
+#: (unreserved characters, percent-encodings and sub-delimiters; possibly empty); then an optional port.
 HOST_VALUE = re.compile(
-    rb"(?:\[[0-9A-Za-z._~!$&'()*+,;=:%-]+\]|(?:[0-9A-Za-z._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?\Z").match
+    rb"(?:\[(?:[0-9A-Fa-f:.]+|[vV][0-9A-Fa-f]+\.[0-9A-Za-z._~!$&'()*+,;=:-]+)\]"
+    rb"|(?:[0-9A-Za-z._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?\Z").match
 
 
 def host_refusal(version: bytes, hosts: Optional[List[bytes]]) -> Optional[str]:

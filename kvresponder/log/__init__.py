@@ -329,14 +329,16 @@ def _fallback(value):
     return repr(value)
 
 
-def open_log_stream(log_file: Optional[str] = None, stdout: IO = None) -> IO[bytes]:
+def open_log_sink(log_file: Optional[str] = None, stdout: IO = None):
     """
-    The binary stream a node's log lines go to: ``log_file``, appended to, or stdout.
+    Where a node's log lines go, for its :class:`~kvresponder.log.writer.BackgroundWriter`: ``log_file``,
+    appended to, or stdout (``stdout`` if given, else ``sys.stdout``), each through a descriptor of its own.
     """
+    from .writer import FileSink
+
     if log_file:
-        return open(log_file, "ab", buffering=65536)
-    stream = stdout if stdout is not None else sys.stdout
-    return getattr(stream, "buffer", stream)
+        return FileSink.for_file(log_file)
+    return FileSink.for_stream(stdout if stdout is not None else sys.stdout)
 
 
 def dropped_lines_notice(tenant: str, node_id: str):

@@ -7,45 +7,99 @@ thread, every request of the node would wait with it, and its peers would find i
 (``LOG_FILE``) can stall the same way on a slow disk.
 
 So the node's log destination hands its lines, a chunk at a time, to a :class:`BackgroundWriter`, which does the
-blocking writes in its own thread. It keeps at most ``max_waiting`` bytes waiting; a chunk beyond that is dropped
-and its lines counted. Once the stream takes writes again, the writer first writes a line saying how many were
-dropped. Losing log lines is the lesser harm: the node keeps serving, and the count shows in
-``kv_log_lines_dropped_total``.
+blocking writes in its own thread, to a file descriptor of its own (:class:`FileSink`): no Python stream object
+(and no lock of one) is shared with the rest of the process. It keeps at most ``max_waiting`` bytes waiting; a
+chunk beyond that is dropped and its lines counted. Once the stream takes writes again, the writer first writes
+a line saying how many were dropped, where they were. Losing log lines is the lesser harm: the node keeps
+serving, and the count shows in ``kv_log_lines_dropped_total``.
 """
 
+import os
+import select
 import threading
-from typing import Callable, IO, List, Union
+import weakref
+from typing import Callable, List, Optional, Union
 
-#: Bytes of log lines a writer keeps waiting for its stream at most: a few seconds of a node's info-level lines
-#: at full write load.
+#: Bytes of log lines a writer keeps waiting for its stream at most (``LOG_BUFFER``): a few seconds of a node's
+#: info-level lines at full write load.
 MAX_WAITING = 16 * 1024 * 1024
+
+
+class FileSink:
+    """
+    Where a :class:`BackgroundWriter` writes: a file descriptor, written with ``os.write`` (which may write part
+    of what it is given, and then says how much).
+
+    :param fd: the descriptor, which the sink owns and closes: a duplicate of stdout's, or a log file's.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    @classmethod
+    def for_stream(cls, stream) -> "FileSink":
+        """
+        A sink writing where ``stream`` (stdout) writes, through a descriptor of its own.
+        """
+        stream.flush()
+        return cls(os.dup(stream.fileno()))
+
+    @classmethod
+    def for_file(cls, path: str) -> "FileSink":
+        """
+        A sink appending to the file at ``path``, made if missing.
+        """
+        return cls(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644))
+
+    def write(self, data: memoryview) -> int:
+        """
+        Write some of ``data``, waiting until the descriptor takes some; how much it took.
+        """
+        while True:
+            try:
+                return os.write(self._fd, data)
+            except BlockingIOError:
+                # Someone made the descriptor non-blocking (a shared pipe or terminal): wait here, in this thread.
+                select.select([], [self._fd], [], 1.0)
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 class BackgroundWriter:
     """
-    A binary stream's writes, done in a thread of its own. ``write`` never blocks on the stream.
+    A sink's writes, done in a thread of its own. ``write`` never waits for the sink.
 
-    :param stream: a binary stream (stdout's buffer, a log file); only this writer's thread writes to it.
-    :param notice: ``notice(count)``, the line (bytes, newline included) written before the next lines once
-        ``count`` lines were dropped; called in the writer's thread.
-    :param max_waiting: bytes kept waiting at most; a chunk written while the writer is idle is always taken.
+    The thread starts with the first write, and again in a forked child (``twistd`` without ``-n`` forks after
+    the service is made), which inherits the lines waiting and writes them.
+
+    :param sink: has ``write(memoryview) -> int`` (see :class:`FileSink`); only this writer's thread calls it.
+    :param notice: ``notice(count)``, the line (bytes, newline included) written where ``count`` lines were
+        dropped; called in the writer's thread.
+    :param max_waiting: bytes kept waiting at most; a chunk written while nothing waits is always taken.
     """
 
-    def __init__(self, stream: IO[bytes], notice: Callable[[int], bytes], max_waiting: int = MAX_WAITING,
+    def __init__(self, sink, notice: Callable[[int], bytes], max_waiting: int = MAX_WAITING,
                  name: str = "kvresponder-log-writer") -> None:
-        self._stream = stream
+        self._sink = sink
         self._notice = notice
         self._max_waiting = max_waiting
+        self._name = name
         self._changed = threading.Condition(threading.Lock())
         #: Chunks to write, in order; an ``int`` in their place counts the lines dropped there.
         self._queue: List[Union[bytes, int]] = []
-        #: Bytes of the chunks handed over and not yet written: those queued and those being written.
+        #: Bytes of the chunks handed over and not yet written: those queued and the one being written.
         self._waiting = 0
         self._writing = False
+        #: The last write failed: the sink takes nothing now.
+        self._failing = False
+        #: The last byte written ended a line (a notice must not be glued to half a line).
+        self._line_ended = True
         self._dropped = 0
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._thread: Optional[threading.Thread] = None
+        this = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: this() is not None and this()._forked())
 
     @property
     def dropped(self) -> int:
@@ -68,7 +122,53 @@ class BackgroundWriter:
                 return
             self._queue.append(data)
             self._waiting += len(data)
+            if self._thread is None:
+                self._start()
             self._changed.notify_all()
+
+    def flush(self) -> None:
+        """
+        Nothing to do: the writer's thread writes each chunk as soon as the sink takes it.
+        """
+
+    def drain(self, timeout: float) -> bool:
+        """
+        Wait until everything handed over is written, or ``timeout`` seconds; whether it all was. For the end of
+        the process, so that its last lines are not lost, without hanging on a sink that takes nothing: a sink
+        whose last write failed ends the wait at once.
+        """
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._writing and (
+                not self._queue or (self._failing and all(type(item) is int for item in self._queue))), timeout)
+
+    def stop(self, timeout: float) -> bool:
+        """
+        Write out what is waiting, within ``timeout`` seconds, end the thread and close the sink; whether the
+        thread ended (the sink stays open if it did not).
+        """
+        with self._changed:
+            self._stopping = True
+            thread = self._thread
+            self._changed.notify_all()
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                return False
+        self._sink.close()
+        return True
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._thread.start()
+
+    def _forked(self) -> None:
+        # The parent's thread is not in the child, and its lock may have been held at the fork. What the parent
+        # had not written (it was not being written, or the parent is about to exit) is the child's to write.
+        self._changed = threading.Condition(threading.Lock())
+        self._writing = False
+        self._thread = None
+        if self._queue and not self._stopping:
+            self._start()
 
     def _mark_dropped(self, lines: int, at_end: bool = True) -> None:
         queue = self._queue
@@ -80,59 +180,50 @@ class BackgroundWriter:
         else:
             queue.insert(0, lines)
 
-    def flush(self) -> None:
-        """
-        Nothing to do: the writer's thread writes and flushes each chunk as soon as the stream takes it.
-        """
-
-    def drain(self, timeout: float) -> bool:
-        """
-        Wait until everything handed over is written, or ``timeout`` seconds; whether it all was. For the end of
-        the process, so that its last lines are not lost, without hanging on a stream that takes nothing.
-        """
-        with self._changed:
-            return self._changed.wait_for(lambda: not self._queue and not self._writing, timeout)
-
-    def stop(self, timeout: float) -> bool:
-        """
-        Write out what is waiting, within ``timeout`` seconds, and end the thread; whether it ended.
-        """
-        with self._changed:
-            self._stopping = True
-            self._changed.notify_all()
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
     def _run(self) -> None:
+        changed = self._changed
         while True:
-            with self._changed:
-                self._changed.wait_for(lambda: self._queue or self._stopping)
+            with changed:
+                changed.wait_for(lambda: self._queue or self._stopping)
                 if not self._queue:
                     return
-                items, self._queue = self._queue, []
+                item = self._queue.pop(0)
                 self._writing = True
-            chunks = [item for item in items if type(item) is not int]
-            size = sum(len(chunk) for chunk in chunks)
-            try:
-                self._stream.write(b"".join(self._notice(item) if type(item) is int else item for item in items))
-                self._stream.flush()
-            except Exception:
-                # A stream that cannot be written (stdout closed, a full disk): these lines are lost too, and
-                # counted; the next chunk tries again, after a notice of all that was lost. Nothing to log to.
-                lost = sum(chunk.count(b"\n") for chunk in chunks)
-                with self._changed:
-                    self._dropped += lost
-                    self._mark_dropped(lost + sum(item for item in items if type(item) is int), at_end=False)
-                    self._waiting -= size
-                    self._writing = False
-                    self._changed.notify_all()
+            if type(item) is int:
+                text = self._notice(item)
+                data, size = (text if self._line_ended else b"\n" + text), 0
+            else:
+                data, size = item, len(item)
+            lost = self._write_all(data)
+            with changed:
+                self._writing = False
+                self._waiting -= size
+                if lost is None:
+                    self._failing = False
+                else:
+                    # The sink failed (stdout closed, a full disk): the lines not written are lost too, and
+                    # counted; the notice goes first once the sink takes writes again. Nothing to log to.
+                    self._failing = True
+                    self._dropped += lost if size else 0
+                    self._mark_dropped(lost if size else item, at_end=False)
+                changed.notify_all()
+                if lost is not None:
                     if self._stopping:
                         return
-                    # Try the stream again with the next chunk (or at the stop), rather than spin on it.
-                    self._changed.wait_for(
-                        lambda: self._stopping or any(type(item) is not int for item in self._queue))
-                continue
-            with self._changed:
-                self._waiting -= size
-                self._writing = False
-                self._changed.notify_all()
+                    # Try the sink again with the next chunk, rather than spin on it.
+                    changed.wait_for(lambda: self._stopping or any(type(i) is not int for i in self._queue))
+
+    def _write_all(self, data: bytes) -> Optional[int]:
+        """
+        Write all of ``data``; ``None`` if it was, else the lines lost (those whose end was not written).
+        """
+        view = memoryview(data)
+        try:
+            while view:
+                written = self._sink.write(view)
+                if written:
+                    self._line_ended = view[written - 1] == 0x0A
+                view = view[written:]
+        except Exception:
+            return bytes(view).count(b"\n")
+        return None

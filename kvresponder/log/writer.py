@@ -166,6 +166,8 @@ class BackgroundWriter:
         # had not written (it was not being written, or the parent is about to exit) is the child's to write.
         self._changed = threading.Condition(threading.Lock())
         self._writing = False
+        # The chunk the parent's thread was writing is not the child's: it no longer waits.
+        self._waiting = sum(len(item) for item in self._queue if type(item) is not int)
         self._thread = None
         if self._queue and not self._stopping:
             self._start()

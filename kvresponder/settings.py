@@ -233,7 +233,7 @@ OPTIONS = (
            "Shared secret authenticating discovery and peer calls.", secret=True),
     Option("cluster-secret-file", ("CLUSTER_SECRET_FILE",), None, _text,
            "File holding the cluster secret, read at start (instead of --cluster-secret)."),
-    Option("admin-token", ("ADMIN_TOKEN",), None, _secret, "Bearer token for /admin writes.", secret=True),
+    Option("admin-token", ("ADMIN_TOKEN",), None, _secret, "Bearer token for /admin/* (reads and writes, once set).", secret=True),
     Option("admin-token-file", ("ADMIN_TOKEN_FILE",), None, _text,
            "File holding the admin token, read at start (instead of --admin-token)."),
     Option("insecure-admin", ("INSECURE_ADMIN",), "false", _bool,

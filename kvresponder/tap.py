@@ -24,8 +24,9 @@ from .settings import OPTIONS, SettingsError, load_settings
 
 #: Seconds between flushes of the log stream.
 LOG_FLUSH_INTERVAL = 0.2
-#: Seconds a stopping node waits, at most, for its last log lines to be written.
-LOG_DRAIN_TIMEOUT = 2.0
+#: Seconds a stopping node waits, at most, for its last log lines to be written: with the tracer's half second,
+#: within the moment to exit that the chart's drain timeout leaves.
+LOG_DRAIN_TIMEOUT = 1.0
 
 
 class Options(usage.Options):

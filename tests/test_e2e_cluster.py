@@ -1,7 +1,7 @@
 """
 Real ``twistd`` processes on loopback, finding each other over real multicast: formation, replication,
-kill -9 with zero failed requests, join, SIGTERM drain, tenant isolation, and no clustering without a secret
-unless told to be insecure.
+kill -9 with zero failed requests, join, SIGTERM drain, a rolling change of placement settings, tenant isolation,
+and no clustering without a secret unless told to be insecure.
 """
 
 import threading
@@ -148,6 +148,29 @@ def test_a_sigtermed_node_drains_and_no_key_is_lost(cluster):
     assert answered["unanswered"] == 0 and answered["waited"] < 1.0, answered
     settled_copies(cluster, keys)
     readable_everywhere(cluster, keys)
+
+
+@pytest.mark.parametrize("setting, value, copies", [("VNODES", "256", 2), ("REPLICATION_FACTOR", "3", 3)])
+def test_a_rolling_change_of_placement_settings_keeps_every_key_readable(cluster, setting, value, copies):
+    """
+    If a rolling upgrade changes ``VNODES`` or ``REPLICATION_FACTOR`` (each old node replaced in turn by a new one
+    with the new value, as ``helm upgrade`` does), then while the nodes disagree on where keys belong, every key
+    stays readable through every node at every step, and once the rollout is done the copies are where the new
+    setting puts them.
+    """
+    for _ in range(3):
+        cluster.add()
+    cluster.wait_formed()
+    keys = write_keys(cluster.nodes[0], 150, prefix="placed")
+    settled_copies(cluster, keys)
+    for index, old in enumerate(list(cluster.nodes)):
+        cluster.add("new%d" % (index + 1,), env={setting: value})
+        cluster.wait_formed(30)
+        readable_everywhere(cluster, keys)
+        assert old.terminate() in (0, -15)  # twistd ends on SIGTERM by re-raising it, after the drain
+        cluster.wait_formed(30)
+        readable_everywhere(cluster, keys)
+    settled_copies(cluster, keys, replicas=copies)
 
 
 def test_two_tenants_on_one_discovery_port_never_see_each_other(log_dir):

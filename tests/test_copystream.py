@@ -170,13 +170,21 @@ async def test_the_writers_metrics_count_its_open_streams(server):
 
 @pytest_twisted.ensureDeferred
 async def test_the_stream_outlives_the_http_idle_timeout_and_frees_its_connection_slot_when_closed(server):
+    """
+    If frames keep a stream busy for longer than the HTTP connection's idle timeout, then the same stream stays
+    open (the HTTP timers stopped when the connection was handed over; the stream's own idle timer never fires
+    while frames flow), and once closed it frees its connection slot on the peer.
+    """
     peer = server(timeout=0.2)
     streams = _streams(_auth())
     await streams.send(peer.peer, [_entry(1)], [b"-"], 2.0)
     assert peer.site.open_connections == 1
-    await deferLater(reactor, 0.6, lambda: None)
-    await streams.send(peer.peer, [_entry(2)], [b"-"], 2.0)
-    assert streams.open_count() == 1 and peer.node.metrics.gauge("kv_copy_streams_incoming") == 1
+    [stream] = streams._open.values()
+    for index in range(2, 8):  # a frame every 0.1 s, for three times the HTTP idle timeout
+        await deferLater(reactor, 0.1, lambda: None)
+        await streams.send(peer.peer, [_entry(index)], [b"-"], 2.0)
+    assert list(streams._open.values()) == [stream] and not stream.closed
+    assert peer.site.open_connections == 1 and peer.node.metrics.gauge("kv_copy_streams_incoming") == 1
     streams.close()
     await _until(lambda: peer.site.open_connections == 0)
     assert peer.node.metrics.gauge("kv_copy_streams_incoming") == 0

@@ -174,7 +174,6 @@ BAD = [
     ("/apply", {"entries": [dict(ENTRY, ver=[1, 0, ""])]}),
     ("/apply", {"entries": [dict(ENTRY, ver=None)]}),
     ("/apply", {"entries": [ENTRY, 5]}),
-    ("/apply", {"task_ids": "x"}),
     ("/apply", [ENTRY]),
     ("/apply", "entries"),
     ("/apply", None),

@@ -94,14 +94,16 @@ def test_a_stalled_sink_never_blocks_the_writer_and_lines_past_the_limit_are_dro
     first = lines(3)
     writer.write(first)
     assert sink.entered.wait(PATIENCE)
-    # The first chunk is in the sink's blocked write, and still counts against the limit; the second fits.
+    # The first chunk is in the sink's blocked write, and still counts against the limit; the second fits. Each
+    # later batch would fit beside the second alone, and not beside both.
     writer.write(lines(2, 3))
-    assert len(first) + len(lines(2, 3)) + len(lines(10, 100)) > 100 >= len(first) + len(lines(2, 3))
+    batch = len(lines(6, 100))
+    assert len(lines(2, 3)) + batch <= 100 < len(first) + len(lines(2, 3)) + batch
     started = time.monotonic()
-    for batch in range(50):
-        writer.write(lines(10, 100 + batch * 10))
+    for index in range(50):
+        writer.write(lines(6, 100 + index * 6))
     assert time.monotonic() - started < PATIENCE / 2
-    assert writer.dropped == 500
+    assert writer.dropped == 300
     assert sink.written == b""
 
 

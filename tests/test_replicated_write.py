@@ -201,7 +201,6 @@ class ReplicatedWriteTests(unittest.TestCase):
             self.assertIn(message, inside)
 
     @capture_logging(None, encoder_=None)
-    @capture_logging(None, encoder_=None)
     def test_a_write_stamped_again_at_once_is_delivered_outside_the_writes_own_context(self, logger):
         """
         If a replica's later answer reports a newer version and the write, stamped again, is then stored at

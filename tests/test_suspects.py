@@ -20,7 +20,7 @@ from kvresponder.copystream import StreamError, StreamTimeout
 from kvresponder.metrics import Metrics
 from kvresponder.peers import PeerClient, PeerError
 from kvresponder.store import ApplyResult, Entry
-from kvresponder.suspects import SUSPECT_FOR, SuspectPeers, unreachable
+from kvresponder.suspects import LATE_TIMEOUT, SUSPECT_FOR, SuspectPeers, unreachable
 
 Peer = namedtuple("Peer", "node_id address port")
 PEER = Peer("n2", "10.0.0.2", 3000)
@@ -245,6 +245,7 @@ def test_a_stream_batch_unanswered_in_time_makes_the_peer_a_suspect_and_its_next
     streams.sent[1].errback(StreamError(503, "answered 503"))
     assert not suspects.suspected(PEER)
     sender.send(PEER, [entry], [b"-"]).addBoth(outcomes.append)
+    clock.advance(2.0)  # the batch's timeout fires when it is due
     streams.sent[2].errback(StreamTimeout("no answer"))
     assert suspects.suspected(PEER)
     sender.send(PEER, [entry], [b"-"]).addBoth(outcomes.append)
@@ -252,6 +253,25 @@ def test_a_stream_batch_unanswered_in_time_makes_the_peer_a_suspect_and_its_next
     assert outcomes[0] == [ApplyResult(True, False)]
     assert all(outcome.check(PeerError) for outcome in outcomes[1:])
     assert outcomes[3].value.code is None
+
+
+def test_a_stream_batch_whose_timeout_fired_late_makes_no_suspect(logger):
+    """
+    If a batch's timeout fires well after it was due (this node's reactor was held up, not the peer), then the
+    batch fails over as usual, but the peer is no suspect: its next batch is sent.
+    """
+    clock = Clock()
+    streams = _Streams()
+    suspects = SuspectPeers(clock)
+    sender = StreamCopySender(streams, None, clock, None, 2.0, suspects)
+    entry = Entry("k", b"1", (1, 0, "n1"))
+    outcomes = []
+    sender.send(PEER, [entry], [b"-"]).addBoth(outcomes.append)
+    clock.advance(2.0 + LATE_TIMEOUT + 0.5)
+    streams.sent[0].errback(StreamTimeout("no answer"))
+    assert outcomes[0].check(PeerError) and not suspects.suspected(PEER)
+    sender.send(PEER, [entry], [b"-"]).addBoth(outcomes.append)
+    assert len(streams.sent) == 2
 
 
 def test_a_suspect_that_restarts_is_none_once_its_new_incarnation_is_heard(logger):

@@ -9,6 +9,7 @@ the moment an answer fires are under the test's control.
 import json
 import re
 import socket
+from collections import Counter
 from typing import List, Optional, Tuple
 
 import pytest
@@ -24,7 +25,7 @@ from twisted.internet.threads import deferToThread
 from kvresponder.http.fastlane import INCOMPLETE, FastLane
 from kvresponder.http.kvops import Answer
 from kvresponder.http.root import build_root
-from kvresponder.http.site import KVSite, _Cork, http_date
+from kvresponder.http.site import KVRequest, KVSite, _Cork, http_date
 from kvresponder.log import LogPolicy
 from kvresponder.node import Node
 
@@ -164,16 +165,50 @@ def _normalized(answers):
     return normal
 
 
+class _Paths:
+    """
+    Counts, for each site, the requests its lane answered (calls of the lane's ``answer``) and those Twisted's
+    path processed (calls of ``KVRequest.process``).
+    """
+
+    def __init__(self, monkeypatch, sites) -> None:
+        self.lane: Counter = Counter()
+        self.twisted: Counter = Counter()
+        process = KVRequest.process
+
+        def processed(request):
+            self.twisted[request.channel.site] += 1
+            return process(request)
+
+        monkeypatch.setattr(KVRequest, "process", processed)
+        for site in sites:
+            if site.lane is not None:
+                monkeypatch.setattr(site.lane, "answer", self._counting(site, site.lane.answer))
+
+    def _counting(self, site, answer):
+        def answered(*args):
+            self.lane[site] += 1
+            return answer(*args)
+        return answered
+
+    def clear(self) -> None:
+        self.lane.clear()
+        self.twisted.clear()
+
+
 @pytest_twisted.ensureDeferred
-async def test_the_lane_answers_every_kv_request_as_twisteds_path_does():
+async def test_the_lane_answers_every_kv_request_as_twisteds_path_does(monkeypatch):
     """
     If the same kv requests (writes, reads, deletes, bad bodies, bad keys, percent-encoded keys, a body at the
     limit) go to a node with the lane and one without, one request a connection and all pipelined on one
-    connection, then both give the same statuses, headers and bodies, and the same metrics.
+    connection, then both give the same statuses, headers and bodies, and the same metrics; and on the node
+    with the lane, the lane answered every one of them (none went to Twisted's path).
     """
     servers = [_Server(fast_lane=True), _Server(fast_lane=False)]
+    paths = _Paths(monkeypatch, [server.site for server in servers])
     try:
         for pipelined in (False, True):
+            paths.clear()
             results = []
             for server in servers:
                 if pipelined:
@@ -186,6 +221,10 @@ async def test_the_lane_answers_every_kv_request_as_twisteds_path_does():
             lane, twisted = results
             for index, (ours, theirs) in enumerate(zip(lane, twisted)):
                 assert ours == theirs, (pipelined, index, SEQUENCE[index][:60])
+            # What was compared is the lane's answers with Twisted's path's, not Twisted's path with itself.
+            with_lane, without = (server.site for server in servers)
+            assert (paths.lane[with_lane], paths.twisted[with_lane]) == (len(SEQUENCE), 0), pipelined
+            assert (paths.lane[without], paths.twisted[without]) == (0, len(SEQUENCE)), pipelined
         statuses = [status for status, _, _ in lane]
         # The sequence means what it says (not all errors, not all successes).
         assert statuses[:4] == [404, 201, 200, 200] and statuses[-4:] == [200, 404, 404, 404], statuses
@@ -243,15 +282,17 @@ class _Recording(KVSite):
 
 @pytest.mark.parametrize("fast_lane", [True, False])
 @pytest_twisted.ensureDeferred
-async def test_no_answer_leaves_before_the_reactor_turn_that_wrote_it_ends(fast_lane):
+async def test_no_answer_leaves_before_the_reactor_turn_that_wrote_it_ends(fast_lane, monkeypatch):
     """
-    If two connections' requests are handled in one reactor turn (by the lane, or by Twisted's path), then no
-    answer has left while the turn's code runs, and each connection has its own answer right after the turn.
+    If two connections' requests are handled in one reactor turn (both by the lane, or both by Twisted's path),
+    then no answer has left while the turn's code runs, and each connection has its own answer right after the
+    turn.
     """
     node = Node(make_settings("t1", "n1", max_value_size=str(VALUE_LIMIT), max_key_length="20"), reactor,
                 http=None)
     site = _Recording(build_root(node), reactor.seconds, reactor=reactor, metrics=node.metrics,
                       body_limit=VALUE_LIMIT, fast_lane=fast_lane)
+    paths = _Paths(monkeypatch, [site])
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
     clients = []
     try:
@@ -263,6 +304,8 @@ async def test_no_answer_leaves_before_the_reactor_turn_that_wrote_it_ends(fast_
         by_port = {channel.transport.getPeer().port: channel for channel in site.channels}
         by_port[clients[0].getsockname()[1]].dataReceived(_put(b"a", b'{"value": 1}'))
         by_port[clients[1].getsockname()[1]].dataReceived(_get(b"b"))
+        # Both requests were handled in this turn, on the path the test names.
+        assert (paths.lane[site], paths.twisted[site]) == ((2, 0) if fast_lane else (0, 2))
         for client in clients:
             client.setblocking(False)
             with pytest.raises(BlockingIOError):
@@ -560,46 +603,77 @@ def test_reads_logged_at_debug_go_to_twisteds_path_which_logs_them():
     assert [m for m in messages if m.get("action_type") == "kvresponder:http:read" and m.get("route") == "/kv/{key}"]
 
 
-@pytest.mark.parametrize("raw", [
-    b"GET /t1/kv/k HTTP/1.0\r\nHost: x\r\n\r\n",
-    b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Upgrade\r\n\r\n",
-    b"PUT /t1/kv/k HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n{}",
-    b"PUT /t1/kv/k HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-    b"PUT /t1/kv/k HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}",
-    b"PUT /t1/kv/k HTTP/1.1\r\nHost: x\r\nContent-Length: +2\r\n\r\n{}",
-    b"PUT /t1/kv/k HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx",
-    b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\nBad Header: x\r\n\r\n",
-    b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\nX: a\x00b\r\n\r\n",
-    b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\nX: a\rb\r\n\r\n",
-    b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\nX: a\nb\r\n\r\n",
-    b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\nX: a\n\rb\r\n\r\n",
-    b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\nX: b\r\r\n\r\n",
-    b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\nX: b\r\nY: \nc\r\n\r\n",
-    b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\n" + b"X: y\r\n" * 64 + b"\r\n",
-    b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n",
-    b"GET /t1/kv/k\xff HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET  /t1/kv/k HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /t1/kv/ HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /t1/kv/k?limit=1 HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"HEAD /t1/kv/k HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"POST /t1/kv/k HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
-    b"GET /t2/kv/k HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"PUT /t1/kv/k HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (VALUE_LIMIT + 1,),
+def _without(raw: bytes, defect: bytes):
+    """A decline case: ``raw``, and the same request with ``defect`` (its first occurrence) cut out."""
+    assert defect in raw, (raw, defect)
+    return raw, raw.replace(defect, b"", 1)
+
+
+#: Requests the lane declines, each for one defect: (the request, the same request without that defect).
+DECLINED = [
+    (b"GET /t1/kv/k HTTP/1.0\r\nHost: x\r\n\r\n", b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\n\r\n"),
+    _without(b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"Connection: close\r\n"),
+    _without(b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Upgrade\r\n\r\n", b", Upgrade"),
+    # Each of the headers whose handling is Twisted's, alone.
+    _without(b"PUT /t1/kv/k HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n{}",
+             b"Expect: 100-continue\r\n"),
+    _without(b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+             b"Transfer-Encoding: chunked\r\n"),
+    # Content-Length and Transfer-Encoding both: the lane would read the chunks as a body (request smuggling).
+    _without(b"PUT /t1/kv/k HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+             b"0\r\n\r\n", b"Transfer-Encoding: chunked\r\n"),
+    _without(b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\n\r\n", b"Upgrade: h2c\r\n"),
+    _without(b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\nTE: trailers\r\n\r\n", b"TE: trailers\r\n"),
+    _without(b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\nTrailer: X\r\n\r\n", b"Trailer: X\r\n"),
+    _without(b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\nProxy-Connection: keep-alive\r\n\r\n",
+             b"Proxy-Connection: keep-alive\r\n"),
+    _without(b"PUT /t1/kv/k HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}",
+             b"Content-Length: 2\r\n"),
+    _without(b"PUT /t1/kv/k HTTP/1.1\r\nHost: x\r\nContent-Length: +2\r\n\r\n{}", b"+"),
+    (b"PUT /t1/kv/k HTTP/1.1\r\nHost: x\r\n\r\n", b"PUT /t1/kv/k HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"),
+    (b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx", b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\n\r\n"),
+    (b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\nBad Header: x\r\n\r\n",
+     b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\nBad-Header: x\r\n\r\n"),
+    _without(b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\nX: a\x00b\r\n\r\n", b"\x00"),
+    _without(b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\nX: a\rb\r\n\r\n", b"\rb"),
+    _without(b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\nX: a\nb\r\n\r\n", b"\nb"),
+    _without(b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\nX: a\n\rb\r\n\r\n", b"\n\rb"),
+    (b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\nX: b\r\r\n\r\n", b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\nX: b\r\n\r\n"),
+    _without(b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\nX: b\r\nY: \nc\r\n\r\n", b"\nc"),
+    # One header line too many: with Host, 62 more are the most the lane reads.
+    (b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\n" + b"X: y\r\n" * 64 + b"\r\n",
+     b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\n" + b"X: y\r\n" * 62 + b"\r\n"),
+    _without(b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n", b" folded\r\n"),
+    (b"GET /t1/kv/k\xff HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\n\r\n"),
+    (b"GET  /t1/kv/k HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\n\r\n"),
+    (b"GET /t1/kv/ HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\n\r\n"),
+    _without(b"GET /t1/kv/k?limit=1 HTTP/1.1\r\nHost: x\r\n\r\n", b"?limit=1"),
+    (b"HEAD /t1/kv/k HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\n\r\n"),
+    (b"POST /t1/kv/k HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+     b"PUT /t1/kv/k HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"),
+    (b"GET /t2/kv/k HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\n\r\n"),
+    # A body one byte over the limit; at the limit, the lane takes it.
+    (b"PUT /t1/kv/k HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (VALUE_LIMIT + 1,),
+     b"PUT /t1/kv/k HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (VALUE_LIMIT,) + b"v" * VALUE_LIMIT),
     # Host: none, two, or not a host (Twisted's path answers these 400).
-    b"GET /t1/kv/k HTTP/1.1\r\n\r\n",
-    b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\nHost: x\r\n\r\n",
-    b"GET /t1/kv/k HTTP/1.1\r\nHost: x y\r\n\r\n",
-    b"GET /t1/kv/k HTTP/1.1\r\nHost: x/y\r\n\r\n",
-])
-def test_the_lane_leaves_what_it_does_not_fully_understand_to_twisted(raw):
+    (b"GET /t1/kv/k HTTP/1.1\r\n\r\n", b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\n\r\n"),
+    _without(b"GET /t1/kv/k HTTP/1.1\r\nHost: x\r\nHost: x\r\n\r\n", b"Host: x\r\n"),
+    _without(b"GET /t1/kv/k HTTP/1.1\r\nHost: x y\r\n\r\n", b" y"),
+    _without(b"GET /t1/kv/k HTTP/1.1\r\nHost: x/y\r\n\r\n", b"/y"),
+]
+
+
+@pytest.mark.parametrize("raw, fixed", DECLINED)
+def test_the_lane_leaves_what_it_does_not_fully_understand_to_twisted(raw, fixed):
     """
     If a request is not plain HTTP/1.1 for a kv key, framed by one Content-Length within the limit, with
-    headers the lane can check (or it is malformed), then the lane declines it (Twisted parses it).
+    headers the lane can check (or it is malformed), then the lane declines it (Twisted parses it); and it is
+    declined for that one defect: the same request without it, the lane takes whole.
     """
     lane = FastLane(b"/t1/kv/", _Waiting(), VALUE_LIMIT, 16384, None, None, lambda: 0.0, http_date)
     assert lane.parse(raw, 0) is None
+    parsed = lane.parse(fixed, 0)
+    assert isinstance(parsed, tuple) and parsed[-1] == len(fixed), (fixed, parsed)
 
 
 def test_the_lane_waits_for_the_rest_of_a_request_it_may_take():
@@ -672,19 +746,26 @@ def test_reading_stays_off_behind_a_waiting_answer_whatever_the_transport_says()
 def test_a_request_that_starts_in_the_read_that_ends_another_gets_its_own_deadline():
     """
     If a slow request's last bytes arrive together with the start of the next one, then the next one's
-    deadline counts from that read, not from the slow request's first byte.
+    deadline counts from that read, not from the slow request's first byte; and it is a deadline: the
+    connection closes when it passes, though the next request's bytes keep coming, too often for the
+    connection ever to be idle.
     """
     clock = Clock()
     node = Node(make_settings("t1", "n1"), clock, http=None)
     site = KVSite(build_root(node), clock.seconds, reactor=clock, timeout=30)
     protocol, transport = _channel(site)
-    put = _put(b"k", b'{"value": 1}')
+    put, get = _put(b"k", b'{"value": 1}'), _get(b"k")
     protocol.dataReceived(put[:10])
     clock.advance(25)
-    protocol.dataReceived(put[10:] + _get(b"k")[:10])
-    clock.advance(6)
+    protocol.dataReceived(put[10:] + get[:10])  # t=25: the next request's deadline is t=55
+    # A byte every 5 s (the idle timeout is 30 s); past t=30, the slow request's deadline.
+    for byte in range(10, 15):
+        clock.advance(5)
+        assert not transport.disconnecting, clock.seconds()
+        protocol.dataReceived(get[byte:byte + 1])
+    clock.advance(4.9)  # t=54.9
     assert not transport.disconnecting
-    clock.advance(25)
+    clock.advance(0.2)  # t=55.1: the deadline (the connection's last byte came at t=50: idle at t=80)
     assert transport.disconnecting
 
 
@@ -733,6 +814,33 @@ def test_a_stopping_site_waits_for_the_requests_it_took_and_then_for_no_longer_t
     clock.advance(0.2)
     assert done.called
     assert done.result == 1  # the timeout ended it, with that one request unanswered
+
+
+def test_a_stopping_site_waits_for_a_request_on_twisteds_path_until_it_is_answered():
+    """
+    If a node stops while a request that went to Twisted's path (the ``http`` area at debug, where the lane
+    declines) waits for its answer, then the site's wait does not end while it waits, and ends once it is
+    answered.
+    """
+    operations = _Waiting()
+    site = _lane_site(operations, log_policy=LogPolicy("debug"))
+    # Twisted's path asks the same operations as the lane: the test's, whose Deferred it fires.
+    [(_, _, kv)] = site.shortcuts
+    kv.operations = operations
+    clock = site.reactor
+    protocol, transport = _channel(site)
+    protocol.dataReceived(_delete(b"k"))
+    [pending] = operations.pending
+    # Held by Twisted's path, not the lane: the lane is closed, and waits for nothing.
+    assert not protocol._lane.open and not protocol._lane.waiting
+    done = site.requests_done(5.0)
+    clock.advance(1.0)
+    assert not done.called and transport.value() == b""
+    pending.callback(Answer(200, b'{"key":"k","deleted":true}'))
+    assert _statuses(transport.value()) == [200]
+    clock.advance(0.1)
+    assert done.called
+    assert done.result == 0  # ended by the answer, not the timeout
 
 
 def test_a_stopping_site_waits_for_an_answer_still_corked_until_the_end_of_the_turn():

@@ -246,10 +246,9 @@ def test_a_message_outside_any_action_is_the_one_message_of_its_own_task():
 
 # -- the write's line, formatted directly ---------------------------------------------------------------------
 
+from contextlib import contextmanager  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
-from eliot._output import Destinations, Logger  # noqa: E402
-from eliot.testing import swap_logger  # noqa: E402
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 from kvresponder import log as log_module  # noqa: E402
@@ -258,15 +257,23 @@ from kvresponder.log.store import STORE_APPLIED, STORE_APPLIED_LINE  # noqa: E40
 from kvresponder.privateapi import sole_eliot_destination  # noqa: E402
 
 
-def _only_to(*destinations) -> Logger:
+@contextmanager
+def _only_to(*destinations):
     """
-    A logger of Eliot's own kind whose destinations are ``destinations`` alone (not the process's).
+    Within it, Eliot's own default logger writes to ``destinations`` alone, added through Eliot's public
+    ``add_destinations`` (the process's own destinations and global fields are set aside meanwhile, and put
+    back after). The sole destination privateapi finds is checked to be the one added, so a direct line is
+    taken here only where the service would take it.
     """
-    logger = Logger()
-    logger._destinations = Destinations()
-    for destination in destinations:
-        logger._destinations.add(destination)
-    return logger
+    registry = eliot_add.__self__
+    saved = registry._destinations, registry._any_added, registry._globalFields
+    registry._destinations, registry._any_added, registry._globalFields = [], True, {}
+    try:
+        eliot_add(*destinations)
+        assert sole_eliot_destination() is (destinations[0] if len(destinations) == 1 else None)
+        yield
+    finally:
+        registry._destinations, registry._any_added, registry._globalFields = saved
 
 
 @settings(max_examples=200, deadline=None)
@@ -284,20 +291,19 @@ def test_a_direct_store_line_is_the_line_emit_writes(key, node, flags, task):
     for direct in (True, False):
         stream = io.BytesIO()
         destination = JSONLineDestination(stream, LogPolicy("info"), "t1", "n1")
-        previous = swap_logger(_only_to(destination))
         saved = log_module.time, log_module._task_uuid[0]
         log_module.time = SimpleNamespace(time=lambda: 1700000000.250001)
         log_module._task_uuid[0] = lambda: "00000000-0000-4000-8000-000000000000"
         try:
-            # The direct way is the one taken here (and, in the service, the one its only destination gets).
-            assert sole_eliot_destination() is destination
-            if direct:
-                STORE_APPLIED_LINE.emit(task, *values)
-            else:
-                emit(STORE_APPLIED, task, **dict(zip(STORE_APPLIED_LINE.names, values)))
+            # The direct way is the one taken here (_only_to checks that privateapi finds the destination
+            # Eliot's public call added), as in the service, whose only destination it is.
+            with _only_to(destination):
+                if direct:
+                    STORE_APPLIED_LINE.emit(task, *values)
+                else:
+                    emit(STORE_APPLIED, task, **dict(zip(STORE_APPLIED_LINE.names, values)))
         finally:
             log_module.time, log_module._task_uuid[0] = saved
-            swap_logger(previous)
         lines.append(stream.getvalue())
     assert lines[0] == lines[1]
     assert json.loads(lines[0])["key"] == key
@@ -311,11 +317,8 @@ def test_a_store_line_goes_through_eliot_where_another_destination_listens():
     stream = io.BytesIO()
     destination = JSONLineDestination(stream, LogPolicy("info"), "t1", "n1")
     heard = []
-    previous = swap_logger(_only_to(destination, heard.append))
-    try:
+    with _only_to(destination, heard.append):
         STORE_APPLIED_LINE.emit(None, "k", "1.0.n1", False, True, False)
-    finally:
-        swap_logger(previous)
     assert [message["key"] for message in heard] == ["k"]
     assert json.loads(stream.getvalue())["key"] == "k"
 
@@ -325,12 +328,9 @@ def test_a_store_line_inside_an_action_is_logged_in_that_action():
     If a store line is logged inside an action with no task of its own, then it is that action's message.
     """
     heard = []
-    previous = swap_logger(_only_to(heard.append))
-    try:
+    with _only_to(heard.append):
         with start_action(action_type="test:request") as action:
             STORE_APPLIED_LINE.emit(None, "k", "1.0.n1", False, True, False)
-    finally:
-        swap_logger(previous)
     [line] = [message for message in heard if message.get("message_type") == STORE_APPLIED.message_type]
     assert line["task_uuid"] == action.task_uuid
 
@@ -341,11 +341,8 @@ def test_a_direct_store_line_is_left_out_when_the_policy_turns_the_store_away():
     """
     stream = io.BytesIO()
     destination = JSONLineDestination(stream, LogPolicy("warning"), "t1", "n1")
-    previous = swap_logger(_only_to(destination))
-    try:
+    with _only_to(destination):
         STORE_APPLIED_LINE.emit(None, "k", "1.0.n1", False, True, False)
-    finally:
-        swap_logger(previous)
     assert stream.getvalue() == b""
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from hypothesis import given, settings, strategies as st
 from twisted.internet import tcp
-from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock, StringTransport
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 from twisted.web.resource import Resource
@@ -18,38 +18,96 @@ from twisted.web.resource import Resource
 from kvresponder import privateapi
 
 
-def _connection():
+def _connection(send_buffer=None):
     left, right = socket.socketpair()
-    connection = tcp.Connection(left, None, reactor=MemoryReactor())
+    if send_buffer is not None:
+        left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+        right.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, send_buffer)
+    connection = tcp.Connection(left, None, reactor=MemoryReactorClock())
     connection.connected = True
     return connection, (left, right)
 
 
-def test_a_tcp_transport_still_tells_what_it_has_queued_and_whether_it_is_closing():
+def _received(sock) -> bytes:
+    sock.setblocking(False)
+    chunks = []
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except BlockingIOError:
+            return b"".join(chunks)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def test_a_tcp_transport_is_queued_while_a_write_waits_and_not_once_it_is_sent():
     """
-    If a TCP connection has nothing buffered and is open, then a direct write is safe; if it holds unsent
-    bytes, is aborting, disconnecting or shut for writing, then it is not (``_tempDataBuffer``, ``dataBuffer``,
-    ``offset``, ``_aborting``, ``_writeDisconnected``).
+    If a TCP connection is open with nothing buffered, then a direct write is safe; once ``write`` has queued
+    bytes (``_tempDataBuffer``), it is not, until the reactor's ``doWrite`` has sent them.
     """
     assert all(issubclass(kind, tcp.Connection) for kind in privateapi.PLAIN_TCP)
-    connection, sockets = _connection()
+    connection, (left, right) = _connection()
     try:
         assert not privateapi.tcp_write_is_queued(connection)
         connection.write(b"x")
-        assert connection._tempDataBuffer == [b"x"]
         assert privateapi.tcp_write_is_queued(connection)
-        connection._tempDataBuffer, connection._tempDataLen = [], 0
-        connection.dataBuffer, connection.offset = b"abc", 1
-        assert privateapi.tcp_write_is_queued(connection)
-        connection.dataBuffer, connection.offset = b"", 0
-        for name in ("_aborting", "_writeDisconnected", "disconnecting"):
-            assert not getattr(connection, name)
-            setattr(connection, name, True)
-            assert privateapi.tcp_write_is_queued(connection)
-            setattr(connection, name, False)
+        assert connection.doWrite() is None
+        assert not privateapi.tcp_write_is_queued(connection)
+        assert _received(right) == b"x"
     finally:
-        for sock in sockets:
-            sock.close()
+        left.close()
+        right.close()
+
+
+def test_a_tcp_transport_is_queued_while_its_socket_has_taken_only_part_of_a_write():
+    """
+    If the socket takes only part of a large write (a small send buffer), then after ``doWrite`` the rest is
+    held in ``dataBuffer`` past ``offset`` and a direct write is not safe; once the peer has read and
+    ``doWrite`` has sent it all, it is again, and the peer got every byte in order.
+    """
+    data = bytes(range(256)) * 4096  # 1 MiB
+    connection, (left, right) = _connection(send_buffer=4096)
+    try:
+        connection.write(data)
+        assert connection.doWrite() is None
+        assert connection._tempDataBuffer == []  # what is left waits in dataBuffer alone
+        assert privateapi.tcp_write_is_queued(connection)
+        received = []
+        for _ in range(100000):
+            if not privateapi.tcp_write_is_queued(connection):
+                break
+            received.append(_received(right))
+            assert connection.doWrite() is None
+        received.append(_received(right))
+        assert b"".join(received) == data
+        assert not privateapi.tcp_write_is_queued(connection)
+    finally:
+        left.close()
+        right.close()
+
+
+@pytest.mark.parametrize("close", ["abortConnection", "loseConnection", "loseWriteConnection"])
+def test_a_tcp_transport_is_queued_once_it_is_aborting_closing_or_shut_for_writing(close):
+    """
+    If a TCP connection with nothing buffered is aborted (``_aborting``), told to close (``disconnecting``) or
+    shut for writing (``_writeDisconnected``, set when ``doWrite`` shuts it after ``loseWriteConnection``),
+    then a direct write is not safe. Just after ``loseWriteConnection`` it still is, as Twisted's own
+    ``write`` still takes bytes then: they go out before the shutdown.
+    """
+    connection, (left, right) = _connection()
+    try:
+        assert not privateapi.tcp_write_is_queued(connection)
+        getattr(connection, close)()
+        if close == "loseWriteConnection":
+            assert not privateapi.tcp_write_is_queued(connection)
+            assert connection.doWrite() is None
+            right.settimeout(5)
+            assert right.recv(1) == b""  # the shutdown reached the peer
+        assert privateapi.tcp_write_is_queued(connection)
+    finally:
+        left.close()
+        right.close()
 
 
 def _channel():
@@ -86,16 +144,64 @@ def test_a_request_still_answers_options_star_itself():
     assert request.finished and request.code == 200
 
 
-def test_a_channel_still_keeps_its_handling_flag_and_its_unread_bytes():
+def _pending_channel():
     """
-    If an HTTP channel is made, then it has ``_handlingRequest`` (not yet handling) and ``_dataBuffer`` (bytes
-    received while a request is answered).
+    A channel on a plain transport whose resource answers no request by itself (``NOT_DONE_YET``), and the
+    requests it was given, in order.
     """
-    channel = _channel()
+    from twisted.web.server import NOT_DONE_YET
+
+    given = []
+
+    class Pending(Resource):
+        isLeaf = True
+
+        def render_GET(self, request):
+            given.append(request)
+            return NOT_DONE_YET
+
+    channel = HTTPChannel()
+    channel.site = Site(Pending())
+    channel.requestFactory = Request
+    channel.makeConnection(StringTransport())
+    return channel, given
+
+
+def test_a_channel_is_between_requests_only_when_it_is_answering_none():
+    """
+    If a channel has no request, then it is between requests; while a request it received is unanswered
+    (``_handlingRequest``), it is not; once that answer is finished, it is again, and not while the next
+    request is answered.
+    """
+    channel, given = _pending_channel()
     assert privateapi.channel_between_requests(channel)
-    channel._dataBuffer.append(b"next request")
-    assert privateapi.take_unread(channel) == b"next request"
-    assert channel._dataBuffer == []
+    channel.dataReceived(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+    [first] = given
+    assert not privateapi.channel_between_requests(channel)
+    first.finish()
+    assert privateapi.channel_between_requests(channel)
+    channel.dataReceived(b"GET /second HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert [request.path for request in given] == [b"/first", b"/second"]
+    assert not privateapi.channel_between_requests(channel)
+    given[1].finish()
+    assert privateapi.channel_between_requests(channel)
+
+
+def test_the_unread_bytes_of_a_channel_are_what_arrived_while_it_answered_a_request():
+    """
+    If the next request arrives in a later read while a request is unanswered, then the channel holds it
+    unparsed (in ``_dataBuffer``), and taking the unread bytes gives it and leaves none.
+    """
+    channel, given = _pending_channel()
+    channel.dataReceived(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+    second = b"GET /second HTTP/1.1\r\nHost: x\r\n\r\n"
+    channel.dataReceived(second[:10])
+    channel.dataReceived(second[10:])
+    assert [request.path for request in given] == [b"/first"]
+    assert privateapi.take_unread(channel) == second
+    assert privateapi.take_unread(channel) == b""
+    given[0].finish()
+    assert [request.path for request in given] == [b"/first"]  # what was taken is not parsed afterwards
 
 
 def test_a_stopped_channel_parses_nothing_more_of_what_it_received():
@@ -367,34 +473,43 @@ def test_the_c_json_encoder_built_once_encodes_as_jsonencoder_does(value):
     assert encode(value) == json.JSONEncoder(default=default, check_circular=False).encode(value)
 
 
-def test_eliot_still_keeps_its_destinations_where_the_sole_one_is_found():
+def test_eliot_still_keeps_the_destinations_it_adds_where_the_sole_one_is_found():
     """
-    If Eliot's own logger writes to exactly one destination with no global fields, then that destination is
-    found; with two, with global fields, or with a memory logger in its place (``capture_logging``), none is.
+    If destinations are added through Eliot's public ``add_destinations``, then what its default logger writes
+    reaches them, and the sole one is found there: exactly one with no global fields is found; with two, with
+    global fields (``add_global_fields``), or with a memory logger in the default's place (``capture_logging``),
+    none is. (The process's own destinations and global fields are set aside meanwhile, and put back.)
     """
+    import eliot
     from eliot import MemoryLogger
-    from eliot._output import Destinations, Logger
     from eliot.testing import swap_logger
 
-    def one(message):
-        pass
+    heard = []
+    one = heard.append
 
     def two(message):
         pass
 
-    logger = Logger()
-    logger._destinations = Destinations()
-    logger._destinations.add(one)
-    previous = swap_logger(logger)
+    registry = eliot.add_destinations.__self__  # what the public calls add to, remove from and read fields of
+    saved = registry._destinations, registry._any_added, registry._globalFields
+    registry._destinations, registry._any_added, registry._globalFields = [], True, {}
     try:
-        assert privateapi.sole_eliot_destination() is one
-        logger._destinations.add(two)
         assert privateapi.sole_eliot_destination() is None
-        logger._destinations.remove(two)
+        eliot.add_destinations(one)
+        eliot.log_message(message_type="test:heard")
+        assert [message["message_type"] for message in heard] == ["test:heard"]
         assert privateapi.sole_eliot_destination() is one
-        logger._destinations.addGlobalFields(app="x")
+        eliot.add_destinations(two)
         assert privateapi.sole_eliot_destination() is None
-        swap_logger(MemoryLogger())
+        eliot.remove_destination(two)
+        assert privateapi.sole_eliot_destination() is one
+        previous = swap_logger(MemoryLogger())
+        try:
+            assert privateapi.sole_eliot_destination() is None
+        finally:
+            swap_logger(previous)
+        assert privateapi.sole_eliot_destination() is one
+        eliot.add_global_fields(app="x")
         assert privateapi.sole_eliot_destination() is None
     finally:
-        swap_logger(previous)
+        registry._destinations, registry._any_added, registry._globalFields = saved

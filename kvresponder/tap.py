@@ -25,8 +25,8 @@ from .settings import OPTIONS, SettingsError, load_settings
 #: Seconds between flushes of the log stream.
 LOG_FLUSH_INTERVAL = 0.2
 #: Seconds a stopping node waits, at most, for its last log lines to be written: with the tracer's half second,
-#: within the moment to exit that the chart's drain timeout leaves.
-LOG_DRAIN_TIMEOUT = 1.0
+#: within the second to exit that the chart's drain timeout leaves at least.
+LOG_DRAIN_TIMEOUT = 0.5
 
 
 class Options(usage.Options):

@@ -175,12 +175,14 @@ async def test_the_stream_outlives_the_http_idle_timeout_and_frees_its_connectio
     open (the HTTP timers stopped when the connection was handed over; the stream's own idle timer never fires
     while frames flow), and once closed it frees its connection slot on the peer.
     """
-    peer = server(timeout=0.2)
+    peer = server(timeout=0.5)
     streams = _streams(_auth())
     await streams.send(peer.peer, [_entry(1)], [b"-"], 2.0)
     assert peer.site.open_connections == 1
     [stream] = streams._open.values()
-    for index in range(2, 8):  # a frame every 0.1 s, for three times the HTTP idle timeout
+    # A frame every 0.1 s (the stream's own idle timeout, the same 0.5 s, never comes near), for three times the
+    # HTTP idle timeout.
+    for index in range(2, 17):
         await deferLater(reactor, 0.1, lambda: None)
         await streams.send(peer.peer, [_entry(index)], [b"-"], 2.0)
     assert list(streams._open.values()) == [stream] and not stream.closed

@@ -2,6 +2,7 @@
 A real ``twistd -n kvresponder`` process on a free loopback port, driven over HTTP.
 """
 
+import fcntl
 import json
 import platform
 import socket
@@ -405,6 +406,8 @@ def test_a_node_whose_stdout_nobody_reads_keeps_answering_and_counts_the_log_lin
     process = NodeProcess("solo", "solo-1", free_udp_port(), log_dir, stdout=subprocess.PIPE,
                           env={"LOG_LEVEL": "info", "LOG_BUFFER": "64Ki"}).start()
     try:
+        # A pipe's capacity depends on the kernel's page size: make it the usual 64 KiB.
+        fcntl.fcntl(process.process.stdout.fileno(), fcntl.F_SETPIPE_SZ, 64 * 1024)
         process.wait_ready()
         session = requests.Session()
         # A write logs a line at info: these are several times what the pipe (64 KiB) and the buffer hold.

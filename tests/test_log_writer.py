@@ -2,6 +2,7 @@
 The log writer's thread: a log sink that stalls or fails costs log lines, counted, and never a blocked caller.
 """
 
+import fcntl
 import json
 import os
 import threading
@@ -149,13 +150,34 @@ def test_a_failing_sink_loses_its_lines_counts_them_and_the_writer_goes_on():
     try:
         writer.write(lines(4))
         wait_until(lambda: writer.dropped == 4)
-        # Nothing more can be written until another chunk comes: a stopping node's wait ends at once.
+        # Nothing more can be written until another chunk comes: a stopping node's wait ends at once, saying
+        # that not all was written.
         started = time.monotonic()
-        assert writer.drain(PATIENCE)
+        assert not writer.drain(PATIENCE)
         assert time.monotonic() - started < PATIENCE / 2
         writer.write(lines(2, 4))
         assert writer.drain(PATIENCE)
         assert bytes(sink.written) == notice(4) + lines(2, 4)
+    finally:
+        assert writer.stop(PATIENCE)
+
+
+def test_a_sink_that_keeps_failing_is_tried_once_a_chunk_and_every_line_is_counted():
+    """
+    If the sink fails every write (stdout's reader gone for good, a full disk), then the thread tries it once for
+    each chunk handed over, not in a loop, and every line handed over is counted as dropped.
+    """
+    sink = FlakySink(failures=[True] * 10000)
+    writer = BackgroundWriter(sink, notice)
+    try:
+        for chunk in range(20):
+            writer.write(lines(5, chunk * 5))
+            time.sleep(0.005)
+        wait_until(lambda: writer.dropped == 100)
+        time.sleep(0.2)
+        attempts = 10000 - len(sink.failures)
+        assert attempts <= 2 * 20, attempts   # a chunk, and the notice before it
+        assert writer.dropped == 100 and sink.written == b""
     finally:
         assert writer.stop(PATIENCE)
 
@@ -223,11 +245,13 @@ def test_a_real_pipe_nobody_reads_holds_up_no_writer_and_gives_every_kept_line_o
     a notice counting those dropped.
     """
     read_end, write_end = os.pipe()
+    # A pipe's capacity depends on the kernel's page size: make it the usual 64 KiB.
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 64 * 1024)
     writer = BackgroundWriter(FileSink(write_end), notice, max_waiting=64 * 1024)
     try:
         chunk_lines = 1000
         started = time.monotonic()
-        for chunk in range(40):  # about 13 times what the pipe and the limit hold
+        for chunk in range(40):  # about four times what the pipe and the limit hold
             writer.write(lines(chunk_lines, chunk * chunk_lines))
         assert time.monotonic() - started < PATIENCE / 2
         assert writer.dropped > 0

@@ -135,11 +135,12 @@ class BackgroundWriter:
         """
         Wait until everything handed over is written, or ``timeout`` seconds; whether it all was. For the end of
         the process, so that its last lines are not lost, without hanging on a sink that takes nothing: a sink
-        whose last write failed ends the wait at once.
+        whose last write failed ends the wait at once (and not all was written).
         """
         with self._changed:
-            return self._changed.wait_for(lambda: not self._writing and (
+            settled = self._changed.wait_for(lambda: not self._writing and (
                 not self._queue or (self._failing and all(type(item) is int for item in self._queue))), timeout)
+            return settled and not self._failing
 
     def stop(self, timeout: float) -> bool:
         """
@@ -203,16 +204,22 @@ class BackgroundWriter:
                 if lost is None:
                     self._failing = False
                 else:
-                    # The sink failed (stdout closed, a full disk): the lines not written are lost too, and
-                    # counted; the notice goes first once the sink takes writes again. Nothing to log to.
+                    # The sink failed (stdout closed, a full disk). The lines not written are lost, and so is
+                    # everything waiting behind them: the sink takes nothing now. All are counted, and one notice
+                    # waits for the sink to take writes again. Nothing to log to.
                     self._failing = True
-                    self._dropped += lost if size else 0
-                    self._mark_dropped(lost if size else item, at_end=False)
+                    queued = [chunk for chunk in self._queue if type(chunk) is not int]
+                    lost_here = (lost if size else 0) + sum(chunk.count(b"\n") for chunk in queued)
+                    self._dropped += lost_here
+                    self._queue = [(item if not size else 0) + lost_here
+                                   + sum(mark for mark in self._queue if type(mark) is int)]
+                    self._waiting = 0
                 changed.notify_all()
                 if lost is not None:
                     if self._stopping:
                         return
-                    # Try the sink again with the next chunk, rather than spin on it.
+                    # Try the sink again only with a chunk handed over after this failure: one attempt a chunk,
+                    # rather than a spin on the sink.
                     changed.wait_for(lambda: self._stopping or any(type(i) is not int for i in self._queue))
 
     def _write_all(self, data: bytes) -> Optional[int]:

@@ -5,6 +5,7 @@ Each node gets a free HTTP port; a test's nodes share one free discovery port (s
 share it, as in production). Processes are stopped by their PID, never by name.
 """
 
+import fcntl
 import json
 import os
 import secrets
@@ -16,6 +17,9 @@ import time
 from typing import Dict, List, Optional
 
 import requests
+
+#: Linux's fcntl to set a pipe's capacity (PyPy's fcntl module does not name it).
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 #: Runs twistd with the interpreter given (CPython or PyPy), whatever its scripts directory.
 TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"

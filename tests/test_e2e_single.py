@@ -16,7 +16,7 @@ import requests
 
 from kvresponder.node import IDLE_RECLAIM_SECONDS
 
-from .harness import REPO, TWISTD, NodeProcess, free_port, free_udp_port, node_env
+from .harness import F_SETPIPE_SZ, REPO, TWISTD, NodeProcess, free_port, free_udp_port, node_env
 
 pytestmark = pytest.mark.e2e
 
@@ -407,7 +407,7 @@ def test_a_node_whose_stdout_nobody_reads_keeps_answering_and_counts_the_log_lin
                           env={"LOG_LEVEL": "info", "LOG_BUFFER": "64Ki"}).start()
     try:
         # A pipe's capacity depends on the kernel's page size: make it the usual 64 KiB.
-        fcntl.fcntl(process.process.stdout.fileno(), fcntl.F_SETPIPE_SZ, 64 * 1024)
+        fcntl.fcntl(process.process.stdout.fileno(), F_SETPIPE_SZ, 64 * 1024)
         process.wait_ready()
         session = requests.Session()
         # A write logs a line at info: these are several times what the pipe (64 KiB) and the buffer hold.

@@ -14,6 +14,8 @@ from kvresponder.log import dropped_lines_notice
 from kvresponder.log.service import LOG_LINES_DROPPED
 from kvresponder.log.writer import BackgroundWriter, FileSink
 
+from .harness import F_SETPIPE_SZ
+
 #: Long enough for a thread's work on any machine CI runs on; the tests wait on events, not on this.
 PATIENCE = 10.0
 
@@ -246,7 +248,7 @@ def test_a_real_pipe_nobody_reads_holds_up_no_writer_and_gives_every_kept_line_o
     """
     read_end, write_end = os.pipe()
     # A pipe's capacity depends on the kernel's page size: make it the usual 64 KiB.
-    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 64 * 1024)
+    fcntl.fcntl(write_end, F_SETPIPE_SZ, 64 * 1024)
     writer = BackgroundWriter(FileSink(write_end), notice, max_waiting=64 * 1024)
     try:
         chunk_lines = 1000
@@ -278,10 +280,11 @@ def test_a_real_pipe_nobody_reads_holds_up_no_writer_and_gives_every_kept_line_o
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
-def test_a_forked_child_writes_the_lines_left_waiting_and_its_own(tmp_path):
+def test_a_forked_child_writes_its_own_lines_and_the_parent_those_waiting_at_the_fork(tmp_path):
     """
     If the process forks with lines waiting (``twistd`` without ``-n`` forks after making the service), then
-    the child's writer, with a thread of its own, writes them and the child's own lines.
+    the child's writer, with a thread of its own, writes the child's lines, and the lines waiting at the fork
+    are written once, by the parent.
     """
     path = str(tmp_path / "log")
     parent = os.getpid()
@@ -315,7 +318,36 @@ def test_a_forked_child_writes_the_lines_left_waiting_and_its_own(tmp_path):
     assert writer.stop(PATIENCE)
     assert os.waitstatus_to_exitcode(status) == 0
     with open(path, "rb") as log:
-        assert log.read() == lines(3, 1)
+        assert log.read() == lines(1, 3)
+    assert bytes(stalled.written) == lines(3)
+
+
+def test_a_sink_for_a_file_appends_to_it_and_one_for_stdout_writes_to_its_descriptor_and_leaves_it_open(tmp_path):
+    """
+    If log lines go to ``LOG_FILE``, then the file is made if missing and appended to, not truncated, by each new
+    sink; if they go to stdout, then they are written to stdout's descriptor after what the stream held, and
+    stopping the writer leaves that descriptor open.
+    """
+    path = str(tmp_path / "node.log")
+    for start in (0, 2):
+        writer = BackgroundWriter(FileSink.for_file(path), notice)
+        writer.write(lines(2, start))
+        assert writer.drain(PATIENCE) and writer.stop(PATIENCE)
+    with open(path, "rb") as log:
+        assert log.read() == lines(4)
+    read_end, write_end = os.pipe()
+    stdout = os.fdopen(write_end, "w")
+    try:
+        stdout.write("held\n")
+        writer = BackgroundWriter(FileSink.for_stream(stdout), notice)
+        writer.write(lines(1))
+        assert writer.drain(PATIENCE) and writer.stop(PATIENCE)
+        stdout.write("after\n")
+        stdout.flush()  # would fail on a closed descriptor
+    finally:
+        stdout.close()
+    with os.fdopen(read_end, "rb") as received:
+        assert received.read() == b"held\n" + lines(1) + b"after\n"
 
 
 def test_the_dropped_lines_notice_is_a_stamped_eliot_message_of_its_type():

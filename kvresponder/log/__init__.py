@@ -332,7 +332,7 @@ def _fallback(value):
 def open_log_sink(log_file: Optional[str] = None, stdout: IO = None):
     """
     Where a node's log lines go, for its :class:`~kvresponder.log.writer.BackgroundWriter`: ``log_file``,
-    appended to, or stdout (``stdout`` if given, else ``sys.stdout``), each through a descriptor of its own.
+    appended to, or stdout (``stdout`` if given, else ``sys.stdout``), written to its descriptor.
     """
     from .writer import FileSink
 

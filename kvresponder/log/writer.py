@@ -7,7 +7,7 @@ thread, every request of the node would wait with it, and its peers would find i
 (``LOG_FILE``) can stall the same way on a slow disk.
 
 So the node's log destination hands its lines, a chunk at a time, to a :class:`BackgroundWriter`, which does the
-blocking writes in its own thread, to a file descriptor of its own (:class:`FileSink`): no Python stream object
+blocking writes in its own thread, with ``os.write`` on a file descriptor (:class:`FileSink`): no Python stream object
 (and no lock of one) is shared with the rest of the process. It keeps at most ``max_waiting`` bytes waiting; a
 chunk beyond that is dropped and its lines counted. Once the stream takes writes again, the writer first writes
 a line saying how many were dropped, where they were. Losing log lines is the lesser harm: the node keeps
@@ -30,19 +30,23 @@ class FileSink:
     Where a :class:`BackgroundWriter` writes: a file descriptor, written with ``os.write`` (which may write part
     of what it is given, and then says how much).
 
-    :param fd: the descriptor, which the sink owns and closes: a duplicate of stdout's, or a log file's.
+    :param fd: the descriptor: stdout's, or a log file's.
+    :param owned: whether the sink closes it (a log file's) or leaves it open (stdout's).
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, owned: bool = True) -> None:
         self._fd = fd
+        self._owned = owned
 
     @classmethod
     def for_stream(cls, stream) -> "FileSink":
         """
-        A sink writing where ``stream`` (stdout) writes, through a descriptor of its own.
+        A sink writing to the descriptor of ``stream`` (stdout) itself, not through the stream's object (nor its
+        lock): wherever that descriptor leads when a line is written. A daemonized ``twistd`` points it at
+        ``/dev/null`` after the service is made.
         """
         stream.flush()
-        return cls(os.dup(stream.fileno()))
+        return cls(stream.fileno(), owned=False)
 
     @classmethod
     def for_file(cls, path: str) -> "FileSink":
@@ -63,7 +67,8 @@ class FileSink:
                 select.select([], [self._fd], [], 1.0)
 
     def close(self) -> None:
-        os.close(self._fd)
+        if self._owned:
+            os.close(self._fd)
 
 
 class BackgroundWriter:
@@ -71,7 +76,7 @@ class BackgroundWriter:
     A sink's writes, done in a thread of its own. ``write`` never waits for the sink.
 
     The thread starts with the first write, and again in a forked child (``twistd`` without ``-n`` forks after
-    the service is made), which inherits the lines waiting and writes them.
+    the service is made), which writes only its own lines: those waiting at the fork are the parent's to write.
 
     :param sink: has ``write(memoryview) -> int`` (see :class:`FileSink`); only this writer's thread calls it.
     :param notice: ``notice(count)``, the line (bytes, newline included) written where ``count`` lines were
@@ -163,15 +168,13 @@ class BackgroundWriter:
         self._thread.start()
 
     def _forked(self) -> None:
-        # The parent's thread is not in the child, and its lock may have been held at the fork. What the parent
-        # had not written (it was not being written, or the parent is about to exit) is the child's to write.
+        # The parent's thread is not in the child, and its lock may have been held at the fork. The lines waiting
+        # at the fork are the parent's to write: the child writing them too would log them twice.
         self._changed = threading.Condition(threading.Lock())
         self._writing = False
-        # The chunk the parent's thread was writing is not the child's: it no longer waits.
-        self._waiting = sum(len(item) for item in self._queue if type(item) is not int)
+        self._queue = []
+        self._waiting = 0
         self._thread = None
-        if self._queue and not self._stopping:
-            self._start()
 
     def _mark_dropped(self, lines: int, at_end: bool = True) -> None:
         queue = self._queue

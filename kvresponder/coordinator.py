@@ -595,6 +595,7 @@ class Coordinator:
         # A fallback that holds nothing says nothing of the key: only an owner's "none" is an answer. With
         # every owner unreachable and no hint on a fallback, the read is unavailable, not a 404.
         unknown = not any(node in owners for node, _ in answered)
+        leaving: List[str] = []
         if all(entry is None for _, entry in answered) and self._ring_settling():
             # The ring changed moments ago: the key may still sit on its previous holders, whose handoff
             # is under way. Ask the rest of the ring, and the nodes that are leaving it (this one too, if it
@@ -603,13 +604,10 @@ class Coordinator:
             leaving = [node for node in self._leaving() if node not in asked]
             more = await gather([self._read_slot(node, [], key) for node in list(fallbacks) + leaving])
             answered.extend(answer for answer in more if answer is not None)
-            if unknown and all(entry is None for _, entry in answered):
-                raise Unavailable("no owner of this key answered")
-            # A leaving node's copy answers the read and goes to the nodes that lack it, never back to it.
-            return self._newest_and_repair(answered, not_repaired=set(leaving))
         if unknown and all(entry is None for _, entry in answered):
             raise Unavailable("no owner of this key answered")
-        return self._newest_and_repair(answered)
+        # A leaving node's copy answers the read and goes to the nodes that lack it, never back to it.
+        return self._newest_and_repair(answered, not_repaired=set(leaving))
 
     def _newest_and_repair(self, answered: List[Tuple[str, Optional[Entry]]],
                            not_repaired: AbstractSet[str] = frozenset()) -> Optional[Entry]:

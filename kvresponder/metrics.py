@@ -215,7 +215,7 @@ class Metrics:
     def __init__(self, tenant: str, proc: str = "/proc") -> None:
         self.tenant = tenant
         self.registry = registry = CollectorRegistry(auto_describe=True)
-        self._gauge_readers: Dict[str, Callable[[], float]] = {}
+        self._live_readers: Dict[str, Callable[[], float]] = {}
         t = ["tenant"]
         self._stats = _RequestStats(tenant)
         registry.register(self._stats)
@@ -281,7 +281,7 @@ class Metrics:
         """
         Export the gauges in ``_LIVE_GAUGES`` from ``read()``, called at each scrape.
         """
-        self.registry.register(_LiveGauges(self.tenant, read, self._gauge_readers))
+        self.registry.register(_LiveGauges(self.tenant, read, self._live_readers))
 
     def register_gauge(self, name: str, read: Callable[[], float]) -> None:
         """
@@ -290,7 +290,7 @@ class Metrics:
         """
         if name not in dict(_LIVE_GAUGES):
             raise ValueError("unknown gauge %r" % (name,))
-        self._gauge_readers[name] = read
+        self._live_readers[name] = read
 
     def register_counter(self, name: str, read: Callable[[], float]) -> None:
         """
@@ -299,13 +299,13 @@ class Metrics:
         """
         if name not in dict(_LIVE_COUNTERS):
             raise ValueError("unknown counter %r" % (name,))
-        self._gauge_readers[name] = read
+        self._live_readers[name] = read
 
     def gauge(self, name: str) -> float:
         """
         The current value of a registered gauge (0 while nothing registered it).
         """
-        read = self._gauge_readers.get(name)
+        read = self._live_readers.get(name)
         return read() if read is not None else 0
 
     # Store events.

@@ -227,18 +227,25 @@ class _Streams:
         return d
 
 
+def _stream_sender():
+    """
+    A copy stream sender with a 2 s timeout over a :class:`_Streams`, its clock and suspects, an entry to send and
+    a list for the outcomes.
+    """
+    clock = Clock()
+    streams = _Streams()
+    suspects = SuspectPeers(clock)
+    return clock, streams, suspects, StreamCopySender(streams, None, clock, None, 2.0, suspects), \
+        Entry("k", b"1", (1, 0, "n1")), []
+
+
 def test_a_stream_batch_unanswered_in_time_makes_the_peer_a_suspect_and_its_next_batches_fail_at_once(logger):
     """
     If a batch on the copy stream gets no answer in time, then the next batch for that peer fails at once, with
     the PeerError a write fails over on, and nothing is sent; an answered batch or an error status makes no
     suspect.
     """
-    clock = Clock()
-    streams = _Streams()
-    suspects = SuspectPeers(clock)
-    sender = StreamCopySender(streams, None, clock, None, 2.0, suspects)
-    entry = Entry("k", b"1", (1, 0, "n1"))
-    outcomes = []
+    clock, streams, suspects, sender, entry, outcomes = _stream_sender()
     sender.send(PEER, [entry], [b"-"]).addBoth(outcomes.append)
     streams.sent[0].callback([ApplyResult(True, False)])
     sender.send(PEER, [entry], [b"-"]).addBoth(outcomes.append)
@@ -260,12 +267,7 @@ def test_a_stream_batch_whose_timeout_fired_late_makes_no_suspect(logger):
     If a batch's timeout fires well after it was due (this node's reactor was held up, not the peer), then the
     batch fails over as usual, but the peer is no suspect: its next batch is sent.
     """
-    clock = Clock()
-    streams = _Streams()
-    suspects = SuspectPeers(clock)
-    sender = StreamCopySender(streams, None, clock, None, 2.0, suspects)
-    entry = Entry("k", b"1", (1, 0, "n1"))
-    outcomes = []
+    clock, streams, suspects, sender, entry, outcomes = _stream_sender()
     sender.send(PEER, [entry], [b"-"]).addBoth(outcomes.append)
     clock.advance(2.0 + LATE_TIMEOUT + 0.5)
     streams.sent[0].errback(StreamTimeout("no answer"))

@@ -712,6 +712,10 @@ HOST_CASES = {
     "user info": (b"Host: u@h\r\n", "The Host header is not a host with an optional port."),
     "not an address in brackets": (b"Host: [zz]\r\n", "The Host header is not a host with an optional port."),
     "half a bracket": (b"Host: [::1\r\n", "The Host header is not a host with an optional port."),
+    "an address's characters in no address's order": (b"Host: [1:2:3]\r\n",
+                                                       "The Host header is not a host with an optional port."),
+    "a colon in brackets": (b"Host: [:]:80\r\n", "The Host header is not a host with an optional port."),
+    "a zone id": (b"Host: [fe80::1%25eth0]\r\n", "The Host header is not a host with an optional port."),
     "a bad escape": (b"Host: a%zz\r\n", "The Host header is not a host with an optional port."),
 }
 

@@ -26,7 +26,7 @@ from twisted.web.http import RESPONSES, unquote
 
 from ..log import DEBUG
 from .errors import APIError, error_body
-from .hosts import HOST_VALUE
+from .hosts import valid_host
 
 #: ``parse`` found the start of a request the lane would take, not all of it yet.
 INCOMPLETE = object()
@@ -151,7 +151,7 @@ class FastLane:
                 if host is not None:
                     return None
                 if value != self._valid_host:
-                    if not HOST_VALUE(value):
+                    if not valid_host(value):
                         return None
                     self._valid_host = value
                 host = value

@@ -6,14 +6,33 @@ and the node would read differently is refused, not guessed at.
 """
 
 import re
+from ipaddress import IPv6Address
 from typing import List, Optional
 
-#: A Host header's value (RFC 9112, 3.2; RFC 3986, 3.2.2 and 3.2.3): in brackets, an IPv6 address (its
-#: characters; an embedded IPv4 address included) or an IPvFuture literal; or a registered name or IPv4 address
-#: (unreserved characters, percent-encodings and sub-delimiters; possibly empty); then an optional port.
-HOST_VALUE = re.compile(
-    rb"(?:\[(?:[0-9A-Fa-f:.]+|[vV][0-9A-Fa-f]+\.[0-9A-Za-z._~!$&'()*+,;=:-]+)\]"
+_HOST_FORM = re.compile(
+    rb"(?:\[(?:([0-9A-Fa-f:.]+)|[vV][0-9A-Fa-f]+\.[0-9A-Za-z._~!$&'()*+,;=:-]+)\]"
     rb"|(?:[0-9A-Za-z._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?\Z").match
+
+
+def valid_host(value: bytes) -> bool:
+    """
+    Whether ``value`` is a Host header's value (RFC 9112, 3.2; RFC 3986, 3.2.2 and 3.2.3): in brackets, an IPv6
+    address (an embedded IPv4 address included; no zone id, which RFC 9844 keeps out of URIs) or an IPvFuture
+    literal; or a registered name or IPv4 address (unreserved characters, percent-encodings and sub-delimiters;
+    possibly empty); then an optional port.
+    """
+    form = _HOST_FORM(value)
+    if form is None:
+        return False
+    address = form.group(1)
+    if address is None:
+        return True
+    try:
+        IPv6Address(address.decode("ascii"))
+    except ValueError:
+        # Characters an address is made of, in no address's order: [:], [1], [1:2:3].
+        return False
+    return True
 
 
 def host_refusal(version: bytes, hosts: Optional[List[bytes]]) -> Optional[str]:
@@ -26,6 +45,6 @@ def host_refusal(version: bytes, hosts: Optional[List[bytes]]) -> Optional[str]:
         return "An HTTP/1.1 request needs a Host header." if version == b"HTTP/1.1" else None
     if len(hosts) != 1:
         return "A request may have one Host header, not %d." % (len(hosts),)
-    if not HOST_VALUE(hosts[0]):
+    if not valid_host(hosts[0]):
         return "The Host header is not a host with an optional port."
     return None

@@ -504,7 +504,9 @@ class Coordinator:
 
     async def read_many(self, keys: List[str]) -> List[object]:
         """
-        Read many keys with one call per node.
+        Read many keys with one call per node, by the rules of a single read (:meth:`_read_owners`): a key only
+        fallbacks answered "none" for is unavailable, and a miss while the ring settles asks the rest of the
+        ring and the nodes that are leaving it.
 
         :return: for each key, its live :class:`Entry`, ``None``, or an :class:`Unavailable`.
         """
@@ -512,13 +514,31 @@ class Coordinator:
         plans = [self._targets(key) for key in keys]
         answers = await self._fan_out(plans, lambda node, indices: self._get_many_on(
             node, [keys[i] for i in indices]), "get", count_success=False)
+        missed = [index for index, answered in enumerate(answers)
+                  if answered and all(entry is None for _, entry in answered)]
+        leaving: List[str] = []
+        if missed and self._ring_settling():
+            leaving = self._leaving()
+            wider: dict = {}
+            for index in missed:
+                owners, fallbacks, _ = plans[index]
+                asked = set(owners) | set(fallbacks)
+                for node in list(fallbacks) + [node for node in leaving if node not in asked]:
+                    wider.setdefault(node, []).append(index)
+            batches = list(wider.items())
+            results = await gather([self._get_many_on(node, [keys[i] for i in indices]) for node, indices in batches])
+            for (node, indices), result in zip(batches, results):
+                if result is not None:
+                    for index, entry in zip(indices, result):
+                        answers[index].append((node, entry))
         now = self._seconds()
         results: List[object] = []
-        for answered in answers:
-            if not answered:
-                results.append(Unavailable("no replica of this key answered"))
+        for (owners, _, _), answered in zip(plans, answers):
+            try:
+                newest = self._newest_known(owners, answered, set(leaving))
+            except Unavailable as error:
+                results.append(error)
                 continue
-            newest = self._newest_and_repair(answered)
             live = newest is not None and newest.value is not None and (
                 newest.expires_at is None or newest.expires_at > now)
             results.append(newest if live else None)
@@ -590,13 +610,8 @@ class Coordinator:
     async def _read_owners(self, key: str, owners: List[str], fallbacks: List[str]) -> Optional[Entry]:
         answers = await gather([self._read_slot(owner, fallbacks, key) for owner in owners])
         answered = [answer for answer in answers if answer is not None]
-        if not answered:
-            raise Unavailable("no replica of this key answered")
-        # A fallback that holds nothing says nothing of the key: only an owner's "none" is an answer. With
-        # every owner unreachable and no hint on a fallback, the read is unavailable, not a 404.
-        unknown = not any(node in owners for node, _ in answered)
         leaving: List[str] = []
-        if all(entry is None for _, entry in answered) and self._ring_settling():
+        if answered and all(entry is None for _, entry in answered) and self._ring_settling():
             # The ring changed moments ago: the key may still sit on its previous holders, whose handoff
             # is under way. Ask the rest of the ring, and the nodes that are leaving it (this one too, if it
             # drains): they own nothing any more but hold what they have not yet handed off.
@@ -604,10 +619,23 @@ class Coordinator:
             leaving = [node for node in self._leaving() if node not in asked]
             more = await gather([self._read_slot(node, [], key) for node in list(fallbacks) + leaving])
             answered.extend(answer for answer in more if answer is not None)
-        if unknown and all(entry is None for _, entry in answered):
+        return self._newest_known(owners, answered, set(leaving))
+
+    def _newest_known(self, owners: List[str], answered: List[Tuple[str, Optional[Entry]]],
+                      leaving: AbstractSet[str]) -> Optional[Entry]:
+        """
+        The newest of a read's answers, repaired where stale (:meth:`_newest_and_repair`).
+
+        :raises Unavailable: if nobody answered, or only nodes other than the owners answered, with nothing. A
+            fallback that holds nothing says nothing of the key: only an owner's "none" is an answer. With
+            every owner unreachable and no hint on a fallback, the read is unavailable, not a miss.
+        """
+        if not answered:
+            raise Unavailable("no replica of this key answered")
+        if all(entry is None for _, entry in answered) and not any(node in owners for node, _ in answered):
             raise Unavailable("no owner of this key answered")
         # A leaving node's copy answers the read and goes to the nodes that lack it, never back to it.
-        return self._newest_and_repair(answered, not_repaired=set(leaving))
+        return self._newest_and_repair(answered, not_repaired=leaving)
 
     def _newest_and_repair(self, answered: List[Tuple[str, Optional[Entry]]],
                            not_repaired: AbstractSet[str] = frozenset()) -> Optional[Entry]:

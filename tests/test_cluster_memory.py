@@ -3,6 +3,8 @@ Several nodes in one process, on task.Clock, calling each other through StubTreq
 read repair, hinted handoff, re-replication, join, anti-entropy and drain.
 """
 
+import json
+
 import pytest
 
 from kvresponder.rebalance import SETTLE_MS
@@ -26,6 +28,21 @@ def put(cluster, node, key, value):
 
 def get(cluster, node, key):
     return cluster.request("GET", node, "/kv/" + key)
+
+
+def bulk_get(cluster, node, key):
+    """
+    A read of ``key`` in a bulk get, as a single read answers it: 200 and the value, 404 for a miss, 503 for
+    ``{"error": "unavailable"}``.
+    """
+    code, body = cluster.request("POST", node, "/bulk", {"get": [key]})
+    assert code == 200, body
+    found = json.loads(body)["get"][key]
+    if found is None:
+        return 404, b""
+    if found == {"error": "unavailable"}:
+        return 503, b""
+    return 200, json.dumps(found).encode("utf-8")
 
 
 @pytest.fixture
@@ -258,10 +275,11 @@ def test_listing_spans_the_cluster_without_duplicates(cluster):
     assert seen == [key for key in keys if key != "key-05"]
 
 
-def test_a_read_just_after_a_ring_change_finds_keys_still_on_their_previous_holder(cluster):
+@pytest.mark.parametrize("get", [get, bulk_get], ids=["single", "bulk"])
+def test_a_read_just_after_a_ring_change_finds_keys_still_on_their_previous_holder(cluster, get):
     """
-    If the ring changed moments ago and a key's owners do not have it yet, then a read also asks the
-    other nodes and finds it; once the ring has settled, owners alone answer.
+    If the ring changed moments ago and a key's owners do not have it yet, then a read, single or in a bulk
+    get, also asks the other nodes and finds it; once the ring has settled, owners alone answer.
     """
     put(cluster, cluster.nodes[0], "k", "v")
     owners = cluster.nodes[0].ring().preference_list("k", 2)
@@ -285,12 +303,27 @@ def test_a_read_just_after_a_ring_change_finds_keys_still_on_their_previous_hold
     assert get(cluster, cluster.nodes[0], "k")[0] == 404
 
 
+@pytest.mark.parametrize("get", [get, bulk_get], ids=["single", "bulk"])
+def test_a_read_with_every_owner_unreachable_is_unavailable_not_a_miss(cluster, get):
+    """
+    If every owner of a stored key is unreachable and the fallback holds no hint of it, then a read, single or
+    in a bulk get, is unavailable (503, or ``{"error": "unavailable"}``): a fallback's "none" says nothing of
+    the key, and a client must not take the key for a miss.
+    """
+    n1, n2, n3 = cluster.nodes
+    key = next(key for key in ("key-%d" % i for i in range(10000))
+               if n1.ring().preference_list(key, 2) == ["n1", "n2"])
+    assert put(cluster, n1, key, "stored")[0] == 201
+    for route in (b"10.0.0.1:3000", b"10.0.0.2:3000"):
+        cluster.router.roots.pop(route)
+    assert get(cluster, n3, key)[0] == 503
+
+
 def test_bulk_through_a_cluster_answers_after_the_replicas(cluster):
     """
     If a bulk request needs peers (so it completes later), then the answer carries every result, not an
     empty page.
     """
-    import json
     code, body = cluster.request("POST", cluster.nodes[0], "/bulk", {
         "put": [{"key": "b%d" % (i,), "value": i} for i in range(10)], "get": ["b1", "nope"]})
     assert code == 200, body

@@ -11,8 +11,9 @@ from contextvars import ContextVar
 
 from eliot import current_action, start_action
 from eliot.testing import LoggedAction, LoggedMessage, capture_logging
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 
 from kvresponder.coordinator import Coordinator, Unavailable, WriteResult
 from kvresponder.hlc import HybridLogicalClock
@@ -592,6 +593,13 @@ class _ReadPeers:
             return fail(PeerError("%s unreachable" % (peer.node_id,)))
         return succeed(store.current(key))
 
+    def get_many(self, peer, keys):
+        self.asked.append(peer.node_id)
+        store = self.stores.get(peer.node_id)
+        if store is None:
+            return fail(PeerError("%s unreachable" % (peer.node_id,)))
+        return succeed([store.current(key) for key in keys])
+
     def apply_coalesced(self, peer, entry, task_id=None):
         return succeed(self.stores[peer.node_id].apply(entry))
 
@@ -613,6 +621,23 @@ def _entry_on(stores, node_id: str, key: str) -> Entry:
     return entry
 
 
+def _single_read(reader, key):
+    found = outcome(reader.get(key))
+    if isinstance(found, Failure):
+        found.raiseException()
+    return found
+
+
+def _bulk_read(reader, key):
+    """
+    A read of ``key`` in a bulk get: its result, an :class:`Unavailable` raised as a single read's failure is.
+    """
+    found = outcome(ensureDeferred(reader.read_many([key])))[0]
+    if isinstance(found, Unavailable):
+        raise found
+    return found
+
+
 class LeavingReadTests(unittest.TestCase):
     """
     A node that leaves drops out of every ring at once, and hands its entries to their new owners after: in
@@ -620,6 +645,7 @@ class LeavingReadTests(unittest.TestCase):
     """
 
     RING = HashRing(["n1", "n2", "n3"])
+    read = staticmethod(_single_read)
 
     def _key(self) -> str:
         return next(key for key in ("k%d" % i for i in range(1000))
@@ -634,7 +660,7 @@ class LeavingReadTests(unittest.TestCase):
         for node in ("n2", "n3"):
             stores.setdefault(node, Store(lambda: 1000.0, 1 << 24))
         reader, peers = _reader("n1", self.RING, stores, settling=True, leaving=["n4"])
-        found = outcome(reader.get(key))
+        found = self.read(reader, key)
         self.assertEqual((found.value, found.version), (b'"held"', held.version))
         self.assertIn("n4", peers.asked)
         # Read repair: the owners get the copy; the leaving node is not sent its own back.
@@ -650,7 +676,7 @@ class LeavingReadTests(unittest.TestCase):
             stores.setdefault(node, Store(lambda: 1000.0, 1 << 24))
         # n1 drains: its ring no longer has it, and it counts itself among the leaving.
         reader, _ = _reader("n1", HashRing(["n2", "n3"]), stores, settling=True, leaving=["n1"])
-        found = outcome(reader.get(key))
+        found = self.read(reader, key)
         self.assertEqual(found.version, held.version)
 
     @capture_logging(None, encoder_=None)
@@ -661,7 +687,7 @@ class LeavingReadTests(unittest.TestCase):
         for node in ("n2", "n3"):
             stores.setdefault(node, Store(lambda: 1000.0, 1 << 24))
         reader, peers = _reader("n1", self.RING, stores, settling=False, leaving=["n4"])
-        self.assertIsNone(outcome(reader.get(key)))
+        self.assertIsNone(self.read(reader, key))
         self.assertNotIn("n4", peers.asked)
 
 
@@ -672,6 +698,7 @@ class UnreachableOwnersReadTests(unittest.TestCase):
     """
 
     RING = HashRing(["n1", "n2", "n3"])
+    read = staticmethod(_single_read)
 
     def _key(self) -> str:
         return next(key for key in ("k%d" % i for i in range(1000))
@@ -680,9 +707,8 @@ class UnreachableOwnersReadTests(unittest.TestCase):
     @capture_logging(None, encoder_=None)
     def test_with_every_owner_unreachable_and_no_hint_a_read_is_unavailable_not_a_miss(self, logger):
         reader, peers = _reader("n1", self.RING, {}, settling=False, leaving=[])
-        result = []
-        reader.get(self._key()).addBoth(result.append)
-        self.assertTrue(result[0].check(Unavailable), result)
+        with self.assertRaises(Unavailable):
+            self.read(reader, self._key())
         self.assertEqual(sorted(peers.asked), ["n2", "n3"])
 
     @capture_logging(None, encoder_=None)
@@ -691,11 +717,28 @@ class UnreachableOwnersReadTests(unittest.TestCase):
         key = self._key()
         held = _entry_on(stores, "n1", key)
         reader, _ = _reader("n1", self.RING, stores, settling=False, leaving=[])
-        found = outcome(reader.get(key))
+        found = self.read(reader, key)
         self.assertEqual(found.version, held.version)
 
     @capture_logging(None, encoder_=None)
     def test_one_owner_answering_none_is_a_miss(self, logger):
         stores = {"n2": Store(lambda: 1000.0, 1 << 24)}
         reader, _ = _reader("n1", self.RING, stores, settling=False, leaving=[])
-        self.assertIsNone(outcome(reader.get(self._key())))
+        self.assertIsNone(self.read(reader, self._key()))
+
+
+class BulkLeavingReadTests(LeavingReadTests):
+    """
+    The same reads, of a key in a bulk get: the same answers as a single read's.
+    """
+
+    read = staticmethod(_bulk_read)
+
+
+class BulkUnreachableOwnersReadTests(UnreachableOwnersReadTests):
+    """
+    The same reads, of a key in a bulk get: the same answers as a single read's (a key only a fallback answered
+    "none" for is unavailable, not a miss).
+    """
+
+    read = staticmethod(_bulk_read)

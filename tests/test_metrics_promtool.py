@@ -136,6 +136,33 @@ def test_requests_are_counted_by_route_template_and_status(exposition):
     assert cache[("put", "created")] == 2 and cache[("put", "replaced")] == 1
 
 
+def test_the_alerts_leave_out_exactly_the_probes_scrapes_and_peer_calls_among_the_routes_nodes_count(exposition):
+    """
+    If nodes answer probes, scrapes, peers and clients, then the route matcher of the alerts that watch clients'
+    requests (helm/rules/alerts.yaml) leaves out the probe, scrape and peer routes as the nodes label them, and
+    keeps every client route.
+    """
+    with open(os.path.join(REPO, "helm", "rules", "alerts.yaml"), encoding="utf-8") as rules:
+        matchers = set(re.findall(r'route!~"([^"]*)"', rules.read()))
+    assert len(matchers) == 1, matchers
+    # PromQL anchors a regex matcher at both ends.
+    left_out_by_alerts = re.compile(matchers.pop()).fullmatch
+    n1, n2 = exposition["n1"], exposition["n2"]
+    for path in ("/health", "/health/live", "/health/ready", "/metrics"):
+        assert requests.get(n1.url + path, timeout=5).status_code == 200
+    assert requests.get(n1.url + "/kv", timeout=5).status_code == 200
+    assert requests.post(n1.url + "/bulk", json={"get": [KEYS[0]]}, timeout=5).status_code == 200
+    routes = set()
+    for node in (n1, n2):
+        text = requests.get(node.url + "/metrics", timeout=5).text
+        routes |= {s.labels["route"] for s in _samples(text) if s.name == "kv_http_requests_total"}
+    not_clients = {route for route in routes
+                   if route in ("/health", "/health/live", "/health/ready", "/metrics") or route.startswith("/_internal/")}
+    assert {"/health/ready", "/metrics"} <= not_clients and any(r.startswith("/_internal/") for r in not_clients)
+    assert {route for route in routes if left_out_by_alerts(route)} == not_clients
+    assert {"/kv", "/kv/{key}", "/bulk"} <= routes - not_clients
+
+
 def test_no_label_value_names_a_key_or_a_peer(exposition):
     text = exposition["text"]
     n1, n2 = exposition["n1"], exposition["n2"]

@@ -47,6 +47,13 @@ REQUIRED_ALERTS = (
 )
 SEVERITIES = {"critical", "warning", "info"}
 
+#: The matcher that keeps clients' requests only: every route but the probes', the scrapes' and the peers' calls
+#: (a node that cannot serve answers its readiness probe with 503 by design).
+CLIENT_ROUTES = ("route", "!~", "/health.*|/metrics|/_internal/.*")
+#: What watches clients' requests, and so must carry CLIENT_ROUTES on every selector.
+CLIENT_ALERTS = ("KVResponderHighErrorRate", "KVResponderHighLatency")
+CLIENT_PANELS = ("5xx ratio", "Request rate by status class", "Request latency p50 / p99")
+
 
 # --------------------------------------------------------------------------
 # Contract parsing
@@ -480,6 +487,21 @@ def test_if_a_panel_shows_a_requested_figure_then_it_queries_the_right_metric(da
     }
     # The bound is drawn on both sides: a clock behind is as wrong as one ahead.
     assert "-max(kv_clock_max_offset_seconds" in clock
+
+
+def test_if_an_alert_or_a_panel_watches_clients_requests_then_probes_scrapes_and_peer_calls_are_left_out(
+        dashboard, alert_rules):
+    """
+    If an alert or a panel judges the service by its HTTP requests (the 5xx share, the latency), then every
+    selector in it leaves out the routes clients do not call, with the same matcher: an unready node's probes
+    (503 by design), the scrapes and the peers' calls neither fire the alerts nor hide clients' failures.
+    """
+    expressions = [(r["alert"], r["expr"]) for r in alert_rules if r["alert"] in CLIENT_ALERTS]
+    expressions += [(title, expr) for title, expr in panel_expressions(dashboard) if title in CLIENT_PANELS]
+    assert {name for name, _ in expressions} == set(CLIENT_ALERTS) | set(CLIENT_PANELS)
+    missing = [(name, selector) for name, expr in expressions
+               for selector, matchers in vector_selectors(expr) if CLIENT_ROUTES not in matchers]
+    assert missing == []
 
 
 def test_if_the_dashboard_is_templated_then_datasource_namespace_and_tenant_variables_exist(dashboard):

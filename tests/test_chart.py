@@ -971,6 +971,31 @@ def test_prometheus_adapter_rule_exposes_requests_per_second_when_used():
     assert "rate(<<.Series>>" in rule["metricsQuery"]
 
 
+def test_prometheus_adapter_counts_clients_requests_as_the_alerts_do_and_names_its_prometheus():
+    """
+    If the adapter example is installed, it queries a Prometheus it names (the adapter's default,
+    prometheus.default.svc, is not kube-prometheus-stack's), and its request rate leaves out probes, scrapes and peers'
+    calls with the alerts' own matcher, in a query Prometheus accepts once the adapter fills it in.
+    """
+    values = yaml.safe_load((EXAMPLES / "prometheus-adapter-rules.yaml").read_text())
+    assert re.fullmatch(r"https?://[a-z0-9.-]+", values["prometheus"]["url"])
+    assert values["prometheus"]["url"] != "http://prometheus.default.svc"
+    assert isinstance(values["prometheus"]["port"], int)
+    alerts = (CHART / "rules" / "alerts.yaml").read_text()
+    (alerts_matcher,) = set(re.findall(r'route!~"[^"]*"', alerts))
+    (rule,) = values["rules"]["custom"]
+    assert re.findall(r'route!~"[^"]*"', rule["metricsQuery"]) == [alerts_matcher]
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed")
+    query = (rule["metricsQuery"].replace("<<.Series>>", "kv_http_requests_total")
+             .replace("<<.LabelMatchers>>", 'namespace="kv",pod=~"a|b"').replace("<<.GroupBy>>", "pod"))
+    result = subprocess.run([promtool, "check", "rules", "/dev/stdin"], capture_output=True, text=True, timeout=30,
+                            input=yaml.safe_dump({"groups": [{"name": "adapter", "rules": [
+                                {"record": "adapter:query", "expr": query}]}]}))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 # --------------------------------------------------------------------------
 # ingress, monitoring
 

@@ -573,6 +573,34 @@ def test_max_memory_is_half_the_memory_limit_when_not_set(limit, expected):
     assert int(env_value(docs, "MAX_MEMORY")) == expected
 
 
+#: What a PyPy node holds beyond its store budget, at most (docs/DEPLOYMENT.md, "Memory"): a store of small values
+#: rewritten all the time holds up to 1.5 times its budget, on top of the interpreter's baseline of about 270 MiB.
+PYPY_STORE_FACTOR = 1.5
+PYPY_BASELINE = 270 * 2**20
+
+
+def _memory_limit_bytes(docs) -> int:
+    limit = container(docs)["resources"]["limits"]["memory"]
+    return int(limit[:-2]) * {"Mi": 2**20, "Gi": 2**30}[limit[-2:]]
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLE_RELEASES))
+def test_the_store_takes_at_most_half_the_memory_limit_on_the_pypy_image_when_an_example_is_used(example):
+    """If an example is installed with the chart's image (PyPy), its store budget is at most half the memory limit."""
+    docs = render_example(example)
+    assert int(env_value(docs, "MAX_MEMORY")) <= _memory_limit_bytes(docs) // 2
+
+
+def test_the_large_cache_example_fits_its_limit_on_the_pypy_image_when_its_values_are_rewritten_all_the_time():
+    """
+    If the large cache example's store is full of small values rewritten all the time, then on PyPy it holds up
+    to 1.5 times its budget, and that with PyPy's baseline stays inside the memory limit.
+    """
+    docs = render_example("cache")
+    store = int(env_value(docs, "MAX_MEMORY"))
+    assert store * PYPY_STORE_FACTOR + PYPY_BASELINE < _memory_limit_bytes(docs)
+
+
 def test_max_memory_percent_can_be_raised_for_a_cpython_image():
     docs = render("kv-responder-x", "--set", "tenant=x", "--set-string", "resources.limits.memory=512Mi",
                   "--set", "config.maxMemoryPercent=75")

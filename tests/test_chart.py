@@ -12,10 +12,13 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import os
 import re
 import shutil
 import subprocess
+import threading
 import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -928,9 +931,99 @@ def test_feature_resource_is_absent_when_its_flag_is_false(flag, kind):
 
 
 def test_deployment_omits_replicas_when_autoscaling_is_enabled(defaults):
-    """If the HPA is on, the Deployment leaves the replica count to it."""
+    """If the HPA is on and no cluster can be looked up (helm template), the Deployment leaves the count to it."""
     assert one(defaults, "Deployment")["spec"]["replicas"] == 3
     assert "replicas" not in one(render_example("api"), "Deployment")["spec"]
+
+
+class FakeKubernetesAPI:
+    """
+    A Kubernetes API server on loopback that answers what Helm's ``lookup`` asks: the discovery of ``v1`` and
+    ``apps/v1``, and a GET of each object it holds (404 for any other). ``kubeconfig`` points Helm at it.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.objects: dict = {}
+        resources = {
+            "/api/v1": ("v1", [("secrets", "Secret")]),
+            "/apis/apps/v1": ("apps/v1", [("deployments", "Deployment")]),
+        }
+        discovery = {
+            path: {"kind": "APIResourceList", "groupVersion": version, "resources": [
+                {"name": name, "singularName": kind.lower(), "namespaced": True, "kind": kind, "verbs": ["get"]}
+                for name, kind in kinds]}
+            for path, (version, kinds) in resources.items()}
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                path = self.path.split("?")[0]
+                body = discovery.get(path) or api.objects.get(path)
+                status = 200 if body else 404
+                if body is None:
+                    body = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
+                            "code": 404}
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.kubeconfig = directory / "kubeconfig"
+        self.kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+            "clusters": [{"name": "fake", "cluster": {"server": "http://127.0.0.1:%d" % self._server.server_port}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
+            "users": [{"name": "fake", "user": {}}],
+        }))
+
+    def add_deployment(self, name: str, replicas: int) -> None:
+        self.objects["/apis/apps/v1/namespaces/%s/deployments/%s" % (NAMESPACE, name)] = {
+            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": NAMESPACE},
+            "spec": {"replicas": replicas}}
+
+    def render(self, release: str, *args: str) -> tuple:
+        """Render as ``helm upgrade`` does against this server: with ``lookup`` answered."""
+        result = subprocess.run(
+            [HELM, "template", release, str(CHART), "--namespace", NAMESPACE, "--dry-run=server", *args],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+            env=dict(os.environ, KUBECONFIG=str(self.kubeconfig)))
+        assert result.returncode == 0, result.stderr
+        return tuple(d for d in yaml.safe_load_all(result.stdout) if d)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def kubernetes_api(tmp_path):
+    api = FakeKubernetesAPI(tmp_path)
+    yield api
+    api.close()
+
+
+def test_turning_autoscaling_on_keeps_the_live_replica_count_when_the_cluster_can_be_looked_up(kubernetes_api):
+    """
+    If a release of 3 (or the HPA's 5) nodes is upgraded with autoscaling on, then the Deployment keeps the live
+    count rather than dropping the field (which Kubernetes would answer by scaling to 1); a first install, with no
+    live Deployment, leaves the count to the HPA; and with autoscaling off, replicaCount applies as before.
+    """
+    on = ("--set", "tenant=x", "--set", "autoscaling.enabled=true")
+    assert "replicas" not in one(kubernetes_api.render("kv-responder-x", *on), "Deployment")["spec"]
+    for live in (3, 5):
+        kubernetes_api.add_deployment("kv-responder-x", live)
+        docs = kubernetes_api.render("kv-responder-x", *on)
+        assert one(docs, "Deployment")["spec"]["replicas"] == live
+        assert one(docs, "HorizontalPodAutoscaler")["spec"]["minReplicas"] == 3
+    off = kubernetes_api.render("kv-responder-x", "--set", "tenant=x", "--set", "replicaCount=4")
+    assert one(off, "Deployment")["spec"]["replicas"] == 4
 
 
 def test_hpa_scales_up_in_30s_and_down_over_600s_when_preset_is_api():

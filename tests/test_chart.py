@@ -1065,20 +1065,32 @@ def test_hpa_uses_behavior_verbatim_when_preset_is_custom():
     assert one(docs, "HorizontalPodAutoscaler")["spec"]["behavior"] == behavior
 
 
-def test_hpa_has_cpu_memory_and_extra_metrics_verbatim_when_example_api_is_used():
+def test_hpa_has_cpu_and_extra_metrics_verbatim_when_example_api_is_used():
     """
-    If the api example is used, the HPA targets CPU and memory and carries
+    If the api example is used, the HPA targets CPU and carries
     the Pods metric from prometheus-adapter exactly as given.
     """
     metrics = one(render_example("api"), "HorizontalPodAutoscaler")["spec"]["metrics"]
     given = yaml.safe_load((EXAMPLES / "api-values.yaml").read_text())["autoscaling"]["metrics"]
     resources = {m["resource"]["name"]: m["resource"]["target"] for m in metrics if m["type"] == "Resource"}
-    assert resources == {
-        "cpu": {"type": "Utilization", "averageUtilization": 60},
-        "memory": {"type": "Utilization", "averageUtilization": 80},
-    }
+    assert resources == {"cpu": {"type": "Utilization", "averageUtilization": 60}}
     assert [m for m in metrics if m["type"] != "Resource"] == given
     assert given[0]["pods"]["metric"]["name"] == "kv_http_requests_per_second"
+
+
+@pytest.mark.parametrize("args", [
+    ("--set", "tenant=x", "--set", "autoscaling.enabled=true"),
+    ("-f", str(EXAMPLES / "api-values.yaml")),
+    ("-f", str(EXAMPLES / "cache-values.yaml")),
+])
+def test_hpa_does_not_scale_on_memory_when_defaults_or_an_example_are_used(args):
+    """
+    If autoscaling is on with the chart's defaults or an example's values, the HPA has no memory metric: a full
+    cache is the normal state, and memory utilization (against the request) would hold it at maxReplicas.
+    """
+    metrics = one(render("kv-responder-x", *args), "HorizontalPodAutoscaler")["spec"]["metrics"]
+    assert metrics
+    assert [m for m in metrics if m["type"] == "Resource" and m["resource"]["name"] == "memory"] == []
 
 
 def test_prometheus_adapter_rule_exposes_requests_per_second_when_used():

@@ -1316,6 +1316,44 @@ def test_dockerfile_runs_twistd_as_uid_10001_when_built():
 # docs
 
 
+def _image_commands(text: str) -> list:
+    """
+    ``(verb, image)`` for each ``docker``/``podman`` ``build -t``, ``run`` and ``kind load docker-image`` command
+    of the page's shell blocks, continuation lines joined and comments dropped.
+    """
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            for command in line.split("#", 1)[0].split("&&"):
+                words = command.split()
+                if words[:2] in (["docker", "build"], ["podman", "build"]):
+                    commands.append(("build", words[words.index("-t") + 1]))
+                elif words[:2] in (["docker", "run"], ["podman", "run"]):
+                    commands.append(("run", [w for w in words if "kv-responder" in w][0]))
+                elif words[:3] == ["kind", "load", "docker-image"]:
+                    commands.append(("load", words[3]))
+    return commands
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/DEPLOYMENT.md"])
+def test_the_image_a_page_builds_is_the_one_the_chart_pulls_when_no_image_is_set(page, defaults):
+    """
+    If an operator builds the image as the page says and installs the chart without setting one, then the pods
+    pull that image (not ErrImagePull): the page's first build is tagged as the chart's default image, and every
+    image it builds, runs or loads is ``kv-responder`` at the chart's appVersion (a CPython build with a suffix).
+    """
+    pulled = container(defaults)["image"]
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    assert pulled == "kv-responder:" + app_version
+    commands = _image_commands((ROOT / page).read_text())
+    builds = [image for verb, image in commands if verb == "build"]
+    assert builds and builds[0] == pulled, commands
+    for verb, image in commands:
+        repository, tag = image.rsplit(":", 1)
+        assert repository.rsplit("/", 1)[-1] == "kv-responder", (verb, image)
+        assert tag == app_version or tag.startswith(app_version + "-"), (verb, image)
+
+
 def test_every_top_level_value_is_documented_when_deployment_guide_is_read():
     """Every top-level key of values.yaml appears in the values reference of docs/DEPLOYMENT.md."""
     values = yaml.safe_load((CHART / "values.yaml").read_text())

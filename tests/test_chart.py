@@ -1146,6 +1146,35 @@ def test_ingress_routes_only_the_tenant_prefix_when_enabled():
     assert path["backend"]["service"] == {"name": "kv-responder-api", "port": {"name": "http"}}
 
 
+def _nginx_bytes(size: str) -> int:
+    """An nginx size (``8m``: nginx's k and m are 1024 and 1024 x 1024), in bytes."""
+    number, unit = re.fullmatch(r"([0-9]+)([kKmMgG]?)", size).groups()
+    return int(number) * {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}[unit.lower()]
+
+
+def test_the_ingress_lets_through_the_largest_body_the_node_takes_when_an_example_sets_a_limit():
+    """
+    If an example caps request bodies at the ingress (nginx's proxy-body-size), then the cap is the node's
+    largest body: a /bulk request of 8 x MAX_VALUE_SIZE, as the node's site sizes it; smaller, nginx answers 413 to
+    bulk requests the node would take.
+    """
+    from twisted.web.resource import Resource
+
+    from kvresponder.http.site import KVSite
+
+    capped = []
+    for example in sorted(EXAMPLE_RELEASES):
+        docs = render_example(example)
+        for ingress in by_kind(docs, "Ingress"):
+            size = (ingress["metadata"].get("annotations") or {}).get("nginx.ingress.kubernetes.io/proxy-body-size")
+            if size is not None:
+                settings = _node_settings(docs)
+                largest = KVSite(Resource(), lambda: 0.0, body_limit=settings.max_value_size).bulk_body_limit
+                assert _nginx_bytes(size) == largest, (example, size, largest)
+                capped.append(example)
+    assert "api" in capped
+
+
 def test_service_monitor_scrapes_tenant_metrics_and_keeps_tenant_label_when_enabled():
     """
     If the ServiceMonitor is on (example monitoring), it scrapes

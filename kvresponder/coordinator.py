@@ -61,6 +61,14 @@ class ClockSkewed(Exception):
         self.bound = bound
 
 
+def witnessed_result(held: Entry, entry: Entry) -> ApplyResult:
+    """
+    What a previous owner holding ``held`` says of a write of ``entry`` it was asked about, not sent: whether it
+    held a live value, and its version if newer, as a replica's answer to a copy would.
+    """
+    return ApplyResult(False, held.value is not None, held.version if held.version > entry.version else None)
+
+
 def newest_newer(stored) -> Optional[Tuple[int, int, str]]:
     """
     The newest of the versions that replicas reported holding instead of a write (``ApplyResult.newer``), or
@@ -98,6 +106,8 @@ class Coordinator:
     :param seconds: wall time in seconds, for TTLs.
     :param log_policy: lets the hot path skip building actions that would not be written.
     :param ring_settling: whether the ring changed so recently that data may still be moving.
+    :param previous_rings: the rings in force since the ring last settled, before the current one (empty once it
+        has settled): writes also go to the owners they named (:meth:`_witnesses`).
     :param clock_skew: a :class:`~kvresponder.clockskew.ClockOffsets`: while it says this node's clock is
         skewed, writes are refused with :class:`ClockSkewed`; or ``None``.
     :param traced: whether OpenTelemetry tracing is on (a write's context may then hold a span).
@@ -106,7 +116,8 @@ class Coordinator:
     def __init__(self, store: Store, hlc: HybridLogicalClock, ring: Callable[[], HashRing], peer_of,
                  peers, replicas: int, write_quorum: Optional[int], seconds: Callable[[], float],
                  metrics, log_policy, ring_settling: Callable[[], bool] = lambda: False,
-                 clock_skew=None, traced: bool = False, leaving: Callable[[], List[str]] = lambda: []) -> None:
+                 clock_skew=None, traced: bool = False, leaving: Callable[[], List[str]] = lambda: [],
+                 previous_rings: Callable[[], List[HashRing]] = lambda: []) -> None:
         self.store = store
         self.hlc = hlc
         self._ring = ring
@@ -119,6 +130,7 @@ class Coordinator:
         self._log = log_policy
         self._ring_settling = ring_settling
         self._leaving = leaving
+        self._previous_rings = previous_rings
         self._clock_skew = clock_skew
         self._traced = traced
         self.node_id = hlc.node_id
@@ -127,7 +139,7 @@ class Coordinator:
             send_copy=peers.send_copy,
             count=metrics.replication, restamped=self.restamped,
             log_writes=lambda: log_policy.enabled("replication", DEBUG), new_task=self._new_write_task,
-            context=self._write_context)
+            context=self._write_context, witnesses=self._witnesses, peek=self._peek)
 
     # -- local operations, shared with the internal routes ----------------------------------------------
 
@@ -264,6 +276,36 @@ class Coordinator:
         ring = self._ring()
         return len(ring) == 1 and self.node_id in ring
 
+    def _peek(self, node: str, key: str) -> Deferred:
+        """
+        The newest entry ``node`` holds for ``key`` (tombstones included), or ``None``: a Deferred.
+        """
+        if node == self.node_id:
+            return succeed(self.store.current(key))
+        peer = self._peer_of(node)
+        if peer is None:
+            return fail(Unavailable("%s left" % (node,)))
+        return self._peers.get_coalesced(peer, key)
+
+    def _witnesses(self, key: str, owners: List[str]) -> List[str]:
+        """
+        The nodes that owned ``key`` under the rings of the last moments (see ``previous_rings``) and do not own
+        it now: while the ring settles, an earlier write may still be on them alone. A join can replace every
+        owner of a key (the new node's point can become the key's start), and then no current owner holds the
+        earlier write yet; a write that asks these too hears of its newer version and is stamped above it, so
+        that a later write still wins whatever the clocks say. They are asked for their version, not sent a
+        copy (a copy would be one more for the pass to hand on); one that fails is not replaced.
+        """
+        rings = self._previous_rings()
+        if not rings:
+            return []
+        found: List[str] = []
+        for ring in rings:
+            for node in ring.preference_list(key, self.replicas):
+                if node not in owners and node not in found:
+                    found.append(node)
+        return found
+
     # -- writes ---------------------------------------------------------------------------------------
 
     def put(self, key: str, value: bytes, ttl: Optional[float]) -> Deferred:
@@ -371,17 +413,24 @@ class Coordinator:
             return self._write_here(entries, op)
         for attempt in range(MAX_RESTAMPS + 1):
             plans = [self._targets(entries[i].key) for i in todo]
-            stored = await self._fan_out(plans, lambda node, indices: self._apply_many_on(
-                node, [entries[todo[i]] for i in indices]), op, count_success=True)
+            # The previous owners while the ring settles (``_witnesses``): no fallbacks, no quorum.
+            witness_plans = [(self._witnesses(entries[i].key, owners), [], 0)
+                             for i, (owners, _, _) in zip(todo, plans)]
+            stored, witnessed = await gather([
+                self._fan_out(plans, lambda node, indices: self._apply_many_on(
+                    node, [entries[todo[i]] for i in indices]), op, count_success=True),
+                self._fan_out(witness_plans, lambda node, indices: self._get_many_on(
+                    node, [entries[todo[i]].key for i in indices]), "get", count_success=False)])
             again = []
-            for index, (_, _, quorum), copies in zip(todo, plans, stored):
+            for index, (_, _, quorum), copies, held in zip(todo, plans, stored, witnessed):
+                seen = [(node, witnessed_result(entry, entries[index])) for node, entry in held if entry is not None]
                 if had_live[index] is None:
-                    had_live[index] = any(r.had_live for _, r in copies)
+                    had_live[index] = any(r.had_live for _, r in copies) or any(r.had_live for _, r in seen)
                 if len(copies) < quorum:
                     results[index] = Unavailable("only %d of the %d copies needed could be stored"
                                                  % (len(copies), quorum))
                     continue
-                newer = newest_newer(copies)
+                newer = newest_newer(copies + seen)
                 if newer is not None and attempt < MAX_RESTAMPS:
                     entries[index] = self.restamped(entries[index], newer)
                     again.append(index)
@@ -757,6 +806,9 @@ class WritePath:
         :meth:`Coordinator._new_write_task`).
     :ivar context: a copy of the current context for the write's failovers to run in, or ``None`` where it
         holds nothing they need (see :meth:`Coordinator._write_context`).
+    :ivar witnesses: ``witnesses(key, owners)``: the key's previous owners while the ring settles, asked too,
+        so that the write hears of a newer version only they hold (see :meth:`Coordinator._witnesses`).
+    :ivar peek: ``peek(node, key)``: a Deferred of the newest entry ``node`` holds for ``key``, or ``None``.
     """
     node_id: str = attrib()
     targets: Callable = attrib()
@@ -768,6 +820,8 @@ class WritePath:
     log_writes: Callable = attrib()
     new_task: Callable = attrib(default=lambda: None)
     context: Callable = attrib(default=copy_context)
+    witnesses: Callable = attrib(default=lambda key, owners: [])
+    peek: Callable = attrib(default=None)
 
 
 class _ReplicatedWrite:
@@ -789,7 +843,8 @@ class _ReplicatedWrite:
     """
 
     __slots__ = ("_path", "_entry", "_op", "_fallbacks", "_quorum", "_waiting", "_stored", "_action",
-                 "_context", "_entered", "_waiter", "_fired", "_outcome", "_tries", "_created", "_task", "_level")
+                 "_context", "_entered", "_waiter", "_fired", "_outcome", "_tries", "_created", "_task", "_level",
+                 "_witnessed")
 
     def __init__(self, path: WritePath, entry: Entry, op: str, waiter: Waiter, tries: int = MAX_RESTAMPS,
                  created: Optional[bool] = None) -> None:
@@ -804,6 +859,8 @@ class _ReplicatedWrite:
         #: Whether the key held no live value before the first attempt (``None``: this is the first).
         self._created = created
         self._stored: List[Tuple[str, ApplyResult]] = []
+        #: What the previous owners (``WritePath.witnesses``) answered: versions to stay above, not copies.
+        self._witnessed: List[Tuple[str, ApplyResult]] = []
         self._action = None
         #: At info outside any action: the write's own task, where each copy's line takes the next level from
         #: [2]. Level [1] is the write's root action, which only debug logs (as the request's): eliot-tree
@@ -820,25 +877,56 @@ class _ReplicatedWrite:
         """
         path = self._path
         owners, self._fallbacks, self._quorum = path.targets(self._entry.key)
-        self._waiting = len(owners)
+        witnesses = path.witnesses(self._entry.key, owners)
+        self._waiting = len(owners) + len(witnesses)
         if path.log_writes():
             self._action = COORDINATE_WRITE(key=self._entry.key, op=self._op,
                                             version=format_version(self._entry.version), targets=owners)
             with self._action.context():
                 self._context = copy_context()
-                self._send(owners)
+                self._send(owners, witnesses)
         else:
             if self._task is None:
                 self._task = path.new_task()
             self._context = path.context()
-            self._send(owners)
+            self._send(owners, witnesses)
         self._fire()
 
-    def _send(self, owners: List[str]) -> None:
-        if not owners:
+    def _send(self, owners: List[str], witnesses: List[str]) -> None:
+        if not owners and not witnesses:
             self._finish()
         for owner in owners:
             self._attempt(owner, owner)
+        for node in witnesses:
+            # A slot of no owner's: asked, not sent a copy; it has no fallback, and counts toward no quorum.
+            self._ask(node)
+
+    def _ask(self, node: str) -> None:
+        try:
+            d = self._path.peek(node, self._entry.key)
+        except Exception:
+            write_traceback()
+            self._slot_done(None)
+            return
+        d.addCallbacks(self._heard, self._not_heard, callbackArgs=(node,))
+
+    def _heard(self, entry: Optional[Entry], node: str) -> None:
+        try:
+            if entry is not None:
+                self._witnessed.append((node, witnessed_result(entry, self._entry)))
+            self._slot_done(None)
+            self._fire()
+        except Exception:
+            write_traceback()
+
+    def _not_heard(self, failure) -> None:
+        try:
+            if not failure.check(PeerError, Unavailable):
+                write_failure(failure)
+            self._slot_done(None)
+            self._fire()
+        except Exception:
+            write_traceback()
 
     def _attempt(self, owner: str, node: str) -> None:
         try:
@@ -954,11 +1042,16 @@ class _ReplicatedWrite:
             self._action.finish()
         created = self._created
         if created is None:
-            created = not any(result.had_live for _, result in self._stored)
+            created = not any(result.had_live for _, result in self._stored) and not any(
+                result.had_live for _, result in self._witnessed)
         if copies < self._quorum:
             self._outcome = Unavailable("only %d of the %d copies needed could be stored" % (copies, self._quorum))
             return
         newer = newest_newer(self._stored)
+        if self._witnessed:
+            heard = newest_newer(self._witnessed)
+            if heard is not None and (newer is None or heard > newer):
+                newer = heard
         if newer is not None and self._tries > 0:
             # A replica holds a newer version than this write's, though the write began after it was written
             # (or overlaps it): stamp the write again just above it and send it again, so that a write that

@@ -40,6 +40,8 @@ CLOCK_SKEW = "clock-skew"
 #: Seconds after a ring change during which a read that finds nothing on a key's owners also asks the
 #: other nodes, since the key may still be on its way from its previous holders.
 SETTLE_SECONDS = 30.0
+#: Rings kept from within one settling: enough for a rolling restart's changes, bounded against a flapping peer.
+MAX_PREVIOUS_RINGS = 8
 
 #: Seconds without a change to the store after which the garbage of a burst of writes or deletes is given
 #: back, if the burst took in and dropped at least an eighth of what the store holds (and 4 MiB): an idle
@@ -103,12 +105,15 @@ class Node:
         self.coordinator = Coordinator(self.store, self.hlc, self.ring, self.membership.peer, self.peers,
                                        settings.replicas, settings.write_quorum, self.wall, self.metrics,
                                        self.log_policy, self.ring_settling, clock_skew=self.clock_offsets,
-                                       traced=tracing is not None, leaving=self.leaving_holders)
+                                       traced=tracing is not None, leaving=self.leaving_holders,
+                                       previous_rings=self.previous_rings)
         self.rebalancer = Rebalancer(self.node_id, self.store, self.ring, self.membership.peer, self.peers,
                                      clock, settings.replicas, self.metrics, wall=self.wall)
         self.admin = AdminGuard(settings.admin_token, settings.insecure_admin)
         self.join_settle = join_settle if join_settle is not None else min(0.5, settings.heartbeat_interval)
         self.started_at = self.ring_changed_at = clock.seconds()
+        #: The rings in force since the ring last settled, oldest first: where data may still sit.
+        self._previous_rings: List[HashRing] = []
         self._loops = []
         self._collect = collect
         self._released_at_collect = 0
@@ -130,6 +135,16 @@ class Node:
         """
         return (self.clock.seconds() - self.ring_changed_at < SETTLE_SECONDS) or self.rebalancer.pending > 0
 
+    def previous_rings(self) -> List[HashRing]:
+        """
+        While the ring settles, the rings in force since it last settled, before the current one: the last
+        settled ring first. Their owners may still hold what the current owners have not yet been handed.
+        Empty once it has settled.
+        """
+        if self._previous_rings and not self.ring_settling():
+            self._previous_rings = []
+        return self._previous_rings
+
     def leaving_holders(self) -> List[str]:
         """
         The nodes out of the ring that may still hold data they have not handed off: peers that announced
@@ -141,6 +156,12 @@ class Node:
         return holders
 
     def _rebuild_ring(self) -> None:
+        if not self.ring_settling():
+            self._previous_rings = []
+        if len(self._previous_rings) < MAX_PREVIOUS_RINGS:
+            # Past that many changes within one settling, the oldest rings are the ones kept: most data sits
+            # where the last settled ring put it.
+            self._previous_rings.append(self._ring)
         self.ring_changed_at = self.clock.seconds()
         include_self = self.state not in (DRAINING, STOPPED)
         self._ring = HashRing(self.membership.ring_members(include_self=include_self),

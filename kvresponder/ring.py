@@ -7,8 +7,9 @@ interpreters, unlike ``hash()``). A key belongs to the node whose point follows 
 With 128 random points per node, a node's share still varies by about 1/sqrt(128) ~ 9 %, so a 32-node ring
 would usually have a node 20 % over its fair share. To tighten that without thousands of points, a key is
 hashed to ``probes`` positions and takes the position closest to its next point (multi-probe consistent
-hashing, Appleton & O'Reilly 2015). A join still only takes the keys whose best probe now lands on the new
-node's points, so about 1/N of the keys move.
+hashing, Appleton & O'Reilly 2015). A join takes the first place only of the keys whose best probe now lands on
+the new node's points, about 1/N of them; but the walk then starts from the new node's point, so some keys change
+every owner (docs/ARCHITECTURE.md, "Join"), which the write and read paths allow for while the ring settles.
 """
 
 import struct

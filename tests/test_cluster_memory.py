@@ -386,3 +386,31 @@ def test_concurrent_writes_to_a_peer_share_one_request(cluster):
     assert 1 <= len(applies) <= 2
     for key in keys:
         assert holders(cluster, key) == sorted(node.ring().preference_list(key, 2))
+
+
+def test_a_later_write_wins_over_an_earlier_one_across_a_join_that_replaces_every_owner_of_the_key():
+    """
+    If a write is acknowledged through a node whose clock is ahead (within MAX_CLOCK_OFFSET), a node joins and
+    takes both owners' places for the key, and a second write is then made through a node whose clock is
+    behind, then once the join's handoff has run every node answers the second write: it asked the previous
+    owners, heard of the first write's version, and was stamped above it.
+    """
+    from kvresponder.ring import HashRing
+
+    cluster = MemoryCluster(3, wall_offsets={3: 0.4})
+    cluster.run(seconds=1.0)
+    n1, n2, n3 = cluster.nodes
+    assert not n3.clock_offsets.skewed
+    before = HashRing(["n1", "n2", "n3"], vnodes=n1.settings.vnodes)
+    after = HashRing(["n1", "n2", "n3", "n4"], vnodes=n1.settings.vnodes)
+    key = next(key for key in ("key-%d" % i for i in range(100000))
+               if set(before.preference_list(key, 2)) == {"n2", "n3"}
+               and set(after.preference_list(key, 2)) == {"n1", "n4"})
+    assert put(cluster, n3, key, "earlier")[0] == 201
+    cluster.add()
+    assert sorted(n1.ring().preference_list(key, 2)) == ["n1", "n4"]
+    code, body = put(cluster, n1, key, "later")
+    assert code == 200, body
+    cluster.run(seconds=5.0)
+    answers = {node.node_id: json.loads(get(cluster, node, key)[1]).get("value") for node in cluster.nodes}
+    assert answers == dict.fromkeys(answers, "later"), answers

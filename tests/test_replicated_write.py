@@ -63,7 +63,7 @@ class _Peers:
 
 def coordinator(answers, peer_of=None, level: str = "info", peers=None, metrics=None,
                 traced: bool = False, ring: HashRing = RING, store: Store = None, settling: bool = False,
-                leaving=()) -> Coordinator:
+                leaving=(), previous_rings=()) -> Coordinator:
     clock = Clock()
     clock.advance(1000)
     store = store if store is not None else Store(clock.seconds, 1 << 24)
@@ -71,7 +71,7 @@ def coordinator(answers, peer_of=None, level: str = "info", peers=None, metrics=
                        peer_of or (lambda node: Peer(node, "10.0.0.%s" % node[1:], 3000)), peers or _Peers(answers),
                        replicas=2, write_quorum=None, seconds=clock.seconds, metrics=metrics or Metrics("t"),
                        log_policy=LogPolicy(level), traced=traced, ring_settling=lambda: settling,
-                       leaving=lambda: list(leaving))
+                       leaving=lambda: list(leaving), previous_rings=lambda: list(previous_rings))
 
 
 def outcome(d: Deferred):
@@ -742,3 +742,118 @@ class BulkUnreachableOwnersReadTests(UnreachableOwnersReadTests):
     """
 
     read = staticmethod(_bulk_read)
+
+
+class _StorePeers:
+    """
+    Each peer a store of its own (a node missing from ``stores`` is unreachable), for single and bulk writes.
+    """
+
+    def __init__(self, stores) -> None:
+        self.stores = stores
+        self.sent = []
+        self.asked = []
+
+    def get_coalesced(self, peer, key):
+        return self.get_many(peer, [key]).addCallback(lambda entries: entries[0])
+
+    def get_many(self, peer, keys):
+        self.asked.append(peer.node_id)
+        store = self.stores.get(peer.node_id)
+        if store is None:
+            return fail(PeerError("%s unreachable" % (peer.node_id,)))
+        return succeed([store.current(key) for key in keys])
+
+    def apply_coalesced(self, peer, entry, task_id=None):
+        return self.apply(peer, [entry]).addCallback(lambda results: results[0])
+
+    def send_copy(self, peer, entry, waiter, task_id=None):
+        self.apply_coalesced(peer, entry, task_id).addCallbacks(waiter.callback, waiter.errback)
+
+    def apply(self, peer, entries, timeout=None, task_ids=None):
+        self.sent.append(peer.node_id)
+        store = self.stores.get(peer.node_id)
+        if store is None:
+            return fail(PeerError("%s unreachable" % (peer.node_id,)))
+        return succeed([store.apply(entry) for entry in entries])
+
+
+class PreviousOwnersWriteTests(unittest.TestCase):
+    """
+    A join can replace every owner of a key: the new node's point becomes the key's start on the ring, and the
+    walk from it meets other nodes. Until the handoff has run, an earlier acknowledged write is then on the
+    previous owners alone, and a later write stamped by a clock behind the earlier one's must still win.
+    """
+
+    BEFORE = HashRing(["n1", "n2", "n3"])
+    AFTER = HashRing(["n1", "n2", "n3", "n4"])
+
+    def setUp(self) -> None:
+        # Owned by n2 and n3 before n4 joined, by n1 (this coordinator) and n4 after.
+        self.key = next(key for key in ("key-%d" % i for i in range(100000))
+                        if set(self.BEFORE.preference_list(key, 2)) == {"n2", "n3"}
+                        and set(self.AFTER.preference_list(key, 2)) == {"n1", "n4"})
+        # The earlier write, stamped by n3's clock 0.4 s ahead of n1's (within any sane MAX_CLOCK_OFFSET).
+        clock = Clock()
+        clock.advance(1000.4)
+        self.earlier = Entry(self.key, b'"earlier"', HybridLogicalClock(clock.seconds, "n3").now(), None)
+        self.stores = {node: Store(lambda: 1000.0, 1 << 24) for node in ("n2", "n3", "n4")}
+        for node in ("n2", "n3"):
+            self.stores[node].apply(self.earlier)
+        self.store = Store(lambda: 1000.0, 1 << 24)
+
+    def writer(self, previous) -> Coordinator:
+        self.peers = _StorePeers(self.stores)
+        return coordinator(None, peers=self.peers, ring=self.AFTER, store=self.store, settling=True,
+                           previous_rings=previous)
+
+    def test_a_later_write_is_stamped_above_an_earlier_one_only_the_previous_owners_hold(self):
+        result = outcome(self.writer([self.BEFORE]).put(self.key, b'"later"', None))
+        self.assertGreater(result.entry.version, self.earlier.version)
+        self.assertFalse(result.created, "the key held a live value: a replacement, 200")
+        self.assertEqual(result.copies, 2)
+        for store in (self.store, self.stores["n4"]):
+            self.assertEqual((store.current(self.key).value, store.current(self.key).version),
+                             (b'"later"', result.entry.version))
+
+    def test_a_bulk_write_is_stamped_above_an_earlier_one_only_the_previous_owners_hold(self):
+        [result] = outcome(self.writer([self.BEFORE]).put_many([(self.key, b'"later"', None)]))
+        self.assertGreater(result.entry.version, self.earlier.version)
+        self.assertFalse(result.created)
+        self.assertEqual(result.copies, 2)
+        self.assertEqual(self.stores["n4"].current(self.key).version, result.entry.version)
+
+    def test_one_previous_owner_holding_the_earlier_write_is_enough(self):
+        del self.stores["n2"]
+        result = outcome(self.writer([self.BEFORE]).put(self.key, b'"later"', None))
+        self.assertGreater(result.entry.version, self.earlier.version)
+        self.assertEqual(result.copies, 2)
+
+    def test_previous_owners_are_asked_for_their_version_and_not_sent_a_copy(self):
+        """
+        A copy on a previous owner would be one more for the next pass to hand on: they are only asked.
+        """
+        result = outcome(self.writer([self.BEFORE]).put(self.key, b'"later"', None))
+        # Asked again by the write stamped above what they said.
+        self.assertEqual(sorted(self.peers.asked), ["n2", "n2", "n3", "n3"])
+        self.assertEqual(self.peers.sent, ["n4", "n4"])
+        for node in ("n2", "n3"):
+            self.assertEqual(self.stores[node].current(self.key).version, self.earlier.version)
+        self.assertEqual(result.copies, 2)
+
+    def test_unreachable_previous_owners_neither_count_nor_are_replaced(self):
+        """
+        Previous owners are asked, not relied on: with both unreachable the write is acknowledged on its owners
+        as before, and no fallback is sent a hint in their place.
+        """
+        del self.stores["n2"], self.stores["n3"]
+        result = outcome(self.writer([self.BEFORE]).put(self.key, b'"later"', None))
+        self.assertEqual(result.copies, 2)
+        self.assertEqual(sorted(self.peers.asked), ["n2", "n3"])
+        self.assertEqual(self.peers.sent, ["n4"])
+
+    def test_once_the_ring_has_settled_only_the_owners_are_written(self):
+        result = outcome(self.writer([]).put(self.key, b'"later"', None))
+        self.assertEqual(self.peers.sent, ["n4"])
+        self.assertEqual(self.peers.asked, [])
+        self.assertEqual(result.copies, 2)

@@ -648,6 +648,65 @@ def test_rendering_fails_naming_max_clock_offset_when_it_is_not_a_positive_numbe
     assert "config.maxClockOffset" in error
 
 
+@pytest.mark.parametrize(
+    "args, heartbeat, peer_timeout",
+    [
+        # --set passes a decimal as a string, a whole number as a number; a values file (--set-json) a number.
+        (["--set", "config.heartbeatInterval=2.5"], "2.5", None),
+        (["--set", "config.heartbeatInterval=2.5", "--set", "config.peerTimeout=7.5"], "2.5", "7.5"),
+        (["--set", "config.peerTimeout=20"], "5", "20"),
+        (["--set-json", "config.heartbeatInterval=0.5", "--set-json", "config.peerTimeout=1.5"], "0.5", "1.5"),
+        (["--set-string", "config.heartbeatInterval=3", "--set-string", "config.peerTimeout=3.01"], "3", "3.01"),
+        # Zero, in any form, leaves the timeout to the node (3 heartbeats).
+        (["--set-string", "config.peerTimeout=0.0"], "5", None),
+    ],
+)
+def test_heartbeat_and_peer_timeout_reach_the_node_when_given_as_numbers_or_decimal_strings(args, heartbeat,
+                                                                                            peer_timeout):
+    """
+    If config.heartbeatInterval or config.peerTimeout is set with --set (a decimal arrives as a string) or from a
+    values file, then the container gets it as written, and the node accepts it.
+    """
+    docs = render("kv-responder-x", "--set", "tenant=x", *args)
+    assert env_value(docs, "HEARTBEAT_INTERVAL") == heartbeat
+    assert env(docs).get("PEER_TIMEOUT", {}).get("value") == peer_timeout
+    settings = _node_settings(docs)
+    assert settings.heartbeat_interval == float(heartbeat)
+
+
+def test_the_timings_take_decimal_strings_but_not_zero_negatives_or_units():
+    """
+    If config.heartbeatInterval or config.peerTimeout is a string, then a positive decimal renders, and 0 (for
+    the heartbeat), a negative number, a unit or an exponent fails rendering and names the key.
+    """
+    for key in ("heartbeatInterval", "peerTimeout"):
+        render("kv-responder-x", "--set", "tenant=x", "--set-string", f"config.{key}=12.5")
+        bad = ["-1", "2s", "1e-3", " 7"] + (["0", "0.0"] if key == "heartbeatInterval" else [])
+        for value in bad:
+            error = render_error("kv-responder-bad", "--set", "tenant=x", "--set-string", f"config.{key}={value}")
+            assert f"config.{key}" in error or f"config/{key}" in error, (key, value, error)
+
+
+@pytest.mark.parametrize(
+    "heartbeat, peer_timeout",
+    [("5", "5"), ("5", "4"), ("2.5", "2.5"), ("2.5", "2.49"), ("0.5", "0.25")],
+)
+def test_rendering_fails_when_the_peer_timeout_is_not_longer_than_the_heartbeat_as_the_node_requires(
+        heartbeat, peer_timeout):
+    """
+    If config.peerTimeout is set but not longer than config.heartbeatInterval, then rendering fails and names both,
+    as the node would refuse to start with them.
+    """
+    from kvresponder.settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match="heartbeat interval"):
+        load_settings({}, {"TENANT": "x", "HEARTBEAT_INTERVAL": heartbeat, "PEER_TIMEOUT": peer_timeout})
+    error = render_error("kv-responder-bad", "--set", "tenant=x", "--set", f"config.heartbeatInterval={heartbeat}",
+                         "--set", f"config.peerTimeout={peer_timeout}")
+    assert re.search(r"config\.peerTimeout \(%s\) must be longer than config\.heartbeatInterval \(%s\)"
+                     % (re.escape(peer_timeout), re.escape(heartbeat)), error), error
+
+
 def test_pods_spread_softly_when_defaults_are_used(defaults):
     """If defaults are used, pods spread over hosts, preferred but not required."""
     pod = one(defaults, "Deployment")["spec"]["template"]["spec"]

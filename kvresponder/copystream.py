@@ -28,6 +28,9 @@ Then each side sends frames, each a 4-byte big-endian length and that many bytes
   a newer version, which follows) for 200, then each such newer version in the entries' order (wall ms,
   8 bytes; counter, 4 bytes; node id length, 1 byte; the node id), or the JSON error body.
 
+A node that has begun leaving the cluster stores no batch: it answers each one 503 ``leaving``, and the caller
+fails its copies over to the next node on its ring, as it does a 503 over HTTP.
+
 Each frame leaves with one ``send`` when it is written (:func:`kvresponder.sendnow.send_now`), and both ends turn
 Nagle's algorithm off, so that a frame sent while the last is unacknowledged does not wait for its ACK.
 
@@ -76,6 +79,11 @@ _ID = struct.Struct("!I")
 MAX_BATCH_ID = (1 << 32) - 1
 _ANSWER = struct.Struct("!IH")
 _HEADER = struct.Struct("!I16sI")
+#: The error a node that is leaving the cluster answers a batch of copies with, on its stream and over HTTP
+#: (``/_internal/apply``), with status 503: an answer, so the sender fails the copies over to the next node at once
+#: and does not take the node for unreachable (:mod:`kvresponder.suspects`).
+LEAVING_ERROR = "leaving"
+LEAVING_MESSAGE = "This node is leaving the cluster and stores no copies; store them on the next node."
 
 
 class StreamRefused(Exception):
@@ -204,12 +212,16 @@ class CopyStreamServer(Int32StringReceiver):
         another with its next write): so an idle, trickling or vanished caller does not hold a connection.
     :param wall: this node's wall clock in seconds (expiries arrive as the time they have left); by default
         the clock's ``seconds``.
+    :param takes_copies: whether the node stores copies now (:meth:`kvresponder.node.Node.takes_copies`); while it
+        does not, each batch is answered 503 :data:`LEAVING_ERROR` and nothing is applied.
     """
 
     def __init__(self, apply: Callable[[list, List[bytes]], List[ApplyResult]], key: Optional[bytes],
                  nonce: bytes, max_frame: int, on_close: Callable[[Failure], None], client: str = "",
-                 clock=None, idle_timeout: float = 30.0, wall: Optional[Callable[[], float]] = None) -> None:
+                 clock=None, idle_timeout: float = 30.0, wall: Optional[Callable[[], float]] = None,
+                 takes_copies: Callable[[], bool] = lambda: True) -> None:
         self._apply = apply
+        self._takes_copies = takes_copies
         self._wall = wall or (clock.seconds if clock is not None else time.time)
         self._mac = _Mac(key, nonce)
         self._signed = key is not None
@@ -251,6 +263,11 @@ class CopyStreamServer(Int32StringReceiver):
             self._reject("a bad MAC")
             return
         self._last_id = batch_id
+        if not self._takes_copies():
+            # A frame already in flight when this node began leaving, or sent by a peer that has not heard it yet:
+            # answered, not dropped, so that the sender fails it over now rather than after its timeout.
+            send_now(self.transport, self._frame(_error_answer(batch_id, 503, LEAVING_ERROR, LEAVING_MESSAGE)))
+            return
         start = _HEADER.size
         task_ids = frame[start:start + tasks_length].split()
         try:

@@ -269,9 +269,22 @@ class Node:
         if self.state == JOINING:
             self.state = READY
 
+    def takes_copies(self) -> bool:
+        """
+        Whether this node stores the entries its peers send it: a write's copy, a hand-off, a repair. Not from
+        the moment it begins leaving. Its drain ends once its store is empty, and the process exits soon after,
+        so a copy stored after that was acknowledged to its sender and then lost with the process. A copy stored
+        during the drain would count towards a write's quorum on a node that holds it only until it can pass it
+        on (within ``DRAIN_TIMEOUT``, if the owner answers), and would keep the drain going. Peers that have not
+        yet heard this node's "leaving" heartbeat (it is in flight, or lost: UDP) still send it copies; refused,
+        each fails over at once to the next node on the sender's ring, which stays.
+        """
+        return self.state not in (DRAINING, STOPPED)
+
     def begin_leaving(self) -> None:
         """
-        Stop owning data: readiness fails, heartbeats say "leaving", the ring no longer counts this node.
+        Stop owning data: readiness fails, heartbeats say "leaving", the ring no longer counts this node, and
+        peers' copies are refused (:meth:`takes_copies`).
         """
         if self.state in (DRAINING, STOPPED):
             return

@@ -334,6 +334,51 @@ async def test_an_entry_over_the_peers_budget_is_answered_413_through_peer_clien
         client.streams.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_node_that_begins_leaving_answers_each_later_batch_on_an_open_stream_503_and_stores_none(server):
+    """
+    If a peer holds a copy stream open into a node that then begins leaving (its drain may end at once, and its
+    process exit), then each later batch on that stream is answered 503 ``leaving`` and none of it is stored; the
+    stream stays open, as after any error answer.
+    """
+    peer = server()
+    streams = _streams(_auth())
+    try:
+        await streams.send(peer.peer, [_entry(1)], [b"-"], 2.0)
+        [stream] = streams._open.values()
+        peer.node.begin_leaving()
+        with pytest.raises(StreamError) as caught:
+            await streams.send(peer.peer, [_entry(2), _entry(3)], [b"-", b"-"], 2.0)
+        assert caught.value.code == 503 and "leaving" in str(caught.value)
+        assert peer.node.store.current("k2") is None and peer.node.store.current("k3") is None
+        assert list(streams._open.values()) == [stream] and not stream.closed
+    finally:
+        streams.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_copy_a_leaving_node_refuses_on_a_new_stream_fails_over_at_once_and_makes_no_suspect(server):
+    """
+    If a node that has begun leaving is sent a write's copy by a peer that has not heard it yet, then the peer's
+    stream to it opens as usual, the copy fails with the node's 503 at once (not after the call's timeout, and
+    not sent again over HTTP), and the node is no suspect: its reads still go to it.
+    """
+    peer = server()
+    peer.node.begin_leaving()
+    client = PeerClient(None, reactor, "t1", 5.0, _auth(), streams=_streams(_auth()))
+    try:
+        started = reactor.seconds()
+        with pytest.raises(PeerError) as caught:
+            await client.apply_coalesced(peer.peer, _entry(1))
+        assert caught.value.code == 503
+        assert reactor.seconds() - started < 2.5
+        assert not client.suspects.suspected(peer.peer)
+        assert client.streams.usable(peer.peer) and client.streams.open_count() == 1
+        assert peer.node.store.current("k1") is None
+    finally:
+        client.streams.close()
+
+
 async def _raw_stream(peer, key):
     """
     A stream opened by hand, for frames the real client would never send.

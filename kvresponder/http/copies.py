@@ -5,7 +5,9 @@
 The upgrade is guarded as every internal call is (:class:`~kvresponder.http.peerguard.PeerGuard`: the signature
 covers the method and the path), takes no body, and each batch on the stream is checked as a batch sent to
 ``/_internal/apply`` is (:func:`~kvresponder.http.schemas.check_entries`). The answer is ``101 Switching
-Protocols`` and, from then on, the connection carries frames, not HTTP. A request
+Protocols`` and, from then on, the connection carries frames, not HTTP. A node that has begun leaving still
+upgrades (a peer that has not heard it is leaving opens streams to it), and answers each batch 503 ``leaving``
+without storing it, as ``/_internal/apply`` does. A request
 that is not an upgrade gets a JSON 426; a connection that cannot be handed over (anything but a plain TCP
 connection, such as a test's in-memory transport) gets a JSON 501, and the caller sends its copies as HTTP
 requests instead. The stream is closed once no whole frame has arrived for ``REQUEST_TIMEOUT`` seconds, as an
@@ -59,7 +61,7 @@ class CopyStreamResource(Resource):
             lambda entries, task_ids: apply_copies(check_entries(entries), task_ids),
             authenticator.stream_key() if authenticator is not None else None,
             nonce, channel.site.internal_body_limit, closed, address, channel.site.reactor,
-            channel.site.request_deadline, wall=node.wall)
+            channel.site.request_deadline, wall=node.wall, takes_copies=node.takes_copies)
         self.open += 1
         if not request.switch_protocols(protocol, upgrade_answer(nonce)):
             self.open -= 1

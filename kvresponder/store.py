@@ -215,7 +215,8 @@ class Store:
                 return None
         wall, counter, index, expires_at, length = _unpack(packed)
         if expires_at and expires_at <= self._seconds():
-            self._released(len(packed) + _LIVE_EXTRA)
+            # Already taken out of its table above: only the tombstone is left to write.
+            self._expired(bkey, packed)
             self._sorted_keys = None
             self.expirations += 1
             self._events.expired(1)
@@ -226,7 +227,7 @@ class Store:
     def current(self, key: str) -> Optional[Entry]:
         """
         The newest entry for ``key`` this store knows, tombstones included, for replicas to compare
-        versions. Expired entries are reported as absent.
+        versions. An expired entry is reported as the tombstone it leaves (see :meth:`sweep`).
         """
         entry = self.get(key)
         if entry is not None:
@@ -279,9 +280,11 @@ class Store:
         """
         Every entry (live, and tombstones unless told otherwise), safe to consume while the store changes:
         the entries are those held when this is called, each read as the iteration reaches it. A live entry
-        that is gone by then (deleted, expired, evicted, handed off) is skipped, a key rewritten meanwhile is
-        yielded as it is then, and each key is yielded at most once. (Under a slot collision, about one pair
-        of keys in 2**60, a key that took an emptied slot may be yielded in the place of the one that left.)
+        that is gone by then (deleted, evicted, handed off) is skipped, one that has expired and is not yet
+        swept is yielded as the tombstone it leaves (or skipped, without tombstones), a key rewritten
+        meanwhile is yielded as it is then, and each key is yielded at most once. (Under a slot collision,
+        about one pair of keys in 2**60, a key that took an emptied slot may be yielded in the place of the
+        one that left.)
         """
         # The slots held now (the dict's own int objects, not copies of the keys, and not the entries: an
         # entry dropped meanwhile is freed at once, even while a long rebalance pass is under way).
@@ -300,13 +303,13 @@ class Store:
         for slot in slots:
             packed = live.get(slot)
             if packed is not None:
-                entry = live_entry(packed)
+                entry = live_entry(packed, include_tombstones)
                 if entry is not None:
                     yield entry
         for bkey in by_key:
             packed = find(bkey)
             if packed is not None:
-                entry = live_entry(packed)
+                entry = live_entry(packed, include_tombstones)
                 if entry is not None:
                     yield entry
             elif include_tombstones:
@@ -314,13 +317,17 @@ class Store:
                 if packed is not None:
                     yield self._tombstone_entry(bkey.decode(), packed)
 
-    def _live_entry(self, packed: bytes) -> Optional[Entry]:
+    def _live_entry(self, packed: bytes, expired_as_tombstone: bool) -> Optional[Entry]:
         """
-        The :class:`Entry` of a packed live entry, or ``None`` if it has expired.
+        The :class:`Entry` of a packed live entry. If it has expired: the tombstone it leaves when it is
+        swept if ``expired_as_tombstone``, else ``None``. (Read only: the sweep or a ``get`` writes the
+        tombstone, and a rebalance pass that hands this one off and forgets the entry leaves none.)
         """
         wall, counter, index, expires_at, length = _unpack(packed)
         if expires_at and expires_at <= self._seconds():
-            return None
+            if not expired_as_tombstone:
+                return None
+            return Entry(packed[_HEADER_SIZE:_HEADER_SIZE + length].decode(), None, self._version(packed))
         return self._as_entry(packed[_HEADER_SIZE:_HEADER_SIZE + length].decode(), packed, wall, counter, index,
                               expires_at, length)
 
@@ -486,6 +493,11 @@ class Store:
         """
         Reclaim expired entries and tombstones past their grace period.
 
+        An expired entry leaves a tombstone of its own version, kept for ``tombstone_grace`` as a delete's
+        is: a replica or a hint that missed the write may still hold an older value of the key, and only a
+        version at least as new stops hint handoff and anti-entropy from bringing that value back. A newer
+        write still wins over it, an older one does not.
+
         :return: how many expired entries were reclaimed.
         """
         now = self._seconds()
@@ -499,7 +511,7 @@ class Store:
             packed = live.get(slot)
             if packed is not None and _unpack_time(packed, _TIME_OFFSET)[0] == expires_at:
                 del live[slot]
-                self._released(len(packed) + _LIVE_EXTRA)
+                self._expired(_key_of(packed), packed)
                 expired += 1
         if self._spill:
             # Entries filed by key are out of the heap's reach; there are rarely any.
@@ -507,7 +519,7 @@ class Store:
                 expires_at = _unpack_time(packed, _TIME_OFFSET)[0]
                 if expires_at and expires_at <= now:
                     del self._spill[bkey]
-                    self._released(len(packed) + _LIVE_EXTRA)
+                    self._expired(bkey, packed)
                     expired += 1
         if expired:
             self._sorted_keys = None
@@ -588,6 +600,18 @@ class Store:
     def _tombstone_entry(self, key: str, packed: bytes) -> Entry:
         return Entry(key, None, self._version(packed),
                      _unpack_time(packed, _HEADER_SIZE)[0] if len(packed) > _HEADER_SIZE else None)
+
+    def _expired(self, bkey: bytes, packed: bytes) -> None:
+        """
+        Replace ``bkey``'s expired live entry ``packed``, already taken out of its table, with a tombstone of
+        its version, written now. A key holds a live entry or a tombstone, never both, so the tombstone is
+        new and goes last, in the order the sweep collects them. It is never larger than the entry (a key's
+        bytes and the overhead, without the value), so the store stays within its budget without evicting.
+        Not counted in :attr:`changes`: every key keeps its version, so a digest of them is still current.
+        """
+        self._released(len(packed) + _LIVE_EXTRA)
+        self._tombstones[bkey] = self._pack(self._version(packed), self._seconds(), b"", b"")
+        self.bytes += len(bkey) + TOMBSTONE_OVERHEAD
 
     def _released(self, size: int) -> None:
         self.bytes -= size

@@ -83,31 +83,35 @@ def test_key_is_served_until_its_expiry():
 @pytest.mark.parametrize("after", [10.0, 10.001, 1000.0])
 def test_expired_key_is_never_served(after):
     """
-    If a key's TTL has passed (at or after ``expires_at``), then ``get``, ``current``, ``keys`` and
-    ``entries`` all report it absent, even before a sweep.
+    If a key's TTL has passed (at or after ``expires_at``), then ``get``, ``keys`` and ``entries`` without
+    tombstones report it absent, even before a sweep; ``entries`` and ``current``, which replicas compare
+    versions with, report a tombstone of its version.
     """
     store, clock, _ = make_store()
     store.apply(put("k", b"1", 1, ttl=10))
     store.apply(put("other", b"2", 1))
     clock.advance(after)
     assert all_keys(store) == ["other"]
-    assert [e.key for e in store.entries()] == ["other"]
+    assert [e.key for e in store.entries(include_tombstones=False)] == ["other"]
+    assert sorted((e.key, e.value) for e in store.entries()) == [("k", None), ("other", b"2")]
     assert store.get("k") is None
-    assert store.current("k") is None
+    assert store.current("k") == tomb("k", 1)
 
 
 def test_get_of_an_expired_key_reclaims_and_counts_it_once():
     """
-    If ``get`` finds a key expired, then it reclaims its bytes and counts one expiration, and a later sweep
-    does not count it again.
+    If ``get`` finds a key expired, then it reclaims its value, keeps a tombstone of its version in its
+    place, and counts one expiration; a later sweep does not count it again.
     """
     store, clock, events = make_store()
     store.apply(put("k", b"1", 1, ttl=10))
     clock.advance(11)
     assert store.get("k") is None
-    assert (store.bytes, store.expirations, events.expirations) == (0, 1, [1])
+    assert (len(store), store.tombstone_count) == (0, 1)
+    assert (store.bytes, store.expirations, events.expirations) == (tomb("k", 1).size, 1, [1])
     assert store.sweep() == 0
     assert (store.expirations, events.expirations) == (1, [1])
+    assert store.bytes == accounted(store)
 
 
 def test_sweep_reclaims_expired_entries_and_counts_expirations():
@@ -123,7 +127,10 @@ def test_sweep_reclaims_expired_entries_and_counts_expirations():
     clock.advance(6)
     assert store.sweep() == 2
     assert len(store) == 2
-    assert store.bytes == put("c", b"333", 1).size + put("d", b"4444", 1).size
+    # a and b each leave a tombstone of their version (see the expiry tests below).
+    assert store.tombstone_count == 2
+    assert store.bytes == (put("c", b"333", 1).size + put("d", b"4444", 1).size
+                           + tomb("a", 1).size + tomb("b", 1).size)
     assert (store.expirations, events.expirations) == (2, [2])
     assert store.sweep() == 0
     assert events.expirations == [2]
@@ -155,6 +162,121 @@ def test_write_that_has_already_expired_removes_the_older_value():
     assert store.current("k").is_tombstone
     assert (len(store), store.tombstone_count) == (0, 1)
     assert store.bytes == store.current("k").size
+
+
+def _notice_expiry(store: Store, key: str, how: str) -> None:
+    # The three ways a store finds that an entry has expired: the sweep, a read, a replica comparing versions.
+    if how == "sweep":
+        assert store.sweep() == 1
+    elif how == "get":
+        assert store.get(key) is None
+    else:
+        assert store.current(key).is_tombstone
+
+
+@pytest.mark.parametrize("how", ["sweep", "get", "current"])
+def test_an_expired_entry_leaves_a_tombstone_of_its_version_so_an_older_write_stays_hidden(how):
+    """
+    If an entry that overwrote an older value expires (found by the sweep, a read or a version comparison),
+    then it leaves a tombstone of its own version: the older value, arriving again from a replica or a hint
+    that missed the overwrite, is refused in favour of that version, and the key stays absent. A newer write
+    or delete still wins, and answers as for an absent key (nothing live was there).
+    """
+    store, clock, events = make_store()
+    store.apply(put("k", b'"new"', 2, ttl=2))
+    clock.advance(3)
+    _notice_expiry(store, "k", how)
+    assert (len(store), store.tombstone_count, events.expirations) == (0, 1, [1])
+    assert store.current("k") == tomb("k", 2)
+    assert store.apply(put("k", b'"old"', 1)) == ApplyResult(False, False, (2, 0, "n1"))
+    assert store.get("k") is None and all_keys(store) == []
+    assert store.apply(tomb("k", 3)) == ApplyResult(True, False)
+    assert store.apply(put("k", b'"newer"', 4)) == ApplyResult(True, False)
+    assert store.get("k").value == b'"newer"'
+    assert store.bytes == put("k", b'"newer"', 4).size == accounted(store)
+
+
+def test_an_expiry_tombstone_is_collected_after_the_grace_period_as_a_deletes_is():
+    """
+    If an entry expires, then its tombstone is kept for ``tombstone_grace`` from the sweep that found it,
+    and collected after it, with its bytes, without counting the expiry again.
+    """
+    store, clock, events = make_store(tombstone_grace=60)
+    store.apply(put("k", b"1", 1, ttl=5))
+    clock.advance(5)
+    store.sweep()
+    clock.advance(59)
+    store.sweep()
+    assert store.current("k") == tomb("k", 1)
+    clock.advance(1)
+    store.sweep()
+    assert store.current("k") is None
+    assert (store.bytes, store.tombstone_count, events.expirations) == (0, 0, [1])
+
+
+def test_expiry_tombstones_are_accounted_and_evicted_as_delete_tombstones_are():
+    """
+    If an expired entry's tombstone is held among deletes' tombstones, then it costs what theirs do (its
+    key's bytes and the tombstone overhead, in ``tombstone_count``), and a write that needs their room
+    evicts them oldest first, whichever made them.
+    """
+    store, clock, events = make_store()
+    store.apply(tomb("d1", 1))
+    store.apply(put("e1", b"a value", 1, ttl=5))
+    clock.advance(6)
+    store.sweep()
+    store.apply(tomb("d2", 2))
+    assert store.tombstone_count == 3
+    assert store.bytes == 3 * tomb("d1", 1).size == accounted(store)
+    store.max_bytes = store.bytes
+    big = put("big", b"x" * 150, 3)
+    assert tomb("d1", 1).size < big.size <= 2 * tomb("d1", 1).size
+    store.apply(big)
+    assert [store.current(key) for key in ("d1", "e1", "d2")] == [None, None, tomb("d2", 2)]
+    assert store.get("big") == big
+    assert store.bytes == big.size + tomb("d2", 2).size == accounted(store)
+    assert events.evictions == []  # tombstones dropped are not evicted keys
+
+
+def test_a_steady_ttl_workload_holds_one_grace_periods_worth_of_tombstones_within_the_budget():
+    """
+    If keys are written with a TTL at a steady rate, then the store holds the tombstones of the last
+    ``tombstone_grace`` seconds of expiries and no more, and never exceeds its budget, even one too small for
+    them (the oldest tombstones are then evicted).
+    """
+    rate, ttl, grace = 20, 5, 30
+    for max_bytes in (1 << 20, 200 * put("k00000", b"v", 1).size):
+        store, clock, _ = make_store(max_bytes=max_bytes, tombstone_grace=grace)
+        written = 0
+        for second in range(120):
+            for _ in range(rate):
+                store.apply(put("k%05d" % (written,), b"v", second, ttl=second + ttl))
+                written += 1
+            clock.advance(1)
+            store.sweep()
+            assert store.bytes <= store.max_bytes and store.bytes == accounted(store)
+            assert store.tombstone_count <= rate * grace
+        if max_bytes == 1 << 20:
+            assert store.tombstone_count == rate * grace
+        else:
+            assert store.tombstone_count > 0
+        assert store.expirations + store.evictions == written - len(store)
+
+
+def test_an_expired_entry_handed_off_before_the_sweep_is_sent_as_a_tombstone_and_forgotten_without_one():
+    """
+    If a rebalance pass reads an entry that has expired but is not yet swept, then it gets the tombstone the
+    entry leaves (so a hint whose TTL ended before its handoff still hides older copies on the owners), and
+    forgetting that version once handed off leaves nothing behind.
+    """
+    store, clock, _ = make_store()
+    store.apply(put("hint", b'"new"', 2, ttl=2))
+    clock.advance(3)
+    assert list(store.entries()) == [tomb("hint", 2)]
+    assert list(store.entries(include_tombstones=False)) == []
+    assert store.forget("hint", (2, 0, "n1"))
+    assert (len(store), store.tombstone_count, store.bytes) == (0, 0, 0)
+    assert store.current("hint") is None
 
 
 # -- LRU -----------------------------------------------------------------------------------------------
@@ -388,6 +510,7 @@ def test_expired_entries_are_swept_whether_filed_by_slot_or_by_key(monkeypatch):
     assert store.sweep() == 3
     assert all_keys(store) == ["kept"] and len(store) == 1
     assert store.bytes == accounted(store) and store.expirations == 3
+    assert [store.current(key) for key in ("a", "b", "c")] == [tomb(key, 1) for key in ("a", "b", "c")]
 
 
 class CrowdedSlotsMachine(StoreMachine):
@@ -831,9 +954,9 @@ def test_steady_eviction_through_a_large_store_is_not_quadratic():
 def test_entries_can_be_consumed_while_the_store_changes():
     """
     If the store changes while ``entries()`` is being consumed, then the iteration goes on: it yields the
-    entries held when it was called, each at most once and as held when reached (a newer version, or a
-    tombstone revived meanwhile), skips live entries that are gone (deleted, forgotten, expired), and leaves
-    out keys added since.
+    entries held when it was called, each at most once and as held when reached (a newer version, a
+    tombstone revived meanwhile, or the tombstone an expired entry leaves), skips live entries that are gone
+    (deleted, forgotten), and leaves out keys added since.
     """
     store, clock, _ = make_store()
     for i in range(10):
@@ -852,9 +975,10 @@ def test_entries_can_be_consumed_while_the_store_changes():
     rest = {entry.key: entry for entry in iterator}
     keys = [first.key] + list(rest)
     assert len(keys) == len(set(keys))
-    assert set(keys) == {"k0", "k1", "k4", "k5", "k6", "k7", "k8", "k9", "t"}
+    assert set(keys) == {"k0", "k1", "k4", "k5", "k6", "k7", "k8", "k9", "t", "ttl"}
     assert rest["k1"].value == b"newer"
     assert rest["t"].value == b"revived"
+    assert rest["ttl"] == tomb("ttl", 1)
 
 
 def test_entries_snapshot_is_taken_when_called_not_when_first_consumed():

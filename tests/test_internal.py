@@ -300,3 +300,28 @@ def test_a_bug_inside_a_coroutine_is_a_json_500_without_a_traceback_to_the_clien
     assert b"secret internals" not in content
     assert len(tracebacks(logged)) == 1
     del logged[:]
+
+
+# -- a node that is leaving ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stopped", [False, True], ids=["draining", "stopped"])
+def test_a_node_that_has_begun_leaving_answers_copies_503_leaving_and_stores_none(stopped, logged):
+    """
+    If a node has begun leaving (draining; or stopped, its drain over, its process about to exit), then
+    ``/apply`` answers 503 ``leaving`` to a write's copy, a hand-off or a repair, as a JSON body or as a binary
+    batch, and stores none of them: the sender fails them over to the next node. Its reads still answer.
+    """
+    api = API(cluster_secret=SECRET)
+    api.node.store.apply(_entry(key="held"))
+    api.node.begin_leaving()
+    if stopped:
+        api.node.stop()
+    assert error_of(*send(api, "/apply", GOOD["/apply"])) == (503, "leaving")
+    batch = encode_batch([_entry(), _entry(key="b")], 0.0)
+    assert error_of(*send(api, "/apply", raw=batch, content_type=BATCH_TYPE)) == (503, "leaving")
+    assert api.node.store.current("a") is None and api.node.store.current("b") is None
+    code, _, content = send(api, "/get", {"key": "held"})
+    assert code == 200 and json.loads(content)["entry"]["v"] == "1"
+    assert not tracebacks(logged)
+

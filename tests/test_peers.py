@@ -6,13 +6,18 @@ answered by hand, so what is in flight and when is under the test's control).
 import json
 from collections import namedtuple
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 
+from kvresponder.http.root import build_root
+from kvresponder.http.site import KVSite
+from kvresponder.node import Node
 from kvresponder.peers import MAX_BATCH_BYTES, MAX_BATCHES_IN_FLIGHT, PeerClient, PeerError
 from kvresponder.store import Entry
 from kvresponder.wire import decode_batch, entry_to_wire
+
+from .support import make_settings, stub_over
 
 Peer = namedtuple("Peer", "node_id address port")
 PEER = Peer("n2", "127.0.0.1", 4000)
@@ -353,3 +358,26 @@ def test_a_call_lost_after_its_timeout_has_run_is_not_tried_again():
     clock.advance(5.0)
     calls[0].errback(ResponseFailed([]))
     assert timeouts == [5.0] and len(outcome) == 1 and outcome[0].check(PeerError)
+
+
+def test_a_copy_and_a_hand_off_refused_by_a_leaving_node_fail_with_its_503_at_once_and_make_no_suspect():
+    """
+    If a peer has begun leaving, then a write's copy sent to it over HTTP, and a hand-off, each fail with its
+    503 in the turn it answers (the write fails over, the hand-off is not counted as delivered), it stores
+    neither, and it is no suspect: its reads still go to it.
+    """
+    clock = Clock()
+    leaving = Node(make_settings("t1", "n2", insecure_cluster="true"), clock, http=None)
+    stub = stub_over(KVSite(build_root(leaving), clock.seconds))
+    leaving.begin_leaving()
+    client = PeerClient(http=stub, clock=clock, tenant="t1", timeout=5.0)
+    copy, hand_off = [], []
+    client.apply_coalesced(PEER, _entry(1)).addBoth(copy.append)
+    ensureDeferred(client.apply(PEER, [_entry(2), _entry(3)], timeout=10.0)).addBoth(hand_off.append)
+    clock.advance(0)
+    stub.flush()
+    for outcome in (copy, hand_off):
+        assert len(outcome) == 1 and outcome[0].check(PeerError), outcome
+        assert outcome[0].value.code == 503
+    assert not client.suspects.suspected(PEER)
+    assert [leaving.store.current("k%d" % (i,)) for i in (1, 2, 3)] == [None, None, None]

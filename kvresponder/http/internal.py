@@ -6,6 +6,9 @@ cluster secret and without ``--insecure-cluster``; 401 for a bad signature), che
 declared schema (:mod:`~kvresponder.http.schemas`; 400 for a body that does not fit), continues the caller's
 Eliot task (``X-Eliot-Task-Id``, so a replica's store actions appear in the coordinator's tree), and maps
 every failure, raised at once or later by a Deferred or a coroutine, to one JSON error.
+
+A node that has begun leaving (:meth:`~kvresponder.node.Node.takes_copies`) answers ``/apply`` 503 ``leaving``
+and stores nothing, so that the sender fails the copies over to the next node; its reads still answer.
 """
 
 import json
@@ -15,6 +18,7 @@ from klein import Klein
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.python.failure import Failure
 
+from ..copystream import LEAVING_ERROR, LEAVING_MESSAGE
 from ..hlc import version_from_wire
 from ..peers import CLOCK_HEADER, TASK_HEADER, TASKS_HEADER
 from ..store import EntryTooLarge
@@ -128,6 +132,10 @@ class InternalAPI:
 
     @internal_route(app, "/apply")
     def apply(self, body):
+        if not self._node.takes_copies():
+            # A write's copy, a hand-off or a repair sent by a peer that has not heard this node is leaving: the
+            # sender fails it over to the next node (an answer, so the peer is not taken for unreachable).
+            raise APIError(503, LEAVING_ERROR, LEAVING_MESSAGE)
         try:
             results = self._node.coordinator.apply_copies(body["entries"], body["task_ids"])
         except EntryTooLarge:

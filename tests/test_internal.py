@@ -325,3 +325,23 @@ def test_a_node_that_has_begun_leaving_answers_copies_503_leaving_and_stores_non
     assert code == 200 and json.loads(content)["entry"]["v"] == "1"
     assert not tracebacks(logged)
 
+
+def test_a_node_that_has_begun_leaving_tells_anti_entropy_it_lacks_nothing():
+    """
+    If a node has begun leaving, then a co-owner's anti-entropy hears that no bucket differs and no version is
+    wanted, whatever the node holds: it would refuse the copies, and its store is on its way out (no walk over
+    it is made for the peer).
+    """
+    api = API(cluster_secret=SECRET)
+    walked = []
+
+    async def digest(sender, background=False):
+        walked.append(sender)
+        return {}
+    api.node.rebalancer.shared_digest = digest
+    api.node.begin_leaving()
+    code, _, content = send(api, "/sync/buckets", GOOD["/sync/buckets"])
+    assert code == 200 and json.loads(content) == {"differ": []}
+    code, _, content = send(api, "/sync/versions", GOOD["/sync/versions"])
+    assert code == 200 and json.loads(content) == {"want": []}
+    assert walked == []

@@ -159,6 +159,10 @@ class InternalAPI:
 
     @internal_route(app, "/sync/buckets")
     def sync_buckets(self, body):
+        if not self._node.takes_copies():
+            # A leaving node wants nothing a peer could send it (it would refuse the copies), and its store is
+            # on its way out: no walk over it, and no anti-entropy round of the peer's counted as failed.
+            return {"differ": []}
         sender, theirs, background = body["from"], body["buckets"], body.get("background", False)
 
         async def compare():
@@ -169,6 +173,8 @@ class InternalAPI:
 
     @internal_route(app, "/sync/versions")
     def sync_versions(self, body):
+        if not self._node.takes_copies():
+            return {"want": []}
         parsed = {key: version_from_wire(value) for key, value in body["versions"].items()}
         return {"want": self._node.rebalancer.wanted(parsed)}
 

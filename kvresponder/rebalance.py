@@ -452,6 +452,8 @@ class Rebalancer:
             while remaining and len(self._ring().nodes - {self.node_id}) > 0:
                 await self.run_pass("drain")
                 remaining = len(self.store) + self.store.tombstone_count
+                # An empty store stays empty: a leaving node refuses its peers' copies (Node.takes_copies), so
+                # nothing can arrive after the drain ends that the node would then take down with it.
                 if remaining == 0 or self._clock.seconds() >= deadline:
                     break
                 await deferLater(self._clock, min(0.5, max(0.0, deadline - self._clock.seconds())),

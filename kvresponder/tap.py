@@ -81,7 +81,9 @@ class KVResponderService(MultiService):
     """
     The node's services, stopped in order: drain first (HTTP and discovery still up, heartbeats saying
     "leaving"), then discovery (announcing the departure), then HTTP (no new connection; the requests being
-    handled are answered first), then the peer connection pool.
+    handled are answered first), then the peer connection pool. From the first step on, the node refuses the
+    copies its peers send it, over HTTP and on the copy streams still open into it (503 ``leaving``: the sender
+    fails them over), so that nothing it acknowledges is taken down when the process exits.
     """
 
     def __init__(self, node, http_service, discovery_service, pool=None, tracing=None, site=None) -> None:

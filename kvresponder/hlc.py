@@ -21,6 +21,11 @@ MAX_COUNTER = 2 ** 32 - 1
 #: once the wall clock reaches the millisecond it was stamped in.
 RESTAMP_BASE = 2 ** 31
 
+#: How many milliseconds :meth:`HybridLogicalClock.above` keeps a highest counter apiece for. Past that, those
+#: ahead of the clock are folded into one floor (see ``above``), so that a node re-stamping writes above the
+#: versions of a clock far ahead keeps a bounded record of them.
+RESTAMP_MILLISECONDS = 4096
+
 
 def format_version(version: Version) -> str:
     """
@@ -72,9 +77,13 @@ class HybridLogicalClock:
         self._max_ahead_ms = None if max_ahead is None else int(max_ahead * 1000)
         self._wall = 0
         self._counter = 0
-        #: The highest counter :meth:`above` issued in each millisecond it stamped (a few: only keys that a
-        #: clock ahead of this one wrote get re-stamped).
+        #: The highest counter :meth:`above` issued in each millisecond it stamped that this clock has not
+        #: passed yet (a few: only keys that a clock ahead of this one wrote get re-stamped).
         self._above: Dict[int, int] = {}
+        #: In every millisecond up to ``_folded_wall``, :meth:`above` issued no counter higher than
+        #: ``_folded_counter``: the record of milliseconds folded together when ``_above`` grew too large.
+        self._folded_wall = -1
+        self._folded_counter = 0
 
     def now(self) -> Version:
         """
@@ -138,17 +147,54 @@ class HybridLogicalClock:
         with a counter of :data:`RESTAMP_BASE` or more, and above the versions this method issued before in that
         millisecond (two overlapping writes re-stamped above one version must not share a version). The clock itself does not
         move, so a version stamped in the future by a skewed node does not carry this node's later writes into
-        the future with it.
+        the future with it. (When that millisecond's counters are used up, the next millisecond with room.)
+
+        No version is ever issued twice, and the record that ensures it stays bounded: a millisecond the
+        clock has passed is dropped from it (:meth:`now` is above any version there, so no re-stamp lands
+        there again); when it would hold more than :data:`RESTAMP_MILLISECONDS`, the milliseconds ahead of the
+        clock are folded into one floor that every later re-stamp in them starts above. Folding costs
+        counters in those milliseconds, never uniqueness, and the floor lapses once the clock passes them.
         """
         now = self.now()
         if now > version:
             return now
         wall = version[0]
         # Above what this method issued in that millisecond too (it may have been above this very version).
-        counter = max(version[1], RESTAMP_BASE - 1, self._above.get(wall, 0))
-        if counter >= MAX_COUNTER:
-            wall, counter = wall + 1, max(RESTAMP_BASE - 1, self._above.get(wall + 1, 0))
-        if len(self._above) >= 4096:
-            self._above.clear()
+        counter = max(version[1], RESTAMP_BASE - 1, self._issued_in(wall))
+        while counter >= MAX_COUNTER:
+            wall += 1
+            if wall <= self._folded_wall and self._folded_counter >= MAX_COUNTER:
+                # Every folded millisecond is full: the first one past them.
+                wall = self._folded_wall + 1
+            counter = max(RESTAMP_BASE - 1, self._issued_in(wall))
+        record = self._above
+        if wall not in record and len(record) >= RESTAMP_MILLISECONDS:
+            self._forget_or_fold()
         self._above[wall] = counter + 1
         return (wall, counter + 1, self.node_id)
+
+    def _issued_in(self, wall: int) -> int:
+        """
+        The highest counter :meth:`above` may have issued in millisecond ``wall`` (0 for none).
+        """
+        issued = self._above.get(wall, 0)
+        # Re-stamps land only at or ahead of the clock: once it has passed the folded milliseconds, the floor
+        # applies to none that is asked about, so it never needs clearing here.
+        if wall <= self._folded_wall and self._folded_counter > issued:
+            return self._folded_counter
+        return issued
+
+    def _forget_or_fold(self) -> None:
+        """
+        Make room in the record of re-stamped milliseconds: drop those behind this clock (a re-stamp never
+        lands there again); if more than half are left, fold them all into the floor.
+        """
+        clock_wall = self._wall
+        ahead = {wall: counter for wall, counter in self._above.items() if wall >= clock_wall}
+        if len(ahead) > RESTAMP_MILLISECONDS // 2:
+            # The old floor still covers milliseconds ahead of the clock unless the clock passed them all.
+            floor = self._folded_counter if self._folded_wall >= clock_wall else 0
+            self._folded_counter = max(floor, max(ahead.values()))
+            self._folded_wall = max(self._folded_wall, max(ahead))
+            ahead = {}
+        self._above = ahead

@@ -7,7 +7,8 @@ import json
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from kvresponder.hlc import MAX_COUNTER, NODE_ID_PATTERN, HybridLogicalClock, format_version, version_from_wire
+from kvresponder.hlc import (MAX_COUNTER, NODE_ID_PATTERN, RESTAMP_BASE, RESTAMP_MILLISECONDS, HybridLogicalClock,
+                             format_version, version_from_wire)
 
 
 class ManualWall:
@@ -233,3 +234,125 @@ def test_the_largest_counter_a_clock_adopts_still_gives_a_greater_version_that_f
     assert version > (1000, RESTAMP_BASE - 1, "n2")
     [entry] = decode_batch(encode_batch([Entry("k", b"1", version)], 1.0), 1.0)
     assert entry.version == version
+
+
+# -- re-stamps above a version ahead of the clock --------------------------------------------------------
+
+def test_two_restamps_above_one_version_never_share_a_version_even_after_many_others():
+    """
+    If two overlapping writes to one key are re-stamped above the same future version, and between the two
+    this node re-stamped writes to more other keys than it keeps a counter apiece for (a node whose clock
+    jumped ahead wrote them, each in a millisecond of its own), then the second still gets a version of its
+    own, above the first's: two values under one version would never be reconciled (each replica keeps the
+    one it got first).
+    """
+    now = [1_700_000_000.0]
+    clock = HybridLogicalClock(lambda: now[0], "n1", max_ahead=0.5)
+    future = int((now[0] + 3600) * 1000)
+    first = clock.above((future, 4, "n3"))
+    for ms in range(1, RESTAMP_MILLISECONDS + 1):
+        clock.above((future + ms, 0, "n3"))
+    second = clock.above((future, 4, "n3"))
+    assert second != first, (first, second)
+    assert second > first
+    assert second[0] == first[0] == future
+
+
+def test_the_record_of_restamps_stays_bounded_however_many_future_milliseconds_are_restamped():
+    """
+    If a node re-stamps writes above versions in ever more milliseconds ahead of its clock, then what it keeps
+    to tell their counters apart stays within ``RESTAMP_MILLISECONDS`` milliseconds, and each re-stamp still
+    lands in its version's millisecond.
+    """
+    clock = HybridLogicalClock(lambda: 1000.0, "n1")
+    future = 5_000_000
+    for ms in range(5 * RESTAMP_MILLISECONDS):
+        restamped = clock.above((future + ms, 3, "n3"))
+        assert restamped[0] == future + ms and restamped > (future + ms, 3, "n3")
+        assert len(clock._above) <= RESTAMP_MILLISECONDS
+
+
+def test_once_the_clock_passes_the_restamped_milliseconds_later_restamps_start_afresh():
+    """
+    If the clock passes every millisecond it re-stamped writes in (even after their counters were folded
+    into one floor), then later re-stamps ahead of it start again from the lowest re-stamp counter: the
+    counters, which a version carries in 32 bits, are not used up over a node's life.
+    """
+    wall = ManualWall(1000.0)
+    clock = HybridLogicalClock(wall, "n1")
+    future = 2_000_000
+    for ms in range(RESTAMP_MILLISECONDS + 1):
+        for _ in range(3):
+            clock.above((future + ms, 0, "n3"))
+    wall.now = 3000.0
+    later = 4_000_000
+    for ms in range(RESTAMP_MILLISECONDS + 1):
+        assert clock.above((later + ms, 0, "n3")) == (later + ms, RESTAMP_BASE, "n1")
+    assert clock.above((later + 1, 0, "n3")) == (later + 1, RESTAMP_BASE + 1, "n1")
+
+
+def test_restamps_in_the_millisecond_the_clock_is_in_stay_apart_when_older_milliseconds_are_forgotten():
+    """
+    If the record of re-stamps is cleared of the milliseconds the clock has passed, then it still keeps the
+    one the clock is in: a write re-stamped there again (above a version with a counter this clock has not
+    reached in that millisecond) still gets a version of its own.
+    """
+    wall = ManualWall(1000.0)
+    clock = HybridLogicalClock(wall, "n1")
+    start = 1_000_000
+    for ms in range(1, RESTAMP_MILLISECONDS):
+        clock.above((start + ms, 0, "n3"))
+    wall.now = (start + RESTAMP_MILLISECONDS - 1) / 1000  # every one of them behind the clock but the last
+    current = start + RESTAMP_MILLISECONDS - 1
+    first = clock.above((current, RESTAMP_BASE - 1, "n3"))
+    for ms in range(1, 4):
+        clock.above((current + ms, 0, "n3"))  # the record is full: the milliseconds behind are forgotten
+    second = clock.above((current, RESTAMP_BASE - 1, "n3"))
+    assert first[0] == second[0] == current
+    assert second > first
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 6), st.lists(st.one_of(
+    st.tuples(st.just("wall"), st.integers(-3, 8)),
+    st.tuples(st.just("now"), st.none()),
+    st.tuples(st.just("above"), st.tuples(
+        st.integers(-2, 8),
+        st.sampled_from([0, 7, RESTAMP_BASE - 1, RESTAMP_BASE, RESTAMP_BASE + 2, MAX_COUNTER - 1, MAX_COUNTER]),
+        st.sampled_from(["a", "n1", "z"]))),
+), max_size=120))
+def test_no_version_is_issued_twice_and_each_restamp_orders_after_its_version(limit, steps):
+    """
+    If the clock moves either way, versions are issued, and writes are re-stamped above versions at, behind
+    and ahead of the clock (repeated ones, ones with the largest counters, more milliseconds than the record
+    of re-stamps keeps), then no version is issued twice, each re-stamp orders after its version and after
+    every version :meth:`now` issued before it, and each fits the wire format.
+    """
+    import kvresponder.hlc as hlc_module
+    saved = hlc_module.RESTAMP_MILLISECONDS
+    hlc_module.RESTAMP_MILLISECONDS = limit  # a small record, so that it is folded and cleared often
+    try:
+        wall = ManualWall(1000.0)
+        clock = HybridLogicalClock(wall, "n1")
+        issued = set()
+        latest_now = None
+        for kind, argument in steps:
+            if kind == "wall":
+                wall.now += argument / 1000
+                continue
+            if kind == "now":
+                version = clock.now()
+                latest_now = version
+            else:
+                offset, counter, node = argument
+                target = (int(wall.now * 1000) + offset, counter, node)
+                version = clock.above(target)
+                assert version > target
+                assert latest_now is None or version > latest_now
+                if version[1] < RESTAMP_BASE:
+                    latest_now = version  # not re-stamped: the clock's own next version
+            assert version not in issued, version
+            assert 0 <= version[1] <= MAX_COUNTER
+            issued.add(version)
+    finally:
+        hlc_module.RESTAMP_MILLISECONDS = saved

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import math
 import os
 import re
 import shutil
@@ -25,6 +26,8 @@ import pytest
 import yaml
 
 from kvresponder.node import DRAIN_GUARD_SECONDS
+from kvresponder.tap import LOG_DRAIN_TIMEOUT
+from kvresponder.tracing import SHUTDOWN_TIMEOUT
 
 from .harness import check_verify_commands
 
@@ -254,20 +257,20 @@ BAD_VALUES = {
     "unknown discovery mode": (["--set", "discovery.mode=udp"], r"discovery\.mode"),
     "drain not below grace": (
         ["--set", "terminationGracePeriodSeconds=20", "--set", "drainTimeout=20"],
-        r"drainTimeout \(20\), its 1 s guard and the exit's wait of up to 4 s .* terminationGracePeriodSeconds \(20\)",
+        r"drainTimeout \(20\), its 1 s guard, the exit's wait of up to 4 s .* and up to 1 s for traces and the last log lines .* terminationGracePeriodSeconds \(20\)",
     ),
     "drain leaving no room for its guard and the exit's wait": (
         ["--set", "terminationGracePeriodSeconds=20", "--set", "drainTimeout=15"],
-        r"drainTimeout \(15\), its 1 s guard and the exit's wait of up to 4 s .* terminationGracePeriodSeconds \(20\)",
+        r"drainTimeout \(15\), its 1 s guard, the exit's wait of up to 4 s .* terminationGracePeriodSeconds \(20\)",
     ),
     "drain leaving no room for a longer peer timeout's wait": (
         ["--set", "drainTimeout=20", "--set", "extraEnv[0].name=PEER_REQUEST_TIMEOUT",
          "--set-string", "extraEnv[0].value= 5 "],
-        r"drainTimeout \(20\), its 1 s guard and the exit's wait of up to 10 s .* terminationGracePeriodSeconds \(30\)",
+        r"drainTimeout \(20\), its 1 s guard, the exit's wait of up to 10 s .* terminationGracePeriodSeconds \(30\)",
     ),
     "grace too short for any drain": (
         ["--set", "terminationGracePeriodSeconds=6"],
-        r"terminationGracePeriodSeconds \(6\) leaves no time to drain: .* give it at least 7",
+        r"terminationGracePeriodSeconds \(6\) leaves no time to drain: .* give it at least 8",
     ),
     "peer timeout the node would refuse": (
         ["--set", "extraEnv[0].name=PEER_REQUEST_TIMEOUT", "--set-string", "extraEnv[0].value=2s"],
@@ -493,6 +496,8 @@ def test_uid_is_configurable_when_security_context_is_overridden():
 EXIT_WAIT = 4
 #: How long a drain runs past DRAIN_TIMEOUT at most: its guard, which the chart assumes is 1 s.
 DRAIN_GUARD = DRAIN_GUARD_SECONDS
+#: What the exit gives the trace exporter and the last log lines at most, in whole seconds (the chart assumes 1 s).
+EXIT_FLUSH = math.ceil(SHUTDOWN_TIMEOUT + LOG_DRAIN_TIMEOUT)
 
 
 @pytest.mark.parametrize(
@@ -500,19 +505,19 @@ DRAIN_GUARD = DRAIN_GUARD_SECONDS
     [
         ([], 30, 20, EXIT_WAIT),
         (["--set", "terminationGracePeriodSeconds=60"], 60, 50, EXIT_WAIT),
-        (["--set", "terminationGracePeriodSeconds=12"], 12, 6, EXIT_WAIT),
-        # max(4, -2) = 4 would leave the guard and the exit's wait no room: shortened to 8 - 4 - 2.
-        (["--set", "terminationGracePeriodSeconds=8"], 8, 2, EXIT_WAIT),
-        (["--set", "terminationGracePeriodSeconds=45", "--set", "drainTimeout=39"], 45, 39, EXIT_WAIT),
+        (["--set", "terminationGracePeriodSeconds=12"], 12, 5, EXIT_WAIT),
+        # max(4, -2) = 4 would leave the guard, the exit's wait and its flush no room: shortened to 8 - 1 - 4 - 1 - 1.
+        (["--set", "terminationGracePeriodSeconds=8"], 8, 1, EXIT_WAIT),
+        (["--set", "terminationGracePeriodSeconds=45", "--set", "drainTimeout=38"], 45, 38, EXIT_WAIT),
         # A peer timeout set through extraEnv lengthens the wait: 2 x 5 s, read as the node reads it.
-        (["--set", "extraEnv[0].name=PEER_REQUEST_TIMEOUT", "--set-string", "extraEnv[0].value=5"], 30, 18, 10),
-        (["--set", "extraEnv[0].name=PEER_REQUEST_TIMEOUT", "--set-string", "extraEnv[0].value= 5 "], 30, 18, 10),
-        (["--set", "terminationGracePeriodSeconds=4", "--set", "extraEnv[0].name=PEER_REQUEST_TIMEOUT",
-          "--set-string", "extraEnv[0].value=0.4"], 4, 1, 1),
+        (["--set", "extraEnv[0].name=PEER_REQUEST_TIMEOUT", "--set-string", "extraEnv[0].value=5"], 30, 17, 10),
+        (["--set", "extraEnv[0].name=PEER_REQUEST_TIMEOUT", "--set-string", "extraEnv[0].value= 5 "], 30, 17, 10),
+        (["--set", "terminationGracePeriodSeconds=5", "--set", "extraEnv[0].name=PEER_REQUEST_TIMEOUT",
+          "--set-string", "extraEnv[0].value=0.4"], 5, 1, 1),
         # Empty is unset for the node (its default, 2 s), and so is a value the chart cannot see (valueFrom),
         # even after one it can: the last entry of a name is the one the container gets.
         (["--set", "terminationGracePeriodSeconds=8", "--set", "extraEnv[0].name=PEER_REQUEST_TIMEOUT",
-          "--set-string", "extraEnv[0].value="], 8, 2, EXIT_WAIT),
+          "--set-string", "extraEnv[0].value="], 8, 1, EXIT_WAIT),
         (["--set", "extraEnv[0].name=PEER_REQUEST_TIMEOUT", "--set-string", "extraEnv[0].value=9",
           "--set", "extraEnv[1].name=PEER_REQUEST_TIMEOUT",
           "--set", "extraEnv[1].valueFrom.configMapKeyRef.name=timeouts",
@@ -522,14 +527,34 @@ DRAIN_GUARD = DRAIN_GUARD_SECONDS
 def test_drain_and_exit_wait_fit_inside_grace_period_when_rendered(args, grace, drain, wait):
     """
     If the drain timeout is computed (max(grace/2, grace-10), shortened where needed) or set, then it, the drain's
-    guard and the exit's wait for requests already taken (2 x PEER_REQUEST_TIMEOUT) end before
-    terminationGracePeriodSeconds.
+    guard, the exit's wait for requests already taken (2 x PEER_REQUEST_TIMEOUT) and its flush of traces and log
+    lines end before terminationGracePeriodSeconds.
     """
     docs = render("kv-responder-x", "--set", "tenant=x", *args)
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] == grace
     assert int(env_value(docs, "DRAIN_TIMEOUT")) == drain
-    assert drain + DRAIN_GUARD + wait < grace
+    assert drain + DRAIN_GUARD + wait + EXIT_FLUSH < grace
+
+
+def test_the_whole_exit_must_end_inside_the_grace_period_to_the_second_when_drain_or_grace_is_set():
+    """
+    If the drain, its guard, the exit's wait and the second for traces and the last log lines leave a moment before
+    the grace period ends, the chart renders; a second less, and it refuses: a drainTimeout one second longer, or a
+    grace period one second shorter than the computed drain needs.
+    """
+    grace = 30
+    longest = int(grace - DRAIN_GUARD - EXIT_WAIT - EXIT_FLUSH - 1)
+    docs = render("kv-responder-x", "--set", "tenant=x", "--set", f"drainTimeout={longest}")
+    assert int(env_value(docs, "DRAIN_TIMEOUT")) == longest
+    error = render_error("kv-responder-x", "--set", "tenant=x", "--set", f"drainTimeout={longest + 1}")
+    assert f"drainTimeout ({longest + 1})" in error and "traces and the last log lines" in error
+    shortest = int(1 + DRAIN_GUARD + EXIT_WAIT + EXIT_FLUSH + 1)
+    docs = render("kv-responder-x", "--set", "tenant=x", "--set", f"terminationGracePeriodSeconds={shortest}")
+    assert int(env_value(docs, "DRAIN_TIMEOUT")) == 1
+    error = render_error("kv-responder-x", "--set", "tenant=x",
+                         "--set", f"terminationGracePeriodSeconds={shortest - 1}")
+    assert f"give it at least {shortest}" in error
 
 
 def test_an_extra_variable_set_to_null_renders_without_a_value_and_counts_as_unset(tmp_path):
@@ -550,10 +575,12 @@ def test_an_extra_variable_set_to_null_renders_without_a_value_and_counts_as_uns
 
 @pytest.mark.parametrize("example", sorted(EXAMPLE_RELEASES))
 def test_drain_timeout_is_below_grace_period_when_example_is_rendered(example):
-    """If an example is rendered, DRAIN_TIMEOUT, its guard and the exit's wait < terminationGracePeriodSeconds."""
+    """
+    If an example is rendered, DRAIN_TIMEOUT, its guard, the exit's wait and its flush < terminationGracePeriodSeconds.
+    """
     docs = render_example(example)
     grace = one(docs, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert 0 < int(env_value(docs, "DRAIN_TIMEOUT")) < grace - EXIT_WAIT - DRAIN_GUARD
+    assert 0 < int(env_value(docs, "DRAIN_TIMEOUT")) < grace - EXIT_WAIT - DRAIN_GUARD - EXIT_FLUSH
 
 
 DEFAULT_MAX_MEMORY_PERCENT = 50

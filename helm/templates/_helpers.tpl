@@ -183,21 +183,23 @@ comes from valueFrom (unknown here), the node's default of 2 s. A value the node
 {{/*
 DRAIN_TIMEOUT: drainTimeout, or else max(grace / 2, grace - 10), shortened where needed to leave room for what
 follows. A drain runs up to DRAIN_TIMEOUT + 1 s (its guard, kvresponder/node.py), then the node waits for the
-requests it took (exitWait), then needs a moment to exit: all of it must end before the grace period does, or
-Kubernetes kills the node mid-handoff, or with requests it took unanswered.
+requests it took (exitWait), then gives its trace exporter and its last log lines up to 1 s (0.5 s each,
+kvresponder/tracing.py and kvresponder/tap.py), then needs a moment to exit: all of it must end before the grace
+period does, or Kubernetes kills the node mid-handoff, with requests it took unanswered, or its last lines unwritten.
 */}}
 {{- define "kv-responder.drainTimeout" -}}
 {{- $grace := int64 .Values.terminationGracePeriodSeconds }}
 {{- $wait := include "kv-responder.exitWait" . | int64 }}
+{{- $flush := 1 }}
 {{- $drain := int64 .Values.drainTimeout }}
 {{- if eq $drain 0 }}
-{{- $drain = min (max (div $grace 2) (sub $grace 10)) (sub (sub $grace $wait) 2) }}
+{{- $drain = min (max (div $grace 2) (sub $grace 10)) (sub $grace (add 1 $wait $flush 1)) }}
 {{- if lt $drain 1 }}
-{{- fail (printf "terminationGracePeriodSeconds (%d) leaves no time to drain: a stopping node needs its drain and its 1 s guard, then up to %d s (2 x PEER_REQUEST_TIMEOUT) to answer the requests it took, then a moment to exit; give it at least %d" $grace $wait (add $wait 3)) }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) leaves no time to drain: a stopping node needs its drain and its 1 s guard, then up to %d s (2 x PEER_REQUEST_TIMEOUT) to answer the requests it took, then up to %d s for its traces and last log lines, then a moment to exit; give it at least %d" $grace $wait $flush (add $wait $flush 3)) }}
 {{- end }}
 {{- end }}
-{{- if ge (add $drain 1 $wait) $grace }}
-{{- fail (printf "drainTimeout (%d), its 1 s guard and the exit's wait of up to %d s (2 x PEER_REQUEST_TIMEOUT) must together be less than terminationGracePeriodSeconds (%d), or Kubernetes kills the node before its data is handed off and the requests it took are answered" $drain $wait $grace) }}
+{{- if ge (add $drain 1 $wait $flush) $grace }}
+{{- fail (printf "drainTimeout (%d), its 1 s guard, the exit's wait of up to %d s (2 x PEER_REQUEST_TIMEOUT) and up to %d s for traces and the last log lines must together be less than terminationGracePeriodSeconds (%d), or Kubernetes kills the node before its data is handed off, the requests it took are answered and its last lines are written" $drain $wait $flush $grace) }}
 {{- end }}
 {{- $drain }}
 {{- end }}

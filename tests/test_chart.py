@@ -1506,6 +1506,24 @@ def test_the_node_accepts_every_setting_the_chart_gives_it_when_an_example_is_us
     _node_settings(render_example(example))
 
 
+def test_the_template_examples_suggested_extra_variables_are_ones_the_chart_does_not_set_already(tmp_path):
+    """
+    If an operator uncomments the extraEnv suggestion of examples/template-values.yaml, then the container gets
+    each variable once (the chart sets none of them from its values) and the node accepts them.
+    """
+    text = (EXAMPLES / "template-values.yaml").read_text()
+    block = re.search(r"^# (extraEnv:\n(?:#   .*\n?)+)", text, re.M)
+    assert block, "the template suggests no extraEnv"
+    suggestion = yaml.safe_load(re.sub(r"^# ?", "", block.group(0), flags=re.M))
+    values = tmp_path / "with-extra-env.yaml"
+    values.write_text(text + "\n" + yaml.safe_dump(suggestion))
+    docs = render("kv-responder-my-tenant", "-f", str(values))
+    names = [entry["name"] for entry in container(docs)["env"]]
+    assert len(names) == len(set(names)), sorted(name for name in names if names.count(name) > 1)
+    assert {entry["name"] for entry in suggestion["extraEnv"]} <= set(names)
+    _node_settings(docs)
+
+
 def test_sizes_written_as_numbers_in_a_values_file_reach_the_node_as_whole_numbers(tmp_path):
     """
     If a values file gives sizes as plain numbers, the node gets them as digits: Helm reads such a number as a

@@ -19,6 +19,8 @@ import time
 import pytest
 import requests
 
+from kvresponder.ring import HashRing
+
 from .harness import Cluster
 from .support import MemoryCluster
 
@@ -104,7 +106,6 @@ def test_a_hand_off_refused_by_a_drained_node_is_not_counted_as_delivered_and_go
     assert _holders(cluster, keys[0]) == ["n2"]
     # Once n2 leaves, some of its keys belong to n3: the drain's first pass sends them there.
     without_n2 = [node for node in ring.nodes if node != "n2"]
-    from kvresponder.ring import HashRing
     assert any(HashRing(without_n2, vnodes=ring.vnodes).preference_list(key, 1) == ["n3"] for key in keys)
     assert _drained(n3) == 0
     remaining = cluster.run(n2.drain(), seconds=20)

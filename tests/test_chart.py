@@ -967,19 +967,55 @@ def test_optional_features_render_nothing_when_disabled(defaults, everything_on)
     assert OPTIONAL_KINDS <= {d["kind"] for d in everything_on}
 
 
+def _ingress_routes(docs, path: str) -> bool:
+    """
+    Whether the chart's Ingress routes a request for ``path``, by Kubernetes' ``Prefix`` rule: the path's elements
+    (split at ``/``) begin with the rule's, so ``/t/kv`` takes ``/t/kv`` and ``/t/kv/k`` but not ``/t/kvx``.
+    """
+    elements = [e for e in path.split("/") if e]
+    for rule in one(docs, "Ingress")["spec"]["rules"]:
+        for entry in rule["http"]["paths"]:
+            assert entry["pathType"] == "Prefix"
+            prefix = [e for e in entry["path"].split("/") if e]
+            if elements[:len(prefix)] == prefix:
+                return True
+    return False
+
+
+#: Requests clients make, and requests for what only operators and peers need (the node's configuration and pod
+#: addresses, its peers, metrics, probes, admin, the internal routes).
+CLIENT_PATHS = ["/t/kv", "/t/kv/", "/t/kv/greeting", "/t/kv/a%2Fb", "/t/bulk"]
+OPERATOR_PATHS = ["/t/diag", "/t/peers", "/t/metrics", "/t/health", "/t/health/ready", "/t/admin/log-levels",
+                  "/t/openapi.json", "/t/_internal/apply", "/t/_internal/copies", "/t/kvx", "/t/", "/other/kv/k"]
+
+
+def test_the_ingress_routes_only_the_client_routes_unless_every_route_is_asked_for():
+    """
+    If the Ingress is on, then by default it routes a tenant's kv and bulk requests and nothing else under its
+    prefix (not /diag, /peers, /metrics, the probes or /admin/); with ingress.exposeAllRoutes=true it routes the
+    whole /<tenant>/ prefix, and still no other tenant's.
+    """
+    docs = render("kv-responder-t", "--set", "tenant=t")
+    assert [p for p in CLIENT_PATHS if not _ingress_routes(docs, p)] == []
+    assert [p for p in OPERATOR_PATHS if _ingress_routes(docs, p)] == []
+    everything = render("kv-responder-t", "--set", "tenant=t", "--set", "ingress.exposeAllRoutes=true")
+    assert [p for p in CLIENT_PATHS + OPERATOR_PATHS if not _ingress_routes(everything, p)] == ["/other/kv/k"]
+
+
 def test_the_seed_install_routes_its_tenant_prefix_and_the_ingress_can_be_turned_off():
     """
     If the seed's command is run (helm install kv-responder-analytics ./helm
-    --set tenant=analytics), then an Ingress routes /analytics/ to the
-    Service; with ingress.enabled=false there is none.
+    --set tenant=analytics), then an Ingress routes the client routes under
+    /analytics/ to the Service; with ingress.enabled=false there is none.
     """
     docs = render("kv-responder-analytics", "--set", "tenant=analytics")
     ingress = one(docs, "Ingress")["spec"]
     (rule,) = ingress["rules"]
-    (path,) = rule["http"]["paths"]
-    assert (path["path"], path["pathType"]) == ("/analytics/", "Prefix")
-    assert path["backend"]["service"]["port"] == {"name": "http"}
-    assert path["backend"]["service"]["name"] in {s["metadata"]["name"] for s in by_kind(docs, "Service")}
+    paths = rule["http"]["paths"]
+    assert [(p["path"], p["pathType"]) for p in paths] == [("/analytics/kv", "Prefix"), ("/analytics/bulk", "Prefix")]
+    for path in paths:
+        assert path["backend"]["service"]["port"] == {"name": "http"}
+        assert path["backend"]["service"]["name"] in {s["metadata"]["name"] for s in by_kind(docs, "Service")}
     assert "host" not in rule and "ingressClassName" not in ingress
     assert by_kind(render("kv-responder-analytics", "--set", "tenant=analytics",
                           "--set", "ingress.enabled=false"), "Ingress") == []
@@ -1220,16 +1256,20 @@ def test_prometheus_adapter_counts_clients_requests_as_the_alerts_do_and_names_i
 
 
 def test_ingress_routes_only_the_tenant_prefix_when_enabled():
-    """If the ingress is on (example api), it routes /<tenant>/ (Prefix) to the Service, with class and TLS."""
+    """
+    If the ingress is on (example api), it routes the client routes under /api/ (Prefix) to the Service, with
+    class and TLS.
+    """
     docs = render_example("api")
     ingress = one(docs, "Ingress")["spec"]
     assert ingress["ingressClassName"] == "nginx"
     assert ingress["tls"][0]["secretName"] == "kv-example-com-tls"
     (rule,) = ingress["rules"]
     assert rule["host"] == "kv.example.com"
-    (path,) = rule["http"]["paths"]
-    assert path["path"] == "/api/" and path["pathType"] == "Prefix"
-    assert path["backend"]["service"] == {"name": "kv-responder-api", "port": {"name": "http"}}
+    assert [p["path"] for p in rule["http"]["paths"]] == ["/api/kv", "/api/bulk"]
+    for path in rule["http"]["paths"]:
+        assert path["pathType"] == "Prefix"
+        assert path["backend"]["service"] == {"name": "kv-responder-api", "port": {"name": "http"}}
 
 
 def _nginx_bytes(size: str) -> int:

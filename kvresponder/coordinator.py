@@ -107,7 +107,9 @@ class Coordinator:
     :param log_policy: lets the hot path skip building actions that would not be written.
     :param ring_settling: whether the ring changed so recently that data may still be moving.
     :param previous_rings: the rings in force since the ring last settled, before the current one (empty once it
-        has settled): writes also go to the owners they named (:meth:`_witnesses`).
+        has settled): writes also ask the owners they named (:meth:`_witnesses`).
+    :param takes_copies: whether this node still stores copies: not once it has begun leaving, when a write it
+        coordinates that fails over to itself goes to the next node instead.
     :param clock_skew: a :class:`~kvresponder.clockskew.ClockOffsets`: while it says this node's clock is
         skewed, writes are refused with :class:`ClockSkewed`; or ``None``.
     :param traced: whether OpenTelemetry tracing is on (a write's context may then hold a span).
@@ -117,7 +119,8 @@ class Coordinator:
                  peers, replicas: int, write_quorum: Optional[int], seconds: Callable[[], float],
                  metrics, log_policy, ring_settling: Callable[[], bool] = lambda: False,
                  clock_skew=None, traced: bool = False, leaving: Callable[[], List[str]] = lambda: [],
-                 previous_rings: Callable[[], List[HashRing]] = lambda: []) -> None:
+                 previous_rings: Callable[[], List[HashRing]] = lambda: [],
+                 takes_copies: Callable[[], bool] = lambda: True) -> None:
         self.store = store
         self.hlc = hlc
         self._ring = ring
@@ -131,6 +134,7 @@ class Coordinator:
         self._ring_settling = ring_settling
         self._leaving = leaving
         self._previous_rings = previous_rings
+        self._takes_copies = takes_copies
         self._clock_skew = clock_skew
         self._traced = traced
         self.node_id = hlc.node_id
@@ -139,7 +143,7 @@ class Coordinator:
             send_copy=peers.send_copy,
             count=metrics.replication, restamped=self.restamped,
             log_writes=lambda: log_policy.enabled("replication", DEBUG), new_task=self._new_write_task,
-            context=self._write_context, witnesses=self._witnesses, peek=self._peek)
+            context=self._write_context, witnesses=self._witnesses, peek=self._peek, takes_copies=takes_copies)
 
     # -- local operations, shared with the internal routes ----------------------------------------------
 
@@ -524,7 +528,8 @@ class Coordinator:
 
     async def _apply_many_on(self, node: str, entries: List[Entry]) -> Optional[List[ApplyResult]]:
         if node == self.node_id:
-            return self._store_here(entries)
+            # Leaving, this node holds nothing it could keep: the next node takes it (as a peer's 503 would).
+            return self._store_here(entries) if self._takes_copies() else None
         peer = self._peer_of(node)
         if peer is None:
             return None
@@ -822,6 +827,7 @@ class WritePath:
     context: Callable = attrib(default=copy_context)
     witnesses: Callable = attrib(default=lambda key, owners: [])
     peek: Callable = attrib(default=None)
+    takes_copies: Callable = attrib(default=lambda: True)
 
 
 class _ReplicatedWrite:
@@ -939,6 +945,10 @@ class _ReplicatedWrite:
         path = self._path
         line = self._next_line()
         if node == path.node_id:
+            if not path.takes_copies():
+                # This node began leaving after the write chose it: a copy here would leave with the process.
+                self._failover(owner, node, "this node is leaving")
+                return
             try:
                 result = path.apply_local(self._entry, line)
             except Exception:

@@ -106,7 +106,7 @@ class Node:
                                        settings.replicas, settings.write_quorum, self.wall, self.metrics,
                                        self.log_policy, self.ring_settling, clock_skew=self.clock_offsets,
                                        traced=tracing is not None, leaving=self.leaving_holders,
-                                       previous_rings=self.previous_rings)
+                                       previous_rings=self.previous_rings, takes_copies=self.takes_copies)
         self.rebalancer = Rebalancer(self.node_id, self.store, self.ring, self.membership.peer, self.peers,
                                      clock, settings.replicas, self.metrics, wall=self.wall)
         self.admin = AdminGuard(settings.admin_token, settings.insecure_admin)

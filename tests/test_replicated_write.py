@@ -857,3 +857,31 @@ class PreviousOwnersWriteTests(unittest.TestCase):
         self.assertEqual(self.peers.sent, ["n4"])
         self.assertEqual(self.peers.asked, [])
         self.assertEqual(result.copies, 2)
+
+
+class LeavingCoordinatorTests(unittest.TestCase):
+    """
+    A node that begins leaving stores no copies (its drain ends and the process exits): a write it coordinates
+    that fails over to itself goes to the next node instead.
+    """
+
+    RING = HashRing(["n1", "n2", "n3", "n4"])
+
+    def test_a_write_failing_over_to_a_leaving_coordinator_goes_to_the_next_node(self):
+        key = next(key for key in ("k%d" % i for i in range(10000))
+                   if self.RING.preference_list(key, 4)[:3] == ["n2", "n3", "n1"])
+        stores = {node: Store(lambda: 1000.0, 1 << 24) for node in ("n3", "n4")}
+        store = Store(lambda: 1000.0, 1 << 24)
+        clock = Clock()
+        clock.advance(1000)
+        writer = Coordinator(store, HybridLogicalClock(clock.seconds, "n1"), lambda: self.RING,
+                             lambda node: Peer(node, "10.0.0.%s" % node[1:], 3000), _StorePeers(stores),
+                             replicas=2, write_quorum=None, seconds=clock.seconds, metrics=Metrics("t"),
+                             log_policy=LogPolicy("info"), takes_copies=lambda: False)
+        result = outcome(writer.put(key, b'"v"', None))
+        self.assertEqual(result.copies, 2)
+        self.assertIsNone(store.current(key))
+        self.assertIsNotNone(stores["n4"].current(key))
+        [result] = outcome(writer.put_many([(key, b'"w"', None)]))
+        self.assertEqual(result.copies, 2)
+        self.assertIsNone(store.current(key))

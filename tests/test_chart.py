@@ -1518,6 +1518,20 @@ def test_every_top_level_value_is_documented_when_deployment_guide_is_read():
     assert not missing, f"undocumented values: {missing}"
 
 
+def test_the_requirements_say_pods_need_ipv4_addresses_as_the_node_refuses_an_ipv6_pod_ip():
+    """
+    If a pod's POD_IP is IPv6, then the node refuses to start, with the message DEPLOYMENT's requirements quote.
+    """
+    from kvresponder.settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError) as refused:
+        load_settings({}, {"TENANT": "x", "POD_IP": "fd00::7"})
+    guide = (ROOT / "docs" / "DEPLOYMENT.md").read_text()
+    requirements = guide[guide.index("## Requirements"):guide.index("## Add a tenant")]
+    assert "IPv4" in requirements and "IPv6-only clusters are not" in requirements
+    assert str(refused.value).split(" 'fd00::7'")[0] in requirements
+
+
 # --------------------------------------------------------------------------
 # what the node makes of the chart's settings
 

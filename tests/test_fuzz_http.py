@@ -757,6 +757,28 @@ def test_a_request_with_one_host_of_any_valid_form_is_served(host):
         assert response.status == 200, (target, host, response.raw[:300])
 
 
+@pytest.mark.parametrize("method, target, body, allow", [
+    (b"get", b"/t1/health", b"", b"GET, HEAD"),
+    (b"get", b"/t1/metrics", b"", b"GET, HEAD"),
+    (b"get", b"/t1/kv/a", b"", b"GET, HEAD, PUT, DELETE"),
+    (b"put", b"/t1/admin/log-levels", b'{"level": "warning"}', b"GET, HEAD, PUT"),
+    (b"Put", b"/t1/kv/lower", b'{"value": 1}', b"GET, HEAD, PUT, DELETE"),
+    (b"post", b"/t1/bulk", b'{"put": {"lower": 1}}', b"POST")])
+def test_a_method_spelled_in_another_case_is_a_405_that_changes_nothing(method, target, body, allow):
+    """
+    If a request's method is a route's method in another case, then it is answered 405 with the route's methods
+    and nothing changes: methods are case-sensitive (RFC 9110, 9.1), and the router matched them in any case.
+    """
+    node = node_for("defaults")
+    before = node.snapshot()
+    framing = b"Content-Type: application/json\r\nContent-Length: %d\r\n" % (len(body),) if body else b""
+    response = parse_response(node.send(b"%s %s HTTP/1.1\r\nHost: h\r\n%s\r\n%s" % (method, target, framing, body)))
+    assert response.status == 405, response.raw[:300]
+    assert response.header(b"allow") == allow
+    assert json.loads(response.body)["error"] == "method_not_allowed"
+    assert node.snapshot() == before
+
+
 def test_an_http_1_0_request_needs_no_host_header():
     """
     If an HTTP/1.0 request has no Host header (it had none), then it is served; with two, it is refused.

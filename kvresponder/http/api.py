@@ -12,7 +12,7 @@ import binascii
 import json
 import re
 from itertools import accumulate
-from typing import Optional
+from typing import Dict, Optional, Set
 
 from klein import Klein
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -408,13 +408,39 @@ def _text_arg(args, name: bytes, default):
         raise bad_request("invalid_query", "Query parameters must be UTF-8.")
 
 
+#: Each public route's methods, by path, as registered. The router matches a method whatever its case, but
+#: methods are case-sensitive (RFC 9110, 9.1): ``put`` is no method of any route's, and answers 405 with these.
+_METHODS: Dict[str, Set[str]] = {}
+
+
+def exact_method(path: str, methods):
+    """
+    A check for the handler of ``path``'s route for ``methods``: ``None`` if the request's method is one of the
+    path's as spelled, else the 405 to answer.
+    """
+    _METHODS.setdefault(path, set()).update(methods)
+    spelled = frozenset(method.encode("ascii") for method in methods)
+
+    def check(request) -> Optional[APIError]:
+        if request.method in spelled:
+            return None
+        return method_not_allowed(sorted(_METHODS[path]))
+    return check
+
+
 def json_route(app: Klein, path: str, methods, read: bool = False):
     """
     A Klein route whose handler returns a JSON-able value (or a Deferred of one, or ``(status, value)``),
     with route accounting, Eliot action and JSON errors.
     """
     def decorator(function):
+        refusal = exact_method(path, methods)
+
         def handler(self, request, **kwargs):
+            refused = refusal(request)
+            if refused is not None:
+                request.route = "unmatched"
+                return write_error(request, refused)
             with request.begin(path, read=read):
                 try:
                     result = function(self, request, **kwargs)
@@ -534,7 +560,11 @@ class PublicAPI:
                 for peer in self._node.membership.peers()]
 
     @app.route("/metrics", methods=["GET", "HEAD"], strict_slashes=False)
-    def metrics(self, request):
+    def metrics(self, request, _refusal=exact_method("/metrics", ["GET", "HEAD"])):
+        refused = _refusal(request)
+        if refused is not None:
+            request.route = "unmatched"
+            return write_error(request, refused)
         with request.begin("/metrics", read=True):
             request.setHeader(b"Content-Type", METRICS_CONTENT_TYPE.encode("ascii"))
             return self._node.metrics.exposition()

@@ -779,6 +779,23 @@ def test_a_method_spelled_in_another_case_is_a_405_that_changes_nothing(method, 
     assert node.snapshot() == before
 
 
+def test_an_http_1_0_request_with_a_transfer_encoding_is_a_400_that_closes_and_changes_nothing():
+    """
+    If an HTTP/1.0 request has a Transfer-Encoding (which HTTP/1.0 does not have), then its framing is faulty:
+    it is answered 400, nothing is stored, and the connection closes after the answer (RFC 9112, 6.1).
+    """
+    node = node_for("defaults")
+    before = node.snapshot()
+    response = parse_response(node.send(
+        b"PUT /t1/kv/framed HTTP/1.0\r\nHost: h\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\nc\r\n{\"value\": 1}\r\n0\r\n\r\n"))
+    assert response.status == 400, response.raw[:300]
+    assert json.loads(response.body) == {"error": "bad_request",
+                                         "message": "An HTTP/1.0 request cannot have a Transfer-Encoding."}
+    assert response.header(b"connection") == b"close"
+    assert node.snapshot() == before
+
+
 def test_an_http_1_0_request_needs_no_host_header():
     """
     If an HTTP/1.0 request has no Host header (it had none), then it is served; with two, it is refused.

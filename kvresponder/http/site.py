@@ -172,6 +172,13 @@ class KVRequest(Request):
             self.finish()
             return
         refusal = host_refusal(self.clientproto, self.requestHeaders.getRawHeaders(b"host"))
+        if refusal is None and self.clientproto == b"HTTP/1.0" and self.requestHeaders.hasHeader(b"transfer-encoding"):
+            # HTTP/1.0 has no Transfer-Encoding: a proxy in front may have framed this body otherwise, so its
+            # framing is faulty, and the connection closes after the answer (RFC 9112, 6.1).
+            refusal = "An HTTP/1.0 request cannot have a Transfer-Encoding."
+            self.setHeader(b"Connection", b"close")
+            if isinstance(self.channel, _CountedChannel):
+                self.channel.close_after_answer()
         if refusal is not None:
             HTTP_REJECTED.log(reason=refusal, client=str(self.getClientAddress()))
             body = write_error(self, APIError(400, "bad_request", refusal))

@@ -36,12 +36,26 @@ TOMBSTONE_OVERHEAD = 200
 # which is never before 0; or the time a tombstone was written), and the length of the key that follows it. A
 # live entry's key and then its value follow; a tombstone (key length 0: tombstones are filed under their
 # key) is followed by its expiry if it has one.
+#
+# The key length's top bit (_LEAVES_TOMBSTONE) marks a live entry with an expiry that superseded an older
+# version of its key on this store, and so leaves a tombstone of its version when it expires (Store.apply sets
+# it, Store.sweep says why). It is local, never sent: what this replica held. Keys are at most 1024 bytes
+# (wire.MAX_KEY_BYTES; the public API's cap is lower), so that bit is never part of a length, and the store
+# refuses a key long enough to reach it rather than misread it. Of the spare bits it costs least: no version
+# comparison reads this field (the node index is read by each), its few readers mask the bit off with one AND,
+# and the other fields have none to spare (wall and counter take whatever a peer sends, and the sweep matches
+# the time exactly).
 _HEADER = struct.Struct("<QIIdH")
 _HEADER_SIZE = _HEADER.size
 _TIME = struct.Struct("<d")
 _TIME_OFFSET = 16
 _unpack = _HEADER.unpack_from
 _unpack_time = _TIME.unpack_from
+_LEAVES_TOMBSTONE = 0x8000
+_KEY_LENGTH = 0x7FFF
+# The mark as it sits in the packed bytes: the top bit of the little-endian key length's high byte.
+_MARK_BYTE = 25
+_MARK_BIT = 0x80
 
 # The node index meaning "the version did not fit the header; the packed object holds it".
 _WIDE = 0
@@ -61,11 +75,19 @@ def _holds(packed: bytes, bkey: bytes) -> bool:
     """
     Whether the live entry ``packed`` is the entry of ``bkey``.
     """
-    return packed[24] | packed[25] << 8 == len(bkey) and packed.startswith(bkey, _HEADER_SIZE)
+    # The key length, without the mark (see _HEADER).
+    return packed[24] | (packed[25] & 0x7F) << 8 == len(bkey) and packed.startswith(bkey, _HEADER_SIZE)
 
 
 def _key_of(packed: bytes) -> bytes:
-    return packed[_HEADER_SIZE:_HEADER_SIZE + (packed[24] | packed[25] << 8)]
+    return packed[_HEADER_SIZE:_HEADER_SIZE + (packed[24] | (packed[25] & 0x7F) << 8)]
+
+
+def _leaves_tombstone(packed: bytes) -> bool:
+    """
+    Whether the live entry ``packed`` leaves a tombstone of its version when it expires.
+    """
+    return packed[_MARK_BYTE] & _MARK_BIT != 0
 
 
 class Entry:
@@ -215,19 +237,20 @@ class Store:
                 return None
         wall, counter, index, expires_at, length = _unpack(packed)
         if expires_at and expires_at <= self._seconds():
-            # Already taken out of its table above: only the tombstone is left to write.
+            # Already taken out of its table above: only its tombstone, if it leaves one, is left to write.
             self._expired(bkey, packed)
             self._sorted_keys = None
             self.expirations += 1
             self._events.expired(1)
             return None
         table[filed] = packed
-        return self._as_entry(key, packed, wall, counter, index, expires_at, length)
+        return self._as_entry(key, packed, wall, counter, index, expires_at, length & _KEY_LENGTH)
 
     def current(self, key: str) -> Optional[Entry]:
         """
         The newest entry for ``key`` this store knows, tombstones included, for replicas to compare
-        versions. An expired entry is reported as the tombstone it leaves (see :meth:`sweep`).
+        versions. An expired entry is reported as the tombstone it leaves, or as absent if it leaves none
+        (see :meth:`sweep`).
         """
         entry = self.get(key)
         if entry is not None:
@@ -281,10 +304,10 @@ class Store:
         Every entry (live, and tombstones unless told otherwise), safe to consume while the store changes:
         the entries are those held when this is called, each read as the iteration reaches it. A live entry
         that is gone by then (deleted, evicted, handed off) is skipped, one that has expired and is not yet
-        swept is yielded as the tombstone it leaves (or skipped, without tombstones), a key rewritten
-        meanwhile is yielded as it is then, and each key is yielded at most once. (Under a slot collision,
-        about one pair of keys in 2**60, a key that took an emptied slot may be yielded in the place of the
-        one that left.)
+        swept is yielded as the tombstone it leaves (skipped if it leaves none, or without tombstones), a key
+        rewritten meanwhile is yielded as it is then, and each key is yielded at most once. (Under a slot
+        collision, about one pair of keys in 2**60, a key that took an emptied slot may be yielded in the
+        place of the one that left.)
         """
         # The slots held now (the dict's own int objects, not copies of the keys, and not the entries: an
         # entry dropped meanwhile is freed at once, even while a long rebalance pass is under way).
@@ -320,12 +343,15 @@ class Store:
     def _live_entry(self, packed: bytes, expired_as_tombstone: bool) -> Optional[Entry]:
         """
         The :class:`Entry` of a packed live entry. If it has expired: the tombstone it leaves when it is
-        swept if ``expired_as_tombstone``, else ``None``. (Read only: the sweep or a ``get`` writes the
-        tombstone, and a rebalance pass that hands this one off and forgets the entry leaves none.)
+        swept if ``expired_as_tombstone`` and it leaves one, else ``None``. (Read only: the sweep or a
+        ``get`` writes the tombstone, and a rebalance pass that hands this one off and forgets the entry
+        leaves none.)
         """
         wall, counter, index, expires_at, length = _unpack(packed)
+        leaves_tombstone = length & _LEAVES_TOMBSTONE
+        length &= _KEY_LENGTH
         if expires_at and expires_at <= self._seconds():
-            if not expired_as_tombstone:
+            if not (expired_as_tombstone and leaves_tombstone):
                 return None
             return Entry(packed[_HEADER_SIZE:_HEADER_SIZE + length].decode(), None, self._version(packed))
         return self._as_entry(packed[_HEADER_SIZE:_HEADER_SIZE + length].decode(), packed, wall, counter, index,
@@ -358,22 +384,32 @@ class Store:
         Make ``entry`` the current version of its key if it is newer than what the store holds; otherwise
         keep the newer one. Applying the same entries in any order gives the same state.
 
+        An entry with an expiry stored over an older version of its key (a live value, a tombstone, or an
+        expired entry that leaves one) is marked to leave a tombstone when it expires (see :meth:`sweep`).
+
         :raises EntryTooLarge: if the entry alone exceeds the budget.
+        :raises ValueError: if a value's key is longer than the packed header holds (see :data:`_HEADER`).
         """
         if entry.size > self.max_bytes:
             raise EntryTooLarge(entry.key)
         bkey = entry.key.encode()
+        if len(bkey) > _KEY_LENGTH and entry.value is not None:
+            # Before anything changes (_pack would refuse it too late: the older version would be gone).
+            raise ValueError("a key is at most %d bytes" % (_KEY_LENGTH,))
         now = self._seconds()
         existing = self._find(bkey)
         if existing is not None:
-            wall, counter, index, expires_at, _ = _unpack(existing)
+            wall, counter, index, expires_at, length = _unpack(existing)
             had_live = not expires_at or expires_at > now
+            # An expired entry not yet swept stands for what the sweep leaves of it: its tombstone, or nothing.
+            held_older = had_live or length & _LEAVES_TOMBSTONE
             newest: Optional[Version] = (
                 (wall, counter, self._node_ids[index]) if index else existing.version)  # type: ignore
             tomb = None
         else:
             had_live = False
             tomb = self._tombstones.get(bkey)
+            held_older = tomb is not None
             newest = None if tomb is None else self._version(tomb)
         if newest is not None and entry.version <= newest:
             return ApplyResult(False, had_live, newest if entry.version < newest else None)
@@ -399,7 +435,8 @@ class Store:
             self._tombstones[bkey] = self._pack(entry.version, now, b"", b"")
             self.bytes += len(bkey) + TOMBSTONE_OVERHEAD
         else:
-            slot = self._file(bkey, self._pack(entry.version, expires_at or 0.0, bkey, value))
+            slot = self._file(bkey, self._pack(entry.version, expires_at or 0.0, bkey, value,
+                                               expires_at is not None and held_older))
             self.bytes += entry.size
             if self._sorted_keys is not None and existing is None:
                 self._sorted_keys = None
@@ -454,9 +491,10 @@ class Store:
                 released = len(existing) + _LIVE_EXTRA
                 self.bytes -= released
                 self.released_bytes += released
+            packed = self._pack(entry.version, 0.0, bkey, value)
             self.changes += 1
             # The slot is empty now: the entry goes in last, as the most recently used (what _file does).
-            live[slot] = self._pack(entry.version, 0.0, bkey, value)
+            live[slot] = packed
             self.bytes += entry.size
             if self._sorted_keys is not None:
                 # A new key changes the list of keys; so does dropping the old entry (apply does the same).
@@ -493,10 +531,14 @@ class Store:
         """
         Reclaim expired entries and tombstones past their grace period.
 
-        An expired entry leaves a tombstone of its own version, kept for ``tombstone_grace`` as a delete's
-        is: a replica or a hint that missed the write may still hold an older value of the key, and only a
-        version at least as new stops hint handoff and anti-entropy from bringing that value back. A newer
-        write still wins over it, an older one does not.
+        An expired entry that superseded an older version of its key here (marked by :meth:`apply`) leaves a
+        tombstone of its own version, kept for ``tombstone_grace`` as a delete's is: a replica or a hint that
+        missed the write may still hold that older value, and only a version at least as new stops hint
+        handoff and anti-entropy from bringing it back. A newer write still wins over it, an older one does
+        not. Any other expired entry goes without a trace: it hid nothing on this store, and a TTL workload of
+        new keys would otherwise hold a tombstone for each key it wrote in the last ``tombstone_grace``
+        seconds, and evict live entries to keep them. (The copy on an owner that did hold an older value is
+        marked there, and its tombstone repairs the replicas that missed the write.)
 
         :return: how many expired entries were reclaimed.
         """
@@ -580,16 +622,26 @@ class Store:
     def _live_keys(self) -> List[bytes]:
         return list(self._spill) + [_key_of(packed) for packed in self._live.values()]
 
-    def _pack(self, version: Version, time: float, key: bytes, tail: bytes) -> bytes:
+    def _pack(self, version: Version, time: float, key: bytes, tail: bytes,
+              leaves_tombstone: bool = False) -> bytes:
+        """
+        :param bool leaves_tombstone: the mark of a live entry that leaves a tombstone when it expires.
+        """
+        length = len(key)
+        if length > _KEY_LENGTH:
+            # Its top bit would read as the mark. Peers and clients never send such a key (MAX_KEY_BYTES).
+            raise ValueError("a key is at most %d bytes" % (_KEY_LENGTH,))
+        if leaves_tombstone:
+            length |= _LEAVES_TOMBSTONE
         wall, counter, node = version
         index = self._node_index.get(node)
         if index is None:
             index = self._node_index[node] = len(self._node_ids)
             self._node_ids.append(node)
         try:
-            return _HEADER.pack(wall, counter, index, time, len(key)) + key + tail
+            return _HEADER.pack(wall, counter, index, time, length) + key + tail
         except (struct.error, OverflowError, TypeError, ValueError):  # PyPy raises some of the latter
-            wide = _WideVersion(_HEADER.pack(0, 0, _WIDE, time, len(key)) + key + tail)
+            wide = _WideVersion(_HEADER.pack(0, 0, _WIDE, time, length) + key + tail)
             wide.version = version
             return wide
 
@@ -603,15 +655,18 @@ class Store:
 
     def _expired(self, bkey: bytes, packed: bytes) -> None:
         """
-        Replace ``bkey``'s expired live entry ``packed``, already taken out of its table, with a tombstone of
-        its version, written now. A key holds a live entry or a tombstone, never both, so the tombstone is
-        new and goes last, in the order the sweep collects them. It is never larger than the entry (a key's
-        bytes and the overhead, without the value), so the store stays within its budget without evicting.
-        Not counted in :attr:`changes`: every key keeps its version, so a digest of them is still current.
+        Reclaim ``bkey``'s expired live entry ``packed``, already taken out of its table, and, if it is marked
+        to leave one, write a tombstone of its version now. A key holds a live entry or a tombstone, never
+        both, so the tombstone is new and goes last, in the order the sweep collects them. It is never larger
+        than the entry (a key's bytes and the overhead, without the value), so the store stays within its
+        budget without evicting. Not counted in :attr:`changes`, either way, as before tombstones were left:
+        a key that keeps its version leaves a digest current, and one that goes only makes a bucket differ,
+        which the key-level exchange settles.
         """
         self._released(len(packed) + _LIVE_EXTRA)
-        self._tombstones[bkey] = self._pack(self._version(packed), self._seconds(), b"", b"")
-        self.bytes += len(bkey) + TOMBSTONE_OVERHEAD
+        if _leaves_tombstone(packed):
+            self._tombstones[bkey] = self._pack(self._version(packed), self._seconds(), b"", b"")
+            self.bytes += len(bkey) + TOMBSTONE_OVERHEAD
 
     def _released(self, size: int) -> None:
         self.bytes -= size

@@ -81,37 +81,43 @@ def test_key_is_served_until_its_expiry():
 
 
 @pytest.mark.parametrize("after", [10.0, 10.001, 1000.0])
-def test_expired_key_is_never_served(after):
+@pytest.mark.parametrize("superseded", [False, True])
+def test_expired_key_is_never_served(after, superseded):
     """
     If a key's TTL has passed (at or after ``expires_at``), then ``get``, ``keys`` and ``entries`` without
     tombstones report it absent, even before a sweep; ``entries`` and ``current``, which replicas compare
-    versions with, report a tombstone of its version.
+    versions with, report a tombstone of its version if it replaced an older version here, and nothing if not.
     """
     store, clock, _ = make_store()
+    if superseded:
+        store.apply(put("k", b"0", 0))
     store.apply(put("k", b"1", 1, ttl=10))
     store.apply(put("other", b"2", 1))
     clock.advance(after)
     assert all_keys(store) == ["other"]
     assert [e.key for e in store.entries(include_tombstones=False)] == ["other"]
-    assert sorted((e.key, e.value) for e in store.entries()) == [("k", None), ("other", b"2")]
-    assert store.get("k") is None
-    assert store.current("k") == tomb("k", 1)
+    if superseded:
+        assert sorted((e.key, e.value) for e in store.entries()) == [("k", None), ("other", b"2")]
+        assert store.get("k") is None
+        assert store.current("k") == tomb("k", 1)
+    else:
+        assert [e.key for e in store.entries()] == ["other"]
+        assert store.get("k") is None
+        assert store.current("k") is None
 
 
 def test_get_of_an_expired_key_reclaims_and_counts_it_once():
     """
-    If ``get`` finds a key expired, then it reclaims its value, keeps a tombstone of its version in its
-    place, and counts one expiration; a later sweep does not count it again.
+    If ``get`` finds a key expired (one that replaced nothing here), then it reclaims its bytes and counts
+    one expiration, and a later sweep does not count it again.
     """
     store, clock, events = make_store()
     store.apply(put("k", b"1", 1, ttl=10))
     clock.advance(11)
     assert store.get("k") is None
-    assert (len(store), store.tombstone_count) == (0, 1)
-    assert (store.bytes, store.expirations, events.expirations) == (tomb("k", 1).size, 1, [1])
+    assert (store.bytes, store.expirations, events.expirations) == (0, 1, [1])
     assert store.sweep() == 0
     assert (store.expirations, events.expirations) == (1, [1])
-    assert store.bytes == accounted(store)
 
 
 def test_sweep_reclaims_expired_entries_and_counts_expirations():
@@ -127,10 +133,8 @@ def test_sweep_reclaims_expired_entries_and_counts_expirations():
     clock.advance(6)
     assert store.sweep() == 2
     assert len(store) == 2
-    # a and b each leave a tombstone of their version (see the expiry tests below).
-    assert store.tombstone_count == 2
-    assert store.bytes == (put("c", b"333", 1).size + put("d", b"4444", 1).size
-                           + tomb("a", 1).size + tomb("b", 1).size)
+    assert store.tombstone_count == 0  # neither replaced anything (see the expiry tests below)
+    assert store.bytes == put("c", b"333", 1).size + put("d", b"4444", 1).size
     assert (store.expirations, events.expirations) == (2, [2])
     assert store.sweep() == 0
     assert events.expirations == [2]
@@ -171,22 +175,62 @@ def _notice_expiry(store: Store, key: str, how: str) -> None:
     elif how == "get":
         assert store.get(key) is None
     else:
-        assert store.current(key).is_tombstone
+        store.current(key)
+
+
+def _hold_older(store: Store, clock: Clock, key: str, held: str) -> None:
+    # What a store may hold of a key before a write with a TTL replaces it, at versions below 2.
+    if held == "a value":
+        store.apply(put(key, b'"old"', 1))
+    elif held == "a tombstone":
+        store.apply(tomb(key, 1))
+    elif held == "an expired entry that leaves a tombstone":
+        store.apply(put(key, b'"old"', 0))
+        store.apply(put(key, b'"older ttl"', 1, ttl=clock.seconds() - START + 1))
+        clock.advance(1)
+    elif held == "an expired entry that leaves none":
+        store.apply(put(key, b'"old ttl"', 1, ttl=clock.seconds() - START + 1))
+        clock.advance(1)
+    else:
+        assert held == "nothing"
 
 
 @pytest.mark.parametrize("how", ["sweep", "get", "current"])
-def test_an_expired_entry_leaves_a_tombstone_of_its_version_so_an_older_write_stays_hidden(how):
+@pytest.mark.parametrize("held", ["nothing", "an expired entry that leaves none"])
+def test_an_expired_entry_that_replaced_nothing_leaves_no_tombstone(how, held):
     """
-    If an entry that overwrote an older value expires (found by the sweep, a read or a version comparison),
-    then it leaves a tombstone of its own version: the older value, arriving again from a replica or a hint
-    that missed the overwrite, is refused in favour of that version, and the key stays absent. A newer write
-    or delete still wins, and answers as for an absent key (nothing live was there).
+    If an entry with a TTL was stored when the store held no older version of its key (nothing, or only an
+    expired entry that itself leaves nothing), then when it expires (found by the sweep, a read or a version
+    comparison) it goes without a trace: no tombstone, and the accounted bytes back to zero.
     """
     store, clock, events = make_store()
-    store.apply(put("k", b'"new"', 2, ttl=2))
+    _hold_older(store, clock, "k", held)
+    store.apply(put("k", b'"new"', 2, ttl=clock.seconds() - START + 2))
     clock.advance(3)
     _notice_expiry(store, "k", how)
-    assert (len(store), store.tombstone_count, events.expirations) == (0, 1, [1])
+    assert (len(store), store.tombstone_count, store.bytes) == (0, 0, 0)
+    assert store.current("k") is None
+    assert store.sweep() == 0
+    assert (store.expirations, events.expirations) == (1, [1])
+
+
+@pytest.mark.parametrize("how", ["sweep", "get", "current"])
+@pytest.mark.parametrize("held", ["a value", "a tombstone", "an expired entry that leaves a tombstone"])
+def test_an_expired_entry_that_replaced_an_older_version_leaves_a_tombstone_so_it_stays_hidden(how, held):
+    """
+    If an entry with a TTL replaced an older version of its key (a live value, a tombstone, or an expired
+    entry that leaves one) and then expires (found by the sweep, a read or a version comparison), then it
+    leaves a tombstone of its own version: the older value, arriving again from a replica or a hint that
+    missed the overwrite, is refused in favour of that version, and the key stays absent. A newer write or
+    delete still wins, and answers as for an absent key (nothing live was there).
+    """
+    store, clock, events = make_store()
+    _hold_older(store, clock, "k", held)
+    store.apply(put("k", b'"new"', 2, ttl=clock.seconds() - START + 2))
+    expired_before = store.expirations
+    clock.advance(3)
+    _notice_expiry(store, "k", how)
+    assert (len(store), store.tombstone_count, store.expirations - expired_before) == (0, 1, 1)
     assert store.current("k") == tomb("k", 2)
     assert store.apply(put("k", b'"old"', 1)) == ApplyResult(False, False, (2, 0, "n1"))
     assert store.get("k") is None and all_keys(store) == []
@@ -198,10 +242,11 @@ def test_an_expired_entry_leaves_a_tombstone_of_its_version_so_an_older_write_st
 
 def test_an_expiry_tombstone_is_collected_after_the_grace_period_as_a_deletes_is():
     """
-    If an entry expires, then its tombstone is kept for ``tombstone_grace`` from the sweep that found it,
-    and collected after it, with its bytes, without counting the expiry again.
+    If an entry that replaced an older version expires, then its tombstone is kept for ``tombstone_grace``
+    from the sweep that found it, and collected after it, with its bytes, without counting the expiry again.
     """
     store, clock, events = make_store(tombstone_grace=60)
+    store.apply(tomb("k", 0))
     store.apply(put("k", b"1", 1, ttl=5))
     clock.advance(5)
     store.sweep()
@@ -222,6 +267,7 @@ def test_expiry_tombstones_are_accounted_and_evicted_as_delete_tombstones_are():
     """
     store, clock, events = make_store()
     store.apply(tomb("d1", 1))
+    store.apply(tomb("e1", 0))
     store.apply(put("e1", b"a value", 1, ttl=5))
     clock.advance(6)
     store.sweep()
@@ -238,11 +284,41 @@ def test_expiry_tombstones_are_accounted_and_evicted_as_delete_tombstones_are():
     assert events.evictions == []  # tombstones dropped are not evicted keys
 
 
-def test_a_steady_ttl_workload_holds_one_grace_periods_worth_of_tombstones_within_the_budget():
+def test_a_steady_ttl_workload_of_new_keys_leaves_no_tombstones_and_its_memory_stays_flat():
     """
-    If keys are written with a TTL at a steady rate, then the store holds the tombstones of the last
-    ``tombstone_grace`` seconds of expiries and no more, and never exceeds its budget, even one too small for
-    them (the oldest tombstones are then evicted).
+    If new keys are written with a TTL at a steady rate (none replacing anything), then the store holds
+    only the keys whose TTL has not ended: no tombstones, the same accounted bytes from one second to the
+    next once the first TTL has ended, no eviction in a budget twice the live set, and nothing at all once
+    the writes stop and the last TTL ends.
+    """
+    rate, ttl, seconds = 200, 5, 60
+    size = put("k000000", b"v", 1).size
+    store, clock, events = make_store(max_bytes=2 * rate * ttl * size)
+    written = 0
+    held = []
+    for second in range(seconds):
+        for _ in range(rate):
+            store.apply(put("k%06d" % (written,), b"v", second, ttl=second + ttl))
+            written += 1
+        clock.advance(1)
+        store.sweep()
+        assert store.tombstone_count == 0
+        assert store.bytes == accounted(store)
+        held.append(store.bytes)
+    assert set(held[ttl:]) == {rate * (ttl - 1) * size}
+    assert (store.evictions, events.evictions) == (0, [])
+    clock.advance(ttl)
+    store.sweep()
+    assert (len(store), store.tombstone_count, store.bytes) == (0, 0, 0)
+    assert store.expirations == written
+    assert len(store._expiries) <= 64  # the heap holds no dead items either
+
+
+def test_a_steady_ttl_workload_of_overwrites_holds_one_grace_periods_worth_of_tombstones_within_the_budget():
+    """
+    If keys that held a value are overwritten with a TTL at a steady rate, then the store holds the
+    tombstones of the last ``tombstone_grace`` seconds of expiries and no more, and never exceeds its budget,
+    even one too small for them (the oldest tombstones are then evicted).
     """
     rate, ttl, grace = 20, 5, 30
     for max_bytes in (1 << 20, 200 * put("k00000", b"v", 1).size):
@@ -250,7 +326,9 @@ def test_a_steady_ttl_workload_holds_one_grace_periods_worth_of_tombstones_withi
         written = 0
         for second in range(120):
             for _ in range(rate):
-                store.apply(put("k%05d" % (written,), b"v", second, ttl=second + ttl))
+                key = "k%05d" % (written,)
+                store.apply(tomb(key, 2 * second))  # what the TTL write replaces (a deleted value)
+                store.apply(put(key, b"v", 2 * second + 1, ttl=second + ttl))
                 written += 1
             clock.advance(1)
             store.sweep()
@@ -265,11 +343,12 @@ def test_a_steady_ttl_workload_holds_one_grace_periods_worth_of_tombstones_withi
 
 def test_an_expired_entry_handed_off_before_the_sweep_is_sent_as_a_tombstone_and_forgotten_without_one():
     """
-    If a rebalance pass reads an entry that has expired but is not yet swept, then it gets the tombstone the
-    entry leaves (so a hint whose TTL ended before its handoff still hides older copies on the owners), and
-    forgetting that version once handed off leaves nothing behind.
+    If a rebalance pass reads an entry that replaced an older version and has expired but is not yet swept,
+    then it gets the tombstone the entry leaves (so a copy whose TTL ended before its handoff still hides
+    older copies on the owners), and forgetting that version once handed off leaves nothing behind.
     """
     store, clock, _ = make_store()
+    store.apply(put("hint", b'"old"', 1))
     store.apply(put("hint", b'"new"', 2, ttl=2))
     clock.advance(3)
     assert list(store.entries()) == [tomb("hint", 2)]
@@ -277,6 +356,19 @@ def test_an_expired_entry_handed_off_before_the_sweep_is_sent_as_a_tombstone_and
     assert store.forget("hint", (2, 0, "n1"))
     assert (len(store), store.tombstone_count, store.bytes) == (0, 0, 0)
     assert store.current("hint") is None
+
+
+def test_an_expired_hint_that_replaced_nothing_is_not_handed_off_and_leaves_nothing():
+    """
+    If a rebalance pass reads an entry that replaced nothing here (a hint on a fallback, usually) and has
+    expired but is not yet swept, then it gets nothing to send, and the sweep then drops it without a trace.
+    """
+    store, clock, _ = make_store()
+    store.apply(put("hint", b'"new"', 2, ttl=2))
+    clock.advance(3)
+    assert list(store.entries()) == []
+    assert store.sweep() == 1
+    assert (len(store), store.tombstone_count, store.bytes) == (0, 0, 0)
 
 
 # -- LRU -----------------------------------------------------------------------------------------------
@@ -499,18 +591,21 @@ class StoreMachine(RuleBasedStateMachine):
 def test_expired_entries_are_swept_whether_filed_by_slot_or_by_key(monkeypatch):
     """
     If keys that share one slot expire, then a sweep reclaims every one of them (the expiry heap reaches only
-    the slot's entry; the others are filed by key) and counts each once.
+    the slot's entry; the others are filed by key) and counts each once; each that replaced an older version
+    leaves a tombstone, wherever it was filed, and the others nothing.
     """
     monkeypatch.setattr(store_module, "_SLOT_MASK", 0)
     store, clock, events = make_store()
+    store.apply(put("kept", b"v", 1))
+    store.apply(tomb("a", 0))
+    store.apply(tomb("c", 0))
     for i, key in enumerate(("a", "b", "c")):
         store.apply(put(key, b"v", 1, ttl=5 + i))
-    store.apply(put("kept", b"v", 1))
     clock.advance(10)
     assert store.sweep() == 3
     assert all_keys(store) == ["kept"] and len(store) == 1
     assert store.bytes == accounted(store) and store.expirations == 3
-    assert [store.current(key) for key in ("a", "b", "c")] == [tomb(key, 1) for key in ("a", "b", "c")]
+    assert [store.current(key) for key in ("a", "b", "c")] == [tomb("a", 1), None, tomb("c", 1)]
 
 
 class CrowdedSlotsMachine(StoreMachine):
@@ -961,6 +1056,7 @@ def test_entries_can_be_consumed_while_the_store_changes():
     store, clock, _ = make_store()
     for i in range(10):
         store.apply(put("k%d" % (i,), b"v", 1))
+    store.apply(tomb("ttl", 0))  # so that the entry below leaves a tombstone
     store.apply(put("ttl", b"v", 1, ttl=5))
     store.apply(tomb("t", 1))
     iterator = store.entries()
@@ -1070,3 +1166,49 @@ def test_node_ids_compare_by_name_not_by_the_order_they_were_first_seen():
     assert store.get("k").version == (5, 0, "c")
     assert not store.forget("k", (5, 0, "b"))
     assert store.forget("k", (5, 0, "c"))
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("older_arrives", ["before", "never"])
+def test_the_tombstone_mark_survives_packing_and_reads_for_every_version(version, older_arrives):
+    """
+    If an entry with a TTL of any version (in and out of the packed header's range) replaced an older version
+    of its key, then until it expires every read gives back exactly that entry (key, value, version, expiry)
+    and lists its key, and when it expires it leaves a tombstone of exactly its version; if it replaced
+    nothing, it leaves nothing.
+    """
+    store, clock, _ = make_store()
+    older = Entry("k", b"older", (version[0] - 1, 0, "n1"))
+    entry = Entry("k", b"value", version, START + 10)
+    if older_arrives == "before":
+        store.apply(older)
+    store.apply(entry)
+    for _ in range(2):  # a read puts the entry back as the most recently used: the mark goes with it
+        assert store.get("k") == entry
+    assert list(store.entries()) == [entry]
+    assert all_keys(store) == ["k"]
+    assert store.bytes == entry.size == accounted(store)
+    clock.advance(10)
+    store.sweep()
+    if older_arrives == "never":
+        assert (store.current("k"), store.tombstone_count, store.bytes) == (None, 0, 0)
+    else:
+        assert store.current("k") == Entry("k", None, version)
+        assert store.bytes == Entry("k", None, version).size == accounted(store)
+
+
+def test_a_key_too_long_for_the_length_field_without_its_mark_is_refused():
+    """
+    If an entry's key is 32768 bytes or more (no peer or client sends one: their caps are far lower), then
+    the store refuses it rather than read the length's top bit as the tombstone mark, and holds nothing.
+    """
+    store, _, _ = make_store(max_bytes=1 << 20)
+    longest, too_long = "k" * 32767, "k" * 32768
+    store.apply(tomb(too_long, 1))  # a tombstone is filed by its key: its header holds no key length
+    for apply in (store.apply, lambda entry: store.apply_many([entry])):
+        with pytest.raises(ValueError):
+            apply(put(too_long, b"v", 2))
+        assert store.current(too_long) == tomb(too_long, 1)
+    assert store.apply(put(longest, b"v", 1)).applied
+    assert store.get(longest).value == b"v"
+    assert (len(store), store.bytes) == (1, put(longest, b"v", 1).size + tomb(too_long, 1).size)

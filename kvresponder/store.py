@@ -90,6 +90,19 @@ def _leaves_tombstone(packed: bytes) -> bool:
     return packed[_MARK_BYTE] & _MARK_BIT != 0
 
 
+def _marked(packed: bytes) -> bytes:
+    """
+    The live entry ``packed`` with the mark set: the same bytes otherwise, and the same type (a wide version
+    keeps its version).
+    """
+    marked = packed[:_MARK_BYTE] + bytes((packed[_MARK_BYTE] | _MARK_BIT,)) + packed[_MARK_BYTE + 1:]
+    if type(packed) is _WideVersion:
+        wide = _WideVersion(marked)
+        wide.version = packed.version  # type: ignore
+        return wide
+    return marked
+
+
 class Entry:
     """
     One version of one key, as stored and as replicated.
@@ -385,7 +398,9 @@ class Store:
         keep the newer one. Applying the same entries in any order gives the same state.
 
         An entry with an expiry stored over an older version of its key (a live value, a tombstone, or an
-        expired entry that leaves one) is marked to leave a tombstone when it expires (see :meth:`sweep`).
+        expired entry that leaves one) is marked to leave a tombstone when it expires; so is one that an older
+        version arrives for later, which this store refuses. Either order of arrival marks it (see
+        :meth:`sweep`).
 
         :raises EntryTooLarge: if the entry alone exceeds the budget.
         :raises ValueError: if a value's key is longer than the packed header holds (see :data:`_HEADER`).
@@ -412,7 +427,11 @@ class Store:
             held_older = tomb is not None
             newest = None if tomb is None else self._version(tomb)
         if newest is not None and entry.version <= newest:
-            return ApplyResult(False, had_live, newest if entry.version < newest else None)
+            if entry.version < newest:
+                if existing is not None and expires_at and not length & _LEAVES_TOMBSTONE:
+                    self._mark(bkey, existing)
+                return ApplyResult(False, had_live, newest)
+            return ApplyResult(False, had_live)
 
         self.changes += 1
         if existing is not None:
@@ -485,7 +504,13 @@ class Store:
                 newest = (wall, counter, node_ids[index])
                 version = entry.version
                 if version <= newest:
-                    append(ApplyResult(False, had_live, newest if version < newest else None))
+                    if version < newest:
+                        if expires_at and not _leaves_tombstone(existing):
+                            # An older version exists: the entry leaves a tombstone (as apply does).
+                            live[slot] = _marked(existing)
+                        append(ApplyResult(False, had_live, newest))
+                    else:
+                        append(ApplyResult(False, had_live))
                     continue
                 del live[slot]
                 released = len(existing) + _LIVE_EXTRA
@@ -667,6 +692,18 @@ class Store:
         if _leaves_tombstone(packed):
             self._tombstones[bkey] = self._pack(self._version(packed), self._seconds(), b"", b"")
             self.bytes += len(bkey) + TOMBSTONE_OVERHEAD
+
+    def _mark(self, bkey: bytes, packed: bytes) -> None:
+        """
+        Mark ``bkey``'s live entry ``packed`` (as :meth:`_find` returned it) to leave a tombstone when it
+        expires, in its place: the same key, size and expiry, so its LRU order, the byte count and the
+        expiry heap stay as they are.
+        """
+        slot = hash(bkey) & _SLOT_MASK
+        if self._live.get(slot) is packed:
+            self._live[slot] = _marked(packed)
+        else:
+            self._spill[bkey] = _marked(packed)
 
     def _released(self, size: int) -> None:
         self.bytes -= size

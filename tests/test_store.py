@@ -1169,13 +1169,13 @@ def test_node_ids_compare_by_name_not_by_the_order_they_were_first_seen():
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-@pytest.mark.parametrize("older_arrives", ["before", "never"])
+@pytest.mark.parametrize("older_arrives", ["before", "after", "never"])
 def test_the_tombstone_mark_survives_packing_and_reads_for_every_version(version, older_arrives):
     """
     If an entry with a TTL of any version (in and out of the packed header's range) replaced an older version
-    of its key, then until it expires every read gives back exactly that entry (key, value, version, expiry)
-    and lists its key, and when it expires it leaves a tombstone of exactly its version; if it replaced
-    nothing, it leaves nothing.
+    of its key, or an older version arrived after it and was refused, then until it expires every read
+    gives back exactly that entry (key, value, version, expiry) and lists its key, and when it expires it
+    leaves a tombstone of exactly its version; if no older version ever arrived, it leaves nothing.
     """
     store, clock, _ = make_store()
     older = Entry("k", b"older", (version[0] - 1, 0, "n1"))
@@ -1183,6 +1183,8 @@ def test_the_tombstone_mark_survives_packing_and_reads_for_every_version(version
     if older_arrives == "before":
         store.apply(older)
     store.apply(entry)
+    if older_arrives == "after":
+        assert store.apply(older) == ApplyResult(False, True, version)
     for _ in range(2):  # a read puts the entry back as the most recently used: the mark goes with it
         assert store.get("k") == entry
     assert list(store.entries()) == [entry]
@@ -1195,6 +1197,44 @@ def test_the_tombstone_mark_survives_packing_and_reads_for_every_version(version
     else:
         assert store.current("k") == Entry("k", None, version)
         assert store.bytes == Entry("k", None, version).size == accounted(store)
+
+
+def test_an_older_version_refused_by_a_batch_marks_the_entry_it_lost_to():
+    """
+    If a batch brings an older value of a key whose entry has a TTL, then the value is refused and the entry
+    leaves a tombstone when it expires, as when the value comes alone.
+    """
+    store, clock, _ = make_store()
+    store.apply(put("k", b"new", 2, ttl=5))
+    assert store.apply_many([put("k", b"old", 1)]) == [ApplyResult(False, True, (2, 0, "n1"))]
+    clock.advance(5)
+    assert store.sweep() == 1
+    assert store.current("k") == tomb("k", 2)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ENTRIES, st.randoms(use_true_random=False))
+def test_applying_the_same_entries_in_any_order_leaves_the_same_tombstones_once_they_expire(items, random):
+    """
+    If the same set of entries is applied in two different orders, then once every TTL has ended the two
+    stores hold the same tombstones: an entry that an older version of its key reached, before it or after
+    it, leaves one, whichever came first.
+    """
+    entries = [Entry(key, value, (wall, 0, node), None if ttl is None else START + ttl)
+               for key, wall, node, value, ttl in items]
+    shuffled = list(entries)
+    random.shuffle(shuffled)
+    first, clock, _ = make_store()
+    second, _, _ = make_store()
+    second._seconds = clock.seconds
+    for entry in entries:
+        first.apply(entry)
+    for entry in shuffled:
+        second.apply(entry)
+    clock.advance(100)
+    first.sweep()
+    second.sweep()
+    assert snapshot(first) == snapshot(second)
 
 
 def test_a_key_too_long_for_the_length_field_without_its_mark_is_refused():

@@ -1,7 +1,7 @@
 """
-TTL expiry across a cluster: an expired write stays a version that hides every older one, so that neither a
-read nor hint handoff nor anti-entropy brings back a value it overwrote (ARCHITECTURE.md, TTL: "An expired
-entry is treated as absent everywhere").
+TTL expiry across a cluster: an expired write that overwrote a value on a replica stays a version that hides
+every older one, so that neither a read nor hint handoff nor anti-entropy brings back the value it overwrote;
+one that overwrote nothing leaves nothing behind (ARCHITECTURE.md, TTL).
 """
 
 from .support import MemoryCluster
@@ -47,7 +47,28 @@ def test_an_expired_overwrite_does_not_bring_the_older_value_back():
         node.rebalancer.run_pass("anti-entropy")
     cluster.run(seconds=2.0)
     assert _codes(cluster, key) == {"n1": 404, "n2": 404, "n3": 404}
-    # Repaired, not only hidden: n2 now holds the expired write's version, as a tombstone.
+    # Repaired, not only hidden: n2 now holds the expired write's version, as a tombstone, which n1 left
+    # because its copy replaced "old". The hint on n3 replaced nothing there, and left nothing.
     current = n2.store.current(key)
     assert current is not None and current.is_tombstone
     assert current.version == n1.store.current(key).version
+    assert n3.store.current(key) is None
+
+
+def test_an_expired_write_of_a_new_key_leaves_nothing_on_any_node():
+    """
+    If a key no node held is written with a TTL, then once the TTL has ended, and after the periodic passes
+    and anti-entropy, no node holds anything of it: no value and no tombstone.
+    """
+    cluster = MemoryCluster(3)
+    cluster.run(seconds=1.0)
+    n1 = cluster.nodes[0]
+    key = _owned_by(cluster, "n1", "n2")
+    code, body = cluster.request("PUT", n1, "/kv/" + key, {"value": "new", "ttl": 2})
+    assert code in (200, 201), body
+    cluster.run(seconds=9.0)  # the TTL, SETTLE_MS and one periodic pass on each node
+    for node in cluster.nodes:
+        node.rebalancer.run_pass("anti-entropy")
+    cluster.run(seconds=2.0)
+    assert _codes(cluster, key) == {"n1": 404, "n2": 404, "n3": 404}
+    assert [(node.store.current(key), node.store.tombstone_count) for node in cluster.nodes] == [(None, 0)] * 3

@@ -151,7 +151,8 @@ _LIVE_GAUGES = (
     ("kv_store_keys", "Live entries held by this node, hinted copies included."),
     ("kv_store_bytes", "Accounted bytes of keys, values and overhead in the store."),
     ("kv_store_max_bytes", "The store's memory budget (MAX_MEMORY)."),
-    ("kv_store_tombstones", "Tombstones held for deleted keys."),
+    ("kv_store_tombstones", "Tombstones held for deleted keys, and for expired entries that replaced an older "
+                            "version."),
     ("kv_peers_count", "Live peers this node sees, excluding itself."),
     ("kv_ring_members", "Nodes in this node's hash ring, itself included."),
     ("kv_replication_factor", "Copies kept of each key (REPLICATION_FACTOR)."),

@@ -206,7 +206,7 @@ OPTIONS = (
     Option("max-header-bytes", ("MAX_HEADER_BYTES",), "16Ki", _size(1024, 256 * 1024),
            "Largest total size of a request's headers."),
     Option("tombstone-grace", ("TOMBSTONE_GRACE",), "600", _positive_float,
-           "Seconds a delete's tombstone is kept."),
+           "Seconds a delete's tombstone (or an expired overwrite's) is kept."),
     Option("drain-timeout", ("DRAIN_TIMEOUT",), "20", _positive_float,
            "Seconds a SIGTERM'd node spends handing off its data."),
     Option("anti-entropy-interval", ("ANTI_ENTROPY_INTERVAL",), "30", _positive_float,

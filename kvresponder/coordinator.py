@@ -63,10 +63,13 @@ class ClockSkewed(Exception):
 
 def witnessed_result(held: Entry, entry: Entry) -> ApplyResult:
     """
-    What a previous owner holding ``held`` says of a write of ``entry`` it was asked about, not sent: whether it
-    held a live value, and its version if newer, as a replica's answer to a copy would.
+    What a previous owner holding ``held`` says of a write of ``entry`` it was asked about, not sent, as a
+    replica's answer to a copy would: its version if newer, and whether that newer version is a live value. An
+    older one says nothing: the owners may hold a newer tombstone.
     """
-    return ApplyResult(False, held.value is not None, held.version if held.version > entry.version else None)
+    if held.version > entry.version:
+        return ApplyResult(False, held.value is not None, held.version)
+    return ApplyResult(False, False)
 
 
 def newest_newer(stored) -> Optional[Tuple[int, int, str]]:
@@ -417,14 +420,20 @@ class Coordinator:
             return self._write_here(entries, op)
         for attempt in range(MAX_RESTAMPS + 1):
             plans = [self._targets(entries[i].key) for i in todo]
-            # The previous owners while the ring settles (``_witnesses``): no fallbacks, no quorum.
-            witness_plans = [(self._witnesses(entries[i].key, owners), [], 0)
-                             for i, (owners, _, _) in zip(todo, plans)]
-            stored, witnessed = await gather([
-                self._fan_out(plans, lambda node, indices: self._apply_many_on(
-                    node, [entries[todo[i]] for i in indices]), op, count_success=True),
-                self._fan_out(witness_plans, lambda node, indices: self._get_many_on(
-                    node, [entries[todo[i]].key for i in indices]), "get", count_success=False)])
+            write = self._fan_out(plans, lambda node, indices: self._apply_many_on(
+                node, [entries[todo[i]] for i in indices]), op, count_success=True)
+            if self._previous_rings():
+                # The previous owners while the ring settles (``_witnesses``): no fallbacks, no quorum, and
+                # not counted as replica calls (a previous owner may well be gone).
+                witness_plans = [(self._witnesses(entries[i].key, owners), [], 0)
+                                 for i, (owners, _, _) in zip(todo, plans)]
+                stored, witnessed = await gather([write, self._fan_out(
+                    witness_plans, lambda node, indices: self._get_many_on(
+                        node, [entries[todo[i]].key for i in indices]), "get", count_success=False,
+                    count_failure=False)])
+            else:
+                stored = await write
+                witnessed = [()] * len(todo)
             again = []
             for index, (_, _, quorum), copies, held in zip(todo, plans, stored, witnessed):
                 seen = [(node, witnessed_result(entry, entries[index])) for node, entry in held if entry is not None]
@@ -445,7 +454,8 @@ class Coordinator:
                 break
         return results
 
-    async def _fan_out(self, plans, call, op: str, count_success: bool) -> List[List[Tuple[str, object]]]:
+    async def _fan_out(self, plans, call, op: str, count_success: bool,
+                       count_failure: bool = True) -> List[List[Tuple[str, object]]]:
         """
         Run ``call(node, indices)`` once per node for all the items that node owns, and give each item that
         a node failed to answer to that item's next fallback, until every item has its answers or has run
@@ -464,7 +474,8 @@ class Coordinator:
             pending = {}
             for (node, indices), result in zip(batches, results):
                 if result is None:
-                    self._metrics.replication(op, "failure", len(indices))
+                    if count_failure:
+                        self._metrics.replication(op, "failure", len(indices))
                     for index in indices:
                         fallbacks = plans[index][1]
                         if fallbacks:
@@ -587,9 +598,10 @@ class Coordinator:
                         answers[index].append((node, entry))
         now = self._seconds()
         results: List[object] = []
+        not_repaired = frozenset(leaving)
         for (owners, _, _), answered in zip(plans, answers):
             try:
-                newest = self._newest_known(owners, answered, set(leaving))
+                newest = self._newest_known(owners, answered, not_repaired)
             except Unavailable as error:
                 results.append(error)
                 continue
@@ -890,13 +902,24 @@ class _ReplicatedWrite:
                                             version=format_version(self._entry.version), targets=owners)
             with self._action.context():
                 self._context = copy_context()
-                self._send(owners, witnesses)
+                self._sending(owners, witnesses)
         else:
             if self._task is None:
                 self._task = path.new_task()
             self._context = path.context()
-            self._send(owners, witnesses)
+            self._sending(owners, witnesses)
         self._fire()
+
+    def _sending(self, owners: List[str], witnesses: List[str]) -> None:
+        """
+        :meth:`_send`, marked as entered: a slot that settles at once (a local copy, a peer already gone) leaves
+        the write's result for :meth:`start` to deliver, once out of the write's action.
+        """
+        entered, self._entered = self._entered, True
+        try:
+            self._send(owners, witnesses)
+        finally:
+            self._entered = entered
 
     def _send(self, owners: List[str], witnesses: List[str]) -> None:
         if not owners and not witnesses:
@@ -920,15 +943,17 @@ class _ReplicatedWrite:
         try:
             if entry is not None:
                 self._witnessed.append((node, witnessed_result(entry, self._entry)))
-            self._slot_done(None)
-            self._fire()
         except Exception:
             write_traceback()
+        self._witness_done()
 
     def _not_heard(self, failure) -> None:
+        if not failure.check(PeerError, Unavailable):
+            write_failure(failure)
+        self._witness_done()
+
+    def _witness_done(self) -> None:
         try:
-            if not failure.check(PeerError, Unavailable):
-                write_failure(failure)
             self._slot_done(None)
             self._fire()
         except Exception:

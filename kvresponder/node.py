@@ -40,7 +40,8 @@ CLOCK_SKEW = "clock-skew"
 #: Seconds after a ring change during which a read that finds nothing on a key's owners also asks the
 #: other nodes, since the key may still be on its way from its previous holders.
 SETTLE_SECONDS = 30.0
-#: Rings kept from within one settling: enough for a rolling restart's changes, bounded against a flapping peer.
+#: Rings kept from within one settling (the last settled one and the latest): bounded against a flapping peer or a
+#: long rolling restart, whose changes keep the ring settling.
 MAX_PREVIOUS_RINGS = 8
 
 #: Seconds without a change to the store after which the garbage of a burst of writes or deletes is given
@@ -156,16 +157,25 @@ class Node:
         return holders
 
     def _rebuild_ring(self) -> None:
-        if not self.ring_settling():
-            self._previous_rings = []
-        if len(self._previous_rings) < MAX_PREVIOUS_RINGS:
-            # Past that many changes within one settling, the oldest rings are the ones kept: most data sits
-            # where the last settled ring put it.
-            self._previous_rings.append(self._ring)
-        self.ring_changed_at = self.clock.seconds()
         include_self = self.state not in (DRAINING, STOPPED)
-        self._ring = HashRing(self.membership.ring_members(include_self=include_self),
-                              vnodes=self.settings.vnodes)
+        ring = HashRing(self.membership.ring_members(include_self=include_self), vnodes=self.settings.vnodes)
+        if ring.nodes != self._ring.nodes and self.state in (READY, DRAINING):
+            # Not while joining: the rings a node builds as it discovers its peers placed no data.
+            self._remember(self._ring)
+        self.ring_changed_at = self.clock.seconds()
+        self._ring = ring
+
+    def _remember(self, ring: HashRing) -> None:
+        """
+        Keep ``ring``, which the current one replaces, among :meth:`previous_rings`.
+        """
+        rings = self._previous_rings if self.ring_settling() else []
+        if len(rings) >= MAX_PREVIOUS_RINGS:
+            # The first is the ring in force when the ring last settled, where most data sits; after it, the
+            # latest, which name the owners a rolling restart displaced last.
+            del rings[1]
+        rings.append(ring)
+        self._previous_rings = rings
 
     def _membership_changed(self, change: str, peer) -> None:
         with PEER_CHANGED(peer=peer.node_id, change=change, address="%s:%d" % (peer.address, peer.port),

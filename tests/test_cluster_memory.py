@@ -414,3 +414,65 @@ def test_a_later_write_wins_over_an_earlier_one_across_a_join_that_replaces_ever
     cluster.run(seconds=5.0)
     answers = {node.node_id: json.loads(get(cluster, node, key)[1]).get("value") for node in cluster.nodes}
     assert answers == dict.fromkeys(answers, "later"), answers
+
+
+def _members(rings):
+    return [sorted(ring.nodes) for ring in rings]
+
+
+def _settled_cluster():
+    cluster = MemoryCluster(3)
+    cluster.run(seconds=40.0)
+    assert all(node.previous_rings() == [] for node in cluster.nodes)
+    return cluster
+
+
+def test_a_ready_node_keeps_the_ring_a_join_replaced_until_the_ring_settles():
+    """
+    If a node joins, then a ready node keeps the ring the join replaced among its previous rings (its owners may
+    still hold what the new owners lack) until the ring has settled; the joining node keeps none of the rings it
+    built while it discovered its peers, which placed no data.
+    """
+    cluster = _settled_cluster()
+    n1 = cluster.nodes[0]
+    n4 = cluster.add()
+    assert _members(n1.previous_rings()) == [["n1", "n2", "n3"]]
+    assert n4.previous_rings() == []
+    cluster.run(seconds=40.0)
+    assert n1.previous_rings() == []
+
+
+def test_a_peer_restarting_at_the_same_place_in_the_ring_adds_no_previous_ring():
+    """
+    If a peer comes back with a new incarnation (the ring's members unchanged), then no previous ring is kept
+    for it: the owners are the same.
+    """
+    from kvresponder.membership import Heartbeat
+
+    cluster = _settled_cluster()
+    n1, n2 = cluster.nodes[:2]
+    beat = n2.heartbeat()
+    n1.membership.observe(Heartbeat(beat.node_id, beat.incarnation + 1, beat.address, beat.port, beat.state,
+                                    beat.ring_size))
+    assert n1.previous_rings() == []
+
+
+def test_past_its_bound_a_node_keeps_the_last_settled_ring_and_the_latest_ones():
+    """
+    If the ring changes more often within one settling than the previous rings kept (a long rolling restart),
+    then the ring in force when it last settled stays first, and the latest rings follow it.
+    """
+    from kvresponder.membership import Heartbeat
+    from kvresponder.node import MAX_PREVIOUS_RINGS
+
+    cluster = _settled_cluster()
+    n1 = cluster.nodes[0]
+    joined = ["p%02d" % (i,) for i in range(MAX_PREVIOUS_RINGS + 3)]
+    for index, peer in enumerate(joined):
+        n1.membership.observe(Heartbeat(peer, 1, "10.0.1.%d" % (index + 1,), 3000, "alive", 3))
+    rings = _members(n1.previous_rings())
+    assert len(rings) == MAX_PREVIOUS_RINGS
+    assert rings[0] == ["n1", "n2", "n3"]
+    # The ring before the last join, and the ones before it.
+    assert rings[-1] == sorted(["n1", "n2", "n3"] + joined[:-1])
+    assert rings[1] == sorted(["n1", "n2", "n3"] + joined[:len(joined) - MAX_PREVIOUS_RINGS + 1])

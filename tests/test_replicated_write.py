@@ -14,7 +14,9 @@ from eliot.testing import LoggedAction, LoggedMessage, capture_logging
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from kvresponder.batcher import Waiter
 from kvresponder.coordinator import Coordinator, Unavailable, WriteResult
 from kvresponder.hlc import HybridLogicalClock
 from kvresponder.log import LogPolicy
@@ -851,6 +853,61 @@ class PreviousOwnersWriteTests(unittest.TestCase):
         self.assertEqual(result.copies, 2)
         self.assertEqual(sorted(self.peers.asked), ["n2", "n3"])
         self.assertEqual(self.peers.sent, ["n4"])
+
+    def test_a_previous_owner_holding_an_older_value_does_not_make_a_new_key_a_replacement(self):
+        """
+        A version older than the write's says nothing of whether the key held a value: the owners may hold a
+        newer tombstone. Only a newer live version makes the write a replacement (200).
+        """
+        clock = Clock()
+        clock.advance(900)
+        stale = Entry(self.key, b'"stale"', HybridLogicalClock(clock.seconds, "n3").now(), None)
+        self.stores = {node: Store(lambda: 1000.0, 1 << 24) for node in ("n2", "n3", "n4")}
+        self.stores["n3"].apply(stale)
+        result = outcome(self.writer([self.BEFORE]).put(self.key, b'"new"', None))
+        self.assertTrue(result.created)
+        [result] = outcome(self.writer([self.BEFORE]).put_many([(self.key + "-bulk", b'"new"', None)]))
+        self.assertTrue(result.created)
+
+    def test_unreachable_previous_owners_of_a_bulk_write_are_not_counted_as_failed_replica_calls(self):
+        del self.stores["n2"], self.stores["n3"]
+        metrics = Metrics("t")
+        self.peers = _StorePeers(self.stores)
+        writer = coordinator(None, peers=self.peers, ring=self.AFTER, store=self.store, settling=True,
+                             previous_rings=[self.BEFORE], metrics=metrics)
+        [result] = outcome(writer.put_many([(self.key, b'"later"', None)]))
+        self.assertEqual(result.copies, 2)
+        self.assertEqual(sorted(self.peers.asked), ["n2", "n3"])
+        failed = [line for line in metrics.exposition().decode("utf-8").splitlines()
+                  if line.startswith("kv_replication_operations_total{") and 'result="failure"' in line]
+        self.assertTrue(failed)
+        self.assertEqual([float(line.rsplit(" ", 1)[1]) for line in failed], [0.0] * len(failed))
+
+    @capture_logging(None, encoder_=None)
+    def test_a_write_settled_by_a_previous_owner_at_once_is_delivered_outside_its_own_action(self, logger):
+        """
+        If every slot settles at once and the last is a previous owner (one already gone, one that answers at
+        once), then the caller still hears of the write only outside the write's own action.
+        """
+        seen = []
+
+        @implementer(Waiter)
+        class Caller:
+            called = False
+
+            def callback(self, result):
+                seen.append(current_action())
+
+            def errback(self, failure):
+                seen.append(failure)
+
+        self.stores["n3"] = Store(lambda: 1000.0, 1 << 24)
+        self.peers = _StorePeers(self.stores)
+        writer = coordinator(None, peers=self.peers, ring=self.AFTER, store=self.store, settling=True,
+                             previous_rings=[self.BEFORE], level="debug",
+                             peer_of=lambda node: None if node == "n2" else Peer(node, "10.0.0.%s" % node[1:], 3000))
+        self.assertIsNone(writer.put_to(self.key, b'"later"', None, Caller()))
+        self.assertEqual(seen, [None])
 
     def test_once_the_ring_has_settled_only_the_owners_are_written(self):
         result = outcome(self.writer([]).put(self.key, b'"later"', None))

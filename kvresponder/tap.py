@@ -13,7 +13,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import ensureDeferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.python import usage
 from twisted.python.log import ILogObserver, textFromEventDict
 
@@ -27,6 +27,10 @@ LOG_FLUSH_INTERVAL = 0.2
 #: Seconds a stopping node waits, at most, for its last log lines to be written: with the tracer's half second,
 #: within the second to exit that the chart's drain timeout leaves at least.
 LOG_DRAIN_TIMEOUT = 0.5
+#: Seconds a stopping node keeps its listener open after it begins leaving, at least (at most DRAIN_TIMEOUT): a
+#: Service's endpoints, and the proxies and clients that follow them, take a moment to stop sending it requests,
+#: and a drain that has nothing to hand off ends at once.
+SERVE_AFTER_LEAVING = 2.0
 
 
 class Options(usage.Options):
@@ -114,9 +118,14 @@ class KVResponderService(MultiService):
         from .log.service import REQUESTS_ANSWERED, SERVICE_STOPPING, TRACES_UNEXPORTED
         from .tracing import SHUTDOWN_TIMEOUT
         SERVICE_STOPPING.log()
+        clock = self.node.clock
+        serve_until = clock.seconds() + min(SERVE_AFTER_LEAVING, self.node.settings.drain_timeout)
         self.node.begin_leaving()
         self.discovery_service.protocol.announce()
         await self.node.drain()
+        # Requests from clients that chose this node just before it began leaving are still answered (kv reads and
+        # writes, which it coordinates to the other nodes).
+        await deferLater(clock, max(0.0, serve_until - clock.seconds()), lambda: None)
         self.node.stop()
         self.running = 0
         await maybeDeferred(self.discovery_service.stopService)

@@ -581,19 +581,20 @@ class BulkWriteLoggingTests(unittest.TestCase):
 
 # -- reads while nodes leave -----------------------------------------------------------------------------------
 
-class _ReadPeers:
-    """``get_coalesced`` answering from a store per node (a node missing from ``stores`` is unreachable)."""
+
+class _StorePeers:
+    """
+    Each peer a store of its own (a node missing from ``stores`` is unreachable): reads, single and bulk, and
+    copies, single and bulk. ``asked`` and ``sent`` record the peers read from and written to.
+    """
 
     def __init__(self, stores) -> None:
         self.stores = stores
+        self.sent = []
         self.asked = []
 
     def get_coalesced(self, peer, key):
-        self.asked.append(peer.node_id)
-        store = self.stores.get(peer.node_id)
-        if store is None:
-            return fail(PeerError("%s unreachable" % (peer.node_id,)))
-        return succeed(store.current(key))
+        return self.get_many(peer, [key]).addCallback(lambda entries: entries[0])
 
     def get_many(self, peer, keys):
         self.asked.append(peer.node_id)
@@ -603,14 +604,21 @@ class _ReadPeers:
         return succeed([store.current(key) for key in keys])
 
     def apply_coalesced(self, peer, entry, task_id=None):
-        return succeed(self.stores[peer.node_id].apply(entry))
+        return self.apply(peer, [entry]).addCallback(lambda results: results[0])
 
     def send_copy(self, peer, entry, waiter, task_id=None):
         self.apply_coalesced(peer, entry, task_id).addCallbacks(waiter.callback, waiter.errback)
 
+    def apply(self, peer, entries, timeout=None, task_ids=None):
+        self.sent.append(peer.node_id)
+        store = self.stores.get(peer.node_id)
+        if store is None:
+            return fail(PeerError("%s unreachable" % (peer.node_id,)))
+        return succeed([store.apply(entry) for entry in entries])
+
 
 def _reader(node_id: str, ring: HashRing, stores, settling: bool, leaving):
-    peers = _ReadPeers(stores)
+    peers = _StorePeers(stores)
     store = stores.setdefault(node_id, Store(lambda: 1000.0, 1 << 24))
     return coordinator(None, peers=peers, ring=ring, store=store, settling=settling, leaving=leaving), peers
 
@@ -744,40 +752,6 @@ class BulkUnreachableOwnersReadTests(UnreachableOwnersReadTests):
     """
 
     read = staticmethod(_bulk_read)
-
-
-class _StorePeers:
-    """
-    Each peer a store of its own (a node missing from ``stores`` is unreachable), for single and bulk writes.
-    """
-
-    def __init__(self, stores) -> None:
-        self.stores = stores
-        self.sent = []
-        self.asked = []
-
-    def get_coalesced(self, peer, key):
-        return self.get_many(peer, [key]).addCallback(lambda entries: entries[0])
-
-    def get_many(self, peer, keys):
-        self.asked.append(peer.node_id)
-        store = self.stores.get(peer.node_id)
-        if store is None:
-            return fail(PeerError("%s unreachable" % (peer.node_id,)))
-        return succeed([store.current(key) for key in keys])
-
-    def apply_coalesced(self, peer, entry, task_id=None):
-        return self.apply(peer, [entry]).addCallback(lambda results: results[0])
-
-    def send_copy(self, peer, entry, waiter, task_id=None):
-        self.apply_coalesced(peer, entry, task_id).addCallbacks(waiter.callback, waiter.errback)
-
-    def apply(self, peer, entries, timeout=None, task_ids=None):
-        self.sent.append(peer.node_id)
-        store = self.stores.get(peer.node_id)
-        if store is None:
-            return fail(PeerError("%s unreachable" % (peer.node_id,)))
-        return succeed([store.apply(entry) for entry in entries])
 
 
 class PreviousOwnersWriteTests(unittest.TestCase):

@@ -98,7 +98,8 @@ class FastLane:
         """
         end = data.find(b"\r\n\r\n", offset)
         if end < 0 or end - offset > self._max_head:
-            if len(data) - offset > self._max_head:
+            if len(data) - offset > self._max_head or data.count(b"\n", offset) != data.count(b"\r\n", offset):
+                # Too long, or a line ended by a bare LF: Twisted's path answers both.
                 return None
             start = data[offset:offset + len(self._starts[-1])]
             for expected in self._starts:

@@ -455,6 +455,10 @@ class _CountedChannel(HTTPChannel):
     _last_activity = 0.0
 
     _lane = None
+    #: Whether the last byte given to Twisted's parser was a CR (a CRLF split between two reads).
+    _after_cr = False
+    #: Whether a request head was refused for its line ends (the connection is closing).
+    _refused_head = False
     #: Whether the connection was handed over to another protocol (a copy stream), which answers each of its
     #: frames in the turn it arrives: it owes no answer across turns.
     _handed_over = False
@@ -562,8 +566,18 @@ class _CountedChannel(HTTPChannel):
         """
         Give ``data`` to Twisted's HTTP parser (the bytes from a request the fast lane does not take on).
         """
+        if self._refused_head:
+            return  # answered and closing: what still arrives is not read
         if self._request_started is None and channel_between_requests(self):
             self.receiving(True)
+        if self.line_mode and b"\n" in data and bare_line_feed(data, self._after_cr):
+            # Twisted's parser splits the head on CRLF alone: a head whose lines end in a bare LF (as netcat and
+            # hand-typed requests send) would wait for the request's deadline and be cut off without a word.
+            # RFC 9112 (2.2) lets a server refuse it; it is answered at once instead.
+            self._refused_head = True
+            _answer_bad_request(self, "Each line of the request head must end in CRLF, not in a bare LF.")
+            return
+        self._after_cr = data[-1:] == b"\r"
         HTTPChannel.dataReceived(self, data)
 
     def receiving(self, partly: bool) -> None:
@@ -739,12 +753,26 @@ class _CountedChannel(HTTPChannel):
         HTTPChannel.connectionLost(self, reason)
 
 
-def _answer_bad_request(channel) -> None:
+def bare_line_feed(data: bytes, after_cr: bool = False) -> bool:
+    """
+    Whether the request head that ``data`` starts with (up to its blank line, or all of ``data`` if that has not
+    arrived) has a line ending in LF alone. ``after_cr``: the bytes before ``data`` ended in a CR. What follows
+    the head is a body, where a bare LF is just a byte.
+    """
+    end = data.find(b"\r\n\r\n")
+    head = data if end < 0 else data[:end + 2]
+    ends = head.count(b"\r\n")
+    if after_cr and head[:1] == b"\n":
+        ends += 1
+    return head.count(b"\n") != ends
+
+
+def _answer_bad_request(channel, message: str = "The request is not well-formed HTTP/1.1.") -> None:
     """
     Twisted's own parser refused the bytes (a bad header line, a bad Content-Length or chunk, ...): answer in
     the API's error format rather than with a bare status line.
     """
-    body = error_body("bad_request", "The request is not well-formed HTTP/1.1.")
+    body = error_body("bad_request", message)
     metrics = channel.site.metrics if channel.site is not None else None
     if metrics is not None:
         metrics.count_request(UNREAD_METHOD, "malformed", 400)

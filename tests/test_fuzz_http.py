@@ -830,7 +830,7 @@ def test_a_request_head_with_a_bare_lf_line_end_is_a_400_at_once_that_closes_and
 
 @pytest.mark.parametrize("pieces", [
     (b"GET /t1/health HTTP/1.1\r", b"\nHost: h\r\n\r", b"\n"),
-    (b"GET /t1/kv/a HTTP/1.1\r", b"\nHost: h\r\n\r", b"\n"),
+    (b"PUT /t1/kv/split HTTP/1.1\r", b"\nHost: h\r\nContent-Length: 12\r\n\r", b"\n{\"value\": 1}"),
     (b"PUT /t1/kv/lf-body HTTP/1.1\r\nHost: h\r\nContent-Length: 16\r\n\r\n{\n\"value\": 1\n}\n\n",),
     (b"POST /t1/bulk HTTP/1.1\r\nHost: h\r\nContent-Length: 45\r\n\r\n",
      b"{\n\"put\": [{\"key\": \"lf-bulk\", \"value\": 1}]\n}\n\n")])

@@ -425,6 +425,20 @@ def test_diag_says_a_node_with_a_cluster_secret_is_authenticated():
     assert not any("cluster" in warning.lower() for warning in body["security_warnings"])
 
 
+def test_a_write_to_the_list_route_is_a_405_counted_under_the_list_route(api):
+    """
+    If a PUT or DELETE is sent to the list's route (``/kv`` or ``/kv/``), then it is a 405 that
+    kv_http_requests_total counts under route ``/kv``, not under a key's route.
+    """
+    for method, path in (("PUT", "/t1/kv/"), ("DELETE", "/t1/kv")):
+        response, content = api.raw(method, path)
+        assert response.code == 405, content
+    text = api.raw("GET", "/t1/metrics")[1].decode()
+    assert 'kv_http_requests_total{method="PUT",route="/kv",status="405",tenant="t1"} 1.0' in text
+    assert 'kv_http_requests_total{method="DELETE",route="/kv",status="405",tenant="t1"} 1.0' in text
+    assert 'route="/kv/{key}",status="405"' not in text
+
+
 def test_metrics_count_requests_by_route_template(api):
     """
     If keys are read, then kv_http_requests_total counts them under the route template, never the key.

@@ -347,7 +347,8 @@ class KVResource(Resource):
             raise method_not_allowed(["GET", "HEAD", "PUT", "DELETE"])
         except APIError as error:
             if request.route == "unmatched":
-                request.route = "/kv/{key}"
+                # The list's route (``/kv`` and ``/kv/``) takes a PUT or DELETE too: a 405 counts under it.
+                request.route = "/kv" if not postpath or postpath == [b""] else "/kv/{key}"
             return write_error(request, error)
 
     def _answer(self, request, answer):

@@ -18,6 +18,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
+from twisted.web.http import RESPONSES
 
 from kvresponder.http.limits import BULK, INTERNAL, VALUE
 from kvresponder.http.root import build_root
@@ -161,6 +162,7 @@ class Answer(NamedTuple):
     status: int
     content_type: Optional[bytes]
     body: bytes
+    status_line: bytes = b""
 
 
 def _parse(raw: bytes) -> Answer:
@@ -168,7 +170,7 @@ def _parse(raw: bytes) -> Answer:
     lines = head.split(b"\r\n")
     headers = dict(line.split(b":", 1) for line in lines[1:])
     content_type = {name.strip().lower(): value.strip() for name, value in headers.items()}.get(b"content-type")
-    return Answer(int(lines[0].split(b" ")[1]), content_type, body)
+    return Answer(int(lines[0].split(b" ")[1]), content_type, body, lines[0])
 
 
 def _request(case: Case, body: bytes, chunked: bool = False, extra_headers: bytes = b"") -> bytes:
@@ -204,6 +206,8 @@ async def test_a_body_over_the_limit_of_the_route_the_path_reaches_gets_413(serv
     for chunked in (False, True):
         answer = await _send(server, _request(case, _body(LIMITS[case.limit] + 1), chunked))
         assert answer.status == 413, (case, chunked, answer)
+        # One reason phrase for every 413, whether the head or the body gave it away.
+        assert answer.status_line == b"HTTP/1.1 413 " + RESPONSES[413], (case, chunked, answer)
         assert answer.content_type == b"application/json"
         assert json.loads(answer.body)["error"] == "payload_too_large"
         assert b"%d bytes" % (LIMITS[case.limit],) in answer.body

@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel, datetimeToString, unquote
+from twisted.web.http import RESPONSES, HTTPChannel, datetimeToString, unquote
 from twisted.web.server import Request, Site
 
 from ..log import DEBUG, INFO
@@ -486,8 +486,8 @@ class _CountedChannel(HTTPChannel):
 
     def _refuse_body(self, method: bytes, length: int, limit: int) -> bool:
         body = error_body("payload_too_large", "The request body is larger than %d bytes." % (limit,))
-        answer = (b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\nConnection: close\r\n"
-                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        answer = (b"HTTP/1.1 413 %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (RESPONSES[413], len(body), body))
         client = str(self.transport.getPeer())
         if not self.hand_over(_RefusedBody(self, self.site.reactor), answer):
             return False

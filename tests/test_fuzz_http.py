@@ -845,6 +845,22 @@ def test_a_crlf_split_between_reads_or_a_bare_lf_in_a_body_is_served(pieces):
     assert response is not None and response.status in (200, 201), raw[:300]
 
 
+def test_the_documented_lenient_parts_hold():
+    """
+    If a body names a member twice, a route gets a query parameter it does not list, or a key has a % that
+    starts no escape, then the request is served as the API description says: the last value, the parameter
+    ignored, the % taken as itself.
+    """
+    node = node_for("defaults")
+    body = b'{"value": 1, "value": 2}'
+    assert parse_response(node.send(b"PUT /t1/kv/lenient%%zz HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n%s"
+                                    % (len(body), body))).status in (200, 201)
+    read = parse_response(node.send(b"GET /t1/kv/lenient%25zz?unlisted=1 HTTP/1.1\r\nHost: h\r\n\r\n"))
+    assert read.status == 200, read.raw[:300]
+    assert json.loads(read.body)["key"] == "lenient%zz"
+    assert json.loads(read.body)["value"] == 2
+
+
 def test_an_http_1_0_request_needs_no_host_header():
     """
     If an HTTP/1.0 request has no Host header (it had none), then it is served; with two, it is refused.

@@ -289,6 +289,28 @@ BAD_VALUES = {
         ["--set", "drainTimeout=9223372036854775807"],
         r"drainTimeout",
     ),
+    "extraEnv repeating a variable the chart sets from a value": (
+        ["--set", "extraEnv[0].name=LOG_LEVEL", "--set", "extraEnv[0].value=debug"],
+        r"extraEnv sets LOG_LEVEL, which the chart sets itself: set config\.logLevel instead",
+    ),
+    "extraEnv repeating a variable the chart sets from the pod": (
+        ["--set", "extraEnv[0].name=NODE_ID", "--set", "extraEnv[0].value=n1"],
+        r"extraEnv sets NODE_ID, which the chart sets itself\n",
+    ),
+    "extraEnv giving the cluster secret beside the chart's secret file": (
+        ["--set", "extraEnv[0].name=CLUSTER_SECRET", "--set", "extraEnv[0].value=abcdefghijklmnopqrstuvwxyz012345"],
+        r"extraEnv sets CLUSTER_SECRET, which the chart sets itself: set clusterSecret\.existingSecret instead",
+    ),
+    "extraEnv giving the admin token beside the chart's token file": (
+        ["--set", "adminToken.existingSecret=tokens", "--set", "extraEnv[0].name=ADMIN_TOKEN",
+         "--set", "extraEnv[0].value=abcdefghijklmnopqrstuvwxyz012345"],
+        r"extraEnv sets ADMIN_TOKEN, which the chart sets itself: set adminToken\.existingSecret instead",
+    ),
+    "extraEnv naming one variable twice": (
+        ["--set", "extraEnv[0].name=PYPY_GC_MAX", "--set", "extraEnv[0].value=400MB",
+         "--set", "extraEnv[1].name=PYPY_GC_MAX", "--set", "extraEnv[1].value=500MB"],
+        r"extraEnv sets PYPY_GC_MAX twice",
+    ),
     "peer timeout of zero": (
         ["--set", "extraEnv[0].name=PEER_REQUEST_TIMEOUT", "--set-string", "extraEnv[0].value=0"],
         r'extraEnv PEER_REQUEST_TIMEOUT \("0"\) must be a positive number of seconds',
@@ -514,14 +536,13 @@ EXIT_FLUSH = math.ceil(SHUTDOWN_TIMEOUT + LOG_DRAIN_TIMEOUT)
         (["--set", "extraEnv[0].name=PEER_REQUEST_TIMEOUT", "--set-string", "extraEnv[0].value= 5 "], 30, 17, 10),
         (["--set", "terminationGracePeriodSeconds=5", "--set", "extraEnv[0].name=PEER_REQUEST_TIMEOUT",
           "--set-string", "extraEnv[0].value=0.4"], 5, 1, 1),
-        # Empty is unset for the node (its default, 2 s), and so is a value the chart cannot see (valueFrom),
-        # even after one it can: the last entry of a name is the one the container gets.
+        # Empty is unset for the node (its default, 2 s), and a value the chart cannot see (valueFrom) is taken
+        # as that default.
         (["--set", "terminationGracePeriodSeconds=8", "--set", "extraEnv[0].name=PEER_REQUEST_TIMEOUT",
           "--set-string", "extraEnv[0].value="], 8, 1, EXIT_WAIT),
-        (["--set", "extraEnv[0].name=PEER_REQUEST_TIMEOUT", "--set-string", "extraEnv[0].value=9",
-          "--set", "extraEnv[1].name=PEER_REQUEST_TIMEOUT",
-          "--set", "extraEnv[1].valueFrom.configMapKeyRef.name=timeouts",
-          "--set", "extraEnv[1].valueFrom.configMapKeyRef.key=peer"], 30, 20, EXIT_WAIT),
+        (["--set", "extraEnv[0].name=PEER_REQUEST_TIMEOUT",
+          "--set", "extraEnv[0].valueFrom.configMapKeyRef.name=timeouts",
+          "--set", "extraEnv[0].valueFrom.configMapKeyRef.key=peer"], 30, 20, EXIT_WAIT),
     ],
 )
 def test_drain_and_exit_wait_fit_inside_grace_period_when_rendered(args, grace, drain, wait):

@@ -156,9 +156,9 @@ else nothing (the service default).
 
 {{/*
 The longest a stopping node waits, after its drain, for the requests it already took: 2 x PEER_REQUEST_TIMEOUT
-(kvresponder/tap.py), in whole seconds rounded up. The timeout is the last PEER_REQUEST_TIMEOUT that extraEnv sets
-by value, read as the node reads it (surrounding spaces ignored; empty or null for unset); else, and where it
-comes from valueFrom (unknown here), the node's default of 2 s. A value the node would refuse fails the render.
+(kvresponder/tap.py), in whole seconds rounded up. The timeout is the PEER_REQUEST_TIMEOUT that extraEnv sets by
+value (at most one entry: the deployment refuses a name twice), read as the node reads it (surrounding spaces
+ignored; empty or null for unset); else, and where it comes from valueFrom (unknown here), the node's default of 2 s. A value the node would refuse fails the render.
 */}}
 {{- define "kv-responder.exitWait" -}}
 {{- $text := "" }}

@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from eliot import current_action
 from twisted.internet.defer import Deferred, DeferredSemaphore
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.web.client import RequestTransmissionFailed, ResponseFailed
 from twisted.web.error import SchemeNotSupported
@@ -103,9 +103,15 @@ class PeerAuthenticator:
 @implementer(IAgentEndpointFactory)
 class CachedEndpoints:
     """
-    The endpoint factory of the peers' ``Agent``: one ``HostnameEndpoint`` per peer address, made once and
+    The endpoint factory of the peers' ``Agent``: one ``TCP4ClientEndpoint`` per peer address, made once and
     reused. Twisted's default factory builds a new endpoint (parsing and IDNA-encoding the host) for every
     request, even when the connection pool then serves it from a kept connection.
+
+    A peer's address is always an IPv4 address (discovery refuses any other), so there is no name to resolve
+    and no address family to race: a ``HostnameEndpoint`` would only add its Happy Eyeballs attempt delay
+    (0.3 s) to every refused connection, which reports its failure once that delay has passed. A peer whose
+    process is gone while its address stays (a container restarting) would cost each copy and read for it that
+    much until it expires.
 
     :param reactor: the reactor the endpoints connect with.
     :param float timeout: seconds allowed for a TCP connection to be established.
@@ -117,14 +123,14 @@ class CachedEndpoints:
     def __init__(self, reactor, timeout: float) -> None:
         self._reactor = reactor
         self._timeout = timeout
-        self._endpoints: Dict[Tuple[bytes, int], HostnameEndpoint] = {}
+        self._endpoints: Dict[Tuple[bytes, int], TCP4ClientEndpoint] = {}
 
     def endpointForURI(self, uri):
         if uri.scheme != b"http":
             raise SchemeNotSupported("peers are called over plain HTTP, not %r" % (uri.scheme,))
         return self.endpoint(uri.host.decode("ascii"), uri.port)
 
-    def endpoint(self, host: str, port: int) -> HostnameEndpoint:
+    def endpoint(self, host: str, port: int) -> TCP4ClientEndpoint:
         """
         The endpoint to ``host`` (an address) and ``port``; the copy streams connect with it too.
         """
@@ -133,7 +139,7 @@ class CachedEndpoints:
         if endpoint is None:
             if len(self._endpoints) >= self.LIMIT:
                 self._endpoints.clear()
-            endpoint = self._endpoints[key] = HostnameEndpoint(self._reactor, host, port, timeout=self._timeout)
+            endpoint = self._endpoints[key] = TCP4ClientEndpoint(self._reactor, host, port, timeout=self._timeout)
         return endpoint
 
 

@@ -266,3 +266,27 @@ def test_a_cluster_of_the_harness_is_signed(cluster):
     assert requests.get(cluster.nodes[0].url + "/diag", timeout=5).json()["cluster"] == "authenticated"
     response = requests.post(cluster.nodes[0].url + "/_internal/get", json={"key": "a"}, timeout=5)
     assert response.status_code == 401
+
+
+def test_a_peer_whose_address_refuses_connections_adds_no_latency_to_writes(cluster):
+    """
+    If a node's process is gone but it is still in the others' rings (killed, not yet expired), then a write
+    that owes it a copy fails that copy over at once: its address refuses the connection, which costs nothing
+    (docs/MONITORING.md, KVResponderHighLatency), rather than a 0.3 s connection attempt delay per write until
+    the node expires.
+    """
+    for _ in range(3):
+        cluster.add(env={"PEER_TIMEOUT": "60"})
+    cluster.wait_formed()
+    writer = cluster.nodes[0]
+    write_keys(writer, 30, prefix="warm")
+    cluster.nodes[2].kill()
+    session = requests.Session()
+    took = []
+    for i in range(20):
+        started = time.monotonic()
+        response = session.put(writer.url + "/kv/after-%d" % (i,), json={"value": i}, timeout=10)
+        took.append(time.monotonic() - started)
+        assert response.status_code in (200, 201), response.text
+    assert writer.metric("kv_ring_members") == 3, "the killed node expired during the test"
+    assert max(took) < 0.15, ["%.3f" % (seconds,) for seconds in took]

@@ -259,7 +259,7 @@ def test_calls_queued_behind_a_batch_answered_with_an_error_status_still_go():
 
 
 def test_cached_endpoints_reuse_one_endpoint_per_peer_address():
-    from twisted.internet.endpoints import HostnameEndpoint
+    from twisted.internet.endpoints import TCP4ClientEndpoint
     from twisted.web.client import URI
 
     from kvresponder.peers import CachedEndpoints
@@ -269,7 +269,7 @@ def test_cached_endpoints_reuse_one_endpoint_per_peer_address():
     again = factory.endpointForURI(URI.fromBytes(b"http://10.0.0.2:3000/t/_internal/get"))
     other_port = factory.endpointForURI(URI.fromBytes(b"http://10.0.0.2:3001/t/_internal/apply"))
     other_host = factory.endpointForURI(URI.fromBytes(b"http://10.0.0.3:3000/t/_internal/apply"))
-    assert isinstance(first, HostnameEndpoint)
+    assert isinstance(first, TCP4ClientEndpoint)
     assert again is first
     assert len({id(first), id(other_port), id(other_host)}) == 3
 
@@ -300,6 +300,30 @@ def test_cached_endpoints_refuse_other_schemes_and_stay_bounded():
     for index in range(CachedEndpoints.LIMIT + 10):
         factory.endpointForURI(URI.fromBytes(b"http://10.0.%d.%d:3000/x" % (index // 250, index % 250)))
     assert len(factory._endpoints) <= CachedEndpoints.LIMIT
+
+
+def test_if_a_peers_address_refuses_the_connection_then_the_call_fails_at_once():
+    """
+    If a peer's address refuses connections (its process is gone, its pod's address still there), then connecting
+    to it fails as soon as the refusal arrives: not one Happy Eyeballs attempt delay (0.3 s) later, which each
+    copy and read for that peer would add to its client's request until the peer expires.
+    """
+    from twisted.internet.error import ConnectionRefusedError
+    from twisted.python.failure import Failure
+    from twisted.web.client import URI
+
+    from kvresponder.peers import CachedEndpoints
+
+    reactor = MemoryReactorClock()
+    endpoint = CachedEndpoints(reactor, timeout=2.5).endpointForURI(URI.fromBytes(b"http://127.0.0.1:3123/x"))
+    outcome = []
+    endpoint.connect(_NoProtocolFactory()).addBoth(outcome.append)
+    reactor.advance(0)
+    _, _, factory, _, _ = reactor.tcpClients[0]
+    factory.clientConnectionFailed(reactor.connectors[0], Failure(ConnectionRefusedError()))
+    reactor.advance(0.01)
+    assert len(outcome) == 1 and isinstance(outcome[0], Failure), outcome
+    assert outcome[0].check(ConnectionRefusedError)
 
 
 class _NoProtocolFactory:

@@ -578,7 +578,7 @@ class Coordinator:
         self._check_clock()
         plans = [self._targets(key) for key in keys]
         answers = await self._fan_out(plans, lambda node, indices: self._get_many_on(
-            node, [keys[i] for i in indices]), "get", count_success=False)
+            node, [keys[i] for i in indices]), "get", count_success=True)
         missed = [index for index, answered in enumerate(answers)
                   if answered and all(entry is None for _, entry in answered)]
         leaving: List[str] = []
@@ -726,14 +726,20 @@ class Coordinator:
         while node is not None:
             try:
                 if node == self.node_id:
-                    return node, self.store.current(key)
-                peer = self._peer_of(node)
-                if peer is None:
-                    raise Unavailable(node)
-                return node, await self._peers.get_coalesced(peer, key)
+                    answer = self.store.current(key)
+                else:
+                    peer = self._peer_of(node)
+                    if peer is None:
+                        raise Unavailable(node)
+                    answer = await self._peers.get_coalesced(peer, key)
             except (PeerError, Unavailable):
                 self._metrics.replication("get", "failure")
                 node = fallbacks.pop(0) if fallbacks else None
+                continue
+            # Counted as a write's copies are, the coordinator's own included: the failure ratio divides the
+            # failed calls by all of them.
+            self._metrics.replication("get", "success")
+            return node, answer
         return None
 
     def _repair(self, newest: Entry, stale: List[str]) -> None:

@@ -916,3 +916,38 @@ class LeavingCoordinatorTests(unittest.TestCase):
         [result] = outcome(writer.put_many([(key, b'"w"', None)]))
         self.assertEqual(result.copies, 2)
         self.assertIsNone(store.current(key))
+
+
+class ReadReplicaCallCountTests(unittest.TestCase):
+    """
+    ``kv_replication_operations_total`` counts a read's calls to its replicas both ways: the failure ratio that
+    KVResponderReplicationFailing and the *Replication failures* panel read divides failed calls by all calls, so
+    a read's answered calls must be counted with its failed ones.
+    """
+
+    RING = HashRing(["n1", "n2", "n3"])
+
+    def _key(self) -> str:
+        return next(key for key in ("k%d" % i for i in range(1000))
+                    if self.RING.preference_list(key, 3) == ["n2", "n3", "n1"])
+
+    def _counts(self, read) -> dict:
+        stores = {}
+        key = self._key()
+        _entry_on(stores, "n3", key)
+        # n2, the first owner, is unreachable; n3, the second, answers with the key, and n1 (the coordinator, the
+        # next on the ring) answers in n2's place: one failed call, two answered, as a write would count them.
+        metrics = Metrics("t")
+        store = stores.setdefault("n1", Store(lambda: 1000.0, 1 << 24))
+        reader = coordinator(None, peers=_StorePeers(stores), ring=self.RING, store=store, metrics=metrics)
+        self.assertEqual(read(reader, key).value, b'"held"')
+        return {result: count for (op, result), count in metrics._stats.replication.items() if op == "get"}
+
+    @capture_logging(None, encoder_=None)
+    def test_if_one_owner_of_a_read_fails_and_the_other_answers_then_answered_get_calls_count_with_the_failed_one(self, logger):
+        self.assertEqual(self._counts(_single_read), {"success": 2, "failure": 1})
+
+    @capture_logging(None, encoder_=None)
+    def test_if_one_owner_of_a_bulk_read_fails_and_the_other_answers_then_answered_get_calls_count_with_the_failed_one(
+            self, logger):
+        self.assertEqual(self._counts(_bulk_read), {"success": 2, "failure": 1})

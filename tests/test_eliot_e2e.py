@@ -214,6 +214,34 @@ def test_a_write_to_a_node_alone_logs_one_line_at_info(log_dir):
         cluster.stop()
 
 
+def test_if_an_admin_request_lowers_the_levels_then_its_own_action_still_ends_in_the_log(log_dir):
+    """
+    If ``PUT /admin/log-levels`` lowers the ``http`` area below info, then the request's own
+    ``kvresponder:http:request`` action, started at info, still has its end line: eliot-tree would otherwise show
+    the one request an operator made to change the levels as never finished, with no status.
+    """
+    cluster = Cluster(TENANT, log_dir)
+    try:
+        node = cluster.add("n1", args=["--insecure-admin"])
+        answer = requests.put(node.url + "/admin/log-levels", json={"level": "warning"}, timeout=10)
+        assert answer.status_code == 200, answer.text
+        cluster.wait_for(lambda: any(m.get("message_type") == "kvresponder:service:log-levels"
+                                     for m in node.log_messages()), 10, "the levels change in the log")
+        requests.put(node.url + "/admin/log-levels", json={"level": "info"}, timeout=10)
+        cluster.wait_for(lambda: sum(m.get("message_type") == "kvresponder:service:log-levels"
+                                     for m in node.log_messages()) == 2, 10, "the second change in the log")
+        admin = [m for m in node.log_messages() if m.get("action_type") == "kvresponder:http:request"
+                 and m.get("task_uuid") in {m.get("task_uuid") for m in node.log_messages()
+                                            if m.get("route") == "/admin/log-levels"}]
+        by_task: Dict[str, List[str]] = {}
+        for message in admin:
+            by_task.setdefault(message["task_uuid"], []).append(message["action_status"])
+        # The second request started at warning: it has no action.
+        assert list(by_task.values()) == [["started", "succeeded"]], by_task
+    finally:
+        cluster.stop()
+
+
 def test_real_log_lines_match_their_declared_field_types(logged_write):
     types = declared_types()
     checked = set()

@@ -597,12 +597,15 @@ class PublicAPI:
         if "level" in body and not isinstance(body["level"], str):
             raise bad_request("invalid_level", "\"level\" must name a level.")
         try:
-            policy.update(body.get("level"), levels)
+            new_levels = policy.updated(body.get("level"), levels)
         except UnknownLevel as error:
             # Nothing was changed.
             raise bad_request("invalid_level", str(error))
-        LEVELS_CHANGED.log(levels=policy.levels())
-        return {"levels": policy.levels()}
+        LEVELS_CHANGED.log(levels=new_levels)
+        # Set once this request's own action has ended: levels set now would drop its end line, and eliot-tree
+        # would show the request that changed them as never finished. They are set before the answer leaves.
+        request.after_accounting(lambda: policy.update(levels=new_levels))
+        return {"levels": new_levels}
 
     @json_route(app, "/bulk", ["POST"])
     def bulk(self, request):

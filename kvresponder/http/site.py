@@ -237,6 +237,17 @@ class KVRequest(Request):
         self._action = action_type(method=self.method.decode("ascii", "replace"), route=route)
         return self._action.context()
 
+    _after_accounting = None
+
+    def after_accounting(self, call: Callable[[], None]) -> None:
+        """
+        Run ``call`` once this request is answered and accounted, its action finished: what must not change how
+        the request itself is logged (new log levels would drop the end of its action).
+        """
+        if self._after_accounting is None:
+            self._after_accounting = []
+        self._after_accounting.append(call)
+
     def adopt_action(self, action) -> None:
         """
         Finish ``action`` (a continued remote task) when this request completes.
@@ -259,9 +270,17 @@ class KVRequest(Request):
         self._account()
 
     def _account(self) -> None:
-        if self._accounted or self._started is None:
-            return
-        self._accounted = True
+        if not self._accounted and self._started is not None:
+            self._accounted = True
+            self._count_and_end()
+        calls = self._after_accounting
+        if calls is not None:
+            # Even for a request that began no accounting: what it asked for must not be lost.
+            self._after_accounting = None
+            for call in calls:
+                call()
+
+    def _count_and_end(self) -> None:
         site = self._kv_site
         elapsed = (self._ended if self._ended is not None else site.seconds()) - self._started
         if site.metrics is not None:

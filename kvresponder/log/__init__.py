@@ -78,6 +78,17 @@ class LogPolicy:
         self._levels: Dict[str, int] = {}
         self.set_all(level)
 
+    def updated(self, level: Optional[str] = None, levels: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+        """
+        The levels :meth:`update` would set, by area, without setting them.
+
+        :raises UnknownLevel: naming what is unknown.
+        """
+        preview = LogPolicy()
+        preview._levels = dict(self._levels)
+        preview.update(level, levels)
+        return preview.levels()
+
     def set_all(self, level: str) -> None:
         self.update(level)
 

@@ -396,6 +396,8 @@ class Node:
             "uptime_s": round(self.clock.seconds() - self.started_at, 3),
             "clock": self.clock_offsets.as_json(),
             "config": self.settings.redacted(),
+            # The levels in force: ``config`` has the LOG_LEVEL the node started with, which the admin route changes.
+            "log_levels": self.log_policy.levels(),
             "admin": self.admin.mode,
             "cluster_authenticated": self.authenticator is not None,
             "cluster": self.settings.clustering,

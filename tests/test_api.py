@@ -399,6 +399,19 @@ def test_diag_redacts_secrets():
     assert {"version", "python", "reactor", "store", "uptime_s", "open_connections"} <= set(body)
 
 
+def test_if_log_levels_were_changed_at_run_time_then_diag_shows_the_levels_in_force():
+    """
+    If an operator raised the log levels at run time, then ``/diag`` (the node's effective configuration) shows the
+    levels the node logs at now, not only the ``LOG_LEVEL`` it started with: a node left at debug costs a third of
+    its write rate, and ``/diag`` is where an operator looks for such a setting.
+    """
+    api = API(insecure_admin="true")
+    assert api.call("PUT", "/admin/log-levels", {"levels": {"store": "debug"}})[0] == 200
+    body = api.call("GET", "/diag")[1]
+    assert body["log_levels"] == api.call("GET", "/admin/log-levels")[1]["levels"]
+    assert body["log_levels"]["store"] == "debug" and body["log_levels"]["http"] == "info"
+
+
 def test_diag_says_a_node_without_a_cluster_secret_serves_alone(api):
     """
     If CLUSTER_SECRET is not set, then /diag says the node does not cluster, and lists no warning for it (it

@@ -16,6 +16,9 @@ from eliot import write_failure
 from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
+#: OpenTelemetry's ``http.request.method`` for a method HTTP does not define.
+_OTHER_METHOD = "_OTHER"
+
 #: Seconds a stopping node gives the tracer to export the spans it still holds. Left to itself, the SDK's
 #: shutdown waits for the exporter, which waits up to its own timeout (5 s) for a collector that does not
 #: answer: longer than the chart leaves a stopping pod after its drain and its wait for requests.
@@ -69,10 +72,14 @@ class Tracing:
 
     # -- server spans ---------------------------------------------------------------------------------
 
-    def start_server_span(self, request):
+    def start_server_span(self, request, method: str):
         """
         Start the span of one request, continuing its ``traceparent``, and make it current.
 
+        :param method: the request's method as the metrics name it: one HTTP defines, or ``other``. A span is
+            named and tagged with it, never with whatever a client sent (OpenTelemetry's HTTP conventions: an
+            unknown method is ``_OTHER`` and the span is named ``HTTP``), or each made-up method would add an
+            operation to the collector's index.
         :return: a handle for :meth:`end_server_span`.
         """
         from opentelemetry import context, trace
@@ -84,9 +91,10 @@ class Tracing:
             if value:
                 carrier[name.decode("ascii")] = value.decode("ascii", "replace")
         parent = self._propagator.extract(carrier) if carrier else None
+        method = _OTHER_METHOD if method == "other" else method
         span = self._tracer.start_span(
-            "HTTP %s" % (request.method.decode("ascii", "replace"),), context=parent, kind=SpanKind.SERVER,
-            attributes={"http.request.method": request.method.decode("ascii", "replace")})
+            "HTTP" if method == _OTHER_METHOD else "HTTP %s" % (method,), context=parent, kind=SpanKind.SERVER,
+            attributes={"http.request.method": method})
         token = context.attach(trace.set_span_in_context(span))
         return span, token
 
@@ -97,7 +105,8 @@ class Tracing:
     def end_server_span(self, handle, route: str, status: int) -> None:
         from opentelemetry.trace import Status, StatusCode
         span = handle[0]
-        span.update_name("%s %s" % (span.attributes.get("http.request.method", "HTTP"), route))
+        method = span.attributes.get("http.request.method", _OTHER_METHOD)
+        span.update_name("%s %s" % ("HTTP" if method == _OTHER_METHOD else method, route))
         span.set_attribute("http.route", route)
         span.set_attribute("http.response.status_code", status)
         if status >= 500:

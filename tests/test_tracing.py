@@ -132,3 +132,33 @@ def test_the_timeout_given_is_the_one_waited(timeout):
     reactor.advance(0.01)
     assert results == [False]
     provider.release.set()
+
+
+def test_if_clients_send_methods_http_does_not_define_then_server_spans_keep_a_bounded_set_of_names():
+    """
+    If clients send methods HTTP does not define (``FOO1``, ``FOO2``, ...), then their server spans are named and
+    tagged ``HTTP`` and ``_OTHER`` (OpenTelemetry's HTTP conventions), as the metrics count them as ``other``: a
+    span name made of whatever a client sends would add an operation to the collector's index for each.
+    """
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from kvresponder.http.root import build_root
+    from kvresponder.http.site import KVSite
+
+    from .support import stub_over
+    from .test_api import API
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    api = API()
+    api.site = KVSite(build_root(api.node), api.clock.seconds, metrics=api.node.metrics, tracing=Tracing(provider))
+    api.stub = stub_over(api.site)
+    for index in range(5):
+        assert api.call("FOO%d" % (index,), "/kv/k")[0] == 405
+    assert api.call("GET", "/kv/k")[0] == 404
+    spans = exporter.get_finished_spans()
+    assert sorted({span.name for span in spans}) == ["GET /kv/{key}", "HTTP /kv/{key}"]
+    assert sorted({span.attributes["http.request.method"] for span in spans}) == ["GET", "_OTHER"]

@@ -194,7 +194,7 @@ class KVRequest(Request):
             return
         tracing = site.tracing
         if tracing is not None:
-            self._span = tracing.start_server_span(self)
+            self._span = tracing.start_server_span(self, method_name(self.method))
         try:
             for prefix, prepath, leaf in site.shortcuts:
                 if path.startswith(prefix):

@@ -156,7 +156,8 @@ _LIVE_GAUGES = (
     ("kv_peers_count", "Live peers this node sees, excluding itself."),
     ("kv_ring_members", "Nodes in this node's hash ring, itself included."),
     ("kv_replication_factor", "Copies kept of each key (REPLICATION_FACTOR)."),
-    ("kv_handoff_pending", "Entries held here that belong to other nodes and wait to be handed off."),
+    ("kv_handoff_pending", "Entries held here that belong to other nodes and wait to be handed off, as the last "
+                           "rebalancer pass counted them."),
     ("kv_ring_owned_ratio", "Share of the key space this node owns first."),
     ("kv_open_connections", "Open HTTP connections."),
     ("kv_copy_streams_outgoing", "Copy streams this node has open to peers (one a peer it writes to)."),

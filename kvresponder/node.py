@@ -115,6 +115,7 @@ class Node:
         self.started_at = self.ring_changed_at = clock.seconds()
         #: The rings in force since the ring last settled, oldest first: where data may still sit.
         self._previous_rings: List[HashRing] = []
+        self._joining_ring: tuple = (None, [])
         self._loops = []
         self._collect = collect
         self._released_at_collect = 0
@@ -144,7 +145,24 @@ class Node:
         """
         if self._previous_rings and not self.ring_settling():
             self._previous_rings = []
+        if self.state == JOINING:
+            return self._ring_before_joining()
         return self._previous_rings
+
+    def _ring_before_joining(self) -> List[HashRing]:
+        """
+        While this node joins, its peers' ring without it: where the data it is about to be handed still sits.
+        It keeps none of the rings it built while discovering them, but a write it coordinates meanwhile (kv
+        requests are served while joining) must still hear of an earlier write to a key whose every owner its
+        join replaced, or that write, stamped by a clock ahead, would win over this one once handed over.
+        """
+        ring = self._ring
+        cached_ring, before = self._joining_ring
+        if cached_ring is not ring:
+            others = ring.nodes - {self.node_id}
+            before = [HashRing(others, vnodes=ring.vnodes, probes=ring.probes)] if others and len(others) < len(ring) else []
+            self._joining_ring = (ring, before)
+        return before
 
     def leaving_holders(self) -> List[str]:
         """

@@ -123,8 +123,10 @@ class Coordinator:
                  metrics, log_policy, ring_settling: Callable[[], bool] = lambda: False,
                  clock_skew=None, traced: bool = False, leaving: Callable[[], List[str]] = lambda: [],
                  previous_rings: Callable[[], List[HashRing]] = lambda: [],
-                 takes_copies: Callable[[], bool] = lambda: True) -> None:
+                 takes_copies: Callable[[], bool] = lambda: True,
+                 unjoined: Callable[[], bool] = lambda: False) -> None:
         self.store = store
+        self._unjoined = unjoined
         self.hlc = hlc
         self._ring = ring
         self._peer_of = peer_of
@@ -254,10 +256,16 @@ class Coordinator:
 
     def _check_clock(self) -> None:
         """
+        :raises Unavailable: while this node starts and has heard no peer (see ``unjoined``).
         :raises ClockSkewed: while this node's clock is too far from its peers' to stamp writes; nor does it
             serve reads then: such a node may have refused its peers' heartbeats and see none of them, and its
             own store alone would answer "absent" for keys the cluster holds.
         """
+        if self._unjoined():
+            # Starting, and no peer heard yet: alone in its ring, it would acknowledge a write with its one copy
+            # (stamped below what the cluster may hold, so an earlier write wins over it) and answer "absent" for
+            # keys the cluster holds. The first heartbeats' answers come within moments.
+            raise Unavailable("This node is starting and has not heard from its cluster yet; retry in a moment.")
         skew = self._clock_skew
         if skew is not None and skew.skewed:
             raise ClockSkewed(skew.skew, skew.max_offset)
@@ -355,7 +363,7 @@ class Coordinator:
         """
         try:
             self._check_clock()
-        except ClockSkewed:
+        except (ClockSkewed, Unavailable):
             return fail()
         d = self._write_deferred(Entry(key, None, self.hlc.now(), None), "delete")
         return d.addCallback(lambda result: DeleteResult(result.created is False, result.copies))
@@ -552,7 +560,7 @@ class Coordinator:
     def put_many(self, items: List[Tuple[str, bytes, Optional[float]]]) -> Deferred:
         try:
             self._check_clock()
-        except ClockSkewed:
+        except (ClockSkewed, Unavailable):
             return fail()
         now = self._seconds()
         entries = [Entry(key, value, version, None if ttl is None else now + ttl)
@@ -562,7 +570,7 @@ class Coordinator:
     def delete_many(self, keys: List[str]) -> Deferred:
         try:
             self._check_clock()
-        except ClockSkewed:
+        except (ClockSkewed, Unavailable):
             return fail()
         entries = [Entry(key, None, version, None) for key, version in zip(keys, self.hlc.now_many(len(keys)))]
         return ensureDeferred(self.write_many(entries, "delete"))
@@ -649,7 +657,7 @@ class Coordinator:
         """
         try:
             entry = self.get_nowait(key)
-        except ClockSkewed:
+        except (ClockSkewed, Unavailable):
             return fail()
         if entry is not REMOTE:
             return succeed(entry)

@@ -107,7 +107,8 @@ class Node:
                                        settings.replicas, settings.write_quorum, self.wall, self.metrics,
                                        self.log_policy, self.ring_settling, clock_skew=self.clock_offsets,
                                        traced=tracing is not None, leaving=self.leaving_holders,
-                                       previous_rings=self.previous_rings, takes_copies=self.takes_copies)
+                                       previous_rings=self.previous_rings, takes_copies=self.takes_copies,
+                                       unjoined=self.unjoined)
         self.rebalancer = Rebalancer(self.node_id, self.store, self.ring, self.membership.peer, self.peers,
                                      clock, settings.replicas, self.metrics, wall=self.wall)
         self.admin = AdminGuard(settings.admin_token, settings.insecure_admin)
@@ -296,6 +297,16 @@ class Node:
         await gather([ask(peer) for peer in peers])
         if self.state == JOINING:
             self.state = READY
+
+    def unjoined(self) -> bool:
+        """
+        Whether this node is starting and has heard no peer yet while it may cluster: its ring holds only
+        itself, so it must not act as a cluster of one (see ``Coordinator._check_clock``). A node that serves
+        alone by configuration (no CLUSTER_SECRET) is never unjoined; the first node of a cluster is, until its
+        join ends (``join_settle``).
+        """
+        return (self.state == JOINING and len(self._ring) == 1
+                and self.settings.clustering != "disabled")
 
     def takes_copies(self) -> bool:
         """

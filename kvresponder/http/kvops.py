@@ -138,6 +138,8 @@ class KVOperations:
             entry = self._coordinator.get_nowait(key)
         except ClockSkewed as error:
             raise APIError(503, "clock_skew", str(error))
+        except Unavailable as error:
+            raise unavailable(str(error))
         if entry is not REMOTE:
             return self._read(entry)
         return self._coordinator.get(key).addCallbacks(self._read, failure_answer)

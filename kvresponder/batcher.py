@@ -225,7 +225,12 @@ class Batcher:
             item.failed(error, None)
 
     def _done(self, _, peer, key) -> None:
-        self._in_flight[key] -= 1
+        left = self._in_flight[key] - 1
+        if left:
+            self._in_flight[key] = left
+        else:
+            # Nothing kept for a peer with nothing out: a pod gets a new address at every restart.
+            del self._in_flight[key]
         if self._queued.get(key) and key not in self._scheduled:
             # Calls queued while the batches were out: they go now, together.
             self._flush(peer, key)

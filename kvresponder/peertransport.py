@@ -207,9 +207,10 @@ class PeerTransport:
         self._check_suspect(peer, op)
         # At most MAX_IN_FLIGHT calls to one peer at once: a burst of client requests queues here rather
         # than opening hundreds of connections to the peer (and hitting its connection cap).
-        semaphore = self._in_flight.get((peer.address, peer.port))
+        key = (peer.address, peer.port)
+        semaphore = self._in_flight.get(key)
         if semaphore is None:
-            semaphore = self._in_flight[(peer.address, peer.port)] = DeferredSemaphore(MAX_IN_FLIGHT)
+            semaphore = self._in_flight[key] = DeferredSemaphore(MAX_IN_FLIGHT)
         await semaphore.acquire()
         try:
             # Again: the peer may have become a suspect while this call waited for its turn.
@@ -220,6 +221,9 @@ class PeerTransport:
                 return await self._call(peer, op, payload, read, timeout, carrier, task_ids)
         finally:
             semaphore.release()
+            if semaphore.tokens == semaphore.limit and self._in_flight.get(key) is semaphore:
+                # No call to this address out or waiting: forget it (a pod gets a new address at every restart).
+                del self._in_flight[key]
 
     def _check_suspect(self, peer, op: str) -> None:
         if self.suspects.suspected(peer):

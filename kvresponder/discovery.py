@@ -64,7 +64,12 @@ class HeartbeatCodec:
     def authenticated(self) -> bool:
         return self._key is not None
 
-    def encode(self, beat: Heartbeat, want_reply: bool, now: float) -> bytes:
+    def encode(self, beat: Heartbeat, want_reply: bool, now: float, sequence: Optional[int] = None) -> bytes:
+        """
+        :param sequence: the heartbeat's number among those this incarnation sent (``seq``), which only grows
+            whatever the sender's wall clock does: receivers refuse a signed heartbeat whose number is not above
+            the last they took in, rather than one whose time is not.
+        """
         body = {
             "v": WIRE_VERSION, "tenant": self.tenant, "node": beat.node_id, "inc": beat.incarnation,
             "addr": beat.address, "port": beat.port, "state": beat.state, "ring": beat.ring_size,
@@ -72,6 +77,8 @@ class HeartbeatCodec:
         }
         # The sender's clock, always: receivers measure clock offsets from it (kvresponder.clockskew).
         body["ts"] = round(now, 3)
+        if sequence is not None:
+            body["seq"] = sequence
         if self._key is not None:
             body["mac"] = self._mac(body)
         return json.dumps(body, separators=(",", ":"), sort_keys=True).encode("utf-8")
@@ -83,9 +90,17 @@ class HeartbeatCodec:
 
     def decode(self, data: bytes) -> Tuple[Heartbeat, bool, Optional[float]]:
         """
+        :return: the heartbeat, whether the sender wants an answer, and its timestamp (see
+            :meth:`decode_sequenced`).
+        """
+        return self.decode_sequenced(data)[:3]
+
+    def decode_sequenced(self, data: bytes) -> Tuple[Heartbeat, bool, Optional[float], Optional[int]]:
+        """
         :return: the heartbeat, whether the sender wants an answer, and its timestamp (or ``None`` if it sent
             none). With a key, the timestamp is signed, but not checked against our clock: the protocol
-            measures the sender's clock offset from it first.
+            measures the sender's clock offset from it first. Last, its sequence number (``seq``), or ``None``
+            from a node older than that field.
         :raises Malformed: with ``result`` naming the metric outcome.
         """
         if len(data) > MAX_DATAGRAM:
@@ -123,7 +138,10 @@ class HeartbeatCodec:
             raise Malformed("malformed", "bad state")
         if not _is_ipv4(addr):
             raise Malformed("malformed", "bad address")
-        return Heartbeat(node, inc, addr, port, state, ring), want, timestamp
+        sequence = body.get("seq")
+        if sequence is not None and (type(sequence) is not int or sequence < 0):
+            raise Malformed("malformed", "bad sequence number")
+        return Heartbeat(node, inc, addr, port, state, ring), want, timestamp, sequence
 
 
 def _is_ipv4(value) -> bool:
@@ -179,6 +197,8 @@ class DiscoveryProtocol(DatagramProtocol):
         self._ahead_logged: Dict[str, float] = {}
         self.alone = alone
         self._ignored_senders: Set[str] = set()
+        #: Heartbeats this incarnation sent: each carries the next number (``seq``).
+        self._sent = 0
 
     # -- sending --------------------------------------------------------------------------------------
 
@@ -211,7 +231,8 @@ class DiscoveryProtocol(DatagramProtocol):
         beat = self.own_heartbeat()
         if state is not None and state != beat.state:
             beat = beat._replace(state=state)
-        data = self.codec.encode(beat, want_reply, self.wall())
+        self._sent += 1
+        data = self.codec.encode(beat, want_reply, self.wall(), self._sent)
         targets = []
         if self.group is not None:
             targets.append(self.group)
@@ -239,7 +260,7 @@ class DiscoveryProtocol(DatagramProtocol):
 
     def _received(self, data: bytes, address) -> None:
         try:
-            beat, want_reply, timestamp = self.codec.decode(data)
+            beat, want_reply, timestamp, sequence = self.codec.decode_sequenced(data)
         except Malformed as error:
             self._drop(error.result, str(error), address)
             return
@@ -251,16 +272,18 @@ class DiscoveryProtocol(DatagramProtocol):
         if self.alone:
             self._ignore(beat, address)
             return
+        slot = None
         if timestamp is not None and self.codec.authenticated:
             # A signed heartbeat is taken once: one resent later (captured on the network) would otherwise feed
-            # a stale time into the clock offsets below.
+            # a stale time into the clock offsets below. Told by its sequence number where it has one: by its
+            # time, a sender whose wall clock stepped back would have every heartbeat dropped until its clock
+            # caught up again, and fall out of every ring meanwhile.
             slot = (beat.node_id, beat.incarnation)
-            if timestamp <= self._last_timestamps.get(slot, -1.0):
-                self._drop("replayed", "timestamp not newer than the last one", address)
+            order = sequence if sequence is not None else timestamp
+            if order <= self._last_timestamps.get(slot, -1.0):
+                self._drop("replayed", "%s not above the last one" % (
+                    "sequence number" if sequence is not None else "timestamp",), address)
                 return
-            if len(self._last_timestamps) > 4096:
-                self._last_timestamps.clear()
-            self._last_timestamps[slot] = timestamp
         if timestamp is not None:
             offset = timestamp - self.wall()
             # Measured before the checks on the time itself: a clock far off is exactly what must show.
@@ -284,6 +307,13 @@ class DiscoveryProtocol(DatagramProtocol):
             if self.codec.authenticated and abs(offset) > REPLAY_WINDOW + (self.max_clock_offset or 0.0):
                 self._drop("replayed", "timestamp outside the replay window", address)
                 return
+        if slot is not None:
+            # Only a heartbeat taken in sets the floor: one refused for its time (a clock far ahead) must not,
+            # or once that clock is set right, its node's heartbeats would all be "replayed" until real time
+            # caught up with the time it had run ahead to (a year ahead: a year out of every peer's ring).
+            if len(self._last_timestamps) > 4096:
+                self._last_timestamps.clear()
+            self._last_timestamps[slot] = order
         if self.metrics is not None:
             self.metrics.discovery("accepted")
         self.membership.observe(beat)

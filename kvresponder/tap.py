@@ -7,6 +7,7 @@ This is the only module that touches the global reactor. Everything below receiv
 import os
 import sys
 import time
+from typing import Callable
 
 from eliot import add_destinations, Message
 from twisted.application.internet import StreamServerEndpointService
@@ -144,6 +145,21 @@ class KVResponderService(MultiService):
                 TRACES_UNEXPORTED.log(timeout=SHUTDOWN_TIMEOUT)
 
 
+def steady_seconds(wall: Callable[[], float] = time.time,
+                   monotonic: Callable[[], float] = time.monotonic) -> Callable[[], float]:
+    """
+    The reactor's clock: the wall clock's reading when the node starts, advancing with the monotonic clock from
+    then on. Twisted times every ``callLater`` and ``LoopingCall`` on ``reactor.seconds``, the wall clock by
+    default: stepped back N seconds (NTP setting right a clock that ran ahead), every timer armed before the step
+    (heartbeats, peer expiry, the sweep, anti-entropy) would wait N seconds more, and the node would fall out of
+    every peer's ring for that long (a year, for a clock set a year ahead); stepped forward, every peer would be
+    expired at once. Nothing reads this clock as the time of day: versions, TTLs, signatures, heartbeats' times
+    and the Date header take ``time.time`` (``wall``) explicitly.
+    """
+    offset = wall() - monotonic()
+    return lambda: monotonic() + offset
+
+
 def makeService(config: Options, reactor=None, environ=None, stdout=None):
     """
     Build the whole service tree from options and the environment. A bad setting prints one line naming
@@ -151,6 +167,7 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
     """
     if reactor is None:
         from twisted.internet import reactor
+        reactor.seconds = steady_seconds()
     environ = os.environ if environ is None else environ
     try:
         settings = load_settings(config.given(), environ)
@@ -205,7 +222,8 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
     site = KVSite(build_root(node, node.authenticator), reactor.seconds, tracing=tracing,
                   metrics=node.metrics, log_policy=policy, body_limit=settings.max_value_size,
                   max_connections=settings.max_connections, timeout=settings.request_timeout,
-                  max_header_bytes=settings.max_header_bytes, reactor=reactor, end_of_turn=end_of_turn)
+                  max_header_bytes=settings.max_header_bytes, reactor=reactor, end_of_turn=end_of_turn,
+                  wall=time.time)
     http_service = StreamServerEndpointService(serverFromString(reactor, settings.listen_endpoint), site)
 
     key = derive_key(settings.cluster_secret, "discovery") if settings.cluster_secret else None

@@ -156,8 +156,8 @@ class KVRequest(Request):
         encoder).
         """
         site = self.site = self._kv_site = self.channel.site
-        self._started = now = site.seconds()
-        self.responseHeaders.setRawHeaders(b"Date", [http_date(now)])
+        self._started = site.seconds()
+        self.responseHeaders.setRawHeaders(b"Date", [http_date(site.wall())])
         if self._too_large:
             HTTP_REJECTED.log(reason="body over %d bytes" % (self._limit,), client=str(self.getClientAddress()))
             # The answer says the connection closes, and it does: a client that sent too much may well send
@@ -818,6 +818,7 @@ class KVSite(Site):
     :param float timeout: seconds an idle connection stays open, and the deadline for receiving a whole
         request once its first byte arrived.
     :param end_of_turn: the node's :class:`~kvresponder.turn.EndOfTurn`, or ``None`` for one of the site's own.
+    :param wall: the wall clock in seconds, for the Date header; by default ``seconds``.
     """
 
     requestFactory = KVRequest
@@ -828,8 +829,12 @@ class KVSite(Site):
                  body_limit: int = 1024 * 1024, bulk_body_limit: Optional[int] = None,
                  internal_body_limit: int = 64 * 1024 * 1024, max_connections: int = 1024,
                  timeout: float = 30.0, max_header_bytes: int = 16384, reactor=None, tracing=None,
-                 fast_lane: bool = True, end_of_turn: Optional[EndOfTurn] = None) -> None:
+                 fast_lane: bool = True, end_of_turn: Optional[EndOfTurn] = None,
+                 wall: Optional[Callable[[], float]] = None) -> None:
         Site.__init__(self, resource, timeout=timeout, reactor=reactor)
+        #: The wall clock, for the Date header; by default ``seconds`` (the reactor's clock may not be the
+        #: wall clock: see ``tap.steady_seconds``).
+        self.wall = wall or seconds
         #: Where the channels' answers of a reactor turn are sent from, together, once the turn's requests
         #: are all handled.
         self.end_of_turn = end_of_turn if end_of_turn is not None else EndOfTurn(self.reactor)
@@ -864,7 +869,7 @@ class KVSite(Site):
         if fast_lane and lane_route is not None and self.tracing is None:
             prefix, operations = lane_route()
             self.lane = FastLane(prefix, operations, self._routed_limit(prefix, b"PUT"), max_header_bytes,
-                                 metrics, log_policy, seconds, http_date)
+                                 metrics, log_policy, seconds, lambda now: http_date(self.wall()))
 
     @property
     def open_connections(self) -> int:

@@ -161,7 +161,9 @@ class Node:
         cached_ring, before = self._joining_ring
         if cached_ring is not ring:
             others = ring.nodes - {self.node_id}
-            before = [HashRing(others, vnodes=ring.vnodes, probes=ring.probes)] if others and len(others) < len(ring) else []
+            before = []
+            if others and len(others) < len(ring):
+                before = [HashRing(others, vnodes=ring.vnodes, probes=ring.probes)]
             self._joining_ring = (ring, before)
         return before
 

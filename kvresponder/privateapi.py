@@ -26,6 +26,18 @@ def tcp_write_is_queued(transport) -> bool:
                 or transport._tempDataBuffer or len(transport.dataBuffer) > transport.offset)
 
 
+# -- Twisted: the reactor's clock (kvresponder.tap) -------------------------------------------------------
+
+
+def time_reactor_by(reactor, seconds: Callable[[], float]) -> None:
+    """
+    Make ``reactor`` time its timers by ``seconds``. Twisted's ``ReactorBase`` reads ``self.seconds()`` in
+    ``callLater``, ``timeout`` and ``runUntilCurrent``, and that is the wall clock, which an NTP step moves; it
+    has no public way to take another clock.
+    """
+    reactor.seconds = seconds
+
+
 # -- Twisted: the HTTP server (kvresponder.http.site, kvresponder.http.api) -----------------------------
 
 from twisted.web.http import HTTPChannel  # noqa: E402

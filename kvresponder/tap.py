@@ -20,6 +20,7 @@ from twisted.python.log import ILogObserver, textFromEventDict
 
 from . import __version__
 from .log import DEBUG
+from .privateapi import time_reactor_by
 from .settings import OPTIONS, SettingsError, load_settings
 
 
@@ -167,7 +168,7 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
     """
     if reactor is None:
         from twisted.internet import reactor
-        reactor.seconds = steady_seconds()
+        time_reactor_by(reactor, steady_seconds())
     environ = os.environ if environ is None else environ
     try:
         settings = load_settings(config.given(), environ)

@@ -188,3 +188,25 @@ def test_both_copy_senders_provide_the_one_interface():
     requests = RequestCopySender(transport=None, wall=lambda: 0.0)
     assert verifyObject(ICopySender, requests)
     assert verifyObject(ICopySender, StreamCopySender(None, requests, Clock(), None, 1.0, SuspectPeers(Clock())))
+
+
+class _ImmediateTurn:
+    """An end of turn that runs what it is given at once."""
+
+    def add(self, call):
+        call()
+
+
+def test_a_batcher_keeps_nothing_for_peers_whose_batches_are_all_answered():
+    """
+    If 5000 peer addresses (pods get a new one at each restart) have each had a batch answered, then the
+    batcher holds no state for any of them: a long-lived node's memory does not grow with its peers' restarts.
+    """
+    from types import SimpleNamespace
+
+    batcher = Batcher(_ImmediateTurn(), lambda peer, items: succeed([None] * len(items)))
+    for index in range(5000):
+        peer = SimpleNamespace(node_id="n", address="10.%d.%d.%d" % (index >> 16, (index >> 8) & 255, index & 255),
+                               port=3000)
+        batcher.add(peer, QueuedRead("k", Deferred()))
+    assert len(batcher._in_flight) + len(batcher._queued) == 0, len(batcher._in_flight)

@@ -709,8 +709,9 @@ def test_a_clock_stepped_back_while_running_loses_no_later_write_and_recovers(ne
     # libfaketime reads the file again once its cached value is a second or two old.
     wait_until(lambda: abs(clock_nemesis.clock_offset(skewed) + 10.0) < 1.5, 5, "node3's clock to step back")
     _assert_clock_is_faked(skewed, -10.0)
-    # Right after the step: the node has not been measured yet, and its timers wait for its clock to
-    # catch up, so it still takes writes, stamped 10 s in the past unless it looks at the replicas.
+    # Right after the step: the node has not been measured yet (and libfaketime steps its monotonic clock too,
+    # which an NTP step does not, so its timers wait), so it still takes writes, stamped 10 s in the past
+    # unless it looks at the replicas.
     before = _write_pairs(history, healthy[0], [skewed], "ckstA", 30)
     after = _write_pairs(history, skewed, healthy, "ckstB", 30)
     sys.stdout.write("\n[clock step -10s] writes through the stepped node acknowledged: %d of 60\n" % (
@@ -730,3 +731,178 @@ def test_a_clock_stepped_back_while_running_loses_no_later_write_and_recovers(ne
     assert real_time_order_violations(history, finals) == []
     _assert_later_writes_win(history, after, nodes, "clock step -10s")
     finish(history, nodes, "clock step -10s")
+
+
+# -- a clock set right while its node runs (an NTP step of the wall clock only) -------------------------------
+
+
+def _wall_only(timestamps: str) -> dict:
+    """
+    libfaketime on the wall clock only, as an NTP step moves it (by default it fakes the monotonic clock too,
+    which no real step does).
+    """
+    return dict(clock_nemesis.faketime_env(timestamp_file=timestamps), FAKETIME_DONT_FAKE_MONOTONIC="1")
+
+
+def _alive_ids(node) -> set:
+    return {peer["id"] for peer in node.peers() if peer["state"] == "alive"}
+
+
+def test_a_node_whose_clock_ran_ahead_is_taken_back_at_once_when_its_clock_is_set_right(net, tmp_path):
+    """
+    If node 3 runs 120 s ahead (the others refuse its heartbeats as clock_ahead), and its wall clock is then set
+    right while it runs, then within 10 s every healthy node has it back as an alive peer, not 120 s later: a
+    refused heartbeat's time is no floor for the replay check.
+    """
+    _require_libfaketime()
+    timestamps = str(tmp_path / "faketime-node3")
+    clock_nemesis.step(timestamps, "+120s")
+    healthy, skewed = _start_with_one_skewed(net, _wall_only(timestamps))
+    wait_until(lambda: abs(clock_nemesis.clock_offset(skewed) - 120.0) < 1.5, 10, "node3's clock to be ahead")
+    time.sleep(2.0)
+    assert all(SKEWED not in _alive_ids(node) for node in healthy)
+    clock_nemesis.step(timestamps, "+0")
+    wait_until(lambda: abs(clock_nemesis.clock_offset(skewed)) < 1.5, 10, "node3's clock to be set right")
+    wait_until(lambda: all(SKEWED in _alive_ids(node) for node in healthy), 10,
+               "the healthy nodes to take node3 back", lambda: "\n".join(
+                   "%s: alive %s, replayed %s" % (node.node_id, sorted(_alive_ids(node)), metric_sum(
+                       node.metrics(), "kv_discovery_messages_total", result="replayed")) for node in healthy))
+
+
+def test_a_node_whose_wall_clock_steps_back_stays_in_its_peers_rings(net, tmp_path):
+    """
+    If node 3's wall clock steps back 20 s while it runs (within the 30 s replay window), then it keeps sending
+    heartbeats and the healthy nodes keep taking them in: it may turn clock-skewed, but it never drops out of
+    their peers. Its timers run on the monotonic clock, and its heartbeats are told from replays by their
+    sequence numbers, not their times.
+    """
+    _require_libfaketime()
+    timestamps = str(tmp_path / "faketime-node3")
+    clock_nemesis.step(timestamps, "+0")
+    healthy, skewed = _start_with_one_skewed(net, _wall_only(timestamps))
+    skewed.wait_ready()
+    net.wait_formed(healthy + [skewed])
+    clock_nemesis.step(timestamps, "-20s")
+    wait_until(lambda: abs(clock_nemesis.clock_offset(skewed) + 20.0) < 1.5, 5, "node3's clock to step back")
+    stepped = time.monotonic()
+    while time.monotonic() - stepped < 8.0:
+        missing = [node.node_id for node in healthy if SKEWED not in _alive_ids(node)]
+        assert missing == [], "%s dropped node3 %.1f s after its clock stepped back" % (
+            missing, time.monotonic() - stepped)
+        time.sleep(0.3)
+
+
+# -- a joining node's writes ----------------------------------------------------------------------------------
+
+
+def test_later_writes_through_a_joining_node_win_over_earlier_ones_stamped_ahead(net):
+    """
+    If node 3's clock runs 30 s ahead (within a 60 s MAX_CLOCK_OFFSET), keys are written through it, and node 4
+    then joins and, while it is still joining, takes later writes of the keys whose two owners its join
+    replaced, then once it is ready every node answers each later write it acknowledged (it may refuse some 503
+    in its first moments, before it has heard its peers).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kvresponder.ring import HashRing
+
+    _require_libfaketime()
+    healthy, skewed = _start_with_one_skewed(net, clock_nemesis.faketime_env("+30s"), env={"MAX_CLOCK_OFFSET": "60"})
+    skewed.wait_ready()
+    net.wait_formed(healthy + [skewed])
+    before = HashRing(["node1", "node2", "node3"])
+    after = HashRing(["node1", "node2", "node3", "node4"])
+    keys = [key for key in ("jw-%d" % i for i in range(3000))
+            if not set(before.preference_list(key, 2)) & set(after.preference_list(key, 2))][:60]
+    s = session()
+    for key in keys:
+        assert s.put(skewed.url + "/kv/" + key, json={"value": "earlier"}, timeout=5).status_code == 201
+    joiner = net.start(4, wait=False, env={"MAX_CLOCK_OFFSET": "60",
+                                           "CLUSTER_SECRET": healthy[0].env["CLUSTER_SECRET"]})
+
+    def answers():
+        try:
+            return joiner.session.get(joiner.url + "/health/live", timeout=0.2).status_code == 200
+        except Exception:
+            return False
+    wait_until(answers, 20, "node4 to answer", interval=0.02)
+
+    def write(key):
+        with session() as own:
+            state = own.get(joiner.url + "/health", timeout=5).json()["state"]
+            return state, own.put(joiner.url + "/kv/" + key, json={"value": "later"}, timeout=5).status_code
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        outcomes = list(pool.map(write, keys))
+    assert all(code in (200, 201, 503) for _, code in outcomes), outcomes
+    acknowledged = [key for key, (_, code) in zip(keys, outcomes) if code in (200, 201)]
+    # Most are taken while it joins; how many depends on how soon it hears its peers and loads its share (the
+    # in-memory test in test_cluster_memory.py holds the joining case alone, deterministically).
+    assert acknowledged, outcomes
+    joiner.wait_ready()
+    time.sleep(3.0)
+    wrong = {node.node_id: [key for key in acknowledged
+                            if s.get(node.url + "/kv/" + key, timeout=5).json().get("value") != "later"]
+             for node in healthy + [skewed, joiner]}
+    assert wrong == dict.fromkeys(wrong, []), wrong
+
+
+# -- flapping partitions, and a kill, a join and a SIGTERM together -----------------------------------------
+
+
+def test_a_flapping_partition_under_load_loses_no_acknowledged_write(net):
+    """
+    If node 3's network is cut and restored again and again (2.5 s cut, 1.5 s up, five times: each cut longer
+    than PEER_TIMEOUT, so every node declares the other side dead and takes it back each time) under a load
+    through every node, then once healed the cluster converges and no acknowledged write is lost.
+    """
+    nodes = start_cluster(net, [1, 2, 3])
+    history = History()
+    preload(history, nodes[0].url, nodes[0].node_id, "flpre", 100)
+    majority, isolated = nodes[:2], nodes[2]
+    load = Load(history, Targets(nodes), "fl", workers=4, keys_per_worker=25, max_ops=800, max_seconds=40,
+                timeout=2.5).start()
+    try:
+        time.sleep(1.0)
+        for _ in range(5):
+            net.partition([isolated], majority)
+            time.sleep(2.5)
+            net.heal()
+            time.sleep(1.5)
+        net.wait_formed(nodes, timeout=15)
+        time.sleep(1.5)
+    finally:
+        load.stop()
+    finish(history, nodes, "flapping partition")
+
+
+def test_a_join_right_after_a_kill_and_then_a_sigterm_under_load_loses_no_acknowledged_write(net):
+    """
+    If node 3 is killed (SIGKILL), node 4 joins at once while the ring settles, and node 1 is then SIGTERMed
+    while node 4's share is still moving, all under a load through the live nodes, then the survivors converge
+    and no acknowledged write is lost.
+    """
+    nodes = start_cluster(net, [1, 2, 3])
+    history = History()
+    preload(history, nodes[0].url, nodes[0].node_id, "jkpre", 200)
+    targets = Targets(nodes)
+    load = Load(history, targets, "jk", workers=4, keys_per_worker=25, max_ops=800, max_seconds=30,
+                timeout=2.5).start()
+    try:
+        time.sleep(1.0)
+        targets.remove(nodes[2])
+        time.sleep(0.2)
+        nodes[2].kill()
+        joiner = net.start(4, wait=False)
+        time.sleep(0.3)
+        targets.add(joiner)
+        time.sleep(0.5)
+        targets.remove(nodes[0])
+        time.sleep(0.2)
+        assert nodes[0].terminate(timeout=30) in (0, -15), nodes[0].log_tail()
+        joiner.wait_ready()
+        survivors = [nodes[1], joiner]
+        net.wait_formed(survivors, timeout=15)
+        time.sleep(2.0)
+    finally:
+        load.stop()
+    finish(history, survivors, "kill, join, sigterm")

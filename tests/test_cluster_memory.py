@@ -7,10 +7,12 @@ import json
 
 import pytest
 
+from kvresponder.node import Node
 from kvresponder.rebalance import SETTLE_MS
+from kvresponder.ring import HashRing
 from kvresponder.store import Entry
 
-from .support import MemoryCluster
+from .support import MemoryCluster, build_root, make_settings
 
 
 def holders(cluster, key):
@@ -477,3 +479,83 @@ def test_past_its_bound_a_node_keeps_the_last_settled_ring_and_the_latest_ones()
     # The ring before the last join, and the ones before it.
     assert rings[-1] == sorted(["n1", "n2", "n3"] + joined[:-1])
     assert rings[1] == sorted(["n1", "n2", "n3"] + joined[:len(joined) - MAX_PREVIOUS_RINGS + 1])
+
+
+# -- a node that joins: the owners its join displaced, and its first moments ----------------------------------
+
+
+def test_a_later_write_through_the_joining_node_wins_over_an_earlier_one_the_join_displaced():
+    """
+    If a write is acknowledged through n3 (clock 0.4 s ahead, within the bound), n4 joins and takes both owners'
+    places for the key, and a second write is then made through n4 itself while it joins (kv requests are served
+    in every state), then once the join's handoff has run every node answers the second write: the joining node
+    asked its peers' ring for the key's version.
+    """
+    cluster = MemoryCluster(3, wall_offsets={3: 0.4})
+    cluster.run(seconds=1.0)
+    n1, n2, n3 = cluster.nodes
+    assert not n3.clock_offsets.skewed
+    before = HashRing(["n1", "n2", "n3"], vnodes=n1.settings.vnodes)
+    after = HashRing(["n1", "n2", "n3", "n4"], vnodes=n1.settings.vnodes)
+    key = next(key for key in ("key-%d" % i for i in range(100000))
+               if set(before.preference_list(key, 2)) == {"n2", "n3"}
+               and set(after.preference_list(key, 2)) == {"n1", "n4"})
+    assert put(cluster, n3, key, "earlier")[0] == 201
+    n4 = cluster.add()
+    assert n4.state == "joining"
+    assert sorted(n4.ring().preference_list(key, 2)) == ["n1", "n4"]
+    code, body = put(cluster, n4, key, "later")
+    assert code in (200, 201), body
+    cluster.run(seconds=5.0)
+    answers = {node.node_id: json.loads(get(cluster, node, key)[1]).get("value") for node in cluster.nodes}
+    assert answers == dict.fromkeys(answers, "later"), answers
+
+
+def _start_unheard(cluster: MemoryCluster) -> Node:
+    """
+    Start n4 as ``MemoryCluster.add`` does, but before any heartbeat reaches it or its peers (the first
+    moments of a pod: its port is open, and the answers to its first heartbeat have not come yet).
+    """
+    index = len(cluster.nodes) + 1
+    settings = make_settings(cluster.tenant, "n%d" % (index,), advertise_address="10.0.0.%d" % (index,),
+                             port="3000", **cluster.settings)
+    node = Node(settings, cluster.clock, cluster.stub, join_settle=0.1)
+    cluster.router.roots[b"10.0.0.%d:3000" % (index,)] = build_root(node)
+    cluster.nodes.append(node)
+    node.start()
+    return node
+
+
+def test_a_starting_node_that_heard_no_peer_refuses_writes_rather_than_lose_them_to_an_earlier_one():
+    """
+    If a key is written through n3 (clock 0.4 s ahead, within the bound) and then, later in real time, through
+    n4 in its first moments (joining, no peer heard yet: a cluster of one in its own eyes), then n4 answers 503
+    rather than acknowledge a write with its one copy that the earlier one would replace; once it has heard its
+    peers, the same write through it is acknowledged, and every node answers it.
+    """
+    cluster = MemoryCluster(3, wall_offsets={3: 0.4})
+    cluster.run(seconds=1.0)
+    n3 = cluster.nodes[2]
+    assert put(cluster, n3, "k", "earlier")[0] == 201
+    n4 = _start_unheard(cluster)
+    assert n4.state == "joining" and len(n4.ring()) == 1
+    code, body = put(cluster, n4, "k", "later")
+    assert code == 503 and json.loads(body)["error"] == "unavailable", (code, body)
+    cluster.introduce()
+    cluster.run(seconds=5.0)
+    assert put(cluster, n4, "k", "later")[0] == 200
+    answers = {node.node_id: json.loads(get(cluster, node, "k")[1]).get("value") for node in cluster.nodes}
+    assert answers == dict.fromkeys(answers, "later"), answers
+
+
+def test_a_read_through_a_starting_node_that_heard_no_peer_is_a_503_not_a_miss():
+    """
+    If a key the cluster holds is read through n4 in its first moments (joining, no peer heard yet), then the
+    answer is 503 ``unavailable``, not 404: the node knows it has not heard from its cluster yet.
+    """
+    cluster = MemoryCluster(3)
+    cluster.run(seconds=1.0)
+    assert put(cluster, cluster.nodes[0], "k", "value")[0] == 201
+    n4 = _start_unheard(cluster)
+    code, body = get(cluster, n4, "k")
+    assert code == 503 and json.loads(body)["error"] == "unavailable", (code, body)

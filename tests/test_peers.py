@@ -9,6 +9,7 @@ from collections import namedtuple
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 
 from kvresponder.http.root import build_root
 from kvresponder.http.site import KVSite
@@ -405,3 +406,24 @@ def test_a_copy_and_a_hand_off_refused_by_a_leaving_node_fail_with_its_503_at_on
         assert outcome[0].value.code == 503
     assert not client.suspects.suspected(PEER)
     assert [leaving.store.current("k%d" % (i,)) for i in (1, 2, 3)] == [None, None, None]
+
+
+def test_the_peer_transport_keeps_no_state_for_addresses_it_is_not_calling():
+    """
+    If 200 peer addresses (pods get a new one at each restart) have each been called, and every call has been
+    answered, then the transport keeps no per-address limit of calls for any of them.
+    """
+    from types import SimpleNamespace
+
+    clock = Clock()
+    peer_node = Node(make_settings("t1", "n2", insecure_cluster="true"), clock, http=None)
+    stub = stub_over(KVSite(build_root(peer_node), clock.seconds))
+    client = PeerClient(http=stub, clock=clock, tenant="t1", timeout=5.0)
+    answers = []
+    for index in range(200):
+        peer = SimpleNamespace(node_id="n2", address="10.0.%d.%d" % (index >> 8, index & 255), port=3000)
+        ensureDeferred(client.transport.call(peer, "keys", {"limit": 1}, read=True)).addBoth(
+            answers.append)
+        stub.flush()
+    assert len(answers) == 200 and not any(isinstance(answer, Failure) for answer in answers), answers[:3]
+    assert client.transport._in_flight == {}

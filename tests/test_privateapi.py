@@ -513,3 +513,31 @@ def test_eliot_still_keeps_the_destinations_it_adds_where_the_sole_one_is_found(
         assert privateapi.sole_eliot_destination() is None
     finally:
         registry._destinations, registry._any_added, registry._globalFields = saved
+
+
+def test_a_reactor_times_its_timers_by_the_clock_it_is_given():
+    """
+    If a reactor is given another clock (``time_reactor_by``), then its timers are set, waited for and run by
+    that clock: ``callLater``, ``timeout`` and ``runUntilCurrent`` still read the reactor's ``seconds``.
+    """
+    from twisted.internet.epollreactor import EPollReactor
+    from kvresponder.privateapi import time_reactor_by
+
+    reactor = EPollReactor()
+    try:
+        now = [1000.0]
+        time_reactor_by(reactor, lambda: now[0])
+        fired = []
+        call = reactor.callLater(5, fired.append, True)
+        assert call.getTime() == 1005.0
+        assert reactor.timeout() == 5.0
+        now[0] = 1004.9
+        reactor.runUntilCurrent()
+        assert fired == []
+        now[0] = 1005.0
+        reactor.runUntilCurrent()
+        assert fired == [True]
+    finally:
+        reactor.removeReader(reactor.waker)
+        reactor.waker.connectionLost(None)
+        reactor._poller.close()

@@ -66,8 +66,8 @@ class Node:
         major collection on PyPy, in steps between requests; glibc's ``malloc_trim``); or ``None``.
     :param stream_endpoint: ``stream_endpoint(address, port)``, an ``IStreamClientEndpoint`` to a peer, for the
         copy streams (:mod:`kvresponder.copystream`); ``None`` sends every copy as an HTTP request.
-    :param monotonic: a monotonic clock in seconds, to age the peers' clock samples; by default the clock's
-        ``seconds``.
+    :param monotonic: a monotonic clock in seconds, to age the peers' clock samples and the store's tombstones;
+        by default the clock's ``seconds``.
     :param end_of_turn: the :class:`~kvresponder.turn.EndOfTurn` the peer calls' batches leave from (the HTTP
         site's, so that one timer a turn serves both); by default one of the node's own.
     """
@@ -83,7 +83,8 @@ class Node:
         self.incarnation = int(self.wall() * 1000) * 1000 + secrets.randbelow(1000)
         self.metrics = Metrics(settings.tenant)
         self.log_policy = log_policy or LogPolicy(settings.log_level)
-        self.store = Store(self.wall, settings.max_memory, settings.tombstone_grace, events=self.metrics)
+        self.store = Store(self.wall, settings.max_memory, settings.tombstone_grace, events=self.metrics,
+                           monotonic=monotonic or clock.seconds)
         self.hlc = HybridLogicalClock(self.wall, self.node_id, max_ahead=settings.max_clock_offset)
         self.membership = Membership(clock.seconds, self.node_id, settings.peer_timeout)
         #: The peers' clock offsets, and whether this node's own clock is too far off to stamp writes.

@@ -33,7 +33,8 @@ TOMBSTONE_OVERHEAD = 200
 
 # The packed header: wall_ms, counter, the index of the node id in the store's table of node ids, a time (the
 # expiry of a live entry, 0.0 for none: a live entry's expiry is always later than the time it was written,
-# which is never before 0; or the time a tombstone was written), and the length of the key that follows it. A
+# which is never before 0; or the time a tombstone was written, on the store's monotonic clock), and the
+# length of the key that follows it. A
 # live entry's key and then its value follow; a tombstone (key length 0: tombstones are filed under their
 # key) is followed by its expiry if it has one.
 #
@@ -194,11 +195,17 @@ class Store:
     :param int max_bytes: the memory budget; the accounted size never exceeds it.
     :param float tombstone_grace: seconds a tombstone is kept before it may be collected.
     :param events: receives ``evicted(n)`` and ``expired(n)``, for metrics.
+    :param monotonic: a clock that never steps, in seconds, that ages tombstones: on the wall clock a step
+        forward would collect every tombstone at once (an older copy of a deleted value could then come back),
+        and one stamped while the clock ran ahead would hold back the collection of every later one. By
+        default ``seconds``.
     """
 
     def __init__(self, seconds: Callable[[], float], max_bytes: int,
-                 tombstone_grace: float = 600.0, events=None) -> None:
+                 tombstone_grace: float = 600.0, events=None,
+                 monotonic: Optional[Callable[[], float]] = None) -> None:
         self._seconds = seconds
+        self._monotonic = monotonic or seconds
         self.max_bytes = max_bytes
         self.tombstone_grace = tombstone_grace
         self._events = events if events is not None else _NoEvents()
@@ -445,13 +452,13 @@ class Store:
         value = entry.value
         expires_at = entry.expires_at
         if value is None:
-            self._tombstones[bkey] = self._pack(entry.version, now, b"", b"" if expires_at is None
+            self._tombstones[bkey] = self._pack(entry.version, self._monotonic(), b"", b"" if expires_at is None
                                                 else _TIME.pack(expires_at))
             self.bytes += len(bkey) + TOMBSTONE_OVERHEAD
         elif expires_at is not None and expires_at <= now:
             # A newer write that has already expired hides every older version, as a delete would: keep its
             # version as a tombstone, so an older write arriving later cannot bring the old value back.
-            self._tombstones[bkey] = self._pack(entry.version, now, b"", b"")
+            self._tombstones[bkey] = self._pack(entry.version, self._monotonic(), b"", b"")
             self.bytes += len(bkey) + TOMBSTONE_OVERHEAD
         else:
             slot = self._file(bkey, self._pack(entry.version, expires_at or 0.0, bkey, value,
@@ -592,7 +599,7 @@ class Store:
             self._sorted_keys = None
             self.expirations += expired
             self._events.expired(expired)
-        cutoff = now - self.tombstone_grace
+        cutoff = self._monotonic() - self.tombstone_grace
         stale = []
         for bkey, packed in self._tombstones.items():
             if _unpack_time(packed, _TIME_OFFSET)[0] > cutoff:
@@ -690,7 +697,7 @@ class Store:
         """
         self._released(len(packed) + _LIVE_EXTRA)
         if _leaves_tombstone(packed):
-            self._tombstones[bkey] = self._pack(self._version(packed), self._seconds(), b"", b"")
+            self._tombstones[bkey] = self._pack(self._version(packed), self._monotonic(), b"", b"")
             self.bytes += len(bkey) + TOMBSTONE_OVERHEAD
 
     def _mark(self, bkey: bytes, packed: bytes) -> None:

@@ -851,7 +851,7 @@ def test_if_entries_are_applied_as_a_batch_then_results_and_state_are_those_of_o
     try:
         one, clock, _ = make_store(budget)
         many, _, _ = make_store(budget)
-        many._seconds = clock.seconds
+        many._seconds = many._monotonic = clock.seconds
         for store in (one, many):
             for entry in entries(before):
                 try:
@@ -1226,7 +1226,7 @@ def test_applying_the_same_entries_in_any_order_leaves_the_same_tombstones_once_
     random.shuffle(shuffled)
     first, clock, _ = make_store()
     second, _, _ = make_store()
-    second._seconds = clock.seconds
+    second._seconds = second._monotonic = clock.seconds
     for entry in entries:
         first.apply(entry)
     for entry in shuffled:
@@ -1252,3 +1252,71 @@ def test_a_key_too_long_for_the_length_field_without_its_mark_is_refused():
     assert store.apply(put(longest, b"v", 1)).applied
     assert store.get(longest).value == b"v"
     assert (len(store), store.bytes) == (1, put(longest, b"v", 1).size + tomb(too_long, 1).size)
+
+
+class _SteppedWall:
+    """
+    A wall clock that runs with a monotonic one, plus whatever step NTP (or an operator) gives it.
+    """
+
+    def __init__(self, monotonic: Clock) -> None:
+        self._monotonic = monotonic
+        self.step = 0.0
+
+    def seconds(self) -> float:
+        return START + self._monotonic.seconds() + self.step
+
+
+def _node_store(grace: float):
+    from kvresponder.node import Node
+    from tests.support import make_settings
+    monotonic = Clock()
+    wall = _SteppedWall(monotonic)
+    node = Node(make_settings(tombstone_grace=grace), Clock(), None, wall=wall.seconds, monotonic=monotonic.seconds)
+    return node.store, monotonic, wall
+
+
+def test_a_forward_step_of_the_wall_clock_does_not_collect_a_tombstone_before_its_grace():
+    """
+    If the node's wall clock steps forward by more than TOMBSTONE_GRACE (a bad NTP source, a host clock set
+    by hand) just after a delete, then the node still keeps the delete's tombstone for TOMBSTONE_GRACE seconds
+    of real time: an older copy of the value, from a replica or hint that missed the delete, is refused and the
+    key stays deleted.
+    """
+    store, monotonic, wall = _node_store(grace=600)
+    store.apply(put("k", b'"old"', 1))
+    store.apply(tomb("k", 2))
+    monotonic.advance(1)
+    wall.step = 3600.0
+    store.sweep()
+    monotonic.advance(1)
+    wall.step = 0.0  # corrected
+    store.sweep()
+    assert store.current("k") == tomb("k", 2)
+    assert not store.apply(put("k", b'"old"', 1)).applied
+    assert store.get("k") is None
+    monotonic.advance(600)
+    store.sweep()
+    assert store.current("k") is None and store.bytes == 0
+
+
+def test_tombstones_written_while_the_wall_clock_ran_ahead_hold_back_no_later_ones():
+    """
+    If tombstones were written while the wall clock ran an hour ahead, and it was then set right, then the
+    tombstones written after are still collected once their grace is over (not an hour later, behind the
+    ones stamped ahead), and so are the ones stamped ahead: memory does not fill with tombstones, which live
+    entries are evicted to keep.
+    """
+    store, monotonic, wall = _node_store(grace=60)
+    wall.step = 3600.0
+    store.apply(tomb("ahead", 1))
+    monotonic.advance(1)
+    wall.step = 0.0
+    for second in range(120):
+        store.apply(tomb("k%d" % (second,), 2))
+        monotonic.advance(1)
+        store.sweep()
+        assert store.tombstone_count <= 62
+    monotonic.advance(60)
+    store.sweep()
+    assert (store.tombstone_count, store.bytes) == (0, 0)

@@ -387,7 +387,9 @@ class Rebalancer:
         Send ``peer`` the entries among ``versions`` it lacks or holds older; return how many were sent.
         """
         wanted = await self._peers.wanted(peer, versions)
-        entries = [entry for entry in (self.store.current(key) for key in wanted) if entry is not None]
+        # Not a use of them (nor is comparing versions, in ``wanted``): anti-entropy looks at most shared keys on
+        # each pass, and would leave the LRU order that of its buckets, not that of the clients' reads.
+        entries = [entry for entry in (self.store.current(key, use=False) for key in wanted) if entry is not None]
         sent = 0
         for batch in self._batches(entries):
             await self._peers.apply(peer, batch, timeout=max(self._peers.timeout, 10.0))
@@ -427,7 +429,7 @@ class Rebalancer:
         """
         result = []
         for key, version in versions.items():
-            current = self.store.current(key)
+            current = self.store.current(key, use=False)
             if current is None or current.version < version:
                 result.append(key)
         return result

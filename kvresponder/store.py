@@ -258,21 +258,49 @@ class Store:
         wall, counter, index, expires_at, length = _unpack(packed)
         if expires_at and expires_at <= self._seconds():
             # Already taken out of its table above: only its tombstone, if it leaves one, is left to write.
-            self._expired(bkey, packed)
-            self._sorted_keys = None
-            self.expirations += 1
-            self._events.expired(1)
+            self._reclaim_expired(bkey, packed)
             return None
         table[filed] = packed
         return self._as_entry(key, packed, wall, counter, index, expires_at, length & _KEY_LENGTH)
 
-    def current(self, key: str) -> Optional[Entry]:
+    def _peek(self, key: str) -> Optional[Entry]:
+        """
+        :meth:`get`, leaving the entry's place in the LRU order alone.
+        """
+        try:
+            bkey = key.encode()
+        except UnicodeEncodeError:
+            return None
+        packed = self._find(bkey)
+        if packed is None:
+            return None
+        wall, counter, index, expires_at, length = _unpack(packed)
+        if expires_at and expires_at <= self._seconds():
+            self._drop(bkey, packed)
+            self._reclaim_expired(bkey, packed)
+            return None
+        return self._as_entry(key, packed, wall, counter, index, expires_at, length & _KEY_LENGTH)
+
+    def _reclaim_expired(self, bkey: bytes, packed: bytes) -> None:
+        """
+        Reclaim and count ``bkey``'s expired live entry ``packed``, found by a read and taken out of its table.
+        """
+        self._expired(bkey, packed)
+        self._sorted_keys = None
+        self.expirations += 1
+        self._events.expired(1)
+
+    def current(self, key: str, use: bool = True) -> Optional[Entry]:
         """
         The newest entry for ``key`` this store knows, tombstones included, for replicas to compare
         versions. An expired entry is reported as the tombstone it leaves, or as absent if it leaves none
         (see :meth:`sweep`).
+
+        :param bool use: a live entry found counts as a use for the LRU order, as a :meth:`get` does: a
+            client's read. ``False`` for the node's own bookkeeping (anti-entropy comparing versions, or
+            sending what a peer lacks), which must not make the keys it looks at the last to be evicted.
         """
-        entry = self.get(key)
+        entry = self.get(key) if use else self._peek(key)
         if entry is not None:
             return entry
         try:

@@ -215,3 +215,59 @@ def test_a_sync_offers_its_versions_in_calls_of_at_most_versions_per_call():
     assert max(peers.offered) == VERSIONS_PER_CALL
     assert sum(peers.offered) == shared
     assert sorted(peers.applied) == sorted(entry.key for entry in rebalancer.store.entries())
+
+
+def _store_of_three():
+    """
+    A store whose budget holds three entries, holding ``a``, ``b`` and ``c`` (written in that order), then
+    read by a client: ``a``. The least recently used is ``b``.
+    """
+    from kvresponder.store import Entry, Store
+    clock = Clock()
+    entries = [Entry(key, b'"value"', (1, 0, "n1")) for key in "abc"]
+    store = Store(clock.seconds, sum(entry.size for entry in entries))
+    for entry in entries:
+        store.apply(entry)
+    assert store.get("a") is not None
+    return store, clock
+
+
+def test_an_anti_entropy_version_check_is_no_use_of_a_key_for_eviction():
+    """
+    If a co-owner's anti-entropy pass asks this node which of its keys it lacks (every shared key of each
+    bucket whose digest differs: a write since the digest was made is enough), then the keys it compares are not made
+    the most recently used: a write that needs room still evicts the key clients used least (``b``), not the
+    one a client read last (``a``).
+    """
+    from kvresponder.rebalance import Rebalancer
+    from kvresponder.store import Entry
+    store, clock = _store_of_three()
+    rebalancer = Rebalancer("n1", store, lambda: None, lambda node: None, None, clock, 2, None)
+    assert rebalancer.wanted({"c": (1, 0, "n1"), "b": (1, 0, "n1")}) == []
+    store.apply(Entry("d", b'"value"', (2, 0, "n1")))
+    assert [key for key in "abcd" if store.get(key) is not None] == ["a", "c", "d"]
+
+
+def test_sending_a_peer_the_entries_it_lacks_is_no_use_of_them_for_eviction():
+    """
+    If this node's anti-entropy pass sends a co-owner the entries it lacks, then reading them for that is not
+    a use: a write that needs room still evicts the key clients used least.
+    """
+    from kvresponder.rebalance import Rebalancer
+    from kvresponder.store import Entry
+    store, clock = _store_of_three()
+
+    class Peers:
+        timeout = 1.0
+
+        async def wanted(self, peer, versions):
+            return list(versions)
+
+        async def apply(self, peer, batch, timeout=None):
+            return None
+
+    rebalancer = Rebalancer("n1", store, lambda: None, lambda node: None, Peers(), clock, 2, None)
+    d = ensureDeferred(rebalancer._send_wanted(object(), {"c": (1, 0, "n1"), "b": (1, 0, "n1")}))
+    assert d.result == 2
+    store.apply(Entry("d", b'"value"', (2, 0, "n1")))
+    assert [key for key in "abcd" if store.get(key) is not None] == ["a", "c", "d"]

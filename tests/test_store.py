@@ -174,6 +174,8 @@ def _notice_expiry(store: Store, key: str, how: str) -> None:
         assert store.sweep() == 1
     elif how == "get":
         assert store.get(key) is None
+    elif how == "current, not as a use":
+        store.current(key, use=False)
     else:
         store.current(key)
 
@@ -195,7 +197,7 @@ def _hold_older(store: Store, clock: Clock, key: str, held: str) -> None:
         assert held == "nothing"
 
 
-@pytest.mark.parametrize("how", ["sweep", "get", "current"])
+@pytest.mark.parametrize("how", ["sweep", "get", "current", "current, not as a use"])
 @pytest.mark.parametrize("held", ["nothing", "an expired entry that leaves none"])
 def test_an_expired_entry_that_replaced_nothing_leaves_no_tombstone(how, held):
     """
@@ -214,7 +216,7 @@ def test_an_expired_entry_that_replaced_nothing_leaves_no_tombstone(how, held):
     assert (store.expirations, events.expirations) == (1, [1])
 
 
-@pytest.mark.parametrize("how", ["sweep", "get", "current"])
+@pytest.mark.parametrize("how", ["sweep", "get", "current", "current, not as a use"])
 @pytest.mark.parametrize("held", ["a value", "a tombstone", "an expired entry that leaves a tombstone"])
 def test_an_expired_entry_that_replaced_an_older_version_leaves_a_tombstone_so_it_stays_hidden(how, held):
     """
@@ -1320,3 +1322,19 @@ def test_tombstones_written_while_the_wall_clock_ran_ahead_hold_back_no_later_on
     monotonic.advance(60)
     store.sweep()
     assert (store.tombstone_count, store.bytes) == (0, 0)
+
+
+def test_a_version_check_that_is_not_a_use_gives_what_current_gives_and_leaves_the_lru_order():
+    """
+    If a key's newest entry is looked up without counting as a use (``current(key, use=False)``: the node's
+    own anti-entropy), then it is the entry ``current`` gives, and the LRU order stays as it was.
+    """
+    store, clock, _ = make_store()
+    for wall, key in enumerate("abc"):
+        store.apply(put(key, b"1", wall))
+    store.apply(tomb("t", 5))
+    order = list(store._live)
+    assert [store.current(key, use=False) for key in "cbatz"] == [
+        put("c", b"1", 2), put("b", b"1", 1), put("a", b"1", 0), tomb("t", 5), None]
+    assert list(store._live) == order
+    assert [store.current(key) for key in "cbatz"] == [store.current(key, use=False) for key in "cbatz"]

@@ -27,6 +27,13 @@ from .hlc import Version
 #: powers of two.
 ENTRY_OVERHEAD = 200
 
+#: What an expiry adds to the cost of a live entry that has one: its item in the expiry heap (a tuple of the
+#: expiry's float and the slot's int, and the heap's pointer to it: 88 bytes on CPython), and the items that
+#: entries replaced, deleted or evicted before their expiry leave behind until the sweep rebuilds the heap, at
+#: most half as many again (see :meth:`Store.sweep`). Without it, a store of small entries with a TTL held
+#: about 1.8 times its accounted size once overwritten a few times.
+EXPIRY_OVERHEAD = 136
+
 #: What one tombstone costs beyond its key bytes: the dict slot, the key and the packed header (measured the
 #: same way, with room for what churn adds).
 TOMBSTONE_OVERHEAD = 200
@@ -127,6 +134,8 @@ class Entry:
             self.size = key_bytes + TOMBSTONE_OVERHEAD
         else:
             self.size = key_bytes + len(value) + ENTRY_OVERHEAD
+            if expires_at is not None:
+                self.size += EXPIRY_OVERHEAD
 
     @property
     def is_tombstone(self) -> bool:
@@ -220,6 +229,9 @@ class Store:
         self._node_index: Dict[str, int] = {}
         # (expiry, slot) of the live entries that have an expiry; those filed by key are checked by sweep.
         self._expiries: List[Tuple[float, int]] = []
+        # How many live entries have an expiry: the heap holds an item for each, and those of the entries
+        # dropped since it was last rebuilt.
+        self._expiring = 0
         self._sorted_keys: Optional[List[bytes]] = None
         self.bytes = 0
         self.evictions = 0
@@ -413,18 +425,19 @@ class Store:
         entry.value = packed[_HEADER_SIZE + length:]
         entry.version = (wall, counter, self._node_ids[index]) if index else packed.version  # type: ignore
         entry.expires_at = expires_at or None
-        entry.size = len(packed) + _LIVE_EXTRA
+        entry.size = len(packed) + _LIVE_EXTRA + (EXPIRY_OVERHEAD if expires_at else 0)
         return entry
 
     # -- writes ---------------------------------------------------------------------------------------
 
-    def check_fits(self, key: str, value: bytes) -> None:
+    def check_fits(self, key: str, value: bytes, ttl: Optional[float] = None) -> None:
         """
+        :param ttl: the entry's TTL, if it has one (its expiry costs :data:`EXPIRY_OVERHEAD`).
         :raises EntryTooLarge: if an entry of this key and value could never fit in the budget.
         """
         # Entry's size, without building one: a bulk request checks each of its entries this way.
         key_bytes = len(key) if key.isascii() else len(key.encode("utf-8"))
-        if key_bytes + len(value) + ENTRY_OVERHEAD > self.max_bytes:
+        if key_bytes + len(value) + ENTRY_OVERHEAD + (0 if ttl is None else EXPIRY_OVERHEAD) > self.max_bytes:
             raise EntryTooLarge(key)
 
     def apply(self, entry: Entry) -> ApplyResult:
@@ -471,7 +484,7 @@ class Store:
         self.changes += 1
         if existing is not None:
             self._drop(bkey, existing)
-            self._released(len(existing) + _LIVE_EXTRA)
+            self._released_live(existing)
             self._sorted_keys = None
         elif tomb is not None:
             del self._tombstones[bkey]
@@ -497,6 +510,7 @@ class Store:
             if expires_at is not None:
                 # The slot's int is the dict's own key object: the heap item shares it.
                 heapq.heappush(self._expiries, (expires_at, slot))
+                self._expiring += 1
         self._evict()
         return ApplyResult(True, had_live)
 
@@ -549,6 +563,9 @@ class Store:
                     continue
                 del live[slot]
                 released = len(existing) + _LIVE_EXTRA
+                if expires_at:
+                    released += EXPIRY_OVERHEAD
+                    self._expiring -= 1
                 self.bytes -= released
                 self.released_bytes += released
             packed = self._pack(entry.version, 0.0, bkey, value)
@@ -576,7 +593,7 @@ class Store:
         packed = self._find(bkey)
         if packed is not None and self._version(packed) == version:
             self._drop(bkey, packed)
-            self._released(len(packed) + _LIVE_EXTRA)
+            self._released_live(packed)
             self._sorted_keys = None
             self.changes += 1
             return True
@@ -636,8 +653,9 @@ class Store:
         for bkey in stale:
             del self._tombstones[bkey]
             self._released(len(bkey) + TOMBSTONE_OVERHEAD)
-        if len(heap) > 2 * len(self) + 64:
-            # Replaced and deleted keys leave dead heap items behind; rebuild so the heap stays bounded.
+        if len(heap) > self._expiring + self._expiring // 2 + 64:
+            # Replaced and deleted keys leave dead heap items behind; rebuild so the heap stays bounded: at most
+            # half as many dead items as live ones, which EXPIRY_OVERHEAD accounts for.
             self._expiries = [(expires_at, slot) for slot, expires_at in
                               ((slot, _unpack_time(packed, _TIME_OFFSET)[0]) for slot, packed in live.items())
                               if expires_at]
@@ -723,7 +741,7 @@ class Store:
         a key that keeps its version leaves a digest current, and one that goes only makes a bucket differ,
         which the key-level exchange settles.
         """
-        self._released(len(packed) + _LIVE_EXTRA)
+        self._released_live(packed)
         if _leaves_tombstone(packed):
             self._tombstones[bkey] = self._pack(self._version(packed), self._monotonic(), b"", b"")
             self.bytes += len(bkey) + TOMBSTONE_OVERHEAD
@@ -739,6 +757,16 @@ class Store:
             self._live[slot] = _marked(packed)
         else:
             self._spill[bkey] = _marked(packed)
+
+    def _released_live(self, packed: bytes) -> None:
+        """
+        Account for the live entry ``packed`` as dropped.
+        """
+        size = len(packed) + _LIVE_EXTRA
+        if _unpack_time(packed, _TIME_OFFSET)[0]:
+            size += EXPIRY_OVERHEAD
+            self._expiring -= 1
+        self._released(size)
 
     def _released(self, size: int) -> None:
         self.bytes -= size
@@ -787,7 +815,13 @@ class Store:
             if freed >= excess and len(victims) >= batch:
                 break
             victims.append(filed)
-            freed += len(packed) + _LIVE_EXTRA if live else len(filed) + TOMBSTONE_OVERHEAD
+            if not live:
+                freed += len(filed) + TOMBSTONE_OVERHEAD
+            elif _unpack_time(packed, _TIME_OFFSET)[0]:
+                freed += len(packed) + _LIVE_EXTRA + EXPIRY_OVERHEAD
+                self._expiring -= 1
+            else:
+                freed += len(packed) + _LIVE_EXTRA
         for filed in victims:
             del table[filed]
         self._released(freed)

@@ -39,7 +39,7 @@ def general_parse(item, limit, check_fits):
     key = validate_key(item["key"], limit)
     value, ttl = parse_write({k: v for k, v in item.items() if k != "key"})
     try:
-        check_fits(key, value)
+        check_fits(key, value, ttl)
     except EntryTooLarge:
         raise too_large("An entry is larger than the whole memory budget.")
     return key, value, ttl

@@ -2,6 +2,7 @@
 Tests for :mod:`kvresponder.store`, on a ``task.Clock``.
 """
 
+import platform
 import time
 from typing import Dict, List, Optional
 
@@ -10,7 +11,8 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from twisted.internet.task import Clock
 
-from kvresponder.store import ENTRY_OVERHEAD, TOMBSTONE_OVERHEAD, ApplyResult, Entry, EntryTooLarge, Store
+from kvresponder.store import (ENTRY_OVERHEAD, EXPIRY_OVERHEAD, TOMBSTONE_OVERHEAD, ApplyResult, Entry,
+                               EntryTooLarge, Store)
 from kvresponder.store import _HEADER_SIZE as HEADER_SIZE
 import kvresponder.store as store_module
 
@@ -58,9 +60,11 @@ def all_keys(store: Store) -> List[str]:
 def test_entry_size_counts_key_value_and_overhead():
     """
     If an entry is built, then its accounted size is its UTF-8 key bytes plus its value bytes plus the
-    fixed overhead (a tombstone: key bytes plus the tombstone overhead).
+    fixed overhead, and the expiry's if it has one (a tombstone: key bytes plus the tombstone overhead).
     """
     assert Entry("ab", b"xyz", (1, 0, "n")).size == 2 + 3 + ENTRY_OVERHEAD
+    assert Entry("ab", b"xyz", (1, 0, "n"), START).size == 2 + 3 + ENTRY_OVERHEAD + EXPIRY_OVERHEAD
+    assert Entry("ab", None, (1, 0, "n"), START).size == 2 + TOMBSTONE_OVERHEAD
     assert Entry("é", b"", (1, 0, "n")).size == 2 + ENTRY_OVERHEAD
     assert Entry("ab", None, (1, 0, "n")).size == 2 + TOMBSTONE_OVERHEAD
 
@@ -134,7 +138,7 @@ def test_sweep_reclaims_expired_entries_and_counts_expirations():
     assert store.sweep() == 2
     assert len(store) == 2
     assert store.tombstone_count == 0  # neither replaced anything (see the expiry tests below)
-    assert store.bytes == put("c", b"333", 1).size + put("d", b"4444", 1).size
+    assert store.bytes == put("c", b"333", 1, ttl=50).size + put("d", b"4444", 1).size
     assert (store.expirations, events.expirations) == (2, [2])
     assert store.sweep() == 0
     assert events.expirations == [2]
@@ -294,7 +298,7 @@ def test_a_steady_ttl_workload_of_new_keys_leaves_no_tombstones_and_its_memory_s
     the writes stop and the last TTL ends.
     """
     rate, ttl, seconds = 200, 5, 60
-    size = put("k000000", b"v", 1).size
+    size = put("k000000", b"v", 1, ttl=ttl).size
     store, clock, events = make_store(max_bytes=2 * rate * ttl * size)
     written = 0
     held = []
@@ -507,7 +511,8 @@ def accounted(store: Store) -> int:
     # the point is to check its running byte count against what it holds, expired entries not yet reclaimed
     # included.
     live = list(store._live.values()) + list(store._spill.values())
-    return (sum(len(packed) - HEADER_SIZE + ENTRY_OVERHEAD for packed in live)
+    return (sum(len(packed) - HEADER_SIZE + ENTRY_OVERHEAD
+                + (EXPIRY_OVERHEAD if store_module._unpack_time(packed, 16)[0] else 0) for packed in live)
             + sum(len(key) + TOMBSTONE_OVERHEAD for key in store._tombstones))
 
 
@@ -1338,3 +1343,50 @@ def test_a_version_check_that_is_not_a_use_gives_what_current_gives_and_leaves_t
         put("c", b"1", 2), put("b", b"1", 1), put("a", b"1", 0), tomb("t", 5), None]
     assert list(store._live) == order
     assert [store.current(key) for key in "cbatz"] == [store.current(key, use=False) for key in "cbatz"]
+
+
+def _held_by(build) -> int:
+    """
+    The bytes of memory what ``build()`` returns takes, by tracemalloc (CPython), while it is held.
+    """
+    import gc
+    import tracemalloc
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = build()  # noqa: F841 (held while measured)
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.skipif(platform.python_implementation() != "CPython", reason="tracemalloc measures CPython's allocations")
+@pytest.mark.parametrize("rounds", [1, 4])
+def test_the_memory_of_entries_with_a_ttl_stays_within_their_accounted_size(rounds):
+    """
+    If a store is filled with small entries that have a TTL (and they are then overwritten, each with a new
+    TTL, ``rounds - 1`` times, with the sweep running as on a node), then the memory the store takes stays
+    within its accounted bytes: MAX_MEMORY bounds the process for a TTL workload as for any other
+    (docs/ARCHITECTURE.md, "Memory accounting and eviction"), the expiry each entry is tracked by included.
+    """
+    count = 20000
+
+    def build():
+        clock = Clock()
+        clock.advance(START)
+        store = Store(clock.seconds, 1 << 30)
+        wall = 0
+        for _ in range(rounds):
+            for i in range(count):
+                wall += 1
+                store.apply(Entry("k%09d" % (i,), b"v" * 100, (wall, 0, "n1"), clock.seconds() + 3600))
+            clock.advance(1)
+            store.sweep()
+        return store
+
+    store = build()
+    held = _held_by(build)
+    assert held <= store.bytes, "%.0f bytes a key held, %.0f accounted" % (
+        (held - 110 * count) / count, (store.bytes - 110 * count) / count)

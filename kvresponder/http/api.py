@@ -237,12 +237,12 @@ def parse_bulk_put(item, limit: int, check_fits) -> tuple:
         raise bad_request("invalid_body", "Each put is {\"key\", \"value\", \"ttl\"}.")
     key = validate_key(item["key"], limit)
     value, ttl = parse_write({k: v for k, v in item.items() if k != "key"})
-    return key, _fitting(check_fits, key, value), ttl
+    return key, _fitting(check_fits, key, value, ttl), ttl
 
 
-def _fitting(check_fits, key: str, value: bytes) -> bytes:
+def _fitting(check_fits, key: str, value: bytes, ttl: Optional[float] = None) -> bytes:
     try:
-        check_fits(key, value)
+        check_fits(key, value, ttl)
     except EntryTooLarge:
         raise too_large("An entry is larger than the whole memory budget.")
     return value
@@ -629,14 +629,14 @@ class PublicAPI:
         fits_store = self._node.coordinator.store.check_fits
         max_value = self._node.settings.max_value_size
 
-        def check_fits(key: str, value: bytes) -> None:
+        def check_fits(key: str, value: bytes, ttl: Optional[float] = None) -> None:
             # A value no larger than a single PUT could store (the bulk body's own limit is 8 times that), and
             # no deeper: each value is checked, rather than the whole body, whose many small objects would
             # send every bulk request through the full scan.
             if len(value) > max_value:
                 raise too_large("A value is larger than MAX_VALUE_SIZE (%d bytes)." % (max_value,))
             _check_depth(value, MAX_VALUE_DEPTH)
-            fits_store(key, value)
+            fits_store(key, value, ttl)
 
         writes = [parse_bulk_put(item, limit, check_fits) for item in puts]
         return self._bulk(get_keys, writes, delete_keys)

@@ -165,7 +165,7 @@ class KVOperations:
         """
         value, ttl = self._parse_write(body, content_type)
         try:
-            self._coordinator.store.check_fits(key, value)
+            self._coordinator.store.check_fits(key, value, ttl)
         except EntryTooLarge:
             raise too_large("The entry is larger than the whole memory budget (MAX_MEMORY).")
         try:

@@ -470,3 +470,60 @@ def test_a_node_whose_stdout_nobody_reads_keeps_answering_and_counts_the_log_lin
         assert len(keys) == len(set(keys)) and writes <= len(keys) + dropped < writes + 20, (len(keys), dropped)
     finally:
         process.kill()
+
+
+# -- a client that sends requests and reads no answers ---------------------------------------------------------
+
+
+@pytest.fixture
+def node_with_a_large_value(log_dir):
+    from .harness import Cluster
+
+    nodes = Cluster("slow", log_dir)
+    try:
+        node = nodes.add()
+        value = "x" * (1024 * 1024 - 64)
+        assert requests.put(node.url + "/kv/big", data=json.dumps({"value": value}),
+                            headers={"Content-Type": "application/json"}, timeout=10).status_code == 201
+        yield node
+    finally:
+        nodes.stop()
+
+
+def _rss_bytes(pid: int) -> int:
+    with open("/proc/%d/status" % (pid,)) as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("target", [b"/slow/kv/big", b"/slow/kv/big?via=twisted"], ids=["fast-lane", "twisted"])
+def test_pipelined_reads_whose_answers_are_not_read_do_not_pile_up_in_memory(node_with_a_large_value, target):
+    """
+    If a client sends 1500 pipelined reads of a 1 MiB value in one write (57 KB) and reads none of the answers,
+    then the node stops answering once the connection's send buffer is full, rather than holding 1.5 GB of
+    answers in memory; and once the client reads, it gets every answer, in order.
+    """
+    node = node_with_a_large_value
+    before = _rss_bytes(node.process.pid)
+    request = b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n"
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", node.port))
+    try:
+        sock.sendall(request * 1500)
+        time.sleep(3)
+        grown = _rss_bytes(node.process.pid) - before
+        assert grown < 200 * 1024 * 1024, "the node holds %d MB for one client that reads nothing" % (grown >> 20,)
+        sock.settimeout(20)
+        received = 0
+        expected = 1500 * (1024 * 1024)
+        while received < expected:
+            chunk = sock.recv(1 << 20)
+            assert chunk, "the connection closed after %d bytes\n%s" % (received, node.log_tail(5))
+            received += len(chunk)
+        assert node.alive
+    finally:
+        sock.close()

@@ -245,6 +245,9 @@ class ConnectionLane:
     _waiting_for = None
     #: Whether the lane stopped the connection reading, behind an answer that waits.
     holding_back = False
+    #: Whether the lane holds requests it received because the connection's send buffer is full (the client is not
+    #: reading its answers); the channel gives them back (:meth:`resume`) once the buffer drains.
+    held_for_transport = False
 
     def __init__(self, lane: FastLane, channel) -> None:
         self._lane = lane
@@ -303,9 +306,30 @@ class ConnectionLane:
             self.holding_back = True
             self._channel.transport.pauseProducing()
 
+    def resume(self) -> Optional[bytes]:
+        """
+        Serve the requests held while the connection's send buffer was full; returns what Twisted must parse, as
+        :meth:`dataReceived` does.
+        """
+        self.held_for_transport = False
+        if self._waiting or not self._held:
+            return None
+        held, self._held = self._held, b""
+        return self._serve(held)
+
+    def _hold_for_transport(self, data: bytes) -> None:
+        # Pipelined requests are answered only as fast as the client reads the answers: a few bytes of reads of a
+        # large value would otherwise make answers without end, all held in memory (the channel already stopped
+        # reading from the socket; what one read brought is held here).
+        self._held = data
+        self.held_for_transport = True
+
     def _serve(self, data: bytes) -> Optional[bytes]:
         lane = self._lane
         channel = self._channel
+        if not channel.may_read():
+            self._hold_for_transport(data)
+            return None
         out = []
         out_size = 0
         offset = 0
@@ -350,11 +374,15 @@ class ConnectionLane:
                 status, body, headers = answer
                 out.append(lane.render(status, body, headers, started))
                 out_size += len(body)
+                self._lane.account(method, status, started)
                 if out_size > _HOLD:
                     # Large answers to pipelined reads leave as they come, not all joined at the end.
                     channel.send(b"".join(out))
                     out, out_size = [], 0
-                self._lane.account(method, status, started)
+                    if offset < size and not channel.may_read():
+                        self._hold_for_transport(data[offset:])
+                        channel.receiving(False)
+                        return None
             if rest is None or offset:
                 # Not a request received in part since earlier: a request Twisted now gets from its first
                 # byte counts its deadline from now; one it continues keeps the time of that byte.

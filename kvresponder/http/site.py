@@ -573,6 +573,11 @@ class _CountedChannel(HTTPChannel):
         self.timeoutConnection()
 
     def dataReceived(self, data):
+        if self._held_input:
+            # Behind the bytes held while the client read nothing: they are parsed first, in order.
+            self._held_input += data
+            self.transport.pauseProducing()
+            return
         lane = self._lane
         if lane is not None and lane.open:
             self.resetTimeout()
@@ -658,8 +663,33 @@ class _CountedChannel(HTTPChannel):
         if lane is not None and lane.holding_back:
             # The fast lane stopped reading behind an answer that waits; it reads again once that answer goes.
             self.transport.pauseProducing()
+        if channel_waiting_for_transport(self):
+            return
+        # The requests held while the client read none of the answers (see requestDone and the lane), now that
+        # it has read some.
+        if lane is not None and lane.held_for_transport:
+            rest = lane.resume()
+            if rest is not None:
+                self.to_twisted(rest)
+        held = self._held_input
+        if held and not self._handed_over and not self.transport.disconnecting:
+            self._held_input = b""
+            self.resetTimeout()
+            self.dataReceived(held)
+
+    #: Pipelined bytes Twisted had received past a request it answered while the send buffer was full: held until
+    #: the client reads (Twisted would parse and answer them at once, so that a client sending many reads of a large
+    #: value in one write and reading none of the answers would have them all made and held in memory).
+    _held_input = b""
 
     def requestDone(self, request):
+        if (self.persistent and channel_waiting_for_transport(self) and self.requests
+                and request is self.requests[0]):
+            held = take_unread(self)
+            if held:
+                self._held_input += held
+                # Twisted pauses reading only between requests; this one was being handled.
+                self.transport.pauseProducing()
         HTTPChannel.requestDone(self, request)
         if self._handed_over:
             # A pipelined request after this one was refused for its body, and took the connection: nothing

@@ -87,6 +87,18 @@ class PeerAuthenticator:
         """
         return hmac.new(self._key, b"kvresponder:copy-stream", hashlib.sha256).digest()
 
+    @staticmethod
+    def signed_at(header: Optional[bytes]) -> Optional[float]:
+        """
+        The time a request's signature ``header`` says it was signed at (the sender's clock), or ``None``.
+        Only meaningful once :meth:`verify` has accepted the header.
+        """
+        try:
+            when = float(header.decode("ascii").split(":", 1)[0])
+        except (AttributeError, UnicodeDecodeError, ValueError):
+            return None
+        return when if math.isfinite(when) else None
+
     def verify(self, header: Optional[bytes], method: bytes, path: bytes, body: bytes) -> bool:
         if not header:
             return False

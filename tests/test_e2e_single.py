@@ -527,3 +527,48 @@ def test_pipelined_reads_whose_answers_are_not_read_do_not_pile_up_in_memory(nod
         assert node.alive
     finally:
         sock.close()
+
+
+# -- a signed peer call captured and sent again ------------------------------------------------------------------
+
+
+@pytest.fixture
+def replay_cluster(log_dir):
+    from .harness import Cluster
+
+    nodes = Cluster("replay", log_dir)
+    try:
+        yield nodes
+    finally:
+        nodes.stop()
+
+
+@pytest.mark.e2e
+def test_a_replayed_apply_does_not_bring_an_expired_entry_back(replay_cluster):
+    """
+    If a signed ``/_internal/apply`` carrying an entry with a TTL is captured and sent again, unchanged and within
+    the signature's window, after the entry has expired, then the entry stays expired: the replay does not store
+    it again with a fresh TTL (an expiry travels as the time it has left, which the receiver adds to its own clock).
+    """
+    from kvresponder.discovery import derive_key
+    from kvresponder.peertransport import PeerAuthenticator
+
+    cluster = replay_cluster
+    node = cluster.add()
+    signer = PeerAuthenticator(derive_key(cluster.env["CLUSTER_SECRET"], "peer"))
+    path = "/%s/_internal/apply" % (cluster.tenant,)
+    body = json.dumps({"entries": [{"k": "session", "v": json.dumps("token-123"),
+                                    "ver": [int(time.time() * 1000), 0, "n9"], "ttl": 1.0}]}).encode("utf-8")
+    # The call as a peer sends it, and as an eavesdropper on the pod network records it.
+    captured = {"Content-Type": "application/json",
+                "X-KV-Auth": signer.sign(b"POST", path.encode("ascii"), body).decode("ascii")}
+    url = "http://127.0.0.1:%d%s" % (node.port, path)
+    assert requests.post(url, data=body, headers=captured, timeout=5).status_code == 200
+    assert node.get("session").json()["value"] == "token-123"
+    time.sleep(2.5)
+    assert node.get("session").status_code == 404
+    # The replay: the same bytes, well within AUTH_WINDOW.
+    replayed = requests.post(url, data=body, headers=captured, timeout=5)
+    assert replayed.status_code in (200, 401), replayed.text
+    read = node.get("session")
+    assert read.status_code == 404, "the replay brought the expired entry back: %s" % (read.text,)

@@ -41,7 +41,13 @@ def internal_route(app: Klein, path: str):
             try:
                 raw = request.content.read()
                 self._guard.check(request, raw)
-                body = _parse(request, path, raw, self._node.wall())
+                now = self._node.wall()
+                # Expiries arrive as the time they have left, added to this node's clock. A captured call sent
+                # again later (within the signature's window) would so store its entries again with a fresh TTL,
+                # bringing back one that has expired: they are read as of when the call was signed, give or take
+                # the clocks' allowed difference.
+                slack = 2 * self._node.settings.max_clock_offset
+                body = _parse(request, path, raw, now - self._guard.late_by(request, now, slack))
             except APIError as error:
                 return write_error(request, error)
             task_id = request.getHeader(TASK_HEADER)

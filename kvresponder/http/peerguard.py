@@ -39,6 +39,21 @@ class PeerGuard:
         """Whether no one may call: no secret, and no --insecure-cluster."""
         return self._auth is None and not self._insecure
 
+    def late_by(self, request, now: float, slack: float) -> float:
+        """
+        Seconds by which a signed request arrived later than ``slack`` after it was signed (0 when it did not,
+        or without a secret): a captured request replayed within the signature's window arrives late by about
+        the time since it was captured.
+
+        :param now: this node's wall clock.
+        """
+        if self._auth is None:
+            return 0.0
+        signed = self._auth.signed_at(request.getHeader(AUTH_HEADER))
+        if signed is None:
+            return 0.0
+        return max(0.0, now - signed - slack)
+
     def check(self, request, body: Optional[bytes]) -> None:
         """
         :param body: the request's body (the signature covers it).

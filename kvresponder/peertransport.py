@@ -35,6 +35,9 @@ from .suspects import SuspectPeers, suspect_refusal, unreachable
 from .wire import BATCH_TYPE
 
 AUTH_HEADER = b"X-KV-Auth"
+#: The signature of an internal request's method, path and body length alone, checked from its head: a body larger
+#: than a client's may be read only once the head shows it comes from a peer (:meth:`PeerAuthenticator.sign_length`).
+LENGTH_AUTH_HEADER = b"X-KV-Auth-Length"
 #: A peer's wall clock when it answered an internal call, in Unix seconds: a round-trip sample of its clock
 #: offset (:mod:`kvresponder.clockskew`).
 CLOCK_HEADER = b"X-KV-Clock"
@@ -80,6 +83,34 @@ class PeerAuthenticator:
     def sign(self, method: bytes, path: bytes, body: bytes) -> bytes:
         stamp = "%.3f" % (self._wall(),)
         return ("%s:%s" % (stamp, self._mac(stamp, method, path, body))).encode("ascii")
+
+    def sign_length(self, method: bytes, path: bytes, length: int) -> bytes:
+        """
+        The :data:`LENGTH_AUTH_HEADER` of a request: a signature over its time, method, path and body length, which
+        the peer can check before it reads the body (:data:`AUTH_HEADER` covers the body itself).
+        """
+        stamp = "%.3f" % (self._wall(),)
+        return ("%s:%s" % (stamp, self._length_mac(stamp, method, path, length))).encode("ascii")
+
+    def _length_mac(self, stamp: str, method: bytes, path: bytes, length: int) -> str:
+        message = b"|".join([b"length", stamp.encode("ascii"), method, path, b"%d" % (length,)])
+        return hmac.new(self._key, message, hashlib.sha256).hexdigest()
+
+    def verify_length(self, header: Optional[bytes], method: bytes, path: bytes, length: int) -> bool:
+        """
+        Whether ``header`` (a :data:`LENGTH_AUTH_HEADER`) signs ``method``, ``path`` and ``length``, within
+        :data:`AUTH_WINDOW`.
+        """
+        if not header:
+            return False
+        try:
+            stamp, mac = header.decode("ascii").split(":", 1)
+            when = float(stamp)
+        except (UnicodeDecodeError, ValueError):
+            return False
+        if not math.isfinite(when) or abs(self._wall() - when) > AUTH_WINDOW:
+            return False
+        return hmac.compare_digest(mac, self._length_mac(stamp, method, path, length))
 
     def stream_key(self) -> bytes:
         """
@@ -271,6 +302,7 @@ class PeerTransport:
                         headers[TASKS_HEADER] = [b" ".join(task_ids)]
                     if self._auth is not None:
                         headers[AUTH_HEADER] = [self._auth.sign(b"POST", path, body)]
+                        headers[LENGTH_AUTH_HEADER] = [self._auth.sign_length(b"POST", path, len(body))]
                     if trace_headers:
                         for name, value in trace_headers.items():
                             headers[name.encode("ascii")] = [value.encode("ascii")]

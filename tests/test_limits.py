@@ -196,21 +196,52 @@ def _id(case: Case) -> str:
     return "%s %s" % (case.method.decode(), case.target.decode("latin-1"))
 
 
+def _signed_length(server, case: Case, size: int) -> bytes:
+    """
+    For a request to an internal route, the header a peer sends with it: its head signed for its body's length
+    (only such a request gets the internal limit). Nothing for any other route.
+    """
+    if case.limit != INTERNAL:
+        return b""
+    path = case.target.split(b"?", 1)[0]
+    return b"X-KV-Auth-Length: %s\r\n" % (server.node.authenticator.sign_length(case.method, path, size),)
+
+
 @pytest.mark.parametrize("case", CASES, ids=_id)
 @pytest_twisted.ensureDeferred
 async def test_a_body_over_the_limit_of_the_route_the_path_reaches_gets_413(server, case):
     """
     If a body is one byte over the limit of the route its decoded path reaches (whatever the query string
-    and the key spell), then it gets 413, in JSON, whether its length is declared or it arrives chunked.
+    and the key spell), then it gets 413, in JSON, whether its length is declared or it arrives chunked. A
+    chunked body to an internal route gets a client's limit: a peer declares, and signs, its body's length.
     """
     for chunked in (False, True):
-        answer = await _send(server, _request(case, _body(LIMITS[case.limit] + 1), chunked))
+        limit = LIMITS[VALUE] if chunked and case.limit == INTERNAL else LIMITS[case.limit]
+        answer = await _send(server, _request(case, _body(limit + 1), chunked,
+                                              _signed_length(server, case, limit + 1)))
         assert answer.status == 413, (case, chunked, answer)
         # One reason phrase for every 413, whether the head or the body gave it away.
         assert answer.status_line == b"HTTP/1.1 413 " + RESPONSES[413], (case, chunked, answer)
         assert answer.content_type == b"application/json"
         assert json.loads(answer.body)["error"] == "payload_too_large"
-        assert b"%d bytes" % (LIMITS[case.limit],) in answer.body
+        assert b"%d bytes" % (limit,) in answer.body
+
+
+@pytest.mark.parametrize("case", [case for case in CASES if case.limit == INTERNAL], ids=_id)
+@pytest_twisted.ensureDeferred
+async def test_an_internal_body_over_a_values_limit_without_a_signed_length_gets_413(server, case):
+    """
+    If a request to an internal route declares a body larger than a value's limit and its head is not signed for
+    that length (a caller without the cluster secret, or a forged signature), then it gets 413 from its head,
+    before its body is read; signed for another length, the same.
+    """
+    size = LIMITS[VALUE] + 1
+    forged = b"X-KV-Auth-Length: %.3f:%s\r\n" % (time.time(), b"0" * 64)
+    other = _signed_length(server, case, size + 1)
+    for extra in (b"", forged, other):
+        answer = await _send(server, _request(case, _body(size), extra_headers=extra))
+        assert answer.status == 413, (case, extra, answer)
+        assert b"%d bytes" % (LIMITS[VALUE],) in answer.body
 
 
 @pytest.mark.parametrize("case", CASES, ids=_id)
@@ -220,7 +251,8 @@ async def test_a_body_at_the_limit_of_the_route_the_path_reaches_is_not_refused_
     If a body is exactly as large as the limit of the route its path reaches, then it is not refused as too
     large (the route answers it, whatever else it says).
     """
-    answer = await _send(server, _request(case, _body(LIMITS[case.limit])))
+    size = LIMITS[case.limit]
+    answer = await _send(server, _request(case, _body(size), extra_headers=_signed_length(server, case, size)))
     assert answer.status != 413, (case, answer)
     assert answer.status < 500, (case, answer)
 

@@ -11,6 +11,7 @@ Who may call the internal routes (``/<tenant>/_internal/*``, the copy-stream upg
 from typing import Optional
 
 from ..peers import AUTH_HEADER
+from ..peertransport import LENGTH_AUTH_HEADER
 from .errors import APIError
 
 CLUSTER_DISABLED = APIError(
@@ -53,6 +54,20 @@ class PeerGuard:
         if signed is None:
             return 0.0
         return max(0.0, now - signed - slack)
+
+    def signed_length(self, headers, method: bytes, path: bytes, length: Optional[int]) -> bool:
+        """
+        Whether a request's head (``headers``, Twisted ``Headers``) shows that its body of ``length`` bytes
+        (``None``: chunked) comes from a peer, before the body is read: only such a body may be larger than a
+        client's. Anyone's, with --insecure-cluster and no secret; no one's without either.
+        """
+        if self.closed:
+            return False
+        if self._auth is None:
+            return True
+        if length is None:
+            return False
+        return self._auth.verify_length(headers.getRawHeaders(LENGTH_AUTH_HEADER, [None])[0], method, path, length)
 
     def check(self, request, body: Optional[bytes]) -> None:
         """

@@ -15,6 +15,8 @@ the resource the path routes to, found by the same walk over the same decoded se
 is read.
 """
 
+from typing import Optional
+
 from twisted.web.resource import Resource
 
 from .api import KVResource, PublicAPI
@@ -104,12 +106,15 @@ class TenantResource(Resource):
 class RootResource(Resource):
     """
     Serves one tenant; any other prefix gets a 404 that names the tenant this node serves.
+
+    :param guard: the :class:`~kvresponder.http.peerguard.PeerGuard` of the internal routes, or ``None``.
     """
 
-    def __init__(self, tenant: str, tenant_resource: Resource) -> None:
+    def __init__(self, tenant: str, tenant_resource: Resource, guard: Optional[PeerGuard] = None) -> None:
         Resource.__init__(self)
         self._tenant = tenant.encode("ascii")
         self._tenant_resource = tenant_resource
+        self._guard = guard
         self._elsewhere = _NotFound("This node serves tenant %r only; use /%s/." % (tenant, tenant))
 
     def getChildWithDefault(self, path: bytes, request):
@@ -126,6 +131,14 @@ class RootResource(Resource):
         if segments and segments[0] == self._tenant:
             return self._tenant_resource.body_limit_for(segments[1:], method)
         return VALUE
+
+    def signed_length(self, headers, method: bytes, path: bytes, length) -> bool:
+        """
+        Whether the head of a request for an internal route shows its body comes from a peer
+        (:meth:`~kvresponder.http.peerguard.PeerGuard.signed_length`): only then does it get the internal body
+        limit; any other caller gets a client's.
+        """
+        return self._guard is not None and self._guard.signed_length(headers, method, path, length)
 
     def shortcuts(self):
         """
@@ -157,4 +170,4 @@ def build_root(node, authenticator=None) -> RootResource:
     tenant = TenantResource(KVResource(node), public.resource(), InternalAPI(node, guard).resource(),
                             CopyStreamResource(node, guard), public.body_limit_for,
                             VALUE if guard.closed else INTERNAL)
-    return RootResource(node.settings.tenant, tenant)
+    return RootResource(node.settings.tenant, tenant, guard)

@@ -130,7 +130,8 @@ class KVRequest(Request):
             Request.gotLength(self, length)
             return
         channel = self.channel
-        self._limit = channel.site.body_limit_for(*request_target(channel))
+        self._limit = channel.site.body_limit_for(*request_target(channel), headers=self.requestHeaders,
+                                                  length=length)
         if length is not None and length > self._limit:
             self._too_large = True
             self.content = _Discard()
@@ -498,7 +499,7 @@ class _CountedChannel(HTTPChannel):
         length = self.length
         if length:
             path, method = request_target(self)
-            limit = self.site.body_limit_for(path, method)
+            limit = self.site.body_limit_for(path, method, headers=self.requests[-1].requestHeaders, length=length)
             if length > limit and self._refuse_body(method, length, limit):
                 return
         HTTPChannel.allHeadersReceived(self)
@@ -878,6 +879,9 @@ class KVSite(Site):
         #: The root's own routing of a path to a body limit (``body_limit_for``); a root without one gives every
         #: request the value limit.
         self._route_limit = getattr(resource, "body_limit_for", None)
+        #: Whether the head of a request for an internal route shows it comes from a peer (``signed_length``): only
+        #: then may its body be larger than a client's.
+        self._signed_length = getattr(resource, "signed_length", None)
         self.max_connections = max_connections
         self.max_header_bytes = max_header_bytes
         self.request_deadline = timeout
@@ -905,24 +909,35 @@ class KVSite(Site):
     def open_connections(self) -> int:
         return len(self.open_channels)
 
-    def body_limit_for(self, target: bytes, method: bytes) -> int:
+    def body_limit_for(self, target: bytes, method: bytes, headers=None, length: Optional[int] = None) -> int:
         """
         The largest body, in bytes, of a request for ``target`` (the raw request target) with ``method``: the
         limit of the route its path leads to, as the resource tree routes it. Decided before the body is read,
         from the path alone (never the query string), split and percent-decoded as :meth:`KVRequest.process`
         does it for traversal.
+
+        :param headers: the request's headers, once its head is in: an internal route's limit is then given only
+            to a request whose head is signed for its ``length`` (``signed_length``); any other gets a client's,
+            so that a caller without the cluster secret cannot make the node read a peer's largest body.
         """
         path = origin_form(target.split(b"?", 1)[0])
         for prefix, limit in self._shortcut_limits:
             if path.startswith(prefix):
                 return limit
-        return self._routed_limit(path, method)
+        kind = self._routed_kind(path, method)
+        if (kind == INTERNAL and headers is not None and self._signed_length is not None
+                and not self._signed_length(headers, method, path, length)):
+            return self.body_limit
+        return self._body_limits[kind]
 
     def _routed_limit(self, path: bytes, method: bytes) -> int:
+        return self._body_limits[self._routed_kind(path, method)]
+
+    def _routed_kind(self, path: bytes, method: bytes) -> str:
         route = self._route_limit
         if route is None:
-            return self.body_limit
-        return self._body_limits[route([unquote(segment) for segment in path[1:].split(b"/")], method)]
+            return VALUE
+        return route([unquote(segment) for segment in path[1:].split(b"/")], method)
 
     def log(self, request) -> None:
         # Requests are accounted by KVRequest as metrics and Eliot actions, not as access-log lines.

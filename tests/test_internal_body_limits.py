@@ -1,0 +1,120 @@
+"""
+What a caller without the cluster secret can make a node read before its signature is checked, and what peers
+still send.
+"""
+
+import os
+import socket
+import time
+
+import pytest
+
+from .harness import Cluster
+
+
+@pytest.fixture
+def cluster(log_dir):
+    nodes = Cluster("bodies", log_dir)
+    try:
+        yield nodes
+    finally:
+        nodes.stop()
+
+
+def _temp_bytes(pid: int, directory: str) -> int:
+    """Bytes in the files under ``directory`` (deleted or not) that process ``pid`` holds open."""
+    total = 0
+    fds = "/proc/%d/fd" % (pid,)
+    for fd in os.listdir(fds):
+        try:
+            target = os.readlink(os.path.join(fds, fd))
+            if target.startswith(directory):
+                total += os.stat(os.path.join(fds, fd)).st_size
+        except OSError:
+            pass
+    return total
+
+
+@pytest.mark.e2e
+def test_an_unsigned_internal_body_is_refused_before_it_is_buffered(cluster, log_dir):
+    """
+    If a caller without the cluster secret sends ``/_internal/apply`` a body larger than ``MAX_VALUE_SIZE`` (the
+    internal routes take up to 64 MiB from peers), then the node answers at once, from the head, without
+    spooling the body to its temporary directory (the chart's /tmp is a 64Mi emptyDir): otherwise every connection
+    (up to MAX_CONNECTIONS) could make it write up to 64 MiB before the signature is even checked.
+    """
+    tmp = os.path.join(log_dir, "tmp")
+    os.mkdir(tmp)
+    node = cluster.add(env={"TMPDIR": tmp})
+    declared = 48 * 1024 * 1024
+    sock = socket.create_connection(("127.0.0.1", node.port))
+    try:
+        sock.sendall(b"POST /%s/_internal/apply HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"X-KV-Auth: %.3f:%s\r\nContent-Length: %d\r\n\r\n"
+                     % (cluster.tenant.encode(), time.time(), b"0" * 64, declared))
+        chunk = b" " * (1024 * 1024)
+        sent = 0
+        sock.settimeout(5)
+        try:
+            while sent < declared - len(chunk):
+                sock.sendall(chunk)
+                sent += len(chunk)
+        except OSError:
+            pass
+        time.sleep(0.5)
+        held = _temp_bytes(node.process.pid, tmp)
+        assert held < 2 * 1024 * 1024, "the node spooled %d bytes of an unsigned body to %s" % (held, tmp)
+        head = sock.recv(65536)
+        assert head.startswith(b"HTTP/1.1 413") or head.startswith(b"HTTP/1.1 401"), head[:200]
+    finally:
+        sock.close()
+
+
+@pytest.mark.e2e
+def test_a_peers_signed_body_over_the_value_limit_is_still_taken(cluster):
+    """
+    If a peer sends ``/_internal/apply`` a body larger than ``MAX_VALUE_SIZE`` (a handoff batch) with its head
+    signed for that length, then it is taken; the same body without the head's signature gets 413.
+    """
+    import json
+
+    import requests
+
+    from kvresponder.discovery import derive_key
+    from kvresponder.peertransport import PeerAuthenticator
+
+    node = cluster.add()
+    signer = PeerAuthenticator(derive_key(cluster.env["CLUSTER_SECRET"], "peer"))
+    path = "/%s/_internal/apply" % (cluster.tenant,)
+    version = [int(time.time() * 1000), 0, "n9"]
+    body = json.dumps({"entries": [{"k": "big-%d" % (index,), "v": json.dumps("x" * (700 * 1024)), "ver": version}
+                                   for index in range(3)]}).encode("utf-8")
+    assert len(body) > 2 * 1024 * 1024
+    headers = {"Content-Type": "application/json",
+               "X-KV-Auth": signer.sign(b"POST", path.encode("ascii"), body).decode("ascii")}
+    url = "http://127.0.0.1:%d%s" % (node.port, path)
+    unsigned_head = requests.post(url, data=body, headers=headers, timeout=10)
+    assert unsigned_head.status_code == 413, unsigned_head.text
+    headers["X-KV-Auth-Length"] = signer.sign_length(b"POST", path.encode("ascii"), len(body)).decode("ascii")
+    signed = requests.post(url, data=body, headers=headers, timeout=10)
+    assert signed.status_code == 200, signed.text
+    assert len(node.get("big-2").json()["value"]) == 700 * 1024
+
+
+@pytest.mark.e2e
+def test_a_joining_node_receives_handoff_batches_larger_than_a_value(log_dir):
+    """
+    If a node joins a node holding many keys, then the batches that move its share to it (each up to 4 MiB, far
+    over a small ``MAX_VALUE_SIZE``) are taken: the peers sign their heads' lengths.
+    """
+    nodes = Cluster("bodies", log_dir, env={"MAX_VALUE_SIZE": "64Ki", "REPLICATION_FACTOR": "1"})
+    try:
+        first = nodes.add()
+        for index in range(120):
+            assert first.put("k%03d" % (index,), "v" * (40 * 1024)).status_code == 201
+        second = nodes.add()
+        nodes.wait_formed()
+        nodes.wait_for(lambda: second.metric("kv_store_keys") >= 30 and first.metric("kv_store_keys") < 100,
+                       timeout=30, message="the joining node's share handed to it")
+    finally:
+        nodes.stop()

@@ -184,6 +184,30 @@ def test_if_a_bulk_put_holds_a_value_over_max_value_size_then_nothing_is_stored_
     assert code == 200 and [(put["key"], put["status"]) for put in body["put"]] == [("fits", 201)], body
 
 
+def test_a_bulk_get_answers_at_most_8_times_max_value_size_of_entries_and_the_rest_answer_too_large():
+    """
+    If a bulk get finds more than 8 x MAX_VALUE_SIZE of entries, then the answer carries the entries up to that
+    size, in the order asked, and each key found beyond it answers {"error": "answer_too_large"} (misses and
+    the keys within the size as usual): an answer is held whole until its client reads it, and 1000 gets of
+    the largest values would otherwise hold a GiB for one client that does not read.
+    """
+    api = API(max_value_size="1Ki")
+    keys = ["big%02d" % (index,) for index in range(20)]
+    for key in keys:
+        api.put(key, "v" * 900)
+    code, body, _ = api.call("POST", "/bulk", {"get": keys + ["absent"]})
+    assert code == 200, body
+    answers = [body["get"][key] for key in keys]
+    whole = [index for index, answer in enumerate(answers) if answer.get("value") == "v" * 900]
+    refused = [index for index, answer in enumerate(answers) if answer == {"error": "answer_too_large"}]
+    assert whole == list(range(len(whole))) and refused == list(range(len(whole), len(keys))), answers
+    assert 6 <= len(whole) <= 8, len(whole)
+    assert body["get"]["absent"] is None
+    assert sum(len(json.dumps(answers[index])) for index in whole) <= 8 * 1024
+    # Each one on its own is read as usual.
+    assert api.call("GET", "/kv/" + keys[-1])[1]["value"] == "v" * 900
+
+
 # -- a node alone in its ring ---------------------------------------------------------------------------
 
 class _NoPeers:

@@ -572,3 +572,40 @@ def test_a_replayed_apply_does_not_bring_an_expired_entry_back(replay_cluster):
     assert replayed.status_code in (200, 401), replayed.text
     read = node.get("session")
     assert read.status_code == 404, "the replay brought the expired entry back: %s" % (read.text,)
+
+
+def test_bulk_reads_whose_answers_are_not_read_do_not_hold_the_store_many_times_over(log_dir):
+    """
+    If a client asks, on each of 3 connections, for a bulk read of 200 values of 1 MiB (all legal: at most 1000
+    operations, a 4 KB body) and reads none of the answers, then the node does not hold each 200 MiB answer in
+    memory: an answer carries at most 8 x MAX_VALUE_SIZE of entries (a few connections would otherwise take a pod
+    past its memory limit; the chart's is 1Gi).
+    """
+    from .harness import Cluster
+
+    nodes = Cluster("bulkans", log_dir)
+    sockets = []
+    try:
+        node = nodes.add()
+        session = requests.Session()
+        value = json.dumps({"value": "x" * (1024 * 1024 - 200)})
+        for index in range(200):
+            assert session.put(node.url + "/kv/k%d" % (index,), data=value,
+                               headers={"Content-Type": "application/json"}, timeout=10).status_code == 201
+        body = json.dumps({"get": ["k%d" % (index,) for index in range(200)]}).encode("ascii")
+        before = _rss_bytes(node.process.pid)
+        for _ in range(3):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", node.port))
+            sock.sendall(b"POST /bulkans/bulk HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            sockets.append(sock)
+        time.sleep(4)
+        grown = _rss_bytes(node.process.pid) - before
+        assert grown < 300 * 1024 * 1024, "3 clients that read nothing hold %d MB of the node" % (grown >> 20,)
+    finally:
+        for sock in sockets:
+            sock.close()
+        nodes.stop()
+

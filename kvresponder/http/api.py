@@ -35,6 +35,11 @@ MAX_LIST_LIMIT = 10000
 DEFAULT_LIST_LIMIT = 1000
 MAX_TTL = 10 * 365 * 24 * 3600.0
 MAX_BULK_OPERATIONS = 1000
+#: A bulk answer carries at most this many times MAX_VALUE_SIZE of entries (as a bulk request may carry of
+#: values): an answer is held whole until its client has read it, and 1000 gets of the largest values would
+#: otherwise hold a GiB for each client that asks and does not read.
+BULK_ANSWER_VALUES = 8
+_ANSWER_TOO_LARGE = b'{"error":"answer_too_large"}'
 _JSON = b"application/json"
 #: A cursor is the base64url of a key's UTF-8: at most 1368 characters for the longest key (1024 bytes).
 _CURSOR = re.compile(r"^[A-Za-z0-9_-]{1,1368}$")
@@ -651,7 +656,8 @@ class PublicAPI:
         found = await coordinator.read_many(get_keys) if get_keys else []
         written = await coordinator.put_many(writes) if writes else []
         deleted = await coordinator.delete_many(delete_keys) if delete_keys else []
-        return b"".join([b'{"get":{', _get_answers(get_keys, found, metrics), b'},"put":[',
+        answer_limit = BULK_ANSWER_VALUES * self._node.settings.max_value_size
+        return b"".join([b'{"get":{', _get_answers(get_keys, found, metrics, answer_limit), b'},"put":[',
                          _put_answers(writes, written, metrics), b'],"delete":[',
                          _delete_answers(delete_keys, deleted, metrics), b"]}"])
 
@@ -660,9 +666,14 @@ class PublicAPI:
 # is pure Python on PyPy, and a request holds up to MAX_BULK_OPERATIONS of them. Each outcome is counted once a
 # request, not once an operation.
 
-def _get_answers(keys, found, metrics) -> bytes:
+def _get_answers(keys, found, metrics, limit: int) -> bytes:
+    """
+    :param limit: bytes of entries the answer carries at most; the keys found beyond it are answered
+        ``answer_too_large``, to be read on their own.
+    """
     gets = []
     hits = misses = 0
+    size = 0
     for key, entry in zip(keys, found):
         if isinstance(entry, Unavailable):
             body = b'{"error":"unavailable"}'
@@ -670,9 +681,13 @@ def _get_answers(keys, found, metrics) -> bytes:
             misses += 1
             body = b"null"
         else:
-            hits += 1
             # Stored values are spliced in as stored, never parsed again.
             body = entry_json(entry)
+            size += len(body)
+            if size > limit:
+                body = _ANSWER_TOO_LARGE
+            else:
+                hits += 1
         gets.append(json_key(key) + b":" + body)
     _count(metrics, "get", "hit", hits)
     _count(metrics, "get", "miss", misses)

@@ -272,7 +272,6 @@ class DiscoveryProtocol(DatagramProtocol):
         if self.alone:
             self._ignore(beat, address)
             return
-        slot = None
         if timestamp is not None and self.codec.authenticated:
             # A signed heartbeat is taken once: one resent later (captured on the network) would otherwise feed
             # a stale time into the clock offsets below. Told by its sequence number where it has one: by its
@@ -284,6 +283,13 @@ class DiscoveryProtocol(DatagramProtocol):
                 self._drop("replayed", "%s not above the last one" % (
                     "sequence number" if sequence is not None else "timestamp",), address)
                 return
+            # The floor is set before the checks on its time, so that a heartbeat refused for it (a clock far
+            # ahead) cannot be sent again to be measured again, nor taken in once real time has come close to
+            # it. A sender whose clock is then set right is not locked out: its sequence numbers go on rising
+            # (only a node older than them, which sends none, is kept out until real time passes its last).
+            if len(self._last_timestamps) > 4096:
+                self._last_timestamps.clear()
+            self._last_timestamps[slot] = order
         if timestamp is not None:
             offset = timestamp - self.wall()
             # Measured before the checks on the time itself: a clock far off is exactly what must show.
@@ -307,13 +313,6 @@ class DiscoveryProtocol(DatagramProtocol):
             if self.codec.authenticated and abs(offset) > REPLAY_WINDOW + (self.max_clock_offset or 0.0):
                 self._drop("replayed", "timestamp outside the replay window", address)
                 return
-        if slot is not None:
-            # Only a heartbeat taken in sets the floor: one refused for its time (a clock far ahead) must not,
-            # or once that clock is set right, its node's heartbeats would all be "replayed" until real time
-            # caught up with the time it had run ahead to (a year ahead: a year out of every peer's ring).
-            if len(self._last_timestamps) > 4096:
-                self._last_timestamps.clear()
-            self._last_timestamps[slot] = order
         if self.metrics is not None:
             self.metrics.discovery("accepted")
         self.membership.observe(beat)

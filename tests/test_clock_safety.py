@@ -553,24 +553,46 @@ def test_the_reactors_clock_starts_at_the_wall_clock_and_moves_only_with_the_mon
 def test_a_peer_whose_clock_ran_ahead_is_taken_back_in_once_its_clock_is_corrected():
     """
     If a signed peer's heartbeats come an hour ahead (refused, ``clock_ahead``), and its clock is then set right
-    (its heartbeats carry the real time again, same incarnation), then its next heartbeat is accepted: the
-    refused future timestamps are no floor for the replay check.
+    (its heartbeats carry the real time again, same incarnation, their sequence numbers still rising), then its
+    next heartbeat is accepted: the refused future timestamps are no floor for the replay check.
     """
     key = derive_key("a-cluster-secret-of-some-length", "discovery")
     protocol, membership, clock_offsets, metrics = _protocol(key)
     codec = HeartbeatCodec("t1", key)
     beat = Heartbeat("n2", 1, "10.0.0.2", 3000, ALIVE, 1)
-    for second in range(3):
+    for sequence in range(1, 4):
         protocol.clock.advance(1.0)
-        protocol.datagramReceived(codec.encode(beat, False, protocol.clock.seconds() + 3600.0),
+        protocol.datagramReceived(codec.encode(beat, False, protocol.clock.seconds() + 3600.0, sequence),
                                   ("10.0.0.2", 9999))
     assert membership.peers() == [] and metrics.results == ["clock_ahead"] * 3
     # NTP steps n2's clock back to the real time.
-    for second in range(3):
+    for sequence in range(4, 7):
         protocol.clock.advance(1.0)
-        protocol.datagramReceived(codec.encode(beat, False, protocol.clock.seconds()), ("10.0.0.2", 9999))
+        protocol.datagramReceived(codec.encode(beat, False, protocol.clock.seconds(), sequence), ("10.0.0.2", 9999))
     assert metrics.results[3:] == ["accepted"] * 3, metrics.results
     assert [peer.node_id for peer in membership.peers()] == ["n2"]
+
+
+def test_a_heartbeat_refused_for_its_time_and_sent_again_is_neither_measured_again_nor_taken_in_later():
+    """
+    If a signed heartbeat is refused because its clock is far ahead, and the same datagram is sent again (once
+    at once, once when real time has come within the bound of its time), then each resend is dropped as
+    replayed: it is not measured again (one captured datagram cannot weigh in the skew vote over and over), and
+    it never brings its node into the ring.
+    """
+    key = derive_key("a-cluster-secret-of-some-length", "discovery")
+    protocol, membership, clock_offsets, metrics = _protocol(key)
+    codec = HeartbeatCodec("t1", key)
+    data = codec.encode(Heartbeat("n2", 1, "10.0.0.2", 3000, ALIVE, 1), False, protocol.clock.seconds() + 20.0, 1)
+    measured = []
+    clock_offsets.heard = lambda *args: measured.append(args)
+    protocol.datagramReceived(data, ("10.0.0.2", 9999))
+    protocol.clock.advance(1.0)
+    protocol.datagramReceived(data, ("10.0.0.2", 9999))
+    protocol.clock.advance(19.5)
+    protocol.datagramReceived(data, ("10.0.0.2", 9999))
+    assert metrics.results == ["clock_ahead", "replayed", "replayed"], metrics.results
+    assert len(measured) == 1 and membership.peers() == []
 
 
 def test_a_peer_whose_clock_ran_past_the_replay_window_is_taken_back_in_once_its_clock_is_corrected():

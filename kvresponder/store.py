@@ -655,10 +655,15 @@ class Store:
             self._released(len(bkey) + TOMBSTONE_OVERHEAD)
         if len(heap) > self._expiring + self._expiring // 2 + 64:
             # Replaced and deleted keys leave dead heap items behind; rebuild so the heap stays bounded: at most
-            # half as many dead items as live ones, which EXPIRY_OVERHEAD accounts for.
-            self._expiries = [(expires_at, slot) for slot, expires_at in
-                              ((slot, _unpack_time(packed, _TIME_OFFSET)[0]) for slot, packed in live.items())
-                              if expires_at]
+            # half as many dead items as live ones, which EXPIRY_OVERHEAD accounts for. From the heap, not the
+            # store: a store of many keys without a TTL and a few overwritten ones with one would otherwise be
+            # walked whole at every sweep.
+            kept = set()
+            for expires_at, slot in heap:
+                packed = live.get(slot)
+                if packed is not None and _unpack_time(packed, _TIME_OFFSET)[0] == expires_at:
+                    kept.add((expires_at, slot))
+            self._expiries = list(kept)
             heapq.heapify(self._expiries)
         return expired
 

@@ -833,7 +833,12 @@ def test_a_request_head_with_a_bare_lf_line_end_is_a_400_at_once_that_closes_and
     (b"PUT /t1/kv/split HTTP/1.1\r", b"\nHost: h\r\nContent-Length: 12\r\n\r", b"\n{\"value\": 1}"),
     (b"PUT /t1/kv/lf-body HTTP/1.1\r\nHost: h\r\nContent-Length: 16\r\n\r\n{\n\"value\": 1\n}\n\n",),
     (b"POST /t1/bulk HTTP/1.1\r\nHost: h\r\nContent-Length: 45\r\n\r\n",
-     b"{\n\"put\": [{\"key\": \"lf-bulk\", \"value\": 1}]\n}\n\n")])
+     b"{\n\"put\": [{\"key\": \"lf-bulk\", \"value\": 1}]\n}\n\n"),
+    # The head's blank line split between two reads, the body behind it holding LFs.
+    (b"POST /t1/bulk HTTP/1.1\r\nHost: h\r\nContent-Length: 46\r\n",
+     b"\r\n{\n\"put\": [{\"key\": \"lf-split\", \"value\": 1}]\n}\n\n"),
+    (b"POST /t1/bulk HTTP/1.1\r\nHost: h\r\nContent-Length: 46\r\n\r",
+     b"\n{\n\"put\": [{\"key\": \"lf-split\", \"value\": 1}]\n}\n\n")])
 def test_a_crlf_split_between_reads_or_a_bare_lf_in_a_body_is_served(pieces):
     """
     If a CRLF arrives split between two reads, or a body (JSON, where an LF is whitespace) holds bare LFs, then

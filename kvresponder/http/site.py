@@ -475,8 +475,8 @@ class _CountedChannel(HTTPChannel):
     _last_activity = 0.0
 
     _lane = None
-    #: Whether the last byte given to Twisted's parser was a CR (a CRLF split between two reads).
-    _after_cr = False
+    #: The last bytes given to Twisted's parser (a CRLF, or a head's CRLFCRLF, may be split between two reads).
+    _line_tail = b""
     #: Whether a request head was refused for its line ends (the connection is closing).
     _refused_head = False
     #: Whether the connection was handed over to another protocol (a copy stream), which answers each of its
@@ -595,14 +595,14 @@ class _CountedChannel(HTTPChannel):
             return  # answered and closing: what still arrives is not read
         if self._request_started is None and channel_between_requests(self):
             self.receiving(True)
-        if self.line_mode and b"\n" in data and bare_line_feed(data, self._after_cr):
+        if self.line_mode and b"\n" in data and bare_line_feed(data, self._line_tail):
             # Twisted's parser splits the head on CRLF alone: a head whose lines end in a bare LF (as netcat and
             # hand-typed requests send) would wait for the request's deadline and be cut off without a word.
             # RFC 9112 (2.2) lets a server refuse it; it is answered at once instead.
             self._refused_head = True
             _answer_bad_request(self, "Each line of the request head must end in CRLF, not in a bare LF.")
             return
-        self._after_cr = data[-1:] == b"\r"
+        self._line_tail = (self._line_tail + data)[-3:]
         HTTPChannel.dataReceived(self, data)
 
     def receiving(self, partly: bool) -> None:
@@ -803,18 +803,18 @@ class _CountedChannel(HTTPChannel):
         HTTPChannel.connectionLost(self, reason)
 
 
-def bare_line_feed(data: bytes, after_cr: bool = False) -> bool:
+def bare_line_feed(data: bytes, before: bytes = b"") -> bool:
     """
-    Whether the request head that ``data`` starts with (up to its blank line, or all of ``data`` if that has not
-    arrived) has a line ending in LF alone. ``after_cr``: the bytes before ``data`` ended in a CR. What follows
-    the head is a body, where a bare LF is just a byte.
+    Whether ``data``'s part of a request head (up to the head's blank line, or all of ``data`` if that has not
+    arrived) has a line ending in LF alone. ``before``: the last bytes (up to 3) of the head given before ``data``,
+    so that a CRLF, or the blank line's CRLFCRLF, split between two reads is found whole. What follows the head is
+    a body, where a bare LF is just a byte.
     """
-    end = data.find(b"\r\n\r\n")
-    head = data if end < 0 else data[:end + 2]
-    ends = head.count(b"\r\n")
-    if after_cr and head[:1] == b"\n":
-        ends += 1
-    return head.count(b"\n") != ends
+    joined = before + data
+    start = len(before)
+    end = joined.find(b"\r\n\r\n", max(0, start - 3))
+    stop = len(joined) if end < 0 else end + 2
+    return joined.count(b"\n", start, stop) != joined.count(b"\r\n", max(0, start - 1), stop)
 
 
 def _answer_bad_request(channel, message: str = "The request is not well-formed HTTP/1.1.") -> None:

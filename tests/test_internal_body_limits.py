@@ -21,6 +21,14 @@ def cluster(log_dir):
         nodes.stop()
 
 
+def _rss_bytes(pid: int) -> int:
+    with open("/proc/%d/status" % (pid,)) as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
 def _temp_bytes(pid: int, directory: str) -> int:
     """Bytes in the files under ``directory`` (deleted or not) that process ``pid`` holds open."""
     total = 0
@@ -38,14 +46,15 @@ def _temp_bytes(pid: int, directory: str) -> int:
 @pytest.mark.e2e
 def test_an_unsigned_internal_body_is_refused_before_it_is_buffered(cluster, log_dir):
     """
-    If a caller without the cluster secret sends ``/_internal/apply`` a body larger than ``MAX_VALUE_SIZE`` (the
-    internal routes take up to 64 MiB from peers), then the node answers at once, from the head, without
-    spooling the body to its temporary directory (the chart's /tmp is a 64Mi emptyDir): otherwise every connection
-    (up to MAX_CONNECTIONS) could make it write up to 64 MiB before the signature is even checked.
+    If a caller without the cluster secret sends ``/_internal/apply`` a body larger than a bulk request's limit
+    (the internal routes take up to 64 MiB from peers), then the node answers at once, from the head, without
+    reading the body into memory or its temporary directory (the chart's /tmp is a 64Mi emptyDir): otherwise every
+    connection (up to MAX_CONNECTIONS) could make it hold up to 64 MiB before the signature is even checked.
     """
     tmp = os.path.join(log_dir, "tmp")
     os.mkdir(tmp)
     node = cluster.add(env={"TMPDIR": tmp})
+    before = _rss_bytes(node.process.pid)
     declared = 48 * 1024 * 1024
     sock = socket.create_connection(("127.0.0.1", node.port))
     try:
@@ -64,6 +73,8 @@ def test_an_unsigned_internal_body_is_refused_before_it_is_buffered(cluster, log
         time.sleep(0.5)
         held = _temp_bytes(node.process.pid, tmp)
         assert held < 2 * 1024 * 1024, "the node spooled %d bytes of an unsigned body to %s" % (held, tmp)
+        grown = _rss_bytes(node.process.pid) - before
+        assert grown < 24 * 1024 * 1024, "the node holds %d MB more for an unsigned body" % (grown >> 20,)
         head = sock.recv(65536)
         assert head.startswith(b"HTTP/1.1 413") or head.startswith(b"HTTP/1.1 401"), head[:200]
     finally:
@@ -71,10 +82,10 @@ def test_an_unsigned_internal_body_is_refused_before_it_is_buffered(cluster, log
 
 
 @pytest.mark.e2e
-def test_a_peers_signed_body_over_the_value_limit_is_still_taken(cluster):
+def test_a_peers_signed_body_over_a_bulk_limit_is_still_taken(cluster):
     """
-    If a peer sends ``/_internal/apply`` a body larger than ``MAX_VALUE_SIZE`` (a handoff batch) with its head
-    signed for that length, then it is taken; the same body without the head's signature gets 413.
+    If a peer sends ``/_internal/apply`` a body larger than a bulk request's limit (8 x MAX_VALUE_SIZE) with its
+    head signed for that length, then it is taken; the same body without the head's signature gets 413.
     """
     import json
 
@@ -88,8 +99,8 @@ def test_a_peers_signed_body_over_the_value_limit_is_still_taken(cluster):
     path = "/%s/_internal/apply" % (cluster.tenant,)
     version = [int(time.time() * 1000), 0, "n9"]
     body = json.dumps({"entries": [{"k": "big-%d" % (index,), "v": json.dumps("x" * (700 * 1024)), "ver": version}
-                                   for index in range(3)]}).encode("utf-8")
-    assert len(body) > 2 * 1024 * 1024
+                                   for index in range(14)]}).encode("utf-8")
+    assert len(body) > 8 * 1024 * 1024
     headers = {"Content-Type": "application/json",
                "X-KV-Auth": signer.sign(b"POST", path.encode("ascii"), body).decode("ascii")}
     url = "http://127.0.0.1:%d%s" % (node.port, path)
@@ -98,7 +109,7 @@ def test_a_peers_signed_body_over_the_value_limit_is_still_taken(cluster):
     headers["X-KV-Auth-Length"] = signer.sign_length(b"POST", path.encode("ascii"), len(body)).decode("ascii")
     signed = requests.post(url, data=body, headers=headers, timeout=10)
     assert signed.status_code == 200, signed.text
-    assert len(node.get("big-2").json()["value"]) == 700 * 1024
+    assert len(node.get("big-13").json()["value"]) == 700 * 1024
 
 
 @pytest.mark.e2e
@@ -118,3 +129,32 @@ def test_a_joining_node_receives_handoff_batches_larger_than_a_value(log_dir):
                        timeout=30, message="the joining node's share handed to it")
     finally:
         nodes.stop()
+
+
+@pytest.mark.e2e
+def test_a_large_bulk_body_is_not_spooled_to_the_temporary_directory(cluster, log_dir):
+    """
+    If a client sends a /bulk body of several MiB (within its limit, 8 x MAX_VALUE_SIZE) and pauses before its
+    end, then nothing of it is written to the node's temporary directory (the chart's /tmp is an emptyDir with a
+    64Mi size limit, which a few concurrent bulk bodies spooled there would pass, and the pod would be evicted);
+    the request is served once its body is in.
+    """
+    tmp = os.path.join(log_dir, "tmp")
+    os.mkdir(tmp)
+    node = cluster.add(env={"TMPDIR": tmp})
+    value = "v" * (512 * 1024)
+    body = ('{"put": [%s]}' % (", ".join('{"key": "b%d", "value": "%s"}' % (i, value) for i in range(12)),)).encode()
+    sock = socket.create_connection(("127.0.0.1", node.port))
+    try:
+        sock.sendall(b"POST /%s/bulk HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % (cluster.tenant.encode(), len(body)))
+        sock.sendall(body[:-10])
+        time.sleep(0.5)
+        held = _temp_bytes(node.process.pid, tmp)
+        assert held == 0 and not os.listdir(tmp), "the node spooled %d bytes of a bulk body to %s" % (held, tmp)
+        sock.sendall(body[-10:])
+        sock.settimeout(10)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 "), node.log_tail(5)
+    finally:
+        sock.close()
+

@@ -216,7 +216,7 @@ async def test_a_body_over_the_limit_of_the_route_the_path_reaches_gets_413(serv
     chunked body to an internal route gets a client's limit: a peer declares, and signs, its body's length.
     """
     for chunked in (False, True):
-        limit = LIMITS[VALUE] if chunked and case.limit == INTERNAL else LIMITS[case.limit]
+        limit = LIMITS[BULK] if chunked and case.limit == INTERNAL else LIMITS[case.limit]
         answer = await _send(server, _request(case, _body(limit + 1), chunked,
                                               _signed_length(server, case, limit + 1)))
         assert answer.status == 413, (case, chunked, answer)
@@ -229,19 +229,19 @@ async def test_a_body_over_the_limit_of_the_route_the_path_reaches_gets_413(serv
 
 @pytest.mark.parametrize("case", [case for case in CASES if case.limit == INTERNAL], ids=_id)
 @pytest_twisted.ensureDeferred
-async def test_an_internal_body_over_a_values_limit_without_a_signed_length_gets_413(server, case):
+async def test_an_internal_body_over_a_bulk_limit_without_a_signed_length_gets_413(server, case):
     """
-    If a request to an internal route declares a body larger than a value's limit and its head is not signed for
+    If a request to an internal route declares a body larger than a bulk request's limit and its head is not signed for
     that length (a caller without the cluster secret, or a forged signature), then it gets 413 from its head,
     before its body is read; signed for another length, the same.
     """
-    size = LIMITS[VALUE] + 1
+    size = LIMITS[BULK] + 1
     forged = b"X-KV-Auth-Length: %.3f:%s\r\n" % (time.time(), b"0" * 64)
     other = _signed_length(server, case, size + 1)
     for extra in (b"", forged, other):
         answer = await _send(server, _request(case, _body(size), extra_headers=extra))
         assert answer.status == 413, (case, extra, answer)
-        assert b"%d bytes" % (LIMITS[VALUE],) in answer.body
+        assert b"%d bytes" % (LIMITS[BULK],) in answer.body
 
 
 @pytest.mark.parametrize("case", CASES, ids=_id)

@@ -9,6 +9,7 @@ header and idle limits.
 
 import json
 from contextlib import nullcontext
+from io import BytesIO
 from typing import Callable, Optional
 
 from eliot import write_traceback
@@ -136,7 +137,10 @@ class KVRequest(Request):
             self._too_large = True
             self.content = _Discard()
             return
-        Request.gotLength(self, length)
+        # In memory, whatever its size: it is within its route's limit, checked above and as it streams. Twisted
+        # spools a body of 100 kB or more to a temporary file, and the chart's /tmp is an emptyDir whose size
+        # limit a few concurrent bulk requests of 8 MiB would pass (the pod is then evicted).
+        self.content = BytesIO()
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._too_large:
@@ -917,8 +921,9 @@ class KVSite(Site):
         does it for traversal.
 
         :param headers: the request's headers, once its head is in: an internal route's limit is then given only
-            to a request whose head is signed for its ``length`` (``signed_length``); any other gets a client's,
-            so that a caller without the cluster secret cannot make the node read a peer's largest body.
+            to a request whose head is signed for its ``length`` (``signed_length``) when that is over a bulk
+            request's; any other gets a bulk request's, so that a caller without the cluster secret cannot make
+            the node read more than any client may.
         """
         path = origin_form(target.split(b"?", 1)[0])
         for prefix, limit in self._shortcut_limits:
@@ -926,8 +931,11 @@ class KVSite(Site):
                 return limit
         kind = self._routed_kind(path, method)
         if (kind == INTERNAL and headers is not None and self._signed_length is not None
+                and (length is None or length > self.bulk_body_limit)
                 and not self._signed_length(headers, method, path, length)):
-            return self.body_limit
+            # A /bulk request's limit, which any client has: what older peers, which sign no length, send (a
+            # hand-off batch is at most 4 MiB and one entry) fits, and a stranger gets no more than a client.
+            return self.bulk_body_limit
         return self._body_limits[kind]
 
     def _routed_limit(self, path: bytes, method: bytes) -> int:

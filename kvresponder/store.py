@@ -484,7 +484,12 @@ class Store:
         self.changes += 1
         if existing is not None:
             self._drop(bkey, existing)
-            self._released_live(existing)
+            # _released_live, with the expiry already unpacked above (an overwrite is the usual PUT).
+            size = len(existing) + _LIVE_EXTRA
+            if expires_at:
+                size += EXPIRY_OVERHEAD
+                self._expiring -= 1
+            self._released(size)
             self._sorted_keys = None
         elif tomb is not None:
             del self._tombstones[bkey]

@@ -289,4 +289,6 @@ def test_a_peer_whose_address_refuses_connections_adds_no_latency_to_writes(clus
         took.append(time.monotonic() - started)
         assert response.status_code in (200, 201), response.text
     assert writer.metric("kv_ring_members") == 3, "the killed node expired during the test"
-    assert max(took) < 0.15, ["%.3f" % (seconds,) for seconds in took]
+    # Without the fix, every write that owed the node a copy took the 0.3 s delay (9 of 20 here) until a call
+    # made it a suspect; one or two slow writes on a loaded machine are not that.
+    assert sum(seconds > 0.25 for seconds in took) < 3, ["%.3f" % (seconds,) for seconds in took]

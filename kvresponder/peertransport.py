@@ -101,16 +101,24 @@ class PeerAuthenticator:
         Whether ``header`` (a :data:`LENGTH_AUTH_HEADER`) signs ``method``, ``path`` and ``length``, within
         :data:`AUTH_WINDOW`.
         """
+        fresh = self._fresh(header)
+        return fresh is not None and hmac.compare_digest(fresh[1], self._length_mac(fresh[0], method, path, length))
+
+    def _fresh(self, header: Optional[bytes]) -> Optional[Tuple[str, str]]:
+        """
+        The time stamp and MAC of a signature ``header`` (``<time>:<mac>``) signed within :data:`AUTH_WINDOW` of
+        this node's clock, or ``None``.
+        """
         if not header:
-            return False
+            return None
         try:
             stamp, mac = header.decode("ascii").split(":", 1)
             when = float(stamp)
         except (UnicodeDecodeError, ValueError):
-            return False
+            return None
         if not math.isfinite(when) or abs(self._wall() - when) > AUTH_WINDOW:
-            return False
-        return hmac.compare_digest(mac, self._length_mac(stamp, method, path, length))
+            return None
+        return stamp, mac
 
     def stream_key(self) -> bytes:
         """
@@ -131,16 +139,8 @@ class PeerAuthenticator:
         return when if math.isfinite(when) else None
 
     def verify(self, header: Optional[bytes], method: bytes, path: bytes, body: bytes) -> bool:
-        if not header:
-            return False
-        try:
-            stamp, mac = header.decode("ascii").split(":", 1)
-            when = float(stamp)
-        except (UnicodeDecodeError, ValueError):
-            return False
-        if abs(self._wall() - when) > AUTH_WINDOW:
-            return False
-        return hmac.compare_digest(mac, self._mac(stamp, method, path, body))
+        fresh = self._fresh(header)
+        return fresh is not None and hmac.compare_digest(fresh[1], self._mac(fresh[0], method, path, body))
 
 
 @implementer(IAgentEndpointFactory)

@@ -293,3 +293,15 @@ def check_verify_commands(commands: List[str], tenant: str, log_dir: str) -> Non
         assert seen == expected_kinds, (seen, commands)
     finally:
         node.kill()
+
+
+def rss_bytes(pid: int) -> int:
+    """
+    The resident memory of process ``pid``, in bytes.
+    """
+    with open("/proc/%d/status" % (pid,)) as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+

@@ -390,15 +390,11 @@ def test_concurrent_writes_to_a_peer_share_one_request(cluster):
         assert holders(cluster, key) == sorted(node.ring().preference_list(key, 2))
 
 
-def test_a_later_write_wins_over_an_earlier_one_across_a_join_that_replaces_every_owner_of_the_key():
+def _earlier_write_that_a_join_will_displace():
     """
-    If a write is acknowledged through a node whose clock is ahead (within MAX_CLOCK_OFFSET), a node joins and
-    takes both owners' places for the key, and a second write is then made through a node whose clock is
-    behind, then once the join's handoff has run every node answers the second write: it asked the previous
-    owners, heard of the first write's version, and was stamped above it.
+    A 3-node cluster, n3's clock 0.4 s ahead (within the bound), and a key written "earlier" through n3 whose
+    two owners (n2, n3) a fourth node's join replaces with n1 and n4.
     """
-    from kvresponder.ring import HashRing
-
     cluster = MemoryCluster(3, wall_offsets={3: 0.4})
     cluster.run(seconds=1.0)
     n1, n2, n3 = cluster.nodes
@@ -409,6 +405,18 @@ def test_a_later_write_wins_over_an_earlier_one_across_a_join_that_replaces_ever
                if set(before.preference_list(key, 2)) == {"n2", "n3"}
                and set(after.preference_list(key, 2)) == {"n1", "n4"})
     assert put(cluster, n3, key, "earlier")[0] == 201
+    return cluster, key
+
+
+def test_a_later_write_wins_over_an_earlier_one_across_a_join_that_replaces_every_owner_of_the_key():
+    """
+    If a write is acknowledged through a node whose clock is ahead (within MAX_CLOCK_OFFSET), a node joins and
+    takes both owners' places for the key, and a second write is then made through a node whose clock is
+    behind, then once the join's handoff has run every node answers the second write: it asked the previous
+    owners, heard of the first write's version, and was stamped above it.
+    """
+    cluster, key = _earlier_write_that_a_join_will_displace()
+    n1 = cluster.nodes[0]
     cluster.add()
     assert sorted(n1.ring().preference_list(key, 2)) == ["n1", "n4"]
     code, body = put(cluster, n1, key, "later")
@@ -491,16 +499,7 @@ def test_a_later_write_through_the_joining_node_wins_over_an_earlier_one_the_joi
     in every state), then once the join's handoff has run every node answers the second write: the joining node
     asked its peers' ring for the key's version.
     """
-    cluster = MemoryCluster(3, wall_offsets={3: 0.4})
-    cluster.run(seconds=1.0)
-    n1, n2, n3 = cluster.nodes
-    assert not n3.clock_offsets.skewed
-    before = HashRing(["n1", "n2", "n3"], vnodes=n1.settings.vnodes)
-    after = HashRing(["n1", "n2", "n3", "n4"], vnodes=n1.settings.vnodes)
-    key = next(key for key in ("key-%d" % i for i in range(100000))
-               if set(before.preference_list(key, 2)) == {"n2", "n3"}
-               and set(after.preference_list(key, 2)) == {"n1", "n4"})
-    assert put(cluster, n3, key, "earlier")[0] == 201
+    cluster, key = _earlier_write_that_a_join_will_displace()
     n4 = cluster.add()
     assert n4.state == "joining"
     assert sorted(n4.ring().preference_list(key, 2)) == ["n1", "n4"]

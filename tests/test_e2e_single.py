@@ -17,7 +17,8 @@ import requests
 
 from kvresponder.node import IDLE_RECLAIM_SECONDS
 
-from .harness import F_SETPIPE_SZ, REPO, TWISTD, NodeProcess, free_port, free_udp_port, node_env
+from .harness import (F_SETPIPE_SZ, REPO, TWISTD, Cluster, NodeProcess, free_port, free_udp_port, node_env,
+                      rss_bytes)
 
 pytestmark = pytest.mark.e2e
 
@@ -108,21 +109,13 @@ def test_a_bad_setting_stops_startup_with_one_line(args, env, option, value):
         assert value in lines[0]
 
 
-def _rss_bytes(pid: int) -> int:
-    with open("/proc/%d/status" % (pid,)) as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 def _settled_rss(node) -> int:
     """
     The node's RSS once it has been idle long enough to reclaim what the last writes left (the idle reclaim: on
     PyPy a major collection run in steps, then malloc_trim), rather than wherever a collection under way was.
     """
     time.sleep(IDLE_RECLAIM_SECONDS + 1.5)
-    return _rss_bytes(node.process.pid)
+    return rss_bytes(node.process.pid)
 
 
 def test_writing_four_times_the_budget_stays_within_it(log_dir):
@@ -151,7 +144,7 @@ def test_writing_four_times_the_budget_stays_within_it(log_dir):
 
     try:
         node.wait_ready()
-        baseline = _rss_bytes(node.process.pid)
+        baseline = rss_bytes(node.process.pid)
         write(4 * budget)
         first = _settled_rss(node)
         assert node.metric("kv_store_bytes") <= node.metric("kv_store_max_bytes") == budget
@@ -477,8 +470,6 @@ def test_a_node_whose_stdout_nobody_reads_keeps_answering_and_counts_the_log_lin
 
 @pytest.fixture
 def node_with_a_large_value(log_dir):
-    from .harness import Cluster
-
     nodes = Cluster("slow", log_dir)
     try:
         node = nodes.add()
@@ -490,12 +481,16 @@ def node_with_a_large_value(log_dir):
         nodes.stop()
 
 
-def _rss_bytes(pid: int) -> int:
-    with open("/proc/%d/status" % (pid,)) as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
+def _wait_for_answers(sockets, timeout: float = 20.0) -> None:
+    """
+    Wait until the node has begun to answer on every socket (without reading the answers), so that a measure of
+    its memory taken afterwards cannot come before it has done the work it is measured on.
+    """
+    deadline = time.monotonic() + timeout
+    for sock in sockets:
+        sock.settimeout(max(0.1, deadline - time.monotonic()))
+        assert sock.recv(1, socket.MSG_PEEK), "the node closed the connection without an answer"
+        sock.settimeout(None)
 
 
 @pytest.mark.e2e
@@ -507,15 +502,16 @@ def test_pipelined_reads_whose_answers_are_not_read_do_not_pile_up_in_memory(nod
     answers in memory; and once the client reads, it gets every answer, in order.
     """
     node = node_with_a_large_value
-    before = _rss_bytes(node.process.pid)
+    before = rss_bytes(node.process.pid)
     request = b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n"
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", node.port))
     try:
         sock.sendall(request * 1500)
+        _wait_for_answers([sock])
         time.sleep(3)
-        grown = _rss_bytes(node.process.pid) - before
+        grown = rss_bytes(node.process.pid) - before
         assert grown < 200 * 1024 * 1024, "the node holds %d MB for one client that reads nothing" % (grown >> 20,)
         sock.settimeout(20)
         received = 0
@@ -534,8 +530,6 @@ def test_pipelined_reads_whose_answers_are_not_read_do_not_pile_up_in_memory(nod
 
 @pytest.fixture
 def replay_cluster(log_dir):
-    from .harness import Cluster
-
     nodes = Cluster("replay", log_dir)
     try:
         yield nodes
@@ -581,8 +575,6 @@ def test_bulk_reads_whose_answers_are_not_read_do_not_hold_the_store_many_times_
     memory: an answer carries at most 8 x MAX_VALUE_SIZE of entries (a few connections would otherwise take a pod
     past its memory limit; the chart's is 1Gi).
     """
-    from .harness import Cluster
-
     nodes = Cluster("bulkans", log_dir)
     sockets = []
     try:
@@ -593,7 +585,7 @@ def test_bulk_reads_whose_answers_are_not_read_do_not_hold_the_store_many_times_
             assert session.put(node.url + "/kv/k%d" % (index,), data=value,
                                headers={"Content-Type": "application/json"}, timeout=10).status_code == 201
         body = json.dumps({"get": ["k%d" % (index,) for index in range(200)]}).encode("ascii")
-        before = _rss_bytes(node.process.pid)
+        before = rss_bytes(node.process.pid)
         for _ in range(3):
             sock = socket.socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -601,8 +593,9 @@ def test_bulk_reads_whose_answers_are_not_read_do_not_hold_the_store_many_times_
             sock.sendall(b"POST /bulkans/bulk HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
                          b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
             sockets.append(sock)
-        time.sleep(4)
-        grown = _rss_bytes(node.process.pid) - before
+        _wait_for_answers(sockets)
+        time.sleep(2)
+        grown = rss_bytes(node.process.pid) - before
         assert grown < 300 * 1024 * 1024, "3 clients that read nothing hold %d MB of the node" % (grown >> 20,)
     finally:
         for sock in sockets:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from .harness import Cluster
+from .harness import Cluster, rss_bytes
 
 
 @pytest.fixture
@@ -19,14 +19,6 @@ def cluster(log_dir):
         yield nodes
     finally:
         nodes.stop()
-
-
-def _rss_bytes(pid: int) -> int:
-    with open("/proc/%d/status" % (pid,)) as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 def _temp_bytes(pid: int, directory: str) -> int:
@@ -54,7 +46,7 @@ def test_an_unsigned_internal_body_is_refused_before_it_is_buffered(cluster, log
     tmp = os.path.join(log_dir, "tmp")
     os.mkdir(tmp)
     node = cluster.add(env={"TMPDIR": tmp})
-    before = _rss_bytes(node.process.pid)
+    before = rss_bytes(node.process.pid)
     declared = 48 * 1024 * 1024
     sock = socket.create_connection(("127.0.0.1", node.port))
     try:
@@ -73,7 +65,7 @@ def test_an_unsigned_internal_body_is_refused_before_it_is_buffered(cluster, log
         time.sleep(0.5)
         held = _temp_bytes(node.process.pid, tmp)
         assert held < 2 * 1024 * 1024, "the node spooled %d bytes of an unsigned body to %s" % (held, tmp)
-        grown = _rss_bytes(node.process.pid) - before
+        grown = rss_bytes(node.process.pid) - before
         assert grown < 24 * 1024 * 1024, "the node holds %d MB more for an unsigned body" % (grown >> 20,)
         head = sock.recv(65536)
         assert head.startswith(b"HTTP/1.1 413") or head.startswith(b"HTTP/1.1 401"), head[:200]

@@ -427,3 +427,21 @@ def test_the_peer_transport_keeps_no_state_for_addresses_it_is_not_calling():
         stub.flush()
     assert len(answers) == 200 and not any(isinstance(answer, Failure) for answer in answers), answers[:3]
     assert client.transport._in_flight == {}
+
+
+def test_a_signature_whose_time_is_not_a_finite_number_is_refused_even_with_its_mac():
+    """
+    If a peer signature's time is ``nan`` or ``inf`` (no window comparison can refuse it), then it is refused,
+    whatever its MAC, for the body's signature and the head's signed length alike.
+    """
+    from kvresponder.peertransport import PeerAuthenticator
+
+    auth = PeerAuthenticator(b"k" * 32, wall=lambda: 1_700_000_000.0)
+    for stamp in ("nan", "inf", "-inf"):
+        body_header = ("%s:%s" % (stamp, auth._mac(stamp, b"POST", b"/t1/_internal/apply", b"{}"))).encode()
+        length_header = ("%s:%s" % (stamp, auth._length_mac(stamp, b"POST", b"/t1/_internal/apply", 2))).encode()
+        assert not auth.verify(body_header, b"POST", b"/t1/_internal/apply", b"{}")
+        assert not auth.verify_length(length_header, b"POST", b"/t1/_internal/apply", 2)
+    fresh = auth.sign(b"POST", b"/t1/_internal/apply", b"{}")
+    assert auth.verify(fresh, b"POST", b"/t1/_internal/apply", b"{}")
+

@@ -261,14 +261,16 @@ class Coordinator:
             serve reads then: such a node may have refused its peers' heartbeats and see none of them, and its
             own store alone would answer "absent" for keys the cluster holds.
         """
+        skew = self._clock_skew
+        if skew is not None and skew.skewed:
+            # First: a node whose clock is far off hears no peer (it refuses their heartbeats, or they its), and
+            # its skew is what the operator must be told of.
+            raise ClockSkewed(skew.skew, skew.max_offset)
         if self._unjoined():
             # Starting, and no peer heard yet: alone in its ring, it would acknowledge a write with its one copy
             # (stamped below what the cluster may hold, so an earlier write wins over it) and answer "absent" for
             # keys the cluster holds. The first heartbeats' answers come within moments.
             raise Unavailable("This node is starting and has not heard from its cluster yet; retry in a moment.")
-        skew = self._clock_skew
-        if skew is not None and skew.skewed:
-            raise ClockSkewed(skew.skew, skew.max_offset)
 
     # -- the preference list --------------------------------------------------------------------------
 

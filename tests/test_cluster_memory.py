@@ -558,3 +558,21 @@ def test_a_read_through_a_starting_node_that_heard_no_peer_is_a_503_not_a_miss()
     n4 = _start_unheard(cluster)
     code, body = get(cluster, n4, "k")
     assert code == 503 and json.loads(body)["error"] == "unavailable", (code, body)
+
+
+def test_a_starting_node_whose_clock_is_off_says_so_rather_than_that_it_is_starting():
+    """
+    If a node in its first moments (joining, no peer taken in) has measured its clock far from its peers' (it
+    refuses their heartbeats, or they its), then its requests are answered 503 ``clock_skew``, not
+    ``unavailable``: the skew is what it cannot get past by waiting, and what the operator must be told.
+    """
+    cluster = MemoryCluster(3)
+    cluster.run(seconds=1.0)
+    n4 = _start_unheard(cluster)
+    for peer in ("n1", "n2", "n3"):
+        n4.clock_offsets.heard(peer, 1, -30.0)
+    n4.clock_offsets.evaluate()
+    assert n4.state == "joining" and n4.clock_offsets.skewed
+    for code, body in (get(cluster, n4, "k"), put(cluster, n4, "k", "v")):
+        assert code == 503 and json.loads(body)["error"] == "clock_skew", (code, body)
+

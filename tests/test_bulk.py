@@ -187,25 +187,50 @@ def test_if_a_bulk_put_holds_a_value_over_max_value_size_then_nothing_is_stored_
 def test_a_bulk_get_answers_at_most_8_times_max_value_size_of_entries_and_the_rest_answer_too_large():
     """
     If a bulk get finds more than 8 x MAX_VALUE_SIZE of entries, then the answer carries the entries up to that
-    size, in the order asked, and each key found beyond it answers {"error": "answer_too_large"} (misses and
-    the keys within the size as usual): an answer is held whole until its client reads it, and 1000 gets of
-    the largest values would otherwise hold a GiB for one client that does not read.
+    size, in the order asked, and each key after it answers {"error": "answer_too_large"}, absent or not (it is
+    not read: an answer is held whole until its client reads it, and reading 1000 of the largest values would
+    copy them all before any limit applied); a miss before the limit is null as usual.
     """
     api = API(max_value_size="1Ki")
     keys = ["big%02d" % (index,) for index in range(20)]
     for key in keys:
         api.put(key, "v" * 900)
-    code, body, _ = api.call("POST", "/bulk", {"get": keys + ["absent"]})
+    code, body, _ = api.call("POST", "/bulk", {"get": ["absent"] + keys + ["absent-too"]})
     assert code == 200, body
+    assert body["get"]["absent"] is None
     answers = [body["get"][key] for key in keys]
     whole = [index for index, answer in enumerate(answers) if answer.get("value") == "v" * 900]
     refused = [index for index, answer in enumerate(answers) if answer == {"error": "answer_too_large"}]
     assert whole == list(range(len(whole))) and refused == list(range(len(whole), len(keys))), answers
     assert 6 <= len(whole) <= 8, len(whole)
-    assert body["get"]["absent"] is None
+    assert body["get"]["absent-too"] == {"error": "answer_too_large"}
     assert sum(len(json.dumps(answers[index])) for index in whole) <= 8 * 1024
     # Each one on its own is read as usual.
     assert api.call("GET", "/kv/" + keys[-1])[1]["value"] == "v" * 900
+
+
+def test_a_bulk_get_of_small_values_reads_every_key_in_at_most_two_reads():
+    """
+    If a bulk get asks for many keys of small values, then every key is answered (hit or null), read in at most
+    two calls to the coordinator: the slices that keep a bulk get of large values within its limit cost a
+    bulk get of small values one more read at most.
+    """
+    api = API()
+    for index in range(300):
+        api.put("s%03d" % (index,), index)
+    coordinator = api.node.coordinator
+    calls = []
+    read_many = coordinator.read_many
+
+    async def counted(keys):
+        calls.append(len(keys))
+        return await read_many(keys)
+    coordinator.read_many = counted
+    code, body, _ = api.call("POST", "/bulk", {"get": ["s%03d" % (index,) for index in range(300)] + ["none"]})
+    assert code == 200
+    assert [body["get"]["s%03d" % (index,)]["value"] for index in range(300)] == list(range(300))
+    assert body["get"]["none"] is None
+    assert len(calls) <= 2 and sum(calls) == 301, calls
 
 
 # -- a node alone in its ring ---------------------------------------------------------------------------

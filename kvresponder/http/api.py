@@ -653,10 +653,10 @@ class PublicAPI:
         """
         coordinator = self._node.coordinator
         metrics = self._node.metrics
-        found = await coordinator.read_many(get_keys) if get_keys else []
+        answer_limit = BULK_ANSWER_VALUES * self._node.settings.max_value_size
+        found = await _read_within(coordinator, get_keys, answer_limit) if get_keys else []
         written = await coordinator.put_many(writes) if writes else []
         deleted = await coordinator.delete_many(delete_keys) if delete_keys else []
-        answer_limit = BULK_ANSWER_VALUES * self._node.settings.max_value_size
         return b"".join([b'{"get":{', _get_answers(get_keys, found, metrics, answer_limit), b'},"put":[',
                          _put_answers(writes, written, metrics), b'],"delete":[',
                          _delete_answers(delete_keys, deleted, metrics), b"]}"])
@@ -665,6 +665,35 @@ class PublicAPI:
 # The answers of a bulk request are built as bytes, the bytes json_bytes would give for them: the JSON encoder
 # is pure Python on PyPy, and a request holds up to MAX_BULK_OPERATIONS of them. Each outcome is counted once a
 # request, not once an operation.
+
+#: Stands, in a bulk get's results, for a key not read: the answer was full before its turn.
+_NOT_READ = object()
+
+
+async def _read_within(coordinator, keys, limit: int) -> list:
+    """
+    The entries of ``keys`` (as ``read_many`` gives them), read in slices until they pass ``limit`` bytes of
+    values; the keys after that are not read (:data:`_NOT_READ`). Read all at once, 1000 keys of the largest
+    values would be copied out of the stores (and the peers' answers) whole before the answer's limit could
+    apply. The first slice holds as many keys as the limit holds of the largest values; each next one, as many
+    as the room left holds at the mean size seen so far (for small values: the rest, in one read).
+    """
+    found: list = []
+    size = 0
+    values = 0
+    step = BULK_ANSWER_VALUES
+    while len(found) < len(keys) and size <= limit:
+        entries = await coordinator.read_many(keys[len(found):len(found) + step])
+        for entry in entries:
+            value = getattr(entry, "value", None)
+            if value is not None:
+                size += len(value)
+                values += 1
+        found.extend(entries)
+        step = len(keys) if not values else max(1, int((limit - size) * values / max(size, 1)) + 1)
+    found.extend([_NOT_READ] * (len(keys) - len(found)))
+    return found
+
 
 def _get_answers(keys, found, metrics, limit: int) -> bytes:
     """
@@ -675,7 +704,9 @@ def _get_answers(keys, found, metrics, limit: int) -> bytes:
     hits = misses = 0
     size = 0
     for key, entry in zip(keys, found):
-        if isinstance(entry, Unavailable):
+        if entry is _NOT_READ:
+            body = _ANSWER_TOO_LARGE
+        elif isinstance(entry, Unavailable):
             body = b'{"error":"unavailable"}'
         elif entry is None:
             misses += 1

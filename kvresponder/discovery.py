@@ -33,6 +33,7 @@ MAX_DATAGRAM = 1400
 REPLAY_WINDOW = 30.0
 #: Seconds between two log lines about one peer's heartbeats refused for a clock ahead of ours.
 CLOCK_AHEAD_LOG_EVERY = 60.0
+_HEX = frozenset("0123456789abcdef")
 
 
 class Malformed(ValueError):
@@ -79,6 +80,8 @@ class HeartbeatCodec:
         body["ts"] = round(now, 3)
         if sequence is not None:
             body["seq"] = sequence
+        if beat.ring_digest is not None:
+            body["members"] = beat.ring_digest
         if self._key is not None:
             body["mac"] = self._mac(body)
         return json.dumps(body, separators=(",", ":"), sort_keys=True).encode("utf-8")
@@ -141,7 +144,11 @@ class HeartbeatCodec:
         sequence = body.get("seq")
         if sequence is not None and (type(sequence) is not int or sequence < 0):
             raise Malformed("malformed", "bad sequence number")
-        return Heartbeat(node, inc, addr, port, state, ring), want, timestamp, sequence
+        members = body.get("members")
+        if members is not None and not (isinstance(members, str) and 0 < len(members) <= 32
+                                        and all(c in _HEX for c in members)):
+            raise Malformed("malformed", "bad ring digest")
+        return Heartbeat(node, inc, addr, port, state, ring, members), want, timestamp, sequence
 
 
 def _is_ipv4(value) -> bool:

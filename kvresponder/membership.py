@@ -29,6 +29,8 @@ class Heartbeat(NamedTuple):
     port: int
     state: str
     ring_size: int
+    #: :func:`~kvresponder.ring.members_digest` of the sender's ring, or ``None`` from a node older than it.
+    ring_digest: Optional[str] = None
 
 
 class Peer:
@@ -36,7 +38,8 @@ class Peer:
     One other node as this node last saw it.
     """
 
-    __slots__ = ("node_id", "incarnation", "address", "port", "state", "ring_size", "first_seen", "last_seen")
+    __slots__ = ("node_id", "incarnation", "address", "port", "state", "ring_size", "ring_digest", "first_seen",
+                 "last_seen")
 
     def __init__(self, beat: Heartbeat, now: float) -> None:
         self.node_id = beat.node_id
@@ -45,6 +48,7 @@ class Peer:
         self.port = beat.port
         self.state = beat.state
         self.ring_size = beat.ring_size
+        self.ring_digest = beat.ring_digest
         self.first_seen = now
         self.last_seen = now
 
@@ -116,6 +120,7 @@ class Membership:
             return RESTARTED
         known.last_seen = now
         known.ring_size = beat.ring_size
+        known.ring_digest = beat.ring_digest
         if known.state == LEAVING:
             return None
         if beat.state == LEAVING:

@@ -34,6 +34,10 @@ from .settings import Settings
 from .store import Store
 
 STARTING, JOINING, READY, DRAINING, STOPPED = "starting", "joining", "ready", "draining", "stopped"
+#: How long a join waits, past ``join_settle``, for every peer it heard to name the ring it has (in heartbeat
+#: intervals), and how often it looks.
+JOIN_WAIT_INTERVALS = 3
+JOIN_POLL = 0.05
 #: Not a lifecycle state: what readiness reports while this node's clock is too far from its peers'.
 CLOCK_SKEW = "clock-skew"
 
@@ -215,7 +219,7 @@ class Node:
         """
         state = LEAVING if self.state in (DRAINING, STOPPED) else ALIVE
         return Heartbeat(self.node_id, self.incarnation, self.settings.advertise_address,
-                         self.settings.advertise_port, state, len(self._ring))
+                         self.settings.advertise_port, state, len(self._ring), self._ring.digest)
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -288,6 +292,11 @@ class Node:
 
     async def _join(self) -> None:
         await deferLater(self.clock, self.join_settle, lambda: None)
+        # A heartbeat lost (UDP) leaves a peer unheard until its next one: wait for it a while, not forever (a
+        # peer whose ring never matches, say one that refuses this node's clock, must not keep it joining).
+        deadline = self.clock.seconds() + JOIN_WAIT_INTERVALS * self.settings.heartbeat_interval
+        while not self._heard_whole_cluster() and self.clock.seconds() < deadline:
+            await deferLater(self.clock, JOIN_POLL, lambda: None)
         peers = self.membership.alive_peers()
         timeout = max(10.0, self.settings.drain_timeout)
 
@@ -303,13 +312,35 @@ class Node:
 
     def unjoined(self) -> bool:
         """
-        Whether this node is starting and has heard no peer yet while it may cluster: its ring holds only
-        itself, so it must not act as a cluster of one (see ``Coordinator._check_clock``). A node that serves
-        alone by configuration (no CLUSTER_SECRET) is never unjoined; the first node of a cluster is, until its
-        join ends (``join_settle``).
+        Whether this node is starting and has not yet heard its whole cluster while it may cluster: with no peer
+        heard its ring holds only itself, and it must not act as a cluster of one (see
+        ``Coordinator._check_clock``); with some heard, one of them names a ring this node's does not match.
+        A node that serves alone by configuration (no CLUSTER_SECRET) is never unjoined; the first node of a
+        cluster is, until its join ends (``join_settle``).
         """
-        return (self.state == JOINING and len(self._ring) == 1
-                and self.settings.clustering != "disabled")
+        if self.state != JOINING or self.settings.clustering == "disabled":
+            return False
+        return len(self._ring) == 1 or not self._heard_whole_cluster()
+
+    def _heard_whole_cluster(self) -> bool:
+        """
+        Whether every peer heard names the ring this node has, with or without this node in it. The answers to a
+        joining node's first heartbeat come one by one: having heard one peer of three, its ring holds two nodes,
+        and its peers' ring without it (:meth:`previous_rings`) would miss where a key's earlier write sits.
+        """
+        ring = self._ring
+        accepted = {ring.digest}
+        accepted.update(before.digest for before in self._ring_before_joining())
+        for peer in self.membership.peers():
+            if peer.state != ALIVE:
+                continue
+            if peer.ring_digest is None:
+                # An older node says only how many its ring holds.
+                if peer.ring_size > len(ring):
+                    return False
+            elif peer.ring_digest not in accepted:
+                return False
+        return True
 
     def takes_copies(self) -> bool:
         """

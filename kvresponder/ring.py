@@ -55,6 +55,13 @@ def _point(node_id: str, index: int) -> int:
     return int.from_bytes(blake2b(("%s#%d" % (node_id, index)).encode("utf-8"), digest_size=8).digest(), "big")
 
 
+def members_digest(nodes: Iterable[str]) -> str:
+    """
+    A short name for a set of node ids: equal for equal sets, and, in practice, different for different ones.
+    """
+    return blake2b("\n".join(sorted(nodes)).encode("utf-8"), digest_size=8).hexdigest()
+
+
 class HashRing:
     """
     An immutable ring over a set of node ids.
@@ -80,6 +87,8 @@ class HashRing:
         #: ring of up to :data:`_MEMO_NODES` nodes; ``None`` for a larger one, which walks every time.
         self._successors: Optional[List[Optional[Tuple[str, ...]]]] = (
             [None] * len(self._points) if len(self.nodes) <= _MEMO_NODES else None)
+        #: Names the members in heartbeats, where a joining node compares its peers' rings with its own.
+        self.digest = members_digest(self.nodes)
 
     def __len__(self) -> int:
         return len(self.nodes)

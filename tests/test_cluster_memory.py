@@ -547,6 +547,71 @@ def test_a_starting_node_that_heard_no_peer_refuses_writes_rather_than_lose_them
     assert answers == dict.fromkeys(answers, "later"), answers
 
 
+def test_a_joining_node_that_heard_only_some_of_its_peers_refuses_writes_rather_than_lose_them():
+    """
+    If a key is written through n3 (clock 0.4 s ahead) whose owners n2 and n3 a fourth node's join replaces,
+    and n4 has heard only n1 when a later write of the key comes through it (the answers to its first heartbeat
+    arrive one by one), then n4 answers 503: its peers' ring as it knows it so far ({n1}) would not ask the
+    owners that hold the earlier write, which would win. Once it has heard them all, the write is taken, and
+    every node answers it.
+    """
+    cluster, key = _earlier_write_that_a_join_will_displace()
+    n1 = cluster.nodes[0]
+    n4 = _start_unheard(cluster)
+    n4.membership.observe(n1.heartbeat())
+    assert n4.state == "joining" and sorted(n4.ring().nodes) == ["n1", "n4"]
+    code, body = put(cluster, n4, key, "later")
+    assert code == 503 and json.loads(body)["error"] == "unavailable", (code, body)
+    for peer in cluster.nodes[1:3]:
+        n4.membership.observe(peer.heartbeat())
+    code, body = put(cluster, n4, key, "later")
+    assert code in (200, 201), (code, body)
+    cluster.run(seconds=5.0)
+    answers = {node.node_id: json.loads(get(cluster, node, key)[1]).get("value") for node in cluster.nodes}
+    assert answers == dict.fromkeys(answers, "later"), answers
+
+
+def test_a_join_waits_a_while_for_the_peers_it_has_not_heard_yet():
+    """
+    If a joining node has heard one peer of three when its settling time ends (the others' answers lost), then
+    it stays joining and refuses kv requests until it has heard them, for up to three heartbeat intervals; a
+    peer whose ring never matches does not keep it joining past that.
+    """
+    from kvresponder.node import JOIN_WAIT_INTERVALS
+
+    cluster = MemoryCluster(3)
+    cluster.run(seconds=1.0)
+    n1, n2, n3 = cluster.nodes
+    n4 = _start_unheard(cluster)
+    n4.membership.observe(n1.heartbeat())
+    _turn(cluster, n4.join_settle + 0.2)
+    assert n4.state == "joining" and n4.unjoined()
+    for peer in (n2, n3):
+        n4.membership.observe(peer.heartbeat())
+    assert not n4.unjoined()
+    _turn(cluster, 1.0)
+    assert n4.state == "ready"
+
+    # A peer that names a ring n4 can never match: n4 is ready once the wait is over all the same.
+    n5 = _start_unheard(cluster)
+    n5.membership.observe(n1.heartbeat()._replace(ring_digest="0" * 16))
+    _turn(cluster, n5.join_settle + JOIN_WAIT_INTERVALS * n5.settings.heartbeat_interval - 0.2)
+    assert n5.state == "joining"
+    _turn(cluster, 1.0)
+    assert n5.state == "ready"
+
+
+def _turn(cluster: MemoryCluster, seconds: float) -> None:
+    """
+    Turn the clock and the in-memory connections for ``seconds``, with no heartbeat heard meanwhile (unlike
+    ``MemoryCluster.run``).
+    """
+    for _ in range(round(seconds / 0.05)):
+        cluster.stub.flush()
+        cluster.clock.advance(0.05)
+    cluster.stub.flush()
+
+
 def test_a_read_through_a_starting_node_that_heard_no_peer_is_a_503_not_a_miss():
     """
     If a key the cluster holds is read through n4 in its first moments (joining, no peer heard yet), then the

@@ -216,6 +216,23 @@ def test_valid_heartbeat_creates_a_peer(tracebacks):
     assert tracebacks == []
 
 
+def test_a_heartbeat_carries_the_digest_of_the_senders_ring_and_an_older_nodes_none():
+    """
+    If a heartbeat names the members of its sender's ring by digest, then the peer keeps it (a joining node
+    compares it with its own ring); one from a node older than that field leaves it ``None``.
+    """
+    from kvresponder.ring import members_digest
+
+    harness = Harness()
+    digest = members_digest(["n1", "n2"])
+    harness.receive(encode(PEER._replace(ring_digest=digest)))
+    assert harness.membership.peer("n2").ring_digest == digest
+    other = Harness()
+    other.receive(encode())
+    assert other.membership.peer("n2").ring_digest is None
+    assert harness.metrics.results == other.metrics.results == ["accepted"]
+
+
 def test_own_heartbeat_is_counted_as_self_and_ignored():
     """
     If our own heartbeat comes back through multicast loopback, then it counts as ``self`` and does not
@@ -360,6 +377,10 @@ DROPPED = [
     ("host name address", mutated(addr="kv-0.kv"), "malformed"),
     ("short address", mutated(addr="10.0.2"), "malformed"),
     ("address as list", mutated(addr=[10, 0, 0, 2]), "malformed"),
+    ("ring digest as number", mutated(members=7), "malformed"),
+    ("empty ring digest", mutated(members=""), "malformed"),
+    ("ring digest not hex", mutated(members="zz" * 8), "malformed"),
+    ("long ring digest", mutated(members="0" * 33), "malformed"),
 ]
 
 

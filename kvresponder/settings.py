@@ -198,6 +198,9 @@ OPTIONS = (
     Option("vnodes", ("VNODES",), "128", _int_in(1, 4096), "Virtual nodes per node on the hash ring."),
     Option("max-memory", ("MAX_MEMORY",), "256Mi", _size(64 * 1024), "Store budget in bytes (Ki/Mi/Gi)."),
     Option("max-value-size", ("MAX_VALUE_SIZE",), "1Mi", _size(64), "Largest request body in bytes (8 times for /bulk), and largest value of a bulk put."),
+    Option("max-body-buffer", ("MAX_BODY_BUFFER",), None, _size(1024 * 1024),
+           "Bytes of request bodies over 64 KiB held at once, over all connections; past it a request with one "
+           "gets 503 body_buffer_full (default: the larger of 64 MiB and two /bulk bodies)."),
     Option("max-key-length", ("MAX_KEY_LENGTH",), "250", _int_in(1, 256),
            "Longest key, in characters (Unicode code points)."),
     # At most 256 KiB: a line is buffered until it ends, and scanned again at each read, so a client trickling one
@@ -287,6 +290,7 @@ class Settings:
     replication_stream: bool = True
     max_clock_offset: float = 0.5
     insecure_cluster: bool = False
+    max_body_buffer: Optional[int] = None
 
     @property
     def multicast_enabled(self) -> bool:
@@ -437,6 +441,12 @@ def load_settings(given: Mapping[str, Optional[str]], environ: Mapping[str, str]
     if values["write_quorum"] is not None and values["write_quorum"] > values["replicas"]:
         raise SettingsError("--write-quorum (WRITE_QUORUM): invalid value %r: must not exceed "
                             "--replicas %r" % (values["write_quorum"], values["replicas"]))
+    bulk_body = 8 * values["max_value_size"]
+    if values["max_body_buffer"] is None:
+        values["max_body_buffer"] = max(64 * 1024 * 1024, 2 * bulk_body)
+    elif values["max_body_buffer"] < bulk_body:
+        raise SettingsError("--max-body-buffer (MAX_BODY_BUFFER): invalid value %r: must hold one /bulk body, "
+                            "8 x MAX_VALUE_SIZE = %d bytes" % (values["max_body_buffer"], bulk_body))
     if values["discovery_mode"] == "dns" and not values["discovery_dns"]:
         raise SettingsError("--discovery-dns (DISCOVERY_DNS) is required when --discovery-mode is 'dns'")
     return Settings(**values)

@@ -224,7 +224,7 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
                   metrics=node.metrics, log_policy=policy, body_limit=settings.max_value_size,
                   max_connections=settings.max_connections, timeout=settings.request_timeout,
                   max_header_bytes=settings.max_header_bytes, reactor=reactor, end_of_turn=end_of_turn,
-                  wall=time.time)
+                  wall=time.time, body_buffer=settings.max_body_buffer)
     http_service = StreamServerEndpointService(serverFromString(reactor, settings.listen_endpoint), site)
 
     key = derive_key(settings.cluster_secret, "discovery") if settings.cluster_secret else None

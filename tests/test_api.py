@@ -302,6 +302,26 @@ def test_body_over_max_value_size_is_413_and_changes_nothing():
     assert api.put("small", "x" * 500)[0] == 201
 
 
+def test_a_body_the_budget_of_bodies_held_has_no_room_for_is_503_and_changes_nothing_where_it_cannot_be_refused_unread():
+    """
+    If the budget of bodies held has no room for a body (another request's holds it all), on a connection that
+    cannot be handed over to refuse it unread (TLS; here an in-memory one), then the body is read and dropped,
+    and the answer is 503 ``body_buffer_full`` with ``Retry-After: 1``; nothing is stored, and the room it never
+    held is not given back.
+    """
+    api = API()
+    budget = api.site.body_budget
+    assert budget.reserve(budget.limit - 100 * 1024)
+    code, body, response = api.put("big", "x" * (200 * 1024))
+    assert_error(code, body, 503, "body_buffer_full")
+    assert response.headers.getRawHeaders(b"retry-after") == [b"1"]
+    assert api.call("GET", "/kv/big")[0] == 404
+    assert budget.held == budget.limit - 100 * 1024
+    assert api.put("small", "x" * 1000)[0] == 201
+    budget.release(budget.held)
+    assert api.put("big", "x" * (200 * 1024))[0] == 201
+
+
 def test_value_larger_than_the_whole_budget_is_413():
     api = API(max_memory="64Ki", max_value_size="1Mi")
     code, body, _ = api.put("huge", "x" * 70000)

@@ -150,3 +150,51 @@ def test_a_large_bulk_body_is_not_spooled_to_the_temporary_directory(cluster, lo
     finally:
         sock.close()
 
+
+
+@pytest.mark.e2e
+def test_many_clients_sending_large_bodies_at_once_hold_no_more_than_the_body_buffer(cluster):
+    """
+    If 24 clients each declare a /bulk body of 8 MiB (its limit) and send 7 MiB of it, then the node holds the
+    bodies of as many as MAX_BODY_BUFFER fits (by default 64 MiB: eight), and answers the others 503
+    ``body_buffer_full`` at once, unread: its memory grows by about the buffer, not by all 24 bodies (168 MiB).
+    Once the held ones are answered, a new bulk request is taken.
+    """
+    node = cluster.add()
+    declared = 8 * 1024 * 1024
+    chunk = b" " * (1024 * 1024)
+    before = rss_bytes(node.process.pid)
+    head = (b"POST /%s/bulk HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+            % (cluster.tenant.encode(), declared))
+    socks = []
+    try:
+        for _ in range(24):
+            sock = socket.create_connection(("127.0.0.1", node.port))
+            sock.settimeout(5)
+            socks.append(sock)
+            try:
+                sock.sendall(head)
+                for _ in range(7):
+                    sock.sendall(chunk)
+            except OSError:
+                pass
+        time.sleep(1.0)
+        grown = rss_bytes(node.process.pid) - before
+        answers = []
+        for sock in socks:
+            sock.settimeout(0.2)
+            try:
+                answers.append(sock.recv(65536))
+            except (socket.timeout, OSError):
+                answers.append(b"")
+        refused = [answer for answer in answers if answer.startswith(b"HTTP/1.1 503 ")]
+        assert all(b'"body_buffer_full"' in answer for answer in refused), refused[:1]
+        assert len(refused) == 16 and answers.count(b"") == 8, [answer[:40] for answer in answers]
+        assert grown < 110 * 1024 * 1024, "the node holds %d MiB more for 24 bodies" % (grown >> 20,)
+    finally:
+        for sock in socks:
+            sock.close()
+    body = b'{"put": [{"key": "after", "value": "%s"}]}' % (b"v" * (900 * 1024),)
+    import requests
+    answer = requests.post(node.url + "/bulk", data=body, headers={"Content-Type": "application/json"}, timeout=10)
+    assert answer.status_code == 200, answer.text

@@ -472,3 +472,137 @@ async def test_a_transfer_coding_other_than_chunked_is_refused_not_guessed(serve
            b"\r\n\r\n" + smuggled)
     answer = await _send(server, raw)
     assert answer.status == 400 and json.loads(answer.body)["error"] == "bad_request", answer
+
+
+# -- the budget of bodies held at once (MAX_BODY_BUFFER) ----------------------------------------------------------
+
+#: A value 256 KiB; at most 600 KiB of bodies over SMALL_BODY held at once: two bodies of 250 KiB fit, a third not.
+BUDGET_VALUE = 256 * 1024
+BUDGET = 600 * 1024
+HELD_BODY = 250 * 1024
+
+
+class _BudgetServer:
+    def __init__(self) -> None:
+        settings = make_settings("t1", "n1", advertise_address="127.0.0.1", port="3000", cluster_secret=SECRET,
+                                 max_value_size=str(BUDGET_VALUE))
+        self.node = Node(settings, reactor, http=None)
+        self.site = KVSite(build_root(self.node, self.node.authenticator), reactor.seconds, reactor=reactor,
+                           body_limit=BUDGET_VALUE, metrics=self.node.metrics, body_buffer=BUDGET)
+        self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
+        self.address = ("127.0.0.1", self.port.getHost().port)
+
+    def held(self) -> int:
+        return self.site.body_budget.held
+
+
+@pytest.fixture
+def budget_server():
+    server = _BudgetServer()
+    yield server
+    server.port.stopListening()
+    for channel in list(server.site.open_channels):
+        channel.transport.abortConnection()
+
+
+def _put_head(key: bytes, size: int, extra: bytes = b"") -> bytes:
+    return (b"PUT /t1/kv/%s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n%s"
+            b"Content-Length: %d\r\n\r\n" % (key, extra, size))
+
+
+async def _open_with_part_of_a_body(server, key: bytes, size: int = HELD_BODY) -> socket.socket:
+    """
+    A connection that has sent a PUT's head and the first half of its body, once the server holds it.
+    """
+    before = server.held()
+    sock = await deferToThread(socket.create_connection, server.address, 10)
+    sock.sendall(_put_head(key, size) + _body(size)[:size // 2])
+    await _until(lambda: server.held() > before)
+    return sock
+
+
+async def _until(condition, timeout: float = 5.0) -> None:
+    from twisted.internet.task import deferLater
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "not in time"
+        await deferLater(reactor, 0.01, lambda: None)
+
+
+def _rest_and_answer(sock: socket.socket, key: bytes, size: int = HELD_BODY) -> bytes:
+    with sock:
+        sock.sendall(_body(size)[size // 2:])
+        return _read_until_closed(sock, 10)[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_the_budget_has_no_room_for_is_answered_503_at_once_and_the_room_comes_back_when_answered(
+        budget_server):
+    """
+    If two PUTs' bodies of 250 KiB are on their way (600 KiB may be held), then a third is answered 503
+    ``body_buffer_full`` with ``Retry-After: 1`` as soon as its head is in, unread, and its connection closes;
+    a small body (64 KiB or less) is still taken meanwhile; and once the first two are answered, their room is
+    free again and the same third request is taken. The gauge follows what is held.
+    """
+    first = await _open_with_part_of_a_body(budget_server, b"a")
+    second = await _open_with_part_of_a_body(budget_server, b"b")
+    assert budget_server.held() == 2 * HELD_BODY
+    assert budget_server.node.metrics.gauge("kv_request_body_bytes") == 2 * HELD_BODY
+
+    raw, took = await deferToThread(_declare_and_wait, budget_server.address, _put_head(b"c", HELD_BODY))
+    assert took < 3.0, took
+    assert raw.startswith(b"HTTP/1.1 503 "), raw[:300]
+    assert b"retry-after: 1\r\n" in raw.lower() and b"connection: close" in raw.lower()
+    assert json.loads(_parse(raw).body)["error"] == "body_buffer_full"
+    small = await _send(budget_server, _put_head(b"small", 60 * 1024) + _body(60 * 1024))
+    assert small.status == 201, small
+
+    for sock, key in ((first, b"a"), (second, b"b")):
+        assert _parse(await deferToThread(_rest_and_answer, sock, key)).status == 201
+    await _until(lambda: budget_server.held() == 0)
+    answer = await _send(budget_server, _put_head(b"c", HELD_BODY) + _body(HELD_BODY))
+    assert answer.status == 201, answer
+    assert budget_server.held() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_lost_with_its_body_half_sent_gives_its_room_back(budget_server):
+    """
+    If a client sends half of a large body and goes away, then the room its body held is free again.
+    """
+    sock = await _open_with_part_of_a_body(budget_server, b"gone")
+    assert budget_server.held() == HELD_BODY
+    sock.close()
+    await _until(lambda: budget_server.held() == 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_chunked_body_holds_its_routes_limit_and_a_peers_signed_body_holds_nothing(budget_server):
+    """
+    If a body of unknown length (chunked) is on its way, then it holds its route's whole limit (it may grow to
+    that); a peer's internal request, its head signed for its body's length, holds nothing (refusing it would
+    fail a write's copy or a hand-off).
+    """
+    sock = await deferToThread(socket.create_connection, budget_server.address, 10)
+    sock.sendall(b"PUT /t1/kv/chunked HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n3e8\r\n" + b"x" * 1000 + b"\r\n")
+    await _until(lambda: budget_server.held() == BUDGET_VALUE)
+    sock.close()
+    await _until(lambda: budget_server.held() == 0)
+
+    size = 200 * 1024
+    signed = budget_server.node.authenticator.sign_length(b"POST", b"/t1/_internal/apply", size)
+    sock = await deferToThread(socket.create_connection, budget_server.address, 10)
+    sock.sendall(b"POST /t1/_internal/apply HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"X-KV-Auth-Length: %s\r\nContent-Length: %d\r\n\r\n%s" % (signed, size, b"x" * 1000))
+    await _until(lambda: any(channel.requests for channel in budget_server.site.open_channels))
+    await deferToThread(time.sleep, 0.2)
+    assert budget_server.held() == 0
+    # The same body unsigned holds its length.
+    unsigned = await deferToThread(socket.create_connection, budget_server.address, 10)
+    unsigned.sendall(b"POST /t1/_internal/apply HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (size, b"x" * 1000))
+    await _until(lambda: budget_server.held() == size)
+    sock.close()
+    unsigned.close()
+    await _until(lambda: budget_server.held() == 0)

@@ -69,6 +69,7 @@ def test_defaults():
         "replication_stream": True,
         "max_clock_offset": 0.5,
         "insecure_cluster": False,
+        "max_body_buffer": 64 * 1024 * 1024,
     }
 
 
@@ -393,6 +394,18 @@ def test_write_quorum_above_the_replication_factor_is_rejected():
     assert message.startswith("--write-quorum (WRITE_QUORUM): invalid value 3")
     assert "\n" not in message
     assert load(environ={"REPLICATION_FACTOR": "3", "WRITE_QUORUM": "3"}).write_quorum == 3
+
+
+def test_the_body_buffer_holds_two_bulk_bodies_by_default_and_must_hold_one():
+    """
+    If MAX_BODY_BUFFER is unset, then it is the larger of 64 MiB and two /bulk bodies (8 × MAX_VALUE_SIZE each);
+    set below one /bulk body (which could then never be read), loading fails naming both.
+    """
+    assert load(environ={"MAX_VALUE_SIZE": "8Mi"}).max_body_buffer == 128 * 1024 * 1024
+    assert load(environ={"MAX_BODY_BUFFER": "8Mi"}).max_body_buffer == 8 * 1024 * 1024
+    message = error_of(environ={"MAX_BODY_BUFFER": "7Mi"})
+    assert message.startswith("--max-body-buffer (MAX_BODY_BUFFER): invalid value 7340032")
+    assert "MAX_VALUE_SIZE" in message
 
 
 def test_dns_discovery_without_a_name_is_rejected():

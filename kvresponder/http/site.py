@@ -31,7 +31,7 @@ from ..turn import EndOfTurn
 from .errors import APIError, error_body, write_error
 from .fastlane import ConnectionLane, FastLane
 from .hosts import host_refusal
-from .limits import BULK, INTERNAL, VALUE
+from .limits import BULK, INTERNAL, SMALL_BODY, VALUE, BodyBudget
 
 
 class _Discard:
@@ -123,17 +123,40 @@ class KVRequest(Request):
             # is gone once the turn ends (the request writes through its channel, which has the cork).
             self.transport = self.transport._transport
 
-    _limit = 0
+    _limit = None
+    #: Bytes of the site's :class:`BodyBudget` this request's body holds, and the budget.
+    _held = 0
+    _budget = None
+    #: Whether its body did not fit the budget: it is dropped as it arrives, and the request answered 503.
+    _over_budget = False
+
+    def set_body_limit(self, limit: int) -> None:
+        """
+        The route's body limit, found by the channel from the head (``KVSite.body_limit_for``).
+        """
+        self._limit = limit
+
+    def hold_body(self, budget: BodyBudget, size: int) -> None:
+        """
+        Keep ``size`` bytes of ``budget``, reserved for this request's body, until it is answered or its
+        connection lost; or, with ``size`` 0, note that the body did not fit, and drop it as it arrives.
+        """
+        if size:
+            self._budget, self._held = budget, size
+        else:
+            self._over_budget = True
 
     def gotLength(self, length: Optional[int]) -> None:
         if length == 0:
             # No body (every GET): no limit to find.
             Request.gotLength(self, length)
             return
-        channel = self.channel
-        self._limit = channel.site.body_limit_for(*request_target(channel), headers=self.requestHeaders,
-                                                  length=length)
-        if length is not None and length > self._limit:
+        if self._limit is None:
+            channel = self.channel
+            self._limit = channel.site.body_limit_for(*request_target(channel), headers=self.requestHeaders,
+                                                      length=length)
+        if self._over_budget or length is not None and length > self._limit:
+            # Dropped as it arrives; the request is answered once it is in (``process``).
             self._too_large = True
             self.content = _Discard()
             return
@@ -163,18 +186,12 @@ class KVRequest(Request):
         site = self.site = self._kv_site = self.channel.site
         self._started = site.seconds()
         self.responseHeaders.setRawHeaders(b"Date", [http_date(site.wall())])
+        if self._over_budget:
+            self._refuse_body(503, "body_buffer_full", BUSY_MESSAGE, "no room for its body among those held")
+            return
         if self._too_large:
-            HTTP_REJECTED.log(reason="body over %d bytes" % (self._limit,), client=str(self.getClientAddress()))
-            # The answer says the connection closes, and it does: a client that sent too much may well send
-            # more, and nothing on this connection is worth reading after it.
-            self.setHeader(b"Connection", b"close")
-            if isinstance(self.channel, _CountedChannel):
-                self.channel.close_after_answer()
-            body = write_error(self, APIError(
-                413, "payload_too_large", "The request body is larger than %d bytes." % (self._limit,)))
-            self.setHeader(b"Content-Length", b"%d" % (len(body),))
-            self.write(body)
-            self.finish()
+            self._refuse_body(413, "payload_too_large", "The request body is larger than %d bytes." % (self._limit,),
+                              "body over %d bytes" % (self._limit,))
             return
         refusal = host_refusal(self.clientproto, self.requestHeaders.getRawHeaders(b"host"))
         if refusal is None and self.clientproto == b"HTTP/1.0" and self.requestHeaders.hasHeader(b"transfer-encoding"):
@@ -274,7 +291,26 @@ class KVRequest(Request):
             self.code = 499
         self._account()
 
+    def _refuse_body(self, code: int, error: str, message: str, reason: str) -> None:
+        """
+        Answer a request whose body was dropped unread, and close the connection after the answer: a client that
+        sent what it may not may well send more, and nothing on this connection is worth reading after it.
+        """
+        HTTP_REJECTED.log(reason=reason, client=str(self.getClientAddress()))
+        self.setHeader(b"Connection", b"close")
+        if code == 503:
+            self.setHeader(b"Retry-After", b"1")
+        if isinstance(self.channel, _CountedChannel):
+            self.channel.close_after_answer()
+        body = write_error(self, APIError(code, error, message))
+        self.setHeader(b"Content-Length", b"%d" % (len(body),))
+        self.write(body)
+        self.finish()
+
     def _account(self) -> None:
+        if self._held:
+            self._budget.release(self._held)
+            self._held = 0
         if not self._accounted and self._started is not None:
             self._accounted = True
             self._count_and_end()
@@ -428,6 +464,7 @@ class _Refuse(Protocol):
 
 #: Seconds a connection refused for its body's size goes on reading what the client still sends, before it closes.
 LINGER_SECONDS = 5.0
+BUSY_MESSAGE = "The node holds as many request bodies as MAX_BODY_BUFFER allows; retry in a moment."
 
 
 class _RefusedBody(Protocol):
@@ -497,27 +534,47 @@ class _CountedChannel(HTTPChannel):
         return HTTPChannel.headerReceived(self, line)
 
     def allHeadersReceived(self):
-        # A declared body over the route's limit is answered now, before it is read and before any "100
-        # Continue": the connection then lingers (_RefusedBody). Where it cannot be handed over (TLS), the body
-        # is read and dropped, and the request answered 413 once it is in (KVRequest).
+        # A declared body over the route's limit, or one the site's budget of bodies held has no room for, is
+        # answered now, before it is read and before any "100 Continue": the connection then lingers
+        # (_RefusedBody). Where it cannot be handed over (TLS), the body is read and dropped, and the request
+        # answered once it is in (KVRequest).
         length = self.length
-        if length:
+        request = self.requests[-1]
+        # Any Transfer-Encoding left here is chunked (headerReceived refuses the others): a body of unknown length.
+        if length or (length is None and request.requestHeaders.hasHeader(b"transfer-encoding")):
+            site = self.site
             path, method = request_target(self)
-            limit = self.site.body_limit_for(path, method, headers=self.requests[-1].requestHeaders, length=length)
-            if length > limit and self._refuse_body(method, length, limit):
-                return
+            headers = request.requestHeaders
+            limit = site.body_limit_for(path, method, headers=headers, length=length)
+            request.set_body_limit(limit)
+            if length is not None and length > limit:
+                if self._refuse_body(method, 413, "payload_too_large",
+                                     "The request body is larger than %d bytes." % (limit,),
+                                     "body of %d bytes over %d" % (length, limit)):
+                    return
+            else:
+                size = site.body_reservation(path, method, headers, length, limit)
+                if size:
+                    if site.body_budget.reserve(size):
+                        request.hold_body(site.body_budget, size)
+                    elif self._refuse_body(method, 503, "body_buffer_full", BUSY_MESSAGE,
+                                           "no room for a body of %d bytes among those held" % (size,)):
+                        return
+                    else:
+                        request.hold_body(site.body_budget, 0)
         HTTPChannel.allHeadersReceived(self)
 
-    def _refuse_body(self, method: bytes, length: int, limit: int) -> bool:
-        body = error_body("payload_too_large", "The request body is larger than %d bytes." % (limit,))
-        answer = (b"HTTP/1.1 413 %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
-                  b"Content-Length: %d\r\n\r\n%s" % (RESPONSES[413], len(body), body))
+    def _refuse_body(self, method: bytes, code: int, error: str, message: str, reason: str) -> bool:
+        body = error_body(error, message)
+        retry = b"Retry-After: 1\r\n" if code == 503 else b""
+        answer = (b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\n%s"
+                  b"Content-Length: %d\r\n\r\n%s" % (code, RESPONSES[code], retry, len(body), body))
         client = str(self.transport.getPeer())
         if not self.hand_over(_RefusedBody(self, self.site.reactor), answer):
             return False
-        HTTP_REJECTED.log(reason="body of %d bytes over %d" % (length, limit), client=client)
+        HTTP_REJECTED.log(reason=reason, client=client)
         if self.site.metrics is not None:
-            self.site.metrics.count_request(method_name(method), KVRequest.route, 413)
+            self.site.metrics.count_request(method_name(method), KVRequest.route, code)
         return True
 
     def lineLengthExceeded(self, line):
@@ -865,7 +922,7 @@ class KVSite(Site):
                  internal_body_limit: int = 64 * 1024 * 1024, max_connections: int = 1024,
                  timeout: float = 30.0, max_header_bytes: int = 16384, reactor=None, tracing=None,
                  fast_lane: bool = True, end_of_turn: Optional[EndOfTurn] = None,
-                 wall: Optional[Callable[[], float]] = None) -> None:
+                 wall: Optional[Callable[[], float]] = None, body_buffer: Optional[int] = None) -> None:
         Site.__init__(self, resource, timeout=timeout, reactor=reactor)
         #: The wall clock, for the Date header; by default ``seconds`` (the reactor's clock may not be the
         #: wall clock: see ``tap.steady_seconds``).
@@ -886,6 +943,9 @@ class KVSite(Site):
         #: Whether the head of a request for an internal route shows it comes from a peer (``signed_length``): only
         #: then may its body be larger than a client's.
         self._signed_length = getattr(resource, "signed_length", None)
+        #: The bodies held at once (MAX_BODY_BUFFER; see ``body_reservation``).
+        self.body_budget = BodyBudget(body_buffer if body_buffer is not None
+                                      else max(64 * 1024 * 1024, 2 * self.bulk_body_limit), metrics)
         self.max_connections = max_connections
         self.max_header_bytes = max_header_bytes
         self.request_deadline = timeout
@@ -906,8 +966,10 @@ class KVSite(Site):
         lane_route = getattr(resource, "fast_lane_route", None)
         if fast_lane and lane_route is not None and self.tracing is None:
             prefix, operations = lane_route()
-            self.lane = FastLane(prefix, operations, self._routed_limit(prefix, b"PUT"), max_header_bytes,
-                                 metrics, log_policy, seconds, lambda now: http_date(self.wall()))
+            # Bodies the budget need not hold only: a larger one goes to Twisted's path, which reserves it.
+            self.lane = FastLane(prefix, operations, min(self._routed_limit(prefix, b"PUT"), SMALL_BODY),
+                                 max_header_bytes, metrics, log_policy, seconds,
+                                 lambda now: http_date(self.wall()))
 
     @property
     def open_connections(self) -> int:
@@ -937,6 +999,21 @@ class KVSite(Site):
             # hand-off batch is at most 4 MiB and one entry) fits, and a stranger gets no more than a client.
             return self.bulk_body_limit
         return self._body_limits[kind]
+
+    def body_reservation(self, target: bytes, method: bytes, headers, length: Optional[int], limit: int) -> int:
+        """
+        The bytes of :attr:`body_budget` a request's body must reserve before it is read: its length (its route's
+        ``limit`` if chunked), or 0 for a small body, or for a peer's (an internal request whose head is signed
+        for its length: refusing a copy would fail a write, and a peer sends only what its own work holds).
+        """
+        size = limit if length is None else length
+        if size <= SMALL_BODY:
+            return 0
+        if length is not None and self._signed_length is not None:
+            path = origin_form(target.split(b"?", 1)[0])
+            if self._routed_kind(path, method) == INTERNAL and self._signed_length(headers, method, path, length):
+                return 0
+        return size
 
     def _routed_limit(self, path: bytes, method: bytes) -> int:
         return self._body_limits[self._routed_kind(path, method)]

@@ -13,11 +13,11 @@ what keeps the memory per key low (see :data:`ENTRY_OVERHEAD`).
 
 import heapq
 import struct
-from bisect import bisect_left, bisect_right
 from itertools import islice
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 from .hlc import Version
+from .keyindex import KeyIndex
 
 #: What one entry costs beyond its key and value bytes: its dict slot (with the spare room a dict keeps), the
 #: slot number, and the packed bytes object of header, key and value, with the allocator's rounding. It keeps
@@ -232,7 +232,8 @@ class Store:
         # How many live entries have an expiry: the heap holds an item for each, and those of the entries
         # dropped since it was last rebuilt.
         self._expiring = 0
-        self._sorted_keys: Optional[List[bytes]] = None
+        #: The keys in order, for listing pages.
+        self._index = KeyIndex(self._live_keys)
         self.bytes = 0
         self.evictions = 0
         self.expirations = 0
@@ -298,7 +299,7 @@ class Store:
         Reclaim and count ``bkey``'s expired live entry ``packed``, found by a read and taken out of its table.
         """
         self._expired(bkey, packed)
-        self._sorted_keys = None
+        self._index.removed()
         self.expirations += 1
         self._events.expired(1)
 
@@ -334,21 +335,15 @@ class Store:
         ``limit`` of them.
         """
         # UTF-8 bytes sort in code point order, and "surrogatepass" keeps a lone surrogate in its place too.
-        if self._sorted_keys is None:
-            # A copy of every key, kept until the next change: memory traded for listing without a sort each time.
-            self._sorted_keys = sorted(self._live_keys())
-        ordered = self._sorted_keys
         bprefix = prefix.encode("utf-8", "surrogatepass")
         if after is not None and after >= prefix:
-            index = bisect_right(ordered, after.encode("utf-8", "surrogatepass"))
+            ordered = self._index.since(after.encode("utf-8", "surrogatepass"), inclusive=False)
         else:
-            index = bisect_left(ordered, bprefix)
+            ordered = self._index.since(bprefix, inclusive=True)
         now = self._seconds()
         result = []
-        while index < len(ordered) and len(result) < limit:
-            bkey = ordered[index]
-            index += 1
-            if not bkey.startswith(bprefix):
+        for bkey in ordered:
+            if len(result) >= limit or not bkey.startswith(bprefix):
                 break
             packed = self._find(bkey)
             if packed is None:
@@ -490,13 +485,15 @@ class Store:
                 size += EXPIRY_OVERHEAD
                 self._expiring -= 1
             self._released(size)
-            self._sorted_keys = None
         elif tomb is not None:
             del self._tombstones[bkey]
             self._released(len(bkey) + TOMBSTONE_OVERHEAD)
 
         value = entry.value
         expires_at = entry.expires_at
+        if existing is not None and (value is None or expires_at is not None and expires_at <= now):
+            # The key leaves the table (a tombstone takes its place).
+            self._index.removed()
         if value is None:
             self._tombstones[bkey] = self._pack(entry.version, self._monotonic(), b"", b"" if expires_at is None
                                                 else _TIME.pack(expires_at))
@@ -510,8 +507,8 @@ class Store:
             slot = self._file(bkey, self._pack(entry.version, expires_at or 0.0, bkey, value,
                                                expires_at is not None and held_older))
             self.bytes += entry.size
-            if self._sorted_keys is not None and existing is None:
-                self._sorted_keys = None
+            if existing is None:
+                self._index.added(bkey)
             if expires_at is not None:
                 # The slot's int is the dict's own key object: the heap item shares it.
                 heapq.heappush(self._expiries, (expires_at, slot))
@@ -578,9 +575,8 @@ class Store:
             # The slot is empty now: the entry goes in last, as the most recently used (what _file does).
             live[slot] = packed
             self.bytes += entry.size
-            if self._sorted_keys is not None:
-                # A new key changes the list of keys; so does dropping the old entry (apply does the same).
-                self._sorted_keys = None
+            if existing is None:
+                self._index.added(bkey)
             if self.bytes > max_bytes:
                 self._evict()
             append(_APPLIED_OVER_LIVE if had_live else _APPLIED_NEW)
@@ -599,7 +595,7 @@ class Store:
         if packed is not None and self._version(packed) == version:
             self._drop(bkey, packed)
             self._released_live(packed)
-            self._sorted_keys = None
+            self._index.removed()
             self.changes += 1
             return True
         packed = self._tombstones.get(bkey)
@@ -646,7 +642,7 @@ class Store:
                     self._expired(bkey, packed)
                     expired += 1
         if expired:
-            self._sorted_keys = None
+            self._index.removed(expired)
             self.expirations += expired
             self._events.expired(expired)
         cutoff = self._monotonic() - self.tombstone_grace
@@ -800,7 +796,7 @@ class Store:
         if self.bytes > self.max_bytes and live:
             evicted += self._evict_oldest(live, 1, True)
         if evicted:
-            self._sorted_keys = None
+            self._index.removed(evicted)
             self.evictions += evicted
             self._events.evicted(evicted)
 

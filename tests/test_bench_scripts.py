@@ -68,3 +68,14 @@ def test_a_profiled_functions_file_names_its_part_of_the_write(path, part):
     finally:
         sys.path.remove(BENCH)
     assert part in part_of(path)
+
+
+def test_the_listing_bench_checks_its_pages_against_a_full_sort_and_prints_the_ratio():
+    """
+    If ``bench/listing.py`` runs a few small rounds, then every page it lists equals the reference's (it fails
+    itself otherwise), and it prints both times and their ratio.
+    """
+    done = subprocess.run([sys.executable, os.path.join(BENCH, "listing.py"), "--keys", "3000", "--rounds", "5",
+                           "--writes", "100"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "every key sorted (reference)" in done.stdout and "ratio: " in done.stdout

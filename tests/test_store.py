@@ -582,12 +582,16 @@ class StoreMachine(RuleBasedStateMachine):
         assert self.store.bytes == accounted(self.store)
 
     @invariant()
-    def listed_keys_are_live_newest_writes(self):
+    def listed_keys_are_every_live_newest_write(self):
         now = self.clock.seconds()
-        for key in all_keys(self.store):
+        listed = all_keys(self.store)
+        for key in listed:
             entry = self.newest[key]
             assert entry.value is not None
             assert entry.expires_at is None or entry.expires_at > now
+        held = sorted(entry.key for entry in self.store.entries(include_tombstones=False)
+                      if entry.expires_at is None or entry.expires_at > now)
+        assert listed == sorted(held, key=lambda key: key.encode())
 
     @invariant()
     def counters_match_the_reports(self):
@@ -825,7 +829,7 @@ def internal_state(store: Store):
     """
     return (list(store._live.items()), list(store._spill.items()), list(store._tombstones.items()),
             store._node_ids, sorted(store._expiries), store.bytes, store.released_bytes, store.changes,
-            store.evictions, store.expirations, store._sorted_keys)
+            store.evictions, store.expirations, all_keys(store))
 
 
 BATCH_ENTRIES = st.lists(

@@ -1,0 +1,91 @@
+"""
+The store's keys in code point order, for listing pages (:meth:`kvresponder.store.Store.keys`).
+
+Sorting every key for each page would cost a node its reactor for a quarter of a second a page at 500k keys
+(CPython) while writes go on; so the order is kept across changes instead. The first listing sorts every key.
+After it:
+
+- an overwrite changes nothing;
+- a key that goes (deleted, expired, evicted, handed off) stays in the order, only counted: a page skips the
+  keys the store no longer holds;
+- a new key goes into a side list, sorted when a page next needs it (a sorted run and a few new keys: cheap),
+  and a page walks both lists together.
+
+Once the side list passes an eighth of the main one, or the keys gone pass half of it, the next page sorts
+every key again. So a page costs its own length and a few bisections, and every key's share of a full sort is
+paid once for each eighth of the keys that is new.
+"""
+
+from bisect import bisect_left, bisect_right
+from typing import Callable, Iterator, List, Optional
+
+
+class KeyIndex:
+    """
+    :param every_key: returns every key the store holds, as UTF-8 bytes (in any order).
+    """
+
+    def __init__(self, every_key: Callable[[], List[bytes]]) -> None:
+        self._every_key = every_key
+        #: Every key held when it was built, sorted; ``None`` until a page needs it.
+        self._main: Optional[List[bytes]] = None
+        #: Keys new since, sorted as of the last page, and those added after it.
+        self._added: List[bytes] = []
+        self._unsorted: List[bytes] = []
+        #: Keys gone from the store since the main list was built.
+        self._gone = 0
+
+    def added(self, key: bytes) -> None:
+        """
+        ``key`` is new to the store (it held no entry for it).
+        """
+        if self._main is not None:
+            self._unsorted.append(key)
+
+    def removed(self, count: int = 1) -> None:
+        """
+        ``count`` keys left the store.
+        """
+        if self._main is not None:
+            self._gone += count
+
+    def since(self, start: bytes, inclusive: bool) -> Iterator[bytes]:
+        """
+        Every key from ``start`` on (or after it), in order, each once; it may include keys the store no longer
+        holds, which the caller skips.
+        """
+        main = self._current()
+        added = self._added
+        bisect = bisect_left if inclusive else bisect_right
+        i, j = bisect(main, start), bisect(added, start)
+        last = None
+        while True:
+            if i < len(main):
+                key = main[i]
+                if j < len(added) and added[j] < key:
+                    key = added[j]
+                    j += 1
+                else:
+                    i += 1
+            elif j < len(added):
+                key = added[j]
+                j += 1
+            else:
+                return
+            # A key gone and back is in both lists, and one added twice is twice in the side list.
+            if key != last:
+                last = key
+                yield key
+
+    def _current(self) -> List[bytes]:
+        main = self._main
+        if main is not None:
+            if len(self._added) + len(self._unsorted) > len(main) // 8 + 64 or self._gone > len(main) // 2 + 64:
+                main = None
+            elif self._unsorted:
+                self._added = sorted(self._added + self._unsorted)
+                self._unsorted = []
+        if main is None:
+            main = self._main = sorted(self._every_key())
+            self._added, self._unsorted, self._gone = [], [], 0
+        return main

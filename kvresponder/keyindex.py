@@ -14,19 +14,28 @@ After it:
 Once the side list passes an eighth of the main one, or the keys gone pass half of it, the next page sorts
 every key again. So a page costs its own length and a few bisections, and every key's share of a full sort is
 paid once for each eighth of the keys that is new.
+
+The order is a copy of every key, which the store's budget does not count: it is dropped once no page has
+asked for it for :data:`IDLE_SECONDS`.
 """
 
 from bisect import bisect_left, bisect_right
 from typing import Callable, Iterator, List, Optional
 
+#: Seconds without a page after which the order is dropped (the next page sorts every key again).
+IDLE_SECONDS = 60.0
+
 
 class KeyIndex:
     """
     :param every_key: returns every key the store holds, as UTF-8 bytes (in any order).
+    :param seconds: the clock.
     """
 
-    def __init__(self, every_key: Callable[[], List[bytes]]) -> None:
+    def __init__(self, every_key: Callable[[], List[bytes]], seconds: Callable[[], float]) -> None:
         self._every_key = every_key
+        self._seconds = seconds
+        self._used = 0.0
         #: Every key held when it was built, sorted; ``None`` until a page needs it.
         self._main: Optional[List[bytes]] = None
         #: Keys new since, sorted as of the last page, and those added after it.
@@ -55,6 +64,7 @@ class KeyIndex:
         holds, which the caller skips.
         """
         main = self._current()
+        self._used = self._seconds()
         added = self._added
         bisect = bisect_left if inclusive else bisect_right
         i, j = bisect(main, start), bisect(added, start)
@@ -76,6 +86,14 @@ class KeyIndex:
             if key != last:
                 last = key
                 yield key
+
+    def drop_if_idle(self) -> None:
+        """
+        Drop the order if no page asked for it for :data:`IDLE_SECONDS`.
+        """
+        if self._main is not None and self._seconds() - self._used >= IDLE_SECONDS:
+            self._main = None
+            self._added, self._unsorted, self._gone = [], [], 0
 
     def _current(self) -> List[bytes]:
         main = self._main

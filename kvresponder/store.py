@@ -233,7 +233,7 @@ class Store:
         # dropped since it was last rebuilt.
         self._expiring = 0
         #: The keys in order, for listing pages.
-        self._index = KeyIndex(self._live_keys)
+        self._index = KeyIndex(self._live_keys, self._monotonic)
         self.bytes = 0
         self.evictions = 0
         self.expirations = 0
@@ -620,6 +620,7 @@ class Store:
 
         :return: how many expired entries were reclaimed.
         """
+        self._index.drop_if_idle()
         now = self._seconds()
         expired = 0
         heap = self._expiries

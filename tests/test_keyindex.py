@@ -17,7 +17,8 @@ class _Keys:
     def __init__(self, keys=()) -> None:
         self.held: Set[bytes] = set(keys)
         self.sorts = 0
-        self.index = KeyIndex(self.every_key)
+        self.now = 0.0
+        self.index = KeyIndex(self.every_key, lambda: self.now)
 
     def every_key(self) -> List[bytes]:
         self.sorts += 1
@@ -98,3 +99,26 @@ def test_once_many_keys_are_new_or_gone_the_next_page_sorts_every_key_again():
         keys.remove(b"k%05d" % (i,))
     assert keys.page(b"", True, 1) == [b"k05000"]
     assert keys.sorts == 3
+
+
+def test_the_order_is_dropped_once_no_page_asked_for_it_for_a_minute():
+    """
+    If no page is listed for IDLE_SECONDS, then the copy of every key the order holds is dropped (the store's
+    budget does not count it), and the next page sorts every key again; a page within that keeps it.
+    """
+    from kvresponder.keyindex import IDLE_SECONDS
+
+    keys = _Keys(b"k%d" % (i,) for i in range(100))
+    keys.page(b"", True, 1)
+    keys.now += IDLE_SECONDS - 1
+    keys.index.drop_if_idle()
+    keys.page(b"", True, 1)
+    keys.now += IDLE_SECONDS - 1
+    keys.index.drop_if_idle()
+    assert keys.sorts == 1 and keys.index._main is not None
+    keys.now += 1
+    keys.index.drop_if_idle()
+    assert keys.index._main is None
+    keys.add(b"k-new")
+    assert keys.page(b"k-", True, 1) == [b"k-new"]
+    assert keys.sorts == 2

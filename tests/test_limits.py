@@ -476,16 +476,20 @@ async def test_a_transfer_coding_other_than_chunked_is_refused_not_guessed(serve
 
 # -- the budget of bodies held at once (MAX_BODY_BUFFER) ----------------------------------------------------------
 
-#: A value 256 KiB; at most 600 KiB of bodies over SMALL_BODY held at once: two bodies of 250 KiB fit, a third not.
-BUDGET_VALUE = 256 * 1024
+#: A value 512 KiB; at most 600 KiB of bodies over SMALL_BODY held at once: two bodies of 290 KiB fit, a third
+#: not.
+BUDGET_VALUE = 512 * 1024
 BUDGET = 600 * 1024
-HELD_BODY = 250 * 1024
+BODY, SENT = 290 * 1024, 145 * 1024
 
 
 class _BudgetServer:
-    def __init__(self) -> None:
-        settings = make_settings("t1", "n1", advertise_address="127.0.0.1", port="3000", cluster_secret=SECRET,
-                                 max_value_size=str(BUDGET_VALUE))
+    def __init__(self, **settings) -> None:
+        settings.setdefault("cluster_secret", SECRET)
+        if settings["cluster_secret"] is None:
+            del settings["cluster_secret"]
+        settings = make_settings("t1", "n1", advertise_address="127.0.0.1", port="3000",
+                                 max_value_size=str(BUDGET_VALUE), **settings)
         self.node = Node(settings, reactor, http=None)
         self.site = KVSite(build_root(self.node, self.node.authenticator), reactor.seconds, reactor=reactor,
                            body_limit=BUDGET_VALUE, metrics=self.node.metrics, body_buffer=BUDGET)
@@ -510,17 +514,6 @@ def _put_head(key: bytes, size: int, extra: bytes = b"") -> bytes:
             b"Content-Length: %d\r\n\r\n" % (key, extra, size))
 
 
-async def _open_with_part_of_a_body(server, key: bytes, size: int = HELD_BODY) -> socket.socket:
-    """
-    A connection that has sent a PUT's head and the first half of its body, once the server holds it.
-    """
-    before = server.held()
-    sock = await deferToThread(socket.create_connection, server.address, 10)
-    sock.sendall(_put_head(key, size) + _body(size)[:size // 2])
-    await _until(lambda: server.held() > before)
-    return sock
-
-
 async def _until(condition, timeout: float = 5.0) -> None:
     from twisted.internet.task import deferLater
     deadline = time.monotonic() + timeout
@@ -529,27 +522,37 @@ async def _until(condition, timeout: float = 5.0) -> None:
         await deferLater(reactor, 0.01, lambda: None)
 
 
-def _rest_and_answer(sock: socket.socket, key: bytes, size: int = HELD_BODY) -> bytes:
+async def _open_with_part_of_a_body(server, key: bytes, size: int = BODY, sent: int = SENT) -> socket.socket:
+    """
+    A connection that has sent a PUT's head and ``sent`` bytes of its body, once the server holds room for it.
+    """
+    before = server.held()
+    sock = await deferToThread(socket.create_connection, server.address, 10)
+    sock.sendall(_put_head(key, size) + _body(size)[:sent])
+    await _until(lambda: server.held() == before + size)
+    return sock
+
+
+def _rest_and_answer(sock: socket.socket, size: int = BODY, sent: int = SENT) -> bytes:
     with sock:
-        sock.sendall(_body(size)[size // 2:])
+        sock.sendall(_body(size)[sent:])
         return _read_until_closed(sock, 10)[0]
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_body_the_budget_has_no_room_for_is_answered_503_at_once_and_the_room_comes_back_when_answered(
+async def test_a_body_whose_head_finds_no_room_is_answered_503_at_once_and_the_room_comes_back_when_answered(
         budget_server):
     """
-    If two PUTs' bodies of 250 KiB are on their way (600 KiB may be held), then a third is answered 503
-    ``body_buffer_full`` with ``Retry-After: 1`` as soon as its head is in, unread, and its connection closes;
-    a small body (64 KiB or less) is still taken meanwhile; and once the first two are answered, their room is
-    free again and the same third request is taken. The gauge follows what is held.
+    If two PUTs' bodies of 290 KiB are on their way (600 KiB may be held), then a third is
+    answered 503 ``body_buffer_full`` with ``Retry-After: 1`` as soon as its head is in, unread, and its
+    connection closes; a small body (64 KiB or less) is still taken meanwhile; and once the first two are
+    answered, their room is free again and the same third request is taken. The gauge follows what is held.
     """
     first = await _open_with_part_of_a_body(budget_server, b"a")
     second = await _open_with_part_of_a_body(budget_server, b"b")
-    assert budget_server.held() == 2 * HELD_BODY
-    assert budget_server.node.metrics.gauge("kv_request_body_bytes") == 2 * HELD_BODY
+    assert budget_server.node.metrics.gauge("kv_request_body_bytes") == 2 * BODY
 
-    raw, took = await deferToThread(_declare_and_wait, budget_server.address, _put_head(b"c", HELD_BODY))
+    raw, took = await deferToThread(_declare_and_wait, budget_server.address, _put_head(b"c", BODY))
     assert took < 3.0, took
     assert raw.startswith(b"HTTP/1.1 503 "), raw[:300]
     assert b"retry-after: 1\r\n" in raw.lower() and b"connection: close" in raw.lower()
@@ -557,10 +560,10 @@ async def test_a_body_the_budget_has_no_room_for_is_answered_503_at_once_and_the
     small = await _send(budget_server, _put_head(b"small", 60 * 1024) + _body(60 * 1024))
     assert small.status == 201, small
 
-    for sock, key in ((first, b"a"), (second, b"b")):
-        assert _parse(await deferToThread(_rest_and_answer, sock, key)).status == 201
+    for sock in (first, second):
+        assert _parse(await deferToThread(_rest_and_answer, sock)).status == 201
     await _until(lambda: budget_server.held() == 0)
-    answer = await _send(budget_server, _put_head(b"c", HELD_BODY) + _body(HELD_BODY))
+    answer = await _send(budget_server, _put_head(b"c", BODY) + _body(BODY))
     assert answer.status == 201, answer
     assert budget_server.held() == 0
 
@@ -568,12 +571,31 @@ async def test_a_body_the_budget_has_no_room_for_is_answered_503_at_once_and_the
 @pytest_twisted.ensureDeferred
 async def test_a_connection_lost_with_its_body_half_sent_gives_its_room_back(budget_server):
     """
-    If a client sends half of a large body and goes away, then the room its body held is free again.
+    If a client sends part of a large body and goes away, then the room its body held is free again.
     """
     sock = await _open_with_part_of_a_body(budget_server, b"gone")
-    assert budget_server.held() == HELD_BODY
+    assert budget_server.held() == BODY
     sock.close()
     await _until(lambda: budget_server.held() == 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pipelined_body_finds_the_room_the_one_before_it_gave_back(budget_server):
+    """
+    If a client pipelines two large bodies that only fit one at a time, then the second is taken: the first
+    gives its room back before the second's head is read.
+    """
+    size = 500 * 1024
+    first = _put_head(b"p1", size).replace(b"Connection: close\r\n", b"") + _body(size)
+    second = _put_head(b"p2", size) + _body(size)
+
+    def exchange():
+        with socket.create_connection(budget_server.address, timeout=10) as sock:
+            sock.sendall(first + second)
+            return _read_until_closed(sock, 10)[0]
+
+    raw = await deferToThread(exchange)
+    assert raw.count(b"HTTP/1.1 201 ") == 2, raw[:400]
 
 
 @pytest_twisted.ensureDeferred
@@ -581,7 +603,7 @@ async def test_a_chunked_body_holds_its_routes_limit_and_a_peers_signed_body_hol
     """
     If a body of unknown length (chunked) is on its way, then it holds its route's whole limit (it may grow to
     that); a peer's internal request, its head signed for its body's length, holds nothing (refusing it would
-    fail a write's copy or a hand-off).
+    fail a write's copy or a hand-off), while the same body unsigned holds its length.
     """
     sock = await deferToThread(socket.create_connection, budget_server.address, 10)
     sock.sendall(b"PUT /t1/kv/chunked HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -598,7 +620,6 @@ async def test_a_chunked_body_holds_its_routes_limit_and_a_peers_signed_body_hol
     await _until(lambda: any(channel.requests for channel in budget_server.site.open_channels))
     await deferToThread(time.sleep, 0.2)
     assert budget_server.held() == 0
-    # The same body unsigned holds its length.
     unsigned = await deferToThread(socket.create_connection, budget_server.address, 10)
     unsigned.sendall(b"POST /t1/_internal/apply HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (size, b"x" * 1000))
@@ -606,3 +627,20 @@ async def test_a_chunked_body_holds_its_routes_limit_and_a_peers_signed_body_hol
     sock.close()
     unsigned.close()
     await _until(lambda: budget_server.held() == 0)
+
+
+def test_with_an_insecure_cluster_no_internal_body_is_a_peers_for_the_budget():
+    """
+    If the node clusters with --insecure-cluster (no secret: anyone may call its internal routes), then no
+    internal request's body is exempt from the budget, though any may have the internal limit.
+    """
+    from twisted.web.http_headers import Headers
+
+    server = _BudgetServer(cluster_secret=None, insecure_cluster="true")
+    try:
+        site, path = server.site, b"/t1/_internal/apply"
+        limit = site.body_limit_for(path, b"POST", headers=Headers(), length=200 * 1024)
+        assert limit > site.bulk_body_limit
+        assert site.body_reservation(path, b"POST", Headers(), 200 * 1024, limit) == 200 * 1024
+    finally:
+        server.port.stopListening()

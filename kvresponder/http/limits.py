@@ -20,8 +20,10 @@ class BodyBudget:
     """
     The bytes of request bodies a node holds at once, over all its connections (MAX_BODY_BUFFER). Each body is
     within its route's limit, but every connection may send one: 1024 connections of 8 MiB /bulk bodies would pass
-    any pod's memory limit. A body larger than :data:`SMALL_BODY` reserves its size before it is read and gives it
-    back once its request is answered or its connection lost; one that does not fit is refused unread.
+    any pod's memory limit. A body larger than :data:`SMALL_BODY` reserves its declared size (a chunked one its
+    route's limit) before it is read, and gives it back once its request is answered or its connection lost; one
+    that does not fit is refused unread. A client that declares bodies and sends them slowly holds their room
+    for up to REQUEST_TIMEOUT, as one that opens connections holds MAX_CONNECTIONS.
 
     :param metrics: a :class:`~kvresponder.metrics.Metrics`, or ``None``: exports ``kv_request_body_bytes``.
     """

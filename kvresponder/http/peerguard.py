@@ -69,6 +69,12 @@ class PeerGuard:
             return False
         return self._auth.verify_length(headers.getRawHeaders(LENGTH_AUTH_HEADER, [None])[0], method, path, length)
 
+    def signed_by_peer(self, headers, method: bytes, path: bytes, length: Optional[int]) -> bool:
+        """
+        :meth:`signed_length`, with the cluster secret only: never with --insecure-cluster, where anyone passes.
+        """
+        return self._auth is not None and self.signed_length(headers, method, path, length)
+
     def check(self, request, body: Optional[bytes]) -> None:
         """
         :param body: the request's body (the signature covers it).

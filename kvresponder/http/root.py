@@ -140,6 +140,13 @@ class RootResource(Resource):
         """
         return self._guard is not None and self._guard.signed_length(headers, method, path, length)
 
+    def signed_by_peer(self, headers, method: bytes, path: bytes, length) -> bool:
+        """
+        :meth:`signed_length`, with the cluster secret only
+        (:meth:`~kvresponder.http.peerguard.PeerGuard.signed_by_peer`).
+        """
+        return self._guard is not None and self._guard.signed_by_peer(headers, method, path, length)
+
     def shortcuts(self):
         """
         Path prefixes whose requests all end at one leaf, for :class:`~kvresponder.http.site.KVSite` to

@@ -124,9 +124,9 @@ class KVRequest(Request):
             self.transport = self.transport._transport
 
     _limit = None
-    #: Bytes of the site's :class:`BodyBudget` this request's body holds, and the budget.
-    _held = 0
+    #: The site's :class:`BodyBudget`, if this request's body holds room in it, and the bytes it holds.
     _budget = None
+    _held = 0
     #: Whether its body did not fit the budget: it is dropped as it arrives, and the request answered 503.
     _over_budget = False
 
@@ -175,6 +175,11 @@ class KVRequest(Request):
             self.content = _Discard()
             return
         Request.handleContentChunk(self, data)
+
+    def _release_body(self) -> None:
+        if self._held:
+            self._budget.release(self._held)
+            self._held = 0
 
     def process(self) -> None:
         """
@@ -280,8 +285,10 @@ class KVRequest(Request):
 
     def finish(self) -> None:
         # The time now: finishing hands the connection back to the fast lane, which may serve the requests
-        # pipelined behind this one before the accounting below.
+        # pipelined behind this one before the accounting below; and the body's room, which the next request's
+        # may need.
         self._ended = self._kv_site.seconds() if self._started is not None else None
+        self._release_body()
         Request.finish(self)
         self._account()
 
@@ -308,9 +315,7 @@ class KVRequest(Request):
         self.finish()
 
     def _account(self) -> None:
-        if self._held:
-            self._budget.release(self._held)
-            self._held = 0
+        self._release_body()
         if not self._accounted and self._started is not None:
             self._accounted = True
             self._count_and_end()
@@ -943,6 +948,8 @@ class KVSite(Site):
         #: Whether the head of a request for an internal route shows it comes from a peer (``signed_length``): only
         #: then may its body be larger than a client's.
         self._signed_length = getattr(resource, "signed_length", None)
+        #: The same, with the cluster secret only (with --insecure-cluster anyone's head would pass).
+        self._signed_by_peer = getattr(resource, "signed_by_peer", None)
         #: The bodies held at once (MAX_BODY_BUFFER; see ``body_reservation``).
         self.body_budget = BodyBudget(body_buffer if body_buffer is not None
                                       else max(64 * 1024 * 1024, 2 * self.bulk_body_limit), metrics)
@@ -1004,14 +1011,16 @@ class KVSite(Site):
         """
         The bytes of :attr:`body_budget` a request's body must reserve before it is read: its length (its route's
         ``limit`` if chunked), or 0 for a small body, or for a peer's (an internal request whose head is signed
-        for its length: refusing a copy would fail a write, and a peer sends only what its own work holds).
+        for its length with the cluster secret: refusing a copy would fail a write, and a peer sends only what
+        its own work holds). Declared, not received: a body let in is read to its end, never refused halfway
+        because others grew meanwhile.
         """
         size = limit if length is None else length
         if size <= SMALL_BODY:
             return 0
-        if length is not None and self._signed_length is not None:
+        if length is not None and self._signed_by_peer is not None:
             path = origin_form(target.split(b"?", 1)[0])
-            if self._routed_kind(path, method) == INTERNAL and self._signed_length(headers, method, path, length):
+            if self._routed_kind(path, method) == INTERNAL and self._signed_by_peer(headers, method, path, length):
                 return 0
         return size
 

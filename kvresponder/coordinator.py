@@ -256,7 +256,7 @@ class Coordinator:
 
     def _check_clock(self) -> None:
         """
-        :raises Unavailable: while this node starts and has heard no peer (see ``unjoined``).
+        :raises Unavailable: while this node starts and has not heard its whole cluster (see ``unjoined``).
         :raises ClockSkewed: while this node's clock is too far from its peers' to stamp writes; nor does it
             serve reads then: such a node may have refused its peers' heartbeats and see none of them, and its
             own store alone would answer "absent" for keys the cluster holds.
@@ -269,7 +269,8 @@ class Coordinator:
         if self._unjoined():
             # Starting, and no peer heard yet: alone in its ring, it would acknowledge a write with its one copy
             # (stamped below what the cluster may hold, so an earlier write wins over it) and answer "absent" for
-            # keys the cluster holds. The first heartbeats' answers come within moments.
+            # keys the cluster holds. Or some heard, not all: the previous owners it would ask a key's version of
+            # may miss where its earlier write sits. The first heartbeats' answers come within moments.
             raise Unavailable("This node is starting and has not heard from its cluster yet; retry in a moment.")
 
     # -- the preference list --------------------------------------------------------------------------

@@ -200,6 +200,9 @@ class DiscoveryProtocol(DatagramProtocol):
         self.max_clock_offset = max_clock_offset
         self.seeds: Set[str] = set()
         self._reply_pending = None
+        #: Without a multicast group, the nodes that asked for an answer: it goes to each of them too, since
+        #: this node's DNS seeds name a new pod only from their next lookup.
+        self._reply_to: Set[str] = set()
         self._last_timestamps: Dict[Tuple[str, int], float] = {}
         self._ahead_logged: Dict[str, float] = {}
         self.alone = alone
@@ -243,7 +246,8 @@ class DiscoveryProtocol(DatagramProtocol):
         targets = []
         if self.group is not None:
             targets.append(self.group)
-        targets.extend(sorted(self.seeds - {beat.address}))
+        targets.extend(sorted((self.seeds | self._reply_to) - {beat.address}))
+        self._reply_to = set()
         for address in targets:
             self._send(data, address)
 
@@ -324,6 +328,8 @@ class DiscoveryProtocol(DatagramProtocol):
             self.metrics.discovery("accepted")
         self.membership.observe(beat)
         if want_reply and beat.state == ALIVE:
+            if self.group is None and len(self._reply_to) < 256:
+                self._reply_to.add(beat.address)
             self._schedule_reply()
 
     def _drop(self, result: str, detail: str, address) -> None:

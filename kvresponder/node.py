@@ -23,7 +23,7 @@ from .copystream import CopyStreams
 from .discovery import derive_key
 from .hlc import HybridLogicalClock
 from .log import LogPolicy
-from .log.discovery import PEER_CHANGED
+from .log.discovery import JOIN_VIEW_UNMATCHED, PEER_CHANGED
 from .log.service import CLUSTER_DISABLED, INSECURE
 from .membership import ALIVE, JOINED, LEAVING, MOVED, RESTARTED, Heartbeat, Membership
 from .metrics import Metrics
@@ -122,6 +122,8 @@ class Node:
         #: The rings in force since the ring last settled, oldest first: where data may still sit.
         self._previous_rings: List[HashRing] = []
         self._joining_ring: tuple = (None, [])
+        #: Whether the join's wait for every peer to name this node's ring is over.
+        self._join_waited = False
         self._loops = []
         self._collect = collect
         self._released_at_collect = 0
@@ -297,6 +299,10 @@ class Node:
         deadline = self.clock.seconds() + JOIN_WAIT_INTERVALS * self.settings.heartbeat_interval
         while not self._heard_whole_cluster() and self.clock.seconds() < deadline:
             await deferLater(self.clock, JOIN_POLL, lambda: None)
+        if not self._heard_whole_cluster():
+            JOIN_VIEW_UNMATCHED.log(peers=sorted(self._unmatched_peers()), ring=sorted(self._ring.nodes))
+        # From here on, kv requests are served whatever the peers' rings say (see ``unjoined``).
+        self._join_waited = True
         peers = self.membership.alive_peers()
         timeout = max(10.0, self.settings.drain_timeout)
 
@@ -308,6 +314,9 @@ class Node:
 
         await gather([ask(peer) for peer in peers])
         if self.state == JOINING:
+            # The peers' ring stays among the previous rings while the ring settles: a peer whose hand-off did
+            # not reach this node (it failed, or the node never heard it) still holds its keys' earlier writes.
+            self._previous_rings = list(self._ring_before_joining())
             self.state = READY
 
     def unjoined(self) -> bool:
@@ -320,13 +329,19 @@ class Node:
         """
         if self.state != JOINING or self.settings.clustering == "disabled":
             return False
-        return len(self._ring) == 1 or not self._heard_whole_cluster()
+        return len(self._ring) == 1 or not (self._join_waited or self._heard_whole_cluster())
 
     def _heard_whole_cluster(self) -> bool:
         """
         Whether every peer heard names the ring this node has, with or without this node in it. The answers to a
         joining node's first heartbeat come one by one: having heard one peer of three, its ring holds two nodes,
         and its peers' ring without it (:meth:`previous_rings`) would miss where a key's earlier write sits.
+        """
+        return not any(True for _ in self._unmatched_peers())
+
+    def _unmatched_peers(self):
+        """
+        The alive peers whose heartbeats name a ring other than this node's, with or without it.
         """
         ring = self._ring
         accepted = {ring.digest}
@@ -335,12 +350,12 @@ class Node:
             if peer.state != ALIVE:
                 continue
             if peer.ring_digest is None:
-                # An older node says only how many its ring holds.
+                # An older node says only how many its ring holds: a mixed cluster (a rolling upgrade) is
+                # checked by size alone.
                 if peer.ring_size > len(ring):
-                    return False
+                    yield peer.node_id
             elif peer.ring_digest not in accepted:
-                return False
-        return True
+                yield peer.node_id
 
     def takes_copies(self) -> bool:
         """

@@ -6,6 +6,7 @@ read repair, hinted handoff, re-replication, join, anti-entropy and drain.
 import json
 
 import pytest
+from eliot import add_destinations, remove_destination
 
 from kvresponder.node import Node
 from kvresponder.rebalance import SETTLE_MS
@@ -441,16 +442,20 @@ def test_a_ready_node_keeps_the_ring_a_join_replaced_until_the_ring_settles():
     """
     If a node joins, then a ready node keeps the ring the join replaced among its previous rings (its owners may
     still hold what the new owners lack) until the ring has settled; the joining node keeps none of the rings it
-    built while it discovered its peers, which placed no data, but while it joins it asks its peers' ring.
+    built while it discovered its peers, which placed no data, but asks its peers' ring while it joins and until
+    the ring settles.
     """
     cluster = _settled_cluster()
     n1 = cluster.nodes[0]
     n4 = cluster.add()
     assert _members(n1.previous_rings()) == [["n1", "n2", "n3"]]
-    # While it joins, the joining node's one previous ring is its peers' ring without it.
+    # While it joins, the joining node's one previous ring is its peers' ring without it, and it keeps that one
+    # once ready, until the ring settles: a hand-off that did not reach it leaves earlier writes there.
     assert _members(n4.previous_rings()) == [["n1", "n2", "n3"]]
+    cluster.run(seconds=2.0)
+    assert n4.state == "ready" and _members(n4.previous_rings()) == [["n1", "n2", "n3"]]
     cluster.run(seconds=40.0)
-    assert n1.previous_rings() == []
+    assert n1.previous_rings() == [] and n4.previous_rings() == []
 
 
 def test_a_peer_restarting_at_the_same_place_in_the_ring_adds_no_previous_ring():
@@ -592,13 +597,21 @@ def test_a_join_waits_a_while_for_the_peers_it_has_not_heard_yet():
     _turn(cluster, 1.0)
     assert n4.state == "ready"
 
-    # A peer that names a ring n4 can never match: n4 is ready once the wait is over all the same.
+    # A peer that names a ring n5 can never match: once the wait is over, n5 serves kv requests and is ready all
+    # the same, and says which peers did not match.
     n5 = _start_unheard(cluster)
     n5.membership.observe(n1.heartbeat()._replace(ring_digest="0" * 16))
     _turn(cluster, n5.join_settle + JOIN_WAIT_INTERVALS * n5.settings.heartbeat_interval - 0.2)
-    assert n5.state == "joining"
-    _turn(cluster, 1.0)
-    assert n5.state == "ready"
+    assert n5.state == "joining" and n5.unjoined()
+    messages = []
+    add_destinations(messages.append)
+    try:
+        _turn(cluster, 1.0)
+    finally:
+        remove_destination(messages.append)
+    assert n5.state == "ready" and not n5.unjoined()
+    assert [(m["peers"], m["ring"]) for m in messages
+            if m.get("message_type") == "kvresponder:discovery:join-view-unmatched"] == [(["n1"], ["n1", "n5"])]
 
 
 def _turn(cluster: MemoryCluster, seconds: float) -> None:

@@ -310,6 +310,24 @@ def test_want_reply_triggers_one_coalesced_reply_shortly():
     assert len(harness.transport.written) == 2
 
 
+def test_without_a_group_the_reply_goes_to_each_asker_as_well_as_the_seeds_and_once():
+    """
+    If nodes ask for a reply while discovery has no multicast group (DNS only), then the one reply goes to each
+    asker's advertised address as well as to the seeds (a new pod is not among this node's seeds until their
+    next lookup, so it would hear no answer to its join); the next heartbeat goes to the seeds only. With a
+    group, the reply goes to the group and the seeds alone.
+    """
+    harness = Harness(group=None)
+    harness.protocol.use_seeds({"10.0.0.9"})
+    for node, address in (("n2", "10.0.0.2"), ("n3", "10.0.0.3")):
+        harness.receive(encode(PEER._replace(node_id=node, address=address), want=True))
+    harness.clock.advance(0.05)
+    assert sorted(addr for _, addr in harness.sent()) == [("10.0.0.2", PORT), ("10.0.0.3", PORT), ("10.0.0.9", PORT)]
+    harness.transport.written.clear()
+    harness.protocol.announce()
+    assert [addr for _, addr in harness.sent()] == [("10.0.0.9", PORT)]
+
+
 def test_leaving_node_asking_for_a_reply_gets_none():
     """
     If a leaving node's heartbeat asks for a reply, then no reply is sent.

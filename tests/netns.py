@@ -169,6 +169,8 @@ class ChaosNode:
         self.url = "http://%s:%d/%s" % (host.address, HTTP_PORT, TENANT)
         self.log_path = os.path.join(network.log_dir, "%s.log" % (node_id,))
         self.env = env
+        #: The work tree whose code it runs (the network's; a test may point it at another version's).
+        self.repo = network.repo
         self.process: Optional[subprocess.Popen] = None
         self._log = None
         self.session = session()
@@ -185,7 +187,7 @@ class ChaosNode:
         self._log.write(b"----- start %d of %s -----\n" % (self.starts + 1, self.node_id.encode()))
         self._log.flush()
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
-                                        cwd=self.network.repo, preexec_fn=_die_with_parent)
+                                        cwd=self.repo, preexec_fn=_die_with_parent)
         self.starts += 1
         self.session = session()
         return self
@@ -193,6 +195,17 @@ class ChaosNode:
     @property
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def run_code_of(self, tree: str) -> None:
+        """
+        From its next start, run the code of work tree ``tree`` (``python -c`` puts the working directory first
+        on ``sys.path``, so it is the tree's own, as is ``PYTHONPATH``).
+        """
+        assert not self.alive
+        old = self.repo
+        self.repo = tree
+        paths = [tree if path == old else path for path in self.env["PYTHONPATH"].split(os.pathsep)]
+        self.env["PYTHONPATH"] = os.pathsep.join(paths)
 
     def kill(self) -> None:
         """

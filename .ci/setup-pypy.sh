@@ -30,7 +30,8 @@ SUITE=trixie
 MIRROR="${KV_PYPY_MIRROR:-http://deb.debian.org/debian}"
 # pypy3-venv brings the pip and setuptools wheels that Debian's ensurepip installs from.
 # mount: its umount detaches the host's root after `enter` pivots into this one.
-PACKAGES="pypy3,pypy3-venv,ca-certificates,procps,mount,iproute2,iptables,faketime,prometheus,bubblewrap"
+# git: the rolling-upgrade chaos test takes the previous version from the clone's history.
+PACKAGES="pypy3,pypy3-venv,ca-certificates,procps,mount,iproute2,iptables,faketime,prometheus,bubblewrap,git"
 VENV=/opt/kv-pypy
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 ROOT="$DIR/root"

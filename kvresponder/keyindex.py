@@ -11,9 +11,9 @@ After it:
 - a new key goes into a side list, sorted when a page next needs it (a sorted run and a few new keys: cheap),
   and a page walks both lists together.
 
-Once the side list passes an eighth of the main one, or the keys gone pass half of it, the next page sorts
-every key again. So a page costs its own length and a few bisections, and every key's share of a full sort is
-paid once for each eighth of the keys that is new.
+Once the side list passes an eighth of the main one, or the keys gone do (a page walks past them), the next page
+sorts every key again. So a page costs its own length, a few bisections, and at most an eighth of the keys gone,
+and every key's share of a full sort is paid once for each eighth of the keys that is new or gone.
 
 The order is a copy of every key, which the store's budget does not count: it is dropped once no page has
 asked for it for :data:`IDLE_SECONDS`.
@@ -48,8 +48,12 @@ class KeyIndex:
         """
         ``key`` is new to the store (it held no entry for it).
         """
-        if self._main is not None:
+        main = self._main
+        if main is not None:
             self._unsorted.append(key)
+            if len(self._unsorted) > len(main) // 8 + 64:
+                # Not kept for a page that may never come: the keys it holds are outside the store's budget.
+                self._drop()
 
     def removed(self, count: int = 1) -> None:
         """
@@ -92,13 +96,16 @@ class KeyIndex:
         Drop the order if no page asked for it for :data:`IDLE_SECONDS`.
         """
         if self._main is not None and self._seconds() - self._used >= IDLE_SECONDS:
-            self._main = None
-            self._added, self._unsorted, self._gone = [], [], 0
+            self._drop()
+
+    def _drop(self) -> None:
+        self._main = None
+        self._added, self._unsorted, self._gone = [], [], 0
 
     def _current(self) -> List[bytes]:
         main = self._main
         if main is not None:
-            if len(self._added) + len(self._unsorted) > len(main) // 8 + 64 or self._gone > len(main) // 2 + 64:
+            if len(self._added) + len(self._unsorted) > len(main) // 8 + 64 or self._gone > len(main) // 8 + 64:
                 main = None
             elif self._unsorted:
                 self._added = sorted(self._added + self._unsorted)

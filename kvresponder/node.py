@@ -297,9 +297,10 @@ class Node:
         # A heartbeat lost (UDP) leaves a peer unheard until its next one: wait for it a while, not forever (a
         # peer whose ring never matches, say one that refuses this node's clock, must not keep it joining).
         deadline = self.clock.seconds() + JOIN_WAIT_INTERVALS * self.settings.heartbeat_interval
-        while not self._heard_whole_cluster() and self.clock.seconds() < deadline:
+        clusters = self.settings.clustering != "disabled"
+        while clusters and not self._heard_whole_cluster() and self.clock.seconds() < deadline:
             await deferLater(self.clock, JOIN_POLL, lambda: None)
-        if not self._heard_whole_cluster():
+        if clusters and not self._heard_whole_cluster():
             JOIN_VIEW_UNMATCHED.log(peers=sorted(self._unmatched_peers()), ring=sorted(self._ring.nodes))
         # From here on, kv requests are served whatever the peers' rings say (see ``unjoined``).
         self._join_waited = True
@@ -317,6 +318,8 @@ class Node:
             # The peers' ring stays among the previous rings while the ring settles: a peer whose hand-off did
             # not reach this node (it failed, or the node never heard it) still holds its keys' earlier writes.
             self._previous_rings = list(self._ring_before_joining())
+            # Settling from now: a long sync must not leave the previous rings expired the moment it ends.
+            self.ring_changed_at = self.clock.seconds()
             self.state = READY
 
     def unjoined(self) -> bool:
@@ -337,6 +340,12 @@ class Node:
         joining node's first heartbeat come one by one: having heard one peer of three, its ring holds two nodes,
         and its peers' ring without it (:meth:`previous_rings`) would miss where a key's earlier write sits.
         """
+        if self.clock.seconds() - self.started_at < self.settings.heartbeat_interval:
+            # Every peer sends a heartbeat within an interval. Until one has passed, a node that heard none
+            # cannot tell it is the first, nor can one that heard an older node, which names its ring by size
+            # alone (a peer that has not heard this node yet counts one fewer, as a ring missing a peer would).
+            if len(self._ring) == 1 or any(peer.ring_digest is None for peer in self.membership.alive_peers()):
+                return False
         return not any(True for _ in self._unmatched_peers())
 
     def _unmatched_peers(self):

@@ -298,25 +298,42 @@ def _drained(node) -> bool:
     return bool(drains) and drains[-1].get("remaining") == 0
 
 
-def test_rolling_restart_of_every_node(net):
-    nodes = start_cluster(net, [1, 2, 3])
+def _restart_one_by_one_under_load(net, nodes, prefix: str, before_start=lambda node: None) -> History:
+    """
+    Preload keys, then under a load through the nodes not restarting, drain each node by SIGTERM and start it
+    again (``before_start(node)`` first), once the cluster has formed again after the one before. The load is
+    paced to last the whole run, and each restart must see writes acknowledged while it runs.
+    """
     history = History()
-    preload(history, nodes[0].url, nodes[0].node_id, "rrpre", 150)
+    preload(history, nodes[0].url, nodes[0].node_id, prefix + "pre", 150)
     targets = Targets(nodes)
-    load = Load(history, targets, "rr", workers=4, keys_per_worker=25, max_ops=800, max_seconds=50).start()
+    load = Load(history, targets, prefix, workers=4, keys_per_worker=25, max_ops=100000, max_seconds=50,
+                pause=0.01).start()
+
+    def acknowledged() -> int:
+        return sum(1 for op in list(history.ops) if op.acknowledged)
     try:
         for node in nodes:
+            before = acknowledged()
             targets.remove(node)
             time.sleep(0.2)
             assert node.terminate(timeout=30) in (0, -15), node.log_tail()
             assert _drained(node), "%s did not hand off everything:\n%s" % (node.node_id, node.log_tail())
+            before_start(node)
             node.start()
             node.wait_ready()
             net.wait_formed(nodes)
             targets.add(node)
             time.sleep(1.0)
+            assert acknowledged() > before + 20, "the load had stopped by %s's restart" % (node.node_id,)
     finally:
         load.stop()
+    return history
+
+
+def test_rolling_restart_of_every_node(net):
+    nodes = start_cluster(net, [1, 2, 3])
+    history = _restart_one_by_one_under_load(net, nodes, "rr")
     finish(history, nodes, "rolling restart")
 
 
@@ -363,24 +380,7 @@ def test_a_rolling_upgrade_from_the_previous_version_under_load_loses_no_acknowl
     net.wait_formed(nodes)
     # The previous version's own code runs: it has no gauge of the bodies held, which this one has.
     assert not any(_has_gauge_of_bodies_held(node) for node in nodes)
-    history = History()
-    preload(history, nodes[0].url, nodes[0].node_id, "uppre", 150)
-    targets = Targets(nodes)
-    load = Load(history, targets, "up", workers=4, keys_per_worker=25, max_ops=800, max_seconds=50).start()
-    try:
-        for node in nodes:
-            targets.remove(node)
-            time.sleep(0.2)
-            assert node.terminate(timeout=30) in (0, -15), node.log_tail()
-            assert _drained(node), "%s did not hand off everything:\n%s" % (node.node_id, node.log_tail())
-            node.run_code_of(REPO)
-            node.start()
-            node.wait_ready()
-            net.wait_formed(nodes)
-            targets.add(node)
-            time.sleep(1.0)
-    finally:
-        load.stop()
+    history = _restart_one_by_one_under_load(net, nodes, "up", before_start=lambda node: node.run_code_of(REPO))
     assert all(_has_gauge_of_bodies_held(node) for node in nodes)
     finish(history, nodes, "rolling upgrade")
 

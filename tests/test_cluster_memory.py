@@ -625,6 +625,39 @@ def _turn(cluster: MemoryCluster, seconds: float) -> None:
     cluster.stub.flush()
 
 
+def test_a_node_that_heard_no_peer_waits_one_heartbeat_interval_before_it_serves_alone():
+    """
+    If a starting node hears no peer (the answers to its first heartbeat lost, or its DNS seeds slow), then it
+    does not take itself for the first node of its cluster at the end of its short settling time: it stays
+    joining, and refuses kv requests, until a heartbeat interval has passed (every peer sends one within it);
+    only then is it ready alone.
+    """
+    cluster = MemoryCluster(3)
+    cluster.run(seconds=1.0)
+    n4 = _start_unheard(cluster)
+    interval = n4.settings.heartbeat_interval
+    _turn(cluster, interval - 0.2)
+    assert n4.state == "joining" and n4.unjoined() and interval - 0.2 > n4.join_settle
+    _turn(cluster, 0.5)
+    assert n4.state == "ready" and not n4.unjoined() and len(n4.ring()) == 1
+
+
+def test_a_node_that_heard_only_older_peers_waits_one_heartbeat_interval_before_it_serves():
+    """
+    If a joining node's peers are of a version whose heartbeats name their rings by size alone, then it serves
+    kv requests only once a heartbeat interval has passed, in which every peer sends one: until then, a ring
+    missing a peer and a peer that has not heard it yet look the same size.
+    """
+    cluster = MemoryCluster(3)
+    cluster.run(seconds=1.0)
+    n4 = _start_unheard(cluster)
+    for peer in cluster.nodes[:3]:
+        n4.membership.observe(peer.heartbeat()._replace(ring_digest=None, ring_size=4))
+    assert len(n4.ring()) == 4 and n4.unjoined()
+    _turn(cluster, n4.settings.heartbeat_interval)
+    assert not n4.unjoined()
+
+
 def test_a_read_through_a_starting_node_that_heard_no_peer_is_a_503_not_a_miss():
     """
     If a key the cluster holds is read through n4 in its first moments (joining, no peer heard yet), then the

@@ -101,6 +101,19 @@ def test_once_many_keys_are_new_or_gone_the_next_page_sorts_every_key_again():
     assert keys.sorts == 3
 
 
+def test_new_keys_past_an_eighth_drop_the_order_without_waiting_for_a_page():
+    """
+    If more than an eighth of the keys are new and no page comes, then the order is dropped at once rather than
+    its side list growing with every new key (the keys it holds are outside the store's budget).
+    """
+    keys = _Keys(b"k%04d" % (i,) for i in range(1000))
+    keys.page(b"", True, 1)
+    for i in range(1000, 1000 + 1000 // 8 + 65):
+        keys.add(b"k%04d" % (i,))
+    assert keys.index._main is None and keys.index._unsorted == []
+    assert keys.page(b"k1000", True, 2) == [b"k1000", b"k1001"] and keys.sorts == 2
+
+
 def test_the_order_is_dropped_once_no_page_asked_for_it_for_a_minute():
     """
     If no page is listed for IDLE_SECONDS, then the copy of every key the order holds is dropped (the store's

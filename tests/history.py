@@ -194,16 +194,17 @@ def perform(history: History, s: requests.Session, url: str, node: str, worker: 
 class Load:
     """
     A bounded load: ``workers`` threads, each owning ``keys_per_worker`` keys, doing PUT (55%), DELETE (15%)
-    and GET (30%) through the nodes ``targets()`` returns (round robin), until ``max_ops`` per worker,
-    ``max_seconds`` or :meth:`stop`.
+    and GET (30%) through the nodes ``targets()`` returns (round robin), ``pause`` seconds apart, until
+    ``max_ops`` per worker, ``max_seconds`` or :meth:`stop`. A worker that runs out before :meth:`stop` is
+    named in :attr:`ran_out`: a chaos test whose faults came after its load had ended proved nothing under load.
 
     :param targets: returns ``[(node_id, base_url), ...]`` to spread requests over; read at every op, so a
         test can drop a node it is about to kill.
     """
 
     def __init__(self, history: History, targets: Callable[[], Sequence[Tuple[str, str]]], prefix: str,
-                 workers: int = 4, keys_per_worker: int = 25, max_ops: int = 600, max_seconds: float = 60.0,
-                 pause: float = 0.0, timeout: float = 3.0, seed: int = 1) -> None:
+                 workers: int = 4, keys_per_worker: int = 25, max_ops: int = 100000, max_seconds: float = 60.0,
+                 pause: float = 0.005, timeout: float = 3.0, seed: int = 1) -> None:
         self.history = history
         self.targets = targets
         self.prefix = prefix
@@ -216,6 +217,8 @@ class Load:
         self.seed = seed
         self._stop = threading.Event()
         self._threads: List[threading.Thread] = []
+        #: The workers that ran out of operations or time before :meth:`stop`.
+        self.ran_out: List[str] = []
 
     def keys_of(self, worker: int) -> List[str]:
         return ["%s-w%d-k%03d" % (self.prefix, worker, j) for j in range(self.keys_per_worker)]
@@ -242,7 +245,9 @@ class Load:
         name = "%s-w%d" % (self.prefix, worker)
         deadline = time.monotonic() + self.max_seconds
         for i in range(self.max_ops):
-            if self._stop.is_set() or time.monotonic() > deadline:
+            if self._stop.is_set():
+                return
+            if time.monotonic() > deadline:
                 break
             targets = list(self.targets())
             if not targets:
@@ -266,6 +271,8 @@ class Load:
                 time.sleep(0.05)
             if self.pause:
                 time.sleep(self.pause)
+        if not self._stop.is_set():
+            self.ran_out.append(name)
 
 
 def preload(history: History, url: str, node: str, prefix: str, count: int) -> List[str]:

@@ -137,7 +137,13 @@ def verify(history, nodes, label):
     return report
 
 
-def finish(history, nodes, label):
+def finish(history, nodes, label, load=None):
+    """
+    Check ``history`` against what ``nodes`` hold; and that ``load`` (if any) ran until it was stopped, so that
+    the faults it was meant to see came while it ran.
+    """
+    if load is not None:
+        assert not load.ran_out, "the load ran out before the test stopped it: %s" % (load.ran_out,)
     report = verify(history, nodes, label)
     report.assert_ok()
     assert report.acknowledged_writes > 0
@@ -155,7 +161,7 @@ def kill_9_run(network):
         history = History()
         preload(history, nodes[0].url, nodes[0].node_id, "k9pre", 150)
         targets = Targets(nodes)
-        load = Load(history, targets, "k9", workers=4, keys_per_worker=25, max_ops=400, max_seconds=20).start()
+        load = Load(history, targets, "k9", workers=4, keys_per_worker=25, max_seconds=20).start()
         victim = nodes[2]
         try:
             time.sleep(1.5)
@@ -167,6 +173,7 @@ def kill_9_run(network):
             load.stop()
         survivors = nodes[:2]
         network.wait_formed(survivors)
+        assert not load.ran_out, load.ran_out
         report = verify(history, survivors, "kill -9")
         return {"report": report, "failed": failures(history, exclude=(victim.node_id,))}
     finally:
@@ -194,7 +201,7 @@ def test_partition_then_heal_converges(net):
     history = History()
     preload(history, nodes[0].url, nodes[0].node_id, "ptpre", 100)
     majority, isolated = nodes[:2], nodes[2]
-    load = Load(history, Targets(nodes), "pt", workers=4, keys_per_worker=25, max_ops=500, max_seconds=25,
+    load = Load(history, Targets(nodes), "pt", workers=4, keys_per_worker=25, max_seconds=25,
                 timeout=2.5).start()
     try:
         time.sleep(1.0)
@@ -214,7 +221,7 @@ def test_partition_then_heal_converges(net):
               and op.kind == "put"]
     assert during and sum(op.acknowledged for op in during) >= 0.9 * len(during), \
         "the majority side must keep acknowledging writes during the partition"
-    finish(history, nodes, "partition")
+    finish(history, nodes, "partition", load)
 
 
 def test_a_peer_cut_off_but_still_listed_holds_up_one_call_and_not_every_write_and_read(net):
@@ -270,7 +277,7 @@ def test_restart_at_the_same_address_replaces_the_old_incarnation(net):
     targets = Targets(nodes)
     victim = nodes[1]
     before = {peer["id"]: peer["incarnation"] for peer in nodes[0].peers()}
-    load = Load(history, targets, "rs", workers=4, keys_per_worker=25, max_ops=400, max_seconds=25).start()
+    load = Load(history, targets, "rs", workers=4, keys_per_worker=25, max_seconds=25).start()
     try:
         time.sleep(1.0)
         targets.remove(victim)
@@ -289,7 +296,7 @@ def test_restart_at_the_same_address_replaces_the_old_incarnation(net):
         assert len(entries) == 1 and entries[0]["state"] == "alive", entries
         assert entries[0]["incarnation"] != before[victim.node_id]
         assert entries[0]["address"] == victim.address
-    finish(history, nodes, "restart")
+    finish(history, nodes, "restart", load)
 
 
 def _drained(node) -> bool:
@@ -307,8 +314,7 @@ def _restart_one_by_one_under_load(net, nodes, prefix: str, before_start=lambda 
     history = History()
     preload(history, nodes[0].url, nodes[0].node_id, prefix + "pre", 150)
     targets = Targets(nodes)
-    load = Load(history, targets, prefix, workers=4, keys_per_worker=25, max_ops=100000, max_seconds=50,
-                pause=0.01).start()
+    load = Load(history, targets, prefix, workers=4, keys_per_worker=25, max_seconds=50).start()
 
     def acknowledged() -> int:
         return sum(1 for op in list(history.ops) if op.acknowledged)
@@ -328,6 +334,7 @@ def _restart_one_by_one_under_load(net, nodes, prefix: str, before_start=lambda 
             assert acknowledged() > before + 20, "the load had stopped by %s's restart" % (node.node_id,)
     finally:
         load.stop()
+    assert not load.ran_out, load.ran_out
     return history
 
 
@@ -390,7 +397,7 @@ def test_scaling_3_to_5_to_2(net):
     history = History()
     keys = preload(history, nodes[0].url, nodes[0].node_id, "scpre", 200)
     targets = Targets(nodes)
-    load = Load(history, targets, "sc", workers=4, keys_per_worker=25, max_ops=800, max_seconds=50).start()
+    load = Load(history, targets, "sc", workers=4, keys_per_worker=25, max_seconds=50).start()
     try:
         time.sleep(1.0)
         newcomers = start_cluster(net, [4, 5])
@@ -412,7 +419,7 @@ def test_scaling_3_to_5_to_2(net):
         load.stop()
     survivors = [n for n in nodes if n.alive]
     assert [n.node_id for n in survivors] == ["node4", "node5"]
-    finish(history, survivors, "scale 3-5-2")
+    finish(history, survivors, "scale 3-5-2", load)
 
 
 # -- forged heartbeats ------------------------------------------------------------------------------------
@@ -924,7 +931,7 @@ def test_a_flapping_partition_under_load_loses_no_acknowledged_write(net):
     history = History()
     preload(history, nodes[0].url, nodes[0].node_id, "flpre", 100)
     majority, isolated = nodes[:2], nodes[2]
-    load = Load(history, Targets(nodes), "fl", workers=4, keys_per_worker=25, max_ops=800, max_seconds=40,
+    load = Load(history, Targets(nodes), "fl", workers=4, keys_per_worker=25, max_seconds=40,
                 timeout=2.5).start()
     try:
         time.sleep(1.0)
@@ -937,7 +944,7 @@ def test_a_flapping_partition_under_load_loses_no_acknowledged_write(net):
         time.sleep(1.5)
     finally:
         load.stop()
-    finish(history, nodes, "flapping partition")
+    finish(history, nodes, "flapping partition", load)
 
 
 def test_a_join_right_after_a_kill_and_then_a_sigterm_under_load_loses_no_acknowledged_write(net):
@@ -950,7 +957,7 @@ def test_a_join_right_after_a_kill_and_then_a_sigterm_under_load_loses_no_acknow
     history = History()
     preload(history, nodes[0].url, nodes[0].node_id, "jkpre", 200)
     targets = Targets(nodes)
-    load = Load(history, targets, "jk", workers=4, keys_per_worker=25, max_ops=800, max_seconds=30,
+    load = Load(history, targets, "jk", workers=4, keys_per_worker=25, max_seconds=30,
                 timeout=2.5).start()
     try:
         time.sleep(1.0)
@@ -970,4 +977,4 @@ def test_a_join_right_after_a_kill_and_then_a_sigterm_under_load_loses_no_acknow
         time.sleep(2.0)
     finally:
         load.stop()
-    finish(history, survivors, "kill, join, sigterm")
+    finish(history, survivors, "kill, join, sigterm", load)

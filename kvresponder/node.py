@@ -328,7 +328,7 @@ class Node:
         heard its ring holds only itself, and it must not act as a cluster of one (see
         ``Coordinator._check_clock``); with some heard, one of them names a ring this node's does not match.
         A node that serves alone by configuration (no CLUSTER_SECRET) is never unjoined; the first node of a
-        cluster is, until its join ends (``join_settle``).
+        cluster is, until its join ends (a heartbeat interval: see ``_heard_whole_cluster``).
         """
         if self.state != JOINING or self.settings.clustering == "disabled":
             return False

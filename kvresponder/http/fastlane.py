@@ -4,8 +4,9 @@ The fast lane: simple kv requests parsed and answered on the connection, without
 Twisted's HTTP server builds a ``Request``, its header objects and a body buffer for every request, and
 traverses resources to reach the one that renders it: several times what a cache read or write costs
 itself. The lane serves ``GET``, ``PUT`` and ``DELETE`` of ``/<tenant>/kv/<key>`` when the request is plain
-HTTP/1.1: a request line and headers it can check completely, any body framed by ``Content-Length`` and
-within the value limit. Everything else (another route, ``HEAD``, a query string, chunked bodies,
+HTTP/1.1: a request line and headers it can check completely, any body framed by ``Content-Length``, of up to
+64 KiB (``SMALL_BODY``: a larger one reserves room in the site's budget, on Twisted's path) and within the value
+limit. Everything else (another route, ``HEAD``, a query string, chunked bodies,
 ``Expect``, ``Connection`` or ``Upgrade`` headers, HTTP/1.0, anything malformed, and every request while a
 log level or tracing would record it in more detail than the lane does: the ``http`` area at debug) goes to
 Twisted's parser, starting at that request's first byte, as if the lane were not there.

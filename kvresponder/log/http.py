@@ -24,4 +24,5 @@ HTTP_READ = leveled("http", DEBUG, ActionType(
 HTTP_REJECTED = leveled("http", WARNING, MessageType(
     "kvresponder:http:rejected", [Field.for_types("reason", [str], "Why the request was refused."),
                                   Field.for_types("client", [str], "The client address.")],
-    "A request or connection was refused before routing (too large, too many connections, no valid Host)."))
+    "A request or connection was refused before routing (too large, too many connections, no room among the "
+    "bodies held, no valid Host)."))

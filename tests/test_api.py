@@ -31,6 +31,9 @@ class API:
         self.stub = stub_over(self.site)
         self.node.start()
         self.clock.advance(0.2)
+        if settings.clustering != "disabled":
+            # A node that may cluster and hears no peer serves once a heartbeat interval has passed.
+            self.clock.advance(settings.heartbeat_interval)
 
     def raw(self, method, path, data=None, headers=None):
         d = self.stub.request(method, "http://127.0.0.1:3000" + path, data=data, headers=headers or {})

@@ -199,7 +199,8 @@ class ReplicaClockTests(unittest.TestCase):
         always), counts and logs the timestamp, and its own next write is still stamped near real time.
         """
         cluster = MemoryCluster(1)
-        cluster.run(seconds=0.5)  # past its join: a clustered node refuses requests until it has heard its peers
+        # Past its join: a clustered node that hears no peer refuses requests for a heartbeat interval.
+        cluster.run(seconds=1.5)
         node = cluster.nodes[0]
         future = (int((cluster.clock.seconds() + YEAR) * 1000), 0, "n9")
         node.coordinator.apply_copies([Entry("k", b"1", future)], [])
@@ -365,7 +366,8 @@ def test_a_single_node_restamps_its_own_write_above_a_future_version():
     wins and is stamped just above it.
     """
     cluster = MemoryCluster(1)
-    cluster.run(seconds=0.5)  # past its join: a clustered node refuses requests until it has heard its peers
+    # Past its join: a clustered node that hears no peer refuses requests for a heartbeat interval.
+    cluster.run(seconds=1.5)
     node = cluster.nodes[0]
     future = (int((cluster.clock.seconds() + 30.0) * 1000), 0, "n9")
     node.store.apply(Entry("k", b'"early"', future))

@@ -255,6 +255,8 @@ BAD_VALUES = {
     "unknown top-level key": (["--set", "replicas=3"], r"Additional property replicas"),
     "unknown nested key": (["--set", "config.replication=3"], r"Additional property replication"),
     "unknown discovery mode": (["--set", "discovery.mode=udp"], r"discovery\.mode"),
+    "a privileged http port": (["--set", "containerPorts.http=80"], r"containerPorts\.http"),
+    "a privileged discovery port": (["--set", "discovery.port=999"], r"discovery\.port"),
     "drain not below grace": (
         ["--set", "terminationGracePeriodSeconds=20", "--set", "drainTimeout=20"],
         r"drainTimeout \(20\), its 1 s guard, the exit's wait of up to 4 s .* and up to 1 s for traces and the last log lines .* terminationGracePeriodSeconds \(20\)",
@@ -1616,3 +1618,23 @@ def test_sizes_written_as_numbers_in_a_values_file_reach_the_node_as_whole_numbe
     settings = _node_settings(docs)
     assert (settings.max_value_size, settings.max_memory) == (2097152, 268435456)
     assert (settings.max_header_bytes, settings.max_connections, settings.peer_request_timeout) == (262144, 1000000, 0.5)
+
+
+def test_the_log_level_warn_that_the_node_accepts_renders_as_given():
+    """
+    If ``config.logLevel`` is ``warn`` (which the node takes as ``warning``), then the chart renders it, as the
+    node would take it, rather than refuse it.
+    """
+    documents = render("kv-responder-warn", "--set", "config.logLevel=warn")
+    [deployment] = [d for d in documents if d["kind"] == "Deployment"]
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["LOG_LEVEL"] == "warn"
+
+
+def test_the_template_example_lets_nginx_pass_bulk_bodies_the_node_takes():
+    """
+    If the template example's ingress (nginx) is rendered, then it allows bodies of 8 MiB, a /bulk request's
+    limit at the example's maxValueSize (nginx's own default, 1m, would answer 413 to larger bulk requests).
+    """
+    [ingress] = [d for d in render_example("template") if d["kind"] == "Ingress"]
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"] == "8m"

@@ -255,6 +255,18 @@ BAD_VALUES = {
     "unknown top-level key": (["--set", "replicas=3"], r"Additional property replicas"),
     "unknown nested key": (["--set", "config.replication=3"], r"Additional property replication"),
     "unknown discovery mode": (["--set", "discovery.mode=udp"], r"discovery\.mode"),
+    "a body buffer smaller than a bulk body": (
+        ["--set", "config.maxValueSize=4Mi", "--set", "config.maxBodyBuffer=16Mi"],
+        r"config\.maxBodyBuffer \(16Mi\) must hold 1Mi and one /bulk body, 8 x config\.maxValueSize = 33554432 bytes",
+    ),
+    "a body buffer under 1Mi": (
+        ["--set", "config.maxValueSize=64Ki", "--set", "config.maxBodyBuffer=512Ki"],
+        r"config\.maxBodyBuffer \(512Ki\) must hold 1Mi",
+    ),
+    "extraEnv setting the body buffer": (
+        ["--set", "extraEnv[0].name=MAX_BODY_BUFFER", "--set", "extraEnv[0].value=128Mi"],
+        r"extraEnv sets MAX_BODY_BUFFER, which the chart sets itself: set config\.maxBodyBuffer instead",
+    ),
     "a privileged http port": (["--set", "containerPorts.http=80"], r"containerPorts\.http"),
     "a privileged discovery port": (["--set", "discovery.port=999"], r"discovery\.port"),
     "drain not below grace": (
@@ -1638,3 +1650,14 @@ def test_the_template_example_lets_nginx_pass_bulk_bodies_the_node_takes():
     """
     [ingress] = [d for d in render_example("template") if d["kind"] == "Ingress"]
     assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"] == "8m"
+
+
+def test_the_body_buffer_value_reaches_the_node_which_accepts_it():
+    """
+    If ``config.maxBodyBuffer`` is set, then the container gets it as MAX_BODY_BUFFER and the node starts with
+    it; unset, the node's own default applies (no variable).
+    """
+    assert _node_settings(render("kv-responder-bodies", "--set", "config.maxBodyBuffer=96Mi")).max_body_buffer == (
+        96 * 1024 * 1024)
+    env = {entry["name"] for entry in container(render("kv-responder-bodies-default"))["env"]}
+    assert "MAX_BODY_BUFFER" not in env

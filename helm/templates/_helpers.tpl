@@ -155,6 +155,21 @@ else nothing (the service default).
 {{- end }}
 
 {{/*
+MAX_BODY_BUFFER: config.maxBodyBuffer, or else nothing (the node's default: the larger of 64 MiB and two /bulk
+bodies). The node refuses to start below 1Mi or below one /bulk body (8 x config.maxValueSize): so does the chart.
+*/}}
+{{- define "kv-responder.maxBodyBuffer" -}}
+{{- if .Values.config.maxBodyBuffer }}
+{{- $bytes := include "kv-responder.quantityBytes" .Values.config.maxBodyBuffer | int64 }}
+{{- $bulk := mul 8 (include "kv-responder.quantityBytes" .Values.config.maxValueSize | int64) }}
+{{- if or (lt $bytes 1048576) (lt $bytes $bulk) }}
+{{- fail (printf "config.maxBodyBuffer (%v) must hold 1Mi and one /bulk body, 8 x config.maxValueSize = %d bytes: the node would refuse to start" .Values.config.maxBodyBuffer $bulk) }}
+{{- end }}
+{{- include "kv-responder.envText" .Values.config.maxBodyBuffer }}
+{{- end }}
+{{- end }}
+
+{{/*
 The longest a stopping node waits, after its drain, for the requests it already took: 2 x PEER_REQUEST_TIMEOUT
 (kvresponder/tap.py), in whole seconds rounded up. The timeout is the PEER_REQUEST_TIMEOUT that extraEnv sets by
 value (at most one entry: the deployment refuses a name twice), read as the node reads it (surrounding spaces

@@ -596,7 +596,11 @@ def test_bulk_reads_whose_answers_are_not_read_do_not_hold_the_store_many_times_
         _wait_for_answers(sockets)
         time.sleep(2)
         grown = rss_bytes(node.process.pid) - before
-        assert grown < 300 * 1024 * 1024, "3 clients that read nothing hold %d MB of the node" % (grown >> 20,)
+        # Three answers hold 24 MiB and their reads up to 48 MiB more; what else a node grows by is its
+        # collector's slack: PyPy's heap grows to its next major collection (up to 0.8 x the 200 MiB it holds)
+        # before it collects, and some runs measure it there (365 MB at 345f50e and after). Without the cap the
+        # node held every answer whole: 3 x 200 MiB on top (1.4 GB of RSS).
+        assert grown < 450 * 1024 * 1024, "3 clients that read nothing hold %d MB of the node" % (grown >> 20,)
     finally:
         for sock in sockets:
             sock.close()

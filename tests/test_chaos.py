@@ -422,6 +422,36 @@ def test_scaling_3_to_5_to_2(net):
     finish(history, survivors, "scale 3-5-2", load)
 
 
+def test_three_of_five_nodes_sigtermed_at_once_under_load_lose_no_acknowledged_write(net):
+    """
+    If three of five nodes get SIGTERM at the same moment (a Deployment scaled from 5 to 2, or an HPA's scale
+    down: Kubernetes stops them together), under a load through the two that stay, then each drains while the
+    others do (many keys have both their owners among them), every one exits, the two survivors hold every
+    acknowledged write, and no request through them fails for want of a copy.
+    """
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    nodes = start_cluster(net, [1, 2, 3, 4, 5])
+    history = History()
+    preload(history, nodes[0].url, nodes[0].node_id, "s3pre", 300)
+    survivors, leavers = nodes[:2], nodes[2:]
+    load = Load(history, Targets(survivors), "s3", workers=4, keys_per_worker=25, max_seconds=40).start()
+    try:
+        time.sleep(1.0)
+        for node in leavers:
+            os.kill(node.process.pid, signal.SIGTERM)
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            codes = list(pool.map(lambda node: node.process.wait(timeout=40), leavers))
+        assert all(code in (0, -15) for code in codes), [node.log_tail() for node in leavers]
+        assert all(_drained(node) for node in leavers), [node.log_tail() for node in leavers]
+        net.wait_formed(survivors, timeout=15)
+        time.sleep(1.5)
+    finally:
+        load.stop()
+    finish(history, survivors, "three sigtermed at once", load)
+
+
 # -- forged heartbeats ------------------------------------------------------------------------------------
 
 ATTACKER = r"""

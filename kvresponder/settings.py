@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Callable, Dict, Mapping, Optional
 
 from .hlc import NODE_ID_PATTERN
+from .http.limits import default_body_buffer
 from .log import canonical_level
 
 TENANT_PATTERN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -443,7 +444,7 @@ def load_settings(given: Mapping[str, Optional[str]], environ: Mapping[str, str]
                             "--replicas %r" % (values["write_quorum"], values["replicas"]))
     bulk_body = 8 * values["max_value_size"]
     if values["max_body_buffer"] is None:
-        values["max_body_buffer"] = max(64 * 1024 * 1024, 2 * bulk_body)
+        values["max_body_buffer"] = default_body_buffer(bulk_body)
     elif values["max_body_buffer"] < bulk_body:
         raise SettingsError("--max-body-buffer (MAX_BODY_BUFFER): invalid value %r: must hold one /bulk body, "
                             "8 x MAX_VALUE_SIZE = %d bytes" % (values["max_body_buffer"], bulk_body))

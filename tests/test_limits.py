@@ -629,6 +629,38 @@ async def test_a_chunked_body_holds_its_routes_limit_and_a_peers_signed_body_hol
     await _until(lambda: budget_server.held() == 0)
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_peers_signed_body_over_a_bulk_limit_is_let_in_on_one_check_of_its_signature(budget_server,
+                                                                                          monkeypatch):
+    """
+    If a peer's internal request declares a body larger than a bulk request's limit, signed for its length, then
+    it gets the internal limit and holds nothing of the budget, and its head's signature (an HMAC) is checked
+    once for both.
+    """
+    authenticator = budget_server.node.authenticator
+    checks = []
+
+    def verify_length(*args, _verify=authenticator.verify_length):
+        checks.append(args)
+        return _verify(*args)
+
+    monkeypatch.setattr(authenticator, "verify_length", verify_length)
+    size = 8 * BUDGET_VALUE + 1
+    signed = authenticator.sign_length(b"POST", b"/t1/_internal/apply", size)
+    sock = await deferToThread(socket.create_connection, budget_server.address, 10)
+    try:
+        sock.sendall(b"POST /t1/_internal/apply HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"X-KV-Auth-Length: %s\r\nContent-Length: %d\r\n\r\n%s" % (signed, size, b"x" * 1000))
+        await _until(lambda: any(channel.requests for channel in budget_server.site.open_channels))
+        await deferToThread(time.sleep, 0.2)
+        request = next(channel.requests[-1] for channel in budget_server.site.open_channels if channel.requests)
+        assert request._limit > size
+        assert budget_server.held() == 0
+        assert len(checks) == 1
+    finally:
+        sock.close()
+
+
 def test_with_an_insecure_cluster_no_internal_body_is_a_peers_for_the_budget():
     """
     If the node clusters with --insecure-cluster (no secret: anyone may call its internal routes), then no
@@ -641,6 +673,6 @@ def test_with_an_insecure_cluster_no_internal_body_is_a_peers_for_the_budget():
         site, path = server.site, b"/t1/_internal/apply"
         limit = site.body_limit_for(path, b"POST", headers=Headers(), length=200 * 1024)
         assert limit > site.bulk_body_limit
-        assert site.body_reservation(path, b"POST", Headers(), 200 * 1024, limit) == 200 * 1024
+        assert site.body_terms(path, b"POST", Headers(), 200 * 1024) == (limit, 200 * 1024)
     finally:
         server.port.stopListening()

@@ -16,6 +16,13 @@ INTERNAL = "internal"
 SMALL_BODY = 64 * 1024
 
 
+def default_body_buffer(bulk_body_limit: int) -> int:
+    """
+    MAX_BODY_BUFFER's default: the larger of 64 MiB and two /bulk bodies (``bulk_body_limit`` each).
+    """
+    return max(64 * 1024 * 1024, 2 * bulk_body_limit)
+
+
 class BodyBudget:
     """
     The bytes of request bodies a node holds at once, over all its connections (MAX_BODY_BUFFER). Each body is

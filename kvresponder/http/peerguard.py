@@ -20,6 +20,11 @@ CLUSTER_DISABLED = APIError(
     "or --insecure-cluster (INSECURE_CLUSTER=true) on a trusted network.")
 UNAUTHORIZED = APIError(401, "unauthorized", "Internal routes need a valid cluster signature.")
 
+#: :meth:`PeerGuard.length_signature`'s answers.
+SIGNED_BY_PEER = "signed by a peer"
+ANYONE = "anyone (--insecure-cluster)"
+UNSIGNED = "unsigned"
+
 
 class PeerGuard:
     """
@@ -55,25 +60,23 @@ class PeerGuard:
             return 0.0
         return max(0.0, now - signed - slack)
 
-    def signed_length(self, headers, method: bytes, path: bytes, length: Optional[int]) -> bool:
+    def length_signature(self, headers, method: bytes, path: bytes, length: Optional[int]) -> str:
         """
-        Whether a request's head (``headers``, Twisted ``Headers``) shows that its body of ``length`` bytes
-        (``None``: chunked) comes from a peer, before the body is read: only such a body may be larger than a
-        client's. Anyone's, with --insecure-cluster and no secret; no one's without either.
+        What a request's head (``headers``, Twisted ``Headers``) shows about who sends its body of ``length`` bytes
+        (``None``: chunked), before the body is read: :data:`SIGNED_BY_PEER` when it is signed for that length
+        with the cluster secret; :data:`ANYONE` with --insecure-cluster and no secret, where every head passes;
+        :data:`UNSIGNED` otherwise (a chunked body, whose length no one can sign, included). Only a peer's or
+        anyone's body may be larger than a client's; only a peer's is trusted to bound its own size.
         """
         if self.closed:
-            return False
+            return UNSIGNED
         if self._auth is None:
-            return True
+            return ANYONE
         if length is None:
-            return False
-        return self._auth.verify_length(headers.getRawHeaders(LENGTH_AUTH_HEADER, [None])[0], method, path, length)
-
-    def signed_by_peer(self, headers, method: bytes, path: bytes, length: Optional[int]) -> bool:
-        """
-        :meth:`signed_length`, with the cluster secret only: never with --insecure-cluster, where anyone passes.
-        """
-        return self._auth is not None and self.signed_length(headers, method, path, length)
+            return UNSIGNED
+        if self._auth.verify_length(headers.getRawHeaders(LENGTH_AUTH_HEADER, [None])[0], method, path, length):
+            return SIGNED_BY_PEER
+        return UNSIGNED
 
     def check(self, request, body: Optional[bytes]) -> None:
         """

@@ -24,7 +24,7 @@ from .limits import INTERNAL, VALUE
 from .copies import CopyStreamResource
 from .errors import bad_request, not_found, write_error
 from .internal import InternalAPI
-from .peerguard import PeerGuard
+from .peerguard import UNSIGNED, PeerGuard
 
 
 class _NotFound(Resource):
@@ -132,20 +132,15 @@ class RootResource(Resource):
             return self._tenant_resource.body_limit_for(segments[1:], method)
         return VALUE
 
-    def signed_length(self, headers, method: bytes, path: bytes, length) -> bool:
+    def length_signature(self, headers, method: bytes, path: bytes, length) -> str:
         """
-        Whether the head of a request for an internal route shows its body comes from a peer
-        (:meth:`~kvresponder.http.peerguard.PeerGuard.signed_length`): only then does it get the internal body
-        limit; any other caller gets a client's.
+        Who the head of a request for an internal route shows its body comes from
+        (:meth:`~kvresponder.http.peerguard.PeerGuard.length_signature`): only a peer's, or anyone's with
+        --insecure-cluster, gets the internal body limit, and only a peer's is left out of the body budget.
         """
-        return self._guard is not None and self._guard.signed_length(headers, method, path, length)
-
-    def signed_by_peer(self, headers, method: bytes, path: bytes, length) -> bool:
-        """
-        :meth:`signed_length`, with the cluster secret only
-        (:meth:`~kvresponder.http.peerguard.PeerGuard.signed_by_peer`).
-        """
-        return self._guard is not None and self._guard.signed_by_peer(headers, method, path, length)
+        if self._guard is None:
+            return UNSIGNED
+        return self._guard.length_signature(headers, method, path, length)
 
     def shortcuts(self):
         """

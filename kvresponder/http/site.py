@@ -31,7 +31,8 @@ from ..turn import EndOfTurn
 from .errors import APIError, error_body, write_error
 from .fastlane import ConnectionLane, FastLane
 from .hosts import host_refusal
-from .limits import BULK, INTERNAL, SMALL_BODY, VALUE, BodyBudget
+from .limits import BULK, INTERNAL, SMALL_BODY, VALUE, BodyBudget, default_body_buffer
+from .peerguard import SIGNED_BY_PEER, UNSIGNED
 
 
 class _Discard:
@@ -139,12 +140,16 @@ class KVRequest(Request):
     def hold_body(self, budget: BodyBudget, size: int) -> None:
         """
         Keep ``size`` bytes of ``budget``, reserved for this request's body, until it is answered or its
-        connection lost; or, with ``size`` 0, note that the body did not fit, and drop it as it arrives.
+        connection lost.
         """
-        if size:
-            self._budget, self._held = budget, size
-        else:
-            self._over_budget = True
+        self._budget, self._held = budget, size
+
+    def body_over_budget(self) -> None:
+        """
+        Note that the body did not fit the budget (and could not be refused from its head): drop it as it
+        arrives, and answer 503 once it is in.
+        """
+        self._over_budget = True
 
     def gotLength(self, length: Optional[int]) -> None:
         if length == 0:
@@ -550,23 +555,21 @@ class _CountedChannel(HTTPChannel):
             site = self.site
             path, method = request_target(self)
             headers = request.requestHeaders
-            limit = site.body_limit_for(path, method, headers=headers, length=length)
+            limit, size = site.body_terms(path, method, headers, length)
             request.set_body_limit(limit)
             if length is not None and length > limit:
                 if self._refuse_body(method, 413, "payload_too_large",
                                      "The request body is larger than %d bytes." % (limit,),
                                      "body of %d bytes over %d" % (length, limit)):
                     return
-            else:
-                size = site.body_reservation(path, method, headers, length, limit)
-                if size:
-                    if site.body_budget.reserve(size):
-                        request.hold_body(site.body_budget, size)
-                    elif self._refuse_body(method, 503, "body_buffer_full", BUSY_MESSAGE,
-                                           "no room for a body of %d bytes among those held" % (size,)):
-                        return
-                    else:
-                        request.hold_body(site.body_budget, 0)
+            elif size:
+                if site.body_budget.reserve(size):
+                    request.hold_body(site.body_budget, size)
+                elif self._refuse_body(method, 503, "body_buffer_full", BUSY_MESSAGE,
+                                       "no room for a body of %d bytes among those held" % (size,)):
+                    return
+                else:
+                    request.body_over_budget()
         HTTPChannel.allHeadersReceived(self)
 
     def _refuse_body(self, method: bytes, code: int, error: str, message: str, reason: str) -> bool:
@@ -904,6 +907,12 @@ answer_bad_requests(_CountedChannel, _answer_bad_request)
 REQUESTS_DONE_POLL = 0.05
 
 
+def _reservation(limit: int, length: Optional[int]) -> int:
+    # A body's share of the budget: its declared length (its route's limit if chunked), none if small.
+    size = limit if length is None else length
+    return 0 if size <= SMALL_BODY else size
+
+
 class KVSite(Site):
     """
     :param resource: the root resource.
@@ -945,14 +954,12 @@ class KVSite(Site):
         #: The root's own routing of a path to a body limit (``body_limit_for``); a root without one gives every
         #: request the value limit.
         self._route_limit = getattr(resource, "body_limit_for", None)
-        #: Whether the head of a request for an internal route shows it comes from a peer (``signed_length``): only
-        #: then may its body be larger than a client's.
-        self._signed_length = getattr(resource, "signed_length", None)
-        #: The same, with the cluster secret only (with --insecure-cluster anyone's head would pass).
-        self._signed_by_peer = getattr(resource, "signed_by_peer", None)
-        #: The bodies held at once (MAX_BODY_BUFFER; see ``body_reservation``).
+        #: Who the head of a request for an internal route shows its body comes from (``length_signature``): only
+        #: a peer's (or anyone's, with --insecure-cluster) may be larger than a client's.
+        self._length_signature = getattr(resource, "length_signature", None)
+        #: The bodies held at once (MAX_BODY_BUFFER; see ``body_terms``).
         self.body_budget = BodyBudget(body_buffer if body_buffer is not None
-                                      else max(64 * 1024 * 1024, 2 * self.bulk_body_limit), metrics)
+                                      else default_body_buffer(self.bulk_body_limit), metrics)
         self.max_connections = max_connections
         self.max_header_bytes = max_header_bytes
         self.request_deadline = timeout
@@ -984,45 +991,50 @@ class KVSite(Site):
 
     def body_limit_for(self, target: bytes, method: bytes, headers=None, length: Optional[int] = None) -> int:
         """
-        The largest body, in bytes, of a request for ``target`` (the raw request target) with ``method``: the
-        limit of the route its path leads to, as the resource tree routes it. Decided before the body is read,
-        from the path alone (never the query string), split and percent-decoded as :meth:`KVRequest.process`
-        does it for traversal.
+        The largest body, in bytes, of a request for ``target`` (the raw request target) with ``method``
+        (:meth:`body_terms`).
+        """
+        return self.body_terms(target, method, headers, length)[0]
 
-        :param headers: the request's headers, once its head is in: an internal route's limit is then given only
-            to a request whose head is signed for its ``length`` (``signed_length``) when that is over a bulk
-            request's; any other gets a bulk request's, so that a caller without the cluster secret cannot make
-            the node read more than any client may.
+    def body_terms(self, target: bytes, method: bytes, headers=None, length: Optional[int] = None):
+        """
+        The terms of a request's body, decided from its head before the body is read: ``(limit, reservation)``.
+
+        - ``limit``: the largest body the request may have, the limit of the route its path leads to, as the
+          resource tree routes it (from the path alone, never the query string, split and percent-decoded as
+          :meth:`KVRequest.process` does it for traversal). An internal route's limit is given only to a body
+          that its head shows comes from a peer (``length_signature``) when it is over a bulk request's or
+          chunked; any other gets a bulk request's, so that a caller without the cluster secret cannot make the
+          node read more than any client may.
+        - ``reservation``: the bytes of :attr:`body_budget` it must hold while it is read: its length (``limit``
+          if chunked); 0 for a small body, or for a peer's signed with the cluster secret (refusing a copy would
+          fail a write, and a peer sends only what its own work holds). Declared, not received: a body let in is
+          read to its end, never refused halfway because others grew meanwhile.
+
+        The signature, an HMAC over the head, is checked at most once, and only for an internal body declared
+        over :data:`SMALL_BODY` (a chunked one has none to check).
+
+        :param headers: the request's headers, once its head is in; ``None`` before.
         """
         path = origin_form(target.split(b"?", 1)[0])
         for prefix, limit in self._shortcut_limits:
             if path.startswith(prefix):
-                return limit
+                return limit, _reservation(limit, length)
         kind = self._routed_kind(path, method)
-        if (kind == INTERNAL and headers is not None and self._signed_length is not None
-                and (length is None or length > self.bulk_body_limit)
-                and not self._signed_length(headers, method, path, length)):
+        limit = self._body_limits[kind]
+        if kind != INTERNAL or headers is None or self._length_signature is None:
+            return limit, _reservation(limit, length)
+        if length is not None and length <= SMALL_BODY and length <= self.bulk_body_limit:
+            # Within any client's limit, and held without a reservation: nothing to check.
+            return limit, 0
+        signature = self._length_signature(headers, method, path, length)
+        if signature == UNSIGNED and (length is None or length > self.bulk_body_limit):
             # A /bulk request's limit, which any client has: what older peers, which sign no length, send (a
             # hand-off batch is at most 4 MiB and one entry) fits, and a stranger gets no more than a client.
-            return self.bulk_body_limit
-        return self._body_limits[kind]
-
-    def body_reservation(self, target: bytes, method: bytes, headers, length: Optional[int], limit: int) -> int:
-        """
-        The bytes of :attr:`body_budget` a request's body must reserve before it is read: its length (its route's
-        ``limit`` if chunked), or 0 for a small body, or for a peer's (an internal request whose head is signed
-        for its length with the cluster secret: refusing a copy would fail a write, and a peer sends only what
-        its own work holds). Declared, not received: a body let in is read to its end, never refused halfway
-        because others grew meanwhile.
-        """
-        size = limit if length is None else length
-        if size <= SMALL_BODY:
-            return 0
-        if length is not None and self._signed_by_peer is not None:
-            path = origin_form(target.split(b"?", 1)[0])
-            if self._routed_kind(path, method) == INTERNAL and self._signed_by_peer(headers, method, path, length):
-                return 0
-        return size
+            limit = self.bulk_body_limit
+        if signature == SIGNED_BY_PEER:
+            return limit, 0
+        return limit, _reservation(limit, length)
 
     def _routed_limit(self, path: bytes, method: bytes) -> int:
         return self._body_limits[self._routed_kind(path, method)]

@@ -350,6 +350,19 @@ BAD_VALUES = {
     ),
     "store budget below the node's least": (["--set", "config.maxMemory=1024"], r"config\.maxMemory"),
     "largest value below the node's least": (["--set", "config.maxValueSize=10"], r"config\.maxValueSize"),
+    "largest value below the node's least, as a string": (
+        ["--set-string", "config.maxValueSize=32"],
+        r"config\.maxValueSize \(32\) must be at least 64 bytes: the node would refuse to start",
+    ),
+    "store budget below the node's least, as a string": (
+        ["--set-string", "config.maxMemory=1Ki"],
+        r"config\.maxMemory \(1Ki\) must be at least 65536 bytes: the node would refuse to start",
+    ),
+    "store budget as large as the memory limit": (
+        ["--set", "config.maxMemory=1Gi", "--set", "resources.limits.memory=1Gi"],
+        r"config\.maxMemory \(1Gi\) must be below the memory limit \(resources\.limits\.memory, 1Gi\)",
+    ),
+    "store budget of the whole memory limit": (["--set", "config.maxMemoryPercent=100"], r"config\.maxMemoryPercent"),
     "quorum above the copies": (
         ["--set", "config.replicationFactor=2", "--set", "config.writeQuorum=3"],
         r"config\.writeQuorum \(3\) must not exceed config\.replicationFactor \(2\)",
@@ -1350,9 +1363,7 @@ def test_service_monitor_scrapes_tenant_metrics_and_keeps_tenant_label_when_enab
     (endpoint,) = sm["spec"]["endpoints"]
     assert endpoint["path"] == "/ops/metrics" and endpoint["port"] == "http"
     assert endpoint["honorLabels"] is True
-    # The alert rules select up{job=~".*kv-responder.*"}: the job comes from the Service's name label.
-    assert sm["spec"]["jobLabel"] == "app.kubernetes.io/name"
-    targets = {r["targetLabel"]: r["sourceLabels"] for r in endpoint["relabelings"]}
+    targets = {r["targetLabel"]: r.get("sourceLabels") for r in endpoint["relabelings"]}
     assert targets["tenant"] == ["__meta_kubernetes_pod_label_kv_responder_tenant"]
     assert targets["namespace"] == ["__meta_kubernetes_namespace"]
     assert targets["pod"] == ["__meta_kubernetes_pod_name"]
@@ -1361,6 +1372,23 @@ def test_service_monitor_scrapes_tenant_metrics_and_keeps_tenant_label_when_enab
         if _matches(sm["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])
     ]
     assert [s["metadata"]["name"] for s in scraped] == ["kv-responder-ops"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--set", "nameOverride=cache"], ["--set", "fullnameOverride=tenant-cache"]])
+def test_scraped_targets_get_the_job_the_down_alert_selects_whatever_the_chart_is_named(extra):
+    """
+    If the chart is installed under another name (nameOverride, fullnameOverride), then its ServiceMonitor still
+    gives every target the job ``kv-responder``, which the alert rules' ``up{job=~".*kv-responder.*"}`` matches:
+    the operator's default (the Service's name) or a jobLabel (app.kubernetes.io/name) would follow the name.
+    """
+    docs = render("acme", "--set", "tenant=acme", "--set", "serviceMonitor.enabled=true", *extra)
+    (endpoint,) = one(docs, "ServiceMonitor")["spec"]["endpoints"]
+    [job] = [r for r in endpoint["relabelings"] if r["targetLabel"] == "job"]
+    assert job == {"targetLabel": "job", "replacement": "kv-responder", "action": "replace"}
+    assert "jobLabel" not in one(docs, "ServiceMonitor")["spec"]
+    rules = (CHART / "rules" / "alerts.yaml").read_text()
+    assert re.search(r'up\{job=~"([^"]*)"\}', rules).group(1) == ".*kv-responder.*"
+    assert re.fullmatch(".*kv-responder.*", job["replacement"])
 
 
 def test_prometheus_rule_spec_is_the_rules_file_when_enabled():

@@ -138,19 +138,42 @@ more would print as 2.097152e+06. A fraction stays as it is (0.5).
 {{- end }}
 
 {{/*
+A size of config (dict "name" "maxValueSize" "value" <the value> "least" <bytes>), refused below the least the
+node takes, as the node would at start. The schema's minimum applies to numbers only: "32" is a string.
+*/}}
+{{- define "kv-responder.sizeAtLeast" -}}
+{{- if lt (include "kv-responder.quantityBytes" .value | int64) (int64 .least) }}
+{{- fail (printf "config.%s (%v) must be at least %d bytes: the node would refuse to start" .name .value (int64 .least)) }}
+{{- end }}
+{{- end }}
+
+{{/*
+MAX_VALUE_SIZE: config.maxValueSize, at least 64 bytes.
+*/}}
+{{- define "kv-responder.maxValueSize" -}}
+{{- include "kv-responder.sizeAtLeast" (dict "name" "maxValueSize" "value" .Values.config.maxValueSize "least" 64) }}
+{{- include "kv-responder.envText" .Values.config.maxValueSize }}
+{{- end }}
+
+{{/*
 MAX_MEMORY: config.maxMemory, or else config.maxMemoryPercent of the memory
 limit in bytes (the rest is headroom for the interpreter and buffers), or
-else nothing (the service default).
+else nothing (the service default). At least 64Ki, and below the memory
+limit: a store allowed the whole limit is killed before it evicts.
 */}}
 {{- define "kv-responder.maxMemory" -}}
-{{- if .Values.config.maxMemory }}
-{{- include "kv-responder.envText" .Values.config.maxMemory }}
-{{- else }}
 {{- $limit := dig "limits" "memory" "" (.Values.resources | default dict) }}
+{{- if .Values.config.maxMemory }}
+{{- include "kv-responder.sizeAtLeast" (dict "name" "maxMemory" "value" .Values.config.maxMemory "least" 65536) }}
 {{- if $limit }}
+{{- if ge (include "kv-responder.quantityBytes" .Values.config.maxMemory | int64) (include "kv-responder.quantityBytes" $limit | int64) }}
+{{- fail (printf "config.maxMemory (%v) must be below the memory limit (resources.limits.memory, %v): the pod would be killed before the store evicts" .Values.config.maxMemory $limit) }}
+{{- end }}
+{{- end }}
+{{- include "kv-responder.envText" .Values.config.maxMemory }}
+{{- else if $limit }}
 {{- $bytes := include "kv-responder.quantityBytes" $limit | int64 }}
 {{- div (mul $bytes (int64 .Values.config.maxMemoryPercent)) 100 }}
-{{- end }}
 {{- end }}
 {{- end }}
 

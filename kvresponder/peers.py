@@ -26,7 +26,7 @@ from .peertransport import (AUTH_HEADER, AUTH_WINDOW, CLOCK_HEADER, MAX_IN_FLIGH
 from .store import ApplyResult, Entry
 from .suspects import SuspectPeers
 from .turn import EndOfTurn
-from .wire import entry_from_wire
+from .wire import OMITTED, entry_from_wire
 
 
 def _peer_error(failure) -> PeerError:
@@ -180,15 +180,26 @@ class PeerClient:
         """
         The newest entry ``peer`` holds for each key, tombstones included.
         """
-        answer = await self.transport.call(peer, "get", {"keys": list(keys)}, read=True)
-        items = answer.get("entries") if isinstance(answer, dict) else None
-        if not isinstance(items, list) or len(items) != len(keys):
-            raise PeerError("%s answered a malformed batch" % (peer.node_id,))
-        now = self._wall()
-        try:
-            return [None if item is None else entry_from_wire(item, now) for item in items]
-        except ValueError:
-            raise PeerError("%s answered a malformed entry" % (peer.node_id,))
+        found: List[Optional[Entry]] = [None] * len(keys)
+        asked = list(range(len(keys)))
+        while asked:
+            answer = await self.transport.call(peer, "get", {"keys": [keys[i] for i in asked]}, read=True)
+            items = answer.get("entries") if isinstance(answer, dict) else None
+            if not isinstance(items, list) or len(items) != len(asked):
+                raise PeerError("%s answered a malformed batch" % (peer.node_id,))
+            now = self._wall()
+            # The entries the peer left out to keep its answer's size bounded (wire.OMITTED) are asked again.
+            omitted = [i for i, item in zip(asked, items) if item is OMITTED]
+            if len(omitted) == len(asked):
+                raise PeerError("%s answered none of the keys asked" % (peer.node_id,))
+            try:
+                for i, item in zip(asked, items):
+                    if item is not None and item is not OMITTED:
+                        found[i] = entry_from_wire(item, now)
+            except ValueError:
+                raise PeerError("%s answered a malformed entry" % (peer.node_id,))
+            asked = omitted
+        return found
 
     async def keys(self, peer, prefix: str, after: Optional[str], limit: int) -> List[str]:
         answer = await self.transport.call(peer, "keys", {"prefix": prefix, "after": after, "limit": limit},

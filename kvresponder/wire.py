@@ -57,6 +57,11 @@ def expiry_from_wire(value: Optional[float], now: float) -> Optional[float]:
     return float(value) if value >= ABSOLUTE_SINCE else now + value
 
 
+#: In the answer to a read of many keys, an entry the peer holds but left out, to keep the answer's size
+#: bounded: ask for it again.
+OMITTED = False
+
+
 def entry_to_wire(entry: Entry, now: float) -> dict:
     """
     :param now: this node's wall clock, in seconds.

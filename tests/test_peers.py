@@ -445,3 +445,82 @@ def test_a_signature_whose_time_is_not_a_finite_number_is_refused_even_with_its_
     fresh = auth.sign(b"POST", b"/t1/_internal/apply", b"{}")
     assert auth.verify(fresh, b"POST", b"/t1/_internal/apply", b"{}")
 
+
+
+def _requests_for(node, route: str) -> float:
+    # The node's own count of the requests it answered on ``route``, from its metrics exposition.
+    total = 0.0
+    for line in node.metrics.exposition().decode().splitlines():
+        if line.startswith("kv_http_requests_total{") and 'route="%s"' % (route,) in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_a_read_batch_of_large_entries_is_answered_in_parts_and_the_rest_asked_again():
+    """
+    If a batch of reads asks a peer for more bytes of entries than MAX_BATCH_BYTES (12 values of 1 MiB), then
+    the peer answers about that many and leaves the rest out (``false``), and the reader asks again for those:
+    every entry arrives, in two answers, none of them over the bound by more than one entry.
+    """
+    from kvresponder.wire import OMITTED
+
+    clock = Clock()
+    peer_node = Node(make_settings("t1", "n2", insecure_cluster="true", max_memory="64Mi",
+                                   max_value_size="2Mi"), clock, http=None)
+    stub = stub_over(KVSite(build_root(peer_node), clock.seconds, metrics=peer_node.metrics))
+    client = PeerClient(http=stub, clock=clock, tenant="t1", timeout=5.0)
+    keys = ["big%02d" % (i,) for i in range(12)]
+    value = b'"' + b"x" * (1024 * 1024) + b'"'
+    for key in keys:
+        assert peer_node.store.apply(Entry(key, value, (5, 0, "n2"))).applied
+
+    answer = []
+    ensureDeferred(client.transport.call(PEER, "get", {"keys": keys}, read=True)).addBoth(answer.append)
+    stub.flush()
+    entries = answer[0]["entries"]
+    sent = [entry for entry in entries if entry is not OMITTED]
+    assert 0 < len(sent) < len(keys) and all(entry is OMITTED for entry in entries[len(sent):])
+    assert sum(len(entry["v"]) for entry in sent) <= MAX_BATCH_BYTES
+
+    got = []
+    ensureDeferred(client.get_many(PEER, keys + ["absent"])).addBoth(got.append)
+    stub.flush()
+    stub.flush()
+    (found,) = got
+    assert [entry.key for entry in found[:-1]] == keys and found[-1] is None
+    assert all(entry.value == value for entry in found[:-1])
+    # One call above, then two for get_many: the whole batch, then the entries left out of its answer.
+    assert _requests_for(peer_node, "/_internal/get") == 3
+
+
+def test_a_peer_that_leaves_out_every_key_asked_fails_the_read_instead_of_being_asked_forever():
+    """
+    If a peer answers a read batch with every key left out (``false``), then the reads fail with PeerError
+    (and fail over) instead of asking it again and again.
+    """
+    client, clock, calls = _client()
+    reads = [client.get_coalesced(PEER, key) for key in ("a", "b")]
+    clock.advance(0)
+    keys, d = calls.pending.pop(0)
+    d.callback((200, json.dumps({"entries": [False] * len(keys)}).encode()))
+    failures = []
+    for read in reads:
+        read.addErrback(lambda failure: failures.append(failure.check(PeerError)))
+    assert failures == [PeerError, PeerError]
+    assert calls.pending == []
+
+
+def test_a_read_batch_answered_in_part_settles_each_read_once_the_rest_is_in():
+    """
+    If a peer leaves some keys of a read batch out (``false``), then the reads it answered wait with the
+    others for the second answer, which asks only the keys left out.
+    """
+    client, clock, calls = _client()
+    reads = {key: client.get_coalesced(PEER, key) for key in ("a", "b", "c")}
+    clock.advance(0)
+    keys, d = calls.pending.pop(0)
+    d.callback((200, json.dumps({"entries": [entry_to_wire(Entry("a", b"1", (5, 0, "n2")), 0.0), False,
+                                             None]}).encode()))
+    assert not any(read.called for read in reads.values())
+    assert calls.answer_reads(0, held={"b"}) == ["b"]
+    assert reads["a"].result.key == "a" and reads["b"].result.key == "b" and reads["c"].result is None

@@ -20,9 +20,10 @@ from twisted.python.failure import Failure
 
 from ..copystream import LEAVING_ERROR, LEAVING_MESSAGE
 from ..hlc import version_from_wire
+from ..batcher import MAX_BATCH_BYTES
 from ..peers import CLOCK_HEADER, TASK_HEADER, TASKS_HEADER
 from ..store import EntryTooLarge
-from ..wire import BATCH_TYPE, decode_batch, entries_from_wire, entry_to_wire
+from ..wire import BATCH_TYPE, OMITTED, decode_batch, entries_from_wire, entry_to_wire
 from .api import failure_body, render_value, handle_routing_errors
 from .errors import APIError, bad_request, write_error
 from .peerguard import PeerGuard
@@ -153,9 +154,21 @@ class InternalAPI:
     def get(self, body):
         store = self._node.store
         if "keys" in body:
-            entries = [store.current(key) for key in body["keys"]]
+            # Up to about MAX_BATCH_BYTES of entries (the first found always goes): 256 keys of 1 MiB values
+            # would otherwise make one answer of 256 MiB, built here and read there at once. The keys left out
+            # answer ``false`` (OMITTED), and the caller asks for them again.
             now = self._node.wall()
-            return {"entries": [None if entry is None else entry_to_wire(entry, now) for entry in entries]}
+            answers, room = [], MAX_BATCH_BYTES
+            for key in body["keys"]:
+                entry = store.current(key)
+                if entry is None:
+                    answers.append(None)
+                elif entry.size <= room or room == MAX_BATCH_BYTES:
+                    room -= entry.size
+                    answers.append(entry_to_wire(entry, now))
+                else:
+                    answers.append(OMITTED)
+            return {"entries": answers}
         entry = store.current(body["key"])
         return {"entry": None if entry is None else entry_to_wire(entry, self._node.wall())}
 

@@ -162,6 +162,7 @@ _LIVE_GAUGES = (
     ("kv_open_connections", "Open HTTP connections."),
     ("kv_request_body_bytes", "Bytes of request bodies over 64 KiB held while their requests run, against "
                               "MAX_BODY_BUFFER."),
+    ("kv_request_body_max_bytes", "The budget of request bodies held at once (MAX_BODY_BUFFER)."),
     ("kv_copy_streams_outgoing", "Copy streams this node has open to peers (one a peer it writes to)."),
     ("kv_copy_streams_incoming", "Copy streams peers have open to this node."),
     ("kv_peers_suspected", "Peers that a call just found unreachable: calls to them fail at once for a while."),

@@ -546,11 +546,13 @@ async def test_a_body_whose_head_finds_no_room_is_answered_503_at_once_and_the_r
     If two PUTs' bodies of 290 KiB are on their way (600 KiB may be held), then a third is
     answered 503 ``body_buffer_full`` with ``Retry-After: 1`` as soon as its head is in, unread, and its
     connection closes; a small body (64 KiB or less) is still taken meanwhile; and once the first two are
-    answered, their room is free again and the same third request is taken. The gauge follows what is held.
+    answered, their room is free again and the same third request is taken. The gauge follows what is held,
+    against the budget's gauge.
     """
     first = await _open_with_part_of_a_body(budget_server, b"a")
     second = await _open_with_part_of_a_body(budget_server, b"b")
     assert budget_server.node.metrics.gauge("kv_request_body_bytes") == 2 * BODY
+    assert budget_server.node.metrics.gauge("kv_request_body_max_bytes") == BUDGET
 
     raw, took = await deferToThread(_declare_and_wait, budget_server.address, _put_head(b"c", BODY))
     assert took < 3.0, took
@@ -566,6 +568,29 @@ async def test_a_body_whose_head_finds_no_room_is_answered_503_at_once_and_the_r
     answer = await _send(budget_server, _put_head(b"c", BODY) + _body(BODY))
     assert answer.status == 201, answer
     assert budget_server.held() == 0
+
+
+@pytest.mark.parametrize("given, budget", [({}, 64 * 1024 * 1024),
+                                           ({"max_body_buffer": "96Mi"}, 96 * 1024 * 1024),
+                                           ({"max_value_size": "8Mi"}, 2 * 8 * 8 * 1024 * 1024)])
+def test_a_node_exports_its_max_body_buffer_as_kv_request_body_max_bytes(given, budget):
+    """
+    If a node's MAX_BODY_BUFFER is set, or left to its default (the larger of 64 MiB and two /bulk bodies), then
+    its /metrics says so in ``kv_request_body_max_bytes``, beside ``kv_request_body_bytes`` at 0, for the alert
+    and the dashboard to divide one by the other. The site is built as ``tap.makeService`` builds it.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    settings = make_settings("t1", "n1", **given)
+    assert settings.max_body_buffer == budget
+    node = Node(settings, reactor, http=None)
+    KVSite(build_root(node, node.authenticator), reactor.seconds, reactor=reactor, metrics=node.metrics,
+           body_limit=settings.max_value_size, body_buffer=settings.max_body_buffer)
+    samples = {sample.name: sample for family in text_string_to_metric_families(node.metrics.exposition().decode())
+               for sample in family.samples}
+    assert samples["kv_request_body_max_bytes"].value == budget
+    assert samples["kv_request_body_max_bytes"].labels == {"tenant": "t1"}
+    assert samples["kv_request_body_bytes"].value == 0
 
 
 @pytest_twisted.ensureDeferred

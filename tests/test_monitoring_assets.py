@@ -37,6 +37,7 @@ REQUIRED_ALERTS = (
     "KVResponderDown",
     "KVResponderHighErrorRate",
     "KVResponderHighLatency",
+    "KVResponderBodyBufferNearFull",
     "KVResponderMemoryNearLimit",
     "KVResponderEvictionsHigh",
     "KVResponderPeersMissing",
@@ -322,6 +323,8 @@ def test_if_the_contract_lists_metrics_then_the_parser_expands_histograms_and_ke
         "kv_http_requests_total",
         "kv_build_info",
         "kv_store_max_bytes",
+        "kv_request_body_bytes",
+        "kv_request_body_max_bytes",
     } <= names
     assert "kv_http_request_duration_seconds" not in names
     assert "up" not in names
@@ -390,6 +393,21 @@ def test_if_grafana_loads_the_dashboard_then_it_has_the_agreed_identity(dashboar
     assert len(ids) == len(set(ids)), "panel ids must be unique"
 
 
+def test_if_grafana_lays_out_the_dashboard_then_no_two_panels_overlap(dashboard):
+    """
+    If Grafana places the panels by their ``gridPos``, then none covers another and none passes the grid's 24
+    columns (Grafana would push one down, out of the place it was given).
+    """
+    taken = {}
+    for panel in dashboard["panels"]:
+        pos = panel["gridPos"]
+        assert pos["x"] + pos["w"] <= 24, panel["title"]
+        for x in range(pos["x"], pos["x"] + pos["w"]):
+            for y in range(pos["y"], pos["y"] + pos["h"]):
+                assert (x, y) not in taken, (panel["title"], taken.get((x, y)))
+                taken[(x, y)] = panel["title"]
+
+
 def test_if_a_panel_or_variable_queries_a_metric_then_the_service_exports_it(dashboard, exported_metrics):
     """
     If a panel or a templating variable queries a metric, then that metric is
@@ -447,7 +465,7 @@ def test_if_an_operator_opens_the_dashboard_then_the_requested_rows_and_panels_e
             assert current is not None, f"panel {panel['title']!r} is above the first row"
             rows[current].append(panel["title"])
     expected = {
-        "Requests": {"Request rate by status class", "Request latency p50 / p99"},
+        "Requests": {"Request rate by status class", "Request latency p50 / p99", "Request bodies held vs budget"},
         "Cache": {"Cache hit ratio", "Keys", "Memory: store bytes vs limit", "Evictions and expirations rate"},
         "Cluster": {
             "Cluster size: peers + 1 vs ring members",
@@ -478,6 +496,9 @@ def test_if_a_panel_shows_a_requested_figure_then_it_queries_the_right_metric(da
     assert {"kv_store_bytes", "kv_store_max_bytes"} <= {
         n for n, _ in vector_selectors(by_title["Memory: store bytes vs limit"])
     }
+    assert {"kv_request_body_bytes", "kv_request_body_max_bytes"} <= {
+        n for n, _ in vector_selectors(by_title["Request bodies held vs budget"])
+    }
     cluster = {n for n, _ in vector_selectors(by_title["Cluster size: peers + 1 vs ring members"])}
     assert {"kv_peers_count", "kv_ring_members"} <= cluster
     assert 'result="failure"' in by_title["Replication failures"]
@@ -487,6 +508,31 @@ def test_if_a_panel_shows_a_requested_figure_then_it_queries_the_right_metric(da
     }
     # The bound is drawn on both sides: a clock behind is as wrong as one ahead.
     assert "-max(kv_clock_max_offset_seconds" in clock
+
+
+def test_if_a_panel_draws_a_budget_against_its_use_then_the_budget_is_the_dashed_line(dashboard):
+    """
+    If a panel shows what a node holds against its budget (the store's memory, the request bodies held), then the
+    budget's query is drawn dashed, and the dashed line's override names a legend its queries produce (a renamed
+    legend would silently draw the budget as one more solid line).
+    """
+    by_title = {p["title"]: p for p in all_panels(dashboard)}
+    for title, budget in (("Memory: store bytes vs limit", "kv_store_max_bytes"),
+                          ("Request bodies held vs budget", "kv_request_body_max_bytes")):
+        panel = by_title[title]
+        dashed = {
+            override["matcher"]["options"]
+            for override in panel["fieldConfig"]["overrides"]
+            if override["matcher"]["id"] == "byName"
+            and any(prop["id"] == "custom.lineStyle" and prop["value"]["fill"] == "dash"
+                    for prop in override["properties"])
+        }
+        legends = {
+            target["legendFormat"]
+            for target in panel["targets"]
+            if budget in {name for name, _ in vector_selectors(target["expr"])}
+        }
+        assert legends and legends <= dashed, (title, legends, dashed)
 
 
 def test_if_an_alert_or_a_panel_watches_clients_requests_then_probes_scrapes_and_peer_calls_are_left_out(

@@ -32,7 +32,8 @@ class BodyBudget:
     that does not fit is refused unread. A client that declares bodies and sends them slowly holds their room
     for up to REQUEST_TIMEOUT, as one that opens connections holds MAX_CONNECTIONS.
 
-    :param metrics: a :class:`~kvresponder.metrics.Metrics`, or ``None``: exports ``kv_request_body_bytes``.
+    :param metrics: a :class:`~kvresponder.metrics.Metrics`, or ``None``: exports ``kv_request_body_bytes`` and
+        the budget, ``kv_request_body_max_bytes``.
     """
 
     def __init__(self, limit: int, metrics=None) -> None:
@@ -41,6 +42,7 @@ class BodyBudget:
         self.held = 0
         if metrics is not None:
             metrics.register_gauge("kv_request_body_bytes", lambda: self.held)
+            metrics.register_gauge("kv_request_body_max_bytes", lambda: self.limit)
 
     def reserve(self, size: int) -> bool:
         """

@@ -28,7 +28,7 @@ from .log.service import CLUSTER_DISABLED, INSECURE
 from .membership import ALIVE, JOINED, LEAVING, MOVED, RESTARTED, Heartbeat, Membership
 from .metrics import Metrics
 from .peers import PeerAuthenticator, PeerError
-from .rebalance import Rebalancer
+from .rebalance import ANTI_ENTROPY, Rebalancer
 from .ring import HashRing
 from .settings import Settings
 from .store import Store
@@ -246,7 +246,7 @@ class Node:
         self._every(1.0, self.clock_offsets.evaluate)
         if self._collect is not None:
             self._every(0.25, self._reclaim)
-        self._every(self.settings.anti_entropy_interval, lambda: self.rebalancer.run_pass("anti-entropy"),
+        self._every(self.settings.anti_entropy_interval, lambda: self.rebalancer.run_pass(ANTI_ENTROPY),
                     now=False)
         ensureDeferred(self._join()).addErrback(lambda failure: write_traceback())
 

@@ -16,7 +16,7 @@ by the next one. All work is batched, one batch in flight per peer, and yields t
 chunks, so memory stays bounded and the node keeps serving.
 """
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from eliot import write_traceback
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -91,21 +91,30 @@ def entry_digest(hashed_key: int, version: Version) -> int:
     return hashed_key ^ ((((version[0] << 20) ^ version[1]) * _GOLDEN) & _MASK)
 
 
+#: The periodic pass's reason (``Node`` runs it every ANTI_ENTROPY_INTERVAL): the only one that walks in the
+#: background and skips the entries written within SETTLE_MS.
+ANTI_ENTROPY = "anti-entropy"
+
+#: A background walk's rest for each second of work.
+_REST_RATIO = (1.0 - BACKGROUND_SHARE) / BACKGROUND_SHARE
+
+
 class _Slices:
     """
     Cuts a walk over the store into slices of at most :data:`SLICE` seconds of reactor time (and at most
     :data:`CHUNK` entries), so that requests keep being served during a pass.
 
-    :param bool background: whether the walk takes :data:`BACKGROUND_SHARE` of the reactor's time, resting after
+    :param background: whether the walk takes :data:`BACKGROUND_SHARE` of the reactor's time, resting after
         each slice for as long as keeps it to that share (up to :data:`MAX_REST`); otherwise it yields for one turn
-        only.
+        only. A bool, or a callable asked at each pause (a background walk speeds up once its node starts
+        draining).
     """
 
-    def __init__(self, clock, background: bool = False) -> None:
+    def __init__(self, clock, background: Union[bool, Callable[[], bool]] = False) -> None:
         self._clock = clock
         self._count = 0
         self._since = clock.seconds()
-        self._rest_ratio = (1.0 - BACKGROUND_SHARE) / BACKGROUND_SHARE if background else 0.0
+        self._background = background if callable(background) else (lambda: background)
 
     def due(self) -> bool:
         """
@@ -118,7 +127,7 @@ class _Slices:
 
     async def pause(self) -> None:
         worked = self._clock.seconds() - self._since
-        rest = min(max(worked, 0.0) * self._rest_ratio, MAX_REST)
+        rest = min(max(worked, 0.0) * _REST_RATIO, MAX_REST) if self._background() else 0.0
         await deferLater(self._clock, rest, lambda: None)
         self._since = self._clock.seconds()
 
@@ -204,6 +213,10 @@ class Rebalancer:
         if self._running is not None:
             if self._again is None:
                 self._again = (reason, [])
+            elif self._again[0] == ANTI_ENTROPY and reason != ANTI_ENTROPY:
+                # The pass queued does what this one asks too: it goes at full speed and leaves nothing out
+                # (a drain's, a membership change's, a joiner's), not as the periodic pass it was queued for.
+                self._again = (reason, self._again[1])
             self._again[1].append(waiter)
         else:
             self._start(reason, [waiter])
@@ -250,7 +263,8 @@ class Rebalancer:
                 ring = HashRing(ring.nodes - {self.node_id}, vnodes=ring.vnodes, probes=ring.probes)
             handoff: List[Tuple[Entry, List[str]]] = []
             digests: Dict[str, Digest] = {}
-            slices = _Slices(self._clock, background=reason == "anti-entropy")
+            # The periodic pass walks in the background; not once the node is leaving (its drain waits for it).
+            slices = _Slices(self._clock, background=lambda: reason == ANTI_ENTROPY and not self.leaving)
             for entry in self.store.entries():
                 if slices.due():
                     await slices.pause()
@@ -265,7 +279,7 @@ class Rebalancer:
                 elif owners:
                     handoff.append((entry, owners))
             handed_off = await self._hand_off(handoff)
-            sync_reason = "anti-entropy" if reason == "anti-entropy" else "re-replication"
+            sync_reason = ANTI_ENTROPY if reason == ANTI_ENTROPY else "re-replication"
             # Peers compare their digests with ours; keep just the bucket hashes (256 numbers a peer) so a
             # peer's sync request does not cost another walk over the store.
             self._digest_cache = (ring, self.store.changes, self._clock.seconds(),
@@ -342,7 +356,7 @@ class Rebalancer:
         peer = self._peer_of(node)
         if peer is None:
             return 0
-        background = reason == "anti-entropy"
+        background = reason == ANTI_ENTROPY
         with SYNC(peer=node, reason=reason) as action:
             sent = 0
             try:
@@ -355,7 +369,7 @@ class Rebalancer:
                     now_ms = self._wall() * 1000
                     fresh = (now_ms - SETTLE_MS, now_ms + SETTLE_MS)
                 versions: Dict[str, Version] = {}
-                slices = _Slices(self._clock, background)
+                slices = _Slices(self._clock, lambda: background and not self.leaving)
                 for bucket in differing:
                     for key, version in digest.buckets.get(bucket, {}).items():
                         if slices.due():
@@ -369,13 +383,13 @@ class Rebalancer:
                 if versions:
                     sent += await self._send_wanted(peer, versions)
             except PeerError:
-                if reason == "anti-entropy":
+                if reason == ANTI_ENTROPY:
                     self._metrics.antientropy("failed")
                 else:
                     self._metrics.rereplication("failed")
                 action.add_success_fields(sent=sent)
                 return sent
-            if reason == "anti-entropy":
+            if reason == ANTI_ENTROPY:
                 self._metrics.antientropy("ok", sent)
             elif sent:
                 self._metrics.rereplication("sent", sent)
@@ -464,4 +478,4 @@ class Rebalancer:
             return remaining
 
 
-__all__ = ["Rebalancer", "Digest", "bucket_of"]
+__all__ = ["ANTI_ENTROPY", "Rebalancer", "Digest", "bucket_of"]

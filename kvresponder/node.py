@@ -298,10 +298,13 @@ class Node:
         # peer whose ring never matches, say one that refuses this node's clock, must not keep it joining).
         deadline = self.clock.seconds() + JOIN_WAIT_INTERVALS * self.settings.heartbeat_interval
         clusters = self.settings.clustering != "disabled"
-        while clusters and not self._heard_whole_cluster() and self.clock.seconds() < deadline:
+        # And for every peer to count this node in its ring: a peer that has not heard it (its heartbeats lost)
+        # would answer the request for its share below with a pass over a ring without it, which hands it nothing.
+        while clusters and not self._counted_by_whole_cluster() and self.clock.seconds() < deadline:
             await deferLater(self.clock, JOIN_POLL, lambda: None)
-        if clusters and not self._heard_whole_cluster():
-            JOIN_VIEW_UNMATCHED.log(peers=sorted(self._unmatched_peers()), ring=sorted(self._ring.nodes))
+        if clusters and not self._counted_by_whole_cluster():
+            JOIN_VIEW_UNMATCHED.log(peers=sorted(set(self._unmatched_peers()) | set(self._peers_without_me())),
+                                    ring=sorted(self._ring.nodes))
         # From here on, kv requests are served whatever the peers' rings say (see ``unjoined``).
         self._join_waited = True
         peers = self.membership.alive_peers()
@@ -347,6 +350,26 @@ class Node:
             if len(self._ring) == 1 or any(peer.ring_digest is None for peer in self.membership.alive_peers()):
                 return False
         return not any(True for _ in self._unmatched_peers())
+
+    def _counted_by_whole_cluster(self) -> bool:
+        """
+        :meth:`_heard_whole_cluster`, and every peer heard names the ring with this node in it.
+        """
+        return self._heard_whole_cluster() and not any(True for _ in self._peers_without_me())
+
+    def _peers_without_me(self):
+        """
+        The alive peers whose heartbeats name a ring other than this node's own, this node included.
+        """
+        ring = self._ring
+        for peer in self.membership.peers():
+            if peer.state != ALIVE:
+                continue
+            if peer.ring_digest is None:
+                if peer.ring_size < len(ring):
+                    yield peer.node_id
+            elif peer.ring_digest != ring.digest:
+                yield peer.node_id
 
     def _unmatched_peers(self):
         """

@@ -594,6 +594,7 @@ def test_a_join_waits_a_while_for_the_peers_it_has_not_heard_yet():
     for peer in (n2, n3):
         n4.membership.observe(peer.heartbeat())
     assert not n4.unjoined()
+    _hear_each_other(n4, (n1, n2, n3))
     _turn(cluster, 1.0)
     assert n4.state == "ready"
 
@@ -612,6 +613,40 @@ def test_a_join_waits_a_while_for_the_peers_it_has_not_heard_yet():
     assert n5.state == "ready" and not n5.unjoined()
     assert [(m["peers"], m["ring"]) for m in messages
             if m.get("message_type") == "kvresponder:discovery:join-view-unmatched"] == [(["n1"], ["n1", "n5"])]
+
+
+def _hear_each_other(joiner: Node, peers) -> None:
+    # The peers hear the joiner's heartbeat, and it hears theirs, which now name a ring with it.
+    for peer in peers:
+        peer.membership.observe(joiner.heartbeat())
+    for peer in peers:
+        joiner.membership.observe(peer.heartbeat())
+
+
+def test_a_joining_node_asks_for_its_share_only_once_its_peers_count_it():
+    """
+    If a joining node hears its peers but they do not hear it (its heartbeats lost), then it serves kv requests
+    (its view matches theirs) but stays joining, and does not ask for its share: they would answer with a pass
+    over a ring without it, which hands it nothing, and it would be ready owning keys it does not hold. Once they
+    hear it, it asks, receives every key it owns, and is ready.
+    """
+    cluster = MemoryCluster(2)
+    cluster.run(seconds=1.0)
+    n1, n2 = cluster.nodes
+    for index in range(200):
+        assert put(cluster, n1, "k%d" % (index,), index)[0] in (200, 201)
+    n3 = _start_unheard(cluster)
+    for peer in (n1, n2):
+        n3.membership.observe(peer.heartbeat())
+    _turn(cluster, n3.join_settle + 1.5)
+    assert n3.state == "joining" and not n3.unjoined()
+    assert len(n3.store) == 0
+    _hear_each_other(n3, (n1, n2))
+    _turn(cluster, 1.0)
+    assert n3.state == "ready"
+    owned = [key for key in ("k%d" % (index,) for index in range(200))
+             if "n3" in n3.ring().preference_list(key, 2)]
+    assert owned and all(n3.store.current(key) is not None for key in owned)
 
 
 def _turn(cluster: MemoryCluster, seconds: float) -> None:

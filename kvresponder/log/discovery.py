@@ -21,8 +21,9 @@ JOIN_VIEW_UNMATCHED = leveled("discovery", WARNING, MessageType(
     "kvresponder:discovery:join-view-unmatched",
     [Field.for_types("peers", [list], "The peers whose heartbeats name another ring than this node's."),
      Field.for_types("ring", [list], "This node's ring.")],
-    "A joining node waited its while for every peer it heard to name the ring it has, and joins without: a "
-    "peer's ring holds a node this one does not (one it refuses, or one still dying), or the other way round."))
+    "A joining node waited its while for every peer it heard to name the ring it has, itself included, and joins "
+    "without: a peer's ring holds a node this one does not (one it refuses, or one still dying), or the other way "
+    "round, or a peer has not heard this node (its heartbeats do not reach it)."))
 
 DATAGRAM_DROPPED = leveled("discovery", DEBUG, MessageType(
     "kvresponder:discovery:dropped", [REASON, SOURCE], "A discovery datagram was dropped."))

@@ -442,6 +442,11 @@ def load_settings(given: Mapping[str, Optional[str]], environ: Mapping[str, str]
     if values["write_quorum"] is not None and values["write_quorum"] > values["replicas"]:
         raise SettingsError("--write-quorum (WRITE_QUORUM): invalid value %r: must not exceed "
                             "--replicas %r" % (values["write_quorum"], values["replicas"]))
+    if (values["write_quorum"] is not None and values["write_quorum"] > 1 and not values["cluster_secret"]
+            and not values["insecure_cluster"]):
+        raise SettingsError("--write-quorum (WRITE_QUORUM): invalid value %r: a node without CLUSTER_SECRET (or "
+                            "--insecure-cluster) serves alone and stores one copy, so every write would answer 503"
+                            % (values["write_quorum"],))
     bulk_body = 8 * values["max_value_size"]
     if values["max_body_buffer"] is None:
         values["max_body_buffer"] = default_body_buffer(bulk_body)

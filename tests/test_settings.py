@@ -390,10 +390,24 @@ def test_write_quorum_above_the_replication_factor_is_rejected():
     """
     If the write quorum exceeds the replication factor, then loading fails; equal is accepted.
     """
-    message = error_of(environ={"REPLICATION_FACTOR": "2", "WRITE_QUORUM": "3"})
+    message = error_of(environ={"REPLICATION_FACTOR": "2", "WRITE_QUORUM": "3", "CLUSTER_SECRET": SECRET})
     assert message.startswith("--write-quorum (WRITE_QUORUM): invalid value 3")
     assert "\n" not in message
-    assert load(environ={"REPLICATION_FACTOR": "3", "WRITE_QUORUM": "3"}).write_quorum == 3
+    assert load(environ={"REPLICATION_FACTOR": "3", "WRITE_QUORUM": "3", "CLUSTER_SECRET": SECRET}).write_quorum == 3
+
+
+def test_a_write_quorum_above_one_is_refused_on_a_node_that_serves_alone():
+    """
+    If WRITE_QUORUM is above 1 on a node without CLUSTER_SECRET and without --insecure-cluster (it serves alone,
+    one copy), then loading fails, saying why (every write would answer 503); a quorum of 1 is accepted, and
+    with either setting the quorum of 2 is.
+    """
+    message = error_of(environ={"WRITE_QUORUM": "2"})
+    assert message.startswith("--write-quorum (WRITE_QUORUM): invalid value 2: a node without CLUSTER_SECRET")
+    assert "every write would answer 503" in message
+    assert load(environ={"WRITE_QUORUM": "1"}).write_quorum == 1
+    assert load(environ={"WRITE_QUORUM": "2", "CLUSTER_SECRET": SECRET}).write_quorum == 2
+    assert load(environ={"WRITE_QUORUM": "2", "INSECURE_CLUSTER": "true"}).write_quorum == 2
 
 
 def test_the_body_buffer_holds_two_bulk_bodies_by_default_and_must_hold_one():

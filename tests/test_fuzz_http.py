@@ -810,12 +810,17 @@ def test_an_http_1_0_request_with_a_transfer_encoding_is_a_400_that_closes_and_c
     (b"PUT /t1/kv/lf HTTP/1.1\nHost: h\nContent-Type: application/json\nContent-Length: 12\n\n{\"value\": 1}",),
     (b"POST /t1/bulk HTTP/1.1\nHost: h\nContent-Length: 36\n\n{\"put\": [{\"key\": \"lf\", \"value\": 1}]}",),
     (b"GET /t1/kv/a HTTP/1.1\n", b"Host: h\n\n"),
-    (b"GET /t1/health HTTP/1.1\r\n", b"Host: h\n", b"\n")])
-def test_a_request_head_with_a_bare_lf_line_end_is_a_400_at_once_that_closes_and_changes_nothing(pieces):
+    (b"GET /t1/health HTTP/1.1\r\n", b"Host: h\n", b"\n"),
+    (b"GET /t1/kv/a HTTP/1.1\rHost: h\r\r",),
+    (b"GET /t1/health HTTP/1.1\rHost: h\r\r",),
+    (b"PUT /t1/kv/cr HTTP/1.1\r\nHost: h\rContent-Length: 12\r\n\r\n{\"value\": 1}",),
+    (b"GET /t1/kv/a HTTP/1.1\r", b"Host: h\r\n\r\n"),
+    (b"GET /t1/health HTTP/1.1\r\nHost: h\r", b"\r")])
+def test_a_request_head_with_a_bare_lf_or_cr_line_end_is_a_400_at_once_that_closes_and_changes_nothing(pieces):
     """
-    If a line of the request head ends in LF without CR (netcat, a hand-typed request), in one read or across
-    several, then it is answered 400 at once and the connection closes (RFC 9112, 2.2, lets a server refuse it);
-    before, it waited for the request's deadline and was cut off without an answer.
+    If a line of the request head ends in LF without CR (netcat, a hand-typed request), or in CR without LF, in
+    one read or across several, then it is answered 400 at once and the connection closes (RFC 9112, 2.2, lets
+    a server refuse it); before, it waited for the request's deadline and was cut off without an answer.
     """
     node = node_for("defaults")
     before = node.snapshot()
@@ -823,7 +828,7 @@ def test_a_request_head_with_a_bare_lf_line_end_is_a_400_at_once_that_closes_and
     response = parse_response(raw)
     assert response is not None and response.status == 400, raw[:300]
     assert json.loads(response.body) == {
-        "error": "bad_request", "message": "Each line of the request head must end in CRLF, not in a bare LF."}
+        "error": "bad_request", "message": "Each line of the request head must end in CRLF, not in a bare LF or CR."}
     assert closed
     assert node.snapshot() == before
 

@@ -99,8 +99,11 @@ class FastLane:
         """
         end = data.find(b"\r\n\r\n", offset)
         if end < 0 or end - offset > self._max_head:
-            if len(data) - offset > self._max_head or data.count(b"\n", offset) != data.count(b"\r\n", offset):
-                # Too long, or a line ended by a bare LF: Twisted's path answers both.
+            breaks = data.count(b"\r\n", offset)
+            if (len(data) - offset > self._max_head or data.count(b"\n", offset) != breaks
+                    or data.count(b"\r", offset) - data.endswith(b"\r") != breaks):
+                # Too long, or a line ended by a bare LF or a bare CR (a CR that ends what came may have its LF
+                # in the next read): Twisted's path answers each.
                 return None
             start = data[offset:offset + len(self._starts[-1])]
             for expected in self._starts:

@@ -664,12 +664,12 @@ class _CountedChannel(HTTPChannel):
             return  # answered and closing: what still arrives is not read
         if self._request_started is None and channel_between_requests(self):
             self.receiving(True)
-        if self.line_mode and b"\n" in data and bare_line_feed(data, self._line_tail):
+        if self.line_mode and (b"\n" in data or b"\r" in data) and bare_line_break(data, self._line_tail):
             # Twisted's parser splits the head on CRLF alone: a head whose lines end in a bare LF (as netcat and
-            # hand-typed requests send) would wait for the request's deadline and be cut off without a word.
-            # RFC 9112 (2.2) lets a server refuse it; it is answered at once instead.
+            # hand-typed requests send) or a bare CR would wait for the request's deadline and be cut off without
+            # a word. RFC 9112 (2.2) lets a server refuse it; it is answered at once instead.
             self._refused_head = True
-            _answer_bad_request(self, "Each line of the request head must end in CRLF, not in a bare LF.")
+            _answer_bad_request(self, "Each line of the request head must end in CRLF, not in a bare LF or CR.")
             return
         self._line_tail = (self._line_tail + data)[-3:]
         HTTPChannel.dataReceived(self, data)
@@ -872,18 +872,24 @@ class _CountedChannel(HTTPChannel):
         HTTPChannel.connectionLost(self, reason)
 
 
-def bare_line_feed(data: bytes, before: bytes = b"") -> bool:
+def bare_line_break(data: bytes, before: bytes = b"") -> bool:
     """
     Whether ``data``'s part of a request head (up to the head's blank line, or all of ``data`` if that has not
-    arrived) has a line ending in LF alone. ``before``: the last bytes (up to 3) of the head given before ``data``,
-    so that a CRLF, or the blank line's CRLFCRLF, split between two reads is found whole. What follows the head is
-    a body, where a bare LF is just a byte.
+    arrived) has a line ending in LF alone, or a CR not followed by LF. ``before``: the last bytes (up to 3) of
+    the head given before ``data``, so that a CRLF, or the blank line's CRLFCRLF, split between two reads is found
+    whole. What follows the head is a body, where a bare LF or CR is just a byte.
     """
     joined = before + data
     start = len(before)
     end = joined.find(b"\r\n\r\n", max(0, start - 3))
     stop = len(joined) if end < 0 else end + 2
-    return joined.count(b"\n", start, stop) != joined.count(b"\r\n", max(0, start - 1), stop)
+    first = max(0, start - 1)
+    pairs = joined.count(b"\r\n", first, stop)
+    if joined.count(b"\n", start, stop) != pairs:
+        return True
+    # A CR that ends what has arrived may have its LF in the next read (it is then ``before``'s last byte).
+    returns = joined.count(b"\r", first, stop) - (1 if end < 0 and joined.endswith(b"\r") else 0)
+    return returns != pairs
 
 
 def _answer_bad_request(channel, message: str = "The request is not well-formed HTTP/1.1.") -> None:

@@ -855,6 +855,23 @@ def test_a_crlf_split_between_reads_or_a_bare_lf_in_a_body_is_served(pieces):
     assert response is not None and response.status in (200, 201), raw[:300]
 
 
+@pytest.mark.parametrize("version", [b"HTTP/1.1", b"HTTP/1.0"])
+def test_a_body_that_is_not_json_gets_415_whatever_brackets_it_holds(version):
+    """
+    If a PUT's body is sent as text/plain and nests brackets deeper than a value may, then it gets 415
+    (the media type is checked first), not the 400 for a value nested too deeply; on the fast lane (HTTP/1.1)
+    and on Twisted's path (HTTP/1.0) alike, and nothing is stored.
+    """
+    node = node_for("defaults")
+    before = node.snapshot()
+    body = b"[" * 502 + b"]" * 502
+    response = parse_response(node.send(b"PUT /t1/kv/deep-text %s\r\nHost: h\r\nContent-Type: text/plain\r\n"
+                                        b"Content-Length: %d\r\n\r\n%s" % (version, len(body), body)))
+    assert response.status == 415, response.raw[:300]
+    assert json.loads(response.body)["error"] == "unsupported_media_type"
+    assert node.snapshot() == before
+
+
 def test_the_documented_lenient_parts_hold():
     """
     If a body names a member twice, a route gets a query parameter it does not list, or a key has a % that

@@ -64,16 +64,23 @@ def _decode_json(text: str) -> object:
     return json.loads(text)
 
 
+def check_media_type(content_type: Optional[bytes]) -> None:
+    """
+    :raises APIError: 415 for a content type other than JSON (none given is taken as JSON).
+    """
+    if content_type is not None:
+        media = content_type.split(b";", 1)[0].strip().lower()
+        if media != _JSON:
+            raise APIError(415, "unsupported_media_type", "Send the body as application/json.")
+
+
 def parse_json(body: bytes, content_type: Optional[bytes]) -> object:
     """
     A request body as JSON.
 
     :raises APIError: 415 for a content type other than JSON, 400 for malformed JSON.
     """
-    if content_type is not None:
-        media = content_type.split(b";", 1)[0].strip().lower()
-        if media != _JSON:
-            raise APIError(415, "unsupported_media_type", "Send the body as application/json.")
+    check_media_type(content_type)
     try:
         text = body.decode("utf-8")
         return _decode_json(text)
@@ -124,8 +131,10 @@ def parse_put(body: bytes, content_type: Optional[bytes]) -> tuple:
     """
     The serialized value and the TTL of a kv PUT's raw body.
     """
+    # The media type first: a body that is not JSON gets 415 whatever brackets it holds.
+    check_media_type(content_type)
     _check_depth(body)
-    return parse_write(parse_json(body, content_type))
+    return parse_write(parse_json(body, None))
 
 
 def parse_key(raw: bytes, limit: int = 250) -> str:

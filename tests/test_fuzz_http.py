@@ -472,6 +472,9 @@ def check_exchange(node: Node, request: Request, before: tuple, also_allowed: Tu
             json.loads(response.body)
     if 400 <= status < 500:
         assert node.snapshot() == before, "a refused request changed the state"
+    if status < 500:
+        # RFC 9110 (6.6.1): an origin server with a clock sends Date on 2xx, 3xx and 4xx answers.
+        assert response.header(b"date"), response.raw[:500]
     if status == 405:
         assert response.header(b"allow"), "405 without Allow"
 
@@ -829,6 +832,7 @@ def test_a_request_head_with_a_bare_lf_or_cr_line_end_is_a_400_at_once_that_clos
     assert response is not None and response.status == 400, raw[:300]
     assert json.loads(response.body) == {
         "error": "bad_request", "message": "Each line of the request head must end in CRLF, not in a bare LF or CR."}
+    assert response.header(b"date")
     assert closed
     assert node.snapshot() == before
 

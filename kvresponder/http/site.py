@@ -575,8 +575,9 @@ class _CountedChannel(HTTPChannel):
     def _refuse_body(self, method: bytes, code: int, error: str, message: str, reason: str) -> bool:
         body = error_body(error, message)
         retry = b"Retry-After: 1\r\n" if code == 503 else b""
-        answer = (b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\n%s"
-                  b"Content-Length: %d\r\n\r\n%s" % (code, RESPONSES[code], retry, len(body), body))
+        answer = (b"HTTP/1.1 %d %s\r\n%sContent-Type: application/json\r\nConnection: close\r\n%s"
+                  b"Content-Length: %d\r\n\r\n%s" % (code, RESPONSES[code], _date_line(self.site), retry,
+                                                      len(body), body))
         client = str(self.transport.getPeer())
         if not self.hand_over(_RefusedBody(self, self.site.reactor), answer):
             return False
@@ -901,9 +902,15 @@ def _answer_bad_request(channel, message: str = "The request is not well-formed 
     metrics = channel.site.metrics if channel.site is not None else None
     if metrics is not None:
         metrics.count_request(UNREAD_METHOD, "malformed", 400)
-    channel.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
-                            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    channel.transport.write(b"HTTP/1.1 400 Bad Request\r\n%sContent-Type: application/json\r\n"
+                            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
+                            % (_date_line(channel.site), len(body), body))
     channel.loseConnection()
+
+
+def _date_line(site) -> bytes:
+    # RFC 9110 (6.6.1): a server with a clock sends Date on every 4xx, those written by hand included.
+    return b"Date: %s\r\n" % (http_date(site.wall()),) if site is not None else b""
 
 
 answer_bad_requests(_CountedChannel, _answer_bad_request)

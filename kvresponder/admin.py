@@ -26,9 +26,11 @@ class AdminGuard:
         :raises APIError: 401 for a missing or wrong token, 403 for writes that are switched off.
         """
         if self._token is not None:
-            header = request.getHeader(b"authorization") or b""
-            scheme, _, given = header.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self._token):
+            # Exactly one: with two, which of them counts would depend on their order.
+            headers = request.requestHeaders.getRawHeaders(b"authorization") or [b""]
+            scheme, _, given = headers[0].partition(b" ")
+            if (len(headers) != 1 or scheme.lower() != b"bearer"
+                    or not hmac.compare_digest(given.strip(), self._token)):
                 raise APIError(401, "unauthorized", "Admin routes need \"Authorization: Bearer <ADMIN_TOKEN>\".",
                                {b"WWW-Authenticate": b'Bearer realm="kvresponder-admin"'})
             return

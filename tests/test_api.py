@@ -523,6 +523,19 @@ def test_wrong_admin_token_is_401():
     assert_error(code, body, 401, "unauthorized")
 
 
+def test_two_authorization_headers_are_401_whichever_holds_the_token():
+    """
+    If an admin request carries two Authorization headers, the right token in one of them, then it is refused
+    401 whatever their order, and the levels are unchanged (which one counted depended on their order).
+    """
+    api = API(admin_token="a" * 20)
+    right, wrong = "Bearer " + "a" * 20, "Bearer " + "b" * 20
+    for pair in ([right, wrong], [wrong, right]):
+        code, body, _ = api.call("PUT", "/admin/log-levels", {"level": "debug"}, headers={"Authorization": pair})
+        assert_error(code, body, 401, "unauthorized")
+    assert api.node.log_policy.levels()["http"] == "info"
+
+
 @pytest.mark.parametrize("body", [{"level": "loud"}, {"levels": {"nowhere": "debug"}}, {"levels": {"http": 3}},
                                   {}, {"level": "debug", "extra": 1},
                                   {"level": "debug", "levels": {"http": "debug", "store": "loud"}},

@@ -52,6 +52,8 @@ MAX_PREVIOUS_RINGS = 8
 #: back, if the burst took in and dropped at least an eighth of what the store holds (and 4 MiB): an idle
 #: node's RSS then shows what it holds, not what its last writes left behind.
 IDLE_RECLAIM_SECONDS = 2.0
+#: Expired entries (and old tombstones) reclaimed in one reactor turn: a few milliseconds' work.
+SWEEP_CHUNK = 4096
 
 #: Seconds a drain may run past DRAIN_TIMEOUT before its guard stops waiting for it (the rebalancer's own limit is
 #: checked between batches). The Helm chart leaves this room in the grace period.
@@ -125,6 +127,8 @@ class Node:
         #: Whether the join's wait for every peer to name this node's ring is over.
         self._join_waited = False
         self._loops = []
+        #: The next turn's sweep, while expired entries are queued (see ``_sweep``).
+        self._sweeping = None
         self._collect = collect
         self._released_at_collect = 0
         self._held_at_collect = 0
@@ -241,7 +245,7 @@ class Node:
                                         "cluster, or --insecure-cluster on a trusted network")
         if self.admin.mode == "insecure":
             INSECURE.log(reason="--insecure-admin: admin writes need no token")
-        self._every(1.0, self.store.sweep)
+        self._every(1.0, self._sweep)
         # Peers that fall silent leave the clock estimate, and with them perhaps this node's skew.
         self._every(1.0, self.clock_offsets.evaluate)
         if self._collect is not None:
@@ -249,6 +253,18 @@ class Node:
         self._every(self.settings.anti_entropy_interval, lambda: self.rebalancer.run_pass(ANTI_ENTROPY),
                     now=False)
         ensureDeferred(self._join()).addErrback(lambda failure: write_traceback())
+
+    def _sweep(self) -> None:
+        """
+        Reclaim expired entries and old tombstones, :data:`SWEEP_CHUNK` at a time, in turns of their own until
+        none is due: many keys given one TTL expire together.
+        """
+        if self._sweeping is not None and self._sweeping.active():
+            return
+        self._sweeping = None
+        self.store.sweep(SWEEP_CHUNK)
+        if self.store.sweep_behind and self.state != STOPPED:
+            self._sweeping = self.clock.callLater(0, self._sweep)
 
     def _reclaim(self) -> None:
         """
@@ -445,8 +461,9 @@ class Node:
         return ratio
 
     def gauges(self) -> dict:
-        # Reclaim what expired since the last sweep, so kv_store_keys never counts an expired entry.
-        self.store.sweep()
+        # Reclaim what expired since the last sweep, so kv_store_keys does not count expired entries (but for
+        # those still queued when many expire together: see ``_sweep``).
+        self._sweep()
         return {
             "kv_store_keys": len(self.store),
             "kv_store_bytes": self.store.bytes,

@@ -237,6 +237,8 @@ class Store:
         self.bytes = 0
         self.evictions = 0
         self.expirations = 0
+        #: Whether the last :meth:`sweep` stopped at its limit with more due.
+        self.sweep_behind = False
         #: Counts every change to the stored entries, so that summaries of them can tell they are stale.
         self.changes = 0
         #: Bytes of entries dropped so far (replaced, deleted, evicted, expired, handed off).
@@ -605,9 +607,12 @@ class Store:
             return True
         return False
 
-    def sweep(self) -> int:
+    def sweep(self, limit: Optional[int] = None) -> int:
         """
-        Reclaim expired entries and tombstones past their grace period.
+        Reclaim expired entries and tombstones past their grace period: up to ``limit`` of each in one call
+        (``None``: all). A call that stopped at its limit leaves :attr:`sweep_behind` true, and the next goes on
+        where it stopped: a bulk load of keys given one TTL expires in the same second, and reclaiming them all
+        at once would hold the reactor (heartbeats, probes, peers' calls) for as long as that takes.
 
         An expired entry that superseded an older version of its key here (marked by :meth:`apply`) leaves a
         tombstone of its own version, kept for ``tombstone_grace`` as a delete's is: a replica or a hint that
@@ -625,7 +630,9 @@ class Store:
         expired = 0
         heap = self._expiries
         live = self._live
-        while heap and heap[0][0] <= now:
+        budget = -1 if limit is None else limit
+        while heap and heap[0][0] <= now and budget:
+            budget -= 1
             expires_at, slot = heapq.heappop(heap)
             # The slot may hold another entry by now (replaced, or another key's): only one that expires at
             # this very time goes.
@@ -646,16 +653,21 @@ class Store:
             self._index.removed(expired)
             self.expirations += expired
             self._events.expired(expired)
+        behind = bool(heap) and heap[0][0] <= now
         cutoff = self._monotonic() - self.tombstone_grace
         stale = []
         for bkey, packed in self._tombstones.items():
             if _unpack_time(packed, _TIME_OFFSET)[0] > cutoff:
                 break
+            if limit is not None and len(stale) >= limit:
+                behind = True
+                break
             stale.append(bkey)
         for bkey in stale:
             del self._tombstones[bkey]
             self._released(len(bkey) + TOMBSTONE_OVERHEAD)
-        if len(heap) > self._expiring + self._expiring // 2 + 64:
+        self.sweep_behind = behind
+        if not behind and len(heap) > self._expiring + self._expiring // 2 + 64:
             # Replaced and deleted keys leave dead heap items behind; rebuild so the heap stays bounded: at most
             # half as many dead items as live ones, which EXPIRY_OVERHEAD accounts for. From the heap, not the
             # store: a store of many keys without a TTL and a few overwritten ones with one would otherwise be

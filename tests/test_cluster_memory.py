@@ -7,6 +7,7 @@ import json
 
 import pytest
 from eliot import add_destinations, remove_destination
+from twisted.internet.task import Clock
 
 from kvresponder.node import Node
 from kvresponder.rebalance import SETTLE_MS
@@ -613,6 +614,49 @@ def test_a_join_waits_a_while_for_the_peers_it_has_not_heard_yet():
     assert n5.state == "ready" and not n5.unjoined()
     assert [(m["peers"], m["ring"]) for m in messages
             if m.get("message_type") == "kvresponder:discovery:join-view-unmatched"] == [(["n1"], ["n1", "n5"])]
+
+
+class _TurnClock(Clock):
+    """
+    A Clock whose ``advance`` is one reactor turn: it runs the calls due when it starts, and leaves those they
+    schedule for the next turn (``Clock.advance`` runs a ``callLater(0)`` made meanwhile in the same call).
+    """
+
+    def advance(self, amount):
+        self.rightNow += amount
+        due = [call for call in self.calls if call.getTime() <= self.seconds()]
+        for call in sorted(due, key=lambda call: call.getTime()):
+            if call in self.calls:
+                self.calls.remove(call)
+                call.called = 1
+                call.func(*call.args, **call.kw)
+
+
+def test_many_keys_expiring_together_are_reclaimed_a_chunk_a_reactor_turn():
+    """
+    If many more keys than SWEEP_CHUNK expire in the same second (a bulk load given one TTL), then the node's
+    sweep reclaims them a chunk at a time, one reactor turn each, so that heartbeats, probes and peers' calls are
+    served between the chunks, until none is left.
+    """
+    from kvresponder.node import SWEEP_CHUNK
+
+    clock = _TurnClock()
+    clock.rightNow = 1_000_000.0
+    node = Node(make_settings("t1", "n1"), clock, http=None)
+    node.start()
+    expires = node.wall() + 5
+    count = 3 * SWEEP_CHUNK + 10
+    for index in range(count):
+        node.store.apply(Entry("t%d" % (index,), b"1", (int(node.wall() * 1000), index, "n1"), expires))
+    reclaimed = []
+    while len(reclaimed) < 12:
+        clock.advance(0.25)
+        if node.wall() >= expires - 1:
+            reclaimed.append(node.store.expirations)
+    steps = [later - earlier for earlier, later in zip([0] + reclaimed, reclaimed)]
+    assert max(steps) <= SWEEP_CHUNK, steps
+    assert reclaimed[-1] == count and len(node.store) == 0, reclaimed
+    node.stop()
 
 
 def _hear_each_other(joiner: Node, peers) -> None:

@@ -144,6 +144,27 @@ def test_sweep_reclaims_expired_entries_and_counts_expirations():
     assert events.expirations == [2]
 
 
+def test_a_sweep_with_a_limit_reclaims_that_many_and_the_next_goes_on_where_it_stopped():
+    """
+    If more entries are due than a sweep's limit (keys given one TTL expire together), then the sweep reclaims
+    that many, says it is behind, and the next ones go on until every expired entry and old tombstone is gone;
+    the heap is rebuilt only once the sweep has caught up.
+    """
+    store, clock, events = make_store(max_bytes=64 << 20, tombstone_grace=5.0)
+    for index in range(250):
+        store.apply(put("k%03d" % (index,), b"1", 1, ttl=5))
+    for index in range(150):
+        store.apply(Entry("gone%03d" % (index,), None, (START * 1000, 0, "n1")))
+    clock.advance(6)
+    # Each sweep takes up to 100 expired entries and up to 100 old tombstones.
+    assert store.sweep(100) == 100 and store.sweep_behind and store.tombstone_count == 50
+    assert store.sweep(100) == 100 and store.sweep_behind and store.tombstone_count == 0
+    assert store.sweep(100) == 50 and not store.sweep_behind
+    assert (len(store), store.tombstone_count, store.expirations) == (0, 0, 250)
+    assert events.expirations == [100, 100, 50]
+    assert store.sweep(100) == 0 and not store.sweep_behind
+
+
 def test_sweep_does_not_expire_a_key_rewritten_with_a_later_ttl():
     """
     If a key with a TTL is overwritten with a longer TTL, then a sweep after the first TTL keeps it.

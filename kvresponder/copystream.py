@@ -197,6 +197,12 @@ def _error_answer(batch_id: int, code: int, error: str, message: str) -> bytes:
 # -- the peer's side --------------------------------------------------------------------------------
 
 
+#: Seconds a stream carries no batch before either end closes it (the next write opens another). The caller's end
+#: needs its own: a peer that vanished (its host gone, no FIN or RST) never closes its end, and a stream to an
+#: address no longer written to would otherwise stay open for good.
+IDLE_SECONDS = 30.0
+
+
 class CopyStreamServer(Int32StringReceiver):
     """
     The peer's end of a copy stream: applies each batch and answers it, in order.
@@ -218,7 +224,7 @@ class CopyStreamServer(Int32StringReceiver):
 
     def __init__(self, apply: Callable[[list, List[bytes]], List[ApplyResult]], key: Optional[bytes],
                  nonce: bytes, max_frame: int, on_close: Callable[[Failure], None], client: str = "",
-                 clock=None, idle_timeout: float = 30.0, wall: Optional[Callable[[], float]] = None,
+                 clock=None, idle_timeout: float = IDLE_SECONDS, wall: Optional[Callable[[], float]] = None,
                  takes_copies: Callable[[], bool] = lambda: True) -> None:
         self._apply = apply
         self._takes_copies = takes_copies
@@ -330,12 +336,13 @@ class CopyStreamClient(Int32StringReceiver):
 
     :param bytes upgrade: the whole upgrade request.
     :param key: the peer key, or ``None``.
-    :param clock: ``IReactorTime``, for each batch's timeout.
+    :param clock: ``IReactorTime``, for each batch's timeout, and the stream's idle timeout.
+    :param idle_timeout: the stream closes once no batch has been sent, and none is out, for this long.
     """
 
     MAX_LENGTH = 4 * 1024 * 1024
 
-    def __init__(self, upgrade: bytes, key: Optional[bytes], clock) -> None:
+    def __init__(self, upgrade: bytes, key: Optional[bytes], clock, idle_timeout: float = IDLE_SECONDS) -> None:
         #: Called with no argument once the connection is gone.
         self.on_close: Optional[Callable[[], None]] = None
         self._upgrade = upgrade
@@ -352,8 +359,10 @@ class CopyStreamClient(Int32StringReceiver):
         #: Deferred and the time its answer is due.
         self._pending: Dict[int, Tuple[Deferred, float]] = {}
         #: One timer for the oldest unanswered batch, rather than one a batch: answers come in order, so
-        #: the oldest is the first to be late.
+        #: the oldest is the first to be late; with none out, for the stream's idle timeout.
         self._timer = None
+        self._idle_timeout = idle_timeout
+        self._last_sent = clock.seconds()
 
     def connectionMade(self) -> None:
         if self.closed:
@@ -423,7 +432,8 @@ class CopyStreamClient(Int32StringReceiver):
         send_now(self.transport, b"".join([_ID.pack(len(head) + MAC_SIZE + len(tail) + len(batch)), head, mac, tail,
                                            batch]))
         d: Deferred = Deferred()
-        due = self._clock.seconds() + timeout
+        now = self._last_sent = self._clock.seconds()
+        due = now + timeout
         self._pending[batch_id] = (d, due)
         timer = self._timer
         if timer is None:
@@ -459,12 +469,20 @@ class CopyStreamClient(Int32StringReceiver):
 
     def _check_due(self) -> None:
         """
-        The stream's timer: fail the first batch whose answer is late, or wait on until the next one is due.
+        The stream's timer: fail the first batch whose answer is late, or wait on until the next one is due;
+        with none out, close the stream once it has been idle for its idle timeout.
         """
         self._timer = None
-        if not self._pending:
+        if self.closed:
             return
         now = self._clock.seconds()
+        if not self._pending:
+            idle_left = self._last_sent + self._idle_timeout - now
+            if idle_left > 0:
+                self._timer = self._clock.callLater(idle_left, self._check_due)
+            else:
+                self.close()
+            return
         # Usually one or two batches are out: the first is the oldest, but a later one may have a shorter
         # timeout.
         batch_id, due = min(((batch_id, due) for batch_id, (_, due) in self._pending.items()),
@@ -633,7 +651,12 @@ class CopyStreams:
             # A peer that answered, or took the connection and then failed to answer, gets HTTP requests for a
             # while. Only an answer other than 101 sends this very batch over HTTP: a peer that hung up or said
             # nothing may be stuck, and the batch fails over now rather than wait out a second timeout.
-            self._refused[key] = self._clock.seconds() + REFUSED_FOR
+            now = self._clock.seconds()
+            if len(self._refused) >= 64:
+                # Addresses that refused long ago (pods since gone, new ones at new addresses) are dropped here:
+                # ``usable`` drops one only when its address is asked about again.
+                self._refused = {address: until for address, until in self._refused.items() if until > now}
+            self._refused[key] = now + REFUSED_FOR
             code = failure.value.code if refused else None
             STREAM_REFUSED.log(peer=peer.node_id, code=code or 0, retry_after=REFUSED_FOR)
             if self._metrics is not None:

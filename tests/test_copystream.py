@@ -943,11 +943,12 @@ def test_a_batch_with_a_shorter_timeout_is_not_timed_by_the_longer_one_before_it
     assert client.closed and len(outcomes) == 1 and outcomes[0].check(StreamTimeout)
 
 
-def test_a_stream_with_every_batch_answered_keeps_one_timer_that_stops_when_it_finds_none_out():
+def test_a_stream_with_every_batch_answered_keeps_one_timer_and_closes_once_idle():
     """
     If batches are sent and answered one after another, then the stream keeps one timer for all of them (not
-    one made and cancelled a batch), and once every batch is answered that timer stops when it fires, without
-    closing the stream.
+    one made and cancelled a batch); once every batch is answered, that timer waits for the stream's idle
+    timeout after the last batch and then closes it (a peer that vanished without a FIN never would), unless a
+    batch was sent meanwhile.
     """
     clock = Clock()
     client = _upgraded_client(clock)
@@ -957,6 +958,50 @@ def test_a_stream_with_every_batch_answered_keeps_one_timer_that_stops_when_it_f
         [timer] = clock.getDelayedCalls()
         assert timer.getTime() == 10.0
     clock.advance(10)
-    assert clock.getDelayedCalls() == []
-    clock.advance(60)
+    [timer] = clock.getDelayedCalls()
+    assert timer.getTime() == copystream.IDLE_SECONDS and not client.closed
+    clock.advance(copystream.IDLE_SECONDS - 15)
+    client.send(encode_batch([_entry(4)], 0.0), [b"-"], 10.0)
+    _answer(client, 4)
+    clock.advance(copystream.IDLE_SECONDS - 0.5)
     assert not client.closed
+    clock.advance(0.5)
+    assert client.closed and client.transport.disconnecting
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_stream_to_a_peer_that_vanished_is_closed_once_idle_and_no_longer_counted():
+    """
+    If a peer's host vanishes without a FIN (its pod rescheduled at a new address), then the stream to its old
+    address, never written to again, closes once idle, and is no longer counted as open
+    (kv_copy_streams_outgoing); it used to stay open for good.
+    """
+    clock, endpoints, streams = _on_fake_endpoints()
+    outcomes = []
+    streams.send(PEER, [_entry(1)], [b"-"], 2.0).addBoth(outcomes.append)
+    endpoints.upgrade(0)
+    endpoints.answer_frame(0, 1, [ApplyResult(True, False)])
+    assert outcomes == [[ApplyResult(True, False)]] and streams.open_count() == 1
+    clock.advance(copystream.IDLE_SECONDS)
+    protocol, transport = endpoints.connections[0]
+    assert protocol.closed and transport.disconnecting
+    assert streams.open_count() == 0
+
+
+def test_addresses_that_refused_a_stream_long_ago_are_forgotten():
+    """
+    If many peer addresses refuse the upgrade over time (a mesh that drops upgrades, pods that come back at new
+    addresses), then those whose refusal period is over are not kept for good: the node remembers only the
+    recent ones (and a refusal still sends that address's copies over HTTP for its period).
+    """
+    clock, endpoints, streams = _on_fake_endpoints()
+    outcomes = []
+    for index in range(200):
+        peer = Peer("n%d" % (index,), "10.1.%d.%d" % (index >> 8, index & 255), 3000)
+        streams.send(peer, [_entry(index)], [b"-"], 2.0).addBoth(outcomes.append)
+        endpoints.answer(index, b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 0\r\n\r\n")
+        clock.advance(REFUSED_FOR / 10)
+    assert len(outcomes) == 200 and all(outcome.check(StreamRefused) for outcome in outcomes)
+    assert not streams.usable(peer)
+    assert len(streams._refused) <= 64 + 11
+

@@ -25,6 +25,7 @@ from .hlc import HybridLogicalClock
 from .log import LogPolicy
 from .log.discovery import JOIN_VIEW_UNMATCHED, PEER_CHANGED
 from .log.service import CLUSTER_DISABLED, INSECURE
+from .log.store import StoreEvents
 from .membership import ALIVE, JOINED, LEAVING, MOVED, RESTARTED, Heartbeat, Membership
 from .metrics import Metrics
 from .peers import PeerAuthenticator, PeerError
@@ -89,7 +90,8 @@ class Node:
         self.incarnation = int(self.wall() * 1000) * 1000 + secrets.randbelow(1000)
         self.metrics = Metrics(settings.tenant)
         self.log_policy = log_policy or LogPolicy(settings.log_level)
-        self.store = Store(self.wall, settings.max_memory, settings.tombstone_grace, events=self.metrics,
+        self.store = Store(self.wall, settings.max_memory, settings.tombstone_grace,
+                           events=StoreEvents(self.metrics, self.log_policy, lambda: self.store.tombstone_count),
                            monotonic=monotonic or clock.seconds)
         self.hlc = HybridLogicalClock(self.wall, self.node_id, max_ahead=settings.max_clock_offset)
         self.membership = Membership(clock.seconds, self.node_id, settings.peer_timeout)

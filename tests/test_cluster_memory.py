@@ -616,6 +616,35 @@ def test_a_join_waits_a_while_for_the_peers_it_has_not_heard_yet():
             if m.get("message_type") == "kvresponder:discovery:join-view-unmatched"] == [(["n1"], ["n1", "n5"])]
 
 
+def test_evictions_and_expiries_are_logged_at_debug_and_not_at_info():
+    """
+    If the store area is at debug, then entries evicted to stay within MAX_MEMORY are logged as
+    ``store:evicted`` and expired ones reclaimed as ``store:swept``, with their counts; at info, neither.
+    """
+    for level, logged in (("debug", True), ("info", False)):
+        cluster = MemoryCluster(1, max_memory="64Ki", log_level=level)
+        cluster.run(seconds=1.5)
+        (node,) = cluster.nodes
+        messages = []
+        add_destinations(messages.append)
+        try:
+            for index in range(200):
+                node.store.apply(Entry("e%d" % (index,), b"x" * 1000, (int(node.wall() * 1000), index, "n1"),
+                                       node.wall() + 2))
+            cluster.run(seconds=3.5)
+        finally:
+            remove_destination(messages.append)
+        evicted = [m["count"] for m in messages if m.get("message_type") == "kvresponder:store:evicted"]
+        swept = [m for m in messages if m.get("message_type") == "kvresponder:store:swept"]
+        assert node.store.evictions > 0 and node.store.expirations > 0
+        if logged:
+            assert sum(evicted) == node.store.evictions
+            assert sum(m["count"] for m in swept) == node.store.expirations
+            assert all(isinstance(m["tombstones"], int) for m in swept)
+        else:
+            assert evicted == [] and swept == []
+
+
 class _TurnClock(Clock):
     """
     A Clock whose ``advance`` is one reactor turn: it runs the calls due when it starts, and leaves those they

@@ -38,3 +38,29 @@ STORE_APPLY_BATCH = leveled("store", INFO, ActionType(
     "kvresponder:store:apply-batch", [COUNT], [Field.for_types("applied", [int], "Entries that were newer.")],
     "A batch of entries (a bulk request's, handoff, re-replication, anti-entropy) was applied to this "
     "node's store."))
+
+
+class StoreEvents:
+    """
+    What a :class:`~kvresponder.store.Store` reports (``evicted(n)``, ``expired(n)``): counted by ``metrics``,
+    and logged as :data:`STORE_EVICTED` and :data:`STORE_SWEPT` when the store area is at debug.
+
+    :param policy: the :class:`~kvresponder.log.LogPolicy`.
+    :param tombstones: reads the store's tombstone count, for the swept line.
+    """
+
+    def __init__(self, metrics, policy, tombstones) -> None:
+        self._metrics = metrics
+        self._policy = policy
+        self._tombstones = tombstones
+
+    def evicted(self, count: int) -> None:
+        self._metrics.evicted(count)
+        if self._policy.enabled("store", DEBUG):
+            STORE_EVICTED.log(count=count)
+
+    def expired(self, count: int) -> None:
+        self._metrics.expired(count)
+        if self._policy.enabled("store", DEBUG):
+            STORE_SWEPT.log(count=count, tombstones=self._tombstones())
+

@@ -627,6 +627,8 @@ def test_evictions_and_expiries_are_logged_at_debug_and_not_at_info():
         (node,) = cluster.nodes
         messages = []
         add_destinations(messages.append)
+        # Eliot hands a first destination what was logged before there was one: not this test's.
+        del messages[:]
         try:
             for index in range(200):
                 node.store.apply(Entry("e%d" % (index,), b"x" * 1000, (int(node.wall() * 1000), index, "n1"),

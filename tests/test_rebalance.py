@@ -349,3 +349,37 @@ def test_sending_a_peer_the_entries_it_lacks_is_no_use_of_them_for_eviction():
     assert d.result == 2
     store.apply(Entry("d", b'"value"', (2, 0, "n1")))
     assert [key for key in "abcd" if store.get(key) is not None] == ["a", "c", "d"]
+
+
+class _RefusingPeers(_AskedPeers):
+    async def apply(self, peer, entries, timeout=None):
+        from kvresponder.peertransport import PeerError
+        raise PeerError("n2 unreachable for apply: ConnectionRefusedError")
+
+
+def test_a_hand_off_the_owner_refuses_is_a_failed_action_with_the_reason():
+    """
+    If a hand-off's call to the new owner fails, then its ``rebalance:handoff`` action ends failed, naming the
+    reason (the runbook of KVResponderHandoffBacklog looks for these), the entry stays, and it is counted failed.
+    """
+    from eliot import add_destinations, remove_destination
+
+    clock = Clock()
+    store = Store(clock.seconds, 1 << 20)
+    store.apply(Entry("k", b'"v"', (1, 0, "n1"), None))
+    ring = HashRing(["n2"])
+    rebalancer = Rebalancer("n1", store, lambda: ring, _Peer, _RefusingPeers(), clock, 1, Metrics("t1"))
+    messages = []
+    add_destinations(messages.append)
+    # Eliot hands a first destination what was logged before there was one: not this test's.
+    del messages[:]
+    try:
+        done = rebalancer.run_pass("leave:n1")
+        clock.pump([0.01] * 20)
+    finally:
+        remove_destination(messages.append)
+    assert done.called and done.result["handed_off"] == 0 and len(store) == 1
+    ends = [m for m in messages if m.get("action_type") == "kvresponder:rebalance:handoff"
+            and m.get("action_status") != "started"]
+    assert [m["action_status"] for m in ends] == ["failed"]
+    assert "ConnectionRefusedError" in ends[0]["reason"]

@@ -354,7 +354,7 @@ class Coordinator:
         expires_at = None if ttl is None else self._seconds() + ttl
         entry = Entry(key, value, self.hlc.now(), expires_at)
         if self._writes_alone():
-            return self._write_alone(entry)
+            return self._write_alone(entry, "put")
         _ReplicatedWrite(self._write_path, entry, "put", waiter).start()
         return None
 
@@ -383,8 +383,10 @@ class Coordinator:
     def _writes_alone(self) -> bool:
         return (self.write_quorum is None or self.write_quorum <= 1) and self.is_local_only()
 
-    def _write_alone(self, entry: Entry) -> "WriteResult":
-        # A single node: the write is local and synchronous, so spare it the coroutine.
+    def _write_alone(self, entry: Entry, op: str) -> "WriteResult":
+        # A single node: the write is local and synchronous, so spare it the coroutine. Its one copy is counted
+        # as a replicated write's copies are (and a bulk write's, alone: ``_write_here``).
+        self._metrics.replication(op, "success")
         result = first = self.apply_local(entry)
         for _ in range(MAX_RESTAMPS):
             if result.newer is None:
@@ -396,7 +398,7 @@ class Coordinator:
     def _write_deferred(self, entry: Entry, op: str) -> Deferred:
         try:
             if self._writes_alone():
-                return succeed(self._write_alone(entry))
+                return succeed(self._write_alone(entry, op))
             done: Deferred = Deferred()
             _ReplicatedWrite(self._write_path, entry, op, done).start()
             return done

@@ -491,7 +491,21 @@ def test_metrics_count_requests_by_route_template(api):
     assert 'kv_cache_operations_total{op="get",result="miss",tenant="t1"} 1.0' in text
     assert "secret-key-name" not in text
     assert 'kv_store_keys{tenant="t1"} 1.0' in text
-    assert 'kv_replication_operations_total{op="put",result="success",tenant="t1"} 0.0' in text
+    assert 'kv_replication_operations_total{op="put",result="success",tenant="t1"} 1.0' in text
+
+
+def test_a_node_alone_counts_the_one_copy_of_each_write_alike_for_kv_and_bulk(api):
+    """
+    If a node alone in its ring takes writes through the kv routes and through /bulk, then
+    kv_replication_operations_total counts one stored copy a write either way (before, the kv routes' copies
+    were not counted, and the replication panels moved with bulk traffic only).
+    """
+    api.put("a", 1)
+    api.call("DELETE", "/kv/a")
+    api.call("POST", "/bulk", {"put": [{"key": "b", "value": 2}, {"key": "c", "value": 3}], "delete": ["b"]})
+    text = api.raw("GET", "/t1/metrics")[1].decode()
+    assert 'kv_replication_operations_total{op="put",result="success",tenant="t1"} 3.0' in text
+    assert 'kv_replication_operations_total{op="delete",result="success",tenant="t1"} 2.0' in text
 
 
 # -- admin ------------------------------------------------------------------------------------------

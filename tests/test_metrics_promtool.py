@@ -182,3 +182,23 @@ def test_no_label_value_names_a_key_or_a_peer(exposition):
     # The peer histogram exists (there were peer calls) but is labelled by operation only.
     peer = [s for s in _samples(text) if s.name == "kv_peer_request_duration_seconds_count"]
     assert peer and all(set(s.labels) == {"tenant", "op"} for s in peer)
+
+
+def test_every_documented_discovery_result_is_exported_from_the_start_at_zero():
+    """
+    If a node has just started, then kv_discovery_messages_total already has a series, at zero, for every result
+    the contract lists (send_failed included), so that rates and alerts over any of them see it before the
+    first event.
+    """
+    from pathlib import Path
+
+    from kvresponder.metrics import Metrics
+
+    contract = (Path(__file__).resolve().parent.parent / "docs" / "CONTRACT.md").read_text()
+    listed = re.search(r"^\| kv_discovery_messages_total \| counter \| result \(([^)]*)\)", contract, re.M).group(1)
+    results = {result.strip() for result in listed.split(",")}
+    assert "send_failed" in results
+    text = Metrics("t1").exposition().decode()
+    exported = {sample.labels["result"] for sample in _samples(text)
+                if sample.name == "kv_discovery_messages_total"}
+    assert exported == results

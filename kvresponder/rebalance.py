@@ -359,7 +359,8 @@ class Rebalancer:
             return 0
         background = reason == ANTI_ENTROPY
         with SYNC(peer=node, reason=reason) as action:
-            sent = 0
+            # Entries sent so far, batch by batch: a round that fails midway still sent those.
+            sent = [0]
             try:
                 differing = await self._peers.differing_buckets(peer, self.node_id, digest.wire(), background)
                 # The versions of the differing buckets, up to VERSIONS_PER_CALL a call rather than a call a
@@ -379,37 +380,38 @@ class Rebalancer:
                             continue
                         versions[key] = version
                         if len(versions) >= VERSIONS_PER_CALL:
-                            sent += await self._send_wanted(peer, versions)
+                            await self._send_wanted(peer, versions, sent)
                             versions = {}
                 if versions:
-                    sent += await self._send_wanted(peer, versions)
+                    await self._send_wanted(peer, versions, sent)
             except PeerError:
+                # What was sent before the failure was still sent.
                 if reason == ANTI_ENTROPY:
-                    self._metrics.antientropy("failed")
+                    self._metrics.antientropy("failed", sent[0])
                 else:
                     self._metrics.rereplication("failed")
-                action.add_success_fields(sent=sent)
-                return sent
+                    if sent[0]:
+                        self._metrics.rereplication("sent", sent[0])
+                action.add_success_fields(sent=sent[0])
+                return sent[0]
             if reason == ANTI_ENTROPY:
-                self._metrics.antientropy("ok", sent)
-            elif sent:
-                self._metrics.rereplication("sent", sent)
-            action.add_success_fields(sent=sent)
-            return sent
+                self._metrics.antientropy("ok", sent[0])
+            elif sent[0]:
+                self._metrics.rereplication("sent", sent[0])
+            action.add_success_fields(sent=sent[0])
+            return sent[0]
 
-    async def _send_wanted(self, peer, versions: Dict[str, Version]) -> int:
+    async def _send_wanted(self, peer, versions: Dict[str, Version], sent: List[int]) -> None:
         """
-        Send ``peer`` the entries among ``versions`` it lacks or holds older; return how many were sent.
+        Send ``peer`` the entries among ``versions`` it lacks or holds older, adding to ``sent[0]`` batch by batch.
         """
         wanted = await self._peers.wanted(peer, versions)
         # Not a use of them (nor is comparing versions, in ``wanted``): anti-entropy looks at most shared keys on
         # each pass, and would leave the LRU order that of its buckets, not that of the clients' reads.
         entries = [entry for entry in (self.store.current(key, use=False) for key in wanted) if entry is not None]
-        sent = 0
         for batch in self._batches(entries):
             await self._peers.apply(peer, batch, timeout=max(self._peers.timeout, 10.0))
-            sent += len(batch)
-        return sent
+            sent[0] += len(batch)
 
     # -- the peer's side of anti-entropy ---------------------------------------------------------------
 

@@ -345,8 +345,9 @@ def test_sending_a_peer_the_entries_it_lacks_is_no_use_of_them_for_eviction():
             return None
 
     rebalancer = Rebalancer("n1", store, lambda: None, lambda node: None, Peers(), clock, 2, None)
-    d = ensureDeferred(rebalancer._send_wanted(object(), {"c": (1, 0, "n1"), "b": (1, 0, "n1")}))
-    assert d.result == 2
+    sent = [0]
+    d = ensureDeferred(rebalancer._send_wanted(object(), {"c": (1, 0, "n1"), "b": (1, 0, "n1")}, sent))
+    assert d.called and sent == [2]
     store.apply(Entry("d", b'"value"', (2, 0, "n1")))
     assert [key for key in "abcd" if store.get(key) is not None] == ["a", "c", "d"]
 
@@ -383,3 +384,45 @@ def test_a_hand_off_the_owner_refuses_is_a_failed_action_with_the_reason():
             and m.get("action_status") != "started"]
     assert [m["action_status"] for m in ends] == ["failed"]
     assert "ConnectionRefusedError" in ends[0]["reason"]
+
+
+class _FailingSecondApply(_AskedPeers):
+    """A co-owner that lacks everything, and takes the first batch sent to it, then fails."""
+
+    def __init__(self) -> None:
+        _AskedPeers.__init__(self)
+        self.applied = 0
+
+    async def differing_buckets(self, peer, sender, buckets, background=False):
+        return [int(bucket) for bucket in buckets]
+
+    async def wanted(self, peer, versions):
+        return list(versions)
+
+    async def apply(self, peer, entries, timeout=None):
+        from kvresponder.peertransport import PeerError
+        if self.applied:
+            raise PeerError("n2 unreachable for apply: ConnectionRefusedError")
+        self.applied += len(entries)
+        return [ApplyResult(True, False)] * len(entries)
+
+
+def test_entries_an_anti_entropy_round_sent_before_it_failed_are_counted_as_repairs():
+    """
+    If an anti-entropy round sends a co-owner one batch of the entries it lacks and then fails, then the round is
+    counted failed and the entries it did send are counted as repairs (they were not).
+    """
+    clock, peers = Clock(), _FailingSecondApply()
+    clock.advance(100_000)  # the entries were written long ago: the periodic pass skips the last few seconds'
+    store = Store(clock.seconds, 1 << 20)
+    for index in range(20):
+        store.apply(Entry("k%d" % (index,), b'"v"', (1_000, index, "n1"), None))
+    ring = HashRing(["n1", "n2"])
+    metrics = Metrics("t1")
+    rebalancer = Rebalancer("n1", store, lambda: ring, _Peer, peers, clock, 2, metrics, batch_entries=5)
+    done = rebalancer.run_pass(ANTI_ENTROPY)
+    clock.pump([0.1] * 100)
+    assert done.called and peers.applied == 5
+    text = metrics.exposition().decode()
+    assert 'kv_antientropy_rounds_total{result="failed",tenant="t1"} 1.0' in text
+    assert 'kv_antientropy_repairs_total{tenant="t1"} 5.0' in text

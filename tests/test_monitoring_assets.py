@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+
+from .conftest import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTRACT = ROOT / "docs" / "CONTRACT.md"
@@ -294,10 +295,8 @@ def markdown_anchors(text: str) -> set[str]:
 
 
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.skip("promtool not installed (Debian package 'prometheus' provides /usr/bin/promtool)")
-    return path
+    # Debian's 'prometheus' package provides /usr/bin/promtool; CI installs it.
+    return require_tool("promtool")
 
 
 # --------------------------------------------------------------------------

@@ -219,6 +219,8 @@ class Load:
         self._threads: List[threading.Thread] = []
         #: The workers that ran out of operations or time before :meth:`stop`.
         self.ran_out: List[str] = []
+        #: What stopped a worker thread, if anything did (an exception in a thread fails no test by itself).
+        self.errors: List[str] = []
 
     def keys_of(self, worker: int) -> List[str]:
         return ["%s-w%d-k%03d" % (self.prefix, worker, j) for j in range(self.keys_per_worker)]
@@ -239,6 +241,12 @@ class Load:
         assert not any(thread.is_alive() for thread in self._threads), "load workers did not stop"
 
     def _run(self, worker: int) -> None:
+        try:
+            self._work(worker)
+        except BaseException as error:  # noqa: B036 -- recorded, and asserted on by stop()'s callers
+            self.errors.append("worker %d: %s: %s" % (worker, type(error).__name__, error))
+
+    def _work(self, worker: int) -> None:
         rng = random.Random(self.seed * 1000 + worker)
         keys = self.keys_of(worker)
         sessions: Dict[str, requests.Session] = {}

@@ -36,11 +36,16 @@ def write_keys(node, count, prefix="key"):
 
 
 def readable_everywhere(cluster, keys):
+    """
+    Every node answers each key with the value written to it: every key here was written once, its value the
+    number that ends the key (``write_keys``, and the loads below).
+    """
     for node in cluster.alive:
         session = requests.Session()
         for key in keys:
             response = session.get(node.url + "/kv/" + key, timeout=10)
             assert response.status_code == 200, (node.node_id, key, response.text)
+            assert response.json()["value"] == int(key.rsplit("-", 1)[1]), (node.node_id, key, response.text)
 
 
 def settled_copies(cluster, keys, replicas=2):

@@ -876,7 +876,7 @@ class _CountedChannel(HTTPChannel):
 def bare_line_break(data: bytes, before: bytes = b"") -> bool:
     """
     Whether ``data``'s part of a request head (up to the head's blank line, or all of ``data`` if that has not
-    arrived) has a line ending in LF alone, or a CR not followed by LF. ``before``: the last bytes (up to 3) of
+    arrived) has a line ending in LF alone, or a CR followed by a byte other than LF. ``before``: the last bytes (up to 3) of
     the head given before ``data``, so that a CRLF, or the blank line's CRLFCRLF, split between two reads is found
     whole. What follows the head is a body, where a bare LF or CR is just a byte.
     """
@@ -884,13 +884,13 @@ def bare_line_break(data: bytes, before: bytes = b"") -> bool:
     start = len(before)
     end = joined.find(b"\r\n\r\n", max(0, start - 3))
     stop = len(joined) if end < 0 else end + 2
-    first = max(0, start - 1)
-    pairs = joined.count(b"\r\n", first, stop)
-    if joined.count(b"\n", start, stop) != pairs:
+    if joined.count(b"\n", start, stop) != joined.count(b"\r\n", max(0, start - 1), stop):
         return True
-    # A CR that ends what has arrived may have its LF in the next read (it is then ``before``'s last byte).
-    returns = joined.count(b"\r", first, stop) - (1 if end < 0 and joined.endswith(b"\r") else 0)
-    return returns != pairs
+    # The CRs of ``data`` only: ``before`` may end in a body's last byte (a CR is JSON whitespace), and it is not
+    # known here whether it does. A CR that ends what has arrived may have its LF in the next read; a bare CR
+    # split from what follows it by a read's end is then left to the request's deadline.
+    returns = joined.count(b"\r", start, stop) - (1 if end < 0 and joined.endswith(b"\r") else 0)
+    return returns != joined.count(b"\r\n", start, stop)
 
 
 def _answer_bad_request(channel, message: str = "The request is not well-formed HTTP/1.1.") -> None:

@@ -384,10 +384,10 @@ class Coordinator:
         return (self.write_quorum is None or self.write_quorum <= 1) and self.is_local_only()
 
     def _write_alone(self, entry: Entry, op: str) -> "WriteResult":
-        # A single node: the write is local and synchronous, so spare it the coroutine. Its one copy is counted
-        # as a replicated write's copies are (and a bulk write's, alone: ``_write_here``).
-        self._metrics.replication(op, "success")
+        # A single node: the write is local and synchronous, so spare it the coroutine. Its one copy is counted,
+        # once stored, as a replicated write's copies are (and a bulk write's, alone: ``_write_here``).
         result = first = self.apply_local(entry)
+        self._metrics.replication(op, "success")
         for _ in range(MAX_RESTAMPS):
             if result.newer is None:
                 break

@@ -264,7 +264,12 @@ class Node:
         if self._sweeping is not None and self._sweeping.active():
             return
         self._sweeping = None
-        self.store.sweep(SWEEP_CHUNK)
+        try:
+            self.store.sweep(SWEEP_CHUNK)
+        except Exception:
+            # As ``_every`` guards the timer's own calls: logged, and the next second's sweep tries again.
+            write_traceback()
+            return
         if self.store.sweep_behind and self.state != STOPPED:
             self._sweeping = self.clock.callLater(0, self._sweep)
 
@@ -447,6 +452,9 @@ class Node:
             if loop.running:
                 loop.stop()
         self._loops = []
+        if self._sweeping is not None and self._sweeping.active():
+            self._sweeping.cancel()
+        self._sweeping = None
         self.state = STOPPED
 
     # -- what users see -------------------------------------------------------------------------------

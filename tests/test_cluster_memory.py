@@ -616,6 +616,31 @@ def test_a_join_waits_a_while_for_the_peers_it_has_not_heard_yet():
             if m.get("message_type") == "kvresponder:discovery:join-view-unmatched"] == [(["n1"], ["n1", "n5"])]
 
 
+def test_a_stopped_node_leaves_no_sweep_waiting_for_its_next_turn():
+    """
+    If a node stops while expired entries still wait for the sweep's next turn, then that turn is called off:
+    a stopped node runs nothing more.
+    """
+    from kvresponder.node import SWEEP_CHUNK
+
+    clock = _TurnClock()
+    clock.rightNow = 1_000_000.0
+    node = Node(make_settings("t1", "n1"), clock, http=None)
+    node.start()
+    expires = node.wall() + 2
+    for index in range(3 * SWEEP_CHUNK):
+        node.store.apply(Entry("t%d" % (index,), b"1", (int(node.wall() * 1000), index, "n1"), expires))
+    while node.store.expirations == 0:
+        clock.advance(0.25)
+    assert node.store.sweep_behind
+    node.stop()
+    left = node.store.expirations
+    clock.advance(0)
+    clock.advance(1.0)
+    assert node.store.expirations == left
+    assert not [call for call in clock.getDelayedCalls() if getattr(call.func, "__name__", "") == "_sweep"]
+
+
 def test_evictions_and_expiries_are_logged_at_debug_and_not_at_info():
     """
     If the store area is at debug, then entries evicted to stay within MAX_MEMORY are logged as

@@ -183,7 +183,8 @@ class PeerClient:
         found: List[Optional[Entry]] = [None] * len(keys)
         asked = list(range(len(keys)))
         while asked:
-            answer = await self.transport.call(peer, "get", {"keys": [keys[i] for i in asked]}, read=True)
+            answer = await self.transport.call(peer, "get", {"keys": [keys[i] for i in asked], "partial": True},
+                                               read=True)
             items = answer.get("entries") if isinstance(answer, dict) else None
             if not isinstance(items, list) or len(items) != len(asked):
                 raise PeerError("%s answered a malformed batch" % (peer.node_id,))

@@ -475,12 +475,18 @@ def test_a_read_batch_of_large_entries_is_answered_in_parts_and_the_rest_asked_a
         assert peer_node.store.apply(Entry(key, value, (5, 0, "n2"))).applied
 
     answer = []
-    ensureDeferred(client.transport.call(PEER, "get", {"keys": keys}, read=True)).addBoth(answer.append)
+    ensureDeferred(client.transport.call(PEER, "get", {"keys": keys, "partial": True}, read=True)).addBoth(
+        answer.append)
     stub.flush()
     entries = answer[0]["entries"]
     sent = [entry for entry in entries if entry is not OMITTED]
     assert 0 < len(sent) < len(keys) and all(entry is OMITTED for entry in entries[len(sent):])
     assert sum(len(entry["v"]) for entry in sent) <= MAX_BATCH_BYTES
+    # A caller that does not say it asks again (a node older than this) gets every entry, as before.
+    whole = []
+    ensureDeferred(client.transport.call(PEER, "get", {"keys": keys}, read=True)).addBoth(whole.append)
+    stub.flush()
+    assert [entry["k"] for entry in whole[0]["entries"]] == keys
 
     got = []
     ensureDeferred(client.get_many(PEER, keys + ["absent"])).addBoth(got.append)
@@ -489,8 +495,8 @@ def test_a_read_batch_of_large_entries_is_answered_in_parts_and_the_rest_asked_a
     (found,) = got
     assert [entry.key for entry in found[:-1]] == keys and found[-1] is None
     assert all(entry.value == value for entry in found[:-1])
-    # One call above, then two for get_many: the whole batch, then the entries left out of its answer.
-    assert _requests_for(peer_node, "/_internal/get") == 3
+    # Two calls above, then two for get_many: the whole batch, then the entries left out of its answer.
+    assert _requests_for(peer_node, "/_internal/get") == 4
 
 
 def test_a_peer_that_leaves_out_every_key_asked_fails_the_read_instead_of_being_asked_forever():

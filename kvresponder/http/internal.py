@@ -154,16 +154,18 @@ class InternalAPI:
     def get(self, body):
         store = self._node.store
         if "keys" in body:
-            # Up to about MAX_BATCH_BYTES of entries (the first found always goes): 256 keys of 1 MiB values
-            # would otherwise make one answer of 256 MiB, built here and read there at once. The keys left out
-            # answer ``false`` (OMITTED), and the caller asks for them again.
+            # For a caller that asks for it (``partial``: one that asks again for what is left out; an older
+            # node does not), up to about MAX_BATCH_BYTES of entries (the first found always goes): 256 keys of
+            # 1 MiB values would otherwise make one answer of 256 MiB, built here and read there at once. The keys
+            # left out answer ``false`` (OMITTED).
             now = self._node.wall()
-            answers, room = [], MAX_BATCH_BYTES
+            answers = []
+            room = MAX_BATCH_BYTES if body.get("partial") else float("inf")
             for key in body["keys"]:
                 entry = store.current(key)
                 if entry is None:
                     answers.append(None)
-                elif entry.size <= room or room == MAX_BATCH_BYTES:
+                elif entry.size <= room or room == MAX_BATCH_BYTES:  # the first found always goes
                     room -= entry.size
                     answers.append(entry_to_wire(entry, now))
                 else:

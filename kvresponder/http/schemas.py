@@ -204,7 +204,7 @@ ENTRY = record({"k": KEY, "v": nullable(json_text), "ver": version},
 #: (:func:`check_entries`); ``/copies`` takes no body at all.
 SCHEMAS: Dict[str, Schema] = {
     "/apply": record({"entries": list_of(ENTRY, MAX_SYNC_KEYS)}),
-    "/get": either(lambda body: record({"keys": list_of(KEY, MAX_SYNC_KEYS)})
+    "/get": either(lambda body: record({"keys": list_of(KEY, MAX_SYNC_KEYS)}, {"partial": boolean})
                    if isinstance(body, dict) and "keys" in body else record({"key": KEY})),
     "/keys": record({}, {"prefix": text(max_bytes=MAX_KEY_BYTES), "after": nullable(KEY),
                          "limit": integer(1, MAX_KEYS_LIMIT)}),

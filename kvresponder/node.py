@@ -237,6 +237,10 @@ class Node:
         peer to hand over our share, then report ready.
         """
         self.state = JOINING
+        # From now, not from when the node was built: the time in between (the process's start, its imports, a
+        # loaded machine) heard no heartbeat, and would shorten the interval a node that hears no peer waits
+        # before it takes itself for the first of its cluster (``_heard_whole_cluster``).
+        self.started_at = self.ring_changed_at = self.clock.seconds()
         clustering = self.settings.clustering
         if clustering == "insecure":
             INSECURE.log(reason="--insecure-cluster without CLUSTER_SECRET: anyone who can reach this node's "

@@ -760,6 +760,24 @@ def _turn(cluster: MemoryCluster, seconds: float) -> None:
     cluster.stub.flush()
 
 
+def test_a_node_slow_to_start_still_waits_a_whole_heartbeat_interval_from_its_start_for_its_peers():
+    """
+    If a node's process is slow between building the node and starting it (imports, a loaded machine: no
+    heartbeat is heard meanwhile), then once started it still waits a whole heartbeat interval for its peers
+    before it takes itself for the first node of its cluster and is ready alone.
+    """
+    cluster = MemoryCluster(1)
+    settings = make_settings(cluster.tenant, "n9", advertise_address="10.0.0.9", port="3000", **cluster.settings)
+    node = Node(settings, cluster.clock, cluster.stub, join_settle=0.1)
+    interval = settings.heartbeat_interval
+    cluster.clock.advance(3 * interval)
+    node.start()
+    _turn(cluster, interval - 0.2)
+    assert node.state == "joining" and node.unjoined()
+    _turn(cluster, 0.5)
+    assert node.state == "ready"
+
+
 def test_a_node_that_heard_no_peer_waits_one_heartbeat_interval_before_it_serves_alone():
     """
     If a starting node hears no peer (the answers to its first heartbeat lost, or its DNS seeds slow), then it

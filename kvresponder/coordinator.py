@@ -603,12 +603,16 @@ class Coordinator:
                 asked = set(owners) | set(fallbacks)
                 for node in list(fallbacks) + [node for node in leaving if node not in asked]:
                     wider.setdefault(node, []).append(index)
-            batches = list(wider.items())
-            results = await gather([self._get_many_on(node, [keys[i] for i in indices]) for node, indices in batches])
-            for (node, indices), result in zip(batches, results):
-                if result is not None:
-                    for index, entry in zip(indices, result):
-                        answers[index].append((node, entry))
+            await self._ask_more(wider, keys, answers)
+            # Asked again, as a single read does (``_read_owners``): a previous holder may have dropped a key,
+            # its owners having stored it, between their "absent" and its own.
+            again: dict = {}
+            for index in missed:
+                if all(entry is None for _, entry in answers[index]):
+                    owners, fallbacks, _ = plans[index]
+                    for node in list(owners) + list(fallbacks):
+                        again.setdefault(node, []).append(index)
+            await self._ask_more(again, keys, answers)
         now = self._seconds()
         results: List[object] = []
         not_repaired = frozenset(leaving)
@@ -622,6 +626,15 @@ class Coordinator:
                 newest.expires_at is None or newest.expires_at > now)
             results.append(newest if live else None)
         return results
+
+    async def _ask_more(self, asks: dict, keys: List[str], answers: List[list]) -> None:
+        # ``asks``: node -> the indices of ``keys`` to ask it for, in one call each; its answers are added.
+        batches = list(asks.items())
+        results = await gather([self._get_many_on(node, [keys[i] for i in indices]) for node, indices in batches])
+        for (node, indices), result in zip(batches, results):
+            if result is not None:
+                for index, entry in zip(indices, result):
+                    answers[index].append((node, entry))
 
     async def _get_many_on(self, node: str, keys: List[str]) -> Optional[List[Optional[Entry]]]:
         if node == self.node_id:
@@ -698,6 +711,13 @@ class Coordinator:
             leaving = [node for node in self._leaving() if node not in asked]
             more = await gather([self._read_slot(node, [], key) for node in list(fallbacks) + leaving])
             answered.extend(answer for answer in more if answer is not None)
+            if all(entry is None for _, entry in answered):
+                # A previous holder drops its copy only once the key's owners (in its ring) have stored it,
+                # and that can happen between the two asks: the owners answered "absent" before the copy
+                # reached them, the holder after it dropped its own. Asked again, the ring's nodes have it.
+                ring_nodes = list(owners) + list(fallbacks)
+                again = await gather([self._read_slot(node, [], key) for node in ring_nodes])
+                answered.extend(answer for answer in again if answer is not None)
         return self._newest_known(owners, answered, set(leaving))
 
     def _newest_known(self, owners: List[str], answered: List[Tuple[str, Optional[Entry]]],
@@ -727,7 +747,14 @@ class Coordinator:
             if entry is not None and (newest is None or entry.version > newest.version):
                 newest = entry
         if newest is not None:
-            stale = [node for node, entry in answered
+            # By each node's newest answer: a read that asked again has two from some nodes.
+            held: dict = {}
+            for node, entry in answered:
+                if entry is not None and (held.get(node) is None or entry.version > held[node].version):
+                    held[node] = entry
+                else:
+                    held.setdefault(node, None)
+            stale = [node for node, entry in held.items()
                      if (entry is None or entry.version < newest.version) and node not in not_repaired]
             if stale:
                 self._repair(newest, stale)

@@ -690,6 +690,38 @@ class LeavingReadTests(unittest.TestCase):
         self.assertEqual(found.version, held.version)
 
     @capture_logging(None, encoder_=None)
+    def test_a_key_handed_off_between_the_owners_answer_and_the_leaving_holders_is_still_found(self, logger):
+        """
+        If a leaving node hands a key to its owners and drops its own copy just after they answered the read
+        "absent" and just before it is asked itself (so every answer is "absent"), then the read asks the ring
+        again and finds the key, instead of answering a miss for a key the cluster holds.
+        """
+        stores = {}
+        key = self._key()
+        held = _entry_on(stores, "n4", key)
+        for node in ("n2", "n3"):
+            stores.setdefault(node, Store(lambda: 1000.0, 1 << 24))
+
+        class _HandsOffWhenAsked(_StorePeers):
+            def get_many(self, peer, keys):
+                if peer.node_id == "n4" and key in keys and stores["n4"].current(key) is not None:
+                    # Its pass: the owners store the key, then it forgets its own copy (as it does only once
+                    # they have it).
+                    for owner in ("n2", "n3"):
+                        stores[owner].apply(held)
+                    stores["n4"].forget(key, held.version)
+                return _StorePeers.get_many(self, peer, keys)
+
+        peers = _HandsOffWhenAsked(stores)
+        store = stores.setdefault("n1", Store(lambda: 1000.0, 1 << 24))
+        reader = coordinator(None, peers=peers, ring=self.RING, store=store, settling=True, leaving=["n4"])
+        found = self.read(reader, key)
+        self.assertIsNotNone(found)
+        self.assertEqual((found.value, found.version), (b'"held"', held.version))
+        # The owners answered it the second time: no read repair is sent them for their first "absent".
+        self.assertEqual([node for node in peers.sent if node in ("n2", "n3")], [])
+
+    @capture_logging(None, encoder_=None)
     def test_once_the_ring_has_settled_leaving_peers_are_not_asked(self, logger):
         stores = {}
         key = self._key()

@@ -103,6 +103,10 @@ class Membership:
         known = self._peers.get(beat.node_id)
         if known is None:
             if beat.state != ALIVE:
+                # First heard already leaving (this node started while it drains): listed as leaving, never in
+                # the ring, and no change to announce. It still holds what it has not handed off, which reads
+                # while the ring settles ask leaving nodes for.
+                self._peers[beat.node_id] = Peer(beat, now)
                 return None
             peer = self._peers[beat.node_id] = Peer(beat, now)
             self._changed(JOINED, peer)

@@ -136,12 +136,20 @@ def test_leaving_peer_that_goes_silent_is_forgotten_without_a_dead_event():
     assert changes == [(JOINED, "n2", 1), (LEFT, "n2", 1)]
 
 
-def test_first_heartbeat_that_is_already_leaving_does_not_join():
+def test_first_heartbeat_that_is_already_leaving_lists_it_as_leaving_without_joining_it():
     """
-    If the first heartbeat seen from a node says it is leaving, then it is not added at all.
+    If the first heartbeat seen from a node says it is leaving (this node started while it drains), then it is
+    listed as leaving, so that reads while the ring settles ask it for what it has not handed off, but it never
+    joins: it is in no ring, no change is announced, and it goes when it falls silent, without a ``dead``.
     """
-    membership, _, changes = make_membership()
+    membership, clock, changes = make_membership()
     assert membership.observe(beat(state=LEAVING)) is None
+    assert [(p.node_id, p.state) for p in membership.peers()] == [("n2", LEAVING)]
+    assert membership.ring_members() == ["n1"] and membership.alive_peers() == []
+    assert membership.observe(beat(state=ALIVE)) is None
+    assert membership.ring_members() == ["n1"]
+    clock.advance(TIMEOUT + 1)
+    assert [p.node_id for p in membership.expire()] == ["n2"]
     assert (membership.peers(), changes) == ([], [])
 
 

@@ -388,30 +388,27 @@ class Node:
         """
         The alive peers whose heartbeats name a ring other than this node's own, this node included.
         """
-        ring = self._ring
-        for peer in self.membership.peers():
-            if peer.state != ALIVE:
-                continue
-            if peer.ring_digest is None:
-                if peer.ring_size < len(ring):
-                    yield peer.node_id
-            elif peer.ring_digest != ring.digest:
-                yield peer.node_id
+        return self._peers_naming_other_rings({self._ring.digest}, lambda size: size < len(self._ring))
 
     def _unmatched_peers(self):
         """
         The alive peers whose heartbeats name a ring other than this node's, with or without it.
         """
-        ring = self._ring
-        accepted = {ring.digest}
+        accepted = {self._ring.digest}
         accepted.update(before.digest for before in self._ring_before_joining())
+        return self._peers_naming_other_rings(accepted, lambda size: size > len(self._ring))
+
+    def _peers_naming_other_rings(self, accepted, size_differs):
+        """
+        The alive peers whose heartbeats name a ring (``members``) not in ``accepted``. An older node says only
+        how many its ring holds: a mixed cluster (a rolling upgrade) is checked by size alone, by
+        ``size_differs``.
+        """
         for peer in self.membership.peers():
             if peer.state != ALIVE:
                 continue
             if peer.ring_digest is None:
-                # An older node says only how many its ring holds: a mixed cluster (a rolling upgrade) is
-                # checked by size alone.
-                if peer.ring_size > len(ring):
+                if size_differs(peer.ring_size):
                     yield peer.node_id
             elif peer.ring_digest not in accepted:
                 yield peer.node_id

@@ -160,13 +160,13 @@ class InternalAPI:
             # left out answer ``false`` (OMITTED).
             now = self._node.wall()
             answers = []
-            room = MAX_BATCH_BYTES if body.get("partial") else float("inf")
+            capped, taken = bool(body.get("partial")), 0
             for key in body["keys"]:
                 entry = store.current(key)
                 if entry is None:
                     answers.append(None)
-                elif entry.size <= room or room == MAX_BATCH_BYTES:  # the first found always goes
-                    room -= entry.size
+                elif not capped or not taken or taken + entry.size <= MAX_BATCH_BYTES:
+                    taken += entry.size
                     answers.append(entry_to_wire(entry, now))
                 else:
                     answers.append(OMITTED)

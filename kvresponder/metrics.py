@@ -237,7 +237,7 @@ class Metrics:
             "kv_discovery_messages", "Discovery datagrams received, by outcome.",
             t + ["result"], registry=registry)
         self.handoff_entries = Counter(
-            "kv_handoff_entries", "Entries handed to the nodes that own them.",
+            "kv_handoff_entries", "Held entries offered to the nodes that own them, once per owner.",
             t + ["result"], registry=registry)
         self.rereplication_entries = Counter(
             "kv_rereplication_entries", "Entries copied to restore the replication factor.",

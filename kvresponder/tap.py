@@ -220,10 +220,10 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
                 monotonic=time.monotonic, end_of_turn=end_of_turn)
     node.metrics.register_counter("kv_log_lines_dropped", lambda: writer.dropped)
 
-    site = KVSite(build_root(node, node.authenticator), reactor.seconds, tracing=tracing,
+    site = KVSite(build_root(node, node.authenticator), reactor, tracing=tracing,
                   metrics=node.metrics, log_policy=policy, body_limit=settings.max_value_size,
                   max_connections=settings.max_connections, timeout=settings.request_timeout,
-                  max_header_bytes=settings.max_header_bytes, reactor=reactor, end_of_turn=end_of_turn,
+                  max_header_bytes=settings.max_header_bytes, end_of_turn=end_of_turn,
                   wall=time.time, body_buffer=settings.max_body_buffer)
     http_service = StreamServerEndpointService(serverFromString(reactor, settings.listen_endpoint), site)
 

@@ -28,10 +28,12 @@ SHUTDOWN_TIMEOUT = 0.5
 class Tracing:
     """
     :param provider: an OpenTelemetry ``TracerProvider``, or ``None`` when tracing is off.
-    :param reactor: ``IReactorThreads`` and ``IReactorTime``, for :meth:`shutdown`; by default the global reactor.
+    :param reactor: ``IReactorThreads`` and ``IReactorTime``, for :meth:`shutdown`; needed with a provider.
     """
 
     def __init__(self, provider=None, reactor=None) -> None:
+        if provider is not None and reactor is None:
+            raise TypeError("Tracing with a provider needs the reactor its shutdown runs on")
         self.provider = provider
         self._reactor = reactor
         self._tracer = None
@@ -45,7 +47,7 @@ class Tracing:
         return self._tracer is not None
 
     @classmethod
-    def from_settings(cls, settings, version: str, exporter=None, reactor=None) -> "Tracing":
+    def from_settings(cls, settings, version: str, reactor, exporter=None) -> "Tracing":
         """
         Tracing for a node: off without an OTLP endpoint (and no exporter given).
         """
@@ -142,8 +144,6 @@ class Tracing:
         if self.provider is None:
             return succeed(True)
         reactor = self._reactor
-        if reactor is None:
-            from twisted.internet import reactor
         done: Deferred = Deferred()
 
         def settle(outcome) -> None:

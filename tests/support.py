@@ -96,7 +96,7 @@ class MemoryCluster:
         self.clock = Clock()
         self.clock.advance(1_000_000)
         self.router = _Router()
-        self.site = KVSite(_RoutedRoot(self.router), self.clock.seconds, internal_body_limit=64 << 20)
+        self.site = KVSite(_RoutedRoot(self.router), self.clock, internal_body_limit=64 << 20)
         self.stub = stub_over(self.site)
         self.tenant = tenant
         self.settings = settings

@@ -25,7 +25,7 @@ class API:
         self.clock.advance(1_700_000_000)
         self.node = Node(make_settings(**overrides), self.clock, http=None, join_settle=0.1)
         settings = self.node.settings
-        self.site = KVSite(build_root(self.node), self.clock.seconds, metrics=self.node.metrics,
+        self.site = KVSite(build_root(self.node), self.clock, metrics=self.node.metrics,
                            log_policy=self.node.log_policy, body_limit=settings.max_value_size,
                            max_connections=settings.max_connections)
         self.stub = stub_over(self.site)
@@ -400,7 +400,7 @@ def test_readiness_is_503_before_joining():
     api = API.__new__(API)
     api.clock = Clock()
     api.node = Node(make_settings(), api.clock, http=None, join_settle=5)
-    api.site = KVSite(build_root(api.node), api.clock.seconds)
+    api.site = KVSite(build_root(api.node), api.clock)
     api.stub = stub_over(api.site)
     api.node.start()
     assert api.call("GET", "/health/ready")[0] == 503
@@ -645,7 +645,7 @@ def _connect(site, clock):
 
 def _limited_site(clock, **kwargs):
     node = Node(make_settings(), clock, http=None)
-    return KVSite(build_root(node), clock.seconds, reactor=clock, **kwargs)
+    return KVSite(build_root(node), clock, **kwargs)
 
 
 def test_a_request_trickled_slowly_is_cut_off():
@@ -918,7 +918,7 @@ def test_a_method_http_does_not_define_is_counted_as_other_not_as_its_own_label(
     """
     clock = Clock()
     node = Node(make_settings(), clock, http=None)
-    site = KVSite(build_root(node), clock.seconds, reactor=clock, metrics=node.metrics)
+    site = KVSite(build_root(node), clock, metrics=node.metrics)
     for path in (b"/t1/kv/x", b"/t1/health", b"/t1/nowhere"):
         protocol, transport = _connect(site, clock)
         protocol.dataReceived(method + b" " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
@@ -938,7 +938,7 @@ def test_a_request_target_in_absolute_form_is_served_as_its_path(scheme):
     node = Node(make_settings(), clock, http=None)
     node.start()
     clock.advance(1)
-    site = KVSite(build_root(node), clock.seconds, reactor=clock, metrics=node.metrics)
+    site = KVSite(build_root(node), clock, metrics=node.metrics)
     authority = scheme + b"://127.0.0.1:3000"
     body = b'{"value": "absolute"}'
     protocol, transport = _connect(site, clock)
@@ -980,3 +980,20 @@ def test_a_body_built_to_make_the_depth_check_backtrack_is_refused_at_once():
     with pytest.raises(APIError):
         parse_put(body, b"application/json")
     assert time.monotonic() - started < 2.0
+
+
+def test_if_a_site_is_built_on_a_clock_then_its_timers_run_on_that_clock_and_not_the_global_reactor():
+    """
+    If the site is given a Clock as its reactor, then the end of its turn and its channels' idle timeouts are
+    timed on that Clock: nothing below the tap uses the global reactor.
+    """
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    clock = Clock()
+    site = KVSite(build_root(Node(make_settings("t1", "n1"), clock, http=None)), clock, timeout=30)
+    assert site.reactor is clock
+    assert site.seconds == clock.seconds
+    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    channel.makeConnection(StringTransport())
+    assert any(call.getTime() == 30 for call in clock.getDelayedCalls())

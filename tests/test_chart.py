@@ -1337,6 +1337,7 @@ def test_the_ingress_lets_through_the_largest_body_the_node_takes_when_an_exampl
     from twisted.web.resource import Resource
 
     from kvresponder.http.site import KVSite
+    from twisted.internet.task import Clock
 
     capped = []
     for example in sorted(EXAMPLE_RELEASES):
@@ -1345,7 +1346,7 @@ def test_the_ingress_lets_through_the_largest_body_the_node_takes_when_an_exampl
             size = (ingress["metadata"].get("annotations") or {}).get("nginx.ingress.kubernetes.io/proxy-body-size")
             if size is not None:
                 settings = _node_settings(docs)
-                largest = KVSite(Resource(), lambda: 0.0, body_limit=settings.max_value_size).bulk_body_limit
+                largest = KVSite(Resource(), Clock(), body_limit=settings.max_value_size).bulk_body_limit
                 assert _nginx_bytes(size) == largest, (example, size, largest)
                 capped.append(example)
     assert "api" in capped

@@ -60,8 +60,7 @@ class _Server:
             overrides["cluster_secret"] = secret
         settings = make_settings("t1", "n2", advertise_address="127.0.0.1", port="3000", **overrides)
         self.node = Node(settings, reactor, http=None)
-        self.site = KVSite(root or build_root(self.node, self.node.authenticator), reactor.seconds,
-                           reactor=reactor, timeout=timeout)
+        self.site = KVSite(root or build_root(self.node, self.node.authenticator), reactor, timeout=timeout)
         self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
         self.peer = Peer("n2", "127.0.0.1", self.port.getHost().port)
 
@@ -442,7 +441,7 @@ async def test_the_route_answers_json_errors_to_what_is_not_an_upgrade(server):
 def test_a_connection_that_cannot_be_handed_over_gets_a_501():
     settings = make_settings("t1", "n2", insecure_cluster="true")
     node = Node(settings, Clock(), http=None)
-    stub = stub_over(KVSite(build_root(node), Clock().seconds))
+    stub = stub_over(KVSite(build_root(node), Clock()))
     d = stub.get("http://10.0.0.2:3000/t1/_internal/copies",
                  headers={b"Upgrade": [UPGRADE_TOKEN], b"Connection": [b"Upgrade"]})
     stub.flush()

@@ -35,7 +35,7 @@ VALUE_LIMIT = 4096
 
 
 def _site(node, fast_lane: bool, **kwargs) -> KVSite:
-    return KVSite(build_root(node), reactor.seconds, reactor=reactor, metrics=node.metrics,
+    return KVSite(build_root(node), reactor, metrics=node.metrics,
                   body_limit=VALUE_LIMIT, fast_lane=fast_lane, **kwargs)
 
 
@@ -290,7 +290,7 @@ async def test_no_answer_leaves_before_the_reactor_turn_that_wrote_it_ends(fast_
     """
     node = Node(make_settings("t1", "n1", max_value_size=str(VALUE_LIMIT), max_key_length="20"), reactor,
                 http=None)
-    site = _Recording(build_root(node), reactor.seconds, reactor=reactor, metrics=node.metrics,
+    site = _Recording(build_root(node), reactor, metrics=node.metrics,
                       body_limit=VALUE_LIMIT, fast_lane=fast_lane)
     paths = _Paths(monkeypatch, [site])
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
@@ -326,8 +326,8 @@ def test_a_request_made_while_its_channel_is_corked_keeps_the_connections_own_tr
     turn), then the request's ``transport`` is the connection's, not the cork, which is gone after the turn.
     """
     transport = StringTransport()
-    channel = KVSite(build_root(Node(make_settings("t1", "n1"), reactor, http=None)), reactor.seconds,
-                     reactor=reactor).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    channel = KVSite(build_root(Node(make_settings("t1", "n1"), reactor, http=None)), reactor).buildProtocol(
+        IPv4Address("TCP", "127.0.0.1", 1))
     channel.makeConnection(transport)
     channel.transport = _Cork(transport)
     request = channel.requestFactory(channel)
@@ -387,7 +387,7 @@ def _channel(site):
 def _memory_site(**kwargs):
     clock = Clock()
     node = Node(make_settings("t1", "n1"), clock, http=None)
-    return node, KVSite(build_root(node), clock.seconds, reactor=clock, metrics=node.metrics, **kwargs)
+    return node, KVSite(build_root(node), clock, metrics=node.metrics, **kwargs)
 
 
 def _statuses(raw: bytes) -> List[int]:
@@ -451,7 +451,7 @@ class _AnsweredWhileAsked(_Waiting):
 
 def _lane_site(operations, log_policy=None):
     clock = Clock()
-    site = KVSite(build_root(Node(make_settings("t1", "n1"), clock, http=None)), clock.seconds, reactor=clock,
+    site = KVSite(build_root(Node(make_settings("t1", "n1"), clock, http=None)), clock,
                   log_policy=log_policy)
     site.lane = FastLane(b"/t1/kv/", operations, VALUE_LIMIT, 16384, None, log_policy, clock.seconds, http_date)
     return site
@@ -753,7 +753,7 @@ def test_a_request_that_starts_in_the_read_that_ends_another_gets_its_own_deadli
     """
     clock = Clock()
     node = Node(make_settings("t1", "n1"), clock, http=None)
-    site = KVSite(build_root(node), clock.seconds, reactor=clock, timeout=30)
+    site = KVSite(build_root(node), clock, timeout=30)
     protocol, transport = _channel(site)
     put, get = _put(b"k", b'{"value": 1}'), _get(b"k")
     protocol.dataReceived(put[:10])
@@ -777,7 +777,7 @@ def test_a_twisted_request_is_timed_without_the_lane_requests_served_after_it():
     """
     ticks = iter(range(10 ** 6))
     node = Node(make_settings("t1", "n1"), Clock(), http=None)
-    site = KVSite(build_root(node), lambda: float(next(ticks)), metrics=node.metrics)
+    site = KVSite(build_root(node), Clock(), seconds=lambda: float(next(ticks)), metrics=node.metrics)
     protocol, transport = _channel(site)
     protocol.dataReceived(b"GET /t1/health/live HTTP/1.1\r\nHost: x\r\n\r\n" + _get(b"k") * 20)
     assert _statuses(transport.value()) == [200] + [404] * 20

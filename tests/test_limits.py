@@ -129,7 +129,7 @@ class _Server:
         settings = make_settings("t1", "n1", advertise_address="127.0.0.1", port="3000",
                                  cluster_secret=SECRET, max_value_size=str(LIMITS[VALUE]), insecure_admin="true")
         self.node = Node(settings, reactor, http=None)
-        self.site = KVSite(build_root(self.node, self.node.authenticator), reactor.seconds, reactor=reactor,
+        self.site = KVSite(build_root(self.node, self.node.authenticator), reactor,
                            body_limit=LIMITS[VALUE], internal_body_limit=LIMITS[INTERNAL],
                            max_header_bytes=HEADER_LIMIT)
         self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
@@ -278,7 +278,7 @@ def test_the_tree_gives_each_path_the_limit_of_the_route_it_reaches():
     fragment or a key naming another route changes nothing.
     """
     node = Node(make_settings("t1", "n1", cluster_secret=SECRET), reactor, http=None)
-    site = KVSite(build_root(node, node.authenticator), reactor.seconds, body_limit=LIMITS[VALUE],
+    site = KVSite(build_root(node, node.authenticator), reactor, body_limit=LIMITS[VALUE],
                   internal_body_limit=LIMITS[INTERNAL])
     for case in CASES:
         assert site.body_limit_for(case.target, case.method) == LIMITS[case.limit], case
@@ -291,7 +291,7 @@ def test_internal_routes_closed_to_everyone_take_no_more_than_a_value():
     """
     for overrides, limit in (({}, VALUE), ({"insecure_cluster": "true"}, INTERNAL)):
         node = Node(make_settings("t1", "n1", **overrides), reactor, http=None)
-        site = KVSite(build_root(node), reactor.seconds, body_limit=LIMITS[VALUE],
+        site = KVSite(build_root(node), reactor, body_limit=LIMITS[VALUE],
                       internal_body_limit=LIMITS[INTERNAL])
         for target in (b"/t1/_internal/apply", b"/t1/%5Finternal/sync/buckets", b"/t1/_internal/copies"):
             assert site.body_limit_for(target, b"POST") == LIMITS[limit], (overrides, target)
@@ -336,7 +336,7 @@ async def test_a_larger_max_header_bytes_takes_a_header_line_longer_than_twisted
     takes by default) is served, on the fast lane's route and on Twisted's.
     """
     node = Node(make_settings("t1", "n1", advertise_address="127.0.0.1", port="3000"), reactor, http=None)
-    site = KVSite(build_root(node), reactor.seconds, reactor=reactor, max_header_bytes=64 * 1024)
+    site = KVSite(build_root(node), reactor, max_header_bytes=64 * 1024)
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
     try:
         address = ("127.0.0.1", port.getHost().port)
@@ -491,7 +491,7 @@ class _BudgetServer:
         settings = make_settings("t1", "n1", advertise_address="127.0.0.1", port="3000",
                                  max_value_size=str(BUDGET_VALUE), **settings)
         self.node = Node(settings, reactor, http=None)
-        self.site = KVSite(build_root(self.node, self.node.authenticator), reactor.seconds, reactor=reactor,
+        self.site = KVSite(build_root(self.node, self.node.authenticator), reactor,
                            body_limit=BUDGET_VALUE, metrics=self.node.metrics, body_buffer=BUDGET)
         self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
         self.address = ("127.0.0.1", self.port.getHost().port)
@@ -584,7 +584,7 @@ def test_a_node_exports_its_max_body_buffer_as_kv_request_body_max_bytes(given, 
     settings = make_settings("t1", "n1", **given)
     assert settings.max_body_buffer == budget
     node = Node(settings, reactor, http=None)
-    KVSite(build_root(node, node.authenticator), reactor.seconds, reactor=reactor, metrics=node.metrics,
+    KVSite(build_root(node, node.authenticator), reactor, metrics=node.metrics,
            body_limit=settings.max_value_size, body_buffer=settings.max_body_buffer)
     samples = {sample.name: sample for family in text_string_to_metric_families(node.metrics.exposition().decode())
                for sample in family.samples}

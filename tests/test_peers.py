@@ -393,7 +393,7 @@ def test_a_copy_and_a_hand_off_refused_by_a_leaving_node_fail_with_its_503_at_on
     """
     clock = Clock()
     leaving = Node(make_settings("t1", "n2", insecure_cluster="true"), clock, http=None)
-    stub = stub_over(KVSite(build_root(leaving), clock.seconds))
+    stub = stub_over(KVSite(build_root(leaving), clock))
     leaving.begin_leaving()
     client = PeerClient(http=stub, clock=clock, tenant="t1", timeout=5.0)
     copy, hand_off = [], []
@@ -417,7 +417,7 @@ def test_the_peer_transport_keeps_no_state_for_addresses_it_is_not_calling():
 
     clock = Clock()
     peer_node = Node(make_settings("t1", "n2", insecure_cluster="true"), clock, http=None)
-    stub = stub_over(KVSite(build_root(peer_node), clock.seconds))
+    stub = stub_over(KVSite(build_root(peer_node), clock))
     client = PeerClient(http=stub, clock=clock, tenant="t1", timeout=5.0)
     answers = []
     for index in range(200):
@@ -467,7 +467,7 @@ def test_a_read_batch_of_large_entries_is_answered_in_parts_and_the_rest_asked_a
     clock = Clock()
     peer_node = Node(make_settings("t1", "n2", insecure_cluster="true", max_memory="64Mi",
                                    max_value_size="2Mi"), clock, http=None)
-    stub = stub_over(KVSite(build_root(peer_node), clock.seconds, metrics=peer_node.metrics))
+    stub = stub_over(KVSite(build_root(peer_node), clock, metrics=peer_node.metrics))
     client = PeerClient(http=stub, clock=clock, tenant="t1", timeout=5.0)
     keys = ["big%02d" % (i,) for i in range(12)]
     value = b'"' + b"x" * (1024 * 1024) + b'"'

@@ -154,7 +154,8 @@ def test_if_clients_send_methods_http_does_not_define_then_server_spans_keep_a_b
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     api = API()
-    api.site = KVSite(build_root(api.node), api.clock.seconds, metrics=api.node.metrics, tracing=Tracing(provider))
+    api.site = KVSite(build_root(api.node), api.clock, metrics=api.node.metrics,
+                      tracing=Tracing(provider, api.clock))
     api.stub = stub_over(api.site)
     for index in range(5):
         assert api.call("FOO%d" % (index,), "/kv/k")[0] == 405
@@ -162,3 +163,14 @@ def test_if_clients_send_methods_http_does_not_define_then_server_spans_keep_a_b
     spans = exporter.get_finished_spans()
     assert sorted({span.name for span in spans}) == ["GET /kv/{key}", "HTTP /kv/{key}"]
     assert sorted({span.attributes["http.request.method"] for span in spans}) == ["GET", "_OTHER"]
+
+
+def test_if_tracing_is_given_a_provider_without_a_reactor_then_it_refuses_rather_than_use_the_global_one():
+    """
+    If tracing is built with a provider but no reactor, then it raises at once: its shutdown would otherwise
+    time itself on the global reactor, which nothing below the tap may use.
+    """
+    from opentelemetry.sdk.trace import TracerProvider
+
+    with pytest.raises(TypeError):
+        Tracing(TracerProvider())

@@ -929,7 +929,7 @@ def _reservation(limit: int, length: Optional[int]) -> int:
 class KVSite(Site):
     """
     :param resource: the root resource.
-    :param seconds: the clock, for request durations.
+    :param reactor: the reactor, for the site's timers.
     :param metrics: a :class:`~kvresponder.metrics.Metrics`, or ``None``.
     :param log_policy: a :class:`~kvresponder.log.LogPolicy`, or ``None``.
     :param int body_limit: largest public request body.
@@ -937,6 +937,7 @@ class KVSite(Site):
     :param float timeout: seconds an idle connection stays open, and the deadline for receiving a whole
         request once its first byte arrived.
     :param end_of_turn: the node's :class:`~kvresponder.turn.EndOfTurn`, or ``None`` for one of the site's own.
+    :param seconds: the clock, for request durations and deadlines; by default ``reactor.seconds``.
     :param wall: the wall clock in seconds, for the Date header; by default ``seconds``.
     """
 
@@ -944,13 +945,17 @@ class KVSite(Site):
     protocol = _CountedChannel
     displayTracebacks = False
 
-    def __init__(self, resource, seconds: Callable[[], float], metrics=None, log_policy=None,
+    def __init__(self, resource, reactor, metrics=None, log_policy=None,
                  body_limit: int = 1024 * 1024, bulk_body_limit: Optional[int] = None,
                  internal_body_limit: int = 64 * 1024 * 1024, max_connections: int = 1024,
-                 timeout: float = 30.0, max_header_bytes: int = 16384, reactor=None, tracing=None,
+                 timeout: float = 30.0, max_header_bytes: int = 16384, tracing=None,
                  fast_lane: bool = True, end_of_turn: Optional[EndOfTurn] = None,
-                 wall: Optional[Callable[[], float]] = None, body_buffer: Optional[int] = None) -> None:
+                 seconds: Optional[Callable[[], float]] = None, wall: Optional[Callable[[], float]] = None,
+                 body_buffer: Optional[int] = None) -> None:
+        # The reactor is required: Site falls back to the global one, whose timers (deadlines, idle
+        # timeouts, the end of the turn) a test's Clock would then never drive.
         Site.__init__(self, resource, timeout=timeout, reactor=reactor)
+        seconds = seconds or reactor.seconds
         #: The wall clock, for the Date header; by default ``seconds`` (the reactor's clock may not be the
         #: wall clock: see ``tap.steady_seconds``).
         self.wall = wall or seconds

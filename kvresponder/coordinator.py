@@ -189,7 +189,7 @@ class Coordinator:
         """
         Apply a copy of a write another node coordinates. ``task_id`` is that write's serialized Eliot task:
         the store action continues it, so it appears in the writer's tree as the replica's own node, with no
-        ``eliot:remote_task`` wrapped around it (two log lines per copy instead of four).
+        ``peer-served`` action wrapped around it (two log lines per copy instead of four).
         """
         if not self._log.enabled("store", DEBUG):
             # At info, one line in the writer's task, at the level it was sent: not an action (two lines).

@@ -171,7 +171,7 @@ def test_eliot_tree_shows_a_replicated_write_as_one_task_across_both_nodes(logge
     nodes = list(root.walk())
 
     # At info, a replicated write is one line on each node that stores it, in one task: no request action, no
-    # store action, no write or peer-call action and no eliot:remote_task (all debug).
+    # store action, no write or peer-call action and no peer-served action (all debug, or not on this path).
     applies = {n.fields.get("node"): n for n in nodes if n.fields.get("key") == KEY}
     assert set(applies) == {"n1", "n2"}
     assert {n.kind for n in applies.values()} == {"kvresponder:store:applied"}
@@ -179,7 +179,7 @@ def test_eliot_tree_shows_a_replicated_write_as_one_task_across_both_nodes(logge
     assert applies["n1"].parent is applies["n2"].parent and applies["n1"].parent in (root, *root.children)
     assert not [n for n in nodes if n.kind in ("kvresponder:http:request", "kvresponder:store:apply",
                                                "kvresponder:replication:write", "kvresponder:replication:peer-call",
-                                               "eliot:remote_task")]
+                                               "kvresponder:replication:peer-served")]
 
 
 def test_json_logs_join_the_replica_to_the_coordinators_task(logged_write):

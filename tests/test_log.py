@@ -386,3 +386,33 @@ def test_an_unknown_level_or_area_is_named_as_the_client_wrote_it_in_json(levels
     with pytest.raises(UnknownLevel) as caught:
         LogPolicy("info").update(levels=levels)
     assert str(caught.value).startswith(named), str(caught.value)
+
+
+@pytest.mark.parametrize("level, expected", [("warning", 0), ("info", 1)])
+def test_a_peer_call_served_continues_the_callers_task_as_a_typed_action_the_levels_govern(level, expected):
+    """
+    If a node serves a peer's internal call (here an anti-entropy pass's), then it continues the caller's task as
+    a ``kvresponder:replication:peer-served`` action of the replication area: logged at info, and not at
+    warning (Eliot's untyped ``eliot:remote_task`` passed every level).
+    """
+    from tests.support import MemoryCluster
+    from kvresponder.rebalance import ANTI_ENTROPY
+
+    seen = []
+    eliot_add(seen.append)
+    try:
+        cluster = MemoryCluster(2, log_level=level)
+        cluster.run(seconds=2)
+        assert cluster.request("PUT", cluster.nodes[0], "/kv/a", body={"value": 1})[0] in (200, 201)
+        del seen[:]
+        node = cluster.nodes[0]
+        cluster.run(node.rebalancer.run_pass(ANTI_ENTROPY), seconds=10)
+    finally:
+        eliot_remove(seen.append)
+    admitted = [m for m in seen if node.log_policy.admits(m)]
+    kinds = {m.get("action_type") or m.get("message_type") for m in admitted}
+    assert "eliot:remote_task" not in kinds
+    served = [m for m in admitted if m.get("action_type") == "kvresponder:replication:peer-served"
+              and m.get("action_status") == "started"]
+    assert len(served) >= expected and (expected or not served)
+    assert all(m["route"].startswith("/") for m in served)

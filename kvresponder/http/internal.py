@@ -13,14 +13,15 @@ and stores nothing, so that the sender fails the copies over to the next node; i
 
 import json
 
-from eliot import Action
 from klein import Klein
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.python.failure import Failure
 
 from ..copystream import LEAVING_ERROR, LEAVING_MESSAGE
 from ..hlc import version_from_wire
+from ..log.replication import PEER_SERVED
 from ..batcher import MAX_BATCH_BYTES
+from ..privateapi import continue_typed_task
 from ..peers import CLOCK_HEADER, TASK_HEADER, TASKS_HEADER
 from ..store import EntryTooLarge
 from ..wire import BATCH_TYPE, OMITTED, decode_batch, entries_from_wire, entry_to_wire
@@ -55,7 +56,7 @@ def internal_route(app: Klein, path: str):
             action = None
             if task_id:
                 try:
-                    action = Action.continue_task(task_id=task_id)
+                    action = continue_typed_task(PEER_SERVED, task_id, route=path)
                 except Exception:
                     action = None
             if action is not None:

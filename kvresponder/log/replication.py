@@ -5,6 +5,7 @@ Eliot types of the replication area: the coordinator and its peer calls.
 from eliot import ActionType, Field, MessageType
 
 from . import DEBUG, INFO, WARNING, leveled
+from .http import DURATION, STATUS
 
 KEY = Field.for_types("key", [str], "The key.")
 OP = Field.for_types("op", [str], "put, delete, get, ...")
@@ -32,6 +33,12 @@ COORDINATE_READ = leveled("replication", DEBUG, ActionType(
 PEER_CALL = leveled("replication", INFO, ActionType(
     "kvresponder:replication:peer-call", [PEER, OP], [CODE],
     "A call to a peer's internal endpoint."))
+
+#: The callee's side of a PEER_CALL: the caller's task, continued on this node around what it does for the call.
+PEER_SERVED = leveled("replication", INFO, ActionType(
+    "kvresponder:replication:peer-served", [Field.for_types("route", [str], "The internal route called.")],
+    [STATUS, DURATION],
+    "This node served a peer's call to one of its internal routes, in the caller's task."))
 
 PEER_READ = leveled("replication", DEBUG, ActionType(
     "kvresponder:replication:peer-read", [PEER, OP], [CODE],

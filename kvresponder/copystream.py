@@ -53,6 +53,7 @@ import struct
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from attr import attrib, attrs
 from eliot import write_traceback
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -539,8 +540,8 @@ class CopyStreams:
         self._auth = authenticator
         self._metrics = metrics
         self._open: Dict[Tuple[str, int], CopyStreamClient] = {}
-        #: Streams being opened: the protocol, the sends waiting for it, and the connection attempt.
-        self._opening: Dict[Tuple[str, int], list] = {}
+        #: Streams being opened, by address.
+        self._opening: Dict[Tuple[str, int], _Opening] = {}
         self._refused: Dict[Tuple[str, int], float] = {}
         self._closing = False
         if metrics is not None:
@@ -611,7 +612,7 @@ class CopyStreams:
         waiter: Deferred = Deferred()
         opening = self._opening.get(key)
         if opening is not None:
-            opening[1].append(waiter)
+            opening.waiters.append(waiter)
             return waiter
         upgrade = [b"GET " + self._path + b" HTTP/1.1", b"Host: %s:%d" % (peer.address.encode("ascii"), peer.port),
                    b"Connection: Upgrade", b"Upgrade: " + UPGRADE_TOKEN]
@@ -620,12 +621,12 @@ class CopyStreams:
         protocol = CopyStreamClient(b"\r\n".join(upgrade) + b"\r\n\r\n",
                                     self._auth.stream_key() if self._auth is not None else None, self._clock)
         # Registered before connecting: the endpoint may answer at once (a refused address, a bad host).
-        opening = self._opening[key] = [protocol, [waiter], None]
+        opening = self._opening[key] = _Opening(protocol, [waiter])
         try:
             d = self._endpoint_for(peer.address, peer.port).connect(_Once(protocol))
         except Exception:
             d = fail()
-        opening[2] = d
+        opening.attempt = d
         d.addCallback(lambda _: protocol.ready)
         d.addTimeout(timeout, self._clock, onTimeoutCancel=_upgrade_timed_out)
         d.addCallbacks(self._opened, self._not_opened, callbackArgs=(peer, key), errbackArgs=(peer, key, protocol))
@@ -664,8 +665,8 @@ class CopyStreams:
         self._settle(key, failure)
 
     def _settle(self, key, result) -> None:
-        _, waiters, _ = self._opening.pop(key, (None, [], None))
-        for waiter in waiters:
+        opening = self._opening.pop(key, None)
+        for waiter in opening.waiters if opening is not None else ():
             if isinstance(result, Failure):
                 waiter.errback(result)
             else:
@@ -684,12 +685,23 @@ class CopyStreams:
         for stream in list(self._open.values()):
             stream.close()
         self._open.clear()
-        for protocol, _, attempt in list(self._opening.values()):
+        for opening in list(self._opening.values()):
+            protocol, attempt = opening.protocol, opening.attempt
             protocol.closed = True
             if protocol.transport is not None:
                 protocol.transport.abortConnection()
             elif attempt is not None and not attempt.called:
                 attempt.cancel()
+
+
+@attrs(slots=True)
+class _Opening:
+    """
+    A stream being opened: its protocol, the sends waiting for it, and the connection attempt (once made).
+    """
+    protocol: "CopyStreamClient" = attrib()
+    waiters: List[Deferred] = attrib()
+    attempt: Optional[Deferred] = attrib(default=None)
 
 
 def _upgrade_timed_out(result, timeout):

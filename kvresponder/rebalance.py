@@ -18,6 +18,7 @@ chunks, so memory stays bounded and the node keeps serving.
 
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
+from attr import attrib, attrs
 from eliot import write_traceback
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
@@ -97,6 +98,26 @@ ANTI_ENTROPY = "anti-entropy"
 
 #: A background walk's rest for each second of work.
 _REST_RATIO = (1.0 - BACKGROUND_SHARE) / BACKGROUND_SHARE
+
+
+@attrs(slots=True)
+class _QueuedPass:
+    """
+    A pass asked for while one runs: its reason (the most urgent asked) and who waits for it.
+    """
+    reason: str = attrib()
+    waiters: List[Deferred] = attrib()
+
+
+@attrs(slots=True, frozen=True)
+class _DigestCache:
+    """
+    The bucket hashes the last pass made, by peer, and the ring, store change count and time it made them at.
+    """
+    ring: Optional[HashRing] = attrib()
+    changes: int = attrib()
+    made: float = attrib()
+    hashes: Dict[str, Dict[int, str]] = attrib()
 
 
 class _Slices:
@@ -181,10 +202,10 @@ class Rebalancer:
         self.pending = 0
         self.passes = 0
         self._running: Optional[Deferred] = None
-        self._again: Optional[Tuple[str, List[Deferred]]] = None
+        self._again: Optional[_QueuedPass] = None
         self._scheduled = None
         self.leaving = False
-        self._digest_cache: Tuple[Optional[HashRing], int, float, Dict[str, Dict[int, str]]] = (None, 0, 0.0, {})
+        self._digest_cache = _DigestCache(None, 0, 0.0, {})
         self._running_ring: Optional[HashRing] = None
         self._current_waiters: List[Deferred] = []
 
@@ -212,12 +233,12 @@ class Rebalancer:
             self._scheduled.cancel()
         if self._running is not None:
             if self._again is None:
-                self._again = (reason, [])
-            elif self._again[0] == ANTI_ENTROPY and reason != ANTI_ENTROPY:
+                self._again = _QueuedPass(reason, [])
+            elif self._again.reason == ANTI_ENTROPY and reason != ANTI_ENTROPY:
                 # The pass queued does what this one asks too: it goes at full speed and leaves nothing out
                 # (a drain's, a membership change's, a joiner's), not as the periodic pass it was queued for.
-                self._again = (reason, self._again[1])
-            self._again[1].append(waiter)
+                self._again.reason = reason
+            self._again.waiters.append(waiter)
         else:
             self._start(reason, [waiter])
         return waiter
@@ -245,9 +266,8 @@ class Rebalancer:
                 write_traceback(exc_info=(result.type, result.value, result.tb))
                 result = {"handed_off": 0, "repaired": 0, "pending": self.pending}
             if self._again is not None:
-                again_reason, again_waiters = self._again
-                self._again = None
-                self._start(again_reason, again_waiters)
+                again, self._again = self._again, None
+                self._start(again.reason, again.waiters)
             for waiter in waiters:
                 waiter.callback(result)
 
@@ -282,8 +302,8 @@ class Rebalancer:
             sync_reason = ANTI_ENTROPY if reason == ANTI_ENTROPY else "re-replication"
             # Peers compare their digests with ours; keep just the bucket hashes (256 numbers a peer) so a
             # peer's sync request does not cost another walk over the store.
-            self._digest_cache = (ring, self.store.changes, self._clock.seconds(),
-                                  {node: digest.wire() for node, digest in digests.items()})
+            self._digest_cache = _DigestCache(ring, self.store.changes, self._clock.seconds(),
+                                              {node: digest.wire() for node, digest in digests.items()})
             repaired = sum(await gather([self._sync(node, digest, sync_reason)
                                           for node, digest in sorted(digests.items())]))
             self.pending = len(handoff) - handed_off
@@ -425,11 +445,11 @@ class Rebalancer:
             :data:`BACKGROUND_SHARE` of the reactor's time, as that pass's own walk does.
         """
         ring = self._ring()
-        cached_ring, changes, made, hashes = self._digest_cache
-        if cached_ring is ring and not self.leaving and (
-                self.store.changes - changes <= max(1000, len(self.store) // 20)
-                or (background and self._clock.seconds() - made <= MAX_DIGEST_AGE)):
-            return hashes.get(sender, {})
+        cache = self._digest_cache
+        if cache.ring is ring and not self.leaving and (
+                self.store.changes - cache.changes <= max(1000, len(self.store) // 20)
+                or (background and self._clock.seconds() - cache.made <= MAX_DIGEST_AGE)):
+            return cache.hashes.get(sender, {})
         digest = Digest()
         slices = _Slices(self._clock, background)
         for entry in self.store.entries():

@@ -144,9 +144,10 @@ class ClockOffsets:
         """
         self._forget(self._seconds())
         offsets = list(self.offsets().values())
-        if self.skewed and len(offsets) == 1:
-            # One peer left is no majority: this node cannot tell that its clock came back, so it stays skewed
-            # until a majority says so (or until it hears no peer at all: alone, its clock is the cluster's).
+        if self.skewed and len(offsets) < 2:
+            # One peer left is no majority, and none is none: this node cannot tell that its clock came back, so
+            # it stays skewed until a majority says so. Not even alone: cut off by a partition, its writes,
+            # stamped by its wrong clock, would beat writes its peers acknowledged after them, once it heals.
             return
         skew = _own_offset(offsets)
         self.skew = skew

@@ -82,14 +82,29 @@ def bucket_of(key: str) -> int:
     return key_hash(key) % BUCKETS
 
 
+#: Node ids' hashes, as ``entry_digest`` mixes them in: a few a cluster (one a pod's life), emptied if it grows.
+_NODE_HASHES: Dict[str, int] = {}
+_NODE_HASHES_MAX = 4096
+
+
+def _node_hash(node: str) -> int:
+    found = _NODE_HASHES.get(node)
+    if found is None:
+        if len(_NODE_HASHES) >= _NODE_HASHES_MAX:
+            _NODE_HASHES.clear()
+        found = _NODE_HASHES[node] = key_hash(node)
+    return found
+
+
 def entry_digest(hashed_key: int, version: Version) -> int:
     """
     A 64-bit digest of one (key, version), cheap enough for every entry of every pass: the key's hash mixed
-    with the version's wall time and counter. (Two versions differing only in node id never exist: a node's
-    clock never issues the same wall time and counter twice, and two nodes' writes differ in wall time or
-    counter except by rare coincidence, which the next write or the key-level exchange then settles.)
+    with the version's wall time, counter and node id. The node id counts: versions that differ in it alone are
+    common, as every re-stamp above one version takes that version's millisecond and the same counter
+    (:meth:`~kvresponder.hlc.HybridLogicalClock.above`), and two replicas holding two such re-stamps must not
+    look alike to anti-entropy.
     """
-    return hashed_key ^ ((((version[0] << 20) ^ version[1]) * _GOLDEN) & _MASK)
+    return hashed_key ^ (((((version[0] << 20) ^ version[1] ^ _node_hash(version[2])) * _GOLDEN)) & _MASK)
 
 
 #: The periodic pass's reason (``Node`` runs it every ANTI_ENTROPY_INTERVAL): the only one that walks in the

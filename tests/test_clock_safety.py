@@ -460,10 +460,10 @@ def test_nodes_within_the_bound_of_the_cluster_keep_each_other():
     assert [peer.node_id for peer in membership.peers()] == ["n2"] and metrics.results[-1] == "clock_ahead"
 
 
-def test_a_skewed_node_left_with_one_peer_stays_skewed_until_a_majority_or_no_one_says_otherwise():
+def test_a_skewed_node_left_with_one_peer_or_none_stays_skewed_until_a_majority_says_otherwise():
     """
-    If a skewed node stops hearing one of its two peers, then it stays skewed (one peer is no majority); once
-    it hears no peer at all it serves alone again.
+    If a skewed node stops hearing one of its two peers, then it stays skewed (one peer is no majority), and so
+    it does once it hears no peer at all; a majority that agrees with its clock clears it.
     """
     clock_offsets, clock = offsets(max_offset=0.5, forget_after=15.0)
     for _ in range(3):
@@ -478,7 +478,12 @@ def test_a_skewed_node_left_with_one_peer_stays_skewed_until_a_majority_or_no_on
     assert clock_offsets.skewed
     clock.advance(20.0)
     clock_offsets.evaluate()
-    assert clock_offsets.offsets() == {} and not clock_offsets.skewed
+    assert clock_offsets.offsets() == {} and clock_offsets.skewed
+    for _ in range(3):
+        clock.advance(1.0)
+        clock_offsets.heard("n2", 2, 0.0)
+        clock_offsets.heard("n3", 2, 0.0)
+    assert not clock_offsets.skewed
 
 
 def test_clock_skewed_names_the_offset_and_the_bound():
@@ -655,3 +660,87 @@ def test_a_peer_whose_clock_steps_back_is_still_taken_in():
     assert metrics.results == ["accepted"] * 4, metrics.results
     protocol.datagramReceived(sent[-1], ("10.0.0.2", 9999))
     assert metrics.results[-1] == "replayed"
+
+
+class _PartitionedCluster(MemoryCluster):
+    """
+    A cluster whose nodes hear each other's heartbeats as ``hears(listener, speaker)`` says, and refuse one
+    stamped more than twice MAX_CLOCK_OFFSET ahead after measuring it, as discovery does.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.hears = lambda listener, speaker: True
+        super().__init__(*args, **kwargs)
+
+    def introduce(self) -> None:
+        for node in self.nodes:
+            for other in self.nodes:
+                if other is node or not self.hears(node.node_id, other.node_id):
+                    continue
+                offset = other.wall() - node.wall()
+                node.clock_offsets.heard(other.node_id, other.incarnation, offset)
+                if offset <= 2 * node.settings.max_clock_offset:
+                    node.membership.observe(other.heartbeat())
+            node.membership.expire()
+
+
+def test_a_skewed_node_cut_off_from_its_peers_stays_skewed_so_a_later_quorum_write_survives_the_heal():
+    """
+    If a node 10 s ahead is found skewed and then cut off from its peers, then it stays skewed and refuses
+    writes alone (they would be stamped 10 s ahead), so a write acknowledged by the others after it is still the
+    value once the partition heals. It used to clear its skew once it heard no peer, acknowledge such a write,
+    and hand it to the owners at the heal, where it beat the later one.
+    """
+    cluster = _PartitionedCluster(3, wall_offsets={3: 10.0})
+    n1, n2, n3 = cluster.nodes
+    cluster.run(seconds=5.0)
+    assert n3.clock_offsets.skewed
+    key = next(k for k in ("key-%d" % i for i in range(10000)) if n1.ring().preference_list(k, 2) == ["n1", "n2"])
+
+    cluster.hears = lambda listener, speaker: "n3" not in (listener, speaker)
+    cluster.run(seconds=5.0)
+    assert set(n3.ring().nodes) == {"n3"} and n3.clock_offsets.skewed
+    code, body = cluster.request("PUT", n3, "/kv/" + key, {"value": "early"})
+    assert code == 503 and json.loads(body)["error"] == "clock_skew"
+
+    cluster.run(seconds=2.0)
+    assert cluster.request("PUT", n1, "/kv/" + key, {"value": "late"})[0] == 201
+
+    cluster.hears = lambda listener, speaker: True
+    cluster.run(seconds=5.0)
+    for node in (n1, n2):
+        code, body = cluster.request("GET", node, "/kv/" + key)
+        assert code == 200 and json.loads(body)["value"] == "late", body
+
+
+def test_restamps_by_two_coordinators_above_one_version_differ_in_anti_entropys_digest():
+    """
+    If two nodes re-stamp a write above the same future version, then their versions differ only in node id,
+    and the entry digest anti-entropy compares buckets by tells them apart.
+    """
+    from kvresponder.rebalance import entry_digest, key_hash
+
+    future = (1_000_030_000, 4, "n9")
+    first = HybridLogicalClock(lambda: 1_000_000.0, "n1", max_ahead=0.5).above(future)
+    second = HybridLogicalClock(lambda: 1_000_000.0, "n3", max_ahead=0.5).above(future)
+    assert first[:2] == second[:2] and first != second
+    assert entry_digest(key_hash("k"), first) != entry_digest(key_hash("k"), second)
+
+
+def test_anti_entropy_repairs_replicas_holding_versions_that_differ_only_in_node_id():
+    """
+    If the two owners of a key hold versions that differ only in node id (two re-stamps above one version, one
+    of which reached only one owner), then a pass on each brings both to the greater one. Their bucket digests
+    were equal, and no pass ever compared the key.
+    """
+    cluster = MemoryCluster(3)
+    cluster.run(seconds=1.0)
+    n1, n2, _ = cluster.nodes
+    ring = n1.ring()
+    key = next(k for k in ("key-%d" % i for i in range(10000)) if ring.preference_list(k, 2) == ["n1", "n2"])
+    wall = int((cluster.clock.seconds() + 30.0) * 1000)
+    n1.store.apply(Entry(key, b'"X"', (wall, RESTAMP_BASE, "n1")))
+    n2.store.apply(Entry(key, b'"Y"', (wall, RESTAMP_BASE, "n3")))
+    for node in (n1, n2):
+        cluster.run(node.rebalancer.run_pass("membership"), seconds=30)
+    assert n1.store.get(key).value == n2.store.get(key).value == b'"Y"'

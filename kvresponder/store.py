@@ -87,6 +87,19 @@ def _holds(packed: bytes, bkey: bytes) -> bool:
     return packed[24] | (packed[25] & 0x7F) << 8 == len(bkey) and packed.startswith(bkey, _HEADER_SIZE)
 
 
+def _another_write(bkey: bytes, existing: Optional[bytes], value: Optional[bytes]) -> bool:
+    """
+    Whether ``value``, stamped with the very version the store holds for ``bkey`` (``existing``, its live entry,
+    or ``None`` for its tombstone), is another write's: a node issued one version twice (its clock set back
+    across a restart, which starts its hybrid logical clock afresh). Answered as a newer version, so that the
+    writer stamps its write again above it; taken as a copy already held, the write would be acknowledged and
+    stored nowhere. (Expiries are not compared: a copy's is worked out again on each node.)
+    """
+    if existing is None:
+        return value is not None
+    return value is None or existing[_HEADER_SIZE + len(bkey):] != value
+
+
 def _key_of(packed: bytes) -> bytes:
     return packed[_HEADER_SIZE:_HEADER_SIZE + (packed[24] | (packed[25] & 0x7F) << 8)]
 
@@ -476,6 +489,8 @@ class Store:
                 if existing is not None and expires_at and not length & _LEAVES_TOMBSTONE:
                     self._mark(bkey, existing)
                 return ApplyResult(False, had_live, newest)
+            if _another_write(bkey, existing, entry.value):
+                return ApplyResult(False, had_live, newest)
             return ApplyResult(False, had_live)
 
         self.changes += 1
@@ -561,6 +576,8 @@ class Store:
                         if expires_at and not _leaves_tombstone(existing):
                             # An older version exists: the entry leaves a tombstone (as apply does).
                             live[slot] = _marked(existing)
+                        append(ApplyResult(False, had_live, newest))
+                    elif _another_write(bkey, existing, value):
                         append(ApplyResult(False, had_live, newest))
                     else:
                         append(ApplyResult(False, had_live))

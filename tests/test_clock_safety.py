@@ -744,3 +744,31 @@ def test_anti_entropy_repairs_replicas_holding_versions_that_differ_only_in_node
     for node in (n1, n2):
         cluster.run(node.rebalancer.run_pass("membership"), seconds=30)
     assert n1.store.get(key).value == n2.store.get(key).value == b'"Y"'
+
+
+def test_a_write_stamped_with_a_version_its_coordinator_issued_before_a_restart_is_stored_or_refused():
+    """
+    If a coordinator restarts with its clock set back (its hybrid logical clock starts afresh) and stamps a
+    write with the version of an earlier write its replicas hold, then the write is stamped again above it and
+    stored: it was acknowledged and stored nowhere, its replicas taking it for a copy they held.
+    """
+    cluster = MemoryCluster(3)
+    cluster.run(seconds=1.0)
+    n1 = cluster.nodes[0]
+    ring = n1.ring()
+    key = next(k for k in ("key-%d" % i for i in range(10000)) if ring.preference_list(k, 2) == ["n2", "n3"])
+    code, body = cluster.request("PUT", n1, "/kv/" + key, {"value": "a"})
+    assert code == 201
+    wall = int(json.loads(body)["version"].split(".")[0])
+    # The restarted process's clock: it reads that millisecond again. (Only the clock of versions matters
+    # here: n1 owns nothing of this key.)
+    again = HybridLogicalClock(lambda: wall / 1000.0 + 0.0004, "n1", max_ahead=n1.settings.max_clock_offset)
+    assert again.now()[:2] == (wall, 0)
+    n1.hlc = n1.coordinator.hlc = HybridLogicalClock(lambda: wall / 1000.0 + 0.0004, "n1",
+                                                     max_ahead=n1.settings.max_clock_offset)
+    code, body = cluster.request("PUT", n1, "/kv/" + key, {"value": "b"})
+    assert code == 200
+    assert json.loads(body)["version"] != "%d.0.n1" % (wall,)
+    for node in cluster.nodes[1:]:
+        code, got = cluster.request("GET", node, "/kv/" + key)
+        assert json.loads(got)["value"] == "b", got

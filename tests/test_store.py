@@ -1415,3 +1415,34 @@ def test_the_memory_of_entries_with_a_ttl_stays_within_their_accounted_size(roun
     held = _held_by(build)
     assert held <= store.bytes, "%.0f bytes a key held, %.0f accounted" % (
         (held - 110 * count) / count, (store.bytes - 110 * count) / count)
+
+
+@pytest.mark.parametrize("many", [False, True])
+def test_if_another_value_arrives_with_the_version_held_then_it_is_answered_as_newer_and_not_stored(many):
+    """
+    If an entry arrives stamped with the very version the store holds for its key but with another value (a
+    node issued one version twice: its clock set back across a restart), then it is not stored and the answer
+    names the held version as newer, so that its writer stamps it again; the same entry again (a copy sent
+    twice) is answered as held, with no newer version.
+    """
+    store, _, _ = make_store()
+    version = (1_000, 0, "n1")
+    store.apply(Entry("k", b'"a"', version))
+    apply = (lambda entry: store.apply_many([entry])[0]) if many else store.apply
+    assert apply(Entry("k", b'"b"', version)) == ApplyResult(False, True, version)
+    assert apply(Entry("k", None, version)) == ApplyResult(False, True, version)
+    assert apply(Entry("k", b'"a"', version)) == ApplyResult(False, True)
+    assert store.get("k").value == b'"a"'
+
+
+def test_if_a_value_arrives_with_the_version_of_a_tombstone_held_then_it_is_answered_as_newer():
+    """
+    If a value arrives stamped with the version of the tombstone the store holds, then it is answered as newer
+    and the key stays deleted; the tombstone's own version again is a copy already held.
+    """
+    store, _, _ = make_store()
+    version = (1_000, 0, "n1")
+    store.apply(Entry("k", None, version))
+    assert store.apply(Entry("k", b'"b"', version)) == ApplyResult(False, False, version)
+    assert store.apply(Entry("k", None, version)) == ApplyResult(False, False)
+    assert store.get("k") is None

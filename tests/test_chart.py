@@ -49,11 +49,14 @@ EXAMPLE_RELEASES = {
     "template": "kv-responder-my-tenant",
     "api": "kv-responder-api",
     "cache": "kv-responder-cache",
-    "monitoring": "kv-responder-ops",
+    "monitoring": "kv-responder-monitoring",
     "t1": "kv-responder-t1",
     "t2": "kv-responder-t2",
     "d1": "kv-responder-d1",
 }
+
+#: The examples that run a cache (the monitoring one holds only the rules and the dashboard).
+CACHE_EXAMPLES = sorted(name for name in EXAMPLE_RELEASES if name != "monitoring")
 
 #: Custom resources: kubernetes-validate has no schema for them, so they are
 #: skipped by name; any other kind without a schema fails the test.
@@ -222,7 +225,8 @@ def test_manifests_validate_against_kubernetes_1_30_when_example_is_rendered(exa
     against the Kubernetes 1.30 schemas (only the CRDs are skipped).
     """
     validated = _validate_strictly(render_example(example))
-    assert {"Deployment", "Service", "Secret"} <= set(validated)
+    expected = {"ConfigMap"} if example == "monitoring" else {"Deployment", "Service", "Secret"}
+    assert expected <= set(validated)
 
 
 def test_manifests_validate_against_kubernetes_1_30_when_every_feature_is_on(
@@ -625,7 +629,7 @@ def test_an_extra_variable_set_to_null_renders_without_a_value_and_counts_as_uns
     assert int(env_value(docs, "DRAIN_TIMEOUT")) == 20
 
 
-@pytest.mark.parametrize("example", sorted(EXAMPLE_RELEASES))
+@pytest.mark.parametrize("example", CACHE_EXAMPLES)
 def test_drain_timeout_is_below_grace_period_when_example_is_rendered(example):
     """
     If an example is rendered, DRAIN_TIMEOUT, its guard, the exit's wait and its flush < terminationGracePeriodSeconds.
@@ -666,7 +670,7 @@ def _memory_limit_bytes(docs) -> int:
     return int(limit[:-2]) * {"Mi": 2**20, "Gi": 2**30}[limit[-2:]]
 
 
-@pytest.mark.parametrize("example", sorted(EXAMPLE_RELEASES))
+@pytest.mark.parametrize("example", CACHE_EXAMPLES)
 def test_the_store_takes_at_most_half_the_memory_limit_on_the_pypy_image_when_an_example_is_used(example):
     """If an example is installed with the chart's image (PyPy), its store budget is at most half the memory limit."""
     docs = render_example(example)
@@ -1354,17 +1358,17 @@ def test_the_ingress_lets_through_the_largest_body_the_node_takes_when_an_exampl
 
 def test_service_monitor_scrapes_tenant_metrics_and_keeps_tenant_label_when_enabled():
     """
-    If the ServiceMonitor is on (example monitoring), it scrapes
+    If the ServiceMonitor is on (example api), it scrapes
     /<tenant>/metrics on the http port of the non-headless Service only,
     keeps the exported tenant label, adds tenant/namespace/pod target labels
     and carries the additional labels.
     """
-    docs = render_example("monitoring")
+    docs = render_example("api")
     sm = one(docs, "ServiceMonitor")
     assert sm["apiVersion"] == "monitoring.coreos.com/v1"
     assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     (endpoint,) = sm["spec"]["endpoints"]
-    assert endpoint["path"] == "/ops/metrics" and endpoint["port"] == "http"
+    assert endpoint["path"] == "/api/metrics" and endpoint["port"] == "http"
     assert endpoint["honorLabels"] is True
     targets = {r["targetLabel"]: r.get("sourceLabels") for r in endpoint["relabelings"]}
     assert targets["tenant"] == ["__meta_kubernetes_pod_label_kv_responder_tenant"]
@@ -1374,7 +1378,7 @@ def test_service_monitor_scrapes_tenant_metrics_and_keeps_tenant_label_when_enab
         s for s in by_kind(docs, "Service")
         if _matches(sm["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])
     ]
-    assert [s["metadata"]["name"] for s in scraped] == ["kv-responder-ops"]
+    assert [s["metadata"]["name"] for s in scraped] == ["kv-responder-api"]
 
 
 @pytest.mark.parametrize("extra", [[], ["--set", "nameOverride=cache"], ["--set", "fullnameOverride=tenant-cache"]])
@@ -1618,7 +1622,7 @@ def _node_settings(docs):
     return load_settings({}, environ)
 
 
-@pytest.mark.parametrize("example", sorted(EXAMPLE_RELEASES))
+@pytest.mark.parametrize("example", CACHE_EXAMPLES)
 def test_the_node_accepts_every_setting_the_chart_gives_it_when_an_example_is_used(example):
     """If an example is installed, every env value the container gets is one the node accepts at start."""
     _node_settings(render_example(example))
@@ -1690,3 +1694,43 @@ def test_the_body_buffer_value_reaches_the_node_which_accepts_it():
         96 * 1024 * 1024)
     env = {entry["name"] for entry in container(render("kv-responder-bodies-default"))["env"]}
     assert "MAX_BODY_BUFFER" not in env
+
+
+def test_a_monitoring_only_release_renders_the_rules_and_the_dashboard_and_nothing_of_a_tenant(notes_chart):
+    """
+    If ``monitoringOnly`` is set (example monitoring), then the release holds the PrometheusRule and the
+    dashboard's ConfigMap and nothing else: no pods, Services or Secret, so that it stays when any tenant's
+    release is removed; its notes say what it holds.
+    """
+    docs = render_example("monitoring")
+    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "PrometheusRule"]
+    text = notes(notes_chart, "kv-responder-monitoring", "-f", str(EXAMPLES / "monitoring-values.yaml"))
+    assert "PrometheusRule kv-responder-monitoring" in text and "no cache pods" in text
+
+
+def test_a_monitoring_only_release_with_neither_the_rules_nor_the_dashboard_is_refused():
+    """If ``monitoringOnly`` is set with neither prometheusRule nor dashboard on, then rendering fails and says so."""
+    result = _helm("template", "kv-responder-monitoring", str(CHART), "--set", "monitoringOnly=true")
+    assert result.returncode != 0 and "enable prometheusRule, dashboard or both" in result.stderr
+
+
+def test_a_recreate_update_strategy_is_refused_by_the_schema():
+    """
+    If ``updateStrategy.type`` is Recreate, then the schema refuses it: it would stop every node at once, and
+    the chart's rendering kept the default rollingUpdate, which the API server refuses with it.
+    """
+    result = _helm("template", "kv-responder-t1", str(CHART), "--set", "updateStrategy.type=Recreate")
+    assert result.returncode != 0 and "RollingUpdate" in result.stderr
+
+
+def test_a_tag_pinned_by_digest_gives_a_version_label_the_api_server_accepts():
+    """
+    If ``image.tag`` pins a digest (``0.1.0@sha256:...``), then the image keeps it and every
+    ``app.kubernetes.io/version`` label is a valid label value (its readable part): ``@`` and ``:`` in a label
+    made the API server refuse every object.
+    """
+    docs = render("kv-responder-t1", "--set", "image.tag=0.1.0@sha256:" + "ab" * 32)
+    labels = [d["metadata"]["labels"]["app.kubernetes.io/version"] for d in docs if "labels" in d["metadata"]]
+    assert labels and set(labels) == {"0.1.0"}
+    assert one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"].endswith(
+        "0.1.0@sha256:" + "ab" * 32)

@@ -65,7 +65,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "kv-responder.labels" -}}
 helm.sh/chart: {{ include "kv-responder.chart" . }}
 {{ include "kv-responder.selectorLabels" . }}
-app.kubernetes.io/version: {{ default .Chart.AppVersion .Values.image.tag | trunc 63 | quote }}
+{{- /* A label value takes [-A-Za-z0-9_.] only: a tag pinned by digest (0.1.0@sha256:...) keeps its readable part. */}}
+{{- $version := regexReplaceAll "@.*$" (toString (default .Chart.AppVersion .Values.image.tag)) "" }}
+app.kubernetes.io/version: {{ regexReplaceAll "[^-A-Za-z0-9_.]" $version "_" | trunc 63 | trimAll "-_." | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: kv-responder
 kv-responder/tenant: {{ include "kv-responder.tenant" . }}

@@ -1,8 +1,8 @@
 """
 The store's keys in code point order, for listing pages (:meth:`kvresponder.store.Store.keys`).
 
-Sorting every key for each page would cost a node its reactor for a quarter of a second a page at 500k keys
-(CPython) while writes go on; so the order is kept across changes instead. The first listing sorts every key.
+Sorting every key for each page would hold a large store's reactor for the whole sort, page after page, while writes
+go on (bench/results/HISTORY.md, run 24, has the measurement); so the order is kept across changes instead. The first listing sorts every key.
 After it:
 
 - an overwrite changes nothing;

@@ -205,8 +205,8 @@ OPTIONS = (
     Option("max-key-length", ("MAX_KEY_LENGTH",), "250", _int_in(1, 256),
            "Longest key, in characters (Unicode code points)."),
     # At most 256 KiB: a line is buffered until it ends, and scanned again at each read, so a client trickling one
-    # line costs the node time that grows with the square of the cap (seconds of the reactor a connection, at
-    # 1 MiB).
+    # line costs the node time that grows with the square of the cap (whole seconds of the reactor a connection
+    # at a few MiB).
     Option("max-header-bytes", ("MAX_HEADER_BYTES",), "16Ki", _size(1024, 256 * 1024),
            "Largest total size of a request's headers."),
     Option("tombstone-grace", ("TOMBSTONE_GRACE",), "600", _positive_float,

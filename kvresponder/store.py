@@ -31,7 +31,7 @@ ENTRY_OVERHEAD = 200
 #: expiry's float and the slot's int, and the heap's pointer to it: 88 bytes on CPython), and the items that
 #: entries replaced, deleted or evicted before their expiry leave behind until the sweep rebuilds the heap, at
 #: most half as many again (see :meth:`Store.sweep`). Without it, a store of small entries with a TTL held
-#: about 1.8 times its accounted size once overwritten a few times.
+#: far more than its accounted size once overwritten a few times.
 EXPIRY_OVERHEAD = 136
 
 #: What one tombstone costs beyond its key bytes: the dict slot, the key and the packed header (measured the

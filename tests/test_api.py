@@ -380,7 +380,11 @@ def test_no_traceback_reaches_the_client(api, monkeypatch):
 # -- health, peers, diag, metrics ------------------------------------------------------------------
 
 
-def test_health_forms(api):
+def test_health_answers_status_tenant_node_and_counts_and_its_live_and_ready_forms_answer_200(api):
+    """
+    If a ready node is asked for its health, then ``/health`` names its status, tenant and node with its uptime,
+    keys and peers, and ``/health/live`` and ``/health/ready`` answer 200.
+    """
     code, body, _ = api.call("GET", "/health")
     assert code == 200
     assert body["status"] == "ok" and body["tenant"] == "t1" and body["node"] == "n1"

@@ -403,7 +403,12 @@ def test_a_rolling_upgrade_from_the_previous_version_under_load_loses_no_acknowl
     finish(history, nodes, "rolling upgrade")
 
 
-def test_scaling_3_to_5_to_2(net):
+def test_if_a_cluster_scales_from_3_to_5_to_2_nodes_under_load_then_no_acknowledged_write_is_lost(net):
+    """
+    If two nodes join a cluster of three under writes, and then the first three leave one by one (SIGTERM), then
+    the newcomers take their share, each leaver hands off everything, and every acknowledged write is readable
+    on the two left.
+    """
     nodes = start_cluster(net, [1, 2, 3])
     history = History()
     keys = preload(history, nodes[0].url, nodes[0].node_id, "scpre", 200)

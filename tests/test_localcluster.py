@@ -80,7 +80,7 @@ def _gone(pid: int) -> bool:
     return False
 
 
-def test_defaults():
+def test_if_no_option_is_given_then_three_demo_nodes_keep_two_copies_on_ports_3000_to_3002():
     """
     If no option is given, then three nodes of tenant "demo" listen on ports 3000-3002 and share discovery
     port 9999, keeping two copies of each key, with logs in ./kvresponder-logs.
@@ -90,7 +90,7 @@ def test_defaults():
                           "log_dir": "kvresponder-logs", "replicas": 2}
 
 
-def test_node_command():
+def test_a_nodes_command_runs_twistd_in_the_foreground_on_its_own_port_on_loopback():
     """
     If node 2 is built, then it is twistd in the foreground with no pidfile, on the second port, loopback
     only, with 1 s heartbeats and admin writes open.

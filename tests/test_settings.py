@@ -25,7 +25,7 @@ def error_of(given=None, environ=None) -> str:
     return str(raised.value)
 
 
-def test_defaults():
+def test_if_only_the_tenant_is_given_then_every_setting_takes_its_documented_default():
     """
     If only the tenant is given, then every setting takes its documented default.
     """

@@ -376,9 +376,22 @@ def test_a_channel_still_calls_the_bad_request_hook_on_what_its_parser_refuses()
 
 def test_the_http_client_still_names_a_request_it_could_not_send():
     """
-    If the client's stale-connection error is imported, then it is an exception class.
+    If a request is issued on a pooled HTTP/1.1 connection that has already closed (one the pool kept, whose
+    peer has gone), then it fails with the error the peer transport retries once: ``privateapi.RequestNotSent``.
     """
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.testing import StringTransport
+    from twisted.python.failure import Failure
+    from twisted.web.client import Headers
+    from twisted.web._newclient import HTTP11ClientProtocol, Request
+
     assert issubclass(privateapi.RequestNotSent, Exception)
+    protocol = HTTP11ClientProtocol()
+    protocol.makeConnection(StringTransport())
+    protocol.connectionLost(Failure(ConnectionDone()))
+    failures = []
+    protocol.request(Request(b"GET", b"/", Headers(), None)).addErrback(failures.append)
+    assert len(failures) == 1 and failures[0].check(privateapi.RequestNotSent)
 
 
 def test_eliot_still_names_its_tasks_with_the_uuid4_of_its_action_module():

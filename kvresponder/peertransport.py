@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import math
+import secrets
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -62,26 +63,80 @@ class PeerError(Exception):
         self.code = code
 
 
+#: Signatures :meth:`PeerAuthenticator.first_use` remembers at most: far more than any legitimate traffic spends in
+#: one window (each is a body over 64 KiB, or a copy stream's opening).
+MAX_SPENT = 65536
+
+
+def _nonce_digits() -> int:
+    return secrets.randbelow(1000000)
+
+
+class _SpentSignatures:
+    """
+    The signatures already spent, each kept until it can no longer pass the window (its time stamp plus
+    :data:`AUTH_WINDOW`, on this node's clock); pruned when their number has doubled since the last pruning, and
+    at most ``limit`` of them.
+    """
+
+    def __init__(self, wall: Callable[[], float], limit: int = MAX_SPENT) -> None:
+        self._wall = wall
+        self._limit = limit
+        self._until: Dict[str, float] = {}
+        self._prune_at = min(limit, 1024)
+
+    def spend(self, mac: str, signed_at: float) -> bool:
+        """
+        Whether ``mac`` is spent now for the first time (``False``: seen before, or no room left to remember it).
+        """
+        if mac in self._until:
+            return False
+        if len(self._until) >= self._prune_at:
+            now = self._wall()
+            self._until = {key: until for key, until in self._until.items() if until >= now}
+            self._prune_at = min(self._limit, max(1024, 2 * len(self._until)))
+            if len(self._until) >= self._limit:
+                return False
+        self._until[mac] = signed_at + AUTH_WINDOW
+        return True
+
+
 class PeerAuthenticator:
     """
     Signs and checks internal requests with a key derived from the cluster secret.
 
     The signature covers the time, the method, the path and a hash of the body, so a captured request can
     only be replayed, unchanged, for :data:`AUTH_WINDOW` seconds; replays are harmless because every internal
-    operation is idempotent.
+    operation is idempotent. What a signature grants beyond that is granted once (:meth:`first_use`).
     """
 
     def __init__(self, key: bytes, wall: Callable[[], float] = time.time) -> None:
         self._key = key
         self._wall = wall
+        self._spent = _SpentSignatures(wall)
+
+    def first_use(self, header: Optional[bytes]) -> bool:
+        """
+        Whether ``header``, a signature that has passed its check, is used here for the first time. For what a
+        signature grants beyond an idempotent operation, which a replay within the window must not get again:
+        a large body's exemption from the body budget (:data:`LENGTH_AUTH_HEADER`), and a copy stream.
+        """
+        fresh = self._fresh(header)
+        return fresh is not None and self._spent.spend(fresh[1], float(fresh[0]))
 
     def _mac(self, stamp: str, method: bytes, path: bytes, body: bytes) -> str:
         digest = hashlib.sha256(body).hexdigest().encode("ascii")
         message = b"|".join([stamp.encode("ascii"), method, path, digest])
         return hmac.new(self._key, message, hashlib.sha256).hexdigest()
 
+    def _stamp(self) -> str:
+        # The time, and random digits past its microseconds: two peers that share the key sign the same call in
+        # the same instant differently, so :meth:`first_use` never takes one for the other's replay. It is still
+        # a number, which a node older than this reads (and checks the MAC over) as it always has.
+        return "%.6f%06d" % (self._wall(), _nonce_digits())
+
     def sign(self, method: bytes, path: bytes, body: bytes) -> bytes:
-        stamp = "%.3f" % (self._wall(),)
+        stamp = self._stamp()
         return ("%s:%s" % (stamp, self._mac(stamp, method, path, body))).encode("ascii")
 
     def sign_length(self, method: bytes, path: bytes, length: int) -> bytes:
@@ -89,7 +144,7 @@ class PeerAuthenticator:
         The :data:`LENGTH_AUTH_HEADER` of a request: a signature over its time, method, path and body length, which
         the peer can check before it reads the body (:data:`AUTH_HEADER` covers the body itself).
         """
-        stamp = "%.3f" % (self._wall(),)
+        stamp = self._stamp()
         return ("%s:%s" % (stamp, self._length_mac(stamp, method, path, length))).encode("ascii")
 
     def _length_mac(self, stamp: str, method: bytes, path: bytes, length: int) -> str:

@@ -6,6 +6,7 @@ for the exact order of events around a lost connection, a fake endpoint on task.
 import binascii
 import hashlib
 import json
+import socket
 import struct
 from collections import namedtuple
 
@@ -18,6 +19,7 @@ from twisted.internet.defer import fail
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
+from twisted.internet.threads import deferToThread
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -1004,3 +1006,30 @@ def test_addresses_that_refused_a_stream_long_ago_are_forgotten():
     assert not streams.usable(peer)
     assert len(streams._refused) <= 64 + 11
 
+
+
+def _upgrade_bytes(auth, port):
+    path = b"/t1/_internal/copies"
+    return (b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: Upgrade\r\nUpgrade: " % (port,)
+            + UPGRADE_TOKEN + b"\r\nX-KV-Auth: " + auth.sign(b"GET", path, b"") + b"\r\n\r\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upgrade_sent_again_is_refused_so_a_captured_one_opens_no_stream(server):
+    """
+    If the very bytes of a signed upgrade are sent again (captured off the wire, within the signature's
+    window), then the second is answered 401 and opens no stream: an open stream holds a frame of up to its limit
+    before the frame's MAC can be checked. The first opened one.
+    """
+    peer = server()
+    upgrade = _upgrade_bytes(_auth(), peer.peer.port)
+    answers = []
+    for _ in range(2):
+        answers.append(await deferToThread(_first_line_after, upgrade, peer.peer.port))
+    assert answers[0].startswith(b"HTTP/1.1 101") and answers[1].startswith(b"HTTP/1.1 401"), answers
+
+
+def _first_line_after(data, port):
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(data)
+        return sock.recv(4096).split(b"\r\n", 1)[0]

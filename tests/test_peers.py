@@ -530,3 +530,62 @@ def test_a_read_batch_answered_in_part_settles_each_read_once_the_rest_is_in():
     assert not any(read.called for read in reads.values())
     assert calls.answer_reads(0, held={"b"}) == ["b"]
     assert reads["a"].result.key == "a" and reads["b"].result.key == "b" and reads["c"].result is None
+
+
+def test_a_signed_length_grants_its_exemption_from_the_body_budget_once():
+    """
+    If a head signed for a body's length is shown again (captured, within the signature's window), then the
+    second is taken as unsigned: a replayed head with junk bodies of that length must not skip the body budget
+    again, as each would while the node reads it before the body's own signature can be checked.
+    """
+    from twisted.web.http_headers import Headers
+
+    from kvresponder.http.peerguard import SIGNED_BY_PEER, UNSIGNED, PeerGuard
+    from kvresponder.peertransport import LENGTH_AUTH_HEADER, PeerAuthenticator
+
+    auth = PeerAuthenticator(b"k" * 32, wall=lambda: 1_700_000_000.0)
+    guard = PeerGuard(auth)
+    path, length = b"/t1/_internal/apply", 1 << 20
+    headers = Headers({LENGTH_AUTH_HEADER: [auth.sign_length(b"POST", path, length)]})
+    assert guard.length_signature(headers, b"POST", path, length) == SIGNED_BY_PEER
+    assert guard.length_signature(headers, b"POST", path, length) == UNSIGNED
+    # Another head for the same call, signed in the same instant (by this peer or another sharing the key), is
+    # another signature.
+    again = Headers({LENGTH_AUTH_HEADER: [auth.sign_length(b"POST", path, length)]})
+    assert guard.length_signature(again, b"POST", path, length) == SIGNED_BY_PEER
+
+
+def test_a_signature_in_the_format_of_older_nodes_is_still_accepted():
+    """
+    If an older node signs with its time to the millisecond (no random digits), then its signatures still pass,
+    and a newer node's stamp is still a number such a node reads.
+    """
+    from kvresponder.peertransport import PeerAuthenticator
+
+    auth = PeerAuthenticator(b"k" * 32, wall=lambda: 1_700_000_000.0)
+    stamp = "1700000000.000"
+    old = ("%s:%s" % (stamp, auth._mac(stamp, b"POST", b"/t1/_internal/apply", b"{}"))).encode()
+    assert auth.verify(old, b"POST", b"/t1/_internal/apply", b"{}")
+    new = auth.sign(b"POST", b"/t1/_internal/apply", b"{}")
+    assert abs(float(new.split(b":")[0]) - 1_700_000_000.0) < 0.001
+
+
+def test_spent_signatures_are_forgotten_once_past_the_window_and_bounded_in_number():
+    """
+    If signatures are spent, then each is remembered until its time plus the window has passed on this node's
+    clock, and no more than the limit are kept: past it, a new one is refused rather than remembered.
+    """
+    from kvresponder.peertransport import AUTH_WINDOW, _SpentSignatures
+
+    now = [1000.0]
+    spent = _SpentSignatures(lambda: now[0], limit=2000)
+    for index in range(1500):
+        assert spent.spend("mac%d" % (index,), 1000.0)
+    assert not spent.spend("mac7", 1000.0)
+    now[0] = 1000.0 + AUTH_WINDOW + 1
+    for index in range(1500, 3000):
+        assert spent.spend("mac%d" % (index,), now[0])
+    assert spent.spend("mac7", now[0])
+    for index in range(3000, 6000):
+        spent.spend("mac%d" % (index,), now[0])
+    assert len(spent._until) <= 2000 + 1

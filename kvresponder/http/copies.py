@@ -74,9 +74,11 @@ class CopyStreamResource(Resource):
         if request.method != b"GET":
             raise APIError(405, "method_not_allowed", "Open a copy stream with GET.", {b"Allow": b"GET"})
         body = request.content.read()
-        self._guard.check(request, body)
         if body:
+            self._guard.check(request, body)
             raise bad_request("invalid_body", "The upgrade to a copy stream takes no body.")
+        # Once: a captured upgrade sent again must not open a stream that holds frames up to its limit.
+        self._guard.check_once(request)
         if (request.getHeader(b"upgrade") or b"").lower() != UPGRADE_TOKEN:
             raise APIError(426, "upgrade_required", "Upgrade to %s to open a copy stream." % (
                 UPGRADE_TOKEN.decode("ascii"),), {b"Upgrade": UPGRADE_TOKEN, b"Connection": b"Upgrade"})

@@ -19,6 +19,7 @@ CLUSTER_DISABLED = APIError(
     "This node serves alone: clustering needs CLUSTER_SECRET (the same on every node, at least 16 characters), "
     "or --insecure-cluster (INSECURE_CLUSTER=true) on a trusted network.")
 UNAUTHORIZED = APIError(401, "unauthorized", "Internal routes need a valid cluster signature.")
+REPLAYED = APIError(401, "unauthorized", "This signature was used already; sign each request afresh.")
 
 #: :meth:`PeerGuard.length_signature`'s answers.
 SIGNED_BY_PEER = "signed by a peer"
@@ -74,9 +75,20 @@ class PeerGuard:
             return ANYONE
         if length is None:
             return UNSIGNED
-        if self._auth.verify_length(headers.getRawHeaders(LENGTH_AUTH_HEADER, [None])[0], method, path, length):
+        header = headers.getRawHeaders(LENGTH_AUTH_HEADER, [None])[0]
+        if self._auth.verify_length(header, method, path, length) and self._auth.first_use(header):
+            # Once: a captured head sent again, with any body of that length, must not skip the budget again.
             return SIGNED_BY_PEER
         return UNSIGNED
+
+    def check_once(self, request) -> None:
+        """
+        :meth:`check` for a request without a body whose signature grants what a replay must not get again (a
+        copy stream): a signature already used is refused 401.
+        """
+        self.check(request, b"")
+        if self._auth is not None and not self._auth.first_use(request.getHeader(AUTH_HEADER)):
+            raise REPLAYED
 
     def check(self, request, body: Optional[bytes]) -> None:
         """

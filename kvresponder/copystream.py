@@ -57,7 +57,7 @@ from attr import attrib, attrs
 from eliot import write_traceback
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 
@@ -65,7 +65,8 @@ from .digest import blake2b16
 from .log.replication import STREAM_CLOSED, STREAM_OPENED, STREAM_REFUSED, STREAM_REJECTED
 from .sendnow import no_delay, send_now
 from .store import ApplyResult, EntryTooLarge
-from .wire import decode_batch, encode_batch
+from .batcher import MAX_BATCH_BYTES, MAX_COALESCED
+from .wire import MAX_KEY_BYTES, decode_batch, encode_batch
 
 UPGRADE_TOKEN = b"kvresponder-copies/2"
 NONCE_HEADER = b"X-KV-Stream-Nonce"
@@ -204,7 +205,65 @@ def _error_answer(batch_id: int, code: int, error: str, message: str) -> bytes:
 IDLE_SECONDS = 30.0
 
 
-class CopyStreamServer(Int32StringReceiver):
+class _FrameReceiver(Protocol):
+    """
+    Frames of a 4-byte big-endian length and that many bytes, as ``Int32StringReceiver`` reads them, delivered
+    to ``stringReceived``; one over ``MAX_LENGTH`` goes to ``lengthLimitExceeded`` instead. A frame that arrives
+    over many reads is joined once, when all of it is in: ``Int32StringReceiver`` joins all it holds to each read,
+    and a batch of 8 MiB arriving in 64 KiB reads was copied over a hundred times (the time grows with the square
+    of the frame), on the reactor's thread. ``stop_reading()`` drops whatever follows.
+    """
+
+    MAX_LENGTH = 99999
+
+    _parts: Optional[List[bytes]] = None
+    _have = 0
+    _need = 0
+    _stopped = False
+
+    def stop_reading(self) -> None:
+        self._stopped = True
+        self._parts = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._stopped:
+            return
+        if self._parts is not None:
+            self._parts.append(data)
+            self._have += len(data)
+            if self._have < self._need:
+                return
+            data = b"".join(self._parts)
+            self._parts = None
+        offset, end = 0, len(data)
+        while end - offset >= 4:
+            (length,) = _ID.unpack_from(data, offset)
+            if length > self.MAX_LENGTH:
+                self.stop_reading()
+                self.lengthLimitExceeded(length)
+                return
+            stop = offset + 4 + length
+            if stop > end:
+                break
+            frame = data[offset + 4:stop]
+            offset = stop
+            self.stringReceived(frame)
+            if self._stopped:
+                return
+        if offset < end:
+            rest = data[offset:]
+            self._parts = [rest]
+            self._have = len(rest)
+            self._need = 4 + _ID.unpack_from(rest)[0] if len(rest) >= 4 else 4
+
+    def stringReceived(self, frame: bytes) -> None:
+        raise NotImplementedError()
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        self.transport.abortConnection()
+
+
+class CopyStreamServer(_FrameReceiver):
     """
     The peer's end of a copy stream: applies each batch and answers it, in order.
 
@@ -212,7 +271,7 @@ class CopyStreamServer(Int32StringReceiver):
         (:meth:`kvresponder.coordinator.Coordinator.apply_copies`).
     :param key: the peer key of the cluster secret, or ``None`` without one.
     :param bytes nonce: this connection's nonce, sent in the 101.
-    :param int max_frame: the largest frame accepted (the internal body limit); a larger one closes the stream.
+    :param int max_frame: the largest frame accepted (:func:`max_frame`); a larger one closes the stream.
     :param on_close: called with the reason when the connection ends (the HTTP channel it came from counts it).
     :param clock: ``IReactorTime``, for the idle timeout.
     :param float idle_timeout: a stream that delivers no whole frame for this long is closed (the caller opens
@@ -306,7 +365,7 @@ class CopyStreamServer(Int32StringReceiver):
     def _reject(self, why: str) -> None:
         STREAM_REJECTED.log(address=self._client, reason=why)
         # Nothing after the bad frame is read, even what arrived with it.
-        self.stopProducing()
+        self.stop_reading()
         self.transport.abortConnection()
 
     def lengthLimitExceeded(self, length: int) -> None:
@@ -317,6 +376,22 @@ class CopyStreamServer(Int32StringReceiver):
             self._idle_call.cancel()
         self._idle_call = None
         self._on_close(reason)
+
+
+#: Room in a frame for its batch's task ids: MAX_COALESCED of them, each a serialized Eliot task id.
+_TASK_IDS_ROOM = MAX_COALESCED * 256
+
+
+def max_frame(value_limit: int, internal_limit: int) -> int:
+    """
+    The largest frame a peer sends on a copy stream, for a node whose values are at most ``value_limit`` bytes:
+    a batch closes once its entries pass MAX_BATCH_BYTES, so it holds at most that and one more entry (each a
+    value, its key and their framing), with their task ids. Never more than ``internal_limit``, an
+    ``/_internal/apply`` body's. A larger frame closes the stream unread: until a frame is whole its MAC cannot be
+    checked, and a stream opened with a replayed upgrade could otherwise make the node hold 64 MiB of junk.
+    """
+    entry = value_limit + MAX_KEY_BYTES + 64
+    return min(internal_limit, MAX_BATCH_BYTES + 2 * entry + _TASK_IDS_ROOM)
 
 
 def upgrade_answer(nonce: bytes) -> bytes:

@@ -1033,3 +1033,105 @@ def _first_line_after(data, port):
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(data)
         return sock.recv(4096).split(b"\r\n", 1)[0]
+
+
+class _Frames(copystream._FrameReceiver):
+    MAX_LENGTH = 1 << 20
+
+    def __init__(self):
+        self.frames = []
+        self.over = []
+
+    def stringReceived(self, frame):
+        self.frames.append(frame)
+
+    def lengthLimitExceeded(self, length):
+        self.over.append(length)
+
+
+def _framed(*frames):
+    return b"".join(struct.pack("!I", len(frame)) + frame for frame in frames)
+
+
+def test_frames_arrive_whole_and_in_order_however_the_reads_split_them():
+    """
+    If frames arrive split at any byte (a length prefix included), several in one read, or one over many reads,
+    then each is delivered once, whole, in order.
+    """
+    frames = [b"", b"a", b"bc" * 100, bytes(range(256)) * 40, b"z"]
+    data = _framed(*frames)
+    for size in (1, 2, 3, 5, 7, 64, 1000, len(data)):
+        receiver = _Frames()
+        receiver.makeConnection(StringTransport())
+        for start in range(0, len(data), size):
+            receiver.dataReceived(data[start:start + size])
+        assert receiver.frames == frames, size
+
+
+def test_a_large_frame_in_many_reads_is_joined_once_when_whole():
+    """
+    If a frame of 1 MiB arrives in 64 KiB reads, then nothing is delivered until its last read, and the pieces
+    are kept, not joined at each read (Int32StringReceiver copied all it held at every read).
+    """
+    frame = b"x" * (1 << 20)
+    data = _framed(frame)
+    receiver = _Frames()
+    receiver.makeConnection(StringTransport())
+    reads = [data[start:start + 65536] for start in range(0, len(data), 65536)]
+    for read in reads[:-1]:
+        receiver.dataReceived(read)
+        assert receiver.frames == []
+    assert len(receiver._parts) == len(reads) - 1
+    receiver.dataReceived(reads[-1])
+    assert receiver.frames == [frame] and receiver._parts is None
+
+
+def test_a_frame_declared_over_the_limit_is_refused_from_its_length_and_nothing_after_it_is_read():
+    """
+    If a frame's length prefix is over ``MAX_LENGTH``, then it is refused from the prefix alone, before its bytes
+    arrive, and what follows is dropped.
+    """
+    receiver = _Frames()
+    receiver.makeConnection(StringTransport())
+    receiver.dataReceived(_framed(b"ok") + struct.pack("!I", (1 << 20) + 1))
+    receiver.dataReceived(_framed(b"after"))
+    assert receiver.frames == [b"ok"] and receiver.over == [(1 << 20) + 1]
+
+
+def test_a_stream_takes_frames_the_size_of_a_full_batch_and_not_the_whole_internal_limit():
+    """
+    If a node's values are at most 1 MiB, then its streams take a frame as large as a full batch and its last
+    entry (MAX_BATCH_BYTES and one value, with their task ids), and refuse one much larger: not the 64 MiB an
+    internal body may have.
+    """
+    from kvresponder.batcher import MAX_BATCH_BYTES
+
+    limit = copystream.max_frame(1 << 20, 64 << 20)
+    assert MAX_BATCH_BYTES + (1 << 20) < limit < 16 << 20
+    assert copystream.max_frame(64 << 20, 256 << 20) > MAX_BATCH_BYTES + (64 << 20)
+    assert copystream.max_frame(1 << 20, 4 << 20) == 4 << 20
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_closes_at_a_frame_declared_larger_than_a_batch_can_be(server):
+    """
+    If a frame on an open stream declares 20 MiB (values are at most 1 MiB here), then the node closes the
+    connection from the length alone, holding none of it.
+    """
+    peer = server()
+    upgrade = _upgrade_bytes(_auth(), peer.peer.port)
+
+    def send_large_frame(port):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(upgrade)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += sock.recv(4096)
+            sock.sendall(struct.pack("!I", 20 << 20) + b"x" * 1000)
+            try:
+                return head.split(b"\r\n", 1)[0], sock.recv(4096)
+            except ConnectionResetError:
+                return head.split(b"\r\n", 1)[0], b""
+
+    status, after = await deferToThread(send_large_frame, peer.peer.port)
+    assert status.startswith(b"HTTP/1.1 101") and after == b""

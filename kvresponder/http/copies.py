@@ -17,7 +17,7 @@ idle HTTP connection would be; the caller opens another with its next write.
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from ..copystream import UPGRADE_TOKEN, CopyStreamServer, new_nonce, upgrade_answer
+from ..copystream import UPGRADE_TOKEN, CopyStreamServer, max_frame, new_nonce, upgrade_answer
 from ..log.replication import STREAM_ACCEPTED
 from .errors import APIError, bad_request, write_error
 from .peerguard import PeerGuard
@@ -60,7 +60,8 @@ class CopyStreamResource(Resource):
         protocol = CopyStreamServer(
             lambda entries, task_ids: apply_copies(check_entries(entries), task_ids),
             authenticator.stream_key() if authenticator is not None else None,
-            nonce, channel.site.internal_body_limit, closed, address, channel.site.reactor,
+            nonce, max_frame(channel.site.body_limit, channel.site.internal_body_limit), closed, address,
+            channel.site.reactor,
             channel.site.request_deadline, wall=node.wall, takes_copies=node.takes_copies)
         self.open += 1
         if not request.switch_protocols(protocol, upgrade_answer(nonce)):

@@ -204,6 +204,9 @@ class DiscoveryProtocol(DatagramProtocol):
         #: this node's DNS seeds name a new pod only from their next lookup.
         self._reply_to: Set[str] = set()
         self._last_timestamps: Dict[Tuple[str, int], float] = {}
+        #: When this node started: its floors of sequence numbers (above) begin empty, so a signed heartbeat from
+        #: before then may be one it took before a restart, captured and sent again.
+        self._started = wall()
         self._ahead_logged: Dict[str, float] = {}
         self.alone = alone
         self._ignored_senders: Set[str] = set()
@@ -283,6 +286,7 @@ class DiscoveryProtocol(DatagramProtocol):
         if self.alone:
             self._ignore(beat, address)
             return
+        first = False
         if timestamp is not None and self.codec.authenticated:
             # A signed heartbeat is taken once: one resent later (captured on the network) would otherwise feed
             # a stale time into the clock offsets below. Told by its sequence number where it has one: by its
@@ -290,6 +294,7 @@ class DiscoveryProtocol(DatagramProtocol):
             # caught up again, and fall out of every ring meanwhile.
             slot = (beat.node_id, beat.incarnation)
             order = sequence if sequence is not None else timestamp
+            first = slot not in self._last_timestamps
             if order <= self._last_timestamps.get(slot, -1.0):
                 self._drop("replayed", "%s not above the last one" % (
                     "sequence number" if sequence is not None else "timestamp",), address)
@@ -323,6 +328,14 @@ class DiscoveryProtocol(DatagramProtocol):
                 return
             if self.codec.authenticated and abs(offset) > REPLAY_WINDOW + (self.max_clock_offset or 0.0):
                 self._drop("replayed", "timestamp outside the replay window", address)
+                return
+            if (self.codec.authenticated and first and self.max_clock_offset is not None
+                    and timestamp < self._started - 2 * self.max_clock_offset):
+                # The first heard from this incarnation, and signed before this node started, by more than two
+                # clocks within the bound can differ: the floor that would tell it from a replay was lost with
+                # the previous process. Taken in, a dead node's last heartbeat, captured and sent again, would
+                # put it back in the ring. (A live peer's next heartbeats, signed after the start, are taken.)
+                self._drop("replayed", "signed before this node started", address)
                 return
         if self.metrics is not None:
             self.metrics.discovery("accepted")

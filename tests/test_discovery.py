@@ -74,9 +74,9 @@ class Harness:
     A started protocol with its clock, membership, transport and metrics.
     """
 
-    def __init__(self, key=None, group=GROUP, start=True, alone=False) -> None:
+    def __init__(self, key=None, group=GROUP, start=True, alone=False, at=NOW) -> None:
         self.clock = Clock()
-        self.clock.advance(NOW)
+        self.clock.advance(at)
         self.membership = Membership(self.clock.seconds, OWN.node_id, PEER_TIMEOUT)
         self.metrics = FakeMetrics()
         self.transport = FakeMulticastTransport()
@@ -719,3 +719,19 @@ def test_stop_announces_leaving_twice_and_stops_listening():
     listener.transport.written.clear()
     harness.clock.advance(60)
     assert listener.transport.written == []
+
+
+def test_a_heartbeat_signed_before_this_node_started_is_refused_as_a_replay():
+    """
+    If a node restarts and then receives a signed heartbeat captured before its restart (a peer that has left
+    since), then it refuses it as replayed: the floors of sequence numbers that refused it before the restart
+    were lost with the process, and the dead node would be back in its ring. One signed since the start passes.
+    """
+    codec = HeartbeatCodec("t1", KEY)
+    captured = codec.encode(PEER, False, NOW, 10)
+    restarted = Harness(KEY, at=NOW + 20)
+    restarted.protocol.max_clock_offset = 0.5
+    restarted.receive(captured)
+    assert restarted.metrics.results == ["replayed"] and "n2" not in restarted.membership.ring_members()
+    restarted.receive(codec.encode(PEER, False, NOW + 20.2, 11))
+    assert restarted.metrics.results == ["replayed", "accepted"] and "n2" in restarted.membership.ring_members()

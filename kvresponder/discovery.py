@@ -306,6 +306,15 @@ class DiscoveryProtocol(DatagramProtocol):
             if len(self._last_timestamps) > 4096:
                 self._last_timestamps.clear()
             self._last_timestamps[slot] = order
+        if (first and self.max_clock_offset is not None
+                and timestamp < self._started - 2 * self.max_clock_offset):
+            # The first heard from this incarnation, and signed before this node started, by more than two clocks
+            # within the bound can differ: the floor that would tell it from a replay was lost with the previous
+            # process. Taken in, a dead node's last heartbeat, captured and sent again, would put it back in the
+            # ring; measured, its old time would make this node's own clock look wrong. (A live peer's next
+            # heartbeats, signed after the start, are taken.)
+            self._drop("replayed", "signed before this node started", address)
+            return
         if timestamp is not None:
             offset = timestamp - self.wall()
             # Measured before the checks on the time itself: a clock far off is exactly what must show.
@@ -329,14 +338,7 @@ class DiscoveryProtocol(DatagramProtocol):
             if self.codec.authenticated and abs(offset) > REPLAY_WINDOW + (self.max_clock_offset or 0.0):
                 self._drop("replayed", "timestamp outside the replay window", address)
                 return
-            if (self.codec.authenticated and first and self.max_clock_offset is not None
-                    and timestamp < self._started - 2 * self.max_clock_offset):
-                # The first heard from this incarnation, and signed before this node started, by more than two
-                # clocks within the bound can differ: the floor that would tell it from a replay was lost with
-                # the previous process. Taken in, a dead node's last heartbeat, captured and sent again, would
-                # put it back in the ring. (A live peer's next heartbeats, signed after the start, are taken.)
-                self._drop("replayed", "signed before this node started", address)
-                return
+
         if self.metrics is not None:
             self.metrics.discovery("accepted")
         self.membership.observe(beat)

@@ -729,9 +729,14 @@ def test_a_heartbeat_signed_before_this_node_started_is_refused_as_a_replay():
     """
     codec = HeartbeatCodec("t1", KEY)
     captured = codec.encode(PEER, False, NOW, 10)
+    from kvresponder.clockskew import ClockOffsets
+
     restarted = Harness(KEY, at=NOW + 20)
     restarted.protocol.max_clock_offset = 0.5
+    restarted.protocol.clock_offsets = offsets = ClockOffsets(restarted.clock.seconds, 0.5, PEER_TIMEOUT)
     restarted.receive(captured)
     assert restarted.metrics.results == ["replayed"] and "n2" not in restarted.membership.ring_members()
+    # Nor is its time measured: old samples would make the new node's own clock look wrong.
+    assert "n2" not in offsets.offsets()
     restarted.receive(codec.encode(PEER, False, NOW + 20.2, 11))
     assert restarted.metrics.results == ["replayed", "accepted"] and "n2" in restarted.membership.ring_members()

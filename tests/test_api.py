@@ -305,6 +305,20 @@ def test_body_over_max_value_size_is_413_and_changes_nothing():
     assert api.put("small", "x" * 500)[0] == 201
 
 
+def test_a_body_within_the_limit_whose_value_as_stored_is_not_is_413_and_changes_nothing():
+    """
+    If a PUT's body is within MAX_VALUE_SIZE but its value, written again as JSON, is not (``1E15`` is stored as
+    ``1000000000000000.0``), then the answer is 413 and nothing is stored, as a bulk write's is: a peer takes
+    copies no larger than that, and a larger one closed its copy stream.
+    """
+    api = API(max_value_size="1Ki")
+    body = json.dumps({"value": [1e15] * 150}).replace("1000000000000000.0", "1E15").encode()
+    assert len(body) < 1024
+    code, answer, _ = api.call("PUT", "/kv/grown", raw_body=body, headers={"Content-Type": "application/json"})
+    assert_error(code, answer, 413, "payload_too_large")
+    assert api.call("GET", "/kv/grown")[0] == 404
+
+
 def test_a_body_the_budget_of_bodies_held_has_no_room_for_is_503_and_changes_nothing_where_it_cannot_be_refused_unread():
     """
     If the budget of bodies held has no room for a body (another request's holds it all), on a connection that

@@ -118,6 +118,7 @@ class KVOperations:
         self._parse_key = parse_key
         self._parse_write = parse_write
         self._key_limit = node.settings.max_key_length
+        self._max_value = node.settings.max_value_size
 
     def key(self, raw: bytes) -> str:
         """
@@ -164,6 +165,10 @@ class KVOperations:
         this returns). The fast lane's PUT, which a Deferred and its callbacks made visibly dearer.
         """
         value, ttl = self._parse_write(body, content_type)
+        if len(value) > self._max_value:
+            # The body was within the limit, but the value as stored is not (JSON written again: 1E15 becomes
+            # 1000000000000000.0). Refused as a bulk write's is: peers take copies up to that size.
+            raise too_large("The value, as stored, is larger than MAX_VALUE_SIZE (%d bytes)." % (self._max_value,))
         try:
             self._coordinator.store.check_fits(key, value, ttl)
         except EntryTooLarge:

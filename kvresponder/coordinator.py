@@ -67,7 +67,8 @@ def witnessed_result(held: Entry, entry: Entry) -> ApplyResult:
     replica's answer to a copy would: its version if newer, and whether that newer version is a live value. An
     older one says nothing: the owners may hold a newer tombstone.
     """
-    if held.version > entry.version:
+    if held.version > entry.version or held.version == entry.version and held.value != entry.value:
+        # An equal version for another value is another write's, as a replica answers it (``Store.apply``).
         return ApplyResult(False, held.value is not None, held.version)
     return ApplyResult(False, False)
 

@@ -772,3 +772,18 @@ def test_a_write_stamped_with_a_version_its_coordinator_issued_before_a_restart_
     for node in cluster.nodes[1:]:
         code, got = cluster.request("GET", node, "/kv/" + key)
         assert json.loads(got)["value"] == "b", got
+
+
+def test_a_previous_owner_holding_the_writes_version_for_another_value_counts_as_newer():
+    """
+    If a previous owner (asked while the ring settles) holds the very version a write carries but another value,
+    then its answer names that version as newer, so the write is stamped again, as a replica's answer to a copy
+    would (an equal version with the same value says nothing).
+    """
+    from kvresponder.coordinator import witnessed_result
+
+    version = (1_000, 0, "n1")
+    write = Entry("k", b'"b"', version)
+    assert witnessed_result(Entry("k", b'"a"', version), write).newer == version
+    assert witnessed_result(Entry("k", None, version), write).newer == version
+    assert witnessed_result(Entry("k", b'"b"', version), write).newer is None

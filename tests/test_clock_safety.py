@@ -746,7 +746,7 @@ def test_anti_entropy_repairs_replicas_holding_versions_that_differ_only_in_node
     assert n1.store.get(key).value == n2.store.get(key).value == b'"Y"'
 
 
-def test_a_write_stamped_with_a_version_its_coordinator_issued_before_a_restart_is_stored_or_refused():
+def test_a_write_stamped_with_a_version_its_coordinator_issued_before_a_restart_is_stamped_again_and_stored():
     """
     If a coordinator restarts with its clock set back (its hybrid logical clock starts afresh) and stamps a
     write with the version of an earlier write its replicas hold, then the write is stamped again above it and

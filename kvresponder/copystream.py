@@ -232,6 +232,9 @@ class _FrameReceiver(Protocol):
             self._parts.append(data)
             self._have += len(data)
             if self._have < self._need:
+                if len(self._parts) >= 1024:
+                    # Reads of a few bytes each: a list item a read would hold many times the frame's size.
+                    self._parts = [b"".join(self._parts)]
                 return
             data = b"".join(self._parts)
             self._parts = None

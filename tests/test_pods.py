@@ -327,8 +327,9 @@ def test_if_every_pod_is_replaced_by_a_new_image_tag_under_traffic_then_no_ackno
     assert traffic.min_endpoints >= desired_replicas(manifests) - release.rolling_bounds()[1]
     # Failures first, with what the pods that failed logged: a request left unanswered for the client's
     # timeout also leaves the traffic too few requests, and that assertion alone would say nothing of why.
-    assert traffic.failures == [], (traffic.failures[:20], release.timeline(), failed_pods_logs(release, traffic))
-    assert traffic.requests > 100
+    assert traffic.failures == [], (traffic.failures[:20], release.timeline(),
+                                    failed_pods_logs(release, traffic, old_pods))
+    assert traffic.requests > 100, (release.timeline(), traffic.slowest, pods_logs(old_pods + release.pods))
     written.update(traffic.acked)
     wait_for_one_cluster(release, new_pods)
     assert_every_key_reads_back(release, new_pods, written)
@@ -424,6 +425,8 @@ class Traffic(threading.Thread):
         self.acked: Dict[str, int] = {}
         self.failures: List[tuple] = []
         self.requests = 0
+        #: Requests that took over half a second.
+        self.slowest: List[tuple] = []
         self.min_endpoints: Optional[int] = None
         self._done = threading.Event()
 
@@ -445,6 +448,16 @@ class Traffic(threading.Thread):
 
     def _request(self, pod: Pod, method: str, key: str, value: int) -> None:
         self.requests += 1
+        started = time.monotonic()
+        try:
+            self._send(pod, method, key, value)
+        finally:
+            took = time.monotonic() - started
+            if took > 0.5:
+                # The slow requests, for a run that made too few: which pod, when, and how long.
+                self.slowest.append((round(self.release.clock(), 2), pod.name, method, key, round(took, 2)))
+
+    def _send(self, pod: Pod, method: str, key: str, value: int) -> None:
         try:
             if method == "put":
                 response = put(self.release, pod, key, value)
@@ -466,12 +479,18 @@ class Traffic(threading.Thread):
         self.join(30)
 
 
-def failed_pods_logs(release: Release, traffic: "Traffic") -> Dict[str, str]:
+def failed_pods_logs(release: Release, traffic: "Traffic", replaced: List[Pod] = ()) -> Dict[str, str]:
     """
-    The last lines each pod that failed one of ``traffic``'s requests logged (its container kept, if stopped).
+    The last lines each pod that failed one of ``traffic``'s requests logged (its container kept, if stopped),
+    among the release's pods and those it ``replaced`` (no longer among them).
     """
     failed = {failure[1] for failure in traffic.failures}
-    return {pod.name: "\n".join(pod.logs().splitlines()[-40:]) for pod in release.pods if pod.name in failed}
+    return pods_logs([pod for pod in list(replaced) + release.pods if pod.name in failed])
+
+
+def pods_logs(pods: List[Pod], lines: int = 40) -> Dict[str, str]:
+    """The last ``lines`` lines each of ``pods`` logged."""
+    return {pod.name: "\n".join(pod.logs().splitlines()[-lines:]) for pod in pods}
 
 
 def write_keys(release: Release, pods: List[Pod], tag: str, count: int) -> Dict[str, int]:

@@ -22,7 +22,7 @@ from .test_replicated_write import coordinator, key_owned_by
 def operations(answers, metrics=None):
     metrics = metrics or Metrics("t")
     node = SimpleNamespace(coordinator=coordinator(answers, metrics=metrics), metrics=metrics,
-                           settings=SimpleNamespace(max_key_length=250))
+                           settings=SimpleNamespace(max_key_length=250, max_value_size=1 << 20))
     return KVOperations(node, parse_key, parse_put)
 
 

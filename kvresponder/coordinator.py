@@ -437,20 +437,13 @@ class Coordinator:
             write = self._fan_out(plans, lambda node, indices: self._apply_many_on(
                 node, [entries[todo[i]] for i in indices]), op, count_success=True)
             if self._previous_rings():
-                # The previous owners while the ring settles (``_witnesses``): no fallbacks, no quorum, and
-                # not counted as replica calls (a previous owner may well be gone).
-                witness_plans = [(self._witnesses(entries[i].key, owners), [], 0)
-                                 for i, (owners, _, _) in zip(todo, plans)]
-                stored, witnessed = await gather([write, self._fan_out(
-                    witness_plans, lambda node, indices: self._get_many_on(
-                        node, [entries[todo[i]].key for i in indices]), "get", count_success=False,
-                    count_failure=False)])
+                stored, seen_by_item = await gather([write, self._witnessed_many(
+                    [(entries[i], owners) for i, (owners, _, _) in zip(todo, plans)])])
             else:
                 stored = await write
-                witnessed = [()] * len(todo)
+                seen_by_item = [[]] * len(todo)
             again = []
-            for index, (_, _, quorum), copies, held in zip(todo, plans, stored, witnessed):
-                seen = [(node, witnessed_result(entry, entries[index])) for node, entry in held if entry is not None]
+            for index, (_, _, quorum), copies, seen in zip(todo, plans, stored, seen_by_item):
                 if had_live[index] is None:
                     had_live[index] = any(r.had_live for _, r in copies) or any(r.had_live for _, r in seen)
                 if len(copies) < quorum:
@@ -467,6 +460,38 @@ class Coordinator:
             if not todo:
                 break
         return results
+
+    async def _witnessed_many(self, items: List[Tuple[Entry, List[str]]]) -> List[List[Tuple[str, ApplyResult]]]:
+        """
+        What the previous owners of each ``(entry, owners)`` say of it while the ring settles (``_witnesses``):
+        for each item, the ``(node, ApplyResult)`` pairs that name a version newer than the entry's, as
+        ``_ReplicatedWrite`` hears them. An entry that expires is sent to them (``_ReplicatedWrite._tell``); the
+        others are asked for their version, and so is a previous owner that did not take the copy. No
+        fallbacks, no quorum, and not counted as replica calls (a previous owner may well be gone).
+        """
+        witnesses = [self._witnesses(entry.key, owners) for entry, owners in items]
+        tells = [entry.expires_at is not None for entry, _ in items]
+
+        def ask(plans):
+            return self._fan_out(plans, lambda node, indices: self._get_many_on(
+                node, [items[i][0].key for i in indices]), "get", count_success=False, count_failure=False)
+
+        told, held = await gather([
+            self._fan_out([(nodes if tell else [], [], 0) for nodes, tell in zip(witnesses, tells)],
+                          lambda node, indices: self._apply_many_on(node, [items[i][0] for i in indices]),
+                          "put", count_success=False, count_failure=False),
+            ask([([] if tell else nodes, [], 0) for nodes, tell in zip(witnesses, tells)])])
+        missed = [[node for node in nodes if tell and node not in {n for n, _ in answered}]
+                  for nodes, tell, answered in zip(witnesses, tells, told)]
+        if any(missed):
+            late = await ask([(nodes, [], 0) for nodes in missed])
+            held = [first + then for first, then in zip(held, late)]
+        seen = []
+        for (entry, _), answered, heard in zip(items, told, held):
+            found = [(node, result) for node, result in answered if result.newer is not None]
+            found += [(node, witnessed_result(current, entry)) for node, current in heard if current is not None]
+            seen.append(found)
+        return seen
 
     async def _fan_out(self, plans, call, op: str, count_success: bool,
                        count_failure: bool = True) -> List[List[Tuple[str, object]]]:
@@ -973,9 +998,54 @@ class _ReplicatedWrite:
             self._finish()
         for owner in owners:
             self._attempt(owner, owner)
+        tell = self._entry.expires_at is not None
         for node in witnesses:
-            # A slot of no owner's: asked, not sent a copy; it has no fallback, and counts toward no quorum.
+            # A slot of no owner's: it has no fallback, and counts toward no quorum.
+            if tell:
+                self._tell(node)
+            else:
+                self._ask(node)
+
+    def _tell(self, node: str) -> None:
+        """
+        Send a previous owner a write that expires, instead of asking it: the new owners may hold nothing for the
+        key, so their copies leave no tombstone when they expire, and the previous owner's hand-off, if it
+        arrived after that, would bring back the older value it holds. Told the write, it stores it over that
+        value and marks it to leave a tombstone (``Store.apply``), and what it hands on is the write. Its answer
+        says the same as a peek's would; one that fails (a node leaving refuses copies) is asked instead.
+        """
+        path = self._path
+        try:
+            if node == path.node_id:
+                if path.takes_copies():
+                    self._told(path.apply_local(self._entry, self._next_line()), node)
+                else:
+                    self._ask(node)
+                return
+            peer = path.peer_of(node)
+            if peer is None:
+                self._ask(node)
+                return
+            task_id = None
+            line = self._next_line()
+            if line is not None:
+                task, level = line
+                task_id = serialized_task_id(task, level[0])
+            path.send_copy(peer, self._entry, _WitnessWaiter(self, node), task_id)
+        except (PeerError, Unavailable):
             self._ask(node)
+        except Exception:
+            write_traceback()
+            self._slot_done(None)
+
+    def _told(self, result: ApplyResult, node: str) -> None:
+        """
+        A previous owner's answer to a copy :meth:`_tell` sent, taken as its answer to a peek: only a version
+        newer than the write's counts (what it held before, if older, may be older than the owners' newest).
+        """
+        if result.newer is not None:
+            self._witnessed.append((node, result))
+        self._witness_done()
 
     def _ask(self, node: str) -> None:
         try:
@@ -1204,6 +1274,44 @@ class _CopyWaiter:
         try:
             self._write._copy_failed(error if isinstance(error, Failure) else Failure(error), self._owner,
                                      self._node)
+        except Exception:
+            write_traceback()
+
+
+@implementer(Waiter)
+class _WitnessWaiter:
+    """
+    A previous owner's copy of a :class:`_ReplicatedWrite` (see ``_ReplicatedWrite._tell``).
+    """
+
+    __slots__ = ("_write", "_node", "called")
+
+    def __init__(self, write: "_ReplicatedWrite", node: str) -> None:
+        self._write = write
+        self._node = node
+        self.called = False
+
+    def callback(self, result: ApplyResult) -> None:
+        if self.called:
+            return
+        self.called = True
+        try:
+            self._write._told(result, self._node)
+        except Exception:
+            write_traceback()
+
+    def errback(self, error) -> None:
+        if self.called:
+            return
+        self.called = True
+        write = self._write
+        try:
+            failure = error if isinstance(error, Failure) else Failure(error)
+            if not failure.check(PeerError, Unavailable):
+                write._in_context(write_failure, failure)
+            write._in_context(write._ask, self._node)
+            # Its answer may have settled the write inside the write's context: delivered outside it.
+            write._fire()
         except Exception:
             write_traceback()
 

@@ -82,6 +82,9 @@ class HeartbeatCodec:
             body["seq"] = sequence
         if beat.ring_digest is not None:
             body["members"] = beat.ring_digest
+        if beat.joining:
+            # Only while true: older nodes read none, and take none for false.
+            body["joining"] = True
         if self._key is not None:
             body["mac"] = self._mac(body)
         return json.dumps(body, separators=(",", ":"), sort_keys=True).encode("utf-8")
@@ -148,7 +151,10 @@ class HeartbeatCodec:
         if members is not None and not (isinstance(members, str) and 0 < len(members) <= 32
                                         and all(c in _HEX for c in members)):
             raise Malformed("malformed", "bad ring digest")
-        return Heartbeat(node, inc, addr, port, state, ring, members), want, timestamp, sequence
+        joining = body.get("joining", False)
+        if not isinstance(joining, bool):
+            raise Malformed("malformed", "bad joining flag")
+        return Heartbeat(node, inc, addr, port, state, ring, members, joining), want, timestamp, sequence
 
 
 def _is_ipv4(value) -> bool:

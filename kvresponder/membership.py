@@ -31,6 +31,9 @@ class Heartbeat(NamedTuple):
     ring_size: int
     #: :func:`~kvresponder.ring.members_digest` of the sender's ring, or ``None`` from a node older than it.
     ring_digest: Optional[str] = None
+    #: Whether the sender is starting or joining: its place in the ring holds nothing yet, or not all it will.
+    #: ``False`` from a node older than it.
+    joining: bool = False
 
 
 class Peer:
@@ -38,8 +41,8 @@ class Peer:
     One other node as this node last saw it.
     """
 
-    __slots__ = ("node_id", "incarnation", "address", "port", "state", "ring_size", "ring_digest", "first_seen",
-                 "last_seen")
+    __slots__ = ("node_id", "incarnation", "address", "port", "state", "ring_size", "ring_digest", "joining",
+                 "first_seen", "last_seen")
 
     def __init__(self, beat: Heartbeat, now: float) -> None:
         self.node_id = beat.node_id
@@ -49,6 +52,7 @@ class Peer:
         self.state = beat.state
         self.ring_size = beat.ring_size
         self.ring_digest = beat.ring_digest
+        self.joining = beat.joining
         self.first_seen = now
         self.last_seen = now
 
@@ -125,6 +129,7 @@ class Membership:
         known.last_seen = now
         known.ring_size = beat.ring_size
         known.ring_digest = beat.ring_digest
+        known.joining = beat.joining
         if known.state == LEAVING:
             return None
         if beat.state == LEAVING:

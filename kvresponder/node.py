@@ -160,15 +160,25 @@ class Node:
         if self._previous_rings and not self.ring_settling():
             self._previous_rings = []
         if self.state == JOINING:
-            return self._ring_before_joining()
+            return self._rings_before_joining()
         return self._previous_rings
 
     def _ring_before_joining(self) -> List[HashRing]:
         """
-        While this node joins, its peers' ring without it: where the data it is about to be handed still sits.
-        It keeps none of the rings it built while discovering them, but a write it coordinates meanwhile (kv
-        requests are served while joining) must still hear of an earlier write to a key whose every owner its
-        join replaced, or that write, stamped by a clock ahead, would win over this one once handed over.
+        While this node joins, its peers' ring without it, as a list of at most one: the ring the peers name
+        until they hear of this node.
+        """
+        return self._rings_before_joining()[:1]
+
+    def _rings_before_joining(self) -> List[HashRing]:
+        """
+        While this node joins, the rings where the data it is about to be handed still sits: its peers' ring
+        without it; and, when peers said in their heartbeats that they were joining too (an autoscaler adds
+        pods in twos and threes), that ring without them too. It keeps none of the rings it built while discovering them, but a write it coordinates
+        meanwhile (kv requests are served while joining) must still hear of an earlier write to a key whose every
+        owner its join replaced, or that write, stamped by a clock ahead, would win over this one once handed
+        over. A node that joined with this one may be such an owner in the first ring and hold nothing yet: the
+        earlier write is on the owners of the ring before both.
         """
         ring = self._ring
         cached_ring, before = self._joining_ring
@@ -177,6 +187,10 @@ class Node:
             before = []
             if others and len(others) < len(ring):
                 before = [HashRing(others, vnodes=ring.vnodes, probes=ring.probes)]
+                joined_with = {peer.node_id for peer in self.membership.peers()
+                               if peer.joining and peer.node_id in others}
+                if joined_with and len(joined_with) < len(others):
+                    before.append(HashRing(others - joined_with, vnodes=ring.vnodes, probes=ring.probes))
             self._joining_ring = (ring, before)
         return before
 
@@ -227,7 +241,8 @@ class Node:
         """
         state = LEAVING if self.state in (DRAINING, STOPPED) else ALIVE
         return Heartbeat(self.node_id, self.incarnation, self.settings.advertise_address,
-                         self.settings.advertise_port, state, len(self._ring), self._ring.digest)
+                         self.settings.advertise_port, state, len(self._ring), self._ring.digest,
+                         self.state in (STARTING, JOINING))
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -347,7 +362,7 @@ class Node:
         if self.state == JOINING:
             # The peers' ring stays among the previous rings while the ring settles: a peer whose hand-off did
             # not reach this node (it failed, or the node never heard it) still holds its keys' earlier writes.
-            self._previous_rings = list(self._ring_before_joining())
+            self._previous_rings = list(self._rings_before_joining())
             # Settling from now: a long sync must not leave the previous rings expired the moment it ends.
             self.ring_changed_at = self.clock.seconds()
             self.state = READY

@@ -428,6 +428,60 @@ def test_a_later_write_wins_over_an_earlier_one_across_a_join_that_replaces_ever
     assert answers == dict.fromkeys(answers, "later"), answers
 
 
+def test_a_later_write_through_one_of_two_nodes_joining_at_once_wins_over_an_earlier_one():
+    """
+    If a write is acknowledged through a node whose clock is ahead (within MAX_CLOCK_OFFSET), two nodes join at
+    once (an autoscaler's step) and between them take both owners' places for the key, and a second write is
+    then made through one of them, then once their hand-offs have run every node answers the second write: the
+    joining node asked the owners of the ring before both joins, not those of its peers' ring with the other
+    joining node in it, which holds nothing yet.
+    """
+    cluster = MemoryCluster(3, wall_offsets={3: 0.4})
+    cluster.run(seconds=1.0)
+    n1, n2, n3 = cluster.nodes
+    vnodes = n1.settings.vnodes
+    before = HashRing(["n1", "n2", "n3"], vnodes=vnodes)
+    # The ring the first joining node would take for its peers' (itself left out, the other joining node in).
+    peers_view = HashRing(["n1", "n2", "n3", "n5"], vnodes=vnodes)
+    after = HashRing(["n1", "n2", "n3", "n4", "n5"], vnodes=vnodes)
+    key = next(key for key in ("key-%d" % i for i in range(100000))
+               if set(before.preference_list(key, 2)) == {"n2", "n3"}
+               and not {"n2", "n3"} & set(peers_view.preference_list(key, 2))
+               and not {"n2", "n3"} & set(after.preference_list(key, 2)))
+    assert put(cluster, n3, key, "earlier")[0] == 201
+    n4 = cluster.add()
+    cluster.add()
+    # Heartbeats, with no time for the hand-offs to run: for n4 to hear every peer name the ring with n5 in it,
+    # and serve.
+    cluster.introduce()
+    cluster.introduce()
+    assert sorted(n4.ring().nodes) == ["n1", "n2", "n3", "n4", "n5"]
+    assert [holders(cluster, key), n4.state] == [["n2", "n3"], "joining"]
+    code, body = put(cluster, n4, key, "later")
+    assert code in (200, 201), body
+    cluster.run(seconds=5.0)
+    answers = {node.node_id: json.loads(get(cluster, node, key)[1]).get("value") for node in cluster.nodes}
+    assert answers == dict.fromkeys(answers, "later"), answers
+
+
+def test_a_joining_node_takes_peers_that_say_they_are_joining_out_of_the_ring_its_data_came_from():
+    """
+    If two nodes join at once, then each keeps among its previous rings its peers' ring without it and that
+    ring without the other joining node too (whose heartbeats say it is joining) until the ring settles; a node
+    that joins once they are ready keeps just its peers' ring.
+    """
+    cluster = _settled_cluster()
+    n4 = cluster.add()
+    cluster.add()
+    assert _members(n4.previous_rings()) == [["n1", "n2", "n3", "n5"], ["n1", "n2", "n3"]]
+    cluster.run(seconds=2.0)
+    assert n4.state == "ready"
+    assert _members(n4.previous_rings()) == [["n1", "n2", "n3", "n5"], ["n1", "n2", "n3"]]
+    cluster.run(seconds=200.0)
+    n6 = cluster.add()
+    assert _members(n6.previous_rings()) == [["n1", "n2", "n3", "n4", "n5"]]
+
+
 def _members(rings):
     return [sorted(ring.nodes) for ring in rings]
 

@@ -233,6 +233,24 @@ def test_a_heartbeat_carries_the_digest_of_the_senders_ring_and_an_older_nodes_n
     assert harness.metrics.results == other.metrics.results == ["accepted"]
 
 
+def test_a_heartbeat_says_whether_its_sender_is_joining_and_an_older_nodes_says_it_is_not():
+    """
+    If a heartbeat says its sender is joining, then the peer is marked joining until a heartbeat says otherwise
+    (a joining node leaves such peers out of the ring its data came from); a heartbeat without the field, as
+    an older node sends, marks it not joining. The field is sent only while true.
+    """
+    harness = Harness()
+    joining = encode(PEER._replace(joining=True))
+    assert json.loads(joining)["joining"] is True
+    harness.receive(joining)
+    assert harness.membership.peer("n2").joining is True
+    ready = encode(PEER)
+    assert "joining" not in json.loads(ready)
+    harness.receive(ready)
+    assert harness.membership.peer("n2").joining is False
+    assert harness.metrics.results == ["accepted", "accepted"]
+
+
 def test_own_heartbeat_is_counted_as_self_and_ignored():
     """
     If our own heartbeat comes back through multicast loopback, then it counts as ``self`` and does not
@@ -399,6 +417,8 @@ DROPPED = [
     ("empty ring digest", mutated(members=""), "malformed"),
     ("ring digest not hex", mutated(members="zz" * 8), "malformed"),
     ("long ring digest", mutated(members="0" * 33), "malformed"),
+    ("joining flag as text", mutated(joining="yes"), "malformed"),
+    ("joining flag as number", mutated(joining=1), "malformed"),
 ]
 
 

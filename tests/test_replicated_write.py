@@ -592,6 +592,8 @@ class _StorePeers:
         self.stores = stores
         self.sent = []
         self.asked = []
+        #: Peers that refuse copies but answer reads, as a leaving node does.
+        self.refused = set()
 
     def get_coalesced(self, peer, key):
         return self.get_many(peer, [key]).addCallback(lambda entries: entries[0])
@@ -614,6 +616,8 @@ class _StorePeers:
         store = self.stores.get(peer.node_id)
         if store is None:
             return fail(PeerError("%s unreachable" % (peer.node_id,)))
+        if peer.node_id in self.refused:
+            return fail(PeerError("%s is leaving" % (peer.node_id,)))
         return succeed([store.apply(entry) for entry in entries])
 
 
@@ -848,6 +852,64 @@ class PreviousOwnersWriteTests(unittest.TestCase):
         for node in ("n2", "n3"):
             self.assertEqual(self.stores[node].current(self.key).version, self.earlier.version)
         self.assertEqual(result.copies, 2)
+
+    def _expiring_stores(self):
+        """
+        The previous owners' stores on a clock the test turns, holding the earlier write.
+        """
+        now = [1000.0]
+        self.stores = {node: Store(lambda: now[0], 1 << 24) for node in ("n2", "n3", "n4")}
+        for node in ("n2", "n3"):
+            self.stores[node].apply(self.earlier)
+        return now
+
+    def _assert_previous_owners_leave_the_tombstone_of(self, version, now):
+        """
+        The previous owners hold the write at ``version`` in place of the earlier one and, once it has expired,
+        its tombstone.
+        """
+        for node in ("n2", "n3"):
+            self.assertEqual(self.stores[node].current(self.key).version, version)
+        now[0] += 10
+        for node in ("n2", "n3"):
+            tombstone = self.stores[node].current(self.key)
+            self.assertEqual((tombstone.value, tombstone.version), (None, version))
+
+    def test_previous_owners_are_sent_a_write_that_expires_and_leave_its_tombstone(self):
+        """
+        New owners that held nothing leave no tombstone when a write with a TTL expires, so a previous owner's
+        hand-off arriving after that would bring back the older value it holds: they are sent the write, which
+        replaces that value there and leaves its tombstone.
+        """
+        now = self._expiring_stores()
+        result = outcome(self.writer([self.BEFORE]).put(self.key, b'"short"', 1.0))
+        self.assertGreater(result.entry.version, self.earlier.version)
+        self.assertEqual(self.peers.asked, [])
+        self._assert_previous_owners_leave_the_tombstone_of(result.entry.version, now)
+
+    def test_previous_owners_are_sent_an_entry_of_a_bulk_write_that_expires(self):
+        now = self._expiring_stores()
+        [result] = outcome(self.writer([self.BEFORE]).put_many([(self.key, b'"short"', 1.0)]))
+        self.assertGreater(result.entry.version, self.earlier.version)
+        self.assertEqual(self.peers.asked, [])
+        self._assert_previous_owners_leave_the_tombstone_of(result.entry.version, now)
+
+    def test_a_previous_owner_that_refuses_a_write_that_expires_is_asked_for_its_version(self):
+        """
+        A node that is leaving refuses copies, but still answers reads: the write hears of the earlier write's
+        version from it all the same, single or bulk.
+        """
+        for write in (lambda c: c.put(self.key, b'"short"', 1.0),
+                      lambda c: c.put_many([(self.key, b'"short"', 1.0)])):
+            self.stores["n3"] = Store(lambda: 1000.0, 1 << 24)
+            writer = self.writer([self.BEFORE])
+            self.peers.refused = {"n2"}
+            result = outcome(write(writer))
+            if isinstance(result, list):
+                [result] = result
+            self.assertGreater(result.entry.version, self.earlier.version)
+            self.assertIn("n2", self.peers.asked)
+            self.assertEqual(self.stores["n2"].current(self.key).version, self.earlier.version)
 
     def test_unreachable_previous_owners_neither_count_nor_are_replaced(self):
         """

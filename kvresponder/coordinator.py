@@ -28,6 +28,7 @@ from .peers import PeerError
 from .privateapi import continue_typed_task
 from .ring import HashRing
 from .store import ApplyResult, Entry, Store
+from .wire import MAX_KEY_BYTES
 
 
 #: What :meth:`Coordinator.get_nowait` returns when only other nodes can answer.
@@ -835,6 +836,9 @@ class Coordinator:
         :return: up to ``limit`` keys after ``after``, and whether more follow.
         """
         self._check_clock()
+        if len(prefix.encode("utf-8")) > MAX_KEY_BYTES:
+            # Longer than any key: nothing to list (and peers refuse to list it).
+            return [], False
         ring = self._ring()
         want = limit + 1
         sources = [self.store.keys(prefix, after, want)]

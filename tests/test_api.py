@@ -214,6 +214,45 @@ def test_list_rejects_bad_parameters(api, query):
     assert body["error"] in ("invalid_limit", "invalid_cursor")
 
 
+@pytest.mark.parametrize("query", ["limit=3&limit=abc", "limit=abc&limit=3", "prefix=a&prefix=b",
+                                   "prefix=a&limit=2&prefix%3D=x&prefix=b"])
+def test_a_list_parameter_given_twice_is_400(api, query):
+    """
+    If a query names a parameter twice, then the answer is 400, whichever of its values comes first: taking one
+    would be a guess.
+    """
+    code, body, _ = api.call("GET", "/kv?" + query)
+    assert_error(code, body, 400, "invalid_query")
+
+
+def test_a_list_prefix_is_split_on_ampersands_only(api):
+    """
+    If a prefix holds a ``;``, then it is part of the prefix (URLs split a query on ``&``, not on ``;``); a
+    ``+`` is a space, as in a form.
+    """
+    for key in ("x;p", "x#frag", "xy", "c x", "c+x"):
+        assert api.put(key, 1)[0] == 201
+    assert api.call("GET", "/kv?prefix=x;")[1]["keys"] == ["x;p"]
+    assert api.call("GET", "/kv?prefix=x%3B&limit=5")[1]["keys"] == ["x;p"]
+    assert api.call("GET", "/kv?prefix=c+")[1]["keys"] == ["c x"]
+    assert api.call("GET", "/kv?prefix=c%2B")[1]["keys"] == ["c+x"]
+
+
+def test_a_cursor_longer_than_any_key_is_400(api):
+    """
+    If a cursor decodes to more than any key's bytes (the pattern the API describes allows two more), then it is
+    400, as any cursor this API did not return: peers refuse to list after it.
+    """
+    import base64
+
+    cursor = base64.urlsafe_b64encode(b"a" * 1026).decode("ascii").rstrip("=")
+    assert len(cursor) == 1368
+    code, body, _ = api.call("GET", "/kv?cursor=" + cursor)
+    assert_error(code, body, 400, "invalid_cursor")
+    longest = base64.urlsafe_b64encode(b"a" * 1024).decode("ascii").rstrip("=")
+    assert api.call("GET", "/kv?cursor=" + longest)[0] == 200
+
+
 # -- bad input --------------------------------------------------------------------------------------
 
 
@@ -292,6 +331,58 @@ def test_wrong_content_type_is_415(api):
     code, body, _ = api.call("PUT", "/kv/k", raw_body=b'{"value": 1}', headers={"Content-Type": "text/plain"})
     assert_error(code, body, 415, "unsupported_media_type")
     assert api.call("GET", "/kv/k")[0] == 404
+
+
+@pytest.mark.parametrize("method, path, body, headers", [
+    ("PUT", "/kv/k", {"value": "new"}, {"If-None-Match": "*"}),
+    ("PUT", "/kv/k", {"value": "new"}, {"If-Match": '"v1"'}),
+    ("PUT", "/kv/k", {"value": "new"}, {"If-Unmodified-Since": "Sun, 06 Dec 2026 10:00:00 GMT"}),
+    ("DELETE", "/kv/k", None, {"If-Match": "*"}),
+    ("POST", "/bulk", {"put": [{"key": "k", "value": "new"}]}, {"If-None-Match": "*"}),
+    ("POST", "/bulk", {"delete": ["k"]}, {"If-Match": "*"}),
+])
+def test_a_conditional_write_is_refused_and_changes_nothing(api, method, path, body, headers):
+    """
+    If a write carries a precondition (``If-None-Match: *``, "create only", above all), then it is refused
+    400, not done as if unconditional: there is nothing to hold the condition to, and the key is unchanged.
+    """
+    assert api.put("k", "old")[0] == 201
+    code, answer, _ = api.call(method, path, body, headers=headers)
+    assert_error(code, answer, 400, "unsupported_precondition")
+    assert api.call("GET", "/kv/k")[1]["value"] == "old"
+
+
+@pytest.mark.parametrize("headers, status, error", [
+    ({"Content-Encoding": "gzip"}, 415, "unsupported_media_type"),
+    ({"Content-Encoding": "identity, br"}, 415, "unsupported_media_type"),
+    ({"Content-Type": "application/json; charset=latin-1"}, 415, "unsupported_media_type"),
+    ({"Content-Type": 'application/json; CHARSET="utf-16"'}, 415, "unsupported_media_type"),
+    ({"Content-Type": ["text/plain", "application/json"]}, 400, "invalid_header"),
+    ({"Content-Type": ["application/json", "application/json"]}, 400, "invalid_header"),
+])
+def test_a_write_whose_body_is_not_plain_utf8_json_is_refused_and_changes_nothing(api, headers, status, error):
+    """
+    If a write's body is coded (gzip), in another charset, or given two Content-Types, then it is refused and
+    the key stays absent, single or bulk.
+    """
+    data = b'{"value": 1}'
+    code, body, _ = api.call("PUT", "/kv/k", raw_body=data, headers=headers)
+    assert_error(code, body, status, error)
+    code, body, _ = api.call("POST", "/bulk", raw_body=b'{"put": [{"key": "k", "value": 1}]}', headers=headers)
+    assert_error(code, body, status, error)
+    assert api.call("GET", "/kv/k")[0] == 404
+
+
+@pytest.mark.parametrize("headers", [
+    {"Content-Encoding": "identity"},
+    {"Content-Type": "application/json; charset=utf-8"},
+    {"Content-Type": "Application/JSON;charset=UTF8"},
+])
+def test_a_write_of_plain_utf8_json_so_labelled_is_taken(api, headers):
+    headers = dict(headers)
+    headers.setdefault("Content-Type", "application/json")
+    code, body, _ = api.call("PUT", "/kv/k", raw_body=b'{"value": 1}', headers=headers)
+    assert code == 201, body
 
 
 def test_body_over_max_value_size_is_413_and_changes_nothing():

@@ -279,6 +279,17 @@ def test_listing_spans_the_cluster_without_duplicates(cluster):
     assert seen == [key for key in keys if key != "key-05"]
 
 
+def test_a_list_prefix_longer_than_any_key_finds_nothing_on_a_cluster_too(cluster):
+    """
+    If a listing's prefix is longer than any key can be, then a cluster answers an empty page, as one node does,
+    not 503 because its peers refuse to list it.
+    """
+    put(cluster, cluster.nodes[0], "a" * 20, 1)
+    for length in (1024, 1025, 3000):
+        code, body = cluster.request("GET", cluster.nodes[0], "/kv?prefix=" + "a" * length)
+        assert (code, json.loads(body)) == (200, {"keys": [], "count": 0, "next": None}), length
+
+
 @pytest.mark.parametrize("get", [get, bulk_get], ids=["single", "bulk"])
 def test_a_read_just_after_a_ring_change_finds_keys_still_on_their_previous_holder(cluster, get):
     """

@@ -13,6 +13,7 @@ import json
 import re
 from itertools import accumulate
 from typing import Dict, Optional, Set
+from urllib.parse import unquote_to_bytes
 
 from klein import Klein
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -30,6 +31,7 @@ from ..privateapi import request_gone
 from .kvops import Answer, KVOperations, entry_json, expected_error, json_key
 from .limits import BULK, VALUE
 from .site import json_bytes
+from ..wire import MAX_KEY_BYTES
 
 MAX_LIST_LIMIT = 10000
 DEFAULT_LIST_LIMIT = 1000
@@ -66,12 +68,50 @@ def _decode_json(text: str) -> object:
 
 def check_media_type(content_type: Optional[bytes]) -> None:
     """
-    :raises APIError: 415 for a content type other than JSON (none given is taken as JSON).
+    :raises APIError: 415 for a content type other than JSON (none given is taken as JSON), or JSON in a
+        charset other than UTF-8 (the only one JSON has: RFC 8259, 8.1).
     """
     if content_type is not None:
-        media = content_type.split(b";", 1)[0].strip().lower()
-        if media != _JSON:
+        media, _, parameters = content_type.partition(b";")
+        if media.strip().lower() != _JSON:
             raise APIError(415, "unsupported_media_type", "Send the body as application/json.")
+        if parameters and not _utf8_charset(parameters):
+            raise APIError(415, "unsupported_media_type", "Send the body as JSON in UTF-8.")
+
+
+def _utf8_charset(parameters: bytes) -> bool:
+    """
+    Whether a media type's ``parameters`` (after its first ``;``) name no charset, or UTF-8.
+    """
+    for parameter in parameters.split(b";"):
+        name, _, value = parameter.partition(b"=")
+        if name.strip().lower() == b"charset" and value.strip().strip(b'"').lower() not in (b"utf-8", b"utf8"):
+            return False
+    return True
+
+
+#: Conditional request headers: a write replaces whatever the key holds, and the newest write wins; there are no
+#: entity tags or modification times to hold a condition to, and no atomic check across the key's replicas. A
+#: write that carries one is refused, not done as if it had none (``If-None-Match: *`` is "create only").
+_PRECONDITIONS = (b"if-match", b"if-none-match", b"if-unmodified-since")
+
+
+def check_write_headers(request) -> None:
+    """
+    What a write's request head must not carry: a precondition, a content coding, or two Content-Types.
+
+    :raises APIError: 400 or 415.
+    """
+    headers = request.requestHeaders
+    for name in _PRECONDITIONS:
+        if headers.hasHeader(name):
+            raise bad_request("unsupported_precondition", "Conditional writes (%s) are not supported: a write "
+                              "replaces whatever the key holds." % (name.decode("ascii").title(),))
+    for value in headers.getRawHeaders(b"content-encoding") or ():
+        if any(coding.strip().lower() not in (b"", b"identity") for coding in value.split(b",")):
+            raise APIError(415, "unsupported_media_type", "Send the body with no Content-Encoding.")
+    if len(headers.getRawHeaders(b"content-type") or ()) > 1:
+        raise bad_request("invalid_header", "Send one Content-Type.")
 
 
 def parse_json(body: bytes, content_type: Optional[bytes]) -> object:
@@ -353,10 +393,12 @@ class KVResource(Resource):
                     return self._answer(request, operations.get(key))
             if method == b"PUT":
                 with request.begin("/kv/{key}", kv_write=True):
+                    check_write_headers(request)
                     return self._answer(request, operations.put(
                         key, request.content.read(), request.getHeader(b"content-type")))
             if method == b"DELETE":
                 with request.begin("/kv/{key}", kv_write=True):
+                    check_write_headers(request)
                     return self._answer(request, operations.delete(key))
             raise method_not_allowed(["GET", "HEAD", "PUT", "DELETE"])
         except APIError as error:
@@ -390,7 +432,7 @@ class KVResource(Resource):
             request.setHeader(name, value)
 
     def _list(self, request):
-        args = request.args
+        args = _query_args(request.uri)
         prefix = _text_arg(args, b"prefix", "")
         limit_text = _text_arg(args, b"limit", None)
         cursor = _text_arg(args, b"cursor", None)
@@ -403,6 +445,9 @@ class KVResource(Resource):
             if not 1 <= limit <= MAX_LIST_LIMIT:
                 raise bad_request("invalid_limit", "limit must be an integer from 1 to %d." % (MAX_LIST_LIMIT,))
         after = decode_cursor(cursor) if cursor else None
+        if after is not None and len(after.encode("utf-8")) > MAX_KEY_BYTES:
+            # The base64 of no key's: what peers would refuse to list after (a cluster would answer 503).
+            raise bad_request("invalid_cursor", "The cursor is not one this API returned.")
 
         def render(result):
             keys, more = result
@@ -413,12 +458,35 @@ class KVResource(Resource):
         return self._respond(request, ensureDeferred(self._coordinator.list_keys(prefix, after, limit)), render)
 
 
-def _text_arg(args, name: bytes, default):
-    values = args.get(name)
-    if not values:
+def _query_args(uri: bytes) -> Dict[bytes, bytes]:
+    """
+    A request target's query parameters, by name, each given at most once. Split on ``&`` alone (Twisted's
+    ``request.args`` splits on ``;`` too, which URLs do not: ``prefix=a;b`` is the prefix ``a;b``), and decoded
+    as a form's are (``+`` is a space).
+
+    :raises APIError: 400 for a parameter given twice (which of them to take would be a guess).
+    """
+    mark = uri.find(b"?")
+    args: Dict[bytes, bytes] = {}
+    if mark < 0:
+        return args
+    for part in uri[mark + 1:].split(b"&"):
+        if not part:
+            continue
+        name, _, value = part.partition(b"=")
+        name = unquote_to_bytes(name.replace(b"+", b" "))
+        if name in args:
+            raise bad_request("invalid_query", "Give each query parameter at most once.")
+        args[name] = unquote_to_bytes(value.replace(b"+", b" "))
+    return args
+
+
+def _text_arg(args: Dict[bytes, bytes], name: bytes, default):
+    value = args.get(name)
+    if value is None:
         return default
     try:
-        return values[0].decode("utf-8")
+        return value.decode("utf-8")
     except UnicodeDecodeError:
         raise bad_request("invalid_query", "Query parameters must be UTF-8.")
 
@@ -601,6 +669,7 @@ class PublicAPI:
     @json_route(app, "/admin/log-levels", ["PUT"])
     def put_log_levels(self, request):
         self._node.admin.authorize(request, write=True)
+        check_write_headers(request)
         body = parse_json_body(request)
         policy = self._node.log_policy
         if not isinstance(body, dict) or not body or set(body) - {"level", "levels"}:
@@ -627,6 +696,7 @@ class PublicAPI:
         Many operations in one request: ``{"get": [keys], "put": [{"key", "value", "ttl"}],
         "delete": [keys]}``.
         """
+        check_write_headers(request)
         body = parse_json_body(request)
         if not isinstance(body, dict) or set(body) - {"get", "put", "delete"}:
             raise bad_request("invalid_body", "A bulk body has \"get\", \"put\" and \"delete\" lists.")

@@ -38,9 +38,12 @@ _ROUTE = "/kv/{key}"
 _TARGET = re.compile(rb"[!-~]+\Z").match
 #: An RFC 9110 token, as Twisted requires of a header name.
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z").match
-#: Headers whose handling is Twisted's: framing, connection management, and the 100-continue exchange.
+#: Headers whose handling is Twisted's: framing, connection management, and the 100-continue exchange; and
+#: those a write is refused for (``api.check_write_headers``: preconditions, a content coding), which the lane
+#: leaves to that path rather than checking every request for them.
 #: (``Connection: keep-alive``, which many clients send, says what HTTP/1.1 does anyway: the lane takes it.)
-_TWISTED_HEADERS = frozenset([b"transfer-encoding", b"expect", b"upgrade", b"te", b"trailer", b"proxy-connection"])
+_TWISTED_HEADERS = frozenset([b"transfer-encoding", b"expect", b"upgrade", b"te", b"trailer", b"proxy-connection",
+                              b"if-match", b"if-none-match", b"if-unmodified-since", b"content-encoding"])
 #: Header names as clients usually spell them, lowercased: valid tokens, so they need no check.
 _COMMON_NAMES = {name: name.lower() for spelling in (
     b"Host", b"User-Agent", b"Accept", b"Accept-Encoding", b"Accept-Language", b"Content-Type", b"Content-Length",

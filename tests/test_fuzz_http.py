@@ -836,6 +836,88 @@ def test_a_request_head_with_a_bare_lf_or_cr_line_end_is_a_400_at_once_that_clos
     assert node.snapshot() == before
 
 
+TLS_CLIENT_HELLO = bytes.fromhex("16030100a5010000a10303") + bytes(range(32)) + b"\x00\x20"
+
+
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "no-lane"])
+@pytest.mark.parametrize("pieces, message", [
+    ((TLS_CLIENT_HELLO,), "This port serves plain HTTP, not TLS (HTTPS)."),
+    ((b"\x00\x01binary",), "The request is not HTTP: no request line starts so."),
+    ((b" GET /t1/health HTTP/1.1",), "The request is not HTTP: no request line starts so."),
+])
+def test_bytes_no_request_line_starts_with_are_a_400_at_once_that_closes(lane, pieces, message):
+    """
+    If a connection's first bytes cannot start a request line (a TLS ClientHello sent to the plain port, binary
+    bytes, a leading space) and hold no line end, then they are answered 400 at once and the connection closes;
+    before, they waited for the request's deadline and were cut off without an answer.
+    """
+    from kvresponder.http.root import build_root
+    from kvresponder.http.site import KVSite
+
+    node = node_for("defaults")
+    before = node.snapshot()
+    site = node.api.site if lane else KVSite(build_root(node.api.node), node.api.clock, fast_lane=False)
+    assert (site.lane is not None) == lane
+    address = IPv4Address("TCP", "127.0.0.1", 40001)
+    protocol = site.buildProtocol(address)
+    transport = StringTransport(peerAddress=address)
+    protocol.makeConnection(transport)
+    try:
+        for piece in pieces:
+            protocol.dataReceived(piece)
+        response = parse_response(transport.value())
+        assert response is not None and response.status == 400, transport.value()[:300]
+        assert json.loads(response.body) == {"error": "bad_request", "message": message}
+        assert transport.disconnecting
+    finally:
+        protocol.connectionLost(Failure(ConnectionDone()))
+    assert node.snapshot() == before
+
+
+@pytest.mark.parametrize("pieces", [
+    # A request after one the lane answered, that the lane leaves to Twisted: it starts at a request's start.
+    (b"GET /t1/kv/a HTTP/1.1\r\nHost: h\r\n\r\n\x16\x03\x01",),
+])
+def test_bytes_that_cannot_start_a_request_after_a_request_are_a_400(pieces):
+    raw, closed = node_for("defaults").send_pieces(*pieces)
+    first = parse_response(raw)
+    assert first is not None and first.status in (200, 404), raw[:300]
+    second = parse_response(raw[raw.index(b"\r\n\r\n") + 4 + len(first.body):])
+    assert second is not None and second.status == 400, raw
+    assert closed
+
+
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "no-lane"])
+@pytest.mark.parametrize("pieces", [
+    (b"GET", b" /t1/health HTTP/1.1\r\nHost: h\r\n\r\n"),
+    (b"GET /t1/health", b" HTTP/1.1\r\nHost: h\r\n\r\n"),
+    (b"\r\nGET /t1/health HTTP/1.1\r\nHost: h\r\n\r\n",),
+    (b"PUT /t1/kv/sp HTTP/1.1\r\nHost: h\r\nContent-Length: 12\r\n\r\n", b" {\"value\":1}"[:12]),
+])
+def test_a_request_whose_later_reads_start_with_any_byte_is_served(lane, pieces):
+    """
+    If a request arrives in reads that start with a space or other byte no request starts with, or after an
+    empty line, then it is served: only a request's first byte is held to that.
+    """
+    from kvresponder.http.root import build_root
+    from kvresponder.http.site import KVSite
+
+    node = node_for("defaults")
+    site = node.api.site if lane else KVSite(build_root(node.api.node), node.api.clock, fast_lane=False)
+    address = IPv4Address("TCP", "127.0.0.1", 40002)
+    protocol = site.buildProtocol(address)
+    transport = StringTransport(peerAddress=address)
+    protocol.makeConnection(transport)
+    try:
+        for piece in pieces:
+            protocol.dataReceived(piece)
+        node.api.stub.flush()
+        response = parse_response(transport.value())
+        assert response is not None and response.status in (200, 201), transport.value()[:300]
+    finally:
+        protocol.connectionLost(Failure(ConnectionDone()))
+
+
 @pytest.mark.parametrize("pieces", [
     (b"GET /t1/health HTTP/1.1\r", b"\nHost: h\r\n\r", b"\n"),
     (b"PUT /t1/kv/split HTTP/1.1\r", b"\nHost: h\r\nContent-Length: 12\r\n\r", b"\n{\"value\": 1}"),

@@ -528,8 +528,10 @@ class _CountedChannel(HTTPChannel):
     _lane = None
     #: The last bytes given to Twisted's parser (a CRLF, or a head's CRLFCRLF, may be split between two reads).
     _line_tail = b""
-    #: Whether a request head was refused for its line ends (the connection is closing).
+    #: Whether a request head was refused for its line ends or its first byte (the connection is closing).
     _refused_head = False
+    #: Whether nothing has been read yet: the first read starts a request.
+    _first_read = True
     #: Whether the connection was handed over to another protocol (a copy stream), which answers each of its
     #: frames in the turn it arrives: it owes no answer across turns.
     _handed_over = False
@@ -655,6 +657,19 @@ class _CountedChannel(HTTPChannel):
             data = lane.dataReceived(data)
             if data is None:
                 return
+            # What the lane hands over starts a request: the lane parsed up to its first byte.
+            starts = True
+        else:
+            starts = self._first_read
+        self._first_read = False
+        if starts and data[:1] not in _REQUEST_STARTS:
+            # No request line starts so (a method is a token): bytes that are not HTTP, such as a TLS
+            # ClientHello sent to this plain port, would hold no line end Twisted waits for, and be cut off at
+            # the request's deadline without a word. Only where a request is known to start: between two reads of
+            # one request, any byte may come first.
+            self._refused_head = True
+            _answer_bad_request(self, _NOT_HTTP_TLS if data[:1] == b"\x16" else _NOT_HTTP)
+            return
         self.to_twisted(data)
 
     def to_twisted(self, data: bytes) -> None:
@@ -891,6 +906,14 @@ def bare_line_break(data: bytes, before: bytes = b"") -> bool:
     # split from what follows it by a read's end is then left to the request's deadline.
     returns = joined.count(b"\r", start, stop) - (1 if end < 0 and joined.endswith(b"\r") else 0)
     return returns != joined.count(b"\r\n", start, stop)
+
+
+#: The first byte a request may start with: a method's (a token's), or the empty line before a request line that
+#: a server may ignore (RFC 9112, 2.2).
+_REQUEST_STARTS = frozenset(bytes([byte]) for byte in
+                            b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz\r\n")
+_NOT_HTTP = "The request is not HTTP: no request line starts so."
+_NOT_HTTP_TLS = "This port serves plain HTTP, not TLS (HTTPS)."
 
 
 def _answer_bad_request(channel, message: str = "The request is not well-formed HTTP/1.1.") -> None:

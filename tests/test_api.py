@@ -862,6 +862,8 @@ def test_connections_over_the_cap_get_503():
     assert site.open_connections == 2
     assert third.value().startswith(b"HTTP/1.1 503")
     assert b"too_many_connections" in third.value()
+    # As every other answer (RFC 9110, 6.6.1).
+    assert b"\r\nDate: " in third.value()
     first[0].connectionLost(None)
     assert site.open_connections == 1
 

@@ -464,11 +464,14 @@ class _Refuse(Protocol):
     Answers 503 and hangs up, for connections over the cap.
     """
 
+    def __init__(self, site) -> None:
+        self._site = site
+
     def connectionMade(self):
         body = error_body("too_many_connections", "The server has too many open connections; retry later.")
         self.transport.write(
-            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
-            b"Retry-After: 1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            b"HTTP/1.1 503 Service Unavailable\r\n%sContent-Type: application/json\r\nConnection: close\r\n"
+            b"Retry-After: 1\r\nContent-Length: %d\r\n\r\n%s" % (_date_line(self._site), len(body), body))
         self.transport.loseConnection()
 
 
@@ -1096,7 +1099,7 @@ class KVSite(Site):
             if self.metrics is not None:
                 # Counted with the requests, whose 5xx share the error-rate alert watches: no request was read.
                 self.metrics.count_request(UNREAD_METHOD, "refused", 503)
-            return _Refuse()
+            return _Refuse(self)
         channel = Site.buildProtocol(self, addr)
         channel.totalHeadersSize = self.max_header_bytes
         # One line may be as long as all the headers together may be: LineReceiver's own cap (16 KiB) would

@@ -147,9 +147,15 @@ class Node:
 
     def ring_settling(self) -> bool:
         """
-        Whether the ring changed within the last :data:`SETTLE_SECONDS`, or data is still waiting to move.
+        Whether the ring changed within the last :data:`SETTLE_SECONDS` (or twice ``MAX_CLOCK_OFFSET``, if
+        longer), or data is still waiting to move.
+
+        A write the previous owners alone hold may carry a version up to twice the bound ahead of the time it was
+        made (a clock ahead by the bound, and versions adopted from it): until that time has passed, a later
+        write must still ask them (``previous_rings``) to be stamped above it.
         """
-        return (self.clock.seconds() - self.ring_changed_at < SETTLE_SECONDS) or self.rebalancer.pending > 0
+        settle = max(SETTLE_SECONDS, 2 * self.settings.max_clock_offset)
+        return (self.clock.seconds() - self.ring_changed_at < settle) or self.rebalancer.pending > 0
 
     def previous_rings(self) -> List[HashRing]:
         """

@@ -524,6 +524,22 @@ def test_a_ready_node_keeps_the_ring_a_join_replaced_until_the_ring_settles():
     assert n1.previous_rings() == [] and n4.previous_rings() == []
 
 
+def test_with_a_clock_bound_over_half_the_settle_time_the_previous_rings_are_kept_for_twice_the_bound():
+    """
+    If MAX_CLOCK_OFFSET is 60 s, then a ready node keeps the ring a join replaced for 120 s, not 30: an earlier
+    write on its previous owners alone may be stamped that far ahead, and a later write must ask them until then.
+    """
+    cluster = MemoryCluster(3, max_clock_offset="60")
+    cluster.run(seconds=130.0)
+    n1 = cluster.nodes[0]
+    assert n1.previous_rings() == []
+    cluster.add()
+    cluster.run(seconds=100.0)
+    assert _members(n1.previous_rings()) == [["n1", "n2", "n3"]]
+    cluster.run(seconds=25.0)
+    assert n1.previous_rings() == []
+
+
 def test_a_peer_restarting_at_the_same_place_in_the_ring_adds_no_previous_ring():
     """
     If a peer comes back with a new incarnation (the ring's members unchanged), then no previous ring is kept

@@ -919,12 +919,13 @@ def test_a_node_whose_wall_clock_steps_back_stays_in_its_peers_rings(net, tmp_pa
 # -- a joining node's writes ----------------------------------------------------------------------------------
 
 
-def test_later_writes_through_a_joining_node_win_over_earlier_ones_stamped_ahead(net):
+def test_later_writes_through_one_of_two_nodes_joining_at_once_win_over_earlier_ones_stamped_ahead(net):
     """
-    If node 3's clock runs 30 s ahead (within a 60 s MAX_CLOCK_OFFSET), keys are written through it, and node 4
-    then joins and, while it is still joining, takes later writes of the keys whose two owners its join
-    replaced, then once it is ready every node answers each later write it acknowledged (it may refuse some 503
-    in its first moments, before it has heard its peers).
+    If node 3's clock runs 30 s ahead (within a 60 s MAX_CLOCK_OFFSET), keys are written through it, and nodes 4
+    and 5 then join together (an autoscaler's step) and node 4, while it is still joining, takes later writes of
+    the keys whose two owners their joins replaced (and which node 4's peers' ring with node 5 in it gives to
+    neither of the earlier owners either), then once both are ready every node answers each later write node 4
+    acknowledged (it may refuse some 503 in its first moments, before it has heard its peers).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -935,21 +936,34 @@ def test_later_writes_through_a_joining_node_win_over_earlier_ones_stamped_ahead
     skewed.wait_ready()
     net.wait_formed(healthy + [skewed])
     before = HashRing(["node1", "node2", "node3"])
-    after = HashRing(["node1", "node2", "node3", "node4"])
-    keys = [key for key in ("jw-%d" % i for i in range(3000))
-            if not set(before.preference_list(key, 2)) & set(after.preference_list(key, 2))][:60]
+    after = HashRing(["node1", "node2", "node3", "node4", "node5"])
+    # The ring node 4 would take for its peers' were it to leave node 5 in: its owners must not help either.
+    with_other_joiner = HashRing(["node1", "node2", "node3", "node5"])
+    keys = [key for key in ("jw-%d" % i for i in range(6000))
+            if not set(before.preference_list(key, 2)) & (set(after.preference_list(key, 2))
+                                                          | set(with_other_joiner.preference_list(key, 2)))][:60]
+    assert len(keys) == 60
     s = session()
+    # Enough other keys that the hand-offs take seconds: node 4 serves before its peers have handed it the keys,
+    # and the later writes must find the earlier ones where they still are.
+    for start in range(0, 60000, 1000):
+        items = [{"key": "jw-fill-%d" % (i,), "value": "x" * 100} for i in range(start, start + 1000)]
+        assert s.post(healthy[0].url + "/bulk", json={"put": items}, timeout=60).status_code == 200
     for key in keys:
         assert s.put(skewed.url + "/kv/" + key, json={"value": "earlier"}, timeout=5).status_code == 201
-    joiner = net.start(4, wait=False, env={"MAX_CLOCK_OFFSET": "60",
-                                           "CLUSTER_SECRET": healthy[0].env["CLUSTER_SECRET"]})
+    env = {"MAX_CLOCK_OFFSET": "60", "CLUSTER_SECRET": healthy[0].env["CLUSTER_SECRET"]}
 
-    def answers():
+    def answers(node):
         try:
-            return joiner.session.get(joiner.url + "/health/live", timeout=0.2).status_code == 200
+            return node.session.get(node.url + "/health/live", timeout=0.2).status_code == 200
         except Exception:
             return False
-    wait_until(answers, 20, "node4 to answer", interval=0.02)
+    # Node 5 first, so that node 4 hears it from its start, while node 5 still waits for its share.
+    other = net.start(5, wait=False, env=env)
+    wait_until(lambda: answers(other), 20, "node5 to answer", interval=0.02)
+    joiner = net.start(4, wait=False, env=env)
+    wait_until(lambda: answers(joiner), 20, "node4 to answer", interval=0.02)
+    assert other.health()["state"] == "joining"
 
     def write(key):
         with session() as own:
@@ -963,11 +977,51 @@ def test_later_writes_through_a_joining_node_win_over_earlier_ones_stamped_ahead
     # in-memory test in test_cluster_memory.py holds the joining case alone, deterministically).
     assert acknowledged, outcomes
     joiner.wait_ready()
+    other.wait_ready()
     time.sleep(3.0)
     wrong = {node.node_id: [key for key in acknowledged
                             if s.get(node.url + "/kv/" + key, timeout=5).json().get("value") != "later"]
-             for node in healthy + [skewed, joiner]}
+             for node in healthy + [skewed, joiner, other]}
     assert wrong == dict.fromkeys(wrong, []), wrong
+
+
+def test_an_overwrite_with_a_ttl_during_a_join_that_replaced_both_owners_leaves_the_key_absent(net):
+    """
+    If keys hold a value, node 4 joins and takes both owners' places for them, and they are overwritten with a
+    1 s TTL through node 1 as soon as it counts node 4, before the previous owners have handed them over (60k
+    other keys make that take seconds), then once the TTL has run out and the hand-offs are done, every node
+    answers 404 for each of them: no older value comes back (all clocks right).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kvresponder.ring import HashRing
+
+    nodes = start_cluster(net, [1, 2, 3])
+    before = HashRing(["node1", "node2", "node3"])
+    after = HashRing(["node1", "node2", "node3", "node4"])
+    keys = [key for key in ("tj-%d" % i for i in range(5000))
+            if not set(before.preference_list(key, 2)) & set(after.preference_list(key, 2))][:100]
+    assert len(keys) == 100
+    s = session()
+    for start in range(0, 60000, 1000):
+        items = [{"key": "tj-fill-%d" % (i,), "value": "x" * 100} for i in range(start, start + 1000)]
+        assert s.post(nodes[1].url + "/bulk", json={"put": items}, timeout=60).status_code == 200
+    for key in keys:
+        assert s.put(nodes[1].url + "/kv/" + key, json={"value": "older"}, timeout=5).status_code == 201
+    joiner = net.start(4, wait=False)
+    wait_until(lambda: nodes[0].metric("kv_ring_members") == 4, 20, "node1 to count node4", interval=0.005)
+
+    def overwrite(key):
+        with session() as own:
+            return own.put(nodes[0].url + "/kv/" + key, json={"value": "short", "ttl": 1}, timeout=5).status_code
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        codes = list(pool.map(overwrite, keys))
+    assert set(codes) <= {200, 201}, codes
+    joiner.wait_ready()
+    time.sleep(4.0)
+    back = {node.node_id: [key for key in keys if s.get(node.url + "/kv/" + key, timeout=5).status_code != 404]
+            for node in nodes + [joiner]}
+    assert back == dict.fromkeys(back, []), back
 
 
 # -- flapping partitions, and a kill, a join and a SIGTERM together -----------------------------------------

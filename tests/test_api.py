@@ -586,17 +586,19 @@ def test_a_write_to_the_list_route_is_a_405_counted_under_the_list_route(api):
 
 def test_metrics_count_requests_by_route_template(api):
     """
-    If keys are read, then kv_http_requests_total counts them under the route template, never the key.
+    If keys are read (two hits, one miss), then kv_http_requests_total counts them under the route template,
+    never the key, and kv_cache_operations_total tells hits from misses.
     """
     api.put("secret-key-name", 1)
+    api.call("GET", "/kv/secret-key-name")
     api.call("GET", "/kv/secret-key-name")
     api.call("GET", "/kv/absent")
     response, content = api.raw("GET", "/t1/metrics")
     text = content.decode()
     assert response.code == 200
-    assert 'kv_http_requests_total{method="GET",route="/kv/{key}",status="200",tenant="t1"} 1.0' in text
+    assert 'kv_http_requests_total{method="GET",route="/kv/{key}",status="200",tenant="t1"} 2.0' in text
     assert 'kv_http_requests_total{method="GET",route="/kv/{key}",status="404",tenant="t1"} 1.0' in text
-    assert 'kv_cache_operations_total{op="get",result="hit",tenant="t1"} 1.0' in text
+    assert 'kv_cache_operations_total{op="get",result="hit",tenant="t1"} 2.0' in text
     assert 'kv_cache_operations_total{op="get",result="miss",tenant="t1"} 1.0' in text
     assert "secret-key-name" not in text
     assert 'kv_store_keys{tenant="t1"} 1.0' in text
@@ -644,6 +646,20 @@ def test_wrong_admin_token_is_401():
     code, body, _ = api.call("PUT", "/admin/log-levels", {"level": "debug"},
                              headers={"Authorization": "Bearer " + "b" * 20})
     assert_error(code, body, 401, "unauthorized")
+
+
+@pytest.mark.parametrize("scheme", ["Basic", "Token", "Bearer:", ""])
+def test_the_admin_token_under_another_scheme_is_401(scheme):
+    """
+    If the right token comes under a scheme other than Bearer (any case), then it is refused 401 and the levels
+    are unchanged.
+    """
+    api = API(admin_token="a" * 20)
+    code, body, _ = api.call("PUT", "/admin/log-levels", {"level": "debug"},
+                             headers={"Authorization": (scheme + " " + "a" * 20).strip()})
+    assert_error(code, body, 401, "unauthorized")
+    assert api.node.log_policy.levels()["http"] == "info"
+    assert api.call("GET", "/admin/log-levels", headers={"Authorization": "bEaReR " + "a" * 20})[0] == 200
 
 
 def test_two_authorization_headers_are_401_whichever_holds_the_token():

@@ -111,6 +111,26 @@ def test_a_full_queue_leaves_at_once_and_a_batch_stops_at_its_byte_limit():
     assert [len(items) for items, _ in sends.batches[2:]] == [1]
 
 
+def test_an_item_over_the_byte_limit_queued_first_leaves_alone_and_the_one_behind_it_follows():
+    """
+    If the first call queued for a peer is larger than the byte limit by itself and a small one is queued behind
+    it, then the large one leaves alone in its batch and the small one follows when that batch returns: the
+    queue does not stall, with both calls waiting forever.
+    """
+    clock, sends = Clock(), _Sends()
+    batcher = Batcher(EndOfTurn(clock), sends, max_bytes=250)
+    large = QueuedWrite(Entry("large", b"x" * 300, (1, 0, "n1")), Deferred())
+    small = QueuedWrite(Entry("small", b"x", (1, 0, "n1")), Deferred())
+    batcher.add(PEER, large)
+    batcher.add(PEER, small)
+    clock.advance(0)
+    assert [[i.entry.key for i in items] for items, _ in sends.batches] == [["large"]]
+    sends.batches[0][1].callback([ApplyResult(True, False)])
+    assert [[i.entry.key for i in items] for items, _ in sends.batches[1:]] == [["small"]]
+    sends.batches[1][1].callback([ApplyResult(True, False)])
+    assert large.waiter.result.applied and small.waiter.result.applied
+
+
 def test_an_unanswered_batch_fails_the_calls_queued_behind_it_and_an_error_status_does_not():
     """
     If a batch is not answered at all, then its calls and those queued behind it fail at once; if it is

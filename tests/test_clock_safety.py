@@ -162,6 +162,37 @@ class SkewStateTests(unittest.TestCase):
         assert len(LoggedMessage.of_type(logger.messages, CLOCK_RECOVERED)) == 1
 
 
+    def test_a_skewed_node_recovers_only_once_well_within_the_bound(self):
+        """
+        If a skewed node's offset comes back to just within the bound (0.45 s of 0.5 s), then it stays skewed: a
+        clock hovering at the bound would flap the node in and out of service. Within 80 % of it, it recovers.
+        """
+        clock_offsets, _ = offsets(max_offset=0.5)
+        for peer in ("n2", "n3"):
+            clock_offsets.heard(peer, 1, 2.0)
+        assert clock_offsets.skewed
+        for _ in range(5):
+            for peer in ("n2", "n3"):
+                clock_offsets.heard(peer, 1, 0.45)
+        assert clock_offsets.skewed and clock_offsets.skew == -0.45
+        for _ in range(5):
+            for peer in ("n2", "n3"):
+                clock_offsets.heard(peer, 1, 0.39)
+        assert not clock_offsets.skewed
+
+    def test_a_heartbeat_of_an_older_incarnation_adds_no_sample(self):
+        """
+        If a peer's heartbeat from before its restart arrives late (or is resent), then it says nothing of the
+        peer's clock now: its offset stays what the current incarnation's heartbeats say.
+        """
+        clock_offsets, _ = offsets(max_offset=0.5)
+        for _ in range(3):
+            clock_offsets.heard("n2", 7, 0.01)
+        for _ in range(5):
+            clock_offsets.heard("n2", 6, 30.0)
+        assert clock_offsets.offset("n2") == 0.01
+
+
 # -- the clock never adopts a time too far ahead -----------------------------------------------------------
 
 def test_the_clock_adopts_a_version_within_the_bound_and_not_one_past_it():
@@ -277,18 +308,24 @@ def _owned_by(cluster, first: str, second: str) -> str:
 
 def test_a_skewed_node_refuses_to_coordinate_writes_and_is_not_ready():
     """
-    If one node of three runs 30 s ahead, then it answers writes with 503 ``clock_skew`` naming its offset,
-    and readiness with 503 ``clock-skew``; the healthy nodes take writes and stay ready.
+    If one node of three runs 30 s ahead, then it answers writes (puts and deletes, single and bulk) with 503
+    ``clock_skew`` naming its offset, and readiness with 503 ``clock-skew``; the healthy nodes take writes and
+    stay ready.
     """
     cluster = MemoryCluster(3, wall_offsets={3: 30.0})
     cluster.run(seconds=2.0)
     skewed = cluster.nodes[2]
+    assert cluster.request("PUT", cluster.nodes[0], "/kv/held", {"value": 0})[0] == 201
     code, body = cluster.request("PUT", skewed, "/kv/k", {"value": 1})
     assert code == 503
     error = json.loads(body)
     assert error["error"] == "clock_skew" and "30.000 s ahead" in error["message"]
-    code, body = cluster.request("POST", skewed, "/bulk", {"put": [{"key": "a", "value": 1}]})
-    assert (code, json.loads(body)["error"]) == (503, "clock_skew")
+    for method, path, body in (("POST", "/bulk", {"put": [{"key": "a", "value": 1}]}),
+                               ("DELETE", "/kv/held", None), ("POST", "/bulk", {"delete": ["held"]})):
+        code, answer = cluster.request(method, skewed, path, body)
+        assert (code, json.loads(answer)["error"]) == (503, "clock_skew"), (method, body)
+    # A delete it took would have been stamped 30 s ahead, beating every write of the next 30 s.
+    assert json.loads(cluster.request("GET", cluster.nodes[0], "/kv/held")[1])["value"] == 0
     # Nor does it answer reads: it may see no peer, and its own store would say "absent".
     for method, path in (("GET", "/kv/k"), ("HEAD", "/kv/k"), ("GET", "/kv"), ("POST", "/bulk")):
         code, body = cluster.request(method, skewed, path, {"get": ["k"]} if method == "POST" else None)

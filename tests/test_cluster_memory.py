@@ -279,6 +279,42 @@ def test_listing_spans_the_cluster_without_duplicates(cluster):
     assert seen == [key for key in keys if key != "key-05"]
 
 
+def test_a_node_that_does_not_own_a_key_answers_a_read_from_its_owners_not_from_a_copy_of_its_own(cluster):
+    """
+    If a node that is not among a key's owners holds an older copy of it (a hint not yet handed back, a copy
+    from before a ring change), then a read through it answers the owners' newer value, single or in a bulk
+    get, and a delete's tombstone on the owners makes it 404.
+    """
+    n1 = cluster.nodes[0]
+    key = next(k for k in ("nowner-%d" % i for i in range(1000)) if "n1" not in n1.ring().preference_list(k, 2))
+    stale = n1.coordinator.hlc.now()
+    assert put(cluster, cluster.nodes[1], key, "new")[0] == 201
+    n1.store.apply(Entry(key, b'"old"', stale, None))
+    assert json.loads(get(cluster, n1, key)[1])["value"] == "new"
+    assert json.loads(bulk_get(cluster, n1, key)[1])["value"] == "new"
+    assert cluster.request("DELETE", cluster.nodes[1], "/kv/" + key)[0] == 200
+    n1.store.apply(Entry(key, b'"old"', stale, None))
+    assert get(cluster, n1, key)[0] == 404
+
+
+def test_a_listing_that_as_many_nodes_as_copies_do_not_answer_is_503_and_one_fewer_is_200(cluster):
+    """
+    If as many nodes as a key has copies (2) do not answer a listing, then it is 503: every copy of some keys may
+    be on them, and a partial page would say those keys do not exist. With one node silent, every key still has
+    a copy among those that answer, and the listing is whole.
+    """
+    n1, n2, n3 = cluster.nodes
+    keys = ["list-%02d" % (i,) for i in range(20)]
+    for key in keys:
+        assert put(cluster, n1, key, 1)[0] == 201
+    cluster.kill(n3)
+    code, body = cluster.request("GET", n1, "/kv?prefix=list-")
+    assert (code, json.loads(body)["keys"]) == (200, keys)
+    cluster.kill(n2)
+    code, body = cluster.request("GET", n1, "/kv?prefix=list-")
+    assert (code, json.loads(body)["error"]) == (503, "unavailable"), body
+
+
 def test_a_list_prefix_longer_than_any_key_finds_nothing_on_a_cluster_too(cluster):
     """
     If a listing's prefix is longer than any key can be, then a cluster answers an empty page, as one node does,
@@ -823,10 +859,14 @@ def test_a_joining_node_asks_for_its_share_only_once_its_peers_count_it():
     assert n3.state == "joining" and not n3.unjoined()
     assert len(n3.store) == 0
     _hear_each_other(n3, (n1, n2))
-    _turn(cluster, 1.0)
-    assert n3.state == "ready"
     owned = [key for key in ("k%d" % (index,) for index in range(200))
              if "n3" in n3.ring().preference_list(key, 2)]
+    # Ready no sooner than it holds every key it owns: it asked its peers, and waited for their answers.
+    for _ in range(20):
+        _turn(cluster, 0.05)
+        if n3.state == "ready":
+            break
+    assert n3.state == "ready"
     assert owned and all(n3.store.current(key) is not None for key in owned)
 
 

@@ -562,6 +562,39 @@ def test_a_failure_an_operation_did_not_expect_is_a_bare_500():
     assert b"internal_error" in value and b"boom" not in value and b"Traceback" not in value
 
 
+class _Raising(_Waiting):
+    """Operations that raise an error nobody mapped, as they are asked."""
+
+    def get(self, key):
+        raise ZeroDivisionError("boom in get")
+
+    def put_to(self, key, body, content_type, reply):
+        raise ZeroDivisionError("boom in put")
+
+
+@pytest.mark.parametrize("request_bytes", [_get(b"k"), _put(b"k", b'{"value": 1}')], ids=["get", "put"])
+def test_an_error_an_operation_raises_is_a_bare_500_and_its_traceback_is_logged(request_bytes):
+    """
+    If an operation raises an error nobody mapped (instead of failing its Deferred), then the client gets a
+    JSON 500 without a traceback, the traceback goes to the log, and the connection goes on serving.
+    """
+    logged = []
+    add_destinations(logged.append)
+    try:
+        protocol, transport = _channel(_lane_site(_Raising()))
+        protocol.dataReceived(request_bytes + _delete(b"after"))
+    finally:
+        remove_destination(logged.append)
+    value = transport.value()
+    assert _statuses(value) == [500], value
+    assert json.loads(value.split(b"\r\n\r\n", 1)[1]) == {
+        "error": "internal_error", "message": "The server failed to handle this request."}
+    assert b"boom" not in value and b"Traceback" not in value
+    assert [m["reason"] for m in logged if m.get("message_type") == "eliot:traceback"] == [
+        "boom in " + ("get" if request_bytes.startswith(b"GET") else "put")]
+    assert not transport.disconnecting
+
+
 def test_at_info_the_lane_logs_no_request_action_and_at_debug_twisted_logs_each():
     """
     If the http area logs at info, then a write (alone or waiting for copies) and a read through the lane log

@@ -134,6 +134,13 @@ def test_requests_are_counted_by_route_template_and_status(exposition):
              for s in _samples(exposition["text"]) if s.name == "kv_cache_operations_total"}
     assert cache[("get", "hit")] == 1 and cache[("get", "miss")] == 1
     assert cache[("put", "created")] == 2 and cache[("put", "replaced")] == 1
+    # The latency histogram of the three PUTs: counted, every one under +Inf, and the time they took summed.
+    durations = {(s.name, s.labels.get("le")): s.value for s in _samples(exposition["text"])
+                 if s.name.startswith("kv_http_request_duration_seconds")
+                 and (s.labels["method"], s.labels["route"]) == ("PUT", "/kv/{key}")}
+    assert durations[("kv_http_request_duration_seconds_count", None)] == 3
+    assert durations[("kv_http_request_duration_seconds_bucket", "+Inf")] == 3
+    assert 0 < durations[("kv_http_request_duration_seconds_sum", None)] < 30
 
 
 def test_the_alerts_leave_out_exactly_the_probes_scrapes_and_peer_calls_among_the_routes_nodes_count(exposition):

@@ -118,6 +118,23 @@ def test_a_single_write_larger_than_the_byte_limit_still_goes():
     assert w.result.applied
 
 
+def test_a_write_larger_than_the_byte_limit_queued_before_a_small_one_goes_alone_and_the_small_one_follows():
+    """
+    If a write larger than a batch's byte limit is queued first and a small write to the same peer after it, then
+    the large one leaves alone in its batch and the small one in the next, once it returns: neither waits forever
+    behind a batch that could never be cut.
+    """
+    client, clock, calls = _client()
+    large = client.apply_coalesced(PEER, Entry("large", b"x" * (MAX_BATCH_BYTES + 1), (1000, 0, "n1")))
+    small = client.apply_coalesced(PEER, _entry(1))
+    clock.advance(0)
+    assert [[entry.key for entry in entries] for entries, _ in calls.pending] == [["large"]]
+    calls.answer()
+    assert [[entry.key for entry in entries] for entries, _ in calls.pending] == [["k1"]]
+    calls.answer()
+    assert large.result.applied and small.result.applied
+
+
 def test_an_idle_peer_gets_each_write_without_waiting():
     """
     If nothing is in flight, then a lone write leaves at the end of its own reactor turn.
@@ -589,3 +606,87 @@ def test_spent_signatures_are_forgotten_once_past_the_window_and_bounded_in_numb
     for index in range(3000, 6000):
         spent.spend("mac%d" % (index,), now[0])
     assert len(spent._until) <= 2000 + 1
+
+
+_APPLY = b"/t1/_internal/apply"
+
+
+def _signer():
+    """A peer authenticator on a wall clock the test moves (``now[0]``), and a guard of the internal routes over it."""
+    from kvresponder.http.peerguard import PeerGuard
+    from kvresponder.peertransport import PeerAuthenticator
+
+    now = [1_700_000_000.0]
+    auth = PeerAuthenticator(b"k" * 32, wall=lambda: now[0])
+    return auth, PeerGuard(auth), now
+
+
+def _length_head(auth, method: bytes, path: bytes, length: int):
+    from twisted.web.http_headers import Headers
+
+    from kvresponder.peertransport import LENGTH_AUTH_HEADER
+    return Headers({LENGTH_AUTH_HEADER: [auth.sign_length(method, path, length)]})
+
+
+def test_a_fresh_signature_of_the_request_itself_is_accepted():
+    """
+    If a peer signs a request's method, path and body (and its head the body's length) just now, then the
+    signature passes, and the signed length grants its exemption from the body budget.
+    """
+    from kvresponder.http.peerguard import SIGNED_BY_PEER
+    auth, guard, _ = _signer()
+    assert auth.verify(auth.sign(b"POST", _APPLY, b"{}"), b"POST", _APPLY, b"{}")
+    head = _length_head(auth, b"POST", _APPLY, 2)
+    assert guard.length_signature(head, b"POST", _APPLY, 2) == SIGNED_BY_PEER
+
+
+def test_a_signature_older_than_the_window_is_refused_and_not_taken_as_a_first_use():
+    """
+    If a captured signature is shown more than AUTH_WINDOW seconds after it was made (or dated that far ahead),
+    then it is refused, for the body and the head's signed length alike, and is not taken as a first use: a
+    signed request cannot be replayed forever. Within the window it still passes.
+    """
+    from kvresponder.http.peerguard import UNSIGNED
+    from kvresponder.peertransport import AUTH_WINDOW, LENGTH_AUTH_HEADER
+    auth, guard, now = _signer()
+    body = auth.sign(b"POST", _APPLY, b"{}")
+    head = _length_head(auth, b"POST", _APPLY, 2)
+    signed_at = now[0]
+    now[0] = signed_at + AUTH_WINDOW - 1
+    assert auth.verify(body, b"POST", _APPLY, b"{}")
+    assert auth.verify_length(head.getRawHeaders(LENGTH_AUTH_HEADER)[0], b"POST", _APPLY, 2)
+    for late in (signed_at + AUTH_WINDOW + 1, signed_at - AUTH_WINDOW - 1):
+        now[0] = late
+        assert not auth.verify(body, b"POST", _APPLY, b"{}")
+        assert not auth.verify_length(head.getRawHeaders(LENGTH_AUTH_HEADER)[0], b"POST", _APPLY, 2)
+        assert guard.length_signature(head, b"POST", _APPLY, 2) == UNSIGNED
+        assert not auth.first_use(body)
+
+
+def test_a_signature_made_for_another_path_is_refused():
+    """
+    If a signature made for one internal route is shown on another (same method, body and time), then it is
+    refused, for the body and the head's signed length alike; the head is not spent by that attempt, and still
+    passes on its own route.
+    """
+    from kvresponder.http.peerguard import SIGNED_BY_PEER, UNSIGNED
+    auth, guard, _ = _signer()
+    other = b"/t1/_internal/get"
+    assert not auth.verify(auth.sign(b"POST", _APPLY, b"{}"), b"POST", other, b"{}")
+    head = _length_head(auth, b"POST", _APPLY, 2)
+    assert guard.length_signature(head, b"POST", other, 2) == UNSIGNED
+    assert guard.length_signature(head, b"POST", _APPLY, 2) == SIGNED_BY_PEER
+
+
+def test_a_signature_made_for_another_method_is_refused():
+    """
+    If a signature made for a POST to an internal route is shown on another method to that route (same path,
+    body and time), then it is refused, for the body and the head's signed length alike; the head is not spent
+    by that attempt, and still passes on its own method.
+    """
+    from kvresponder.http.peerguard import SIGNED_BY_PEER, UNSIGNED
+    auth, guard, _ = _signer()
+    assert not auth.verify(auth.sign(b"POST", _APPLY, b"{}"), b"PUT", _APPLY, b"{}")
+    head = _length_head(auth, b"POST", _APPLY, 2)
+    assert guard.length_signature(head, b"PUT", _APPLY, 2) == UNSIGNED
+    assert guard.length_signature(head, b"POST", _APPLY, 2) == SIGNED_BY_PEER

@@ -426,3 +426,60 @@ def test_entries_an_anti_entropy_round_sent_before_it_failed_are_counted_as_repa
     text = metrics.exposition().decode()
     assert 'kv_antientropy_rounds_total{result="failed",tenant="t1"} 1.0' in text
     assert 'kv_antientropy_repairs_total{tenant="t1"} 5.0' in text
+
+
+class _SecondOwnerUnreachable(_AskedPeers):
+    """A peer client whose n3 is unreachable, and whose other peers take every entry sent to them."""
+
+    def __init__(self) -> None:
+        _AskedPeers.__init__(self)
+        self.taken = {}
+
+    async def apply(self, peer, entries, timeout=None):
+        from kvresponder.peertransport import PeerError
+        if peer.node_id == "n3":
+            raise PeerError("n3 unreachable for apply: ConnectionRefusedError")
+        self.taken.setdefault(peer.node_id, []).extend(entry.key for entry in entries)
+        return [ApplyResult(True, False)] * len(entries)
+
+
+def test_a_hint_is_kept_and_counted_pending_until_every_owner_has_taken_it():
+    """
+    If a node holds a key it does not own (a hint for a failed owner), and of the key's two owners one takes it
+    and the other is unreachable, then the node keeps its copy and the pass counts it pending: dropped after one
+    owner's acknowledgement, it would be one copy short.
+    """
+    clock, peers = Clock(), _SecondOwnerUnreachable()
+    store = Store(clock.seconds, 1 << 20)
+    ring = HashRing(["n1", "n2", "n3"])
+    key = next(key for key in ("k%d" % (index,) for index in range(1000))
+               if ring.preference_list(key, 2) == ["n2", "n3"])
+    store.apply(Entry(key, b'"v"', (1, 0, "n1"), None))
+    rebalancer = Rebalancer("n1", store, lambda: ring, _Peer, peers, clock, 2, Metrics("t1"))
+    done = rebalancer.run_pass("leave:n4")
+    clock.pump([0.01] * 20)
+    assert done.called and done.result == {"handed_off": 0, "repaired": 0, "pending": 1}
+    assert rebalancer.pending == 1 and store.current(key) is not None
+    assert peers.taken == {"n2": [key]}
+
+
+def test_a_failed_hand_off_keeps_the_ring_settling_and_shows_in_kv_handoff_pending():
+    """
+    If a node cannot hand a hint to one of its owners (n3 is down and not yet noticed), then long after the ring
+    last changed the node's ring is still settling (so reads still ask around, and find the key where it sits),
+    and its ``kv_handoff_pending`` gauge shows the entry waiting.
+    """
+    from .support import MemoryCluster
+    cluster = MemoryCluster(3)
+    n1, n2, n3 = cluster.nodes
+    cluster.run(seconds=1.0)
+    assert all(node.state == "ready" for node in cluster.nodes)
+    key = next(key for key in ("k%d" % (index,) for index in range(1000))
+               if n1.ring().preference_list(key, 2) == ["n2", "n3"])
+    n1.store.apply(Entry(key, b'"v"', n1.hlc.now(), None))
+    cluster.kill(n3)
+    cluster.run(n1.rebalancer.run_pass("hint"), seconds=1.0)
+    assert n1.rebalancer.pending == 1 and n2.store.current(key) is not None
+    n1.ring_changed_at -= 3600
+    assert n1.ring_settling()
+    assert 'kv_handoff_pending{tenant="t1"} 1.0' in n1.metrics.exposition().decode()

@@ -773,6 +773,38 @@ class UnreachableOwnersReadTests(unittest.TestCase):
         self.assertIsNone(self.read(reader, self._key()))
 
 
+class ExpiredOnItsWayReadTests(unittest.TestCase):
+    """
+    A value an owner answers as live (by its clock, or before the answer came back) whose expiry this
+    coordinator's clock has passed is a miss: what the client is told follows the coordinator's clock.
+    """
+
+    RING = HashRing(["n1", "n2", "n3"])
+    read = staticmethod(_single_read)
+
+    def test_a_value_expired_by_the_coordinators_clock_is_a_miss(self):
+        key = next(key for key in ("k%d" % i for i in range(1000))
+                   if "n1" not in self.RING.preference_list(key, 2))
+        clock = Clock()
+        clock.advance(995)
+        version = HybridLogicalClock(clock.seconds, "n2").now()
+        # The owners' clocks are 5 s behind the coordinator's (1000): the value is live by theirs until 998.
+        stores = {node: Store(clock.seconds, 1 << 24) for node in ("n2", "n3")}
+        for store in stores.values():
+            store.apply(Entry(key, b'"v"', version, 998.0))
+        reader, peers = _reader("n1", self.RING, stores, settling=False, leaving=[])
+        self.assertIsNone(self.read(reader, key))
+        self.assertTrue(peers.asked)
+        # One still live by the coordinator's clock is answered.
+        for store in stores.values():
+            store.apply(Entry(key, b'"w"', HybridLogicalClock(lambda: 995.5, "n2").now(), 1001.0))
+        self.assertEqual(self.read(reader, key).value, b'"w"')
+
+
+class BulkExpiredOnItsWayReadTests(ExpiredOnItsWayReadTests):
+    read = staticmethod(_bulk_read)
+
+
 class BulkLeavingReadTests(LeavingReadTests):
     """
     The same reads, of a key in a bulk get: the same answers as a single read's.

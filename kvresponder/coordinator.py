@@ -1002,13 +1002,14 @@ class _ReplicatedWrite:
             self._finish()
         for owner in owners:
             self._attempt(owner, owner)
-        tell = self._entry.expires_at is not None
-        for node in witnesses:
-            # A slot of no owner's: it has no fallback, and counts toward no quorum.
-            if tell:
-                self._tell(node)
-            else:
-                self._ask(node)
+        if witnesses:
+            tell = self._entry.expires_at is not None
+            for node in witnesses:
+                # A slot of no owner's: it has no fallback, and counts toward no quorum.
+                if tell:
+                    self._tell(node)
+                else:
+                    self._ask(node)
 
     def _tell(self, node: str) -> None:
         """

@@ -239,7 +239,7 @@ class ConnectionLane:
 
     :param FastLane lane: the site's lane.
     :param channel: the HTTP channel: ``send(data)``, ``receiving(bool)`` (a request is partly received),
-        ``setTimeout``, ``transport``, and ``to_twisted(data)``.
+        ``setTimeout``, ``transport``, and ``from_lane(data)`` (Twisted's parser gets what starts a request).
     """
 
     open = True
@@ -438,7 +438,7 @@ class ConnectionLane:
         if held:
             rest = self._serve(held)
             if rest is not None:
-                channel.to_twisted(rest)
+                channel.from_lane(rest)
 
 
 def _log_failure(failure) -> None:

@@ -649,6 +649,7 @@ class _CountedChannel(HTTPChannel):
         self.timeoutConnection()
 
     def dataReceived(self, data):
+        first, self._first_read = self._first_read, False
         if self._held_input:
             # Behind the bytes held while the client read nothing: they are parsed first, in order.
             self._held_input += data
@@ -658,18 +659,25 @@ class _CountedChannel(HTTPChannel):
         if lane is not None and lane.open:
             self.resetTimeout()
             data = lane.dataReceived(data)
-            if data is None:
-                return
-            # What the lane hands over starts a request: the lane parsed up to its first byte.
-            starts = True
-        else:
-            starts = self._first_read
-        self._first_read = False
-        if starts and data[:1] not in _REQUEST_STARTS:
-            # No request line starts so (a method is a token): bytes that are not HTTP, such as a TLS
-            # ClientHello sent to this plain port, would hold no line end Twisted waits for, and be cut off at
-            # the request's deadline without a word. Only where a request is known to start: between two reads of
-            # one request, any byte may come first.
+            if data is not None:
+                self.from_lane(data)
+            return
+        if first:
+            self.from_lane(data)
+            return
+        self.to_twisted(data)
+
+    def from_lane(self, data: bytes) -> None:
+        """
+        Give Twisted's parser ``data`` that starts a request: what the fast lane hands over (it parsed up to that
+        request's first byte), or a connection's first read.
+
+        Bytes no request line starts with (a method is a token) are refused at once: bytes that are not HTTP,
+        such as a TLS ClientHello sent to this plain port, would hold no line end Twisted waits for, and be cut off
+        at the request's deadline without a word. Only where a request is known to start: between two reads of
+        one request, any byte may come first.
+        """
+        if data[:1] not in _REQUEST_STARTS and not self._refused_head:
             self._refused_head = True
             _answer_bad_request(self, _NOT_HTTP_TLS if data[:1] == b"\x16" else _NOT_HTTP)
             return
@@ -759,7 +767,7 @@ class _CountedChannel(HTTPChannel):
         if lane is not None and lane.held_for_transport:
             rest = lane.resume()
             if rest is not None:
-                self.to_twisted(rest)
+                self.from_lane(rest)
         held = self._held_input
         if held and not self._handed_over and not self.transport.disconnecting:
             self._held_input = b""
@@ -791,7 +799,7 @@ class _CountedChannel(HTTPChannel):
             # request line, which the lane takes back with the rest.
             rest = lane.reopen(self.clearLineBuffer())
             if rest is not None:
-                self.to_twisted(rest)
+                self.from_lane(rest)
 
     def allContentReceived(self):
         self._request_started = None

@@ -218,11 +218,35 @@ def test_list_rejects_bad_parameters(api, query):
                                    "prefix=a&limit=2&prefix%3D=x&prefix=b"])
 def test_a_list_parameter_given_twice_is_400(api, query):
     """
-    If a query names a parameter twice, then the answer is 400, whichever of its values comes first: taking one
-    would be a guess.
+    If a query names a parameter of the listing twice, then the answer is 400, whichever of its values comes
+    first: taking one would be a guess.
     """
     code, body, _ = api.call("GET", "/kv?" + query)
     assert_error(code, body, 400, "invalid_query")
+
+
+@pytest.mark.parametrize("query", ["_=1&_=2", "limit", "limit&limit=2", "x&y=1&y=2&limit=2"])
+def test_parameters_a_listing_does_not_take_and_parts_without_a_value_are_left_out(api, query):
+    """
+    If a query repeats a parameter the listing does not take (a cache-buster), or has a part without ``=``, then
+    those are left out, as the API says of unlisted parameters.
+    """
+    for key in ("a", "b", "c"):
+        assert api.put(key, 1)[0] == 201
+    code, body, _ = api.call("GET", "/kv?" + query)
+    assert code == 200, body
+    assert body["keys"] == (["a", "b"] if "limit=2" in query else ["a", "b", "c"])
+
+
+def test_a_conditional_delete_is_refused_but_a_delete_needs_no_content_headers(api):
+    """
+    If a DELETE (which has no body) carries a Content-Encoding or two Content-Types, then they are ignored, as
+    for any request without a body; a precondition on it is still refused.
+    """
+    for headers in ({"Content-Encoding": "gzip"}, {"Content-Type": ["text/plain", "application/json"]}):
+        assert api.put("k", 1)[0] == 201
+        code, body, _ = api.call("DELETE", "/kv/k", headers=headers)
+        assert code == 200, (headers, body)
 
 
 def test_a_list_prefix_is_split_on_ampersands_only(api):
@@ -357,6 +381,7 @@ def test_a_conditional_write_is_refused_and_changes_nothing(api, method, path, b
     ({"Content-Encoding": "identity, br"}, 415, "unsupported_media_type"),
     ({"Content-Type": "application/json; charset=latin-1"}, 415, "unsupported_media_type"),
     ({"Content-Type": 'application/json; CHARSET="utf-16"'}, 415, "unsupported_media_type"),
+    ({"Content-Type": "application/json; charset=iso-8859-1"}, 415, "unsupported_media_type"),
     ({"Content-Type": ["text/plain", "application/json"]}, 400, "invalid_header"),
     ({"Content-Type": ["application/json", "application/json"]}, 400, "invalid_header"),
 ])
@@ -377,6 +402,7 @@ def test_a_write_whose_body_is_not_plain_utf8_json_is_refused_and_changes_nothin
     {"Content-Encoding": "identity"},
     {"Content-Type": "application/json; charset=utf-8"},
     {"Content-Type": "Application/JSON;charset=UTF8"},
+    {"Content-Type": "application/json; charset=us-ascii"},
 ])
 def test_a_write_of_plain_utf8_json_so_labelled_is_taken(api, headers):
     headers = dict(headers)

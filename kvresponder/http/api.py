@@ -79,13 +79,17 @@ def check_media_type(content_type: Optional[bytes]) -> None:
             raise APIError(415, "unsupported_media_type", "Send the body as JSON in UTF-8.")
 
 
+#: Charsets a JSON body may be labelled with: UTF-8, and ASCII, which is UTF-8 (RFC 8259, 8.1).
+_UTF8_CHARSETS = frozenset([b"utf-8", b"utf8", b"us-ascii", b"ascii"])
+
+
 def _utf8_charset(parameters: bytes) -> bool:
     """
-    Whether a media type's ``parameters`` (after its first ``;``) name no charset, or UTF-8.
+    Whether a media type's ``parameters`` (after its first ``;``) name no charset, or one whose text is UTF-8.
     """
     for parameter in parameters.split(b";"):
         name, _, value = parameter.partition(b"=")
-        if name.strip().lower() == b"charset" and value.strip().strip(b'"').lower() not in (b"utf-8", b"utf8"):
+        if name.strip().lower() == b"charset" and value.strip().strip(b'"').lower() not in _UTF8_CHARSETS:
             return False
     return True
 
@@ -96,9 +100,10 @@ def _utf8_charset(parameters: bytes) -> bool:
 _PRECONDITIONS = (b"if-match", b"if-none-match", b"if-unmodified-since")
 
 
-def check_write_headers(request) -> None:
+def check_write_headers(request, body: bool = True) -> None:
     """
-    What a write's request head must not carry: a precondition, a content coding, or two Content-Types.
+    What a write's request head must not carry: a precondition; and, for a write with a body, a content coding
+    or two Content-Types.
 
     :raises APIError: 400 or 415.
     """
@@ -107,6 +112,8 @@ def check_write_headers(request) -> None:
         if headers.hasHeader(name):
             raise bad_request("unsupported_precondition", "Conditional writes (%s) are not supported: a write "
                               "replaces whatever the key holds." % (name.decode("ascii").title(),))
+    if not body:
+        return
     for value in headers.getRawHeaders(b"content-encoding") or ():
         if any(coding.strip().lower() not in (b"", b"identity") for coding in value.split(b",")):
             raise APIError(415, "unsupported_media_type", "Send the body with no Content-Encoding.")
@@ -398,7 +405,7 @@ class KVResource(Resource):
                         key, request.content.read(), request.getHeader(b"content-type")))
             if method == b"DELETE":
                 with request.begin("/kv/{key}", kv_write=True):
-                    check_write_headers(request)
+                    check_write_headers(request, body=False)
                     return self._answer(request, operations.delete(key))
             raise method_not_allowed(["GET", "HEAD", "PUT", "DELETE"])
         except APIError as error:
@@ -432,7 +439,7 @@ class KVResource(Resource):
             request.setHeader(name, value)
 
     def _list(self, request):
-        args = _query_args(request.uri)
+        args = _query_args(request.uri, _LIST_PARAMETERS)
         prefix = _text_arg(args, b"prefix", "")
         limit_text = _text_arg(args, b"limit", None)
         cursor = _text_arg(args, b"cursor", None)
@@ -458,23 +465,29 @@ class KVResource(Resource):
         return self._respond(request, ensureDeferred(self._coordinator.list_keys(prefix, after, limit)), render)
 
 
-def _query_args(uri: bytes) -> Dict[bytes, bytes]:
-    """
-    A request target's query parameters, by name, each given at most once. Split on ``&`` alone (Twisted's
-    ``request.args`` splits on ``;`` too, which URLs do not: ``prefix=a;b`` is the prefix ``a;b``), and decoded
-    as a form's are (``+`` is a space).
+_LIST_PARAMETERS = frozenset([b"prefix", b"limit", b"cursor"])
 
-    :raises APIError: 400 for a parameter given twice (which of them to take would be a guess).
+
+def _query_args(uri: bytes, names) -> Dict[bytes, bytes]:
+    """
+    A request target's query parameters among ``names``, each given at most once. Split on ``&`` alone
+    (Twisted's ``request.args`` splits on ``;`` too, which URLs do not: ``prefix=a;b`` is the prefix ``a;b``),
+    and decoded as a form's are (``+`` is a space). As Twisted's were, a part without ``=`` is left out, and so
+    is any parameter the route does not take (a cache-buster), however often it is given.
+
+    :raises APIError: 400 for one of ``names`` given twice (which of them to take would be a guess).
     """
     mark = uri.find(b"?")
     args: Dict[bytes, bytes] = {}
     if mark < 0:
         return args
     for part in uri[mark + 1:].split(b"&"):
-        if not part:
+        name, equals, value = part.partition(b"=")
+        if not equals:
             continue
-        name, _, value = part.partition(b"=")
         name = unquote_to_bytes(name.replace(b"+", b" "))
+        if name not in names:
+            continue
         if name in args:
             raise bad_request("invalid_query", "Give each query parameter at most once.")
         args[name] = unquote_to_bytes(value.replace(b"+", b" "))

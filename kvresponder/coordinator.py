@@ -313,8 +313,9 @@ class Coordinator:
         it now: while the ring settles, an earlier write may still be on them alone. A join can replace every
         owner of a key (the new node's point can become the key's start), and then no current owner holds the
         earlier write yet; a write that asks these too hears of its newer version and is stamped above it, so
-        that a later write still wins whatever the clocks say. They are asked for their version, not sent a
-        copy (a copy would be one more for the pass to hand on); one that fails is not replaced.
+        that a later write still wins whatever the clocks say. They are asked for their version (a copy would be
+        one more for the pass to hand on), but for a write that expires, which they are sent
+        (``_ReplicatedWrite._tell``); one that fails is not replaced.
         """
         rings = self._previous_rings()
         if not rings:
@@ -899,8 +900,9 @@ class WritePath:
         :meth:`Coordinator._new_write_task`).
     :ivar context: a copy of the current context for the write's failovers to run in, or ``None`` where it
         holds nothing they need (see :meth:`Coordinator._write_context`).
-    :ivar witnesses: ``witnesses(key, owners)``: the key's previous owners while the ring settles, asked too,
-        so that the write hears of a newer version only they hold (see :meth:`Coordinator._witnesses`).
+    :ivar witnesses: ``witnesses(key, owners)``: the key's previous owners while the ring settles, asked too (sent
+        a write that expires), so that the write hears of a newer version only they hold (see
+        :meth:`Coordinator._witnesses`).
     :ivar peek: ``peek(node, key)``: a Deferred of the newest entry ``node`` holds for ``key``, or ``None``.
     """
     node_id: str = attrib()
@@ -953,7 +955,7 @@ class _ReplicatedWrite:
         #: Whether the key held no live value before the first attempt (``None``: this is the first).
         self._created = created
         self._stored: List[Tuple[str, ApplyResult]] = []
-        #: What the previous owners (``WritePath.witnesses``) answered: versions to stay above, not copies.
+        #: What the previous owners (``WritePath.witnesses``) answered: versions to stay above.
         self._witnessed: List[Tuple[str, ApplyResult]] = []
         self._action = None
         #: At info outside any action: the write's own task, where each copy's line takes the next level from
@@ -1031,12 +1033,7 @@ class _ReplicatedWrite:
             if peer is None:
                 self._ask(node)
                 return
-            task_id = None
-            line = self._next_line()
-            if line is not None:
-                task, level = line
-                task_id = serialized_task_id(task, level[0])
-            path.send_copy(peer, self._entry, _WitnessWaiter(self, node), task_id)
+            path.send_copy(peer, self._entry, _WitnessWaiter(self, node), _task_id_of(self._next_line()))
         except (PeerError, Unavailable):
             self._ask(node)
         except Exception:
@@ -1108,12 +1105,8 @@ class _ReplicatedWrite:
         if peer is None:
             self._failover(owner, node, "left the membership")
             return
-        task_id = None
-        if line is not None:
-            task, level = line
-            task_id = serialized_task_id(task, level[0])
         try:
-            path.send_copy(peer, self._entry, _CopyWaiter(self, owner, node), task_id)
+            path.send_copy(peer, self._entry, _CopyWaiter(self, owner, node), _task_id_of(line))
         except (PeerError, Unavailable) as error:
             self._failover(owner, node, str(error))
 
@@ -1245,6 +1238,16 @@ class _ReplicatedWrite:
             again._fire()
         else:
             self._waiter.callback(outcome)
+
+
+def _task_id_of(line: Optional[Tuple[str, List[int]]]) -> Optional[bytes]:
+    """
+    The serialized Eliot task id a peer logs a copy at, for a write's next line (``_next_line``), or ``None``.
+    """
+    if line is None:
+        return None
+    task, level = line
+    return serialized_task_id(task, level[0])
 
 
 @implementer(Waiter)

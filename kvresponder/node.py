@@ -179,12 +179,14 @@ class Node:
     def _rings_before_joining(self) -> List[HashRing]:
         """
         While this node joins, the rings where the data it is about to be handed still sits: its peers' ring
-        without it; and, when peers said in their heartbeats that they were joining too (an autoscaler adds
-        pods in twos and threes), that ring without them too. It keeps none of the rings it built while discovering them, but a write it coordinates
-        meanwhile (kv requests are served while joining) must still hear of an earlier write to a key whose every
-        owner its join replaced, or that write, stamped by a clock ahead, would win over this one once handed
-        over. A node that joined with this one may be such an owner in the first ring and hold nothing yet: the
-        earlier write is on the owners of the ring before both.
+        without it; and, when peers said in their heartbeats that they were joining too (an autoscaler adds pods
+        in twos and threes), that ring without them too, as they were when this node's ring last changed.
+
+        It keeps none of the rings it built while discovering them, but a write it coordinates meanwhile (kv
+        requests are served while joining) must still hear of an earlier write to a key whose every owner its
+        join replaced, or that write, stamped by a clock ahead, would win over this one once handed over. A node
+        that joined with this one may be such an owner in the first ring and hold nothing yet: the earlier write
+        is on the owners of the ring before both.
         """
         ring = self._ring
         cached_ring, before = self._joining_ring

@@ -161,7 +161,6 @@ class SkewStateTests(unittest.TestCase):
         assert not clock_offsets.skewed
         assert len(LoggedMessage.of_type(logger.messages, CLOCK_RECOVERED)) == 1
 
-
     def test_a_skewed_node_recovers_only_once_well_within_the_bound(self):
         """
         If a skewed node's offset comes back to just within the bound (0.45 s of 0.5 s), then it stays skewed: a

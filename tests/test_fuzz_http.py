@@ -875,10 +875,14 @@ def test_bytes_no_request_line_starts_with_are_a_400_at_once_that_closes(lane, p
 
 
 @pytest.mark.parametrize("pieces", [
-    # A request after one the lane answered, that the lane leaves to Twisted: it starts at a request's start.
     (b"GET /t1/kv/a HTTP/1.1\r\nHost: h\r\n\r\n\x16\x03\x01",),
-])
+    (b"GET /t1/kv/a HTTP/1.1\r\nHost: h\r\n\r\n", b"\x16\x03\x01"),
+], ids=["same-read", "next-read"])
 def test_bytes_that_cannot_start_a_request_after_a_request_are_a_400(pieces):
+    """
+    If bytes no request starts with follow a request the lane answered, in its read or the next, then the
+    request is answered and they are answered 400 at once: the lane parsed up to them, so they start a request.
+    """
     raw, closed = node_for("defaults").send_pieces(*pieces)
     first = parse_response(raw)
     assert first is not None and first.status in (200, 404), raw[:300]

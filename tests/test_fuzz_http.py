@@ -113,11 +113,13 @@ class Node:
     def send(self, raw: bytes) -> bytes:
         return self.send_pieces(raw)[0]
 
-    def send_pieces(self, *pieces: bytes) -> Tuple[bytes, bool]:
+    def send_pieces(self, *pieces: bytes, lane: bool = True) -> Tuple[bytes, bool]:
         """
         Send ``pieces`` as separate reads; what came back, and whether the server closed the connection.
+        ``lane=False``: to a site of this node's without the fast lane (as when tracing is on).
         """
-        site = self.api.site
+        site = self.api.site if lane else self._site_without_lane()
+        assert (site.lane is not None) == lane
         address = IPv4Address("TCP", "127.0.0.1", 40000)
         protocol = site.buildProtocol(address)
         transport = StringTransport(peerAddress=address)
@@ -129,6 +131,12 @@ class Node:
             return transport.value(), transport.disconnecting
         finally:
             protocol.connectionLost(Failure(ConnectionDone()))
+
+    def _site_without_lane(self):
+        from kvresponder.http.root import build_root
+        from kvresponder.http.site import KVSite
+
+        return KVSite(build_root(self.api.node), self.api.clock, fast_lane=False)
 
     def snapshot(self) -> tuple:
         """
@@ -851,26 +859,13 @@ def test_bytes_no_request_line_starts_with_are_a_400_at_once_that_closes(lane, p
     bytes, a leading space) and hold no line end, then they are answered 400 at once and the connection closes;
     before, they waited for the request's deadline and were cut off without an answer.
     """
-    from kvresponder.http.root import build_root
-    from kvresponder.http.site import KVSite
-
     node = node_for("defaults")
     before = node.snapshot()
-    site = node.api.site if lane else KVSite(build_root(node.api.node), node.api.clock, fast_lane=False)
-    assert (site.lane is not None) == lane
-    address = IPv4Address("TCP", "127.0.0.1", 40001)
-    protocol = site.buildProtocol(address)
-    transport = StringTransport(peerAddress=address)
-    protocol.makeConnection(transport)
-    try:
-        for piece in pieces:
-            protocol.dataReceived(piece)
-        response = parse_response(transport.value())
-        assert response is not None and response.status == 400, transport.value()[:300]
-        assert json.loads(response.body) == {"error": "bad_request", "message": message}
-        assert transport.disconnecting
-    finally:
-        protocol.connectionLost(Failure(ConnectionDone()))
+    raw, closed = node.send_pieces(*pieces, lane=lane)
+    response = parse_response(raw)
+    assert response is not None and response.status == 400, raw[:300]
+    assert json.loads(response.body) == {"error": "bad_request", "message": message}
+    assert closed
     assert node.snapshot() == before
 
 
@@ -903,23 +898,10 @@ def test_a_request_whose_later_reads_start_with_any_byte_is_served(lane, pieces)
     If a request arrives in reads that start with a space or other byte no request starts with, or after an
     empty line, then it is served: only a request's first byte is held to that.
     """
-    from kvresponder.http.root import build_root
-    from kvresponder.http.site import KVSite
-
-    node = node_for("defaults")
-    site = node.api.site if lane else KVSite(build_root(node.api.node), node.api.clock, fast_lane=False)
-    address = IPv4Address("TCP", "127.0.0.1", 40002)
-    protocol = site.buildProtocol(address)
-    transport = StringTransport(peerAddress=address)
-    protocol.makeConnection(transport)
-    try:
-        for piece in pieces:
-            protocol.dataReceived(piece)
-        node.api.stub.flush()
-        response = parse_response(transport.value())
-        assert response is not None and response.status in (200, 201), transport.value()[:300]
-    finally:
-        protocol.connectionLost(Failure(ConnectionDone()))
+    raw, closed = node_for("defaults").send_pieces(*pieces, lane=lane)
+    response = parse_response(raw)
+    assert response is not None and response.status in (200, 201), raw[:300]
+    assert not closed
 
 
 @pytest.mark.parametrize("pieces", [

@@ -1040,6 +1040,16 @@ class _ReplicatedWrite:
             write_traceback()
             self._slot_done(None)
 
+    def _tell_failed(self, failure, node: str) -> None:
+        """
+        A previous owner did not take the copy :meth:`_tell` sent (a leaving node refuses copies): it is asked.
+        """
+        if not failure.check(PeerError, Unavailable):
+            self._in_context(write_failure, failure)
+        self._in_context(self._ask, node)
+        # Its answer may have settled the write inside the write's context: delivered outside it.
+        self._fire()
+
     def _told(self, result: ApplyResult, node: str) -> None:
         """
         A previous owner's answer to a copy :meth:`_tell` sent, taken as its answer to a peek: only a version
@@ -1260,7 +1270,7 @@ class _CopyWaiter:
 
     __slots__ = ("_write", "_owner", "_node", "called")
 
-    def __init__(self, write: "_ReplicatedWrite", owner: str, node: str) -> None:
+    def __init__(self, write: "_ReplicatedWrite", owner: Optional[str], node: str) -> None:
         self._write = write
         self._owner = owner
         self._node = node
@@ -1271,7 +1281,7 @@ class _CopyWaiter:
             return
         self.called = True
         try:
-            self._write._copied(result, self._node)
+            self._settled(result)
         except Exception:
             write_traceback()
 
@@ -1280,48 +1290,32 @@ class _CopyWaiter:
             return
         self.called = True
         try:
-            self._write._copy_failed(error if isinstance(error, Failure) else Failure(error), self._owner,
-                                     self._node)
+            self._failed(error if isinstance(error, Failure) else Failure(error))
         except Exception:
             write_traceback()
 
+    def _settled(self, result: ApplyResult) -> None:
+        self._write._copied(result, self._node)
 
-@implementer(Waiter)
-class _WitnessWaiter:
+    def _failed(self, failure: Failure) -> None:
+        self._write._copy_failed(failure, self._owner, self._node)
+
+
+class _WitnessWaiter(_CopyWaiter):
     """
-    A previous owner's copy of a :class:`_ReplicatedWrite` (see ``_ReplicatedWrite._tell``).
+    A previous owner's copy of a :class:`_ReplicatedWrite` (see ``_ReplicatedWrite._tell``): it owns no slot.
     """
 
-    __slots__ = ("_write", "_node", "called")
+    __slots__ = ()
 
     def __init__(self, write: "_ReplicatedWrite", node: str) -> None:
-        self._write = write
-        self._node = node
-        self.called = False
+        _CopyWaiter.__init__(self, write, None, node)
 
-    def callback(self, result: ApplyResult) -> None:
-        if self.called:
-            return
-        self.called = True
-        try:
-            self._write._told(result, self._node)
-        except Exception:
-            write_traceback()
+    def _settled(self, result: ApplyResult) -> None:
+        self._write._told(result, self._node)
 
-    def errback(self, error) -> None:
-        if self.called:
-            return
-        self.called = True
-        write = self._write
-        try:
-            failure = error if isinstance(error, Failure) else Failure(error)
-            if not failure.check(PeerError, Unavailable):
-                write._in_context(write_failure, failure)
-            write._in_context(write._ask, self._node)
-            # Its answer may have settled the write inside the write's context: delivered outside it.
-            write._fire()
-        except Exception:
-            write_traceback()
+    def _failed(self, failure: Failure) -> None:
+        self._write._tell_failed(failure, self._node)
 
 
 class _Again(NamedTuple):

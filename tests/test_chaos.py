@@ -919,6 +919,15 @@ def test_a_node_whose_wall_clock_steps_back_stays_in_its_peers_rings(net, tmp_pa
 # -- a joining node's writes ----------------------------------------------------------------------------------
 
 
+def _fill_for_slow_hand_offs(s, node, prefix: str, count: int = 60000) -> None:
+    """
+    Write ``count`` small keys through ``node``, in bulk: enough that the hand-offs of a join take seconds.
+    """
+    for start in range(0, count, 1000):
+        items = [{"key": "%s%d" % (prefix, i), "value": "x" * 100} for i in range(start, start + 1000)]
+        assert s.post(node.url + "/bulk", json={"put": items}, timeout=60).status_code == 200
+
+
 def test_later_writes_through_one_of_two_nodes_joining_at_once_win_over_earlier_ones_stamped_ahead(net):
     """
     If node 3's clock runs 30 s ahead (within a 60 s MAX_CLOCK_OFFSET), keys are written through it, and nodes 4
@@ -944,11 +953,9 @@ def test_later_writes_through_one_of_two_nodes_joining_at_once_win_over_earlier_
                                                           | set(with_other_joiner.preference_list(key, 2)))][:60]
     assert len(keys) == 60
     s = session()
-    # Enough other keys that the hand-offs take seconds: node 4 serves before its peers have handed it the keys,
-    # and the later writes must find the earlier ones where they still are.
-    for start in range(0, 60000, 1000):
-        items = [{"key": "jw-fill-%d" % (i,), "value": "x" * 100} for i in range(start, start + 1000)]
-        assert s.post(healthy[0].url + "/bulk", json={"put": items}, timeout=60).status_code == 200
+    # Node 4 serves before its peers have handed it the keys: the later writes must find the earlier ones where
+    # they still are.
+    _fill_for_slow_hand_offs(s, healthy[0], "jw-fill-")
     for key in keys:
         assert s.put(skewed.url + "/kv/" + key, json={"value": "earlier"}, timeout=5).status_code == 201
     env = {"MAX_CLOCK_OFFSET": "60", "CLUSTER_SECRET": healthy[0].env["CLUSTER_SECRET"]}
@@ -1003,9 +1010,7 @@ def test_an_overwrite_with_a_ttl_during_a_join_that_replaced_both_owners_leaves_
             if not set(before.preference_list(key, 2)) & set(after.preference_list(key, 2))][:100]
     assert len(keys) == 100
     s = session()
-    for start in range(0, 60000, 1000):
-        items = [{"key": "tj-fill-%d" % (i,), "value": "x" * 100} for i in range(start, start + 1000)]
-        assert s.post(nodes[1].url + "/bulk", json={"put": items}, timeout=60).status_code == 200
+    _fill_for_slow_hand_offs(s, nodes[1], "tj-fill-")
     for key in keys:
         assert s.put(nodes[1].url + "/kv/" + key, json={"value": "older"}, timeout=5).status_code == 201
     joiner = net.start(4, wait=False)

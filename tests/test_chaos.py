@@ -31,7 +31,7 @@ from .conftest import require_tool
 from .harness import REPO
 from .history import (ERROR, History, Load, check, perform, preload, read_all, read_through,
                       real_time_order_violations, settle)
-from .netns import DISCOVERY_PORT, TENANT, Network, NetnsUnavailable, metric_sum, session, wait_until
+from .netns import DISCOVERY_PORT, HTTP_PORT, TENANT, Network, NetnsUnavailable, metric_sum, session, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -965,7 +965,11 @@ def test_later_writes_through_one_of_two_nodes_joining_at_once_win_over_earlier_
             return node.session.get(node.url + "/health/live", timeout=0.2).status_code == 200
         except Exception:
             return False
-    # Node 5 first, so that node 4 hears it from its start, while node 5 still waits for its share.
+    # Node 5 first, so that node 4 hears it from its start, while node 5 still waits for its share: its request
+    # for node 1's share is held (its connections to node 1's HTTP port dropped; heartbeats pass) until node 4
+    # has taken the writes, for a fast interpreter hands 60k keys over before node 4 is up.
+    hold = ["OUTPUT", "-p", "tcp", "-d", healthy[0].address, "--dport", str(HTTP_PORT), "-j", "DROP"]
+    net.host(5).run(["iptables", "-w", "-A"] + hold)
     other = net.start(5, wait=False, env=env)
     wait_until(lambda: answers(other), 20, "node5 to answer", interval=0.02)
     joiner = net.start(4, wait=False, env=env)
@@ -978,6 +982,7 @@ def test_later_writes_through_one_of_two_nodes_joining_at_once_win_over_earlier_
             return state, own.put(joiner.url + "/kv/" + key, json={"value": "later"}, timeout=5).status_code
     with ThreadPoolExecutor(max_workers=8) as pool:
         outcomes = list(pool.map(write, keys))
+    net.host(5).run(["iptables", "-w", "-D"] + hold)
     assert all(code in (200, 201, 503) for _, code in outcomes), outcomes
     acknowledged = [key for key, (_, code) in zip(keys, outcomes) if code in (200, 201)]
     # Most are taken while it joins; how many depends on how soon it hears its peers and loads its share (the

@@ -115,7 +115,7 @@ class Node:
         self.coordinator = Coordinator(self.store, self.hlc, self.ring, self.membership.peer, self.peers,
                                        settings.replicas, settings.write_quorum, self.wall, self.metrics,
                                        self.log_policy, self.ring_settling, clock_skew=self.clock_offsets,
-                                       traced=tracing is not None, leaving=self.leaving_holders,
+                                       traced=tracing is not None and tracing.enabled, leaving=self.leaving_holders,
                                        previous_rings=self.previous_rings, takes_copies=self.takes_copies,
                                        unjoined=self.unjoined)
         self.rebalancer = Rebalancer(self.node_id, self.store, self.ring, self.membership.peer, self.peers,

@@ -174,3 +174,22 @@ def test_if_tracing_is_given_a_provider_without_a_reactor_then_it_refuses_rather
 
     with pytest.raises(TypeError):
         Tracing(TracerProvider())
+
+
+def test_a_node_with_tracing_off_spares_its_replicated_writes_a_copy_of_the_context():
+    """
+    If a node is given a ``Tracing`` that is off (no provider: what the tap builds when no endpoint is set), then
+    a replicated write outside any Eliot action takes no copy of the context for its failovers (there is no span
+    to carry); with tracing on, it takes one.
+    """
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from kvresponder.node import Node
+
+    from .support import make_settings
+
+    clock = Clock()
+    off = Node(make_settings(), clock, http=None, tracing=Tracing(None, clock))
+    on = Node(make_settings(), clock, http=None, tracing=Tracing(TracerProvider(), clock))
+    assert off.coordinator._write_context() is None
+    assert on.coordinator._write_context() is not None

@@ -593,6 +593,17 @@ def test_drain_and_exit_wait_fit_inside_grace_period_when_rendered(args, grace, 
     assert drain + DRAIN_GUARD + wait + EXIT_FLUSH < grace
 
 
+def test_the_contract_gives_the_exit_the_trace_and_log_budgets_the_node_takes():
+    """
+    If the node's exit gives its trace exporter SHUTDOWN_TIMEOUT and its last log lines LOG_DRAIN_TIMEOUT, then
+    docs/CONTRACT.md, which the chart's arithmetic follows, names both (it once left the tracer's out).
+    """
+    contract = " ".join((ROOT / "docs" / "CONTRACT.md").read_text().split())
+    sigterm = contract[contract.index("- SIGTERM:"):contract.index("## Ports")]
+    assert "trace exporter up to %g s" % (SHUTDOWN_TIMEOUT,) in sigterm, sigterm
+    assert "last log lines up to %g s" % (LOG_DRAIN_TIMEOUT,) in sigterm, sigterm
+
+
 def test_the_whole_exit_must_end_inside_the_grace_period_to_the_second_when_drain_or_grace_is_set():
     """
     If the drain, its guard, the exit's wait and the second for traces and the last log lines leave a moment before
@@ -1588,12 +1599,14 @@ def test_every_top_level_value_is_documented_when_deployment_guide_is_read():
 
 def test_the_requirements_say_pods_need_ipv4_addresses_as_the_node_refuses_an_ipv6_pod_ip():
     """
-    If a pod's POD_IP is IPv6, then the node refuses to start, with the message DEPLOYMENT's requirements quote.
+    If a pod's IP is IPv6, then the node the chart renders refuses to start, with the message DEPLOYMENT's
+    requirements quote.
     """
-    from kvresponder.settings import SettingsError, load_settings
+    from kvresponder.settings import SettingsError
 
+    docs = render("kv-responder-x")
     with pytest.raises(SettingsError) as refused:
-        load_settings({}, {"TENANT": "x", "POD_IP": "fd00::7"})
+        _node_settings(docs, pod_ip="fd00::7")
     guide = (ROOT / "docs" / "DEPLOYMENT.md").read_text()
     requirements = guide[guide.index("## Requirements"):guide.index("## Add a tenant")]
     assert "IPv4" in requirements and "IPv6-only clusters are not" in requirements
@@ -1604,17 +1617,17 @@ def test_the_requirements_say_pods_need_ipv4_addresses_as_the_node_refuses_an_ip
 # what the node makes of the chart's settings
 
 
-def _node_settings(docs):
+def _node_settings(docs, pod_ip: str = "10.0.0.7"):
     """
     The node's settings from the container's env as the chart renders it (the values, not the references to
-    the pod's fields or Secrets, which stand in as a node would see them).
+    the pod's fields or Secrets, which stand in as a node would see them, the pod's IP as ``pod_ip``).
     """
     from kvresponder.settings import load_settings
     environ = {}
     for entry in container(docs)["env"]:
         if "value" in entry:
             environ[entry["name"]] = entry["value"]
-    environ.setdefault("POD_IP", "10.0.0.7")
+    environ.setdefault("POD_IP", pod_ip)
     environ.pop("CLUSTER_SECRET_FILE", None)
     environ.pop("ADMIN_TOKEN_FILE", None)
     # Outside the pod, a $(VAR) reference stays as written: resolve the ones the chart uses.

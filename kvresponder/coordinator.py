@@ -27,7 +27,7 @@ from .log.store import STORE_APPLIED_LINE, STORE_APPLY, STORE_APPLY_BATCH
 from .peers import PeerError
 from .privateapi import continue_typed_task
 from .ring import HashRing
-from .store import ApplyResult, Entry, Store
+from .store import ApplyResult, Entry, EntryTooLarge, Store
 from .wire import MAX_KEY_BYTES
 
 
@@ -824,9 +824,13 @@ class Coordinator:
             except (PeerError, Unavailable) as error:
                 self._metrics.replication("repair", "failure")
                 COPY_FAILED.log(key=newest.key, peer=node, reason=str(error))
+            except EntryTooLarge:
+                # This node's own budget is smaller than the value a peer took (their MAX_MEMORY differs).
+                self._metrics.replication("repair", "failure")
+                COPY_FAILED.log(key=newest.key, peer=node, reason="larger than the whole memory budget")
 
         for node in stale:
-            ensureDeferred(repair_one(node)).addErrback(lambda failure: write_traceback())
+            ensureDeferred(repair_one(node)).addErrback(write_failure)
 
     # -- listing --------------------------------------------------------------------------------------
 

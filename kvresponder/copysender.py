@@ -124,11 +124,18 @@ def apply_results(answer, peer, count: int) -> List[ApplyResult]:
     if not isinstance(results, list) or len(results) != count:
         raise PeerError("%s answered a malformed apply result" % (peer.node_id,), 200)
     try:
-        return [_apply_result(*result) for result in results]
-    except (TypeError, ValueError):
+        return [_apply_result(result) for result in results]
+    except ValueError:
         raise PeerError("%s answered a malformed apply result" % (peer.node_id,), 200)
 
 
-def _apply_result(applied, had_live, newer=None) -> ApplyResult:
-    # A third element, the newer version the peer holds, comes only when it held one.
-    return ApplyResult(bool(applied), bool(had_live), None if newer is None else version_from_wire(newer))
+def _apply_result(result) -> ApplyResult:
+    """
+    :raises ValueError: unless ``result`` is ``[applied, had_live]`` (two booleans), with a third element, the
+        newer version the peer holds, only when it held one: anything else must not count as a stored copy.
+    """
+    if (not isinstance(result, list) or not 2 <= len(result) <= 3 or type(result[0]) is not bool
+            or type(result[1]) is not bool):
+        raise ValueError("malformed apply result: %r" % (result,))
+    newer = result[2] if len(result) == 3 else None
+    return ApplyResult(result[0], result[1], None if newer is None else version_from_wire(newer))

@@ -542,7 +542,9 @@ class CopyStreamClient(Int32StringReceiver):
             return
         try:
             message = json.loads(payload).get("message", "")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
+            # Whatever the body holds, the batch it answers must still fail: it is no longer pending, so
+            # neither the timer nor the connection's loss would settle it.
             message = ""
         d.errback(StreamError(code, "answered %d: %s" % (code, message)))
 

@@ -11,7 +11,7 @@ import platform
 import secrets
 from typing import Callable, List, Optional
 
-from eliot import write_traceback
+from eliot import write_failure, write_traceback
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import LoopingCall, deferLater
 
@@ -281,7 +281,7 @@ class Node:
             self._every(0.25, self._reclaim)
         self._every(self.settings.anti_entropy_interval, lambda: self.rebalancer.run_pass(ANTI_ENTROPY),
                     now=False)
-        ensureDeferred(self._join()).addErrback(lambda failure: write_traceback())
+        ensureDeferred(self._join()).addErrback(write_failure)
 
     def _sweep(self) -> None:
         """
@@ -479,6 +479,7 @@ class Node:
         if self._sweeping is not None and self._sweeping.active():
             self._sweeping.cancel()
         self._sweeping = None
+        self.rebalancer.stop()
         self.state = STOPPED
 
     # -- what users see -------------------------------------------------------------------------------

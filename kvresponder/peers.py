@@ -222,9 +222,9 @@ class PeerClient:
             body["background"] = True
         answer = await self.transport.call(peer, "sync/buckets", body)
         differing = answer.get("differ") if isinstance(answer, dict) else None
-        if not isinstance(differing, list):
+        if not isinstance(differing, list) or not all(type(bucket) is int for bucket in differing):
             raise PeerError("%s answered malformed buckets" % (peer.node_id,))
-        return [int(bucket) for bucket in differing]
+        return differing
 
     async def wanted(self, peer, versions: Dict[str, Version]) -> List[str]:
         """
@@ -233,7 +233,7 @@ class PeerClient:
         answer = await self.transport.call(peer, "sync/versions",
                                            {"versions": {key: list(version) for key, version in versions.items()}})
         keys = answer.get("want") if isinstance(answer, dict) else None
-        if not isinstance(keys, list):
+        if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
             raise PeerError("%s answered malformed versions" % (peer.node_id,))
         return [key for key in keys if key in versions]
 

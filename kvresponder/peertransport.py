@@ -18,7 +18,7 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 from eliot import current_action
-from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.defer import Deferred, DeferredSemaphore, TimeoutError
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.web.client import RequestTransmissionFailed, ResponseFailed
@@ -309,14 +309,24 @@ class PeerTransport:
         semaphore = self._in_flight.get(key)
         if semaphore is None:
             semaphore = self._in_flight[key] = DeferredSemaphore(MAX_IN_FLIGHT)
-        await semaphore.acquire()
+        due = self._clock.seconds() + (timeout or self.timeout)
+        turn = semaphore.acquire()
+        if not turn.called:
+            # The wait for a turn counts in the call's timeout: behind calls to a peer that does not answer,
+            # a caller must not wait one more timeout for every MAX_IN_FLIGHT calls ahead of it.
+            turn.addTimeout(due - self._clock.seconds(), self._clock)
+            try:
+                await turn
+            except TimeoutError:
+                raise PeerError("%s unreachable for %s: no turn among its %d calls in time"
+                                % (peer.node_id, op, MAX_IN_FLIGHT))
         try:
             # Again: the peer may have become a suspect while this call waited for its turn.
             self._check_suspect(peer, op)
             if self.tracing is None:
-                return await self._call(peer, op, payload, read, timeout, None, task_ids)
+                return await self._call(peer, op, payload, read, timeout, None, task_ids, due)
             with self.tracing.client_span(op, peer.node_id) as (carrier, span):
-                return await self._call(peer, op, payload, read, timeout, carrier, task_ids)
+                return await self._call(peer, op, payload, read, timeout, carrier, task_ids, due)
         finally:
             semaphore.release()
             if semaphore.tokens == semaphore.limit and self._in_flight.get(key) is semaphore:
@@ -327,7 +337,7 @@ class PeerTransport:
         if self.suspects.suspected(peer):
             raise PeerError(suspect_refusal(peer, op))
 
-    async def _call(self, peer, op, payload, read, timeout, trace_headers, task_ids):
+    async def _call(self, peer, op, payload, read, timeout, trace_headers, task_ids, due: float):
         peer_id = peer.node_id
         path = ("/%s/_internal/%s" % (self._tenant, op)).encode("ascii")
         url = "http://%s:%d%s" % (peer.address, peer.port, path.decode("ascii"))
@@ -343,9 +353,8 @@ class PeerTransport:
             context = _QUIET
         else:
             context = (PEER_READ if read else PEER_CALL)(peer=peer_id, op=op)
-        # Both attempts together take at most the call's timeout: a caller that fails over after it must not
-        # have waited two.
-        due = started + (timeout or self.timeout)
+        # Both attempts together end by ``due``, the call's timeout from when it was made: a caller that fails
+        # over after it must not have waited two.
         with context as action:
             try:
                 for attempt in (1, 2):
@@ -375,7 +384,8 @@ class PeerTransport:
                 # the same: this peer did not take the call, so fail over to the next one.
                 if unreachable(error):
                     self.suspects.failed(peer, error.__class__.__name__)
-                elif op in _SUSPECT_ON_TIMEOUT and timeout is None and self._clock.seconds() >= due:
+                elif (op in _SUSPECT_ON_TIMEOUT and timeout is None
+                      and self._clock.seconds() - started >= self.timeout):
                     # No answer in time to a call a client waits on (a copy, a read: the peer does little for
                     # them; a long walk such as anti-entropy's may take its time). Told by the time: the call's
                     # own timeout cancels it, which treq reports as a response never received.
@@ -388,7 +398,7 @@ class PeerTransport:
             raise PeerError("%s answered %d to %s" % (peer_id, code, op), code)
         try:
             return json.loads(content)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise PeerError("%s answered malformed JSON to %s" % (peer_id, op))
 
     def _post(self, url: str, headers, body: bytes, timeout: float, peer_id: str = "") -> Deferred:

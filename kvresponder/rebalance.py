@@ -258,6 +258,15 @@ class Rebalancer:
             self._start(reason, [waiter])
         return waiter
 
+    def stop(self) -> None:
+        """
+        Cancel the pass a change scheduled (see :meth:`trigger`): a stopped node runs none. A pass under way
+        ends by itself.
+        """
+        if self._scheduled is not None and self._scheduled.active():
+            self._scheduled.cancel()
+        self._scheduled = None
+
     def share_for(self, node_id: str) -> Deferred:
         """
         Answer a joining node's request for its share: a pass over a ring that includes it. The pass under
@@ -319,8 +328,10 @@ class Rebalancer:
             # peer's sync request does not cost another walk over the store.
             self._digest_cache = _DigestCache(ring, self.store.changes, self._clock.seconds(),
                                               {node: digest.wire() for node, digest in digests.items()})
-            repaired = sum(await gather([self._sync(node, digest, sync_reason)
-                                          for node, digest in sorted(digests.items())]))
+            # A sync that failed unexpectedly (logged by gather) counts as having sent nothing: the pass and
+            # the other peers' counts must still stand.
+            repaired = sum(sent or 0 for sent in await gather([self._sync(node, digest, sync_reason)
+                                                                for node, digest in sorted(digests.items())]))
             self.pending = len(handoff) - handed_off
             self.passes += 1
             counts = {"handed_off": handed_off, "repaired": repaired, "pending": self.pending}

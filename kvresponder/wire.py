@@ -52,7 +52,11 @@ def expiry_from_wire(value: Optional[float], now: float) -> Optional[float]:
     """
     if value is None:
         return None
-    if not math.isfinite(value):
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:
+        finite = False  # a JSON integer no float holds
+    if not finite:
         raise ValueError("bad expiry")
     return float(value) if value >= ABSOLUTE_SINCE else now + value
 

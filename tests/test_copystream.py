@@ -912,6 +912,25 @@ def test_each_batch_is_timed_from_when_it_was_sent_by_one_timer_for_the_stream()
     assert clock.getDelayedCalls() == []
 
 
+@pytest.mark.parametrize("body", [b"[" * 100000, b"[1]", b"\xff"])
+def test_an_error_answer_whatever_its_body_fails_its_batch_and_the_stream_goes_on(body):
+    """
+    If a batch is answered 500 with a body that is not the expected JSON object (nested deeper than the
+    decoder goes, a list, not UTF-8), then the batch fails with the code, nothing escapes to the reactor, and a
+    later batch on the stream is answered as usual.
+    """
+    clock = Clock()
+    client = _upgraded_client(clock)
+    outcomes = {}
+    client.send(encode_batch([_entry(1)], 0.0), [b"-"], 10.0).addBoth(_kept(outcomes, 1))
+    frame = struct.pack("!IH", 1, 500) + body
+    client.dataReceived(struct.pack("!I", len(frame)) + frame)
+    assert outcomes[1].check(copystream.StreamError) and "500" in str(outcomes[1].value), outcomes
+    client.send(encode_batch([_entry(2)], 0.0), [b"-"], 10.0).addBoth(_kept(outcomes, 2))
+    _answer(client, 2)
+    assert not isinstance(outcomes[2], Failure) and not client.closed
+
+
 def test_a_batch_sent_after_every_earlier_one_was_answered_is_timed_from_its_own_sending():
     """
     If the stream's timer outlives the batches it was made for (all answered), and a batch sent later is not

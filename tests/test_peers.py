@@ -690,3 +690,100 @@ def test_a_signature_made_for_another_method_is_refused():
     head = _length_head(auth, b"POST", _APPLY, 2)
     assert guard.length_signature(head, b"PUT", _APPLY, 2) == UNSIGNED
     assert guard.length_signature(head, b"POST", _APPLY, 2) == SIGNED_BY_PEER
+
+
+def _answering(body: bytes):
+    """A peer client whose every call is answered 200 with ``body``."""
+    from twisted.internet.defer import succeed
+
+    clock = Clock()
+    client = PeerClient(http=None, clock=clock, tenant="t1", timeout=5.0)
+    client.transport._post = lambda url, headers, data, timeout, peer_id="": succeed((200, body))
+    return client
+
+
+def _outcome(coroutine):
+    outcomes = []
+    ensureDeferred(coroutine).addBoth(outcomes.append)
+    assert len(outcomes) == 1
+    return outcomes[0]
+
+
+def test_an_answer_nested_deeper_than_the_decoder_goes_is_a_peer_error():
+    """
+    If a peer answers 200 with JSON nested deeper than the decoder goes, then the call fails with PeerError
+    (the caller fails over) rather than with the decoder's RecursionError.
+    """
+    outcome = _outcome(_answering(b"[" * 100000).transport.call(PEER, "keys", {"limit": 1}, read=True))
+    assert isinstance(outcome, Failure) and outcome.check(PeerError), outcome
+
+
+def test_an_entry_whose_ttl_is_an_integer_no_float_holds_is_a_peer_error():
+    """
+    If a peer's entry carries a ``ttl`` of 400 digits, then the read fails with PeerError, not OverflowError.
+    """
+    body = b'{"entry": {"k": "a", "v": "1", "ver": [1, 0, "n2"], "ttl": 1' + b"0" * 400 + b"}}"
+    outcome = _outcome(_answering(body).get(PEER, "a"))
+    assert isinstance(outcome, Failure) and outcome.check(PeerError), outcome
+
+
+def test_anti_entropy_answers_with_elements_of_the_wrong_type_are_peer_errors():
+    """
+    If a peer answers the bucket comparison with a bucket that is not an integer, or the version comparison
+    with a key that is not a string, then the step fails with PeerError (that peer's sync fails, not the pass).
+    """
+    for differ in ([None], ["7"], [[1]], [1.5]):
+        outcome = _outcome(_answering(json.dumps({"differ": differ}).encode()).differing_buckets(PEER, "n1", {}))
+        assert isinstance(outcome, Failure) and outcome.check(PeerError), (differ, outcome)
+    assert _outcome(_answering(b'{"differ": [3, 7]}').differing_buckets(PEER, "n1", {})) == [3, 7]
+    for want in ([["k"]], [{"k": 1}], [1]):
+        outcome = _outcome(_answering(json.dumps({"want": want}).encode()).wanted(PEER, {"k": (1, 0, "n1")}))
+        assert isinstance(outcome, Failure) and outcome.check(PeerError), (want, outcome)
+    assert _outcome(_answering(b'{"want": ["k", "x"]}').wanted(PEER, {"k": (1, 0, "n1")})) == ["k"]
+
+
+def test_apply_results_that_are_not_pairs_of_booleans_do_not_count_as_stored_copies():
+    """
+    If a peer answers a copy with a result that is not ``[applied, had_live]`` (two booleans, and the newer
+    version only when it held one), then the copy fails with PeerError: a string, an object or numbers must
+    not count toward the write's quorum.
+    """
+    from kvresponder.copysender import apply_results
+    from kvresponder.store import ApplyResult
+
+    for result in ("no", "ab", {"x": 0, "y": 0}, [1, 0], [True], [True, False, None, None], [True, "no"]):
+        try:
+            apply_results({"results": [result]}, PEER, 1)
+        except PeerError:
+            continue
+        raise AssertionError("%r counted as a stored copy" % (result,))
+    assert apply_results({"results": [[True, False], [False, True, [9, 0, "n3"]]]}, PEER, 2) == [
+        ApplyResult(True, False), ApplyResult(False, True, (9, 0, "n3"))]
+
+
+def test_a_call_waiting_for_its_turn_behind_unanswered_calls_fails_within_its_own_timeout():
+    """
+    If MAX_IN_FLIGHT calls to a peer go unanswered and one more is made, then that one fails with PeerError
+    when its own timeout has run (its wait for a turn counts), not a timeout after the calls ahead of it; and
+    the transport keeps no state for the peer once every call has ended.
+    """
+    from kvresponder.peertransport import MAX_IN_FLIGHT
+
+    clock = Clock()
+    client = PeerClient(http=None, clock=clock, tenant="t1", timeout=5.0)
+    sent = []
+
+    def post(url, headers, data, timeout, peer_id=""):
+        sent.append(Deferred())  # never answered (the transport's own timeout would end it)
+        return sent[-1]
+    client.transport._post = post
+    outcomes = []
+    for _ in range(MAX_IN_FLIGHT + 1):
+        ensureDeferred(client.transport.call(PEER, "keys", {"limit": 1}, read=True)).addBoth(outcomes.append)
+    assert len(sent) == MAX_IN_FLIGHT and outcomes == []
+    clock.advance(5.0)
+    assert len(outcomes) == 1 and outcomes[0].check(PeerError), outcomes
+    assert len(sent) == MAX_IN_FLIGHT
+    for call in sent:
+        call.errback(Failure(TimeoutError()))
+    assert len(outcomes) == MAX_IN_FLIGHT + 1 and client.transport._in_flight == {}

@@ -483,3 +483,68 @@ def test_a_failed_hand_off_keeps_the_ring_settling_and_shows_in_kv_handoff_pendi
     n1.ring_changed_at -= 3600
     assert n1.ring_settling()
     assert 'kv_handoff_pending{tenant="t1"} 1.0' in n1.metrics.exposition().decode()
+
+
+class _OneBrokenPeer(_AskedPeers):
+    """Co-owners that lack everything; the sync with n3 breaks with an error no peer call should raise."""
+
+    def __init__(self) -> None:
+        _AskedPeers.__init__(self)
+        self.applied = 0
+
+    async def differing_buckets(self, peer, sender, buckets, background=False):
+        if peer.node_id == "n3":
+            raise RuntimeError("a bug")
+        return [int(bucket) for bucket in buckets]
+
+    async def wanted(self, peer, versions):
+        return list(versions)
+
+    async def apply(self, peer, entries, timeout=None):
+        self.applied += len(entries)
+        return [ApplyResult(True, False)] * len(entries)
+
+
+def test_a_sync_that_breaks_unexpectedly_leaves_the_pass_and_the_other_syncs_counted():
+    """
+    If one co-owner's sync fails with an unexpected error, then the pass still ends as a pass: it is counted,
+    and so are the repairs the other co-owner's sync made (the error is logged).
+    """
+    from eliot import add_destinations, remove_destination
+
+    messages = []
+    add_destinations(messages.append)
+    try:
+        clock, peers = Clock(), _OneBrokenPeer()
+        clock.advance(100_000)
+        store = Store(clock.seconds, 1 << 20)
+        for index in range(30):
+            store.apply(Entry("k%d" % (index,), b'"v"', (1_000, index, "n1"), None))
+        ring = HashRing(["n1", "n2", "n3"])
+        rebalancer = Rebalancer("n1", store, lambda: ring, _Peer, peers, clock, 3, Metrics("t1"))
+        done = rebalancer.run_pass("leave:n4")
+        clock.pump([0.1] * 100)
+    finally:
+        remove_destination(messages.append)
+    counts = []
+    done.addCallback(counts.append)
+    assert rebalancer.passes == 1 and counts and counts[0]["repaired"] == peers.applied == 30, counts
+    assert [message["reason"] for message in messages
+            if message.get("message_type") == "eliot:traceback"] == ["a bug"]
+
+
+def test_a_stopped_rebalancer_runs_no_pass_a_change_scheduled():
+    """
+    If a membership change schedules a pass and the node stops before it runs, then no pass runs.
+    """
+    from kvresponder.node import Node
+
+    from .support import make_settings
+
+    clock = Clock()
+    node = Node(make_settings(), clock, http=None)
+    node.rebalancer.trigger("joined:n2")
+    assert clock.getDelayedCalls()
+    node.stop()
+    clock.advance(60)
+    assert node.rebalancer.passes == 0

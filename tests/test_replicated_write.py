@@ -1077,3 +1077,58 @@ class ReadReplicaCallCountTests(unittest.TestCase):
     def test_if_one_owner_of_a_bulk_read_fails_and_the_other_answers_then_answered_get_calls_count_with_the_failed_one(
             self, logger):
         self.assertEqual(self._counts(_bulk_read), {"success": 2, "failure": 1})
+
+
+class _HoldingPeers:
+    """Peers whose reads answer what ``held`` holds for them, and whose copies raise ``error``."""
+
+    def __init__(self, held, error=None) -> None:
+        self.held, self.error = held, error
+
+    def get_coalesced(self, peer, key):
+        return succeed(self.held.get(peer.node_id))
+
+    def apply_coalesced(self, peer, entry, task_id=None):
+        raise self.error
+
+    def send_copy(self, peer, entry, waiter, task_id=None):
+        raise AssertionError("a read sends no write's copy")
+
+
+def _read_with_repair(peers, store, owners=("n1", "n2")):
+    """Read a key ``owners`` own through n1, with ``peers`` and n1's ``store``."""
+    metrics = Metrics("t")
+    c = coordinator({}, peers=peers, store=store, metrics=metrics)
+    return outcome(c.get(key_owned_by(*owners))), metrics.exposition().decode()
+
+
+class ReadRepairTests(unittest.TestCase):
+
+    @capture_logging(None, encoder_=None)
+    def test_a_read_repair_too_large_for_this_nodes_budget_is_a_failed_repair_not_an_error(self, logger):
+        """
+        If a peer holds a newer value larger than this node's whole memory budget (their MAX_MEMORY differs),
+        then the read answers it, and the repair of this node's copy is counted and logged as a failed repair,
+        with no traceback.
+        """
+        key = key_owned_by("n1", "n2")
+        big = Entry(key, b'"' + b"x" * 8000 + b'"', (2_000_000, 0, "n2"), None)
+        result, text = _read_with_repair(_HoldingPeers({"n2": big}), Store(lambda: 1000.0, 4096))
+        self.assertEqual(result, big)
+        self.assertEqual(logger.flush_tracebacks(Exception), [])
+        self.assertEqual([m["peer"] for m in logger.messages
+                          if m.get("message_type") == "kvresponder:replication:copy-failed"], ["n1"])
+        self.assertIn('kv_replication_operations_total{op="repair",result="failure",tenant="t"} 1.0', text)
+
+    @capture_logging(None, encoder_=None)
+    def test_a_read_repair_that_breaks_unexpectedly_logs_its_own_error(self, logger):
+        """
+        If repairing a stale owner raises an error no peer call should, then the traceback logged names that
+        error (it was logged outside the exception, as ``NoneType: None``).
+        """
+        key = key_owned_by("n2", "n3")
+        newer = Entry(key, b'"new"', (2_000_000, 0, "n2"), None)
+        result, _ = _read_with_repair(_HoldingPeers({"n2": newer}, RuntimeError("a bug")),
+                                      Store(lambda: 1000.0, 1 << 20), owners=("n2", "n3"))
+        self.assertEqual(result, newer)
+        self.assertEqual([str(m["reason"]) for m in logger.flush_tracebacks(RuntimeError)], ["a bug"])

@@ -231,6 +231,9 @@ class Metrics:
         self._peer_children: Dict[str, object] = {}
         self.evictions = Counter(
             "kv_evictions", "Entries evicted to stay within MAX_MEMORY.", t, registry=registry)
+        self.tombstone_evictions = Counter(
+            "kv_tombstone_evictions", "Tombstones evicted to stay within MAX_MEMORY (a replica that missed "
+            "their delete may bring the value back).", t, registry=registry)
         self.expirations = Counter(
             "kv_expirations", "Entries reclaimed after their TTL.", t, registry=registry)
         self.discovery_messages = Counter(
@@ -259,6 +262,7 @@ class Metrics:
             platform.python_implementation(), platform.python_version())).set(1)
 
         self._evictions = self.evictions.labels(tenant)
+        self._tombstone_evictions = self.tombstone_evictions.labels(tenant)
         self._expirations = self.expirations.labels(tenant)
         # Series that exist from the start, at zero, so that rates and alerts see them before the first event.
         for op in ("put", "delete", "get", "repair"):
@@ -278,6 +282,7 @@ class Metrics:
             self.antientropy_rounds.labels(tenant, result)
         self.antientropy_repairs.labels(tenant)
         self._evictions.inc(0)
+        self._tombstone_evictions.inc(0)
         self.copy_stream_refusals.labels(tenant)
         for source in ("heartbeat", "entry"):
             self.clock_rejections.labels(tenant, source)
@@ -316,6 +321,9 @@ class Metrics:
     # Store events.
     def evicted(self, count: int) -> None:
         self._evictions.inc(count)
+
+    def tombstones_evicted(self, count: int) -> None:
+        self._tombstone_evictions.inc(count)
 
     def expired(self, count: int) -> None:
         self._expirations.inc(count)

@@ -566,6 +566,7 @@ class Node:
             "security_warnings": security,
             "store": {"keys": len(self.store), "bytes": self.store.bytes, "max_bytes": self.store.max_bytes,
                       "tombstones": self.store.tombstone_count, "evictions": self.store.evictions,
+                      "tombstone_evictions": self.store.tombstone_evictions,
                       "expirations": self.store.expirations},
             "ring": {"members": sorted(self._ring.nodes), "vnodes": self._ring.vnodes,
                      "owned_ratio": round(self.owned_ratio(), 4)},

@@ -206,6 +206,9 @@ class _NoEvents:
     def evicted(self, count: int) -> None:
         pass
 
+    def tombstones_evicted(self, count: int) -> None:
+        pass
+
     def expired(self, count: int) -> None:
         pass
 
@@ -217,7 +220,8 @@ class Store:
     :param seconds: returns the current wall time in seconds.
     :param int max_bytes: the memory budget; the accounted size never exceeds it.
     :param float tombstone_grace: seconds a tombstone is kept before it may be collected.
-    :param events: receives ``evicted(n)`` and ``expired(n)``, for metrics.
+    :param events: receives ``evicted(n)`` (live entries), ``tombstones_evicted(n)`` and ``expired(n)``, for
+        metrics.
     :param monotonic: a clock that never steps, in seconds, that ages tombstones: on the wall clock a step
         forward would collect every tombstone at once (an older copy of a deleted value could then come back),
         and one stamped while the clock ran ahead would hold back the collection of every later one. By
@@ -250,6 +254,8 @@ class Store:
         self._index = KeyIndex(self._live_keys, self._monotonic)
         self.bytes = 0
         self.evictions = 0
+        #: Tombstones evicted: each a delete that a replica which missed it may undo (ARCHITECTURE.md).
+        self.tombstone_evictions = 0
         self.expirations = 0
         #: Whether the last :meth:`sweep` stopped at its limit with more due.
         self.sweep_behind = False
@@ -516,11 +522,15 @@ class Store:
             self._tombstones[bkey] = self._pack(entry.version, self._monotonic(), b"", b"" if expires_at is None
                                                 else _TIME.pack(expires_at))
             self.bytes += len(bkey) + TOMBSTONE_OVERHEAD
+            self._evict(tombstone_written=True)
+            return ApplyResult(True, had_live)
         elif expires_at is not None and expires_at <= now:
             # A newer write that has already expired hides every older version, as a delete would: keep its
             # version as a tombstone, so an older write arriving later cannot bring the old value back.
             self._tombstones[bkey] = self._pack(entry.version, self._monotonic(), b"", b"")
             self.bytes += len(bkey) + TOMBSTONE_OVERHEAD
+            self._evict(tombstone_written=True)
+            return ApplyResult(True, had_live)
         else:
             slot = self._file(bkey, self._pack(entry.version, expires_at or 0.0, bkey, value,
                                                expires_at is not None and held_older))
@@ -531,6 +541,10 @@ class Store:
                 # The slot's int is the dict's own key object: the heap item shares it.
                 heapq.heappush(self._expiries, (expires_at, slot))
                 self._expiring += 1
+                if len(self._expiries) > self._expiring + self._expiring // 2 + 64:
+                    # Overwrites of keys with a TTL leave an item each: a burst between two sweeps must not
+                    # hold more than EXPIRY_OVERHEAD accounts for.
+                    self._rebuild_expiries()
         self._evict()
         return ApplyResult(True, had_live)
 
@@ -686,18 +700,24 @@ class Store:
             self._released(len(bkey) + TOMBSTONE_OVERHEAD)
         self.sweep_behind = behind
         if not behind and len(heap) > self._expiring + self._expiring // 2 + 64:
-            # Replaced and deleted keys leave dead heap items behind; rebuild so the heap stays bounded: at most
-            # half as many dead items as live ones, which EXPIRY_OVERHEAD accounts for. From the heap, not the
-            # store: a store of many keys without a TTL and a few overwritten ones with one would otherwise be
-            # walked whole at every sweep.
-            kept = set()
-            for expires_at, slot in heap:
-                packed = live.get(slot)
-                if packed is not None and _unpack_time(packed, _TIME_OFFSET)[0] == expires_at:
-                    kept.add((expires_at, slot))
-            self._expiries = list(kept)
-            heapq.heapify(self._expiries)
+            self._rebuild_expiries()
         return expired
+
+    def _rebuild_expiries(self) -> None:
+        """
+        Drop the heap's dead items: replaced, deleted and evicted keys leave theirs behind. Rebuilt once they are
+        half as many as the live ones (which EXPIRY_OVERHEAD accounts for), by the sweep or by the write that
+        passes that bound, the cost per write stays constant. From the heap, not the store: a store of many keys
+        without a TTL and a few overwritten ones with one would otherwise be walked whole.
+        """
+        live = self._live
+        kept = set()
+        for expires_at, slot in self._expiries:
+            packed = live.get(slot)
+            if packed is not None and _unpack_time(packed, _TIME_OFFSET)[0] == expires_at:
+                kept.add((expires_at, slot))
+        self._expiries = list(kept)
+        heapq.heapify(self._expiries)
 
     # -- internals ------------------------------------------------------------------------------------
 
@@ -809,27 +829,36 @@ class Store:
         self.bytes -= size
         self.released_bytes += size
 
-    def _evict(self) -> None:
+    def _evict(self, tombstone_written: bool = False) -> None:
+        """
+        :param tombstone_written: the write just applied left a tombstone (a delete), which is then the write to
+            keep: evicted, it would let an older copy of the value back, where a live entry evicted is still
+            held by its other replicas.
+        """
         if self.bytes <= self.max_bytes:
             return
         live = self._live
         evicted = 0
         # Entries filed by key (a slot collision moved them there; there are rarely any) go first, then the
         # least recently used of the others. The most recent entry, usually the one just written and
-        # acknowledged, goes after the tombstones.
+        # acknowledged, goes after the tombstones, unless the write was a delete.
         if self._spill:
             evicted += self._evict_oldest(self._spill, len(self._spill), True)
         if self.bytes > self.max_bytes:
-            evicted += self._evict_oldest(live, len(live) - 1, True)
-        # Still over budget: the oldest tombstones go first.
+            evicted += self._evict_oldest(live, len(live) - (0 if tombstone_written else 1), True)
+        # Still over budget: the oldest tombstones go first (never the one just written, filed last).
+        tombstones = 0
         if self.bytes > self.max_bytes:
-            self._evict_oldest(self._tombstones, len(self._tombstones), False)
+            tombstones = self._evict_oldest(self._tombstones, len(self._tombstones) - tombstone_written, False)
         if self.bytes > self.max_bytes and live:
             evicted += self._evict_oldest(live, 1, True)
         if evicted:
             self._index.removed(evicted)
             self.evictions += evicted
             self._events.evicted(evicted)
+        if tombstones:
+            self.tombstone_evictions += tombstones
+            self._events.tombstones_evicted(tombstones)
 
     def _evict_oldest(self, table: Dict, candidates: int, live: bool) -> int:
         """

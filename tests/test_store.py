@@ -26,10 +26,14 @@ class Events:
 
     def __init__(self) -> None:
         self.evictions: List[int] = []
+        self.tombstone_evictions: List[int] = []
         self.expirations: List[int] = []
 
     def evicted(self, count: int) -> None:
         self.evictions.append(count)
+
+    def tombstones_evicted(self, count: int) -> None:
+        self.tombstone_evictions.append(count)
 
     def expired(self, count: int) -> None:
         self.expirations.append(count)
@@ -308,7 +312,52 @@ def test_expiry_tombstones_are_accounted_and_evicted_as_delete_tombstones_are():
     assert [store.current(key) for key in ("d1", "e1", "d2")] == [None, None, tomb("d2", 2)]
     assert store.get("big") == big
     assert store.bytes == big.size + tomb("d2", 2).size == accounted(store)
-    assert events.evictions == []  # tombstones dropped are not evicted keys
+    assert events.evictions == []  # tombstones dropped are not evicted keys: they are counted apart
+    assert events.tombstone_evictions == [2] and store.tombstone_evictions == 2 and store.evictions == 0
+
+
+def test_a_delete_over_budget_keeps_its_own_tombstone_and_evicts_the_live_entry_instead():
+    """
+    If a delete puts the store over its budget and the only live entry is older, then the delete's tombstone
+    stays (the write acknowledged) and the live entry goes: an older copy of the deleted key arriving later
+    is refused.
+    """
+    big = put("big", b"x" * 900, 1)
+    store, _, events = make_store(max_bytes=big.size + 100)
+    store.apply(big)
+    assert store.apply(tomb("k", 10)).applied
+    assert store.current("k") == tomb("k", 10)
+    assert store.get("big") is None and events.evictions == [1] and events.tombstone_evictions == []
+    assert not store.apply(put("k", b"old", 5)).applied
+    assert store.bytes == tomb("k", 10).size == accounted(store)
+
+
+def test_a_delete_over_budget_evicts_older_tombstones_but_never_its_own():
+    """
+    If a store holds only tombstones up to its budget and one more delete comes, then older tombstones go
+    (counted as tombstone evictions) and the new one stays.
+    """
+    store, _, events = make_store(max_bytes=3 * tomb("d0", 1).size)
+    for index in range(3):
+        store.apply(tomb("d%d" % (index,), index + 1))
+    assert store.apply(tomb("d3", 9)).applied
+    assert store.current("d3") == tomb("d3", 9) and store.current("d0") is None
+    assert events.tombstone_evictions == [1] and store.tombstone_evictions == 1
+    assert store.bytes <= store.max_bytes and store.bytes == accounted(store)
+
+
+def test_a_burst_of_ttl_overwrites_between_sweeps_keeps_the_expiry_heap_within_its_account():
+    """
+    If one key with a TTL is overwritten 20k times with no sweep between (a burst within a second), then the
+    expiry heap holds at most half again as many items as live entries with a TTL, and 64 (what
+    EXPIRY_OVERHEAD accounts for), not an item for every write.
+    """
+    store, _, _ = make_store()
+    for wall in range(1, 20001):
+        store.apply(put("hot", b"1", wall, ttl=5000))
+    assert len(store._expiries) <= 1 + 64
+    store.apply(put("other", b"1", 1, ttl=10))
+    assert store.get("hot") == put("hot", b"1", 20000, ttl=5000)
 
 
 def test_a_steady_ttl_workload_of_new_keys_leaves_no_tombstones_and_its_memory_stays_flat():

@@ -28,7 +28,9 @@ STORE_APPLIED = leveled("store", INFO, MessageType(
 STORE_APPLIED_LINE = DirectLine(STORE_APPLIED, ["key", "version", "tombstone", "applied", "had_live"])
 
 STORE_EVICTED = leveled("store", DEBUG, MessageType(
-    "kvresponder:store:evicted", [COUNT], "Least recently used entries were evicted to stay in budget."))
+    "kvresponder:store:evicted", [COUNT, Field.for_types(
+        "tombstones", [bool], "Whether the entries were tombstones (deletes a replica that missed them may undo).")],
+    "Least recently used entries were evicted to stay in budget."))
 
 STORE_SWEPT = leveled("store", DEBUG, MessageType(
     "kvresponder:store:swept", [COUNT, Field.for_types("tombstones", [int], "Tombstones left.")],
@@ -42,7 +44,8 @@ STORE_APPLY_BATCH = leveled("store", INFO, ActionType(
 
 class StoreEvents:
     """
-    What a :class:`~kvresponder.store.Store` reports (``evicted(n)``, ``expired(n)``): counted by ``metrics``,
+    What a :class:`~kvresponder.store.Store` reports (``evicted(n)``, ``tombstones_evicted(n)``, ``expired(n)``):
+    counted by ``metrics``,
     and logged as :data:`STORE_EVICTED` and :data:`STORE_SWEPT` when the store area is at debug.
 
     :param policy: the :class:`~kvresponder.log.LogPolicy`.
@@ -57,7 +60,12 @@ class StoreEvents:
     def evicted(self, count: int) -> None:
         self._metrics.evicted(count)
         if self._policy.enabled("store", DEBUG):
-            STORE_EVICTED.log(count=count)
+            STORE_EVICTED.log(count=count, tombstones=False)
+
+    def tombstones_evicted(self, count: int) -> None:
+        self._metrics.tombstones_evicted(count)
+        if self._policy.enabled("store", DEBUG):
+            STORE_EVICTED.log(count=count, tombstones=True)
 
     def expired(self, count: int) -> None:
         self._metrics.expired(count)

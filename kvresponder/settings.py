@@ -439,6 +439,12 @@ def load_settings(given: Mapping[str, Optional[str]], environ: Mapping[str, str]
     if values["peer_timeout"] <= values["heartbeat_interval"]:
         raise SettingsError("--peer-timeout (PEER_TIMEOUT): invalid value %r: must be longer than the "
                             "heartbeat interval %r" % (values["peer_timeout"], values["heartbeat_interval"]))
+    if values["tombstone_grace"] <= values["anti_entropy_interval"]:
+        # A replica that missed a delete (or a fallback holding it as a hint) is repaired by a pass of a node that
+        # still holds the tombstone: with a shorter grace, the deleted value comes back from it.
+        raise SettingsError("--tombstone-grace (TOMBSTONE_GRACE): invalid value %r: must be longer than the "
+                            "anti-entropy interval %r, or a replica that missed a delete brings the value back"
+                            % (values["tombstone_grace"], values["anti_entropy_interval"]))
     if values["write_quorum"] is not None and values["write_quorum"] > values["replicas"]:
         raise SettingsError("--write-quorum (WRITE_QUORUM): invalid value %r: must not exceed "
                             "--replicas %r" % (values["write_quorum"], values["replicas"]))

@@ -386,6 +386,18 @@ def test_peer_timeout_not_longer_than_the_heartbeat_is_rejected():
     assert "heartbeat interval" in message
 
 
+def test_a_tombstone_grace_not_longer_than_the_anti_entropy_interval_is_rejected():
+    """
+    If TOMBSTONE_GRACE is not longer than ANTI_ENTROPY_INTERVAL (a tombstone could be collected before any pass
+    repairs a replica that missed its delete), then loading fails naming both; a longer grace is taken.
+    """
+    message = error_of(environ={"TOMBSTONE_GRACE": "30", "ANTI_ENTROPY_INTERVAL": "30"})
+    assert message.startswith("--tombstone-grace (TOMBSTONE_GRACE): invalid value 30.0")
+    assert "anti-entropy interval 30.0" in message
+    assert error_of(environ={"ANTI_ENTROPY_INTERVAL": "900"}).startswith("--tombstone-grace")
+    assert load(environ={"TOMBSTONE_GRACE": "31", "ANTI_ENTROPY_INTERVAL": "30"}).tombstone_grace == 31.0
+
+
 def test_write_quorum_above_the_replication_factor_is_rejected():
     """
     If the write quorum exceeds the replication factor, then loading fails; equal is accepted.

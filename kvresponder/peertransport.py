@@ -311,7 +311,8 @@ class PeerTransport:
             semaphore = self._in_flight[key] = DeferredSemaphore(MAX_IN_FLIGHT)
         due = self._clock.seconds() + (timeout or self.timeout)
         turn = semaphore.acquire()
-        if not turn.called:
+        waited = not turn.called
+        if waited:
             # The wait for a turn counts in the call's timeout: behind calls to a peer that does not answer,
             # a caller must not wait one more timeout for every MAX_IN_FLIGHT calls ahead of it.
             turn.addTimeout(due - self._clock.seconds(), self._clock)
@@ -323,10 +324,13 @@ class PeerTransport:
         try:
             # Again: the peer may have become a suspect while this call waited for its turn.
             self._check_suspect(peer, op)
+            if waited and self._clock.seconds() >= due:
+                # The turn came as the wait's own timeout was due: a request sent now could not be answered.
+                raise PeerError("%s unreachable for %s: its turn came with no time left" % (peer.node_id, op))
             if self.tracing is None:
-                return await self._call(peer, op, payload, read, timeout, None, task_ids, due)
+                return await self._call(peer, op, payload, read, timeout, None, task_ids, due, waited)
             with self.tracing.client_span(op, peer.node_id) as (carrier, span):
-                return await self._call(peer, op, payload, read, timeout, carrier, task_ids, due)
+                return await self._call(peer, op, payload, read, timeout, carrier, task_ids, due, waited)
         finally:
             semaphore.release()
             if semaphore.tokens == semaphore.limit and self._in_flight.get(key) is semaphore:
@@ -337,7 +341,7 @@ class PeerTransport:
         if self.suspects.suspected(peer):
             raise PeerError(suspect_refusal(peer, op))
 
-    async def _call(self, peer, op, payload, read, timeout, trace_headers, task_ids, due: float):
+    async def _call(self, peer, op, payload, read, timeout, trace_headers, task_ids, due: float, waited: bool):
         peer_id = peer.node_id
         path = ("/%s/_internal/%s" % (self._tenant, op)).encode("ascii")
         url = "http://%s:%d%s" % (peer.address, peer.port, path.decode("ascii"))
@@ -384,11 +388,11 @@ class PeerTransport:
                 # the same: this peer did not take the call, so fail over to the next one.
                 if unreachable(error):
                     self.suspects.failed(peer, error.__class__.__name__)
-                elif (op in _SUSPECT_ON_TIMEOUT and timeout is None
-                      and self._clock.seconds() - started >= self.timeout):
+                elif op in _SUSPECT_ON_TIMEOUT and timeout is None and not waited and self._clock.seconds() >= due:
                     # No answer in time to a call a client waits on (a copy, a read: the peer does little for
                     # them; a long walk such as anti-entropy's may take its time). Told by the time: the call's
-                    # own timeout cancels it, which treq reports as a response never received.
+                    # own timeout cancels it, which treq reports as a response never received. Not a call that
+                    # waited for its turn: the peer had less than the whole timeout to answer it.
                     self.suspects.timed_out(peer, due)
                 raise PeerError("%s unreachable for %s: %s" % (peer_id, op, error.__class__.__name__))
             finally:

@@ -219,6 +219,7 @@ class Rebalancer:
         self._running: Optional[Deferred] = None
         self._again: Optional[_QueuedPass] = None
         self._scheduled = None
+        self._stopped = False
         self.leaving = False
         self._digest_cache = _DigestCache(None, 0, 0.0, {})
         self._running_ring: Optional[HashRing] = None
@@ -260,9 +261,10 @@ class Rebalancer:
 
     def stop(self) -> None:
         """
-        Cancel the pass a change scheduled (see :meth:`trigger`): a stopped node runs none. A pass under way
-        ends by itself.
+        Cancel the pass a change scheduled (see :meth:`trigger`), and the one queued behind a pass under way: a
+        stopped node starts none. A pass under way ends by itself; what waited for the queued one gets its counts.
         """
+        self._stopped = True
         if self._scheduled is not None and self._scheduled.active():
             self._scheduled.cancel()
         self._scheduled = None
@@ -289,10 +291,14 @@ class Rebalancer:
             if isinstance(result, Failure):
                 write_traceback(exc_info=(result.type, result.value, result.tb))
                 result = {"handed_off": 0, "repaired": 0, "pending": self.pending}
+            answered = waiters
             if self._again is not None:
                 again, self._again = self._again, None
-                self._start(again.reason, again.waiters)
-            for waiter in waiters:
+                if self._stopped:
+                    answered = waiters + again.waiters
+                else:
+                    self._start(again.reason, again.waiters)
+            for waiter in answered:
                 waiter.callback(result)
 
         self._running.addBoth(done)

@@ -846,10 +846,11 @@ class Store:
             evicted += self._evict_oldest(self._spill, len(self._spill), True)
         if self.bytes > self.max_bytes:
             evicted += self._evict_oldest(live, len(live) - (0 if tombstone_written else 1), True)
-        # Still over budget: the oldest tombstones go first (never the one just written, filed last).
+        # Still over budget: the oldest tombstones go first. Never the one a delete just wrote: it is filed last,
+        # fits the budget alone, and a batch is at most 1/64 of the table.
         tombstones = 0
         if self.bytes > self.max_bytes:
-            tombstones = self._evict_oldest(self._tombstones, len(self._tombstones) - tombstone_written, False)
+            tombstones = self._evict_oldest(self._tombstones, len(self._tombstones), False)
         if self.bytes > self.max_bytes and live:
             evicted += self._evict_oldest(live, 1, True)
         if evicted:

@@ -787,3 +787,77 @@ def test_a_call_waiting_for_its_turn_behind_unanswered_calls_fails_within_its_ow
     for call in sent:
         call.errback(Failure(TimeoutError()))
     assert len(outcomes) == MAX_IN_FLIGHT + 1 and client.transport._in_flight == {}
+
+
+def _blocked_transport():
+    """
+    A peer client whose ``keys`` calls hang until answered, and whose ``get`` calls time out as the real
+    transport's do (their own timeout cancels them): the calls sent, and a way to answer one ``keys`` call.
+    """
+    from twisted.internet.defer import CancelledError
+
+    clock = Clock()
+    client = PeerClient(http=None, clock=clock, tenant="t1", timeout=5.0)
+    sent = []
+
+    def post(url, headers, data, timeout, peer_id=""):
+        d = Deferred()
+        sent.append((url.rsplit("/", 1)[1], d))
+        if url.endswith("/get"):
+            clock.callLater(timeout, lambda: d.called or d.errback(Failure(CancelledError())))
+        return d
+    client.transport._post = post
+    return client, clock, sent
+
+
+def _fill_the_turns(client, sent) -> list:
+    from kvresponder.peertransport import MAX_IN_FLIGHT
+
+    outcomes = []
+    for _ in range(MAX_IN_FLIGHT):
+        ensureDeferred(client.transport.call(PEER, "keys", {"limit": 1}, read=True, timeout=60)).addBoth(
+            outcomes.append)
+    assert len(sent) == MAX_IN_FLIGHT
+    return outcomes
+
+
+def test_a_call_whose_turn_comes_as_its_timeout_is_due_is_not_sent():
+    """
+    If a call waits for its turn behind MAX_IN_FLIGHT calls and a turn comes exactly as its timeout is due,
+    then it fails with PeerError without sending a request that could not be answered.
+    """
+    from kvresponder.peertransport import MAX_IN_FLIGHT
+
+    client, clock, sent = _blocked_transport()
+    _fill_the_turns(client, sent)
+    clock.callLater(5.0, lambda: sent[0][1].callback((200, b'{"keys": []}')))
+    late = []
+    ensureDeferred(client.transport.call(PEER, "keys", {"limit": 1}, read=True)).addBoth(late.append)
+    clock.advance(5.0)
+    assert len(late) == 1 and late[0].check(PeerError) and "no time left" in str(late[0].value), late
+    assert len(sent) == MAX_IN_FLIGHT
+    for _, d in sent[1:]:
+        d.callback((200, b'{"keys": []}'))
+
+
+def test_a_read_timed_out_makes_its_peer_a_suspect_unless_it_waited_for_its_turn():
+    """
+    If a read gets no answer within its whole timeout, then its peer becomes a suspect; if it waited for its
+    turn behind other calls first (so the peer had less than its timeout), then its timeout alone does not make
+    the peer one.
+    """
+    client, clock, sent = _blocked_transport()
+    _fill_the_turns(client, sent)
+    clock.callLater(1.0, lambda: sent[0][1].callback((200, b'{"keys": []}')))
+    waited = []
+    ensureDeferred(client.get(PEER, "k")).addBoth(waited.append)
+    clock.advance(1.0)
+    assert sent[-1][0] == "get"
+    clock.advance(4.0)
+    assert waited and waited[0].check(PeerError) and not client.transport.suspects.suspected(PEER), waited
+    for _, d in sent[1:-1]:
+        d.callback((200, b'{"keys": []}'))
+    prompt = []
+    ensureDeferred(client.get(PEER, "k")).addBoth(prompt.append)
+    clock.advance(5.0)
+    assert prompt and prompt[0].check(PeerError) and client.transport.suspects.suspected(PEER), prompt

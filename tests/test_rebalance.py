@@ -548,3 +548,21 @@ def test_a_stopped_rebalancer_runs_no_pass_a_change_scheduled():
     node.stop()
     clock.advance(60)
     assert node.rebalancer.passes == 0
+
+
+def test_a_stopped_rebalancer_starts_no_queued_pass_and_its_waiters_get_the_running_ones_counts():
+    """
+    If a pass is queued behind a running one and the rebalancer stops, then once the running pass ends no other
+    starts, and whoever waited for the queued one is answered with the ended pass's counts.
+    """
+    clock, peers = Clock(), _HeldPeers()
+    rebalancer = _rebalancer(clock, peers)
+    first = rebalancer.run_pass("leave:n3")
+    clock.pump([0.01] * 10)
+    queued = rebalancer.run_pass("join:n4")
+    rebalancer.stop()
+    peers.held.callback(None)
+    clock.pump([0.01] * 100)
+    answers = []
+    queued.addCallback(answers.append)
+    assert first.called and answers and rebalancer.passes == 1 and len(peers.background) == 1

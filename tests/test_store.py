@@ -332,10 +332,10 @@ def test_a_delete_over_budget_keeps_its_own_tombstone_and_evicts_the_live_entry_
     assert store.bytes == tomb("k", 10).size == accounted(store)
 
 
-def test_a_delete_over_budget_evicts_older_tombstones_but_never_its_own():
+def test_a_delete_over_a_budget_full_of_tombstones_evicts_the_oldest_counted_apart():
     """
-    If a store holds only tombstones up to its budget and one more delete comes, then older tombstones go
-    (counted as tombstone evictions) and the new one stays.
+    If a store holds only tombstones up to its budget and one more delete comes, then the oldest tombstone goes,
+    counted as a tombstone eviction (not an entry's), and the new one stays.
     """
     store, _, events = make_store(max_bytes=3 * tomb("d0", 1).size)
     for index in range(3):
@@ -344,6 +344,32 @@ def test_a_delete_over_budget_evicts_older_tombstones_but_never_its_own():
     assert store.current("d3") == tomb("d3", 9) and store.current("d0") is None
     assert events.tombstone_evictions == [1] and store.tombstone_evictions == 1
     assert store.bytes <= store.max_bytes and store.bytes == accounted(store)
+
+
+def test_tombstones_evicted_are_counted_in_their_own_metric_and_logged_at_debug():
+    """
+    If a node's store evicts tombstones, then ``kv_tombstone_evictions_total`` counts them, not
+    ``kv_evictions_total``, and the store area at debug logs a ``tombstones-evicted`` line with the count.
+    """
+    from eliot import add_destinations, remove_destination
+
+    from kvresponder.log import LogPolicy
+    from kvresponder.log.store import StoreEvents
+    from kvresponder.metrics import Metrics
+
+    metrics = Metrics("t")
+    clock = Clock()
+    store = Store(clock.seconds, 3 * tomb("d0", 1).size, events=StoreEvents(metrics, LogPolicy("debug"), lambda: 0))
+    messages = []
+    add_destinations(messages.append)
+    try:
+        for index in range(4):
+            store.apply(tomb("d%d" % (index,), index + 1))
+    finally:
+        remove_destination(messages.append)
+    text = metrics.exposition().decode()
+    assert 'kv_tombstone_evictions_total{tenant="t"} 1.0' in text and 'kv_evictions_total{tenant="t"} 0.0' in text
+    assert [m["count"] for m in messages if m.get("message_type") == "kvresponder:store:tombstones-evicted"] == [1]
 
 
 def test_a_burst_of_ttl_overwrites_between_sweeps_keeps_the_expiry_heap_within_its_account():

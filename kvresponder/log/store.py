@@ -28,9 +28,11 @@ STORE_APPLIED = leveled("store", INFO, MessageType(
 STORE_APPLIED_LINE = DirectLine(STORE_APPLIED, ["key", "version", "tombstone", "applied", "had_live"])
 
 STORE_EVICTED = leveled("store", DEBUG, MessageType(
-    "kvresponder:store:evicted", [COUNT, Field.for_types(
-        "tombstones", [bool], "Whether the entries were tombstones (deletes a replica that missed them may undo).")],
-    "Least recently used entries were evicted to stay in budget."))
+    "kvresponder:store:evicted", [COUNT], "Least recently used entries were evicted to stay in budget."))
+
+STORE_TOMBSTONES_EVICTED = leveled("store", DEBUG, MessageType(
+    "kvresponder:store:tombstones-evicted", [COUNT],
+    "The oldest tombstones were evicted to stay in budget: a replica that missed their deletes may undo them."))
 
 STORE_SWEPT = leveled("store", DEBUG, MessageType(
     "kvresponder:store:swept", [COUNT, Field.for_types("tombstones", [int], "Tombstones left.")],
@@ -60,12 +62,12 @@ class StoreEvents:
     def evicted(self, count: int) -> None:
         self._metrics.evicted(count)
         if self._policy.enabled("store", DEBUG):
-            STORE_EVICTED.log(count=count, tombstones=False)
+            STORE_EVICTED.log(count=count)
 
     def tombstones_evicted(self, count: int) -> None:
         self._metrics.tombstones_evicted(count)
         if self._policy.enabled("store", DEBUG):
-            STORE_EVICTED.log(count=count, tombstones=True)
+            STORE_TOMBSTONES_EVICTED.log(count=count)
 
     def expired(self, count: int) -> None:
         self._metrics.expired(count)

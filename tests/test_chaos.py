@@ -966,9 +966,12 @@ def test_later_writes_through_one_of_two_nodes_joining_at_once_win_over_earlier_
         except Exception:
             return False
     # Node 5 first, so that node 4 hears it from its start, while node 5 still waits for its share: its request
-    # for node 1's share is held (its connections to node 1's HTTP port dropped; heartbeats pass) until node 4
-    # has taken the writes, for a fast interpreter hands 60k keys over before node 4 is up.
-    hold = ["OUTPUT", "-p", "tcp", "-d", healthy[0].address, "--dport", str(HTTP_PORT), "-j", "DROP"]
+    # for node 1's share is held until node 4 has taken the writes, for a fast interpreter hands 60k keys over
+    # before node 4 is up. Its packets to node 1's HTTP port that carry data are dropped: the connection is made
+    # (a connect that timed out would fail the request at once) and the request waits, retransmitted, for its
+    # own timeout; heartbeats pass.
+    hold = ["OUTPUT", "-p", "tcp", "-d", healthy[0].address, "--dport", str(HTTP_PORT),
+            "-m", "length", "--length", "120:65535", "-j", "DROP"]
     net.host(5).run(["iptables", "-w", "-A"] + hold)
     other = net.start(5, wait=False, env=env)
     wait_until(lambda: answers(other), 20, "node5 to answer", interval=0.02)
@@ -982,6 +985,7 @@ def test_later_writes_through_one_of_two_nodes_joining_at_once_win_over_earlier_
             return state, own.put(joiner.url + "/kv/" + key, json={"value": "later"}, timeout=5).status_code
     with ThreadPoolExecutor(max_workers=8) as pool:
         outcomes = list(pool.map(write, keys))
+    assert other.health()["state"] == "joining"  # the hold held throughout
     net.host(5).run(["iptables", "-w", "-D"] + hold)
     assert all(code in (200, 201, 503) for _, code in outcomes), outcomes
     acknowledged = [key for key, (_, code) in zip(keys, outcomes) if code in (200, 201)]

@@ -153,7 +153,8 @@ class HybridLogicalClock:
         clock has passed is dropped from it (:meth:`now` is above any version there, so no re-stamp lands
         there again); when it would hold more than :data:`RESTAMP_MILLISECONDS`, the milliseconds ahead of the
         clock are folded into one floor that every later re-stamp in them starts above. Folding costs
-        counters in those milliseconds, never uniqueness, and the floor lapses once the clock passes them.
+        counters in those milliseconds, never uniqueness, and the floor lapses once the clock passes them. (Above
+        the format's last version, none fits: that one is returned.)
         """
         now = self.now()
         if now > version:
@@ -167,6 +168,10 @@ class HybridLogicalClock:
                 # Every folded millisecond is full: the first one past them.
                 wall = self._folded_wall + 1
             counter = max(RESTAMP_BASE - 1, self._issued_in(wall))
+        if wall > MAX_WALL:
+            # Above a version at the format's very end (only a corrupt peer sends one; no clock gets there):
+            # the last version the format carries, which loses to it but still travels, is stored and compared.
+            return (MAX_WALL, MAX_COUNTER, self.node_id)
         record = self._above
         if wall not in record and len(record) >= RESTAMP_MILLISECONDS:
             self._forget_or_fold()

@@ -236,6 +236,24 @@ def test_the_largest_counter_a_clock_adopts_still_gives_a_greater_version_that_f
     assert entry.version == version
 
 
+def test_a_write_restamped_above_the_last_version_the_wire_carries_still_fits_the_wire():
+    """
+    If a corrupt peer's version is the last the wire format carries, then a write re-stamped above it gets the
+    last version the format carries (it cannot win, but it travels and compares), not one past the format that
+    no batch or answer could encode; just below the end, a re-stamp is above the version and fits.
+    """
+    from kvresponder.hlc import MAX_WALL
+    from kvresponder.store import Entry
+    from kvresponder.wire import decode_batch, encode_batch
+
+    clock = HybridLogicalClock(lambda: 1.0, "n1")
+    for held in ([MAX_WALL, MAX_COUNTER, "zzz"], [MAX_WALL - 1, MAX_COUNTER, "zzz"], [MAX_WALL, MAX_COUNTER - 1, "a"]):
+        restamped = clock.above(version_from_wire(held))
+        [entry] = decode_batch(encode_batch([Entry("k", b"1", restamped)], 1.0), 1.0)
+        assert entry.version == restamped == version_from_wire(list(restamped))
+        assert restamped > tuple(held) or restamped == (MAX_WALL, MAX_COUNTER, "n1"), (held, restamped)
+
+
 # -- re-stamps above a version ahead of the clock --------------------------------------------------------
 
 def test_two_restamps_above_one_version_never_share_a_version_even_after_many_others():

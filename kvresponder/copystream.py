@@ -340,13 +340,15 @@ class CopyStreamServer(_FrameReceiver):
         start = _HEADER.size
         task_ids = frame[start:start + tasks_length].split()
         try:
+            if start + tasks_length > len(frame):
+                raise ValueError("task ids past the end of the frame")
             entries = decode_batch(frame[start + tasks_length:], self._wall())
         except ValueError as error:
             send_now(self.transport, self._frame(_error_answer(
                 batch_id, 400, "invalid_body", "Malformed batch: %s" % (error,))))
             return
         try:
-            results = self._apply(entries, task_ids)
+            answer = encode_answer(batch_id, self._apply(entries, task_ids))
         except EntryTooLarge:
             answer = _error_answer(batch_id, 413, "payload_too_large",
                                    "An entry exceeds this node's memory budget.")
@@ -356,8 +358,6 @@ class CopyStreamServer(_FrameReceiver):
         except Exception:
             write_traceback()
             answer = _error_answer(batch_id, 500, "internal_error", "The server failed to apply the batch.")
-        else:
-            answer = encode_answer(batch_id, results)
         # At once, not at the reactor's next turn: the coordinator's clients are waiting on this answer.
         send_now(self.transport, self._frame(answer))
 

@@ -1154,3 +1154,54 @@ async def test_a_stream_closes_at_a_frame_declared_larger_than_a_batch_can_be(se
 
     status, after = await deferToThread(send_large_frame, peer.peer.port)
     assert status.startswith(b"HTTP/1.1 101") and after == b""
+
+
+def _served_answers(apply, frames):
+    """The answers (batch id, code) an unsigned stream server gives ``frames`` (each a batch id and payload)."""
+    transport = StringTransport()
+    server = CopyStreamServer(apply, None, b"n" * 16, 1 << 20, lambda reason: None, clock=Clock())
+    server.makeConnection(transport)
+    for batch_id, tasks_length, payload in frames:
+        frame = struct.pack("!I16sI", batch_id, b"\0" * 16, tasks_length) + payload
+        server.dataReceived(struct.pack("!I", len(frame)) + frame)
+    data, answers = transport.value(), []
+    while data:
+        (length,) = struct.unpack_from("!I", data)
+        answers.append(struct.unpack_from("!IH", data, 4))
+        data = data[4 + length:]
+    return answers
+
+
+def test_a_frame_whose_task_ids_run_past_its_end_is_answered_400_and_applies_nothing():
+    """
+    If a batch frame declares task ids longer than the frame, then it is answered 400 and nothing is applied
+    (it was read as a batch of no entries, answered 200 with no results); the stream goes on with the next.
+    """
+    applied = []
+
+    def apply(entries, task_ids):
+        applied.append(entries)
+        return [ApplyResult(True, False)] * len(entries)
+    batch = encode_batch([_entry(1)], 0.0)
+    assert _served_answers(apply, [(1, 1000, b"-" + batch), (2, 1, b"-" + batch)]) == [(1, 400), (2, 200)]
+    assert [len(entries) for entries in applied] == [1]
+
+
+def test_an_answer_that_cannot_be_encoded_is_answered_500_and_the_stream_goes_on():
+    """
+    If the results of a batch cannot be encoded as an answer (a version past the wire format), then the batch
+    is answered 500, the error logged, and the stream goes on: nothing escapes to the reactor.
+    """
+    from eliot import add_destinations, remove_destination
+
+    answers = iter([[ApplyResult(False, True, (2 ** 64, 0, "n2"))], [ApplyResult(True, False)]])
+    messages = []
+    add_destinations(messages.append)
+    try:
+        served = _served_answers(lambda entries, task_ids: next(answers),
+                                 [(1, 1, b"-" + encode_batch([_entry(1)], 0.0)),
+                                  (2, 1, b"-" + encode_batch([_entry(2)], 0.0))])
+    finally:
+        remove_destination(messages.append)
+    assert served == [(1, 500), (2, 200)]
+    assert any(m.get("message_type") == "eliot:traceback" for m in messages)

@@ -1003,10 +1003,12 @@ def test_later_writes_through_one_of_two_nodes_joining_at_once_win_over_earlier_
 
 def test_an_overwrite_with_a_ttl_during_a_join_that_replaced_both_owners_leaves_the_key_absent(net):
     """
-    If keys hold a value, node 4 joins and takes both owners' places for them, and they are overwritten with a
-    1 s TTL through node 1 as soon as it counts node 4, before the previous owners have handed them over (60k
-    other keys make that take seconds), then once the TTL has run out and the hand-offs are done, every node
-    answers 404 for each of them: no older value comes back (all clocks right).
+    If keys held by nodes 2 and 3 hold a value, node 4 joins and takes both owners' places for them (with node 1),
+    and they are overwritten with a 1 s TTL through node 1 as soon as it counts node 4, before the previous
+    owners have handed them over (their hand-offs to node 4 are held until its copies have expired and been
+    reclaimed: its packets from nodes 2 and 3 that carry data to its HTTP port are dropped), then once the
+    hand-offs are done,
+    every node answers 404 for each of them: no older value comes back (all clocks right).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -1015,13 +1017,18 @@ def test_an_overwrite_with_a_ttl_during_a_join_that_replaced_both_owners_leaves_
     nodes = start_cluster(net, [1, 2, 3])
     before = HashRing(["node1", "node2", "node3"])
     after = HashRing(["node1", "node2", "node3", "node4"])
-    keys = [key for key in ("tj-%d" % i for i in range(5000))
-            if not set(before.preference_list(key, 2)) & set(after.preference_list(key, 2))][:100]
+    keys = [key for key in ("tj-%d" % i for i in range(20000))
+            if set(before.preference_list(key, 2)) == {"node2", "node3"}
+            and not {"node2", "node3"} & set(after.preference_list(key, 2))][:100]
     assert len(keys) == 100
     s = session()
     _fill_for_slow_hand_offs(s, nodes[1], "tj-fill-")
     for key in keys:
         assert s.put(nodes[1].url + "/kv/" + key, json={"value": "older"}, timeout=5).status_code == 201
+    holds = [["INPUT", "-p", "tcp", "-s", node.address, "--dport", str(HTTP_PORT),
+              "-m", "length", "--length", "120:65535", "-j", "DROP"] for node in nodes[1:]]
+    for hold in holds:
+        net.host(4).run(["iptables", "-w", "-A"] + hold)
     joiner = net.start(4, wait=False)
     wait_until(lambda: nodes[0].metric("kv_ring_members") == 4, 20, "node1 to count node4", interval=0.005)
 
@@ -1030,9 +1037,14 @@ def test_an_overwrite_with_a_ttl_during_a_join_that_replaced_both_owners_leaves_
             return own.put(nodes[0].url + "/kv/" + key, json={"value": "short", "ttl": 1}, timeout=5).status_code
     with ThreadPoolExecutor(max_workers=8) as pool:
         codes = list(pool.map(overwrite, keys))
+    # Held until the TTL has run out and the sweep has reclaimed the new owners' copies (a second later): a
+    # hand-off that arrived before would be refused as older than the write they hold.
+    time.sleep(3.0)
+    for hold in holds:
+        net.host(4).run(["iptables", "-w", "-D"] + hold)
     assert set(codes) <= {200, 201}, codes
     joiner.wait_ready()
-    time.sleep(4.0)
+    time.sleep(6.0)
     back = {node.node_id: [key for key in keys if s.get(node.url + "/kv/" + key, timeout=5).status_code != 404]
             for node in nodes + [joiner]}
     assert back == dict.fromkeys(back, []), back

@@ -522,15 +522,11 @@ class Store:
             self._tombstones[bkey] = self._pack(entry.version, self._monotonic(), b"", b"" if expires_at is None
                                                 else _TIME.pack(expires_at))
             self.bytes += len(bkey) + TOMBSTONE_OVERHEAD
-            self._evict(tombstone_written=True)
-            return ApplyResult(True, had_live)
         elif expires_at is not None and expires_at <= now:
             # A newer write that has already expired hides every older version, as a delete would: keep its
             # version as a tombstone, so an older write arriving later cannot bring the old value back.
             self._tombstones[bkey] = self._pack(entry.version, self._monotonic(), b"", b"")
             self.bytes += len(bkey) + TOMBSTONE_OVERHEAD
-            self._evict(tombstone_written=True)
-            return ApplyResult(True, had_live)
         else:
             slot = self._file(bkey, self._pack(entry.version, expires_at or 0.0, bkey, value,
                                                expires_at is not None and held_older))
@@ -541,11 +537,11 @@ class Store:
                 # The slot's int is the dict's own key object: the heap item shares it.
                 heapq.heappush(self._expiries, (expires_at, slot))
                 self._expiring += 1
-                if len(self._expiries) > self._expiring + self._expiring // 2 + 64:
+                if self._expiries_overgrown():
                     # Overwrites of keys with a TTL leave an item each: a burst between two sweeps must not
                     # hold more than EXPIRY_OVERHEAD accounts for.
                     self._rebuild_expiries()
-        self._evict()
+        self._evict(tombstone_written=value is None or expires_at is not None and expires_at <= now)
         return ApplyResult(True, had_live)
 
     def apply_many(self, entries: List[Entry]) -> List[ApplyResult]:
@@ -699,9 +695,15 @@ class Store:
             del self._tombstones[bkey]
             self._released(len(bkey) + TOMBSTONE_OVERHEAD)
         self.sweep_behind = behind
-        if not behind and len(heap) > self._expiring + self._expiring // 2 + 64:
+        if not behind and self._expiries_overgrown():
             self._rebuild_expiries()
         return expired
+
+    def _expiries_overgrown(self) -> bool:
+        """
+        Whether the heap holds more dead items than EXPIRY_OVERHEAD accounts for: half as many as the live ones.
+        """
+        return len(self._expiries) > self._expiring + self._expiring // 2 + 64
 
     def _rebuild_expiries(self) -> None:
         """

@@ -85,6 +85,9 @@ class HeartbeatCodec:
         if beat.joining:
             # Only while true: older nodes read none, and take none for false.
             body["joining"] = True
+        if beat.settled is not None:
+            # Only once true, as ``joining``.
+            body["settled"] = beat.settled
         if self._key is not None:
             body["mac"] = self._mac(body)
         return json.dumps(body, separators=(",", ":"), sort_keys=True).encode("utf-8")
@@ -148,13 +151,19 @@ class HeartbeatCodec:
         if sequence is not None and (type(sequence) is not int or sequence < 0):
             raise Malformed("malformed", "bad sequence number")
         members = body.get("members")
-        if members is not None and not (isinstance(members, str) and 0 < len(members) <= 32
-                                        and all(c in _HEX for c in members)):
+        if members is not None and not _is_digest(members):
             raise Malformed("malformed", "bad ring digest")
         joining = body.get("joining", False)
         if not isinstance(joining, bool):
             raise Malformed("malformed", "bad joining flag")
-        return Heartbeat(node, inc, addr, port, state, ring, members, joining), want, timestamp, sequence
+        settled = body.get("settled")
+        if settled is not None and not _is_digest(settled):
+            raise Malformed("malformed", "bad settled ring digest")
+        return Heartbeat(node, inc, addr, port, state, ring, members, joining, settled), want, timestamp, sequence
+
+
+def _is_digest(value) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 32 and all(c in _HEX for c in value)
 
 
 def _is_ipv4(value) -> bool:

@@ -34,6 +34,9 @@ class Heartbeat(NamedTuple):
     #: Whether the sender is starting or joining: its place in the ring holds nothing yet, or not all it will.
     #: ``False`` from a node older than it.
     joining: bool = False
+    #: The digest of the sender's ring if it has handed off all that ring places elsewhere, by a pass that began
+    #: once all its peers named that ring (``Node._watch_settling``); else ``None``, as from a node older than it.
+    settled: Optional[str] = None
 
 
 class Peer:
@@ -42,7 +45,7 @@ class Peer:
     """
 
     __slots__ = ("node_id", "incarnation", "address", "port", "state", "ring_size", "ring_digest", "joining",
-                 "first_seen", "last_seen")
+                 "settled", "first_seen", "last_seen")
 
     def __init__(self, beat: Heartbeat, now: float) -> None:
         self.node_id = beat.node_id
@@ -53,6 +56,7 @@ class Peer:
         self.ring_size = beat.ring_size
         self.ring_digest = beat.ring_digest
         self.joining = beat.joining
+        self.settled = beat.settled
         self.first_seen = now
         self.last_seen = now
 
@@ -130,6 +134,7 @@ class Membership:
         known.ring_size = beat.ring_size
         known.ring_digest = beat.ring_digest
         known.joining = beat.joining
+        known.settled = beat.settled
         if known.state == LEAVING:
             return None
         if beat.state == LEAVING:

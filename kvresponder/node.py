@@ -9,7 +9,7 @@ states that readiness reports: ``starting`` → ``joining`` → ``ready`` → ``
 import os
 import platform
 import secrets
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 from eliot import write_failure, write_traceback
 from twisted.internet.defer import ensureDeferred
@@ -43,8 +43,14 @@ JOIN_POLL = 0.05
 CLOCK_SKEW = "clock-skew"
 
 #: Seconds after a ring change during which a read that finds nothing on a key's owners also asks the
-#: other nodes, since the key may still be on its way from its previous holders.
+#: other nodes, since the key may still be on its way from its previous holders, and a write asks the previous
+#: owners too. The most the ring settles for: it settles sooner once every node says it has handed off what the
+#: ring places elsewhere (``Heartbeat.settled``; see :meth:`Node.ring_settling`).
 SETTLE_SECONDS = 30.0
+#: Reason of the pass a node runs once every peer names its ring (see :meth:`Node._watch_settling`).
+SETTLE_PASS = "settle"
+#: How often a ready node looks whether its peers all name its ring (:meth:`Node._watch_settling`).
+SETTLE_WATCH = 0.25
 #: Rings kept from within one settling (the last settled one and the latest): bounded against a flapping peer or a
 #: long rolling restart, whose changes keep the ring settling.
 MAX_PREVIOUS_RINGS = 8
@@ -125,6 +131,14 @@ class Node:
         self.started_at = self.ring_changed_at = clock.seconds()
         #: The rings in force since the ring last settled, oldest first: where data may still sit.
         self._previous_rings: List[HashRing] = []
+        #: The digest of the ring under which this node has handed off all that ring places elsewhere, by a
+        #: pass that began once every peer named it (see :meth:`_watch_settling`); said in heartbeats.
+        self._handed_off: Optional[str] = None
+        #: The ring every peer was last seen to name, and since when (``None``: not every peer names it).
+        self._converged: Optional[Tuple[str, float]] = None
+        #: The digest of the ring a settling pass is running for.
+        self._settle_pass_for: Optional[str] = None
+        self._settled_listeners: List[Callable[[], None]] = []
         self._joining_ring: tuple = (None, [])
         #: Whether the join's wait for every peer to name this node's ring is over.
         self._join_waited = False
@@ -147,15 +161,88 @@ class Node:
 
     def ring_settling(self) -> bool:
         """
-        Whether the ring changed within the last :data:`SETTLE_SECONDS` (or twice ``MAX_CLOCK_OFFSET``, if
-        longer), or data is still waiting to move.
+        Whether data may still be on its way to the owners the ring names: this node still holds entries
+        waiting for hand-off; or the ring changed within the last :data:`SETTLE_SECONDS` (or twice
+        ``MAX_CLOCK_OFFSET``, if longer), unless at least twice ``MAX_CLOCK_OFFSET`` has passed and every node
+        has said since that it has handed off under this ring (:meth:`_cluster_handed_off`).
 
         A write the previous owners alone hold may carry a version up to twice the bound ahead of the time it was
-        made (a clock ahead by the bound, and versions adopted from it): until that time has passed, a later
-        write must still ask them (``previous_rings``) to be stamped above it.
+        made (a clock ahead by the bound, and versions adopted from it): until that time has passed, or the write
+        has reached the current owners (who then answer it), a later write must still ask the previous owners
+        (``previous_rings``) to be stamped above it. That costs every write a round trip to them while the ring
+        settles: ending the settling once every hand-off is done, rather than at a fixed time, shortens that
+        after every membership change.
         """
-        settle = max(SETTLE_SECONDS, 2 * self.settings.max_clock_offset)
-        return (self.clock.seconds() - self.ring_changed_at < settle) or self.rebalancer.pending > 0
+        if self.rebalancer.pending > 0:
+            return True
+        bound = 2 * self.settings.max_clock_offset
+        elapsed = self.clock.seconds() - self.ring_changed_at
+        if elapsed >= max(SETTLE_SECONDS, bound):
+            return False
+        return elapsed < bound or not self._cluster_handed_off()
+
+    def _cluster_handed_off(self) -> bool:
+        """
+        Whether this node and every peer it knows (leaving ones too) have handed off under this node's ring: each
+        peer's heartbeat since the ring last changed says so (``settled``, the ring's digest). No earlier write
+        is then left on a previous owner alone. A peer older than the field never says so: the ring then settles
+        after :data:`SETTLE_SECONDS`, as it did.
+        """
+        digest = self._ring.digest
+        if self._handed_off != digest:
+            return False
+        changed_at = self.ring_changed_at
+        return all(peer.settled == digest and peer.last_seen > changed_at for peer in self.membership.peers())
+
+    def subscribe_settled(self, listener: Callable[[], None]) -> None:
+        """
+        Call ``listener()`` whenever this node has handed off under its ring: its heartbeats say so from then
+        on, and the sooner its peers hear it the sooner their writes stop asking the previous owners (the
+        service sends a heartbeat at once).
+        """
+        self._settled_listeners.append(listener)
+
+    def _watch_settling(self) -> None:
+        """
+        Work toward a ready node's saying that it has handed off under its ring. Once every peer's heartbeat
+        since the ring last changed names this node's ring, and that has held for a margin (twice
+        ``PEER_REQUEST_TIMEOUT``: a copy a peer sent under the ring before, to a node that owned the key then,
+        has arrived or been given up by then), a pass runs; if it leaves nothing waiting for hand-off, and the ring
+        is the same, the node has handed off under it. The pass that a ring change starts at once cannot serve:
+        peers still on the previous ring may still be writing to the previous owners.
+        """
+        if self.state != READY:
+            return
+        ring = self._ring
+        digest = ring.digest
+        if self._handed_off == digest or self._settle_pass_for == digest:
+            return
+        now = self.clock.seconds()
+        changed_at = self.ring_changed_at
+        if not all(peer.ring_digest == digest and peer.last_seen > changed_at for peer in self.membership.peers()):
+            self._converged = None
+            return
+        if self._converged is None or self._converged[0] != digest:
+            self._converged = (digest, now)
+            return
+        if now - self._converged[1] < 2 * self.settings.peer_request_timeout:
+            return
+        self._settle_pass_for = digest
+        self.rebalancer.run_pass(SETTLE_PASS).addCallback(self._settle_pass_done, digest, changed_at)
+
+    def _settle_pass_done(self, counts: dict, digest: str, changed_at: float) -> None:
+        self._settle_pass_for = None
+        if (self.state != READY or self._ring.digest != digest or self.ring_changed_at != changed_at
+                or counts.get("pending") != 0 or self.rebalancer.pending):
+            # The ring moved on, or something is left to hand off: the watch starts over.
+            self._converged = None
+            return
+        self._handed_off = digest
+        for listener in list(self._settled_listeners):
+            try:
+                listener()
+            except Exception:
+                write_traceback()
 
     def previous_rings(self) -> List[HashRing]:
         """
@@ -220,6 +307,10 @@ class Node:
             self._remember(self._ring)
         self.ring_changed_at = self.clock.seconds()
         self._ring = ring
+        # Even a ring of the same members again (a peer gone and back) needs another pass: the writes meanwhile
+        # followed the other ring.
+        self._handed_off = None
+        self._converged = None
 
     def _remember(self, ring: HashRing) -> None:
         """
@@ -248,9 +339,11 @@ class Node:
         What this node says about itself in discovery datagrams.
         """
         state = LEAVING if self.state in (DRAINING, STOPPED) else ALIVE
+        digest = self._ring.digest
+        settled = digest if self.state == READY and self._handed_off == digest else None
         return Heartbeat(self.node_id, self.incarnation, self.settings.advertise_address,
-                         self.settings.advertise_port, state, len(self._ring), self._ring.digest,
-                         self.state in (STARTING, JOINING))
+                         self.settings.advertise_port, state, len(self._ring), digest,
+                         self.state in (STARTING, JOINING), settled)
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -277,6 +370,7 @@ class Node:
         self._every(1.0, self._sweep)
         # Peers that fall silent leave the clock estimate, and with them perhaps this node's skew.
         self._every(1.0, self.clock_offsets.evaluate)
+        self._every(SETTLE_WATCH, self._watch_settling)
         if self._collect is not None:
             self._every(0.25, self._reclaim)
         self._every(self.settings.anti_entropy_interval, lambda: self.rebalancer.run_pass(ANTI_ENTROPY),
@@ -570,7 +664,8 @@ class Node:
                       "expirations": self.store.expirations},
             "ring": {"members": sorted(self._ring.nodes), "vnodes": self._ring.vnodes,
                      "owned_ratio": round(self.owned_ratio(), 4)},
-            "rebalance": {"passes": self.rebalancer.passes, "pending": self.rebalancer.pending},
+            "rebalance": {"passes": self.rebalancer.passes, "pending": self.rebalancer.pending,
+                          "settling": self.ring_settling()},
             "open_connections": self.metrics.gauge("kv_open_connections"),
             "process": {"pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid()},
         }

@@ -233,6 +233,8 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
         settings.discovery_group if settings.multicast_enabled else None, settings.discovery_interface,
         settings.discovery_port, settings.discovery_ttl, node.metrics, clock_offsets=node.clock_offsets,
         max_clock_offset=settings.max_clock_offset, alone=settings.clustering == "disabled")
+    # A node that has handed off under its ring says so at once: its peers' writes stop asking the previous owners.
+    node.subscribe_settled(protocol.announce)
     discovery = DiscoveryService(
         protocol,
         lambda proto: reactor.listenMulticast(settings.discovery_port, proto, listenMultiple=True),

@@ -102,6 +102,9 @@ class MemoryCluster:
         self.settings = settings
         self.nodes: List[Node] = []
         self.down = set()
+        #: Node ids whose heartbeats leave out what nodes older than it did not send (``settled``): a rolling
+        #: upgrade's older nodes.
+        self.older = set()
         for index in range(count):
             self.add()
 
@@ -127,7 +130,10 @@ class MemoryCluster:
                 continue
             for other in self.nodes:
                 if other is not node and other.node_id not in self.down:
-                    node.membership.observe(other.heartbeat())
+                    beat = other.heartbeat()
+                    if other.node_id in self.older:
+                        beat = beat._replace(settled=None)
+                    node.membership.observe(beat)
                     # What the heartbeat's timestamp would tell: the sender's clock against ours.
                     node.clock_offsets.heard(other.node_id, other.incarnation, other.wall() - node.wall())
             node.membership.expire()

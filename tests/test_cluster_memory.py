@@ -560,6 +560,43 @@ def test_a_ready_node_keeps_the_ring_a_join_replaced_until_the_ring_settles():
     assert n1.previous_rings() == [] and n4.previous_rings() == []
 
 
+def test_the_ring_a_join_replaced_is_dropped_once_every_node_has_handed_off_not_after_the_settle_time():
+    """
+    If a node joins a settled cluster, then the others keep the ring it replaced until every node, the joiner
+    included, has said in its heartbeats that it has handed off under the new ring: seconds, not the 30 s a ring
+    change settles for at most. A node tells its listeners once, when it has handed off.
+    """
+    cluster = _settled_cluster()
+    n1 = cluster.nodes[0]
+    told = []
+    n1.subscribe_settled(lambda: told.append(sorted(n1.ring().nodes)))
+    n4 = cluster.add()
+    cluster.run(seconds=2.0)
+    assert n1.ring_settling() and _members(n1.previous_rings()) == [["n1", "n2", "n3"]]
+    assert n1.heartbeat().settled is None
+    cluster.run(seconds=8.0)
+    assert not any(node.ring_settling() for node in cluster.nodes)
+    assert n1.previous_rings() == [] and n4.previous_rings() == []
+    assert n1.heartbeat().settled == n1.ring().digest
+    assert told == [["n1", "n2", "n3", "n4"]]
+
+
+def test_a_peer_that_never_says_it_has_handed_off_keeps_the_ring_settling_for_the_settle_time():
+    """
+    If one node's heartbeats never say it has handed off (a node older than that field, in a rolling upgrade),
+    then the others keep the ring a join replaced for the whole 30 s, as before the field.
+    """
+    cluster = _settled_cluster()
+    cluster.older.add("n2")
+    n1 = cluster.nodes[0]
+    cluster.add()
+    cluster.run(seconds=25.0)
+    assert n1.heartbeat().settled == n1.ring().digest
+    assert n1.ring_settling() and _members(n1.previous_rings()) == [["n1", "n2", "n3"]]
+    cluster.run(seconds=6.0)
+    assert not n1.ring_settling() and n1.previous_rings() == []
+
+
 def test_with_a_clock_bound_over_half_the_settle_time_the_previous_rings_are_kept_for_twice_the_bound():
     """
     If MAX_CLOCK_OFFSET is 60 s, then a ready node keeps the ring a join replaced for 120 s, not 30: an earlier

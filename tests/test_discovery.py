@@ -251,6 +251,27 @@ def test_a_heartbeat_says_whether_its_sender_is_joining_and_an_older_nodes_says_
     assert harness.metrics.results == ["accepted", "accepted"]
 
 
+def test_a_heartbeat_says_which_ring_its_sender_has_handed_off_under_and_an_older_nodes_says_none():
+    """
+    If a heartbeat names the ring its sender has handed off under (``settled``), then the peer keeps that
+    digest until a heartbeat without it (the sender's ring changed), as one from an older node has: ``None``.
+    The field is sent only once the sender has handed off.
+    """
+    from kvresponder.ring import members_digest
+
+    harness = Harness()
+    digest = members_digest(["n1", "n2"])
+    settled = encode(PEER._replace(ring_digest=digest, settled=digest))
+    assert json.loads(settled)["settled"] == digest
+    harness.receive(settled)
+    assert harness.membership.peer("n2").settled == digest
+    unsettled = encode(PEER._replace(ring_digest=digest))
+    assert "settled" not in json.loads(unsettled)
+    harness.receive(unsettled)
+    assert harness.membership.peer("n2").settled is None
+    assert harness.metrics.results == ["accepted", "accepted"]
+
+
 def test_own_heartbeat_is_counted_as_self_and_ignored():
     """
     If our own heartbeat comes back through multicast loopback, then it counts as ``self`` and does not
@@ -419,6 +440,11 @@ DROPPED = [
     ("long ring digest", mutated(members="0" * 33), "malformed"),
     ("joining flag as text", mutated(joining="yes"), "malformed"),
     ("joining flag as number", mutated(joining=1), "malformed"),
+    ("settled digest as number", mutated(settled=7), "malformed"),
+    ("settled digest as true", mutated(settled=True), "malformed"),
+    ("empty settled digest", mutated(settled=""), "malformed"),
+    ("settled digest not hex", mutated(settled="zz" * 8), "malformed"),
+    ("long settled digest", mutated(settled="0" * 33), "malformed"),
 ]
 
 

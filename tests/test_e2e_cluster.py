@@ -297,3 +297,43 @@ def test_a_peer_whose_address_refuses_connections_adds_no_latency_to_writes(clus
     # Without the fix, every write that owed the node a copy took the 0.3 s delay (9 of 20 here) until a call
     # made it a suspect; one or two slow writes on a loaded machine are not that.
     assert sum(seconds > 0.25 for seconds in took) < 3, ["%.3f" % (seconds,) for seconds in took]
+
+
+def _settling(node) -> bool:
+    return requests.get(node.url + "/diag", timeout=5).json()["rebalance"]["settling"]
+
+
+def _peer_gets(node) -> float:
+    text = requests.get(node.url + "/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("kv_peer_request_duration_seconds_count{") and 'op="get"' in line)
+
+
+def test_the_ring_settles_once_every_node_has_handed_off_not_after_the_fixed_settle_time(cluster):
+    """
+    If three nodes form a cluster, and later a fourth joins, then every node says the ring has settled (``/diag``)
+    within seconds of every node's hand-off, well before the 30 s a ring change settles for at most; from then
+    on a write no longer asks the previous owners for their versions (while the ring settles, each write that a
+    ring change moved asks them: no ``get`` call to a peer after it).
+    """
+    for _ in range(3):
+        cluster.add()
+    cluster.wait_formed()
+    started = time.monotonic()
+    cluster.wait_for(lambda: not any(_settling(node) for node in cluster.alive), 20, "the ring to settle")
+    assert time.monotonic() - started < 20
+    writer = cluster.nodes[0]
+    before = _peer_gets(writer)
+    keys = write_keys(writer, 200)
+    assert _peer_gets(writer) == before
+    cluster.add("n4")
+    cluster.wait_formed()
+    # The join changed every ring: settling again, and again settled once the hand-offs to n4 are done.
+    assert _settling(writer)
+    started = time.monotonic()
+    cluster.wait_for(lambda: not any(_settling(node) for node in cluster.alive), 20, "the ring to settle")
+    assert time.monotonic() - started < 20
+    before = _peer_gets(writer)
+    write_keys(writer, 200, prefix="after")
+    assert _peer_gets(writer) == before
+    settled_copies(cluster, keys + ["after-%04d" % (i,) for i in range(200)])

@@ -88,6 +88,8 @@ class HeartbeatCodec:
         if beat.settled is not None:
             # Only once true, as ``joining``.
             body["settled"] = beat.settled
+        if beat.moving:
+            body["moving"] = True
         if self._key is not None:
             body["mac"] = self._mac(body)
         return json.dumps(body, separators=(",", ":"), sort_keys=True).encode("utf-8")
@@ -159,7 +161,11 @@ class HeartbeatCodec:
         settled = body.get("settled")
         if settled is not None and not _is_digest(settled):
             raise Malformed("malformed", "bad settled ring digest")
-        return Heartbeat(node, inc, addr, port, state, ring, members, joining, settled), want, timestamp, sequence
+        moving = body.get("moving", False)
+        if not isinstance(moving, bool):
+            raise Malformed("malformed", "bad moving flag")
+        return (Heartbeat(node, inc, addr, port, state, ring, members, joining, settled, moving), want, timestamp,
+                sequence)
 
 
 def _is_digest(value) -> bool:

@@ -37,6 +37,10 @@ class Heartbeat(NamedTuple):
     #: The digest of the sender's ring if it has handed off all that ring places elsewhere, by a pass that began
     #: once all its peers named that ring (``Node._watch_settling``); else ``None``, as from a node older than it.
     settled: Optional[str] = None
+    #: Whether the sender is running a pass under a ring of other members than its current one: that pass may
+    #: still move entries onto nodes that have already handed off under the current ring. ``False`` from a node
+    #: older than it.
+    moving: bool = False
 
 
 class Peer:
@@ -45,7 +49,7 @@ class Peer:
     """
 
     __slots__ = ("node_id", "incarnation", "address", "port", "state", "ring_size", "ring_digest", "joining",
-                 "settled", "first_seen", "last_seen")
+                 "settled", "settled_at", "moving", "first_seen", "last_seen")
 
     def __init__(self, beat: Heartbeat, now: float) -> None:
         self.node_id = beat.node_id
@@ -57,6 +61,9 @@ class Peer:
         self.ring_digest = beat.ring_digest
         self.joining = beat.joining
         self.settled = beat.settled
+        #: When this node first heard the peer say ``settled`` as it does now.
+        self.settled_at = now
+        self.moving = beat.moving
         self.first_seen = now
         self.last_seen = now
 
@@ -134,7 +141,10 @@ class Membership:
         known.ring_size = beat.ring_size
         known.ring_digest = beat.ring_digest
         known.joining = beat.joining
-        known.settled = beat.settled
+        if beat.settled != known.settled:
+            known.settled = beat.settled
+            known.settled_at = now
+        known.moving = beat.moving
         if known.state == LEAVING:
             return None
         if beat.state == LEAVING:

@@ -138,6 +138,9 @@ class Node:
         self._converged: Optional[Tuple[str, float]] = None
         #: The digest of the ring a settling pass is running for.
         self._settle_pass_for: Optional[str] = None
+        #: The ``ring_changed_at`` of the ring change after which the ring was found settled early: it stays
+        #: settled until the next change (writes no longer ask the previous owners, which it has forgotten).
+        self._settled_change: Optional[float] = None
         self._settled_listeners: List[Callable[[], None]] = []
         self._joining_ring: tuple = (None, [])
         #: Whether the join's wait for every peer to name this node's ring is over.
@@ -175,24 +178,32 @@ class Node:
         """
         if self.rebalancer.pending > 0:
             return True
+        changed_at = self.ring_changed_at
+        if self._settled_change == changed_at:
+            return False
         bound = 2 * self.settings.max_clock_offset
-        elapsed = self.clock.seconds() - self.ring_changed_at
+        elapsed = self.clock.seconds() - changed_at
         if elapsed >= max(SETTLE_SECONDS, bound):
             return False
-        return elapsed < bound or not self._cluster_handed_off()
+        if elapsed < bound or not self._cluster_handed_off():
+            return True
+        self._settled_change = changed_at
+        return False
 
     def _cluster_handed_off(self) -> bool:
         """
         Whether this node and every peer it knows (leaving ones too) have handed off under this node's ring: each
-        peer's heartbeat since the ring last changed says so (``settled``, the ring's digest). No earlier write
-        is then left on a previous owner alone. A peer older than the field never says so: the ring then settles
-        after :data:`SETTLE_SECONDS`, as it did.
+        peer began to say so (``settled``, the ring's digest) after this node's ring last changed. A peer's claim
+        from before does not count: this node's ring went elsewhere and came back (a peer it stopped hearing for a
+        while), and its writes meanwhile went to owners of the other ring, which the peers' claims predate. A
+        claim made after this change was made once every node named the ring, this one included. A peer older
+        than the field never says so: the ring then settles after :data:`SETTLE_SECONDS`, as it did.
         """
         digest = self._ring.digest
         if self._handed_off != digest:
             return False
         changed_at = self.ring_changed_at
-        return all(peer.settled == digest and peer.last_seen > changed_at for peer in self.membership.peers())
+        return all(peer.settled == digest and peer.settled_at > changed_at for peer in self.membership.peers())
 
     def subscribe_settled(self, listener: Callable[[], None]) -> None:
         """
@@ -205,11 +216,13 @@ class Node:
     def _watch_settling(self) -> None:
         """
         Work toward a ready node's saying that it has handed off under its ring. Once every peer's heartbeat
-        since the ring last changed names this node's ring, and that has held for a margin (twice
-        ``PEER_REQUEST_TIMEOUT``: a copy a peer sent under the ring before, to a node that owned the key then,
-        has arrived or been given up by then), a pass runs; if it leaves nothing waiting for hand-off, and the ring
-        is the same, the node has handed off under it. The pass that a ring change starts at once cannot serve:
-        peers still on the previous ring may still be writing to the previous owners.
+        since the ring last changed names this node's ring, and no node is running a pass under a ring of other
+        members (``moving``: such a pass may still hand entries to this node that its ring places elsewhere),
+        and that has held for a margin (twice ``PEER_REQUEST_TIMEOUT``: a client write's copy a peer sent under
+        the ring before, to a node that owned the key then, has arrived or been given up by then), a pass runs;
+        if it leaves nothing waiting for hand-off, and the ring is the same, the node has handed off under it.
+        The pass that a ring change starts at once cannot serve: peers still on the previous ring may still be
+        writing to the previous owners.
         """
         if self.state != READY:
             return
@@ -219,7 +232,9 @@ class Node:
             return
         now = self.clock.seconds()
         changed_at = self.ring_changed_at
-        if not all(peer.ring_digest == digest and peer.last_seen > changed_at for peer in self.membership.peers()):
+        if self.rebalancer.moving_under(ring) or not all(
+                peer.ring_digest == digest and peer.last_seen > changed_at and not peer.moving
+                for peer in self.membership.peers()):
             self._converged = None
             return
         if self._converged is None or self._converged[0] != digest:
@@ -231,9 +246,10 @@ class Node:
         self.rebalancer.run_pass(SETTLE_PASS).addCallback(self._settle_pass_done, digest, changed_at)
 
     def _settle_pass_done(self, counts: dict, digest: str, changed_at: float) -> None:
-        self._settle_pass_for = None
+        if self._settle_pass_for == digest:
+            self._settle_pass_for = None
         if (self.state != READY or self._ring.digest != digest or self.ring_changed_at != changed_at
-                or counts.get("pending") != 0 or self.rebalancer.pending):
+                or counts.get("failed") or counts.get("pending") != 0 or self.rebalancer.pending):
             # The ring moved on, or something is left to hand off: the watch starts over.
             self._converged = None
             return
@@ -343,7 +359,7 @@ class Node:
         settled = digest if self.state == READY and self._handed_off == digest else None
         return Heartbeat(self.node_id, self.incarnation, self.settings.advertise_address,
                          self.settings.advertise_port, state, len(self._ring), digest,
-                         self.state in (STARTING, JOINING), settled)
+                         self.state in (STARTING, JOINING), settled, self.rebalancer.moving_under(self._ring))
 
     # -- lifecycle ------------------------------------------------------------------------------------
 

@@ -259,6 +259,14 @@ class Rebalancer:
             self._start(reason, [waiter])
         return waiter
 
+    def moving_under(self, ring: HashRing) -> bool:
+        """
+        Whether a pass is running under a ring of other members than ``ring``: it may still move entries onto
+        nodes that ``ring`` does not make their owners.
+        """
+        running = self._running_ring
+        return self._running is not None and running is not None and running.nodes != ring.nodes
+
     def stop(self) -> None:
         """
         Cancel the pass a change scheduled (see :meth:`trigger`), and the one queued behind a pass under way: a
@@ -290,7 +298,8 @@ class Rebalancer:
             self._running = None
             if isinstance(result, Failure):
                 write_traceback(exc_info=(result.type, result.value, result.tb))
-                result = {"handed_off": 0, "repaired": 0, "pending": self.pending}
+                # ``pending`` is the last finished pass's: ``failed`` says this one did not finish.
+                result = {"handed_off": 0, "repaired": 0, "pending": self.pending, "failed": True}
             answered = waiters
             if self._again is not None:
                 again, self._again = self._again, None

@@ -7,7 +7,7 @@ import json
 
 import pytest
 from eliot import add_destinations, remove_destination
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 
 from kvresponder.node import Node
 from kvresponder.rebalance import SETTLE_MS
@@ -595,6 +595,191 @@ def test_a_peer_that_never_says_it_has_handed_off_keeps_the_ring_settling_for_th
     assert n1.ring_settling() and _members(n1.previous_rings()) == [["n1", "n2", "n3"]]
     cluster.run(seconds=6.0)
     assert not n1.ring_settling() and n1.previous_rings() == []
+
+
+class _SlowHandOff:
+    """
+    A node's peer client whose first hand-off of ``key`` to each peer takes ``delay`` seconds more (a large
+    batch, or a slow peer: a hand-off may take up to max(PEER_REQUEST_TIMEOUT, 10 s)). Put in place of the
+    rebalancer's client: the test reaches into it, there being no other seam for a slow hand-off.
+    """
+
+    def __init__(self, real, clock, key, delay):
+        self._real, self._clock, self._key, self._delay, self._done = real, clock, key, delay, set()
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    async def apply(self, peer, batch, timeout=None):
+        if peer.node_id not in self._done and any(entry.key == self._key for entry in batch):
+            self._done.add(peer.node_id)
+            await deferLater(self._clock, self._delay, lambda: None)
+        return await self._real.apply(peer, batch, timeout=timeout)
+
+
+def _key_moved_twice():
+    """
+    A key owned by n4 and n5; by two other nodes once n5 is gone; by neither of those once n6 joins.
+    """
+    before, without_n5, with_n6 = (HashRing(["n1", "n2", "n3", "n4", "n5"]), HashRing(["n1", "n2", "n3", "n4"]),
+                                   HashRing(["n1", "n2", "n3", "n4", "n6"]))
+    return next(key for key in ("key-%d" % (i,) for i in range(100000))
+                if set(before.preference_list(key, 2)) == {"n4", "n5"}
+                and not set(before.preference_list(key, 2)) & set(without_n5.preference_list(key, 2))
+                and not set(without_n5.preference_list(key, 2)) & set(with_n6.preference_list(key, 2)))
+
+
+def _death_then_join_with_a_slow_hand_off():
+    """
+    n5 dies: the ring without it moves the key from {n4, n5} to two other nodes, to which n4's pass hands it,
+    slowly; n6 joins meanwhile, whose ring gives the key to neither of them. They must not say they have
+    handed off under the new ring before n4's pass under the one before has brought them the key.
+    """
+    cluster = MemoryCluster(5, anti_entropy_interval=100)
+    cluster.run(seconds=40.0)
+    key = _key_moved_twice()
+    n1, n2, n3, n4, n5 = cluster.nodes
+    assert put(cluster, n1, key, "earlier")[0] == 201
+    assert holders(cluster, key) == ["n4", "n5"]
+    n4.rebalancer._peers = _SlowHandOff(n4.peers, cluster.clock, key, 8.0)
+    cluster.kill(n5)
+    cluster.run(seconds=4.0)
+    assert sorted(n1.ring().nodes) == ["n1", "n2", "n3", "n4"]
+    cluster.add()
+    cluster.run(seconds=14.0)
+    return cluster, key
+
+
+def test_a_key_a_pass_under_the_ring_before_hands_on_late_is_still_found_by_a_read():
+    """
+    If a pass under the ring before the last change is still handing a key to nodes that the new ring does not
+    make its owners (a death, then a join, and a slow hand-off), then no node takes the ring as settled before
+    that pass is done and those nodes have handed the key on: a read through any node finds it.
+    """
+    cluster, key = _death_then_join_with_a_slow_hand_off()
+    code, body = get(cluster, cluster.nodes[2], key)
+    assert code == 200, (code, body, holders(cluster, key))
+    assert json.loads(body)["value"] == "earlier"
+
+
+def test_a_write_with_a_ttl_after_a_late_hand_off_is_not_undone_by_the_older_copy():
+    """
+    If a key that a pass under the ring before hands on late is written again with a TTL, then once that write
+    expires the key stays gone: the older copy the late hand-off left does not come back.
+    """
+    cluster, key = _death_then_join_with_a_slow_hand_off()
+    code, _ = cluster.request("PUT", cluster.nodes[2], "/kv/" + key, {"value": "later", "ttl": 2})
+    assert code in (200, 201)
+    cluster.run(seconds=110.0)
+    code, body = get(cluster, cluster.nodes[2], key)
+    assert code == 404, (code, body, holders(cluster, key))
+
+
+class _LossyCluster(MemoryCluster):
+    """
+    A memory cluster in which the heartbeats of some senders to some receivers are lost (``lost``: pairs of
+    receiver and sender ids).
+    """
+
+    lost = frozenset()
+
+    def introduce(self):
+        for node in self.nodes:
+            if node.node_id in self.down:
+                continue
+            for other in self.nodes:
+                if other is node or other.node_id in self.down or (node.node_id, other.node_id) in self.lost:
+                    continue
+                node.membership.observe(other.heartbeat())
+                node.clock_offsets.heard(other.node_id, other.incarnation, other.wall() - node.wall())
+            node.membership.expire()
+
+
+def test_a_ring_that_comes_back_does_not_count_the_peers_claims_from_before_it_went():
+    """
+    If n1 alone stops hearing n4 for a while (its ring goes without n4 and comes back), and a write through it
+    meanwhile lands on owners the ring with n4 does not name, then n1 does not take the ring as settled on its
+    peers' claims from before (they never changed ring, and hold that write without knowing it): a read through
+    n1 finds the key.
+    """
+    with_n4, without_n4 = HashRing(["n1", "n2", "n3", "n4"]), HashRing(["n1", "n2", "n3"])
+    key = next(key for key in ("key-%d" % (i,) for i in range(100000))
+               if set(with_n4.preference_list(key, 2)) == {"n1", "n4"}
+               and set(without_n4.preference_list(key, 2)) == {"n2", "n3"})
+    cluster = _LossyCluster(4, anti_entropy_interval=100)
+    cluster.run(seconds=40.0)
+    n1 = cluster.nodes[0]
+    cluster.lost = {("n1", "n4")}
+    cluster.run(seconds=3.6)
+    assert sorted(n1.ring().nodes) == ["n1", "n2", "n3"]
+    assert put(cluster, n1, key, "during")[0] == 201
+    cluster.lost = frozenset()
+    cluster.run(seconds=1.0)
+    # Its own claim from before went with the ring: the ring back is a change, with a pass of its own to come.
+    assert sorted(n1.ring().nodes) == ["n1", "n2", "n3", "n4"] and n1.heartbeat().settled is None
+    cluster.run(seconds=7.0)
+    code, body = get(cluster, n1, key)
+    assert code == 200, (code, body, n1.ring_settling(), holders(cluster, key))
+
+
+def test_a_settle_pass_that_fails_does_not_count_as_one_that_left_nothing_to_hand_off():
+    """
+    If the pass a node runs to settle raises unexpectedly, then the node does not say it has handed off: the
+    entry it holds and does not own is still there.
+    """
+    cluster = MemoryCluster(3)
+    cluster.run(seconds=40.0)
+    n1 = cluster.nodes[0]
+    cluster.add()
+    cluster.run(seconds=1.0)
+    ring = n1.ring()
+    key = next(key for key in ("key-%d" % (i,) for i in range(1000)) if "n1" not in ring.preference_list(key, 2))
+    # A copy n1 does not own arrives after the change's pass (a hint, say): the settle pass must hand it off.
+    n1.store.apply(Entry(key, b'"x"', n1.hlc.now(), None))
+    real = n1.rebalancer._pass
+
+    async def failing(reason):
+        if reason == "settle":
+            raise RuntimeError("an unexpected error in the pass")
+        return await real(reason)
+
+    n1.rebalancer._pass = failing
+    cluster.run(seconds=8.0)
+    assert n1.store.get(key) is not None
+    assert n1.heartbeat().settled is None
+
+
+def test_a_settle_pass_that_cannot_hand_an_entry_off_does_not_say_it_has_handed_off():
+    """
+    If the pass a node runs to settle cannot hand an entry it does not own to its owners (their calls fail),
+    then the node does not say it has handed off, and the ring stays settling while the entry waits.
+    """
+    from kvresponder.peers import PeerError
+
+    class Refusing:
+        def __init__(self, real, key):
+            self._real, self._key = real, key
+
+        def __getattr__(self, name):
+            return getattr(self._real, name)
+
+        async def apply(self, peer, batch, timeout=None):
+            if any(entry.key == self._key for entry in batch):
+                raise PeerError("refused, for the test")
+            return await self._real.apply(peer, batch, timeout=timeout)
+
+    cluster = MemoryCluster(3)
+    cluster.run(seconds=40.0)
+    n1 = cluster.nodes[0]
+    cluster.add()
+    cluster.run(seconds=1.0)
+    ring = n1.ring()
+    key = next(key for key in ("key-%d" % (i,) for i in range(1000)) if "n1" not in ring.preference_list(key, 2))
+    n1.store.apply(Entry(key, b'"x"', n1.hlc.now(), None))
+    n1.rebalancer._peers = Refusing(n1.peers, key)
+    cluster.run(seconds=8.0)
+    assert n1.store.get(key) is not None
+    assert n1.heartbeat().settled is None and n1.ring_settling()
 
 
 def test_with_a_clock_bound_over_half_the_settle_time_the_previous_rings_are_kept_for_twice_the_bound():

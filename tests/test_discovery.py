@@ -272,6 +272,23 @@ def test_a_heartbeat_says_which_ring_its_sender_has_handed_off_under_and_an_olde
     assert harness.metrics.results == ["accepted", "accepted"]
 
 
+def test_a_heartbeat_says_whether_its_sender_moves_data_under_another_ring_and_an_older_nodes_says_not():
+    """
+    If a heartbeat says its sender is running a pass under a ring other than its current one (``moving``),
+    then the peer is marked so until a heartbeat without it, as one from an older node is. The field is sent
+    only while true.
+    """
+    harness = Harness()
+    moving = encode(PEER._replace(moving=True))
+    assert json.loads(moving)["moving"] is True
+    harness.receive(moving)
+    assert harness.membership.peer("n2").moving is True
+    still = encode(PEER)
+    assert "moving" not in json.loads(still)
+    harness.receive(still)
+    assert harness.membership.peer("n2").moving is False
+
+
 def test_own_heartbeat_is_counted_as_self_and_ignored():
     """
     If our own heartbeat comes back through multicast loopback, then it counts as ``self`` and does not
@@ -445,6 +462,8 @@ DROPPED = [
     ("empty settled digest", mutated(settled=""), "malformed"),
     ("settled digest not hex", mutated(settled="zz" * 8), "malformed"),
     ("long settled digest", mutated(settled="0" * 33), "malformed"),
+    ("moving flag as text", mutated(moving="yes"), "malformed"),
+    ("moving flag as number", mutated(moving=1), "malformed"),
 ]
 
 

@@ -129,6 +129,9 @@ class Node:
         self.admin = AdminGuard(settings.admin_token, settings.insecure_admin)
         self.join_settle = join_settle if join_settle is not None else min(0.5, settings.heartbeat_interval)
         self.started_at = self.ring_changed_at = clock.seconds()
+        #: When the ring's members last changed (``_rebuild_ring``), unlike ``ring_changed_at`` not moved by
+        #: the join's end: a peer's claim counts if first heard after it.
+        self._members_changed_at = self.ring_changed_at
         #: The rings in force since the ring last settled, oldest first: where data may still sit.
         self._previous_rings: List[HashRing] = []
         #: The digest of the ring under which this node has handed off all that ring places elsewhere, by a
@@ -193,7 +196,8 @@ class Node:
     def _cluster_handed_off(self) -> bool:
         """
         Whether this node and every peer it knows (leaving ones too) have handed off under this node's ring: each
-        peer began to say so (``settled``, the ring's digest) after this node's ring last changed. A peer's claim
+        peer began to say so (``settled``, the ring's digest) after this node's ring's members last changed (not
+        after its join ended, which moves ``ring_changed_at``: peers that handed off while it joined count). A peer's claim
         from before does not count: this node's ring went elsewhere and came back (a peer it stopped hearing for a
         while), and its writes meanwhile went to owners of the other ring, which the peers' claims predate. A
         claim made after this change was made once every node named the ring, this one included. A peer older
@@ -202,7 +206,7 @@ class Node:
         digest = self._ring.digest
         if self._handed_off != digest:
             return False
-        changed_at = self.ring_changed_at
+        changed_at = self._members_changed_at
         return all(peer.settled == digest and peer.settled_at > changed_at for peer in self.membership.peers())
 
     def subscribe_settled(self, listener: Callable[[], None]) -> None:
@@ -218,8 +222,9 @@ class Node:
         Work toward a ready node's saying that it has handed off under its ring. Once every peer's heartbeat
         since the ring last changed names this node's ring, and no node is running a pass under a ring of other
         members (``moving``: such a pass may still hand entries to this node that its ring places elsewhere),
-        and that has held for a margin (twice ``PEER_REQUEST_TIMEOUT``: a client write's copy a peer sent under
-        the ring before, to a node that owned the key then, has arrived or been given up by then), a pass runs;
+        and that has held for a margin (twice ``PEER_REQUEST_TIMEOUT``, for a client write's copy a peer sent under
+        the ring before, to a node that owned the key then, to arrive: one held up longer lands after the pass,
+        and the node's next pass hands it on), a pass runs;
         if it leaves nothing waiting for hand-off, and the ring is the same, the node has handed off under it.
         The pass that a ring change starts at once cannot serve: peers still on the previous ring may still be
         writing to the previous owners.
@@ -321,7 +326,7 @@ class Node:
         if ring.nodes != self._ring.nodes and self.state in (READY, DRAINING):
             # Not while joining: the rings a node builds as it discovers its peers placed no data.
             self._remember(self._ring)
-        self.ring_changed_at = self.clock.seconds()
+        self.ring_changed_at = self._members_changed_at = self.clock.seconds()
         self._ring = ring
         # Even a ring of the same members again (a peer gone and back) needs another pass: the writes meanwhile
         # followed the other ring.

@@ -782,6 +782,30 @@ def test_a_settle_pass_that_cannot_hand_an_entry_off_does_not_say_it_has_handed_
     assert n1.heartbeat().settled is None and n1.ring_settling()
 
 
+def test_a_joiner_whose_share_comes_after_its_peers_have_handed_off_still_takes_the_ring_as_settled_early():
+    """
+    If a joining node gets one peer's share late (a large share), so that its other peers have handed off and
+    said so before it is ready, then it still counts their claims once it is ready (they were made after its
+    ring last changed), and the whole cluster, the joiner included, settles well before the 30 s.
+    """
+    cluster = _settled_cluster()
+    n4 = cluster.add()
+    real = n4.peers.request_sync
+
+    async def slow(peer, sender, timeout):
+        if peer.node_id == "n3":
+            await deferLater(cluster.clock, 8.0, lambda: None)
+        return await real(peer, sender, timeout)
+
+    # The join's first step waits a moment before it asks for the shares: in time to slow one down.
+    n4.peers.request_sync = slow
+    cluster.run(seconds=5.0)
+    assert n4.state == "joining"
+    cluster.run(seconds=14.0)
+    assert n4.state == "ready"
+    assert [node.node_id for node in cluster.nodes if node.ring_settling()] == []
+
+
 def test_with_a_clock_bound_over_half_the_settle_time_the_previous_rings_are_kept_for_twice_the_bound():
     """
     If MAX_CLOCK_OFFSET is 60 s, then a ready node keeps the ring a join replaced for 120 s, not 30: an earlier

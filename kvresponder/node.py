@@ -197,11 +197,11 @@ class Node:
         """
         Whether this node and every peer it knows (leaving ones too) have handed off under this node's ring: each
         peer began to say so (``settled``, the ring's digest) after this node's ring's members last changed (not
-        after its join ended, which moves ``ring_changed_at``: peers that handed off while it joined count). A peer's claim
-        from before does not count: this node's ring went elsewhere and came back (a peer it stopped hearing for a
-        while), and its writes meanwhile went to owners of the other ring, which the peers' claims predate. A
-        claim made after this change was made once every node named the ring, this one included. A peer older
-        than the field never says so: the ring then settles after :data:`SETTLE_SECONDS`, as it did.
+        after its join ended, which moves ``ring_changed_at``: peers that handed off while it joined count). A
+        peer's claim from before does not count: this node's ring went elsewhere and came back (a peer it stopped
+        hearing for a while), and its writes meanwhile went to owners of the other ring, which the peers' claims
+        predate. A claim made after this change was made once every node named the ring, this one included. A
+        peer older than the field never says so: the ring then settles after :data:`SETTLE_SECONDS`, as it did.
         """
         digest = self._ring.digest
         if self._handed_off != digest:

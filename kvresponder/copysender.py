@@ -11,6 +11,9 @@ Two senders implement it:
 The stream is kept because it is worth it: measured in one run (``bench/copy_stream.py``), a 3-node RF=2 cluster
 wrote faster with it than with requests by far more than the 15 % that would justify its code (the figures are in
 docs/ARCHITECTURE.md, "Copy streams").
+
+:class:`StreamReader` reads keys from a peer on the same stream, where the peer serves reads on it, and over
+HTTP otherwise.
 """
 
 from typing import List, Optional
@@ -19,7 +22,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from .copystream import StreamError, StreamRefused, StreamTimeout
+from .copystream import ReadsUnsupported, StreamError, StreamRefused, StreamTimeout
 from .hlc import version_from_wire
 from .peertransport import PeerError
 from .store import ApplyResult, Entry
@@ -96,22 +99,73 @@ class StreamCopySender:
         def done(result):
             if isinstance(result, Failure) and result.check(StreamRefused):
                 return self._fallback.send(peer, entries, task_ids)
-            if self._metrics is not None:
-                self._metrics.peer_call("apply", self._clock.seconds() - started)
-            if not isinstance(result, Failure):
-                suspects.answered(peer)
-                return result
-            if unreachable(result.value):
-                suspects.failed(peer, result.value.__class__.__name__)
-            elif result.check(StreamTimeout):
-                suspects.timed_out(peer, started + self._timeout)
-            if result.check(StreamError):
-                raise PeerError("%s %s to apply" % (peer.node_id, result.value), result.value.code)
-            if result.check(ValueError):
-                raise PeerError("%s answered a malformed apply result" % (peer.node_id,), 200)
-            raise PeerError("%s unreachable for apply: %s" % (peer.node_id, result.value.__class__.__name__))
+            return stream_outcome(result, peer, "apply", started, self._clock, self._metrics, self._timeout,
+                                  suspects)
 
         return self.streams.send(peer, entries, task_ids, self._timeout).addBoth(done)
+
+
+class StreamReader:
+    """
+    Reads keys from peers on their copy streams (:meth:`~kvresponder.copystream.CopyStreams.read`): a read over
+    HTTP cost the caller about as much as a batch of copies did.
+
+    :param streams: a :class:`~kvresponder.copystream.CopyStreams`.
+    :param fallback: ``fallback(peer, keys)``, a Deferred of the same answer over HTTP: for a peer that refused
+        its stream, one whose stream serves no reads (an older node), and entries too large for one answer.
+    :param clock, metrics, timeout, suspects: as :class:`StreamCopySender`'s.
+    """
+
+    def __init__(self, streams, fallback, clock, metrics, timeout: float, suspects) -> None:
+        self.streams = streams
+        self._fallback = fallback
+        self._clock = clock
+        self._metrics = metrics
+        self._timeout = timeout
+        self._suspects = suspects
+
+    def read(self, peer, keys: List[str]) -> Deferred:
+        """
+        The newest entry ``peer`` holds for each key (tombstones included), or ``None``.
+
+        :return: a Deferred firing with one entry or ``None`` a key, or failing with
+            :class:`~kvresponder.peertransport.PeerError`.
+        """
+        if not self.streams.usable(peer):
+            return self._fallback(peer, keys)
+        if self._suspects.suspected(peer):
+            return fail(PeerError(suspect_refusal(peer, "get")))
+        started = self._clock.seconds()
+
+        def done(result):
+            if isinstance(result, Failure) and (result.check(StreamRefused, ReadsUnsupported) or (
+                    result.check(StreamError) and result.value.code == 413)):
+                return self._fallback(peer, keys)
+            return stream_outcome(result, peer, "get", started, self._clock, self._metrics, self._timeout,
+                                  self._suspects)
+
+        return self.streams.read(peer, keys, self._timeout).addBoth(done)
+
+
+def stream_outcome(result, peer, op: str, started: float, clock, metrics, timeout: float, suspects):
+    """
+    The result of a call on ``peer``'s copy stream, or the :class:`~kvresponder.peertransport.PeerError` it
+    raises for a failure; counted (``peer_call``), and telling ``suspects`` whether the peer answered.
+    """
+    if metrics is not None:
+        metrics.peer_call(op, clock.seconds() - started)
+    if not isinstance(result, Failure):
+        suspects.answered(peer)
+        return result
+    if unreachable(result.value):
+        suspects.failed(peer, result.value.__class__.__name__)
+    elif result.check(StreamTimeout):
+        suspects.timed_out(peer, started + timeout)
+    if result.check(StreamError):
+        raise PeerError("%s %s to %s" % (peer.node_id, result.value, op), result.value.code)
+    if result.check(ValueError):
+        raise PeerError("%s answered a malformed %s result" % (peer.node_id, op), 200)
+    raise PeerError("%s unreachable for %s: %s" % (peer.node_id, op, result.value.__class__.__name__))
 
 
 def apply_results(answer, peer, count: int) -> List[ApplyResult]:

@@ -31,6 +31,14 @@ Then each side sends frames, each a 4-byte big-endian length and that many bytes
 A node that has begun leaving the cluster stores no batch: it answers each one 503 ``leaving``, and the caller
 fails its copies over to the next node on its ring, as it does a 503 over HTTP.
 
+A peer whose 101 carries ``X-KV-Stream-Reads: 1`` also serves reads on the stream, as ``/_internal/get`` does
+over HTTP (a read over HTTP cost the caller about as much as a batch of copies did): a read frame is a batch
+frame whose task-id list is ``?`` (:data:`READ_MARKER`, which no task-id list is) and whose body is the keys,
+each a 2-byte length and the key (:func:`encode_keys`). Its answer is 200, then one byte a key (1: found, 0:
+not), then the entries found, tombstones included, as a batch (:func:`encode_read_answer`); or 413 if they come
+to more than :data:`MAX_READ_ANSWER` bytes, which the caller then reads over HTTP. A leaving node still serves
+reads. Older peers send no such header and get no read frames.
+
 Each frame leaves with one ``send`` when it is written (:func:`kvresponder.sendnow.send_now`), and both ends turn
 Nagle's algorithm off, so that a frame sent while the last is unacknowledged does not wait for its ACK.
 
@@ -64,12 +72,20 @@ from twisted.python.failure import Failure
 from .digest import blake2b16
 from .log.replication import STREAM_CLOSED, STREAM_OPENED, STREAM_REFUSED, STREAM_REJECTED
 from .sendnow import no_delay, send_now
-from .store import ApplyResult, EntryTooLarge
+from .store import ApplyResult, Entry, EntryTooLarge
 from .batcher import MAX_BATCH_BYTES, MAX_COALESCED
 from .wire import MAX_KEY_BYTES, decode_batch, encode_batch
 
 UPGRADE_TOKEN = b"kvresponder-copies/2"
 NONCE_HEADER = b"X-KV-Stream-Nonce"
+#: In the 101: this peer serves reads on the stream.
+READS_HEADER = b"X-KV-Stream-Reads"
+#: The task-id list of a frame of keys to read.
+READ_MARKER = b"?"
+#: Bytes of entries (:attr:`~kvresponder.store.Entry.size`) a read's answer carries at most: past it, the answer
+#: is 413 and the caller reads those keys over HTTP, which answers in parts. Well under the caller's frame limit.
+MAX_READ_ANSWER = 2 * 1024 * 1024
+_KEY_LENGTH = struct.Struct("!H")
 #: Seconds a peer that refused the upgrade is called over HTTP before the stream is tried again.
 REFUSED_FOR = 60.0
 #: Largest answer head (the 101 and its headers) a caller reads.
@@ -116,6 +132,12 @@ class StreamError(Exception):
     def __init__(self, code: int, message: str) -> None:
         Exception.__init__(self, message)
         self.code = code
+
+
+class ReadsUnsupported(Exception):
+    """
+    The peer's stream serves no reads (a node older than them): read over HTTP.
+    """
 
 
 class StreamTimeout(Exception):
@@ -189,6 +211,65 @@ def decode_results(payload: bytes, count: int) -> List[ApplyResult]:
     if offset != len(payload):
         raise ValueError("an answer longer than its batch")
     return results
+
+
+def encode_keys(keys: Sequence[str]) -> bytes:
+    """
+    The body of a read frame: each key's UTF-8 length (2 bytes) and the key.
+    """
+    parts = []
+    for key in keys:
+        data = key.encode("utf-8")
+        parts.append(_KEY_LENGTH.pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def decode_keys(body: bytes) -> List[str]:
+    """
+    :raises ValueError: unless ``body`` holds 1 to MAX_COALESCED keys of 1 to MAX_KEY_BYTES bytes of UTF-8.
+    """
+    keys = []
+    offset, size = 0, len(body)
+    while offset < size:
+        if offset + _KEY_LENGTH.size > size:
+            raise ValueError("a key's length past the end of the body")
+        (length,) = _KEY_LENGTH.unpack_from(body, offset)
+        offset += _KEY_LENGTH.size
+        if not 0 < length <= MAX_KEY_BYTES or offset + length > size:
+            raise ValueError("a key of %d bytes" % (length,))
+        keys.append(body[offset:offset + length].decode("utf-8"))
+        offset += length
+        if len(keys) > MAX_COALESCED:
+            raise ValueError("more than %d keys" % (MAX_COALESCED,))
+    if not keys:
+        raise ValueError("no key")
+    return keys
+
+
+def encode_read_answer(batch_id: int, entries: Sequence[Optional[Entry]], now: float) -> bytes:
+    """
+    The answer to a read frame: one byte a key (1: found), then the entries found as a batch.
+    """
+    found = [entry for entry in entries if entry is not None]
+    return (_ANSWER.pack(batch_id, 200) + bytes(0 if entry is None else 1 for entry in entries)
+            + encode_batch(found, now))
+
+
+def decode_read_answer(payload: bytes, count: int, now: float) -> List[Optional[Entry]]:
+    """
+    The entries (or ``None``) a read frame's answer gives for its ``count`` keys, in order.
+
+    :raises ValueError: if it is malformed.
+    """
+    flags = payload[:count]
+    if len(flags) != count or flags.strip(b"\0\1"):
+        raise ValueError("malformed read answer")
+    found = decode_batch(payload[count:], now)
+    if len(found) != flags.count(1):
+        raise ValueError("a read answer with %d entries for %d found" % (len(found), flags.count(1)))
+    entries = iter(found)
+    return [next(entries) if flag else None for flag in flags]
 
 
 def _error_answer(batch_id: int, code: int, error: str, message: str) -> bytes:
@@ -283,13 +364,17 @@ class CopyStreamServer(_FrameReceiver):
         the clock's ``seconds``.
     :param takes_copies: whether the node stores copies now (:meth:`kvresponder.node.Node.takes_copies`); while it
         does not, each batch is answered 503 :data:`LEAVING_ERROR` and nothing is applied.
+    :param read: ``read(keys)``, the newest entry this node holds for each key (tombstones included) or ``None``:
+        the stream serves read frames (its 101 says so, :func:`upgrade_answer`); ``None``: it does not.
     """
 
     def __init__(self, apply: Callable[[list, List[bytes]], List[ApplyResult]], key: Optional[bytes],
                  nonce: bytes, max_frame: int, on_close: Callable[[Failure], None], client: str = "",
                  clock=None, idle_timeout: float = IDLE_SECONDS, wall: Optional[Callable[[], float]] = None,
-                 takes_copies: Callable[[], bool] = lambda: True) -> None:
+                 takes_copies: Callable[[], bool] = lambda: True,
+                 read: Optional[Callable[[List[str]], List[Optional[Entry]]]] = None) -> None:
         self._apply = apply
+        self._read = read
         self._takes_copies = takes_copies
         self._wall = wall or (clock.seconds if clock is not None else time.time)
         self._mac = _Mac(key, nonce)
@@ -332,12 +417,16 @@ class CopyStreamServer(_FrameReceiver):
             self._reject("a bad MAC")
             return
         self._last_id = batch_id
+        start = _HEADER.size
+        if self._read is not None and frame[start:start + tasks_length] == READ_MARKER:
+            # Served while leaving too: reads ask a leaving node for what it has not yet handed off.
+            send_now(self.transport, self._frame(self._answer_read(batch_id, frame[start + tasks_length:])))
+            return
         if not self._takes_copies():
             # A frame already in flight when this node began leaving, or sent by a peer that has not heard it yet:
             # answered, not dropped, so that the sender fails it over now rather than after its timeout.
             send_now(self.transport, self._frame(_error_answer(batch_id, 503, LEAVING_ERROR, LEAVING_MESSAGE)))
             return
-        start = _HEADER.size
         task_ids = frame[start:start + tasks_length].split()
         try:
             if start + tasks_length > len(frame):
@@ -360,6 +449,20 @@ class CopyStreamServer(_FrameReceiver):
             answer = _error_answer(batch_id, 500, "internal_error", "The server failed to apply the batch.")
         # At once, not at the reactor's next turn: the coordinator's clients are waiting on this answer.
         send_now(self.transport, self._frame(answer))
+
+    def _answer_read(self, batch_id: int, body: bytes) -> bytes:
+        try:
+            keys = decode_keys(body)
+        except ValueError as error:
+            return _error_answer(batch_id, 400, "invalid_body", "Malformed read: %s" % (error,))
+        try:
+            entries = self._read(keys)
+            if sum(entry.size for entry in entries if entry is not None) > MAX_READ_ANSWER:
+                return _error_answer(batch_id, 413, "payload_too_large", "Read these keys over HTTP.")
+            return encode_read_answer(batch_id, entries, self._wall())
+        except Exception:
+            write_traceback()
+            return _error_answer(batch_id, 500, "internal_error", "The server failed to read the keys.")
 
     @staticmethod
     def _frame(answer: bytes) -> bytes:
@@ -397,9 +500,13 @@ def max_frame(value_limit: int, internal_limit: int) -> int:
     return min(internal_limit, MAX_BATCH_BYTES + 2 * entry + _TASK_IDS_ROOM)
 
 
-def upgrade_answer(nonce: bytes) -> bytes:
+def upgrade_answer(nonce: bytes, reads: bool = False) -> bytes:
+    """
+    The 101 that opens a stream; with ``reads``, saying that the stream serves read frames.
+    """
     return (b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: " + UPGRADE_TOKEN +
-            b"\r\n" + NONCE_HEADER + b": " + binascii.hexlify(nonce) + b"\r\n\r\n")
+            b"\r\n" + NONCE_HEADER + b": " + binascii.hexlify(nonce) + b"\r\n" +
+            (READS_HEADER + b": 1\r\n" if reads else b"") + b"\r\n")
 
 
 def new_nonce() -> bytes:
@@ -430,6 +537,8 @@ class CopyStreamClient(Int32StringReceiver):
         self._head = b""
         self._mac = None
         self.upgraded = False
+        #: Whether the peer serves read frames on this stream (its 101 said so).
+        self.reads = False
         self.closed = False
         self.answered = 0
         self.ready: Deferred = Deferred()
@@ -480,6 +589,7 @@ class CopyStreamClient(Int32StringReceiver):
             self._refused(code)
             return
         self._mac = _Mac(self._key, nonce)
+        self.reads = headers.get(READS_HEADER.lower()) == b"1"
         self.upgraded = True
         if not self.ready.called:
             self.ready.callback(self)
@@ -654,34 +764,52 @@ class CopyStreams:
             error status), or any connection failure, :class:`StreamUnanswered` or :class:`StreamTimeout`.
         """
         batch = encode_batch(entries, self._wall())
+        return self._call(peer, batch, task_ids, timeout).addCallback(decode_results, len(entries))
+
+    def read(self, peer, keys: Sequence[str], timeout: float) -> Deferred:
+        """
+        The newest entry ``peer`` holds for each of ``keys`` (tombstones included), or ``None``.
+
+        :return: a Deferred firing with one entry or ``None`` a key; failing as :meth:`send` does, and with
+            :class:`ReadsUnsupported` if the peer's stream serves no reads, or :class:`StreamError` 413 if the
+            entries were too large for one answer (read them over HTTP instead).
+        """
+        return self._call(peer, encode_keys(keys), (READ_MARKER,), timeout).addCallback(
+            lambda payload: decode_read_answer(payload, len(keys), self._wall()))
+
+    def _call(self, peer, body: bytes, task_ids: Sequence[bytes], timeout: float) -> Deferred:
+        """
+        Send one frame to ``peer`` on its stream, opening one if need be: a Deferred of its answer's payload.
+        """
         key = (peer.address, peer.port)
         # The whole call, a connection's opening and a retry included, takes at most ``timeout``: a write that
         # fails over after it must not have waited several timeouts for one peer.
         due = self._clock.seconds() + timeout
         stream = self._open.get(key)
         if stream is not None and not stream.closed:
-            d = stream.send(batch, task_ids, timeout)
+            d = self._send_by(stream, body, task_ids, due)
             if stream.answered:
                 # A stream that has answered before may have died since (a restarted peer, or one that closed
                 # it as idle): one retry on a fresh connection, as a kept HTTP connection gets, in the time
-                # left. Applying a copy twice is harmless.
-                d.addErrback(self._retry, peer, key, batch, task_ids, due)
-        else:
-            d = self._connect(peer, key, timeout).addCallback(self._send_by, batch, task_ids, due)
-        return d.addCallback(decode_results, len(entries))
+                # left. Applying a copy twice is harmless, and so is reading twice.
+                d.addErrback(self._retry, peer, key, body, task_ids, due)
+            return d
+        return self._connect(peer, key, timeout).addCallback(self._send_by, body, task_ids, due)
 
-    def _send_by(self, stream: "CopyStreamClient", batch: bytes, task_ids: Sequence[bytes], due: float) -> Deferred:
+    def _send_by(self, stream: "CopyStreamClient", body: bytes, task_ids: Sequence[bytes], due: float) -> Deferred:
+        if task_ids == (READ_MARKER,) and not stream.reads:
+            return fail(ReadsUnsupported("the peer serves no reads on its copy stream"))
         left = due - self._clock.seconds()
         if left <= 0:
             return fail(StreamTimeout("no time left to send the batch after the stream opened"))
-        return stream.send(batch, task_ids, left)
+        return stream.send(body, task_ids, left)
 
-    def _retry(self, failure, peer, key, batch, task_ids, due: float):
+    def _retry(self, failure, peer, key, body, task_ids, due: float):
         failure.trap(ConnectionLost, ConnectionDone)
         left = due - self._clock.seconds()
         if left <= 0:
             return failure
-        return self._connect(peer, key, left).addCallback(self._send_by, batch, task_ids, due)
+        return self._connect(peer, key, left).addCallback(self._send_by, body, task_ids, due)
 
     def _connect(self, peer, key, timeout: float) -> Deferred:
         """

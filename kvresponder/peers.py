@@ -17,7 +17,7 @@ from eliot import current_action
 from twisted.internet.defer import Deferred, ensureDeferred
 
 from .batcher import MAX_BATCH_BYTES, MAX_BATCHES_IN_FLIGHT, MAX_COALESCED, Batcher, QueuedRead, QueuedWrite
-from .copysender import RequestCopySender, StreamCopySender
+from .copysender import RequestCopySender, StreamCopySender, StreamReader
 from .hlc import Version, version_from_wire
 from .log import DEBUG
 from .log.replication import PEER_CALL
@@ -68,6 +68,10 @@ class PeerClient:
         #: The :class:`~kvresponder.copysender.ICopySender` of client writes' copies.
         self.copies = requests if streams is None else StreamCopySender(streams, requests, clock, metrics, timeout,
                                                                        self.suspects)
+        #: Reads of keys on the copy streams, where the peers serve them (:meth:`get_coalesced`'s batches).
+        self._stream_reads = None if streams is None else StreamReader(
+            streams, lambda peer, keys: ensureDeferred(self.get_many(peer, keys)), clock, metrics, timeout,
+            self.suspects)
         self.streams = streams
         end_of_turn = end_of_turn if end_of_turn is not None else EndOfTurn(clock)
         self._writes = Batcher(end_of_turn, self._send_writes, _peer_error, max_bytes=MAX_BATCH_BYTES)
@@ -149,7 +153,11 @@ class PeerClient:
         return waiter
 
     def _send_reads(self, peer, batch: List[QueuedRead]) -> Deferred:
-        return ensureDeferred(self.get_many(peer, [item.key for item in batch]))
+        keys = [item.key for item in batch]
+        if self._stream_reads is not None and (self._log is None or not self._log.enabled("replication", DEBUG)):
+            return self._stream_reads.read(peer, keys)
+        # At debug, over HTTP: each call is then a ``peer-read`` action of its own.
+        return ensureDeferred(self.get_many(peer, keys))
 
     # -- operations -----------------------------------------------------------------------------------
 

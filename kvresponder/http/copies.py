@@ -51,6 +51,7 @@ class CopyStreamResource(Resource):
         nonce = new_nonce()
         node, channel = self._node, request.channel
         apply_copies = node.coordinator.apply_copies
+        current = node.store.current
         authenticator = self._guard.authenticator
 
         def closed(reason) -> None:
@@ -62,9 +63,10 @@ class CopyStreamResource(Resource):
             authenticator.stream_key() if authenticator is not None else None,
             nonce, max_frame(channel.site.body_limit, channel.site.internal_body_limit), closed, address,
             channel.site.reactor,
-            channel.site.request_deadline, wall=node.wall, takes_copies=node.takes_copies)
+            channel.site.request_deadline, wall=node.wall, takes_copies=node.takes_copies,
+            read=lambda keys: [current(key) for key in keys])
         self.open += 1
-        if not request.switch_protocols(protocol, upgrade_answer(nonce)):
+        if not request.switch_protocols(protocol, upgrade_answer(nonce, reads=True)):
             self.open -= 1
             return write_error(request, APIError(
                 501, "not_implemented", "This connection cannot carry a copy stream; send copies as requests."))

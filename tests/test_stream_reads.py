@@ -1,0 +1,219 @@
+"""
+Reads on the copy stream (kvresponder.copystream, kvresponder.copysender.StreamReader): a real node's HTTP server
+on a loopback socket and a real client; an older peer, whose stream serves no reads, played on a fake endpoint.
+"""
+
+import struct
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import succeed
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from kvresponder import copystream
+from kvresponder.copystream import (MAX_READ_ANSWER, READ_MARKER, ReadsUnsupported, StreamError, decode_keys,
+                                    decode_read_answer, encode_keys, encode_read_answer)
+from kvresponder.copysender import StreamReader
+from kvresponder.peers import PeerClient, PeerError
+from kvresponder.store import Entry
+from kvresponder.suspects import SuspectPeers
+from kvresponder.wire import MAX_KEY_BYTES
+from kvresponder.batcher import MAX_COALESCED
+
+from .test_copystream import PEER, _auth, _entry, _kept, _on_fake_endpoints, _streams, server  # noqa: F401
+
+
+def test_keys_and_read_answers_round_trip_tombstones_expiries_and_absent_keys_included():
+    """
+    If keys are encoded into a read frame's body and decoded, then they come back as sent; and a read answer
+    gives back each found entry (a tombstone, one that expires, by the time it has left) and ``None`` for the
+    rest, in the keys' order.
+    """
+    keys = ["k1", "ключ", "k" * MAX_KEY_BYTES]
+    assert decode_keys(encode_keys(keys)) == keys
+    live = Entry("k1", b'"v"', (1_700_000_000_000, 3, "n1"), None)
+    gone = Entry("k2", None, (1_700_000_000_001, 0, "n2"), None)
+    expiring = Entry("k3", b"1", (1_700_000_000_002, 0, "n1"), 1000.0 + 30.0)
+    answer = encode_read_answer(7, [live, None, gone, expiring], 1000.0)
+    assert answer[:6] == struct.pack("!IH", 7, 200)
+    back = decode_read_answer(answer[6:], 4, 2000.0)
+    assert back[:3] == [live, None, gone]
+    assert (back[3].key, back[3].value, back[3].version) == (expiring.key, expiring.value, expiring.version)
+    assert back[3].expires_at == pytest.approx(2030.0)
+
+
+@pytest.mark.parametrize("body", [b"", b"\x00", b"\x00\x00", b"\x00\x05ab", b"\x00\x02\xff\xfe",
+                                  struct.pack("!H", MAX_KEY_BYTES + 1) + b"k" * (MAX_KEY_BYTES + 1),
+                                  encode_keys(["k"] * (MAX_COALESCED + 1))])
+def test_a_read_body_that_is_not_a_few_keys_of_utf8_within_the_key_limit_is_refused(body):
+    with pytest.raises(ValueError):
+        decode_keys(body)
+
+
+@pytest.mark.parametrize("payload", [b"\x01", b"\x02" + b"", b"\x01\x00", b"\x00\x00junk"])
+def test_a_read_answer_that_does_not_match_its_keys_is_refused(payload):
+    """
+    If a read answer has fewer flags than keys, a flag other than 0 or 1, another number of entries than flags
+    set, or a malformed batch, then it is refused (the read fails as a malformed answer).
+    """
+    with pytest.raises(ValueError):
+        decode_read_answer(payload, 2, 0.0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_keys_read_on_the_stream_answer_what_the_peer_holds_tombstones_included(server):
+    """
+    If a node reads keys from a peer on its copy stream, then each answers the newest entry the peer holds, a
+    tombstone as a tombstone, and ``None`` for a key it does not hold; the stream stays open for copies.
+    """
+    peer = server()
+    streams = _streams(_auth())
+    try:
+        peer.node.store.apply(_entry(1, b'"one"'))
+        peer.node.store.apply(Entry("k2", None, (1_700_000_000_002, 0, "n9"), None))
+        found = await streams.read(peer.peer, ["k1", "k2", "k3"], 2.0)
+        assert [entry and (entry.key, entry.value) for entry in found] == [("k1", b'"one"'), ("k2", None), None]
+        assert await streams.send(peer.peer, [_entry(3)], [b"-"], 2.0)
+        assert streams.open_count() == 1
+    finally:
+        streams.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_leaving_node_still_answers_reads_on_its_stream(server):
+    """
+    If a node has begun leaving (it stores no more copies), then reads on a stream into it are still answered:
+    reads while the ring settles ask leaving nodes for what they have not handed off yet.
+    """
+    peer = server()
+    streams = _streams(_auth())
+    try:
+        peer.node.store.apply(_entry(1, b'"one"'))
+        peer.node.begin_leaving()
+        [entry] = await streams.read(peer.peer, ["k1"], 2.0)
+        assert entry.value == b'"one"'
+    finally:
+        streams.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_entries_too_large_for_one_answer_are_refused_413_and_read_over_http_instead(server):
+    """
+    If the entries a read asks for come to more than one stream answer carries, then the stream answers 413,
+    and a peer client reads them over HTTP, which answers in parts.
+    """
+    peer = server(max_value_size="4Mi", max_memory="64Mi")
+    streams = _streams(_auth())
+    big = b'"' + b"x" * (MAX_READ_ANSWER // 2) + b'"'
+    peer.node.store.apply(_entry(1, big))
+    peer.node.store.apply(_entry(2, big))
+    try:
+        with pytest.raises(StreamError) as caught:
+            await streams.read(peer.peer, ["k1", "k2"], 2.0)
+        assert caught.value.code == 413
+        fallbacks = []
+
+        def over_http(peer_, keys):
+            fallbacks.append(keys)
+            return succeed([None, None])
+
+        reader = StreamReader(streams, over_http, reactor, None, 2.0, SuspectPeers(reactor))
+        assert await reader.read(peer.peer, ["k1", "k2"]) == [None, None]
+        assert fallbacks == [["k1", "k2"]]
+    finally:
+        streams.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_peer_client_reads_a_peers_keys_on_the_stream_not_over_http(server):
+    """
+    If a node's peer client reads keys from a peer (the read path's coalesced gets), then they go on the copy
+    stream: this client has no HTTP client at all.
+    """
+    peer = server()
+    peer.node.store.apply(_entry(1, b'"one"'))
+    client = PeerClient(None, reactor, "t1", 5.0, _auth(), streams=_streams(_auth()))
+    try:
+        entry = await client.get_coalesced(peer.peer, "k1")
+        assert entry.value == b'"one"'
+        assert await client.get_coalesced(peer.peer, "k404") is None
+        assert client.streams.open_count() == 1
+    finally:
+        client.streams.close()
+
+
+def test_an_older_peer_whose_stream_serves_no_reads_is_sent_no_read_frame_and_is_read_over_http():
+    """
+    If a peer's 101 does not say it serves reads (a node older than them), then a read fails with
+    ReadsUnsupported without a frame sent, and the reader reads over HTTP instead, the stream kept for copies.
+    """
+    clock, endpoints, streams = _on_fake_endpoints()
+    outcomes = {}
+    streams.read(PEER, ["k1"], 2.0).addBoth(_kept(outcomes, "read"))
+    endpoints.upgrade(0)
+    assert outcomes["read"].check(ReadsUnsupported)
+    assert endpoints.frames(0) == []
+    reader = StreamReader(streams, lambda peer, keys: succeed(["over http"]), clock, None, 2.0, SuspectPeers(clock))
+    reader.read(PEER, ["k1"]).addBoth(_kept(outcomes, "reader"))
+    assert outcomes["reader"] == ["over http"]
+    assert len(endpoints.connections) == 1 and not endpoints.connections[0][0].closed
+
+
+def test_a_read_frame_is_sent_only_to_a_peer_that_said_it_serves_reads_and_carries_the_read_marker():
+    """
+    If a peer's 101 says it serves reads, then a read goes as one frame whose task-id list is the read marker
+    and whose body is the keys, signed as a batch is; its answer settles the read.
+    """
+    clock, endpoints, streams = _on_fake_endpoints()
+    outcomes = {}
+    streams.read(PEER, ["k1", "k2"], 2.0).addBoth(_kept(outcomes, "read"))
+    endpoints.answer(0, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: " + copystream.UPGRADE_TOKEN +
+                     b"\r\nX-KV-Stream-Nonce: " + b"6e" * 16 + b"\r\nX-KV-Stream-Reads: 1\r\n\r\n")
+    [frame] = endpoints.frames(0)
+    batch_id, _, tasks_length = struct.unpack_from("!I16sI", frame)
+    assert frame[24:24 + tasks_length] == READ_MARKER
+    assert decode_keys(frame[24 + tasks_length:]) == ["k1", "k2"]
+    answer = encode_read_answer(batch_id, [None, _entry(2)], 0.0)
+    endpoints.answer(0, struct.pack("!I", len(answer)) + answer)
+    assert not isinstance(outcomes["read"], Failure)
+    assert [entry and entry.key for entry in outcomes["read"]] == [None, "k2"]
+
+
+def test_a_read_that_times_out_fails_as_an_unreachable_peer_and_makes_it_a_suspect():
+    """
+    If a read on the stream goes unanswered past the timeout, then it fails with a PeerError (the read fails
+    over) and the peer becomes a suspect, as for a batch of copies.
+    """
+    clock, endpoints, streams = _on_fake_endpoints()
+    suspects = SuspectPeers(clock)
+    reader = StreamReader(streams, lambda peer, keys: succeed(["over http"]), clock, None, 2.0, suspects)
+    outcomes = {}
+    reader.read(PEER, ["k1"]).addBoth(_kept(outcomes, "read"))
+    endpoints.answer(0, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: " + copystream.UPGRADE_TOKEN +
+                     b"\r\nX-KV-Stream-Nonce: " + b"6e" * 16 + b"\r\nX-KV-Stream-Reads: 1\r\n\r\n")
+    clock.advance(2.5)
+    assert outcomes["read"].check(PeerError)
+    assert suspects.suspected(PEER)
+
+
+def test_a_streams_read_frame_is_not_taken_for_a_batch_by_a_server_that_serves_reads():
+    """
+    If a server that serves reads gets a read frame, then it answers the keys and applies nothing, even for a
+    node that stores no copies (leaving).
+    """
+    from twisted.internet.testing import StringTransport
+
+    applied = []
+    server_ = copystream.CopyStreamServer(lambda entries, task_ids: applied.append(entries) or [], None,
+                                          b"n" * 16, 1 << 20, lambda reason: None, takes_copies=lambda: False,
+                                          read=lambda keys: [None for _ in keys], wall=lambda: 0.0)
+    transport = StringTransport()
+    server_.makeConnection(transport)
+    body = encode_keys(["k1"])
+    frame = struct.pack("!I16sI", 1, b"\0" * 16, len(READ_MARKER)) + READ_MARKER + body
+    server_.dataReceived(struct.pack("!I", len(frame)) + frame)
+    sent = transport.value()
+    assert sent[4:10] == struct.pack("!IH", 1, 200) and sent[10:] == b"\x00"
+    assert applied == []

@@ -15,7 +15,7 @@ from typing import AbstractSet, Callable, List, NamedTuple, Optional, Tuple
 
 from attr import attrib, attrs
 from eliot import current_action, write_failure, write_traceback
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, fail, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -868,21 +868,34 @@ class Coordinator:
         return merged[:limit], len(merged) > limit
 
 
-async def gather(coroutines) -> list:
+def gather(coroutines) -> Deferred:
     """
-    Run coroutines in parallel and return their results in order. Each one handles its own expected
+    Run coroutines in parallel: a Deferred of their results in order. Each one handles its own expected
     failures; an unexpected one is logged and counts as ``None``.
+
+    Counted here rather than with ``DeferredList``, whose completion evaluates a generic type at run time
+    (``cast(_DeferredListResultListT[Any], ...)``): on PyPy that was a visible share of a read through a node
+    that does not own the key, which gathers its owners' answers.
     """
     deferreds = [ensureDeferred(coroutine) for coroutine in coroutines]
-    results = await DeferredList(deferreds, consumeErrors=True)
-    values = []
-    for ok, value in results:
-        if ok:
-            values.append(value)
-        else:
+    if not deferreds:
+        return succeed([])
+    values: list = [None] * len(deferreds)
+    left = [len(deferreds)]
+    done: Deferred = Deferred()
+
+    def settle(value, index: int) -> None:
+        if isinstance(value, Failure):
             write_traceback(exc_info=(value.type, value.value, value.tb))
-            values.append(None)
-    return values
+            value = None
+        values[index] = value
+        left[0] -= 1
+        if not left[0]:
+            done.callback(values)
+
+    for index, deferred in enumerate(deferreds):
+        deferred.addBoth(settle, index)
+    return done
 
 
 @attrs(frozen=True, slots=True)

@@ -1132,3 +1132,39 @@ class ReadRepairTests(unittest.TestCase):
                                       Store(lambda: 1000.0, 1 << 20), owners=("n2", "n3"))
         self.assertEqual(result, newer)
         self.assertEqual([str(m["reason"]) for m in logger.flush_tracebacks(RuntimeError)], ["a bug"])
+
+
+class GatherTests(unittest.TestCase):
+    """
+    ``gather``: coroutines in parallel, their results in order, an unexpected failure logged and ``None``.
+    """
+
+    def test_results_come_in_the_coroutines_order_whatever_order_they_finish_in(self):
+        from kvresponder.coordinator import gather
+
+        first, second = Deferred(), Deferred()
+
+        async def wait(d):
+            return await d
+
+        gathered = gather([wait(first), wait(second), wait(succeed("at once"))])
+        self.assertFalse(gathered.called)
+        second.callback("second")
+        self.assertFalse(gathered.called)
+        first.callback("first")
+        self.assertEqual(outcome(gathered), ["first", "second", "at once"])
+        self.assertEqual(outcome(gather([])), [])
+
+    @capture_logging(None, encoder_=None)
+    def test_an_unexpected_failure_is_logged_and_counts_as_none_without_failing_the_others(self, logger):
+        from kvresponder.coordinator import gather
+
+        async def broken():
+            raise RuntimeError("a bug")
+
+        async def fine():
+            return 1
+
+        self.assertEqual(outcome(gather([broken(), fine()])), [None, 1])
+        [logged] = logger.flush_tracebacks(RuntimeError)
+        self.assertIn("a bug", str(logged["reason"]))

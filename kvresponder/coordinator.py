@@ -882,11 +882,18 @@ def gather(coroutines) -> Deferred:
         return succeed([])
     values: list = [None] * len(deferreds)
     left = [len(deferreds)]
-    done: Deferred = Deferred()
+    # Cancelled, it cancels what it gathers (as DeferredList did): they settle as None, and it fires with them.
+    done: Deferred = Deferred(lambda _: [deferred.cancel() for deferred in deferreds])
+    # An unexpected failure is logged in the caller's action, not in whatever fired the Deferred that failed.
+    action = current_action()
 
     def settle(value, index: int) -> None:
         if isinstance(value, Failure):
-            write_traceback(exc_info=(value.type, value.value, value.tb))
+            if action is None:
+                write_traceback(exc_info=(value.type, value.value, value.tb))
+            else:
+                with action.context():
+                    write_traceback(exc_info=(value.type, value.value, value.tb))
             value = None
         values[index] = value
         left[0] -= 1

@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from .copystream import ReadsUnsupported, StreamError, StreamRefused, StreamTimeout
+from .copystream import ReadsUnsupported, StreamError, StreamRefused, StreamTimeout, StreamUnanswered
 from .hlc import version_from_wire
 from .peertransport import PeerError
 from .store import ApplyResult, Entry
@@ -138,7 +138,7 @@ class StreamReader:
         started = self._clock.seconds()
 
         def done(result):
-            if isinstance(result, Failure) and (result.check(StreamRefused, ReadsUnsupported) or (
+            if isinstance(result, Failure) and (result.check(StreamRefused, StreamUnanswered, ReadsUnsupported) or (
                     result.check(StreamError) and result.value.code == 413)):
                 return self._fallback(peer, keys)
             return stream_outcome(result, peer, "get", started, self._clock, self._metrics, self._timeout,

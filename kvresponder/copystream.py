@@ -1,12 +1,13 @@
 """
-The copy stream: the copies of client writes sent to one peer over one long-lived connection.
+The copy stream: the copies of client writes sent to one peer over one long-lived connection, and the
+coordinator's reads of keys from it.
 
 A coordinator sends a write's copies to a peer in batches (:meth:`kvresponder.peers.PeerClient.apply_coalesced`).
 As an HTTP request, each batch costs Twisted's HTTP client and treq more CPU than the writes it carries, and
 the peer's HTTP server as much again, where a frame on an open connection costs little (measured by
 ``bench/copy_stream.py``; see docs/ARCHITECTURE.md, "Copy streams"). So each node keeps, for each peer it writes
-to, one connection upgraded from HTTP to a stream of frames. The upgrade is an internal call like any other, on
-the same port and signed the same way::
+to or reads from, one connection upgraded from HTTP to a stream of frames. The upgrade is an internal call like
+any other, on the same port and signed the same way::
 
     GET /<tenant>/_internal/copies HTTP/1.1
     Connection: Upgrade
@@ -733,6 +734,9 @@ class CopyStreams:
         #: Streams being opened, by address.
         self._opening: Dict[Tuple[str, int], _Opening] = {}
         self._refused: Dict[Tuple[str, int], float] = {}
+        #: Peers whose stream serves no reads (older nodes), by address, until when reads to them go over HTTP
+        #: without a stream opened to find that out again.
+        self._no_reads: Dict[Tuple[str, int], float] = {}
         self._closing = False
         if metrics is not None:
             metrics.register_gauge("kv_copy_streams_outgoing", self.open_count)
@@ -774,8 +778,24 @@ class CopyStreams:
             :class:`ReadsUnsupported` if the peer's stream serves no reads, or :class:`StreamError` 413 if the
             entries were too large for one answer (read them over HTTP instead).
         """
-        return self._call(peer, encode_keys(keys), (READ_MARKER,), timeout).addCallback(
-            lambda payload: decode_read_answer(payload, len(keys), self._wall()))
+        key = (peer.address, peer.port)
+        until = self._no_reads.get(key)
+        if until is not None:
+            if self._clock.seconds() < until:
+                return fail(ReadsUnsupported("the peer serves no reads on its copy stream"))
+            del self._no_reads[key]
+        d = self._call(peer, encode_keys(keys), (READ_MARKER,), timeout)
+        d.addErrback(self._noted_no_reads, key)
+        return d.addCallback(lambda payload: decode_read_answer(payload, len(keys), self._wall()))
+
+    def _noted_no_reads(self, failure, key):
+        if failure.check(ReadsUnsupported):
+            now = self._clock.seconds()
+            if len(self._no_reads) >= 64:
+                # As ``_refused``: pods get new addresses, so the expired are dropped before one more is kept.
+                self._no_reads = {address: until for address, until in self._no_reads.items() if until > now}
+            self._no_reads[key] = now + REFUSED_FOR
+        return failure
 
     def _call(self, peer, body: bytes, task_ids: Sequence[bytes], timeout: float) -> Deferred:
         """

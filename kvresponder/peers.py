@@ -8,7 +8,8 @@ The verbs of the peer protocol: what this node asks of its peers' internal route
 - two batchers (:class:`~kvresponder.batcher.Batcher`): the copies of client writes, and single-key reads, each
   coalesced per peer into one call while another is out;
 - the copy sender (:class:`~kvresponder.copysender.ICopySender`): a batch of copies over the peer's copy stream,
-  or as a request.
+  or as a request; and the stream reader (:class:`~kvresponder.copysender.StreamReader`): a batch of reads on
+  the stream, or as a request where the peer serves none there.
 """
 
 from typing import Callable, Dict, List, Optional, Sequence

@@ -1168,3 +1168,39 @@ class GatherTests(unittest.TestCase):
         self.assertEqual(outcome(gather([broken(), fine()])), [None, 1])
         [logged] = logger.flush_tracebacks(RuntimeError)
         self.assertIn("a bug", str(logged["reason"]))
+
+    @capture_logging(None, encoder_=None)
+    def test_an_unexpected_failure_is_logged_in_the_callers_action_not_in_what_fired_it(self, logger):
+        from kvresponder.coordinator import gather
+
+        later = Deferred()
+
+        async def broken():
+            await later
+            raise RuntimeError("a bug")
+
+        async def caller():
+            with start_action(action_type="caller") as action:
+                await gather([broken()])
+                return action.task_uuid
+
+        task = []
+        ensureDeferred(caller()).addCallback(task.append)
+        # The answer arrives from the reactor, outside any action.
+        later.callback(None)
+        [logged] = logger.flush_tracebacks(RuntimeError)
+        self.assertEqual(logged["task_uuid"], task[0])
+
+    def test_cancelling_a_gather_cancels_what_it_gathers_and_it_fires_with_none_for_each(self):
+        from kvresponder.coordinator import gather
+
+        cancelled = []
+        inner = [Deferred(lambda d, i=i: cancelled.append(i)) for i in range(2)]
+
+        async def wait(d):
+            return await d
+
+        gathered = gather([wait(d) for d in inner])
+        gathered.cancel()
+        self.assertEqual(cancelled, [0, 1])
+        self.assertEqual(outcome(gathered), [None, None])

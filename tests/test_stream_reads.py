@@ -217,3 +217,37 @@ def test_a_streams_read_frame_is_not_taken_for_a_batch_by_a_server_that_serves_r
     sent = transport.value()
     assert sent[4:10] == struct.pack("!IH", 1, 200) and sent[10:] == b"\x00"
     assert applied == []
+
+
+def test_an_older_peer_is_remembered_so_that_later_reads_go_over_http_without_opening_a_stream():
+    """
+    If a peer's stream served no reads, and that stream has since closed (idle), then reads to it go over HTTP
+    for a while without a stream opened and signed again to find that out; after the refusal period it is
+    asked again.
+    """
+    clock, endpoints, streams = _on_fake_endpoints()
+    outcomes = {}
+    streams.read(PEER, ["k1"], 2.0).addBoth(_kept(outcomes, 1))
+    endpoints.upgrade(0)
+    assert outcomes[1].check(ReadsUnsupported)
+    endpoints.connections[0][0].connectionLost(None)
+    streams.read(PEER, ["k1"], 2.0).addBoth(_kept(outcomes, 2))
+    assert outcomes[2].check(ReadsUnsupported) and len(endpoints.connections) == 1
+    clock.advance(copystream.REFUSED_FOR)
+    streams.read(PEER, ["k1"], 2.0).addBoth(_kept(outcomes, 3))
+    assert len(endpoints.connections) == 2
+
+
+def test_a_read_whose_stream_upgrade_is_hung_up_on_is_read_over_http():
+    """
+    If the connection a read opens for its stream is closed before any 101 (a proxy that drops upgrades), then
+    the read was never sent, and it is read over HTTP instead of failing.
+    """
+    clock, endpoints, streams = _on_fake_endpoints()
+    fallbacks = []
+    reader = StreamReader(streams, lambda peer, keys: fallbacks.append(keys) or succeed(["over http"]), clock,
+                          None, 2.0, SuspectPeers(clock))
+    outcomes = {}
+    reader.read(PEER, ["k1"]).addBoth(_kept(outcomes, "read"))
+    endpoints.connections[0][0].connectionLost(None)
+    assert outcomes["read"] == ["over http"] and fallbacks == [["k1"]]

@@ -68,16 +68,10 @@ class RequestCopySender:
         return d.addCallback(apply_results, peer, len(entries))
 
 
-@implementer(ICopySender)
-class StreamCopySender:
+class _StreamCalls:
     """
-    :param streams: a :class:`~kvresponder.copystream.CopyStreams`.
-    :param fallback: the :class:`ICopySender` for a peer that refused its stream (requests).
-    :param clock: ``IReactorTime``, for the call's duration.
-    :param metrics: receives ``peer_call("apply", seconds)``, or ``None``.
-    :param float timeout: seconds a batch may go unanswered.
-    :param suspects: the node's :class:`~kvresponder.suspects.SuspectPeers` (the fallback's too): a batch for a
-        suspect fails at once, and one that finds its peer unreachable, or gets no answer in time, makes it one.
+    What a call on a peer's copy stream needs, whether it sends copies or reads: the streams, what to do where
+    the stream does not serve, and how long a call may take.
     """
 
     def __init__(self, streams, fallback, clock, metrics, timeout: float, suspects) -> None:
@@ -87,6 +81,19 @@ class StreamCopySender:
         self._metrics = metrics
         self._timeout = timeout
         self._suspects = suspects
+
+
+@implementer(ICopySender)
+class StreamCopySender(_StreamCalls):
+    """
+    :param streams: a :class:`~kvresponder.copystream.CopyStreams`.
+    :param fallback: the :class:`ICopySender` for a peer that refused its stream (requests).
+    :param clock: ``IReactorTime``, for the call's duration.
+    :param metrics: receives ``peer_call("apply", seconds)``, or ``None``.
+    :param float timeout: seconds a batch may go unanswered.
+    :param suspects: the node's :class:`~kvresponder.suspects.SuspectPeers` (the fallback's too): a batch for a
+        suspect fails at once, and one that finds its peer unreachable, or gets no answer in time, makes it one.
+    """
 
     def send(self, peer, entries: List[Entry], task_ids: List[bytes]) -> Deferred:
         if not self.streams.usable(peer):
@@ -105,7 +112,7 @@ class StreamCopySender:
         return self.streams.send(peer, entries, task_ids, self._timeout).addBoth(done)
 
 
-class StreamReader:
+class StreamReader(_StreamCalls):
     """
     Reads keys from peers on their copy streams (:meth:`~kvresponder.copystream.CopyStreams.read`): a read over
     HTTP cost the caller about as much as a batch of copies did.
@@ -115,14 +122,6 @@ class StreamReader:
         its stream, one whose stream serves no reads (an older node), and entries too large for one answer.
     :param clock, metrics, timeout, suspects: as :class:`StreamCopySender`'s.
     """
-
-    def __init__(self, streams, fallback, clock, metrics, timeout: float, suspects) -> None:
-        self.streams = streams
-        self._fallback = fallback
-        self._clock = clock
-        self._metrics = metrics
-        self._timeout = timeout
-        self._suspects = suspects
 
     def read(self, peer, keys: List[str]) -> Deferred:
         """

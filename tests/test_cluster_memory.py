@@ -722,10 +722,10 @@ def test_a_ring_that_comes_back_does_not_count_the_peers_claims_from_before_it_w
     assert code == 200, (code, body, n1.ring_settling(), holders(cluster, key))
 
 
-def test_a_settle_pass_that_fails_does_not_count_as_one_that_left_nothing_to_hand_off():
+def _holding_a_key_it_does_not_own_after_a_join():
     """
-    If the pass a node runs to settle raises unexpectedly, then the node does not say it has handed off: the
-    entry it holds and does not own is still there.
+    A cluster a fourth node has just joined, and its n1, which holds a key it does not own that arrived after
+    the change's pass (a hint, say): n1's settle pass must hand it off.
     """
     cluster = MemoryCluster(3)
     cluster.run(seconds=40.0)
@@ -734,8 +734,16 @@ def test_a_settle_pass_that_fails_does_not_count_as_one_that_left_nothing_to_han
     cluster.run(seconds=1.0)
     ring = n1.ring()
     key = next(key for key in ("key-%d" % (i,) for i in range(1000)) if "n1" not in ring.preference_list(key, 2))
-    # A copy n1 does not own arrives after the change's pass (a hint, say): the settle pass must hand it off.
     n1.store.apply(Entry(key, b'"x"', n1.hlc.now(), None))
+    return cluster, n1, key
+
+
+def test_a_settle_pass_that_fails_does_not_count_as_one_that_left_nothing_to_hand_off():
+    """
+    If the pass a node runs to settle raises unexpectedly, then the node does not say it has handed off: the
+    entry it holds and does not own is still there.
+    """
+    cluster, n1, key = _holding_a_key_it_does_not_own_after_a_join()
     real = n1.rebalancer._pass
 
     async def failing(reason):
@@ -768,14 +776,7 @@ def test_a_settle_pass_that_cannot_hand_an_entry_off_does_not_say_it_has_handed_
                 raise PeerError("refused, for the test")
             return await self._real.apply(peer, batch, timeout=timeout)
 
-    cluster = MemoryCluster(3)
-    cluster.run(seconds=40.0)
-    n1 = cluster.nodes[0]
-    cluster.add()
-    cluster.run(seconds=1.0)
-    ring = n1.ring()
-    key = next(key for key in ("key-%d" % (i,) for i in range(1000)) if "n1" not in ring.preference_list(key, 2))
-    n1.store.apply(Entry(key, b'"x"', n1.hlc.now(), None))
+    cluster, n1, key = _holding_a_key_it_does_not_own_after_a_join()
     n1.rebalancer._peers = Refusing(n1.peers, key)
     cluster.run(seconds=8.0)
     assert n1.store.get(key) is not None

@@ -221,7 +221,8 @@ OPTIONS = (
            "Seconds this node's clock may be off the cluster's before it refuses client requests; also how far "
            "ahead a peer's versions may be for this node's clock to adopt them (twice it, for its heartbeats)."),
     Option("replication-stream", ("REPLICATION_STREAM",), "true", _bool,
-           "Send the copies of writes to each peer over one upgraded connection (false: a request a batch)."),
+           "Send the copies of writes, and reads of keys this node does not own, to each peer over one upgraded "
+           "connection (false: a request a batch)."),
     Option("request-timeout", ("REQUEST_TIMEOUT",), "30", _positive_float,
            "Seconds an idle or slow client connection may stay open."),
     Option("max-connections", ("MAX_CONNECTIONS",), "1024", _int_in(1, 1000000),

@@ -10,6 +10,8 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
+from twisted.web.client import Agent, HTTPConnectionPool
+from treq.client import HTTPClient
 from twisted.python.failure import Failure
 
 from kvresponder import copystream
@@ -251,3 +253,27 @@ def test_a_read_whose_stream_upgrade_is_hung_up_on_is_read_over_http():
     reader.read(PEER, ["k1"]).addBoth(_kept(outcomes, "read"))
     endpoints.connections[0][0].connectionLost(None)
     assert outcomes["read"] == ["over http"] and fallbacks == [["k1"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_entries_too_large_for_a_stream_answer_are_read_over_http_by_a_peer_client(server):
+    """
+    If a peer client's batch of reads asks for entries that come to more than a stream answer carries, then the
+    stream's 413 sends the batch over HTTP (``/_internal/get``, which answers in parts), and every read gets
+    its entry.
+    """
+    peer = server(max_value_size="4Mi", max_memory="64Mi")
+    big = b'"' + b"x" * (MAX_READ_ANSWER // 2) + b'"'
+    peer.node.store.apply(_entry(1, big))
+    peer.node.store.apply(_entry(2, big))
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    client = PeerClient(HTTPClient(Agent(reactor, pool=pool)), reactor, "t1", 10.0, _auth(),
+                        streams=_streams(_auth()))
+    try:
+        # Queued in one turn: one batch of both keys.
+        first, second = client.get_coalesced(peer.peer, "k1"), client.get_coalesced(peer.peer, "k2")
+        assert [(await first).value, (await second).value] == [big, big]
+        assert client.streams.open_count() == 1
+    finally:
+        client.streams.close()
+        await pool.closeCachedConnections()

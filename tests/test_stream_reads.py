@@ -277,3 +277,24 @@ async def test_entries_too_large_for_a_stream_answer_are_read_over_http_by_a_pee
     finally:
         client.streams.close()
         await pool.closeCachedConnections()
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_the_replication_area_at_debug_reads_go_over_http_each_a_peer_read_action(server):
+    """
+    If the ``replication`` log area is at debug, then a peer client's reads go over HTTP (each call is then a
+    ``peer-read`` action of its own), and no stream is opened for them.
+    """
+    from kvresponder.log import LogPolicy
+
+    peer = server()
+    peer.node.store.apply(_entry(1, b'"one"'))
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    client = PeerClient(HTTPClient(Agent(reactor, pool=pool)), reactor, "t1", 10.0, _auth(),
+                        log_policy=LogPolicy("debug"), streams=_streams(_auth()))
+    try:
+        assert (await client.get_coalesced(peer.peer, "k1")).value == b'"one"'
+        assert client.streams.open_count() == 0
+    finally:
+        client.streams.close()
+        await pool.closeCachedConnections()

@@ -298,3 +298,33 @@ async def test_with_the_replication_area_at_debug_reads_go_over_http_each_a_peer
     finally:
         client.streams.close()
         await pool.closeCachedConnections()
+
+
+def _upgrade_serving_reads(endpoints, index):
+    endpoints.answer(index, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: " + copystream.UPGRADE_TOKEN +
+                     b"\r\nX-KV-Stream-Nonce: " + b"6e" * 16 + b"\r\nX-KV-Stream-Reads: 1\r\n\r\n")
+
+
+def test_a_read_on_a_stream_that_answered_before_is_sent_again_on_a_new_connection_when_it_is_lost():
+    """
+    If the stream a read goes on has answered before and its connection is lost with the read out (the peer
+    restarted), then the read is sent once more on a new connection, and its answer there settles it.
+    """
+    from twisted.internet.error import ConnectionLost
+
+    clock, endpoints, streams = _on_fake_endpoints()
+    outcomes = {}
+    streams.read(PEER, ["k1"], 2.0).addBoth(_kept(outcomes, 1))
+    _upgrade_serving_reads(endpoints, 0)
+    answer = encode_read_answer(1, [None], 0.0)
+    endpoints.answer(0, struct.pack("!I", len(answer)) + answer)
+    assert outcomes[1] == [None]
+    streams.read(PEER, ["k2"], 2.0).addBoth(_kept(outcomes, 2))
+    endpoints.connections[0][0].connectionLost(Failure(ConnectionLost()))
+    assert 2 not in outcomes and len(endpoints.connections) == 2
+    _upgrade_serving_reads(endpoints, 1)
+    [frame] = endpoints.frames(1)
+    assert decode_keys(frame[24 + len(READ_MARKER):]) == ["k2"]
+    answer = encode_read_answer(1, [_entry(2)], 0.0)
+    endpoints.answer(1, struct.pack("!I", len(answer)) + answer)
+    assert [entry.key for entry in outcomes[2]] == ["k2"]

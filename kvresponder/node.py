@@ -242,6 +242,11 @@ class Node:
                 for peer in self.membership.peers()):
             self._converged = None
             return
+        if len(ring) == 1 and not self.membership.peers():
+            # Alone: the ring places every key here, so there is nothing to hand off, and no pass to walk the
+            # store for (a walk copies every value out of it).
+            self._settled(digest)
+            return
         if self._converged is None or self._converged[0] != digest:
             self._converged = (digest, now)
             return
@@ -258,6 +263,9 @@ class Node:
             # The ring moved on, or something is left to hand off: the watch starts over.
             self._converged = None
             return
+        self._settled(digest)
+
+    def _settled(self, digest: str) -> None:
         self._handed_off = digest
         for listener in list(self._settled_listeners):
             try:

@@ -327,7 +327,7 @@ class Rebalancer:
             for entry in self.store.entries():
                 if slices.due():
                     await slices.pause()
-                owners = ring.preference_list(entry.key, self.replicas)
+                owners = ring.preference_list(entry.key, self.replicas, remember=False)
                 if not leaving and self.node_id in owners:
                     for owner in owners:
                         if owner != self.node_id:
@@ -496,7 +496,7 @@ class Rebalancer:
         for entry in self.store.entries():
             if slices.due():
                 await slices.pause()
-            owners = ring.preference_list(entry.key, self.replicas)
+            owners = ring.preference_list(entry.key, self.replicas, remember=False)
             if sender in owners and self.node_id in owners:
                 digest.add(entry.key, entry.version)
         return digest.wire()

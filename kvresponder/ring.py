@@ -35,6 +35,13 @@ _MIN = -_MAX - 1
 #: Rings of up to this many nodes remember each point's successors: at most ``vnodes * 16 * 16`` references (256 KiB
 #: at 128 points a node), where a larger ring's would grow with the square of its size.
 _MEMO_NODES = 16
+#: Keys whose place a ring remembers, at most, and their characters in all: a cache's hot keys are written and
+#: read again and again, and each lookup hashed the key and probed the ring anew (its BLAKE2b digest and its probes
+#: were most of what a lookup cost). The characters bound the memory it holds outside ``MAX_MEMORY`` (a few MiB)
+#: whatever the keys' length. When full, it starts again empty: a key not used since then is placed anew, at a
+#: lookup's cost. A ring is rebuilt on every membership change, so what it remembers is never stale.
+PLACED_KEYS = 1 << 16
+PLACED_CHARACTERS = 1 << 21
 _unpack_signed = struct.Struct(">qq").unpack
 _signed = struct.Struct(">q")
 _unsigned = struct.Struct(">Q")
@@ -87,6 +94,9 @@ class HashRing:
         #: ring of up to :data:`_MEMO_NODES` nodes; ``None`` for a larger one, which walks every time.
         self._successors: Optional[List[Optional[Tuple[str, ...]]]] = (
             [None] * len(self._points) if len(self.nodes) <= _MEMO_NODES else None)
+        #: Where each recently looked-up key starts on the ring (:data:`PLACED_KEYS`).
+        self._placed: Dict[str, int] = {}
+        self._placed_characters = 0
         #: Names the members in heartbeats, where a joining node compares its peers' rings with its own.
         self.digest = members_digest(self.nodes)
 
@@ -142,16 +152,28 @@ class HashRing:
             raise LookupError("the ring is empty")
         return self._owners[self._start(key)]
 
-    def preference_list(self, key: str, n: int) -> List[str]:
+    def preference_list(self, key: str, n: int, remember: bool = True) -> List[str]:
         """
         The first ``n`` distinct nodes clockwise from ``key``: its owners, in order of preference. Fewer
         than ``n`` when the ring has fewer nodes.
+
+        :param remember: keep the key's place for its next lookup (:data:`PLACED_KEYS`). A walk over every stored
+            key passes ``False``: it would push the keys in use out for keys it looks up once.
         """
         if not self._points or n <= 0:
             return []
         if len(self.nodes) == 1:
             return list(self.nodes)
-        index = self._start(key)
+        placed = self._placed
+        index = placed.get(key)
+        if index is None:
+            index = self._start(key)
+            if remember:
+                if len(placed) >= PLACED_KEYS or self._placed_characters >= PLACED_CHARACTERS:
+                    placed.clear()
+                    self._placed_characters = 0
+                placed[key] = index
+                self._placed_characters += len(key)
         memo = self._successors
         if memo is None:
             return self._walk(index, min(n, len(self.nodes)))

@@ -111,12 +111,12 @@ class _AskedPeers:
         return []
 
 
-def _rebalancer(clock, peers, max_bytes: int = 1 << 20) -> Rebalancer:
+def _rebalancer(clock, peers, max_bytes: int = 1 << 20, ring=None) -> Rebalancer:
     store = Store(clock.seconds, max_bytes)
     hlc = HybridLogicalClock(lambda: 1_700_000_000.0, "n1")
     for index in range(20):
         store.apply(Entry("k%d" % (index,), b'"v"', hlc.now(), None))
-    ring = HashRing(["n1", "n2"])
+    ring = ring if ring is not None else HashRing(["n1", "n2"])
     return Rebalancer("n1", store, lambda: ring, _Peer, peers, clock, 2, Metrics("t1"))
 
 
@@ -233,6 +233,24 @@ def test_a_peers_periodic_pass_is_answered_from_the_last_pass_however_many_write
     assert fresh != before
     clock.advance(MAX_DIGEST_AGE + 1)
     assert _result(rebalancer.shared_digest("n2", background=True), clock) == fresh
+
+
+def test_walks_over_the_store_leave_the_keys_the_ring_remembers_alone():
+    """
+    If every stored key is placed by a walk over the store (a periodic pass, a pass after a membership change,
+    a digest a peer asks for), then the ring remembers none of them: the places it keeps (``PLACED_KEYS`` at
+    most) stay those of the keys clients looked up.
+    """
+    clock, peers = Clock(), _AskedPeers()
+    ring = HashRing(["n1", "n2", "n3"])
+    rebalancer = _rebalancer(clock, peers, ring=ring)
+    ring.preference_list("a client's key", 2)
+    for reason in ("anti-entropy", "leave:n4"):
+        done = rebalancer.run_pass(reason)
+        clock.pump([0.01] * 100)
+        assert done.called
+    _result(rebalancer.shared_digest("n2"), clock)
+    assert list(ring._placed) == ["a client's key"]
 
 
 def _result(coroutine, clock):

@@ -144,6 +144,44 @@ def test_a_remembered_preference_list_is_the_one_a_walk_gives(nodes, keys, n, ag
     assert bool(remembered) == (1 < len(nodes) <= 16 and max(n, again) > 0)
 
 
+@settings(max_examples=30, deadline=None)
+@given(ring_nodes(2, 20), st.lists(st.text(max_size=20), min_size=1, max_size=40), st.integers(1, 8),
+       st.integers(1, 60))
+def test_a_ring_remembers_at_most_placed_keys_and_places_every_key_alike_before_and_after(nodes, keys, most,
+                                                                                          characters):
+    """
+    If more keys are looked up, some of them again, than the ring may remember (``PLACED_KEYS`` keys and
+    ``PLACED_CHARACTERS`` characters, made small here), then it never remembers more keys than that, nor more
+    characters than that and one key's, and every lookup, remembered, forgotten or not remembered at all, gives
+    the list a walk over the points gives.
+    """
+    import kvresponder.ring as ring_module
+    ring = HashRing(nodes, vnodes=8)
+    original = ring_module.PLACED_KEYS, ring_module.PLACED_CHARACTERS
+    ring_module.PLACED_KEYS, ring_module.PLACED_CHARACTERS = most, characters
+    try:
+        for key in keys + keys[::2] + keys:
+            assert ring.preference_list(key, 3) == _walked_preference(ring, key, 3)
+            assert len(ring._placed) <= most
+            assert sum(len(placed) for placed in ring._placed) < characters + 20
+            assert ring.preference_list(key, 2, remember=False) == _walked_preference(ring, key, 2)
+    finally:
+        ring_module.PLACED_KEYS, ring_module.PLACED_CHARACTERS = original
+    assert ring._placed
+
+
+def test_a_key_looked_up_without_being_remembered_is_not_remembered():
+    """
+    If a key is placed with ``remember=False`` (a walk over the store), then the ring does not keep its place;
+    a plain lookup does.
+    """
+    ring = HashRing(["n1", "n2", "n3"])
+    ring.preference_list("walked", 2, remember=False)
+    assert "walked" not in ring._placed
+    ring.preference_list("asked", 2)
+    assert "asked" in ring._placed
+
+
 def test_preference_list_is_a_prefix_of_a_longer_one():
     """
     If the preference list is asked for fewer nodes, then it is the start of the longer list (replica i

@@ -19,6 +19,7 @@ from functools import partial
 from typing import Callable, Dict, List, Optional, Tuple
 
 from attr import attrib, attrs
+from eliot import write_traceback
 from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
@@ -197,9 +198,23 @@ class Batcher:
             # The batch could not even be sent: fail its calls (they fail over) rather than leave them, and
             # every later call to this peer, waiting for a batch that never returns.
             d = fail()
-        d.addCallback(self._answered, batch)
-        d.addErrback(self._failed, batch, key)
-        d.addBoth(self._done, peer, key)
+        # One callback a batch, not one for each outcome and one for after: each costs the batch a turn of
+        # the Deferred's callback loop.
+        d.addBoth(self._settle, batch, peer, key)
+
+    def _settle(self, outcome, batch: list, peer, key) -> None:
+        try:
+            if isinstance(outcome, Failure):
+                self._failed(outcome, batch, key)
+            else:
+                try:
+                    self._answered(outcome, batch)
+                except Exception:
+                    self._failed(Failure(), batch, key)
+        except Exception:
+            write_traceback()
+        finally:
+            self._done(peer, key)
 
     def _answered(self, results: List[object], batch: list) -> None:
         if len(results) != len(batch):
@@ -224,7 +239,7 @@ class Batcher:
         for item in self._queued.pop(key, None) or []:
             item.failed(error, None)
 
-    def _done(self, _, peer, key) -> None:
+    def _done(self, peer, key) -> None:
         left = self._in_flight[key] - 1
         if left:
             self._in_flight[key] = left

@@ -230,3 +230,44 @@ def test_a_batcher_keeps_nothing_for_peers_whose_batches_are_all_answered():
                                port=3000)
         batcher.add(peer, QueuedRead("k", Deferred()))
     assert len(batcher._in_flight) + len(batcher._queued) == 0, len(batcher._in_flight)
+
+
+class _BrokenWaiter:
+    """A waiter whose every settling raises: a fault in whatever a queued call settles."""
+
+    called = False
+
+    def callback(self, result):
+        raise RuntimeError("the waiter broke")
+
+    def errback(self, error):
+        raise RuntimeError("the waiter broke")
+
+
+def test_a_batch_whose_calls_fail_to_settle_still_lets_the_next_batch_leave_and_is_logged():
+    """
+    If settling a batch's calls raises (a waiter that breaks on its result, then on the failure that follows),
+    then the error is logged, the calls queued behind the batch still leave once it is answered, and they get
+    their own results.
+    """
+    from eliot import add_destinations, remove_destination
+
+    clock, sends = Clock(), _Sends()
+    batcher = Batcher(EndOfTurn(clock), sends, max_in_flight=1)
+    batcher.add(PEER, QueuedRead("a", _BrokenWaiter()))
+    clock.advance(0)
+    later = _read("b")
+    batcher.add(PEER, later)
+    clock.advance(0)
+    assert len(sends.batches) == 1
+    messages = []
+    add_destinations(messages.append)
+    try:
+        sends.batches[0][1].callback(["A"])
+    finally:
+        remove_destination(messages.append)
+    assert [[i.key for i in items] for items, _ in sends.batches[1:]] == [["b"]]
+    sends.batches[1][1].callback(["B"])
+    assert later.waiter.result == "B"
+    assert [message["reason"] for message in messages
+            if message.get("message_type") == "eliot:traceback"] == ["the waiter broke"]

@@ -432,7 +432,8 @@ def task_id(task_uuid: str, level: int) -> bytes:
     The serialized Eliot task id (as ``Action.serialize_task_id`` writes it) of the message at ``[level]`` of
     the task ``task_uuid``: what a peer that logs a message of that task is sent.
     """
-    return b"%s@/%d" % (task_uuid.encode("ascii"), level)
+    # Concatenated, then encoded: formatting bytes with ``%`` took several times as long on PyPy, once a copy.
+    return (task_uuid + "@/" + str(level)).encode("ascii")
 
 
 _TASK_ID = re.compile(r"([0-9A-Za-z-]{1,64})@((?:/[1-9][0-9]{0,9}){1,32})\Z")

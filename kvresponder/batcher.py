@@ -125,6 +125,22 @@ class QueuedRead:
             self.waiter.errback(error)
 
 
+def _succeeded(item, result) -> None:
+    """
+    Settle one call of an answered batch with its result. A fault in what it settles is logged and fails that call
+    alone (if it is still unsettled): the other calls of the batch keep their results, and the calls queued behind
+    it are not taken for the victims of an unanswered batch.
+    """
+    try:
+        item.succeeded(result)
+    except Exception:
+        write_traceback()
+        try:
+            item.failed(BatchError("settling the call's result failed", 200), 200)
+        except Exception:
+            write_traceback()
+
+
 class Batcher:
     """
     :param end_of_turn: the node's :class:`~kvresponder.turn.EndOfTurn`: a queue leaves at the end of the reactor
@@ -206,21 +222,16 @@ class Batcher:
         try:
             if isinstance(outcome, Failure):
                 self._failed(outcome, batch, key)
+            elif len(outcome) != len(batch):
+                self._failed(Failure(BatchError("the peer answered %d results for a batch of %d"
+                                                % (len(outcome), len(batch)), 200)), batch, key)
             else:
-                try:
-                    self._answered(outcome, batch)
-                except Exception:
-                    self._failed(Failure(), batch, key)
+                for item, result in zip(batch, outcome):
+                    _succeeded(item, result)
         except Exception:
             write_traceback()
         finally:
             self._done(peer, key)
-
-    def _answered(self, results: List[object], batch: list) -> None:
-        if len(results) != len(batch):
-            raise BatchError("the peer answered %d results for a batch of %d" % (len(results), len(batch)), 200)
-        for item, result in zip(batch, results):
-            item.succeeded(result)
 
     def _failed(self, failure: Failure, batch: list, key) -> None:
         error = self._make_error(failure)

@@ -322,7 +322,8 @@ class Coordinator:
             return []
         found: List[str] = []
         for ring in rings:
-            for node in ring.preference_list(key, self.replicas):
+            # Not remembered: a node keeps up to eight rings from before, each of which would hold its own.
+            for node in ring.preference_list(key, self.replicas, remember=False):
                 if node not in owners and node not in found:
                     found.append(node)
         return found

@@ -335,6 +335,7 @@ class Node:
             # Not while joining: the rings a node builds as it discovers its peers placed no data.
             self._remember(self._ring)
         self.ring_changed_at = self._members_changed_at = self.clock.seconds()
+        self._ring.forget_places()
         self._ring = ring
         # Even a ring of the same members again (a peer gone and back) needs another pass: the writes meanwhile
         # followed the other ring.

@@ -39,7 +39,9 @@ _MEMO_NODES = 16
 #: read again and again, and each lookup hashed the key and probed the ring anew (its BLAKE2b digest and its probes
 #: were most of what a lookup cost). The characters bound the memory it holds outside ``MAX_MEMORY`` (a few MiB)
 #: whatever the keys' length. When full, it starts again empty: a key not used since then is placed anew, at a
-#: lookup's cost. A ring is rebuilt on every membership change, so what it remembers is never stale.
+#: lookup's cost. A ring is rebuilt on every membership change, so what it remembers is never stale; the node
+#: has the ring it replaces forget (``forget_places``), and looks keys up on the rings it keeps from before without
+#: remembering them, so one ring a node remembers at a time.
 PLACED_KEYS = 1 << 16
 PLACED_CHARACTERS = 1 << 21
 _unpack_signed = struct.Struct(">qq").unpack
@@ -182,6 +184,14 @@ class HashRing:
             # Every lookup of a write walked the same few points again: once a point is enough.
             successors = memo[index] = tuple(self._walk(index, len(self.nodes)))
         return list(successors[:n])
+
+    def forget_places(self) -> None:
+        """
+        Drop the places remembered for looked-up keys: for a ring that is no longer the one in force, which may
+        still be kept (the rings before it, while the ring settles) but is not looked up in for every request.
+        """
+        self._placed = {}
+        self._placed_characters = 0
 
     def _walk(self, index: int, want: int) -> List[str]:
         """

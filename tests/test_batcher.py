@@ -233,41 +233,72 @@ def test_a_batcher_keeps_nothing_for_peers_whose_batches_are_all_answered():
 
 
 class _BrokenWaiter:
-    """A waiter whose every settling raises: a fault in whatever a queued call settles."""
+    """A waiter whose settling raises: a fault in whatever a queued call settles (on its result, or on both)."""
 
     called = False
+
+    def __init__(self, on_failure_too: bool = True) -> None:
+        self.on_failure_too = on_failure_too
+        self.failed_with = None
 
     def callback(self, result):
         raise RuntimeError("the waiter broke")
 
     def errback(self, error):
-        raise RuntimeError("the waiter broke")
+        if self.on_failure_too:
+            raise RuntimeError("the waiter broke again")
+        self.called, self.failed_with = True, error
 
 
-def test_a_batch_whose_calls_fail_to_settle_still_lets_the_next_batch_leave_and_is_logged():
+def _answered_with_faults(first_waiter):
     """
-    If settling a batch's calls raises (a waiter that breaks on its result, then on the failure that follows),
-    then the error is logged, the calls queued behind the batch still leave once it is answered, and they get
-    their own results.
+    A batch of a call settling ``first_waiter`` and a plain read, answered while a third read waits behind it:
+    the three calls and the Eliot messages logged while the answer was settled.
     """
     from eliot import add_destinations, remove_destination
 
     clock, sends = Clock(), _Sends()
     batcher = Batcher(EndOfTurn(clock), sends, max_in_flight=1)
-    batcher.add(PEER, QueuedRead("a", _BrokenWaiter()))
+    calls = [QueuedRead("a", first_waiter), _read("b")]
+    for call in calls:
+        batcher.add(PEER, call)
     clock.advance(0)
-    later = _read("b")
+    later = _read("c")
     batcher.add(PEER, later)
     clock.advance(0)
     assert len(sends.batches) == 1
     messages = []
     add_destinations(messages.append)
     try:
-        sends.batches[0][1].callback(["A"])
+        sends.batches[0][1].callback(["A", "B"])
     finally:
         remove_destination(messages.append)
-    assert [[i.key for i in items] for items, _ in sends.batches[1:]] == [["b"]]
-    sends.batches[1][1].callback(["B"])
-    assert later.waiter.result == "B"
-    assert [message["reason"] for message in messages
-            if message.get("message_type") == "eliot:traceback"] == ["the waiter broke"]
+    assert [[i.key for i in items] for items, _ in sends.batches[1:]] == [["c"]]
+    sends.batches[1][1].callback(["C"])
+    return calls + [later], [message["reason"] for message in messages
+                             if message.get("message_type") == "eliot:traceback"]
+
+
+def test_a_call_whose_result_fails_to_settle_fails_alone_and_the_calls_behind_its_batch_still_get_theirs():
+    """
+    If settling one call of an answered batch raises (its waiter breaks on its result), then the error is logged
+    and that call fails with a ``BatchError``; the batch's other call gets its result, and the call queued behind
+    the batch leaves once it is answered and gets its own: the peer answered, so nothing is taken for the victim
+    of an unanswered batch.
+    """
+    (broken, other, later), tracebacks = _answered_with_faults(_BrokenWaiter(on_failure_too=False))
+    assert tracebacks == ["the waiter broke"]
+    assert isinstance(broken.waiter.failed_with, BatchError)
+    assert other.waiter.result == "B"
+    assert later.waiter.result == "C"
+
+
+def test_a_call_that_fails_to_settle_either_way_is_logged_and_keeps_nothing_else_waiting():
+    """
+    If a call's waiter breaks on its result and again on the failure that follows, then both errors are logged,
+    and the batch's other call and the call queued behind the batch still get their results.
+    """
+    (_, other, later), tracebacks = _answered_with_faults(_BrokenWaiter())
+    assert tracebacks == ["the waiter broke", "the waiter broke again"]
+    assert other.waiter.result == "B"
+    assert later.waiter.result == "C"

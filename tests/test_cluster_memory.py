@@ -560,6 +560,28 @@ def test_a_ready_node_keeps_the_ring_a_join_replaced_until_the_ring_settles():
     assert n1.previous_rings() == [] and n4.previous_rings() == []
 
 
+def test_only_the_ring_in_force_remembers_where_keys_start_not_the_rings_kept_from_before():
+    """
+    If keys are written before and after a node joins, then the ring in force remembers where the written keys
+    start, the ring the join replaced forgets what it remembered, and writes while the ring settles (which also
+    look their keys up on that earlier ring, for its owners) leave nothing remembered there: a node keeps up to
+    eight earlier rings, and each would otherwise hold up to ``PLACED_KEYS`` keys of its own.
+    """
+    cluster = _settled_cluster()
+    n1 = cluster.nodes[0]
+    for index in range(20):
+        assert put(cluster, n1, "before-%d" % (index,), index)[0] in (200, 201)
+    before = n1.ring()
+    assert {"before-%d" % (index,) for index in range(20)} <= set(before._placed)
+    cluster.add()
+    assert _members(n1.previous_rings()) == [["n1", "n2", "n3"]] and n1.previous_rings()[0] is before
+    for index in range(20):
+        assert put(cluster, n1, "after-%d" % (index,), index)[0] in (200, 201)
+    assert n1.ring_settling()
+    assert before._placed == {}
+    assert {"after-%d" % (index,) for index in range(20)} <= set(n1.ring()._placed)
+
+
 def test_the_ring_a_join_replaced_is_dropped_once_every_node_has_handed_off_not_after_the_settle_time():
     """
     If a node joins a settled cluster, then the others keep the ring it replaced until every node, the joiner

@@ -170,6 +170,34 @@ def test_a_ring_remembers_at_most_placed_keys_and_places_every_key_alike_before_
     assert ring._placed
 
 
+def test_a_remembered_key_is_not_placed_again_and_a_full_ring_starts_remembering_again(monkeypatch):
+    """
+    If a key is looked up again, then the ring does not hash and probe it again; and once the ring has
+    remembered as many keys as it may (``PLACED_KEYS``, made 3 here), or as many characters, it starts again
+    empty and remembers the keys looked up after that, as many as before.
+    """
+    import kvresponder.ring as ring_module
+    monkeypatch.setattr(ring_module, "PLACED_KEYS", 3)
+    ring = HashRing(["n1", "n2", "n3"])
+    placed = []
+    start = ring._start
+    monkeypatch.setattr(ring, "_start", lambda key: placed.append(key) or start(key))
+    for key in ["a", "b", "a", "c", "b"]:
+        ring.preference_list(key, 2)
+    assert placed == ["a", "b", "c"]
+    for key in ["d", "e", "f", "d", "e", "f"]:
+        ring.preference_list(key, 2)
+    assert placed == ["a", "b", "c", "d", "e", "f"]
+    assert set(ring._placed) == {"d", "e", "f"}
+    # The same for the characters remembered (``PLACED_CHARACTERS``, made 3).
+    monkeypatch.setattr(ring_module, "PLACED_KEYS", 100)
+    monkeypatch.setattr(ring_module, "PLACED_CHARACTERS", 3)
+    ring = HashRing(["n1", "n2", "n3"])
+    for key in ["g", "h", "i", "j", "k", "l"]:
+        ring.preference_list(key, 2)
+    assert set(ring._placed) == {"j", "k", "l"}
+
+
 def test_a_key_looked_up_without_being_remembered_is_not_remembered():
     """
     If a key is placed with ``remember=False`` (a walk over the store), then the ring does not keep its place;

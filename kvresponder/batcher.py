@@ -125,20 +125,24 @@ class QueuedRead:
             self.waiter.errback(error)
 
 
-def _succeeded(item, result) -> None:
+def _not_settled(item) -> None:
     """
-    Settle one call of an answered batch with its result. A fault in what it settles is logged and fails that call
-    alone (if it is still unsettled): the other calls of the batch keep their results, and the calls queued behind
-    it are not taken for the victims of an unanswered batch.
+    Settling ``item`` with its result raised: the fault is logged and fails that call alone (if it is still
+    unsettled). The other calls of its batch are settled all the same, and the calls queued behind it are not taken
+    for the victims of an unanswered batch.
+    """
+    write_traceback()
+    _fail(item, BatchError("settling the call's result failed", 200), 200)
+
+
+def _fail(item, error: Exception, code: Optional[int]) -> None:
+    """
+    Fail one call; a fault in what it settles is logged, and keeps no other call from being failed.
     """
     try:
-        item.succeeded(result)
+        item.failed(error, code)
     except Exception:
         write_traceback()
-        try:
-            item.failed(BatchError("settling the call's result failed", 200), 200)
-        except Exception:
-            write_traceback()
 
 
 class Batcher:
@@ -220,14 +224,17 @@ class Batcher:
 
     def _settle(self, outcome, batch: list, peer, key) -> None:
         try:
-            if isinstance(outcome, Failure):
-                self._failed(outcome, batch, key)
-            elif len(outcome) != len(batch):
-                self._failed(Failure(BatchError("the peer answered %d results for a batch of %d"
-                                                % (len(outcome), len(batch)), 200)), batch, key)
-            else:
-                for item, result in zip(batch, outcome):
-                    _succeeded(item, result)
+            if not isinstance(outcome, Failure):
+                if isinstance(outcome, list) and len(outcome) == len(batch):
+                    for item, result in zip(batch, outcome):
+                        try:
+                            item.succeeded(result)
+                        except Exception:
+                            _not_settled(item)
+                    return
+                outcome = Failure(BatchError("the peer answered %s for a batch of %d" % (
+                    "%d results" % (len(outcome),) if isinstance(outcome, list) else "no results", len(batch)), 200))
+            self._failed(outcome, batch, key)
         except Exception:
             write_traceback()
         finally:
@@ -237,7 +244,7 @@ class Batcher:
         error = self._make_error(failure)
         code = getattr(failure.value, "code", None)
         for item in batch:
-            item.failed(error, code)
+            _fail(item, error, code)
         if code is None:
             self._fail_queued(key, failure)
 
@@ -248,7 +255,7 @@ class Batcher:
         error = self._make_error(Failure(BatchError(
             "an earlier batch to this peer went unanswered (%s)" % (failure.value,))))
         for item in self._queued.pop(key, None) or []:
-            item.failed(error, None)
+            _fail(item, error, None)
 
     def _done(self, peer, key) -> None:
         left = self._in_flight[key] - 1

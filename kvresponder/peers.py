@@ -10,6 +10,11 @@ The verbs of the peer protocol: what this node asks of its peers' internal route
 - the copy sender (:class:`~kvresponder.copysender.ICopySender`): a batch of copies over the peer's copy stream,
   or as a request; and the stream reader (:class:`~kvresponder.copysender.StreamReader`): a batch of reads on
   the stream, or as a request where the peer serves none there.
+
+Two kinds of copies always go as requests (:class:`~kvresponder.copysender.RequestCopySender`), never on the
+stream: bulk data (:meth:`PeerClient.apply`: handoff, re-replication, anti-entropy), which the peer stores in one
+action continuing the caller's and which may be given a longer timeout; and, with tracing on, each write's copy,
+whose span context travels in its request's headers, which a stream frame does not carry.
 """
 
 from typing import Callable, Dict, List, Optional, Sequence
@@ -65,6 +70,7 @@ class PeerClient:
         self.suspects = SuspectPeers(clock, metrics=metrics)
         self.transport = PeerTransport(http, clock, tenant, timeout, authenticator, metrics, tracing, log_policy,
                                        self._wall, clock_offsets, self.suspects)
+        #: Bulk data's copies and traced copies (see above), and the stream's fallback.
         self._requests = requests = RequestCopySender(self.transport, self._wall)
         #: The :class:`~kvresponder.copysender.ICopySender` of client writes' copies.
         self.copies = requests if streams is None else StreamCopySender(streams, requests, clock, metrics, timeout,

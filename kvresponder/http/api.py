@@ -411,7 +411,7 @@ class KVResource(Resource):
         except APIError as error:
             if request.route == "unmatched":
                 # The list's route (``/kv`` and ``/kv/``) takes a PUT or DELETE too: a 405 counts under it.
-                request.route = "/kv" if not postpath or postpath == [b""] else "/kv/{key}"
+                request.name_route("/kv" if not postpath or postpath == [b""] else "/kv/{key}")
             return write_error(request, error)
 
     def _answer(self, request, answer):
@@ -535,7 +535,7 @@ def json_route(app: Klein, path: str, methods, read: bool = False):
         def handler(self, request, **kwargs):
             refused = refusal(request)
             if refused is not None:
-                request.route = "unmatched"
+                request.name_route("unmatched")
                 return write_error(request, refused)
             with request.begin(path, read=read):
                 try:
@@ -581,7 +581,7 @@ def handle_routing_errors(app: Klein) -> None:
         else:
             # Anything else the router raises (a redirect, a bad request) is not a route of ours.
             api_error = not_found("No such route under /%s/." % (self._node.settings.tenant,))
-        request.route = "unmatched"
+        request.name_route("unmatched")
         return write_error(request, api_error)
 
 
@@ -659,7 +659,7 @@ class PublicAPI:
     def metrics(self, request, _refusal=exact_method("/metrics", ["GET", "HEAD"])):
         refused = _refusal(request)
         if refused is not None:
-            request.route = "unmatched"
+            request.name_route("unmatched")
             return write_error(request, refused)
         with request.begin("/metrics", read=True):
             request.setHeader(b"Content-Type", METRICS_CONTENT_TYPE.encode("ascii"))

@@ -41,7 +41,7 @@ class CopyStreamResource(Resource):
         self._guard = guard
 
     def render(self, request):
-        request.route = "/_internal/copies"
+        request.name_route("/_internal/copies")
         try:
             self._check(request)
         except APIError as error:

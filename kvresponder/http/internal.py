@@ -37,7 +37,7 @@ def internal_route(app: Klein, path: str):
     """
     def decorator(function):
         def handler(self, request):
-            request.route = "/_internal" + path
+            request.name_route("/_internal" + path)
             # Our clock, for the caller's estimate of its offset from ours (kvresponder.clockskew).
             request.setHeader(CLOCK_HEADER, b"%.6f" % (self._node.wall(),))
             try:

@@ -131,6 +131,13 @@ class KVRequest(Request):
     #: Whether its body did not fit the budget: it is dropped as it arrives, and the request answered 503.
     _over_budget = False
 
+    def name_route(self, route: str) -> None:
+        """
+        Name the route template this request is counted and traced under, where its handler answers it without
+        :meth:`begin` (a refusal, an internal route); ``unmatched`` for one that no route takes.
+        """
+        self.route = route
+
     def set_body_limit(self, limit: int) -> None:
         """
         The route's body limit, found by the channel from the head (``KVSite.body_limit_for``).

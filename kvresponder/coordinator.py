@@ -621,15 +621,24 @@ class Coordinator:
         plans = [self._targets(key) for key in keys]
         answers = await self._fan_out(plans, lambda node, indices: self._get_many_on(
             node, [keys[i] for i in indices]), "get", count_success=True)
+        settling = self._ring_settling()
+        # As a single read: while the ring settles, each key's previous owners are asked too.
+        witnesses = [self._witnesses(key, owners) if settling else [] for key, (owners, _, _) in zip(keys, plans)]
+        if settling:
+            previous: dict = {}
+            for index, nodes in enumerate(witnesses):
+                for node in nodes:
+                    previous.setdefault(node, []).append(index)
+            await self._ask_more(previous, keys, answers)
         missed = [index for index, answered in enumerate(answers)
                   if answered and all(entry is None for _, entry in answered)]
         leaving: List[str] = []
-        if missed and self._ring_settling():
+        if missed and settling:
             leaving = self._leaving()
             wider: dict = {}
             for index in missed:
                 owners, fallbacks, _ = plans[index]
-                asked = set(owners) | set(fallbacks)
+                asked = set(owners) | set(fallbacks) | set(witnesses[index])
                 for node in list(fallbacks) + [node for node in leaving if node not in asked]:
                     wider.setdefault(node, []).append(index)
             await self._ask_more(wider, keys, answers)
@@ -645,9 +654,10 @@ class Coordinator:
         now = self._seconds()
         results: List[object] = []
         not_repaired = frozenset(leaving)
-        for (owners, _, _), answered in zip(plans, answers):
+        for (owners, _, _), answered, previous_owners in zip(plans, answers, witnesses):
             try:
-                newest = self._newest_known(owners, answered, not_repaired)
+                newest = self._newest_known(owners, answered,
+                                            not_repaired.union(previous_owners) if previous_owners else not_repaired)
             except Unavailable as error:
                 results.append(error)
                 continue
@@ -691,8 +701,11 @@ class Coordinator:
             # An owner holding the key answers from its own copy: every acknowledged write reached every
             # live owner (the default quorum is the replication factor), and what an owner missed while it
             # was unreachable comes back through hint handoff and anti-entropy. Only a miss asks the others.
+            # Not while the ring settles: a change can make a node an owner of a key it holds an older
+            # version of (it owned the key before, or was told a write as a previous owner), while the newer
+            # one is still on its way from the owners it replaced.
             entry = self.store.get(key)
-            if entry is not None:
+            if entry is not None and not self._ring_settling():
                 return entry
         return REMOTE
 
@@ -729,14 +742,20 @@ class Coordinator:
         return newest
 
     async def _read_owners(self, key: str, owners: List[str], fallbacks: List[str]) -> Optional[Entry]:
-        answers = await gather([self._read_slot(owner, fallbacks, key) for owner in owners])
+        settling = self._ring_settling()
+        # While the ring settles, the key's owners under the rings just before are asked with its owners: a
+        # change can replace the owners that hold its newest version by nodes that hold an older one, or none,
+        # until the handoff reaches them. Their copies answer the read and repair the owners, never themselves.
+        witnesses = self._witnesses(key, owners) if settling else []
+        answers = await gather([self._read_slot(owner, fallbacks, key) for owner in owners]
+                               + [self._read_slot(node, [], key) for node in witnesses])
         answered = [answer for answer in answers if answer is not None]
         leaving: List[str] = []
-        if answered and all(entry is None for _, entry in answered) and self._ring_settling():
+        if answered and all(entry is None for _, entry in answered) and settling:
             # The ring changed moments ago: the key may still sit on its previous holders, whose handoff
             # is under way. Ask the rest of the ring, and the nodes that are leaving it (this one too, if it
             # drains): they own nothing any more but hold what they have not yet handed off.
-            asked = set(owners) | set(fallbacks)
+            asked = set(owners) | set(fallbacks) | set(witnesses)
             leaving = [node for node in self._leaving() if node not in asked]
             more = await gather([self._read_slot(node, [], key) for node in list(fallbacks) + leaving])
             answered.extend(answer for answer in more if answer is not None)
@@ -747,7 +766,7 @@ class Coordinator:
                 ring_nodes = list(owners) + list(fallbacks)
                 again = await gather([self._read_slot(node, [], key) for node in ring_nodes])
                 answered.extend(answer for answer in again if answer is not None)
-        return self._newest_known(owners, answered, set(leaving))
+        return self._newest_known(owners, answered, set(leaving).union(witnesses))
 
     def _newest_known(self, owners: List[str], answered: List[Tuple[str, Optional[Entry]]],
                       leaving: AbstractSet[str]) -> Optional[Entry]:

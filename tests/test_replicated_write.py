@@ -822,6 +822,91 @@ class BulkUnreachableOwnersReadTests(UnreachableOwnersReadTests):
     read = staticmethod(_bulk_read)
 
 
+def _version_on(stores, node_id: str, key: str, value: bytes, wall: float) -> Entry:
+    """
+    ``key`` stored on ``node_id`` as ``value``, stamped by that node at ``wall`` seconds.
+    """
+    entry = Entry(key, value, HybridLogicalClock(lambda: wall, node_id).now(), None)
+    stores.setdefault(node_id, Store(lambda: 1000.0, 1 << 24)).apply(entry)
+    return entry
+
+
+class SettlingReadTests(unittest.TestCase):
+    """
+    A membership change can make a node an owner of a key it holds an older version of (it owned the key
+    before, or was told a write as a previous owner), while the newer version is on the owners it replaced,
+    or on its co-owner, until the handoff reaches it. While the ring settles, a read takes the newest of them.
+    """
+
+    RING = HashRing(["n1", "n2", "n3"])
+    read = staticmethod(_single_read)
+
+    def _key(self, ring: HashRing, owners) -> str:
+        return next(key for key in ("k%d" % i for i in range(10000))
+                    if ring.preference_list(key, 2) == list(owners))
+
+    @capture_logging(None, encoder_=None)
+    def test_while_the_ring_settles_an_owner_holding_an_older_copy_than_its_co_owner_answers_the_newer(self, logger):
+        stores = {}
+        key = self._key(self.RING, ["n1", "n2"])
+        _version_on(stores, "n1", key, b'"older"', 1000.0)
+        newer = _version_on(stores, "n2", key, b'"newer"', 1001.0)
+        reader, peers = _reader("n1", self.RING, stores, settling=True, leaving=[])
+        found = self.read(reader, key)
+        self.assertEqual((found.value, found.version), (b'"newer"', newer.version))
+        self.assertIn("n2", peers.asked)
+        # Read repair: the owner that answered the older version gets the newer one.
+        self.assertEqual(stores["n1"].current(key).version, newer.version)
+
+    @capture_logging(None, encoder_=None)
+    def test_once_the_ring_has_settled_an_owner_answers_from_its_own_copy_without_asking(self, logger):
+        stores = {}
+        key = self._key(self.RING, ["n1", "n2"])
+        _version_on(stores, "n1", key, b'"own"', 1000.0)
+        _version_on(stores, "n2", key, b'"other"', 1001.0)
+        reader, peers = _reader("n1", self.RING, stores, settling=False, leaving=[])
+        self.assertEqual(self.read(reader, key).value, b'"own"' if self.read is _single_read else b'"other"')
+        if self.read is _single_read:
+            self.assertEqual(peers.asked, [])
+
+    @capture_logging(None, encoder_=None)
+    def test_while_the_ring_settles_a_key_newer_on_a_previous_owner_than_on_its_owners_is_read_from_it(
+            self, logger):
+        """
+        If a join replaced an owner that holds a key's newest version (the other holds an older one, the
+        joiner nothing), then a read while the ring settles asks the previous owner too and answers its
+        version; the owners are repaired with it, the previous owner is not sent a copy.
+        """
+        before = self.RING
+        after = HashRing(["n1", "n2", "n3", "n4"])
+        key = next(key for key in ("k%d" % i for i in range(10000))
+                   if "n4" in after.preference_list(key, 2) and "n1" not in after.preference_list(key, 2)
+                   and set(before.preference_list(key, 2)) - set(after.preference_list(key, 2)) - {"n1"})
+        owners = after.preference_list(key, 2)
+        [older_holder] = [node for node in owners if node != "n4"]
+        [previous] = set(before.preference_list(key, 2)) - set(owners) - {"n1"}
+        stores = {"n4": Store(lambda: 1000.0, 1 << 24)}
+        _version_on(stores, older_holder, key, b'"older"', 1000.0)
+        newer = _version_on(stores, previous, key, b'"newer"', 1001.0)
+        peers = _StorePeers(stores)
+        store = stores.setdefault("n1", Store(lambda: 1000.0, 1 << 24))
+        reader = coordinator(None, peers=peers, ring=after, store=store, settling=True, previous_rings=[before])
+        found = self.read(reader, key)
+        self.assertEqual((found.value, found.version), (b'"newer"', newer.version))
+        self.assertIn(previous, peers.asked)
+        for node in owners:
+            self.assertEqual(stores[node].current(key).version, newer.version)
+        self.assertNotIn(previous, peers.sent)
+
+
+class BulkSettlingReadTests(SettlingReadTests):
+    """
+    The same reads, of a key in a bulk get (which asks every owner, settled or not).
+    """
+
+    read = staticmethod(_bulk_read)
+
+
 class PreviousOwnersWriteTests(unittest.TestCase):
     """
     A join can replace every owner of a key: the new node's point becomes the key's start on the ring, and the

@@ -137,6 +137,9 @@ class Node:
         #: The digest of the ring under which this node has handed off all that ring places elsewhere, by a
         #: pass that began once every peer named it (see :meth:`_watch_settling`); said in heartbeats.
         self._handed_off: Optional[str] = None
+        #: Whether this node's drain ended with its store empty: leaving, it takes no copies, so it stays empty,
+        #: and its heartbeats say it has handed off under whatever ring it is on (:meth:`heartbeat`).
+        self._drained = False
         #: The ring every peer was last seen to name, and since when (``None``: not every peer names it).
         self._converged: Optional[Tuple[str, float]] = None
         #: The digest of the ring a settling pass is running for.
@@ -370,7 +373,12 @@ class Node:
         """
         state = LEAVING if self.state in (DRAINING, STOPPED) else ALIVE
         digest = self._ring.digest
-        settled = digest if self.state == READY and self._handed_off == digest else None
+        if self.state == READY:
+            settled = digest if self._handed_off == digest else None
+        else:
+            # A drained node holds nothing to hand off under any ring: said, its peers' rings settle without
+            # waiting for it to time out once it has gone (PEER_TIMEOUT).
+            settled = digest if self._drained and state == LEAVING else None
         return Heartbeat(self.node_id, self.incarnation, self.settings.advertise_address,
                          self.settings.advertise_port, state, len(self._ring), digest,
                          self.state in (STARTING, JOINING), settled, self.rebalancer.moving_under(self._ring))
@@ -593,7 +601,12 @@ class Node:
         d = self.rebalancer.drain(timeout)
         d.addTimeout(timeout + DRAIN_GUARD_SECONDS, self.clock)
         d.addErrback(lambda failure: len(self.store) + self.store.tombstone_count)
+        d.addCallback(self._drain_ended)
         return d
+
+    def _drain_ended(self, remaining: int) -> int:
+        self._drained = remaining == 0 and len(self.store) + self.store.tombstone_count == 0
+        return remaining
 
     def stop(self) -> None:
         for loop in self._loops:

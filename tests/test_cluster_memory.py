@@ -539,8 +539,8 @@ def _members(rings):
     return [sorted(ring.nodes) for ring in rings]
 
 
-def _settled_cluster():
-    cluster = MemoryCluster(3)
+def _settled_cluster(**settings):
+    cluster = MemoryCluster(3, **settings)
     cluster.run(seconds=40.0)
     assert all(node.previous_rings() == [] for node in cluster.nodes)
     return cluster
@@ -607,6 +607,49 @@ def test_the_ring_a_join_replaced_is_dropped_once_every_node_has_handed_off_not_
     assert n1.previous_rings() == [] and n4.previous_rings() == []
     assert n1.heartbeat().settled == n1.ring().digest
     assert told == [["n1", "n2", "n3", "n4"]]
+
+
+def test_a_node_that_has_drained_says_so_and_the_others_settle_without_waiting_for_it_to_time_out():
+    """
+    If a node drains its store empty and exits, then its last heartbeats say it has handed off, and the other
+    nodes' ring settles in seconds, not once its silence has lasted PEER_TIMEOUT (15 s here, as at the
+    default 5 s heartbeats): it no longer holds anything the ring places elsewhere, and takes no copies while it
+    leaves.
+    """
+    cluster = _settled_cluster(peer_timeout=15)
+    n1, _, n3 = cluster.nodes
+    for index in range(40):
+        assert put(cluster, n1, "key-%d" % (index,), index)[0] in (200, 201)
+    # It says it leaves, at once, as the service announces it, then drains.
+    n3.begin_leaving()
+    cluster.introduce()
+    cluster.run(seconds=0.5)
+    assert cluster.run(n3.drain(), seconds=20) == 0
+    cluster.run(seconds=1.0)
+    assert n3.heartbeat().settled == n3.ring().digest == n1.ring().digest
+    # The process exits: nothing more is heard from it.
+    cluster.kill(n3)
+    assert n1.ring_settling()
+    cluster.run(seconds=8.0)
+    assert "n3" in {peer.node_id for peer in n1.membership.peers()}
+    assert not any(node.ring_settling() for node in cluster.nodes[:2])
+
+
+def test_a_node_whose_drain_left_entries_behind_does_not_say_it_has_handed_off():
+    """
+    If a node's drain ends with entries it could not hand off (its peers unreachable), then its heartbeats do
+    not say it has handed off: the others settle only once it has timed out, or after the settle time.
+    """
+    cluster = _settled_cluster()
+    n1, n2, n3 = cluster.nodes
+    for index in range(40):
+        assert put(cluster, n1, "key-%d" % (index,), index)[0] in (200, 201)
+    held = len(n3.store)
+    assert held > 0
+    for node in (n1, n2):
+        cluster.kill(node)
+    assert cluster.run(n3.drain(), seconds=40) == held
+    assert n3.heartbeat().settled is None
 
 
 def test_a_peer_that_never_says_it_has_handed_off_keeps_the_ring_settling_for_the_settle_time():

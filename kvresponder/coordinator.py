@@ -110,7 +110,10 @@ class Coordinator:
         capped by the number of live nodes.
     :param seconds: wall time in seconds, for TTLs.
     :param log_policy: lets the hot path skip building actions that would not be written.
-    :param ring_settling: whether the ring changed so recently that data may still be moving.
+    :param ring_settling: whether the ring changed so recently that data may still be moving, or this node
+        still holds entries waiting for hand-off.
+    :param ring_changed_recently: the first part alone (by default ``ring_settling``): reads then also ask the
+        keys' previous owners, and an owner's own copy does not answer alone.
     :param previous_rings: the rings in force since the ring last settled, before the current one (empty once it
         has settled): writes also ask the owners they named (:meth:`_witnesses`).
     :param takes_copies: whether this node still stores copies: not once it has begun leaving, when a write it
@@ -123,7 +126,7 @@ class Coordinator:
     def __init__(self, store: Store, hlc: HybridLogicalClock, ring: Callable[[], HashRing], peer_of,
                  peers, replicas: int, write_quorum: Optional[int], seconds: Callable[[], float],
                  metrics, log_policy, ring_settling: Callable[[], bool] = lambda: False,
-                 clock_skew=None, traced: bool = False, leaving: Callable[[], List[str]] = lambda: [],
+                 clock_skew=None, ring_changed_recently: Optional[Callable[[], bool]] = None, traced: bool = False, leaving: Callable[[], List[str]] = lambda: [],
                  previous_rings: Callable[[], List[HashRing]] = lambda: [],
                  takes_copies: Callable[[], bool] = lambda: True,
                  unjoined: Callable[[], bool] = lambda: False) -> None:
@@ -139,6 +142,7 @@ class Coordinator:
         self._metrics = metrics
         self._log = log_policy
         self._ring_settling = ring_settling
+        self._ring_changed_recently = ring_changed_recently if ring_changed_recently is not None else ring_settling
         self._leaving = leaving
         self._previous_rings = previous_rings
         self._takes_copies = takes_copies
@@ -611,34 +615,48 @@ class Coordinator:
 
     async def read_many(self, keys: List[str]) -> List[object]:
         """
-        Read many keys with one call per node, by the rules of a single read (:meth:`_read_owners`): a key only
-        fallbacks answered "none" for is unavailable, and a miss while the ring settles asks the rest of the
-        ring and the nodes that are leaving it.
+        Read many keys with one call per node, by the rules of a single read (:meth:`_read_owners`): just after a
+        ring change each key's previous owners are asked too, a key only fallbacks answered "none" for is
+        unavailable, and a miss while the ring settles asks the rest of the ring and the nodes that are leaving
+        it.
 
         :return: for each key, its live :class:`Entry`, ``None``, or an :class:`Unavailable`.
         """
         self._check_clock()
         plans = [self._targets(key) for key in keys]
-        answers = await self._fan_out(plans, lambda node, indices: self._get_many_on(
+        witnesses: Optional[List[List[str]]] = None
+        if self._ring_changed_recently():
+            # As a single read: each key's previous owners are asked too (:meth:`_previous_owners`), at once.
+            witnesses = []
+            for index, (key, (owners, fallbacks, quorum)) in enumerate(zip(keys, plans)):
+                previous_owners, fallbacks = self._previous_owners(key, owners, fallbacks)
+                witnesses.append(previous_owners)
+                plans[index] = (owners, fallbacks, quorum)
+        fan_out = self._fan_out(plans, lambda node, indices: self._get_many_on(
             node, [keys[i] for i in indices]), "get", count_success=True)
-        settling = self._ring_settling()
-        # As a single read: while the ring settles, each key's previous owners are asked too.
-        witnesses = [self._witnesses(key, owners) if settling else [] for key, (owners, _, _) in zip(keys, plans)]
-        if settling:
+        if witnesses is None:
+            answers = await fan_out
+        else:
             previous: dict = {}
             for index, nodes in enumerate(witnesses):
                 for node in nodes:
                     previous.setdefault(node, []).append(index)
-            await self._ask_more(previous, keys, answers)
+            heard: List[list] = [[] for _ in keys]
+            # Under way before the owners are asked, not after them.
+            asking = ensureDeferred(self._ask_more(previous, keys, heard))
+            answers = await fan_out
+            await asking
+            for answered, more in zip(answers, heard):
+                answered.extend(more)
         missed = [index for index, answered in enumerate(answers)
                   if answered and all(entry is None for _, entry in answered)]
         leaving: List[str] = []
-        if missed and settling:
+        if missed and self._ring_settling():
             leaving = self._leaving()
             wider: dict = {}
             for index in missed:
                 owners, fallbacks, _ = plans[index]
-                asked = set(owners) | set(fallbacks) | set(witnesses[index])
+                asked = set(owners) | set(fallbacks) | set(witnesses[index] if witnesses is not None else ())
                 for node in list(fallbacks) + [node for node in leaving if node not in asked]:
                     wider.setdefault(node, []).append(index)
             await self._ask_more(wider, keys, answers)
@@ -654,7 +672,8 @@ class Coordinator:
         now = self._seconds()
         results: List[object] = []
         not_repaired = frozenset(leaving)
-        for (owners, _, _), answered, previous_owners in zip(plans, answers, witnesses):
+        for index, ((owners, _, _), answered) in enumerate(zip(plans, answers)):
+            previous_owners = witnesses[index] if witnesses is not None else None
             try:
                 newest = self._newest_known(owners, answered,
                                             not_repaired.union(previous_owners) if previous_owners else not_repaired)
@@ -701,11 +720,11 @@ class Coordinator:
             # An owner holding the key answers from its own copy: every acknowledged write reached every
             # live owner (the default quorum is the replication factor), and what an owner missed while it
             # was unreachable comes back through hint handoff and anti-entropy. Only a miss asks the others.
-            # Not while the ring settles: a change can make a node an owner of a key it holds an older
+            # Not just after a ring change: a change can make a node an owner of a key it holds an older
             # version of (it owned the key before, or was told a write as a previous owner), while the newer
             # one is still on its way from the owners it replaced.
             entry = self.store.get(key)
-            if entry is not None and not self._ring_settling():
+            if entry is not None and not self._ring_changed_recently():
                 return entry
         return REMOTE
 
@@ -742,16 +761,12 @@ class Coordinator:
         return newest
 
     async def _read_owners(self, key: str, owners: List[str], fallbacks: List[str]) -> Optional[Entry]:
-        settling = self._ring_settling()
-        # While the ring settles, the key's owners under the rings just before are asked with its owners: a
-        # change can replace the owners that hold its newest version by nodes that hold an older one, or none,
-        # until the handoff reaches them. Their copies answer the read and repair the owners, never themselves.
-        witnesses = self._witnesses(key, owners) if settling else []
+        witnesses, fallbacks = self._previous_owners(key, owners, fallbacks)
         answers = await gather([self._read_slot(owner, fallbacks, key) for owner in owners]
-                               + [self._read_slot(node, [], key) for node in witnesses])
+                               + [self._read_slot(node, [], key, count=False) for node in witnesses])
         answered = [answer for answer in answers if answer is not None]
         leaving: List[str] = []
-        if answered and all(entry is None for _, entry in answered) and settling:
+        if answered and all(entry is None for _, entry in answered) and self._ring_settling():
             # The ring changed moments ago: the key may still sit on its previous holders, whose handoff
             # is under way. Ask the rest of the ring, and the nodes that are leaving it (this one too, if it
             # drains): they own nothing any more but hold what they have not yet handed off.
@@ -767,6 +782,22 @@ class Coordinator:
                 again = await gather([self._read_slot(node, [], key) for node in ring_nodes])
                 answered.extend(answer for answer in again if answer is not None)
         return self._newest_known(owners, answered, set(leaving).union(witnesses))
+
+    def _previous_owners(self, key: str, owners: List[str], fallbacks: List[str]) -> Tuple[List[str], List[str]]:
+        """
+        The nodes a read of ``key`` asks besides its owners, and its fallbacks without them. Just after a ring
+        change, its owners under the rings before (:meth:`_witnesses`): a change can replace the owners that
+        hold a key's newest version by nodes that hold an older one, or none, until the handoff reaches them.
+        Their copies answer the read and repair the owners, never themselves; their failures are no replica's
+        (not counted). They are not fallbacks meanwhile: an owner that fails is replaced by a node not asked
+        yet, which gets the newest as a hint.
+        """
+        if not self._ring_changed_recently():
+            return [], fallbacks
+        witnesses = self._witnesses(key, owners)
+        if not witnesses:
+            return witnesses, fallbacks
+        return witnesses, [node for node in fallbacks if node not in witnesses]
 
     def _newest_known(self, owners: List[str], answered: List[Tuple[str, Optional[Entry]]],
                       leaving: AbstractSet[str]) -> Optional[Entry]:
@@ -808,8 +839,11 @@ class Coordinator:
                 self._repair(newest, stale)
         return newest
 
-    async def _read_slot(self, owner: str, fallbacks: List[str],
-                         key: str) -> Optional[Tuple[str, Optional[Entry]]]:
+    async def _read_slot(self, owner: str, fallbacks: List[str], key: str,
+                         count: bool = True) -> Optional[Tuple[str, Optional[Entry]]]:
+        """
+        :param count: count the calls (``replication`` metrics): not for a node that is no replica of the key.
+        """
         node = owner
         while node is not None:
             try:
@@ -821,12 +855,14 @@ class Coordinator:
                         raise Unavailable(node)
                     answer = await self._peers.get_coalesced(peer, key)
             except (PeerError, Unavailable):
-                self._metrics.replication("get", "failure")
+                if count:
+                    self._metrics.replication("get", "failure")
                 node = fallbacks.pop(0) if fallbacks else None
                 continue
             # Counted as a write's copies are, the coordinator's own included: the failure ratio divides the
             # failed calls by all of them.
-            self._metrics.replication("get", "success")
+            if count:
+                self._metrics.replication("get", "success")
             return node, answer
         return None
 

@@ -121,6 +121,7 @@ class Node:
         self.coordinator = Coordinator(self.store, self.hlc, self.ring, self.membership.peer, self.peers,
                                        settings.replicas, settings.write_quorum, self.wall, self.metrics,
                                        self.log_policy, self.ring_settling, clock_skew=self.clock_offsets,
+                                       ring_changed_recently=self.ring_changed_recently,
                                        traced=tracing is not None and tracing.enabled, leaving=self.leaving_holders,
                                        previous_rings=self.previous_rings, takes_copies=self.takes_copies,
                                        unjoined=self.unjoined)
@@ -182,19 +183,24 @@ class Node:
         settles: ending the settling once every hand-off is done, rather than at a fixed time, shortens that
         after every membership change.
         """
-        if self.rebalancer.pending > 0:
-            return True
+        return self.rebalancer.pending > 0 or self.ring_changed_recently()
+
+    def ring_changed_recently(self) -> bool:
+        """
+        :meth:`ring_settling` without this node's own entries waiting for hand-off (hints for an unreachable
+        owner, which can wait for many minutes): whether the ring's latest change may still leave a key's owners
+        without what its previous owners hold. Reads ask the previous owners while it does.
+        """
         changed_at = self.ring_changed_at
         if self._settled_change == changed_at:
             return False
         bound = 2 * self.settings.max_clock_offset
         elapsed = self.clock.seconds() - changed_at
-        if elapsed >= max(SETTLE_SECONDS, bound):
+        if elapsed >= max(SETTLE_SECONDS, bound) or (elapsed >= bound and self._cluster_handed_off()):
+            # Settled, for good: only a new change (a new ``ring_changed_at``) starts it again.
+            self._settled_change = changed_at
             return False
-        if elapsed < bound or not self._cluster_handed_off():
-            return True
-        self._settled_change = changed_at
-        return False
+        return True
 
     def _cluster_handed_off(self) -> bool:
         """

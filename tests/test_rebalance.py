@@ -505,6 +505,38 @@ def test_a_failed_hand_off_keeps_the_ring_settling_and_shows_in_kv_handoff_pendi
     assert 'kv_handoff_pending{tenant="t1"} 1.0' in n1.metrics.exposition().decode()
 
 
+def test_hand_offs_waiting_alone_leave_an_owner_answering_its_reads_from_its_own_copy():
+    """
+    If a node's ring settles only because it holds an entry it cannot hand off (n3 down and not yet noticed),
+    long after the ring last changed, then the ring has not changed recently, and a key the node owns and holds
+    is read from its own copy without asking its peers: the waiting hint says nothing of its own copies.
+    """
+    from .support import MemoryCluster
+    cluster = MemoryCluster(3)
+    n1, n2, n3 = cluster.nodes
+    cluster.run(seconds=1.0)
+    hinted = next(key for key in ("k%d" % (index,) for index in range(1000))
+                  if n1.ring().preference_list(key, 2) == ["n2", "n3"])
+    owned = next(key for key in ("k%d" % (index,) for index in range(1000))
+                 if n1.ring().preference_list(key, 2) == ["n1", "n2"])
+    n1.store.apply(Entry(hinted, b'"v"', n1.hlc.now(), None))
+    n1.store.apply(Entry(owned, b'"own"', n1.hlc.now(), None))
+    cluster.kill(n3)
+    cluster.run(n1.rebalancer.run_pass("hint"), seconds=1.0)
+    assert n1.rebalancer.pending == 1
+    n1.ring_changed_at -= 3600
+    assert n1.ring_settling() and not n1.ring_changed_recently()
+    asked = []
+    original = n1.peers.get_coalesced
+
+    def counting(peer, key):
+        asked.append((peer.node_id, key))
+        return original(peer, key)
+    n1.peers.get_coalesced = counting
+    assert cluster.run(n1.coordinator.get(owned), seconds=1.0).value == b'"own"'
+    assert asked == []
+
+
 class _OneBrokenPeer(_AskedPeers):
     """Co-owners that lack everything; the sync with n3 breaks with an error no peer call should raise."""
 

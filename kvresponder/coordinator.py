@@ -415,6 +415,9 @@ class Coordinator:
 
     async def _apply_on(self, node: str, entry: Entry) -> ApplyResult:
         if node == self.node_id:
+            if not self._takes_copies():
+                # Leaving (a read repair of a read begun before): it would leave with the process.
+                raise Unavailable("this node is leaving")
             return self.apply_local(entry)
         peer = self._peer_of(node)
         if peer is None:

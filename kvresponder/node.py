@@ -216,7 +216,10 @@ class Node:
         if self._handed_off != digest:
             return False
         changed_at = self._members_changed_at
-        return all(peer.settled == digest and peer.settled_at > changed_at for peer in self.membership.peers())
+        # A leaving peer says so only while its drain has left it empty (:meth:`heartbeat`): true whenever it
+        # began to say so, so its claim counts even from before this change.
+        return all(peer.settled == digest and (peer.settled_at > changed_at or peer.state == LEAVING)
+                   for peer in self.membership.peers())
 
     def subscribe_settled(self, listener: Callable[[], None]) -> None:
         """
@@ -384,7 +387,7 @@ class Node:
         else:
             # A drained node holds nothing to hand off under any ring: said, its peers' rings settle without
             # waiting for it to time out once it has gone (PEER_TIMEOUT).
-            settled = digest if self._drained and state == LEAVING else None
+            settled = digest if self._drained and state == LEAVING and self._store_empty() else None
         return Heartbeat(self.node_id, self.incarnation, self.settings.advertise_address,
                          self.settings.advertise_port, state, len(self._ring), digest,
                          self.state in (STARTING, JOINING), settled, self.rebalancer.moving_under(self._ring))
@@ -611,8 +614,11 @@ class Node:
         return d
 
     def _drain_ended(self, remaining: int) -> int:
-        self._drained = remaining == 0 and len(self.store) + self.store.tombstone_count == 0
+        self._drained = remaining == 0 and self._store_empty()
         return remaining
+
+    def _store_empty(self) -> bool:
+        return len(self.store) == 0 and self.store.tombstone_count == 0
 
     def stop(self) -> None:
         for loop in self._loops:

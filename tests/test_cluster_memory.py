@@ -635,6 +635,49 @@ def test_a_node_that_has_drained_says_so_and_the_others_settle_without_waiting_f
     assert not any(node.ring_settling() for node in cluster.nodes[:2])
 
 
+def test_a_drained_nodes_claim_counts_even_when_first_heard_with_its_leaving():
+    """
+    If the first heartbeat the others hear from a leaving node already says it has drained (the one that said
+    it leaves was lost, or the drain had nothing to do), then its claim still counts: a leaving node says so
+    only while its store is empty, whenever it began to.
+    """
+    cluster = _settled_cluster(peer_timeout=15)
+    n1, _, n3 = cluster.nodes
+    n3.begin_leaving()
+    assert cluster.run(n3.drain(), seconds=20) == 0
+    assert n3.heartbeat().settled is not None
+    cluster.introduce()
+    cluster.run(seconds=1.0)
+    cluster.kill(n3)
+    cluster.run(seconds=8.0)
+    assert "n3" in {peer.node_id for peer in n1.membership.peers()}
+    assert not any(node.ring_settling() for node in cluster.nodes[:2])
+
+
+def test_a_read_begun_before_a_node_left_repairs_nothing_into_it_once_drained():
+    """
+    If a read through a node that owns the key but lacks it is still asking the other owner when the node
+    begins to leave and drains (at once: its store is empty), then the answer's read repair is not stored on
+    the leaving node: it would leave with the process, and the node says it has drained.
+    """
+    cluster = _settled_cluster(peer_timeout=15)
+    n1, n2, n3 = cluster.nodes
+    key = next(key for key in ("k%d" % (index,) for index in range(1000)) if "n3" in n3.ring().preference_list(key, 2))
+    [other] = [node for node in (n1, n2) if node.node_id in n3.ring().preference_list(key, 2)]
+    other.coordinator.apply_local(Entry(key, b'"v"', other.hlc.now(), None))
+    assert len(n3.store) == 0
+    read = n3.coordinator.get(key)
+    n3.begin_leaving()
+    assert cluster.run(n3.drain(), seconds=1.0) == 0
+    assert cluster.run(read, seconds=5.0).value == b'"v"'
+    cluster.run(seconds=1.0)
+    assert len(n3.store) == 0
+    assert n3.heartbeat().settled == n3.ring().digest
+    # Were anything to get in all the same, the claim would be withdrawn with it.
+    n3.store.apply(Entry("stray", b'"x"', n3.hlc.now(), None))
+    assert n3.heartbeat().settled is None
+
+
 def test_a_node_whose_drain_left_entries_behind_does_not_say_it_has_handed_off():
     """
     If a node's drain ends with entries it could not hand off (its peers unreachable), then its heartbeats do

@@ -309,6 +309,32 @@ def _peer_gets(node) -> float:
                if line.startswith("kv_peer_request_duration_seconds_count{") and 'op="get"' in line)
 
 
+def test_after_a_drained_node_exits_the_others_settle_without_waiting_for_it_to_time_out(log_dir):
+    """
+    If a node drains on SIGTERM and exits, then the others' ring settles within seconds, while they still list
+    it as leaving, long before PEER_TIMEOUT (25 s here) would drop it: its last heartbeats say it drained empty.
+    Until then their reads and writes of the keys it owned kept asking it, for nothing.
+    """
+    cluster = Cluster("e2e", log_dir, env={"PEER_TIMEOUT": "25"})
+    try:
+        for _ in range(3):
+            cluster.add()
+        cluster.wait_formed()
+        cluster.wait_for(lambda: not any(_settling(node) for node in cluster.alive), 35, "the ring to settle")
+        keys = write_keys(cluster.nodes[0], 200)
+        leaver = cluster.nodes[2]
+        assert leaver.terminate() in (0, -15)
+        exited = time.monotonic()
+        stayed = cluster.nodes[:2]
+        cluster.wait_for(lambda: not any(_settling(node) for node in stayed), 15, "the ring to settle after a drain")
+        assert time.monotonic() - exited < 15
+        listed = {peer["id"]: peer["state"] for peer in requests.get(stayed[0].url + "/peers", timeout=5).json()}
+        assert listed.get(leaver.node_id) == "leaving", listed
+        readable_everywhere(cluster, keys)
+    finally:
+        cluster.stop()
+
+
 def test_the_ring_settles_once_every_node_has_handed_off_not_after_the_fixed_settle_time(cluster):
     """
     If three nodes form a cluster, and later a fourth joins, then every node says the ring has settled (``/diag``)

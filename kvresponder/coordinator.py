@@ -126,7 +126,8 @@ class Coordinator:
     def __init__(self, store: Store, hlc: HybridLogicalClock, ring: Callable[[], HashRing], peer_of,
                  peers, replicas: int, write_quorum: Optional[int], seconds: Callable[[], float],
                  metrics, log_policy, ring_settling: Callable[[], bool] = lambda: False,
-                 clock_skew=None, ring_changed_recently: Optional[Callable[[], bool]] = None, traced: bool = False, leaving: Callable[[], List[str]] = lambda: [],
+                 clock_skew=None, ring_changed_recently: Optional[Callable[[], bool]] = None,
+                 traced: bool = False, leaving: Callable[[], List[str]] = lambda: [],
                  previous_rings: Callable[[], List[HashRing]] = lambda: [],
                  takes_copies: Callable[[], bool] = lambda: True,
                  unjoined: Callable[[], bool] = lambda: False) -> None:

@@ -718,7 +718,7 @@ class Coordinator:
         """
         self._check_clock()
         ring = self._ring()
-        if len(ring) == 1 and self.node_id in ring:
+        if len(ring) == 1 and self.node_id in ring and not self._ring_changed_recently():
             return self.store.get(key)
         if self.node_id in ring.preference_list(key, self.replicas):
             # An owner holding the key answers from its own copy: every acknowledged write reached every
@@ -839,6 +839,9 @@ class Coordinator:
                     held.setdefault(node, None)
             stale = [node for node, entry in held.items()
                      if (entry is None or entry.version < newest.version) and node not in not_repaired]
+            if self.node_id in stale and not self._takes_copies():
+                # Leaving: a copy would leave with the process (``_apply_on`` refuses it).
+                stale.remove(self.node_id)
             if stale:
                 self._repair(newest, stale)
         return newest

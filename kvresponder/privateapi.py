@@ -23,7 +23,15 @@ def tcp_write_is_queued(transport) -> bool:
     sent: then a write must go through its own ``write``, behind them. Twisted has no public way to ask.
     """
     return bool(transport.disconnecting or transport._aborting or transport._writeDisconnected
-                or transport._tempDataBuffer or len(transport.dataBuffer) > transport.offset)
+                or tcp_write_buffered(transport))
+
+
+def tcp_write_buffered(transport) -> bool:
+    """
+    Whether a plain TCP transport holds bytes written and not yet sent (``write`` queued them, or the socket took
+    only part of them), whatever its state.
+    """
+    return bool(transport._tempDataBuffer or len(transport.dataBuffer) > transport.offset)
 
 
 # -- Twisted: the reactor's clock (kvresponder.tap) -------------------------------------------------------

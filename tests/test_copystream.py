@@ -34,7 +34,7 @@ from kvresponder.http.root import RootResource, TenantResource, build_root, _Not
 from kvresponder.http.site import KVSite
 from kvresponder.node import Node
 from kvresponder.peers import MAX_BATCHES_IN_FLIGHT, PeerAuthenticator, PeerClient, PeerError
-from kvresponder.privateapi import tcp_write_is_queued
+from kvresponder.privateapi import tcp_write_buffered
 from kvresponder.store import ApplyResult, Entry
 from kvresponder.wire import encode_batch
 
@@ -125,7 +125,7 @@ async def test_a_batch_on_an_open_stream_leaves_at_once_rather_than_at_the_react
         d = streams.send(peer.peer, [_entry(2)], [b"-"], 2.0)
         # Sent with one system call, not queued until the reactor reports the socket writable, and with Nagle's
         # algorithm off, so that a frame sent while the last is unacknowledged does not wait for its ACK.
-        assert not tcp_write_is_queued(stream.transport)
+        assert not tcp_write_buffered(stream.transport)
         assert stream.transport not in reactor.getWriters()
         assert stream.transport.getTcpNoDelay()
         assert await d == [ApplyResult(True, False)]

@@ -324,10 +324,9 @@ def test_after_a_drained_node_exits_the_others_settle_without_waiting_for_it_to_
         keys = write_keys(cluster.nodes[0], 200)
         leaver = cluster.nodes[2]
         assert leaver.terminate() in (0, -15)
-        exited = time.monotonic()
         stayed = cluster.nodes[:2]
+        # Within 15 s of the exit (wait_for fails past it): PEER_TIMEOUT would take 25.
         cluster.wait_for(lambda: not any(_settling(node) for node in stayed), 15, "the ring to settle after a drain")
-        assert time.monotonic() - exited < 15
         listed = {peer["id"]: peer["state"] for peer in requests.get(stayed[0].url + "/peers", timeout=5).json()}
         assert listed.get(leaver.node_id) == "leaving", listed
         readable_everywhere(cluster, keys)

@@ -49,11 +49,11 @@ def test_a_tcp_transport_is_queued_while_a_write_waits_and_not_once_it_is_sent()
     assert all(issubclass(kind, tcp.Connection) for kind in privateapi.PLAIN_TCP)
     connection, (left, right) = _connection()
     try:
-        assert not privateapi.tcp_write_is_queued(connection)
+        assert not privateapi.tcp_write_is_queued(connection) and not privateapi.tcp_write_buffered(connection)
         connection.write(b"x")
-        assert privateapi.tcp_write_is_queued(connection)
+        assert privateapi.tcp_write_is_queued(connection) and privateapi.tcp_write_buffered(connection)
         assert connection.doWrite() is None
-        assert not privateapi.tcp_write_is_queued(connection)
+        assert not privateapi.tcp_write_is_queued(connection) and not privateapi.tcp_write_buffered(connection)
         assert _received(right) == b"x"
     finally:
         left.close()

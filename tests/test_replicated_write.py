@@ -629,12 +629,17 @@ def _reader(node_id: str, ring: HashRing, stores, settling: bool, leaving):
     return coordinator(None, peers=peers, ring=ring, store=store, settling=settling, leaving=leaving), peers
 
 
-def _entry_on(stores, node_id: str, key: str) -> Entry:
-    clock = Clock()
-    clock.advance(1000)
-    entry = Entry(key, b'"held"', HybridLogicalClock(clock.seconds, node_id).now(), None)
-    stores.setdefault(node_id, Store(clock.seconds, 1 << 24)).apply(entry)
+def _version_on(stores, node_id: str, key: str, value: bytes, wall: float) -> Entry:
+    """
+    ``key`` stored on ``node_id`` as ``value``, stamped by that node at ``wall`` seconds.
+    """
+    entry = Entry(key, value, HybridLogicalClock(lambda: wall, node_id).now(), None)
+    stores.setdefault(node_id, Store(lambda: 1000.0, 1 << 24)).apply(entry)
     return entry
+
+
+def _entry_on(stores, node_id: str, key: str) -> Entry:
+    return _version_on(stores, node_id, key, b'"held"', 1000.0)
 
 
 def _single_read(reader, key):
@@ -824,15 +829,6 @@ class BulkUnreachableOwnersReadTests(UnreachableOwnersReadTests):
     read = staticmethod(_bulk_read)
 
 
-def _version_on(stores, node_id: str, key: str, value: bytes, wall: float) -> Entry:
-    """
-    ``key`` stored on ``node_id`` as ``value``, stamped by that node at ``wall`` seconds.
-    """
-    entry = Entry(key, value, HybridLogicalClock(lambda: wall, node_id).now(), None)
-    stores.setdefault(node_id, Store(lambda: 1000.0, 1 << 24)).apply(entry)
-    return entry
-
-
 class SettlingReadTests(unittest.TestCase):
     """
     A membership change can make a node an owner of a key it holds an older version of (it owned the key
@@ -861,17 +857,6 @@ class SettlingReadTests(unittest.TestCase):
         self.assertEqual(stores["n1"].current(key).version, newer.version)
 
     @capture_logging(None, encoder_=None)
-    def test_once_the_ring_has_settled_an_owner_answers_from_its_own_copy_without_asking(self, logger):
-        stores = {}
-        key = self._key(self.RING, ["n1", "n2"])
-        _version_on(stores, "n1", key, b'"own"', 1000.0)
-        _version_on(stores, "n2", key, b'"other"', 1001.0)
-        reader, peers = _reader("n1", self.RING, stores, settling=False, leaving=[])
-        self.assertEqual(self.read(reader, key).value, b'"own"' if self.read is _single_read else b'"other"')
-        if self.read is _single_read:
-            self.assertEqual(peers.asked, [])
-
-    @capture_logging(None, encoder_=None)
     def test_while_the_ring_settles_a_key_newer_on_a_previous_owner_than_on_its_owners_is_read_from_it(
             self, logger):
         """
@@ -881,9 +866,7 @@ class SettlingReadTests(unittest.TestCase):
         """
         before = self.RING
         after = HashRing(["n1", "n2", "n3", "n4"])
-        key = next(key for key in ("k%d" % i for i in range(10000))
-                   if "n4" in after.preference_list(key, 2) and "n1" not in after.preference_list(key, 2)
-                   and set(before.preference_list(key, 2)) - set(after.preference_list(key, 2)) - {"n1"})
+        key = self._moved_key(before, after)
         owners = after.preference_list(key, 2)
         [older_holder] = [node for node in owners if node != "n4"]
         [previous] = set(before.preference_list(key, 2)) - set(owners) - {"n1"}
@@ -973,6 +956,44 @@ class SettlingReadTests(unittest.TestCase):
         self.assertIn(next_in_line, peers.asked)
         self.assertEqual(stores[next_in_line].current(key).version, newest.version)
 
+
+    @capture_logging(None, encoder_=None)
+    def test_a_node_left_alone_by_a_change_asks_the_previous_owner_that_holds_the_newer_version(self, logger):
+        """
+        If a change leaves the coordinator alone in its ring (its only peer drains), then while the ring settles
+        a read still asks the previous owner, which holds a newer version than the coordinator's own copy.
+        """
+        before, alone = HashRing(["n1", "n2"]), HashRing(["n1"])
+        key = "k1"
+        stores = {}
+        _version_on(stores, "n1", key, b'"older"', 1000.0)
+        newer = _version_on(stores, "n2", key, b'"newer"', 1001.0)
+        peers = _StorePeers(stores)
+        reader = coordinator(None, peers=peers, ring=alone, store=stores["n1"], settling=True, previous_rings=[before])
+        self.assertEqual(self.read(reader, key).version, newer.version)
+        self.assertIn("n2", peers.asked)
+
+
+class OwnCopyReadTests(unittest.TestCase):
+    """
+    A single read through an owner that holds the key answers from its own copy, once the ring has not changed
+    recently (a bulk read asks every owner, settled or not).
+    """
+
+    RING = SettlingReadTests.RING
+    read = staticmethod(_single_read)
+    _key = SettlingReadTests._key
+
+    @capture_logging(None, encoder_=None)
+    def test_once_the_ring_has_settled_an_owner_answers_from_its_own_copy_without_asking(self, logger):
+        stores = {}
+        key = self._key(self.RING, ["n1", "n2"])
+        _version_on(stores, "n1", key, b'"own"', 1000.0)
+        _version_on(stores, "n2", key, b'"other"', 1001.0)
+        reader, peers = _reader("n1", self.RING, stores, settling=False, leaving=[])
+        self.assertEqual(self.read(reader, key).value, b'"own"')
+        self.assertEqual(peers.asked, [])
+
     @capture_logging(None, encoder_=None)
     def test_entries_waiting_for_hand_off_alone_leave_an_owner_answering_from_its_own_copy(self, logger):
         """
@@ -983,12 +1004,11 @@ class SettlingReadTests(unittest.TestCase):
         key = self._key(self.RING, ["n1", "n2"])
         _version_on(stores, "n1", key, b'"own"', 1000.0)
         _version_on(stores, "n2", key, b'"other"', 1001.0)
-        if self.read is not _single_read:
-            self.skipTest("a bulk read asks every owner, settled or not")
         peers = _StorePeers(stores)
         reader = coordinator(None, peers=peers, ring=self.RING, store=stores["n1"], settling=True, changed=False)
         self.assertEqual(self.read(reader, key).value, b'"own"')
         self.assertEqual(peers.asked, [])
+
 
 
 class BulkSettlingReadTests(SettlingReadTests):

@@ -11,7 +11,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 
-from kvresponder.privateapi import tcp_write_is_queued
+from kvresponder.privateapi import tcp_write_buffered
 from kvresponder.sendnow import no_delay, send_now
 
 
@@ -69,8 +69,9 @@ class _Pair:
 
 
 def _queued(transport) -> bool:
-    # Through the fence, whose own test (tests/test_privateapi.py) checks Twisted's buffers: no private name here.
-    return tcp_write_is_queued(transport)
+    # Bytes held in the transport's buffers, whatever its state, through the fence (tests/test_privateapi.py
+    # checks it against Twisted's buffers): no private name here.
+    return tcp_write_buffered(transport)
 
 
 @pytest_twisted.ensureDeferred

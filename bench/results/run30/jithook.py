@@ -1,7 +1,7 @@
 import collections, os, socket, sys, time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import benchlib as b
-import cluster_ratio as cr
+from labnode import launched
 LAUNCH = r'''
 import os, sys, time, collections, pypyjit
 counts = collections.Counter()
@@ -29,23 +29,9 @@ def dump():
 task.LoopingCall(dump).start(1.0)
 from twisted.scripts.twistd import run; sys.argv[0] = "twistd"; run()
 '''
-python = b.interpreter_path("pypy")
-env = b.with_secret({"REPLICATION_FACTOR": "2"})
-discovery = b.free_port(socket.SOCK_DGRAM)
-port = b.free_port()
-settings = dict(env, HEARTBEAT_INTERVAL="0.5", KV_JIT_OUT="/tmp/jithook.%s.log" % sys.argv[1],
-                LOG_FILE=os.path.join(b.log_dir(), "jithook-%d.eliot.log" % port))
-command = [python, "-c", LAUNCH, "-n", "--pidfile=", "kvresponder", "--tenant", b.TENANT,
-           "--port", str(port), "--node-id", "n1", "--discovery-port", str(discovery)]
-n1 = b.Process("n1", command, b.node_env(settings), port, "http://127.0.0.1:%d/%s" % (port, b.TENANT))
-nodes = [n1]
 try:
-    n1.wait_ready(); b.bulk_load(n1.base, b.HIT_KEYS)
-    if sys.argv[1] == "coord":
-        nodes += [b.start_node(python, "n%d" % i, discovery, env) for i in (2, 3)]
-        for n in nodes: n.wait_ready()
-        b.wait_formed(nodes); b.wait_keys(nodes, 2 * b.HIT_KEYS)
-    cr.pin([n1], nodes[1:])
+    python, n1, nodes = launched(LAUNCH, sys.argv[1], "jithook", {"KV_JIT_OUT": "/tmp/jithook.%s.log" % sys.argv[1]})
+    port = n1.port
     url = "http://127.0.0.1:%d" % port
     t0 = time.time()
     for i in range(5):

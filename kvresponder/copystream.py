@@ -688,8 +688,8 @@ class CopyStreamClient(Int32StringReceiver):
             return
         # Usually one or two batches are out: the first is the oldest, but a later one may have a shorter
         # timeout.
-        batch_id, due = min(((batch_id, pending.due) for batch_id, pending in self._pending.items()),
-                            key=lambda pending: pending[1])
+        batch_id, oldest = min(self._pending.items(), key=lambda item: item[1].due)
+        due = oldest.due
         if due > now:
             self._timer = self._clock.callLater(due - now, self._check_due)
             return
@@ -719,7 +719,6 @@ class CopyStreamClient(Int32StringReceiver):
             self.on_close()
 
 
-
 class _Noted:
     """
     Peer addresses noted for :data:`REFUSED_FOR` seconds (a refused upgrade, a stream that serves no reads). Pods
@@ -745,6 +744,7 @@ class _Noted:
         if len(self.until) >= 64:
             self.until = {noted: until for noted, until in self.until.items() if until > now}
         self.until[address] = now + REFUSED_FOR
+
 
 class CopyStreams:
     """

@@ -138,8 +138,8 @@ class Node:
         #: The digest of the ring under which this node has handed off all that ring places elsewhere, by a
         #: pass that began once every peer named it (see :meth:`_watch_settling`); said in heartbeats.
         self._handed_off: Optional[str] = None
-        #: Whether this node's drain ended with its store empty: leaving, it takes no copies, so it stays empty,
-        #: and its heartbeats say it has handed off under whatever ring it is on (:meth:`heartbeat`).
+        #: Whether this node's drain has ended: leaving, it takes no copies, so a store the drain left empty stays
+        #: empty, and its heartbeats then say it has handed off under whatever ring it is on (:meth:`heartbeat`).
         self._drained = False
         #: The ring every peer was last seen to name, and since when (``None``: not every peer names it).
         self._converged: Optional[Tuple[str, float]] = None
@@ -387,7 +387,7 @@ class Node:
         else:
             # A drained node holds nothing to hand off under any ring: said, its peers' rings settle without
             # waiting for it to time out once it has gone (PEER_TIMEOUT).
-            settled = digest if self._drained and state == LEAVING and self._store_empty() else None
+            settled = digest if self._drained and self._store_empty() else None
         return Heartbeat(self.node_id, self.incarnation, self.settings.advertise_address,
                          self.settings.advertise_port, state, len(self._ring), digest,
                          self.state in (STARTING, JOINING), settled, self.rebalancer.moving_under(self._ring))
@@ -614,7 +614,7 @@ class Node:
         return d
 
     def _drain_ended(self, remaining: int) -> int:
-        self._drained = remaining == 0 and self._store_empty()
+        self._drained = True
         return remaining
 
     def _store_empty(self) -> bool:

@@ -375,6 +375,25 @@ BAD_VALUES = {
         ["--set", "config.replicationFactor=2", "--set", "config.writeQuorum=3"],
         r"config\.writeQuorum \(3\) must not exceed config\.replicationFactor \(2\)",
     ),
+    # An explicit quorum is not capped by the live nodes: a ready tenant that refuses every write.
+    "quorum above the nodes": (
+        ["--set", "replicaCount=1", "--set", "config.writeQuorum=2"],
+        r"config\.writeQuorum \(2\) is more than the 1 nodes the release may run \(replicaCount\)",
+    ),
+    "quorum above the autoscaler's fewest nodes": (
+        ["--set", "autoscaling.enabled=true", "--set", "autoscaling.minReplicas=1", "--set", "config.writeQuorum=2"],
+        r"config\.writeQuorum \(2\) is more than the 1 nodes the release may run \(autoscaling\.minReplicas\)",
+    ),
+    # A Utilization target with no request: the HPA never gets its metric.
+    "CPU target without a CPU request": (
+        ["--set", "autoscaling.enabled=true", "--set", "resources=null"],
+        r"autoscaling\.targetCPUUtilizationPercentage needs resources\.requests\.cpu",
+    ),
+    "memory target without a memory request": (
+        ["--set", "autoscaling.enabled=true", "--set", "autoscaling.targetMemoryUtilizationPercentage=80",
+         "--set", "resources.requests.memory=null", "--set", "resources.limits=null"],
+        r"autoscaling\.targetMemoryUtilizationPercentage needs resources\.requests\.memory",
+    ),
 }
 
 
@@ -394,7 +413,9 @@ def test_rendering_fails_when_bad_values_file_is_given(tmp_path):
     assert "replicaCout" in error
 
 
-@pytest.mark.parametrize("release", ["team.cache", "a" * 41])
+# A dotted name ("team.cache") is refused for the Services' names first
+# (test_a_release_name_no_service_can_have_is_refused_when_rendered).
+@pytest.mark.parametrize("release", ["a" * 41])
 def test_rendering_fails_with_clear_message_when_tenant_is_unset_and_release_name_is_no_tenant(
     release,
 ):
@@ -1719,6 +1740,33 @@ def test_a_monitoring_only_release_renders_the_rules_and_the_dashboard_and_nothi
     assert sorted(d["kind"] for d in docs) == ["ConfigMap", "PrometheusRule"]
     text = notes(notes_chart, "kv-responder-monitoring", "-f", str(EXAMPLES / "monitoring-values.yaml"))
     assert "PrometheusRule kv-responder-monitoring" in text and "no cache pods" in text
+
+
+def test_a_monitoring_only_release_claims_no_tenant_and_may_have_a_dotted_name():
+    """
+    If ``monitoringOnly`` is set, then the release needs no tenant (it watches every one): a name that is no
+    tenant renders, and no object carries a ``kv-responder/tenant`` label.
+    """
+    docs = render("mon.v2", "-f", str(EXAMPLES / "monitoring-values.yaml"))
+    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "PrometheusRule"]
+    assert all("kv-responder/tenant" not in d["metadata"]["labels"] for d in docs)
+
+
+@pytest.mark.parametrize("release", ["1cache", "team.cache"])
+def test_a_release_name_no_service_can_have_is_refused_when_rendered(release):
+    """
+    If the release name gives resource names that are no DNS-1035 label (a leading digit, a dot), then
+    rendering fails and says so, even with a valid tenant: the API server would refuse the Services.
+    """
+    result = _helm("template", release, str(CHART), "--set", "tenant=t1")
+    assert result.returncode != 0 and "is not a DNS-1035 label" in result.stderr
+
+
+def test_a_cpu_target_renders_when_only_a_cpu_limit_is_set():
+    """If the pods have a CPU limit and no request, then the HPA renders: Kubernetes takes the limit as the request."""
+    docs = render("kv-responder-t1", "--set", "autoscaling.enabled=true", "--set", "resources.requests=null",
+                  "--set", "resources.limits.cpu=1")
+    assert one(docs, "HorizontalPodAutoscaler")["spec"]["metrics"][0]["resource"]["name"] == "cpu"
 
 
 def test_a_monitoring_only_release_with_neither_the_rules_nor_the_dashboard_is_refused():

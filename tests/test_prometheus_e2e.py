@@ -169,3 +169,53 @@ def test_prometheus_scrapes_tenant_series_and_fires_down_alert_when_a_node_dies(
             prometheus.stop()
         cluster.stop()
     assert time.monotonic() - started < 90
+
+
+def documented_scrape_job() -> dict:
+    """
+    The plain-Prometheus scrape job of docs/MONITORING.md ("Setup without the Prometheus Operator").
+    """
+    with open(os.path.join(REPO, "docs", "MONITORING.md"), encoding="utf-8") as doc:
+        text = doc.read()
+    section = text[text.index("## Setup without the Prometheus Operator"):]
+    block = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    [job] = yaml.safe_load(block)["scrape_configs"]
+    return job
+
+
+def test_the_documented_scrape_job_finds_each_tenants_metrics_path_from_the_pods_labels(tmp_path):
+    """
+    If the documented one-job scrape config (its pod discovery swapped for static targets that carry the same
+    pod metadata a tenant's pod has, and one that is no KV Responder's) is loaded into a real Prometheus, then the
+    node is scraped at its tenant's path, with the job, tenant, namespace and pod labels the alerts expect, and
+    the other target is dropped.
+    """
+    binary = require_tool("prometheus")
+    job = documented_scrape_job()
+    assert "kubernetes_sd_configs" in job
+    del job["kubernetes_sd_configs"]
+    cluster = Cluster(TENANT, str(tmp_path))
+    prometheus = None
+    try:
+        node = cluster.add("n1")
+        pod = {"__meta_kubernetes_namespace": "cache", "__meta_kubernetes_pod_name": "kv-0",
+               "__meta_kubernetes_pod_container_port_name": "http",
+               "__meta_kubernetes_pod_label_app_kubernetes_io_part_of": "kv-responder",
+               "__meta_kubernetes_pod_label_kv_responder_tenant": TENANT}
+        stranger = dict(pod, __meta_kubernetes_pod_label_app_kubernetes_io_part_of="other",
+                        __meta_kubernetes_pod_name="other-0")
+        job["static_configs"] = [{"targets": ["127.0.0.1:%d" % (node.port,)], "labels": pod},
+                                 {"targets": ["127.0.0.1:%d" % (free_port(),)], "labels": stranger}]
+        prometheus = Prometheus(binary, str(tmp_path), {
+            "global": {"scrape_interval": "1s", "scrape_timeout": "1s"}, "scrape_configs": [job]})
+        prometheus.wait_ready()
+        [up] = wait_until(lambda: prometheus.query('up == 1'), 20, "the node scraped", prometheus.log_tail)
+        assert up["metric"] == {"__name__": "up", "job": "kv-responder", "instance": "127.0.0.1:%d" % (node.port,),
+                                "tenant": TENANT, "namespace": "cache", "pod": "kv-0"}
+        assert len(prometheus.query("up")) == 1
+        [info] = wait_until(lambda: prometheus.query("kv_build_info"), 10, "kv_build_info")
+        assert info["metric"]["tenant"] == TENANT and info["metric"]["pod"] == "kv-0"
+    finally:
+        if prometheus is not None:
+            prometheus.stop()
+        cluster.stop()

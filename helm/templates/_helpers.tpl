@@ -25,6 +25,16 @@ longer name is shortened with a hash so that it stays unique.
 {{- if gt (len $full) 52 }}
 {{- $full = printf "%s-%s" ($full | trunc 43 | trimSuffix "-") ($full | sha256sum | trunc 8) }}
 {{- end }}
+{{- /* Helm takes release names a Service cannot have (a leading digit, a dot): refused here, not by the API
+       server halfway through an install. */}}
+{{- if .Values.monitoringOnly }}
+{{- /* A ConfigMap's or a PrometheusRule's name is a DNS subdomain: dots and a leading digit are fine. */}}
+{{- if not (regexMatch "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$" $full) }}
+{{- fail (printf "the resource names would start with %q, which is not a DNS subdomain: choose another release name or set fullnameOverride" $full) }}
+{{- end }}
+{{- else if not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" $full) }}
+{{- fail (printf "the resource names would start with %q, which is not a DNS-1035 label (lower-case letters, digits and '-', starting with a letter): Kubernetes would refuse the Services; choose another release name or set fullnameOverride" $full) }}
+{{- end }}
 {{- $full }}
 {{- end }}
 
@@ -70,7 +80,9 @@ helm.sh/chart: {{ include "kv-responder.chart" . }}
 app.kubernetes.io/version: {{ regexReplaceAll "[^-A-Za-z0-9_.]" $version "_" | trunc 63 | trimAll "-_." | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: kv-responder
+{{- if not .Values.monitoringOnly }}
 kv-responder/tenant: {{ include "kv-responder.tenant" . }}
+{{- end }}
 {{- end }}
 
 {{/*

@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .batcher import Waiter
+from .copystream import LEAVING_ERROR
 from .hlc import HybridLogicalClock, format_version
 from .log import DEBUG, INFO, emit, new_task_uuid, parse_task_id, task_id as serialized_task_id
 from .log.replication import CLOCK_REJECTED, COORDINATE_READ, COORDINATE_WRITE, COPY_FAILED, HINTED, READ_REPAIR
@@ -155,7 +156,8 @@ class Coordinator:
             send_copy=peers.send_copy,
             count=metrics.replication, restamped=self.restamped,
             log_writes=lambda: log_policy.enabled("replication", DEBUG), new_task=self._new_write_task,
-            context=self._write_context, witnesses=self._witnesses, peek=self._peek, takes_copies=takes_copies)
+            context=self._write_context, witnesses=self._witnesses, peek=self._peek, takes_copies=takes_copies,
+            quorum_without=self.quorum_without)
 
     # -- local operations, shared with the internal routes ----------------------------------------------
 
@@ -296,6 +298,18 @@ class Coordinator:
             # of a partition then refuses writes instead of accepting them alone).
             return owners, fallbacks, self.write_quorum
         return owners, fallbacks, max(min(self.replicas, len(ordered)), 1)
+
+    def quorum_without(self, quorum: int, leavers: AbstractSet[str]) -> int:
+        """
+        The copies a write that fell short of ``quorum`` needs once ``leavers`` (nodes that refused its copies
+        because they are leaving) are counted out: a write begun after their leave was heard would have
+        needed no more (the quorum follows the live nodes), so one that overlapped the leave does not fail for
+        it. An explicit ``WRITE_QUORUM`` stays as it is.
+        """
+        if self.write_quorum is not None or not leavers:
+            return quorum
+        staying = len(self._ring().nodes - leavers)
+        return min(quorum, max(min(self.replicas, staying), 1))
 
     def is_local_only(self) -> bool:
         ring = self._ring()
@@ -445,8 +459,9 @@ class Coordinator:
             return self._write_here(entries, op)
         for attempt in range(MAX_RESTAMPS + 1):
             plans = [self._targets(entries[i].key) for i in todo]
+            leavers: set = set()
             write = self._fan_out(plans, lambda node, indices: self._apply_many_on(
-                node, [entries[todo[i]] for i in indices]), op, count_success=True)
+                node, [entries[todo[i]] for i in indices], leavers), op, count_success=True)
             if self._previous_rings():
                 stored, seen_by_item = await gather([write, self._witnessed_many(
                     [(entries[i], owners) for i, (owners, _, _) in zip(todo, plans)])])
@@ -457,6 +472,8 @@ class Coordinator:
             for index, (_, _, quorum), copies, seen in zip(todo, plans, stored, seen_by_item):
                 if had_live[index] is None:
                     had_live[index] = any(r.had_live for _, r in copies) or any(r.had_live for _, r in seen)
+                if len(copies) < quorum and leavers:
+                    quorum = self.quorum_without(quorum, leavers)
                 if len(copies) < quorum:
                     results[index] = Unavailable("only %d of the %d copies needed could be stored"
                                                  % (len(copies), quorum))
@@ -587,16 +604,26 @@ class Coordinator:
             return [self.apply_local(entries[0])]
         return self.apply_batch(entries, observe=not own)
 
-    async def _apply_many_on(self, node: str, entries: List[Entry]) -> Optional[List[ApplyResult]]:
+    async def _apply_many_on(self, node: str, entries: List[Entry],
+                             leavers: Optional[set] = None) -> Optional[List[ApplyResult]]:
+        """
+        :param leavers: where a node that refuses the copies because it is leaving is noted.
+        """
         if node == self.node_id:
+            if self._takes_copies():
+                return self._store_here(entries)
             # Leaving, this node holds nothing it could keep: the next node takes it (as a peer's 503 would).
-            return self._store_here(entries) if self._takes_copies() else None
+            if leavers is not None:
+                leavers.add(node)
+            return None
         peer = self._peer_of(node)
         if peer is None:
             return None
         try:
             return await self._peers.apply(peer, entries)
-        except PeerError:
+        except PeerError as error:
+            if leavers is not None and refused_as_leaving(error):
+                leavers.add(node)
             return None
 
     def put_many(self, items: List[Tuple[str, bytes, Optional[float]]]) -> Deferred:
@@ -991,6 +1018,8 @@ class WritePath:
         a write that expires), so that the write hears of a newer version only they hold (see
         :meth:`Coordinator._witnesses`).
     :ivar peek: ``peek(node, key)``: a Deferred of the newest entry ``node`` holds for ``key``, or ``None``.
+    :ivar quorum_without: ``quorum_without(quorum, leavers)``: the copies a write short of ``quorum`` needs with
+        the nodes that refused it as leaving counted out (:meth:`Coordinator.quorum_without`).
     """
     node_id: str = attrib()
     targets: Callable = attrib()
@@ -1005,6 +1034,14 @@ class WritePath:
     witnesses: Callable = attrib(default=lambda key, owners: [])
     peek: Callable = attrib(default=None)
     takes_copies: Callable = attrib(default=lambda: True)
+    quorum_without: Callable = attrib(default=lambda quorum, leavers: quorum)
+
+
+def refused_as_leaving(error) -> bool:
+    """
+    Whether a copy failed because its node said it is leaving (it stores no copies while it drains).
+    """
+    return getattr(error, "error", None) == LEAVING_ERROR
 
 
 class _ReplicatedWrite:
@@ -1027,7 +1064,7 @@ class _ReplicatedWrite:
 
     __slots__ = ("_path", "_entry", "_op", "_fallbacks", "_quorum", "_waiting", "_stored", "_action",
                  "_context", "_entered", "_waiter", "_fired", "_outcome", "_tries", "_created", "_task", "_level",
-                 "_witnessed")
+                 "_witnessed", "_leavers")
 
     def __init__(self, path: WritePath, entry: Entry, op: str, waiter: Waiter, tries: int = MAX_RESTAMPS,
                  created: Optional[bool] = None) -> None:
@@ -1044,6 +1081,8 @@ class _ReplicatedWrite:
         self._stored: List[Tuple[str, ApplyResult]] = []
         #: What the previous owners (``WritePath.witnesses``) answered: versions to stay above.
         self._witnessed: List[Tuple[str, ApplyResult]] = []
+        #: The nodes that refused a copy because they are leaving (``None``: none did).
+        self._leavers: Optional[set] = None
         self._action = None
         #: At info outside any action: the write's own task, where each copy's line takes the next level from
         #: [2]. Level [1] is the write's root action, which only debug logs (as the request's): eliot-tree
@@ -1188,6 +1227,7 @@ class _ReplicatedWrite:
         if node == path.node_id:
             if not path.takes_copies():
                 # This node began leaving after the write chose it: a copy here would leave with the process.
+                self._left(node)
                 self._failover(owner, node, "this node is leaving")
                 return
             try:
@@ -1205,6 +1245,8 @@ class _ReplicatedWrite:
         try:
             path.send_copy(peer, self._entry, _CopyWaiter(self, owner, node), _task_id_of(line))
         except (PeerError, Unavailable) as error:
+            if refused_as_leaving(error):
+                self._left(node)
             self._failover(owner, node, str(error))
 
     def _copied(self, result: ApplyResult, node: str) -> None:
@@ -1212,12 +1254,19 @@ class _ReplicatedWrite:
         self._fire()
 
     def _copy_failed(self, failure, owner: str, node: str) -> None:
+        if refused_as_leaving(failure.value):
+            self._left(node)
         if failure.check(PeerError, Unavailable):
             self._in_context(self._failover, owner, node, str(failure.value))
         else:
             self._in_context(write_failure, failure)
             self._slot_done(None)
         self._fire()
+
+    def _left(self, node: str) -> None:
+        if self._leavers is None:
+            self._leavers = set()
+        self._leavers.add(node)
 
     def _in_context(self, function, *args) -> None:
         if self._entered:
@@ -1291,8 +1340,11 @@ class _ReplicatedWrite:
         if created is None:
             created = not any(result.had_live for _, result in self._stored) and not any(
                 result.had_live for _, result in self._witnessed)
-        if copies < self._quorum:
-            self._outcome = Unavailable("only %d of the %d copies needed could be stored" % (copies, self._quorum))
+        quorum = self._quorum
+        if copies < quorum and self._leavers:
+            quorum = self._path.quorum_without(quorum, self._leavers)
+        if copies < quorum:
+            self._outcome = Unavailable("only %d of the %d copies needed could be stored" % (copies, quorum))
             return
         newer = newest_newer(self._stored)
         if self._witnessed:

@@ -160,7 +160,7 @@ def stream_outcome(result, peer, op: str, started: float, clock, metrics, timeou
     elif result.check(StreamTimeout):
         suspects.timed_out(peer, started + timeout)
     if result.check(StreamError):
-        raise PeerError("%s %s to %s" % (peer.node_id, result.value, op), result.value.code)
+        raise PeerError("%s %s to %s" % (peer.node_id, result.value, op), result.value.code, result.value.error)
     if result.check(ValueError):
         raise PeerError("%s answered a malformed %s result" % (peer.node_id, op), 200)
     raise PeerError("%s unreachable for %s: %s" % (peer.node_id, op, result.value.__class__.__name__))

@@ -130,9 +130,11 @@ class StreamError(Exception):
     The peer answered a batch with an error status.
     """
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, error: Optional[str] = None) -> None:
         Exception.__init__(self, message)
         self.code = code
+        #: The ``error`` the answer named (such as :data:`LEAVING_ERROR`), or ``None``.
+        self.error = error
 
 
 class ReadsUnsupported(Exception):
@@ -663,12 +665,13 @@ class CopyStreamClient(Int32StringReceiver):
             d.callback(payload)
             return
         try:
-            message = json.loads(payload).get("message", "")
+            answer = json.loads(payload)
+            message, error = str(answer.get("message", "")), answer.get("error")
         except (ValueError, AttributeError, RecursionError):
             # Whatever the body holds, the batch it answers must still fail: it is no longer pending, so
             # neither the timer nor the connection's loss would settle it.
-            message = ""
-        d.errback(StreamError(code, "answered %d: %s" % (code, message)))
+            message, error = "", None
+        d.errback(StreamError(code, "answered %d: %s" % (code, message), error if isinstance(error, str) else None))
 
     def _check_due(self) -> None:
         """

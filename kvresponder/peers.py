@@ -39,7 +39,7 @@ def _peer_error(failure) -> PeerError:
     value = failure.value
     if isinstance(value, PeerError):
         return value
-    return PeerError(str(value), getattr(value, "code", None))
+    return PeerError(str(value), getattr(value, "code", None), getattr(value, "error", None))
 
 
 class PeerClient:

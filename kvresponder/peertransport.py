@@ -51,16 +51,29 @@ MAX_IN_FLIGHT = 64
 AUTH_WINDOW = 60.0
 
 
+def error_named(answer: bytes) -> Optional[str]:
+    """
+    The ``error`` an error answer's JSON body names, or ``None`` if it names none.
+    """
+    try:
+        error = json.loads(answer).get("error")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    return error if isinstance(error, str) else None
+
+
 class PeerError(Exception):
     """
     A peer did not answer usefully: unreachable, timed out, or an unexpected status.
 
     :ivar code: the HTTP status the peer answered, or ``None`` if it did not answer.
+    :ivar error: the ``error`` its JSON answer named (such as ``leaving``), or ``None``.
     """
 
-    def __init__(self, message: str, code: Optional[int] = None) -> None:
+    def __init__(self, message: str, code: Optional[int] = None, error: Optional[str] = None) -> None:
         Exception.__init__(self, message)
         self.code = code
+        self.error = error
 
 
 #: Signatures :meth:`PeerAuthenticator.first_use` remembers at most: far more than any legitimate traffic spends in
@@ -399,7 +412,7 @@ class PeerTransport:
                 if self._metrics is not None:
                     self._metrics.peer_call(op, self._clock.seconds() - started)
         if code != 200:
-            raise PeerError("%s answered %d to %s" % (peer_id, code, op), code)
+            raise PeerError("%s answered %d to %s" % (peer_id, code, op), code, error_named(content))
         try:
             return json.loads(content)
         except (ValueError, RecursionError):

@@ -352,6 +352,8 @@ async def test_a_node_that_begins_leaving_answers_each_later_batch_on_an_open_st
         with pytest.raises(StreamError) as caught:
             await streams.send(peer.peer, [_entry(2), _entry(3)], [b"-", b"-"], 2.0)
         assert caught.value.code == 503 and "leaving" in str(caught.value)
+        # Named, so that a write with no node left to fail over to can count the node out of its quorum.
+        assert caught.value.error == "leaving"
         assert peer.node.store.current("k2") is None and peer.node.store.current("k3") is None
         assert list(streams._open.values()) == [stream] and not stream.closed
     finally:
@@ -372,7 +374,7 @@ async def test_a_copy_a_leaving_node_refuses_on_a_new_stream_fails_over_at_once_
         started = reactor.seconds()
         with pytest.raises(PeerError) as caught:
             await client.apply_coalesced(peer.peer, _entry(1))
-        assert caught.value.code == 503
+        assert (caught.value.code, caught.value.error) == (503, "leaving")
         assert reactor.seconds() - started < 2.5
         assert not client.suspects.suspected(peer.peer)
         assert client.streams.usable(peer.peer) and client.streams.open_count() == 1

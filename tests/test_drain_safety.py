@@ -90,6 +90,32 @@ def test_a_write_acknowledged_with_two_copies_keeps_two_once_a_drained_owner_has
     assert _holders(cluster, key) == ["n1", "n2"]
 
 
+def test_in_a_cluster_of_two_a_write_overlapping_the_others_leave_is_acknowledged_on_the_node_that_stays():
+    """
+    If of two nodes one has begun leaving and the other has not heard it yet, then a write through the one that
+    stays, whose copy the leaving node refuses with nowhere to fail over to, is acknowledged with its one copy
+    (as a write begun after the leave was heard is: the quorum follows the nodes that stay), single or bulk,
+    and both stay readable once the leaving node has exited. With an explicit quorum of two it is refused.
+    """
+    for quorum, expected in ((None, (201, 201)), ("2", (503, 503))):
+        cluster = MemoryCluster(2, **({"write_quorum": quorum} if quorum else {}))
+        cluster.run(seconds=1.0)
+        n1, n2 = cluster.nodes
+        assert _drained(n2) == 0
+        assert "n2" in n1.ring()
+        code, body = cluster.request("PUT", n1, "/kv/single", {"value": "acknowledged"})
+        bulk_code, bulk = cluster.request("POST", n1, "/bulk", {"put": [{"key": "bulk", "value": "acknowledged"}]})
+        assert bulk_code == 200, bulk
+        assert (code, json.loads(bulk)["put"][0]["status"]) == expected, (body, bulk)
+        if quorum is None:
+            assert _holders(cluster, "single") == _holders(cluster, "bulk") == ["n1"]
+            cluster.kill(n2)
+            cluster.run(seconds=n1.settings.peer_timeout + 2)
+            for key in ("single", "bulk"):
+                code, body = cluster.request("GET", n1, "/kv/" + key)
+                assert code == 200 and json.loads(body)["value"] == "acknowledged", body
+
+
 def test_a_hand_off_refused_by_a_drained_node_is_not_counted_as_delivered_and_goes_elsewhere():
     """
     If two nodes leave at once, and one hands an entry off to the other, whose drain has already ended, before

@@ -6,6 +6,7 @@ answered by hand, so what is in flight and when is under the test's control).
 import json
 from collections import namedtuple
 
+import pytest
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
@@ -420,7 +421,7 @@ def test_a_copy_and_a_hand_off_refused_by_a_leaving_node_fail_with_its_503_at_on
     stub.flush()
     for outcome in (copy, hand_off):
         assert len(outcome) == 1 and outcome[0].check(PeerError), outcome
-        assert outcome[0].value.code == 503
+        assert (outcome[0].value.code, outcome[0].value.error) == (503, "leaving")
     assert not client.suspects.suspected(PEER)
     assert [leaving.store.current("k%d" % (i,)) for i in (1, 2, 3)] == [None, None, None]
 
@@ -861,3 +862,21 @@ def test_a_read_timed_out_makes_its_peer_a_suspect_unless_it_waited_for_its_turn
     ensureDeferred(client.get(PEER, "k")).addBoth(prompt.append)
     clock.advance(5.0)
     assert prompt and prompt[0].check(PeerError) and client.transport.suspects.suspected(PEER), prompt
+
+
+@pytest.mark.parametrize("answer, named", [
+    (b'{"error":"leaving","message":"..."}', "leaving"),
+    (b'{"message":"no error named"}', None),
+    (b'{"error":5}', None),
+    (b'["leaving"]', None),
+    (b"not JSON", None),
+    (b"[" * 100000, None),
+])
+def test_an_error_answer_names_an_error_only_when_its_json_body_does(answer, named):
+    """
+    If a peer's error answer is a JSON object with a string ``error``, then that is the error it names; anything
+    else (another shape, not JSON, nested past the parser's limit) names none, and raises nothing.
+    """
+    from kvresponder.peertransport import error_named
+
+    assert error_named(answer) == named

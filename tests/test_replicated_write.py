@@ -66,13 +66,14 @@ class _Peers:
 
 def coordinator(answers, peer_of=None, level: str = "info", peers=None, metrics=None,
                 traced: bool = False, ring: HashRing = RING, store: Store = None, settling: bool = False,
-                leaving=(), previous_rings=(), changed: Optional[bool] = None) -> Coordinator:
+                leaving=(), previous_rings=(), changed: Optional[bool] = None,
+                write_quorum: Optional[int] = None) -> Coordinator:
     clock = Clock()
     clock.advance(1000)
     store = store if store is not None else Store(clock.seconds, 1 << 24)
     return Coordinator(store, HybridLogicalClock(clock.seconds, "n1"), lambda: ring,
                        peer_of or (lambda node: Peer(node, "10.0.0.%s" % node[1:], 3000)), peers or _Peers(answers),
-                       replicas=2, write_quorum=None, seconds=clock.seconds, metrics=metrics or Metrics("t"),
+                       replicas=2, write_quorum=write_quorum, seconds=clock.seconds, metrics=metrics or Metrics("t"),
                        log_policy=LogPolicy(level), traced=traced, ring_settling=lambda: settling,
                        ring_changed_recently=None if changed is None else (lambda: changed),
                        leaving=lambda: list(leaving), previous_rings=lambda: list(previous_rings))
@@ -1239,6 +1240,84 @@ class LeavingCoordinatorTests(unittest.TestCase):
         [result] = outcome(writer.put_many([(key, b'"w"', None)]))
         self.assertEqual(result.copies, 2)
         self.assertIsNone(store.current(key))
+
+
+class _RefusingPeers(_Peers):
+    """
+    ``_Peers`` whose bulk ``apply`` answers per node too: a list of results a batch, or an exception; with
+    ``later``, a copy's exception fails its Deferred instead of being raised (as a batch's answer does).
+    """
+
+    def __init__(self, answers, later: bool = False) -> None:
+        _Peers.__init__(self, answers)
+        self.later = later
+
+    def apply_coalesced(self, peer, entry, task_id=None):
+        answer = self.answers[peer.node_id]
+        if self.later and isinstance(answer, Exception):
+            return fail(answer)
+        return _Peers.apply_coalesced(self, peer, entry, task_id)
+
+    def apply(self, peer, entries):
+        answer = self.answers[peer.node_id]
+        if isinstance(answer, Exception):
+            return fail(answer)
+        return succeed([answer for _ in entries])
+
+
+def _leaving_refusal(node: str) -> PeerError:
+    # As a draining peer answers a copy (copystream's and the internal route's 503 "leaving").
+    return PeerError("%s answered 503 to apply" % (node,), 503, "leaving")
+
+
+class LeavingPeerQuorumTests(unittest.TestCase):
+    """
+    A write that overlapped a peer's leave, whose copy that peer refused as leaving, with no node left to fail
+    over to (a cluster of two): it needs no more copies than a write begun after the leave was heard.
+    """
+
+    PAIR = HashRing(["n1", "n2"])
+
+    def writes(self, c, key):
+        single = outcome(c.put(key, b'"v"', None))
+        [bulk] = outcome(c.put_many([(key, b'"w"', None)]))
+        return single, bulk
+
+    def test_a_write_whose_only_other_copy_is_refused_as_leaving_is_acknowledged_on_one(self):
+        for later in (False, True):
+            c = coordinator(None, peers=_RefusingPeers({"n2": _leaving_refusal("n2")}, later), ring=self.PAIR)
+            for result in self.writes(c, "k1"):
+                self.assertIsInstance(result, WriteResult)
+                self.assertEqual(result.copies, 1)
+            self.assertEqual(c.store.get("k1").value, b'"w"')
+
+    def test_a_refusal_for_any_other_reason_still_fails_the_write(self):
+        for refusal in (PeerError("n2 answered 503 to apply", 503),
+                        PeerError("n2 answered 503 to apply", 503, "clock_skewed"),
+                        PeerError("n2 unreachable for apply: ConnectionRefusedError")):
+            c = coordinator(None, peers=_RefusingPeers({"n2": refusal}), ring=self.PAIR)
+            for result in self.writes(c, "k1"):
+                self.assertIsInstance(result, (Failure, Unavailable), refusal)
+                error = result.value if isinstance(result, Failure) else result
+                self.assertIn("only 1 of the 2", str(error))
+
+    def test_an_explicit_write_quorum_is_kept_when_a_peer_is_leaving(self):
+        c = coordinator(None, peers=_RefusingPeers({"n2": _leaving_refusal("n2")}), ring=self.PAIR, write_quorum=2)
+        for result in self.writes(c, "k1"):
+            error = result.value if isinstance(result, Failure) else result
+            self.assertIn("only 1 of the 2", str(error))
+
+    def test_only_the_leaving_peer_is_counted_out_not_one_that_is_down(self):
+        """
+        If of a key's owners n2 refuses as leaving (its copy goes to the fallback, n1) and n3 is unreachable,
+        then two nodes stay (n1, n3) and the write still needs two copies: it has one, and fails.
+        """
+        key = key_owned_by("n2", "n3")
+        peers = _RefusingPeers({"n2": _leaving_refusal("n2"),
+                                "n3": PeerError("n3 unreachable for apply: ConnectionRefusedError")})
+        for result in self.writes(coordinator(None, peers=peers), key):
+            error = result.value if isinstance(result, Failure) else result
+            self.assertIn("only 1 of the 2", str(error))
 
 
 class ReadReplicaCallCountTests(unittest.TestCase):

@@ -351,6 +351,16 @@ def test_invalid_utf8_key_is_400(api):
     assert_error(code, body, 400, "invalid_key")
 
 
+@pytest.mark.parametrize("path", ["/%FF/kv/x", "/other/%FF", "/t1/%FF", "/t1/health/%C3"])
+def test_a_path_that_is_not_utf8_is_400_invalid_path_whichever_tenant_it_names(api, path):
+    """
+    If a path is not UTF-8 once percent-decoded, in its tenant segment or below another tenant's, then it is
+    answered 400 ``invalid_path``, as the API's description says, not 404.
+    """
+    response, content = api.raw("GET", path, None, {})
+    assert_error(response.code, json.loads(content), 400, "invalid_path")
+
+
 def test_wrong_content_type_is_415(api):
     code, body, _ = api.call("PUT", "/kv/k", raw_body=b'{"value": 1}', headers={"Content-Type": "text/plain"})
     assert_error(code, body, 415, "unsupported_media_type")

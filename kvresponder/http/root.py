@@ -120,6 +120,13 @@ class RootResource(Resource):
     def getChildWithDefault(self, path: bytes, request):
         if path == self._tenant:
             return self._tenant_resource
+        try:
+            # Any path that is not UTF-8 is a 400, whichever tenant it names.
+            path.decode("utf-8")
+            for segment in request.postpath:
+                segment.decode("utf-8")
+        except UnicodeDecodeError:
+            return _BadPath()
         return self._elsewhere
 
     def body_limit_for(self, segments, method: bytes) -> str:

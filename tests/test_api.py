@@ -1160,3 +1160,35 @@ def test_if_a_site_is_built_on_a_clock_then_its_timers_run_on_that_clock_and_not
     channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
     channel.makeConnection(StringTransport())
     assert any(call.getTime() == 30 for call in clock.getDelayedCalls())
+
+
+@pytest.mark.parametrize("levels, message", [
+    ({"level": "loud"}, 'Unknown log level "loud"; levels are '),
+    ({"levels": {"nowhere": "info"}}, 'Unknown log area "nowhere"; areas are '),
+])
+def test_an_unknown_log_level_or_area_is_refused_in_a_sentence_and_changes_nothing(levels, message):
+    """
+    If an admin names a level or an area that does not exist, then the 400 ``invalid_level`` says so in a sentence
+    (a capital, a full stop), as every other error does, and the levels stay as they were.
+    """
+    api = API(insecure_admin="true")
+    before = api.call("GET", "/admin/log-levels")[1]
+    code, body, _ = api.call("PUT", "/admin/log-levels", levels)
+    assert_error(code, body, 400, "invalid_level")
+    assert body["message"].startswith(message) and body["message"].endswith("."), body
+    assert api.call("GET", "/admin/log-levels")[1] == before
+
+
+@pytest.mark.parametrize("put, error, message", [
+    ({"key": "k", "value": 1, "tll": 5}, "invalid_body", 'Unknown field "tll"; a put takes "key", "value" and "ttl".'),
+    ({"key": "k", "ttl": 5}, "missing_value", 'Each put must have a "value".'),
+])
+def test_a_bulk_put_with_a_wrong_field_is_refused_naming_a_puts_fields(api, put, error, message):
+    """
+    If one put of a bulk body has an unknown field or no value, then the 400 names the fields of a put (its key
+    among them), not those of a single write's body, and nothing is stored.
+    """
+    code, body, _ = api.call("POST", "/bulk", {"put": [{"key": "other", "value": 1}, put]})
+    assert_error(code, body, 400, error)
+    assert body["message"] == message
+    assert api.call("GET", "/kv/other")[0] == 404

@@ -37,7 +37,7 @@ def general_parse(item, limit, check_fits):
     if not isinstance(item, dict) or "key" not in item:
         raise APIError(400, "invalid_body", "Each put is {\"key\", \"value\", \"ttl\"}.")
     key = validate_key(item["key"], limit)
-    value, ttl = parse_write({k: v for k, v in item.items() if k != "key"})
+    value, ttl = parse_write({k: v for k, v in item.items() if k != "key"}, put_of_bulk=True)
     try:
         check_fits(key, value, ttl)
     except EntryTooLarge:

@@ -231,9 +231,11 @@ def _too_long(limit: int) -> Exception:
     return bad_request("invalid_key", "The key is longer than %d characters." % (limit,))
 
 
-def parse_write(body) -> tuple:
+def parse_write(body, put_of_bulk: bool = False) -> tuple:
     """
     The serialized value and the TTL of a PUT body ``{"value": ..., "ttl": ...}``.
+
+    :param put_of_bulk: ``body`` is a bulk put's fields without its key: the errors name a put's fields.
     """
     if type(body) is dict and len(body) == 1:
         # The usual write: a value and nothing else; a plain string is quoted as it is (see serialize_value).
@@ -245,10 +247,12 @@ def parse_write(body) -> tuple:
         raise bad_request("invalid_body", "The body must be a JSON object with a \"value\".")
     unknown = set(body) - {"value", "ttl"}
     if unknown:
-        raise bad_request("invalid_body", "Unknown field %s; a write takes \"value\" and \"ttl\"."
-                          % (json.dumps(sorted(unknown)[0]),))
+        raise bad_request("invalid_body", "Unknown field %s; %s." % (
+            json.dumps(sorted(unknown)[0]),
+            "a put takes \"key\", \"value\" and \"ttl\"" if put_of_bulk else "a write takes \"value\" and \"ttl\""))
     if "value" not in body:
-        raise bad_request("missing_value", "The body must have a \"value\".")
+        raise bad_request("missing_value", "Each put must have a \"value\"." if put_of_bulk else
+                          "The body must have a \"value\".")
     ttl = body.get("ttl")
     if ttl is not None:
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= MAX_TTL:
@@ -297,7 +301,7 @@ def parse_bulk_put(item, limit: int, check_fits) -> tuple:
     if not isinstance(item, dict) or "key" not in item:
         raise bad_request("invalid_body", "Each put is {\"key\", \"value\", \"ttl\"}.")
     key = validate_key(item["key"], limit)
-    value, ttl = parse_write({k: v for k, v in item.items() if k != "key"})
+    value, ttl = parse_write({k: v for k, v in item.items() if k != "key"}, put_of_bulk=True)
     return key, _fitting(check_fits, key, value, ttl), ttl
 
 
@@ -696,7 +700,8 @@ class PublicAPI:
             new_levels = policy.updated(body.get("level"), levels)
         except UnknownLevel as error:
             # Nothing was changed.
-            raise bad_request("invalid_level", str(error))
+            message = str(error)
+            raise bad_request("invalid_level", message[:1].upper() + message[1:] + ".")
         LEVELS_CHANGED.log(levels=new_levels)
         # Set once this request's own action has ended: levels set now would drop its end line, and eliot-tree
         # would show the request that changed them as never finished. They are set before the answer leaves.

@@ -843,6 +843,8 @@ def test_a_slow_request_on_a_busy_connection_gets_its_own_full_deadline():
     assert not transport.disconnecting
     clock.advance(1)
     assert transport.disconnecting
+    # Whichever of the idle check and the request's deadline came first, the request cut short is told.
+    assert transport.value().count(b"HTTP/1.1 408 Request Timeout\r\n") == 1
 
 
 def test_an_idle_connection_is_closed_after_the_timeout():

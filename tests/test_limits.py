@@ -701,3 +701,61 @@ def test_with_an_insecure_cluster_no_internal_body_is_a_peers_for_the_budget():
         assert site.body_terms(path, b"POST", Headers(), 200 * 1024) == (limit, 200 * 1024)
     finally:
         server.port.stopListening()
+
+
+def _dribble(address, raw: bytes) -> bytes:
+    """Send ``raw`` (a request cut short), then read until the server closes; what it answered."""
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(raw)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                chunks.append(b"<reset>")
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.fixture
+def impatient_server():
+    settings = make_settings("t1", "n1", advertise_address="127.0.0.1", port="3000")
+    node = Node(settings, reactor, http=None)
+    site = KVSite(build_root(node), reactor, timeout=0.5)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    yield ("127.0.0.1", port.getHost().port)
+    port.stopListening()
+
+
+@pytest.mark.parametrize("cut", [
+    b"GET /t1/health/live HTTP/1.1\r\nHost: x\r\n",  # a head that never ends
+    b"PUT /t1/kv/k HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 20\r\n\r\n{\"va",  # kv
+    b"POST /t1/bulk HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 50\r\n\r\n{",
+    b"POST /t1/bulk HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"10\r\n{\"put\"",
+    # Behind a request answered in full: the connection's second request is the one cut short.
+    b"GET /t1/health/live HTTP/1.1\r\nHost: x\r\n\r\nPUT /t1/kv/k HTTP/1.1\r\nHost: x\r\n"
+    b"Content-Type: application/json\r\nContent-Length: 20\r\n\r\n{",
+], ids=["head", "kv body", "bulk body", "chunked body", "second request"])
+@pytest_twisted.ensureDeferred
+async def test_a_request_not_received_within_the_deadline_is_answered_408_and_the_connection_closes(
+        impatient_server, cut):
+    """
+    If a client sends part of a request and no more, then once the request deadline (REQUEST_TIMEOUT) has passed
+    the node answers a JSON 408 ``request_timeout`` and closes the connection, instead of resetting it without
+    a word; what was answered before it on the connection stays whole, and nothing is stored.
+    """
+    raw = await deferToThread(_dribble, impatient_server, cut)
+    assert b"<reset>" not in raw, raw
+    answers = raw.split(b"HTTP/1.1 ")[1:]
+    assert answers[-1].startswith(b"408 Request Timeout\r\n"), raw
+    answer = _parse(b"HTTP/1.1 " + answers[-1])
+    assert answer.content_type == b"application/json" and b"Connection: close" in answers[-1]
+    assert json.loads(answer.body)["error"] == "request_timeout"
+    if cut.startswith(b"GET /t1/health/live HTTP/1.1\r\nHost: x\r\n\r\n"):
+        assert len(answers) == 2 and answers[0].startswith(b"200 "), raw
+    else:
+        assert len(answers) == 1, raw

@@ -885,7 +885,39 @@ class _CountedChannel(HTTPChannel):
             return
         HTTP_REJECTED.log(reason="request not received within %ss" % (site.request_deadline,),
                           client=str(self.transport.getPeer()))
-        self.transport.abortConnection()
+        self._request_timed_out()
+
+    def timeoutConnection(self):
+        # The idle timeout and a request's deadline are one setting: a request that stalled after its last
+        # bytes may meet the idle check first. It gets the same answer.
+        if self._request_started is not None and not self.transport.disconnecting:
+            self._request_timed_out()
+            return
+        HTTPChannel.timeoutConnection(self)
+
+    def _request_timed_out(self) -> None:
+        if self.transport.disconnecting:
+            return
+        if self._answer_due():
+            # Cut off mid-answer, or ahead of one, a 408 would corrupt it: the connection is reset instead.
+            self.transport.abortConnection()
+            return
+        # Told, not reset (RFC 9110, 15.5.9): nothing more is read, and the connection closes once it is sent.
+        self._refused_head = True
+        self.transport.pauseProducing()
+        _answer_error(self, b"408 Request Timeout", "request_timeout",
+                      "The request was not received in full within %g s." % (self.site.request_deadline,))
+
+    def _answer_due(self) -> bool:
+        """
+        Whether an answer is on its way on this connection: to a request the fast lane took, or to one Twisted
+        parsed (the request being received is the only one an answer may go to, and it has none yet).
+        """
+        lane = self._lane
+        if lane is not None and lane.waiting:
+            return True
+        requests = self.requests
+        return len(requests) > 1 or bool(requests) and requests[0].startedWriting
 
     def _cancel_deadline(self):
         if self._deadline is not None:
@@ -939,13 +971,20 @@ def _answer_bad_request(channel, message: str = "The request is not well-formed 
     Twisted's own parser refused the bytes (a bad header line, a bad Content-Length or chunk, ...): answer in
     the API's error format rather than with a bare status line.
     """
-    body = error_body("bad_request", message)
+    _answer_error(channel, b"400 Bad Request", "bad_request", message)
+
+
+def _answer_error(channel, status: bytes, error: str, message: str) -> None:
+    """
+    Answer a request no resource will see with an error in the API's format, and close the connection.
+    """
+    body = error_body(error, message)
     metrics = channel.site.metrics if channel.site is not None else None
     if metrics is not None:
-        metrics.count_request(UNREAD_METHOD, "malformed", 400)
-    channel.transport.write(b"HTTP/1.1 400 Bad Request\r\n%sContent-Type: application/json\r\n"
+        metrics.count_request(UNREAD_METHOD, "malformed", int(status[:3]))
+    channel.transport.write(b"HTTP/1.1 %s\r\n%sContent-Type: application/json\r\n"
                             b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
-                            % (_date_line(channel.site), len(body), body))
+                            % (status, _date_line(channel.site), len(body), body))
     channel.loseConnection()
 
 

@@ -1194,3 +1194,14 @@ def test_a_bulk_put_with_a_wrong_field_is_refused_naming_a_puts_fields(api, put,
     assert_error(code, body, 400, error)
     assert body["message"] == message
     assert api.call("GET", "/kv/other")[0] == 404
+
+
+def test_a_number_too_small_for_a_double_is_stored_as_zero_as_documented(api):
+    """
+    If a value holds a number below a double's smallest (1e-400), then it is stored as 0.0, as the API's
+    description says (only overflow is refused).
+    """
+    code, body, _ = api.call("PUT", "/kv/tiny", raw_body=b'{"value": [1e-400, -1e-400]}',
+                             headers={"Content-Type": "application/json"})
+    assert code == 201, body
+    assert api.call("GET", "/kv/tiny")[1]["value"] == [0.0, -0.0]

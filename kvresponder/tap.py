@@ -19,6 +19,7 @@ from twisted.python import usage
 from twisted.python.log import ILogObserver, textFromEventDict
 
 from . import __version__
+from .listening import ListeningEndpoint, accept_waiting
 from .log import DEBUG
 from .privateapi import time_reactor_by
 from .settings import OPTIONS, SettingsError, load_settings
@@ -92,8 +93,11 @@ class KVResponderService(MultiService):
     fails them over), so that nothing it acknowledges is taken down when the process exits.
     """
 
-    def __init__(self, node, http_service, discovery_service, pool=None, tracing=None, site=None) -> None:
+    def __init__(self, node, http_service, discovery_service, pool=None, tracing=None, site=None,
+                 listening=None) -> None:
         MultiService.__init__(self)
+        #: The client port's :class:`~kvresponder.listening.ListeningEndpoint`, or ``None``.
+        self.listening = listening
         self.tracing = tracing
         self.site = site
         self.node = node
@@ -117,6 +121,7 @@ class KVResponderService(MultiService):
         return ensureDeferred(self._stop())
 
     async def _stop(self):
+        from .http.site import REQUESTS_DONE_POLL
         from .log.service import REQUESTS_ANSWERED, SERVICE_STOPPING, TRACES_UNEXPORTED
         from .tracing import SHUTDOWN_TIMEOUT
         SERVICE_STOPPING.log()
@@ -131,7 +136,12 @@ class KVResponderService(MultiService):
         self.node.stop()
         self.running = 0
         await maybeDeferred(self.discovery_service.stopService)
+        # The connections waiting to be accepted are taken in, not reset as the port closes.
+        accepted = self.listening is not None and accept_waiting(self.listening.port)
         await maybeDeferred(self.http_service.stopService)
+        if accepted:
+            # What they sent is read in the next turns: then they count as owing answers, waited for below.
+            await deferLater(clock, REQUESTS_DONE_POLL, lambda: None)
         if self.site is not None:
             # No new connections now; the requests already taken are answered before the process exits (a
             # read may wait for a peer's timeout, and a retry after it).
@@ -225,7 +235,8 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
                   max_connections=settings.max_connections, timeout=settings.request_timeout,
                   max_header_bytes=settings.max_header_bytes, end_of_turn=end_of_turn,
                   wall=time.time, body_buffer=settings.max_body_buffer)
-    http_service = StreamServerEndpointService(serverFromString(reactor, settings.listen_endpoint), site)
+    listening = ListeningEndpoint(serverFromString(reactor, settings.listen_endpoint))
+    http_service = StreamServerEndpointService(listening, site)
 
     key = derive_key(settings.cluster_secret, "discovery") if settings.cluster_secret else None
     protocol = DiscoveryProtocol(
@@ -245,4 +256,4 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
         mode=settings.discovery_mode)
 
     SERVICE_STARTED.log(version=__version__, config=settings.redacted())
-    return KVResponderService(node, http_service, discovery, pool, tracing, site)
+    return KVResponderService(node, http_service, discovery, pool, tracing, site, listening)

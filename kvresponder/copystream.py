@@ -605,6 +605,11 @@ class CopyStreamClient(Int32StringReceiver):
         self._mac = _Mac(self._key, nonce)
         self.reads = headers.get(READS_HEADER.lower()) == b"1"
         self.upgraded = True
+        if self._timer is None:
+            # Idle from now until its first batch: a stream opened and never sent on (its first use a read the
+            # peer does not serve) still closes once idle, and its peer can vanish without holding it open.
+            self._last_sent = self._clock.seconds()
+            self._timer = self._clock.callLater(self._idle_timeout, self._check_due)
         if not self.ready.called:
             self.ready.callback(self)
         if rest:

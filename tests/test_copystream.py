@@ -27,8 +27,8 @@ from treq.client import HTTPClient
 
 from kvresponder import copystream
 from kvresponder.copystream import (MAX_BATCH_ID, REFUSED_FOR, UPGRADE_TOKEN, CopyStreamClient, CopyStreams,
-                                    CopyStreamServer, StreamError, StreamRefused, StreamTimeout, StreamUnanswered,
-                                    decode_results, encode_answer)
+                                    CopyStreamServer, ReadsUnsupported, StreamError, StreamRefused, StreamTimeout,
+                                    StreamUnanswered, decode_results, encode_answer)
 from kvresponder.discovery import derive_key
 from kvresponder.http.root import RootResource, TenantResource, build_root, _NotFound
 from kvresponder.http.site import KVSite
@@ -1005,6 +1005,24 @@ def test_a_stream_to_a_peer_that_vanished_is_closed_once_idle_and_no_longer_coun
     endpoints.upgrade(0)
     endpoints.answer_frame(0, 1, [ApplyResult(True, False)])
     assert outcomes == [[ApplyResult(True, False)]] and streams.open_count() == 1
+    clock.advance(copystream.IDLE_SECONDS)
+    protocol, transport = endpoints.connections[0]
+    assert protocol.closed and transport.disconnecting
+    assert streams.open_count() == 0
+
+
+def test_a_stream_opened_for_a_read_the_peer_does_not_serve_is_closed_once_idle():
+    """
+    If a stream's first use is a read and the peer's 101 does not offer reads (an older node in a rolling
+    upgrade), then the read fails over and nothing is ever sent on the stream: it still closes once idle, and is
+    no longer counted (it stayed open for good, a peer that vanished without a FIN included).
+    """
+    clock, endpoints, streams = _on_fake_endpoints()
+    outcome = []
+    streams.read(PEER, ["k"], 2.0).addBoth(outcome.append)
+    endpoints.upgrade(0)  # a 101 without X-KV-Stream-Reads
+    assert outcome[0].check(ReadsUnsupported)
+    assert streams.open_count() == 1
     clock.advance(copystream.IDLE_SECONDS)
     protocol, transport = endpoints.connections[0]
     assert protocol.closed and transport.disconnecting

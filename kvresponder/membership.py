@@ -92,6 +92,7 @@ class Membership:
         self.peer_timeout = peer_timeout
         self._peers: Dict[str, Peer] = {}
         self._subscribers: List[Callable[[str, Peer], None]] = []
+        self._ring_subscribers: List[Callable[[Peer, Optional[str]], None]] = []
         self.generation = 0
 
     def subscribe(self, callback: Callable[[str, Peer], None]) -> None:
@@ -100,6 +101,13 @@ class Membership:
         ``restarted``, ``moved``, ``left`` (announced leaving) or ``dead`` (timed out).
         """
         self._subscribers.append(callback)
+
+    def subscribe_rings(self, callback: Callable[[Peer, Optional[str]], None]) -> None:
+        """
+        Call ``callback(peer, before)`` when a known peer's heartbeats name another ring than before
+        (``peer.ring_digest`` now, ``before`` until then): no membership change, but what the peer writes under.
+        """
+        self._ring_subscribers.append(callback)
 
     def _changed(self, change: str, peer: Peer) -> None:
         self.generation += 1
@@ -139,12 +147,15 @@ class Membership:
             return RESTARTED
         known.last_seen = now
         known.ring_size = beat.ring_size
-        known.ring_digest = beat.ring_digest
+        named_before, known.ring_digest = known.ring_digest, beat.ring_digest
         known.joining = beat.joining
         if beat.settled != known.settled:
             known.settled = beat.settled
             known.settled_at = now
         known.moving = beat.moving
+        if named_before != beat.ring_digest:
+            for callback in list(self._ring_subscribers):
+                callback(known, named_before)
         if known.state == LEAVING:
             return None
         if beat.state == LEAVING:

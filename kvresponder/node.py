@@ -9,7 +9,7 @@ states that readiness reports: ``starting`` → ``joining`` → ``ready`` → ``
 import os
 import platform
 import secrets
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from eliot import write_failure, write_traceback
 from twisted.internet.defer import ensureDeferred
@@ -26,11 +26,11 @@ from .log import LogPolicy
 from .log.discovery import JOIN_VIEW_UNMATCHED, PEER_CHANGED
 from .log.service import CLUSTER_DISABLED, INSECURE
 from .log.store import StoreEvents
-from .membership import ALIVE, JOINED, LEAVING, MOVED, RESTARTED, Heartbeat, Membership
+from .membership import ALIVE, DEAD, JOINED, LEAVING, MOVED, RESTARTED, Heartbeat, Membership
 from .metrics import Metrics
 from .peers import PeerAuthenticator, PeerError
 from .rebalance import ANTI_ENTROPY, Rebalancer
-from .ring import HashRing
+from .ring import HashRing, members_digest
 from .settings import Settings
 from .store import Store
 
@@ -54,6 +54,9 @@ SETTLE_WATCH = 0.25
 #: Rings kept from within one settling (the last settled one and the latest): bounded against a flapping peer or a
 #: long rolling restart, whose changes keep the ring settling.
 MAX_PREVIOUS_RINGS = 8
+#: Peers this node timed out whose incarnations it keeps, to tell one cut off from it (heard again) from one
+#: restarted.
+MAX_TIMED_OUT = 256
 
 #: Seconds without a change to the store after which the garbage of a burst of writes or deletes is given
 #: back, if the burst took in and dropped at least an eighth of what the store holds (and 4 MiB): an idle
@@ -160,7 +163,13 @@ class Node:
         self._held_at_collect = 0
         self._changes_seen = 0
         self._changed_at = clock.seconds()
+        #: The incarnations of the peers this node timed out, by id (at most :data:`MAX_TIMED_OUT`): heard again,
+        #: such a peer was cut off from this node, not restarted, and its side likely dropped this node too.
+        self._timed_out: Dict[str, int] = {}
+        #: The digest of this node's ring without itself, for the ring it is of (see :meth:`_peer_named_ring`).
+        self._without_me: Tuple[Optional[HashRing], Optional[str]] = (None, None)
         self.membership.subscribe(self._membership_changed)
+        self.membership.subscribe_rings(self._peer_named_ring)
         self.metrics.register_live_gauges(self.gauges)
         self.metrics.register_clock(self.clock_offsets)
 
@@ -366,10 +375,54 @@ class Node:
         rings.append(ring)
         self._previous_rings = rings
 
+    def _left_out(self) -> None:
+        """
+        The cluster has written, or writes, under a ring without this node, while this node's ring held it: a
+        partition, a stall, heartbeats lost one way. That ring's owners may hold writes this node's owners do
+        not: it is kept among the previous rings, and the ring counts as changed now, so that reads and writes
+        this node coordinates ask them (as a node that joins asks its peers' ring without it) until it settles.
+        """
+        if self.state != READY:
+            return
+        others = self._ring.nodes - {self.node_id}
+        if not others or len(others) == len(self._ring):
+            return
+        self.ring_changed_at = self._members_changed_at = self.clock.seconds()
+        self._handed_off = None
+        self._converged = None
+        without = HashRing(others, vnodes=self._ring.vnodes, probes=self._ring.probes)
+        if all(ring.digest != without.digest for ring in self._previous_rings):
+            self._remember(without)
+
+    def _peer_named_ring(self, peer, before: Optional[str]) -> None:
+        """
+        A peer's heartbeats name another ring: if it, or the one before, is this node's ring without this node,
+        the peer wrote under a ring that left this node out (it stopped hearing it), or does now.
+        """
+        if self.state != READY or peer.joining:
+            # A joining peer that has not heard this node yet names such a ring too: it holds nothing of it.
+            return
+        ring, without = self._without_me
+        if ring is not self._ring:
+            others = self._ring.nodes - {self.node_id}
+            without = members_digest(others) if others and len(others) < len(self._ring) else None
+            self._without_me = (self._ring, without)
+        if without is not None and without in (peer.ring_digest, before):
+            self._left_out()
+
     def _membership_changed(self, change: str, peer) -> None:
         with PEER_CHANGED(peer=peer.node_id, change=change, address="%s:%d" % (peer.address, peer.port),
                           incarnation=peer.incarnation):
             self._rebuild_ring()
+            if change == DEAD:
+                if len(self._timed_out) >= MAX_TIMED_OUT:
+                    del self._timed_out[next(iter(self._timed_out))]
+                self._timed_out[peer.node_id] = peer.incarnation
+            elif change == JOINED and self._timed_out.pop(peer.node_id, None) == peer.incarnation:
+                # Back after this node timed it out, as the same incarnation: cut off, not restarted.
+                self._left_out()
+            elif change == JOINED:
+                self._peer_named_ring(peer, None)
             if change in (JOINED, RESTARTED, MOVED):
                 # A new incarnation, or one at a new address: whatever made a suspect of the old one is past.
                 self.peers.suspects.answered(peer)

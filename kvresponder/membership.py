@@ -9,6 +9,8 @@ subscribers (the ring, the rebalancer, metrics), in that one direction.
 
 from typing import Callable, Dict, List, NamedTuple, Optional
 
+from eliot import write_traceback
+
 ALIVE = "alive"
 LEAVING = "leaving"
 
@@ -155,7 +157,11 @@ class Membership:
         known.moving = beat.moving
         if named_before != beat.ring_digest:
             for callback in list(self._ring_subscribers):
-                callback(known, named_before)
+                try:
+                    callback(known, named_before)
+                except Exception:
+                    # The heartbeat's own news (leaving, a new address) must still be taken in.
+                    write_traceback()
         if known.state == LEAVING:
             return None
         if beat.state == LEAVING:

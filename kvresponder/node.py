@@ -166,6 +166,8 @@ class Node:
         #: The incarnations of the peers this node timed out, by id (at most :data:`MAX_TIMED_OUT`): heard again,
         #: such a peer was cut off from this node, not restarted, and its side likely dropped this node too.
         self._timed_out: Dict[str, int] = {}
+        #: The peers among those that came back lately, by when (see :meth:`_membership_changed`).
+        self._returned: Dict[str, float] = {}
         #: The digest of this node's ring without itself, for the ring it is of (see :meth:`_peer_named_ring`).
         self._without_me: Tuple[Optional[HashRing], Optional[str]] = (None, None)
         self.membership.subscribe(self._membership_changed)
@@ -375,24 +377,25 @@ class Node:
         rings.append(ring)
         self._previous_rings = rings
 
-    def _left_out(self) -> None:
+    def _left_out(self, members) -> None:
         """
-        The cluster has written, or writes, under a ring without this node, while this node's ring held it: a
-        partition, a stall, heartbeats lost one way. That ring's owners may hold writes this node's owners do
-        not: it is kept among the previous rings, and the ring counts as changed now, so that reads and writes
-        this node coordinates ask them (as a node that joins asks its peers' ring without it) until it settles.
+        Other nodes have written, or write, under a ring of ``members`` without this node, while this node's ring
+        held it: a partition, a stall, heartbeats lost one way. That ring's owners may hold writes this node's
+        owners do not: it is kept among the previous rings, and the ring counts as changed now, so that reads and
+        writes this node coordinates ask them (as a node that joins asks its peers' ring without it) until it
+        settles.
         """
-        if self.state != READY:
+        if self.state != READY or not members or self.node_id in members:
             return
-        others = self._ring.nodes - {self.node_id}
-        if not others or len(others) == len(self._ring):
-            return
+        ring = HashRing(members, vnodes=self._ring.vnodes, probes=self._ring.probes)
+        if not self.ring_settling():
+            # Kept from a change that has settled since: forgotten before this one is remembered.
+            self._previous_rings = []
+        if all(before.digest != ring.digest for before in self._previous_rings):
+            self._remember(ring)
         self.ring_changed_at = self._members_changed_at = self.clock.seconds()
         self._handed_off = None
         self._converged = None
-        without = HashRing(others, vnodes=self._ring.vnodes, probes=self._ring.probes)
-        if all(ring.digest != without.digest for ring in self._previous_rings):
-            self._remember(without)
 
     def _peer_named_ring(self, peer, before: Optional[str]) -> None:
         """
@@ -408,7 +411,8 @@ class Node:
             without = members_digest(others) if others and len(others) < len(self._ring) else None
             self._without_me = (self._ring, without)
         if without is not None and without in (peer.ring_digest, before):
-            self._left_out()
+            # Its ring is this node's without it: every other node, as far as this node knows.
+            self._left_out(self._ring.nodes - {self.node_id})
 
     def _membership_changed(self, change: str, peer) -> None:
         with PEER_CHANGED(peer=peer.node_id, change=change, address="%s:%d" % (peer.address, peer.port),
@@ -419,8 +423,14 @@ class Node:
                     del self._timed_out[next(iter(self._timed_out))]
                 self._timed_out[peer.node_id] = peer.incarnation
             elif change == JOINED and self._timed_out.pop(peer.node_id, None) == peer.incarnation:
-                # Back after this node timed it out, as the same incarnation: cut off, not restarted.
-                self._left_out()
+                # Back after this node timed it out, as the same incarnation: cut off, not restarted. It wrote,
+                # with the others this node timed out that are back by now, under a ring of theirs: this node
+                # cannot hear which it was, but it held those that came back.
+                now = self.clock.seconds()
+                self._returned = {node: at for node, at in self._returned.items()
+                                  if now - at < SETTLE_SECONDS and self.membership.peer(node) is not None}
+                self._returned[peer.node_id] = now
+                self._left_out(set(self._returned))
             elif change == JOINED:
                 self._peer_named_ring(peer, None)
             if change in (JOINED, RESTARTED, MOVED):

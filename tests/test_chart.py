@@ -1764,9 +1764,11 @@ def test_a_release_name_no_service_can_have_is_refused_when_rendered(release):
 
 def test_a_cpu_target_renders_when_only_a_cpu_limit_is_set():
     """If the pods have a CPU limit and no request, then the HPA renders: Kubernetes takes the limit as the request."""
-    docs = render("kv-responder-t1", "--set", "autoscaling.enabled=true", "--set", "resources.requests=null",
+    docs = render("kv-responder-t1", "--set", "autoscaling.enabled=true", "--set", "resources.requests.cpu=null",
                   "--set", "resources.limits.cpu=1")
     assert one(docs, "HorizontalPodAutoscaler")["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+    # The check reads the values, and writes nothing into them: the pods still ask for no CPU.
+    assert "cpu" not in container(docs)["resources"]["requests"]
 
 
 def test_a_monitoring_only_release_with_neither_the_rules_nor_the_dashboard_is_refused():

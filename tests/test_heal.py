@@ -132,8 +132,8 @@ def test_a_joining_peer_that_has_not_heard_this_node_yet_is_not_taken_for_a_clus
 def test_a_peer_timed_out_and_heard_again_as_a_new_incarnation_was_restarted_not_cut_off():
     """
     If a peer this node timed out comes back as a new incarnation (restarted: it holds nothing), then this node
-    does not take it for a side of a partition that wrote under a ring without it; as the same incarnation, it
-    does.
+    does not take it for a side of a partition that wrote under a ring of its own; as the same incarnation, it
+    does: that ring (the peer alone, here) is kept among the previous rings.
     """
     from .support import MemoryCluster
 
@@ -148,4 +148,59 @@ def test_a_peer_timed_out_and_heard_again_as_a_new_incarnation_was_restarted_not
                                        settled=None)
         n1.membership.observe(beat)
         assert sorted(n1.ring().nodes) == ["n1", "n2", "n3"]
-        assert _remembers_ring_without(n1) is kept
+        assert (HashRing(["n3"]).digest in [ring.digest for ring in n1.previous_rings()]) is kept
+
+
+def test_after_a_split_of_two_and_three_a_node_of_the_three_finds_what_the_two_acknowledged():
+    """
+    If the cluster splits n1, n2 | n3, n4, n5 (each side writing under its own ring) and heals, then n3 keeps the
+    ring of the peers that came back (n1, n2), not its ring without itself: a read through it finds what the
+    other side acknowledged, and a later write through it (its clock 0.4 s behind) wins, for a key whose owners
+    on every other ring n3 goes through are n4 and n5.
+    """
+    every, small = ["n1", "n2", "n3", "n4", "n5"], {"n1", "n2"}
+    rings_n3_goes_through = [{"n3", "n4", "n5"}, {"n1", "n4", "n5"}, {"n1", "n3", "n4", "n5"},
+                             {"n1", "n2", "n4", "n5"}, set(every)]
+    key = next(k for k in ("key-%d" % i for i in range(20000))
+               if all(not (_owners(sorted(ring), k) & small) for ring in rings_n3_goes_through))
+    for read in (True, False):
+        cluster = _PartitionedCluster(5, wall_offsets={3: -0.4})
+        cluster.run(seconds=40)
+        n1, n2, n3, n4, n5 = cluster.nodes
+        if read:
+            assert cluster.request("PUT", n1, "/kv/" + key, {"value": "old"})[0] == 201
+        cluster.hears = lambda listener, speaker: (listener in small) == (speaker in small)
+        cluster.run(seconds=40)
+        assert sorted(n1.ring().nodes) == ["n1", "n2"] and sorted(n3.ring().nodes) == ["n3", "n4", "n5"]
+        assert cluster.request("PUT", n1, "/kv/" + key, {"value": "earlier"})[0] in (200, 201)
+        cluster.hears = lambda listener, speaker: True
+        cluster.introduce()
+        if read:
+            code, body = cluster.request("GET", n3, "/kv/" + key)
+            assert code == 200 and json.loads(body)["value"] == "earlier", body
+            continue
+        assert cluster.request("PUT", n3, "/kv/" + key, {"value": "later"})[0] in (200, 201)
+        cluster.run(seconds=60)
+        for node in cluster.nodes:
+            code, body = cluster.request("GET", node, "/kv/" + key)
+            assert json.loads(body)["value"] == "later", (node.node_id, body)
+
+
+def test_a_left_out_node_does_not_bring_back_rings_of_a_change_that_settled_long_ago():
+    """
+    If a node's ring settled long ago (its previous rings not yet cleared: nothing asked for them since) and a
+    peer then names its ring without it, then the previous rings are that ring alone, not the settled change's
+    rings before it.
+    """
+    from kvresponder.ring import members_digest
+
+    from .support import MemoryCluster
+
+    cluster = MemoryCluster(4)
+    cluster.run(seconds=40)
+    n1, n2, n3, n4 = cluster.nodes
+    cluster.kill(n4)
+    cluster.run(seconds=n1.settings.peer_timeout + 120)
+    assert not n1.ring_settling()
+    n1.membership.observe(n2.heartbeat()._replace(ring_digest=members_digest({"n2", "n3"})))
+    assert [sorted(ring.nodes) for ring in n1.previous_rings()] == [["n2", "n3"]]

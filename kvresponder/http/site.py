@@ -883,8 +883,6 @@ class _CountedChannel(HTTPChannel):
         if left > 0:
             self._deadline = site.reactor.callLater(left, self._check_deadline)
             return
-        HTTP_REJECTED.log(reason="request not received within %ss" % (site.request_deadline,),
-                          client=str(self.transport.getPeer()))
         self._request_timed_out()
 
     def timeoutConnection(self):
@@ -898,6 +896,8 @@ class _CountedChannel(HTTPChannel):
     def _request_timed_out(self) -> None:
         if self.transport.disconnecting:
             return
+        HTTP_REJECTED.log(reason="request not received within %ss" % (self.site.request_deadline,),
+                          client=str(self.transport.getPeer()))
         if self._answer_due():
             # Cut off mid-answer, or ahead of one, a 408 would corrupt it: the connection is reset instead.
             self.transport.abortConnection()

@@ -69,16 +69,20 @@ def test_a_read_through_a_node_taken_back_answers_what_the_cluster_wrote_while_i
     assert _value(cluster, n4) == "new"
 
 
-def test_a_write_through_a_node_taken_back_wins_over_the_earlier_write_the_cluster_acknowledged():
+def _later_write_through_n4_wins(n4_hears_them: bool) -> None:
     cluster = _cluster()
     n1, n2, n3, n4 = cluster.nodes
-    _drop_n4(cluster, n4_hears_them=False)
+    _drop_n4(cluster, n4_hears_them)
     assert cluster.request("PUT", n2, "/kv/" + KEY, {"value": "earlier"})[0] == 201
     _take_n4_back(cluster)
     code, body = cluster.request("PUT", n4, "/kv/" + KEY, {"value": "later"})
     assert code in (200, 201), body
     cluster.run(seconds=60)
     assert [_value(cluster, node) for node in cluster.nodes] == ["later"] * 4
+
+
+def test_a_write_through_a_node_taken_back_wins_over_the_earlier_write_the_cluster_acknowledged():
+    _later_write_through_n4_wins(n4_hears_them=False)
 
 
 def test_a_write_through_a_node_whose_peers_alone_stopped_hearing_it_wins_over_their_earlier_write():
@@ -87,15 +91,7 @@ def test_a_write_through_a_node_whose_peers_alone_stopped_hearing_it_wins_over_t
     naming a ring without it tell it: the write it coordinates after they take it back still asks the owners
     the cluster wrote to meanwhile, and wins.
     """
-    cluster = _cluster()
-    n1, n2, n3, n4 = cluster.nodes
-    _drop_n4(cluster, n4_hears_them=True)
-    assert cluster.request("PUT", n2, "/kv/" + KEY, {"value": "earlier"})[0] == 201
-    _take_n4_back(cluster)
-    code, body = cluster.request("PUT", n4, "/kv/" + KEY, {"value": "later"})
-    assert code in (200, 201), body
-    cluster.run(seconds=60)
-    assert [_value(cluster, node) for node in cluster.nodes] == ["later"] * 4
+    _later_write_through_n4_wins(n4_hears_them=True)
 
 
 def _newcomer(node, joining: bool, incarnation: int = 1):

@@ -143,7 +143,8 @@ def server():
     server.port.stopListening()
 
 
-def _exchange(address, raw: bytes) -> bytes:
+def _exchange(address, raw: bytes, reset: bytes = b"") -> bytes:
+    """Send ``raw``, then read until the server closes: what it answered, then ``reset`` if it reset."""
     with socket.create_connection(address, timeout=10) as sock:
         sock.sendall(raw)
         chunks = []
@@ -151,6 +152,7 @@ def _exchange(address, raw: bytes) -> bytes:
             try:
                 chunk = sock.recv(65536)
             except ConnectionResetError:
+                chunks.append(reset)
                 break
             if not chunk:
                 break
@@ -703,23 +705,6 @@ def test_with_an_insecure_cluster_no_internal_body_is_a_peers_for_the_budget():
         server.port.stopListening()
 
 
-def _dribble(address, raw: bytes) -> bytes:
-    """Send ``raw`` (a request cut short), then read until the server closes; what it answered."""
-    with socket.create_connection(address, timeout=10) as sock:
-        sock.sendall(raw)
-        chunks = []
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except ConnectionResetError:
-                chunks.append(b"<reset>")
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-    return b"".join(chunks)
-
-
 @pytest.fixture
 def impatient_server():
     settings = make_settings("t1", "n1", advertise_address="127.0.0.1", port="3000")
@@ -748,7 +733,7 @@ async def test_a_request_not_received_within_the_deadline_is_answered_408_and_th
     the node answers a JSON 408 ``request_timeout`` and closes the connection, instead of resetting it without
     a word; what was answered before it on the connection stays whole, and nothing is stored.
     """
-    raw = await deferToThread(_dribble, impatient_server, cut)
+    raw = await deferToThread(_exchange, impatient_server, cut, b"<reset>")
     assert b"<reset>" not in raw, raw
     answers = raw.split(b"HTTP/1.1 ")[1:]
     assert answers[-1].startswith(b"408 Request Timeout\r\n"), raw

@@ -45,6 +45,19 @@ class _BadPath(Resource):
         return write_error(request, bad_request("invalid_path", "The path is not valid UTF-8."))
 
 
+def _not_utf8(path: bytes, postpath) -> bool:
+    """
+    Whether a path segment, or one of those after it, is not UTF-8 once percent-decoded.
+    """
+    try:
+        path.decode("utf-8")
+        for segment in postpath:
+            segment.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
 class TenantResource(Resource):
     """
     Everything under ``/<tenant>/``.
@@ -63,11 +76,7 @@ class TenantResource(Resource):
     def getChildWithDefault(self, path: bytes, request):
         if path == b"kv":
             return self._kv
-        try:
-            path.decode("utf-8")
-            for segment in request.postpath:
-                segment.decode("utf-8")
-        except UnicodeDecodeError:
+        if _not_utf8(path, request.postpath):
             return _BadPath()
         if path == b"_internal":
             if request.postpath == [b"copies"]:
@@ -120,12 +129,8 @@ class RootResource(Resource):
     def getChildWithDefault(self, path: bytes, request):
         if path == self._tenant:
             return self._tenant_resource
-        try:
+        if _not_utf8(path, request.postpath):
             # Any path that is not UTF-8 is a 400, whichever tenant it names.
-            path.decode("utf-8")
-            for segment in request.postpath:
-                segment.decode("utf-8")
-        except UnicodeDecodeError:
             return _BadPath()
         return self._elsewhere
 

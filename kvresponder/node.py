@@ -168,8 +168,6 @@ class Node:
         self._timed_out: Dict[str, int] = {}
         #: The peers among those that came back lately, by when (see :meth:`_membership_changed`).
         self._returned: Dict[str, float] = {}
-        #: The digest of this node's ring without itself, for the ring it is of (see :meth:`_peer_named_ring`).
-        self._without_me: Tuple[Optional[HashRing], Optional[str]] = (None, None)
         self.membership.subscribe(self._membership_changed)
         self.membership.subscribe_rings(self._peer_named_ring)
         self.metrics.register_live_gauges(self.gauges)
@@ -405,14 +403,10 @@ class Node:
         if self.state != READY or peer.joining:
             # A joining peer that has not heard this node yet names such a ring too: it holds nothing of it.
             return
-        ring, without = self._without_me
-        if ring is not self._ring:
-            others = self._ring.nodes - {self.node_id}
-            without = members_digest(others) if others and len(others) < len(self._ring) else None
-            self._without_me = (self._ring, without)
-        if without is not None and without in (peer.ring_digest, before):
+        others = self._ring.nodes - {self.node_id}
+        if others and len(others) < len(self._ring) and members_digest(others) in (peer.ring_digest, before):
             # Its ring is this node's without it: every other node, as far as this node knows.
-            self._left_out(self._ring.nodes - {self.node_id})
+            self._left_out(others)
 
     def _membership_changed(self, change: str, peer) -> None:
         with PEER_CHANGED(peer=peer.node_id, change=change, address="%s:%d" % (peer.address, peer.port),

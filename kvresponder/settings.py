@@ -56,6 +56,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _seconds_from_zero(text: str) -> float:
+    value = float(text)
+    if not (value >= 0 and value < 1e9):
+        raise ValueError("must be a number of seconds, 0 or more")
+    return value
+
+
 def _int_in(low: int, high: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         value = int(text)
@@ -213,6 +220,9 @@ OPTIONS = (
            "Seconds a delete's tombstone (or an expired overwrite's) is kept."),
     Option("drain-timeout", ("DRAIN_TIMEOUT",), "20", _positive_float,
            "Seconds a SIGTERM'd node spends handing off its data."),
+    Option("serve-after-leaving", ("SERVE_AFTER_LEAVING",), "2", _seconds_from_zero,
+           "Seconds a SIGTERM'd node keeps serving requests after it begins leaving, at least (at most "
+           "DRAIN_TIMEOUT): for clients and proxies that still send it requests until they see it gone."),
     Option("anti-entropy-interval", ("ANTI_ENTROPY_INTERVAL",), "30", _positive_float,
            "Seconds between anti-entropy rounds."),
     Option("peer-request-timeout", ("PEER_REQUEST_TIMEOUT",), "2", _positive_float,
@@ -293,6 +303,7 @@ class Settings:
     max_clock_offset: float = 0.5
     insecure_cluster: bool = False
     max_body_buffer: Optional[int] = None
+    serve_after_leaving: float = 2.0
 
     @property
     def multicast_enabled(self) -> bool:

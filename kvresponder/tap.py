@@ -30,10 +30,6 @@ LOG_FLUSH_INTERVAL = 0.2
 #: Seconds a stopping node waits, at most, for its last log lines to be written: with the tracer's half second,
 #: within the second to exit that the chart's drain timeout leaves at least.
 LOG_DRAIN_TIMEOUT = 0.5
-#: Seconds a stopping node keeps its listener open after it begins leaving, at least (at most DRAIN_TIMEOUT): a
-#: Service's endpoints, and the proxies and clients that follow them, take a moment to stop sending it requests,
-#: and a drain that has nothing to hand off ends at once.
-SERVE_AFTER_LEAVING = 2.0
 
 
 class Options(usage.Options):
@@ -126,7 +122,10 @@ class KVResponderService(MultiService):
         from .tracing import SHUTDOWN_TIMEOUT
         SERVICE_STOPPING.log()
         clock = self.node.clock
-        serve_until = clock.seconds() + min(SERVE_AFTER_LEAVING, self.node.settings.drain_timeout)
+        # A Service's endpoints, and the proxies and clients that follow them, take a moment to stop sending this
+        # node requests, and a drain that has nothing to hand off ends at once: the listener stays open that long.
+        settings = self.node.settings
+        serve_until = clock.seconds() + min(settings.serve_after_leaving, settings.drain_timeout)
         self.node.begin_leaving()
         self.discovery_service.protocol.announce()
         await self.node.drain()

@@ -66,25 +66,30 @@ def test_sigterm_stops_the_node_cleanly(node):
     assert "eliot:traceback" not in types
 
 
-def test_a_sigtermed_node_with_nothing_to_hand_off_still_answers_for_a_moment(node):
+@pytest.mark.parametrize("env, serving", [({}, 2.0), ({"SERVE_AFTER_LEAVING": "4.5"}, 4.5)],
+                         ids=["default", "SERVE_AFTER_LEAVING"])
+def test_a_sigtermed_node_with_nothing_to_hand_off_still_answers_for_a_moment(log_dir, env, serving):
     """
     If a node that has nothing to hand off gets SIGTERM, then its drain ends at once, yet it keeps answering
-    requests for SERVE_AFTER_LEAVING seconds (clients that chose it just before, as a Service's endpoints and the
-    proxies following them change only after a moment) before it stops listening and exits. (Alone, it has no
-    node left to coordinate a read to: liveness stands for every answer.)
+    requests for SERVE_AFTER_LEAVING seconds (2 by default: clients that chose it just before, as a Service's
+    endpoints and the proxies following them change only after a moment) before it stops listening and exits.
+    (Alone, it has no node left to coordinate a read to: liveness stands for every answer.)
     """
-    from kvresponder.tap import SERVE_AFTER_LEAVING
-
-    signalled = time.monotonic()
-    node.process.send_signal(signal.SIGTERM)
-    answered = []
-    while time.monotonic() - signalled < SERVE_AFTER_LEAVING - 0.5:
-        response = requests.get(node.url + "/health/live", timeout=5)
-        answered.append((round(time.monotonic() - signalled, 2), response.status_code))
-        time.sleep(0.1)
-    assert answered and all(code == 200 for _, code in answered), answered
-    assert node.process.wait(timeout=30) in (0, -15)
-    assert time.monotonic() - signalled >= SERVE_AFTER_LEAVING
+    node = NodeProcess("solo", "solo-1", free_udp_port(), log_dir, env=env).start()
+    try:
+        node.wait_ready()
+        signalled = time.monotonic()
+        node.process.send_signal(signal.SIGTERM)
+        answered = []
+        while time.monotonic() - signalled < serving - 0.5:
+            response = requests.get(node.url + "/health/live", timeout=5)
+            answered.append((round(time.monotonic() - signalled, 2), response.status_code))
+            time.sleep(0.1)
+        assert answered and all(code == 200 for _, code in answered), answered
+        assert node.process.wait(timeout=30) in (0, -15)
+        assert time.monotonic() - signalled >= serving
+    finally:
+        node.kill()
 
 
 @pytest.mark.parametrize("args, env, option, value", [

@@ -70,6 +70,7 @@ def test_if_only_the_tenant_is_given_then_every_setting_takes_its_documented_def
         "max_clock_offset": 0.5,
         "insecure_cluster": False,
         "max_body_buffer": 64 * 1024 * 1024,
+        "serve_after_leaving": 2.0,
     }
 
 
@@ -275,6 +276,8 @@ BAD_VALUES = [
     ("max-value-size", "MAX_VALUE_SIZE", "1Qi"),
     ("tombstone-grace", "TOMBSTONE_GRACE", "inf"),
     ("drain-timeout", "DRAIN_TIMEOUT", "soon"),
+    ("serve-after-leaving", "SERVE_AFTER_LEAVING", "-1"),
+    ("serve-after-leaving", "SERVE_AFTER_LEAVING", "nan"),
     ("max-connections", "MAX_CONNECTIONS", "0"),
     ("log-level", "LOG_LEVEL", "verbose"),
     ("log-level", "LOG_LEVEL", "warnings"),
@@ -619,3 +622,12 @@ def test_a_true_or_false_setting_is_a_flag_on_the_command_line_and_every_other_t
         Options().parseOptions(["--insecure-cluster=yes"])
     with pytest.raises(usage.UsageError):
         Options().parseOptions(["--tenant"])
+
+
+def test_a_node_may_be_told_to_stop_serving_as_soon_as_its_drain_ends():
+    """
+    If SERVE_AFTER_LEAVING is 0, then it is taken (a node behind no proxy need not wait), unlike the timeouts,
+    which must be positive.
+    """
+    assert load(environ={"SERVE_AFTER_LEAVING": "0"}).serve_after_leaving == 0.0
+    assert load(given={"serve-after-leaving": "7.5"}).serve_after_leaving == 7.5

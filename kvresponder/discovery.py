@@ -201,12 +201,15 @@ class DiscoveryProtocol(DatagramProtocol):
         (after its offset is measured): no node takes in a peer whose clock runs ahead of the cluster's.
     :param bool alone: the node serves alone (no CLUSTER_SECRET, no --insecure-cluster): it sends no heartbeat
         and ignores every one it receives (``insecure_ignored``), so that no node puts it in its ring.
+    :param stalls: a :class:`~kvresponder.stalls.StallWatch`, ticked by :class:`DiscoveryService`: a heartbeat
+        read while it says this node was just stalled is taken in, but its time is no sample of its sender's
+        clock (it waited in the socket); or ``None``, to measure every heartbeat.
     """
 
     def __init__(self, codec: HeartbeatCodec, membership: Membership, clock, wall: Callable[[], float],
                  own_heartbeat: Callable[[], Heartbeat], group: Optional[str], interface: str, port: int,
                  ttl: int = 1, metrics=None, clock_offsets=None, max_clock_offset: Optional[float] = None,
-                 alone: bool = False) -> None:
+                 alone: bool = False, stalls=None) -> None:
         self.codec = codec
         self.membership = membership
         self.clock = clock
@@ -219,6 +222,7 @@ class DiscoveryProtocol(DatagramProtocol):
         self.metrics = metrics
         self.clock_offsets = clock_offsets
         self.max_clock_offset = max_clock_offset
+        self.stalls = stalls
         self.seeds: Set[str] = set()
         self._reply_pending = None
         #: Without a multicast group, the nodes that asked for an answer: it goes to each of them too, since
@@ -338,8 +342,10 @@ class DiscoveryProtocol(DatagramProtocol):
             return
         if timestamp is not None:
             offset = timestamp - self.wall()
-            # Measured before the checks on the time itself: a clock far off is exactly what must show.
-            if self.clock_offsets is not None:
+            # Measured before the checks on the time itself: a clock far off is exactly what must show. Not when
+            # it may have waited unread while this node was stalled: it would say the sender's clock is behind by
+            # as long, and a burst of them that this node's own is ahead.
+            if self.clock_offsets is not None and (self.stalls is None or self.stalls.fresh()):
                 self.clock_offsets.heard(beat.node_id, beat.incarnation, offset)
             # Refused past twice the bound: a node that far ahead of this one cannot be within the bound of a
             # cluster this node is within the bound of, while two nodes each within the bound of the cluster (up
@@ -423,6 +429,9 @@ class DiscoveryService(Service):
         clock.callLater(min(0.25, self.heartbeat_interval / 2), self._ask_again)
         self._loop(self.protocol.announce, self.heartbeat_interval, clock, now=False)
         self._loop(self.protocol.membership.expire, min(1.0, self.heartbeat_interval / 2), clock, now=False)
+        stalls = self.protocol.stalls
+        if stalls is not None:
+            self._loop(stalls.tick, stalls.interval, clock)
 
     def _ask_again(self):
         if self.running:

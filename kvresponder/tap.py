@@ -189,6 +189,7 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
     from treq.client import HTTPClient
     from twisted.web.client import Agent, HTTPConnectionPool
 
+    from .clockskew import ROUND_TRIP_SHARE
     from .discovery import DiscoveryProtocol, DiscoveryService, HeartbeatCodec, derive_key, resolve_all
     from .http.root import build_root
     from .http.site import KVSite
@@ -198,6 +199,7 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
     from .node import Node
     from .peers import CachedEndpoints
     from .reclaim import reclaimer
+    from .stalls import StallWatch
     from .tracing import Tracing
     from .turn import EndOfTurn
 
@@ -242,7 +244,9 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
         HeartbeatCodec(settings.tenant, key), node.membership, reactor, time.time, node.heartbeat,
         settings.discovery_group if settings.multicast_enabled else None, settings.discovery_interface,
         settings.discovery_port, settings.discovery_ttl, node.metrics, clock_offsets=node.clock_offsets,
-        max_clock_offset=settings.max_clock_offset, alone=settings.clustering == "disabled")
+        max_clock_offset=settings.max_clock_offset, alone=settings.clustering == "disabled",
+        # A heartbeat held longer than a round trip may take is no sample of its sender's clock either.
+        stalls=StallWatch(reactor, ROUND_TRIP_SHARE * settings.max_clock_offset))
     # A node that has handed off under its ring says so at once: its peers' writes stop asking the previous owners.
     node.subscribe_settled(protocol.announce)
     discovery = DiscoveryService(

@@ -61,6 +61,12 @@ CLOCK_RECOVERED = leveled("discovery", INFO, MessageType(
     "kvresponder:discovery:clock-recovered", [SKEW, MAX_OFFSET],
     "This node's clock is back within MAX_CLOCK_OFFSET of its peers' clocks: it coordinates writes again."))
 
+STALLED = leveled("discovery", WARNING, MessageType(
+    "kvresponder:discovery:stalled",
+    [Field.for_types("seconds", [float], "How long this node's reactor did not run its timers, in seconds.")],
+    "This node did not run for a while (a VM frozen or moved, CPU throttling, a long garbage collection, SIGSTOP): "
+    "the heartbeats read just after it are not taken as samples of their senders' clocks, since they waited."))
+
 CLOCK_AHEAD = leveled("discovery", WARNING, MessageType(
     "kvresponder:discovery:clock-ahead",
     [PEER, Field.for_types("offset", [float], "How far ahead its clock is, in seconds.")],

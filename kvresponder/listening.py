@@ -23,19 +23,25 @@ MAX_ACCEPT_ROUNDS = 64
 @implementer(IStreamServerEndpoint)
 class ListeningEndpoint:
     """
-    An endpoint that keeps the port it listens on (``port``, ``None`` until it listens).
+    An endpoint that keeps the port it listens on (``port``, ``None`` until it listens), or why it could not
+    (``failure``, a :class:`~twisted.python.failure.Failure`, ``None`` unless listening failed).
     """
 
     def __init__(self, endpoint) -> None:
         self._endpoint = endpoint
         self.port = None
+        self.failure = None
 
     def listen(self, factory) -> Deferred:
-        return self._endpoint.listen(factory).addCallback(self._listening)
+        return self._endpoint.listen(factory).addCallbacks(self._listening, self._failed)
 
     def _listening(self, port):
         self.port = port
         return port
+
+    def _failed(self, failure):
+        self.failure = failure
+        return failure
 
 
 def accept_waiting(port: Optional[object]) -> bool:

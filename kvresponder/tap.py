@@ -109,6 +109,17 @@ class KVResponderService(MultiService):
         if hasattr(parent, "setComponent"):
             parent.setComponent(ILogObserver, TwistedToEliot(self.node.log_policy))
 
+    def privilegedStartService(self):
+        # The client port is opened here (StreamServerEndpointService's privileged start); a port taken by another
+        # process only gets a log line from Twisted. Raised, it makes twistd exit non-zero before the node starts:
+        # a node its peers put in their rings without being able to reach it would take writes they think copied.
+        MultiService.privilegedStartService(self)
+        if self.listening is not None and self.listening.failure is not None:
+            # To the process's own stderr: twistd has sent sys.stderr to the log by now, whose writer thread
+            # would not get to write it before the exit.
+            os.write(2, ("kvresponder: error: %s\n" % (self.listening.failure.getErrorMessage(),)).encode())
+            raise SystemExit(1)
+
     def startService(self):
         MultiService.startService(self)
         self.node.start()

@@ -114,6 +114,29 @@ def test_a_bad_setting_stops_startup_with_one_line(args, env, option, value):
         assert value in lines[0]
 
 
+def test_a_node_whose_port_is_taken_exits_non_zero_with_one_line_before_it_announces_itself():
+    """
+    If another process holds the node's HTTP port, then twistd exits non-zero at once with one line saying so,
+    rather than staying up without a listener (its heartbeats would put it in its peers' rings, which would then
+    send it copies of writes they could not reach it with).
+    """
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    port = holder.getsockname()[1]
+    try:
+        result = subprocess.run([sys.executable, "-c", TWISTD, "-n", "--pidfile=", "kvresponder", "--tenant", "t1",
+                                 "--port", str(port)], env=node_env({"CLUSTER_SECRET": "a-cluster-secret-of-length"}),
+                                cwd=REPO, capture_output=True, timeout=60)
+    finally:
+        holder.close()
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "Address already in use" in lines[0] and str(port) in lines[0], result.stderr
+    logged = result.stdout.decode()
+    assert "kvresponder:discovery:started" not in logged and "kvresponder:service:started" not in logged
+
+
 def _settled_rss(node) -> int:
     """
     The node's RSS once it has been idle long enough to reclaim what the last writes left (the idle reclaim: on

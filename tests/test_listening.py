@@ -73,3 +73,22 @@ async def test_nothing_is_accepted_from_a_port_with_no_connection_waiting_or_no_
     assert not accept_waiting(port)
     await port.stopListening()
     assert not accept_waiting(port)
+
+
+def test_a_port_that_cannot_be_listened_on_is_kept_as_the_endpoints_failure():
+    """
+    If the port is taken, then the endpoint's ``failure`` says why (the service then makes twistd exit: see
+    ``tests/test_e2e_single.py``), and it has no port.
+    """
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    try:
+        listening = ListeningEndpoint(serverFromString(reactor, "tcp:%d:interface=127.0.0.1"
+                                                       % (holder.getsockname()[1],)))
+        failed = []
+        listening.listen(Factory.forProtocol(_Answer)).addErrback(failed.append)
+    finally:
+        holder.close()
+    assert failed and listening.failure is failed[0] and listening.port is None
+    assert "Address already in use" in listening.failure.getErrorMessage()

@@ -18,12 +18,17 @@ its own clock and further than ``max_offset`` from it. With one peer there is no
 pair can tell which clock is wrong, so neither is marked skewed, and only the per-peer offsets show it. A
 skewed node stops coordinating writes and reports itself not ready (see :class:`~kvresponder.node.Node`),
 and comes back by itself once its clock does.
+
+A node whose own versions run ahead of its wall clock by more than the bound (its clock ran ahead, then was
+set back: its :class:`~kvresponder.hlc.HybridLogicalClock` never goes back) is *leading*, with the same effect,
+until its wall clock reaches them: every write it stamped meanwhile would carry a version from the future, which
+the bound on clocks exists to rule out, although no peer sees its clock as wrong any more.
 """
 
 from collections import deque
 from typing import Callable, Deque, Dict, List, Optional
 
-from .log.discovery import CLOCK_RECOVERED, CLOCK_SKEWED
+from .log.discovery import CLOCK_RECOVERED, CLOCK_SKEWED, VERSIONS_AHEAD, VERSIONS_CAUGHT_UP
 
 #: Samples a peer's offset is the median of.
 SAMPLES = 5
@@ -61,12 +66,20 @@ class ClockOffsets:
         forget every peer at once.
     :param float max_offset: ``MAX_CLOCK_OFFSET``, in seconds.
     :param float forget_after: seconds of silence after which a peer's offset is dropped (the peer timeout).
+    :param version_lead: returns how far this node's versions are ahead of its wall clock, in seconds
+        (:meth:`~kvresponder.hlc.HybridLogicalClock.lead`); or ``None``.
     """
 
-    def __init__(self, seconds: Callable[[], float], max_offset: float, forget_after: float) -> None:
+    def __init__(self, seconds: Callable[[], float], max_offset: float, forget_after: float,
+                 version_lead: Optional[Callable[[], float]] = None) -> None:
         self._seconds = seconds
         self.max_offset = max_offset
         self.forget_after = forget_after
+        self._version_lead = version_lead
+        #: How far this node's versions were ahead of its wall clock at the last evaluation, in seconds.
+        self.lead = 0.0
+        #: Whether that was past the bound: it coordinates no write while it is.
+        self.leading = False
         self._peers: Dict[str, _PeerClock] = {}
         #: This node's offset from the clocks it measures (positive: this node is ahead), as last worked out.
         self.skew = 0.0
@@ -137,11 +150,24 @@ class ClockOffsets:
         """
         return {node_id: peer.offset() for node_id, peer in sorted(self._peers.items()) if peer.samples}
 
+    def lead_now(self) -> float:
+        """
+        How far this node's versions are ahead of its wall clock now, in seconds.
+        """
+        return self._version_lead() if self._version_lead is not None else 0.0
+
     def evaluate(self) -> None:
         """
-        Forget silent peers and work out this node's skew again, logging when it crosses the bound. Called on
-        every sample and by the node's once-a-second timer.
+        Forget silent peers and work out this node's skew and its versions' lead again, logging when either
+        crosses the bound. Called on every sample and by the node's once-a-second timer.
         """
+        lead = self.lead = self.lead_now()
+        if not self.leading and lead > self.max_offset:
+            self.leading = True
+            VERSIONS_AHEAD.log(lead=round(lead, 6), max_offset=self.max_offset)
+        elif self.leading and lead <= self.max_offset:
+            self.leading = False
+            VERSIONS_CAUGHT_UP.log(lead=round(lead, 6), max_offset=self.max_offset)
         self._forget(self._seconds())
         offsets = list(self.offsets().values())
         if self.skewed and len(offsets) < 2:
@@ -166,6 +192,7 @@ class ClockOffsets:
 
     def as_json(self) -> dict:
         return {"skew_s": round(self.skew, 6), "skewed": self.skewed, "max_offset_s": self.max_offset,
+                "version_lead_s": round(self.lead, 6), "leading": self.leading,
                 "peers": {node_id: round(offset, 6) for node_id, offset in self.offsets().items()}}
 
 

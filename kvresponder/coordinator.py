@@ -51,14 +51,21 @@ class ClockSkewed(Exception):
     """
     This node's clock is too far from its peers' for it to stamp writes (see :mod:`kvresponder.clockskew`).
 
-    :ivar float skew: its offset from the cluster's clocks, in seconds (positive: ahead).
+    :ivar float skew: its offset from the cluster's clocks, in seconds (positive: ahead); or, with ``versions``,
+        how far the versions it issues are ahead of its own clock.
     :ivar float bound: ``MAX_CLOCK_OFFSET``.
     """
 
-    def __init__(self, skew: float, bound: float) -> None:
-        Exception.__init__(self, "This node's clock is %.3f s %s its peers' clocks, past MAX_CLOCK_OFFSET "
-                           "(%g s): it serves no read or write of keys until its clock comes back; send the "
-                           "request to another node." % (abs(skew), "ahead of" if skew > 0 else "behind", bound))
+    def __init__(self, skew: float, bound: float, versions: bool = False) -> None:
+        if versions:
+            message = ("This node's versions are %.3f s ahead of its clock (its clock ran ahead and was set back), "
+                       "past MAX_CLOCK_OFFSET (%g s): it serves no read or write of keys until its clock reaches "
+                       "them; send the request to another node." % (skew, bound))
+        else:
+            message = ("This node's clock is %.3f s %s its peers' clocks, past MAX_CLOCK_OFFSET (%g s): it serves "
+                       "no read or write of keys until its clock comes back; send the request to another node."
+                       % (abs(skew), "ahead of" if skew > 0 else "behind", bound))
+        Exception.__init__(self, message)
         self.skew = skew
         self.bound = bound
 
@@ -282,6 +289,18 @@ class Coordinator:
             # may miss where its earlier write sits. The first heartbeats' answers come within moments.
             raise Unavailable("This node is starting and has not heard from its cluster yet; retry in a moment.")
 
+    def _check_versions(self) -> None:
+        """
+        :raises ClockSkewed: while the versions this node issues run further ahead of its clock than the bound
+            (its clock ran ahead and was set back): every write it stamped would carry a version from the future.
+            Looked at now, not at the last evaluation, which may be a second old. Reads are served.
+        """
+        skew = self._clock_skew
+        if skew is not None:
+            lead = skew.lead_now()
+            if lead > skew.max_offset:
+                raise ClockSkewed(lead, skew.max_offset, versions=True)
+
     # -- the preference list --------------------------------------------------------------------------
 
     def _targets(self, key: str) -> Tuple[List[str], List[str], int]:
@@ -374,6 +393,7 @@ class Coordinator:
         :raises ClockSkewed: as :meth:`put` fails.
         """
         self._check_clock()
+        self._check_versions()
         expires_at = None if ttl is None else self._seconds() + ttl
         entry = Entry(key, value, self.hlc.now(), expires_at)
         if self._writes_alone():
@@ -389,6 +409,7 @@ class Coordinator:
         """
         try:
             self._check_clock()
+            self._check_versions()
         except (ClockSkewed, Unavailable):
             return fail()
         d = self._write_deferred(Entry(key, None, self.hlc.now(), None), "delete")
@@ -629,6 +650,7 @@ class Coordinator:
     def put_many(self, items: List[Tuple[str, bytes, Optional[float]]]) -> Deferred:
         try:
             self._check_clock()
+            self._check_versions()
         except (ClockSkewed, Unavailable):
             return fail()
         now = self._seconds()
@@ -639,6 +661,7 @@ class Coordinator:
     def delete_many(self, keys: List[str]) -> Deferred:
         try:
             self._check_clock()
+            self._check_versions()
         except (ClockSkewed, Unavailable):
             return fail()
         entries = [Entry(key, None, version, None) for key, version in zip(keys, self.hlc.now_many(len(keys)))]

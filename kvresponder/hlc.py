@@ -101,6 +101,14 @@ class HybridLogicalClock:
             self._counter = 0
         return (self._wall, self._counter, self.node_id)
 
+    def lead(self) -> float:
+        """
+        How far, in seconds, the versions this clock issues are ahead of the wall clock it reads (0 if they are
+        not): a little, after it adopted a version from a peer ahead within the bound; more, after its wall clock
+        was set back (it had run ahead), since the versions it issues never go back.
+        """
+        return max(0.0, self._wall / 1000.0 - self._seconds())
+
     def now_many(self, count: int) -> List[Version]:
         """
         ``count`` versions, each strictly greater than the one before it and than every version this clock has

@@ -200,6 +200,8 @@ class _ClockGauges:
                 ("kv_clock_skew_seconds", "This node's clock offset from most of the cluster's clocks "
                                           "(positive: ahead; 0 without a majority).", clock.skew),
                 ("kv_clock_max_offset_seconds", "MAX_CLOCK_OFFSET.", clock.max_offset),
+                ("kv_clock_version_lead_seconds", "How far the versions this node issues are ahead of its own "
+                                                  "clock (its clock was set back after running ahead).", clock.lead),
                 ("kv_clock_skewed", "1 while this node's clock is past MAX_CLOCK_OFFSET and it coordinates no "
                                     "write, else 0.", 1.0 if clock.skewed else 0.0)):
             family = GaugeMetricFamily(name, help_text, labels=["tenant"])

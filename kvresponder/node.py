@@ -104,9 +104,10 @@ class Node:
                            monotonic=monotonic or clock.seconds)
         self.hlc = HybridLogicalClock(self.wall, self.node_id, max_ahead=settings.max_clock_offset)
         self.membership = Membership(clock.seconds, self.node_id, settings.peer_timeout)
-        #: The peers' clock offsets, and whether this node's own clock is too far off to stamp writes.
+        #: The peers' clock offsets, and whether this node's own clock (or the versions it issues) is too far off
+        #: to stamp writes.
         self.clock_offsets = ClockOffsets(monotonic or clock.seconds, settings.max_clock_offset,
-                                          settings.peer_timeout)
+                                          settings.peer_timeout, version_lead=self.hlc.lead)
         self.state = STARTING
         self._ring = HashRing([self.node_id], vnodes=settings.vnodes)
         self._owned_ratio = (None, 1.0)
@@ -720,9 +721,10 @@ class Node:
     def readiness(self) -> str:
         """
         What readiness reports: the lifecycle state, or ``clock-skew`` while a joining or ready node's clock is
-        too far from its peers' (it coordinates no write then, so no client should be sent to it).
+        too far from its peers', or its versions from its clock (it coordinates no write then, so no client should
+        be sent to it).
         """
-        if self.state in (JOINING, READY) and self.clock_offsets.skewed:
+        if self.state in (JOINING, READY) and (self.clock_offsets.skewed or self.clock_offsets.leading):
             return CLOCK_SKEW
         return self.state
 

@@ -86,7 +86,8 @@ class MemoryCluster:
     """
 
     def __init__(self, count: int, tenant: str = "t1", wall_offsets: Dict[int, float] = None, **settings) -> None:
-        #: Seconds each node's wall clock is off real time, by its number (1 for n1): a skewed clock.
+        #: Seconds each node's wall clock is off real time, by its number (1 for n1): a skewed clock. Set while
+        #: the nodes run, it steps that node's clock.
         self.wall_offsets = dict(wall_offsets or {})
         # A secret of the cluster's own, so the nodes' peer calls are signed and checked as in production (a
         # node without one serves alone); cluster_secret=None leaves it out.
@@ -112,9 +113,8 @@ class MemoryCluster:
         index = len(self.nodes) + 1
         settings = make_settings(self.tenant, "n%d" % (index,), advertise_address="10.0.0.%d" % (index,),
                                  port="3000", **self.settings)
-        offset = self.wall_offsets.get(index, 0.0)
-        wall = (lambda: self.clock.seconds() + offset) if offset else None
-        node = Node(settings, self.clock, self.stub, join_settle=0.1, wall=wall)
+        node = Node(settings, self.clock, self.stub, join_settle=0.1,
+                    wall=lambda: self.clock.seconds() + self.wall_offsets.get(index, 0.0))
         self.router.roots[b"10.0.0.%d:3000" % (index,)] = build_root(node)
         self.nodes.append(node)
         self.introduce()

@@ -916,6 +916,49 @@ def test_a_node_whose_wall_clock_steps_back_stays_in_its_peers_rings(net, tmp_pa
         time.sleep(0.3)
 
 
+def test_a_node_whose_clock_ran_ahead_and_was_set_right_stamps_no_write_ahead_until_its_clock_catches_up(
+        net, tmp_path):
+    """
+    If node 3's wall clock runs 10 s ahead just long enough for it to take writes, and is then set right, then its
+    versions stay ahead of its clock (they never go back): it refuses writes, 503 ``clock_skew`` naming that lead,
+    and is unready, though no node measures its clock as off; it still serves reads; and once its clock has
+    reached its versions it is ready again and stamps writes from its clock.
+    """
+    _require_libfaketime()
+    timestamps = str(tmp_path / "faketime-node3")
+    clock_nemesis.step(timestamps, "+0")
+    healthy, stepped = _start_with_one_skewed(net, _wall_only(timestamps))
+    stepped.wait_ready()
+    net.wait_formed(healthy + [stepped])
+    clock_nemesis.step(timestamps, "+10s")
+    wait_until(lambda: abs(clock_nemesis.clock_offset(stepped) - 10.0) < 1.5, 5, "node3's clock to step ahead")
+    s = session()
+    taken = [key for key in ("ahead-%d" % i for i in range(20))
+             if s.put(stepped.url + "/kv/" + key, json={"value": key}, timeout=5).status_code == 201]
+    assert taken, "node 3 took no write before it was seen skewed:\n%s" % (stepped.log_tail(),)
+    clock_nemesis.step(timestamps, "+0")
+    wait_until(lambda: abs(clock_nemesis.clock_offset(stepped)) < 1.5, 5, "node3's clock to be set right")
+    answers = []
+
+    def refused_for_its_versions():
+        # First refused for its clock, until its peers' fresh heartbeats outnumber those from before.
+        answers.append(s.put(stepped.url + "/kv/later", json={"value": 1}, timeout=5))
+        return answers[-1].status_code == 503 and "versions are" in answers[-1].json()["message"]
+    wait_until(refused_for_its_versions, 5, "node3 to refuse writes for its versions' lead",
+               lambda: answers[-1].text if answers else "")
+    assert all(answer.status_code == 503 and answer.json()["error"] == "clock_skew" for answer in answers)
+    assert s.get(stepped.url + "/kv/" + taken[0], timeout=5).status_code == 200
+    assert stepped.health()["state"] == "clock-skew"
+    wait_until(lambda: clock_nemesis.logged(stepped, "kvresponder:discovery:versions-ahead"), 5,
+               "node3 to log versions-ahead", stepped.log_tail)
+    stepped.wait_ready(timeout=20)
+    written = s.put(stepped.url + "/kv/later", json={"value": 2}, timeout=5)
+    assert written.status_code == 201, written.text
+    assert int(written.json()["version"].split(".")[0]) <= (time.time() + 1.0) * 1000, written.text
+    for node in healthy:
+        assert abs(clock_nemesis.peer_offset(node, SKEWED) or 0.0) < 1.0
+
+
 # -- a joining node's writes ----------------------------------------------------------------------------------
 
 

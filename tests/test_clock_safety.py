@@ -7,8 +7,11 @@ The same properties are checked with real processes under libfaketime in ``tests
 """
 
 import json
+import re
 import unittest
+from contextlib import contextmanager
 
+from eliot import add_destinations, remove_destination
 from eliot.testing import LoggedMessage, capture_logging
 from twisted.internet.task import Clock
 
@@ -26,6 +29,18 @@ from .support import MemoryCluster
 
 NOW = 1_700_000_000.0
 YEAR = 365 * 24 * 3600.0
+
+
+@contextmanager
+def capture(messages: list):
+    """
+    Every Eliot message logged meanwhile, whatever its level, appended to ``messages``.
+    """
+    add_destinations(messages.append)
+    try:
+        yield
+    finally:
+        remove_destination(messages.append)
 
 
 def offsets(max_offset=0.5, forget_after=15.0):
@@ -823,3 +838,46 @@ def test_a_previous_owner_holding_the_writes_version_for_another_value_counts_as
     assert witnessed_result(Entry("k", b'"a"', version), write).newer == version
     assert witnessed_result(Entry("k", None, version), write).newer == version
     assert witnessed_result(Entry("k", b'"b"', version), write).newer is None
+
+
+def test_a_node_whose_clock_ran_ahead_and_was_set_back_takes_no_write_until_its_clock_reaches_its_versions():
+    """
+    If a node's clock runs 30 s ahead long enough to stamp a write, and is then set right before any peer marks it
+    skewed, then its versions stay 30 s ahead of its clock (they never go back): until its clock reaches them it
+    answers writes 503 ``clock_skew`` naming that lead, reports itself not ready and logs
+    ``discovery:versions-ahead``, while no peer sees its clock as off and it still serves reads. Once its clock has
+    caught up, it takes writes again, stamped from its clock, and logs ``versions-caught-up``.
+    """
+    from kvresponder.log.discovery import VERSIONS_AHEAD, VERSIONS_CAUGHT_UP
+
+    cluster = MemoryCluster(3)
+    cluster.run(seconds=2.0)
+    stepped = cluster.nodes[2]
+    cluster.wall_offsets[3] = 30.0
+    assert cluster.request("PUT", stepped, "/kv/ahead", {"value": 1})[0] == 201
+    cluster.wall_offsets[3] = 0.0
+    logged = []
+    with capture(logged):
+        cluster.run(seconds=2.0)
+        code, body = cluster.request("PUT", stepped, "/kv/k", {"value": 2})
+        assert code == 503
+        error = json.loads(body)
+        lead = float(re.search(r"versions are ([0-9.]+) s ahead of its clock", error["message"]).group(1))
+        assert error["error"] == "clock_skew" and 27.0 < lead <= 28.0, error
+        for method, path, body in (("DELETE", "/kv/ahead", None), ("POST", "/bulk", {"put": [{"key": "a", "value": 1}]}),
+                                   ("POST", "/bulk", {"delete": ["ahead"]})):
+            assert cluster.request(method, stepped, path, body)[0] == 503, (method, path)
+        assert cluster.request("GET", stepped, "/kv/ahead")[0] == 200
+        code, body = cluster.request("GET", stepped, "/health/ready")
+        assert (code, json.loads(body)["status"]) == (503, "clock-skew")
+        metrics = cluster.request("GET", stepped, "/metrics")[1].decode()
+        assert 27.0 < float(re.search(r'kv_clock_version_lead_seconds{tenant="t1"} ([0-9.]+)', metrics).group(1)) <= 28.0
+        for node in cluster.nodes:
+            assert not node.clock_offsets.skewed
+        cluster.run(seconds=30.0)
+        assert cluster.request("GET", stepped, "/health/ready")[0] == 200
+        code, body = cluster.request("PUT", stepped, "/kv/k", {"value": 3})
+        assert code == 201
+        assert int(json.loads(body)["version"].split(".")[0]) <= (cluster.clock.seconds() + 0.5) * 1000
+    types = [message["message_type"] for message in logged if "message_type" in message]
+    assert types.count(VERSIONS_AHEAD.message_type) == 1 and types.count(VERSIONS_CAUGHT_UP.message_type) == 1

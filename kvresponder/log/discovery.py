@@ -67,6 +67,17 @@ STALLED = leveled("discovery", WARNING, MessageType(
     "This node did not run for a while (a VM frozen or moved, CPU throttling, a long garbage collection, SIGSTOP): "
     "the heartbeats read just after it are not taken as samples of their senders' clocks, since they waited."))
 
+LEAD = Field.for_types("lead", [float], "How far this node's versions are ahead of its wall clock, in seconds.")
+
+VERSIONS_AHEAD = leveled("discovery", ERROR, MessageType(
+    "kvresponder:discovery:versions-ahead", [LEAD, MAX_OFFSET],
+    "The versions this node issues are further ahead of its wall clock than MAX_CLOCK_OFFSET (its clock ran ahead, "
+    "then was set back): it is not ready and coordinates no write until its wall clock reaches them."))
+
+VERSIONS_CAUGHT_UP = leveled("discovery", INFO, MessageType(
+    "kvresponder:discovery:versions-caught-up", [LEAD, MAX_OFFSET],
+    "This node's wall clock has caught up with its versions: it coordinates writes again."))
+
 CLOCK_AHEAD = leveled("discovery", WARNING, MessageType(
     "kvresponder:discovery:clock-ahead",
     [PEER, Field.for_types("offset", [float], "How far ahead its clock is, in seconds.")],

@@ -56,6 +56,19 @@ def _positive_float(text: str) -> float:
     return value
 
 
+#: The largest MAX_CLOCK_OFFSET: two nodes each within the bound of the cluster's clocks may be twice it apart, and
+#: must still take each other's heartbeats (replay window: 30 s plus the bound) and signed calls (60 s).
+MAX_CLOCK_OFFSET_LIMIT = 20.0
+
+
+def _clock_bound(text: str) -> float:
+    value = _positive_float(text)
+    if value > MAX_CLOCK_OFFSET_LIMIT:
+        raise ValueError("must be at most %g seconds: nodes twice the bound apart would refuse each other's "
+                         "heartbeats and calls" % (MAX_CLOCK_OFFSET_LIMIT,))
+    return value
+
+
 def _seconds_from_zero(text: str) -> float:
     value = float(text)
     if not (value >= 0 and value < 1e9):
@@ -227,7 +240,7 @@ OPTIONS = (
            "Seconds between anti-entropy rounds."),
     Option("peer-request-timeout", ("PEER_REQUEST_TIMEOUT",), "2", _positive_float,
            "Seconds before a peer call fails over."),
-    Option("max-clock-offset", ("MAX_CLOCK_OFFSET",), "0.5", _positive_float,
+    Option("max-clock-offset", ("MAX_CLOCK_OFFSET",), "0.5", _clock_bound,
            "Seconds this node's clock may be off the cluster's before it refuses client requests; also how far "
            "ahead a peer's versions may be for this node's clock to adopt them (twice it, for its heartbeats)."),
     Option("replication-stream", ("REPLICATION_STREAM",), "true", _bool,

@@ -572,10 +572,10 @@ def test_an_absolute_expiry_from_an_older_node_is_still_read():
 
 def test_a_ttl_written_through_a_skewed_node_ends_on_time_on_every_replica():
     """
-    If a write with a 3 s TTL goes through a node whose clock is 30 s ahead (within a bound raised to 60 s,
-    so that it still coordinates), then after 3.5 s no replica holds it.
+    If a write with a 3 s TTL goes through a node whose clock is 15 s ahead (within a bound raised to 20 s,
+    the most it may be, so that it still coordinates), then after 3.5 s no replica holds it.
     """
-    cluster = MemoryCluster(3, wall_offsets={3: 30.0}, max_clock_offset=60)
+    cluster = MemoryCluster(3, wall_offsets={3: 15.0}, max_clock_offset=20)
     cluster.run(seconds=1.0)
     key = _owned_by(cluster, "n1", "n2")
     code, _ = cluster.request("PUT", cluster.nodes[2], "/kv/" + key, {"value": 1, "ttl": 3})

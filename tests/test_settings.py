@@ -277,6 +277,7 @@ BAD_VALUES = [
     ("tombstone-grace", "TOMBSTONE_GRACE", "inf"),
     ("drain-timeout", "DRAIN_TIMEOUT", "soon"),
     ("serve-after-leaving", "SERVE_AFTER_LEAVING", "-1"),
+    ("max-clock-offset", "MAX_CLOCK_OFFSET", "20.5"),
     ("serve-after-leaving", "SERVE_AFTER_LEAVING", "nan"),
     ("max-connections", "MAX_CONNECTIONS", "0"),
     ("log-level", "LOG_LEVEL", "verbose"),
@@ -631,3 +632,12 @@ def test_a_node_may_be_told_to_stop_serving_as_soon_as_its_drain_ends():
     """
     assert load(environ={"SERVE_AFTER_LEAVING": "0"}).serve_after_leaving == 0.0
     assert load(given={"serve-after-leaving": "7.5"}).serve_after_leaving == 7.5
+
+
+def test_the_clock_bound_may_be_raised_to_20_s_and_no_further():
+    """
+    If MAX_CLOCK_OFFSET is 20 s, then it is taken; past that it is refused, with why: two nodes each within the
+    bound may be twice it apart, and past 20 s they would refuse each other's heartbeats and signed calls.
+    """
+    assert load(environ={"MAX_CLOCK_OFFSET": "20"}).max_clock_offset == 20.0
+    assert "heartbeats and calls" in error_of(environ={"MAX_CLOCK_OFFSET": "40"})

@@ -961,6 +961,10 @@ class Coordinator:
         want = limit + 1
         sources = [self.store.keys(prefix, after, want)]
         remote = [node for node in sorted(ring.nodes) if node != self.node_id]
+        # And the nodes leaving the ring: out of it, they still hold what they have not handed off yet (with one
+        # copy a key, its only copy). Not waited for as the ring's nodes are: one that has just exited would
+        # otherwise fail every listing until its peers drop it.
+        leaving = [node for node in sorted(set(self._leaving())) if node != self.node_id and node not in ring.nodes]
 
         async def from_peer(node):
             peer = self._peer_of(node)
@@ -971,7 +975,7 @@ class Coordinator:
             except PeerError:
                 return None
 
-        answers = await gather([from_peer(node) for node in remote])
+        answers = await gather([from_peer(node) for node in remote + leaving])
         missing = [node for node, answer in zip(remote, answers) if answer is None]
         if missing and self.replicas <= len(missing):
             # Every copy of some keys may sit on the nodes that did not answer.

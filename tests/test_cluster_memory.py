@@ -1337,3 +1337,26 @@ def test_a_starting_node_whose_clock_is_off_says_so_rather_than_that_it_is_start
     for code, body in (get(cluster, n4, "k"), put(cluster, n4, "k", "v")):
         assert code == 503 and json.loads(body)["error"] == "clock_skew", (code, body)
 
+
+
+def test_a_listing_includes_the_keys_a_leaving_node_has_not_handed_off_yet():
+    """
+    If, with one copy a key, a node has begun to leave (the others took it out of their rings) and has not yet
+    handed its keys off, then a listing through another node still has every key: it asks the leaving node too.
+    And once that node is gone, a listing that cannot reach it still answers, from the nodes of the ring.
+    """
+    cluster = _settled_cluster(replicas=1)
+    n1, _, n3 = cluster.nodes
+    keys = sorted("key-%02d" % (index,) for index in range(40))
+    for key in keys:
+        assert put(cluster, n1, key, key)[0] == 201
+    held = sorted(n3.store.keys("", None, 100))
+    assert held
+    n3.begin_leaving()
+    cluster.introduce()
+    assert "n3" not in n1.ring().nodes
+    code, body = cluster.request("GET", n1, "/kv?limit=1000")
+    assert code == 200 and json.loads(body)["keys"] == keys
+    cluster.kill(n3)
+    code, body = cluster.request("GET", n1, "/kv?limit=1000")
+    assert code == 200 and json.loads(body)["keys"] == sorted(set(keys) - set(held))

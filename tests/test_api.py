@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 
 from kvresponder.http.errors import APIError
 from kvresponder.http.root import build_root
-from kvresponder.http.site import KVSite
+from kvresponder.http.site import PROBE_SECONDS, PROBES_OVER_CAP, KVSite
 from kvresponder.node import Node
 
 from .support import make_settings, stub_over
@@ -908,18 +908,80 @@ def test_a_prompt_request_is_not_cut_off():
 
 
 def test_connections_over_the_cap_get_503():
+    """
+    If a connection comes over MAX_CONNECTIONS, then its request gets 503 ``too_many_connections`` once its head
+    has arrived (the whole head, so that closing does not reset the connection under the answer), and it closes.
+    """
     clock = Clock()
     site = _limited_site(clock, max_connections=2)
     first = _connect(site, clock)
     _connect(site, clock)  # the second, still within the cap
     third_protocol, third = _connect(site, clock)
     assert site.open_connections == 2
+    third_protocol.dataReceived(b"PUT /t1/kv/a HTTP/1.1\r\nHost: x\r\n")
+    assert third.value() == b""
+    third_protocol.dataReceived(b"Content-Length: 2\r\n\r\n")
     assert third.value().startswith(b"HTTP/1.1 503")
-    assert b"too_many_connections" in third.value()
+    assert b"too_many_connections" in third.value() and third.disconnecting
     # As every other answer (RFC 9110, 6.6.1).
     assert b"\r\nDate: " in third.value()
     first[0].connectionLost(None)
     assert site.open_connections == 1
+
+
+def test_a_connection_over_the_cap_that_sends_no_request_is_refused_after_a_moment():
+    clock = Clock()
+    site = _limited_site(clock, max_connections=1)
+    _connect(site, clock)
+    protocol, transport = _connect(site, clock)
+    clock.advance(PROBE_SECONDS - 0.1)
+    assert transport.value() == b""
+    clock.advance(0.2)
+    assert transport.value().startswith(b"HTTP/1.1 503") and transport.disconnecting
+    protocol.connectionLost(None)
+    assert site.probing == 0
+
+
+@pytest.mark.parametrize("method", [b"GET", b"HEAD"])
+def test_the_probes_are_answered_over_the_connection_cap(method):
+    """
+    If every connection the node takes is held by clients, then a kubelet's liveness probe still gets 200 and its
+    readiness probe the node's readiness, with their usual bodies (none for HEAD): a busy node is not restarted.
+    """
+    clock = Clock()
+    site = _limited_site(clock, max_connections=1)
+    _connect(site, clock)
+    answers = {}
+    for path in (b"/t1/health/live", b"/t1/health/ready?x=1"):
+        protocol, transport = _connect(site, clock)
+        protocol.dataReceived(method + b" " + path + b" HTTP/1.1\r\nHost: x\r\nUser-Agent: kube-probe/1.31\r\n"
+                              b"Accept: */*\r\nConnection: close\r\n\r\n")
+        head, _, body = transport.value().partition(b"\r\n\r\n")
+        answers[path] = (head.split(b" ")[1], body)
+        assert transport.disconnecting and b"Content-Length: " in head
+        protocol.connectionLost(None)
+    live_code, live_body = answers[b"/t1/health/live"]
+    ready_code, ready_body = answers[b"/t1/health/ready?x=1"]
+    assert live_code == b"200" and ready_code == b"503"  # the node here never started: not ready
+    if method == b"GET":
+        assert json.loads(live_body)["status"] == "alive" and json.loads(ready_body)["status"] == "starting"
+    else:
+        assert live_body == b"" and ready_body == b""
+    assert site.probing == 0
+
+
+def test_past_a_few_waiting_connections_over_the_cap_the_next_are_refused_unread():
+    """
+    If more connections come over the cap than it reads for a probe at once, then the next ones get their 503
+    at once, unread: a flood over the cap is not held open.
+    """
+    clock = Clock()
+    site = _limited_site(clock, max_connections=1)
+    _connect(site, clock)
+    waiting = [_connect(site, clock) for _ in range(PROBES_OVER_CAP)]
+    assert all(transport.value() == b"" for _, transport in waiting)
+    _, refused = _connect(site, clock)
+    assert refused.value().startswith(b"HTTP/1.1 503") and refused.disconnecting
 
 
 def test_oversized_headers_are_refused():

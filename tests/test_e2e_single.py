@@ -390,8 +390,8 @@ def _wait_until_alone(node, timeout: float = 20.0) -> None:
 
 def test_answers_given_before_a_request_is_read_are_counted_with_the_requests(log_dir):
     """
-    A connection over MAX_CONNECTIONS gets its 503 before any request is read, and bytes that are not HTTP get a
-    400 from Twisted's parser: both count in ``kv_http_requests_total`` (method ``none``, routes ``refused`` and
+    A connection over MAX_CONNECTIONS gets its 503 once its request head is read (unless it is a probe), and bytes
+    that are not HTTP get a 400 from Twisted's parser: both count in ``kv_http_requests_total`` (method ``none``, routes ``refused`` and
     ``malformed``), so that the error-rate alert, which reads the 5xx there, sees a node turning clients away;
     and not in the latency histogram.
     """
@@ -401,10 +401,16 @@ def test_answers_given_before_a_request_is_read_are_counted_with_the_requests(lo
         address = ("127.0.0.1", node.port)
         held = [socket.create_connection(address, timeout=5) for _ in range(2)]
         with socket.create_connection(address, timeout=5) as third:
+            third.sendall(b"GET /solo/kv/a HTTP/1.1\r\nHost: x\r\n\r\n")
             answer = third.recv(4096)
         assert answer.startswith(b"HTTP/1.1 503") and b"too_many_connections" in answer, answer
         with socket.create_connection(address, timeout=5) as fourth:
+            fourth.sendall(b"GET /solo/health HTTP/1.1\r\nHost: x\r\n\r\n")
             assert fourth.recv(4096).startswith(b"HTTP/1.1 503")
+        # The kubelet's probes are answered over the cap, and counted under their routes.
+        with socket.create_connection(address, timeout=5) as probe:
+            probe.sendall(b"GET /solo/health/live HTTP/1.1\r\nHost: x\r\nUser-Agent: kube-probe/1.31\r\n\r\n")
+            assert probe.recv(4096).startswith(b"HTTP/1.1 200")
         held[0].sendall(b"GET /solo/health HTTP/1.1\r\nHost: x\r\nbad header line\r\n\r\n")
         assert held[0].recv(4096).startswith(b"HTTP/1.1 400")
         for sock in held:

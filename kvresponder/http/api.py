@@ -641,7 +641,7 @@ class PublicAPI:
         """
         Liveness: 200 while the reactor turns. Kubernetes restarts the pod when this fails.
         """
-        return {"status": "alive", "node": self._node.node_id}
+        return self.liveness()
 
     @json_route(app, "/health/ready", ["GET", "HEAD"], read=True)
     def ready(self, request):
@@ -649,8 +649,22 @@ class PublicAPI:
         Readiness: 200 once the node has joined and loaded its share; 503 while starting or draining, so
         Kubernetes routes no client to it.
         """
+        return self.readiness()
+
+    def liveness(self):
+        return 200, {"status": "alive", "node": self._node.node_id}
+
+    def readiness(self):
         state = self._node.readiness()
         return (200 if state == "ready" else 503), {"status": state, "node": self._node.node_id}
+
+    def probes(self):
+        """
+        The probes' routes (below the tenant) and their answers, ``(status, JSON-able)``: what a connection over
+        the cap is still answered (:class:`~kvresponder.http.site.KVSite`), for the kubelet must not restart a
+        busy node, nor send it clients by a stale answer.
+        """
+        return {"/health/live": self.liveness, "/health/ready": self.readiness}
 
     @json_route(app, "/peers", ["GET", "HEAD"], read=True)
     def peers(self, request):

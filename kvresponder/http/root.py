@@ -119,11 +119,14 @@ class RootResource(Resource):
     :param guard: the :class:`~kvresponder.http.peerguard.PeerGuard` of the internal routes, or ``None``.
     """
 
-    def __init__(self, tenant: str, tenant_resource: Resource, guard: Optional[PeerGuard] = None) -> None:
+    def __init__(self, tenant: str, tenant_resource: Resource, guard: Optional[PeerGuard] = None,
+                 probes=None) -> None:
         Resource.__init__(self)
         self._tenant = tenant.encode("ascii")
         self._tenant_resource = tenant_resource
         self._guard = guard
+        #: The probes' routes below the tenant, and their answers (``PublicAPI.probes``).
+        self._probes = dict(probes or {})
         self._elsewhere = _NotFound("This node serves tenant %r only; use /%s/." % (tenant, tenant))
 
     def getChildWithDefault(self, path: bytes, request):
@@ -161,6 +164,13 @@ class RootResource(Resource):
         """
         return [(b"/" + self._tenant + b"/kv/", self._tenant_resource.kv)]
 
+    def probes(self):
+        """
+        The probes' full paths, each with its route and its answer, for :class:`~kvresponder.http.site.KVSite` to
+        answer over its connection cap.
+        """
+        return {b"/" + self._tenant + route.encode("ascii"): (route, answer) for route, answer in self._probes.items()}
+
     def fast_lane_route(self):
         """
         The prefix of the kv routes and the operations that answer them, for the site's fast lane
@@ -184,4 +194,4 @@ def build_root(node, authenticator=None) -> RootResource:
     tenant = TenantResource(KVResource(node), public.resource(), InternalAPI(node, guard).resource(),
                             CopyStreamResource(node, guard), public.body_limit_for,
                             VALUE if guard.closed else INTERNAL)
-    return RootResource(node.settings.tenant, tenant, guard)
+    return RootResource(node.settings.tenant, tenant, guard, public.probes())

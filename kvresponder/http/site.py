@@ -466,6 +466,12 @@ class _Cork:
 _CORK_LIMIT = 64 * 1024
 
 
+def _refusal(site) -> bytes:
+    body = error_body("too_many_connections", "The server has too many open connections; retry later.")
+    return (b"HTTP/1.1 503 Service Unavailable\r\n%sContent-Type: application/json\r\nConnection: close\r\n"
+            b"Retry-After: 1\r\nContent-Length: %d\r\n\r\n%s" % (_date_line(site), len(body), body))
+
+
 class _Refuse(Protocol):
     """
     Answers 503 and hangs up, for connections over the cap.
@@ -475,11 +481,79 @@ class _Refuse(Protocol):
         self._site = site
 
     def connectionMade(self):
-        body = error_body("too_many_connections", "The server has too many open connections; retry later.")
-        self.transport.write(
-            b"HTTP/1.1 503 Service Unavailable\r\n%sContent-Type: application/json\r\nConnection: close\r\n"
-            b"Retry-After: 1\r\nContent-Length: %d\r\n\r\n%s" % (_date_line(self._site), len(body), body))
+        self._site.refused(str(self.transport.getPeer()))
+        self.transport.write(_refusal(self._site))
         self.transport.loseConnection()
+
+
+#: Connections over the cap read at once for a probe (:class:`_ProbeOverCap`); the ones past them are refused at
+#: once, unread, so that a flood of connections over the cap is not held open.
+PROBES_OVER_CAP = 8
+#: The most bytes, and seconds, a connection over the cap is read for its request head.
+PROBE_HEAD_BYTES = 4096
+PROBE_SECONDS = 2.0
+
+
+class _ProbeOverCap(Protocol):
+    """
+    A connection over the cap, read for its request head: the probes' routes (liveness, readiness) are answered as
+    always, anything else 503 ``too_many_connections``. A kubelet's probe must not fail because clients hold every
+    connection the node takes: it would restart a busy, healthy node, and a cache loses its data on a restart.
+    The whole head is read before the answer, so that closing does not reset the connection under it.
+    """
+
+    def __init__(self, site, probes) -> None:
+        self._site = site
+        self._probes = probes
+        self._head = b""
+        self._timer = None
+
+    def connectionMade(self):
+        self._site.probing += 1
+        self._timer = self._site.reactor.callLater(PROBE_SECONDS, self._refuse)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._timer is None:
+            return
+        self._head += data
+        end = self._head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._head) > PROBE_HEAD_BYTES:
+                self._refuse()
+            return
+        method, _, rest = self._head[:end].partition(b" ")
+        target = rest.partition(b" ")[0].partition(b"?")[0]
+        probe = self._probes.get(target) if method in (b"GET", b"HEAD") else None
+        if probe is None:
+            self._refuse()
+            return
+        route, answer = probe
+        status, value = answer()
+        body = json.dumps(value, separators=(",", ":")).encode("utf-8")
+        self._end(b"HTTP/1.1 %d %s\r\n%sContent-Type: application/json\r\nConnection: close\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (status, RESPONSES[status], _date_line(self._site), len(body),
+                                                     b"" if method == b"HEAD" else body))
+        if self._site.metrics is not None:
+            self._site.metrics.count_request(method_name(method), route, status)
+
+    def _refuse(self) -> None:
+        self._site.refused(str(self.transport.getPeer()))
+        self._end(_refusal(self._site))
+
+    def _end(self, answer: bytes) -> None:
+        if self._timer is None:
+            return
+        if self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self.transport.write(answer)
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason=None) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._site.probing -= 1
 
 
 #: Seconds a connection refused for its body's size goes on reading what the client still sends, before it closes.
@@ -1075,6 +1149,10 @@ class KVSite(Site):
         #: The kv routes' fast lane (:mod:`~kvresponder.http.fastlane`), where the root offers one. Not with
         #: tracing on: every traced request needs its span, which Twisted's path gives it.
         self.lane = None
+        #: The probes' full paths, with their routes and answers, answered over the connection cap.
+        self.probes = getattr(resource, "probes", lambda: {})()
+        #: Connections over the cap being read for a probe.
+        self.probing = 0
         lane_route = getattr(resource, "fast_lane_route", None)
         if fast_lane and lane_route is not None and self.tracing is None:
             prefix, operations = lane_route()
@@ -1086,6 +1164,15 @@ class KVSite(Site):
     @property
     def open_connections(self) -> int:
         return len(self.open_channels)
+
+    def refused(self, client: str) -> None:
+        """
+        A connection over the cap was answered 503 ``too_many_connections``.
+        """
+        HTTP_REJECTED.log(reason="connection cap %d reached" % (self.max_connections,), client=client)
+        if self.metrics is not None:
+            # Counted with the requests, whose 5xx share the error-rate alert watches: no request was read.
+            self.metrics.count_request(UNREAD_METHOD, "refused", 503)
 
     def body_limit_for(self, target: bytes, method: bytes, headers=None, length: Optional[int] = None) -> int:
         """
@@ -1149,10 +1236,8 @@ class KVSite(Site):
 
     def buildProtocol(self, addr):
         if self.open_connections >= self.max_connections:
-            HTTP_REJECTED.log(reason="connection cap %d reached" % (self.max_connections,), client=str(addr))
-            if self.metrics is not None:
-                # Counted with the requests, whose 5xx share the error-rate alert watches: no request was read.
-                self.metrics.count_request(UNREAD_METHOD, "refused", 503)
+            if self.probes and self.probing < PROBES_OVER_CAP:
+                return _ProbeOverCap(self, self.probes)
             return _Refuse(self)
         channel = Site.buildProtocol(self, addr)
         channel.totalHeadersSize = self.max_header_bytes

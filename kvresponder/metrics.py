@@ -172,6 +172,7 @@ _LIVE_GAUGES = (
 _LIVE_COUNTERS = (
     ("kv_log_lines_dropped", "Log lines dropped because the log stream (stdout's reader, LOG_FILE's disk) fell "
                              "behind or failed; the node kept serving."),
+    ("kv_trace_spans_failed", "Trace spans the exporter could not send to the collector (lost)."),
 )
 
 

@@ -9,6 +9,7 @@ import ipaddress
 import re
 import secrets
 import socket
+import urllib.parse
 import zlib
 from dataclasses import dataclass, field, fields
 from typing import Callable, Dict, Mapping, Optional
@@ -74,6 +75,15 @@ def _seconds_from_zero(text: str) -> float:
     if not (value >= 0 and value < 1e9):
         raise ValueError("must be a number of seconds, 0 or more")
     return value
+
+
+def _http_url(text: str) -> str:
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in text):
+        raise ValueError("must be the collector's http:// or https:// URL (e.g. http://jaeger:4318)")
+    if parts.port == 0:  # reading it raises ValueError for a port that is not a number
+        raise ValueError("must name a port above 0")
+    return text
 
 
 def _int_in(low: int, high: int) -> Callable[[str], int]:
@@ -255,7 +265,7 @@ OPTIONS = (
     Option("log-buffer", ("LOG_BUFFER",), "16Mi", _size(64 * 1024, 1024 * 1024 * 1024),
            "Bytes of log lines held while the log stream falls behind (Ki/Mi/Gi); past it, lines are dropped "
            "and counted."),
-    Option("otlp-endpoint", ("JAEGER_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"), None, _text,
+    Option("otlp-endpoint", ("JAEGER_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"), None, _http_url,
            "OTLP/HTTP endpoint for traces (e.g. http://jaeger:4318)."),
     Option("cluster-secret", ("CLUSTER_SECRET",), None, _secret,
            "Shared secret authenticating discovery and peer calls.", secret=True),

@@ -241,6 +241,7 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
                 collect=reclaimer(reactor), stream_endpoint=endpoints.endpoint,
                 monotonic=time.monotonic, end_of_turn=end_of_turn)
     node.metrics.register_counter("kv_log_lines_dropped", lambda: writer.dropped)
+    node.metrics.register_counter("kv_trace_spans_failed", lambda: tracing.spans_failed)
 
     site = KVSite(build_root(node, node.authenticator), reactor, tracing=tracing,
                   metrics=node.metrics, log_policy=policy, body_limit=settings.max_value_size,

@@ -8,6 +8,7 @@ and only when ``JAEGER_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set. Wit
 exists and the request path skips tracing entirely.
 """
 
+import logging
 import threading
 from contextlib import contextmanager
 from typing import Dict, Optional
@@ -23,6 +24,66 @@ _OTHER_METHOD = "_OTHER"
 #: shutdown waits for the exporter, which waits up to its own timeout (5 s) for a collector that does not
 #: answer: longer than the chart leaves a stopping pod after its drain and its wait for requests.
 SHUTDOWN_TIMEOUT = 0.5
+#: Seconds between two log lines about spans the exporter failed to send: it tries every second while a collector
+#: is down.
+FAILURE_LOG_EVERY = 60.0
+
+
+class _LastWords(logging.Handler):
+    """
+    Keeps the last message the OpenTelemetry SDK logged (why an export failed: a refused connection, a bad
+    answer), for the node's own line about the failure; the SDK would otherwise write one to stderr each try.
+    """
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self, logging.WARNING)
+        self.last = ""
+
+    def emit(self, record) -> None:
+        try:
+            self.last = record.getMessage()[:300]
+        except Exception:
+            self.last = str(record.msg)[:300]
+
+
+def _sdk_last_words() -> _LastWords:
+    """
+    The one handler that keeps the SDK's last message, installed on its logger (the first time) instead of stderr.
+    """
+    sdk_log = logging.getLogger("opentelemetry")
+    for handler in sdk_log.handlers:
+        if isinstance(handler, _LastWords):
+            return handler
+    handler = _LastWords()
+    sdk_log.addHandler(handler)
+    sdk_log.propagate = False
+    return handler
+
+
+class _ReportingExporter:
+    """
+    A span exporter whose failed exports are reported (``failed(count)``, called in the exporter's thread).
+    """
+
+    def __init__(self, exporter, failed) -> None:
+        self._exporter = exporter
+        self._failed = failed
+
+    def export(self, spans):
+        from opentelemetry.sdk.trace.export import SpanExportResult
+        try:
+            result = self._exporter.export(spans)
+        except Exception:
+            result = SpanExportResult.FAILURE
+        if result is not SpanExportResult.SUCCESS:
+            self._failed(len(spans))
+        return result
+
+    def shutdown(self):
+        return self._exporter.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._exporter.force_flush(timeout_millis)
 
 
 class Tracing:
@@ -31,12 +92,17 @@ class Tracing:
     :param reactor: ``IReactorThreads`` and ``IReactorTime``, for :meth:`shutdown`; needed with a provider.
     """
 
-    def __init__(self, provider=None, reactor=None) -> None:
+    def __init__(self, provider=None, reactor=None, last_words: Optional[_LastWords] = None) -> None:
         if provider is not None and reactor is None:
             raise TypeError("Tracing with a provider needs the reactor its shutdown runs on")
         self.provider = provider
         self._reactor = reactor
+        self._last_words = last_words
         self._tracer = None
+        #: Spans the exporter failed to send (a collector down or refusing): counted, and logged once a minute.
+        self.spans_failed = 0
+        self._failed_logged_at = None
+        self._failed_unlogged = 0
         if provider is not None:
             from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
             self._tracer = provider.get_tracer("kvresponder")
@@ -69,8 +135,27 @@ class Tracing:
         if exporter is None:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
             exporter = OTLPSpanExporter(endpoint=traces_url(endpoint), timeout=5)
-        provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=1000))
-        return cls(provider, reactor)
+        # The SDK's own lines (a line each try while the collector is down) are kept back: the node says what
+        # failed, and why, in its own line (``traces-export-failed``), once a minute.
+        tracing = cls(provider, reactor, _sdk_last_words())
+        provider.add_span_processor(BatchSpanProcessor(
+            _ReportingExporter(exporter, lambda count: reactor.callFromThread(tracing.export_failed, count)),
+            schedule_delay_millis=1000))
+        return tracing
+
+    def export_failed(self, count: int) -> None:
+        """
+        ``count`` spans could not be exported (called in the reactor's thread).
+        """
+        from .log.service import TRACES_EXPORT_FAILED
+        self.spans_failed += count
+        self._failed_unlogged += count
+        now = self._reactor.seconds()
+        if self._failed_logged_at is None or now - self._failed_logged_at >= FAILURE_LOG_EVERY:
+            self._failed_logged_at = now
+            TRACES_EXPORT_FAILED.log(spans=self._failed_unlogged,
+                                     reason=self._last_words.last if self._last_words is not None else "")
+            self._failed_unlogged = 0
 
     # -- server spans ---------------------------------------------------------------------------------
 

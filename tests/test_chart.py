@@ -275,6 +275,7 @@ BAD_VALUES = {
         ["--set", "extraEnv[0].name=MAX_BODY_BUFFER", "--set", "extraEnv[0].value=128Mi"],
         r"extraEnv sets MAX_BODY_BUFFER, which the chart sets itself: set config\.maxBodyBuffer instead",
     ),
+    "a trace endpoint that is not a URL": (["--set", "config.jaegerEndpoint=localhost:4318"], r"jaegerEndpoint"),
     "a privileged http port": (["--set", "containerPorts.http=80"], r"containerPorts\.http"),
     "a privileged discovery port": (["--set", "discovery.port=999"], r"discovery\.port"),
     "drain not below grace": (

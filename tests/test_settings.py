@@ -278,6 +278,7 @@ BAD_VALUES = [
     ("drain-timeout", "DRAIN_TIMEOUT", "soon"),
     ("serve-after-leaving", "SERVE_AFTER_LEAVING", "-1"),
     ("max-clock-offset", "MAX_CLOCK_OFFSET", "20.5"),
+    ("otlp-endpoint", "JAEGER_ENDPOINT", "localhost:4318"),
     ("serve-after-leaving", "SERVE_AFTER_LEAVING", "nan"),
     ("max-connections", "MAX_CONNECTIONS", "0"),
     ("log-level", "LOG_LEVEL", "verbose"),

@@ -295,3 +295,33 @@ def test_a_collector_that_does_not_answer_delays_a_stopping_node_by_at_most_the_
         assert [m["timeout"] for m in lost] == [SHUTDOWN_TIMEOUT], lost
     finally:
         collector.close()
+
+
+def test_spans_a_refusing_collector_does_not_take_are_counted_and_logged_once_with_the_reason(cluster_factory):
+    """
+    If the collector refuses connections, then the spans lost are counted (``kv_trace_spans_failed_total``) and
+    logged in one typed line with the exporter's reason (``service:traces-export-failed``), not a line of the
+    SDK's for each try; the node serves all the while.
+    """
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    endpoint = "http://127.0.0.1:%d" % (closed.getsockname()[1],)
+    closed.close()  # nothing listens there now: every export is refused
+    cluster = cluster_factory({"JAEGER_ENDPOINT": endpoint, "CLUSTER_SECRET": ""})
+    n1 = cluster.add("n1")
+    for index in range(5):
+        assert _put_traced(n1, "r%d" % (index,), secrets.token_hex(16), secrets.token_hex(8)).status_code == 201
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and n1.metric("kv_trace_spans_failed_total") < 5:
+        time.sleep(0.2)
+    assert n1.metric("kv_trace_spans_failed_total") >= 5
+    deadline = time.monotonic() + 5
+    failed = []
+    while time.monotonic() < deadline and not failed:
+        failed = [m for m in n1.log_messages() if m.get("message_type") == "kvresponder:service:traces-export-failed"]
+        time.sleep(0.2)
+    assert len(failed) == 1 and failed[0]["spans"] >= 1 and failed[0]["reason"], failed
+    sdk_lines = [m for m in n1.log_messages() if m.get("message_type") == "twisted:log"
+                 and "export" in m.get("message", "").lower()]
+    assert sdk_lines == []
+    assert n1.put("after", 1).status_code in (200, 201)

@@ -29,6 +29,13 @@ TRACES_UNEXPORTED = leveled("service", WARNING, MessageType(
     "The tracer had not exported its last spans when the stopping node's time for it ran out (its collector "
     "did not answer in time): those spans are lost."))
 
+TRACES_EXPORT_FAILED = leveled("service", WARNING, MessageType(
+    "kvresponder:service:traces-export-failed",
+    [Field.for_types("spans", [int], "Spans lost since the last such line (they are not sent again)."),
+     Field.for_types("reason", [str], "The exporter's last word on why, if it gave one.")],
+    "The trace exporter could not send spans to the collector (JAEGER_ENDPOINT): logged at most once a minute; "
+    "kv_trace_spans_failed_total counts them all."))
+
 INSECURE = leveled("service", WARNING, MessageType(
     "kvresponder:service:insecure", [Field.for_types("reason", [str], "What is unprotected.")],
     "A protection is off."))

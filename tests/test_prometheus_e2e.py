@@ -3,6 +3,7 @@ The real Prometheus server scraping two real nodes, with the chart's alert rules
 series carry the tenant, and killing a node fires KVResponderDown.
 """
 
+import json
 import os
 import re
 import signal
@@ -155,6 +156,26 @@ def test_prometheus_scrapes_tenant_series_and_fires_down_alert_when_a_node_dies(
         wait_until(lambda: not [a for a in prometheus.alerts() if a["labels"]["alertname"] == "KVResponderDown"],
                    10, "no KVResponderDown while both nodes are healthy", lambda: repr(prometheus.alerts()))
 
+        # A healthy tenant's error panels show 0, not "No data" (which looks like a broken scrape): the 5xx
+        # series exist only once some node has answered a 5xx.
+        for _ in range(3):
+            n1.put("prom-key", {"v": 2})
+        # (The readiness probes' 503s while the nodes joined are not clients' requests: the panels leave them out.)
+        assert not prometheus.query('kv_http_requests_total{status=~"5..", route!~"/health.*|/metrics|/_internal/.*"}')
+        for title, expr in dashboard_panels(("5xx ratio", "Request rate by status class")):
+            expr = (expr.replace("$namespace", NAMESPACE).replace("$tenant", TENANT)
+                    .replace("$__rate_interval", "5s"))
+
+            def answered(expr=expr):
+                # Clients' traffic within the rate's window: with none at all a ratio is 0/0.
+                n1.put("prom-key", {"v": 3})
+                values = prometheus.query(expr)
+                return values if values and all(value["value"][1] != "NaN" for value in values) else None
+            values = wait_until(answered, 10, "%s: %s" % (title, expr))
+            assert all(float(value["value"][1]) >= 0 for value in values), (title, values)
+            if "5.." in expr.split(" / ")[0]:
+                assert [float(value["value"][1]) for value in values] == [0.0], (title, expr, values)
+
         n2.kill()
         # up == 0 for the killed target: the target_down rule of KVResponderDown, naming the pod.
         firing = wait_until(
@@ -169,6 +190,16 @@ def test_prometheus_scrapes_tenant_series_and_fires_down_alert_when_a_node_dies(
             prometheus.stop()
         cluster.stop()
     assert time.monotonic() - started < 90
+
+
+def dashboard_panels(titles):
+    """
+    The queries of the dashboard's panels titled ``titles``: ``(title, expr)``.
+    """
+    with open(os.path.join(REPO, "helm", "dashboards", "kv-responder.json"), encoding="utf-8") as board:
+        panels = json.load(board)["panels"]
+    return [(panel["title"], target["expr"]) for panel in panels if panel.get("title") in titles
+            for target in panel.get("targets", [])]
 
 
 def documented_scrape_job() -> dict:

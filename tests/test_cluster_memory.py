@@ -1360,3 +1360,28 @@ def test_a_listing_includes_the_keys_a_leaving_node_has_not_handed_off_yet():
     cluster.kill(n3)
     code, body = cluster.request("GET", n1, "/kv?limit=1000")
     assert code == 200 and json.loads(body)["keys"] == sorted(set(keys) - set(held))
+
+
+def test_a_bulk_write_that_misses_its_quorum_says_so_per_item_with_a_code_and_a_message():
+    """
+    If a bulk put and delete cannot store enough copies (an explicit write quorum of 2 with one node of three
+    left), then each failed item has status 503, the code ``unavailable`` in ``error`` (as every other error
+    body has a code there) and the reason in ``message``; and the answer matches the API's schema.
+    """
+    from jsonschema import Draft202012Validator
+
+    from .test_openapi import SPEC_PATH
+
+    with open(SPEC_PATH, encoding="utf-8") as handle:
+        spec = json.load(handle)
+    cluster = _settled_cluster(write_quorum=2)
+    n1, n2, n3 = cluster.nodes
+    cluster.kill(n2)
+    cluster.kill(n3)
+    code, body = cluster.request("POST", n1, "/bulk", {"put": [{"key": "a", "value": 1}], "delete": ["b"]})
+    assert code == 200, body
+    answer = json.loads(body)
+    for item in answer["put"] + answer["delete"]:
+        assert item["status"] == 503 and item["error"] == "unavailable", item
+        assert "copies" in item["message"], item
+    Draft202012Validator({"components": spec["components"], "$ref": "#/components/schemas/BulkResult"}).validate(answer)

@@ -843,7 +843,7 @@ def _put_answers(writes, written, metrics) -> bytes:
     nodes: dict = {}
     for (key, _, _), result in zip(writes, written):
         if isinstance(result, Unavailable):
-            puts.append(json_bytes({"key": key, "status": 503, "error": str(result)}))
+            puts.append(json_bytes({"key": key, "status": 503, "error": "unavailable", "message": str(result)}))
             continue
         if result.created:
             created += 1
@@ -866,7 +866,7 @@ def _delete_answers(keys, deleted, metrics) -> bytes:
     existed = missed = 0
     for key, result in zip(keys, deleted):
         if isinstance(result, Unavailable):
-            deletes.append(json_bytes({"key": key, "status": 503, "error": str(result)}))
+            deletes.append(json_bytes({"key": key, "status": 503, "error": "unavailable", "message": str(result)}))
         elif result.created is False:
             existed += 1
             deletes.append(b'{"key":' + json_key(key) + b',"status":200}')

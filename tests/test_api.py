@@ -1244,18 +1244,36 @@ def test_an_unknown_log_level_or_area_is_refused_in_a_sentence_and_changes_nothi
 
 
 @pytest.mark.parametrize("put, error, message", [
-    ({"key": "k", "value": 1, "tll": 5}, "invalid_body", 'Unknown field "tll"; a put takes "key", "value" and "ttl".'),
-    ({"key": "k", "ttl": 5}, "missing_value", 'Each put must have a "value".'),
+    ({"key": "k", "value": 1, "tll": 5}, "invalid_body",
+     'put[1]: Unknown field "tll"; a put takes "key", "value" and "ttl".'),
+    ({"key": "k", "ttl": 5}, "missing_value", 'put[1]: Each put must have a "value".'),
 ])
-def test_a_bulk_put_with_a_wrong_field_is_refused_naming_a_puts_fields(api, put, error, message):
+def test_a_bulk_put_with_a_wrong_field_is_refused_naming_the_put_and_a_puts_fields(api, put, error, message):
     """
-    If one put of a bulk body has an unknown field or no value, then the 400 names the fields of a put (its key
-    among them), not those of a single write's body, and nothing is stored.
+    If one put of a bulk body has an unknown field or no value, then the 400 names that put (its list and
+    index) and the fields of a put (its key among them), not those of a single write's body, and nothing is
+    stored.
     """
     code, body, _ = api.call("POST", "/bulk", {"put": [{"key": "other", "value": 1}, put]})
     assert_error(code, body, 400, error)
     assert body["message"] == message
     assert api.call("GET", "/kv/other")[0] == 404
+
+
+@pytest.mark.parametrize("bulk, error, where", [
+    ({"get": ["a", 5]}, "invalid_key", "get[1]: "),
+    ({"delete": ["a", "b", ""]}, "invalid_key", "delete[2]: "),
+    ({"put": [{"key": "a", "value": 1}, {"key": "b", "value": 1, "ttl": -1}]}, "invalid_ttl", "put[1]: "),
+    ({"put": [{"key": "x" * 300, "value": 1}]}, "invalid_key", "put[0]: "),
+])
+def test_a_bulk_request_refused_for_one_item_names_the_item(api, bulk, error, where):
+    """
+    If one item of a bulk request is bad, then the 400's message starts with the list and index of that item:
+    a request holds up to a thousand operations.
+    """
+    code, body, _ = api.call("POST", "/bulk", bulk)
+    assert_error(code, body, 400, error)
+    assert body["message"].startswith(where), body
 
 
 def test_a_number_too_small_for_a_double_is_stored_as_zero_as_documented(api):

@@ -305,6 +305,20 @@ def parse_bulk_put(item, limit: int, check_fits) -> tuple:
     return key, _fitting(check_fits, key, value, ttl), ttl
 
 
+def _each(items: list, name: str, parse) -> list:
+    """
+    ``parse`` of each of a bulk body's ``items`` (its ``name`` list); an error names the item it is about
+    (``put[3]: ...``): a request of up to a thousand operations is refused whole for one of them.
+    """
+    parsed = []
+    for index, item in enumerate(items):
+        try:
+            parsed.append(parse(item))
+        except APIError as error:
+            raise APIError(error.status, error.code, "%s[%d]: %s" % (name, index, error.message), error.headers)
+    return parsed
+
+
 def _fitting(check_fits, key: str, value: bytes, ttl: Optional[float] = None) -> bytes:
     try:
         check_fits(key, value, ttl)
@@ -740,8 +754,8 @@ class PublicAPI:
                               % (MAX_BULK_OPERATIONS,))
         limit = self._node.settings.max_key_length
         # Each key once: the answer maps keys to values, and a JSON object names each member once.
-        get_keys = list(dict.fromkeys(validate_key(key, limit) for key in gets))
-        delete_keys = [validate_key(key, limit) for key in deletes]
+        get_keys = list(dict.fromkeys(_each(gets, "get", lambda key: validate_key(key, limit))))
+        delete_keys = _each(deletes, "delete", lambda key: validate_key(key, limit))
         fits_store = self._node.coordinator.store.check_fits
         max_value = self._node.settings.max_value_size
 
@@ -754,7 +768,7 @@ class PublicAPI:
             _check_depth(value, MAX_VALUE_DEPTH)
             fits_store(key, value, ttl)
 
-        writes = [parse_bulk_put(item, limit, check_fits) for item in puts]
+        writes = _each(puts, "put", lambda item: parse_bulk_put(item, limit, check_fits))
         return self._bulk(get_keys, writes, delete_keys)
 
     async def _bulk(self, get_keys, writes, delete_keys):

@@ -868,6 +868,29 @@ def _wall_only(timestamps: str) -> dict:
     return dict(clock_nemesis.faketime_env(timestamp_file=timestamps), FAKETIME_DONT_FAKE_MONOTONIC="1")
 
 
+def _formed_with_a_steppable_wall_clock(net, tmp_path):
+    """
+    Nodes 1 and 2, and node 3 under libfaketime on its wall clock only, from a file :func:`_step_wall_clock` moves;
+    once all three are ready and formed: ``(the file, the healthy nodes, node 3)``.
+    """
+    _require_libfaketime()
+    timestamps = str(tmp_path / "faketime-node3")
+    clock_nemesis.step(timestamps, "+0")
+    healthy, stepped = _start_with_one_skewed(net, _wall_only(timestamps))
+    stepped.wait_ready()
+    net.wait_formed(healthy + [stepped])
+    return timestamps, healthy, stepped
+
+
+def _step_wall_clock(timestamps: str, node, seconds: int) -> None:
+    """
+    Set ``node``'s wall clock ``seconds`` off the host's, and wait until its answers show it.
+    """
+    clock_nemesis.step(timestamps, "%+ds" % (seconds,) if seconds else "+0")
+    wait_until(lambda: abs(clock_nemesis.clock_offset(node) - seconds) < 1.5, 5,
+               "%s's clock to be %+d s off" % (node.node_id, seconds))
+
+
 def _alive_ids(node) -> set:
     return {peer["id"] for peer in node.peers() if peer["state"] == "alive"}
 
@@ -900,14 +923,8 @@ def test_a_node_whose_wall_clock_steps_back_stays_in_its_peers_rings(net, tmp_pa
     their peers. Its timers run on the monotonic clock, and its heartbeats are told from replays by their
     sequence numbers, not their times.
     """
-    _require_libfaketime()
-    timestamps = str(tmp_path / "faketime-node3")
-    clock_nemesis.step(timestamps, "+0")
-    healthy, skewed = _start_with_one_skewed(net, _wall_only(timestamps))
-    skewed.wait_ready()
-    net.wait_formed(healthy + [skewed])
-    clock_nemesis.step(timestamps, "-20s")
-    wait_until(lambda: abs(clock_nemesis.clock_offset(skewed) + 20.0) < 1.5, 5, "node3's clock to step back")
+    timestamps, healthy, skewed = _formed_with_a_steppable_wall_clock(net, tmp_path)
+    _step_wall_clock(timestamps, skewed, -20)
     stepped = time.monotonic()
     while time.monotonic() - stepped < 8.0:
         missing = [node.node_id for node in healthy if SKEWED not in _alive_ids(node)]
@@ -924,20 +941,13 @@ def test_a_node_whose_clock_ran_ahead_and_was_set_right_stamps_no_write_ahead_un
     and is unready, though no node measures its clock as off; it still serves reads; and once its clock has
     reached its versions it is ready again and stamps writes from its clock.
     """
-    _require_libfaketime()
-    timestamps = str(tmp_path / "faketime-node3")
-    clock_nemesis.step(timestamps, "+0")
-    healthy, stepped = _start_with_one_skewed(net, _wall_only(timestamps))
-    stepped.wait_ready()
-    net.wait_formed(healthy + [stepped])
-    clock_nemesis.step(timestamps, "+10s")
-    wait_until(lambda: abs(clock_nemesis.clock_offset(stepped) - 10.0) < 1.5, 5, "node3's clock to step ahead")
+    timestamps, healthy, stepped = _formed_with_a_steppable_wall_clock(net, tmp_path)
+    _step_wall_clock(timestamps, stepped, 10)
     s = session()
     taken = [key for key in ("ahead-%d" % i for i in range(20))
              if s.put(stepped.url + "/kv/" + key, json={"value": key}, timeout=5).status_code == 201]
     assert taken, "node 3 took no write before it was seen skewed:\n%s" % (stepped.log_tail(),)
-    clock_nemesis.step(timestamps, "+0")
-    wait_until(lambda: abs(clock_nemesis.clock_offset(stepped)) < 1.5, 5, "node3's clock to be set right")
+    _step_wall_clock(timestamps, stepped, 0)
     answers = []
 
     def refused_for_its_versions():

@@ -276,6 +276,31 @@ BAD_VALUES = {
         r"extraEnv sets MAX_BODY_BUFFER, which the chart sets itself: set config\.maxBodyBuffer instead",
     ),
     "a trace endpoint that is not a URL": (["--set", "config.jaegerEndpoint=localhost:4318"], r"jaegerEndpoint"),
+    "a trace endpoint without a host": (["--set", "config.jaegerEndpoint=http://:4318"], r"jaegerEndpoint"),
+    "a trace endpoint with port 0": (["--set", "config.jaegerEndpoint=http://otel:0"], r"jaegerEndpoint"),
+    "a trace endpoint whose port is no number": (["--set", "config.jaegerEndpoint=http://otel:4318x"],
+                                                 r"jaegerEndpoint"),
+    "extraEnv setting the trace endpoint's alias while the chart sets it": (
+        ["--set", "config.jaegerEndpoint=http://otel:4318", "--set", "extraEnv[0].name=OTEL_EXPORTER_OTLP_ENDPOINT",
+         "--set", "extraEnv[0].value=http://collector:4318"],
+        r"extraEnv sets OTEL_EXPORTER_OTLP_ENDPOINT, which the chart sets itself: set config\.jaegerEndpoint instead",
+    ),
+    "a memory request over the limit": (
+        ["--set-string", "resources.limits.memory=512Mi"],
+        r"resources\.requests\.memory \(768Mi\) is more than resources\.limits\.memory \(512Mi\)",
+    ),
+    "a rollout that may neither add nor remove a pod": (
+        ["--set", "updateStrategy.rollingUpdate.maxSurge=0"],
+        r"maxSurge and maxUnavailable are both 0",
+    ),
+    "a scrape timeout longer than the interval": (
+        ["--set", "serviceMonitor.enabled=true", "--set", "serviceMonitor.interval=5s"],
+        r"serviceMonitor\.scrapeTimeout \(10s\) is longer than serviceMonitor\.interval \(5s\)",
+    ),
+    "a scrape interval that is no duration": (
+        ["--set", "serviceMonitor.enabled=true", "--set", "serviceMonitor.interval=thirty"],
+        r"serviceMonitor\.interval \(\"thirty\"\) is not a Prometheus duration",
+    ),
     "a privileged http port": (["--set", "containerPorts.http=80"], r"containerPorts\.http"),
     "a privileged discovery port": (["--set", "discovery.port=999"], r"discovery\.port"),
     "drain not below grace": (
@@ -672,7 +697,7 @@ def test_drain_timeout_is_below_grace_period_when_example_is_rendered(example):
     assert 0 < int(env_value(docs, "DRAIN_TIMEOUT")) < grace - EXIT_WAIT - DRAIN_GUARD - EXIT_FLUSH
 
 
-DEFAULT_MAX_MEMORY_PERCENT = 50
+DEFAULT_MAX_MEMORY_PERCENT = 40
 
 
 @pytest.mark.parametrize(
@@ -686,9 +711,10 @@ DEFAULT_MAX_MEMORY_PERCENT = 50
         ("268435456", 268435456 * DEFAULT_MAX_MEMORY_PERCENT // 100),
     ],
 )
-def test_max_memory_is_half_the_memory_limit_when_not_set(limit, expected):
-    """If MAX_MEMORY is not set, it is maxMemoryPercent (50 by default) of the memory limit, in bytes."""
-    docs = render("kv-responder-x", "--set", "tenant=x", "--set-string", f"resources.limits.memory={limit}")
+def test_max_memory_is_its_share_of_the_memory_limit_when_not_set(limit, expected):
+    """If MAX_MEMORY is not set, it is maxMemoryPercent (40 by default) of the memory limit, in bytes."""
+    docs = render("kv-responder-x", "--set", "tenant=x", "--set-string", f"resources.limits.memory={limit}",
+                  "--set-string", f"resources.requests.memory={limit}")
     assert int(env_value(docs, "MAX_MEMORY")) == expected
 
 
@@ -720,9 +746,18 @@ def test_the_large_cache_example_fits_its_limit_on_the_pypy_image_when_its_value
     assert store * PYPY_STORE_FACTOR + PYPY_BASELINE < _memory_limit_bytes(docs)
 
 
+def test_the_default_install_fits_its_limit_on_the_pypy_image_when_its_values_are_rewritten_all_the_time(defaults):
+    """
+    If the default install's store is full of small values rewritten all the time, then on PyPy it holds up to
+    1.5 times its budget; with PyPy's baseline and a full body buffer (64 MiB) it stays inside the memory limit.
+    """
+    store = int(env_value(defaults, "MAX_MEMORY"))
+    assert store * PYPY_STORE_FACTOR + PYPY_BASELINE + 64 * 2**20 < _memory_limit_bytes(defaults)
+
+
 def test_max_memory_percent_can_be_raised_for_a_cpython_image():
     docs = render("kv-responder-x", "--set", "tenant=x", "--set-string", "resources.limits.memory=512Mi",
-                  "--set", "config.maxMemoryPercent=75")
+                  "--set-string", "resources.requests.memory=256Mi", "--set", "config.maxMemoryPercent=75")
     assert int(env_value(docs, "MAX_MEMORY")) == 512 * 2**20 * 75 // 100
 
 
@@ -1762,6 +1797,32 @@ def test_a_release_name_no_service_can_have_is_refused_when_rendered(release):
     """
     result = _helm("template", release, str(CHART), "--set", "tenant=t1")
     assert result.returncode != 0 and "is not a DNS-1035 label" in result.stderr
+
+
+def test_a_release_whose_objects_would_take_another_releases_headless_service_name_is_refused():
+    """
+    If a release's objects would be named ``<x>-headless``, then rendering fails and says why: its Service would
+    take the name of the headless Service of release ``<x>`` in the same namespace, and the second install fails.
+    """
+    result = _helm("template", "kv-responder-cart-headless", str(CHART))
+    assert result.returncode != 0 and "ends in -headless" in result.stderr and '"kv-responder-cart"' in result.stderr
+
+
+def test_a_tenant_of_digits_set_as_a_number_is_taken_as_its_name():
+    """
+    If ``--set tenant=123`` (which Helm reads as a number), then it renders, with the tenant "123", as the docs'
+    ``--set tenant=<name>`` promises for any DNS label.
+    """
+    docs = render("kv-responder-x", "--set", "tenant=123")
+    assert env_value(docs, "TENANT") == "123"
+
+
+@pytest.mark.parametrize("interval, timeout", [("30s", "10s"), ("1m", "59s"), ("10s", "10s"), ("1m30s", "1m")])
+def test_a_scrape_timeout_within_the_interval_renders(interval, timeout):
+    docs = render("kv-responder-x", "--set", "tenant=x", "--set", "serviceMonitor.enabled=true",
+                  "--set", f"serviceMonitor.interval={interval}", "--set", f"serviceMonitor.scrapeTimeout={timeout}")
+    [endpoint] = one(docs, "ServiceMonitor")["spec"]["endpoints"]
+    assert (endpoint["interval"], endpoint["scrapeTimeout"]) == (interval, timeout)
 
 
 def test_a_cpu_target_renders_when_only_a_cpu_limit_is_set():

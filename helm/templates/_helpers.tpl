@@ -34,6 +34,8 @@ longer name is shortened with a hash so that it stays unique.
 {{- end }}
 {{- else if not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" $full) }}
 {{- fail (printf "the resource names would start with %q, which is not a DNS-1035 label (lower-case letters, digits and '-', starting with a letter): Kubernetes would refuse the Services; choose another release name or set fullnameOverride" $full) }}
+{{- else if hasSuffix "-headless" $full }}
+{{- fail (printf "the resource names would start with %q, which ends in -headless: its Service would have the name of the headless Service of a release named %q in the same namespace; choose another release name or set fullnameOverride" $full (trimSuffix "-headless" $full)) }}
 {{- end }}
 {{- $full }}
 {{- end }}
@@ -140,6 +142,24 @@ Bytes in a Kubernetes quantity (plain number, or Ki/Mi/Gi/Ti, k/K/M/G/T).
 {{- mul (int64 $num) (get $units $suffix) }}
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/*
+Seconds in a Prometheus duration ("30s", "1m30s", "500ms"); fails the render, naming the value, otherwise.
+(dict "name" <the value's name> "value" <the duration>)
+*/}}
+{{- define "kv-responder.durationSeconds" -}}
+{{- $text := toString .value }}
+{{- if not (regexMatch "^([0-9]+(ms|s|m|h|d))+$" $text) }}
+{{- fail (printf "%s (%q) is not a Prometheus duration such as 30s or 1m" .name $text) }}
+{{- end }}
+{{- $units := dict "ms" 0.001 "s" 1.0 "m" 60.0 "h" 3600.0 "d" 86400.0 }}
+{{- $total := 0.0 }}
+{{- range regexFindAll "[0-9]+(ms|s|m|h|d)" $text -1 }}
+{{- $unit := regexFind "(ms|s|m|h|d)$" . }}
+{{- $total = addf $total (mulf (float64 (trimSuffix $unit .)) (get $units $unit)) }}
+{{- end }}
+{{- $total }}
 {{- end }}
 
 {{/*

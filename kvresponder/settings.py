@@ -238,7 +238,7 @@ OPTIONS = (
     # line costs the node time that grows with the square of the cap (whole seconds of the reactor a connection
     # at a few MiB).
     Option("max-header-bytes", ("MAX_HEADER_BYTES",), "16Ki", _size(1024, 256 * 1024),
-           "Largest total size of a request's headers."),
+           "Largest request line plus headers, and of any one line of them."),
     Option("tombstone-grace", ("TOMBSTONE_GRACE",), "600", _positive_float,
            "Seconds a delete's tombstone (or an expired overwrite's) is kept."),
     Option("drain-timeout", ("DRAIN_TIMEOUT",), "20", _positive_float,

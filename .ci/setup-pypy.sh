@@ -21,8 +21,8 @@
 # caller's cwd, and read-only the resolver, the CA certificates and pip's configuration (with the local paths
 # it names), so pip inside reaches the same indexes as pip outside.
 #
-# Idempotent and cached: the root is rebuilt only when its package list changes (a minute or two cold, about 1 GB with the venv),
-# and pip then only installs what changed. A lock makes concurrent runs wait for each other.
+# Idempotent and cached: the root is rebuilt only when its package list changes (a minute or two cold, about 1 GB
+# with the venv), and pip then only installs what changed. A lock makes concurrent runs wait for each other.
 set -euo pipefail
 
 DIR="${1:-${KV_PYPY_DIR:-/var/cache/kv-pypy311}}"

@@ -1285,3 +1285,15 @@ def test_a_number_too_small_for_a_double_is_stored_as_zero_as_documented(api):
                              headers={"Content-Type": "application/json"})
     assert code == 201, body
     assert api.call("GET", "/kv/tiny")[1]["value"] == [0.0, -0.0]
+
+
+@pytest.mark.parametrize("method, path", [("POST", "//bulk"), ("GET", "//kv/a"), ("GET", "//health"),
+                                          ("GET", "//metrics")])
+def test_an_empty_segment_after_the_tenant_names_no_route(api, method, path):
+    """
+    If a path has an empty segment right after the tenant (``/t1//bulk``), then it is 404 whatever follows: it
+    used to run a bulk request while ``/t1//kv/a`` was 404. Nothing is done.
+    """
+    code, body, _ = api.call(method, path, {"put": [{"key": "e", "value": 1}]} if method == "POST" else None)
+    assert_error(code, body, 404, "not_found")
+    assert api.call("GET", "/kv/e")[0] == 404

@@ -38,6 +38,9 @@ class _NotFound(Resource):
         return write_error(request, not_found(self._message))
 
 
+_NO_ROUTE = _NotFound("No such route; try kv, health, peers, metrics or diag.")
+
+
 class _BadPath(Resource):
     isLeaf = True
 
@@ -82,6 +85,10 @@ class TenantResource(Resource):
             if request.postpath == [b"copies"]:
                 return self._copies
             return self._internal
+        if not path and request.postpath:
+            # An empty segment (``/<tenant>//bulk``) names no route: Klein, given the rest, would have served
+            # some such paths (bulk) and not others (kv).
+            return _NO_ROUTE
         # Klein routes on the path below the tenant: give it this segment back.
         request.prepath.pop()
         request.postpath.insert(0, path)
@@ -104,7 +111,7 @@ class TenantResource(Resource):
             return VALUE
         if path == b"_internal":
             return self._internal_limit
-        if self._public_limit is None:
+        if self._public_limit is None or (not path and len(segments) > 1):
             return VALUE
         return self._public_limit(segments, method)
 

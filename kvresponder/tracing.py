@@ -29,21 +29,35 @@ SHUTDOWN_TIMEOUT = 0.5
 FAILURE_LOG_EVERY = 60.0
 
 
+#: How the SDK's batch processor says it began dropping spans, its queue full (the collector too slow or down): the
+#: only sign of it outside its private state, and said once, not for each span (so they are not counted).
+#: ``tests/test_tracing.py`` fails if it changes.
+QUEUE_FULL = "Queue full"
+
+
 class _LastWords(logging.Handler):
     """
     Keeps the last message the OpenTelemetry SDK logged (why an export failed: a refused connection, a bad
-    answer), for the node's own line about the failure; the SDK would otherwise write one to stderr each try.
+    answer), for the node's own line about the failure; the SDK would otherwise write one to stderr each try. Its
+    word that its queue is full, dropping spans, goes to ``dropped()`` instead (called in the thread that ended the
+    span).
     """
 
     def __init__(self) -> None:
         logging.Handler.__init__(self, logging.WARNING)
         self.last = ""
+        self.dropped = None
 
     def emit(self, record) -> None:
         try:
-            self.last = record.getMessage()[:300]
+            message = record.getMessage()
         except Exception:
-            self.last = str(record.msg)[:300]
+            message = str(record.msg)
+        if message.startswith(QUEUE_FULL):
+            if self.dropped is not None:
+                self.dropped()
+            return
+        self.last = message[:300]
 
 
 def _sdk_last_words() -> _LastWords:
@@ -99,10 +113,13 @@ class Tracing:
         self._reactor = reactor
         self._last_words = last_words
         self._tracer = None
-        #: Spans the exporter failed to send (a collector down or refusing): counted, and logged once a minute.
+        #: Spans the exporter failed to send (a collector down or refusing): counted, and logged at most once a
+        #: minute, as is the SDK's word that its queue is full and it drops spans (a collector too slow).
         self.spans_failed = 0
         self._failed_logged_at = None
         self._failed_unlogged = 0
+        self._log_pending = None
+        self._why = ""
         if provider is not None:
             from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
             self._tracer = provider.get_tracer("kvresponder")
@@ -137,25 +154,38 @@ class Tracing:
             exporter = OTLPSpanExporter(endpoint=traces_url(endpoint), timeout=5)
         # The SDK's own lines (a line each try while the collector is down) are kept back: the node says what
         # failed, and why, in its own line (``traces-export-failed``), once a minute.
-        tracing = cls(provider, reactor, _sdk_last_words())
+        last_words = _sdk_last_words()
+        tracing = cls(provider, reactor, last_words)
+        last_words.dropped = lambda: reactor.callFromThread(tracing.spans_lost, 0, QUEUE_FULL)
         provider.add_span_processor(BatchSpanProcessor(
-            _ReportingExporter(exporter, lambda count: reactor.callFromThread(tracing.export_failed, count)),
+            _ReportingExporter(exporter, lambda count: reactor.callFromThread(tracing.spans_lost, count)),
             schedule_delay_millis=1000))
         return tracing
 
-    def export_failed(self, count: int) -> None:
+    def spans_lost(self, count: int, why: Optional[str] = None) -> None:
         """
-        ``count`` spans could not be exported (called in the reactor's thread).
+        ``count`` spans could not be exported (0: some were dropped from the full queue, how many the SDK does not
+        say), for ``why`` (by default, the SDK's last word); called in the reactor's thread. Logged at once, or
+        with those lost since, a minute after the last line.
         """
-        from .log.service import TRACES_EXPORT_FAILED
         self.spans_failed += count
         self._failed_unlogged += count
+        self._why = why if why is not None else (self._last_words.last if self._last_words is not None else "")
         now = self._reactor.seconds()
         if self._failed_logged_at is None or now - self._failed_logged_at >= FAILURE_LOG_EVERY:
-            self._failed_logged_at = now
-            TRACES_EXPORT_FAILED.log(spans=self._failed_unlogged,
-                                     reason=self._last_words.last if self._last_words is not None else "")
-            self._failed_unlogged = 0
+            self._log_lost()
+        elif self._log_pending is None:
+            self._log_pending = self._reactor.callLater(self._failed_logged_at + FAILURE_LOG_EVERY - now,
+                                                        self._log_lost)
+
+    def _log_lost(self) -> None:
+        from .log.service import TRACES_EXPORT_FAILED
+        if self._log_pending is not None and self._log_pending.active():
+            self._log_pending.cancel()
+        self._log_pending = None
+        self._failed_logged_at = self._reactor.seconds()
+        TRACES_EXPORT_FAILED.log(spans=self._failed_unlogged, reason=self._why)
+        self._failed_unlogged = 0
 
     # -- server spans ---------------------------------------------------------------------------------
 
@@ -228,6 +258,9 @@ class Tracing:
         """
         if self.provider is None:
             return succeed(True)
+        if self._log_pending is not None and self._log_pending.active():
+            self._log_pending.cancel()
+        self._log_pending = None
         reactor = self._reactor
         done: Deferred = Deferred()
 

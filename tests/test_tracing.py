@@ -193,3 +193,64 @@ def test_a_node_with_tracing_off_spares_its_replicated_writes_a_copy_of_the_cont
     on = Node(make_settings(), clock, http=None, tracing=Tracing(TracerProvider(), clock))
     assert off.coordinator._write_context() is None
     assert on.coordinator._write_context() is not None
+
+
+class _StuckExporter:
+    """
+    A span exporter whose exports wait for ``release`` and then fail, as against a collector that hangs and then
+    refuses.
+    """
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.exported = 0
+
+    def export(self, spans):
+        from opentelemetry.sdk.trace.export import SpanExportResult
+        self.release.wait(10)
+        self.exported += len(spans)
+        return SpanExportResult.FAILURE
+
+    def shutdown(self):
+        self.release.set()
+
+    def force_flush(self, timeout_millis=30000):
+        return True
+
+
+class LostSpansTests(unittest.TestCase):
+    @capture_logging(None)
+    def test_a_full_queue_and_the_spans_the_exporter_failed_are_logged_and_the_failed_ones_counted(self, logger):
+        """
+        If the collector hangs, so that the batch processor's queue fills and drops spans, and then refuses the
+        spans it was sent, then one line says at once that the queue is full (the SDK's own warning is not
+        written to stderr), ``spans_failed`` counts the spans the exporter failed to send, and those, lost within
+        the minute after that line, are logged a minute after it, not left unsaid until some later failure.
+        """
+        from .support import make_settings
+        from kvresponder.log.service import TRACES_EXPORT_FAILED
+        from kvresponder.tracing import FAILURE_LOG_EVERY, QUEUE_FULL
+
+        def lines():
+            return [m for m in logger.messages if m.get("message_type") == TRACES_EXPORT_FAILED.message_type]
+
+        reactor = _Reactor()
+        exporter = _StuckExporter()
+        tracing = Tracing.from_settings(make_settings(), "test", reactor, exporter=exporter)
+        tracer = tracing.provider.get_tracer("test")
+        made = 3000
+        for _ in range(made):
+            tracer.start_span("s").end()
+        reactor.run_from_thread()  # the SDK's word that its queue is full
+        self.assertEqual(tracing.spans_failed, 0)
+        self.assertEqual([(line["spans"], line["reason"][:len(QUEUE_FULL)]) for line in lines()], [(0, QUEUE_FULL)])
+        exporter.release.set()
+        tracing.provider.force_flush()
+        while tracing.spans_failed < exporter.exported or not reactor.from_threads.empty():
+            reactor.run_from_thread()  # each export's failure, as the exporter's thread reports it
+        self.assertTrue(0 < exporter.exported < made)
+        self.assertEqual(tracing.spans_failed, exporter.exported)
+        self.assertEqual(len(lines()), 1)
+        reactor.advance(FAILURE_LOG_EVERY)
+        self.assertEqual([line["spans"] for line in lines()], [0, exporter.exported])
+        tracing.provider.shutdown()

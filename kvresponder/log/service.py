@@ -31,10 +31,11 @@ TRACES_UNEXPORTED = leveled("service", WARNING, MessageType(
 
 TRACES_EXPORT_FAILED = leveled("service", WARNING, MessageType(
     "kvresponder:service:traces-export-failed",
-    [Field.for_types("spans", [int], "Spans lost since the last such line (they are not sent again)."),
-     Field.for_types("reason", [str], "The exporter's last word on why, if it gave one.")],
-    "The trace exporter could not send spans to the collector (JAEGER_ENDPOINT): logged at most once a minute; "
-    "kv_trace_spans_failed_total counts them all."))
+    [Field.for_types("spans", [int], "Spans the exporter failed to send since the last such line (not sent again)."),
+     Field.for_types("reason", [str], "The exporter's last word on why, or \"Queue full\": the collector was too "
+                                      "slow for the spans made, and the SDK dropped some (it does not say how many).")],
+    "The trace exporter could not send spans to the collector (JAEGER_ENDPOINT), or began dropping them from its "
+    "full queue: logged at most once a minute; kv_trace_spans_failed_total counts those it failed to send."))
 
 INSECURE = leveled("service", WARNING, MessageType(
     "kvresponder:service:insecure", [Field.for_types("reason", [str], "What is unprotected.")],

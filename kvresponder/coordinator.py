@@ -59,8 +59,8 @@ class ClockSkewed(Exception):
     def __init__(self, skew: float, bound: float, versions: bool = False) -> None:
         if versions:
             message = ("This node's versions are %.3f s ahead of its clock (its clock ran ahead and was set back), "
-                       "past MAX_CLOCK_OFFSET (%g s): it serves no read or write of keys until its clock reaches "
-                       "them; send the request to another node." % (skew, bound))
+                       "past MAX_CLOCK_OFFSET (%g s): it takes no write until its clock reaches them (reads are "
+                       "served); send the write to another node." % (skew, bound))
         else:
             message = ("This node's clock is %.3f s %s its peers' clocks, past MAX_CLOCK_OFFSET (%g s): it serves "
                        "no read or write of keys until its clock comes back; send the request to another node."

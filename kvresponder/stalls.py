@@ -31,8 +31,9 @@ class StallWatch:
 
     def __init__(self, clock, tolerance: float) -> None:
         self.clock = clock
-        self.tolerance = tolerance
-        self.interval = max(MIN_INTERVAL, tolerance / 2)
+        # Twice the shortest tick at least: with a tiny MAX_CLOCK_OFFSET, heartbeats read on time must still count.
+        self.tolerance = max(tolerance, 2 * MIN_INTERVAL)
+        self.interval = self.tolerance / 2
         self._ticked = clock.seconds()
         #: The time between the last two ticks, if the last was late: until the next.
         self._late = 0.0

@@ -1818,6 +1818,28 @@ def test_a_tenant_of_digits_set_as_a_number_is_taken_as_its_name():
     assert env_value(docs, "TENANT") == "123"
 
 
+def test_a_rollout_that_only_drops_pods_renders_with_kubernetes_default_for_the_other_bound():
+    """If maxSurge is 0 and maxUnavailable is left out, then it renders: Kubernetes takes 25% for the one left out."""
+    docs = render("kv-responder-x", "--set", "tenant=x", "--set", "updateStrategy.rollingUpdate.maxSurge=0",
+                  "--set", "updateStrategy.rollingUpdate.maxUnavailable=null")
+    assert one(docs, "Deployment")["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0}
+
+
+@pytest.mark.parametrize("endpoint, renders", [("http://jaeger:70000", False), ("http://jaeger:65535", True),
+                                               ("http://[fd00::1]:4318", True), ("https://otel/v1/traces", True)])
+def test_a_trace_endpoint_renders_when_the_node_takes_it(endpoint, renders):
+    result = _helm("template", "kv-responder-x", str(CHART), "--set", "tenant=x",
+                   "--set", f"config.jaegerEndpoint={endpoint}")
+    assert (result.returncode == 0) == renders, result.stderr
+
+
+def test_an_empty_scrape_timeout_is_left_to_prometheus():
+    docs = render("kv-responder-x", "--set", "tenant=x", "--set", "serviceMonitor.enabled=true",
+                  "--set", "serviceMonitor.scrapeTimeout=", "--set", "serviceMonitor.interval=1w")
+    [endpoint] = one(docs, "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["interval"] == "1w" and "scrapeTimeout" not in endpoint
+
+
 @pytest.mark.parametrize("interval, timeout", [("30s", "10s"), ("1m", "59s"), ("10s", "10s"), ("1m30s", "1m")])
 def test_a_scrape_timeout_within_the_interval_renders(interval, timeout):
     docs = render("kv-responder-x", "--set", "tenant=x", "--set", "serviceMonitor.enabled=true",

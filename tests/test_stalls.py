@@ -207,3 +207,15 @@ def test_a_node_stopped_for_seconds_and_continued_does_not_take_its_clock_for_sk
     stalls = [message["seconds"] for message in stalled.log_messages()
               if message.get("message_type") == "kvresponder:discovery:stalled"]
     assert max(stalls, default=0.0) >= 5.0, stalls
+
+
+def test_with_a_tiny_clock_bound_heartbeats_read_on_time_still_count():
+    """
+    If MAX_CLOCK_OFFSET is tiny (a tolerance below two of the shortest ticks), then the watch still ticks twice
+    within its tolerance: what a reactor that never stalls reads counts as fresh.
+    """
+    watch, clock = _watch(tolerance=0.001)
+    for _ in range(100):
+        clock.advance(watch.interval * 0.99)
+        assert watch.fresh()
+        watch.tick()

@@ -150,13 +150,13 @@ Seconds in a Prometheus duration ("30s", "1m30s", "500ms"); fails the render, na
 */}}
 {{- define "kv-responder.durationSeconds" -}}
 {{- $text := toString .value }}
-{{- if not (regexMatch "^([0-9]+(ms|s|m|h|d))+$" $text) }}
+{{- if not (regexMatch "^([0-9]+(ms|s|m|h|d|w|y))+$" $text) }}
 {{- fail (printf "%s (%q) is not a Prometheus duration such as 30s or 1m" .name $text) }}
 {{- end }}
-{{- $units := dict "ms" 0.001 "s" 1.0 "m" 60.0 "h" 3600.0 "d" 86400.0 }}
+{{- $units := dict "ms" 0.001 "s" 1.0 "m" 60.0 "h" 3600.0 "d" 86400.0 "w" 604800.0 "y" 31536000.0 }}
 {{- $total := 0.0 }}
-{{- range regexFindAll "[0-9]+(ms|s|m|h|d)" $text -1 }}
-{{- $unit := regexFind "(ms|s|m|h|d)$" . }}
+{{- range regexFindAll "[0-9]+(ms|s|m|h|d|w|y)" $text -1 }}
+{{- $unit := regexFind "(ms|s|m|h|d|w|y)$" . }}
 {{- $total = addf $total (mulf (float64 (trimSuffix $unit .)) (get $units $unit)) }}
 {{- end }}
 {{- $total }}

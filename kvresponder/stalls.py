@@ -34,12 +34,17 @@ class StallWatch:
         # Twice the shortest tick at least: with a tiny MAX_CLOCK_OFFSET, heartbeats read on time must still count.
         self.tolerance = max(tolerance, 2 * MIN_INTERVAL)
         self.interval = self.tolerance / 2
-        self._ticked = clock.seconds()
+        #: When it last ticked; ``None`` before its first tick (the service starting it may start seconds after
+        #: the watch was made: no stall, and nothing read before it).
+        self._ticked = None
         #: The time between the last two ticks, if the last was late: until the next.
         self._late = 0.0
 
     def tick(self) -> None:
         now = self.clock.seconds()
+        if self._ticked is None:
+            self._ticked = now
+            return
         gap, self._ticked = now - self._ticked, now
         late = gap > self.interval + self.tolerance
         self._late = gap if late else 0.0
@@ -50,6 +55,8 @@ class StallWatch:
         """
         The longest what is read now may have waited unread, in seconds.
         """
+        if self._ticked is None:
+            return 0.0
         return max(self.clock.seconds() - self._ticked, self._late)
 
     def fresh(self) -> bool:

@@ -219,3 +219,17 @@ def test_with_a_tiny_clock_bound_heartbeats_read_on_time_still_count():
         clock.advance(watch.interval * 0.99)
         assert watch.fresh()
         watch.tick()
+
+
+class StartTests(unittest.TestCase):
+    @capture_logging(None)
+    def test_a_watch_started_seconds_after_it_was_made_sees_no_stall(self, logger):
+        """
+        If the service starts the watch seconds after it was made (a slow start), then its first tick is no stall:
+        nothing is logged and what is read next is fresh.
+        """
+        watch, clock = _watch()
+        clock.advance(5.0)
+        watch.tick()
+        self.assertEqual(LoggedMessage.of_type(logger.messages, STALLED), [])
+        self.assertTrue(watch.fresh())

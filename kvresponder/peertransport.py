@@ -263,8 +263,9 @@ class _Quiet:
 
 
 _QUIET = _Quiet()
-#: The calls whose timeout makes their peer a suspect: the ones that client requests wait on.
-_SUSPECT_ON_TIMEOUT = frozenset(["apply", "get"])
+#: The calls whose timeout makes their peer a suspect: the ones that client requests wait on (a copy, a read, a
+#: listing's page: each a bounded piece of work for the peer).
+_SUSPECT_ON_TIMEOUT = frozenset(["apply", "get", "keys"])
 #: Failures on a connection the pool had kept: the peer may have restarted since. Worth one retry.
 _RETRYABLE = (ResponseFailed, RequestTransmissionFailed, RequestNotSent, ConnectionLost, ConnectionDone)
 
@@ -402,8 +403,8 @@ class PeerTransport:
                 if unreachable(error):
                     self.suspects.failed(peer, error.__class__.__name__)
                 elif op in _SUSPECT_ON_TIMEOUT and timeout is None and not waited and self._clock.seconds() >= due:
-                    # No answer in time to a call a client waits on (a copy, a read: the peer does little for
-                    # them; a long walk such as anti-entropy's may take its time). Told by the time: the call's
+                    # No answer in time to a call a client waits on (a copy, a read, a page of keys: the peer
+                    # does little for them; a long walk such as anti-entropy's may take its time). Told by the time: the call's
                     # own timeout cancels it, which treq reports as a response never received. Not a call that
                     # waited for its turn: the peer had less than the whole timeout to answer it.
                     self.suspects.timed_out(peer, due)

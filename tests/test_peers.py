@@ -864,6 +864,32 @@ def test_a_read_timed_out_makes_its_peer_a_suspect_unless_it_waited_for_its_turn
     assert prompt and prompt[0].check(PeerError) and client.transport.suspects.suspected(PEER), prompt
 
 
+def test_a_listing_page_timed_out_makes_its_peer_a_suspect_so_the_next_page_does_not_wait_for_it():
+    """
+    If a peer does not answer a listing's page of keys within the call's timeout, then it becomes a suspect, as
+    for a read: the next page's call to it fails at once, instead of waiting the whole timeout again.
+    """
+    from twisted.internet.defer import CancelledError
+
+    clock = Clock()
+    client = PeerClient(http=None, clock=clock, tenant="t1", timeout=5.0)
+    sent = []
+
+    def post(url, headers, data, timeout, peer_id=""):
+        d = Deferred()
+        sent.append(d)
+        clock.callLater(timeout, lambda: d.called or d.errback(Failure(CancelledError())))
+        return d
+    client.transport._post = post
+    first = []
+    ensureDeferred(client.keys(PEER, "", None, 11)).addBoth(first.append)
+    clock.advance(5.0)
+    assert first and first[0].check(PeerError) and client.transport.suspects.suspected(PEER), first
+    second = []
+    ensureDeferred(client.keys(PEER, "", None, 11)).addBoth(second.append)
+    assert second and second[0].check(PeerError) and len(sent) == 1, second
+
+
 @pytest.mark.parametrize("answer, named", [
     (b'{"error":"leaving","message":"..."}', "leaving"),
     (b'{"message":"no error named"}', None),

@@ -318,6 +318,15 @@ class Coordinator:
             return owners, fallbacks, self.write_quorum
         return owners, fallbacks, max(min(self.replicas, len(ordered)), 1)
 
+    def quorum(self) -> int:
+        """
+        The copies a write needs now: ``WRITE_QUORUM`` if set, else the replication factor, or as many nodes as
+        the ring holds if fewer (what :meth:`_targets` gives every key).
+        """
+        if self.write_quorum is not None:
+            return self.write_quorum
+        return max(min(self.replicas, len(self._ring())), 1)
+
     def quorum_without(self, quorum: int, leavers: AbstractSet[str]) -> int:
         """
         The copies a write that fell short of ``quorum`` needs once ``leavers`` (nodes that refused its copies

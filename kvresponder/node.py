@@ -766,6 +766,8 @@ class Node:
             "uptime_s": round(self.clock.seconds() - self.started_at, 3),
             "clock": self.clock_offsets.as_json(),
             "config": self.settings.redacted(),
+            # What ``config`` leaves to the node (a null WRITE_QUORUM, LISTEN_ADDRESS): what it does now.
+            "effective": {"listen": self.settings.listen_endpoint, "write_quorum": self.coordinator.quorum()},
             # The levels in force: ``config`` has the LOG_LEVEL the node started with, which the admin route changes.
             "log_levels": self.log_policy.levels(),
             "admin": self.admin.mode,

@@ -567,6 +567,20 @@ def test_diag_redacts_secrets():
     assert {"version", "python", "reactor", "store", "uptime_s", "open_connections"} <= set(body)
 
 
+def test_diag_says_what_the_node_does_where_its_configuration_leaves_it_to_the_node():
+    """
+    If WRITE_QUORUM and LISTEN_ADDRESS are left unset (``null`` in ``config``), then ``effective`` says what the
+    node does: the copies a write needs now (the replication factor, or the ring's size when smaller) and where
+    it listens; a WRITE_QUORUM that is set is shown as it is.
+    """
+    body = API(replicas="2").call("GET", "/diag")[1]
+    assert body["config"]["write_quorum"] is None and body["config"]["listen_address"] is None
+    assert body["effective"]["write_quorum"] == 1  # alone in its ring
+    assert body["effective"]["listen"].startswith("tcp:")
+    strict = API(replicas="2", write_quorum="2", cluster_secret="s" * 20).call("GET", "/diag")[1]
+    assert strict["effective"]["write_quorum"] == 2
+
+
 def test_if_log_levels_were_changed_at_run_time_then_diag_shows_the_levels_in_force():
     """
     If an operator raised the log levels at run time, then ``/diag`` (the node's effective configuration) shows the

@@ -1301,6 +1301,25 @@ def test_a_number_too_small_for_a_double_is_stored_as_zero_as_documented(api):
     assert api.call("GET", "/kv/tiny")[1]["value"] == [0.0, -0.0]
 
 
+@pytest.mark.parametrize("method, path", [("POST", "/bulk%2F"), ("POST", "/%2Fbulk"), ("GET", "/health%2Fready"),
+                                          ("GET", "/health/ready%2F"), ("GET", "/diag%2F"), ("GET", "/kv%2Fe"),
+                                          ("POST", "/_internal%2Fapply")])
+def test_a_slash_sent_encoded_outside_a_key_names_no_route(api, method, path):
+    """
+    If a path holds an encoded slash (``%2F``) anywhere but in a key, then it is 404: ``/t1/bulk%2F`` used to run a
+    bulk request and ``/t1/health%2Fready`` to answer the probe, while ``/t1/kv%2Fe`` was 404. Nothing is done.
+    """
+    code, body, _ = api.call(method, path, {"put": [{"key": "e", "value": 1}]} if method == "POST" else None)
+    assert_error(code, body, 404, "not_found")
+    assert api.call("GET", "/kv/e")[0] == 404
+
+
+def test_a_key_may_hold_an_encoded_slash(api):
+    assert api.put("a%2Fb", 1)[0] == 201
+    assert api.call("GET", "/kv/a%2Fb")[1]["value"] == 1
+    assert api.call("GET", "/kv/a/b")[1]["value"] == 1
+
+
 @pytest.mark.parametrize("method, path", [("POST", "//bulk"), ("GET", "//kv/a"), ("GET", "//health"),
                                           ("GET", "//metrics")])
 def test_an_empty_segment_after_the_tenant_names_no_route(api, method, path):

@@ -61,6 +61,13 @@ def _not_utf8(path: bytes, postpath) -> bool:
     return False
 
 
+def _encoded_slash(path: bytes, postpath) -> bool:
+    """
+    Whether a segment (decoded: ``%2F`` is a slash in it) holds a slash.
+    """
+    return b"/" in path or any(b"/" in segment for segment in postpath)
+
+
 class TenantResource(Resource):
     """
     Everything under ``/<tenant>/``.
@@ -81,14 +88,15 @@ class TenantResource(Resource):
             return self._kv
         if _not_utf8(path, request.postpath):
             return _BadPath()
+        if (not path and request.postpath) or _encoded_slash(path, request.postpath):
+            # An empty segment (``/<tenant>//bulk``), or a slash sent encoded (``/<tenant>/health%2Fready``),
+            # names no route: Klein, given the segments joined again, would have served some such paths (bulk,
+            # health) and not others (kv). Only a key, under kv, may hold an encoded slash.
+            return _NO_ROUTE
         if path == b"_internal":
             if request.postpath == [b"copies"]:
                 return self._copies
             return self._internal
-        if not path and request.postpath:
-            # An empty segment (``/<tenant>//bulk``) names no route: Klein, given the rest, would have served
-            # some such paths (bulk) and not others (kv).
-            return _NO_ROUTE
         # Klein routes on the path below the tenant: give it this segment back.
         request.prepath.pop()
         request.postpath.insert(0, path)
@@ -109,9 +117,11 @@ class TenantResource(Resource):
                 segment.decode("utf-8")
         except UnicodeDecodeError:
             return VALUE
+        if (not path and len(segments) > 1) or _encoded_slash(path, segments[1:]):
+            return VALUE
         if path == b"_internal":
             return self._internal_limit
-        if self._public_limit is None or (not path and len(segments) > 1):
+        if self._public_limit is None:
             return VALUE
         return self._public_limit(segments, method)
 

@@ -302,7 +302,10 @@ class LocalCluster:
                 node.signal(signal.SIGKILL)
                 node.process.wait()
         for node in running:
-            self.say("  %s (pid %d) %s" % (node.name, node.pid, describe_exit(node.process.returncode)))
+            returncode = node.process.returncode
+            # twistd ends by the signal it stopped for once it has drained: that is the stop asked for.
+            outcome = "stopped" if returncode in (0, -signal.SIGTERM) else describe_exit(returncode)
+            self.say("  %s (pid %d) %s" % (node.name, node.pid, outcome))
         return clean and self.stop_requests < 2
 
 

@@ -206,6 +206,8 @@ def test_two_node_cluster_starts_replicates_and_stops(log_dir):
         reader.join(5)
         for name, (pid, _) in nodes.items():
             assert _gone(pid), "%s (pid %d) is still running" % (name, pid)
+            # A node that drained and ended by the SIGTERM it was sent stopped as asked: no alarming "ended by".
+            assert "  %s (pid %d) stopped\n" % (name, pid) in output, "".join(output)
         for port in (base, base + 1):
             with pytest.raises(OSError):
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()

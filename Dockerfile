@@ -11,7 +11,10 @@
 # The base needs only `pypy3` or `python3` on PATH, pip (or ensurepip, which
 # installs it), and groupadd/useradd. The dependencies come from the lock file
 # of the base's interpreter, requirements/<implementation><version>.txt
-# (pypy311.txt, cpython311.txt, ...), with every file's hash checked.
+# (pypy311.txt, cpython311.txt, ...), with every file's hash checked. What is
+# built from source (the project, and zope.interface and markupsafe on PyPy) is
+# built with the build system of requirements/build.txt, hash-checked too, not
+# with what pip's build isolation would fetch unchecked.
 
 ARG PYTHON_IMAGE=pypy:3.11-slim
 
@@ -29,8 +32,10 @@ RUN PY="$(command -v pypy3 || command -v python3)" \
     && { "$PY" -m pip --version >/dev/null 2>&1 || "$PY" -m ensurepip --default-pip; } \
     && LOCK="requirements/$("$PY" -c 'import sys; print("%s%d%d" % ((sys.implementation.name,) + sys.version_info[:2]))').txt" \
     && { [ -f "$LOCK" ] || { echo "no lock file $LOCK for this interpreter: see requirements/refresh.sh" >&2; exit 1; }; } \
-    && "$PY" -m pip wheel --no-cache-dir --require-hashes --wheel-dir /wheels -r "$LOCK" \
-    && "$PY" -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+    && PIP_BREAK_SYSTEM_PACKAGES=1 "$PY" -m pip install --no-cache-dir --require-hashes --ignore-installed \
+       -r requirements/build.txt \
+    && "$PY" -m pip wheel --no-cache-dir --require-hashes --no-build-isolation --wheel-dir /wheels -r "$LOCK" \
+    && "$PY" -m pip wheel --no-cache-dir --no-deps --no-build-isolation --wheel-dir /wheels .
 
 # --- Stage 2: runtime -----------------------------------------------------
 FROM ${PYTHON_IMAGE}

@@ -11,6 +11,7 @@
 # - <implementation><major><minor>.txt (cpython311.txt, pypy311.txt, ...): the service alone, for exactly one
 #   interpreter, every line applying to it, with the sha256 of every file PyPI has of each version. The
 #   Dockerfile installs from the one matching its interpreter with --require-hashes.
+# - build.txt: pyproject.toml's build system, pinned with hashes, which the Dockerfile builds the project's wheel with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,3 +25,8 @@ trap 'rm -f "$universal"' EXIT
 "${compile[@]}" --generate-hashes --constraint requirements/test.txt setup.cfg -o "$universal"
 uv run --quiet --no-project --with packaging python3 requirements/split.py "$universal" requirements \
     cpython311 cpython312 cpython313 cpython314 pypy311
+# build.txt: the build system of pyproject.toml (pure Python, for every interpreter), with hashes: the image builds
+# the project's own wheel with it, not with whatever pip's build isolation would fetch.
+python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))' \
+    > "$universal"
+"${compile[@]}" --generate-hashes "$universal" -o requirements/build.txt

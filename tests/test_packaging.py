@@ -136,6 +136,32 @@ def test_the_image_installs_from_its_interpreters_lock_with_hashes():
     assert "ensurepip" in dockerfile
 
 
+def test_the_image_builds_the_projects_wheel_with_the_hash_checked_build_system():
+    """
+    If the image built wheels from source (the project's own; zope.interface's and markupsafe's on PyPy) in pip's
+    build isolation, then pip would fetch setuptools and wheel unpinned and unchecked: the one step of the build
+    that took files by name alone. requirements/build.txt pins every requirement of pyproject.toml's build
+    system (and what they need), each with hashes and within its specifier, and the Dockerfile installs it with
+    --require-hashes and builds every wheel without build isolation.
+    """
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as source:
+        requires = [Requirement(line) for line in tomllib.load(source)["build-system"]["requires"]]
+    pins = _pins(os.path.join("requirements", "build.txt"))
+    assert {re.sub(r"[-_.]+", "-", requirement.name).lower() for requirement in requires} <= set(pins)
+    assert all(hashes > 0 for _, hashes in pins.values())
+    for requirement in requires:
+        version, hashes = pins[re.sub(r"[-_.]+", "-", requirement.name).lower()]
+        assert hashes > 0 and requirement.specifier.contains(version), (requirement, version)
+    dockerfile = _read("Dockerfile")
+    assert re.search(r"pip install [^\n]*--require-hashes[^&]*-r requirements/build\.txt", dockerfile)
+    assert "--no-deps --no-build-isolation" in dockerfile
+    assert re.search(r"--require-hashes --no-build-isolation [^\n]*-r \"\$LOCK\"", dockerfile)
+
+
 def _bare_venv(path):
     """
     The python of a venv holding only pip and setuptools: made by Debian's own python3 (pip 23.0, from

@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Callable
 
-from eliot import add_destinations, Message
+from eliot import add_destinations
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import ensureDeferred, maybeDeferred
@@ -21,6 +21,7 @@ from twisted.python.log import ILogObserver, textFromEventDict
 from . import __version__
 from .listening import ListeningEndpoint, accept_waiting
 from .log import DEBUG
+from .log.service import TWISTED_LOG
 from .privateapi import time_reactor_by
 from .settings import OPTIONS, SettingsError, load_settings
 
@@ -77,7 +78,7 @@ class TwistedToEliot:
         text = textFromEventDict(event)
         if text is None:
             return
-        Message.log(message_type="twisted:log", message=text, error=error)
+        TWISTED_LOG.log(message=text, error=error)
 
 
 class KVResponderService(MultiService):

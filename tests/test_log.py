@@ -416,3 +416,32 @@ def test_a_peer_call_served_continues_the_callers_task_as_a_typed_action_the_lev
               and m.get("action_status") == "started"]
     assert len(served) >= expected and (expected or not served)
     assert all(m["route"].startswith("/") for m in served)
+
+
+
+def test_twisteds_own_lines_are_typed_messages_debug_only_but_its_errors_always():
+    """
+    If Twisted logs a line, then it reaches Eliot as a ``twisted:log`` message of the declared type (its fields
+    validate against it), only while the ``service`` area logs at debug; an error of Twisted's passes at any level.
+    """
+    from eliot import MemoryLogger
+    from eliot.testing import swap_logger
+
+    from kvresponder.tap import TwistedToEliot
+
+    policy = LogPolicy("info")
+    observer = TwistedToEliot(policy)
+    logger = MemoryLogger()
+    previous = swap_logger(logger)
+    try:
+        observer({"message": ("Starting factory",), "isError": 0})
+        observer({"message": ("Unhandled error",), "isError": 1})
+        policy.set_area("service", "debug")
+        observer({"message": ("Stopping factory",), "isError": 0})
+    finally:
+        swap_logger(previous)
+    lines = [m for m in logger.messages if m.get("message_type") == "twisted:log"]
+    assert [(m["message"], m["error"]) for m in lines] == [("Unhandled error", True), ("Stopping factory", False)]
+    # Each line was logged through its type, whose fields it validates against.
+    assert len(logger.serializers) == len(logger.messages) and all(logger.serializers)
+    logger.validate()

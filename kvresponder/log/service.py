@@ -54,3 +54,11 @@ LOG_LINES_DROPPED = leveled("service", WARNING, MessageType(
     [Field.for_types("lines", [int], "Lines dropped since the last such message.")],
     "The node's log stream (stdout's pipe, or LOG_FILE's disk) fell behind, or failed, and the node dropped log "
     "lines rather than wait for it: written, whatever the levels, once the stream takes lines again."))
+
+#: Not :func:`leveled`: its level is the line's own, debug, or error for Twisted's errors, and
+#: :class:`~kvresponder.tap.TwistedToEliot` lets through only what the ``service`` area's level passes.
+TWISTED_LOG = MessageType(
+    "twisted:log",
+    [Field.for_types("message", [str], "The line's text, as Twisted formatted it."),
+     Field.for_types("error", [bool], "Whether Twisted logged it as an error.")],
+    "A line Twisted itself logged, passed through.")

@@ -30,7 +30,8 @@ FAILURE_LOG_EVERY = 60.0
 
 
 #: How the SDK's batch processor says it began dropping spans, its queue full (the collector too slow or down): the
-#: only sign of it outside its private state, and said once, not for each span (so they are not counted).
+#: only sign of it outside its private state, and said at most once in 20 s (its logger drops repeats), not for each
+#: span (so they are not counted).
 #: ``tests/test_tracing.py`` fails if it changes.
 QUEUE_FULL = "Queue full"
 
@@ -39,14 +40,25 @@ class _LastWords(logging.Handler):
     """
     Keeps the last message the OpenTelemetry SDK logged (why an export failed: a refused connection, a bad
     answer), for the node's own line about the failure; the SDK would otherwise write one to stderr each try. Its
-    word that its queue is full, dropping spans, goes to ``dropped()`` instead (called in the thread that ended the
-    span).
+    word that its queue is full, dropping spans, goes to its listeners instead (called in the thread that ended the
+    span). The SDK's logger is the process's: every node's tracing in one process listens (its line does not say
+    whose queue is full).
     """
 
     def __init__(self) -> None:
         logging.Handler.__init__(self, logging.WARNING)
         self.last = ""
-        self.dropped = None
+        self._listeners: list = []
+
+    def listen(self, dropped) -> None:
+        """
+        Call ``dropped()`` each time the SDK says its queue is full, until :meth:`unlisten`.
+        """
+        self._listeners.append(dropped)
+
+    def unlisten(self, dropped) -> None:
+        if dropped in self._listeners:
+            self._listeners.remove(dropped)
 
     def emit(self, record) -> None:
         try:
@@ -54,8 +66,8 @@ class _LastWords(logging.Handler):
         except Exception:
             message = str(record.msg)
         if message.startswith(QUEUE_FULL):
-            if self.dropped is not None:
-                self.dropped()
+            for dropped in list(self._listeners):
+                dropped()
             return
         self.last = message[:300]
 
@@ -124,6 +136,12 @@ class Tracing:
             from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
             self._tracer = provider.get_tracer("kvresponder")
             self._propagator = TraceContextTextMapPropagator()
+            if last_words is not None:
+                last_words.listen(self._queue_full)
+
+    def _queue_full(self) -> None:
+        # In the thread that ended the span.
+        self._reactor.callFromThread(self.spans_lost, 0, QUEUE_FULL)
 
     @property
     def enabled(self) -> bool:
@@ -156,7 +174,6 @@ class Tracing:
         # failed, and why, in its own line (``traces-export-failed``), once a minute.
         last_words = _sdk_last_words()
         tracing = cls(provider, reactor, last_words)
-        last_words.dropped = lambda: reactor.callFromThread(tracing.spans_lost, 0, QUEUE_FULL)
         provider.add_span_processor(BatchSpanProcessor(
             _ReportingExporter(exporter, lambda count: reactor.callFromThread(tracing.spans_lost, count)),
             schedule_delay_millis=1000))
@@ -258,6 +275,8 @@ class Tracing:
         """
         if self.provider is None:
             return succeed(True)
+        if self._last_words is not None:
+            self._last_words.unlisten(self._queue_full)
         if self._log_pending is not None and self._log_pending.active():
             self._log_pending.cancel()
         self._log_pending = None

@@ -220,6 +220,36 @@ class _StuckExporter:
 
 class LostSpansTests(unittest.TestCase):
     @capture_logging(None)
+    def test_a_full_queue_is_told_to_every_nodes_tracing_in_the_process_until_it_shuts_down(self, logger):
+        """
+        If two nodes' tracing run in one process (an in-memory cluster), then the SDK's word that a queue is full
+        reaches each of them, not only the one made last (the word does not say whose queue); one that shut down
+        hears it no more.
+        """
+        from .support import make_settings
+
+        import logging
+
+        from kvresponder.tracing import QUEUE_FULL
+
+        first, second, third = _Reactor(), _Reactor(), _Reactor()
+        tracing = Tracing.from_settings(make_settings(), "test", first, exporter=_StuckExporter())
+        other = Tracing.from_settings(make_settings(node_id="n2"), "test", second, exporter=_StuckExporter())
+        gone = Tracing.from_settings(make_settings(node_id="n3"), "test", third, exporter=_StuckExporter())
+        gone.shutdown()
+        # As the SDK says it (its own logger drops a repeat within 20 s, so the test says it on a logger of its own
+        # under the SDK's, which the node's handler hears as it hears the SDK's).
+        logging.getLogger("opentelemetry.test").warning(QUEUE_FULL + ", dropping span.")
+
+        def told(reactor, tracing):
+            return [call for call in list(reactor.from_threads.queue) if call[0] == tracing.spans_lost]
+        self.assertEqual([call[1] for call in told(first, tracing)], [(0, QUEUE_FULL)])
+        self.assertEqual([call[1] for call in told(second, other)], [(0, QUEUE_FULL)])
+        self.assertEqual(told(third, gone), [])
+        for each in (tracing, other):
+            each.provider.shutdown()
+
+    @capture_logging(None)
     def test_a_full_queue_and_the_spans_the_exporter_failed_are_logged_and_the_failed_ones_counted(self, logger):
         """
         If the collector hangs, so that the batch processor's queue fills and drops spans, and then refuses the

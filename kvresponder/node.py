@@ -18,7 +18,8 @@ from twisted.internet.task import LoopingCall, deferLater
 from . import __version__
 from .admin import AdminGuard
 from .clockskew import ClockOffsets
-from .coordinator import Coordinator, gather
+from .coordinator import Coordinator
+from .deferreds import gather
 from .copystream import CopyStreams
 from .discovery import derive_key
 from .hlc import HybridLogicalClock

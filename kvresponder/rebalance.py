@@ -24,7 +24,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
-from .coordinator import gather
+from .deferreds import gather
 from .digest import blake2b_digest
 from .hlc import Version
 from .log.rebalance import DRAIN, HANDOFF, SCAN, SYNC

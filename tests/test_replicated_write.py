@@ -1416,7 +1416,7 @@ class GatherTests(unittest.TestCase):
     """
 
     def test_results_come_in_the_coroutines_order_whatever_order_they_finish_in(self):
-        from kvresponder.coordinator import gather
+        from kvresponder.deferreds import gather
 
         first, second = Deferred(), Deferred()
 
@@ -1433,7 +1433,7 @@ class GatherTests(unittest.TestCase):
 
     @capture_logging(None, encoder_=None)
     def test_an_unexpected_failure_is_logged_and_counts_as_none_without_failing_the_others(self, logger):
-        from kvresponder.coordinator import gather
+        from kvresponder.deferreds import gather
 
         async def broken():
             raise RuntimeError("a bug")
@@ -1447,7 +1447,7 @@ class GatherTests(unittest.TestCase):
 
     @capture_logging(None, encoder_=None)
     def test_an_unexpected_failure_is_logged_in_the_callers_action_not_in_what_fired_it(self, logger):
-        from kvresponder.coordinator import gather
+        from kvresponder.deferreds import gather
 
         later = Deferred()
 
@@ -1468,7 +1468,7 @@ class GatherTests(unittest.TestCase):
         self.assertEqual(logged["task_uuid"], task[0])
 
     def test_cancelling_a_gather_cancels_what_it_gathers_and_it_fires_with_none_for_each(self):
-        from kvresponder.coordinator import gather
+        from kvresponder.deferreds import gather
 
         cancelled = []
         inner = [Deferred(lambda d, i=i: cancelled.append(i)) for i in range(2)]

@@ -9,7 +9,6 @@ from . import INFO, leveled
 PEER = Field.for_types("peer", [str], "The peer's node id.")
 REASON = Field.for_types("reason", [str], "What started it.")
 SENT = Field.for_types("sent", [int], "Entries sent.")
-FAILED = Field.for_types("failed", [int], "Entries not sent.")
 
 SCAN = leveled("rebalance", INFO, ActionType(
     "kvresponder:rebalance:scan", [REASON], [Field.for_types("handed_off", [int], "Entries handed off."),

@@ -1067,7 +1067,7 @@ class _ReplicatedWrite:
                  "_witnessed", "_leavers")
 
     def __init__(self, path: WritePath, entry: Entry, op: str, waiter: Waiter, tries: int = MAX_RESTAMPS,
-                 created: Optional[bool] = None) -> None:
+                 created: Optional[bool] = None, task: Optional[str] = None, level: int = 1) -> None:
         self._path = path
         self._entry = entry
         self._op = op
@@ -1087,8 +1087,9 @@ class _ReplicatedWrite:
         #: At info outside any action: the write's own task, where each copy's line takes the next level from
         #: [2]. Level [1] is the write's root action, which only debug logs (as the request's): eliot-tree
         #: draws it as ``<unnamed>``, with every node's line under it (a line at [1] would end the task there).
-        self._task: Optional[str] = None
-        self._level = 1
+        #: A write sent again goes on in the task of its first attempt, from the level it reached.
+        self._task: Optional[str] = task
+        self._level = level
         self._entered = False
         #: The write's result (a WriteResult or an Unavailable) once every slot is done.
         self._outcome = None
@@ -1151,7 +1152,7 @@ class _ReplicatedWrite:
         try:
             if node == path.node_id:
                 if path.takes_copies():
-                    self._told(path.apply_local(self._entry, self._next_line()), node)
+                    self.told(path.apply_local(self._entry, self._next_line()), node)
                 else:
                     self._ask(node)
                 return
@@ -1166,7 +1167,7 @@ class _ReplicatedWrite:
             write_traceback()
             self._slot_done(None)
 
-    def _tell_failed(self, failure, node: str) -> None:
+    def tell_failed(self, failure, node: str) -> None:
         """
         A previous owner did not take the copy :meth:`_tell` sent (a leaving node refuses copies): it is asked.
         """
@@ -1176,7 +1177,7 @@ class _ReplicatedWrite:
         # Its answer may have settled the write inside the write's context: delivered outside it.
         self._fire()
 
-    def _told(self, result: ApplyResult, node: str) -> None:
+    def told(self, result: ApplyResult, node: str) -> None:
         """
         A previous owner's answer to a copy :meth:`_tell` sent, taken as its answer to a peek: only a version
         newer than the write's counts (what it held before, if older, may be older than the owners' newest).
@@ -1249,11 +1250,17 @@ class _ReplicatedWrite:
                 self._left(node)
             self._failover(owner, node, str(error))
 
-    def _copied(self, result: ApplyResult, node: str) -> None:
+    def copied(self, result: ApplyResult, node: str) -> None:
+        """
+        ``node`` stored the copy a :class:`_CopyWaiter` waited for.
+        """
         self._slot_done((node, result))
         self._fire()
 
-    def _copy_failed(self, failure, owner: str, node: str) -> None:
+    def copy_failed(self, failure, owner: str, node: str) -> None:
+        """
+        ``node`` did not store the copy a :class:`_CopyWaiter` waited for (sent it for ``owner``): failed over.
+        """
         if refused_as_leaving(failure.value):
             self._left(node)
         if failure.check(PeerError, Unavailable):
@@ -1369,24 +1376,29 @@ class _ReplicatedWrite:
         elif isinstance(outcome, _Again):
             # The same write, sent again, to settle the same waiter: its lines go on in the same task.
             again = _ReplicatedWrite(self._path, outcome.entry, self._op, self._waiter, self._tries - 1,
-                                     outcome.created)
-            again._task, again._level = self._task, self._level
-            # In the context the write began in, so that the next attempt stays in the request's tree; marked
-            # as entered meanwhile, so that an attempt done at once settles the waiter only after, outside it.
-            again._entered = True
-            try:
-                (self._context or Context()).run(again.start)
-            except Exception:
-                if self._waiter.called:
-                    write_traceback()
-                else:
-                    self._waiter.errback(Failure())
-                return
-            finally:
-                again._entered = False
-            again._fire()
+                                     outcome.created, self._task, self._level)
+            again.start_in(self._context or Context())
         else:
             self._waiter.callback(outcome)
+
+    def start_in(self, context: Context) -> None:
+        """
+        :meth:`start` in ``context`` (the context the first attempt began in, so that this one stays in the
+        request's tree), marked as entered meanwhile, so that an attempt done at once settles the waiter only
+        after, outside it.
+        """
+        self._entered = True
+        try:
+            context.run(self.start)
+        except Exception:
+            if self._waiter.called:
+                write_traceback()
+            else:
+                self._waiter.errback(Failure())
+            return
+        finally:
+            self._entered = False
+        self._fire()
 
 
 def _task_id_of(line: Optional[Tuple[str, List[int]]]) -> Optional[bytes]:
@@ -1434,10 +1446,10 @@ class _CopyWaiter:
             write_traceback()
 
     def _settled(self, result: ApplyResult) -> None:
-        self._write._copied(result, self._node)
+        self._write.copied(result, self._node)
 
     def _failed(self, failure: Failure) -> None:
-        self._write._copy_failed(failure, self._owner, self._node)
+        self._write.copy_failed(failure, self._owner, self._node)
 
 
 class _WitnessWaiter(_CopyWaiter):
@@ -1451,10 +1463,10 @@ class _WitnessWaiter(_CopyWaiter):
         _CopyWaiter.__init__(self, write, None, node)
 
     def _settled(self, result: ApplyResult) -> None:
-        self._write._told(result, self._node)
+        self._write.told(result, self._node)
 
     def _failed(self, failure: Failure) -> None:
-        self._write._tell_failed(failure, self._node)
+        self._write.tell_failed(failure, self._node)
 
 
 class _Again(NamedTuple):

@@ -544,8 +544,8 @@ class CopyStreamClient(Int32StringReceiver):
     MAX_LENGTH = 4 * 1024 * 1024
 
     def __init__(self, upgrade: bytes, key: Optional[bytes], clock, idle_timeout: float = IDLE_SECONDS) -> None:
-        #: Called with no argument once the connection is gone.
-        self.on_close: Optional[Callable[[], None]] = None
+        #: Called with no argument once the connection is gone (:meth:`notify_close`).
+        self._on_close: Optional[Callable[[], None]] = None
         self._upgrade = upgrade
         self._key = key
         self._clock = clock
@@ -707,10 +707,25 @@ class CopyStreamClient(Int32StringReceiver):
         self.transport.abortConnection()
         d.errback(StreamTimeout("no answer to a batch within its timeout"))
 
+    def notify_close(self, callback: Callable[[], None]) -> None:
+        """
+        Call ``callback()`` once the connection is gone.
+        """
+        self._on_close = callback
+
     def close(self) -> None:
         self.closed = True
         if self.transport is not None:
             self.transport.loseConnection()
+
+    def abandon(self) -> None:
+        """
+        Give the stream up before it opened (its upgrade failed, or the node is stopping): no batch is sent on it,
+        and its connection, if made, is aborted (at once, or as soon as it is made).
+        """
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abortConnection()
 
     def connectionLost(self, reason=None) -> None:
         self.closed = True
@@ -723,8 +738,8 @@ class CopyStreamClient(Int32StringReceiver):
             self._timer = None
         for unanswered in pending.values():
             unanswered.waiter.errback(ConnectionLost("the copy stream closed with the batch unanswered"))
-        if self.on_close is not None:
-            self.on_close()
+        if self._on_close is not None:
+            self._on_close()
 
 
 class _Noted:
@@ -901,14 +916,12 @@ class CopyStreams:
             return
         self._open[key] = stream
         STREAM_OPENED.log(peer=peer.node_id)
-        stream.on_close = lambda: self._closed(key, stream, peer)
+        stream.notify_close(lambda: self._closed(key, stream, peer))
         self._settle(key, stream)
 
     def _not_opened(self, failure, peer, key, protocol: CopyStreamClient) -> None:
         connected = protocol.transport is not None
-        protocol.closed = True
-        if connected:
-            protocol.transport.abortConnection()
+        protocol.abandon()
         refused = failure.check(StreamRefused)
         if not self._closing and (refused or (connected and failure.check(StreamUnanswered, StreamTimeout))):
             # A peer that answered, or took the connection and then failed to answer, gets HTTP requests for a
@@ -944,10 +957,9 @@ class CopyStreams:
         self._open.clear()
         for opening in list(self._opening.values()):
             protocol, attempt = opening.protocol, opening.attempt
-            protocol.closed = True
-            if protocol.transport is not None:
-                protocol.transport.abortConnection()
-            elif attempt is not None and not attempt.called:
+            connected = protocol.transport is not None
+            protocol.abandon()
+            if not connected and attempt is not None and not attempt.called:
                 attempt.cancel()
 
 

@@ -393,7 +393,7 @@ async def _raw_stream(peer, key):
                b"\r\nX-KV-Auth: " + auth.sign(b"GET", path, b"") + b"\r\n\r\n")
     protocol = CopyStreamClient(request, key, reactor)
     lost = Deferred()
-    protocol.on_close = lambda: lost.callback(None)
+    protocol.notify_close(lambda: lost.callback(None))
     await TCP4ClientEndpoint(reactor, "127.0.0.1", peer.peer.port).connect(_Build(protocol))
     await protocol.ready
     return protocol, lost

@@ -61,7 +61,8 @@ class _Server:
     def __init__(self, secret=SECRET, timeout=30.0, root=None, **overrides):
         if secret:
             overrides["cluster_secret"] = secret
-        settings = make_settings("t1", "n2", advertise_address="127.0.0.1", port="3000", **overrides)
+        settings = make_settings("t1", "n2", advertise_address="127.0.0.1", port="3000", request_timeout=str(timeout),
+                                 **overrides)
         self.node = Node(settings, reactor, http=None)
         self.site = KVSite(root or build_root(self.node, self.node.authenticator), reactor, timeout=timeout)
         self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")

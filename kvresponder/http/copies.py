@@ -17,7 +17,7 @@ idle HTTP connection would be; the caller opens another with its next write.
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from ..copystream import UPGRADE_TOKEN, CopyStreamServer, max_frame, new_nonce, upgrade_answer
+from ..copystream import UPGRADE_TOKEN, CopyStreamServer, new_nonce, upgrade_answer
 from ..log.replication import STREAM_ACCEPTED
 from .errors import APIError, bad_request, write_error
 from .peerguard import PeerGuard
@@ -28,13 +28,19 @@ class CopyStreamResource(Resource):
     """
     :param node: the :class:`~kvresponder.node.Node` whose coordinator applies the copies.
     :param guard: the :class:`~kvresponder.http.peerguard.PeerGuard` that says who may open a stream.
+    :param clock: ``IReactorTime``, for the streams' idle timeout.
+    :param int max_frame: the largest frame a stream takes (:func:`~kvresponder.copystream.max_frame`).
+    :param float idle_timeout: seconds a stream may go without a whole frame (REQUEST_TIMEOUT).
     """
 
     isLeaf = True
 
-    def __init__(self, node, guard: PeerGuard) -> None:
+    def __init__(self, node, guard: PeerGuard, clock, max_frame: int, idle_timeout: float) -> None:
         Resource.__init__(self)
         self._node = node
+        self._clock = clock
+        self._max_frame = max_frame
+        self._idle_timeout = idle_timeout
         #: Copy streams peers have open to this node now.
         self.open = 0
         node.metrics.register_gauge("kv_copy_streams_incoming", lambda: self.open)
@@ -61,9 +67,8 @@ class CopyStreamResource(Resource):
         protocol = CopyStreamServer(
             lambda entries, task_ids: apply_copies(check_entries(entries), task_ids),
             authenticator.stream_key() if authenticator is not None else None,
-            nonce, max_frame(channel.site.body_limit, channel.site.internal_body_limit), closed, address,
-            channel.site.reactor,
-            channel.site.request_deadline, wall=node.wall, takes_copies=node.takes_copies,
+            nonce, self._max_frame, closed, address, self._clock, self._idle_timeout, wall=node.wall,
+            takes_copies=node.takes_copies,
             read=lambda keys: [current(key) for key in keys])
         self.open += 1
         if not request.switch_protocols(protocol, upgrade_answer(nonce, reads=True)):

@@ -16,6 +16,18 @@ INTERNAL = "internal"
 SMALL_BODY = 64 * 1024
 
 
+#: The smallest INTERNAL limit, whatever MAX_VALUE_SIZE: a peer's batch of many small entries.
+INTERNAL_FLOOR = 64 * 1024 * 1024
+
+
+def internal_body_limit(value_limit: int, floor: int = INTERNAL_FLOOR) -> int:
+    """
+    INTERNAL's size for values of up to ``value_limit`` bytes: ``floor``, or four values if larger. The site's
+    limit for ``/_internal/*`` bodies and the copy streams' frames both follow it.
+    """
+    return max(floor, 4 * value_limit)
+
+
 def default_body_buffer(bulk_body_limit: int) -> int:
     """
     MAX_BODY_BUFFER's default: the larger of 64 MiB and two /bulk bodies (``bulk_body_limit`` each).

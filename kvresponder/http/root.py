@@ -20,7 +20,8 @@ from typing import Optional
 from twisted.web.resource import Resource
 
 from .api import KVResource, PublicAPI
-from .limits import INTERNAL, VALUE
+from ..copystream import max_frame
+from .limits import INTERNAL, VALUE, internal_body_limit
 from .copies import CopyStreamResource
 from .errors import bad_request, not_found, write_error
 from .internal import InternalAPI
@@ -205,10 +206,13 @@ def build_root(node, authenticator=None) -> RootResource:
     own (from CLUSTER_SECRET); without one they are closed, unless the node was started with
     ``--insecure-cluster``.
     """
-    guard = PeerGuard(authenticator or node.authenticator, node.settings.insecure_cluster)
+    settings = node.settings
+    guard = PeerGuard(authenticator or node.authenticator, settings.insecure_cluster)
     public = PublicAPI(node)
+    copies = CopyStreamResource(node, guard, node.clock,
+                                max_frame(settings.max_value_size, internal_body_limit(settings.max_value_size)),
+                                settings.request_timeout)
     # Internal routes closed to everyone take no more than a value: their answer is 403 whatever the body.
     tenant = TenantResource(KVResource(node), public.resource(), InternalAPI(node, guard).resource(),
-                            CopyStreamResource(node, guard), public.body_limit_for,
-                            VALUE if guard.closed else INTERNAL)
+                            copies, public.body_limit_for, VALUE if guard.closed else INTERNAL)
     return RootResource(node.settings.tenant, tenant, guard, public.probes())

@@ -31,7 +31,8 @@ from ..turn import EndOfTurn
 from .errors import APIError, error_body, write_error
 from .fastlane import ConnectionLane, FastLane
 from .hosts import host_refusal
-from .limits import BULK, INTERNAL, SMALL_BODY, VALUE, BodyBudget, default_body_buffer
+from .limits import (BULK, INTERNAL, INTERNAL_FLOOR, SMALL_BODY, VALUE, BodyBudget, default_body_buffer,
+                     internal_body_limit as internal_limit_for)
 from .peerguard import SIGNED_BY_PEER, UNSIGNED
 
 
@@ -1101,7 +1102,7 @@ class KVSite(Site):
 
     def __init__(self, resource, reactor, metrics=None, log_policy=None,
                  body_limit: int = 1024 * 1024, bulk_body_limit: Optional[int] = None,
-                 internal_body_limit: int = 64 * 1024 * 1024, max_connections: int = 1024,
+                 internal_body_limit: int = INTERNAL_FLOOR, max_connections: int = 1024,
                  timeout: float = 30.0, max_header_bytes: int = 16384, tracing=None,
                  fast_lane: bool = True, end_of_turn: Optional[EndOfTurn] = None,
                  seconds: Optional[Callable[[], float]] = None, wall: Optional[Callable[[], float]] = None,
@@ -1121,7 +1122,7 @@ class KVSite(Site):
         self.log_policy = log_policy
         self.body_limit = body_limit
         self.bulk_body_limit = bulk_body_limit or 8 * body_limit
-        self.internal_body_limit = max(internal_body_limit, 4 * body_limit)
+        self.internal_body_limit = internal_limit_for(body_limit, internal_body_limit)
         self._body_limits = {VALUE: self.body_limit, BULK: self.bulk_body_limit, INTERNAL: self.internal_body_limit}
         #: The root's own routing of a path to a body limit (``body_limit_for``); a root without one gives every
         #: request the value limit.

@@ -18,12 +18,12 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from eliot import write_traceback
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import LoopingCall
 
-from .log.discovery import (CLOCK_AHEAD, DATAGRAM_DROPPED, DISCOVERY_STARTED, HEARTBEAT_IGNORED, SEEDS_FAILED,
-                            SEEDS_RESOLVED)
+from .log.discovery import (CLOCK_AHEAD, DATAGRAM_DROPPED, DISCOVERY_STARTED, HEARTBEAT_IGNORED,
+                            HEARTBEAT_UNAUTHENTICATED, MULTICAST_FAILED, NODE_ID_TAKEN, SEEDS_FAILED, SEEDS_RESOLVED)
 from .membership import ALIVE, LEAVING, Heartbeat, Membership
 
 WIRE_VERSION = 1
@@ -33,7 +33,27 @@ MAX_DATAGRAM = 1400
 REPLAY_WINDOW = 30.0
 #: Seconds between two log lines about one peer's heartbeats refused for a clock ahead of ours.
 CLOCK_AHEAD_LOG_EVERY = 60.0
+#: Seconds between two log lines about one sender's heartbeats that failed their HMAC.
+UNAUTHENTICATED_LOG_EVERY = 600.0
+#: Seconds between two log lines about another node sending under this node's id.
+ID_TAKEN_LOG_EVERY = 60.0
 _HEX = frozenset("0123456789abcdef")
+
+
+def interface_problem(address: str) -> Optional[str]:
+    """
+    Why multicast cannot be sent out of the interface of ``address``, or ``None``: it must be an IPv4 address of
+    this host, not the wildcard (with which the kernel picks the interface by its routes, and the default route
+    may lead out of the host).
+    """
+    if address == "0.0.0.0":
+        return "0.0.0.0 names no interface"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind((address, 0))
+    except OSError as error:
+        return "%s is not an address of this host (%s)" % (address, error.strerror or error)
+    return None
 
 
 class Malformed(ValueError):
@@ -204,12 +224,16 @@ class DiscoveryProtocol(DatagramProtocol):
     :param stalls: a :class:`~kvresponder.stalls.StallWatch`, ticked by :class:`DiscoveryService`: a heartbeat
         read while it says this node was just stalled is taken in, but its time is no sample of its sender's
         clock (it waited in the socket); or ``None``, to measure every heartbeat.
+    :param bool unicast_peers: with DNS seeds: also send heartbeats (and answers to a node that asks for one) to
+        the peers heard from at addresses the seeds do not list. A seed list names a new pod only once its DNS
+        record is published and looked up again, and multicast may not reach it: until then, only what is sent
+        to its address reaches it, and it would otherwise hear no peer, serve alone, and time its peers out.
     """
 
     def __init__(self, codec: HeartbeatCodec, membership: Membership, clock, wall: Callable[[], float],
                  own_heartbeat: Callable[[], Heartbeat], group: Optional[str], interface: str, port: int,
                  ttl: int = 1, metrics=None, clock_offsets=None, max_clock_offset: Optional[float] = None,
-                 alone: bool = False, stalls=None) -> None:
+                 alone: bool = False, stalls=None, unicast_peers: bool = False) -> None:
         self.codec = codec
         self.membership = membership
         self.clock = clock
@@ -223,10 +247,15 @@ class DiscoveryProtocol(DatagramProtocol):
         self.clock_offsets = clock_offsets
         self.max_clock_offset = max_clock_offset
         self.stalls = stalls
+        self.unicast_peers = unicast_peers
+        #: Whether heartbeats go to the group: not if the outgoing interface could not be set.
+        self._to_group = group is not None
+        #: When a warning was last logged, by what it is about: a sender's address, or a duplicate node id.
+        self._warned: Dict[Tuple[str, str], float] = {}
         self.seeds: Set[str] = set()
         self._reply_pending = None
-        #: Without a multicast group, the nodes that asked for an answer: it goes to each of them too, since
-        #: this node's DNS seeds name a new pod only from their next lookup.
+        #: Without a multicast group, or with ``unicast_peers``, the nodes that asked for an answer: it goes to each
+        #: of them too, since this node's DNS seeds name a new pod only from their next lookup.
         self._reply_to: Set[str] = set()
         self._last_timestamps: Dict[Tuple[str, int], float] = {}
         #: When this node started: its floors of sequence numbers (above) begin empty, so a signed heartbeat from
@@ -243,11 +272,23 @@ class DiscoveryProtocol(DatagramProtocol):
     def startProtocol(self):
         if self.group is None:
             return None
-        # Never let the kernel pick the interface: its default route may lead out of the host.
-        self.transport.setOutgoingInterface(self.interface)
+        # Never let the kernel pick the interface: its default route may lead out of the host. An interface that
+        # cannot be set (not an address of this host) stops the heartbeats to the group, not just this call.
+        try:
+            outgoing = self.transport.setOutgoingInterface(self.interface)
+        except Exception:
+            outgoing = fail()
+        outgoing.addErrback(self._multicast_failed)
         self.transport.setTTL(self.ttl)
         self.transport.setLoopbackMode(True)
-        return self.transport.joinGroup(self.group, self.interface)
+        joined = self.transport.joinGroup(self.group, self.interface)
+        joined.addErrback(self._multicast_failed)
+        return joined
+
+    def _multicast_failed(self, failure) -> None:
+        if self._to_group:
+            self._to_group = False
+            MULTICAST_FAILED.log(interface=self.interface, reason=str(failure.value)[:200])
 
     def use_seeds(self, addresses: Set[str]) -> bool:
         """
@@ -272,9 +313,12 @@ class DiscoveryProtocol(DatagramProtocol):
         self._sent += 1
         data = self.codec.encode(beat, want_reply, self.wall(), self._sent)
         targets = []
-        if self.group is not None:
+        if self._to_group:
             targets.append(self.group)
-        targets.extend(sorted((self.seeds | self._reply_to) - {beat.address}))
+        unicast = self.seeds | self._reply_to
+        if self.unicast_peers:
+            unicast = unicast | {peer.address for peer in self.membership.alive_peers()}
+        targets.extend(sorted(unicast - {beat.address}))
         self._reply_to = set()
         for address in targets:
             self._send(data, address)
@@ -302,8 +346,17 @@ class DiscoveryProtocol(DatagramProtocol):
             beat, want_reply, timestamp, sequence = self.codec.decode_sequenced(data)
         except Malformed as error:
             self._drop(error.result, str(error), address)
+            if error.result == "bad_mac":
+                self._warn("unauthenticated", address[0], UNAUTHENTICATED_LOG_EVERY,
+                           lambda: HEARTBEAT_UNAUTHENTICATED.log(source="%s:%s" % tuple(address[:2])))
             return
         if beat.node_id == self.membership.node_id:
+            if beat.incarnation != self.own_heartbeat().incarnation:
+                # Another process with this node's id: its peers keep one of the two, whichever spoke last.
+                self._drop("id_taken", "another node sends under this node's id", address)
+                self._warn("id_taken", beat.node_id, ID_TAKEN_LOG_EVERY, lambda: NODE_ID_TAKEN.log(
+                    source="%s:%s" % tuple(address[:2]), incarnation=beat.incarnation))
+                return
             # Our own heartbeat, back through multicast loopback: counted (the contract has "self"), not fed.
             if self.metrics is not None:
                 self.metrics.discovery("self")
@@ -320,9 +373,15 @@ class DiscoveryProtocol(DatagramProtocol):
             slot = (beat.node_id, beat.incarnation)
             order = sequence if sequence is not None else timestamp
             first = slot not in self._last_timestamps
-            if order <= self._last_timestamps.get(slot, -1.0):
-                self._drop("replayed", "%s not above the last one" % (
-                    "sequence number" if sequence is not None else "timestamp",), address)
+            last = self._last_timestamps.get(slot, -1.0)
+            if order <= last:
+                if order == last and sequence is not None:
+                    # The same heartbeat again, by another way: to the group and to a seed, or to two seeds that
+                    # name this node.
+                    self._drop("duplicate", "sequence number already taken", address)
+                else:
+                    self._drop("replayed", "%s not above the last one" % (
+                        "sequence number" if sequence is not None else "timestamp",), address)
                 return
             # The floor is set before the checks on its time, so that a heartbeat refused for it (a clock far
             # ahead) cannot be sent again to be measured again, nor taken in once real time has come close to
@@ -370,7 +429,7 @@ class DiscoveryProtocol(DatagramProtocol):
             self.metrics.discovery("accepted")
         self.membership.observe(beat)
         if want_reply and beat.state == ALIVE:
-            if self.group is None and len(self._reply_to) < 256:
+            if (self.group is None or self.unicast_peers) and len(self._reply_to) < 256:
                 self._reply_to.add(beat.address)
             self._schedule_reply()
 
@@ -378,6 +437,19 @@ class DiscoveryProtocol(DatagramProtocol):
         if self.metrics is not None:
             self.metrics.discovery(result)
         DATAGRAM_DROPPED.log(reason="%s: %s" % (result, detail), source="%s:%s" % tuple(address[:2]))
+
+    def _warn(self, kind: str, about: str, every: float, log: Callable[[], None]) -> None:
+        """
+        ``log()``, unless the warning of this ``kind`` ``about`` this sender was logged less than ``every`` seconds
+        ago: a line a datagram would flood the log.
+        """
+        now = self.clock.seconds()
+        if now - self._warned.get((kind, about), float("-inf")) < every:
+            return
+        if len(self._warned) > 4096:
+            self._warned.clear()
+        self._warned[(kind, about)] = now
+        log()
 
     def _ignore(self, beat: Heartbeat, address) -> None:
         self._drop("insecure_ignored", "no CLUSTER_SECRET: this node serves alone", address)

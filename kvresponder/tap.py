@@ -197,6 +197,15 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
         sys.stderr.write("kvresponder: error: %s\n" % (error,))
         sys.stderr.flush()
         raise SystemExit(2)
+    if settings.multicast_enabled and settings.clustering != "disabled":
+        from .discovery import interface_problem
+        problem = interface_problem(settings.discovery_interface)
+        if problem is not None:
+            # Refused rather than left to the kernel: heartbeats would leave by the default route, or not at all.
+            sys.stderr.write("kvresponder: error: --discovery-interface (DISCOVERY_INTERFACE, by default the advertise "
+                             "address) for multicast: %s\n" % (problem,))
+            sys.stderr.flush()
+            raise SystemExit(2)
 
     from treq.client import HTTPClient
     from twisted.web.client import Agent, HTTPConnectionPool
@@ -259,7 +268,8 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
         settings.discovery_port, settings.discovery_ttl, node.metrics, clock_offsets=node.clock_offsets,
         max_clock_offset=settings.max_clock_offset, alone=settings.clustering == "disabled",
         # A heartbeat held longer than a round trip may take is no sample of its sender's clock either.
-        stalls=StallWatch(reactor, ROUND_TRIP_SHARE * settings.max_clock_offset))
+        stalls=StallWatch(reactor, ROUND_TRIP_SHARE * settings.max_clock_offset),
+        unicast_peers=settings.dns_enabled)
     # A node that has handed off under its ring says so at once: its peers' writes stop asking the previous owners.
     node.subscribe_settled(protocol.announce)
     discovery = DiscoveryService(

@@ -74,7 +74,7 @@ class Harness:
     A started protocol with its clock, membership, transport and metrics.
     """
 
-    def __init__(self, key=None, group=GROUP, start=True, alone=False, at=NOW) -> None:
+    def __init__(self, key=None, group=GROUP, start=True, alone=False, at=NOW, unicast_peers=False) -> None:
         self.clock = Clock()
         self.clock.advance(at)
         self.membership = Membership(self.clock.seconds, OWN.node_id, PEER_TIMEOUT)
@@ -82,7 +82,7 @@ class Harness:
         self.transport = FakeMulticastTransport()
         self.protocol = DiscoveryProtocol(HeartbeatCodec("t1", key), self.membership, self.clock,
                                           self.clock.seconds, lambda: OWN, group, OWN_ADDRESS, PORT, ttl=2,
-                                          metrics=self.metrics, alone=alone)
+                                          metrics=self.metrics, alone=alone, unicast_peers=unicast_peers)
         if start:
             self.protocol.makeConnection(self.transport)
 
@@ -805,3 +805,111 @@ def test_a_heartbeat_signed_before_this_node_started_is_refused_as_a_replay():
     assert "n2" not in offsets.offsets()
     restarted.receive(codec.encode(PEER, False, NOW + 20.2, 11))
     assert restarted.metrics.results == ["replayed", "accepted"] and "n2" in restarted.membership.ring_members()
+
+
+# -- a new pod that DNS does not list yet; misconfiguration ------------------------------------------------
+
+def _messages(logger, type_name):
+    return [m for m in logger.messages if m.get("message_type") == type_name]
+
+
+@pytest.fixture
+def logged():
+    from eliot import MemoryLogger
+    from eliot.testing import swap_logger
+
+    memory = MemoryLogger()
+    previous = swap_logger(memory)
+    try:
+        yield memory
+    finally:
+        swap_logger(previous)
+
+
+def test_with_unicast_peers_heartbeats_reach_peers_the_seeds_do_not_list_and_an_asker_gets_its_answer_directly():
+    """
+    If DNS seeds are on (``unicast_peers``) and a peer is heard at an address the seeds do not list yet (a new pod
+    whose record is not published, where multicast does not reach it), then the answer to its request and every
+    later heartbeat go to its address too, besides the group and the seeds: otherwise it would hear no peer, serve
+    alone in a ring of one, and time its peers out. Without the option, nothing goes to it.
+    """
+    for unicast, expected in ((True, [(GROUP, PORT), ("10.0.0.2", PORT), ("10.0.0.5", PORT)]),
+                              (False, [(GROUP, PORT), ("10.0.0.5", PORT)])):
+        harness = Harness(unicast_peers=unicast)
+        harness.protocol.seeds = {"10.0.0.5"}
+        harness.receive(encode(want=True))
+        harness.clock.advance(0.05)  # the answer
+        assert [addr for _, addr in harness.sent()] == expected, unicast
+        del harness.transport.written[:]
+        harness.protocol.announce()  # a later heartbeat
+        assert [addr for _, addr in harness.sent()] == expected, unicast
+
+
+def test_the_same_heartbeat_received_twice_by_two_ways_is_a_duplicate_not_a_replay():
+    """
+    If a signed heartbeat arrives twice with the same sequence number (to the group and to a DNS seed, in ``both``
+    mode), then the second is counted ``duplicate``, not ``replayed`` (which tells an operator of old datagrams
+    sent again); one with a lower number is still ``replayed``.
+    """
+    harness = Harness(key=KEY)
+    codec = HeartbeatCodec("t1", KEY)
+    harness.receive(codec.encode(PEER, False, NOW, 5))
+    harness.receive(codec.encode(PEER, False, NOW, 5))
+    harness.receive(codec.encode(PEER, False, NOW, 4))
+    harness.receive(codec.encode(PEER, False, NOW + 0.5, 6))
+    assert harness.metrics.results == ["accepted", "duplicate", "replayed", "accepted"]
+
+
+def test_an_outgoing_interface_that_cannot_be_set_sends_nothing_to_the_group_and_says_so(logged):
+    """
+    If the multicast interface cannot be set (an address that is not this host's), then no heartbeat goes to the
+    group (the kernel would send it by the default route), the seeds still get theirs, and an error says why.
+    """
+    class NoSuchInterface(FakeMulticastTransport):
+        def setOutgoingInterface(self, address):
+            self.calls.append(("setOutgoingInterface", address))
+            return fail(OSError(99, "Cannot assign requested address"))
+
+        def joinGroup(self, address, interface=""):
+            return fail(OSError(19, "No such device"))
+
+    harness = Harness(start=False)
+    harness.protocol.makeConnection(NoSuchInterface())
+    harness.protocol.seeds = {"10.0.0.5"}
+    harness.protocol.announce()
+    assert [addr for _, addr in harness.protocol.transport.written] == [("10.0.0.5", PORT)]
+    (line,) = _messages(logged, "kvresponder:discovery:multicast-failed")
+    assert line["interface"] == OWN_ADDRESS and "Cannot assign" in line["reason"]
+
+
+def test_heartbeats_that_fail_their_mac_are_dropped_and_said_once_in_ten_minutes_a_sender(logged):
+    """
+    If heartbeats of this tenant come signed with another secret, then each is dropped as ``bad_mac``, and a
+    warning names the sender, once in ten minutes (a node with a wrong CLUSTER_SECRET otherwise looked healthy,
+    alone in its ring, with nothing in any log).
+    """
+    harness = Harness(key=KEY)
+    other = derive_key("another-secret-of-some-length", "discovery")
+    for _ in range(3):
+        harness.receive(encode(key=other))
+    harness.clock.advance(discovery.UNAUTHENTICATED_LOG_EVERY)
+    harness.receive(encode(key=other))
+    assert harness.metrics.results == ["bad_mac"] * 4
+    assert [m["source"] for m in _messages(logged, "kvresponder:discovery:heartbeat-unauthenticated")] == [
+        "10.0.0.2:%d" % (PORT,)] * 2
+
+
+def test_a_heartbeat_of_another_node_under_this_nodes_id_is_counted_and_said_once_a_minute(logged):
+    """
+    If a heartbeat names this node's id with another incarnation (a second node started with the same NODE_ID),
+    then it is counted ``id_taken``, not ``self``, and a warning says so at most once a minute; this node's own
+    heartbeats coming back stay ``self``.
+    """
+    harness = Harness()
+    impostor = OWN._replace(incarnation=OWN.incarnation + 1, address="10.0.0.9")
+    harness.receive(encode(OWN))
+    harness.receive(encode(impostor))
+    harness.receive(encode(impostor))
+    assert harness.metrics.results == ["self", "id_taken", "id_taken"]
+    assert len(_messages(logged, "kvresponder:discovery:node-id-taken")) == 1
+    assert harness.membership.peers() == []

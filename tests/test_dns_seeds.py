@@ -10,6 +10,7 @@ resolves the seed name to every node's address through the system resolver, as c
 import os
 import shutil
 import tempfile
+import time
 
 import pytest
 
@@ -77,3 +78,52 @@ def test_dns_seeds_form_the_cluster_when_multicast_is_dropped(network):
         assert client.get(nodes[2].url + "/kv/k%d" % (i,), timeout=10).json()["value"] == i
     accepted = [node.metric("kv_discovery_messages_total", result="accepted") for node in nodes]
     assert all(count > 0 for count in accepted)
+
+
+def _hosts_file(written, host, listed) -> None:
+    directory = os.path.join("/etc/netns", host.ns)
+    os.makedirs(directory, exist_ok=True)
+    if directory not in written:
+        written.append(directory)
+    with open(os.path.join(directory, "hosts"), "w") as hosts_file:
+        hosts_file.write("127.0.0.1 localhost\n" + "".join("%s %s\n" % (other.address, SEEDS) for other in listed))
+
+
+@pytest.mark.parametrize("mode", ["both", "dns"])
+def test_a_new_node_whose_dns_record_lags_joins_every_ring_and_stays(network, mode):
+    """
+    If a node starts where multicast is dropped and its peers' DNS does not list it yet (a new pod, before its
+    record is published and looked up), then its peers answer it and go on heartbeating it at the address it
+    sent from: it joins a ring of four and stays there, and reads of keys the cluster holds find them through it.
+    Before, in ``both`` mode its peers answered only to the group: it served alone in a ring of one, answering 404
+    for every key and acknowledging writes with one copy; in ``dns`` mode it joined, then timed its peers out.
+    """
+    net, written = network
+    old = [net.host(index) for index in (41, 42, 43)]
+    new = net.host(44)
+    for host in old:
+        _hosts_file(written, host, old)  # not the new node: its record lags
+        for chain in ("INPUT", "OUTPUT"):
+            host.run(["iptables", "-A", chain, "-d", "224.0.0.0/4", "-j", "DROP"])
+    _hosts_file(written, new, old + [new])
+    for chain in ("INPUT", "OUTPUT"):
+        new.run(["iptables", "-A", chain, "-d", "224.0.0.0/4", "-j", "DROP"])
+    env = {"DISCOVERY_MODE": mode, "DISCOVERY_DNS": SEEDS}
+    nodes = [net.node(host.index, "lag%d" % (host.index,), env=env).start() for host in old]
+    for node in nodes:
+        node.wait_ready()
+    wait_until(lambda: all(node.metric("kv_ring_members") == 3 for node in nodes), 20, "a ring of three")
+    client = session()
+    for i in range(20):
+        assert client.put(nodes[0].url + "/kv/k%d" % (i,), json={"value": i}, timeout=10).status_code == 201
+    joining = net.node(new.index, "lag44", env=env).start()
+    joining.wait_ready(30)
+    everyone = nodes + [joining]
+    wait_until(lambda: all(node.metric("kv_ring_members") == 4 for node in everyone), 20, "every ring to hold four")
+    # Longer than PEER_TIMEOUT (three heartbeats): the peers keep heartbeating it, so it times none of them out.
+    deadline = time.monotonic() + 4.0
+    while time.monotonic() < deadline:
+        assert joining.metric("kv_ring_members") == 4, joining.log_tail()
+        time.sleep(0.25)
+    wait_until(lambda: all(client.get(joining.url + "/kv/k%d" % (i,), timeout=10).status_code == 200
+                           for i in range(20)), 20, "every key read through the new node")

@@ -137,6 +137,24 @@ def test_a_node_whose_port_is_taken_exits_non_zero_with_one_line_before_it_annou
     assert "kvresponder:discovery:started" not in logged and "kvresponder:service:started" not in logged
 
 
+@pytest.mark.parametrize("interface", ["192.0.2.77", "0.0.0.0"])
+def test_a_node_whose_multicast_interface_is_not_on_this_host_exits_with_one_line_and_sends_nothing(interface):
+    """
+    If DISCOVERY_INTERFACE (by default the advertise address) is not an address of this host, then the node exits 2
+    with one line naming it, before it starts: the kernel refused the interface and the node ran on, ready, its
+    heartbeats leaving by the default route (192.0.2.77 is TEST-NET-1, on no host).
+    """
+    result = subprocess.run([sys.executable, "-c", TWISTD, "-n", "--pidfile=", "kvresponder", "--tenant", "t1",
+                             "--port", "0", "--advertise-port", "3000", "--discovery-port", str(free_udp_port())],
+                            env=node_env({"CLUSTER_SECRET": "a-cluster-secret-of-length",
+                                          "DISCOVERY_INTERFACE": interface}),
+                            cwd=REPO, capture_output=True, timeout=60)
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "DISCOVERY_INTERFACE" in lines[0] and interface in lines[0], result.stderr
+    assert "kvresponder:discovery:started" not in result.stdout.decode()
+
+
 def _settled_rss(node) -> int:
     """
     The node's RSS once it has been idle long enough to reclaim what the last writes left (the idle reclaim: on

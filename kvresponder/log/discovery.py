@@ -86,3 +86,19 @@ HEARTBEAT_IGNORED = leveled("discovery", WARNING, MessageType(
     "kvresponder:discovery:heartbeat-ignored", [PEER, SOURCE],
     "A peer's heartbeat was ignored because this node serves alone (no CLUSTER_SECRET and no "
     "--insecure-cluster); logged once per peer."))
+
+HEARTBEAT_UNAUTHENTICATED = leveled("discovery", WARNING, MessageType(
+    "kvresponder:discovery:heartbeat-unauthenticated", [SOURCE],
+    "A heartbeat of this tenant failed its HMAC: a node with another CLUSTER_SECRET (another release of the same "
+    "tenant on this network, or one whose secret was changed), or a forged datagram. It is dropped; logged at most "
+    "once in ten minutes a sender."))
+
+NODE_ID_TAKEN = leveled("discovery", WARNING, MessageType(
+    "kvresponder:discovery:node-id-taken", [SOURCE, INCARNATION],
+    "Another node sends heartbeats under this node's id: its peers take it and this node for one, and see only one "
+    "of them. Give each node its own NODE_ID. Logged at most once a minute."))
+
+MULTICAST_FAILED = leveled("discovery", ERROR, MessageType(
+    "kvresponder:discovery:multicast-failed", [Field.for_types("interface", [str], "The interface asked for."), REASON],
+    "Multicast could not be set up on DISCOVERY_INTERFACE: no heartbeat goes to the group (the kernel would pick "
+    "the interface by the default route), and only DNS seeds, if any, find peers."))

@@ -1,9 +1,10 @@
 """
-Every private name of Twisted, Eliot, PyPy or CPython that KV Responder uses, and nothing else.
+Every private name of Twisted, Eliot, treq, PyPy or CPython that KV Responder (and its tests) uses, and nothing
+else.
 
 Each one is here for a reason no public hook serves (said beside it), and only here: the rest of the code calls
 the functions below. ``tests/test_privateapi.py`` pins every name, so an upgrade that moves one fails a test
-instead of the service, and setup.cfg bounds Twisted and Eliot below their next major release.
+instead of the service, and setup.cfg bounds Twisted, Eliot and treq below their next major release.
 """
 
 from typing import Callable, Optional, Tuple
@@ -262,3 +263,20 @@ def c_json_encoder(default: Callable[[object], object]) -> Optional[Callable[[ob
     def encode(value) -> str:
         return join(encoder(value, 0))
     return encode
+
+
+# -- treq: the in-memory client of the tests (tests/support.py) ---------------------------------------------
+
+def stub_treq_serving(site):
+    """
+    A ``treq.testing.StubTreq`` whose in-memory server is ``site``, timed by the stub's own memory reactor: StubTreq
+    builds a plain ``Site`` around a resource, and takes no site of its own; the tests need the node's (its request
+    accounting and limits).
+    """
+    from twisted.web.resource import Resource
+    from treq.testing import StubTreq
+
+    stub = StubTreq(Resource())
+    site.reactor = stub._agent._memoryReactor
+    stub._agent._serverFactory = site
+    return stub

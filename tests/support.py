@@ -9,12 +9,13 @@ from typing import Dict, List
 
 from twisted.internet.task import Clock
 from twisted.web.resource import Resource
-from treq.testing import StubTreq
+from treq.testing import StubTreq  # noqa: F401  (the type stub_over returns)
 
 from kvresponder.http.root import build_root
 from kvresponder.http.site import KVSite
 from kvresponder.membership import Heartbeat
 from kvresponder.node import Node
+from kvresponder.privateapi import stub_treq_serving
 from kvresponder.settings import load_settings
 
 
@@ -29,10 +30,7 @@ def stub_over(site: KVSite) -> StubTreq:
     A StubTreq whose in-memory server is ``site`` (StubTreq builds a plain Site; ours carries the request
     accounting and limits under test).
     """
-    stub = StubTreq(Resource())
-    site.reactor = stub._agent._memoryReactor
-    stub._agent._serverFactory = site
-    return stub
+    return stub_treq_serving(site)
 
 
 class _Router(Resource):

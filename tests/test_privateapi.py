@@ -554,3 +554,31 @@ def test_a_reactor_times_its_timers_by_the_clock_it_is_given():
         reactor.removeReader(reactor.waker)
         reactor.waker.connectionLost(None)
         reactor._poller.close()
+
+
+def test_a_stub_treq_serves_the_site_it_is_given_on_its_own_memory_reactor():
+    """
+    treq's StubTreq still keeps its agent, the agent its memory reactor and its server factory under the names the
+    tests' in-memory client replaces (``stub_treq_serving``): a request reaches the site given, not the plain Site
+    StubTreq built, and the site runs on the stub's reactor.
+    """
+    from twisted.internet.task import Clock
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    from kvresponder.privateapi import stub_treq_serving
+
+    class Hello(Resource):
+        isLeaf = True
+
+        def render_GET(self, request):
+            return b"from the given site"
+
+    site = Site(Hello())
+    given = site.reactor = Clock()
+    stub = stub_treq_serving(site)
+    assert site.reactor is not given
+    responses = []
+    stub.get("http://example.test/").addCallback(stub.content).addBoth(responses.append)
+    stub.flush()
+    assert responses == [b"from the given site"]

@@ -500,10 +500,22 @@ class DiscoveryService(Service):
         # Datagrams get lost: ask again shortly, so that a join never waits a whole heartbeat interval.
         clock.callLater(min(0.25, self.heartbeat_interval / 2), self._ask_again)
         self._loop(self.protocol.announce, self.heartbeat_interval, clock, now=False)
-        self._loop(self.protocol.membership.expire, min(1.0, self.heartbeat_interval / 2), clock, now=False)
+        self._loop(self.expire, min(1.0, self.heartbeat_interval / 2), clock, now=False)
         stalls = self.protocol.stalls
         if stalls is not None:
             self._loop(stalls.tick, stalls.interval, clock)
+
+    def expire(self) -> None:
+        """
+        Forget the peers silent for ``PEER_TIMEOUT``, unless this node itself was just stalled: then their
+        heartbeats may be waiting unread in its socket, and it reads them only after its timers have run (a node
+        back from a 16 s SIGSTOP declared every peer dead, alone in its ring acknowledged writes with its one copy,
+        then heard them again). The next round, once what waited is read, expires whoever is still silent.
+        """
+        stalls = self.protocol.stalls
+        if stalls is not None and not stalls.fresh():
+            return
+        self.protocol.membership.expire()
 
     def _ask_again(self):
         if self.running:

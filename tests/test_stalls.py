@@ -209,6 +209,115 @@ def test_a_node_stopped_for_seconds_and_continued_does_not_take_its_clock_for_sk
     assert max(stalls, default=0.0) >= 5.0, stalls
 
 
+def test_after_a_stall_the_service_expires_no_peer_before_it_has_read_what_waited():
+    """
+    If this node was stalled longer than the peer timeout, then the expiry round that runs first (timers run before
+    the sockets are read) forgets no peer: their heartbeats may be waiting unread. Once read, the peer stays; a
+    peer that sent none during the stall is forgotten at the next round on time.
+    """
+    watch, clock = _watch()
+    protocol, membership, _ = _protocol(watch)
+
+    class Port:
+        def stopListening(self):
+            pass
+
+    codec = HeartbeatCodec("t1", KEY)
+    sent = {"n2": 0, "n3": 0}
+
+    def heartbeat(node_id, sent_at):
+        sent[node_id] += 1
+        beat = Heartbeat(node_id, 1, "10.0.0.%s" % (node_id[1],), 3000, ALIVE, 1)
+        return codec.encode(beat, False, sent_at, sent[node_id])
+
+    service = DiscoveryService(protocol, lambda proto: Port(), 1.0)
+    protocol.transport = None
+    service.startService()
+    try:
+        protocol.datagramReceived(heartbeat("n2", clock.seconds()), ("10.0.0.2", 9999))
+        protocol.datagramReceived(heartbeat("n3", clock.seconds()), ("10.0.0.3", 9999))
+        clock.advance(membership.peer_timeout * 3)  # stalled: every timer runs late, at once
+        assert {peer.node_id for peer in membership.peers()} == {"n2", "n3"}
+        protocol.datagramReceived(heartbeat("n2", clock.seconds()), ("10.0.0.2", 9999))  # what waited for it
+        for _ in range(int(1.0 / watch.interval) + 2):
+            clock.advance(watch.interval)
+        assert [peer.node_id for peer in membership.peers()] == ["n2"]
+    finally:
+        service.stopService()
+
+
+@pytest.fixture
+def fast_timeout_cluster(log_dir):
+    # A peer timeout (three heartbeats: 1.5 s) far shorter than the stall: the stalled node's peers time it out.
+    nodes = Cluster("stalls2", log_dir, env={"HEARTBEAT_INTERVAL": "0.5"})
+    try:
+        yield nodes
+    finally:
+        nodes.stop()
+
+
+@pytest.mark.e2e
+def test_writes_a_node_takes_as_it_comes_back_from_a_long_stall_are_on_two_nodes(fast_timeout_cluster):
+    """
+    If a node busy with writes is stopped (SIGSTOP) for longer than the peer timeout, and then continued (three
+    times), then it times out no peer, and each write it acknowledges is stored on two nodes: killed a second
+    later, its writes are all read from the others.
+    Before, a node stopped in the middle of its work ran its peer expiry before reading the heartbeats that waited
+    in its socket, declared every peer dead, and acknowledged the writes it read meanwhile with its one copy, lost
+    with it.
+    """
+    import threading
+
+    cluster = fast_timeout_cluster
+    for _ in range(3):
+        cluster.add()
+    stalled, others = cluster.nodes[2], cluster.nodes[:2]
+    acknowledged = []
+    running = threading.Event()
+    running.set()
+
+    def write(writer):
+        session = requests.Session()
+        count = 0
+        while running.is_set():
+            key = "w%d-%d" % (writer, count)
+            count += 1
+            try:
+                answer = session.put(stalled.url + "/kv/" + key, json={"value": count}, timeout=30)
+            except requests.RequestException:
+                continue
+            if answer.status_code in (200, 201):
+                acknowledged.append(key)
+
+    writers = [threading.Thread(target=write, args=(i,)) for i in range(12)]
+    for writer in writers:
+        writer.start()
+    try:
+        for _ in range(3):
+            # Three times: stopped while busy, it is more often in the middle of its work than waiting for events.
+            time.sleep(1.0)
+            stalled.process.send_signal(signal.SIGSTOP)
+            try:
+                time.sleep(2.5)  # the peers time it out; writes wait in its socket
+            finally:
+                stalled.process.send_signal(signal.SIGCONT)
+        time.sleep(1.0)
+    finally:
+        running.clear()
+        for writer in writers:
+            writer.join(30)
+    changes = [message.get("change") for message in stalled.log_messages()
+               if message.get("action_type") == "kvresponder:discovery:peer-changed"]
+    stalled.kill()
+    assert len(acknowledged) > 50, len(acknowledged)
+    cluster.wait_for(lambda: all(node.metric("kv_ring_members") == 2 for node in others), 20, "a ring of two")
+    session = requests.Session()
+    missing = [key for key in acknowledged
+               if session.get(others[0].url + "/kv/" + key, timeout=10).status_code != 200]
+    assert missing == [], (len(missing), len(acknowledged), changes)
+    assert "dead" not in changes, changes
+
+
 def test_with_a_tiny_clock_bound_heartbeats_read_on_time_still_count():
     """
     If MAX_CLOCK_OFFSET is tiny (a tolerance below two of the shortest ticks), then the watch still ticks twice

@@ -511,10 +511,16 @@ class DiscoveryService(Service):
         heartbeats may be waiting unread in its socket, and it reads them only after its timers have run (a node
         back from a 16 s SIGSTOP declared every peer dead, alone in its ring acknowledged writes with its one copy,
         then heard them again). The next round, once what waited is read, expires whoever is still silent.
+
+        Only a stall that could make a live peer look dead counts (a heartbeat interval, or what the timeout leaves
+        beyond one): a node whose turns are merely long, under load, still expires the dead.
         """
         stalls = self.protocol.stalls
-        if stalls is not None and not stalls.fresh():
-            return
+        if stalls is not None:
+            membership = self.protocol.membership
+            interval = self.heartbeat_interval
+            if stalls.held_for() > max(stalls.tolerance, min(interval, membership.peer_timeout - interval)):
+                return
         self.protocol.membership.expire()
 
     def _ask_again(self):

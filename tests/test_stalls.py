@@ -246,6 +246,33 @@ def test_after_a_stall_the_service_expires_no_peer_before_it_has_read_what_waite
         service.stopService()
 
 
+def test_a_node_whose_turns_are_long_but_shorter_than_a_heartbeat_still_expires_the_dead():
+    """
+    If this node's turns are long (load: each tick late), but none as long as a heartbeat interval, then a peer
+    silent for the peer timeout is still forgotten: only a stall that could make a live peer look dead holds
+    expiry back.
+    """
+    watch, clock = _watch()
+    protocol, membership, _ = _protocol(watch)
+
+    class Port:
+        def stopListening(self):
+            pass
+
+    codec = HeartbeatCodec("t1", KEY)
+    service = DiscoveryService(protocol, lambda proto: Port(), 1.0)
+    protocol.transport = None
+    service.startService()
+    try:
+        protocol.datagramReceived(codec.encode(Heartbeat("n2", 1, "10.0.0.2", 3000, ALIVE, 1), False, clock.seconds(),
+                                               1), ("10.0.0.2", 9999))
+        for _ in range(int((membership.peer_timeout + 2) / 0.4)):
+            clock.advance(0.4)  # every turn 0.4 s: each tick late, over the watch's tolerance
+        assert membership.peers() == []
+    finally:
+        service.stopService()
+
+
 @pytest.fixture
 def fast_timeout_cluster(log_dir):
     # A peer timeout (three heartbeats: 1.5 s) far shorter than the stall: the stalled node's peers time it out.

@@ -557,6 +557,17 @@ def test_peers_is_an_empty_list_alone(api):
     assert api.call("GET", "/peers")[:2] == (200, [])
 
 
+def test_a_read_sent_to_a_stopped_node_is_told_it_is_stopping_not_starting(api):
+    """
+    If a read reaches a node that has stopped (between the end of its drain and its listener closing), then it is
+    503 ``unavailable`` saying the node is stopping, not that it is "not serving yet".
+    """
+    api.node.stop()
+    code, body, _ = api.call("GET", "/kv/anything")
+    assert_error(code, body, 503, "unavailable")
+    assert "stopping" in body["message"], body
+
+
 def test_diag_redacts_secrets():
     api = API(cluster_secret="s" * 20, admin_token="t" * 20)
     code, body, _ = api.call("GET", "/diag")

@@ -134,7 +134,7 @@ class KVOperations:
 
     def get(self, key: str) -> Union[Answer, Deferred]:
         if not self._node.serving():
-            raise unavailable("The node is not serving yet.")
+            raise unavailable("This node is stopping; send the request to another node.")
         try:
             entry = self._coordinator.get_nowait(key)
         except ClockSkewed as error:

@@ -345,3 +345,29 @@ def test_a_node_that_has_begun_leaving_tells_anti_entropy_it_lacks_nothing():
     code, _, content = send(api, "/sync/versions", GOOD["/sync/versions"])
     assert code == 200 and json.loads(content) == {"want": []}
     assert walked == []
+
+
+def test_work_cancelled_because_its_client_hung_up_is_no_error_to_log():
+    """
+    If a route's work is cancelled because its client hung up (Klein cancels the Deferred: a peer that gave up on a
+    long ``/sync/buckets``), then nothing is logged as a traceback and nothing is written.
+    """
+    from eliot import MemoryLogger
+    from eliot.testing import swap_logger
+    from twisted.internet.defer import CancelledError
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+    from twisted.web.http import Request
+    from twisted.web.test.requesthelper import DummyChannel
+
+    from kvresponder.http.api import failure_body
+
+    logger = MemoryLogger()
+    previous = swap_logger(logger)
+    try:
+        gone = Request(DummyChannel())
+        gone.connectionLost(Failure(ConnectionDone()))
+        assert failure_body(gone, Failure(CancelledError())) is None
+        assert [m for m in logger.messages if m.get("message_type") == "eliot:traceback"] == []
+    finally:
+        swap_logger(previous)

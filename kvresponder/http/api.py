@@ -16,7 +16,7 @@ from typing import Dict, Optional, Set
 from urllib.parse import unquote_to_bytes
 
 from klein import Klein
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
@@ -360,8 +360,11 @@ def _write_json(request, status: int, body: bytes, headers=()) -> None:
 def failure_body(request, failure) -> Optional[bytes]:
     """
     The JSON error body for an expected failure (with status and headers set), or ``None`` after
-    answering an unexpected one with a bare 500.
+    answering an unexpected one with a bare 500; ``None`` too, quietly, for the work cancelled because its client
+    hung up (Klein cancels a route's Deferred then: a peer that gave up waiting), where nothing went wrong.
     """
+    if failure.check(CancelledError) and request_gone(request):
+        return None
     error = expected_error(failure)
     if error is None:
         request.processingFailed(failure)

@@ -87,7 +87,8 @@ class _Link:
         self.client.makeConnection(self.to_server)
         self.to_server.take()  # the upgrade request
         nonce = new_nonce()
-        self.server = CopyStreamServer(self.replica.apply_copies, None, nonce, 64 << 20, lambda reason: None)
+        self.server = CopyStreamServer(self.replica.apply_copies, None, nonce, 64 << 20, lambda reason: None,
+                                       wall=time.time)
         self.server.makeConnection(self.to_client)
         self.client.dataReceived(upgrade_answer(nonce))
         return succeed(self.client)

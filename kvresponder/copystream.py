@@ -59,7 +59,6 @@ import hmac
 import json
 import os
 import struct
-import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from attr import attrib, attrs
@@ -373,13 +372,13 @@ class CopyStreamServer(_FrameReceiver):
 
     def __init__(self, apply: Callable[[list, List[bytes]], List[ApplyResult]], key: Optional[bytes],
                  nonce: bytes, max_frame: int, on_close: Callable[[Failure], None], client: str = "",
-                 clock=None, idle_timeout: float = IDLE_SECONDS, wall: Optional[Callable[[], float]] = None,
+                 clock=None, idle_timeout: float = IDLE_SECONDS, *, wall: Callable[[], float],
                  takes_copies: Callable[[], bool] = lambda: True,
                  read: Optional[Callable[[List[str]], List[Optional[Entry]]]] = None) -> None:
         self._apply = apply
         self._read = read
         self._takes_copies = takes_copies
-        self._wall = wall or (clock.seconds if clock is not None else time.time)
+        self._wall = wall
         self._mac = _Mac(key, nonce)
         self._signed = key is not None
         self.MAX_LENGTH = max_frame + _HEADER.size

@@ -14,7 +14,6 @@ import hmac
 import json
 import math
 import secrets
-import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 from eliot import current_action
@@ -123,7 +122,7 @@ class PeerAuthenticator:
     operation is idempotent. What a signature grants beyond that is granted once (:meth:`first_use`).
     """
 
-    def __init__(self, key: bytes, wall: Callable[[], float] = time.time) -> None:
+    def __init__(self, key: bytes, wall: Callable[[], float]) -> None:
         self._key = key
         self._wall = wall
         self._spent = _SpentSignatures(wall)

@@ -373,7 +373,7 @@ def _replicas(url: str, keys: List[str], secret: Optional[str] = None) -> Option
     as a peer's are.
     """
     s = _session()
-    authenticator = PeerAuthenticator(derive_key(secret, "peer")) if secret else None
+    authenticator = PeerAuthenticator(derive_key(secret, "peer"), time.time) if secret else None
     path = urlsplit(url).path + "/_internal/get"
     result = {}
     for key in keys:

@@ -8,6 +8,7 @@ import hashlib
 import json
 import socket
 import struct
+import time
 from collections import namedtuple
 
 import pytest
@@ -46,7 +47,7 @@ SECRET = "a-cluster-secret-of-enough-length"
 
 
 def _auth(secret=SECRET):
-    return PeerAuthenticator(derive_key(secret, "peer"))
+    return PeerAuthenticator(derive_key(secret, "peer"), time.time)
 
 
 def _entry(index, value=b"v", tick=0):
@@ -145,7 +146,8 @@ class _NoDelayTransport(StringTransport):
 
 def test_the_peers_end_of_a_stream_turns_nagle_off():
     transport = _NoDelayTransport()
-    server = CopyStreamServer(lambda entries, task_ids: [], None, b"n" * 16, 1 << 20, lambda reason: None)
+    server = CopyStreamServer(lambda entries, task_ids: [], None, b"n" * 16, 1 << 20, lambda reason: None,
+                              wall=time.time)
     server.makeConnection(transport)
     assert transport.no_delay is True
 
@@ -1181,7 +1183,8 @@ async def test_a_stream_closes_at_a_frame_declared_larger_than_a_batch_can_be(se
 def _served_answers(apply, frames):
     """The answers (batch id, code) an unsigned stream server gives ``frames`` (each a batch id and payload)."""
     transport = StringTransport()
-    server = CopyStreamServer(apply, None, b"n" * 16, 1 << 20, lambda reason: None, clock=Clock())
+    clock = Clock()
+    server = CopyStreamServer(apply, None, b"n" * 16, 1 << 20, lambda reason: None, clock=clock, wall=clock.seconds)
     server.makeConnection(transport)
     for batch_id, tasks_length, payload in frames:
         frame = struct.pack("!I16sI", batch_id, b"\0" * 16, tasks_length) + payload

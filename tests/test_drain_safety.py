@@ -197,7 +197,7 @@ def test_a_sigtermed_node_refuses_a_peers_copy_while_it_drains(processes):
     while requests.get(n2.url + "/health/ready", timeout=2).json().get("status") != "draining":
         assert time.monotonic() < deadline, n2.log_tail()
         time.sleep(0.02)
-    signer = PeerAuthenticator(derive_key(processes.env["CLUSTER_SECRET"], "peer"))
+    signer = PeerAuthenticator(derive_key(processes.env["CLUSTER_SECRET"], "peer"), time.time)
 
     def call(route, payload):
         # As a peer calls it: signed with the cluster's peer key.

@@ -601,7 +601,7 @@ def test_a_replayed_apply_does_not_bring_an_expired_entry_back(replay_cluster):
 
     cluster = replay_cluster
     node = cluster.add()
-    signer = PeerAuthenticator(derive_key(cluster.env["CLUSTER_SECRET"], "peer"))
+    signer = PeerAuthenticator(derive_key(cluster.env["CLUSTER_SECRET"], "peer"), time.time)
     path = "/%s/_internal/apply" % (cluster.tenant,)
     body = json.dumps({"entries": [{"k": "session", "v": json.dumps("token-123"),
                                     "ver": [int(time.time() * 1000), 0, "n9"], "ttl": 1.0}]}).encode("utf-8")

@@ -87,7 +87,7 @@ def test_a_peers_signed_body_over_a_bulk_limit_is_still_taken(cluster):
     from kvresponder.peertransport import PeerAuthenticator
 
     node = cluster.add()
-    signer = PeerAuthenticator(derive_key(cluster.env["CLUSTER_SECRET"], "peer"))
+    signer = PeerAuthenticator(derive_key(cluster.env["CLUSTER_SECRET"], "peer"), time.time)
     path = "/%s/_internal/apply" % (cluster.tenant,)
     version = [int(time.time() * 1000), 0, "n9"]
     body = json.dumps({"entries": [{"k": "big-%d" % (index,), "v": json.dumps("x" * (700 * 1024)), "ver": version}

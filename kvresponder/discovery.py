@@ -258,6 +258,9 @@ class DiscoveryProtocol(DatagramProtocol):
         #: of them too, since this node's DNS seeds name a new pod only from their next lookup.
         self._reply_to: Set[str] = set()
         self._last_timestamps: Dict[Tuple[str, int], float] = {}
+        #: The sequence number of the last heartbeat taken in from each incarnation: the same one again is a
+        #: ``duplicate`` (it came by two ways), any other at or below the floor a ``replayed``.
+        self._taken: Dict[Tuple[str, int], int] = {}
         #: When this node started: its floors of sequence numbers (above) begin empty, so a signed heartbeat from
         #: before then may be one it took before a restart, captured and sent again.
         self._started = wall()
@@ -375,9 +378,9 @@ class DiscoveryProtocol(DatagramProtocol):
             first = slot not in self._last_timestamps
             last = self._last_timestamps.get(slot, -1.0)
             if order <= last:
-                if order == last and sequence is not None:
-                    # The same heartbeat again, by another way: to the group and to a seed, or to two seeds that
-                    # name this node.
+                if sequence is not None and self._taken.get(slot) == order:
+                    # The heartbeat just taken, again, by another way: to the group and to a seed, or to two seeds
+                    # that name this node. (One refused for its time and sent again is a replay.)
                     self._drop("duplicate", "sequence number already taken", address)
                 else:
                     self._drop("replayed", "%s not above the last one" % (
@@ -427,6 +430,10 @@ class DiscoveryProtocol(DatagramProtocol):
 
         if self.metrics is not None:
             self.metrics.discovery("accepted")
+        if sequence is not None and self.codec.authenticated:
+            if len(self._taken) > 4096:
+                self._taken.clear()
+            self._taken[(beat.node_id, beat.incarnation)] = sequence
         self.membership.observe(beat)
         if want_reply and beat.state == ALIVE:
             if (self.group is None or self.unicast_peers) and len(self._reply_to) < 256:

@@ -184,3 +184,25 @@ class MemoryCluster:
 def heartbeat(node_id: str, incarnation: int = 1, address: str = "10.0.0.9", port: int = 3000,
               state: str = "alive") -> Heartbeat:
     return Heartbeat(node_id, incarnation, address, port, state, 1)
+
+
+class PartitionedCluster(MemoryCluster):
+    """
+    A cluster whose nodes hear each other's heartbeats as ``hears(listener, speaker)`` says, and refuse one
+    stamped more than twice MAX_CLOCK_OFFSET ahead after measuring it, as discovery does.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.hears = lambda listener, speaker: True
+        super().__init__(*args, **kwargs)
+
+    def introduce(self) -> None:
+        for node in self.nodes:
+            for other in self.nodes:
+                if other is node or not self.hears(node.node_id, other.node_id):
+                    continue
+                offset = other.wall() - node.wall()
+                node.clock_offsets.heard(other.node_id, other.incarnation, offset)
+                if offset <= 2 * node.settings.max_clock_offset:
+                    node.membership.observe(other.heartbeat())
+            node.membership.expire()

@@ -9,12 +9,11 @@ import json
 import socket
 import struct
 import time
-from collections import namedtuple
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.defer import fail
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
@@ -34,51 +33,14 @@ from kvresponder.discovery import derive_key
 from kvresponder.http.root import RootResource, TenantResource, build_root, _NotFound
 from kvresponder.http.site import KVSite
 from kvresponder.node import Node
-from kvresponder.peers import MAX_BATCHES_IN_FLIGHT, PeerAuthenticator, PeerClient, PeerError
+from kvresponder.peers import MAX_BATCHES_IN_FLIGHT, PeerClient, PeerError
 from kvresponder.privateapi import tcp_write_buffered
 from kvresponder.store import ApplyResult, Entry
 from kvresponder.wire import encode_batch
 
+from .streams import (PEER, SECRET, Peer, fake_endpoint_streams, keeping, loopback_streams, numbered_entry,
+                      server, signer)  # noqa: F401  (server: a fixture)
 from .support import make_settings, stub_over
-
-Peer = namedtuple("Peer", "node_id address port")
-
-SECRET = "a-cluster-secret-of-enough-length"
-
-
-def _auth(secret=SECRET):
-    return PeerAuthenticator(derive_key(secret, "peer"), time.time)
-
-
-def _entry(index, value=b"v", tick=0):
-    return Entry("k%d" % (index,), value, (1_700_000_000_000 + index, tick, "n9"), None)
-
-
-class _Server:
-    """
-    A node's real HTTP server on a loopback port.
-    """
-
-    def __init__(self, secret=SECRET, timeout=30.0, root=None, **overrides):
-        if secret:
-            overrides["cluster_secret"] = secret
-        settings = make_settings("t1", "n2", advertise_address="127.0.0.1", port="3000", request_timeout=str(timeout),
-                                 **overrides)
-        self.node = Node(settings, reactor, http=None)
-        self.site = KVSite(root or build_root(self.node, self.node.authenticator), reactor, timeout=timeout)
-        self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
-        self.peer = Peer("n2", "127.0.0.1", self.port.getHost().port)
-
-    def stop(self):
-        return self.port.stopListening()
-
-
-def _streams(auth=None, timeout_clock=reactor, metrics=None):
-    # A connection to a peer on loopback is made at once or refused at once; the timeout only bounds a stalled
-    # machine (one CI run saw a 2 s stall fail a test about something else).
-    return CopyStreams(timeout_clock, lambda host, port: TCP4ClientEndpoint(reactor, host, port, timeout=10),
-                       "t1", auth, metrics)
-
 
 async def _until(predicate, seconds=5.0):
     waited = 0.0
@@ -89,28 +51,19 @@ async def _until(predicate, seconds=5.0):
         waited += 0.02
 
 
-@pytest.fixture
-def server():
-    servers = []
 
-    def start(**kwargs):
-        servers.append(_Server(**kwargs))
-        return servers[-1]
-    yield start
-    for each in servers:
-        each.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_batch_sent_over_the_stream_is_stored_and_answered_an_entry_at_a_time(server):
     peer = server()
-    streams = _streams(_auth())
+    streams = loopback_streams(signer())
     try:
-        peer.node.store.apply(_entry(2, b"older"))
-        results = await streams.send(peer.peer, [_entry(1), _entry(2, b"newer", 1), _entry(3)], [b"-"] * 3, 2.0)
+        peer.node.store.apply(numbered_entry(2, b"older"))
+        results = await streams.send(peer.peer, [numbered_entry(1), numbered_entry(2, b"newer", 1), numbered_entry(3)], [b"-"] * 3, 2.0)
         assert results == [ApplyResult(True, False), ApplyResult(True, True), ApplyResult(True, False)]
         assert peer.node.store.current("k2").value == b"newer"
-        again = await streams.send(peer.peer, [_entry(1)], [b"-"], 2.0)
+        again = await streams.send(peer.peer, [numbered_entry(1)], [b"-"], 2.0)
         assert again == [ApplyResult(False, True)]   # the same version again: not newer
         assert streams.open_count() == 1 and peer.node.metrics.gauge("kv_copy_streams_incoming") == 1
     finally:
@@ -120,11 +73,11 @@ async def test_a_batch_sent_over_the_stream_is_stored_and_answered_an_entry_at_a
 @pytest_twisted.ensureDeferred
 async def test_a_batch_on_an_open_stream_leaves_at_once_rather_than_at_the_reactors_next_turn(server):
     peer = server()
-    streams = _streams(_auth())
+    streams = loopback_streams(signer())
     try:
-        await streams.send(peer.peer, [_entry(1)], [b"-"], 2.0)
+        await streams.send(peer.peer, [numbered_entry(1)], [b"-"], 2.0)
         [stream] = streams._open.values()
-        d = streams.send(peer.peer, [_entry(2)], [b"-"], 2.0)
+        d = streams.send(peer.peer, [numbered_entry(2)], [b"-"], 2.0)
         # Sent with one system call, not queued until the reactor reports the socket writable, and with Nagle's
         # algorithm off, so that a frame sent while the last is unacknowledged does not wait for its ACK.
         assert not tcp_write_buffered(stream.transport)
@@ -163,9 +116,9 @@ async def test_the_writers_metrics_count_its_open_streams(server):
     peer = server()
     metrics = Metrics("t1")
     metrics.register_live_gauges(dict)
-    streams = _streams(_auth(), metrics=metrics)
+    streams = loopback_streams(signer(), metrics=metrics)
     assert metrics.gauge("kv_copy_streams_outgoing") == 0
-    await streams.send(peer.peer, [_entry(1)], [b"-"], 2.0)
+    await streams.send(peer.peer, [numbered_entry(1)], [b"-"], 2.0)
     assert metrics.gauge("kv_copy_streams_outgoing") == 1
     assert b'kv_copy_streams_outgoing{tenant="t1"} 1.0' in metrics.exposition()
     streams.close()
@@ -181,15 +134,15 @@ async def test_the_stream_outlives_the_http_idle_timeout_and_frees_its_connectio
     while frames flow), and once closed it frees its connection slot on the peer.
     """
     peer = server(timeout=0.5)
-    streams = _streams(_auth())
-    await streams.send(peer.peer, [_entry(1)], [b"-"], 2.0)
+    streams = loopback_streams(signer())
+    await streams.send(peer.peer, [numbered_entry(1)], [b"-"], 2.0)
     assert peer.site.open_connections == 1
     [stream] = streams._open.values()
     # A frame every 0.1 s (the stream's own idle timeout, the same 0.5 s, never comes near), for three times the
     # HTTP idle timeout.
     for index in range(2, 17):
         await deferLater(reactor, 0.1, lambda: None)
-        await streams.send(peer.peer, [_entry(index)], [b"-"], 2.0)
+        await streams.send(peer.peer, [numbered_entry(index)], [b"-"], 2.0)
     assert list(streams._open.values()) == [stream] and not stream.closed
     assert peer.site.open_connections == 1 and peer.node.metrics.gauge("kv_copy_streams_incoming") == 1
     streams.close()
@@ -205,9 +158,9 @@ async def test_a_connection_handed_over_to_a_copy_stream_does_not_hold_up_a_stop
     upgrade request it came from would otherwise look unanswered, and hold the wait to its timeout.)
     """
     peer = server()
-    streams = _streams(_auth())
+    streams = loopback_streams(signer())
     try:
-        await streams.send(peer.peer, [_entry(1)], [b"-"], 2.0)
+        await streams.send(peer.peer, [numbered_entry(1)], [b"-"], 2.0)
         assert peer.site.open_connections == 1 and peer.node.metrics.gauge("kv_copy_streams_incoming") == 1
         started = reactor.seconds()
         await peer.site.requests_done(5.0)
@@ -219,9 +172,9 @@ async def test_a_connection_handed_over_to_a_copy_stream_does_not_hold_up_a_stop
 @pytest_twisted.ensureDeferred
 async def test_an_upgrade_signed_with_another_secret_is_refused_and_the_peer_is_left_to_http(server):
     peer = server()
-    streams = _streams(_auth("some-other-secret-entirely"))
+    streams = loopback_streams(signer("some-other-secret-entirely"))
     with pytest.raises(StreamRefused) as caught:
-        await streams.send(peer.peer, [_entry(1)], [b"-"], 2.0)
+        await streams.send(peer.peer, [numbered_entry(1)], [b"-"], 2.0)
     assert caught.value.code == 401
     assert not streams.usable(peer.peer)
     assert peer.node.store.current("k1") is None
@@ -229,10 +182,10 @@ async def test_an_upgrade_signed_with_another_secret_is_refused_and_the_peer_is_
 
 
 def test_a_refused_peer_is_tried_again_after_the_refusal_period():
-    clock, endpoints, streams = _on_fake_endpoints()
+    clock, endpoints, streams = fake_endpoint_streams()
     peer = PEER
     failures = []
-    streams.send(peer, [_entry(1)], [b"-"], 2.0).addErrback(failures.append)
+    streams.send(peer, [numbered_entry(1)], [b"-"], 2.0).addErrback(failures.append)
     endpoints.answer(0, b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
     assert failures[0].check(StreamRefused) and failures[0].value.code == 404
     assert not streams.usable(peer)
@@ -255,15 +208,15 @@ async def test_copies_to_a_peer_without_streams_go_as_http_requests(server):
     peer.node = node
     pool = HTTPConnectionPool(reactor, persistent=False)
     # What is tested is the fall-back to requests, not a timeout: 10 s, for a loaded machine.
-    client = PeerClient(HTTPClient(Agent(reactor, pool=pool)), reactor, "t1", 10.0, _auth(),
-                        streams=_streams(_auth()))
+    client = PeerClient(HTTPClient(Agent(reactor, pool=pool)), reactor, "t1", 10.0, signer(),
+                        streams=loopback_streams(signer()))
     try:
-        results = await client.apply_coalesced(peer.peer, _entry(1))
+        results = await client.apply_coalesced(peer.peer, numbered_entry(1))
         assert results == ApplyResult(True, False)
         assert node.store.current("k1").value == b"v"
         assert not client.streams.usable(peer.peer)
         # The next copies go straight to HTTP, without another upgrade.
-        assert await client.apply_coalesced(peer.peer, _entry(2)) == ApplyResult(True, False)
+        assert await client.apply_coalesced(peer.peer, numbered_entry(2)) == ApplyResult(True, False)
         assert node.store.current("k2") is not None
     finally:
         await pool.closeCachedConnections()
@@ -274,9 +227,9 @@ async def test_a_peer_that_is_down_fails_the_copy_over_without_falling_back_to_h
     peer = server()
     address = peer.peer
     await peer.stop()
-    client = PeerClient(None, reactor, "t1", 2.0, _auth(), streams=_streams(_auth()))
+    client = PeerClient(None, reactor, "t1", 2.0, signer(), streams=loopback_streams(signer()))
     with pytest.raises(PeerError) as caught:
-        await client.apply_coalesced(address, _entry(1))
+        await client.apply_coalesced(address, numbered_entry(1))
     assert "unreachable" in str(caught.value)
     assert client.streams.usable(address)
 
@@ -284,14 +237,14 @@ async def test_a_peer_that_is_down_fails_the_copy_over_without_falling_back_to_h
 @pytest_twisted.ensureDeferred
 async def test_a_malformed_batch_gets_a_400_and_the_stream_carries_on(server):
     peer = server()
-    streams = _streams(_auth())
+    streams = loopback_streams(signer())
     try:
-        await streams.send(peer.peer, [_entry(1)], [b"-"], 2.0)
+        await streams.send(peer.peer, [numbered_entry(1)], [b"-"], 2.0)
         stream = streams._open[("127.0.0.1", peer.peer.port)]
         with pytest.raises(StreamError) as caught:
             await stream.send(b"not a batch", [b"-"], 2.0)
         assert caught.value.code == 400 and "Malformed batch" in str(caught.value)
-        assert await streams.send(peer.peer, [_entry(2)], [b"-"], 2.0) == [ApplyResult(True, False)]
+        assert await streams.send(peer.peer, [numbered_entry(2)], [b"-"], 2.0) == [ApplyResult(True, False)]
         assert streams._open[("127.0.0.1", peer.peer.port)] is stream
     finally:
         streams.close()
@@ -308,18 +261,18 @@ async def test_a_batch_whose_entries_do_not_fit_their_schema_gets_a_400_and_noth
     tracebacks = []
     monkeypatch.setattr(copystream, "write_traceback", lambda *a, **k: tracebacks.append(a))
     peer = server()
-    streams = _streams(_auth())
+    streams = loopback_streams(signer())
     try:
-        await streams.send(peer.peer, [_entry(1)], [b"-"], 2.0)
+        await streams.send(peer.peer, [numbered_entry(1)], [b"-"], 2.0)
         stream = streams._open[("127.0.0.1", peer.peer.port)]
         bad_node = Entry("k7", b"1", (1_700_000_000_000, 0, "bad node"), None)
         forever = Entry("k8", b"1", (1_700_000_000_000, 0, "n9"), float("inf"))
         for bad in (bad_node, forever):
             with pytest.raises(StreamError) as caught:
-                await stream.send(encode_batch([_entry(5), bad], 0.0), [b"-", b"-"], 2.0)
+                await stream.send(encode_batch([numbered_entry(5), bad], 0.0), [b"-", b"-"], 2.0)
             assert caught.value.code == 400 and "Malformed batch" in str(caught.value)
         assert peer.node.store.current("k5") is None
-        assert await streams.send(peer.peer, [_entry(2)], [b"-"], 2.0) == [ApplyResult(True, False)]
+        assert await streams.send(peer.peer, [numbered_entry(2)], [b"-"], 2.0) == [ApplyResult(True, False)]
         assert tracebacks == []
     finally:
         streams.close()
@@ -328,7 +281,7 @@ async def test_a_batch_whose_entries_do_not_fit_their_schema_gets_a_400_and_noth
 @pytest_twisted.ensureDeferred
 async def test_an_entry_over_the_peers_budget_is_answered_413_through_peer_client(server):
     peer = server(max_memory="1Mi")
-    client = PeerClient(None, reactor, "t1", 2.0, _auth(), streams=_streams(_auth()))
+    client = PeerClient(None, reactor, "t1", 2.0, signer(), streams=loopback_streams(signer()))
     huge = Entry("big", b"x" * (2 * 1024 * 1024), (1_700_000_000_000, 0, "n9"), None)
     try:
         with pytest.raises(PeerError) as caught:
@@ -347,13 +300,13 @@ async def test_a_node_that_begins_leaving_answers_each_later_batch_on_an_open_st
     stream stays open, as after any error answer.
     """
     peer = server()
-    streams = _streams(_auth())
+    streams = loopback_streams(signer())
     try:
-        await streams.send(peer.peer, [_entry(1)], [b"-"], 2.0)
+        await streams.send(peer.peer, [numbered_entry(1)], [b"-"], 2.0)
         [stream] = streams._open.values()
         peer.node.begin_leaving()
         with pytest.raises(StreamError) as caught:
-            await streams.send(peer.peer, [_entry(2), _entry(3)], [b"-", b"-"], 2.0)
+            await streams.send(peer.peer, [numbered_entry(2), numbered_entry(3)], [b"-", b"-"], 2.0)
         assert caught.value.code == 503 and "leaving" in str(caught.value)
         # Named, so that a write with no node left to fail over to can count the node out of its quorum.
         assert caught.value.error == "leaving"
@@ -372,11 +325,11 @@ async def test_a_copy_a_leaving_node_refuses_on_a_new_stream_fails_over_at_once_
     """
     peer = server()
     peer.node.begin_leaving()
-    client = PeerClient(None, reactor, "t1", 5.0, _auth(), streams=_streams(_auth()))
+    client = PeerClient(None, reactor, "t1", 5.0, signer(), streams=loopback_streams(signer()))
     try:
         started = reactor.seconds()
         with pytest.raises(PeerError) as caught:
-            await client.apply_coalesced(peer.peer, _entry(1))
+            await client.apply_coalesced(peer.peer, numbered_entry(1))
         assert (caught.value.code, caught.value.error) == (503, "leaving")
         assert reactor.seconds() - started < 2.5
         assert not client.suspects.suspected(peer.peer)
@@ -390,7 +343,7 @@ async def _raw_stream(peer, key):
     """
     A stream opened by hand, for frames the real client would never send.
     """
-    auth = _auth()
+    auth = signer()
     path = b"/t1/_internal/copies"
     request = (b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: " + UPGRADE_TOKEN +
                b"\r\nX-KV-Auth: " + auth.sign(b"GET", path, b"") + b"\r\n\r\n")
@@ -407,7 +360,7 @@ async def test_a_frame_with_a_bad_mac_closes_the_stream_and_stores_nothing(serve
     peer = server()
     protocol, lost = await _raw_stream(peer, derive_key("wrong", "peer"))
     outcome = []
-    protocol.send(encode_batch([_entry(1)], 0.0), [b"-"], 2.0).addBoth(outcome.append)
+    protocol.send(encode_batch([numbered_entry(1)], 0.0), [b"-"], 2.0).addBoth(outcome.append)
     await lost
     assert outcome[0].check(ConnectionLost)
     assert peer.node.store.current("k1") is None
@@ -416,11 +369,11 @@ async def test_a_frame_with_a_bad_mac_closes_the_stream_and_stores_nothing(serve
 @pytest_twisted.ensureDeferred
 async def test_a_replayed_batch_id_closes_the_stream(server):
     peer = server()
-    protocol, lost = await _raw_stream(peer, _auth().stream_key())
-    assert decode_results(await protocol.send(encode_batch([_entry(1)], 0.0), [b"-"], 2.0), 1) == [ApplyResult(True, False)]
+    protocol, lost = await _raw_stream(peer, signer().stream_key())
+    assert decode_results(await protocol.send(encode_batch([numbered_entry(1)], 0.0), [b"-"], 2.0), 1) == [ApplyResult(True, False)]
     protocol._next_id = 0   # the next frame reuses batch id 1
     outcome = []
-    protocol.send(encode_batch([_entry(2)], 0.0), [b"-"], 2.0).addBoth(outcome.append)
+    protocol.send(encode_batch([numbered_entry(2)], 0.0), [b"-"], 2.0).addBoth(outcome.append)
     await lost
     assert outcome[0].check(ConnectionLost)
     assert peer.node.store.current("k2") is None
@@ -432,7 +385,7 @@ async def test_the_route_answers_json_errors_to_what_is_not_an_upgrade(server):
     pool = HTTPConnectionPool(reactor, persistent=False)
     http = HTTPClient(Agent(reactor, pool=pool))
     base = "http://127.0.0.1:%d/t1/_internal/copies" % (peer.peer.port,)
-    auth = _auth()
+    auth = signer()
     signed = {b"X-KV-Auth": [auth.sign(b"GET", b"/t1/_internal/copies", b"")]}
     cases = [
         ("GET", {}, 401, "unauthorized"),
@@ -465,16 +418,16 @@ def test_a_connection_that_cannot_be_handed_over_gets_a_501():
 async def test_an_unanswered_batch_times_out_and_the_calls_behind_it_fail_over_at_once():
     silent = reactor.listenTCP(0, Factory.forProtocol(_UpgradeThenSilence), interface="127.0.0.1")
     peer = Peer("n2", "127.0.0.1", silent.getHost().port)
-    client = PeerClient(None, reactor, "t1", 0.3, None, streams=_streams())
+    client = PeerClient(None, reactor, "t1", 0.3, None, streams=loopback_streams())
     try:
         sent = []
         for index in range(MAX_BATCHES_IN_FLIGHT):
-            sent.append(client.apply_coalesced(peer, _entry(index)))
+            sent.append(client.apply_coalesced(peer, numbered_entry(index)))
             await deferLater(reactor, 0.05, lambda: None)
-        queued = client.apply_coalesced(peer, _entry(9))
+        queued = client.apply_coalesced(peer, numbered_entry(9))
         outcomes = {}
         for name, d in [("first", sent[0]), ("queued", queued)] + [(index, d) for index, d in enumerate(sent[1:])]:
-            d.addBoth(_kept(outcomes, name))
+            d.addBoth(keeping(outcomes, name))
         await _until(lambda: len(outcomes) == MAX_BATCHES_IN_FLIGHT + 1, 3.0)
         assert all(isinstance(outcome, Failure) and outcome.check(PeerError) for outcome in outcomes.values())
         assert "StreamTimeout" in str(outcomes["first"].value)
@@ -482,16 +435,6 @@ async def test_an_unanswered_batch_times_out_and_the_calls_behind_it_fail_over_a
         assert client.streams.open_count() == 0
     finally:
         await silent.stopListening()
-
-
-def _kept(outcomes: dict, key):
-    """
-    A callback that keeps a call's outcome under ``key`` and consumes it: a failure kept here is no unhandled error
-    when its Deferred is collected.
-    """
-    def keep(outcome) -> None:
-        outcomes.setdefault(key, outcome)
-    return keep
 
 
 class _UpgradeThenSilence(Protocol):
@@ -513,66 +456,20 @@ class _Build(Factory):
         return self._protocol
 
 
-def _on_fake_endpoints(auth=None):
-    clock = Clock()
-    endpoints = _FakeEndpoints()
-    return clock, endpoints, CopyStreams(clock, endpoints, "t1", auth)
 
-
-PEER = Peer("n2", "10.0.0.2", 3000)
-
-
-class _FakeEndpoints:
-    """
-    Each connect gives the protocol a StringTransport; the test plays the peer.
-    """
-
-    def __init__(self):
-        self.connections = []
-
-    def __call__(self, host, port):
-        return self
-
-    def connect(self, factory):
-        protocol = factory.buildProtocol(None)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        self.connections.append((protocol, transport))
-        return succeed(protocol)
-
-    def answer(self, index, data):
-        self.connections[index][0].dataReceived(data)
-
-    def upgrade(self, index):
-        self.answer(index, b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: " + UPGRADE_TOKEN +
-                    b"\r\nX-KV-Stream-Nonce: " + binascii.hexlify(b"n" * 16) + b"\r\n\r\n")
-
-    def frames(self, index):
-        data = self.connections[index][1].value()
-        data = data[data.index(b"\r\n\r\n") + 4:]
-        found = []
-        while data:
-            (length,) = struct.unpack("!I", data[:4])
-            found.append(data[4:4 + length])
-            data = data[4 + length:]
-        return found
-
-    def answer_frame(self, index, batch_id, results):
-        answer = encode_answer(batch_id, results)
-        self.answer(index, struct.pack("!I", len(answer)) + answer)
 
 
 def test_a_stream_that_answered_before_is_retried_once_on_a_new_connection_when_it_is_lost():
-    clock, endpoints, streams = _on_fake_endpoints()
+    clock, endpoints, streams = fake_endpoint_streams()
     peer = PEER
     first = []
-    streams.send(peer, [_entry(1)], [b"-"], 2.0).addBoth(first.append)
+    streams.send(peer, [numbered_entry(1)], [b"-"], 2.0).addBoth(first.append)
     endpoints.upgrade(0)
     endpoints.answer_frame(0, 1, [ApplyResult(True, False)])
     assert first == [[ApplyResult(True, False)]]
     # The peer restarted: the kept connection dies with the next batch on it.
     second = []
-    streams.send(peer, [_entry(2)], [b"-"], 2.0).addBoth(second.append)
+    streams.send(peer, [numbered_entry(2)], [b"-"], 2.0).addBoth(second.append)
     endpoints.connections[0][0].connectionLost(Failure(ConnectionLost()))
     assert second == [] and len(endpoints.connections) == 2
     endpoints.upgrade(1)
@@ -586,12 +483,12 @@ def _second_batch_on_an_answered_stream():
     A stream that has answered one batch, with a second batch of 2 s out on it: the clock, the endpoints, and
     the list the second batch's outcome goes to.
     """
-    clock, endpoints, streams = _on_fake_endpoints()
-    streams.send(PEER, [_entry(1)], [b"-"], 2.0)
+    clock, endpoints, streams = fake_endpoint_streams()
+    streams.send(PEER, [numbered_entry(1)], [b"-"], 2.0)
     endpoints.upgrade(0)
     endpoints.answer_frame(0, 1, [ApplyResult(True, False)])
     outcome = []
-    streams.send(PEER, [_entry(2)], [b"-"], 2.0).addBoth(outcome.append)
+    streams.send(PEER, [numbered_entry(2)], [b"-"], 2.0).addBoth(outcome.append)
     return clock, endpoints, outcome
 
 
@@ -600,9 +497,9 @@ def test_an_answer_frame_too_short_to_name_its_batch_closes_the_stream_and_nothi
     If the peer sends a frame shorter than an answer's head, then the stream is closed at once, and an answer
     that arrived with it is not taken: the batch fails with the connection, to fail over.
     """
-    clock, endpoints, streams = _on_fake_endpoints()
+    clock, endpoints, streams = fake_endpoint_streams()
     outcome = []
-    streams.send(PEER, [_entry(1)], [b"-"], 2.0).addBoth(outcome.append)
+    streams.send(PEER, [numbered_entry(1)], [b"-"], 2.0).addBoth(outcome.append)
     endpoints.upgrade(0)
     answer = encode_answer(1, [ApplyResult(True, False)])
     endpoints.answer(0, struct.pack("!I", 2) + b"xx" + struct.pack("!I", len(answer)) + answer)
@@ -644,9 +541,9 @@ def test_a_new_streams_first_batch_gets_the_time_its_opening_left():
     If opening a stream takes 1.5 s of a batch's 2 s, then the batch is answered or failed 2 s after it was
     handed over, not 2 s after the stream opened.
     """
-    clock, endpoints, streams = _on_fake_endpoints()
+    clock, endpoints, streams = fake_endpoint_streams()
     outcome = []
-    streams.send(PEER, [_entry(1)], [b"-"], 2.0).addBoth(outcome.append)
+    streams.send(PEER, [numbered_entry(1)], [b"-"], 2.0).addBoth(outcome.append)
     clock.advance(1.5)
     endpoints.upgrade(0)
     assert len(endpoints.frames(0)) == 1
@@ -657,10 +554,10 @@ def test_a_new_streams_first_batch_gets_the_time_its_opening_left():
 
 
 def test_a_new_stream_lost_before_answering_fails_its_batch_without_a_retry():
-    clock, endpoints, streams = _on_fake_endpoints()
+    clock, endpoints, streams = fake_endpoint_streams()
     peer = PEER
     outcome = []
-    streams.send(peer, [_entry(1)], [b"-"], 2.0).addBoth(outcome.append)
+    streams.send(peer, [numbered_entry(1)], [b"-"], 2.0).addBoth(outcome.append)
     endpoints.upgrade(0)
     endpoints.connections[0][0].connectionLost(Failure(ConnectionLost()))
     assert len(outcome) == 1 and outcome[0].check(ConnectionLost)
@@ -668,18 +565,18 @@ def test_a_new_stream_lost_before_answering_fails_its_batch_without_a_retry():
 
 
 def test_an_upgrade_unanswered_within_the_timeout_fails_and_closes_the_connection():
-    clock, endpoints, streams = _on_fake_endpoints()
+    clock, endpoints, streams = fake_endpoint_streams()
     outcome = []
-    streams.send(Peer("n2", "10.0.0.2", 3000), [_entry(1)], [b"-"], 2.0).addBoth(outcome.append)
+    streams.send(Peer("n2", "10.0.0.2", 3000), [numbered_entry(1)], [b"-"], 2.0).addBoth(outcome.append)
     clock.advance(2.0)
     assert len(outcome) == 1 and outcome[0].check(StreamTimeout)
     assert endpoints.connections[0][1].disconnecting
 
 
 def test_batches_carry_their_task_ids_and_a_mac_over_the_connections_nonce():
-    auth = _auth()
-    clock, endpoints, streams = _on_fake_endpoints(auth)
-    streams.send(Peer("n2", "10.0.0.2", 3000), [_entry(1), _entry(2)], [b"task-a@/1", b"-"], 2.0)
+    auth = signer()
+    clock, endpoints, streams = fake_endpoint_streams(auth)
+    streams.send(Peer("n2", "10.0.0.2", 3000), [numbered_entry(1), numbered_entry(2)], [b"task-a@/1", b"-"], 2.0)
     request = endpoints.connections[0][1].value()
     assert b"X-KV-Auth: " in request and b"Upgrade: " + UPGRADE_TOKEN in request
     endpoints.upgrade(0)
@@ -706,11 +603,11 @@ def test_answers_decode_to_one_result_an_entry():
 
 
 def test_every_send_waiting_on_a_refused_opening_hears_the_refusal():
-    clock, endpoints, streams = _on_fake_endpoints()
+    clock, endpoints, streams = fake_endpoint_streams()
     peer = PEER
     outcomes = []
     for index in range(3):
-        streams.send(peer, [_entry(index)], [b"-"], 2.0).addBoth(outcomes.append)
+        streams.send(peer, [numbered_entry(index)], [b"-"], 2.0).addBoth(outcomes.append)
     assert len(endpoints.connections) == 1
     endpoints.answer(0, b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
     assert len(outcomes) == 3 and all(outcome.check(StreamRefused) for outcome in outcomes)
@@ -734,23 +631,23 @@ def test_an_endpoint_that_fails_at_once_fails_the_send_and_the_next_send_tries_a
     streams = CopyStreams(Clock(), endpoint, "t1", None)
     peer = Peer("n2", "10.0.0.2", 3000)
     outcomes = []
-    streams.send(peer, [_entry(1)], [b"-"], 2.0).addBoth(outcomes.append)
+    streams.send(peer, [numbered_entry(1)], [b"-"], 2.0).addBoth(outcomes.append)
     assert outcomes[0].check(ConnectionRefusedError)
     assert streams._opening == {} and streams.usable(peer)
-    streams.send(peer, [_entry(2)], [b"-"], 2.0).addBoth(outcomes.append)
+    streams.send(peer, [numbered_entry(2)], [b"-"], 2.0).addBoth(outcomes.append)
     assert endpoint.attempts == 2 and outcomes[1].check(ConnectionRefusedError)
 
 
 def test_a_stream_that_used_all_its_batch_ids_is_replaced_by_a_new_connection():
-    clock, endpoints, streams = _on_fake_endpoints()
+    clock, endpoints, streams = fake_endpoint_streams()
     peer = PEER
     first = []
-    streams.send(peer, [_entry(1)], [b"-"], 2.0).addBoth(first.append)
+    streams.send(peer, [numbered_entry(1)], [b"-"], 2.0).addBoth(first.append)
     endpoints.upgrade(0)
     endpoints.answer_frame(0, 1, [ApplyResult(True, False)])
     endpoints.connections[0][0]._next_id = MAX_BATCH_ID
     outcome = []
-    streams.send(peer, [_entry(2)], [b"-"], 2.0).addBoth(outcome.append)
+    streams.send(peer, [numbered_entry(2)], [b"-"], 2.0).addBoth(outcome.append)
     assert endpoints.connections[0][1].disconnecting and len(endpoints.connections) == 2
     endpoints.upgrade(1)
     endpoints.answer_frame(1, 1, [ApplyResult(True, False)])
@@ -758,10 +655,10 @@ def test_a_stream_that_used_all_its_batch_ids_is_replaced_by_a_new_connection():
 
 
 def test_a_peer_that_hangs_up_instead_of_answering_the_upgrade_fails_the_batch_and_gets_http_for_a_while():
-    clock, endpoints, streams = _on_fake_endpoints()
+    clock, endpoints, streams = fake_endpoint_streams()
     peer = PEER
     outcome = []
-    streams.send(peer, [_entry(1)], [b"-"], 2.0).addBoth(outcome.append)
+    streams.send(peer, [numbered_entry(1)], [b"-"], 2.0).addBoth(outcome.append)
     endpoints.connections[0][0].connectionLost(Failure(ConnectionDone()))
     assert outcome[0].check(StreamUnanswered)
     assert not streams.usable(peer)
@@ -770,15 +667,15 @@ def test_a_peer_that_hangs_up_instead_of_answering_the_upgrade_fails_the_batch_a
 
 
 def test_closing_fails_pending_batches_and_opens_nothing_more():
-    clock, endpoints, streams = _on_fake_endpoints()
+    clock, endpoints, streams = fake_endpoint_streams()
     peer = PEER
-    streams.send(peer, [_entry(1)], [b"-"], 2.0)
+    streams.send(peer, [numbered_entry(1)], [b"-"], 2.0)
     endpoints.upgrade(0)
     endpoints.answer_frame(0, 1, [ApplyResult(True, False)])
     pending = []
-    streams.send(peer, [_entry(2)], [b"-"], 2.0).addBoth(pending.append)
+    streams.send(peer, [numbered_entry(2)], [b"-"], 2.0).addBoth(pending.append)
     opening = []
-    streams.send(Peer("n3", "10.0.0.3", 3000), [_entry(3)], [b"-"], 2.0).addBoth(opening.append)
+    streams.send(Peer("n3", "10.0.0.3", 3000), [numbered_entry(3)], [b"-"], 2.0).addBoth(opening.append)
     streams.close()
     assert endpoints.connections[0][1].disconnecting and endpoints.connections[1][1].disconnecting
     endpoints.connections[0][0].connectionLost(Failure(ConnectionDone()))
@@ -786,20 +683,20 @@ def test_closing_fails_pending_batches_and_opens_nothing_more():
     assert pending[0].check(ConnectionDone) and opening[0].check(StreamUnanswered, ConnectionDone)
     assert len(endpoints.connections) == 2
     later = []
-    streams.send(peer, [_entry(4)], [b"-"], 2.0).addBoth(later.append)
+    streams.send(peer, [numbered_entry(4)], [b"-"], 2.0).addBoth(later.append)
     assert later[0].check(ConnectionDone) and len(endpoints.connections) == 2
 
 
 @pytest_twisted.ensureDeferred
 async def test_an_idle_stream_is_closed_by_the_peer_and_the_next_write_opens_another(server):
     peer = server(timeout=0.3)
-    streams = _streams(_auth())
+    streams = loopback_streams(signer())
     try:
-        await streams.send(peer.peer, [_entry(1)], [b"-"], 2.0)
+        await streams.send(peer.peer, [numbered_entry(1)], [b"-"], 2.0)
         await _until(lambda: peer.site.open_connections == 0, 3.0)
         assert peer.node.metrics.gauge("kv_copy_streams_incoming") == 0
         await _until(lambda: streams.open_count() == 0, 3.0)
-        assert await streams.send(peer.peer, [_entry(2)], [b"-"], 2.0) == [ApplyResult(True, False)]
+        assert await streams.send(peer.peer, [numbered_entry(2)], [b"-"], 2.0) == [ApplyResult(True, False)]
         assert peer.node.metrics.gauge("kv_copy_streams_incoming") == 1
     finally:
         streams.close()
@@ -808,12 +705,12 @@ async def test_an_idle_stream_is_closed_by_the_peer_and_the_next_write_opens_ano
 @pytest_twisted.ensureDeferred
 async def test_nothing_after_a_rejected_frame_is_applied_and_the_connection_is_released(server):
     peer = server()
-    protocol, lost = await _raw_stream(peer, _auth().stream_key())
+    protocol, lost = await _raw_stream(peer, signer().stream_key())
     good = protocol._mac
     protocol._mac = lambda *parts: b"\0" * 16
-    protocol.send(encode_batch([_entry(1)], 0.0), [b"-"], 2.0).addErrback(lambda failure: None)
+    protocol.send(encode_batch([numbered_entry(1)], 0.0), [b"-"], 2.0).addErrback(lambda failure: None)
     protocol._mac = good
-    protocol.send(encode_batch([_entry(2)], 0.0), [b"-"], 2.0).addErrback(lambda failure: None)
+    protocol.send(encode_batch([numbered_entry(2)], 0.0), [b"-"], 2.0).addErrback(lambda failure: None)
     await lost
     await _until(lambda: peer.site.open_connections == 0)
     assert peer.node.store.current("k1") is None and peer.node.store.current("k2") is None
@@ -828,7 +725,7 @@ async def test_frames_sent_right_behind_the_upgrade_request_are_applied(server):
 
     class Pipelining(Protocol):
         def connectionMade(self):
-            batch = encode_batch([_entry(1)], 0.0)
+            batch = encode_batch([numbered_entry(1)], 0.0)
             frame = struct.pack("!I16sI", 1, b"\0" * 16, 1) + b"-" + batch
             self.transport.write(b"GET /t1/_internal/copies HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
                                  b"Upgrade: " + UPGRADE_TOKEN + b"\r\n\r\n" + struct.pack("!I", len(frame)) + frame)
@@ -870,7 +767,7 @@ def test_closing_while_a_connection_is_being_made_cancels_it_and_fails_its_batch
     endpoint = _PendingEndpoint()
     streams = CopyStreams(Clock(), endpoint, "t1", None)
     outcome = []
-    streams.send(PEER, [_entry(1)], [b"-"], 2.0).addBoth(outcome.append)
+    streams.send(PEER, [numbered_entry(1)], [b"-"], 2.0).addBoth(outcome.append)
     assert outcome == []
     streams.close()
     assert endpoint.cancelled == 1
@@ -902,11 +799,11 @@ def test_each_batch_is_timed_from_when_it_was_sent_by_one_timer_for_the_stream()
     clock = Clock()
     client = _upgraded_client(clock)
     outcomes = {}
-    first = client.send(encode_batch([_entry(1)], 0.0), [b"-"], 10.0)
-    first.addBoth(_kept(outcomes, 1))
+    first = client.send(encode_batch([numbered_entry(1)], 0.0), [b"-"], 10.0)
+    first.addBoth(keeping(outcomes, 1))
     clock.advance(5)
-    second = client.send(encode_batch([_entry(2)], 0.0), [b"-"], 10.0)
-    second.addBoth(_kept(outcomes, 2))
+    second = client.send(encode_batch([numbered_entry(2)], 0.0), [b"-"], 10.0)
+    second.addBoth(keeping(outcomes, 2))
     assert len(clock.getDelayedCalls()) == 1
     clock.advance(1)
     _answer(client, 1)
@@ -928,11 +825,11 @@ def test_an_error_answer_whatever_its_body_fails_its_batch_and_the_stream_goes_o
     clock = Clock()
     client = _upgraded_client(clock)
     outcomes = {}
-    client.send(encode_batch([_entry(1)], 0.0), [b"-"], 10.0).addBoth(_kept(outcomes, 1))
+    client.send(encode_batch([numbered_entry(1)], 0.0), [b"-"], 10.0).addBoth(keeping(outcomes, 1))
     frame = struct.pack("!IH", 1, 500) + body
     client.dataReceived(struct.pack("!I", len(frame)) + frame)
     assert outcomes[1].check(copystream.StreamError) and "500" in str(outcomes[1].value), outcomes
-    client.send(encode_batch([_entry(2)], 0.0), [b"-"], 10.0).addBoth(_kept(outcomes, 2))
+    client.send(encode_batch([numbered_entry(2)], 0.0), [b"-"], 10.0).addBoth(keeping(outcomes, 2))
     _answer(client, 2)
     assert not isinstance(outcomes[2], Failure) and not client.closed
 
@@ -945,11 +842,11 @@ def test_a_batch_sent_after_every_earlier_one_was_answered_is_timed_from_its_own
     """
     clock = Clock()
     client = _upgraded_client(clock)
-    client.send(encode_batch([_entry(1)], 0.0), [b"-"], 10.0)
+    client.send(encode_batch([numbered_entry(1)], 0.0), [b"-"], 10.0)
     _answer(client, 1)
     clock.advance(8)
     outcomes = []
-    client.send(encode_batch([_entry(2)], 0.0), [b"-"], 10.0).addBoth(outcomes.append)
+    client.send(encode_batch([numbered_entry(2)], 0.0), [b"-"], 10.0).addBoth(outcomes.append)
     clock.advance(9.9)  # the first batch's timer fired at 10
     assert outcomes == [] and not client.closed
     clock.advance(0.1)
@@ -963,8 +860,8 @@ def test_a_batch_with_a_shorter_timeout_is_not_timed_by_the_longer_one_before_it
     clock = Clock()
     client = _upgraded_client(clock)
     outcomes = []
-    client.send(encode_batch([_entry(1)], 0.0), [b"-"], 60.0).addErrback(lambda failure: None)
-    client.send(encode_batch([_entry(2)], 0.0), [b"-"], 1.0).addBoth(outcomes.append)
+    client.send(encode_batch([numbered_entry(1)], 0.0), [b"-"], 60.0).addErrback(lambda failure: None)
+    client.send(encode_batch([numbered_entry(2)], 0.0), [b"-"], 1.0).addBoth(outcomes.append)
     clock.advance(1.5)
     assert client.closed and len(outcomes) == 1 and outcomes[0].check(StreamTimeout)
 
@@ -979,7 +876,7 @@ def test_a_stream_with_every_batch_answered_keeps_one_timer_and_closes_once_idle
     clock = Clock()
     client = _upgraded_client(clock)
     for batch_id in (1, 2, 3):
-        client.send(encode_batch([_entry(batch_id)], 0.0), [b"-"], 10.0)
+        client.send(encode_batch([numbered_entry(batch_id)], 0.0), [b"-"], 10.0)
         _answer(client, batch_id)
         [timer] = clock.getDelayedCalls()
         assert timer.getTime() == 10.0
@@ -987,7 +884,7 @@ def test_a_stream_with_every_batch_answered_keeps_one_timer_and_closes_once_idle
     [timer] = clock.getDelayedCalls()
     assert timer.getTime() == copystream.IDLE_SECONDS and not client.closed
     clock.advance(copystream.IDLE_SECONDS - 15)
-    client.send(encode_batch([_entry(4)], 0.0), [b"-"], 10.0)
+    client.send(encode_batch([numbered_entry(4)], 0.0), [b"-"], 10.0)
     _answer(client, 4)
     clock.advance(copystream.IDLE_SECONDS - 0.5)
     assert not client.closed
@@ -1002,9 +899,9 @@ def test_a_stream_to_a_peer_that_vanished_is_closed_once_idle_and_no_longer_coun
     address, never written to again, closes once idle, and is no longer counted as open
     (kv_copy_streams_outgoing); it used to stay open for good.
     """
-    clock, endpoints, streams = _on_fake_endpoints()
+    clock, endpoints, streams = fake_endpoint_streams()
     outcomes = []
-    streams.send(PEER, [_entry(1)], [b"-"], 2.0).addBoth(outcomes.append)
+    streams.send(PEER, [numbered_entry(1)], [b"-"], 2.0).addBoth(outcomes.append)
     endpoints.upgrade(0)
     endpoints.answer_frame(0, 1, [ApplyResult(True, False)])
     assert outcomes == [[ApplyResult(True, False)]] and streams.open_count() == 1
@@ -1020,7 +917,7 @@ def test_a_stream_opened_for_a_read_the_peer_does_not_serve_is_closed_once_idle(
     upgrade), then the read fails over and nothing is ever sent on the stream: it still closes once idle, and is
     no longer counted (it stayed open for good, a peer that vanished without a FIN included).
     """
-    clock, endpoints, streams = _on_fake_endpoints()
+    clock, endpoints, streams = fake_endpoint_streams()
     outcome = []
     streams.read(PEER, ["k"], 2.0).addBoth(outcome.append)
     endpoints.upgrade(0)  # a 101 without X-KV-Stream-Reads
@@ -1038,11 +935,11 @@ def test_addresses_that_refused_a_stream_long_ago_are_forgotten():
     addresses), then those whose refusal period is over are not kept for good: the node remembers only the
     recent ones (and a refusal still sends that address's copies over HTTP for its period).
     """
-    clock, endpoints, streams = _on_fake_endpoints()
+    clock, endpoints, streams = fake_endpoint_streams()
     outcomes = []
     for index in range(200):
         peer = Peer("n%d" % (index,), "10.1.%d.%d" % (index >> 8, index & 255), 3000)
-        streams.send(peer, [_entry(index)], [b"-"], 2.0).addBoth(outcomes.append)
+        streams.send(peer, [numbered_entry(index)], [b"-"], 2.0).addBoth(outcomes.append)
         endpoints.answer(index, b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 0\r\n\r\n")
         clock.advance(REFUSED_FOR / 10)
     assert len(outcomes) == 200 and all(outcome.check(StreamRefused) for outcome in outcomes)
@@ -1065,7 +962,7 @@ async def test_an_upgrade_sent_again_is_refused_so_a_captured_one_opens_no_strea
     before the frame's MAC can be checked. The first opened one.
     """
     peer = server()
-    upgrade = _upgrade_bytes(_auth(), peer.peer.port)
+    upgrade = _upgrade_bytes(signer(), peer.peer.port)
     answers = []
     for _ in range(2):
         answers.append(await deferToThread(_first_line_after, upgrade, peer.peer.port))
@@ -1162,7 +1059,7 @@ async def test_a_stream_closes_at_a_frame_declared_larger_than_a_batch_can_be(se
     connection from the length alone, holding none of it.
     """
     peer = server()
-    upgrade = _upgrade_bytes(_auth(), peer.peer.port)
+    upgrade = _upgrade_bytes(signer(), peer.peer.port)
 
     def send_large_frame(port):
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
@@ -1207,7 +1104,7 @@ def test_a_frame_whose_task_ids_run_past_its_end_is_answered_400_and_applies_not
     def apply(entries, task_ids):
         applied.append(entries)
         return [ApplyResult(True, False)] * len(entries)
-    batch = encode_batch([_entry(1)], 0.0)
+    batch = encode_batch([numbered_entry(1)], 0.0)
     assert _served_answers(apply, [(1, 1000, b"-" + batch), (2, 1, b"-" + batch)]) == [(1, 400), (2, 200)]
     assert [len(entries) for entries in applied] == [1]
 
@@ -1224,8 +1121,8 @@ def test_an_answer_that_cannot_be_encoded_is_answered_500_and_the_stream_goes_on
     add_destinations(messages.append)
     try:
         served = _served_answers(lambda entries, task_ids: next(answers),
-                                 [(1, 1, b"-" + encode_batch([_entry(1)], 0.0)),
-                                  (2, 1, b"-" + encode_batch([_entry(2)], 0.0))])
+                                 [(1, 1, b"-" + encode_batch([numbered_entry(1)], 0.0)),
+                                  (2, 1, b"-" + encode_batch([numbered_entry(2)], 0.0))])
     finally:
         remove_destination(messages.append)
     assert served == [(1, 500), (2, 200)]

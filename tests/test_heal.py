@@ -13,7 +13,7 @@ import json
 
 from kvresponder.ring import HashRing
 
-from .test_clock_safety import _PartitionedCluster
+from .support import PartitionedCluster
 
 ALL = ["n1", "n2", "n3", "n4"]
 
@@ -31,7 +31,7 @@ KEY = next(k for k in ("key-%d" % i for i in range(10000))
 
 
 def _cluster():
-    cluster = _PartitionedCluster(4, wall_offsets={4: -0.4})
+    cluster = PartitionedCluster(4, wall_offsets={4: -0.4})
     cluster.run(seconds=40)
     assert all(node.state == "ready" for node in cluster.nodes)
     return cluster
@@ -160,7 +160,7 @@ def test_after_a_split_of_two_and_three_a_node_of_the_three_finds_what_the_two_a
     key = next(k for k in ("key-%d" % i for i in range(20000))
                if all(not (_owners(sorted(ring), k) & small) for ring in rings_n3_goes_through))
     for read in (True, False):
-        cluster = _PartitionedCluster(5, wall_offsets={3: -0.4})
+        cluster = PartitionedCluster(5, wall_offsets={3: -0.4})
         cluster.run(seconds=40)
         n1, n2, n3, n4, n5 = cluster.nodes
         if read:

@@ -9,7 +9,6 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import succeed
-from twisted.internet.task import Clock
 from twisted.web.client import Agent, HTTPConnectionPool
 from treq.client import HTTPClient
 from twisted.python.failure import Failure
@@ -24,7 +23,8 @@ from kvresponder.suspects import SuspectPeers
 from kvresponder.wire import MAX_KEY_BYTES
 from kvresponder.batcher import MAX_COALESCED
 
-from .test_copystream import PEER, _auth, _entry, _kept, _on_fake_endpoints, _streams, server  # noqa: F401
+from .streams import (PEER, fake_endpoint_streams, keeping, loopback_streams, numbered_entry, server,  # noqa: F401
+                      signer)
 
 
 def test_keys_and_read_answers_round_trip_tombstones_expiries_and_absent_keys_included():
@@ -71,13 +71,13 @@ async def test_keys_read_on_the_stream_answer_what_the_peer_holds_tombstones_inc
     tombstone as a tombstone, and ``None`` for a key it does not hold; the stream stays open for copies.
     """
     peer = server()
-    streams = _streams(_auth())
+    streams = loopback_streams(signer())
     try:
-        peer.node.store.apply(_entry(1, b'"one"'))
+        peer.node.store.apply(numbered_entry(1, b'"one"'))
         peer.node.store.apply(Entry("k2", None, (1_700_000_000_002, 0, "n9"), None))
         found = await streams.read(peer.peer, ["k1", "k2", "k3"], 2.0)
         assert [entry and (entry.key, entry.value) for entry in found] == [("k1", b'"one"'), ("k2", None), None]
-        assert await streams.send(peer.peer, [_entry(3)], [b"-"], 2.0)
+        assert await streams.send(peer.peer, [numbered_entry(3)], [b"-"], 2.0)
         assert streams.open_count() == 1
     finally:
         streams.close()
@@ -90,9 +90,9 @@ async def test_a_leaving_node_still_answers_reads_on_its_stream(server):
     reads while the ring settles ask leaving nodes for what they have not handed off yet.
     """
     peer = server()
-    streams = _streams(_auth())
+    streams = loopback_streams(signer())
     try:
-        peer.node.store.apply(_entry(1, b'"one"'))
+        peer.node.store.apply(numbered_entry(1, b'"one"'))
         peer.node.begin_leaving()
         [entry] = await streams.read(peer.peer, ["k1"], 2.0)
         assert entry.value == b'"one"'
@@ -107,10 +107,10 @@ async def test_entries_too_large_for_one_answer_are_refused_413_and_read_over_ht
     and a peer client reads them over HTTP, which answers in parts.
     """
     peer = server(max_value_size="4Mi", max_memory="64Mi")
-    streams = _streams(_auth())
+    streams = loopback_streams(signer())
     big = b'"' + b"x" * (MAX_READ_ANSWER // 2) + b'"'
-    peer.node.store.apply(_entry(1, big))
-    peer.node.store.apply(_entry(2, big))
+    peer.node.store.apply(numbered_entry(1, big))
+    peer.node.store.apply(numbered_entry(2, big))
     try:
         with pytest.raises(StreamError) as caught:
             await streams.read(peer.peer, ["k1", "k2"], 2.0)
@@ -135,8 +135,8 @@ async def test_a_peer_client_reads_a_peers_keys_on_the_stream_not_over_http(serv
     stream: this client has no HTTP client at all.
     """
     peer = server()
-    peer.node.store.apply(_entry(1, b'"one"'))
-    client = PeerClient(None, reactor, "t1", 5.0, _auth(), streams=_streams(_auth()))
+    peer.node.store.apply(numbered_entry(1, b'"one"'))
+    client = PeerClient(None, reactor, "t1", 5.0, signer(), streams=loopback_streams(signer()))
     try:
         entry = await client.get_coalesced(peer.peer, "k1")
         assert entry.value == b'"one"'
@@ -151,14 +151,14 @@ def test_an_older_peer_whose_stream_serves_no_reads_is_sent_no_read_frame_and_is
     If a peer's 101 does not say it serves reads (a node older than them), then a read fails with
     ReadsUnsupported without a frame sent, and the reader reads over HTTP instead, the stream kept for copies.
     """
-    clock, endpoints, streams = _on_fake_endpoints()
+    clock, endpoints, streams = fake_endpoint_streams()
     outcomes = {}
-    streams.read(PEER, ["k1"], 2.0).addBoth(_kept(outcomes, "read"))
+    streams.read(PEER, ["k1"], 2.0).addBoth(keeping(outcomes, "read"))
     endpoints.upgrade(0)
     assert outcomes["read"].check(ReadsUnsupported)
     assert endpoints.frames(0) == []
     reader = StreamReader(streams, lambda peer, keys: succeed(["over http"]), clock, None, 2.0, SuspectPeers(clock))
-    reader.read(PEER, ["k1"]).addBoth(_kept(outcomes, "reader"))
+    reader.read(PEER, ["k1"]).addBoth(keeping(outcomes, "reader"))
     assert outcomes["reader"] == ["over http"]
     assert len(endpoints.connections) == 1 and not endpoints.connections[0][0].closed
 
@@ -168,16 +168,16 @@ def test_a_read_frame_is_sent_only_to_a_peer_that_said_it_serves_reads_and_carri
     If a peer's 101 says it serves reads, then a read goes as one frame whose task-id list is the read marker
     and whose body is the keys, signed as a batch is; its answer settles the read.
     """
-    clock, endpoints, streams = _on_fake_endpoints()
+    clock, endpoints, streams = fake_endpoint_streams()
     outcomes = {}
-    streams.read(PEER, ["k1", "k2"], 2.0).addBoth(_kept(outcomes, "read"))
+    streams.read(PEER, ["k1", "k2"], 2.0).addBoth(keeping(outcomes, "read"))
     endpoints.answer(0, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: " + copystream.UPGRADE_TOKEN +
                      b"\r\nX-KV-Stream-Nonce: " + b"6e" * 16 + b"\r\nX-KV-Stream-Reads: 1\r\n\r\n")
     [frame] = endpoints.frames(0)
     batch_id, _, tasks_length = struct.unpack_from("!I16sI", frame)
     assert frame[24:24 + tasks_length] == READ_MARKER
     assert decode_keys(frame[24 + tasks_length:]) == ["k1", "k2"]
-    answer = encode_read_answer(batch_id, [None, _entry(2)], 0.0)
+    answer = encode_read_answer(batch_id, [None, numbered_entry(2)], 0.0)
     endpoints.answer(0, struct.pack("!I", len(answer)) + answer)
     assert not isinstance(outcomes["read"], Failure)
     assert [entry and entry.key for entry in outcomes["read"]] == [None, "k2"]
@@ -188,11 +188,11 @@ def test_a_read_that_times_out_fails_as_an_unreachable_peer_and_makes_it_a_suspe
     If a read on the stream goes unanswered past the timeout, then it fails with a PeerError (the read fails
     over) and the peer becomes a suspect, as for a batch of copies.
     """
-    clock, endpoints, streams = _on_fake_endpoints()
+    clock, endpoints, streams = fake_endpoint_streams()
     suspects = SuspectPeers(clock)
     reader = StreamReader(streams, lambda peer, keys: succeed(["over http"]), clock, None, 2.0, suspects)
     outcomes = {}
-    reader.read(PEER, ["k1"]).addBoth(_kept(outcomes, "read"))
+    reader.read(PEER, ["k1"]).addBoth(keeping(outcomes, "read"))
     endpoints.answer(0, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: " + copystream.UPGRADE_TOKEN +
                      b"\r\nX-KV-Stream-Nonce: " + b"6e" * 16 + b"\r\nX-KV-Stream-Reads: 1\r\n\r\n")
     clock.advance(2.5)
@@ -227,16 +227,16 @@ def test_an_older_peer_is_remembered_so_that_later_reads_go_over_http_without_op
     for a while without a stream opened and signed again to find that out; after the refusal period it is
     asked again.
     """
-    clock, endpoints, streams = _on_fake_endpoints()
+    clock, endpoints, streams = fake_endpoint_streams()
     outcomes = {}
-    streams.read(PEER, ["k1"], 2.0).addBoth(_kept(outcomes, 1))
+    streams.read(PEER, ["k1"], 2.0).addBoth(keeping(outcomes, 1))
     endpoints.upgrade(0)
     assert outcomes[1].check(ReadsUnsupported)
     endpoints.connections[0][0].connectionLost(None)
-    streams.read(PEER, ["k1"], 2.0).addBoth(_kept(outcomes, 2))
+    streams.read(PEER, ["k1"], 2.0).addBoth(keeping(outcomes, 2))
     assert outcomes[2].check(ReadsUnsupported) and len(endpoints.connections) == 1
     clock.advance(copystream.REFUSED_FOR)
-    streams.read(PEER, ["k1"], 2.0).addBoth(_kept(outcomes, 3))
+    streams.read(PEER, ["k1"], 2.0).addBoth(keeping(outcomes, 3))
     assert len(endpoints.connections) == 2
 
 
@@ -245,12 +245,12 @@ def test_a_read_whose_stream_upgrade_is_hung_up_on_is_read_over_http():
     If the connection a read opens for its stream is closed before any 101 (a proxy that drops upgrades), then
     the read was never sent, and it is read over HTTP instead of failing.
     """
-    clock, endpoints, streams = _on_fake_endpoints()
+    clock, endpoints, streams = fake_endpoint_streams()
     fallbacks = []
     reader = StreamReader(streams, lambda peer, keys: fallbacks.append(keys) or succeed(["over http"]), clock,
                           None, 2.0, SuspectPeers(clock))
     outcomes = {}
-    reader.read(PEER, ["k1"]).addBoth(_kept(outcomes, "read"))
+    reader.read(PEER, ["k1"]).addBoth(keeping(outcomes, "read"))
     endpoints.connections[0][0].connectionLost(None)
     assert outcomes["read"] == ["over http"] and fallbacks == [["k1"]]
 
@@ -264,11 +264,11 @@ async def test_entries_too_large_for_a_stream_answer_are_read_over_http_by_a_pee
     """
     peer = server(max_value_size="4Mi", max_memory="64Mi")
     big = b'"' + b"x" * (MAX_READ_ANSWER // 2) + b'"'
-    peer.node.store.apply(_entry(1, big))
-    peer.node.store.apply(_entry(2, big))
+    peer.node.store.apply(numbered_entry(1, big))
+    peer.node.store.apply(numbered_entry(2, big))
     pool = HTTPConnectionPool(reactor, persistent=False)
-    client = PeerClient(HTTPClient(Agent(reactor, pool=pool)), reactor, "t1", 10.0, _auth(),
-                        streams=_streams(_auth()))
+    client = PeerClient(HTTPClient(Agent(reactor, pool=pool)), reactor, "t1", 10.0, signer(),
+                        streams=loopback_streams(signer()))
     try:
         # Queued in one turn: one batch of both keys.
         first, second = client.get_coalesced(peer.peer, "k1"), client.get_coalesced(peer.peer, "k2")
@@ -288,10 +288,10 @@ async def test_with_the_replication_area_at_debug_reads_go_over_http_each_a_peer
     from kvresponder.log import LogPolicy
 
     peer = server()
-    peer.node.store.apply(_entry(1, b'"one"'))
+    peer.node.store.apply(numbered_entry(1, b'"one"'))
     pool = HTTPConnectionPool(reactor, persistent=False)
-    client = PeerClient(HTTPClient(Agent(reactor, pool=pool)), reactor, "t1", 10.0, _auth(),
-                        log_policy=LogPolicy("debug"), streams=_streams(_auth()))
+    client = PeerClient(HTTPClient(Agent(reactor, pool=pool)), reactor, "t1", 10.0, signer(),
+                        log_policy=LogPolicy("debug"), streams=loopback_streams(signer()))
     try:
         assert (await client.get_coalesced(peer.peer, "k1")).value == b'"one"'
         assert client.streams.open_count() == 0
@@ -312,19 +312,19 @@ def test_a_read_on_a_stream_that_answered_before_is_sent_again_on_a_new_connecti
     """
     from twisted.internet.error import ConnectionLost
 
-    clock, endpoints, streams = _on_fake_endpoints()
+    clock, endpoints, streams = fake_endpoint_streams()
     outcomes = {}
-    streams.read(PEER, ["k1"], 2.0).addBoth(_kept(outcomes, 1))
+    streams.read(PEER, ["k1"], 2.0).addBoth(keeping(outcomes, 1))
     _upgrade_serving_reads(endpoints, 0)
     answer = encode_read_answer(1, [None], 0.0)
     endpoints.answer(0, struct.pack("!I", len(answer)) + answer)
     assert outcomes[1] == [None]
-    streams.read(PEER, ["k2"], 2.0).addBoth(_kept(outcomes, 2))
+    streams.read(PEER, ["k2"], 2.0).addBoth(keeping(outcomes, 2))
     endpoints.connections[0][0].connectionLost(Failure(ConnectionLost()))
     assert 2 not in outcomes and len(endpoints.connections) == 2
     _upgrade_serving_reads(endpoints, 1)
     [frame] = endpoints.frames(1)
     assert decode_keys(frame[24 + len(READ_MARKER):]) == ["k2"]
-    answer = encode_read_answer(1, [_entry(2)], 0.0)
+    answer = encode_read_answer(1, [numbered_entry(2)], 0.0)
     endpoints.answer(1, struct.pack("!I", len(answer)) + answer)
     assert [entry.key for entry in outcomes[2]] == ["k2"]

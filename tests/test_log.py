@@ -10,7 +10,6 @@ import sys
 import time
 import uuid
 
-import eliot._action
 import pytest
 from eliot import add_destinations as eliot_add, remove_destination as eliot_remove, start_action
 
@@ -70,25 +69,26 @@ def test_a_forked_child_does_not_repeat_its_parents_task_uuids():
     assert childs[:23] != parents[:23]
 
 
-def test_fast_task_ids_name_new_eliot_tasks(monkeypatch):
+def test_fast_task_ids_name_new_eliot_tasks():
     """
-    Once turned on, a new top-level action's task_uuid comes from fast_task_uuid, and still parses as
-    a UUID.
+    Once turned on, new top-level actions' task_uuids come from fast_task_uuid (one process's share its random
+    prefix and count on), and still parse as UUIDs.
     """
-    monkeypatch.setattr(eliot._action, "uuid4", eliot._action.uuid4)
-    drawn = []
-
-    def recording():
-        drawn.append(fast_task_uuid())
-        return drawn[-1]
+    from kvresponder.privateapi import set_task_uuid_factory
 
     use_fast_task_ids()
-    assert eliot._action.uuid4 is fast_task_uuid
-    monkeypatch.setattr(eliot._action, "uuid4", recording)
-    with start_action(action_type="test:fast-ids") as action:
-        task = action.task_uuid
-    assert task == drawn[-1]
-    uuid.UUID(task)
+    try:
+        tasks = []
+        for _ in range(2):
+            with start_action(action_type="test:fast-ids") as action:
+                tasks.append(action.task_uuid)
+    finally:
+        # Eliot's own: str(uuid4()) of each task.
+        set_task_uuid_factory(uuid.uuid4)
+    # One random prefix (24 characters), then the count: two uuid4s would differ from their first character on.
+    assert tasks[0][:24] == tasks[1][:24] and tasks[0] != tasks[1], tasks
+    for task in tasks:
+        uuid.UUID(task)
 
 
 def test_destination_writes_one_stamped_json_object_a_line():

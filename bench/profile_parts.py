@@ -16,7 +16,6 @@ time of the Python function that made it, so ``sendnow.py`` and Twisted's ``tcp.
 4 ms of CPU (some 6,000 for a run), so read the shares, not the counts.
 """
 
-import argparse
 import json
 import os
 import shutil

@@ -16,7 +16,7 @@ and :class:`QueuedRead` (a key to read).
 """
 
 from functools import partial
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 from attr import attrib, attrs
 from eliot import write_traceback

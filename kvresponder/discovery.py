@@ -378,9 +378,10 @@ class DiscoveryProtocol(DatagramProtocol):
             first = slot not in self._last_timestamps
             last = self._last_timestamps.get(slot, -1.0)
             if order <= last:
-                if sequence is not None and self._taken.get(slot) == order:
-                    # The heartbeat just taken, again, by another way: to the group and to a seed, or to two seeds
-                    # that name this node. (One refused for its time and sent again is a replay.)
+                if sequence is not None and self._taken.get(slot) == order and address[0] == beat.address:
+                    # The heartbeat just taken, again, from its sender, by another way: to the group and to a seed,
+                    # or to two seeds that name this node. (One refused for its time and sent again, or sent again
+                    # from another address, is a replay.)
                     self._drop("duplicate", "sequence number already taken", address)
                 else:
                     self._drop("replayed", "%s not above the last one" % (

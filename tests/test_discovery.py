@@ -849,15 +849,17 @@ def test_the_same_heartbeat_received_twice_by_two_ways_is_a_duplicate_not_a_repl
     """
     If a signed heartbeat arrives twice with the same sequence number (to the group and to a DNS seed, in ``both``
     mode), then the second is counted ``duplicate``, not ``replayed`` (which tells an operator of old datagrams
-    sent again); one with a lower number is still ``replayed``.
+    sent again); one with a lower number, or the same sent from another address, is still ``replayed``.
     """
     harness = Harness(key=KEY)
     codec = HeartbeatCodec("t1", KEY)
     harness.receive(codec.encode(PEER, False, NOW, 5))
     harness.receive(codec.encode(PEER, False, NOW, 5))
     harness.receive(codec.encode(PEER, False, NOW, 4))
+    # The same heartbeat from another address: captured and sent again by someone else.
+    harness.protocol.datagramReceived(codec.encode(PEER, False, NOW, 5), ("10.0.0.66", PORT))
     harness.receive(codec.encode(PEER, False, NOW + 0.5, 6))
-    assert harness.metrics.results == ["accepted", "duplicate", "replayed", "accepted"]
+    assert harness.metrics.results == ["accepted", "duplicate", "replayed", "replayed", "accepted"]
 
 
 def test_an_outgoing_interface_that_cannot_be_set_sends_nothing_to_the_group_and_says_so(logged):

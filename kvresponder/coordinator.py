@@ -887,7 +887,8 @@ class Coordinator:
         """
         newest = None
         for _, entry in answered:
-            if entry is not None and (newest is None or entry.version > newest.version):
+            if entry is not None and (newest is None or entry.version > newest.version
+                                      or (entry.version == newest.version and _ends_sooner(entry, newest))):
                 newest = entry
         if newest is not None:
             # By each node's newest answer: a read that asked again has two from some nodes.
@@ -1399,6 +1400,19 @@ class _ReplicatedWrite:
         finally:
             self._entered = False
         self._fire()
+
+
+def _ends_sooner(entry: Entry, other: Entry) -> bool:
+    """
+    Of two answers for one version, whether ``entry`` says the write is over sooner: it has expired (a replica whose
+    clock is right answers the tombstone it leaves) while the other is live, or it expires earlier. A replica whose
+    clock was stepped back holds the same write live for longer, and which answer came first must not decide.
+    """
+    if entry.value is None:
+        return other.value is not None
+    if other.value is None:
+        return False
+    return entry.expires_at is not None and (other.expires_at is None or entry.expires_at < other.expires_at)
 
 
 def _task_id_of(line: Optional[Tuple[str, List[int]]]) -> Optional[bytes]:

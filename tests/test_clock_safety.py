@@ -862,3 +862,28 @@ def test_a_node_whose_clock_ran_ahead_and_was_set_back_takes_no_write_until_its_
         assert int(json.loads(body)["version"].split(".")[0]) <= (cluster.clock.seconds() + 0.5) * 1000
     types = [message["message_type"] for message in logged if "message_type" in message]
     assert types.count(VERSIONS_AHEAD.message_type) == 1 and types.count(VERSIONS_CAUGHT_UP.message_type) == 1
+
+
+def test_an_expired_write_reads_as_absent_even_when_a_replica_whose_clock_went_back_answers_first():
+    """
+    If one owner's clock is stepped back after it took an overwrite with a TTL, then, once the TTL has passed, a
+    read through another node is a miss, whichever owner answers first: the stepped owner still holds the write
+    live (its clock says it has time left), the other answers the tombstone it leaves, both of the same version,
+    and the answer that says the write is over wins. It used to depend on which answer came first.
+    """
+    cluster = MemoryCluster(3)
+    cluster.run(seconds=2.0)
+    reader = cluster.nodes[2]
+    ring = reader.ring()
+    key = next(key for key in ("ttl%d" % (i,) for i in range(200))
+               if reader.node_id not in ring.preference_list(key, 2))
+    first, second = ring.preference_list(key, 2)
+    stepped = next(index for index, node in enumerate(cluster.nodes, 1) if node.node_id == first)
+    assert cluster.request("PUT", reader, "/kv/" + key, {"value": 0})[0] == 201
+    # An overwrite that expires leaves a tombstone (so that the value before it does not come back).
+    assert cluster.request("PUT", reader, "/kv/" + key, {"value": 1, "ttl": 5})[0] == 200
+    cluster.run(seconds=0.5)
+    cluster.wall_offsets[stepped] = -3.0
+    cluster.run(seconds=5.0)
+    code, body = cluster.request("GET", reader, "/kv/" + key)
+    assert code == 404, body

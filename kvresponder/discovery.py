@@ -23,7 +23,8 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import LoopingCall
 
 from .log.discovery import (CLOCK_AHEAD, DATAGRAM_DROPPED, DISCOVERY_STARTED, HEARTBEAT_IGNORED,
-                            HEARTBEAT_UNAUTHENTICATED, MULTICAST_FAILED, NODE_ID_TAKEN, SEEDS_FAILED, SEEDS_RESOLVED)
+                            HEARTBEAT_UNAUTHENTICATED, MULTICAST_FAILED, NODE_ID_TAKEN, PEER_AT_LOOPBACK, SEEDS_FAILED,
+                            SEEDS_RESOLVED)
 from .membership import ALIVE, LEAVING, Heartbeat, Membership
 
 WIRE_VERSION = 1
@@ -366,6 +367,13 @@ class DiscoveryProtocol(DatagramProtocol):
             return
         if self.alone:
             self._ignore(beat, address)
+            return
+        if beat.address.startswith("127.") and not str(address[0]).startswith("127."):
+            # A peer on another host that says it is at loopback (started without ADVERTISE_ADDRESS): taken in, this
+            # node would send that peer's copies to itself.
+            self._drop("bad_address", "a loopback address from %s" % (address[0],), address)
+            self._warn("bad_address", beat.node_id, ID_TAKEN_LOG_EVERY, lambda: PEER_AT_LOOPBACK.log(
+                peer=beat.node_id, source="%s:%s" % tuple(address[:2])))
             return
         first = False
         if timestamp is not None and self.codec.authenticated:

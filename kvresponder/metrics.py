@@ -276,7 +276,7 @@ class Metrics:
             for result in results:
                 self.cache(op, result, 0)
         for result in ("accepted", "self", "foreign_tenant", "malformed", "oversized", "bad_mac", "replayed",
-                       "duplicate", "id_taken", "clock_ahead", "insecure_ignored", "send_failed"):
+                       "duplicate", "id_taken", "bad_address", "clock_ahead", "insecure_ignored", "send_failed"):
             self.discovery_messages.labels(tenant, result)
         for result in ("sent", "failed"):
             self.handoff_entries.labels(tenant, result)

@@ -496,6 +496,14 @@ def load_settings(given: Mapping[str, Optional[str]], environ: Mapping[str, str]
                             "8 x MAX_VALUE_SIZE = %d bytes" % (values["max_body_buffer"], bulk_body))
     if values["discovery_mode"] == "dns" and not values["discovery_dns"]:
         raise SettingsError("--discovery-dns (DISCOVERY_DNS) is required when --discovery-mode is 'dns'")
+    if (values["discovery_dns"] and values["discovery_mode"] in ("dns", "both")
+            and (values["cluster_secret"] or values["insecure_cluster"])
+            and values["advertise_address"].startswith("127.")):
+        # Its peers, found by name on other hosts, would take it in at 127.0.0.1 and send its share of the copies
+        # to themselves: writes acknowledged with one real copy, lost with that node.
+        raise SettingsError("--advertise-address (ADVERTISE_ADDRESS, or POD_IP) is %s, a loopback address, while "
+                            "DISCOVERY_DNS names peers on other hosts: set it to this node's own address"
+                            % (values["advertise_address"],))
     return Settings(**values)
 
 

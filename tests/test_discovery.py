@@ -915,3 +915,19 @@ def test_a_heartbeat_of_another_node_under_this_nodes_id_is_counted_and_said_onc
     assert harness.metrics.results == ["self", "id_taken", "id_taken"]
     assert len(_messages(logged, "kvresponder:discovery:node-id-taken")) == 1
     assert harness.membership.peers() == []
+
+
+def test_a_peer_on_another_host_that_says_it_is_at_loopback_is_dropped_and_said_once_a_minute(logged):
+    """
+    If a heartbeat from another host gives a loopback address (a node started without ADVERTISE_ADDRESS), then it is
+    dropped as ``bad_address`` with a warning, at most once a minute: taken in, this node would send that peer's
+    copies to itself, and acknowledge writes with one real copy. From loopback (the local cluster), it is taken.
+    """
+    harness = Harness()
+    at_loopback = PEER._replace(address="127.0.0.1")
+    harness.receive(encode(at_loopback))
+    harness.receive(encode(at_loopback))
+    assert harness.membership.peers() == []
+    harness.protocol.datagramReceived(encode(at_loopback), ("127.0.0.1", PORT))
+    assert harness.metrics.results == ["bad_address", "bad_address", "accepted"]
+    assert [m["peer"] for m in _messages(logged, "kvresponder:discovery:peer-at-loopback")] == ["n2"]

@@ -642,3 +642,21 @@ def test_the_clock_bound_may_be_raised_to_20_s_and_no_further():
     """
     assert load(environ={"MAX_CLOCK_OFFSET": "20"}).max_clock_offset == 20.0
     assert "heartbeats and calls" in error_of(environ={"MAX_CLOCK_OFFSET": "40"})
+
+
+@pytest.mark.parametrize("environ", [
+    {"DISCOVERY_DNS": "kv-headless", "CLUSTER_SECRET": "s" * 20},
+    {"DISCOVERY_DNS": "kv-headless", "DISCOVERY_MODE": "dns", "INSECURE_CLUSTER": "true"},
+    {"DISCOVERY_DNS": "kv-headless", "CLUSTER_SECRET": "s" * 20, "ADVERTISE_ADDRESS": "127.0.0.2"},
+])
+def test_a_clustering_node_with_dns_seeds_may_not_advertise_loopback(environ):
+    """
+    If a node clusters (a secret, or --insecure-cluster) with DNS seeds and advertises a loopback address (the
+    default, in a container started without ADVERTISE_ADDRESS), then loading fails naming ADVERTISE_ADDRESS: its
+    peers on other hosts took it in at 127.0.0.1 and sent its copies to themselves, each write acknowledged with one
+    real copy. Without DNS seeds (the local cluster, multicast on loopback), or alone, loopback stays allowed.
+    """
+    assert error_of(environ=environ).startswith("--advertise-address (ADVERTISE_ADDRESS, or POD_IP) is 127.0.0.")
+    assert load(environ={"CLUSTER_SECRET": "s" * 20}).advertise_address == "127.0.0.1"
+    assert load(environ={"DISCOVERY_DNS": "kv-headless"}).advertise_address == "127.0.0.1"
+    assert load(environ=dict(environ, ADVERTISE_ADDRESS="10.0.0.7")).advertise_address == "10.0.0.7"

@@ -102,3 +102,8 @@ MULTICAST_FAILED = leveled("discovery", ERROR, MessageType(
     "kvresponder:discovery:multicast-failed", [Field.for_types("interface", [str], "The interface asked for."), REASON],
     "Multicast could not be set up on DISCOVERY_INTERFACE: no heartbeat goes to the group (the kernel would pick "
     "the interface by the default route), and only DNS seeds, if any, find peers."))
+
+PEER_AT_LOOPBACK = leveled("discovery", WARNING, MessageType(
+    "kvresponder:discovery:peer-at-loopback", [PEER, SOURCE],
+    "A peer on another host says it is reached at a loopback address (started without ADVERTISE_ADDRESS): its "
+    "heartbeats are dropped, since this node would send that peer's copies to itself. Logged at most once a minute."))

@@ -1341,3 +1341,19 @@ def test_an_empty_segment_after_the_tenant_names_no_route(api, method, path):
     code, body, _ = api.call(method, path, {"put": [{"key": "e", "value": 1}]} if method == "POST" else None)
     assert_error(code, body, 404, "not_found")
     assert api.call("GET", "/kv/e")[0] == 404
+
+
+@pytest.mark.parametrize("raw, message", [
+    (b"", "The body is empty: send JSON."),
+    (b"  \n", "The body is empty: send JSON."),
+    (b'{"value":', "The body is not valid JSON (at character 9 of 9)."),
+    (b'{"value": 1,}', "The body is not valid JSON (at character 12 of 13)."),
+])
+def test_a_body_that_is_not_json_is_refused_with_the_same_words_on_every_interpreter(api, raw, message):
+    """
+    If a write's body is empty, cut off or otherwise not JSON, then it is 400 ``invalid_json`` with a message that
+    says where, in the same words on CPython and PyPy (PyPy's own named a NUL the client never sent).
+    """
+    code, body, _ = api.call("PUT", "/kv/j", raw_body=raw, headers={"Content-Type": "application/json"})
+    assert_error(code, body, 400, "invalid_json")
+    assert body["message"] == message

@@ -38,6 +38,8 @@ CLOCK_AHEAD_LOG_EVERY = 60.0
 UNAUTHENTICATED_LOG_EVERY = 600.0
 #: Seconds between two log lines about another node sending under this node's id.
 ID_TAKEN_LOG_EVERY = 60.0
+#: The most warnings of one kind about senders (heartbeats unauthenticated, ids taken, loopback addresses) a minute.
+WARNINGS_A_MINUTE = 8
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -251,8 +253,10 @@ class DiscoveryProtocol(DatagramProtocol):
         self.unicast_peers = unicast_peers
         #: Whether heartbeats go to the group: not if the outgoing interface could not be set.
         self._to_group = group is not None
-        #: When a warning was last logged, by what it is about: a sender's address, or a duplicate node id.
-        self._warned: Dict[Tuple[str, str], float] = {}
+        #: When a warning was last logged, by its kind and what it is about (a sender's address, a node id); and each
+        #: kind's minute so far: when it began and how many it logged.
+        self._warned: Dict[str, Dict[str, float]] = {}
+        self._warnings: Dict[str, Tuple[float, int]] = {}
         self.seeds: Set[str] = set()
         self._reply_pending = None
         #: Without a multicast group, or with ``unicast_peers``, the nodes that asked for an answer: it goes to each
@@ -286,13 +290,17 @@ class DiscoveryProtocol(DatagramProtocol):
         self.transport.setTTL(self.ttl)
         self.transport.setLoopbackMode(True)
         joined = self.transport.joinGroup(self.group, self.interface)
-        joined.addErrback(self._multicast_failed)
+        joined.addErrback(self._join_failed)
         return joined
 
     def _multicast_failed(self, failure) -> None:
         if self._to_group:
             self._to_group = False
             MULTICAST_FAILED.log(interface=self.interface, reason=str(failure.value)[:200])
+
+    def _join_failed(self, failure) -> None:
+        # Heartbeats still go to the group on the interface set; this node hears none of its peers' there.
+        MULTICAST_FAILED.log(interface=self.interface, reason="joining %s: %s" % (self.group, str(failure.value)[:200]))
 
     def use_seeds(self, addresses: Set[str]) -> bool:
         """
@@ -445,7 +453,7 @@ class DiscoveryProtocol(DatagramProtocol):
             self._taken[(beat.node_id, beat.incarnation)] = sequence
         self.membership.observe(beat)
         if want_reply and beat.state == ALIVE:
-            if (self.group is None or self.unicast_peers) and len(self._reply_to) < 256:
+            if (not self._to_group or self.unicast_peers) and len(self._reply_to) < 256:
                 self._reply_to.add(beat.address)
             self._schedule_reply()
 
@@ -457,14 +465,22 @@ class DiscoveryProtocol(DatagramProtocol):
     def _warn(self, kind: str, about: str, every: float, log: Callable[[], None]) -> None:
         """
         ``log()``, unless the warning of this ``kind`` ``about`` this sender was logged less than ``every`` seconds
-        ago: a line a datagram would flood the log.
+        ago, or this kind has had its :data:`WARNINGS_A_MINUTE` already: a line a datagram would flood the log, and
+        so would one a sender, from datagrams with forged sources.
         """
         now = self.clock.seconds()
-        if now - self._warned.get((kind, about), float("-inf")) < every:
+        warned = self._warned.setdefault(kind, {})
+        if now - warned.get(about, float("-inf")) < every:
             return
-        if len(self._warned) > 4096:
-            self._warned.clear()
-        self._warned[(kind, about)] = now
+        started, count = self._warnings.get(kind, (now, 0))
+        if now - started >= 60.0:
+            started, count = now, 0
+        if count >= WARNINGS_A_MINUTE:
+            return
+        self._warnings[kind] = (started, count + 1)
+        if len(warned) > 4096:
+            warned.clear()
+        warned[about] = now
         log()
 
     def _ignore(self, beat: Heartbeat, address) -> None:

@@ -880,8 +880,26 @@ def test_an_outgoing_interface_that_cannot_be_set_sends_nothing_to_the_group_and
     harness.protocol.seeds = {"10.0.0.5"}
     harness.protocol.announce()
     assert [addr for _, addr in harness.protocol.transport.written] == [("10.0.0.5", PORT)]
+    lines = _messages(logged, "kvresponder:discovery:multicast-failed")
+    assert [line["interface"] for line in lines] == [OWN_ADDRESS] * 2
+    assert "Cannot assign" in lines[0]["reason"] and lines[1]["reason"].startswith("joining " + GROUP)
+
+
+def test_a_group_that_cannot_be_joined_still_gets_this_nodes_heartbeats_and_an_error_says_so(logged):
+    """
+    If the interface is set but the group cannot be joined, then heartbeats still go to the group (others may hear
+    them) and an error says the join failed; an asker then gets its answer at its own address too.
+    """
+    class NoJoin(FakeMulticastTransport):
+        def joinGroup(self, address, interface=""):
+            return fail(OSError(105, "No buffer space available"))
+
+    harness = Harness(start=False)
+    harness.protocol.makeConnection(NoJoin())
+    harness.protocol.announce()
+    assert [addr for _, addr in harness.protocol.transport.written] == [(GROUP, PORT)]
     (line,) = _messages(logged, "kvresponder:discovery:multicast-failed")
-    assert line["interface"] == OWN_ADDRESS and "Cannot assign" in line["reason"]
+    assert line["reason"].startswith("joining " + GROUP)
 
 
 def test_heartbeats_that_fail_their_mac_are_dropped_and_said_once_in_ten_minutes_a_sender(logged):
@@ -914,6 +932,9 @@ def test_a_heartbeat_of_another_node_under_this_nodes_id_is_counted_and_said_onc
     harness.receive(encode(impostor))
     assert harness.metrics.results == ["self", "id_taken", "id_taken"]
     assert len(_messages(logged, "kvresponder:discovery:node-id-taken")) == 1
+    harness.clock.advance(discovery.ID_TAKEN_LOG_EVERY)
+    harness.receive(encode(impostor))
+    assert len(_messages(logged, "kvresponder:discovery:node-id-taken")) == 2
     assert harness.membership.peers() == []
 
 
@@ -931,3 +952,26 @@ def test_a_peer_on_another_host_that_says_it_is_at_loopback_is_dropped_and_said_
     harness.protocol.datagramReceived(encode(at_loopback), ("127.0.0.1", PORT))
     assert harness.metrics.results == ["bad_address", "bad_address", "accepted"]
     assert [m["peer"] for m in _messages(logged, "kvresponder:discovery:peer-at-loopback")] == ["n2"]
+    harness.clock.advance(60.0)
+    harness.receive(encode(at_loopback))
+    assert [m["peer"] for m in _messages(logged, "kvresponder:discovery:peer-at-loopback")] == ["n2", "n2"]
+
+
+def test_warnings_about_senders_are_at_most_a_few_a_minute_whatever_the_senders_and_each_kind_its_own(logged):
+    """
+    If datagrams with forged sources flood a node (heartbeats of the tenant with a wrong MAC, each from another
+    address), then each is dropped, but at most WARNINGS_A_MINUTE warnings a minute say so; a flood of one kind takes
+    nothing from another kind's, and the next minute warns again.
+    """
+    harness = Harness(key=KEY)
+    other = derive_key("another-secret-of-some-length", "discovery")
+    for index in range(500):
+        harness.protocol.datagramReceived(encode(key=other), ("10.1.%d.%d" % (index // 250, index % 250), PORT))
+    harness.protocol.datagramReceived(encode(OWN._replace(incarnation=9), key=KEY), ("10.0.0.9", PORT))
+    assert harness.metrics.results.count("bad_mac") == 500
+    assert len(_messages(logged, "kvresponder:discovery:heartbeat-unauthenticated")) == discovery.WARNINGS_A_MINUTE
+    assert len(_messages(logged, "kvresponder:discovery:node-id-taken")) == 1
+    harness.clock.advance(60.0)
+    harness.protocol.datagramReceived(encode(key=other), ("10.2.0.1", PORT))
+    assert len(_messages(logged, "kvresponder:discovery:heartbeat-unauthenticated")) == (
+        discovery.WARNINGS_A_MINUTE + 1)

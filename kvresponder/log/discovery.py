@@ -100,8 +100,10 @@ NODE_ID_TAKEN = leveled("discovery", WARNING, MessageType(
 
 MULTICAST_FAILED = leveled("discovery", ERROR, MessageType(
     "kvresponder:discovery:multicast-failed", [Field.for_types("interface", [str], "The interface asked for."), REASON],
-    "Multicast could not be set up on DISCOVERY_INTERFACE: no heartbeat goes to the group (the kernel would pick "
-    "the interface by the default route), and only DNS seeds, if any, find peers."))
+    "Multicast could not be set up on DISCOVERY_INTERFACE: if the interface could not be set, no heartbeat goes to "
+    "the group (the kernel would pick the interface by the default route); if the group could not be joined "
+    "(reason \"joining ...\"), this node hears none of its peers' heartbeats there. DNS seeds, if any, still find "
+    "peers."))
 
 PEER_AT_LOOPBACK = leveled("discovery", WARNING, MessageType(
     "kvresponder:discovery:peer-at-loopback", [PEER, SOURCE],

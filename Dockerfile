@@ -34,8 +34,10 @@ RUN PY="$(command -v pypy3 || command -v python3)" \
     && { [ -f "$LOCK" ] || { echo "no lock file $LOCK for this interpreter: see requirements/refresh.sh" >&2; exit 1; }; } \
     && PIP_BREAK_SYSTEM_PACKAGES=1 "$PY" -m pip install --no-cache-dir --require-hashes --ignore-installed \
        -r requirements/build.txt \
-    && "$PY" -m pip wheel --no-cache-dir --require-hashes --no-build-isolation --wheel-dir /wheels -r "$LOCK" \
-    && "$PY" -m pip wheel --no-cache-dir --no-deps --no-build-isolation --wheel-dir /wheels .
+    && "$PY" -m pip wheel --no-cache-dir --require-hashes --no-build-isolation --check-build-dependencies \
+       --wheel-dir /wheels -r "$LOCK" \
+    && "$PY" -m pip wheel --no-cache-dir --no-deps --no-build-isolation --check-build-dependencies \
+       --wheel-dir /wheels .
 
 # --- Stage 2: runtime -----------------------------------------------------
 FROM ${PYTHON_IMAGE}

@@ -158,8 +158,10 @@ def test_the_image_builds_the_projects_wheel_with_the_hash_checked_build_system(
         assert hashes > 0 and requirement.specifier.contains(version), (requirement, version)
     dockerfile = _read("Dockerfile")
     assert re.search(r"pip install [^\n]*--require-hashes[^&]*-r requirements/build\.txt", dockerfile)
-    assert "--no-deps --no-build-isolation" in dockerfile
-    assert re.search(r"--require-hashes --no-build-isolation [^\n]*-r \"\$LOCK\"", dockerfile)
+    # Each build without isolation checks that the build system installed meets what the package asks for.
+    assert re.search(r"--no-deps --no-build-isolation --check-build-dependencies", dockerfile)
+    assert re.search(r"--require-hashes --no-build-isolation --check-build-dependencies\s*\\\s*--wheel-dir /wheels "
+                     r"-r \"\$LOCK\"", dockerfile)
 
 
 def _bare_venv(path):

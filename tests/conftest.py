@@ -39,6 +39,22 @@ def require_tool(name: str) -> str:
 
 
 @pytest.fixture
+def eliot_logger():
+    """
+    Eliot's messages, in memory, for the test's length: what the code under test logs, validated against its types.
+    """
+    from eliot import MemoryLogger
+    from eliot.testing import swap_logger
+
+    memory = MemoryLogger()
+    previous = swap_logger(memory)
+    try:
+        yield memory
+    finally:
+        swap_logger(previous)
+
+
+@pytest.fixture
 def log_dir():
     path = tempfile.mkdtemp(prefix="kvtest-")
     yield path

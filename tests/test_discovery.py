@@ -813,19 +813,6 @@ def _messages(logger, type_name):
     return [m for m in logger.messages if m.get("message_type") == type_name]
 
 
-@pytest.fixture
-def logged():
-    from eliot import MemoryLogger
-    from eliot.testing import swap_logger
-
-    memory = MemoryLogger()
-    previous = swap_logger(memory)
-    try:
-        yield memory
-    finally:
-        swap_logger(previous)
-
-
 def test_with_unicast_peers_heartbeats_reach_peers_the_seeds_do_not_list_and_an_asker_gets_its_answer_directly():
     """
     If DNS seeds are on (``unicast_peers``) and a peer is heard at an address the seeds do not list yet (a new pod
@@ -862,7 +849,7 @@ def test_the_same_heartbeat_received_twice_by_two_ways_is_a_duplicate_not_a_repl
     assert harness.metrics.results == ["accepted", "duplicate", "replayed", "replayed", "accepted"]
 
 
-def test_an_outgoing_interface_that_cannot_be_set_sends_nothing_to_the_group_and_says_so(logged):
+def test_an_outgoing_interface_that_cannot_be_set_sends_nothing_to_the_group_and_says_so(eliot_logger):
     """
     If the multicast interface cannot be set (an address that is not this host's), then no heartbeat goes to the
     group (the kernel would send it by the default route), the seeds still get theirs, and an error says why.
@@ -880,12 +867,12 @@ def test_an_outgoing_interface_that_cannot_be_set_sends_nothing_to_the_group_and
     harness.protocol.seeds = {"10.0.0.5"}
     harness.protocol.announce()
     assert [addr for _, addr in harness.protocol.transport.written] == [("10.0.0.5", PORT)]
-    lines = _messages(logged, "kvresponder:discovery:multicast-failed")
+    lines = _messages(eliot_logger, "kvresponder:discovery:multicast-failed")
     assert [line["interface"] for line in lines] == [OWN_ADDRESS] * 2
     assert "Cannot assign" in lines[0]["reason"] and lines[1]["reason"].startswith("joining " + GROUP)
 
 
-def test_a_group_that_cannot_be_joined_still_gets_this_nodes_heartbeats_and_an_error_says_so(logged):
+def test_a_group_that_cannot_be_joined_still_gets_this_nodes_heartbeats_and_an_error_says_so(eliot_logger):
     """
     If the interface is set but the group cannot be joined, then heartbeats still go to the group (others may hear
     them) and an error says the join failed; an asker then gets its answer at its own address too.
@@ -898,11 +885,11 @@ def test_a_group_that_cannot_be_joined_still_gets_this_nodes_heartbeats_and_an_e
     harness.protocol.makeConnection(NoJoin())
     harness.protocol.announce()
     assert [addr for _, addr in harness.protocol.transport.written] == [(GROUP, PORT)]
-    (line,) = _messages(logged, "kvresponder:discovery:multicast-failed")
+    (line,) = _messages(eliot_logger, "kvresponder:discovery:multicast-failed")
     assert line["reason"].startswith("joining " + GROUP)
 
 
-def test_heartbeats_that_fail_their_mac_are_dropped_and_said_once_in_ten_minutes_a_sender(logged):
+def test_heartbeats_that_fail_their_mac_are_dropped_and_said_once_in_ten_minutes_a_sender(eliot_logger):
     """
     If heartbeats of this tenant come signed with another secret, then each is dropped as ``bad_mac``, and a
     warning names the sender, once in ten minutes (a node with a wrong CLUSTER_SECRET otherwise looked healthy,
@@ -915,11 +902,11 @@ def test_heartbeats_that_fail_their_mac_are_dropped_and_said_once_in_ten_minutes
     harness.clock.advance(discovery.UNAUTHENTICATED_LOG_EVERY)
     harness.receive(encode(key=other))
     assert harness.metrics.results == ["bad_mac"] * 4
-    assert [m["source"] for m in _messages(logged, "kvresponder:discovery:heartbeat-unauthenticated")] == [
+    assert [m["source"] for m in _messages(eliot_logger, "kvresponder:discovery:heartbeat-unauthenticated")] == [
         "10.0.0.2:%d" % (PORT,)] * 2
 
 
-def test_a_heartbeat_of_another_node_under_this_nodes_id_is_counted_and_said_once_a_minute(logged):
+def test_a_heartbeat_of_another_node_under_this_nodes_id_is_counted_and_said_once_a_minute(eliot_logger):
     """
     If a heartbeat names this node's id with another incarnation (a second node started with the same NODE_ID),
     then it is counted ``id_taken``, not ``self``, and a warning says so at most once a minute; this node's own
@@ -931,14 +918,14 @@ def test_a_heartbeat_of_another_node_under_this_nodes_id_is_counted_and_said_onc
     harness.receive(encode(impostor))
     harness.receive(encode(impostor))
     assert harness.metrics.results == ["self", "id_taken", "id_taken"]
-    assert len(_messages(logged, "kvresponder:discovery:node-id-taken")) == 1
+    assert len(_messages(eliot_logger, "kvresponder:discovery:node-id-taken")) == 1
     harness.clock.advance(discovery.ID_TAKEN_LOG_EVERY)
     harness.receive(encode(impostor))
-    assert len(_messages(logged, "kvresponder:discovery:node-id-taken")) == 2
+    assert len(_messages(eliot_logger, "kvresponder:discovery:node-id-taken")) == 2
     assert harness.membership.peers() == []
 
 
-def test_a_peer_on_another_host_that_says_it_is_at_loopback_is_dropped_and_said_once_a_minute(logged):
+def test_a_peer_on_another_host_that_says_it_is_at_loopback_is_dropped_and_said_once_a_minute(eliot_logger):
     """
     If a heartbeat from another host gives a loopback address (a node started without ADVERTISE_ADDRESS), then it is
     dropped as ``bad_address`` with a warning, at most once a minute: taken in, this node would send that peer's
@@ -951,13 +938,13 @@ def test_a_peer_on_another_host_that_says_it_is_at_loopback_is_dropped_and_said_
     assert harness.membership.peers() == []
     harness.protocol.datagramReceived(encode(at_loopback), ("127.0.0.1", PORT))
     assert harness.metrics.results == ["bad_address", "bad_address", "accepted"]
-    assert [m["peer"] for m in _messages(logged, "kvresponder:discovery:peer-at-loopback")] == ["n2"]
+    assert [m["peer"] for m in _messages(eliot_logger, "kvresponder:discovery:peer-at-loopback")] == ["n2"]
     harness.clock.advance(60.0)
     harness.receive(encode(at_loopback))
-    assert [m["peer"] for m in _messages(logged, "kvresponder:discovery:peer-at-loopback")] == ["n2", "n2"]
+    assert [m["peer"] for m in _messages(eliot_logger, "kvresponder:discovery:peer-at-loopback")] == ["n2", "n2"]
 
 
-def test_warnings_about_senders_are_at_most_a_few_a_minute_whatever_the_senders_and_each_kind_its_own(logged):
+def test_warnings_about_senders_are_at_most_a_few_a_minute_whatever_the_senders_and_each_kind_its_own(eliot_logger):
     """
     If datagrams with forged sources flood a node (heartbeats of the tenant with a wrong MAC, each from another
     address), then each is dropped, but at most WARNINGS_A_MINUTE warnings a minute say so; a flood of one kind takes
@@ -969,9 +956,9 @@ def test_warnings_about_senders_are_at_most_a_few_a_minute_whatever_the_senders_
         harness.protocol.datagramReceived(encode(key=other), ("10.1.%d.%d" % (index // 250, index % 250), PORT))
     harness.protocol.datagramReceived(encode(OWN._replace(incarnation=9), key=KEY), ("10.0.0.9", PORT))
     assert harness.metrics.results.count("bad_mac") == 500
-    assert len(_messages(logged, "kvresponder:discovery:heartbeat-unauthenticated")) == discovery.WARNINGS_A_MINUTE
-    assert len(_messages(logged, "kvresponder:discovery:node-id-taken")) == 1
+    assert len(_messages(eliot_logger, "kvresponder:discovery:heartbeat-unauthenticated")) == discovery.WARNINGS_A_MINUTE
+    assert len(_messages(eliot_logger, "kvresponder:discovery:node-id-taken")) == 1
     harness.clock.advance(60.0)
     harness.protocol.datagramReceived(encode(key=other), ("10.2.0.1", PORT))
-    assert len(_messages(logged, "kvresponder:discovery:heartbeat-unauthenticated")) == (
+    assert len(_messages(eliot_logger, "kvresponder:discovery:heartbeat-unauthenticated")) == (
         discovery.WARNINGS_A_MINUTE + 1)

@@ -107,6 +107,21 @@ def _protocol(stalls):
     return protocol, membership, clock_offsets
 
 
+class _Port:
+    def stopListening(self):
+        pass
+
+
+def _started_service(protocol, interval: float) -> DiscoveryService:
+    """
+    ``protocol``'s discovery service, started on a port that sends nothing (the test hands the protocol datagrams).
+    """
+    service = DiscoveryService(protocol, lambda proto: _Port(), interval)
+    protocol.transport = None
+    service.startService()
+    return service
+
+
 def test_heartbeats_that_waited_through_a_stall_keep_their_senders_in_but_are_no_clock_samples():
     """
     If a node stalls for 14 s while two peers go on sending a heartbeat a second (clocks right), and it then reads
@@ -149,13 +164,8 @@ def test_the_discovery_service_ticks_the_watch():
     watch, clock = _watch()
     protocol, membership, clock_offsets = _protocol(watch)
 
-    class Port:
-        def stopListening(self):
-            pass
 
-    service = DiscoveryService(protocol, lambda proto: Port(), 5.0)
-    protocol.transport = None
-    service.startService()
+    service = _started_service(protocol, 5.0)
     try:
         for _ in range(100):
             clock.advance(watch.interval)
@@ -218,9 +228,6 @@ def test_after_a_stall_the_service_expires_no_peer_before_it_has_read_what_waite
     watch, clock = _watch()
     protocol, membership, _ = _protocol(watch)
 
-    class Port:
-        def stopListening(self):
-            pass
 
     codec = HeartbeatCodec("t1", KEY)
     sent = {"n2": 0, "n3": 0}
@@ -230,9 +237,7 @@ def test_after_a_stall_the_service_expires_no_peer_before_it_has_read_what_waite
         beat = Heartbeat(node_id, 1, "10.0.0.%s" % (node_id[1],), 3000, ALIVE, 1)
         return codec.encode(beat, False, sent_at, sent[node_id])
 
-    service = DiscoveryService(protocol, lambda proto: Port(), 1.0)
-    protocol.transport = None
-    service.startService()
+    service = _started_service(protocol, 1.0)
     try:
         protocol.datagramReceived(heartbeat("n2", clock.seconds()), ("10.0.0.2", 9999))
         protocol.datagramReceived(heartbeat("n3", clock.seconds()), ("10.0.0.3", 9999))
@@ -255,14 +260,9 @@ def test_a_node_whose_turns_are_long_but_shorter_than_a_heartbeat_still_expires_
     watch, clock = _watch()
     protocol, membership, _ = _protocol(watch)
 
-    class Port:
-        def stopListening(self):
-            pass
 
     codec = HeartbeatCodec("t1", KEY)
-    service = DiscoveryService(protocol, lambda proto: Port(), 1.0)
-    protocol.transport = None
-    service.startService()
+    service = _started_service(protocol, 1.0)
     try:
         protocol.datagramReceived(codec.encode(Heartbeat("n2", 1, "10.0.0.2", 3000, ALIVE, 1), False, clock.seconds(),
                                                1), ("10.0.0.2", 9999))

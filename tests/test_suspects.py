@@ -7,8 +7,6 @@ import errno
 from collections import namedtuple
 
 import pytest
-from eliot import MemoryLogger
-from eliot.testing import swap_logger
 from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout, ensureDeferred
 from twisted.internet.error import (ConnectBindError, ConnectError, ConnectingCancelledError, ConnectionLost,
                                     ConnectionRefusedError, NoRouteError, TCPTimedOutError,
@@ -27,17 +25,6 @@ PEER = Peer("n2", "10.0.0.2", 3000)
 OTHER = Peer("n3", "10.0.0.3", 3000)
 
 
-@pytest.fixture
-def logger():
-    """Eliot's messages, in memory: a suspect is logged."""
-    memory = MemoryLogger()
-    previous = swap_logger(memory)
-    try:
-        yield memory
-    finally:
-        swap_logger(previous)
-
-
 @pytest.mark.parametrize("error, expected", [
     (ConnectTimeout(), True), (TCPTimedOutError(), True), (NoRouteError(), True),
     (ConnectError(osError=errno.EHOSTUNREACH), True),
@@ -52,7 +39,7 @@ def test_only_a_peer_not_reached_counts_as_unreachable(error, expected):
     assert unreachable(error) is expected
 
 
-def test_a_suspect_stays_one_for_its_time_and_is_logged_once(logger):
+def test_a_suspect_stays_one_for_its_time_and_is_logged_once(eliot_logger):
     clock = Clock()
     metrics = Metrics("t1")
     suspects = SuspectPeers(clock, metrics=metrics)
@@ -66,18 +53,18 @@ def test_a_suspect_stays_one_for_its_time_and_is_logged_once(logger):
     assert suspects.suspected(PEER)
     clock.advance(0.02)
     assert not suspects.suspected(PEER) and metrics.gauge("kv_peers_suspected") == 0
-    messages = [m for m in logger.messages if m.get("message_type") == "kvresponder:replication:peer-suspected"]
+    messages = [m for m in eliot_logger.messages if m.get("message_type") == "kvresponder:replication:peer-suspected"]
     assert [(m["peer"], m["reason"], m["seconds"]) for m in messages] == [("n2", "TimeoutError", SUSPECT_FOR)]
 
 
-def test_a_suspect_that_answers_is_none_any_more(logger):
+def test_a_suspect_that_answers_is_none_any_more(eliot_logger):
     suspects = SuspectPeers(Clock())
     suspects.failed(PEER, "TimeoutError")
     suspects.answered(PEER)
     assert not suspects.suspected(PEER)
 
 
-def test_suspects_whose_time_is_over_are_forgotten(logger):
+def test_suspects_whose_time_is_over_are_forgotten(eliot_logger):
     clock = Clock()
     suspects = SuspectPeers(clock)
     for index in range(100):
@@ -112,7 +99,7 @@ def _client():
     return client, clock, posts
 
 
-def test_a_call_that_times_out_makes_the_peer_a_suspect_whose_next_calls_fail_at_once(logger):
+def test_a_call_that_times_out_makes_the_peer_a_suspect_whose_next_calls_fail_at_once(eliot_logger):
     """
     If a call to a peer gets no answer in time, then the calls to it in the next seconds fail at once, without
     a request, while calls to other peers go; afterwards the peer is called again.
@@ -134,7 +121,7 @@ def test_a_call_that_times_out_makes_the_peer_a_suspect_whose_next_calls_fail_at
     _settle(posts)
 
 
-def test_a_timeout_that_fires_late_or_ends_a_long_walk_makes_no_suspect(logger):
+def test_a_timeout_that_fires_late_or_ends_a_long_walk_makes_no_suspect(eliot_logger):
     """
     If a call's timeout fires a second past its due time (this node stalled, and the answer may be waiting in
     its socket), or the call that timed out was a walk a peer may take its time over (anti-entropy's), then
@@ -152,7 +139,7 @@ def test_a_timeout_that_fires_late_or_ends_a_long_walk_makes_no_suspect(logger):
     assert not client.suspects.suspected(PEER)
 
 
-def test_calls_waiting_for_their_turn_fail_at_once_once_the_peer_is_a_suspect(logger):
+def test_calls_waiting_for_their_turn_fail_at_once_once_the_peer_is_a_suspect(eliot_logger):
     """
     If calls to a peer queue behind the most it may have in flight, and the peer becomes a suspect meanwhile,
     then the queued calls fail as their turn comes, without being sent.
@@ -173,7 +160,7 @@ def test_calls_waiting_for_their_turn_fail_at_once_once_the_peer_is_a_suspect(lo
     assert len(failed) == 4 and all(outcome.check(PeerError) for outcome in failed)
 
 
-def test_a_clock_stepped_back_does_not_stretch_a_suspicion(logger):
+def test_a_clock_stepped_back_does_not_stretch_a_suspicion(eliot_logger):
     clock = Clock()
     clock.advance(1000)
     suspects = SuspectPeers(clock)
@@ -182,7 +169,7 @@ def test_a_clock_stepped_back_does_not_stretch_a_suspicion(logger):
     assert not suspects.suspected(PEER) and suspects.count() == 0
 
 
-def test_a_call_on_a_kept_connection_left_unanswered_until_its_timeout_makes_a_suspect(logger):
+def test_a_call_on_a_kept_connection_left_unanswered_until_its_timeout_makes_a_suspect(eliot_logger):
     """
     If a call on a pooled connection gets no answer, its timeout cancels it and treq reports a response never
     received (not a timeout): the peer becomes a suspect all the same, and is not asked a second time.
@@ -200,7 +187,7 @@ def test_a_call_on_a_kept_connection_left_unanswered_until_its_timeout_makes_a_s
     assert client.suspects.suspected(PEER)
 
 
-def test_a_refused_connection_or_an_error_answer_makes_no_suspect(logger):
+def test_a_refused_connection_or_an_error_answer_makes_no_suspect(eliot_logger):
     client, clock, posts = _client()
     outcomes = []
     ensureDeferred(client.transport.call(PEER, "keys", {})).addBoth(outcomes.append)
@@ -239,7 +226,7 @@ def _stream_sender():
         Entry("k", b"1", (1, 0, "n1")), []
 
 
-def test_a_stream_batch_unanswered_in_time_makes_the_peer_a_suspect_and_its_next_batches_fail_at_once(logger):
+def test_a_stream_batch_unanswered_in_time_makes_the_peer_a_suspect_and_its_next_batches_fail_at_once(eliot_logger):
     """
     If a batch on the copy stream gets no answer in time, then the next batch for that peer fails at once, with
     the PeerError a write fails over on, and nothing is sent; an answered batch or an error status makes no
@@ -262,7 +249,7 @@ def test_a_stream_batch_unanswered_in_time_makes_the_peer_a_suspect_and_its_next
     assert outcomes[3].value.code is None
 
 
-def test_a_stream_batch_whose_timeout_fired_late_makes_no_suspect(logger):
+def test_a_stream_batch_whose_timeout_fired_late_makes_no_suspect(eliot_logger):
     """
     If a batch's timeout fires well after it was due (this node's reactor was held up, not the peer), then the
     batch fails over as usual, but the peer is no suspect: its next batch is sent.
@@ -276,7 +263,7 @@ def test_a_stream_batch_whose_timeout_fired_late_makes_no_suspect(logger):
     assert len(streams.sent) == 2
 
 
-def test_a_suspect_that_restarts_is_none_once_its_new_incarnation_is_heard(logger):
+def test_a_suspect_that_restarts_is_none_once_its_new_incarnation_is_heard(eliot_logger):
     """
     If a peer is a suspect and a heartbeat of a new incarnation of it arrives (it restarted, at the same address
     or another), then the node calls it again at once, rather than after the suspect's 5 s.

@@ -313,20 +313,23 @@ class Coordinator:
         ordered = ring.preference_list(key, len(ring))
         owners = ordered[:self.replicas]
         fallbacks = ordered[self.replicas:]
-        if self.write_quorum is not None:
-            # Asked for explicitly: a strict quorum, even when fewer nodes are alive (a minority side
-            # of a partition then refuses writes instead of accepting them alone).
-            return owners, fallbacks, self.write_quorum
-        return owners, fallbacks, max(min(self.replicas, len(ordered)), 1)
+        return owners, fallbacks, self._quorum_for(len(ordered))
 
     def quorum(self) -> int:
         """
-        The copies a write needs now: ``WRITE_QUORUM`` if set, else the replication factor, or as many nodes as
-        the ring holds if fewer (what :meth:`_targets` gives every key).
+        The copies a write needs now (what :meth:`_targets` gives every key).
+        """
+        return self._quorum_for(len(self._ring()))
+
+    def _quorum_for(self, nodes: int) -> int:
+        """
+        ``WRITE_QUORUM`` if set, else the replication factor, or ``nodes`` (the ring's size) if fewer.
         """
         if self.write_quorum is not None:
+            # Asked for explicitly: a strict quorum, even when fewer nodes are alive (a minority side
+            # of a partition then refuses writes instead of accepting them alone).
             return self.write_quorum
-        return max(min(self.replicas, len(self._ring())), 1)
+        return max(min(self.replicas, nodes), 1)
 
     def quorum_without(self, quorum: int, leavers: AbstractSet[str]) -> int:
         """

@@ -496,6 +496,10 @@ class DiscoveryProtocol(DatagramProtocol):
             self._reply_pending = self.clock.callLater(0.02, self.announce)
 
 
+#: Seconds between two ``seeds-failed`` lines while the DNS seeds keep failing for the same reason.
+SEEDS_FAILED_REPEAT = 300.0
+
+
 class DiscoveryService(Service):
     """
     Runs a :class:`DiscoveryProtocol`: listens, announces at once, then heartbeats, expires silent peers and
@@ -518,6 +522,9 @@ class DiscoveryService(Service):
         self.mode = mode
         self._port = None
         self._loops: List[LoopingCall] = []
+        #: While lookups fail: the reason last logged, when, and the failures since.
+        self._seeds_failing: Optional[Tuple[str, float]] = None
+        self._seeds_failures = 0
 
     def startService(self):
         Service.startService(self)
@@ -579,15 +586,24 @@ class DiscoveryService(Service):
         d = maybeDeferred(self._resolve, self.dns_name)
 
         def resolved(addresses):
+            self._seeds_failing, self._seeds_failures = None, 0
             new = set(addresses)
             if self.protocol.use_seeds(new):
                 SEEDS_RESOLVED.log(name=self.dns_name, addresses=sorted(new))
                 self.protocol.announce(want_reply=True)
 
-        def failed(failure):
-            SEEDS_FAILED.log(name=self.dns_name, reason=str(failure.value)[:200])
+        return d.addCallbacks(resolved, self._seeds_failed)
 
-        return d.addCallbacks(resolved, failed)
+    def _seeds_failed(self, failure) -> None:
+        # A name that does not resolve (no Service yet, a typo) fails every DNS_INTERVAL for as long as the node
+        # runs: logged when it starts failing or fails otherwise, then once every SEEDS_FAILED_REPEAT seconds.
+        reason = str(failure.value)[:200]
+        now = self.protocol.clock.seconds()
+        self._seeds_failures += 1
+        last = self._seeds_failing
+        if last is None or last[0] != reason or now - last[1] >= SEEDS_FAILED_REPEAT:
+            SEEDS_FAILED.log(name=self.dns_name, reason=reason, failures=self._seeds_failures)
+            self._seeds_failing, self._seeds_failures = (reason, now), 0
 
     def stopService(self):
         Service.stopService(self)

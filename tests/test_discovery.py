@@ -753,6 +753,37 @@ def test_failed_seed_lookup_keeps_the_previous_seeds():
     service.stopService()
 
 
+def test_a_name_that_keeps_failing_is_logged_when_it_starts_failing_and_then_every_five_minutes(eliot_logger):
+    """
+    If the DNS seeds' name fails every lookup (no Service yet, a typo), then ``seeds-failed`` is logged at the first
+    failure, again at once when the reason changes, and otherwise once every five minutes with the number of
+    failures since: not every ``DNS_INTERVAL`` for as long as the node runs. After a lookup succeeds, the next
+    failure is logged at once.
+    """
+    answers = {"next": lambda: fail(OSError("Name or service not known"))}
+    service, harness, _ = make_service(resolve=lambda name: answers["next"](), dns_name="kv-headless")
+    service.startService()
+
+    def lines():
+        return [(m["reason"], m["failures"]) for m in eliot_logger.messages
+                if m.get("message_type") == "kvresponder:discovery:seeds-failed"]
+
+    assert lines() == [("Name or service not known", 1)]
+    harness.clock.pump([10] * 29)  # 290 s: 29 more failures
+    assert lines() == [("Name or service not known", 1)]
+    harness.clock.advance(10)
+    assert lines()[1:] == [("Name or service not known", 30)]
+    answers["next"] = lambda: fail(OSError("Temporary failure in name resolution"))
+    harness.clock.advance(10)
+    assert lines()[2:] == [("Temporary failure in name resolution", 1)]
+    answers["next"] = lambda: succeed(["10.0.0.7"])
+    harness.clock.advance(10)
+    answers["next"] = lambda: fail(OSError("Temporary failure in name resolution"))
+    harness.clock.advance(10)
+    assert lines()[3:] == [("Temporary failure in name resolution", 1)]
+    service.stopService()
+
+
 def test_resolver_that_raises_keeps_the_previous_seeds():
     """
     If the resolver raises instead of failing its Deferred, then the seeds are kept and nothing escapes.

@@ -36,9 +36,12 @@ REPLAY_WINDOW = 30.0
 CLOCK_AHEAD_LOG_EVERY = 60.0
 #: Seconds between two log lines about one sender's heartbeats that failed their HMAC.
 UNAUTHENTICATED_LOG_EVERY = 600.0
+#: Seconds between two log lines about one peer's heartbeats ignored by a node that serves alone.
+IGNORED_LOG_EVERY = 600.0
 #: Seconds between two log lines about another node sending under this node's id.
 ID_TAKEN_LOG_EVERY = 60.0
-#: The most warnings of one kind about senders (heartbeats unauthenticated, ids taken, loopback addresses) a minute.
+#: The most warnings of one kind about senders (heartbeats unauthenticated or ignored, ids taken, loopback addresses)
+#: a minute.
 WARNINGS_A_MINUTE = 8
 _HEX = frozenset("0123456789abcdef")
 
@@ -271,7 +274,6 @@ class DiscoveryProtocol(DatagramProtocol):
         self._started = wall()
         self._ahead_logged: Dict[str, float] = {}
         self.alone = alone
-        self._ignored_senders: Set[str] = set()
         #: Heartbeats this incarnation sent: each carries the next number (``seq``).
         self._sent = 0
 
@@ -485,10 +487,8 @@ class DiscoveryProtocol(DatagramProtocol):
 
     def _ignore(self, beat: Heartbeat, address) -> None:
         self._drop("insecure_ignored", "no CLUSTER_SECRET: this node serves alone", address)
-        # A warning once per sender, not once per heartbeat.
-        if beat.node_id not in self._ignored_senders and len(self._ignored_senders) < 64:
-            self._ignored_senders.add(beat.node_id)
-            HEARTBEAT_IGNORED.log(peer=beat.node_id, source="%s:%s" % tuple(address[:2]))
+        self._warn("insecure_ignored", beat.node_id, IGNORED_LOG_EVERY, lambda: HEARTBEAT_IGNORED.log(
+            peer=beat.node_id, source="%s:%s" % tuple(address[:2])))
 
     def _schedule_reply(self) -> None:
         # Answer a joining node at once, but only once for a burst of joiners.

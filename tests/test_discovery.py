@@ -302,11 +302,11 @@ def test_own_heartbeat_is_counted_as_self_and_ignored():
     assert harness.transport.written == []
 
 
-def test_a_node_that_serves_alone_ignores_every_heartbeat_and_says_so_once_per_peer(tracebacks):
+def test_a_node_that_serves_alone_ignores_every_heartbeat_and_says_so_once_per_peer_per_ten_minutes(tracebacks):
     """
     If the node serves alone (no CLUSTER_SECRET, no --insecure-cluster), then a valid heartbeat, even one
     asking for a reply, counts as ``insecure_ignored``, adds no peer, gets no reply, and is logged as a warning
-    once per sender.
+    once per sender, and again for a sender still heard ten minutes later.
     """
     from eliot import MemoryLogger
     from eliot.testing import swap_logger
@@ -319,15 +319,19 @@ def test_a_node_that_serves_alone_ignores_every_heartbeat_and_says_so_once_per_p
         for _ in range(3):
             harness.receive(encode(want=True))
         harness.receive(encode(PEER._replace(node_id="n3")))
+        harness.clock.advance(599)
+        harness.receive(encode(want=True, at=NOW + 599))
+        harness.clock.advance(1)
+        harness.receive(encode(want=True, at=NOW + 600))
     finally:
         swap_logger(previous)
     harness.clock.advance(5)
-    assert harness.metrics.results == ["insecure_ignored"] * 4
+    assert harness.metrics.results == ["insecure_ignored"] * 6
     assert harness.membership.peers() == []
     assert harness.transport.written == []
     warned = [message["peer"] for message in logger.messages
               if message.get("message_type") == HEARTBEAT_IGNORED.message_type]
-    assert warned == ["n2", "n3"]
+    assert warned == ["n2", "n3", "n2"]
     assert tracebacks == []
 
 

@@ -87,7 +87,7 @@ CLOCK_AHEAD = leveled("discovery", WARNING, MessageType(
 HEARTBEAT_IGNORED = leveled("discovery", WARNING, MessageType(
     "kvresponder:discovery:heartbeat-ignored", [PEER, SOURCE],
     "A peer's heartbeat was ignored because this node serves alone (no CLUSTER_SECRET and no "
-    "--insecure-cluster); logged once per peer."))
+    "--insecure-cluster); logged at most once every 10 minutes a peer."))
 
 HEARTBEAT_UNAUTHENTICATED = leveled("discovery", WARNING, MessageType(
     "kvresponder:discovery:heartbeat-unauthenticated", [SOURCE],

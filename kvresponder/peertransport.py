@@ -284,12 +284,17 @@ class PeerTransport:
         answers, or ``None``.
     :param suspects: the node's :class:`~kvresponder.suspects.SuspectPeers`: a call to a suspect fails at once,
         and one that finds its peer unreachable makes it one. By default, this transport's own.
+    :param post: ``post(url, headers, body, timeout, peer_id)``, a Deferred firing with the answer's status and
+        body: how each attempt of a call is sent. By default a POST through ``http``; tests give one that answers
+        when they say.
     """
 
     def __init__(self, http, clock, tenant: str, timeout: float, authenticator=None, metrics=None,
                  tracing=None, log_policy=None, wall: Optional[Callable[[], float]] = None,
-                 clock_offsets=None, suspects=None) -> None:
+                 clock_offsets=None, suspects=None,
+                 post: Optional[Callable[..., Deferred]] = None) -> None:
         self._http = http
+        self._send = post if post is not None else self._post
         self._clock = clock
         self._tenant = tenant
         self.timeout = timeout
@@ -388,7 +393,7 @@ class PeerTransport:
                         for name, value in trace_headers.items():
                             headers[name.encode("ascii")] = [value.encode("ascii")]
                     try:
-                        code, content = await self._post(url, headers, body, due - self._clock.seconds(), peer_id)
+                        code, content = await self._send(url, headers, body, due - self._clock.seconds(), peer_id)
                         break
                     except _RETRYABLE:
                         if attempt == 2 or self._clock.seconds() >= due:

@@ -1,5 +1,5 @@
 """
-PeerClient's batching of replicated writes, on a Clock and a fake transport under ``_post`` (the calls are
+PeerClient's batching of replicated writes, on a Clock and a fake ``post`` given to the transport (the calls are
 answered by hand, so what is in flight and when is under the test's control).
 """
 
@@ -50,11 +50,10 @@ class _Calls:
         return entries
 
 
-def _client():
+def _client(post=None):
     clock = Clock()
-    client = PeerClient(http=None, clock=clock, tenant="t1", timeout=5.0)
     calls = _Calls()
-    client.transport._post = calls.post
+    client = PeerClient(http=None, clock=clock, tenant="t1", timeout=5.0, post=post or calls.post)
     return client, clock, calls
 
 
@@ -356,8 +355,8 @@ class _NoProtocolFactory:
         return None
 
 
-def _call(client, timeouts, calls):
-    """A JSON call through the transport, recording each attempt's timeout."""
+def _call(timeouts, calls):
+    """A JSON call through a transport, recording each attempt's timeout: the clock, and the call's outcome."""
     from twisted.internet.defer import ensureDeferred
 
     def post(url, headers, body, timeout, peer_id=""):
@@ -365,10 +364,10 @@ def _call(client, timeouts, calls):
         d = Deferred()
         calls.append(d)
         return d
-    client.transport._post = post
+    client, clock, _ = _client(post)
     outcome = []
     ensureDeferred(client.transport.call(PEER, "keys", {"prefix": ""}, read=True)).addBoth(outcome.append)
-    return outcome
+    return clock, outcome
 
 
 def test_a_call_lost_on_a_kept_connection_is_tried_again_in_the_time_its_timeout_has_left():
@@ -378,9 +377,8 @@ def test_a_call_lost_on_a_kept_connection_is_tried_again_in_the_time_its_timeout
     """
     from twisted.web.client import ResponseFailed
 
-    client, clock, _ = _client()
     timeouts, calls = [], []
-    outcome = _call(client, timeouts, calls)
+    clock, outcome = _call(timeouts, calls)
     clock.advance(1.5)
     calls[0].errback(ResponseFailed([]))
     assert timeouts == [5.0, 3.5] and outcome == []
@@ -395,9 +393,8 @@ def test_a_call_lost_after_its_timeout_has_run_is_not_tried_again():
     """
     from twisted.web.client import ResponseFailed
 
-    client, clock, _ = _client()
     timeouts, calls = [], []
-    outcome = _call(client, timeouts, calls)
+    clock, outcome = _call(timeouts, calls)
     clock.advance(5.0)
     calls[0].errback(ResponseFailed([]))
     assert timeouts == [5.0] and len(outcome) == 1 and outcome[0].check(PeerError)
@@ -698,9 +695,8 @@ def _answering(body: bytes):
     from twisted.internet.defer import succeed
 
     clock = Clock()
-    client = PeerClient(http=None, clock=clock, tenant="t1", timeout=5.0)
-    client.transport._post = lambda url, headers, data, timeout, peer_id="": succeed((200, body))
-    return client
+    return PeerClient(http=None, clock=clock, tenant="t1", timeout=5.0,
+                      post=lambda url, headers, data, timeout, peer_id="": succeed((200, body)))
 
 
 def _outcome(coroutine):
@@ -771,13 +767,12 @@ def test_a_call_waiting_for_its_turn_behind_unanswered_calls_fails_within_its_ow
     from kvresponder.peertransport import MAX_IN_FLIGHT
 
     clock = Clock()
-    client = PeerClient(http=None, clock=clock, tenant="t1", timeout=5.0)
     sent = []
 
     def post(url, headers, data, timeout, peer_id=""):
         sent.append(Deferred())  # never answered (the transport's own timeout would end it)
         return sent[-1]
-    client.transport._post = post
+    client = PeerClient(http=None, clock=clock, tenant="t1", timeout=5.0, post=post)
     outcomes = []
     for _ in range(MAX_IN_FLIGHT + 1):
         ensureDeferred(client.transport.call(PEER, "keys", {"limit": 1}, read=True)).addBoth(outcomes.append)
@@ -798,7 +793,6 @@ def _blocked_transport():
     from twisted.internet.defer import CancelledError
 
     clock = Clock()
-    client = PeerClient(http=None, clock=clock, tenant="t1", timeout=5.0)
     sent = []
 
     def post(url, headers, data, timeout, peer_id=""):
@@ -807,7 +801,7 @@ def _blocked_transport():
         if url.endswith("/get"):
             clock.callLater(timeout, lambda: d.called or d.errback(Failure(CancelledError())))
         return d
-    client.transport._post = post
+    client = PeerClient(http=None, clock=clock, tenant="t1", timeout=5.0, post=post)
     return client, clock, sent
 
 
@@ -872,7 +866,6 @@ def test_a_listing_page_timed_out_makes_its_peer_a_suspect_so_the_next_page_does
     from twisted.internet.defer import CancelledError
 
     clock = Clock()
-    client = PeerClient(http=None, clock=clock, tenant="t1", timeout=5.0)
     sent = []
 
     def post(url, headers, data, timeout, peer_id=""):
@@ -880,7 +873,7 @@ def test_a_listing_page_timed_out_makes_its_peer_a_suspect_so_the_next_page_does
         sent.append(d)
         clock.callLater(timeout, lambda: d.called or d.errback(Failure(CancelledError())))
         return d
-    client.transport._post = post
+    client = PeerClient(http=None, clock=clock, tenant="t1", timeout=5.0, post=post)
     first = []
     ensureDeferred(client.keys(PEER, "", None, 11)).addBoth(first.append)
     clock.advance(5.0)

@@ -88,14 +88,13 @@ def _get(client, peer):
 
 def _client():
     clock = Clock()
-    client = PeerClient(http=None, clock=clock, tenant="t1", timeout=2.0)
     posts = []
 
     def post(url, headers, body, timeout, peer_id=""):
         d = Deferred()
         posts.append(d)
         return d
-    client.transport._post = post
+    client = PeerClient(http=None, clock=clock, tenant="t1", timeout=2.0, post=post)
     return client, clock, posts
 
 

@@ -25,7 +25,7 @@ from twisted.internet.task import LoopingCall
 from .log.discovery import (CLOCK_AHEAD, DATAGRAM_DROPPED, DISCOVERY_STARTED, HEARTBEAT_IGNORED,
                             HEARTBEAT_UNAUTHENTICATED, MULTICAST_FAILED, NODE_ID_TAKEN, PEER_AT_LOOPBACK, SEEDS_FAILED,
                             SEEDS_RESOLVED)
-from .membership import ALIVE, LEAVING, Heartbeat, Membership
+from .membership import ALIVE, GONE, LEAVING, Heartbeat, Membership
 
 WIRE_VERSION = 1
 MAX_DATAGRAM = 1400
@@ -171,7 +171,7 @@ class HeartbeatCodec:
             raise Malformed("malformed", "bad port")
         if type(ring) is not int or ring < 0:
             raise Malformed("malformed", "bad ring size")
-        if state not in (ALIVE, LEAVING) or not isinstance(want, bool):
+        if state not in (ALIVE, LEAVING, GONE) or not isinstance(want, bool):
             raise Malformed("malformed", "bad state")
         if not _is_ipv4(addr):
             raise Malformed("malformed", "bad address")
@@ -606,7 +606,19 @@ class DiscoveryService(Service):
             self._seeds_failing, self._seeds_failures = (reason, now), 0
 
     def stopService(self):
-        Service.stopService(self)
+        """
+        :meth:`stop_heartbeats`, then :meth:`depart`.
+        """
+        self.stop_heartbeats()
+        return self.depart()
+
+    def stop_heartbeats(self) -> None:
+        """
+        Stop heartbeating and expiring peers, and say once more that this node is leaving. The port stays
+        open for :meth:`depart`.
+        """
+        if self.running:
+            Service.stopService(self)
         for loop in self._loops:
             if loop.running:
                 loop.stop()
@@ -614,10 +626,18 @@ class DiscoveryService(Service):
         # Twice: a lost datagram would otherwise leave the peers waiting a whole peer timeout.
         self.protocol.announce(state=LEAVING)
         self.protocol.announce(state=LEAVING)
-        if self._port is not None:
-            port, self._port = self._port, None
-            return maybeDeferred(port.stopListening)
-        return None
+
+    def depart(self) -> Optional[Deferred]:
+        """
+        Say (twice) that this node serves nothing more, as it exits, and close the port: its peers forget it at
+        once, rather than keep asking it, as they ask a leaving node, until its silence times out.
+        """
+        if self._port is None:
+            return None
+        self.protocol.announce(state=GONE)
+        self.protocol.announce(state=GONE)
+        port, self._port = self._port, None
+        return maybeDeferred(port.stopListening)
 
 
 def resolve_all(reactor, name: str) -> Deferred:

@@ -13,6 +13,8 @@ from eliot import write_traceback
 
 ALIVE = "alive"
 LEAVING = "leaving"
+#: Said by a node's last heartbeats, as it exits: it serves nothing more, and is forgotten at once.
+GONE = "gone"
 
 JOINED = "joined"
 RESTARTED = "restarted"
@@ -100,7 +102,7 @@ class Membership:
     def subscribe(self, callback: Callable[[str, Peer], None]) -> None:
         """
         Call ``callback(change, peer)`` after each change, where change is one of ``joined``,
-        ``restarted``, ``moved``, ``left`` (announced leaving) or ``dead`` (timed out).
+        ``restarted``, ``moved``, ``left`` (announced leaving, or gone) or ``dead`` (timed out).
         """
         self._subscribers.append(callback)
 
@@ -126,6 +128,8 @@ class Membership:
             return None
         now = self._seconds()
         known = self._peers.get(beat.node_id)
+        if beat.state == GONE:
+            return self._gone(beat, known)
         if known is None:
             if beat.state != ALIVE:
                 # First heard already leaving (this node started while it drains): listed as leaving, never in
@@ -172,6 +176,22 @@ class Membership:
             known.address, known.port = beat.address, beat.port
             self._changed(MOVED, known)
             return MOVED
+        return None
+
+    def _gone(self, beat: Heartbeat, known: Optional[Peer]) -> Optional[str]:
+        """
+        The node has stopped serving and is exiting: forgotten now. A leaving node is otherwise kept, and asked
+        for what it may not have handed off, until its heartbeats have been missing for the peer timeout; once
+        it has exited, and its address is gone with its pod, each such call waits for its whole timeout.
+        """
+        if known is None or beat.incarnation < known.incarnation:
+            return None
+        del self._peers[beat.node_id]
+        if known.state == ALIVE:
+            # Its leaving heartbeats were lost: it leaves the ring now.
+            self._changed(LEFT, known)
+            return LEFT
+        self.generation += 1
         return None
 
     def expire(self) -> List[Peer]:

@@ -146,7 +146,7 @@ class KVResponderService(MultiService):
         await deferLater(clock, max(0.0, serve_until - clock.seconds()), lambda: None)
         self.node.stop()
         self.running = 0
-        await maybeDeferred(self.discovery_service.stopService)
+        self.discovery_service.stop_heartbeats()
         # The connections waiting to be accepted are taken in, not reset as the port closes.
         accepted = self.listening is not None and accept_waiting(self.listening.port)
         await maybeDeferred(self.http_service.stopService)
@@ -159,6 +159,9 @@ class KVResponderService(MultiService):
             started = self.site.seconds()
             unanswered = await self.site.requests_done(2 * self.node.settings.peer_request_timeout)
             REQUESTS_ANSWERED.log(waited=round(self.site.seconds() - started, 3), unanswered=unanswered)
+        # Peers forget this node now: they stop asking it for what a leaving node may still hold, before its
+        # streams close and its address goes with its pod (a call to an address that is gone waits its timeout).
+        await maybeDeferred(self.discovery_service.depart)
         self.node.peers.close_streams()
         if self.pool is not None:
             await self.pool.closeCachedConnections()

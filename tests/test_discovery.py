@@ -15,7 +15,7 @@ from kvresponder import discovery
 from kvresponder.discovery import (
     MAX_DATAGRAM, REPLAY_WINDOW, DiscoveryProtocol, DiscoveryService, HeartbeatCodec, derive_key,
 )
-from kvresponder.membership import ALIVE, LEAVING, Heartbeat, Membership
+from kvresponder.membership import ALIVE, GONE, LEAVING, Heartbeat, Membership
 
 NOW = 1700000000.0
 GROUP = "239.255.30.167"
@@ -803,10 +803,10 @@ def test_resolver_that_raises_keeps_the_previous_seeds():
     assert harness.protocol.seeds == {"10.0.0.7"}
 
 
-def test_stop_announces_leaving_twice_and_stops_listening():
+def test_stop_announces_leaving_twice_then_gone_twice_and_stops_listening():
     """
-    If the service stops, then it sends two ``leaving`` heartbeats to the group and to each seed, closes the
-    port, and sends nothing afterwards.
+    If the service stops, then it sends two ``leaving`` heartbeats to the group and to each seed, then two
+    ``gone`` ones, closes the port, and sends nothing afterwards.
     """
     service, harness, listener = make_service()
     service.startService()
@@ -814,11 +814,31 @@ def test_stop_announces_leaving_twice_and_stops_listening():
     listener.transport.written.clear()
     service.stopService()
     sent = [(json.loads(data)["state"], addr) for data, addr in listener.transport.written]
-    assert sent == [(LEAVING, (GROUP, PORT)), (LEAVING, ("10.0.0.7", PORT))] * 2
+    assert sent == ([(LEAVING, (GROUP, PORT)), (LEAVING, ("10.0.0.7", PORT))] * 2
+                    + [(GONE, (GROUP, PORT)), (GONE, ("10.0.0.7", PORT))] * 2)
     assert listener.transport.stopped == 1
     listener.transport.written.clear()
     harness.clock.advance(60)
     assert listener.transport.written == []
+
+
+def test_a_node_stopping_heartbeats_keeps_its_port_until_it_departs():
+    """
+    If the node stops heartbeating as its exit begins (``stop_heartbeats``), then it says ``leaving`` twice, sends
+    no more heartbeats, and keeps the port; ``depart`` then says ``gone`` twice and closes it.
+    """
+    service, harness, listener = make_service()
+    service.startService()
+    listener.transport.written.clear()
+    service.stop_heartbeats()
+    harness.clock.advance(60)
+    assert [json.loads(data)["state"] for data, _ in listener.transport.written] == [LEAVING, LEAVING]
+    assert listener.transport.stopped == 0
+    listener.transport.written.clear()
+    service.depart()
+    assert [json.loads(data)["state"] for data, _ in listener.transport.written] == [GONE, GONE]
+    assert listener.transport.stopped == 1
+    assert service.depart() is None
 
 
 def test_a_heartbeat_signed_before_this_node_started_is_refused_as_a_replay():

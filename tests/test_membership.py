@@ -5,7 +5,7 @@ Tests for :mod:`kvresponder.membership`, on a ``task.Clock``.
 from twisted.internet.task import Clock
 
 from kvresponder.membership import (
-    ALIVE, DEAD, JOINED, LEAVING, LEFT, MOVED, RESTARTED, Heartbeat, Membership,
+    ALIVE, DEAD, GONE, JOINED, LEAVING, LEFT, MOVED, RESTARTED, Heartbeat, Membership,
 )
 
 TIMEOUT = 15.0
@@ -119,6 +119,50 @@ def test_leaving_peer_is_excluded_from_the_ring_but_still_listed():
     assert [(p.node_id, p.state) for p in membership.peers()] == [("n2", LEAVING)]
     assert changes == [(JOINED, "n2", 1), (LEFT, "n2", 1)]
 
+
+
+def test_a_leaving_peer_that_says_it_is_gone_is_forgotten_at_once_without_an_event():
+    """
+    If a leaving peer's last heartbeat says it is gone (it is exiting), then it is forgotten at once, not
+    after the peer timeout (reads would keep asking it), with no further event; the membership's generation
+    moves.
+    """
+    membership, clock, changes = make_membership()
+    membership.observe(beat())
+    membership.observe(beat(state=LEAVING))
+    generation = membership.generation
+    clock.advance(1)
+    assert membership.observe(beat(state=GONE)) is None
+    assert membership.peers() == [] and membership.peer("n2") is None
+    assert membership.generation == generation + 1
+    assert membership.observe(beat(state=GONE)) is None
+    assert changes == [(JOINED, "n2", 1), (LEFT, "n2", 1)]
+
+
+def test_an_alive_peer_that_says_it_is_gone_leaves_the_ring_and_is_forgotten():
+    """
+    If an alive peer says it is gone (its leaving heartbeats were lost), then it leaves the ring (``left``) and
+    is forgotten at once.
+    """
+    membership, _, changes = make_membership()
+    membership.observe(beat())
+    assert membership.observe(beat(state=GONE)) == LEFT
+    assert membership.peers() == [] and membership.ring_members() == ["n1"]
+    assert changes == [(JOINED, "n2", 1), (LEFT, "n2", 1)]
+
+
+def test_gone_from_an_unknown_node_or_an_older_incarnation_changes_nothing():
+    """
+    If a node never heard of says it is gone, then it is not listed; if an older incarnation of a peer says so
+    (its exit, heard late), then the newer one stays.
+    """
+    membership, _, changes = make_membership()
+    assert membership.observe(beat(state=GONE)) is None
+    assert membership.peers() == []
+    membership.observe(beat(incarnation=2))
+    assert membership.observe(beat(incarnation=1, state=GONE)) is None
+    assert [(p.node_id, p.incarnation, p.state) for p in membership.peers()] == [("n2", 2, ALIVE)]
+    assert changes == [(JOINED, "n2", 2)]
 
 def test_leaving_peer_that_goes_silent_is_forgotten_without_a_dead_event():
     """

@@ -428,6 +428,8 @@ class Traffic(threading.Thread):
         #: Requests that took over half a second.
         self.slowest: List[tuple] = []
         self.min_endpoints: Optional[int] = None
+        #: When the request being made was sent (the failures say when each failed, and when it was sent).
+        self._sent_at = 0.0
         self._done = threading.Event()
 
     def run(self) -> None:
@@ -438,17 +440,20 @@ class Traffic(threading.Thread):
             if not pods:
                 time.sleep(0.05)
                 continue
-            pod = pods[n % len(pods)]
             n += 1
             key = "%s-%d" % (self.tag, n)
-            self._request(pod, "put", key, n)
-            if self.acked:
+            self._request(pods[n % len(pods)], "put", key, n)
+            # Each request goes to an endpoint of its moment, as a client following the Service's does: one chosen
+            # before a PUT could have been leaving for longer than a leaving pod takes new connections.
+            pods = self.targets()
+            if self.acked and pods:
                 old_key = random.choice(list(self.acked))
-                self._request(pod, "get", old_key, self.acked[old_key])
+                self._request(pods[n % len(pods)], "get", old_key, self.acked[old_key])
 
     def _request(self, pod: Pod, method: str, key: str, value: int) -> None:
         self.requests += 1
         started = time.monotonic()
+        self._sent_at = round(self.release.clock(), 2)
         try:
             self._send(pod, method, key, value)
         finally:
@@ -469,10 +474,10 @@ class Traffic(threading.Thread):
                 if response.status_code == 200 and response.json()["value"] == value:
                     return
             self.failures.append((self.release.clock(), pod.name, method, key, response.status_code,
-                                  response.text[:200]))
+                                  response.text[:200], "sent at", self._sent_at))
         except requests.RequestException as error:
             self.failures.append((self.release.clock(), pod.name, method, key, type(error).__name__,
-                                  str(error)[:200]))
+                                  str(error)[:200], "sent at", self._sent_at))
 
     def finish(self) -> None:
         self._done.set()

@@ -185,6 +185,12 @@ class ClockOffsets:
             self.skewed = False
             CLOCK_RECOVERED.log(skew=round(skew, 6), max_offset=bound)
 
+    def forget(self, node_id: str) -> None:
+        """
+        Drop ``node_id``'s offset now: it has left the cluster (it said it is gone).
+        """
+        self._peers.pop(node_id, None)
+
     def _forget(self, now: float) -> None:
         cutoff = now - self.forget_after
         for node_id in [node_id for node_id, peer in self._peers.items() if peer.heard < cutoff]:

@@ -16,6 +16,7 @@ import math
 import socket
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
+from attr import attrib, attrs
 from eliot import write_traceback
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, maybeDeferred
@@ -276,6 +277,8 @@ class DiscoveryProtocol(DatagramProtocol):
         self.alone = alone
         #: Heartbeats this incarnation sent: each carries the next number (``seq``).
         self._sent = 0
+        #: Whether this node has said it is gone (:meth:`depart`): it sends nothing after.
+        self._departed = False
 
     # -- sending --------------------------------------------------------------------------------------
 
@@ -319,7 +322,7 @@ class DiscoveryProtocol(DatagramProtocol):
         Send one heartbeat to the group and to every seed, with this node's own state (alive, or leaving
         while it drains) unless ``state`` overrides it.
         """
-        if self.alone:
+        if self.alone or self._departed:
             return
         beat = self.own_heartbeat()
         if state is not None and state != beat.state:
@@ -426,7 +429,8 @@ class DiscoveryProtocol(DatagramProtocol):
             # Measured before the checks on the time itself: a clock far off is exactly what must show. Not when
             # it may have waited unread while this node was stalled: it would say the sender's clock is behind by
             # as long, and a burst of them that this node's own is ahead.
-            if self.clock_offsets is not None and (self.stalls is None or self.stalls.fresh()):
+            if (self.clock_offsets is not None and beat.state != GONE
+                    and (self.stalls is None or self.stalls.fresh())):
                 self.clock_offsets.heard(beat.node_id, beat.incarnation, offset)
             # Refused past twice the bound: a node that far ahead of this one cannot be within the bound of a
             # cluster this node is within the bound of, while two nodes each within the bound of the cluster (up
@@ -458,6 +462,19 @@ class DiscoveryProtocol(DatagramProtocol):
             if (not self._to_group or self.unicast_peers) and len(self._reply_to) < 256:
                 self._reply_to.add(beat.address)
             self._schedule_reply()
+
+    def depart(self) -> None:
+        """
+        Say, twice (datagrams get lost), that this node is gone, and send nothing after: not even an answer to a
+        joiner already due, which, numbered above them, would list this node again, as leaving, until the peer
+        timeout.
+        """
+        if self._reply_pending is not None and self._reply_pending.active():
+            self._reply_pending.cancel()
+        self._reply_pending = None
+        self.announce(state=GONE)
+        self.announce(state=GONE)
+        self._departed = True
 
     def _drop(self, result: str, detail: str, address) -> None:
         if self.metrics is not None:
@@ -500,6 +517,15 @@ class DiscoveryProtocol(DatagramProtocol):
 SEEDS_FAILED_REPEAT = 300.0
 
 
+@attrs(slots=True)
+class _SeedFailures:
+    """
+    While lookups of the DNS seeds fail: when each reason was last logged, and the failures since the last line.
+    """
+    logged: Dict[str, float] = attrib(factory=dict)
+    failures: int = attrib(default=0)
+
+
 class DiscoveryService(Service):
     """
     Runs a :class:`DiscoveryProtocol`: listens, announces at once, then heartbeats, expires silent peers and
@@ -522,9 +548,8 @@ class DiscoveryService(Service):
         self.mode = mode
         self._port = None
         self._loops: List[LoopingCall] = []
-        #: While lookups fail: the reason last logged, when, and the failures since.
-        self._seeds_failing: Optional[Tuple[str, float]] = None
-        self._seeds_failures = 0
+        #: While lookups fail: what was logged of them.
+        self._seeds_failing = _SeedFailures()
 
     def startService(self):
         Service.startService(self)
@@ -586,7 +611,7 @@ class DiscoveryService(Service):
         d = maybeDeferred(self._resolve, self.dns_name)
 
         def resolved(addresses):
-            self._seeds_failing, self._seeds_failures = None, 0
+            self._seeds_failing = _SeedFailures()
             new = set(addresses)
             if self.protocol.use_seeds(new):
                 SEEDS_RESOLVED.log(name=self.dns_name, addresses=sorted(new))
@@ -596,14 +621,19 @@ class DiscoveryService(Service):
 
     def _seeds_failed(self, failure) -> None:
         # A name that does not resolve (no Service yet, a typo) fails every DNS_INTERVAL for as long as the node
-        # runs: logged when it starts failing or fails otherwise, then once every SEEDS_FAILED_REPEAT seconds.
+        # runs: each reason is logged when it starts, then at most once every SEEDS_FAILED_REPEAT seconds (an
+        # overloaded resolver alternates between two).
+        failing = self._seeds_failing
+        failing.failures += 1
         reason = str(failure.value)[:200]
         now = self.protocol.clock.seconds()
-        self._seeds_failures += 1
-        last = self._seeds_failing
-        if last is None or last[0] != reason or now - last[1] >= SEEDS_FAILED_REPEAT:
-            SEEDS_FAILED.log(name=self.dns_name, reason=reason, failures=self._seeds_failures)
-            self._seeds_failing, self._seeds_failures = (reason, now), 0
+        if now - failing.logged.get(reason, float("-inf")) < SEEDS_FAILED_REPEAT:
+            return
+        SEEDS_FAILED.log(name=self.dns_name, reason=reason, failures=failing.failures)
+        if len(failing.logged) >= 16:
+            failing.logged.clear()
+        failing.logged[reason] = now
+        failing.failures = 0
 
     def stopService(self):
         """
@@ -634,8 +664,7 @@ class DiscoveryService(Service):
         """
         if self._port is None:
             return None
-        self.protocol.announce(state=GONE)
-        self.protocol.announce(state=GONE)
+        self.protocol.depart()
         port, self._port = self._port, None
         return maybeDeferred(port.stopListening)
 

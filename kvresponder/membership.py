@@ -2,8 +2,9 @@
 The peer table: who is in the cluster, as discovery reports it.
 
 Membership knows nothing of sockets. Discovery feeds it :class:`Heartbeat` observations; it keeps one
-:class:`Peer` per node id, replaces a node's old incarnation when it restarts, and forgets peers that stay
-silent for ``peer_timeout`` seconds (checked on the injected clock). Every change is announced to the
+:class:`Peer` per node id, replaces a node's old incarnation when it restarts, forgets a peer that says it is
+gone (as it exits) at once, and peers that stay silent for ``peer_timeout`` seconds (checked on the injected
+clock). Every change is announced to the
 subscribers (the ring, the rebalancer, metrics), in that one direction.
 """
 
@@ -13,7 +14,8 @@ from eliot import write_traceback
 
 ALIVE = "alive"
 LEAVING = "leaving"
-#: Said by a node's last heartbeats, as it exits: it serves nothing more, and is forgotten at once.
+#: Said by a node's last heartbeats, as it exits: it serves nothing more, and is forgotten at once. Also the change
+#: its peers' subscribers hear then.
 GONE = "gone"
 
 JOINED = "joined"
@@ -21,6 +23,10 @@ RESTARTED = "restarted"
 LEFT = "left"
 DEAD = "dead"
 MOVED = "moved"
+
+
+#: Gone incarnations remembered (:meth:`Membership.observe`); the oldest is forgotten first.
+MAX_GONE = 1024
 
 
 class Heartbeat(NamedTuple):
@@ -98,11 +104,15 @@ class Membership:
         self._subscribers: List[Callable[[str, Peer], None]] = []
         self._ring_subscribers: List[Callable[[Peer, Optional[str]], None]] = []
         self.generation = 0
+        #: The incarnations that said they are gone, by node id: a heartbeat of theirs heard after (a datagram
+        #: delayed, or forged without a secret) does not list them again.
+        self._gone: Dict[str, int] = {}
 
     def subscribe(self, callback: Callable[[str, Peer], None]) -> None:
         """
         Call ``callback(change, peer)`` after each change, where change is one of ``joined``,
-        ``restarted``, ``moved``, ``left`` (announced leaving, or gone) or ``dead`` (timed out).
+        ``restarted``, ``moved``, ``left`` (announced leaving), ``gone`` (said it exits: forgotten, after ``left``
+        if its leaving was not heard) or ``dead`` (timed out).
         """
         self._subscribers.append(callback)
 
@@ -126,10 +136,12 @@ class Membership:
         """
         if beat.node_id == self.node_id:
             return None
+        if self._gone.get(beat.node_id, -1) >= beat.incarnation:
+            return None
         now = self._seconds()
         known = self._peers.get(beat.node_id)
         if beat.state == GONE:
-            return self._gone(beat, known)
+            return self._forget_gone(beat, known)
         if known is None:
             if beat.state != ALIVE:
                 # First heard already leaving (this node started while it drains): listed as leaving, never in
@@ -178,7 +190,7 @@ class Membership:
             return MOVED
         return None
 
-    def _gone(self, beat: Heartbeat, known: Optional[Peer]) -> Optional[str]:
+    def _forget_gone(self, beat: Heartbeat, known: Optional[Peer]) -> Optional[str]:
         """
         The node has stopped serving and is exiting: forgotten now. A leaving node is otherwise kept, and asked
         for what it may not have handed off, until its heartbeats have been missing for the peer timeout; once
@@ -186,13 +198,16 @@ class Membership:
         """
         if known is None or beat.incarnation < known.incarnation:
             return None
+        if len(self._gone) >= MAX_GONE:
+            del self._gone[next(iter(self._gone))]
+        self._gone[beat.node_id] = beat.incarnation
         del self._peers[beat.node_id]
         if known.state == ALIVE:
             # Its leaving heartbeats were lost: it leaves the ring now.
+            known.state = LEAVING
             self._changed(LEFT, known)
-            return LEFT
-        self.generation += 1
-        return None
+        self._changed(GONE, known)
+        return GONE
 
     def expire(self) -> List[Peer]:
         """

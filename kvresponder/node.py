@@ -27,7 +27,7 @@ from .log import LogPolicy
 from .log.discovery import JOIN_VIEW_UNMATCHED, PEER_CHANGED
 from .log.service import CLUSTER_DISABLED, INSECURE
 from .log.store import StoreEvents
-from .membership import ALIVE, DEAD, JOINED, LEAVING, MOVED, RESTARTED, Heartbeat, Membership
+from .membership import ALIVE, DEAD, GONE, JOINED, LEAVING, MOVED, RESTARTED, Heartbeat, Membership
 from .metrics import Metrics
 from .peers import PeerAuthenticator, PeerError
 from .rebalance import ANTI_ENTROPY, Rebalancer
@@ -432,6 +432,11 @@ class Node:
             if change in (JOINED, RESTARTED, MOVED):
                 # A new incarnation, or one at a new address: whatever made a suspect of the old one is past.
                 self.peers.suspects.answered(peer)
+            if change == GONE:
+                # Out of the ring already (``left``): nothing moves, and nothing is kept about it.
+                self.peers.suspects.answered(peer)
+                self.clock_offsets.forget(peer.node_id)
+                return
             if self.state in (JOINING, READY):
                 self.rebalancer.trigger(change)
 

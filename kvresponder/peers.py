@@ -71,7 +71,7 @@ class PeerClient:
         #: Peers a call just found unreachable, which calls fail at once for a while, on every path.
         self.suspects = SuspectPeers(clock, metrics=metrics)
         self.transport = PeerTransport(http, clock, tenant, timeout, authenticator, metrics, tracing, log_policy,
-                                       self._wall, clock_offsets, self.suspects, post)
+                                       self._wall, clock_offsets, self.suspects, post=post)
         #: Bulk data's copies and traced copies (see above), and the stream's fallback.
         self._requests = requests = RequestCopySender(self.transport, self._wall)
         #: The :class:`~kvresponder.copysender.ICopySender` of client writes' copies.

@@ -84,8 +84,9 @@ class TwistedToEliot:
 class KVResponderService(MultiService):
     """
     The node's services, stopped in order: drain first (HTTP and discovery still up, heartbeats saying
-    "leaving"), then discovery (announcing the departure), then HTTP (no new connection; the requests being
-    handled are answered first), then the peer connection pool. From the first step on, the node refuses the
+    "leaving"), then discovery's heartbeats, then HTTP (no new connection; the requests being handled are
+    answered first), then discovery's last word ("gone": peers forget the node), then the copy streams and the
+    peer connection pool. From the first step on, the node refuses the
     copies its peers send it, over HTTP and on the copy streams still open into it (503 ``leaving``: the sender
     fails them over), so that nothing it acknowledges is taken down when the process exits.
     """
@@ -147,27 +148,30 @@ class KVResponderService(MultiService):
         self.node.stop()
         self.running = 0
         self.discovery_service.stop_heartbeats()
-        # The connections waiting to be accepted are taken in, not reset as the port closes.
-        accepted = self.listening is not None and accept_waiting(self.listening.port)
-        await maybeDeferred(self.http_service.stopService)
-        if accepted:
-            # What they sent is read in the next turns: then they count as owing answers, waited for below.
-            await deferLater(clock, REQUESTS_DONE_POLL, lambda: None)
-        if self.site is not None:
-            # No new connections now; the requests already taken are answered before the process exits (a
-            # read may wait for a peer's timeout, and a retry after it).
-            started = self.site.seconds()
-            unanswered = await self.site.requests_done(2 * self.node.settings.peer_request_timeout)
-            REQUESTS_ANSWERED.log(waited=round(self.site.seconds() - started, 3), unanswered=unanswered)
-        # Peers forget this node now: they stop asking it for what a leaving node may still hold, before its
-        # streams close and its address goes with its pod (a call to an address that is gone waits its timeout).
-        await maybeDeferred(self.discovery_service.depart)
-        self.node.peers.close_streams()
-        if self.pool is not None:
-            await self.pool.closeCachedConnections()
-        if self.tracing is not None and self.tracing.enabled:
-            if not await self.tracing.shutdown():
-                TRACES_UNEXPORTED.log(timeout=SHUTDOWN_TIMEOUT)
+        try:
+            # The connections waiting to be accepted are taken in, not reset as the port closes.
+            accepted = self.listening is not None and accept_waiting(self.listening.port)
+            await maybeDeferred(self.http_service.stopService)
+            if accepted:
+                # What they sent is read in the next turns: then they count as owing answers, waited for below.
+                await deferLater(clock, REQUESTS_DONE_POLL, lambda: None)
+            if self.site is not None:
+                # No new connections now; the requests already taken are answered before the process exits (a
+                # read may wait for a peer's timeout, and a retry after it).
+                started = self.site.seconds()
+                unanswered = await self.site.requests_done(2 * self.node.settings.peer_request_timeout)
+                REQUESTS_ANSWERED.log(waited=round(self.site.seconds() - started, 3), unanswered=unanswered)
+        finally:
+            # Whatever failed above: peers forget this node now, and stop asking it for what a leaving node may
+            # still hold, before its streams close and its address goes with its pod (a call to an address that
+            # is gone waits its whole timeout).
+            await maybeDeferred(self.discovery_service.depart)
+            self.node.peers.close_streams()
+            if self.pool is not None:
+                await self.pool.closeCachedConnections()
+            if self.tracing is not None and self.tracing.enabled:
+                if not await self.tracing.shutdown():
+                    TRACES_UNEXPORTED.log(timeout=SHUTDOWN_TIMEOUT)
 
 
 def steady_seconds(wall: Callable[[], float] = time.time,

@@ -1386,3 +1386,32 @@ def test_a_bulk_write_that_misses_its_quorum_says_so_per_item_with_a_code_and_a_
         assert item["status"] == 503 and item["error"] == "unavailable", item
         assert "copies" in item["message"], item
     Draft202012Validator({"components": spec["components"], "$ref": "#/components/schemas/BulkResult"}).validate(answer)
+
+
+def test_a_peer_that_says_it_is_gone_takes_its_clock_offset_and_suspicion_with_it_and_starts_no_pass(
+        cluster, eliot_logger):
+    """
+    If a leaving peer's last heartbeat says it is gone, then the node forgets its clock offset (it no longer
+    votes on this node's skew) and whatever made a suspect of it, logs the change (``peer-changed``, ``gone``),
+    and starts no rebalance pass: the peer was out of the ring already.
+    """
+    from kvresponder.membership import GONE, LEAVING
+
+    n1, n2 = cluster.nodes[:2]
+    assert n2.node_id in n1.clock_offsets.offsets()
+    peer = n1.membership.peer(n2.node_id)
+    n1.peers.suspects.failed(peer, "TimeoutError")
+    n1.membership.observe(n2.heartbeat()._replace(state=LEAVING))
+    cluster.run(seconds=1)
+    passes = n1.rebalancer.passes
+    last_words = n2.heartbeat()._replace(state=GONE)
+    cluster.kill(n2)
+    n1.membership.observe(last_words)
+    cluster.run(seconds=1)
+    assert n2.node_id not in n1.clock_offsets.offsets()
+    assert not n1.peers.suspects.suspected(peer)
+    assert n1.rebalancer.passes == passes
+    changes = [m["change"] for m in eliot_logger.messages
+               if m.get("action_type") == "kvresponder:discovery:peer-changed" and m.get("peer") == n2.node_id
+               and m.get("action_status") == "started"]
+    assert changes == ["left", "gone"]

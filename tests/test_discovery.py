@@ -74,7 +74,8 @@ class Harness:
     A started protocol with its clock, membership, transport and metrics.
     """
 
-    def __init__(self, key=None, group=GROUP, start=True, alone=False, at=NOW, unicast_peers=False) -> None:
+    def __init__(self, key=None, group=GROUP, start=True, alone=False, at=NOW, unicast_peers=False,
+                 clock_offsets=None) -> None:
         self.clock = Clock()
         self.clock.advance(at)
         self.membership = Membership(self.clock.seconds, OWN.node_id, PEER_TIMEOUT)
@@ -82,7 +83,8 @@ class Harness:
         self.transport = FakeMulticastTransport()
         self.protocol = DiscoveryProtocol(HeartbeatCodec("t1", key), self.membership, self.clock,
                                           self.clock.seconds, lambda: OWN, group, OWN_ADDRESS, PORT, ttl=2,
-                                          metrics=self.metrics, alone=alone, unicast_peers=unicast_peers)
+                                          metrics=self.metrics, alone=alone, unicast_peers=unicast_peers,
+                                          clock_offsets=clock_offsets)
         if start:
             self.protocol.makeConnection(self.transport)
 
@@ -760,9 +762,9 @@ def test_failed_seed_lookup_keeps_the_previous_seeds():
 def test_a_name_that_keeps_failing_is_logged_when_it_starts_failing_and_then_every_five_minutes(eliot_logger):
     """
     If the DNS seeds' name fails every lookup (no Service yet, a typo), then ``seeds-failed`` is logged at the first
-    failure, again at once when the reason changes, and otherwise once every five minutes with the number of
-    failures since: not every ``DNS_INTERVAL`` for as long as the node runs. After a lookup succeeds, the next
-    failure is logged at once.
+    failure, at once for a new reason, and otherwise once every five minutes a reason with the number of failures
+    since the last line: not every ``DNS_INTERVAL`` for as long as the node runs, even when two reasons alternate.
+    After a lookup succeeds, the next failure is logged at once.
     """
     answers = {"next": lambda: fail(OSError("Name or service not known"))}
     service, harness, _ = make_service(resolve=lambda name: answers["next"](), dns_name="kv-headless")
@@ -780,6 +782,9 @@ def test_a_name_that_keeps_failing_is_logged_when_it_starts_failing_and_then_eve
     answers["next"] = lambda: fail(OSError("Temporary failure in name resolution"))
     harness.clock.advance(10)
     assert lines()[2:] == [("Temporary failure in name resolution", 1)]
+    answers["next"] = lambda: fail(OSError("Name or service not known"))
+    harness.clock.advance(10)
+    assert lines()[3:] == []  # this reason was logged 10 s ago: an alternating pair is not a line each lookup
     answers["next"] = lambda: succeed(["10.0.0.7"])
     harness.clock.advance(10)
     answers["next"] = lambda: fail(OSError("Temporary failure in name resolution"))
@@ -839,6 +844,38 @@ def test_a_node_stopping_heartbeats_keeps_its_port_until_it_departs():
     assert [json.loads(data)["state"] for data, _ in listener.transport.written] == [GONE, GONE]
     assert listener.transport.stopped == 1
     assert service.depart() is None
+
+
+def test_a_departed_node_sends_nothing_more_not_even_an_answer_to_a_joiner_already_due():
+    """
+    If a joiner asks for answers just before the node departs, then the answer due 20 ms later is not sent after
+    the ``gone`` pair (numbered above them, it would list the node again, as leaving, until the peer timeout);
+    nothing else is sent either.
+    """
+    service, harness, listener = make_service()
+    service.startService()
+    service.stop_heartbeats()
+    harness.receive(encode(want=True))
+    listener.transport.written.clear()
+    service.depart()
+    harness.protocol.announce()
+    harness.clock.advance(10)
+    assert [json.loads(data)["state"] for data, _ in listener.transport.written] == [GONE, GONE]
+
+
+def test_a_gone_heartbeat_adds_no_clock_sample():
+    """
+    If a peer's last heartbeat says it is gone, then it adds no sample of its clock's offset: the peer is
+    forgotten, and its offset with it (``Node``), and a second ``gone`` heard after must not bring it back.
+    """
+    from kvresponder.clockskew import ClockOffsets
+
+    offsets = ClockOffsets(lambda: NOW, 0.5, 15.0)
+    harness = Harness(clock_offsets=offsets)
+    harness.receive(encode(PEER._replace(state=GONE)))
+    assert offsets.offsets() == {}
+    harness.receive(encode())
+    assert list(offsets.offsets()) == [PEER.node_id]
 
 
 def test_a_heartbeat_signed_before_this_node_started_is_refused_as_a_replay():

@@ -120,35 +120,47 @@ def test_leaving_peer_is_excluded_from_the_ring_but_still_listed():
     assert changes == [(JOINED, "n2", 1), (LEFT, "n2", 1)]
 
 
-
-def test_a_leaving_peer_that_says_it_is_gone_is_forgotten_at_once_without_an_event():
+def test_a_leaving_peer_that_says_it_is_gone_is_forgotten_at_once():
     """
-    If a leaving peer's last heartbeat says it is gone (it is exiting), then it is forgotten at once, not
-    after the peer timeout (reads would keep asking it), with no further event; the membership's generation
-    moves.
+    If a leaving peer's last heartbeat says it is gone (it is exiting), then it is forgotten at once, not after
+    the peer timeout (reads would keep asking it), and subscribers hear ``gone``; the second ``gone`` changes
+    nothing.
     """
     membership, clock, changes = make_membership()
     membership.observe(beat())
     membership.observe(beat(state=LEAVING))
-    generation = membership.generation
     clock.advance(1)
-    assert membership.observe(beat(state=GONE)) is None
+    assert membership.observe(beat(state=GONE)) == GONE
     assert membership.peers() == [] and membership.peer("n2") is None
-    assert membership.generation == generation + 1
     assert membership.observe(beat(state=GONE)) is None
-    assert changes == [(JOINED, "n2", 1), (LEFT, "n2", 1)]
+    assert changes == [(JOINED, "n2", 1), (LEFT, "n2", 1), (GONE, "n2", 1)]
 
 
 def test_an_alive_peer_that_says_it_is_gone_leaves_the_ring_and_is_forgotten():
     """
-    If an alive peer says it is gone (its leaving heartbeats were lost), then it leaves the ring (``left``) and
-    is forgotten at once.
+    If an alive peer says it is gone (its leaving heartbeats were lost), then it leaves the ring (``left``), and
+    is forgotten at once (``gone``).
     """
     membership, _, changes = make_membership()
     membership.observe(beat())
-    assert membership.observe(beat(state=GONE)) == LEFT
+    assert membership.observe(beat(state=GONE)) == GONE
     assert membership.peers() == [] and membership.ring_members() == ["n1"]
-    assert changes == [(JOINED, "n2", 1), (LEFT, "n2", 1)]
+    assert changes == [(JOINED, "n2", 1), (LEFT, "n2", 1), (GONE, "n2", 1)]
+
+
+def test_a_heartbeat_of_a_gone_incarnation_heard_after_it_does_not_list_it_again():
+    """
+    If a heartbeat of an incarnation that said it is gone arrives after (delayed, or forged without a secret),
+    then it is ignored, alive or leaving; a new incarnation of the node joins as usual.
+    """
+    membership, _, changes = make_membership()
+    membership.observe(beat())
+    membership.observe(beat(state=GONE))
+    assert membership.observe(beat(state=LEAVING)) is None
+    assert membership.observe(beat()) is None
+    assert membership.peers() == []
+    assert membership.observe(beat(incarnation=2)) == JOINED
+    assert changes == [(JOINED, "n2", 1), (LEFT, "n2", 1), (GONE, "n2", 1), (JOINED, "n2", 2)]
 
 
 def test_gone_from_an_unknown_node_or_an_older_incarnation_changes_nothing():
@@ -163,6 +175,7 @@ def test_gone_from_an_unknown_node_or_an_older_incarnation_changes_nothing():
     assert membership.observe(beat(incarnation=1, state=GONE)) is None
     assert [(p.node_id, p.incarnation, p.state) for p in membership.peers()] == [("n2", 2, ALIVE)]
     assert changes == [(JOINED, "n2", 2)]
+
 
 def test_leaving_peer_that_goes_silent_is_forgotten_without_a_dead_event():
     """

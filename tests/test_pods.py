@@ -317,8 +317,9 @@ def test_if_every_pod_is_replaced_by_a_new_image_tag_under_traffic_then_no_ackno
         time.sleep(2)
     finally:
         traffic.finish()
-    print("\nrolling replacement: %.0f s, %d requests, %d failed: %s" % (
-        time.monotonic() - started, traffic.requests, len(traffic.failures), traffic.failures[:5]))
+    print("\nrolling replacement: %.0f s, %d requests, %d failed: %s; slowest: %s" % (
+        time.monotonic() - started, traffic.requests, len(traffic.failures), traffic.failures[:5],
+        sorted(traffic.slowest, key=lambda slow: -slow[-1])[:5]))
     new_pods = [p for p in release.pods if not p.terminating]
     assert {p.image for p in new_pods} == {new_image}
     assert not set(new_pods) & set(old_pods)

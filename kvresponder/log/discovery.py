@@ -47,8 +47,8 @@ SEEDS_FAILED = leveled("discovery", INFO, MessageType(
     "kvresponder:discovery:seeds-failed",
     [Field.for_types("name", [str], "The DNS name."), REASON,
      Field.for_types("failures", [int], "Lookups that failed since the last such line (this one included).")],
-    "The DNS seeds could not be resolved; the previous addresses are kept. Logged when lookups start failing or "
-    "fail for another reason, then at most once every 5 minutes."))
+    "The DNS seeds could not be resolved; the previous addresses are kept. Logged for each reason when it first "
+    "fails, then at most once every 5 minutes."))
 
 SKEW = Field.for_types("skew", [float], "This node's clock offset from the cluster's, in seconds (positive: ahead).")
 MAX_OFFSET = Field.for_types("max_offset", [float], "MAX_CLOCK_OFFSET, in seconds.")

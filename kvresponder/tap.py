@@ -140,6 +140,8 @@ class KVResponderService(MultiService):
         settings = self.node.settings
         serve_until = clock.seconds() + min(settings.serve_after_leaving, settings.drain_timeout)
         self.node.begin_leaving()
+        if self.site is not None:
+            self.site.begin_leaving()
         self.discovery_service.protocol.announce()
         await self.node.drain()
         # Requests from clients that chose this node just before it began leaving are still answered (kv reads and

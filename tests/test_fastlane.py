@@ -986,3 +986,36 @@ async def test_a_stopping_site_waits_for_answers_queued_behind_a_socket_its_clie
     finally:
         client.close()
         await server.port.stopListening()
+
+
+@pytest.mark.parametrize("fast_lane", [True, False])
+@pytest_twisted.ensureDeferred
+async def test_once_the_node_is_leaving_each_answer_closes_its_connection(fast_lane):
+    """
+    If the node begins leaving (SIGTERM), then each answer on a kept-alive connection says ``Connection: close`` and
+    the connection is closed after it, on the lane's routes as on Twisted's: a client or proxy opens a new
+    connection for its next request, rather than send it on one the node closes under it as it exits (a review saw
+    requests on idle kept-alive connections fail with a broken pipe, unanswered, at the drain's end). Before it
+    leaves, connections are kept.
+    """
+    def exchange(sock, raw):
+        sock.sendall(raw)
+        return _read_answers(sock, 1)[0]
+
+    def closed(sock) -> bool:
+        sock.settimeout(5)
+        return sock.recv(1) == b""
+
+    for request in (_get(b"k"), b"GET /t1/health/live HTTP/1.1\r\nHost: x\r\n\r\n"):
+        server = _Server(fast_lane=fast_lane)
+        sock = socket.create_connection(server.address, timeout=10)
+        try:
+            status, headers, _ = await deferToThread(exchange, sock, request)
+            assert b"connection" not in headers, headers
+            server.site.begin_leaving()
+            status, headers, _ = await deferToThread(exchange, sock, request)
+            assert status in (200, 404) and headers.get(b"connection") == b"close", headers
+            assert await deferToThread(closed, sock)
+        finally:
+            sock.close()
+            await server.port.stopListening()

@@ -92,6 +92,14 @@ class FastLane:
         self._date = date
         #: The last Host value found valid: clients send the same one on every request.
         self._valid_host = b"\0"
+        #: Whether the node is leaving: its answers then close their connections, which Twisted's path does.
+        self._leaving = False
+
+    def begin_leaving(self) -> None:
+        """
+        From now on, leave every request to Twisted's path, whose answers close their connections.
+        """
+        self._leaving = True
 
     def parse(self, data: bytes, offset: int):
         """
@@ -190,9 +198,11 @@ class FastLane:
 
     def declines(self) -> bool:
         """
-        Whether kv requests are logged in more detail than the lane logs them (the ``http`` area at debug: each
-        gets its ``http:read`` or ``http:request`` action), and so go to Twisted's path.
+        Whether kv requests go to Twisted's path: when they are logged in more detail than the lane logs them (the
+        ``http`` area at debug: each gets its ``http:read`` or ``http:request`` action), or the node is leaving.
         """
+        if self._leaving:
+            return True
         policy = self._policy
         return policy is not None and policy.enabled("http", DEBUG)
 

@@ -219,6 +219,10 @@ class KVRequest(Request):
             self.setHeader(b"Connection", b"close")
             if isinstance(self.channel, _CountedChannel):
                 self.channel.close_after_answer()
+        if site.leaving:
+            self.setHeader(b"Connection", b"close")
+            if isinstance(self.channel, _CountedChannel):
+                self.channel.close_after_answer()
         if refusal is not None:
             HTTP_REJECTED.log(reason=refusal, client=str(self.getClientAddress()))
             body = write_error(self, APIError(400, "bad_request", refusal))
@@ -1150,6 +1154,8 @@ class KVSite(Site):
         #: The kv routes' fast lane (:mod:`~kvresponder.http.fastlane`), where the root offers one. Not with
         #: tracing on: every traced request needs its span, which Twisted's path gives it.
         self.lane = None
+        #: Whether the node is leaving (:meth:`begin_leaving`).
+        self.leaving = False
         #: The probes' full paths, with their routes and answers, answered over the connection cap.
         self.probes = getattr(resource, "probes", lambda: {})()
         #: Connections over the cap being read for a probe.
@@ -1165,6 +1171,16 @@ class KVSite(Site):
     @property
     def open_connections(self) -> int:
         return len(self.open_channels)
+
+    def begin_leaving(self) -> None:
+        """
+        The node is leaving: each answer from now on says ``Connection: close`` and closes its connection, so that
+        clients and proxies holding connections to it open new ones (to the nodes that stay, once their endpoints
+        drop this one) rather than send on a connection closed under them as the node exits.
+        """
+        self.leaving = True
+        if self.lane is not None:
+            self.lane.begin_leaving()
 
     def refused(self, client: str) -> None:
         """

@@ -7,7 +7,7 @@ from eliot import ActionType, Field, MessageType
 from . import DEBUG, ERROR, INFO, WARNING, leveled
 
 PEER = Field.for_types("peer", [str], "The peer's node id.")
-CHANGE = Field.for_types("change", [str], "joined, restarted, moved, left or dead.")
+CHANGE = Field.for_types("change", [str], "joined, restarted, moved, left, gone (said it exits: forgotten) or dead.")
 ADDRESS = Field.for_types("address", [str], "The peer's address:port.")
 INCARNATION = Field.for_types("incarnation", [int], "The peer's incarnation.")
 REASON = Field.for_types("reason", [str], "Why.")

@@ -784,7 +784,7 @@ def test_a_name_that_keeps_failing_is_logged_when_it_starts_failing_and_then_eve
     assert lines()[2:] == [("Temporary failure in name resolution", 1)]
     answers["next"] = lambda: fail(OSError("Name or service not known"))
     harness.clock.advance(10)
-    assert lines()[3:] == []  # this reason was logged 10 s ago: an alternating pair is not a line each lookup
+    assert lines()[3:] == []  # this reason was logged 20 s ago: an alternating pair is not a line each lookup
     answers["next"] = lambda: succeed(["10.0.0.7"])
     harness.clock.advance(10)
     answers["next"] = lambda: fail(OSError("Temporary failure in name resolution"))

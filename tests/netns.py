@@ -28,6 +28,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Callable, Dict, Iterable, List, Optional
 
@@ -534,3 +535,37 @@ class Network:
             if self.tag in line:
                 found.append(line.strip())
         return found
+
+
+def network_for_test(what: str, log_prefix: str, **settings):
+    """
+    A :class:`Network` for one test, as a generator for a pytest fixture: yields the open network, then closes it
+    and fails the test if anything it created is left behind. Without root, ``ip`` or ``iptables``, or where
+    namespaces cannot be built, the test skips (fails under CI, which installs them all).
+
+    :param what: the tests, for the skip's reason ("the DNS seed test").
+    """
+    import pytest
+
+    def unavailable(reason: str) -> None:
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+    if os.geteuid() != 0:
+        unavailable("%s builds network namespaces and needs root" % (what,))
+    for tool in ("ip", "iptables"):
+        if shutil.which(tool) is None:
+            unavailable("%s needs %s" % (what, tool))
+    log_dir = tempfile.mkdtemp(prefix=log_prefix)
+    net = Network(log_dir, **settings)
+    try:
+        try:
+            net.open()
+        except (NetnsUnavailable, RuntimeError) as error:
+            unavailable("cannot build network namespaces here: %s" % (error,))
+        yield net
+    finally:
+        net.close()
+        shutil.rmtree(log_dir, ignore_errors=True)
+        assert net.leftovers() == [], "namespaces or links left behind"

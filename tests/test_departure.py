@@ -4,15 +4,11 @@ nodes in their own namespaces. Packets to an address that is gone are answered b
 call to it waits for its whole timeout.
 """
 
-import os
-import shutil
-import tempfile
 import time
 
 import pytest
 
-from .conftest import require_tool
-from .netns import Network, NetnsUnavailable, session, wait_until
+from .netns import network_for_test, session, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -21,29 +17,9 @@ PEER_TIMEOUT = "30"
 PEER_REQUEST_TIMEOUT = 2.0
 
 
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
 @pytest.fixture
 def network():
-    if os.geteuid() != 0:
-        _unavailable("the departure test builds network namespaces and needs root")
-    require_tool("ip")
-    log_dir = tempfile.mkdtemp(prefix="kvdepart-")
-    net = Network(log_dir)
-    try:
-        try:
-            net.open()
-        except (NetnsUnavailable, RuntimeError) as error:
-            _unavailable("cannot build network namespaces here: %s" % (error,))
-        yield net
-    finally:
-        net.close()
-        shutil.rmtree(log_dir, ignore_errors=True)
-        assert net.leftovers() == []
+    yield from network_for_test("the departure test", "kvdepart-")
 
 
 def test_once_a_node_has_exited_and_its_address_is_gone_the_others_answer_without_waiting_for_it(network):

@@ -9,46 +9,26 @@ resolves the seed name to every node's address through the system resolver, as c
 
 import os
 import shutil
-import tempfile
 import time
 
 import pytest
 
-from .conftest import require_tool
-from .netns import Network, NetnsUnavailable, session, wait_until
+from .netns import network_for_test, session, wait_until
 
 pytestmark = pytest.mark.netns
 
 SEEDS = "kv-seeds.test"
 
 
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
 @pytest.fixture
 def network():
-    if os.geteuid() != 0:
-        _unavailable("the DNS seed test builds network namespaces and needs root")
-    require_tool("ip")
-    require_tool("iptables")
-    log_dir = tempfile.mkdtemp(prefix="kvdns-")
-    net = Network(log_dir)
     written = []
     try:
-        try:
-            net.open()
-        except (NetnsUnavailable, RuntimeError) as error:
-            _unavailable("cannot build network namespaces here: %s" % (error,))
-        yield net, written
+        for net in network_for_test("the DNS seed test", "kvdns-"):
+            yield net, written
     finally:
-        net.close()
         for path in written:
             shutil.rmtree(path, ignore_errors=True)
-        shutil.rmtree(log_dir, ignore_errors=True)
-        assert net.leftovers() == []
 
 
 def test_dns_seeds_form_the_cluster_when_multicast_is_dropped(network):

@@ -186,9 +186,22 @@ def steady_seconds(wall: Callable[[], float] = time.time,
     every peer's ring for that long (a year, for a clock set a year ahead); stepped forward, every peer would be
     expired at once. Nothing reads this clock as the time of day: versions, TTLs, signatures, heartbeats' times
     and the Date header take ``time.time`` (``wall``) explicitly.
+
+    It never goes back. A monotonic clock does not, but one faked with the wall clock (libfaketime, as the chaos
+    suite steps a node's clock) did: a ``callLater(0)`` armed just before the step, the end of the reactor turn
+    that sends its answers, then waited as long as the step, and every answer with it. A step back is absorbed:
+    the clock goes on from where it was.
     """
-    offset = wall() - monotonic()
-    return lambda: monotonic() + offset
+    state = [wall() - monotonic(), float("-inf")]  # the offset, and the last reading
+
+    def seconds() -> float:
+        now = monotonic() + state[0]
+        if now < state[1]:
+            state[0] += state[1] - now
+            now = state[1]
+        state[1] = now
+        return now
+    return seconds
 
 
 def makeService(config: Options, reactor=None, environ=None, stdout=None):

@@ -29,8 +29,9 @@ def faketime_env(spec: Optional[str] = None, timestamp_file: Optional[str] = Non
     """
     env = {"LD_PRELOAD": LIBFAKETIME}
     # FAKETIME_DONT_FAKE_MONOTONIC=1 would be closer to an NTP step, which leaves the monotonic clock
-    # alone, but with it libfaketime 0.9.10 makes Python's time.sleep fail with EINVAL. The node schedules
-    # on the wall clock only, so faking both is what an NTP step does to it.
+    # alone, but with it libfaketime 0.9.10 makes Python's time.sleep fail with EINVAL. So the monotonic
+    # clock steps too: the node's reactor, timed by it (``tap.steady_seconds``), absorbs a step back, and a
+    # step forward looks to it like a stall of as long.
     if spec is not None:
         env["FAKETIME"] = spec
     if timestamp_file is not None:

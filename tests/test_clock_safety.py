@@ -608,6 +608,40 @@ def test_the_reactors_clock_starts_at_the_wall_clock_and_moves_only_with_the_mon
     assert seconds() == 1002.5
 
 
+
+def test_the_reactors_clock_never_goes_back_even_when_its_monotonic_source_does():
+    """
+    If the monotonic clock it reads steps back (libfaketime fakes it with the wall clock), then the reactor's clock
+    goes on from where it was, at the monotonic clock's pace: a timer due before the step (the end of the turn that
+    sends the answers) is not held for as long as the step.
+    """
+    from twisted.internet.task import Clock
+
+    from kvresponder.tap import steady_seconds
+
+    monotonic = [5.0]
+    seconds = steady_seconds(lambda: 1000.0, lambda: monotonic[0])
+    assert seconds() == 1000.0
+    monotonic[0] = 6.0
+    assert seconds() == 1001.0
+    monotonic[0] = -4.0  # stepped back 10 s
+    assert seconds() == 1001.0
+    monotonic[0] = -3.5
+    assert seconds() == 1001.5
+
+    class Reactor(Clock):
+        def seconds(self):
+            return steady()
+
+    monotonic[0] = 5.0
+    steady = steady_seconds(lambda: 1000.0, lambda: monotonic[0])
+    reactor = Reactor()
+    ran = []
+    reactor.callLater(0, ran.append, "end of turn")
+    monotonic[0] = -5.0
+    reactor.advance(0)
+    assert ran == ["end of turn"]
+
 def test_a_peer_whose_clock_ran_ahead_is_taken_back_in_once_its_clock_is_corrected():
     """
     If a signed peer's heartbeats come an hour ahead (refused, ``clock_ahead``), and its clock is then set right

@@ -4,8 +4,7 @@ The peer table: who is in the cluster, as discovery reports it.
 Membership knows nothing of sockets. Discovery feeds it :class:`Heartbeat` observations; it keeps one
 :class:`Peer` per node id, replaces a node's old incarnation when it restarts, forgets a peer that says it is
 gone (as it exits) at once, and peers that stay silent for ``peer_timeout`` seconds (checked on the injected
-clock). Every change is announced to the
-subscribers (the ring, the rebalancer, metrics), in that one direction.
+clock). Every change is announced to the subscribers (the ring, the rebalancer, metrics), in that one direction.
 """
 
 from typing import Callable, Dict, List, NamedTuple, Optional

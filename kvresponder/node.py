@@ -750,6 +750,7 @@ class Node:
             "replicas": self.settings.replicas,
             "pending_handoffs": self.rebalancer.pending,
             "clock_skew_s": round(self.clock_offsets.skew, 6),
+            "clock_version_lead_s": round(self.clock_offsets.lead, 6),
         }
 
     def diag(self) -> dict:

@@ -885,6 +885,9 @@ def test_a_node_whose_clock_ran_ahead_and_was_set_back_takes_no_write_until_its_
         assert cluster.request("GET", stepped, "/kv/ahead")[0] == 200
         code, body = cluster.request("GET", stepped, "/health/ready")
         assert (code, json.loads(body)["status"]) == (503, "clock-skew")
+        # /health says why: no clock is off, its versions lead.
+        health = json.loads(cluster.request("GET", stepped, "/health")[1])
+        assert health["clock_skew_s"] == 0.0 and 27.0 < health["clock_version_lead_s"] <= 28.0, health
         metrics = cluster.request("GET", stepped, "/metrics")[1].decode()
         assert 27.0 < float(re.search(r'kv_clock_version_lead_seconds{tenant="t1"} ([0-9.]+)', metrics).group(1)) <= 28.0
         for node in cluster.nodes:

@@ -48,6 +48,18 @@ class Options(usage.Options):
         for option in OPTIONS if option.is_flag
     ]
 
+    def parseOptions(self, options=None) -> None:
+        """
+        A command line twistd cannot parse (an unknown option, a value missing) stops with one line, as a bad
+        setting does, rather than twistd's usage of every option with the error after it.
+        """
+        try:
+            usage.Options.parseOptions(self, options)
+        except usage.UsageError as error:
+            sys.stderr.write("kvresponder: error: %s (twistd kvresponder --help lists the options)\n" % (error,))
+            sys.stderr.flush()
+            raise SystemExit(2)
+
     def given(self) -> dict:
         """
         The options given on the command line, as text; ``None`` for those not given.

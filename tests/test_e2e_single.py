@@ -98,11 +98,13 @@ def test_a_sigtermed_node_with_nothing_to_hand_off_still_answers_for_a_moment(lo
     (["--tenant", "ok"], {"MAX_MEMORY": "lots"}, "--max-memory", "lots"),
     (["--tenant", "ok", "--port", "70000"], {}, "--port", "70000"),
     (["--tenant", "ok"], {"REPLICATION_FACTOR": "0"}, "--replicas", "0"),
+    (["--tenant", "ok", "--bogus"], {}, "--bogus", None),
+    (["--tenant"], {}, "--tenant", None),
 ])
 def test_a_bad_setting_stops_startup_with_one_line(args, env, option, value):
     """
-    If a setting is missing or invalid, then twistd exits non-zero with one line naming the option and
-    the value, and never listens.
+    If a setting is missing or invalid, or the command line names an unknown option or lacks a value, then
+    twistd exits non-zero with one line naming the option and the value, and never listens.
     """
     result = subprocess.run([sys.executable, "-c", TWISTD, "-n", "--pidfile=", "kvresponder"] + args,
                             env=node_env(env), cwd=REPO, capture_output=True, timeout=60)

@@ -1202,6 +1202,29 @@ def test_a_request_target_in_absolute_form_is_served_as_its_path(scheme):
     assert answers.count(b"HTTP/1.1 200 OK") == 1 and b'"value":"absolute"' in answers, answers
 
 
+@pytest.mark.parametrize("request_line", [b"CONNECT example.com:443 HTTP/1.1", b"GET t1/kv/k HTTP/1.1",
+                                          b"DELETE example.com/t1/kv/k HTTP/1.1"])
+def test_a_request_target_that_is_no_path_is_refused_400_and_the_connection_serves_on(request_line):
+    """
+    If a request's target is neither a path, nor the absolute form, nor ``*`` (``CONNECT``'s authority form, a
+    bare word), then it is answered 400 ``bad_request`` saying the server takes paths and is no proxy, and the
+    next request on the connection is served. Such a target was read as a path: 404, naming the tenant served.
+    """
+    clock = Clock()
+    node = Node(make_settings(), clock, http=None)
+    node.start()
+    clock.advance(1)
+    site = KVSite(build_root(node), clock, metrics=node.metrics)
+    protocol, transport = _connect(site, clock)
+    protocol.dataReceived(request_line + b"\r\nHost: example.com\r\n\r\n")
+    protocol.dataReceived(b"GET /t1/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+    answers = transport.value()
+    assert answers.startswith(b"HTTP/1.1 400 "), answers[:200]
+    first = answers.split(b"HTTP/1.1 200 OK")[0]
+    assert b'"error":"bad_request"' in first and b"not a proxy" in first, first
+    assert answers.count(b"HTTP/1.1 200 OK") == 1 and node.store.get("k") is None, answers
+
+
 def _nested(depth: int, inner: str = '"x"') -> bytes:
     return ('{"value":' + "[" * depth + inner + "]" * depth + "}").encode("utf-8")
 

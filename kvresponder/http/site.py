@@ -96,6 +96,16 @@ def origin_form(target: bytes) -> bytes:
     return rest[slash:] if slash >= 0 else b"/"
 
 
+def target_refusal(target: bytes) -> Optional[str]:
+    """
+    Why a request target is refused, or ``None``: this server takes a path (or the absolute form, or ``*``), and
+    is no proxy; the authority form (``CONNECT host:443``) or a bare word would otherwise be read as a path.
+    """
+    if target[:1] == b"/" or target == b"*" or origin_form(target) is not target:
+        return None
+    return "The request target must be a path, such as /<tenant>/kv/<key>: this server is not a proxy."
+
+
 def method_name(method: bytes) -> str:
     """
     ``method`` as a metric label: its name if it is one of HTTP's, else :data:`OTHER_METHOD`.
@@ -212,6 +222,8 @@ class KVRequest(Request):
                               "body over %d bytes" % (self._limit,))
             return
         refusal = host_refusal(self.clientproto, self.requestHeaders.getRawHeaders(b"host"))
+        if refusal is None:
+            refusal = target_refusal(self.path)
         if refusal is None and self.clientproto == b"HTTP/1.0" and self.requestHeaders.hasHeader(b"transfer-encoding"):
             # HTTP/1.0 has no Transfer-Encoding: a proxy in front may have framed this body otherwise, so its
             # framing is faulty, and the connection closes after the answer (RFC 9112, 6.1).

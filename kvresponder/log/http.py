@@ -25,4 +25,5 @@ HTTP_REJECTED = leveled("http", WARNING, MessageType(
     "kvresponder:http:rejected", [Field.for_types("reason", [str], "Why the request was refused."),
                                   Field.for_types("client", [str], "The client address.")],
     "A request or connection was refused before routing (too large, too many connections, no room among the "
-    "bodies held, no valid Host)."))
+    "bodies held, no valid Host, a request target that is not a path, an HTTP/1.0 request with a "
+    "Transfer-Encoding)."))

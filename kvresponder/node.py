@@ -413,6 +413,13 @@ class Node:
     def _membership_changed(self, change: str, peer) -> None:
         with PEER_CHANGED(peer=peer.node_id, change=change, address="%s:%d" % (peer.address, peer.port),
                           incarnation=peer.incarnation):
+            if change == GONE:
+                # Out of the ring already (``left``): nothing moves, and nothing is kept about it. The ring is
+                # not built again either: it would count as changed, and this node as unsettled until its next
+                # pass, which nothing would start.
+                self.peers.suspects.answered(peer)
+                self.clock_offsets.forget(peer.node_id)
+                return
             self._rebuild_ring()
             if change == DEAD:
                 if len(self._timed_out) >= MAX_TIMED_OUT:
@@ -432,11 +439,6 @@ class Node:
             if change in (JOINED, RESTARTED, MOVED):
                 # A new incarnation, or one at a new address: whatever made a suspect of the old one is past.
                 self.peers.suspects.answered(peer)
-            if change == GONE:
-                # Out of the ring already (``left``): nothing moves, and nothing is kept about it.
-                self.peers.suspects.answered(peer)
-                self.clock_offsets.forget(peer.node_id)
-                return
             if self.state in (JOINING, READY):
                 self.rebalancer.trigger(change)
 

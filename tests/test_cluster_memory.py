@@ -1393,17 +1393,20 @@ def test_a_peer_that_says_it_is_gone_takes_its_clock_offset_and_suspicion_with_i
     """
     If a leaving peer's last heartbeat says it is gone, then the node forgets its clock offset (it no longer
     votes on this node's skew) and whatever made a suspect of it, logs the change (``peer-changed``, ``gone``),
-    and starts no rebalance pass: the peer was out of the ring already.
+    and starts no rebalance pass, nor builds its ring again: the peer was out of the ring already.
     """
-    from kvresponder.membership import GONE, LEAVING
+    from kvresponder.membership import GONE
 
     n1, n2 = cluster.nodes[:2]
     assert n2.node_id in n1.clock_offsets.offsets()
+    n2.begin_leaving()
+    assert cluster.run(n2.drain(), seconds=20) == 0
+    cluster.run(seconds=10)
+    passes = n1.rebalancer.passes
+    changed_at, settled = n1.ring_changed_at, n1.heartbeat().settled
+    assert settled is not None and n2.node_id not in n1.ring().nodes
     peer = n1.membership.peer(n2.node_id)
     n1.peers.suspects.failed(peer, "TimeoutError")
-    n1.membership.observe(n2.heartbeat()._replace(state=LEAVING))
-    cluster.run(seconds=1)
-    passes = n1.rebalancer.passes
     last_words = n2.heartbeat()._replace(state=GONE)
     cluster.kill(n2)
     n1.membership.observe(last_words)
@@ -1411,7 +1414,10 @@ def test_a_peer_that_says_it_is_gone_takes_its_clock_offset_and_suspicion_with_i
     assert n2.node_id not in n1.clock_offsets.offsets()
     assert not n1.peers.suspects.suspected(peer)
     assert n1.rebalancer.passes == passes
+    # Its ring was not built again: it would count as changed, and n1 as unsettled until its next pass.
+    assert (n1.ring_changed_at, n1.heartbeat().settled) == (changed_at, settled)
     changes = [m["change"] for m in eliot_logger.messages
                if m.get("action_type") == "kvresponder:discovery:peer-changed" and m.get("peer") == n2.node_id
                and m.get("action_status") == "started"]
-    assert changes == ["left", "gone"]
+    # n1 and n3 each saw it leave; only n1 heard its last words.
+    assert changes == ["left", "left", "gone"]

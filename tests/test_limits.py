@@ -658,6 +658,29 @@ async def test_a_chunked_body_holds_its_routes_limit_and_a_peers_signed_body_hol
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_chunked_body_past_its_routes_limit_gives_its_room_back_at_once_and_is_answered_413(budget_server):
+    """
+    If a chunked body grows past its route's limit, then the room it held is free at once (what follows is
+    dropped unread, however long the client takes to send it), and its end is answered 413, the connection
+    closed.
+    """
+    sock = await deferToThread(socket.create_connection, budget_server.address, 10)
+    try:
+        sock.sendall(b"PUT /t1/kv/chunked HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n3e8\r\n" + b"x" * 1000 + b"\r\n")
+        await _until(lambda: budget_server.held() == BUDGET_VALUE)
+        over = BUDGET_VALUE
+        sock.sendall(b"%x\r\n" % (over,) + b"x" * over + b"\r\n")
+        await _until(lambda: budget_server.held() == 0)
+        sock.sendall(b"3\r\nxyz\r\n0\r\n\r\n")
+        raw = (await deferToThread(_read_until_closed, sock, 10))[0]
+    finally:
+        sock.close()
+    assert raw.startswith(b"HTTP/1.1 413 "), raw[:300]
+    assert json.loads(_parse(raw).body)["error"] == "payload_too_large"
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_peers_signed_body_over_a_bulk_limit_is_let_in_on_one_check_of_its_signature(budget_server,
                                                                                           monkeypatch):
     """

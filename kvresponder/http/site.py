@@ -196,6 +196,8 @@ class KVRequest(Request):
             self._too_large = True
             self.content.close()
             self.content = _Discard()
+            # Nothing more of it is kept: the room it held is for other bodies while the client sends the rest.
+            self._release_body()
             return
         Request.handleContentChunk(self, data)
 

@@ -18,7 +18,7 @@ from .hlc import NODE_ID_PATTERN
 from .http.limits import default_body_buffer
 from .log import canonical_level
 
-TENANT_PATTERN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+TENANT_PATTERN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
 DISCOVERY_MODES = ("multicast", "dns", "both")
 _SIZE_UNITS = {"": 1, "Ki": 1024, "Mi": 1024 ** 2, "Gi": 1024 ** 3,
                "k": 1000, "K": 1000, "M": 1000 ** 2, "G": 1000 ** 3}

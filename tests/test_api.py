@@ -277,6 +277,17 @@ def test_a_cursor_longer_than_any_key_is_400(api):
     assert api.call("GET", "/kv?cursor=" + longest)[0] == 200
 
 
+@pytest.mark.parametrize("cursor", ["YWJj%0A", "YWJj%0A%0A", "%0AYWJj"])
+def test_a_cursor_with_a_newline_is_400_though_the_rest_is_one_the_api_returned(api, cursor):
+    """
+    If a cursor this API returned comes back with a newline before or after it, then it is 400: the pattern's
+    ``$`` matched before a last newline, and the padded cursor was taken.
+    """
+    code, body, _ = api.call("GET", "/kv?cursor=" + cursor)
+    assert_error(code, body, 400, "invalid_cursor")
+    assert api.call("GET", "/kv?cursor=YWJj")[0] == 200
+
+
 # -- bad input --------------------------------------------------------------------------------------
 
 

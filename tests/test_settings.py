@@ -234,7 +234,7 @@ def test_valid_tenants_are_accepted(tenant):
     assert load(given={"tenant": tenant}).tenant == tenant
 
 
-@pytest.mark.parametrize("tenant", ["", "a" * 41, "T1", "-a", "a-", "a_b", "a.b", "a b", "é"])
+@pytest.mark.parametrize("tenant", ["", "a" * 41, "T1", "-a", "a-", "a_b", "a.b", "a b", "é", "t1\n"])
 def test_invalid_tenants_are_rejected(tenant):
     """
     If the tenant is not a lowercase DNS label or is longer than 40 characters, then loading fails naming

@@ -44,7 +44,7 @@ BULK_ANSWER_VALUES = 8
 _ANSWER_TOO_LARGE = b'{"error":"answer_too_large"}'
 _JSON = b"application/json"
 #: A cursor is the base64url of a key's UTF-8: at most 1368 characters for the longest key (1024 bytes).
-_CURSOR = re.compile(r"^[A-Za-z0-9_-]{1,1368}$")
+_CURSOR = re.compile(r"[A-Za-z0-9_-]{1,1368}\Z")
 
 
 def _reject_constant(name):

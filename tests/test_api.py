@@ -313,6 +313,25 @@ def test_bad_put_bodies_are_400_and_change_nothing(api, raw, error):
     assert api.call("GET", "/kv/k")[0] == 404
 
 
+def test_an_integer_of_more_digits_than_python_converts_is_refused_saying_so(api):
+    """
+    If a value holds an integer of more digits than Python converts (4300 by default), then the PUT is 400
+    ``invalid_json`` saying so and the key stays absent; it was called "not valid JSON", which it is. One digit
+    fewer is stored.
+    """
+    import sys
+
+    limit = sys.get_int_max_str_digits()
+    raw = b'{"value": %s}' % (b"1" * (limit + 1),)
+    code, body, _ = api.call("PUT", "/kv/big", raw_body=raw, headers={"Content-Type": "application/json"})
+    assert_error(code, body, 400, "invalid_json")
+    assert "more than %d digits" % (limit,) in body["message"], body
+    assert api.call("GET", "/kv/big")[0] == 404
+    code, body, _ = api.call("PUT", "/kv/big", raw_body=b'{"value": %s}' % (b"1" * limit,),
+                             headers={"Content-Type": "application/json"})
+    assert code == 201, body
+
+
 def test_the_words_nan_and_infinity_inside_strings_are_plain_text(api):
     code, body, _ = api.call("PUT", "/kv/words", raw_body=b'{"value": {"NaN": "Infinity and beyond"}}',
                              headers={"Content-Type": "application/json"})

@@ -11,6 +11,7 @@ import base64
 import binascii
 import json
 import re
+import sys
 from itertools import accumulate
 from typing import Dict, Optional, Set
 from urllib.parse import unquote_to_bytes
@@ -140,6 +141,11 @@ def parse_json(body: bytes, content_type: Optional[bytes]) -> object:
         if not text.strip():
             raise bad_request("invalid_json", "The body is empty: send JSON.")
         position = getattr(error, "pos", None)
+        if position is None and "integer string conversion" in str(error):
+            # Valid JSON, but Python converts no integer of more digits (sys.get_int_max_str_digits): the
+            # conversion's time grows with the square of them.
+            raise bad_request("invalid_json", "The body has an integer of more than %d digits; send it as a "
+                              "string." % (sys.get_int_max_str_digits(),))
         if isinstance(position, int):
             raise bad_request("invalid_json", "The body is not valid JSON (at character %d of %d)." % (
                 position, len(text)))

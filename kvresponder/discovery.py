@@ -11,6 +11,7 @@ The protocol feeds :class:`~kvresponder.membership.Membership` and nothing else.
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import math
 import socket
@@ -158,9 +159,7 @@ class HeartbeatCodec:
                 raise Malformed("bad_mac", "bad or missing MAC")
         timestamp = body.get("ts")
         # Signed heartbeats must carry their time; unsigned ones from older nodes may not.
-        if (timestamp is not None or self._key is not None) and (
-                isinstance(timestamp, bool) or not isinstance(timestamp, (int, float))
-                or not math.isfinite(timestamp)):
+        if (timestamp is not None or self._key is not None) and not _is_time(timestamp):
             raise Malformed("replayed" if self._key is not None else "malformed", "bad or missing timestamp")
         node, inc, addr, port = body.get("node"), body.get("inc"), body.get("addr"), body.get("port")
         state, ring, want = body.get("state"), body.get("ring"), body.get("want", False)
@@ -195,18 +194,44 @@ class HeartbeatCodec:
                 sequence)
 
 
+#: Incarnations whose floors (and last sequence numbers taken) a node keeps: the most recently heard, so that a
+#: cluster's churn of pods over months forgets the dead ones, never a live peer's.
+MAX_FLOORS = 4096
+
+
+def _remember(floors: dict, slot: Tuple[str, int], value) -> None:
+    # Moved to the end on every update (a dict keeps its order of insertion): the first is the longest unheard.
+    floors.pop(slot, None)
+    floors[slot] = value
+    if len(floors) > MAX_FLOORS:
+        del floors[next(iter(floors))]
+
+
 def _is_digest(value) -> bool:
     return isinstance(value, str) and 0 < len(value) <= 32 and all(c in _HEX for c in value)
 
 
-def _is_ipv4(value) -> bool:
-    if not isinstance(value, str) or value.count(".") != 3:
+def _is_time(value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     try:
-        socket.inet_aton(value)
-    except (OSError, ValueError):
+        return math.isfinite(value)
+    except OverflowError:
+        # An integer past a float's range: isfinite converts it first.
         return False
-    return True
+
+
+def _is_ipv4(value) -> bool:
+    """
+    Whether ``value`` is an IPv4 address in its one dotted-decimal form: ``inet_aton`` also takes ``0x7f.0.0.1``
+    and a trailing word, which a receiver's check for a loopback address (by its ``127.``) would not see.
+    """
+    if not isinstance(value, str) or not value.isascii():
+        return False
+    try:
+        return str(ipaddress.IPv4Address(value)) == value
+    except ValueError:
+        return False
 
 
 class DiscoveryProtocol(DatagramProtocol):
@@ -267,9 +292,10 @@ class DiscoveryProtocol(DatagramProtocol):
         #: of them too, since this node's DNS seeds name a new pod only from their next lookup.
         self._reply_to: Set[str] = set()
         self._last_timestamps: Dict[Tuple[str, int], float] = {}
-        #: The sequence number of the last heartbeat taken in from each incarnation: the same one again is a
-        #: ``duplicate`` (it came by two ways), any other at or below the floor a ``replayed``.
-        self._taken: Dict[Tuple[str, int], int] = {}
+        #: The sequence number of the last heartbeat taken in from each incarnation (``None`` from a node older
+        #: than them): the same one again is a ``duplicate`` (it came by two ways), any other at or below the floor a
+        #: ``replayed``. An incarnation in it has been taken in since this node started.
+        self._taken: Dict[Tuple[str, int], Optional[int]] = {}
         #: When this node started: its floors of sequence numbers (above) begin empty, so a signed heartbeat from
         #: before then may be one it took before a restart, captured and sent again.
         self._started = wall()
@@ -388,7 +414,7 @@ class DiscoveryProtocol(DatagramProtocol):
             self._warn("bad_address", beat.node_id, ID_TAKEN_LOG_EVERY, lambda: PEER_AT_LOOPBACK.log(
                 peer=beat.node_id, source="%s:%s" % tuple(address[:2])))
             return
-        first = False
+        first = unproven = False
         if timestamp is not None and self.codec.authenticated:
             # A signed heartbeat is taken once: one resent later (captured on the network) would otherwise feed
             # a stale time into the clock offsets below. Told by its sequence number where it has one: by its
@@ -397,6 +423,7 @@ class DiscoveryProtocol(DatagramProtocol):
             slot = (beat.node_id, beat.incarnation)
             order = sequence if sequence is not None else timestamp
             first = slot not in self._last_timestamps
+            unproven = slot not in self._taken
             last = self._last_timestamps.get(slot, -1.0)
             if order <= last:
                 if sequence is not None and self._taken.get(slot) == order and address[0] == beat.address:
@@ -412,26 +439,31 @@ class DiscoveryProtocol(DatagramProtocol):
             # ahead) cannot be sent again to be measured again, nor taken in once real time has come close to
             # it. A sender whose clock is then set right is not locked out: its sequence numbers go on rising
             # (only a node older than them, which sends none, is kept out until real time passes its last).
-            if len(self._last_timestamps) > 4096:
-                self._last_timestamps.clear()
-            self._last_timestamps[slot] = order
-        if (first and self.max_clock_offset is not None
-                and timestamp < self._started - 2 * self.max_clock_offset):
-            # The first heard from this incarnation, and signed before this node started, by more than two clocks
-            # within the bound can differ: the floor that would tell it from a replay was lost with the previous
-            # process. Taken in, a dead node's last heartbeat, captured and sent again, would put it back in the
-            # ring; measured, its old time would make this node's own clock look wrong. (A live peer's next
-            # heartbeats, signed after the start, are taken.)
+            _remember(self._last_timestamps, slot, order)
+        # Signed before this node started, by more than two clocks within the bound can differ, and nothing of its
+        # incarnation taken in since: the floor that would tell it from a replay was lost with the previous process.
+        # Taken in, a dead node's last heartbeats, captured and sent again, would put it back in the ring (its
+        # first sets the floor, and the next are above it). A live peer's next heartbeats, signed after the start,
+        # are taken.
+        before_start = (unproven and self.max_clock_offset is not None
+                        and timestamp < self._started - 2 * self.max_clock_offset)
+        if before_start and first:
+            # Not even measured: one alone, captured long ago, would make this node's own clock look wrong.
             self._drop("replayed", "signed before this node started", address)
             return
         if timestamp is not None:
             offset = timestamp - self.wall()
-            # Measured before the checks on the time itself: a clock far off is exactly what must show. Not when
-            # it may have waited unread while this node was stalled: it would say the sender's clock is behind by
-            # as long, and a burst of them that this node's own is ahead.
+            # Measured before the checks on the time itself: a clock far off is exactly what must show (a node
+            # started with its own clock an hour ahead hears every peer's heartbeats as signed before it started,
+            # and this is how it learns that its clock is wrong). Not when it may have waited unread while this
+            # node was stalled: it would say the sender's clock is behind by as long, and a burst of them that
+            # this node's own is ahead.
             if (self.clock_offsets is not None and beat.state != GONE
                     and (self.stalls is None or self.stalls.fresh())):
                 self.clock_offsets.heard(beat.node_id, beat.incarnation, offset)
+            if before_start:
+                self._drop("replayed", "signed before this node started", address)
+                return
             # Refused past twice the bound: a node that far ahead of this one cannot be within the bound of a
             # cluster this node is within the bound of, while two nodes each within the bound of the cluster (up
             # to twice the bound apart) always take each other in.
@@ -453,10 +485,8 @@ class DiscoveryProtocol(DatagramProtocol):
 
         if self.metrics is not None:
             self.metrics.discovery("accepted")
-        if sequence is not None and self.codec.authenticated:
-            if len(self._taken) > 4096:
-                self._taken.clear()
-            self._taken[(beat.node_id, beat.incarnation)] = sequence
+        if timestamp is not None and self.codec.authenticated:
+            _remember(self._taken, (beat.node_id, beat.incarnation), sequence)
         self.membership.observe(beat)
         if want_reply and beat.state == ALIVE:
             if (not self._to_group or self.unicast_peers) and len(self._reply_to) < 256:

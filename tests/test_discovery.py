@@ -899,6 +899,74 @@ def test_a_heartbeat_signed_before_this_node_started_is_refused_as_a_replay():
     assert restarted.metrics.results == ["replayed", "accepted"] and "n2" in restarted.membership.ring_members()
 
 
+def test_a_dead_nodes_captured_heartbeats_replayed_after_a_restart_never_bring_it_back():
+    """
+    If a node restarts and then receives several signed heartbeats of a peer that has left since, captured before
+    the restart, then it refuses every one as replayed: the first sets the incarnation's floor, and the rest, above
+    it, must not pass for a live peer's (the dead node would be back in the ring until the peer timeout). Each but
+    the first is measured (that is how a node whose own clock is far ahead learns it), none taken in.
+    """
+    from kvresponder.clockskew import ClockOffsets
+
+    codec = HeartbeatCodec("t1", KEY)
+    restarted = Harness(KEY, at=NOW + 20)
+    restarted.protocol.max_clock_offset = 0.5
+    restarted.protocol.clock_offsets = ClockOffsets(restarted.clock.seconds, 0.5, PEER_TIMEOUT)
+    for number in range(10, 14):
+        restarted.receive(codec.encode(PEER, False, NOW + (number - 10) * 0.5, number))
+    assert restarted.metrics.results == ["replayed"] * 4
+    assert "n2" not in restarted.membership.ring_members()
+    # A live peer's heartbeat signed since the start is taken in, and its incarnation's later ones with it, even
+    # should its clock step back before the start (its sequence numbers go on rising).
+    restarted.receive(codec.encode(PEER, False, NOW + 20.2, 14))
+    restarted.receive(codec.encode(PEER, False, NOW + 18.0, 15))
+    assert restarted.metrics.results[4:] == ["accepted", "accepted"]
+    assert "n2" in restarted.membership.ring_members()
+
+
+def test_the_replay_floors_forget_the_longest_unheard_incarnations_first_never_all_at_once():
+    """
+    If more incarnations are heard than the floors keep (pods come and go for months), then the one unheard the
+    longest is forgotten, not every floor at once: a live peer's floor stays, so its heartbeat captured a moment
+    ago is still refused as replayed.
+    """
+    from kvresponder import discovery
+
+    harness = Harness(key=KEY)
+    codec = HeartbeatCodec("t1", KEY)
+    harness.receive(codec.encode(PEER, False, NOW, 5))
+    for number in range(discovery.MAX_FLOORS + 10):
+        other = PEER._replace(node_id="x%d" % number, address="10.1.%d.%d" % (number // 250, number % 250 + 1))
+        harness.receive(codec.encode(other, False, NOW, 1))
+        if number % 100 == 0:
+            harness.receive(codec.encode(PEER, False, NOW, 6 + number))  # the live peer, heard now and then
+    assert len(harness.protocol._last_timestamps) <= discovery.MAX_FLOORS
+    assert len(harness.protocol._taken) <= discovery.MAX_FLOORS
+    del harness.metrics.results[:]
+    harness.receive(codec.encode(PEER, False, NOW, 5))
+    harness.receive(codec.encode(PEER._replace(node_id="x0", address="10.1.0.1"), False, NOW, 1))
+    assert harness.metrics.results == ["replayed", "accepted"]
+
+
+@pytest.mark.parametrize("field, value", [("ts", 10 ** 400), ("ts", -(10 ** 400)), ("addr", "0x7f.0.0.1"),
+                                          ("addr", "10.0.0.2 junk"), ("addr", "010.0.0.2"), ("addr", "１0.0.0.2")],
+                         ids=["ts-huge", "ts-huge-negative", "addr-hex", "addr-junk", "addr-octal", "addr-fullwidth"])
+def test_a_timestamp_past_a_floats_range_or_an_address_in_another_form_is_malformed_and_raises_nothing(
+        field, value, eliot_logger):
+    """
+    If a datagram's time is an integer too large for a float, or its address is not in IPv4's one dotted-decimal
+    form (``inet_aton`` takes hex parts and a trailing word: ``0x7f.0.0.1`` would pass for a peer's address where
+    the check for loopback looks for ``127.``), then it is counted ``malformed`` and dropped, with no traceback.
+    """
+    harness = Harness()
+    body = json.loads(encode())
+    body[field] = value
+    harness.receive(json.dumps(body).encode())
+    assert harness.metrics.results == ["malformed"]
+    assert harness.membership.peers() == []
+    assert not [m for m in eliot_logger.messages if m.get("message_type") == "eliot:traceback"]
+
+
 # -- a new pod that DNS does not list yet; misconfiguration ------------------------------------------------
 
 def _messages(logger, type_name):

@@ -18,7 +18,7 @@ import socket
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from attr import attrib, attrs
-from eliot import write_traceback
+from eliot import write_failure, write_traceback
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.protocol import DatagramProtocol
@@ -619,15 +619,23 @@ class DiscoveryService(Service):
 
     def _ask_again(self):
         if self.running:
-            self.protocol.announce(want_reply=True)
+            try:
+                self.protocol.announce(want_reply=True)
+            except Exception:
+                write_traceback()
 
     def _loop(self, function, interval, clock, now=True):
         def safely():
-            # A LoopingCall stops for good on an exception; a bug in one round must not end heartbeats.
+            # A LoopingCall stops for good on an exception, or on a Deferred that fails (a lookup's callback that
+            # raised); a bug in one round must not end heartbeats, nor the DNS seeds' refreshes.
             try:
-                return function()
+                result = function()
             except Exception:
                 write_traceback()
+                return None
+            if isinstance(result, Deferred):
+                result.addErrback(write_failure)
+            return result
         loop = LoopingCall(safely)
         loop.clock = clock
         loop.start(interval, now=now)

@@ -7,7 +7,7 @@ gone (as it exits) at once, and peers that stay silent for ``peer_timeout`` seco
 clock). Every change is announced to the subscribers (the ring, the rebalancer, metrics), in that one direction.
 """
 
-from typing import Callable, Dict, List, NamedTuple, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from eliot import write_traceback
 
@@ -26,6 +26,11 @@ MOVED = "moved"
 
 #: Gone incarnations remembered (:meth:`Membership.observe`); the oldest is forgotten first.
 MAX_GONE = 1024
+#: Seconds an incarnation that said it is gone stays refused. Longer than a heartbeat signed before its ``gone`` can
+#: still be taken in (discovery refuses one signed more than 30 s plus the clock bound ago); not for good, since a
+#: container restarted in the same pod keeps its node id, and, after a step back of the wall clock its incarnation
+#: is drawn from, may come back with a lower one.
+GONE_REMEMBERED = 60.0
 
 
 class Heartbeat(NamedTuple):
@@ -103,9 +108,9 @@ class Membership:
         self._subscribers: List[Callable[[str, Peer], None]] = []
         self._ring_subscribers: List[Callable[[Peer, Optional[str]], None]] = []
         self.generation = 0
-        #: The incarnations that said they are gone, by node id: a heartbeat of theirs heard after (a datagram
-        #: delayed, or forged without a secret) does not list them again.
-        self._gone: Dict[str, int] = {}
+        #: The incarnations that said they are gone, and when, by node id: a heartbeat of theirs heard after (a
+        #: datagram delayed, or forged without a secret) does not list them again, for ``GONE_REMEMBERED`` seconds.
+        self._gone: Dict[str, Tuple[int, float]] = {}
 
     def subscribe(self, callback: Callable[[str, Peer], None]) -> None:
         """
@@ -125,7 +130,11 @@ class Membership:
     def _changed(self, change: str, peer: Peer) -> None:
         self.generation += 1
         for callback in list(self._subscribers):
-            callback(change, peer)
+            try:
+                callback(change, peer)
+            except Exception:
+                # The table has changed already: every other subscriber (the ring among them) must still hear it.
+                write_traceback()
 
     def observe(self, beat: Heartbeat) -> Optional[str]:
         """
@@ -135,9 +144,13 @@ class Membership:
         """
         if beat.node_id == self.node_id:
             return None
-        if self._gone.get(beat.node_id, -1) >= beat.incarnation:
-            return None
         now = self._seconds()
+        gone = self._gone.get(beat.node_id)
+        if gone is not None:
+            if now - gone[1] >= GONE_REMEMBERED:
+                del self._gone[beat.node_id]
+            elif gone[0] >= beat.incarnation:
+                return None
         known = self._peers.get(beat.node_id)
         if beat.state == GONE:
             return self._forget_gone(beat, known)
@@ -199,7 +212,7 @@ class Membership:
             return None
         if len(self._gone) >= MAX_GONE:
             del self._gone[next(iter(self._gone))]
-        self._gone[beat.node_id] = beat.incarnation
+        self._gone[beat.node_id] = (beat.incarnation, self._seconds())
         del self._peers[beat.node_id]
         if known.state == ALIVE:
             # Its leaving heartbeats were lost: it leaves the ring now.

@@ -744,6 +744,29 @@ def test_refresh_seeds_uses_the_resolver_and_announces_to_new_seeds():
     service.stopService()
 
 
+def test_seed_lookups_go_on_after_a_lookups_answer_fails_to_be_taken_in(eliot_logger):
+    """
+    If taking in one lookup's answer raises (a bug, after the lookup's Deferred has fired), then the error is
+    logged and lookups go on every ``DNS_INTERVAL``: a LoopingCall whose Deferred fails stops for good, and the node
+    would keep its first seeds forever.
+    """
+    names = []
+
+    def resolve(name):
+        names.append(name)
+        return succeed(["10.0.0.%d" % (6 + len(names))])
+
+    service, harness, _ = make_service(resolve=resolve, dns_name="kv-headless")
+    with mock.patch.object(harness.protocol, "use_seeds", side_effect=RuntimeError("bug")):
+        service.startService()
+    assert len(eliot_logger.flush_tracebacks(RuntimeError)) == 1
+    harness.clock.advance(10)
+    harness.clock.advance(10)
+    assert names == ["kv-headless"] * 3
+    assert harness.protocol.seeds == {"10.0.0.9"}
+    service.stopService()
+
+
 def test_failed_seed_lookup_keeps_the_previous_seeds():
     """
     If a DNS lookup fails after a good one, then the previous seeds stay in use and lookups go on.

@@ -163,6 +163,47 @@ def test_a_heartbeat_of_a_gone_incarnation_heard_after_it_does_not_list_it_again
     assert changes == [(JOINED, "n2", 1), (LEFT, "n2", 1), (GONE, "n2", 1), (JOINED, "n2", 2)]
 
 
+def test_a_node_restarted_with_a_lower_incarnation_after_it_said_gone_is_refused_only_for_a_while():
+    """
+    If a node says it is gone and its container restarts in the same pod (the same node id) with a lower
+    incarnation (drawn from a wall clock stepped back meanwhile), then its heartbeats are ignored only for
+    ``GONE_REMEMBERED`` seconds, the span in which a delayed heartbeat of the gone incarnation could still be taken
+    in, and it joins after: ignored for good, no peer would ever list it again while it lists them.
+    """
+    from kvresponder.membership import GONE_REMEMBERED
+
+    membership, clock, changes = make_membership()
+    membership.observe(beat(incarnation=5))
+    membership.observe(beat(incarnation=5, state=GONE))
+    clock.advance(GONE_REMEMBERED - 1)
+    assert membership.observe(beat(incarnation=3)) is None
+    assert membership.observe(beat(incarnation=5)) is None
+    clock.advance(1)
+    assert membership.observe(beat(incarnation=3)) == JOINED
+    assert changes[-1] == (JOINED, "n2", 3)
+
+
+def test_a_subscriber_that_raises_does_not_keep_the_change_from_the_others(eliot_logger):
+    """
+    If one subscriber raises on a change, then the subscribers after it still hear it (the ring among them: the
+    table has changed already, and a ring that missed a join or a death would stay wrong until the next change),
+    and the error is logged.
+    """
+    membership = Membership(Clock().seconds, "n1", TIMEOUT)
+
+    def broken(change, peer):
+        raise RuntimeError("a bug in one subscriber")
+
+    heard = []
+    membership.subscribe(broken)
+    membership.subscribe(lambda change, peer: heard.append(change))
+    assert membership.observe(beat()) == JOINED
+    assert heard == [JOINED]
+    assert [str(m["reason"]) for m in eliot_logger.messages if m.get("message_type") == "eliot:traceback"] \
+        == ["a bug in one subscriber"]
+    eliot_logger.flush_tracebacks(RuntimeError)
+
+
 def test_gone_from_an_unknown_node_or_an_older_incarnation_changes_nothing():
     """
     If a node never heard of says it is gone, then it is not listed; if an older incarnation of a peer says so

@@ -337,7 +337,7 @@ class Rebalancer:
                             digest.add(entry.key, entry.version)
                 elif owners:
                     handoff.append((entry, owners))
-            handed_off = await self._hand_off(handoff)
+            handed_off = await self._hand_off(handoff, ring)
             sync_reason = ANTI_ENTROPY if reason == ANTI_ENTROPY else "re-replication"
             # Peers compare their digests with ours; keep just the bucket hashes (256 numbers a peer) so a
             # peer's sync request does not cost another walk over the store.
@@ -353,9 +353,10 @@ class Rebalancer:
             action.add_success_fields(**counts)
             return counts
 
-    async def _hand_off(self, handoff: List[Tuple[Entry, List[str]]]) -> int:
+    async def _hand_off(self, handoff: List[Tuple[Entry, List[str]]], ring: HashRing) -> int:
         """
-        Send each entry to all its owners; drop the local copy once all of them have it.
+        Send each entry to all its owners under ``ring`` (the pass's); drop the local copy once all of them have
+        it, and they are still its owners.
 
         :return: how many entries were handed off and dropped.
         """
@@ -368,10 +369,19 @@ class Rebalancer:
                     by_owner.setdefault(owner, []).append(entry)
         acked: Dict[Tuple[str, Version], int] = {}
         await gather([self._send_all(owner, entries, acked) for owner, entries in by_owner.items()])
+        # The ring may have changed while the copies were out (a peer left, a node joined): a key this node owns
+        # again, or whose owners are others now, stays, for the pass that change starts. Dropped, a copy handed back
+        # to this node as an owner meanwhile (the same version: its apply changed nothing) would go with it.
+        now = self._ring()
+        if self.leaving and self.node_id in now:
+            now = HashRing(now.nodes - {self.node_id}, vnodes=now.vnodes, probes=now.probes)
+        moved = now.nodes != ring.nodes
         dropped = 0
         for entry, owners in handoff:
             needed = len([owner for owner in owners if owner != self.node_id])
             if needed and acked.get((entry.key, entry.version), 0) >= needed:
+                if moved and now.preference_list(entry.key, self.replicas, remember=False) != owners:
+                    continue
                 if self.store.forget(entry.key, entry.version):
                     dropped += 1
         return dropped

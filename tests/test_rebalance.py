@@ -483,6 +483,47 @@ def test_a_hint_is_kept_and_counted_pending_until_every_owner_has_taken_it():
     assert peers.taken == {"n2": [key]}
 
 
+class _RingChangingPeers(_AskedPeers):
+    """A peer client whose peers take every entry sent, and whose ``apply`` to n3 changes the ring as it answers."""
+
+    def __init__(self, change) -> None:
+        _AskedPeers.__init__(self)
+        self.change = change
+
+    async def apply(self, peer, entries, timeout=None):
+        if peer.node_id == "n3":
+            self.change()
+        return [ApplyResult(True, False)] * len(entries)
+
+
+def test_a_handed_off_key_this_node_owns_again_by_the_end_of_the_hand_off_is_kept():
+    """
+    If a node hands a key it does not own to its two owners, and before the hand-off ends one of them leaves, so
+    that the node owns the key again (in a ring of two, both nodes own every key), then the node keeps its copy:
+    dropped, the key would be on one node, and the leaver's drain, which sent the same version here, would have
+    changed nothing. With the ring unchanged, the same hand-off drops it.
+    """
+    for leaves in (True, False):
+        clock = Clock()
+        rings = {"now": HashRing(["n1", "n2", "n3"])}
+        key = next(key for key in ("k%d" % (index,) for index in range(1000))
+                   if rings["now"].preference_list(key, 2) == ["n2", "n3"])
+        store = Store(clock.seconds, 1 << 20)
+        store.apply(Entry(key, b'"v"', (1, 0, "n1"), None))
+
+        def change():
+            if leaves:
+                rings["now"] = HashRing(["n1", "n2"])
+
+        rebalancer = Rebalancer("n1", store, lambda: rings["now"], _Peer, _RingChangingPeers(change), clock, 2,
+                                Metrics("t1"))
+        done = rebalancer.run_pass("hint")
+        clock.pump([0.01] * 20)
+        assert done.called
+        assert (store.current(key) is not None) is leaves, leaves
+        assert done.result["handed_off"] == (0 if leaves else 1)
+
+
 def test_a_failed_hand_off_keeps_the_ring_settling_and_shows_in_kv_handoff_pending():
     """
     If a node cannot hand a hint to one of its owners (n3 is down and not yet noticed), then long after the ring

@@ -67,7 +67,8 @@ IDLE_RECLAIM_SECONDS = 2.0
 SWEEP_CHUNK = 4096
 
 #: Seconds a drain may run past DRAIN_TIMEOUT before its guard stops waiting for it (the rebalancer's own limit is
-#: checked between batches). The Helm chart leaves this room in the grace period.
+#: checked between passes; a pass drops what it hands off batch by batch, so what a cut-off pass delivered is
+#: gone from the node, and what it did not is counted). The Helm chart leaves this room in the grace period.
 DRAIN_GUARD_SECONDS = 1.0
 
 

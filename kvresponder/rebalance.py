@@ -13,10 +13,11 @@ One mechanism serves all four. A *pass* walks the local entries once against the
 A pass runs after every membership change (debounced), every ``ANTI_ENTROPY_INTERVAL``, when a joining node
 asks for its share, and repeatedly during a drain. Passes never overlap; a request during a pass is served
 by the next one. All work is batched, one batch in flight per peer, and yields to the reactor between
-chunks, so memory stays bounded and the node keeps serving.
+chunks; what is handed off is sent, and dropped, as the walk finds it, a batch at a time. So memory stays bounded
+and the node keeps serving.
 """
 
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Set, Tuple, Union
 
 from attr import attrib, attrs
 from eliot import write_traceback
@@ -166,6 +167,29 @@ class _Slices:
         rest = min(max(worked, 0.0) * _REST_RATIO, MAX_REST) if self._background() else 0.0
         await deferLater(self._clock, rest, lambda: None)
         self._since = self._clock.seconds()
+
+
+@attrs(slots=True)
+class _HandOff:
+    """
+    What one pass hands off: the entries found and not yet sent (``chunk``, each with its owners under ``ring``,
+    the pass's), how many it found and dropped in all, and the owners that failed in it.
+    """
+    ring: HashRing = attrib()
+    chunk: List[Tuple[Entry, List[str]]] = attrib(factory=list)
+    chunk_bytes: int = attrib(default=0)
+    found: int = attrib(default=0)
+    dropped: int = attrib(default=0)
+    failed: Set[str] = attrib(factory=set)
+
+    def add(self, entry: Entry, owners: List[str], most_entries: int, most_bytes: int) -> bool:
+        """
+        Take ``entry`` in; whether the chunk is full, and due to be sent.
+        """
+        self.chunk.append((entry, owners))
+        self.chunk_bytes += entry.size
+        self.found += 1
+        return len(self.chunk) >= most_entries or self.chunk_bytes >= most_bytes
 
 
 class Digest:
@@ -320,7 +344,11 @@ class Rebalancer:
             leaving = self.leaving
             if leaving and self.node_id in ring:
                 ring = HashRing(ring.nodes - {self.node_id}, vnodes=ring.vnodes, probes=ring.probes)
-            handoff: List[Tuple[Entry, List[str]]] = []
+            # What to hand off is sent a chunk at a time, as the walk finds it, and each chunk's entries dropped
+            # once their owners have them: a drain hands off the whole store, and held until the walk's end (each
+            # entry with a copy of its value) it took more memory again than the store itself, just as a node is
+            # stopped, often for want of memory.
+            handoff = _HandOff(ring)
             digests: Dict[str, Digest] = {}
             # The periodic pass walks in the background; not once the node is leaving (its drain waits for it).
             slices = _Slices(self._clock, background=lambda: reason == ANTI_ENTROPY and not self.leaving)
@@ -336,8 +364,10 @@ class Rebalancer:
                                 digest = digests[owner] = Digest()
                             digest.add(entry.key, entry.version)
                 elif owners:
-                    handoff.append((entry, owners))
-            handed_off = await self._hand_off(handoff, ring)
+                    if handoff.add(entry, owners, self.batch_entries, self.batch_bytes):
+                        # Counted in the walk's slice: a background walk rests after it as after its own work.
+                        await self._hand_off(handoff)
+            await self._hand_off(handoff)
             sync_reason = ANTI_ENTROPY if reason == ANTI_ENTROPY else "re-replication"
             # Peers compare their digests with ours; keep just the bucket hashes (256 numbers a peer) so a
             # peer's sync request does not cost another walk over the store.
@@ -347,48 +377,47 @@ class Rebalancer:
             # the other peers' counts must still stand.
             repaired = sum(sent or 0 for sent in await gather([self._sync(node, digest, sync_reason)
                                                                 for node, digest in sorted(digests.items())]))
-            self.pending = len(handoff) - handed_off
+            self.pending = handoff.found - handoff.dropped
             self.passes += 1
-            counts = {"handed_off": handed_off, "repaired": repaired, "pending": self.pending}
+            counts = {"handed_off": handoff.dropped, "repaired": repaired, "pending": self.pending}
             action.add_success_fields(**counts)
             return counts
 
-    async def _hand_off(self, handoff: List[Tuple[Entry, List[str]]], ring: HashRing) -> int:
+    async def _hand_off(self, handoff: "_HandOff") -> None:
         """
-        Send each entry to all its owners under ``ring`` (the pass's); drop the local copy once all of them have
-        it, and they are still its owners.
-
-        :return: how many entries were handed off and dropped.
+        Send each entry of ``handoff``'s chunk to all its owners under the pass's ring; drop the local copy once
+        all of them have it, and they are still its owners. An owner that failed once in this pass is sent
+        nothing more in it (an unreachable one would cost each chunk a timeout).
         """
-        if not handoff:
-            return 0
+        chunk, handoff.chunk, handoff.chunk_bytes = handoff.chunk, [], 0
+        if not chunk:
+            return
         by_owner: Dict[str, List[Entry]] = {}
-        for entry, owners in handoff:
+        for entry, owners in chunk:
             for owner in owners:
                 if owner != self.node_id:
                     by_owner.setdefault(owner, []).append(entry)
         acked: Dict[Tuple[str, Version], int] = {}
-        await gather([self._send_all(owner, entries, acked) for owner, entries in by_owner.items()])
+        await gather([self._send_all(owner, entries, acked, handoff.failed) for owner, entries in by_owner.items()])
         # The ring may have changed while the copies were out (a peer left, a node joined): a key this node owns
         # again, or whose owners are others now, stays, for the pass that change starts. Dropped, a copy handed back
         # to this node as an owner meanwhile (the same version: its apply changed nothing) would go with it.
         now = self._ring()
         if self.leaving and self.node_id in now:
             now = HashRing(now.nodes - {self.node_id}, vnodes=now.vnodes, probes=now.probes)
-        moved = now.nodes != ring.nodes
-        dropped = 0
-        for entry, owners in handoff:
+        moved = now.nodes != handoff.ring.nodes
+        for entry, owners in chunk:
             needed = len([owner for owner in owners if owner != self.node_id])
             if needed and acked.get((entry.key, entry.version), 0) >= needed:
                 if moved and now.preference_list(entry.key, self.replicas, remember=False) != owners:
                     continue
                 if self.store.forget(entry.key, entry.version):
-                    dropped += 1
-        return dropped
+                    handoff.dropped += 1
 
-    async def _send_all(self, owner: str, entries: List[Entry], acked: Dict) -> int:
-        peer = self._peer_of(owner)
+    async def _send_all(self, owner: str, entries: List[Entry], acked: Dict, failed: Set[str]) -> int:
+        peer = None if owner in failed else self._peer_of(owner)
         if peer is None:
+            failed.add(owner)
             self._metrics.handoff("failed", len(entries))
             return 0
         sent = 0
@@ -398,6 +427,7 @@ class Rebalancer:
                 with HANDOFF(peer=owner, count=len(batch)):
                     await self._peers.apply(peer, batch, timeout=max(self._peers.timeout, 10.0))
             except PeerError:
+                failed.add(owner)
                 self._metrics.handoff("failed", len(entries) - sent)
                 return sent
             for entry in batch:

@@ -524,6 +524,69 @@ def test_a_handed_off_key_this_node_owns_again_by_the_end_of_the_hand_off_is_kep
         assert done.result["handed_off"] == (0 if leaves else 1)
 
 
+class _CountingPeers(_AskedPeers):
+    """A peer client whose peers take every entry sent, except n3 if it is ``down``; it records, at each call,
+    the peer and how many entries the sender's store still holds."""
+
+    def __init__(self, store, down=False) -> None:
+        _AskedPeers.__init__(self)
+        self.store, self.down, self.calls = store, down, []
+
+    async def apply(self, peer, entries, timeout=None):
+        from kvresponder.peertransport import PeerError
+        self.calls.append((peer.node_id, len(self.store)))
+        if self.down and peer.node_id == "n3":
+            raise PeerError("n3 unreachable for apply: ConnectionRefusedError")
+        return [ApplyResult(True, False)] * len(entries)
+
+
+def test_a_drain_sends_and_drops_what_it_hands_off_a_batch_at_a_time_as_its_walk_finds_it():
+    """
+    If a leaving node hands off its whole store, then each batch is sent as the walk finds it and dropped once
+    both owners have it, before the next is sent: the store shrinks from call to call, and the pass never holds
+    more than a batch of entries (with copies of their values) besides it. Held until the walk's end, a drain
+    took more memory again than the store, just as the node was being stopped.
+    """
+    clock = Clock()
+    store = Store(clock.seconds, 64 << 20)
+    hlc = HybridLogicalClock(lambda: 1_700_000_000.0, "n1")
+    for index in range(2000):
+        store.apply(Entry("k%d" % (index,), b'"v"', hlc.now(), None))
+    peers = _CountingPeers(store)
+    rebalancer = Rebalancer("n1", store, lambda: HashRing(["n1", "n2", "n3"]), _Peer, peers, clock, 2,
+                            Metrics("t1"), batch_entries=100)
+    rebalancer.leaving = True
+    done = rebalancer.run_pass("drain")
+    clock.pump([0.001] * 100)
+    assert done.called and done.result == {"handed_off": 2000, "repaired": 0, "pending": 0}
+    held = [count for node, count in peers.calls if node == "n2"]
+    assert len(held) == 20 and held == sorted(held, reverse=True) and held[0] == 2000 and held[-1] == 100
+    assert len(store) == 0
+
+
+def test_an_owner_that_fails_once_in_a_pass_is_sent_nothing_more_in_it():
+    """
+    If one of the owners fails a hand-off call (unreachable, not yet noticed), then the rest of the pass sends it
+    nothing (each call would wait for its timeout, batch after batch), the other owner still gets every batch,
+    and every entry is kept, pending.
+    """
+    clock = Clock()
+    store = Store(clock.seconds, 64 << 20)
+    hlc = HybridLogicalClock(lambda: 1_700_000_000.0, "n1")
+    for index in range(1000):
+        store.apply(Entry("k%d" % (index,), b'"v"', hlc.now(), None))
+    peers = _CountingPeers(store, down=True)
+    rebalancer = Rebalancer("n1", store, lambda: HashRing(["n1", "n2", "n3"]), _Peer, peers, clock, 2,
+                            Metrics("t1"), batch_entries=100)
+    rebalancer.leaving = True
+    done = rebalancer.run_pass("drain")
+    clock.pump([0.001] * 100)
+    assert done.called and done.result == {"handed_off": 0, "repaired": 0, "pending": 1000}
+    assert [node for node, _ in peers.calls].count("n3") == 1
+    assert [node for node, _ in peers.calls].count("n2") == 10
+    assert len(store) == 1000
+
+
 def test_a_failed_hand_off_keeps_the_ring_settling_and_shows_in_kv_handoff_pending():
     """
     If a node cannot hand a hint to one of its owners (n3 is down and not yet noticed), then long after the ring

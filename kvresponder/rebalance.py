@@ -243,6 +243,7 @@ class Rebalancer:
         self._running: Optional[Deferred] = None
         self._again: Optional[_QueuedPass] = None
         self._scheduled = None
+        self._scheduled_reason = ANTI_ENTROPY
         self._stopped = False
         self.leaving = False
         self._digest_cache = _DigestCache(None, 0, 0.0, {})
@@ -258,6 +259,7 @@ class Rebalancer:
         """
         if self._scheduled is not None and self._scheduled.active():
             return
+        self._scheduled_reason = reason
         self._scheduled = self._clock.callLater(self.debounce, self.run_pass, reason)
 
     def run_pass(self, reason: str) -> Deferred:
@@ -269,8 +271,11 @@ class Rebalancer:
         """
         waiter: Deferred = Deferred()
         if self._scheduled is not None and self._scheduled.active():
-            # This pass does what the debounced one would have.
+            # This pass does what the debounced one would have, and as that one would: a membership change's pass
+            # goes at full speed and leaves nothing out, even where the periodic tick happens to run it.
             self._scheduled.cancel()
+            if reason == ANTI_ENTROPY:
+                reason = self._scheduled_reason
         if self._running is not None:
             if self._again is None:
                 self._again = _QueuedPass(reason, [])

@@ -166,6 +166,22 @@ def test_a_pass_asked_for_after_the_periodic_one_was_queued_goes_at_full_speed()
     assert peers.background == [False, False]
 
 
+def test_the_periodic_tick_that_comes_while_a_membership_changes_pass_is_scheduled_runs_that_pass_at_full_speed():
+    """
+    If the periodic tick asks for its pass while a membership change's pass waits out its debounce, then the one
+    pass that runs is the change's: it asks its peers for a full-speed walk (and its sync leaves out nothing
+    recent), not the periodic pass's background one, which kept copies missing after a death for longer.
+    """
+    clock, peers = Clock(), _AskedPeers()
+    rebalancer = _rebalancer(clock, peers)
+    rebalancer.trigger("dead:n3")
+    clock.advance(rebalancer.debounce / 2)
+    done = rebalancer.run_pass(ANTI_ENTROPY)
+    clock.pump([0.01] * 100)
+    assert done.called
+    assert peers.background == [False]
+
+
 class _SlowClock(Clock):
     """A reactor clock that moves ``step`` seconds every time it is read: a walk doing slow work per entry."""
 

@@ -286,8 +286,33 @@ BAD_VALUES = {
         r"extraEnv sets OTEL_EXPORTER_OTLP_ENDPOINT, which the chart sets itself: set config\.jaegerEndpoint instead",
     ),
     "a memory request over the limit": (
-        ["--set-string", "resources.limits.memory=512Mi"],
-        r"resources\.requests\.memory \(768Mi\) is more than resources\.limits\.memory \(512Mi\)",
+        ["--set-string", "resources.limits.memory=900Mi"],
+        r"resources\.requests\.memory \(1Gi\) is more than resources\.limits\.memory \(900Mi\)",
+    ),
+    # PyPy's 360Mi, 35 % of 512Mi and 64Mi of request bodies: killed for memory before its store fills.
+    "a memory limit too small for the baseline, the store and the bodies": (
+        ["--set-string", "resources.limits.memory=512Mi", "--set-string", "resources.requests.memory=512Mi"],
+        r"resources\.limits\.memory \(512Mi\) cannot hold the interpreter's baseline \(config\.memoryBaseline, "
+        r"360Mi\), the store budget \(187904819 bytes\) and the request bodies' buffer \(67108864 bytes\)",
+    ),
+    "a store budget that leaves the interpreter too little": (
+        ["--set", "config.maxMemoryPercent=60"], r"resources\.limits\.memory \(1Gi\) cannot hold",
+    ),
+    "a body buffer that leaves the interpreter too little": (
+        ["--set", "config.maxValueSize=16Mi", "--set", "config.maxBodyBuffer=512Mi"],
+        r"request bodies' buffer \(536870912 bytes\)",
+    ),
+    "a pod label the chart sets itself": (
+        ["--set", "podLabels.ingress-group=other"], r"podLabels\.ingress-group: the chart sets this label itself",
+    ),
+    "a pod label of the selector": (
+        ["--set", "podLabels.app\\.kubernetes\\.io/instance=other"], r"podLabels\.app\.kubernetes\.io/instance",
+    ),
+    "a disruption budget that blocks every drain": (
+        ["--set", "podDisruptionBudget.maxUnavailable=0"], r"podDisruptionBudget\.maxUnavailable",
+    ),
+    "a disruption budget of no percentage": (
+        ["--set-string", "podDisruptionBudget.maxUnavailable=150%"], r"podDisruptionBudget\.maxUnavailable",
     ),
     "a rollout that may neither add nor remove a pod": (
         ["--set", "updateStrategy.rollingUpdate.maxSurge=0"],
@@ -714,7 +739,7 @@ DEFAULT_MAX_MEMORY_PERCENT = 35
 def test_max_memory_is_its_share_of_the_memory_limit_when_not_set(limit, expected):
     """If MAX_MEMORY is not set, it is maxMemoryPercent (35 by default) of the memory limit, in bytes."""
     docs = render("kv-responder-x", "--set", "tenant=x", "--set-string", f"resources.limits.memory={limit}",
-                  "--set-string", f"resources.requests.memory={limit}")
+                  "--set-string", f"resources.requests.memory={limit}", "--set", "config.memoryBaseline=0")
     assert int(env_value(docs, "MAX_MEMORY")) == expected
 
 
@@ -758,7 +783,8 @@ def test_the_default_install_fits_its_limit_on_the_pypy_image_when_its_values_ar
 
 def test_max_memory_percent_can_be_raised_for_a_cpython_image():
     docs = render("kv-responder-x", "--set", "tenant=x", "--set-string", "resources.limits.memory=512Mi",
-                  "--set-string", "resources.requests.memory=256Mi", "--set", "config.maxMemoryPercent=75")
+                  "--set-string", "resources.requests.memory=256Mi", "--set", "config.maxMemoryPercent=75",
+                  "--set-string", "config.memoryBaseline=60Mi")
     assert int(env_value(docs, "MAX_MEMORY")) == 512 * 2**20 * 75 // 100
 
 
@@ -868,6 +894,28 @@ def test_pods_spread_softly_when_defaults_are_used(defaults):
     assert {c["whenUnsatisfiable"] for c in constraints} == {"ScheduleAnyway"}
     selector = one(defaults, "Deployment")["spec"]["selector"]["matchLabels"]
     assert all(c["labelSelector"]["matchLabels"] == selector for c in constraints)
+
+
+def test_hard_spread_honours_taints_so_a_cordoned_node_leaves_no_replacement_pending():
+    """
+    If pods must spread (``hard``), then every constraint honours node taints: a cordoned or draining node counts
+    as a domain with no pods otherwise, and the replacement of a pod it evicted stays Pending wherever the pods were
+    spread evenly. A soft spread leaves the field to its default.
+    """
+    for mode, expected in (("hard", {"Honor"}), ("soft", {None})):
+        docs = render("kv-responder-x", "--set", "tenant=x", "--set", f"topologySpread.mode={mode}")
+        constraints = one(docs, "Deployment")["spec"]["template"]["spec"]["topologySpreadConstraints"]
+        assert len(constraints) == 2
+        assert {c.get("nodeTaintsPolicy") for c in constraints} == expected, mode
+
+
+def test_the_memory_request_is_the_limit_when_defaults_are_used(defaults):
+    """
+    If defaults are used, the memory request is the limit: a full node uses nearly all of it, and under memory
+    pressure the kubelet evicts, without a grace period (so without a drain), the pods past their request first.
+    """
+    resources = container(defaults)["resources"]
+    assert resources["requests"]["memory"] == resources["limits"]["memory"] == "1Gi"
 
 
 def test_pods_carry_tenant_labels_when_rendered(defaults):
@@ -1569,6 +1617,36 @@ def test_the_notes_commands_do_what_the_notes_say_against_a_real_node(notes_char
     text = notes(notes_chart, "kv-responder-analytics")
     commands = [line.strip().rstrip("&").strip() for line in text.splitlines() if line.strip().startswith("curl ")]
     check_verify_commands(commands, "analytics", log_dir)
+
+
+def test_notes_warn_when_the_memory_limit_holds_the_store_only_below_its_churned_size(notes_chart):
+    """
+    If the memory limit holds PyPy's baseline, the store budget and the request bodies' buffer, but not with the
+    store at 1.5 times its budget (small values rewritten all the time), then the notes warn; the default install
+    and a CPython baseline do not.
+    """
+    warning = "not with the store at 1.5x its budget"
+    assert warning in notes(notes_chart, "kv-responder-x", "--set", "config.maxValueSize=16Mi")
+    assert warning not in notes(notes_chart, "kv-responder-x")
+    assert warning not in notes(notes_chart, "kv-responder-x", "--set", "config.maxValueSize=16Mi",
+                                "--set-string", "config.memoryBaseline=60Mi")
+
+
+def test_notes_warn_of_an_open_ingress_and_of_a_network_policy_that_shuts_out_direct_clients(notes_chart):
+    """
+    If the ingress has no host and no TLS (the default), then the notes warn that every host name reaches the
+    tenant over plain HTTP; with both set they do not. If the NetworkPolicy is on and the ingress off, with no
+    extra ingress rule, they warn that clients calling the Service directly are refused.
+    """
+    open_ingress = "every host name the ingress"
+    assert open_ingress in notes(notes_chart, "kv-responder-x")
+    assert open_ingress not in notes(notes_chart, "kv-responder-x", "--set", "ingress.host=kv.example.com",
+                                     "--set", "ingress.tls[0].secretName=kv-tls",
+                                     "--set", "ingress.tls[0].hosts[0]=kv.example.com")
+    text = notes(notes_chart, "kv-responder-x", "--set", "networkPolicy.enabled=true", "--set", "ingress.enabled=false")
+    assert "clients that call the" in text and "are refused until networkPolicy.extraIngress" in text
+    assert "networkPolicy.extraIngress" not in notes(notes_chart, "kv-responder-x", "--set",
+                                                     "networkPolicy.enabled=true")
 
 
 def test_notes_warn_about_cni_when_network_policy_and_multicast_are_used(notes_chart):

@@ -212,6 +212,42 @@ limit: a store allowed the whole limit is killed before it evicts.
 {{- end }}
 
 {{/*
+The pod's memory, as the node will use it (JSON, bytes): the limit, config.memoryBaseline (what the interpreter
+holds before any key), the store budget (MAX_MEMORY, or its default share of the limit) and the request bodies'
+buffer (MAX_BODY_BUFFER, or the node's default). Empty without a memory limit or with a baseline of 0.
+*/}}
+{{- define "kv-responder.memoryPlan" -}}
+{{- $limit := dig "limits" "memory" "" (.Values.resources | default dict) }}
+{{- $baseline := include "kv-responder.quantityBytes" (.Values.config.memoryBaseline | default 0) | int64 }}
+{{- if and $limit (gt $baseline 0) }}
+{{- $limitBytes := include "kv-responder.quantityBytes" $limit | int64 }}
+{{- $store := div (mul $limitBytes (int64 .Values.config.maxMemoryPercent)) 100 }}
+{{- if .Values.config.maxMemory }}
+{{- $store = include "kv-responder.quantityBytes" .Values.config.maxMemory | int64 }}
+{{- end }}
+{{- $bodies := max 67108864 (mul 16 (include "kv-responder.quantityBytes" .Values.config.maxValueSize | int64)) }}
+{{- if .Values.config.maxBodyBuffer }}
+{{- $bodies = include "kv-responder.quantityBytes" .Values.config.maxBodyBuffer | int64 }}
+{{- end }}
+{{- dict "limit" $limitBytes "baseline" $baseline "store" $store "bodies" $bodies | toJson }}
+{{- end }}
+{{- end }}
+
+{{/*
+Fails the render when the memory limit cannot hold the interpreter's baseline, the store budget and the request
+bodies' buffer together: the pod would be killed for memory, again and again, before its store ever filled.
+*/}}
+{{- define "kv-responder.memoryFits" -}}
+{{- with include "kv-responder.memoryPlan" . }}
+{{- $plan := fromJson . }}
+{{- $needed := add (int64 $plan.baseline) (int64 $plan.store) (int64 $plan.bodies) }}
+{{- if ge $needed (int64 $plan.limit) }}
+{{- fail (printf "resources.limits.memory (%v) cannot hold the interpreter's baseline (config.memoryBaseline, %v), the store budget (%d bytes) and the request bodies' buffer (%d bytes): the pod would be killed for memory before its store filled. Raise the limit, or lower config.maxMemoryPercent (or config.maxMemory) or config.maxBodyBuffer; on a CPython image set config.memoryBaseline=60Mi" $.Values.resources.limits.memory $.Values.config.memoryBaseline (int64 $plan.store) (int64 $plan.bodies)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
 MAX_BODY_BUFFER: config.maxBodyBuffer, or else nothing (the node's default: the larger of 64 MiB and two /bulk
 bodies). The node refuses to start below 1Mi or below one /bulk body (8 x config.maxValueSize): so does the chart.
 */}}

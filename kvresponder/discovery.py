@@ -24,6 +24,7 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import LoopingCall
 
+from .clockskew import RECOVER_SHARE
 from .log.discovery import (CLOCK_AHEAD, DATAGRAM_DROPPED, DISCOVERY_STARTED, HEARTBEAT_IGNORED,
                             HEARTBEAT_UNAUTHENTICATED, MULTICAST_FAILED, NODE_ID_TAKEN, PEER_AT_LOOPBACK, SEEDS_FAILED,
                             SEEDS_RESOLVED)
@@ -199,7 +200,7 @@ class HeartbeatCodec:
 MAX_FLOORS = 4096
 
 
-def _remember(floors: dict, slot: Tuple[str, int], value) -> None:
+def _remember(floors: dict, slot, value) -> None:
     # Moved to the end on every update (a dict keeps its order of insertion): the first is the longest unheard.
     floors.pop(slot, None)
     floors[slot] = value
@@ -300,6 +301,8 @@ class DiscoveryProtocol(DatagramProtocol):
         #: before then may be one it took before a restart, captured and sent again.
         self._started = wall()
         self._ahead_logged: Dict[str, float] = {}
+        #: The peers whose last heartbeat was refused for a clock too far ahead.
+        self._ahead: Dict[str, bool] = {}
         self.alone = alone
         #: Heartbeats this incarnation sent: each carries the next number (``seq``).
         self._sent = 0
@@ -467,7 +470,16 @@ class DiscoveryProtocol(DatagramProtocol):
             # Refused past twice the bound: a node that far ahead of this one cannot be within the bound of a
             # cluster this node is within the bound of, while two nodes each within the bound of the cluster (up
             # to twice the bound apart) always take each other in.
-            if self.max_clock_offset is not None and offset > 2 * self.max_clock_offset:
+            # Once refused, a peer is taken in again only below RECOVER_SHARE of that: a clock that sits near the
+            # line (or drifts across it) would otherwise have some heartbeats taken and some refused, and the peer
+            # would leave the ring and join it again, each time with a pass, as the delays of its datagrams varied.
+            limit = 2 * self.max_clock_offset if self.max_clock_offset is not None else None
+            if limit is not None and beat.node_id in self._ahead:
+                limit *= RECOVER_SHARE
+            if limit is not None and offset <= limit:
+                self._ahead.pop(beat.node_id, None)
+            elif limit is not None:
+                _remember(self._ahead, beat.node_id, True)
                 now = self.clock.seconds()
                 if now - self._ahead_logged.get(beat.node_id, float("-inf")) >= CLOCK_AHEAD_LOG_EVERY:
                     # Once a minute a peer: its every heartbeat would be a line.

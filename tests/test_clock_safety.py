@@ -299,6 +299,25 @@ def test_a_heartbeat_from_a_clock_ahead_is_refused_but_measured():
     assert round(clock_offsets.offset("n2"), 3) == 30.0
 
 
+def test_a_peer_refused_for_a_clock_ahead_is_taken_in_again_only_well_below_the_line():
+    """
+    If a peer's heartbeat is refused for a clock more than twice the bound ahead, then its next ones are refused
+    until their offset is below 80 % of that line (as the skew check recovers), not as soon as one comes in a
+    little under it: a clock near the line would otherwise have the peer leave the ring and join it again as the
+    delays of its datagrams varied, each time with a pass. A peer never refused is taken in up to the line.
+    """
+    protocol, membership, _, metrics = _protocol()
+    codec = HeartbeatCodec("t1")
+    n2, n3 = Heartbeat("n2", 1, "10.0.0.2", 3000, ALIVE, 1), Heartbeat("n3", 1, "10.0.0.3", 3000, ALIVE, 1)
+    for ahead in (1.05, 0.95, 0.85, 0.75, 0.95):
+        protocol.datagramReceived(codec.encode(n2, False, NOW + ahead), ("10.0.0.2", 9999))
+    assert metrics.results == ["clock_ahead"] * 3 + ["accepted"] * 2
+    del metrics.results[:]
+    protocol.datagramReceived(codec.encode(n3, False, NOW + 0.95), ("10.0.0.3", 9999))
+    assert metrics.results == ["accepted"]
+    assert [peer.node_id for peer in membership.peers()] == ["n2", "n3"]
+
+
 def test_a_heartbeat_from_a_clock_behind_is_measured_and_taken_in_within_the_replay_window():
     """
     If a peer's clock is 2 s behind, then its heartbeat is accepted and its offset is -2 s; unsigned

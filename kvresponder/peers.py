@@ -17,7 +17,7 @@ action continuing the caller's and which may be given a longer timeout; and, wit
 whose span context travels in its request's headers, which a stream frame does not carry.
 """
 
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from eliot import current_action
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -243,16 +243,20 @@ class PeerClient:
             raise PeerError("%s answered malformed buckets" % (peer.node_id,))
         return differing
 
-    async def wanted(self, peer, versions: Dict[str, Version]) -> List[str]:
+    async def wanted(self, peer, versions: Dict[str, Version]) -> Tuple[List[str], Set[str]]:
         """
-        Anti-entropy, step two: which of these keys the peer lacks or holds at an older version.
+        Anti-entropy, step two: which of these keys the peer lacks or holds at an older version; and of those,
+        the ones it holds nothing of (empty from a node older than that answer).
         """
         answer = await self.transport.call(peer, "sync/versions",
                                            {"versions": {key: list(version) for key, version in versions.items()}})
         keys = answer.get("want") if isinstance(answer, dict) else None
         if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
             raise PeerError("%s answered malformed versions" % (peer.node_id,))
-        return [key for key in keys if key in versions]
+        lacking = answer.get("lacking", [])
+        if not isinstance(lacking, list) or not all(isinstance(key, str) for key in lacking):
+            raise PeerError("%s answered malformed versions" % (peer.node_id,))
+        return [key for key in keys if key in versions], set(lacking)
 
     async def request_sync(self, peer, sender: str, timeout: float) -> dict:
         """

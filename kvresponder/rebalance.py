@@ -511,10 +511,15 @@ class Rebalancer:
         """
         Send ``peer`` the entries among ``versions`` it lacks or holds older, adding to ``sent[0]`` batch by batch.
         """
-        wanted = await self._peers.wanted(peer, versions)
+        wanted, lacking = await self._peers.wanted(peer, versions)
         # Not a use of them (nor is comparing versions, in ``wanted``): anti-entropy looks at most shared keys on
         # each pass, and would leave the LRU order that of its buckets, not that of the clients' reads.
         entries = [entry for entry in (self.store.current(key, use=False) for key in wanted) if entry is not None]
+        # No tombstone to a peer that holds nothing of its key: there it hides nothing, and it would start a new
+        # grace period. Two replicas that applied a delete further apart than a pass then sent it back and forth
+        # for good, each to the other just after it had collected its own. (It still goes to one that holds an
+        # older value, which it deletes.)
+        entries = [entry for entry in entries if entry.value is not None or entry.key not in lacking]
         for batch in self._batches(entries):
             await self._peers.apply(peer, batch, timeout=max(self._peers.timeout, 10.0))
             sent[0] += len(batch)
@@ -546,16 +551,21 @@ class Rebalancer:
                 digest.add(entry.key, entry.version)
         return digest.wire()
 
-    def wanted(self, versions: Dict[str, Version]) -> List[str]:
+    def wanted(self, versions: Dict[str, Version]) -> Tuple[List[str], List[str]]:
         """
-        The keys of ``versions`` this node lacks or holds at an older version.
+        The keys of ``versions`` this node lacks or holds at an older version; and of those, the ones it holds
+        nothing of (no entry, no tombstone).
         """
         result = []
+        lacking = []
         for key, version in versions.items():
             current = self.store.current(key, use=False)
-            if current is None or current.version < version:
+            if current is None:
                 result.append(key)
-        return result
+                lacking.append(key)
+            elif current.version < version:
+                result.append(key)
+        return result, lacking
 
     # -- drain ----------------------------------------------------------------------------------------
 

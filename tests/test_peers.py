@@ -736,7 +736,13 @@ def test_anti_entropy_answers_with_elements_of_the_wrong_type_are_peer_errors():
     for want in ([["k"]], [{"k": 1}], [1]):
         outcome = _outcome(_answering(json.dumps({"want": want}).encode()).wanted(PEER, {"k": (1, 0, "n1")}))
         assert isinstance(outcome, Failure) and outcome.check(PeerError), (want, outcome)
-    assert _outcome(_answering(b'{"want": ["k", "x"]}').wanted(PEER, {"k": (1, 0, "n1")})) == ["k"]
+    assert _outcome(_answering(b'{"want": ["k", "x"]}').wanted(PEER, {"k": (1, 0, "n1")})) == (["k"], set())
+    assert _outcome(_answering(b'{"want": ["k"], "lacking": ["k"]}').wanted(PEER, {"k": (1, 0, "n1")})) \
+        == (["k"], {"k"})
+    for lacking in ("k", [1], None):
+        outcome = _outcome(_answering(json.dumps({"want": ["k"], "lacking": lacking}).encode()).wanted(
+            PEER, {"k": (1, 0, "n1")}))
+        assert isinstance(outcome, Failure) and outcome.check(PeerError), (lacking, outcome)
 
 
 def test_apply_results_that_are_not_pairs_of_booleans_do_not_count_as_stored_copies():

@@ -302,7 +302,7 @@ class _LackingPeers(_AskedPeers):
 
     async def wanted(self, peer, versions):
         self.offered.append(len(versions))
-        return list(versions)
+        return list(versions), set()
 
     async def apply(self, peer, entries, timeout=None):
         self.applied.extend(entry.key for entry in entries)
@@ -357,7 +357,7 @@ def test_an_anti_entropy_version_check_is_no_use_of_a_key_for_eviction():
     from kvresponder.store import Entry
     store, clock = _store_of_three()
     rebalancer = Rebalancer("n1", store, lambda: None, lambda node: None, None, clock, 2, None)
-    assert rebalancer.wanted({"c": (1, 0, "n1"), "b": (1, 0, "n1")}) == []
+    assert rebalancer.wanted({"c": (1, 0, "n1"), "b": (1, 0, "n1")}) == ([], [])
     store.apply(Entry("d", b'"value"', (2, 0, "n1")))
     assert [key for key in "abcd" if store.get(key) is not None] == ["a", "c", "d"]
 
@@ -375,7 +375,7 @@ def test_sending_a_peer_the_entries_it_lacks_is_no_use_of_them_for_eviction():
         timeout = 1.0
 
         async def wanted(self, peer, versions):
-            return list(versions)
+            return list(versions), set()
 
         async def apply(self, peer, batch, timeout=None):
             return None
@@ -433,7 +433,7 @@ class _FailingSecondApply(_AskedPeers):
         return [int(bucket) for bucket in buckets]
 
     async def wanted(self, peer, versions):
-        return list(versions)
+        return list(versions), set()
 
     async def apply(self, peer, entries, timeout=None):
         from kvresponder.peertransport import PeerError
@@ -603,6 +603,32 @@ def test_an_owner_that_fails_once_in_a_pass_is_sent_nothing_more_in_it():
     assert len(store) == 1000
 
 
+def test_anti_entropy_sends_no_tombstone_to_a_replica_that_holds_nothing_of_its_key():
+    """
+    If one replica holds a delete's tombstone and the other nothing of that key (it collected its own tombstone
+    first, having applied the delete earlier), then anti-entropy leaves it so: sent, the tombstone would start a
+    new grace period there, and the two would send it back and forth for good, each to the other just after it
+    collected its own. A replica that holds an older value of the key still gets the tombstone, which deletes it.
+    """
+    from .support import MemoryCluster
+    cluster = MemoryCluster(2)
+    n1, n2 = cluster.nodes
+    cluster.run(seconds=1.0)
+    for key in ("gone", "stale"):
+        assert cluster.request("PUT", n1, "/kv/" + key, {"value": 1})[0] in (200, 201)
+        assert cluster.request("DELETE", n1, "/kv/" + key)[0] == 200
+    tombstones = {key: n1.store.current(key) for key in ("gone", "stale")}
+    assert all(entry is not None and entry.value is None for entry in tombstones.values())
+    for key, entry in tombstones.items():
+        assert n2.store.forget(key, entry.version)
+    older = (tombstones["stale"].version[0] - 1, 0, "n2")
+    n2.store.apply(Entry("stale", b'"old"', older, None))
+    cluster.run(n1.rebalancer.run_pass("dead:n3"), seconds=2.0)
+    assert n2.store.current("gone") is None
+    stale = n2.store.current("stale")
+    assert stale is not None and stale.value is None and stale.version == tombstones["stale"].version
+
+
 def test_a_failed_hand_off_keeps_the_ring_settling_and_shows_in_kv_handoff_pending():
     """
     If a node cannot hand a hint to one of its owners (n3 is down and not yet noticed), then long after the ring
@@ -670,7 +696,7 @@ class _OneBrokenPeer(_AskedPeers):
         return [int(bucket) for bucket in buckets]
 
     async def wanted(self, peer, versions):
-        return list(versions)
+        return list(versions), set()
 
     async def apply(self, peer, entries, timeout=None):
         self.applied += len(entries)

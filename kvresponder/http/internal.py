@@ -196,9 +196,10 @@ class InternalAPI:
     @internal_route(app, "/sync/versions")
     def sync_versions(self, body):
         if not self._node.takes_copies():
-            return {"want": []}
+            return {"want": [], "lacking": []}
         parsed = {key: version_from_wire(value) for key, value in body["versions"].items()}
-        return {"want": self._node.rebalancer.wanted(parsed)}
+        want, lacking = self._node.rebalancer.wanted(parsed)
+        return {"want": want, "lacking": lacking}
 
     @internal_route(app, "/sync/request")
     def sync_request(self, body):

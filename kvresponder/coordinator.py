@@ -290,6 +290,18 @@ class Coordinator:
             # may miss where its earlier write sits. The first heartbeats' answers come within moments.
             raise Unavailable("This node is starting and has not heard from its cluster yet; retry in a moment.")
 
+    def check_serving(self, writes: bool) -> None:
+        """
+        Whether this node serves requests of keys now, and, with ``writes``, stamps writes: what a request of many
+        groups (``/bulk``) asks once, before its first.
+
+        :raises ClockSkewed: see :meth:`_check_clock` and, with ``writes``, :meth:`_check_versions`.
+        :raises Unavailable: see :meth:`_check_clock`.
+        """
+        self._check_clock()
+        if writes:
+            self._check_versions()
+
     def _check_versions(self) -> None:
         """
         :raises ClockSkewed: while the versions this node issues run further ahead of its clock than the bound

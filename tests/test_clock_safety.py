@@ -379,6 +379,35 @@ def test_a_skewed_node_refuses_to_coordinate_writes_and_is_not_ready():
     assert 'kv_clock_skewed{tenant="t1"} 0.0' in metrics
 
 
+def test_a_bulk_request_whose_node_turns_skewed_between_its_groups_answers_what_it_did_and_refuses_the_rest():
+    """
+    If a node's clock is found skewed after a bulk request's writes were stored and before its deletes ran (a
+    heartbeat, or the evaluation each second, between the two), then the request is answered 200 with each
+    write's version and each delete refused 503 on its own: answered 503 as a whole, it told the client that
+    nothing was done, and lost the versions of writes that were acknowledged. A node already skewed refuses the
+    whole request, as before, and stores nothing.
+    """
+    from unittest import mock
+    from twisted.internet.defer import fail
+
+    cluster = MemoryCluster(2)
+    cluster.run(seconds=1.0)
+    n1 = cluster.nodes[0]
+    body = {"put": [{"key": "a", "value": 1}], "delete": ["b"]}
+    with mock.patch.object(n1.coordinator, "delete_many", lambda keys: fail(ClockSkewed(0.8, 0.5))):
+        code, answer = cluster.request("POST", n1, "/bulk", body)
+    assert code == 200, answer
+    answer = json.loads(answer)
+    assert [(item["key"], item["status"]) for item in answer["put"]] == [("a", 201)]
+    assert answer["put"][0]["version"]
+    assert [(item["key"], item["status"], item["error"]) for item in answer["delete"]] == [("b", 503, "unavailable")]
+    assert "0.800 s ahead" in answer["delete"][0]["message"]
+    with mock.patch.object(n1.coordinator, "_check_clock", mock.Mock(side_effect=ClockSkewed(0.8, 0.5))):
+        code, answer = cluster.request("POST", n1, "/bulk", {"put": [{"key": "c", "value": 1}]})
+    assert (code, json.loads(answer)["error"]) == (503, "clock_skew")
+    assert all(node.store.current("c") is None for node in cluster.nodes)
+
+
 def test_a_later_write_wins_over_an_earlier_one_stamped_in_the_future():
     """
     If a key was written with a version 30 s in the future (a node whose clock ran ahead), then a write

@@ -22,7 +22,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
-from ..coordinator import Unavailable
+from ..coordinator import ClockSkewed, Unavailable
 from ..log import UnknownLevel
 from ..log.service import LEVELS_CHANGED
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -795,12 +795,27 @@ class PublicAPI:
         coordinator = self._node.coordinator
         metrics = self._node.metrics
         answer_limit = BULK_ANSWER_VALUES * self._node.settings.max_value_size
+        # Refused whole only before anything is done: a clock found skewed between two groups (a heartbeat, the
+        # evaluation each second) refuses the groups after it item by item, and the answer still tells what the
+        # groups before it did (writes acknowledged, values read).
+        coordinator.check_serving(writes=bool(writes or delete_keys))
         found = await _read_within(coordinator, get_keys, answer_limit) if get_keys else []
-        written = await coordinator.put_many(writes) if writes else []
-        deleted = await coordinator.delete_many(delete_keys) if delete_keys else []
+        written = await _refused_as_items(coordinator.put_many, writes) if writes else []
+        deleted = await _refused_as_items(coordinator.delete_many, delete_keys) if delete_keys else []
         return b"".join([b'{"get":{', _get_answers(get_keys, found, metrics, answer_limit), b'},"put":[',
                          _put_answers(writes, written, metrics), b'],"delete":[',
                          _delete_answers(delete_keys, deleted, metrics), b"]}"])
+
+
+async def _refused_as_items(call, items: list) -> list:
+    """
+    ``call(items)``'s results, or, where it refuses them all (this node's clock turned skewed, or the node
+    began starting over), an :class:`Unavailable` for each.
+    """
+    try:
+        return await call(items)
+    except (ClockSkewed, Unavailable) as error:
+        return [Unavailable(str(error))] * len(items)
 
 
 # The answers of a bulk request are built as bytes, the bytes json_bytes would give for them: the JSON encoder
@@ -824,7 +839,15 @@ async def _read_within(coordinator, keys, limit: int) -> list:
     values = 0
     step = BULK_ANSWER_VALUES
     while len(found) < len(keys) and size <= limit:
-        entries = await coordinator.read_many(keys[len(found):len(found) + step])
+        try:
+            entries = await coordinator.read_many(keys[len(found):len(found) + step])
+        except (ClockSkewed, Unavailable) as error:
+            # Refused after a first slice was read (the check before the first is the request's): the rest is
+            # unavailable, what was read is answered.
+            if not found:
+                raise
+            found.extend([Unavailable(str(error))] * (len(keys) - len(found)))
+            return found
         for entry in entries:
             value = getattr(entry, "value", None)
             if value is not None:

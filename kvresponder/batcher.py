@@ -180,9 +180,13 @@ class Batcher:
         if queue is None:
             queue = self._queued[key] = []
         queue.append(item)
+        if self._in_flight.get(key, 0) >= self._max_in_flight:
+            # It leaves when a batch out comes back (``_done``): a full queue too, or batches would pile up on a
+            # slow peer, each waiting out its own timeout.
+            return
         if len(queue) >= self._max_items:
             self._flush(peer, key)
-        elif key not in self._scheduled and self._in_flight.get(key, 0) < self._max_in_flight:
+        elif key not in self._scheduled:
             self._scheduled.add(key)
             self._end_of_turn.add(partial(self._scheduled_flush, peer, key))
 
@@ -196,14 +200,17 @@ class Batcher:
         before it passes the byte limit, and the items after it stay queued for the next.
         """
         queue = self._queued.pop(key, None) or []
-        if self._max_bytes is not None and len(queue) > 1:
+        cut = min(len(queue), self._max_items)
+        if self._max_bytes is not None and cut > 1:
             total = 0
-            for index, item in enumerate(queue):
-                total += item.size()
+            for index in range(cut):
+                total += queue[index].size()
                 if total > self._max_bytes and index > 0:
-                    self._queued[key] = queue[index:]
-                    queue = queue[:index]
+                    cut = index
                     break
+        if cut < len(queue):
+            self._queued[key] = queue[cut:]
+            queue = queue[:cut]
         if queue:
             self._in_flight[key] = self._in_flight.get(key, 0) + 1
         return queue

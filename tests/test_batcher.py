@@ -111,6 +111,29 @@ def test_a_full_queue_leaves_at_once_and_a_batch_stops_at_its_byte_limit():
     assert [len(items) for items, _ in sends.batches[2:]] == [1]
 
 
+def test_a_queue_that_fills_while_a_batch_is_out_waits_for_it_and_leaves_in_full_batches():
+    """
+    If a queue passes its item limit while a batch to that peer is out, then no other batch leaves until that one
+    comes back (batches piled on a slow peer would each wait out their own timeout), and the queue then leaves in
+    batches of at most the limit, one at a time.
+    """
+    clock, sends = Clock(), _Sends()
+    batcher = Batcher(EndOfTurn(clock), sends, max_items=4, max_in_flight=1)
+    batcher.add(PEER, _read("first"))
+    clock.advance(0)
+    queued = [_read("k%d" % (index,)) for index in range(10)]
+    for item in queued:
+        batcher.add(PEER, item)
+    clock.advance(0)
+    assert [len(items) for items, _ in sends.batches] == [1]
+    sends.batches[0][1].callback([None])
+    assert [len(items) for items, _ in sends.batches] == [1, 4]
+    sends.batches[1][1].callback([None] * 4)
+    sends.batches[2][1].callback([None] * 4)
+    assert [len(items) for items, _ in sends.batches] == [1, 4, 4, 2]
+    assert [item.key for items, _ in sends.batches[1:] for item in items] == [item.key for item in queued]
+
+
 def test_an_item_over_the_byte_limit_queued_first_leaves_alone_and_the_one_behind_it_follows():
     """
     If the first call queued for a peer is larger than the byte limit by itself and a small one is queued behind

@@ -123,7 +123,8 @@ class Node:
                                   wall=self.wall)
         self.peers = PeerClient(http, clock, settings.tenant, settings.peer_request_timeout,
                                 self.authenticator, self.metrics, tracing, self.log_policy, streams,
-                                wall=self.wall, clock_offsets=self.clock_offsets, end_of_turn=end_of_turn)
+                                wall=self.wall, clock_offsets=self.clock_offsets, end_of_turn=end_of_turn,
+                                max_header_bytes=settings.max_header_bytes)
         self.coordinator = Coordinator(self.store, self.hlc, self.ring, self.membership.peer, self.peers,
                                        settings.replicas, settings.write_quorum, self.wall, self.metrics,
                                        self.log_policy, self.ring_settling, clock_skew=self.clock_offsets,

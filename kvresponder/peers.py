@@ -61,17 +61,20 @@ class PeerClient:
         on ``clock``.
     :param post: how the transport sends each HTTP call (:class:`~kvresponder.peertransport.PeerTransport`); by
         default through ``http``.
+    :param max_header_bytes: ``MAX_HEADER_BYTES``, which the peers hold a request's headers to (a batch's task ids
+        are kept within half of it); ``None``: no limit.
     """
 
     def __init__(self, http, clock, tenant: str, timeout: float, authenticator=None, metrics=None,
                  tracing=None, log_policy=None, streams=None, wall: Optional[Callable[[], float]] = None,
-                 clock_offsets=None, end_of_turn=None, post=None) -> None:
+                 clock_offsets=None, end_of_turn=None, post=None, max_header_bytes: Optional[int] = None) -> None:
         self._wall = wall or clock.seconds
         self._log = log_policy
         #: Peers a call just found unreachable, which calls fail at once for a while, on every path.
         self.suspects = SuspectPeers(clock, metrics=metrics)
         self.transport = PeerTransport(http, clock, tenant, timeout, authenticator, metrics, tracing, log_policy,
-                                       self._wall, clock_offsets, self.suspects, post=post)
+                                       self._wall, clock_offsets, self.suspects, post=post,
+                                       max_header_bytes=max_header_bytes)
         #: Bulk data's copies and traced copies (see above), and the stream's fallback.
         self._requests = requests = RequestCopySender(self.transport, self._wall)
         #: The :class:`~kvresponder.copysender.ICopySender` of client writes' copies.

@@ -14,7 +14,7 @@ import hmac
 import json
 import math
 import secrets
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from eliot import current_action
 from twisted.internet.defer import Deferred, DeferredSemaphore, TimeoutError
@@ -44,6 +44,27 @@ CLOCK_HEADER = b"X-KV-Clock"
 TASK_HEADER = b"X-Eliot-Task-Id"
 #: For a coalesced batch of writes: one Eliot task id per entry, space-separated ("-" for none).
 TASKS_HEADER = b"X-Eliot-Task-Ids"
+
+
+def task_ids_header(task_ids: Sequence[bytes], budget: Optional[int]) -> bytes:
+    """
+    The value of :data:`TASKS_HEADER` for a batch's ``task_ids``: within ``budget`` bytes, the ids past it each
+    sent as ``-`` (no task: the peer logs that copy in a tree of its own). A batch of 256 coalesced writes carries
+    some 11 KiB of ids, and a peer whose ``MAX_HEADER_BYTES`` is below that refused the whole batch.
+    """
+    value = b" ".join(task_ids)
+    if budget is None or len(value) <= budget:
+        return value
+    kept = []
+    used = 0
+    for index, task_id in enumerate(task_ids):
+        # Room for this id and a "-" for each one after it.
+        if used + len(task_id) + 2 * (len(task_ids) - index - 1) + 1 > budget:
+            kept.extend([b"-"] * (len(task_ids) - index))
+            break
+        kept.append(task_id)
+        used += len(task_id) + 1
+    return b" ".join(kept)
 #: Concurrent calls to one peer; more wait their turn.
 MAX_IN_FLIGHT = 64
 #: Seconds a signed peer request stays valid.
@@ -292,8 +313,10 @@ class PeerTransport:
     def __init__(self, http, clock, tenant: str, timeout: float, authenticator=None, metrics=None,
                  tracing=None, log_policy=None, wall: Optional[Callable[[], float]] = None,
                  clock_offsets=None, suspects=None,
-                 post: Optional[Callable[..., Deferred]] = None) -> None:
+                 post: Optional[Callable[..., Deferred]] = None, max_header_bytes: Optional[int] = None) -> None:
         self._http = http
+        #: Bytes of a batch's task ids, at most (half of MAX_HEADER_BYTES, which the peer holds its headers to).
+        self._task_ids_budget = None if max_header_bytes is None else max_header_bytes // 2
         self._send = post if post is not None else self._post
         self._clock = clock
         self._tenant = tenant
@@ -385,7 +408,7 @@ class PeerTransport:
                         # A fresh task id for each attempt, so that each shows up as its own subtree.
                         headers[TASK_HEADER] = [action.serialize_task_id()]
                     if task_ids:
-                        headers[TASKS_HEADER] = [b" ".join(task_ids)]
+                        headers[TASKS_HEADER] = [task_ids_header(task_ids, self._task_ids_budget)]
                     if self._auth is not None:
                         headers[AUTH_HEADER] = [self._auth.sign(b"POST", path, body)]
                         headers[LENGTH_AUTH_HEADER] = [self._auth.sign_length(b"POST", path, len(body))]

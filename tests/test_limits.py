@@ -275,6 +275,22 @@ async def test_headers_over_max_header_bytes_are_refused_on_every_route(server, 
     assert b'"bad_request"' not in under.body, under
 
 
+@pytest_twisted.ensureDeferred
+async def test_headers_over_max_header_bytes_are_logged_as_rejected_by_the_node_that_refused_them(server, eliot_logger):
+    """
+    If a request's headers exceed MAX_HEADER_BYTES, then the node that refuses it logs ``http:rejected`` with the
+    status, the reason and the client, as it does every other refusal before a resource: a peer's batch refused so
+    showed only as a status on the node that sent it.
+    """
+    case = CASES[0]
+    room = HEADER_LIMIT - len(_request(case, b"").split(b"\r\n\r\n")[0])
+    over = await _send(server, _request(case, b"{}", extra_headers=b"X-Pad: %s\r\n" % (b"p" * (room + 64),)))
+    assert over.status == 400
+    rejected = [m for m in eliot_logger.messages if m.get("message_type") == "kvresponder:http:rejected"]
+    assert len(rejected) == 1 and rejected[0]["reason"].startswith("400 Bad Request: ")
+    assert "127.0.0.1" in rejected[0]["client"]
+
+
 def test_the_tree_gives_each_path_the_limit_of_the_route_it_reaches():
     """
     If the root is asked for a path's limit, then it answers from the decoded path alone: a query string, a

@@ -905,3 +905,39 @@ def test_an_error_answer_names_an_error_only_when_its_json_body_does(answer, nam
     from kvresponder.peertransport import error_named
 
     assert error_named(answer) == named
+
+
+def test_a_batchs_task_ids_stay_within_half_the_peers_header_limit_the_ones_past_it_sent_as_none():
+    """
+    If a batch of coalesced writes carries more task ids than half of ``MAX_HEADER_BYTES`` holds (256 writes carry
+    some 11 KiB of them), then the ids past it are each sent as ``-`` (the peer logs those copies in trees of their
+    own) and the header keeps one id for each write: sent whole, the peer refused the batch's headers, and every
+    copy of the batch failed over. Without a limit, or within it, every id is sent.
+    """
+    from kvresponder.peertransport import TASKS_HEADER, PeerTransport, task_ids_header
+
+    ids = [b"%036d@/%d" % (index, index % 7) for index in range(256)]
+    assert task_ids_header(ids, None) == b" ".join(ids)
+    assert task_ids_header(ids[:3], 512) == b" ".join(ids[:3])
+    for budget in (512, 4096, 8192):
+        header = task_ids_header(ids, budget)
+        parts = header.split(b" ")
+        assert len(header) <= budget and len(parts) == len(ids)
+        kept = [part for part in parts if part != b"-"]
+        assert parts[:len(kept)] == ids[:len(kept)] and set(parts[len(kept):]) == {b"-"}
+        # A budget that holds a "-" for each write and no more keeps no id.
+        assert bool(kept) == (budget > 2 * len(ids))
+        assert len(header) > budget - 2 * len(ids[0])
+    sent = []
+
+    def post(url, headers, body, timeout, peer_id=""):
+        sent.append(headers[TASKS_HEADER][0])
+        return succeed((200, b'{"results": []}'))
+
+    clock = Clock()
+    for limit, expected in ((1024, task_ids_header(ids, 512)), (None, b" ".join(ids))):
+        transport = PeerTransport(None, clock, "t1", 5.0, post=post, max_header_bytes=limit)
+        d = ensureDeferred(transport.call(PEER, "apply", b"", task_ids=ids))
+        assert d.called, limit
+        assert sent[-1] == expected, limit
+

@@ -316,7 +316,8 @@ class Settings:
     log_level: str
     log_file: Optional[str]
     log_buffer: int
-    otlp_endpoint: Optional[str]
+    #: Left out of the repr: it may carry credentials (see :func:`without_userinfo`).
+    otlp_endpoint: Optional[str] = field(repr=False)
     cluster_secret: Optional[str] = field(default=None, repr=False)
     admin_token: Optional[str] = field(default=None, repr=False)
     cluster_secret_file: Optional[str] = None
@@ -370,8 +371,22 @@ class Settings:
             value = getattr(self, item.name)
             if item.name in ("cluster_secret", "admin_token"):
                 value = "<set>" if value else None
+            elif item.name == "otlp_endpoint" and value:
+                value = without_userinfo(value)
             result[item.name] = value
         return result
+
+
+def without_userinfo(url: str) -> str:
+    """
+    ``url`` with any user name and password in it replaced by ``<redacted>``: the OTLP exporter sends them as
+    Basic credentials, and the configuration is shown by ``/diag`` (which needs no token) and logged at start.
+    """
+    scheme, separator, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    if not separator or "@" not in authority:
+        return url
+    return "%s://<redacted>@%s%s%s" % (scheme, authority.rpartition("@")[2], slash, path)
 
 
 def _attribute(option: Option) -> str:

@@ -342,6 +342,21 @@ def test_secrets_are_redacted():
         assert SECRET not in text and SECRET[::-1] not in text
 
 
+def test_credentials_in_the_trace_endpoint_are_redacted_where_the_configuration_is_shown():
+    """
+    If JAEGER_ENDPOINT carries a user name and password (the OTLP exporter sends them as Basic credentials), then
+    ``redacted()`` (``/diag``, which needs no token, and the ``service:started`` line) and the repr show the
+    endpoint without them; the node still uses them. An endpoint without credentials is shown as it is.
+    """
+    settings = load(environ={"JAEGER_ENDPOINT": "https://tracer:s3cr3t-token@otel.example:4318/base"})
+    assert settings.otlp_endpoint == "https://tracer:s3cr3t-token@otel.example:4318/base"
+    assert settings.redacted()["otlp_endpoint"] == "https://<redacted>@otel.example:4318/base"
+    for text in (repr(settings.redacted()), repr(settings)):
+        assert "s3cr3t-token" not in text and "tracer" not in text
+    plain = load(environ={"JAEGER_ENDPOINT": "http://otel.example:4318"})
+    assert plain.redacted()["otlp_endpoint"] == "http://otel.example:4318"
+
+
 def test_discovery_group_follows_the_contract_formula():
     """
     If the group is derived for tenant ``t1``, then it is 239.255.x.y with x = 1 + (adler32 >> 16) % 254 and

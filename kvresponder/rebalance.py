@@ -498,13 +498,13 @@ class Rebalancer:
                     self._metrics.rereplication("failed")
                     if sent[0]:
                         self._metrics.rereplication("sent", sent[0])
-                action.add_success_fields(sent=sent[0])
+                action.add_success_fields(sent=sent[0], failed=True)
                 return sent[0]
             if reason == ANTI_ENTROPY:
                 self._metrics.antientropy("ok", sent[0])
             elif sent[0]:
                 self._metrics.rereplication("sent", sent[0])
-            action.add_success_fields(sent=sent[0])
+            action.add_success_fields(sent=sent[0], failed=False)
             return sent[0]
 
     async def _send_wanted(self, peer, versions: Dict[str, Version], sent: List[int]) -> None:

@@ -443,10 +443,11 @@ class _FailingSecondApply(_AskedPeers):
         return [ApplyResult(True, False)] * len(entries)
 
 
-def test_entries_an_anti_entropy_round_sent_before_it_failed_are_counted_as_repairs():
+def test_entries_an_anti_entropy_round_sent_before_it_failed_are_counted_as_repairs(eliot_logger):
     """
     If an anti-entropy round sends a co-owner one batch of the entries it lacks and then fails, then the round is
-    counted failed and the entries it did send are counted as repairs (they were not).
+    counted failed and the entries it did send are counted as repairs (they were not); its ``rebalance:sync``
+    action says it broke off (``failed``), where one filtering the log for failed exchanges looks.
     """
     clock, peers = Clock(), _FailingSecondApply()
     clock.advance(100_000)  # the entries were written long ago: the periodic pass skips the last few seconds'
@@ -462,6 +463,9 @@ def test_entries_an_anti_entropy_round_sent_before_it_failed_are_counted_as_repa
     text = metrics.exposition().decode()
     assert 'kv_antientropy_rounds_total{result="failed",tenant="t1"} 1.0' in text
     assert 'kv_antientropy_repairs_total{tenant="t1"} 5.0' in text
+    ends = [m for m in eliot_logger.messages
+            if m.get("action_type") == "kvresponder:rebalance:sync" and m.get("action_status") == "succeeded"]
+    assert [(m["sent"], m["failed"]) for m in ends] == [(5, True)]
 
 
 class _SecondOwnerUnreachable(_AskedPeers):

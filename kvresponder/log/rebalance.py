@@ -17,7 +17,9 @@ SCAN = leveled("rebalance", INFO, ActionType(
     "A pass over local entries that hands off what this node no longer owns and restores missing copies."))
 
 SYNC = leveled("rebalance", INFO, ActionType(
-    "kvresponder:rebalance:sync", [PEER, REASON], [SENT],
+    "kvresponder:rebalance:sync", [PEER, REASON], [SENT, Field.for_types(
+        "failed", [bool, None], "Whether the exchange broke off (the peer did not answer); then ``sent`` is what went "
+        "before it.")],
     "An anti-entropy exchange of digests with one peer."))
 
 HANDOFF = leveled("rebalance", INFO, ActionType(

@@ -33,6 +33,12 @@ ENTRY_OVERHEAD = 200
 #: most half as many again (see :meth:`Store.sweep`). Without it, a store of small entries with a TTL held
 #: far more than its accounted size once overwritten a few times.
 EXPIRY_OVERHEAD = 136
+#: The expiry heap's dead items are dropped all at once while the heap holds at most this many items; a larger
+#: heap is compacted a few items a write and many a sweep, into a new one: all at once, a million items held the
+#: reactor for seconds, in the write that passed the bound.
+COMPACT_AT_ONCE = 4096
+COMPACT_PER_WRITE = 4
+COMPACT_PER_SWEEP = 4096
 
 #: What one tombstone costs beyond its key bytes: the dict slot, the key and the packed header (measured the
 #: same way, with room for what churn adds).
@@ -247,8 +253,12 @@ class Store:
         self._node_index: Dict[str, int] = {}
         # (expiry, slot) of the live entries that have an expiry; those filed by key are checked by sweep.
         self._expiries: List[Tuple[float, int]] = []
-        # How many live entries have an expiry: the heap holds an item for each, and those of the entries
-        # dropped since it was last rebuilt.
+        # The heap before a compaction began, its items moved into ``_expiries`` in expiry order, the dead ones
+        # left behind (empty between compactions). Sweeps reclaim what is due from both.
+        self._draining: List[Tuple[float, int]] = []
+        self._last_moved: Optional[Tuple[float, int]] = None
+        # How many live entries have an expiry: the heaps hold an item for each, and those of the entries
+        # dropped since they were last compacted.
         self._expiring = 0
         #: The keys in order, for listing pages.
         self._index = KeyIndex(self._live_keys, self._monotonic)
@@ -537,10 +547,12 @@ class Store:
                 # The slot's int is the dict's own key object: the heap item shares it.
                 heapq.heappush(self._expiries, (expires_at, slot))
                 self._expiring += 1
-                if self._expiries_overgrown():
+                if self._draining:
+                    self._compact(COMPACT_PER_WRITE)
+                elif self._expiries_overgrown():
                     # Overwrites of keys with a TTL leave an item each: a burst between two sweeps must not
                     # hold more than EXPIRY_OVERHEAD accounts for.
-                    self._rebuild_expiries()
+                    self._start_compaction()
         self._evict(tombstone_written=value is None or expires_at is not None and expires_at <= now)
         return ApplyResult(True, had_live)
 
@@ -657,11 +669,18 @@ class Store:
         now = self._seconds()
         expired = 0
         heap = self._expiries
+        draining = self._draining
         live = self._live
         budget = -1 if limit is None else limit
-        while heap and heap[0][0] <= now and budget:
+        while budget:
+            if heap and heap[0][0] <= now:
+                due = heap
+            elif draining and draining[0][0] <= now:
+                due = draining
+            else:
+                break
             budget -= 1
-            expires_at, slot = heapq.heappop(heap)
+            expires_at, slot = heapq.heappop(due)
             # The slot may hold another entry by now (replaced, or another key's): only one that expires at
             # this very time goes.
             packed = live.get(slot)
@@ -681,7 +700,7 @@ class Store:
             self._index.removed(expired)
             self.expirations += expired
             self._events.expired(expired)
-        behind = bool(heap) and heap[0][0] <= now
+        behind = bool(heap) and heap[0][0] <= now or bool(draining) and draining[0][0] <= now
         cutoff = self._monotonic() - self.tombstone_grace
         stale = []
         for bkey, packed in self._tombstones.items():
@@ -694,24 +713,32 @@ class Store:
         for bkey in stale:
             del self._tombstones[bkey]
             self._released(len(bkey) + TOMBSTONE_OVERHEAD)
-        self.sweep_behind = behind
-        if not behind and self._expiries_overgrown():
-            self._rebuild_expiries()
+        if self._draining:
+            self._compact(COMPACT_PER_SWEEP)
+        elif not behind and self._expiries_overgrown():
+            self._start_compaction()
+        # A compaction under way goes on in the sweeps that follow at once, as a backlog of expiries does.
+        self.sweep_behind = behind or bool(self._draining)
         return expired
 
     def _expiries_overgrown(self) -> bool:
         """
-        Whether the heap holds more dead items than EXPIRY_OVERHEAD accounts for: half as many as the live ones.
+        Whether the heaps hold more dead items than EXPIRY_OVERHEAD accounts for: half as many as the live ones.
         """
-        return len(self._expiries) > self._expiring + self._expiring // 2 + 64
+        return len(self._expiries) + len(self._draining) > self._expiring + self._expiring // 2 + 64
 
-    def _rebuild_expiries(self) -> None:
+    def _start_compaction(self) -> None:
         """
-        Drop the heap's dead items: replaced, deleted and evicted keys leave theirs behind. Rebuilt once they are
-        half as many as the live ones (which EXPIRY_OVERHEAD accounts for), by the sweep or by the write that
-        passes that bound, the cost per write stays constant. From the heap, not the store: a store of many keys
-        without a TTL and a few overwritten ones with one would otherwise be walked whole.
+        Drop the heap's dead items: replaced, deleted and evicted keys leave theirs behind. Begun once they are half
+        as many as the live ones (which EXPIRY_OVERHEAD accounts for), by the sweep or by the write that passes that
+        bound, so that the cost per write stays constant. From the heap, not the store: a store of many keys
+        without a TTL and a few overwritten ones with one would otherwise be walked whole. A small heap is rebuilt
+        at once; a large one is drained into a new one a few items at a time (:meth:`_compact`).
         """
+        if len(self._expiries) > COMPACT_AT_ONCE:
+            self._draining, self._expiries, self._last_moved = self._expiries, [], None
+            self._compact(COMPACT_PER_WRITE)
+            return
         live = self._live
         kept = set()
         for expires_at, slot in self._expiries:
@@ -720,6 +747,23 @@ class Store:
                 kept.add((expires_at, slot))
         self._expiries = list(kept)
         heapq.heapify(self._expiries)
+
+    def _compact(self, count: int) -> None:
+        """
+        Move up to ``count`` items of the heap being compacted into the current one, in expiry order: those of
+        live entries that still expire then, each once (equal items come out next to each other).
+        """
+        draining, heap, live, last = self._draining, self._expiries, self._live, self._last_moved
+        while draining and count:
+            count -= 1
+            item = heapq.heappop(draining)
+            if item == last:
+                continue
+            last = item
+            packed = live.get(item[1])
+            if packed is not None and _unpack_time(packed, _TIME_OFFSET)[0] == item[0]:
+                heapq.heappush(heap, item)
+        self._last_moved = last if draining else None
 
     # -- internals ------------------------------------------------------------------------------------
 

@@ -386,6 +386,45 @@ def test_a_burst_of_ttl_overwrites_between_sweeps_keeps_the_expiry_heap_within_i
     assert store.get("hot") == put("hot", b"1", 20000, ttl=5000)
 
 
+def test_a_large_expiry_heap_is_compacted_a_little_a_write_and_the_rest_by_sweeps_and_every_entry_still_expires():
+    """
+    If overwrites of keys with a TTL leave the expiry heap overgrown while it is large, then the write that passes
+    the bound drops no more than a few of its dead items (all at once, a million took a PyPy node 2.7 s in that
+    one write), the sweeps that follow finish the compaction (saying they are behind until then), the heap is
+    back within its account, and every entry still expires at its time, the ones overwritten at their new time.
+    """
+    from kvresponder.store import COMPACT_AT_ONCE, COMPACT_PER_WRITE
+
+    store, clock, _ = make_store(max_bytes=1 << 30)
+    count = 3 * COMPACT_AT_ONCE
+    for index in range(count):
+        store.apply(put("k%d" % (index,), b"1", 1, ttl=100 + index % 50))
+    written = 1
+    while not store._draining:
+        written += 1
+        for index in range(0, count, 7):
+            store.apply(put("k%d" % (index,), b"2", written, ttl=200 + index % 50))
+            if store._draining:
+                break
+    # The write that passed the bound moved a few items, not the heap.
+    assert len(store._draining) > count - COMPACT_PER_WRITE and len(store._expiries) <= COMPACT_PER_WRITE + 1
+    store.sweep()
+    assert store.sweep_behind
+    while store.sweep_behind:
+        store.sweep()
+    assert not store._draining and len(store._expiries) <= count + count // 2 + 64
+    clock.advance(150)
+    store.sweep()
+    kept = {index for index in range(count) if store.get("k%d" % (index,)) is not None}
+    assert kept == set(range(0, count, 7)) | {index for index in range(count) if 100 + index % 50 > 150}
+    clock.advance(100)
+    while True:
+        store.sweep()
+        if not store.sweep_behind:
+            break
+    assert len(store) == 0 and not store._expiries and not store._draining
+
+
 def test_a_steady_ttl_workload_of_new_keys_leaves_no_tombstones_and_its_memory_stays_flat():
     """
     If new keys are written with a TTL at a steady rate (none replacing anything), then the store holds

@@ -39,6 +39,9 @@ EXPIRY_OVERHEAD = 136
 COMPACT_AT_ONCE = 4096
 COMPACT_PER_WRITE = 4
 COMPACT_PER_SWEEP = 4096
+#: Expired entries, and tombstones past their grace, reclaimed at most by a write that passes the budget, before
+#: it evicts anything.
+EVICT_RECLAIM = 64
 
 #: What one tombstone costs beyond its key bytes: the dict slot, the key and the packed header (measured the
 #: same way, with room for what churn adds).
@@ -666,6 +669,21 @@ class Store:
         :return: how many expired entries were reclaimed.
         """
         self._index.drop_if_idle()
+        expired, behind = self._reclaim_due(limit)
+        if self._draining:
+            self._compact(COMPACT_PER_SWEEP)
+        elif not behind and self._expiries_overgrown():
+            self._start_compaction()
+        # A compaction under way goes on in the sweeps that follow at once, as a backlog of expiries does.
+        self.sweep_behind = behind or bool(self._draining)
+        return expired
+
+    def _reclaim_due(self, limit: Optional[int]) -> Tuple[int, bool]:
+        """
+        Reclaim up to ``limit`` expired entries and as many tombstones past their grace (:meth:`sweep`).
+
+        :return: how many expired entries were reclaimed, and whether more are due.
+        """
         now = self._seconds()
         expired = 0
         heap = self._expiries
@@ -713,13 +731,7 @@ class Store:
         for bkey in stale:
             del self._tombstones[bkey]
             self._released(len(bkey) + TOMBSTONE_OVERHEAD)
-        if self._draining:
-            self._compact(COMPACT_PER_SWEEP)
-        elif not behind and self._expiries_overgrown():
-            self._start_compaction()
-        # A compaction under way goes on in the sweeps that follow at once, as a backlog of expiries does.
-        self.sweep_behind = behind or bool(self._draining)
-        return expired
+        return expired, behind
 
     def _expiries_overgrown(self) -> bool:
         """
@@ -881,6 +893,12 @@ class Store:
             keep: evicted, it would let an older copy of the value back, where a live entry evicted is still
             held by its other replicas.
         """
+        if self.bytes <= self.max_bytes:
+            return
+        # What is due goes first, as the sweep would take it: an expired entry evicted as a live one would leave
+        # no tombstone where it was marked to (an older copy could come back), and a live one or a tombstone
+        # still in its grace would go while such entries held the memory.
+        self._reclaim_due(EVICT_RECLAIM)
         if self.bytes <= self.max_bytes:
             return
         live = self._live

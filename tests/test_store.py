@@ -316,6 +316,27 @@ def test_expiry_tombstones_are_accounted_and_evicted_as_delete_tombstones_are():
     assert events.tombstone_evictions == [2] and store.tombstone_evictions == 2 and store.evictions == 0
 
 
+def test_a_write_over_budget_reclaims_what_has_expired_before_it_evicts_so_a_marked_entry_leaves_its_tombstone():
+    """
+    If an entry that replaced an older value has expired (so it is marked to leave a tombstone) and no sweep has
+    run yet, then a write that passes the budget reclaims it as the sweep would, leaving its tombstone, before it
+    evicts a live entry: evicted as the least recently used, it left no tombstone, and an older copy of the key
+    arriving next was taken (the old value back). The live entry is kept, and nothing is counted as evicted.
+    """
+    store, clock, events = make_store()
+    store.apply(put("k", b"old", 1))
+    store.apply(put("k", b'"%s"' % (b"n" * 300,), 2, ttl=5))
+    store.apply(put("keep", b"a value", 3))
+    clock.advance(6)
+    store.max_bytes = store.bytes
+    store.apply(put("more", b"v", 4))
+    assert store.current("k") == Entry("k", None, (2, 0, "n1"), None)
+    assert store.get("keep") == put("keep", b"a value", 3)
+    assert (store.evictions, store.expirations) == (0, 1)
+    assert not store.apply(put("k", b"old", 1)).applied
+    assert store.bytes == accounted(store) <= store.max_bytes
+
+
 def test_a_delete_over_budget_keeps_its_own_tombstone_and_evicts_the_live_entry_instead():
     """
     If a delete puts the store over its budget and the only live entry is older, then the delete's tombstone

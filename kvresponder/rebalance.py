@@ -425,15 +425,21 @@ class Rebalancer:
             failed.add(owner)
             self._metrics.handoff("failed", len(entries))
             return 0
-        sent = 0
+        sent = refused = 0
         for batch in self._batches(entries):
             try:
                 # The action fails with the call (the runbook looks for failed hand-offs).
                 with HANDOFF(peer=owner, count=len(batch)):
                     await self._peers.apply(peer, batch, timeout=max(self._peers.timeout, 10.0))
-            except PeerError:
+            except PeerError as error:
+                if error.code is not None and 400 <= error.code < 500:
+                    # The peer answered, and refused this batch (an entry over its budget, say): the batches after
+                    # it still go. Stopping here held back, pass after pass, every entry behind one it refuses.
+                    self._metrics.handoff("failed", len(batch))
+                    refused += len(batch)
+                    continue
                 failed.add(owner)
-                self._metrics.handoff("failed", len(entries) - sent)
+                self._metrics.handoff("failed", len(entries) - sent - refused)
                 return sent
             for entry in batch:
                 slot = (entry.key, entry.version)

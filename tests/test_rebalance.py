@@ -394,6 +394,45 @@ class _RefusingPeers(_AskedPeers):
         raise PeerError("n2 unreachable for apply: ConnectionRefusedError")
 
 
+class _RefusingOneBatch(_AskedPeers):
+    """A peer client whose peers refuse (400) any batch holding ``bad``, and take every other."""
+
+    def __init__(self, bad: str) -> None:
+        _AskedPeers.__init__(self)
+        self.bad, self.calls = bad, 0
+
+    async def apply(self, peer, entries, timeout=None):
+        from kvresponder.peertransport import PeerError
+        self.calls += 1
+        if any(entry.key == self.bad for entry in entries):
+            raise PeerError("n2 answered 400 to apply", 400, "entry_too_large")
+        return [ApplyResult(True, False)] * len(entries)
+
+
+def test_a_batch_an_owner_refuses_holds_back_only_itself_not_the_batches_after_it():
+    """
+    If an owner answers one hand-off batch with a refusal (a 4xx: an entry its budget cannot hold, during a rolling
+    change of memory limits), then the batches after it are still sent and their entries dropped here, and only the
+    refused batch's entries stay, pending: stopping at the refusal held back, pass after pass, every entry walked
+    after it. An owner that does not answer is still sent nothing more in the pass.
+    """
+    clock = Clock()
+    store = Store(clock.seconds, 64 << 20)
+    hlc = HybridLogicalClock(lambda: 1_700_000_000.0, "n1")
+    for index in range(1000):
+        store.apply(Entry("k%d" % (index,), b'"v"', hlc.now(), None))
+    bad = next(iter(store.entries())).key
+    peers, metrics = _RefusingOneBatch(bad), Metrics("t1")
+    rebalancer = Rebalancer("n1", store, lambda: HashRing(["n1", "n2"]), _Peer, peers, clock, 1, metrics,
+                            batch_entries=100)
+    rebalancer.leaving = True
+    done = rebalancer.run_pass("drain")
+    clock.pump([0.001] * 100)
+    assert done.called and done.result == {"handed_off": 900, "repaired": 0, "pending": 100}
+    assert peers.calls == 10 and len(store) == 100 and store.current(bad) is not None
+    assert 'kv_handoff_entries_total{result="failed",tenant="t1"} 100.0' in metrics.exposition().decode()
+
+
 def test_a_hand_off_the_owner_refuses_is_a_failed_action_with_the_reason():
     """
     If a hand-off's call to the new owner fails, then its ``rebalance:handoff`` action ends failed, naming the

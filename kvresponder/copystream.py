@@ -700,11 +700,16 @@ class CopyStreamClient(Int32StringReceiver):
         if due > now:
             self._timer = self._clock.callLater(due - now, self._check_due)
             return
-        d = self._pending.pop(batch_id).waiter
-        # The stream is ordered: a batch unanswered in time means every later one will be late too.
+        # The stream is ordered: a batch unanswered in time means every later one will be late too. They fail
+        # with it, as timed out, not with the connection's loss a turn later, which a retry on a new connection
+        # would take for a stream that merely died, and wait again on a peer just found unresponsive.
+        pending, self._pending = self._pending, {}
+        d = pending.pop(batch_id).waiter
         self.closed = True
         self.transport.abortConnection()
         d.errback(StreamTimeout("no answer to a batch within its timeout"))
+        for behind in pending.values():
+            behind.waiter.errback(StreamTimeout("an earlier batch on this stream went unanswered within its timeout"))
 
     def notify_close(self, callback: Callable[[], None]) -> None:
         """

@@ -524,6 +524,28 @@ def test_a_retry_on_a_new_connection_gets_only_the_time_left_of_the_batchs_timeo
     assert len(outcome) == 1 and outcome[0].check(StreamTimeout)
 
 
+def test_the_batches_behind_one_that_timed_out_fail_as_timed_out_and_are_not_retried_on_a_new_connection():
+    """
+    If two batches are out on a stream that answered before, and the first gets no answer within its timeout,
+    then the second fails at once as timed out too, and no new connection is opened for it when the aborted one
+    is lost: failed with the loss, it was retried on a new connection to the peer just found unresponsive (made
+    a suspect), and waited out the rest of its timeout there instead of failing over.
+    """
+    clock, endpoints, streams = fake_endpoint_streams()
+    streams.send(PEER, [numbered_entry(1)], [b"-"], 2.0)
+    endpoints.upgrade(0)
+    endpoints.answer_frame(0, 1, [ApplyResult(True, False)])
+    first, second = [], []
+    streams.send(PEER, [numbered_entry(2)], [b"-"], 2.0).addBoth(first.append)
+    clock.advance(0.5)
+    streams.send(PEER, [numbered_entry(3)], [b"-"], 2.0).addBoth(second.append)
+    clock.advance(1.6)
+    assert len(first) == 1 and first[0].check(StreamTimeout)
+    assert len(second) == 1 and second[0].check(StreamTimeout), second
+    endpoints.connections[0][0].connectionLost(Failure(ConnectionLost()))
+    assert len(endpoints.connections) == 1
+
+
 def test_a_batch_lost_after_its_timeout_has_run_is_not_retried():
     """
     If the kept stream is lost only after the batch's timeout has run (its timer late, on a busy reactor), then

@@ -416,18 +416,10 @@ def test_a_batch_an_owner_refuses_holds_back_only_itself_not_the_batches_after_i
     refused batch's entries stay, pending: stopping at the refusal held back, pass after pass, every entry walked
     after it. An owner that does not answer is still sent nothing more in the pass.
     """
-    clock = Clock()
-    store = Store(clock.seconds, 64 << 20)
-    hlc = HybridLogicalClock(lambda: 1_700_000_000.0, "n1")
-    for index in range(1000):
-        store.apply(Entry("k%d" % (index,), b'"v"', hlc.now(), None))
-    bad = next(iter(store.entries())).key
-    peers, metrics = _RefusingOneBatch(bad), Metrics("t1")
-    rebalancer = Rebalancer("n1", store, lambda: HashRing(["n1", "n2"]), _Peer, peers, clock, 1, metrics,
-                            batch_entries=100)
-    rebalancer.leaving = True
-    done = rebalancer.run_pass("drain")
-    clock.pump([0.001] * 100)
+    metrics = Metrics("t1")
+    store, peers, done = _drain_pass(1000, lambda store: _RefusingOneBatch(next(iter(store.entries())).key),
+                                     nodes=("n1", "n2"), replicas=1, metrics=metrics)
+    bad = peers.bad
     assert done.called and done.result == {"handed_off": 900, "repaired": 0, "pending": 100}
     assert peers.calls == 10 and len(store) == 100 and store.current(bad) is not None
     assert 'kv_handoff_entries_total{result="failed",tenant="t1"} 100.0' in metrics.exposition().decode()
@@ -599,6 +591,25 @@ class _CountingPeers(_AskedPeers):
         return [ApplyResult(True, False)] * len(entries)
 
 
+def _drain_pass(count: int, make_peers, nodes=("n1", "n2", "n3"), replicas: int = 2, metrics=None):
+    """
+    A leaving n1 holding ``count`` keys runs a drain's pass to the other ``nodes`` through ``make_peers(store)``,
+    in batches of 100: its store, the peers, and the pass's Deferred, once the clock has run it.
+    """
+    clock = Clock()
+    store = Store(clock.seconds, 64 << 20)
+    hlc = HybridLogicalClock(lambda: 1_700_000_000.0, "n1")
+    for index in range(count):
+        store.apply(Entry("k%d" % (index,), b'"v"', hlc.now(), None))
+    peers = make_peers(store)
+    rebalancer = Rebalancer("n1", store, lambda: HashRing(list(nodes)), _Peer, peers, clock, replicas,
+                            metrics or Metrics("t1"), batch_entries=100)
+    rebalancer.leaving = True
+    done = rebalancer.run_pass("drain")
+    clock.pump([0.001] * 100)
+    return store, peers, done
+
+
 def test_a_drain_sends_and_drops_what_it_hands_off_a_batch_at_a_time_as_its_walk_finds_it():
     """
     If a leaving node hands off its whole store, then each batch is sent as the walk finds it and dropped once
@@ -606,17 +617,7 @@ def test_a_drain_sends_and_drops_what_it_hands_off_a_batch_at_a_time_as_its_walk
     more than a batch of entries (with copies of their values) besides it. Held until the walk's end, a drain
     took more memory again than the store, just as the node was being stopped.
     """
-    clock = Clock()
-    store = Store(clock.seconds, 64 << 20)
-    hlc = HybridLogicalClock(lambda: 1_700_000_000.0, "n1")
-    for index in range(2000):
-        store.apply(Entry("k%d" % (index,), b'"v"', hlc.now(), None))
-    peers = _CountingPeers(store)
-    rebalancer = Rebalancer("n1", store, lambda: HashRing(["n1", "n2", "n3"]), _Peer, peers, clock, 2,
-                            Metrics("t1"), batch_entries=100)
-    rebalancer.leaving = True
-    done = rebalancer.run_pass("drain")
-    clock.pump([0.001] * 100)
+    store, peers, done = _drain_pass(2000, _CountingPeers)
     assert done.called and done.result == {"handed_off": 2000, "repaired": 0, "pending": 0}
     held = [count for node, count in peers.calls if node == "n2"]
     assert len(held) == 20 and held == sorted(held, reverse=True) and held[0] == 2000 and held[-1] == 100
@@ -629,17 +630,7 @@ def test_an_owner_that_fails_once_in_a_pass_is_sent_nothing_more_in_it():
     nothing (each call would wait for its timeout, batch after batch), the other owner still gets every batch,
     and every entry is kept, pending.
     """
-    clock = Clock()
-    store = Store(clock.seconds, 64 << 20)
-    hlc = HybridLogicalClock(lambda: 1_700_000_000.0, "n1")
-    for index in range(1000):
-        store.apply(Entry("k%d" % (index,), b'"v"', hlc.now(), None))
-    peers = _CountingPeers(store, down=True)
-    rebalancer = Rebalancer("n1", store, lambda: HashRing(["n1", "n2", "n3"]), _Peer, peers, clock, 2,
-                            Metrics("t1"), batch_entries=100)
-    rebalancer.leaving = True
-    done = rebalancer.run_pass("drain")
-    clock.pump([0.001] * 100)
+    store, peers, done = _drain_pass(1000, lambda store: _CountingPeers(store, down=True))
     assert done.called and done.result == {"handed_off": 0, "repaired": 0, "pending": 1000}
     assert [node for node, _ in peers.calls].count("n3") == 1
     assert [node for node, _ in peers.calls].count("n2") == 10

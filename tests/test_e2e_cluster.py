@@ -56,13 +56,11 @@ def settled_copies(cluster, keys, replicas=2):
 def test_three_nodes_form_a_cluster_by_themselves(cluster):
     """
     If three nodes start with no configuration but a shared discovery port, then each sees the other two
-    within about a second.
+    within a few seconds of the last one's start (heartbeats every 0.5 s here, and a joiner asks for answers).
     """
-    started = time.monotonic()
     for _ in range(3):
         cluster.add()
-    cluster.wait_formed(timeout=10)
-    assert time.monotonic() - started < 20
+    cluster.wait_formed(timeout=5)
     peers = requests.get(cluster.nodes[0].url + "/peers", timeout=5).json()
     assert sorted(peer["id"] for peer in peers) == ["n2", "n3"]
     assert all(peer["state"] == "alive" and peer["port"] for peer in peers)
@@ -88,6 +86,8 @@ def test_kill_9_fails_no_client_request_and_restores_copies(cluster):
     keys = write_keys(cluster.nodes[0], 300)
     failures, acknowledged = [], []
     stop = threading.Event()
+    killed_at = [float("inf")]
+    after_kill = {}
 
     def load(node, prefix):
         session = requests.Session()
@@ -100,6 +100,8 @@ def test_kill_9_fails_no_client_request_and_restores_copies(cluster):
                     failures.append(("put", key, response.status_code))
                 else:
                     acknowledged.append(key)
+                    if time.monotonic() > killed_at[0]:
+                        after_kill[prefix] = after_kill.get(prefix, 0) + 1
                 read = session.get(node.url + "/kv/" + keys[i % len(keys)], timeout=10)
                 if read.status_code != 200:
                     failures.append(("get", keys[i % len(keys)], read.status_code))
@@ -113,11 +115,15 @@ def test_kill_9_fails_no_client_request_and_restores_copies(cluster):
         worker.start()
     time.sleep(1.0)
     cluster.nodes[2].kill()
+    killed_at[0] = time.monotonic()
     time.sleep(3.0)
     stop.set()
     for worker in workers:
         worker.join(30)
+    assert not any(worker.is_alive() for worker in workers)
     assert failures == []
+    # The load was still running through both nodes when, and after, the node died.
+    assert sorted(after_kill) == ["load-n1", "load-n2"] and min(after_kill.values()) >= 10, after_kill
     all_keys = keys + acknowledged
     settled_copies(cluster, all_keys)
     readable_everywhere(cluster, all_keys[::7])
@@ -346,9 +352,8 @@ def test_the_ring_settles_once_every_node_has_handed_off_not_after_the_fixed_set
     for _ in range(3):
         cluster.add()
     cluster.wait_formed()
-    started = time.monotonic()
-    cluster.wait_for(lambda: not any(_settling(node) for node in cluster.alive), 20, "the ring to settle")
-    assert time.monotonic() - started < 20
+    # Well within the 30 s a ring settles for at most (the bound is a timeout: a wait past it fails the test).
+    cluster.wait_for(lambda: not any(_settling(node) for node in cluster.alive), 10, "the ring to settle")
     writer = cluster.nodes[0]
     before = _peer_gets(writer)
     keys = write_keys(writer, 200)
@@ -357,9 +362,7 @@ def test_the_ring_settles_once_every_node_has_handed_off_not_after_the_fixed_set
     cluster.wait_formed()
     # The join changed every ring: settling again, and again settled once the hand-offs to n4 are done.
     assert _settling(writer)
-    started = time.monotonic()
-    cluster.wait_for(lambda: not any(_settling(node) for node in cluster.alive), 20, "the ring to settle")
-    assert time.monotonic() - started < 20
+    cluster.wait_for(lambda: not any(_settling(node) for node in cluster.alive), 10, "the ring to settle")
     before = _peer_gets(writer)
     write_keys(writer, 200, prefix="after")
     assert _peer_gets(writer) == before

@@ -32,7 +32,9 @@ def test_if_the_dockerfile_names_its_base_in_an_arg_then_the_base_image_is_the_a
 
 
 def test_if_the_repository_dockerfile_is_read_then_its_base_image_has_a_stand_in_recipe():
-    for image in containers.dockerfile_base_images(ROOT / "Dockerfile"):
+    images = containers.dockerfile_base_images(ROOT / "Dockerfile")
+    assert images
+    for image in images:
         assert containers.canonical_image(image) in containers.BASE_RECIPES
 
 

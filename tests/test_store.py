@@ -833,14 +833,17 @@ test_store_state_machine_never_exceeds_its_budget_or_serves_stale_values.__doc__
 def test_accounted_bytes_never_exceed_max_bytes(writes, max_bytes):
     """
     If any sequence of writes of any sizes is applied, then after each one the accounted bytes are within
-    the budget (too-large entries being refused).
+    the budget; an entry is refused only if it alone could never fit, and one taken is served.
     """
     store, _, _ = make_store(max_bytes=max_bytes)
     for wall, (key, size) in enumerate(writes):
+        entry = put(key, b"x" * size, wall)
         try:
-            store.apply(put(key, b"x" * size, wall))
+            store.apply(entry)
         except EntryTooLarge:
-            pass
+            assert entry.size > max_bytes
+        else:
+            assert store.get(key) == entry
         assert store.bytes <= max_bytes
 
 

@@ -593,9 +593,17 @@ class DiscoveryService(Service):
         #: While lookups fail: what was logged of them.
         self._seeds_failing = _SeedFailures()
 
+    def privilegedStartService(self):
+        # The port is opened before any service starts: one another process holds fails the start there, with the
+        # client port's failure (KVResponderService), before this node says a word to its peers.
+        Service.privilegedStartService(self)
+        if self._port is None:
+            self._port = self._listen(self.protocol)
+
     def startService(self):
         Service.startService(self)
-        self._port = self._listen(self.protocol)
+        if self._port is None:
+            self._port = self._listen(self.protocol)
         clock = self.protocol.clock
         DISCOVERY_STARTED.log(group=self.protocol.group, interface=self.protocol.interface,
                               port=self.protocol.port, mode=self.mode, seeds=self.dns_name,

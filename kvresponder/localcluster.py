@@ -34,8 +34,22 @@ HEARTBEAT_INTERVAL = "1"
 TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
 #: Seconds to wait for every node to report ready.
 READY_TIMEOUT = 60.0
-#: Seconds a stopping node may take: its drain (DRAIN_TIMEOUT, 20 s by default) plus its own shutdown.
-STOP_TIMEOUT = 35.0
+#: Seconds a stopping node may take beyond its drain (DRAIN_TIMEOUT, 20 s by default): the drain's guard, the wait
+#: for the requests it took, and its own shutdown.
+STOP_MARGIN = 15.0
+DEFAULT_DRAIN_TIMEOUT = 20.0
+
+
+def stop_timeout(environ=os.environ) -> float:
+    """
+    Seconds to wait for a stopping node before SIGKILL: its drain, as the environment the nodes inherit sets it,
+    and the margin. A fixed wait killed nodes mid-drain under a longer DRAIN_TIMEOUT.
+    """
+    try:
+        drain = float(environ.get("DRAIN_TIMEOUT") or DEFAULT_DRAIN_TIMEOUT)
+    except ValueError:
+        drain = DEFAULT_DRAIN_TIMEOUT  # the node refuses it and exits at once
+    return max(drain, 0.0) + STOP_MARGIN
 #: Settings the launcher fixes on the command line; the same variables in the caller's environment would
 #: only be overridden, except LOG_FILE, which would send the logs away from --log-dir.
 _DROPPED_ENVIRONMENT = ("LOG_FILE",)
@@ -102,6 +116,20 @@ def describe_exit(returncode: int) -> str:
         except ValueError:
             return "ended by signal %d" % (-returncode,)
     return "exited with status %d" % (returncode,)
+
+
+def _udp_port_in_use(port: int) -> bool:
+    """
+    Whether another process holds UDP ``port`` so that the nodes cannot share it (bound without SO_REUSEADDR, as
+    the nodes bind it with): each would exit at once.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return True
+    return False
 
 
 def _port_in_use(port: int) -> bool:
@@ -278,13 +306,16 @@ class LocalCluster:
             time.sleep(0.2)
         return True
 
-    def stop(self, timeout: float = STOP_TIMEOUT) -> bool:
+    def stop(self, timeout: Optional[float] = None) -> bool:
         """
         SIGTERM each running node by its PID, as Kubernetes does, and wait while they drain; SIGKILL what
         is still running after ``timeout`` seconds.
 
+        :param timeout: by default :func:`stop_timeout`'s.
         :return: whether every node stopped on its own.
         """
+        if timeout is None:
+            timeout = stop_timeout()
         running = [node for node in self.nodes if node.alive]
         if running:
             self.say("stopping %s (SIGTERM; each node drains, at most %ds)..."
@@ -315,6 +346,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if busy:
         sys.stderr.write("kvresponder-local-cluster: error: port(s) %s on %s are in use; choose another "
                          "--base-port\n" % (", ".join(map(str, busy)), LOOPBACK))
+        return 2
+    if _udp_port_in_use(args.discovery_port):
+        sys.stderr.write("kvresponder-local-cluster: error: UDP port %d (discovery) is in use; choose another "
+                         "--discovery-port\n" % (args.discovery_port,))
         return 2
     cluster = LocalCluster(args)
     previous = {signum: signal.signal(signum, cluster.request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}

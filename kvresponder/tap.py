@@ -14,6 +14,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import ensureDeferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.python import usage
 from twisted.python.log import ILogObserver, textFromEventDict
@@ -127,7 +128,12 @@ class KVResponderService(MultiService):
         # The client port is opened here (StreamServerEndpointService's privileged start); a port taken by another
         # process only gets a log line from Twisted. Raised, it makes twistd exit non-zero before the node starts:
         # a node its peers put in their rings without being able to reach it would take writes they think copied.
-        MultiService.privilegedStartService(self)
+        try:
+            MultiService.privilegedStartService(self)
+        except CannotListenError as error:
+            # The discovery port (UDP), held by another process without SO_REUSEADDR.
+            os.write(2, ("kvresponder: error: --discovery-port: %s\n" % (error,)).encode())
+            raise SystemExit(1)
         if self.listening is not None and self.listening.failure is not None:
             # To the process's own stderr: twistd has sent sys.stderr to the log by now, whose writer thread
             # would not get to write it before the exit.

@@ -139,6 +139,30 @@ def test_a_node_whose_port_is_taken_exits_non_zero_with_one_line_before_it_annou
     assert "kvresponder:discovery:started" not in logged and "kvresponder:service:started" not in logged
 
 
+def test_a_node_whose_discovery_port_is_taken_exits_non_zero_with_one_line_before_it_announces_itself():
+    """
+    If another process holds the node's discovery port (UDP, without SO_REUSEADDR), then twistd exits non-zero at
+    once with one line naming the option and saying why: it exited 1 with nothing on stderr and nothing in its log
+    (the error was raised once twistd had sent stderr to the log, whose writer never wrote it).
+    """
+    holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    holder.bind(("0.0.0.0", 0))
+    port = holder.getsockname()[1]
+    try:
+        result = subprocess.run([sys.executable, "-c", TWISTD, "-n", "--pidfile=", "kvresponder", "--tenant", "t1",
+                                 "--port", str(free_port()), "--discovery-port", str(port)],
+                                env=node_env({"CLUSTER_SECRET": "a-cluster-secret-of-length"}),
+                                cwd=REPO, capture_output=True, timeout=60)
+    finally:
+        holder.close()
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "--discovery-port" in lines[0] and str(port) in lines[0], result.stderr
+    assert "Address already in use" in lines[0], result.stderr
+    logged = result.stdout.decode()
+    assert "kvresponder:discovery:started" not in logged and "kvresponder:service:started" not in logged
+
+
 @pytest.mark.parametrize("interface", ["192.0.2.77", "0.0.0.0"])
 def test_a_node_whose_multicast_interface_is_not_on_this_host_exits_with_one_line_and_sends_nothing(interface):
     """

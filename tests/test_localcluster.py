@@ -252,3 +252,40 @@ def test_a_port_something_listens_on_is_in_use():
         assert localcluster._port_in_use(server.getsockname()[1])
     finally:
         server.close()
+
+
+def test_a_discovery_port_held_without_sharing_refuses_the_launch_with_one_line_and_a_shared_one_does_not(
+        capsys, monkeypatch):
+    """
+    If another process holds the UDP discovery port without SO_REUSEADDR, then the launcher stops at once with one
+    line naming the port (each node would exit at once); a port held as the nodes hold it (shared, another
+    local cluster's) is no reason to stop.
+    """
+    monkeypatch.setattr(localcluster, "_port_in_use", lambda port: False)  # the HTTP ports: not what is tested
+    holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    holder.bind(("0.0.0.0", 0))
+    port = holder.getsockname()[1]
+    try:
+        assert localcluster.main(["--discovery-port", str(port)]) == 2
+    finally:
+        holder.close()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "UDP port %d" % (port,) in lines[0] and "--discovery-port" in lines[0]
+    shared = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    shared.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    shared.bind(("0.0.0.0", 0))
+    try:
+        assert not localcluster._udp_port_in_use(shared.getsockname()[1])
+    finally:
+        shared.close()
+
+
+def test_the_launcher_waits_for_a_stopping_node_as_long_as_its_drain_may_take():
+    """
+    If DRAIN_TIMEOUT is set in the environment the nodes inherit, then the launcher waits that long and its margin
+    before it SIGKILLs a stopping node (a fixed 35 s killed nodes mid-drain under a longer drain); by default, the
+    node's 20 s and the margin.
+    """
+    assert localcluster.stop_timeout({}) == 20.0 + localcluster.STOP_MARGIN
+    assert localcluster.stop_timeout({"DRAIN_TIMEOUT": "60"}) == 60.0 + localcluster.STOP_MARGIN
+    assert localcluster.stop_timeout({"DRAIN_TIMEOUT": "soon"}) == 20.0 + localcluster.STOP_MARGIN

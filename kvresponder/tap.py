@@ -222,6 +222,15 @@ def steady_seconds(wall: Callable[[], float] = time.time,
     return seconds
 
 
+def _refuse(message: str) -> None:
+    """
+    Stop the start with one line and exit 2, as a bad setting does.
+    """
+    sys.stderr.write("kvresponder: error: %s\n" % (message,))
+    sys.stderr.flush()
+    raise SystemExit(2)
+
+
 def makeService(config: Options, reactor=None, environ=None, stdout=None):
     """
     Build the whole service tree from options and the environment. A bad setting prints one line naming
@@ -265,9 +274,17 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
     from .turn import EndOfTurn
 
     policy = LogPolicy(settings.log_level)
+    try:
+        sink = open_log_sink(settings.log_file, stdout)
+    except OSError as error:
+        _refuse("--log-file (LOG_FILE): cannot open %r for writing: %s" % (settings.log_file, error.strerror or error))
+    try:
+        endpoint = serverFromString(reactor, settings.listen_endpoint)
+    except (ValueError, KeyError, TypeError, OSError) as error:
+        # OSError: an ssl: endpoint whose certificate file is missing.
+        _refuse("--port (PORT): %r is no endpoint this node can listen on: %s" % (settings.listen_endpoint, error))
     # The lines are written from a thread of their own: a log reader that falls behind costs lines, not requests.
-    writer = BackgroundWriter(open_log_sink(settings.log_file, stdout),
-                              dropped_lines_notice(settings.tenant, settings.node_id), settings.log_buffer)
+    writer = BackgroundWriter(sink, dropped_lines_notice(settings.tenant, settings.node_id), settings.log_buffer)
     destination = JSONLineDestination(writer, policy, settings.tenant, settings.node_id, flush=False)
     use_fast_task_ids()
     add_destinations(destination)
@@ -298,7 +315,7 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
                   max_connections=settings.max_connections, timeout=settings.request_timeout,
                   max_header_bytes=settings.max_header_bytes, end_of_turn=end_of_turn,
                   wall=time.time, body_buffer=settings.max_body_buffer)
-    listening = ListeningEndpoint(serverFromString(reactor, settings.listen_endpoint))
+    listening = ListeningEndpoint(endpoint)
     http_service = StreamServerEndpointService(listening, site)
 
     key = derive_key(settings.cluster_secret, "discovery") if settings.cluster_secret else None

@@ -99,6 +99,11 @@ def test_a_sigtermed_node_with_nothing_to_hand_off_still_answers_for_a_moment(lo
     (["--tenant", "ok", "--port", "70000"], {}, "--port", "70000"),
     (["--tenant", "ok"], {"REPLICATION_FACTOR": "0"}, "--replicas", "0"),
     (["--tenant", "ok", "--bogus"], {}, "--bogus", None),
+    (["--tenant", "ok", "--log-file", "/nonexistent/dir/x.log"], {}, "--log-file", "/nonexistent/dir/x.log"),
+    (["--tenant", "ok", "--log-file", "/"], {}, "--log-file", "Is a directory"),
+    (["--tenant", "ok", "--port", "bogus:1234", "--advertise-port", "3000"], {}, "--port", "bogus:1234"),
+    (["--tenant", "ok", "--port", "tcp:notaport", "--advertise-port", "3000"], {}, "--port", "tcp:notaport"),
+    (["--tenant", "ok", "--port", "ssl:0", "--advertise-port", "3000"], {}, "--port", "ssl:0"),
     (["--tenant"], {}, "--tenant", None),
 ])
 def test_a_bad_setting_stops_startup_with_one_line(args, env, option, value):

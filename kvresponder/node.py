@@ -566,6 +566,10 @@ class Node:
                                     ring=sorted(self._ring.nodes))
         # From here on, kv requests are served whatever the peers' rings say (see ``unjoined``).
         self._join_waited = True
+        if self.state != JOINING:
+            # Told to stop meanwhile (SIGTERM while starting): each peer would walk its whole store for a share
+            # this node then refuses to take, as a leaving node does.
+            return
         peers = self.membership.alive_peers()
         timeout = max(10.0, self.settings.drain_timeout)
 

@@ -9,7 +9,7 @@ import pytest
 from eliot import add_destinations, remove_destination
 from twisted.internet.task import Clock, deferLater
 
-from kvresponder.node import Node
+from kvresponder.node import JOIN_WAIT_INTERVALS, Node
 from kvresponder.rebalance import SETTLE_MS
 from kvresponder.ring import HashRing
 from kvresponder.store import Entry
@@ -1421,3 +1421,22 @@ def test_a_peer_that_says_it_is_gone_takes_its_clock_offset_and_suspicion_with_i
                and m.get("action_status") == "started"]
     # n1 and n3 each saw it leave; only n1 heard its last words.
     assert changes == ["left", "left", "gone"]
+
+
+def test_a_node_told_to_stop_while_it_joins_asks_no_peer_for_its_share():
+    """
+    If a starting node is told to stop (SIGTERM) before its join has asked its peers for its share, then it never
+    asks: each would walk its whole store for a node that, leaving, refuses every copy. A node left to join asks.
+    """
+    for stops in (True, False):
+        cluster = MemoryCluster(2)
+        cluster.run(seconds=1.0)
+        n3 = _start_unheard(cluster)
+        _hear_each_other(n3, cluster.nodes[:2])
+        if stops:
+            n3.begin_leaving()
+        # Past the longest a join waits for its peers to count it (a leaving node they never will).
+        _turn(cluster, n3.join_settle + JOIN_WAIT_INTERVALS * n3.settings.heartbeat_interval + 1.0)
+        asked = 'kv_peer_request_duration_seconds_count{op="sync/request",tenant="t1"}'
+        text = n3.metrics.exposition().decode()
+        assert (asked in text) is not stops, (stops, [line for line in text.splitlines() if "sync/request" in line])

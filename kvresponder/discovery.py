@@ -15,6 +15,7 @@ import ipaddress
 import json
 import math
 import socket
+import threading
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from attr import attrib, attrs
@@ -23,6 +24,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
 
 from .clockskew import RECOVER_SHARE
 from .log.discovery import (CLOCK_AHEAD, DATAGRAM_DROPPED, DISCOVERY_STARTED, HEARTBEAT_IGNORED,
@@ -729,13 +731,20 @@ class DiscoveryService(Service):
 
 def resolve_all(reactor, name: str) -> Deferred:
     """
-    Every IPv4 address of ``name``, from the system resolver in a thread (``/etc/hosts`` and cluster DNS
-    alike).
+    Every IPv4 address of ``name``, from the system resolver (``/etc/hosts`` and cluster DNS alike), looked up on a
+    daemon thread of its own: not the reactor's thread pool, which the reactor joins as it stops, so that a lookup
+    hanging on a failing resolver (tens of seconds, with Kubernetes' search list) held the exit past the pod's
+    grace period. The refreshes wait for each lookup, so there is at most one such thread.
     """
-    from twisted.internet.threads import deferToThreadPool
+    done: Deferred = Deferred()
 
     def lookup():
-        infos = socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_DGRAM)
-        return sorted({info[4][0] for info in infos})
+        try:
+            infos = socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_DGRAM)
+            outcome = sorted({info[4][0] for info in infos})
+        except Exception:
+            outcome = Failure()
+        reactor.callFromThread(done.errback if isinstance(outcome, Failure) else done.callback, outcome)
 
-    return deferToThreadPool(reactor, reactor.getThreadPool(), lookup)
+    threading.Thread(target=lookup, name="kvresponder-dns-seeds", daemon=True).start()
+    return done

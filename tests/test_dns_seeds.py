@@ -107,3 +107,47 @@ def test_a_new_node_whose_dns_record_lags_joins_every_ring_and_stays(network, mo
         time.sleep(0.25)
     wait_until(lambda: all(client.get(joining.url + "/kv/k%d" % (i,), timeout=10).status_code == 200
                            for i in range(20)), 20, "every key read through the new node")
+
+
+def test_a_seed_lookup_runs_on_a_daemon_thread_of_its_own_not_the_reactors_pool():
+    """
+    If a DNS seed lookup hangs (a failing resolver retries for tens of seconds), then it holds no thread of the
+    reactor's pool, which the reactor joins as it stops (a node SIGTERMed meanwhile stayed up past its pod's grace
+    period), but a daemon thread that does not keep the process alive; its answer still reaches the reactor's
+    thread, and a failed lookup arrives as a failure.
+    """
+    import socket
+    import threading
+    from unittest import mock
+
+    from kvresponder.discovery import resolve_all
+
+    release = threading.Event()
+    delivered = []
+
+    class Reactor:
+        def getThreadPool(self):
+            raise AssertionError("the lookup went to the reactor's thread pool")
+
+        def callFromThread(self, function, *args):
+            delivered.append(threading.current_thread().name)
+            function(*args)
+
+    def hanging(name, *args):
+        release.wait(10)
+        if name == "bad":
+            raise socket.gaierror(-2, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_DGRAM, 17, "", ("10.0.0.7", 0)),
+                (socket.AF_INET, socket.SOCK_DGRAM, 17, "", ("10.0.0.5", 0))]
+
+    with mock.patch("socket.getaddrinfo", hanging):
+        answers, failures = [], []
+        resolve_all(Reactor(), "kv-headless").addCallback(answers.append)
+        resolve_all(Reactor(), "bad").addErrback(failures.append)
+        lookups = [thread for thread in threading.enumerate() if thread.name == "kvresponder-dns-seeds"]
+        assert len(lookups) == 2 and all(thread.daemon for thread in lookups)
+        release.set()
+        for thread in lookups:
+            thread.join(5)
+    assert answers == [["10.0.0.5", "10.0.0.7"]]
+    assert len(failures) == 1 and failures[0].check(socket.gaierror)

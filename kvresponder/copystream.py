@@ -70,6 +70,7 @@ from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 
 from .digest import blake2b16
+from .hlc import version_from_wire
 from .log.replication import STREAM_CLOSED, STREAM_OPENED, STREAM_REFUSED, STREAM_REJECTED
 from .sendnow import no_delay, send_now
 from .store import ApplyResult, Entry, EntryTooLarge
@@ -207,7 +208,9 @@ def decode_results(payload: bytes, count: int) -> List[ApplyResult]:
                 raise ValueError("a malformed answer: a node id past its end")
             node = payload[offset:offset + length].decode("utf-8")
             offset += length
-            results.append(ApplyResult(bool(flags & 1), bool(flags & 2), (wall, counter, node)))
+            # Checked as the HTTP answer's is (``version_from_wire``): the write stamps itself above it.
+            newer = version_from_wire([wall, counter, node])
+            results.append(ApplyResult(bool(flags & 1), bool(flags & 2), newer))
     except (struct.error, UnicodeDecodeError) as error:
         raise ValueError("a malformed answer: %s" % (error,))
     if offset != len(payload):

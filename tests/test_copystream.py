@@ -614,7 +614,7 @@ def test_batches_carry_their_task_ids_and_a_mac_over_the_connections_nonce():
 def test_answers_decode_to_one_result_an_entry():
     results = [ApplyResult(True, False), ApplyResult(False, True), ApplyResult(True, True), ApplyResult(False, False),
                ApplyResult(False, True, (1700000000000, 3, "n3")), ApplyResult(True, False),
-               ApplyResult(False, False, (1700000000001, 0, "n\u00e9")), ApplyResult(False, True)]
+               ApplyResult(False, False, (1700000000001, 0, "pod-7f9c.n_4")), ApplyResult(False, True)]
     answer = encode_answer(7, results)
     assert struct.unpack_from("!IH", answer) == (7, 200)
     assert decode_results(answer[6:], len(results)) == results
@@ -622,6 +622,19 @@ def test_answers_decode_to_one_result_an_entry():
     for cut in (1, 8):
         with pytest.raises(ValueError, match="malformed"):
             decode_results(encode_answer(7, results[:5])[6:-cut], 5)
+
+
+@pytest.mark.parametrize("newer", [(-1, 0, "n3"), (1700000000000, 0, ""), (1700000000000, 0, "n\u00e9"),
+                                   (1700000000000, 0, "-n3"), (1700000000000, 0, "n" * 64)],
+                         ids=["negative-wall", "empty-node", "non-ascii-node", "leading-dash", "node-too-long"])
+def test_an_answers_newer_version_is_checked_as_an_http_answers_is(newer):
+    """
+    If a stream answer names a newer version that an HTTP answer's check would refuse (a negative wall time, a node
+    id no node can have), then the answer is malformed: the write would otherwise stamp itself above it, and a bad
+    version could break the write path instead of failing the copy over.
+    """
+    with pytest.raises(ValueError, match="malformed"):
+        decode_results(encode_answer(7, [ApplyResult(False, True, newer)])[6:], 1)
 
 
 def test_every_send_waiting_on_a_refused_opening_hears_the_refusal():

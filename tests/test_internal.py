@@ -371,3 +371,20 @@ def test_work_cancelled_because_its_client_hung_up_is_no_error_to_log():
         assert [m for m in logger.messages if m.get("message_type") == "eliot:traceback"] == []
     finally:
         swap_logger(previous)
+
+
+def test_a_binary_batch_holds_at_most_as_many_entries_as_a_json_one():
+    """
+    If a binary batch (``/apply``'s binary form, or a copy stream's frame) holds more than MAX_SYNC_KEYS entries,
+    then it is refused, as the JSON form is: a frame of small tombstones could hold hundreds of thousands, all
+    applied in one reactor turn. One at the limit passes.
+    """
+    import pytest
+
+    from kvresponder.http.schemas import MAX_SYNC_KEYS, SchemaError, check_entries
+    from kvresponder.store import Entry
+
+    tombstone = Entry("k", None, (1, 0, "n1"))
+    assert len(check_entries([tombstone] * MAX_SYNC_KEYS)) == MAX_SYNC_KEYS
+    with pytest.raises(SchemaError, match="at most %d entries" % (MAX_SYNC_KEYS,)):
+        check_entries([tombstone] * (MAX_SYNC_KEYS + 1))

@@ -230,8 +230,12 @@ def check_entries(entries):
     and UTF-8) if each version names a well-formed node id and each expiry is finite. Values are not parsed:
     a batch can hold thousands, on the write path.
 
-    :raises SchemaError: naming the first entry that does not fit.
+    :raises SchemaError: naming the first entry that does not fit, or the batch if it holds more than
+        :data:`MAX_SYNC_KEYS` entries (as the JSON form may): applied in one reactor turn, a frame of small
+        tombstones could hold hundreds of thousands.
     """
+    if len(entries) > MAX_SYNC_KEYS:
+        raise SchemaError("entries", "at most %d entries a batch" % (MAX_SYNC_KEYS,))
     seen = set()
     for index, entry in enumerate(entries):
         node = entry.version[2]

@@ -115,7 +115,8 @@ class Node:
         self._owned_ratio = (None, 1.0)
         self.authenticator = None
         if settings.cluster_secret:
-            self.authenticator = PeerAuthenticator(derive_key(settings.cluster_secret, "peer"), self.wall)
+            self.authenticator = PeerAuthenticator(derive_key(settings.cluster_secret, "peer"), self.wall,
+                                                   clock_allowance=2 * settings.max_clock_offset)
         from .peers import PeerClient
         streams = None
         if stream_endpoint is not None and settings.replication_stream:

@@ -143,19 +143,29 @@ class PeerAuthenticator:
     operation is idempotent. What a signature grants beyond that is granted once (:meth:`first_use`).
     """
 
-    def __init__(self, key: bytes, wall: Callable[[], float]) -> None:
+    def __init__(self, key: bytes, wall: Callable[[], float], clock_allowance: float = 0.0) -> None:
+        """
+        :param clock_allowance: seconds a peer's clock may be behind this node's (twice ``MAX_CLOCK_OFFSET``).
+        """
         self._key = key
         self._wall = wall
         self._spent = _SpentSignatures(wall)
+        #: Signatures spent before this process started are not in ``_spent``: one signed before it started (by
+        #: more than a clock behind ours could make it look) may be a replay of one spent by the previous process.
+        self._first_signable = wall() - clock_allowance
 
     def first_use(self, header: Optional[bytes]) -> bool:
         """
         Whether ``header``, a signature that has passed its check, is used here for the first time. For what a
         signature grants beyond an idempotent operation, which a replay within the window must not get again:
-        a large body's exemption from the body budget (:data:`LENGTH_AUTH_HEADER`), and a copy stream.
+        a large body's exemption from the body budget (:data:`LENGTH_AUTH_HEADER`), and a copy stream. One
+        signed before this node started is taken for a replay: the record of those spent went with the previous
+        process (a captured upgrade, sent again after a restart, opened a stream).
         """
         fresh = self._fresh(header)
-        return fresh is not None and self._spent.spend(fresh[1], float(fresh[0]))
+        if fresh is None or float(fresh[0]) < self._first_signable:
+            return False
+        return self._spent.spend(fresh[1], float(fresh[0]))
 
     def _mac(self, stamp: str, method: bytes, path: bytes, body: bytes) -> str:
         digest = hashlib.sha256(body).hexdigest().encode("ascii")

@@ -661,6 +661,28 @@ def test_a_signature_older_than_the_window_is_refused_and_not_taken_as_a_first_u
         assert not auth.first_use(body)
 
 
+def test_a_signature_made_before_this_node_started_is_no_first_use_though_it_still_verifies():
+    """
+    If a node restarts and is shown, within the window, a signature made before it started (by more than a clock
+    behind its own could explain: twice MAX_CLOCK_OFFSET), then it still verifies (every internal operation is
+    idempotent), but it is not taken as a first use: the previous process spent it, and its record went with it
+    (a captured copy stream upgrade, sent again after the restart, opened a stream). One made since is.
+    """
+    from kvresponder.peertransport import PeerAuthenticator
+
+    now = [1_700_000_000.0]
+    before = PeerAuthenticator(b"k" * 32, wall=lambda: now[0])
+    captured = before.sign(b"POST", _APPLY, b"{}")
+    now[0] += 10.0
+    restarted = PeerAuthenticator(b"k" * 32, wall=lambda: now[0], clock_allowance=1.0)
+    assert restarted.verify(captured, b"POST", _APPLY, b"{}")
+    assert not restarted.first_use(captured)
+    behind = [now[0] - 0.9]  # a peer whose clock is 0.9 s behind, signing just now
+    peer = PeerAuthenticator(b"k" * 32, wall=lambda: behind[0])
+    assert restarted.first_use(peer.sign(b"POST", _APPLY, b"{}"))
+    assert restarted.first_use(restarted.sign(b"POST", _APPLY, b"{}"))
+
+
 def test_a_signature_made_for_another_path_is_refused():
     """
     If a signature made for one internal route is shown on another (same method, body and time), then it is

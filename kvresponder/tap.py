@@ -5,6 +5,7 @@ This is the only module that touches the global reactor. Everything below receiv
 """
 
 import os
+import signal
 import sys
 import time
 from typing import Callable
@@ -152,6 +153,7 @@ class KVResponderService(MultiService):
         from .log.service import REQUESTS_ANSWERED, SERVICE_STOPPING, TRACES_UNEXPORTED
         from .tracing import SHUTDOWN_TIMEOUT
         SERVICE_STOPPING.log()
+        _ignore_further_stop_signals()
         clock = self.node.clock
         # A Service's endpoints, and the proxies and clients that follow them, take a moment to stop sending this
         # node requests, and a drain that has nothing to hand off ends at once: the listener stays open that long.
@@ -192,6 +194,28 @@ class KVResponderService(MultiService):
             if self.tracing is not None and self.tracing.enabled:
                 if not await self.tracing.shutdown():
                     TRACES_UNEXPORTED.log(timeout=SHUTDOWN_TIMEOUT)
+
+
+def _ignore_further_stop_signals() -> None:
+    """
+    Take SIGTERM and SIGINT from Twisted's handlers for the rest of the process's life, once it is stopping: each
+    asked the reactor to stop again, which logged a ``ReactorNotRunning`` traceback at error level, and a SIGINT
+    made the process end by SIGINT rather than by the SIGTERM it stopped for. Only in the main thread, where
+    Python lets handlers be set (a test's reactor may run elsewhere).
+    """
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return
+    from .log.service import STOP_SIGNAL_IGNORED
+
+    from twisted.internet import reactor
+
+    def ignored(signum, frame):
+        # Logged from the reactor's turn, not from inside whatever the handler interrupted (a line being written).
+        reactor.callFromThread(STOP_SIGNAL_IGNORED.log, signal=signal.Signals(signum).name)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, ignored)
 
 
 def steady_seconds(wall: Callable[[], float] = time.time,

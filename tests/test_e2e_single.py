@@ -66,6 +66,30 @@ def test_sigterm_stops_the_node_cleanly(node):
     assert "eliot:traceback" not in types
 
 
+def test_a_second_sigterm_or_a_sigint_while_the_node_stops_changes_nothing_and_logs_no_error(log_dir):
+    """
+    If a stopping node gets SIGTERM again, and then SIGINT (an impatient operator, a runtime that repeats its
+    signal), then its stop goes on as before and ends by the first signal, with no error logged: each logged a
+    ``ReactorNotRunning`` traceback at error level, and a SIGINT made the process end by SIGINT.
+    """
+    node = NodeProcess("again", "again-1", free_udp_port(), log_dir).start()
+    try:
+        node.wait_ready()
+        node.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        node.process.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        node.process.send_signal(signal.SIGINT)
+        assert node.process.wait(timeout=30) in (0, -signal.SIGTERM)
+    finally:
+        node.kill()
+    messages = node.log_messages()
+    errors = [m for m in messages if m.get("message_type") == "eliot:traceback" or m.get("log_level") == "error"
+              or "ReactorNotRunning" in json.dumps(m)]
+    assert errors == [], errors[:3]
+    assert "kvresponder:service:stop-signal-ignored" in [m.get("message_type") for m in messages]
+
+
 @pytest.mark.parametrize("env, serving", [({}, 2.0), ({"SERVE_AFTER_LEAVING": "4.5"}, 4.5)],
                          ids=["default", "SERVE_AFTER_LEAVING"])
 def test_a_sigtermed_node_with_nothing_to_hand_off_still_answers_for_a_moment(log_dir, env, serving):

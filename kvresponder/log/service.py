@@ -15,6 +15,11 @@ SERVICE_STARTED = leveled("service", INFO, MessageType(
 SERVICE_STOPPING = leveled("service", INFO, MessageType(
     "kvresponder:service:stopping", [], "The node is stopping."))
 
+STOP_SIGNAL_IGNORED = leveled("service", INFO, MessageType(
+    "kvresponder:service:stop-signal-ignored",
+    [Field.for_types("signal", [str], "The signal's name (SIGTERM, SIGINT).")],
+    "A stop signal came while the node was already stopping: its stop goes on as it was."))
+
 REQUESTS_ANSWERED = leveled("service", INFO, MessageType(
     "kvresponder:service:requests-answered",
     [Field.for_types("waited", [float], "Seconds the stopping node waited, after its listener closed, for the "

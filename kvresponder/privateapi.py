@@ -151,7 +151,10 @@ def answer_bad_requests(channel_class, answer: Callable[[HTTPChannel], None]) ->
 
 # -- Twisted: the HTTP client (kvresponder.peertransport) ------------------------------------------------
 
-from twisted.web._newclient import RequestNotSent  # noqa: E402,F401  (a pooled connection that went stale)
+from twisted.web import _newclient  # noqa: E402
+
+#: What the HTTP client raises for a request on a pooled connection that went stale before it was sent.
+RequestNotSent = _newclient.RequestNotSent
 
 
 # -- Eliot (kvresponder.log) ---------------------------------------------------------------------------------

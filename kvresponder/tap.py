@@ -167,7 +167,6 @@ class KVResponderService(MultiService):
         # Requests from clients that chose this node just before it began leaving are still answered (kv reads and
         # writes, which it coordinates to the other nodes).
         await deferLater(clock, max(0.0, serve_until - clock.seconds()), lambda: None)
-        self.node.stop()
         self.running = 0
         self.discovery_service.stop_heartbeats()
         try:
@@ -184,6 +183,9 @@ class KVResponderService(MultiService):
                 unanswered = await self.site.requests_done(2 * self.node.settings.peer_request_timeout)
                 REQUESTS_ANSWERED.log(waited=round(self.site.seconds() - started, 3), unanswered=unanswered)
         finally:
+            # The node stops serving only now: the requests on the connections taken from the backlog above, and
+            # those still being answered, are served (coordinated to the other nodes), not refused as "stopping".
+            self.node.stop()
             # Whatever failed above: peers forget this node now, and stop asking it for what a leaving node may
             # still hold, before its streams close and its address goes with its pod (a call to an address that
             # is gone waits its whole timeout).

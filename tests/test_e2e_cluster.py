@@ -4,6 +4,7 @@ kill -9 with zero failed requests, join, SIGTERM drain, a rolling change of plac
 and no clustering without a secret unless told to be insecure.
 """
 
+import signal
 import threading
 import time
 
@@ -182,6 +183,51 @@ def test_a_rolling_change_of_placement_settings_keeps_every_key_readable(cluster
         cluster.wait_formed(30)
         readable_everywhere(cluster, keys)
     settled_copies(cluster, keys, replicas=copies)
+
+
+def test_requests_a_stopping_node_takes_in_its_last_moments_are_served_not_refused_as_stopping(cluster):
+    """
+    If clients keep reading through a node while it stops (SIGTERM), then every request it takes is answered with
+    the value, its last ones included (those waiting in its port's backlog when it closes, which it accepts so as
+    to answer them): none is refused 503 "stopping", as they were when the node stopped serving before its
+    listener closed. Once the port is closed, connections are refused, which a client retries elsewhere.
+    """
+    for _ in range(2):
+        cluster.add()
+    cluster.wait_formed()
+    keys = write_keys(cluster.nodes[0], 20)
+    node = cluster.nodes[1]
+    done = threading.Event()
+    refused, served = [], []
+
+    def reader(index):
+        while not done.is_set():
+            key = keys[index % len(keys)]
+            try:
+                # A connection a request: some of them are in the backlog when the port closes.
+                response = requests.get(node.url + "/kv/" + key, headers={"Connection": "close"}, timeout=10)
+            except requests.RequestException:
+                continue
+            if response.status_code == 200:
+                served.append(time.monotonic())
+            else:
+                refused.append((response.status_code, response.text[:200]))
+
+    readers = [threading.Thread(target=reader, args=(index,)) for index in range(6)]
+    for thread in readers:
+        thread.start()
+    time.sleep(0.5)
+    signalled = time.monotonic()
+    node.process.send_signal(signal.SIGTERM)
+    try:
+        assert node.process.wait(timeout=30) in (0, -signal.SIGTERM)
+    finally:
+        done.set()
+        for thread in readers:
+            thread.join(15)
+    assert refused == [], refused[:5]
+    # Served to the end of its serving time, through the node while it drained.
+    assert served and max(served) - signalled > 1.5
 
 
 def test_two_tenants_on_one_discovery_port_never_see_each_other(log_dir):

@@ -208,9 +208,9 @@ def _ignore_further_stop_signals() -> None:
     import threading
     if threading.current_thread() is not threading.main_thread():
         return
-    from .log.service import STOP_SIGNAL_IGNORED
-
     from twisted.internet import reactor
+
+    from .log.service import STOP_SIGNAL_IGNORED
 
     def ignored(signum, frame):
         # Logged from the reactor's turn, not from inside whatever the handler interrupted (a line being written).

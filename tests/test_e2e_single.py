@@ -156,16 +156,26 @@ def test_a_node_whose_port_is_taken_exits_non_zero_with_one_line_before_it_annou
     holder.listen(1)
     port = holder.getsockname()[1]
     try:
-        result = subprocess.run([sys.executable, "-c", TWISTD, "-n", "--pidfile=", "kvresponder", "--tenant", "t1",
-                                 "--port", str(port)], env=node_env({"CLUSTER_SECRET": "a-cluster-secret-of-length"}),
-                                cwd=REPO, capture_output=True, timeout=60)
+        line = _start_refused_with_one_line(["--port", str(port)])
     finally:
         holder.close()
+    assert "Address already in use" in line and str(port) in line, line
+
+
+def _start_refused_with_one_line(args) -> str:
+    """
+    Start a node with ``args`` (and a cluster secret); it must exit 1 with one line on stderr, having started no
+    service (neither discovery nor the node said a word): that line.
+    """
+    result = subprocess.run([sys.executable, "-c", TWISTD, "-n", "--pidfile=", "kvresponder", "--tenant", "t1"] + args,
+                            env=node_env({"CLUSTER_SECRET": "a-cluster-secret-of-length"}),
+                            cwd=REPO, capture_output=True, timeout=60)
     assert result.returncode == 1, (result.returncode, result.stderr)
     lines = result.stderr.decode().strip().splitlines()
-    assert len(lines) == 1 and "Address already in use" in lines[0] and str(port) in lines[0], result.stderr
+    assert len(lines) == 1, result.stderr
     logged = result.stdout.decode()
     assert "kvresponder:discovery:started" not in logged and "kvresponder:service:started" not in logged
+    return lines[0]
 
 
 def test_a_node_whose_discovery_port_is_taken_exits_non_zero_with_one_line_before_it_announces_itself():
@@ -178,18 +188,10 @@ def test_a_node_whose_discovery_port_is_taken_exits_non_zero_with_one_line_befor
     holder.bind(("0.0.0.0", 0))
     port = holder.getsockname()[1]
     try:
-        result = subprocess.run([sys.executable, "-c", TWISTD, "-n", "--pidfile=", "kvresponder", "--tenant", "t1",
-                                 "--port", str(free_port()), "--discovery-port", str(port)],
-                                env=node_env({"CLUSTER_SECRET": "a-cluster-secret-of-length"}),
-                                cwd=REPO, capture_output=True, timeout=60)
+        line = _start_refused_with_one_line(["--port", str(free_port()), "--discovery-port", str(port)])
     finally:
         holder.close()
-    assert result.returncode == 1, (result.returncode, result.stderr)
-    lines = result.stderr.decode().strip().splitlines()
-    assert len(lines) == 1 and "--discovery-port" in lines[0] and str(port) in lines[0], result.stderr
-    assert "Address already in use" in lines[0], result.stderr
-    logged = result.stdout.decode()
-    assert "kvresponder:discovery:started" not in logged and "kvresponder:service:started" not in logged
+    assert "--discovery-port" in line and str(port) in line and "Address already in use" in line, line
 
 
 @pytest.mark.parametrize("interface", ["192.0.2.77", "0.0.0.0"])

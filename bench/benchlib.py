@@ -75,8 +75,9 @@ def node_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
                                   "ADMIN_TOKEN", "HEARTBEAT", "PEER_", "DRAIN_", "PYTHONPATH"))}
     # Benchmark the work tree's code, whatever is installed.
     env["PYTHONPATH"] = REPO
-    # As the image sets it (see the Dockerfile); CPython ignores it. A value in the environment wins.
-    env.setdefault("PYPY_GC_INCREMENT_STEP", IMAGE_PYPY_GC_INCREMENT_STEP)
+    # As the image sets them (see the Dockerfile); CPython ignores them. A value in the environment wins.
+    for name, value in IMAGE_PYPY_GC.items():
+        env.setdefault(name, value)
     env.update(extra or {})
     return env
 
@@ -94,7 +95,7 @@ def _image_env(name: str) -> str:
     raise RuntimeError("the Dockerfile sets no %s" % (name,))
 
 
-IMAGE_PYPY_GC_INCREMENT_STEP = _image_env("PYPY_GC_INCREMENT_STEP")
+IMAGE_PYPY_GC = {name: _image_env(name) for name in ("PYPY_GC_INCREMENT_STEP", "PYPY_GC_NURSERY")}
 
 
 def log_dir() -> str:

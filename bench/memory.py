@@ -32,8 +32,8 @@ def measure(target: b.Process, keys: int, batch: int, settle: float, steps: int)
     time.sleep(settle)
     before = target.rss()
     # The load in equal steps, RSS read after each: the slope of RSS over keys is the cost of one more key,
-    # apart from what the process pays once as it first grows (PyPy touches its nursery, 150 MB on this
-    # machine, and compiles the load path; allocators grow their arenas).
+    # apart from what the process pays once as it first grows (PyPy touches its nursery and compiles the
+    # load path; allocators grow their arenas).
     samples = [(0, before)]
     seconds = 0.0
     step = keys // steps

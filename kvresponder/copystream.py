@@ -297,7 +297,8 @@ class _FrameReceiver(Protocol):
     to ``stringReceived``; one over ``MAX_LENGTH`` goes to ``lengthLimitExceeded`` instead. A frame that arrives
     over many reads is joined once, when all of it is in: ``Int32StringReceiver`` joins all it holds to each read,
     and a batch of 8 MiB arriving in 64 KiB reads was copied over a hundred times (the time grows with the square
-    of the frame), on the reactor's thread. ``stop_reading()`` drops whatever follows.
+    of the frame), on the reactor's thread. ``stop_reading()`` drops whatever follows. While ``hold()`` is in
+    force no frame is delivered: the rest of a read waits for ``release()``.
     """
 
     MAX_LENGTH = 99999
@@ -306,13 +307,34 @@ class _FrameReceiver(Protocol):
     _have = 0
     _need = 0
     _stopped = False
+    #: Bytes read and not yet parsed while held (``None``: not held).
+    _held: Optional[bytes] = None
 
     def stop_reading(self) -> None:
         self._stopped = True
         self._parts = None
+        self._held = None
+
+    def hold(self) -> None:
+        """
+        Deliver no more frames, from this read or later ones, until :meth:`release`.
+        """
+        if self._held is None:
+            self._held = b""
+
+    def release(self) -> None:
+        """
+        Deliver the frames held back by :meth:`hold`, and those read from now on.
+        """
+        held, self._held = self._held, None
+        if held:
+            self.dataReceived(held)
 
     def dataReceived(self, data: bytes) -> None:
         if self._stopped:
+            return
+        if self._held is not None:
+            self._held += data
             return
         if self._parts is not None:
             self._parts.append(data)
@@ -338,6 +360,9 @@ class _FrameReceiver(Protocol):
             offset = stop
             self.stringReceived(frame)
             if self._stopped:
+                return
+            if self._held is not None:
+                self._held = data[offset:]
                 return
         if offset < end:
             rest = data[offset:]
@@ -395,9 +420,24 @@ class CopyStreamServer(_FrameReceiver):
 
     def connectionMade(self) -> None:
         no_delay(self.transport)
+        # The transport tells this protocol when its answers pile up unsent (a caller that sends frames and does
+        # not read their answers: a read's answer is up to MAX_READ_ANSWER), and it stops reading frames until
+        # they are sent, rather than hold every answer in memory.
+        self.transport.registerProducer(self, True)
         if self._clock is not None:
             self._last_frame = self._clock.seconds()
             self._idle_call = self._clock.callLater(self._idle_timeout, self._check_idle)
+
+    def pauseProducing(self) -> None:
+        self.hold()
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+        self.release()
+
+    def stopProducing(self) -> None:
+        self.stop_reading()
 
     def _check_idle(self) -> None:
         # Lazy, like the HTTP channel's timers: frames only note the time, and this one timer checks it.

@@ -8,7 +8,8 @@ import struct
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import succeed
+from twisted.internet.defer import gatherResults, succeed
+from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
 from treq.client import HTTPClient
 from twisted.python.failure import Failure
@@ -124,6 +125,41 @@ async def test_entries_too_large_for_one_answer_are_refused_413_and_read_over_ht
         reader = StreamReader(streams, over_http, reactor, None, 2.0, SuspectPeers(reactor))
         assert await reader.read(peer.peer, ["k1", "k2"]) == [None, None]
         assert fallbacks == [["k1", "k2"]]
+    finally:
+        streams.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_whose_caller_reads_no_answers_stops_reading_its_frames_until_the_answers_are_taken(server):
+    """
+    If a caller sends read frames on a real stream and does not read their answers, then the node stops taking
+    its frames once the answers pile up unsent (each up to MAX_READ_ANSWER, which it would otherwise all hold in
+    memory), and takes the rest, answering every one, once the caller reads again.
+    """
+    peer = server(max_value_size="4Mi", max_memory="64Mi")
+    value = b'"' + b"x" * (1 << 20) + b'"'
+    peer.node.store.apply(numbered_entry(1, value))
+    served = []
+    current = peer.node.store.current
+
+    def counting(key):
+        served.append(key)
+        return current(key)
+    peer.node.store.current = counting
+    streams = loopback_streams(signer())
+    try:
+        [entry] = await streams.read(peer.peer, ["k1"], 5.0)
+        assert entry.value == value
+        [stream] = streams._open.values()
+        stream.transport.pauseProducing()
+        reads = [streams.read(peer.peer, ["k1"], 60.0) for _ in range(80)]
+        await deferLater(reactor, 1.0, lambda: None)
+        held_back = 81 - len(served)
+        stream.transport.resumeProducing()
+        answers = await gatherResults(reads)
+        assert held_back >= 30, "the node took %d of 80 frames whose answers were not read" % (len(served) - 1,)
+        assert [entry.value for [entry] in answers] == [value] * 80
+        assert len(served) == 81
     finally:
         streams.close()
 

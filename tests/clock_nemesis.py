@@ -8,13 +8,16 @@ else on the host, this test process included, keeps the real clock, so the test 
 """
 
 import email.utils
+import glob
 import os
 import time
 from typing import Dict, Optional
 
 from .netns import ChaosNode
 
-LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+# Debian's faketime package, under the machine's multiarch directory (x86_64-linux-gnu, aarch64-linux-gnu, ...).
+LIBFAKETIME = (sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
+               or ["/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"])[0]
 
 ONE_YEAR = 365 * 86400.0
 

@@ -623,7 +623,9 @@ class Network:
 
     def create(self) -> "Network":
         self.name = self.prefix + "-net"
-        self.podman.run("network", "create", "--label", "kv-pods=" + self.prefix,
+        # Internal: no default route, no masquerading, and the network's DNS answers only its own names; this
+        # machine still reaches the pods through the bridge (probes, clients), and nothing goes beyond it.
+        self.podman.run("network", "create", "--internal", "--label", "kv-pods=" + self.prefix,
                         "--label", "kv-pods-run=" + self.podman.prefix, self.name)
         subnet = self.podman.inspect("network", self.name)["subnets"][0]
         self.gateway = subnet["gateway"]

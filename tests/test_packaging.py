@@ -22,13 +22,14 @@ def _read(*path):
 
 def test_ci_runs_the_readmes_test_command():
     """
-    If the README names a test command, then .ci/run runs exactly that command.
+    If the README names a test command, then .ci/run runs exactly that command, and exits if any part of it
+    fails (``set -e`` alone would go on past a failed install, the first command of an ``&&`` list).
     """
     readme = _read("README.md")
     ci = _read(".ci", "run")
     command = "python3 -m pip install -q -c requirements/test.txt '.[test]' && python3 -m pytest"
     assert command in readme.split("## ")[0], "the README does not open with the test command"
-    assert command in ci.splitlines()
+    assert command + " || exit 1" in ci.splitlines()
 
 
 def test_the_plugin_directory_has_no_init():

@@ -255,6 +255,7 @@ def test_a_peer_cut_off_but_still_listed_holds_up_one_call_and_not_every_write_a
             assert s.put(entry.url + "/kv/" + key, json={"value": index}, timeout=5).status_code == 201
             written.append(key)
         net.partition([isolated], nodes[:2])
+        cut = time.monotonic()
         puts, gets = [], []
         index = 0
         while time.monotonic() - cut < 7.0:

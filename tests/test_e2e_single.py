@@ -634,6 +634,42 @@ def test_pipelined_reads_whose_answers_are_not_read_do_not_pile_up_in_memory(nod
         sock.close()
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize("target", [b"/slowread/kv/v", b"/slowread/kv/v?via=twisted"], ids=["fast-lane", "twisted"])
+def test_a_client_reading_a_long_pipeline_of_answers_slowly_is_not_cut_off_at_the_idle_timeout(log_dir, target):
+    """
+    If a client sends 300 pipelined reads of a 60 KB value in one write and then reads the answers at a few MB/s,
+    for well past REQUEST_TIMEOUT (2 s here) with no byte sent, then it gets every answer: the node answers the
+    requests it holds back as the client reads, and a client that reads is not idle.
+    """
+    nodes = Cluster("slowread", log_dir, env={"REQUEST_TIMEOUT": "2"})
+    sock = None
+    try:
+        node = nodes.add()
+        value = "x" * 60000
+        assert requests.put(node.url + "/kv/v", data=json.dumps({"value": value}),
+                            headers={"Content-Type": "application/json"}, timeout=10).status_code == 201
+        body = len(requests.get(node.url + "/kv/v", timeout=10).content)
+        sock = socket.create_connection(("127.0.0.1", node.port))
+        sock.sendall((b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n") * 300)
+        sock.settimeout(10)
+        started = time.monotonic()
+        received = 0
+        # Every body (each answer's head on top: at least 299 whole answers and most of the last).
+        while received < 300 * body:
+            chunk = sock.recv(65536)
+            assert chunk, "the connection closed after %.1f s and %d of %d bytes\n%s" % (
+                time.monotonic() - started, received, 300 * body, node.log_tail(5))
+            received += len(chunk)
+            time.sleep(0.02)  # at most 3 MB/s: 18 MB of answers over some 6 s
+        assert time.monotonic() - started > 4, "the answers were read too fast to outlast the idle timeout"
+        assert node.alive
+    finally:
+        if sock is not None:
+            sock.close()
+        nodes.stop()
+
+
 # -- a signed peer call captured and sent again ------------------------------------------------------------------
 
 

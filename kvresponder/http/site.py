@@ -865,6 +865,9 @@ class _CountedChannel(HTTPChannel):
         # The requests held while the client read none of the answers (see requestDone and the lane), now that
         # it has read some.
         if lane is not None and lane.held_for_transport:
+            # The client read some of its answers: that is activity, as its bytes in would be (else one that
+            # reads a long pipeline of answers slowly is cut off at the idle timeout, mid-answer).
+            self.resetTimeout()
             rest = lane.resume()
             if rest is not None:
                 self.from_lane(rest)

@@ -299,9 +299,10 @@ class DiscoveryProtocol(DatagramProtocol):
         #: than them): the same one again is a ``duplicate`` (it came by two ways), any other at or below the floor a
         #: ``replayed``. An incarnation in it has been taken in since this node started.
         self._taken: Dict[Tuple[str, int], Optional[int]] = {}
-        #: When this node started: its floors of sequence numbers (above) begin empty, so a signed heartbeat from
-        #: before then may be one it took before a restart, captured and sent again.
-        self._started = wall()
+        #: When this node started, on the reactor's clock (which does not step): its floors of sequence numbers
+        #: (above) begin empty, so a signed heartbeat from before then may be one it took before a restart,
+        #: captured and sent again (:meth:`_start_time`).
+        self._started_steady = clock.seconds()
         self._ahead_logged: Dict[str, float] = {}
         #: The peers whose last heartbeat was refused for a clock too far ahead.
         self._ahead: Dict[str, bool] = {}
@@ -451,7 +452,7 @@ class DiscoveryProtocol(DatagramProtocol):
         # first sets the floor, and the next are above it). A live peer's next heartbeats, signed after the start,
         # are taken.
         before_start = (unproven and self.max_clock_offset is not None
-                        and timestamp < self._started - 2 * self.max_clock_offset)
+                        and timestamp < self._start_time() - 2 * self.max_clock_offset)
         if before_start and first:
             # Not even measured: one alone, captured long ago, would make this node's own clock look wrong.
             self._drop("replayed", "signed before this node started", address)
@@ -519,6 +520,15 @@ class DiscoveryProtocol(DatagramProtocol):
         self.announce(state=GONE)
         self.announce(state=GONE)
         self._departed = True
+
+    def _start_time(self) -> float:
+        """
+        When this node started, by the wall clock as it reads now: its time now less the time since, on the
+        reactor's clock. A node started with its clock ahead, and set right since, would otherwise take every
+        peer's heartbeat for one signed before it started for as long as its clock was ahead, hear no peer, and
+        serve alone.
+        """
+        return self.wall() - (self.clock.seconds() - self._started_steady)
 
     def _drop(self, result: str, detail: str, address) -> None:
         if self.metrics is not None:

@@ -116,7 +116,8 @@ class Node:
         self.authenticator = None
         if settings.cluster_secret:
             self.authenticator = PeerAuthenticator(derive_key(settings.cluster_secret, "peer"), self.wall,
-                                                   clock_allowance=2 * settings.max_clock_offset)
+                                                   clock_allowance=2 * settings.max_clock_offset,
+                                                   steady=monotonic or clock.seconds)
         from .peers import PeerClient
         streams = None
         if stream_endpoint is not None and settings.replication_stream:

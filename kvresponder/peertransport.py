@@ -143,16 +143,32 @@ class PeerAuthenticator:
     operation is idempotent. What a signature grants beyond that is granted once (:meth:`first_use`).
     """
 
-    def __init__(self, key: bytes, wall: Callable[[], float], clock_allowance: float = 0.0) -> None:
+    def __init__(self, key: bytes, wall: Callable[[], float], clock_allowance: float = 0.0,
+                 steady: Optional[Callable[[], float]] = None) -> None:
         """
         :param clock_allowance: seconds a peer's clock may be behind this node's (twice ``MAX_CLOCK_OFFSET``).
+        :param steady: a clock that does not step (the reactor's), in seconds: when this node started is then
+            read as the wall clock's time now less the time since, so that a node started with its clock ahead
+            and set right since takes its peers' signatures again. ``None``: the wall clock's reading at start.
         """
         self._key = key
         self._wall = wall
         self._spent = _SpentSignatures(wall)
-        #: Signatures spent before this process started are not in ``_spent``: one signed before it started (by
-        #: more than a clock behind ours could make it look) may be a replay of one spent by the previous process.
-        self._first_signable = wall() - clock_allowance
+        self._steady = steady
+        self._started_steady = steady() if steady is not None else 0.0
+        self._clock_allowance = clock_allowance
+        self._started_wall = wall()
+
+    def _first_signable(self) -> float:
+        """
+        Signatures spent before this process started are not in ``_spent``: one signed before it started (by more
+        than a clock behind ours could make it look) may be a replay of one spent by the previous process.
+        """
+        if self._steady is None:
+            started = self._started_wall
+        else:
+            started = self._wall() - (self._steady() - self._started_steady)
+        return started - self._clock_allowance
 
     def first_use(self, header: Optional[bytes]) -> bool:
         """
@@ -163,7 +179,7 @@ class PeerAuthenticator:
         process (a captured upgrade, sent again after a restart, opened a stream).
         """
         fresh = self._fresh(header)
-        if fresh is None or float(fresh[0]) < self._first_signable:
+        if fresh is None or float(fresh[0]) < self._first_signable():
             return False
         return self._spent.spend(fresh[1], float(fresh[0]))
 

@@ -75,14 +75,14 @@ class Harness:
     """
 
     def __init__(self, key=None, group=GROUP, start=True, alone=False, at=NOW, unicast_peers=False,
-                 clock_offsets=None) -> None:
+                 clock_offsets=None, wall=None) -> None:
         self.clock = Clock()
         self.clock.advance(at)
         self.membership = Membership(self.clock.seconds, OWN.node_id, PEER_TIMEOUT)
         self.metrics = FakeMetrics()
         self.transport = FakeMulticastTransport()
         self.protocol = DiscoveryProtocol(HeartbeatCodec("t1", key), self.membership, self.clock,
-                                          self.clock.seconds, lambda: OWN, group, OWN_ADDRESS, PORT, ttl=2,
+                                          wall or self.clock.seconds, lambda: OWN, group, OWN_ADDRESS, PORT, ttl=2,
                                           metrics=self.metrics, alone=alone, unicast_peers=unicast_peers,
                                           clock_offsets=clock_offsets)
         if start:
@@ -920,6 +920,24 @@ def test_a_heartbeat_signed_before_this_node_started_is_refused_as_a_replay():
     assert "n2" not in offsets.offsets()
     restarted.receive(codec.encode(PEER, False, NOW + 20.2, 11))
     assert restarted.metrics.results == ["replayed", "accepted"] and "n2" in restarted.membership.ring_members()
+
+
+def test_a_node_started_with_its_clock_ahead_and_set_right_since_takes_in_its_peers_heartbeats():
+    """
+    If a node starts with its clock an hour ahead, its peers' heartbeats look signed before it started and are
+    refused; once its clock is set right, the next ones are taken in: when it started is its wall clock now less
+    the time since on the reactor's clock, which does not step (it heard no peer for the hour, and served alone).
+    """
+    codec = HeartbeatCodec("t1", KEY)
+    wall = [NOW + 3600.0]
+    harness = Harness(KEY, wall=lambda: wall[0])
+    harness.protocol.max_clock_offset = 0.5
+    harness.receive(codec.encode(PEER, False, NOW + 0.1, 1))
+    assert harness.metrics.results == ["replayed"] and "n2" not in harness.membership.ring_members()
+    harness.clock.advance(5)
+    wall[0] = NOW + 5.0
+    harness.receive(codec.encode(PEER, False, NOW + 5.1, 2))
+    assert harness.metrics.results == ["replayed", "accepted"] and "n2" in harness.membership.ring_members()
 
 
 def test_a_dead_nodes_captured_heartbeats_replayed_after_a_restart_never_bring_it_back():

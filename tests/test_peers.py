@@ -683,6 +683,27 @@ def test_a_signature_made_before_this_node_started_is_no_first_use_though_it_sti
     assert restarted.first_use(restarted.sign(b"POST", _APPLY, b"{}"))
 
 
+def test_a_node_started_with_its_clock_ahead_and_set_right_since_takes_its_peers_fresh_signatures_as_first_uses():
+    """
+    If a node starts with its clock an hour ahead and the clock is set right (NTP's first step), then a peer's
+    signature made just now is a first use: when the node started is read as its wall clock now less the time
+    since, on a clock that does not step, not as the hour-ahead reading taken at its start (every copy stream
+    upgrade was refused as a replay for that hour).
+    """
+    from kvresponder.peertransport import PeerAuthenticator
+
+    right = 1_700_000_000.0
+    wall, steady = [right + 3600.0], [50.0]
+    node = PeerAuthenticator(b"k" * 32, wall=lambda: wall[0], clock_allowance=1.0, steady=lambda: steady[0])
+    steady[0] += 10.0
+    wall[0] = right + 10.0
+    peer = PeerAuthenticator(b"k" * 32, wall=lambda: right + 10.0)
+    assert node.first_use(peer.sign(b"POST", _APPLY, b"{}"))
+    # What it still refuses: one made before it started, by the clock as it reads now.
+    early = PeerAuthenticator(b"k" * 32, wall=lambda: right - 5.0)
+    assert not node.first_use(early.sign(b"POST", _APPLY, b"{}"))
+
+
 def test_a_signature_made_for_another_path_is_refused():
     """
     If a signature made for one internal route is shown on another (same method, body and time), then it is

@@ -388,3 +388,30 @@ def test_a_binary_batch_holds_at_most_as_many_entries_as_a_json_one():
     assert len(check_entries([tombstone] * MAX_SYNC_KEYS)) == MAX_SYNC_KEYS
     with pytest.raises(SchemaError, match="at most %d entries" % (MAX_SYNC_KEYS,)):
         check_entries([tombstone] * (MAX_SYNC_KEYS + 1))
+
+
+def test_a_node_whose_clock_is_ahead_of_its_peers_keeps_a_copys_ttl_whole():
+    """
+    If a node's clock is 10 s ahead of its peers' (as its peers' heartbeats measure it) and a peer sends it a copy
+    with 5 s left, signed just now by the peer's clock, then it stores the copy live with its 5 s: how late a call
+    came is judged with the node's own skew taken off (else the copy came "10 s late", its TTL was cut to nothing,
+    and it was stored as a tombstone of the write, which then won every read of it through the cluster).
+    """
+    from kvresponder.discovery import derive_key
+    from kvresponder.peertransport import PeerAuthenticator
+
+    api = API(tenant="t1", cluster_secret=SECRET)
+    node = api.node
+    node.clock_offsets.heard("n2", 1, -10.0)
+    node.clock_offsets.heard("n3", 1, -10.0)
+    assert node.clock_offsets.skew == pytest.approx(10.0)
+    peer = PeerAuthenticator(derive_key(SECRET, "peer"), lambda: api.clock.seconds() - 10.0)
+    version = [int((api.clock.seconds() - 10.0) * 1000), 0, "n2"]
+    data = json.dumps({"entries": [{"k": "session", "v": "1", "ver": version, "ttl": 5.0}]}).encode()
+    path = b"/t1/_internal/apply"
+    response, _ = api.raw("POST", path.decode(), data, {"Content-Type": "application/json",
+                                                        "X-KV-Auth": peer.sign(b"POST", path, data)})
+    assert response.code == 200
+    stored = node.store.current("session")
+    assert stored is not None and stored.value == b"1", stored
+    assert stored.expires_at == pytest.approx(api.clock.seconds() + 5.0, abs=0.5)

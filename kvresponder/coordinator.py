@@ -41,6 +41,9 @@ REMOTE = object()
 #: acknowledged with what it has: past that, other writes to the key keep overlapping it, and last writer wins.
 MAX_RESTAMPS = 3
 
+#: Seconds between two lines about versions too far ahead to adopt (each counts the entries since the last).
+CLOCK_REJECTED_EVERY = 10.0
+
 
 class Unavailable(Exception):
     """
@@ -158,6 +161,9 @@ class Coordinator:
         self._takes_copies = takes_copies
         self._clock_skew = clock_skew
         self._traced = traced
+        #: When a clock-rejected line was last logged (by ``seconds``), and the rejections since.
+        self._rejected_logged_at: Optional[float] = None
+        self._rejected_unlogged = 0
         self.node_id = hlc.node_id
         self._write_path = WritePath(
             node_id=self.node_id, targets=self._targets, apply_local=self.apply_local, peer_of=peer_of,
@@ -266,9 +272,19 @@ class Coordinator:
     def _clock_rejected(self, entry: Entry, count: int) -> None:
         """
         ``count`` entries (``entry`` the last of them) carried versions too far ahead of this node's clock for
-        it to adopt: counted and logged; the entries themselves are stored by version order as always.
+        it to adopt: counted, and logged at most once every :data:`CLOCK_REJECTED_EVERY` seconds with how many
+        since the last line; the entries themselves are stored by version order as always. Two nodes each within
+        the bound of the cluster can be twice the bound apart, and the one behind then refuses the other's every
+        version: a line a copy was a warning a write.
         """
         self._metrics.clock_rejected("entry", count)
+        self._rejected_unlogged += count
+        now = self._seconds()
+        last = self._rejected_logged_at
+        if last is not None and last <= now < last + CLOCK_REJECTED_EVERY:
+            return
+        self._rejected_logged_at = now
+        count, self._rejected_unlogged = self._rejected_unlogged, 0
         CLOCK_REJECTED.log(key=entry.key, version=format_version(entry.version), count=count)
 
     def _check_clock(self) -> None:

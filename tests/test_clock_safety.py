@@ -258,6 +258,31 @@ class ReplicaClockTests(unittest.TestCase):
         wall_ms = int(json.loads(body)["version"].split(".")[0])
         assert abs(wall_ms / 1000 - cluster.clock.seconds()) < 1.0
 
+    @capture_logging(None)
+    def test_copies_from_a_peer_ahead_are_each_counted_and_logged_once_every_ten_seconds(self, logger):
+        """
+        If a replica is sent copy after copy whose versions are ahead of its clock by more than the bound (a peer
+        within the bound of the cluster on one side, this node on the other), then each is counted, and a
+        warning is logged at most once every 10 s, counting the copies since the last (a warning a copy was one a
+        write through the cluster).
+        """
+        cluster = MemoryCluster(1)
+        cluster.run(seconds=1.5)
+        node = cluster.nodes[0]
+        for index in range(50):
+            ahead = (int((cluster.clock.seconds() + 0.8) * 1000), 0, "n9")
+            node.coordinator.apply_copies([Entry("k%d" % index, b"1", ahead)], [])
+            cluster.clock.advance(0.1)
+        assert node.metrics.clock_rejections.labels("t1", "entry")._value.get() == 50
+        counts = [m.message["count"] for m in LoggedMessage.of_type(logger.messages, CLOCK_REJECTED)]
+        # The first; the rest (5 s of them) wait for the next line.
+        assert counts == [1], counts
+        cluster.clock.advance(10)
+        node.coordinator.apply_copies([Entry("late", b"1", (int((cluster.clock.seconds() + 0.8) * 1000), 0, "n9"))],
+                                      [])
+        counts = [m.message["count"] for m in LoggedMessage.of_type(logger.messages, CLOCK_REJECTED)]
+        assert counts == [1, 50], counts
+
 
 # -- heartbeats ------------------------------------------------------------------------------------------
 

@@ -85,9 +85,10 @@ STREAM_REJECTED = leveled("replication", WARNING, MessageType(
 
 CLOCK_REJECTED = leveled("replication", WARNING, MessageType(
     "kvresponder:replication:clock-rejected",
-    [KEY, VERSION, Field.for_types("count", [int], "Entries of the batch with such a version.")],
+    [KEY, VERSION, Field.for_types("count", [int], "Entries with such a version since the last such line.")],
     "A peer's entry carried a version further ahead of this node's clock than MAX_CLOCK_OFFSET: it is stored by "
-    "version order, but this node's clock does not adopt its time."))
+    "version order, but this node's clock does not adopt its time. At most one line every 10 s; "
+    "kv_clock_rejected_timestamps_total counts every one."))
 
 PEER_SUSPECTED = leveled("replication", WARNING, MessageType(
     "kvresponder:replication:peer-suspected",

@@ -329,7 +329,9 @@ def _restart_one_by_one_under_load(net, nodes, prefix: str, before_start=lambda 
     history = History()
     preload(history, nodes[0].url, nodes[0].node_id, prefix + "pre", 150)
     targets = Targets(nodes)
-    load = Load(history, targets, prefix, workers=4, keys_per_worker=25, max_seconds=50).start()
+    # Bounded far past what the restarts take (about 20 s here): the test stops it; a slower machine must not
+    # see it run out first.
+    load = Load(history, targets, prefix, workers=4, keys_per_worker=25, max_seconds=150).start()
 
     def acknowledged() -> int:
         return sum(1 for op in list(history.ops) if op.acknowledged)
@@ -418,7 +420,7 @@ def test_if_a_cluster_scales_from_3_to_5_to_2_nodes_under_load_then_no_acknowled
     history = History()
     keys = preload(history, nodes[0].url, nodes[0].node_id, "scpre", 200)
     targets = Targets(nodes)
-    load = Load(history, targets, "sc", workers=4, keys_per_worker=25, max_seconds=50).start()
+    load = Load(history, targets, "sc", workers=4, keys_per_worker=25, max_seconds=150).start()  # stopped below
     try:
         time.sleep(1.0)
         newcomers = start_cluster(net, [4, 5])

@@ -68,6 +68,12 @@ class _Buffer:
 
     abortConnection = loseConnection
 
+    def registerProducer(self, producer, streaming) -> None:
+        pass  # never full: nothing to pause
+
+    def unregisterProducer(self) -> None:
+        pass
+
     def take(self) -> bytes:
         data, self.chunks = b"".join(self.chunks), []
         return data

@@ -49,12 +49,12 @@ FROM ${PYTHON_IMAGE}
 # PYPY_GC_INCREMENT_STEP: PyPy marks the heap of a major collection 4 MB a
 # step, between requests; its default here marked a node's whole heap in one
 # step of about 40 ms (docs/PERFORMANCE.md). CPython ignores it.
-# PYPY_GC_NURSERY: PyPy sizes its young generation from the CPU's cache (4 MB
-# on the machines measured); a request's objects that outlive a minor
-# collection are copied, and a replicated write's live until its replicas
-# answer. A larger one collects less often and copies less: the 3-node write
-# rate and a single node's both rose (docs/PERFORMANCE.md). It costs its size
-# in RSS.
+# PYPY_GC_NURSERY: PyPy sizes its young generation from the cache the CPU
+# reports (4 MB on one machine measured, about 150 MB on another); a request's
+# objects that outlive a minor collection are copied, and a replicated write's
+# live until its replicas answer. At 4 MB the 3-node write rate was 10-20 %
+# lower (docs/PERFORMANCE.md). The same size everywhere, at the cost of its
+# size in RSS.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PYPY_GC_INCREMENT_STEP=4MB \

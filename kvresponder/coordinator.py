@@ -164,6 +164,7 @@ class Coordinator:
         #: When a clock-rejected line was last logged (by ``seconds``), and the rejections since.
         self._rejected_logged_at: Optional[float] = None
         self._rejected_unlogged = 0
+        self._rejected_last: Optional[Entry] = None
         self.node_id = hlc.node_id
         self._write_path = WritePath(
             node_id=self.node_id, targets=self._targets, apply_local=self.apply_local, peer_of=peer_of,
@@ -279,12 +280,24 @@ class Coordinator:
         """
         self._metrics.clock_rejected("entry", count)
         self._rejected_unlogged += count
+        self._rejected_last = entry
+        self.log_clock_rejected()
+
+    def log_clock_rejected(self) -> None:
+        """
+        Log the versions too far ahead to adopt counted since the last line, if there are any and
+        :data:`CLOCK_REJECTED_EVERY` seconds have passed since it (or the clock stepped back); called on each
+        rejection and every second, so that the last of a burst shows too.
+        """
+        entry = self._rejected_last
+        if entry is None:
+            return
         now = self._seconds()
         last = self._rejected_logged_at
         if last is not None and last <= now < last + CLOCK_REJECTED_EVERY:
             return
         self._rejected_logged_at = now
-        count, self._rejected_unlogged = self._rejected_unlogged, 0
+        count, self._rejected_unlogged, self._rejected_last = self._rejected_unlogged, 0, None
         CLOCK_REJECTED.log(key=entry.key, version=format_version(entry.version), count=count)
 
     def _check_clock(self) -> None:

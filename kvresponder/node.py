@@ -117,7 +117,7 @@ class Node:
         if settings.cluster_secret:
             self.authenticator = PeerAuthenticator(derive_key(settings.cluster_secret, "peer"), self.wall,
                                                    clock_allowance=2 * settings.max_clock_offset,
-                                                   steady=monotonic or clock.seconds)
+                                                   steady=clock.seconds)
         from .peers import PeerClient
         streams = None
         if stream_endpoint is not None and settings.replication_stream:
@@ -487,6 +487,7 @@ class Node:
         self._every(1.0, self._sweep)
         # Peers that fall silent leave the clock estimate, and with them perhaps this node's skew.
         self._every(1.0, self.clock_offsets.evaluate)
+        self._every(1.0, self.coordinator.log_clock_rejected)
         self._every(SETTLE_WATCH, self._watch_settling)
         if self._collect is not None:
             self._every(0.25, self._reclaim)

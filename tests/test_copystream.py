@@ -1028,6 +1028,38 @@ def _framed(*frames):
     return b"".join(struct.pack("!I", len(frame)) + frame for frame in frames)
 
 
+def test_frames_held_at_any_point_and_released_arrive_whole_once_and_in_order():
+    """
+    If a frame receiver is held (its transport's buffer filled) after any frame, while reads split the frames at
+    any byte, and released later, then every frame is delivered once, whole and in order, and none while held.
+    """
+    import random
+
+    frames = [bytes([i % 251]) * (i * 37 % 900) for i in range(60)]
+    data = _framed(*frames)
+    for seed in range(200):
+        rng = random.Random(seed)
+        receiver = _Frames()
+        receiver.makeConnection(StringTransport())
+        original = receiver.stringReceived
+
+        def delivered(frame, original=original, receiver=receiver, rng=rng):
+            assert receiver._held is None, "a frame delivered while held"
+            original(frame)
+            if rng.random() < 0.3:
+                receiver.hold()
+        receiver.stringReceived = delivered
+        offset = 0
+        while offset < len(data) or receiver._held is not None:
+            if receiver._held is not None and (offset >= len(data) or rng.random() < 0.4):
+                receiver.release()
+                continue
+            size = rng.choice([1, 3, 17, 200, 5000])
+            receiver.dataReceived(data[offset:offset + size])
+            offset += size
+        assert receiver.frames == frames, seed
+
+
 def test_frames_arrive_whole_and_in_order_however_the_reads_split_them():
     """
     If frames arrive split at any byte (a length prefix included), several in one read, or one over many reads,

@@ -415,3 +415,29 @@ def test_a_node_whose_clock_is_ahead_of_its_peers_keeps_a_copys_ttl_whole():
     stored = node.store.current("session")
     assert stored is not None and stored.value == b"1", stored
     assert stored.expires_at == pytest.approx(api.clock.seconds() + 5.0, abs=0.5)
+
+
+def test_a_node_behind_its_peers_takes_no_lateness_from_its_skew():
+    """
+    If a node's peers measure it 10 s behind (an estimate that trails the clock's setting right by a few
+    heartbeats) and a peer sends it a copy with 5 s left, signed by a clock that agrees with its own, then the
+    copy keeps its 5 s: only a lead is taken off the node's clock when it judges how late a call came.
+    """
+    from kvresponder.discovery import derive_key
+    from kvresponder.peertransport import PeerAuthenticator
+
+    api = API(tenant="t1", cluster_secret=SECRET)
+    node = api.node
+    node.clock_offsets.heard("n2", 1, 10.0)
+    node.clock_offsets.heard("n3", 1, 10.0)
+    assert node.clock_offsets.skew == pytest.approx(-10.0)
+    peer = PeerAuthenticator(derive_key(SECRET, "peer"), api.clock.seconds)
+    version = [int(api.clock.seconds() * 1000), 0, "n2"]
+    data = json.dumps({"entries": [{"k": "session", "v": "1", "ver": version, "ttl": 5.0}]}).encode()
+    path = b"/t1/_internal/apply"
+    response, _ = api.raw("POST", path.decode(), data, {"Content-Type": "application/json",
+                                                        "X-KV-Auth": peer.sign(b"POST", path, data)})
+    assert response.code == 200
+    stored = node.store.current("session")
+    assert stored is not None and stored.value == b"1", stored
+    assert stored.expires_at == pytest.approx(api.clock.seconds() + 5.0, abs=0.5)

@@ -855,6 +855,10 @@ class _CountedChannel(HTTPChannel):
         return not channel_waiting_for_transport(self)
 
     def resumeProducing(self):
+        # The transport calls this once it has sent what filled its buffer: the client read it, which is activity
+        # as its bytes in are (else a client reading a long pipeline of answers, or one large answer, slowly is cut
+        # off at the idle timeout, mid-answer).
+        self.resetTimeout()
         HTTPChannel.resumeProducing(self)
         lane = self._lane
         if lane is not None and lane.holding_back:
@@ -865,9 +869,6 @@ class _CountedChannel(HTTPChannel):
         # The requests held while the client read none of the answers (see requestDone and the lane), now that
         # it has read some.
         if lane is not None and lane.held_for_transport:
-            # The client read some of its answers: that is activity, as its bytes in would be (else one that
-            # reads a long pipeline of answers slowly is cut off at the idle timeout, mid-answer).
-            self.resetTimeout()
             rest = lane.resume()
             if rest is not None:
                 self.from_lane(rest)

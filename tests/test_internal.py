@@ -390,29 +390,38 @@ def test_a_binary_batch_holds_at_most_as_many_entries_as_a_json_one():
         check_entries([tombstone] * (MAX_SYNC_KEYS + 1))
 
 
-def test_a_node_whose_clock_is_ahead_of_its_peers_keeps_a_copys_ttl_whole():
+def _copy_with_five_seconds_left(measured: float, signer: float):
     """
-    If a node's clock is 10 s ahead of its peers' (as its peers' heartbeats measure it) and a peer sends it a copy
-    with 5 s left, signed just now by the peer's clock, then it stores the copy live with its 5 s: how late a call
-    came is judged with the node's own skew taken off (else the copy came "10 s late", its TTL was cut to nothing,
-    and it was stored as a tombstone of the write, which then won every read of it through the cluster).
+    A node whose two peers' heartbeats measure their clocks ``measured`` seconds from its own, sent a copy with
+    5 s left, signed just now by a peer whose clock reads ``signer`` seconds from its own: the node's API and what
+    it stored.
     """
     from kvresponder.discovery import derive_key
     from kvresponder.peertransport import PeerAuthenticator
 
     api = API(tenant="t1", cluster_secret=SECRET)
     node = api.node
-    node.clock_offsets.heard("n2", 1, -10.0)
-    node.clock_offsets.heard("n3", 1, -10.0)
-    assert node.clock_offsets.skew == pytest.approx(10.0)
-    peer = PeerAuthenticator(derive_key(SECRET, "peer"), lambda: api.clock.seconds() - 10.0)
-    version = [int((api.clock.seconds() - 10.0) * 1000), 0, "n2"]
+    node.clock_offsets.heard("n2", 1, measured)
+    node.clock_offsets.heard("n3", 1, measured)
+    assert node.clock_offsets.skew == pytest.approx(-measured)
+    peer = PeerAuthenticator(derive_key(SECRET, "peer"), lambda: api.clock.seconds() + signer)
+    version = [int((api.clock.seconds() + signer) * 1000), 0, "n2"]
     data = json.dumps({"entries": [{"k": "session", "v": "1", "ver": version, "ttl": 5.0}]}).encode()
     path = b"/t1/_internal/apply"
     response, _ = api.raw("POST", path.decode(), data, {"Content-Type": "application/json",
                                                         "X-KV-Auth": peer.sign(b"POST", path, data)})
     assert response.code == 200
-    stored = node.store.current("session")
+    return api, node.store.current("session")
+
+
+def test_a_node_whose_clock_is_ahead_of_its_peers_keeps_a_copys_ttl_whole():
+    """
+    If a node's clock is 10 s ahead of its peers' (as its peers' heartbeats measure it) and a peer sends it a copy
+    with 5 s left, signed just now by the peer's clock, then it stores the copy live with its 5 s: how late a call
+    came is judged with the node's lead taken off (else the copy came "10 s late", its TTL was cut to nothing,
+    and it was stored as a tombstone of the write, which then won every read of it through the cluster).
+    """
+    api, stored = _copy_with_five_seconds_left(measured=-10.0, signer=-10.0)
     assert stored is not None and stored.value == b"1", stored
     assert stored.expires_at == pytest.approx(api.clock.seconds() + 5.0, abs=0.5)
 
@@ -420,24 +429,9 @@ def test_a_node_whose_clock_is_ahead_of_its_peers_keeps_a_copys_ttl_whole():
 def test_a_node_behind_its_peers_takes_no_lateness_from_its_skew():
     """
     If a node's peers measure it 10 s behind (an estimate that trails the clock's setting right by a few
-    heartbeats) and a peer sends it a copy with 5 s left, signed by a clock that agrees with its own, then the
-    copy keeps its 5 s: only a lead is taken off the node's clock when it judges how late a call came.
+    heartbeats) and a peer whose clock agrees with the node's own sends it a copy with 5 s left, then the copy
+    keeps its 5 s: only a lead is taken off the node's clock when it judges how late a call came.
     """
-    from kvresponder.discovery import derive_key
-    from kvresponder.peertransport import PeerAuthenticator
-
-    api = API(tenant="t1", cluster_secret=SECRET)
-    node = api.node
-    node.clock_offsets.heard("n2", 1, 10.0)
-    node.clock_offsets.heard("n3", 1, 10.0)
-    assert node.clock_offsets.skew == pytest.approx(-10.0)
-    peer = PeerAuthenticator(derive_key(SECRET, "peer"), api.clock.seconds)
-    version = [int(api.clock.seconds() * 1000), 0, "n2"]
-    data = json.dumps({"entries": [{"k": "session", "v": "1", "ver": version, "ttl": 5.0}]}).encode()
-    path = b"/t1/_internal/apply"
-    response, _ = api.raw("POST", path.decode(), data, {"Content-Type": "application/json",
-                                                        "X-KV-Auth": peer.sign(b"POST", path, data)})
-    assert response.code == 200
-    stored = node.store.current("session")
+    api, stored = _copy_with_five_seconds_left(measured=10.0, signer=0.0)
     assert stored is not None and stored.value == b"1", stored
     assert stored.expires_at == pytest.approx(api.clock.seconds() + 5.0, abs=0.5)

@@ -60,6 +60,17 @@ class _PeerClock:
         return (ordered[middle - 1] + ordered[middle]) / 2
 
 
+def start_time(wall: Callable[[], float], steady: Callable[[], float]) -> Callable[[], float]:
+    """
+    When the process started, by the wall clock as it reads each time it is asked: its time now less the time
+    since, on ``steady``, a clock that does not step (the reactor's). A wall reading kept from the start would stay
+    ahead for as long as a clock started ahead and set right since had been ahead: what a peer signed since would
+    look signed before the start (discovery's and signatures' replay checks).
+    """
+    started = steady()
+    return lambda: wall() - (steady() - started)
+
+
 class ClockOffsets:
     """
     :param seconds: the clock that ages samples: a monotonic one, so that a jump of the wall clock does not

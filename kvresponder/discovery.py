@@ -26,7 +26,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
-from .clockskew import RECOVER_SHARE
+from .clockskew import RECOVER_SHARE, start_time
 from .log.discovery import (CLOCK_AHEAD, DATAGRAM_DROPPED, DISCOVERY_STARTED, HEARTBEAT_IGNORED,
                             HEARTBEAT_UNAUTHENTICATED, MULTICAST_FAILED, NODE_ID_TAKEN, PEER_AT_LOOPBACK, SEEDS_FAILED,
                             SEEDS_RESOLVED)
@@ -299,10 +299,10 @@ class DiscoveryProtocol(DatagramProtocol):
         #: than them): the same one again is a ``duplicate`` (it came by two ways), any other at or below the floor a
         #: ``replayed``. An incarnation in it has been taken in since this node started.
         self._taken: Dict[Tuple[str, int], Optional[int]] = {}
-        #: When this node started, on the reactor's clock (which does not step): its floors of sequence numbers
-        #: (above) begin empty, so a signed heartbeat from before then may be one it took before a restart,
-        #: captured and sent again (:meth:`_start_time`).
-        self._started_steady = clock.seconds()
+        #: When this node started, by its wall clock as it reads now (:func:`~kvresponder.clockskew.start_time`):
+        #: its floors of sequence numbers (above) begin empty, so a signed heartbeat from before then may be one it
+        #: took before a restart, captured and sent again.
+        self._start_time = start_time(wall, clock.seconds)
         self._ahead_logged: Dict[str, float] = {}
         #: The peers whose last heartbeat was refused for a clock too far ahead.
         self._ahead: Dict[str, bool] = {}
@@ -520,15 +520,6 @@ class DiscoveryProtocol(DatagramProtocol):
         self.announce(state=GONE)
         self.announce(state=GONE)
         self._departed = True
-
-    def _start_time(self) -> float:
-        """
-        When this node started, by the wall clock as it reads now: its time now less the time since, on the
-        reactor's clock. A node started with its clock ahead, and set right since, would otherwise take every
-        peer's heartbeat for one signed before it started for as long as its clock was ahead, hear no peer, and
-        serve alone.
-        """
-        return self.wall() - (self.clock.seconds() - self._started_steady)
 
     def _drop(self, result: str, detail: str, address) -> None:
         if self.metrics is not None:

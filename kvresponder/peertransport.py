@@ -28,6 +28,7 @@ from zope.interface import implementer
 import treq
 from hyperlink import EncodedURL
 
+from .clockskew import start_time
 from .log import DEBUG
 from .privateapi import RequestNotSent
 from .log.replication import PEER_CALL, PEER_READ
@@ -154,21 +155,14 @@ class PeerAuthenticator:
         self._key = key
         self._wall = wall
         self._spent = _SpentSignatures(wall)
-        self._steady = steady
-        self._started_steady = steady() if steady is not None else 0.0
-        self._clock_allowance = clock_allowance
-        self._started_wall = wall()
-
-    def _first_signable(self) -> float:
-        """
-        Signatures spent before this process started are not in ``_spent``: one signed before it started (by more
-        than a clock behind ours could make it look) may be a replay of one spent by the previous process.
-        """
-        if self._steady is None:
-            started = self._started_wall
+        #: Signatures spent before this process started are not in ``_spent``: one signed before it started (by
+        #: more than a clock behind ours could make it look) may be a replay of one spent by the previous process.
+        if steady is None:
+            started = wall()
+            self._started = lambda: started
         else:
-            started = self._wall() - (self._steady() - self._started_steady)
-        return started - self._clock_allowance
+            self._started = start_time(wall, steady)
+        self._clock_allowance = clock_allowance
 
     def first_use(self, header: Optional[bytes]) -> bool:
         """
@@ -179,7 +173,7 @@ class PeerAuthenticator:
         process (a captured upgrade, sent again after a restart, opened a stream).
         """
         fresh = self._fresh(header)
-        if fresh is None or float(fresh[0]) < self._first_signable():
+        if fresh is None or float(fresh[0]) < self._started() - self._clock_allowance:
             return False
         return self._spent.spend(fresh[1], float(fresh[0]))
 

@@ -47,12 +47,10 @@ def internal_route(app: Klein, path: str):
                 # Expiries arrive as the time they have left, added to this node's clock. A captured call sent
                 # again later (within the signature's window) would so store its entries again with a fresh TTL,
                 # bringing back one that has expired: they are read as of when the call was signed, give or take
-                # the clocks' allowed difference.
-                # How late is judged with this node's measured lead over its peers taken off its clock (a node
-                # stepped ahead took every copy that reached it before they dropped it from their rings for a
-                # late one, and cut its TTL short by the step: a short one became a tombstone). Only a lead: the
-                # estimate trails a step by a few heartbeats, and a node behind that has just been set right
-                # would otherwise take its old lag for lateness, as the node ahead did.
+                # the clocks' allowed difference, and with this node's measured lead over its peers taken off its
+                # clock (a node stepped ahead took every copy for a late one and cut its TTL by the step: a short
+                # one became a tombstone). Only a lead: the estimate trails a step by a few heartbeats, and a node
+                # behind that has just been set right would take its old lag for lateness.
                 slack = 2 * self._node.settings.max_clock_offset
                 late = self._guard.late_by(request, now - max(0.0, self._node.clock_offsets.skew), slack)
                 body = _parse(request, path, raw, now - late)

@@ -5,6 +5,7 @@ Each node gets a free HTTP port; a test's nodes share one free discovery port (s
 share it, as in production). Processes are stopped by their PID, never by name.
 """
 
+import ctypes
 import fcntl
 import json
 import os
@@ -25,6 +26,22 @@ F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+try:
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # pragma: no cover - not Linux/glibc
+    _PRCTL = None
+
+
+def die_with_parent() -> None:
+    """
+    A ``preexec_fn``: in the child, before exec, ask for SIGKILL when the thread that started it dies, so that
+    no node (or tool) a test started outlives a test run that was killed, SIGKILL included, which runs no cleanup.
+    Start children with it from the main thread only: a worker thread's end would kill them. (``prctl`` is
+    resolved before the fork: the child only makes the system call.)
+    """
+    if _PRCTL is not None:
+        _PRCTL(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
 
 
 def free_port(kind=socket.SOCK_STREAM) -> int:
@@ -88,7 +105,7 @@ class NodeProcess:
                    "--discovery-port", str(self.discovery_port)] + self.args
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(command, stdout=self._log if self.stdout is None else self.stdout,
-                                        stderr=self._log, env=self.env, cwd=REPO)
+                                        stderr=self._log, env=self.env, cwd=REPO, preexec_fn=die_with_parent)
         return self
 
     def wait_ready(self, timeout: float = 20.0) -> None:

@@ -17,7 +17,6 @@ Nodes are stopped by their PID only (``ip netns exec`` execs the command, so the
 """
 
 import atexit
-import ctypes
 import fcntl
 import ipaddress
 import os
@@ -34,7 +33,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import requests
 
-from .harness import REPO, TWISTD, node_env, read_log_messages
+from .harness import REPO, TWISTD, die_with_parent, node_env, read_log_messages
 
 TENANT = "chaos"
 HTTP_PORT = 3000
@@ -142,21 +141,6 @@ class Host:
         return _run(self.exec_args(command), check=check, timeout=timeout)
 
 
-try:
-    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # pragma: no cover - not Linux/glibc
-    _PRCTL = None
-
-
-def _die_with_parent() -> None:
-    """
-    In the child, before exec: SIGKILL when the test process dies, so that no node outlives a killed run.
-    (Resolved before the fork: the child only makes the system call.)
-    """
-    if _PRCTL is not None:
-        _PRCTL(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-
-
 class ChaosNode:
     """
     One ``twistd -n kvresponder`` inside its namespace, reached at ``http://<address>:3000/chaos``.
@@ -188,7 +172,7 @@ class ChaosNode:
         self._log.write(b"----- start %d of %s -----\n" % (self.starts + 1, self.node_id.encode()))
         self._log.flush()
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
-                                        cwd=self.repo, preexec_fn=_die_with_parent)
+                                        cwd=self.repo, preexec_fn=die_with_parent)
         self.starts += 1
         self.session = session()
         return self

@@ -15,7 +15,7 @@ import requests
 import yaml
 
 from .conftest import require_tool
-from .harness import REPO, Cluster, free_port
+from .harness import REPO, Cluster, die_with_parent, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -64,7 +64,7 @@ class Prometheus:
             [binary, "--config.file=" + config_path, "--storage.tsdb.path=" + os.path.join(workdir, "tsdb"),
              "--web.listen-address=127.0.0.1:%d" % (self.port,), "--storage.tsdb.retention.time=1h",
              "--log.level=warn"],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=workdir)
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=workdir, preexec_fn=die_with_parent)
 
     def log_tail(self) -> str:
         with open(self.log_path, "rb") as log:

@@ -27,6 +27,7 @@ from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
 from .clockskew import RECOVER_SHARE, start_time
+from .hlc import NODE_ID_PATTERN
 from .log.discovery import (CLOCK_AHEAD, DATAGRAM_DROPPED, DISCOVERY_STARTED, HEARTBEAT_IGNORED,
                             HEARTBEAT_UNAUTHENTICATED, MULTICAST_FAILED, NODE_ID_TAKEN, PEER_AT_LOOPBACK, SEEDS_FAILED,
                             SEEDS_RESOLVED)
@@ -166,7 +167,9 @@ class HeartbeatCodec:
             raise Malformed("replayed" if self._key is not None else "malformed", "bad or missing timestamp")
         node, inc, addr, port = body.get("node"), body.get("inc"), body.get("addr"), body.get("port")
         state, ring, want = body.get("state"), body.get("ring"), body.get("want", False)
-        if not (isinstance(node, str) and 0 < len(node) <= 63):
+        # The pattern a node's own id must match (NODE_ID): a lone surrogate, say, would be taken in as a peer
+        # whose id cannot be encoded, and every ring built after it, and every scrape, would fail.
+        if not (isinstance(node, str) and NODE_ID_PATTERN.match(node)):
             raise Malformed("malformed", "bad node id")
         if type(inc) is not int or inc < 0:
             raise Malformed("malformed", "bad incarnation")

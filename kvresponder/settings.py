@@ -486,9 +486,12 @@ def load_settings(given: Mapping[str, Optional[str]], environ: Mapping[str, str]
         values["discovery_interface"] = values["advertise_address"]
     if values["peer_timeout"] is None:
         values["peer_timeout"] = 3 * values["heartbeat_interval"]
-    if values["peer_timeout"] <= values["heartbeat_interval"]:
-        raise SettingsError("--peer-timeout (PEER_TIMEOUT): invalid value %r: must be longer than the "
-                            "heartbeat interval %r" % (values["peer_timeout"], values["heartbeat_interval"]))
+    if values["peer_timeout"] < 2 * values["heartbeat_interval"]:
+        # Heartbeats are datagrams: with less than two intervals, one lost on the way made a peer dead, then
+        # joined again, each time moving its data and unsettling the ring.
+        raise SettingsError("--peer-timeout (PEER_TIMEOUT): invalid value %r: must be at least twice the "
+                            "heartbeat interval %r, or one lost heartbeat makes a peer dead"
+                            % (values["peer_timeout"], values["heartbeat_interval"]))
     if values["tombstone_grace"] <= values["anti_entropy_interval"]:
         # A replica that missed a delete (or a fallback holding it as a hint) is repaired by a pass of a node that
         # still holds the tombstone: with a shorter grace, the deleted value comes back from it.

@@ -835,7 +835,7 @@ def test_rendering_fails_naming_max_clock_offset_when_it_is_not_a_positive_numbe
         (["--set", "config.heartbeatInterval=2.5", "--set", "config.peerTimeout=7.5"], "2.5", "7.5"),
         (["--set", "config.peerTimeout=20"], "5", "20"),
         (["--set-json", "config.heartbeatInterval=0.5", "--set-json", "config.peerTimeout=1.5"], "0.5", "1.5"),
-        (["--set-string", "config.heartbeatInterval=3", "--set-string", "config.peerTimeout=3.01"], "3", "3.01"),
+        (["--set-string", "config.heartbeatInterval=3", "--set-string", "config.peerTimeout=6"], "3", "6"),
         # Zero, in any form, leaves the timeout to the node (3 heartbeats).
         (["--set-string", "config.peerTimeout=0.0"], "5", None),
     ],
@@ -868,13 +868,13 @@ def test_the_timings_take_decimal_strings_but_not_zero_negatives_or_units():
 
 @pytest.mark.parametrize(
     "heartbeat, peer_timeout",
-    [("5", "5"), ("5", "4"), ("2.5", "2.5"), ("2.5", "2.49"), ("0.5", "0.25")],
+    [("5", "5"), ("5", "9.99"), ("2.5", "2.5"), ("2.5", "4.99"), ("0.5", "0.25")],
 )
-def test_rendering_fails_when_the_peer_timeout_is_not_longer_than_the_heartbeat_as_the_node_requires(
+def test_rendering_fails_when_the_peer_timeout_is_under_two_heartbeats_as_the_node_requires(
         heartbeat, peer_timeout):
     """
-    If config.peerTimeout is set but not longer than config.heartbeatInterval, then rendering fails and names both,
-    as the node would refuse to start with them.
+    If config.peerTimeout is set but shorter than two config.heartbeatInterval, then rendering fails and names
+    both, as the node would refuse to start with them.
     """
     from kvresponder.settings import SettingsError, load_settings
 
@@ -882,7 +882,7 @@ def test_rendering_fails_when_the_peer_timeout_is_not_longer_than_the_heartbeat_
         load_settings({}, {"TENANT": "x", "HEARTBEAT_INTERVAL": heartbeat, "PEER_TIMEOUT": peer_timeout})
     error = render_error("kv-responder-bad", "--set", "tenant=x", "--set", f"config.heartbeatInterval={heartbeat}",
                          "--set", f"config.peerTimeout={peer_timeout}")
-    assert re.search(r"config\.peerTimeout \(%s\) must be longer than config\.heartbeatInterval \(%s\)"
+    assert re.search(r"config\.peerTimeout \(%s\) must be at least twice config\.heartbeatInterval \(%s\)"
                      % (re.escape(peer_timeout), re.escape(heartbeat)), error), error
 
 

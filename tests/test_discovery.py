@@ -990,14 +990,17 @@ def test_the_replay_floors_forget_the_longest_unheard_incarnations_first_never_a
 
 
 @pytest.mark.parametrize("field, value", [("ts", 10 ** 400), ("ts", -(10 ** 400)), ("addr", "0x7f.0.0.1"),
-                                          ("addr", "10.0.0.2 junk"), ("addr", "010.0.0.2"), ("addr", "１0.0.0.2")],
-                         ids=["ts-huge", "ts-huge-negative", "addr-hex", "addr-junk", "addr-octal", "addr-fullwidth"])
-def test_a_timestamp_past_a_floats_range_or_an_address_in_another_form_is_malformed_and_raises_nothing(
-        field, value, eliot_logger):
+                                          ("addr", "10.0.0.2 junk"), ("addr", "010.0.0.2"), ("addr", "１0.0.0.2"),
+                                          ("node", "\ud800n2"), ("node", "n2 x"), ("node", "-n2"), ("node", "n" * 64)],
+                         ids=["ts-huge", "ts-huge-negative", "addr-hex", "addr-junk", "addr-octal", "addr-fullwidth",
+                              "node-surrogate", "node-space", "node-dash-first", "node-too-long"])
+def test_a_bad_timestamp_address_or_node_id_is_malformed_and_raises_nothing(field, value, eliot_logger):
     """
-    If a datagram's time is an integer too large for a float, or its address is not in IPv4's one dotted-decimal
+    If a datagram's time is an integer too large for a float, its address is not in IPv4's one dotted-decimal
     form (``inet_aton`` takes hex parts and a trailing word: ``0x7f.0.0.1`` would pass for a peer's address where
-    the check for loopback looks for ``127.``), then it is counted ``malformed`` and dropped, with no traceback.
+    the check for loopback looks for ``127.``), or its node id is not one a node may take (``NODE_ID``: a lone
+    surrogate, taken in, made every later ring rebuild and every scrape fail), then it is counted ``malformed``
+    and dropped, with no traceback.
     """
     harness = Harness()
     body = json.loads(encode())

@@ -396,14 +396,16 @@ def test_peer_timeout_defaults_to_three_heartbeats():
     assert load(environ={"HEARTBEAT_INTERVAL": "2", "PEER_TIMEOUT": "9"}).peer_timeout == 9.0
 
 
-def test_peer_timeout_not_longer_than_the_heartbeat_is_rejected():
+def test_a_peer_timeout_shorter_than_two_heartbeats_is_rejected():
     """
-    If the peer timeout is not longer than the heartbeat interval (every peer would flap), then loading
-    fails naming both.
+    If the peer timeout is shorter than two heartbeat intervals (one heartbeat lost on the way would make a peer
+    dead, then joined again), then loading fails naming both; two intervals load.
     """
-    message = error_of(environ={"HEARTBEAT_INTERVAL": "5", "PEER_TIMEOUT": "5"})
-    assert message.startswith("--peer-timeout (PEER_TIMEOUT): invalid value 5.0")
-    assert "heartbeat interval" in message
+    for peer_timeout in ("5", "9.99"):
+        message = error_of(environ={"HEARTBEAT_INTERVAL": "5", "PEER_TIMEOUT": peer_timeout})
+        assert message.startswith("--peer-timeout (PEER_TIMEOUT): invalid value %r" % (float(peer_timeout),))
+        assert "twice the heartbeat interval 5.0" in message
+    assert load(environ={"HEARTBEAT_INTERVAL": "5", "PEER_TIMEOUT": "10"}).peer_timeout == 10.0
 
 
 def test_a_tombstone_grace_not_longer_than_the_anti_entropy_interval_is_rejected():

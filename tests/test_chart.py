@@ -1894,6 +1894,24 @@ def test_a_tenant_of_digits_set_as_a_number_is_taken_as_its_name():
     """
     docs = render("kv-responder-x", "--set", "tenant=123")
     assert env_value(docs, "TENANT") == "123"
+    assert env_value(render("kv-responder-x", "--set", "tenant=0"), "TENANT") == "0"
+
+
+@pytest.mark.parametrize("written", ["0777", "0x1f", "1e3", "1234567", "123", "0"])
+def test_a_tenant_of_unquoted_digits_in_a_values_file_is_refused_not_renamed(tmp_path, written):
+    """
+    If a values file gives the tenant as unquoted digits, then rendering fails and says to quote it: YAML reads
+    them as a number, not as written (0777 as 511, 0x1f as 31, 1e3 as 1000, 1234567 printed as 1.234567e+06, and 0
+    taken for unset), so the release would serve, and discover peers, under another tenant than the one meant.
+    Quoted, the same digits render as written.
+    """
+    values = tmp_path / "values.yaml"
+    values.write_text("tenant: %s\n" % (written,))
+    result = _helm("template", "kv-responder-x", str(CHART), "-f", str(values))
+    assert result.returncode != 0 and "quote it" in result.stderr, result.stdout[-300:] + result.stderr
+    values.write_text("tenant: \"%s\"\n" % (written,))
+    if re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", written):
+        assert env_value(render("kv-responder-x", "-f", str(values)), "TENANT") == written
 
 
 def test_a_rollout_that_only_drops_pods_renders_with_kubernetes_default_for_the_other_bound():

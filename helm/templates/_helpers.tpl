@@ -49,7 +49,16 @@ The tenant: .Values.tenant, or else the release name without a leading
 "kv-responder-". Either way it must be a DNS label of at most 40 characters.
 */}}
 {{- define "kv-responder.tenant" -}}
-{{- $tenant := toString (default "" .Values.tenant) }}
+{{- $raw := .Values.tenant }}
+{{- /* A number from a values file is YAML's reading of the digits, not the digits (0777 is 511, 1e3 is 1000):
+       only --set passes whole numbers as written (int64), and "default" would take 0 for unset. */}}
+{{- if kindIs "float64" $raw }}
+{{- fail (printf "tenant %v is a number in a values file: quote it (YAML reads unquoted digits as a number: 0777 as 511, 0x1f as 31, 1e3 as 1000)" $raw) }}
+{{- end }}
+{{- $tenant := "" }}
+{{- if not (kindIs "invalid" $raw) }}
+{{- $tenant = toString $raw }}
+{{- end }}
 {{- $derived := false }}
 {{- if not $tenant }}
 {{- $tenant = trimPrefix "kv-responder-" .Release.Name }}

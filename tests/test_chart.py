@@ -1979,3 +1979,37 @@ def test_a_tag_pinned_by_digest_gives_a_version_label_the_api_server_accepts():
     assert labels and set(labels) == {"0.1.0"}
     assert one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"].endswith(
         "0.1.0@sha256:" + "ab" * 32)
+
+
+def _value_keys(values: dict, prefix: str = "") -> list:
+    """Every key of ``values``, nested ones as ``a.b.c``."""
+    keys = []
+    for key, value in values.items():
+        keys.append(prefix + key)
+        if isinstance(value, dict):
+            keys.extend(_value_keys(value, prefix + key + "."))
+    return keys
+
+
+def test_any_default_key_set_to_null_renders_valid_manifests_or_is_refused_by_the_schema():
+    """
+    If any key of the chart's values is set to ``null`` (which the values reference says removes a default key),
+    then the chart either renders manifests Kubernetes takes, with no ``<nil>`` in them, or the schema refuses it,
+    naming the key: never a template's nil-pointer trace, a YAML parse error, an env var of ``<nil>``
+    (``HEARTBEAT_INTERVAL``, the DNS seed's domain) or ``MAX_MEMORY`` of 0, which the node refuses at start.
+    """
+    with open(CHART / "values.yaml") as defaults:
+        keys = [key for key in _value_keys(yaml.safe_load(defaults)) if key != "tenant"]
+    assert len(keys) > 60
+    for key in keys:
+        result = _helm("template", "kv-responder-x", str(CHART), "--set", "tenant=x", "--set", key + "=null")
+        if result.returncode != 0:
+            assert "values don't meet the specifications of the schema" in result.stderr, (key, result.stderr)
+            assert key.rsplit(".", 1)[-1] in result.stderr, (key, result.stderr)
+            continue
+        assert "<nil>" not in result.stdout and "%!" not in result.stdout, key
+        docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+        _validate_strictly(docs)
+        environment = env(tuple(docs))
+        if "MAX_MEMORY" in environment:
+            assert environment["MAX_MEMORY"].get("value") != "0", key

@@ -1649,6 +1649,25 @@ def test_notes_warn_of_an_open_ingress_and_of_a_network_policy_that_shuts_out_di
                                                      "networkPolicy.enabled=true")
 
 
+@pytest.mark.parametrize("service_type", ["LoadBalancer", "NodePort"])
+def test_notes_warn_that_a_network_policy_refuses_clients_of_a_service_outside_the_cluster(notes_chart,
+                                                                                          service_type):
+    """
+    If the Service is a LoadBalancer or a NodePort and the NetworkPolicy is on with no extra ingress rule, then the
+    notes warn that its clients are refused (they come from node and client addresses, which only pod and
+    namespace selectors would let in); with an extra rule, or a ClusterIP Service, they do not.
+    """
+    warning = "traffic through it comes from nodes' and clients' addresses"
+    text = notes(notes_chart, "kv-responder-x", "--set", f"service.type={service_type}",
+                 "--set", "networkPolicy.enabled=true")
+    assert warning in text and service_type in text
+    assert warning not in notes(notes_chart, "kv-responder-x", "--set", f"service.type={service_type}",
+                                "--set", "networkPolicy.enabled=true",
+                                "--set", "networkPolicy.extraIngress[0].from[0].ipBlock.cidr=10.0.0.0/8")
+    assert warning not in notes(notes_chart, "kv-responder-x", "--set", "networkPolicy.enabled=true")
+    assert warning not in notes(notes_chart, "kv-responder-x", "--set", f"service.type={service_type}")
+
+
 def test_notes_warn_about_cni_when_network_policy_and_multicast_are_used(notes_chart):
     """If multicast-only discovery and a NetworkPolicy are used, the notes warn about the CNI."""
     text = notes(

@@ -47,6 +47,53 @@ def time_reactor_by(reactor, seconds: Callable[[], float]) -> None:
     reactor.seconds = seconds
 
 
+def dispatch_without_log_context(reactor) -> bool:
+    """
+    Make an epoll ``reactor`` hand each ready descriptor to its ``_doReadOrWrite`` as its ``doPoll`` does, but
+    without wrapping each call in ``log.callWithLogger``: for every event, that asked the selectable for its log
+    prefix and built three dictionaries of legacy-log context, a share of a loaded node's time that grew with
+    every extra event a replicated write brings (the copy stream's answers), for a ``system`` field that only
+    Twisted's legacy log reads. ``_doReadOrWrite`` catches what ``doRead`` and ``doWrite`` raise, logs it and
+    drops the connection, as before; anything it lets through is logged here, as ``callWithLogger`` did.
+    There is no public hook: ``doPoll`` (``doIteration``) is the loop Twisted's ``mainLoop`` calls.
+
+    :return: whether it did (``False`` for a reactor of another kind, which is left as it is).
+    """
+    import errno
+
+    from twisted.internet.epollreactor import EPollReactor
+    from twisted.python import log
+
+    if type(reactor) is not EPollReactor:
+        return False
+    poller = reactor._poller
+    selectables = reactor._selectables
+    dispatch = reactor._doReadOrWrite
+    get = selectables.get
+
+    def doPoll(timeout):
+        try:
+            events = poller.poll(-1 if timeout is None else timeout, len(selectables))
+        except InterruptedError:
+            return
+        except OSError as error:
+            if error.errno == errno.EINTR:
+                return
+            raise
+        for fd, event in events:
+            selectable = get(fd)
+            if selectable is not None:
+                try:
+                    dispatch(selectable, fd, event)
+                except KeyboardInterrupt:
+                    raise
+                except BaseException:
+                    log.err()
+
+    reactor.doPoll = reactor.doIteration = doPoll
+    return True
+
+
 # -- Twisted: the HTTP server (kvresponder.http.site, kvresponder.http.api) -----------------------------
 
 from twisted.web.http import HTTPChannel  # noqa: E402

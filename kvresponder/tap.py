@@ -24,7 +24,7 @@ from . import __version__
 from .listening import ListeningEndpoint, accept_waiting
 from .log import DEBUG
 from .log.service import TWISTED_LOG
-from .privateapi import time_reactor_by
+from .privateapi import dispatch_without_log_context, time_reactor_by
 from .settings import OPTIONS, SettingsError, load_settings
 
 
@@ -265,6 +265,7 @@ def makeService(config: Options, reactor=None, environ=None, stdout=None):
     if reactor is None:
         from twisted.internet import reactor
         time_reactor_by(reactor, steady_seconds())
+        dispatch_without_log_context(reactor)
     environ = os.environ if environ is None else environ
     try:
         settings = load_settings(config.given(), environ)

@@ -556,6 +556,109 @@ def test_a_reactor_times_its_timers_by_the_clock_it_is_given():
         reactor._poller.close()
 
 
+class _Reader:
+    """A readable descriptor for a reactor: records the legacy log context each ``doRead`` ran in."""
+
+    def __init__(self, sock, fail: bool = False) -> None:
+        self.sock = sock
+        self.fail = fail
+        self.contexts = []
+        self.lost = []
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def logPrefix(self):
+        return "reader-prefix"
+
+    def doRead(self):
+        from twisted.python import context, log
+
+        self.contexts.append(dict(context.get(log.ILogContext)))
+        self.sock.recv(100)
+        if self.fail:
+            raise ValueError("doRead failed")
+
+    def connectionLost(self, reason):
+        self.lost.append(reason)
+
+
+def _epoll_reactor_with_reader(**options):
+    from twisted.internet.epollreactor import EPollReactor
+
+    reactor = EPollReactor()
+    ours, theirs = socket.socketpair()
+    reader = _Reader(ours, **options)
+    reactor.addReader(reader)
+    theirs.send(b"x")
+    return reactor, reader, (ours, theirs)
+
+
+def _close(reactor, sockets) -> None:
+    reactor.removeAll()
+    reactor.removeReader(reactor.waker)
+    reactor.waker.connectionLost(None)
+    reactor._poller.close()
+    for sock in sockets:
+        sock.close()
+
+
+def test_an_epoll_reactor_still_hands_each_ready_descriptor_to_do_read_or_write_in_its_poll():
+    """
+    If a descriptor an epoll reactor reads from is ready, then its ``doPoll`` (``doIteration``) polls ``_poller``
+    for at most as many events as ``_selectables`` holds and hands each to ``_doReadOrWrite(selectable, fd,
+    event)``, inside the legacy log context ``callWithLogger`` makes: what ``dispatch_without_log_context``
+    repeats without that context.
+    """
+    import select
+
+    from twisted.internet.epollreactor import EPollReactor
+
+    assert EPollReactor.doIteration is EPollReactor.doPoll
+    reactor, reader, sockets = _epoll_reactor_with_reader()
+    try:
+        assert reactor._selectables[reader.fileno()] is reader
+        handed = []
+        dispatch = reactor._doReadOrWrite
+        reactor._doReadOrWrite = lambda *args: (handed.append(args), dispatch(*args))
+        reactor.doIteration(1.0)
+        assert handed == [(reader, reader.fileno(), select.EPOLLIN)]
+        assert [context["system"] for context in reader.contexts] == ["reader-prefix"]
+    finally:
+        _close(reactor, sockets)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_an_epoll_reactor_that_dispatches_without_log_context_reads_and_drops_a_failing_reader(fail):
+    """
+    If an epoll reactor dispatches without the legacy log context, then a ready descriptor is still read
+    (with no ``system`` prefix of its own), and one whose ``doRead`` raises is still logged and dropped, as
+    ``_doReadOrWrite`` does; any other kind of reactor is left as it is.
+    """
+    from twisted.internet.testing import MemoryReactor
+    from twisted.python import log
+    from kvresponder.privateapi import dispatch_without_log_context
+
+    assert not dispatch_without_log_context(MemoryReactor())
+    reactor, reader, sockets = _epoll_reactor_with_reader(fail=fail)
+    logged = []
+    log.addObserver(logged.append)
+    try:
+        assert dispatch_without_log_context(reactor)
+        reactor.doIteration(1.0)
+        assert len(reader.contexts) == 1 and reader.contexts[0].get("system") != "reader-prefix"
+        if fail:
+            assert len(reader.lost) == 1 and reader.fileno() not in reactor._selectables
+            assert any(event.get("isError") and "doRead failed" in str(event.get("failure")) for event in logged)
+        else:
+            assert reader.lost == [] and reactor._selectables[reader.fileno()] is reader
+            reactor.doIteration(0)  # nothing more to read: nothing handed
+            assert len(reader.contexts) == 1
+    finally:
+        log.removeObserver(logged.append)
+        _close(reactor, sockets)
+
+
 def test_a_stub_treq_serves_the_site_it_is_given_on_its_own_memory_reactor():
     """
     treq's StubTreq still keeps its agent, the agent its memory reactor and its server factory under the names the

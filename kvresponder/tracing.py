@@ -34,6 +34,12 @@ FAILURE_LOG_EVERY = 60.0
 #: span (so they are not counted).
 #: ``tests/test_tracing.py`` fails if it changes.
 QUEUE_FULL = "Queue full"
+#: How the SDK's exporter begins its word that a try failed and it will try again, and what it says when it has
+#: given up; ``tests/test_tracing.py`` fails if they change.
+RETRYING = "Transient error"
+GAVE_UP = "max retries or shutdown"
+#: Characters of the SDK's word kept: its last try's, a refused connection's through urllib3, runs to 400.
+MAX_REASON = 600
 
 
 class _LastWords(logging.Handler):
@@ -48,6 +54,8 @@ class _LastWords(logging.Handler):
     def __init__(self) -> None:
         logging.Handler.__init__(self, logging.WARNING)
         self.last = ""
+        #: The SDK's word that a try failed and it will try again (which says why), until its next word.
+        self._retrying = ""
         self._listeners: list = []
 
     def listen(self, dropped) -> None:
@@ -69,7 +77,14 @@ class _LastWords(logging.Handler):
             for dropped in list(self._listeners):
                 dropped()
             return
-        self.last = message[:300]
+        retrying, self._retrying = self._retrying, ""
+        if message.startswith(RETRYING):
+            self._retrying = message
+        elif retrying and GAVE_UP in message:
+            # The SDK's last word after its retries says only that it gave up: the reason (a refused connection, a
+            # timeout) was in its word about the last try.
+            message = "%s Last try: %s" % (message, retrying)
+        self.last = message[:MAX_REASON]
 
 
 def _sdk_last_words() -> _LastWords:

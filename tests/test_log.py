@@ -346,6 +346,24 @@ def test_a_direct_store_line_is_left_out_when_the_policy_turns_the_store_away():
     assert stream.getvalue() == b""
 
 
+def test_a_change_of_levels_is_written_whatever_the_levels_it_replaces():
+    """
+    If every area logs at error only, then the line that says the levels were changed (a warning) is written all
+    the same: it is logged before the new levels take effect, and was otherwise lost, leaving debug lines to
+    appear with no record of why; another warning of the service area is not.
+    """
+    from kvresponder.log.service import INSECURE, LEVELS_CHANGED
+
+    stream = io.BytesIO()
+    destination = JSONLineDestination(stream, LogPolicy("error"), "t1", "n1")
+    with _only_to(destination):
+        INSECURE.log(reason="left out")
+        LEVELS_CHANGED.log(levels={"service": "debug"})
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(line["message_type"], line["levels"]) for line in lines] == [
+        ("kvresponder:service:log-levels", {"service": "debug"})]
+
+
 from kvresponder.log import _parse_task_id, parse_task_id, task_id  # noqa: E402
 
 _TASK_BYTES = st.one_of(

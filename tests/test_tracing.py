@@ -284,3 +284,36 @@ class LostSpansTests(unittest.TestCase):
         reactor.advance(FAILURE_LOG_EVERY)
         self.assertEqual([line["spans"] for line in lines()], [0, exporter.exported])
         tracing.provider.shutdown()
+
+
+def test_the_reason_kept_for_a_failed_export_names_the_error_of_the_last_try_not_only_that_the_sdk_gave_up():
+    """
+    If the collector refuses connections, then the SDK's exporter tries again, saying why ("Transient error ...
+    Connection refused"), and then gives up saying only "due to timeout, max retries or shutdown": the reason kept
+    for the node's ``traces-export-failed`` line holds both, so that it says what went wrong.
+    """
+    import logging
+    import socket
+
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from kvresponder.tracing import GAVE_UP, RETRYING, _sdk_last_words
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # bound, never listening: every connection is refused
+        words = _sdk_last_words()
+        words.last = ""
+        provider = TracerProvider()
+        with provider.get_tracer("test").start_as_current_span("x") as span:
+            pass
+        exporter = OTLPSpanExporter(endpoint="http://127.0.0.1:%d/v1/traces" % (port,), timeout=2)
+        try:
+            exporter.export([span])
+        finally:
+            exporter.shutdown()
+            provider.shutdown()
+    assert GAVE_UP in words.last and RETRYING in words.last, words.last
+    assert "refused" in words.last.lower(), words.last
+    assert logging.getLogger("opentelemetry").handlers.count(words) == 1

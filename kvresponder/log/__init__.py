@@ -32,16 +32,23 @@ AREAS = ("http", "store", "discovery", "replication", "rebalance", "service")
 
 #: type name -> (area, level), filled in by :func:`leveled` as the area modules are imported.
 _TYPE_LEVELS: Dict[str, tuple] = {}
+#: Type names written whatever the levels (:func:`leveled`'s ``always``).
+_ALWAYS: set = set()
 
 
-def leveled(area: str, level: int, eliot_type):
+def leveled(area: str, level: int, eliot_type, always: bool = False):
     """
     Register the area and level of an Eliot ``ActionType`` or ``MessageType`` and return it.
+
+    :param always: write it whatever the levels (as failed actions are): for a line that must not be lost to the
+        very levels it reports.
     """
     if area not in AREAS:
         raise ValueError("unknown log area %r" % (area,))
     name = getattr(eliot_type, "action_type", None) or getattr(eliot_type, "message_type")
     _TYPE_LEVELS[name] = (area, level)
+    if always:
+        _ALWAYS.add(name)
     return eliot_type
 
 
@@ -135,7 +142,7 @@ class LogPolicy:
         known = _TYPE_LEVELS.get(name)
         if known is None:
             return True
-        if message.get("action_status") == "failed":
+        if message.get("action_status") == "failed" or name in _ALWAYS:
             return True
         area, level = known
         return level >= self._levels[area]

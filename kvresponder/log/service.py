@@ -50,9 +50,12 @@ CLUSTER_DISABLED = leveled("service", WARNING, MessageType(
     "kvresponder:service:cluster-disabled", [Field.for_types("reason", [str], "Why, and how to cluster.")],
     "The node serves alone: it has no CLUSTER_SECRET and was not started with --insecure-cluster."))
 
+# Written whatever the levels: it is logged before the new levels take effect (so that the request's own action
+# ends under the old ones), and the only record of the change would otherwise be lost to the levels it replaces (a
+# node at error set to debug, or set back).
 LEVELS_CHANGED = leveled("service", WARNING, MessageType(
     "kvresponder:service:log-levels", [Field.for_types("levels", [dict], "The new levels.")],
-    "Log levels were changed at run time."))
+    "Log levels were changed at run time."), always=True)
 
 LOG_LINES_DROPPED = leveled("service", WARNING, MessageType(
     "kvresponder:service:log-lines-dropped",

@@ -79,6 +79,24 @@ def test_node_serves_the_shipped_file_with_its_own_tenant_as_the_servers_default
     assert api.call("HEAD", "/openapi.json")[0] == 200
 
 
+@pytest.mark.parametrize("max_key_length", [8, 256])
+def test_node_serves_its_own_max_key_length_as_the_keys_max_length(spec, max_key_length):
+    """
+    If a node runs with another MAX_KEY_LENGTH, then the description it serves says so (``Key.maxLength``), so
+    that a client generated from it refuses the keys the node refuses and takes those it takes; the shipped file,
+    and the rest of the served one, are unchanged.
+    """
+    api = API(max_key_length=max_key_length)
+    code, body, _ = api.call("GET", "/openapi.json")
+    assert code == 200 and body["components"]["schemas"]["Key"]["maxLength"] == max_key_length
+    assert api.put("k" * max_key_length, 1)[0] == 201
+    assert api.put("k" * (max_key_length + 1), 1)[0] == 400
+    assert spec["components"]["schemas"]["Key"]["maxLength"] == 250 == load_spec()["components"]["schemas"]["Key"]["maxLength"]
+    body["components"]["schemas"]["Key"]["maxLength"] = 250
+    body["servers"][0]["variables"]["tenant"]["default"] = "tenant"
+    assert body == spec
+
+
 def test_description_is_valid_openapi_3_1(spec):
     """
     If the description is checked by openapi-spec-validator, then it is a valid OpenAPI 3.1 document.

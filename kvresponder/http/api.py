@@ -720,7 +720,8 @@ class PublicAPI:
     @json_route(app, "/openapi.json", ["GET", "HEAD"], read=True)
     def openapi(self, request):
         from .openapi import spec_for
-        return spec_for(self._node.settings.tenant)
+        settings = self._node.settings
+        return spec_for(settings.tenant, settings.max_key_length)
 
     @json_route(app, "/admin/log-levels", ["GET", "HEAD"], read=True)
     def get_log_levels(self, request):

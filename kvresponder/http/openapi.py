@@ -17,12 +17,17 @@ def load_spec() -> dict:
 
 
 @lru_cache(maxsize=4)
-def spec_for(tenant: str) -> dict:
+def spec_for(tenant: str, max_key_length: int) -> dict:
     """
     The description as a node of ``tenant`` serves it: its servers' ``tenant`` variable defaults to that tenant,
-    so that a client generated from it, or a "try it" page, calls this node's routes as they are.
+    and a key's ``maxLength`` is the node's ``MAX_KEY_LENGTH``, so that a client generated from it, or a "try it"
+    page, calls this node's routes as they are and checks keys as the node does.
     """
     spec = load_spec()
+    components = spec["components"]
+    schemas = components["schemas"]
+    spec = dict(spec, components=dict(components, schemas=dict(
+        schemas, Key=dict(schemas["Key"], maxLength=max_key_length))))
     servers = []
     for server in spec.get("servers", []):
         variables = server.get("variables", {})

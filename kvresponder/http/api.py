@@ -20,14 +20,14 @@ from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
-from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from ..coordinator import ClockSkewed, Unavailable
 from ..log import UnknownLevel
 from ..log.service import LEVELS_CHANGED
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..store import EntryTooLarge
-from .errors import APIError, bad_request, method_not_allowed, not_found, too_large, write_error
+from .errors import NO_ROUTE_MESSAGE, APIError, bad_request, method_not_allowed, not_found, too_large, write_error
 from ..privateapi import request_gone
 from .kvops import Answer, KVOperations, entry_json, expected_error, json_key
 from .limits import BULK, VALUE
@@ -610,11 +610,9 @@ def handle_routing_errors(app: Klein) -> None:
         error = failure.value
         if isinstance(error, MethodNotAllowed):
             api_error = method_not_allowed(sorted(error.valid_methods or []))
-        elif isinstance(error, NotFound):
-            api_error = not_found("No such route under /%s/." % (self._node.settings.tenant,))
         else:
-            # Anything else the router raises (a redirect, a bad request) is not a route of ours.
-            api_error = not_found("No such route under /%s/." % (self._node.settings.tenant,))
+            # Not found; and anything else the router raises (a redirect, a bad request) is not a route of ours.
+            api_error = not_found(NO_ROUTE_MESSAGE)
         request.name_route("unmatched")
         return write_error(request, api_error)
 

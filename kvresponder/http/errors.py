@@ -62,3 +62,7 @@ def unavailable(message: str) -> APIError:
 
 def too_large(message: str) -> APIError:
     return APIError(413, "payload_too_large", message)
+
+
+#: A 404's message under a tenant's prefix: every route the prefix serves.
+NO_ROUTE_MESSAGE = "No such route; try kv, bulk, health, peers, metrics, diag, openapi.json or admin/log-levels."

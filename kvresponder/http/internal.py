@@ -36,8 +36,10 @@ def internal_route(app: Klein, path: str):
     A POST route taking and returning JSON, guarded, schema-checked and continuing the caller's task.
     """
     def decorator(function):
+        route = "/_internal" + path  # as the metrics and the spans name it
+
         def handler(self, request):
-            request.name_route("/_internal" + path)
+            request.name_route(route)
             # Our clock, for the caller's estimate of its offset from ours (kvresponder.clockskew).
             request.setHeader(CLOCK_HEADER, b"%.6f" % (self._node.wall(),))
             try:
@@ -60,7 +62,7 @@ def internal_route(app: Klein, path: str):
             action = None
             if task_id:
                 try:
-                    action = continue_typed_task(PEER_SERVED, task_id, route=path)
+                    action = continue_typed_task(PEER_SERVED, task_id, route=route)
                 except Exception:
                     action = None
             if action is not None:

@@ -23,7 +23,7 @@ from .api import KVResource, PublicAPI
 from ..copystream import max_frame
 from .limits import INTERNAL, VALUE, internal_body_limit
 from .copies import CopyStreamResource
-from .errors import bad_request, not_found, write_error
+from .errors import NO_ROUTE_MESSAGE, bad_request, not_found, write_error
 from .internal import InternalAPI
 from .peerguard import UNSIGNED, PeerGuard
 
@@ -39,7 +39,7 @@ class _NotFound(Resource):
         return write_error(request, not_found(self._message))
 
 
-_NO_ROUTE = _NotFound("No such route; try kv, health, peers, metrics or diag.")
+_NO_ROUTE = _NotFound(NO_ROUTE_MESSAGE)
 
 
 class _BadPath(Resource):
@@ -127,7 +127,7 @@ class TenantResource(Resource):
         return self._public_limit(segments, method)
 
     def render(self, request):
-        return write_error(request, not_found("No such route; try kv, health, peers, metrics or diag."))
+        return write_error(request, not_found(NO_ROUTE_MESSAGE))
 
 
 class RootResource(Resource):

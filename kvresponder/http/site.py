@@ -106,6 +106,17 @@ def target_refusal(target: bytes) -> Optional[str]:
     return "The request target must be a path, such as /<tenant>/kv/<key>: this server is not a proxy."
 
 
+def client_text(address) -> str:
+    """
+    A connection's peer as a log line gives it: ``host:port`` (``[host]:port`` for IPv6), which log tools can
+    filter on and join with the client's own logs, not the repr of Twisted's address object.
+    """
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if host is None or port is None:
+        return str(address)  # a UNIX socket's, or a test's stand-in
+    return ("[%s]:%s" if ":" in host else "%s:%s") % (host, port)
+
+
 def method_name(method: bytes) -> str:
     """
     ``method`` as a metric label: its name if it is one of HTTP's, else :data:`OTHER_METHOD`.
@@ -238,7 +249,7 @@ class KVRequest(Request):
             if isinstance(self.channel, _CountedChannel):
                 self.channel.close_after_answer()
         if refusal is not None:
-            HTTP_REJECTED.log(reason=refusal, client=str(self.getClientAddress()))
+            HTTP_REJECTED.log(reason=refusal, client=client_text(self.getClientAddress()))
             body = write_error(self, APIError(400, "bad_request", refusal))
             self.setHeader(b"Content-Length", b"%d" % (len(body),))
             self.write(body)
@@ -334,7 +345,7 @@ class KVRequest(Request):
         Answer a request whose body was dropped unread, and close the connection after the answer: a client that
         sent what it may not may well send more, and nothing on this connection is worth reading after it.
         """
-        HTTP_REJECTED.log(reason=reason, client=str(self.getClientAddress()))
+        HTTP_REJECTED.log(reason=reason, client=client_text(self.getClientAddress()))
         self.setHeader(b"Connection", b"close")
         if code == 503:
             self.setHeader(b"Retry-After", b"1")
@@ -500,7 +511,7 @@ class _Refuse(Protocol):
         self._site = site
 
     def connectionMade(self):
-        self._site.refused(str(self.transport.getPeer()))
+        self._site.refused(client_text(self.transport.getPeer()))
         self.transport.write(_refusal(self._site))
         self.transport.loseConnection()
 
@@ -556,7 +567,7 @@ class _ProbeOverCap(Protocol):
             self._site.metrics.count_request(method_name(method), route, status)
 
     def _refuse(self) -> None:
-        self._site.refused(str(self.transport.getPeer()))
+        self._site.refused(client_text(self.transport.getPeer()))
         self._end(_refusal(self._site))
 
     def _end(self, answer: bytes) -> None:
@@ -683,7 +694,7 @@ class _CountedChannel(HTTPChannel):
         answer = (b"HTTP/1.1 %d %s\r\n%sContent-Type: application/json\r\nConnection: close\r\n%s"
                   b"Content-Length: %d\r\n\r\n%s" % (code, RESPONSES[code], _date_line(self.site), retry,
                                                       len(body), body))
-        client = str(self.transport.getPeer())
+        client = client_text(self.transport.getPeer())
         if not self.hand_over(_RefusedBody(self, self.site.reactor), answer):
             return False
         HTTP_REJECTED.log(reason=reason, client=client)
@@ -994,7 +1005,7 @@ class _CountedChannel(HTTPChannel):
         if self.transport.disconnecting:
             return
         HTTP_REJECTED.log(reason="request not received within %ss" % (self.site.request_deadline,),
-                          client=str(self.transport.getPeer()))
+                          client=client_text(self.transport.getPeer()))
         if self._answer_due():
             # Cut off mid-answer, or ahead of one, a 408 would corrupt it: the connection is reset instead.
             self.transport.abortConnection()
@@ -1081,7 +1092,7 @@ def _answer_error(channel, status: bytes, error: str, message: str) -> None:
         metrics.count_request(UNREAD_METHOD, "malformed", int(status[:3]))
     # As every other refusal before a resource: a peer's call refused here (headers past MAX_HEADER_BYTES) must
     # show on the peer that refused it, not only as a status on the caller.
-    HTTP_REJECTED.log(reason="%s: %s" % (status.decode("ascii"), message), client=str(channel.transport.getPeer()))
+    HTTP_REJECTED.log(reason="%s: %s" % (status.decode("ascii"), message), client=client_text(channel.transport.getPeer()))
     channel.transport.write(b"HTTP/1.1 %s\r\n%sContent-Type: application/json\r\n"
                             b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
                             % (status, _date_line(channel.site), len(body), body))

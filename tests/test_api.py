@@ -726,6 +726,25 @@ def test_log_levels_read_and_change_with_token():
     assert code == 200 and body["levels"]["store"] == "error" and body["levels"]["http"] == "debug"
 
 
+def test_with_an_admin_token_no_admin_route_or_method_is_told_to_a_caller_without_it():
+    """
+    If ADMIN_TOKEN is set, then a request under admin/ without it gets 401, whatever its method or path, rather
+    than a 405 or 404 that would tell which admin routes and methods there are (every admin request needs the
+    token, says the contract); with the token those answers are as before; without a token set, as before too.
+    """
+    api = API(admin_token="a" * 20)
+    auth = {"Authorization": "Bearer " + "a" * 20}
+    for method, path in (("DELETE", "/admin/log-levels"), ("POST", "/admin/log-levels"), ("GET", "/admin/nothing"),
+                         ("GET", "/admin/"), ("GET", "/admin")):
+        code, body, _ = api.call(method, path)
+        assert (code, body["error"]) == (401, "unauthorized"), (method, path, code, body)
+        assert api.call(method, path, headers=auth)[0] in (404, 405), (method, path)
+    assert api.call("GET", "/nothing")[0] == 404
+    open_api = API()
+    assert open_api.call("DELETE", "/admin/log-levels")[0] == 405
+    assert open_api.call("GET", "/admin/nothing")[0] == 404
+
+
 def test_admin_writes_without_token_are_refused_by_default(api):
     code, body, _ = api.call("PUT", "/admin/log-levels", {"level": "debug"})
     assert_error(code, body, 403, "admin_disabled")

@@ -570,7 +570,7 @@ def json_route(app: Klein, path: str, methods, read: bool = False):
             refused = refusal(request)
             if refused is not None:
                 request.name_route("unmatched")
-                return write_error(request, refused)
+                return write_error(request, unauthorized_admin(self._node.admin, request) or refused)
             with request.begin(path, read=read):
                 try:
                     result = function(self, request, **kwargs)
@@ -614,7 +614,22 @@ def handle_routing_errors(app: Klein) -> None:
             # Not found; and anything else the router raises (a redirect, a bad request) is not a route of ours.
             api_error = not_found(NO_ROUTE_MESSAGE)
         request.name_route("unmatched")
-        return write_error(request, api_error)
+        return write_error(request, unauthorized_admin(self._node.admin, request) or api_error)
+
+
+def unauthorized_admin(admin, request) -> Optional[APIError]:
+    """
+    For a request under ``/<tenant>/admin`` without the admin token (once one is set), the 401 to answer before a
+    404 or a 405, which would tell a caller without it which admin routes and methods there are; else ``None``.
+    """
+    below = request.path.split(b"?", 1)[0].split(b"/", 2)[2:]  # the path under /<tenant>/
+    if not below or not (below[0] == b"admin" or below[0].startswith(b"admin/")):
+        return None
+    try:
+        admin.authorize(request, write=False)
+    except APIError as error:
+        return error if error.status == 401 else None
+    return None
 
 
 class PublicAPI:

@@ -1,6 +1,12 @@
-"""vmprof the single node or the cluster coordinator under PUT load (PyPy), pinned as cluster_ratio."""
-import os, subprocess, sys, time, json, tempfile
-sys.path.insert(0, "/work/main/bench")
+"""
+vmprof the single node or the cluster coordinator under PUT load (PyPy), pinned as cluster_ratio:
+``python3 coordinator_profile.py single|cluster`` writes /tmp/kvprof-<mode>.prof; read it with
+``/var/cache/kv-pypy311/python read_profile.py /tmp/kvprof-<mode>.prof 40``.
+"""
+import os
+import socket
+import sys
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import benchlib as b
 import cluster_ratio as cr
 import profile_parts as pp
@@ -14,8 +20,6 @@ env = b.with_secret({"REPLICATION_FACTOR": "2"})
 try:
     b.TWISTD = pp.PROFILED_TWISTD
     e1 = dict(env, KV_PROFILE_OUT=prof)
-    disc = b.free_port(socket.SOCK_DGRAM) if False else None
-    import socket
     disc = b.free_port(socket.SOCK_DGRAM)
     n1 = b.start_node(python, "n1", disc, e1); nodes.append(n1)
     b.TWISTD = orig

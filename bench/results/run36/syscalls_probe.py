@@ -1,6 +1,6 @@
 """Syscalls a request on a single node and on a cluster coordinator (perf tracepoints), PyPy, pinned as cluster_ratio."""
 import os, subprocess, sys, time, json
-sys.path.insert(0, "/work/main/bench")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import benchlib as b
 import cluster_ratio as cr
 python = b.interpreter_path(sys.argv[2] if len(sys.argv) > 2 else "pypy")

@@ -82,9 +82,16 @@ class _LastWords(logging.Handler):
             self._retrying = message
         elif retrying and GAVE_UP in message:
             # The SDK's last word after its retries says only that it gave up: the reason (a refused connection, a
-            # timeout) was in its word about the last try.
-            message = "%s Last try: %s" % (message, retrying)
+            # timeout) was in its word about an earlier try of the same export (it says nothing of the last).
+            message = "%s Earlier try: %s" % (message, retrying)
         self.last = message[:MAX_REASON]
+
+    def export_started(self) -> None:
+        """
+        Forget the word about a try that failed before: an export that then succeeded says nothing more, and its
+        word must not be taken for the reason of a later export that fails at its first try.
+        """
+        self._retrying = ""
 
 
 def _sdk_last_words() -> _LastWords:
@@ -106,12 +113,15 @@ class _ReportingExporter:
     A span exporter whose failed exports are reported (``failed(count)``, called in the exporter's thread).
     """
 
-    def __init__(self, exporter, failed) -> None:
+    def __init__(self, exporter, failed, last_words: Optional[_LastWords] = None) -> None:
         self._exporter = exporter
         self._failed = failed
+        self._last_words = last_words
 
     def export(self, spans):
         from opentelemetry.sdk.trace.export import SpanExportResult
+        if self._last_words is not None:
+            self._last_words.export_started()
         try:
             result = self._exporter.export(spans)
         except Exception:
@@ -190,7 +200,7 @@ class Tracing:
         last_words = _sdk_last_words()
         tracing = cls(provider, reactor, last_words)
         provider.add_span_processor(BatchSpanProcessor(
-            _ReportingExporter(exporter, lambda count: reactor.callFromThread(tracing.spans_lost, count)),
+            _ReportingExporter(exporter, lambda count: reactor.callFromThread(tracing.spans_lost, count), last_words),
             schedule_delay_millis=1000))
         return tracing
 

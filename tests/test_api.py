@@ -735,7 +735,8 @@ def test_with_an_admin_token_no_admin_route_or_method_is_told_to_a_caller_withou
     api = API(admin_token="a" * 20)
     auth = {"Authorization": "Bearer " + "a" * 20}
     for method, path in (("DELETE", "/admin/log-levels"), ("POST", "/admin/log-levels"), ("GET", "/admin/nothing"),
-                         ("GET", "/admin/"), ("GET", "/admin")):
+                         ("GET", "/admin/"), ("GET", "/admin"), ("DELETE", "/%61dmin/log-levels"),
+                         ("GET", "/%61dmin/nothing"), ("GET", "/admin/x?y=1")):
         code, body, _ = api.call(method, path)
         assert (code, body["error"]) == (401, "unauthorized"), (method, path, code, body)
         assert api.call(method, path, headers=auth)[0] in (404, 405), (method, path)

@@ -1654,8 +1654,9 @@ def test_notes_warn_that_a_network_policy_refuses_clients_of_a_service_outside_t
                                                                                           service_type):
     """
     If the Service is a LoadBalancer or a NodePort and the NetworkPolicy is on with no extra ingress rule, then the
-    notes warn that its clients are refused (they come from node and client addresses, which only pod and
-    namespace selectors would let in); with an extra rule, or a ClusterIP Service, they do not.
+    notes warn that its clients are refused (they come from node and client addresses, which no pod or namespace
+    selector lets in); with an extra rule that has an ipBlock, or a ClusterIP Service, they do not, and with an
+    extra rule of selectors only they still do.
     """
     warning = "traffic through it comes from nodes' and clients' addresses"
     text = notes(notes_chart, "kv-responder-x", "--set", f"service.type={service_type}",
@@ -1664,8 +1665,22 @@ def test_notes_warn_that_a_network_policy_refuses_clients_of_a_service_outside_t
     assert warning not in notes(notes_chart, "kv-responder-x", "--set", f"service.type={service_type}",
                                 "--set", "networkPolicy.enabled=true",
                                 "--set", "networkPolicy.extraIngress[0].from[0].ipBlock.cidr=10.0.0.0/8")
+    assert warning in notes(notes_chart, "kv-responder-x", "--set", f"service.type={service_type}",
+                            "--set", "networkPolicy.enabled=true",
+                            "--set", "networkPolicy.extraIngress[0].from[0].podSelector.matchLabels.app=x")
     assert warning not in notes(notes_chart, "kv-responder-x", "--set", "networkPolicy.enabled=true")
     assert warning not in notes(notes_chart, "kv-responder-x", "--set", f"service.type={service_type}")
+
+
+@pytest.mark.parametrize("args, source", [
+    (["--set", "tenant=0"], 'tenant "0" (from values)'),
+    (["--set", "tenant=abc"], 'tenant "abc" (from values)'),
+    ([], 'tenant "x" (derived from the release name kv-responder-x)'),
+    (["--set", "tenant="], 'tenant "x" (derived from the release name kv-responder-x)'),
+])
+def test_notes_say_where_the_tenant_came_from(notes_chart, args, source):
+    """If the tenant is set, even to 0, then the notes say it came from values; unset, from the release name."""
+    assert source in notes(notes_chart, "kv-responder-x", *args)
 
 
 def test_notes_warn_about_cni_when_network_policy_and_multicast_are_used(notes_chart):

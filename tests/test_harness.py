@@ -8,7 +8,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from .harness import REPO, free_port
+
+pytestmark = pytest.mark.e2e
 
 #: A test run in miniature: starts one node through the harness, says its pid, and waits to be killed.
 _RUN = """

@@ -317,3 +317,33 @@ def test_the_reason_kept_for_a_failed_export_names_the_error_of_the_last_try_not
     assert GAVE_UP in words.last and RETRYING in words.last, words.last
     assert "refused" in words.last.lower(), words.last
     assert logging.getLogger("opentelemetry").handlers.count(words) == 1
+
+
+def test_the_word_about_a_failed_try_is_not_kept_past_the_export_it_belongs_to():
+    """
+    If an export's try failed and a retry then succeeded (the SDK says nothing more), and a later export gives
+    up at its first try, then the reason kept for that one does not carry the earlier export's error.
+    """
+    import logging
+
+    from kvresponder.tracing import GAVE_UP, RETRYING, _ReportingExporter, _sdk_last_words
+
+    words = _sdk_last_words()
+    sdk = logging.getLogger("opentelemetry.test")
+
+    class Exporter:
+        def __init__(self, said):
+            self.said = said
+
+        def export(self, spans):
+            from opentelemetry.sdk.trace.export import SpanExportResult
+            for line in self.said.pop(0):
+                sdk.warning(line)
+            return SpanExportResult.SUCCESS
+
+    reporting = _ReportingExporter(Exporter([[RETRYING + " old: connection refused, retrying."],
+                                             ["Failed to export span batch due to timeout, " + GAVE_UP + "."]]),
+                                   lambda count: None, words)
+    reporting.export([])
+    reporting.export([])
+    assert GAVE_UP in words.last and "old" not in words.last, words.last

@@ -622,7 +622,8 @@ def unauthorized_admin(admin, request) -> Optional[APIError]:
     For a request under ``/<tenant>/admin`` without the admin token (once one is set), the 401 to answer before a
     404 or a 405, which would tell a caller without it which admin routes and methods there are; else ``None``.
     """
-    below = request.path.split(b"?", 1)[0].split(b"/", 2)[2:]  # the path under /<tenant>/
+    # The path under /<tenant>/, decoded as the router decodes it (%61dmin is admin).
+    below = unquote_to_bytes(request.path.split(b"?", 1)[0]).split(b"/", 2)[2:]
     if not below or not (below[0] == b"admin" or below[0].startswith(b"admin/")):
         return None
     try:

@@ -1,7 +1,7 @@
 """
 vmprof the single node or the cluster coordinator under PUT load (PyPy), pinned as cluster_ratio:
 ``python3 coordinator_profile.py single|cluster`` writes /tmp/kvprof-<mode>.prof; read it with
-``/var/cache/kv-pypy311/python read_profile.py /tmp/kvprof-<mode>.prof 40``.
+``/var/cache/kv-pypy311/python ../run33/readprof.py /tmp/kvprof-<mode>.prof 40``.
 """
 import os
 import socket

@@ -153,12 +153,13 @@ class PeerClient:
         """
         The newest entry ``peer`` holds for ``key``, tombstones included, sharing one ``get`` call with the
         other reads from that peer queued in the same reactor turn, or while a read batch to it is out. With
-        tracing on, each read goes alone.
+        tracing on, or the ``replication`` area at debug, each read goes alone, in the caller's context, so that
+        its span and its ``peer-read`` action are the read's (a batch goes out in a later turn, outside them).
 
         :return: a Deferred firing with an :class:`~kvresponder.store.Entry` or ``None``, or failing with
             :class:`PeerError`.
         """
-        if self._tracing is not None:
+        if self._tracing is not None or (self._log is not None and self._log.enabled("replication", DEBUG)):
             return ensureDeferred(self.get(peer, key))
         waiter: Deferred = Deferred()
         self._reads.add(peer, QueuedRead(key, waiter))

@@ -316,11 +316,14 @@ async def test_entries_too_large_for_a_stream_answer_are_read_over_http_by_a_pee
 
 
 @pytest_twisted.ensureDeferred
-async def test_with_the_replication_area_at_debug_reads_go_over_http_each_a_peer_read_action(server):
+async def test_with_the_replication_area_at_debug_reads_go_over_http_each_a_peer_read_action(server, eliot_logger):
     """
-    If the ``replication`` log area is at debug, then a peer client's reads go over HTTP (each call is then a
-    ``peer-read`` action of its own), and no stream is opened for them.
+    If the ``replication`` log area is at debug, then a peer client's reads go over HTTP, each alone, and each
+    call is a ``peer-read`` action in the task of the read that made it (a batch, sent a turn later, was a task
+    of its own, and a read's tree at debug showed no call); no stream is opened for them.
     """
+    from eliot import start_action
+
     from kvresponder.log import LogPolicy
 
     peer = server()
@@ -329,7 +332,11 @@ async def test_with_the_replication_area_at_debug_reads_go_over_http_each_a_peer
     client = PeerClient(HTTPClient(Agent(reactor, pool=pool)), reactor, "t1", 10.0, signer(),
                         log_policy=LogPolicy("debug"), streams=loopback_streams(signer()))
     try:
-        assert (await client.get_coalesced(peer.peer, "k1")).value == b'"one"'
+        with start_action(action_type="test:read") as read:
+            answer = client.get_coalesced(peer.peer, "k1")
+        assert (await answer).value == b'"one"'
+        calls = [m for m in eliot_logger.messages if m.get("action_type") == "kvresponder:replication:peer-read"]
+        assert calls and {m["task_uuid"] for m in calls} == {read.task_uuid}, calls
         assert client.streams.open_count() == 0
     finally:
         client.streams.close()

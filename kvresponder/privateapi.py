@@ -59,8 +59,6 @@ def dispatch_without_log_context(reactor) -> bool:
 
     :return: whether it did (``False`` for a reactor of another kind, which is left as it is).
     """
-    import errno
-
     from twisted.internet.epollreactor import EPollReactor
     from twisted.python import log
 
@@ -74,12 +72,8 @@ def dispatch_without_log_context(reactor) -> bool:
     def doPoll(timeout):
         try:
             events = poller.poll(-1 if timeout is None else timeout, len(selectables))
-        except InterruptedError:
+        except InterruptedError:  # EINTR, as Python raises it
             return
-        except OSError as error:
-            if error.errno == errno.EINTR:
-                return
-            raise
         for fd, event in events:
             selectable = get(fd)
             if selectable is not None:

@@ -38,7 +38,8 @@ QUEUE_FULL = "Queue full"
 #: given up; ``tests/test_tracing.py`` fails if they change.
 RETRYING = "Transient error"
 GAVE_UP = "max retries or shutdown"
-#: Characters of the SDK's word kept: its last try's, a refused connection's through urllib3, runs to 400.
+#: Characters of the SDK's word kept: with an earlier try's word added (a refused connection's, through urllib3,
+#: runs to 400), a line's reason still names the cause.
 MAX_REASON = 600
 
 

@@ -17,12 +17,13 @@ from typing import NamedTuple, Optional, Tuple
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.threads import deferToThread
 from twisted.web.http import RESPONSES
 
 from kvresponder.http.limits import BULK, INTERNAL, VALUE
 from kvresponder.http.root import build_root
-from kvresponder.http.site import KVSite
+from kvresponder.http.site import KVSite, client_text
 from kvresponder.node import Node
 
 from .support import make_settings
@@ -273,6 +274,16 @@ async def test_headers_over_max_header_bytes_are_refused_on_every_route(server, 
     assert json.loads(over.body)["error"] == "bad_request"
     under = await _send(server, _request(case, b"{}", extra_headers=b"X-Pad: %s\r\n" % (b"p" * (room - 64),)))
     assert b'"bad_request"' not in under.body, under
+
+
+@pytest.mark.parametrize("address, text", [
+    (IPv4Address("TCP", "10.0.0.7", 4321), "10.0.0.7:4321"),
+    (IPv6Address("TCP", "fd00::7", 4321), "[fd00::7]:4321"),
+    (UNIXAddress(b"/run/kv.sock"), str(UNIXAddress(b"/run/kv.sock"))),
+])
+def test_a_rejected_clients_address_is_written_as_host_and_port(address, text):
+    """A client's address in a log line is ``host:port``, ``[host]:port`` for IPv6, and as it is for any other."""
+    assert client_text(address) == text
 
 
 @pytest_twisted.ensureDeferred

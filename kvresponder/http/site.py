@@ -1092,7 +1092,8 @@ def _answer_error(channel, status: bytes, error: str, message: str) -> None:
         metrics.count_request(UNREAD_METHOD, "malformed", int(status[:3]))
     # As every other refusal before a resource: a peer's call refused here (headers past MAX_HEADER_BYTES) must
     # show on the peer that refused it, not only as a status on the caller.
-    HTTP_REJECTED.log(reason="%s: %s" % (status.decode("ascii"), message), client=client_text(channel.transport.getPeer()))
+    HTTP_REJECTED.log(reason="%s: %s" % (status.decode("ascii"), message),
+                      client=client_text(channel.transport.getPeer()))
     channel.transport.write(b"HTTP/1.1 %s\r\n%sContent-Type: application/json\r\n"
                             b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
                             % (status, _date_line(channel.site), len(body), body))
